@@ -1,0 +1,278 @@
+//! Body codecs: `json` (the default) and `msgpack`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result, Value};
+
+/// How a body travels on the wire. The wire content type is always the codec's.
+///
+/// ```
+/// use queue_core::{Codec, Value};
+/// let body = Value::map([("n", Value::Int(5)), ("x", Value::Float(5.0))]);
+/// for codec in [Codec::Json, Codec::MsgPack] {
+///     let bytes = codec.encode(&body).unwrap();
+///     assert_eq!(codec.decode(&bytes).unwrap(), body);
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Codec {
+    /// JSON (`application/json`): readable everywhere; no NaN, Infinity or raw bytes.
+    #[default]
+    Json,
+    /// MessagePack (`application/msgpack`): compact; carries bytes and non-finite floats.
+    MsgPack,
+}
+
+/// Values nested deeper than this are refused, on encode and on decode.
+pub const MAX_DEPTH: usize = 128;
+
+impl Codec {
+    /// The content type written on the wire.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Codec::Json => "application/json",
+            Codec::MsgPack => "application/msgpack",
+        }
+    }
+
+    /// The codec for a wire content type (also accepts `application/x-msgpack`).
+    pub fn from_content_type(content_type: &str) -> Option<Codec> {
+        let base = content_type.split(';').next().unwrap_or("").trim();
+        match base {
+            "application/json" => Some(Codec::Json),
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Some(Codec::MsgPack)
+            }
+            _ => None,
+        }
+    }
+
+    /// The configuration name (`json`, `msgpack`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::MsgPack => "msgpack",
+        }
+    }
+
+    /// Encodes a body. JSON refuses NaN, Infinity and bytes with `INVALID` (suggesting
+    /// msgpack); both refuse nesting deeper than [`MAX_DEPTH`].
+    pub fn encode(self, value: &Value) -> Result<Vec<u8>> {
+        check_encodable(self, value, 0, &mut String::from("data"))?;
+        match self {
+            Codec::Json => serde_json::to_vec(value)
+                .map_err(|e| Error::invalid(format!("cannot encode body as json: {e}"))),
+            Codec::MsgPack => rmp_serde::to_vec(value)
+                .map_err(|e| Error::invalid(format!("cannot encode body as msgpack: {e}"))),
+        }
+    }
+
+    /// Decodes a body; malformed input is `INVALID` naming the codec.
+    pub fn decode(self, bytes: &[u8]) -> Result<Value> {
+        let value: Value = match self {
+            Codec::Json => serde_json::from_slice(bytes)
+                .map_err(|e| Error::invalid(format!("body is not valid json: {e}")))?,
+            Codec::MsgPack => rmp_serde::from_slice(bytes)
+                .map_err(|e| Error::invalid(format!("body is not valid msgpack: {e}")))?,
+        };
+        if depth(&value) > MAX_DEPTH {
+            return Err(Error::invalid(format!(
+                "body is nested deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        Ok(value)
+    }
+}
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Map(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String) -> Result<()> {
+    if level > MAX_DEPTH {
+        return Err(Error::invalid(format!(
+            "{path} is nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    match value {
+        Value::Float(f) if codec == Codec::Json && !f.is_finite() => Err(Error::invalid(format!(
+            "{path} is {f}, which json cannot carry: use codec msgpack"
+        ))),
+        Value::Bytes(_) if codec == Codec::Json => Err(Error::invalid(format!(
+            "{path} is not valid UTF-8, which json cannot carry: use codec msgpack"
+        ))),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{}]", i + 1));
+                check_encodable(codec, item, level + 1, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Map(map) => {
+            for (k, v) in map {
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                check_encodable(codec, v, level + 1, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Codec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "json" => Ok(Codec::Json),
+            "msgpack" => Ok(Codec::MsgPack),
+            other => Err(Error::invalid(format!(
+                "unknown codec {other:?}: expected \"json\" or \"msgpack\""
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use proptest::prelude::*;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            any::<f64>().prop_map(Value::Float),
+            ".*".prop_map(Value::String),
+            proptest::collection::vec(any::<u8>(), 0..16).prop_map(Value::Bytes),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(".*", inner, 0..8).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    fn json_safe(value: &Value) -> bool {
+        match value {
+            Value::Float(f) => f.is_finite(),
+            Value::Bytes(_) => false,
+            Value::Array(items) => items.iter().all(json_safe),
+            Value::Map(map) => map.values().all(json_safe),
+            _ => true,
+        }
+    }
+
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Float(x), Value::Float(y)) => {
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            (Value::Map(x), Value::Map(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .zip(y)
+                        .all(|((ka, a), (kb, b))| ka == kb && same(a, b))
+            }
+            _ => a == b,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn msgpack_round_trips_every_value(value in arb_value()) {
+            let bytes = Codec::MsgPack.encode(&value).unwrap();
+            let back = Codec::MsgPack.decode(&bytes).unwrap();
+            prop_assert!(same(&value, &back), "{value:?} came back as {back:?}");
+        }
+
+        #[test]
+        fn json_round_trips_what_it_accepts_and_refuses_the_rest(value in arb_value()) {
+            match Codec::Json.encode(&value) {
+                Ok(bytes) => {
+                    prop_assert!(json_safe(&value));
+                    let back = Codec::Json.decode(&bytes).unwrap();
+                    prop_assert!(same(&value, &back), "{value:?} came back as {back:?}");
+                }
+                Err(err) => {
+                    prop_assert!(!json_safe(&value));
+                    prop_assert_eq!(err.kind(), ErrorKind::Invalid);
+                    prop_assert!(err.message().contains("msgpack"));
+                }
+            }
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            for codec in [Codec::Json, Codec::MsgPack] {
+                if let Err(err) = codec.decode(&bytes) {
+                    prop_assert_eq!(err.kind(), ErrorKind::Invalid);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn integer_and_float_stay_apart() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let v = Value::Array(vec![Value::Int(5), Value::Float(5.0), Value::Float(-0.5)]);
+            assert_eq!(codec.decode(&codec.encode(&v).unwrap()).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn json_names_the_path_of_what_it_cannot_carry() {
+        let v = Value::map([(
+            "items",
+            Value::Array(vec![Value::Int(1), Value::Float(f64::NAN)]),
+        )]);
+        let err = Codec::Json.encode(&v).unwrap_err();
+        assert!(err.message().contains("data.items[2]"), "{err}");
+    }
+
+    #[test]
+    fn too_deep_is_invalid() {
+        let mut v = Value::Int(1);
+        for _ in 0..=MAX_DEPTH + 1 {
+            v = Value::Array(vec![v]);
+        }
+        assert_eq!(
+            Codec::MsgPack.encode(&v).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+    }
+
+    #[test]
+    fn content_types_map_back() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            assert_eq!(Codec::from_content_type(codec.content_type()), Some(codec));
+            assert_eq!(codec.name().parse::<Codec>().unwrap(), codec);
+        }
+        assert_eq!(
+            Codec::from_content_type("application/json; charset=utf-8"),
+            Some(Codec::Json)
+        );
+        assert_eq!(Codec::from_content_type("text/plain"), None);
+    }
+}

@@ -1,0 +1,294 @@
+//! The driver contract: what every backend (memory, AMQP 0-9-1, AMQP 1.0) provides.
+//!
+//! The trait is small on purpose: declare, publish, consume, info, close. Retries,
+//! `attempts` and dead letters belong to the runtime, which builds them from publish
+//! and ack (SPEC §7), so every driver gets them without code of its own.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Error, Message, QueueId, Result};
+
+/// What a driver can do. Filled in honestly by each driver; the conformance suite
+/// selects its tests by it and the runtime refuses configurations that need more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// `publish` returns only after the backend has taken responsibility for the message.
+    pub confirms: bool,
+    /// Honours `max_priority` on declare and the `priority` header.
+    pub priority: bool,
+    /// Honours the `delay` header (otherwise publishing with it is `INVALID`).
+    pub delay: bool,
+    /// Honours `max_length` on declare.
+    pub max_length: bool,
+    /// Honours `message_ttl` on declare and the `expiration`/`ttl` header.
+    pub message_ttl: bool,
+    /// Messages survive a restart of the backend (durable queues, persistent messages).
+    pub persistent: bool,
+    /// `info` reports ready messages.
+    pub info_ready: bool,
+    /// `info` reports unsettled (in-flight) messages.
+    pub info_in_flight: bool,
+    /// `info` reports the number of consumers.
+    pub info_consumers: bool,
+}
+
+/// A queue as a driver declares it.
+///
+/// ```
+/// use queue_core::{QueueId, QueueSpec};
+/// let spec = QueueSpec::new(QueueId::parse("app:tasks").unwrap()).with_max_priority(9);
+/// assert_eq!(spec.name, "app:tasks");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    /// The queue id the application uses.
+    pub id: QueueId,
+    /// The broker's name for it (default: the full id).
+    pub name: String,
+    /// Survives a broker restart (default true).
+    pub durable: bool,
+    /// At most this many ready messages.
+    pub max_length: Option<u64>,
+    /// Enables priorities 0..=max_priority.
+    pub max_priority: Option<u8>,
+    /// Messages older than this are discarded.
+    pub message_ttl: Option<Duration>,
+}
+
+impl QueueSpec {
+    /// A durable queue named like its id, with no limits.
+    pub fn new(id: QueueId) -> Self {
+        QueueSpec {
+            name: id.as_str().to_string(),
+            id,
+            durable: true,
+            max_length: None,
+            max_priority: None,
+            message_ttl: None,
+        }
+    }
+
+    /// Sets the broker name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets durability.
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets `max_length`.
+    pub fn with_max_length(mut self, max_length: u64) -> Self {
+        self.max_length = Some(max_length);
+        self
+    }
+
+    /// Sets `max_priority`.
+    pub fn with_max_priority(mut self, max_priority: u8) -> Self {
+        self.max_priority = Some(max_priority);
+        self
+    }
+
+    /// Sets `message_ttl`.
+    pub fn with_message_ttl(mut self, ttl: Duration) -> Self {
+        self.message_ttl = Some(ttl);
+        self
+    }
+
+    /// Refuses options the driver's capabilities do not cover, naming the driver.
+    pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
+        let unsupported = [
+            (
+                self.max_priority.is_some() && !caps.priority,
+                "max_priority",
+            ),
+            (self.max_length.is_some() && !caps.max_length, "max_length"),
+            (
+                self.message_ttl.is_some() && !caps.message_ttl,
+                "message_ttl",
+            ),
+        ];
+        match unsupported.iter().find(|(bad, _)| *bad) {
+            Some((_, option)) => Err(Error::invalid(format!(
+                "queue {}: the {driver} driver does not support {option}",
+                self.id
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// At most this many unsettled deliveries at once (at least 1).
+    pub prefetch: u32,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions { prefetch: 10 }
+    }
+}
+
+/// Queue counts; `None` where the driver cannot tell (see [`Capabilities`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueInfo {
+    /// Messages waiting to be delivered.
+    pub ready: Option<u64>,
+    /// Delivered, not yet settled.
+    pub in_flight: Option<u64>,
+    /// Published with a delay that has not passed yet.
+    pub delayed: Option<u64>,
+    /// Attached consumers.
+    pub consumers: Option<u64>,
+}
+
+impl QueueInfo {
+    /// Ready + in flight + delayed, counting what is known.
+    pub fn message_count(&self) -> u64 {
+        self.ready.unwrap_or(0) + self.in_flight.unwrap_or(0) + self.delayed.unwrap_or(0)
+    }
+}
+
+/// Settles one delivery with its backend. Used once: the methods take it by value.
+#[async_trait]
+pub trait Acker: Send + 'static {
+    /// Done with it: remove it from the queue.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Put it back unchanged (not a failure: no attempt is counted).
+    async fn release(self: Box<Self>) -> Result<()>;
+    /// Put it back without waiting; called when an unsettled delivery is dropped.
+    fn release_on_drop(self: Box<Self>);
+}
+
+/// A message handed to a consumer, settled exactly once: [`Delivery::ack`] or
+/// [`Delivery::release`]; dropping it unsettled releases it. A second settlement is
+/// `INVALID` ("already settled"), never a double settle.
+pub struct Delivery {
+    message: Message,
+    acker: Mutex<Option<Box<dyn Acker>>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Wraps a message and its acker.
+    pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            message,
+            acker: Mutex::new(Some(acker)),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Whether it was acked or released already.
+    pub fn is_settled(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Acker>>> {
+        // A panic while holding this lock cannot leave the Option half-written.
+        self.acker
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn take(&self) -> Result<Box<dyn Acker>> {
+        self.lock().take().ok_or_else(|| {
+            Error::invalid(format!("message {} is already settled", self.message.id))
+        })
+    }
+
+    /// Acknowledges: the message leaves the queue.
+    pub async fn ack(&self) -> Result<()> {
+        self.take()?.ack().await
+    }
+
+    /// Returns the message to its queue unchanged.
+    pub async fn release(&self) -> Result<()> {
+        self.take()?.release().await
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(acker) = self.lock().take() {
+            acker.release_on_drop();
+        }
+    }
+}
+
+/// A stream of deliveries from one queue.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery; waits while `prefetch` deliveries are unsettled. `None` once
+    /// the subscription or its driver is closed.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+    /// Stops delivery and returns every delivery of this subscription that is not
+    /// settled yet to the queue; settling one of them afterwards is an error.
+    async fn cancel(self: Box<Self>) -> Result<()>;
+}
+
+/// A queue backend. Object-safe: the runtime holds `Arc<dyn Driver>`.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// A short name for messages (`memory`, `amqp`, `amqp10`).
+    fn name(&self) -> &str;
+    /// What the driver can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Declares a queue; declaring the same queue twice is fine.
+    async fn declare(&self, spec: &QueueSpec) -> Result<()>;
+    /// Publishes one message; `Ok` only once the backend has it. A queue that was
+    /// never declared is `NOT_FOUND`.
+    async fn publish(&self, queue: &QueueId, message: Message) -> Result<()>;
+    /// Publishes several messages, pipelined; `Ok` only once all are confirmed.
+    async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
+        let sends = messages.into_iter().map(|m| self.publish(queue, m));
+        futures_util::future::try_join_all(sends).await.map(|_| ())
+    }
+    /// Starts consuming a declared queue.
+    async fn consume(
+        &self,
+        queue: &QueueId,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn Subscription>>;
+    /// Counts of a declared queue.
+    async fn info(&self, queue: &QueueId) -> Result<QueueInfo>;
+    /// Closes connections; unsettled deliveries go back to their queues.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Refuses a `delay` header where the driver has no `delay` capability.
+pub fn refuse_unsupported_headers(
+    driver: &str,
+    caps: &Capabilities,
+    message: &Message,
+) -> Result<()> {
+    if !caps.delay && message.headers.delay()?.is_some() {
+        return Err(Error::invalid(format!(
+            "the {driver} driver cannot delay messages: remove the \"delay\" header or use a driver with the delay capability"
+        )));
+    }
+    if !caps.priority && message.headers.priority_level()?.is_some_and(|p| p > 0) {
+        tracing::debug!(driver, "priority header ignored: driver has no priorities");
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! The one error type of the workspace: a portable [`ErrorKind`], a retryable flag, a
+//! message, optional details and the driver's own error as the source.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The portable error kinds. The Lua constants (`errors.INVALID`, ...) and their string
+/// values (`"Invalid"`, ...) come from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Bad input: a malformed queue id, empty data, a value that cannot be carried.
+    Invalid,
+    /// A security policy denied the action.
+    PermissionDenied,
+    /// The queue (or another named thing) does not exist.
+    NotFound,
+    /// The thing already exists with other settings.
+    AlreadyExists,
+    /// The broker or a resource is not reachable right now.
+    Unavailable,
+    /// An operation did not finish in time.
+    Timeout,
+    /// The operation was cancelled (a consumer was cancelled, the runtime is stopping).
+    Canceled,
+    /// Anything else, including a publish the broker did not confirm.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order of the specification.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Invalid,
+        ErrorKind::PermissionDenied,
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Unavailable,
+        ErrorKind::Timeout,
+        ErrorKind::Canceled,
+        ErrorKind::Internal,
+    ];
+
+    /// The string value a Lua script sees (`err:kind() == "Invalid"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "Invalid",
+            ErrorKind::PermissionDenied => "PermissionDenied",
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::AlreadyExists => "AlreadyExists",
+            ErrorKind::Unavailable => "Unavailable",
+            ErrorKind::Timeout => "Timeout",
+            ErrorKind::Canceled => "Canceled",
+            ErrorKind::Internal => "Internal",
+        }
+    }
+
+    /// The name of the Lua constant (`errors.PERMISSION_DENIED`).
+    pub fn constant_name(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "INVALID",
+            ErrorKind::PermissionDenied => "PERMISSION_DENIED",
+            ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::AlreadyExists => "ALREADY_EXISTS",
+            ErrorKind::Unavailable => "UNAVAILABLE",
+            ErrorKind::Timeout => "TIMEOUT",
+            ErrorKind::Canceled => "CANCELED",
+            ErrorKind::Internal => "INTERNAL",
+        }
+    }
+
+    /// Parses the string value back (`"Invalid"` -> `Invalid`).
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == name || k.constant_name() == name)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error with a portable kind, a retryable flag and a message.
+///
+/// The message is what a user reads; drivers put their own error in [`Error::with_source`].
+/// Nothing here ever formats a connection URL with its password: drivers pass URLs
+/// through [`redact_url`] first.
+///
+/// ```
+/// use queue_core::{Error, ErrorKind};
+/// let err = Error::invalid("queue id is empty");
+/// assert_eq!(err.kind(), ErrorKind::Invalid);
+/// assert!(!err.retryable());
+/// assert_eq!(err.to_string(), "Invalid: queue id is empty");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Error {
+    kind: ErrorKind,
+    retryable: bool,
+    message: String,
+    details: BTreeMap<String, String>,
+    #[source]
+    source: Option<Source>,
+}
+
+/// The workspace's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error; `retryable` defaults to true only for `Internal`, `Unavailable` and
+    /// `Timeout`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let retryable = matches!(
+            kind,
+            ErrorKind::Internal | ErrorKind::Unavailable | ErrorKind::Timeout
+        );
+        Error {
+            kind,
+            retryable,
+            message: message.into(),
+            details: BTreeMap::new(),
+            source: None,
+        }
+    }
+
+    /// `INVALID`, not retryable.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+
+    /// `PERMISSION_DENIED`, not retryable.
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
+    /// `NOT_FOUND`, not retryable.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// `INTERNAL`, retryable.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// Overrides the retryable flag.
+    pub fn retryable_if(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// Adds one detail (shown to Lua as `err:details()`).
+    pub fn with_detail(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+
+    /// Keeps the driver's own error as the source.
+    pub fn with_source(mut self, source: impl Into<Source>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Prefixes the message with where it happened (`"publish to app:tasks: ..."`).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// The portable kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether trying the same operation again may succeed.
+    pub fn retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The message without the kind prefix.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Extra key/value details.
+    pub fn details(&self) -> &BTreeMap<String, String> {
+        &self.details
+    }
+
+    /// `true` if the error is of this kind.
+    pub fn is(&self, kind: ErrorKind) -> bool {
+        self.kind == kind
+    }
+}
+
+/// Removes the password (and only the password) from a URL, for logs and errors.
+///
+/// ```
+/// assert_eq!(
+///     queue_core::redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+///     "amqp://guest:***@127.0.0.1:5672/%2f"
+/// );
+/// assert_eq!(queue_core::redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => userinfo.to_string(),
+    };
+    format!("{}{}@{}", &url[..scheme_end + 3], user, &rest[at + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
+            assert_eq!(ErrorKind::from_name(kind.constant_name()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_name("Nope"), None);
+    }
+
+    #[test]
+    fn retryable_defaults_follow_the_kind() {
+        assert!(Error::internal("x").retryable());
+        assert!(!Error::invalid("x").retryable());
+        assert!(!Error::internal("x").retryable_if(false).retryable());
+    }
+
+    #[test]
+    fn redaction_keeps_everything_but_the_password() {
+        assert_eq!(
+            redact_url("amqps://u:p%40ss@h:1/v?x=1"),
+            "amqps://u:***@h:1/v?x=1"
+        );
+        assert_eq!(redact_url("amqp://user@h"), "amqp://user@h");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("amqp://u:p@ss@h/"), "amqp://u:***@h/");
+    }
+}

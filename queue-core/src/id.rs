@@ -1,0 +1,129 @@
+//! Queue identifiers: `namespace:name`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// A validated queue id, `namespace:name`, split at the first `:`.
+///
+/// ```
+/// use queue_core::QueueId;
+/// let id: QueueId = "app:tasks".parse().unwrap();
+/// assert_eq!(id.namespace(), "app");
+/// assert_eq!(id.name(), "tasks");
+/// assert!(QueueId::parse("tasks").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId {
+    full: String,
+    colon: usize,
+}
+
+impl QueueId {
+    /// Parses and validates `namespace:name`: both parts non-empty, no whitespace or
+    /// control characters. Anything else is `INVALID` with the reason.
+    pub fn parse(text: &str) -> Result<QueueId> {
+        if text.is_empty() {
+            return Err(Error::invalid("queue id is empty"));
+        }
+        if let Some(bad) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(format!(
+                "queue id {text:?} contains {bad:?}: whitespace and control characters are not allowed"
+            )));
+        }
+        let colon = text.find(':').ok_or_else(|| {
+            Error::invalid(format!(
+                "queue id {text:?} must have the form \"namespace:name\""
+            ))
+        })?;
+        if colon == 0 || colon + 1 == text.len() {
+            return Err(Error::invalid(format!(
+                "queue id {text:?} needs a non-empty namespace and name (\"namespace:name\")"
+            )));
+        }
+        Ok(QueueId {
+            full: text.to_string(),
+            colon,
+        })
+    }
+
+    /// Builds an id from its two parts, validating them.
+    pub fn new(namespace: &str, name: &str) -> Result<QueueId> {
+        QueueId::parse(&format!("{namespace}:{name}"))
+    }
+
+    /// The part before the first `:`.
+    pub fn namespace(&self) -> &str {
+        &self.full[..self.colon]
+    }
+
+    /// The part after the first `:` (it may contain more colons).
+    pub fn name(&self) -> &str {
+        &self.full[self.colon + 1..]
+    }
+
+    /// The whole id.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl FromStr for QueueId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        QueueId::parse(s)
+    }
+}
+
+impl AsRef<str> for QueueId {
+    fn as_ref(&self) -> &str {
+        &self.full
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn splits_at_the_first_colon() {
+        let id = QueueId::parse("app:tasks:high").unwrap();
+        assert_eq!(id.namespace(), "app");
+        assert_eq!(id.name(), "tasks:high");
+    }
+
+    #[test]
+    fn refuses_malformed_ids() {
+        for bad in [
+            "",
+            ":",
+            "app:",
+            ":tasks",
+            "apptasks",
+            "app: tasks",
+            "app:ta\tsks",
+            "a\u{7}:b",
+        ] {
+            let err = QueueId::parse(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_and_round_trips(text in ".*") {
+            if let Ok(id) = QueueId::parse(&text) {
+                proptest::prop_assert_eq!(id.as_str(), text.as_str());
+                proptest::prop_assert_eq!(format!("{}:{}", id.namespace(), id.name()), text);
+            }
+        }
+    }
+}

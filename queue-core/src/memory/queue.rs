@@ -1,0 +1,288 @@
+//! One memory queue: priority lanes of ready messages, the in-flight table, and the
+//! signals consumers and publishers wait on.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::{Error, Message, QueueInfo, QueueSpec, Result};
+
+/// A ready message and when it expires (from `message_ttl` or its own `expiration`).
+#[derive(Debug)]
+struct Ready {
+    message: Message,
+    priority: u8,
+    expires: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// One lane per priority level, highest last; a queue without priorities has one.
+    lanes: Vec<VecDeque<Ready>>,
+    ready: u64,
+    delayed: u64,
+    consumers: u64,
+    /// Delivery tag -> (subscription id, the message and its priority).
+    in_flight: HashMap<u64, (u64, Message, u8)>,
+}
+
+#[derive(Debug)]
+pub(super) struct MemQueue {
+    spec: QueueSpec,
+    max_length: u64,
+    state: Mutex<State>,
+    /// Signalled when a message becomes ready, or the queue closes.
+    pub(super) ready_signal: Notify,
+    /// Signalled when room frees up under `max_length`, or the queue closes.
+    space_signal: Notify,
+    next_tag: AtomicU64,
+    next_subscription: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl MemQueue {
+    pub(super) fn new(spec: QueueSpec, max_length: u64) -> Self {
+        let lanes = spec.max_priority.map_or(1, |p| usize::from(p) + 1);
+        MemQueue {
+            spec,
+            max_length,
+            state: Mutex::new(State {
+                lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+                ..State::default()
+            }),
+            ready_signal: Notify::new(),
+            space_signal: Notify::new(),
+            next_tag: AtomicU64::new(1),
+            next_subscription: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before it can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn check_same(&self, spec: &QueueSpec) -> Result<()> {
+        let same = self.spec.max_priority == spec.max_priority
+            && self.spec.message_ttl == spec.message_ttl
+            && (spec.max_length.is_none() || spec.max_length == Some(self.max_length));
+        if same {
+            Ok(())
+        } else {
+            Err(Error::new(
+                crate::ErrorKind::AlreadyExists,
+                format!("queue {} is already declared with other options", spec.id),
+            ))
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn lane_of(&self, message: &Message) -> Result<u8> {
+        let lanes = self.spec.max_priority.map_or(0, |p| p);
+        Ok(message.headers.priority_level()?.unwrap_or(0).min(lanes))
+    }
+
+    fn expiry_of(&self, message: &Message) -> Result<Option<Instant>> {
+        let own = message.headers.ttl()?;
+        let ttl = match (own, self.spec.message_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(ttl.map(|t| Instant::now() + t))
+    }
+
+    /// Adds a message at the back of its lane, waiting up to `timeout` for room.
+    pub(super) async fn publish(
+        self: &std::sync::Arc<Self>,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<()> {
+        let priority = self.lane_of(&message)?;
+        let expires = self.expiry_of(&message)?;
+        if let Some(delay) = message.headers.delay()?.filter(|d| !d.is_zero()) {
+            self.lock().delayed += 1;
+            let queue = std::sync::Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut state = queue.lock();
+                state.delayed -= 1;
+                // A delayed message was accepted already: it enters even a full queue.
+                Self::push(
+                    &mut state,
+                    Ready {
+                        message,
+                        priority,
+                        expires,
+                    },
+                    false,
+                );
+                drop(state);
+                queue.ready_signal.notify_waiters();
+            });
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut ready = Some(Ready {
+            message,
+            priority,
+            expires,
+        });
+        loop {
+            let room = self.space_signal.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.is_closed() {
+                return Err(Error::new(
+                    crate::ErrorKind::Canceled,
+                    "the memory driver is closed",
+                ));
+            }
+            {
+                let mut state = self.lock();
+                if state.ready < self.max_length {
+                    if let Some(r) = ready.take() {
+                        Self::push(&mut state, r, false);
+                    }
+                    drop(state);
+                    self.ready_signal.notify_waiters();
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(Error::internal(format!(
+                    "queue {} is full (max_length {}): no room within {:?}",
+                    self.spec.id, self.max_length, timeout
+                )));
+            }
+        }
+    }
+
+    fn push(state: &mut State, ready: Ready, front: bool) {
+        let lane = &mut state.lanes[usize::from(ready.priority)];
+        if front {
+            lane.push_front(ready);
+        } else {
+            lane.push_back(ready);
+        }
+        state.ready += 1;
+    }
+
+    /// Takes the next ready message for a subscription, highest priority first,
+    /// skipping expired ones. Returns its delivery tag.
+    pub(super) fn take(&self, subscription: u64) -> Option<(u64, Message)> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut taken = None;
+        for lane in (0..state.lanes.len()).rev() {
+            while let Some(ready) = state.lanes[lane].pop_front() {
+                state.ready -= 1;
+                if ready.expires.is_some_and(|e| e <= now) {
+                    tracing::debug!(queue = %self.spec.id, id = %ready.message.id, "message expired");
+                    continue;
+                }
+                taken = Some(ready);
+                break;
+            }
+            if taken.is_some() {
+                break;
+            }
+        }
+        let ready = taken?;
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        state
+            .in_flight
+            .insert(tag, (subscription, ready.message.clone(), ready.priority));
+        drop(state);
+        self.space_signal.notify_waiters();
+        Some((tag, ready.message))
+    }
+
+    /// Settles a delivery: ack drops it, release puts it back at the front.
+    pub(super) fn settle(&self, tag: u64, release: bool) -> Result<()> {
+        let mut state = self.lock();
+        let Some((_, message, priority)) = state.in_flight.remove(&tag) else {
+            return Err(Error::new(
+                crate::ErrorKind::Canceled,
+                format!(
+                    "delivery {tag} of queue {} is no longer held: its consumer was cancelled and it went back to the queue",
+                    self.spec.id
+                ),
+            ));
+        };
+        if release {
+            Self::push(
+                &mut state,
+                Ready {
+                    message,
+                    priority,
+                    expires: None,
+                },
+                true,
+            );
+            drop(state);
+            self.ready_signal.notify_waiters();
+        }
+        Ok(())
+    }
+
+    pub(super) fn attach(&self) -> u64 {
+        self.lock().consumers += 1;
+        self.next_subscription.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Detaches a subscription: every delivery it still holds goes back to the front,
+    /// in the order it was delivered.
+    pub(super) fn detach(&self, subscription: u64) {
+        let mut state = self.lock();
+        state.consumers = state.consumers.saturating_sub(1);
+        let mut tags: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, (sub, _, _))| *sub == subscription)
+            .map(|(tag, _)| *tag)
+            .collect();
+        tags.sort_unstable_by(|a, b| b.cmp(a));
+        let returned = !tags.is_empty();
+        for tag in tags {
+            if let Some((_, message, priority)) = state.in_flight.remove(&tag) {
+                Self::push(
+                    &mut state,
+                    Ready {
+                        message,
+                        priority,
+                        expires: None,
+                    },
+                    true,
+                );
+            }
+        }
+        drop(state);
+        if returned {
+            self.ready_signal.notify_waiters();
+        }
+    }
+
+    pub(super) fn info(&self) -> QueueInfo {
+        let state = self.lock();
+        QueueInfo {
+            ready: Some(state.ready),
+            in_flight: Some(state.in_flight.len() as u64),
+            delayed: Some(state.delayed),
+            consumers: Some(state.consumers),
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready_signal.notify_waiters();
+        self.space_signal.notify_waiters();
+    }
+}

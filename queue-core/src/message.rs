@@ -1,0 +1,397 @@
+//! Messages and their headers, with the well-known header names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Well-known header names (SPEC §2).
+pub mod names {
+    /// Delivery attempt, written by the runtime only; absent means 1.
+    pub const ATTEMPTS: &str = "attempts";
+    /// Overrides the generated message id.
+    pub const MESSAGE_ID: &str = "message_id";
+    /// Correlates a reply with its request.
+    pub const CORRELATION_ID: &str = "correlation_id";
+    /// Where a reply should go.
+    pub const REPLY_TO: &str = "reply_to";
+    /// An application-defined type name.
+    pub const MESSAGE_TYPE: &str = "message_type";
+    /// `0..=9` or `"low"`, `"normal"`, `"high"`.
+    pub const PRIORITY: &str = "priority";
+    /// Per-message time to live in milliseconds.
+    pub const EXPIRATION: &str = "expiration";
+    /// Per-message time to live in milliseconds (alias of `expiration`).
+    pub const TTL: &str = "ttl";
+    /// Unix seconds, added at publish unless set.
+    pub const TIMESTAMP: &str = "timestamp";
+    /// Milliseconds to wait before delivery.
+    pub const DELAY: &str = "delay";
+    /// A publisher's own content type; travels as a plain header.
+    pub const CONTENT_TYPE: &str = "content_type";
+    /// On dead letters: the queue the message failed in.
+    pub const X_ORIGINAL_QUEUE: &str = "x_original_queue";
+    /// On dead letters: the last failure's message.
+    pub const X_DEAD_LETTER_REASON: &str = "x_dead_letter_reason";
+    /// On dead letters: when it was dead-lettered (RFC 3339 UTC).
+    pub const X_DEAD_LETTER_TIME: &str = "x_dead_letter_time";
+}
+
+/// A header value: a scalar.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderValue {
+    /// A string.
+    String(String),
+    /// A 64-bit integer.
+    Int(i64),
+    /// A 64-bit float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl HeaderValue {
+    /// The string, if it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            HeaderValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, if it is one.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            HeaderValue::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderValue::String(s) => f.write_str(s),
+            HeaderValue::Int(i) => write!(f, "{i}"),
+            HeaderValue::Float(x) => write!(f, "{x}"),
+            HeaderValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(s: &str) -> Self {
+        HeaderValue::String(s.to_string())
+    }
+}
+impl From<String> for HeaderValue {
+    fn from(s: String) -> Self {
+        HeaderValue::String(s)
+    }
+}
+impl From<i64> for HeaderValue {
+    fn from(i: i64) -> Self {
+        HeaderValue::Int(i)
+    }
+}
+impl From<f64> for HeaderValue {
+    fn from(x: f64) -> Self {
+        HeaderValue::Float(x)
+    }
+}
+impl From<bool> for HeaderValue {
+    fn from(b: bool) -> Self {
+        HeaderValue::Bool(b)
+    }
+}
+
+/// Message headers: string keys, scalar values.
+///
+/// ```
+/// use queue_core::Headers;
+/// let headers = Headers::from_pairs([("priority", "high".into()), ("correlation_id", "r-1".into())]);
+/// assert_eq!(headers.priority_level().unwrap(), Some(8));
+/// assert_eq!(headers.attempts(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Headers(BTreeMap<String, HeaderValue>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers(BTreeMap::new())
+    }
+
+    /// Headers from pairs.
+    pub fn from_pairs<K: Into<String>>(pairs: impl IntoIterator<Item = (K, HeaderValue)>) -> Self {
+        Headers(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    /// One header.
+    pub fn get(&self, key: &str) -> Option<&HeaderValue> {
+        self.0.get(key)
+    }
+
+    /// Sets a header, returning the old value.
+    pub fn insert(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<HeaderValue>,
+    ) -> Option<HeaderValue> {
+        self.0.insert(key.into(), value.into())
+    }
+
+    /// Removes a header.
+    pub fn remove(&mut self, key: &str) -> Option<HeaderValue> {
+        self.0.remove(key)
+    }
+
+    /// Whether a header is set.
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// All headers in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &HeaderValue)> {
+        self.0.iter()
+    }
+
+    /// How many headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No headers at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The delivery attempt: the `attempts` header, 1 when absent or unreadable.
+    pub fn attempts(&self) -> u32 {
+        match self.get(names::ATTEMPTS) {
+            Some(HeaderValue::Int(n)) if *n >= 1 => u32::try_from(*n).unwrap_or(u32::MAX),
+            _ => 1,
+        }
+    }
+
+    /// The numeric priority 0..=9 of the `priority` header, if set. `"low"` is 2,
+    /// `"normal"` 5 and `"high"` 8; anything else is `INVALID`.
+    pub fn priority_level(&self) -> Result<Option<u8>> {
+        match self.get(names::PRIORITY) {
+            None => Ok(None),
+            Some(value) => parse_priority(value).map(Some),
+        }
+    }
+
+    /// The `delay` header as a duration, if set; a negative or non-integer value is
+    /// `INVALID`.
+    pub fn delay(&self) -> Result<Option<Duration>> {
+        self.millis(names::DELAY)
+    }
+
+    /// The per-message time to live (`expiration`, or its alias `ttl`), if set.
+    pub fn ttl(&self) -> Result<Option<Duration>> {
+        match self.millis(names::EXPIRATION)? {
+            Some(d) => Ok(Some(d)),
+            None => self.millis(names::TTL),
+        }
+    }
+
+    fn millis(&self, key: &str) -> Result<Option<Duration>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(HeaderValue::Int(ms)) if *ms >= 0 => Ok(Some(Duration::from_millis(*ms as u64))),
+            Some(HeaderValue::String(s)) if s.parse::<u64>().is_ok() => {
+                Ok(s.parse::<u64>().ok().map(Duration::from_millis))
+            }
+            Some(other) => Err(Error::invalid(format!(
+                "header {key:?} must be a whole number of milliseconds >= 0, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Checks headers a publisher gave: reserved names (`attempts`, `x_*`) are refused,
+    /// and `priority`, `delay`, `expiration`/`ttl` must be well formed. Errors name the key.
+    pub fn validate_for_publish(&self) -> Result<()> {
+        for key in self.0.keys() {
+            if key.is_empty() {
+                return Err(Error::invalid("header names must not be empty"));
+            }
+            if key == names::ATTEMPTS || key.starts_with("x_") {
+                return Err(Error::invalid(format!(
+                    "header {key:?} is reserved for the runtime and cannot be published"
+                )));
+            }
+        }
+        self.priority_level()?;
+        self.delay()?;
+        self.ttl()?;
+        if let Some(id) = self.get(names::MESSAGE_ID) {
+            match id.as_str() {
+                Some(s) if !s.is_empty() => {}
+                _ => {
+                    return Err(Error::invalid(
+                        "header \"message_id\" must be a non-empty string",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<K: Into<String>> FromIterator<(K, HeaderValue)> for Headers {
+    fn from_iter<T: IntoIterator<Item = (K, HeaderValue)>>(iter: T) -> Self {
+        Headers::from_pairs(iter)
+    }
+}
+
+impl IntoIterator for Headers {
+    type Item = (String, HeaderValue);
+    type IntoIter = std::collections::btree_map::IntoIter<String, HeaderValue>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// Parses a priority header value: `0..=9`, `"low"`, `"normal"` or `"high"`.
+pub fn parse_priority(value: &HeaderValue) -> Result<u8> {
+    match value {
+        HeaderValue::Int(n) if (0..=9).contains(n) => Ok(*n as u8),
+        HeaderValue::String(s) => match s.as_str() {
+            "low" => Ok(2),
+            "normal" => Ok(5),
+            "high" => Ok(8),
+            digits => match digits.parse::<u8>() {
+                Ok(n) if n <= 9 => Ok(n),
+                _ => Err(priority_error(value)),
+            },
+        },
+        _ => Err(priority_error(value)),
+    }
+}
+
+fn priority_error(value: &HeaderValue) -> Error {
+    Error::invalid(format!(
+        "header \"priority\" must be 0..9, \"low\", \"normal\" or \"high\", got {value:?}"
+    ))
+}
+
+/// A message as drivers carry it: the body is already encoded by the queue's codec.
+///
+/// ```
+/// use queue_core::{Codec, Headers, Message, Value};
+/// let msg = Message::encode(&Value::from("hi"), Headers::new(), Codec::Json).unwrap();
+/// assert_eq!(msg.content_type, "application/json");
+/// assert_eq!(msg.decode().unwrap(), Value::from("hi"));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Unique id: the `message_id` header if the publisher set one, else a UUID v7.
+    pub id: String,
+    /// Scalar headers.
+    pub headers: Headers,
+    /// The wire content type (the codec's).
+    pub content_type: String,
+    /// The encoded body.
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// Encodes a body with a codec into a message with a fresh id (or the `message_id`
+    /// header's).
+    pub fn encode(body: &crate::Value, headers: Headers, codec: crate::Codec) -> Result<Message> {
+        let bytes = codec.encode(body)?;
+        Ok(Message::from_bytes(bytes, headers, codec.content_type()))
+    }
+
+    /// A message around already encoded bytes.
+    pub fn from_bytes(body: Vec<u8>, headers: Headers, content_type: &str) -> Message {
+        let id = match headers.get(names::MESSAGE_ID) {
+            Some(HeaderValue::String(id)) if !id.is_empty() => id.clone(),
+            _ => new_message_id(),
+        };
+        Message {
+            id,
+            headers,
+            content_type: content_type.to_string(),
+            body,
+        }
+    }
+
+    /// Decodes the body by its content type.
+    pub fn decode(&self) -> Result<crate::Value> {
+        let codec = crate::Codec::from_content_type(&self.content_type).ok_or_else(|| {
+            Error::invalid(format!(
+                "message {} has content type {:?}, which no codec reads",
+                self.id, self.content_type
+            ))
+        })?;
+        codec.decode(&self.body)
+    }
+}
+
+/// A new unique message id (UUID v7: time-ordered).
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn priority_words_and_numbers() {
+        for (v, n) in [("low", 2), ("normal", 5), ("high", 8), ("7", 7)] {
+            assert_eq!(parse_priority(&v.into()).unwrap(), n);
+        }
+        assert_eq!(parse_priority(&HeaderValue::Int(0)).unwrap(), 0);
+        for bad in [
+            HeaderValue::Int(10),
+            HeaderValue::Int(-1),
+            "urgent".into(),
+            HeaderValue::Bool(true),
+        ] {
+            assert_eq!(parse_priority(&bad).unwrap_err().kind(), ErrorKind::Invalid);
+        }
+    }
+
+    #[test]
+    fn reserved_headers_are_refused_by_name() {
+        for key in ["attempts", "x_original_queue", "x_anything"] {
+            let h = Headers::from_pairs([(key, HeaderValue::Int(1))]);
+            let err = h.validate_for_publish().unwrap_err();
+            assert!(err.message().contains(key), "{err}");
+        }
+        let ok =
+            Headers::from_pairs([("priority", "high".into()), ("delay", HeaderValue::Int(10))]);
+        ok.validate_for_publish().unwrap();
+        let bad_delay = Headers::from_pairs([("delay", HeaderValue::Int(-5))]);
+        assert!(
+            bad_delay
+                .validate_for_publish()
+                .unwrap_err()
+                .message()
+                .contains("delay")
+        );
+    }
+
+    #[test]
+    fn attempts_default_to_one() {
+        assert_eq!(Headers::new().attempts(), 1);
+        let h = Headers::from_pairs([("attempts", HeaderValue::Int(3))]);
+        assert_eq!(h.attempts(), 3);
+    }
+
+    #[test]
+    fn message_id_header_wins() {
+        let h = Headers::from_pairs([("message_id", "mine".into())]);
+        let m = Message::from_bytes(vec![], h, "application/json");
+        assert_eq!(m.id, "mine");
+        let a = Message::from_bytes(vec![], Headers::new(), "application/json");
+        let b = Message::from_bytes(vec![], Headers::new(), "application/json");
+        assert_ne!(a.id, b.id);
+    }
+}

@@ -1,0 +1,235 @@
+//! The publishing facade: the registry of declared queues and the one place where
+//! publish checks happen, in the order SPEC §5 gives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::message::names;
+use crate::security::{ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, SecurityContext};
+use crate::{
+    Codec, Driver, Error, HeaderValue, Headers, Message, QueueId, QueueInfo, QueueSpec, Result,
+    Value,
+};
+
+/// The default `max_message_bytes`: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// How a queue's messages are published: its codec and size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishSettings {
+    /// The body codec.
+    pub codec: Codec,
+    /// Encoded bodies larger than this are `INVALID`.
+    pub max_message_bytes: usize,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        PublishSettings {
+            codec: Codec::Json,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// A declared queue: its spec, publish settings and driver.
+#[derive(Clone)]
+pub struct RegisteredQueue {
+    /// How it was declared.
+    pub spec: QueueSpec,
+    /// Codec and size limit.
+    pub settings: PublishSettings,
+    /// The driver it lives on.
+    pub driver: Arc<dyn Driver>,
+}
+
+impl std::fmt::Debug for RegisteredQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredQueue")
+            .field("spec", &self.spec)
+            .field("settings", &self.settings)
+            .field("driver", &self.driver.name())
+            .finish()
+    }
+}
+
+/// The registry of declared queues, and publishing with every check.
+///
+/// ```
+/// use std::sync::Arc;
+/// use queue_core::{Headers, Queues, QueueSpec, QueueId, Value, PublishSettings};
+/// use queue_core::memory::MemoryDriver;
+/// use queue_core::security::SecurityContext;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let queues = Queues::new();
+/// let driver = Arc::new(MemoryDriver::new());
+/// let id = QueueId::parse("app:tasks").unwrap();
+/// queues.declare(QueueSpec::new(id), PublishSettings::default(), driver).await.unwrap();
+/// let ctx = SecurityContext::default();
+/// let body = Value::map([("action", Value::from("send_email"))]);
+/// let id = queues.publish(&ctx, "app:tasks", body, Headers::new()).await.unwrap();
+/// assert!(!id.is_empty());
+/// let err = queues.publish(&ctx, "app:nope", Value::from("x"), Headers::new()).await.unwrap_err();
+/// assert_eq!(err.kind(), queue_core::ErrorKind::NotFound);
+/// # });
+/// ```
+#[derive(Clone, Default, Debug)]
+pub struct Queues {
+    registry: Arc<RwLock<HashMap<QueueId, RegisteredQueue>>>,
+}
+
+impl Queues {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Queues::default()
+    }
+
+    /// Declares a queue on its driver and registers it.
+    pub async fn declare(
+        &self,
+        spec: QueueSpec,
+        settings: PublishSettings,
+        driver: Arc<dyn Driver>,
+    ) -> Result<()> {
+        driver.declare(&spec).await?;
+        self.registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                spec.id.clone(),
+                RegisteredQueue {
+                    spec,
+                    settings,
+                    driver,
+                },
+            );
+        Ok(())
+    }
+
+    /// A declared queue.
+    pub fn get(&self, id: &QueueId) -> Option<RegisteredQueue> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every declared queue.
+    pub fn all(&self) -> Vec<RegisteredQueue> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Looks a queue up, `NOT_FOUND` if it is not declared.
+    pub fn require(&self, id: &QueueId) -> Result<RegisteredQueue> {
+        self.get(id)
+            .ok_or_else(|| Error::not_found(format!("queue {id} is not declared")))
+    }
+
+    /// Starts a publish: checks the general permission, the queue id and the
+    /// queue-specific permission (checks 1–3 of SPEC §5). The caller converts its data
+    /// and headers next, then calls [`PublishRequest::send`].
+    pub fn begin_publish(&self, ctx: &SecurityContext, queue_id: &str) -> Result<PublishRequest> {
+        ctx.check(ACTION_PUBLISH, None)?;
+        let queue = QueueId::parse(queue_id)?;
+        ctx.check(ACTION_PUBLISH_QUEUE, Some(queue.as_str()))?;
+        Ok(PublishRequest {
+            queues: self.clone(),
+            queue,
+        })
+    }
+
+    /// Publishes with every check, returning the message id once the driver has it.
+    pub async fn publish(
+        &self,
+        ctx: &SecurityContext,
+        queue_id: &str,
+        body: Value,
+        headers: Headers,
+    ) -> Result<String> {
+        let request = self.begin_publish(ctx, queue_id)?;
+        request.check_body(&body)?;
+        request.send(body, headers).await
+    }
+
+    /// Counts of a declared queue.
+    pub async fn info(&self, queue_id: &str) -> Result<QueueInfo> {
+        let id = QueueId::parse(queue_id)?;
+        self.require(&id)?.driver.info(&id).await
+    }
+}
+
+/// A publish whose permissions and queue id were checked.
+#[derive(Debug)]
+pub struct PublishRequest {
+    queues: Queues,
+    queue: QueueId,
+}
+
+impl PublishRequest {
+    /// The checked queue id.
+    pub fn queue(&self) -> &QueueId {
+        &self.queue
+    }
+
+    /// Check 4: the data must not be empty (`nil`, `""`, `{}`).
+    pub fn check_body(&self, body: &Value) -> Result<()> {
+        if body.is_empty_data() {
+            return Err(Error::invalid(format!(
+                "message data is empty ({}): publish needs a non-empty table, string, number or boolean",
+                describe_empty(body)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks headers, that the queue exists and the size, then publishes; returns the
+    /// message id once the driver confirmed it.
+    pub async fn send(self, body: Value, mut headers: Headers) -> Result<String> {
+        self.check_body(&body)?;
+        headers.validate_for_publish()?;
+        let registered = self.queues.require(&self.queue)?;
+        let bytes = registered.settings.codec.encode(&body)?;
+        if bytes.len() > registered.settings.max_message_bytes {
+            return Err(Error::invalid(format!(
+                "message is {} bytes, more than the {} bytes queue {} allows (max_message_bytes)",
+                bytes.len(),
+                registered.settings.max_message_bytes,
+                self.queue
+            )));
+        }
+        if !headers.contains(names::TIMESTAMP) {
+            headers.insert(names::TIMESTAMP, HeaderValue::Int(unix_now()));
+        }
+        let message = Message::from_bytes(bytes, headers, registered.settings.codec.content_type());
+        let id = message.id.clone();
+        registered
+            .driver
+            .publish(&self.queue, message)
+            .await
+            .map_err(|e| e.context(format!("publish to {}", self.queue)))?;
+        Ok(id)
+    }
+}
+
+fn describe_empty(body: &Value) -> &'static str {
+    match body {
+        Value::Nil => "nil",
+        Value::String(_) | Value::Bytes(_) => "empty string",
+        _ => "empty table",
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,575 @@
+//! The contracts every driver keeps, one function each.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use super::{TestContext, message, next, number_of, numbered, within};
+use crate::{ErrorKind, HeaderValue, Headers, Message, Value};
+
+/// Declaring the same queue twice is fine.
+pub async fn declare_twice_is_fine(ctx: &TestContext) {
+    let spec = ctx.spec("declare-twice");
+    ctx.declare(spec.clone()).await;
+    ctx.declare(spec).await;
+}
+
+/// Publish then consume: id, body and headers arrive intact.
+pub async fn round_trip_keeps_id_body_and_headers(ctx: &TestContext) {
+    let q = ctx.declared("round-trip").await;
+    let headers = Headers::from_pairs([
+        ("tenant", HeaderValue::from("acme")),
+        ("count", HeaderValue::Int(-42)),
+        ("ratio", HeaderValue::Float(0.25)),
+        ("urgent", HeaderValue::Bool(true)),
+    ]);
+    let body = Value::map([
+        ("action", Value::from("send_email")),
+        ("user_id", Value::Int(456)),
+    ]);
+    let sent = message(body.clone(), headers.clone());
+    ctx.publish(&q, sent.clone()).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let got = next(&mut sub).await;
+    assert_eq!(got.message().id, sent.id);
+    assert_eq!(got.message().decode().unwrap(), body);
+    for (k, v) in headers.iter() {
+        assert_eq!(got.message().headers.get(k), Some(v), "header {k}");
+    }
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Every body value type survives the trip through the driver.
+pub async fn every_value_type_round_trips(ctx: &TestContext) {
+    let q = ctx.declared("value-types").await;
+    let bodies = vec![
+        Value::Bool(false),
+        Value::Int(i64::MIN),
+        Value::Int(5),
+        Value::Float(5.0),
+        Value::Float(-1.5e300),
+        Value::from("text with ünïcode"),
+        Value::Array(vec![Value::Int(1), Value::Nil, Value::from("x")]),
+        Value::map([(
+            "nested",
+            Value::map([(
+                "list",
+                Value::Array(vec![Value::Float(0.5), Value::Bool(true)]),
+            )]),
+        )]),
+    ];
+    let mut sub = ctx.consume(&q, 10).await;
+    for body in &bodies {
+        for codec in [crate::Codec::Json, crate::Codec::MsgPack] {
+            ctx.publish(&q, Message::encode(body, Headers::new(), codec).unwrap())
+                .await;
+            let got = next(&mut sub).await;
+            assert_eq!(&got.message().decode().unwrap(), body, "{codec}");
+            got.ack().await.unwrap();
+        }
+    }
+    let bytes = Value::Bytes(vec![0, 159, 146, 150, 255]);
+    ctx.publish(
+        &q,
+        Message::encode(&bytes, Headers::new(), crate::Codec::MsgPack).unwrap(),
+    )
+    .await;
+    let got = next(&mut sub).await;
+    assert_eq!(got.message().decode().unwrap(), bytes);
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Three messages, each delivered exactly once.
+pub async fn three_messages_are_delivered_exactly_once(ctx: &TestContext) {
+    let q = ctx.declared("three").await;
+    for n in 1..=3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 10).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut sub).await;
+        seen.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert_nothing_more(ctx, &q, &mut sub).await;
+    sub.cancel().await.unwrap();
+}
+
+/// Publishes a marker and checks that it is the next thing the consumer gets: proves
+/// that nothing else was left, without waiting for a quiet period.
+async fn assert_nothing_more(
+    ctx: &TestContext,
+    q: &crate::QueueId,
+    sub: &mut Box<dyn crate::Subscription>,
+) {
+    ctx.publish(q, numbered(-1)).await;
+    let d = next(sub).await;
+    assert_eq!(number_of(&d), -1, "an unexpected message was still in {q}");
+    d.ack().await.unwrap();
+}
+
+/// A released delivery comes back with the same id and headers.
+pub async fn release_redelivers_the_same_message(ctx: &TestContext) {
+    let q = ctx.declared("release").await;
+    let headers = Headers::from_pairs([("k", HeaderValue::from("v"))]);
+    let sent = message(Value::from("again"), headers);
+    ctx.publish(&q, sent.clone()).await;
+    let mut sub = ctx.consume(&q, 1).await;
+    let first = next(&mut sub).await;
+    first.release().await.unwrap();
+    let second = next(&mut sub).await;
+    assert_eq!(second.message().id, sent.id);
+    assert_eq!(second.message().headers.get("k"), sent.headers.get("k"));
+    assert_eq!(
+        second.message().headers.attempts(),
+        1,
+        "a release is not an attempt"
+    );
+    assert_eq!(second.message().decode().unwrap(), Value::from("again"));
+    second.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Dropping an unsettled delivery returns it to the queue.
+pub async fn dropping_a_delivery_releases_it(ctx: &TestContext) {
+    let q = ctx.declared("drop").await;
+    let sent = numbered(7);
+    ctx.publish(&q, sent.clone()).await;
+    let mut sub = ctx.consume(&q, 1).await;
+    drop(next(&mut sub).await);
+    let again = next(&mut sub).await;
+    assert_eq!(again.message().id, sent.id);
+    again.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Publishing to or consuming from a queue never declared is `NOT_FOUND`.
+pub async fn undeclared_queue_is_not_found(ctx: &TestContext) {
+    let q = ctx.spec("undeclared").id;
+    let err = within("publish", ctx.driver().publish(&q, numbered(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    match within("consume", ctx.driver().consume(&q, Default::default())).await {
+        Err(err) => assert_eq!(err.kind(), ErrorKind::NotFound, "{err}"),
+        Ok(_) => panic!("consuming an undeclared queue succeeded"),
+    }
+}
+
+/// A batch publish delivers every message.
+pub async fn batch_publish_delivers_all(ctx: &TestContext) {
+    let q = ctx.declared("batch").await;
+    let batch: Vec<Message> = (0..50).map(numbered).collect();
+    within("publish_batch", ctx.driver().publish_batch(&q, batch))
+        .await
+        .unwrap();
+    let mut sub = ctx.consume(&q, 50).await;
+    let mut seen = HashSet::new();
+    for _ in 0..50 {
+        let d = next(&mut sub).await;
+        assert!(seen.insert(number_of(&d)));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(seen, (0..50).collect());
+    sub.cancel().await.unwrap();
+}
+
+/// Well-known headers read back exactly as published.
+pub async fn neutral_headers_round_trip(ctx: &TestContext) {
+    let q = ctx.declared("neutral-headers").await;
+    let headers = Headers::from_pairs([
+        ("correlation_id", HeaderValue::from("req-17")),
+        ("reply_to", HeaderValue::from("app:replies")),
+        ("content_type", HeaderValue::from("text/x-mine")),
+        ("message_type", HeaderValue::from("order_shipped")),
+        ("priority", HeaderValue::from("high")),
+        ("timestamp", HeaderValue::Int(1_700_000_000)),
+    ]);
+    let sent = message(Value::from("h"), headers.clone());
+    ctx.publish(&q, sent).await;
+    let mut sub = ctx.consume(&q, 1).await;
+    let got = next(&mut sub).await;
+    let read: BTreeMap<_, _> = got.message().headers.iter().collect();
+    for (k, v) in headers.iter() {
+        assert_eq!(read.get(k), Some(&v), "header {k} in {read:?}");
+    }
+    assert_eq!(
+        got.message().content_type,
+        "application/json",
+        "the wire content type is the codec's"
+    );
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// The runtime's `attempts` header reads back as written.
+pub async fn attempts_header_round_trips(ctx: &TestContext) {
+    let q = ctx.declared("attempts").await;
+    let headers = Headers::from_pairs([("attempts", HeaderValue::Int(3))]);
+    ctx.publish(&q, message(Value::from("a"), headers)).await;
+    let mut sub = ctx.consume(&q, 1).await;
+    let got = next(&mut sub).await;
+    assert_eq!(got.message().headers.attempts(), 3);
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// A message published to one queue never shows up in another.
+pub async fn queues_are_isolated(ctx: &TestContext) {
+    let a = ctx.declared("isolated-a").await;
+    let b = ctx.declared("isolated-b").await;
+    ctx.publish(&a, numbered(1)).await;
+    ctx.publish(&b, numbered(2)).await;
+    let mut sub_b = ctx.consume(&b, 10).await;
+    let d = next(&mut sub_b).await;
+    assert_eq!(number_of(&d), 2);
+    d.ack().await.unwrap();
+    assert_nothing_more(ctx, &b, &mut sub_b).await;
+    sub_b.cancel().await.unwrap();
+    let mut sub_a = ctx.consume(&a, 10).await;
+    let d = next(&mut sub_a).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+    sub_a.cancel().await.unwrap();
+}
+
+/// `info` counts ready and in-flight messages and consumers.
+pub async fn info_counts_ready_and_in_flight(ctx: &TestContext) {
+    let caps = ctx.caps();
+    if !caps.info_ready {
+        ctx.skip("info_counts_ready_and_in_flight", "info_ready");
+        return;
+    }
+    let q = ctx.declared("info").await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let info = eventually_info(ctx, &q, |i| i.ready == Some(3)).await;
+    assert_eq!(info.ready, Some(3));
+    let mut sub = ctx.consume(&q, 1).await;
+    let held = next(&mut sub).await;
+    if caps.info_in_flight {
+        let info = eventually_info(ctx, &q, |i| i.in_flight == Some(1)).await;
+        assert_eq!(info.ready, Some(2));
+    }
+    if caps.info_consumers {
+        let info = eventually_info(ctx, &q, |i| i.consumers == Some(1)).await;
+        assert_eq!(info.consumers, Some(1));
+    }
+    held.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Brokers report counts with a little lag: polls `info` until `done` holds (bounded).
+async fn eventually_info(
+    ctx: &TestContext,
+    q: &crate::QueueId,
+    done: impl Fn(&crate::QueueInfo) -> bool,
+) -> crate::QueueInfo {
+    within("info to settle", async {
+        loop {
+            let info = ctx.driver().info(q).await.unwrap();
+            if done(&info) {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Cancelling stops delivery and returns what the consumer held unsettled.
+pub async fn cancel_stops_delivery_and_returns_unsettled(ctx: &TestContext) {
+    let q = ctx.declared("cancel").await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 3).await;
+    let held: Vec<_> = vec![next(&mut sub).await, next(&mut sub).await];
+    let held_numbers: HashSet<i64> = held.iter().map(number_of).collect();
+    sub.cancel().await.unwrap();
+    ctx.publish(&q, numbered(3)).await;
+    let mut after = ctx.consume(&q, 10).await;
+    let mut seen = HashSet::new();
+    for _ in 0..4 {
+        let d = next(&mut after).await;
+        seen.insert(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        (0..4).collect(),
+        "held {held_numbers:?} must come back"
+    );
+    for d in held {
+        assert!(
+            d.ack().await.is_err(),
+            "acking a delivery of a cancelled consumer must fail"
+        );
+    }
+    after.cancel().await.unwrap();
+}
+
+/// Messages published before any consumer wait for one.
+pub async fn publish_before_any_consumer(ctx: &TestContext) {
+    let q = ctx.declared("before-consumer").await;
+    for n in 0..5 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 10).await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let d = next(&mut sub).await;
+        seen.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(seen, vec![0, 1, 2, 3, 4], "FIFO order");
+    sub.cancel().await.unwrap();
+}
+
+/// A new consumer after a cancel gets what follows.
+pub async fn new_consumer_after_cancel(ctx: &TestContext) {
+    let q = ctx.declared("after-cancel").await;
+    let sub = ctx.consume(&q, 10).await;
+    sub.cancel().await.unwrap();
+    ctx.publish(&q, numbered(1)).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Ten rapid consume/cancel cycles leave the queue working and lose nothing.
+pub async fn rapid_consume_cancel_cycles(ctx: &TestContext) {
+    let q = ctx.declared("cycles").await;
+    for n in 0..10 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut acked = HashSet::new();
+    for _ in 0..10 {
+        let mut sub = ctx.consume(&q, 2).await;
+        let d = next(&mut sub).await;
+        acked.insert(number_of(&d));
+        d.ack().await.unwrap();
+        sub.cancel().await.unwrap();
+    }
+    assert_eq!(acked, (0..10).collect());
+}
+
+/// Ids the driver side assigns are unique and non-empty.
+pub async fn driver_assigned_ids_are_unique(ctx: &TestContext) {
+    let q = ctx.declared("ids").await;
+    let mut sub = ctx.consume(&q, 100).await;
+    for n in 0..100 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut ids = HashSet::new();
+    for _ in 0..100 {
+        let d = next(&mut sub).await;
+        assert!(!d.message().id.is_empty());
+        assert!(
+            ids.insert(d.message().id.clone()),
+            "duplicate id {}",
+            d.message().id
+        );
+        d.ack().await.unwrap();
+    }
+    sub.cancel().await.unwrap();
+}
+
+/// Two competing consumers share the work; nothing is delivered twice.
+pub async fn competing_consumers_share_without_duplicates(ctx: &TestContext) {
+    let q = ctx.declared("competing").await;
+    let total = 200;
+    let messages: Vec<Message> = (0..total).map(numbered).collect();
+    within("publish_batch", ctx.driver().publish_batch(&q, messages))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let mut sub = ctx.consume(&q, 5).await;
+        let tx = tx.clone();
+        workers.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.next().await {
+                let n = number_of(&d);
+                d.ack().await.unwrap();
+                if tx.send(n).is_err() {
+                    break;
+                }
+            }
+            sub
+        }));
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..total {
+        let n = within("competing delivery", rx.recv())
+            .await
+            .expect("workers alive");
+        assert!(seen.insert(n), "message {n} delivered twice");
+    }
+    drop(rx);
+    for w in workers {
+        w.abort();
+    }
+    assert_eq!(seen.len(), total as usize);
+}
+
+/// Eight publishers at once: every message arrives once.
+pub async fn eight_concurrent_publishers(ctx: &TestContext) {
+    let q = ctx.declared("concurrent").await;
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let driver = ctx.driver_arc();
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                driver.publish(&q, numbered(p * 100 + i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        within("publisher", t).await.unwrap();
+    }
+    let mut sub = ctx.consume(&q, 50).await;
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        let d = next(&mut sub).await;
+        assert!(seen.insert(number_of(&d)));
+        d.ack().await.unwrap();
+    }
+    sub.cancel().await.unwrap();
+}
+
+/// Ten thousand messages through one queue, none lost or doubled.
+pub async fn ten_thousand_messages(ctx: &TestContext) {
+    let q = ctx.declared("ten-thousand").await;
+    let mut sub = ctx.consume(&q, 500).await;
+    let driver = ctx.driver_arc();
+    let publisher = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            for chunk in (0..10_000).collect::<Vec<i64>>().chunks(500) {
+                driver
+                    .publish_batch(&q, chunk.iter().copied().map(numbered).collect())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut seen = vec![false; 10_000];
+    for _ in 0..10_000 {
+        let d = next(&mut sub).await;
+        let n = number_of(&d) as usize;
+        assert!(!seen[n], "message {n} delivered twice");
+        seen[n] = true;
+        d.ack().await.unwrap();
+    }
+    within("publisher", publisher).await.unwrap();
+    assert!(seen.iter().all(|s| *s));
+    sub.cancel().await.unwrap();
+}
+
+/// A second ack or release is `INVALID`, never a double settle.
+pub async fn second_settlement_is_an_error(ctx: &TestContext) {
+    let q = ctx.declared("second-settle").await;
+    ctx.publish(&q, numbered(1)).await;
+    ctx.publish(&q, numbered(2)).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let d = next(&mut sub).await;
+    d.ack().await.unwrap();
+    assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(d.release().await.unwrap_err().kind(), ErrorKind::Invalid);
+    let d2 = next(&mut sub).await;
+    assert_eq!(number_of(&d2), 2, "the first message must not come back");
+    d2.release().await.unwrap();
+    assert_eq!(d2.ack().await.unwrap_err().kind(), ErrorKind::Invalid);
+    let d3 = next(&mut sub).await;
+    assert_eq!(number_of(&d3), 2);
+    d3.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// A consumer never holds more than `prefetch` unsettled deliveries.
+pub async fn prefetch_bounds_unsettled_deliveries(ctx: &TestContext) {
+    let q = ctx.declared("prefetch").await;
+    for n in 0..5 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 2).await;
+    let a = next(&mut sub).await;
+    let b = next(&mut sub).await;
+    let third = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        third.is_err(),
+        "a third delivery arrived while two were unsettled"
+    );
+    a.ack().await.unwrap();
+    let c = next(&mut sub).await;
+    b.ack().await.unwrap();
+    c.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
+/// Higher priorities are delivered first where the queue has `max_priority`.
+pub async fn priority_orders_delivery(ctx: &TestContext) {
+    if !ctx.caps().priority {
+        ctx.skip("priority_orders_delivery", "priority");
+        return;
+    }
+    let q = ctx.declare(ctx.spec("priority").with_max_priority(9)).await;
+    for (n, p) in [(1, "low"), (2, "normal"), (3, "high"), (4, "low")] {
+        let headers = Headers::from_pairs([("priority", HeaderValue::from(p))]);
+        ctx.publish(&q, message(Value::map([("n", Value::Int(n))]), headers))
+            .await;
+    }
+    let mut sub = ctx.consume(&q, 1).await;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let d = next(&mut sub).await;
+        order.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(order, vec![3, 2, 1, 4]);
+    sub.cancel().await.unwrap();
+}
+
+/// A delayed message arrives no earlier than its delay; a driver without the
+/// capability refuses the header with `INVALID` naming itself.
+pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
+    let q = ctx.declared("delay").await;
+    let delayed = message(
+        Value::from("later"),
+        Headers::from_pairs([("delay", HeaderValue::Int(400))]),
+    );
+    if !ctx.caps().delay {
+        let err = within("publish", ctx.driver().publish(&q, delayed))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.message().contains(ctx.driver().name()), "{err}");
+        ctx.skip("delay_is_honoured (refusal checked)", "delay");
+        return;
+    }
+    let started = tokio::time::Instant::now();
+    ctx.publish(&q, delayed).await;
+    ctx.publish(&q, numbered(1)).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let first = next(&mut sub).await;
+    assert_eq!(number_of(&first), 1, "the undelayed message comes first");
+    first.ack().await.unwrap();
+    let later = next(&mut sub).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "delivered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(later.message().decode().unwrap(), Value::from("later"));
+    later.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}

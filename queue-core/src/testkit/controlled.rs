@@ -1,0 +1,156 @@
+//! A memory driver whose publish confirmations a test holds, passes or refuses.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, oneshot};
+
+use crate::memory::MemoryDriver;
+use crate::{
+    Capabilities, ConsumeOptions, Driver, Error, Message, QueueId, QueueInfo, QueueSpec, Result,
+    Subscription,
+};
+
+/// A driver for tests: the memory driver, except that while publishes are *held*, each
+/// publish waits until the test confirms or refuses it. Lets the Lua and runtime tests
+/// prove that `publish` waits for its driver and fails when the driver refuses.
+///
+/// ```
+/// use std::sync::Arc;
+/// use queue_core::testkit::{ControlledDriver, numbered};
+/// use queue_core::{Driver, QueueId, QueueSpec};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let driver = Arc::new(ControlledDriver::new());
+/// let id = QueueId::parse("t:q").unwrap();
+/// driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+/// driver.hold_publishes();
+/// let d = driver.clone();
+/// let publish = tokio::spawn(async move { d.publish(&id, numbered(1)).await });
+/// driver.wait_for_held(1).await;
+/// driver.refuse_next();
+/// assert!(publish.await.unwrap().is_err());
+/// # });
+/// ```
+#[derive(Debug, Default)]
+pub struct ControlledDriver {
+    inner: MemoryDriver,
+    holding: Mutex<bool>,
+    held: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    arrived: Notify,
+}
+
+impl ControlledDriver {
+    /// Passes publishes through until [`ControlledDriver::hold_publishes`].
+    pub fn new() -> Self {
+        ControlledDriver::default()
+    }
+
+    /// The memory driver underneath.
+    pub fn inner(&self) -> &MemoryDriver {
+        &self.inner
+    }
+
+    /// From now on, every publish waits for [`confirm_next`](Self::confirm_next) or
+    /// [`refuse_next`](Self::refuse_next).
+    pub fn hold_publishes(&self) {
+        *self.holding.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Stops holding and confirms every held publish.
+    pub fn pass_publishes(&self) {
+        *self.holding.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        while self.settle_next(true) {}
+    }
+
+    /// How many publishes are waiting.
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until at least `n` publishes are held.
+    pub async fn wait_for_held(&self, n: usize) {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.held() >= n {
+                return;
+            }
+            arrived.await;
+        }
+    }
+
+    /// Lets the oldest held publish through; false if none was held.
+    pub fn confirm_next(&self) -> bool {
+        self.settle_next(true)
+    }
+
+    /// Fails the oldest held publish with `INTERNAL` (retryable); false if none was held.
+    pub fn refuse_next(&self) -> bool {
+        self.settle_next(false)
+    }
+
+    fn settle_next(&self, confirm: bool) -> bool {
+        let next = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        match next {
+            Some(tx) => {
+                let _ = tx.send(confirm);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for ControlledDriver {
+    fn name(&self) -> &str {
+        "controlled"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn declare(&self, spec: &QueueSpec) -> Result<()> {
+        self.inner.declare(spec).await
+    }
+    async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
+        let wait = {
+            let holding = *self.holding.lock().unwrap_or_else(|p| p.into_inner());
+            holding.then(|| {
+                let (tx, rx) = oneshot::channel();
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(tx);
+                rx
+            })
+        };
+        if let Some(rx) = wait {
+            self.arrived.notify_waiters();
+            if !rx.await.unwrap_or(false) {
+                return Err(Error::internal(format!(
+                    "the controlled driver refused to confirm a publish to {queue}"
+                )));
+            }
+        }
+        self.inner.publish(queue, message).await
+    }
+    async fn consume(
+        &self,
+        queue: &QueueId,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn Subscription>> {
+        self.inner.consume(queue, options).await
+    }
+    async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
+        self.inner.info(queue).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}

@@ -1,0 +1,2 @@
+//! The Lua queue module (queue, errors, logger) on mlua
+#![warn(missing_docs)]

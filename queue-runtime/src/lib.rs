@@ -1,0 +1,2 @@
+//! The queue consumer host.
+#![warn(missing_docs)]
