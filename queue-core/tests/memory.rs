@@ -1,0 +1,147 @@
+//! Memory-driver behaviour beyond the shared contracts: full queues, returns when
+//! full, expiry, close.
+
+use std::time::Duration;
+
+use queue_core::memory::{MemoryConfig, MemoryDriver};
+use queue_core::testkit::{number_of, numbered};
+use queue_core::{ConsumeOptions, Driver, ErrorKind, HeaderValue, Headers, QueueId, QueueSpec};
+
+fn id() -> QueueId {
+    QueueId::parse("mem:q").unwrap()
+}
+
+async fn driver_with_full_queue(max_length: u64, timeout: Duration) -> MemoryDriver {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: timeout,
+        ..MemoryConfig::default()
+    });
+    driver
+        .declare(&QueueSpec::new(id()).with_max_length(max_length))
+        .await
+        .unwrap();
+    for n in 0..max_length as i64 {
+        driver.publish(&id(), numbered(n)).await.unwrap();
+    }
+    driver
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_publish_fail_internal_retryable_after_the_wait() {
+    let driver = driver_with_full_queue(2, Duration::from_millis(50)).await;
+    let err = driver.publish(&id(), numbered(9)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(err.retryable());
+    assert!(err.message().contains("full"), "{err}");
+}
+
+#[tokio::test]
+async fn a_waiting_publish_enters_once_a_consumer_makes_room() {
+    let driver = driver_with_full_queue(1, Duration::from_secs(20)).await;
+    let publisher = {
+        let driver = driver.clone();
+        tokio::spawn(async move { driver.publish(&id(), numbered(1)).await })
+    };
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    publisher.await.unwrap().unwrap();
+    first.ack().await.unwrap();
+    let second = sub.next().await.unwrap().unwrap();
+    assert_eq!(number_of(&second), 1);
+    second.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn returns_are_never_lost_even_when_the_queue_is_full() {
+    let driver = driver_with_full_queue(2, Duration::from_millis(10)).await;
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions { prefetch: 2 })
+        .await
+        .unwrap();
+    let a = sub.next().await.unwrap().unwrap();
+    let b = sub.next().await.unwrap().unwrap();
+    driver.publish(&id(), numbered(10)).await.unwrap();
+    driver.publish(&id(), numbered(11)).await.unwrap();
+    assert!(
+        driver.publish(&id(), numbered(12)).await.is_err(),
+        "queue is full again"
+    );
+    a.release().await.unwrap();
+    drop(b);
+    let info = driver.info(&id()).await.unwrap();
+    assert_eq!(info.ready, Some(4), "both returns entered the full queue");
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let d = sub.next().await.unwrap().unwrap();
+        order.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(order, vec![1, 0, 10, 11], "returns go to the front");
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_messages_are_not_delivered() {
+    let driver = MemoryDriver::new();
+    driver.declare(&QueueSpec::new(id())).await.unwrap();
+    let mut short = numbered(1);
+    short.headers.insert("expiration", HeaderValue::Int(1));
+    driver.publish(&id(), short).await.unwrap();
+    driver.publish(&id(), numbered(2)).await.unwrap();
+    tokio::time::advance(Duration::from_millis(5)).await;
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let d = sub.next().await.unwrap().unwrap();
+    assert_eq!(number_of(&d), 2);
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn info_counts_delayed_messages() {
+    let driver = MemoryDriver::new();
+    driver.declare(&QueueSpec::new(id())).await.unwrap();
+    let mut later = numbered(1);
+    later.headers = Headers::from_pairs([("delay", HeaderValue::Int(60_000))]);
+    driver.publish(&id(), later).await.unwrap();
+    let info = driver.info(&id()).await.unwrap();
+    assert_eq!((info.ready, info.delayed), (Some(0), Some(1)));
+    assert_eq!(info.message_count(), 1);
+}
+
+#[tokio::test]
+async fn closing_ends_consumers_and_refuses_publishes() {
+    let driver = MemoryDriver::new();
+    driver.declare(&QueueSpec::new(id())).await.unwrap();
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move { sub.next().await.is_none() });
+    driver.close().await.unwrap();
+    assert!(
+        waiting.await.unwrap(),
+        "a waiting consumer ends when the driver closes"
+    );
+    assert_eq!(
+        driver.publish(&id(), numbered(1)).await.unwrap_err().kind(),
+        ErrorKind::Canceled
+    );
+}
+
+#[tokio::test]
+async fn redeclaring_with_other_options_is_already_exists() {
+    let driver = MemoryDriver::new();
+    driver
+        .declare(&QueueSpec::new(id()).with_max_priority(5))
+        .await
+        .unwrap();
+    let err = driver
+        .declare(&QueueSpec::new(id()).with_max_priority(9))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+}
