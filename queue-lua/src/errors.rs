@@ -1,0 +1,147 @@
+//! Error values as Lua sees them, and the `errors` global.
+
+use std::collections::BTreeMap;
+
+use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value as LuaValue};
+use queue_core::{Error, ErrorKind};
+
+/// An error value in Lua: `err:kind()`, `err:retryable()`, `err:message()`,
+/// `err:details()`, and `tostring(err)` ("Invalid: queue id is empty").
+#[derive(Debug, Clone, PartialEq)]
+pub struct LuaError {
+    /// The portable kind.
+    pub kind: ErrorKind,
+    /// Whether trying again may succeed.
+    pub retryable: bool,
+    /// The message.
+    pub message: String,
+    /// Extra details.
+    pub details: BTreeMap<String, String>,
+}
+
+impl From<&Error> for LuaError {
+    fn from(e: &Error) -> Self {
+        LuaError {
+            kind: e.kind(),
+            retryable: e.retryable(),
+            message: e.message().to_string(),
+            details: e.details().clone(),
+        }
+    }
+}
+
+impl From<Error> for LuaError {
+    fn from(e: Error) -> Self {
+        LuaError::from(&e)
+    }
+}
+
+impl std::fmt::Display for LuaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl UserData for LuaError {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("kind", |_, e, ()| Ok(e.kind.as_str()));
+        methods.add_method("retryable", |_, e, ()| Ok(e.retryable));
+        methods.add_method("message", |_, e, ()| Ok(e.message.clone()));
+        methods.add_method("details", |lua, e, ()| {
+            let t = lua.create_table()?;
+            for (k, v) in &e.details {
+                t.set(k.as_str(), v.as_str())?;
+            }
+            Ok(t)
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, e, ()| Ok(e.to_string()));
+        methods.add_meta_method(MetaMethod::Eq, |_, a, b: mlua::UserDataRef<LuaError>| {
+            Ok(*a == *b)
+        });
+    }
+}
+
+/// Describes whatever a handler gave as its error (an error value, a string, anything)
+/// for logs and dead-letter reasons.
+pub fn describe(value: &LuaValue) -> String {
+    match value {
+        LuaValue::UserData(ud) => match ud.borrow::<LuaError>() {
+            Ok(e) => e.to_string(),
+            Err(_) => "a userdata error".to_string(),
+        },
+        LuaValue::String(s) => s.to_string_lossy(),
+        LuaValue::Table(t) => match t.get::<String>("message") {
+            Ok(m) => m,
+            Err(_) => "a table error".to_string(),
+        },
+        other => other
+            .to_string()
+            .unwrap_or_else(|_| other.type_name().to_string()),
+    }
+}
+
+/// The `errors` global: kind constants, `errors.new{...}` and `errors.is(err, kind)`.
+pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
+    let errors = lua.create_table()?;
+    for kind in ErrorKind::ALL {
+        errors.set(kind.constant_name(), kind.as_str())?;
+    }
+    errors.set(
+        "new",
+        lua.create_function(|_, spec: LuaValue| {
+            let (message, kind, retryable, details) = match spec {
+                LuaValue::String(s) => (s.to_string_lossy(), None, None, BTreeMap::new()),
+                LuaValue::Table(t) => {
+                    let message: Option<String> = t.get("message")?;
+                    let kind: Option<String> = t.get("kind")?;
+                    let retryable: Option<bool> = t.get("retryable")?;
+                    let details: Option<Table> = t.get("details")?;
+                    let mut map = BTreeMap::new();
+                    if let Some(details) = details {
+                        for pair in details.pairs::<String, LuaValue>() {
+                            let (k, v) = pair?;
+                            map.insert(k, v.to_string()?);
+                        }
+                    }
+                    (message.unwrap_or_default(), kind, retryable, map)
+                }
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "errors.new takes a table {{message, kind, retryable, details}} or a string, got a {}",
+                        other.type_name()
+                    )));
+                }
+            };
+            let kind = match kind {
+                None => ErrorKind::Internal,
+                Some(name) => ErrorKind::from_name(&name).ok_or_else(|| {
+                    mlua::Error::runtime(format!("errors.new: unknown kind {name:?}"))
+                })?,
+            };
+            let base = Error::new(kind, message);
+            let retryable = retryable.unwrap_or(base.retryable());
+            Ok(LuaError {
+                kind,
+                retryable,
+                message: base.message().to_string(),
+                details,
+            })
+        })?,
+    )?;
+    errors.set(
+        "is",
+        lua.create_function(|_, (err, kind): (LuaValue, String)| {
+            let Some(wanted) = ErrorKind::from_name(&kind) else {
+                return Ok(false);
+            };
+            Ok(match err {
+                LuaValue::UserData(ud) => ud
+                    .borrow::<LuaError>()
+                    .map(|e| e.kind == wanted)
+                    .unwrap_or(false),
+                _ => false,
+            })
+        })?,
+    )?;
+    Ok(errors)
+}

@@ -1,0 +1,106 @@
+//! The `Message` userdata that `queue.message()` returns.
+
+use std::rc::Rc;
+
+use mlua::{UserData, UserDataMethods, Value as LuaValue};
+use queue_core::Error;
+
+use crate::context::DeliveryState;
+use crate::errors::LuaError;
+use crate::value::header_to_lua;
+
+/// A handle on the delivery of the running handler. Every method returns
+/// `value, err`; once the handler has returned, every method is `INVALID`
+/// ("message released").
+pub(crate) struct LuaMessage(pub(crate) Rc<DeliveryState>);
+
+type Pair = (LuaValue, Option<LuaError>);
+
+fn fail(err: Error) -> mlua::Result<Pair> {
+    Ok((LuaValue::Nil, Some(LuaError::from(err))))
+}
+
+impl LuaMessage {
+    fn check_usable(&self) -> Result<(), Error> {
+        if self.0.released.get() {
+            return Err(Error::invalid(format!(
+                "message released: message {} can only be used while its handler runs",
+                self.0.context.message.id
+            )));
+        }
+        Ok(())
+    }
+
+    fn begin_settle(&self) -> Result<(), Error> {
+        self.check_usable()?;
+        if self.0.settled.replace(true) {
+            return Err(Error::invalid(format!(
+                "message {} is already settled",
+                self.0.context.message.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl UserData for LuaMessage {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("id", |lua, m, ()| match m.check_usable() {
+            Ok(()) => Ok((
+                LuaValue::String(lua.create_string(&m.0.context.message.id)?),
+                None,
+            )),
+            Err(e) => fail(e),
+        });
+        methods.add_method("header", |lua, m, key: String| match m.check_usable() {
+            Ok(()) => {
+                let headers = &m.0.context.message.headers;
+                let value = match headers.get(&key) {
+                    Some(v) => header_to_lua(lua, v)?,
+                    None if key == queue_core::names::ATTEMPTS => LuaValue::Integer(1),
+                    None => LuaValue::Nil,
+                };
+                Ok((value, None))
+            }
+            Err(e) => fail(e),
+        });
+        methods.add_method("headers", |lua, m, ()| match m.check_usable() {
+            Ok(()) => {
+                let t = lua.create_table()?;
+                for (k, v) in m.0.context.message.headers.iter() {
+                    t.set(k.as_str(), header_to_lua(lua, v)?)?;
+                }
+                if !m
+                    .0
+                    .context
+                    .message
+                    .headers
+                    .contains(queue_core::names::ATTEMPTS)
+                {
+                    t.set(queue_core::names::ATTEMPTS, 1)?;
+                }
+                Ok((LuaValue::Table(t), None))
+            }
+            Err(e) => fail(e),
+        });
+        methods.add_async_method("ack", |_, m, ()| async move {
+            if let Err(e) = m.begin_settle() {
+                return fail(e);
+            }
+            match m.0.context.settle.ack().await {
+                Ok(()) => Ok((LuaValue::Boolean(true), None)),
+                Err(e) => fail(e),
+            }
+        });
+        methods.add_async_method("nack", |_, m, reason: Option<String>| async move {
+            if let Err(e) = m.begin_settle() {
+                return fail(e);
+            }
+            let reason = reason.unwrap_or_else(|| "nacked by the handler".to_string());
+            match m.0.context.settle.nack(&reason).await {
+                Ok(()) => Ok((LuaValue::Boolean(true), None)),
+                Err(e) => fail(e),
+            }
+        });
+    }
+}

@@ -1,0 +1,66 @@
+-- Handlers for the settlement table (SPEC §5) and the delivery-context rules.
+local M = {}
+
+function M.returns_nothing(payload) end
+function M.returns_true(payload) return true end
+function M.returns_false(payload) return false end
+function M.returns_nil_err(payload) return nil, errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
+function M.returns_nil_string(payload) return nil, "plain failure" end
+function M.raises(payload) error("boom") end
+function M.acks_itself(payload)
+  local msg = queue.message()
+  assert(msg:ack())
+  local ok, err = msg:ack()
+  assert(ok == nil and err:kind() == errors.INVALID and err:message():find("already settled"))
+  return false -- the manual ack stands
+end
+function M.nacks_itself(payload)
+  local msg = queue.message()
+  assert(msg:nack("not today"))
+  local ok, err = msg:nack()
+  assert(ok == nil and err:kind() == errors.INVALID)
+end
+
+local function read_context()
+  local msg, err = queue.message()
+  assert(msg, err)
+  return msg:id(), msg:header("priority"), msg:headers()
+end
+
+function M.context_in_nested_function(payload)
+  local id, priority, headers = read_context()
+  -- publishing yields this coroutine; the context must survive it
+  assert(queue.publish("app:tasks", { from = id }))
+  local id2 = read_context()
+  assert(id == id2)
+  return { id = id, priority = priority, attempts = headers.attempts }
+end
+
+M.kept = nil
+function M.keeps_message(payload)
+  M.kept = queue.message()
+end
+function M.uses_kept_message(payload)
+  local results = {}
+  for _, method in ipairs({ "id", "headers", "ack", "nack" }) do
+    local value, err = M.kept[method](M.kept)
+    assert(value == nil, method)
+    assert(err:kind() == errors.INVALID and err:message():find("message released"), tostring(err))
+  end
+  local value, err = M.kept:header("x")
+  assert(value == nil and err:message():find("message released"))
+end
+
+function M.echo(payload)
+  assert(queue.publish("app:raw", payload))
+end
+
+function M.publish_and_report(payload)
+  local ok, err = queue.publish("app:tasks", payload)
+  if err then
+    return nil, err
+  end
+  return ok
+end
+
+return M

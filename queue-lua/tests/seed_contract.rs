@@ -1,0 +1,260 @@
+//! The seed document's contract: its Errors table, SPEC §5's settlement table, the
+//! delivery context rules, permissions, and publish waiting for its driver.
+
+mod support;
+
+use std::sync::Arc;
+
+use queue_core::security::{Actor, Effect, Policy, RulePolicy, SecurityContext};
+use queue_core::{HeaderValue, Headers, Value};
+use queue_lua::Outcome;
+use support::{Harness, json_message, lua_file};
+
+#[tokio::test]
+async fn every_row_of_the_seed_errors_table() {
+    let h = Harness::new().await;
+    let script = std::fs::read_to_string(lua_file("seed_errors.lua")).unwrap();
+    assert_eq!(h.host.eval(&script).await.unwrap(), vec![Value::from("ok")]);
+    for q in support::QUEUES {
+        assert_eq!(h.ready(q).await, 0, "a refused publish reached {q}");
+    }
+}
+
+fn policies(rules: Vec<RulePolicy>) -> SecurityContext {
+    let rules = rules
+        .into_iter()
+        .map(|r| Arc::new(r) as Arc<dyn Policy>)
+        .collect();
+    SecurityContext::new(Some(Actor::new("worker")), rules, false)
+}
+
+const PUBLISH_AND_REPORT: &str = r#"
+    local ok, err = queue.publish("app:tasks", { a = 1 })
+    if err then return err:kind(), err:retryable(), err:message() end
+    return ok
+"#;
+
+#[tokio::test]
+async fn permission_denied_by_the_general_check_publishes_nothing() {
+    let h = Harness::with_security(policies(vec![RulePolicy::new(
+        ["other.*"],
+        ["*"],
+        Effect::Allow,
+    )]))
+    .await;
+    let out = h.host.eval(PUBLISH_AND_REPORT).await.unwrap();
+    assert_eq!(out[0], Value::from("PermissionDenied"));
+    assert_eq!(out[1], Value::Bool(false));
+    assert!(
+        matches!(&out[2], Value::String(m) if m.contains("queue.publish")),
+        "{out:?}"
+    );
+    assert_eq!(h.ready("app:tasks").await, 0);
+}
+
+#[tokio::test]
+async fn permission_denied_by_the_queue_check_publishes_nothing() {
+    let h = Harness::with_security(policies(vec![
+        RulePolicy::new(["queue.publish"], ["*"], Effect::Allow),
+        RulePolicy::new(["queue.publish.queue"], ["app:emails"], Effect::Allow),
+    ]))
+    .await;
+    let out = h.host.eval(PUBLISH_AND_REPORT).await.unwrap();
+    assert_eq!(out[0], Value::from("PermissionDenied"));
+    assert!(
+        matches!(&out[2], Value::String(m) if m.contains("queue.publish.queue") && m.contains("app:tasks"))
+    );
+    assert_eq!(h.ready("app:tasks").await, 0);
+    let ok = h
+        .host
+        .eval(r#"return queue.publish("app:emails", { a = 1 })"#)
+        .await
+        .unwrap();
+    assert_eq!(ok, vec![Value::Bool(true), Value::Nil]);
+    assert_eq!(h.ready("app:emails").await, 1);
+}
+
+#[tokio::test]
+async fn the_general_check_comes_before_the_queue_id() {
+    let h = Harness::with_security(policies(vec![RulePolicy::new(
+        ["other"],
+        ["*"],
+        Effect::Allow,
+    )]))
+    .await;
+    let h2 = Harness::with_security(SecurityContext::unrestricted(true)).await;
+    for harness in [&h, &h2] {
+        let out = harness
+            .host
+            .eval(r#"local ok, err = queue.publish("", {}) return err:kind()"#)
+            .await
+            .unwrap();
+        assert_eq!(out, vec![Value::from("PermissionDenied")]);
+    }
+}
+
+#[tokio::test]
+async fn a_handler_runs_with_its_consumers_security() {
+    let h = Harness::new().await;
+    let deny = policies(vec![RulePolicy::new(
+        ["queue.*"],
+        ["app:emails"],
+        Effect::Allow,
+    )]);
+    let payload = Value::map([("x", Value::Int(1))]);
+    let (outcome, _) = h
+        .handle_as(
+            "handlers.lua",
+            "publish_and_report",
+            json_message(payload, Headers::new()),
+            deny,
+        )
+        .await;
+    match outcome {
+        Outcome::Nack { reason } => assert!(reason.contains("PermissionDenied"), "{reason}"),
+        other => panic!("expected a nack, got {other:?}"),
+    }
+    assert_eq!(h.ready("app:tasks").await, 0);
+}
+
+#[tokio::test]
+async fn publish_failed_is_internal_and_retryable() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let (out, ()) = tokio::join!(h.host.eval(PUBLISH_AND_REPORT), async {
+        h.driver.wait_for_held(1).await;
+        assert!(h.driver.refuse_next());
+    });
+    let out = out.unwrap();
+    assert_eq!(out[0], Value::from("Internal"));
+    assert_eq!(out[1], Value::Bool(true));
+    assert_eq!(h.ready("app:tasks").await, 0);
+}
+
+#[tokio::test]
+async fn publish_returns_only_once_the_driver_confirms() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let (out, ()) = tokio::join!(h.host.eval(PUBLISH_AND_REPORT), async {
+        h.driver.wait_for_held(1).await;
+        assert_eq!(h.ready("app:tasks").await, 0, "not in the queue while held");
+        assert!(h.driver.confirm_next());
+    });
+    assert_eq!(out.unwrap(), vec![Value::Bool(true)]);
+    assert_eq!(h.ready("app:tasks").await, 1);
+}
+
+#[tokio::test]
+async fn a_waiting_publish_yields_the_coroutine_not_the_thread() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let first = json_message(Value::map([("n", Value::Int(1))]), Headers::new());
+    let second = json_message(Value::map([("n", Value::Int(2))]), Headers::new());
+    let waiting = h.handle("handlers.lua", "publish_and_report", first);
+    let other = async {
+        h.driver.wait_for_held(1).await;
+        // The first handler is suspended in publish on this same Lua state and thread;
+        // a second handler runs to completion meanwhile.
+        let (outcome, _) = h.handle("handlers.lua", "returns_true", second).await;
+        assert_eq!(outcome, Outcome::Ack);
+        assert_eq!(h.host.running(), 1, "the first handler is still suspended");
+        assert!(h.driver.refuse_next());
+    };
+    let ((outcome, _), ()) = tokio::join!(waiting, other);
+    match outcome {
+        Outcome::Nack { reason } => assert!(reason.contains("Internal"), "{reason}"),
+        other => panic!("the refused publish must fail the handler, got {other:?}"),
+    }
+}
+
+async fn outcome_of(method: &str) -> (Outcome, Vec<String>) {
+    let h = Harness::new().await;
+    let msg = json_message(Value::map([("n", Value::Int(1))]), Headers::new());
+    h.handle("handlers.lua", method, msg).await
+}
+
+#[tokio::test]
+async fn settlement_table() {
+    for method in ["returns_nothing", "returns_true"] {
+        assert_eq!(outcome_of(method).await, (Outcome::Ack, vec![]), "{method}");
+    }
+    for (method, reason) in [
+        ("returns_false", "returned false"),
+        ("returns_nil_err", "Unavailable: smtp down"),
+        ("returns_nil_string", "plain failure"),
+        ("raises", "boom"),
+    ] {
+        match outcome_of(method).await {
+            (Outcome::Nack { reason: r }, calls) => {
+                assert!(r.contains(reason), "{method}: {r}");
+                assert!(calls.is_empty());
+            }
+            other => panic!("{method}: expected a nack, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        outcome_of("acks_itself").await,
+        (Outcome::Settled, vec!["ack".to_string()])
+    );
+    assert_eq!(
+        outcome_of("nacks_itself").await,
+        (Outcome::Settled, vec!["nack: not today".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn a_raised_error_carries_the_lua_location() {
+    match outcome_of("raises").await.0 {
+        Outcome::Nack { reason } => assert!(reason.contains("handlers.lua:"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_delivery_context_survives_nested_calls_and_yields() {
+    let h = Harness::new().await;
+    let headers = Headers::from_pairs([("priority", HeaderValue::from("high"))]);
+    let msg = json_message(Value::map([("n", Value::Int(1))]), headers);
+    let id = msg.id.clone();
+    h.driver.hold_publishes();
+    let run = h.handle("handlers.lua", "context_in_nested_function", msg);
+    let confirm = async {
+        h.driver.wait_for_held(1).await;
+        h.driver.confirm_next();
+    };
+    let ((outcome, _), ()) = tokio::join!(run, confirm);
+    assert_eq!(outcome, Outcome::Ack);
+    let published = h.take("app:tasks").await;
+    assert_eq!(
+        published.decode().unwrap(),
+        Value::map([("from", Value::String(id))])
+    );
+}
+
+#[tokio::test]
+async fn the_message_is_released_when_the_handler_returns() {
+    let h = Harness::new().await;
+    let msg = || json_message(Value::map([("n", Value::Int(1))]), Headers::new());
+    assert_eq!(
+        h.handle("handlers.lua", "keeps_message", msg()).await.0,
+        Outcome::Ack
+    );
+    // Same Lua state, so the module table (and the kept message) is shared.
+    assert_eq!(
+        h.handle("handlers.lua", "uses_kept_message", msg()).await.0,
+        Outcome::Ack
+    );
+}
+
+#[tokio::test]
+async fn a_handler_reads_attempts_as_a_number() {
+    let h = Harness::new().await;
+    for (headers, expected) in [
+        (Headers::new(), 1),
+        (Headers::from_pairs([("attempts", HeaderValue::Int(4))]), 4),
+    ] {
+        let msg = json_message(Value::map([("expected", Value::Int(expected))]), headers);
+        let (outcome, _) = h.handle("attempts.lua", "check", msg).await;
+        assert_eq!(outcome, Outcome::Ack, "attempts {expected}");
+    }
+}
