@@ -1,0 +1,2 @@
+//! Driver vs raw lapin (filled in with the bench work).
+fn main() {}

@@ -1,0 +1,298 @@
+//! The `queue.driver.amqp` configuration (SPEC §6).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use lapin::uri::{AMQPScheme, AMQPUri};
+use queue_core::config::{duration, option_duration};
+use queue_core::{Error, Result, redact_url};
+use serde::Deserialize;
+
+/// The entry kind this driver serves.
+pub const KIND: &str = "queue.driver.amqp";
+
+/// Configuration of one AMQP 0-9-1 connection (the fields of a `queue.driver.amqp`
+/// entry). `Debug` never shows the password.
+///
+/// ```
+/// let config = queue_amqp091::AmqpConfig::from_json(serde_json::json!({
+///     "url": "amqp://app:secret@127.0.0.1:5672",
+///     "publish_timeout": "2s",
+/// })).unwrap();
+/// assert_eq!(config.publish_timeout, std::time::Duration::from_secs(2));
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://` with the `tls` feature).
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// Virtual host; overrides the one in the URL.
+    #[serde(default)]
+    pub vhost: Option<String>,
+    /// Name shown for the connection in the broker's management UI.
+    #[serde(default)]
+    pub connection_name: Option<String>,
+    /// Heartbeat interval asked of the broker (whole seconds; default: the broker's).
+    #[serde(default, with = "option_duration")]
+    pub heartbeat: Option<Duration>,
+    /// How long one connection attempt may take (default 10s).
+    #[serde(default = "default_connection_timeout", with = "duration")]
+    pub connection_timeout: Duration,
+    /// First wait before reconnecting after a connection loss (default 1s).
+    #[serde(default = "default_reconnect_delay", with = "duration")]
+    pub reconnect_delay: Duration,
+    /// The backoff doubles up to this (default 30s).
+    #[serde(default = "default_reconnect_max_delay", with = "duration")]
+    pub reconnect_max_delay: Duration,
+    /// How long a publish may wait for a connection and for the broker's confirm
+    /// (default 5s); then it fails INTERNAL, retryable.
+    #[serde(default = "default_publish_timeout", with = "duration")]
+    pub publish_timeout: Duration,
+    /// At most this many published messages wait for their confirm at once (default 1000).
+    #[serde(default = "default_confirm_window")]
+    pub confirm_window: usize,
+    /// TLS settings (`amqps://`); needs the crate's `tls` feature.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings for `amqps://` URLs.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the certificate authorities to trust (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that authenticate clients by certificate.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_url() -> String {
+    "amqp://127.0.0.1:5672/%2f".to_string()
+}
+fn default_connection_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_confirm_window() -> usize {
+    1000
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: default_url(),
+            vhost: None,
+            connection_name: None,
+            heartbeat: None,
+            connection_timeout: default_connection_timeout(),
+            reconnect_delay: default_reconnect_delay(),
+            reconnect_max_delay: default_reconnect_max_delay(),
+            publish_timeout: default_publish_timeout(),
+            confirm_window: default_confirm_window(),
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("vhost", &self.vhost)
+            .field("connection_name", &self.connection_name)
+            .field("heartbeat", &self.heartbeat)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("reconnect_delay", &self.reconnect_delay)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("confirm_window", &self.confirm_window)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// A configuration with this URL and every other field at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpConfig {
+            url: url.into(),
+            ..AmqpConfig::default()
+        }
+    }
+
+    /// Reads and checks the YAML/JSON value of a `queue.driver.amqp` entry.
+    pub fn from_json(value: serde_json::Value) -> Result<Self> {
+        let config: AmqpConfig = queue_core::config::from_value(KIND, value)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: the URL, the ranges, TLS availability.
+    pub fn validate(&self) -> Result<()> {
+        let uri = self.uri()?;
+        if self.confirm_window == 0 || self.confirm_window > 1_000_000 {
+            return Err(field_error(
+                "confirm_window",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.reconnect_delay.is_zero() {
+            return Err(field_error("reconnect_delay", "must be more than 0"));
+        }
+        if self.reconnect_max_delay < self.reconnect_delay {
+            return Err(field_error(
+                "reconnect_max_delay",
+                "must be at least reconnect_delay",
+            ));
+        }
+        if self.publish_timeout.is_zero() || self.connection_timeout.is_zero() {
+            return Err(field_error(
+                "publish_timeout/connection_timeout",
+                "must be more than 0",
+            ));
+        }
+        if let Some(hb) = self.heartbeat
+            && hb.as_secs() > u64::from(u16::MAX)
+        {
+            return Err(field_error("heartbeat", "must be at most 65535s"));
+        }
+        let wants_tls = matches!(uri.scheme, AMQPScheme::AMQPS) || self.tls.is_some();
+        if wants_tls && !cfg!(feature = "tls") {
+            return Err(Error::invalid(format!(
+                "{KIND}: {} needs TLS, but queue-amqp091 was built without its \"tls\" feature",
+                redact_url(&self.url)
+            )));
+        }
+        if let Some(tls) = &self.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            return Err(field_error("tls", "cert_file and key_file go together"));
+        }
+        Ok(())
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// The parsed URI with `vhost`, `heartbeat` and `connection_timeout` applied.
+    pub(crate) fn uri(&self) -> Result<AMQPUri> {
+        // The parser's error repeats the whole URL, password included: never show it.
+        let mut uri = AMQPUri::from_str(&self.url).map_err(|_| {
+            Error::invalid(format!(
+                "{KIND}: url {:?} is not an AMQP URL (amqp://user:password@host:port/vhost)",
+                redact_url(&self.url)
+            ))
+        })?;
+        if let Some(vhost) = &self.vhost {
+            uri.vhost = vhost.clone();
+        }
+        if let Some(hb) = self.heartbeat {
+            uri.query.heartbeat = Some(u16::try_from(hb.as_secs()).unwrap_or(u16::MAX));
+        }
+        uri.query.connection_timeout =
+            Some(u64::try_from(self.connection_timeout.as_millis()).unwrap_or(u64::MAX));
+        Ok(uri)
+    }
+
+    /// Reads the TLS files into lapin's form.
+    pub(crate) fn tls_config(&self) -> Result<lapin::tcp::OwnedTLSConfig> {
+        let mut out = lapin::tcp::OwnedTLSConfig::default();
+        let Some(tls) = &self.tls else {
+            return Ok(out);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                Error::invalid(format!("{KIND}: tls: cannot read {}: {e}", path.display()))
+            })
+        };
+        if let Some(ca) = &tls.ca_file {
+            out.cert_chain = Some(String::from_utf8_lossy(&read(ca)?).into_owned());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            out.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: read(cert)?,
+                key: read(key)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn field_error(field: &str, what: &str) -> Error {
+    Error::invalid(format!("{KIND}: {field} {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = AmqpConfig::from_json(json!({})).unwrap();
+        assert_eq!(c.reconnect_delay, Duration::from_secs(1));
+        assert_eq!(c.reconnect_max_delay, Duration::from_secs(30));
+        assert_eq!(c.publish_timeout, Duration::from_secs(5));
+        assert_eq!(c.confirm_window, 1000);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_invalid() {
+        for bad in [
+            json!({"urll": "amqp://x"}),
+            json!({"confirm_window": 0}),
+            json!({"publish_timeout": "soon"}),
+            json!({"reconnect_delay": "5s", "reconnect_max_delay": "1s"}),
+            json!({"url": "http://[::1"}),
+        ] {
+            let err = AmqpConfig::from_json(bad.clone()).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_url_error_hides_the_password() {
+        let err =
+            AmqpConfig::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    #[test]
+    fn overrides_land_in_the_uri() {
+        let c = AmqpConfig::from_json(json!({
+            "url": "amqp://u:p@127.0.0.1:5673/%2f", "vhost": "other", "heartbeat": "10s"
+        }))
+        .unwrap();
+        let uri = c.uri().unwrap();
+        assert_eq!(uri.vhost, "other");
+        assert_eq!(uri.query.heartbeat, Some(10));
+        assert_eq!(uri.authority.port, 5673);
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn amqps_without_the_feature_says_so() {
+        let err = AmqpConfig::from_json(json!({"url": "amqps://u:p@127.0.0.1"})).unwrap_err();
+        assert!(err.message().contains("tls"), "{err}");
+    }
+}

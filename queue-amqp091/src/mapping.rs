@@ -1,0 +1,306 @@
+//! Headers <-> AMQP 0-9-1 properties and header table (SPEC §2).
+//!
+//! The scheme, in one sentence: a well-known header goes into its native property
+//! when the property carries the value exactly, and into the header table otherwise;
+//! every other header goes into the header table with its type.
+//!
+//! | header | property | header table |
+//! |---|---|---|
+//! | (the message id) | `message_id` | `message_id` too, only if the publisher set it |
+//! | `correlation_id`, `reply_to` (strings) | same name | only if not a string (or > 255 bytes) |
+//! | `message_type` (string) | `type` | only if not a string |
+//! | `priority` | `priority` (0..9) | only if it is not an integer (`"high"`) |
+//! | `expiration` / `ttl` | `expiration` (ms) | always (keeps which name and type was used) |
+//! | `timestamp` (integer >= 0) | `timestamp` | only if not a non-negative integer |
+//! | `attempts` | — | always, as a long (`l`, i64) |
+//! | `content_type` | — | always, as a plain header |
+//!
+//! The wire `content_type` property is always the codec's ([`Message::content_type`]);
+//! a publisher's own `content_type` header lives only in the header table under its
+//! own name, and the property is never turned into a header, so they cannot collide.
+//!
+//! Reading back, the header table wins; a property whose header is absent (a message
+//! from another client) becomes that header. Table values that are not scalars
+//! (RabbitMQ's `x-death`, arrays, nested tables, byte arrays) and RabbitMQ's
+//! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use queue_core::{Error, HeaderValue, Headers, Message, Result, names, new_message_id};
+
+/// `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
+
+/// Builds the AMQP properties of a message. `expiration_override` replaces the
+/// per-message TTL (the delay hop uses `delay + ttl` so a message never leaves its
+/// delay queue early).
+pub(crate) fn to_properties(
+    message: &Message,
+    expiration_override: Option<u64>,
+) -> Result<BasicProperties> {
+    let headers = &message.headers;
+    let mut table = FieldTable::default();
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(short("content type", &message.content_type)?)
+        .with_message_id(short("message id", &message.id)?);
+
+    for (key, value) in headers.iter() {
+        let in_table = match key.as_str() {
+            names::CORRELATION_ID | names::REPLY_TO | names::MESSAGE_TYPE => {
+                match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
+                    Some(s) => {
+                        props = match key.as_str() {
+                            names::CORRELATION_ID => props.with_correlation_id(s),
+                            names::REPLY_TO => props.with_reply_to(s),
+                            _ => props.with_type(s),
+                        };
+                        false
+                    }
+                    None => true,
+                }
+            }
+            names::PRIORITY => !matches!(value, HeaderValue::Int(_)),
+            names::TIMESTAMP => match value {
+                HeaderValue::Int(t) if *t >= 0 => {
+                    props = props.with_timestamp(*t as u64);
+                    false
+                }
+                _ => true,
+            },
+            // `delay` is the driver's business; it is kept so a consumer sees it.
+            _ => true,
+        };
+        if in_table {
+            table.insert(short("header name", key)?, to_amqp(value));
+        }
+    }
+    if let Some(level) = headers.priority_level()? {
+        props = props.with_priority(level);
+    }
+    let ttl = match expiration_override {
+        Some(ms) => Some(ms),
+        None => headers.ttl()?.map(|d| d.as_millis() as u64),
+    };
+    if let Some(ms) = ttl {
+        props = props.with_expiration(short("expiration", &ms.to_string())?);
+    }
+    Ok(props.with_headers(table))
+}
+
+fn short(what: &str, s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| {
+        Error::invalid(format!(
+            "{what} {:?}... is longer than AMQP's 255 bytes",
+            s.chars().take(32).collect::<String>()
+        ))
+    })
+}
+
+fn to_amqp(value: &HeaderValue) -> AMQPValue {
+    match value {
+        HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+        HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        HeaderValue::Float(x) => AMQPValue::Double(*x),
+        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+    }
+}
+
+/// A scalar table value as a header value; `None` for what handlers never see.
+fn from_amqp(value: &AMQPValue) -> Option<HeaderValue> {
+    Some(match value {
+        AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
+        AMQPValue::ShortShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
+        AMQPValue::Timestamp(t) => HeaderValue::Int(i64::try_from(*t).ok()?),
+        AMQPValue::Float(x) => HeaderValue::Float(f64::from(*x)),
+        AMQPValue::Double(x) => HeaderValue::Float(*x),
+        AMQPValue::DecimalValue(d) => {
+            HeaderValue::Float(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_string()),
+        AMQPValue::LongString(s) => {
+            HeaderValue::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::ByteArray(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+/// Broker bookkeeping a handler never sees, even when scalar.
+fn is_broker_internal(key: &str) -> bool {
+    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+}
+
+/// Rebuilds a message from a delivery's properties and body.
+pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>) -> Message {
+    let mut headers = Headers::new();
+    if let Some(table) = props.headers() {
+        for (key, value) in table.inner() {
+            if is_broker_internal(key.as_str()) {
+                continue;
+            }
+            if let Some(v) = from_amqp(value) {
+                headers.insert(key.as_str(), v);
+            }
+        }
+    }
+    let mut fill = |key: &str, value: Option<HeaderValue>| {
+        if let Some(v) = value
+            && !headers.contains(key)
+        {
+            headers.insert(key, v);
+        }
+    };
+    let string = |s: &Option<ShortString>| s.as_ref().map(|s| HeaderValue::from(s.as_str()));
+    fill(names::CORRELATION_ID, string(props.correlation_id()));
+    fill(names::REPLY_TO, string(props.reply_to()));
+    fill(names::MESSAGE_TYPE, string(props.kind()));
+    fill(
+        names::PRIORITY,
+        props.priority().map(|p| HeaderValue::Int(i64::from(p))),
+    );
+    fill(
+        names::TIMESTAMP,
+        props
+            .timestamp()
+            .and_then(|t| i64::try_from(t).ok())
+            .map(HeaderValue::Int),
+    );
+    let ms = props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<i64>().ok());
+    drop(fill);
+    if !headers.contains(names::EXPIRATION) && !headers.contains(names::TTL) {
+        if let Some(ms) = ms {
+            headers.insert(names::EXPIRATION, HeaderValue::Int(ms));
+        }
+    }
+    let id = props
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(new_message_id);
+    let content_type = props
+        .content_type()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default();
+    Message {
+        id,
+        headers,
+        content_type,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(headers: Headers) -> (Message, BasicProperties) {
+        let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+        let props = to_properties(&sent, None).unwrap();
+        (from_delivery(&props, sent.body.clone()), props)
+    }
+
+    #[test]
+    fn well_known_headers_read_back_exactly() {
+        let headers = Headers::from_pairs([
+            ("correlation_id", HeaderValue::from("req-17")),
+            ("reply_to", HeaderValue::from("app:replies")),
+            ("content_type", HeaderValue::from("text/x-mine")),
+            ("message_type", HeaderValue::from("order_shipped")),
+            ("priority", HeaderValue::from("high")),
+            ("timestamp", HeaderValue::Int(1_700_000_000)),
+            ("attempts", HeaderValue::Int(3)),
+            ("ttl", HeaderValue::Int(60_000)),
+            ("ratio", HeaderValue::Float(0.25)),
+            ("flag", HeaderValue::Bool(false)),
+        ]);
+        let (got, props) = round_trip(headers.clone());
+        assert_eq!(got.headers, headers);
+        assert_eq!(got.content_type, "application/json");
+        assert_eq!(*props.priority(), Some(8));
+        assert_eq!(*props.delivery_mode(), Some(2));
+        assert_eq!(props.kind().as_ref().unwrap().as_str(), "order_shipped");
+        assert_eq!(props.expiration().as_ref().unwrap().as_str(), "60000");
+        let table = props.headers().as_ref().unwrap();
+        assert!(!table.contains_key("correlation_id"), "carried natively");
+        assert!(matches!(
+            table.inner().get("attempts"),
+            Some(AMQPValue::LongLongInt(3))
+        ));
+    }
+
+    #[test]
+    fn odd_typed_well_known_headers_survive_through_the_table() {
+        let headers = Headers::from_pairs([
+            ("correlation_id", HeaderValue::Int(17)),
+            ("priority", HeaderValue::Int(4)),
+            ("timestamp", HeaderValue::from("yesterday")),
+            ("message_id", HeaderValue::from("mine")),
+        ]);
+        let (got, props) = round_trip(headers.clone());
+        assert_eq!(got.headers, headers);
+        assert_eq!(got.id, "mine");
+        assert_eq!(*props.priority(), Some(4));
+    }
+
+    #[test]
+    fn foreign_properties_become_headers_and_broker_tables_are_hidden() {
+        let mut table = FieldTable::default();
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        table.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString("q".into()),
+        );
+        table.insert("count".into(), AMQPValue::LongInt(7));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_correlation_id("c".into())
+            .with_priority(3)
+            .with_expiration("250".into());
+        let got = from_delivery(&props, vec![]);
+        assert_eq!(
+            got.headers,
+            Headers::from_pairs([
+                ("count", HeaderValue::Int(7)),
+                ("correlation_id", HeaderValue::from("c")),
+                ("priority", HeaderValue::Int(3)),
+                ("expiration", HeaderValue::Int(250)),
+            ])
+        );
+        assert!(!got.id.is_empty());
+    }
+
+    #[test]
+    fn over_long_names_are_invalid_not_a_panic() {
+        let long = "k".repeat(300);
+        let sent = Message::from_bytes(
+            vec![],
+            Headers::from_pairs([(long.as_str(), HeaderValue::Int(1))]),
+            "application/json",
+        );
+        let err = to_properties(&sent, None).unwrap_err();
+        assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+        // A long correlation id still travels, through the table.
+        let (got, _) = round_trip(Headers::from_pairs([(
+            "correlation_id",
+            HeaderValue::from(long.as_str()),
+        )]));
+        assert_eq!(
+            got.headers.get("correlation_id"),
+            Some(&HeaderValue::from(long.as_str()))
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! Publishing in confirm mode with a bounded, pipelined window.
+//!
+//! Every message is sent `mandatory` to the default exchange with its queue's name
+//! as routing key (or its delay queue's), persistent. A window permit is taken
+//! before sending and given back when the broker's confirm arrives, so at most
+//! `confirm_window` messages wait for confirms at once and a batch never waits for
+//! one round trip per message. Outcomes:
+//!
+//! * broker ack → `Ok`;
+//! * ack with a basic.return (unroutable: the queue is gone) → `NOT_FOUND`;
+//! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
+//! * channel or connection closed before the confirm, no connection within
+//!   `publish_timeout`, no confirm within `publish_timeout` → `INTERNAL`, retryable.
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use queue_core::{Error, ErrorKind, Message, QueueId, QueueSpec, Result};
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
+
+use crate::connection::{Shared, lock, queue_name};
+use crate::{error, mapping};
+
+/// A message ready for the wire.
+struct Prepared {
+    id: String,
+    delay_ms: Option<u64>,
+    properties: BasicProperties,
+    body: Vec<u8>,
+}
+
+fn prepare(message: Message) -> Result<Prepared> {
+    let delay_ms = message
+        .headers
+        .delay()?
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .filter(|ms| *ms > 0);
+    let expiration = match delay_ms {
+        // The delay hop: never expire before the delay is over (RabbitMQ drops the
+        // expiration when it dead-letters, so the ttl does not apply a second time).
+        Some(d) => message
+            .headers
+            .ttl()?
+            .map(|t| d.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
+        None => None,
+    };
+    let properties = mapping::to_properties(&message, expiration)?;
+    Ok(Prepared {
+        id: message.id,
+        delay_ms,
+        properties,
+        body: message.body,
+    })
+}
+
+impl Shared {
+    pub(crate) fn spec_of(&self, queue: &QueueId, what: &str) -> Result<QueueSpec> {
+        lock(&self.registry).get(queue).cloned().ok_or_else(|| {
+            Error::not_found(format!(
+                "{what} {queue}: the queue was not declared on this amqp driver"
+            ))
+        })
+    }
+
+    /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
+    /// failure nothing more is sent, the ones in flight are awaited, and the first
+    /// error is returned.
+    pub(crate) async fn publish_all(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
+        let spec = self.spec_of(queue, "publish to")?;
+        let routing = queue_name(&spec.name)?;
+        let total = messages.len();
+        let mut pending = FuturesUnordered::new();
+        let mut first_error: Option<Error> = None;
+        let mut confirmed = 0usize;
+        for message in messages {
+            let deadline = Instant::now() + self.config.publish_timeout;
+            let sent = async {
+                let prepared = prepare(message)?;
+                let permit = self.permit(queue, deadline).await?;
+                let confirm = self
+                    .send(queue, &spec, &routing, &prepared, deadline)
+                    .await?;
+                Ok::<_, Error>((prepared.id, permit, confirm))
+            };
+            tokio::pin!(sent);
+            // Drive the confirms already in flight while this one waits for its permit.
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = pending.next() => record(done, &mut confirmed, &mut first_error),
+                    out = &mut sent => break out,
+                }
+            };
+            match outcome {
+                Ok((id, permit, confirm)) => {
+                    pending.push(self.settle(queue, id, permit, confirm, deadline))
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if first_error.is_some() {
+                break;
+            }
+        }
+        while let Some(done) = pending.next().await {
+            record(done, &mut confirmed, &mut first_error);
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) if total > 1 => Err(e
+                .with_detail("confirmed", confirmed.to_string())
+                .with_detail("batch_size", total.to_string())),
+            Some(e) => Err(e),
+        }
+    }
+
+    async fn permit(&self, queue: &QueueId, deadline: Instant) -> Result<SemaphorePermit<'_>> {
+        match tokio::time::timeout_at(deadline, self.window.acquire()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(Error::new(ErrorKind::Canceled, "the driver is closed")),
+            Err(_) => Err(Error::internal(format!(
+                "publish to {queue}: the confirm window stayed full for publish_timeout {:?}",
+                self.config.publish_timeout
+            ))),
+        }
+    }
+
+    async fn send(
+        &self,
+        queue: &QueueId,
+        spec: &QueueSpec,
+        routing: &lapin::types::ShortString,
+        prepared: &Prepared,
+        deadline: Instant,
+    ) -> Result<PublisherConfirm> {
+        let what = format!("publish to {queue}");
+        let link = self.link_until(&what, deadline).await?;
+        let routing = match prepared.delay_ms {
+            Some(ms) => queue_name(&self.delay_queue(&link, spec, ms).await?)?,
+            None => routing.clone(),
+        };
+        let io = async {
+            let channel = link.publisher().await?;
+            channel
+                .basic_publish(
+                    "".into(),
+                    routing,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &prepared.body,
+                    prepared.properties.clone(),
+                )
+                .await
+        };
+        match tokio::time::timeout_at(deadline, io).await {
+            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Err(e)) => Err(self.publish_failure(&what, e)),
+            Err(_) => Err(Error::internal(format!(
+                "{what}: not sent within publish_timeout {:?}",
+                self.config.publish_timeout
+            ))),
+        }
+    }
+
+    /// Awaits one confirm, then frees its window slot.
+    async fn settle(
+        &self,
+        queue: &QueueId,
+        id: String,
+        permit: SemaphorePermit<'_>,
+        confirm: PublisherConfirm,
+        deadline: Instant,
+    ) -> Result<()> {
+        let what = format!("publish to {queue}");
+        let out = match tokio::time::timeout_at(deadline, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(Error::not_found(format!(
+                "{what}: the broker returned message {id} as unroutable ({} {}): the queue does not exist on the broker",
+                returned.reply_code, returned.reply_text
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => Err(Error::internal(format!(
+                "{what}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it"
+            ))),
+            Ok(Ok(Confirmation::NotRequested)) => Err(Error::internal(format!(
+                "{what}: the channel was not in confirm mode; message {id} is not known to be stored"
+            ))),
+            Ok(Err(e)) => Err(self.publish_failure(&what, e)),
+            Err(_) => Err(Error::internal(format!(
+                "{what}: message {id} not confirmed within publish_timeout {:?}",
+                self.config.publish_timeout
+            ))),
+        };
+        drop(permit);
+        out
+    }
+
+    /// Any failure of the channel or connection leaves the publish unconfirmed:
+    /// INTERNAL and retryable, whatever lapin called it.
+    fn publish_failure(&self, what: &str, e: lapin::Error) -> Error {
+        if error::is_connection_level(&e) {
+            self.nudge.notify_one();
+        }
+        let mapped = error::map(what, e);
+        Error::internal(format!("{} (message not confirmed)", mapped.message()))
+    }
+}
+
+fn record(done: Result<()>, confirmed: &mut usize, first_error: &mut Option<Error>) {
+    match done {
+        Ok(()) => *confirmed += 1,
+        Err(e) => {
+            first_error.get_or_insert(e);
+        }
+    }
+}

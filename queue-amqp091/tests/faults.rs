@@ -1,0 +1,1 @@
+//! Fault tests against a private RabbitMQ node (filled in with the reconnect work).
