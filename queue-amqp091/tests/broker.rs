@@ -1,0 +1,227 @@
+//! Behaviour against the shared RabbitMQ on 127.0.0.1:5672 beyond the conformance
+//! suite: credentials in real failures, full queues, conflicting redeclares,
+//! unroutable publishes, delays.
+
+mod common;
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use lapin::options::{QueueDeleteOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_core::{Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value};
+
+fn numbered(n: i64) -> Message {
+    Message::encode(&Value::map([("n", Value::Int(n))]), Headers::new(), Codec::Json).unwrap()
+}
+
+/// Every rendering of an error, source chain included.
+fn everything_said(err: &queue_core::Error) -> String {
+    let mut out = format!("{err} {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    out
+}
+
+/// Skips (or fails in CI) unless the shared broker answers.
+async fn broker_up() -> bool {
+    match common::rabbit().await {
+        Some(d) => {
+            d.close().await.unwrap();
+            true
+        }
+        None => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_refused_without_showing_it() {
+    if !broker_up().await {
+        return;
+    }
+    let secret = "not-the-guest-password-7f3a";
+    let err = AmqpDriver::connect(AmqpConfig::new(format!(
+        "amqp://guest:{secret}@127.0.0.1:5672/%2f"
+    )))
+    .await
+    .unwrap_err();
+    let said = everything_said(&err);
+    assert!(!said.contains(secret), "password leaked: {said}");
+    assert!(said.contains("guest:***@127.0.0.1"), "{said}");
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{said}");
+    assert!(!err.retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_port_fails_retryable_without_showing_the_password() {
+    // A port nothing listens on: bind one, learn it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "s3cret-for-a-closed-port";
+    let mut config = AmqpConfig::new(format!("amqp://app:{secret}@127.0.0.1:{port}/%2f"));
+    config.connection_timeout = Duration::from_secs(3);
+    let err = AmqpDriver::connect(config).await.unwrap_err();
+    let said = everything_said(&err);
+    assert!(!said.contains(secret), "password leaked: {said}");
+    assert!(said.contains(&format!("app:***@127.0.0.1:{port}")), "{said}");
+    assert_eq!(err.kind(), ErrorKind::Internal, "{said}");
+    assert!(err.retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
+    let Some(driver) = common::rabbit().await else { return };
+    let name = common::unique("full");
+    let id = QueueId::new("test", &name).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_name(&name).with_durable(false).with_max_length(3);
+    driver.declare(&spec).await.unwrap();
+    for n in 0..3 {
+        driver.publish(&id, numbered(n)).await.unwrap();
+    }
+    let err = driver.publish(&id, numbered(3)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable(), "{err}");
+    assert!(err.message().contains("nack"), "{err}");
+    // A batch past the limit fails too, and says how far it got.
+    let err = driver
+        .publish_batch(&id, (10..15).map(numbered).collect())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert_eq!(driver.info(&id).await.unwrap().ready, Some(3));
+    // After making room, publishing works again on the same driver.
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let d = sub.next().await.unwrap().unwrap();
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    driver.publish(&id, numbered(4)).await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
+    let Some(driver) = common::rabbit().await else { return };
+    let name = common::unique("redeclare");
+    let id = QueueId::new("test", &name).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_name(&name).with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    let err = driver
+        .declare(&spec.clone().with_max_priority(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.message().contains(&name), "{err}");
+    assert!(err.message().contains("x-max-priority"), "{err}");
+    // The driver (and the original registration) still work.
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let d = sub.next().await.unwrap().unwrap();
+    assert_eq!(d.message().decode().unwrap(), Value::map([("n", Value::Int(1))]));
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
+    let Some(driver) = common::rabbit().await else { return };
+    let name = common::unique("deleted");
+    let id = QueueId::new("test", &name).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .await
+        .unwrap();
+    delete(&name).await;
+    let err = driver.publish(&id, numbered(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(driver.info(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    // Declaring again brings it back.
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .await
+        .unwrap();
+    driver.publish(&id, numbered(2)).await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
+    let Some(driver) = common::rabbit().await else { return };
+    let name = common::unique("delay");
+    let id = QueueId::new("test", &name).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .await
+        .unwrap();
+    let headers = Headers::from_pairs([
+        ("delay", HeaderValue::Int(700)),
+        ("tenant", HeaderValue::from("acme")),
+    ]);
+    let sent = Message::encode(&Value::from("later"), headers, Codec::Json).unwrap();
+    let started = tokio::time::Instant::now();
+    driver.publish(&id, sent.clone()).await.unwrap();
+    let info = driver.info(&id).await.unwrap();
+    assert_eq!(info.delayed, Some(1), "{info:?}");
+    assert_eq!(info.ready, Some(0), "{info:?}");
+    // The delay queue exists with an expiry (a passive declare finds it).
+    let conn = lapin::Connection::connect(common::URL, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        format!("{name}.delay.700").as_str().into(),
+        QueueDeclareOptions { passive: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(got.message().id, sent.id);
+    assert_eq!(got.message().headers, sent.headers, "x-death and friends stay hidden");
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    ch.queue_delete(format!("{name}.delay.700").as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_factory_validates_without_connecting_and_creates_a_driver() {
+    use queue_core::DriverFactory;
+    let factory = queue_amqp091::AmqpDriverFactory;
+    assert_eq!(factory.kind(), "queue.driver.amqp");
+    // A port nothing listens on validates fine: validation never connects.
+    factory
+        .validate(&serde_json::json!({"url": "amqp://u:p@127.0.0.1:1/%2f", "confirm_window": 10}))
+        .unwrap();
+    let err = factory.validate(&serde_json::json!({"url": "amqp://127.0.0.1", "bogus": 1})).unwrap_err();
+    assert!(err.message().contains("bogus"), "{err}");
+    if !broker_up().await {
+        return;
+    }
+    let driver = factory
+        .create(serde_json::json!({"url": common::URL, "connection_name": "amqp091-factory-test"}))
+        .await
+        .unwrap();
+    assert_eq!(driver.name(), "amqp");
+    driver.close().await.unwrap();
+}
+
+async fn delete(name: &str) {
+    let conn = lapin::Connection::connect(common::URL, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(name.into(), QueueDeleteOptions::default()).await.unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+}
