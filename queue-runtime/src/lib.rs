@@ -1,2 +1,4 @@
 //! The queue consumer host.
 #![warn(missing_docs)]
+
+pub mod config;

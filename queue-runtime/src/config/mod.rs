@@ -1,0 +1,419 @@
+//! Configuration: YAML files of `namespace:` + `entries:`, `${VAR}` interpolation, and
+//! validation that names file, line and field for every mistake, before anything runs.
+
+mod interpolate;
+pub mod model;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub use interpolate::interpolate;
+pub use model::*;
+
+/// One configuration mistake, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The YAML file.
+    pub file: PathBuf,
+    /// 1-based line (0 when the whole file is at fault).
+    pub line: usize,
+    /// The field at fault, if one is.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Several mistakes, all reported at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// An entry with where it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// `namespace:name`.
+    pub id: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// The file's namespace (for resolving references without `:`).
+    pub namespace: String,
+    /// The YAML file.
+    pub file: PathBuf,
+    /// The line of the entry.
+    pub line: usize,
+    /// The line of each field.
+    pub field_lines: BTreeMap<String, usize>,
+}
+
+impl Entry {
+    /// An error about this entry, at the field's line if it has one.
+    pub fn error(&self, field: Option<&str>, message: impl Into<String>) -> ConfigError {
+        let line = field
+            .and_then(|f| self.field_lines.get(f.split('.').next().unwrap_or(f)))
+            .copied()
+            .unwrap_or(self.line);
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            field: field.map(str::to_string),
+            message: message.into(),
+        }
+    }
+
+    /// Resolves a reference written in this entry's file: without `:`, it is in the
+    /// file's namespace.
+    pub fn resolve(&self, reference: &str) -> String {
+        if reference.contains(':') {
+            reference.to_string()
+        } else {
+            format!("{}:{reference}", self.namespace)
+        }
+    }
+
+    /// A path written in this entry, relative to its YAML file.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.file.parent().unwrap_or(Path::new(".")).join(relative)
+    }
+}
+
+/// Every file, merged.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    /// The entries of all files, in order.
+    pub entries: Vec<Entry>,
+    /// `security: {strict_mode: true}` in any file.
+    pub strict_mode: bool,
+}
+
+impl Config {
+    /// The entry with this id.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    namespace: Spanned<String>,
+    #[serde(default)]
+    security: Option<RawTopSecurity>,
+    #[serde(default)]
+    entries: Vec<Spanned<BTreeMap<String, Spanned<serde_json::Value>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopSecurity {
+    #[serde(default)]
+    strict_mode: bool,
+}
+
+/// Loads and merges files, reading `${VAR}` from the process environment.
+pub fn load(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    load_with_env(paths, |name| std::env::var(name).ok())
+}
+
+/// Loads and merges files with a given environment.
+pub fn load_with_env(paths: &[PathBuf], env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let mut config = Config::default();
+    let mut errors = Vec::new();
+    for path in paths {
+        match load_file(path, &env) {
+            Ok((entries, strict)) => {
+                config.entries.extend(entries.0);
+                errors.extend(entries.1);
+                config.strict_mode |= strict;
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    let mut seen: HashMap<&str, &Entry> = HashMap::new();
+    for entry in &config.entries {
+        if let Some(first) = seen.insert(&entry.id, entry) {
+            errors.push(entry.error(
+                Some("name"),
+                format!(
+                    "duplicate id {}: already defined at {}:{}",
+                    entry.id,
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+type FileEntries = (Vec<Entry>, Vec<ConfigError>);
+
+fn load_file(path: &Path, env: &impl Fn(&str) -> Option<String>) -> Result<(FileEntries, bool), ConfigError> {
+    let at = |line: usize, field: Option<&str>, message: String| ConfigError {
+        file: path.to_path_buf(),
+        line,
+        field: field.map(str::to_string),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| at(0, None, format!("cannot read: {e}")))?;
+    let text = interpolate(&text, env).map_err(|(line, message)| at(line, None, message))?;
+    let raw: RawFile = serde_saphyr::from_str(&text).map_err(|e| {
+        let line = e.location().map_or(0, |l| l.line() as usize);
+        at(line, None, first_line(&e.to_string()))
+    })?;
+    let namespace = raw.namespace.value.clone();
+    if namespace.is_empty() || namespace.contains(':') || namespace.chars().any(char::is_whitespace) {
+        return Err(at(
+            raw.namespace.referenced.line() as usize,
+            Some("namespace"),
+            format!("{namespace:?} is not a namespace: use a word without ':' or spaces"),
+        ));
+    }
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    for spanned in raw.entries {
+        let line = spanned.referenced.line() as usize;
+        match parse_entry(path, &namespace, line, spanned.value) {
+            Ok(entry) => entries.push(entry),
+            Err(e) => errors.push(e),
+        }
+    }
+    let strict = raw.security.is_some_and(|s| s.strict_mode);
+    Ok(((entries, errors), strict))
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or(text).to_string()
+}
+
+fn parse_entry(
+    file: &Path,
+    namespace: &str,
+    line: usize,
+    fields: BTreeMap<String, Spanned<serde_json::Value>>,
+) -> Result<Entry, ConfigError> {
+    let field_lines: BTreeMap<String, usize> = fields
+        .iter()
+        .map(|(k, v)| (k.clone(), v.referenced.line() as usize))
+        .collect();
+    let mut values: serde_json::Map<String, serde_json::Value> =
+        fields.into_iter().map(|(k, v)| (k, v.value)).collect();
+    let mut entry = Entry {
+        id: String::new(),
+        kind: EntryKind::Function(FunctionEntry { source: String::new(), method: String::new() }),
+        namespace: namespace.to_string(),
+        file: file.to_path_buf(),
+        line,
+        field_lines,
+    };
+    let name = match (values.remove("name"), values.remove("id")) {
+        (Some(serde_json::Value::String(n)), None) | (None, Some(serde_json::Value::String(n))) => n,
+        (Some(_), Some(_)) => return Err(entry.error(Some("id"), "give `name` or `id`, not both")),
+        (None, None) => return Err(entry.error(None, "entry has no `name` (or `id`)")),
+        _ => return Err(entry.error(Some("name"), "must be a string")),
+    };
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(entry.error(Some("name"), format!("{name:?} is not a valid name")));
+    }
+    entry.id = if name.contains(':') { name } else { format!("{namespace}:{name}") };
+    let kind = match values.remove("kind") {
+        Some(serde_json::Value::String(k)) => k,
+        Some(_) => return Err(entry.error(Some("kind"), "must be a string")),
+        None => return Err(entry.error(None, "entry has no `kind`")),
+    };
+    let object = serde_json::Value::Object(values);
+    entry.kind = match kind.as_str() {
+        k if k.starts_with("queue.driver.") => EntryKind::Driver { kind: kind.clone(), config: object },
+        "queue.queue" => EntryKind::Queue(Box::new(typed(&entry, object)?)),
+        "queue.consumer" => {
+            let consumer: ConsumerEntry = typed(&entry, object)?;
+            check_consumer(&entry, &consumer)?;
+            EntryKind::Consumer(Box::new(consumer))
+        }
+        "function.lua" => EntryKind::Function(typed(&entry, object)?),
+        "process.lua" => {
+            let process: ProcessEntry = typed(&entry, object)?;
+            if !(1..=10_000).contains(&process.instances) {
+                return Err(entry.error(Some("instances"), "must be 1..=10000"));
+            }
+            EntryKind::Process(process)
+        }
+        "security.policy" => EntryKind::Policy(typed(&entry, object)?),
+        other => {
+            return Err(entry.error(
+                Some("kind"),
+                format!(
+                    "unknown kind {other:?}: expected queue.driver.memory, queue.driver.amqp, queue.driver.amqp10, queue.queue, queue.consumer, function.lua, process.lua or security.policy"
+                ),
+            ));
+        }
+    };
+    if let EntryKind::Queue(q) = &entry.kind {
+        check_queue(&entry, q)?;
+    }
+    Ok(entry)
+}
+
+fn typed<T: serde::de::DeserializeOwned>(entry: &Entry, value: serde_json::Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            // Unknown or missing fields are reported on the entry itself.
+            let field = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+                .map(str::to_string);
+            entry.error(field.as_deref(), message)
+        } else {
+            entry.error(Some(&path), message)
+        }
+    })
+}
+
+fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
+    if !(1..=1000).contains(&c.concurrency) {
+        return Err(entry.error(Some("concurrency"), format!("{} is out of range 1..=1000", c.concurrency)));
+    }
+    if !(1..=10_000).contains(&c.prefetch) {
+        return Err(entry.error(Some("prefetch"), format!("{} is out of range 1..=10000", c.prefetch)));
+    }
+    match (&c.func, &c.source, &c.method) {
+        (Some(_), None, None) | (None, Some(_), Some(_)) => Ok(()),
+        (Some(_), _, _) => Err(entry.error(Some("func"), "give either `func` or `source` + `method`, not both")),
+        (None, None, Some(_)) => Err(entry.error(
+            Some("method"),
+            "the consumer names a method but no `source:` file to find it in: add `source: handlers.lua` (relative to this YAML file)",
+        )),
+        (None, Some(_), None) => Err(entry.error(Some("source"), "add `method:`, the function to call in the source")),
+        (None, None, None) => Err(entry.error(None, "a consumer needs `func`, or `source` + `method`")),
+    }
+}
+
+fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
+    if q.retry.max_attempts == 0 {
+        return Err(entry.error(Some("retry"), "retry.max_attempts must be at least 1"));
+    }
+    if !(q.retry.backoff.multiplier >= 1.0 && q.retry.backoff.multiplier <= 100.0) {
+        return Err(entry.error(Some("retry"), "retry.backoff.multiplier must be 1..=100"));
+    }
+    if q.max_message_bytes == 0 {
+        return Err(entry.error(Some("max_message_bytes"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigErrors> {
+        let dir = std::env::temp_dir().join(format!("queue-config-{}", queue_core::new_message_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.yaml");
+        std::fs::write(&path, text).unwrap();
+        let result = load_with_env(&[path], |n| (n == "PASS").then(|| "s3cret".to_string()));
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn single_error(text: &str) -> ConfigError {
+        let errors = load_text(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn reads_the_seed_entry_with_a_source() {
+        let config = load_text(
+            "namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    source: handlers.lua\n    method: handle_email\n",
+        )
+        .unwrap();
+        let entry = &config.entries[0];
+        assert_eq!(entry.id, "app:email_worker");
+        assert_eq!(entry.line, 3);
+        assert!(matches!(&entry.kind, EntryKind::Consumer(c) if c.concurrency == 1 && c.prefetch == 10));
+    }
+
+    #[test]
+    fn the_seed_entry_without_source_says_so() {
+        let e = single_error("namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    method: handle_email\n");
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("source:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_wrong_types_and_ranges_name_line_and_field() {
+        let e = single_error("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    colour: blue\n");
+        assert_eq!((e.line, e.field.as_deref()), (5, Some("colour")), "{e}");
+        let e = single_error("namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    concurrency: many\n");
+        assert_eq!((e.line, e.field.as_deref()), (8, Some("concurrency")), "{e}");
+        let e = single_error("namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    prefetch: 0\n");
+        assert_eq!((e.line, e.field.as_deref()), (8, Some("prefetch")), "{e}");
+        let e = single_error("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        initial: soon\n");
+        assert_eq!(e.field.as_deref(), Some("retry.backoff.initial"), "{e}");
+        // A nested field is located at its top-level field's value (the `backoff:` line).
+        assert_eq!(e.line, 6);
+        assert!(e.to_string().contains("app.yaml:6: field `retry.backoff.initial`"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_and_unknown_kinds() {
+        let errors = load_text("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n  - name: q\n    kind: queue.queue\n  - name: z\n    kind: queue.thing\n").unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().any(|e| e.line == 5 && e.message.contains("duplicate id app:q")));
+        assert!(errors.iter().any(|e| e.line == 8 && e.message.contains("unknown kind")));
+    }
+
+    #[test]
+    fn interpolation_and_strict_mode() {
+        let config = load_text("namespace: app\nsecurity:\n  strict_mode: true\nentries:\n  - name: rabbit\n    kind: queue.driver.amqp\n    url: amqp://guest:${PASS}@127.0.0.1:${PORT:-5672}\n").unwrap();
+        assert!(config.strict_mode);
+        match &config.entries[0].kind {
+            EntryKind::Driver { config, .. } => assert_eq!(config["url"], "amqp://guest:s3cret@127.0.0.1:5672"),
+            other => panic!("{other:?}"),
+        }
+        let e = single_error("namespace: app\nentries:\n  - name: x\n    kind: queue.driver.amqp\n    url: ${NOPE}\n");
+        assert_eq!(e.line, 5);
+    }
+
+    #[test]
+    fn yaml_syntax_errors_have_a_line() {
+        let e = single_error("namespace: app\nentries:\n  - name: [unclosed\n");
+        assert!(e.line >= 3, "{e}");
+    }
+}
