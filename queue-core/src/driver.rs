@@ -272,6 +272,12 @@ pub trait Driver: Send + Sync + 'static {
     ) -> Result<Box<dyn Subscription>>;
     /// Counts of a declared queue.
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo>;
+    /// Messages of this queue this driver instance saw acknowledged, where it counts
+    /// them (the memory driver does; brokers keep no such count). The runtime's exit
+    /// summary reports it next to `info`.
+    fn acked_total(&self, _queue: &QueueId) -> Option<u64> {
+        None
+    }
     /// Closes connections; unsettled deliveries go back to their queues.
     async fn close(&self) -> Result<()>;
 }

@@ -80,6 +80,7 @@ async fn returns_are_never_lost_even_when_the_queue_is_full() {
         d.ack().await.unwrap();
     }
     assert_eq!(order, vec![1, 0, 10, 11], "returns go to the front");
+    assert_eq!(driver.acked_total(&id()), Some(4), "releases are not acks");
 }
 
 #[tokio::test(start_paused = true)]

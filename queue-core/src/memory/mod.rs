@@ -177,6 +177,11 @@ impl Driver for MemoryDriver {
         Ok(self.queue(queue)?.info())
     }
 
+    fn acked_total(&self, queue: &QueueId) -> Option<u64> {
+        let queues = self.shared.queues.read().unwrap_or_else(|p| p.into_inner());
+        queues.get(queue).map(|q| q.acked())
+    }
+
     async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
         for q in self

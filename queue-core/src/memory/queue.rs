@@ -40,6 +40,7 @@ pub(super) struct MemQueue {
     /// Signalled when room frees up under `max_length`, or the queue closes.
     space_signal: Notify,
     next_tag: AtomicU64,
+    acked: AtomicU64,
     next_subscription: AtomicU64,
     closed: AtomicBool,
 }
@@ -57,6 +58,7 @@ impl MemQueue {
             ready_signal: Notify::new(),
             space_signal: Notify::new(),
             next_tag: AtomicU64::new(1),
+            acked: AtomicU64::new(0),
             next_subscription: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         }
@@ -278,6 +280,10 @@ impl MemQueue {
             delayed: Some(state.delayed),
             consumers: Some(state.consumers),
         }
+    }
+
+    pub(super) fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
     }
 
     pub(super) fn close(&self) {

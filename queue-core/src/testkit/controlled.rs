@@ -150,6 +150,9 @@ impl Driver for ControlledDriver {
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
         self.inner.info(queue).await
     }
+    fn acked_total(&self, queue: &QueueId) -> Option<u64> {
+        self.inner.acked_total(queue)
+    }
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
