@@ -231,6 +231,8 @@ impl MemQueue {
             );
             drop(state);
             self.ready_signal.notify_waiters();
+        } else {
+            self.acked.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
