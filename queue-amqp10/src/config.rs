@@ -1,0 +1,332 @@
+//! The `queue.driver.amqp10` configuration entry and its URL.
+
+use std::fmt;
+use std::time::Duration;
+
+use queue_core::config::duration;
+use queue_core::{Error, Result, redact_url};
+use serde::Deserialize;
+
+use crate::Profile;
+
+/// The kind this driver's YAML entries have.
+pub const KIND: &str = "queue.driver.amqp10";
+
+/// Configuration of the AMQP 1.0 driver (SPEC §6). `Debug` never shows the password.
+///
+/// ```
+/// let config: queue_amqp10::Amqp10Config = serde_json::from_value(serde_json::json!({
+///     "url": "amqp://guest:guest@127.0.0.1:5672",
+///     "profile": "rabbitmq-v1",
+///     "publish_timeout": "2s",
+/// })).unwrap();
+/// assert_eq!(config.publish_timeout, std::time::Duration::from_secs(2));
+/// assert!(!format!("{config:?}").contains("guest@"));
+/// ```
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amqp10Config {
+    /// `amqp://user:pass@host:port` or `amqps://...`. With a user, SASL PLAIN is used;
+    /// without, SASL ANONYMOUS.
+    pub url: String,
+    /// The broker family (default `generic`).
+    #[serde(default)]
+    pub profile: Profile,
+    /// The AMQP container id (default `queue-<random>`).
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// First wait before reconnecting (default 1s), doubled after each failure.
+    #[serde(default = "default_reconnect_delay", with = "duration")]
+    pub reconnect_delay: Duration,
+    /// The longest wait between reconnect attempts (default 30s).
+    #[serde(default = "default_reconnect_max_delay", with = "duration")]
+    pub reconnect_max_delay: Duration,
+    /// How long a publish waits for the `accepted` outcome, reconnects included
+    /// (default 5s); then it fails INTERNAL, retryable.
+    #[serde(default = "default_publish_timeout", with = "duration")]
+    pub publish_timeout: Duration,
+    /// Unsettled sends in flight per queue (default 1000).
+    #[serde(default = "default_confirm_window")]
+    pub confirm_window: u32,
+    /// TLS settings for `amqps://` URLs (needs the crate's `tls` feature).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings (`tls:` in the entry). `amqps://` turns TLS on; the server certificate is
+/// checked against the Mozilla root store (webpki-roots).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The name the server certificate must carry (default: the URL's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_reconnect_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_confirm_window() -> u32 {
+    1000
+}
+
+impl fmt::Debug for Amqp10Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Amqp10Config")
+            .field("url", &redact_url(&self.url))
+            .field("profile", &self.profile)
+            .field("container_id", &self.container_id)
+            .field("reconnect_delay", &self.reconnect_delay)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("confirm_window", &self.confirm_window)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl Amqp10Config {
+    /// A configuration with defaults for everything but the URL and profile.
+    pub fn new(url: impl Into<String>, profile: Profile) -> Self {
+        Amqp10Config {
+            url: url.into(),
+            profile,
+            container_id: None,
+            reconnect_delay: default_reconnect_delay(),
+            reconnect_max_delay: default_reconnect_max_delay(),
+            publish_timeout: default_publish_timeout(),
+            confirm_window: default_confirm_window(),
+            tls: None,
+        }
+    }
+
+    /// Reads the entry's fields (`INVALID` naming the kind and field on error).
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        let config: Amqp10Config = queue_core::config::from_value(KIND, value)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: the URL, delays and the window.
+    pub fn validate(&self) -> Result<()> {
+        let endpoint = Endpoint::parse(&self.url)?;
+        if endpoint.tls && !cfg!(feature = "tls") {
+            return Err(Error::invalid(format!(
+                "{KIND}: {} needs TLS, but queue-amqp10 was built without its `tls` feature",
+                redact_url(&self.url)
+            )));
+        }
+        if self.tls.is_some() && !endpoint.tls {
+            return Err(Error::invalid(format!(
+                "{KIND}: `tls` is set but the url is not amqps://"
+            )));
+        }
+        if self.reconnect_delay.is_zero() {
+            return Err(Error::invalid(format!(
+                "{KIND}: reconnect_delay must be above zero"
+            )));
+        }
+        if self.reconnect_max_delay < self.reconnect_delay {
+            return Err(Error::invalid(format!(
+                "{KIND}: reconnect_max_delay must not be below reconnect_delay"
+            )));
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(Error::invalid(format!(
+                "{KIND}: publish_timeout must be above zero"
+            )));
+        }
+        if !(1..=65_535).contains(&self.confirm_window) {
+            return Err(Error::invalid(format!(
+                "{KIND}: confirm_window must be between 1 and 65535"
+            )));
+        }
+        if self.container_id.as_ref().is_some_and(|id| id.is_empty()) {
+            return Err(Error::invalid(format!("{KIND}: container_id is empty")));
+        }
+        Ok(())
+    }
+}
+
+/// A parsed broker URL. The password never leaves this struct except into the SASL
+/// profile; `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The URL with the password removed, for messages.
+    pub redacted: String,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl Endpoint {
+    /// Parses `amqp[s]://[user[:password]@]host[:port][/]`.
+    pub fn parse(url: &str) -> Result<Endpoint> {
+        let redacted = redact_url(url);
+        let bad = |why: &str| Error::invalid(format!("{KIND}: url {redacted}: {why}"));
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("amqp://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("amqps://") {
+            (true, rest)
+        } else {
+            return Err(bad("the scheme must be amqp:// or amqps://"));
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        if !(path.is_empty() || path == "/") {
+            return Err(bad(
+                "a path is not supported (RabbitMQ picks the vhost from the hostname)",
+            ));
+        }
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+            None => (None, authority),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(info) => {
+                let (user, pass) = match info.find(':') {
+                    Some(colon) => (&info[..colon], Some(&info[colon + 1..])),
+                    None => (info, None),
+                };
+                let user = percent_decode(user).ok_or_else(|| bad("bad %-escape in the user"))?;
+                let pass = match pass {
+                    Some(p) => {
+                        Some(percent_decode(p).ok_or_else(|| bad("bad %-escape in the password"))?)
+                    }
+                    None => None,
+                };
+                if user.is_empty() {
+                    return Err(bad("the user name is empty"));
+                }
+                (Some(user), pass)
+            }
+        };
+        let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+            let close = bracketed
+                .find(']')
+                .ok_or_else(|| bad("unclosed '[' in the host"))?;
+            let host = &bracketed[..close];
+            let port = bracketed[close + 1..].strip_prefix(':');
+            (host.to_string(), port)
+        } else {
+            match hostport.rfind(':') {
+                Some(colon) => (hostport[..colon].to_string(), Some(&hostport[colon + 1..])),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        let port = match port {
+            None => {
+                if tls {
+                    5671
+                } else {
+                    5672
+                }
+            }
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| bad("the port is not a number"))?,
+        };
+        Ok(Endpoint {
+            tls,
+            host,
+            port,
+            username,
+            password,
+            redacted,
+        })
+    }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_and_without_credentials() {
+        let e = Endpoint::parse("amqp://guest:s%40cret@127.0.0.1:5673").unwrap();
+        assert_eq!(e.host, "127.0.0.1");
+        assert_eq!(e.port, 5673);
+        assert_eq!(e.username.as_deref(), Some("guest"));
+        assert_eq!(e.password.as_deref(), Some("s@cret"));
+        assert!(!format!("{e:?}").contains("cret"));
+        let e = Endpoint::parse("amqps://broker.example").unwrap();
+        assert!(e.tls);
+        assert_eq!(e.port, 5671);
+        assert_eq!(e.username, None);
+        let e = Endpoint::parse("amqp://[::1]:5000/").unwrap();
+        assert_eq!(e.host, "::1");
+        assert_eq!(e.port, 5000);
+    }
+
+    #[test]
+    fn bad_urls_are_invalid_and_never_show_the_password() {
+        for url in [
+            "http://u:topsecret@h",
+            "amqp://u:topsecret@h:notaport",
+            "amqp://u:topsecret@:5672",
+            "amqp://u:topsecret@h/vhost",
+            "amqp://u:topsecret%zz@h",
+        ] {
+            let err = Endpoint::parse(url).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+            assert!(!err.to_string().contains("topsecret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let c = Amqp10Config::from_value(serde_json::json!({"url": "amqp://127.0.0.1"})).unwrap();
+        assert_eq!(c.profile, Profile::Generic);
+        assert_eq!(c.reconnect_delay, Duration::from_secs(1));
+        assert_eq!(c.reconnect_max_delay, Duration::from_secs(30));
+        assert_eq!(c.publish_timeout, Duration::from_secs(5));
+        let err = Amqp10Config::from_value(serde_json::json!({"url": "amqp://h", "vhost": "/"}))
+            .unwrap_err();
+        assert!(err.message().contains("vhost"), "{err}");
+        let err = Amqp10Config::from_value(serde_json::json!({
+            "url": "amqp://h", "reconnect_delay": "5s", "reconnect_max_delay": "1s"
+        }))
+        .unwrap_err();
+        assert!(err.message().contains("reconnect_max_delay"), "{err}");
+        let err = Amqp10Config::from_value(serde_json::json!({
+            "url": "amqp://h", "profile": "rabbitmq-v3"
+        }))
+        .unwrap_err();
+        assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+    }
+}

@@ -1,0 +1,328 @@
+//! The connection, sessions, and the reconnect policy.
+//!
+//! fe2o3-amqp has no recovery of its own, so the [`Connector`] keeps one connection
+//! and hands every link its own session on it (a failing link — a RabbitMQ channel
+//! error, say — then ends only its own session). When a link finds its session or
+//! connection gone it asks the connector again: the connector opens a fresh connection
+//! if the old one is closed, and callers back off between failed attempts with
+//! [`Connector::backoff`]. The publish and consume tasks re-attach their links on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::{Source, Target};
+use fe2o3_amqp::types::sasl::SaslCode;
+use fe2o3_amqp::{Connection, Session};
+use queue_core::{Error, ErrorKind, Result};
+use tokio::sync::{Mutex, watch};
+
+use crate::config::{Amqp10Config, Endpoint};
+
+/// How long opening a TCP connection, SASL and the AMQP open may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long beginning a session and attaching a link may take.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean close may take before it is abandoned.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A link together with the session it owns and the connection generation it lives on.
+pub(crate) struct Attached<L> {
+    pub link: L,
+    pub session: SessionHandle<()>,
+}
+
+impl<L: Send + 'static> Attached<L> {
+    /// Ends the session (and with it the link) without waiting for the broker.
+    pub fn end_in_background(mut self) {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.session.end()).await;
+            drop(self.link);
+        });
+    }
+}
+
+struct Live {
+    generation: u64,
+    connection: ConnectionHandle<()>,
+}
+
+/// Owns the connection to the broker and reopens it on demand.
+pub(crate) struct Connector {
+    endpoint: Endpoint,
+    container_id: String,
+    server_name: Option<String>,
+    reconnect_delay: Duration,
+    reconnect_max_delay: Duration,
+    live: Mutex<Option<Live>>,
+    generation: AtomicU64,
+    link_seq: AtomicU64,
+    closed: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("url", &self.endpoint.redacted)
+            .field("container_id", &self.container_id)
+            .finish()
+    }
+}
+
+impl Connector {
+    /// Connects once (failing fast if the broker is unreachable or refuses the login).
+    pub async fn connect(config: &Amqp10Config) -> Result<Arc<Connector>> {
+        config.validate()?;
+        let endpoint = Endpoint::parse(&config.url)?;
+        let container_id = config
+            .container_id
+            .clone()
+            .unwrap_or_else(|| format!("queue-{}", queue_core::new_message_id()));
+        let (closed, _) = watch::channel(false);
+        let connector = Arc::new(Connector {
+            endpoint,
+            container_id,
+            server_name: config.tls.as_ref().and_then(|t| t.server_name.clone()),
+            reconnect_delay: config.reconnect_delay,
+            reconnect_max_delay: config.reconnect_max_delay,
+            live: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            link_seq: AtomicU64::new(0),
+            closed,
+        });
+        let mut live = connector.live.lock().await;
+        *live = Some(connector.open().await?);
+        drop(live);
+        Ok(connector)
+    }
+
+    /// A link name unique within this container.
+    pub fn link_name(&self, role: &str, queue: &str) -> String {
+        let n = self.link_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{role}/{queue}/{n}", self.container_id)
+    }
+
+    /// The wait before reconnect attempt `failures` (1-based): doubling from
+    /// `reconnect_delay` up to `reconnect_max_delay`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+        self.reconnect_delay
+            .saturating_mul(factor)
+            .min(self.reconnect_max_delay)
+    }
+
+    /// Resolves once the driver is closed.
+    pub fn closed_signal(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Whether [`Connector::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    async fn open(&self) -> Result<Live> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let e = &self.endpoint;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((e.host.as_str(), e.port)),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("connecting to {} timed out", e.redacted),
+            )
+        })?
+        .map_err(|io| {
+            Error::internal(format!("cannot connect to {}: {io}", e.redacted)).with_source(io)
+        })?;
+        let _ = stream.set_nodelay(true);
+        let profile = match &e.username {
+            Some(user) => SaslProfile::Plain {
+                username: user.clone(),
+                password: e.password.clone().unwrap_or_default(),
+            },
+            None => SaslProfile::Anonymous,
+        };
+        let domain = self.server_name.as_deref().unwrap_or(e.host.as_str());
+        let builder = Connection::builder()
+            .container_id(self.container_id.clone())
+            .hostname(e.host.as_str())
+            .domain(domain)
+            .scheme(if e.tls { "amqps" } else { "amqp" })
+            .sasl_profile(profile);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.open_with_stream(stream))
+            .await
+            .map_err(|_| Error::internal(format!("opening {} timed out", e.redacted)))?
+            .map_err(|err| self.open_error(err))?;
+        tracing::info!(url = %e.redacted, generation, "amqp10 connection open");
+        Ok(Live {
+            generation,
+            connection,
+        })
+    }
+
+    fn open_error(&self, err: OpenError) -> Error {
+        let url = &self.endpoint.redacted;
+        match &err {
+            OpenError::SaslError {
+                code: SaslCode::Auth,
+                ..
+            } => Error::permission_denied(format!(
+                "{url}: the broker refused the login (SASL authentication failed)"
+            )),
+            _ => Error::internal(format!(
+                "{url}: opening the AMQP 1.0 connection failed: {err}"
+            )),
+        }
+        .with_source(err)
+    }
+
+    /// A fresh session on the live connection, reconnecting first if the connection is
+    /// gone. One attempt: callers back off and call again on failure.
+    async fn session(&self) -> Result<(SessionHandle<()>, u64)> {
+        if self.is_closed() {
+            return Err(crate::error::closed("attach"));
+        }
+        let mut live = self.live.lock().await;
+        if live.as_ref().is_none_or(|l| l.connection.is_closed()) {
+            if let Some(old) = live.take() {
+                close_in_background(old);
+            }
+            *live = Some(self.open().await?);
+        }
+        let Some(current) = live.as_mut() else {
+            return Err(Error::internal("no connection"));
+        };
+        let generation = current.generation;
+        match tokio::time::timeout(ATTACH_TIMEOUT, Session::begin(&mut current.connection)).await {
+            Ok(Ok(session)) => Ok((session, generation)),
+            Ok(Err(err)) => {
+                // A connection that cannot begin a session is no good: reopen next time.
+                if let Some(old) = live.take() {
+                    close_in_background(old);
+                }
+                Err(Error::internal(format!(
+                    "{}: beginning a session failed: {err}",
+                    self.endpoint.redacted
+                ))
+                .with_source(err))
+            }
+            Err(_) => {
+                if let Some(old) = live.take() {
+                    close_in_background(old);
+                }
+                Err(Error::internal(format!(
+                    "{}: beginning a session timed out",
+                    self.endpoint.redacted
+                )))
+            }
+        }
+    }
+
+    /// Attaches a sender on its own session.
+    pub async fn attach_sender(&self, name: String, target: Target) -> Result<Attached<Sender>> {
+        let (mut session, generation) = self.session().await?;
+        tracing::debug!(generation, "attaching a link");
+        let attach = Sender::builder()
+            .name(name)
+            .target(target)
+            .attach(&mut session);
+        match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
+            Ok(Ok(link)) => Ok(Attached { link, session }),
+            Ok(Err(err)) => {
+                end_session_in_background(session);
+                Err(crate::error::sender_attach(err))
+            }
+            Err(_) => {
+                end_session_in_background(session);
+                Err(Error::internal("attaching a sender timed out"))
+            }
+        }
+    }
+
+    /// Attaches a receiver (manual credit) on its own session.
+    pub async fn attach_receiver(
+        &self,
+        name: String,
+        source: Source,
+    ) -> Result<Attached<Receiver>> {
+        let (mut session, generation) = self.session().await?;
+        tracing::debug!(generation, "attaching a link");
+        let attach = Receiver::builder()
+            .name(name)
+            .source(source)
+            .credit_mode(fe2o3_amqp::link::CreditMode::Manual)
+            .auto_accept(false)
+            .attach(&mut session);
+        match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
+            Ok(Ok(link)) => Ok(Attached { link, session }),
+            Ok(Err(err)) => {
+                end_session_in_background(session);
+                Err(crate::error::receiver_attach(err))
+            }
+            Err(_) => {
+                end_session_in_background(session);
+                Err(Error::internal("attaching a receiver timed out"))
+            }
+        }
+    }
+
+    /// Signals every task to stop, then closes the connection.
+    pub async fn close(&self) {
+        self.closed.send_replace(true);
+        let live = self.live.lock().await.take();
+        if let Some(mut live) = live {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, live.connection.close()).await;
+        }
+    }
+}
+
+fn close_in_background(mut live: Live) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, live.connection.close()).await;
+    });
+}
+
+fn end_session_in_background(mut session: SessionHandle<()>) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn backoff_doubles_up_to_the_maximum() {
+        let mut config = Amqp10Config::new("amqp://127.0.0.1:1", crate::Profile::Generic);
+        config.reconnect_delay = Duration::from_millis(100);
+        config.reconnect_max_delay = Duration::from_millis(700);
+        // A refused port: the first connect fails, and says where without a password.
+        let err = Connector::connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        assert!(err.retryable());
+        let (closed, _) = watch::channel(false);
+        let connector = Connector {
+            endpoint: Endpoint::parse(&config.url).unwrap(),
+            container_id: "c".into(),
+            server_name: None,
+            reconnect_delay: config.reconnect_delay,
+            reconnect_max_delay: config.reconnect_max_delay,
+            live: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            link_seq: AtomicU64::new(0),
+            closed,
+        };
+        let waits: Vec<u128> = (1..=5).map(|n| connector.backoff(n).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 700, 700]);
+        assert_eq!(connector.backoff(u32::MAX).as_millis(), 700);
+    }
+}

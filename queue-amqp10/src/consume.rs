@@ -1,0 +1,524 @@
+//! Receiving: one receiver link per subscription, link credit = prefetch.
+//!
+//! A task owns the link. It reads transfers, hands them out as [`Delivery`]s, and
+//! performs every settlement the ackers send it (accepted for ack, released for
+//! release), in order, batching what is ready into one disposition. Credit is managed
+//! by hand: `unsettled + credit <= prefetch` always holds, and credit is topped up once
+//! half of it (or all, for a prefetch of 1 or 2) can be given back, so the broker never
+//! has more than `prefetch` deliveries out to this subscription.
+//!
+//! When the link, session or connection is lost the task re-attaches with backoff and
+//! keeps delivering. Deliveries of the lost link were returned by the broker; acking one
+//! is then an error (INTERNAL, retryable: it will come again), releasing one is fine.
+//! `cancel` releases whatever is unsettled, detaches, and from then on every settlement
+//! of this subscription's deliveries is `INVALID`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use fe2o3_amqp::link::Receiver;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::types::definitions::{self, AmqpError};
+use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source, TerminusDurability};
+use fe2o3_amqp::types::primitives::Value;
+use queue_core::{Acker, Delivery, Error, Result, Subscription};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::Profile;
+use crate::connection::{Attached, Connector};
+
+/// What a receiver link needs to (re-)attach.
+#[derive(Debug, Clone)]
+pub(crate) struct ReceiverSpec {
+    pub queue: String,
+    pub address: String,
+    pub durable: bool,
+    pub profile: Profile,
+    pub prefetch: u32,
+}
+
+impl ReceiverSpec {
+    fn source(&self) -> Source {
+        let mut source = Source::builder()
+            .address(self.address.clone())
+            .durable(if self.durable {
+                TerminusDurability::Configuration
+            } else {
+                TerminusDurability::None
+            });
+        if let Some(caps) = self.profile.terminus_capabilities() {
+            source = source
+                .capabilities(caps)
+                .distribution_mode(DistributionMode::Move);
+        }
+        source.build()
+    }
+}
+
+enum Control {
+    Settle {
+        epoch: u64,
+        delivery_id: u32,
+        accept: bool,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+    Cancel(oneshot::Sender<Result<()>>),
+}
+
+/// A running consumer of one queue.
+pub(crate) struct Amqp10Subscription {
+    deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
+    /// Deliveries handed to the channel and not yet taken by `next`.
+    buffered: Arc<AtomicUsize>,
+    control: mpsc::UnboundedSender<Control>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Amqp10Subscription {
+    /// Attaches the receiver now (so consume reports a refused address) and starts
+    /// the task.
+    pub async fn start(connector: Arc<Connector>, spec: ReceiverSpec) -> Result<Self> {
+        let attached = connector
+            .attach_receiver(connector.link_name("receiver", &spec.queue), spec.source())
+            .await
+            .map_err(|e| e.context(format!("consume {}", spec.queue)))?;
+        let (out, deliveries) = mpsc::unbounded_channel();
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let closed = connector.closed_signal();
+        let buffered = Arc::new(AtomicUsize::new(0));
+        let mut task = ReceiveTask {
+            buffered: Arc::clone(&buffered),
+            connector,
+            spec,
+            out,
+            control: control.downgrade(),
+            control_rx,
+            closed,
+            epoch: 0,
+            unsettled: HashMap::new(),
+            credit: 0,
+            failures: 0,
+        };
+        let link = task.start_link(attached).await;
+        let handle = tokio::spawn(task.run(link));
+        Ok(Amqp10Subscription {
+            deliveries,
+            buffered,
+            control,
+            task: Some(handle),
+        })
+    }
+}
+
+#[async_trait]
+impl Subscription for Amqp10Subscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let next = self.deliveries.recv().await;
+        if let Some(Ok(_)) = next {
+            self.buffered.fetch_sub(1, Ordering::AcqRel);
+        }
+        next
+    }
+
+    async fn cancel(mut self: Box<Self>) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        if self.control.send(Control::Cancel(reply)).is_err() {
+            return Ok(()); // the task has ended already: nothing is held
+        }
+        let result = done.await.unwrap_or(Ok(()));
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        result
+    }
+}
+
+struct LinkAcker {
+    control: mpsc::UnboundedSender<Control>,
+    epoch: u64,
+    delivery_id: u32,
+    message_id: String,
+}
+
+impl LinkAcker {
+    async fn settle(self, accept: bool) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        let sent = self.control.send(Control::Settle {
+            epoch: self.epoch,
+            delivery_id: self.delivery_id,
+            accept,
+            reply: Some(reply),
+        });
+        if sent.is_err() {
+            return Err(self.cancelled());
+        }
+        match done.await {
+            Ok(result) => result,
+            Err(_) => Err(self.cancelled()),
+        }
+    }
+
+    fn cancelled(&self) -> Error {
+        Error::invalid(format!(
+            "message {}: its consumer was cancelled and the delivery went back to the queue",
+            self.message_id
+        ))
+    }
+}
+
+#[async_trait]
+impl Acker for LinkAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle(true).await
+    }
+
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.settle(false).await
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        let _ = self.control.send(Control::Settle {
+            epoch: self.epoch,
+            delivery_id: self.delivery_id,
+            accept: false,
+            reply: None,
+        });
+    }
+}
+
+struct ReceiveTask {
+    connector: Arc<Connector>,
+    buffered: Arc<AtomicUsize>,
+    spec: ReceiverSpec,
+    out: mpsc::UnboundedSender<Result<Delivery>>,
+    /// Weak, so the task notices when the subscription and every acker are gone.
+    control: mpsc::WeakUnboundedSender<Control>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    closed: watch::Receiver<bool>,
+    /// Which link the deliveries in `unsettled` came from.
+    epoch: u64,
+    unsettled: HashMap<u32, DeliveryInfo>,
+    /// Credit the broker still has for this link (granted minus received since).
+    credit: u32,
+    failures: u32,
+}
+
+enum Event {
+    Closed,
+    Control(Option<Control>),
+    Delivery(
+        Box<
+            std::result::Result<
+                fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+                fe2o3_amqp::link::RecvError,
+            >,
+        >,
+    ),
+}
+
+enum Step {
+    Continue,
+    LinkLost,
+    Stop(Option<oneshot::Sender<Result<()>>>),
+}
+
+impl ReceiveTask {
+    /// Makes an attached link current: new epoch, full credit.
+    async fn start_link(&mut self, mut attached: Attached<Receiver>) -> Option<Attached<Receiver>> {
+        self.epoch += 1;
+        self.unsettled.clear();
+        match attached.link.set_credit(self.spec.prefetch).await {
+            Ok(()) => {
+                self.credit = self.spec.prefetch;
+                Some(attached)
+            }
+            Err(err) => {
+                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
+                attached.end_in_background();
+                None
+            }
+        }
+    }
+
+    async fn run(mut self, mut link: Option<Attached<Receiver>>) {
+        let stop_reply = loop {
+            let Some(attached) = link.as_mut() else {
+                match self.reattach().await {
+                    Ok(attached) => link = self.start_link(attached).await,
+                    Err(reply) => break reply,
+                }
+                continue;
+            };
+            let event = tokio::select! {
+                biased;
+                _ = self.closed.wait_for(|c| *c) => Event::Closed,
+                control = self.control_rx.recv() => Event::Control(control),
+                _ = self.out.closed() => Event::Closed,
+                delivery = attached.link.recv::<Body<Value>>() => Event::Delivery(Box::new(delivery)),
+            };
+            let step = match event {
+                Event::Closed | Event::Control(None) => Step::Stop(None),
+                Event::Control(Some(control)) => self.handle(&mut attached.link, control).await,
+                Event::Delivery(delivery) => match *delivery {
+                    Ok(delivery) => self.deliver(&mut attached.link, delivery).await,
+                    Err(err) => {
+                        tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
+                        Step::LinkLost
+                    }
+                },
+            };
+            match step {
+                Step::Continue => {}
+                Step::LinkLost => {
+                    if let Some(old) = link.take() {
+                        old.end_in_background();
+                    }
+                    self.unsettled.clear();
+                }
+                Step::Stop(reply) => {
+                    if let Some(mut attached) = link.take() {
+                        self.release_all(&attached.link).await;
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                            let _ = attached.link.detach().await;
+                            let _ = attached.session.end().await;
+                        })
+                        .await;
+                    }
+                    break reply;
+                }
+            }
+        };
+        // From here on every settlement is an error: the deliveries went back.
+        self.control_rx.close();
+        while let Ok(control) = self.control_rx.try_recv() {
+            if let Control::Cancel(reply) = control {
+                let _ = reply.send(Ok(()));
+            }
+            // Settle replies are dropped: the acker reports "cancelled".
+        }
+        if let Some(reply) = stop_reply {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// Attaches again, backing off; settlements and cancel keep being answered meanwhile.
+    /// `Err` means stop (with the cancel reply, if it was a cancel).
+    async fn reattach(
+        &mut self,
+    ) -> std::result::Result<Attached<Receiver>, Option<oneshot::Sender<Result<()>>>> {
+        loop {
+            if self.connector.is_closed() || self.out.is_closed() {
+                return Err(None);
+            }
+            let attach = self.connector.attach_receiver(
+                self.connector.link_name("receiver", &self.spec.queue),
+                self.spec.source(),
+            );
+            let result = tokio::select! {
+                result = attach => result,
+                _ = self.closed.wait_for(|c| *c) => return Err(None),
+            };
+            let err = match result {
+                Ok(attached) => {
+                    tracing::info!(queue = %self.spec.queue, "amqp10 receiver re-attached");
+                    self.failures = 0;
+                    return Ok(attached);
+                }
+                Err(err) => err,
+            };
+            self.failures += 1;
+            let wait = self.connector.backoff(self.failures);
+            tracing::warn!(queue = %self.spec.queue, error = %err, ?wait, "amqp10 receiver cannot attach; retrying");
+            if crate::error::is_permanent(&err) {
+                // e.g. the queue was deleted: tell the consumer, keep trying.
+                let _ = self.out.send(Err(err));
+            }
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = self.closed.wait_for(|c| *c) => return Err(None),
+                    control = self.control_rx.recv() => match control {
+                        Some(Control::Cancel(reply)) => return Err(Some(reply)),
+                        Some(Control::Settle { accept, reply, .. }) => {
+                            // Every delivery of the lost link is back in the queue.
+                            if let Some(reply) = reply {
+                                let _ = reply.send(lost_link_settlement(accept));
+                            }
+                        }
+                        None => return Err(None),
+                    },
+                }
+            }
+        }
+    }
+
+    async fn deliver(
+        &mut self,
+        link: &mut Receiver,
+        delivery: fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+    ) -> Step {
+        let info = DeliveryInfo::from(&delivery);
+        let delivery_id = info.delivery_id();
+        self.credit = self.credit.saturating_sub(1);
+        match crate::mapping::from_amqp(delivery.into_message()) {
+            Ok(message) => {
+                let Some(control) = self.control.upgrade() else {
+                    return Step::Stop(None);
+                };
+                self.unsettled.insert(delivery_id, info);
+                let acker = LinkAcker {
+                    control,
+                    epoch: self.epoch,
+                    delivery_id,
+                    message_id: message.id.clone(),
+                };
+                self.buffered.fetch_add(1, Ordering::AcqRel);
+                if self
+                    .out
+                    .send(Ok(Delivery::new(message, Box::new(acker))))
+                    .is_err()
+                {
+                    return Step::Stop(None);
+                }
+                Step::Continue
+            }
+            Err(err) => {
+                // Nobody can read it: reject it (the broker drops or dead-letters it)
+                // and say so, rather than redelivering it forever.
+                tracing::error!(queue = %self.spec.queue, error = %err, "amqp10 receiver rejected an unreadable message");
+                let condition =
+                    definitions::Error::new(AmqpError::DecodeError, Some(err.to_string()), None);
+                if let Err(e) = link.reject(info, condition).await {
+                    tracing::warn!(error = %e, "amqp10 receiver: reject failed");
+                    return Step::LinkLost;
+                }
+                self.top_up(link).await
+            }
+        }
+    }
+
+    async fn handle(&mut self, link: &mut Receiver, control: Control) -> Step {
+        let mut accepts = Vec::new();
+        let mut releases = Vec::new();
+        let mut replies = Vec::new();
+        let mut stop = None;
+        let mut next = Some(control);
+        while let Some(control) = next.take() {
+            match control {
+                Control::Cancel(reply) => {
+                    stop = Some(reply);
+                    break;
+                }
+                Control::Settle {
+                    epoch,
+                    delivery_id,
+                    accept,
+                    reply,
+                } => {
+                    let result = if epoch != self.epoch {
+                        lost_link_settlement(accept)
+                    } else {
+                        match self.unsettled.remove(&delivery_id) {
+                            Some(info) => {
+                                if accept {
+                                    accepts.push(info);
+                                } else {
+                                    releases.push(info);
+                                }
+                                Ok(())
+                            }
+                            None => Err(Error::invalid("the delivery is already settled")),
+                        }
+                    };
+                    if let Some(reply) = reply {
+                        replies.push((reply, result));
+                    }
+                }
+            }
+            if accepts.len() + releases.len() < 1024 {
+                next = self.control_rx.try_recv().ok();
+            }
+        }
+        let mut failed = None;
+        if !accepts.is_empty()
+            && let Err(e) = link.accept_all(accepts).await
+        {
+            failed = Some(e.to_string());
+        }
+        if !releases.is_empty()
+            && failed.is_none()
+            && let Err(e) = link.release_all(releases).await
+        {
+            failed = Some(e.to_string());
+        }
+        for (reply, result) in replies {
+            let result = match (&failed, result) {
+                (Some(why), Ok(())) => Err(Error::internal(format!(
+                    "settling failed, the connection is lost ({why}); the message will be redelivered"
+                ))),
+                (_, result) => result,
+            };
+            let _ = reply.send(result);
+        }
+        if failed.is_some() {
+            return Step::LinkLost;
+        }
+        if let Some(reply) = stop {
+            return Step::Stop(Some(reply));
+        }
+        self.top_up(link).await
+    }
+
+    /// Gives back credit for settled deliveries: `unsettled + credit <= prefetch`.
+    async fn top_up(&mut self, link: &mut Receiver) -> Step {
+        let prefetch = self.spec.prefetch;
+        let held = u32::try_from(self.unsettled.len()).unwrap_or(u32::MAX);
+        let target = prefetch.saturating_sub(held);
+        let credit = self.credit;
+        let threshold = (prefetch / 2).max(1);
+        let starving = self.buffered.load(Ordering::Acquire) == 0;
+        let may_flow = if self.spec.profile.credit_overshoots() {
+            // RabbitMQ 3.x computes the new credit without the deliveries still on
+            // their way to us and sends that many more, which fe2o3 refuses as a
+            // transfer-limit violation. Granting only when nothing is in flight keeps
+            // its count right; a consumer that has taken everything gets what is free
+            // at once, one that has work buffered waits for half the prefetch.
+            credit == 0 && target > 0 && (target >= threshold || starving)
+        } else {
+            target > credit && (target - credit >= threshold || credit == 0 || starving)
+        };
+        if may_flow {
+            if let Err(err) = link.set_credit(target).await {
+                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
+                return Step::LinkLost;
+            }
+            self.credit = target;
+        }
+        Step::Continue
+    }
+
+    async fn release_all(&mut self, link: &Receiver) {
+        let held: Vec<DeliveryInfo> = self.unsettled.drain().map(|(_, info)| info).collect();
+        if !held.is_empty()
+            && let Err(err) = link.release_all(held).await
+        {
+            tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: releasing on cancel failed (the broker returns them when the link ends)");
+        }
+    }
+}
+
+/// The answer to settling a delivery of a link that is gone: the broker has it back.
+fn lost_link_settlement(accept: bool) -> Result<()> {
+    if accept {
+        Err(Error::internal(
+            "the connection was lost before the ack; the message will be redelivered",
+        ))
+    } else {
+        Ok(())
+    }
+}

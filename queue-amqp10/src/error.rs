@@ -1,0 +1,93 @@
+//! Turning fe2o3-amqp's errors into the workspace's [`queue_core::Error`].
+//!
+//! fe2o3's own errors never carry the connection URL, and the driver only ever formats
+//! the redacted one, so no password reaches a message.
+
+use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError, SessionStopReason};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition};
+use queue_core::{Error, ErrorKind};
+
+/// The portable kind of an error condition a peer sent.
+pub(crate) fn kind_of_condition(condition: &ErrorCondition) -> ErrorKind {
+    match condition {
+        ErrorCondition::AmqpError(AmqpError::NotFound) => ErrorKind::NotFound,
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess) => ErrorKind::PermissionDenied,
+        ErrorCondition::AmqpError(AmqpError::PreconditionFailed) => ErrorKind::AlreadyExists,
+        ErrorCondition::AmqpError(AmqpError::InvalidField)
+        | ErrorCondition::AmqpError(AmqpError::NotAllowed)
+        | ErrorCondition::AmqpError(AmqpError::NotImplemented) => ErrorKind::Invalid,
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// An error a peer sent (detach, end or close with an error).
+pub(crate) fn remote(err: &definitions::Error) -> Error {
+    let kind = kind_of_condition(&err.condition);
+    let mut message = format!("{:?}", err.condition);
+    if let Some(description) = &err.description {
+        message.push_str(": ");
+        message.push_str(description);
+    }
+    Error::new(kind, message)
+}
+
+/// A failed sender attach.
+pub(crate) fn sender_attach(err: SenderAttachError) -> Error {
+    match &err {
+        SenderAttachError::RemoteClosedWithError(remote_err)
+        | SenderAttachError::SessionStopped(SessionStopReason::RemoteEndedWithError(remote_err)) => {
+            remote(remote_err)
+        }
+        _ => Error::internal(format!("attaching a sender failed: {err}")),
+    }
+    .with_source(err)
+}
+
+/// A failed receiver attach.
+pub(crate) fn receiver_attach(err: ReceiverAttachError) -> Error {
+    match &err {
+        ReceiverAttachError::RemoteClosedWithError(remote_err)
+        | ReceiverAttachError::SessionStopped(SessionStopReason::RemoteEndedWithError(
+            remote_err,
+        )) => remote(remote_err),
+        _ => Error::internal(format!("attaching a receiver failed: {err}")),
+    }
+    .with_source(err)
+}
+
+/// Errors that retrying on a fresh link or connection cannot cure.
+pub(crate) fn is_permanent(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::PermissionDenied
+            | ErrorKind::AlreadyExists
+            | ErrorKind::Invalid
+    )
+}
+
+/// The driver (or its subscription) is closed.
+pub(crate) fn closed(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Canceled,
+        format!("{what}: the amqp10 driver is closed"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_map_to_portable_kinds() {
+        let not_found =
+            definitions::Error::new(AmqpError::NotFound, Some("no queue 'x'".into()), None);
+        let err = remote(&not_found);
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(err.message().contains("no queue 'x'"));
+        assert!(is_permanent(&err));
+        let limit = definitions::Error::new(AmqpError::ResourceLimitExceeded, None, None);
+        assert_eq!(remote(&limit).kind(), ErrorKind::Internal);
+        assert!(remote(&limit).retryable());
+    }
+}

@@ -1,0 +1,425 @@
+//! Headers and bodies <-> AMQP 1.0 message sections (SPEC §2).
+//!
+//! Sending:
+//! - body: one `data` section with the codec's bytes (an `amqp-value` would reach
+//!   other protocols as AMQP-encoded bytes, not the payload);
+//! - `properties`: `message-id` = [`Message::id`], `content-type` = the codec's
+//!   [`Message::content_type`], `correlation-id`, `reply-to`, `subject` (from
+//!   `message_type`), `creation-time` (from `timestamp`);
+//! - `header`: `durable` (the queue's durability), `priority` (numeric level of the
+//!   `priority` header), `ttl` (from `expiration`/`ttl`);
+//! - `application-properties`: every other header, and every well-known header whose
+//!   native field would not give back exactly what was published (`priority = "high"`,
+//!   `ttl`, `timestamp`, a publisher's own `content_type`, ...). Integers travel as
+//!   `long`, so `attempts` is a long as the runtime wrote it;
+//! - `message-annotations`: `x-opt-delivery-delay` for `delay` on the Artemis profile.
+//!
+//! Receiving reverses it: application-properties first, then native fields for
+//! well-known headers that are not there (messages from other publishers).
+
+use std::time::Duration;
+
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Body, Data, Header, Message as AmqpMessage, MessageAnnotations,
+    MessageId, Priority, Properties,
+};
+use fe2o3_amqp::types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use queue_core::{Error, HeaderValue, Headers, Message, Result, names};
+
+use crate::Profile;
+
+/// What a sender link carries.
+pub(crate) type Outgoing = AmqpMessage<Data>;
+/// What a receiver link reads: any body section.
+pub(crate) type Incoming = AmqpMessage<Body<Value>>;
+
+/// The message annotation Artemis reads a delivery delay (milliseconds) from.
+pub(crate) const DELIVERY_DELAY: &str = "x-opt-delivery-delay";
+
+/// Content type for bodies that arrive without one.
+const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// Well-known headers carried only natively when their value is a string: the native
+/// field gives back exactly that string.
+const NATIVE_STRING_HEADERS: [&str; 3] =
+    [names::CORRELATION_ID, names::REPLY_TO, names::MESSAGE_TYPE];
+
+/// Builds the AMQP 1.0 message for a queue of the given durability.
+pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Result<Outgoing> {
+    let Message {
+        id,
+        headers,
+        content_type,
+        body,
+    } = message;
+    let priority = headers.priority_level()?;
+    let ttl = headers.ttl()?.map(millis_u32).transpose()?;
+    let delay = headers.delay()?;
+
+    let mut properties = Properties {
+        message_id: Some(MessageId::String(id)),
+        content_type: Some(Symbol::from(content_type)),
+        ..Properties::default()
+    };
+    let mut application = OrderedMap::new();
+    for (key, value) in headers {
+        let native = match (key.as_str(), &value) {
+            (names::CORRELATION_ID, HeaderValue::String(s)) => {
+                properties.correlation_id = Some(MessageId::String(s.clone()));
+                true
+            }
+            (names::REPLY_TO, HeaderValue::String(s)) => {
+                properties.reply_to = Some(s.clone());
+                true
+            }
+            (names::MESSAGE_TYPE, HeaderValue::String(s)) => {
+                properties.subject = Some(s.clone());
+                true
+            }
+            (names::TIMESTAMP, HeaderValue::Int(secs)) => {
+                properties.creation_time =
+                    Some(Timestamp::from_milliseconds(secs.saturating_mul(1000)));
+                false
+            }
+            _ => false,
+        };
+        if !native {
+            application.insert(key, simple_value(value));
+        }
+    }
+
+    let header = Header {
+        durable,
+        priority: Priority(priority.unwrap_or(4)),
+        ttl,
+        first_acquirer: false,
+        delivery_count: 0,
+    };
+
+    let message_annotations = match delay {
+        Some(delay) if profile.delay_annotation() => {
+            let mut annotations = OrderedMap::new();
+            let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            annotations.insert(Symbol::from(DELIVERY_DELAY).into(), Value::Long(ms));
+            Some(MessageAnnotations(annotations))
+        }
+        _ => None,
+    };
+
+    Ok(AmqpMessage {
+        header: Some(header),
+        delivery_annotations: None,
+        message_annotations,
+        properties: Some(properties),
+        application_properties: (!application.is_empty())
+            .then_some(ApplicationProperties(application)),
+        body: Data(Binary::from(body)),
+        footer: None,
+    })
+}
+
+fn millis_u32(d: Duration) -> Result<u32> {
+    u32::try_from(d.as_millis()).map_err(|_| {
+        Error::invalid("header \"ttl\"/\"expiration\" is above the AMQP 1.0 limit of 4294967295 ms")
+    })
+}
+
+fn simple_value(value: HeaderValue) -> SimpleValue {
+    match value {
+        HeaderValue::String(s) => SimpleValue::String(s),
+        HeaderValue::Int(i) => SimpleValue::Long(i),
+        HeaderValue::Float(x) => SimpleValue::from(x),
+        HeaderValue::Bool(b) => SimpleValue::Bool(b),
+    }
+}
+
+/// A header value from an application property; `None` for what is not a scalar the
+/// workspace can carry (described types, binaries, ...).
+fn header_value(value: SimpleValue) -> Option<HeaderValue> {
+    Some(match value {
+        SimpleValue::String(s) => HeaderValue::String(s),
+        SimpleValue::Symbol(s) => HeaderValue::String(s.0),
+        SimpleValue::Bool(b) => HeaderValue::Bool(b),
+        SimpleValue::Long(i) => HeaderValue::Int(i),
+        SimpleValue::Int(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Short(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Byte(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Ubyte(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Ushort(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Uint(i) => HeaderValue::Int(i.into()),
+        SimpleValue::Ulong(i) => match i64::try_from(i) {
+            Ok(i) => HeaderValue::Int(i),
+            Err(_) => HeaderValue::String(i.to_string()),
+        },
+        SimpleValue::Double(x) => HeaderValue::Float(x.0),
+        SimpleValue::Float(x) => HeaderValue::Float(f64::from(x.0)),
+        SimpleValue::Timestamp(t) => HeaderValue::Int(t.milliseconds()),
+        SimpleValue::Char(c) => HeaderValue::String(c.to_string()),
+        SimpleValue::Uuid(u) => HeaderValue::String(uuid_string(u.as_inner())),
+        _ => return None,
+    })
+}
+
+fn uuid_string(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn message_id_string(id: MessageId) -> String {
+    match id {
+        MessageId::String(s) => s,
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Uuid(u) => uuid_string(u.as_inner()),
+        MessageId::Binary(b) => b.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+/// Reads a received AMQP 1.0 message back into the workspace's message.
+pub(crate) fn from_amqp(message: Incoming) -> Result<Message> {
+    let AmqpMessage {
+        header,
+        properties,
+        application_properties,
+        body,
+        ..
+    } = message;
+
+    let mut headers = Headers::new();
+    if let Some(ApplicationProperties(map)) = application_properties {
+        for (key, value) in map {
+            if let Some(value) = header_value(value) {
+                headers.insert(key, value);
+            }
+        }
+    }
+
+    let properties = properties.unwrap_or_default();
+    let fill = |headers: &mut Headers, key: &str, value: Option<String>| {
+        if let Some(value) = value
+            && !headers.contains(key)
+        {
+            headers.insert(key, value);
+        }
+    };
+    fill(
+        &mut headers,
+        NATIVE_STRING_HEADERS[0],
+        properties.correlation_id.map(message_id_string),
+    );
+    fill(&mut headers, NATIVE_STRING_HEADERS[1], properties.reply_to);
+    fill(&mut headers, NATIVE_STRING_HEADERS[2], properties.subject);
+    if !headers.contains(names::PRIORITY) {
+        // 4 is the AMQP default, which brokers fill in when nobody set one.
+        if let Some(level) = header.as_ref().map(|h| h.priority.0).filter(|p| *p != 4) {
+            headers.insert(names::PRIORITY, i64::from(level.min(9)));
+        }
+    }
+    if !headers.contains(names::TIMESTAMP)
+        && let Some(created) = properties.creation_time
+    {
+        headers.insert(names::TIMESTAMP, created.milliseconds() / 1000);
+    }
+
+    let id = properties
+        .message_id
+        .map(message_id_string)
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(queue_core::new_message_id);
+    let content_type = properties
+        .content_type
+        .map(|s| s.0)
+        .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
+    let body = body_bytes(body, &id)?;
+    Ok(Message {
+        id,
+        headers,
+        content_type,
+        body,
+    })
+}
+
+fn body_bytes(body: Body<Value>, id: &str) -> Result<Vec<u8>> {
+    match body {
+        Body::Data(sections) => {
+            let mut sections: Vec<Data> = sections.into();
+            if sections.len() == 1
+                && let Some(Data(bytes)) = sections.pop()
+            {
+                return Ok(bytes.into_vec());
+            }
+            Ok(sections
+                .into_iter()
+                .flat_map(|Data(b)| b.into_vec())
+                .collect())
+        }
+        Body::Value(value) => match value.0 {
+            Value::Binary(bytes) => Ok(bytes.into_vec()),
+            Value::String(text) => Ok(text.into_bytes()),
+            other => Err(Error::invalid(format!(
+                "message {id}: an amqp-value body of type {} cannot be read as bytes",
+                value_type(&other)
+            ))),
+        },
+        Body::Empty => Ok(Vec::new()),
+        Body::Sequence(_) => Err(Error::invalid(format!(
+            "message {id}: amqp-sequence bodies cannot be read as bytes"
+        ))),
+    }
+}
+
+fn value_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::List(_) => "list",
+        Value::Map(_) => "map",
+        Value::Array(_) => "array",
+        Value::Described(_) => "described",
+        _ => "scalar",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+
+    fn round_trip(message: Message, profile: Profile) -> (Outgoing, Message) {
+        let out = to_amqp(message, true, profile).unwrap();
+        let incoming = AmqpMessage {
+            header: out.header.clone(),
+            delivery_annotations: None,
+            message_annotations: out.message_annotations.clone(),
+            properties: out.properties.clone(),
+            application_properties: out.application_properties.clone(),
+            body: Body::Data(vec![out.body.clone()].into()),
+            footer: None,
+        };
+        let back = from_amqp(incoming).unwrap();
+        (out, back)
+    }
+
+    #[test]
+    fn well_known_headers_go_native_and_read_back_as_published() {
+        let headers = Headers::from_pairs([
+            ("correlation_id", HeaderValue::from("req-17")),
+            ("reply_to", HeaderValue::from("app:replies")),
+            ("content_type", HeaderValue::from("text/x-mine")),
+            ("message_type", HeaderValue::from("order_shipped")),
+            ("priority", HeaderValue::from("high")),
+            ("timestamp", HeaderValue::Int(1_700_000_000)),
+            ("attempts", HeaderValue::Int(3)),
+            ("ttl", HeaderValue::Int(60_000)),
+            ("ratio", HeaderValue::Float(0.25)),
+            ("urgent", HeaderValue::Bool(true)),
+        ]);
+        let sent = Message::from_bytes(b"{}".to_vec(), headers.clone(), "application/json");
+        let (out, back) = round_trip(sent.clone(), Profile::RabbitmqV1);
+        let props = out.properties.as_ref().unwrap();
+        assert_eq!(props.message_id, Some(MessageId::String(sent.id.clone())));
+        assert_eq!(
+            props.correlation_id,
+            Some(MessageId::String("req-17".into()))
+        );
+        assert_eq!(props.reply_to.as_deref(), Some("app:replies"));
+        assert_eq!(props.subject.as_deref(), Some("order_shipped"));
+        assert_eq!(props.content_type, Some(Symbol::from("application/json")));
+        let header = out.header.as_ref().unwrap();
+        assert_eq!(header.priority.0, 8);
+        assert_eq!(header.ttl, Some(60_000));
+        assert!(header.durable);
+        let app = &out.application_properties.as_ref().unwrap().0;
+        assert_eq!(app.get("attempts"), Some(&SimpleValue::Long(3)));
+        assert_eq!(
+            app.get("content_type"),
+            Some(&SimpleValue::String("text/x-mine".into()))
+        );
+        assert!(app.get("correlation_id").is_none(), "carried natively");
+        assert_eq!(back.id, sent.id);
+        assert_eq!(back.content_type, "application/json");
+        assert_eq!(back.headers, headers);
+        assert_eq!(back.body, b"{}");
+    }
+
+    #[test]
+    fn delay_is_an_annotation_only_on_artemis() {
+        let headers = Headers::from_pairs([("delay", HeaderValue::Int(400))]);
+        let m = Message::from_bytes(vec![1], headers, "application/json");
+        let (out, back) = round_trip(m.clone(), Profile::Artemis);
+        let annotations = out.message_annotations.unwrap().0;
+        assert_eq!(
+            annotations.get(&OwnedKey::Symbol(Symbol::from(DELIVERY_DELAY))),
+            Some(&Value::Long(400))
+        );
+        assert_eq!(back.headers.get("delay"), Some(&HeaderValue::Int(400)));
+        let (out, _) = round_trip(m, Profile::Generic);
+        assert!(out.message_annotations.is_none());
+    }
+
+    #[test]
+    fn foreign_messages_read_native_fields() {
+        let incoming = AmqpMessage {
+            header: Some(Header {
+                priority: Priority(7),
+                ..Header::default()
+            }),
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                message_id: Some(MessageId::Ulong(42)),
+                correlation_id: Some(MessageId::Ulong(7)),
+                subject: Some("kind".into()),
+                ..Properties::default()
+            }),
+            application_properties: None,
+            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::String(
+                "hello".into(),
+            ))),
+            footer: None,
+        };
+        let m = from_amqp(incoming).unwrap();
+        assert_eq!(m.id, "42");
+        assert_eq!(
+            m.headers.get("correlation_id"),
+            Some(&HeaderValue::from("7"))
+        );
+        assert_eq!(
+            m.headers.get("message_type"),
+            Some(&HeaderValue::from("kind"))
+        );
+        assert_eq!(m.headers.get("priority"), Some(&HeaderValue::Int(7)));
+        assert_eq!(m.body, b"hello");
+        assert_eq!(m.content_type, DEFAULT_CONTENT_TYPE);
+    }
+
+    #[test]
+    fn unreadable_bodies_are_invalid() {
+        let incoming: Incoming = AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: None,
+            application_properties: None,
+            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Long(5))),
+            footer: None,
+        };
+        assert_eq!(
+            from_amqp(incoming).unwrap_err().kind(),
+            queue_core::ErrorKind::Invalid
+        );
+    }
+
+    #[test]
+    fn huge_ttl_is_invalid() {
+        let headers = Headers::from_pairs([("ttl", HeaderValue::Int(i64::MAX))]);
+        let m = Message::from_bytes(vec![], headers, "application/json");
+        assert!(to_amqp(m, false, Profile::Generic).is_err());
+    }
+}

@@ -1,0 +1,336 @@
+//! Sending: one sender link per queue, pipelined with a bounded window of unsettled
+//! transfers. A publish is `Ok` only on the `accepted` outcome; `rejected`, `released`,
+//! `modified`, a lost link and a timeout are errors (INTERNAL, retryable).
+//!
+//! Two tasks per queue: the *send* task owns the link, takes requests in order, waits
+//! for a window slot and writes the transfer; the *outcome* task awaits the outcomes in
+//! the same order and answers the callers. When a transfer cannot be written (the link
+//! or connection is gone) the send task re-attaches — backing off while that fails —
+//! and writes the same message again; a message whose outcome was lost with its link is
+//! failed, never reported as sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::Sendable;
+use fe2o3_amqp::link::delivery::DeliveryFut;
+use fe2o3_amqp::link::{SendError, Sender};
+use fe2o3_amqp::types::messaging::{Data, Outcome, Target, TerminusDurability};
+use queue_core::{Error, Result};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::Profile;
+use crate::connection::{Attached, Connector};
+use crate::mapping::Outgoing;
+
+struct SendRequest {
+    sendable: Sendable<Data>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+struct Pending {
+    outcome: DeliveryFut<std::result::Result<Outcome, SendError>>,
+    reply: oneshot::Sender<Result<()>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a sender link needs to (re-)attach.
+#[derive(Debug, Clone)]
+pub(crate) struct SenderSpec {
+    pub queue: String,
+    pub address: String,
+    pub durable: bool,
+    pub profile: Profile,
+    pub window: u32,
+    pub publish_timeout: Duration,
+}
+
+impl SenderSpec {
+    fn target(&self) -> Target {
+        let mut target = Target::builder()
+            .address(self.address.clone())
+            .durable(if self.durable {
+                TerminusDurability::Configuration
+            } else {
+                TerminusDurability::None
+            });
+        if let Some(caps) = self.profile.terminus_capabilities() {
+            target = target.capabilities(caps);
+        }
+        target.build()
+    }
+}
+
+/// The publishing side of one queue.
+pub(crate) struct QueueSender {
+    requests: mpsc::Sender<SendRequest>,
+    publish_timeout: Duration,
+    queue: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl QueueSender {
+    /// Attaches the first link now (so declare reports a missing queue or a refused
+    /// address) and starts the tasks.
+    pub async fn start(connector: Arc<Connector>, spec: SenderSpec) -> Result<QueueSender> {
+        let attached = connector
+            .attach_sender(connector.link_name("sender", &spec.queue), spec.target())
+            .await
+            .map_err(|e| e.context(format!("declare {}", spec.queue)))?;
+        let window = spec.window.max(1) as usize;
+        let (requests, rx) = mpsc::channel(window);
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+        let outcomes = tokio::spawn(outcome_task(pending_rx));
+        let task = SendTask {
+            connector,
+            spec: spec.clone(),
+            window: Arc::new(Semaphore::new(window)),
+            link: Some(attached),
+            pending: pending_tx,
+        };
+        let sends = tokio::spawn(task.run(rx));
+        Ok(QueueSender {
+            requests,
+            publish_timeout: spec.publish_timeout,
+            queue: spec.queue,
+            tasks: vec![sends, outcomes],
+        })
+    }
+
+    /// Sends one message and waits for its outcome, at most `publish_timeout`.
+    pub async fn send(&self, message: Outgoing) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.publish_timeout;
+        let reply = self.enqueue(message, deadline).await?;
+        self.wait(reply, deadline).await
+    }
+
+    /// Sends several messages pipelined; `Ok` once every one was accepted. Each message
+    /// has `publish_timeout` from the moment it was handed to the link task.
+    pub async fn send_all(&self, messages: Vec<Outgoing>) -> Result<()> {
+        let mut replies = Vec::with_capacity(messages.len());
+        let mut first_error = None;
+        for message in messages {
+            let deadline = tokio::time::Instant::now() + self.publish_timeout;
+            match self.enqueue(message, deadline).await {
+                Ok(reply) => replies.push((reply, deadline)),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        for (reply, deadline) in replies {
+            if let Err(e) = self.wait(reply, deadline).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        message: Outgoing,
+        deadline: tokio::time::Instant,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let (reply, rx) = oneshot::channel();
+        let request = SendRequest {
+            sendable: Sendable::from(message),
+            reply,
+        };
+        match tokio::time::timeout_at(deadline, self.requests.send(request)).await {
+            Ok(Ok(())) => Ok(rx),
+            Ok(Err(_)) => Err(crate::error::closed(&format!("publish to {}", self.queue))),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    async fn wait(
+        &self,
+        reply: oneshot::Receiver<Result<()>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(result)) => result.map_err(|e| e.context(format!("publish to {}", self.queue))),
+            Ok(Err(_)) => Err(crate::error::closed(&format!("publish to {}", self.queue))),
+            // Dropping the receiver tells the send task not to send it if it has not yet.
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::internal(format!(
+            "publish to {}: not accepted within {:?} (broker unreachable or slow); publish again",
+            self.queue, self.publish_timeout
+        ))
+    }
+
+    /// Stops the tasks (pending publishes fail) and waits for them.
+    pub async fn stop(self) {
+        drop(self.requests);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+struct SendTask {
+    connector: Arc<Connector>,
+    spec: SenderSpec,
+    window: Arc<Semaphore>,
+    link: Option<Attached<Sender>>,
+    pending: mpsc::UnboundedSender<Pending>,
+}
+
+impl SendTask {
+    async fn run(mut self, mut requests: mpsc::Receiver<SendRequest>) {
+        let mut closed = self.connector.closed_signal();
+        let mut retry: Option<SendRequest> = None;
+        let mut failures = 0u32;
+        loop {
+            let request = match retry.take() {
+                Some(request) => request,
+                None => tokio::select! {
+                    request = requests.recv() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                    _ = closed.wait_for(|c| *c) => break,
+                },
+            };
+            if request.reply.is_closed() {
+                continue; // the caller gave up (timeout): do not send it late
+            }
+            let permit = tokio::select! {
+                permit = self.window.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = closed.wait_for(|c| *c) => {
+                    let _ = request.reply.send(Err(crate::error::closed("publish")));
+                    break;
+                }
+            };
+            let Some(attached) = self.link.as_mut() else {
+                drop(permit);
+                match self
+                    .connector
+                    .attach_sender(
+                        self.connector.link_name("sender", &self.spec.queue),
+                        self.spec.target(),
+                    )
+                    .await
+                {
+                    Ok(attached) => {
+                        tracing::info!(queue = %self.spec.queue, "amqp10 sender re-attached");
+                        self.link = Some(attached);
+                        failures = 0;
+                        retry = Some(request);
+                    }
+                    Err(err) if crate::error::is_permanent(&err) => {
+                        let _ = request.reply.send(Err(err));
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        let wait = self.connector.backoff(failures);
+                        tracing::warn!(queue = %self.spec.queue, error = %err, ?wait, "amqp10 sender cannot attach; retrying");
+                        retry = Some(request);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = closed.wait_for(|c| *c) => break,
+                        }
+                    }
+                }
+                continue;
+            };
+            let sent = tokio::select! {
+                sent = attached.link.send_batchable_ref(&request.sendable) => sent,
+                _ = closed.wait_for(|c| *c) => {
+                    let _ = request.reply.send(Err(crate::error::closed("publish")));
+                    break;
+                }
+            };
+            match sent {
+                Ok(outcome) => {
+                    let pending = Pending {
+                        outcome,
+                        reply: request.reply,
+                        _permit: permit,
+                    };
+                    if let Err(mpsc::error::SendError(pending)) = self.pending.send(pending) {
+                        let _ = pending
+                            .reply
+                            .send(Err(Error::internal("the outcome task stopped")));
+                        break;
+                    }
+                }
+                Err(err) => {
+                    // Not written (or not completely): the link is unusable. Write it
+                    // again on a fresh link.
+                    tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 sender link lost; re-attaching");
+                    if let Some(old) = self.link.take() {
+                        old.end_in_background();
+                    }
+                    retry = Some(request);
+                }
+            }
+        }
+        if let Some(request) = retry {
+            let _ = request.reply.send(Err(crate::error::closed("publish")));
+        }
+        requests.close();
+        while let Ok(request) = requests.try_recv() {
+            let _ = request.reply.send(Err(crate::error::closed("publish")));
+        }
+        if let Some(mut attached) = self.link.take() {
+            // Let the outcomes of what was sent arrive before the link goes away.
+            let all = self
+                .window
+                .clone()
+                .acquire_many_owned(self.spec.window.max(1));
+            let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = attached.link.detach().await;
+                let _ = attached.session.end().await;
+            })
+            .await;
+        }
+    }
+}
+
+async fn outcome_task(mut pending: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(Pending {
+        outcome,
+        reply,
+        _permit,
+    }) = pending.recv().await
+    {
+        let result = match outcome.await {
+            Ok(Outcome::Accepted(_)) => Ok(()),
+            Ok(Outcome::Rejected(rejected)) => Err(Error::internal(format!(
+                "the broker rejected the message{}",
+                rejected
+                    .error
+                    .map(|e| format!(": {}", crate::error::remote(&e).message()))
+                    .unwrap_or_default()
+            ))),
+            Ok(Outcome::Released(_)) => Err(Error::internal(
+                "the broker released the message (not delivered to the queue)",
+            )),
+            Ok(Outcome::Modified(_)) => Err(Error::internal(
+                "the broker returned the message as modified",
+            )),
+            #[allow(unreachable_patterns)]
+            Ok(other) => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+            Err(err) => Err(Error::internal(format!(
+                "the link was lost before the broker confirmed the message ({err}); publish again"
+            ))
+            .with_source(err)),
+        };
+        drop(_permit);
+        let _ = reply.send(result);
+    }
+}

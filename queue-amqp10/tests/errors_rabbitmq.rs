@@ -1,0 +1,117 @@
+//! Real failures against the main RabbitMQ node: errors carry the right kind and never
+//! the password.
+
+mod support;
+
+use std::error::Error as _;
+
+use queue_amqp10::{Amqp10Config, Amqp10Driver, Amqp10DriverFactory, Profile};
+use queue_core::{Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
+
+const SECRET: &str = "not-the-password-7f3a";
+
+/// Every text the error exposes: Display, Debug and the source chain.
+fn all_text(err: &queue_core::Error) -> String {
+    let mut text = format!("{err} {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    text
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_without_showing_it() {
+    if support::rabbit_driver(Profile::RabbitmqV1).await.is_none() {
+        return;
+    }
+    let url = format!("amqp://guest:{SECRET}@127.0.0.1:5672");
+    let err = Amqp10Driver::connect(Amqp10Config::new(url.clone(), Profile::RabbitmqV1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    let text = all_text(&err);
+    assert!(!text.contains(SECRET), "password leaked: {text}");
+    assert!(text.contains("guest:***@127.0.0.1:5672"), "{text}");
+
+    // The same through the factory, as the runtime builds it.
+    let result = Amqp10DriverFactory
+        .create(serde_json::json!({"url": url, "profile": "rabbitmq-v1"}))
+        .await;
+    let Err(err) = result else {
+        panic!("a wrong password connected")
+    };
+    assert!(!all_text(&err).contains(SECRET));
+}
+
+#[tokio::test]
+async fn refused_port_is_internal_retryable_without_the_password() {
+    // A port nobody listens on: bind one, then free it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("amqp://guest:{SECRET}@127.0.0.1:{port}");
+    let err = Amqp10Driver::connect(Amqp10Config::new(url, Profile::Generic))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable());
+    let text = all_text(&err);
+    assert!(!text.contains(SECRET), "password leaked: {text}");
+    assert!(
+        text.contains(&format!("guest:***@127.0.0.1:{port}")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn options_rabbitmq_3_cannot_honour_are_invalid() {
+    let Some(driver) = support::rabbit_driver(Profile::RabbitmqV1).await else {
+        return;
+    };
+    let id = QueueId::parse("amqp10-tests:unsupported").unwrap();
+    for spec in [
+        QueueSpec::new(id.clone()).with_max_priority(9),
+        QueueSpec::new(id.clone()).with_max_length(10),
+        QueueSpec::new(id.clone()).with_message_ttl(std::time::Duration::from_secs(1)),
+    ] {
+        let err = driver.declare(&spec).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.message().contains("amqp10"), "{err}");
+    }
+    let slash = QueueSpec::new(id).with_name("a/b");
+    assert_eq!(
+        driver.declare(&slash).await.unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    driver.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_durability_clash_is_already_exists() {
+    let Some(first) = support::rabbit_driver(Profile::RabbitmqV1).await else {
+        return;
+    };
+    let Some(second) = support::rabbit_driver(Profile::RabbitmqV1).await else {
+        return;
+    };
+    let name = format!("amqp10-tests-clash-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    first
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    let err = second
+        .declare(&QueueSpec::new(id.clone()).with_durable(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    // The first driver's links are on their own sessions: still fine.
+    first
+        .publish(&id, queue_core::testkit::numbered(1))
+        .await
+        .unwrap();
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+}
