@@ -2,7 +2,10 @@
 
 /// Replaces every `${VAR}` / `${VAR:-default}` with the environment's value. An unset
 /// variable without a default is an error naming the line. `$${` writes a literal `${`.
-pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
+pub fn interpolate(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut line = 1;
@@ -30,13 +33,23 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
         };
         let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err((line, format!("${{{body}}} is not a variable reference: use ${{NAME}} or ${{NAME:-default}}")));
+            return Err((
+                line,
+                format!(
+                    "${{{body}}} is not a variable reference: use ${{NAME}} or ${{NAME:-default}}"
+                ),
+            ));
         }
         match (lookup(name), default) {
             (Some(value), _) => out.push_str(&value),
             (None, Some(default)) => out.push_str(default),
             (None, None) => {
-                return Err((line, format!("environment variable {name} is not set (write ${{{name}:-default}} for a default)")));
+                return Err((
+                    line,
+                    format!(
+                        "environment variable {name} is not set (write ${{{name}:-default}} for a default)"
+                    ),
+                ));
             }
         }
         rest = &body_start[end + 1..];

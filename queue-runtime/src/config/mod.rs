@@ -145,7 +145,10 @@ pub fn load(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
 }
 
 /// Loads and merges files with a given environment.
-pub fn load_with_env(paths: &[PathBuf], env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+pub fn load_with_env(
+    paths: &[PathBuf],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
     let mut config = Config::default();
     let mut errors = Vec::new();
     for path in paths {
@@ -181,21 +184,26 @@ pub fn load_with_env(paths: &[PathBuf], env: impl Fn(&str) -> Option<String>) ->
 
 type FileEntries = (Vec<Entry>, Vec<ConfigError>);
 
-fn load_file(path: &Path, env: &impl Fn(&str) -> Option<String>) -> Result<(FileEntries, bool), ConfigError> {
+fn load_file(
+    path: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(FileEntries, bool), ConfigError> {
     let at = |line: usize, field: Option<&str>, message: String| ConfigError {
         file: path.to_path_buf(),
         line,
         field: field.map(str::to_string),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| at(0, None, format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| at(0, None, format!("cannot read: {e}")))?;
     let text = interpolate(&text, env).map_err(|(line, message)| at(line, None, message))?;
     let raw: RawFile = serde_saphyr::from_str(&text).map_err(|e| {
         let line = e.location().map_or(0, |l| l.line() as usize);
         at(line, None, first_line(&e.to_string()))
     })?;
     let namespace = raw.namespace.value.clone();
-    if namespace.is_empty() || namespace.contains(':') || namespace.chars().any(char::is_whitespace) {
+    if namespace.is_empty() || namespace.contains(':') || namespace.chars().any(char::is_whitespace)
+    {
         return Err(at(
             raw.namespace.referenced.line() as usize,
             Some("namespace"),
@@ -233,14 +241,19 @@ fn parse_entry(
         fields.into_iter().map(|(k, v)| (k, v.value)).collect();
     let mut entry = Entry {
         id: String::new(),
-        kind: EntryKind::Function(FunctionEntry { source: String::new(), method: String::new() }),
+        kind: EntryKind::Function(FunctionEntry {
+            source: String::new(),
+            method: String::new(),
+        }),
         namespace: namespace.to_string(),
         file: file.to_path_buf(),
         line,
         field_lines,
     };
     let name = match (values.remove("name"), values.remove("id")) {
-        (Some(serde_json::Value::String(n)), None) | (None, Some(serde_json::Value::String(n))) => n,
+        (Some(serde_json::Value::String(n)), None) | (None, Some(serde_json::Value::String(n))) => {
+            n
+        }
         (Some(_), Some(_)) => return Err(entry.error(Some("id"), "give `name` or `id`, not both")),
         (None, None) => return Err(entry.error(None, "entry has no `name` (or `id`)")),
         _ => return Err(entry.error(Some("name"), "must be a string")),
@@ -248,7 +261,11 @@ fn parse_entry(
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(entry.error(Some("name"), format!("{name:?} is not a valid name")));
     }
-    entry.id = if name.contains(':') { name } else { format!("{namespace}:{name}") };
+    entry.id = if name.contains(':') {
+        name
+    } else {
+        format!("{namespace}:{name}")
+    };
     let kind = match values.remove("kind") {
         Some(serde_json::Value::String(k)) => k,
         Some(_) => return Err(entry.error(Some("kind"), "must be a string")),
@@ -256,7 +273,10 @@ fn parse_entry(
     };
     let object = serde_json::Value::Object(values);
     entry.kind = match kind.as_str() {
-        k if k.starts_with("queue.driver.") => EntryKind::Driver { kind: kind.clone(), config: object },
+        k if k.starts_with("queue.driver.") => EntryKind::Driver {
+            kind: kind.clone(),
+            config: object,
+        },
         "queue.queue" => EntryKind::Queue(Box::new(typed(&entry, object)?)),
         "queue.consumer" => {
             let consumer: ConsumerEntry = typed(&entry, object)?;
@@ -287,7 +307,10 @@ fn parse_entry(
     Ok(entry)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(entry: &Entry, value: serde_json::Value) -> Result<T, ConfigError> {
+fn typed<T: serde::de::DeserializeOwned>(
+    entry: &Entry,
+    value: serde_json::Value,
+) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
@@ -296,7 +319,9 @@ fn typed<T: serde::de::DeserializeOwned>(entry: &Entry, value: serde_json::Value
             let field = message
                 .split('`')
                 .nth(1)
-                .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+                .filter(|_| {
+                    message.starts_with("unknown field") || message.starts_with("missing field")
+                })
                 .map(str::to_string);
             entry.error(field.as_deref(), message)
         } else {
@@ -307,10 +332,16 @@ fn typed<T: serde::de::DeserializeOwned>(entry: &Entry, value: serde_json::Value
 
 fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
     if !(1..=1000).contains(&c.concurrency) {
-        return Err(entry.error(Some("concurrency"), format!("{} is out of range 1..=1000", c.concurrency)));
+        return Err(entry.error(
+            Some("concurrency"),
+            format!("{} is out of range 1..=1000", c.concurrency),
+        ));
     }
     if !(1..=10_000).contains(&c.prefetch) {
-        return Err(entry.error(Some("prefetch"), format!("{} is out of range 1..=10000", c.prefetch)));
+        return Err(entry.error(
+            Some("prefetch"),
+            format!("{} is out of range 1..=10000", c.prefetch),
+        ));
     }
     match (&c.func, &c.source, &c.method) {
         (Some(_), None, None) | (None, Some(_), Some(_)) => Ok(()),
@@ -342,7 +373,8 @@ mod tests {
     use super::*;
 
     fn load_text(text: &str) -> Result<Config, ConfigErrors> {
-        let dir = std::env::temp_dir().join(format!("queue-config-{}", queue_core::new_message_id()));
+        let dir =
+            std::env::temp_dir().join(format!("queue-config-{}", queue_core::new_message_id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.yaml");
         std::fs::write(&path, text).unwrap();
@@ -366,37 +398,65 @@ mod tests {
         let entry = &config.entries[0];
         assert_eq!(entry.id, "app:email_worker");
         assert_eq!(entry.line, 3);
-        assert!(matches!(&entry.kind, EntryKind::Consumer(c) if c.concurrency == 1 && c.prefetch == 10));
+        assert!(
+            matches!(&entry.kind, EntryKind::Consumer(c) if c.concurrency == 1 && c.prefetch == 10)
+        );
     }
 
     #[test]
     fn the_seed_entry_without_source_says_so() {
-        let e = single_error("namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    method: handle_email\n");
+        let e = single_error(
+            "namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    method: handle_email\n",
+        );
         assert_eq!(e.line, 6);
         assert!(e.message.contains("source:"), "{e}");
     }
 
     #[test]
     fn unknown_fields_wrong_types_and_ranges_name_line_and_field() {
-        let e = single_error("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    colour: blue\n");
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    colour: blue\n",
+        );
         assert_eq!((e.line, e.field.as_deref()), (5, Some("colour")), "{e}");
-        let e = single_error("namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    concurrency: many\n");
-        assert_eq!((e.line, e.field.as_deref()), (8, Some("concurrency")), "{e}");
-        let e = single_error("namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    prefetch: 0\n");
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    concurrency: many\n",
+        );
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (8, Some("concurrency")),
+            "{e}"
+        );
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    prefetch: 0\n",
+        );
         assert_eq!((e.line, e.field.as_deref()), (8, Some("prefetch")), "{e}");
-        let e = single_error("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        initial: soon\n");
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        initial: soon\n",
+        );
         assert_eq!(e.field.as_deref(), Some("retry.backoff.initial"), "{e}");
         // A nested field is located at its top-level field's value (the `backoff:` line).
         assert_eq!(e.line, 6);
-        assert!(e.to_string().contains("app.yaml:6: field `retry.backoff.initial`"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("app.yaml:6: field `retry.backoff.initial`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicates_and_unknown_kinds() {
         let errors = load_text("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n  - name: q\n    kind: queue.queue\n  - name: z\n    kind: queue.thing\n").unwrap_err().0;
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors.iter().any(|e| e.line == 5 && e.message.contains("duplicate id app:q")));
-        assert!(errors.iter().any(|e| e.line == 8 && e.message.contains("unknown kind")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == 5 && e.message.contains("duplicate id app:q"))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == 8 && e.message.contains("unknown kind"))
+        );
     }
 
     #[test]
@@ -404,10 +464,14 @@ mod tests {
         let config = load_text("namespace: app\nsecurity:\n  strict_mode: true\nentries:\n  - name: rabbit\n    kind: queue.driver.amqp\n    url: amqp://guest:${PASS}@127.0.0.1:${PORT:-5672}\n").unwrap();
         assert!(config.strict_mode);
         match &config.entries[0].kind {
-            EntryKind::Driver { config, .. } => assert_eq!(config["url"], "amqp://guest:s3cret@127.0.0.1:5672"),
+            EntryKind::Driver { config, .. } => {
+                assert_eq!(config["url"], "amqp://guest:s3cret@127.0.0.1:5672")
+            }
             other => panic!("{other:?}"),
         }
-        let e = single_error("namespace: app\nentries:\n  - name: x\n    kind: queue.driver.amqp\n    url: ${NOPE}\n");
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: x\n    kind: queue.driver.amqp\n    url: ${NOPE}\n",
+        );
         assert_eq!(e.line, 5);
     }
 

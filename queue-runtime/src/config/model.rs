@@ -48,7 +48,10 @@ pub struct QueueEntry {
     /// Priorities 0..=max_priority.
     pub max_priority: Option<u8>,
     /// Messages older than this are dropped.
-    #[serde(default, deserialize_with = "queue_core::config::option_duration::deserialize")]
+    #[serde(
+        default,
+        deserialize_with = "queue_core::config::option_duration::deserialize"
+    )]
     pub message_ttl: Option<Duration>,
     /// Largest encoded body (1 MiB).
     #[serde(default = "default_max_message_bytes")]
@@ -184,7 +187,10 @@ pub struct ConsumerEntry {
     #[serde(default = "ten")]
     pub prefetch: u32,
     /// How long shutdown waits for running handlers (10s).
-    #[serde(default = "ten_seconds", deserialize_with = "queue_core::config::duration::deserialize")]
+    #[serde(
+        default = "ten_seconds",
+        deserialize_with = "queue_core::config::duration::deserialize"
+    )]
     pub stop_timeout: Duration,
     /// Actor and policies the handler runs with.
     #[serde(default)]

@@ -1,0 +1,339 @@
+//! The consumer host: creates drivers, declares queues, attaches consumers, runs
+//! processes, detects idleness from the drivers' counts, and shuts down without
+//! losing a message.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use queue_core::{ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metered;
+use crate::registry::{DriverKinds, Plan};
+use crate::retry::FailurePath;
+use crate::workers::{Busy, ConsumerRuntime, Job, Workers};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Worker threads, each with one Lua state.
+    pub lua_threads: usize,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        HostOptions {
+            lua_threads: cores.clamp(1, 8),
+        }
+    }
+}
+
+struct RunningConsumer {
+    queue: QueueId,
+    concurrency: u32,
+    stop_timeout: Duration,
+    slots: Arc<Semaphore>,
+    intake: JoinHandle<Option<Box<dyn Subscription>>>,
+}
+
+/// The counts of one consumed queue at shutdown, from its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// The queue.
+    pub queue: QueueId,
+    /// Acknowledged since start, where the driver counts it.
+    pub acked: Option<u64>,
+    /// Ready in the queue.
+    pub ready: Option<u64>,
+    /// Still unsettled.
+    pub in_flight: Option<u64>,
+}
+
+impl std::fmt::Display for QueueSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+        write!(
+            f,
+            "queue={} acked={} ready={} in_flight={}",
+            self.queue,
+            show(self.acked),
+            show(self.ready),
+            show(self.in_flight)
+        )
+    }
+}
+
+/// A running runtime.
+pub struct Host {
+    plan: Plan,
+    queues: Queues,
+    drivers: BTreeMap<String, Arc<dyn Driver>>,
+    workers: Option<Workers>,
+    consumers: Vec<RunningConsumer>,
+    stop: watch::Sender<bool>,
+    busy: Busy,
+    processes_running: Arc<AtomicUsize>,
+    process_failures: Arc<AtomicUsize>,
+}
+
+impl Host {
+    /// Creates the drivers, declares every queue, attaches every consumer, then starts
+    /// the processes.
+    pub async fn start(plan: Plan, kinds: &DriverKinds, options: HostOptions) -> Result<Host> {
+        let mut drivers = BTreeMap::new();
+        for d in &plan.drivers {
+            let factory = kinds
+                .get(&d.kind)
+                .ok_or_else(|| Error::invalid(format!("unknown driver kind {}", d.kind)))?;
+            let driver = factory
+                .create(d.config.clone())
+                .await
+                .map_err(|e| e.context(format!("driver {}", d.id)))?;
+            drivers.insert(d.id.clone(), Metered::new(driver));
+        }
+        let driver_of = |id: &str| -> Result<Arc<dyn Driver>> {
+            drivers
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("driver {id} was not created")))
+        };
+        let queues = Queues::new();
+        for q in &plan.queues {
+            queues
+                .declare(q.spec.clone(), q.settings, driver_of(&q.driver)?)
+                .await
+                .map_err(|e| e.context(format!("declare {}", q.spec.id)))?;
+        }
+        let workers = Workers::start(options.lua_threads, &queues, plan.strict)?;
+        let (stop, _) = watch::channel(false);
+        let busy = Busy::default();
+        let mut consumers = Vec::new();
+        for c in &plan.consumers {
+            let q = plan
+                .queue(&c.queue)
+                .ok_or_else(|| Error::internal(format!("{} has no queue plan", c.id)))?;
+            let driver = driver_of(&q.driver)?;
+            let dead_letter = match &q.dead_letter {
+                Some(dlq) => {
+                    let dlq_plan = plan
+                        .queue(dlq)
+                        .ok_or_else(|| Error::internal(format!("{dlq} has no queue plan")))?;
+                    Some((dlq.clone(), driver_of(&dlq_plan.driver)?))
+                }
+                None => None,
+            };
+            let runtime = Arc::new(ConsumerRuntime {
+                plan: c.clone(),
+                failure: FailurePath {
+                    queue: c.queue.clone(),
+                    driver: Arc::clone(&driver),
+                    retry: q.retry.clone(),
+                    dead_letter,
+                },
+            });
+            let subscription = driver
+                .consume(
+                    &c.queue,
+                    ConsumeOptions {
+                        prefetch: c.prefetch,
+                    },
+                )
+                .await
+                .map_err(|e| e.context(format!("consumer {}", c.id)))?;
+            let slots = Arc::new(Semaphore::new(c.concurrency as usize));
+            let intake = tokio::spawn(intake(
+                runtime,
+                subscription,
+                Arc::clone(&slots),
+                stop.subscribe(),
+                busy.clone(),
+                workers.senders_handle(),
+            ));
+            consumers.push(RunningConsumer {
+                queue: c.queue.clone(),
+                concurrency: c.concurrency,
+                stop_timeout: c.stop_timeout,
+                slots,
+                intake,
+            });
+            tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
+        }
+        let processes_running = Arc::new(AtomicUsize::new(0));
+        let process_failures = Arc::new(AtomicUsize::new(0));
+        for p in &plan.processes {
+            let p = Arc::new(p.clone());
+            for instance in 1..=p.instances {
+                let (done, result) = tokio::sync::oneshot::channel();
+                processes_running.fetch_add(1, Ordering::AcqRel);
+                workers.dispatch(Job::Process {
+                    plan: Arc::clone(&p),
+                    instance,
+                    done,
+                });
+                let running = Arc::clone(&processes_running);
+                let failures = Arc::clone(&process_failures);
+                let id = p.id.clone();
+                tokio::spawn(async move {
+                    match result.await {
+                        Ok(Ok(())) => tracing::info!(process = %id, instance, "process finished"),
+                        Ok(Err(e)) => {
+                            failures.fetch_add(1, Ordering::AcqRel);
+                            tracing::error!(process = %id, instance, error = %e, "process failed");
+                        }
+                        Err(_) => {
+                            tracing::warn!(process = %id, instance, "process stopped before it finished")
+                        }
+                    }
+                    running.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+        }
+        Ok(Host {
+            plan,
+            queues,
+            drivers,
+            workers: Some(workers),
+            consumers,
+            stop,
+            busy,
+            processes_running,
+            process_failures,
+        })
+    }
+
+    /// The publishing facade of this runtime's queues.
+    pub fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// How many Lua states run handlers.
+    pub fn lua_states(&self) -> usize {
+        self.workers.as_ref().map_or(0, Workers::lua_states)
+    }
+
+    /// Processes that raised an error.
+    pub fn process_failures(&self) -> usize {
+        self.process_failures.load(Ordering::Acquire)
+    }
+
+    /// Whether there is nothing left to do: every process finished, no delivery is
+    /// being handled or waiting for a retry, and every consumed queue's driver reports
+    /// no ready, in-flight or delayed message.
+    pub async fn is_idle(&self) -> Result<bool> {
+        if self.processes_running.load(Ordering::Acquire) > 0 || self.busy.count() > 0 {
+            return Ok(false);
+        }
+        for c in &self.consumers {
+            let info = self.queues.info(c.queue.as_str()).await?;
+            if info.ready.unwrap_or(0) + info.in_flight.unwrap_or(0) + info.delayed.unwrap_or(0) > 0
+            {
+                return Ok(false);
+            }
+        }
+        Ok(self.busy.count() == 0)
+    }
+
+    /// Waits until [`Host::is_idle`] holds, checking the drivers' counts every 50 ms.
+    pub async fn wait_idle(&self) -> Result<()> {
+        loop {
+            if self.is_idle().await? {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops taking deliveries, lets running handlers finish for up to each consumer's
+    /// `stop_timeout`, returns every unfinished or prefetched delivery to its queue,
+    /// reports the consumed queues' counts and closes the drivers.
+    pub async fn shutdown(mut self) -> Vec<QueueSummary> {
+        let _ = self.stop.send(true);
+        let mut subscriptions = Vec::new();
+        for c in std::mem::take(&mut self.consumers) {
+            let waited =
+                tokio::time::timeout(c.stop_timeout, c.slots.acquire_many(c.concurrency)).await;
+            if waited.is_err() {
+                tracing::warn!(queue = %c.queue, timeout = ?c.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
+            }
+            match c.intake.await {
+                Ok(Some(sub)) => subscriptions.push(sub),
+                Ok(None) => {}
+                Err(e) => tracing::error!(queue = %c.queue, error = %e, "consumer task failed"),
+            }
+        }
+        if let Some(workers) = self.workers.take() {
+            tokio::task::spawn_blocking(move || workers.stop())
+                .await
+                .ok();
+        }
+        for sub in subscriptions {
+            if let Err(e) = sub.cancel().await {
+                tracing::warn!(error = %e, "cancelling a consumer failed; the broker returns its messages when the connection closes");
+            }
+        }
+        let mut summary = Vec::new();
+        for c in &self.plan.consumers {
+            let Some(registered) = self.queues.get(&c.queue) else {
+                continue;
+            };
+            let info = registered.driver.info(&c.queue).await.unwrap_or_default();
+            summary.push(QueueSummary {
+                queue: c.queue.clone(),
+                acked: registered.driver.acked_total(&c.queue),
+                ready: info.ready,
+                in_flight: info.in_flight,
+            });
+        }
+        for (id, driver) in &self.drivers {
+            if let Err(e) = driver.close().await {
+                tracing::warn!(driver = %id, error = %e, "closing the driver failed");
+            }
+        }
+        summary
+    }
+}
+
+async fn intake(
+    consumer: Arc<ConsumerRuntime>,
+    mut subscription: Box<dyn Subscription>,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    busy: Busy,
+    workers: crate::workers::Dispatcher,
+) -> Option<Box<dyn Subscription>> {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            permit = Arc::clone(&slots).acquire_owned() => permit.ok()?,
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = subscription.next() => next,
+        };
+        match next {
+            None => return None,
+            Some(Err(e)) => {
+                tracing::warn!(queue = %consumer.plan.queue, error = %e, "consumer error");
+                drop(permit);
+            }
+            Some(Ok(delivery)) => workers.dispatch(Job::Deliver {
+                delivery,
+                consumer: Arc::clone(&consumer),
+                permit,
+                busy: busy.enter(),
+            }),
+        }
+    }
+    Some(subscription)
+}

@@ -1,0 +1,316 @@
+//! `queue-runtime`: run, check, publish to and inspect the queues of a configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use queue_core::security::Actor;
+use queue_core::{HeaderValue, Headers, Value};
+use queue_runtime::config;
+use queue_runtime::host::{Host, HostOptions};
+use queue_runtime::registry::{self, DriverKinds, Plan};
+
+/// Hosts Lua queue consumers from YAML configuration.
+#[derive(Parser, Debug)]
+#[command(name = "queue-runtime", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Host the consumers and processes of these files until signalled.
+    Run {
+        /// YAML files.
+        #[arg(required = true)]
+        config: Vec<PathBuf>,
+        /// Exit once processes are done and consumed queues are empty.
+        #[arg(long)]
+        exit_when_idle: bool,
+        /// Deny what no policy allows, even without policies.
+        #[arg(long)]
+        strict: bool,
+        /// Serve /metrics and /health on this address (e.g. 127.0.0.1:9090).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Worker threads, each with one Lua state (default: the number of cores).
+        #[arg(long)]
+        lua_threads: Option<usize>,
+    },
+    /// Validate these files without starting anything.
+    Check {
+        /// YAML files.
+        #[arg(required = true)]
+        config: Vec<PathBuf>,
+        /// Check as strict mode would run.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Publish one message to a broker-backed queue.
+    Publish {
+        /// The queue id, `namespace:name`.
+        queue_id: String,
+        /// The body, as JSON.
+        json: String,
+        /// A header, `key=value` (numbers and booleans are typed).
+        #[arg(short = 'H', long = "header", value_name = "KEY=VALUE")]
+        headers: Vec<String>,
+        /// YAML files declaring the queue.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
+        /// Publish as this actor.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Actor metadata, `key=value`.
+        #[arg(long, value_name = "KEY=VALUE")]
+        actor_meta: Vec<String>,
+        /// Deny what no policy allows.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Show a broker-backed queue's counts.
+    Info {
+        /// The queue id.
+        queue_id: String,
+        /// YAML files declaring the queue.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
+    let kinds = DriverKinds::builtin();
+    let config = config::load(paths).map_err(|e| format!("invalid configuration:\n{e}"))?;
+    let plan = registry::plan(&config, &kinds, strict)
+        .map_err(|e| format!("invalid configuration:\n{e}"))?;
+    Ok((plan, kinds))
+}
+
+async fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Check { config, strict } => {
+            let (plan, _) = plan(&config, strict)?;
+            println!(
+                "ok: {} driver(s), {} queue(s), {} consumer(s), {} process(es)",
+                plan.drivers.len(),
+                plan.queues.len(),
+                plan.consumers.len(),
+                plan.processes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            exit_when_idle,
+            strict,
+            metrics_addr,
+            lua_threads,
+        } => {
+            let (plan, kinds) = plan(&config, strict)?;
+            let handle = queue_runtime::metrics::install();
+            let _server = match (metrics_addr, handle) {
+                (Some(addr), Some(handle)) => Some(
+                    queue_runtime::metrics::serve(addr, handle)
+                        .await
+                        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
+                ),
+                _ => None,
+            };
+            let mut options = HostOptions::default();
+            if let Some(n) = lua_threads {
+                options.lua_threads = n;
+            }
+            let host = Host::start(plan, &kinds, options)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(lua_states = host.lua_states(), "runtime started");
+            let reason = tokio::select! {
+                signal = shutdown_signal() => signal,
+                idle = host.wait_idle(), if exit_when_idle => match idle {
+                    Ok(()) => "idle",
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
+            tracing::info!(reason, "stopping");
+            let failures = host.process_failures();
+            // A second signal while stopping exits at once; what was returned so far stays returned.
+            let summary = tokio::select! {
+                summary = host.shutdown() => summary,
+                _ = shutdown_signal() => {
+                    eprintln!("second signal: exiting now");
+                    return Ok(ExitCode::from(130));
+                }
+            };
+            for queue in &summary {
+                println!("summary: {queue}");
+            }
+            Ok(if exit_when_idle && failures > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Publish {
+            queue_id,
+            json,
+            headers,
+            config,
+            actor,
+            actor_meta,
+            strict,
+        } => {
+            let (plan, kinds) = plan(&config, strict)?;
+            let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
+            refuse_in_memory(&plan, &id)?;
+            let body: serde_json::Value =
+                serde_json::from_str(&json).map_err(|e| format!("the body is not JSON: {e}"))?;
+            let headers = parse_headers(&headers)?;
+            let actor = match actor {
+                Some(id) => {
+                    let mut actor = Actor::new(id);
+                    for (k, v) in pairs(&actor_meta)? {
+                        actor = actor.with_meta(k, v);
+                    }
+                    Some(actor)
+                }
+                None => None,
+            };
+            let security = plan.cli_security(actor);
+            let host = broker_only(plan, &kinds).await?;
+            let result = host
+                .queues()
+                .publish(&security, &queue_id, Value::from(body), headers)
+                .await;
+            host.shutdown().await;
+            let message_id = result.map_err(|e| e.to_string())?;
+            println!("published {message_id} to {queue_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { queue_id, config } => {
+            let (plan, kinds) = plan(&config, false)?;
+            let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
+            refuse_in_memory(&plan, &id)?;
+            let host = broker_only(plan, &kinds).await?;
+            let info = host.queues().info(&queue_id).await;
+            host.shutdown().await;
+            let info = info.map_err(|e| e.to_string())?;
+            let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+            println!(
+                "{queue_id}: message_count={} ready={} in_flight={} delayed={} consumer_count={}",
+                info.message_count(),
+                show(info.ready),
+                show(info.in_flight),
+                show(info.delayed),
+                show(info.consumers)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn refuse_in_memory(plan: &Plan, id: &queue_core::QueueId) -> Result<(), String> {
+    if plan.queue(id).is_none() {
+        return Err(format!("queue {id} is not declared in this configuration"));
+    }
+    if plan.is_in_memory(id) {
+        return Err(format!(
+            "queue {id} lives on the embedded memory driver: it exists only inside a running `queue-runtime run`; publish from a process.lua there, or declare a broker driver"
+        ));
+    }
+    Ok(())
+}
+
+/// Starts only the drivers and queues (no consumers, no processes) for a one-off command.
+async fn broker_only(mut plan: Plan, kinds: &DriverKinds) -> Result<Host, String> {
+    plan.consumers.clear();
+    plan.processes.clear();
+    Host::start(plan, kinds, HostOptions { lua_threads: 1 })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn pairs(items: &[String]) -> Result<Vec<(String, String)>, String> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("{item:?} is not key=value"))
+        })
+        .collect()
+}
+
+fn parse_headers(items: &[String]) -> Result<Headers, String> {
+    let mut headers = Headers::new();
+    for (k, v) in pairs(items)? {
+        let value = if let Ok(i) = v.parse::<i64>() {
+            HeaderValue::Int(i)
+        } else if let Ok(f) = v.parse::<f64>() {
+            HeaderValue::Float(f)
+        } else if let Ok(b) = v.parse::<bool>() {
+            HeaderValue::Bool(b)
+        } else {
+            HeaderValue::String(v)
+        };
+        headers.insert(k, value);
+    }
+    Ok(headers)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return "never";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

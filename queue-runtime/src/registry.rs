@@ -1,0 +1,474 @@
+//! From entries to a plan: which drivers, queues (with their dead-letter queues),
+//! consumers and processes to start, with every reference resolved and every source
+//! checked. Building the plan touches no broker, so `check` and `run` share it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_core::security::{Actor, Effect, Pattern, Policy, RulePolicy, SecurityContext};
+use queue_core::{DriverFactory, PublishSettings, QueueId, QueueSpec, Queues};
+
+use crate::config::Config;
+use crate::config::{
+    ConfigError, ConfigErrors, DeadLetterConfig, EffectName, Entry, EntryKind, EntrySecurity,
+    QueueEntry, RetryConfig,
+};
+
+/// The name of the embedded memory driver used when a configuration declares none.
+pub const EMBEDDED_DRIVER: &str = "embedded:memory";
+
+/// The driver kinds the runtime knows: one factory per `queue.driver.<name>`.
+#[derive(Clone, Default)]
+pub struct DriverKinds {
+    factories: BTreeMap<&'static str, Arc<dyn DriverFactory>>,
+}
+
+impl DriverKinds {
+    /// Every driver this build ships. Adding a driver is one line here.
+    pub fn builtin() -> Self {
+        let mut kinds = DriverKinds::default();
+        kinds.register(Arc::new(queue_core::MemoryDriverFactory));
+        kinds
+    }
+
+    /// Registers a factory under its kind.
+    pub fn register(&mut self, factory: Arc<dyn DriverFactory>) {
+        self.factories.insert(factory.kind(), factory);
+    }
+
+    /// The factory of a kind.
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn DriverFactory>> {
+        self.factories.get(kind)
+    }
+
+    /// The known kinds, for messages.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.factories.keys().copied().collect()
+    }
+}
+
+/// A driver to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverPlan {
+    /// Entry id (or [`EMBEDDED_DRIVER`]).
+    pub id: String,
+    /// `queue.driver.*`.
+    pub kind: String,
+    /// Fields for the factory.
+    pub config: serde_json::Value,
+}
+
+/// How failures of a queue's messages are retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Deliveries before dead-lettering.
+    pub max_attempts: u32,
+    /// First wait.
+    pub initial: Duration,
+    /// Growth per attempt.
+    pub multiplier: f64,
+    /// Longest wait.
+    pub max: Duration,
+    /// Whether waits are shortened at random by up to 20%.
+    pub jitter: bool,
+}
+
+impl From<&RetryConfig> for RetryPolicy {
+    fn from(r: &RetryConfig) -> Self {
+        RetryPolicy {
+            max_attempts: r.max_attempts,
+            initial: r.backoff.initial,
+            multiplier: r.backoff.multiplier,
+            max: r.backoff.max,
+            jitter: r.backoff.jitter,
+        }
+    }
+}
+
+/// A queue to declare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuePlan {
+    /// Declaration.
+    pub spec: QueueSpec,
+    /// Codec and size limit.
+    pub settings: PublishSettings,
+    /// Driver id.
+    pub driver: String,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Where exhausted messages go (`None`: dropped, logged and counted).
+    pub dead_letter: Option<QueueId>,
+}
+
+/// A consumer to start.
+#[derive(Debug, Clone)]
+pub struct ConsumerPlan {
+    /// Entry id.
+    pub id: String,
+    /// The queue it reads.
+    pub queue: QueueId,
+    /// The Lua file.
+    pub source: PathBuf,
+    /// The handler function.
+    pub method: String,
+    /// Handlers at once.
+    pub concurrency: u32,
+    /// Unsettled deliveries held.
+    pub prefetch: u32,
+    /// Shutdown wait.
+    pub stop_timeout: Duration,
+    /// Actor and policies.
+    pub security: SecurityContext,
+}
+
+/// A process to run at start.
+#[derive(Debug, Clone)]
+pub struct ProcessPlan {
+    /// Entry id.
+    pub id: String,
+    /// The Lua file.
+    pub source: PathBuf,
+    /// The function.
+    pub method: String,
+    /// Coroutines running it.
+    pub instances: u32,
+    /// Actor and policies.
+    pub security: SecurityContext,
+}
+
+/// Everything to start, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Drivers.
+    pub drivers: Vec<DriverPlan>,
+    /// Queues, dead-letter queues included.
+    pub queues: Vec<QueuePlan>,
+    /// Consumers.
+    pub consumers: Vec<ConsumerPlan>,
+    /// Processes.
+    pub processes: Vec<ProcessPlan>,
+    /// Strict mode.
+    pub strict: bool,
+}
+
+impl Plan {
+    /// The queue plan of an id.
+    pub fn queue(&self, id: &QueueId) -> Option<&QueuePlan> {
+        self.queues.iter().find(|q| &q.spec.id == id)
+    }
+
+    /// Whether this queue lives on the embedded or a declared memory driver.
+    pub fn is_in_memory(&self, id: &QueueId) -> bool {
+        self.queue(id)
+            .and_then(|q| self.drivers.iter().find(|d| d.id == q.driver))
+            .is_some_and(|d| d.kind == "queue.driver.memory")
+    }
+
+    /// The security context of a process started from the command line.
+    pub fn cli_security(&self, actor: Option<Actor>) -> SecurityContext {
+        SecurityContext::new(actor, Vec::new(), self.strict)
+    }
+}
+
+/// Resolves and checks a configuration. `strict` is the `--strict` flag.
+pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, ConfigErrors> {
+    let strict = strict || config.strict_mode;
+    let mut errors = Vec::new();
+    let mut plan = Plan {
+        drivers: Vec::new(),
+        queues: Vec::new(),
+        consumers: Vec::new(),
+        processes: Vec::new(),
+        strict,
+    };
+
+    for entry in &config.entries {
+        if let EntryKind::Driver { kind, config } = &entry.kind {
+            match kinds.get(kind) {
+                None => errors.push(entry.error(
+                    Some("kind"),
+                    format!(
+                        "unknown driver kind {kind:?}: this build knows {}",
+                        kinds.names().join(", ")
+                    ),
+                )),
+                Some(factory) => match factory.validate(config) {
+                    Ok(()) => plan.drivers.push(DriverPlan {
+                        id: entry.id.clone(),
+                        kind: kind.clone(),
+                        config: config.clone(),
+                    }),
+                    Err(e) => errors.push(driver_error(entry, e.message())),
+                },
+            }
+        }
+    }
+    let default_driver = match plan.drivers.len() {
+        0 => {
+            plan.drivers.push(DriverPlan {
+                id: EMBEDDED_DRIVER.to_string(),
+                kind: "queue.driver.memory".to_string(),
+                config: serde_json::json!({}),
+            });
+            Some(EMBEDDED_DRIVER.to_string())
+        }
+        1 => Some(plan.drivers[0].id.clone()),
+        _ => None,
+    };
+
+    for entry in &config.entries {
+        if let EntryKind::Queue(q) = &entry.kind {
+            match queue_plan(entry, q, &plan, default_driver.as_deref()) {
+                Ok(mut plans) => plan.queues.append(&mut plans),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    // Dead-letter targets that no entry declares are declared like their source queue.
+    let mut implicit = Vec::new();
+    for q in &plan.queues {
+        if let Some(dlq) = &q.dead_letter
+            && plan.queue(dlq).is_none()
+            && !implicit.iter().any(|p: &QueuePlan| &p.spec.id == dlq)
+        {
+            implicit.push(QueuePlan {
+                spec: QueueSpec::new(dlq.clone())
+                    .with_name(format!("{}.dlq", q.spec.name))
+                    .with_durable(q.spec.durable),
+                settings: q.settings,
+                driver: q.driver.clone(),
+                retry: q.retry.clone(),
+                dead_letter: None,
+            });
+        }
+    }
+    plan.queues.append(&mut implicit);
+
+    for entry in &config.entries {
+        match &entry.kind {
+            EntryKind::Consumer(c) => {
+                let queue = entry.resolve(&c.queue);
+                let queue = match QueueId::parse(&queue) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        errors.push(entry.error(Some("queue"), e.message()));
+                        continue;
+                    }
+                };
+                if plan.queue(&queue).is_none() {
+                    match &default_driver {
+                        Some(driver) => plan.queues.push(default_queue(queue.clone(), driver)),
+                        None => {
+                            errors.push(entry.error(
+                                Some("queue"),
+                                format!("{queue} is not declared and several drivers are: declare it with a queue.queue entry naming its driver"),
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                let (source, method) = match (&c.func, &c.source, &c.method) {
+                    (Some(func), _, _) => {
+                        match config.get(&entry.resolve(func)).map(|f| (f, &f.kind)) {
+                            Some((f, EntryKind::Function(func))) => {
+                                (f.path(&func.source), func.method.clone())
+                            }
+                            _ => {
+                                errors.push(entry.error(
+                                    Some("func"),
+                                    format!("{} is not a function.lua entry", entry.resolve(func)),
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                    (None, Some(source), Some(method)) => (entry.path(source), method.clone()),
+                    _ => continue, // refused while parsing
+                };
+                let security = match security(config, entry, &c.security, strict) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
+                plan.consumers.push(ConsumerPlan {
+                    id: entry.id.clone(),
+                    queue,
+                    source,
+                    method,
+                    concurrency: c.concurrency,
+                    prefetch: c.prefetch,
+                    stop_timeout: c.stop_timeout,
+                    security,
+                });
+            }
+            EntryKind::Process(p) => match security(config, entry, &p.security, strict) {
+                Ok(security) => plan.processes.push(ProcessPlan {
+                    id: entry.id.clone(),
+                    source: entry.path(&p.source),
+                    method: p.method.clone(),
+                    instances: p.instances,
+                    security,
+                }),
+                Err(e) => errors.push(e),
+            },
+            _ => {}
+        }
+    }
+
+    for (id, source, method) in plan
+        .consumers
+        .iter()
+        .map(|c| (&c.id, &c.source, &c.method))
+        .chain(plan.processes.iter().map(|p| (&p.id, &p.source, &p.method)))
+    {
+        if let Err(message) = check_source(source, method) {
+            let entry = config.get(id).expect("plans come from entries");
+            errors.push(entry.error(Some("source"), message));
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(plan)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn driver_error(entry: &Entry, message: &str) -> ConfigError {
+    let field = message
+        .split('`')
+        .nth(1)
+        .filter(|f| entry.field_lines.contains_key(*f) || message.contains("unknown field"))
+        .map(str::to_string);
+    let message = message
+        .strip_prefix(&format!("{}: ", entry.kind.name()))
+        .unwrap_or(message);
+    entry.error(field.as_deref(), message)
+}
+
+fn default_queue(id: QueueId, driver: &str) -> QueuePlan {
+    let retry = RetryPolicy::from(&RetryConfig::default());
+    let dead_letter = QueueId::parse(&format!("{id}.dlq")).ok();
+    QueuePlan {
+        spec: QueueSpec::new(id),
+        settings: PublishSettings::default(),
+        driver: driver.to_string(),
+        retry,
+        dead_letter,
+    }
+}
+
+fn queue_plan(
+    entry: &Entry,
+    q: &QueueEntry,
+    plan: &Plan,
+    default_driver: Option<&str>,
+) -> Result<Vec<QueuePlan>, ConfigError> {
+    let id = QueueId::parse(&entry.id).map_err(|e| entry.error(Some("name"), e.message()))?;
+    let driver = match (&q.driver, default_driver) {
+        (Some(d), _) => {
+            let d = entry.resolve(d);
+            if !plan.drivers.iter().any(|p| p.id == d) {
+                return Err(entry.error(Some("driver"), format!("{d} is not a declared driver")));
+            }
+            d
+        }
+        (None, Some(d)) => d.to_string(),
+        (None, None) => {
+            return Err(entry.error(
+                Some("driver"),
+                "several drivers are declared: name the one this queue lives on",
+            ));
+        }
+    };
+    let mut spec = QueueSpec::new(id.clone()).with_durable(q.durable);
+    if let Some(name) = &q.queue_name {
+        spec = spec.with_name(name);
+    }
+    spec.max_length = q.max_length;
+    spec.max_priority = q.max_priority;
+    spec.message_ttl = q.message_ttl;
+    let dead_letter = match &q.dead_letter {
+        None | Some(DeadLetterConfig::Enabled(true)) => Some(format!("{id}.dlq")),
+        Some(DeadLetterConfig::Enabled(false)) => None,
+        Some(DeadLetterConfig::Queue(other)) => Some(entry.resolve(other)),
+    }
+    .map(|d| QueueId::parse(&d).map_err(|e| entry.error(Some("dead_letter"), e.message())))
+    .transpose()?;
+    if dead_letter.as_ref() == Some(&id) {
+        return Err(entry.error(
+            Some("dead_letter"),
+            "a queue cannot be its own dead-letter queue",
+        ));
+    }
+    Ok(vec![QueuePlan {
+        spec,
+        settings: PublishSettings {
+            codec: q.codec.into(),
+            max_message_bytes: q.max_message_bytes,
+        },
+        driver,
+        retry: RetryPolicy::from(&q.retry),
+        dead_letter,
+    }])
+}
+
+fn security(
+    config: &Config,
+    entry: &Entry,
+    s: &EntrySecurity,
+    strict: bool,
+) -> Result<SecurityContext, ConfigError> {
+    let mut policies: Vec<Arc<dyn Policy>> = Vec::new();
+    for reference in &s.policies {
+        let id = entry.resolve(reference);
+        match config.get(&id).map(|e| &e.kind) {
+            Some(EntryKind::Policy(p)) => {
+                let rule = RulePolicy {
+                    actions: p
+                        .actions
+                        .to_vec()
+                        .iter()
+                        .map(|a| Pattern::parse(a))
+                        .collect(),
+                    resources: p.resources.as_ref().map_or_else(
+                        || vec![Pattern::Any],
+                        |r| r.to_vec().iter().map(|a| Pattern::parse(a)).collect(),
+                    ),
+                    effect: match p.effect {
+                        EffectName::Allow => Effect::Allow,
+                        EffectName::Deny => Effect::Deny,
+                    },
+                    conditions: p.conditions.clone(),
+                };
+                policies.push(Arc::new(rule));
+            }
+            _ => {
+                return Err(entry.error(
+                    Some("security"),
+                    format!("{id} is not a security.policy entry"),
+                ));
+            }
+        }
+    }
+    let actor = s.actor.as_ref().map(|a| Actor {
+        id: a.id.clone(),
+        meta: a.meta.clone(),
+    });
+    Ok(SecurityContext::new(actor, policies, strict))
+}
+
+/// Loads the source in a scratch Lua state and finds the method: catches unreadable
+/// files, syntax errors and missing functions before anything starts.
+fn check_source(path: &std::path::Path, method: &str) -> Result<(), String> {
+    queue_lua::check_syntax(path).map_err(|e| e.message().to_string())?;
+    let host = queue_lua::LuaHost::new(Queues::new(), SecurityContext::default())
+        .map_err(|e| e.message().to_string())?;
+    host.handler(path, method)
+        .map(|_| ())
+        .map_err(|e| e.message().to_string())
+}
