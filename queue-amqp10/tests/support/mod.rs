@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub mod proton;
+
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 
 /// The main RabbitMQ node (AMQP 1.0 plugin) the CI starts.

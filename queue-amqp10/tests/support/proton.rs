@@ -1,0 +1,74 @@
+//! Starts the test broker on Qpid Proton (`proton_broker.py`) on a free port, and
+//! stops it when the guard is dropped (also when a test fails).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// Debian's python with `python3-qpid-proton`; `python3` on PATH may be another one.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// A running broker; killed on drop.
+pub struct ProtonBroker {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl ProtonBroker {
+    /// The broker's URL (ANONYMOUS login).
+    pub fn url(&self) -> String {
+        format!("amqp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a broker, or explains why it cannot (no python, no proton module).
+    pub fn start() -> Result<ProtonBroker, String> {
+        let has_proton = Command::new(PYTHON)
+            .args(["-c", "import proton"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !has_proton {
+            return Err(format!(
+                "{PYTHON} cannot import proton (install Debian's python3-qpid-proton)"
+            ));
+        }
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            listener.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/proton_broker.py"
+        );
+        let child = Command::new(PYTHON)
+            .arg(script)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {script}: {e}"))?;
+        let mut broker = ProtonBroker { child, port };
+        // The broker prints "ready" once it listens.
+        let Some(stdout) = broker.child.stdout.take() else {
+            return Err("no stdout from the broker".into());
+        };
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        // Python and proton are there (checked above): a broker that does not come up
+        // is a failure, not a skip.
+        assert!(
+            read.is_ok() && line.trim() == "ready",
+            "the proton test broker did not start (printed {line:?})"
+        );
+        Ok(broker)
+    }
+}
+
+impl Drop for ProtonBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
