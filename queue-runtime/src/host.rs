@@ -93,7 +93,7 @@ impl Host {
                 .create(d.config.clone())
                 .await
                 .map_err(|e| e.context(format!("driver {}", d.id)))?;
-            drivers.insert(d.id.clone(), Metered::new(driver));
+            drivers.insert(d.id.clone(), Metered::layer(driver));
         }
         let driver_of = |id: &str| -> Result<Arc<dyn Driver>> {
             drivers

@@ -99,7 +99,7 @@ pub struct Metered {
 
 impl Metered {
     /// Wraps a driver.
-    pub fn new(inner: Arc<dyn Driver>) -> Arc<dyn Driver> {
+    pub fn layer(inner: Arc<dyn Driver>) -> Arc<dyn Driver> {
         Arc::new(Metered { inner })
     }
 }

@@ -226,26 +226,10 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
             }
         }
     }
-    // Dead-letter targets that no entry declares are declared like their source queue.
-    let mut implicit = Vec::new();
-    for q in &plan.queues {
-        if let Some(dlq) = &q.dead_letter
-            && plan.queue(dlq).is_none()
-            && !implicit.iter().any(|p: &QueuePlan| &p.spec.id == dlq)
-        {
-            implicit.push(QueuePlan {
-                spec: QueueSpec::new(dlq.clone())
-                    .with_name(format!("{}.dlq", q.spec.name))
-                    .with_durable(q.spec.durable),
-                settings: q.settings,
-                driver: q.driver.clone(),
-                retry: q.retry.clone(),
-                dead_letter: None,
-            });
-        }
-    }
-    plan.queues.append(&mut implicit);
 
+    // Before consumers, so a consumer can read a dead-letter queue; again after, for the
+    // queues that only consumers name.
+    add_implicit_dead_letter_queues(&mut plan);
     for entry in &config.entries {
         match &entry.kind {
             EntryKind::Consumer(c) => {
@@ -319,6 +303,8 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         }
     }
 
+    add_implicit_dead_letter_queues(&mut plan);
+
     for (id, source, method) in plan
         .consumers
         .iter()
@@ -336,6 +322,29 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Dead-letter targets that no entry declares are declared like their source queue,
+/// on the same driver, with the broker name `<name>.dlq`.
+fn add_implicit_dead_letter_queues(plan: &mut Plan) {
+    let mut implicit: Vec<QueuePlan> = Vec::new();
+    for q in &plan.queues {
+        if let Some(dlq) = &q.dead_letter
+            && plan.queue(dlq).is_none()
+            && !implicit.iter().any(|p| &p.spec.id == dlq)
+        {
+            implicit.push(QueuePlan {
+                spec: QueueSpec::new(dlq.clone())
+                    .with_name(format!("{}.dlq", q.spec.name))
+                    .with_durable(q.spec.durable),
+                settings: q.settings,
+                driver: q.driver.clone(),
+                retry: q.retry.clone(),
+                dead_letter: None,
+            });
+        }
+    }
+    plan.queues.append(&mut implicit);
 }
 
 fn driver_error(entry: &Entry, message: &str) -> ConfigError {
@@ -471,4 +480,24 @@ fn check_source(path: &std::path::Path, method: &str) -> Result<(), String> {
     host.handler(path, method)
         .map(|_| ())
         .map_err(|e| e.message().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_queues_are_declared_once_for_declared_and_implied_queues() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/quickstart/app.yaml");
+        let config = crate::config::load(&[root]).unwrap();
+        let plan = plan(&config, &DriverKinds::builtin(), false).unwrap();
+        let ids: Vec<&str> = plan.queues.iter().map(|q| q.spec.id.as_str()).collect();
+        assert_eq!(ids, vec!["app:emails", "app:emails.dlq"]);
+        assert_eq!(plan.queues[1].dead_letter, None);
+        assert_eq!(
+            plan.queues[0].dead_letter.as_ref().map(|q| q.as_str()),
+            Some("app:emails.dlq")
+        );
+    }
 }

@@ -1,0 +1,405 @@
+//! The real binary: configuration errors, the quickstart, shutdown under load,
+//! retries and dead letters, permissions, metrics.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const HANDLER: &str = "function handle(payload) end\n";
+
+#[test]
+fn check_names_file_line_and_field() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n    concurrency: 5000\n",
+        ),
+        ("h.lua", HANDLER),
+    ]);
+    let out = run(&["check", "app.yaml"], dir.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("app.yaml:8: field `concurrency`: 5000 is out of range 1..=1000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_finds_every_kind_of_mistake_before_starting() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: a\n    kind: queue.consumer\n    queue: tasks\n    source: broken.lua\n    method: handle\n  - name: b\n    kind: queue.consumer\n    queue: tasks\n    source: missing.lua\n    method: handle\n  - name: c\n    kind: queue.consumer\n    queue: tasks\n    func: nowhere\n  - name: d\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: not_there\n  - name: e\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n    security:\n      policies: [no_such_policy]\n  - name: q\n    kind: queue.queue\n    driver: ghost\n",
+        ),
+        ("broken.lua", "function handle(payload)\n  if then\nend\n"),
+        ("h.lua", HANDLER),
+    ]);
+    let out = run(&["check", "app.yaml"], dir.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for expected in [
+        "app.yaml:6: field `source`: Lua syntax error",
+        "broken.lua:2",
+        "app.yaml:11: field `source`: cannot read Lua source",
+        "app.yaml:16: field `func`: app:nowhere is not a function.lua entry",
+        "app.yaml:20: field `source`",
+        "no function \"not_there\"",
+        "field `security`: app:no_such_policy is not a security.policy entry",
+        "app.yaml:31: field `driver`: app:ghost is not a declared driver",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_configuration_before_starting_anything() {
+    let dir = app(&[(
+        "app.yaml",
+        "namespace: app\nentries:\n  - name: x\n    kind: queue.queue\n    colour: red\n",
+    )]);
+    let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("app.yaml:5: field `colour`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stderr).contains("runtime started"));
+}
+
+#[test]
+fn the_quickstart_retries_dead_letters_and_exits_when_idle() {
+    let root = workspace_root();
+    let out = run(
+        &[
+            "run",
+            "--exit-when-idle",
+            "--log-format",
+            "json",
+            "examples/quickstart/app.yaml",
+        ],
+        &root,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs = json_logs(&out.stderr);
+
+    let sent: Vec<_> = lua_logs(&logs, "Sent")
+        .into_iter()
+        .map(|f| f["to"].as_str().unwrap_or("").to_string())
+        .collect();
+    for to in ["ada@example.com", "grace@example.com", "flaky@example.com"] {
+        assert_eq!(
+            sent.iter().filter(|s| *s == to).count(),
+            1,
+            "{to} sent once: {sent:?}"
+        );
+    }
+
+    // The poison message: exactly max_attempts handler calls, spaced by the backoff.
+    let bounce: Vec<_> = lua_logs(&logs, "Processing")
+        .into_iter()
+        .filter(|f| f["to"] == "bounce@example.com")
+        .collect();
+    let attempts: Vec<i64> = bounce
+        .iter()
+        .map(|f| f["attempt"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3], "no spinning: one call per attempt");
+    let times: Vec<f64> = bounce
+        .iter()
+        .map(|f| seconds(f["timestamp"].as_str().unwrap_or("")))
+        .collect();
+    assert!(
+        times[1] - times[0] >= 0.19,
+        "first backoff 200ms: {times:?}"
+    );
+    assert!(
+        times[2] - times[1] >= 0.39,
+        "second backoff 400ms: {times:?}"
+    );
+
+    let dead = lua_logs(&logs, "Dead letter");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["from"], "app:emails");
+    assert_eq!(dead[0]["attempts"], 3);
+    assert_eq!(dead[0]["reason"], "Unavailable: mailbox unavailable");
+
+    let summary = summary(&out.stdout);
+    assert!(
+        summary.contains(&("app:emails".into(), "7".into(), "0".into(), "0".into())),
+        "{summary:?}"
+    );
+    assert!(
+        summary.contains(&("app:emails.dlq".into(), "1".into(), "0".into(), "0".into())),
+        "{summary:?}"
+    );
+}
+
+/// Seconds of the day from an RFC 3339 timestamp (enough to compare within a run).
+fn seconds(ts: &str) -> f64 {
+    let time = ts
+        .split('T')
+        .nth(1)
+        .unwrap_or("0:0:0")
+        .trim_end_matches('Z');
+    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap_or(0.0)).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+const LOAD_APP: &str = r#"namespace: app
+entries:
+  - name: load
+    kind: queue.queue
+  - name: worker
+    kind: queue.consumer
+    queue: load
+    source: handlers.lua
+    method: handle
+    concurrency: 4
+    prefetch: 50
+    stop_timeout: 5s
+  - name: producer
+    kind: process.lua
+    source: handlers.lua
+    method: produce
+"#;
+
+const LOAD_HANDLERS: &str = r#"
+function produce()
+  for i = 1, 10000 do
+    local ok, err = queue.publish("app:load", { n = i })
+    if err then error(err) end
+  end
+end
+
+function handle(payload)
+  -- some work, so SIGTERM lands while the queue is still being drained
+  local x = 0
+  for i = 1, 20000 do x = x + i end
+end
+"#;
+
+#[test]
+fn sigterm_under_load_acks_or_returns_every_message() {
+    let dir = app(&[("app.yaml", LOAD_APP), ("handlers.lua", LOAD_HANDLERS)]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn(&["run", "--metrics-addr", &addr, "app.yaml"], dir.path());
+    wait_for_metrics(port, "all 10,000 published and some acked", |m| {
+        metric(m, "queue_published_total{queue=\"app:load\"}") == Some(10000.0)
+            && metric(m, "queue_acked_total{queue=\"app:load\"}").unwrap_or(0.0) >= 100.0
+    });
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "exit code {:?}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    let summary = summary(&out.stdout);
+    assert_eq!(summary.len(), 1, "{}", text(&out.stdout));
+    let (queue, acked, ready, in_flight) = &summary[0];
+    assert_eq!(queue, "app:load");
+    let acked: u64 = acked.parse().unwrap();
+    let ready: u64 = ready.parse().unwrap();
+    assert_eq!(in_flight, "0", "nothing left unsettled");
+    assert_eq!(acked + ready, 10_000, "acked {acked} + ready {ready}");
+    assert!(ready > 0, "SIGTERM came in the middle of the load");
+}
+
+#[test]
+fn a_handler_cannot_publish_where_its_consumers_policies_deny() {
+    let yaml = r#"namespace: app
+entries:
+  - name: allow_app
+    kind: security.policy
+    actions: "queue.*"
+    resources: "app:*"
+    effect: allow
+  - name: deny_secret
+    kind: security.policy
+    actions: queue.publish.queue
+    resources: app:secret
+    effect: deny
+  - name: secret
+    kind: queue.queue
+  - name: jobs
+    kind: queue.queue
+  - name: worker
+    kind: queue.consumer
+    queue: jobs
+    source: h.lua
+    method: handle
+    security:
+      actor: { id: worker, meta: { role: worker } }
+      policies: [allow_app, deny_secret]
+  - name: secret_reader
+    kind: queue.consumer
+    queue: secret
+    source: h.lua
+    method: handle
+  - name: producer
+    kind: process.lua
+    source: h.lua
+    method: produce
+"#;
+    let lua = r#"
+function produce() assert(queue.publish("app:jobs", { go = true })) end
+function handle(payload)
+  if payload.go then
+    local ok, err = queue.publish("app:secret", { leaked = true })
+    logger:info("publish result", { kind = err and err:kind() or "none", message = err and err:message() or "" })
+    local ok2, err2 = queue.publish("app:other", { fine = true })
+    logger:info("other result", { kind = err2 and err2:kind() or "none" })
+  end
+end
+"#;
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let out = run(
+        &[
+            "run",
+            "--exit-when-idle",
+            "--log-format",
+            "json",
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs = json_logs(&out.stderr);
+    let denied = lua_logs(&logs, "publish result");
+    assert_eq!(denied[0]["kind"], "PermissionDenied", "{denied:?}");
+    assert!(
+        denied[0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("app:secret")
+    );
+    // Allowed by policy, then NOT_FOUND: the permission checks come first.
+    assert_eq!(lua_logs(&logs, "other result")[0]["kind"], "NotFound");
+    let summary = summary(&out.stdout);
+    assert!(
+        summary.contains(&("app:secret".into(), "0".into(), "0".into(), "0".into())),
+        "nothing reached app:secret: {summary:?}"
+    );
+}
+
+#[test]
+fn strict_mode_denies_a_handler_without_policies() {
+    let yaml = "namespace: app\nsecurity:\n  strict_mode: true\nentries:\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n  - name: q\n    kind: queue.queue\n";
+    let lua = "function produce()\n  local ok, err = queue.publish('app:q', { a = 1 })\n  logger:info('result', { kind = err and err:kind() or 'none' })\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let out = run(
+        &[
+            "run",
+            "--exit-when-idle",
+            "--log-format",
+            "json",
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        lua_logs(&json_logs(&out.stderr), "result")[0]["kind"],
+        "PermissionDenied"
+    );
+}
+
+#[test]
+fn metrics_and_health_report_known_traffic() {
+    let yaml = "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    concurrency: 1000\n    prefetch: 1000\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n";
+    let lua = "function produce() for i = 1, 5 do assert(queue.publish('app:jobs', { n = i })) end end\nfunction handle(p) if p.n == 5 then return false end end\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn(
+        &[
+            "run",
+            "--lua-threads",
+            "2",
+            "--metrics-addr",
+            &addr,
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    let m = wait_for_metrics(port, "5 handled", |m| {
+        metric(m, "queue_acked_total{queue=\"app:jobs\"}") == Some(4.0)
+            && metric(m, "queue_retried_total{queue=\"app:jobs\"}") == Some(1.0)
+    });
+    assert_eq!(
+        metric(&m, "queue_published_total{queue=\"app:jobs\"}"),
+        Some(6.0),
+        "5 + 1 retry copy\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "queue_delivered_total{queue=\"app:jobs\"}"),
+        Some(5.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "queue_nacked_total{queue=\"app:jobs\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "queue_lua_states"),
+        Some(2.0),
+        "concurrency 1000 on 2 Lua states\n{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "queue_handler_duration_seconds_count{queue=\"app:jobs\"}"
+        ),
+        Some(5.0),
+        "{m}"
+    );
+    assert_eq!(
+        http_get(port, "/health").as_deref(),
+        Some("{\"status\":\"ok\"}\n")
+    );
+    signal(&child, "INT");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn publish_and_info_explain_the_memory_driver() {
+    let dir = app(&[(
+        "app.yaml",
+        "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n",
+    )]);
+    for args in [
+        vec!["publish", "app:q", "{\"a\":1}", "--config", "app.yaml"],
+        vec!["info", "app:q", "--config", "app.yaml"],
+    ] {
+        let out = run(&args, dir.path());
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("embedded memory driver") && err.contains("queue-runtime run"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_process_is_logged_with_its_traceback_and_fails_an_idle_run() {
+    let yaml = "namespace: app\nentries:\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+    let lua =
+        "local function inner()\n  error('the producer broke')\nend\nfunction main() inner() end\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the producer broke") && err.contains("h.lua:2") && err.contains("traceback"),
+        "{err}"
+    );
+}

@@ -1,0 +1,154 @@
+//! Helpers for tests that run the real `queue-runtime` binary.
+
+#![allow(dead_code)] // each test file uses part of it
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn binary() -> Command {
+    Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
+}
+
+/// A directory with the given files.
+pub fn app(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    }
+    dir
+}
+
+pub fn run(args: &[&str], dir: &Path) -> Output {
+    binary().args(args).current_dir(dir).output().expect("runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The JSON log lines of a run with `--log-format json`.
+pub fn json_logs(stderr: &[u8]) -> Vec<serde_json::Value> {
+    text(stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Log lines written by Lua's `logger` with this message, with their fields decoded.
+pub fn lua_logs(logs: &[serde_json::Value], message: &str) -> Vec<serde_json::Value> {
+    logs.iter()
+        .filter(|l| l["target"] == "lua" && l["fields"]["message"] == message)
+        .map(|l| {
+            let fields = l["fields"]["fields"].as_str().unwrap_or("{}");
+            let mut v: serde_json::Value = serde_json::from_str(fields).unwrap_or_default();
+            v["timestamp"] = l["timestamp"].clone();
+            v
+        })
+        .collect()
+}
+
+/// The `summary:` lines as (queue, acked, ready, in_flight).
+pub fn summary(stdout: &[u8]) -> Vec<(String, String, String, String)> {
+    text(stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("summary: "))
+        .map(|l| {
+            let get = |key: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (get("queue"), get("acked"), get("ready"), get("in_flight"))
+        })
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GETs a path from the runtime's metrics server; `None` while it is not up.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// The value of a metric line (`name{labels} value`) whose text starts with `prefix`.
+pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls the metrics endpoint until `done` holds (bounded: fails after 60 s).
+pub fn wait_for_metrics(port: u16, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(body) = http_get(port, "/metrics")
+            && done(&body)
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn spawn(args: &[&str], dir: &Path) -> Child {
+    binary()
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns")
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Waits for the child to exit (bounded), killing it if it does not.
+pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "runtime did not exit within {limit:?}; stderr:\n{}",
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
