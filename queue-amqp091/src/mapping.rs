@@ -178,11 +178,11 @@ pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>) -> Message {
         .expiration()
         .as_ref()
         .and_then(|e| e.as_str().parse::<i64>().ok());
-    drop(fill);
-    if !headers.contains(names::EXPIRATION) && !headers.contains(names::TTL) {
-        if let Some(ms) = ms {
-            headers.insert(names::EXPIRATION, HeaderValue::Int(ms));
-        }
+    if let Some(ms) = ms
+        && !headers.contains(names::EXPIRATION)
+        && !headers.contains(names::TTL)
+    {
+        headers.insert(names::EXPIRATION, HeaderValue::Int(ms));
     }
     let id = props
         .message_id()

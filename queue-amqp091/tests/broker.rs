@@ -7,13 +7,20 @@ mod common;
 use std::error::Error as _;
 use std::time::Duration;
 
-use lapin::options::{QueueDeleteOptions, QueueDeclareOptions};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use queue_amqp091::{AmqpConfig, AmqpDriver};
-use queue_core::{Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value};
+use queue_core::{
+    Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value,
+};
 
 fn numbered(n: i64) -> Message {
-    Message::encode(&Value::map([("n", Value::Int(n))]), Headers::new(), Codec::Json).unwrap()
+    Message::encode(
+        &Value::map([("n", Value::Int(n))]),
+        Headers::new(),
+        Codec::Json,
+    )
+    .unwrap()
 }
 
 /// Every rendering of an error, source chain included.
@@ -70,17 +77,25 @@ async fn refused_port_fails_retryable_without_showing_the_password() {
     let err = AmqpDriver::connect(config).await.unwrap_err();
     let said = everything_said(&err);
     assert!(!said.contains(secret), "password leaked: {said}");
-    assert!(said.contains(&format!("app:***@127.0.0.1:{port}")), "{said}");
+    assert!(
+        said.contains(&format!("app:***@127.0.0.1:{port}")),
+        "{said}"
+    );
     assert_eq!(err.kind(), ErrorKind::Internal, "{said}");
     assert!(err.retryable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
-    let Some(driver) = common::rabbit().await else { return };
+    let Some(driver) = common::rabbit().await else {
+        return;
+    };
     let name = common::unique("full");
     let id = QueueId::new("test", &name).unwrap();
-    let spec = QueueSpec::new(id.clone()).with_name(&name).with_durable(false).with_max_length(3);
+    let spec = QueueSpec::new(id.clone())
+        .with_name(&name)
+        .with_durable(false)
+        .with_max_length(3);
     driver.declare(&spec).await.unwrap();
     for n in 0..3 {
         driver.publish(&id, numbered(n)).await.unwrap();
@@ -108,10 +123,14 @@ async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
-    let Some(driver) = common::rabbit().await else { return };
+    let Some(driver) = common::rabbit().await else {
+        return;
+    };
     let name = common::unique("redeclare");
     let id = QueueId::new("test", &name).unwrap();
-    let spec = QueueSpec::new(id.clone()).with_name(&name).with_durable(false);
+    let spec = QueueSpec::new(id.clone())
+        .with_name(&name)
+        .with_durable(false);
     driver.declare(&spec).await.unwrap();
     let err = driver
         .declare(&spec.clone().with_max_priority(5))
@@ -124,7 +143,10 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
     driver.publish(&id, numbered(1)).await.unwrap();
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
     let d = sub.next().await.unwrap().unwrap();
-    assert_eq!(d.message().decode().unwrap(), Value::map([("n", Value::Int(1))]));
+    assert_eq!(
+        d.message().decode().unwrap(),
+        Value::map([("n", Value::Int(1))])
+    );
     d.ack().await.unwrap();
     sub.cancel().await.unwrap();
     delete(&name).await;
@@ -133,20 +155,33 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
-    let Some(driver) = common::rabbit().await else { return };
+    let Some(driver) = common::rabbit().await else {
+        return;
+    };
     let name = common::unique("deleted");
     let id = QueueId::new("test", &name).unwrap();
     driver
-        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .declare(
+            &QueueSpec::new(id.clone())
+                .with_name(&name)
+                .with_durable(false),
+        )
         .await
         .unwrap();
     delete(&name).await;
     let err = driver.publish(&id, numbered(1)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert_eq!(driver.info(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        driver.info(&id).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     // Declaring again brings it back.
     driver
-        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .declare(
+            &QueueSpec::new(id.clone())
+                .with_name(&name)
+                .with_durable(false),
+        )
         .await
         .unwrap();
     driver.publish(&id, numbered(2)).await.unwrap();
@@ -156,11 +191,17 @@ async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
-    let Some(driver) = common::rabbit().await else { return };
+    let Some(driver) = common::rabbit().await else {
+        return;
+    };
     let name = common::unique("delay");
     let id = QueueId::new("test", &name).unwrap();
     driver
-        .declare(&QueueSpec::new(id.clone()).with_name(&name).with_durable(false))
+        .declare(
+            &QueueSpec::new(id.clone())
+                .with_name(&name)
+                .with_durable(false),
+        )
         .await
         .unwrap();
     let headers = Headers::from_pairs([
@@ -174,25 +215,41 @@ async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
     assert_eq!(info.delayed, Some(1), "{info:?}");
     assert_eq!(info.ready, Some(0), "{info:?}");
     // The delay queue exists with an expiry (a passive declare finds it).
-    let conn = lapin::Connection::connect(common::URL, Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(common::URL, Default::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
         format!("{name}.delay.700").as_str().into(),
-        QueueDeclareOptions { passive: true, ..Default::default() },
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await
     .unwrap();
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(700));
     assert_eq!(got.message().id, sent.id);
-    assert_eq!(got.message().headers, sent.headers, "x-death and friends stay hidden");
+    assert_eq!(
+        got.message().headers,
+        sent.headers,
+        "x-death and friends stay hidden"
+    );
     got.ack().await.unwrap();
     sub.cancel().await.unwrap();
-    ch.queue_delete(format!("{name}.delay.700").as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    ch.queue_delete(
+        format!("{name}.delay.700").as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
     delete(&name).await;
     driver.close().await.unwrap();
 }
@@ -206,7 +263,9 @@ async fn the_factory_validates_without_connecting_and_creates_a_driver() {
     factory
         .validate(&serde_json::json!({"url": "amqp://u:p@127.0.0.1:1/%2f", "confirm_window": 10}))
         .unwrap();
-    let err = factory.validate(&serde_json::json!({"url": "amqp://127.0.0.1", "bogus": 1})).unwrap_err();
+    let err = factory
+        .validate(&serde_json::json!({"url": "amqp://127.0.0.1", "bogus": 1}))
+        .unwrap_err();
     assert!(err.message().contains("bogus"), "{err}");
     if !broker_up().await {
         return;
@@ -220,8 +279,12 @@ async fn the_factory_validates_without_connecting_and_creates_a_driver() {
 }
 
 async fn delete(name: &str) {
-    let conn = lapin::Connection::connect(common::URL, Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(common::URL, Default::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(name.into(), QueueDeleteOptions::default()).await.unwrap();
+    ch.queue_delete(name.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     let _ = conn.close(200, "OK".into()).await;
 }

@@ -20,7 +20,7 @@ const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
 /// One fault test at a time: they start brokers and cut connections.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static NEXT_NODE: AtomicU64 = AtomicU64::new(0);
 
 /// A RabbitMQ node of our own: loopback listener on a free port, fresh data dir.
@@ -197,7 +197,12 @@ fn config(node: &PrivateNode) -> AmqpConfig {
 }
 
 fn numbered(n: i64) -> Message {
-    Message::encode(&Value::map([("n", Value::Int(n))]), Headers::new(), Codec::Json).unwrap()
+    Message::encode(
+        &Value::map([("n", Value::Int(n))]),
+        Headers::new(),
+        Codec::Json,
+    )
+    .unwrap()
 }
 
 fn number_of(d: &queue_core::Delivery) -> i64 {
@@ -234,7 +239,10 @@ async fn survive(label: &str, node: &mut PrivateNode, fault: Fault) {
     let tally = Arc::new(Tally::default());
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
 
-    let mut sub = driver.consume(&id, queue_core::ConsumeOptions { prefetch: 200 }).await.unwrap();
+    let mut sub = driver
+        .consume(&id, queue_core::ConsumeOptions { prefetch: 200 })
+        .await
+        .unwrap();
     let consumer = {
         let tally = Arc::clone(&tally);
         tokio::spawn(async move {
@@ -258,8 +266,12 @@ async fn survive(label: &str, node: &mut PrivateNode, fault: Fault) {
     let confirmed_tx = Arc::new(confirmed_tx);
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
-        let (driver, id, tally, confirmed_tx) =
-            (Arc::clone(&driver), id.clone(), Arc::clone(&tally), Arc::clone(&confirmed_tx));
+        let (driver, id, tally, confirmed_tx) = (
+            Arc::clone(&driver),
+            id.clone(),
+            Arc::clone(&tally),
+            Arc::clone(&confirmed_tx),
+        );
         publishers.push(tokio::spawn(async move {
             let mut n = p;
             while n < TOTAL {
@@ -318,7 +330,11 @@ async fn survive(label: &str, node: &mut PrivateNode, fault: Fault) {
     })
     .await;
     let seen = tally.seen.lock().unwrap().clone();
-    let missing: Vec<i64> = confirmed.iter().filter(|n| !seen.contains_key(n)).copied().collect();
+    let missing: Vec<i64> = confirmed
+        .iter()
+        .filter(|n| !seen.contains_key(n))
+        .copied()
+        .collect();
     let duplicates: u32 = seen.values().map(|c| c - 1).sum();
     println!(
         "{label}: {} confirmed, {} consumed distinct, {duplicates} duplicate deliveries, {} publish retries, {} failed acks, {} connections",
@@ -328,29 +344,40 @@ async fn survive(label: &str, node: &mut PrivateNode, fault: Fault) {
         tally.ack_failures.load(Ordering::Relaxed),
         driver.connection_generation(),
     );
-    assert!(all_seen.is_ok() && missing.is_empty(), "{label}: {} confirmed messages never consumed, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        all_seen.is_ok() && missing.is_empty(),
+        "{label}: {} confirmed messages never consumed, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     consumer.abort();
     driver.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_all_connections_under_load_loses_no_confirmed_message() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut node) = PrivateNode::start().await else { return };
+    let _serial = SERIAL.lock().await;
+    let Some(mut node) = PrivateNode::start().await else {
+        return;
+    };
     survive("close-all", &mut node, Fault::CloseAllConnections).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_app_start_app_under_load_loses_no_confirmed_message() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut node) = PrivateNode::start().await else { return };
+    let _serial = SERIAL.lock().await;
+    let Some(mut node) = PrivateNode::start().await else {
+        return;
+    };
     survive("stop-start", &mut node, Fault::StopAppStartApp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_resumes_by_itself_after_both_faults() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut node) = PrivateNode::start().await else { return };
+    let _serial = SERIAL.lock().await;
+    let Some(mut node) = PrivateNode::start().await else {
+        return;
+    };
     let mut c = config(&node);
     c.publish_timeout = Duration::from_secs(1);
     let driver = AmqpDriver::connect(c).await.expect("connect");
@@ -375,12 +402,18 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
             }
         }
     }
-    async fn consume_all(sub: &mut Box<dyn queue_core::Subscription>, range: std::ops::Range<i64>, label: &str) {
+    async fn consume_all(
+        sub: &mut Box<dyn queue_core::Subscription>,
+        range: std::ops::Range<i64>,
+        label: &str,
+    ) {
         let mut want: HashSet<i64> = range.collect();
         while !want.is_empty() {
             let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
                 .await
-                .unwrap_or_else(|_| panic!("{label}: the consumer did not resume; still missing {want:?}"))
+                .unwrap_or_else(|_| {
+                    panic!("{label}: the consumer did not resume; still missing {want:?}")
+                })
                 .expect("subscription open")
                 .expect("delivery");
             want.remove(&number_of(&d));
@@ -414,7 +447,10 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
         publish_until_ok(&driver, &id, n).await;
     }
     consume_all(&mut sub, range, label).await;
-    assert!(driver.connection_generation() >= 3, "two reconnects expected");
+    assert!(
+        driver.connection_generation() >= 3,
+        "two reconnects expected"
+    );
     sub.cancel().await.unwrap();
     driver.close().await.unwrap();
 }
