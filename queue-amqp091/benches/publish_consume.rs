@@ -153,6 +153,7 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("amqp091");
     group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(20));
     group.throughput(Throughput::Elements(N as u64));
 
@@ -223,6 +224,90 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // The machine is shared: load changes between the groups above. Paired rounds,
+    // driver and raw back to back (alternating which goes first), give ratios that
+    // the load affects far less.
+    let mut publish_ratios = Vec::new();
+    let mut consume_ratios = Vec::new();
+    for round in 0..5 {
+        let driver_publish = || {
+            let batch = messages();
+            let start = Instant::now();
+            rt.block_on(driver.publish_batch(&id, batch)).unwrap();
+            let t = start.elapsed();
+            purge(&driver_q);
+            t
+        };
+        let raw_publish_once = || {
+            let start = Instant::now();
+            rt.block_on(raw_publish(&raw_ch, &raw_q, N));
+            let t = start.elapsed();
+            purge(&raw_q);
+            t
+        };
+        let (d, r) = if round % 2 == 0 {
+            let d = driver_publish();
+            (d, raw_publish_once())
+        } else {
+            let r = raw_publish_once();
+            (driver_publish(), r)
+        };
+        publish_ratios.push(r.as_secs_f64() / d.as_secs_f64());
+
+        let driver_consume = || {
+            rt.block_on(raw_publish(&raw_ch, &driver_q, N));
+            let start = Instant::now();
+            rt.block_on(async {
+                let mut sub = driver
+                    .consume(
+                        &id,
+                        queue_core::ConsumeOptions {
+                            prefetch: u32::from(PREFETCH),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                for _ in 0..N {
+                    let d = sub.next().await.unwrap().unwrap();
+                    d.ack().await.unwrap();
+                }
+                sub.cancel().await.unwrap();
+            });
+            let t = start.elapsed();
+            purge(&driver_q);
+            t
+        };
+        let raw_consume_once = || {
+            rt.block_on(raw_publish(&raw_ch, &raw_q, N));
+            let start = Instant::now();
+            rt.block_on(raw_consume(&conn, &raw_q, N));
+            let t = start.elapsed();
+            purge(&raw_q);
+            t
+        };
+        let (d, r) = if round % 2 == 0 {
+            let d = driver_consume();
+            (d, raw_consume_once())
+        } else {
+            let r = raw_consume_once();
+            (driver_consume(), r)
+        };
+        consume_ratios.push(r.as_secs_f64() / d.as_secs_f64());
+        println!(
+            "paired round {round}: publish driver/raw throughput {:.2}, consume+ack driver/raw throughput {:.2}",
+            publish_ratios[round], consume_ratios[round]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "paired median (5 rounds of {N}): publish driver/raw = {:.2}x, consume+ack driver/raw = {:.2}x",
+        median(&mut publish_ratios),
+        median(&mut consume_ratios)
+    );
 
     rt.block_on(async {
         for q in [&driver_q, &raw_q] {

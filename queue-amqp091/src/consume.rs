@@ -388,10 +388,25 @@ impl Subscription for AmqpSubscription {
                 }
             }
             let mut closed = self.shared.closed.subscribe();
+            let mut links = self.shared.link.subscribe();
             let a = self.attached.as_mut()?;
-            let item = tokio::select! {
-                item = a.consumer.next() => item,
+            let generation = a.generation;
+            // The link this channel lives on was replaced (or is being): the channel is
+            // dead even if lapin has not said so on this consumer yet.
+            let replaced =
+                links.wait_for(|l| l.as_ref().is_none_or(|l| l.generation != generation));
+            let step = tokio::select! {
+                item = a.consumer.next() => Some(item),
                 _ = closed.wait_for(|c| *c) => continue,
+                _ = replaced => None,
+            };
+            let Some(item) = step else {
+                self.failed_generation = Some(generation);
+                self.detach(
+                    ErrorKind::Internal,
+                    "the delivery's channel closed (connection lost): the broker redelivers it",
+                );
+                continue;
             };
             match item {
                 Some(Ok(d)) => {
