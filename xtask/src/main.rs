@@ -1,5 +1,83 @@
-//! Project automation (`cargo xtask ...`).
-fn main() {
-    eprintln!("usage: cargo xtask <test-brokers|bench>");
-    std::process::exit(2);
+//! Project automation, run as `cargo xtask <command>`:
+//!
+//! - `test-brokers`: runs every driver's conformance suite and fault tests against every
+//!   broker it can find or start here, and prints the matrix.
+//! - `bench`: runs the benchmarks, each next to its baseline in the same run, and writes
+//!   a table, JSON and an SVG plot under `target/bench/`.
+
+mod bench;
+mod brokers;
+mod matrix;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A broker.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Broker {
+    /// RabbitMQ 3.x on 127.0.0.1:5672 (AMQP 0-9-1, and AMQP 1.0 through its plugin).
+    Rabbitmq,
+    /// ActiveMQ Artemis (AMQP 1.0), from ARTEMIS_URL or an `artemis` command.
+    Artemis,
+    /// Qpid Proton's example broker (AMQP 1.0), started by the amqp10 tests.
+    Proton,
+}
+
+/// A driver crate.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Driver {
+    /// queue-amqp091.
+    Amqp091,
+    /// queue-amqp10.
+    Amqp10,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the conformance suite and fault tests for every driver x broker pair.
+    TestBrokers {
+        /// Only this broker.
+        #[arg(long, value_enum)]
+        broker: Option<Broker>,
+        /// Only this driver.
+        #[arg(long, value_enum)]
+        driver: Option<Driver>,
+        /// Skip the fault tests.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run the benchmarks with their baselines and write target/bench/.
+    Bench {
+        /// Shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::TestBrokers {
+            broker,
+            driver,
+            quick,
+        } => matrix::run(broker, driver, quick),
+        Command::Bench { quick } => bench::run(quick),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
