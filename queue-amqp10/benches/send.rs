@@ -137,10 +137,10 @@ fn send(c: &mut Criterion) {
                             })
                             .data(Binary::from(m.body))
                             .build();
-                        if pending.len() == WINDOW as usize {
-                            if let Some(fut) = pending.pop_front() {
-                                fut.await.expect("accepted");
-                            }
+                        if pending.len() == WINDOW as usize
+                            && let Some(fut) = pending.pop_front()
+                        {
+                            fut.await.expect("accepted");
                         }
                         let fut = sender
                             .send_batchable(Sendable::from(amqp))
