@@ -149,10 +149,40 @@ pub fn load_with_env(
     paths: &[PathBuf],
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let mut config = Config::default();
+    let mut sources = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
-        match load_file(path, &env) {
+        match std::fs::read_to_string(path) {
+            Ok(text) => sources.push((path.clone(), text)),
+            Err(e) => errors.push(ConfigError {
+                file: path.clone(),
+                line: 0,
+                field: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    merge(&sources, env, errors)
+}
+
+/// Parses configuration text as if read from `path` (no environment variables):
+/// what the fuzz target and its replay test drive.
+pub fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    merge(
+        &[(path.to_path_buf(), text.to_string())],
+        |_| None,
+        Vec::new(),
+    )
+}
+
+fn merge(
+    sources: &[(PathBuf, String)],
+    env: impl Fn(&str) -> Option<String>,
+    mut errors: Vec<ConfigError>,
+) -> Result<Config, ConfigErrors> {
+    let mut config = Config::default();
+    for (path, text) in sources {
+        match load_file(path, text, &env) {
             Ok((entries, strict)) => {
                 config.entries.extend(entries.0);
                 errors.extend(entries.1);
@@ -186,6 +216,7 @@ type FileEntries = (Vec<Entry>, Vec<ConfigError>);
 
 fn load_file(
     path: &Path,
+    text: &str,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(FileEntries, bool), ConfigError> {
     let at = |line: usize, field: Option<&str>, message: String| ConfigError {
@@ -194,9 +225,7 @@ fn load_file(
         field: field.map(str::to_string),
         message,
     };
-    let text =
-        std::fs::read_to_string(path).map_err(|e| at(0, None, format!("cannot read: {e}")))?;
-    let text = interpolate(&text, env).map_err(|(line, message)| at(line, None, message))?;
+    let text = interpolate(text, env).map_err(|(line, message)| at(line, None, message))?;
     let raw: RawFile = serde_saphyr::from_str(&text).map_err(|e| {
         let line = e.location().map_or(0, |l| l.line() as usize);
         at(line, None, first_line(&e.to_string()))
