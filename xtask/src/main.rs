@@ -4,10 +4,14 @@
 //!   broker it can find or start here, and prints the matrix.
 //! - `bench`: runs the benchmarks, each next to its baseline in the same run, and writes
 //!   a table, JSON and an SVG plot under `target/bench/`.
+//! - `fuzz`: runs the cargo-fuzz targets for a while each.
+//! - `soak`: a long run through the runtime, watching its memory.
 
 mod bench;
 mod brokers;
+mod fuzz;
 mod matrix;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -60,6 +64,21 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Run each fuzz target (cargo-fuzz, nightly) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Push many messages through the runtime and check its memory stays flat.
+    Soak {
+        /// How many messages.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +90,8 @@ fn main() -> ExitCode {
             quick,
         } => matrix::run(broker, driver, quick),
         Command::Bench { quick } => bench::run(quick),
+        Command::Fuzz { seconds, target } => fuzz::run(seconds, target),
+        Command::Soak { messages } => soak::run(messages),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
