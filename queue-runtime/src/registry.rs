@@ -30,6 +30,8 @@ impl DriverKinds {
     pub fn builtin() -> Self {
         let mut kinds = DriverKinds::default();
         kinds.register(Arc::new(queue_core::MemoryDriverFactory));
+        kinds.register(Arc::new(queue_amqp091::AmqpDriverFactory));
+        kinds.register(Arc::new(queue_amqp10::Amqp10DriverFactory));
         kinds
     }
 
