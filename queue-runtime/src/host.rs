@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use queue_core::{ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan};
 use crate::retry::FailurePath;
-use crate::workers::{Busy, ConsumerRuntime, Job, Workers};
+use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -34,10 +33,9 @@ impl Default for HostOptions {
 
 struct RunningConsumer {
     queue: QueueId,
-    concurrency: u32,
-    stop_timeout: Duration,
-    slots: Arc<Semaphore>,
-    intake: JoinHandle<Option<Box<dyn Subscription>>>,
+    /// One per worker the consumer runs on; each yields its subscription back once that
+    /// worker stopped taking deliveries and its handlers finished.
+    stopped: Vec<oneshot::Receiver<Box<dyn Subscription>>>,
 }
 
 /// The counts of one consumed queue at shutdown, from its driver.
@@ -135,30 +133,35 @@ impl Host {
                     dead_letter,
                 },
             });
-            let subscription = driver
-                .consume(
-                    &c.queue,
-                    ConsumeOptions {
-                        prefetch: c.prefetch,
-                    },
-                )
-                .await
-                .map_err(|e| e.context(format!("consumer {}", c.id)))?;
-            let slots = Arc::new(Semaphore::new(c.concurrency as usize));
-            let intake = tokio::spawn(intake(
-                runtime,
-                subscription,
-                Arc::clone(&slots),
-                stop.subscribe(),
-                busy.clone(),
-                workers.senders_handle(),
-            ));
+            // The consumer runs on up to `concurrency` workers, each with its own
+            // subscription and share of the slots and prefetch, so that a delivery is
+            // pulled, handled and settled on one thread.
+            let shares = workers.lua_states().min(c.concurrency as usize).max(1) as u32;
+            let mut stopped = Vec::new();
+            for share in 0..shares {
+                let slots = c.concurrency / shares + u32::from(share < c.concurrency % shares);
+                let prefetch = c.prefetch.div_ceil(shares).max(slots);
+                let subscription = driver
+                    .consume(&c.queue, ConsumeOptions { prefetch })
+                    .await
+                    .map_err(|e| e.context(format!("consumer {}", c.id)))?;
+                let (done, back) = oneshot::channel();
+                workers.dispatch_to(
+                    share as usize,
+                    Job::Attach(Intake {
+                        consumer: Arc::clone(&runtime),
+                        subscription,
+                        slots,
+                        stop: stop.subscribe(),
+                        busy: busy.clone(),
+                        stopped: done,
+                    }),
+                );
+                stopped.push(back);
+            }
             consumers.push(RunningConsumer {
                 queue: c.queue.clone(),
-                concurrency: c.concurrency,
-                stop_timeout: c.stop_timeout,
-                slots,
-                intake,
+                stopped,
             });
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
@@ -259,15 +262,13 @@ impl Host {
         let _ = self.stop.send(true);
         let mut subscriptions = Vec::new();
         for c in std::mem::take(&mut self.consumers) {
-            let waited =
-                tokio::time::timeout(c.stop_timeout, c.slots.acquire_many(c.concurrency)).await;
-            if waited.is_err() {
-                tracing::warn!(queue = %c.queue, timeout = ?c.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
-            }
-            match c.intake.await {
-                Ok(Some(sub)) => subscriptions.push(sub),
-                Ok(None) => {}
-                Err(e) => tracing::error!(queue = %c.queue, error = %e, "consumer task failed"),
+            for back in c.stopped {
+                match back.await {
+                    Ok(sub) => subscriptions.push(sub),
+                    Err(_) => {
+                        tracing::warn!(queue = %c.queue, "a worker stopped before handing its consumer back")
+                    }
+                }
             }
         }
         if let Some(workers) = self.workers.take() {
@@ -300,40 +301,4 @@ impl Host {
         }
         summary
     }
-}
-
-async fn intake(
-    consumer: Arc<ConsumerRuntime>,
-    mut subscription: Box<dyn Subscription>,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-    busy: Busy,
-    workers: crate::workers::Dispatcher,
-) -> Option<Box<dyn Subscription>> {
-    loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            permit = Arc::clone(&slots).acquire_owned() => permit.ok()?,
-        };
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            next = subscription.next() => next,
-        };
-        match next {
-            None => return None,
-            Some(Err(e)) => {
-                tracing::warn!(queue = %consumer.plan.queue, error = %e, "consumer error");
-                drop(permit);
-            }
-            Some(Ok(delivery)) => workers.dispatch(Job::Deliver {
-                delivery,
-                consumer: Arc::clone(&consumer),
-                permit,
-                busy: busy.enter(),
-            }),
-        }
-    }
-    Some(subscription)
 }

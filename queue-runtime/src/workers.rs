@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
-use queue_core::{Delivery, Error, Queues, Result, Value};
+use queue_core::{Delivery, Error, Queues, Result, Subscription, Value};
 use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::metrics::names as metric;
 use crate::registry::{ConsumerPlan, ProcessPlan};
@@ -27,17 +27,9 @@ pub struct ConsumerRuntime {
 
 /// Work for a worker thread.
 pub enum Job {
-    /// Run a consumer's handler for a delivery.
-    Deliver {
-        /// The delivery.
-        delivery: Delivery,
-        /// Its consumer.
-        consumer: Arc<ConsumerRuntime>,
-        /// The consumer's concurrency slot, released when the handler returns.
-        permit: OwnedSemaphorePermit,
-        /// Counts the delivery as busy until it is settled.
-        busy: BusyGuard,
-    },
+    /// Consume a subscription on this worker: pull deliveries and run the consumer's
+    /// handler for each, at most `slots` at once, all on this thread.
+    Attach(Intake),
     /// Run one instance of a process.
     Process {
         /// The process.
@@ -47,6 +39,23 @@ pub enum Job {
         /// Told how it ended.
         done: oneshot::Sender<Result<()>>,
     },
+}
+
+/// One worker's share of a consumer.
+pub struct Intake {
+    /// The consumer.
+    pub consumer: Arc<ConsumerRuntime>,
+    /// This worker's subscription to the consumer's queue.
+    pub subscription: Box<dyn Subscription>,
+    /// Handlers this worker may run at once for the consumer.
+    pub slots: u32,
+    /// Set when the runtime stops.
+    pub stop: watch::Receiver<bool>,
+    /// Counts deliveries until settled.
+    pub busy: Busy,
+    /// Gets the subscription back once intake stopped and running handlers finished
+    /// (or `stop_timeout` passed), for the host to cancel.
+    pub stopped: oneshot::Sender<Box<dyn Subscription>>,
 }
 
 /// Counts deliveries that are being handled or wait for a retry.
@@ -80,26 +89,9 @@ impl Drop for BusyGuard {
 
 /// The pool.
 pub struct Workers {
-    dispatcher: Dispatcher,
+    senders: Vec<mpsc::UnboundedSender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// Hands jobs to the workers, round robin. Cheap to clone.
-#[derive(Clone)]
-pub struct Dispatcher {
-    senders: Arc<Vec<mpsc::UnboundedSender<Job>>>,
-    next: Arc<AtomicUsize>,
-}
-
-impl Dispatcher {
-    /// Hands a job to the next worker.
-    pub fn dispatch(&self, job: Job) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        if self.senders[i].send(job).is_err() {
-            // The worker is stopping: dropping the job returns its delivery.
-            tracing::debug!("job dropped: worker stopped");
-        }
-    }
+    next: AtomicUsize,
 }
 
 impl Workers {
@@ -124,13 +116,10 @@ impl Workers {
             handles.push(handle);
         }
         metrics::gauge!(metric::LUA_STATES).set(threads as f64);
-        let dispatcher = Dispatcher {
-            senders: Arc::new(senders),
-            next: Arc::new(AtomicUsize::new(0)),
-        };
         Ok(Workers {
-            dispatcher,
+            senders,
             threads: handles,
+            next: AtomicUsize::new(0),
         })
     }
 
@@ -141,18 +130,22 @@ impl Workers {
 
     /// Hands a job to the next worker, round robin.
     pub fn dispatch(&self, job: Job) {
-        self.dispatcher.dispatch(job);
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dispatch_to(i, job);
     }
 
-    /// A handle for dispatching from other tasks.
-    pub fn senders_handle(&self) -> Dispatcher {
-        self.dispatcher.clone()
+    /// Hands a job to worker `index` (modulo the number of workers).
+    pub fn dispatch_to(&self, index: usize, job: Job) {
+        if self.senders[index % self.senders.len()].send(job).is_err() {
+            // The worker is stopping: dropping the job returns what it holds.
+            tracing::debug!("job dropped: worker stopped");
+        }
     }
 
-    /// Stops the workers once every dispatcher is gone. Handlers still running are
-    /// dropped, which returns their deliveries to the queue.
+    /// Stops the workers. Handlers still running are dropped, which returns their
+    /// deliveries to the queue.
     pub fn stop(self) {
-        drop(self.dispatcher);
+        drop(self.senders);
         for t in self.threads {
             let _ = t.join();
         }
@@ -193,15 +186,7 @@ fn worker_main(
 
 async fn run_job(host: Rc<LuaHost>, job: Job) {
     match job {
-        Job::Deliver {
-            delivery,
-            consumer,
-            permit,
-            busy,
-        } => {
-            handle_delivery(&host, delivery, consumer, permit).await;
-            drop(busy);
-        }
+        Job::Attach(intake) => run_intake(host, intake).await,
         Job::Process {
             plan,
             instance,
@@ -221,6 +206,56 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
             let _ = done.send(result);
         }
     }
+}
+
+/// Pulls deliveries while a slot is free and runs each handler as a local task: a
+/// delivery never leaves this thread, so no thread is woken per message.
+async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
+    let Intake {
+        consumer,
+        mut subscription,
+        slots,
+        mut stop,
+        busy,
+        stopped,
+    } = intake;
+    let semaphore = Arc::new(Semaphore::new(slots as usize));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            permit = Arc::clone(&semaphore).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = subscription.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(queue = %consumer.plan.queue, error = %e, "consumer error");
+            }
+            Some(Ok(delivery)) => {
+                let guard = busy.enter();
+                let host = Rc::clone(&host);
+                let consumer = Arc::clone(&consumer);
+                tokio::task::spawn_local(async move {
+                    handle_delivery(&host, delivery, consumer, permit).await;
+                    drop(guard);
+                });
+            }
+        }
+    }
+    let finished =
+        tokio::time::timeout(consumer.plan.stop_timeout, semaphore.acquire_many(slots)).await;
+    if finished.is_err() {
+        tracing::warn!(queue = %consumer.plan.queue, timeout = ?consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
+    }
+    let _ = stopped.send(subscription);
 }
 
 async fn handle_delivery(
