@@ -4,11 +4,13 @@
 //!   broker it can find or start here, and prints the matrix.
 //! - `bench`: runs the benchmarks, each next to its baseline in the same run, and writes
 //!   a table, JSON and an SVG plot under `target/bench/`.
+//! - `docs`: checks the manual's internal links and builds it with mdBook.
 //! - `fuzz`: runs the cargo-fuzz targets for a while each.
 //! - `soak`: a long run through the runtime, watching its memory.
 
 mod bench;
 mod brokers;
+mod docs;
 mod fuzz;
 mod matrix;
 mod soak;
@@ -64,6 +66,12 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Check the manual's internal links and build it with mdBook.
+    Docs {
+        /// Fail when mdBook is not installed (CI).
+        #[arg(long)]
+        require_mdbook: bool,
+    },
     /// Run each fuzz target (cargo-fuzz, nightly) for a while.
     Fuzz {
         /// Seconds per target.
@@ -90,6 +98,7 @@ fn main() -> ExitCode {
             quick,
         } => matrix::run(broker, driver, quick),
         Command::Bench { quick } => bench::run(quick),
+        Command::Docs { require_mdbook } => docs::run(require_mdbook),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target),
         Command::Soak { messages } => soak::run(messages),
     };
