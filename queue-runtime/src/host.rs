@@ -20,6 +20,9 @@ use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
 pub struct HostOptions {
     /// Worker threads, each with one Lua state.
     pub lua_threads: usize,
+    /// Keep trying to connect a driver whose broker is unreachable (with backoff from
+    /// 1 s to 30 s) instead of failing; `run` does, one-off commands do not.
+    pub wait_for_brokers: bool,
 }
 
 impl Default for HostOptions {
@@ -27,6 +30,29 @@ impl Default for HostOptions {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         HostOptions {
             lua_threads: cores.clamp(1, 8),
+            wait_for_brokers: false,
+        }
+    }
+}
+
+/// Creates a driver; while its broker is unreachable (a retryable error) and waiting
+/// is on, tries again with a doubling delay.
+async fn create_driver(
+    factory: &Arc<dyn queue_core::DriverFactory>,
+    id: &str,
+    config: &serde_json::Value,
+    wait: bool,
+) -> Result<Arc<dyn Driver>> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match factory.create(config.clone()).await {
+            Ok(driver) => return Ok(driver),
+            Err(e) if wait && e.retryable() => {
+                tracing::warn!(driver = %id, error = %e, retry_in = ?delay, "broker unreachable; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.context(format!("driver {id}"))),
         }
     }
 }
@@ -87,10 +113,7 @@ impl Host {
             let factory = kinds
                 .get(&d.kind)
                 .ok_or_else(|| Error::invalid(format!("unknown driver kind {}", d.kind)))?;
-            let driver = factory
-                .create(d.config.clone())
-                .await
-                .map_err(|e| e.context(format!("driver {}", d.id)))?;
+            let driver = create_driver(factory, &d.id, &d.config, options.wait_for_brokers).await?;
             drivers.insert(d.id.clone(), Metered::layer(driver));
         }
         let driver_of = |id: &str| -> Result<Arc<dyn Driver>> {

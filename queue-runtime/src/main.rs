@@ -159,13 +159,21 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 ),
                 _ => None,
             };
-            let mut options = HostOptions::default();
+            let mut options = HostOptions {
+                wait_for_brokers: true,
+                ..HostOptions::default()
+            };
             if let Some(n) = lua_threads {
                 options.lua_threads = n;
             }
-            let host = Host::start(plan, &kinds, options)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Waiting for an unreachable broker can be interrupted like everything else.
+            let host = tokio::select! {
+                host = Host::start(plan, &kinds, options) => host.map_err(|e| e.to_string())?,
+                signal = shutdown_signal() => {
+                    tracing::info!(signal, "stopped while waiting for the brokers");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
             tracing::info!(lua_states = host.lua_states(), "runtime started");
             let reason = tokio::select! {
                 signal = shutdown_signal() => signal,
@@ -267,9 +275,16 @@ fn refuse_in_memory(plan: &Plan, id: &queue_core::QueueId) -> Result<(), String>
 async fn broker_only(mut plan: Plan, kinds: &DriverKinds) -> Result<Host, String> {
     plan.consumers.clear();
     plan.processes.clear();
-    Host::start(plan, kinds, HostOptions { lua_threads: 1 })
-        .await
-        .map_err(|e| e.to_string())
+    Host::start(
+        plan,
+        kinds,
+        HostOptions {
+            lua_threads: 1,
+            wait_for_brokers: false,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 fn pairs(items: &[String]) -> Result<Vec<(String, String)>, String> {

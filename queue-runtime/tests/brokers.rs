@@ -265,3 +265,90 @@ fn sigkill_under_load_then_restart_loses_nothing_on_rabbitmq() {
         interrupt_under_load_then_restart("KILL");
     }
 }
+
+/// Forwards every connection on `listener` to RabbitMQ, both ways, until the test ends.
+fn forward_to_rabbitmq(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect("127.0.0.1:5672") else {
+                continue;
+            };
+            let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(client, server2);
+            pipe(server, client2);
+        }
+    });
+}
+
+#[test]
+fn a_runtime_started_before_its_broker_waits_for_it() {
+    if !rabbitmq_or_skip("a_runtime_started_before_its_broker_waits_for_it") {
+        return;
+    }
+    let port = free_port();
+    let id = unique();
+    let yaml = format!(
+        "namespace: app\nentries:\n  - name: rabbit\n    kind: queue.driver.amqp\n    url: amqp://guest:guest@127.0.0.1:{port}/%2f\n    connection_timeout: 2s\n  - name: jobs\n    kind: queue.queue\n    queue_name: it-late-{id}\n    durable: false\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
+    );
+    let lua = "function produce() for i = 1, 5 do assert(queue.publish('app:jobs', { n = i })) end end\nfunction handle(p) logger:info('handled', { n = p.n }) end\n";
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
+    let mut child = spawn(
+        &[
+            "run",
+            "--exit-when-idle",
+            "--log-format",
+            "json",
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut logs = Vec::new();
+    loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the runtime says it waits for the broker");
+        let waiting = line.contains("broker unreachable; waiting for it");
+        logs.push(line);
+        if waiting {
+            break;
+        }
+    }
+    // The broker "comes up": its port starts answering.
+    forward_to_rabbitmq(
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the broker port"),
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(90));
+    assert!(out.status.success(), "{}", logs.join("\n"));
+    // The reader ends when the runtime closes stderr, so this collects every line.
+    logs.extend(lines_rx.iter());
+    let parsed: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lua_logs(&parsed, "handled").len(), 5, "{}", logs.join("\n"));
+    assert!(
+        !logs.iter().any(|l| l.contains("guest:guest@")),
+        "the password never shows"
+    );
+}

@@ -60,9 +60,16 @@ async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
     kinds.register(Arc::new(Controlled(driver.clone())));
     let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
     let plan = registry::plan(&config, &kinds, false).unwrap();
-    let host = Host::start(plan, &kinds, HostOptions { lua_threads: 2 })
-        .await
-        .unwrap();
+    let host = Host::start(
+        plan,
+        &kinds,
+        HostOptions {
+            lua_threads: 2,
+            wait_for_brokers: false,
+        },
+    )
+    .await
+    .unwrap();
 
     driver.hold_publishes();
     let jobs = QueueId::parse("app:jobs").unwrap();
@@ -105,9 +112,16 @@ async fn a_refused_publish_fails_the_handler_and_the_message_is_retried() {
     kinds.register(Arc::new(Controlled(driver.clone())));
     let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
     let plan = registry::plan(&config, &kinds, false).unwrap();
-    let host = Host::start(plan, &kinds, HostOptions { lua_threads: 1 })
-        .await
-        .unwrap();
+    let host = Host::start(
+        plan,
+        &kinds,
+        HostOptions {
+            lua_threads: 1,
+            wait_for_brokers: false,
+        },
+    )
+    .await
+    .unwrap();
 
     driver.hold_publishes();
     driver
