@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use queue_core::testkit::{ControlledDriver, numbered};
-use queue_core::{ConsumeOptions, Driver, DriverFactory, Message, QueueId, Result};
+use queue_core::testkit::{ControlledDriver, ControlledFactory, numbered};
+use queue_core::{ConsumeOptions, Driver, Message, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
 
@@ -45,21 +44,6 @@ async fn wait_acked(driver: &Arc<dyn Driver>, q: &QueueId, target: u64) {
     }
 }
 
-struct Controlled(Arc<ControlledDriver>);
-
-#[async_trait]
-impl DriverFactory for Controlled {
-    fn kind(&self) -> &'static str {
-        "queue.driver.controlled"
-    }
-    fn validate(&self, _: &serde_json::Value) -> Result<()> {
-        Ok(())
-    }
-    async fn create(&self, _: serde_json::Value) -> Result<Arc<dyn Driver>> {
-        Ok(self.0.clone())
-    }
-}
-
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -73,7 +57,7 @@ fn rss_mib() -> f64 {
 fn rss_with_suspended_handlers(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let driver = Arc::new(ControlledDriver::new());
     let mut kinds = DriverKinds::builtin();
-    kinds.register(Arc::new(Controlled(driver.clone())));
+    kinds.register(Arc::new(ControlledFactory(driver.clone())));
     std::fs::write(
         dir.join("publish.lua"),
         "function noop(p) assert(queue.publish('bench:out', p)) end\n",

@@ -3,26 +3,10 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use queue_core::testkit::{ControlledDriver, numbered};
-use queue_core::{Driver, DriverFactory, QueueId, Result};
+use queue_core::testkit::{ControlledDriver, ControlledFactory, numbered};
+use queue_core::{Driver, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
-
-struct Controlled(Arc<ControlledDriver>);
-
-#[async_trait]
-impl DriverFactory for Controlled {
-    fn kind(&self) -> &'static str {
-        "queue.driver.controlled"
-    }
-    fn validate(&self, _config: &serde_json::Value) -> Result<()> {
-        Ok(())
-    }
-    async fn create(&self, _config: serde_json::Value) -> Result<Arc<dyn Driver>> {
-        Ok(self.0.clone())
-    }
-}
 
 const APP: &str = r#"namespace: app
 entries:
@@ -50,26 +34,27 @@ function handle(payload)
 end
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
+/// Starts a host for `app` (with the handler file) on a fresh controlled driver.
+async fn start(app: &str, lua_threads: usize) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("app.yaml"), APP).unwrap();
+    std::fs::write(dir.path().join("app.yaml"), app).unwrap();
     std::fs::write(dir.path().join("h.lua"), HANDLER).unwrap();
     let driver = Arc::new(ControlledDriver::new());
     let mut kinds = DriverKinds::builtin();
-    kinds.register(Arc::new(Controlled(driver.clone())));
+    kinds.register(Arc::new(ControlledFactory(driver.clone())));
     let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
     let plan = registry::plan(&config, &kinds, false).unwrap();
-    let host = Host::start(
-        plan,
-        &kinds,
-        HostOptions {
-            lua_threads: 2,
-            wait_for_brokers: false,
-        },
-    )
-    .await
-    .unwrap();
+    let options = HostOptions {
+        lua_threads,
+        wait_for_brokers: false,
+    };
+    let host = Host::start(plan, &kinds, options).await.unwrap();
+    (dir, driver, host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
+    let (_dir, driver, host) = start(APP, 2).await;
 
     driver.hold_publishes();
     let jobs = QueueId::parse("app:jobs").unwrap();
@@ -103,25 +88,8 @@ async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_fails_the_handler_and_the_message_is_retried() {
-    let dir = tempfile::tempdir().unwrap();
     let app = APP.replace("    max_length: 5000\n  - name: out", "    max_length: 5000\n    retry:\n      backoff:\n        initial: 10ms\n        jitter: false\n  - name: out");
-    std::fs::write(dir.path().join("app.yaml"), app).unwrap();
-    std::fs::write(dir.path().join("h.lua"), HANDLER).unwrap();
-    let driver = Arc::new(ControlledDriver::new());
-    let mut kinds = DriverKinds::builtin();
-    kinds.register(Arc::new(Controlled(driver.clone())));
-    let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
-    let plan = registry::plan(&config, &kinds, false).unwrap();
-    let host = Host::start(
-        plan,
-        &kinds,
-        HostOptions {
-            lua_threads: 1,
-            wait_for_brokers: false,
-        },
-    )
-    .await
-    .unwrap();
+    let (_dir, driver, host) = start(&app, 1).await;
 
     driver.hold_publishes();
     driver

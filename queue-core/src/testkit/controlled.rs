@@ -157,3 +157,24 @@ impl Driver for ControlledDriver {
         self.inner.close().await
     }
 }
+
+/// A factory handing out one shared [`ControlledDriver`] under the kind
+/// `queue.driver.controlled`, so a test can put it behind a configuration and keep
+/// steering it.
+#[derive(Debug, Clone)]
+pub struct ControlledFactory(pub std::sync::Arc<ControlledDriver>);
+
+#[async_trait]
+impl crate::DriverFactory for ControlledFactory {
+    fn kind(&self) -> &'static str {
+        "queue.driver.controlled"
+    }
+
+    fn validate(&self, _config: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+
+    async fn create(&self, _config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>> {
+        Ok(self.0.clone())
+    }
+}

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use contracts::*;
-pub use controlled::ControlledDriver;
+pub use controlled::{ControlledDriver, ControlledFactory};
 
 use crate::{
     Capabilities, Codec, Delivery, Driver, Headers, Message, QueueId, QueueSpec, Subscription,
