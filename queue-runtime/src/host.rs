@@ -15,6 +15,10 @@ use crate::registry::{DriverKinds, Plan};
 use crate::retry::FailurePath;
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
 
+/// How long shutdown waits, beyond a consumer's `stop_timeout`, for a worker to hand
+/// its consumer back.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct HostOptions {
@@ -59,6 +63,7 @@ async fn create_driver(
 
 struct RunningConsumer {
     queue: QueueId,
+    stop_timeout: Duration,
     /// One per worker the consumer runs on; each yields its subscription back once that
     /// worker stopped taking deliveries and its handlers finished.
     stopped: Vec<oneshot::Receiver<Box<dyn Subscription>>>,
@@ -184,6 +189,7 @@ impl Host {
             }
             consumers.push(RunningConsumer {
                 queue: c.queue.clone(),
+                stop_timeout: c.stop_timeout,
                 stopped,
             });
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
@@ -284,20 +290,28 @@ impl Host {
     pub async fn shutdown(mut self) -> Vec<QueueSummary> {
         let _ = self.stop.send(true);
         let mut subscriptions = Vec::new();
+        let mut stuck_workers = false;
         for c in std::mem::take(&mut self.consumers) {
             for back in c.stopped {
-                match back.await {
-                    Ok(sub) => subscriptions.push(sub),
-                    Err(_) => {
+                // A handler that never yields (a Lua loop) holds its worker thread: past
+                // stop_timeout and a grace period, leave it behind rather than hang.
+                match tokio::time::timeout(c.stop_timeout + STOP_GRACE, back).await {
+                    Ok(Ok(sub)) => subscriptions.push(sub),
+                    Ok(Err(_)) => {
                         tracing::warn!(queue = %c.queue, "a worker stopped before handing its consumer back")
+                    }
+                    Err(_) => {
+                        stuck_workers = true;
+                        tracing::error!(queue = %c.queue, "a handler is stuck and does not yield; its worker is left behind, and its deliveries return to the queue when the connection closes")
                     }
                 }
             }
         }
         if let Some(workers) = self.workers.take() {
-            tokio::task::spawn_blocking(move || workers.stop())
-                .await
-                .ok();
+            let stopping = tokio::task::spawn_blocking(move || workers.stop());
+            if !stuck_workers {
+                stopping.await.ok();
+            }
         }
         for sub in subscriptions {
             if let Err(e) = sub.cancel().await {

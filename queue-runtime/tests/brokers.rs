@@ -300,7 +300,7 @@ fn a_runtime_started_before_its_broker_waits_for_it() {
     );
     let lua = "function produce() for i = 1, 5 do assert(queue.publish('app:jobs', { n = i })) end end\nfunction handle(p) logger:info('handled', { n = p.n }) end\n";
     let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
-    let mut child = spawn(
+    let (child, lines_rx) = spawn_with_lines(
         &[
             "run",
             "--exit-when-idle",
@@ -310,30 +310,7 @@ fn a_runtime_started_before_its_broker_waits_for_it() {
         ],
         dir.path(),
     );
-    let stderr = child.stderr.take().expect("stderr");
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut logs = Vec::new();
-    loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the runtime says it waits for the broker");
-        let waiting = line.contains("broker unreachable; waiting for it");
-        logs.push(line);
-        if waiting {
-            break;
-        }
-    }
+    let mut logs = wait_for_line(&lines_rx, "broker unreachable; waiting for it");
     // The broker "comes up": its port starts answering.
     forward_to_rabbitmq(
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the broker port"),

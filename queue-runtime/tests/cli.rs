@@ -403,3 +403,36 @@ fn a_failing_process_is_logged_with_its_traceback_and_fails_an_idle_run() {
         "{err}"
     );
 }
+
+const STUCK_APP: &str = "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    stop_timeout: STOP\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n";
+const STUCK_LUA: &str = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction handle(p)\n  logger:info('looping forever')\n  while true do end\nend\n";
+
+#[test]
+fn a_handler_that_never_yields_does_not_hang_shutdown() {
+    let dir = app(&[
+        ("app.yaml", &STUCK_APP.replace("STOP", "1s")),
+        ("h.lua", STUCK_LUA),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    wait_for_line(&lines, "looping forever");
+    signal(&child, "TERM");
+    let seen = wait_for_line(&lines, "a handler is stuck and does not yield");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", seen.join("\n"));
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = app(&[
+        ("app.yaml", &STUCK_APP.replace("STOP", "60s")),
+        ("h.lua", STUCK_LUA),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    wait_for_line(&lines, "looping forever");
+    signal(&child, "TERM");
+    wait_for_line(&lines, "stopping");
+    signal(&child, "TERM");
+    let seen = wait_for_line(&lines, "second signal: exiting now");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(130), "{}", seen.join("\n"));
+}

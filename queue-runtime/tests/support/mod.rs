@@ -152,3 +152,38 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace")
         .to_path_buf()
 }
+
+/// Spawns the runtime and streams its stderr lines into a channel as they come.
+pub fn spawn_with_lines(args: &[&str], dir: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = spawn(args, dir);
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Reads lines until one contains `needle` (bounded: fails after 30 s); returns the
+/// lines read.
+pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no line containing {needle:?}; saw:\n{}", seen.join("\n")));
+        let found = line.contains(needle);
+        seen.push(line);
+        if found {
+            return seen;
+        }
+    }
+}
