@@ -436,3 +436,42 @@ fn a_second_signal_exits_at_once() {
     let out = wait_with_timeout(child, Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(130), "{}", seen.join("\n"));
 }
+
+/// The command-line reference in docs/runtime.md names every flag of every command,
+/// and nothing clap does not know: checked against clap's own `--help`.
+#[test]
+fn the_cli_reference_matches_clap() {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/runtime.md")).unwrap();
+    let reference = doc
+        .split("## ")
+        .next()
+        .expect("the reference block comes first");
+    let flags = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| {
+            c.is_whitespace() || c == '[' || c == ']' || c == ',' || c == '|' || c == '`'
+        })
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_alphanumeric())
+                .to_string()
+        })
+        .filter(|w| w != "--help" && w != "--version")
+        .collect()
+    };
+    let mut from_clap = std::collections::BTreeSet::new();
+    for command in ["run", "check", "publish", "info"] {
+        let out = run(&[command, "--help"], &workspace_root());
+        assert!(out.status.success());
+        let help = text(&out.stdout);
+        assert!(
+            reference.contains(&format!("queue-runtime {command}")),
+            "{command} is missing from docs/runtime.md"
+        );
+        from_clap.extend(flags(&help));
+    }
+    let documented = flags(reference);
+    assert_eq!(
+        documented, from_clap,
+        "docs/runtime.md's reference and clap disagree"
+    );
+}

@@ -40,6 +40,11 @@ const SUITES: &[Suite] = &[
         needs_rabbitmq: true,
     },
     Suite {
+        package: "queue-runtime",
+        bench: "rabbitmq",
+        needs_rabbitmq: true,
+    },
+    Suite {
         package: "queue-amqp10",
         bench: "send",
         needs_rabbitmq: true,
@@ -83,6 +88,18 @@ const COMPARISONS: &[Comparison] = &[
         what: "runtime, no-op Lua handler, concurrency 256 vs no-op Rust consumer (memory)",
         candidate: "end_to_end/lua_noop_concurrency_256",
         baseline: "end_to_end/baseline_rust_noop_consumer",
+        goal: 0.0,
+    },
+    Comparison {
+        what: "runtime on RabbitMQ, no-op Lua handler vs raw lapin consume+ack",
+        candidate: "rabbitmq_consume/runtime_noop_lua",
+        baseline: "rabbitmq_consume/raw_lapin",
+        goal: 0.0,
+    },
+    Comparison {
+        what: "Lua publish with confirms, 16 instances vs raw lapin, 16 in flight",
+        candidate: "rabbitmq_publish/lua_publish_16_instances",
+        baseline: "rabbitmq_publish/raw_lapin_16_in_flight",
         goal: 0.0,
     },
     Comparison {
@@ -130,11 +147,15 @@ struct Row {
 }
 
 /// Runs everything; `Ok(false)` if a bench failed to run.
-pub fn run(quick: bool) -> Result<bool, String> {
+pub fn run(quick: bool, report_only: bool) -> Result<bool, String> {
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let rabbit = std::net::TcpStream::connect("127.0.0.1:5672").is_ok();
-    let steps = SUITES.len() as u64 + 1;
+    let steps = if report_only {
+        1
+    } else {
+        SUITES.len() as u64 + 1
+    };
     let progress = ProgressBar::new(steps);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -143,7 +164,7 @@ pub fn run(quick: bool) -> Result<bool, String> {
     );
     let mut all_ok = true;
     let started = Instant::now();
-    for suite in SUITES {
+    for suite in SUITES.iter().filter(|_| !report_only) {
         progress.set_message(format!(
             "cargo bench -p {} --bench {}",
             suite.package, suite.bench

@@ -22,10 +22,20 @@ pub fn run(require_mdbook: bool) -> Result<bool, String> {
     for b in &broken {
         eprintln!("broken link: {b}");
     }
-    println!("checked the links of {} pages: {} broken", pages.len(), broken.len());
-    let has_mdbook = Command::new("mdbook").arg("--version").output().is_ok_and(|o| o.status.success());
+    println!(
+        "checked the links of {} pages: {} broken",
+        pages.len(),
+        broken.len()
+    );
+    let has_mdbook = Command::new("mdbook")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     let built = if has_mdbook {
-        let status = Command::new("mdbook").args(["build", "docs"]).status().map_err(|e| e.to_string())?;
+        let status = Command::new("mdbook")
+            .args(["build", "docs"])
+            .status()
+            .map_err(|e| e.to_string())?;
         status.success()
     } else if require_mdbook {
         eprintln!("mdbook is not installed (cargo install mdbook)");
@@ -38,7 +48,9 @@ pub fn run(require_mdbook: bool) -> Result<bool, String> {
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() && path.file_name().is_some_and(|n| n != "book") {
@@ -129,7 +141,9 @@ mod tests {
 
     #[test]
     fn anchors_follow_mdbook() {
-        let set = anchors("# The core model\n## `queue.publish(queue_id, data [, headers])`\n```\n# not a heading\n```\n");
+        let set = anchors(
+            "# The core model\n## `queue.publish(queue_id, data [, headers])`\n```\n# not a heading\n```\n",
+        );
         assert!(set.contains("the-core-model"));
         assert!(set.contains("queuepublishqueue_id-data--headers"));
         assert!(!set.contains("not-a-heading"));
@@ -138,6 +152,9 @@ mod tests {
     #[test]
     fn finds_links_outside_code() {
         let found = links("see [a](a.md#x) and [b](https://e.org)\n```\n[c](c.md)\n```\n");
-        assert_eq!(found, vec![(1, "a.md#x".to_string()), (1, "https://e.org".to_string())]);
+        assert_eq!(
+            found,
+            vec![(1, "a.md#x".to_string()), (1, "https://e.org".to_string())]
+        );
     }
 }

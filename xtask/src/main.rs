@@ -65,6 +65,10 @@ enum Command {
         /// Shorter runs.
         #[arg(long)]
         quick: bool,
+        /// Only build the table from the criterion results already under target/criterion
+        /// (and a fresh kombu run).
+        #[arg(long)]
+        report_only: bool,
     },
     /// Check the manual's internal links and build it with mdBook.
     Docs {
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
             driver,
             quick,
         } => matrix::run(broker, driver, quick),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, report_only } => bench::run(quick, report_only),
         Command::Docs { require_mdbook } => docs::run(require_mdbook),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target),
         Command::Soak { messages } => soak::run(messages),
