@@ -154,6 +154,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let (plan, kinds) = plan(&config, strict)?;
             let handle = queue_runtime::metrics::install();
+            let _upkeep = handle.clone().map(queue_runtime::metrics::spawn_upkeep);
             let _server = match (metrics_addr, handle) {
                 (Some(addr), Some(handle)) => Some(
                     queue_runtime::metrics::serve(addr, handle)

@@ -53,6 +53,19 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds. Without it
+/// (and without a scrape) the recorder keeps every raw sample: memory grows with every
+/// handled message.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
 /// Serves `/metrics` and `/health` on an address until the task is dropped.
 pub async fn serve(
     addr: std::net::SocketAddr,

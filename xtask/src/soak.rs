@@ -9,7 +9,9 @@ const APP: &str = r#"namespace: soak
 entries:
   - name: q
     kind: queue.queue
-    max_length: 20000
+    # Small, so the producers' backlog is full within the warm-up and any growth
+    # after it is the runtime's, not the queue's contents.
+    max_length: 1000
   - name: worker
     kind: queue.consumer
     queue: q
