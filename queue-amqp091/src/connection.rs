@@ -138,12 +138,24 @@ impl Shared {
         self.link.borrow().clone()
     }
 
+    /// The current link, if it is alive and the driver is not closed: what
+    /// [`Self::link_until`] returns at once in the common case, without subscribing.
+    pub(crate) fn live_link(&self) -> Option<Arc<Link>> {
+        if *self.closed.borrow() {
+            return None;
+        }
+        self.link.borrow().clone().filter(|link| link.is_alive())
+    }
+
     /// Waits for a live link until `deadline`; `what` names the operation in the error.
     pub(crate) async fn link_until(
         &self,
         what: &str,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Link>> {
+        if let Some(link) = self.live_link() {
+            return Ok(link);
+        }
         let mut rx = self.link.subscribe();
         let mut closed = self.closed.subscribe();
         let wait = async {

@@ -135,8 +135,12 @@ impl Shared {
         prepared: &Prepared,
         deadline: Instant,
     ) -> Result<PublisherConfirm> {
-        let what = format!("publish to {queue}");
-        let link = self.link_until(&what, deadline).await?;
+        // Only error messages name the operation: build the text only for them.
+        let what = || format!("publish to {queue}");
+        let link = match self.live_link() {
+            Some(link) => link,
+            None => self.link_until(&what(), deadline).await?,
+        };
         let routing = match prepared.delay_ms {
             Some(ms) => queue_name(&self.delay_queue(&link, spec, ms).await?)?,
             None => routing.clone(),
@@ -158,9 +162,10 @@ impl Shared {
         };
         match tokio::time::timeout_at(deadline, io).await {
             Ok(Ok(confirm)) => Ok(confirm),
-            Ok(Err(e)) => Err(self.publish_failure(&what, e)),
+            Ok(Err(e)) => Err(self.publish_failure(&what(), e)),
             Err(_) => Err(Error::internal(format!(
-                "{what}: not sent within publish_timeout {:?}",
+                "{}: not sent within publish_timeout {:?}",
+                what(),
                 self.config.publish_timeout
             ))),
         }
@@ -175,22 +180,27 @@ impl Shared {
         confirm: PublisherConfirm,
         deadline: Instant,
     ) -> Result<()> {
-        let what = format!("publish to {queue}");
+        let what = || format!("publish to {queue}");
         let out = match tokio::time::timeout_at(deadline, confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(Error::not_found(format!(
-                "{what}: the broker returned message {id} as unroutable ({} {}): the queue does not exist on the broker",
-                returned.reply_code, returned.reply_text
+                "{}: the broker returned message {id} as unroutable ({} {}): the queue does not exist on the broker",
+                what(),
+                returned.reply_code,
+                returned.reply_text
             ))),
             Ok(Ok(Confirmation::Nack(_))) => Err(Error::internal(format!(
-                "{what}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it"
+                "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
+                what()
             ))),
             Ok(Ok(Confirmation::NotRequested)) => Err(Error::internal(format!(
-                "{what}: the channel was not in confirm mode; message {id} is not known to be stored"
+                "{}: the channel was not in confirm mode; message {id} is not known to be stored",
+                what()
             ))),
-            Ok(Err(e)) => Err(self.publish_failure(&what, e)),
+            Ok(Err(e)) => Err(self.publish_failure(&what(), e)),
             Err(_) => Err(Error::internal(format!(
-                "{what}: message {id} not confirmed within publish_timeout {:?}",
+                "{}: message {id} not confirmed within publish_timeout {:?}",
+                what(),
                 self.config.publish_timeout
             ))),
         };
