@@ -80,7 +80,9 @@ fn build(input: &mut Input, depth: usize) -> String {
             build(input, depth + 1)
         ),
         11 => {
-            let levels = usize::from(input.byte().unwrap_or(0));
+            // Past the runtime's 128-level limit, but within what Lua's parser accepts
+            // (about 200 nested constructors): deeper would test Lua, not us.
+            let levels = usize::from(input.byte().unwrap_or(0) % 160);
             format!("{}1{}", "{".repeat(levels), "}".repeat(levels))
         }
         _ => "(function() local t = {} t.self = t return t end)()".into(),

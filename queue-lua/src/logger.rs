@@ -7,11 +7,13 @@ use crate::value::from_lua;
 /// Creates the `logger` table. Works with `logger:info(...)` and `logger.info(...)`.
 pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     let logger = lua.create_table()?;
+    // The functions recognise `logger:info(...)` by the table's address: holding the
+    // table itself would be a cycle through Rust that Lua's collector never frees.
+    let me = logger.to_pointer() as usize;
     for level in ["debug", "info", "warn", "error"] {
-        let me = logger.clone();
         let f = lua.create_function(move |_, args: Variadic<LuaValue>| {
             let mut args = args.into_iter().peekable();
-            if matches!(args.peek(), Some(LuaValue::Table(t)) if *t == me) {
+            if matches!(args.peek(), Some(LuaValue::Table(t)) if t.to_pointer() as usize == me) {
                 args.next();
             }
             let message = match args.next() {
