@@ -223,7 +223,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     for entry in &config.entries {
         if let EntryKind::Queue(q) = &entry.kind {
             match queue_plan(entry, q, &plan, default_driver.as_deref()) {
-                Ok(mut plans) => plan.queues.append(&mut plans),
+                Ok(queue) => plan.queues.push(queue),
                 Err(e) => errors.push(e),
             }
         }
@@ -378,7 +378,7 @@ fn queue_plan(
     q: &QueueEntry,
     plan: &Plan,
     default_driver: Option<&str>,
-) -> Result<Vec<QueuePlan>, ConfigError> {
+) -> Result<QueuePlan, ConfigError> {
     let id = QueueId::parse(&entry.id).map_err(|e| entry.error(Some("name"), e.message()))?;
     let driver = match (&q.driver, default_driver) {
         (Some(d), _) => {
@@ -416,7 +416,7 @@ fn queue_plan(
             "a queue cannot be its own dead-letter queue",
         ));
     }
-    Ok(vec![QueuePlan {
+    Ok(QueuePlan {
         spec,
         settings: PublishSettings {
             codec: q.codec.into(),
@@ -425,7 +425,7 @@ fn queue_plan(
         driver,
         retry: RetryPolicy::from(&q.retry),
         dead_letter,
-    }])
+    })
 }
 
 fn security(
