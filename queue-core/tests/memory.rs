@@ -146,3 +146,42 @@ async fn redeclaring_with_other_options_is_already_exists() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
 }
+
+#[tokio::test]
+async fn a_batch_larger_than_the_room_keeps_its_order_as_consumers_make_room() {
+    let driver = MemoryDriver::new();
+    driver
+        .declare(&QueueSpec::new(id()).with_max_length(3))
+        .await
+        .unwrap();
+    let publisher = {
+        let driver = driver.clone();
+        tokio::spawn(async move {
+            driver
+                .publish_batch(&id(), (0..10).map(numbered).collect())
+                .await
+        })
+    };
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    for expected in 0..10 {
+        let delivery = sub.next().await.unwrap().unwrap();
+        assert_eq!(number_of(&delivery), expected);
+        delivery.ack().await.unwrap();
+    }
+    publisher.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_header_queues_nothing() {
+    let driver = MemoryDriver::new();
+    driver.declare(&QueueSpec::new(id())).await.unwrap();
+    let mut bad = numbered(2);
+    bad.headers = Headers::from_pairs([("priority", HeaderValue::from("urgent"))]);
+    let batch = vec![numbered(1), bad, numbered(3)];
+    let err = driver.publish_batch(&id(), batch).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert_eq!(driver.info(&id()).await.unwrap().ready, Some(0));
+}

@@ -161,6 +161,15 @@ impl Driver for MemoryDriver {
         q.publish(message, self.shared.config.publish_timeout).await
     }
 
+    async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
+        for message in &messages {
+            refuse_unsupported_headers(self.name(), &CAPABILITIES, message)?;
+        }
+        let q = self.queue(queue)?;
+        q.publish_batch(messages, self.shared.config.publish_timeout)
+            .await
+    }
+
     async fn consume(
         &self,
         queue: &QueueId,

@@ -35,9 +35,13 @@ pub(super) struct MemQueue {
     spec: QueueSpec,
     max_length: u64,
     state: Mutex<State>,
-    /// Signalled when a message becomes ready, or the queue closes.
+    /// Signalled when a message becomes ready, or the queue closes. One message wakes
+    /// one waiting consumer (`notify_one`): waking them all made every consumer thread
+    /// race for each message. Waiters re-check the queue after registering, so a
+    /// stored permit or a lost race only costs a spurious loop.
     pub(super) ready_signal: Notify,
-    /// Signalled when room frees up under `max_length`, or the queue closes.
+    /// Signalled when room frees up under `max_length` (one publisher per freed
+    /// slot), or the queue closes.
     space_signal: Notify,
     next_tag: AtomicU64,
     acked: AtomicU64,
@@ -101,52 +105,110 @@ impl MemQueue {
         Ok(ttl.map(|t| Instant::now() + t))
     }
 
+    /// Reads what a message's headers ask of this queue (lane, expiry, delay); a header
+    /// that does not parse refuses the message before anything is queued.
+    fn prepare(&self, message: Message) -> Result<(Ready, Option<Duration>)> {
+        let priority = self.lane_of(&message)?;
+        let expires = self.expiry_of(&message)?;
+        let delay = message.headers.delay()?.filter(|d| !d.is_zero());
+        Ok((
+            Ready {
+                message,
+                priority,
+                expires,
+            },
+            delay,
+        ))
+    }
+
     /// Adds a message at the back of its lane, waiting up to `timeout` for room.
     pub(super) async fn publish(
         self: &std::sync::Arc<Self>,
         message: Message,
         timeout: Duration,
     ) -> Result<()> {
-        let priority = self.lane_of(&message)?;
-        let expires = self.expiry_of(&message)?;
-        if let Some(delay) = message.headers.delay()?.filter(|d| !d.is_zero()) {
-            self.lock().delayed += 1;
-            let queue = std::sync::Arc::clone(self);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let mut state = queue.lock();
-                state.delayed -= 1;
-                // A delayed message was accepted already: it enters even a full queue.
-                Self::push(
-                    &mut state,
-                    Ready {
-                        message,
-                        priority,
-                        expires,
-                    },
-                    false,
-                );
-                drop(state);
-                queue.ready_signal.notify_waiters();
-            });
-            return Ok(());
+        let (ready, delay) = self.prepare(message)?;
+        match delay {
+            Some(delay) => {
+                self.publish_later(ready, delay);
+                Ok(())
+            }
+            None => self.publish_now(ready, timeout).await,
         }
-        let deadline = Instant::now() + timeout;
-        let mut ready = Some(Ready {
-            message,
-            priority,
-            expires,
+    }
+
+    /// Adds several messages in order under one lock while there is room (the rest
+    /// wait for room like single publishes), then wakes the waiting consumers once.
+    /// Every message is checked before any is queued.
+    pub(super) async fn publish_batch(
+        self: &std::sync::Arc<Self>,
+        messages: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let prepared = messages
+            .into_iter()
+            .map(|m| self.prepare(m))
+            .collect::<Result<Vec<_>>>()?;
+        self.refuse_if_closed()?;
+        let mut rest = prepared.into_iter().peekable();
+        let mut queued = false;
+        {
+            let mut state = self.lock();
+            while state.ready < self.max_length {
+                match rest.next_if(|(_, delay)| delay.is_none()) {
+                    Some((ready, _)) => {
+                        Self::push(&mut state, ready, false);
+                        queued = true;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if queued {
+            self.ready_signal.notify_waiters();
+        }
+        for (ready, delay) in rest {
+            match delay {
+                Some(delay) => self.publish_later(ready, delay),
+                None => self.publish_now(ready, timeout).await?,
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_if_closed(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::new(
+                crate::ErrorKind::Canceled,
+                "the memory driver is closed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts a delayed message now and queues it once its delay has passed.
+    fn publish_later(self: &std::sync::Arc<Self>, ready: Ready, delay: Duration) {
+        self.lock().delayed += 1;
+        let queue = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut state = queue.lock();
+            state.delayed -= 1;
+            // A delayed message was accepted already: it enters even a full queue.
+            Self::push(&mut state, ready, false);
+            drop(state);
+            queue.ready_signal.notify_one();
         });
+    }
+
+    async fn publish_now(&self, ready: Ready, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut ready = Some(ready);
         loop {
             let room = self.space_signal.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if self.is_closed() {
-                return Err(Error::new(
-                    crate::ErrorKind::Canceled,
-                    "the memory driver is closed",
-                ));
-            }
+            self.refuse_if_closed()?;
             {
                 let mut state = self.lock();
                 if state.ready < self.max_length {
@@ -154,7 +216,7 @@ impl MemQueue {
                         Self::push(&mut state, r, false);
                     }
                     drop(state);
-                    self.ready_signal.notify_waiters();
+                    self.ready_signal.notify_one();
                     return Ok(());
                 }
             }
@@ -203,7 +265,7 @@ impl MemQueue {
             .in_flight
             .insert(tag, (subscription, ready.message.clone(), ready.priority));
         drop(state);
-        self.space_signal.notify_waiters();
+        self.space_signal.notify_one();
         Some((tag, ready.message))
     }
 
@@ -230,7 +292,7 @@ impl MemQueue {
                 true,
             );
             drop(state);
-            self.ready_signal.notify_waiters();
+            self.ready_signal.notify_one();
         } else {
             self.acked.fetch_add(1, Ordering::Relaxed);
         }

@@ -13,7 +13,8 @@ use crate::{Acker, Delivery, Result, Subscription};
 #[derive(Debug)]
 struct Outstanding {
     unsettled: AtomicU32,
-    /// Signalled when a delivery of this subscription is settled.
+    /// Signalled when a delivery of this subscription is settled; only the
+    /// subscription itself waits on it.
     settled: Notify,
 }
 
@@ -40,6 +41,17 @@ impl MemSubscription {
         }
     }
 
+    fn take(&self) -> Option<Delivery> {
+        let (tag, message) = self.queue.take(self.id)?;
+        self.outstanding.unsettled.fetch_add(1, Ordering::AcqRel);
+        let acker = MemAcker {
+            queue: Arc::clone(&self.queue),
+            tag,
+            outstanding: Arc::clone(&self.outstanding),
+        };
+        Some(Delivery::new(message, Box::new(acker)))
+    }
+
     fn detach(&self) {
         if !self.detached.swap(true, Ordering::AcqRel) {
             self.queue.detach(self.id);
@@ -63,17 +75,16 @@ impl Subscription for MemSubscription {
                 }
                 continue;
             }
+            // Registering as a waiter takes the signal's lock twice: only pay for it
+            // when the queue looks empty, then look again so no wake-up is missed.
+            if let Some(delivery) = self.take() {
+                return Some(Ok(delivery));
+            }
             let ready = self.queue.ready_signal.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            if let Some((tag, message)) = self.queue.take(self.id) {
-                self.outstanding.unsettled.fetch_add(1, Ordering::AcqRel);
-                let acker = MemAcker {
-                    queue: Arc::clone(&self.queue),
-                    tag,
-                    outstanding: Arc::clone(&self.outstanding),
-                };
-                return Some(Ok(Delivery::new(message, Box::new(acker))));
+            if let Some(delivery) = self.take() {
+                return Some(Ok(delivery));
             }
             if self.queue.is_closed() {
                 return None;
@@ -104,7 +115,7 @@ impl MemAcker {
     fn settle(self, release: bool) -> Result<()> {
         let result = self.queue.settle(self.tag, release);
         self.outstanding.unsettled.fetch_sub(1, Ordering::AcqRel);
-        self.outstanding.settled.notify_waiters();
+        self.outstanding.settled.notify_one();
         result
     }
 }
