@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 pub mod proton;
-pub mod rabbit_node;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 

@@ -38,12 +38,22 @@ pub struct ControlledDriver {
     holding: Mutex<bool>,
     held: Mutex<VecDeque<oneshot::Sender<bool>>>,
     arrived: Notify,
+    without_delays: bool,
 }
 
 impl ControlledDriver {
     /// Passes publishes through until [`ControlledDriver::hold_publishes`].
     pub fn new() -> Self {
         ControlledDriver::default()
+    }
+
+    /// Reports no `delay` capability, as a broker without delayed delivery does, so
+    /// that the runtime holds a failed delivery for its backoff instead.
+    pub fn without_delays() -> Self {
+        ControlledDriver {
+            without_delays: true,
+            ..ControlledDriver::default()
+        }
     }
 
     /// The memory driver underneath.
@@ -113,7 +123,10 @@ impl Driver for ControlledDriver {
         "controlled"
     }
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        Capabilities {
+            delay: !self.without_delays && self.inner.capabilities().delay,
+            ..self.inner.capabilities()
+        }
     }
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
         self.inner.declare(spec).await

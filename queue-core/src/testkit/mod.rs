@@ -13,9 +13,14 @@
 //! one `#[tokio::test]` of each. Contracts a driver's [`Capabilities`] rule out print
 //! `skipped: ...` and return; the factory returns `None` (after printing why) when the
 //! backend is unreachable outside CI.
+//!
+//! For fault tests: [`rabbitmq::PrivateNode`] (a RabbitMQ node of the test's own, to
+//! cut and stop) and [`Tally`] (end-to-end counts of numbered messages).
 
 mod contracts;
 mod controlled;
+pub mod rabbitmq;
+mod tally;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +28,7 @@ use std::time::Duration;
 
 pub use contracts::*;
 pub use controlled::{ControlledDriver, ControlledFactory};
+pub use tally::{FaultCounts, Tally};
 
 use crate::{
     Capabilities, Codec, Delivery, Driver, Headers, Message, QueueId, QueueSpec, Subscription,
