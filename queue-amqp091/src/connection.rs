@@ -90,6 +90,12 @@ pub(crate) struct Shared {
     pub(crate) settlers: Mutex<HashMap<u64, Weak<Settler>>>,
     next_id: AtomicU64,
     generation: AtomicU64,
+    /// The runtime the driver was created on, where its background tasks live. A
+    /// subscription re-attaches inside `next()`, which may run on a caller's
+    /// short-lived runtime (the queue runtime's workers each drive one of their own);
+    /// a task spawned there would die with it and leave the subscription unable to
+    /// drain its acks or close its channel.
+    pub(crate) tasks: tokio::runtime::Handle,
 }
 
 /// Locks a std mutex; a panic elsewhere cannot leave these maps half-written.
@@ -118,10 +124,13 @@ impl Shared {
             settlers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
+            tasks: tokio::runtime::Handle::current(),
         });
         let first = shared.establish().await?;
         shared.link.send_replace(Some(Arc::clone(&first)));
-        tokio::spawn(supervise(Arc::downgrade(&shared), first));
+        shared
+            .tasks
+            .spawn(supervise(Arc::downgrade(&shared), first));
         Ok(shared)
     }
 

@@ -60,7 +60,8 @@ struct Round {
 }
 
 impl Settler {
-    fn start(channel: Channel) -> Arc<Settler> {
+    /// Starts the settler and its flusher on `tasks` (the driver's runtime).
+    fn start(channel: Channel, tasks: &tokio::runtime::Handle) -> Arc<Settler> {
         let (done, _) = watch::channel(false);
         let settler = Arc::new(Settler {
             channel,
@@ -71,7 +72,7 @@ impl Settler {
             wake: Notify::new(),
             done,
         });
-        tokio::spawn(flush_loop(Arc::clone(&settler)));
+        tasks.spawn(flush_loop(Arc::clone(&settler)));
         settler
     }
 
@@ -295,7 +296,7 @@ impl AmqpSubscription {
                 return Err(error::map(&what, e));
             }
         };
-        let settler = Settler::start(channel.clone());
+        let settler = Settler::start(channel.clone(), &self.shared.tasks);
         let settler_id = self.shared.next_id();
         lock(&self.shared.settlers).insert(settler_id, Arc::downgrade(&settler));
         Ok(Attached {
@@ -326,14 +327,11 @@ impl AmqpSubscription {
                     let _ = channel.close(200, "consumer detached".into()).await;
                 }
             };
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(close);
-                }
-                // No runtime (dropped outside one): lapin closes the channel once
-                // the last delivery of it is gone.
-                Err(_) => drop(close),
-            }
+            // On the driver's runtime, which works from any thread (a subscription
+            // dropped outside a runtime too) and outlives the caller's. If that
+            // runtime is gone, the future is dropped and lapin closes the channel
+            // once the last delivery of it is gone.
+            self.shared.tasks.spawn(close);
         }
     }
 

@@ -60,6 +60,8 @@ pub(crate) struct Connector {
     reconnect_max_delay: Duration,
     live: Mutex<Option<Live>>,
     generation: AtomicU64,
+    /// Connections that opened (attempts that failed are not counted).
+    opened: AtomicU64,
     link_seq: AtomicU64,
     closed: watch::Sender<bool>,
 }
@@ -91,6 +93,7 @@ impl Connector {
             reconnect_max_delay: config.reconnect_max_delay,
             live: Mutex::new(None),
             generation: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
             link_seq: AtomicU64::new(0),
             closed,
         });
@@ -113,6 +116,11 @@ impl Connector {
         self.reconnect_delay
             .saturating_mul(factor)
             .min(self.reconnect_max_delay)
+    }
+
+    /// How many connections have opened so far: 1 after connecting, +1 per reconnect.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// Resolves once the driver is closed.
@@ -161,6 +169,7 @@ impl Connector {
             .await
             .map_err(|_| Error::internal(format!("opening {} timed out", e.redacted)))?
             .map_err(|err| self.open_error(err))?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(url = %e.redacted, generation, "amqp10 connection open");
         Ok(Live {
             generation,
@@ -318,6 +327,7 @@ mod tests {
             reconnect_max_delay: config.reconnect_max_delay,
             live: Mutex::new(None),
             generation: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
             link_seq: AtomicU64::new(0),
             closed,
         };

@@ -104,6 +104,13 @@ impl Amqp10Driver {
         })
     }
 
+    /// How many connections the driver has opened: 1 after [`Amqp10Driver::connect`],
+    /// one more per reconnect. Lets an application (and the fault tests) see that a
+    /// connection loss happened and was recovered from.
+    pub fn connections_opened(&self) -> u64 {
+        self.connector.connections_opened()
+    }
+
     /// The profile in use.
     pub fn profile(&self) -> Profile {
         self.config.profile
