@@ -13,6 +13,10 @@ use queue_core::{ConsumeOptions, Driver, Message, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
 
+/// The allocator the `queue-runtime` binary runs with, so the bench measures it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 5000;
 
 fn messages() -> Vec<Message> {

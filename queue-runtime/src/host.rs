@@ -27,6 +27,10 @@ pub struct HostOptions {
     /// Keep trying to connect a driver whose broker is unreachable (with backoff from
     /// 1 s to 30 s) instead of failing; `run` does, one-off commands do not.
     pub wait_for_brokers: bool,
+    /// Refuse to start when a consumed queue's driver cannot count its ready messages:
+    /// `run --exit-when-idle` reads idleness from those counts and would otherwise end
+    /// with messages still waiting.
+    pub needs_queue_counts: bool,
 }
 
 impl Default for HostOptions {
@@ -35,6 +39,7 @@ impl Default for HostOptions {
         HostOptions {
             lua_threads: cores.clamp(1, 8),
             wait_for_brokers: false,
+            needs_queue_counts: false,
         }
     }
 }
@@ -59,6 +64,24 @@ async fn create_driver(
             Err(e) => return Err(e.context(format!("driver {id}"))),
         }
     }
+}
+
+fn refuse_uncounted_queues(plan: &Plan, drivers: &BTreeMap<String, Arc<dyn Driver>>) -> Result<()> {
+    for c in &plan.consumers {
+        let Some(q) = plan.queue(&c.queue) else {
+            continue;
+        };
+        if drivers
+            .get(&q.driver)
+            .is_some_and(|d| !d.capabilities().info_ready)
+        {
+            return Err(Error::invalid(format!(
+                "--exit-when-idle reads idleness from queue counts, and driver {} cannot count the messages of {} (consumer {}); run without --exit-when-idle and stop the runtime with a signal",
+                q.driver, c.queue, c.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 struct RunningConsumer {
@@ -127,6 +150,9 @@ impl Host {
                 .cloned()
                 .ok_or_else(|| Error::internal(format!("driver {id} was not created")))
         };
+        if options.needs_queue_counts {
+            refuse_uncounted_queues(&plan, &drivers)?;
+        }
         let queues = Queues::new();
         for q in &plan.queues {
             queues
@@ -159,7 +185,9 @@ impl Host {
                     driver: Arc::clone(&driver),
                     retry: q.retry.clone(),
                     dead_letter,
+                    stop: stop.subscribe(),
                 },
+                meters: crate::metrics::ConsumerMeters::of(&c.queue),
             });
             // The consumer runs on up to `concurrency` workers, each with its own
             // subscription and share of the slots and prefetch, so that a delivery is
@@ -274,11 +302,20 @@ impl Host {
         Ok(self.busy.count() == 0)
     }
 
-    /// Waits until [`Host::is_idle`] holds, checking the drivers' counts every 50 ms.
+    /// Waits until [`Host::is_idle`] holds on two reads of the counts in a row, 50 ms
+    /// apart. One read is not enough on a broker: RabbitMQ counts neither deliveries
+    /// on their way to this process nor a retry copy that is moving out of its delay
+    /// queue, and either shows up in a count (or in the runtime's own) by the next read.
     pub async fn wait_idle(&self) -> Result<()> {
+        let mut idle_reads = 0;
         loop {
             if self.is_idle().await? {
-                return Ok(());
+                idle_reads += 1;
+                if idle_reads == 2 {
+                    return Ok(());
+                }
+            } else {
+                idle_reads = 0;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

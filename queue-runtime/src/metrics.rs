@@ -105,6 +105,31 @@ pub async fn serve(
     }))
 }
 
+/// The instruments a consumer updates for every delivery, resolved once when it
+/// attaches: looking a labelled metric up by name costs a hash and allocations per
+/// message. Create them after [`install`], or they stay no-ops.
+#[derive(Clone)]
+pub struct ConsumerMeters {
+    /// [`names::DELIVERED`] for the consumer's queue.
+    pub delivered: metrics::Counter,
+    /// [`names::ACKED`] for the consumer's queue.
+    pub acked: metrics::Counter,
+    /// [`names::HANDLER_SECONDS`] for the consumer's queue.
+    pub handler_seconds: metrics::Histogram,
+}
+
+impl ConsumerMeters {
+    /// The instruments of `queue`.
+    pub fn of(queue: &QueueId) -> ConsumerMeters {
+        let label = queue.to_string();
+        ConsumerMeters {
+            delivered: metrics::counter!(names::DELIVERED, "queue" => label.clone()),
+            acked: metrics::counter!(names::ACKED, "queue" => label.clone()),
+            handler_seconds: metrics::histogram!(names::HANDLER_SECONDS, "queue" => label),
+        }
+    }
+}
+
 /// A driver layer that counts confirmed and failed publishes per queue.
 pub struct Metered {
     inner: Arc<dyn Driver>,

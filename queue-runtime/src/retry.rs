@@ -20,6 +20,8 @@ pub struct FailurePath {
     pub retry: RetryPolicy,
     /// The dead-letter queue and its driver, unless `dead_letter: false`.
     pub dead_letter: Option<(QueueId, Arc<dyn Driver>)>,
+    /// Set when the runtime stops: a delivery held for its backoff goes back at once.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RetryPolicy {
@@ -47,7 +49,8 @@ pub enum Disposition {
     DeadLettered,
     /// Exhausted with `dead_letter: false`: logged, counted, acked.
     Dropped,
-    /// The republish failed: the original went back to its queue unchanged.
+    /// The original went back to its queue unchanged: the republish failed, or the
+    /// runtime stopped while holding it for its backoff.
     Returned,
 }
 
@@ -62,8 +65,9 @@ impl FailurePath {
         let attempts = delivery.message().headers.attempts();
         let mut copy = delivery.message().clone();
         copy.headers.remove(names::DELAY);
+        let mut wait = Duration::ZERO;
         let (target, driver, disposition) = if attempts < self.retry.max_attempts {
-            let wait = self.retry.backoff(attempts);
+            wait = self.retry.backoff(attempts);
             copy.headers
                 .insert(names::ATTEMPTS, HeaderValue::Int(i64::from(attempts) + 1));
             if self.driver.capabilities().delay {
@@ -71,9 +75,17 @@ impl FailurePath {
                     .insert(names::DELAY, HeaderValue::Int(wait.as_millis() as i64));
             } else {
                 // Held unacked meanwhile: a crash now means the broker redelivers it.
-                tokio::time::sleep(wait).await;
+                // Stopping does not wait out the backoff: the delivery goes back, with
+                // the same attempts, for whoever consumes next.
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => {
+                        delivery.release().await?;
+                        return Ok(Disposition::Returned);
+                    }
+                }
             }
-            tracing::warn!(queue = %self.queue, id = %copy.id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
             (&self.queue, &self.driver, Disposition::Retried)
         } else if let Some((dlq, driver)) = &self.dead_letter {
             copy.headers
@@ -82,7 +94,6 @@ impl FailurePath {
                 .insert(names::X_DEAD_LETTER_REASON, reason.to_string());
             copy.headers
                 .insert(names::X_DEAD_LETTER_TIME, rfc3339_now());
-            tracing::error!(queue = %self.queue, id = %copy.id, attempts, dead_letter_queue = %dlq, %reason, "handler failed for the last time; dead-lettered");
             (dlq, driver, Disposition::DeadLettered)
         } else {
             tracing::error!(queue = %self.queue, id = %copy.id, attempts, %reason, "handler failed for the last time; dropped (dead_letter: false)");
@@ -95,9 +106,12 @@ impl FailurePath {
             delivery.release().await?;
             return Ok(Disposition::Returned);
         }
+        // Logged once the copy is confirmed, so a line never reports a move that failed.
         let name = if disposition == Disposition::Retried {
+            tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
             metric::RETRIED
         } else {
+            tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered");
             metric::DEAD_LETTERED
         };
         metrics::counter!(name, "queue" => label).increment(1);

@@ -10,10 +10,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
 use queue_core::{Delivery, Error, Queues, Result, Subscription, Value};
-use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
 
-use crate::metrics::names as metric;
+use crate::metrics::{ConsumerMeters, names as metric};
 use crate::registry::{ConsumerPlan, ProcessPlan};
 use crate::retry::FailurePath;
 
@@ -23,6 +24,8 @@ pub struct ConsumerRuntime {
     pub plan: ConsumerPlan,
     /// Where failures go.
     pub failure: FailurePath,
+    /// What it counts per delivery.
+    pub meters: ConsumerMeters,
 }
 
 /// Work for a worker thread.
@@ -58,21 +61,34 @@ pub struct Intake {
     pub stopped: oneshot::Sender<Box<dyn Subscription>>,
 }
 
-/// Counts deliveries that are being handled or wait for a retry.
-#[derive(Clone, Default)]
-pub struct Busy(Arc<(AtomicUsize, tokio::sync::Notify)>);
+/// Counts deliveries that are being handled or wait for a retry, and reports them as
+/// the in-flight gauge (create it after installing the metrics recorder).
+#[derive(Clone)]
+pub struct Busy {
+    count: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl Default for Busy {
+    fn default() -> Self {
+        Busy {
+            count: Arc::default(),
+            gauge: metrics::gauge!(metric::IN_FLIGHT),
+        }
+    }
+}
 
 impl Busy {
     /// Marks one delivery busy until the guard drops.
     pub fn enter(&self) -> BusyGuard {
-        self.0.0.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.gauge.increment(1.0);
         BusyGuard(self.clone())
     }
 
     /// How many are busy.
     pub fn count(&self) -> usize {
-        self.0.0.load(Ordering::Acquire)
+        self.count.load(Ordering::Acquire)
     }
 }
 
@@ -81,9 +97,8 @@ pub struct BusyGuard(Busy);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.0.0.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
-        self.0.0.1.notify_waiters();
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
     }
 }
 
@@ -208,104 +223,155 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
     }
 }
 
-/// Pulls deliveries while a slot is free and runs each handler as a local task: a
-/// delivery never leaves this thread, so no thread is woken per message.
+/// Runs a worker's share of a consumer: `slots` runners on this thread take turns at
+/// the subscription, and each runs one delivery at a time from handler to settlement.
+/// A runner whose handler finishes without yielding goes straight on to the next
+/// delivery: nothing is spawned, and no task is woken, per message.
 async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     let Intake {
         consumer,
-        mut subscription,
+        subscription,
         slots,
         mut stop,
         busy,
         stopped,
     } = intake;
-    let semaphore = Arc::new(Semaphore::new(slots as usize));
+    // Resolved once per intake: a source that does not load, or lacks the method,
+    // fails every delivery the same way.
+    let handler: HandlerLookup = host
+        .handler(&consumer.plan.source, &consumer.plan.method)
+        .map(Rc::new)
+        .map_err(|e| Rc::from(e.message()));
+    let shared = Rc::new(Runners {
+        host,
+        handler,
+        consumer,
+        busy,
+        subscription: tokio::sync::Mutex::new(Some(subscription)),
+        stopped_yet: stop.clone(),
+        stop_signal: tokio::sync::Notify::new(),
+    });
+    let runners = TaskTracker::new();
+    for _ in 0..slots.max(1) {
+        runners.spawn_local(run_in_turn(Rc::clone(&shared)));
+    }
+    runners.close();
+    // Until the stop signal, or until the subscription ended and every runner with it.
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = runners.wait() => {}
+    }
+    shared.stop_signal.notify_waiters();
+    // A runner settles its delivery before it looks at the stop signal again, so this
+    // waits for settlements too: no ack or retry copy is cut in half.
+    let finished = tokio::time::timeout(shared.consumer.plan.stop_timeout, runners.wait()).await;
+    if finished.is_err() {
+        tracing::warn!(queue = %shared.consumer.plan.queue, timeout = ?shared.consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
+    }
+    // Runners still busy are inside a handler, never holding the subscription.
+    if let Some(subscription) = shared.subscription.lock().await.take() {
+        let _ = stopped.send(subscription);
+    }
+}
+
+/// What the runners of one intake share.
+struct Runners {
+    host: Rc<LuaHost>,
+    handler: HandlerLookup,
+    consumer: Arc<ConsumerRuntime>,
+    busy: Busy,
+    /// Taken back by the intake when it stops.
+    subscription: tokio::sync::Mutex<Option<Box<dyn Subscription>>>,
+    /// Read before each delivery: `has_changed` is one atomic load, where waiting on
+    /// the watch channel once per delivery made the worker threads fight over its
+    /// lock. Stop is only ever sent once.
+    stopped_yet: watch::Receiver<bool>,
+    /// The stop signal relayed on this thread, for runners waiting for a delivery.
+    stop_signal: tokio::sync::Notify,
+}
+
+impl Runners {
+    async fn next(&self) -> Option<Result<Delivery>> {
+        let mut subscription = self.subscription.lock().await;
+        subscription.as_mut()?.next().await
+    }
+}
+
+async fn run_in_turn(runners: Rc<Runners>) {
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            permit = Arc::clone(&semaphore).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+        if !matches!(runners.stopped_yet.has_changed(), Ok(false)) {
+            return;
+        }
         let next = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
-            next = subscription.next() => next,
+            _ = runners.stop_signal.notified() => return,
+            next = runners.next() => next,
         };
         match next {
-            None => break,
+            None => return,
             Some(Err(e)) => {
-                tracing::warn!(queue = %consumer.plan.queue, error = %e, "consumer error");
+                tracing::warn!(queue = %runners.consumer.plan.queue, error = %e, "consumer error");
             }
             Some(Ok(delivery)) => {
-                let guard = busy.enter();
-                let host = Rc::clone(&host);
-                let consumer = Arc::clone(&consumer);
-                tokio::task::spawn_local(async move {
-                    handle_delivery(&host, delivery, consumer, permit).await;
-                    drop(guard);
-                });
+                let _busy = runners.busy.enter();
+                handle_delivery(&runners, delivery).await;
             }
         }
     }
-    let finished =
-        tokio::time::timeout(consumer.plan.stop_timeout, semaphore.acquire_many(slots)).await;
-    if finished.is_err() {
-        tracing::warn!(queue = %consumer.plan.queue, timeout = ?consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
-    }
-    let _ = stopped.send(subscription);
 }
 
-async fn handle_delivery(
-    host: &LuaHost,
-    delivery: Delivery,
-    consumer: Arc<ConsumerRuntime>,
-    permit: OwnedSemaphorePermit,
-) {
-    let label = consumer.plan.queue.to_string();
-    metrics::counter!(metric::DELIVERED, "queue" => label.clone()).increment(1);
+/// The consumer's handler, or why it cannot be found.
+type HandlerLookup = std::result::Result<Rc<Handler>, Rc<str>>;
+
+async fn handle_delivery(runners: &Runners, delivery: Delivery) {
+    let Runners {
+        host,
+        handler,
+        consumer,
+        ..
+    } = runners;
+    consumer.meters.delivered.increment(1);
     let delivery = Arc::new(delivery);
     let started = Instant::now();
     let outcome = match delivery.message().decode() {
         Err(e) => Outcome::Nack {
             reason: format!("the body cannot be decoded: {}", e.message()),
         },
-        Ok(payload) => match host.handler(&consumer.plan.source, &consumer.plan.method) {
+        Ok(payload) => match handler {
             Err(e) => Outcome::Nack {
-                reason: e.message().to_string(),
+                reason: e.to_string(),
             },
             Ok(handler) => {
                 let settle = Rc::new(RuntimeSettle {
                     delivery: Arc::clone(&delivery),
-                    consumer: Arc::clone(&consumer),
+                    consumer: Arc::clone(consumer),
                 });
                 let context = DeliveryContext {
                     message: delivery.message().clone(),
                     settle,
                 };
-                host.run_handler(&handler, &payload, context, consumer.plan.security.clone())
+                host.run_handler(handler, &payload, context, consumer.plan.security.clone())
                     .await
             }
         },
     };
-    metrics::histogram!(metric::HANDLER_SECONDS, "queue" => label.clone())
+    consumer
+        .meters
+        .handler_seconds
         .record(started.elapsed().as_secs_f64());
-    drop(permit);
     let settled = match outcome {
-        Outcome::Ack => ack(&delivery, &label).await,
+        Outcome::Ack => ack(&delivery, consumer).await,
         Outcome::Nack { reason } => consumer.failure.fail(&delivery, &reason).await.map(|_| ()),
         Outcome::Settled => Ok(()),
     };
     if let Err(e) = settled {
-        tracing::warn!(queue = %label, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it");
+        tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it");
     }
 }
 
-async fn ack(delivery: &Delivery, label: &str) -> Result<()> {
+async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
     delivery.ack().await?;
-    metrics::counter!(metric::ACKED, "queue" => label.to_string()).increment(1);
+    consumer.meters.acked.increment(1);
     Ok(())
 }
 
@@ -318,7 +384,7 @@ struct RuntimeSettle {
 #[async_trait(?Send)]
 impl Settle for RuntimeSettle {
     async fn ack(&self) -> Result<()> {
-        ack(&self.delivery, self.consumer.plan.queue.as_str()).await
+        ack(&self.delivery, &self.consumer).await
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {

@@ -437,15 +437,23 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(out.status.code(), Some(130), "{}", seen.join("\n"));
 }
 
-/// The command-line reference in docs/runtime.md names every flag of every command,
+/// The command-line reference in docs/operations.md names every flag of every command,
 /// and nothing clap does not know: checked against clap's own `--help`.
 #[test]
 fn the_cli_reference_matches_clap() {
-    let doc = std::fs::read_to_string(workspace_root().join("docs/runtime.md")).unwrap();
-    let reference = doc
-        .split("## ")
-        .next()
-        .expect("the reference block comes first");
+    let page = "docs/operations.md";
+    let doc = std::fs::read_to_string(workspace_root().join(page)).unwrap();
+    let heading = doc
+        .lines()
+        .position(|l| l == "## Command-line reference")
+        .unwrap_or_else(|| panic!("{page} has no `## Command-line reference`"))
+        + 1;
+    let blocks = queue_lua::examples::blocks(&doc).unwrap_or_else(|e| panic!("{page}: {e}"));
+    let reference = blocks
+        .iter()
+        .find(|b| b.line > heading && b.lang == "text")
+        .map(|b| b.code.as_str())
+        .unwrap_or_else(|| panic!("{page}: no text block under the reference heading"));
     let flags = |text: &str| -> std::collections::BTreeSet<String> {
         text.split(|c: char| {
             c.is_whitespace() || c == '[' || c == ']' || c == ',' || c == '|' || c == '`'
@@ -465,13 +473,13 @@ fn the_cli_reference_matches_clap() {
         let help = text(&out.stdout);
         assert!(
             reference.contains(&format!("queue-runtime {command}")),
-            "{command} is missing from docs/runtime.md"
+            "{command} is missing from {page}"
         );
         from_clap.extend(flags(&help));
     }
     let documented = flags(reference);
     assert_eq!(
         documented, from_clap,
-        "docs/runtime.md's reference and clap disagree"
+        "{page}'s reference and clap disagree"
     );
 }

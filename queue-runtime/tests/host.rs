@@ -36,10 +36,18 @@ end
 
 /// Starts a host for `app` (with the handler file) on a fresh controlled driver.
 async fn start(app: &str, lua_threads: usize) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
+    start_on(ControlledDriver::new(), app, lua_threads).await
+}
+
+async fn start_on(
+    driver: ControlledDriver,
+    app: &str,
+    lua_threads: usize,
+) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("app.yaml"), app).unwrap();
     std::fs::write(dir.path().join("h.lua"), HANDLER).unwrap();
-    let driver = Arc::new(ControlledDriver::new());
+    let driver = Arc::new(driver);
     let mut kinds = DriverKinds::builtin();
     kinds.register(Arc::new(ControlledFactory(driver.clone())));
     let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
@@ -47,6 +55,7 @@ async fn start(app: &str, lua_threads: usize) -> (tempfile::TempDir, Arc<Control
     let options = HostOptions {
         lua_threads,
         wait_for_brokers: false,
+        needs_queue_counts: false,
     };
     let host = Host::start(plan, &kinds, options).await.unwrap();
     (dir, driver, host)
@@ -109,4 +118,66 @@ async fn a_refused_publish_fails_the_handler_and_the_message_is_retried() {
     let out = host.queues().info("app:out").await.unwrap();
     assert_eq!(out.ready, Some(1), "the second attempt published");
     host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_retry_publish_begun_before_it() {
+    let app = APP.replace(
+        "    concurrency: 1000\n    prefetch: 1000\n",
+        "    concurrency: 1\n    prefetch: 1\n    stop_timeout: 30s\n",
+    );
+    let (_dir, driver, host) = start(&app, 1).await;
+    let jobs = QueueId::parse("app:jobs").unwrap();
+
+    driver.hold_publishes();
+    driver.inner().publish(&jobs, numbered(7)).await.unwrap();
+    driver.wait_for_held(1).await;
+    assert!(driver.refuse_next(), "the handler's publish is refused");
+    // The handler has returned; its retry copy is held in the driver.
+    driver.wait_for_held(1).await;
+    let stopping = tokio::spawn(host.shutdown());
+    // A shutdown that cancelled the consumer now would return the original to the
+    // queue while its copy is on the way: give it the time to do that wrong.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        driver.inner().info(&jobs).await.unwrap().ready,
+        Some(0),
+        "the original stays with the runtime until its retry copy is confirmed"
+    );
+    assert!(driver.confirm_next(), "the retry copy is confirmed");
+    let summary = stopping.await.unwrap();
+    assert_eq!(
+        (summary[0].acked, summary[0].ready, summary[0].in_flight),
+        (Some(1), Some(0), Some(0)),
+        "the original is acked, not returned: its copy is the only one left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
+    // Without delayed delivery the runtime holds a failed delivery for its backoff
+    // (here a minute); stopping must not wait that out, nor the 30 s stop_timeout.
+    let app = APP
+        .replace(
+            "    max_length: 5000\n  - name: out",
+            "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
+        )
+        .replace(
+            "    concurrency: 1000\n    prefetch: 1000\n",
+            "    concurrency: 1\n    prefetch: 1\n    stop_timeout: 30s\n",
+        );
+    let (_dir, driver, host) = start_on(ControlledDriver::without_delays(), &app, 1).await;
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    driver.hold_publishes();
+    driver.inner().publish(&jobs, numbered(7)).await.unwrap();
+    driver.wait_for_held(1).await;
+    assert!(driver.refuse_next(), "the handler fails");
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(20), host.shutdown())
+        .await
+        .expect("shutdown does not wait out the backoff");
+    assert_eq!(
+        (summary[0].acked, summary[0].ready),
+        (Some(0), Some(1)),
+        "the held delivery is back in its queue, unacked"
+    );
 }
