@@ -1,3 +1,4 @@
+// ANCHOR: example
 //! A publisher and a consumer in plain Rust, without Lua or the runtime: the memory
 //! driver here; any other driver crate works the same way through `Arc<dyn Driver>`.
 //! Run: `cargo run -p queue-core --example publisher_consumer`.
@@ -40,16 +41,25 @@ async fn main() -> queue_core::Result<()> {
     let mut consumer = driver
         .consume(&tasks, ConsumeOptions { prefetch: 10 })
         .await?;
-    if let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        let payload = delivery.message().decode()?;
-        println!(
-            "received {} with {:?}",
-            delivery.message().id,
-            payload.get("action")
-        );
-        delivery.ack().await?;
-    }
+    let delivery = consumer.next().await.expect("the message just published")?;
+    let payload = delivery.message().decode()?;
+    println!(
+        "received {} with {:?}",
+        delivery.message().id,
+        payload.get("action")
+    );
+    delivery.ack().await?;
     consumer.cancel().await?;
     driver.close().await
+}
+// ANCHOR_END: example
+
+// `test = true` in Cargo.toml: `cargo test` runs the example, not only builds it, so
+// the code the manual shows (docs/rust.md) is known to work.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_example_publishes_and_consumes_one_message() {
+        super::main().expect("the example runs");
+    }
 }

@@ -22,7 +22,7 @@ fn the_seed_copy_matches_the_users_document_when_it_is_beside_the_checkout() {
 
 #[tokio::test]
 async fn every_lua_block_of_the_seed_runs() {
-    let found = examples::extract(SEED);
+    let found = examples::extract(SEED).expect("the seed parses");
     assert_eq!(found.len(), 5, "the seed has five Lua blocks");
     for example in &found {
         examples::run(example)
@@ -34,6 +34,7 @@ async fn every_lua_block_of_the_seed_runs() {
 #[tokio::test]
 async fn the_seeds_consumer_pattern_handles_a_message_and_fails_on_a_bounce() {
     let mut pattern = examples::extract(SEED)
+        .expect("the seed parses")
         .into_iter()
         .find(|e| e.code.contains("function handle_email"))
         .expect("the seed's consumer pattern");
