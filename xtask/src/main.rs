@@ -6,7 +6,8 @@
 //!   a table, JSON and an SVG plot under `target/bench/`.
 //! - `docs`: checks the manual's internal links and builds it with mdBook.
 //! - `fuzz`: runs the cargo-fuzz targets for a while each.
-//! - `soak`: a long run through the runtime, watching its memory.
+//! - `soak`: a long run through the runtime on the memory driver or RabbitMQ (either
+//!   protocol), watching its memory.
 
 mod bench;
 mod brokers;
@@ -90,6 +91,12 @@ enum Command {
         /// How many messages.
         #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
+        /// Which driver carries them (amqp091 and amqp10 use RabbitMQ).
+        #[arg(long, value_enum, default_value_t = soak::SoakDriver::Memory)]
+        driver: soak::SoakDriver,
+        /// The broker's host:port, for amqp091 and amqp10 (loopback only).
+        #[arg(long, default_value = "127.0.0.1:5672")]
+        broker: String,
     },
 }
 
@@ -104,7 +111,11 @@ fn main() -> ExitCode {
         Command::Bench { quick, report_only } => bench::run(quick, report_only),
         Command::Docs { require_mdbook } => docs::run(require_mdbook),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target),
-        Command::Soak { messages } => soak::run(messages),
+        Command::Soak {
+            messages,
+            driver,
+            broker,
+        } => soak::run(messages, driver, &broker),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

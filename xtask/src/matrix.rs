@@ -12,6 +12,9 @@ struct Pair {
     package: &'static str,
     suites: &'static [&'static str],
     fault_suites: &'static [&'static str],
+    /// The pair's cells of the runtime fault suite (`queue-runtime --test faults`),
+    /// chosen by this test-name filter.
+    runtime_faults: Option<&'static str>,
 }
 
 const PAIRS: &[Pair] = &[
@@ -21,6 +24,7 @@ const PAIRS: &[Pair] = &[
         package: "queue-amqp091",
         suites: &["conformance", "broker"],
         fault_suites: &["faults"],
+        runtime_faults: Some("_amqp091"),
     },
     Pair {
         broker: Broker::Rabbitmq,
@@ -28,6 +32,7 @@ const PAIRS: &[Pair] = &[
         package: "queue-amqp10",
         suites: &["conformance_rabbitmq", "errors_rabbitmq"],
         fault_suites: &["fault_rabbitmq"],
+        runtime_faults: Some("_amqp10"),
     },
     Pair {
         broker: Broker::Proton,
@@ -35,6 +40,7 @@ const PAIRS: &[Pair] = &[
         package: "queue-amqp10",
         suites: &["conformance_proton"],
         fault_suites: &[],
+        runtime_faults: None,
     },
     Pair {
         broker: Broker::Artemis,
@@ -42,6 +48,7 @@ const PAIRS: &[Pair] = &[
         package: "queue-amqp10",
         suites: &["conformance_artemis"],
         fault_suites: &[],
+        runtime_faults: Some("artemis"),
     },
 ];
 
@@ -121,19 +128,54 @@ pub fn run(
 
 fn run_pair(pair: &Pair, env: &[(String, String)], quick: bool) -> Outcome {
     let started = Instant::now();
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.args(["test", "-p", pair.package]);
+    let mut runs = Vec::new();
+    let mut driver_tests = vec!["test".to_string(), "-p".into(), pair.package.into()];
     let suites = pair.suites.iter().chain(if quick {
         [].iter()
     } else {
         pair.fault_suites.iter()
     });
     for suite in suites {
-        command.args(["--test", suite]);
+        driver_tests.extend(["--test".into(), suite.to_string()]);
     }
+    driver_tests.push("--".into());
+    runs.push(driver_tests);
+    if let (false, Some(filter)) = (quick, pair.runtime_faults) {
+        runs.push(
+            [
+                "test",
+                "-p",
+                "queue-runtime",
+                "--test",
+                "faults",
+                "--",
+                filter,
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+    }
+    let mut outcome = Outcome {
+        reachable: true,
+        ..Outcome::default()
+    };
+    for args in runs {
+        run_one(pair, env, &args, &mut outcome);
+    }
+    outcome.duration = started.elapsed();
+    if outcome.skipped > 0 && outcome.note.is_empty() {
+        outcome.note = "skips are printed by the suites with their reason".into();
+    }
+    outcome
+}
+
+/// Runs one `cargo test` command of a pair and adds its results to `outcome`.
+fn run_one(pair: &Pair, env: &[(String, String)], args: &[String], outcome: &mut Outcome) {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(args);
     // The broker was found: a test that cannot reach it must fail, not skip.
     command
-        .args(["--", "--nocapture", "--test-threads", "2"])
+        .args(["--nocapture", "--test-threads", "2"])
         .env("CI", "true");
     for (k, v) in env {
         command.env(k, v);
@@ -145,12 +187,9 @@ fn run_pair(pair: &Pair, env: &[(String, String)], quick: bool) -> Outcome {
     let output = match command.output() {
         Ok(o) => o,
         Err(e) => {
-            return Outcome {
-                failed: 1,
-                note: format!("could not run cargo: {e}"),
-                reachable: true,
-                ..Outcome::default()
-            };
+            outcome.failed += 1;
+            outcome.note = format!("could not run cargo: {e}");
+            return;
         }
     };
     let text = format!(
@@ -158,28 +197,26 @@ fn run_pair(pair: &Pair, env: &[(String, String)], quick: bool) -> Outcome {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let mut outcome = Outcome {
-        reachable: true,
-        duration: started.elapsed(),
-        ..Outcome::default()
-    };
+    let mut failed = 0;
     for line in text.lines() {
         if let Some(rest) = line.trim().strip_prefix("test result: ") {
             outcome.passed += count(rest, "passed");
-            outcome.failed += count(rest, "failed");
+            failed += count(rest, "failed");
         }
         if line.trim_start().starts_with("skipped:") {
             outcome.skipped += 1;
         }
+        // The fault tests' end-to-end counts, shown as they come.
+        if line.contains(" / confirmed ") {
+            println!("  {}", line.trim());
+        }
     }
-    if !output.status.success() && outcome.failed == 0 {
-        outcome.failed = 1;
+    outcome.failed += failed;
+    if !output.status.success() && failed == 0 {
+        outcome.failed += 1;
         outcome.note = "the test run failed before reporting (build error?)".into();
         eprintln!("{text}");
-    } else if outcome.skipped > 0 {
-        outcome.note = "skips are capability skips, printed by the suite".into();
     }
-    outcome
 }
 
 fn count(summary: &str, word: &str) -> u32 {
