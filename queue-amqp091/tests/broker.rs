@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_core::testkit::everything_said;
 use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value,
 };
@@ -21,17 +21,6 @@ fn numbered(n: i64) -> Message {
         Codec::Json,
     )
     .unwrap()
-}
-
-/// Every rendering of an error, source chain included.
-fn everything_said(err: &queue_core::Error) -> String {
-    let mut out = format!("{err} {err:?}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(&format!(" {s} {s:?}"));
-        source = s.source();
-    }
-    out
 }
 
 /// Skips (or fails in CI) unless the shared broker answers.

@@ -164,6 +164,10 @@ impl Connector {
             .hostname(e.host.as_str())
             .domain(domain)
             .scheme(if e.tls { "amqps" } else { "amqp" })
+            // amqps:// means TLS from the first byte, as RabbitMQ's and Artemis' TLS
+            // listeners expect. fe2o3's default first sends the AMQP TLS protocol
+            // header (core spec 5.2.1), which those listeners drop ("early eof").
+            .alt_tls_establishment(true)
             .sasl_profile(profile);
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.open_with_stream(stream))
             .await

@@ -3,23 +3,11 @@
 
 mod support;
 
-use std::error::Error as _;
-
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Amqp10DriverFactory, Profile};
+use queue_core::testkit::everything_said;
 use queue_core::{Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
 
 const SECRET: &str = "not-the-password-7f3a";
-
-/// Every text the error exposes: Display, Debug and the source chain.
-fn all_text(err: &queue_core::Error) -> String {
-    let mut text = format!("{err} {err:?}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(&format!(" {s} {s:?}"));
-        source = s.source();
-    }
-    text
-}
 
 #[tokio::test]
 async fn wrong_password_is_refused_without_showing_it() {
@@ -31,7 +19,7 @@ async fn wrong_password_is_refused_without_showing_it() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
-    let text = all_text(&err);
+    let text = everything_said(&err);
     assert!(!text.contains(SECRET), "password leaked: {text}");
     assert!(text.contains("guest:***@127.0.0.1:5672"), "{text}");
 
@@ -42,7 +30,7 @@ async fn wrong_password_is_refused_without_showing_it() {
     let Err(err) = result else {
         panic!("a wrong password connected")
     };
-    assert!(!all_text(&err).contains(SECRET));
+    assert!(!everything_said(&err).contains(SECRET));
 }
 
 #[tokio::test]
@@ -57,7 +45,7 @@ async fn refused_port_is_internal_retryable_without_the_password() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
     assert!(err.retryable());
-    let text = all_text(&err);
+    let text = everything_said(&err);
     assert!(!text.contains(SECRET), "password leaked: {text}");
     assert!(
         text.contains(&format!("guest:***@127.0.0.1:{port}")),

@@ -15,12 +15,14 @@
 //! backend is unreachable outside CI.
 //!
 //! For fault tests: [`rabbitmq::PrivateNode`] (a RabbitMQ node of the test's own, to
-//! cut and stop) and [`Tally`] (end-to-end counts of numbered messages).
+//! cut and stop), [`Tally`] (end-to-end counts of numbered messages) and
+//! [`tls::UntrustedTlsServer`] (a TLS endpoint no trust store accepts).
 
 mod contracts;
 mod controlled;
 pub mod rabbitmq;
 mod tally;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,6 +163,19 @@ pub fn number_of(delivery: &Delivery) -> i64 {
         Some(Value::Int(n)) => *n,
         other => panic!("not a numbered message: {other:?}"),
     }
+}
+
+/// Every text an error shows a user or a log: Display, Debug and its whole source
+/// chain. Tests of password redaction search this.
+pub fn everything_said(err: &crate::Error) -> String {
+    use std::error::Error as _;
+    let mut said = format!("{err} {err:?}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        said.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    said
 }
 
 /// Awaits a future for at most [`PATIENCE`], panicking with `what` on timeout.
