@@ -1,18 +1,52 @@
-//! Real TLS failures (feature `tls`): an `amqps://` URL pointed at a plain AMQP port,
-//! and a broker certificate nobody trusts. Each must fail with a clear error that
-//! names the redacted URL and never the password. `.ci/run` runs this with
-//! `cargo test -p queue-amqp091 --features tls --test tls`.
+//! TLS for real (feature `tls`): messages over a private RabbitMQ node's TLS listener
+//! whose certificate comes from a CA the driver is told to trust; and the failures, an
+//! `amqps://` URL pointed at a plain AMQP port and a certificate nobody trusts, each
+//! with a clear error that names the redacted URL and never the password. `.ci/run`
+//! runs this with `cargo test -p queue-amqp091 --features tls --test tls`.
 #![cfg(feature = "tls")]
 
 mod common;
 
 use std::time::Duration;
 
-use queue_amqp091::{AmqpConfig, AmqpDriver};
-use queue_core::testkit::everything_said;
-use queue_core::testkit::tls::UntrustedTlsServer;
+use std::sync::Arc;
+
+use queue_amqp091::{AmqpConfig, AmqpDriver, TlsConfig};
+use queue_core::Driver;
+use queue_core::testkit::rabbitmq::PrivateNode;
+use queue_core::testkit::tls::{TestCertificates, UntrustedTlsServer};
+use queue_core::testkit::{
+    TestContext, everything_said, three_messages_are_delivered_exactly_once,
+};
 
 const SECRET: &str = "tls-secret-9c1e";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
+    let test = "amqp091 over TLS";
+    let Some(certificates) = TestCertificates::generate_or_skip(test) else {
+        return;
+    };
+    let Some(node) =
+        tokio::task::block_in_place(|| PrivateNode::start_with_tls_or_skip(test, &certificates))
+    else {
+        return;
+    };
+    let port = node.tls_port().expect("a TLS listener");
+    let mut config = AmqpConfig::new(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
+    config.tls = Some(TlsConfig {
+        ca_file: Some(certificates.ca_file()),
+        ..TlsConfig::default()
+    });
+    let driver = Arc::new(
+        AmqpDriver::connect(config)
+            .await
+            .expect("connects over TLS"),
+    );
+    three_messages_are_delivered_exactly_once(&TestContext::new(driver.clone())).await;
+    driver.close().await.expect("closes");
+    tokio::task::block_in_place(|| drop(node));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_to_a_plain_port_fails_without_showing_the_password() {

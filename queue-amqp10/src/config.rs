@@ -54,13 +54,17 @@ pub struct Amqp10Config {
 }
 
 /// TLS settings (`tls:` in the entry). `amqps://` turns TLS on; the server certificate is
-/// checked against the Mozilla root store (webpki-roots).
+/// checked against the Mozilla root store (webpki-roots), or against `ca_file`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The name the server certificate must carry (default: the URL's host).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// PEM file of the certificate authorities to trust instead of the Mozilla roots
+    /// (a broker with a certificate from a private CA).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_reconnect_delay() -> Duration {

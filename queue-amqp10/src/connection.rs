@@ -56,6 +56,9 @@ pub(crate) struct Connector {
     endpoint: Endpoint,
     container_id: String,
     server_name: Option<String>,
+    /// Set when `tls.ca_file` names the authorities to trust.
+    #[cfg(feature = "tls")]
+    private_ca: Option<tokio_rustls::TlsConnector>,
     reconnect_delay: Duration,
     reconnect_max_delay: Duration,
     live: Mutex<Option<Live>>,
@@ -78,6 +81,16 @@ impl std::fmt::Debug for Connector {
 impl Connector {
     /// Connects once (failing fast if the broker is unreachable or refuses the login).
     pub async fn connect(config: &Amqp10Config) -> Result<Arc<Connector>> {
+        let connector = Arc::new(Connector::unconnected(config)?);
+        let mut live = connector.live.lock().await;
+        *live = Some(connector.open().await?);
+        drop(live);
+        Ok(connector)
+    }
+
+    /// The connector for `config`, before its first connection: the configuration is
+    /// checked and `tls.ca_file` read here.
+    fn unconnected(config: &Amqp10Config) -> Result<Connector> {
         config.validate()?;
         let endpoint = Endpoint::parse(&config.url)?;
         let container_id = config
@@ -85,10 +98,15 @@ impl Connector {
             .clone()
             .unwrap_or_else(|| format!("queue-{}", queue_core::new_message_id()));
         let (closed, _) = watch::channel(false);
-        let connector = Arc::new(Connector {
+        Ok(Connector {
             endpoint,
             container_id,
             server_name: config.tls.as_ref().and_then(|t| t.server_name.clone()),
+            #[cfg(feature = "tls")]
+            private_ca: match config.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+                Some(ca_file) => Some(crate::tls::trusting(ca_file)?),
+                None => None,
+            },
             reconnect_delay: config.reconnect_delay,
             reconnect_max_delay: config.reconnect_max_delay,
             live: Mutex::new(None),
@@ -96,11 +114,7 @@ impl Connector {
             opened: AtomicU64::new(0),
             link_seq: AtomicU64::new(0),
             closed,
-        });
-        let mut live = connector.live.lock().await;
-        *live = Some(connector.open().await?);
-        drop(live);
-        Ok(connector)
+        })
     }
 
     /// A link name unique within this container.
@@ -169,7 +183,17 @@ impl Connector {
             // header (core spec 5.2.1), which those listeners drop ("early eof").
             .alt_tls_establishment(true)
             .sasl_profile(profile);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.open_with_stream(stream))
+        let opening = async {
+            #[cfg(feature = "tls")]
+            if let Some(private_ca) = &self.private_ca {
+                return builder
+                    .rustls_connector(private_ca.clone())
+                    .open_with_stream(stream)
+                    .await;
+            }
+            builder.open_with_stream(stream).await
+        };
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, opening)
             .await
             .map_err(|_| Error::internal(format!("opening {} timed out", e.redacted)))?
             .map_err(|err| self.open_error(err))?;
@@ -322,19 +346,7 @@ mod tests {
         let err = Connector::connect(&config).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Internal);
         assert!(err.retryable());
-        let (closed, _) = watch::channel(false);
-        let connector = Connector {
-            endpoint: Endpoint::parse(&config.url).unwrap(),
-            container_id: "c".into(),
-            server_name: None,
-            reconnect_delay: config.reconnect_delay,
-            reconnect_max_delay: config.reconnect_max_delay,
-            live: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            opened: AtomicU64::new(0),
-            link_seq: AtomicU64::new(0),
-            closed,
-        };
+        let connector = Connector::unconnected(&config).unwrap();
         let waits: Vec<u128> = (1..=5).map(|n| connector.backoff(n).as_millis()).collect();
         assert_eq!(waits, vec![100, 200, 400, 700, 700]);
         assert_eq!(connector.backoff(u32::MAX).as_millis(), 700);

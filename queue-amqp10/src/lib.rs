@@ -48,6 +48,8 @@ mod consume;
 mod error;
 mod mapping;
 mod publish;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -1,16 +1,54 @@
-//! Real TLS failures (feature `tls`): an `amqps://` URL pointed at a plain AMQP port,
-//! and a broker certificate nobody trusts. Each must fail with a clear error that
-//! names the redacted URL and never the password. `.ci/run` runs this with
-//! `cargo test -p queue-amqp10 --features tls --test tls`.
+//! TLS for real (feature `tls`): messages over a private RabbitMQ node's TLS listener
+//! whose certificate comes from a CA the driver is told to trust (`tls.ca_file`); and
+//! the failures, an `amqps://` URL pointed at a plain AMQP port and a certificate
+//! nobody trusts, each with a clear error that names the redacted URL and never the
+//! password. `.ci/run` runs this with `cargo test -p queue-amqp10 --features tls --test
+//! tls`.
 #![cfg(feature = "tls")]
 
 mod support;
 
-use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
-use queue_core::testkit::everything_said;
-use queue_core::testkit::tls::UntrustedTlsServer;
+use std::sync::Arc;
+
+use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile, TlsConfig};
+use queue_core::Driver;
+use queue_core::testkit::rabbitmq::PrivateNode;
+use queue_core::testkit::tls::{TestCertificates, UntrustedTlsServer};
+use queue_core::testkit::{
+    TestContext, everything_said, three_messages_are_delivered_exactly_once,
+};
 
 const SECRET: &str = "tls-secret-4b7d";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
+    let test = "amqp10 over TLS";
+    let Some(certificates) = TestCertificates::generate_or_skip(test) else {
+        return;
+    };
+    let Some(node) =
+        tokio::task::block_in_place(|| PrivateNode::start_with_tls_or_skip(test, &certificates))
+    else {
+        return;
+    };
+    let port = node.tls_port().expect("a TLS listener");
+    let mut config = Amqp10Config::new(
+        format!("amqps://guest:guest@127.0.0.1:{port}"),
+        Profile::RabbitmqV1,
+    );
+    config.tls = Some(TlsConfig {
+        ca_file: Some(certificates.ca_file()),
+        ..TlsConfig::default()
+    });
+    let driver = Arc::new(
+        Amqp10Driver::connect(config)
+            .await
+            .expect("connects over TLS"),
+    );
+    three_messages_are_delivered_exactly_once(&TestContext::new(driver.clone())).await;
+    driver.close().await.expect("closes");
+    tokio::task::block_in_place(|| drop(node));
+}
 
 #[tokio::test]
 async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
@@ -43,4 +81,29 @@ async fn an_untrusted_certificate_fails_without_showing_the_password() {
         "{said}"
     );
     assert!(said.to_lowercase().contains("certificate"), "{said}");
+}
+
+#[tokio::test]
+async fn a_ca_file_without_certificates_is_invalid_and_named() {
+    let dir = std::env::temp_dir().join(format!("queue-amqp10-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("ca.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    for ca_file in [not_pem.clone(), dir.join("missing.pem")] {
+        let mut config = Amqp10Config::new(
+            format!("amqps://app:{SECRET}@127.0.0.1:5671"),
+            Profile::Generic,
+        );
+        config.tls = Some(TlsConfig {
+            ca_file: Some(ca_file.clone()),
+            ..TlsConfig::default()
+        });
+        let err = Amqp10Driver::connect(config).await.unwrap_err();
+        assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+        let said = everything_said(&err);
+        assert!(said.contains("tls.ca_file"), "{said}");
+        assert!(said.contains(&ca_file.display().to_string()), "{said}");
+        assert!(!said.contains(SECRET), "password leaked: {said}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -78,6 +78,8 @@ pub fn port_open(port: u16) -> bool {
 pub struct PrivateNode {
     name: String,
     port: u16,
+    /// The TLS listener's port, for a node started with certificates.
+    tls_port: Option<u16>,
     dir: PathBuf,
     child: Child,
     _one_at_a_time: MutexGuard<'static, ()>,
@@ -123,9 +125,27 @@ impl PrivateNode {
         Some(Self::start_on(port))
     }
 
+    /// Like [`PrivateNode::start_or_skip`], with a TLS listener too (on
+    /// [`PrivateNode::tls_port`]) that presents `certificates`' server certificate.
+    pub fn start_with_tls_or_skip(
+        test: &str,
+        certificates: &super::tls::TestCertificates,
+    ) -> Option<PrivateNode> {
+        if let Some(reason) = Self::unavailable() {
+            assert!(!in_ci(), "{test}: {reason} (CI=true)");
+            println!("skipped: {test}: {reason}");
+            return None;
+        }
+        Some(Self::start(free_port(), Some(certificates)))
+    }
+
     /// Starts a node listening on 127.0.0.1:`port` and waits until it accepts
     /// connections. Panics (with the node's log) when it does not come up.
     pub fn start_on(port: u16) -> PrivateNode {
+        Self::start(port, None)
+    }
+
+    fn start(port: u16, certificates: Option<&super::tls::TestCertificates>) -> PrivateNode {
         let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -139,11 +159,27 @@ impl PrivateNode {
         let dir = std::env::temp_dir().join(format!("queue-rabbitmq-node-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("node directory");
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users.guest = true\n"),
-        )
-        .expect("node config");
+        let mut config =
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users.guest = true\n");
+        let tls_port = certificates.map(|c| {
+            let tls_port = loop {
+                let p = free_port();
+                if p != port && p != dist_port {
+                    break p;
+                }
+            };
+            config.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                c.ca_file().display(),
+                c.cert_file().display(),
+                c.key_file().display()
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("rabbitmq.conf"), config).expect("node config");
         // AMQP 1.0 shares the 0-9-1 listener, so one node serves both drivers.
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_amqp1_0].\n").expect("plugins file");
         // An empty env file: the package's /etc/rabbitmq/rabbitmq-env.conf would
@@ -161,6 +197,7 @@ impl PrivateNode {
         let mut node = PrivateNode {
             name,
             port,
+            tls_port,
             dir,
             child,
             _one_at_a_time: one_at_a_time,
@@ -189,9 +226,14 @@ impl PrivateNode {
         format!("amqp://guest:guest@127.0.0.1:{}", self.port)
     }
 
-    /// Whether the node's listener accepts connections.
+    /// The TLS listener's port on 127.0.0.1, for a node started with certificates.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// Whether the node's listeners (TLS too, if it has one) accept connections.
     pub fn port_open(&self) -> bool {
-        port_open(self.port)
+        port_open(self.port) && self.tls_port.is_none_or(port_open)
     }
 
     /// Waits until the listener accepts connections. `rabbitmq-diagnostics ping`

@@ -1,10 +1,12 @@
-//! A TLS endpoint whose certificate nobody trusts (feature `testkit`).
+//! TLS for tests (feature `testkit`): a throwaway certificate authority, and a TLS
+//! endpoint whose certificate nobody trusts.
 //!
-//! Drivers must fail clearly, and without showing the password, when a broker's TLS
-//! certificate cannot be verified. Testing that needs a real TLS handshake with a
-//! certificate no trust store knows: [`UntrustedTlsServer`] runs `openssl s_server`
-//! with a throwaway self-signed certificate on a free loopback port. Dropping the
-//! guard stops the server and deletes the certificate, also when the test panics.
+//! [`TestCertificates`] makes, with the `openssl` command, a private CA and a server
+//! certificate it signed for `127.0.0.1` and `localhost`; a [`super::rabbitmq::PrivateNode`]
+//! started with them serves TLS, and a driver told to trust the CA connects.
+//! [`UntrustedTlsServer`] runs `openssl s_server` with such a certificate, so a driver
+//! that trusts only the usual roots fails the handshake. Both delete their files
+//! (and stop the server) on drop, also when the test panics.
 //!
 //! ```no_run
 //! use queue_core::testkit::tls::UntrustedTlsServer;
@@ -13,8 +15,9 @@
 //! ```
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::rabbitmq::{free_port, in_ci};
@@ -22,71 +25,162 @@ use super::rabbitmq::{free_port, in_ci};
 /// How long `openssl s_server` may take to listen.
 const START_LIMIT: Duration = Duration::from_secs(30);
 
-/// A running `openssl s_server` with a self-signed certificate; stopped on drop.
+/// A running `openssl s_server` whose certificate comes from a CA nobody trusts;
+/// stopped on drop.
 pub struct UntrustedTlsServer {
     child: Child,
-    dir: PathBuf,
+    _certificates: TestCertificates,
     port: u16,
+}
+
+/// Why TLS tests cannot run here, if they cannot (no `openssl` command).
+fn unavailable() -> Option<&'static str> {
+    let has_openssl = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!has_openssl).then_some("the `openssl` command is not installed")
+}
+
+/// `None` after printing `skipped: <test>: <reason>` when openssl is missing; in CI
+/// (`CI=true`) that fails the test instead.
+fn available_or_skip(test: &str) -> Option<()> {
+    if let Some(reason) = unavailable() {
+        assert!(!in_ci(), "{test}: {reason} (CI=true)");
+        println!("skipped: {test}: {reason}");
+        return None;
+    }
+    Some(())
+}
+
+/// Runs `openssl ARGS` in `dir`; panics with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("runs openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA and a server certificate it signed for `127.0.0.1` and `localhost`,
+/// as PEM files in a directory of their own (deleted on drop).
+pub struct TestCertificates {
+    dir: PathBuf,
+}
+
+impl TestCertificates {
+    /// Makes the certificates, or returns `None` after printing why not (see
+    /// [`UntrustedTlsServer::start_or_skip`] for the CI rule).
+    pub fn generate_or_skip(test: &str) -> Option<TestCertificates> {
+        available_or_skip(test)?;
+        Some(Self::generate())
+    }
+
+    fn generate() -> TestCertificates {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "queue-test-certificates-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+        let p256 = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ca = ["req", "-x509", "-keyout", "ca.key", "-out", "ca.pem"];
+        let ca_subject = ["-subj", "/CN=queue test CA", "-days", "1"];
+        openssl(&dir, &[&ca[..], &p256, &ca_subject].concat());
+        let request = ["req", "-keyout", "server.key", "-out", "server.csr"];
+        openssl(
+            &dir,
+            &[&request[..], &p256, &["-subj", "/CN=localhost"]].concat(),
+        );
+        // A server certificate, not a CA: rustls refuses a CA certificate as a
+        // server's own.
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
+        )
+        .expect("extensions file");
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        TestCertificates { dir }
+    }
+
+    /// The CA certificate (PEM): what a client configured to trust it reads.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The server certificate (PEM), signed by the CA.
+    pub fn cert_file(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+
+    /// The server certificate's private key (PEM).
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+}
+
+impl Drop for TestCertificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl UntrustedTlsServer {
     /// Starts the server, or returns `None` after printing `skipped: <test>: <reason>`
     /// when the `openssl` command is missing. In CI (`CI=true`) that fails the test.
     pub fn start_or_skip(test: &str) -> Option<UntrustedTlsServer> {
-        let has_openssl = Command::new("openssl")
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !has_openssl {
-            let reason = "the `openssl` command is not installed";
-            assert!(!in_ci(), "{test}: {reason} (CI=true)");
-            println!("skipped: {test}: {reason}");
-            return None;
-        }
+        available_or_skip(test)?;
         Some(Self::start())
     }
 
-    /// Makes a certificate and starts the server; panics with openssl's output if
-    /// either fails.
+    /// Starts the server with a certificate of a fresh private CA; panics with
+    /// openssl's output if that fails.
     fn start() -> UntrustedTlsServer {
-        let dir = std::env::temp_dir().join(format!(
-            "queue-untrusted-tls-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("a directory for the certificate");
-        let made = Command::new("openssl")
-            .current_dir(&dir)
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "cert.pem",
-                "-subj",
-                "/CN=localhost",
-                "-days",
-                "1",
-            ])
-            .output()
-            .expect("runs openssl req");
-        assert!(
-            made.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&made.stderr)
-        );
+        let certificates = TestCertificates::generate();
         let port = free_port();
         let mut child = Command::new("openssl")
-            .current_dir(&dir)
-            .args(["s_server", "-www", "-cert", "cert.pem", "-key", "key.pem"])
+            .arg("s_server")
+            // `-www` answers each connection by itself, without reading stdin.
+            .arg("-www")
+            .arg("-cert")
+            .arg(certificates.cert_file())
+            .arg("-key")
+            .arg(certificates.key_file())
             .args(["-accept", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -94,9 +188,12 @@ impl UntrustedTlsServer {
             .spawn()
             .expect("starts openssl s_server");
         let stdout = child.stdout.take().expect("piped stdout");
-        let server = UntrustedTlsServer { child, dir, port };
-        // `-www` answers each connection by itself, without reading stdin. s_server
-        // prints ACCEPT once it listens, then a report per connection: read
+        let server = UntrustedTlsServer {
+            child,
+            _certificates: certificates,
+            port,
+        };
+        // s_server prints ACCEPT once it listens, then a report per connection: read
         // until the first and keep draining, so a full pipe never stalls it.
         let (listening, accepted) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -122,6 +219,5 @@ impl Drop for UntrustedTlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
