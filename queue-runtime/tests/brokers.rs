@@ -251,3 +251,52 @@ fn seconds(ts: &str) -> f64 {
     let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap_or(0.0)).collect();
     parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
+
+/// Everything the binary prints about a broker it cannot use shows the URL with the
+/// password as `***`: a refused login (`run` fails, `info` fails) and a closed port
+/// (`run` waits, logging each attempt, until SIGTERM), through both drivers.
+#[test]
+fn no_runtime_output_shows_a_broker_password() {
+    if !rabbitmq_or_skip("no_runtime_output_shows_a_broker_password") {
+        return;
+    }
+    const SECRET: &str = "runtime-secret-5d2a";
+    let closed_port = free_port();
+    for (name, entry) in DRIVERS {
+        let wrong_password = entry.replace("guest:guest@", &format!("guest:{SECRET}@"));
+        let closed = wrong_password.replace(":5672", &format!(":{closed_port}"));
+        for (case, driver) in [
+            ("wrong password", &wrong_password),
+            ("closed port", &closed),
+        ] {
+            let yaml = format!(
+                "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-redact-{}\n    durable: false\n",
+                unique()
+            );
+            let dir = app(&[("app.yaml", &yaml)]);
+            let context = format!("{name}, {case}");
+            let shown = "guest:***@127.0.0.1:";
+            // `info` connects once and fails either way.
+            let out = run(&["info", "app:jobs", "--config", "app.yaml"], dir.path());
+            assert!(!out.status.success(), "{context}: info succeeded");
+            let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert!(!said.contains(SECRET), "{context}: info leaked: {said}");
+            assert!(said.contains(shown), "{context}: info: {said}");
+            // `run` gives up on a refused login; on a closed port it waits and says so.
+            let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+            let said = if case == "wrong password" {
+                let out = wait_with_timeout(child, Duration::from_secs(60));
+                assert!(!out.status.success(), "{context}: run started");
+                lines.iter().collect::<Vec<_>>().join("\n")
+            } else {
+                let seen = wait_for_line(&lines, "waiting for it");
+                signal(&child, "TERM");
+                let out = wait_with_timeout(child, Duration::from_secs(60));
+                assert!(out.status.success(), "{context}: {}", seen.join("\n"));
+                seen.join("\n")
+            };
+            assert!(!said.contains(SECRET), "{context}: run leaked: {said}");
+            assert!(said.contains(shown), "{context}: run: {said}");
+        }
+    }
+}
