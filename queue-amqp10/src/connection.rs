@@ -65,6 +65,8 @@ pub(crate) struct Connector {
     generation: AtomicU64,
     /// Connections that opened (attempts that failed are not counted).
     opened: AtomicU64,
+    /// Links that attached (first attaches and re-attaches).
+    attached: AtomicU64,
     link_seq: AtomicU64,
     closed: watch::Sender<bool>,
 }
@@ -112,6 +114,7 @@ impl Connector {
             live: Mutex::new(None),
             generation: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            attached: AtomicU64::new(0),
             link_seq: AtomicU64::new(0),
             closed,
         })
@@ -135,6 +138,11 @@ impl Connector {
     /// How many connections have opened so far: 1 after connecting, +1 per reconnect.
     pub fn connections_opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// How many links have attached so far, re-attaches included.
+    pub fn links_attached(&self) -> u64 {
+        self.attached.load(Ordering::Relaxed)
     }
 
     /// Resolves once the driver is closed.
@@ -272,7 +280,10 @@ impl Connector {
             .target(target)
             .attach(&mut session);
         match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
-            Ok(Ok(link)) => Ok(Attached { link, session }),
+            Ok(Ok(link)) => {
+                self.attached.fetch_add(1, Ordering::Relaxed);
+                Ok(Attached { link, session })
+            }
             Ok(Err(err)) => {
                 end_session_in_background(session);
                 Err(crate::error::sender_attach(err))
@@ -299,7 +310,10 @@ impl Connector {
             .auto_accept(false)
             .attach(&mut session);
         match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
-            Ok(Ok(link)) => Ok(Attached { link, session }),
+            Ok(Ok(link)) => {
+                self.attached.fetch_add(1, Ordering::Relaxed);
+                Ok(Attached { link, session })
+            }
             Ok(Err(err)) => {
                 end_session_in_background(session);
                 Err(crate::error::receiver_attach(err))

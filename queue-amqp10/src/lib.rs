@@ -113,6 +113,14 @@ impl Amqp10Driver {
         self.connector.connections_opened()
     }
 
+    /// How many links (one sender per queue published to, one receiver per
+    /// subscription) have attached, re-attaches included. A broker that ends sessions
+    /// or links without dropping the connection shows here, not in
+    /// [`Amqp10Driver::connections_opened`].
+    pub fn links_attached(&self) -> u64 {
+        self.connector.links_attached()
+    }
+
     /// The profile in use.
     pub fn profile(&self) -> Profile {
         self.config.profile
