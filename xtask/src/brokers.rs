@@ -81,6 +81,11 @@ pub fn stop_rabbitmq() {
     let _ = Command::new("rabbitmqctl").arg("stop").status();
 }
 
+/// Where an Artemis instance this run creates listens for AMQP: its acceptors are
+/// offset by 1000 (`artemis create --port-offset`) so that it never collides with the
+/// RabbitMQ on 5672.
+const ARTEMIS_AMQP_PORT: u16 = 5672 + 1000;
+
 /// Artemis: `ARTEMIS_URL`, or an instance created and started with the `artemis` command.
 pub fn artemis() -> Result<Available, Unavailable> {
     if let Ok(url) = std::env::var("ARTEMIS_URL") {
@@ -105,6 +110,8 @@ pub fn artemis() -> Result<Available, Unavailable> {
                 "--silent",
                 "--host",
                 "127.0.0.1",
+                "--port-offset",
+                "1000",
             ])
             .arg(instance)
             .status()
@@ -117,13 +124,13 @@ pub fn artemis() -> Result<Available, Unavailable> {
         .arg("start")
         .status()
         .map_err(|e| e.to_string())?;
-    if !status.success() || !wait_for_port(5672, Duration::from_secs(90)) {
+    if !status.success() || !wait_for_port(ARTEMIS_AMQP_PORT, Duration::from_secs(90)) {
         return Err("the artemis instance did not start".into());
     }
     Ok(Available {
         env: vec![(
             "ARTEMIS_URL".into(),
-            "amqp://queue:queue@127.0.0.1:5672".into(),
+            format!("amqp://queue:queue@127.0.0.1:{ARTEMIS_AMQP_PORT}"),
         )],
         started: true,
     })
