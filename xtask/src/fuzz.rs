@@ -1,6 +1,8 @@
 //! `cargo xtask fuzz --seconds N`: runs every cargo-fuzz target for N seconds on
-//! nightly, growing the committed corpus; a crash fails the command and leaves its
-//! input under fuzz/artifacts/.
+//! nightly, growing the committed corpus, then minimizes that corpus (`cargo fuzz
+//! cmin`) so that what is committed and replayed by `cargo test` stays small while
+//! covering the same code; a crash fails the command and leaves its input under
+//! fuzz/artifacts/.
 
 use std::process::Command;
 
@@ -40,6 +42,22 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
                 "{target}: the fuzzer found a failure; its input is under fuzz/artifacts/{target}/"
             );
             ok = false;
+            continue;
+        }
+        println!("minimizing the {target} corpus");
+        let minimized = Command::new("cargo")
+            .current_dir("fuzz")
+            .args([
+                "+nightly",
+                "fuzz",
+                "cmin",
+                target,
+                &format!("corpus/{target}"),
+            ])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !minimized.success() {
+            return Err(format!("cargo fuzz cmin {target} failed"));
         }
     }
     Ok(ok)
