@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use queue_amqp091::{AmqpConfig, AmqpDriver, TlsConfig};
 use queue_core::Driver;
-use queue_core::testkit::rabbitmq::PrivateNode;
-use queue_core::testkit::tls::{TestCertificates, UntrustedTlsServer};
+use queue_core::testkit::rabbitmq::TlsNode;
+use queue_core::testkit::tls::UntrustedTlsServer;
 use queue_core::testkit::{
     TestContext, everything_said, three_messages_are_delivered_exactly_once,
 };
@@ -23,19 +23,14 @@ const SECRET: &str = "tls-secret-9c1e";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
-    let test = "amqp091 over TLS";
-    let Some(certificates) = TestCertificates::generate_or_skip(test) else {
-        return;
-    };
-    let Some(node) =
-        tokio::task::block_in_place(|| PrivateNode::start_with_tls_or_skip(test, &certificates))
+    let Some(node) = tokio::task::block_in_place(|| TlsNode::start_or_skip("amqp091 over TLS"))
     else {
         return;
     };
-    let port = node.tls_port().expect("a TLS listener");
+    let port = node.port();
     let mut config = AmqpConfig::new(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
     config.tls = Some(TlsConfig {
-        ca_file: Some(certificates.ca_file()),
+        ca_file: Some(node.ca_file()),
         ..TlsConfig::default()
     });
     let driver = Arc::new(

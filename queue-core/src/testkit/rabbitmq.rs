@@ -125,20 +125,6 @@ impl PrivateNode {
         Some(Self::start_on(port))
     }
 
-    /// Like [`PrivateNode::start_or_skip`], with a TLS listener too (on
-    /// [`PrivateNode::tls_port`]) that presents `certificates`' server certificate.
-    pub fn start_with_tls_or_skip(
-        test: &str,
-        certificates: &super::tls::TestCertificates,
-    ) -> Option<PrivateNode> {
-        if let Some(reason) = Self::unavailable() {
-            assert!(!in_ci(), "{test}: {reason} (CI=true)");
-            println!("skipped: {test}: {reason}");
-            return None;
-        }
-        Some(Self::start(free_port(), Some(certificates)))
-    }
-
     /// Starts a node listening on 127.0.0.1:`port` and waits until it accepts
     /// connections. Panics (with the node's log) when it does not come up.
     pub fn start_on(port: u16) -> PrivateNode {
@@ -324,6 +310,42 @@ impl PrivateNode {
         self.stop_app();
         std::thread::sleep(outage);
         self.start_app();
+    }
+}
+
+/// A private node with a TLS listener whose certificate a fresh private CA signed:
+/// what a TLS test needs to connect, trusting that CA.
+pub struct TlsNode {
+    // Declared first so that it is dropped (stopped) before its certificates are deleted.
+    node: PrivateNode,
+    certificates: super::tls::TestCertificates,
+}
+
+impl TlsNode {
+    /// Makes the certificates and starts the node, or returns `None` after printing
+    /// why not (failing instead under `CI=true`, as [`PrivateNode::start_or_skip`]).
+    /// Blocking: call it from `tokio::task::block_in_place` in async tests.
+    pub fn start_or_skip(test: &str) -> Option<TlsNode> {
+        let certificates = super::tls::TestCertificates::generate_or_skip(test)?;
+        if let Some(reason) = PrivateNode::unavailable() {
+            assert!(!in_ci(), "{test}: {reason} (CI=true)");
+            println!("skipped: {test}: {reason}");
+            return None;
+        }
+        let node = PrivateNode::start(free_port(), Some(&certificates));
+        Some(TlsNode { node, certificates })
+    }
+
+    /// The port of the node's TLS listener on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.node
+            .tls_port()
+            .expect("a TlsNode is started with a TLS listener")
+    }
+
+    /// The CA certificate (PEM) a client must trust to accept the node's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.certificates.ca_file()
     }
 }
 
