@@ -99,26 +99,11 @@ fn the_quickstart_retries_dead_letters_and_exits_when_idle() {
     }
 
     // The poison message: exactly max_attempts handler calls, spaced by the backoff.
-    let bounce: Vec<_> = lua_logs(&logs, "Processing")
-        .into_iter()
-        .filter(|f| f["to"] == "bounce@example.com")
-        .collect();
-    let attempts: Vec<i64> = bounce
-        .iter()
-        .map(|f| f["attempt"].as_i64().unwrap_or(0))
-        .collect();
-    assert_eq!(attempts, vec![1, 2, 3], "no spinning: one call per attempt");
-    let times: Vec<f64> = bounce
-        .iter()
-        .map(|f| seconds(f["timestamp"].as_str().unwrap_or("")))
-        .collect();
-    assert!(
-        times[1] - times[0] >= 0.19,
-        "first backoff 200ms: {times:?}"
-    );
-    assert!(
-        times[2] - times[1] >= 0.39,
-        "second backoff 400ms: {times:?}"
+    assert_three_attempts_spaced(
+        "quickstart",
+        &logs,
+        "bounce@example.com",
+        [Duration::from_millis(200), Duration::from_millis(400)],
     );
 
     let dead = lua_logs(&logs, "Dead letter");
@@ -136,17 +121,6 @@ fn the_quickstart_retries_dead_letters_and_exits_when_idle() {
         summary.contains(&("app:emails.dlq".into(), "1".into(), "0".into(), "0".into())),
         "{summary:?}"
     );
-}
-
-/// Seconds of the day from an RFC 3339 timestamp (enough to compare within a run).
-fn seconds(ts: &str) -> f64 {
-    let time = ts
-        .split('T')
-        .nth(1)
-        .unwrap_or("0:0:0")
-        .trim_end_matches('Z');
-    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap_or(0.0)).collect();
-    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
 
 const LOAD_APP: &str = r#"namespace: app

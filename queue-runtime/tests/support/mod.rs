@@ -49,6 +49,49 @@ pub fn lua_logs(logs: &[serde_json::Value], message: &str) -> Vec<serde_json::Va
         .collect()
 }
 
+/// Asserts that the handler was called once per attempt for the message sent `to` this
+/// address (`attempt` 1, 2, 3, read from its `Processing` log lines) and that the calls
+/// were spaced by at least `backoff` (less 10 ms of timestamp rounding): retried on
+/// schedule, not spun.
+pub fn assert_three_attempts_spaced(
+    label: &str,
+    logs: &[serde_json::Value],
+    to: &str,
+    backoff: [Duration; 2],
+) {
+    let calls: Vec<serde_json::Value> = lua_logs(logs, "Processing")
+        .into_iter()
+        .filter(|f| f["to"] == to)
+        .collect();
+    let attempts: Vec<i64> = calls
+        .iter()
+        .map(|f| f["attempt"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3], "{label}: one call per attempt");
+    let times: Vec<f64> = calls
+        .iter()
+        .map(|f| seconds_of_day(f["timestamp"].as_str().unwrap_or("")))
+        .collect();
+    for (i, wait) in backoff.iter().enumerate() {
+        assert!(
+            times[i + 1] - times[i] >= wait.as_secs_f64() - 0.01,
+            "{label}: backoff {} should be {wait:?}: {times:?}",
+            i + 1
+        );
+    }
+}
+
+/// Seconds of the day from an RFC 3339 timestamp (enough to compare within a run).
+fn seconds_of_day(ts: &str) -> f64 {
+    let time = ts
+        .split('T')
+        .nth(1)
+        .unwrap_or("0:0:0")
+        .trim_end_matches('Z');
+    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap_or(0.0)).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
 /// The `summary:` lines as (queue, acked, ready, in_flight).
 pub fn summary(stdout: &[u8]) -> Vec<(String, String, String, String)> {
     text(stdout)
