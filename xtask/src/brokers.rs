@@ -81,10 +81,16 @@ pub fn stop_rabbitmq() {
     let _ = Command::new("rabbitmqctl").arg("stop").status();
 }
 
-/// Where an Artemis instance this run creates listens for AMQP: its acceptors are
-/// offset by 1000 (`artemis create --port-offset`) so that it never collides with the
-/// RabbitMQ on 5672.
-const ARTEMIS_AMQP_PORT: u16 = 5672 + 1000;
+/// How far an Artemis instance this run creates offsets its acceptors (`artemis create
+/// --port-offset`), so that its AMQP port never collides with the RabbitMQ on 5672.
+const ARTEMIS_PORT_OFFSET: u16 = 1000;
+const ARTEMIS_AMQP_PORT: u16 = 5672 + ARTEMIS_PORT_OFFSET;
+
+/// The instance's directory. Named for its port: an instance made with other ports
+/// (they are fixed at `create`) is never reused by mistake.
+fn artemis_instance() -> std::path::PathBuf {
+    format!("target/artemis-instance-{ARTEMIS_AMQP_PORT}").into()
+}
 
 /// Artemis: `ARTEMIS_URL`, or an instance created and started with the `artemis` command.
 pub fn artemis() -> Result<Available, Unavailable> {
@@ -97,7 +103,7 @@ pub fn artemis() -> Result<Available, Unavailable> {
     if !on_path("artemis") {
         return Err("not available here: ARTEMIS_URL is not set and no `artemis` command is on PATH (Artemis cannot be installed on this machine)".into());
     }
-    let instance = std::path::Path::new("target/artemis-instance");
+    let instance = artemis_instance();
     if !instance.exists() {
         let status = Command::new("artemis")
             .args([
@@ -111,9 +117,9 @@ pub fn artemis() -> Result<Available, Unavailable> {
                 "--host",
                 "127.0.0.1",
                 "--port-offset",
-                "1000",
             ])
-            .arg(instance)
+            .arg(ARTEMIS_PORT_OFFSET.to_string())
+            .arg(&instance)
             .status()
             .map_err(|e| e.to_string())?;
         if !status.success() {
@@ -138,7 +144,7 @@ pub fn artemis() -> Result<Available, Unavailable> {
 
 /// Stops an Artemis this run started.
 pub fn stop_artemis() {
-    let _ = Command::new("target/artemis-instance/bin/artemis-service")
+    let _ = Command::new(artemis_instance().join("bin/artemis-service"))
         .arg("stop")
         .status();
 }

@@ -47,8 +47,10 @@ const PAIRS: &[Pair] = &[
         driver: Driver::Amqp10,
         package: "queue-amqp10",
         suites: &["conformance_artemis"],
+        // No fault cases yet: they need an Artemis the test harness can start, stop
+        // and cut, like PrivateNode does for RabbitMQ, and none could be run here.
         fault_suites: &[],
-        runtime_faults: Some("artemis"),
+        runtime_faults: None,
     },
 ];
 
