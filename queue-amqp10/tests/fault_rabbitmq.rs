@@ -133,18 +133,15 @@ async fn survive(label: &str, node: &mut PrivateNode, fault: Fault) {
     // The fault must have reached the driver. stop_app drops the TCP connection, so
     // the driver reconnects. RabbitMQ 3.10's close_all_connections does not: it ends
     // one session of the AMQP 1.0 connection (measured: `Closed 1 connections`, socket
-    // still ESTABLISHED, one link re-attached), the sender's or the receiver's. So
-    // there the evidence is a re-attached link; when it was the sender's, sends failed
-    // with it and were retried.
+    // still ESTABLISHED), the sender's or the receiver's, and that link re-attaches
+    // (when it was the sender's, the sends in flight failed and were retried).
     let reconnected = driver.connections_opened() > connections_before;
     let reattached = driver.links_attached() > links_before;
-    let failed = tally.counts().failed_publishes;
     match fault {
         Fault::StopAppStartApp => assert!(reconnected, "{label}: the driver never reconnected"),
         Fault::CloseAllConnections => assert!(
-            reconnected || reattached || failed > 0,
-            "{label}: no send failed, no link re-attached, no reconnect: the fault did not \
-             reach the driver"
+            reconnected || reattached,
+            "{label}: no link re-attached and no reconnect: the fault did not reach the driver"
         ),
     }
 

@@ -87,11 +87,11 @@ fn retries_and_dead_letters_on_rabbitmq_through_both_drivers() {
             json_logs(&out.stderr)
         };
         // Spaced by the backoff (100 ms, then 200 ms), not spun.
-        assert_three_attempts_spaced(
+        assert_attempts_spaced(
             name,
             &logs,
             "bounce@example.com",
-            [Duration::from_millis(100), Duration::from_millis(200)],
+            &[Duration::from_millis(100), Duration::from_millis(200)],
         );
         let flaky = lua_logs(&logs, "Processing")
             .iter()

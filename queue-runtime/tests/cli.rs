@@ -99,11 +99,11 @@ fn the_quickstart_retries_dead_letters_and_exits_when_idle() {
     }
 
     // The poison message: exactly max_attempts handler calls, spaced by the backoff.
-    assert_three_attempts_spaced(
+    assert_attempts_spaced(
         "quickstart",
         &logs,
         "bounce@example.com",
-        [Duration::from_millis(200), Duration::from_millis(400)],
+        &[Duration::from_millis(200), Duration::from_millis(400)],
     );
 
     let dead = lua_logs(&logs, "Dead letter");

@@ -117,12 +117,18 @@ impl PrivateNode {
     /// Like [`PrivateNode::start_or_skip`], on a port the test chose (to start a broker
     /// where a client has been waiting for one).
     pub fn start_on_or_skip(test: &str, port: u16) -> Option<PrivateNode> {
-        if let Some(reason) = Self::unavailable() {
-            assert!(!in_ci(), "{test}: {reason} (CI=true)");
-            println!("skipped: {test}: {reason}");
-            return None;
-        }
-        Some(Self::start_on(port))
+        Self::can_start_or_skip(test).then(|| Self::start_on(port))
+    }
+
+    /// Whether a node can be started here; if not, prints `skipped: <test>: <reason>`,
+    /// or fails the test in CI (`CI=true`).
+    fn can_start_or_skip(test: &str) -> bool {
+        let Some(reason) = Self::unavailable() else {
+            return true;
+        };
+        assert!(!in_ci(), "{test}: {reason} (CI=true)");
+        println!("skipped: {test}: {reason}");
+        false
     }
 
     /// Starts a node listening on 127.0.0.1:`port` and waits until it accepts
@@ -326,12 +332,10 @@ impl TlsNode {
     /// why not (failing instead under `CI=true`, as [`PrivateNode::start_or_skip`]).
     /// Blocking: call it from `tokio::task::block_in_place` in async tests.
     pub fn start_or_skip(test: &str) -> Option<TlsNode> {
-        let certificates = super::tls::TestCertificates::generate_or_skip(test)?;
-        if let Some(reason) = PrivateNode::unavailable() {
-            assert!(!in_ci(), "{test}: {reason} (CI=true)");
-            println!("skipped: {test}: {reason}");
+        if !PrivateNode::can_start_or_skip(test) {
             return None;
         }
+        let certificates = super::tls::TestCertificates::generate_or_skip(test)?;
         let node = PrivateNode::start(free_port(), Some(&certificates));
         Some(TlsNode { node, certificates })
     }
