@@ -74,12 +74,99 @@ pub mod option_duration {
     }
 }
 
+/// Parses a size in bytes: a bare number of bytes, or a number with `KiB`, `MiB` or
+/// `GiB`.
+///
+/// ```
+/// assert_eq!(queue_core::config::parse_byte_size("64MiB").unwrap(), 64 * 1024 * 1024);
+/// assert_eq!(queue_core::config::parse_byte_size("4096").unwrap(), 4096);
+/// assert!(queue_core::config::parse_byte_size("lots").is_err());
+/// ```
+pub fn parse_byte_size(text: &str) -> Result<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: usize = number.parse().map_err(|_| byte_size_error(text))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(byte_size_error(text)),
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| byte_size_error(text))
+}
+
+fn byte_size_error(text: &str) -> Error {
+    Error::invalid(format!(
+        "{text:?} is not a size: use a number of bytes, or a number with KiB, MiB or GiB (\"256MiB\")"
+    ))
+}
+
+/// Serde support for sizes in configuration (`"256MiB"` or a number of bytes).
+pub mod byte_size {
+    use super::*;
+    use serde::Deserializer;
+
+    /// Deserializes a string like `"256MiB"` or a number of bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Bytes(u64),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(t) => t,
+            Raw::Bytes(n) => n.to_string(),
+        };
+        parse_byte_size(&text).map_err(|e| serde::de::Error::custom(e.message()))
+    }
+}
+
 /// Reads a driver's typed configuration out of the generic YAML value of its entry.
+/// The error's `field` detail names the field at fault (`tls.ca_file`), so the
+/// runtime can point at its line.
 pub fn from_value<T: serde::de::DeserializeOwned>(
     kind: &str,
     value: serde_json::Value,
 ) -> Result<T> {
-    serde_json::from_value(value).map_err(|e| Error::invalid(format!("{kind}: {e}")))
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // Unknown and missing fields are reported at the entry, with the name quoted.
+        let field = if path == "." {
+            message.split('`').nth(1).unwrap_or_default().to_string()
+        } else {
+            path
+        };
+        let error = if field.is_empty() || message.contains(&format!("`{field}`")) {
+            Error::invalid(format!("{kind}: {message}"))
+        } else {
+            Error::invalid(format!("{kind}: {field}: {message}"))
+        };
+        if field.is_empty() {
+            error
+        } else {
+            error.with_detail("field", field)
+        }
+    })
+}
+
+/// A driver configuration error about one field: `INVALID`, with the field in the
+/// message and in the `field` detail.
+///
+/// ```
+/// let e = queue_core::config::field_error("queue.driver.amqp", "confirm_window", "must be at least 1");
+/// assert_eq!(e.message(), "queue.driver.amqp: confirm_window must be at least 1");
+/// assert_eq!(e.details()["field"], "confirm_window");
+/// ```
+pub fn field_error(kind: &str, field: &str, what: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{kind}: {field} {what}")).with_detail("field", field)
 }
 
 #[cfg(test)]

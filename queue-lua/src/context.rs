@@ -1,15 +1,17 @@
 //! What travels with a coroutine: the security context it runs under and, inside a
 //! consumer, the delivery it handles. Kept per coroutine (keyed by its Lua thread),
 //! never in a global, so handlers sharing one Lua state never see each other's message.
+//! A coroutine that Lua code creates inherits its creator's context; code with no
+//! context at all (a file's top level, a coroutine made there) may not publish.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use async_trait::async_trait;
-use mlua::{Lua, Thread};
+use mlua::{AnyUserData, Lua, Table, Thread};
 use queue_core::security::SecurityContext;
-use queue_core::{Message, Result};
+use queue_core::{Error, Message, Result};
 
 /// How the host settles a delivery when the handler calls `msg:ack()` / `msg:nack()`.
 /// The runtime implements it: ack settles with the driver, nack runs the retry policy.
@@ -48,9 +50,52 @@ pub(crate) struct CoroutineContext {
 /// The contexts of the running coroutines of one Lua state (in its app data).
 #[derive(Default)]
 pub(crate) struct Contexts {
+    /// The coroutines the host runs, by thread address: each is registered while it
+    /// runs and removed when it ends, so an address is never read stale.
     by_thread: RefCell<HashMap<usize, Rc<CoroutineContext>>>,
-    /// Used where no coroutine context is registered (plain chunks).
-    pub(crate) fallback: RefCell<SecurityContext>,
+    /// What `eval` chunks run as.
+    pub(crate) chunk_security: RefCell<SecurityContext>,
+}
+
+/// The registry key of the table (weak keys) that maps a coroutine created by Lua
+/// code to its inherited context: the collector drops an entry with its coroutine.
+const INHERITED: &str = "queue.inherited_contexts";
+
+/// A context held by a coroutine that Lua code created.
+struct Inherited(Rc<CoroutineContext>);
+
+impl mlua::UserData for Inherited {}
+
+/// Creates the table of inherited contexts in a new state.
+pub(crate) fn init_inherited(lua: &Lua) -> mlua::Result<()> {
+    let table = lua.create_table()?;
+    let meta = lua.create_table()?;
+    meta.raw_set("__mode", "k")?;
+    table.set_metatable(Some(meta))?;
+    lua.set_named_registry_value(INHERITED, table)
+}
+
+/// Gives `thread`, just created by Lua code, the context of the coroutine creating
+/// it, if that has one.
+pub(crate) fn inherit(lua: &Lua, thread: &Thread) -> mlua::Result<()> {
+    let Some(context) = context_of(lua, &lua.current_thread()) else {
+        return Ok(());
+    };
+    let table: Table = lua.named_registry_value(INHERITED)?;
+    table.raw_set(thread, lua.create_userdata(Inherited(context))?)
+}
+
+fn context_of(lua: &Lua, thread: &Thread) -> Option<Rc<CoroutineContext>> {
+    if let Some(context) = lua
+        .app_data_ref::<Contexts>()
+        .and_then(|contexts| contexts.current(thread))
+    {
+        return Some(context);
+    }
+    let table: Table = lua.named_registry_value(INHERITED).ok()?;
+    let holder: AnyUserData = table.raw_get(thread).ok()?;
+    let inherited = holder.borrow::<Inherited>().ok()?;
+    Some(Rc::clone(&inherited.0))
 }
 
 fn key(thread: &Thread) -> usize {
@@ -79,19 +124,19 @@ impl Contexts {
     }
 }
 
-/// The security context of the coroutine calling into Rust.
-pub(crate) fn current_security(lua: &Lua) -> SecurityContext {
-    let Some(contexts) = lua.app_data_ref::<Contexts>() else {
-        return SecurityContext::default();
-    };
-    match contexts.current(&lua.current_thread()) {
-        Some(ctx) => ctx.security.clone(),
-        None => contexts.fallback.borrow().clone(),
+/// The security context of the coroutine calling into Rust. Code that runs under no
+/// context is denied, never let through.
+pub(crate) fn current_security(lua: &Lua) -> Result<SecurityContext> {
+    match context_of(lua, &lua.current_thread()) {
+        Some(context) => Ok(context.security.clone()),
+        None => Err(Error::permission_denied(
+            "no security context: only handlers, processes and the coroutines they create may publish (not a file's top level)",
+        )),
     }
 }
 
-/// The delivery of the coroutine calling into Rust, if it is a handler.
+/// The delivery of the coroutine calling into Rust, if it is a handler (or a
+/// coroutine a handler created).
 pub(crate) fn current_delivery(lua: &Lua) -> Option<Rc<DeliveryState>> {
-    let contexts = lua.app_data_ref::<Contexts>()?;
-    contexts.current(&lua.current_thread())?.delivery.clone()
+    context_of(lua, &lua.current_thread())?.delivery.clone()
 }

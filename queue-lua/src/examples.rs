@@ -398,8 +398,12 @@ pub async fn run(example: &Example) -> Result<String> {
                 out.push('\n');
                 Ok(())
             })?;
-        host.lua().globals().set("print", print)?;
-        host.lua().load(PRELUDE).exec()
+        host.globals().set("print", print)?;
+        // Trusted set-up: its globals go where every example reads names from.
+        host.lua()
+            .load(PRELUDE)
+            .set_environment(host.globals().clone())
+            .exec()
     };
     setup().map_err(|e| Error::internal(format!("example prelude: {e}")))?;
 

@@ -1,18 +1,50 @@
 //! One Lua state with the `queue`, `errors` and `logger` globals, the sources loaded
-//! into it, and handlers run as coroutines.
+//! into it, and handlers run as coroutines, all inside the sandbox.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
-use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use mlua::chunk::ChunkMode;
+use mlua::{Function, HookTriggers, Lua, MultiValue, Table, Value as LuaValue, VmState};
 use queue_core::security::SecurityContext;
 use queue_core::{Error, Queues, Result, Value};
 
 use crate::context::{Contexts, CoroutineContext, DeliveryContext, DeliveryState};
 use crate::errors::describe;
+use crate::sandbox::{OptIn, Sandbox};
 use crate::value::to_lua;
+
+/// The limits of one Lua state (docs/security.md, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most memory the state may hold, in bytes. Past it, the allocation that
+    /// would cross it fails with a Lua error ("not enough memory"), which fails the
+    /// handler that asked for it; the process and the other handlers go on.
+    pub memory_bytes: usize,
+    /// How long a source file's top level may run when it is loaded: an endless loop
+    /// there fails the load instead of hanging the worker (or `check`).
+    pub load_time: Duration,
+}
+
+impl Limits {
+    /// The default memory limit: 256 MiB per Lua state.
+    pub const DEFAULT_MEMORY_BYTES: usize = 256 * 1024 * 1024;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: Limits::DEFAULT_MEMORY_BYTES,
+            load_time: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How often (in Lua instructions) a running top level checks its deadline.
+const DEADLINE_CHECK_INSTRUCTIONS: u32 = 10_000;
 
 /// A handler function found in a source file.
 #[derive(Clone, Debug)]
@@ -61,15 +93,29 @@ struct LoadedSource {
 /// # });
 /// ```
 pub struct LuaHost {
+    sandbox: Sandbox,
+    /// The environment `eval` chunks share.
+    chunk_env: Table,
+    limits: Limits,
+    sources: RefCell<HashMap<(PathBuf, OptIn), Rc<LoadedSource>>>,
+    /// Declared last: the tables above are released before the state closes.
     lua: Lua,
-    sources: RefCell<HashMap<PathBuf, Rc<LoadedSource>>>,
 }
 
 impl LuaHost {
     /// A Lua 5.4 state with `queue` (publishing through `queues`), `errors` and
-    /// `logger` as globals and as `require`-able modules. `default_security` applies to
-    /// code that runs outside a handler or process context.
-    pub fn new(queues: Queues, default_security: SecurityContext) -> Result<LuaHost> {
+    /// `logger` as globals and as `require`-able modules, and the default
+    /// [`Limits`]. `chunk_security` is what [`LuaHost::eval`] chunks run as.
+    pub fn new(queues: Queues, chunk_security: SecurityContext) -> Result<LuaHost> {
+        LuaHost::with_limits(queues, chunk_security, Limits::default())
+    }
+
+    /// [`LuaHost::new`] with other limits.
+    pub fn with_limits(
+        queues: Queues,
+        chunk_security: SecurityContext,
+        limits: Limits,
+    ) -> Result<LuaHost> {
         let lua = Lua::new();
         // Every handler call allocates short-lived objects (its coroutine, the payload
         // table): the generational collector frees them in cheap minor collections
@@ -77,33 +123,42 @@ impl LuaHost {
         lua.gc_set_mode(mlua::state::GcMode::Generational(
             mlua::state::GcGenParams::default(),
         ));
-        let setup = || -> mlua::Result<()> {
+        let setup = || -> mlua::Result<(Sandbox, Table)> {
             let contexts = Contexts::default();
-            *contexts.fallback.borrow_mut() = default_security;
+            *contexts.chunk_security.borrow_mut() = chunk_security;
             lua.set_app_data(contexts);
-            let globals = lua.globals();
-            let loaded: Table = globals.get::<Table>("package")?.get("loaded")?;
+            crate::context::init_inherited(&lua)?;
             let modules = [
                 ("queue", crate::module::create_module(&lua, queues)?),
                 ("errors", crate::errors::create_module(&lua)?),
                 ("logger", crate::logger::create_module(&lua)?),
             ];
-            for (name, module) in modules {
-                globals.set(name, module.clone())?;
-                loaded.set(name, module)?;
-            }
-            Ok(())
+            let sandbox = Sandbox::new(&lua, &modules)?;
+            let chunk_env = sandbox.environment(&lua, OptIn::default())?;
+            Ok((sandbox, chunk_env))
         };
-        setup().map_err(|e| Error::internal(format!("cannot set up the Lua state: {e}")))?;
+        let (sandbox, chunk_env) =
+            setup().map_err(|e| Error::internal(format!("cannot set up the Lua state: {e}")))?;
+        lua.set_memory_limit(limits.memory_bytes)
+            .map_err(|e| Error::internal(format!("cannot limit the Lua state's memory: {e}")))?;
         Ok(LuaHost {
-            lua,
+            sandbox,
+            chunk_env,
+            limits,
             sources: RefCell::default(),
+            lua,
         })
     }
 
     /// The Lua state, for embedding more modules.
     pub fn lua(&self) -> &Lua {
         &self.lua
+    }
+
+    /// The globals every source file and chunk reads names from (Lua code cannot
+    /// change them): set what you embed here, from Rust.
+    pub fn globals(&self) -> &Table {
+        self.sandbox.shared()
     }
 
     /// How many coroutines are running handlers or processes right now.
@@ -113,40 +168,66 @@ impl LuaHost {
             .map_or(0, |c| c.running())
     }
 
-    /// Loads a source file once into its own environment (later calls reuse it).
-    fn load(&self, path: &Path) -> Result<Rc<LoadedSource>> {
-        if let Some(loaded) = self.sources.borrow().get(path) {
+    /// Loads a source file once per opt-in into its own environment (later calls
+    /// reuse it). Its top level runs within [`Limits::load_time`].
+    fn load(&self, path: &Path, opt_in: OptIn) -> Result<Rc<LoadedSource>> {
+        let key = (path.to_path_buf(), opt_in);
+        if let Some(loaded) = self.sources.borrow().get(&key) {
             return Ok(Rc::clone(loaded));
         }
         let code = std::fs::read(path).map_err(|e| {
             Error::invalid(format!("cannot read Lua source {}: {e}", path.display()))
         })?;
         let load = || -> mlua::Result<LoadedSource> {
-            let env = self.lua.create_table()?;
-            let meta = self.lua.create_table()?;
-            meta.set("__index", self.lua.globals())?;
-            env.set_metatable(Some(meta))?;
-            let exports = self
+            let env = self.sandbox.environment(&self.lua, opt_in)?;
+            let function = self
                 .lua
                 .load(code)
                 .set_name(format!("@{}", path.display()))
+                .set_mode(ChunkMode::Text)
                 .set_environment(env.clone())
-                .eval::<LuaValue>()?;
+                .into_function()?;
+            let exports = self.within_load_time(|| function.call::<LuaValue>(()))?;
             Ok(LoadedSource { env, exports })
         };
         let loaded = Rc::new(load().map_err(|e| {
             Error::invalid(format!("cannot load Lua source {}: {e}", path.display()))
         })?);
-        self.sources
-            .borrow_mut()
-            .insert(path.to_path_buf(), Rc::clone(&loaded));
+        self.sources.borrow_mut().insert(key, Rc::clone(&loaded));
         Ok(loaded)
     }
 
-    /// Finds `method` in a source: a field of the table the file returns, or else a
-    /// global the file defines.
+    /// Runs `f` (a top level) with a deadline: past [`Limits::load_time`], the Lua code
+    /// it runs raises an error.
+    fn within_load_time<R>(&self, f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+        let limit = self.limits.load_time;
+        let deadline = Instant::now() + limit;
+        // Global: a coroutine the top level creates gets the hook too.
+        self.lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(DEADLINE_CHECK_INSTRUCTIONS),
+            move |_, _| {
+                if Instant::now() > deadline {
+                    return Err(mlua::Error::runtime(format!(
+                        "the top level ran longer than {limit:?}: loading a file must not loop or block"
+                    )));
+                }
+                Ok(VmState::Continue)
+            },
+        )?;
+        let result = f();
+        self.lua.remove_global_hook();
+        result
+    }
+
+    /// Finds `method` in a source run in the default sandbox: a field of the table the
+    /// file returns, or else a global the file defines.
     pub fn handler(&self, path: &Path, method: &str) -> Result<Handler> {
-        let source = self.load(path)?;
+        self.handler_with(path, method, OptIn::default())
+    }
+
+    /// [`LuaHost::handler`] for an entry that opts into more of the standard library.
+    pub fn handler_with(&self, path: &Path, method: &str, opt_in: OptIn) -> Result<Handler> {
+        let source = self.load(path, opt_in)?;
         let from_exports = match &source.exports {
             LuaValue::Table(t) => t.raw_get::<Option<Function>>(method).ok().flatten(),
             _ => None,
@@ -249,6 +330,8 @@ impl LuaHost {
             .lua
             .load(code)
             .set_name("=chunk")
+            .set_mode(ChunkMode::Text)
+            .set_environment(self.chunk_env.clone())
             .into_function()
             .map_err(|e| Error::invalid(format!("cannot load chunk: {e}")))?;
         let handler = Handler {
@@ -258,7 +341,7 @@ impl LuaHost {
         let security = self
             .lua
             .app_data_ref::<Contexts>()
-            .map(|c| c.fallback.borrow().clone())
+            .map(|c| c.chunk_security.borrow().clone())
             .unwrap_or_default();
         let values = self
             .run(
@@ -301,15 +384,40 @@ impl LuaHost {
     }
 }
 
-/// Compiles a Lua source without running it: syntax errors come back `INVALID` with
-/// the file and line. Used by `check`.
-pub fn check_syntax(path: &Path) -> Result<()> {
+/// What `check` learned of a source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceCheck {
+    /// It loads in the sandbox and defines the method.
+    Defines,
+    /// It compiles, but its top level needs what its entry opts into, which `check`
+    /// does not run: whether it defines the method is known only when it runs.
+    NotRun {
+        /// Why loading stopped.
+        reason: String,
+    },
+}
+
+/// Checks a source file for `check`, in a scratch state with the default limits:
+/// compiles it (syntax errors name file and line), runs its top level in the default
+/// sandbox (no `io`, no `os.execute`, no file `require`, whatever the entry opts
+/// into: `check` has no side effects), and finds `method`.
+pub fn check_source(path: &Path, method: &str, opt_in: OptIn) -> Result<SourceCheck> {
     let code = std::fs::read(path)
         .map_err(|e| Error::invalid(format!("cannot read Lua source {}: {e}", path.display())))?;
     Lua::new()
         .load(code)
         .set_name(format!("@{}", path.display()))
+        .set_mode(ChunkMode::Text)
         .into_function()
-        .map(|_| ())
-        .map_err(|e| Error::invalid(format!("Lua syntax error: {e}")))
+        .map_err(|e| Error::invalid(format!("Lua syntax error: {e}")))?;
+    let host = LuaHost::new(Queues::new(), SecurityContext::default())?;
+    match host.handler(path, method) {
+        Ok(_) => Ok(SourceCheck::Defines),
+        Err(e) if opt_in != OptIn::default() && e.message().starts_with("cannot load") => {
+            Ok(SourceCheck::NotRun {
+                reason: e.message().to_string(),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -40,8 +40,10 @@ mod host;
 mod logger;
 mod message;
 mod module;
+mod sandbox;
 pub mod value;
 
 pub use context::{DeliveryContext, Settle};
 pub use errors::LuaError;
-pub use host::{Handler, LuaHost, Outcome, check_syntax};
+pub use host::{Handler, Limits, LuaHost, Outcome, SourceCheck, check_source};
+pub use sandbox::OptIn;

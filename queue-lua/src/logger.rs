@@ -4,12 +4,14 @@ use mlua::{Lua, Table, Value as LuaValue, Variadic};
 
 use crate::value::from_lua;
 
-/// Creates the `logger` table. Works with `logger:info(...)` and `logger.info(...)`.
+/// Creates the (read-only) `logger` table. Works with `logger:info(...)` and
+/// `logger.info(...)`.
 pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     let logger = lua.create_table()?;
+    let proxy = crate::sandbox::read_only(lua, "logger", logger.clone())?;
     // The functions recognise `logger:info(...)` by the table's address: holding the
     // table itself would be a cycle through Rust that Lua's collector never frees.
-    let me = logger.to_pointer() as usize;
+    let me = proxy.to_pointer() as usize;
     for level in ["debug", "info", "warn", "error"] {
         let f = lua.create_function(move |_, args: Variadic<LuaValue>| {
             let mut args = args.into_iter().peekable();
@@ -33,7 +35,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
         })?;
         logger.set(level, f)?;
     }
-    Ok(logger)
+    Ok(proxy)
 }
 
 fn emit(level: &str, message: &str, fields: &str) {

@@ -106,7 +106,7 @@ fn prepare_publish(
     data: &LuaValue,
     headers: &LuaValue,
 ) -> Result<Prepared> {
-    let security = current_security(lua);
+    let security = current_security(lua)?;
     let request = match queue_id_text(queue_id) {
         Ok(text) => queues.begin_publish(&security, &text)?,
         Err(not_a_string) => {

@@ -105,7 +105,7 @@ async fn values_that_cannot_travel_are_invalid_naming_their_path() {
             r#""app:tasks", { items = { 1, 2, { cb = print } } }"#,
             "data.items[3].cb",
         ),
-        (r#""app:tasks", { u = io.stdout }"#, "data.u"),
+        (r#""app:tasks", { u = errors.new("a userdata") }"#, "data.u"),
         (
             r#""app:tasks", { co = coroutine.create(print) }"#,
             "data.co",
@@ -229,7 +229,7 @@ proptest! {
         rt.block_on(async {
             let h = Harness::new().await;
             let lua_value = queue_lua::value::to_lua(h.host.lua(), &value).unwrap();
-            h.host.lua().globals().set("generated", lua_value).unwrap();
+            h.host.globals().set("generated", lua_value).unwrap();
             h.host.eval(r#"assert(queue.publish("app:raw", generated))"#).await.unwrap();
             let published = h.take("app:raw").await;
             // The handler receives it and publishes what it got back out.

@@ -136,3 +136,28 @@ impl Settle for Recorder {
         Ok(())
     }
 }
+
+impl Harness {
+    /// A harness whose Lua state has other limits.
+    pub async fn with_limits(limits: queue_lua::Limits) -> Harness {
+        let mut h = Harness::new().await;
+        h.host =
+            LuaHost::with_limits(h.queues.clone(), SecurityContext::default(), limits).unwrap();
+        h
+    }
+
+    /// Runs a handler of a file under tests/lua as `security`, for a delivery of `{}`;
+    /// returns the outcome.
+    pub async fn run_as(&self, file: &str, method: &str, security: SecurityContext) -> Outcome {
+        let message = json_message(
+            Value::map([("n", Value::Int(1))]),
+            queue_core::Headers::new(),
+        );
+        self.handle_as(file, method, message, security).await.0
+    }
+
+    /// The body of the next message on a queue, decoded.
+    pub async fn take_body(&self, queue: &str) -> Value {
+        self.take(queue).await.decode().unwrap()
+    }
+}

@@ -146,6 +146,16 @@ impl Default for BackoffConfig {
     }
 }
 
+/// `sandbox:` of a consumer, process or function entry (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// What the entry's Lua file may use beyond the safe library: `io`, `os`,
+    /// `require`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
 /// `security:` of a consumer or process.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +205,9 @@ pub struct ConsumerEntry {
     /// Actor and policies the handler runs with.
     #[serde(default)]
     pub security: EntrySecurity,
+    /// What the handler's file may use beyond the safe library.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// Options only one driver understands.
     #[serde(default)]
     pub driver_options: BTreeMap<String, serde_json::Value>,
@@ -218,6 +231,9 @@ pub struct FunctionEntry {
     pub source: String,
     /// The function in it.
     pub method: String,
+    /// What the file may use beyond the safe library.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
 }
 
 /// `process.lua`.
@@ -234,6 +250,9 @@ pub struct ProcessEntry {
     /// Actor and policies it runs with.
     #[serde(default)]
     pub security: EntrySecurity,
+    /// What its file may use beyond the safe library.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
 }
 
 /// `security.policy`.

@@ -1,0 +1,357 @@
+//! What Lua code run by a [`LuaHost`](crate::LuaHost) can reach (docs/security.md,
+//! "The Lua sandbox").
+//!
+//! Every source file and chunk runs in an environment of its own whose missing names
+//! are read from one shared table of safe globals: the base functions, `string`,
+//! `table`, `math`, `utf8`, `coroutine`, `os.time/clock/date/difftime`, and the
+//! project's `queue`, `errors` and `logger`. Those shared tables are read-only
+//! proxies, so one handler cannot change what another one calls. `io`, the rest of
+//! `os`, and `require` of Lua files are opt-ins ([`OptIn`]) given to one file's
+//! environment only. Binary chunks are never loaded: Lua does not verify bytecode,
+//! and one bad byte crashes the process.
+
+use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use queue_core::{Error, Result};
+
+/// Libraries beyond the safe set that an entry opts into with
+/// `sandbox: { allow: [...] }` (docs/security.md).
+///
+/// ```
+/// use queue_lua::OptIn;
+/// let opt_in = OptIn::parse(["os", "io"]).unwrap();
+/// assert!(opt_in.os && opt_in.io && !opt_in.require);
+/// assert!(OptIn::parse(["debug"]).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct OptIn {
+    /// The `io` library.
+    pub io: bool,
+    /// All of `os` (`execute`, `getenv`, `remove`, ...), except `os.exit`.
+    pub os: bool,
+    /// `require` of Lua files on `package.path`, `dofile` and `loadfile`.
+    pub require: bool,
+}
+
+impl OptIn {
+    /// The names `allow:` accepts.
+    pub const NAMES: [&'static str; 3] = ["io", "os", "require"];
+
+    /// Reads a list of names; an unknown one is `INVALID`, naming the known ones.
+    pub fn parse<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<OptIn> {
+        let mut opt_in = OptIn::default();
+        for name in names {
+            match name.as_ref() {
+                "io" => opt_in.io = true,
+                "os" => opt_in.os = true,
+                "require" => opt_in.require = true,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "{other:?} cannot be allowed: the sandbox opts into {}",
+                        OptIn::NAMES.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(opt_in)
+    }
+}
+
+/// The metatable field that marks a read-only proxy (seen from Rust only: Lua code
+/// gets the `__metatable` value instead of the metatable).
+const READ_ONLY_MARK: &str = "__queue_read_only";
+
+/// Base functions every environment gets as they are.
+const SAFE_BASE: [&str; 17] = [
+    "assert",
+    "error",
+    "getmetatable",
+    "ipairs",
+    "next",
+    "pairs",
+    "pcall",
+    "print",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "select",
+    "setmetatable",
+    "tonumber",
+    "tostring",
+    "type",
+    "xpcall",
+];
+
+/// Built from trusted code once per state: given an environment, the `load`,
+/// `require`, `dofile` and `loadfile` that belong to it. Written in Lua so the
+/// closures hold their environment as an upvalue, which the collector can see
+/// (a Rust closure holding it would keep it alive forever).
+const ENVIRONMENT_FUNCTIONS: &str = r##"
+local raw_load, raw_loadfile, raw_require, builtin, select, error, tostring = ...
+return function(env, full_os, full_io, files)
+  local function load(chunk, name, mode, ...)
+    if select("#", ...) > 0 then return raw_load(chunk, name, "t", (...)) end
+    return raw_load(chunk, name, "t", env)
+  end
+  local own = { os = full_os, io = full_io }
+  local function require(name)
+    local module = own[name]
+    if module == nil then module = builtin[name] end
+    if module ~= nil then return module end
+    if files then return raw_require(name) end
+    error("require(" .. tostring(name) .. "): loading Lua files is off in the sandbox; "
+      .. "the entry can allow it with `sandbox: { allow: [require] }`", 2)
+  end
+  env.load, env.require, env._G = load, require, env
+  if full_os then env.os = full_os end
+  if full_io then env.io = full_io end
+  if files then
+    local function loadfile(path, mode, ...)
+      if select("#", ...) > 0 then return raw_loadfile(path, "t", (...)) end
+      return raw_loadfile(path, "t", env)
+    end
+    env.loadfile = loadfile
+    env.dofile = function(path)
+      local chunk, err = loadfile(path)
+      if not chunk then error(err, 2) end
+      return chunk()
+    end
+  end
+  return env
+end
+"##;
+
+/// The safe globals of one Lua state and what opted-in environments add.
+pub(crate) struct Sandbox {
+    /// What every environment reads missing names from.
+    shared: Table,
+    /// Read-only `os` with everything but `exit`, for environments that opt in.
+    full_os: Table,
+    /// Read-only `io`, for environments that opt in.
+    full_io: Table,
+    /// Gives an environment its own `load`, `require`, `dofile`, `loadfile`.
+    equip: Function,
+}
+
+impl Sandbox {
+    /// Builds the safe globals from the state's standard library, with `modules`
+    /// (`queue`, `errors`, `logger`) made read-only.
+    pub(crate) fn new(lua: &Lua, modules: &[(&str, Table)]) -> mlua::Result<Sandbox> {
+        let real = lua.globals();
+        let shared = lua.create_table()?;
+        for name in SAFE_BASE {
+            shared.raw_set(name, real.raw_get::<LuaValue>(name)?)?;
+        }
+        shared.raw_set("_VERSION", real.raw_get::<LuaValue>("_VERSION")?)?;
+        shared.raw_set("rawset", lua.create_function(guarded_rawset)?)?;
+        shared.raw_set(
+            "collectgarbage",
+            lua.create_function(limited_collectgarbage)?,
+        )?;
+
+        let builtin = lua.create_table()?;
+        let share = |name: &str, table: Table| -> mlua::Result<()> {
+            let proxy = if is_read_only(&table) {
+                table
+            } else {
+                read_only(lua, name, table)?
+            };
+            shared.raw_set(name, &proxy)?;
+            builtin.raw_set(name, proxy)
+        };
+        // No bytecode leaves or enters a state: `load` is text-only, so `dump` has
+        // no use, and it is reachable through every string's metatable.
+        real.raw_get::<Table>("string")?
+            .raw_set("dump", LuaValue::Nil)?;
+        for name in ["string", "table", "math", "utf8"] {
+            share(name, real.raw_get(name)?)?;
+        }
+        share(
+            "coroutine",
+            coroutine_library(lua, &real.raw_get("coroutine")?)?,
+        )?;
+        let real_os: Table = real.raw_get("os")?;
+        let safe_os = lua.create_table()?;
+        for name in ["time", "clock", "date", "difftime"] {
+            safe_os.raw_set(name, real_os.raw_get::<LuaValue>(name)?)?;
+        }
+        share("os", safe_os)?;
+        for (name, module) in modules {
+            share(name, module.clone())?;
+        }
+        // `getmetatable("").__index` would hand out the real string library.
+        lua.load(r#"getmetatable("").__metatable = false"#)
+            .set_name("=sandbox")
+            .exec()?;
+
+        let full_os = lua.create_table()?;
+        for pair in real_os.pairs::<LuaValue, LuaValue>() {
+            let (name, value) = pair?;
+            full_os.raw_set(name, value)?;
+        }
+        // Exiting from a handler skips shutdown: nothing settled, nothing flushed.
+        full_os.raw_set(
+            "exit",
+            lua.create_function(|_, ()| -> mlua::Result<()> {
+                Err(mlua::Error::runtime(
+                    "os.exit is not available: a handler cannot end the runtime (stop it with a signal)",
+                ))
+            })?,
+        )?;
+        let full_os = read_only(lua, "os", full_os)?;
+        let full_io = read_only(lua, "io", real.raw_get("io")?)?;
+        let equip: Function = lua.load(ENVIRONMENT_FUNCTIONS).set_name("=sandbox").call((
+            real.raw_get::<Function>("load")?,
+            real.raw_get::<Function>("loadfile")?,
+            real.raw_get::<Function>("require")?,
+            builtin,
+            real.raw_get::<Function>("select")?,
+            real.raw_get::<Function>("error")?,
+            real.raw_get::<Function>("tostring")?,
+        ))?;
+        Ok(Sandbox {
+            shared,
+            full_os,
+            full_io,
+            equip,
+        })
+    }
+
+    /// A fresh environment: its own globals, reading missing names from the shared
+    /// safe globals, with what `opt_in` allows.
+    pub(crate) fn environment(&self, lua: &Lua, opt_in: OptIn) -> mlua::Result<Table> {
+        let env = lua.create_table()?;
+        let meta = lua.create_table()?;
+        meta.raw_set("__index", &self.shared)?;
+        // Hides the shared table: `getmetatable(_ENV).__index` would reach it.
+        meta.raw_set("__metatable", false)?;
+        env.set_metatable(Some(meta))?;
+        self.equip.call::<Table>((
+            env,
+            opt_in.os.then(|| self.full_os.clone()),
+            opt_in.io.then(|| self.full_io.clone()),
+            opt_in.require,
+        ))
+    }
+
+    /// The shared safe globals, for embedders adding their own modules from Rust.
+    pub(crate) fn shared(&self) -> &Table {
+        &self.shared
+    }
+}
+
+/// A proxy that reads through to `table` and refuses every write.
+pub(crate) fn read_only(lua: &Lua, name: &str, table: Table) -> mlua::Result<Table> {
+    let proxy = lua.create_table()?;
+    let meta = lua.create_table()?;
+    meta.raw_set("__index", &table)?;
+    let message = format!("{name} is read-only: it is shared by every handler on this Lua state");
+    meta.raw_set(
+        "__newindex",
+        lua.create_function(move |_, _: MultiValue| -> mlua::Result<()> {
+            Err(mlua::Error::runtime(message.clone()))
+        })?,
+    )?;
+    let pairs = lua
+        .load("local next, t = ... return function() return next, t, nil end")
+        .set_name("=sandbox")
+        .call::<Function>((lua.globals().raw_get::<Function>("next")?, &table))?;
+    meta.raw_set("__pairs", pairs)?;
+    let len = lua
+        .load("local t = ... return function() return #t end")
+        .set_name("=sandbox")
+        .call::<Function>(&table)?;
+    meta.raw_set("__len", len)?;
+    meta.raw_set("__metatable", format!("read-only {name}"))?;
+    meta.raw_set(READ_ONLY_MARK, true)?;
+    proxy.set_metatable(Some(meta))?;
+    Ok(proxy)
+}
+
+fn is_read_only(table: &Table) -> bool {
+    table
+        .metatable()
+        .and_then(|m| m.raw_get::<bool>(READ_ONLY_MARK).ok())
+        .unwrap_or(false)
+}
+
+/// `rawset`, except on the read-only proxies (a raw write would shadow what they
+/// read through to, for every handler).
+fn guarded_rawset(
+    _: &Lua,
+    (table, key, value): (Table, LuaValue, LuaValue),
+) -> mlua::Result<Table> {
+    if is_read_only(&table) {
+        return Err(mlua::Error::runtime(
+            "rawset on a read-only library table: it is shared by every handler",
+        ));
+    }
+    table.raw_set(key, value)?;
+    Ok(table)
+}
+
+/// `collectgarbage` with the options that read or help the collector; stopping it or
+/// changing its mode would change it for every handler on the state.
+fn limited_collectgarbage(
+    lua: &Lua,
+    (option, _): (Option<String>, MultiValue),
+) -> mlua::Result<LuaValue> {
+    match option.as_deref().unwrap_or("collect") {
+        "collect" => {
+            lua.gc_collect()?;
+            Ok(LuaValue::Integer(0))
+        }
+        "count" => Ok(LuaValue::Number(lua.used_memory() as f64 / 1024.0)),
+        "step" => Ok(LuaValue::Boolean(lua.gc_step()?)),
+        "isrunning" => Ok(LuaValue::Boolean(lua.gc_is_running())),
+        other => Err(mlua::Error::runtime(format!(
+            "collectgarbage({other:?}) is not available in the sandbox: the collector is shared by every handler"
+        ))),
+    }
+}
+
+/// `coroutine` whose `create` and `wrap` make coroutines that run under their
+/// creator's context (its actor, policies and delivery): a coroutine is not a way
+/// around a policy.
+fn coroutine_library(lua: &Lua, real: &Table) -> mlua::Result<Table> {
+    let library = lua.create_table()?;
+    for pair in real.pairs::<LuaValue, LuaValue>() {
+        let (name, value) = pair?;
+        library.raw_set(name, value)?;
+    }
+    let create = lua.create_function(|lua, function: Function| {
+        let thread = lua.create_thread(function)?;
+        crate::context::inherit(lua, &thread)?;
+        Ok(thread)
+    })?;
+    let wrap: Function = lua
+        .load(
+            r#"
+            local create, resume, close, error, pack, unpack = ...
+            return function(f)
+              local co = create(f)
+              return function(...)
+                local results = pack(resume(co, ...))
+                if results[1] then return unpack(results, 2, results.n) end
+                close(co)
+                error(results[2], 0)
+              end
+            end
+            "#,
+        )
+        .set_name("=sandbox")
+        .call((
+            create.clone(),
+            real.raw_get::<Function>("resume")?,
+            real.raw_get::<Function>("close")?,
+            lua.globals().raw_get::<Function>("error")?,
+            lua.globals()
+                .raw_get::<Table>("table")?
+                .raw_get::<Function>("pack")?,
+            lua.globals()
+                .raw_get::<Table>("table")?
+                .raw_get::<Function>("unpack")?,
+        ))?;
+    library.raw_set("create", create)?;
+    library.raw_set("wrap", wrap)?;
+    Ok(library)
+}

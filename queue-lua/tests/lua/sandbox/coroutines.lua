@@ -1,0 +1,37 @@
+-- A handler whose policies allow app:emails only, trying the other queues from
+-- coroutines it creates; it reports what happened to app:emails.
+function sneak(payload)
+  local report = {}
+  local ok, err = coroutine.wrap(function()
+    return queue.publish("app:tasks", { via = "wrap" })
+  end)()
+  report.wrap = err and err:kind() or tostring(ok)
+  local co = coroutine.create(function()
+    return queue.publish("app:tasks", { via = "create" })
+  end)
+  local _, ok2, err2 = coroutine.resume(co)
+  report.create = err2 and err2:kind() or tostring(ok2)
+  local nested = coroutine.wrap(function()
+    return coroutine.wrap(function()
+      local msg = queue.message()
+      return msg:id()
+    end)()
+  end)()
+  report.message_id = nested
+  assert(queue.publish("app:emails", report))
+end
+
+-- Top level: no handler is running, so there is no context to publish under.
+local ok, err = queue.publish("app:tasks", { from = "top level" })
+top_level = err and err:kind() or tostring(ok)
+local made_here = coroutine.create(function()
+  return queue.publish("app:tasks", { from = "a coroutine made at the top level" })
+end)
+
+function report_top_level()
+  local _, ok2, err2 = coroutine.resume(made_here)
+  assert(queue.publish("app:emails", {
+    top_level = top_level,
+    coroutine = err2 and err2:kind() or tostring(ok2),
+  }))
+end

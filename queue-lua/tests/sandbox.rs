@@ -1,0 +1,260 @@
+//! The Lua sandbox (docs/security.md): policies hold inside coroutines, bytecode is
+//! never loaded, the dangerous parts of the standard library are opt-ins, shared
+//! tables are read-only, and memory and top-level run time are limited.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_core::security::{Actor, Effect, Policy, RulePolicy, SecurityContext};
+use queue_core::{ErrorKind, Value};
+use queue_lua::{Limits, LuaHost, OptIn, Outcome, SourceCheck};
+use support::{Harness, lua_file};
+
+fn only_emails() -> SecurityContext {
+    let rules: Vec<Arc<dyn Policy>> = vec![Arc::new(RulePolicy::new(
+        ["queue.publish", "queue.publish.queue"],
+        ["app:emails"],
+        Effect::Allow,
+    ))];
+    SecurityContext::new(Some(Actor::new("mailer")), rules, false)
+}
+
+fn field<'a>(body: &'a Value, key: &str) -> &'a Value {
+    match body {
+        Value::Map(map) => map
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in {body:?}")),
+        other => panic!("not a map: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn coroutines_a_handler_creates_keep_its_policies_and_its_delivery() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as("sandbox/coroutines.lua", "sneak", only_emails())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    assert_eq!(field(&report, "wrap"), &Value::from("PermissionDenied"));
+    assert_eq!(field(&report, "create"), &Value::from("PermissionDenied"));
+    assert!(
+        matches!(field(&report, "message_id"), Value::String(id) if !id.is_empty()),
+        "queue.message() in a nested coroutine: {report:?}"
+    );
+    assert_eq!(h.ready("app:tasks").await, 0, "a coroutine published");
+}
+
+#[tokio::test]
+async fn code_without_a_context_is_denied_not_let_through() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as(
+            "sandbox/coroutines.lua",
+            "report_top_level",
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    assert_eq!(
+        field(&report, "top_level"),
+        &Value::from("PermissionDenied")
+    );
+    assert_eq!(
+        field(&report, "coroutine"),
+        &Value::from("PermissionDenied")
+    );
+    assert_eq!(h.ready("app:tasks").await, 0);
+}
+
+#[tokio::test]
+async fn the_default_sandbox_leaves_out_what_reaches_outside_the_process() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as("sandbox/escapes.lua", "probe", SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    for absent in [
+        "io",
+        "os_execute",
+        "os_exit",
+        "os_getenv",
+        "os_remove",
+        "dofile",
+        "loadfile",
+        "package",
+        "debug",
+        "string_dump",
+    ] {
+        assert_eq!(field(&report, absent), &Value::from("nil"), "{absent}");
+    }
+    assert_eq!(field(&report, "os_time"), &Value::from("function"));
+    assert_eq!(field(&report, "require_file"), &Value::from("refused"));
+    assert_eq!(field(&report, "require_queue"), &Value::from("same"));
+    assert_eq!(field(&report, "binary_chunk"), &Value::from("refused"));
+    assert_eq!(field(&report, "text_chunk"), &Value::Int(42));
+    assert_eq!(field(&report, "collect_stop"), &Value::from("refused"));
+}
+
+#[tokio::test]
+async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
+    let h = Harness::new().await;
+    let path = lua_file("sandbox/escapes.lua");
+    let os = OptIn::parse(["os"]).unwrap();
+    let handler = h.host.handler_with(&path, "with_os", os).unwrap();
+    let message = support::json_message(Value::from("x"), Default::default());
+    let payload = message.decode().unwrap();
+    let context = queue_lua::DeliveryContext {
+        message,
+        settle: std::rc::Rc::new(support::Recorder::default()),
+    };
+    let outcome = h
+        .host
+        .run_handler(&handler, &payload, context, SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    assert_eq!(field(&report, "getenv"), &Value::from("string"));
+    assert_eq!(field(&report, "exit"), &Value::from("refused"));
+    assert_eq!(
+        field(&report, "require_os_getenv"),
+        &Value::from("function")
+    );
+    // The same file without the opt-in, on the same state, still has no os.getenv.
+    h.run_as("sandbox/escapes.lua", "probe", SecurityContext::default())
+        .await;
+    let report = h.take_body("app:emails").await;
+    assert_eq!(field(&report, "os_getenv"), &Value::from("nil"));
+}
+
+#[tokio::test]
+async fn shared_tables_are_read_only_so_one_handler_cannot_fool_another() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as("sandbox/tamper.lua", "report", SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    let Value::Map(results) = &report else {
+        panic!("{report:?}")
+    };
+    assert_eq!(results.len(), 9, "{report:?}");
+    for (what, result) in results {
+        assert_eq!(result, &Value::from("refused"), "{what} was changed");
+    }
+    let outcome = h
+        .run_as(
+            "sandbox/other.lua",
+            "publish_for_real",
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    assert_eq!(h.ready("app:tasks").await, 1, "queue.publish was replaced");
+}
+
+/// Bytecode of `return 1`, made by a Lua state outside any sandbox.
+fn bytecode() -> Vec<u8> {
+    mlua::Lua::new()
+        .load("return 1")
+        .into_function()
+        .unwrap()
+        .dump(false)
+}
+
+#[tokio::test]
+async fn binary_chunks_are_refused_even_corrupted_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrupted = bytecode();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0xff;
+    let h = Harness::new().await;
+    for (name, bytes) in [("good.luac", bytecode()), ("bad.luac", corrupted)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = h.host.handler(&path, "handle").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.message().contains("binary"), "{err}");
+        let checked = queue_lua::check_source(&path, "handle", OptIn::default()).unwrap_err();
+        assert!(checked.message().contains("binary"), "{checked}");
+    }
+    let lua_bytes = h.host.lua().create_string(bytecode()).unwrap();
+    h.host.globals().raw_set("bytes", lua_bytes).unwrap();
+    let out = h
+        .host
+        .eval("local f, err = load(bytes) return f == nil, err")
+        .await
+        .unwrap();
+    assert_eq!(out[0], Value::Bool(true));
+    assert!(
+        matches!(&out[1], Value::String(e) if e.contains("binary")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_past_the_memory_limit_fails_alone_and_the_state_goes_on() {
+    let h = Harness::with_limits(Limits {
+        memory_bytes: 32 * 1024 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let outcome = h
+        .run_as("sandbox/memory.lua", "grow", SecurityContext::default())
+        .await;
+    match outcome {
+        Outcome::Nack { reason } => assert!(reason.contains("memory"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let outcome = h
+        .run_as("sandbox/memory.lua", "fine", SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    assert_eq!(h.ready("app:emails").await, 1);
+}
+
+#[tokio::test]
+async fn a_top_level_that_never_ends_fails_the_load_in_time() {
+    let limits = Limits {
+        load_time: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let host =
+        LuaHost::with_limits(Default::default(), SecurityContext::default(), limits).unwrap();
+    for file in ["endless_top_level.lua", "endless_in_coroutine.lua"] {
+        let path = lua_file(&format!("sandbox/{file}"));
+        let started = std::time::Instant::now();
+        let err = host.handler(&path, "handle").unwrap_err();
+        assert!(err.message().contains("longer than"), "{file}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{file}");
+    }
+}
+
+#[tokio::test]
+async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let source = dir.path().join("side_effect.lua");
+    std::fs::write(
+        &source,
+        format!(
+            "os.execute('touch {}')\nfunction handle() end\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let os = OptIn::parse(["os"]).unwrap();
+    let checked = queue_lua::check_source(&source, "handle", os).unwrap();
+    assert!(
+        matches!(&checked, SourceCheck::NotRun { reason } if reason.contains("execute")),
+        "{checked:?}"
+    );
+    // Without the opt-in, the same file is an error: it calls what it may not.
+    let err = queue_lua::check_source(&source, "handle", OptIn::default()).unwrap_err();
+    assert!(err.message().contains("execute"), "{err}");
+    assert!(!marker.exists(), "check ran os.execute");
+}
