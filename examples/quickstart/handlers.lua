@@ -35,6 +35,6 @@ function handle_dead_letter(payload)
     to = payload.to,
     from = msg:header("x_original_queue"),
     reason = msg:header("x_dead_letter_reason"),
-    attempts = msg:header("attempts"),
+    attempts = msg:header("x_original_attempts"),
   })
 end

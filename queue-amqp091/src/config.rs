@@ -175,10 +175,13 @@ impl AmqpConfig {
         }
         let wants_tls = matches!(uri.scheme, AMQPScheme::AMQPS) || self.tls.is_some();
         if wants_tls && !cfg!(feature = "tls") {
-            return Err(Error::invalid(format!(
-                "{KIND}: {} needs TLS, but queue-amqp091 was built without its \"tls\" feature",
-                redact_url(&self.url)
-            )));
+            return Err(field_error(
+                "url",
+                &format!(
+                    "{} needs TLS, but queue-amqp091 was built without its \"tls\" feature",
+                    redact_url(&self.url)
+                ),
+            ));
         }
         if let Some(tls) = &self.tls
             && tls.cert_file.is_some() != tls.key_file.is_some()
@@ -197,10 +200,13 @@ impl AmqpConfig {
     pub(crate) fn uri(&self) -> Result<AMQPUri> {
         // The parser's error repeats the whole URL, password included: never show it.
         let mut uri = AMQPUri::from_str(&self.url).map_err(|_| {
-            Error::invalid(format!(
-                "{KIND}: url {:?} is not an AMQP URL (amqp://user:password@host:port/vhost)",
-                redact_url(&self.url)
-            ))
+            field_error(
+                "url",
+                &format!(
+                    "{:?} is not an AMQP URL (amqp://user:password@host:port/vhost)",
+                    redact_url(&self.url)
+                ),
+            )
         })?;
         if let Some(vhost) = &self.vhost {
             uri.vhost = vhost.clone();
@@ -238,7 +244,7 @@ impl AmqpConfig {
 }
 
 fn field_error(field: &str, what: &str) -> Error {
-    Error::invalid(format!("{KIND}: {field} {what}"))
+    queue_core::config::field_error(KIND, field, what)
 }
 
 #[cfg(test)]

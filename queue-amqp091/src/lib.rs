@@ -112,6 +112,21 @@ impl Drop for AmqpDriver {
 
 const NAME: &str = "amqp";
 
+/// What the driver can do on RabbitMQ.
+const CAPABILITIES: Capabilities = Capabilities {
+    confirms: true,
+    priority: true,
+    max_priority: 255,
+    delay: true,
+    max_length: true,
+    message_ttl: true,
+    persistent: true,
+    info_ready: true,
+    // RabbitMQ's queue.declare-ok counts ready messages only.
+    info_in_flight: false,
+    info_consumers: true,
+};
+
 #[async_trait]
 impl Driver for AmqpDriver {
     fn name(&self) -> &str {
@@ -119,18 +134,7 @@ impl Driver for AmqpDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            confirms: true,
-            priority: true,
-            delay: true,
-            max_length: true,
-            message_ttl: true,
-            persistent: true,
-            info_ready: true,
-            // RabbitMQ's queue.declare-ok counts ready messages only.
-            info_in_flight: false,
-            info_consumers: true,
-        }
+        CAPABILITIES
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
@@ -191,8 +195,8 @@ impl DriverFactory for AmqpDriverFactory {
         KIND
     }
 
-    fn validate(&self, config: &serde_json::Value) -> Result<()> {
-        AmqpConfig::from_json(config.clone()).map(|_| ())
+    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
+        AmqpConfig::from_json(config.clone()).map(|_| CAPABILITIES)
     }
 
     async fn create(&self, config: serde_json::Value) -> Result<Arc<dyn Driver>> {

@@ -64,6 +64,7 @@ impl Profile {
             Profile::Artemis => Capabilities {
                 persistent: true,
                 priority: true,
+                max_priority: 9,
                 delay: true,
                 ..base
             },

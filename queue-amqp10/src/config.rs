@@ -4,7 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use queue_core::config::duration;
-use queue_core::{Error, Result, redact_url};
+use queue_core::config::field_error;
+use queue_core::{Result, redact_url};
 use serde::Deserialize;
 
 use crate::Profile;
@@ -121,38 +122,44 @@ impl Amqp10Config {
     pub fn validate(&self) -> Result<()> {
         let endpoint = Endpoint::parse(&self.url)?;
         if endpoint.tls && !cfg!(feature = "tls") {
-            return Err(Error::invalid(format!(
-                "{KIND}: {} needs TLS, but queue-amqp10 was built without its `tls` feature",
-                redact_url(&self.url)
-            )));
+            return Err(field_error(
+                KIND,
+                "url",
+                format!(
+                    "{} needs TLS, but queue-amqp10 was built without its `tls` feature",
+                    redact_url(&self.url)
+                ),
+            ));
         }
         if self.tls.is_some() && !endpoint.tls {
-            return Err(Error::invalid(format!(
-                "{KIND}: `tls` is set but the url is not amqps://"
-            )));
+            return Err(field_error(
+                KIND,
+                "tls",
+                "is set but the url is not amqps://",
+            ));
         }
         if self.reconnect_delay.is_zero() {
-            return Err(Error::invalid(format!(
-                "{KIND}: reconnect_delay must be above zero"
-            )));
+            return Err(field_error(KIND, "reconnect_delay", "must be above zero"));
         }
         if self.reconnect_max_delay < self.reconnect_delay {
-            return Err(Error::invalid(format!(
-                "{KIND}: reconnect_max_delay must not be below reconnect_delay"
-            )));
+            return Err(field_error(
+                KIND,
+                "reconnect_max_delay",
+                "must not be below reconnect_delay",
+            ));
         }
         if self.publish_timeout.is_zero() {
-            return Err(Error::invalid(format!(
-                "{KIND}: publish_timeout must be above zero"
-            )));
+            return Err(field_error(KIND, "publish_timeout", "must be above zero"));
         }
         if !(1..=65_535).contains(&self.confirm_window) {
-            return Err(Error::invalid(format!(
-                "{KIND}: confirm_window must be between 1 and 65535"
-            )));
+            return Err(field_error(
+                KIND,
+                "confirm_window",
+                "must be between 1 and 65535",
+            ));
         }
         if self.container_id.as_ref().is_some_and(|id| id.is_empty()) {
-            return Err(Error::invalid(format!("{KIND}: container_id is empty")));
+            return Err(field_error(KIND, "container_id", "is empty"));
         }
         Ok(())
     }
@@ -181,7 +188,7 @@ impl Endpoint {
     /// Parses `amqp[s]://[user[:password]@]host[:port][/]`.
     pub fn parse(url: &str) -> Result<Endpoint> {
         let redacted = redact_url(url);
-        let bad = |why: &str| Error::invalid(format!("{KIND}: url {redacted}: {why}"));
+        let bad = |why: &str| field_error(KIND, "url", format!("{redacted}: {why}"));
         let (tls, rest) = if let Some(rest) = url.strip_prefix("amqp://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("amqps://") {

@@ -271,8 +271,8 @@ impl DriverFactory for Amqp10DriverFactory {
         KIND
     }
 
-    fn validate(&self, config: &serde_json::Value) -> Result<()> {
-        Amqp10Config::from_value(config.clone()).map(|_| ())
+    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
+        Amqp10Config::from_value(config.clone()).map(|c| c.profile.capabilities())
     }
 
     async fn create(&self, config: serde_json::Value) -> Result<Arc<dyn Driver>> {

@@ -73,8 +73,7 @@ impl Codec {
         let value: Value = match self {
             Codec::Json => serde_json::from_slice(bytes)
                 .map_err(|e| Error::invalid(format!("body is not valid json: {e}")))?,
-            Codec::MsgPack => rmp_serde::from_slice(bytes)
-                .map_err(|e| Error::invalid(format!("body is not valid msgpack: {e}")))?,
+            Codec::MsgPack => decode_whole_msgpack(bytes)?,
         };
         if depth(&value) > MAX_DEPTH {
             return Err(Error::invalid(format!(
@@ -83,6 +82,21 @@ impl Codec {
         }
         Ok(value)
     }
+}
+
+/// One msgpack value that takes every byte: bytes after it mean the body is something
+/// else (JSON sent with the msgpack content type starts with a valid msgpack integer).
+fn decode_whole_msgpack(bytes: &[u8]) -> Result<Value> {
+    let mut reader = bytes;
+    let value: Value = rmp_serde::from_read(&mut reader)
+        .map_err(|e| Error::invalid(format!("body is not valid msgpack: {e}")))?;
+    if !reader.is_empty() {
+        return Err(Error::invalid(format!(
+            "body is not valid msgpack: {} bytes follow the first value",
+            reader.len()
+        )));
+    }
+    Ok(value)
 }
 
 fn depth(value: &Value) -> usize {
@@ -231,6 +245,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_body_with_bytes_after_its_value_is_not_that_value() {
+        // JSON sent with the msgpack content type: `123` is a valid msgpack integer
+        // (0x31 = 49) followed by two more bytes.
+        let err = Codec::MsgPack.decode(b"123").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.message().contains("2 bytes follow"), "{err}");
+        let mut bytes = Codec::MsgPack.encode(&Value::Int(7)).unwrap();
+        bytes.push(0xc0);
+        assert!(Codec::MsgPack.decode(&bytes).is_err());
+        assert!(Codec::Json.decode(b"123 456").is_err());
+        assert_eq!(Codec::Json.decode(b" 123 ").unwrap(), Value::Int(123));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Capabilities {
     pub confirms: bool,
     /// Honours `max_priority` on declare and the `priority` header.
     pub priority: bool,
+    /// The highest `max_priority` a queue may declare (when `priority` is on).
+    pub max_priority: u8,
     /// Honours the `delay` header (otherwise publishing with it is `INVALID`).
     pub delay: bool,
     /// Honours `max_length` on declare.
@@ -101,8 +103,19 @@ impl QueueSpec {
         self
     }
 
-    /// Refuses options the driver's capabilities do not cover, naming the driver.
+    /// Refuses options the driver's capabilities do not cover, naming the driver; the
+    /// error's `field` detail names the option.
     pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
+        if let Some(p) = self.max_priority
+            && caps.priority
+            && p > caps.max_priority
+        {
+            return Err(Error::invalid(format!(
+                "queue {}: max_priority {p} is more than the {driver} driver allows ({})",
+                self.id, caps.max_priority
+            ))
+            .with_detail("field", "max_priority"));
+        }
         let unsupported = [
             (
                 self.max_priority.is_some() && !caps.priority,
@@ -118,7 +131,8 @@ impl QueueSpec {
             Some((_, option)) => Err(Error::invalid(format!(
                 "queue {}: the {driver} driver does not support {option}",
                 self.id
-            ))),
+            ))
+            .with_detail("field", *option)),
             None => Ok(()),
         }
     }

@@ -197,31 +197,54 @@ impl Error {
     }
 }
 
-/// Removes the password (and only the password) from a URL, for logs and errors.
+/// Removes the password from anything that was meant as a URL, for logs and errors,
+/// whatever its validity: a raw `/`, `#`, `?` or `@` in the password, no scheme, or a
+/// URL that YAML cut at an unquoted ` #` (which leaves the password where the port
+/// belongs). When in doubt it hides more, never less.
 ///
 /// ```
+/// use queue_core::redact_url;
 /// assert_eq!(
-///     queue_core::redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+///     redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
 ///     "amqp://guest:***@127.0.0.1:5672/%2f"
 /// );
-/// assert_eq!(queue_core::redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+/// assert_eq!(redact_url("amqp://u:pa/ss#x@h/"), "amqp://u:***@h/");
+/// assert_eq!(redact_url("guest:secret@h:5672"), "guest:***@h:5672");
+/// assert_eq!(redact_url("amqp://u:secr"), "amqp://u:***");
+/// assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let (scheme, rest) = url.split_at(start);
+    // The userinfo ends at the last '@': a password may hold any character.
+    if let Some(at) = rest.rfind('@') {
+        let userinfo = &rest[..at];
+        return match userinfo.find(':') {
+            Some(colon) => format!("{scheme}{}:***@{}", &userinfo[..colon], &rest[at + 1..]),
+            None => url.to_string(),
+        };
+    }
+    // No '@': what follows a ':' in the authority must be a port, or it is a password.
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
+    let host_end = if authority.starts_with('[') {
+        authority.find(']').map_or(authority.len(), |i| i + 1)
+    } else {
+        0
     };
-    let userinfo = &authority[..at];
-    let user = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => userinfo.to_string(),
-    };
-    format!("{}{}@{}", &url[..scheme_end + 3], user, &rest[at + 1..])
+    match authority[host_end..].find(':') {
+        Some(colon) => {
+            let colon = host_end + colon;
+            let port = &authority[colon + 1..];
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                url.to_string()
+            } else {
+                // A broken URL: everything after the colon may be the password.
+                format!("{scheme}{}:***", &authority[..colon])
+            }
+        }
+        None => url.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -253,5 +276,35 @@ mod tests {
         assert_eq!(redact_url("amqp://user@h"), "amqp://user@h");
         assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(redact_url("amqp://u:p@ss@h/"), "amqp://u:***@h/");
+        assert_eq!(redact_url("amqp://[::1]:5672/"), "amqp://[::1]:5672/");
+        assert_eq!(
+            redact_url("amqp://u:p?ss@[::1]:5672/"),
+            "amqp://u:***@[::1]:5672/"
+        );
+    }
+
+    #[test]
+    fn no_password_survives_redaction_whatever_the_url() {
+        // Every character a password may hold raw, placed where a careless user puts it.
+        for password in [
+            "pa/ss", "pa#ss", "pa?ss", "pa@ss", "p:a:ss", "pa ss", "päss", "pa%2Fss",
+        ] {
+            for url in [
+                format!("amqp://guest:{password}@127.0.0.1:5672/%2f"),
+                format!("amqps://guest:{password}@host/vhost?heartbeat=5"),
+                format!("guest:{password}@127.0.0.1:5672"),
+                format!("amqp://guest:{password}"),
+            ] {
+                if password.contains('@') && url == format!("amqp://guest:{password}") {
+                    continue; // cut short, `guest:pa@ss` reads as user:pass@host
+                }
+                let shown = redact_url(&url);
+                let secret = password
+                    .split(['/', '#', '?', '@', ':', ' '])
+                    .max_by_key(|p| p.len())
+                    .unwrap_or(password);
+                assert!(!shown.contains(secret), "{url} shows {shown}");
+            }
+        }
     }
 }

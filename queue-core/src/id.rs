@@ -21,11 +21,23 @@ pub struct QueueId {
 }
 
 impl QueueId {
-    /// Parses and validates `namespace:name`: both parts non-empty, no whitespace or
-    /// control characters. Anything else is `INVALID` with the reason.
+    /// The longest id, in bytes: a broker names its queue after it, and AMQP queue
+    /// names are at most 255 bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Parses and validates `namespace:name`: both parts non-empty, at most
+    /// [`QueueId::MAX_LEN`] bytes, no whitespace or control characters. Anything else
+    /// is `INVALID` with the reason (and never the whole of a long id).
     pub fn parse(text: &str) -> Result<QueueId> {
         if text.is_empty() {
             return Err(Error::invalid("queue id is empty"));
+        }
+        if text.len() > QueueId::MAX_LEN {
+            return Err(Error::invalid(format!(
+                "queue id {} is longer than {} bytes",
+                shown(text),
+                QueueId::MAX_LEN
+            )));
         }
         if let Some(bad) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
             return Err(Error::invalid(format!(
@@ -69,6 +81,15 @@ impl QueueId {
     }
 }
 
+/// A text as an error shows it: quoted, and cut with its length when long.
+fn shown(text: &str) -> String {
+    if text.len() <= 64 {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(32).collect();
+    format!("{head:?}... ({} bytes)", text.len())
+}
+
 impl fmt::Display for QueueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.full)
@@ -98,6 +119,15 @@ mod tests {
         let id = QueueId::parse("app:tasks:high").unwrap();
         assert_eq!(id.namespace(), "app");
         assert_eq!(id.name(), "tasks:high");
+    }
+
+    #[test]
+    fn a_huge_id_is_refused_without_being_echoed() {
+        let huge = format!("app:{}", "x".repeat(1024 * 1024));
+        let err = QueueId::parse(&huge).unwrap_err();
+        assert!(err.message().len() < 200, "{}", err.message().len());
+        assert!(err.message().contains("1048580 bytes"), "{err}");
+        assert!(QueueId::parse(&format!("app:{}", "x".repeat(251))).is_ok());
     }
 
     #[test]

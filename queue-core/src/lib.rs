@@ -52,7 +52,10 @@ pub use driver::{
 };
 pub use error::{Error, ErrorKind, Result, redact_url};
 pub use id::QueueId;
-pub use message::{HeaderValue, Headers, Message, names, new_message_id, parse_priority};
+pub use message::{
+    HeaderValue, Headers, MAX_HEADER_BYTES, MAX_NAME_BYTES, Message, names, new_message_id,
+    parse_priority, truncate,
+};
 pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,
 };
@@ -65,8 +68,10 @@ pub use value::Value;
 pub trait DriverFactory: Send + Sync {
     /// The entry kind this factory serves, e.g. `queue.driver.amqp`.
     fn kind(&self) -> &'static str;
-    /// Checks the entry's fields without connecting (used by `check`).
-    fn validate(&self, config: &serde_json::Value) -> Result<()>;
+    /// Checks the entry's fields without connecting (used by `check`), and tells
+    /// what a driver built from them will be able to do, so that `check` refuses
+    /// queues that need more.
+    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities>;
     /// Builds (and connects) the driver.
     async fn create(&self, config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>>;
 }
@@ -81,8 +86,9 @@ impl DriverFactory for MemoryDriverFactory {
         "queue.driver.memory"
     }
 
-    fn validate(&self, config: &serde_json::Value) -> Result<()> {
-        config::from_value::<memory::MemoryConfig>(self.kind(), config.clone()).map(|_| ())
+    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
+        config::from_value::<memory::MemoryConfig>(self.kind(), config.clone())
+            .map(|_| memory::CAPABILITIES)
     }
 
     async fn create(&self, config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>> {

@@ -36,7 +36,28 @@ pub mod names {
     pub const X_DEAD_LETTER_REASON: &str = "x_dead_letter_reason";
     /// On dead letters: when it was dead-lettered (RFC 3339 UTC).
     pub const X_DEAD_LETTER_TIME: &str = "x_dead_letter_time";
+    /// On dead letters: the `attempts` it had when it was dead-lettered (its
+    /// `attempts` start again at 1 in the dead-letter queue).
+    pub const X_ORIGINAL_ATTEMPTS: &str = "x_original_attempts";
+    /// On dead letters: the per-message time to live it had (a dead letter keeps no
+    /// TTL, so it cannot expire out of its dead-letter queue).
+    pub const X_ORIGINAL_EXPIRATION: &str = "x_original_expiration";
+    /// On copies the runtime republished: the headers it had to drop (and why) to
+    /// publish the message again, typically ones another client set that no driver
+    /// accepts (`priority: "urgent"`).
+    pub const X_DROPPED_HEADERS: &str = "x_dropped_headers";
+    /// On copies whose id was too long to publish again: the original id.
+    pub const X_ORIGINAL_MESSAGE_ID: &str = "x_original_message_id";
 }
+
+/// The most bytes of header names and values a published message may carry:
+/// brokers close the whole connection on a header frame past their limit (RabbitMQ's
+/// is 128 KiB), so the limit is checked before anything reaches them.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The longest header name, and the longest message id, any driver can carry
+/// (AMQP 0-9-1's short strings).
+pub const MAX_NAME_BYTES: usize = 255;
 
 /// A header value: a scalar.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +188,12 @@ impl Headers {
         self.0.is_empty()
     }
 
+    /// How many bytes the names and values take, as [`MAX_HEADER_BYTES`] counts them
+    /// (numbers and booleans count 8 bytes).
+    pub fn byte_size(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
+    }
+
     /// The delivery attempt: the `attempts` header, 1 when absent or unreadable.
     pub fn attempts(&self) -> u32 {
         match self.get(names::ATTEMPTS) {
@@ -224,6 +251,19 @@ impl Headers {
                 )));
             }
         }
+        let size = self.byte_size();
+        if size > MAX_HEADER_BYTES {
+            return Err(Error::invalid(format!(
+                "headers take {size} bytes, more than the {MAX_HEADER_BYTES} a message may carry"
+            )));
+        }
+        if let Some(long) = self.0.keys().find(|k| k.len() > MAX_NAME_BYTES) {
+            return Err(Error::invalid(format!(
+                "header name {}... is {} bytes, longer than {MAX_NAME_BYTES}",
+                preview(long),
+                long.len()
+            )));
+        }
         self.priority_level()?;
         self.delay()?;
         self.ttl()?;
@@ -239,6 +279,18 @@ impl Headers {
         }
         Ok(())
     }
+}
+
+fn value_bytes(value: &HeaderValue) -> usize {
+    match value {
+        HeaderValue::String(s) => s.len(),
+        _ => 8,
+    }
+}
+
+/// The first characters of a long text, for messages that must not echo it whole.
+fn preview(text: &str) -> String {
+    format!("{:?}", text.chars().take(32).collect::<String>())
 }
 
 impl<K: Into<String>> FromIterator<(K, HeaderValue)> for Headers {
@@ -320,6 +372,98 @@ impl Message {
         }
     }
 
+    /// Makes a message that came from outside (another client, a broker) safe to
+    /// publish again, whatever its headers: drops the well-known headers no driver
+    /// accepts as they are (`priority: "urgent"`, `expiration: "soon"`, a priority of
+    /// 200), names longer than any driver carries, and the largest headers while they
+    /// take more than [`MAX_HEADER_BYTES`]; replaces an id too long to carry. Returns
+    /// what it dropped, with why, for [`names::X_DROPPED_HEADERS`].
+    ///
+    /// ```
+    /// use queue_core::{HeaderValue, Headers, Message};
+    /// let headers = Headers::from_pairs([("priority", HeaderValue::from("urgent")), ("k", HeaderValue::Int(1))]);
+    /// let mut message = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+    /// let dropped = message.make_republishable();
+    /// assert_eq!(dropped.len(), 1);
+    /// assert!(!message.headers.contains("priority") && message.headers.contains("k"));
+    /// ```
+    pub fn make_republishable(&mut self) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let headers = &mut self.headers;
+        let mut drop_header = |headers: &mut Headers, key: &str, why: String| {
+            if let Some(value) = headers.remove(key) {
+                let shown = match &value {
+                    HeaderValue::String(s) if s.len() > 64 => format!("{}...", preview(s)),
+                    other => format!("{other:?}"),
+                };
+                dropped.push(format!("{}={shown}: {why}", preview(key)));
+            }
+        };
+        let mut checks: Vec<(&str, Result<()>)> = vec![
+            (names::PRIORITY, headers.priority_level().map(|_| ())),
+            (names::DELAY, headers.delay().map(|_| ())),
+            (
+                names::EXPIRATION,
+                headers.millis(names::EXPIRATION).map(|_| ()),
+            ),
+            (names::TTL, headers.millis(names::TTL).map(|_| ())),
+        ];
+        if matches!(headers.get(names::MESSAGE_ID), Some(v) if !matches!(v.as_str(), Some(s) if !s.is_empty() && s.len() <= MAX_NAME_BYTES))
+        {
+            checks.push((
+                names::MESSAGE_ID,
+                Err(Error::invalid(
+                    "must be a non-empty string of at most 255 bytes",
+                )),
+            ));
+        }
+        for (key, check) in checks {
+            if let Err(e) = check {
+                drop_header(headers, key, e.message().to_string());
+            }
+        }
+        let long_names: Vec<String> = headers
+            .0
+            .keys()
+            .filter(|k| k.is_empty() || k.len() > MAX_NAME_BYTES)
+            .cloned()
+            .collect();
+        for key in long_names {
+            drop_header(
+                headers,
+                &key,
+                format!("a name must be 1..={MAX_NAME_BYTES} bytes"),
+            );
+        }
+        while headers.byte_size() > MAX_HEADER_BYTES {
+            let Some(largest) = headers
+                .0
+                .iter()
+                .filter(|(k, _)| !k.starts_with("x_"))
+                .max_by_key(|(k, v)| k.len() + value_bytes(v))
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            drop_header(
+                headers,
+                &largest,
+                format!("the headers took more than {MAX_HEADER_BYTES} bytes"),
+            );
+        }
+        if self.id.is_empty() || self.id.len() > MAX_NAME_BYTES {
+            let original = std::mem::replace(&mut self.id, new_message_id());
+            self.headers
+                .insert(names::X_ORIGINAL_MESSAGE_ID, truncate(&original, 1024));
+            dropped.push(format!(
+                "message id {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {}",
+                preview(&original),
+                self.id
+            ));
+        }
+        dropped
+    }
+
     /// Decodes the body by its content type.
     pub fn decode(&self) -> Result<crate::Value> {
         let codec = crate::Codec::from_content_type(&self.content_type).ok_or_else(|| {
@@ -330,6 +474,25 @@ impl Message {
         })?;
         codec.decode(&self.body)
     }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how long it
+/// was when it had to be cut.
+///
+/// ```
+/// assert_eq!(queue_core::truncate("short", 10), "short");
+/// assert!(queue_core::truncate(&"x".repeat(100), 40).ends_with("(100 bytes)"));
+/// ```
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let note = format!("... (truncated from {} bytes)", text.len());
+    let mut end = max.saturating_sub(note.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{note}", &text[..end])
 }
 
 /// A new unique message id (UUID v7: time-ordered).
@@ -376,6 +539,62 @@ mod tests {
                 .message()
                 .contains("delay")
         );
+    }
+
+    #[test]
+    fn headers_past_the_size_limit_or_with_long_names_are_refused() {
+        let big = Headers::from_pairs([("note", HeaderValue::from("x".repeat(MAX_HEADER_BYTES)))]);
+        let err = big.validate_for_publish().unwrap_err();
+        assert!(err.message().contains("more than the 65536"), "{err}");
+        let long = "k".repeat(300);
+        let named = Headers::from_pairs([(long.as_str(), HeaderValue::Int(1))]);
+        let err = named.validate_for_publish().unwrap_err();
+        assert!(err.message().contains("longer than 255"), "{err}");
+        assert!(err.message().len() < 200, "the name is echoed whole: {err}");
+    }
+
+    #[test]
+    fn outside_headers_no_driver_accepts_are_dropped_with_why() {
+        let headers = Headers::from_pairs([
+            ("priority", HeaderValue::Int(200)),
+            ("expiration", HeaderValue::from("soon")),
+            ("delay", HeaderValue::Int(-1)),
+            ("message_id", HeaderValue::Int(5)),
+            ("", HeaderValue::Int(1)),
+            ("huge", HeaderValue::from("y".repeat(MAX_HEADER_BYTES))),
+            ("keep", HeaderValue::from("me")),
+            ("ttl", HeaderValue::Int(500)),
+        ]);
+        let mut message = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+        message.id = "i".repeat(1000);
+        let dropped = message.make_republishable();
+        assert_eq!(dropped.len(), 7, "{dropped:#?}");
+        assert_eq!(
+            message
+                .headers
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            vec!["keep", "ttl", "x_original_message_id"]
+        );
+        assert_eq!(message.id.len(), 36);
+        message.headers.validate_for_publish().unwrap_err(); // x_ is reserved for publishers
+        assert!(message.headers.byte_size() <= MAX_HEADER_BYTES);
+        // What is already fine is left alone.
+        let mut fine = Message::from_bytes(
+            vec![],
+            Headers::from_pairs([("priority", "high".into())]),
+            "application/json",
+        );
+        assert!(fine.make_republishable().is_empty());
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        let text = "é".repeat(100);
+        let cut = truncate(&text, 60);
+        assert!(cut.len() <= 60, "{cut}");
+        assert!(cut.contains("truncated from 200 bytes"), "{cut}");
     }
 
     #[test]

@@ -12,12 +12,15 @@ use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan};
-use crate::retry::FailurePath;
+use crate::retry::{Exhausted, FailurePath};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
 
-/// How long shutdown waits, beyond a consumer's `stop_timeout`, for a worker to hand
-/// its consumer back.
+/// How long shutdown waits, beyond the longest `stop_timeout`, for the workers to hand
+/// their consumers back and end.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long shutdown waits for processes when no consumer sets a `stop_timeout`.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -85,8 +88,11 @@ fn refuse_uncounted_queues(plan: &Plan, drivers: &BTreeMap<String, Arc<dyn Drive
 }
 
 struct RunningConsumer {
+    id: String,
     queue: QueueId,
     stop_timeout: Duration,
+    /// Its deliveries being handled.
+    active: Busy,
     /// One per worker the consumer runs on; each yields its subscription back once that
     /// worker stopped taking deliveries and its handlers finished.
     stopped: Vec<oneshot::Receiver<Box<dyn Subscription>>>,
@@ -160,7 +166,7 @@ impl Host {
                 .await
                 .map_err(|e| e.context(format!("declare {}", q.spec.id)))?;
         }
-        let workers = Workers::start(options.lua_threads, &queues, plan.strict)?;
+        let workers = Workers::start(options.lua_threads, &queues, plan.strict, plan.lua_limits)?;
         let (stop, _) = watch::channel(false);
         let busy = Busy::default();
         let mut consumers = Vec::new();
@@ -169,14 +175,14 @@ impl Host {
                 .queue(&c.queue)
                 .ok_or_else(|| Error::internal(format!("{} has no queue plan", c.id)))?;
             let driver = driver_of(&q.driver)?;
-            let dead_letter = match &q.dead_letter {
+            let exhausted = match &q.dead_letter {
                 Some(dlq) => {
                     let dlq_plan = plan
                         .queue(dlq)
                         .ok_or_else(|| Error::internal(format!("{dlq} has no queue plan")))?;
-                    Some((dlq.clone(), driver_of(&dlq_plan.driver)?))
+                    Exhausted::DeadLetter(dlq.clone(), driver_of(&dlq_plan.driver)?)
                 }
-                None => None,
+                None => Exhausted::Drop,
             };
             let runtime = Arc::new(ConsumerRuntime {
                 plan: c.clone(),
@@ -184,15 +190,17 @@ impl Host {
                     queue: c.queue.clone(),
                     driver: Arc::clone(&driver),
                     retry: q.retry.clone(),
-                    dead_letter,
+                    exhausted,
                     stop: stop.subscribe(),
                 },
                 meters: crate::metrics::ConsumerMeters::of(&c.queue),
+                active: Busy::uncounted(),
             });
             // The consumer runs on up to `concurrency` workers, each with its own
             // subscription and share of the slots and prefetch, so that a delivery is
             // pulled, handled and settled on one thread.
             let shares = workers.lua_states().min(c.concurrency as usize).max(1) as u32;
+            let first_worker = workers.reserve(shares as usize);
             let mut stopped = Vec::new();
             for share in 0..shares {
                 let slots = c.concurrency / shares + u32::from(share < c.concurrency % shares);
@@ -203,7 +211,7 @@ impl Host {
                     .map_err(|e| e.context(format!("consumer {}", c.id)))?;
                 let (done, back) = oneshot::channel();
                 workers.dispatch_to(
-                    share as usize,
+                    first_worker + share as usize,
                     Job::Attach(Intake {
                         consumer: Arc::clone(&runtime),
                         subscription,
@@ -216,9 +224,11 @@ impl Host {
                 stopped.push(back);
             }
             consumers.push(RunningConsumer {
+                id: c.id.clone(),
                 queue: c.queue.clone(),
                 stop_timeout: c.stop_timeout,
                 stopped,
+                active: runtime.active.clone(),
             });
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
@@ -326,28 +336,56 @@ impl Host {
     /// reports the consumed queues' counts and closes the drivers.
     pub async fn shutdown(mut self) -> Vec<QueueSummary> {
         let _ = self.stop.send(true);
-        let mut subscriptions = Vec::new();
-        let mut stuck_workers = false;
-        for c in std::mem::take(&mut self.consumers) {
+        // One deadline for everything: consumers stop side by side, and a handler or
+        // process that never yields (a Lua loop holds its worker thread) is left
+        // behind at the deadline instead of holding up the exit.
+        let longest = self
+            .consumers
+            .iter()
+            .map(|c| c.stop_timeout)
+            .max()
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + longest + STOP_GRACE;
+        let returns = std::mem::take(&mut self.consumers).into_iter().map(|c| async move {
+            let mut subscriptions = Vec::new();
+            let mut late = 0;
             for back in c.stopped {
-                // A handler that never yields (a Lua loop) holds its worker thread: past
-                // stop_timeout and a grace period, leave it behind rather than hang.
-                match tokio::time::timeout(c.stop_timeout + STOP_GRACE, back).await {
+                match tokio::time::timeout_at(deadline, back).await {
                     Ok(Ok(sub)) => subscriptions.push(sub),
                     Ok(Err(_)) => {
-                        tracing::warn!(queue = %c.queue, "a worker stopped before handing its consumer back")
+                        tracing::warn!(consumer = %c.id, queue = %c.queue, "a worker stopped before handing its consumer back")
                     }
-                    Err(_) => {
-                        stuck_workers = true;
-                        tracing::error!(queue = %c.queue, "a handler is stuck and does not yield; its worker is left behind, and its deliveries return to the queue when the connection closes")
-                    }
+                    Err(_) => late += 1,
                 }
+            }
+            (c.id, c.queue, c.active, subscriptions, late)
+        });
+        let mut subscriptions = Vec::new();
+        let mut stuck_workers = false;
+        for (id, queue, active, subs, late) in futures_util::future::join_all(returns).await {
+            subscriptions.extend(subs);
+            if late == 0 {
+                continue;
+            }
+            stuck_workers = true;
+            if active.count() > 0 {
+                tracing::error!(consumer = %id, queue = %queue, "a handler is stuck and does not yield; its worker is left behind, and its deliveries return to the queue when the connection closes");
+            } else {
+                tracing::warn!(consumer = %id, queue = %queue, "did not stop in time: it shares a worker with a stuck handler; its deliveries return to the queue when the connection closes");
             }
         }
         if let Some(workers) = self.workers.take() {
             let stopping = tokio::task::spawn_blocking(move || workers.stop());
-            if !stuck_workers {
-                stopping.await.ok();
+            let grace = if stuck_workers {
+                Duration::ZERO
+            } else {
+                STOP_GRACE
+            };
+            let until = deadline.max(tokio::time::Instant::now() + grace);
+            if tokio::time::timeout_at(until, stopping).await.is_err() {
+                tracing::error!(
+                    "a process or handler still runs without yielding; leaving its worker behind"
+                );
             }
         }
         for sub in subscriptions {

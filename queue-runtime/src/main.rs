@@ -116,18 +116,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Targets of the protocol crates whose TRACE events dump whole frames, the login
+/// among them (lapin's `StartOk` carries the SASL response with the password).
+const WIRE_DUMP_TARGETS: [&str; 4] = ["lapin", "amq_protocol", "fe2o3_amqp", "serde_amqp"];
+
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Whatever RUST_LOG says: no log level prints a credential.
+    let no_wire_dumps = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() != tracing::Level::TRACE
+            || !WIRE_DUMP_TARGETS
+                .iter()
+                .any(|t| meta.target().starts_with(t))
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter.and(no_wire_dumps)))
+        .init();
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
@@ -328,13 +346,14 @@ fn parse_headers(items: &[String]) -> Result<Headers, String> {
     Ok(headers)
 }
 
-/// SIGTERM and SIGINT, listened to from the start of `run` to its end.
+/// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
+/// to its end: each stops the runtime gracefully.
 ///
 /// One listener for the whole run, not one per wait: a signal that arrives between two
 /// waits (say right after "stopping" is logged) is kept for the next wait instead of
 /// being lost before a fresh listener exists.
 struct ShutdownSignals {
-    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
 }
 
 impl ShutdownSignals {
@@ -343,24 +362,26 @@ impl ShutdownSignals {
         let streams = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int)) => Some((term, int)),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT");
+            (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT/SIGHUP");
                 None
             }
         };
         Self { streams }
     }
 
-    /// Waits for the next SIGTERM or SIGINT and names it.
+    /// Waits for the next SIGTERM, SIGINT or SIGHUP and names it.
     async fn next(&mut self) -> &'static str {
-        let Some((term, int)) = self.streams.as_mut() else {
+        let Some([term, int, hup]) = self.streams.as_mut() else {
             return std::future::pending().await;
         };
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
         }
     }
 }

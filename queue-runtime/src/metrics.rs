@@ -10,7 +10,6 @@ use queue_core::{
     Capabilities, ConsumeOptions, Driver, Message, QueueId, QueueInfo, QueueSpec, Result,
     Subscription,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Metric names, all prefixed `queue_`.
@@ -31,6 +30,12 @@ pub mod names {
     pub const DEAD_LETTERED: &str = "queue_dead_lettered_total";
     /// Exhausted messages dropped because the queue has `dead_letter: false`.
     pub const DROPPED: &str = "queue_dropped_total";
+    /// Dead letters that failed their last attempt in their dead-letter queue and were
+    /// queued there again, after the longest backoff (a dead letter is never dropped).
+    pub const DEAD_LETTERS_KEPT: &str = "queue_dead_letters_kept_total";
+    /// Failed deliveries that could not be republished and went back to their queue
+    /// after a wait, by queue.
+    pub const RETURNED: &str = "queue_returned_total";
     /// Handler run time in seconds, by queue.
     pub const HANDLER_SECONDS: &str = "queue_handler_duration_seconds";
     /// Deliveries being handled or waiting for a retry, all queues.
@@ -66,43 +71,96 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Serves `/metrics` and `/health` on an address until the task is dropped.
+/// Most connections the metrics server holds at once; more are closed on accept, so a
+/// flood cannot take the process's file descriptors.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request head.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` and `GET /health` on an address until the task is dropped,
+/// with hyper: whole requests however they are split into packets, query strings
+/// ignored, 405 for other methods, at most [`MAX_CONNECTIONS`] at once, and a pause
+/// (not a spin) when accepting fails, as it does when file descriptors run out.
 pub async fn serve(
     addr: std::net::SocketAddr,
     handle: PrometheusHandle,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics and /health");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics server cannot accept a connection; pausing");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                drop(stream); // over the limit: closed at once
                 continue;
             };
             let handle = handle.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let read =
-                    tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-                let Ok(Ok(n)) = read else { return };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-                    "/health" => (
-                        "200 OK",
-                        "application/json",
-                        "{\"status\":\"ok\"}\n".to_string(),
-                    ),
-                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
+                let service = hyper::service::service_fn(move |request| {
+                    let response = respond(&request, &handle);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(REQUEST_HEAD_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // A client that stalls after its head is cut off too.
+                let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT * 2, connection).await;
+                drop(slot);
             });
         }
     }))
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn respond(
+    request: &hyper::Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode, header};
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = hyper::Response::new(Body::from(body));
+        *response.status_mut() = status;
+        if let Ok(value) = header::HeaderValue::from_str(content_type) {
+            response.headers_mut().insert(header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n".to_string(),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+        "/health" => reply(
+            StatusCode::OK,
+            "application/json",
+            "{\"status\":\"ok\"}\n".to_string(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    }
 }
 
 /// The instruments a consumer updates for every delivery, resolved once when it

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_core::security::{Actor, Effect, Pattern, Policy, RulePolicy, SecurityContext};
-use queue_core::{DriverFactory, PublishSettings, QueueId, QueueSpec, Queues};
+use queue_core::{Capabilities, DriverFactory, PublishSettings, QueueId, QueueSpec};
+use queue_lua::{Limits, OptIn, SourceCheck};
 
 use crate::config::Config;
 use crate::config::{
     ConfigError, ConfigErrors, DeadLetterConfig, EffectName, Entry, EntryKind, EntrySecurity,
-    QueueEntry, RetryConfig,
+    QueueEntry, RetryConfig, SandboxConfig,
 };
 
 /// The name of the embedded memory driver used when a configuration declares none.
@@ -60,6 +61,8 @@ pub struct DriverPlan {
     pub kind: String,
     /// Fields for the factory.
     pub config: serde_json::Value,
+    /// What the driver will be able to do, as its factory read the fields.
+    pub capabilities: Capabilities,
 }
 
 /// How failures of a queue's messages are retried.
@@ -123,6 +126,8 @@ pub struct ConsumerPlan {
     pub stop_timeout: Duration,
     /// Actor and policies.
     pub security: SecurityContext,
+    /// What its Lua file may use beyond the sandbox's safe library.
+    pub opt_in: OptIn,
 }
 
 /// A process to run at start.
@@ -138,6 +143,8 @@ pub struct ProcessPlan {
     pub instances: u32,
     /// Actor and policies.
     pub security: SecurityContext,
+    /// What its Lua file may use beyond the sandbox's safe library.
+    pub opt_in: OptIn,
 }
 
 /// Everything to start, resolved and checked.
@@ -153,6 +160,8 @@ pub struct Plan {
     pub processes: Vec<ProcessPlan>,
     /// Strict mode.
     pub strict: bool,
+    /// The limits of every Lua state.
+    pub lua_limits: Limits,
 }
 
 impl Plan {
@@ -184,6 +193,12 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         consumers: Vec::new(),
         processes: Vec::new(),
         strict,
+        lua_limits: Limits {
+            memory_bytes: config
+                .lua_memory_limit
+                .unwrap_or(Limits::DEFAULT_MEMORY_BYTES),
+            ..Limits::default()
+        },
     };
 
     for entry in &config.entries {
@@ -197,22 +212,28 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     ),
                 )),
                 Some(factory) => match factory.validate(config) {
-                    Ok(()) => plan.drivers.push(DriverPlan {
+                    Ok(capabilities) => plan.drivers.push(DriverPlan {
                         id: entry.id.clone(),
                         kind: kind.clone(),
                         config: config.clone(),
+                        capabilities,
                     }),
-                    Err(e) => errors.push(driver_error(entry, e.message())),
+                    Err(e) => errors.push(driver_error(entry, &e)),
                 },
             }
         }
     }
     let default_driver = match plan.drivers.len() {
         0 => {
+            let config = serde_json::json!({});
+            let capabilities = queue_core::MemoryDriverFactory
+                .validate(&config)
+                .unwrap_or_default();
             plan.drivers.push(DriverPlan {
                 id: EMBEDDED_DRIVER.to_string(),
                 kind: "queue.driver.memory".to_string(),
-                config: serde_json::json!({}),
+                config,
+                capabilities,
             });
             Some(EMBEDDED_DRIVER.to_string())
         }
@@ -228,6 +249,8 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
             }
         }
     }
+
+    errors.extend(dead_letter_cycles(config, &plan));
 
     // Before consumers, so a consumer can read a dead-letter queue; again after, for the
     // queues that only consumers name.
@@ -255,12 +278,14 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         }
                     }
                 }
-                let (source, method) = match (&c.func, &c.source, &c.method) {
+                let (source, method, sandbox) = match (&c.func, &c.source, &c.method) {
                     (Some(func), _, _) => {
                         match config.get(&entry.resolve(func)).map(|f| (f, &f.kind)) {
-                            Some((f, EntryKind::Function(func))) => {
-                                (f.path(&func.source), func.method.clone())
-                            }
+                            Some((f, EntryKind::Function(func))) => (
+                                f.path(&func.source),
+                                func.method.clone(),
+                                (f, &func.sandbox),
+                            ),
                             _ => {
                                 errors.push(entry.error(
                                     Some("func"),
@@ -270,8 +295,17 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                             }
                         }
                     }
-                    (None, Some(source), Some(method)) => (entry.path(source), method.clone()),
+                    (None, Some(source), Some(method)) => {
+                        (entry.path(source), method.clone(), (entry, &c.sandbox))
+                    }
                     _ => continue, // refused while parsing
+                };
+                let opt_in = match opt_in(sandbox.0, sandbox.1) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
                 };
                 let security = match security(config, entry, &c.security, strict) {
                     Ok(s) => s,
@@ -289,33 +323,53 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     prefetch: c.prefetch,
                     stop_timeout: c.stop_timeout,
                     security,
+                    opt_in,
                 });
             }
-            EntryKind::Process(p) => match security(config, entry, &p.security, strict) {
-                Ok(security) => plan.processes.push(ProcessPlan {
-                    id: entry.id.clone(),
-                    source: entry.path(&p.source),
-                    method: p.method.clone(),
-                    instances: p.instances,
-                    security,
-                }),
-                Err(e) => errors.push(e),
-            },
+            EntryKind::Process(p) => {
+                match (
+                    security(config, entry, &p.security, strict),
+                    opt_in(entry, &p.sandbox),
+                ) {
+                    (Ok(security), Ok(opt_in)) => plan.processes.push(ProcessPlan {
+                        id: entry.id.clone(),
+                        source: entry.path(&p.source),
+                        method: p.method.clone(),
+                        instances: p.instances,
+                        security,
+                        opt_in,
+                    }),
+                    (Err(e), _) | (_, Err(e)) => errors.push(e),
+                }
+            }
             _ => {}
         }
     }
 
     add_implicit_dead_letter_queues(&mut plan);
 
-    for (id, source, method) in plan
+    for (id, source, method, opt_in) in plan
         .consumers
         .iter()
-        .map(|c| (&c.id, &c.source, &c.method))
-        .chain(plan.processes.iter().map(|p| (&p.id, &p.source, &p.method)))
+        .map(|c| (&c.id, &c.source, &c.method, c.opt_in))
+        .chain(
+            plan.processes
+                .iter()
+                .map(|p| (&p.id, &p.source, &p.method, p.opt_in)),
+        )
     {
-        if let Err(message) = check_source(source, method) {
-            let entry = config.get(id).expect("plans come from entries");
-            errors.push(entry.error(Some("source"), message));
+        let Some(entry) = config.get(id) else {
+            continue;
+        };
+        match queue_lua::check_source(source, method, opt_in) {
+            Ok(SourceCheck::Defines) => {}
+            Ok(SourceCheck::NotRun { reason }) => tracing::warn!(
+                "{}:{}: {id}: not verified that {} defines {method:?}: {reason} (a file's top level runs here without what its entry opts into)",
+                entry.file.display(),
+                entry.line,
+                source.display()
+            ),
+            Err(e) => errors.push(entry.error(Some("source"), e.message())),
         }
     }
 
@@ -324,6 +378,37 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Dead-letter queues that lead back to where they started (`a` to `b`, `b` to `a`):
+/// one poison message would bounce between them forever.
+fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for start in &plan.queues {
+        let mut path = vec![&start.spec.id];
+        let mut next = start.dead_letter.as_ref();
+        while let Some(id) = next {
+            if id == &start.spec.id {
+                let cycle: Vec<String> = path.iter().map(|q| q.to_string()).collect();
+                if let Some(entry) = config.get(start.spec.id.as_str()) {
+                    errors.push(entry.error(
+                        Some("dead_letter"),
+                        format!(
+                            "dead-letter queues form a cycle: {} -> {id}; a message that keeps failing would bounce between them",
+                            cycle.join(" -> ")
+                        ),
+                    ));
+                }
+                break;
+            }
+            if path.contains(&id) {
+                break; // a cycle that does not pass through `start`: reported from its own queues
+            }
+            path.push(id);
+            next = plan.queue(id).and_then(|q| q.dead_letter.as_ref());
+        }
+    }
+    errors
 }
 
 /// Dead-letter targets that no entry declares are declared like their source queue,
@@ -349,16 +434,18 @@ fn add_implicit_dead_letter_queues(plan: &mut Plan) {
     plan.queues.append(&mut implicit);
 }
 
-fn driver_error(entry: &Entry, message: &str) -> ConfigError {
-    let field = message
-        .split('`')
-        .nth(1)
-        .filter(|f| entry.field_lines.contains_key(*f) || message.contains("unknown field"))
-        .map(str::to_string);
-    let message = message
-        .strip_prefix(&format!("{}: ", entry.kind.name()))
-        .unwrap_or(message);
-    entry.error(field.as_deref(), message)
+/// A driver factory's error, at the line of the field its `field` detail names.
+fn driver_error(entry: &Entry, error: &queue_core::Error) -> ConfigError {
+    let field = error.details().get("field").map(String::as_str);
+    let mut message = error.message();
+    // The error shows the field itself: say it once.
+    for prefix in [Some(entry.kind.name()), field].into_iter().flatten() {
+        message = message
+            .strip_prefix(prefix)
+            .and_then(|m| m.strip_prefix(": "))
+            .unwrap_or(message);
+    }
+    entry.error(field, message)
 }
 
 fn default_queue(id: QueueId, driver: &str) -> QueuePlan {
@@ -403,6 +490,13 @@ fn queue_plan(
     spec.max_length = q.max_length;
     spec.max_priority = q.max_priority;
     spec.message_ttl = q.message_ttl;
+    if let Some(driver_plan) = plan.drivers.iter().find(|d| d.id == driver) {
+        spec.check_supported(&driver_plan.kind, &driver_plan.capabilities)
+            .map_err(|e| {
+                let field = e.details().get("field").map(String::as_str);
+                entry.error(field, e.message())
+            })?;
+    }
     let dead_letter = match &q.dead_letter {
         None | Some(DeadLetterConfig::Enabled(true)) => Some(format!("{id}.dlq")),
         Some(DeadLetterConfig::Enabled(false)) => None,
@@ -473,15 +567,9 @@ fn security(
     Ok(SecurityContext::new(actor, policies, strict))
 }
 
-/// Loads the source in a scratch Lua state and finds the method: catches unreadable
-/// files, syntax errors and missing functions before anything starts.
-fn check_source(path: &std::path::Path, method: &str) -> Result<(), String> {
-    queue_lua::check_syntax(path).map_err(|e| e.message().to_string())?;
-    let host = queue_lua::LuaHost::new(Queues::new(), SecurityContext::default())
-        .map_err(|e| e.message().to_string())?;
-    host.handler(path, method)
-        .map(|_| ())
-        .map_err(|e| e.message().to_string())
+/// What an entry's `sandbox.allow` opts into.
+fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> {
+    OptIn::parse(&sandbox.allow).map_err(|e| entry.error(Some("sandbox"), e.message()))
 }
 
 #[cfg(test)]

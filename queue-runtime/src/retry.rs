@@ -5,10 +5,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use queue_core::{Delivery, Driver, HeaderValue, QueueId, Result, names};
+use queue_core::{Delivery, Driver, HeaderValue, Message, QueueId, Result, names};
 
 use crate::metrics::names as metric;
 use crate::registry::RetryPolicy;
+
+/// What happens to a message past its last attempt.
+#[derive(Clone)]
+pub enum Exhausted {
+    /// It moves to this dead-letter queue, on this driver.
+    DeadLetter(QueueId, Arc<dyn Driver>),
+    /// `dead_letter: false`: dropped, with an error log line and a metric. A dead
+    /// letter is never dropped: it stays in its dead-letter queue.
+    Drop,
+}
 
 /// A queue as the consumer host sees it: where retries and dead letters go.
 pub struct FailurePath {
@@ -18,8 +28,8 @@ pub struct FailurePath {
     pub driver: Arc<dyn Driver>,
     /// The retry policy.
     pub retry: RetryPolicy,
-    /// The dead-letter queue and its driver, unless `dead_letter: false`.
-    pub dead_letter: Option<(QueueId, Arc<dyn Driver>)>,
+    /// Past the last attempt.
+    pub exhausted: Exhausted,
     /// Set when the runtime stops: a delivery held for its backoff goes back at once.
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -40,6 +50,14 @@ impl RetryPolicy {
     }
 }
 
+/// The longest dead-letter reason a copy carries: a handler's error can be any size,
+/// and a header past the broker's frame limit closes the whole connection.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// The shortest wait before a message that could not be moved goes back to its queue:
+/// never an immediate redelivery loop.
+const MIN_RETURN_WAIT: Duration = Duration::from_millis(100);
+
 /// What became of a failed delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
@@ -47,76 +65,232 @@ pub enum Disposition {
     Retried,
     /// Moved to the dead-letter queue, original acked.
     DeadLettered,
+    /// A dead letter past its last attempt in its dead-letter queue: queued there
+    /// again after the longest backoff, original acked.
+    Kept,
     /// Exhausted with `dead_letter: false`: logged, counted, acked.
     Dropped,
-    /// The original went back to its queue unchanged: the republish failed, or the
-    /// runtime stopped while holding it for its backoff.
+    /// The original went back to its queue unchanged, after a wait: the republish
+    /// failed, or the runtime stopped while holding it for its backoff.
     Returned,
+}
+
+/// How publishing a copy went.
+enum Published {
+    /// Confirmed, with where it went.
+    Done(Disposition, QueueId),
+    /// The broker is in trouble (a retryable error): try again later.
+    Trouble,
+    /// The driver refuses this copy as it is: trying again cannot help.
+    Refused(queue_core::Error),
+}
+
+/// Where a failed message's copy goes.
+struct Move<'a> {
+    target: &'a QueueId,
+    driver: &'a Arc<dyn Driver>,
+    disposition: Disposition,
+    copy: Message,
 }
 
 impl FailurePath {
     /// Handles a failure: republishes a copy with `attempts` + 1 and the backoff as
     /// `delay` (or holds the delivery for the backoff on drivers without delays), or
     /// dead-letters it past `max_attempts`; acks the original only once that publish is
-    /// confirmed. If it cannot publish, the original is released, never lost.
+    /// confirmed. Headers another client set that cannot be published again are
+    /// dropped from the copy (and named in `x_dropped_headers`); a copy the driver
+    /// still refuses goes to the dead-letter queue instead. If nothing can be
+    /// published, the original goes back to its queue after a wait, never lost and
+    /// never spun.
     pub async fn fail(&self, delivery: &Delivery, reason: &str) -> Result<Disposition> {
         let label = self.queue.to_string();
         metrics::counter!(metric::NACKED, "queue" => label.clone()).increment(1);
         let attempts = delivery.message().headers.attempts();
+        let reason = queue_core::truncate(reason, MAX_REASON_BYTES);
         let mut copy = delivery.message().clone();
         copy.headers.remove(names::DELAY);
-        let mut wait = Duration::ZERO;
-        let (target, driver, disposition) = if attempts < self.retry.max_attempts {
-            wait = self.retry.backoff(attempts);
-            copy.headers
+        let dropped = copy.make_republishable();
+        if !dropped.is_empty() {
+            let note = queue_core::truncate(&dropped.join("; "), MAX_REASON_BYTES);
+            tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
+            copy.headers.insert(names::X_DROPPED_HEADERS, note);
+        }
+        let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
+        let wait = self.retry.backoff(attempts);
+        let planned = if attempts < self.retry.max_attempts {
+            let mut retry = copy.clone();
+            retry
+                .headers
                 .insert(names::ATTEMPTS, HeaderValue::Int(i64::from(attempts) + 1));
             if self.driver.capabilities().delay {
-                copy.headers
+                retry
+                    .headers
                     .insert(names::DELAY, HeaderValue::Int(wait.as_millis() as i64));
-            } else {
-                // Held unacked meanwhile: a crash now means the broker redelivers it.
-                // Stopping does not wait out the backoff: the delivery goes back, with
-                // the same attempts, for whoever consumes next.
-                let mut stop = self.stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => {
-                        delivery.release().await?;
-                        return Ok(Disposition::Returned);
+            } else if !self.hold(wait).await {
+                return self.give_back(delivery, Duration::ZERO).await;
+            }
+            Some(Move {
+                target: &self.queue,
+                driver: &self.driver,
+                disposition: Disposition::Retried,
+                copy: retry,
+            })
+        } else if is_dead_letter {
+            // Never dead-lettered again, never dropped: it waits in its dead-letter
+            // queue for the next try, after the longest backoff.
+            let longest = self.retry.backoff(u32::MAX);
+            let mut kept = copy.clone();
+            if self.driver.capabilities().delay {
+                kept.headers
+                    .insert(names::DELAY, HeaderValue::Int(longest.as_millis() as i64));
+            } else if !self.hold(longest).await {
+                return self.give_back(delivery, Duration::ZERO).await;
+            }
+            Some(Move {
+                target: &self.queue,
+                driver: &self.driver,
+                disposition: Disposition::Kept,
+                copy: kept,
+            })
+        } else {
+            None
+        };
+        let refused = match planned {
+            None => None,
+            Some(planned) => match self.publish(planned).await {
+                Published::Done(disposition, target) => {
+                    return self
+                        .done(delivery, disposition, &target, attempts, wait, &reason)
+                        .await;
+                }
+                Published::Trouble => return self.give_back(delivery, wait).await,
+                Published::Refused(e) => Some(e),
+            },
+        };
+        // Past the last attempt, or a retry copy the driver refused as it is: the
+        // dead-letter queue, if there is one.
+        let why = match &refused {
+            Some(e) => format!("{reason} (and it cannot be retried: {e})"),
+            None => reason.clone(),
+        };
+        match &self.exhausted {
+            Exhausted::DeadLetter(dlq, driver) if !is_dead_letter => {
+                let letter = self.dead_letter(copy, attempts, &why);
+                let moved = Move {
+                    target: dlq,
+                    driver,
+                    disposition: Disposition::DeadLettered,
+                    copy: letter,
+                };
+                match self.publish(moved).await {
+                    Published::Done(disposition, target) => {
+                        self.done(delivery, disposition, &target, attempts, wait, &why)
+                            .await
+                    }
+                    Published::Trouble | Published::Refused(_) => {
+                        self.give_back(delivery, wait).await
                     }
                 }
             }
-            (&self.queue, &self.driver, Disposition::Retried)
-        } else if let Some((dlq, driver)) = &self.dead_letter {
-            copy.headers
-                .insert(names::X_ORIGINAL_QUEUE, self.queue.to_string());
-            copy.headers
-                .insert(names::X_DEAD_LETTER_REASON, reason.to_string());
-            copy.headers
-                .insert(names::X_DEAD_LETTER_TIME, rfc3339_now());
-            (dlq, driver, Disposition::DeadLettered)
-        } else {
-            tracing::error!(queue = %self.queue, id = %copy.id, attempts, %reason, "handler failed for the last time; dropped (dead_letter: false)");
-            metrics::counter!(metric::DROPPED, "queue" => label).increment(1);
-            delivery.ack().await?;
-            return Ok(Disposition::Dropped);
-        };
-        if let Err(e) = driver.publish(target, copy).await {
-            tracing::error!(queue = %self.queue, error = %e, "could not republish a failed message; returning it to its queue");
-            delivery.release().await?;
-            return Ok(Disposition::Returned);
+            Exhausted::Drop if !is_dead_letter && refused.is_none() => {
+                tracing::error!(queue = %self.queue, id = %copy.id, attempts, %reason, "handler failed for the last time; dropped (dead_letter: false)");
+                metrics::counter!(metric::DROPPED, "queue" => label).increment(1);
+                delivery.ack().await?;
+                Ok(Disposition::Dropped)
+            }
+            _ => {
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, reason = %why, "a failed message can be neither retried nor dead-lettered; it goes back to its queue");
+                self.give_back(delivery, wait).await
+            }
         }
+    }
+
+    /// Counts and logs a confirmed move, then acks the original.
+    async fn done(
+        &self,
+        delivery: &Delivery,
+        disposition: Disposition,
+        target: &QueueId,
+        attempts: u32,
+        wait: Duration,
+        reason: &str,
+    ) -> Result<Disposition> {
         // Logged once the copy is confirmed, so a line never reports a move that failed.
-        let name = if disposition == Disposition::Retried {
-            tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
-            metric::RETRIED
-        } else {
-            tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered");
-            metric::DEAD_LETTERED
+        let name = match disposition {
+            Disposition::Retried => {
+                tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
+                metric::RETRIED
+            }
+            Disposition::Kept => {
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, %reason, "a dead letter failed its last attempt; it stays in its dead-letter queue");
+                metric::DEAD_LETTERS_KEPT
+            }
+            _ => {
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered");
+                metric::DEAD_LETTERED
+            }
         };
-        metrics::counter!(name, "queue" => label).increment(1);
+        metrics::counter!(name, "queue" => self.queue.to_string()).increment(1);
         delivery.ack().await?;
         Ok(disposition)
+    }
+
+    /// The dead-letter copy: the `x_*` record of where and why it failed, `attempts`
+    /// starting again for the dead-letter queue's own policy, and no TTL (a dead
+    /// letter must not expire out of its queue).
+    fn dead_letter(&self, mut copy: Message, attempts: u32, reason: &str) -> Message {
+        let headers = &mut copy.headers;
+        headers.insert(names::X_ORIGINAL_QUEUE, self.queue.to_string());
+        headers.insert(names::X_DEAD_LETTER_REASON, reason.to_string());
+        headers.insert(names::X_DEAD_LETTER_TIME, rfc3339_now());
+        headers.insert(
+            names::X_ORIGINAL_ATTEMPTS,
+            HeaderValue::Int(i64::from(attempts)),
+        );
+        headers.remove(names::ATTEMPTS);
+        let ttl = headers
+            .remove(names::EXPIRATION)
+            .or_else(|| headers.remove(names::TTL));
+        headers.remove(names::TTL);
+        if let Some(ttl) = ttl {
+            headers.insert(names::X_ORIGINAL_EXPIRATION, ttl);
+        }
+        copy
+    }
+
+    /// Publishes a copy.
+    async fn publish(&self, planned: Move<'_>) -> Published {
+        match planned.driver.publish(planned.target, planned.copy).await {
+            Ok(()) => Published::Done(planned.disposition, planned.target.clone()),
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, target = %planned.target, error = %e, "could not republish a failed message");
+                if e.retryable() {
+                    Published::Trouble
+                } else {
+                    Published::Refused(e)
+                }
+            }
+        }
+    }
+
+    /// Waits out a backoff holding the delivery; false when the runtime stopped first.
+    async fn hold(&self, wait: Duration) -> bool {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// Returns the original to its queue after `wait` (at least [`MIN_RETURN_WAIT`],
+    /// unless the runtime is stopping), so a message that cannot move is not spun.
+    async fn give_back(&self, delivery: &Delivery, wait: Duration) -> Result<Disposition> {
+        if !wait.is_zero() {
+            self.hold(wait.max(MIN_RETURN_WAIT)).await;
+        }
+        metrics::counter!(metric::RETURNED, "queue" => self.queue.to_string()).increment(1);
+        delivery.release().await?;
+        Ok(Disposition::Returned)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
-use queue_core::{Delivery, Error, Queues, Result, Subscription, Value};
+use queue_core::{Delivery, Error, Queues, Result, Subscription, Value, names};
 use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -26,6 +26,10 @@ pub struct ConsumerRuntime {
     pub failure: FailurePath,
     /// What it counts per delivery.
     pub meters: ConsumerMeters,
+    /// Its deliveries being handled right now: at shutdown, a consumer that did not
+    /// stop in time with none of these was held up by another consumer's stuck
+    /// handler on the same worker, and is not the one to blame.
+    pub active: Busy,
 }
 
 /// Work for a worker thread.
@@ -66,23 +70,33 @@ pub struct Intake {
 #[derive(Clone)]
 pub struct Busy {
     count: Arc<AtomicUsize>,
-    gauge: metrics::Gauge,
+    gauge: Option<metrics::Gauge>,
 }
 
 impl Default for Busy {
     fn default() -> Self {
         Busy {
             count: Arc::default(),
-            gauge: metrics::gauge!(metric::IN_FLIGHT),
+            gauge: Some(metrics::gauge!(metric::IN_FLIGHT)),
         }
     }
 }
 
 impl Busy {
+    /// A count that reports to no gauge.
+    pub fn uncounted() -> Self {
+        Busy {
+            count: Arc::default(),
+            gauge: None,
+        }
+    }
+
     /// Marks one delivery busy until the guard drops.
     pub fn enter(&self) -> BusyGuard {
         self.count.fetch_add(1, Ordering::AcqRel);
-        self.gauge.increment(1.0);
+        if let Some(gauge) = &self.gauge {
+            gauge.increment(1.0);
+        }
         BusyGuard(self.clone())
     }
 
@@ -98,7 +112,9 @@ pub struct BusyGuard(Busy);
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.gauge.decrement(1.0);
+        if let Some(gauge) = &self.0.gauge {
+            gauge.decrement(1.0);
+        }
     }
 }
 
@@ -112,7 +128,12 @@ pub struct Workers {
 impl Workers {
     /// Starts `threads` workers (at least one), each with its own Lua state publishing
     /// through `queues`.
-    pub fn start(threads: usize, queues: &Queues, strict: bool) -> Result<Workers> {
+    pub fn start(
+        threads: usize,
+        queues: &Queues,
+        strict: bool,
+        limits: queue_lua::Limits,
+    ) -> Result<Workers> {
         let threads = threads.max(1);
         let mut senders = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
@@ -122,7 +143,7 @@ impl Workers {
             let queues = queues.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("lua-{index}"))
-                .spawn(move || worker_main(rx, queues, strict, ready_tx))
+                .spawn(move || worker_main(rx, queues, strict, limits, ready_tx))
                 .map_err(|e| Error::internal(format!("cannot start a worker thread: {e}")))?;
             ready_rx
                 .recv()
@@ -149,6 +170,13 @@ impl Workers {
         self.dispatch_to(i, job);
     }
 
+    /// Takes the next `n` workers of the round robin and returns the first one's
+    /// index: a consumer spread over `n` workers starts where the last job ended, so
+    /// consumers (and processes) are spread over all workers, not piled on the first.
+    pub fn reserve(&self, n: usize) -> usize {
+        self.next.fetch_add(n, Ordering::Relaxed)
+    }
+
     /// Hands a job to worker `index` (modulo the number of workers).
     pub fn dispatch_to(&self, index: usize, job: Job) {
         if self.senders[index % self.senders.len()].send(job).is_err() {
@@ -171,6 +199,7 @@ fn worker_main(
     mut rx: mpsc::UnboundedReceiver<Job>,
     queues: Queues,
     strict: bool,
+    limits: queue_lua::Limits,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -185,7 +214,8 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let host = match LuaHost::new(queues, SecurityContext::unrestricted(strict)) {
+        let host = match LuaHost::with_limits(queues, SecurityContext::unrestricted(strict), limits)
+        {
             Ok(h) => Rc::new(h),
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -207,7 +237,7 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
             instance,
             done,
         } => {
-            let result = match host.handler(&plan.source, &plan.method) {
+            let result = match host.handler_with(&plan.source, &plan.method, plan.opt_in) {
                 Ok(handler) => {
                     host.run_process(
                         &handler,
@@ -239,7 +269,11 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     // Resolved once per intake: a source that does not load, or lacks the method,
     // fails every delivery the same way.
     let handler: HandlerLookup = host
-        .handler(&consumer.plan.source, &consumer.plan.method)
+        .handler_with(
+            &consumer.plan.source,
+            &consumer.plan.method,
+            consumer.plan.opt_in,
+        )
         .map(Rc::new)
         .map_err(|e| Rc::from(e.message()));
     let shared = Rc::new(Runners {
@@ -314,6 +348,7 @@ async fn run_in_turn(runners: Rc<Runners>) {
             }
             Some(Ok(delivery)) => {
                 let _busy = runners.busy.enter();
+                let _active = runners.consumer.active.enter();
                 handle_delivery(&runners, delivery).await;
             }
         }
@@ -346,10 +381,12 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
                     delivery: Arc::clone(&delivery),
                     consumer: Arc::clone(consumer),
                 });
-                let context = DeliveryContext {
-                    message: delivery.message().clone(),
-                    settle,
-                };
+                let mut message = delivery.message().clone();
+                // A handler always reads a number >= 1, whatever another client put
+                // in the header.
+                let attempts = message.headers.attempts();
+                message.headers.insert(names::ATTEMPTS, i64::from(attempts));
+                let context = DeliveryContext { message, settle };
                 host.run_handler(handler, &payload, context, consumer.plan.security.clone())
                     .await
             }

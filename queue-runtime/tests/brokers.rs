@@ -53,7 +53,7 @@ end
 function dead(payload)
   local msg = queue.message()
   logger:warn("Dead letter", { to = payload.to, from = msg:header("x_original_queue"),
-    reason = msg:header("x_dead_letter_reason"), attempts = msg:header("attempts"),
+    reason = msg:header("x_dead_letter_reason"), attempts = msg:header("x_original_attempts"),
     correlation_id = msg:header("correlation_id"), time = msg:header("x_dead_letter_time") })
 end
 "#;

@@ -71,9 +71,11 @@ struct Shared {
     closed: AtomicBool,
 }
 
-const CAPABILITIES: Capabilities = Capabilities {
+/// What the memory driver can do.
+pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     confirms: true,
     priority: true,
+    max_priority: 9,
     delay: true,
     max_length: true,
     message_ttl: true,
@@ -131,12 +133,6 @@ impl Driver for MemoryDriver {
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
         spec.check_supported(self.name(), &CAPABILITIES)?;
-        if spec.max_priority.is_some_and(|p| p > 9) {
-            return Err(Error::invalid(format!(
-                "queue {}: max_priority must be 0..9 on the memory driver",
-                spec.id
-            )));
-        }
         let mut queues = self
             .shared
             .queues

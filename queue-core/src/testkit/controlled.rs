@@ -183,8 +183,8 @@ impl crate::DriverFactory for ControlledFactory {
         "queue.driver.controlled"
     }
 
-    fn validate(&self, _config: &serde_json::Value) -> Result<()> {
-        Ok(())
+    fn validate(&self, _config: &serde_json::Value) -> Result<crate::Capabilities> {
+        Ok(self.0.capabilities())
     }
 
     async fn create(&self, _config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>> {

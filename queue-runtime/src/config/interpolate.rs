@@ -1,61 +1,124 @@
 //! `${VAR}` and `${VAR:-default}` in configuration text, so secrets stay out of files.
 
-/// Replaces every `${VAR}` / `${VAR:-default}` with the environment's value. An unset
-/// variable without a default is an error naming the line. `$${` writes a literal `${`.
+/// Text after interpolation, with the line of the original text each of its lines
+/// came from: a value with newlines must not move the lines that errors point at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interpolated {
+    /// The text with every reference replaced.
+    pub text: String,
+    /// `lines[i]` is the original line of line `i + 1` of `text`.
+    lines: Vec<usize>,
+}
+
+impl Interpolated {
+    /// The line of the original text that line `line` (1-based) of the result came
+    /// from.
+    pub fn source_line(&self, line: usize) -> usize {
+        line.checked_sub(1)
+            .and_then(|i| self.lines.get(i))
+            .copied()
+            .unwrap_or(line)
+    }
+}
+
+/// Replaces every `${VAR}` / `${VAR:-default}` with the environment's value; a default
+/// may itself hold references (`${A:-${B:-x}}`). An unset variable without a default
+/// is an error naming the line. `$${` writes a literal `${`.
 pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+) -> Result<Interpolated, (usize, String)> {
+    interpolate_with(text, &lookup)
+}
+
+fn interpolate_with(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Interpolated, (usize, String)> {
+    let mut out = Interpolated {
+        text: String::with_capacity(text.len()),
+        lines: vec![1],
+    };
     let mut line = 1;
+    let mut rest = text;
     while let Some(start) = rest.find('$') {
         let (before, after) = rest.split_at(start);
-        line += before.matches('\n').count();
-        out.push_str(before);
+        push_source(&mut out, before, &mut line);
         if let Some(escaped) = after.strip_prefix("$${") {
-            out.push_str("${");
+            out.text.push_str("${");
             rest = escaped;
             continue;
         }
         let Some(body_start) = after.strip_prefix("${") else {
-            out.push('$');
+            out.text.push('$');
             rest = &after[1..];
             continue;
         };
-        let Some(end) = body_start.find('}') else {
+        let Some(end) = closing_brace(body_start) else {
             return Err((line, "unclosed ${ in configuration".to_string()));
         };
-        let body = &body_start[..end];
-        let (name, default) = match body.split_once(":-") {
-            Some((name, default)) => (name, Some(default)),
-            None => (body, None),
-        };
-        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err((
-                line,
-                format!(
-                    "${{{body}}} is not a variable reference: use ${{NAME}} or ${{NAME:-default}}"
-                ),
-            ));
-        }
-        match (lookup(name), default) {
-            (Some(value), _) => out.push_str(&value),
-            (None, Some(default)) => out.push_str(default),
-            (None, None) => {
-                return Err((
-                    line,
-                    format!(
-                        "environment variable {name} is not set (write ${{{name}:-default}} for a default)"
-                    ),
-                ));
+        let value = resolve(&body_start[..end], lookup).map_err(|message| (line, message))?;
+        // A value's own newlines belong to the line of its reference.
+        for c in value.chars() {
+            out.text.push(c);
+            if c == '\n' {
+                out.lines.push(line);
             }
         }
         rest = &body_start[end + 1..];
     }
-    out.push_str(rest);
+    push_source(&mut out, rest, &mut line);
     Ok(out)
+}
+
+fn push_source(out: &mut Interpolated, source: &str, line: &mut usize) {
+    for c in source.chars() {
+        out.text.push(c);
+        if c == '\n' {
+            *line += 1;
+            out.lines.push(*line);
+        }
+    }
+}
+
+/// The index of the `}` that closes a reference whose body starts `body`, counting
+/// the references nested in a default.
+fn closing_brace(body: &str) -> Option<usize> {
+    let mut depth = 0;
+    let bytes = body.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'{' if i > 0 && bytes[i - 1] == b'$' => depth += 1,
+            b'}' if depth == 0 => return Some(i),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The value of one reference body (`NAME` or `NAME:-default`).
+fn resolve(body: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match body.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (body, None),
+    };
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "${{{}}} is not a variable reference: use ${{NAME}} or ${{NAME:-default}}",
+            body.chars().take(64).collect::<String>()
+        ));
+    }
+    match (lookup(name), default) {
+        (Some(value), _) => Ok(value),
+        (None, Some(default)) => interpolate_with(default, lookup)
+            .map(|d| d.text)
+            .map_err(|(_, message)| message),
+        (None, None) => Err(format!(
+            "environment variable {name} is not set (write ${{{name}:-default}} for a default)"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -63,16 +126,36 @@ mod tests {
     use super::*;
 
     fn env(name: &str) -> Option<String> {
-        (name == "HOST").then(|| "127.0.0.1".to_string())
+        match name {
+            "HOST" => Some("127.0.0.1".to_string()),
+            "CERT" => Some("line one\nline two\nline three".to_string()),
+            _ => None,
+        }
     }
 
     #[test]
     fn substitutes_defaults_and_escapes() {
         let text = "url: amqp://${HOST}:${PORT:-5672}\ncost: $5 $${literal}";
         assert_eq!(
-            interpolate(text, env).unwrap(),
+            interpolate(text, env).unwrap().text,
             "url: amqp://127.0.0.1:5672\ncost: $5 ${literal}"
         );
+    }
+
+    #[test]
+    fn defaults_may_hold_references() {
+        let got = interpolate("a: ${X:-${HOST}}\nb: ${X:-${Y:-deep}}", env).unwrap();
+        assert_eq!(got.text, "a: 127.0.0.1\nb: deep");
+        assert!(interpolate("a: ${X:-${Y}}", env).is_err());
+    }
+
+    #[test]
+    fn newlines_in_values_keep_the_lines_of_what_follows() {
+        let got = interpolate("a: 1\ncert: \"${CERT}\"\nb: 2\n", env).unwrap();
+        assert_eq!(got.text.lines().nth(4), Some("b: 2"));
+        assert_eq!(got.source_line(5), 3, "{got:?}");
+        assert_eq!(got.source_line(3), 2);
+        assert_eq!(got.source_line(1), 1);
     }
 
     #[test]

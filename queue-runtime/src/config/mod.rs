@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-pub use interpolate::interpolate;
+pub use interpolate::{Interpolated, interpolate};
 pub use model::*;
 
 /// One configuration mistake, located.
@@ -113,6 +113,8 @@ pub struct Config {
     pub entries: Vec<Entry>,
     /// `security: {strict_mode: true}` in any file.
     pub strict_mode: bool,
+    /// `lua: {memory_limit: ...}`: the most memory each Lua state may hold.
+    pub lua_memory_limit: Option<usize>,
 }
 
 impl Config {
@@ -129,6 +131,8 @@ struct RawFile {
     #[serde(default)]
     security: Option<RawTopSecurity>,
     #[serde(default)]
+    lua: Option<Spanned<RawTopLua>>,
+    #[serde(default)]
     entries: Vec<Spanned<BTreeMap<String, Spanned<serde_json::Value>>>>,
 }
 
@@ -137,6 +141,20 @@ struct RawFile {
 struct RawTopSecurity {
     #[serde(default)]
     strict_mode: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopLua {
+    #[serde(deserialize_with = "queue_core::config::byte_size::deserialize")]
+    memory_limit: usize,
+}
+
+/// What a file says beyond its entries.
+struct FileSettings {
+    strict: bool,
+    /// The memory limit and its line.
+    lua_memory_limit: Option<(usize, usize)>,
 }
 
 /// Loads and merges files, reading `${VAR}` from the process environment.
@@ -152,8 +170,11 @@ pub fn load_with_env(
     let mut sources = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
-        match std::fs::read_to_string(path) {
-            Ok(text) => sources.push((path.clone(), text)),
+        match std::fs::read(path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => sources.push((path.clone(), text)),
+                Err(e) => errors.push(not_utf8(path, e.as_bytes(), e.utf8_error())),
+            },
             Err(e) => errors.push(ConfigError {
                 file: path.clone(),
                 line: 0,
@@ -163,6 +184,22 @@ pub fn load_with_env(
         }
     }
     merge(&sources, env, errors)
+}
+
+/// Where a file stops being UTF-8.
+fn not_utf8(path: &Path, bytes: &[u8], error: std::str::Utf8Error) -> ConfigError {
+    let valid = &bytes[..error.valid_up_to()];
+    let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = valid.len() - valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        field: None,
+        message: format!(
+            "not UTF-8 text: byte {:#04x} at column {column} (save the file as UTF-8)",
+            bytes[error.valid_up_to()]
+        ),
+    }
 }
 
 /// Parses configuration text as if read from `path` (no environment variables):
@@ -183,10 +220,23 @@ fn merge(
     let mut config = Config::default();
     for (path, text) in sources {
         match load_file(path, text, &env) {
-            Ok((entries, strict)) => {
+            Ok((entries, settings)) => {
                 config.entries.extend(entries.0);
                 errors.extend(entries.1);
-                config.strict_mode |= strict;
+                config.strict_mode |= settings.strict;
+                if let Some((limit, line)) = settings.lua_memory_limit {
+                    match config.lua_memory_limit {
+                        Some(earlier) if earlier != limit => errors.push(ConfigError {
+                            file: path.clone(),
+                            line,
+                            field: Some("lua.memory_limit".to_string()),
+                            message: format!(
+                                "another file sets {earlier} bytes: the Lua states are shared, so every file must agree"
+                            ),
+                        }),
+                        _ => config.lua_memory_limit = Some(limit),
+                    }
+                }
             }
             Err(e) => errors.push(e),
         }
@@ -218,23 +268,24 @@ fn load_file(
     path: &Path,
     text: &str,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<(FileEntries, bool), ConfigError> {
+) -> Result<(FileEntries, FileSettings), ConfigError> {
     let at = |line: usize, field: Option<&str>, message: String| ConfigError {
         file: path.to_path_buf(),
         line,
         field: field.map(str::to_string),
         message,
     };
-    let text = interpolate(text, env).map_err(|(line, message)| at(line, None, message))?;
-    let raw: RawFile = serde_saphyr::from_str(&text).map_err(|e| {
-        let line = e.location().map_or(0, |l| l.line() as usize);
-        at(line, None, first_line(&e.to_string()))
+    let interpolated = interpolate(text, env).map_err(|(line, message)| at(line, None, message))?;
+    let line_of = |line: u64| interpolated.source_line(line as usize);
+    let raw: RawFile = serde_saphyr::from_str(&interpolated.text).map_err(|e| {
+        let line = e.location().map_or(0, |l| line_of(l.line()));
+        at(line, None, yaml_message(&e.to_string()))
     })?;
     let namespace = raw.namespace.value.clone();
     if namespace.is_empty() || namespace.contains(':') || namespace.chars().any(char::is_whitespace)
     {
         return Err(at(
-            raw.namespace.referenced.line() as usize,
+            line_of(raw.namespace.referenced.line()),
             Some("namespace"),
             format!("{namespace:?} is not a namespace: use a word without ':' or spaces"),
         ));
@@ -242,29 +293,67 @@ fn load_file(
     let mut entries = Vec::new();
     let mut errors = Vec::new();
     for spanned in raw.entries {
-        let line = spanned.referenced.line() as usize;
-        match parse_entry(path, &namespace, line, spanned.value) {
+        let line = line_of(spanned.referenced.line());
+        match parse_entry(path, &namespace, line, spanned.value, &line_of) {
             Ok(entry) => entries.push(entry),
             Err(e) => errors.push(e),
         }
     }
-    let strict = raw.security.is_some_and(|s| s.strict_mode);
-    Ok(((entries, errors), strict))
+    let settings = FileSettings {
+        strict: raw.security.is_some_and(|s| s.strict_mode),
+        lua_memory_limit: raw
+            .lua
+            .map(|l| (l.value.memory_limit, line_of(l.referenced.line()))),
+    };
+    Ok(((entries, errors), settings))
 }
 
-fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or(text).to_string()
+/// The YAML parser's message for a user: its first line, without the advice meant for
+/// programmers who call the parser (which function or option to use instead).
+fn yaml_message(text: &str) -> String {
+    let first = text.lines().next().unwrap_or(text);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // "line 5 column 3: ..." counts lines after `${VAR}` interpolation: the caller
+    // gives the file's own line; the column stays.
+    let (column, first) = match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((position, rest)) => (position.split_once(" column ").map(|(_, c)| c), rest),
+        None => (None, first),
+    };
+    let mut message = first.to_string();
+    for hint in [" use ", " set ", "; consider ", " (hint"] {
+        if let Some(at) = message.find(hint)
+            && LIBRARY_WORDS.iter().any(|w| message[at..].contains(w))
+        {
+            message.truncate(at);
+        }
+    }
+    let message = message.trim_end_matches([',', ';', ':', ' ']);
+    match column {
+        Some(column) => format!("{message} (column {column})"),
+        None => message.to_string(),
+    }
 }
+
+/// Words that mark advice about the parser's API rather than the file.
+const LIBRARY_WORDS: [&str; 6] = [
+    "from_str",
+    "Policy",
+    "Options",
+    "serde",
+    "saphyr",
+    "_multiple",
+];
 
 fn parse_entry(
     file: &Path,
     namespace: &str,
     line: usize,
     fields: BTreeMap<String, Spanned<serde_json::Value>>,
+    line_of: &impl Fn(u64) -> usize,
 ) -> Result<Entry, ConfigError> {
     let field_lines: BTreeMap<String, usize> = fields
         .iter()
-        .map(|(k, v)| (k.clone(), v.referenced.line() as usize))
+        .map(|(k, v)| (k.clone(), line_of(v.referenced.line())))
         .collect();
     let mut values: serde_json::Map<String, serde_json::Value> =
         fields.into_iter().map(|(k, v)| (k, v.value)).collect();
@@ -273,6 +362,7 @@ fn parse_entry(
         kind: EntryKind::Function(FunctionEntry {
             source: String::new(),
             method: String::new(),
+            sandbox: SandboxConfig::default(),
         }),
         namespace: namespace.to_string(),
         file: file.to_path_buf(),

@@ -1,0 +1,412 @@
+//! The real binary against hostile or careless applications on the memory driver
+//! (docs/reliability.md, "Hardening"): a handler cannot step around its policies or
+//! out of the sandbox, cannot take the process down with memory, a stuck handler or a
+//! spinning process stalls only itself, dead letters are never dropped or cycled,
+//! and `check` runs nothing with side effects.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One queue `app:jobs` whose consumer runs `method` of h.lua, a process `start`
+/// publishing one job, and whatever `extra` YAML adds.
+fn one_job_app(method: &str, lua: &str, extra: &str) -> tempfile::TempDir {
+    let yaml = format!(
+        "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n    retry:\n      max_attempts: 2\n      backoff: {{ initial: 50ms, multiplier: 1, max: 50ms, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: {method}\n  - name: d\n    kind: queue.consumer\n    queue: jobs.dlq\n    source: h.lua\n    method: dead\n  - name: start\n    kind: process.lua\n    source: h.lua\n    method: start\n{extra}"
+    );
+    let lua = format!(
+        "function start() assert(queue.publish(\"app:jobs\", {{ n = 1 }})) end\nfunction dead(p) logger:warn(\"Dead letter\", {{ reason = queue.message():header(\"x_dead_letter_reason\") }}) end\n{lua}"
+    );
+    app(&[("app.yaml", &yaml), ("h.lua", &lua)])
+}
+
+fn run_json(dir: &std::path::Path) -> (std::process::Output, Vec<serde_json::Value>) {
+    let child = spawn(
+        &[
+            "run",
+            "--exit-when-idle",
+            "--log-format",
+            "json",
+            "app.yaml",
+        ],
+        dir,
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    let logs = json_logs(&out.stderr);
+    (out, logs)
+}
+
+#[test]
+fn a_coroutine_in_a_handler_publishes_under_the_handlers_policies() {
+    let extra = "  - name: app_only\n    kind: security.policy\n    actions: \"queue.*\"\n    resources: \"app:*\"\n    effect: allow\n  - name: billing:invoices\n    kind: queue.queue\n  - name: biller\n    kind: queue.consumer\n    queue: billing:invoices\n    source: h.lua\n    method: billed\n";
+    let lua = r#"
+function sneak(p)
+  local ok, err = coroutine.wrap(function()
+    return queue.publish("billing:invoices", { amount = 100 })
+  end)()
+  logger:info("Sneaked", { ok = ok == true, kind = err and err:kind() })
+end
+function billed(p) logger:error("Billed", {}) end
+"#;
+    let dir = one_job_app("sneak", lua, extra);
+    let yaml = std::fs::read_to_string(dir.path().join("app.yaml")).unwrap();
+    let yaml = yaml.replace(
+        "    method: sneak\n",
+        "    method: sneak\n    security:\n      actor: { id: worker }\n      policies: [app_only]\n",
+    );
+    std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
+    let (out, logs) = run_json(dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sneaked = lua_logs(&logs, "Sneaked");
+    assert_eq!(sneaked.len(), 1, "{}", text(&out.stderr));
+    assert_eq!(sneaked[0]["ok"], false);
+    assert_eq!(sneaked[0]["kind"], "PermissionDenied");
+    assert!(
+        lua_logs(&logs, "Billed").is_empty(),
+        "the coroutine published"
+    );
+    assert!(
+        summary(&out.stdout).contains(&(
+            "billing:invoices".into(),
+            "0".into(),
+            "0".into(),
+            "0".into()
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn os_exit_in_a_handler_fails_the_handler_not_the_runtime() {
+    let lua = "function leave(p) os.exit(0) end\n";
+    let dir = one_job_app("leave", lua, "");
+    let (out, logs) = run_json(dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Both attempts failed (os is not there), then the dead letter ran.
+    let dead = lua_logs(&logs, "Dead letter");
+    assert_eq!(dead.len(), 1, "{}", text(&out.stderr));
+    assert!(
+        dead[0]["reason"].as_str().unwrap_or("").contains("exit"),
+        "{dead:?}"
+    );
+    assert!(text(&out.stdout).contains("summary: queue=app:jobs"));
+}
+
+#[test]
+fn a_handler_past_the_memory_limit_is_retried_and_dead_lettered_while_others_run() {
+    let lua = r#"
+function hog(p)
+  local s = "x"
+  while true do s = s .. s end
+end
+function fine(p) logger:info("Fine", {}) end
+function more() for i = 1, 3 do assert(queue.publish("app:others", { i = i })) end end
+"#;
+    let extra = "  - name: o\n    kind: queue.consumer\n    queue: others\n    source: h.lua\n    method: fine\n  - name: more\n    kind: process.lua\n    source: h.lua\n    method: more\n";
+    let dir = one_job_app("hog", lua, extra);
+    let yaml = std::fs::read_to_string(dir.path().join("app.yaml")).unwrap();
+    let yaml = yaml.replace(
+        "namespace: app\n",
+        "namespace: app\nlua:\n  memory_limit: 32MiB\n",
+    );
+    std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
+    let (out, logs) = run_json(dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dead = lua_logs(&logs, "Dead letter");
+    assert_eq!(dead.len(), 1, "{}", text(&out.stderr));
+    assert!(
+        dead[0]["reason"].as_str().unwrap_or("").contains("memory"),
+        "{dead:?}"
+    );
+    assert_eq!(lua_logs(&logs, "Fine").len(), 3);
+}
+
+#[test]
+fn check_runs_no_top_level_side_effect_and_gives_up_on_endless_top_levels() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: touch.lua\n    method: handle\n    sandbox:\n      allow: [os]\n  - name: l\n    kind: queue.consumer\n    queue: jobs\n    source: loop.lua\n    method: handle\n",
+        ),
+        (
+            "touch.lua",
+            "os.execute('touch marker')\nfunction handle() end\n",
+        ),
+        ("loop.lua", "while true do end\nfunction handle() end\n"),
+    ]);
+    let started = Instant::now();
+    let out = run(&["check", "app.yaml"], dir.path());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("app.yaml:13: field `source`") && err.contains("longer than"),
+        "{err}"
+    );
+    assert!(
+        err.contains("WARN") && err.contains("not verified") && err.contains("touch.lua"),
+        "{err}"
+    );
+    assert!(!dir.path().join("marker").exists(), "check ran os.execute");
+}
+
+#[test]
+fn check_refuses_dead_letter_cycles_and_unknown_opt_ins() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: a\n    kind: queue.queue\n    dead_letter: b\n  - name: b\n    kind: queue.queue\n    dead_letter: a\n  - name: w\n    kind: queue.consumer\n    queue: a\n    source: h.lua\n    method: handle\n    sandbox:\n      allow: [debug]\n",
+        ),
+        ("h.lua", "function handle() end\n"),
+    ]);
+    let out = run(&["check", "app.yaml"], dir.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("app.yaml:5: field `dead_letter`: dead-letter queues form a cycle: app:a -> app:b -> app:a"),
+        "{err}"
+    );
+    assert!(
+        err.contains("app.yaml:15: field `sandbox`: \"debug\" cannot be allowed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_dead_letter_whose_consumer_fails_stays_in_its_queue() {
+    let extra = "  - name: jobs.dlq\n    kind: queue.queue\n    retry:\n      max_attempts: 2\n      backoff: { initial: 50ms, multiplier: 1, max: 100ms, jitter: false }\n";
+    let lua = r#"
+function fail(p) return nil, "broken" end
+function dead(p)
+  local msg = queue.message()
+  logger:warn("Dead letter try", { attempts = msg:header("attempts"),
+    original = msg:header("x_original_attempts") })
+  return nil, "the dead-letter consumer is broken too"
+end
+"#;
+    let dir = one_job_app("fail", lua, extra);
+    // `dead` is defined twice; the later one (failing) wins.
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    // Two attempts in the dead-letter queue, kept, then tried again: never dropped.
+    let mut tries = 0;
+    let mut seen = Vec::new();
+    while tries < 4 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no more tries:\n{}", seen.join("\n")));
+        if line.contains("Dead letter try") {
+            tries += 1;
+        }
+        assert!(!line.contains("dropped"), "{line}");
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success());
+    let logs: Vec<serde_json::Value> = seen
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let tries = lua_logs(&logs, "Dead letter try");
+    let attempts: Vec<i64> = tries
+        .iter()
+        .map(|t| t["attempts"].as_i64().unwrap_or(0))
+        .collect();
+    // Its own policy (2 attempts), then kept at the last attempt.
+    assert_eq!(attempts, vec![1, 2, 2, 2], "{tries:?}");
+    assert!(tries.iter().all(|t| t["original"] == 2), "{tries:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("stays in its dead-letter queue")),
+        "{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn a_stuck_handler_stalls_only_its_own_consumer_and_shutdown_names_it() {
+    // Six concurrency-1 consumers on two Lua threads; one spins forever.
+    let mut yaml = String::from("namespace: app\nentries:\n");
+    for i in 0..6 {
+        let method = if i == 0 { "spin" } else { "work" };
+        yaml.push_str(&format!(
+            "  - name: c{i}\n    kind: queue.consumer\n    queue: q{i}\n    source: h.lua\n    method: {method}\n    stop_timeout: 1s\n"
+        ));
+    }
+    yaml.push_str("  - name: start\n    kind: process.lua\n    source: h.lua\n    method: start\n");
+    let lua = r#"
+function start()
+  assert(queue.publish("app:q0", { n = 0 }))
+  for i = 1, 5 do assert(queue.publish("app:q" .. i, { n = i })) end
+end
+function spin(p) logger:info("Spinning", {}) while true do end end
+function work(p) logger:info("Worked", { n = p.n }) end
+"#;
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
+    let (child, lines) = spawn_with_lines(
+        &[
+            "run",
+            "--lua-threads",
+            "2",
+            "--log-format",
+            "json",
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    // The consumers on the other worker keep working while one spins.
+    let mut seen = wait_for_line(&lines, "Spinning");
+    let mut worked = seen.iter().filter(|l| l.contains("\"Worked\"")).count();
+    while worked < 2 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the others stalled:\n{}", seen.join("\n")));
+        worked += usize::from(line.contains("\"Worked\""));
+        seen.push(line);
+    }
+    let stopping = Instant::now();
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    // One deadline for all: the longest stop_timeout (1 s) plus the 2 s grace, not
+    // one per consumer in turn.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rest: Vec<String> = lines.try_iter().collect();
+    let stuck: Vec<&String> = rest
+        .iter()
+        .filter(|l| l.contains("a handler is stuck"))
+        .collect();
+    assert_eq!(stuck.len(), 1, "{}", rest.join("\n"));
+    assert!(stuck[0].contains("app:c0"), "{}", stuck[0]);
+}
+
+#[test]
+fn sigterm_ends_a_runtime_whose_process_spins_without_yielding() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: busy\n    kind: process.lua\n    source: h.lua\n    method: spin\n",
+        ),
+        (
+            "h.lua",
+            "function spin() logger:info('Spinning', {}) while true do end end\n",
+        ),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    wait_for_line(&lines, "Spinning");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success());
+}
+
+#[test]
+fn sighup_stops_gracefully() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
+        ),
+        ("h.lua", "function handle() end\n"),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    wait_for_line(&lines, "runtime started");
+    signal(&child, "HUP");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        text(&out.stdout).contains("summary: queue=app:jobs"),
+        "{}",
+        text(&out.stdout)
+    );
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("SIGHUP")),
+        "{}",
+        rest.join("\n")
+    );
+}
+
+#[test]
+fn configuration_errors_point_at_the_right_line() {
+    let cases: [(&str, &[u8], &str); 5] = [
+        (
+            "the memory driver's priority range, at check time",
+            b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    max_priority: 10\n",
+            "app.yaml:5: field `max_priority`: queue app:q: max_priority 10 is more than",
+        ),
+        (
+            "a file that is not UTF-8",
+            b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    queue_name: caf\xe9\n",
+            "app.yaml:5: not UTF-8 text",
+        ),
+        (
+            "a driver option",
+            b"namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1\n    confirm_window: 0\n",
+            "app.yaml:6: field `confirm_window`",
+        ),
+        (
+            "a duplicate key, without the parser's advice to programmers",
+            b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    name: r\n",
+            "app.yaml:5: duplicate mapping key: name (column 5)",
+        ),
+        (
+            "a lines-long environment value before the mistake",
+            b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    queue_name: \"${MULTI}\"\n    colour: red\n",
+            "app.yaml:6: field `colour`",
+        ),
+    ];
+    for (what, yaml, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
+        let out = binary()
+            .args(["check", "app.yaml"])
+            .env("MULTI", "one\ntwo\nthree\nfour")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{what}");
+        let err = text(&out.stderr);
+        assert!(err.contains(expected), "{what}: {err}");
+        for leak in ["from_str", "DuplicateKeyPolicy", "Options"] {
+            assert!(!err.contains(leak), "{what}: {err}");
+        }
+    }
+}
+
+#[test]
+fn nested_defaults_and_huge_ids_read_as_users_mean_them() {
+    let port = free_port().to_string();
+    let dir = app(&[(
+        "app.yaml",
+        "namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:${NOPE:-${PORT:-1}}/\n  - name: q\n    kind: queue.queue\n",
+    )]);
+    let out = binary()
+        .args(["info", "app:q", "-c", "app.yaml"])
+        .env("PORT", &port)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The inner reference was read: the driver tried the port from the environment.
+    assert!(
+        text(&out.stderr).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        text(&out.stderr)
+    );
+    // As long as one command-line argument may be.
+    let huge = format!("app:{}", "x".repeat(100_000));
+    let out = run(&["info", &huge, "-c", "app.yaml"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.len() < 1000,
+        "the id is echoed: {} bytes",
+        out.stderr.len()
+    );
+}
