@@ -15,7 +15,8 @@
 //! - `message-annotations`: `x-opt-delivery-delay` for `delay` on the Artemis profile.
 //!
 //! Receiving reverses it: application-properties first, then native fields for
-//! well-known headers that are not there (messages from other publishers).
+//! well-known headers that are not there (messages from other publishers): the
+//! header's `ttl` becomes `expiration`.
 
 use std::time::Duration;
 
@@ -221,6 +222,12 @@ pub(crate) fn from_amqp(message: Incoming) -> Result<Message> {
             headers.insert(names::PRIORITY, i64::from(level.min(9)));
         }
     }
+    if !headers.contains(names::EXPIRATION)
+        && !headers.contains(names::TTL)
+        && let Some(ttl) = header.as_ref().and_then(|h| h.ttl)
+    {
+        headers.insert(names::EXPIRATION, i64::from(ttl));
+    }
     if !headers.contains(names::TIMESTAMP)
         && let Some(created) = properties.creation_time
     {
@@ -368,6 +375,7 @@ mod tests {
         let incoming = AmqpMessage {
             header: Some(Header {
                 priority: Priority(7),
+                ttl: Some(60_000),
                 ..Header::default()
             }),
             delivery_annotations: None,
@@ -395,6 +403,7 @@ mod tests {
             Some(&HeaderValue::from("kind"))
         );
         assert_eq!(m.headers.get("priority"), Some(&HeaderValue::Int(7)));
+        assert_eq!(m.headers.get("expiration"), Some(&HeaderValue::Int(60_000)));
         assert_eq!(m.body, b"hello");
         assert_eq!(m.content_type, DEFAULT_CONTENT_TYPE);
     }

@@ -31,6 +31,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod backoff;
 mod codec;
 pub mod config;
 mod driver;
@@ -39,12 +40,14 @@ mod id;
 pub mod memory;
 mod message;
 mod queues;
+pub mod retry;
 pub mod security;
 mod value;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use backoff::Backoff;
 pub use codec::{Codec, MAX_DEPTH};
 pub use driver::{
     Acker, Capabilities, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec, Subscription,

@@ -12,8 +12,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan};
-use crate::retry::{Exhausted, FailurePath};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
+use queue_core::retry::{Exhausted, FailurePath};
 
 /// How long shutdown waits, beyond the longest `stop_timeout`, for the workers to hand
 /// their consumers back and end.

@@ -24,5 +24,4 @@ pub mod config;
 pub mod host;
 pub mod metrics;
 pub mod registry;
-pub mod retry;
 pub mod workers;

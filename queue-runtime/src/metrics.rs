@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use queue_core::retry::Disposition;
 use queue_core::{
     Capabilities, ConsumeOptions, Driver, Message, QueueId, QueueInfo, QueueSpec, Result,
     Subscription,
@@ -174,17 +175,43 @@ pub struct ConsumerMeters {
     pub acked: metrics::Counter,
     /// [`names::HANDLER_SECONDS`] for the consumer's queue.
     pub handler_seconds: metrics::Histogram,
+    /// [`names::NACKED`] for the consumer's queue.
+    pub nacked: metrics::Counter,
+    /// What became of failures: [`names::RETRIED`], [`names::DEAD_LETTERED`],
+    /// [`names::DEAD_LETTERS_KEPT`], [`names::DROPPED`], [`names::RETURNED`].
+    dispositions: [metrics::Counter; 5],
 }
 
 impl ConsumerMeters {
     /// The instruments of `queue`.
     pub fn of(queue: &QueueId) -> ConsumerMeters {
         let label = queue.to_string();
+        let counter = |name: &'static str| metrics::counter!(name, "queue" => label.clone());
         ConsumerMeters {
-            delivered: metrics::counter!(names::DELIVERED, "queue" => label.clone()),
-            acked: metrics::counter!(names::ACKED, "queue" => label.clone()),
-            handler_seconds: metrics::histogram!(names::HANDLER_SECONDS, "queue" => label),
+            delivered: counter(names::DELIVERED),
+            acked: counter(names::ACKED),
+            handler_seconds: metrics::histogram!(names::HANDLER_SECONDS, "queue" => label.clone()),
+            nacked: counter(names::NACKED),
+            dispositions: [
+                counter(names::RETRIED),
+                counter(names::DEAD_LETTERED),
+                counter(names::DEAD_LETTERS_KEPT),
+                counter(names::DROPPED),
+                counter(names::RETURNED),
+            ],
         }
+    }
+
+    /// Counts what became of a failed delivery.
+    pub fn count(&self, disposition: Disposition) {
+        let index = match disposition {
+            Disposition::Retried => 0,
+            Disposition::DeadLettered => 1,
+            Disposition::Kept => 2,
+            Disposition::Dropped => 3,
+            Disposition::Returned => 4,
+        };
+        self.dispositions[index].increment(1);
     }
 }
 

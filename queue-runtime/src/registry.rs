@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use queue_core::retry::RetryPolicy;
 use queue_core::security::{Actor, Effect, Pattern, Policy, RulePolicy, SecurityContext};
-use queue_core::{Capabilities, DriverFactory, PublishSettings, QueueId, QueueSpec};
+use queue_core::{Backoff, Capabilities, DriverFactory, PublishSettings, QueueId, QueueSpec};
 use queue_lua::{Limits, OptIn, SourceCheck};
 
 use crate::config::Config;
@@ -65,30 +66,12 @@ pub struct DriverPlan {
     pub capabilities: Capabilities,
 }
 
-/// How failures of a queue's messages are retried.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetryPolicy {
-    /// Deliveries before dead-lettering.
-    pub max_attempts: u32,
-    /// First wait.
-    pub initial: Duration,
-    /// Growth per attempt.
-    pub multiplier: f64,
-    /// Longest wait.
-    pub max: Duration,
-    /// Whether waits are shortened at random by up to 20%.
-    pub jitter: bool,
-}
-
-impl From<&RetryConfig> for RetryPolicy {
-    fn from(r: &RetryConfig) -> Self {
-        RetryPolicy {
-            max_attempts: r.max_attempts,
-            initial: r.backoff.initial,
-            multiplier: r.backoff.multiplier,
-            max: r.backoff.max,
-            jitter: r.backoff.jitter,
-        }
+/// The retry policy a `retry:` section describes.
+fn retry_policy(r: &RetryConfig) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: r.max_attempts,
+        backoff: Backoff::new(r.backoff.initial, r.backoff.multiplier, r.backoff.max)
+            .with_jitter(r.backoff.jitter),
     }
 }
 
@@ -449,7 +432,7 @@ fn driver_error(entry: &Entry, error: &queue_core::Error) -> ConfigError {
 }
 
 fn default_queue(id: QueueId, driver: &str) -> QueuePlan {
-    let retry = RetryPolicy::from(&RetryConfig::default());
+    let retry = retry_policy(&RetryConfig::default());
     let dead_letter = QueueId::parse(&format!("{id}.dlq")).ok();
     QueuePlan {
         spec: QueueSpec::new(id),
@@ -517,7 +500,7 @@ fn queue_plan(
             max_message_bytes: q.max_message_bytes,
         },
         driver,
-        retry: RetryPolicy::from(&q.retry),
+        retry: retry_policy(&q.retry),
         dead_letter,
     })
 }

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::{ConsumerMeters, names as metric};
 use crate::registry::{ConsumerPlan, ProcessPlan};
-use crate::retry::FailurePath;
+use queue_core::retry::{Disposition, FailurePath};
 
 /// A consumer as the workers see it.
 pub struct ConsumerRuntime {
@@ -398,7 +398,7 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
         .record(started.elapsed().as_secs_f64());
     let settled = match outcome {
         Outcome::Ack => ack(&delivery, consumer).await,
-        Outcome::Nack { reason } => consumer.failure.fail(&delivery, &reason).await.map(|_| ()),
+        Outcome::Nack { reason } => fail(&delivery, consumer, &reason).await,
         Outcome::Settled => Ok(()),
     };
     if let Err(e) = settled {
@@ -409,6 +409,14 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
 async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
     delivery.ack().await?;
     consumer.meters.acked.increment(1);
+    Ok(())
+}
+
+/// Runs the failure path for a delivery and counts what became of it.
+async fn fail(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) -> Result<()> {
+    consumer.meters.nacked.increment(1);
+    let disposition: Disposition = consumer.failure.fail(delivery, reason).await?;
+    consumer.meters.count(disposition);
     Ok(())
 }
 
@@ -425,10 +433,6 @@ impl Settle for RuntimeSettle {
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
-        self.consumer
-            .failure
-            .fail(&self.delivery, reason)
-            .await
-            .map(|_| ())
+        fail(&self.delivery, &self.consumer, reason).await
     }
 }

@@ -276,3 +276,100 @@ fn no_runtime_output_shows_a_broker_password() {
         }
     }
 }
+
+/// Passwords as careless users write them never show, whatever the command and the
+/// log level: raw `/`, `#`, `?` in the password, no scheme, a URL that YAML cut at an
+/// unquoted ` #`, and RUST_LOG=trace while lapin and fe2o3 send the login.
+#[test]
+fn odd_passwords_never_show_whatever_the_url_or_log_level() {
+    if !rabbitmq_or_skip("odd_passwords_never_show_whatever_the_url_or_log_level") {
+        return;
+    }
+    // Each case: the `url:` line as written in YAML, and the text that must not show.
+    let cases = [
+        ("url: amqp://guest:se/cr3t-a1@127.0.0.1:5672/%2f", "cr3t-a1"),
+        ("url: amqp://guest:se#cr3t-b2@127.0.0.1:5672/%2f", "cr3t-b2"),
+        ("url: amqp://guest:se?cr3t-c3@127.0.0.1:5672/%2f", "cr3t-c3"),
+        ("url: guest:secr3t-d4@127.0.0.1:5672", "secr3t-d4"),
+        (
+            "url: amqp://guest:secr3t-e5 #x@127.0.0.1:5672/",
+            "secr3t-e5",
+        ),
+        // A valid URL with a wrong password: the login is sent, and traced.
+        (
+            "url: amqp://guest:secr3t-f6@127.0.0.1:5672/%2f",
+            "secr3t-f6",
+        ),
+    ];
+    for (kind, extra) in [
+        ("queue.driver.amqp", ""),
+        ("queue.driver.amqp10", "    profile: rabbitmq-v1\n"),
+    ] {
+        for (url, secret) in cases {
+            let url = if kind == "queue.driver.amqp10" {
+                url.replace("/%2f", "")
+            } else {
+                url.to_string()
+            };
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: rabbit\n    kind: {kind}\n    {url}\n{extra}  - name: jobs\n    kind: queue.queue\n    queue_name: it-odd-{}\n    durable: false\n",
+                unique()
+            );
+            let dir = app(&[("app.yaml", &yaml)]);
+            let context = format!("{kind} {url}");
+            let traced = |args: &[&str]| {
+                binary()
+                    .args(args)
+                    .env("RUST_LOG", "trace")
+                    .current_dir(dir.path())
+                    .output()
+                    .expect("runs")
+            };
+            let mut said = String::new();
+            for args in [
+                &["check", "app.yaml"][..],
+                &["info", "app:jobs", "-c", "app.yaml"],
+                &["publish", "app:jobs", "1", "-c", "app.yaml"],
+            ] {
+                let out = traced(args);
+                said.push_str(&text(&out.stdout));
+                said.push_str(&text(&out.stderr));
+            }
+            // `run` either refuses, fails the login, or waits for a broker it cannot
+            // reach: read until it exits or says it waits.
+            let mut child = binary()
+                .args(["run", "app.yaml"])
+                .env("RUST_LOG", "trace")
+                .current_dir(dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawns");
+            let stderr = child.stderr.take().expect("stderr");
+            let reader = std::thread::spawn(move || {
+                use std::io::BufRead;
+                let mut seen = String::new();
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                seen
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            said.push_str(&reader.join().unwrap_or_default());
+            assert!(!said.contains(secret), "{context} leaked:\n{said}");
+            // As a list of bytes, the way a frame dump shows a SASL response.
+            let bytes: Vec<String> = secret.bytes().map(|b| b.to_string()).collect();
+            assert!(!said.contains(&bytes.join(", ")), "{context} leaked bytes");
+        }
+    }
+}

@@ -26,3 +26,25 @@ fn the_config_corpus_loads_or_fails_with_located_errors() {
     }
     assert!(replayed >= 3, "corpus has {replayed} inputs");
 }
+
+#[path = "../../fuzz/outside_message.rs"]
+mod outside_message;
+
+/// Replays the committed `outside_message` corpus: every message another client might
+/// send is handled, fails, and moves to its retry or dead-letter queue as a copy any
+/// driver accepts.
+#[tokio::test]
+async fn the_outside_message_corpus_always_moves_its_failures() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/outside_message");
+    let world = outside_message::World::new().await;
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).expect("the committed corpus") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("read");
+        let max_attempts = u32::from(data.first().copied().unwrap_or(0) % 3) + 1;
+        let message = outside_message::message(data.get(1..).unwrap_or_default());
+        world.run(message, max_attempts).await;
+        replayed += 1;
+    }
+    assert!(replayed >= 2, "corpus has {replayed} inputs");
+}

@@ -410,3 +410,111 @@ fn nested_defaults_and_huge_ids_read_as_users_mean_them() {
         out.stderr.len()
     );
 }
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Sends a raw request, optionally in two writes apart; returns the status line.
+fn raw_request(port: u16, parts: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            // Two TCP packets: the server must read on until the head is whole.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stream.write_all(part.as_bytes()).expect("write");
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
+        ),
+        ("h.lua", "function handle() end\n"),
+    ]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // Few file descriptors, so a flood exhausts them.
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 96 && exec \"$0\" \"$@\"",
+            assert_cmd::cargo::cargo_bin!("queue-runtime")
+                .to_str()
+                .unwrap(),
+            "run",
+            "--metrics-addr",
+            &addr,
+            "app.yaml",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    wait_for_metrics(port, "the server", |_| true);
+    let status = |parts: &[&str]| raw_request(port, parts);
+    assert_eq!(
+        status(&["GET /hea", "lth HTTP/1.1\r\nhost: x\r\n\r\n"]),
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        status(&["GET /health?probe=1 HTTP/1.1\r\nhost: x\r\n\r\n"]),
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        status(&["POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"]),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    assert_eq!(
+        status(&["GET /nope HTTP/1.1\r\nhost: x\r\n\r\n"]),
+        "HTTP/1.1 404 Not Found"
+    );
+
+    // A flood of idle connections, past the process's file descriptors.
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let before = cpu_seconds(child.id());
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(child.id()) - before;
+    let share = used / window.elapsed().as_secs_f64();
+    assert!(share < 0.5, "the accept loop spins: {share:.2} of a core");
+    drop(flood);
+    // Idle connections time out and the server answers again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if http_get(port, "/health").is_some_and(|b| b.contains("ok")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/health never answered again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -1,21 +1,39 @@
-//! What happens to a message whose handler failed (SPEC §7): another attempt after a
-//! backoff, or the dead-letter queue, decided by the `attempts` header. Built only from
-//! publish and ack, so every driver gets retries and dead letters.
+//! What happens to a message whose handler failed (docs/consumers.md, "Retries and
+//! dead letters"): another attempt after a backoff, or the dead-letter queue, decided
+//! by the `attempts` header. Built only from publish and ack, so every driver gets
+//! retries and dead letters without code of its own.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use queue_core::{Delivery, Driver, HeaderValue, Message, QueueId, Result, names};
+use crate::{Backoff, Delivery, Driver, Error, HeaderValue, Message, QueueId, Result, names};
 
-use crate::metrics::names as metric;
-use crate::registry::RetryPolicy;
+/// How failures of a queue's messages are retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Deliveries before the message is dead-lettered.
+    pub max_attempts: u32,
+    /// The waits between attempts.
+    pub backoff: Backoff,
+}
+
+impl Default for RetryPolicy {
+    /// 10 attempts, 1 s doubling to 60 s, with jitter.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            backoff: Backoff::new(Duration::from_secs(1), 2.0, Duration::from_secs(60))
+                .with_jitter(true),
+        }
+    }
+}
 
 /// What happens to a message past its last attempt.
 #[derive(Clone)]
 pub enum Exhausted {
     /// It moves to this dead-letter queue, on this driver.
     DeadLetter(QueueId, Arc<dyn Driver>),
-    /// `dead_letter: false`: dropped, with an error log line and a metric. A dead
+    /// `dead_letter: false`: dropped, with an error log line. A dead
     /// letter is never dropped: it stays in its dead-letter queue.
     Drop,
 }
@@ -32,22 +50,6 @@ pub struct FailurePath {
     pub exhausted: Exhausted,
     /// Set when the runtime stops: a delivery held for its backoff goes back at once.
     pub stop: tokio::sync::watch::Receiver<bool>,
-}
-
-impl RetryPolicy {
-    /// The wait after failed attempt `attempt` (1-based): initial × multiplier^(attempt-1),
-    /// capped at max, shortened by up to 20% when jitter is on.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
-        let capped = secs.min(self.max.as_secs_f64());
-        let factor = if self.jitter {
-            1.0 - 0.2 * fastrand::f64()
-        } else {
-            1.0
-        };
-        Duration::from_secs_f64((capped * factor).max(0.0))
-    }
 }
 
 /// The longest dead-letter reason a copy carries: a handler's error can be any size,
@@ -68,7 +70,7 @@ pub enum Disposition {
     /// A dead letter past its last attempt in its dead-letter queue: queued there
     /// again after the longest backoff, original acked.
     Kept,
-    /// Exhausted with `dead_letter: false`: logged, counted, acked.
+    /// Exhausted with `dead_letter: false`: logged and acked.
     Dropped,
     /// The original went back to its queue unchanged, after a wait: the republish
     /// failed, or the runtime stopped while holding it for its backoff.
@@ -82,7 +84,7 @@ enum Published {
     /// The broker is in trouble (a retryable error): try again later.
     Trouble,
     /// The driver refuses this copy as it is: trying again cannot help.
-    Refused(queue_core::Error),
+    Refused(Error),
 }
 
 /// Where a failed message's copy goes.
@@ -103,20 +105,18 @@ impl FailurePath {
     /// published, the original goes back to its queue after a wait, never lost and
     /// never spun.
     pub async fn fail(&self, delivery: &Delivery, reason: &str) -> Result<Disposition> {
-        let label = self.queue.to_string();
-        metrics::counter!(metric::NACKED, "queue" => label.clone()).increment(1);
         let attempts = delivery.message().headers.attempts();
-        let reason = queue_core::truncate(reason, MAX_REASON_BYTES);
+        let reason = crate::truncate(reason, MAX_REASON_BYTES);
         let mut copy = delivery.message().clone();
         copy.headers.remove(names::DELAY);
         let dropped = copy.make_republishable();
         if !dropped.is_empty() {
-            let note = queue_core::truncate(&dropped.join("; "), MAX_REASON_BYTES);
+            let note = crate::truncate(&dropped.join("; "), MAX_REASON_BYTES);
             tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
             copy.headers.insert(names::X_DROPPED_HEADERS, note);
         }
         let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
-        let wait = self.retry.backoff(attempts);
+        let wait = self.retry.backoff.delay(attempts);
         let planned = if attempts < self.retry.max_attempts {
             let mut retry = copy.clone();
             retry
@@ -138,7 +138,7 @@ impl FailurePath {
         } else if is_dead_letter {
             // Never dead-lettered again, never dropped: it waits in its dead-letter
             // queue for the next try, after the longest backoff.
-            let longest = self.retry.backoff(u32::MAX);
+            let longest = self.retry.backoff.longest();
             let mut kept = copy.clone();
             if self.driver.capabilities().delay {
                 kept.headers
@@ -194,7 +194,6 @@ impl FailurePath {
             }
             Exhausted::Drop if !is_dead_letter && refused.is_none() => {
                 tracing::error!(queue = %self.queue, id = %copy.id, attempts, %reason, "handler failed for the last time; dropped (dead_letter: false)");
-                metrics::counter!(metric::DROPPED, "queue" => label).increment(1);
                 delivery.ack().await?;
                 Ok(Disposition::Dropped)
             }
@@ -216,21 +215,17 @@ impl FailurePath {
         reason: &str,
     ) -> Result<Disposition> {
         // Logged once the copy is confirmed, so a line never reports a move that failed.
-        let name = match disposition {
+        match disposition {
             Disposition::Retried => {
-                tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
-                metric::RETRIED
+                tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying")
             }
             Disposition::Kept => {
-                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, %reason, "a dead letter failed its last attempt; it stays in its dead-letter queue");
-                metric::DEAD_LETTERS_KEPT
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, %reason, "a dead letter failed its last attempt; it stays in its dead-letter queue")
             }
             _ => {
-                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered");
-                metric::DEAD_LETTERED
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered")
             }
-        };
-        metrics::counter!(name, "queue" => self.queue.to_string()).increment(1);
+        }
         delivery.ack().await?;
         Ok(disposition)
     }
@@ -288,7 +283,6 @@ impl FailurePath {
         if !wait.is_zero() {
             self.hold(wait.max(MIN_RETURN_WAIT)).await;
         }
-        metrics::counter!(metric::RETURNED, "queue" => self.queue.to_string()).increment(1);
         delivery.release().await?;
         Ok(Disposition::Returned)
     }
@@ -306,36 +300,6 @@ fn rfc3339(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn policy(jitter: bool) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 10,
-            initial: Duration::from_secs(1),
-            multiplier: 2.0,
-            max: Duration::from_secs(60),
-            jitter,
-        }
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let p = policy(false);
-        let waits: Vec<u64> = (1..=8).map(|a| p.backoff(a).as_secs()).collect();
-        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60]);
-    }
-
-    #[test]
-    fn jitter_only_shortens_by_at_most_a_fifth() {
-        let p = policy(true);
-        for attempt in 1..=6 {
-            let full = policy(false).backoff(attempt);
-            let jittered = p.backoff(attempt);
-            assert!(
-                jittered <= full && jittered >= full.mul_f64(0.8),
-                "{attempt}: {jittered:?}"
-            );
-        }
-    }
 
     #[test]
     fn rfc3339_dates() {

@@ -1,0 +1,22 @@
+//! A message as another client might send it, through decode, a Lua handler and the
+//! failure path: see `outside_message.rs` for what must hold.
+#![no_main]
+
+#[path = "../outside_message.rs"]
+mod outside_message;
+
+use libfuzzer_sys::fuzz_target;
+
+thread_local! {
+    static WORLD: (tokio::runtime::Runtime, outside_message::World) = {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let world = rt.block_on(outside_message::World::new());
+        (rt, world)
+    };
+}
+
+fuzz_target!(|data: &[u8]| {
+    let max_attempts = u32::from(data.first().copied().unwrap_or(0) % 3) + 1;
+    let message = outside_message::message(data.get(1..).unwrap_or_default());
+    WORLD.with(|(rt, world)| rt.block_on(world.run(message, max_attempts)));
+});

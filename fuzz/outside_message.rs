@@ -1,0 +1,285 @@
+//! Turns fuzz bytes into a message as another client might send it (any id, content
+//! type, body and headers, well-known names with any value), and runs it through the
+//! runtime's path: decode, a Lua handler that reads every header and fails, then the
+//! failure path. What must hold: the handler never crashes, and the failed message
+//! always moves (to its retry or its dead-letter queue) as a copy any driver accepts,
+//! never going back for an immediate redelivery. Shared by the `outside_message` fuzz
+//! target and the test that replays its corpus.
+
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use queue_core::memory::MemoryDriver;
+use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
+use queue_core::security::SecurityContext;
+use queue_core::{
+    Acker, Backoff, ConsumeOptions, Delivery, Driver, HeaderValue, Headers, Message, QueueId,
+    QueueSpec, Queues, Result,
+};
+use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
+
+/// Well-known header names, so fuzzing reaches the checks behind them.
+const NAMES: [&str; 12] = [
+    "priority",
+    "expiration",
+    "ttl",
+    "delay",
+    "attempts",
+    "message_id",
+    "timestamp",
+    "correlation_id",
+    "x_dead_letter_reason",
+    "x_original_queue",
+    "content_type",
+    "",
+];
+
+const CONTENT_TYPES: [&str; 5] = [
+    "application/json",
+    "application/msgpack",
+    "application/x-msgpack; charset=binary",
+    "text/plain",
+    "",
+];
+
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+
+    fn text(&mut self, max: usize) -> String {
+        let len = usize::from(self.byte()) % (max + 1);
+        let bytes: Vec<u8> = (0..len).map(|_| self.byte()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn long(&mut self) -> i64 {
+        i64::from_le_bytes(std::array::from_fn(|_| self.byte()))
+    }
+}
+
+/// The message `data` describes.
+pub fn message(data: &[u8]) -> Message {
+    let mut input = Input { data, pos: 0 };
+    let mut headers = Headers::new();
+    for _ in 0..input.byte() % 8 {
+        let choice = input.byte();
+        let name = if choice.is_multiple_of(3) {
+            input.text(300)
+        } else {
+            NAMES[usize::from(choice) % NAMES.len()].to_string()
+        };
+        let value = match input.byte() % 5 {
+            0 => HeaderValue::Int(input.long()),
+            1 => HeaderValue::Float(f64::from_bits(input.long() as u64)),
+            2 => HeaderValue::Bool(input.byte().is_multiple_of(2)),
+            3 => HeaderValue::String("v".repeat(usize::from(input.byte()) * 600)),
+            _ => HeaderValue::String(input.text(64)),
+        };
+        headers.insert(name, value);
+    }
+    let id = match input.byte() % 4 {
+        0 => String::new(),
+        1 => "i".repeat(300),
+        _ => input.text(40),
+    };
+    let content_type = CONTENT_TYPES[usize::from(input.byte()) % CONTENT_TYPES.len()];
+    let body = data
+        .get(input.pos.min(data.len())..)
+        .unwrap_or_default()
+        .to_vec();
+    Message {
+        id,
+        headers,
+        content_type: content_type.to_string(),
+        body,
+    }
+}
+
+/// Records how a delivery was settled.
+struct Recorder(Arc<Mutex<Option<&'static str>>>);
+
+#[async_trait::async_trait]
+impl Acker for Recorder {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        *self.0.lock().unwrap() = Some("ack");
+        Ok(())
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        *self.0.lock().unwrap() = Some("release");
+        Ok(())
+    }
+    fn release_on_drop(self: Box<Self>) {
+        *self.0.lock().unwrap() = Some("dropped");
+    }
+}
+
+struct NoSettle;
+
+#[async_trait::async_trait(?Send)]
+impl Settle for NoSettle {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _reason: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+const HANDLER: &str = r#"
+function handle(payload)
+  local msg = queue.message()
+  local seen = 0
+  for k, v in pairs(msg:headers()) do seen = seen + 1 end
+  local attempts = msg:header("attempts")
+  assert(math.type(attempts) == "integer" and attempts >= 1, "attempts is not a number")
+  return nil, "failed on purpose after reading " .. seen .. " headers"
+end
+"#;
+
+/// The world one run works in: a Lua host with the handler, a memory driver with the
+/// queue and its dead-letter queue.
+pub struct World {
+    host: LuaHost,
+    driver: Arc<MemoryDriver>,
+    queue: QueueId,
+    dead_letters: QueueId,
+    source: RemovedOnDrop,
+}
+
+/// The handler's source file, removed with the world.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl World {
+    /// Declares the queues and loads the handler.
+    pub async fn new() -> World {
+        let driver = Arc::new(MemoryDriver::new());
+        let queue = QueueId::parse("fuzz:in").expect("id");
+        let dead_letters = QueueId::parse("fuzz:in.dlq").expect("id");
+        for id in [&queue, &dead_letters] {
+            driver
+                .declare(&QueueSpec::new(id.clone()))
+                .await
+                .expect("declare");
+        }
+        let host = LuaHost::new(Queues::new(), SecurityContext::default()).expect("host");
+        let path = std::env::temp_dir().join(format!(
+            "outside-message-{}-{:?}.lua",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, HANDLER).expect("write handler");
+        host.handler(&path, "handle").expect("handler");
+        World {
+            host,
+            driver,
+            queue,
+            dead_letters,
+            source: RemovedOnDrop(path),
+        }
+    }
+
+    /// Runs one outside message through decode, handler and failure path, checking
+    /// what must hold; panics when it does not.
+    pub async fn run(&self, message: Message, max_attempts: u32) {
+        let payload = message.decode();
+        let reason = match payload {
+            Err(e) => {
+                assert_eq!(e.kind(), queue_core::ErrorKind::Invalid, "{e}");
+                format!("the body cannot be decoded: {}", e.message())
+            }
+            Ok(payload) => {
+                let mut seen = message.clone();
+                let attempts = seen.headers.attempts();
+                seen.headers.insert("attempts", i64::from(attempts));
+                let context = DeliveryContext {
+                    message: seen,
+                    settle: Rc::new(NoSettle),
+                };
+                let handler = self
+                    .host
+                    .handler(&self.source.0, "handle")
+                    .expect("handler");
+                match self
+                    .host
+                    .run_handler(&handler, &payload, context, SecurityContext::default())
+                    .await
+                {
+                    Outcome::Nack { reason } => {
+                        assert!(reason.contains("failed on purpose"), "{reason}");
+                        reason
+                    }
+                    other => panic!("the handler did not fail as written: {other:?}"),
+                }
+            }
+        };
+        let settled = Arc::new(Mutex::new(None));
+        let delivery = Delivery::new(message, Box::new(Recorder(Arc::clone(&settled))));
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let path = FailurePath {
+            queue: self.queue.clone(),
+            driver: self.driver.clone() as Arc<dyn Driver>,
+            retry: RetryPolicy {
+                max_attempts,
+                backoff: Backoff::new(Duration::ZERO, 1.0, Duration::ZERO),
+            },
+            exhausted: Exhausted::DeadLetter(
+                self.dead_letters.clone(),
+                self.driver.clone() as Arc<dyn Driver>,
+            ),
+            stop,
+        };
+        let disposition = path.fail(&delivery, &reason).await.expect("fail");
+        assert!(
+            matches!(
+                disposition,
+                Disposition::Retried | Disposition::DeadLettered | Disposition::Kept
+            ),
+            "a failed message went back instead of moving: {disposition:?}"
+        );
+        assert_eq!(*settled.lock().unwrap(), Some("ack"));
+        for id in [&self.queue, &self.dead_letters] {
+            self.drain(id).await;
+        }
+    }
+
+    /// Takes every copy out of a queue, checking each is one any driver accepts.
+    async fn drain(&self, id: &QueueId) {
+        let mut consumer = self
+            .driver
+            .consume(id, ConsumeOptions { prefetch: 16 })
+            .await
+            .expect("consume");
+        while self.driver.info(id).await.expect("info").message_count() > 0 {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a queued copy is delivered")
+                .expect("open")
+                .expect("delivery");
+            let copy = delivery.message();
+            let headers = &copy.headers;
+            assert!(headers.byte_size() <= queue_core::MAX_HEADER_BYTES);
+            assert!(headers.iter().all(|(k, _)| !k.is_empty() && k.len() <= 255));
+            assert!(!copy.id.is_empty() && copy.id.len() <= 255);
+            headers.priority_level().expect("priority");
+            headers.delay().expect("delay");
+            headers.ttl().expect("ttl");
+            delivery.ack().await.expect("ack");
+        }
+        consumer.cancel().await.expect("cancel");
+    }
+}
