@@ -2,20 +2,19 @@
 //! type, body and headers, well-known names with any value), and runs it through the
 //! runtime's path: decode, a Lua handler that reads every header and fails, then the
 //! failure path. What must hold: the handler never crashes, and the failed message
-//! always moves (to its retry or its dead-letter queue) as a copy any driver accepts,
-//! never going back for an immediate redelivery. Shared by the `outside_message` fuzz
+//! always moves (to its retry or its dead-letter queue) as exactly one copy a strict
+//! broker accepts, never going back for an immediate redelivery. Shared by the `outside_message` fuzz
 //! target and the test that replays its corpus.
 
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use queue_core::memory::MemoryDriver;
 use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
 use queue_core::security::SecurityContext;
 use queue_core::{
-    Acker, Backoff, ConsumeOptions, Delivery, Driver, HeaderValue, Headers, Message, QueueId,
-    QueueSpec, Queues, Result,
+    Acker, Backoff, Capabilities, ConsumeOptions, Delivery, Driver, HeaderValue, Headers, Message,
+    QueueId, QueueInfo, QueueSpec, Queues, Result, Subscription,
 };
 use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
 
@@ -145,11 +144,63 @@ function handle(payload)
 end
 "#;
 
-/// The world one run works in: a Lua host with the handler, a memory driver with the
-/// queue and its dead-letter queue.
+/// A driver that checks every copy it is asked to publish the way a strict broker
+/// would, and remembers where it went.
+#[derive(Default)]
+struct StrictDriver {
+    published: Mutex<Vec<(QueueId, Message)>>,
+}
+
+#[async_trait::async_trait]
+impl Driver for StrictDriver {
+    fn name(&self) -> &str {
+        "strict"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            confirms: true,
+            delay: true,
+            priority: true,
+            max_priority: 9,
+            message_ttl: true,
+            ..Capabilities::default()
+        }
+    }
+
+    async fn declare(&self, _spec: &QueueSpec) -> Result<()> {
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &QueueId, copy: Message) -> Result<()> {
+        let headers = &copy.headers;
+        assert!(headers.byte_size() <= queue_core::MAX_HEADER_BYTES);
+        assert!(headers.iter().all(|(k, _)| !k.is_empty() && k.len() <= 255));
+        assert!(!copy.id.is_empty() && copy.id.len() <= 255);
+        headers.priority_level().expect("priority");
+        headers.delay().expect("delay");
+        headers.ttl().expect("ttl");
+        self.published.lock().unwrap().push((queue.clone(), copy));
+        Ok(())
+    }
+
+    async fn consume(&self, _: &QueueId, _: ConsumeOptions) -> Result<Box<dyn Subscription>> {
+        Err(queue_core::Error::internal("not consumed"))
+    }
+
+    async fn info(&self, _queue: &QueueId) -> Result<QueueInfo> {
+        Ok(QueueInfo::default())
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The world one run works in: a Lua host with the handler, and a strict driver.
 pub struct World {
     host: LuaHost,
-    driver: Arc<MemoryDriver>,
+    driver: Arc<StrictDriver>,
     queue: QueueId,
     dead_letters: QueueId,
     source: RemovedOnDrop,
@@ -165,17 +216,8 @@ impl Drop for RemovedOnDrop {
 }
 
 impl World {
-    /// Declares the queues and loads the handler.
+    /// Loads the handler.
     pub async fn new() -> World {
-        let driver = Arc::new(MemoryDriver::new());
-        let queue = QueueId::parse("fuzz:in").expect("id");
-        let dead_letters = QueueId::parse("fuzz:in.dlq").expect("id");
-        for id in [&queue, &dead_letters] {
-            driver
-                .declare(&QueueSpec::new(id.clone()))
-                .await
-                .expect("declare");
-        }
         let host = LuaHost::new(Queues::new(), SecurityContext::default()).expect("host");
         let path = std::env::temp_dir().join(format!(
             "outside-message-{}-{:?}.lua",
@@ -186,9 +228,9 @@ impl World {
         host.handler(&path, "handle").expect("handler");
         World {
             host,
-            driver,
-            queue,
-            dead_letters,
+            driver: Arc::default(),
+            queue: QueueId::parse("fuzz:in").expect("id"),
+            dead_letters: QueueId::parse("fuzz:in.dlq").expect("id"),
             source: RemovedOnDrop(path),
         }
     }
@@ -230,17 +272,15 @@ impl World {
         let settled = Arc::new(Mutex::new(None));
         let delivery = Delivery::new(message, Box::new(Recorder(Arc::clone(&settled))));
         let (_stop, stop) = tokio::sync::watch::channel(false);
+        let driver = self.driver.clone() as Arc<dyn Driver>;
         let path = FailurePath {
             queue: self.queue.clone(),
-            driver: self.driver.clone() as Arc<dyn Driver>,
+            driver: Arc::clone(&driver),
             retry: RetryPolicy {
                 max_attempts,
                 backoff: Backoff::new(Duration::ZERO, 1.0, Duration::ZERO),
             },
-            exhausted: Exhausted::DeadLetter(
-                self.dead_letters.clone(),
-                self.driver.clone() as Arc<dyn Driver>,
-            ),
+            exhausted: Exhausted::DeadLetter(self.dead_letters.clone(), driver),
             stop,
         };
         let disposition = path.fail(&delivery, &reason).await.expect("fail");
@@ -252,34 +292,13 @@ impl World {
             "a failed message went back instead of moving: {disposition:?}"
         );
         assert_eq!(*settled.lock().unwrap(), Some("ack"));
-        for id in [&self.queue, &self.dead_letters] {
-            self.drain(id).await;
-        }
-    }
-
-    /// Takes every copy out of a queue, checking each is one any driver accepts.
-    async fn drain(&self, id: &QueueId) {
-        let mut consumer = self
-            .driver
-            .consume(id, ConsumeOptions { prefetch: 16 })
-            .await
-            .expect("consume");
-        while self.driver.info(id).await.expect("info").message_count() > 0 {
-            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-                .await
-                .expect("a queued copy is delivered")
-                .expect("open")
-                .expect("delivery");
-            let copy = delivery.message();
-            let headers = &copy.headers;
-            assert!(headers.byte_size() <= queue_core::MAX_HEADER_BYTES);
-            assert!(headers.iter().all(|(k, _)| !k.is_empty() && k.len() <= 255));
-            assert!(!copy.id.is_empty() && copy.id.len() <= 255);
-            headers.priority_level().expect("priority");
-            headers.delay().expect("delay");
-            headers.ttl().expect("ttl");
-            delivery.ack().await.expect("ack");
-        }
-        consumer.cancel().await.expect("cancel");
+        let published = std::mem::take(&mut *self.driver.published.lock().unwrap());
+        assert_eq!(published.len(), 1, "one copy per failure");
+        let expected = if disposition == Disposition::DeadLettered {
+            &self.dead_letters
+        } else {
+            &self.queue
+        };
+        assert_eq!(&published[0].0, expected);
     }
 }

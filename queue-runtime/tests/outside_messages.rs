@@ -108,12 +108,14 @@ async fn publish_outside(queue: &str) -> BTreeMap<&'static str, String> {
             "json sent as msgpack",
             json("outside-msgpack")
                 .with_content_type("application/msgpack".into())
-                .with_headers(text_attempts),
+                .with_headers(text_attempts.clone()),
             b"123",
         ),
         (
             "with a ttl",
-            json("outside-ttl").with_expiration("60000".into()),
+            json("outside-ttl")
+                .with_expiration("60000".into())
+                .with_headers(text_attempts),
             br#"{"n": 3}"#,
         ),
         ("a huge reason", json("outside-big"), br#"{"big": true}"#),
@@ -163,7 +165,7 @@ def send(mid, body, content_type="application/json", props=None, priority=None, 
 send("outside-odd", b'{"n": 1}', priority=200,
      props={"priority": "urgent", "expiration": "soon", "attempts": -5})
 send("outside-msgpack", b"123", content_type="application/msgpack", props={"attempts": "abc"})
-send("outside-ttl", b'{"n": 3}', ttl=60.0)
+send("outside-ttl", b'{"n": 3}', ttl=60.0, props={"attempts": "abc"})
 send("outside-big", b'{"big": true}')
 conn.close()
 "#;
@@ -274,6 +276,12 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
             .map(|h| h["attempts"].as_i64().unwrap_or(0))
             .collect();
         assert_eq!(odd, vec![1, 2], "attempts -5 reads as 1: {context}");
+        let texts: Vec<i64> = handled
+            .iter()
+            .filter(|h| h["id"] == ids["with a ttl"])
+            .map(|h| h["attempts"].as_i64().unwrap_or(0))
+            .collect();
+        assert_eq!(texts, vec![1, 2], "attempts \"abc\" reads as 1: {context}");
         let undecodable_retries = seen
             .iter()
             .filter(|l| {
