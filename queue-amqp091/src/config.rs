@@ -1,4 +1,4 @@
-//! The `queue.driver.amqp` configuration (SPEC §6).
+//! The `queue.driver.amqp` configuration (docs/configuration.md).
 
 use std::fmt;
 use std::path::PathBuf;

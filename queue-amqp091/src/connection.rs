@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) settlers: Mutex<HashMap<u64, Weak<Settler>>>,
     next_id: AtomicU64,
     generation: AtomicU64,
+    /// Consumers attached (basic.consume), re-attaches after a reconnect included.
+    pub(crate) consumers_attached: AtomicU64,
     /// The runtime the driver was created on, where its background tasks live. A
     /// subscription re-attaches inside `next()`, which may run on a caller's
     /// short-lived runtime (the queue runtime's workers each drive one of their own);
@@ -124,6 +126,7 @@ impl Shared {
             settlers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
+            consumers_attached: AtomicU64::new(0),
             tasks: tokio::runtime::Handle::current(),
         });
         let first = shared.establish().await?;

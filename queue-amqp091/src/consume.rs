@@ -296,6 +296,9 @@ impl AmqpSubscription {
                 return Err(error::map(&what, e));
             }
         };
+        self.shared
+            .consumers_attached
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let settler = Settler::start(channel.clone(), &self.shared.tasks);
         let settler_id = self.shared.next_id();
         lock(&self.shared.settlers).insert(settler_id, Arc::downgrade(&settler));

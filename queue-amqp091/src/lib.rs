@@ -55,8 +55,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId, QueueInfo,
-    QueueSpec, Result, Subscription,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId,
+    QueueInfo, QueueSpec, Result, Subscription,
 };
 
 pub use config::{AmqpConfig, KIND, TlsConfig};
@@ -91,16 +91,6 @@ impl AmqpDriver {
     pub fn config(&self) -> &AmqpConfig {
         &self.shared.config
     }
-
-    /// Whether a connection is up right now (false while reconnecting).
-    pub fn is_connected(&self) -> bool {
-        self.shared.current().is_some_and(|l| l.is_alive())
-    }
-
-    /// How many connections this driver has opened (1 until the first reconnect).
-    pub fn connection_generation(&self) -> u64 {
-        self.shared.current().map_or(0, |l| l.generation)
-    }
 }
 
 impl Drop for AmqpDriver {
@@ -113,7 +103,7 @@ impl Drop for AmqpDriver {
 const NAME: &str = "amqp";
 
 /// What the driver can do on RabbitMQ.
-const CAPABILITIES: Capabilities = Capabilities {
+pub const CAPABILITIES: Capabilities = Capabilities {
     confirms: true,
     priority: true,
     max_priority: 255,
@@ -178,6 +168,19 @@ impl Driver for AmqpDriver {
 
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
         self.shared.info(queue).await
+    }
+
+    fn connection(&self) -> Option<ConnectionReport> {
+        let current = self.shared.current();
+        Some(ConnectionReport {
+            connected: current.as_ref().is_some_and(|l| l.is_alive()),
+            connections_opened: current.map_or(0, |l| l.generation),
+            links_attached: self
+                .shared
+                .consumers_attached
+                .load(std::sync::atomic::Ordering::Relaxed),
+            node: self.shared.config.redacted_url(),
+        })
     }
 
     async fn close(&self) -> Result<()> {

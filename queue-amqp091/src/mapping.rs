@@ -1,4 +1,4 @@
-//! Headers <-> AMQP 0-9-1 properties and header table (SPEC §2).
+//! Headers <-> AMQP 0-9-1 properties and header table (docs/core-model.md).
 //!
 //! The scheme, in one sentence: a well-known header goes into its native property
 //! when the property carries the value exactly, and into the header table otherwise;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use queue_amqp091::{AmqpConfig, AmqpDriver};
-use queue_core::testkit::everything_said;
 use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value,
 };
+use queue_testkit::everything_said;
 
 fn numbered(n: i64) -> Message {
     Message::encode(
@@ -23,22 +23,7 @@ fn numbered(n: i64) -> Message {
     .unwrap()
 }
 
-/// Skips (or fails in CI) unless the shared broker answers.
-async fn broker_up() -> bool {
-    match common::rabbit().await {
-        Some(d) => {
-            d.close().await.unwrap();
-            true
-        }
-        None => false,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_refused_without_showing_it() {
-    if !broker_up().await {
-        return;
-    }
     let secret = "not-the-guest-password-7f3a";
     let err = AmqpDriver::connect(AmqpConfig::new(format!(
         "amqp://guest:{secret}@127.0.0.1:5672/%2f"
@@ -52,7 +37,6 @@ async fn wrong_password_is_refused_without_showing_it() {
     assert!(!err.retryable());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_fails_retryable_without_showing_the_password() {
     // A port nothing listens on: bind one, learn it, let it go.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -74,11 +58,8 @@ async fn refused_port_fails_retryable_without_showing_the_password() {
     assert!(err.retryable());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
-    let Some(driver) = common::rabbit().await else {
-        return;
-    };
+    let driver = common::rabbit().await;
     let name = common::unique("full");
     let id = QueueId::new("test", &name).unwrap();
     let spec = QueueSpec::new(id.clone())
@@ -110,11 +91,8 @@ async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
     driver.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
-    let Some(driver) = common::rabbit().await else {
-        return;
-    };
+    let driver = common::rabbit().await;
     let name = common::unique("redeclare");
     let id = QueueId::new("test", &name).unwrap();
     let spec = QueueSpec::new(id.clone())
@@ -142,11 +120,8 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
     driver.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
-    let Some(driver) = common::rabbit().await else {
-        return;
-    };
+    let driver = common::rabbit().await;
     let name = common::unique("deleted");
     let id = QueueId::new("test", &name).unwrap();
     driver
@@ -178,11 +153,8 @@ async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
     driver.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
-    let Some(driver) = common::rabbit().await else {
-        return;
-    };
+    let driver = common::rabbit().await;
     let name = common::unique("delay");
     let id = QueueId::new("test", &name).unwrap();
     driver
@@ -243,7 +215,6 @@ async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
     driver.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_factory_validates_without_connecting_and_creates_a_driver() {
     use queue_core::DriverFactory;
     let factory = queue_amqp091::AmqpDriverFactory;
@@ -256,9 +227,6 @@ async fn the_factory_validates_without_connecting_and_creates_a_driver() {
         .validate(&serde_json::json!({"url": "amqp://127.0.0.1", "bogus": 1}))
         .unwrap_err();
     assert!(err.message().contains("bogus"), "{err}");
-    if !broker_up().await {
-        return;
-    }
     let driver = factory
         .create(serde_json::json!({"url": common::URL, "connection_name": "amqp091-factory-test"}))
         .await
@@ -276,4 +244,18 @@ async fn delete(name: &str) {
         .await
         .unwrap();
     let _ = conn.close(200, "OK".into()).await;
+}
+
+queue_testkit::broker_tests! {
+    unavailable: queue_fixtures::rabbitmq::shared_unavailable();
+    async: [
+        wrong_password_is_refused_without_showing_it,
+        refused_port_fails_retryable_without_showing_the_password,
+        a_full_queue_nacks_and_publish_fails_internal_retryable,
+        redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
+        publishing_to_a_queue_deleted_on_the_broker_is_not_found,
+        delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
+        the_factory_validates_without_connecting_and_creates_a_driver,
+    ];
+    sync: [];
 }

@@ -1,14 +1,19 @@
-//! The queue-core conformance suite against RabbitMQ on 127.0.0.1:5672.
-
-mod common;
+//! The conformance suite against RabbitMQ (the machine's shared node on
+//! 127.0.0.1:5672): `rabbitmq::<contract>`.
 
 use std::sync::Arc;
 
-use queue_core::testkit::TestContext;
+use queue_amqp091::{AmqpConfig, AmqpDriver, CAPABILITIES};
+use queue_fixtures::rabbitmq::{SHARED_AMQP091_URL, shared_unavailable};
+use queue_testkit::{Backend, TestContext};
 
-async fn rabbit() -> Option<TestContext> {
-    let driver = common::rabbit().await?;
-    Some(TestContext::new(Arc::new(driver)))
+fn main() {
+    let rabbitmq = Backend::new("rabbitmq", CAPABILITIES, || async {
+        let driver = AmqpDriver::connect(AmqpConfig::new(SHARED_AMQP091_URL))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(TestContext::new(Arc::new(driver)))
+    })
+    .unavailable_if(shared_unavailable());
+    queue_testkit::run(queue_testkit::conformance::trials(&[rabbitmq]));
 }
-
-queue_core::conformance_suite!(rabbit);

@@ -1,9 +1,8 @@
 //! TLS for real (feature `tls`): messages over a private RabbitMQ node's TLS listener
 //! whose certificate comes from a CA the driver is told to trust; and the failures, an
 //! `amqps://` URL pointed at a plain AMQP port and a certificate nobody trusts, each
-//! with a clear error that names the redacted URL and never the password. `.ci/run`
-//! runs this with `cargo test -p queue-amqp091 --features tls --test tls`.
-#![cfg(feature = "tls")]
+//! with a clear error that names the redacted URL and never the password. Built with
+//! the crate's `tls` feature, which the runtime turns on.
 
 mod common;
 
@@ -13,20 +12,15 @@ use std::sync::Arc;
 
 use queue_amqp091::{AmqpConfig, AmqpDriver, TlsConfig};
 use queue_core::Driver;
-use queue_core::testkit::rabbitmq::TlsNode;
-use queue_core::testkit::tls::UntrustedTlsServer;
-use queue_core::testkit::{
-    TestContext, everything_said, three_messages_are_delivered_exactly_once,
-};
+use queue_fixtures::certs::UntrustedTlsServer;
+use queue_fixtures::rabbitmq::TlsNode;
+use queue_testkit::conformance::three_messages_are_delivered_exactly_once;
+use queue_testkit::{TestContext, everything_said};
 
 const SECRET: &str = "tls-secret-9c1e";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
-    let Some(node) = tokio::task::block_in_place(|| TlsNode::start_or_skip("amqp091 over TLS"))
-    else {
-        return;
-    };
+    let node = tokio::task::block_in_place(TlsNode::start);
     let port = node.port();
     let mut config = AmqpConfig::new(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
     config.tls = Some(TlsConfig {
@@ -43,11 +37,7 @@ async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
     tokio::task::block_in_place(|| drop(node));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
-    if common::rabbit().await.is_none() {
-        return;
-    }
     let mut config = AmqpConfig::new(format!("amqps://guest:{SECRET}@127.0.0.1:5672/%2f"));
     config.connection_timeout = Duration::from_secs(5);
     let err = AmqpDriver::connect(config).await.unwrap_err();
@@ -56,11 +46,8 @@ async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
     assert!(said.contains("amqps://guest:***@127.0.0.1:5672"), "{said}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_fails_without_showing_the_password() {
-    let Some(server) = UntrustedTlsServer::start_or_skip("amqp091 untrusted certificate") else {
-        return;
-    };
+    let server = tokio::task::block_in_place(UntrustedTlsServer::start);
     let port = server.port();
     let mut config = AmqpConfig::new(format!("amqps://app:{SECRET}@127.0.0.1:{port}/%2f"));
     config.connection_timeout = Duration::from_secs(5);
@@ -72,4 +59,14 @@ async fn an_untrusted_certificate_fails_without_showing_the_password() {
         "{said}"
     );
     assert!(said.to_lowercase().contains("certificate"), "{said}");
+}
+
+queue_testkit::broker_tests! {
+    unavailable: TlsNode::unavailable().or_else(queue_fixtures::rabbitmq::shared_unavailable);
+    async: [
+        messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca,
+        amqps_to_a_plain_port_fails_without_showing_the_password,
+        an_untrusted_certificate_fails_without_showing_the_password,
+    ];
+    sync: [];
 }

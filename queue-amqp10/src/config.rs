@@ -13,7 +13,7 @@ use crate::Profile;
 /// The kind this driver's YAML entries have.
 pub const KIND: &str = "queue.driver.amqp10";
 
-/// Configuration of the AMQP 1.0 driver (SPEC §6). `Debug` never shows the password.
+/// Configuration of the AMQP 1.0 driver (docs/configuration.md). `Debug` never shows the password.
 ///
 /// ```
 /// let config: queue_amqp10::Amqp10Config = serde_json::from_value(serde_json::json!({

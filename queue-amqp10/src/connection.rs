@@ -145,6 +145,20 @@ impl Connector {
         self.attached.load(Ordering::Relaxed)
     }
 
+    /// Whether a connection is open now. While someone holds the connection (beginning
+    /// a session, reconnecting), the answer is whether one ever opened.
+    pub fn is_connected(&self) -> bool {
+        match self.live.try_lock() {
+            Ok(live) => live.as_ref().is_some_and(|l| !l.connection.is_closed()),
+            Err(_) => self.connections_opened() > 0,
+        }
+    }
+
+    /// The broker's URL, password redacted.
+    pub fn node(&self) -> &str {
+        &self.endpoint.redacted
+    }
+
     /// Resolves once the driver is closed.
     pub fn closed_signal(&self) -> watch::Receiver<bool> {
         self.closed.subscribe()

@@ -56,8 +56,8 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId, QueueInfo,
-    QueueSpec, Result, Subscription,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId,
+    QueueInfo, QueueSpec, Result, Subscription,
 };
 
 pub use address::Profile;
@@ -104,21 +104,6 @@ impl Amqp10Driver {
             queues: RwLock::new(HashMap::new()),
             declaring: tokio::sync::Mutex::new(()),
         })
-    }
-
-    /// How many connections the driver has opened: 1 after [`Amqp10Driver::connect`],
-    /// one more per reconnect. Lets an application (and the fault tests) see that a
-    /// connection loss happened and was recovered from.
-    pub fn connections_opened(&self) -> u64 {
-        self.connector.connections_opened()
-    }
-
-    /// How many links (one sender per queue published to, one receiver per
-    /// subscription) have attached, re-attaches included. A broker that ends sessions
-    /// or links without dropping the connection shows here, not in
-    /// [`Amqp10Driver::connections_opened`].
-    pub fn links_attached(&self) -> u64 {
-        self.connector.links_attached()
     }
 
     /// The profile in use.
@@ -233,6 +218,15 @@ impl Driver for Amqp10Driver {
         // RabbitMQ 4.x would need their management protocols): every count is unknown.
         self.declared(queue)?;
         Ok(QueueInfo::default())
+    }
+
+    fn connection(&self) -> Option<ConnectionReport> {
+        Some(ConnectionReport {
+            connected: self.connector.is_connected(),
+            connections_opened: self.connector.connections_opened(),
+            links_attached: self.connector.links_attached(),
+            node: self.connector.node().to_string(),
+        })
     }
 
     async fn close(&self) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Headers and bodies <-> AMQP 1.0 message sections (SPEC §2).
+//! Headers and bodies <-> AMQP 1.0 message sections (docs/core-model.md).
 //!
 //! Sending:
 //! - body: one `data` section with the codec's bytes (an `amqp-value` would reach

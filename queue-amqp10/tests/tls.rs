@@ -2,9 +2,7 @@
 //! whose certificate comes from a CA the driver is told to trust (`tls.ca_file`); and
 //! the failures, an `amqps://` URL pointed at a plain AMQP port and a certificate
 //! nobody trusts, each with a clear error that names the redacted URL and never the
-//! password. `.ci/run` runs this with `cargo test -p queue-amqp10 --features tls --test
-//! tls`.
-#![cfg(feature = "tls")]
+//! password. Built with the crate's `tls` feature, which the runtime turns on.
 
 mod support;
 
@@ -12,20 +10,15 @@ use std::sync::Arc;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile, TlsConfig};
 use queue_core::Driver;
-use queue_core::testkit::rabbitmq::TlsNode;
-use queue_core::testkit::tls::UntrustedTlsServer;
-use queue_core::testkit::{
-    TestContext, everything_said, three_messages_are_delivered_exactly_once,
-};
+use queue_fixtures::certs::UntrustedTlsServer;
+use queue_fixtures::rabbitmq::TlsNode;
+use queue_testkit::conformance::three_messages_are_delivered_exactly_once;
+use queue_testkit::{TestContext, everything_said};
 
 const SECRET: &str = "tls-secret-4b7d";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
-    let Some(node) = tokio::task::block_in_place(|| TlsNode::start_or_skip("amqp10 over TLS"))
-    else {
-        return;
-    };
+    let node = tokio::task::block_in_place(TlsNode::start);
     let port = node.port();
     let mut config = Amqp10Config::new(
         format!("amqps://guest:guest@127.0.0.1:{port}"),
@@ -45,11 +38,7 @@ async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
     tokio::task::block_in_place(|| drop(node));
 }
 
-#[tokio::test]
 async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
-    if support::rabbit_driver(Profile::RabbitmqV1).await.is_none() {
-        return;
-    }
     let url = format!("amqps://guest:{SECRET}@127.0.0.1:5672");
     let err = Amqp10Driver::connect(Amqp10Config::new(url, Profile::RabbitmqV1))
         .await
@@ -59,11 +48,8 @@ async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
     assert!(said.contains("amqps://guest:***@127.0.0.1:5672"), "{said}");
 }
 
-#[tokio::test]
 async fn an_untrusted_certificate_fails_without_showing_the_password() {
-    let Some(server) = UntrustedTlsServer::start_or_skip("amqp10 untrusted certificate") else {
-        return;
-    };
+    let server = tokio::task::block_in_place(UntrustedTlsServer::start);
     let port = server.port();
     let url = format!("amqps://app:{SECRET}@127.0.0.1:{port}");
     let err = Amqp10Driver::connect(Amqp10Config::new(url, Profile::Generic))
@@ -78,7 +64,6 @@ async fn an_untrusted_certificate_fails_without_showing_the_password() {
     assert!(said.to_lowercase().contains("certificate"), "{said}");
 }
 
-#[tokio::test]
 async fn a_ca_file_without_certificates_is_invalid_and_named() {
     let dir = std::env::temp_dir().join(format!("queue-amqp10-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -101,4 +86,15 @@ async fn a_ca_file_without_certificates_is_invalid_and_named() {
         assert!(!said.contains(SECRET), "password leaked: {said}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+queue_testkit::broker_tests! {
+    unavailable: TlsNode::unavailable().or_else(queue_fixtures::rabbitmq::shared_unavailable);
+    async: [
+        messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca,
+        amqps_to_a_plain_port_fails_without_showing_the_password,
+        an_untrusted_certificate_fails_without_showing_the_password,
+        a_ca_file_without_certificates_is_invalid_and_named,
+    ];
+    sync: [];
 }

@@ -2,7 +2,7 @@
 //!
 //! The trait is small on purpose: declare, publish, consume, info, close. Retries,
 //! `attempts` and dead letters belong to the runtime, which builds them from publish
-//! and ack (SPEC §7), so every driver gets them without code of its own.
+//! and ack (docs/consumers.md), so every driver gets them without code of its own.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,6 +35,22 @@ pub struct Capabilities {
     pub info_in_flight: bool,
     /// `info` reports the number of consumers.
     pub info_consumers: bool,
+}
+
+/// How a broker driver's connection has fared since the driver was created: for
+/// readiness, for logs, and for tests that must prove a fault reached the driver.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectionReport {
+    /// Connected right now.
+    pub connected: bool,
+    /// Connections opened since the driver was created (1 after the first connect;
+    /// every reconnect adds one).
+    pub connections_opened: u64,
+    /// Links (consumers, senders) attached since the driver was created, re-attaches
+    /// included.
+    pub links_attached: u64,
+    /// The node it is connected to, or was last, password redacted.
+    pub node: String,
 }
 
 /// A queue as a driver declares it.
@@ -290,6 +306,10 @@ pub trait Driver: Send + Sync + 'static {
     /// them (the memory driver does; brokers keep no such count). The runtime's exit
     /// summary reports it next to `info`.
     fn acked_total(&self, _queue: &QueueId) -> Option<u64> {
+        None
+    }
+    /// How its connection has fared; `None` for drivers without one (memory).
+    fn connection(&self) -> Option<ConnectionReport> {
         None
     }
     /// Closes connections; unsettled deliveries go back to their queues.

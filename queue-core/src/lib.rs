@@ -44,14 +44,11 @@ pub mod retry;
 pub mod security;
 mod value;
 
-#[cfg(feature = "testkit")]
-pub mod testkit;
-
 pub use backoff::Backoff;
 pub use codec::{Codec, MAX_DEPTH};
 pub use driver::{
-    Acker, Capabilities, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec, Subscription,
-    refuse_unsupported_headers,
+    Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
+    Subscription, refuse_unsupported_headers,
 };
 pub use error::{Error, ErrorKind, Result, redact_url};
 pub use id::QueueId;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::{Error, Result};
 
-/// Well-known header names (SPEC §2).
+/// Well-known header names (docs/core-model.md).
 pub mod names {
     /// Delivery attempt, written by the runtime only; absent means 1.
     pub const ATTEMPTS: &str = "attempts";

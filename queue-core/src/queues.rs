@@ -1,5 +1,5 @@
 //! The publishing facade: the registry of declared queues and the one place where
-//! publish checks happen, in the order SPEC §5 gives.
+//! publish checks happen, in the order docs/lua-api.md gives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -133,7 +133,7 @@ impl Queues {
     }
 
     /// Starts a publish: checks the general permission, the queue id and the
-    /// queue-specific permission (checks 1–3 of SPEC §5). The caller converts its data
+    /// queue-specific permission (checks 1–3 of docs/lua-api.md, "queue.publish"). The caller converts its data
     /// and headers next, then calls [`PublishRequest::send`].
     pub fn begin_publish(&self, ctx: &SecurityContext, queue_id: &str) -> Result<PublishRequest> {
         ctx.check(ACTION_PUBLISH, None)?;

@@ -1,4 +1,4 @@
-//! Actors, policies and the permission checks of publishing (SPEC §4).
+//! Actors, policies and the permission checks of publishing (docs/security.md).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use queue_core::Driver;
 use queue_core::memory::MemoryDriver;
-use queue_core::testkit::TestContext;
+use queue_testkit::{Backend, TestContext};
 
-async fn memory() -> Option<TestContext> {
-    Some(TestContext::new(Arc::new(MemoryDriver::new())))
+fn main() {
+    let memory = Backend::new("memory", MemoryDriver::new().capabilities(), || async {
+        Ok(TestContext::new(Arc::new(MemoryDriver::new())))
+    });
+    queue_testkit::run(queue_testkit::conformance::trials(&[memory]));
 }
-
-queue_core::conformance_suite!(memory);

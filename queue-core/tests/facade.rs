@@ -1,4 +1,4 @@
-//! The publishing facade: every check, in the order SPEC §5 gives.
+//! The publishing facade: every check, in the order docs/lua-api.md gives.
 
 use std::sync::Arc;
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use queue_core::memory::{MemoryConfig, MemoryDriver};
-use queue_core::testkit::{number_of, numbered};
 use queue_core::{ConsumeOptions, Driver, ErrorKind, HeaderValue, Headers, QueueId, QueueSpec};
+use queue_testkit::{number_of, numbered};
 
 fn id() -> QueueId {
     QueueId::parse("mem:q").unwrap()

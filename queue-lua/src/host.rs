@@ -60,7 +60,7 @@ impl Handler {
     }
 }
 
-/// How a handler run ended (SPEC §5 settlement table).
+/// How a handler run ended (the settlement table of docs/lua-api.md, "Handlers").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Returned normally: acknowledge.

@@ -24,7 +24,7 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
         lua.create_async_function(
             move |lua, (queue_id, data, headers): (LuaValue, LuaValue, LuaValue)| {
                 // Every check that needs the Lua values runs now, before the first await,
-                // in the order SPEC §5 gives; only the driver's confirmation is awaited.
+                // in the order docs/lua-api.md gives; only the driver's confirmation is awaited.
                 let prepared = prepare_publish(&lua, &publishing, &queue_id, &data, &headers);
                 async move {
                     let (request, body, headers) = match prepared {

@@ -1,4 +1,4 @@
-//! Lua values <-> message body values and headers (SPEC §2).
+//! Lua values <-> message body values and headers (docs/core-model.md).
 
 use std::collections::BTreeMap;
 

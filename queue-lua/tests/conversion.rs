@@ -1,4 +1,4 @@
-//! Lua <-> message values (SPEC §2): what converts, what is refused and how the
+//! Lua <-> message values (docs/core-model.md): what converts, what is refused and how the
 //! refusal names the offending path or header.
 
 mod support;

@@ -1,4 +1,4 @@
-//! The seed document's contract: its Errors table, SPEC §5's settlement table, the
+//! The seed document's contract: its Errors table, docs/lua-api.md's settlement table, the
 //! delivery context rules, permissions, and publish waiting for its driver.
 
 mod support;

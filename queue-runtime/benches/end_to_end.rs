@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use queue_core::testkit::{ControlledDriver, ControlledFactory, numbered};
 use queue_core::{ConsumeOptions, Driver, Message, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
+use queue_testkit::{ControlledDriver, ControlledFactory, numbered};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it.
 #[global_allocator]

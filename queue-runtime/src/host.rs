@@ -285,6 +285,11 @@ impl Host {
         &self.plan
     }
 
+    /// The drivers, by entry id.
+    pub fn drivers(&self) -> &BTreeMap<String, Arc<dyn Driver>> {
+        &self.drivers
+    }
+
     /// How many Lua states run handlers.
     pub fn lua_states(&self) -> usize {
         self.workers.as_ref().map_or(0, Workers::lua_states)

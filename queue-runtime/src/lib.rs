@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod health;
 pub mod host;
 pub mod metrics;
 pub mod registry;

@@ -179,9 +179,10 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let (plan, kinds) = plan(&config, strict)?;
             let handle = queue_runtime::metrics::install();
             let _upkeep = handle.clone().map(queue_runtime::metrics::spawn_upkeep);
+            let readiness = queue_runtime::health::Readiness::default();
             let _server = match (metrics_addr, handle) {
                 (Some(addr), Some(handle)) => Some(
-                    queue_runtime::metrics::serve(addr, handle)
+                    queue_runtime::metrics::serve(addr, handle, readiness.clone())
                         .await
                         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
                 ),
@@ -204,6 +205,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     return Ok(ExitCode::SUCCESS);
                 }
             };
+            readiness.started(host.drivers().clone());
             tracing::info!(lua_states = host.lua_states(), "runtime started");
             let reason = tokio::select! {
                 signal = signals.next() => signal,

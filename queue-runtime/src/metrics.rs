@@ -79,16 +79,18 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `GET /metrics` and `GET /health` on an address until the task is dropped,
+/// Serves `GET /metrics`, `GET /health` and `GET /ready` on an address until the task
+/// is dropped,
 /// with hyper: whole requests however they are split into packets, query strings
 /// ignored, 405 for other methods, at most [`MAX_CONNECTIONS`] at once, and a pause
 /// (not a spin) when accepting fails, as it does when file descriptors run out.
 pub async fn serve(
     addr: std::net::SocketAddr,
     handle: PrometheusHandle,
+    readiness: crate::health::Readiness,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics and /health");
+    tracing::info!(%addr, "serving /metrics, /health and /ready");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
@@ -104,10 +106,10 @@ pub async fn serve(
                 drop(stream); // over the limit: closed at once
                 continue;
             };
-            let handle = handle.clone();
+            let (handle, readiness) = (handle.clone(), readiness.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    let response = respond(&request, &handle);
+                    let response = respond(&request, &handle, &readiness);
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -128,6 +130,7 @@ type Body = http_body_util::Full<hyper::body::Bytes>;
 fn respond(
     request: &hyper::Request<hyper::body::Incoming>,
     handle: &PrometheusHandle,
+    readiness: &crate::health::Readiness,
 ) -> hyper::Response<Body> {
     use hyper::{Method, StatusCode, header};
     let reply = |status: StatusCode, content_type: &str, body: String| {
@@ -156,6 +159,15 @@ fn respond(
             "application/json",
             "{\"status\":\"ok\"}\n".to_string(),
         ),
+        "/ready" => {
+            let (ready, body) = readiness.report();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, "application/json", format!("{body}\n"))
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -271,6 +283,10 @@ impl Driver for Metered {
     fn acked_total(&self, queue: &QueueId) -> Option<u64> {
         self.inner.acked_total(queue)
     }
+    fn connection(&self) -> Option<queue_core::ConnectionReport> {
+        self.inner.connection()
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }

@@ -1,6 +1,6 @@
 //! The runtime on RabbitMQ, through both broker drivers: retries and dead letters, and
-//! `publish` / `info`. Skipped with a printed reason when RabbitMQ is not on
-//! 127.0.0.1:5672, unless CI=true. The fault cases (signals, connection loss, a broker
+//! `publish` / `info`. Ignored, with the reason, when RabbitMQ is not on
+//! 127.0.0.1:5672 (failed in CI). The fault cases (signals, connection loss, a broker
 //! down at start) are in `faults.rs`, on private nodes.
 
 mod support;
@@ -8,18 +8,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-
-fn rabbitmq_or_skip(test: &str) -> bool {
-    if std::net::TcpStream::connect("127.0.0.1:5672").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: RabbitMQ is not reachable on 127.0.0.1:5672 in CI"
-    );
-    println!("skipped: {test}: RabbitMQ is not reachable on 127.0.0.1:5672");
-    false
-}
 
 fn unique() -> String {
     queue_core::new_message_id().replace('-', "")[20..].to_string()
@@ -58,11 +46,7 @@ function dead(payload)
 end
 "#;
 
-#[test]
 fn retries_and_dead_letters_on_rabbitmq_through_both_drivers() {
-    if !rabbitmq_or_skip("retries_and_dead_letters_on_rabbitmq") {
-        return;
-    }
     for (name, driver) in DRIVERS {
         let id = unique();
         let yaml = format!(
@@ -147,11 +131,7 @@ fn run_until_dead_lettered(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
 fn publish_and_info_work_on_a_broker_queue() {
-    if !rabbitmq_or_skip("publish_and_info_work_on_a_broker_queue") {
-        return;
-    }
     let id = unique();
     let yaml = format!(
         "namespace: app\nentries:\n{}  - name: jobs\n    kind: queue.queue\n    queue_name: it-cli-{id}\n    durable: false\n  - name: locked\n    kind: queue.queue\n    queue_name: it-cli-locked-{id}\n    durable: false\n    max_message_bytes: 100\n",
@@ -231,11 +211,7 @@ fn publish_and_info_work_on_a_broker_queue() {
 /// Everything the binary prints about a broker it cannot use shows the URL with the
 /// password as `***`: a refused login (`run` fails, `info` fails) and a closed port
 /// (`run` waits, logging each attempt, until SIGTERM), through both drivers.
-#[test]
 fn no_runtime_output_shows_a_broker_password() {
-    if !rabbitmq_or_skip("no_runtime_output_shows_a_broker_password") {
-        return;
-    }
     const SECRET: &str = "runtime-secret-5d2a";
     let closed_port = free_port();
     for (name, entry) in DRIVERS {
@@ -280,11 +256,7 @@ fn no_runtime_output_shows_a_broker_password() {
 /// Passwords as careless users write them never show, whatever the command and the
 /// log level: raw `/`, `#`, `?` in the password, no scheme, a URL that YAML cut at an
 /// unquoted ` #`, and RUST_LOG=trace while lapin and fe2o3 send the login.
-#[test]
 fn odd_passwords_never_show_whatever_the_url_or_log_level() {
-    if !rabbitmq_or_skip("odd_passwords_never_show_whatever_the_url_or_log_level") {
-        return;
-    }
     // Each case: the `url:` line as written in YAML, and the text that must not show.
     let cases = [
         ("url: amqp://guest:se/cr3t-a1@127.0.0.1:5672/%2f", "cr3t-a1"),
@@ -372,4 +344,15 @@ fn odd_passwords_never_show_whatever_the_url_or_log_level() {
             assert!(!said.contains(&bytes.join(", ")), "{context} leaked bytes");
         }
     }
+}
+
+queue_testkit::broker_tests! {
+    unavailable: queue_fixtures::rabbitmq::shared_unavailable();
+    async: [];
+    sync: [
+        retries_and_dead_letters_on_rabbitmq_through_both_drivers,
+        publish_and_info_work_on_a_broker_queue,
+        no_runtime_output_shows_a_broker_password,
+        odd_passwords_never_show_whatever_the_url_or_log_level,
+    ];
 }

@@ -1,7 +1,7 @@
 //! The runtime under faults, per driver x broker pair, counted end to end by the test.
 //!
 //! Each case runs the real `queue-runtime` binary on a PRIVATE RabbitMQ node
-//! (`queue_core::testkit::rabbitmq::PrivateNode`: its own port and data directory,
+//! (`queue_fixtures::rabbitmq::PrivateNode`: its own port and data directory,
 //! always stopped, one at a time), with a consumer that handles each message of a
 //! `load` queue by publishing its number to a `done` queue. The test itself publishes
 //! the load through the pair's driver (counting what was confirmed), strikes the fault
@@ -9,6 +9,10 @@
 //! from `rabbitmqctl`), stops the runtime with SIGTERM, and drains `done` through the
 //! AMQP 0-9-1 driver, counting each number. It prints
 //! `published / confirmed / consumed / duplicates / lost` and asserts lost == 0.
+//!
+//! After each fault it also proves the fault landed: load was still waiting in the
+//! broker right after it, and (for the broker faults) the runtime's driver reconnected
+//! or re-attached a link, read from the runtime's own `/ready` before and after.
 //!
 //! The `done` queue is declared by the AMQP 0-9-1 driver and used by the runtime
 //! through the pair's driver, and the `load` queue the other way round: for the amqp10
@@ -27,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_amqp091::{AmqpConfig, AmqpDriver};
-use queue_core::testkit::rabbitmq::PrivateNode;
-use queue_core::testkit::{Tally, numbered};
 use queue_core::{Codec, ConsumeOptions, Driver, QueueId, QueueSpec, Value};
+use queue_fixtures::free_port as free_loopback_port;
+use queue_fixtures::rabbitmq::PrivateNode;
+use queue_testkit::{Tally, numbered};
 
 use support::*;
 
@@ -144,14 +149,18 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 struct Runtime {
     child: Option<Child>,
     log: PathBuf,
+    /// Where it serves `/ready`.
+    metrics_port: u16,
 }
 
 impl Runtime {
     fn start(dir: &Path, log: &str) -> Runtime {
         let log = dir.join(log);
         let out = std::fs::File::create(&log).expect("log file");
+        let metrics_port = free_loopback_port();
         let child = binary()
-            .args(["run", "--log-format", "json", "app.yaml"])
+            .args(["run", "--log-format", "json", "app.yaml", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
@@ -161,6 +170,28 @@ impl Runtime {
         Runtime {
             child: Some(child),
             log,
+            metrics_port,
+        }
+    }
+
+    /// The broker driver's connections opened and links attached so far, from the
+    /// runtime's `/ready` (bounded wait for the server).
+    fn connection(&self) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(body) = http_get(self.metrics_port, "/ready")
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&body)
+                && let Some(rabbit) = json["drivers"].get("app:rabbit")
+            {
+                let count = |k: &str| rabbit[k].as_u64().unwrap_or(0);
+                return (count("connections_opened"), count("links_attached"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/ready did not report the driver:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -320,15 +351,7 @@ async fn drain_done(counter: &AmqpDriver, tally: &Tally) {
 
 /// One cell of the matrix.
 async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
-    if let Some(reason) = PrivateNode::unavailable() {
-        assert!(
-            !queue_core::testkit::rabbitmq::in_ci(),
-            "{test}: {reason} (CI=true)"
-        );
-        println!("skipped: {test}: {reason}");
-        return;
-    }
-    let port = queue_core::testkit::rabbitmq::free_port();
+    let port = free_loopback_port();
     let app_dir = app(&[("app.yaml", &app_yaml(pair, port)), ("h.lua", HANDLER)]);
     let dir = app_dir.path();
     let tally = Arc::new(Tally::new());
@@ -398,19 +421,32 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
             runtime = Runtime::start(dir, "run-2.log");
         }
         Fault::CloseAllConnections | Fault::StopAppStartApp => {
-            let done_at_fault = done_ready(&counter).await;
-            assert!(
-                done_at_fault < LOAD as u64,
-                "{label}: the fault came after the load was done"
-            );
+            let before = blocking(|| runtime.connection());
             if fault == Fault::CloseAllConnections {
                 blocking(|| node.close_all_connections());
             } else {
                 blocking(|| node.stop_app_then_start(Duration::from_secs(2)));
             }
+            // (a) Work was still outstanding after the fault struck.
+            let waiting: u64 = blocking(|| node.queue_messages())
+                .iter()
+                .filter(|(name, _)| name == "load")
+                .map(|(_, n)| n)
+                .sum();
+            assert!(waiting > 0, "{label}: the load was done before the fault");
+            blocking(|| wait_until_only_done_has_messages(&node, &label, &runtime));
+            // (b) The runtime's driver saw it: a new connection, or (RabbitMQ 3.x
+            // ends one AMQP 1.0 session on close_all_connections) a re-attached link.
+            let after = blocking(|| runtime.connection());
+            let reconnected = after.0 > before.0;
+            let reattached = after.1 > before.1;
+            assert!(
+                reconnected || (fault == Fault::CloseAllConnections && reattached),
+                "{label}: the runtime never saw the fault (connections, links {before:?} -> {after:?}):\n{}",
+                runtime.log()
+            );
             println!(
-                "{label}: {done_at_fault} of {LOAD} done when the fault struck, {} after it",
-                done_ready(&counter).await
+                "{label}: {waiting} of {LOAD} still waiting after the fault; connections, links {before:?} -> {after:?}"
             );
         }
         Fault::BrokerDownAtStart => {}
@@ -436,62 +472,42 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
     blocking(move || drop(node));
 }
 
-macro_rules! cell {
-    ($test:ident, $pair:expr, $fault:expr) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $test() {
-            runtime_fault($pair, $fault, stringify!($test)).await;
+/// Every cell, named `rabbitmq::<driver>::<case>` for the broker matrix.
+fn main() {
+    let unavailable = PrivateNode::unavailable();
+    let cases = [
+        (
+            "sigterm_under_load_then_restart_loses_nothing",
+            Fault::SigTerm,
+        ),
+        (
+            "sigkill_under_load_then_restart_loses_nothing",
+            Fault::SigKill,
+        ),
+        (
+            "close_all_connections_under_load_loses_nothing",
+            Fault::CloseAllConnections,
+        ),
+        (
+            "stop_app_start_app_under_load_loses_nothing",
+            Fault::StopAppStartApp,
+        ),
+        (
+            "broker_down_at_start_then_up_loses_nothing",
+            Fault::BrokerDownAtStart,
+        ),
+    ];
+    let mut trials = Vec::new();
+    for pair in [Pair::Amqp091, Pair::Amqp10] {
+        for (case, fault) in cases {
+            let name = format!("rabbitmq::{}::{case}", pair.name());
+            let label = name.clone();
+            trials.push(queue_testkit::broker_test(
+                &name,
+                unavailable.clone(),
+                move || async move { runtime_fault(pair, fault, &label).await },
+            ));
         }
-    };
+    }
+    queue_testkit::run(trials);
 }
-
-cell!(
-    sigterm_under_load_then_restart_loses_nothing_amqp091,
-    Pair::Amqp091,
-    Fault::SigTerm
-);
-cell!(
-    sigterm_under_load_then_restart_loses_nothing_amqp10,
-    Pair::Amqp10,
-    Fault::SigTerm
-);
-cell!(
-    sigkill_under_load_then_restart_loses_nothing_amqp091,
-    Pair::Amqp091,
-    Fault::SigKill
-);
-cell!(
-    sigkill_under_load_then_restart_loses_nothing_amqp10,
-    Pair::Amqp10,
-    Fault::SigKill
-);
-cell!(
-    close_all_connections_under_load_loses_nothing_amqp091,
-    Pair::Amqp091,
-    Fault::CloseAllConnections
-);
-cell!(
-    close_all_connections_under_load_loses_nothing_amqp10,
-    Pair::Amqp10,
-    Fault::CloseAllConnections
-);
-cell!(
-    stop_app_start_app_under_load_loses_nothing_amqp091,
-    Pair::Amqp091,
-    Fault::StopAppStartApp
-);
-cell!(
-    stop_app_start_app_under_load_loses_nothing_amqp10,
-    Pair::Amqp10,
-    Fault::StopAppStartApp
-);
-cell!(
-    broker_down_at_start_then_up_loses_nothing_amqp091,
-    Pair::Amqp091,
-    Fault::BrokerDownAtStart
-);
-cell!(
-    broker_down_at_start_then_up_loses_nothing_amqp10,
-    Pair::Amqp10,
-    Fault::BrokerDownAtStart
-);

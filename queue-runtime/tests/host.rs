@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use queue_core::testkit::{ControlledDriver, ControlledFactory, numbered};
 use queue_core::{Driver, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
+use queue_testkit::{ControlledDriver, ControlledFactory, numbered};
 
 const APP: &str = r#"namespace: app
 entries:

@@ -3,8 +3,8 @@
 //! with headers and bodies no driver publishes, handled by the real binary through
 //! both drivers: each is retried on schedule and then dead-lettered, never redelivered
 //! in a loop; dead letters keep no TTL; reasons and headers stay within their limits;
-//! a handler reads `attempts` as a number. Skipped with a printed reason when RabbitMQ
-//! is not on 127.0.0.1:5672, unless in CI.
+//! a handler reads `attempts` as a number. Ignored, with the reason, when RabbitMQ or
+//! Qpid Proton's Python client is not here (failed in CI).
 
 mod support;
 
@@ -16,19 +16,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use support::*;
 
-const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-fn rabbitmq_or_skip(test: &str) -> bool {
-    if std::net::TcpStream::connect("127.0.0.1:5672").is_ok() {
-        return true;
-    }
-    assert!(
-        !matches!(std::env::var("CI").as_deref(), Ok("true" | "1")),
-        "{test}: RabbitMQ is not reachable on 127.0.0.1:5672 in CI"
-    );
-    println!("skipped: {test}: RabbitMQ is not reachable on 127.0.0.1:5672");
-    false
-}
+const RABBITMQ: &str = queue_fixtures::rabbitmq::SHARED_AMQP091_URL;
 
 const DRIVERS: [(&str, &str); 2] = [
     (
@@ -148,8 +136,8 @@ async fn publish_outside(queue: &str) -> BTreeMap<&'static str, String> {
 }
 
 /// The same messages from Qpid Proton's Python client over AMQP 1.0 (what a 1.0
-/// consumer would get from another 1.0 client); `None` when the client is missing
-/// outside CI.
+/// consumer would get from another 1.0 client); it is installed with RabbitMQ by
+/// `.ci/start-brokers`.
 const PROTON_PUBLISHER: &str = r#"
 import sys
 from proton import Message
@@ -170,39 +158,25 @@ send("outside-big", b'{"big": true}')
 conn.close()
 "#;
 
-fn publish_with_proton(queue: &str) -> Option<BTreeMap<&'static str, String>> {
+fn publish_with_proton(queue: &str) -> BTreeMap<&'static str, String> {
     let out = std::process::Command::new("/usr/bin/python3")
         .args(["-c", PROTON_PUBLISHER, queue])
         .output();
     match out {
-        Ok(out) if out.status.success() => Some(
-            [
-                ("odd headers", "outside-odd"),
-                ("json sent as msgpack", "outside-msgpack"),
-                ("with a ttl", "outside-ttl"),
-                ("a huge reason", "outside-big"),
-            ]
-            .into_iter()
-            .map(|(label, id)| (label, id.to_string()))
-            .collect(),
-        ),
-        other => {
-            let why = format!("{other:?}");
-            assert!(
-                !matches!(std::env::var("CI").as_deref(), Ok("true" | "1")),
-                "Qpid Proton's Python client failed in CI: {why}"
-            );
-            println!("skipped: the amqp10 pass needs python3-qpid-proton: {why}");
-            None
-        }
+        Ok(out) if out.status.success() => [
+            ("odd headers", "outside-odd"),
+            ("json sent as msgpack", "outside-msgpack"),
+            ("with a ttl", "outside-ttl"),
+            ("a huge reason", "outside-big"),
+        ]
+        .into_iter()
+        .map(|(label, id)| (label, id.to_string()))
+        .collect(),
+        other => panic!("Qpid Proton's Python client failed: {other:?}"),
     }
 }
 
-#[test]
 fn outside_messages_are_retried_then_dead_lettered_never_spun() {
-    if !rabbitmq_or_skip("outside_messages_are_retried_then_dead_lettered_never_spun") {
-        return;
-    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (name, driver) in DRIVERS {
         let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
@@ -217,14 +191,7 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
         let ids = if name == "amqp091" {
             rt.block_on(publish_outside(&queue))
         } else {
-            match publish_with_proton(&queue) {
-                Some(ids) => ids,
-                None => {
-                    signal(&child, "TERM");
-                    wait_with_timeout(child, Duration::from_secs(60));
-                    continue;
-                }
-            }
+            publish_with_proton(&queue)
         };
         // The msgpack one never reaches a handler (its dead letter cannot be decoded
         // either): three dead letters are handled, and its own is logged as moved.
@@ -323,4 +290,13 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
         );
         assert_eq!(lua_logs(&logs, "Huge header")[0]["kind"], "Invalid");
     }
+}
+
+queue_testkit::broker_tests! {
+    unavailable: queue_fixtures::rabbitmq::shared_unavailable()
+        .or_else(queue_fixtures::proton::ProtonBroker::unavailable);
+    async: [];
+    sync: [
+        outside_messages_are_retried_then_dead_lettered_never_spun,
+    ];
 }

@@ -1,7 +1,9 @@
 //! Project automation, run as `cargo xtask <command>`:
 //!
-//! - `test-brokers`: runs every driver's conformance suite and fault tests against every
-//!   broker it can find or start here, and prints the matrix.
+//! - `brokers up|down`: installs, starts and stops the shared brokers (RabbitMQ,
+//!   ActiveMQ Artemis) the tests use; `.ci/start-brokers` runs `brokers up`.
+//! - `test-brokers`: runs every driver's conformance, fault and TLS suites against
+//!   every broker they name, and prints the matrix.
 //! - `bench`: runs the benchmarks, each next to its baseline in the same run, and writes
 //!   a table, JSON and an SVG plot under `target/bench/`.
 //! - `docs`: checks the manual's internal links and builds it with mdBook.
@@ -27,39 +29,46 @@ struct Cli {
     command: Command,
 }
 
-/// A broker.
+/// A shared broker `brokers up` starts.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Broker {
     /// RabbitMQ 3.x on 127.0.0.1:5672 (AMQP 0-9-1, and AMQP 1.0 through its plugin).
     Rabbitmq,
-    /// ActiveMQ Artemis (AMQP 1.0), from ARTEMIS_URL or an `artemis` command.
+    /// ActiveMQ Artemis on 127.0.0.1:6672 (AMQP 1.0), from Maven Central.
     Artemis,
-    /// Qpid Proton's example broker (AMQP 1.0), started by the amqp10 tests.
-    Proton,
 }
 
-/// A driver crate.
+/// What `brokers` does.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Driver {
-    /// queue-amqp091.
-    Amqp091,
-    /// queue-amqp10.
-    Amqp10,
+enum BrokersAction {
+    /// Install what is missing, start, and wait until each answers.
+    Up,
+    /// Stop them.
+    Down,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the conformance suite and fault tests for every driver x broker pair.
+    /// Run the conformance, fault and TLS suites for every driver x broker pair.
     TestBrokers {
-        /// Only this broker.
-        #[arg(long, value_enum)]
-        broker: Option<Broker>,
-        /// Only this driver.
-        #[arg(long, value_enum)]
-        driver: Option<Driver>,
+        /// Only this broker (as the suites name it: rabbitmq, artemis, proton, ...).
+        #[arg(long)]
+        broker: Option<String>,
+        /// Only this driver (the crate name without `queue-`: amqp091, amqp10, ...).
+        #[arg(long)]
+        driver: Option<String>,
         /// Skip the fault tests.
         #[arg(long)]
         quick: bool,
+    },
+    /// Start (or stop) the shared brokers the tests use.
+    Brokers {
+        /// up or down.
+        #[arg(value_enum)]
+        action: BrokersAction,
+        /// Only this broker.
+        #[arg(long, value_enum)]
+        broker: Option<Broker>,
     },
     /// Run the benchmarks with their baselines and write target/bench/.
     Bench {
@@ -108,6 +117,10 @@ fn main() -> ExitCode {
             driver,
             quick,
         } => matrix::run(broker, driver, quick),
+        Command::Brokers { action, broker } => match action {
+            BrokersAction::Up => brokers::up(broker),
+            BrokersAction::Down => brokers::down(broker),
+        },
         Command::Bench { quick, report_only } => bench::run(quick, report_only),
         Command::Docs { require_mdbook } => docs::run(require_mdbook),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target),

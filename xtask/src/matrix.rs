@@ -1,196 +1,154 @@
-//! `cargo xtask test-brokers`: each driver x broker pair runs its test binaries; the
-//! results are parsed from cargo's own summary lines and printed as a matrix.
+//! `cargo xtask test-brokers`: the broker matrix. Nothing here names a driver or a
+//! broker: the driver crates are the workspace members with a `conformance` test
+//! binary, and each test in their `conformance`, `faults` and `tls` binaries is named
+//! `<broker>::...`, so the pairs are read off `--list`. The runtime's own fault cells
+//! (`queue-runtime --test faults`) are named `<broker>::<driver>::...` and join their
+//! pair. Each pair runs with `CI=true` (a broker that cannot be reached fails), and
+//! the table shows passed, failed, and ignored tests with why (a capability the
+//! broker lacks, most often).
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{Broker, Driver, brokers};
-
-struct Pair {
-    broker: Broker,
-    driver: Driver,
-    package: &'static str,
-    suites: &'static [&'static str],
-    fault_suites: &'static [&'static str],
-    /// The pair's cells of the runtime fault suite (`queue-runtime --test faults`),
-    /// chosen by this test-name filter.
-    runtime_faults: Option<&'static str>,
-}
-
-const PAIRS: &[Pair] = &[
-    Pair {
-        broker: Broker::Rabbitmq,
-        driver: Driver::Amqp091,
-        package: "queue-amqp091",
-        suites: &["conformance", "broker"],
-        fault_suites: &["faults"],
-        runtime_faults: Some("_amqp091"),
-    },
-    Pair {
-        broker: Broker::Rabbitmq,
-        driver: Driver::Amqp10,
-        package: "queue-amqp10",
-        suites: &["conformance_rabbitmq", "errors_rabbitmq"],
-        fault_suites: &["fault_rabbitmq"],
-        runtime_faults: Some("_amqp10"),
-    },
-    Pair {
-        broker: Broker::Proton,
-        driver: Driver::Amqp10,
-        package: "queue-amqp10",
-        suites: &["conformance_proton"],
-        fault_suites: &[],
-        runtime_faults: None,
-    },
-    Pair {
-        broker: Broker::Artemis,
-        driver: Driver::Amqp10,
-        package: "queue-amqp10",
-        suites: &["conformance_artemis"],
-        // No fault cases yet: they need an Artemis the test harness can start, stop
-        // and cut, like PrivateNode does for RabbitMQ, and none could be run here.
-        fault_suites: &[],
-        runtime_faults: None,
-    },
-];
+/// The test binaries that make up a driver's suites.
+const SUITES: [&str; 3] = ["conformance", "faults", "tls"];
 
 #[derive(Default)]
 struct Outcome {
     passed: u32,
     failed: u32,
-    skipped: u32,
-    note: String,
+    /// Ignored tests, by why.
+    ignored: BTreeMap<String, u32>,
     duration: Duration,
-    reachable: bool,
+    counts: Vec<String>,
 }
 
-/// Runs the matrix; `Ok(false)` when a reachable pair failed.
-pub fn run(
-    only_broker: Option<Broker>,
-    only_driver: Option<Driver>,
-    quick: bool,
-) -> Result<bool, String> {
-    let selected: Vec<&Pair> = PAIRS
-        .iter()
-        .filter(|p| {
-            only_broker.is_none_or(|b| b == p.broker) && only_driver.is_none_or(|d| d == p.driver)
-        })
-        .collect();
-    let mut rabbit = None;
-    let mut artemis = None;
-    let mut rows = Vec::new();
-    for pair in &selected {
-        let available = match pair.broker {
-            Broker::Rabbitmq => rabbit.get_or_insert_with(brokers::rabbitmq),
-            Broker::Artemis => artemis.get_or_insert_with(brokers::artemis),
-            Broker::Proton => &mut brokers::proton(),
-        };
-        let outcome = match available {
-            Err(reason) => Outcome {
-                note: format!("skipped: {reason}"),
-                ..Outcome::default()
-            },
-            Ok(found) => run_pair(pair, &found.env, quick),
-        };
-        rows.push((pair, outcome));
-    }
-    if let Some(Ok(found)) = &rabbit
-        && found.started
-    {
-        brokers::stop_rabbitmq();
-    }
-    if let Some(Ok(found)) = &artemis
-        && found.started
-    {
-        brokers::stop_artemis();
-    }
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
 
-    println!();
-    println!(
-        "{:<22} {:>7} {:>7} {:>8} {:>9}  note",
-        "pair", "passed", "failed", "skipped", "duration"
-    );
-    let mut ok = true;
-    for (pair, o) in &rows {
-        let name = format!("{:?} x {:?}", pair.broker, pair.driver).to_lowercase();
-        println!(
-            "{name:<22} {:>7} {:>7} {:>8} {:>8.1}s  {}",
-            o.passed,
-            o.failed,
-            o.skipped,
-            o.duration.as_secs_f64(),
-            o.note
-        );
-        if o.reachable && o.failed > 0 {
-            ok = false;
+/// Workspace members with a test target named `conformance`, and which of the suites
+/// each has.
+fn driver_crates() -> Result<Vec<(String, Vec<&'static str>)>, String> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .map_err(|e| format!("cargo metadata: {e}"))?;
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata: {e}"))?;
+    let mut crates = Vec::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let tests: Vec<&str> = package["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "test"))
+            })
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        if tests.contains(&"conformance") {
+            let suites = SUITES.into_iter().filter(|s| tests.contains(s)).collect();
+            crates.push((package["name"].as_str().unwrap_or("").to_string(), suites));
         }
     }
-    Ok(ok)
+    Ok(crates)
 }
 
-fn run_pair(pair: &Pair, env: &[(String, String)], quick: bool) -> Outcome {
-    let started = Instant::now();
-    let mut runs = Vec::new();
-    let mut driver_tests = vec!["test".to_string(), "-p".into(), pair.package.into()];
-    let suites = pair.suites.iter().chain(if quick {
-        [].iter()
-    } else {
-        pair.fault_suites.iter()
-    });
+/// The brokers a crate's suites name, from `--list`.
+fn brokers_of(package: &str, suites: &[&str]) -> Result<Vec<String>, String> {
+    let mut command = cargo();
+    command.args(["test", "-p", package]);
     for suite in suites {
-        driver_tests.extend(["--test".into(), suite.to_string()]);
+        command.args(["--test", suite]);
     }
-    driver_tests.push("--".into());
-    runs.push(driver_tests);
-    if let (false, Some(filter)) = (quick, pair.runtime_faults) {
-        runs.push(
-            [
-                "test",
-                "-p",
-                "queue-runtime",
-                "--test",
-                "faults",
-                "--",
-                filter,
-            ]
-            .map(String::from)
-            .to_vec(),
-        );
+    let out = command
+        .args(["--", "--list"])
+        .output()
+        .map_err(|e| format!("cargo test --list: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo test -p {package} --list failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    let mut outcome = Outcome {
-        reachable: true,
-        ..Outcome::default()
-    };
-    for args in runs {
-        run_one(pair, env, &args, &mut outcome);
-    }
-    outcome.duration = started.elapsed();
-    if outcome.skipped > 0 && outcome.note.is_empty() {
-        outcome.note = "skips are printed by the suites with their reason".into();
-    }
-    outcome
+    let mut brokers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter_map(|name| name.split_once("::").map(|(b, _)| b.to_string()))
+        .collect();
+    brokers.sort();
+    brokers.dedup();
+    Ok(brokers)
 }
 
-/// Runs one `cargo test` command of a pair and adds its results to `outcome`.
-fn run_one(pair: &Pair, env: &[(String, String)], args: &[String], outcome: &mut Outcome) {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.args(args);
-    // The broker was found: a test that cannot reach it must fail, not skip.
-    command
-        .args(["--nocapture", "--test-threads", "2"])
-        .env("CI", "true");
-    for (k, v) in env {
-        command.env(k, v);
+/// Runs the matrix; `Ok(false)` when a test failed.
+pub fn run(
+    only_broker: Option<String>,
+    only_driver: Option<String>,
+    quick: bool,
+) -> Result<bool, String> {
+    let mut rows = Vec::new();
+    for (package, suites) in driver_crates()? {
+        let driver = package.trim_start_matches("queue-").to_string();
+        if only_driver.as_ref().is_some_and(|d| *d != driver) {
+            continue;
+        }
+        let suites: Vec<&str> = suites
+            .into_iter()
+            .filter(|s| !(quick && *s == "faults"))
+            .collect();
+        for broker in brokers_of(&package, &suites)? {
+            if only_broker.as_ref().is_some_and(|b| *b != broker) {
+                continue;
+            }
+            let started = Instant::now();
+            let mut outcome = Outcome::default();
+            let mut command = cargo();
+            command.args(["test", "-p", &package]);
+            for suite in &suites {
+                command.args(["--test", suite]);
+            }
+            command.args(["--", &format!("{broker}::")]);
+            run_tests(&format!("{broker} x {driver}"), command, &mut outcome);
+            if !quick && package != "queue-runtime" {
+                let mut runtime = cargo();
+                runtime.args([
+                    "test",
+                    "-p",
+                    "queue-runtime",
+                    "--test",
+                    "faults",
+                    "--",
+                    &format!("{broker}::{driver}::"),
+                ]);
+                run_tests(
+                    &format!("{broker} x {driver} (runtime)"),
+                    runtime,
+                    &mut outcome,
+                );
+            }
+            outcome.duration = started.elapsed();
+            rows.push((format!("{broker} x {driver}"), outcome));
+        }
     }
-    println!(
-        "running {:?} x {:?}: {:?}",
-        pair.broker, pair.driver, command
-    );
+    print_table(&rows);
+    Ok(rows.iter().all(|(_, o)| o.failed == 0))
+}
+
+/// Runs one `cargo test` command and adds its results to `outcome`.
+fn run_tests(label: &str, mut command: Command, outcome: &mut Outcome) {
+    // In the matrix a broker that cannot be reached is a failure, not a skip.
+    command.env("CI", "true").arg("--nocapture");
+    println!("running {label}: {command:?}");
     let output = match command.output() {
         Ok(o) => o,
         Err(e) => {
             outcome.failed += 1;
-            outcome.note = format!("could not run cargo: {e}");
+            eprintln!("could not run cargo: {e}");
             return;
         }
     };
@@ -201,24 +159,34 @@ fn run_one(pair: &Pair, env: &[(String, String)], args: &[String], outcome: &mut
     );
     let mut failed = 0;
     for line in text.lines() {
-        if let Some(rest) = line.trim().strip_prefix("test result: ") {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("test result: ") {
             outcome.passed += count(rest, "passed");
             failed += count(rest, "failed");
         }
-        if line.trim_start().starts_with("skipped:") {
-            outcome.skipped += 1;
+        if let Some(why) = ignored_reason(line) {
+            *outcome.ignored.entry(why).or_default() += 1;
         }
         // The fault tests' end-to-end counts, shown as they come.
         if line.contains(" / confirmed ") {
-            println!("  {}", line.trim());
+            println!("  {line}");
+            outcome.counts.push(line.to_string());
         }
     }
     outcome.failed += failed;
     if !output.status.success() && failed == 0 {
         outcome.failed += 1;
-        outcome.note = "the test run failed before reporting (build error?)".into();
-        eprintln!("{text}");
+        eprintln!("the test run failed before reporting (build error?):\n{text}");
     }
+}
+
+/// Why a test was ignored, from its line: `test [lacks priority] b::t ... ignored`.
+fn ignored_reason(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("test [")?;
+    if !line.ends_with("... ignored") {
+        return None;
+    }
+    rest.split_once(']').map(|(why, _)| why.to_string())
 }
 
 fn count(summary: &str, word: &str) -> u32 {
@@ -234,9 +202,29 @@ fn count(summary: &str, word: &str) -> u32 {
         .unwrap_or(0)
 }
 
+fn print_table(rows: &[(String, Outcome)]) {
+    println!();
+    println!(
+        "{:<26} {:>7} {:>7} {:>8} {:>9}  ignored, by why",
+        "pair", "passed", "failed", "ignored", "duration"
+    );
+    for (pair, o) in rows {
+        let ignored: u32 = o.ignored.values().sum();
+        let why: Vec<String> = o.ignored.iter().map(|(w, n)| format!("{n} {w}")).collect();
+        println!(
+            "{pair:<26} {:>7} {:>7} {:>8} {:>8.1}s  {}",
+            o.passed,
+            o.failed,
+            ignored,
+            o.duration.as_secs_f64(),
+            why.join(", ")
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::count;
+    use super::*;
 
     #[test]
     fn reads_cargo_summaries() {
@@ -244,5 +232,12 @@ mod tests {
         assert_eq!((count(ok, "passed"), count(ok, "failed")), (24, 0));
         let bad = "FAILED. 3 passed; 2 failed; 0 ignored";
         assert_eq!((count(bad, "passed"), count(bad, "failed")), (3, 2));
+    }
+
+    #[test]
+    fn reads_why_a_test_was_ignored() {
+        let line = "test [lacks priority]    artemis::priority_orders_delivery ... ignored";
+        assert_eq!(ignored_reason(line).as_deref(), Some("lacks priority"));
+        assert_eq!(ignored_reason("test rabbitmq::x ... ok"), None);
     }
 }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
-use queue_core::testkit::ControlledDriver;
 use queue_core::{
     ConsumeOptions, Driver, Message, PublishSettings, QueueId, QueueSpec, Queues, Result, Value,
 };
 use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
+use queue_testkit::ControlledDriver;
 
 pub const QUEUES: [&str; 4] = ["app:tasks", "app:emails", "app:notifications", "app:raw"];
 

@@ -1,4 +1,4 @@
-//! The typed entry kinds of SPEC §6, read from YAML with the line of every field.
+//! The typed entry kinds of docs/configuration.md, read from YAML with the line of every field.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,16 +4,12 @@
 mod support;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Amqp10DriverFactory, Profile};
-use queue_core::testkit::everything_said;
 use queue_core::{Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
+use queue_testkit::everything_said;
 
 const SECRET: &str = "not-the-password-7f3a";
 
-#[tokio::test]
 async fn wrong_password_is_refused_without_showing_it() {
-    if support::rabbit_driver(Profile::RabbitmqV1).await.is_none() {
-        return;
-    }
     let url = format!("amqp://guest:{SECRET}@127.0.0.1:5672");
     let err = Amqp10Driver::connect(Amqp10Config::new(url.clone(), Profile::RabbitmqV1))
         .await
@@ -33,7 +29,6 @@ async fn wrong_password_is_refused_without_showing_it() {
     assert!(!everything_said(&err).contains(SECRET));
 }
 
-#[tokio::test]
 async fn refused_port_is_internal_retryable_without_the_password() {
     // A port nobody listens on: bind one, then free it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -53,11 +48,8 @@ async fn refused_port_is_internal_retryable_without_the_password() {
     );
 }
 
-#[tokio::test]
 async fn options_rabbitmq_3_cannot_honour_are_invalid() {
-    let Some(driver) = support::rabbit_driver(Profile::RabbitmqV1).await else {
-        return;
-    };
+    let driver = support::rabbit_driver(Profile::RabbitmqV1).await;
     let id = QueueId::parse("amqp10-tests:unsupported").unwrap();
     for spec in [
         QueueSpec::new(id.clone()).with_max_priority(9),
@@ -76,14 +68,9 @@ async fn options_rabbitmq_3_cannot_honour_are_invalid() {
     driver.close().await.unwrap();
 }
 
-#[tokio::test]
 async fn a_durability_clash_is_already_exists() {
-    let Some(first) = support::rabbit_driver(Profile::RabbitmqV1).await else {
-        return;
-    };
-    let Some(second) = support::rabbit_driver(Profile::RabbitmqV1).await else {
-        return;
-    };
+    let first = support::rabbit_driver(Profile::RabbitmqV1).await;
+    let second = support::rabbit_driver(Profile::RabbitmqV1).await;
     let name = format!("amqp10-tests-clash-{}", queue_core::new_message_id());
     let id = QueueId::new("amqp10-tests", &name).unwrap();
     first
@@ -97,9 +84,20 @@ async fn a_durability_clash_is_already_exists() {
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
     // The first driver's links are on their own sessions: still fine.
     first
-        .publish(&id, queue_core::testkit::numbered(1))
+        .publish(&id, queue_testkit::numbered(1))
         .await
         .unwrap();
     first.close().await.unwrap();
     second.close().await.unwrap();
+}
+
+queue_testkit::broker_tests! {
+    unavailable: queue_fixtures::rabbitmq::shared_unavailable();
+    async: [
+        wrong_password_is_refused_without_showing_it,
+        refused_port_is_internal_retryable_without_the_password,
+        options_rabbitmq_3_cannot_honour_are_invalid,
+        a_durability_clash_is_already_exists,
+    ];
+    sync: [];
 }

@@ -1,5 +1,8 @@
-//! Starts the test broker on Qpid Proton (`proton_broker.py`) on a free port, and
-//! stops it when the guard is dropped (also when a test fails).
+//! A small AMQP 1.0 broker on Qpid Proton's reactor (`brokers/proton_broker.py`),
+//! started per test on a free port and stopped when its guard is dropped. This
+//! project wrote it: it checks the driver speaks AMQP 1.0 to a Proton peer (a
+//! protocol-level smoke test), not that it agrees with an independent broker's queue
+//! semantics; RabbitMQ and ActiveMQ Artemis are those.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -20,8 +23,8 @@ impl ProtonBroker {
         format!("amqp://127.0.0.1:{}", self.port)
     }
 
-    /// Starts a broker, or explains why it cannot (no python, no proton module).
-    pub fn start() -> Result<ProtonBroker, String> {
+    /// Why the broker cannot run here (no python, no proton module), if it cannot.
+    pub fn unavailable() -> Option<String> {
         let has_proton = Command::new(PYTHON)
             .args(["-c", "import proton"])
             .stdout(Stdio::null())
@@ -29,19 +32,21 @@ impl ProtonBroker {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        if !has_proton {
-            return Err(format!(
-                "{PYTHON} cannot import proton (install Debian's python3-qpid-proton)"
-            ));
+        (!has_proton).then(|| {
+            format!("{PYTHON} cannot import proton (install Debian's python3-qpid-proton)")
+        })
+    }
+
+    /// Starts a broker, or explains why it cannot (no python, no proton module).
+    pub fn start() -> Result<ProtonBroker, String> {
+        if let Some(reason) = Self::unavailable() {
+            return Err(reason);
         }
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
             listener.local_addr().map_err(|e| e.to_string())?.port()
         };
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/proton_broker.py"
-        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/brokers/proton_broker.py");
         let child = Command::new(PYTHON)
             .arg(script)
             .arg(port.to_string())

@@ -1,10 +1,15 @@
-//! The contracts every driver keeps, one function each.
+//! The conformance contracts every driver keeps, one function each, and the suite
+//! that runs them (docs/drivers/writing-a-driver.md).
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use super::{TestContext, message, next, number_of, numbered, within};
-use crate::{ErrorKind, HeaderValue, Headers, Message, Value};
+use libtest_mimic::Trial;
+use queue_core::{Capabilities, ErrorKind, HeaderValue, Headers, Message, Value};
+
+use crate::{Backend, TestContext, message, next, number_of, numbered, within};
 
 /// Declaring the same queue twice is fine.
 pub async fn declare_twice_is_fine(ctx: &TestContext) {
@@ -60,7 +65,7 @@ pub async fn every_value_type_round_trips(ctx: &TestContext) {
     ];
     let mut sub = ctx.consume(&q, 10).await;
     for body in &bodies {
-        for codec in [crate::Codec::Json, crate::Codec::MsgPack] {
+        for codec in [queue_core::Codec::Json, queue_core::Codec::MsgPack] {
             ctx.publish(&q, Message::encode(body, Headers::new(), codec).unwrap())
                 .await;
             let got = next(&mut sub).await;
@@ -71,7 +76,7 @@ pub async fn every_value_type_round_trips(ctx: &TestContext) {
     let bytes = Value::Bytes(vec![0, 159, 146, 150, 255]);
     ctx.publish(
         &q,
-        Message::encode(&bytes, Headers::new(), crate::Codec::MsgPack).unwrap(),
+        Message::encode(&bytes, Headers::new(), queue_core::Codec::MsgPack).unwrap(),
     )
     .await;
     let got = next(&mut sub).await;
@@ -103,8 +108,8 @@ pub async fn three_messages_are_delivered_exactly_once(ctx: &TestContext) {
 /// that nothing else was left, without waiting for a quiet period.
 async fn assert_nothing_more(
     ctx: &TestContext,
-    q: &crate::QueueId,
-    sub: &mut Box<dyn crate::Subscription>,
+    q: &queue_core::QueueId,
+    sub: &mut Box<dyn queue_core::Subscription>,
 ) {
     ctx.publish(q, numbered(-1)).await;
     let d = next(sub).await;
@@ -237,13 +242,10 @@ pub async fn queues_are_isolated(ctx: &TestContext) {
     sub_a.cancel().await.unwrap();
 }
 
-/// `info` counts ready and in-flight messages and consumers.
+/// `info` counts ready and in-flight messages and consumers, as far as the driver
+/// says it can.
 pub async fn info_counts_ready_and_in_flight(ctx: &TestContext) {
     let caps = ctx.caps();
-    if !caps.info_ready {
-        ctx.skip("info_counts_ready_and_in_flight", "info_ready");
-        return;
-    }
     let q = ctx.declared("info").await;
     for n in 0..3 {
         ctx.publish(&q, numbered(n)).await;
@@ -267,9 +269,9 @@ pub async fn info_counts_ready_and_in_flight(ctx: &TestContext) {
 /// Brokers report counts with a little lag: polls `info` until `done` holds (bounded).
 async fn eventually_info(
     ctx: &TestContext,
-    q: &crate::QueueId,
-    done: impl Fn(&crate::QueueInfo) -> bool,
-) -> crate::QueueInfo {
+    q: &queue_core::QueueId,
+    done: impl Fn(&queue_core::QueueInfo) -> bool,
+) -> queue_core::QueueInfo {
     within("info to settle", async {
         loop {
             let info = ctx.driver().info(q).await.unwrap();
@@ -361,17 +363,25 @@ pub async fn rapid_consume_cancel_cycles(ctx: &TestContext) {
     assert_eq!(acked, (0..10).collect());
 }
 
-/// Ids the driver side assigns are unique and non-empty.
-pub async fn driver_assigned_ids_are_unique(ctx: &TestContext) {
+/// Every message arrives with the id it was published with, and no two share one.
+pub async fn each_message_keeps_its_own_id(ctx: &TestContext) {
     let q = ctx.declared("ids").await;
     let mut sub = ctx.consume(&q, 100).await;
+    let mut published = BTreeMap::new();
     for n in 0..100 {
-        ctx.publish(&q, numbered(n)).await;
+        let m = numbered(n);
+        published.insert(n, m.id.clone());
+        ctx.publish(&q, m).await;
     }
     let mut ids = HashSet::new();
     for _ in 0..100 {
         let d = next(&mut sub).await;
-        assert!(!d.message().id.is_empty());
+        assert_eq!(
+            Some(&d.message().id),
+            published.get(&number_of(&d)),
+            "message {} arrived with another id",
+            number_of(&d)
+        );
         assert!(
             ids.insert(d.message().id.clone()),
             "duplicate id {}",
@@ -392,14 +402,16 @@ pub async fn competing_consumers_share_without_duplicates(ctx: &TestContext) {
         .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut workers = Vec::new();
-    for _ in 0..2 {
+    for worker in 0..2 {
         let mut sub = ctx.consume(&q, 5).await;
         let tx = tx.clone();
         workers.push(tokio::spawn(async move {
             while let Some(Ok(d)) = sub.next().await {
                 let n = number_of(&d);
+                // Held a moment, so one fast consumer cannot drain the queue alone.
+                tokio::task::yield_now().await;
                 d.ack().await.unwrap();
-                if tx.send(n).is_err() {
+                if tx.send((worker, n)).is_err() {
                     break;
                 }
             }
@@ -407,12 +419,18 @@ pub async fn competing_consumers_share_without_duplicates(ctx: &TestContext) {
         }));
     }
     let mut seen = HashSet::new();
+    let mut by_worker = [0u32; 2];
     for _ in 0..total {
-        let n = within("competing delivery", rx.recv())
+        let (worker, n) = within("competing delivery", rx.recv())
             .await
             .expect("workers alive");
         assert!(seen.insert(n), "message {n} delivered twice");
+        by_worker[worker] += 1;
     }
+    assert!(
+        by_worker.iter().all(|n| *n > 0),
+        "one consumer got all the work: {by_worker:?}"
+    );
     drop(rx);
     for w in workers {
         w.abort();
@@ -495,19 +513,23 @@ pub async fn second_settlement_is_an_error(ctx: &TestContext) {
     sub.cancel().await.unwrap();
 }
 
-/// A consumer never holds more than `prefetch` unsettled deliveries.
+/// A consumer never holds more than `prefetch` unsettled deliveries: with two held,
+/// the broker still counts the other three as ready (it hands a consumer what its
+/// credit allows as soon as messages are ready, so more credit would show at once).
 pub async fn prefetch_bounds_unsettled_deliveries(ctx: &TestContext) {
     let q = ctx.declared("prefetch").await;
     for n in 0..5 {
         ctx.publish(&q, numbered(n)).await;
     }
+    eventually_info(ctx, &q, |i| i.ready == Some(5)).await;
     let mut sub = ctx.consume(&q, 2).await;
     let a = next(&mut sub).await;
     let b = next(&mut sub).await;
-    let third = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
-    assert!(
-        third.is_err(),
-        "a third delivery arrived while two were unsettled"
+    let info = eventually_info(ctx, &q, |i| i.ready.is_some_and(|r| r <= 3)).await;
+    assert_eq!(
+        info.ready,
+        Some(3),
+        "the driver took more than its prefetch of 2"
     );
     a.ack().await.unwrap();
     let c = next(&mut sub).await;
@@ -518,10 +540,6 @@ pub async fn prefetch_bounds_unsettled_deliveries(ctx: &TestContext) {
 
 /// Higher priorities are delivered first where the queue has `max_priority`.
 pub async fn priority_orders_delivery(ctx: &TestContext) {
-    if !ctx.caps().priority {
-        ctx.skip("priority_orders_delivery", "priority");
-        return;
-    }
     let q = ctx.declare(ctx.spec("priority").with_max_priority(9)).await;
     for (n, p) in [(1, "low"), (2, "normal"), (3, "high"), (4, "low")] {
         let headers = Headers::from_pairs([("priority", HeaderValue::from(p))]);
@@ -553,7 +571,6 @@ pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
         assert!(err.message().contains(ctx.driver().name()), "{err}");
-        ctx.skip("delay_is_honoured (refusal checked)", "delay");
         return;
     }
     let started = tokio::time::Instant::now();
@@ -572,4 +589,122 @@ pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
     assert_eq!(later.message().decode().unwrap(), Value::from("later"));
     later.ack().await.unwrap();
     sub.cancel().await.unwrap();
+}
+
+/// At `max_length` ready messages a queue refuses more (the publish fails) and drops
+/// none of what it holds.
+pub async fn max_length_refuses_and_keeps_what_it_holds(ctx: &TestContext) {
+    let q = ctx.declare(ctx.spec("max-length").with_max_length(3)).await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let refused = within(
+        "a publish to a full queue",
+        ctx.driver().publish(&q, numbered(3)),
+    )
+    .await;
+    assert!(refused.is_err(), "a full queue took a fourth message");
+    let mut sub = ctx.consume(&q, 10).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut sub).await;
+        got.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, vec![0, 1, 2], "a full queue dropped what it held");
+    assert_nothing_more(ctx, &q, &mut sub).await;
+    sub.cancel().await.unwrap();
+}
+
+/// A message older than the queue's `message_ttl` is never delivered.
+pub async fn message_ttl_expires_old_messages(ctx: &TestContext) {
+    let ttl = Duration::from_millis(300);
+    let q = ctx.declare(ctx.spec("ttl").with_message_ttl(ttl)).await;
+    ctx.publish(&q, numbered(1)).await;
+    // Expiry is about time: let the first message grow older than the TTL.
+    tokio::time::sleep(ttl * 2).await;
+    ctx.publish(&q, numbered(2)).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 2, "an expired message was delivered");
+    d.ack().await.unwrap();
+    assert_nothing_more(ctx, &q, &mut sub).await;
+    sub.cancel().await.unwrap();
+}
+
+/// A capability a contract needs: its name, and whether a backend has it.
+type Need = (&'static str, fn(&Capabilities) -> bool);
+
+/// One contract: its name, the capability it needs (if any), and its body.
+struct Contract {
+    name: &'static str,
+    needs: Option<Need>,
+    run: for<'a> fn(&'a TestContext) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+}
+
+macro_rules! needs {
+    () => {
+        None
+    };
+    ($capability:ident) => {
+        Some((stringify!($capability), |c: &Capabilities| c.$capability))
+    };
+}
+
+macro_rules! contracts {
+    ($($name:ident $(needs $capability:ident)?),* $(,)?) => {
+        &[$(Contract {
+            name: stringify!($name),
+            needs: needs!($($capability)?),
+            run: |ctx| Box::pin($name(ctx)),
+        }),*]
+    };
+}
+
+/// Every contract, with the capability each needs.
+const CONTRACTS: &[Contract] = contracts![
+    declare_twice_is_fine,
+    round_trip_keeps_id_body_and_headers,
+    every_value_type_round_trips,
+    three_messages_are_delivered_exactly_once,
+    release_redelivers_the_same_message,
+    dropping_a_delivery_releases_it,
+    undeclared_queue_is_not_found,
+    batch_publish_delivers_all,
+    neutral_headers_round_trip,
+    attempts_header_round_trips,
+    queues_are_isolated,
+    info_counts_ready_and_in_flight needs info_ready,
+    cancel_stops_delivery_and_returns_unsettled,
+    publish_before_any_consumer,
+    new_consumer_after_cancel,
+    rapid_consume_cancel_cycles,
+    each_message_keeps_its_own_id,
+    competing_consumers_share_without_duplicates,
+    eight_concurrent_publishers,
+    ten_thousand_messages,
+    second_settlement_is_an_error,
+    prefetch_bounds_unsettled_deliveries needs info_ready,
+    priority_orders_delivery needs priority,
+    delay_is_honoured_or_refused,
+    max_length_refuses_and_keeps_what_it_holds needs max_length,
+    message_ttl_expires_old_messages needs message_ttl,
+];
+
+/// Every contract against every backend: one test each, `<backend>::<contract>`.
+pub fn trials(backends: &[Backend]) -> Vec<libtest_mimic::Trial> {
+    let mut trials: Vec<Trial> = Vec::new();
+    for backend in backends {
+        for contract in CONTRACTS {
+            let lacks = contract
+                .needs
+                .filter(|(_, has)| !has(&backend.capabilities()))
+                .map(|(name, _)| name);
+            let run = contract.run;
+            trials.push(backend.trial(contract.name, lacks, move |ctx| async move {
+                run(&ctx).await;
+            }));
+        }
+    }
+    trials
 }

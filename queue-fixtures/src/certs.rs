@@ -1,16 +1,16 @@
-//! TLS for tests (feature `testkit`): a throwaway certificate authority, and a TLS
+//! TLS for tests: a throwaway certificate authority, and a TLS
 //! endpoint whose certificate nobody trusts.
 //!
 //! [`TestCertificates`] makes, with the `openssl` command, a private CA and a server
-//! certificate it signed for `127.0.0.1` and `localhost`; a [`super::rabbitmq::PrivateNode`]
+//! certificate it signed for `127.0.0.1` and `localhost`; a [`crate::rabbitmq::PrivateNode`]
 //! started with them serves TLS, and a driver told to trust the CA connects.
 //! [`UntrustedTlsServer`] runs `openssl s_server` with such a certificate, so a driver
 //! that trusts only the usual roots fails the handshake. Both delete their files
 //! (and stop the server) on drop, also when the test panics.
 //!
 //! ```no_run
-//! use queue_core::testkit::tls::UntrustedTlsServer;
-//! let Some(server) = UntrustedTlsServer::start_or_skip("my_tls_test") else { return };
+//! use queue_fixtures::certs::UntrustedTlsServer;
+//! let server = UntrustedTlsServer::start();
 //! let url = format!("amqps://app:secret@127.0.0.1:{}", server.port());
 //! ```
 
@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::rabbitmq::{free_port, in_ci};
+use crate::free_port;
 
 /// How long `openssl s_server` may take to listen.
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -34,25 +34,14 @@ pub struct UntrustedTlsServer {
 }
 
 /// Why TLS tests cannot run here, if they cannot (no `openssl` command).
-fn unavailable() -> Option<&'static str> {
+pub fn unavailable() -> Option<String> {
     let has_openssl = Command::new("openssl")
         .arg("version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    (!has_openssl).then_some("the `openssl` command is not installed")
-}
-
-/// `None` after printing `skipped: <test>: <reason>` when openssl is missing; in CI
-/// (`CI=true`) that fails the test instead.
-fn available_or_skip(test: &str) -> Option<()> {
-    if let Some(reason) = unavailable() {
-        assert!(!in_ci(), "{test}: {reason} (CI=true)");
-        println!("skipped: {test}: {reason}");
-        return None;
-    }
-    Some(())
+    (!has_openssl).then(|| "the `openssl` command is not installed".to_string())
 }
 
 /// Runs `openssl ARGS` in `dir`; panics with its output if it fails.
@@ -76,14 +65,9 @@ pub struct TestCertificates {
 }
 
 impl TestCertificates {
-    /// Makes the certificates, or returns `None` after printing why not (see
-    /// [`UntrustedTlsServer::start_or_skip`] for the CI rule).
-    pub fn generate_or_skip(test: &str) -> Option<TestCertificates> {
-        available_or_skip(test)?;
-        Some(Self::generate())
-    }
-
-    fn generate() -> TestCertificates {
+    /// Makes the certificates (see [`unavailable`] for whether they can be made
+    /// here); panics with openssl's output if that fails.
+    pub fn generate() -> TestCertificates {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "queue-test-certificates-{}-{}",
@@ -161,16 +145,10 @@ impl Drop for TestCertificates {
 }
 
 impl UntrustedTlsServer {
-    /// Starts the server, or returns `None` after printing `skipped: <test>: <reason>`
-    /// when the `openssl` command is missing. In CI (`CI=true`) that fails the test.
-    pub fn start_or_skip(test: &str) -> Option<UntrustedTlsServer> {
-        available_or_skip(test)?;
-        Some(Self::start())
-    }
-
-    /// Starts the server with a certificate of a fresh private CA; panics with
-    /// openssl's output if that fails.
-    fn start() -> UntrustedTlsServer {
+    /// Starts the server with a certificate of a fresh private CA (see
+    /// [`unavailable`] for whether it can start here); panics with openssl's output
+    /// if that fails.
+    pub fn start() -> UntrustedTlsServer {
         let certificates = TestCertificates::generate();
         let port = free_port();
         let mut child = Command::new("openssl")

@@ -1,4 +1,4 @@
-//! A private RabbitMQ node for fault tests (feature `testkit`).
+//! RabbitMQ: the machine's shared node, and private nodes for fault and TLS tests.
 //!
 //! Fault tests cut connections and stop brokers; doing that to the machine's shared
 //! node on 127.0.0.1:5672 would break every other test running against it. A
@@ -16,8 +16,8 @@
 //! multi-threaded runtime, wrap calls in `tokio::task::block_in_place`.
 //!
 //! ```no_run
-//! use queue_core::testkit::rabbitmq::PrivateNode;
-//! let Some(mut node) = PrivateNode::start_or_skip("my_fault_test") else { return };
+//! use queue_fixtures::rabbitmq::PrivateNode;
+//! let mut node = PrivateNode::start().expect("RabbitMQ is installed");
 //! println!("AMQP 0-9-1 at {}", node.amqp091_url());
 //! node.close_all_connections();
 //! node.stop_app();
@@ -28,8 +28,101 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use queue_testkit::{Fault, Outage};
+
+use crate::certs::TestCertificates;
+use crate::{free_port, port_open};
+
+/// The machine's shared node (`.ci/start-brokers` starts it), for AMQP 0-9-1.
+pub const SHARED_AMQP091_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The machine's shared node, for AMQP 1.0 (the `rabbitmq_amqp1_0` plugin).
+pub const SHARED_AMQP10_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
+
+/// Makes sure the shared node runs on 127.0.0.1:5672 with its AMQP 1.0 plugin:
+/// installs RabbitMQ (and Qpid Proton's Python client, which the AMQP 1.0 tests use)
+/// with apt-get when missing, starts it detached when nothing listens, and waits for
+/// the port (`rabbitmq-diagnostics ping` answers before the listener opens).
+pub fn ensure_shared() -> Result<(), String> {
+    let mut missing = Vec::new();
+    if !Path::new("/usr/sbin/rabbitmq-server").exists() {
+        missing.push("rabbitmq-server");
+    }
+    let has_proton = Command::new("/usr/bin/python3")
+        .args(["-c", "import proton"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_proton {
+        missing.push("python3-qpid-proton");
+    }
+    if !missing.is_empty() {
+        println!("installing {}", missing.join(" "));
+        let updated = Command::new("apt-get").args(["update", "-qq"]).status();
+        let installed = Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status();
+        if !updated.is_ok_and(|s| s.success()) || !installed.is_ok_and(|s| s.success()) {
+            return Err(format!("apt-get install {} failed", missing.join(" ")));
+        }
+    }
+    let _ = Command::new("rabbitmq-plugins")
+        .args(["enable", "--offline", "rabbitmq_amqp1_0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !port_open(5672) {
+        println!("starting RabbitMQ (rabbitmq-server -detached)");
+        let started = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .map_err(|e| format!("rabbitmq-server: {e}"))?;
+        if !started.success() {
+            return Err(format!("rabbitmq-server -detached failed: {started}"));
+        }
+    }
+    if !crate::wait_for_port(5672, BOOT_LIMIT) {
+        return Err(format!(
+            "RabbitMQ did not open 127.0.0.1:5672 within {BOOT_LIMIT:?}"
+        ));
+    }
+    // The plugin may have been enabled offline while the node was already running.
+    let online = Command::new("rabbitmq-plugins")
+        .args(["enable", "rabbitmq_amqp1_0"])
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("rabbitmq-plugins: {e}"))?;
+    if !online.success() {
+        return Err("rabbitmq-plugins enable rabbitmq_amqp1_0 failed".into());
+    }
+    Ok(())
+}
+
+/// Stops the shared node.
+pub fn stop_shared() -> Result<(), String> {
+    let stopped = Command::new("rabbitmqctl")
+        .arg("stop")
+        .status()
+        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+    if stopped.success() {
+        Ok(())
+    } else {
+        Err(format!("rabbitmqctl stop failed: {stopped}"))
+    }
+}
+
+/// Why the shared node cannot be used here, if it cannot.
+pub fn shared_unavailable() -> Option<String> {
+    (!port_open(5672)).then(|| {
+        "RabbitMQ is not reachable on 127.0.0.1:5672 (`.ci/start-brokers` starts it)".to_string()
+    })
+}
 
 /// Where Debian's package keeps the real scripts. `/usr/sbin/rabbitmq-server` is a
 /// wrapper that switches to the `rabbitmq` user when run as root, which would then
@@ -40,13 +133,32 @@ const DEFAULT_BIN_DIR: &str = "/usr/lib/rabbitmq/bin";
 /// machines under load can be much slower).
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
-/// One node at a time per process (see the module docs).
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// One node at a time per process (see the module docs): a slot a node holds until
+/// it is dropped. A plain mutex guard would tie the node to one thread.
+static SLOT: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
 static NEXT_NODE: AtomicU64 = AtomicU64::new(0);
 
-/// Whether the tests run in CI, where a missing broker is a failure, not a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+/// The node slot, held by a running node.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let (busy, freed) = &SLOT;
+        let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy {
+            busy = freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        *busy = true;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (busy, freed) = &SLOT;
+        *busy.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        freed.notify_one();
+    }
 }
 
 /// The directory with `rabbitmq-server` and `rabbitmqctl`: `RABBITMQ_BIN_DIR`, or
@@ -57,32 +169,16 @@ fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN_DIR))
 }
 
-/// A free port on 127.0.0.1 (free when asked; the node binds it moments later).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// Whether something accepts connections on 127.0.0.1:`port`.
-pub fn port_open(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(2),
-    )
-    .is_ok()
-}
-
 /// A running RabbitMQ node of the test's own; stopped and deleted on drop.
 pub struct PrivateNode {
     name: String,
     port: u16,
     /// The TLS listener's port, for a node started with certificates.
     tls_port: Option<u16>,
+    dist_port: u16,
     dir: PathBuf,
     child: Child,
-    _one_at_a_time: MutexGuard<'static, ()>,
+    _slot: Slot,
 }
 
 impl std::fmt::Debug for PrivateNode {
@@ -107,38 +203,22 @@ impl PrivateNode {
         })
     }
 
-    /// Starts a node on a free port, or returns `None` after printing
-    /// `skipped: <test>: <reason>` when RabbitMQ is not installed. In CI (`CI=true`)
-    /// a missing RabbitMQ fails the test instead.
-    pub fn start_or_skip(test: &str) -> Option<PrivateNode> {
-        Self::start_on_or_skip(test, free_port())
-    }
-
-    /// Like [`PrivateNode::start_or_skip`], on a port the test chose (to start a broker
-    /// where a client has been waiting for one).
-    pub fn start_on_or_skip(test: &str, port: u16) -> Option<PrivateNode> {
-        Self::can_start_or_skip(test).then(|| Self::start_on(port))
-    }
-
-    /// Whether a node can be started here; if not, prints `skipped: <test>: <reason>`,
-    /// or fails the test in CI (`CI=true`).
-    fn can_start_or_skip(test: &str) -> bool {
-        let Some(reason) = Self::unavailable() else {
-            return true;
-        };
-        assert!(!in_ci(), "{test}: {reason} (CI=true)");
-        println!("skipped: {test}: {reason}");
-        false
+    /// Starts a node on a free port, or says why it cannot here. Blocking.
+    pub fn start() -> Result<PrivateNode, String> {
+        match Self::unavailable() {
+            Some(reason) => Err(reason),
+            None => Ok(Self::start_on(free_port())),
+        }
     }
 
     /// Starts a node listening on 127.0.0.1:`port` and waits until it accepts
     /// connections. Panics (with the node's log) when it does not come up.
     pub fn start_on(port: u16) -> PrivateNode {
-        Self::start(port, None)
+        Self::boot(port, None)
     }
 
-    fn start(port: u16, certificates: Option<&super::tls::TestCertificates>) -> PrivateNode {
-        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    fn boot(port: u16, certificates: Option<&TestCertificates>) -> PrivateNode {
+        let slot = Slot::take();
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("queuetest{pid}x{n}@localhost");
@@ -177,22 +257,15 @@ impl PrivateNode {
         // An empty env file: the package's /etc/rabbitmq/rabbitmq-env.conf would
         // otherwise override our node name and paths.
         std::fs::write(dir.join("rabbitmq-env.conf"), "").expect("env file");
-        let log = std::fs::File::create(dir.join("server.out")).expect("node log");
-        let mut cmd = Command::new(bin_dir().join("rabbitmq-server"));
-        env(&mut cmd, &name, &dir, port, dist_port);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("node log"))
-            .stderr(log)
-            .spawn()
-            .expect("rabbitmq-server starts");
+        let child = spawn_server(&name, &dir, port, dist_port);
         let mut node = PrivateNode {
             name,
             port,
             tls_port,
+            dist_port,
             dir,
             child,
-            _one_at_a_time: one_at_a_time,
+            _slot: slot,
         };
         node.wait_ready();
         node
@@ -317,6 +390,66 @@ impl PrivateNode {
         std::thread::sleep(outage);
         self.start_app();
     }
+
+    /// Kills the node's Erlang VM with SIGKILL (no goodbye to any client, nothing
+    /// flushed but what was already on disk), then starts it again from its data
+    /// directory and waits until it accepts connections.
+    pub fn kill_and_restart(&mut self) {
+        self.kill_vm();
+        let _ = self.child.wait();
+        assert!(!self.port_open(), "the killed node still listens");
+        self.child = spawn_server(&self.name, &self.dir, self.port, self.dist_port);
+        self.wait_ready();
+    }
+
+    /// SIGKILL to the node's VM, if it is still ours.
+    fn kill_vm(&self) {
+        // `rabbitmq-server` is a script whose child is the Erlang VM: killing the
+        // script alone would leave the VM running.
+        if let Some(vm) = std::fs::read_to_string(self.dir.join("node.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            // Still our node's VM (not a process that reused its pid)? Its command
+            // line carries `-home <our directory>`.
+            && std::fs::read(format!("/proc/{vm}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&*self.dir.to_string_lossy())
+            })
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &vm.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What each fault is on a private node: `close_all_connections`, `stop_app` and
+/// `start_app` after 2 s, SIGKILL of the VM and a restart from its data.
+impl Outage for PrivateNode {
+    fn inflict(&mut self, fault: Fault) -> Result<(), String> {
+        match fault {
+            Fault::CutConnections => self.close_all_connections(),
+            Fault::StopStart => self.stop_app_then_start(Duration::from_secs(2)),
+            Fault::Kill => self.kill_and_restart(),
+        }
+        Ok(())
+    }
+}
+
+/// Starts `rabbitmq-server` for a node, its output in the node's `server.out`.
+fn spawn_server(name: &str, dir: &Path, port: u16, dist_port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.out"))
+        .expect("node log");
+    let mut cmd = Command::new(bin_dir().join("rabbitmq-server"));
+    env(&mut cmd, name, dir, port, dist_port);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("node log"))
+        .stderr(log)
+        .spawn()
+        .expect("rabbitmq-server starts")
 }
 
 /// A private node with a TLS listener whose certificate a fresh private CA signed:
@@ -324,20 +457,21 @@ impl PrivateNode {
 pub struct TlsNode {
     // Declared first so that it is dropped (stopped) before its certificates are deleted.
     node: PrivateNode,
-    certificates: super::tls::TestCertificates,
+    certificates: TestCertificates,
 }
 
 impl TlsNode {
-    /// Makes the certificates and starts the node, or returns `None` after printing
-    /// why not (failing instead under `CI=true`, as [`PrivateNode::start_or_skip`]).
-    /// Blocking: call it from `tokio::task::block_in_place` in async tests.
-    pub fn start_or_skip(test: &str) -> Option<TlsNode> {
-        if !PrivateNode::can_start_or_skip(test) {
-            return None;
-        }
-        let certificates = super::tls::TestCertificates::generate_or_skip(test)?;
-        let node = PrivateNode::start(free_port(), Some(&certificates));
-        Some(TlsNode { node, certificates })
+    /// Why a TLS node cannot start here (no RabbitMQ, no openssl), if it cannot.
+    pub fn unavailable() -> Option<String> {
+        PrivateNode::unavailable().or_else(crate::certs::unavailable)
+    }
+
+    /// Makes the certificates and starts the node. Blocking: call it from
+    /// `tokio::task::block_in_place` in async tests.
+    pub fn start() -> TlsNode {
+        let certificates = TestCertificates::generate();
+        let node = PrivateNode::boot(free_port(), Some(&certificates));
+        TlsNode { node, certificates }
     }
 
     /// The port of the node's TLS listener on 127.0.0.1.
@@ -387,22 +521,8 @@ impl Drop for PrivateNode {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        // `rabbitmq-server` is a script whose child is the Erlang VM: if `stop` did not
-        // work, killing the script alone would leave the VM running.
-        if let Some(vm) = std::fs::read_to_string(self.dir.join("node.pid"))
-            .ok()
-            .and_then(|pid| pid.trim().parse::<u32>().ok())
-            // Still our node's VM (not a process that reused its pid)? Its command
-            // line carries `-home <our directory>`.
-            && std::fs::read(format!("/proc/{vm}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).contains(&*self.dir.to_string_lossy())
-            })
-        {
-            let _ = Command::new("kill")
-                .args(["-KILL", &vm.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        // If `stop` did not work.
+        self.kill_vm();
         if !matches!(self.child.try_wait(), Ok(Some(_))) {
             let _ = self.child.kill();
         }

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use tokio::sync::{Notify, oneshot};
 
-use crate::memory::MemoryDriver;
-use crate::{
+use queue_core::memory::MemoryDriver;
+use queue_core::{
     Capabilities, ConsumeOptions, Driver, Error, Message, QueueId, QueueInfo, QueueSpec, Result,
     Subscription,
 };
@@ -18,7 +18,7 @@ use crate::{
 ///
 /// ```
 /// use std::sync::Arc;
-/// use queue_core::testkit::{ControlledDriver, numbered};
+/// use queue_testkit::{ControlledDriver, numbered};
 /// use queue_core::{Driver, QueueId, QueueSpec};
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let driver = Arc::new(ControlledDriver::new());
@@ -178,12 +178,12 @@ impl Driver for ControlledDriver {
 pub struct ControlledFactory(pub std::sync::Arc<ControlledDriver>);
 
 #[async_trait]
-impl crate::DriverFactory for ControlledFactory {
+impl queue_core::DriverFactory for ControlledFactory {
     fn kind(&self) -> &'static str {
         "queue.driver.controlled"
     }
 
-    fn validate(&self, _config: &serde_json::Value) -> Result<crate::Capabilities> {
+    fn validate(&self, _config: &serde_json::Value) -> Result<Capabilities> {
         Ok(self.0.capabilities())
     }
 

@@ -1,4 +1,4 @@
-//! End-to-end counting for fault tests (feature `testkit`): which numbered messages
+//! End-to-end counting for fault tests: which numbered messages
 //! the test published, which the broker confirmed, which came out at the other end
 //! and how often. Every fault test prints the same line from it:
 //! `published N / confirmed N / consumed N / duplicates N / lost N`.
@@ -41,7 +41,7 @@ impl std::fmt::Display for FaultCounts {
     }
 }
 
-/// A thread-safe tally of numbered messages (see [`super::numbered`]).
+/// A thread-safe tally of numbered messages (see [`crate::numbered`]).
 #[derive(Debug)]
 pub struct Tally {
     published: Mutex<HashSet<i64>>,

@@ -1,38 +1,12 @@
-//! The driver conformance suite (feature `testkit`), and a driver tests can steer.
-//!
-//! Every driver crate runs the whole suite against its driver with one line:
-//!
-//! ```text
-//! async fn context() -> Option<queue_core::testkit::TestContext> {
-//!     Some(queue_core::testkit::TestContext::new(std::sync::Arc::new(MyDriver::connect().await?)))
-//! }
-//! queue_core::conformance_suite!(context);
-//! ```
-//!
-//! Each contract is one public async function taking a [`TestContext`]; the macro makes
-//! one `#[tokio::test]` of each. Contracts a driver's [`Capabilities`] rule out print
-//! `skipped: ...` and return; the factory returns `None` (after printing why) when the
-//! backend is unreachable outside CI.
-//!
-//! For fault tests: [`rabbitmq::PrivateNode`] (a RabbitMQ node of the test's own, to
-//! cut and stop), [`Tally`] (end-to-end counts of numbered messages) and
-//! [`tls::UntrustedTlsServer`] (a TLS endpoint no trust store accepts).
+//! The context a contract runs in: a driver under test, fresh queue names, and the
+//! helpers every contract uses.
 
-mod contracts;
-mod controlled;
-pub mod rabbitmq;
-mod tally;
-pub mod tls;
-
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use contracts::*;
-pub use controlled::{ControlledDriver, ControlledFactory};
-pub use tally::{FaultCounts, Tally};
-
-use crate::{
+use queue_core::{
     Capabilities, Codec, Delivery, Driver, Headers, Message, QueueId, QueueSpec, Subscription,
     Value,
 };
@@ -46,6 +20,8 @@ pub struct TestContext {
     driver: Arc<dyn Driver>,
     run: String,
     spec_hook: Arc<dyn Fn(QueueSpec) -> QueueSpec + Send + Sync>,
+    /// What must live as long as the context (a broker started for this test).
+    kept: Vec<Arc<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for TestContext {
@@ -62,12 +38,20 @@ static NEXT_QUEUE: AtomicU64 = AtomicU64::new(0);
 impl TestContext {
     /// A context around a driver; queue names are unique to this process run.
     pub fn new(driver: Arc<dyn Driver>) -> Self {
-        let run = crate::new_message_id().replace('-', "");
+        let run = queue_core::new_message_id().replace('-', "");
         TestContext {
             driver,
             run: run[run.len() - 12..].to_string(),
             spec_hook: Arc::new(|spec| spec),
+            kept: Vec::new(),
         }
+    }
+
+    /// Keeps `guard` (a broker started for this test, say) alive as long as the
+    /// context: it is dropped, and the broker stopped, when the test ends, pass or fail.
+    pub fn keeping(mut self, guard: impl Any + Send + Sync) -> Self {
+        self.kept.push(Arc::new(guard));
+        self
     }
 
     /// Adjusts every queue spec the suite declares (a broker name prefix, say).
@@ -115,14 +99,6 @@ impl TestContext {
         spec.id
     }
 
-    /// Prints why a contract does not apply to this driver.
-    pub fn skip(&self, contract: &str, capability: &str) {
-        println!(
-            "skipped: {contract} on the {} driver: no {capability} capability",
-            self.driver.name()
-        );
-    }
-
     /// Publishes one message, failing the test on error.
     pub async fn publish(&self, queue: &QueueId, message: Message) {
         within("publish", self.driver.publish(queue, message))
@@ -135,7 +111,7 @@ impl TestContext {
         within(
             "consume",
             self.driver
-                .consume(queue, crate::ConsumeOptions { prefetch }),
+                .consume(queue, queue_core::ConsumeOptions { prefetch }),
         )
         .await
         .unwrap_or_else(|e| panic!("consume {queue}: {e}"))
@@ -167,7 +143,7 @@ pub fn number_of(delivery: &Delivery) -> i64 {
 
 /// Every text an error shows a user or a log: Display, Debug and its whole source
 /// chain. Tests of password redaction search this.
-pub fn everything_said(err: &crate::Error) -> String {
+pub fn everything_said(err: &queue_core::Error) -> String {
     use std::error::Error as _;
     let mut said = format!("{err} {err:?}");
     let mut source = err.source();
@@ -193,47 +169,4 @@ pub async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
         Some(Err(e)) => panic!("consumer failed: {e}"),
         None => panic!("consumer closed while a delivery was expected"),
     }
-}
-
-/// Runs every contract as its own `#[tokio::test]`, given an async factory
-/// `fn() -> Option<TestContext>` (return `None` to skip, after printing why).
-#[macro_export]
-macro_rules! conformance_suite {
-    ($factory:path) => {
-        $crate::conformance_suite!(@each $factory;
-            declare_twice_is_fine,
-            round_trip_keeps_id_body_and_headers,
-            every_value_type_round_trips,
-            three_messages_are_delivered_exactly_once,
-            release_redelivers_the_same_message,
-            dropping_a_delivery_releases_it,
-            undeclared_queue_is_not_found,
-            batch_publish_delivers_all,
-            neutral_headers_round_trip,
-            attempts_header_round_trips,
-            queues_are_isolated,
-            info_counts_ready_and_in_flight,
-            cancel_stops_delivery_and_returns_unsettled,
-            publish_before_any_consumer,
-            new_consumer_after_cancel,
-            rapid_consume_cancel_cycles,
-            driver_assigned_ids_are_unique,
-            competing_consumers_share_without_duplicates,
-            eight_concurrent_publishers,
-            ten_thousand_messages,
-            second_settlement_is_an_error,
-            prefetch_bounds_unsettled_deliveries,
-            priority_orders_delivery,
-            delay_is_honoured_or_refused
-        );
-    };
-    (@each $factory:path; $($contract:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $contract() {
-                let Some(ctx) = $factory().await else { return };
-                $crate::testkit::$contract(&ctx).await;
-            }
-        )*
-    };
 }

@@ -1,0 +1,181 @@
+//! Reconnecting, beyond the shared fault suite: a consumer resumes by itself after a
+//! cut and a restart, and a subscription re-attached on a caller's short-lived runtime
+//! still cancels. On private RabbitMQ nodes (never the shared node; always stopped).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_core::{Driver, ErrorKind, QueueId, QueueSpec};
+use queue_fixtures::rabbitmq::PrivateNode;
+use queue_testkit::{number_of, numbered};
+
+/// Runs a blocking `rabbitmqctl` step without stalling the driver's tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+fn config(node: &PrivateNode) -> AmqpConfig {
+    let mut c = AmqpConfig::new(node.amqp091_url());
+    c.connection_name = Some("amqp091-reconnect".into());
+    c.reconnect_delay = Duration::from_millis(200);
+    c.reconnect_max_delay = Duration::from_secs(2);
+    c.publish_timeout = Duration::from_secs(10);
+    c
+}
+
+/// Connections the driver has opened so far.
+fn connections(driver: &AmqpDriver) -> u64 {
+    driver.connection().map_or(0, |c| c.connections_opened)
+}
+
+async fn a_consumer_resumes_by_itself_after_both_faults() {
+    let mut node = blocking(PrivateNode::start).expect("a private node");
+    let mut c = config(&node);
+    c.publish_timeout = Duration::from_secs(1);
+    let driver = AmqpDriver::connect(c).await.expect("connect");
+    let id = QueueId::new("faults", "resume").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+
+    let mut next_n = 0;
+    let mut round = |label: &'static str| {
+        let first = next_n;
+        next_n += 50;
+        (label, first..first + 50)
+    };
+    async fn publish_until_ok(driver: &AmqpDriver, id: &QueueId, n: i64) {
+        // Right after a fault the reconnect may still be under way.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match driver.publish(id, numbered(n)).await {
+                Ok(()) => return,
+                Err(e) if e.retryable() && tokio::time::Instant::now() < deadline => continue,
+                Err(e) => panic!("publish {n}: {e}"),
+            }
+        }
+    }
+    async fn consume_all(
+        sub: &mut Box<dyn queue_core::Subscription>,
+        range: std::ops::Range<i64>,
+        label: &str,
+    ) {
+        let mut want: HashSet<i64> = range.collect();
+        while !want.is_empty() {
+            let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{label}: the consumer did not resume; still missing {want:?}")
+                })
+                .expect("subscription open")
+                .expect("delivery");
+            want.remove(&number_of(&d));
+            let _ = d.ack().await;
+        }
+    }
+
+    let (label, range) = round("before any fault");
+    for n in range.clone() {
+        publish_until_ok(&driver, &id, n).await;
+    }
+    consume_all(&mut sub, range, label).await;
+
+    blocking(|| node.close_all_connections());
+    let (label, range) = round("after close_all_connections");
+    for n in range.clone() {
+        publish_until_ok(&driver, &id, n).await;
+    }
+    consume_all(&mut sub, range, label).await;
+
+    blocking(|| node.stop_app());
+    // While the broker is down, a publish waits publish_timeout, then fails retryable.
+    let err = driver.publish(&id, numbered(-1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable(), "{err}");
+    assert!(!err.to_string().contains("guest:guest"), "{err}");
+    blocking(|| node.start_app());
+    let (label, range) = round("after stop_app/start_app");
+    for n in range.clone() {
+        publish_until_ok(&driver, &id, n).await;
+    }
+    consume_all(&mut sub, range, label).await;
+    assert!(connections(&driver) >= 3, "two reconnects expected");
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
+/// The queue runtime's workers each drive a subscription from a current-thread runtime
+/// of their own, which ends when the worker stops. A subscription that re-attached
+/// inside `next()` there (after a connection loss) must still cancel afterwards: its
+/// ack flusher and channel close live on the driver's runtime, not the caller's.
+async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
+    let node = blocking(PrivateNode::start).expect("a private node");
+    let driver = Arc::new(AmqpDriver::connect(config(&node)).await.expect("connect"));
+    let id = QueueId::new("faults", "worker-runtime").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    let sub = driver.consume(&id, Default::default()).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+
+    let (consumed_first, first) = std::sync::mpsc::channel::<()>();
+    let (fault_done_tx, fault_done) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("worker runtime");
+        rt.block_on(async move {
+            let mut sub = sub;
+            let d = sub.next().await.expect("open").expect("delivery");
+            d.ack().await.expect("ack");
+            consumed_first.send(()).expect("main waits");
+            fault_done.recv().expect("main signals");
+            // After the fault: this next() re-attaches on the new connection, here.
+            loop {
+                let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
+                    .await
+                    .expect("a delivery after the reconnect")
+                    .expect("open")
+                    .expect("delivery");
+                let n = number_of(&d);
+                d.ack().await.expect("ack");
+                if n == 2 {
+                    return sub;
+                }
+            }
+        })
+        // The worker's runtime ends here, with whatever was spawned on it.
+    });
+    blocking(|| first.recv_timeout(Duration::from_secs(60)))
+        .expect("the worker consumed the first message");
+    let generation = connections(&driver);
+    blocking(|| node.close_all_connections());
+    fault_done_tx.send(()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match driver.publish(&id, numbered(2)).await {
+            Ok(()) => break,
+            Err(e) if e.retryable() && tokio::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("publish after the fault: {e}"),
+        }
+    }
+    let sub = blocking(|| worker.join()).expect("worker thread");
+    assert!(connections(&driver) > generation, "no reconnect");
+    tokio::time::timeout(Duration::from_secs(10), sub.cancel())
+        .await
+        .expect("cancel finishes after the caller's runtime is gone")
+        .expect("cancel");
+    tokio::time::timeout(Duration::from_secs(10), driver.close())
+        .await
+        .expect("close finishes")
+        .expect("close");
+}
+
+queue_testkit::broker_tests! {
+    unavailable: PrivateNode::unavailable();
+    async: [
+        a_consumer_resumes_by_itself_after_both_faults,
+        a_subscription_reattached_on_a_callers_runtime_still_cancels,
+    ];
+    sync: [];
+}

@@ -1,0 +1,26 @@
+//! # queue-fixtures
+//!
+//! The brokers the workspace's tests, benches, `cargo xtask` and `.ci/start-brokers`
+//! use, in one place: each knows how to find or install its broker, start it on
+//! 127.0.0.1 (on its own ports and data directory when a test strikes it), tell
+//! whether it can run here and why not, and stop it.
+//!
+//! - [`rabbitmq`]: the machine's shared node on 5672, and private nodes (with TLS
+//!   listeners) that fault tests cut, stop and kill;
+//! - [`certs`]: a private CA and certificates (openssl), and a TLS endpoint no trust
+//!   store accepts;
+//! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
+//!   private ones that fault tests cut, stop and kill;
+//! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test.
+//!
+//! Whether a missing broker fails or skips is one rule for all:
+//! [`queue_testkit::in_ci`].
+
+pub mod artemis;
+pub mod certs;
+mod net;
+pub mod proton;
+pub mod rabbitmq;
+
+pub use net::{free_port, port_open, wait_for_port};
+pub use queue_testkit::in_ci;

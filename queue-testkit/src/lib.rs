@@ -1,0 +1,54 @@
+//! # queue-testkit
+//!
+//! What a driver crate dev-depends on to prove it keeps the [`queue_core::Driver`]
+//! contract, on every broker it talks to:
+//!
+//! - [`conformance`]: the behaviour contracts, one function each, and the suite that
+//!   runs each of them against each [`Backend`] as its own test, named
+//!   `<backend>::<contract>`;
+//! - [`faults`]: the fault contract (confirmed messages survive a cut connection, a
+//!   broker stopped and started, a broker killed), run against anything that can
+//!   inflict an [`Outage`], with evidence that the fault landed;
+//! - [`ControlledDriver`], a memory driver whose confirmations a test holds or
+//!   refuses, and [`Tally`], end-to-end counts of numbered messages.
+//!
+//! A driver's `tests/conformance.rs` (with `harness = false`) is a list of backends:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use queue_core::Driver;
+//! use queue_core::memory::MemoryDriver;
+//! use queue_testkit::{Backend, TestContext};
+//!
+//! fn main() {
+//!     let memory = Backend::new("memory", MemoryDriver::new().capabilities(), || async {
+//!         Ok(TestContext::new(Arc::new(MemoryDriver::new())))
+//!     });
+//!     queue_testkit::run(queue_testkit::conformance::trials(&[memory]));
+//! }
+//! ```
+//!
+//! A backend that cannot run here (its broker is not installed or not reachable) is
+//! listed with its reason: outside CI its tests are *ignored*, with the reason shown,
+//! and inside CI (`CI=true` or `CI=1`) they run and fail. A contract the backend's
+//! capabilities rule out is ignored too, marked with the capability it lacks, so the
+//! summary counts it instead of passing it.
+#![warn(missing_docs)]
+
+mod backend;
+pub mod conformance;
+mod context;
+mod controlled;
+pub mod faults;
+mod tally;
+
+pub use backend::{Backend, broker_test, in_ci, run};
+pub use context::{
+    PATIENCE, TestContext, everything_said, message, next, number_of, numbered, within,
+};
+pub use controlled::{ControlledDriver, ControlledFactory};
+pub use faults::{Fault, Outage};
+pub use tally::{FaultCounts, Tally};
+
+#[doc(hidden)]
+pub use tokio; // for `broker_tests!`
