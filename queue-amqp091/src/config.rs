@@ -144,6 +144,12 @@ impl AmqpConfig {
         Ok(config)
     }
 
+    /// The waits between reconnect attempts: doubling from `reconnect_delay` up to
+    /// `reconnect_max_delay`.
+    pub fn reconnect_backoff(&self) -> queue_core::Backoff {
+        queue_core::Backoff::new(self.reconnect_delay, 2.0, self.reconnect_max_delay)
+    }
+
     /// Checks values serde cannot: the URL, the ranges, TLS availability.
     pub fn validate(&self) -> Result<()> {
         let uri = self.uri()?;

@@ -429,12 +429,11 @@ fn clamp_i64(v: u64) -> i64 {
 /// new link. Holds the driver's state only weakly: dropping the driver ends it.
 async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
     loop {
-        let (closed, nudge, delay, max_delay) = match weak.upgrade() {
+        let (closed, nudge, backoff) = match weak.upgrade() {
             Some(s) => (
                 s.closed.subscribe(),
                 Arc::clone(&s.nudge),
-                s.config.reconnect_delay,
-                s.config.reconnect_max_delay,
+                s.config.reconnect_backoff(),
             ),
             None => return,
         };
@@ -449,9 +448,10 @@ async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
         tracing::warn!(url = %shared.config.redacted_url(), "connection to the AMQP broker lost; reconnecting");
         drop(shared);
         drop(link);
-        let mut delay = delay;
+        let mut attempt = 1;
         link = loop {
             let mut closed = closed.clone();
+            let delay = backoff.delay(attempt);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = closed.wait_for(|c| *c) => return,
@@ -474,8 +474,8 @@ async fn supervise(weak: Weak<Shared>, mut link: Arc<Link>) {
                     break new;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "reconnect failed");
-                    delay = (delay * 2).min(max_delay);
+                    attempt += 1;
+                    tracing::warn!(error = %e, retry_in = ?backoff.delay(attempt), "reconnect failed");
                 }
             }
         };

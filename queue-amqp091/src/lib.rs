@@ -55,7 +55,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Error, Message, QueueId,
     QueueInfo, QueueSpec, Result, Subscription,
 };
 
@@ -128,7 +128,6 @@ impl Driver for AmqpDriver {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
-        spec.check_supported(NAME, &self.capabilities())?;
         queue_name(&spec.name)?;
         if spec.max_priority.is_some_and(|p| p == 0) {
             return Err(Error::invalid(format!(
@@ -188,22 +187,17 @@ impl Driver for AmqpDriver {
     }
 }
 
-/// Builds [`AmqpDriver`]s from `queue.driver.amqp` entries.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct AmqpDriverFactory;
-
+/// `queue.driver.amqp` entries build [`AmqpDriver`]s: register
+/// `queue_core::Factory::<AmqpConfig>::new()`.
 #[async_trait]
-impl DriverFactory for AmqpDriverFactory {
-    fn kind(&self) -> &'static str {
-        KIND
+impl DriverConfig for AmqpConfig {
+    const KIND: &'static str = KIND;
+
+    fn validate(&self) -> Result<Capabilities> {
+        AmqpConfig::validate(self).map(|()| CAPABILITIES)
     }
 
-    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
-        AmqpConfig::from_json(config.clone()).map(|_| CAPABILITIES)
-    }
-
-    async fn create(&self, config: serde_json::Value) -> Result<Arc<dyn Driver>> {
-        let config = AmqpConfig::from_json(config)?;
-        Ok(Arc::new(AmqpDriver::connect(config).await?))
+    async fn connect(self) -> Result<Arc<dyn Driver>> {
+        Ok(Arc::new(AmqpDriver::connect(self).await?))
     }
 }

@@ -217,7 +217,7 @@ async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
 
 async fn the_factory_validates_without_connecting_and_creates_a_driver() {
     use queue_core::DriverFactory;
-    let factory = queue_amqp091::AmqpDriverFactory;
+    let factory = queue_core::Factory::<queue_amqp091::AmqpConfig>::new();
     assert_eq!(factory.kind(), "queue.driver.amqp");
     // A port nothing listens on validates fine: validation never connects.
     factory

@@ -118,6 +118,12 @@ impl Amqp10Config {
         Ok(config)
     }
 
+    /// The waits between reconnect attempts: doubling from `reconnect_delay` up to
+    /// `reconnect_max_delay`.
+    pub fn reconnect_backoff(&self) -> queue_core::Backoff {
+        queue_core::Backoff::new(self.reconnect_delay, 2.0, self.reconnect_max_delay)
+    }
+
     /// Checks values serde cannot: the URL, delays and the window.
     pub fn validate(&self) -> Result<()> {
         let endpoint = Endpoint::parse(&self.url)?;

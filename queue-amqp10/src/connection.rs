@@ -59,8 +59,7 @@ pub(crate) struct Connector {
     /// Set when `tls.ca_file` names the authorities to trust.
     #[cfg(feature = "tls")]
     private_ca: Option<tokio_rustls::TlsConnector>,
-    reconnect_delay: Duration,
-    reconnect_max_delay: Duration,
+    backoff: queue_core::Backoff,
     live: Mutex<Option<Live>>,
     generation: AtomicU64,
     /// Connections that opened (attempts that failed are not counted).
@@ -109,8 +108,7 @@ impl Connector {
                 Some(ca_file) => Some(crate::tls::trusting(ca_file)?),
                 None => None,
             },
-            reconnect_delay: config.reconnect_delay,
-            reconnect_max_delay: config.reconnect_max_delay,
+            backoff: config.reconnect_backoff(),
             live: Mutex::new(None),
             generation: AtomicU64::new(0),
             opened: AtomicU64::new(0),
@@ -129,10 +127,7 @@ impl Connector {
     /// The wait before reconnect attempt `failures` (1-based): doubling from
     /// `reconnect_delay` up to `reconnect_max_delay`.
     pub fn backoff(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
-        self.reconnect_delay
-            .saturating_mul(factor)
-            .min(self.reconnect_max_delay)
+        self.backoff.delay(failures)
     }
 
     /// How many connections have opened so far: 1 after connecting, +1 per reconnect.
@@ -244,45 +239,47 @@ impl Connector {
     }
 
     /// A fresh session on the live connection, reconnecting first if the connection is
-    /// gone. One attempt: callers back off and call again on failure.
+    /// gone. A connection that turns out to be gone only when the session is begun (the
+    /// broker dropped it a moment ago) is replaced once at once; past that, callers back
+    /// off and call again.
     async fn session(&self) -> Result<(SessionHandle<()>, u64)> {
         if self.is_closed() {
             return Err(crate::error::closed("attach"));
         }
         let mut live = self.live.lock().await;
-        if live.as_ref().is_none_or(|l| l.connection.is_closed()) {
-            if let Some(old) = live.take() {
-                close_in_background(old);
-            }
-            *live = Some(self.open().await?);
-        }
-        let Some(current) = live.as_mut() else {
-            return Err(Error::internal("no connection"));
-        };
-        let generation = current.generation;
-        match tokio::time::timeout(ATTACH_TIMEOUT, Session::begin(&mut current.connection)).await {
-            Ok(Ok(session)) => Ok((session, generation)),
-            Ok(Err(err)) => {
-                // A connection that cannot begin a session is no good: reopen next time.
+        let mut last_error = None;
+        for _ in 0..2 {
+            if live.as_ref().is_none_or(|l| l.connection.is_closed()) {
                 if let Some(old) = live.take() {
                     close_in_background(old);
                 }
-                Err(Error::internal(format!(
+                *live = Some(self.open().await?);
+            }
+            let Some(current) = live.as_mut() else {
+                return Err(Error::internal("no connection"));
+            };
+            let generation = current.generation;
+            let begun =
+                tokio::time::timeout(ATTACH_TIMEOUT, Session::begin(&mut current.connection)).await;
+            let error = match begun {
+                Ok(Ok(session)) => return Ok((session, generation)),
+                Ok(Err(err)) => Error::internal(format!(
                     "{}: beginning a session failed: {err}",
                     self.endpoint.redacted
                 ))
-                .with_source(err))
-            }
-            Err(_) => {
-                if let Some(old) = live.take() {
-                    close_in_background(old);
-                }
-                Err(Error::internal(format!(
+                .with_source(err),
+                Err(_) => Error::internal(format!(
                     "{}: beginning a session timed out",
                     self.endpoint.redacted
-                )))
+                )),
+            };
+            // A connection that cannot begin a session is no good: reopen it.
+            if let Some(old) = live.take() {
+                close_in_background(old);
             }
+            last_error = Some(error);
         }
+        Err(last_error.unwrap_or_else(|| Error::internal("no session")))
     }
 
     /// Attaches a sender on its own session.

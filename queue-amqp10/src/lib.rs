@@ -56,7 +56,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverFactory, Error, Message, QueueId,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Error, Message, QueueId,
     QueueInfo, QueueSpec, Result, Subscription,
 };
 
@@ -121,7 +121,6 @@ impl Amqp10Driver {
     }
 
     fn prepare(&self, declared: &Declared, message: Message) -> Result<mapping::Outgoing> {
-        queue_core::refuse_unsupported_headers(NAME, &self.capabilities(), &message)?;
         mapping::to_amqp(message, declared.spec.durable, self.config.profile)
     }
 }
@@ -137,7 +136,6 @@ impl Driver for Amqp10Driver {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
-        spec.check_supported(NAME, &self.capabilities())?;
         let address = self.config.profile.address(&spec.name)?;
         let _serial = self.declaring.lock().await;
         if let Ok(existing) = self.declared(&spec.id) {
@@ -247,30 +245,26 @@ impl Driver for Amqp10Driver {
     }
 }
 
-/// The factory of `queue.driver.amqp10` entries.
+/// `queue.driver.amqp10` entries build [`Amqp10Driver`]s with the capabilities of
+/// their profile: register `queue_core::Factory::<Amqp10Config>::new()`.
 ///
 /// ```
-/// use queue_core::DriverFactory;
-/// let factory = queue_amqp10::Amqp10DriverFactory;
+/// use queue_core::{DriverConfig, Factory};
+/// let factory = Factory::<queue_amqp10::Amqp10Config>::new();
 /// assert_eq!(factory.kind(), "queue.driver.amqp10");
-/// factory.validate(&serde_json::json!({"url": "amqp://127.0.0.1", "profile": "artemis"})).unwrap();
+/// let caps = factory.validate(&serde_json::json!({"url": "amqp://127.0.0.1", "profile": "artemis"})).unwrap();
+/// assert!(caps.priority && caps.delay);
 /// assert!(factory.validate(&serde_json::json!({"url": "amqp://h", "heartbeat": "5s"})).is_err());
 /// ```
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Amqp10DriverFactory;
-
 #[async_trait]
-impl DriverFactory for Amqp10DriverFactory {
-    fn kind(&self) -> &'static str {
-        KIND
+impl DriverConfig for Amqp10Config {
+    const KIND: &'static str = KIND;
+
+    fn validate(&self) -> Result<Capabilities> {
+        Amqp10Config::validate(self).map(|()| self.profile.capabilities())
     }
 
-    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
-        Amqp10Config::from_value(config.clone()).map(|c| c.profile.capabilities())
-    }
-
-    async fn create(&self, config: serde_json::Value) -> Result<Arc<dyn Driver>> {
-        let config = Amqp10Config::from_value(config)?;
-        Ok(Arc::new(Amqp10Driver::connect(config).await?))
+    async fn connect(self) -> Result<Arc<dyn Driver>> {
+        Ok(Arc::new(Amqp10Driver::connect(self).await?))
     }
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use queue_amqp10::{Amqp10Config, Amqp10Driver, Amqp10DriverFactory, Profile};
+use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
 use queue_testkit::everything_said;
 
@@ -20,7 +20,7 @@ async fn wrong_password_is_refused_without_showing_it() {
     assert!(text.contains("guest:***@127.0.0.1:5672"), "{text}");
 
     // The same through the factory, as the runtime builds it.
-    let result = Amqp10DriverFactory
+    let result = queue_core::Factory::<Amqp10Config>::new()
         .create(serde_json::json!({"url": url, "profile": "rabbitmq-v1"}))
         .await;
     let Err(err) = result else {
@@ -49,7 +49,10 @@ async fn refused_port_is_internal_retryable_without_the_password() {
 }
 
 async fn options_rabbitmq_3_cannot_honour_are_invalid() {
-    let driver = support::rabbit_driver(Profile::RabbitmqV1).await;
+    // As every user of a driver gets it: behind the capability checks.
+    let driver = queue_core::Checked::layer(std::sync::Arc::new(
+        support::rabbit_driver(Profile::RabbitmqV1).await,
+    ));
     let id = QueueId::parse("amqp10-tests:unsupported").unwrap();
     for spec in [
         QueueSpec::new(id.clone()).with_max_priority(9),

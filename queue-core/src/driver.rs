@@ -316,8 +316,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn close(&self) -> Result<()>;
 }
 
-/// Refuses a `delay` header where the driver has no `delay` capability.
-pub fn refuse_unsupported_headers(
+/// Refuses a `delay` header where the driver has no `delay` capability, and a
+/// priority where it has no `priority` ([`crate::Checked`] applies it).
+pub(crate) fn refuse_unsupported_headers(
     driver: &str,
     caps: &Capabilities,
     message: &Message,

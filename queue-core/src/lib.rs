@@ -32,10 +32,12 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod checked;
 mod codec;
 pub mod config;
 mod driver;
 mod error;
+mod factory;
 mod id;
 pub mod memory;
 mod message;
@@ -45,12 +47,14 @@ pub mod security;
 mod value;
 
 pub use backoff::Backoff;
+pub use checked::Checked;
 pub use codec::{Codec, MAX_DEPTH};
 pub use driver::{
     Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
-    Subscription, refuse_unsupported_headers,
+    Subscription,
 };
 pub use error::{Error, ErrorKind, Result, redact_url};
+pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
 pub use message::{
     HeaderValue, Headers, MAX_HEADER_BYTES, MAX_NAME_BYTES, Message, names, new_message_id,
@@ -60,41 +64,3 @@ pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,
 };
 pub use value::Value;
-
-/// A driver factory: builds a driver from the YAML entry of its kind. The runtime
-/// keeps one per `queue.driver.<name>` kind; adding a driver is one new crate that
-/// exports a factory, and one line registering it.
-#[async_trait::async_trait]
-pub trait DriverFactory: Send + Sync {
-    /// The entry kind this factory serves, e.g. `queue.driver.amqp`.
-    fn kind(&self) -> &'static str;
-    /// Checks the entry's fields without connecting (used by `check`), and tells
-    /// what a driver built from them will be able to do, so that `check` refuses
-    /// queues that need more.
-    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities>;
-    /// Builds (and connects) the driver.
-    async fn create(&self, config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>>;
-}
-
-/// The factory of the embedded memory driver (`queue.driver.memory`).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MemoryDriverFactory;
-
-#[async_trait::async_trait]
-impl DriverFactory for MemoryDriverFactory {
-    fn kind(&self) -> &'static str {
-        "queue.driver.memory"
-    }
-
-    fn validate(&self, config: &serde_json::Value) -> Result<Capabilities> {
-        config::from_value::<memory::MemoryConfig>(self.kind(), config.clone())
-            .map(|_| memory::CAPABILITIES)
-    }
-
-    async fn create(&self, config: serde_json::Value) -> Result<std::sync::Arc<dyn Driver>> {
-        let config: memory::MemoryConfig = config::from_value(self.kind(), config)?;
-        Ok(std::sync::Arc::new(memory::MemoryDriver::with_config(
-            config,
-        )))
-    }
-}

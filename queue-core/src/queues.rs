@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::message::names;
 use crate::security::{ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, SecurityContext};
 use crate::{
-    Codec, Driver, Error, HeaderValue, Headers, Message, QueueId, QueueInfo, QueueSpec, Result,
-    Value,
+    Checked, Codec, Driver, Error, HeaderValue, Headers, Message, QueueId, QueueInfo, QueueSpec,
+    Result, Value,
 };
 
 /// The default `max_message_bytes`: 1 MiB.
@@ -85,13 +85,15 @@ impl Queues {
         Queues::default()
     }
 
-    /// Declares a queue on its driver and registers it.
+    /// Declares a queue on its driver, behind the capability checks ([`Checked`]),
+    /// and registers it.
     pub async fn declare(
         &self,
         spec: QueueSpec,
         settings: PublishSettings,
         driver: Arc<dyn Driver>,
     ) -> Result<()> {
+        let driver = Checked::layer(driver);
         driver.declare(&spec).await?;
         self.registry
             .write()

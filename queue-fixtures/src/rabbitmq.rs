@@ -434,6 +434,21 @@ impl Outage for PrivateNode {
         }
         Ok(())
     }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}\nlog:\n{}",
+            self.ctl(&[
+                "list_queues",
+                "name",
+                "durable",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers"
+            ]),
+            self.log_tail()
+        )
+    }
 }
 
 /// Starts `rabbitmq-server` for a node, its output in the node's `server.out`.

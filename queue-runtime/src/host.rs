@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use queue_core::{ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
+use queue_core::{Backoff, ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metered;
@@ -55,14 +55,16 @@ async fn create_driver(
     config: &serde_json::Value,
     wait: bool,
 ) -> Result<Arc<dyn Driver>> {
-    let mut delay = Duration::from_secs(1);
+    let backoff = Backoff::new(Duration::from_secs(1), 2.0, Duration::from_secs(30));
+    let mut attempt = 1;
     loop {
         match factory.create(config.clone()).await {
             Ok(driver) => return Ok(driver),
             Err(e) if wait && e.retryable() => {
+                let delay = backoff.delay(attempt);
                 tracing::warn!(driver = %id, error = %e, retry_in = ?delay, "broker unreachable; waiting for it");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
             }
             Err(e) => return Err(e.context(format!("driver {id}"))),
         }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use queue_core::retry::RetryPolicy;
 use queue_core::security::{Actor, Effect, Pattern, Policy, RulePolicy, SecurityContext};
-use queue_core::{Backoff, Capabilities, DriverFactory, PublishSettings, QueueId, QueueSpec};
+use queue_core::{
+    Backoff, Capabilities, DriverFactory, Factory, PublishSettings, QueueId, QueueSpec,
+};
 use queue_lua::{Limits, OptIn, SourceCheck};
 
 use crate::config::Config;
@@ -28,12 +30,15 @@ pub struct DriverKinds {
 }
 
 impl DriverKinds {
-    /// Every driver this build ships. Adding a driver is one line here.
+    /// Every driver this build ships: the memory driver, and each broker driver whose
+    /// cargo feature is on. Adding a driver is one line here.
     pub fn builtin() -> Self {
         let mut kinds = DriverKinds::default();
-        kinds.register(Arc::new(queue_core::MemoryDriverFactory));
-        kinds.register(Arc::new(queue_amqp091::AmqpDriverFactory));
-        kinds.register(Arc::new(queue_amqp10::Amqp10DriverFactory));
+        kinds.register(Arc::new(Factory::<queue_core::memory::MemoryConfig>::new()));
+        #[cfg(feature = "amqp091")]
+        kinds.register(Arc::new(Factory::<queue_amqp091::AmqpConfig>::new()));
+        #[cfg(feature = "amqp10")]
+        kinds.register(Arc::new(Factory::<queue_amqp10::Amqp10Config>::new()));
         kinds
     }
 
@@ -157,7 +162,7 @@ impl Plan {
     pub fn is_in_memory(&self, id: &QueueId) -> bool {
         self.queue(id)
             .and_then(|q| self.drivers.iter().find(|d| d.id == q.driver))
-            .is_some_and(|d| d.kind == "queue.driver.memory")
+            .is_some_and(|d| d.kind == queue_core::memory::KIND)
     }
 
     /// The security context of a process started from the command line.
@@ -209,12 +214,10 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     let default_driver = match plan.drivers.len() {
         0 => {
             let config = serde_json::json!({});
-            let capabilities = queue_core::MemoryDriverFactory
-                .validate(&config)
-                .unwrap_or_default();
+            let capabilities = queue_core::memory::CAPABILITIES;
             plan.drivers.push(DriverPlan {
                 id: EMBEDDED_DRIVER.to_string(),
-                kind: "queue.driver.memory".to_string(),
+                kind: queue_core::memory::KIND.to_string(),
                 config,
                 capabilities,
             });

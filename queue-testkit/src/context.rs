@@ -36,11 +36,12 @@ impl std::fmt::Debug for TestContext {
 static NEXT_QUEUE: AtomicU64 = AtomicU64::new(0);
 
 impl TestContext {
-    /// A context around a driver; queue names are unique to this process run.
+    /// A context around a driver, behind the capability checks every driver runs
+    /// behind ([`queue_core::Checked`]); queue names are unique to this process run.
     pub fn new(driver: Arc<dyn Driver>) -> Self {
         let run = queue_core::new_message_id().replace('-', "");
         TestContext {
-            driver,
+            driver: queue_core::Checked::layer(driver),
             run: run[run.len() - 12..].to_string(),
             spec_hook: Arc::new(|spec| spec),
             kept: Vec::new(),

@@ -55,6 +55,11 @@ pub trait Outage: Send {
     /// Inflicts the fault and returns once the broker is back (for a restart: once it
     /// accepts connections again).
     fn inflict(&mut self, fault: Fault) -> Result<(), String>;
+
+    /// What the broker itself says of its queues, for the message of a failed case.
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// How much load the contract puts on the broker.
@@ -218,8 +223,9 @@ pub async fn no_confirmed_message_lost(
     // (c) Nothing confirmed was lost.
     let missing = tally.missing();
     if !all_consumed || report.counts.lost > 0 {
+        let broker = tokio::task::block_in_place(|| outage.describe());
         return Err(format!(
-            "{} confirmed messages never came out, e.g. {:?}: {report}",
+            "{} confirmed messages never came out, e.g. {:?}: {report}\nthe broker says:\n{broker}",
             missing.len(),
             &missing[..missing.len().min(10)]
         ));

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::driver::refuse_unsupported_headers;
 use crate::{
     Capabilities, ConsumeOptions, Driver, Error, Message, QueueId, QueueInfo, QueueSpec, Result,
     Subscription,
@@ -39,6 +38,22 @@ impl Default for MemoryConfig {
             publish_timeout: Duration::from_secs(5),
             default_max_length: 10_000,
         }
+    }
+}
+
+/// The entry kind of the memory driver.
+pub const KIND: &str = "queue.driver.memory";
+
+#[async_trait::async_trait]
+impl crate::DriverConfig for MemoryConfig {
+    const KIND: &'static str = KIND;
+
+    fn validate(&self) -> Result<Capabilities> {
+        Ok(CAPABILITIES)
+    }
+
+    async fn connect(self) -> Result<std::sync::Arc<dyn Driver>> {
+        Ok(std::sync::Arc::new(MemoryDriver::with_config(self)))
     }
 }
 
@@ -72,7 +87,7 @@ struct Shared {
 }
 
 /// What the memory driver can do.
-pub(crate) const CAPABILITIES: Capabilities = Capabilities {
+pub const CAPABILITIES: Capabilities = Capabilities {
     confirms: true,
     priority: true,
     max_priority: 9,
@@ -132,7 +147,6 @@ impl Driver for MemoryDriver {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
-        spec.check_supported(self.name(), &CAPABILITIES)?;
         let mut queues = self
             .shared
             .queues
@@ -152,15 +166,11 @@ impl Driver for MemoryDriver {
     }
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
-        refuse_unsupported_headers(self.name(), &CAPABILITIES, &message)?;
         let q = self.queue(queue)?;
         q.publish(message, self.shared.config.publish_timeout).await
     }
 
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
-        for message in &messages {
-            refuse_unsupported_headers(self.name(), &CAPABILITIES, message)?;
-        }
         let q = self.queue(queue)?;
         q.publish_batch(messages, self.shared.config.publish_timeout)
             .await

@@ -415,7 +415,7 @@ fn parse_entry(
             return Err(entry.error(
                 Some("kind"),
                 format!(
-                    "unknown kind {other:?}: expected queue.driver.memory, queue.driver.amqp, queue.driver.amqp10, queue.queue, queue.consumer, function.lua, process.lua or security.policy"
+                    "unknown kind {other:?}: expected queue.driver.<name> (a driver), queue.queue, queue.consumer, function.lua, process.lua or security.policy"
                 ),
             ));
         }
