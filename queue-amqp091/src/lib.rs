@@ -115,6 +115,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // RabbitMQ's queue.declare-ok counts ready messages only.
     info_in_flight: false,
     info_consumers: true,
+    quorum_queues: false,
 };
 
 #[async_trait]

@@ -35,6 +35,30 @@ pub struct Capabilities {
     pub info_in_flight: bool,
     /// `info` reports the number of consumers.
     pub info_consumers: bool,
+    /// Declares quorum queues ([`QueueType::Quorum`]): replicated over a cluster's
+    /// nodes, and dead-lettering out of them at least once.
+    pub quorum_queues: bool,
+}
+
+/// What kind of queue to declare, where the broker has several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// The broker's plain queue (RabbitMQ's classic queue).
+    #[default]
+    Classic,
+    /// A replicated queue (RabbitMQ's quorum queue): it survives the loss of a node
+    /// of the cluster, and has no message priorities.
+    Quorum,
+}
+
+impl QueueType {
+    /// Its name in configuration (`classic`, `quorum`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 /// How a broker driver's connection has fared since the driver was created: for
@@ -74,6 +98,8 @@ pub struct QueueSpec {
     pub max_priority: Option<u8>,
     /// Messages older than this are discarded.
     pub message_ttl: Option<Duration>,
+    /// Classic (the default) or quorum.
+    pub queue_type: QueueType,
 }
 
 impl QueueSpec {
@@ -86,7 +112,14 @@ impl QueueSpec {
             max_length: None,
             max_priority: None,
             message_ttl: None,
+            queue_type: QueueType::Classic,
         }
+    }
+
+    /// Sets the queue type.
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
     }
 
     /// Sets the broker name.
@@ -122,6 +155,22 @@ impl QueueSpec {
     /// Refuses options the driver's capabilities do not cover, naming the driver; the
     /// error's `field` detail names the option.
     pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
+        if self.queue_type == QueueType::Quorum {
+            if !caps.quorum_queues {
+                return Err(Error::invalid(format!(
+                    "queue {}: the {driver} driver does not declare quorum queues",
+                    self.id
+                ))
+                .with_detail("field", "queue_type"));
+            }
+            if self.max_priority.is_some() {
+                return Err(Error::invalid(format!(
+                    "queue {}: a quorum queue has no message priorities (RabbitMQ 3.x): drop max_priority or use queue_type classic",
+                    self.id
+                ))
+                .with_detail("field", "max_priority"));
+            }
+        }
         if let Some(p) = self.max_priority
             && caps.priority
             && p > caps.max_priority

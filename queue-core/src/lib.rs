@@ -51,7 +51,7 @@ pub use checked::Checked;
 pub use codec::{Codec, MAX_DEPTH};
 pub use driver::{
     Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
-    Subscription,
+    QueueType, Subscription,
 };
 pub use error::{Error, ErrorKind, Result, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};

@@ -409,7 +409,8 @@ fn add_implicit_dead_letter_queues(plan: &mut Plan) {
             implicit.push(QueuePlan {
                 spec: QueueSpec::new(dlq.clone())
                     .with_name(format!("{}.dlq", q.spec.name))
-                    .with_durable(q.spec.durable),
+                    .with_durable(q.spec.durable)
+                    .with_queue_type(q.spec.queue_type),
                 settings: q.settings,
                 driver: q.driver.clone(),
                 retry: q.retry.clone(),
@@ -476,6 +477,7 @@ fn queue_plan(
     spec.max_length = q.max_length;
     spec.max_priority = q.max_priority;
     spec.message_ttl = q.message_ttl;
+    spec.queue_type = q.queue_type.into();
     if let Some(driver_plan) = plan.drivers.iter().find(|d| d.id == driver) {
         spec.check_supported(&driver_plan.kind, &driver_plan.capabilities)
             .map_err(|e| {

@@ -98,6 +98,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_ready: true,
     info_in_flight: true,
     info_consumers: true,
+    quorum_queues: false,
 };
 
 impl MemoryDriver {

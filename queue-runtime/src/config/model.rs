@@ -53,6 +53,9 @@ pub struct QueueEntry {
         deserialize_with = "queue_core::config::option_duration::deserialize"
     )]
     pub message_ttl: Option<Duration>,
+    /// `classic` (default) or `quorum` (replicated over a cluster's nodes).
+    #[serde(default)]
+    pub queue_type: QueueTypeName,
     /// Largest encoded body (1 MiB).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -86,6 +89,26 @@ impl From<CodecName> for queue_core::Codec {
         match c {
             CodecName::Json => queue_core::Codec::Json,
             CodecName::Msgpack => queue_core::Codec::MsgPack,
+        }
+    }
+}
+
+/// `queue_type:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueTypeName {
+    /// A classic queue.
+    #[default]
+    Classic,
+    /// A quorum queue.
+    Quorum,
+}
+
+impl From<QueueTypeName> for queue_core::QueueType {
+    fn from(t: QueueTypeName) -> Self {
+        match t {
+            QueueTypeName::Classic => queue_core::QueueType::Classic,
+            QueueTypeName::Quorum => queue_core::QueueType::Quorum,
         }
     }
 }
