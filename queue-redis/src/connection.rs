@@ -122,6 +122,38 @@ impl Link {
         result.map_err(|e| from_redis(what, e))
     }
 
+    /// Like [`Link::run`] for commands that may run twice (declare, attach, info):
+    /// a command that failed for want of a connection is tried again, backing off,
+    /// until `publish_timeout` has passed. The redis crate fails the first command
+    /// after a connection drops, and reconnects only then.
+    pub async fn run_idempotent<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        let mut failures = 0;
+        loop {
+            if self.is_closed() {
+                return Err(crate::error::closed(what));
+            }
+            let result = op(self.manager.clone()).await;
+            self.observe(&result).await;
+            match result {
+                Err(e) if is_connection_error(&e) => {
+                    failures += 1;
+                    let wait = self.backoff(failures);
+                    if tokio::time::Instant::now() + wait > deadline {
+                        return Err(from_redis(what, e));
+                    }
+                    tracing::debug!(error = %e, ?wait, "redis: {what} failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other.map_err(|e| from_redis(what, e)),
+            }
+        }
+    }
+
     /// Notes a command's outcome: a connection error marks the link suspect, the next
     /// success finds out whether the connection is a new one.
     pub async fn observe<T>(&self, result: &RedisResult<T>) {

@@ -116,16 +116,12 @@ impl Shared {
             return Ok(());
         }
         let what = format!("cancel a consumer of {}", self.queue);
-        let (stream, consumer, lease_key) = (
-            self.keys.stream.clone(),
-            self.consumer.clone(),
-            self.lease_key.clone(),
-        );
+        let (stream, consumer, lease_key) = (&self.keys.stream, &self.consumer, &self.lease_key);
         let returned: i64 = self
             .link
-            .run(&what, |mut c| async move {
-                let mut invocation = scripts::DETACH.key(&stream);
-                invocation.arg(GROUP).arg(&consumer).arg(&lease_key);
+            .run_idempotent(&what, |mut c| async move {
+                let mut invocation = scripts::DETACH.key(stream);
+                invocation.arg(GROUP).arg(consumer).arg(lease_key);
                 invocation.invoke_async(&mut c).await
             })
             .await
@@ -152,15 +148,14 @@ impl RedisSubscription {
         let lease = link.config().consumer_timeout;
         let what = format!("consume {queue}");
         {
-            let (stream, consumer, lease_key) =
-                (keys.stream.clone(), consumer.clone(), lease_key.clone());
+            let (stream, consumer, lease_key) = (&keys.stream, &consumer, &lease_key);
             let _: i64 = link
-                .run(&what, |mut c| async move {
-                    let mut invocation = scripts::ATTACH.key(&stream);
+                .run_idempotent(&what, |mut c| async move {
+                    let mut invocation = scripts::ATTACH.key(stream);
                     invocation
                         .arg(GROUP)
-                        .arg(&consumer)
-                        .arg(&lease_key)
+                        .arg(consumer)
+                        .arg(lease_key)
                         .arg(millis(lease));
                     invocation.invoke_async(&mut c).await
                 })

@@ -169,12 +169,12 @@ impl Driver for RedisDriver {
         let keys = Keys::of(&spec.name);
         let what = format!("declare {}", spec.id);
         let wanted = spec.max_length.map(|m| m.to_string()).unwrap_or_default();
-        let (stream, meta) = (keys.stream.clone(), keys.meta.clone());
+        let (stream, meta, wanted) = (&keys.stream, &keys.meta, &wanted);
         let stored: String = self
             .link
-            .run(&what, |mut c| async move {
-                let mut invocation = scripts::DECLARE.key(&stream);
-                invocation.key(&meta).arg(GROUP).arg(&wanted);
+            .run_idempotent(&what, |mut c| async move {
+                let mut invocation = scripts::DECLARE.key(stream);
+                invocation.key(meta).arg(GROUP).arg(wanted);
                 invocation.invoke_async(&mut c).await
             })
             .await?;
@@ -233,15 +233,12 @@ impl Driver for RedisDriver {
 
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
         let declared = self.declared(queue)?;
-        let (stream, prefix) = (
-            declared.keys.stream.clone(),
-            declared.keys.lease_prefix.clone(),
-        );
+        let (stream, prefix) = (&declared.keys.stream, &declared.keys.lease_prefix);
         let (length, pending, consumers): (u64, u64, u64) = self
             .link
-            .run(&format!("info of {queue}"), |mut c| async move {
-                let mut invocation = scripts::INFO.key(&stream);
-                invocation.arg(GROUP).arg(&prefix);
+            .run_idempotent(&format!("info of {queue}"), |mut c| async move {
+                let mut invocation = scripts::INFO.key(stream);
+                invocation.arg(GROUP).arg(prefix);
                 invocation.invoke_async(&mut c).await
             })
             .await?;
