@@ -34,6 +34,8 @@ impl DriverKinds {
         kinds.register(Arc::new(queue_core::MemoryDriverFactory));
         kinds.register(Arc::new(queue_amqp091::AmqpDriverFactory));
         kinds.register(Arc::new(queue_amqp10::Amqp10DriverFactory));
+        #[cfg(feature = "redis")]
+        kinds.register(Arc::new(queue_redis::RedisDriverFactory));
         kinds
     }
 
