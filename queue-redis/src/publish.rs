@@ -6,19 +6,20 @@ use redis::Value;
 
 use crate::connection::Link;
 use crate::error::NOT_FOUND_CODE;
-use crate::{Declared, GROUP, mapping, scripts};
+use crate::{Declared, GROUP, NAME, mapping, scripts};
 
 /// Appends one message; `Ok` once Redis replied with its entry id (with the
 /// fixture's `appendfsync always`, once it is on disk).
 pub(crate) async fn publish(link: &Link, declared: &Declared, message: &Message) -> Result<()> {
-    let what = format!("publish to {}", declared.spec.id);
+    // The caller (the runtime's facade) says which queue: "publish to app:tasks: redis: ...".
+    let what = NAME;
     let fields = mapping::to_fields(message);
     let stream = declared.keys.stream.clone();
     let sent = async {
         match declared.max_length {
             Some(max) => {
                 let _: String = link
-                    .run(&what, |mut c| async move {
+                    .run(what, |mut c| async move {
                         let mut invocation = scripts::PUBLISH_LIMITED.key(&stream);
                         invocation.arg(GROUP).arg(max).arg(fields);
                         invocation.invoke_async(&mut c).await
@@ -28,7 +29,7 @@ pub(crate) async fn publish(link: &Link, declared: &Declared, message: &Message)
             }
             None => {
                 let id: Option<String> = link
-                    .run(&what, |mut c| async move {
+                    .run(what, |mut c| async move {
                         redis::cmd("XADD")
                             .arg(&stream)
                             .arg("NOMKSTREAM")
@@ -38,11 +39,11 @@ pub(crate) async fn publish(link: &Link, declared: &Declared, message: &Message)
                             .await
                     })
                     .await?;
-                id.map(|_| ()).ok_or_else(|| gone(&what))
+                id.map(|_| ()).ok_or_else(|| gone(what, &declared.spec.id))
             }
         }
     };
-    within(link, &what, sent).await
+    within(link, what, sent).await
 }
 
 /// Appends several messages in one pipeline (one round trip); `Ok` once every
@@ -61,7 +62,7 @@ pub(crate) async fn publish_batch(
     if messages.is_empty() {
         return Ok(());
     }
-    let what = format!("publish to {}", declared.spec.id);
+    let what = NAME;
     let mut pipe = redis::pipe();
     for message in messages {
         pipe.cmd("XADD")
@@ -72,14 +73,14 @@ pub(crate) async fn publish_batch(
     }
     let sent = async {
         let replies: Vec<Value> = link
-            .run(&what, |mut c| async move { pipe.query_async(&mut c).await })
+            .run(what, |mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         if replies.len() != messages.len() || replies.iter().any(|r| matches!(r, Value::Nil)) {
-            return Err(gone(&what));
+            return Err(gone(what, &declared.spec.id));
         }
         Ok(())
     };
-    within(link, &what, sent).await
+    within(link, what, sent).await
 }
 
 async fn within<T>(
@@ -91,15 +92,15 @@ async fn within<T>(
     match tokio::time::timeout(limit, sending).await {
         Ok(result) => result,
         Err(_) => Err(Error::internal(format!(
-            "{what}: Redis did not reply within {limit:?} (publish_timeout); the message may have been added, so a retry may deliver it twice"
+            "{what}: no reply within {limit:?} (publish_timeout); the message may have been added, so a retry may deliver it twice"
         ))),
     }
 }
 
 /// `XADD NOMKSTREAM` to a stream that no longer exists (deleted behind the driver's back).
-fn gone(what: &str) -> Error {
+fn gone(what: &str, queue: &queue_core::QueueId) -> Error {
     Error::not_found(format!(
-        "{what}: the queue's stream does not exist in Redis (declare it again)"
+        "{what}: queue {queue}: its stream does not exist in Redis (declare it again)"
     ))
     .with_detail("code", NOT_FOUND_CODE)
 }
