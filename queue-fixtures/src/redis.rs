@@ -50,6 +50,28 @@ pub fn unavailable() -> Option<String> {
     })
 }
 
+/// Installs Debian's `redis-server` with apt-get when it is missing (`cargo xtask
+/// brokers up` calls it). It starts no server: every test starts its own.
+pub fn ensure_installed() -> Result<(), String> {
+    if unavailable().is_none() {
+        return Ok(());
+    }
+    println!("installing redis-server");
+    let updated = Command::new("apt-get").args(["update", "-qq"]).status();
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "redis-server"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status();
+    if !updated.is_ok_and(|s| s.success()) || !installed.is_ok_and(|s| s.success()) {
+        return Err("apt-get install redis-server failed".into());
+    }
+    match unavailable() {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
+
 /// A running `redis-server` of the test's own; stopped and deleted on drop.
 pub struct RedisNode {
     port: u16,
