@@ -11,7 +11,9 @@
 //!   store accepts;
 //! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
 //!   private ones that fault tests cut, stop and kill;
-//! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test.
+//! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test;
+//! - [`redis`]: private `redis-server`s (AOF on) that the Redis driver's tests start,
+//!   cut, stop and kill.
 //!
 //! Whether a missing broker fails or skips is one rule for all:
 //! [`queue_testkit::in_ci`].
@@ -21,6 +23,7 @@ pub mod certs;
 mod net;
 pub mod proton;
 pub mod rabbitmq;
+pub mod redis;
 
 pub use net::{free_port, port_open, wait_for_port};
 pub use queue_testkit::in_ci;

@@ -39,6 +39,8 @@ impl DriverKinds {
         kinds.register(Arc::new(Factory::<queue_amqp091::AmqpConfig>::new()));
         #[cfg(feature = "amqp10")]
         kinds.register(Arc::new(Factory::<queue_amqp10::Amqp10Config>::new()));
+        #[cfg(feature = "redis")]
+        kinds.register(Arc::new(Factory::<queue_redis::RedisConfig>::new()));
         kinds
     }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask brokers up|down`: the shared brokers the tests use, through
 //! `queue-fixtures` (the same code the tests start their private brokers with).
-//! `.ci/start-brokers` runs `cargo xtask brokers up`.
+//! `.ci/start-brokers` runs `cargo xtask brokers up`, which also installs
+//! `redis-server` for the Redis tests (they start servers of their own).
 
 use crate::Broker;
 
@@ -17,6 +18,11 @@ pub fn up(only: Option<Broker>) -> Result<bool, String> {
             queue_fixtures::artemis::VERSION,
             queue_fixtures::artemis::SHARED_AMQP_PORT
         );
+    }
+    if only.is_none() {
+        // No shared server: the Redis tests start their own, they need it installed.
+        queue_fixtures::redis::ensure_installed()?;
+        println!("redis-server installed (the Redis tests start their own)");
     }
     Ok(true)
 }

@@ -1,0 +1,286 @@
+//! The shared connection, the readers' connections, and what the connection report
+//! counts.
+//!
+//! Commands (publish, ack, release, info, declare) share one [`ConnectionManager`]:
+//! a multiplexed connection the redis crate replaces by itself when it drops. The
+//! crate does not say when it reconnected, so the [`Link`] asks: after a command
+//! failed for want of a connection, the next command that succeeds is followed by
+//! `CLIENT ID`, and a new id is a new connection. Each subscription reads on a
+//! connection of its own, because `XREADGROUP ... BLOCK` holds its connection until
+//! it returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use queue_core::{Error, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RedisResult};
+
+use crate::config::RedisConfig;
+use crate::error::{from_redis, is_connection_error};
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect attempts the redis crate makes per failure; the next command after
+/// that tries again.
+const RETRIES: usize = 6;
+
+/// The shared connection and the counts of the connection report.
+pub(crate) struct Link {
+    client: redis::Client,
+    manager: ConnectionManager,
+    config: RedisConfig,
+    node: String,
+    /// Connections that opened: 1 after connecting, +1 per reconnect seen.
+    opened: AtomicU64,
+    /// Consumer attaches and re-attaches.
+    attached: AtomicU64,
+    connected: AtomicBool,
+    /// A command failed for want of a connection since the last `CLIENT ID`.
+    suspect: AtomicBool,
+    client_id: AtomicI64,
+    closed: AtomicBool,
+}
+
+impl Link {
+    /// Connects once and checks the login, failing fast: an unreachable server is
+    /// INTERNAL (retryable), a refused login PERMISSION_DENIED.
+    pub async fn connect(config: &RedisConfig) -> Result<Arc<Link>> {
+        config.validate()?;
+        let client = config.client()?;
+        let node = config.redacted_url();
+        let what = format!("connecting to {node}");
+        // The manager retries a failed first connect for a while; one plain attempt
+        // tells at once what is wrong.
+        let mut probe =
+            tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| Error::internal(format!("{what} timed out")))?
+                .map_err(|e| from_redis(&what, e))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut probe)
+            .await
+            .map_err(|e| from_redis(&what, e))?;
+        warn_unless_persistent(&mut probe, &node).await;
+        drop(probe);
+        let manager = tokio::time::timeout(
+            CONNECT_TIMEOUT * 2,
+            ConnectionManager::new_with_config(
+                client.clone(),
+                manager_config(config, Some(config.publish_timeout.max(CONNECT_TIMEOUT))),
+            ),
+        )
+        .await
+        .map_err(|_| Error::internal(format!("{what} timed out")))?
+        .map_err(|e| from_redis(&what, e))?;
+        let link = Link {
+            client,
+            manager,
+            config: config.clone(),
+            node,
+            opened: AtomicU64::new(1),
+            attached: AtomicU64::new(0),
+            connected: AtomicBool::new(true),
+            suspect: AtomicBool::new(false),
+            client_id: AtomicI64::new(0),
+            closed: AtomicBool::new(false),
+        };
+        let id: i64 = link
+            .run(&what, |mut c| async move {
+                redis::cmd("CLIENT").arg("ID").query_async(&mut c).await
+            })
+            .await?;
+        link.client_id.store(id, Ordering::Relaxed);
+        Ok(Arc::new(link))
+    }
+
+    /// A connection of its own for one reader, with a response timeout above its
+    /// longest block. It connects on first use and reconnects by itself.
+    pub fn reader(&self, block: Duration) -> Result<ConnectionManager> {
+        ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            manager_config(&self.config, Some(block + CONNECT_TIMEOUT)),
+        )
+        .map_err(|e| from_redis(format!("connecting to {}", self.node), e))
+    }
+
+    /// Runs one command (or pipeline, or script) on the shared connection and notes
+    /// what its outcome says about the connection. Errors are the workspace's, with
+    /// `what` in front; a closed driver refuses.
+    pub async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if self.is_closed() {
+            return Err(crate::error::closed(what));
+        }
+        let result = op(self.manager.clone()).await;
+        self.observe(&result).await;
+        result.map_err(|e| from_redis(what, e))
+    }
+
+    /// Like [`Link::run`] for commands that may run twice (declare, attach, info):
+    /// a command that failed for want of a connection is tried again, backing off,
+    /// until `publish_timeout` has passed. The redis crate fails the first command
+    /// after a connection drops, and reconnects only then.
+    pub async fn run_idempotent<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        let mut failures = 0;
+        loop {
+            if self.is_closed() {
+                return Err(crate::error::closed(what));
+            }
+            let result = op(self.manager.clone()).await;
+            self.observe(&result).await;
+            match result {
+                Err(e) if is_connection_error(&e) => {
+                    failures += 1;
+                    let wait = self.backoff(failures);
+                    if tokio::time::Instant::now() + wait > deadline {
+                        return Err(from_redis(what, e));
+                    }
+                    tracing::debug!(error = %e, ?wait, "redis: {what} failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other.map_err(|e| from_redis(what, e)),
+            }
+        }
+    }
+
+    /// Notes a command's outcome: a connection error marks the link suspect, the next
+    /// success finds out whether the connection is a new one.
+    pub async fn observe<T>(&self, result: &RedisResult<T>) {
+        match result {
+            Err(e) if is_connection_error(e) => {
+                self.connected.store(false, Ordering::Relaxed);
+                self.suspect.store(true, Ordering::Relaxed);
+            }
+            // A script or command error came over a working connection.
+            _ => {
+                self.connected.store(true, Ordering::Relaxed);
+                if self.suspect.swap(false, Ordering::AcqRel) {
+                    self.check_identity().await;
+                }
+            }
+        }
+    }
+
+    async fn check_identity(&self) {
+        let mut c = self.manager.clone();
+        let id: RedisResult<i64> = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await;
+        match id {
+            Ok(id) => {
+                let old = self.client_id.swap(id, Ordering::AcqRel);
+                if old != id {
+                    let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::info!(node = %self.node, connections_opened = n, "redis: reconnected");
+                }
+            }
+            Err(_) => self.suspect.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a consumer (re-)attach.
+    pub fn attached(&self) {
+        self.attached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many connections opened: 1 after connecting, +1 per reconnect.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Consumer attaches, re-attaches included.
+    pub fn links_attached(&self) -> u64 {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last command found a working connection.
+    pub fn is_connected(&self) -> bool {
+        !self.is_closed() && self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The server's URL, password redacted.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The wait before reconnect attempt `failures` (1-based): doubling from
+    /// `reconnect_delay` up to `reconnect_max_delay`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+        self.config
+            .reconnect_delay
+            .saturating_mul(factor)
+            .min(self.config.reconnect_max_delay)
+    }
+
+    /// The driver's settings.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Refuses every command from now on.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Link::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+fn manager_config(
+    config: &RedisConfig,
+    response_timeout: Option<Duration>,
+) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_min_delay(config.reconnect_delay)
+        .set_max_delay(config.reconnect_max_delay)
+        .set_exponent_base(2.0)
+        .set_number_of_retries(RETRIES)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(response_timeout)
+}
+
+/// Confirmed messages survive a crash only when the server appends every write to
+/// its AOF and syncs it before replying; says so when it does not. A server that
+/// refuses `CONFIG GET` (ACLs, renamed command) is taken at its word.
+async fn warn_unless_persistent(conn: &mut redis::aio::MultiplexedConnection, node: &str) {
+    let got: RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query_async(conn)
+        .await;
+    let Ok(pairs) = got else { return };
+    let value = |name: &str| {
+        pairs
+            .chunks(2)
+            .find(|p| p.first().is_some_and(|k| k == name))
+            .and_then(|p| p.get(1).cloned())
+            .unwrap_or_default()
+    };
+    let (aof, fsync) = (value("appendonly"), value("appendfsync"));
+    if aof != "yes" || fsync != "always" {
+        tracing::warn!(
+            node,
+            appendonly = %aof,
+            appendfsync = %fsync,
+            "redis: the server does not sync every write to its AOF (appendonly yes, appendfsync always): confirmed messages may be lost if it crashes"
+        );
+    }
+}
+
+/// Whether a failed command is worth telling the consumer about (the queue is gone,
+/// the login was revoked) rather than only retrying quietly.
+pub(crate) fn is_permanent(err: &RedisError) -> bool {
+    !is_connection_error(err)
+}

@@ -1,0 +1,560 @@
+//! Consuming: one consumer of the queue's group per subscription, reading with
+//! `XREADGROUP` on a connection of its own.
+//!
+//! A task reads. It first takes room under the prefetch (a semaphore of `prefetch`
+//! permits; each delivery holds one until it is settled), then asks Redis for at
+//! most that many new entries, blocking up to [`BLOCK`]. So the group never has more
+//! than `prefetch` entries pending for this consumer.
+//!
+//! - ack: `XACK` + `XDEL` in one script;
+//! - release (and dropping a delivery unsettled): the entry is removed and a copy with
+//!   the same fields appended (the scripts module says why), so any consumer can get
+//!   it; it goes to the back of the queue;
+//! - cancel: the reader is stopped (`CLIENT UNBLOCK` ends its wait), then every entry
+//!   still pending for this consumer goes back the same way and the consumer leaves
+//!   the group; settling one of its deliveries afterwards is `INVALID`.
+//!
+//! Losing the connection loses no entry: the group keeps what it delivered to this
+//! consumer. After a reconnect (and after a settlement failed) the reader looks at
+//! its own pending list and delivers again what no delivery holds, such as entries
+//! whose `XREADGROUP` reply was lost. A consumer whose process died is found by the
+//! others: its lease key expires, and they return what it held.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use queue_core::{Acker, Delivery, Error, Result, Subscription};
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::connection::{Link, is_permanent};
+use crate::mapping::{self, Entry};
+use crate::{GROUP, Keys, scripts};
+
+/// The longest a read waits for new entries before the reader looks around (stop,
+/// lease) and asks again.
+pub(crate) const BLOCK: Duration = Duration::from_secs(2);
+
+/// How many pending entries one look at the consumer's own pending list covers.
+const RESCAN_PAGE: usize = 1000;
+
+/// What a subscription, its reader task and the ackers of its deliveries share.
+pub(crate) struct Shared {
+    link: Arc<Link>,
+    queue: String,
+    keys: Keys,
+    consumer: String,
+    lease_key: String,
+    permits: Arc<Semaphore>,
+    /// Stream ids of deliveries handed out and not settled yet.
+    held: Mutex<HashSet<String>>,
+    /// The pending list may hold entries no delivery holds: look again.
+    rescan: AtomicBool,
+    stop: watch::Sender<bool>,
+    /// Set when cancel (or close, or a drop) starts: settling is an error from then on.
+    detached: AtomicBool,
+    /// `CLIENT ID` of the reader's connection (0 before it is known).
+    reader_id: AtomicI64,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The consumer has left the group.
+    done: AtomicBool,
+}
+
+impl Shared {
+    fn held(&self) -> MutexGuard<'_, HashSet<String>> {
+        // Inserts and removes cannot leave the set half-written.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Stops the reader, returns everything this consumer holds to the queue, and
+    /// removes the consumer from the group. Idempotent.
+    pub(crate) async fn shutdown(&self) -> Result<()> {
+        let mut task = self.task.lock().await;
+        self.detached.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+        if let Some(mut handle) = task.take() {
+            // The reader may be blocked in XREADGROUP: unblock it rather than waiting
+            // out the block, and retry in case the read was not blocked yet.
+            let deadline = Instant::now() + BLOCK + Duration::from_secs(3);
+            loop {
+                let id = self.reader_id.load(Ordering::Acquire);
+                if id > 0 {
+                    let _: Result<Value> = self
+                        .link
+                        .run("unblock a reader", |mut c| async move {
+                            redis::cmd("CLIENT")
+                                .arg("UNBLOCK")
+                                .arg(id)
+                                .query_async(&mut c)
+                                .await
+                        })
+                        .await;
+                }
+                tokio::select! {
+                    _ = &mut handle => break,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                if Instant::now() > deadline {
+                    // A read may still land in this consumer's pending list; with its
+                    // lease gone, the other consumers return it.
+                    handle.abort();
+                    let _ = handle.await;
+                    break;
+                }
+            }
+        }
+        if self.done.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let what = format!("cancel a consumer of {}", self.queue);
+        let (stream, consumer, lease_key) = (&self.keys.stream, &self.consumer, &self.lease_key);
+        let returned: i64 = self
+            .link
+            .run_idempotent(&what, |mut c| async move {
+                let mut invocation = scripts::DETACH.key(stream);
+                invocation.arg(GROUP).arg(consumer).arg(lease_key);
+                invocation.invoke_async(&mut c).await
+            })
+            .await
+            .map_err(|e| {
+                e.context("what it held goes back once its lease runs out (consumer_timeout)")
+            })?;
+        tracing::debug!(queue = %self.queue, consumer = %self.consumer, returned, "redis: consumer left");
+        Ok(())
+    }
+}
+
+/// A running consumer of one queue.
+pub(crate) struct RedisSubscription {
+    deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
+    shared: Arc<Shared>,
+}
+
+impl RedisSubscription {
+    /// Joins the group as a new consumer (so consume reports a missing queue) and
+    /// starts the reader.
+    pub async fn start(link: Arc<Link>, queue: String, keys: Keys, prefetch: u32) -> Result<Self> {
+        let consumer = format!("c-{}", queue_core::new_message_id());
+        let lease_key = format!("{}{consumer}", keys.lease_prefix);
+        let lease = link.config().consumer_timeout;
+        let what = format!("consume {queue}");
+        {
+            let (stream, consumer, lease_key) = (&keys.stream, &consumer, &lease_key);
+            let _: i64 = link
+                .run_idempotent(&what, |mut c| async move {
+                    let mut invocation = scripts::ATTACH.key(stream);
+                    invocation
+                        .arg(GROUP)
+                        .arg(consumer)
+                        .arg(lease_key)
+                        .arg(millis(lease));
+                    invocation.invoke_async(&mut c).await
+                })
+                .await?;
+        }
+        link.attached();
+        let reader = link.reader(BLOCK)?;
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            link,
+            queue,
+            keys,
+            consumer,
+            lease_key,
+            permits: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
+            held: Mutex::new(HashSet::new()),
+            rescan: AtomicBool::new(false),
+            stop,
+            detached: AtomicBool::new(false),
+            reader_id: AtomicI64::new(0),
+            task: tokio::sync::Mutex::new(None),
+            done: AtomicBool::new(false),
+        });
+        let (out, deliveries) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(read_loop(Arc::clone(&shared), reader, out));
+        *shared.task.lock().await = Some(handle);
+        Ok(RedisSubscription { deliveries, shared })
+    }
+
+    /// What the driver keeps to stop it on close.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+#[async_trait]
+impl Subscription for RedisSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.deliveries.recv().await
+    }
+
+    async fn cancel(self: Box<Self>) -> Result<()> {
+        self.shared.shutdown().await
+    }
+}
+
+impl Drop for RedisSubscription {
+    fn drop(&mut self) {
+        if self.shared.done.load(Ordering::Acquire) {
+            return;
+        }
+        // Before the buffered deliveries drop: the shutdown returns them.
+        self.shared.detached.store(true, Ordering::Release);
+        self.shared.stop.send_replace(true);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shared = Arc::clone(&self.shared);
+            runtime.spawn(async move {
+                if let Err(err) = shared.shutdown().await {
+                    tracing::warn!(queue = %shared.queue, error = %err, "redis: a dropped consumer could not return its messages");
+                }
+            });
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+async fn read_loop(
+    shared: Arc<Shared>,
+    mut reader: ConnectionManager,
+    out: mpsc::UnboundedSender<Result<Delivery>>,
+) {
+    let link = Arc::clone(&shared.link);
+    let lease = link.config().consumer_timeout;
+    let mut stop = shared.stop.subscribe();
+    let mut failures = 0u32;
+    let mut fresh = true;
+    let mut told = false;
+    let mut renewed = Instant::now();
+    let mut reaped: Option<Instant> = None;
+    loop {
+        if shared.is_stopping() || out.is_closed() || link.is_closed() {
+            break;
+        }
+        if renewed.elapsed() >= lease / 4 && renew(&shared, lease).await {
+            renewed = Instant::now();
+        }
+        if reaped.is_none_or(|at| at.elapsed() >= lease / 2) {
+            reap(&shared).await;
+            reaped = Some(Instant::now());
+        }
+        // Room under the prefetch first; wake up meanwhile to renew the lease.
+        let first = tokio::select! {
+            permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = tokio::time::sleep(lease / 4) => continue,
+            _ = stop.changed() => continue,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned() {
+            permits.push(permit);
+        }
+        match step(&shared, &mut reader, &mut fresh, permits.len()).await {
+            Ok(entries) => {
+                if failures > 0 {
+                    link.attached();
+                    tracing::info!(queue = %shared.queue, "redis: consumer re-attached");
+                    failures = 0;
+                    told = false;
+                }
+                if entries.len() > permits.len() {
+                    shared.rescan.store(true, Ordering::Release);
+                }
+                for entry in entries {
+                    if shared.is_stopping() {
+                        // Still pending for this consumer: the shutdown returns it.
+                        break;
+                    }
+                    let Some(permit) = permits.pop() else { break };
+                    deliver(&shared, &out, entry, permit);
+                }
+            }
+            Err(err) => {
+                drop(permits);
+                failures += 1;
+                fresh = true;
+                shared.rescan.store(true, Ordering::Release);
+                let wait = link.backoff(failures);
+                tracing::warn!(queue = %shared.queue, error = %err, ?wait, "redis: reading failed; retrying");
+                if is_permanent(&err) && !told {
+                    // e.g. the stream or group was deleted: tell the consumer, keep trying.
+                    told = true;
+                    let what = format!("consume {}", shared.queue);
+                    let _ = out.send(Err(crate::error::from_redis(what, err)));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// One read: the consumer's own pending entries when it must look again, else new
+/// entries (at most `count`).
+async fn step(
+    shared: &Shared,
+    reader: &mut ConnectionManager,
+    fresh: &mut bool,
+    count: usize,
+) -> RedisResult<Vec<Entry>> {
+    if *fresh {
+        let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(reader).await?;
+        shared.reader_id.store(id, Ordering::Release);
+        *fresh = false;
+    }
+    if shared.rescan.swap(false, Ordering::AcqRel) {
+        let found = rescan(shared, reader, count).await;
+        if found.is_err() {
+            shared.rescan.store(true, Ordering::Release);
+        }
+        return found;
+    }
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(millis(BLOCK))
+        .arg("STREAMS")
+        .arg(&shared.keys.stream)
+        .arg(">")
+        .query_async(reader)
+        .await?;
+    Ok(mapping::read_reply(&reply).0)
+}
+
+/// Entries pending for this consumer that no delivery holds (a read whose reply was
+/// lost, a settlement that failed), claimed again (at most `count`).
+async fn rescan(
+    shared: &Shared,
+    reader: &mut ConnectionManager,
+    count: usize,
+) -> RedisResult<Vec<Entry>> {
+    let pending: Value = redis::cmd("XPENDING")
+        .arg(&shared.keys.stream)
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(RESCAN_PAGE)
+        .arg(&shared.consumer)
+        .query_async(reader)
+        .await?;
+    let ids: Vec<String> = match &pending {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|item| match item {
+                Value::Array(parts) => parts.first().and_then(mapping::text_of),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let lost: Vec<String> = {
+        let held = shared.held();
+        ids.iter()
+            .filter(|id| !held.contains(*id))
+            .cloned()
+            .collect()
+    };
+    if lost.len() > count || ids.len() >= RESCAN_PAGE {
+        shared.rescan.store(true, Ordering::Release);
+    }
+    if lost.is_empty() {
+        return Ok(Vec::new());
+    }
+    let take = &lost[..lost.len().min(count)];
+    let reply: Value = redis::cmd("XCLAIM")
+        .arg(&shared.keys.stream)
+        .arg(GROUP)
+        .arg(&shared.consumer)
+        .arg(0)
+        .arg(take)
+        .query_async(reader)
+        .await?;
+    let (entries, gone) = mapping::entries(&reply);
+    if !gone.is_empty() {
+        let _: i64 = redis::cmd("XACK")
+            .arg(&shared.keys.stream)
+            .arg(GROUP)
+            .arg(&gone)
+            .query_async(reader)
+            .await?;
+    }
+    if !entries.is_empty() {
+        tracing::info!(queue = %shared.queue, count = entries.len(), "redis: delivering again what this consumer held unsettled");
+    }
+    Ok(entries)
+}
+
+fn deliver(
+    shared: &Arc<Shared>,
+    out: &mpsc::UnboundedSender<Result<Delivery>>,
+    entry: Entry,
+    permit: OwnedSemaphorePermit,
+) {
+    shared.held().insert(entry.stream_id.clone());
+    let acker = StreamAcker {
+        shared: Arc::clone(shared),
+        stream_id: entry.stream_id,
+        message_id: entry.message.id.clone(),
+        _permit: permit,
+    };
+    // A closed channel drops the delivery, whose drop returns it.
+    let _ = out.send(Ok(Delivery::new(entry.message, Box::new(acker))));
+}
+
+/// Renews the consumer's lease; `false` when Redis could not be reached.
+async fn renew(shared: &Shared, lease: Duration) -> bool {
+    let key = shared.lease_key.clone();
+    let renewed: Result<Value> = shared
+        .link
+        .run("renew a consumer lease", |mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(millis(lease))
+                .query_async(&mut c)
+                .await
+        })
+        .await;
+    renewed.is_ok()
+}
+
+/// Returns what dead consumers of the queue held (their leases ran out).
+async fn reap(shared: &Shared) {
+    let (stream, prefix) = (shared.keys.stream.clone(), shared.keys.lease_prefix.clone());
+    let reaped: Result<i64> = shared
+        .link
+        .run(
+            "return the messages of dead consumers",
+            |mut c| async move {
+                let mut invocation = scripts::REAP.key(&stream);
+                invocation.arg(GROUP).arg(&prefix);
+                invocation.invoke_async(&mut c).await
+            },
+        )
+        .await;
+    match reaped {
+        Ok(n) if n > 0 => {
+            tracing::warn!(queue = %shared.queue, returned = n, "redis: returned the messages of consumers whose lease ran out")
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::debug!(queue = %shared.queue, error = %err, "redis: looking for dead consumers failed")
+        }
+    }
+}
+
+/// Settles one delivery through the shared connection.
+struct StreamAcker {
+    shared: Arc<Shared>,
+    stream_id: String,
+    message_id: String,
+    /// Room under the prefetch, given back when the delivery is settled.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl StreamAcker {
+    async fn settle(self, ack: bool) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        if shared.detached.load(Ordering::Acquire) {
+            return Err(Error::invalid(format!(
+                "message {}: its consumer was cancelled and the delivery went back to the queue",
+                self.message_id
+            )));
+        }
+        let what = format!(
+            "{} message {} of {}",
+            if ack { "ack" } else { "release" },
+            self.message_id,
+            shared.queue
+        );
+        let (stream, consumer, id) = (
+            shared.keys.stream.clone(),
+            shared.consumer.clone(),
+            self.stream_id.clone(),
+        );
+        let limit = shared.link.config().publish_timeout;
+        let settling = shared.link.run(&what, |mut c| async move {
+            if ack {
+                let mut invocation = scripts::ACK.key(&stream);
+                invocation.arg(GROUP).arg(&id);
+                invocation.invoke_async::<i64>(&mut c).await
+            } else {
+                let mut invocation = scripts::RELEASE.key(&stream);
+                invocation.arg(GROUP).arg(&consumer).arg(&id);
+                invocation.invoke_async::<i64>(&mut c).await
+            }
+        });
+        let result = match tokio::time::timeout(limit, settling).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::internal(format!(
+                "{what}: Redis did not reply within {limit:?}"
+            ))),
+        };
+        shared.held().remove(&self.stream_id);
+        match result {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(Error::internal(format!(
+                "{what}: this consumer no longer holds it (its lease ran out and it went back to the queue); it will be delivered again"
+            ))
+            .retryable_if(false)),
+            Err(err) => {
+                // Still pending for this consumer, unless Redis did it and only the
+                // reply was lost: the reader looks and delivers it again.
+                shared.rescan.store(true, Ordering::Release);
+                Err(err.context("the message will be delivered again"))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for StreamAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle(true).await
+    }
+
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.settle(false).await
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        if self.shared.detached.load(Ordering::Acquire) {
+            return; // the cancel returns it
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let queue = self.shared.queue.clone();
+                    if let Err(err) = self.settle(false).await {
+                        tracing::debug!(%queue, error = %err, "redis: releasing a dropped delivery failed");
+                    }
+                });
+            }
+            Err(_) => {
+                // No runtime to release it on: the reader claims it again instead.
+                self.shared.held().remove(&self.stream_id);
+                self.shared.rescan.store(true, Ordering::Release);
+            }
+        }
+    }
+}

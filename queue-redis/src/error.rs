@@ -1,0 +1,105 @@
+//! Turning the redis crate's errors into the workspace's [`queue_core::Error`].
+//!
+//! The crate's errors never carry the connection URL, and the driver only ever
+//! formats the redacted one, so no password reaches a message.
+
+use queue_core::{Error, ErrorKind};
+use redis::RedisError;
+
+/// The error code the driver's scripts raise for a queue whose stream is gone.
+pub(crate) const NOT_FOUND_CODE: &str = "QUEUE_NOT_FOUND";
+/// The error code the driver's scripts raise for a full queue.
+pub(crate) const FULL_CODE: &str = "QUEUE_FULL";
+/// The error code the declare script raises for other settings.
+pub(crate) const CONFLICT_CODE: &str = "QUEUE_CONFLICT";
+
+/// Whether the error means the connection is gone (or never came up), so that a
+/// fresh one may succeed.
+pub(crate) fn is_connection_error(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || err.is_unrecoverable_error()
+        || matches!(
+            err.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::BusyLoading
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::MasterDown
+            )
+        )
+}
+
+/// The portable error for a failed command; `what` says what was being done
+/// (`publish to app:tasks`).
+pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error {
+    let code = err.code().unwrap_or_default().to_string();
+    let detail = err.detail().unwrap_or_default().to_string();
+    let error = if err.kind() == redis::ErrorKind::AuthenticationFailed
+        || code == "WRONGPASS"
+        || code == "NOAUTH"
+    {
+        Error::permission_denied(format!(
+            "{what}: Redis refused the login ({})",
+            if code.is_empty() {
+                "authentication failed"
+            } else {
+                &code
+            }
+        ))
+    } else if code == "NOPERM" {
+        Error::permission_denied(format!("{what}: the Redis user may not do this: {detail}"))
+    } else if code == NOT_FOUND_CODE || code == "NOGROUP" {
+        Error::not_found(format!(
+            "{what}: the queue's stream or group does not exist"
+        ))
+    } else if code == FULL_CODE {
+        Error::internal(format!("{what}: {detail}"))
+    } else if code == CONFLICT_CODE {
+        Error::new(ErrorKind::AlreadyExists, format!("{what}: {detail}"))
+    } else if is_connection_error(&err) {
+        Error::internal(format!("{what}: the connection to Redis failed: {err}"))
+    } else {
+        Error::internal(format!("{what}: {err}"))
+    };
+    error.with_source(err)
+}
+
+/// The driver is closed.
+pub(crate) fn closed(what: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Canceled,
+        format!("{what}: the redis driver is closed"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, detail: &str) -> RedisError {
+        redis::make_extension_error(code.to_string(), Some(detail.to_string()))
+    }
+
+    #[test]
+    fn codes_map_to_portable_kinds() {
+        let e = from_redis("publish", server(NOT_FOUND_CODE, "x"));
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(!e.retryable());
+        let e = from_redis(
+            "publish",
+            server("WRONGPASS", "invalid username-password pair"),
+        );
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let e = from_redis("declare", server(CONFLICT_CODE, "max_length 3, not 4"));
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        let e = from_redis("publish", server(FULL_CODE, "queue is full"));
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert!(e.message().contains("queue is full"), "{e}");
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let e = from_redis("publish", io);
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert!(e.retryable());
+    }
+}

@@ -1,0 +1,195 @@
+//! The Lua scripts that keep each step atomic: Redis runs a script without
+//! interleaving other commands, so a message is never both acknowledged and
+//! missing from where it goes next, and counts are read at one instant.
+//!
+//! Invariant the scripts keep, and `info` relies on: every entry of a queue's stream
+//! is either not yet delivered to the group, or pending (delivered, unsettled). An
+//! ack removes the entry (`XACK` + `XDEL`); a release removes it and appends a copy
+//! with the same fields, so the copy is undelivered. Hence ready = `XLEN` minus the
+//! group's pending count.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Moves every entry pending for one consumer back to the queue: appends a copy
+/// (same fields: id, headers, body) and removes the original. Entries whose data is
+/// gone (deleted by hand) are only dropped from the pending list.
+const RETURN_PENDING: &str = r#"
+local function return_pending(stream, group, consumer)
+  local returned = 0
+  while true do
+    local pending = redis.call('XPENDING', stream, group, '-', '+', 100, consumer)
+    if #pending == 0 then break end
+    for _, p in ipairs(pending) do
+      local id = p[1]
+      local entry = redis.call('XRANGE', stream, id, id)
+      redis.call('XACK', stream, group, id)
+      redis.call('XDEL', stream, id)
+      if #entry > 0 then
+        redis.call('XADD', stream, '*', unpack(entry[1][2]))
+        returned = returned + 1
+      end
+    end
+  end
+  return returned
+end
+
+local function consumer_names(stream, group)
+  local names = {}
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, group)
+  if consumers.err then return names end
+  for _, c in ipairs(consumers) do
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then table.insert(names, c[i + 1]) end
+    end
+  end
+  return names
+end
+"#;
+
+fn with_helpers(body: &str) -> Script {
+    Script::new(&format!("{RETURN_PENDING}\n{body}"))
+}
+
+/// Creates the stream and its group unless they exist, and keeps the queue's
+/// `max_length` in its meta hash: a second declare with another limit is refused.
+/// KEYS: stream, meta. ARGV: group, max_length (`""` for none). Returns the
+/// stored limit (`""` for none).
+pub(crate) static DECLARE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = redis.call('HGET', KEYS[2], 'max_length')
+if stored and ARGV[2] ~= '' and stored ~= ARGV[2] then
+  local was = stored
+  if was == '' then was = 'no max_length' else was = 'max_length ' .. was end
+  return redis.error_reply('QUEUE_CONFLICT the queue is already declared with ' .. was .. ', not max_length ' .. ARGV[2])
+end
+if not stored then
+  redis.call('HSET', KEYS[2], 'max_length', ARGV[2])
+  stored = ARGV[2]
+end
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP') then
+  return created
+end
+return stored
+"#,
+    )
+});
+
+/// Appends a message unless the queue holds `max_length` ready messages.
+/// KEYS: stream. ARGV: group, max_length, then the entry's fields. Returns the
+/// entry's stream id.
+pub(crate) static PUBLISH_LIMITED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('QUEUE_NOT_FOUND the queue has no stream')
+end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+local ready = redis.call('XLEN', KEYS[1]) - pending
+if ready >= tonumber(ARGV[2]) then
+  return redis.error_reply('QUEUE_FULL the queue holds its max_length of ' .. ARGV[2] .. ' ready messages')
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+"#,
+    )
+});
+
+/// Acknowledges one entry and deletes it. KEYS: stream. ARGV: group, entry id.
+/// Returns 1, or 0 when it was not pending (already settled or returned).
+pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return acked
+"#,
+    )
+});
+
+/// Returns one entry a consumer holds to the queue (a copy at the tail).
+/// KEYS: stream. ARGV: group, consumer, entry id. Returns 1, or 0 when that
+/// consumer did not hold it.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #held == 0 then return 0 end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+if #entry == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+return 1
+"#,
+    )
+});
+
+/// Registers a consumer with its lease. KEYS: stream. ARGV: group, consumer, lease
+/// key, lease in ms.
+pub(crate) static ATTACH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('QUEUE_NOT_FOUND the queue has no stream')
+end
+redis.call('SET', ARGV[3], '1', 'PX', ARGV[4])
+redis.call('XGROUP', 'CREATECONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Returns everything a consumer holds and removes it from the group, with its
+/// lease. KEYS: stream. ARGV: group, consumer, lease key. Returns how many went back.
+pub(crate) static DETACH: LazyLock<Script> = LazyLock::new(|| {
+    with_helpers(
+        r#"
+redis.call('DEL', ARGV[3])
+local group = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if group.err then return 0 end
+local returned = return_pending(KEYS[1], ARGV[1], ARGV[2])
+redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return returned
+"#,
+    )
+});
+
+/// Returns what consumers whose lease ran out (their process died) still hold, and
+/// removes them. KEYS: stream. ARGV: group, lease key prefix. Returns how many
+/// messages went back.
+pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
+    with_helpers(
+        r#"
+local returned = 0
+for _, name in ipairs(consumer_names(KEYS[1], ARGV[1])) do
+  if redis.call('EXISTS', ARGV[2] .. name) == 0 then
+    returned = returned + return_pending(KEYS[1], ARGV[1], name)
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+  end
+end
+return returned
+"#,
+    )
+});
+
+/// Counts at one instant: entries, pending entries, consumers with a live lease.
+/// KEYS: stream. ARGV: group, lease key prefix.
+pub(crate) static INFO: LazyLock<Script> = LazyLock::new(|| {
+    with_helpers(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('QUEUE_NOT_FOUND the queue has no stream')
+end
+local length = redis.call('XLEN', KEYS[1])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+local live = 0
+for _, name in ipairs(consumer_names(KEYS[1], ARGV[1])) do
+  if redis.call('EXISTS', ARGV[2] .. name) == 1 then live = live + 1 end
+end
+return {length, pending, live}
+"#,
+    )
+});

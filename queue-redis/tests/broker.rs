@@ -1,0 +1,212 @@
+//! What only the Redis driver has, against `redis-server`s of the tests' own: errors
+//! of the right kind without the password, declare conflicts, and the messages of a
+//! consumer that died coming back.
+
+use std::sync::Arc;
+
+use queue_core::{ConsumeOptions, Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
+use queue_fixtures::redis::{RedisNode, unavailable};
+use queue_redis::{RedisConfig, RedisDriver};
+use queue_testkit::{everything_said, next, number_of, numbered, within};
+
+const SECRET: &str = "not-the-password-7f3a";
+
+async fn node() -> RedisNode {
+    tokio::task::spawn_blocking(RedisNode::start)
+        .await
+        .expect("the start task")
+        .expect("a private redis-server")
+}
+
+async fn connect(node: &RedisNode) -> Arc<RedisDriver> {
+    Arc::new(
+        RedisDriver::connect(RedisConfig::new(node.url()))
+            .await
+            .expect("connects"),
+    )
+}
+
+fn queue(name: &str) -> QueueSpec {
+    QueueSpec::new(QueueId::new("broker", name).expect("a valid id"))
+}
+
+async fn wrong_password_is_refused_without_showing_it() {
+    let node = node().await;
+    node.command(&["CONFIG", "SET", "requirepass", "the-right-one"])
+        .expect("CONFIG SET requirepass");
+    let url = format!("redis://default:{SECRET}@127.0.0.1:{}/0", node.port());
+    let err = RedisDriver::connect(RedisConfig::new(url.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    let said = everything_said(&err);
+    assert!(!said.contains(SECRET), "password leaked: {said}");
+    assert!(said.contains("default:***@127.0.0.1"), "{said}");
+    let Err(err) = queue_core::Factory::<RedisConfig>::new()
+        .create(serde_json::json!({ "url": url }))
+        .await
+    else {
+        panic!("a wrong password connected")
+    };
+    assert!(!everything_said(&err).contains(SECRET));
+
+    let url = format!("redis://default:the-right-one@127.0.0.1:{}/0", node.port());
+    let config = RedisConfig::new(url);
+    assert!(!format!("{config:?}").contains("the-right-one"));
+    let driver = RedisDriver::connect(config)
+        .await
+        .expect("the right password");
+    let report = driver.connection().expect("a connection report");
+    assert!(report.connected);
+    assert_eq!(report.connections_opened, 1);
+    assert_eq!(
+        report.node,
+        format!("redis://default:***@127.0.0.1:{}/0", node.port())
+    );
+}
+
+async fn refused_port_is_internal_retryable_without_the_password() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("redis://u:{SECRET}@127.0.0.1:{port}/0");
+    let err = RedisDriver::connect(RedisConfig::new(url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable());
+    assert!(!everything_said(&err).contains(SECRET));
+}
+
+async fn another_max_length_is_already_exists() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("limited").with_max_length(3);
+    driver.declare(&spec).await.unwrap();
+    driver.declare(&spec).await.unwrap();
+    let err = driver
+        .declare(&queue("limited").with_max_length(4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    // A declare without a limit adopts the one Redis keeps, from another process too.
+    let other = connect(&node).await;
+    other.declare(&queue("limited")).await.unwrap();
+    for n in 0..3 {
+        other.publish(&spec.id, numbered(n)).await.unwrap();
+    }
+    assert!(other.publish(&spec.id, numbered(3)).await.is_err());
+    // Behind the capability checks, as every user of a driver gets it.
+    let checked = queue_core::Checked::layer(driver);
+    let err = checked
+        .declare(&queue("tasks").with_max_priority(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert!(err.message().contains("redis"), "{err}");
+}
+
+async fn a_dead_consumers_messages_come_back() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("orphans");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    // A consumer that read the message and died: no lease key ever renews it.
+    let read = node
+        .command(&[
+            "XREADGROUP",
+            "GROUP",
+            "queue",
+            "ghost",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "queue:{broker:orphans}",
+            ">",
+        ])
+        .unwrap();
+    assert!(read.contains("broker:orphans"), "{read}");
+    let info = driver.info(&spec.id).await.unwrap();
+    assert_eq!((info.ready, info.in_flight), (Some(0), Some(1)));
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 5 })
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    assert_eq!(d.message().headers.attempts(), 1);
+    d.ack().await.unwrap();
+    let info = driver.info(&spec.id).await.unwrap();
+    assert_eq!(
+        (info.ready, info.in_flight, info.consumers),
+        (Some(0), Some(0), Some(1))
+    );
+    sub.cancel().await.unwrap();
+    let info = driver.info(&spec.id).await.unwrap();
+    assert_eq!(info.consumers, Some(0));
+    assert_eq!(
+        node.command(&["XLEN", "queue:{broker:orphans}"]).unwrap(),
+        "0"
+    );
+}
+
+async fn a_dropped_subscription_returns_what_it_held() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("dropped");
+    driver.declare(&spec).await.unwrap();
+    for n in 0..3 {
+        driver.publish(&spec.id, numbered(n)).await.unwrap();
+    }
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    drop(sub);
+    // Settling after the subscription is gone is an error, never a double delivery.
+    assert!(held.ack().await.is_err());
+    let mut again = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3 })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut again).await;
+        seen.push(number_of(&d));
+        d.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2]);
+    again.cancel().await.unwrap();
+}
+
+async fn close_ends_subscriptions_and_refuses_work() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("closing");
+    driver.declare(&spec).await.unwrap();
+    let mut sub = driver.consume(&spec.id, Default::default()).await.unwrap();
+    within("close", driver.close()).await.unwrap();
+    assert!(within("next after close", sub.next()).await.is_none());
+    let err = driver.publish(&spec.id, numbered(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Canceled, "{err}");
+    // Nothing of the closed consumer stays in the group.
+    let other = connect(&node).await;
+    other.declare(&spec).await.unwrap();
+    assert_eq!(other.info(&spec.id).await.unwrap().consumers, Some(0));
+}
+
+queue_testkit::broker_tests! {
+    unavailable: unavailable();
+    async: [
+        wrong_password_is_refused_without_showing_it,
+        refused_port_is_internal_retryable_without_the_password,
+        another_max_length_is_already_exists,
+        a_dead_consumers_messages_come_back,
+        a_dropped_subscription_returns_what_it_held,
+        close_ends_subscriptions_and_refuses_work,
+    ];
+    sync: [];
+}
