@@ -66,6 +66,10 @@ impl Profile {
                 priority: true,
                 max_priority: 9,
                 delay: true,
+                // Read through the `activemq.management` address.
+                info_ready: true,
+                info_in_flight: true,
+                info_consumers: true,
                 ..base
             },
             Profile::Generic => base,

@@ -46,6 +46,7 @@ mod config;
 mod connection;
 mod consume;
 mod error;
+mod management;
 mod mapping;
 mod publish;
 #[cfg(feature = "tls")]
@@ -83,6 +84,8 @@ pub struct Amqp10Driver {
     connector: Arc<Connector>,
     queues: RwLock<HashMap<QueueId, Arc<Declared>>>,
     declaring: tokio::sync::Mutex<()>,
+    /// Queue counts, where the profile's broker has a management protocol (Artemis).
+    management: Option<management::Management>,
 }
 
 impl std::fmt::Debug for Amqp10Driver {
@@ -98,11 +101,13 @@ impl Amqp10Driver {
     /// Errors show the URL without its password.
     pub async fn connect(config: Amqp10Config) -> Result<Amqp10Driver> {
         let connector = Connector::connect(&config).await?;
+        let management = (config.profile == Profile::Artemis).then(management::Management::new);
         Ok(Amqp10Driver {
             config,
             connector,
             queues: RwLock::new(HashMap::new()),
             declaring: tokio::sync::Mutex::new(()),
+            management,
         })
     }
 
@@ -212,10 +217,13 @@ impl Driver for Amqp10Driver {
     }
 
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
-        // No profile reports counts over AMQP 1.0 (RabbitMQ 3.x cannot; Artemis and
-        // RabbitMQ 4.x would need their management protocols): every count is unknown.
-        self.declared(queue)?;
-        Ok(QueueInfo::default())
+        let declared = self.declared(queue)?;
+        match &self.management {
+            Some(management) => management.info(&self.connector, &declared.spec.name).await,
+            // RabbitMQ 3.x tells an AMQP 1.0 client no counts (4.x would, through its
+            // HTTP-over-AMQP management): every count is unknown.
+            None => Ok(QueueInfo::default()),
+        }
     }
 
     fn connection(&self) -> Option<ConnectionReport> {
