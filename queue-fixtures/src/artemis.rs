@@ -408,10 +408,21 @@ static NEXT_NODE: AtomicU64 = AtomicU64::new(0);
 impl ArtemisNode {
     /// Creates and starts an instance on free ports. Blocking (seconds).
     pub fn start() -> Result<ArtemisNode, String> {
+        Self::start_with_offset(Self::free_offset())
+    }
+
+    /// A port offset whose ports are free now, for a test that points a client at a
+    /// broker before starting it ([`ArtemisNode::start_with_offset`]); its AMQP port is
+    /// 5672 plus the offset.
+    pub fn free_offset() -> u16 {
+        free_offset()
+    }
+
+    /// Creates and starts an instance whose ports are Artemis' defaults plus `offset`.
+    pub fn start_with_offset(offset: u16) -> Result<ArtemisNode, String> {
         if let Some(reason) = unavailable() {
             return Err(reason);
         }
-        let offset = free_offset();
         let dir = std::env::temp_dir().join(format!(
             "queue-artemis-{}-{}",
             std::process::id(),
