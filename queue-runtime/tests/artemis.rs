@@ -303,6 +303,7 @@ async fn broker_down_at_start_then_up_loses_nothing() {
 }
 
 queue_testkit::broker_tests! {
+    prefix: "artemis::amqp10";
     unavailable: queue_fixtures::artemis::shared_unavailable();
     async: [
         sigterm_under_load_then_restart_loses_nothing,

@@ -162,7 +162,9 @@ where
 /// The `main` of a test binary (`harness = false`) whose tests need a broker: each
 /// `async` test function runs on its own two-thread tokio runtime, each plain one on
 /// its own thread; all are ignored with the reason outside CI when `unavailable` is
-/// `Some`, and fail with it in CI.
+/// `Some`, and fail with it in CI. An optional `prefix:` names the tests
+/// `<prefix>::<function>`, which is how the broker matrix (`cargo xtask
+/// test-brokers`) finds a runtime test's broker and driver (`artemis::amqp10`).
 ///
 /// ```no_run
 /// async fn publishes() { /* ... */ }
@@ -176,11 +178,25 @@ where
 #[macro_export]
 macro_rules! broker_tests {
     (unavailable: $unavailable:expr; async: [$($async_test:ident),* $(,)?]; sync: [$($sync_test:ident),* $(,)?]; ) => {
+        $crate::broker_tests! {
+            prefix: "";
+            unavailable: $unavailable;
+            async: [$($async_test),*];
+            sync: [$($sync_test),*];
+        }
+    };
+    (prefix: $prefix:expr; unavailable: $unavailable:expr; async: [$($async_test:ident),* $(,)?]; sync: [$($sync_test:ident),* $(,)?]; ) => {
         fn main() {
             let unavailable: Option<String> = $unavailable;
+            let name = |test: &str| -> String {
+                match $prefix {
+                    "" => test.to_string(),
+                    prefix => format!("{prefix}::{test}"),
+                }
+            };
             let trials = vec![
-                $($crate::broker_test(stringify!($async_test), unavailable.clone(), || $async_test()),)*
-                $($crate::broker_test(stringify!($sync_test), unavailable.clone(), || async {
+                $($crate::broker_test(&name(stringify!($async_test)), unavailable.clone(), || $async_test()),)*
+                $($crate::broker_test(&name(stringify!($sync_test)), unavailable.clone(), || async {
                     $crate::tokio::task::block_in_place($sync_test)
                 }),)*
             ];

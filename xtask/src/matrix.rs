@@ -1,9 +1,9 @@
 //! `cargo xtask test-brokers`: the broker matrix. Nothing here names a driver or a
 //! broker: the driver crates are the workspace members with a `conformance` test
 //! binary, and each test in their `conformance`, `faults` and `tls` binaries is named
-//! `<broker>::...`, so the pairs are read off `--list`. The runtime's own fault cells
-//! (`queue-runtime --test faults`) are named `<broker>::<driver>::...` and join their
-//! pair. Each pair runs with `CI=true` (a broker that cannot be reached fails), and
+//! `<broker>::...`, so the pairs are read off `--list`. The runtime's own cells (any
+//! `queue-runtime` test named `<broker>::<driver>::...`: its `faults` and `artemis`
+//! binaries) join their pair. Each pair runs with `CI=true` (a broker that cannot be reached fails), and
 //! the table shows passed, failed, and ignored tests with why (a capability the
 //! broker lacks, most often).
 
@@ -61,7 +61,8 @@ fn driver_crates() -> Result<Vec<(String, Vec<&'static str>)>, String> {
 /// The brokers a crate's suites name, from `--list`.
 fn brokers_of(package: &str, suites: &[&str]) -> Result<Vec<String>, String> {
     let mut command = cargo();
-    command.args(["test", "-p", package]);
+    // The `tls` suite needs the crate's `tls` feature; every suite runs with all of them.
+    command.args(["test", "-p", package, "--all-features"]);
     for suite in suites {
         command.args(["--test", suite]);
     }
@@ -108,7 +109,7 @@ pub fn run(
             let started = Instant::now();
             let mut outcome = Outcome::default();
             let mut command = cargo();
-            command.args(["test", "-p", &package]);
+            command.args(["test", "-p", &package, "--all-features"]);
             for suite in &suites {
                 command.args(["--test", suite]);
             }
@@ -120,8 +121,7 @@ pub fn run(
                     "test",
                     "-p",
                     "queue-runtime",
-                    "--test",
-                    "faults",
+                    "--tests",
                     "--",
                     &format!("{broker}::{driver}::"),
                 ]);
