@@ -299,32 +299,68 @@ impl Instance {
         }
     }
 
-    /// Asks the broker, through Jolokia on its loopback console, to run a management
-    /// operation; fails unless it answers with status 200.
+    /// Runs a broker management operation through Jolokia (see [`management`]).
     fn management(&self, operation: &str, arguments: &str) -> Result<String, String> {
-        let body = format!(
-            r#"{{"type":"exec","mbean":"org.apache.activemq.artemis:broker=\"artemis\"","operation":"{operation}","arguments":{arguments}}}"#
-        );
-        let request = format!(
-            "POST /console/jolokia HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\nAuthorization: Basic {BASIC_AUTH}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.jolokia_port()))
-            .map_err(|e| format!("Jolokia on {}: {e}", self.jolokia_port()))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        if response.contains("\"status\":200") {
-            Ok(response)
-        } else {
-            Err(format!("Jolokia {operation} failed: {response}"))
+        management(self.jolokia_port(), operation, arguments)
+    }
+}
+
+/// Asks the broker whose console listens on `jolokia_port` (loopback) to run a
+/// management operation (`arguments` is a JSON array); fails unless it answers with
+/// status 200.
+fn management(jolokia_port: u16, operation: &str, arguments: &str) -> Result<String, String> {
+    let body = format!(
+        r#"{{"type":"exec","mbean":"org.apache.activemq.artemis:broker=\"artemis\"","operation":"{operation}","arguments":{arguments}}}"#
+    );
+    let request = format!(
+        "POST /console/jolokia HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\nAuthorization: Basic {BASIC_AUTH}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", jolokia_port))
+        .map_err(|e| format!("Jolokia on {}: {e}", jolokia_port))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    if response.contains("\"status\":200") {
+        Ok(response)
+    } else {
+        Err(format!("Jolokia {operation} failed: {response}"))
+    }
+}
+
+/// Deletes a queue of the shared instance, with its messages and consumers; a queue
+/// that does not exist is fine. For tests that must start from an empty queue.
+pub fn delete_shared_queue(name: &str) -> Result<(), String> {
+    let arguments = format!("[{},true,true]", json_string(name));
+    match management(
+        8161 + SHARED_PORT_OFFSET,
+        "destroyQueue(java.lang.String,boolean,boolean)",
+        &arguments,
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if e.contains("ActiveMQNonExistentQueueException") => Ok(()),
+        Err(e) => Err(format!("deleting Artemis queue {name:?}: {e}")),
+    }
+}
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
         }
     }
+    out.push('"');
+    out
 }
 
 /// Whether an AMQP 1.0 client (Qpid Proton) opens a connection to `url` and closes it.

@@ -18,15 +18,16 @@
 //!   A block that is only `{{#include path}}` checks that file where it is.
 //! - ```` ```lua ```` marked `file=NAME`: a file of the page's session; some YAML block
 //!   of the page must name it.
-//! - ```` ```sh ```` marked `run` (optionally `broker=rabbitmq`, `env=VAR=value`,
-//!   `until="TEXT"`): each
+//! - ```` ```sh ```` marked `run` (optionally `broker=rabbitmq` or `broker=artemis`,
+//!   `env=VAR=value`, `until="TEXT"`): each
 //!   line is run: `queue-runtime ARGS` in the page's session directory (where its
 //!   `file=` blocks are), `cargo run [--release] -p queue-runtime -- ARGS` at the
 //!   repository root. Each must succeed; the text block after it must match their
 //!   output. `until="TEXT"` (a block of one command) sends it SIGINT, as Ctrl-C would,
-//!   once it prints a line containing TEXT: for a consumer that runs until stopped. `broker=rabbitmq` blocks need RabbitMQ on 127.0.0.1:5672 and run in
-//!   [`the_manuals_rabbitmq_commands_run_against_rabbitmq`], which deletes the broker
-//!   queues of the page's configurations before and after.
+//!   once it prints a line containing TEXT: for a consumer that runs until stopped.
+//!   `broker=` blocks need that broker's shared instance (RabbitMQ on 127.0.0.1:5672,
+//!   Artemis on 127.0.0.1:6672) and run in [`the_manuals_broker_commands_run`], which
+//!   deletes the broker queues of the page's configurations before and after.
 //! - ```` ```rust ````: must be `{{#include}}` of a file under a crate's `examples/`,
 //!   which `cargo test` builds (and runs, where the crate says `test = true`).
 //!
@@ -126,7 +127,7 @@ fn the_manuals_configurations_and_commands_work_as_documented() {
                 }
                 "lua" => lua_file_is_used(page, block),
                 "sh" => match commands_of(block) {
-                    Ok(Some(false)) => run_commands(page, block),
+                    Ok(Some(None)) => run_commands(page, block),
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),
                 },
@@ -149,9 +150,9 @@ fn the_manuals_configurations_and_commands_work_as_documented() {
     assert!(yaml >= 15, "found only {yaml} yaml blocks");
 }
 
-/// The `broker=rabbitmq` command blocks, against RabbitMQ on 127.0.0.1:5672: ignored
+/// The `broker=...` command blocks of one broker, against its shared instance: ignored
 /// with the reason when it is not there (failed in CI).
-fn the_manuals_rabbitmq_commands_run_against_rabbitmq() {
+fn the_manuals_broker_commands_run(broker: Broker) {
     let mut failures = Vec::new();
     let pages = pages(&mut failures);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -161,7 +162,7 @@ fn the_manuals_rabbitmq_commands_run_against_rabbitmq() {
             let blocks: Vec<&Block> = p
                 .blocks
                 .iter()
-                .filter(|b| b.lang == "sh" && matches!(commands_of(b), Ok(Some(true))))
+                .filter(|b| b.lang == "sh" && commands_of(b) == Ok(Some(Some(broker))))
                 .collect();
             (p, blocks)
         })
@@ -169,11 +170,12 @@ fn the_manuals_rabbitmq_commands_run_against_rabbitmq() {
         .collect();
     assert!(
         !on_broker.is_empty(),
-        "no page has a broker=rabbitmq example: the RabbitMQ walkthrough is gone"
+        "no page has a broker={} example: its walkthrough is gone",
+        broker.name()
     );
     for (page, blocks) in on_broker {
         // Leftovers of an interrupted run would change what the commands print.
-        let _cleanup = match BrokerQueues::of(page) {
+        let _cleanup = match BrokerQueues::of(page, broker) {
             Ok(q) => q,
             Err(e) => {
                 failures.push(format!("{}: {e}", page.name));
@@ -188,8 +190,9 @@ fn the_manuals_rabbitmq_commands_run_against_rabbitmq() {
     }
     assert!(
         failures.is_empty(),
-        "{} RabbitMQ docs example(s) failed:\n\n{}",
+        "{} {} docs example(s) failed:\n\n{}",
         failures.len(),
+        broker.name(),
         failures.join("\n\n")
     );
 }
@@ -474,8 +477,24 @@ fn rust_example(page: &Page, block: &Block) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // Commands
 
-/// `None` for a block that runs nothing, else whether it needs RabbitMQ.
-fn commands_of(block: &Block) -> Result<Option<bool>, String> {
+/// The brokers a walkthrough can run on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Broker {
+    RabbitMq,
+    Artemis,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::RabbitMq => "rabbitmq",
+            Broker::Artemis => "artemis",
+        }
+    }
+}
+
+/// `None` for a block that runs nothing, else the broker it needs, if any.
+fn commands_of(block: &Block) -> Result<Option<Option<Broker>>, String> {
     let d = &block.directive;
     d.check_known(&["run", "broker", "env", "until"])?;
     if !d.has("run") {
@@ -486,9 +505,12 @@ fn commands_of(block: &Block) -> Result<Option<bool>, String> {
         };
     }
     match d.get("broker") {
-        None => Ok(Some(false)),
-        Some("rabbitmq") => Ok(Some(true)),
-        Some(other) => Err(format!("broker={other}: only broker=rabbitmq is known")),
+        None => Ok(Some(None)),
+        Some("rabbitmq") => Ok(Some(Some(Broker::RabbitMq))),
+        Some("artemis") => Ok(Some(Some(Broker::Artemis))),
+        Some(other) => Err(format!(
+            "broker={other}: only broker=rabbitmq and broker=artemis are known"
+        )),
     }
 }
 
@@ -795,7 +817,7 @@ fn matches(want: &str, line: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// RabbitMQ
+// Broker queues
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -803,11 +825,12 @@ const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// the page's commands can run again. The AMQP 0-9-1 driver's delay queues
 /// (`NAME.delay.MS`) are left: they expire by themselves a minute after their last use.
 struct BrokerQueues {
+    broker: Broker,
     names: Vec<String>,
 }
 
 impl BrokerQueues {
-    fn of(page: &Page) -> Result<BrokerQueues, String> {
+    fn of(page: &Page, broker: Broker) -> Result<BrokerQueues, String> {
         let kinds = queue_runtime::registry::DriverKinds::builtin();
         let mut names = Vec::new();
         for (file, (_, _, lang)) in &page.files {
@@ -828,12 +851,18 @@ impl BrokerQueues {
                 }
             }
         }
-        let queues = BrokerQueues { names };
+        let queues = BrokerQueues { broker, names };
         queues.delete()?;
         Ok(queues)
     }
 
     fn delete(&self) -> Result<(), String> {
+        if self.broker == Broker::Artemis {
+            return self
+                .names
+                .iter()
+                .try_for_each(|name| queue_fixtures::artemis::delete_shared_queue(name));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -868,7 +897,7 @@ impl BrokerQueues {
 impl Drop for BrokerQueues {
     fn drop(&mut self) {
         if let Err(e) = self.delete() {
-            eprintln!("cleaning up the docs' RabbitMQ queues: {e}");
+            eprintln!("cleaning up the docs' {} queues: {e}", self.broker.name());
         }
     }
 }
@@ -944,8 +973,8 @@ fn shell_words_handle_the_quoting_the_docs_use() {
     assert!(shell_words("a 'b").is_err());
 }
 
-/// Every test here is a trial; the RabbitMQ walkthrough is ignored with the reason
-/// when the broker is not here (failed in CI).
+/// Every test here is a trial; a broker walkthrough is ignored with the reason when
+/// its broker is not here (failed in CI).
 fn main() {
     queue_testkit::run(vec![
         queue_testkit::broker_test(
@@ -961,7 +990,14 @@ fn main() {
             "the_manuals_rabbitmq_commands_run_against_rabbitmq",
             queue_fixtures::rabbitmq::shared_unavailable(),
             || async {
-                tokio::task::block_in_place(the_manuals_rabbitmq_commands_run_against_rabbitmq)
+                tokio::task::block_in_place(|| the_manuals_broker_commands_run(Broker::RabbitMq))
+            },
+        ),
+        queue_testkit::broker_test(
+            "the_manuals_artemis_commands_run_against_artemis",
+            queue_fixtures::artemis::shared_unavailable(),
+            || async {
+                tokio::task::block_in_place(|| the_manuals_broker_commands_run(Broker::Artemis))
             },
         ),
         queue_testkit::broker_test(

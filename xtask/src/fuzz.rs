@@ -18,12 +18,16 @@ const LSAN_OPTIONS: &str = "suppressions=lsan-suppressions.txt";
 
 /// Runs each target; `Ok(false)` if one crashed.
 pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
-    let has_fuzz = Command::new("cargo")
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let cargo_fuzz = Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has_fuzz {
-        return Err("cargo-fuzz on nightly is needed: cargo install cargo-fuzz (a nightly toolchain is installed here)".into());
+    if let Some(problem) = missing_tools(nightly, cargo_fuzz) {
+        return Err(problem);
     }
     let mut ok = true;
     for target in TARGETS
@@ -70,4 +74,47 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
         }
     }
     Ok(ok)
+}
+
+/// What to do when the fuzzing tools are missing, if they are. libFuzzer's
+/// instrumentation needs a nightly compiler; on stable, the corpus replay is what runs.
+fn missing_tools(nightly: bool, cargo_fuzz: bool) -> Option<String> {
+    const ON_STABLE: &str = "Without them, `cargo test -p queue-runtime --test fuzz_corpus` \
+        replays the committed corpus on stable (cargo test runs it too).";
+    match (nightly, cargo_fuzz) {
+        (true, true) => None,
+        (false, _) => Some(format!(
+            "fuzzing needs a nightly toolchain, and this machine has none: \
+             `rustup toolchain install nightly`, then `cargo install cargo-fuzz`. {ON_STABLE}"
+        )),
+        (true, false) => Some(format!(
+            "fuzzing needs cargo-fuzz: `cargo install cargo-fuzz` (nightly is installed). \
+             {ON_STABLE}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_tools;
+
+    #[test]
+    fn missing_tools_say_how_to_get_them_and_what_runs_on_stable() {
+        assert_eq!(missing_tools(true, true), None);
+        let no_nightly = missing_tools(false, false).unwrap();
+        assert!(
+            no_nightly.contains("rustup toolchain install nightly"),
+            "{no_nightly}"
+        );
+        assert!(no_nightly.contains("--test fuzz_corpus"), "{no_nightly}");
+        let no_cargo_fuzz = missing_tools(true, false).unwrap();
+        assert!(
+            no_cargo_fuzz.contains("cargo install cargo-fuzz"),
+            "{no_cargo_fuzz}"
+        );
+        assert!(
+            !no_cargo_fuzz.contains("rustup toolchain"),
+            "{no_cargo_fuzz}"
+        );
+    }
 }
