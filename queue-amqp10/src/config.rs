@@ -23,13 +23,22 @@ pub const KIND: &str = "queue.driver.amqp10";
 /// })).unwrap();
 /// assert_eq!(config.publish_timeout, std::time::Duration::from_secs(2));
 /// assert!(!format!("{config:?}").contains("guest@"));
+///
+/// // The nodes of one cluster: the driver connects to the first that answers.
+/// let cluster: queue_amqp10::Amqp10Config = serde_json::from_value(serde_json::json!({
+///     "url": ["amqp://app:secret@rabbit-1.example", "amqp://app:secret@rabbit-2.example"],
+/// })).unwrap();
+/// assert_eq!(cluster.urls.len(), 2);
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Amqp10Config {
-    /// `amqp://user:pass@host:port` or `amqps://...`. With a user, SASL PLAIN is used;
-    /// without, SASL ANONYMOUS.
-    pub url: String,
+    /// `url` in configuration: `amqp://user:pass@host:port` or `amqps://...`, or a list
+    /// of them, the nodes of one cluster. With a user, SASL PLAIN is used; without,
+    /// SASL ANONYMOUS. The driver connects to the first node that answers, in list
+    /// order, and after a connection loss to the next one after the node it lost.
+    #[serde(rename = "url", with = "queue_core::config::url_list")]
+    pub urls: Vec<String>,
     /// The broker family (default `generic`).
     #[serde(default)]
     pub profile: Profile,
@@ -84,7 +93,10 @@ fn default_confirm_window() -> u32 {
 impl fmt::Debug for Amqp10Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Amqp10Config")
-            .field("url", &redact_url(&self.url))
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("profile", &self.profile)
             .field("container_id", &self.container_id)
             .field("reconnect_delay", &self.reconnect_delay)
@@ -99,8 +111,18 @@ impl fmt::Debug for Amqp10Config {
 impl Amqp10Config {
     /// A configuration with defaults for everything but the URL and profile.
     pub fn new(url: impl Into<String>, profile: Profile) -> Self {
+        Amqp10Config::cluster([url], profile)
+    }
+
+    /// A configuration for the nodes of one cluster (tried in this order), with
+    /// defaults for everything else.
+    pub fn cluster<I>(urls: I, profile: Profile) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
         Amqp10Config {
-            url: url.into(),
+            urls: urls.into_iter().map(Into::into).collect(),
             profile,
             container_id: None,
             reconnect_delay: default_reconnect_delay(),
@@ -124,25 +146,31 @@ impl Amqp10Config {
         queue_core::Backoff::new(self.reconnect_delay, 2.0, self.reconnect_max_delay)
     }
 
-    /// Checks values serde cannot: the URL, delays and the window.
+    /// Checks values serde cannot: the URLs, delays and the window.
     pub fn validate(&self) -> Result<()> {
-        let endpoint = Endpoint::parse(&self.url)?;
-        if endpoint.tls && !cfg!(feature = "tls") {
-            return Err(field_error(
-                KIND,
-                "url",
-                format!(
-                    "{} needs TLS, but queue-amqp10 was built without its `tls` feature",
-                    redact_url(&self.url)
-                ),
-            ));
-        }
-        if self.tls.is_some() && !endpoint.tls {
-            return Err(field_error(
-                KIND,
-                "tls",
-                "is set but the url is not amqps://",
-            ));
+        let endpoints = self.endpoints()?;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if endpoint.tls && !cfg!(feature = "tls") {
+                return Err(field_error(
+                    KIND,
+                    &self.url_field(i),
+                    format!(
+                        "{} needs TLS, but queue-amqp10 was built without its `tls` feature",
+                        endpoint.redacted
+                    ),
+                ));
+            }
+            if self.tls.is_some() && !endpoint.tls {
+                let which = match endpoints.len() {
+                    1 => "the url".to_string(),
+                    _ => format!("{} ({})", self.url_field(i), endpoint.redacted),
+                };
+                return Err(field_error(
+                    KIND,
+                    "tls",
+                    format!("is set but {which} is not amqps://"),
+                ));
+            }
         }
         if self.reconnect_delay.is_zero() {
             return Err(field_error(KIND, "reconnect_delay", "must be above zero"));
@@ -169,6 +197,41 @@ impl Amqp10Config {
         }
         Ok(())
     }
+
+    /// The URLs without their passwords: one URL, or `[url, url, ...]` for a cluster.
+    pub fn redacted_url(&self) -> String {
+        match self.urls.as_slice() {
+            [one] => redact_url(one),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Every node's parsed URL, in the configured order.
+    pub(crate) fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        if self.urls.is_empty() {
+            return Err(field_error(KIND, "url", "is an empty list"));
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| Endpoint::parse_field(url, &self.url_field(i)))
+            .collect()
+    }
+
+    /// The field an error about URL `i` names: `url`, or `url[i]` in a list.
+    fn url_field(&self, i: usize) -> String {
+        if self.urls.len() == 1 {
+            "url".to_string()
+        } else {
+            format!("url[{i}]")
+        }
+    }
 }
 
 /// A parsed broker URL. The password never leaves this struct except into the SASL
@@ -192,9 +255,15 @@ impl fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// Parses `amqp[s]://[user[:password]@]host[:port][/]`.
+    #[cfg(test)]
     pub fn parse(url: &str) -> Result<Endpoint> {
+        Endpoint::parse_field(url, "url")
+    }
+
+    /// Parses a URL; errors name `field` (`url`, or `url[1]` in a list).
+    pub fn parse_field(url: &str, field: &str) -> Result<Endpoint> {
         let redacted = redact_url(url);
-        let bad = |why: &str| field_error(KIND, "url", format!("{redacted}: {why}"));
+        let bad = |why: &str| field_error(KIND, field, format!("{redacted}: {why}"));
         let (tls, rest) = if let Some(rest) = url.strip_prefix("amqp://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("amqps://") {
@@ -345,5 +414,36 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+    }
+
+    #[test]
+    fn a_list_of_urls_is_a_cluster_and_errors_name_the_bad_one() {
+        let c = Amqp10Config::from_value(serde_json::json!({
+            "url": ["amqp://u:topsecret@a:5672", "amqp://u:topsecret@b:5673"]
+        }))
+        .unwrap();
+        let endpoints = c.endpoints().unwrap();
+        assert_eq!(
+            endpoints.iter().map(|e| e.port).collect::<Vec<_>>(),
+            [5672, 5673]
+        );
+        assert_eq!(
+            c.redacted_url(),
+            "[amqp://u:***@a:5672, amqp://u:***@b:5673]"
+        );
+        let err = Amqp10Config::from_value(serde_json::json!({
+            "url": ["amqp://u:topsecret@a", "http://u:topsecret@b"]
+        }))
+        .unwrap_err();
+        assert_eq!(err.details()["field"], "url[1]", "{err}");
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!(5),
+            serde_json::json!({"a": 1}),
+        ] {
+            let err = Amqp10Config::from_value(serde_json::json!({ "url": bad })).unwrap_err();
+            assert_eq!(err.details()["field"], "url", "{err}");
+        }
     }
 }

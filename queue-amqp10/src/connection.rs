@@ -6,9 +6,13 @@
 //! connection gone it asks the connector again: the connector opens a fresh connection
 //! if the old one is closed, and callers back off between failed attempts with
 //! [`Connector::backoff`]. The publish and consume tasks re-attach their links on it.
+//!
+//! With several URLs (the nodes of one cluster) the first connection goes to the
+//! first node that answers, in list order; a reconnect starts with the node after
+//! the one whose connection was lost and goes round the list once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
@@ -49,11 +53,16 @@ impl<L: Send + 'static> Attached<L> {
 struct Live {
     generation: u64,
     connection: ConnectionHandle<()>,
+    /// Which of the endpoints it is connected to.
+    node: usize,
 }
 
 /// Owns the connection to the broker and reopens it on demand.
 pub(crate) struct Connector {
-    endpoint: Endpoint,
+    /// The nodes, in the configured order (one for a single broker).
+    endpoints: Vec<Endpoint>,
+    /// The node of the latest connection (the first one before any).
+    current: AtomicUsize,
     container_id: String,
     server_name: Option<String>,
     /// Set when `tls.ca_file` names the authorities to trust.
@@ -73,7 +82,7 @@ pub(crate) struct Connector {
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connector")
-            .field("url", &self.endpoint.redacted)
+            .field("urls", &self.endpoints)
             .field("container_id", &self.container_id)
             .finish()
     }
@@ -84,7 +93,7 @@ impl Connector {
     pub async fn connect(config: &Amqp10Config) -> Result<Arc<Connector>> {
         let connector = Arc::new(Connector::unconnected(config)?);
         let mut live = connector.live.lock().await;
-        *live = Some(connector.open().await?);
+        *live = Some(connector.open(0).await?);
         drop(live);
         Ok(connector)
     }
@@ -93,14 +102,15 @@ impl Connector {
     /// checked and `tls.ca_file` read here.
     fn unconnected(config: &Amqp10Config) -> Result<Connector> {
         config.validate()?;
-        let endpoint = Endpoint::parse(&config.url)?;
+        let endpoints = config.endpoints()?;
         let container_id = config
             .container_id
             .clone()
             .unwrap_or_else(|| format!("queue-{}", queue_core::new_message_id()));
         let (closed, _) = watch::channel(false);
         Ok(Connector {
-            endpoint,
+            endpoints,
+            current: AtomicUsize::new(0),
             container_id,
             server_name: config.tls.as_ref().and_then(|t| t.server_name.clone()),
             #[cfg(feature = "tls")]
@@ -149,9 +159,9 @@ impl Connector {
         }
     }
 
-    /// The broker's URL, password redacted.
+    /// The URL of the node connected to (or last connected to), password redacted.
     pub fn node(&self) -> &str {
-        &self.endpoint.redacted
+        &self.endpoints[self.current.load(Ordering::Relaxed)].redacted
     }
 
     /// Resolves once the driver is closed.
@@ -164,9 +174,31 @@ impl Connector {
         *self.closed.borrow()
     }
 
-    async fn open(&self) -> Result<Live> {
+    /// Opens a connection to the first node that answers, trying each once from
+    /// `first` on, round the list.
+    async fn open(&self, first: usize) -> Result<Live> {
+        let count = self.endpoints.len();
+        let mut errors = Vec::new();
+        for node in (0..count).map(|i| (first + i) % count) {
+            match self.open_node(node).await {
+                Ok(live) => {
+                    self.current.store(node, Ordering::Relaxed);
+                    return Ok(live);
+                }
+                Err(e) => {
+                    if count > 1 {
+                        tracing::warn!(url = %self.endpoints[node].redacted, error = %e, "amqp10 node did not answer; trying the next");
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        Err(none_answered(errors))
+    }
+
+    async fn open_node(&self, node: usize) -> Result<Live> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let e = &self.endpoint;
+        let e = &self.endpoints[node];
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::TcpStream::connect((e.host.as_str(), e.port)),
@@ -213,31 +245,56 @@ impl Connector {
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, opening)
             .await
             .map_err(|_| Error::internal(format!("opening {} timed out", e.redacted)))?
-            .map_err(|err| self.open_error(err))?;
+            .map_err(|err| open_error(e, err))?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(url = %e.redacted, generation, "amqp10 connection open");
         Ok(Live {
             generation,
             connection,
+            node,
         })
     }
+}
 
-    fn open_error(&self, err: OpenError) -> Error {
-        let url = &self.endpoint.redacted;
-        match &err {
-            OpenError::SaslError {
-                code: SaslCode::Auth,
-                ..
-            } => Error::permission_denied(format!(
-                "{url}: the broker refused the login (SASL authentication failed)"
-            )),
-            _ => Error::internal(format!(
-                "{url}: opening the AMQP 1.0 connection failed: {err}"
-            )),
-        }
-        .with_source(err)
+fn open_error(endpoint: &Endpoint, err: OpenError) -> Error {
+    let url = &endpoint.redacted;
+    match &err {
+        OpenError::SaslError {
+            code: SaslCode::Auth,
+            ..
+        } => Error::permission_denied(format!(
+            "{url}: the broker refused the login (SASL authentication failed)"
+        )),
+        _ => Error::internal(format!(
+            "{url}: opening the AMQP 1.0 connection failed: {err}"
+        )),
     }
+    .with_source(err)
+}
 
+/// The error when no node answered: the only one's as it is; for several, one that
+/// names each (a refused login wins the kind: retrying would not help).
+fn none_answered(mut errors: Vec<Error>) -> Error {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    let kind = if errors.iter().any(|e| e.is(ErrorKind::PermissionDenied)) {
+        ErrorKind::PermissionDenied
+    } else {
+        ErrorKind::Internal
+    };
+    let each: Vec<String> = errors.iter().map(|e| e.message().to_string()).collect();
+    Error::new(
+        kind,
+        format!(
+            "none of the {} nodes answered: {}",
+            errors.len(),
+            each.join("; ")
+        ),
+    )
+}
+
+impl Connector {
     /// A fresh session on the live connection, reconnecting first if the connection is
     /// gone. A connection that turns out to be gone only when the session is begun (the
     /// broker dropped it a moment ago) is replaced once at once; past that, callers back
@@ -250,28 +307,26 @@ impl Connector {
         let mut last_error = None;
         for _ in 0..2 {
             if live.as_ref().is_none_or(|l| l.connection.is_closed()) {
+                // After a loss, the next node first: the lost one may be down.
+                let next = self.current.load(Ordering::Relaxed) + usize::from(live.is_some());
                 if let Some(old) = live.take() {
                     close_in_background(old);
                 }
-                *live = Some(self.open().await?);
+                *live = Some(self.open(next % self.endpoints.len()).await?);
             }
             let Some(current) = live.as_mut() else {
                 return Err(Error::internal("no connection"));
             };
-            let generation = current.generation;
+            let (generation, url) = (current.generation, &self.endpoints[current.node].redacted);
             let begun =
                 tokio::time::timeout(ATTACH_TIMEOUT, Session::begin(&mut current.connection)).await;
             let error = match begun {
                 Ok(Ok(session)) => return Ok((session, generation)),
-                Ok(Err(err)) => Error::internal(format!(
-                    "{}: beginning a session failed: {err}",
-                    self.endpoint.redacted
-                ))
-                .with_source(err),
-                Err(_) => Error::internal(format!(
-                    "{}: beginning a session timed out",
-                    self.endpoint.redacted
-                )),
+                Ok(Err(err)) => {
+                    Error::internal(format!("{url}: beginning a session failed: {err}"))
+                        .with_source(err)
+                }
+                Err(_) => Error::internal(format!("{url}: beginning a session timed out")),
             };
             // A connection that cannot begin a session is no good: reopen it.
             if let Some(old) = live.take() {

@@ -94,9 +94,47 @@ async fn a_durability_clash_is_already_exists() {
     second.close().await.unwrap();
 }
 
+/// With a list of URLs the driver skips a node that does not answer, reports the one
+/// it connected to, and says which nodes failed when none answers.
+async fn a_url_list_connects_to_the_first_node_that_answers() {
+    let dead = format!(
+        "amqp://guest:{SECRET}@127.0.0.1:{}",
+        queue_fixtures::free_port()
+    );
+    let live = "amqp://guest:guest@127.0.0.1:5672".to_string();
+    let driver = Amqp10Driver::connect(Amqp10Config::cluster(
+        [dead.clone(), live],
+        Profile::RabbitmqV1,
+    ))
+    .await
+    .expect("the second node answers");
+    let report = driver.connection().expect("a connection report");
+    assert_eq!(report.node, "amqp://guest:***@127.0.0.1:5672");
+    assert_eq!(report.connections_opened, 1);
+    let queue = QueueId::parse("app:url-list").unwrap();
+    driver
+        .declare(&QueueSpec::new(queue.clone()))
+        .await
+        .expect("declare on the live node");
+    driver.close().await.expect("close");
+
+    let other_dead = format!(
+        "amqp://guest:{SECRET}@127.0.0.1:{}",
+        queue_fixtures::free_port()
+    );
+    let err = Amqp10Driver::connect(Amqp10Config::cluster([dead, other_dead], Profile::Generic))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    let text = everything_said(&err);
+    assert!(text.contains("none of the 2 nodes answered"), "{text}");
+    assert!(!text.contains(SECRET), "password leaked: {text}");
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
+        a_url_list_connects_to_the_first_node_that_answers,
         wrong_password_is_refused_without_showing_it,
         refused_port_is_internal_retryable_without_the_password,
         options_rabbitmq_3_cannot_honour_are_invalid,

@@ -47,8 +47,12 @@ pub mod duration {
 
     /// Deserializes a string like `"5s"` or a number of seconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+        // Serde's default text for a mismatch names the enum, which tells a user nothing.
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected a duration: a number with ms, s, m or h (\"500ms\", \"5s\")"
+        )]
         enum Raw {
             Text(String),
             Seconds(f64),
@@ -115,7 +119,10 @@ pub mod byte_size {
     /// Deserializes a string like `"256MiB"` or a number of bytes.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected a size: a number of bytes, or a number with KiB, MiB or GiB (\"256MiB\")"
+        )]
         enum Raw {
             Text(String),
             Bytes(u64),
@@ -125,6 +132,46 @@ pub mod byte_size {
             Raw::Bytes(n) => n.to_string(),
         };
         parse_byte_size(&text).map_err(|e| serde::de::Error::custom(e.message()))
+    }
+}
+
+/// Serde support for a driver's `url`: one URL, or a list of them (the nodes of one
+/// cluster). Always a non-empty list once read.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Entry {
+///     #[serde(rename = "url", with = "queue_core::config::url_list")]
+///     urls: Vec<String>,
+/// }
+/// let one: Entry = serde_json::from_value(serde_json::json!({"url": "amqp://a"})).unwrap();
+/// let two: Entry = serde_json::from_value(serde_json::json!({"url": ["amqp://a", "amqp://b"]})).unwrap();
+/// assert_eq!((one.urls.len(), two.urls.len()), (1, 2));
+/// assert!(serde_json::from_value::<Entry>(serde_json::json!({"url": []})).is_err());
+/// ```
+pub mod url_list {
+    use serde::{Deserialize, Deserializer};
+
+    /// Deserializes `"amqp://..."` or `["amqp://...", ...]`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(
+            untagged,
+            expecting = "expected a URL or a list of URLs (amqp://user:password@host:port)"
+        )]
+        enum Urls {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Urls::deserialize(d)? {
+            Urls::One(url) => Ok(vec![url]),
+            Urls::Many(urls) if urls.is_empty() => Err(serde::de::Error::custom(
+                "the list of URLs is empty: give at least one",
+            )),
+            Urls::Many(urls) => Ok(urls),
+        }
     }
 }
 

@@ -335,7 +335,7 @@ fn sighup_stops_gracefully() {
 
 #[test]
 fn configuration_errors_point_at_the_right_line() {
-    let cases: [(&str, &[u8], &str); 5] = [
+    let cases: [(&str, &[u8], &str); 9] = [
         (
             "the memory driver's priority range, at check time",
             b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    max_priority: 10\n",
@@ -361,6 +361,26 @@ fn configuration_errors_point_at_the_right_line() {
             b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    queue_name: \"${MULTI}\"\n    colour: red\n",
             "app.yaml:6: field `colour`",
         ),
+        (
+            "a url of the wrong type",
+            b"namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp10\n    url: {host: a}\n",
+            "app.yaml:5: field `url`: expected a URL or a list of URLs",
+        ),
+        (
+            "a bad url in a list names its place",
+            b"namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp10\n    url:\n      - amqp://a\n      - http://b\n",
+            "field `url[1]`",
+        ),
+        (
+            "a duration of the wrong type",
+            b"namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp10\n    url: amqp://a\n    reconnect_delay: [1]\n",
+            "app.yaml:6: field `reconnect_delay`: expected a duration",
+        ),
+        (
+            "dead_letter of the wrong type",
+            b"namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    dead_letter: [1]\n",
+            "app.yaml:5: field `dead_letter`: expected true",
+        ),
     ];
     for (what, yaml, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -374,7 +394,7 @@ fn configuration_errors_point_at_the_right_line() {
         assert!(!out.status.success(), "{what}");
         let err = text(&out.stderr);
         assert!(err.contains(expected), "{what}: {err}");
-        for leak in ["from_str", "DuplicateKeyPolicy", "Options"] {
+        for leak in ["from_str", "DuplicateKeyPolicy", "Options", "untagged"] {
             assert!(!err.contains(leak), "{what}: {err}");
         }
     }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 /// A list written as one string or as a YAML list (`actions: queue.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or a list of strings")]
 pub enum OneOrMany {
     /// One value.
     One(String),
@@ -115,7 +115,10 @@ impl From<QueueTypeName> for queue_core::QueueType {
 
 /// `dead_letter:`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected true (the queue's own .dlq), false (none) or a queue id"
+)]
 pub enum DeadLetterConfig {
     /// `true` (the default queue) or `false` (none).
     Enabled(bool),
