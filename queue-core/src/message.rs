@@ -436,10 +436,15 @@ impl Message {
             );
         }
         while headers.byte_size() > MAX_HEADER_BYTES {
+            // The runtime's own `x_` headers are kept; an `x_` header larger than any the
+            // runtime writes (at most MAX_REASON_BYTES) came from outside and goes like
+            // any other.
             let Some(largest) = headers
                 .0
                 .iter()
-                .filter(|(k, _)| !k.starts_with("x_"))
+                .filter(|(k, v)| {
+                    !k.starts_with("x_") || value_bytes(v) > crate::retry::MAX_REASON_BYTES
+                })
                 .max_by_key(|(k, v)| k.len() + value_bytes(v))
                 .map(|(k, _)| k.clone())
             else {
@@ -587,6 +592,29 @@ mod tests {
             "application/json",
         );
         assert!(fine.make_republishable().is_empty());
+    }
+
+    /// Found by the `outside_message` fuzz target: another client's 112 KB
+    /// `x_dead_letter_reason` made every retry copy too large to publish.
+    #[test]
+    fn an_outside_x_header_past_the_size_limit_is_dropped_too() {
+        let headers = Headers::from_pairs([
+            (
+                "x_dead_letter_reason",
+                HeaderValue::from("v".repeat(112_800)),
+            ),
+            ("x_original_queue", HeaderValue::from("app:q")),
+            ("ttl", HeaderValue::Int(500)),
+        ]);
+        let mut message = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+        let dropped = message.make_republishable();
+        assert_eq!(dropped.len(), 1, "{dropped:#?}");
+        assert!(
+            dropped[0].starts_with("x_dead_letter_reason="),
+            "{dropped:#?}"
+        );
+        assert!(message.headers.byte_size() <= MAX_HEADER_BYTES);
+        assert!(message.headers.contains("x_original_queue"));
     }
 
     #[test]

@@ -275,11 +275,18 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             refuse_in_memory(&plan, &id)?;
             let host = broker_only(plan, &kinds).await?;
             let info = host.queues().info(&queue_id).await;
+            // Which node answered, for a driver given several (a cluster).
+            let node = host
+                .queues()
+                .get(&id)
+                .and_then(|q| q.driver.connection())
+                .map(|c| format!(" node={}", c.node))
+                .unwrap_or_default();
             host.shutdown().await;
             let info = info.map_err(|e| e.to_string())?;
             let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |n| n.to_string());
             println!(
-                "{queue_id}: message_count={} ready={} in_flight={} delayed={} consumer_count={}",
+                "{queue_id}: message_count={} ready={} in_flight={} delayed={} consumer_count={}{node}",
                 info.message_count(),
                 show(info.ready),
                 show(info.in_flight),
