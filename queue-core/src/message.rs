@@ -610,7 +610,7 @@ mod tests {
         let dropped = message.make_republishable();
         assert_eq!(dropped.len(), 1, "{dropped:#?}");
         assert!(
-            dropped[0].starts_with("x_dead_letter_reason="),
+            dropped[0].starts_with("\"x_dead_letter_reason\"="),
             "{dropped:#?}"
         );
         assert!(message.headers.byte_size() <= MAX_HEADER_BYTES);
