@@ -17,7 +17,7 @@ pub const KIND: &str = "queue.driver.amqp";
 /// entry). `Debug` never shows the password.
 ///
 /// ```
-/// let config = queue_amqp091::AmqpConfig::from_json(serde_json::json!({
+/// let config = queue_amqp091::Amqp091Config::from_json(serde_json::json!({
 ///     "url": "amqp://app:secret@127.0.0.1:5672",
 ///     "publish_timeout": "2s",
 /// })).unwrap();
@@ -26,7 +26,7 @@ pub const KIND: &str = "queue.driver.amqp";
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
+pub struct Amqp091Config {
     /// `amqp://user:pass@host:port/vhost` (or `amqps://` with the `tls` feature).
     #[serde(default = "default_url")]
     pub url: String,
@@ -94,9 +94,9 @@ fn default_confirm_window() -> usize {
     1000
 }
 
-impl Default for AmqpConfig {
+impl Default for Amqp091Config {
     fn default() -> Self {
-        AmqpConfig {
+        Amqp091Config {
             url: default_url(),
             vhost: None,
             connection_name: None,
@@ -111,9 +111,9 @@ impl Default for AmqpConfig {
     }
 }
 
-impl fmt::Debug for AmqpConfig {
+impl fmt::Debug for Amqp091Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
+        f.debug_struct("Amqp091Config")
             .field("url", &redact_url(&self.url))
             .field("vhost", &self.vhost)
             .field("connection_name", &self.connection_name)
@@ -128,18 +128,18 @@ impl fmt::Debug for AmqpConfig {
     }
 }
 
-impl AmqpConfig {
+impl Amqp091Config {
     /// A configuration with this URL and every other field at its default.
     pub fn new(url: impl Into<String>) -> Self {
-        AmqpConfig {
+        Amqp091Config {
             url: url.into(),
-            ..AmqpConfig::default()
+            ..Amqp091Config::default()
         }
     }
 
     /// Reads and checks the YAML/JSON value of a `queue.driver.amqp` entry.
     pub fn from_json(value: serde_json::Value) -> Result<Self> {
-        let config: AmqpConfig = queue_core::config::from_value(KIND, value)?;
+        let config: Amqp091Config = queue_core::config::from_value(KIND, value)?;
         config.validate()?;
         Ok(config)
     }
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_spec() {
-        let c = AmqpConfig::from_json(json!({})).unwrap();
+        let c = Amqp091Config::from_json(json!({})).unwrap();
         assert_eq!(c.reconnect_delay, Duration::from_secs(1));
         assert_eq!(c.reconnect_max_delay, Duration::from_secs(30));
         assert_eq!(c.publish_timeout, Duration::from_secs(5));
@@ -276,7 +276,7 @@ mod tests {
             json!({"reconnect_delay": "5s", "reconnect_max_delay": "1s"}),
             json!({"url": "http://[::1"}),
         ] {
-            let err = AmqpConfig::from_json(bad.clone()).unwrap_err();
+            let err = Amqp091Config::from_json(bad.clone()).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{bad}: {err}");
         }
     }
@@ -284,14 +284,14 @@ mod tests {
     #[test]
     fn a_bad_url_error_hides_the_password() {
         let err =
-            AmqpConfig::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
+            Amqp091Config::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[test]
     fn overrides_land_in_the_uri() {
-        let c = AmqpConfig::from_json(json!({
+        let c = Amqp091Config::from_json(json!({
             "url": "amqp://u:p@127.0.0.1:5673/%2f", "vhost": "other", "heartbeat": "10s"
         }))
         .unwrap();
@@ -304,7 +304,7 @@ mod tests {
     #[cfg(not(feature = "tls"))]
     #[test]
     fn amqps_without_the_feature_says_so() {
-        let err = AmqpConfig::from_json(json!({"url": "amqps://u:p@127.0.0.1"})).unwrap_err();
+        let err = Amqp091Config::from_json(json!({"url": "amqps://u:p@127.0.0.1"})).unwrap_err();
         assert!(err.message().contains("tls"), "{err}");
     }
 }

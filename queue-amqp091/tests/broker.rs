@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value,
 };
@@ -25,7 +25,7 @@ fn numbered(n: i64) -> Message {
 
 async fn wrong_password_is_refused_without_showing_it() {
     let secret = "not-the-guest-password-7f3a";
-    let err = AmqpDriver::connect(AmqpConfig::new(format!(
+    let err = Amqp091Driver::connect(Amqp091Config::new(format!(
         "amqp://guest:{secret}@127.0.0.1:5672/%2f"
     )))
     .await
@@ -45,9 +45,9 @@ async fn refused_port_fails_retryable_without_showing_the_password() {
         .unwrap()
         .port();
     let secret = "s3cret-for-a-closed-port";
-    let mut config = AmqpConfig::new(format!("amqp://app:{secret}@127.0.0.1:{port}/%2f"));
+    let mut config = Amqp091Config::new(format!("amqp://app:{secret}@127.0.0.1:{port}/%2f"));
     config.connection_timeout = Duration::from_secs(3);
-    let err = AmqpDriver::connect(config).await.unwrap_err();
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
     let said = everything_said(&err);
     assert!(!said.contains(secret), "password leaked: {said}");
     assert!(
@@ -217,7 +217,7 @@ async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
 
 async fn the_factory_validates_without_connecting_and_creates_a_driver() {
     use queue_core::DriverFactory;
-    let factory = queue_core::Factory::<queue_amqp091::AmqpConfig>::new();
+    let factory = queue_core::Factory::<queue_amqp091::Amqp091Config>::new();
     assert_eq!(factory.kind(), "queue.driver.amqp");
     // A port nothing listens on validates fine: validation never connects.
     factory
