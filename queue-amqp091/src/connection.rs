@@ -8,9 +8,14 @@
 //! re-attach when a newer link appears. What has to be redone on a new link before
 //! anyone uses it (the driver redeclares its queues) is a hook the driver installs:
 //! this module knows nothing of queues, publishers or consumers.
+//!
+//! With several nodes (the URLs of one cluster), the first connection goes to the
+//! first node that answers, in the configured order, and a reconnect starts with the
+//! node after the one lost, going round the list: a stopped node is tried last, so
+//! the driver moves to a live node as soon as it can, and stays there.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -20,8 +25,8 @@ use lapin::{Channel, Connect, ConnectionProperties};
 use queue_core::{Error, ErrorKind, Result};
 use tokio::sync::{Notify, watch};
 
-use crate::config::Amqp091Config;
-use crate::error;
+use crate::config::{Amqp091Config, Endpoint};
+use crate::{error, lock};
 
 /// How often the supervisor looks at the connection's state besides its events.
 const WATCHDOG: Duration = Duration::from_millis(250);
@@ -34,6 +39,8 @@ pub(crate) struct Link {
     pub(crate) connection: lapin::Connection,
     /// 1 for the first connection; every reconnect adds one.
     pub(crate) generation: u64,
+    /// Which of the configured nodes it is connected to.
+    index: usize,
     nudge: Arc<Notify>,
 }
 
@@ -62,8 +69,10 @@ impl Link {
 /// The connection of one driver: the current link and the supervisor behind it.
 pub(crate) struct Connection {
     config: Amqp091Config,
-    uri: lapin::uri::AMQPUri,
+    endpoints: Vec<Endpoint>,
     tls: lapin::tcp::OwnedTLSConfig,
+    /// The node connected to, or last connected to (password redacted).
+    node: Mutex<String>,
     link: watch::Sender<Option<Arc<Link>>>,
     closed: watch::Sender<bool>,
     nudge: Arc<Notify>,
@@ -84,11 +93,12 @@ impl Connection {
         config: Amqp091Config,
         on_reconnect: OnReconnect,
     ) -> Result<Arc<Connection>> {
-        let uri = config.uri()?;
+        let endpoints = config.endpoints()?;
         let tls = config.tls_config()?;
         let conn = Arc::new(Connection {
+            node: Mutex::new(endpoints[0].shown.clone()),
             config,
-            uri,
+            endpoints,
             tls,
             link: watch::channel(None).0,
             closed: watch::channel(false).0,
@@ -97,7 +107,7 @@ impl Connection {
             on_reconnect,
             tasks: tokio::runtime::Handle::current(),
         });
-        let first = conn.establish().await?;
+        let first = conn.connect_first().await?;
         conn.link.send_replace(Some(Arc::clone(&first)));
         conn.tasks.spawn(supervise(Arc::downgrade(&conn), first));
         Ok(conn)
@@ -124,6 +134,11 @@ impl Connection {
     /// Follows the current link.
     pub(crate) fn links(&self) -> watch::Receiver<Option<Arc<Link>>> {
         self.link.subscribe()
+    }
+
+    /// The node connected to, or last connected to, password redacted.
+    pub(crate) fn node(&self) -> String {
+        lock(&self.node).clone()
     }
 
     /// The current link if one is up.
@@ -176,7 +191,7 @@ impl Connection {
                 what,
                 &format!(
                     "no connection to {} within publish_timeout {:?}",
-                    self.config.redacted_url(),
+                    self.nodes(),
                     self.config.publish_timeout
                 ),
             )),
@@ -203,9 +218,50 @@ impl Connection {
         Ok(())
     }
 
-    /// Opens a connection (bounded by `connection_timeout`).
-    async fn establish(&self) -> Result<Arc<Link>> {
-        let url = self.config.redacted_url();
+    /// What the driver connects to, for messages: the node, or every node of a cluster.
+    fn nodes(&self) -> String {
+        match self.endpoints.as_slice() {
+            [one] => one.shown.clone(),
+            many => format!(
+                "any of {}",
+                many.iter()
+                    .map(|e| e.shown.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Connects to the first node that answers, in the configured order. A node that
+    /// refuses the login or the vhost ends the search: users and vhosts are the same
+    /// on every node of a cluster, so the next would refuse too.
+    async fn connect_first(&self) -> Result<Arc<Link>> {
+        let mut failures = Vec::new();
+        for index in 0..self.endpoints.len() {
+            match self.establish(index).await {
+                Ok(link) => return Ok(link),
+                Err(e) if !e.retryable() || self.endpoints.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(node = %self.endpoints[index].shown, error = %e, "node unreachable; trying the next");
+                    failures.push(e);
+                }
+            }
+        }
+        let said: Vec<String> = failures.iter().map(|e| e.message().to_string()).collect();
+        let mut out = Error::internal(format!(
+            "no node of the cluster answered: {}",
+            said.join("; ")
+        ));
+        if let Some(last) = failures.pop() {
+            out = out.with_source(last);
+        }
+        Err(out)
+    }
+
+    /// Opens a connection to node `index` (bounded by `connection_timeout`).
+    async fn establish(&self, index: usize) -> Result<Arc<Link>> {
+        let endpoint = &self.endpoints[index];
+        let url = endpoint.shown.as_str();
         let mut props = ConnectionProperties::default();
         if let Some(name) = &self.config.connection_name {
             props = props.with_connection_name(LongString::from(name.as_bytes()));
@@ -213,13 +269,13 @@ impl Connection {
         let runtime = lapin::runtime::default_runtime().map_err(|e| {
             Error::internal(format!("connect to {url}: no async runtime")).with_source(e)
         })?;
-        let attempt = self
+        let attempt = endpoint
             .uri
             .clone()
             .connect_with_config(props, self.tls.clone(), runtime);
         let connection = match tokio::time::timeout(self.config.connection_timeout, attempt).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(connect_error(&url, e)),
+            Ok(Err(e)) => return Err(connect_error(endpoint, e)),
             Err(_) => {
                 return Err(Error::internal(format!(
                     "connect to {url}: no answer within connection_timeout {:?}",
@@ -228,12 +284,37 @@ impl Connection {
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(url = %url, generation, "connected to the AMQP broker");
+        *lock(&self.node) = url.to_string();
+        tracing::info!(node = %url, generation, "connected to the AMQP broker");
         Ok(Arc::new(Link {
             connection,
             generation,
+            index,
             nudge: Arc::clone(&self.nudge),
         }))
+    }
+
+    /// One round of reconnecting after node `lost` was lost: every node once, the
+    /// next one first, the lost one last.
+    async fn reconnect_round(&self, lost: usize) -> Result<Arc<Link>> {
+        let n = self.endpoints.len();
+        let mut last_error = None;
+        for step in 1..=n {
+            let index = (lost + step) % n;
+            match self.establish(index).await {
+                Ok(link) => return Ok(link),
+                Err(e) => {
+                    if n > 1 {
+                        tracing::warn!(node = %self.endpoints[index].shown, error = %e, "reconnect to this node failed; trying the next");
+                    }
+                    last_error = Some(e);
+                }
+            }
+            if self.is_closed() {
+                break;
+            }
+        }
+        Err(last_error.unwrap_or_else(|| closed_error("reconnect")))
     }
 }
 
@@ -241,8 +322,23 @@ fn closed_error(what: &str) -> Error {
     Error::new(ErrorKind::Canceled, format!("{what}: the driver is closed"))
 }
 
-fn connect_error(url: &str, e: lapin::Error) -> Error {
+fn connect_error(endpoint: &Endpoint, e: lapin::Error) -> Error {
+    let url = &endpoint.shown;
+    // RabbitMQ answers an unknown vhost with NOT_ALLOWED "vhost X not found": a
+    // missing resource, not a refused login, so NOT_FOUND with the vhost named.
+    let missing_vhost = matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 530 && amqp.get_message().as_str().ends_with("not found")
+    );
     let refused_login = matches!(error::reply_code(&e), Some(403) | Some(530));
+    if missing_vhost {
+        return Error::not_found(format!(
+            "connect to {url}: vhost \"{}\" not found on the broker (create it, or fix the URL's path or the vhost field; an empty path means \"/\")",
+            endpoint.vhost()
+        ))
+        .with_detail("amqp_reply_code", "530")
+        .with_source(e);
+    }
     let base = error::map(format!("connect to {url}"), e);
     if refused_login {
         Error::new(
@@ -275,7 +371,8 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
             return;
         }
         conn.link.send_replace(None);
-        tracing::warn!(url = %conn.config.redacted_url(), "connection to the AMQP broker lost; reconnecting");
+        let lost = link.index;
+        tracing::warn!(node = %conn.endpoints[lost].shown, "connection to the AMQP broker lost; reconnecting");
         drop(conn);
         drop(link);
         let mut attempt = 1;
@@ -290,7 +387,7 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
             if conn.is_closed() {
                 return;
             }
-            match conn.establish().await {
+            match conn.reconnect_round(lost).await {
                 Ok(new) => {
                     (conn.on_reconnect)(Arc::clone(&new)).await;
                     if !new.is_alive() {

@@ -6,11 +6,14 @@
 //! * publishes in confirm mode, pipelined through a bounded window
 //!   (`confirm_window`), `mandatory` and persistent; `Ok` only after the broker's ack;
 //! * maps headers to AMQP properties and the header table (see [`mapping`](crate#header-mapping));
-//! * declares queues with `x-max-length` (+ `x-overflow: reject-publish`),
-//!   `x-max-priority` and `x-message-ttl`; delays through per-delay TTL queues that
-//!   dead-letter back, with no broker plugin;
+//! * declares classic or quorum queues with `x-max-length` (+ `x-overflow:
+//!   reject-publish`), `x-max-priority` and `x-message-ttl`; delays through per-delay
+//!   TTL queues that dead-letter back, with no broker plugin;
 //! * consumes with `basic.qos` = prefetch and batches acks with `multiple` where safe;
-//! * reconnects with backoff, redeclares its queues and re-attaches its consumers.
+//!   a quorum queue's redelivery count reaches handlers as [`X_DELIVERY_COUNT`];
+//! * connects to one node or to the first live node of a cluster (`url` is a URL or
+//!   a list), reconnects with backoff (to the next live node), redeclares its queues
+//!   and re-attaches its consumers.
 //!
 //! Public surface: [`Amqp091Driver`], [`Amqp091Config`] (+ [`TlsConfig`]); a
 //! `queue.driver.amqp` entry builds a driver through `queue_core::Factory::<Amqp091Config>`.
@@ -70,6 +73,7 @@ use queue_core::{
 };
 
 pub use config::{Amqp091Config, KIND, TlsConfig};
+pub use mapping::X_DELIVERY_COUNT;
 
 use connection::{Connection, OnReconnect};
 use consume::Consumers;
@@ -84,8 +88,9 @@ pub type AmqpDriver = Amqp091Driver;
 #[deprecated(note = "renamed to Amqp091Config")]
 pub type AmqpConfig = Amqp091Config;
 
-/// The AMQP 0-9-1 driver: one connection (reconnected on loss), one confirm-mode
-/// publishing channel, one channel per subscription.
+/// The AMQP 0-9-1 driver: one connection to one node of the configured ones
+/// (reconnected on loss, to the next live node), one confirm-mode publishing channel,
+/// one channel per subscription.
 pub struct Amqp091Driver {
     conn: Arc<Connection>,
     topology: Arc<Topology>,
@@ -160,7 +165,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // RabbitMQ's queue.declare-ok counts ready messages only.
     info_in_flight: false,
     info_consumers: true,
-    quorum_queues: false,
+    quorum_queues: true,
 };
 
 #[async_trait]
@@ -211,7 +216,7 @@ impl Driver for Amqp091Driver {
             connected: current.as_ref().is_some_and(|l| l.is_alive()),
             connections_opened: current.map_or(0, |l| l.generation),
             links_attached: self.consumers.attached(),
-            node: self.conn.config().redacted_url(),
+            node: self.conn.node(),
         })
     }
 

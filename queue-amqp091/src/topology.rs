@@ -5,6 +5,14 @@
 //! Declarations and passive declares each use a short-lived channel of their own: a
 //! refused declare closes its channel, and must never take a publisher or a
 //! consumer down with it.
+//!
+//! A quorum queue is declared with `x-queue-type: quorum`, always durable; its delay
+//! queues are quorum queues too, and dead-letter into it at least once
+//! (`x-dead-letter-strategy: at-least-once`, which RabbitMQ allows only with
+//! `x-overflow: reject-publish`): a message whose delay is over leaves the delay
+//! queue only once the target has it. A classic queue is declared without
+//! `x-queue-type`, as other clients and earlier versions of this driver declare it,
+//! so redeclaring theirs is not a conflict.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use queue_core::{Error, ErrorKind, QueueId, QueueInfo, QueueSpec, Result};
+use queue_core::{Error, ErrorKind, QueueId, QueueInfo, QueueSpec, QueueType, Result};
 
 use crate::connection::Link;
 use crate::{error, lock};
@@ -58,6 +66,13 @@ impl Topology {
                 spec.id
             )));
         }
+        if spec.queue_type == QueueType::Quorum && !spec.durable {
+            return Err(Error::invalid(format!(
+                "queue {}: a quorum queue is always durable: drop durable: false or use queue_type classic",
+                spec.id
+            ))
+            .with_detail("field", "durable"));
+        }
         Ok(())
     }
 
@@ -82,6 +97,9 @@ impl Topology {
     /// Declares a queue on the broker (not the registry).
     async fn declare_on(&self, link: &Link, spec: &QueueSpec) -> Result<()> {
         let mut args = FieldTable::default();
+        if spec.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), string(QueueType::Quorum.as_str()));
+        }
         if let Some(max) = spec.max_length {
             args.insert(
                 "x-max-length".into(),
@@ -143,6 +161,11 @@ impl Topology {
             "x-expires".into(),
             AMQPValue::LongLongInt(clamp_i64(expires)),
         );
+        if spec.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), string(QueueType::Quorum.as_str()));
+            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            args.insert("x-overflow".into(), string("reject-publish"));
+        }
         declare_raw(
             link,
             &name,
@@ -205,6 +228,10 @@ async fn declare_raw(
     what: &str,
 ) -> Result<()> {
     let name = queue_name(name)?;
+    let declared_type = match args.inner().get("x-queue-type") {
+        Some(AMQPValue::LongString(t)) => String::from_utf8_lossy(t.as_bytes()).into_owned(),
+        _ => QueueType::Classic.as_str().to_string(),
+    };
     let channel = link.channel(what).await?;
     let options = QueueDeclareOptions {
         durable,
@@ -215,7 +242,17 @@ async fn declare_raw(
     declared.map(|_| ()).map_err(|e| {
         link.saw(&e);
         let mapped = error::map(what, e);
-        if mapped.is(ErrorKind::AlreadyExists) {
+        if let Some(existing) = existing_type(mapped.message()) {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{what}: queue {:?} already exists on the broker as a {existing} queue, declared now as a {declared_type} queue; a queue cannot change its type: declare it with queue_type {existing}, or delete it (and its messages) first",
+                    name.as_str()
+                ),
+            )
+            .with_detail("field", "queue_type")
+            .with_detail("amqp_reply_code", "406")
+        } else if mapped.is(ErrorKind::AlreadyExists) {
             Error::new(
                 ErrorKind::AlreadyExists,
                 format!(
@@ -228,6 +265,27 @@ async fn declare_raw(
             mapped
         }
     })
+}
+
+/// The type of the existing queue when a declare was refused for declaring another
+/// (RabbitMQ: "inequivalent arg 'x-queue-type' ... received 'quorum' but current is
+/// none"; none is a classic queue).
+fn existing_type(refusal: &str) -> Option<&'static str> {
+    if !refusal.contains("inequivalent arg 'x-queue-type'") {
+        return None;
+    }
+    let current = refusal.rsplit_once("current is").map_or("", |(_, c)| c);
+    Some(if current.contains("quorum") {
+        "quorum"
+    } else if current.contains("stream") {
+        "stream"
+    } else {
+        "classic"
+    })
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
 }
 
 /// (ready, consumers) of a queue, `None` if it does not exist.
@@ -273,4 +331,28 @@ fn millis(d: Duration) -> i64 {
 
 fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_conflict_names_the_existing_type() {
+        let refusal = |current: &str| {
+            format!(
+                "declare queue a:b: broker replied 406 PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'b' in vhost '/': received 'quorum' but current is {current}"
+            )
+        };
+        assert_eq!(existing_type(&refusal("none")), Some("classic"));
+        assert_eq!(existing_type(&refusal("'classic'")), Some("classic"));
+        assert_eq!(
+            existing_type(&refusal("the value 'quorum' of type 'longstr'")),
+            Some("quorum")
+        );
+        assert_eq!(
+            existing_type("406 PRECONDITION_FAILED - inequivalent arg 'x-max-priority'"),
+            None
+        );
+    }
 }
