@@ -11,6 +11,12 @@
 //! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
 //! * channel or connection closed before the confirm, no connection within
 //!   `publish_timeout`, no confirm within `publish_timeout` → `INTERNAL`, retryable.
+//!
+//! A nack also retires the publishing channel (at most once per [`RETIRE_EVERY`]):
+//! RabbitMQ 3.10 nacks every later publish of a channel whose first publish to a
+//! quorum queue found the node of the queue's recorded leader down (a SIGKILLed
+//! node, before the cluster has recorded the new leader), for as long as the
+//! channel lives. A new channel looks the leader up again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +33,9 @@ use crate::connection::{Connection, Link};
 use crate::topology::{Topology, queue_name};
 use crate::{error, mapping};
 
+/// How often a nack may retire the publishing channel.
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
+
 /// The publishing side of a driver: one confirm-mode channel per link, shared by
 /// every publisher, and the window of unconfirmed messages.
 pub(crate) struct Publisher {
@@ -37,6 +46,8 @@ pub(crate) struct Publisher {
     timeout: Duration,
     /// The confirm-mode channel and the generation of the link it is on.
     channel: tokio::sync::Mutex<Option<(u64, Channel)>>,
+    /// When a nack last retired the channel.
+    retired: std::sync::Mutex<Option<Instant>>,
 }
 
 /// A message ready for the wire.
@@ -56,6 +67,7 @@ impl Publisher {
             conn,
             topology,
             channel: tokio::sync::Mutex::new(None),
+            retired: std::sync::Mutex::new(None),
         }
     }
 
@@ -145,7 +157,7 @@ impl Publisher {
         routing: &ShortString,
         prepared: &Prepared,
         deadline: Instant,
-    ) -> Result<PublisherConfirm> {
+    ) -> Result<(Channel, PublisherConfirm)> {
         // Only error messages name the operation: build the text only for them.
         let what = || format!("publish to {queue}");
         let link = match self.conn.live_link() {
@@ -158,7 +170,7 @@ impl Publisher {
         };
         let io = async {
             let channel = self.channel(&link).await?;
-            channel
+            let confirm = channel
                 .basic_publish(
                     "".into(),
                     routing,
@@ -169,10 +181,11 @@ impl Publisher {
                     &prepared.body,
                     prepared.properties.clone(),
                 )
-                .await
+                .await?;
+            Ok::<_, lapin::Error>((channel, confirm))
         };
         match tokio::time::timeout_at(deadline, io).await {
-            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Ok(sent)) => Ok(sent),
             Ok(Err(e)) => Err(publish_failure(&link, &what(), e)),
             Err(_) => Err(Error::internal(format!(
                 "{}: not sent within publish_timeout {:?}",
@@ -188,7 +201,7 @@ impl Publisher {
         queue: &QueueId,
         id: String,
         permit: SemaphorePermit<'_>,
-        confirm: PublisherConfirm,
+        (channel, confirm): (Channel, PublisherConfirm),
         deadline: Instant,
     ) -> Result<()> {
         let what = || format!("publish to {queue}");
@@ -200,10 +213,13 @@ impl Publisher {
                 returned.reply_code,
                 returned.reply_text
             ))),
-            Ok(Ok(Confirmation::Nack(_))) => Err(Error::internal(format!(
-                "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
-                what()
-            ))),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.retire(&channel).await;
+                Err(Error::internal(format!(
+                    "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
+                    what()
+                )))
+            }
             Ok(Ok(Confirmation::NotRequested)) => Err(Error::internal(format!(
                 "{}: the channel was not in confirm mode; message {id} is not known to be stored",
                 what()
@@ -222,6 +238,35 @@ impl Publisher {
         };
         drop(permit);
         out
+    }
+}
+
+impl Publisher {
+    /// Stops publishing on `channel` after a nack (see the module docs); the next
+    /// publish opens a new one. The old one closes once its confirms are in.
+    async fn retire(&self, channel: &Channel) {
+        {
+            let mut retired = crate::lock(&self.retired);
+            if retired.is_some_and(|at| at.elapsed() < RETIRE_EVERY) {
+                return;
+            }
+            *retired = Some(Instant::now());
+        }
+        let mut slot = self.channel.lock().await;
+        if slot.as_ref().is_none_or(|(_, ch)| ch.id() != channel.id()) {
+            return;
+        }
+        let Some((_, old)) = slot.take() else { return };
+        drop(slot);
+        tracing::debug!(
+            channel = old.id(),
+            "publishing channel got a nack; opening a new one"
+        );
+        let timeout = self.timeout;
+        self.conn.tasks().spawn(async move {
+            let _ = tokio::time::timeout(timeout, old.wait_for_confirms()).await;
+            let _ = old.close(200, "replaced after a nack".into()).await;
+        });
     }
 }
 
