@@ -4,6 +4,7 @@
 //! stopped, and the node it is connected to SIGKILLed, while confirmed publishes and
 //! a consumer run on a quorum queue. Each case prints its counts and timings:
 //! `cluster <case>: published N / confirmed N / consumed N / duplicates N / lost 0; ...`.
+//! The workspace's fault contract runs on the cluster as well (`rabbitmq_cluster::faults::*`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,7 +17,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{ConnectionReport, ConsumeOptions, Driver, QueueId, QueueSpec, QueueType};
 use queue_fixtures::rabbitmq::{PrivateCluster, PrivateNode};
-use queue_testkit::{Tally, number_of, numbered};
+use queue_testkit::faults::FaultBackend;
+use queue_testkit::{Fault, Outage, Tally, TestContext, broker_test, number_of, numbered};
 
 /// Publishes in flight at once.
 const WINDOW: usize = 64;
@@ -382,12 +384,45 @@ async fn survives_its_node_killed() {
     survive(Strike::ConnectedNodeKilled, "connected_node_kill").await;
 }
 
-queue_testkit::broker_tests! {
-    unavailable: PrivateNode::unavailable();
-    async: [
-        survives_its_node_stopped_and_started,
-        survives_the_quorum_leader_stopped,
-        survives_its_node_killed,
+/// The workspace's fault contract on a cluster, its queues quorum queues: the
+/// cluster strikes the node the driver is connected to (`PrivateCluster`'s `Outage`).
+async fn start_for_the_fault_contract() -> Result<(TestContext, Box<dyn Outage>), String> {
+    let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .map_err(|e| e.to_string())??;
+    let driver = Amqp091Driver::connect(config(cluster.urls()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let ctx = TestContext::new(Arc::new(driver))
+        .with_spec_hook(|spec| spec.with_queue_type(QueueType::Quorum));
+    Ok((ctx, Box::new(cluster)))
+}
+
+fn main() {
+    let unavailable = PrivateNode::unavailable();
+    let mut trials = vec![
+        broker_test(
+            "survives_its_node_stopped_and_started",
+            unavailable.clone(),
+            survives_its_node_stopped_and_started,
+        ),
+        broker_test(
+            "survives_the_quorum_leader_stopped",
+            unavailable.clone(),
+            survives_the_quorum_leader_stopped,
+        ),
+        broker_test(
+            "survives_its_node_killed",
+            unavailable.clone(),
+            survives_its_node_killed,
+        ),
     ];
-    sync: [];
+    let cluster = FaultBackend::new(
+        "rabbitmq_cluster",
+        &[Fault::StopStart, Fault::Kill],
+        start_for_the_fault_contract,
+    )
+    .unavailable_if(unavailable);
+    trials.extend(queue_testkit::faults::trials(&[cluster]));
+    queue_testkit::run(trials);
 }
