@@ -20,7 +20,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{Driver, Headers, Message, QueueId, QueueSpec};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -111,10 +111,10 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let setup = rt.block_on(async {
-        let mut config = AmqpConfig::new(URL);
+        let mut config = Amqp091Config::new(URL);
         config.confirm_window = WINDOW;
         config.publish_timeout = Duration::from_secs(60);
-        let driver = match AmqpDriver::connect(config).await {
+        let driver = match Amqp091Driver::connect(config).await {
             Ok(d) => d,
             Err(e) => {
                 println!("skipped: RabbitMQ at 127.0.0.1:5672 is not reachable: {e}");

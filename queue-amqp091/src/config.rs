@@ -14,22 +14,35 @@ use serde::Deserialize;
 pub const KIND: &str = "queue.driver.amqp";
 
 /// Configuration of one AMQP 0-9-1 connection (the fields of a `queue.driver.amqp`
-/// entry). `Debug` never shows the password.
+/// entry). `Debug` never shows a password.
 ///
 /// ```
-/// let config = queue_amqp091::AmqpConfig::from_json(serde_json::json!({
+/// let config = queue_amqp091::Amqp091Config::from_json(serde_json::json!({
 ///     "url": "amqp://app:secret@127.0.0.1:5672",
 ///     "publish_timeout": "2s",
 /// })).unwrap();
 /// assert_eq!(config.publish_timeout, std::time::Duration::from_secs(2));
 /// assert!(!format!("{config:?}").contains("secret"));
+///
+/// // The nodes of one cluster: the driver connects to the first that answers.
+/// let cluster = queue_amqp091::Amqp091Config::from_json(serde_json::json!({
+///     "url": ["amqp://app:secret@rabbit-1.example:5672/", "amqp://app:secret@rabbit-2.example:5672/"],
+/// })).unwrap();
+/// assert_eq!(cluster.urls.len(), 2);
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
-    /// `amqp://user:pass@host:port/vhost` (or `amqps://` with the `tls` feature).
-    #[serde(default = "default_url")]
-    pub url: String,
+pub struct Amqp091Config {
+    /// `url` in configuration: `amqp://user:pass@host:port/vhost` (or `amqps://` with
+    /// the `tls` feature), or a list of them, the nodes of one cluster. The driver
+    /// connects to the first node that answers, in list order, and after a
+    /// connection loss to the next live one after the node it lost.
+    #[serde(
+        rename = "url",
+        default = "default_urls",
+        deserialize_with = "one_or_many"
+    )]
+    pub urls: Vec<String>,
     /// Virtual host; overrides the one in the URL.
     #[serde(default)]
     pub vhost: Option<String>,
@@ -75,8 +88,27 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
 }
 
-fn default_url() -> String {
-    "amqp://127.0.0.1:5672/%2f".to_string()
+fn default_urls() -> Vec<String> {
+    vec!["amqp://127.0.0.1:5672/%2f".to_string()]
+}
+
+/// `url: "amqp://..."` or `url: ["amqp://...", ...]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    match Urls::deserialize(d) {
+        Ok(Urls::One(url)) => Ok(vec![url]),
+        Ok(Urls::Many(urls)) => Ok(urls),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a URL or a list of URLs (amqp://user:password@host:port/vhost)",
+        )),
+    }
 }
 fn default_connection_timeout() -> Duration {
     Duration::from_secs(10)
@@ -94,10 +126,10 @@ fn default_confirm_window() -> usize {
     1000
 }
 
-impl Default for AmqpConfig {
+impl Default for Amqp091Config {
     fn default() -> Self {
-        AmqpConfig {
-            url: default_url(),
+        Amqp091Config {
+            urls: default_urls(),
             vhost: None,
             connection_name: None,
             heartbeat: None,
@@ -111,10 +143,13 @@ impl Default for AmqpConfig {
     }
 }
 
-impl fmt::Debug for AmqpConfig {
+impl fmt::Debug for Amqp091Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &redact_url(&self.url))
+        f.debug_struct("Amqp091Config")
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("vhost", &self.vhost)
             .field("connection_name", &self.connection_name)
             .field("heartbeat", &self.heartbeat)
@@ -128,18 +163,31 @@ impl fmt::Debug for AmqpConfig {
     }
 }
 
-impl AmqpConfig {
+impl Amqp091Config {
     /// A configuration with this URL and every other field at its default.
     pub fn new(url: impl Into<String>) -> Self {
-        AmqpConfig {
-            url: url.into(),
-            ..AmqpConfig::default()
+        Amqp091Config {
+            urls: vec![url.into()],
+            ..Amqp091Config::default()
+        }
+    }
+
+    /// A configuration for the nodes of one cluster (tried in this order), every other
+    /// field at its default.
+    pub fn cluster<I>(urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Amqp091Config {
+            urls: urls.into_iter().map(Into::into).collect(),
+            ..Amqp091Config::default()
         }
     }
 
     /// Reads and checks the YAML/JSON value of a `queue.driver.amqp` entry.
     pub fn from_json(value: serde_json::Value) -> Result<Self> {
-        let config: AmqpConfig = queue_core::config::from_value(KIND, value)?;
+        let config: Amqp091Config = queue_core::config::from_value(KIND, value)?;
         config.validate()?;
         Ok(config)
     }
@@ -152,7 +200,7 @@ impl AmqpConfig {
 
     /// Checks values serde cannot: the URL, the ranges, TLS availability.
     pub fn validate(&self) -> Result<()> {
-        let uri = self.uri()?;
+        let endpoints = self.endpoints()?;
         if self.confirm_window == 0 || self.confirm_window > 1_000_000 {
             return Err(field_error(
                 "confirm_window",
@@ -179,15 +227,25 @@ impl AmqpConfig {
         {
             return Err(field_error("heartbeat", "must be at most 65535s"));
         }
-        let wants_tls = matches!(uri.scheme, AMQPScheme::AMQPS) || self.tls.is_some();
-        if wants_tls && !cfg!(feature = "tls") {
-            return Err(field_error(
-                "url",
-                &format!(
-                    "{} needs TLS, but queue-amqp091 was built without its \"tls\" feature",
-                    redact_url(&self.url)
-                ),
-            ));
+        if !cfg!(feature = "tls") {
+            let amqps = endpoints
+                .iter()
+                .position(|e| matches!(e.uri.scheme, AMQPScheme::AMQPS));
+            if let Some(i) = amqps {
+                return Err(field_error(
+                    &self.url_field(i),
+                    &format!(
+                        "{} needs TLS, but queue-amqp091 was built without its \"tls\" feature",
+                        endpoints[i].shown
+                    ),
+                ));
+            }
+            if self.tls.is_some() {
+                return Err(field_error(
+                    "tls",
+                    "needs TLS, but queue-amqp091 was built without its \"tls\" feature",
+                ));
+            }
         }
         if let Some(tls) = &self.tls
             && tls.cert_file.is_some() != tls.key_file.is_some()
@@ -197,23 +255,60 @@ impl AmqpConfig {
         Ok(())
     }
 
-    /// The URL without its password, for logs and errors.
+    /// The URLs without their passwords, for logs and errors: one URL, or
+    /// `[url, url, ...]` for a cluster.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        match self.urls.as_slice() {
+            [one] => redact_url(one),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     }
 
-    /// The parsed URI with `vhost`, `heartbeat` and `connection_timeout` applied.
-    pub(crate) fn uri(&self) -> Result<AMQPUri> {
+    /// The field a validation error about URL `i` names: `url`, or `url[i]` in a list.
+    fn url_field(&self, i: usize) -> String {
+        if self.urls.len() == 1 {
+            "url".to_string()
+        } else {
+            format!("url[{i}]")
+        }
+    }
+
+    /// Every node's parsed URI, with `vhost`, `heartbeat` and `connection_timeout`
+    /// applied, in the configured order.
+    pub(crate) fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        if self.urls.is_empty() {
+            return Err(field_error("url", "must name at least one node"));
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| self.endpoint(i, url))
+            .collect()
+    }
+
+    fn endpoint(&self, i: usize, url: &str) -> Result<Endpoint> {
         // The parser's error repeats the whole URL, password included: never show it.
-        let mut uri = AMQPUri::from_str(&self.url).map_err(|_| {
+        let mut uri = AMQPUri::from_str(url).map_err(|_| {
             field_error(
-                "url",
+                &self.url_field(i),
                 &format!(
                     "{:?} is not an AMQP URL (amqp://user:password@host:port/vhost)",
-                    redact_url(&self.url)
+                    redact_url(url)
                 ),
             )
         })?;
+        // `amqp://host:5672/` has an empty path. The AMQP URI spec reads that as the
+        // vhost "", which RabbitMQ never has; pika, kombu and most users mean the
+        // default vhost "/".
+        if uri.vhost.is_empty() {
+            uri.vhost = "/".to_string();
+        }
         if let Some(vhost) = &self.vhost {
             uri.vhost = vhost.clone();
         }
@@ -222,7 +317,10 @@ impl AmqpConfig {
         }
         uri.query.connection_timeout =
             Some(u64::try_from(self.connection_timeout.as_millis()).unwrap_or(u64::MAX));
-        Ok(uri)
+        Ok(Endpoint {
+            shown: redact_url(url),
+            uri,
+        })
     }
 
     /// Reads the TLS files into lapin's form.
@@ -249,6 +347,22 @@ impl AmqpConfig {
     }
 }
 
+/// One node to connect to.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) uri: AMQPUri,
+    /// The URL as configured, password redacted: what logs, errors and the
+    /// connection report show.
+    pub(crate) shown: String,
+}
+
+impl Endpoint {
+    /// The vhost connected to.
+    pub(crate) fn vhost(&self) -> &str {
+        &self.uri.vhost
+    }
+}
+
 fn field_error(field: &str, what: &str) -> Error {
     queue_core::config::field_error(KIND, field, what)
 }
@@ -260,7 +374,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_spec() {
-        let c = AmqpConfig::from_json(json!({})).unwrap();
+        let c = Amqp091Config::from_json(json!({})).unwrap();
         assert_eq!(c.reconnect_delay, Duration::from_secs(1));
         assert_eq!(c.reconnect_max_delay, Duration::from_secs(30));
         assert_eq!(c.publish_timeout, Duration::from_secs(5));
@@ -276,7 +390,7 @@ mod tests {
             json!({"reconnect_delay": "5s", "reconnect_max_delay": "1s"}),
             json!({"url": "http://[::1"}),
         ] {
-            let err = AmqpConfig::from_json(bad.clone()).unwrap_err();
+            let err = Amqp091Config::from_json(bad.clone()).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{bad}: {err}");
         }
     }
@@ -284,27 +398,77 @@ mod tests {
     #[test]
     fn a_bad_url_error_hides_the_password() {
         let err =
-            AmqpConfig::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
+            Amqp091Config::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[test]
     fn overrides_land_in_the_uri() {
-        let c = AmqpConfig::from_json(json!({
+        let c = Amqp091Config::from_json(json!({
             "url": "amqp://u:p@127.0.0.1:5673/%2f", "vhost": "other", "heartbeat": "10s"
         }))
         .unwrap();
-        let uri = c.uri().unwrap();
+        let uri = c.endpoints().unwrap().remove(0).uri;
         assert_eq!(uri.vhost, "other");
         assert_eq!(uri.query.heartbeat, Some(10));
         assert_eq!(uri.authority.port, 5673);
     }
 
+    #[test]
+    fn an_empty_path_is_the_default_vhost_and_percent_2f_still_works() {
+        for (url, vhost) in [
+            ("amqp://u:p@127.0.0.1:5672/", "/"),
+            ("amqp://u:p@127.0.0.1:5672", "/"),
+            ("amqp://u:p@127.0.0.1:5672/%2f", "/"),
+            ("amqp://u:p@127.0.0.1:5672/%2F", "/"),
+            ("amqp://u:p@127.0.0.1:5672/app", "app"),
+            ("amqp://u:p@127.0.0.1:5672/app%2fprod", "app/prod"),
+        ] {
+            let c = Amqp091Config::new(url);
+            assert_eq!(c.endpoints().unwrap()[0].vhost(), vhost, "{url}");
+        }
+    }
+
+    #[test]
+    fn url_takes_one_string_or_a_list_in_order() {
+        let one = Amqp091Config::from_json(json!({"url": "amqp://u:p@a:5672/"})).unwrap();
+        assert_eq!(one.urls, vec!["amqp://u:p@a:5672/"]);
+        let many = Amqp091Config::from_json(json!({
+            "url": ["amqp://u:s3cret@a:5672/", "amqp://u:s3cret@b:5673/", "amqp://u:s3cret@c:5674/"]
+        }))
+        .unwrap();
+        let ports: Vec<u16> = many
+            .endpoints()
+            .unwrap()
+            .iter()
+            .map(|e| e.uri.authority.port)
+            .collect();
+        assert_eq!(ports, vec![5672, 5673, 5674]);
+        let shown = format!("{many:?} {}", many.redacted_url());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://u:***@b:5673/"), "{shown}");
+    }
+
+    #[test]
+    fn url_list_errors_name_the_entry_and_hide_passwords() {
+        let err = Amqp091Config::from_json(json!({"url": []})).unwrap_err();
+        assert_eq!(err.details()["field"], "url", "{err}");
+        let err = Amqp091Config::from_json(json!({
+            "url": ["amqp://u:hunter2@a:5672/", "amqp://u:hunter2@b:notaport/"]
+        }))
+        .unwrap_err();
+        assert_eq!(err.details()["field"], "url[1]", "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = Amqp091Config::from_json(json!({"url": 5})).unwrap_err();
+        assert!(err.message().contains("url"), "{err}");
+        assert!(err.message().contains("list of URLs"), "{err}");
+    }
+
     #[cfg(not(feature = "tls"))]
     #[test]
     fn amqps_without_the_feature_says_so() {
-        let err = AmqpConfig::from_json(json!({"url": "amqps://u:p@127.0.0.1"})).unwrap_err();
+        let err = Amqp091Config::from_json(json!({"url": "amqps://u:p@127.0.0.1"})).unwrap_err();
         assert!(err.message().contains("tls"), "{err}");
     }
 }

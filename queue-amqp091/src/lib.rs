@@ -6,21 +6,24 @@
 //! * publishes in confirm mode, pipelined through a bounded window
 //!   (`confirm_window`), `mandatory` and persistent; `Ok` only after the broker's ack;
 //! * maps headers to AMQP properties and the header table (see [`mapping`](crate#header-mapping));
-//! * declares queues with `x-max-length` (+ `x-overflow: reject-publish`),
-//!   `x-max-priority` and `x-message-ttl`; delays through per-delay TTL queues that
-//!   dead-letter back, with no broker plugin;
+//! * declares classic or quorum queues with `x-max-length` (+ `x-overflow:
+//!   reject-publish`), `x-max-priority` and `x-message-ttl`; delays through per-delay
+//!   TTL queues that dead-letter back, with no broker plugin;
 //! * consumes with `basic.qos` = prefetch and batches acks with `multiple` where safe;
-//! * reconnects with backoff, redeclares its queues and re-attaches its consumers.
+//!   a quorum queue's redelivery count reaches handlers as [`X_DELIVERY_COUNT`];
+//! * connects to one node or to the first live node of a cluster (`url` is a URL or
+//!   a list), reconnects with backoff (to the next live node), redeclares its queues
+//!   and re-attaches its consumers.
 //!
-//! Public surface: [`AmqpDriver`], [`AmqpConfig`] (+ [`TlsConfig`]) and
-//! [`AmqpDriverFactory`] (kind `queue.driver.amqp`).
+//! Public surface: [`Amqp091Driver`], [`Amqp091Config`] (+ [`TlsConfig`]); a
+//! `queue.driver.amqp` entry builds a driver through `queue_core::Factory::<Amqp091Config>`.
 //!
 //! ```no_run
-//! use queue_amqp091::{AmqpConfig, AmqpDriver};
+//! use queue_amqp091::{Amqp091Config, Amqp091Driver};
 //! use queue_core::{Codec, Driver, Headers, Message, QueueId, QueueSpec, Value};
 //!
 //! # async fn run() -> queue_core::Result<()> {
-//! let driver = AmqpDriver::connect(AmqpConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")).await?;
+//! let driver = Amqp091Driver::connect(Amqp091Config::new("amqp://guest:guest@127.0.0.1:5672/%2f")).await?;
 //! let tasks = QueueId::parse("app:tasks")?;
 //! driver.declare(&QueueSpec::new(tasks.clone()).with_max_priority(9)).await?;
 //! let message = Message::encode(&Value::from("hello"), Headers::new(), Codec::Json)?;
@@ -44,59 +47,106 @@
 //! hidden. The full table is in `docs/drivers/amqp091.md`.
 #![warn(missing_docs)]
 
+/// The `queue.driver.amqp` configuration.
 mod config;
+/// The link to the broker and its supervisor (reconnects); knows nothing above it.
 mod connection;
+/// Subscriptions: a channel per consumer, re-attached after reconnects.
 mod consume;
+/// lapin errors -> the workspace's errors.
 mod error;
+/// Headers <-> AMQP properties and header table.
 mod mapping;
+/// The confirm-mode publisher and its window.
 mod publish;
+/// Batched acks and releases of one consumer channel.
+mod settle;
+/// Declared queues, delay queues, passive declares for `info`.
+mod topology;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Error, Message, QueueId,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Message, QueueId,
     QueueInfo, QueueSpec, Result, Subscription,
 };
 
-pub use config::{AmqpConfig, KIND, TlsConfig};
+pub use config::{Amqp091Config, KIND, TlsConfig};
+pub use mapping::X_DELIVERY_COUNT;
 
-use connection::{Shared, lock, queue_name};
+use connection::{Connection, OnReconnect};
+use consume::Consumers;
+use publish::Publisher;
+use topology::Topology;
 
-/// The AMQP 0-9-1 driver: one connection (reconnected on loss), one confirm-mode
-/// publishing channel, one channel per subscription.
-pub struct AmqpDriver {
-    shared: Arc<Shared>,
+/// The former name of [`Amqp091Driver`].
+#[deprecated(note = "renamed to Amqp091Driver")]
+pub type AmqpDriver = Amqp091Driver;
+
+/// The former name of [`Amqp091Config`].
+#[deprecated(note = "renamed to Amqp091Config")]
+pub type AmqpConfig = Amqp091Config;
+
+/// The AMQP 0-9-1 driver: one connection to one node of the configured ones
+/// (reconnected on loss, to the next live node), one confirm-mode publishing channel,
+/// one channel per subscription.
+pub struct Amqp091Driver {
+    conn: Arc<Connection>,
+    topology: Arc<Topology>,
+    publisher: Publisher,
+    consumers: Arc<Consumers>,
 }
 
-impl std::fmt::Debug for AmqpDriver {
+impl std::fmt::Debug for Amqp091Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpDriver")
-            .field("config", &self.shared.config)
+        f.debug_struct("Amqp091Driver")
+            .field("config", self.conn.config())
             .finish()
     }
 }
 
-impl AmqpDriver {
+impl Amqp091Driver {
     /// Connects. The first connection must succeed (an unreachable broker or a
     /// refused login is an error here, with the URL's password removed); after
     /// that, a lost connection is re-established in the background.
-    pub async fn connect(config: AmqpConfig) -> Result<AmqpDriver> {
-        Ok(AmqpDriver {
-            shared: Shared::connect(config).await?,
+    pub async fn connect(config: Amqp091Config) -> Result<Amqp091Driver> {
+        config.validate()?;
+        let topology = Arc::new(Topology::default());
+        let conn = Connection::connect(config, redeclare_on_reconnect(&topology)).await?;
+        Ok(Amqp091Driver {
+            publisher: Publisher::new(Arc::clone(&conn), Arc::clone(&topology)),
+            consumers: Consumers::new(Arc::clone(&conn), Arc::clone(&topology)),
+            conn,
+            topology,
         })
     }
 
     /// The configuration in use.
-    pub fn config(&self) -> &AmqpConfig {
-        &self.shared.config
+    pub fn config(&self) -> &Amqp091Config {
+        self.conn.config()
+    }
+
+    /// Waits for a live link until `publish_timeout`.
+    async fn link(&self, what: &str) -> Result<Arc<connection::Link>> {
+        let deadline = tokio::time::Instant::now() + self.conn.config().publish_timeout;
+        self.conn.link_until(what, deadline).await
     }
 }
 
-impl Drop for AmqpDriver {
+/// A new link gets every declared queue before anyone publishes or consumes on it.
+fn redeclare_on_reconnect(topology: &Arc<Topology>) -> OnReconnect {
+    let topology = Arc::clone(topology);
+    Box::new(move |link| {
+        let topology = Arc::clone(&topology);
+        Box::pin(async move { topology.redeclare(&link).await })
+    })
+}
+
+impl Drop for Amqp091Driver {
     fn drop(&mut self) {
         // Stops the supervisor; the connection closes with the last handle on it.
-        self.shared.closed.send_replace(true);
+        self.conn.mark_closed();
     }
 }
 
@@ -115,11 +165,11 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // RabbitMQ's queue.declare-ok counts ready messages only.
     info_in_flight: false,
     info_consumers: true,
-    quorum_queues: false,
+    quorum_queues: true,
 };
 
 #[async_trait]
-impl Driver for AmqpDriver {
+impl Driver for Amqp091Driver {
     fn name(&self) -> &str {
         NAME
     }
@@ -129,27 +179,17 @@ impl Driver for AmqpDriver {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
-        queue_name(&spec.name)?;
-        if spec.max_priority.is_some_and(|p| p == 0) {
-            return Err(Error::invalid(format!(
-                "queue {}: max_priority must be 1..=255",
-                spec.id
-            )));
-        }
-        let what = format!("declare queue {}", spec.id);
-        let deadline = tokio::time::Instant::now() + self.shared.config.publish_timeout;
-        let link = self.shared.link_until(&what, deadline).await?;
-        self.shared.declare_on(&link, spec).await?;
-        lock(&self.shared.registry).insert(spec.id.clone(), spec.clone());
-        Ok(())
+        Topology::check(spec)?;
+        let link = self.link(&format!("declare queue {}", spec.id)).await?;
+        self.topology.declare(&link, spec).await
     }
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
-        self.shared.publish_all(queue, vec![message]).await
+        self.publisher.publish_all(queue, vec![message]).await
     }
 
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
-        self.shared.publish_all(queue, messages).await
+        self.publisher.publish_all(queue, messages).await
     }
 
     async fn consume(
@@ -157,48 +197,55 @@ impl Driver for AmqpDriver {
         queue: &QueueId,
         options: ConsumeOptions,
     ) -> Result<Box<dyn Subscription>> {
-        let sub = consume::AmqpSubscription::start(
-            Arc::clone(&self.shared),
-            queue.clone(),
-            options.prefetch,
-        )
-        .await?;
+        let sub = self
+            .consumers
+            .subscribe(queue.clone(), options.prefetch)
+            .await?;
         Ok(Box::new(sub))
     }
 
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
-        self.shared.info(queue).await
+        self.topology.spec_of(queue, "info of")?;
+        let link = self.link(&format!("info of {queue}")).await?;
+        self.topology.info(&link, queue).await
     }
 
     fn connection(&self) -> Option<ConnectionReport> {
-        let current = self.shared.current();
+        let current = self.conn.current();
         Some(ConnectionReport {
             connected: current.as_ref().is_some_and(|l| l.is_alive()),
             connections_opened: current.map_or(0, |l| l.generation),
-            links_attached: self
-                .shared
-                .consumers_attached
-                .load(std::sync::atomic::Ordering::Relaxed),
-            node: self.shared.config.redacted_url(),
+            links_attached: self.consumers.attached(),
+            node: self.conn.node(),
         })
     }
 
+    /// Flushes every subscription's pending acks, then closes the connection.
     async fn close(&self) -> Result<()> {
-        self.shared.close().await
+        if !self.conn.mark_closed() {
+            return Ok(());
+        }
+        self.consumers.close().await;
+        self.conn.shutdown().await
     }
 }
 
-/// `queue.driver.amqp` entries build [`AmqpDriver`]s: register
-/// `queue_core::Factory::<AmqpConfig>::new()`.
+/// `queue.driver.amqp` entries build [`Amqp091Driver`]s: register
+/// `queue_core::Factory::<Amqp091Config>::new()`.
 #[async_trait]
-impl DriverConfig for AmqpConfig {
+impl DriverConfig for Amqp091Config {
     const KIND: &'static str = KIND;
 
     fn validate(&self) -> Result<Capabilities> {
-        AmqpConfig::validate(self).map(|()| CAPABILITIES)
+        Amqp091Config::validate(self).map(|()| CAPABILITIES)
     }
 
     async fn connect(self) -> Result<Arc<dyn Driver>> {
-        Ok(Arc::new(AmqpDriver::connect(self).await?))
+        Ok(Arc::new(Amqp091Driver::connect(self).await?))
     }
+}
+
+/// Locks a std mutex; a panic elsewhere cannot leave the driver's maps half-written.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

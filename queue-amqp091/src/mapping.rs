@@ -23,10 +23,23 @@
 //! from another client) becomes that header. Table values that are not scalars
 //! (RabbitMQ's `x-death`, arrays, nested tables, byte arrays) and RabbitMQ's
 //! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown.
+//!
+//! [`X_DELIVERY_COUNT`] is the broker's, read-only: RabbitMQ's `x-delivery-count`
+//! (set by quorum queues on redeliveries) becomes it on the way in, and on the way
+//! out it is never sent, so a copy the runtime republishes (a retry) does not carry
+//! the original's count, and no publisher can fake one.
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use queue_core::{Error, HeaderValue, Headers, Message, Result, names, new_message_id};
+
+/// The header a consumer finds the broker's delivery count in: how many times the
+/// message was delivered before (RabbitMQ's `x-delivery-count`, which quorum queues
+/// set on redeliveries; absent on a first delivery and on classic queues).
+pub const X_DELIVERY_COUNT: &str = "x_delivery_count";
+
+/// RabbitMQ's name for it.
+const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// `delivery_mode` of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -47,6 +60,7 @@ pub(crate) fn to_properties(
 
     for (key, value) in headers.iter() {
         let in_table = match key.as_str() {
+            X_DELIVERY_COUNT => false,
             names::CORRELATION_ID | names::REPLY_TO | names::MESSAGE_TYPE => {
                 match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
                     Some(s) => {
@@ -136,7 +150,10 @@ fn from_amqp(value: &AMQPValue) -> Option<HeaderValue> {
 
 /// Broker bookkeeping a handler never sees, even when scalar.
 fn is_broker_internal(key: &str) -> bool {
-    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+    key == "x-death"
+        || key == BROKER_DELIVERY_COUNT
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
 }
 
 /// Rebuilds a message from a delivery's properties and body.
@@ -144,12 +161,20 @@ pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>) -> Message {
     let mut headers = Headers::new();
     if let Some(table) = props.headers() {
         for (key, value) in table.inner() {
-            if is_broker_internal(key.as_str()) {
+            if is_broker_internal(key.as_str()) || key.as_str() == X_DELIVERY_COUNT {
                 continue;
             }
             if let Some(v) = from_amqp(value) {
                 headers.insert(key.as_str(), v);
             }
+        }
+        let count = table
+            .inner()
+            .get(BROKER_DELIVERY_COUNT)
+            .and_then(from_amqp)
+            .filter(|v| matches!(v, HeaderValue::Int(_)));
+        if let Some(count) = count {
+            headers.insert(X_DELIVERY_COUNT, count);
         }
     }
     let mut fill = |key: &str, value: Option<HeaderValue>| {
@@ -281,6 +306,27 @@ mod tests {
             ])
         );
         assert!(!got.id.is_empty());
+    }
+
+    #[test]
+    fn the_brokers_delivery_count_is_a_read_only_header() {
+        let mut table = FieldTable::default();
+        table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        table.insert("x_delivery_count".into(), AMQPValue::LongLongInt(99));
+        let got = from_delivery(&BasicProperties::default().with_headers(table), vec![]);
+        assert_eq!(
+            got.headers,
+            Headers::from_pairs([(X_DELIVERY_COUNT, HeaderValue::Int(3))])
+        );
+        // A copy republished with the count does not carry it.
+        let (again, props) = round_trip(got.headers.clone());
+        assert!(!again.headers.contains(X_DELIVERY_COUNT));
+        assert!(
+            props
+                .headers()
+                .as_ref()
+                .is_none_or(|t| t.inner().is_empty())
+        );
     }
 
     #[test]

@@ -11,16 +11,44 @@
 //! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
 //! * channel or connection closed before the confirm, no connection within
 //!   `publish_timeout`, no confirm within `publish_timeout` → `INTERNAL`, retryable.
+//!
+//! A nack also retires the publishing channel (at most once per [`RETIRE_EVERY`]):
+//! RabbitMQ 3.10 nacks every later publish of a channel whose first publish to a
+//! quorum queue found the node of the queue's recorded leader down (a SIGKILLed
+//! node, before the cluster has recorded the new leader), for as long as the
+//! channel lives. A new channel looks the leader up again.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use queue_core::{Error, ErrorKind, Message, QueueId, QueueSpec, Result};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use crate::connection::{Shared, lock, queue_name};
+use crate::connection::{Connection, Link};
+use crate::topology::{Topology, queue_name};
 use crate::{error, mapping};
+
+/// How often a nack may retire the publishing channel.
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// The publishing side of a driver: one confirm-mode channel per link, shared by
+/// every publisher, and the window of unconfirmed messages.
+pub(crate) struct Publisher {
+    conn: Arc<Connection>,
+    topology: Arc<Topology>,
+    /// Bounds the published-but-unconfirmed messages (`confirm_window`).
+    window: Semaphore,
+    timeout: Duration,
+    /// The confirm-mode channel and the generation of the link it is on.
+    channel: tokio::sync::Mutex<Option<(u64, Channel)>>,
+    /// When a nack last retired the channel.
+    retired: std::sync::Mutex<Option<Instant>>,
+}
 
 /// A message ready for the wire.
 struct Prepared {
@@ -30,51 +58,31 @@ struct Prepared {
     body: Vec<u8>,
 }
 
-fn prepare(message: Message) -> Result<Prepared> {
-    let delay_ms = message
-        .headers
-        .delay()?
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .filter(|ms| *ms > 0);
-    let expiration = match delay_ms {
-        // The delay hop: never expire before the delay is over (RabbitMQ drops the
-        // expiration when it dead-letters, so the ttl does not apply a second time).
-        Some(d) => message
-            .headers
-            .ttl()?
-            .map(|t| d.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
-        None => None,
-    };
-    let properties = mapping::to_properties(&message, expiration)?;
-    Ok(Prepared {
-        id: message.id,
-        delay_ms,
-        properties,
-        body: message.body,
-    })
-}
-
-impl Shared {
-    pub(crate) fn spec_of(&self, queue: &QueueId, what: &str) -> Result<QueueSpec> {
-        lock(&self.registry).get(queue).cloned().ok_or_else(|| {
-            Error::not_found(format!(
-                "{what} {queue}: the queue was not declared on this amqp driver"
-            ))
-        })
+impl Publisher {
+    pub(crate) fn new(conn: Arc<Connection>, topology: Arc<Topology>) -> Publisher {
+        let config = conn.config();
+        Publisher {
+            window: Semaphore::new(config.confirm_window),
+            timeout: config.publish_timeout,
+            conn,
+            topology,
+            channel: tokio::sync::Mutex::new(None),
+            retired: std::sync::Mutex::new(None),
+        }
     }
 
     /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
     /// failure nothing more is sent, the ones in flight are awaited, and the first
     /// error is returned.
     pub(crate) async fn publish_all(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
-        let spec = self.spec_of(queue, "publish to")?;
+        let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;
         let total = messages.len();
         let mut pending = FuturesUnordered::new();
         let mut first_error: Option<Error> = None;
         let mut confirmed = 0usize;
         for message in messages {
-            let deadline = Instant::now() + self.config.publish_timeout;
+            let deadline = Instant::now() + self.timeout;
             let sent = async {
                 let prepared = prepare(message)?;
                 let permit = self.permit(queue, deadline).await?;
@@ -94,7 +102,7 @@ impl Shared {
             };
             match outcome {
                 Ok((id, permit, confirm)) => {
-                    pending.push(self.settle(queue, id, permit, confirm, deadline))
+                    pending.push(self.await_confirm(queue, id, permit, confirm, deadline))
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -122,32 +130,47 @@ impl Shared {
             Ok(Err(_)) => Err(Error::new(ErrorKind::Canceled, "the driver is closed")),
             Err(_) => Err(Error::internal(format!(
                 "publish to {queue}: the confirm window stayed full for publish_timeout {:?}",
-                self.config.publish_timeout
+                self.timeout
             ))),
         }
+    }
+
+    /// The confirm-mode channel on `link`, reopened if a channel error closed it.
+    async fn channel(&self, link: &Link) -> std::result::Result<Channel, lapin::Error> {
+        let mut slot = self.channel.lock().await;
+        if let Some((generation, ch)) = slot.as_ref()
+            && *generation == link.generation
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let ch = link.connection.create_channel().await?;
+        ch.confirm_select(Default::default()).await?;
+        *slot = Some((link.generation, ch.clone()));
+        Ok(ch)
     }
 
     async fn send(
         &self,
         queue: &QueueId,
         spec: &QueueSpec,
-        routing: &lapin::types::ShortString,
+        routing: &ShortString,
         prepared: &Prepared,
         deadline: Instant,
-    ) -> Result<PublisherConfirm> {
+    ) -> Result<(Channel, PublisherConfirm)> {
         // Only error messages name the operation: build the text only for them.
         let what = || format!("publish to {queue}");
-        let link = match self.live_link() {
+        let link = match self.conn.live_link() {
             Some(link) => link,
-            None => self.link_until(&what(), deadline).await?,
+            None => self.conn.link_until(&what(), deadline).await?,
         };
         let routing = match prepared.delay_ms {
-            Some(ms) => queue_name(&self.delay_queue(&link, spec, ms).await?)?,
+            Some(ms) => queue_name(&self.topology.delay_queue(&link, spec, ms).await?)?,
             None => routing.clone(),
         };
         let io = async {
-            let channel = link.publisher().await?;
-            channel
+            let channel = self.channel(&link).await?;
+            let confirm = channel
                 .basic_publish(
                     "".into(),
                     routing,
@@ -158,26 +181,27 @@ impl Shared {
                     &prepared.body,
                     prepared.properties.clone(),
                 )
-                .await
+                .await?;
+            Ok::<_, lapin::Error>((channel, confirm))
         };
         match tokio::time::timeout_at(deadline, io).await {
-            Ok(Ok(confirm)) => Ok(confirm),
-            Ok(Err(e)) => Err(self.publish_failure(&what(), e)),
+            Ok(Ok(sent)) => Ok(sent),
+            Ok(Err(e)) => Err(publish_failure(&link, &what(), e)),
             Err(_) => Err(Error::internal(format!(
                 "{}: not sent within publish_timeout {:?}",
                 what(),
-                self.config.publish_timeout
+                self.timeout
             ))),
         }
     }
 
     /// Awaits one confirm, then frees its window slot.
-    async fn settle(
+    async fn await_confirm(
         &self,
         queue: &QueueId,
         id: String,
         permit: SemaphorePermit<'_>,
-        confirm: PublisherConfirm,
+        (channel, confirm): (Channel, PublisherConfirm),
         deadline: Instant,
     ) -> Result<()> {
         let what = || format!("publish to {queue}");
@@ -189,34 +213,97 @@ impl Shared {
                 returned.reply_code,
                 returned.reply_text
             ))),
-            Ok(Ok(Confirmation::Nack(_))) => Err(Error::internal(format!(
-                "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
-                what()
-            ))),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.retire(&channel).await;
+                Err(Error::internal(format!(
+                    "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
+                    what()
+                )))
+            }
             Ok(Ok(Confirmation::NotRequested)) => Err(Error::internal(format!(
                 "{}: the channel was not in confirm mode; message {id} is not known to be stored",
                 what()
             ))),
-            Ok(Err(e)) => Err(self.publish_failure(&what(), e)),
+            Ok(Err(e)) => {
+                if let Some(link) = self.conn.current() {
+                    link.saw(&e);
+                }
+                Err(unconfirmed(&what(), e))
+            }
             Err(_) => Err(Error::internal(format!(
                 "{}: message {id} not confirmed within publish_timeout {:?}",
                 what(),
-                self.config.publish_timeout
+                self.timeout
             ))),
         };
         drop(permit);
         out
     }
+}
 
-    /// Any failure of the channel or connection leaves the publish unconfirmed:
-    /// INTERNAL and retryable, whatever lapin called it.
-    fn publish_failure(&self, what: &str, e: lapin::Error) -> Error {
-        if error::is_connection_level(&e) {
-            self.nudge.notify_one();
+impl Publisher {
+    /// Stops publishing on `channel` after a nack (see the module docs); the next
+    /// publish opens a new one. The old one closes once its confirms are in.
+    async fn retire(&self, channel: &Channel) {
+        {
+            let mut retired = crate::lock(&self.retired);
+            if retired.is_some_and(|at| at.elapsed() < RETIRE_EVERY) {
+                return;
+            }
+            *retired = Some(Instant::now());
         }
-        let mapped = error::map(what, e);
-        Error::internal(format!("{} (message not confirmed)", mapped.message()))
+        let mut slot = self.channel.lock().await;
+        if slot.as_ref().is_none_or(|(_, ch)| ch.id() != channel.id()) {
+            return;
+        }
+        let Some((_, old)) = slot.take() else { return };
+        drop(slot);
+        tracing::debug!(
+            channel = old.id(),
+            "publishing channel got a nack; opening a new one"
+        );
+        let timeout = self.timeout;
+        self.conn.tasks().spawn(async move {
+            let _ = tokio::time::timeout(timeout, old.wait_for_confirms()).await;
+            let _ = old.close(200, "replaced after a nack".into()).await;
+        });
     }
+}
+
+fn prepare(message: Message) -> Result<Prepared> {
+    let delay_ms = message
+        .headers
+        .delay()?
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .filter(|ms| *ms > 0);
+    let expiration = match delay_ms {
+        // The delay hop: never expire before the delay is over (RabbitMQ drops the
+        // expiration when it dead-letters, so the ttl does not apply a second time).
+        Some(d) => message
+            .headers
+            .ttl()?
+            .map(|t| d.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
+        None => None,
+    };
+    let properties = mapping::to_properties(&message, expiration)?;
+    Ok(Prepared {
+        id: message.id,
+        delay_ms,
+        properties,
+        body: message.body,
+    })
+}
+
+fn publish_failure(link: &Link, what: &str, e: lapin::Error) -> Error {
+    link.saw(&e);
+    unconfirmed(what, e)
+}
+
+/// Any failure of the channel or connection leaves the publish unconfirmed:
+/// INTERNAL and retryable, whatever lapin called it.
+fn unconfirmed(what: &str, e: lapin::Error) -> Error {
+    let mapped = error::map(what, e);
+    Error::internal(format!("{} (message not confirmed)", mapped.message()))
 }
 
 fn record(done: Result<()>, confirmed: &mut usize, first_error: &mut Option<Error>) {

@@ -1,6 +1,6 @@
 //! Behaviour against the shared RabbitMQ on 127.0.0.1:5672 beyond the conformance
-//! suite: credentials in real failures, full queues, conflicting redeclares,
-//! unroutable publishes, delays.
+//! suite: credentials in real failures, URL forms and vhosts, lists of nodes, full
+//! queues, conflicting redeclares, unroutable publishes, delays, quorum queues.
 
 mod common;
 
@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver, X_DELIVERY_COUNT};
 use queue_core::{
-    Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, Value,
+    Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
 };
 use queue_testkit::everything_said;
 
@@ -25,7 +25,7 @@ fn numbered(n: i64) -> Message {
 
 async fn wrong_password_is_refused_without_showing_it() {
     let secret = "not-the-guest-password-7f3a";
-    let err = AmqpDriver::connect(AmqpConfig::new(format!(
+    let err = Amqp091Driver::connect(Amqp091Config::new(format!(
         "amqp://guest:{secret}@127.0.0.1:5672/%2f"
     )))
     .await
@@ -45,9 +45,9 @@ async fn refused_port_fails_retryable_without_showing_the_password() {
         .unwrap()
         .port();
     let secret = "s3cret-for-a-closed-port";
-    let mut config = AmqpConfig::new(format!("amqp://app:{secret}@127.0.0.1:{port}/%2f"));
+    let mut config = Amqp091Config::new(format!("amqp://app:{secret}@127.0.0.1:{port}/%2f"));
     config.connection_timeout = Duration::from_secs(3);
-    let err = AmqpDriver::connect(config).await.unwrap_err();
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
     let said = everything_said(&err);
     assert!(!said.contains(secret), "password leaked: {said}");
     assert!(
@@ -217,7 +217,7 @@ async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
 
 async fn the_factory_validates_without_connecting_and_creates_a_driver() {
     use queue_core::DriverFactory;
-    let factory = queue_core::Factory::<queue_amqp091::AmqpConfig>::new();
+    let factory = queue_core::Factory::<queue_amqp091::Amqp091Config>::new();
     assert_eq!(factory.kind(), "queue.driver.amqp");
     // A port nothing listens on validates fine: validation never connects.
     factory
@@ -232,6 +232,241 @@ async fn the_factory_validates_without_connecting_and_creates_a_driver() {
         .await
         .unwrap();
     assert_eq!(driver.name(), "amqp");
+    driver.close().await.unwrap();
+}
+
+/// A port nothing listens on: bind one, learn it, let it go.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn the_default_vhost_url_forms_all_connect() {
+    for url in [
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "amqp://guest:guest@127.0.0.1:5672",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+    ] {
+        let driver = Amqp091Driver::connect(Amqp091Config::new(url))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let name = common::unique("vhost-form");
+        let id = QueueId::new("test", &name).unwrap();
+        let spec = QueueSpec::new(id.clone())
+            .with_name(&name)
+            .with_durable(false);
+        driver.declare(&spec).await.unwrap();
+        driver.publish(&id, numbered(1)).await.unwrap();
+        assert_eq!(driver.info(&id).await.unwrap().ready, Some(1), "{url}");
+        delete(&name).await;
+        driver.close().await.unwrap();
+    }
+}
+
+async fn a_missing_vhost_is_not_found_and_named() {
+    let vhost = common::unique("no-such-vhost");
+    let err = Amqp091Driver::connect(Amqp091Config::new(format!(
+        "amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    )))
+    .await
+    .unwrap_err();
+    let said = everything_said(&err);
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{said}");
+    assert!(!err.retryable(), "{said}");
+    assert!(
+        err.message()
+            .contains(&format!("vhost \"{vhost}\" not found")),
+        "{err}"
+    );
+    assert!(said.contains("guest:***@127.0.0.1:5672"), "{said}");
+    assert!(!said.contains("guest:guest"), "password shown: {said}");
+    // The `vhost` field overrides the URL's, and is named the same way.
+    let mut config = Amqp091Config::new("amqp://guest:guest@127.0.0.1:5672/");
+    config.vhost = Some(vhost.clone());
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains(&format!("vhost \"{vhost}\" not found")),
+        "{err}"
+    );
+}
+
+async fn a_list_of_nodes_connects_to_the_first_that_answers() {
+    let dead = closed_port();
+    let secret = "list-secret-51d";
+    let mut config = Amqp091Config::cluster([
+        format!("amqp://guest:{secret}@127.0.0.1:{dead}/"),
+        "amqp://guest:guest@127.0.0.1:5672/".to_string(),
+    ]);
+    config.connection_timeout = Duration::from_secs(3);
+    let driver = Amqp091Driver::connect(config).await.unwrap();
+    let report = driver.connection().unwrap();
+    assert_eq!(
+        report.node, "amqp://guest:***@127.0.0.1:5672/",
+        "{report:?}"
+    );
+    assert!(report.connected);
+    assert!(!format!("{driver:?}").contains(secret));
+    driver.close().await.unwrap();
+
+    // None answers: one retryable error naming every node, no password.
+    let other = closed_port();
+    let mut config = Amqp091Config::cluster([
+        format!("amqp://guest:{secret}@127.0.0.1:{dead}/"),
+        format!("amqp://guest:{secret}@127.0.0.1:{other}/"),
+    ]);
+    config.connection_timeout = Duration::from_secs(3);
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
+    let said = everything_said(&err);
+    assert_eq!(err.kind(), ErrorKind::Internal, "{said}");
+    assert!(err.retryable(), "{said}");
+    assert!(!said.contains(secret), "password leaked: {said}");
+    for port in [dead, other] {
+        assert!(
+            err.message()
+                .contains(&format!("guest:***@127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
+}
+
+async fn quorum_queues_deliver_delay_and_count_redeliveries() {
+    let driver = common::rabbit().await;
+    let name = common::unique("quorum");
+    let id = QueueId::new("test", &name).unwrap();
+    let spec = QueueSpec::new(id.clone())
+        .with_name(&name)
+        .with_queue_type(QueueType::Quorum);
+    driver.declare(&spec).await.unwrap();
+    // Declaring the same again is fine.
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    assert!(
+        !first.message().headers.contains(X_DELIVERY_COUNT),
+        "a first delivery has no count: {:?}",
+        first.message().headers
+    );
+    first.release().await.unwrap();
+    let again = sub.next().await.unwrap().unwrap();
+    assert_eq!(
+        again.message().headers.get(X_DELIVERY_COUNT),
+        Some(&HeaderValue::Int(1)),
+        "{:?}",
+        again.message().headers
+    );
+    assert!(!again.message().headers.contains("x-delivery-count"));
+    // A republished copy (what a retry is) does not carry the count.
+    let copy = Message::from_bytes(
+        again.message().body.clone(),
+        again.message().headers.clone(),
+        &again.message().content_type,
+    );
+    driver.publish(&id, copy).await.unwrap();
+    again.ack().await.unwrap();
+    let copy = sub.next().await.unwrap().unwrap();
+    assert!(
+        !copy.message().headers.contains(X_DELIVERY_COUNT),
+        "{:?}",
+        copy.message().headers
+    );
+    copy.ack().await.unwrap();
+    // Delays go through a quorum delay queue.
+    let delayed = Message::encode(
+        &Value::from("later"),
+        Headers::from_pairs([("delay", HeaderValue::Int(300))]),
+        Codec::Json,
+    )
+    .unwrap();
+    driver.publish(&id, delayed.clone()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.message().id, delayed.id);
+    got.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    // The broker says which type each queue has.
+    let listed = tokio::task::block_in_place(|| {
+        std::process::Command::new("rabbitmqctl")
+            .args(["-q", "list_queues", "--no-table-headers", "name", "type"])
+            .output()
+            .expect("rabbitmqctl runs")
+    });
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for queue in [name.clone(), format!("{name}.delay.300")] {
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(queue.as_str()))
+            .unwrap_or_else(|| panic!("{queue} not listed:\n{listed}"));
+        assert!(line.ends_with("quorum"), "{line}");
+    }
+    delete(&format!("{name}.delay.300")).await;
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+async fn redeclaring_with_another_type_names_both_types() {
+    let driver = common::rabbit().await;
+    for (existing, declared) in [
+        (QueueType::Classic, QueueType::Quorum),
+        (QueueType::Quorum, QueueType::Classic),
+    ] {
+        let name = common::unique("retype");
+        let id = QueueId::new("test", &name).unwrap();
+        let spec = QueueSpec::new(id.clone())
+            .with_name(&name)
+            .with_queue_type(existing);
+        driver.declare(&spec).await.unwrap();
+        let err = driver
+            .declare(&spec.clone().with_queue_type(declared))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        let said = err.message();
+        assert!(
+            said.contains(&format!(
+                "exists on the broker as a {} queue",
+                existing.as_str()
+            )),
+            "{said}"
+        );
+        assert!(
+            said.contains(&format!("declared now as a {} queue", declared.as_str())),
+            "{said}"
+        );
+        assert_eq!(err.details()["field"], "queue_type");
+        // Neither the connection nor the original registration suffered.
+        driver.publish(&id, numbered(1)).await.unwrap();
+        assert_eq!(driver.info(&id).await.unwrap().ready, Some(1));
+        delete(&name).await;
+    }
+    driver.close().await.unwrap();
+}
+
+async fn quorum_queue_options_the_broker_lacks_are_refused_up_front() {
+    let driver = queue_core::Checked::layer(std::sync::Arc::new(common::rabbit().await));
+    assert!(driver.capabilities().quorum_queues);
+    let id = QueueId::new("test", &common::unique("quorum-prio")).unwrap();
+    let quorum = QueueSpec::new(id).with_queue_type(QueueType::Quorum);
+    let err = driver
+        .declare(&quorum.clone().with_max_priority(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert_eq!(err.details()["field"], "max_priority", "{err}");
+    let err = driver
+        .declare(&quorum.with_durable(false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert_eq!(err.details()["field"], "durable", "{err}");
     driver.close().await.unwrap();
 }
 
@@ -256,6 +491,12 @@ queue_testkit::broker_tests! {
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
         the_factory_validates_without_connecting_and_creates_a_driver,
+        the_default_vhost_url_forms_all_connect,
+        a_missing_vhost_is_not_found_and_named,
+        a_list_of_nodes_connects_to_the_first_that_answers,
+        quorum_queues_deliver_delay_and_count_redeliveries,
+        redeclaring_with_another_type_names_both_types,
+        quorum_queue_options_the_broker_lacks_are_refused_up_front,
     ];
     sync: [];
 }

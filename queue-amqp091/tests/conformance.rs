@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use queue_amqp091::{AmqpConfig, AmqpDriver, CAPABILITIES};
+use queue_amqp091::{Amqp091Config, Amqp091Driver, CAPABILITIES};
 use queue_fixtures::rabbitmq::{SHARED_AMQP091_URL, shared_unavailable};
 use queue_testkit::{Backend, TestContext};
 
 fn main() {
     let rabbitmq = Backend::new("rabbitmq", CAPABILITIES, || async {
-        let driver = AmqpDriver::connect(AmqpConfig::new(SHARED_AMQP091_URL))
+        let driver = Amqp091Driver::connect(Amqp091Config::new(SHARED_AMQP091_URL))
             .await
             .map_err(|e| e.to_string())?;
         Ok(TestContext::new(Arc::new(driver)))

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::faults::{FaultBackend, trials};
 use queue_testkit::{Fault, Outage, TestContext};
@@ -14,13 +14,13 @@ async fn start() -> Result<(TestContext, Box<dyn Outage>), String> {
     let node = tokio::task::spawn_blocking(PrivateNode::start)
         .await
         .map_err(|e| e.to_string())??;
-    let mut config = AmqpConfig::new(node.amqp091_url());
+    let mut config = Amqp091Config::new(node.amqp091_url());
     config.connection_name = Some("amqp091-faults".into());
     config.reconnect_delay = Duration::from_millis(200);
     config.reconnect_max_delay = Duration::from_secs(2);
     config.publish_timeout = Duration::from_secs(10);
     config.confirm_window = 500;
-    let driver = AmqpDriver::connect(config)
+    let driver = Amqp091Driver::connect(config)
         .await
         .map_err(|e| e.to_string())?;
     Ok((TestContext::new(Arc::new(driver)), Box::new(node)))

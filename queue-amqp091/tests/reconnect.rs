@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{Driver, ErrorKind, QueueId, QueueSpec};
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::{number_of, numbered};
@@ -16,8 +16,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-fn config(node: &PrivateNode) -> AmqpConfig {
-    let mut c = AmqpConfig::new(node.amqp091_url());
+fn config(node: &PrivateNode) -> Amqp091Config {
+    let mut c = Amqp091Config::new(node.amqp091_url());
     c.connection_name = Some("amqp091-reconnect".into());
     c.reconnect_delay = Duration::from_millis(200);
     c.reconnect_max_delay = Duration::from_secs(2);
@@ -26,7 +26,7 @@ fn config(node: &PrivateNode) -> AmqpConfig {
 }
 
 /// Connections the driver has opened so far.
-fn connections(driver: &AmqpDriver) -> u64 {
+fn connections(driver: &Amqp091Driver) -> u64 {
     driver.connection().map_or(0, |c| c.connections_opened)
 }
 
@@ -34,7 +34,7 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
     let mut node = blocking(PrivateNode::start).expect("a private node");
     let mut c = config(&node);
     c.publish_timeout = Duration::from_secs(1);
-    let driver = AmqpDriver::connect(c).await.expect("connect");
+    let driver = Amqp091Driver::connect(c).await.expect("connect");
     let id = QueueId::new("faults", "resume").unwrap();
     driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
@@ -45,7 +45,7 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
         next_n += 50;
         (label, first..first + 50)
     };
-    async fn publish_until_ok(driver: &AmqpDriver, id: &QueueId, n: i64) {
+    async fn publish_until_ok(driver: &Amqp091Driver, id: &QueueId, n: i64) {
         // Right after a fault the reconnect may still be under way.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -111,7 +111,11 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
 /// ack flusher and channel close live on the driver's runtime, not the caller's.
 async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
     let node = blocking(PrivateNode::start).expect("a private node");
-    let driver = Arc::new(AmqpDriver::connect(config(&node)).await.expect("connect"));
+    let driver = Arc::new(
+        Amqp091Driver::connect(config(&node))
+            .await
+            .expect("connect"),
+    );
     let id = QueueId::new("faults", "worker-runtime").unwrap();
     driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
     let sub = driver.consume(&id, Default::default()).await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use queue_amqp091::{AmqpConfig, AmqpDriver, TlsConfig};
+use queue_amqp091::{Amqp091Config, Amqp091Driver, TlsConfig};
 use queue_core::Driver;
 use queue_fixtures::certs::UntrustedTlsServer;
 use queue_fixtures::rabbitmq::TlsNode;
@@ -22,13 +22,13 @@ const SECRET: &str = "tls-secret-9c1e";
 async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
     let node = tokio::task::block_in_place(TlsNode::start);
     let port = node.port();
-    let mut config = AmqpConfig::new(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
+    let mut config = Amqp091Config::new(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
     config.tls = Some(TlsConfig {
         ca_file: Some(node.ca_file()),
         ..TlsConfig::default()
     });
     let driver = Arc::new(
-        AmqpDriver::connect(config)
+        Amqp091Driver::connect(config)
             .await
             .expect("connects over TLS"),
     );
@@ -38,9 +38,9 @@ async fn messages_flow_over_tls_to_a_broker_of_a_trusted_private_ca() {
 }
 
 async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
-    let mut config = AmqpConfig::new(format!("amqps://guest:{SECRET}@127.0.0.1:5672/%2f"));
+    let mut config = Amqp091Config::new(format!("amqps://guest:{SECRET}@127.0.0.1:5672/%2f"));
     config.connection_timeout = Duration::from_secs(5);
-    let err = AmqpDriver::connect(config).await.unwrap_err();
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
     let said = everything_said(&err);
     assert!(!said.contains(SECRET), "password leaked: {said}");
     assert!(said.contains("amqps://guest:***@127.0.0.1:5672"), "{said}");
@@ -49,9 +49,9 @@ async fn amqps_to_a_plain_port_fails_without_showing_the_password() {
 async fn an_untrusted_certificate_fails_without_showing_the_password() {
     let server = tokio::task::block_in_place(UntrustedTlsServer::start);
     let port = server.port();
-    let mut config = AmqpConfig::new(format!("amqps://app:{SECRET}@127.0.0.1:{port}/%2f"));
+    let mut config = Amqp091Config::new(format!("amqps://app:{SECRET}@127.0.0.1:{port}/%2f"));
     config.connection_timeout = Duration::from_secs(5);
-    let err = AmqpDriver::connect(config).await.unwrap_err();
+    let err = Amqp091Driver::connect(config).await.unwrap_err();
     let said = everything_said(&err);
     assert!(!said.contains(SECRET), "password leaked: {said}");
     assert!(

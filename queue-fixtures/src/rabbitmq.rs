@@ -8,9 +8,12 @@
 //! use it. Dropping the guard stops the node and deletes its directory, also when
 //! the test panics.
 //!
-//! Nodes are started one at a time per test process: each guard holds a process-wide
-//! lock, because two Erlang nodes booting at once on a 2-core machine starve each
-//! other and the tests' timings with them.
+//! A [`PrivateCluster`] is three such nodes sharing one Erlang cookie, joined into one
+//! RabbitMQ cluster, for tests of failover and quorum queues.
+//!
+//! Nodes are started one at a time per test process: each guard (a node, or a whole
+//! cluster) holds a process-wide lock, because two Erlang nodes booting at once on a
+//! 2-core machine starve each other and the tests' timings with them.
 //!
 //! The API is blocking (it runs `rabbitmqctl`, ~0.7 s a call); from an async test on a
 //! multi-threaded runtime, wrap calls in `tokio::task::block_in_place`.
@@ -178,7 +181,8 @@ pub struct PrivateNode {
     dist_port: u16,
     dir: PathBuf,
     child: Child,
-    _slot: Slot,
+    /// `None` for a node of a cluster: the cluster holds the slot for all three.
+    _slot: Option<Slot>,
 }
 
 impl std::fmt::Debug for PrivateNode {
@@ -219,6 +223,17 @@ impl PrivateNode {
 
     fn boot(port: u16, certificates: Option<&TestCertificates>) -> PrivateNode {
         let slot = Slot::take();
+        Self::try_boot(port, certificates, Some(slot), None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a node; `cookie` is the Erlang cookie it shares with the other nodes of
+    /// its cluster (default: one of its own).
+    fn try_boot(
+        port: u16,
+        certificates: Option<&TestCertificates>,
+        slot: Option<Slot>,
+        cookie: Option<&str>,
+    ) -> Result<PrivateNode, String> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("queuetest{pid}x{n}@localhost");
@@ -230,7 +245,11 @@ impl PrivateNode {
         };
         let dir = std::env::temp_dir().join(format!("queue-rabbitmq-node-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("node directory");
+        let io = |what: &str, e: std::io::Error| format!("node {name}: {what}: {e}");
+        std::fs::create_dir_all(&dir).map_err(|e| io("create its directory", e))?;
+        if let Some(cookie) = cookie {
+            write_cookie(&dir, cookie).map_err(|e| io("write its Erlang cookie", e))?;
+        }
         let mut config =
             format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users.guest = true\n");
         let tls_port = certificates.map(|c| {
@@ -251,13 +270,15 @@ impl PrivateNode {
             ));
             tls_port
         });
-        std::fs::write(dir.join("rabbitmq.conf"), config).expect("node config");
+        std::fs::write(dir.join("rabbitmq.conf"), config).map_err(|e| io("write its config", e))?;
         // AMQP 1.0 shares the 0-9-1 listener, so one node serves both drivers.
-        std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_amqp1_0].\n").expect("plugins file");
+        std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_amqp1_0].\n")
+            .map_err(|e| io("write its plugins file", e))?;
         // An empty env file: the package's /etc/rabbitmq/rabbitmq-env.conf would
         // otherwise override our node name and paths.
-        std::fs::write(dir.join("rabbitmq-env.conf"), "").expect("env file");
-        let child = spawn_server(&name, &dir, port, dist_port);
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")
+            .map_err(|e| io("write its env file", e))?;
+        let child = try_spawn_server(&name, &dir, port, dist_port)?;
         let mut node = PrivateNode {
             name,
             port,
@@ -267,8 +288,8 @@ impl PrivateNode {
             child,
             _slot: slot,
         };
-        node.wait_ready();
-        node
+        node.try_wait_ready()?;
+        Ok(node)
     }
 
     /// The AMQP port on 127.0.0.1.
@@ -305,19 +326,32 @@ impl PrivateNode {
     /// passes before the listener opens, and the listener is the last thing a boot
     /// (or `start_app`) opens, so the port is the signal.
     pub fn wait_ready(&mut self) {
+        self.try_wait_ready().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Self::wait_ready`], saying why it is not ready (with the node's log) instead
+    /// of panicking.
+    pub fn try_wait_ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
         while !self.port_open() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("rabbitmq-server exited ({status}):\n{}", self.log_tail());
+                return Err(format!(
+                    "rabbitmq-server {} exited ({status}):\n{}",
+                    self.name,
+                    self.log_tail()
+                ));
             }
-            assert!(
-                started.elapsed() < BOOT_LIMIT,
-                "the private RabbitMQ did not open 127.0.0.1:{} within {BOOT_LIMIT:?}:\n{}",
-                self.port,
-                self.log_tail()
-            );
+            if started.elapsed() > BOOT_LIMIT {
+                return Err(format!(
+                    "the private RabbitMQ {} did not open 127.0.0.1:{} within {BOOT_LIMIT:?}:\n{}",
+                    self.name,
+                    self.port,
+                    self.log_tail()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
     }
 
     /// The last lines the node printed, for failure messages.
@@ -329,7 +363,18 @@ impl PrivateNode {
 
     /// Runs `rabbitmqctl -n NODE ARGS` against this node only; panics if it fails.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new(bin_dir().join("rabbitmqctl"));
+        self.try_ctl(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::ctl`], saying why it failed instead of panicking.
+    pub fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
+        self.tool("rabbitmqctl", args)
+    }
+
+    /// Runs one of RabbitMQ's command line tools (`rabbitmqctl`, `rabbitmq-queues`)
+    /// with `-n NODE ARGS` against this node.
+    fn tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let mut cmd = Command::new(bin_dir().join(tool));
         env(&mut cmd, &self.name, &self.dir, self.port, 0);
         let out = cmd
             .arg("-n")
@@ -337,14 +382,16 @@ impl PrivateNode {
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .map_err(|e| format!("{tool} {args:?} on {}: {e}", self.name))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} {args:?} on {} failed: {}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Every queue on the node with its message count, ready plus unacknowledged
@@ -395,11 +442,22 @@ impl PrivateNode {
     /// flushed but what was already on disk), then starts it again from its data
     /// directory and waits until it accepts connections.
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL and waits until it is gone.
+    pub fn kill(&mut self) {
         self.kill_vm();
         let _ = self.child.wait();
         assert!(!self.port_open(), "the killed node still listens");
-        self.child = spawn_server(&self.name, &self.dir, self.port, self.dist_port);
-        self.wait_ready();
+    }
+
+    /// Starts a killed node again from its data directory and waits until it accepts
+    /// connections.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.child = try_spawn_server(&self.name, &self.dir, self.port, self.dist_port)?;
+        self.try_wait_ready()
     }
 
     /// SIGKILL to the node's VM, if it is still ours.
@@ -452,19 +510,282 @@ impl Outage for PrivateNode {
 }
 
 /// Starts `rabbitmq-server` for a node, its output in the node's `server.out`.
-fn spawn_server(name: &str, dir: &Path, port: u16, dist_port: u16) -> Child {
+fn try_spawn_server(name: &str, dir: &Path, port: u16, dist_port: u16) -> Result<Child, String> {
+    let io = |what: &str, e: std::io::Error| format!("node {name}: {what}: {e}");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("server.out"))
-        .expect("node log");
+        .map_err(|e| io("open its log", e))?;
     let mut cmd = Command::new(bin_dir().join("rabbitmq-server"));
     env(&mut cmd, name, dir, port, dist_port);
     cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().expect("node log"))
+        .stdout(log.try_clone().map_err(|e| io("open its log", e))?)
         .stderr(log)
         .spawn()
-        .expect("rabbitmq-server starts")
+        .map_err(|e| io("start rabbitmq-server", e))
+}
+
+/// Writes the Erlang cookie the nodes of a cluster share into a node's `HOME`, with
+/// the owner-only mode Erlang insists on.
+fn write_cookie(home: &Path, cookie: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = home.join(".erlang.cookie");
+    std::fs::write(&path, cookie)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+}
+
+/// How many nodes a [`PrivateCluster`] has: the smallest cluster in which a quorum
+/// queue survives the loss of a node.
+pub const CLUSTER_SIZE: usize = 3;
+
+/// How long a cluster may take to see all its nodes online again.
+const ONLINE_LIMIT_SECS: &str = "120";
+
+/// Three private nodes joined into one RabbitMQ cluster: each with its own AMQP port,
+/// distribution port and data directory, all sharing one Erlang cookie. Stopped and
+/// deleted on drop, also when the test panics. Blocking, like [`PrivateNode`].
+///
+/// ```no_run
+/// use queue_fixtures::rabbitmq::PrivateCluster;
+/// let mut cluster = PrivateCluster::start().expect("RabbitMQ is installed");
+/// println!("nodes at {:?}", cluster.urls());
+/// cluster.stop_app(0).unwrap();
+/// cluster.start_app(0).unwrap();
+/// cluster.kill(1);
+/// cluster.restart(1).unwrap();
+/// // dropped: every node stopped and deleted
+/// ```
+pub struct PrivateCluster {
+    // Declared first so that the nodes stop before the slot is given back.
+    nodes: Vec<PrivateNode>,
+    _slot: Slot,
+}
+
+impl std::fmt::Debug for PrivateCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateCluster")
+            .field("nodes", &self.nodes)
+            .finish()
+    }
+}
+
+impl PrivateCluster {
+    /// Why a cluster cannot be started here, if it cannot (RabbitMQ not installed).
+    pub fn unavailable() -> Option<String> {
+        PrivateNode::unavailable()
+    }
+
+    /// Starts three nodes, one after the other, and joins the second and the third
+    /// to the first (`stop_app`, `join_cluster`, `start_app`); returns once the first
+    /// sees all three online (`await_online_nodes`) and each accepts connections.
+    pub fn start() -> Result<PrivateCluster, String> {
+        if let Some(reason) = Self::unavailable() {
+            return Err(reason);
+        }
+        let slot = Slot::take();
+        let cookie = format!(
+            "QUEUETESTCLUSTER{}X{}",
+            std::process::id(),
+            NEXT_NODE.load(Ordering::Relaxed)
+        );
+        let mut nodes = Vec::with_capacity(CLUSTER_SIZE);
+        for _ in 0..CLUSTER_SIZE {
+            nodes.push(PrivateNode::try_boot(
+                free_port(),
+                None,
+                None,
+                Some(&cookie),
+            )?);
+        }
+        let seed = nodes[0].name().to_string();
+        for node in &mut nodes[1..] {
+            node.try_ctl(&["stop_app"])?;
+            node.try_ctl(&["join_cluster", &seed])?;
+            node.try_ctl(&["start_app"])?;
+            node.try_wait_ready()?;
+        }
+        let cluster = PrivateCluster { nodes, _slot: slot };
+        cluster.await_online(0)?;
+        Ok(cluster)
+    }
+
+    /// The AMQP 0-9-1 URLs of the nodes, in node order
+    /// (`amqp://guest:guest@127.0.0.1:PORT/`).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("amqp://guest:guest@127.0.0.1:{}/", n.port()))
+            .collect()
+    }
+
+    /// Node `i` (0, 1 or 2), for what the cluster's own methods do not cover.
+    pub fn node(&self, i: usize) -> &PrivateNode {
+        &self.nodes[i]
+    }
+
+    /// Node `i`, to strike it.
+    pub fn node_mut(&mut self, i: usize) -> &mut PrivateNode {
+        &mut self.nodes[i]
+    }
+
+    /// The index of the node whose AMQP port is `port`.
+    pub fn node_on_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.port() == port)
+    }
+
+    /// `rabbitmqctl stop_app` on node `i`: its broker stops (client connections cut,
+    /// listener closed, its quorum queue members gone) while its Erlang VM stays up.
+    pub fn stop_app(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].try_ctl(&["stop_app"])?;
+        if self.nodes[i].port_open() {
+            return Err(format!("stop_app left node {i}'s listener open"));
+        }
+        Ok(())
+    }
+
+    /// `rabbitmqctl start_app` on node `i`; returns once it accepts connections and
+    /// the cluster sees all its nodes online.
+    pub fn start_app(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].try_ctl(&["start_app"])?;
+        self.nodes[i].try_wait_ready()?;
+        self.await_online(i)
+    }
+
+    /// SIGKILL to node `i`'s Erlang VM; returns once it is gone.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts a killed node `i` again from its data directory (it rejoins the
+    /// cluster by itself); returns once it accepts connections and the cluster sees
+    /// all its nodes online.
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].restart()?;
+        self.await_online(i)
+    }
+
+    /// Waits until node `i` sees every node of the cluster online.
+    fn await_online(&self, i: usize) -> Result<(), String> {
+        let count = CLUSTER_SIZE.to_string();
+        self.nodes[i]
+            .try_ctl(&["await_online_nodes", &count, "--timeout", ONLINE_LIMIT_SECS])
+            .map(|_| ())
+    }
+
+    /// A node that runs its broker, to ask the cluster something.
+    fn running(&self) -> Result<&PrivateNode, String> {
+        self.nodes
+            .iter()
+            .find(|n| n.port_open())
+            .ok_or_else(|| "no node of the cluster accepts connections".to_string())
+    }
+
+    /// The node leading quorum queue `queue` (its broker name), from the cluster's
+    /// `list_queues name leader`; `None` while it has no leader.
+    pub fn quorum_leader(&self, queue: &str) -> Result<Option<usize>, String> {
+        let listed = self.running()?.try_ctl(&[
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "leader",
+        ])?;
+        let leader = listed.lines().find_map(|line| {
+            let (name, leader) = line.trim_end().rsplit_once(char::is_whitespace)?;
+            (name.trim_end() == queue).then(|| leader.to_string())
+        });
+        Ok(leader.and_then(|leader| self.nodes.iter().position(|n| n.name() == leader)))
+    }
+
+    /// `rabbitmq-queues quorum_status` of a quorum queue: each member's Raft state,
+    /// for the message of a failed test.
+    pub fn quorum_status(&self, queue: &str) -> Result<String, String> {
+        self.running()?
+            .tool("rabbitmq-queues", &["quorum_status", queue])
+    }
+
+    /// The node most client connections are on (by the server port they connected
+    /// to), from `rabbitmqctl list_connections port`: the node a test's driver uses.
+    pub fn node_with_clients(&self) -> Result<Option<usize>, String> {
+        let listed =
+            self.running()?
+                .try_ctl(&["-q", "list_connections", "--no-table-headers", "port"])?;
+        let mut counts = [0usize; CLUSTER_SIZE];
+        for port in listed.lines().filter_map(|l| l.trim().parse::<u16>().ok()) {
+            if let Some(i) = self.node_on_port(port) {
+                counts[i] += 1;
+            }
+        }
+        let busiest = (0..CLUSTER_SIZE).max_by_key(|i| counts[*i]);
+        Ok(busiest.filter(|i| counts[*i] > 0))
+    }
+
+    /// Waits (up to `limit`) until clients have connected to another node than
+    /// `gone`: the sign that they failed over.
+    fn await_failover(&self, gone: usize, limit: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            if self.node_with_clients()?.is_some_and(|i| i != gone) {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                return Err(format!("no client moved off node {gone} within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// What each fault is on a cluster, struck where the clients are: every node closes
+/// its client connections; the node most clients are on is stopped (`stop_app`) or
+/// SIGKILLed, and started again once the clients have moved to another node.
+impl Outage for PrivateCluster {
+    fn inflict(&mut self, fault: Fault) -> Result<(), String> {
+        if fault == Fault::CutConnections {
+            for node in self.nodes.iter().filter(|n| n.port_open()) {
+                node.try_ctl(&["close_all_connections", "fault test"])?;
+            }
+            return Ok(());
+        }
+        let target = self
+            .node_with_clients()?
+            .ok_or("no client is connected to the cluster")?;
+        if fault == Fault::StopStart {
+            self.stop_app(target)?;
+        } else {
+            self.kill(target);
+        }
+        self.await_failover(target, Duration::from_secs(60))?;
+        if fault == Fault::StopStart {
+            self.start_app(target)
+        } else {
+            self.restart(target)
+        }
+    }
+
+    fn describe(&self) -> String {
+        let queues = self
+            .running()
+            .and_then(|n| {
+                n.try_ctl(&[
+                    "list_queues",
+                    "name",
+                    "type",
+                    "leader",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                    "consumers",
+                ])
+            })
+            .unwrap_or_else(|e| e);
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("log of {}:\n{}", n.name(), n.log_tail()))
+            .collect();
+        format!("{queues}\n{}", logs.join("\n"))
+    }
 }
 
 /// A private node with a TLS listener whose certificate a fresh private CA signed:

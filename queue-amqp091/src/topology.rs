@@ -1,0 +1,358 @@
+//! What the driver declared on the broker: the registry of declared queues (what
+//! `publish` and `consume` accept, what a reconnect redeclares), the delay queues in
+//! front of them, and the counts `info` reads back with passive declares.
+//!
+//! Declarations and passive declares each use a short-lived channel of their own: a
+//! refused declare closes its channel, and must never take a publisher or a
+//! consumer down with it.
+//!
+//! A quorum queue is declared with `x-queue-type: quorum`, always durable; its delay
+//! queues are quorum queues too, and dead-letter into it at least once
+//! (`x-dead-letter-strategy: at-least-once`, which RabbitMQ allows only with
+//! `x-overflow: reject-publish`): a message whose delay is over leaves the delay
+//! queue only once the target has it. A classic queue is declared without
+//! `x-queue-type`, as other clients and earlier versions of this driver declare it,
+//! so redeclaring theirs is not a conflict.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use queue_core::{Error, ErrorKind, QueueId, QueueInfo, QueueSpec, QueueType, Result};
+
+use crate::connection::Link;
+use crate::{error, lock};
+
+/// Unused delay queues disappear this long after their last declaration plus their delay.
+const DELAY_QUEUE_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// A delay queue is redeclared (which resets its expiry) when older than this.
+const DELAY_QUEUE_REFRESH: Duration = Duration::from_secs(30);
+
+/// A delay queue this driver declared.
+#[derive(Debug, Clone)]
+struct DelayQueue {
+    target: QueueId,
+    declared: Instant,
+    generation: u64,
+}
+
+/// The queues declared through one driver.
+#[derive(Default)]
+pub(crate) struct Topology {
+    registry: Mutex<HashMap<QueueId, QueueSpec>>,
+    /// By broker name.
+    delay_queues: Mutex<HashMap<String, DelayQueue>>,
+}
+
+impl Topology {
+    /// The spec `queue` was declared with; `what` ("publish to") names the operation
+    /// in the error.
+    pub(crate) fn spec_of(&self, queue: &QueueId, what: &str) -> Result<QueueSpec> {
+        lock(&self.registry).get(queue).cloned().ok_or_else(|| {
+            Error::not_found(format!(
+                "{what} {queue}: the queue was not declared on this amqp driver"
+            ))
+        })
+    }
+
+    /// Refuses what the broker would refuse, before waiting for a connection.
+    pub(crate) fn check(spec: &QueueSpec) -> Result<()> {
+        queue_name(&spec.name)?;
+        if spec.max_priority.is_some_and(|p| p == 0) {
+            return Err(Error::invalid(format!(
+                "queue {}: max_priority must be 1..=255",
+                spec.id
+            )));
+        }
+        if spec.queue_type == QueueType::Quorum && !spec.durable {
+            return Err(Error::invalid(format!(
+                "queue {}: a quorum queue is always durable: drop durable: false or use queue_type classic",
+                spec.id
+            ))
+            .with_detail("field", "durable"));
+        }
+        Ok(())
+    }
+
+    /// Declares a queue on the broker and registers it ([`Self::check`] it first).
+    pub(crate) async fn declare(&self, link: &Link, spec: &QueueSpec) -> Result<()> {
+        self.declare_on(link, spec).await?;
+        lock(&self.registry).insert(spec.id.clone(), spec.clone());
+        Ok(())
+    }
+
+    /// Redeclares every registered queue on a new link; failures are logged, since
+    /// nobody waits for them (the queue's next publish or attach reports its own).
+    pub(crate) async fn redeclare(&self, link: &Link) {
+        let specs: Vec<QueueSpec> = lock(&self.registry).values().cloned().collect();
+        for spec in specs {
+            if let Err(e) = self.declare_on(link, &spec).await {
+                tracing::warn!(queue = %spec.id, error = %e, "redeclare after reconnect failed");
+            }
+        }
+    }
+
+    /// Declares a queue on the broker (not the registry).
+    async fn declare_on(&self, link: &Link, spec: &QueueSpec) -> Result<()> {
+        let mut args = FieldTable::default();
+        if spec.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), string(QueueType::Quorum.as_str()));
+        }
+        if let Some(max) = spec.max_length {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(clamp_i64(max)),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        if let Some(p) = spec.max_priority {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::LongLongInt(i64::from(p)),
+            );
+        }
+        if let Some(ttl) = spec.message_ttl {
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(millis(ttl)));
+        }
+        declare_raw(
+            link,
+            &spec.name,
+            spec.durable,
+            args,
+            &format!("declare queue {}", spec.id),
+        )
+        .await
+    }
+
+    /// Makes sure the delay queue for `delay_ms` in front of `spec` exists; returns its name.
+    pub(crate) async fn delay_queue(
+        &self,
+        link: &Link,
+        spec: &QueueSpec,
+        delay_ms: u64,
+    ) -> Result<String> {
+        let name = format!("{}.delay.{delay_ms}", spec.name);
+        let fresh = lock(&self.delay_queues).get(&name).is_some_and(|d| {
+            d.generation == link.generation && d.declared.elapsed() < DELAY_QUEUE_REFRESH
+        });
+        if fresh {
+            return Ok(name);
+        }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(clamp_i64(delay_ms)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(spec.name.as_bytes().into()),
+        );
+        let expires = delay_ms.saturating_add(millis(DELAY_QUEUE_EXPIRY_MARGIN) as u64);
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(clamp_i64(expires)),
+        );
+        if spec.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), string(QueueType::Quorum.as_str()));
+            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            args.insert("x-overflow".into(), string("reject-publish"));
+        }
+        declare_raw(
+            link,
+            &name,
+            spec.durable,
+            args,
+            &format!("declare delay queue of {}", spec.id),
+        )
+        .await?;
+        lock(&self.delay_queues).insert(
+            name.clone(),
+            DelayQueue {
+                target: spec.id.clone(),
+                declared: Instant::now(),
+                generation: link.generation,
+            },
+        );
+        Ok(name)
+    }
+
+    /// Counts: ready and consumers from a passive declare; delayed from the delay
+    /// queues this driver declared for the queue.
+    pub(crate) async fn info(&self, link: &Link, queue: &QueueId) -> Result<QueueInfo> {
+        let spec = self.spec_of(queue, "info of")?;
+        let what = format!("info of {queue}");
+        let Some((ready, consumers)) = passive(link, &spec.name, &what).await? else {
+            return Err(Error::not_found(format!(
+                "{what}: queue {:?} does not exist on the broker (deleted?); declare it again",
+                spec.name
+            )));
+        };
+        let delay_queues: Vec<String> = lock(&self.delay_queues)
+            .iter()
+            .filter(|(_, d)| &d.target == queue)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut delayed = 0u64;
+        for name in delay_queues {
+            match passive(link, &name, &what).await? {
+                Some((n, _)) => delayed += n,
+                // Expired: it held nothing any more.
+                None => {
+                    lock(&self.delay_queues).remove(&name);
+                }
+            }
+        }
+        Ok(QueueInfo {
+            ready: Some(ready),
+            in_flight: None,
+            delayed: Some(delayed),
+            consumers: Some(consumers),
+        })
+    }
+}
+
+async fn declare_raw(
+    link: &Link,
+    name: &str,
+    durable: bool,
+    args: FieldTable,
+    what: &str,
+) -> Result<()> {
+    let name = queue_name(name)?;
+    let declared_type = match args.inner().get("x-queue-type") {
+        Some(AMQPValue::LongString(t)) => String::from_utf8_lossy(t.as_bytes()).into_owned(),
+        _ => QueueType::Classic.as_str().to_string(),
+    };
+    let channel = link.channel(what).await?;
+    let options = QueueDeclareOptions {
+        durable,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel.queue_declare(name.clone(), options, args).await;
+    let _ = channel.close(200, "OK".into()).await;
+    declared.map(|_| ()).map_err(|e| {
+        link.saw(&e);
+        let mapped = error::map(what, e);
+        if let Some(existing) = existing_type(mapped.message()) {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{what}: queue {:?} already exists on the broker as a {existing} queue, declared now as a {declared_type} queue; a queue cannot change its type: declare it with queue_type {existing}, or delete it (and its messages) first",
+                    name.as_str()
+                ),
+            )
+            .with_detail("field", "queue_type")
+            .with_detail("amqp_reply_code", "406")
+        } else if mapped.is(ErrorKind::AlreadyExists) {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{}: queue {:?} already exists on the broker with other settings; delete it or declare it as it is",
+                    mapped.message(),
+                    name.as_str()
+                ),
+            )
+        } else {
+            mapped
+        }
+    })
+}
+
+/// The type of the existing queue when a declare was refused for declaring another
+/// (RabbitMQ: "inequivalent arg 'x-queue-type' ... received 'quorum' but current is
+/// none"; none is a classic queue).
+fn existing_type(refusal: &str) -> Option<&'static str> {
+    if !refusal.contains("inequivalent arg 'x-queue-type'") {
+        return None;
+    }
+    let current = refusal.rsplit_once("current is").map_or("", |(_, c)| c);
+    Some(if current.contains("quorum") {
+        "quorum"
+    } else if current.contains("stream") {
+        "stream"
+    } else {
+        "classic"
+    })
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// (ready, consumers) of a queue, `None` if it does not exist.
+async fn passive(link: &Link, name: &str, what: &str) -> Result<Option<(u64, u64)>> {
+    let name = queue_name(name)?;
+    let channel = link.channel(what).await?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let out = channel
+        .queue_declare(name, options, FieldTable::default())
+        .await;
+    match out {
+        Ok(q) => {
+            let _ = channel.close(200, "OK".into()).await;
+            Ok(Some((
+                u64::from(q.message_count()),
+                u64::from(q.consumer_count()),
+            )))
+        }
+        Err(e) if error::reply_code(&e) == Some(404) => Ok(None),
+        Err(e) => {
+            link.saw(&e);
+            Err(error::map(what, e))
+        }
+    }
+}
+
+/// A queue name as AMQP carries it (at most 255 bytes).
+pub(crate) fn queue_name(name: &str) -> Result<ShortString> {
+    ShortString::try_new(name).map_err(|_| {
+        Error::invalid(format!(
+            "queue name {:?}... is longer than AMQP's 255 bytes",
+            name.chars().take(40).collect::<String>()
+        ))
+    })
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_conflict_names_the_existing_type() {
+        let refusal = |current: &str| {
+            format!(
+                "declare queue a:b: broker replied 406 PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'b' in vhost '/': received 'quorum' but current is {current}"
+            )
+        };
+        assert_eq!(existing_type(&refusal("none")), Some("classic"));
+        assert_eq!(existing_type(&refusal("'classic'")), Some("classic"));
+        assert_eq!(
+            existing_type(&refusal("the value 'quorum' of type 'longstr'")),
+            Some("quorum")
+        );
+        assert_eq!(
+            existing_type("406 PRECONDITION_FAILED - inequivalent arg 'x-max-priority'"),
+            None
+        );
+    }
+}
