@@ -40,7 +40,7 @@ pub struct Amqp091Config {
     #[serde(
         rename = "url",
         default = "default_urls",
-        deserialize_with = "one_or_many"
+        with = "queue_core::config::url_list"
     )]
     pub urls: Vec<String>,
     /// Virtual host; overrides the one in the URL.
@@ -92,24 +92,6 @@ fn default_urls() -> Vec<String> {
     vec!["amqp://127.0.0.1:5672/%2f".to_string()]
 }
 
-/// `url: "amqp://..."` or `url: ["amqp://...", ...]`.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Urls {
-        One(String),
-        Many(Vec<String>),
-    }
-    match Urls::deserialize(d) {
-        Ok(Urls::One(url)) => Ok(vec![url]),
-        Ok(Urls::Many(urls)) => Ok(urls),
-        Err(_) => Err(serde::de::Error::custom(
-            "expected a URL or a list of URLs (amqp://user:password@host:port/vhost)",
-        )),
-    }
-}
 fn default_connection_timeout() -> Duration {
     Duration::from_secs(10)
 }

@@ -33,10 +33,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use queue_core::{Error, HeaderValue, Headers, Message, Result, names, new_message_id};
 
-/// The header a consumer finds the broker's delivery count in: how many times the
-/// message was delivered before (RabbitMQ's `x-delivery-count`, which quorum queues
-/// set on redeliveries; absent on a first delivery and on classic queues).
-pub const X_DELIVERY_COUNT: &str = "x_delivery_count";
+/// The header a consumer finds the broker's delivery count in (absent on a first
+/// delivery and on classic queues).
+pub use queue_core::names::X_DELIVERY_COUNT;
 
 /// RabbitMQ's name for it.
 const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";

@@ -77,6 +77,8 @@ pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Resu
                 properties.subject = Some(s.clone());
                 true
             }
+            // The broker's count, never sent (a retry copy starts without one).
+            (names::X_DELIVERY_COUNT, _) => continue,
             (names::TIMESTAMP, HeaderValue::Int(secs)) => {
                 properties.creation_time =
                     Some(Timestamp::from_milliseconds(secs.saturating_mul(1000)));
@@ -195,10 +197,19 @@ pub(crate) fn from_amqp(message: Incoming) -> Result<Message> {
     let mut headers = Headers::new();
     if let Some(ApplicationProperties(map)) = application_properties {
         for (key, value) in map {
+            // Only the broker says how often a message was delivered.
+            if key == names::X_DELIVERY_COUNT {
+                continue;
+            }
             if let Some(value) = header_value(value) {
                 headers.insert(key, value);
             }
         }
+    }
+    // Deliveries before this one, as the broker counted them (Artemis counts a
+    // delivery to a consumer that died; RabbitMQ 4 quorum queues count releases).
+    if let Some(count) = header.as_ref().map(|h| h.delivery_count).filter(|c| *c > 0) {
+        headers.insert(names::X_DELIVERY_COUNT, i64::from(count));
     }
 
     let properties = properties.unwrap_or_default();
@@ -406,6 +417,37 @@ mod tests {
         assert_eq!(m.headers.get("expiration"), Some(&HeaderValue::Int(60_000)));
         assert_eq!(m.body, b"hello");
         assert_eq!(m.content_type, DEFAULT_CONTENT_TYPE);
+    }
+
+    #[test]
+    fn the_delivery_count_comes_from_the_broker_only() {
+        let mut properties = OrderedMap::new();
+        properties.insert("x_delivery_count".to_string(), SimpleValue::Long(99));
+        let incoming = |count: u32| AmqpMessage {
+            header: Some(Header {
+                delivery_count: count,
+                ..Header::default()
+            }),
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: None,
+            application_properties: Some(ApplicationProperties(properties.clone())),
+            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Binary(
+                Binary::from(b"1".to_vec()),
+            ))),
+            footer: None,
+        };
+        let first = from_amqp(incoming(0)).unwrap();
+        assert!(!first.headers.contains(names::X_DELIVERY_COUNT));
+        let again = from_amqp(incoming(3)).unwrap();
+        assert_eq!(
+            again.headers.get(names::X_DELIVERY_COUNT),
+            Some(&HeaderValue::Int(3))
+        );
+        // Never sent on: a republished copy starts uncounted.
+        let (out, back) = round_trip(again, Profile::Artemis);
+        assert_eq!(out.header.map(|h| h.delivery_count), Some(0));
+        assert!(!back.headers.contains(names::X_DELIVERY_COUNT));
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub mod names {
     pub const X_DROPPED_HEADERS: &str = "x_dropped_headers";
     /// On copies whose id was too long to publish again: the original id.
     pub const X_ORIGINAL_MESSAGE_ID: &str = "x_original_message_id";
+    /// On deliveries from brokers that count them: how many times the message was
+    /// delivered before (RabbitMQ's `x-delivery-count` on quorum queues, AMQP 1.0's
+    /// header `delivery-count`; absent on a first delivery). Set by drivers, read by the
+    /// runtime's crash-loop guard, never published: drivers do not send it, so a retry
+    /// copy starts without it.
+    pub const X_DELIVERY_COUNT: &str = "x_delivery_count";
 }
 
 /// The most bytes of header names and values a published message may carry:

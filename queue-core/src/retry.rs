@@ -105,10 +105,43 @@ impl FailurePath {
     /// published, the original goes back to its queue after a wait, never lost and
     /// never spun.
     pub async fn fail(&self, delivery: &Delivery, reason: &str) -> Result<Disposition> {
+        self.settle_failure(delivery, reason, false).await
+    }
+
+    /// The crash-loop guard (docs/consumers.md, "A handler that kills the runtime"):
+    /// how often the broker delivered this message before without it being settled,
+    /// when that is `max_attempts` or more. Only brokers that count deliveries say
+    /// (the `x_delivery_count` header: RabbitMQ quorum queues, AMQP 1.0).
+    pub fn redelivered_too_often(&self, delivery: &Delivery) -> Option<u64> {
+        let count = delivery
+            .message()
+            .headers
+            .get(names::X_DELIVERY_COUNT)?
+            .as_int()?;
+        let count = u64::try_from(count).ok()?;
+        (count >= u64::from(self.retry.max_attempts)).then_some(count)
+    }
+
+    /// Gives up on a delivery without another attempt, whatever its `attempts`: the
+    /// dead-letter queue (or dropped with `dead_letter: false`); a dead letter stays in
+    /// its queue, after the longest backoff. For [`FailurePath::redelivered_too_often`].
+    pub async fn give_up(&self, delivery: &Delivery, reason: &str) -> Result<Disposition> {
+        self.settle_failure(delivery, reason, true).await
+    }
+
+    async fn settle_failure(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        no_more_attempts: bool,
+    ) -> Result<Disposition> {
         let attempts = delivery.message().headers.attempts();
         let reason = crate::truncate(reason, MAX_REASON_BYTES);
         let mut copy = delivery.message().clone();
         copy.headers.remove(names::DELAY);
+        // The broker's count is of this delivery's message; a copy starts uncounted
+        // (drivers that do not map it, like the memory driver, would carry it on).
+        copy.headers.remove(names::X_DELIVERY_COUNT);
         let dropped = copy.make_republishable();
         if !dropped.is_empty() {
             let note = crate::truncate(&dropped.join("; "), MAX_REASON_BYTES);
@@ -117,7 +150,7 @@ impl FailurePath {
         }
         let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
         let wait = self.retry.backoff.delay(attempts);
-        let planned = if attempts < self.retry.max_attempts {
+        let planned = if attempts < self.retry.max_attempts && !no_more_attempts {
             let mut retry = copy.clone();
             retry
                 .headers

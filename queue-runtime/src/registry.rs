@@ -36,7 +36,7 @@ impl DriverKinds {
         let mut kinds = DriverKinds::default();
         kinds.register(Arc::new(Factory::<queue_core::memory::MemoryConfig>::new()));
         #[cfg(feature = "amqp091")]
-        kinds.register(Arc::new(Factory::<queue_amqp091::AmqpConfig>::new()));
+        kinds.register(Arc::new(Factory::<queue_amqp091::Amqp091Config>::new()));
         #[cfg(feature = "amqp10")]
         kinds.register(Arc::new(Factory::<queue_amqp10::Amqp10Config>::new()));
         #[cfg(feature = "redis")]

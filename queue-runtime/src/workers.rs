@@ -366,6 +366,10 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
         ..
     } = runners;
     consumer.meters.delivered.increment(1);
+    if let Some(count) = consumer.failure.redelivered_too_often(&delivery) {
+        give_up_on_crash_loop(&delivery, consumer, count).await;
+        return;
+    }
     let delivery = Arc::new(delivery);
     let started = Instant::now();
     let outcome = match delivery.message().decode() {
@@ -410,6 +414,23 @@ async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
     delivery.ack().await?;
     consumer.meters.acked.increment(1);
     Ok(())
+}
+
+/// A message the broker delivered `max_attempts` times already without it being
+/// settled: its handler most likely killed the runtime each time (SIGKILL, out of
+/// memory). It is dead-lettered without running the handler again.
+async fn give_up_on_crash_loop(delivery: &Delivery, consumer: &ConsumerRuntime, count: u64) {
+    let reason = format!(
+        "redelivered too often: delivered {count} times before without being settled (the runtime stopped or crashed while handling it)"
+    );
+    tracing::error!(queue = %consumer.plan.queue, id = %delivery.message().id, delivered_before = count, "a message keeps coming back unsettled; giving up on it without running its handler");
+    consumer.meters.nacked.increment(1);
+    match consumer.failure.give_up(delivery, &reason).await {
+        Ok(disposition) => consumer.meters.count(disposition),
+        Err(e) => {
+            tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it")
+        }
+    }
 }
 
 /// Runs the failure path for a delivery and counts what became of it.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
-use queue_amqp091::{AmqpConfig, AmqpDriver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{Codec, ConsumeOptions, Driver, QueueId, QueueSpec, Value};
 use queue_fixtures::free_port as free_loopback_port;
 use queue_fixtures::rabbitmq::PrivateNode;
@@ -101,8 +101,8 @@ impl Pair {
     }
 }
 
-async fn amqp091(node: &PrivateNode) -> AmqpDriver {
-    AmqpDriver::connect(AmqpConfig::new(node.amqp091_url()))
+async fn amqp091(node: &PrivateNode) -> Amqp091Driver {
+    Amqp091Driver::connect(Amqp091Config::new(node.amqp091_url()))
         .await
         .expect("amqp091 connects to the private node")
 }
@@ -266,7 +266,7 @@ async fn publish_load(driver: Arc<dyn Driver>, tally: Arc<Tally>) {
 }
 
 /// Ready messages in `done`, from a passive declare (cheap enough to poll).
-async fn done_ready(counter: &AmqpDriver) -> u64 {
+async fn done_ready(counter: &Amqp091Driver) -> u64 {
     counter
         .info(&done_id())
         .await
@@ -276,7 +276,7 @@ async fn done_ready(counter: &AmqpDriver) -> u64 {
 }
 
 /// Waits until at least `n` messages are in `done`.
-async fn wait_done(counter: &AmqpDriver, n: u64, what: &str, runtime: &Runtime) {
+async fn wait_done(counter: &Amqp091Driver, n: u64, what: &str, runtime: &Runtime) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while done_ready(counter).await < n {
         assert!(
@@ -313,7 +313,7 @@ fn wait_until_only_done_has_messages(node: &PrivateNode, what: &str, runtime: &R
 
 /// Drains `done` through the AMQP 0-9-1 driver into the tally. A sentinel published
 /// last marks the end: one consumer on a FIFO queue sees everything before it.
-async fn drain_done(counter: &AmqpDriver, tally: &Tally) {
+async fn drain_done(counter: &Amqp091Driver, tally: &Tally) {
     counter
         .publish(&done_id(), numbered(-1))
         .await

@@ -1,0 +1,140 @@
+//! The failure path's crash-loop guard: a message the broker delivered `max_attempts`
+//! times before without it being settled is given up on, whatever its `attempts`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_core::memory::MemoryDriver;
+use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
+use queue_core::{
+    Backoff, ConsumeOptions, Delivery, Driver, HeaderValue, Message, QueueId, QueueSpec,
+    Subscription, names,
+};
+
+async fn world() -> (Arc<MemoryDriver>, FailurePath, QueueId, QueueId) {
+    let driver = Arc::new(MemoryDriver::new());
+    let (queue, dlq) = (
+        QueueId::parse("app:jobs").unwrap(),
+        QueueId::parse("app:jobs.dlq").unwrap(),
+    );
+    for id in [&queue, &dlq] {
+        driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    }
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let path = FailurePath {
+        queue: queue.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_millis(10), 2.0, Duration::from_millis(40)),
+        },
+        exhausted: Exhausted::DeadLetter(dlq.clone(), driver.clone()),
+        stop,
+    };
+    (driver, path, queue, dlq)
+}
+
+async fn publish_with(driver: &MemoryDriver, queue: &QueueId, headers: &[(&str, HeaderValue)]) {
+    let mut message = Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
+    for (k, v) in headers {
+        message.headers.insert(*k, v.clone());
+    }
+    driver.publish(queue, message).await.unwrap();
+}
+
+async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a delivery within 5 s")
+        .expect("the subscription is open")
+        .expect("a delivery")
+}
+
+#[tokio::test]
+async fn a_message_delivered_max_attempts_times_is_dead_lettered_without_an_attempt() {
+    let (driver, path, queue, dlq) = world().await;
+    publish_with(&driver, &queue, &[]).await;
+    publish_with(&driver, &queue, &[(names::X_DELIVERY_COUNT, 2.into())]).await;
+    publish_with(
+        &driver,
+        &queue,
+        &[
+            (names::X_DELIVERY_COUNT, HeaderValue::Int(3)),
+            (names::ATTEMPTS, HeaderValue::Int(1)),
+        ],
+    )
+    .await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let below = next(&mut sub).await;
+        assert_eq!(path.redelivered_too_often(&below), None);
+        below.ack().await.unwrap();
+    }
+    let looping = next(&mut sub).await;
+    assert_eq!(path.redelivered_too_often(&looping), Some(3));
+    let disposition = path
+        .give_up(&looping, "redelivered too often")
+        .await
+        .unwrap();
+    assert_eq!(disposition, Disposition::DeadLettered);
+    assert_eq!(
+        driver.info(&queue).await.unwrap().message_count(),
+        0,
+        "acked"
+    );
+
+    let mut dead_letters = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let dead = next(&mut dead_letters).await;
+    let headers = &dead.message().headers;
+    assert_eq!(
+        headers.get(names::X_DEAD_LETTER_REASON),
+        Some(&HeaderValue::from("redelivered too often"))
+    );
+    assert_eq!(
+        headers.get(names::X_ORIGINAL_ATTEMPTS),
+        Some(&HeaderValue::Int(1))
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_keeps_coming_back_stays_in_its_queue() {
+    let (driver, mut path, _queue, dlq) = world().await;
+    // The dead-letter queue's own consumer.
+    path.queue = dlq.clone();
+    path.exhausted = Exhausted::Drop;
+    publish_with(
+        &driver,
+        &dlq,
+        &[
+            (names::X_DELIVERY_COUNT, HeaderValue::Int(7)),
+            (names::X_DEAD_LETTER_REASON, "boom".into()),
+        ],
+    )
+    .await;
+    let mut sub = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let looping = next(&mut sub).await;
+    assert_eq!(path.redelivered_too_often(&looping), Some(7));
+    let disposition = path
+        .give_up(&looping, "redelivered too often")
+        .await
+        .unwrap();
+    assert_eq!(
+        disposition,
+        Disposition::Kept,
+        "a dead letter is never dropped"
+    );
+    let kept = next(&mut sub).await;
+    assert!(
+        !kept.message().headers.contains(names::X_DELIVERY_COUNT),
+        "the copy starts uncounted"
+    );
+}
