@@ -141,6 +141,12 @@ impl Connection {
         lock(&self.node).clone()
     }
 
+    /// Connections opened so far (1 after connecting; +1 per reconnect), counted when
+    /// they open, before the queues are declared on them again.
+    pub(crate) fn connections_opened(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// The current link if one is up.
     pub(crate) fn current(&self) -> Option<Arc<Link>> {
         self.link.borrow().clone()

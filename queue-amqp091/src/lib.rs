@@ -211,12 +211,17 @@ impl Driver for Amqp091Driver {
     }
 
     fn connection(&self) -> Option<ConnectionReport> {
+        // The node before the count: a connection counts itself before it names its
+        // node, so a report never shows a new node with the old count. Not the current
+        // link's generation: between a reconnect and the redeclare on the new node
+        // there is no current link.
+        let node = self.conn.node();
         let current = self.conn.current();
         Some(ConnectionReport {
             connected: current.as_ref().is_some_and(|l| l.is_alive()),
-            connections_opened: current.map_or(0, |l| l.generation),
+            connections_opened: self.conn.connections_opened(),
             links_attached: self.consumers.attached(),
-            node: self.conn.node(),
+            node,
         })
     }
 

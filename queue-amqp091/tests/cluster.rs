@@ -4,7 +4,10 @@
 //! stopped, and the node it is connected to SIGKILLed, while confirmed publishes and
 //! a consumer run on a quorum queue. Each case prints its counts and timings:
 //! `cluster <case>: published N / confirmed N / consumed N / duplicates N / lost 0; ...`.
-//! The workspace's fault contract runs on the cluster as well (`rabbitmq_cluster::faults::*`).
+//! The workspace's fault contract runs on the cluster as well
+//! (`rabbitmq-cluster::faults::*`); the failover cases are
+//! `rabbitmq-cluster::failover::*`, so `cargo xtask test-brokers` shows them all as the
+//! `rabbitmq-cluster` broker.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -402,23 +405,23 @@ fn main() {
     let unavailable = PrivateNode::unavailable();
     let mut trials = vec![
         broker_test(
-            "survives_its_node_stopped_and_started",
+            "rabbitmq-cluster::failover::survives_its_node_stopped_and_started",
             unavailable.clone(),
             survives_its_node_stopped_and_started,
         ),
         broker_test(
-            "survives_the_quorum_leader_stopped",
+            "rabbitmq-cluster::failover::survives_the_quorum_leader_stopped",
             unavailable.clone(),
             survives_the_quorum_leader_stopped,
         ),
         broker_test(
-            "survives_its_node_killed",
+            "rabbitmq-cluster::failover::survives_its_node_killed",
             unavailable.clone(),
             survives_its_node_killed,
         ),
     ];
     let cluster = FaultBackend::new(
-        "rabbitmq_cluster",
+        "rabbitmq-cluster",
         &[Fault::StopStart, Fault::Kill],
         start_for_the_fault_contract,
     )

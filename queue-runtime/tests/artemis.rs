@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,33 +151,6 @@ async fn counts(driver: &Amqp10Driver, queue: &QueueId) -> (u64, u64) {
     (info.message_count(), info.ready.unwrap_or(0))
 }
 
-fn wait_exit(mut child: std::process::Child, name: &str) -> std::process::ExitStatus {
-    signal(&child, name);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the runtime did not exit on SIG{name}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start_runtime(dir: &Path, log: &str) -> std::process::Child {
-    let out = std::fs::File::create(dir.join(log)).expect("log");
-    binary()
-        .args(["run", "--log-format", "json", "app.yaml"])
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("the runtime starts")
-}
-
 async fn runtime_fault(fault: Fault) {
     let offset = ArtemisNode::free_offset();
     let url = format!("amqp://guest:guest@127.0.0.1:{}", 5672 + offset);
@@ -191,12 +163,9 @@ async fn runtime_fault(fault: Fault) {
     let label = format!("{fault:?} (amqp10 x Artemis)");
     let mut runtime = None;
     if fault == Fault::BrokerDownAtStart {
-        let first = start_runtime(dir, "run-1.log");
+        let first = Runtime::start(dir, "run-1.log");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(dir.join("run-1.log"))
-            .unwrap_or_default()
-            .contains("broker unreachable; waiting for it")
-        {
+        while !first.log().contains("broker unreachable; waiting for it") {
             assert!(
                 Instant::now() < deadline,
                 "{label}: the runtime did not wait"
@@ -228,7 +197,7 @@ async fn runtime_fault(fault: Fault) {
         driver.publish(&load, numbered(n)).await.expect("publish");
         tally.confirmed(n);
     }
-    let mut runtime = runtime.unwrap_or_else(|| start_runtime(dir, "run-1.log"));
+    let mut runtime = runtime.unwrap_or_else(|| Runtime::start(dir, "run-1.log"));
     // Strike once a tenth is done.
     let deadline = Instant::now() + Duration::from_secs(120);
     while counts(&driver, &done).await.0 < LOAD as u64 / 10 {
@@ -244,13 +213,10 @@ async fn runtime_fault(fault: Fault) {
         } else {
             "KILL"
         };
-        let status = tokio::task::block_in_place(|| wait_exit(runtime, name));
-        if fault == Fault::SigTerm {
-            assert!(status.success(), "{label}: SIGTERM exit {status}");
-        }
+        blocking(|| runtime.stop(name));
         let left = counts(&driver, &load).await.0;
         assert!(left > 0, "{label}: the signal came after the load was done");
-        runtime = start_runtime(dir, "run-2.log");
+        runtime = Runtime::start(dir, "run-2.log");
     }
     // Done when the load queue is empty, nothing in flight: every message was handled.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -261,8 +227,7 @@ async fn runtime_fault(fault: Fault) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = tokio::task::block_in_place(|| wait_exit(runtime, "TERM"));
-    assert!(status.success(), "{label}: SIGTERM exit {status}");
+    blocking(|| runtime.stop("TERM"));
     let mut sub = driver
         .consume(&done, ConsumeOptions { prefetch: 500 })
         .await

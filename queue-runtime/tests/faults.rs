@@ -19,19 +19,16 @@
 //! pair that proves both protocols declare a queue with compatible arguments (a
 //! mismatch fails the declare with PRECONDITION_FAILED / AlreadyExists).
 //!
-//! There are no Artemis cells: they need an Artemis the harness can start, stop and
-//! cut, and Artemis cannot be installed here to write and run them against.
+//! The Artemis cells are in `artemis.rs`, the cluster's in `cluster.rs`.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_amqp091::{Amqp091Config, Amqp091Driver};
-use queue_core::{Codec, ConsumeOptions, Driver, QueueId, QueueSpec, Value};
+use queue_core::{Driver, QueueId, QueueSpec};
 use queue_fixtures::free_port as free_loopback_port;
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::{Tally, numbered};
@@ -137,103 +134,6 @@ fn spec(id: QueueId, name: &str) -> QueueSpec {
     QueueSpec::new(id).with_name(name)
 }
 
-/// Runs a blocking step (rabbitmqctl, waiting for a process) without stalling the
-/// drivers' tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// A running `queue-runtime`, its output in a file of the app directory (a pipe nobody
-/// reads would fill up and stall it). Killed on drop, so a failing test leaves no
-/// runtime behind.
-struct Runtime {
-    child: Option<Child>,
-    log: PathBuf,
-    /// Where it serves `/ready`.
-    metrics_port: u16,
-}
-
-impl Runtime {
-    fn start(dir: &Path, log: &str) -> Runtime {
-        let log = dir.join(log);
-        let out = std::fs::File::create(&log).expect("log file");
-        let metrics_port = free_loopback_port();
-        let child = binary()
-            .args(["run", "--log-format", "json", "app.yaml", "--metrics-addr"])
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("the runtime starts");
-        Runtime {
-            child: Some(child),
-            log,
-            metrics_port,
-        }
-    }
-
-    /// The broker driver's connections opened and links attached so far, from the
-    /// runtime's `/ready` (bounded wait for the server).
-    fn connection(&self) -> (u64, u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(body) = http_get(self.metrics_port, "/ready")
-                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&body)
-                && let Some(rabbit) = json["drivers"].get("app:rabbit")
-            {
-                let count = |k: &str| rabbit[k].as_u64().unwrap_or(0);
-                return (count("connections_opened"), count("links_attached"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/ready did not report the driver:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Signals the runtime and waits (bounded) for it to exit; after SIGTERM it must
-    /// exit 0.
-    fn stop(mut self, signal_name: &str) {
-        let mut child = self.child.take().expect("running");
-        signal(&child, signal_name);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the runtime did not exit within 60 s of SIG{signal_name}:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if signal_name == "TERM" {
-            assert!(status.success(), "SIGTERM exit {status}:\n{}", self.log());
-        }
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Publishes LOAD numbered messages from 8 tasks, retrying what fails.
 async fn publish_load(driver: Arc<dyn Driver>, tally: Arc<Tally>) {
     let mut tasks = Vec::new();
@@ -311,44 +211,6 @@ fn wait_until_only_done_has_messages(node: &PrivateNode, what: &str, runtime: &R
     }
 }
 
-/// Drains `done` through the AMQP 0-9-1 driver into the tally. A sentinel published
-/// last marks the end: one consumer on a FIFO queue sees everything before it.
-async fn drain_done(counter: &Amqp091Driver, tally: &Tally) {
-    counter
-        .publish(&done_id(), numbered(-1))
-        .await
-        .expect("sentinel published");
-    let mut sub = counter
-        .consume(&done_id(), ConsumeOptions { prefetch: 500 })
-        .await
-        .expect("consume done");
-    let drained = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(next) = sub.next().await {
-            let d = next.expect("delivery");
-            // Decoded as JSON whatever the content type the other protocol left on it.
-            let n = match Codec::Json.decode(&d.message().body) {
-                Ok(body) => match body.get("n") {
-                    Some(Value::Int(n)) => *n,
-                    other => panic!("not a numbered message: {other:?}"),
-                },
-                Err(e) => panic!(
-                    "a done message is not the JSON the handler published ({e}): {:?}",
-                    String::from_utf8_lossy(&d.message().body)
-                ),
-            };
-            d.ack().await.expect("ack");
-            if n < 0 {
-                return;
-            }
-            tally.consumed(n);
-        }
-        panic!("the done consumer closed before the sentinel");
-    })
-    .await;
-    assert!(drained.is_ok(), "done was not drained within 120 s");
-    let _ = sub.cancel().await;
-}
-
 /// One cell of the matrix.
 async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
     let port = free_loopback_port();
@@ -421,7 +283,7 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
             runtime = Runtime::start(dir, "run-2.log");
         }
         Fault::CloseAllConnections | Fault::StopAppStartApp => {
-            let before = blocking(|| runtime.connection());
+            let before = blocking(|| runtime.connection("app:rabbit").counts());
             if fault == Fault::CloseAllConnections {
                 blocking(|| node.close_all_connections());
             } else {
@@ -437,7 +299,7 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
             blocking(|| wait_until_only_done_has_messages(&node, &label, &runtime));
             // (b) The runtime's driver saw it: a new connection, or (RabbitMQ 3.x
             // ends one AMQP 1.0 session on close_all_connections) a re-attached link.
-            let after = blocking(|| runtime.connection());
+            let after = blocking(|| runtime.connection("app:rabbit").counts());
             let reconnected = after.0 > before.0;
             let reattached = after.1 > before.1;
             assert!(
@@ -454,7 +316,7 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
 
     blocking(|| wait_until_only_done_has_messages(&node, &label, &runtime));
     blocking(|| runtime.stop("TERM"));
-    drain_done(&counter, &tally).await;
+    drain_numbers(&counter, &done_id(), &tally).await;
     let counts = tally.counts();
     println!("{label}: {counts}");
     let missing = tally.missing();

@@ -1,6 +1,6 @@
 //! `cargo xtask test-brokers`: the broker matrix. Nothing here names a driver or a
 //! broker: the driver crates are the workspace members with a `conformance` test
-//! binary, and each test in their `conformance`, `faults` and `tls` binaries is named
+//! binary, and each test in their `conformance`, `faults`, `tls` and `cluster` binaries is named
 //! `<broker>::...`, so the pairs are read off `--list`. The runtime's own cells (any
 //! `queue-runtime` test named `<broker>::<driver>::...`: its `faults` and `artemis`
 //! binaries) join their pair. Each pair runs with `CI=true` (a broker that cannot be reached fails), and
@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The test binaries that make up a driver's suites.
-const SUITES: [&str; 3] = ["conformance", "faults", "tls"];
+const SUITES: [&str; 4] = ["conformance", "faults", "tls", "cluster"];
 
 #[derive(Default)]
 struct Outcome {

@@ -231,3 +231,171 @@ pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) ->
         }
     }
 }
+
+/// Runs a blocking step (rabbitmqctl, waiting for a process) without stalling the
+/// drivers' tasks.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// A running `queue-runtime`, its output in a file of the app directory (a pipe nobody
+/// reads would fill up and stall it). Killed on drop, so a failing test leaves no
+/// runtime behind.
+pub struct Runtime {
+    child: Option<Child>,
+    log: PathBuf,
+    /// Where it serves `/ready`.
+    metrics_port: u16,
+}
+
+/// A driver's connection as the runtime's `/ready` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverConnection {
+    pub connections_opened: u64,
+    pub links_attached: u64,
+    /// The node it is connected to, password hidden.
+    pub node: String,
+}
+
+impl DriverConnection {
+    /// (connections opened, links attached).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.connections_opened, self.links_attached)
+    }
+}
+
+impl Runtime {
+    pub fn start(dir: &Path, log: &str) -> Runtime {
+        let log = dir.join(log);
+        let out = std::fs::File::create(&log).expect("log file");
+        let metrics_port = free_port();
+        let child = binary()
+            .args(["run", "--log-format", "json", "app.yaml", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .expect("the runtime starts");
+        Runtime {
+            child: Some(child),
+            log,
+            metrics_port,
+        }
+    }
+
+    /// What the runtime's `/ready` says of driver `id` (`app:rabbit`): connections
+    /// opened, links attached, the node (bounded wait for the server).
+    pub fn connection(&self, id: &str) -> DriverConnection {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(body) = http_get(self.metrics_port, "/ready")
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&body)
+                && let Some(driver) = json["drivers"].get(id)
+            {
+                let count = |k: &str| driver[k].as_u64().unwrap_or(0);
+                return DriverConnection {
+                    connections_opened: count("connections_opened"),
+                    links_attached: count("links_attached"),
+                    node: driver["node"].as_str().unwrap_or_default().to_string(),
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/ready did not report the driver:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process has exited (killed, or crashed).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Signals the runtime and waits (bounded) for it to exit; after SIGTERM it must
+    /// exit 0.
+    pub fn stop(mut self, signal_name: &str) {
+        let mut child = self.child.take().expect("running");
+        signal(&child, signal_name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the runtime did not exit within 60 s of SIG{signal_name}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if signal_name == "TERM" {
+            assert!(status.success(), "SIGTERM exit {status}:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Drains the numbered messages of `queue` (JSON `{"n": N}`, as the tests' handlers
+/// publish them) into the tally. A sentinel published last marks the end: one consumer
+/// on a FIFO queue sees everything before it.
+pub async fn drain_numbers(
+    driver: &dyn queue_core::Driver,
+    queue: &queue_core::QueueId,
+    tally: &queue_testkit::Tally,
+) {
+    use queue_core::{Codec, ConsumeOptions, Value};
+    driver
+        .publish(queue, queue_testkit::numbered(-1))
+        .await
+        .expect("sentinel published");
+    let mut sub = driver
+        .consume(queue, ConsumeOptions { prefetch: 500 })
+        .await
+        .expect("consume");
+    let drained = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(next) = sub.next().await {
+            let d = next.expect("delivery");
+            // Decoded as JSON whatever the content type another protocol left on it.
+            let n = match Codec::Json.decode(&d.message().body) {
+                Ok(body) => match body.get("n") {
+                    Some(Value::Int(n)) => *n,
+                    other => panic!("not a numbered message: {other:?}"),
+                },
+                Err(e) => panic!(
+                    "a message of {queue} is not the JSON the handler published ({e}): {:?}",
+                    String::from_utf8_lossy(&d.message().body)
+                ),
+            };
+            d.ack().await.expect("ack");
+            if n < 0 {
+                return;
+            }
+            tally.consumed(n);
+        }
+        panic!("the consumer of {queue} closed before the sentinel");
+    })
+    .await;
+    assert!(drained.is_ok(), "{queue} was not drained within 120 s");
+    let _ = sub.cancel().await;
+}
