@@ -257,7 +257,7 @@ impl Driver for Amqp10Driver {
 /// their profile: register `queue_core::Factory::<Amqp10Config>::new()`.
 ///
 /// ```
-/// use queue_core::{DriverConfig, Factory};
+/// use queue_core::{DriverFactory, Factory};
 /// let factory = Factory::<queue_amqp10::Amqp10Config>::new();
 /// assert_eq!(factory.kind(), "queue.driver.amqp10");
 /// let caps = factory.validate(&serde_json::json!({"url": "amqp://127.0.0.1", "profile": "artemis"})).unwrap();

@@ -492,7 +492,7 @@ impl Message {
 ///
 /// ```
 /// assert_eq!(queue_core::truncate("short", 10), "short");
-/// assert!(queue_core::truncate(&"x".repeat(100), 40).ends_with("(100 bytes)"));
+/// assert!(queue_core::truncate(&"x".repeat(100), 40).ends_with("(truncated from 100 bytes)"));
 /// ```
 pub fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
