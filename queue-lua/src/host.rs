@@ -5,16 +5,17 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::chunk::ChunkMode;
-use mlua::{Function, HookTriggers, Lua, MultiValue, Table, Value as LuaValue, VmState};
+use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
 use queue_core::security::SecurityContext;
 use queue_core::{Error, Queues, Result, Value};
 
 use crate::context::{Contexts, CoroutineContext, DeliveryContext, DeliveryState};
 use crate::errors::describe;
 use crate::sandbox::{OptIn, Sandbox};
+use crate::slices::{Clock, Deadline, Sliced};
 use crate::value::to_lua;
 
 /// The limits of one Lua state (docs/security.md, "Limits").
@@ -42,9 +43,6 @@ impl Default for Limits {
         }
     }
 }
-
-/// How often (in Lua instructions) a running top level checks its deadline.
-const DEADLINE_CHECK_INSTRUCTIONS: u32 = 10_000;
 
 /// A handler function found in a source file.
 #[derive(Clone, Debug)]
@@ -97,6 +95,8 @@ pub struct LuaHost {
     /// The environment `eval` chunks share.
     chunk_env: Table,
     limits: Limits,
+    /// Slices and deadlines of the code running on the state.
+    clock: Rc<Clock>,
     sources: RefCell<HashMap<(PathBuf, OptIn), Rc<LoadedSource>>>,
     /// Declared last: the tables above are released before the state closes.
     lua: Lua,
@@ -117,6 +117,9 @@ impl LuaHost {
         limits: Limits,
     ) -> Result<LuaHost> {
         let lua = Lua::new();
+        // First, so that every coroutine inherits the hook.
+        let clock = Clock::install(&lua)
+            .map_err(|e| Error::internal(format!("cannot set up the Lua state: {e}")))?;
         // Every handler call allocates short-lived objects (its coroutine, the payload
         // table): the generational collector frees them in cheap minor collections
         // instead of re-marking the whole heap.
@@ -133,7 +136,7 @@ impl LuaHost {
                 ("errors", crate::errors::create_module(&lua)?),
                 ("logger", crate::logger::create_module(&lua)?),
             ];
-            let sandbox = Sandbox::new(&lua, &modules)?;
+            let sandbox = Sandbox::new(&lua, &modules, &clock)?;
             let chunk_env = sandbox.environment(&lua, OptIn::default())?;
             Ok((sandbox, chunk_env))
         };
@@ -145,6 +148,7 @@ impl LuaHost {
             sandbox,
             chunk_env,
             limits,
+            clock,
             sources: RefCell::default(),
             lua,
         })
@@ -201,22 +205,13 @@ impl LuaHost {
     /// it runs raises an error.
     fn within_load_time<R>(&self, f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
         let limit = self.limits.load_time;
-        let deadline = Instant::now() + limit;
-        // Global: a coroutine the top level creates gets the hook too.
-        self.lua.set_global_hook(
-            HookTriggers::new().every_nth_instruction(DEADLINE_CHECK_INSTRUCTIONS),
-            move |_, _| {
-                if Instant::now() > deadline {
-                    return Err(mlua::Error::runtime(format!(
-                        "the top level ran longer than {limit:?}: loading a file must not loop or block"
-                    )));
-                }
-                Ok(VmState::Continue)
-            },
-        )?;
-        let result = f();
-        self.lua.remove_global_hook();
-        result
+        let deadline = Deadline::after(
+            limit,
+            format!(
+                "the top level ran longer than {limit:?}: loading a file must not loop or block"
+            ),
+        );
+        self.clock.within(deadline, f)
     }
 
     /// Finds `method` in a source run in the default sandbox: a field of the table the
@@ -256,6 +251,26 @@ impl LuaHost {
         delivery: DeliveryContext,
         security: SecurityContext,
     ) -> Outcome {
+        self.run_handler_within(handler, payload, delivery, security, None)
+            .await
+    }
+
+    /// [`LuaHost::run_handler`] with a time limit: past `timeout` the handler fails
+    /// (retryably) with "ran longer than its timeout", whether it computes or waits.
+    pub async fn run_handler_within(
+        &self,
+        handler: &Handler,
+        payload: &Value,
+        delivery: DeliveryContext,
+        security: SecurityContext,
+        timeout: Option<Duration>,
+    ) -> Outcome {
+        let deadline = timeout.map(|limit| {
+            Deadline::after(
+                limit,
+                format!("the handler ran longer than its timeout of {limit:?}"),
+            )
+        });
         let state = Rc::new(DeliveryState {
             context: delivery,
             settled: Default::default(),
@@ -267,7 +282,7 @@ impl LuaHost {
         };
         let result = match to_lua(&self.lua, payload) {
             Ok(arg) => {
-                self.run(handler, context, MultiValue::from_vec(vec![arg]))
+                self.run(handler, context, MultiValue::from_vec(vec![arg]), deadline)
                     .await
             }
             Err(e) => Err(e),
@@ -315,7 +330,7 @@ impl LuaHost {
             security,
             delivery: None,
         };
-        self.run(handler, context, MultiValue::from_vec(args))
+        self.run(handler, context, MultiValue::from_vec(args), None)
             .await
             .map(|_| ())
             .map_err(|e| {
@@ -351,6 +366,7 @@ impl LuaHost {
                     delivery: None,
                 },
                 MultiValue::new(),
+                None,
             )
             .await
             .map_err(|e| Error::internal(e.to_string()).retryable_if(false))?;
@@ -360,11 +376,13 @@ impl LuaHost {
             .collect()
     }
 
+    /// Runs a function as a coroutine in slices ([`crate::slices`]), with a deadline.
     async fn run(
         &self,
         handler: &Handler,
         context: CoroutineContext,
         args: MultiValue,
+        deadline: Option<Deadline>,
     ) -> mlua::Result<MultiValue> {
         let thread = self.lua.create_thread(handler.function.clone())?;
         let contexts = self
@@ -374,7 +392,9 @@ impl LuaHost {
         contexts.enter(&thread, context);
         drop(contexts);
         let result = match thread.clone().into_async::<MultiValue>(args) {
-            Ok(running) => running.await,
+            Ok(running) => {
+                Sliced::new(running, Rc::clone(&self.clock), thread.clone(), deadline).await
+            }
             Err(e) => Err(e),
         };
         if let Some(contexts) = self.lua.app_data_ref::<Contexts>() {

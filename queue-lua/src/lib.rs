@@ -41,6 +41,7 @@ mod logger;
 mod message;
 mod module;
 mod sandbox;
+mod slices;
 pub mod value;
 
 pub use context::{DeliveryContext, Settle};

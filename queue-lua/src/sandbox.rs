@@ -10,8 +10,12 @@
 //! environment only. Binary chunks are never loaded: Lua does not verify bytecode,
 //! and one bad byte crashes the process.
 
+use std::rc::Rc;
+
 use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
 use queue_core::{Error, Result};
+
+use crate::slices::Clock;
 
 /// Libraries beyond the safe set that an entry opts into with
 /// `sandbox: { allow: [...] }` (docs/security.md).
@@ -61,14 +65,13 @@ impl OptIn {
 const READ_ONLY_MARK: &str = "__queue_read_only";
 
 /// Base functions every environment gets as they are.
-const SAFE_BASE: [&str; 17] = [
+const SAFE_BASE: [&str; 15] = [
     "assert",
     "error",
     "getmetatable",
     "ipairs",
     "next",
     "pairs",
-    "pcall",
     "print",
     "rawequal",
     "rawget",
@@ -78,8 +81,33 @@ const SAFE_BASE: [&str; 17] = [
     "tonumber",
     "tostring",
     "type",
-    "xpcall",
 ];
+
+/// Built from trusted code once per state: `pcall`, `xpcall` and `coroutine.resume`
+/// that raise the running code's deadline error again once it has passed
+/// (crate::slices), so catching errors in a loop does not outlive a deadline.
+/// Written in Lua so that they stay yieldable.
+const CATCHING_FUNCTIONS: &str = r##"
+local raw_pcall, raw_xpcall, raw_resume, overdue, error, pack, unpack = ...
+local function unless_overdue(results)
+  local message = overdue()
+  if message then error(message, 0) end
+  return unpack(results, 1, results.n)
+end
+-- Lua runs a message handler with hooks off when the error came from a hook (the
+-- deadline's): past the deadline the message handler is skipped, or one that loops
+-- would never end.
+local function xpcall(f, handler, ...)
+  local function handle(e)
+    if overdue() then return e end
+    return handler(e)
+  end
+  return unless_overdue(pack(raw_xpcall(f, handle, ...)))
+end
+return function(...) return unless_overdue(pack(raw_pcall(...))) end,
+  xpcall,
+  function(...) return unless_overdue(pack(raw_resume(...))) end
+"##;
 
 /// Built from trusted code once per state: given an environment, the `load`,
 /// `require`, `dofile` and `loadfile` that belong to it. Written in Lua so the
@@ -134,13 +162,36 @@ pub(crate) struct Sandbox {
 
 impl Sandbox {
     /// Builds the safe globals from the state's standard library, with `modules`
-    /// (`queue`, `errors`, `logger`) made read-only.
-    pub(crate) fn new(lua: &Lua, modules: &[(&str, Table)]) -> mlua::Result<Sandbox> {
+    /// (`queue`, `errors`, `logger`) made read-only and error catching that ends at
+    /// the `clock`'s deadlines.
+    pub(crate) fn new(
+        lua: &Lua,
+        modules: &[(&str, Table)],
+        clock: &Rc<Clock>,
+    ) -> mlua::Result<Sandbox> {
         let real = lua.globals();
         let shared = lua.create_table()?;
         for name in SAFE_BASE {
             shared.raw_set(name, real.raw_get::<LuaValue>(name)?)?;
         }
+        let table: Table = real.raw_get("table")?;
+        let real_coroutine: Table = real.raw_get("coroutine")?;
+        let overdue = {
+            let clock = Rc::clone(clock);
+            lua.create_function(move |_, ()| Ok(clock.overdue()))?
+        };
+        let (pcall, xpcall, resume): (Function, Function, Function) =
+            lua.load(CATCHING_FUNCTIONS).set_name("=sandbox").call((
+                real.raw_get::<Function>("pcall")?,
+                real.raw_get::<Function>("xpcall")?,
+                real_coroutine.raw_get::<Function>("resume")?,
+                overdue,
+                real.raw_get::<Function>("error")?,
+                table.raw_get::<Function>("pack")?,
+                table.raw_get::<Function>("unpack")?,
+            ))?;
+        shared.raw_set("pcall", pcall)?;
+        shared.raw_set("xpcall", xpcall)?;
         shared.raw_set("_VERSION", real.raw_get::<LuaValue>("_VERSION")?)?;
         shared.raw_set("rawset", lua.create_function(guarded_rawset)?)?;
         shared.raw_set(
@@ -167,7 +218,7 @@ impl Sandbox {
         }
         share(
             "coroutine",
-            coroutine_library(lua, &real.raw_get("coroutine")?)?,
+            coroutine_library(lua, &real_coroutine, resume)?,
         )?;
         let real_os: Table = real.raw_get("os")?;
         let safe_os = lua.create_table()?;
@@ -311,8 +362,8 @@ fn limited_collectgarbage(
 
 /// `coroutine` whose `create` and `wrap` make coroutines that run under their
 /// creator's context (its actor, policies and delivery): a coroutine is not a way
-/// around a policy.
-fn coroutine_library(lua: &Lua, real: &Table) -> mlua::Result<Table> {
+/// around a policy; `resume` is the sandbox's (it ends at deadlines).
+fn coroutine_library(lua: &Lua, real: &Table, resume: Function) -> mlua::Result<Table> {
     let library = lua.create_table()?;
     for pair in real.pairs::<LuaValue, LuaValue>() {
         let (name, value) = pair?;
@@ -341,7 +392,7 @@ fn coroutine_library(lua: &Lua, real: &Table) -> mlua::Result<Table> {
         .set_name("=sandbox")
         .call((
             create.clone(),
-            real.raw_get::<Function>("resume")?,
+            resume.clone(),
             real.raw_get::<Function>("close")?,
             lua.globals().raw_get::<Function>("error")?,
             lua.globals()
@@ -353,5 +404,6 @@ fn coroutine_library(lua: &Lua, real: &Table) -> mlua::Result<Table> {
         ))?;
     library.raw_set("create", create)?;
     library.raw_set("wrap", wrap)?;
+    library.raw_set("resume", resume)?;
     Ok(library)
 }

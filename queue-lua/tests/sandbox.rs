@@ -225,7 +225,11 @@ async fn a_top_level_that_never_ends_fails_the_load_in_time() {
     };
     let host =
         LuaHost::with_limits(Default::default(), SecurityContext::default(), limits).unwrap();
-    for file in ["endless_top_level.lua", "endless_in_coroutine.lua"] {
+    for file in [
+        "endless_top_level.lua",
+        "endless_in_coroutine.lua",
+        "endless_catching_top_level.lua",
+    ] {
         let path = lua_file(&format!("sandbox/{file}"));
         let started = std::time::Instant::now();
         let err = host.handler(&path, "handle").unwrap_err();

@@ -1,0 +1,214 @@
+//! Time slices and deadlines for the Lua code of one state (docs/consumers.md,
+//! "Handler time limits").
+//!
+//! Many handler coroutines share a Lua state and its thread. A coroutine that
+//! computes without waiting for anything (a long loop, `while true do end`) would hold
+//! that thread until it ends, stalling every other handler on the state and the
+//! runtime's shutdown. A hook that Lua calls every [`CHECK_EVERY`] instructions
+//! looks at what is running now:
+//!
+//! - past its **slice** ([`SLICE`]), a coroutine yields to the async executor, which
+//!   runs the other handlers before resuming it (only the handler's own coroutine
+//!   yields this way: a coroutine it created must see its own `coroutine.resume`
+//!   semantics unchanged);
+//! - past its **deadline** (a consumer's `timeout`, a file's load time), the
+//!   handler's coroutine is ended with the deadline's error, which fails the handler
+//!   (or the load) like any other error. The sandbox's `pcall`, `xpcall` and `coroutine.resume` raise it again past the
+//!   deadline ([`Clock::overdue`]), so code that catches errors in a loop cannot
+//!   outlive its deadline.
+//!
+//! Nothing runs in the hook while no slice is set, so Rust that calls into Lua outside
+//! a slice (tests, `check`) pays only the hook's call.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use mlua::{HookTriggers, Lua, Thread, VmState};
+
+/// How often (in Lua instructions) the hook runs: about every 20 to 100 µs of Lua.
+const CHECK_EVERY: u32 = 10_000;
+
+/// How long a coroutine computes before it lets the others run.
+pub const SLICE: Duration = Duration::from_millis(5);
+
+/// A point in time the running code must not pass, and what to say when it does.
+#[derive(Clone, Debug)]
+pub(crate) struct Deadline {
+    pub at: Instant,
+    pub message: String,
+}
+
+impl Deadline {
+    /// A deadline `limit` from now.
+    pub fn after(limit: Duration, message: String) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            message,
+        }
+    }
+}
+
+/// What is running on the state right now.
+struct Slice {
+    /// The coroutine that yields when its slice is over (none: nothing yields, as
+    /// for a file's top level, which is not a coroutine).
+    yields: Option<Thread>,
+    ends: Instant,
+    deadline: Option<Deadline>,
+    /// The thread last told to yield past the deadline.
+    yield_tried: Option<Thread>,
+}
+
+/// The state's clock: what is running, read by the hook. One per Lua state.
+#[derive(Default)]
+pub(crate) struct Clock {
+    running: RefCell<Option<Slice>>,
+}
+
+impl Clock {
+    /// Installs the hook on `lua` (before any coroutine exists, so that every
+    /// coroutine, including those Lua code creates, inherits it).
+    pub fn install(lua: &Lua) -> mlua::Result<Rc<Clock>> {
+        let clock = Rc::new(Clock::default());
+        let seen = Rc::clone(&clock);
+        lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            move |lua, _| seen.check(lua),
+        )?;
+        Ok(clock)
+    }
+
+    fn check(&self, lua: &Lua) -> mlua::Result<VmState> {
+        let mut running = self.running.borrow_mut();
+        let Some(slice) = running.as_mut() else {
+            return Ok(VmState::Continue);
+        };
+        let now = Instant::now();
+        if let Some(deadline) = &slice.deadline
+            && now >= deadline.at
+        {
+            // Past the deadline, a yield first: the slice's owner (a `Sliced` future)
+            // then ends the coroutine. An error raised here would run the function's
+            // `__close` handlers with hooks off (one that loops would never end), so
+            // it is the fallback, for where Lua cannot yield (the same thread is
+            // back here) or where nothing waits for a yield (a file's top level).
+            let current = lua.current_thread();
+            if slice.yields.is_some() && slice.yield_tried.as_ref() != Some(&current) {
+                slice.yield_tried = Some(current);
+                return Ok(VmState::Yield);
+            }
+            return Err(mlua::Error::runtime(deadline.message.clone()));
+        }
+        match &slice.yields {
+            Some(thread) if now >= slice.ends && lua.current_thread() == *thread => {
+                Ok(VmState::Yield)
+            }
+            _ => Ok(VmState::Continue),
+        }
+    }
+
+    /// The error message of the running code's deadline once it has passed.
+    pub fn overdue(&self) -> Option<String> {
+        let running = self.running.borrow();
+        let deadline = running.as_ref()?.deadline.as_ref()?;
+        (Instant::now() >= deadline.at).then(|| deadline.message.clone())
+    }
+
+    /// Runs `f` (Lua code that is not a coroutine) with a deadline.
+    pub fn within<R>(&self, deadline: Deadline, f: impl FnOnce() -> R) -> R {
+        let previous = self.running.replace(Some(Slice {
+            yields: None,
+            ends: deadline.at,
+            deadline: Some(deadline),
+            yield_tried: None,
+        }));
+        let result = f();
+        *self.running.borrow_mut() = previous;
+        result
+    }
+}
+
+/// A coroutine's future, run in slices: each poll starts a new slice (and keeps the
+/// deadline), and ends it when the poll returns. Past the deadline it ends with the
+/// deadline's error even while the coroutine waits for something (a publish), not
+/// only while it computes.
+pub(crate) struct Sliced<F> {
+    /// Taken in `drop`, to be dropped under a deadline.
+    future: Option<Pin<Box<F>>>,
+    clock: Rc<Clock>,
+    thread: Thread,
+    deadline: Option<(Deadline, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl<F> Sliced<F> {
+    pub fn new(future: F, clock: Rc<Clock>, thread: Thread, deadline: Option<Deadline>) -> Self {
+        Sliced {
+            future: Some(Box::pin(future)),
+            clock,
+            thread,
+            deadline: deadline.map(|d| {
+                let timer = Box::pin(tokio::time::sleep_until(d.at.into()));
+                (d, timer)
+            }),
+        }
+    }
+}
+
+impl<F, R> Future for Sliced<F>
+where
+    F: Future<Output = mlua::Result<R>>,
+{
+    type Output = mlua::Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        // The clock as well as the timer: a coroutine that yielded at its slice's end
+        // is polled again at once, before the timer driver has looked at the time.
+        if let Some((deadline, timer)) = this.deadline.as_mut()
+            && (timer.as_mut().poll(cx).is_ready() || Instant::now() >= deadline.at)
+        {
+            return Poll::Ready(Err(mlua::Error::runtime(deadline.message.clone())));
+        }
+        let slice = Slice {
+            yields: Some(this.thread.clone()),
+            ends: Instant::now() + SLICE,
+            deadline: this.deadline.as_ref().map(|(d, _)| d.clone()),
+            yield_tried: None,
+        };
+        // A coroutine resumed while another's slice is set (a handler polled from
+        // inside another's Rust callback) restores that one afterwards.
+        let previous = this.clock.running.replace(Some(slice));
+        let result = match this.future.as_mut() {
+            Some(future) => future.as_mut().poll(cx),
+            None => Poll::Ready(Err(mlua::Error::runtime("polled after it was dropped"))),
+        };
+        *this.clock.running.borrow_mut() = previous;
+        result
+    }
+}
+
+/// How long the `__close` handlers of an abandoned coroutine (ended at its deadline,
+/// or stopped) may run when its future is dropped.
+const CLOSE_TIME: Duration = Duration::from_millis(100);
+
+impl<F> Drop for Sliced<F> {
+    /// Dropping an unfinished coroutine runs its to-be-closed variables' `__close`
+    /// handlers: under a deadline of their own, or one that loops would hold the
+    /// state's thread for ever.
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        let deadline = Deadline::after(
+            CLOSE_TIME,
+            format!(
+                "a __close handler ran longer than {CLOSE_TIME:?} when its coroutine was stopped"
+            ),
+        );
+        self.clock.within(deadline, || drop(future));
+    }
+}

@@ -1,0 +1,56 @@
+-- Handlers for the time-slice and timeout tests.
+
+function spin()
+  while true do end
+end
+
+-- Spins inside pcall: the timeout must still end it.
+function spin_catching()
+  while true do
+    pcall(function() local x = 0 for i = 1, 1e9 do x = x + i end end)
+  end
+end
+
+-- Catches with xpcall, whose message handler spins too.
+function spin_xpcall()
+  while true do
+    xpcall(function() while true do end end, function() while true do end end)
+  end
+end
+
+-- Each spinning coroutine dies at the deadline; coroutine.resume reports it and the
+-- handler would start another.
+function spin_resuming()
+  while true do
+    coroutine.resume(coroutine.create(function() while true do end end))
+  end
+end
+
+function quick()
+  return true
+end
+
+-- Waits for a publish the test holds.
+function wait_for_publish()
+  assert(queue.publish("app:tasks", { n = 1 }))
+end
+
+-- A coroutine of its own keeps its resume semantics while it computes for longer
+-- than a slice.
+function own_coroutine()
+  local co = coroutine.create(function()
+    local x = 0
+    for i = 1, 3e7 do x = x + i end
+    coroutine.yield("first")
+    return "second"
+  end)
+  local _, a = coroutine.resume(co)
+  local _, b = coroutine.resume(co)
+  assert(a == "first" and b == "second", tostring(a) .. " " .. tostring(b))
+end
+
+-- A to-be-closed variable whose __close loops too.
+function spin_closing()
+  local guard <close> = setmetatable({}, { __close = function() while true do end end })
+  while true do end
+end

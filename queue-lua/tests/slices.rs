@@ -1,0 +1,113 @@
+//! Time slices and handler timeouts (docs/consumers.md, "Handler time limits"): a
+//! handler that computes without end lets the others on its Lua state run and ends at
+//! its timeout, whether it computes, catches errors, or waits for a publish.
+
+mod support;
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use queue_core::security::SecurityContext;
+use queue_core::{Headers, Value};
+use queue_lua::{DeliveryContext, Outcome};
+use support::{Harness, Recorder, json_message, lua_file};
+
+async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
+    let handler = h
+        .host
+        .handler(&lua_file("sandbox/slices.lua"), method)
+        .unwrap();
+    let message = json_message(Value::from("x"), Headers::new());
+    let context = DeliveryContext {
+        message,
+        settle: Rc::new(Recorder::default()),
+    };
+    h.host
+        .run_handler_within(
+            &handler,
+            &Value::from("x"),
+            context,
+            SecurityContext::default(),
+            timeout,
+        )
+        .await
+}
+
+fn timed_out(outcome: &Outcome, limit: &str) {
+    match outcome {
+        Outcome::Nack { reason } => assert!(
+            reason.contains(&format!("ran longer than its timeout of {limit}")),
+            "{reason}"
+        ),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_endless_loop_ends_at_its_timeout() {
+    let h = Harness::new().await;
+    let started = Instant::now();
+    let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
+    timed_out(&outcome, "200ms");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The state goes on.
+    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn catching_errors_or_closing_does_not_escape_the_timeout() {
+    let h = Harness::new().await;
+    for method in [
+        "spin_catching",
+        "spin_xpcall",
+        "spin_resuming",
+        "spin_closing",
+    ] {
+        let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
+        timed_out(&outcome, "200ms");
+    }
+    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_handler_waiting_for_a_publish_ends_at_its_timeout() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let outcome = run(&h, "wait_for_publish", Some(Duration::from_millis(300))).await;
+    timed_out(&outcome, "300ms");
+    assert_eq!(
+        h.driver.held(),
+        1,
+        "the publish was waiting when time ran out"
+    );
+}
+
+/// One Lua state, one thread: while a handler spins, another handler on the same
+/// state still runs to its end.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_handler_lets_the_others_on_its_state_run() {
+    let h = Harness::new().await;
+    let spinner = run(&h, "spin", Some(Duration::from_secs(20)));
+    let quick = async {
+        let outcome = run(&h, "quick", None).await;
+        (outcome, Instant::now())
+    };
+    let started = Instant::now();
+    tokio::pin!(spinner);
+    let (quick_outcome, quick_done) = tokio::select! {
+        biased;
+        _ = &mut spinner => panic!("the spinner ended before the quick handler"),
+        done = quick => done,
+    };
+    assert_eq!(quick_outcome, Outcome::Ack);
+    assert!(
+        quick_done.duration_since(started) < Duration::from_secs(5),
+        "the quick handler waited for the spinner"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
+    let h = Harness::new().await;
+    assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
+}
