@@ -142,6 +142,7 @@ impl Amqp091Subscription {
             }
         };
         self.consumers.attached.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(queue = %self.queue, generation = link.generation, "consumer attached");
         let (settler, settler_id) = self.consumers.settlers.start(channel.clone());
         Ok(Attached {
             generation: link.generation,
@@ -256,6 +257,7 @@ impl Amqp091Subscription {
         let Some(a) = self.attached.take() else {
             return;
         };
+        tracing::debug!(queue = %self.queue, generation = a.generation, why, "consumer detached");
         self.consumers.settlers.forget(a.settler_id);
         let Attached {
             channel,

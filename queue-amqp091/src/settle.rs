@@ -180,6 +180,12 @@ async fn flush_loop(settler: Arc<Settler>) {
     loop {
         let (round, finished) = settler.take_round();
         if !round.is_empty() {
+            tracing::trace!(
+                nacks = round.nacks.len(),
+                multiple = ?round.multiple,
+                singles = round.singles.len(),
+                "settling"
+            );
             if let Err(e) = settler.send(&round).await {
                 tracing::debug!(error = %error::describe(&e), "settling failed; the broker redelivers");
                 settler.kill(
@@ -187,6 +193,7 @@ async fn flush_loop(settler: Arc<Settler>) {
                 );
                 break;
             }
+            tracing::trace!("settled");
             continue;
         }
         if finished {

@@ -218,6 +218,15 @@ pub(crate) fn block_on<T>(fut: impl Future<Output = T>) -> T {
 
 /// Runs trials as a test binary's `main` does (`cargo test` arguments apply), and
 /// exits with their outcome.
+///
+/// With `RUST_LOG` set (`RUST_LOG=queue_amqp091=debug`), the drivers' logs go to
+/// stderr: what a failed fault case needs to be understood.
 pub fn run(trials: Vec<Trial>) -> ! {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     libtest_mimic::run(&Arguments::from_args(), trials).exit()
 }

@@ -137,7 +137,10 @@ impl Tally {
         let mut rx = self.consumed_count.subscribe();
         tokio::time::timeout(limit, async {
             loop {
-                if self.missing().is_empty() {
+                // `missing` sorts every confirmed number: only worth it once as many
+                // distinct messages came out as were confirmed. Run on each delivery,
+                // it held the lock the consumers need and slowed them to a crawl.
+                if *rx.borrow_and_update() >= self.confirmed_count() && self.missing().is_empty() {
                     return;
                 }
                 if rx.changed().await.is_err() {
