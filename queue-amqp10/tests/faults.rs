@@ -4,7 +4,8 @@
 //! instances, for a cut of every connection (`close_all_connections`; Artemis'
 //! management `closeConnectionsForAddress`), a graceful stop and start, and SIGKILL
 //! with a restart from the broker's journal.
-//! RabbitMQ 3.10's `close_all_connections` ends one AMQP 1.0 session, not the socket:
+//! RabbitMQ 3.x does not list AMQP 1.0 connections: the cut ends the internal
+//! connection behind each session instead, which ends the sessions, not the socket;
 //! the suite accepts a re-attached link as the client seeing that fault.
 
 use std::sync::Arc;

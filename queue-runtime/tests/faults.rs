@@ -36,7 +36,7 @@ use queue_testkit::{Tally, numbered};
 use support::*;
 
 /// Messages of load per case: enough that a fault lands while most are still queued.
-const LOAD: i64 = 3000;
+const LOAD: i64 = 5000;
 /// The fault strikes once this many are done.
 const STRIKE_AT: u64 = 300;
 /// How long the runtime gets to finish the load after the fault.

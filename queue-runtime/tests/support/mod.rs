@@ -365,10 +365,15 @@ pub async fn drain_numbers(
     tally: &queue_testkit::Tally,
 ) {
     use queue_core::{Codec, ConsumeOptions, Value};
-    driver
-        .publish(queue, queue_testkit::numbered(-1))
-        .await
-        .expect("sentinel published");
+    // The test's own driver may still be reconnecting after a fault: retryable
+    // failures are tried again, for as long as a reconnect may take.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = driver.publish(queue, queue_testkit::numbered(-1)).await {
+        assert!(
+            e.retryable() && Instant::now() < deadline,
+            "sentinel not published: {e}"
+        );
+    }
     let mut sub = driver
         .consume(queue, ConsumeOptions { prefetch: 500 })
         .await
