@@ -114,6 +114,8 @@ pub struct ConsumerPlan {
     pub prefetch: u32,
     /// Shutdown wait.
     pub stop_timeout: Duration,
+    /// Longest a handler run may take.
+    pub timeout: Option<Duration>,
     /// Actor and policies.
     pub security: SecurityContext,
     /// What its Lua file may use beyond the sandbox's safe library.
@@ -310,6 +312,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     concurrency: c.concurrency,
                     prefetch: c.prefetch,
                     stop_timeout: c.stop_timeout,
+                    timeout: c.timeout,
                     security,
                     opt_in,
                 });

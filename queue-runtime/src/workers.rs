@@ -391,8 +391,14 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
                 let attempts = message.headers.attempts();
                 message.headers.insert(names::ATTEMPTS, i64::from(attempts));
                 let context = DeliveryContext { message, settle };
-                host.run_handler(handler, &payload, context, consumer.plan.security.clone())
-                    .await
+                host.run_handler_within(
+                    handler,
+                    &payload,
+                    context,
+                    consumer.plan.security.clone(),
+                    consumer.plan.timeout,
+                )
+                .await
             }
         },
     };

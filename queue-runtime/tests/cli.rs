@@ -379,7 +379,9 @@ fn a_failing_process_is_logged_with_its_traceback_and_fails_an_idle_run() {
 }
 
 const STUCK_APP: &str = "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    stop_timeout: STOP\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n";
-const STUCK_LUA: &str = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction handle(p)\n  logger:info('looping forever')\n  while true do end\nend\n";
+/// Loops where Lua cannot yield (in a comparator `table.sort` calls from C), so time
+/// slices cannot take it off its thread.
+const STUCK_LUA: &str = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction handle(p)\n  logger:info('looping forever')\n  table.sort({ 3, 2, 1 }, function(a, b) while true do end end)\nend\n";
 
 #[test]
 fn a_handler_that_never_yields_does_not_hang_shutdown() {

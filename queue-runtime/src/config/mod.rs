@@ -462,6 +462,12 @@ fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
             format!("{} is out of range 1..=10000", c.prefetch),
         ));
     }
+    if c.timeout.is_some_and(|t| t.is_zero()) {
+        return Err(entry.error(
+            Some("timeout"),
+            "must be longer than 0s (leave it out for no limit)",
+        ));
+    }
     match (&c.func, &c.source, &c.method) {
         (Some(_), None, None) | (None, Some(_), Some(_)) => Ok(()),
         (Some(_), _, _) => Err(entry.error(Some("func"), "give either `func` or `source` + `method`, not both")),
@@ -549,6 +555,13 @@ mod tests {
             "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    prefetch: 0\n",
         );
         assert_eq!((e.line, e.field.as_deref()), (8, Some("prefetch")), "{e}");
+        for (timeout, says) in [("0s", "longer than 0s"), ("soon", "")] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    timeout: {timeout}\n"
+            ));
+            assert_eq!((e.line, e.field.as_deref()), (8, Some("timeout")), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
         let e = single_error(
             "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        initial: soon\n",
         );

@@ -228,6 +228,13 @@ pub struct ConsumerEntry {
         deserialize_with = "queue_core::config::duration::deserialize"
     )]
     pub stop_timeout: Duration,
+    /// How long one handler run may take (none by default): past it, the run fails
+    /// with a retryable timeout error (docs/consumers.md, "Handler time limits").
+    #[serde(
+        default,
+        deserialize_with = "queue_core::config::option_duration::deserialize"
+    )]
+    pub timeout: Option<Duration>,
     /// Actor and policies the handler runs with.
     #[serde(default)]
     pub security: EntrySecurity,
