@@ -220,6 +220,11 @@ impl SecurityContext {
         self.strict
     }
 
+    /// The policies, in the order they are checked.
+    pub fn policies(&self) -> &[Arc<dyn Policy>] {
+        &self.policies
+    }
+
     /// Decides one action: `Ok(())` or `PERMISSION_DENIED` naming action, resource and actor.
     pub fn check(&self, action: &str, resource: Option<&str>) -> Result<()> {
         let anonymous = Actor::default();

@@ -258,7 +258,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 }
                 None => None,
             };
-            let security = plan.cli_security(actor);
+            let security = plan.cli_security(actor)?;
             let host = broker_only(plan, &kinds).await?;
             let result = host
                 .queues()

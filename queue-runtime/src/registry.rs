@@ -154,6 +154,22 @@ pub struct Plan {
     pub strict: bool,
     /// The limits of every Lua state.
     pub lua_limits: Limits,
+    /// The entries that run as an actor, with their policies: what
+    /// `publish --actor` applies.
+    pub actors: Vec<ActorEntry>,
+}
+
+/// A consumer or process that runs as an actor.
+#[derive(Debug, Clone)]
+pub struct ActorEntry {
+    /// The actor's id.
+    pub actor: String,
+    /// The entry's id.
+    pub entry: String,
+    /// Its policies' entry ids.
+    pub policy_ids: Vec<String>,
+    /// Its security context.
+    pub security: SecurityContext,
 }
 
 impl Plan {
@@ -169,9 +185,33 @@ impl Plan {
             .is_some_and(|d| d.kind == queue_core::memory::KIND)
     }
 
-    /// The security context of a process started from the command line.
-    pub fn cli_security(&self, actor: Option<Actor>) -> SecurityContext {
-        SecurityContext::new(actor, Vec::new(), self.strict)
+    /// The security context of a command-line publish (docs/operations.md): as
+    /// `actor`, with the policies of the entries that run as that actor (none when no
+    /// entry does). Entries of one actor with different policies make it ambiguous.
+    pub fn cli_security(&self, actor: Option<Actor>) -> Result<SecurityContext, String> {
+        let Some(actor) = actor else {
+            return Ok(SecurityContext::new(None, Vec::new(), self.strict));
+        };
+        let runs_as: Vec<&ActorEntry> =
+            self.actors.iter().filter(|a| a.actor == actor.id).collect();
+        let Some((first, rest)) = runs_as.split_first() else {
+            return Ok(SecurityContext::new(Some(actor), Vec::new(), self.strict));
+        };
+        if let Some(other) = rest.iter().find(|a| a.policy_ids != first.policy_ids) {
+            return Err(format!(
+                "actor {:?} runs entries with different policies ({} has [{}], {} has [{}]): publish as an actor whose entries share their policies",
+                actor.id,
+                first.entry,
+                first.policy_ids.join(", "),
+                other.entry,
+                other.policy_ids.join(", ")
+            ));
+        }
+        Ok(SecurityContext::new(
+            Some(actor),
+            first.security.policies().to_vec(),
+            self.strict,
+        ))
     }
 }
 
@@ -191,6 +231,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 .unwrap_or(Limits::DEFAULT_MEMORY_BYTES),
             ..Limits::default()
         },
+        actors: Vec::new(),
     };
 
     for entry in &config.entries {
@@ -304,6 +345,8 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         continue;
                     }
                 };
+                plan.actors
+                    .extend(actor_entry(entry, &c.security, &security));
                 plan.consumers.push(ConsumerPlan {
                     id: entry.id.clone(),
                     queue,
@@ -322,14 +365,18 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     security(config, entry, &p.security, strict),
                     opt_in(entry, &p.sandbox),
                 ) {
-                    (Ok(security), Ok(opt_in)) => plan.processes.push(ProcessPlan {
-                        id: entry.id.clone(),
-                        source: entry.path(&p.source),
-                        method: p.method.clone(),
-                        instances: p.instances,
-                        security,
-                        opt_in,
-                    }),
+                    (Ok(security), Ok(opt_in)) => {
+                        plan.actors
+                            .extend(actor_entry(entry, &p.security, &security));
+                        plan.processes.push(ProcessPlan {
+                            id: entry.id.clone(),
+                            source: entry.path(&p.source),
+                            method: p.method.clone(),
+                            instances: p.instances,
+                            security,
+                            opt_in,
+                        });
+                    }
                     (Err(e), _) | (_, Err(e)) => errors.push(e),
                 }
             }
@@ -560,6 +607,17 @@ fn security(
     Ok(SecurityContext::new(actor, policies, strict))
 }
 
+/// The entry's actor with its policies, if it runs as one.
+fn actor_entry(entry: &Entry, s: &EntrySecurity, security: &SecurityContext) -> Option<ActorEntry> {
+    let actor = s.actor.as_ref()?;
+    Some(ActorEntry {
+        actor: actor.id.clone(),
+        entry: entry.id.clone(),
+        policy_ids: s.policies.iter().map(|r| entry.resolve(r)).collect(),
+        security: security.clone(),
+    })
+}
+
 /// What an entry's `sandbox.allow` opts into.
 fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> {
     OptIn::parse(&sandbox.allow).map_err(|e| entry.error(Some("sandbox"), e.message()))
@@ -568,6 +626,42 @@ fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_as_an_actor_applies_the_policies_of_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("app.yaml");
+        let entry = |name: &str, actor: &str, policy: &str| {
+            format!(
+                "  - name: {name}\n    kind: process.lua\n    source: h.lua\n    method: m\n    security:\n      actor: {{ id: {actor} }}\n      policies: [{policy}]\n"
+            )
+        };
+        let text = format!(
+            "namespace: app\nentries:\n  - name: app_only\n    kind: security.policy\n    actions: \"queue.*\"\n    resources: \"app:*\"\n    effect: allow\n  - name: anything\n    kind: security.policy\n    actions: \"*\"\n    effect: allow\n{}{}{}",
+            entry("a", "worker", "app_only"),
+            entry("b", "worker", "app_only"),
+            entry("c", "mixed", "app_only") + &entry("d", "mixed", "anything"),
+        );
+        std::fs::write(&yaml, text).unwrap();
+        std::fs::write(dir.path().join("h.lua"), "function m() end\n").unwrap();
+        let config = crate::config::load(&[yaml]).unwrap();
+        let plan = plan(&config, &DriverKinds::builtin(), true).unwrap();
+        let worker = plan.cli_security(Some(Actor::new("worker"))).unwrap();
+        assert!(worker.check("queue.publish", Some("app:tasks")).is_ok());
+        assert!(
+            worker
+                .check("queue.publish", Some("billing:invoices"))
+                .is_err()
+        );
+        // No entry runs as this actor: no policies, so strict mode denies.
+        let stranger = plan.cli_security(Some(Actor::new("stranger"))).unwrap();
+        assert!(stranger.check("queue.publish", Some("app:tasks")).is_err());
+        let err = plan.cli_security(Some(Actor::new("mixed"))).unwrap_err();
+        assert!(
+            err.contains("different policies") && err.contains("app:c"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn dead_letter_queues_are_declared_once_for_declared_and_implied_queues() {
