@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use queue_core::{Error, Result};
@@ -40,8 +40,27 @@ pub(crate) struct Link {
     connected: AtomicBool,
     /// A command failed for want of a connection since the last `CLIENT ID`.
     suspect: AtomicBool,
-    client_id: AtomicI64,
+    /// Which connection this is: the server's run id and the connection's `CLIENT ID`
+    /// (a restarted server numbers its clients from 1 again).
+    identity: std::sync::Mutex<String>,
     closed: AtomicBool,
+}
+
+/// The server's run id and the connection's client id.
+async fn identity(mut c: ConnectionManager) -> RedisResult<String> {
+    let (id, info): (i64, String) = redis::pipe()
+        .cmd("CLIENT")
+        .arg("ID")
+        .cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await?;
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap_or_default()
+        .trim();
+    Ok(format!("{run_id}/{id}"))
 }
 
 impl Link {
@@ -84,15 +103,14 @@ impl Link {
             attached: AtomicU64::new(0),
             connected: AtomicBool::new(true),
             suspect: AtomicBool::new(false),
-            client_id: AtomicI64::new(0),
+            identity: std::sync::Mutex::new(String::new()),
             closed: AtomicBool::new(false),
         };
-        let id: i64 = link
-            .run(&what, |mut c| async move {
-                redis::cmd("CLIENT").arg("ID").query_async(&mut c).await
-            })
-            .await?;
-        link.client_id.store(id, Ordering::Relaxed);
+        let id = link.run(&what, identity).await?;
+        *link
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
         Ok(Arc::new(link))
     }
 
@@ -173,11 +191,15 @@ impl Link {
     }
 
     async fn check_identity(&self) {
-        let mut c = self.manager.clone();
-        let id: RedisResult<i64> = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await;
-        match id {
+        match identity(self.manager.clone()).await {
             Ok(id) => {
-                let old = self.client_id.swap(id, Ordering::AcqRel);
+                let old = std::mem::replace(
+                    &mut *self
+                        .identity
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    id.clone(),
+                );
                 if old != id {
                     let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::info!(node = %self.node, connections_opened = n, "redis: reconnected");
