@@ -355,10 +355,24 @@ impl PrivateNode {
     }
 
     /// The last lines the node printed, for failure messages.
+    ///
+    /// The server's output, then the warnings and errors of the node's own log (what
+    /// a restart recovered or failed to, when a fault case loses messages).
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        let tail = |text: &str, keep: &dyn Fn(&str) -> bool| {
+            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.join("log").join(format!("{}.log", self.name)))
+            .unwrap_or_default();
+        format!(
+            "{}\nnode log (warnings, errors, recovery):\n{}",
+            tail(&out, &|_| true),
+            tail(&log, &|l| {
+                l.contains("[warning]") || l.contains("[error]") || l.contains("ecover")
+            })
+        )
     }
 
     /// Runs `rabbitmqctl -n NODE ARGS` against this node only; panics if it fails.
