@@ -182,9 +182,10 @@ where
         // A coroutine resumed while another's slice is set (a handler polled from
         // inside another's Rust callback) restores that one afterwards.
         let previous = this.clock.running.replace(Some(slice));
+        // `future` is only taken by `drop`, so it is always here while polled.
         let result = match this.future.as_mut() {
             Some(future) => future.as_mut().poll(cx),
-            None => Poll::Ready(Err(mlua::Error::runtime("polled after it was dropped"))),
+            None => Poll::Pending,
         };
         *this.clock.running.borrow_mut() = previous;
         result

@@ -62,6 +62,7 @@ async fn catching_errors_or_closing_does_not_escape_the_timeout() {
         "spin_xpcall",
         "spin_resuming",
         "spin_closing",
+        "spin_in_sort",
     ] {
         let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
         timed_out(&outcome, "200ms");
