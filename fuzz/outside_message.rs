@@ -261,7 +261,7 @@ impl World {
                     .run_handler(&handler, &payload, context, SecurityContext::default())
                     .await
                 {
-                    Outcome::Nack { reason } => {
+                    Outcome::Nack { reason, .. } => {
                         assert!(reason.contains("failed on purpose"), "{reason}");
                         reason
                     }

@@ -39,6 +39,9 @@ pub(crate) struct DeliveryState {
     pub(crate) settled: Cell<bool>,
     /// The handler has returned: the message may no longer be used.
     pub(crate) released: Cell<bool>,
+    /// The handler raised an error value (`error(err)`): whether it was retryable.
+    /// Lua turns a raised value into text on its way out, so it is noted on the way.
+    pub(crate) raised_retryable: Cell<Option<bool>>,
 }
 
 /// The context of one coroutine.

@@ -13,7 +13,7 @@ use queue_core::security::SecurityContext;
 use queue_core::{Error, Queues, Result, Value};
 
 use crate::context::{Contexts, CoroutineContext, DeliveryContext, DeliveryState};
-use crate::errors::describe;
+use crate::errors::{LuaError, describe};
 use crate::sandbox::{OptIn, Sandbox};
 use crate::slices::{Clock, Deadline, Sliced};
 use crate::value::to_lua;
@@ -67,6 +67,10 @@ pub enum Outcome {
     Nack {
         /// The error the handler gave, or what it raised (with the Lua traceback).
         reason: String,
+        /// Whether another attempt may succeed: false only for an error value whose
+        /// `retryable()` is false (an `INVALID` error, say); anything else the handler
+        /// gives or raises (a string, `false`, a timeout) is worth retrying.
+        retryable: bool,
     },
     /// The handler called `msg:ack()` or `msg:nack()` itself; that call stands.
     Settled,
@@ -97,6 +101,8 @@ pub struct LuaHost {
     limits: Limits,
     /// Slices and deadlines of the code running on the state.
     clock: Rc<Clock>,
+    /// Calls a handler so that the error value it raises is noted (see [`GUARD`]).
+    guard: Function,
     sources: RefCell<HashMap<(PathBuf, OptIn), Rc<LoadedSource>>>,
     /// Declared last: the tables above are released before the state closes.
     lua: Lua,
@@ -126,7 +132,8 @@ impl LuaHost {
         lua.gc_set_mode(mlua::state::GcMode::Generational(
             mlua::state::GcGenParams::default(),
         ));
-        let setup = || -> mlua::Result<(Sandbox, Table)> {
+        let setup = || -> mlua::Result<(Sandbox, Table, Function)> {
+            let guard = guard(&lua)?;
             let contexts = Contexts::default();
             *contexts.chunk_security.borrow_mut() = chunk_security;
             lua.set_app_data(contexts);
@@ -138,9 +145,9 @@ impl LuaHost {
             ];
             let sandbox = Sandbox::new(&lua, &modules, &clock)?;
             let chunk_env = sandbox.environment(&lua, OptIn::default())?;
-            Ok((sandbox, chunk_env))
+            Ok((sandbox, chunk_env, guard))
         };
-        let (sandbox, chunk_env) =
+        let (sandbox, chunk_env, guard) =
             setup().map_err(|e| Error::internal(format!("cannot set up the Lua state: {e}")))?;
         lua.set_memory_limit(limits.memory_bytes)
             .map_err(|e| Error::internal(format!("cannot limit the Lua state's memory: {e}")))?;
@@ -149,6 +156,7 @@ impl LuaHost {
             chunk_env,
             limits,
             clock,
+            guard,
             sources: RefCell::default(),
             lua,
         })
@@ -275,6 +283,7 @@ impl LuaHost {
             context: delivery,
             settled: Default::default(),
             released: Default::default(),
+            raised_retryable: Default::default(),
         });
         let context = CoroutineContext {
             security,
@@ -294,6 +303,7 @@ impl LuaHost {
         match result {
             Err(e) => Outcome::Nack {
                 reason: format!("{} raised: {e}", handler.name),
+                retryable: state.raised_retryable.get().unwrap_or(true),
             },
             Ok(values) => {
                 let first = values.front().cloned().unwrap_or(LuaValue::Nil);
@@ -301,10 +311,12 @@ impl LuaHost {
                 if !second.is_nil() {
                     Outcome::Nack {
                         reason: describe(&second),
+                        retryable: retryable(&second),
                     }
                 } else if first == LuaValue::Boolean(false) {
                     Outcome::Nack {
                         reason: format!("{} returned false", handler.name),
+                        retryable: true,
                     }
                 } else {
                     Outcome::Ack
@@ -381,10 +393,11 @@ impl LuaHost {
         &self,
         handler: &Handler,
         context: CoroutineContext,
-        args: MultiValue,
+        mut args: MultiValue,
         deadline: Option<Deadline>,
     ) -> mlua::Result<MultiValue> {
-        let thread = self.lua.create_thread(handler.function.clone())?;
+        let thread = self.lua.create_thread(self.guard.clone())?;
+        args.push_front(LuaValue::Function(handler.function.clone()));
         let contexts = self
             .lua
             .app_data_ref::<Contexts>()
@@ -401,6 +414,48 @@ impl LuaHost {
             contexts.leave(&thread);
         }
         result
+    }
+}
+
+/// Trusted Lua, built once per state: calls a handler under `xpcall` whose message
+/// handler notes whether a raised error value is retryable, then raises the same
+/// value again, unchanged. Without it, the error value would reach Rust only as
+/// text. Written in Lua so that the handler stays yieldable.
+const GUARD: &str = r##"
+local xpcall, error, note = ...
+local function rethrow(ok, ...)
+  if ok then return ... end
+  error((...), 0)
+end
+return function(handler, ...)
+  return rethrow(xpcall(handler, note, ...))
+end
+"##;
+
+fn guard(lua: &Lua) -> mlua::Result<Function> {
+    let globals = lua.globals();
+    let note = lua.create_function(|lua, raised: LuaValue| {
+        if let (LuaValue::UserData(ud), Some(delivery)) =
+            (&raised, crate::context::current_delivery(lua))
+            && let Ok(e) = ud.borrow::<LuaError>()
+        {
+            delivery.raised_retryable.set(Some(e.retryable));
+        }
+        Ok(raised)
+    })?;
+    lua.load(GUARD).set_name("=guard").call((
+        globals.raw_get::<Function>("xpcall")?,
+        globals.raw_get::<Function>("error")?,
+        note,
+    ))
+}
+
+/// Whether an error a handler returned (`return nil, err`) is worth another attempt:
+/// only an error value can say it is not.
+fn retryable(error: &LuaValue) -> bool {
+    match error {
+        LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().is_none_or(|e| e.retryable),
+        _ => true,
     }
 }
 

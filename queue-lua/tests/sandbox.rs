@@ -207,7 +207,7 @@ async fn a_handler_past_the_memory_limit_fails_alone_and_the_state_goes_on() {
         .run_as("sandbox/memory.lua", "grow", SecurityContext::default())
         .await;
     match outcome {
-        Outcome::Nack { reason } => assert!(reason.contains("memory"), "{reason}"),
+        Outcome::Nack { reason, .. } => assert!(reason.contains("memory"), "{reason}"),
         other => panic!("expected a failure, got {other:?}"),
     }
     let outcome = h

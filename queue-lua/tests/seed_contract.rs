@@ -111,7 +111,7 @@ async fn a_handler_runs_with_its_consumers_security() {
         )
         .await;
     match outcome {
-        Outcome::Nack { reason } => assert!(reason.contains("PermissionDenied"), "{reason}"),
+        Outcome::Nack { reason, .. } => assert!(reason.contains("PermissionDenied"), "{reason}"),
         other => panic!("expected a nack, got {other:?}"),
     }
     assert_eq!(h.ready("app:tasks").await, 0);
@@ -162,7 +162,7 @@ async fn a_waiting_publish_yields_the_coroutine_not_the_thread() {
     };
     let ((outcome, _), ()) = tokio::join!(waiting, other);
     match outcome {
-        Outcome::Nack { reason } => assert!(reason.contains("Internal"), "{reason}"),
+        Outcome::Nack { reason, .. } => assert!(reason.contains("Internal"), "{reason}"),
         other => panic!("the refused publish must fail the handler, got {other:?}"),
     }
 }
@@ -185,7 +185,7 @@ async fn settlement_table() {
         ("raises", "boom"),
     ] {
         match outcome_of(method).await {
-            (Outcome::Nack { reason: r }, calls) => {
+            (Outcome::Nack { reason: r, .. }, calls) => {
                 assert!(r.contains(reason), "{method}: {r}");
                 assert!(calls.is_empty());
             }
@@ -203,9 +203,39 @@ async fn settlement_table() {
 }
 
 #[tokio::test]
+async fn only_an_error_value_that_says_so_is_not_retryable() {
+    for (method, reason, retryable) in [
+        ("returns_false", "returned false", true),
+        ("returns_nil_err", "Unavailable: smtp down", true),
+        ("returns_nil_string", "plain failure", true),
+        ("raises", "boom", true),
+        ("returns_invalid", "Invalid: bad input", false),
+        ("raises_invalid", "Invalid: bad input", false),
+        ("raises_invalid_after_a_yield", "Invalid: bad input", false),
+        (
+            "raises_invalid_marked_retryable",
+            "Invalid: bad input",
+            true,
+        ),
+        ("catches_invalid_then_raises_text", "something else", true),
+    ] {
+        match outcome_of(method).await.0 {
+            Outcome::Nack {
+                reason: r,
+                retryable: got,
+            } => {
+                assert!(r.contains(reason), "{method}: {r}");
+                assert_eq!(got, retryable, "{method}: {r}");
+            }
+            other => panic!("{method}: expected a nack, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_raised_error_carries_the_lua_location() {
     match outcome_of("raises").await.0 {
-        Outcome::Nack { reason } => assert!(reason.contains("handlers.lua:"), "{reason}"),
+        Outcome::Nack { reason, .. } => assert!(reason.contains("handlers.lua:"), "{reason}"),
         other => panic!("{other:?}"),
     }
 }

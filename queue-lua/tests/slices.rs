@@ -35,10 +35,13 @@ async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
 
 fn timed_out(outcome: &Outcome, limit: &str) {
     match outcome {
-        Outcome::Nack { reason } => assert!(
-            reason.contains(&format!("ran longer than its timeout of {limit}")),
-            "{reason}"
-        ),
+        Outcome::Nack { reason, retryable } => {
+            assert!(
+                reason.contains(&format!("ran longer than its timeout of {limit}")),
+                "{reason}"
+            );
+            assert!(retryable, "a timeout is worth another attempt: {reason}");
+        }
         other => panic!("expected a timeout, got {other:?}"),
     }
 }

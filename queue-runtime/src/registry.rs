@@ -116,6 +116,8 @@ pub struct ConsumerPlan {
     pub stop_timeout: Duration,
     /// Longest a handler run may take.
     pub timeout: Option<Duration>,
+    /// Retry non-retryable handler errors too.
+    pub retry_all_errors: bool,
     /// Actor and policies.
     pub security: SecurityContext,
     /// What its Lua file may use beyond the sandbox's safe library.
@@ -356,6 +358,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     prefetch: c.prefetch,
                     stop_timeout: c.stop_timeout,
                     timeout: c.timeout,
+                    retry_all_errors: c.retry_all_errors,
                     security,
                     opt_in,
                 });

@@ -373,12 +373,15 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
     let delivery = Arc::new(delivery);
     let started = Instant::now();
     let outcome = match delivery.message().decode() {
+        // A body that cannot be decoded now never will be.
         Err(e) => Outcome::Nack {
             reason: format!("the body cannot be decoded: {}", e.message()),
+            retryable: false,
         },
         Ok(payload) => match handler {
             Err(e) => Outcome::Nack {
                 reason: e.to_string(),
+                retryable: true,
             },
             Ok(handler) => {
                 let settle = Rc::new(RuntimeSettle {
@@ -408,7 +411,12 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
         .record(started.elapsed().as_secs_f64());
     let settled = match outcome {
         Outcome::Ack => ack(&delivery, consumer).await,
-        Outcome::Nack { reason } => fail(&delivery, consumer, &reason).await,
+        Outcome::Nack { reason, retryable } if retryable || consumer.plan.retry_all_errors => {
+            fail(&delivery, consumer, &reason).await
+        }
+        Outcome::Nack { reason, .. } => {
+            give_up(&delivery, consumer, &format!("not retryable: {reason}")).await
+        }
         Outcome::Settled => Ok(()),
     };
     if let Err(e) = settled {
@@ -430,13 +438,19 @@ async fn give_up_on_crash_loop(delivery: &Delivery, consumer: &ConsumerRuntime, 
         "redelivered too often: delivered {count} times before without being settled (the runtime stopped or crashed while handling it)"
     );
     tracing::error!(queue = %consumer.plan.queue, id = %delivery.message().id, delivered_before = count, "a message keeps coming back unsettled; giving up on it without running its handler");
-    consumer.meters.nacked.increment(1);
-    match consumer.failure.give_up(delivery, &reason).await {
-        Ok(disposition) => consumer.meters.count(disposition),
-        Err(e) => {
-            tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it")
-        }
+    if let Err(e) = give_up(delivery, consumer, &reason).await {
+        tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it")
     }
+}
+
+/// Dead-letters a delivery without another attempt: its handler failed with an error
+/// that says another attempt cannot succeed (docs/consumers.md, "Errors that are not
+/// retried"), or it keeps crashing the runtime.
+async fn give_up(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) -> Result<()> {
+    consumer.meters.nacked.increment(1);
+    let disposition = consumer.failure.give_up(delivery, reason).await?;
+    consumer.meters.count(disposition);
+    Ok(())
 }
 
 /// Runs the failure path for a delivery and counts what became of it.

@@ -171,6 +171,44 @@ function more() for i = 1, 3 do assert(queue.publish("app:others", { i = i })) e
     assert_eq!(lua_logs(&logs, "Fine").len(), 3);
 }
 
+/// Input that can never be valid is not retried: an `INVALID` error goes to the
+/// dead-letter queue on its first failure, unless the consumer says to retry all.
+#[test]
+fn a_non_retryable_error_is_dead_lettered_at_once_unless_the_consumer_retries_all() {
+    let lua = r#"
+function strict(p)
+  logger:info("Tried", {})
+  error(errors.new({ kind = errors.INVALID, message = "n must be a string" }))
+end
+"#;
+    for (retry_all, tries) in [(false, 1), (true, 2)] {
+        let dir = one_job_app("strict", lua, "");
+        let yaml = std::fs::read_to_string(dir.path().join("app.yaml")).unwrap();
+        let yaml = yaml.replace(
+            "    method: strict
+",
+            &format!(
+                "    method: strict
+    retry_all_errors: {retry_all}
+"
+            ),
+        );
+        std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
+        let (out, logs) = run_json(dir.path());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            lua_logs(&logs, "Tried").len(),
+            tries,
+            "retry_all_errors: {retry_all}"
+        );
+        let dead = lua_logs(&logs, "Dead letter");
+        assert_eq!(dead.len(), 1, "{}", text(&out.stderr));
+        let reason = dead[0]["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("Invalid: n must be a string"), "{reason}");
+        assert_eq!(reason.contains("not retryable"), !retry_all, "{reason}");
+    }
+}
+
 #[test]
 fn check_runs_no_top_level_side_effect_and_gives_up_on_endless_top_levels() {
     let dir = app(&[

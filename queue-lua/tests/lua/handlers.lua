@@ -7,6 +7,20 @@ function M.returns_false(payload) return false end
 function M.returns_nil_err(payload) return nil, errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
 function M.returns_nil_string(payload) return nil, "plain failure" end
 function M.raises(payload) error("boom") end
+local function invalid(retryable)
+  return errors.new({ message = "bad input", kind = errors.INVALID, retryable = retryable })
+end
+function M.returns_invalid(payload) return nil, invalid() end
+function M.raises_invalid(payload) error(invalid()) end
+function M.raises_invalid_marked_retryable(payload) error(invalid(true)) end
+function M.raises_invalid_after_a_yield(payload)
+  coroutine.yield()
+  error(invalid())
+end
+function M.catches_invalid_then_raises_text(payload)
+  pcall(error, invalid())
+  error("something else")
+end
 function M.acks_itself(payload)
   local msg = queue.message()
   assert(msg:ack())

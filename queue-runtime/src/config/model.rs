@@ -235,6 +235,11 @@ pub struct ConsumerEntry {
         deserialize_with = "queue_core::config::option_duration::deserialize"
     )]
     pub timeout: Option<Duration>,
+    /// Retry errors that say they are not retryable too (false by default: such an
+    /// error is dead-lettered on its first failure; docs/consumers.md, "Errors that
+    /// are not retried").
+    #[serde(default)]
+    pub retry_all_errors: bool,
     /// Actor and policies the handler runs with.
     #[serde(default)]
     pub security: EntrySecurity,
