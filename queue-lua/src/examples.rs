@@ -156,10 +156,16 @@ impl Directive {
     }
 }
 
+/// The languages a fence may name: each is run or checked by the docs tests, or is
+/// plain output (`text`). Any other block would be skipped without a word.
+pub const LANGUAGES: &[&str] = &["lua", "yaml", "sh", "text", "rust", "rust,ignore"];
+
 /// Every fenced block of a Markdown page, each with its directive and the text block
 /// that follows it (a text block taken as an output is not listed on its own). Fails,
-/// naming the line, on a directive that is malformed or not right before a fence, and
-/// on an unclosed fence.
+/// naming the line, on what the docs tests would otherwise skip without a word: a
+/// directive that is malformed or not right before a fence, a comment that mentions
+/// `example` but is no directive, a `~~~` fence, a fence in a language outside
+/// [`LANGUAGES`], and an unclosed fence.
 pub fn blocks(markdown: &str) -> std::result::Result<Vec<Block>, String> {
     let lines: Vec<&str> = markdown.lines().collect();
     let mut found = Vec::new();
@@ -167,6 +173,21 @@ pub fn blocks(markdown: &str) -> std::result::Result<Vec<Block>, String> {
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i].trim();
+        if line.starts_with("~~~") {
+            return Err(format!(
+                "line {}: write code blocks with ``` fences: a ~~~ fence is not run",
+                i + 1
+            ));
+        }
+        if line.starts_with("<!--")
+            && line.to_lowercase().contains("example")
+            && !line.starts_with("<!-- example:")
+        {
+            return Err(format!(
+                "line {}: a comment that mentions `example` must be a directive, written `<!-- example: words -->` on one line at its start",
+                i + 1
+            ));
+        }
         if let Some(rest) = line.strip_prefix("<!-- example:") {
             let body = rest.strip_suffix("-->").ok_or_else(|| {
                 format!("line {}: a directive ends with `-->` on its line", i + 1)
@@ -185,6 +206,14 @@ pub fn blocks(markdown: &str) -> std::result::Result<Vec<Block>, String> {
             i += 1;
             continue;
         };
+        if !LANGUAGES.contains(&lang.trim()) {
+            return Err(format!(
+                "line {}: a fence names one of {} (found {:?}): the docs tests skip any other",
+                i + 1,
+                LANGUAGES.join(", "),
+                lang.trim()
+            ));
+        }
         let directive = pending.take().map(|(_, d)| d).unwrap_or_default();
         let (code, after) = fenced(&lines, i)?;
         let mut next = after;
@@ -346,14 +375,18 @@ pub fn sample_delivery() -> Message {
     Message::encode(&payload, headers, Codec::Json).expect("the sample payload encodes")
 }
 
-struct NoopSettle;
+/// How an example's handler settled its message itself, if it did.
+#[derive(Default)]
+struct SettledBy(RefCell<Option<bool>>);
 
 #[async_trait(?Send)]
-impl Settle for NoopSettle {
+impl Settle for SettledBy {
     async fn ack(&self) -> Result<()> {
+        self.0.borrow_mut().get_or_insert(true);
         Ok(())
     }
     async fn nack(&self, _reason: &str) -> Result<()> {
+        self.0.borrow_mut().get_or_insert(false);
         Ok(())
     }
 }
@@ -420,8 +453,7 @@ pub async fn run(example: &Example) -> Result<String> {
         Mode::Handler(name) => Some(run_handler(&host, &example.code, name).await?),
     };
     match (outcome, example.expect_nack) {
-        (None | Some(Outcome::Ack | Outcome::Settled), false)
-        | (Some(Outcome::Nack { .. }), true) => {}
+        (None | Some(Outcome::Ack), false) | (Some(Outcome::Nack { .. }), true) => {}
         (other, _) => {
             return Err(Error::invalid(format!(
                 "{at}: handler ended with {other:?}, expected {}",
@@ -457,13 +489,24 @@ async fn run_handler(host: &LuaHost, source: &str, method: &str) -> Result<Outco
     let handler = handler?;
     let message = sample_delivery();
     let payload = message.decode()?;
+    let settled_by = Rc::new(SettledBy::default());
     let delivery = DeliveryContext {
         message,
-        settle: Rc::new(NoopSettle),
+        settle: Rc::clone(&settled_by) as Rc<dyn Settle>,
     };
-    Ok(host
+    let outcome = host
         .run_handler(&handler, &payload, delivery, SecurityContext::default())
-        .await)
+        .await;
+    // A handler that settled the message itself acked or nacked it: which one is
+    // what the example shows.
+    Ok(match (outcome, *settled_by.0.borrow()) {
+        (Outcome::Settled, Some(true)) => Outcome::Ack,
+        (Outcome::Settled, _) => Outcome::Nack {
+            reason: "the handler called msg:nack()".to_string(),
+            retryable: true,
+        },
+        (outcome, _) => outcome,
+    })
 }
 
 /// Runs every example of a document; returns how many ran, or the first failure.
@@ -517,5 +560,38 @@ mod tests {
         assert!(e.starts_with("line 2:"), "{e}");
         let e = extract("<!-- example: outsid -->\n```lua\n```\n").unwrap_err();
         assert!(e.contains("unknown directive word `outsid`"), "{e}");
+    }
+
+    #[test]
+    fn what_the_docs_tests_would_skip_silently_is_an_error() {
+        for (page, line, says) in [
+            ("a\n~~~lua\nx()\n~~~\n", 2, "~~~ fence"),
+            ("```bash\nls\n```\n", 1, "found \"bash\""),
+            ("```\nls\n```\n", 1, "found \"\""),
+            ("```Lua\nx()\n```\n", 1, "found \"Lua\""),
+            ("<!--example: run-->\n```sh\n```\n", 1, "must be a directive"),
+            ("<!-- Example: outside -->\n```lua\n```\n", 1, "must be a directive"),
+            ("x\n  <!-- examples run -->\n", 2, "must be a directive"),
+        ] {
+            let e = blocks(page).unwrap_err();
+            assert!(
+                e.starts_with(&format!("line {line}:")) && e.contains(says),
+                "{page:?}: {e}"
+            );
+        }
+        assert!(blocks("<!-- a comment about something else -->\n```rust,ignore\n```\n").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_settles_itself_is_judged_by_how_it_settled() {
+        let nacks = "<!-- example: expect=nack -->\n```lua\nqueue.message():nack('no')\n```\n";
+        let acks = "```lua\nqueue.message():ack()\n```\n";
+        assert_eq!(run_document(nacks).await.unwrap(), 1);
+        assert_eq!(run_document(acks).await.unwrap(), 1);
+        let claims_ack = "```lua\nqueue.message():nack('no')\n```\n";
+        let e = run_document(claims_ack).await.unwrap_err();
+        assert!(e.to_string().contains("expected an ack"), "{e}");
+        let claims_nack = "<!-- example: expect=nack -->\n```lua\nqueue.message():ack()\n```\n";
+        assert!(run_document(claims_nack).await.is_err());
     }
 }

@@ -132,7 +132,8 @@ fn the_manuals_configurations_and_commands_work_as_documented() {
                     Err(e) => Err(e),
                 },
                 lang if lang.starts_with("rust") => rust_example(page, block),
-                _ if block.directive.words.is_empty() => Ok(()),
+                // What a command prints, or a sample of text; nothing to run.
+                "text" if block.directive.words.is_empty() => Ok(()),
                 _ => Err("directives apply to yaml, lua and sh blocks".to_string()),
             };
             if let Err(e) = result {
@@ -496,7 +497,7 @@ impl Broker {
 /// `None` for a block that runs nothing, else the broker it needs, if any.
 fn commands_of(block: &Block) -> Result<Option<Option<Broker>>, String> {
     let d = &block.directive;
-    d.check_known(&["run", "broker", "env", "until"])?;
+    d.check_known(&["run", "broker", "env", "until", "skip"])?;
     if !d.has("run") {
         return if d.words.is_empty() {
             Ok(None)
@@ -521,11 +522,19 @@ struct Output {
 
 fn run_commands(page: &Page, block: &Block) -> Result<(), String> {
     let until = block.directive.get("until");
-    let commands = block
-        .code
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
-        .count();
+    // `skip="COMMAND"` names, in full, a command that cannot run inside the tests
+    // (the README's `bash .ci/run` is the test run itself).
+    let skipped: Vec<&str> = block.directive.values("skip").collect();
+    for command in &skipped {
+        if !block.code.lines().any(|l| l.trim() == *command) {
+            return Err(format!("skip={command:?} names no command of the block"));
+        }
+    }
+    let runs = |l: &&str| {
+        let l = l.trim();
+        !l.is_empty() && !l.starts_with('#') && !skipped.contains(&l)
+    };
+    let commands = block.code.lines().filter(runs).count();
     if until.is_some() && commands != 1 {
         return Err(
             "`until=` stops the one command of its block: give it a block of its own".into(),
@@ -534,10 +543,10 @@ fn run_commands(page: &Page, block: &Block) -> Result<(), String> {
     let mut outputs = Vec::new();
     for (i, line) in block.code.lines().enumerate() {
         let at = block.line + 1 + i;
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        if !runs(&line) {
             continue;
         }
+        let line = line.trim();
         let words = shell_words(line).map_err(|e| format!("line {at}: {e}"))?;
         let (dir, args) = match words.first().map(String::as_str) {
             Some("queue-runtime") => (page.session.path().to_path_buf(), &words[1..]),
