@@ -331,6 +331,13 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     (None, Some(source), Some(method)) => {
                         (entry.path(source), method.clone(), (entry, &c.sandbox))
                     }
+                    (None, None, Some(method)) => match source_defining(config, entry, method) {
+                        Ok(source) => (source, method.clone(), (entry, &c.sandbox)),
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
+                    },
                     _ => continue, // refused while parsing
                 };
                 let opt_in = match opt_in(sandbox.0, sandbox.1) {
@@ -418,6 +425,67 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         Ok(plan)
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// The Lua file that defines `method`, for a consumer entry that names no `source:`
+/// (as the seed's entry is written; docs/configuration.md, "Where a consumer's method
+/// is found"): among the Lua file named like the entry's YAML file beside it
+/// (`app.yaml` -> `app.lua`) and every `source:` of the configuration, the one file
+/// that defines it. None, or several, is an error naming the files looked at.
+fn source_defining(config: &Config, entry: &Entry, method: &str) -> Result<PathBuf, ConfigError> {
+    let mut candidates = vec![entry.file.with_extension("lua")];
+    for other in &config.entries {
+        let source = match &other.kind {
+            EntryKind::Consumer(c) => c.source.as_deref(),
+            EntryKind::Process(p) => Some(p.source.as_str()),
+            EntryKind::Function(f) => Some(f.source.as_str()),
+            _ => None,
+        };
+        if let Some(path) = source.map(|s| other.path(s)) {
+            candidates.push(path);
+        }
+    }
+    // One file reached by two spellings (`app.lua`, `./app.lua`) is looked at once.
+    let mut seen = std::collections::HashSet::new();
+    candidates.retain(|path| seen.insert(std::fs::canonicalize(path).unwrap_or(path.clone())));
+    let mut defining = Vec::new();
+    let mut looked = Vec::new();
+    for path in candidates {
+        let name = path.display().to_string();
+        if !path.is_file() {
+            looked.push(format!("{name} (no such file)"));
+            continue;
+        }
+        match queue_lua::check_source(&path, method, OptIn::default()) {
+            Ok(SourceCheck::Defines) => defining.push(path),
+            Ok(SourceCheck::NotRun { .. }) => {
+                looked.push(format!("{name} (needs an opt-in to load, so not searched)"))
+            }
+            // "FILE defines no function ...", or why FILE does not load.
+            Err(e) => looked.push(e.message().to_string()),
+        }
+    }
+    match defining.len() {
+        1 => Ok(defining.remove(0)),
+        0 => Err(entry.error(
+            Some("method"),
+            format!(
+                "no Lua file of this configuration defines {method:?}: looked in {}; add `source: FILE` naming the file that does",
+                looked.join(", ")
+            ),
+        )),
+        _ => Err(entry.error(
+            Some("method"),
+            format!(
+                "{method:?} is defined in several Lua files: {}; add `source: FILE` to choose one",
+                defining
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
     }
 }
 
@@ -629,6 +697,42 @@ fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The seed's entry names only `method`: the file that defines it is found, and
+    /// when it is not unique, the error names the files.
+    #[test]
+    fn a_method_without_a_source_is_found_in_the_one_file_that_defines_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("app.yaml");
+        let seed_entry = "namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    method: handle_email\n  - name: p\n    kind: process.lua\n    source: ./other.lua\n    method: other\n";
+        std::fs::write(&yaml, seed_entry).unwrap();
+        std::fs::write(dir.path().join("other.lua"), "function other() end\n").unwrap();
+        let planned = |dir: &std::path::Path| {
+            let config = crate::config::load(&[dir.join("app.yaml")]).unwrap();
+            plan(&config, &DriverKinds::builtin(), false)
+        };
+        std::fs::write(dir.path().join("app.lua"), "function handle_email() end\n").unwrap();
+        let found = planned(dir.path()).unwrap();
+        assert_eq!(found.consumers[0].source, dir.path().join("app.lua"));
+
+        std::fs::write(
+            dir.path().join("other.lua"),
+            "function other() end\nfunction handle_email() end\n",
+        )
+        .unwrap();
+        let e = planned(dir.path()).unwrap_err().0.remove(0);
+        assert_eq!((e.line, e.field.as_deref()), (6, Some("method")), "{e}");
+        assert!(
+            e.message.contains("defined in several Lua files")
+                && e.message.contains("app.lua")
+                && e.message.contains("other.lua"),
+            "{e}"
+        );
+
+        std::fs::remove_file(dir.path().join("app.lua")).unwrap();
+        let found = planned(dir.path()).unwrap();
+        assert_eq!(found.consumers[0].source, dir.path().join("./other.lua"));
+    }
 
     #[test]
     fn publish_as_an_actor_applies_the_policies_of_its_entries() {
