@@ -280,6 +280,22 @@ mod tests {
         assert_eq!(*props.priority(), Some(4));
     }
 
+    /// Another client may send no id, or an empty one: each such message gets an id of
+    /// its own from the driver, never a shared or empty one.
+    #[test]
+    fn a_message_without_an_id_gets_a_unique_one() {
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..1000 {
+            let props = match n % 2 {
+                0 => BasicProperties::default(),
+                _ => BasicProperties::default().with_message_id("".into()),
+            };
+            let got = from_delivery(&props, vec![]);
+            assert!(!got.id.is_empty());
+            assert!(seen.insert(got.id.clone()), "id {} given twice", got.id);
+        }
+    }
+
     #[test]
     fn foreign_properties_become_headers_and_broker_tables_are_hidden() {
         let mut table = FieldTable::default();

@@ -419,6 +419,33 @@ mod tests {
         assert_eq!(m.content_type, DEFAULT_CONTENT_TYPE);
     }
 
+    /// Another client may send no id, or an empty one: each such message gets an id of
+    /// its own from the driver, never a shared or empty one.
+    #[test]
+    fn a_message_without_an_id_gets_a_unique_one() {
+        let without_id = |message_id: Option<MessageId>| AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: message_id.map(|id| Properties {
+                message_id: Some(id),
+                ..Properties::default()
+            }),
+            application_properties: None,
+            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::String(
+                "x".into(),
+            ))),
+            footer: None,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..1000 {
+            let message_id = (n % 2 == 1).then(|| MessageId::String(String::new()));
+            let m = from_amqp(without_id(message_id)).unwrap();
+            assert!(!m.id.is_empty());
+            assert!(seen.insert(m.id.clone()), "id {} given twice", m.id);
+        }
+    }
+
     #[test]
     fn the_delivery_count_comes_from_the_broker_only() {
         let mut properties = OrderedMap::new();

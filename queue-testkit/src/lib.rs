@@ -48,6 +48,7 @@ pub use context::{
 };
 pub use controlled::{ControlledDriver, ControlledFactory};
 pub use faults::{Fault, Outage};
+pub use libtest_mimic::Trial;
 pub use tally::{FaultCounts, Tally};
 
 #[doc(hidden)]
