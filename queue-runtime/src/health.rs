@@ -1,8 +1,9 @@
 //! What `/health` and `/ready` answer (docs/operations.md, "Metrics and health"):
 //! alive as long as the process serves; ready only once every driver is created and
-//! connected, and not while one reconnects.
+//! connected and every consumer takes deliveries, and not while a driver reconnects.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use queue_core::Driver;
@@ -10,27 +11,38 @@ use queue_core::Driver;
 /// The drivers of a runtime, by entry id.
 type Drivers = BTreeMap<String, Arc<dyn Driver>>;
 
-/// The drivers the runtime runs on, once it has them; shared with the HTTP server,
-/// which starts before the drivers exist (it answers while `run` waits for brokers).
+/// A consumer's subscriptions (one per worker it runs on) and how many of them still
+/// take deliveries.
+#[derive(Clone, Debug, Default)]
+pub struct Attachment {
+    /// The subscriptions it started with.
+    pub subscriptions: usize,
+    /// Those whose subscription has not ended.
+    pub attached: Arc<AtomicUsize>,
+}
+
+/// What the runtime runs on, once it has it; shared with the HTTP server, which
+/// starts before the drivers exist (it answers while `run` waits for brokers).
 #[derive(Clone, Default)]
 pub struct Readiness {
-    drivers: Arc<RwLock<Option<Drivers>>>,
+    running: Arc<RwLock<Option<(Drivers, BTreeMap<String, Attachment>)>>>,
 }
 
 impl Readiness {
-    /// The runtime started with these drivers.
-    pub fn started(&self, drivers: Drivers) {
-        *self.drivers.write().unwrap_or_else(|p| p.into_inner()) = Some(drivers);
+    /// The runtime started with these drivers and consumers.
+    pub fn started(&self, drivers: Drivers, consumers: BTreeMap<String, Attachment>) {
+        *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some((drivers, consumers));
     }
 
     /// Whether the runtime is ready, and a JSON body that says what is and is not:
-    /// `{"status": "ready" | "starting" | "reconnecting", "drivers": {id: {...}}}`.
+    /// `{"status": "ready" | "starting" | "reconnecting" | "detached", "drivers": {id:
+    /// {...}}, "consumers": {id: {"attached": n, "of": m}}}`.
     pub fn report(&self) -> (bool, serde_json::Value) {
-        let drivers = self.drivers.read().unwrap_or_else(|p| p.into_inner());
-        let Some(drivers) = drivers.as_ref() else {
+        let running = self.running.read().unwrap_or_else(|p| p.into_inner());
+        let Some((drivers, consumers)) = running.as_ref() else {
             return (
                 false,
-                serde_json::json!({"status": "starting", "drivers": {}}),
+                serde_json::json!({"status": "starting", "drivers": {}, "consumers": {}}),
             );
         };
         let mut ready = true;
@@ -50,10 +62,61 @@ impl Readiness {
             };
             shown.insert(id.clone(), entry);
         }
-        let status = if ready { "ready" } else { "reconnecting" };
+        let mut all_attached = true;
+        let mut attachments = serde_json::Map::new();
+        for (id, consumer) in consumers {
+            let attached = consumer.attached.load(Ordering::Acquire);
+            all_attached &= attached >= consumer.subscriptions;
+            attachments.insert(
+                id.clone(),
+                serde_json::json!({"attached": attached, "of": consumer.subscriptions}),
+            );
+        }
+        let status = match (ready, all_attached) {
+            (false, _) => "reconnecting",
+            (true, false) => "detached",
+            (true, true) => "ready",
+        };
         (
-            ready,
-            serde_json::json!({"status": status, "drivers": shown}),
+            ready && all_attached,
+            serde_json::json!({"status": status, "drivers": shown, "consumers": attachments}),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_once_started_with_every_consumer_attached() {
+        let readiness = Readiness::default();
+        let (ready, body) = readiness.report();
+        assert!(!ready);
+        assert_eq!(body["status"], "starting");
+
+        let consumer = Attachment {
+            subscriptions: 2,
+            attached: Arc::new(AtomicUsize::new(2)),
+        };
+        let drivers: Drivers = BTreeMap::from([(
+            "app:memory".to_string(),
+            Arc::new(queue_core::memory::MemoryDriver::new()) as Arc<dyn Driver>,
+        )]);
+        readiness.started(
+            drivers,
+            BTreeMap::from([("app:worker".to_string(), consumer.clone())]),
+        );
+        let (ready, body) = readiness.report();
+        assert!(ready, "{body}");
+        assert_eq!(body["consumers"]["app:worker"]["attached"], 2);
+
+        // One of its two subscriptions ended.
+        consumer.attached.fetch_sub(1, Ordering::AcqRel);
+        let (ready, body) = readiness.report();
+        assert!(!ready);
+        assert_eq!(body["status"], "detached");
+        assert_eq!(body["consumers"]["app:worker"]["attached"], 1);
+        assert_eq!(body["consumers"]["app:worker"]["of"], 2);
     }
 }

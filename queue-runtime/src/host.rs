@@ -10,6 +10,7 @@ use std::time::Duration;
 use queue_core::{Backoff, ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
 use tokio::sync::{oneshot, watch};
 
+use crate::health::Attachment;
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
@@ -98,6 +99,8 @@ struct RunningConsumer {
     /// One per worker the consumer runs on; each yields its subscription back once that
     /// worker stopped taking deliveries and its handlers finished.
     stopped: Vec<oneshot::Receiver<Box<dyn Subscription>>>,
+    /// Its subscriptions and how many still take deliveries, for `/ready`.
+    attachment: Attachment,
 }
 
 /// The counts of one consumed queue at shutdown, from its driver.
@@ -197,6 +200,7 @@ impl Host {
                 },
                 meters: crate::metrics::ConsumerMeters::of(&c.queue),
                 active: Busy::uncounted(),
+                attached: Arc::default(),
             });
             // The consumer runs on up to `concurrency` workers, each with its own
             // subscription and share of the slots and prefetch, so that a delivery is
@@ -211,6 +215,7 @@ impl Host {
                     .consume(&c.queue, ConsumeOptions { prefetch })
                     .await
                     .map_err(|e| e.context(format!("consumer {}", c.id)))?;
+                runtime.attached.fetch_add(1, Ordering::AcqRel);
                 let (done, back) = oneshot::channel();
                 workers.dispatch_to(
                     first_worker + share as usize,
@@ -231,6 +236,10 @@ impl Host {
                 stop_timeout: c.stop_timeout,
                 stopped,
                 active: runtime.active.clone(),
+                attachment: Attachment {
+                    subscriptions: shares as usize,
+                    attached: Arc::clone(&runtime.attached),
+                },
             });
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
@@ -290,6 +299,14 @@ impl Host {
     /// The drivers, by entry id.
     pub fn drivers(&self) -> &BTreeMap<String, Arc<dyn Driver>> {
         &self.drivers
+    }
+
+    /// Each consumer's subscriptions and how many still take deliveries, by id.
+    pub fn attachments(&self) -> BTreeMap<String, Attachment> {
+        self.consumers
+            .iter()
+            .map(|c| (c.id.clone(), c.attachment.clone()))
+            .collect()
     }
 
     /// How many Lua states run handlers.

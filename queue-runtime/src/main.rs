@@ -205,7 +205,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     return Ok(ExitCode::SUCCESS);
                 }
             };
-            readiness.started(host.drivers().clone());
+            readiness.started(host.drivers().clone(), host.attachments());
             tracing::info!(lua_states = host.lua_states(), "runtime started");
             let reason = tokio::select! {
                 signal = signals.next() => signal,

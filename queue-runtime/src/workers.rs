@@ -30,6 +30,9 @@ pub struct ConsumerRuntime {
     /// stop in time with none of these was held up by another consumer's stuck
     /// handler on the same worker, and is not the one to blame.
     pub active: Busy,
+    /// Its subscriptions still taking deliveries: one per worker it runs on, until its
+    /// subscription ends (docs/operations.md, "Health": not ready below that).
+    pub attached: Arc<AtomicUsize>,
 }
 
 /// Work for a worker thread.
@@ -293,8 +296,11 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     // Until the stop signal, or until the subscription ended and every runner with it.
     tokio::select! {
         _ = stop.wait_for(|s| *s) => {}
-        _ = runners.wait() => {}
+        _ = runners.wait() => {
+            tracing::error!(queue = %shared.consumer.plan.queue, consumer = %shared.consumer.plan.id, "the consumer's subscription ended; it takes no more deliveries on this worker");
+        }
     }
+    shared.consumer.attached.fetch_sub(1, Ordering::AcqRel);
     shared.stop_signal.notify_waiters();
     // A runner settles its delivery before it looks at the stop signal again, so this
     // waits for settlements too: no ack or retry copy is cut in half.
