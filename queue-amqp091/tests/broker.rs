@@ -12,7 +12,7 @@ use queue_amqp091::{Amqp091Config, Amqp091Driver, X_DELIVERY_COUNT};
 use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
 };
-use queue_testkit::everything_said;
+use queue_testkit::{everything_said, next};
 
 fn numbered(n: i64) -> Message {
     Message::encode(
@@ -83,7 +83,7 @@ async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
     assert_eq!(driver.info(&id).await.unwrap().ready, Some(3));
     // After making room, publishing works again on the same driver.
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
-    let d = sub.next().await.unwrap().unwrap();
+    let d = next(&mut sub).await;
     d.ack().await.unwrap();
     sub.cancel().await.unwrap();
     driver.publish(&id, numbered(4)).await.unwrap();
@@ -109,7 +109,7 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
     // The driver (and the original registration) still work.
     driver.publish(&id, numbered(1)).await.unwrap();
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
-    let d = sub.next().await.unwrap().unwrap();
+    let d = next(&mut sub).await;
     assert_eq!(
         d.message().decode().unwrap(),
         Value::map([("n", Value::Int(1))])
@@ -346,14 +346,14 @@ async fn quorum_queues_deliver_delay_and_count_redeliveries() {
     driver.declare(&spec).await.unwrap();
     driver.publish(&id, numbered(1)).await.unwrap();
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
-    let first = sub.next().await.unwrap().unwrap();
+    let first = next(&mut sub).await;
     assert!(
         !first.message().headers.contains(X_DELIVERY_COUNT),
         "a first delivery has no count: {:?}",
         first.message().headers
     );
     first.release().await.unwrap();
-    let again = sub.next().await.unwrap().unwrap();
+    let again = next(&mut sub).await;
     assert_eq!(
         again.message().headers.get(X_DELIVERY_COUNT),
         Some(&HeaderValue::Int(1)),
@@ -369,7 +369,7 @@ async fn quorum_queues_deliver_delay_and_count_redeliveries() {
     );
     driver.publish(&id, copy).await.unwrap();
     again.ack().await.unwrap();
-    let copy = sub.next().await.unwrap().unwrap();
+    let copy = next(&mut sub).await;
     assert!(
         !copy.message().headers.contains(X_DELIVERY_COUNT),
         "{:?}",

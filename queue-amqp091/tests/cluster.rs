@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use queue_amqp091::{Amqp091Config, Amqp091Driver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver, CAPABILITIES};
 use queue_core::{ConnectionReport, ConsumeOptions, Driver, QueueId, QueueSpec, QueueType};
 use queue_fixtures::rabbitmq::{PrivateCluster, PrivateNode};
 use queue_testkit::faults::FaultBackend;
@@ -422,6 +422,7 @@ fn main() {
     ];
     let cluster = FaultBackend::new(
         "rabbitmq-cluster",
+        CAPABILITIES,
         &[Fault::StopStart, Fault::Kill],
         start_for_the_fault_contract,
     )

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use queue_amqp091::{Amqp091Config, Amqp091Driver};
+use queue_amqp091::{Amqp091Config, Amqp091Driver, CAPABILITIES};
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::faults::{FaultBackend, trials};
 use queue_testkit::{Fault, Outage, TestContext};
@@ -28,7 +28,7 @@ async fn start() -> Result<(TestContext, Box<dyn Outage>), String> {
 
 fn main() {
     let faults = [Fault::CutConnections, Fault::StopStart, Fault::Kill];
-    let rabbitmq =
-        FaultBackend::new("rabbitmq", &faults, start).unavailable_if(PrivateNode::unavailable());
+    let rabbitmq = FaultBackend::new("rabbitmq", CAPABILITIES, &faults, start)
+        .unavailable_if(PrivateNode::unavailable());
     queue_testkit::run(trials(&[rabbitmq]));
 }

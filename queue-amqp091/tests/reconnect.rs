@@ -123,12 +123,15 @@ async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
 
     let (consumed_first, first) = std::sync::mpsc::channel::<()>();
     let (fault_done_tx, fault_done) = std::sync::mpsc::channel::<()>();
+    // The worker hands its subscription back on a channel, not by join: a worker stuck
+    // in next() fails the test at the time limit instead of hanging it.
+    let (ended_tx, ended) = std::sync::mpsc::channel();
     let worker = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("worker runtime");
-        rt.block_on(async move {
+        let sub = rt.block_on(async move {
             let mut sub = sub;
             let d = sub.next().await.expect("open").expect("delivery");
             d.ack().await.expect("ack");
@@ -147,8 +150,11 @@ async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
                     return sub;
                 }
             }
-        })
+        });
         // The worker's runtime ends here, with whatever was spawned on it.
+        drop(rt);
+        // Fails only when the main thread gave up waiting: nothing left to tell.
+        let _ = ended_tx.send(sub);
     });
     blocking(|| first.recv_timeout(Duration::from_secs(60)))
         .expect("the worker consumed the first message");
@@ -163,7 +169,10 @@ async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
             Err(e) => panic!("publish after the fault: {e}"),
         }
     }
-    let sub = blocking(|| worker.join()).expect("worker thread");
+    let sub = blocking(|| ended.recv_timeout(Duration::from_secs(120)))
+        .expect("the worker ends with its subscription (it panicked if disconnected)");
+    // It has sent its last value: the join is immediate, and shows a panic if any.
+    blocking(|| worker.join()).expect("worker thread");
     assert!(connections(&driver) > generation, "no reconnect");
     tokio::time::timeout(Duration::from_secs(10), sub.cancel())
         .await

@@ -47,16 +47,26 @@ async fn start_artemis() -> Result<(TestContext, Box<dyn Outage>), String> {
 
 fn main() {
     let faults = [Fault::CutConnections, Fault::StopStart, Fault::Kill];
-    let rabbitmq =
-        FaultBackend::new("rabbitmq", &faults, start).unavailable_if(PrivateNode::unavailable());
+    let rabbitmq = FaultBackend::new(
+        "rabbitmq",
+        Profile::RabbitmqV1.capabilities(),
+        &faults,
+        start,
+    )
+    .unavailable_if(PrivateNode::unavailable());
     // Artemis' faults strike in the middle of 20,000 confirmed sends (its journal
     // must give back every accepted message), as docs/reliability.md reports.
-    let artemis = FaultBackend::new("artemis", &faults, start_artemis)
-        .unavailable_if(queue_fixtures::artemis::unavailable())
-        .with_load(Load {
-            strike_at: 10_000,
-            after_fault: 10_000,
-            ..Load::default()
-        });
+    let artemis = FaultBackend::new(
+        "artemis",
+        Profile::Artemis.capabilities(),
+        &faults,
+        start_artemis,
+    )
+    .unavailable_if(queue_fixtures::artemis::unavailable())
+    .with_load(Load {
+        strike_at: 10_000,
+        after_fault: 10_000,
+        ..Load::default()
+    });
     queue_testkit::run(trials(&[rabbitmq, artemis]));
 }

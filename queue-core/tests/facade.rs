@@ -8,6 +8,7 @@ use queue_core::{
     ConsumeOptions, Driver, ErrorKind, HeaderValue, Headers, PublishSettings, QueueId, QueueSpec,
     Queues, Value,
 };
+use queue_testkit::next;
 
 async fn setup() -> (Queues, Arc<MemoryDriver>) {
     let queues = Queues::new();
@@ -177,7 +178,7 @@ async fn denial_of_either_check_publishes_nothing_and_allowed_publish_arrives() 
         )
         .await
         .unwrap();
-    let d = sub.next().await.unwrap().unwrap();
+    let d = next(&mut sub).await;
     assert_eq!(d.message().id, id);
     assert_eq!(
         d.message().headers.get("priority"),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use queue_core::memory::{MemoryConfig, MemoryDriver};
 use queue_core::{ConsumeOptions, Driver, ErrorKind, HeaderValue, Headers, QueueId, QueueSpec};
-use queue_testkit::{number_of, numbered};
+use queue_testkit::{next, number_of, numbered, within};
 
 fn id() -> QueueId {
     QueueId::parse("mem:q").unwrap()
@@ -46,10 +46,13 @@ async fn a_waiting_publish_enters_once_a_consumer_makes_room() {
         .consume(&id(), ConsumeOptions { prefetch: 1 })
         .await
         .unwrap();
-    let first = sub.next().await.unwrap().unwrap();
-    publisher.await.unwrap().unwrap();
+    let first = next(&mut sub).await;
+    within("the waiting publish", publisher)
+        .await
+        .expect("the publisher does not panic")
+        .unwrap();
     first.ack().await.unwrap();
-    let second = sub.next().await.unwrap().unwrap();
+    let second = next(&mut sub).await;
     assert_eq!(number_of(&second), 1);
     second.ack().await.unwrap();
 }
@@ -61,8 +64,8 @@ async fn returns_are_never_lost_even_when_the_queue_is_full() {
         .consume(&id(), ConsumeOptions { prefetch: 2 })
         .await
         .unwrap();
-    let a = sub.next().await.unwrap().unwrap();
-    let b = sub.next().await.unwrap().unwrap();
+    let a = next(&mut sub).await;
+    let b = next(&mut sub).await;
     driver.publish(&id(), numbered(10)).await.unwrap();
     driver.publish(&id(), numbered(11)).await.unwrap();
     assert!(
@@ -75,7 +78,7 @@ async fn returns_are_never_lost_even_when_the_queue_is_full() {
     assert_eq!(info.ready, Some(4), "both returns entered the full queue");
     let mut order = Vec::new();
     for _ in 0..4 {
-        let d = sub.next().await.unwrap().unwrap();
+        let d = next(&mut sub).await;
         order.push(number_of(&d));
         d.ack().await.unwrap();
     }
@@ -96,7 +99,7 @@ async fn expired_messages_are_not_delivered() {
         .consume(&id(), ConsumeOptions::default())
         .await
         .unwrap();
-    let d = sub.next().await.unwrap().unwrap();
+    let d = next(&mut sub).await;
     assert_eq!(number_of(&d), 2);
     d.ack().await.unwrap();
 }
@@ -124,7 +127,9 @@ async fn closing_ends_consumers_and_refuses_publishes() {
     let waiting = tokio::spawn(async move { sub.next().await.is_none() });
     driver.close().await.unwrap();
     assert!(
-        waiting.await.unwrap(),
+        within("the waiting consumer", waiting)
+            .await
+            .expect("the consumer does not panic"),
         "a waiting consumer ends when the driver closes"
     );
     assert_eq!(
@@ -167,11 +172,14 @@ async fn a_batch_larger_than_the_room_keeps_its_order_as_consumers_make_room() {
         .await
         .unwrap();
     for expected in 0..10 {
-        let delivery = sub.next().await.unwrap().unwrap();
+        let delivery = next(&mut sub).await;
         assert_eq!(number_of(&delivery), expected);
         delivery.ack().await.unwrap();
     }
-    publisher.await.unwrap().unwrap();
+    within("the batch publish", publisher)
+        .await
+        .expect("the publisher does not panic")
+        .unwrap();
 }
 
 #[tokio::test]

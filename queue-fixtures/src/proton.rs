@@ -6,9 +6,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Debian's python with `python3-qpid-proton`; `python3` on PATH may be another one.
 const PYTHON: &str = "/usr/bin/python3";
+
+/// How long the broker may take to say it listens.
+const START_LIMIT: Duration = Duration::from_secs(30);
 
 /// A running broker; killed on drop.
 pub struct ProtonBroker {
@@ -59,15 +63,26 @@ impl ProtonBroker {
         let Some(stdout) = broker.child.stdout.take() else {
             return Err("no stdout from the broker".into());
         };
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
+        // Its stdout is read to the end on a thread of its own: a pipe nobody reads
+        // would fill up and stall the broker (or break it once the reader is gone).
+        let (first_line, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stdout = BufReader::new(stdout);
+            let mut line = String::new();
+            let read = stdout.read_line(&mut line).map(|_| line);
+            let _ = first_line.send(read);
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
         // Python and proton are there (checked above): a broker that does not come up
         // is a failure, not a skip.
-        assert!(
-            read.is_ok() && line.trim() == "ready",
-            "the proton test broker did not start (printed {line:?})"
-        );
-        Ok(broker)
+        match ready.recv_timeout(START_LIMIT) {
+            Ok(Ok(line)) if line.trim() == "ready" => Ok(broker),
+            Ok(Ok(line)) => panic!("the proton test broker did not start (printed {line:?})"),
+            Ok(Err(e)) => panic!("the proton test broker did not start (reading its output: {e})"),
+            Err(_) => {
+                panic!("the proton test broker did not say it listens within {START_LIMIT:?}")
+            }
+        }
     }
 }
 

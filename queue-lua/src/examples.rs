@@ -569,8 +569,16 @@ mod tests {
             ("```bash\nls\n```\n", 1, "found \"bash\""),
             ("```\nls\n```\n", 1, "found \"\""),
             ("```Lua\nx()\n```\n", 1, "found \"Lua\""),
-            ("<!--example: run-->\n```sh\n```\n", 1, "must be a directive"),
-            ("<!-- Example: outside -->\n```lua\n```\n", 1, "must be a directive"),
+            (
+                "<!--example: run-->\n```sh\n```\n",
+                1,
+                "must be a directive",
+            ),
+            (
+                "<!-- Example: outside -->\n```lua\n```\n",
+                1,
+                "must be a directive",
+            ),
             ("x\n  <!-- examples run -->\n", 2, "must be a directive"),
         ] {
             let e = blocks(page).unwrap_err();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_fixtures::redis::{RedisNode, unavailable};
-use queue_redis::{RedisConfig, RedisDriver};
+use queue_redis::{CAPABILITIES, RedisConfig, RedisDriver};
 use queue_testkit::faults::{FaultBackend, trials};
 use queue_testkit::{Fault, Outage, TestContext};
 
@@ -28,6 +28,7 @@ async fn start() -> Result<(TestContext, Box<dyn Outage>), String> {
 
 fn main() {
     let faults = [Fault::CutConnections, Fault::StopStart, Fault::Kill];
-    let redis = FaultBackend::new("redis", &faults, start).unavailable_if(unavailable());
+    let redis =
+        FaultBackend::new("redis", CAPABILITIES, &faults, start).unavailable_if(unavailable());
     queue_testkit::run(trials(&[redis]));
 }

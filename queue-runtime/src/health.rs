@@ -11,6 +11,9 @@ use queue_core::Driver;
 /// The drivers of a runtime, by entry id.
 type Drivers = BTreeMap<String, Arc<dyn Driver>>;
 
+/// The consumers of a runtime, by entry id.
+type Consumers = BTreeMap<String, Attachment>;
+
 /// A consumer's subscriptions (one per worker it runs on) and how many of them still
 /// take deliveries.
 #[derive(Clone, Debug, Default)]
@@ -25,12 +28,12 @@ pub struct Attachment {
 /// starts before the drivers exist (it answers while `run` waits for brokers).
 #[derive(Clone, Default)]
 pub struct Readiness {
-    running: Arc<RwLock<Option<(Drivers, BTreeMap<String, Attachment>)>>>,
+    running: Arc<RwLock<Option<(Drivers, Consumers)>>>,
 }
 
 impl Readiness {
     /// The runtime started with these drivers and consumers.
-    pub fn started(&self, drivers: Drivers, consumers: BTreeMap<String, Attachment>) {
+    pub fn started(&self, drivers: Drivers, consumers: Consumers) {
         *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some((drivers, consumers));
     }
 

@@ -2,11 +2,12 @@
 //! Lua states, and handlers suspended in a publish while the host keeps working.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use queue_core::{Driver, QueueId};
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds};
-use queue_testkit::{ControlledDriver, ControlledFactory, numbered};
+use queue_testkit::{ControlledDriver, ControlledFactory, numbered, within};
 
 const APP: &str = r#"namespace: app
 entries:
@@ -71,12 +72,7 @@ async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
         driver.inner().publish(&jobs, numbered(n)).await.unwrap();
     }
     // Every handler is now suspended inside queue.publish, waiting for the driver.
-    tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        driver.wait_for_held(1000),
-    )
-    .await
-    .unwrap();
+    driver.wait_for_held(1000).await;
     assert_eq!(
         host.lua_states(),
         2,
@@ -85,13 +81,13 @@ async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
     assert!(!host.is_idle().await.unwrap());
 
     driver.pass_publishes();
-    tokio::time::timeout(std::time::Duration::from_secs(60), host.wait_idle())
+    tokio::time::timeout(Duration::from_secs(60), host.wait_idle())
         .await
-        .unwrap()
+        .expect("idle within 60 s")
         .unwrap();
     let out = host.queues().info("app:out").await.unwrap();
     assert_eq!(out.ready, Some(1000));
-    let summary = host.shutdown().await;
+    let summary = within("shutdown", host.shutdown()).await;
     assert_eq!(summary[0].acked, Some(1000));
 }
 
@@ -111,13 +107,13 @@ async fn a_refused_publish_fails_the_handler_and_the_message_is_retried() {
     // The runtime's retry copy is itself a publish through the same driver.
     driver.wait_for_held(1).await;
     driver.pass_publishes();
-    tokio::time::timeout(std::time::Duration::from_secs(60), host.wait_idle())
+    tokio::time::timeout(Duration::from_secs(60), host.wait_idle())
         .await
-        .unwrap()
+        .expect("idle within 60 s")
         .unwrap();
     let out = host.queues().info("app:out").await.unwrap();
     assert_eq!(out.ready, Some(1), "the second attempt published");
-    host.shutdown().await;
+    within("shutdown", host.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,15 +133,31 @@ async fn shutdown_waits_for_a_retry_publish_begun_before_it() {
     driver.wait_for_held(1).await;
     let stopping = tokio::spawn(host.shutdown());
     // A shutdown that cancelled the consumer now would return the original to the
-    // queue while its copy is on the way: give it the time to do that wrong.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(
-        driver.inner().info(&jobs).await.unwrap().ready,
-        Some(0),
-        "the original stays with the runtime until its retry copy is confirmed"
-    );
+    // queue while its copy is on the way. A correct one shows nothing while it waits
+    // (no signal marks "now waiting for the copy"), so watch for each sign of the
+    // wrong one instead of sleeping blind: the consumer gone, the original back in
+    // its queue, or shutdown over. The first sign fails at once; the window only
+    // gives the wrong one its time.
+    let went_wrong = async {
+        loop {
+            let info = driver.inner().info(&jobs).await.unwrap();
+            if info.consumers != Some(1) || info.ready != Some(0) || stopping.is_finished() {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if let Ok(info) = tokio::time::timeout(Duration::from_millis(300), went_wrong).await {
+        panic!(
+            "the original must stay with the runtime until its retry copy is confirmed; \
+             before that: {info:?}, shutdown over: {}",
+            stopping.is_finished()
+        );
+    }
     assert!(driver.confirm_next(), "the retry copy is confirmed");
-    let summary = stopping.await.unwrap();
+    let summary = within("shutdown after the retry copy is confirmed", stopping)
+        .await
+        .expect("shutdown does not panic");
     assert_eq!(
         (summary[0].acked, summary[0].ready, summary[0].in_flight),
         (Some(1), Some(0), Some(0)),
@@ -172,7 +184,7 @@ async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
     driver.inner().publish(&jobs, numbered(7)).await.unwrap();
     driver.wait_for_held(1).await;
     assert!(driver.refuse_next(), "the handler fails");
-    let summary = tokio::time::timeout(std::time::Duration::from_secs(20), host.shutdown())
+    let summary = tokio::time::timeout(Duration::from_secs(20), host.shutdown())
         .await
         .expect("shutdown does not wait out the backoff");
     assert_eq!(

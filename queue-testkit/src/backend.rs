@@ -100,13 +100,13 @@ impl Backend {
     }
 
     /// A trial of the backend whose body connects by itself (a fault test starting its
-    /// own broker) and says why it failed.
-    pub(crate) fn fault_trial<F, Fut>(&self, test: &str, body: F) -> Trial
+    /// own broker) and says why it failed; ignored like [`Backend::trial`]'s.
+    pub(crate) fn fault_trial<F, Fut>(&self, test: &str, lacks: Option<&str>, body: F) -> Trial
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.trial_with(test, None, body)
+        self.trial_with(test, lacks, body)
     }
 
     fn trial_with<F, Fut>(&self, test: &str, lacks: Option<&str>, body: F) -> Trial

@@ -40,8 +40,8 @@ pub async fn round_trip_keeps_id_body_and_headers(ctx: &TestContext) {
     for (k, v) in headers.iter() {
         assert_eq!(got.message().headers.get(k), Some(v), "header {k}");
     }
-    got.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", got.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Every body value type survives the trip through the driver.
@@ -70,7 +70,7 @@ pub async fn every_value_type_round_trips(ctx: &TestContext) {
                 .await;
             let got = next(&mut sub).await;
             assert_eq!(&got.message().decode().unwrap(), body, "{codec}");
-            got.ack().await.unwrap();
+            within("ack", got.ack()).await.unwrap();
         }
     }
     let bytes = Value::Bytes(vec![0, 159, 146, 150, 255]);
@@ -81,8 +81,8 @@ pub async fn every_value_type_round_trips(ctx: &TestContext) {
     .await;
     let got = next(&mut sub).await;
     assert_eq!(got.message().decode().unwrap(), bytes);
-    got.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", got.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Three messages, each delivered exactly once.
@@ -96,12 +96,12 @@ pub async fn three_messages_are_delivered_exactly_once(ctx: &TestContext) {
     for _ in 0..3 {
         let d = next(&mut sub).await;
         seen.push(number_of(&d));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     seen.sort();
     assert_eq!(seen, vec![1, 2, 3]);
     assert_nothing_more(ctx, &q, &mut sub).await;
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Publishes a marker and checks that it is the next thing the consumer gets: proves
@@ -114,7 +114,7 @@ async fn assert_nothing_more(
     ctx.publish(q, numbered(-1)).await;
     let d = next(sub).await;
     assert_eq!(number_of(&d), -1, "an unexpected message was still in {q}");
-    d.ack().await.unwrap();
+    within("ack", d.ack()).await.unwrap();
 }
 
 /// A released delivery comes back with the same id and headers.
@@ -125,7 +125,7 @@ pub async fn release_redelivers_the_same_message(ctx: &TestContext) {
     ctx.publish(&q, sent.clone()).await;
     let mut sub = ctx.consume(&q, 1).await;
     let first = next(&mut sub).await;
-    first.release().await.unwrap();
+    within("release", first.release()).await.unwrap();
     let second = next(&mut sub).await;
     assert_eq!(second.message().id, sent.id);
     assert_eq!(second.message().headers.get("k"), sent.headers.get("k"));
@@ -135,8 +135,8 @@ pub async fn release_redelivers_the_same_message(ctx: &TestContext) {
         "a release is not an attempt"
     );
     assert_eq!(second.message().decode().unwrap(), Value::from("again"));
-    second.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", second.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Dropping an unsettled delivery returns it to the queue.
@@ -148,8 +148,8 @@ pub async fn dropping_a_delivery_releases_it(ctx: &TestContext) {
     drop(next(&mut sub).await);
     let again = next(&mut sub).await;
     assert_eq!(again.message().id, sent.id);
-    again.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", again.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Publishing to or consuming from a queue never declared is `NOT_FOUND`.
@@ -177,10 +177,10 @@ pub async fn batch_publish_delivers_all(ctx: &TestContext) {
     for _ in 0..50 {
         let d = next(&mut sub).await;
         assert!(seen.insert(number_of(&d)));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     assert_eq!(seen, (0..50).collect());
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Well-known headers read back exactly as published.
@@ -207,8 +207,8 @@ pub async fn neutral_headers_round_trip(ctx: &TestContext) {
         "application/json",
         "the wire content type is the codec's"
     );
-    got.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", got.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// The runtime's `attempts` header reads back as written.
@@ -219,8 +219,8 @@ pub async fn attempts_header_round_trips(ctx: &TestContext) {
     let mut sub = ctx.consume(&q, 1).await;
     let got = next(&mut sub).await;
     assert_eq!(got.message().headers.attempts(), 3);
-    got.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", got.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A message published to one queue never shows up in another.
@@ -232,38 +232,50 @@ pub async fn queues_are_isolated(ctx: &TestContext) {
     let mut sub_b = ctx.consume(&b, 10).await;
     let d = next(&mut sub_b).await;
     assert_eq!(number_of(&d), 2);
-    d.ack().await.unwrap();
+    within("ack", d.ack()).await.unwrap();
     assert_nothing_more(ctx, &b, &mut sub_b).await;
-    sub_b.cancel().await.unwrap();
+    within("cancel", sub_b.cancel()).await.unwrap();
     let mut sub_a = ctx.consume(&a, 10).await;
     let d = next(&mut sub_a).await;
     assert_eq!(number_of(&d), 1);
-    d.ack().await.unwrap();
-    sub_a.cancel().await.unwrap();
+    within("ack", d.ack()).await.unwrap();
+    within("cancel", sub_a.cancel()).await.unwrap();
 }
 
-/// `info` counts ready and in-flight messages and consumers, as far as the driver
-/// says it can.
-pub async fn info_counts_ready_and_in_flight(ctx: &TestContext) {
-    let caps = ctx.caps();
+/// `info` counts the messages ready in a queue.
+pub async fn info_counts_ready(ctx: &TestContext) {
     let q = ctx.declared("info").await;
     for n in 0..3 {
         ctx.publish(&q, numbered(n)).await;
     }
     let info = eventually_info(ctx, &q, |i| i.ready == Some(3)).await;
     assert_eq!(info.ready, Some(3));
+}
+
+/// `info` counts a delivery that is held unsettled as in flight, no longer ready.
+pub async fn info_counts_in_flight(ctx: &TestContext) {
+    let q = ctx.declared("info").await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
     let mut sub = ctx.consume(&q, 1).await;
     let held = next(&mut sub).await;
-    if caps.info_in_flight {
-        let info = eventually_info(ctx, &q, |i| i.in_flight == Some(1)).await;
-        assert_eq!(info.ready, Some(2));
+    let info = eventually_info(ctx, &q, |i| i.in_flight == Some(1)).await;
+    assert_eq!(info.in_flight, Some(1));
+    if let Some(ready) = info.ready {
+        assert_eq!(ready, 2, "the held delivery still counts as ready");
     }
-    if caps.info_consumers {
-        let info = eventually_info(ctx, &q, |i| i.consumers == Some(1)).await;
-        assert_eq!(info.consumers, Some(1));
-    }
-    held.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", held.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
+/// `info` counts the consumers attached to a queue.
+pub async fn info_counts_consumers(ctx: &TestContext) {
+    let q = ctx.declared("info").await;
+    let sub = ctx.consume(&q, 1).await;
+    let info = eventually_info(ctx, &q, |i| i.consumers == Some(1)).await;
+    assert_eq!(info.consumers, Some(1));
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Brokers report counts with a little lag: polls `info` until `done` holds (bounded).
@@ -293,14 +305,14 @@ pub async fn cancel_stops_delivery_and_returns_unsettled(ctx: &TestContext) {
     let mut sub = ctx.consume(&q, 3).await;
     let held: Vec<_> = vec![next(&mut sub).await, next(&mut sub).await];
     let held_numbers: HashSet<i64> = held.iter().map(number_of).collect();
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
     ctx.publish(&q, numbered(3)).await;
     let mut after = ctx.consume(&q, 10).await;
     let mut seen = HashSet::new();
     for _ in 0..4 {
         let d = next(&mut after).await;
         seen.insert(number_of(&d));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     assert_eq!(
         seen,
@@ -309,11 +321,11 @@ pub async fn cancel_stops_delivery_and_returns_unsettled(ctx: &TestContext) {
     );
     for d in held {
         assert!(
-            d.ack().await.is_err(),
+            within("ack", d.ack()).await.is_err(),
             "acking a delivery of a cancelled consumer must fail"
         );
     }
-    after.cancel().await.unwrap();
+    within("cancel", after.cancel()).await.unwrap();
 }
 
 /// Messages published before any consumer wait for one.
@@ -327,23 +339,23 @@ pub async fn publish_before_any_consumer(ctx: &TestContext) {
     for _ in 0..5 {
         let d = next(&mut sub).await;
         seen.push(number_of(&d));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     assert_eq!(seen, vec![0, 1, 2, 3, 4], "FIFO order");
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A new consumer after a cancel gets what follows.
 pub async fn new_consumer_after_cancel(ctx: &TestContext) {
     let q = ctx.declared("after-cancel").await;
     let sub = ctx.consume(&q, 10).await;
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
     ctx.publish(&q, numbered(1)).await;
     let mut sub = ctx.consume(&q, 10).await;
     let d = next(&mut sub).await;
     assert_eq!(number_of(&d), 1);
-    d.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", d.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Ten rapid consume/cancel cycles leave the queue working and lose nothing.
@@ -357,8 +369,8 @@ pub async fn rapid_consume_cancel_cycles(ctx: &TestContext) {
         let mut sub = ctx.consume(&q, 2).await;
         let d = next(&mut sub).await;
         acked.insert(number_of(&d));
-        d.ack().await.unwrap();
-        sub.cancel().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
+        within("cancel", sub.cancel()).await.unwrap();
     }
     assert_eq!(acked, (0..10).collect());
 }
@@ -387,9 +399,9 @@ pub async fn each_message_keeps_its_own_id(ctx: &TestContext) {
             "duplicate id {}",
             d.message().id
         );
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Two competing consumers share the work; nothing is delivered twice.
@@ -410,7 +422,7 @@ pub async fn competing_consumers_share_without_duplicates(ctx: &TestContext) {
                 let n = number_of(&d);
                 // Held a moment, so one fast consumer cannot drain the queue alone.
                 tokio::task::yield_now().await;
-                d.ack().await.unwrap();
+                within("ack", d.ack()).await.unwrap();
                 if tx.send((worker, n)).is_err() {
                     break;
                 }
@@ -459,9 +471,9 @@ pub async fn eight_concurrent_publishers(ctx: &TestContext) {
     for _ in 0..200 {
         let d = next(&mut sub).await;
         assert!(seen.insert(number_of(&d)));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Ten thousand messages through one queue, none lost or doubled.
@@ -486,11 +498,11 @@ pub async fn ten_thousand_messages(ctx: &TestContext) {
         let n = number_of(&d) as usize;
         assert!(!seen[n], "message {n} delivered twice");
         seen[n] = true;
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     within("publisher", publisher).await.unwrap();
     assert!(seen.iter().all(|s| *s));
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A second ack or release is `INVALID`, never a double settle.
@@ -500,17 +512,26 @@ pub async fn second_settlement_is_an_error(ctx: &TestContext) {
     ctx.publish(&q, numbered(2)).await;
     let mut sub = ctx.consume(&q, 10).await;
     let d = next(&mut sub).await;
-    d.ack().await.unwrap();
-    assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::Invalid);
-    assert_eq!(d.release().await.unwrap_err().kind(), ErrorKind::Invalid);
+    within("ack", d.ack()).await.unwrap();
+    assert_eq!(
+        within("ack", d.ack()).await.unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    assert_eq!(
+        within("release", d.release()).await.unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
     let d2 = next(&mut sub).await;
     assert_eq!(number_of(&d2), 2, "the first message must not come back");
-    d2.release().await.unwrap();
-    assert_eq!(d2.ack().await.unwrap_err().kind(), ErrorKind::Invalid);
+    within("release", d2.release()).await.unwrap();
+    assert_eq!(
+        within("ack", d2.ack()).await.unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
     let d3 = next(&mut sub).await;
     assert_eq!(number_of(&d3), 2);
-    d3.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", d3.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A consumer never holds more than `prefetch` unsettled deliveries: with two held,
@@ -531,11 +552,11 @@ pub async fn prefetch_bounds_unsettled_deliveries(ctx: &TestContext) {
         Some(3),
         "the driver took more than its prefetch of 2"
     );
-    a.ack().await.unwrap();
+    within("ack", a.ack()).await.unwrap();
     let c = next(&mut sub).await;
-    b.ack().await.unwrap();
-    c.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", b.ack()).await.unwrap();
+    within("ack", c.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// Higher priorities are delivered first where the queue has `max_priority`.
@@ -551,10 +572,10 @@ pub async fn priority_orders_delivery(ctx: &TestContext) {
     for _ in 0..4 {
         let d = next(&mut sub).await;
         order.push(number_of(&d));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     assert_eq!(order, vec![3, 2, 1, 4]);
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A delayed message arrives no earlier than its delay; a driver without the
@@ -579,7 +600,7 @@ pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
     let mut sub = ctx.consume(&q, 10).await;
     let first = next(&mut sub).await;
     assert_eq!(number_of(&first), 1, "the undelayed message comes first");
-    first.ack().await.unwrap();
+    within("ack", first.ack()).await.unwrap();
     let later = next(&mut sub).await;
     assert!(
         started.elapsed() >= Duration::from_millis(400),
@@ -587,8 +608,8 @@ pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
         started.elapsed()
     );
     assert_eq!(later.message().decode().unwrap(), Value::from("later"));
-    later.ack().await.unwrap();
-    sub.cancel().await.unwrap();
+    within("ack", later.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// At `max_length` ready messages a queue refuses more (the publish fails) and drops
@@ -609,11 +630,11 @@ pub async fn max_length_refuses_and_keeps_what_it_holds(ctx: &TestContext) {
     for _ in 0..3 {
         let d = next(&mut sub).await;
         got.push(number_of(&d));
-        d.ack().await.unwrap();
+        within("ack", d.ack()).await.unwrap();
     }
     assert_eq!(got, vec![0, 1, 2], "a full queue dropped what it held");
     assert_nothing_more(ctx, &q, &mut sub).await;
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A message older than the queue's `message_ttl` is never delivered.
@@ -627,9 +648,9 @@ pub async fn message_ttl_expires_old_messages(ctx: &TestContext) {
     let mut sub = ctx.consume(&q, 10).await;
     let d = next(&mut sub).await;
     assert_eq!(number_of(&d), 2, "an expired message was delivered");
-    d.ack().await.unwrap();
+    within("ack", d.ack()).await.unwrap();
     assert_nothing_more(ctx, &q, &mut sub).await;
-    sub.cancel().await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
 }
 
 /// A capability a contract needs: its name, and whether a backend has it.
@@ -674,7 +695,9 @@ const CONTRACTS: &[Contract] = contracts![
     neutral_headers_round_trip,
     attempts_header_round_trips,
     queues_are_isolated,
-    info_counts_ready_and_in_flight needs info_ready,
+    info_counts_ready needs info_ready,
+    info_counts_in_flight needs info_in_flight,
+    info_counts_consumers needs info_consumers,
     cancel_stops_delivery_and_returns_unsettled,
     publish_before_any_consumer,
     new_consumer_after_cancel,

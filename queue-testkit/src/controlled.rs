@@ -12,6 +12,8 @@ use queue_core::{
     Subscription,
 };
 
+use crate::PATIENCE;
+
 /// A driver for tests: the memory driver, except that while publishes are *held*, each
 /// publish waits until the test confirms or refuses it. Lets the Lua and runtime tests
 /// prove that `publish` waits for its driver and fails when the driver refuses.
@@ -78,16 +80,25 @@ impl ControlledDriver {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Waits until at least `n` publishes are held.
+    /// Waits until at least `n` publishes are held, panicking after [`PATIENCE`]: a
+    /// publish that never reaches the driver is a failing test, not a hung one.
     pub async fn wait_for_held(&self, n: usize) {
-        loop {
-            let arrived = self.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            if self.held() >= n {
-                return;
+        let arrivals = async {
+            loop {
+                let arrived = self.arrived.notified();
+                tokio::pin!(arrived);
+                arrived.as_mut().enable();
+                if self.held() >= n {
+                    return;
+                }
+                arrived.await;
             }
-            arrived.await;
+        };
+        if tokio::time::timeout(PATIENCE, arrivals).await.is_err() {
+            panic!(
+                "{} publishes held after {PATIENCE:?}, waiting for {n}",
+                self.held()
+            );
         }
     }
 

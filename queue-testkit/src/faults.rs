@@ -20,7 +20,10 @@ use futures_util::stream::FuturesUnordered;
 use libtest_mimic::Trial;
 use queue_core::{ConnectionReport, ConsumeOptions, Driver, QueueId};
 
-use crate::{Backend, FaultCounts, Tally, TestContext, number_of, numbered};
+use crate::{Backend, FaultCounts, PATIENCE, Tally, TestContext, number_of, numbered};
+
+/// How long a fault test waits for its own broker to start and accept connections.
+const START_LIMIT: Duration = Duration::from_secs(180);
 
 /// What an [`Outage`] does to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +77,9 @@ pub struct Load {
     /// How long the consumers get, once publishing is done, to bring every confirmed
     /// message out (a lost one is noticed only when this runs out).
     pub drain_limit: Duration,
+    /// How long one message may take to be confirmed, tries included: a driver that
+    /// never comes back fails the case when this runs out.
+    pub publish_limit: Duration,
 }
 
 impl Default for Load {
@@ -83,6 +89,7 @@ impl Default for Load {
             strike_at: 2_000,
             after_fault: 3_000,
             drain_limit: Duration::from_secs(180),
+            publish_limit: Duration::from_secs(180),
         }
     }
 }
@@ -139,9 +146,9 @@ pub async fn no_confirmed_message_lost(
         let spec = ctx
             .spec(&format!("{}-{role}", fault.name()))
             .with_durable(true);
-        driver
-            .declare(&spec)
+        tokio::time::timeout(PATIENCE, driver.declare(&spec))
             .await
+            .map_err(|_| format!("declare did not finish within {PATIENCE:?}"))?
             .map_err(|e| format!("declare: {e}"))?;
         queues.push(spec.id);
     }
@@ -155,7 +162,7 @@ pub async fn no_confirmed_message_lost(
         Arc::clone(&driver),
         queues.clone(),
         Arc::clone(&tally),
-        load.window,
+        load,
         Arc::clone(&total),
         Arc::clone(&sent),
         Arc::clone(&in_flight),
@@ -242,10 +249,11 @@ async fn start_receiver(
     tally: &Arc<Tally>,
     prefetch: u32,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let mut sub = driver
-        .consume(queue, ConsumeOptions { prefetch })
-        .await
-        .map_err(|e| format!("consume: {e}"))?;
+    let mut sub =
+        tokio::time::timeout(PATIENCE, driver.consume(queue, ConsumeOptions { prefetch }))
+            .await
+            .map_err(|_| format!("consume did not finish within {PATIENCE:?}"))?
+            .map_err(|e| format!("consume: {e}"))?;
     let tally = Arc::clone(tally);
     Ok(tokio::spawn(async move {
         while let Some(delivery) = sub.next().await {
@@ -264,7 +272,7 @@ async fn publish_until(
     driver: Arc<dyn Driver>,
     queues: Vec<QueueId>,
     tally: Arc<Tally>,
-    window: usize,
+    load: Load,
     total: Arc<AtomicI64>,
     sent: Arc<AtomicI64>,
     in_flight: Arc<AtomicU64>,
@@ -272,7 +280,7 @@ async fn publish_until(
     let mut pending = FuturesUnordered::new();
     let mut next = 0i64;
     loop {
-        while pending.len() < window && next < total.load(Ordering::Relaxed) {
+        while pending.len() < load.window && next < total.load(Ordering::Relaxed) {
             let (driver, queue, tally, in_flight) = (
                 Arc::clone(&driver),
                 queues[next as usize % queues.len()].clone(),
@@ -283,9 +291,22 @@ async fn publish_until(
             tally.publishing(n);
             in_flight.fetch_add(1, Ordering::Relaxed);
             pending.push(async move {
-                let deadline = Instant::now() + Duration::from_secs(180);
+                let deadline = Instant::now() + load.publish_limit;
                 let result = loop {
-                    match driver.publish(&queue, numbered(n)).await {
+                    // A publish that never returns would hold the case until the
+                    // publisher's 300 s limit: it fails at the deadline instead.
+                    let Ok(published) = tokio::time::timeout_at(
+                        deadline.into(),
+                        driver.publish(&queue, numbered(n)),
+                    )
+                    .await
+                    else {
+                        break Err(format!(
+                            "publish {n} did not return within {:?}",
+                            load.publish_limit
+                        ));
+                    };
+                    match published {
                         Ok(()) => {
                             tally.confirmed(n);
                             break Ok(());
@@ -296,7 +317,12 @@ async fn publish_until(
                         Err(e) if Instant::now() > deadline => {
                             break Err(format!("publish {n} never succeeded: {e}"));
                         }
-                        Err(_) => tally.publish_failed(),
+                        Err(_) => {
+                            tally.publish_failed();
+                            // Paces the tries of a driver that fails at once while
+                            // it is down.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                     }
                 };
                 in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -329,14 +355,20 @@ pub struct FaultBackend {
 }
 
 impl FaultBackend {
-    /// A backend named `name` (the first part of its test names) whose fault tests
+    /// A backend named `name` (the first part of its test names) whose driver claims
+    /// `capabilities` there (checked against the connected driver's), whose fault tests
     /// each start their own broker, and connect to it, with `start`.
-    pub fn new<F, Fut>(name: &str, faults: &[Fault], start: F) -> FaultBackend
+    pub fn new<F, Fut>(
+        name: &str,
+        capabilities: queue_core::Capabilities,
+        faults: &[Fault],
+        start: F,
+    ) -> FaultBackend
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(TestContext, Box<dyn Outage>), String>> + Send + 'static,
     {
-        let backend = Backend::new(name, queue_core::Capabilities::default(), || async {
+        let backend = Backend::new(name, capabilities, || async {
             Err("a fault test connects through its own start".to_string())
         });
         FaultBackend {
@@ -361,23 +393,46 @@ impl FaultBackend {
     }
 }
 
-/// The fault contract against every backend, once per fault it can inflict:
-/// `<backend>::faults::<fault>`, printing its counts.
+/// The fault contract against every backend, once per fault: `<backend>::faults::<fault>`,
+/// printing its counts. The restarts are the persistence contract: they run on a
+/// backend that claims `persistent` (and a fixture that cannot restart its broker fails
+/// them, since the claim would go unproven); elsewhere they show as ignored, `lacks
+/// persistent`, as does a fault the fixture cannot inflict.
 pub fn trials(backends: &[FaultBackend]) -> Vec<Trial> {
     let mut trials = Vec::new();
     for fb in backends {
+        let persistent = fb.backend.capabilities().persistent;
         for &fault in &[Fault::CutConnections, Fault::StopStart, Fault::Kill] {
             let name = format!("faults::{}", fault.name());
-            if !fb.faults.contains(&fault) {
-                continue;
-            }
-            let (start, load, label) = (
+            let can_inflict = fb.faults.contains(&fault);
+            let lacks = match (fault.restarts(), persistent, can_inflict) {
+                (true, false, _) => Some("persistent"),
+                (false, _, false) => Some("a fixture that cuts connections"),
+                _ => None,
+            };
+            let (start, load, label, claimed) = (
                 Arc::clone(&fb.start),
                 fb.load,
                 fb.backend.name().to_string(),
+                fb.backend.capabilities(),
             );
-            trials.push(fb.backend.fault_trial(&name, move || async move {
-                let (ctx, mut outage) = start().await?;
+            trials.push(fb.backend.fault_trial(&name, lacks, move || async move {
+                if !can_inflict {
+                    return Err(format!(
+                        "the backend claims `persistent`, but its fixture cannot {}: the claim is unproven",
+                        fault.name().replace('_', " ")
+                    ));
+                }
+                // Starting a broker of the test's own waits for it to accept connections.
+                let (ctx, mut outage) = tokio::time::timeout(START_LIMIT, start())
+                    .await
+                    .map_err(|_| format!("starting the broker did not finish within {START_LIMIT:?}"))??;
+                if ctx.caps() != claimed {
+                    return Err(format!(
+                        "the driver claims {:?} on this backend, the suite was told {claimed:?}",
+                        ctx.caps()
+                    ));
+                }
                 let report = no_confirmed_message_lost(&ctx, outage.as_mut(), fault, load).await?;
                 println!("{label} {}: {report}", fault.name());
                 Ok(())

@@ -1,5 +1,6 @@
 //! The fault contract itself: it passes an honest driver, and fails a driver that
-//! loses confirmed messages and one the fault never reaches. Drivers here are the
+//! loses confirmed messages, one the fault never reaches, and one that never comes
+//! back after a restart. Drivers here are the
 //! memory driver behind a wrapper that plays a connection: a cut makes the next
 //! publishes fail (retryable) and counts a reconnect.
 
@@ -23,6 +24,8 @@ enum Flaw {
     DropsEveryTenth,
     /// A cut does not reach it: no failure, no reconnect.
     NeverSeesTheFault,
+    /// After a restart of the broker it never connects again.
+    NeverReconnects,
 }
 
 struct Wrapped {
@@ -81,21 +84,29 @@ impl Driver for Wrapped {
     }
 }
 
-/// Cuts the wrapper's "connection".
+/// Cuts the wrapper's "connection" (a restart of its "broker" keeps the messages, as
+/// the memory driver is not touched, and drops the connection all the same).
 struct Cut(Arc<Wrapped>);
 
 impl Outage for Cut {
-    fn inflict(&mut self, fault: Fault) -> std::result::Result<(), String> {
-        assert_eq!(fault, Fault::CutConnections);
-        if self.0.flaw != Flaw::NeverSeesTheFault {
-            self.0.failing.store(50, Ordering::Release);
-            self.0.opened.fetch_add(1, Ordering::Relaxed);
+    fn inflict(&mut self, _fault: Fault) -> std::result::Result<(), String> {
+        match self.0.flaw {
+            Flaw::NeverSeesTheFault => {}
+            Flaw::NeverReconnects => self.0.failing.store(u64::MAX, Ordering::Release),
+            Flaw::None | Flaw::DropsEveryTenth => {
+                self.0.failing.store(50, Ordering::Release);
+                self.0.opened.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
 }
 
 async fn run(flaw: Flaw) -> std::result::Result<String, String> {
+    run_fault(flaw, Fault::CutConnections).await
+}
+
+async fn run_fault(flaw: Flaw, fault: Fault) -> std::result::Result<String, String> {
     let driver = Arc::new(Wrapped {
         inner: MemoryDriver::new(),
         flaw,
@@ -110,8 +121,9 @@ async fn run(flaw: Flaw) -> std::result::Result<String, String> {
         strike_at: 200,
         after_fault: 300,
         drain_limit: std::time::Duration::from_secs(5),
+        publish_limit: std::time::Duration::from_secs(3),
     };
-    no_confirmed_message_lost(&ctx, &mut outage, Fault::CutConnections, load)
+    no_confirmed_message_lost(&ctx, &mut outage, fault, load)
         .await
         .map(|report| report.to_string())
 }
@@ -131,5 +143,29 @@ async fn a_driver_that_drops_confirmed_messages_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_that_never_reaches_the_driver_fails() {
     let err = run(Flaw::NeverSeesTheFault).await.unwrap_err();
+    assert!(err.contains("did not reach the driver"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_driver_passes_a_restart() {
+    let report = run_fault(Flaw::None, Fault::StopStart)
+        .await
+        .expect("passes");
+    assert!(report.contains("lost 0"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_that_never_reconnects_after_a_restart_fails() {
+    for fault in [Fault::StopStart, Fault::Kill] {
+        let err = run_fault(Flaw::NeverReconnects, fault).await.unwrap_err();
+        assert!(err.contains("never succeeded"), "{fault:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_never_reaches_the_driver_fails() {
+    let err = run_fault(Flaw::NeverSeesTheFault, Fault::Kill)
+        .await
+        .unwrap_err();
     assert!(err.contains("did not reach the driver"), "{err}");
 }

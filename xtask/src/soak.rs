@@ -195,6 +195,16 @@ pub fn run(messages: u64, driver: SoakDriver, broker: &str) -> Result<bool, Stri
         .stderr(log)
         .spawn()
         .map_err(|e| format!("{}: {e}", binary.display()))?;
+    // Read all along: the runtime blocks on a full pipe (64 KiB) nobody reads, and the
+    // soak would measure a stalled runtime.
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or("the runtime's stdout is not piped")?;
+    let summary = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        stdout.read_to_end(&mut text).map(|_| text)
+    });
     let mut samples = Vec::new();
     let mut signalled = false;
     while child.try_wait().map_err(|e| e.to_string())?.is_none() {
@@ -210,15 +220,20 @@ pub fn run(messages: u64, driver: SoakDriver, broker: &str) -> Result<bool, Stri
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    let status = child.wait().map_err(|e| e.to_string())?;
     let elapsed = started.elapsed().as_secs_f64();
-    let summary = String::from_utf8_lossy(&output.stdout).to_string();
+    let summary = summary
+        .join()
+        .map_err(|_| "reading the runtime's output panicked".to_string())?
+        .map_err(|e| format!("reading the runtime's output: {e}"))?;
+    let summary = String::from_utf8_lossy(&summary).to_string();
     if driver != SoakDriver::Memory {
         // The queue and the dead-letter queue the runtime declares next to it.
         delete_queue(&queue);
         delete_queue(&format!("{queue}.dlq"));
     }
 
+    const GROWTH_LIMIT: f64 = 0.10;
     let warm = samples.len() / 5;
     let after_warmup = &samples[warm.min(samples.len())..];
     let first = after_warmup.first().map_or(0, |s| s.1);
@@ -245,17 +260,29 @@ pub fn run(messages: u64, driver: SoakDriver, broker: &str) -> Result<bool, Stri
         growth * 100.0,
         csv.display()
     );
-    if !output.status.success() {
-        eprintln!(
-            "soak: the runtime exited with {} (log in target/soak/runtime.log)",
-            output.status
-        );
+    if !status.success() {
+        eprintln!("soak: the runtime exited with {status} (log in target/soak/runtime.log)");
     }
     if metrics_port.is_some() && !signalled {
         eprintln!("soak: the runtime stopped before every message was acked");
     }
+    // Too few samples to see growth is a failed soak, not a flat one.
+    let measured = after_warmup.len() >= 5 && first > 0;
+    if !measured {
+        eprintln!(
+            "soak: only {} RSS samples after warm-up: too few to measure growth",
+            after_warmup.len()
+        );
+    }
+    if growth > GROWTH_LIMIT {
+        eprintln!(
+            "soak: RSS grew {:.1}% after warm-up, over the limit of {:.0}%",
+            growth * 100.0,
+            GROWTH_LIMIT * 100.0
+        );
+    }
     let complete = metrics_port.is_none() || signalled;
-    Ok(output.status.success() && complete && growth <= 0.10)
+    Ok(status.success() && complete && measured && growth <= GROWTH_LIMIT)
 }
 
 /// Best effort: the soak's queue is empty and non-durable, but should not linger on a

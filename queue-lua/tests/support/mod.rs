@@ -14,7 +14,7 @@ use queue_core::{
     ConsumeOptions, Driver, Message, PublishSettings, QueueId, QueueSpec, Queues, Result, Value,
 };
 use queue_lua::{DeliveryContext, LuaHost, Outcome, Settle};
-use queue_testkit::ControlledDriver;
+use queue_testkit::{ControlledDriver, next};
 
 pub const QUEUES: [&str; 4] = ["app:tasks", "app:emails", "app:notifications", "app:raw"];
 
@@ -65,7 +65,7 @@ impl Harness {
             .unwrap();
         let info = self.driver.info(&id).await.unwrap();
         assert!(info.ready.unwrap() > 0, "nothing was published to {queue}");
-        let d = sub.next().await.unwrap().unwrap();
+        let d = next(&mut sub).await;
         d.ack().await.unwrap();
         d.message().clone()
     }

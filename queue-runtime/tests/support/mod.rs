@@ -4,8 +4,17 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+/// How long a one-off command (`check`, `info`, `publish`, ...) may take.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long, once the runtime has exited, its pipes may take to reach their end. A
+/// process it started and left behind may hold them open: what was read by then is
+/// the output, instead of a wait for that process.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
 
 pub fn binary() -> Command {
     Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
@@ -20,8 +29,9 @@ pub fn app(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Runs a one-off command to its end (bounded: killed and failed after 2 minutes).
 pub fn run(args: &[&str], dir: &Path) -> Output {
-    binary().args(args).current_dir(dir).output().expect("runs")
+    wait_with_timeout(spawn(args, dir), RUN_LIMIT)
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -153,14 +163,97 @@ pub fn wait_for_metrics(port: u16, what: &str, done: impl Fn(&str) -> bool) -> S
     }
 }
 
-pub fn spawn(args: &[&str], dir: &Path) -> Child {
+/// Starts the runtime with its output read as it comes (see [`Spawned`]); stdin is
+/// empty, as with `Command::output`.
+pub fn spawn(args: &[&str], dir: &Path) -> Spawned {
+    Spawned::from(spawn_piped(args, dir))
+}
+
+fn spawn_piped(args: &[&str], dir: &Path) -> Child {
     binary()
         .args(args)
         .current_dir(dir)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawns")
+}
+
+/// A spawned runtime whose stdout and stderr are read into buffers from the start: a
+/// pipe nobody reads fills up (64 KiB on Linux) and stalls the runtime's next write,
+/// which a test would only see as a timeout. Derefs to its [`Child`].
+pub struct Spawned {
+    child: Child,
+    stdout: Option<Drain>,
+    stderr: Option<Drain>,
+}
+
+impl From<Child> for Spawned {
+    /// Starts reading whichever of the child's pipes nobody took yet.
+    fn from(mut child: Child) -> Spawned {
+        let stdout = child.stdout.take().map(Drain::start);
+        let stderr = child.stderr.take().map(Drain::start);
+        Spawned {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl Spawned {
+    /// The exit status with everything the runtime wrote.
+    fn output(self, status: ExitStatus) -> Output {
+        Output {
+            status,
+            stdout: self.stdout.map(Drain::finish).unwrap_or_default(),
+            stderr: self.stderr.map(Drain::finish).unwrap_or_default(),
+        }
+    }
+}
+
+/// A thread reading one pipe to its end into a buffer.
+struct Drain {
+    read: Arc<Mutex<Vec<u8>>>,
+    ended: mpsc::Receiver<()>,
+}
+
+impl Drain {
+    fn start<R: Read + Send + 'static>(mut pipe: R) -> Drain {
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let (end, ended) = mpsc::channel();
+        let buffer = Arc::clone(&read);
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buffer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = end.send(());
+        });
+        Drain { read, ended }
+    }
+
+    /// What was read, once the pipe ended or [`PIPE_GRACE`] passed.
+    fn finish(self) -> Vec<u8> {
+        let _ = self.ended.recv_timeout(PIPE_GRACE);
+        std::mem::take(&mut *self.read.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 pub fn signal(child: &Child, name: &str) {
@@ -171,16 +264,20 @@ pub fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-/// Waits for the child to exit (bounded), killing it if it does not.
-pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
+/// Waits for the child to exit (bounded), killing it if it does not; its output is
+/// everything it wrote (its pipes are read all along, so it never blocks on them). A
+/// plain [`Child`] has its pipes read from here on.
+pub fn wait_with_timeout(child: impl Into<Spawned>, limit: Duration) -> Output {
+    let mut spawned = child.into();
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
+        if let Some(status) = spawned.child.try_wait().expect("wait") {
+            return spawned.output(status);
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+            let _ = spawned.child.kill();
+            let status = spawned.child.wait().expect("wait");
+            let out = spawned.output(status);
             panic!(
                 "runtime did not exit within {limit:?}; stderr:\n{}",
                 text(&out.stderr)
@@ -197,23 +294,24 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Spawns the runtime and streams its stderr lines into a channel as they come.
-pub fn spawn_with_lines(args: &[&str], dir: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = spawn(args, dir);
+/// Spawns the runtime and streams its stderr lines into a channel as they come (its
+/// stdout is read into the output, as [`spawn`] does; the output has no stderr).
+pub fn spawn_with_lines(args: &[&str], dir: &Path) -> (Spawned, mpsc::Receiver<String>) {
+    let mut child = spawn_piped(args, dir);
     let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
+        // Read to the end, whatever the bytes and even once nobody listens: the
+        // runtime must never block on a full pipe.
+        let mut stderr = std::io::BufReader::new(stderr);
+        let mut line = Vec::new();
+        while stderr.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            let _ = tx.send(text(&line).trim_end_matches(['\n', '\r']).to_string());
+            line.clear();
         }
     });
-    (child, rx)
+    (Spawned::from(child), rx)
 }
 
 /// Reads lines until one contains `needle` (bounded: fails after 30 s); returns the
