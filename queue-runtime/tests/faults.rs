@@ -287,7 +287,21 @@ async fn runtime_fault(pair: Pair, fault: Fault, test: &str) {
             if fault == Fault::CloseAllConnections {
                 blocking(|| node.close_all_connections());
             } else {
-                blocking(|| node.stop_app_then_start(Duration::from_secs(2)));
+                blocking(|| node.stop_app());
+                // While its broker is down the runtime is not ready, and says why.
+                let down = blocking(|| runtime.wait_ready_status(503));
+                assert_eq!(down["status"], "reconnecting", "{label}: {down}");
+                assert_eq!(
+                    down["drivers"]["app:rabbit"]["connected"], false,
+                    "{label}: {down}"
+                );
+                blocking(|| node.start_app());
+                let up = blocking(|| runtime.wait_ready_status(200));
+                assert_eq!(up["status"], "ready", "{label}: {up}");
+                assert_eq!(
+                    up["consumers"]["app:w"]["attached"], up["consumers"]["app:w"]["of"],
+                    "{label}: {up}"
+                );
             }
             // (a) Work was still outstanding after the fault struck.
             let waiting: u64 = blocking(|| node.queue_messages())

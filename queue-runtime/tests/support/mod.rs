@@ -130,14 +130,19 @@ pub fn free_port() -> u16 {
 
 /// GETs a path from the runtime's metrics server; `None` while it is not up.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_with_status(port, path).map(|(_, body)| body)
+}
+
+/// GETs a path from the runtime's metrics server: the status code and the body.
+pub fn http_get_with_status(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
 
 /// The value of a metric line (`name{labels} value`) whose text starts with `prefix`.
@@ -402,6 +407,26 @@ impl Runtime {
             assert!(
                 Instant::now() < deadline,
                 "/ready did not report the driver:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `/ready` until it answers `status` (bounded: fails after 30 s); its body.
+    pub fn wait_ready_status(&self, status: u16) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = http_get_with_status(self.metrics_port, "/ready");
+            if let Some((got, body)) = &answer
+                && *got == status
+            {
+                return serde_json::from_str(body)
+                    .unwrap_or_else(|e| panic!("/ready answered {body:?}: {e}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/ready did not answer {status} within 30 s (last: {answer:?}):\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
