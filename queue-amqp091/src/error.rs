@@ -29,11 +29,24 @@ pub(crate) fn is_connection_level(err: &lapin::Error) -> bool {
     }
 }
 
+/// What RabbitMQ says with NOT_FOUND when a queue exists but its process is down for
+/// a while (its node stopping or stopped in a cluster): not a missing queue, and
+/// cured by waiting, so it is `UNAVAILABLE` and retried.
+const QUEUE_DOWN: [&str; 2] = [
+    "process is stopped by supervisor",
+    "is down or inaccessible",
+];
+
 /// Maps a lapin error to a portable one; `what` says what was being done
 /// ("declare queue app:tasks"). Broker refusals keep their AMQP reply text.
 pub(crate) fn map(what: impl std::fmt::Display, err: lapin::Error) -> Error {
     let (kind, retryable) = match err.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+                if QUEUE_DOWN.iter().any(|t| amqp.get_message().contains(t)) =>
+            {
+                (ErrorKind::Unavailable, true)
+            }
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => (ErrorKind::NotFound, false),
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
                 (ErrorKind::PermissionDenied, false)
@@ -97,6 +110,16 @@ mod tests {
         assert!(!e.retryable());
         assert!(e.message().contains("inequivalent arg"), "{e}");
         assert_eq!(map("x", amqp(404, "NOT_FOUND")).kind(), ErrorKind::NotFound);
+        // A queue whose node is down in a cluster comes back: retried.
+        let down = map(
+            "x",
+            amqp(
+                404,
+                "NOT_FOUND - home node 'rabbit@a' of durable queue 'q' in vhost '/' is down or inaccessible",
+            ),
+        );
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(down.retryable());
         assert_eq!(
             map("x", amqp(403, "ACCESS_REFUSED")).kind(),
             ErrorKind::PermissionDenied

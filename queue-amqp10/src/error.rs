@@ -20,9 +20,23 @@ pub(crate) fn kind_of_condition(condition: &ErrorCondition) -> ErrorKind {
     }
 }
 
+/// What RabbitMQ says with NOT_FOUND when a queue exists but its process is down for
+/// a while (its node stopping or stopped in a cluster): not a missing queue, and
+/// cured by waiting, so it is `UNAVAILABLE` and retried.
+const QUEUE_DOWN: [&str; 2] = [
+    "process is stopped by supervisor",
+    "is down or inaccessible",
+];
+
 /// An error a peer sent (detach, end or close with an error).
 pub(crate) fn remote(err: &definitions::Error) -> Error {
-    let kind = kind_of_condition(&err.condition);
+    let description = err.description.as_deref().unwrap_or_default();
+    let kind = match kind_of_condition(&err.condition) {
+        ErrorKind::NotFound if QUEUE_DOWN.iter().any(|t| description.contains(t)) => {
+            ErrorKind::Unavailable
+        }
+        kind => kind,
+    };
     let mut message = format!("{:?}", err.condition);
     if let Some(description) = &err.description {
         message.push_str(": ");
@@ -86,6 +100,19 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::NotFound);
         assert!(err.message().contains("no queue 'x'"));
         assert!(is_permanent(&err));
+        // A queue whose node is down in a cluster comes back: retried, not permanent.
+        for down in [
+            "queue 'q' in vhost '/' process is stopped by supervisor",
+            "home node 'rabbit@a' of durable queue 'q' in vhost '/' is down or inaccessible",
+        ] {
+            let err = remote(&definitions::Error::new(
+                AmqpError::NotFound,
+                Some(down.into()),
+                None,
+            ));
+            assert_eq!(err.kind(), ErrorKind::Unavailable, "{down}");
+            assert!(err.retryable() && !is_permanent(&err), "{down}");
+        }
         let limit = definitions::Error::new(AmqpError::ResourceLimitExceeded, None, None);
         assert_eq!(remote(&limit).kind(), ErrorKind::Internal);
         assert!(remote(&limit).retryable());
