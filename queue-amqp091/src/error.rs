@@ -43,7 +43,9 @@ pub(crate) fn map(what: impl std::fmt::Display, err: lapin::Error) -> Error {
     let (kind, retryable) = match err.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
-                if QUEUE_DOWN.iter().any(|t| amqp.get_message().contains(t)) =>
+                if QUEUE_DOWN
+                    .iter()
+                    .any(|t| amqp.get_message().as_str().contains(t)) =>
             {
                 (ErrorKind::Unavailable, true)
             }
