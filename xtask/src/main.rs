@@ -79,6 +79,13 @@ enum Command {
         /// (and a fresh kombu run).
         #[arg(long)]
         report_only: bool,
+        /// Also show each ratio next to the one in this earlier run's JSON
+        /// (target/bench/runs/*.json).
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<std::path::PathBuf>,
+        /// Write the table into docs/performance.md (between its bench-table markers).
+        #[arg(long)]
+        write_docs: bool,
     },
     /// Check the manual's internal links and build it with mdBook.
     Docs {
@@ -121,7 +128,17 @@ fn main() -> ExitCode {
             BrokersAction::Up => brokers::up(broker),
             BrokersAction::Down => brokers::down(broker),
         },
-        Command::Bench { quick, report_only } => bench::run(quick, report_only),
+        Command::Bench {
+            quick,
+            report_only,
+            compare,
+            write_docs,
+        } => bench::run(bench::Options {
+            quick,
+            report_only,
+            compare,
+            write_docs,
+        }),
         Command::Docs { require_mdbook } => docs::run(require_mdbook),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target),
         Command::Soak {
