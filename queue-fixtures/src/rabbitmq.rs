@@ -45,8 +45,8 @@ pub const SHARED_AMQP091_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const SHARED_AMQP10_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
 
 /// Makes sure the shared node runs on 127.0.0.1:5672 with its AMQP 1.0 plugin:
-/// installs RabbitMQ (and Qpid Proton's Python client, which the AMQP 1.0 tests use)
-/// with apt-get when missing, starts it detached when nothing listens, and waits for
+/// installs RabbitMQ (and Qpid Proton's Python client, which the AMQP 1.0 tests use,
+/// and pika, which the tracing test uses) with apt-get when missing, starts it detached when nothing listens, and waits for
 /// the port (`rabbitmq-diagnostics ping` answers before the listener opens).
 pub fn ensure_shared() -> Result<(), String> {
     let mut missing = Vec::new();
@@ -61,6 +61,16 @@ pub fn ensure_shared() -> Result<(), String> {
         .is_ok_and(|s| s.success());
     if !has_proton {
         missing.push("python3-qpid-proton");
+    }
+    // pika, the AMQP 0-9-1 client the runtime's tracing test publishes with.
+    let has_pika = Command::new("/usr/bin/python3")
+        .args(["-c", "import pika"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_pika {
+        missing.push("python3-pika");
     }
     if !missing.is_empty() {
         println!("installing {}", missing.join(" "));

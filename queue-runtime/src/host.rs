@@ -153,7 +153,10 @@ impl Host {
                 .get(&d.kind)
                 .ok_or_else(|| Error::invalid(format!("unknown driver kind {}", d.kind)))?;
             let driver = create_driver(factory, &d.id, &d.config, options.wait_for_brokers).await?;
-            drivers.insert(d.id.clone(), Metered::layer(driver));
+            drivers.insert(
+                d.id.clone(),
+                crate::telemetry::Traced::layer(Metered::layer(driver)),
+            );
         }
         let driver_of = |id: &str| -> Result<Arc<dyn Driver>> {
             drivers

@@ -25,4 +25,6 @@ pub mod health;
 pub mod host;
 pub mod metrics;
 pub mod registry;
+pub mod telemetry;
+pub mod tools;
 pub mod workers;

@@ -52,6 +52,10 @@ enum Command {
         /// Worker threads, each with one Lua state (default: the number of cores).
         #[arg(long)]
         lua_threads: Option<usize>,
+        /// Export trace spans with OTLP over HTTP to this base URL (e.g.
+        /// http://127.0.0.1:4318); wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
     /// Validate these files without starting anything.
     Check {
@@ -92,11 +96,65 @@ enum Command {
         #[arg(short, long, required = true)]
         config: Vec<PathBuf>,
     },
+    /// Look into or empty a broker-backed queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Work with a dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCommand {
+    /// Show messages (id, headers, body, dead-letter reason) without taking them: each
+    /// goes back to the queue.
+    Peek {
+        /// The queue id.
+        queue_id: String,
+        /// YAML files declaring the queue.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 10)]
+        limit: u64,
+    },
+    /// Delete the messages the queue holds.
+    Purge {
+        /// The queue id.
+        queue_id: String,
+        /// YAML files declaring the queue.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Move dead letters back to the queue they failed in, `attempts` reset; each is
+    /// confirmed there before it leaves the dead-letter queue.
+    Replay {
+        /// The dead-letter queue id.
+        queue_id: String,
+        /// YAML files declaring the queues.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
+        /// Replay at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Only dead letters whose reason contains this text.
+        #[arg(long, value_name = "TEXT")]
+        filter_reason: Option<String>,
+        /// Show what would be replayed; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -104,7 +162,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Tracing (docs/operations.md, "Tracing"): `run` only, and only with an OTLP endpoint.
+    let telemetry = match &cli.command {
+        Command::Run { otlp_endpoint, .. } => {
+            match queue_runtime::telemetry::Telemetry::start(
+                otlp_endpoint.as_deref(),
+                runtime.handle().clone(),
+            ) {
+                Ok(telemetry) => telemetry,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(cli.log_format, telemetry.as_ref());
     let result = runtime.block_on(run(cli.command));
+    // The last spans are sent while the runtime that sends them still runs.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
     // A worker stuck in a handler that never yields must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -120,7 +199,7 @@ fn main() -> ExitCode {
 /// among them (lapin's `StartOk` carries the SASL response with the password).
 const WIRE_DUMP_TARGETS: [&str; 4] = ["lapin", "amq_protocol", "fe2o3_amqp", "serde_amqp"];
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, telemetry: Option<&queue_runtime::telemetry::Telemetry>) {
     use tracing_subscriber::Layer;
     use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::layer::SubscriberExt;
@@ -143,9 +222,20 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
+    // The log reads the same with tracing on: its spans are for the exporter only.
+    let no_trace_spans = tracing_subscriber::filter::filter_fn(|meta| {
+        !queue_runtime::telemetry::is_trace_span(meta)
+    });
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter.and(no_wire_dumps)))
+        .with(layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans)))
+        .with(telemetry.map(|t| t.layer()))
         .init();
+    if let Some(telemetry) = telemetry {
+        tracing::info!(
+            endpoint = telemetry.endpoint(),
+            "exporting trace spans with OTLP"
+        );
+    }
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
@@ -175,6 +265,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             strict,
             metrics_addr,
             lua_threads,
+            otlp_endpoint: _,
         } => {
             let (plan, kinds) = plan(&config, strict)?;
             let handle = queue_runtime::metrics::install();
@@ -269,6 +360,30 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             println!("published {message_id} to {queue_id}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Queue(QueueCommand::Peek {
+            queue_id,
+            config,
+            limit,
+        }) => queue_tool(&queue_id, &config, Tool::Peek { limit }).await,
+        Command::Queue(QueueCommand::Purge {
+            queue_id,
+            config,
+            yes,
+        }) => queue_tool(&queue_id, &config, Tool::Purge { ask: !yes }).await,
+        Command::Dlq(DlqCommand::Replay {
+            queue_id,
+            config,
+            limit,
+            filter_reason,
+            dry_run,
+        }) => {
+            let options = queue_runtime::tools::ReplayOptions {
+                limit,
+                filter_reason,
+                dry_run,
+            };
+            queue_tool(&queue_id, &config, Tool::Replay(options)).await
+        }
         Command::Info { queue_id, config } => {
             let (plan, kinds) = plan(&config, false)?;
             let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
@@ -296,6 +411,74 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What a queue tool is to do.
+enum Tool {
+    Peek { limit: u64 },
+    Purge { ask: bool },
+    Replay(queue_runtime::tools::ReplayOptions),
+}
+
+/// `queue peek`, `queue purge` and `dlq replay` (queue_runtime::tools), on a queue of
+/// a broker driver.
+async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<ExitCode, String> {
+    use queue_runtime::tools;
+    let (plan, kinds) = plan(config, false)?;
+    let id = queue_core::QueueId::parse(queue_id).map_err(|e| e.to_string())?;
+    refuse_in_memory(&plan, &id)?;
+    if let Tool::Purge { ask: true } = tool
+        && !confirmed(&format!("delete every message of {id}?"))?
+    {
+        println!("nothing deleted");
+        return Ok(ExitCode::FAILURE);
+    }
+    let host = broker_only(plan, &kinds).await?;
+    let driver = host
+        .queues()
+        .get(&id)
+        .map(|q| q.driver)
+        .ok_or_else(|| format!("queue {id} is not declared in this configuration"))?;
+    let result = match tool {
+        Tool::Peek { limit } => tools::peek(&driver, &id, limit).await.map(|messages| {
+            for message in &messages {
+                println!("{}", tools::show(message));
+            }
+            println!("{} message(s) shown; all are back in {id}", messages.len());
+        }),
+        Tool::Purge { .. } => tools::purge(&driver, &id)
+            .await
+            .map(|purged| println!("purged {purged} message(s) from {id}")),
+        Tool::Replay(options) => {
+            let mut show = |m: &queue_core::Message| println!("{}", tools::show(m));
+            tools::replay(host.queues(), &id, &options, &mut show)
+                .await
+                .map(|r| {
+                    println!(
+                        "replayed {} dead letter(s) from {id}; left there: {} skipped{}, {} with no declared x_original_queue",
+                        r.replayed,
+                        r.skipped,
+                        if options.dry_run { " (dry run)" } else { "" },
+                        r.no_target
+                    )
+                })
+        }
+    };
+    host.shutdown().await;
+    result.map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on the terminal; anything but `y` or `yes` is no.
+fn confirmed(question: &str) -> Result<bool, String> {
+    use std::io::Write;
+    print!("{question} [y/N] ");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 fn refuse_in_memory(plan: &Plan, id: &queue_core::QueueId) -> Result<(), String> {

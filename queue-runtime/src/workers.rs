@@ -13,9 +13,11 @@ use queue_core::{Delivery, Error, Queues, Result, Subscription, Value, names};
 use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::metrics::{ConsumerMeters, names as metric};
 use crate::registry::{ConsumerPlan, ProcessPlan};
+use crate::telemetry;
 use queue_core::retry::{Disposition, FailurePath};
 
 /// A consumer as the workers see it.
@@ -240,16 +242,29 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
             instance,
             done,
         } => {
-            let result = match host.handler_with(&plan.source, &plan.method, plan.opt_in) {
-                Ok(handler) => {
-                    host.run_process(
-                        &handler,
-                        vec![Value::Int(i64::from(instance))],
-                        plan.security.clone(),
-                    )
-                    .await
+            let run = async {
+                let result = match host.handler_with(&plan.source, &plan.method, plan.opt_in) {
+                    Ok(handler) => {
+                        host.run_process(
+                            &handler,
+                            vec![Value::Int(i64::from(instance))],
+                            plan.security.clone(),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &result {
+                    telemetry::record_failure(e.message());
                 }
-                Err(e) => Err(e),
+                result
+            };
+            // With tracing on, what the process publishes starts a trace.
+            let result = if telemetry::enabled() {
+                run.instrument(telemetry::process_span(&plan.id, instance))
+                    .await
+            } else {
+                run.await
             };
             let _ = done.send(result);
         }
@@ -355,7 +370,18 @@ async fn run_in_turn(runners: Rc<Runners>) {
             Some(Ok(delivery)) => {
                 let _busy = runners.busy.enter();
                 let _active = runners.consumer.active.enter();
-                handle_delivery(&runners, delivery).await;
+                if telemetry::enabled() {
+                    // Handled, settled and retried in a span whose parent is the
+                    // context the message carries.
+                    let span = telemetry::delivery_span(
+                        runners.consumer.failure.driver.name(),
+                        &runners.consumer.plan.queue,
+                        delivery.message(),
+                    );
+                    handle_delivery(&runners, delivery).instrument(span).await;
+                } else {
+                    handle_delivery(&runners, delivery).await;
+                }
             }
         }
     }
@@ -415,6 +441,9 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
         .meters
         .handler_seconds
         .record(started.elapsed().as_secs_f64());
+    if let Outcome::Nack { reason, .. } = &outcome {
+        telemetry::record_failure(reason);
+    }
     let settled = match outcome {
         Outcome::Ack => ack(&delivery, consumer).await,
         Outcome::Nack { reason, retryable } if retryable || consumer.plan.retry_all_errors => {
@@ -480,6 +509,7 @@ impl Settle for RuntimeSettle {
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
+        telemetry::record_failure(reason);
         fail(&self.delivery, &self.consumer, reason).await
     }
 }

@@ -442,17 +442,46 @@ fn the_cli_reference_matches_clap() {
         .filter(|w| w != "--help" && w != "--version")
         .collect()
     };
+    // Every command clap knows, nested ones (`queue peek`) included, read off the
+    // `Commands:` section of each help: a command added later cannot go unlisted.
+    let subcommands = |path: &[String]| -> Vec<String> {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = text(&run(&args, &workspace_root()).stdout);
+        help.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .map(str::to_string)
+            .collect()
+    };
     let mut from_clap = std::collections::BTreeSet::new();
-    for command in ["run", "check", "publish", "info"] {
-        let out = run(&[command, "--help"], &workspace_root());
-        assert!(out.status.success());
-        let help = text(&out.stdout);
-        assert!(
-            reference.contains(&format!("queue-runtime {command}")),
-            "{command} is missing from {page}"
-        );
-        from_clap.extend(flags(&help));
+    let mut pending: Vec<Vec<String>> = vec![vec![]];
+    let mut leaves = 0;
+    while let Some(path) = pending.pop() {
+        let children = subcommands(&path);
+        if !path.is_empty() && children.is_empty() {
+            let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+            args.push("--help");
+            let out = run(&args, &workspace_root());
+            assert!(out.status.success(), "{args:?}");
+            let command = path.join(" ");
+            assert!(
+                reference.contains(&format!("queue-runtime {command} ")),
+                "`{command}` is missing from {page}"
+            );
+            from_clap.extend(flags(&text(&out.stdout)));
+            leaves += 1;
+        }
+        for child in children {
+            let mut deeper = path.clone();
+            deeper.push(child);
+            pending.push(deeper);
+        }
     }
+    assert!(leaves >= 7, "only {leaves} commands found in clap's help");
     let documented = flags(reference);
     assert_eq!(
         documented, from_clap,

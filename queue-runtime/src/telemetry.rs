@@ -1,0 +1,556 @@
+//! Tracing across the queue (docs/operations.md, "Tracing"): spans exported with OTLP
+//! over HTTP, and the W3C trace context (`traceparent`, `tracestate`) carried in the
+//! message headers, so that publish → handle → publish → handle is one trace.
+//!
+//! Off unless an OTLP endpoint is configured ([`Telemetry::start`]): then no span is
+//! created, no header is added, nothing changes. On:
+//!
+//! - a publish through a driver of the runtime ([`Traced`]) runs in a `<queue> publish`
+//!   span (kind producer), a child of the current span (the handler's or process's),
+//!   and the message carries that span's context in `traceparent`/`tracestate` —
+//!   unless it already has a `traceparent` (one the application set, or a retry copy
+//!   or dead letter, which keep their original's);
+//! - a delivery is handled in a `<queue> process` span (kind consumer) whose parent is
+//!   the context its headers carry ([`delivery_span`]), a root span without one;
+//! - a `process.lua` instance runs in a `<id> run` span ([`process_span`]): what it
+//!   publishes starts a trace.
+//!
+//! OpenTelemetry stays inside this module: drivers and the Lua host know nothing of it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use queue_core::{
+    Capabilities, ConsumeOptions, Driver, HeaderValue, Headers, MAX_HEADER_BYTES, Message, QueueId,
+    QueueInfo, QueueSpec, Result, Subscription,
+};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The header carrying the W3C trace context's parent (`00-<trace id>-<span id>-<flags>`).
+pub const TRACEPARENT: &str = "traceparent";
+/// The header carrying the W3C trace state, when there is one.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The target of the runtime's spans: the only spans exported, and left out of the log.
+pub const TARGET: &str = "queue_runtime::telemetry";
+
+/// The service name when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES`
+/// names one.
+pub const DEFAULT_SERVICE_NAME: &str = "queue-runtime";
+
+/// The path of the OTLP/HTTP traces endpoint under a base URL.
+const TRACES_PATH: &str = "/v1/traces";
+
+/// How long one export request may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for the last spans to be exported.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: set once by [`Telemetry::start`] (or [`enable`]).
+/// Everything in this module is a no-op while it is false.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Turns span creation and header injection on, for an embedder that installed its
+/// own `tracing-opentelemetry` layer (the binary calls [`Telemetry::start`] instead).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// The running exporter: install [`Telemetry::layer`] in the subscriber, and call
+/// [`Telemetry::shutdown`] before the process exits so the last spans are sent.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    endpoint: String,
+}
+
+impl Telemetry {
+    /// Starts the OTLP exporter when an endpoint is configured: `flag` (`run
+    /// --otlp-endpoint URL`, a base URL the traces path is appended to) wins over
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it is) and
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL). `None` when none is set, or when
+    /// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. Export requests run on
+    /// `runtime`, which must outlive [`Telemetry::shutdown`].
+    pub fn start(
+        flag: Option<&str>,
+        runtime: tokio::runtime::Handle,
+    ) -> std::result::Result<Option<Telemetry>, String> {
+        let Some(endpoint) = resolve_endpoint(flag, |name| std::env::var(name).ok())? else {
+            return Ok(None);
+        };
+        let client = RuntimeHttpClient {
+            inner: opentelemetry_http::hyper::HyperClient::with_default_connector(
+                EXPORT_TIMEOUT,
+                None,
+            ),
+            runtime,
+        };
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("cannot export traces to {endpoint}: {e}"))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource())
+            .build();
+        enable();
+        Ok(Some(Telemetry { provider, endpoint }))
+    }
+
+    /// Where spans go.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The `tracing` layer that turns the runtime's spans into OpenTelemetry spans
+    /// (and the events inside them into span events); it sees nothing else.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer;
+        let tracer = self.provider.tracer("queue-runtime");
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_threads(false)
+            .with_location(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(exported))
+    }
+
+    /// Exports what is left and stops the exporter (at most a few seconds).
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+            eprintln!("warning: exporting the last spans failed: {e}");
+        }
+    }
+}
+
+/// What the OpenTelemetry layer sees: the runtime's spans, and the events (INFO and
+/// above) of the runtime, the drivers and Lua's `logger` inside them. Never the HTTP
+/// client's own events, which would feed the export loop.
+fn exported(meta: &tracing::Metadata<'_>) -> bool {
+    if meta.is_span() {
+        return meta.target() == TARGET;
+    }
+    *meta.level() <= tracing::Level::INFO
+        && (meta.target() == "lua" || meta.target().starts_with("queue_"))
+}
+
+/// Whether a span or event is the runtime's tracing span, which the log leaves out
+/// (log lines read the same with tracing on or off).
+pub fn is_trace_span(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span() && meta.target() == TARGET
+}
+
+/// The traces endpoint from the flag and the environment (`env` reads a variable), or
+/// `None` when tracing is off.
+fn resolve_endpoint(
+    flag: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> std::result::Result<Option<String>, String> {
+    let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let endpoint = if let Some(base) = flag.filter(|f| !f.trim().is_empty()) {
+        format!("{}{TRACES_PATH}", base.trim().trim_end_matches('/'))
+    } else if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        || set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none")
+    {
+        return Ok(None);
+    } else if let Some(url) = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        url.trim().to_string()
+    } else if let Some(base) = set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        format!("{}{TRACES_PATH}", base.trim().trim_end_matches('/'))
+    } else {
+        return Ok(None);
+    };
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(protocol) = set(name)
+            && protocol.trim() != "http/protobuf"
+        {
+            return Err(format!(
+                "{name}={protocol}: the runtime exports traces with OTLP over HTTP (http/protobuf) only; point the endpoint at the collector's HTTP port (4318) and unset {name}"
+            ));
+        }
+    }
+    let uri: hyper::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("the OTLP endpoint {endpoint:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") if uri.host().is_some() => Ok(Some(endpoint)),
+        Some("https") => Err(format!(
+            "the OTLP endpoint {endpoint} uses https, and the exporter is built without TLS: send to a collector over http (a local agent or sidecar)"
+        )),
+        _ => Err(format!(
+            "the OTLP endpoint {endpoint:?} must be an http:// URL (http://127.0.0.1:4318)"
+        )),
+    }
+}
+
+/// `service.name` from `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`, else
+/// [`DEFAULT_SERVICE_NAME`]; the other `OTEL_RESOURCE_ATTRIBUTES` as they are.
+fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| name.as_str() != "unknown_service");
+    let builder = Resource::builder()
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_attributes(
+            detected
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+        );
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name(DEFAULT_SERVICE_NAME).build()
+    }
+}
+
+/// The exporter's HTTP client: hyper's, its requests run on the runtime's tokio
+/// runtime (the batch exporter sends from a thread of its own, outside any runtime).
+#[derive(Debug)]
+struct RuntimeHttpClient {
+    inner: opentelemetry_http::hyper::HyperClient,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl opentelemetry_http::HttpClient for RuntimeHttpClient {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+    ) -> std::result::Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
+        let client = self.inner.clone();
+        self.runtime
+            .spawn(async move { client.send_bytes(request).await })
+            .await?
+    }
+}
+
+/// Writes the trace context into message headers (empty values, such as an empty
+/// `tracestate`, are left out).
+struct HeaderInjector<'a>(&'a mut Headers);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if !value.is_empty() {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Reads the trace context from message headers (string values only).
+struct HeaderExtractor<'a>(&'a Headers);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(HeaderValue::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// The trace context a message's headers carry (an empty context without one, or with
+/// one that does not parse).
+pub fn extract(headers: &Headers) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// Writes the context of `span` into `headers` (nothing when the span has no valid
+/// OpenTelemetry context, as without the layer).
+pub fn inject(span: &tracing::Span, headers: &mut Headers) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
+}
+
+/// The bytes `traceparent` and a `tracestate` of up to 512 bytes (the W3C limit) add.
+const CONTEXT_BYTES: usize = TRACEPARENT.len() + 55 + TRACESTATE.len() + 512;
+
+/// `messaging.system` for a driver: `rabbitmq` for the AMQP 0-9-1 driver (RabbitMQ
+/// only), the driver's kind name otherwise (`amqp10`, which may be RabbitMQ or
+/// Artemis, `redis`, `memory`).
+pub fn messaging_system(driver: &str) -> &str {
+    match driver {
+        "amqp" => "rabbitmq",
+        other => other,
+    }
+}
+
+/// The span a delivery is handled in, its parent the context the message carries.
+pub fn delivery_span(driver: &str, queue: &QueueId, message: &Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "process",
+        otel.name = %format_args!("{queue} process"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        messaging.system = messaging_system(driver),
+        messaging.destination.name = %queue,
+        messaging.operation = "process",
+        messaging.message.id = %message.id,
+        messaging.queue.attempts = i64::from(message.headers.attempts()),
+    );
+    let parent = extract(&message.headers);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The span a `process.lua` instance runs in: a root, so what it publishes starts a
+/// trace.
+pub fn process_span(process: &str, instance: u32) -> tracing::Span {
+    tracing::info_span!(
+        target: TARGET,
+        parent: None,
+        "run",
+        otel.name = %format_args!("{process} run"),
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        queue.process = %process,
+        queue.process.instance = i64::from(instance),
+    )
+}
+
+/// Marks the current span (a delivery's or a process's) failed, with why.
+pub fn record_failure(reason: &str) {
+    if enabled() {
+        let span = tracing::Span::current();
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", reason);
+    }
+}
+
+/// The `<queue> publish` span for messages about to be published, with their headers
+/// given its context; `None` (and nothing injected) when every message already
+/// carries a `traceparent` or has no room for one.
+fn publish_span(driver: &str, queue: &QueueId, messages: &mut [Message]) -> Option<tracing::Span> {
+    let untraced = |m: &Message| {
+        !m.headers.contains(TRACEPARENT)
+            && m.headers.byte_size() + CONTEXT_BYTES <= MAX_HEADER_BYTES
+    };
+    if !messages.iter().any(untraced) {
+        return None;
+    }
+    let span = tracing::info_span!(
+        target: TARGET,
+        "publish",
+        otel.name = %format_args!("{queue} publish"),
+        otel.kind = "producer",
+        messaging.system = messaging_system(driver),
+        messaging.destination.name = %queue,
+        messaging.operation = "publish",
+        messaging.message.id = tracing::field::Empty,
+        messaging.batch.message_count = tracing::field::Empty,
+    );
+    if let [one] = &*messages {
+        span.record("messaging.message.id", one.id.as_str());
+    } else {
+        span.record("messaging.batch.message_count", messages.len() as i64);
+    }
+    for message in messages.iter_mut().filter(|m| untraced(m)) {
+        inject(&span, &mut message.headers);
+    }
+    Some(span)
+}
+
+/// A driver layer that gives published messages the trace context (see the module
+/// docs). [`Traced::layer`] adds it only while tracing is [`enabled`].
+pub struct Traced {
+    inner: Arc<dyn Driver>,
+}
+
+impl Traced {
+    /// Wraps a driver when tracing is on; returns it as it is otherwise.
+    pub fn layer(inner: Arc<dyn Driver>) -> Arc<dyn Driver> {
+        if enabled() {
+            Arc::new(Traced { inner })
+        } else {
+            inner
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for Traced {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn declare(&self, spec: &QueueSpec) -> Result<()> {
+        self.inner.declare(spec).await
+    }
+    async fn publish(&self, queue: &QueueId, mut message: Message) -> Result<()> {
+        match publish_span(self.inner.name(), queue, std::slice::from_mut(&mut message)) {
+            Some(span) => self.inner.publish(queue, message).instrument(span).await,
+            None => self.inner.publish(queue, message).await,
+        }
+    }
+    async fn publish_batch(&self, queue: &QueueId, mut messages: Vec<Message>) -> Result<()> {
+        match publish_span(self.inner.name(), queue, &mut messages) {
+            Some(span) => {
+                self.inner
+                    .publish_batch(queue, messages)
+                    .instrument(span)
+                    .await
+            }
+            None => self.inner.publish_batch(queue, messages).await,
+        }
+    }
+    async fn consume(
+        &self,
+        queue: &QueueId,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn Subscription>> {
+        self.inner.consume(queue, options).await
+    }
+    async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
+        self.inner.info(queue).await
+    }
+    fn acked_total(&self, queue: &QueueId) -> Option<u64> {
+        self.inner.acked_total(queue)
+    }
+    fn connection(&self) -> Option<queue_core::ConnectionReport> {
+        self.inner.connection()
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn the_endpoint_comes_from_the_flag_then_the_environment() {
+        let none = env(&[]);
+        assert_eq!(resolve_endpoint(None, &none).unwrap(), None);
+        assert_eq!(
+            resolve_endpoint(Some("http://127.0.0.1:4318/"), &none).unwrap(),
+            Some("http://127.0.0.1:4318/v1/traces".to_string())
+        );
+        let base = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]);
+        assert_eq!(
+            resolve_endpoint(None, &base).unwrap(),
+            Some("http://collector:4318/v1/traces".to_string())
+        );
+        assert_eq!(
+            resolve_endpoint(Some("http://flag:1"), &base).unwrap(),
+            Some("http://flag:1/v1/traces".to_string()),
+            "the flag wins"
+        );
+        let traces = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://other:4318/custom",
+            ),
+        ]);
+        assert_eq!(
+            resolve_endpoint(None, &traces).unwrap(),
+            Some("http://other:4318/custom".to_string())
+        );
+        let disabled = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ]);
+        assert_eq!(resolve_endpoint(None, &disabled).unwrap(), None);
+    }
+
+    #[test]
+    fn endpoints_the_exporter_cannot_reach_are_refused() {
+        let none = env(&[]);
+        assert!(
+            resolve_endpoint(Some("https://collector:4318"), &none)
+                .unwrap_err()
+                .contains("TLS")
+        );
+        assert!(resolve_endpoint(Some("collector:4318"), &none).is_err());
+        let grpc = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        assert!(
+            resolve_endpoint(None, &grpc)
+                .unwrap_err()
+                .contains("http/protobuf")
+        );
+    }
+
+    #[test]
+    fn the_context_round_trips_through_headers() {
+        let mut headers = Headers::new();
+        headers.insert(
+            TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        headers.insert(TRACESTATE, "vendor=value");
+        let cx = extract(&headers);
+        let span = cx.span();
+        let sc = span.span_context();
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+        assert_eq!(sc.trace_state().header(), "vendor=value");
+
+        let mut out = Headers::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut out));
+        assert_eq!(out.get(TRACEPARENT), headers.get(TRACEPARENT));
+        assert_eq!(out.get(TRACESTATE), headers.get(TRACESTATE));
+    }
+
+    #[test]
+    fn nothing_is_injected_without_a_context() {
+        let mut headers = Headers::new();
+        inject(&tracing::Span::none(), &mut headers);
+        assert!(headers.is_empty());
+        let mut int = Headers::new();
+        int.insert(TRACEPARENT, 5i64);
+        assert!(!extract(&int).span().span_context().is_valid());
+    }
+}
