@@ -279,6 +279,7 @@ impl LuaHost {
                 format!("the handler ran longer than its timeout of {limit:?}"),
             )
         });
+        let deadline_at = deadline.as_ref().map(|d| d.at);
         let state = Rc::new(DeliveryState {
             context: delivery,
             settled: Default::default(),
@@ -303,14 +304,25 @@ impl LuaHost {
         match result {
             Err(e) => Outcome::Nack {
                 reason: format!("{} raised: {e}", handler.name),
-                retryable: state.raised_retryable.get().unwrap_or(true),
+                // A run that ended at its deadline timed out, whatever error it was
+                // raising then.
+                retryable: timed_out(deadline_at) || state.raised_retryable.get().unwrap_or(true),
             },
             Ok(values) => {
                 let first = values.front().cloned().unwrap_or(LuaValue::Nil);
                 let second = values.get(1).cloned().unwrap_or(LuaValue::Nil);
                 if !second.is_nil() {
+                    // The error's `__index` or `__tostring` is Lua, run here after the
+                    // coroutine ended: under a deadline of its own.
+                    let reason = self.clock.within(
+                        Deadline::after(
+                            DESCRIBE_TIME,
+                            "describing the handler's error took too long".to_string(),
+                        ),
+                        || describe(&second),
+                    );
                     Outcome::Nack {
-                        reason: describe(&second),
+                        reason,
                         retryable: retryable(&second),
                     }
                 } else if first == LuaValue::Boolean(false) {
@@ -448,6 +460,14 @@ fn guard(lua: &Lua) -> mlua::Result<Function> {
         globals.raw_get::<Function>("error")?,
         note,
     ))
+}
+
+/// How long the Lua of a returned error value (its `__index`, `__tostring`) may take
+/// to describe it.
+const DESCRIBE_TIME: Duration = Duration::from_secs(1);
+
+fn timed_out(deadline: Option<std::time::Instant>) -> bool {
+    deadline.is_some_and(|at| std::time::Instant::now() >= at)
 }
 
 /// Whether an error a handler returned (`return nil, err`) is worth another attempt:

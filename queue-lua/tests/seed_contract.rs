@@ -232,6 +232,25 @@ async fn only_an_error_value_that_says_so_is_not_retryable() {
     }
 }
 
+/// An error value whose `__index` loops is described under a deadline of its own:
+/// the handler fails, the worker goes on.
+#[tokio::test]
+async fn an_error_value_that_loops_when_read_still_fails_the_handler() {
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        outcome_of("returns_a_looping_error"),
+    )
+    .await
+    .expect("the worker is not held by the error's __index");
+    match outcome.0 {
+        Outcome::Nack { reason, retryable } => {
+            assert_eq!(reason, "a table error");
+            assert!(retryable);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_raised_error_carries_the_lua_location() {
     match outcome_of("raises").await.0 {

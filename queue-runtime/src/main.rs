@@ -433,6 +433,14 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
         println!("nothing deleted");
         return Ok(ExitCode::FAILURE);
     }
+    // Where a replayed copy may go: a broker queue (one on the embedded memory driver
+    // would vanish with this process).
+    let on_a_broker: std::collections::HashSet<queue_core::QueueId> = plan
+        .queues
+        .iter()
+        .map(|q| q.spec.id.clone())
+        .filter(|q| !plan.is_in_memory(q))
+        .collect();
     let host = broker_only(plan, &kinds).await?;
     let driver = host
         .queues()
@@ -451,16 +459,25 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
             .map(|purged| println!("purged {purged} message(s) from {id}")),
         Tool::Replay(options) => {
             let mut show = |m: &queue_core::Message| println!("{}", tools::show(m));
-            tools::replay(host.queues(), &id, &options, &mut show)
+            let reachable = |q: &queue_core::QueueId| on_a_broker.contains(q);
+            tools::replay(host.queues(), &id, &options, &reachable, &mut show)
                 .await
-                .map(|r| {
+                .and_then(|r| {
                     println!(
-                        "replayed {} dead letter(s) from {id}; left there: {} skipped{}, {} with no declared x_original_queue",
+                        "{} {} dead letter(s) from {id}; left there: {} skipped, {} with no x_original_queue a copy can go to, {} refused by their queue",
+                        if options.dry_run { "would replay" } else { "replayed" },
                         r.replayed,
                         r.skipped,
-                        if options.dry_run { " (dry run)" } else { "" },
-                        r.no_target
-                    )
+                        r.no_target,
+                        r.failed,
+                    );
+                    match r.first_failure {
+                        Some(why) => Err(queue_core::Error::internal(format!(
+                            "{} dead letter(s) could not be replayed, e.g.: {why}",
+                            r.failed
+                        ))),
+                        None => Ok(()),
+                    }
                 })
         }
     };

@@ -331,13 +331,15 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     (None, Some(source), Some(method)) => {
                         (entry.path(source), method.clone(), (entry, &c.sandbox))
                     }
-                    (None, None, Some(method)) => match source_defining(config, entry, method) {
-                        Ok(source) => (source, method.clone(), (entry, &c.sandbox)),
-                        Err(e) => {
-                            errors.push(e);
-                            continue;
+                    (None, None, Some(method)) => {
+                        match source_defining(config, entry, &c.sandbox, method) {
+                            Ok(source) => (source, method.clone(), (entry, &c.sandbox)),
+                            Err(e) => {
+                                errors.push(e);
+                                continue;
+                            }
                         }
-                    },
+                    }
                     _ => continue, // refused while parsing
                 };
                 let opt_in = match opt_in(sandbox.0, sandbox.1) {
@@ -433,38 +435,58 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
 /// is found"): among the Lua file named like the entry's YAML file beside it
 /// (`app.yaml` -> `app.lua`) and every `source:` of the configuration, the one file
 /// that defines it. None, or several, is an error naming the files looked at.
-fn source_defining(config: &Config, entry: &Entry, method: &str) -> Result<PathBuf, ConfigError> {
-    let mut candidates = vec![entry.file.with_extension("lua")];
+fn source_defining(
+    config: &Config,
+    entry: &Entry,
+    sandbox: &SandboxConfig,
+    method: &str,
+) -> Result<PathBuf, ConfigError> {
+    // Each file is loaded as `check` loads it for the entry that names it (the file
+    // beside the YAML, for this consumer): with what that entry opts into.
+    let mut candidates = vec![(entry.file.with_extension("lua"), opt_in(entry, sandbox)?)];
     for other in &config.entries {
-        let source = match &other.kind {
-            EntryKind::Consumer(c) => c.source.as_deref(),
-            EntryKind::Process(p) => Some(p.source.as_str()),
-            EntryKind::Function(f) => Some(f.source.as_str()),
-            _ => None,
+        let (source, sandbox) = match &other.kind {
+            EntryKind::Consumer(c) => match &c.source {
+                Some(source) => (source, &c.sandbox),
+                None => continue,
+            },
+            EntryKind::Process(p) => (&p.source, &p.sandbox),
+            EntryKind::Function(f) => (&f.source, &f.sandbox),
+            _ => continue,
         };
-        if let Some(path) = source.map(|s| other.path(s)) {
-            candidates.push(path);
+        if let Ok(opt_in) = opt_in(other, sandbox) {
+            candidates.push((other.path(source), opt_in));
         }
     }
     // One file reached by two spellings (`app.lua`, `./app.lua`) is looked at once.
     let mut seen = std::collections::HashSet::new();
-    candidates.retain(|path| seen.insert(std::fs::canonicalize(path).unwrap_or(path.clone())));
+    candidates.retain(|(path, _)| seen.insert(std::fs::canonicalize(path).unwrap_or(path.clone())));
     let mut defining = Vec::new();
+    let mut unknown = Vec::new();
     let mut looked = Vec::new();
-    for path in candidates {
+    for (path, opt_in) in candidates {
         let name = path.display().to_string();
         if !path.is_file() {
             looked.push(format!("{name} (no such file)"));
             continue;
         }
-        match queue_lua::check_source(&path, method, OptIn::default()) {
+        match queue_lua::check_source(&path, method, opt_in) {
             Ok(SourceCheck::Defines) => defining.push(path),
-            Ok(SourceCheck::NotRun { .. }) => {
-                looked.push(format!("{name} (needs an opt-in to load, so not searched)"))
-            }
+            Ok(SourceCheck::NotRun { .. }) => unknown.push(name),
             // "FILE defines no function ...", or why FILE does not load.
             Err(e) => looked.push(e.message().to_string()),
         }
+    }
+    // A file `check` cannot run (its top level needs an opt-in) might define the
+    // method too: never guess past it.
+    if !unknown.is_empty() {
+        return Err(entry.error(
+            Some("method"),
+            format!(
+                "cannot tell which Lua file defines {method:?}: the top level of {} needs what its entry opts into, which check does not run; add `source: FILE`",
+                unknown.join(", ")
+            ),
+        ));
     }
     match defining.len() {
         1 => Ok(defining.remove(0)),
@@ -732,6 +754,27 @@ mod tests {
         std::fs::remove_file(dir.path().join("app.lua")).unwrap();
         let found = planned(dir.path()).unwrap();
         assert_eq!(found.consumers[0].source, dir.path().join("./other.lua"));
+
+        // A file whose top level needs an opt-in cannot be searched at check time: it
+        // might define the method too, so nothing is guessed.
+        std::fs::write(
+            &yaml,
+            seed_entry.replace(
+                "    method: handle_email\n",
+                "    method: handle_email\n    sandbox:\n      allow: [os]\n",
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("app.lua"),
+            "local home = os.getenv('HOME')\nfunction handle_email() end\n",
+        )
+        .unwrap();
+        let e = planned(dir.path()).unwrap_err().0.remove(0);
+        assert!(
+            e.message.contains("cannot tell") && e.message.contains("app.lua"),
+            "{e}"
+        );
     }
 
     #[test]

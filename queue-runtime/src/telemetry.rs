@@ -193,9 +193,17 @@ fn resolve_endpoint(
             ));
         }
     }
-    let uri: hyper::Uri = endpoint
-        .parse()
-        .map_err(|e| format!("the OTLP endpoint {endpoint:?} is not a URL: {e}"))?;
+    let uri: hyper::Uri = endpoint.parse().map_err(|e| {
+        format!(
+            "the OTLP endpoint {:?} is not a URL: {e}",
+            queue_core::redact_url(&endpoint)
+        )
+    })?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "the OTLP endpoint has credentials in it, which the exporter does not send (and which must not reach a log): give the collector's address alone".to_string(),
+        );
+    }
     match uri.scheme_str() {
         Some("http") if uri.host().is_some() => Ok(Some(endpoint)),
         Some("https") => Err(format!(
@@ -271,8 +279,13 @@ impl Injector for HeaderInjector<'_> {
 struct HeaderExtractor<'a>(&'a Headers);
 
 impl Extractor for HeaderExtractor<'_> {
+    /// A `tracestate` past the W3C limit of 512 bytes is not read: another client's
+    /// oversized one would otherwise be copied into every message downstream.
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(HeaderValue::as_str)
+        self.0
+            .get(key)
+            .and_then(HeaderValue::as_str)
+            .filter(|v| key != TRACESTATE || v.len() <= MAX_TRACESTATE_BYTES)
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -292,8 +305,11 @@ pub fn inject(span: &tracing::Span, headers: &mut Headers) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
 }
 
-/// The bytes `traceparent` and a `tracestate` of up to 512 bytes (the W3C limit) add.
-const CONTEXT_BYTES: usize = TRACEPARENT.len() + 55 + TRACESTATE.len() + 512;
+/// The longest `tracestate` read or written (the W3C limit).
+const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// The bytes `traceparent` and a `tracestate` of up to 512 bytes add.
+const CONTEXT_BYTES: usize = TRACEPARENT.len() + 55 + TRACESTATE.len() + MAX_TRACESTATE_BYTES;
 
 /// `messaging.system` for a driver: `rabbitmq` for the AMQP 0-9-1 driver (RabbitMQ
 /// only), the driver's kind name otherwise (`amqp10`, which may be RabbitMQ or
@@ -343,12 +359,16 @@ pub fn process_span(process: &str, instance: u32) -> tracing::Span {
     )
 }
 
-/// Marks the current span (a delivery's or a process's) failed, with why.
+/// Marks the current span (a delivery's or a process's) failed, with why (cut to 4
+/// KiB, as a dead letter's reason is: a handler's error can be as long as its input).
 pub fn record_failure(reason: &str) {
     if enabled() {
         let span = tracing::Span::current();
         span.record("otel.status_code", "ERROR");
-        span.record("otel.status_description", reason);
+        span.record(
+            "otel.status_description",
+            queue_core::truncate(reason, 4096).as_str(),
+        );
     }
 }
 
@@ -381,6 +401,11 @@ fn publish_span(driver: &str, queue: &QueueId, messages: &mut [Message]) -> Opti
     }
     for message in messages.iter_mut().filter(|m| untraced(m)) {
         inject(&span, &mut message.headers);
+        // What the propagator wrote must leave the headers within their limit.
+        if message.headers.byte_size() > MAX_HEADER_BYTES {
+            message.headers.remove(TRACEPARENT);
+            message.headers.remove(TRACESTATE);
+        }
     }
     Some(span)
 }
@@ -508,6 +533,13 @@ mod tests {
                 .contains("TLS")
         );
         assert!(resolve_endpoint(Some("collector:4318"), &none).is_err());
+        for with_credentials in [
+            "http://u:s3cret@collector:4318",
+            "http://u:s3cret@coll ector",
+        ] {
+            let e = resolve_endpoint(Some(with_credentials), &none).unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
         let grpc = env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
@@ -517,6 +549,22 @@ mod tests {
                 .unwrap_err()
                 .contains("http/protobuf")
         );
+    }
+
+    #[test]
+    fn an_oversized_tracestate_from_another_client_is_not_carried_on() {
+        let mut headers = Headers::new();
+        headers.insert(
+            TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        let huge: Vec<String> = (0..400)
+            .map(|i| format!("k{i}={}", "v".repeat(200)))
+            .collect();
+        headers.insert(TRACESTATE, huge.join(","));
+        let context = extract(&headers);
+        assert!(context.span().span_context().is_valid());
+        assert!(context.span().span_context().trace_state().header().len() <= MAX_TRACESTATE_BYTES);
     }
 
     #[test]

@@ -55,113 +55,120 @@ pub fn show(message: &Message) -> serde_json::Value {
     })
 }
 
+/// What a visitor tells the read: go on, or stop reading (what it has is enough).
+#[derive(PartialEq, Eq)]
+enum Next {
+    More,
+    Stop,
+}
+
 /// Reads a queue once through (at most `limit`, and at most [`MAX_HELD`] at a time),
-/// handing each delivery to `visit`, which settles it or keeps it; `visit` releases
-/// what it kept at the end. Returns how many were read.
+/// handing each delivery to `visit`, which settles it or keeps it. Then it cancels its
+/// subscription, which gives back every delivery still unsettled (the drivers'
+/// contract), before `visit` drops what it kept: a released message is not handed to
+/// the same subscription again. Returns how many were read.
 async fn read_through(
     driver: &Arc<dyn Driver>,
     queue: &QueueId,
     limit: Option<u64>,
-    visit: &mut dyn AsyncVisit,
+    visit: &mut dyn Visit,
 ) -> Result<u64> {
     let waiting = driver.info(queue).await.ok().and_then(|i| i.ready);
     let to_read = match (waiting, limit) {
         (Some(w), Some(l)) => Some(w.min(l)),
         (w, l) => w.or(l),
-    };
+    }
+    .map(|n| n.min(u64::from(MAX_HELD)));
     if to_read == Some(0) {
         return Ok(0);
     }
-    let prefetch = to_read.map_or(MAX_HELD, |n| n.clamp(1, u64::from(MAX_HELD)) as u32);
+    let prefetch = to_read.map_or(MAX_HELD, |n| n.max(1) as u32);
     let mut subscription = driver.consume(queue, ConsumeOptions { prefetch }).await?;
     let mut read = 0u64;
+    // A driver that counts: the messages are there, wait for them (bounded all the
+    // same). One that cannot: a quiet spell ends the read.
+    let patience = if waiting.is_some() { QUIET * 15 } else { QUIET };
     let result = loop {
         if to_read.is_some_and(|n| read >= n) || read >= u64::from(MAX_HELD) {
             break Ok(());
         }
-        // A driver that counts: the messages are there, wait for them (bounded all
-        // the same). One that cannot: a quiet spell ends the read.
-        let patience = if waiting.is_some() { QUIET * 15 } else { QUIET };
         let delivery = match tokio::time::timeout(patience, subscription.next()).await {
             Err(_) | Ok(None) => break Ok(()),
             Ok(Some(Err(e))) => break Err(e),
             Ok(Some(Ok(d))) => d,
         };
         read += 1;
-        if let Err(e) = visit.visit(delivery).await {
-            break Err(e);
+        match visit.visit(delivery).await {
+            Ok(Next::More) => {}
+            Ok(Next::Stop) => break Ok(()),
+            Err(e) => break Err(e),
         }
     };
-    visit.finish().await;
-    let _ = subscription.cancel().await;
+    if let Err(e) = subscription.cancel().await {
+        tracing::warn!(error = %e, %queue, "could not cancel the subscription; the broker gives its messages back when the connection closes");
+    }
+    visit.kept().clear();
     result.map(|()| read)
 }
 
-/// What a tool does with each delivery it reads.
+/// What a tool does with each delivery it reads: settle it, or keep it unsettled
+/// until the read ends (it then goes back to its queue).
 #[async_trait::async_trait(?Send)]
-trait AsyncVisit {
-    async fn visit(&mut self, delivery: Delivery) -> Result<()>;
-    /// Releases what it kept.
-    async fn finish(&mut self);
+trait Visit {
+    async fn visit(&mut self, delivery: Delivery) -> Result<Next>;
+    /// The deliveries it kept.
+    fn kept(&mut self) -> &mut Vec<Delivery>;
 }
 
-/// Deliveries a tool only looked at: released back to their queue at the end.
-#[derive(Default)]
-struct Held(Vec<Delivery>);
-
-impl Held {
-    async fn release_all(&mut self) {
-        for delivery in self.0.drain(..) {
-            if let Err(e) = delivery.release().await {
-                tracing::warn!(error = %e, id = %delivery.message().id, "could not release a message; the broker gives it back when the connection closes");
-            }
-        }
-    }
-}
-
-/// Shows up to `limit` messages of a queue without taking them: each is released
-/// back to the queue once all were read.
+/// Shows up to `limit` messages of a queue without taking them: each goes back to the
+/// queue once all were read.
 pub async fn peek(driver: &Arc<dyn Driver>, queue: &QueueId, limit: u64) -> Result<Vec<Message>> {
+    #[derive(Default)]
     struct Peek {
-        held: Held,
+        kept: Vec<Delivery>,
         seen: Vec<Message>,
     }
     #[async_trait::async_trait(?Send)]
-    impl AsyncVisit for Peek {
-        async fn visit(&mut self, delivery: Delivery) -> Result<()> {
+    impl Visit for Peek {
+        async fn visit(&mut self, delivery: Delivery) -> Result<Next> {
             self.seen.push(delivery.message().clone());
-            self.held.0.push(delivery);
-            Ok(())
+            self.kept.push(delivery);
+            Ok(Next::More)
         }
-        async fn finish(&mut self) {
-            self.held.release_all().await;
+        fn kept(&mut self) -> &mut Vec<Delivery> {
+            &mut self.kept
         }
     }
-    let mut peek = Peek {
-        held: Held::default(),
-        seen: Vec::new(),
-    };
+    let mut peek = Peek::default();
     read_through(driver, queue, Some(limit), &mut peek).await?;
     Ok(peek.seen)
 }
 
 /// Removes the messages a queue holds when it starts (acknowledges each); returns
-/// how many.
+/// how many. With a driver that cannot count, one read: up to [`MAX_HELD`], until the
+/// queue is quiet.
 pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
-    struct Purge;
+    #[derive(Default)]
+    struct Purge(Vec<Delivery>);
     #[async_trait::async_trait(?Send)]
-    impl AsyncVisit for Purge {
-        async fn visit(&mut self, delivery: Delivery) -> Result<()> {
-            delivery.ack().await
+    impl Visit for Purge {
+        async fn visit(&mut self, delivery: Delivery) -> Result<Next> {
+            delivery.ack().await?;
+            Ok(Next::More)
         }
-        async fn finish(&mut self) {}
+        fn kept(&mut self) -> &mut Vec<Delivery> {
+            &mut self.0
+        }
     }
+    let waiting = driver.info(queue).await.ok().and_then(|i| i.ready);
     let mut purged = 0;
-    // A queue holding more than one read takes can be purged in several.
+    // A queue holding more than one read takes is purged in several, each bounded by
+    // what is left of the count taken at the start.
     loop {
-        let read = read_through(driver, queue, None, &mut Purge).await?;
+        let left = waiting.map(|w| w.saturating_sub(purged));
+        let read = read_through(driver, queue, left, &mut Purge::default()).await?;
         purged += read;
-        if read < u64::from(MAX_HELD) {
+        if waiting.is_none() || read == 0 || left.is_some_and(|l| read >= l) {
             return Ok(purged);
         }
     }
@@ -181,17 +188,24 @@ pub struct ReplayOptions {
 /// What `dlq replay` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
-    /// Moved back to their queue (published there, confirmed, then acknowledged here).
+    /// Moved back to their queue (published there, confirmed, then acknowledged here);
+    /// in a dry run, those that would be.
     pub replayed: u64,
-    /// Left in the dead-letter queue: filtered out, past the limit, or shown by a dry run.
+    /// Left in the dead-letter queue: filtered out or past the limit.
     pub skipped: u64,
-    /// Left in the dead-letter queue because their `x_original_queue` is missing or
-    /// not declared in this configuration.
+    /// Left in the dead-letter queue because their `x_original_queue` is missing, not
+    /// a queue a copy can go to (not declared, on the embedded memory driver, or the
+    /// dead-letter queue itself).
     pub no_target: u64,
+    /// Left in the dead-letter queue because their queue refused the copy.
+    pub failed: u64,
+    /// Why the first refused copy was refused.
+    pub first_failure: Option<String>,
 }
 
 /// A dead letter as it goes back to its queue: `attempts` 1, the runtime's `x_*`
-/// headers gone, its time to live restored.
+/// headers gone, its time to live restored; what cannot be published again is
+/// dropped and named in `x_dropped_headers`, as the runtime's retries do.
 pub fn revived(dead: &Message) -> Message {
     let mut copy = dead.clone();
     let expiration = copy.headers.get(names::X_ORIGINAL_EXPIRATION).cloned();
@@ -209,16 +223,24 @@ pub fn revived(dead: &Message) -> Message {
     if let Some(ttl) = expiration {
         copy.headers.insert(names::EXPIRATION, ttl);
     }
+    let dropped = copy.make_republishable();
+    if !dropped.is_empty() {
+        let note = queue_core::truncate(&dropped.join("; "), 4096);
+        copy.headers.insert(names::X_DROPPED_HEADERS, note);
+    }
     copy
 }
 
 /// Moves dead letters back to their `x_original_queue`, each confirmed there before it
-/// is acknowledged here: a crash in the middle duplicates at worst, never loses.
-/// `show` gets each one a dry run would replay.
+/// is acknowledged here: a crash in the middle duplicates at worst, never loses. A
+/// copy goes only where `reachable` says it may (a broker queue: a copy in the tool's
+/// own embedded memory driver would vanish with it). `show` gets each one a dry run
+/// would replay.
 pub async fn replay(
     queues: &Queues,
     dead_letters: &QueueId,
     options: &ReplayOptions,
+    reachable: &dyn Fn(&QueueId) -> bool,
     show: &mut dyn FnMut(&Message),
 ) -> Result<ReplayReport> {
     let driver = Arc::clone(
@@ -229,14 +251,16 @@ pub async fn replay(
     );
     struct Replay<'a> {
         queues: &'a Queues,
+        dead_letters: &'a QueueId,
         options: &'a ReplayOptions,
+        reachable: &'a dyn Fn(&QueueId) -> bool,
         show: &'a mut dyn FnMut(&Message),
-        held: Held,
+        kept: Vec<Delivery>,
         report: ReplayReport,
     }
     #[async_trait::async_trait(?Send)]
-    impl AsyncVisit for Replay<'_> {
-        async fn visit(&mut self, delivery: Delivery) -> Result<()> {
+    impl Visit for Replay<'_> {
+        async fn visit(&mut self, delivery: Delivery) -> Result<Next> {
             let message = delivery.message();
             let reason = message
                 .headers
@@ -247,43 +271,62 @@ pub async fn replay(
                 .options
                 .filter_reason
                 .as_deref()
-                .is_none_or(|text| reason.contains(text))
-                && self
-                    .options
-                    .limit
-                    .is_none_or(|limit| self.report.replayed < limit);
+                .is_none_or(|text| reason.contains(text));
             let target = message
                 .headers
                 .get(names::X_ORIGINAL_QUEUE)
                 .and_then(|q| q.as_str())
                 .and_then(|q| QueueId::parse(q).ok())
+                .filter(|q| q != self.dead_letters && (self.reachable)(q))
                 .and_then(|q| self.queues.get(&q).map(|registered| (q, registered)));
             match (wanted, target) {
                 (false, _) => self.report.skipped += 1,
                 (true, None) => self.report.no_target += 1,
                 (true, Some(_)) if self.options.dry_run => {
                     (self.show)(message);
-                    self.report.skipped += 1;
+                    self.report.replayed += 1;
                 }
                 (true, Some((target, registered))) => {
-                    registered.driver.publish(&target, revived(message)).await?;
-                    delivery.ack().await?;
-                    self.report.replayed += 1;
-                    return Ok(());
+                    match registered.driver.publish(&target, revived(message)).await {
+                        Ok(()) => {
+                            delivery.ack().await?;
+                            self.report.replayed += 1;
+                            return Ok(self.more());
+                        }
+                        Err(e) => {
+                            tracing::warn!(id = %message.id, queue = %target, error = %e, "the queue refused a replayed dead letter; it stays in the dead-letter queue");
+                            self.report.failed += 1;
+                            self.report.first_failure.get_or_insert(e.to_string());
+                        }
+                    }
                 }
             }
-            self.held.0.push(delivery);
-            Ok(())
+            self.kept.push(delivery);
+            Ok(self.more())
         }
-        async fn finish(&mut self) {
-            self.held.release_all().await;
+        fn kept(&mut self) -> &mut Vec<Delivery> {
+            &mut self.kept
         }
+    }
+    impl Replay<'_> {
+        /// Past the limit, the rest of the queue is not worth reading.
+        fn more(&self) -> Next {
+            match self.options.limit {
+                Some(limit) if self.report.replayed >= limit => Next::Stop,
+                _ => Next::More,
+            }
+        }
+    }
+    if options.limit == Some(0) {
+        return Ok(ReplayReport::default());
     }
     let mut replay = Replay {
         queues,
+        dead_letters,
         options,
+        reachable,
         show,
-        held: Held::default(),
+        kept: Vec::new(),
         report: ReplayReport::default(),
     };
     read_through(&driver, dead_letters, None, &mut replay).await?;

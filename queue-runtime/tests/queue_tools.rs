@@ -53,14 +53,24 @@ fn dead() -> QueueId {
 
 impl Queues {
     async fn new(driver: &str) -> Queues {
+        Queues::with(driver, "").await
+    }
+
+    /// With more entries in the configuration.
+    async fn with(driver: &str, extra: &str) -> Queues {
         let suffix = queue_core::new_message_id().replace('-', "")[20..].to_string();
         let names = [
             format!("qt-{suffix}-jobs"),
             format!("qt-{suffix}-dead"),
             format!("qt-{suffix}-dead.dlq"),
         ];
+        let driver_entry = if extra.is_empty() {
+            ""
+        } else {
+            "    driver: rabbit\n"
+        };
         let yaml = format!(
-            "namespace: app\nentries:\n{}  - name: jobs\n    kind: queue.queue\n    queue_name: {}\n    durable: false\n    dead_letter: dead\n  - name: dead\n    kind: queue.queue\n    queue_name: {}\n    durable: false\n",
+            "namespace: app\nentries:\n{}  - name: jobs\n    kind: queue.queue\n    queue_name: {}\n    durable: false\n    dead_letter: dead\n{driver_entry}  - name: dead\n    kind: queue.queue\n    queue_name: {}\n    durable: false\n{driver_entry}{extra}",
             driver_yaml(driver),
             names[0],
             names[1]
@@ -112,10 +122,26 @@ impl Queues {
 
     /// `count` dead letters numbered from `first`, their reason `reason`.
     async fn dead_letters(&self, first: i64, count: i64, reason: &str) {
+        self.dead_letters_from(first, count, reason, "app:jobs", &[])
+            .await;
+    }
+
+    /// Dead letters that failed in `original`, with more headers.
+    async fn dead_letters_from(
+        &self,
+        first: i64,
+        count: i64,
+        reason: &str,
+        original: &str,
+        more: &[(&str, HeaderValue)],
+    ) {
         for n in first..first + count {
             let mut message = numbered(n);
+            for (k, v) in more {
+                message.headers.insert(*k, v.clone());
+            }
             for (k, v) in [
-                (names::X_ORIGINAL_QUEUE, HeaderValue::from("app:jobs")),
+                (names::X_ORIGINAL_QUEUE, HeaderValue::from(original)),
                 (names::X_DEAD_LETTER_REASON, HeaderValue::from(reason)),
                 (names::X_ORIGINAL_ATTEMPTS, HeaderValue::Int(3)),
                 (names::ATTEMPTS, HeaderValue::Int(1)),
@@ -228,7 +254,24 @@ async fn peek_replay_and_purge(driver: &str) {
         10,
         "{out}"
     );
-    assert!(out.contains("replayed 0 dead letter(s)"), "{out}");
+    assert!(out.contains("would replay 10 dead letter(s)"), "{out}");
+    assert_eq!((q.ready(&dead()).await, q.ready(&jobs()).await), (20, 0));
+    // With a limit, a dry run shows only what the real one would move.
+    let (out, _) = q.run(&[
+        "dlq",
+        "replay",
+        "app:dead",
+        "-c",
+        "app.yaml",
+        "--dry-run",
+        "--limit",
+        "3",
+    ]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with('{')).count(),
+        3,
+        "{out}"
+    );
     assert_eq!((q.ready(&dead()).await, q.ready(&jobs()).await), (20, 0));
 
     // A filter and a limit move exactly what they select.
@@ -337,6 +380,63 @@ async fn a_replay_killed_midway_loses_nothing(driver: &str) {
     q.delete().await;
 }
 
+/// Dead letters a replay must not lose or mangle: one whose queue is on the embedded
+/// memory driver (a copy there would vanish with the tool), one whose queue is the
+/// dead-letter queue itself, one whose time to live cannot be published again. The
+/// first two stay; the third moves without the bad header, which is named.
+async fn odd_dead_letters_stay_or_move_safely(driver: &str) {
+    let q = Queues::with(
+        driver,
+        "  - name: mem\n    kind: queue.driver.memory\n  - name: local\n    kind: queue.queue\n    driver: mem\n",
+    )
+    .await;
+    q.dead_letters_from(0, 1, "boom", "app:local", &[]).await;
+    q.dead_letters_from(1, 1, "boom", "app:dead", &[]).await;
+    q.dead_letters_from(
+        2,
+        1,
+        "boom",
+        "app:jobs",
+        &[(names::X_ORIGINAL_EXPIRATION, HeaderValue::from("soon"))],
+    )
+    .await;
+    let (out, _) = q.run(&["dlq", "replay", "app:dead", "-c", "app.yaml"]);
+    assert!(
+        out.contains("replayed 1 dead letter(s)")
+            && out.contains("2 with no x_original_queue a copy can go to"),
+        "{out}"
+    );
+    assert_eq!((q.ready(&dead()).await, q.ready(&jobs()).await), (2, 1));
+    let mut sub = within(
+        "consume",
+        q.client.consume(&jobs(), ConsumeOptions { prefetch: 1 }),
+    )
+    .await
+    .expect("consume");
+    let moved = next(&mut sub).await;
+    assert_eq!(number_of(&moved), 2);
+    let headers = &moved.message().headers;
+    assert!(!headers.contains(names::EXPIRATION), "{headers:?}");
+    assert!(
+        headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(|h| h.as_str())
+            .is_some_and(|h| h.contains("expiration")),
+        "{headers:?}"
+    );
+    within("ack", moved.ack()).await.expect("ack");
+    within("cancel", sub.cancel()).await.expect("cancel");
+    q.delete().await;
+}
+
+async fn amqp091_odd_dead_letters_stay_or_move_safely() {
+    odd_dead_letters_stay_or_move_safely("amqp091").await;
+}
+
+async fn amqp10_odd_dead_letters_stay_or_move_safely() {
+    odd_dead_letters_stay_or_move_safely("amqp10").await;
+}
+
 async fn amqp091_peek_replay_and_purge() {
     peek_replay_and_purge("amqp091").await;
 }
@@ -398,6 +498,16 @@ fn main() {
             "rabbitmq::amqp10::a_replay_killed_midway_loses_nothing",
             unavailable(),
             amqp10_a_replay_killed_midway_loses_nothing,
+        ),
+        broker_test(
+            "rabbitmq::amqp091::odd_dead_letters_stay_or_move_safely",
+            unavailable(),
+            amqp091_odd_dead_letters_stay_or_move_safely,
+        ),
+        broker_test(
+            "rabbitmq::amqp10::odd_dead_letters_stay_or_move_safely",
+            unavailable(),
+            amqp10_odd_dead_letters_stay_or_move_safely,
         ),
         broker_test("memory::tools_refuse_and_say_why", None, || async {
             tokio::task::block_in_place(the_tools_refuse_the_memory_driver_and_say_why)

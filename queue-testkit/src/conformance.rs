@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use libtest_mimic::Trial;
@@ -413,15 +414,25 @@ pub async fn competing_consumers_share_without_duplicates(ctx: &TestContext) {
         .await
         .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Neither consumer acks its first delivery before the other has one: a fast one
+    // cannot drain the queue alone before the other is even asking, and the check
+    // below then holds for any fair driver, however the tasks are scheduled.
+    let both_started = Arc::new(tokio::sync::Barrier::new(2));
+    let mut subs = Vec::new();
+    for _ in 0..2 {
+        subs.push(ctx.consume(&q, 5).await);
+    }
     let mut workers = Vec::new();
-    for worker in 0..2 {
-        let mut sub = ctx.consume(&q, 5).await;
+    for (worker, mut sub) in subs.into_iter().enumerate() {
         let tx = tx.clone();
+        let both_started = Arc::clone(&both_started);
         workers.push(tokio::spawn(async move {
+            let mut first = true;
             while let Some(Ok(d)) = sub.next().await {
                 let n = number_of(&d);
-                // Held a moment, so one fast consumer cannot drain the queue alone.
-                tokio::task::yield_now().await;
+                if std::mem::take(&mut first) {
+                    within("the other consumer's first delivery", both_started.wait()).await;
+                }
                 within("ack", d.ack()).await.unwrap();
                 if tx.send((worker, n)).is_err() {
                     break;

@@ -17,6 +17,9 @@ function M.raises_invalid_after_a_yield(payload)
   coroutine.yield()
   error(invalid())
 end
+function M.returns_a_looping_error(payload)
+  return nil, setmetatable({}, { __index = function() while true do end end })
+end
 function M.catches_invalid_then_raises_text(payload)
   pcall(error, invalid())
   error("something else")
