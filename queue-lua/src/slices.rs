@@ -21,6 +21,7 @@
 //! a slice (tests, `check`) pays only the hook's call.
 
 use std::cell::RefCell;
+use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -36,31 +37,33 @@ const CHECK_EVERY: u32 = 10_000;
 pub const SLICE: Duration = Duration::from_millis(5);
 
 /// A point in time the running code must not pass, and what to say when it does.
+/// Cheap to clone: each poll of a coroutine under a deadline hands it to the hook.
 #[derive(Clone, Debug)]
 pub(crate) struct Deadline {
     pub at: Instant,
-    pub message: String,
+    pub message: Rc<str>,
 }
 
 impl Deadline {
     /// A deadline `limit` from now.
-    pub fn after(limit: Duration, message: String) -> Deadline {
+    pub fn after(limit: Duration, message: impl Into<Rc<str>>) -> Deadline {
         Deadline {
             at: Instant::now() + limit,
-            message,
+            message: message.into(),
         }
     }
 }
 
 /// What is running on the state right now.
 struct Slice {
-    /// The coroutine that yields when its slice is over (none: nothing yields, as
-    /// for a file's top level, which is not a coroutine).
-    yields: Option<Thread>,
+    /// The coroutine that yields when its slice is over, by address (none: nothing
+    /// yields, as for a file's top level, which is not a coroutine). An address, not a
+    /// `Thread`: cloning one per poll costs a registry slot.
+    yields: Option<*const c_void>,
     ends: Instant,
     deadline: Option<Deadline>,
-    /// The thread last told to yield past the deadline.
-    yield_tried: Option<Thread>,
+    /// The thread last told to yield past the deadline, by address.
+    yield_tried: Option<*const c_void>,
 }
 
 /// The state's clock: what is running, read by the hook. One per Lua state.
@@ -96,15 +99,15 @@ impl Clock {
             // `__close` handlers with hooks off (one that loops would never end), so
             // it is the fallback, for where Lua cannot yield (the same thread is
             // back here) or where nothing waits for a yield (a file's top level).
-            let current = lua.current_thread();
-            if slice.yields.is_some() && slice.yield_tried.as_ref() != Some(&current) {
+            let current = lua.current_thread().to_pointer();
+            if slice.yields.is_some() && slice.yield_tried != Some(current) {
                 slice.yield_tried = Some(current);
                 return Ok(VmState::Yield);
             }
-            return Err(mlua::Error::runtime(deadline.message.clone()));
+            return Err(mlua::Error::runtime(&*deadline.message));
         }
-        match &slice.yields {
-            Some(thread) if now >= slice.ends && lua.current_thread() == *thread => {
+        match slice.yields {
+            Some(thread) if now >= slice.ends && lua.current_thread().to_pointer() == thread => {
                 Ok(VmState::Yield)
             }
             _ => Ok(VmState::Continue),
@@ -115,7 +118,7 @@ impl Clock {
     pub fn overdue(&self) -> Option<String> {
         let running = self.running.borrow();
         let deadline = running.as_ref()?.deadline.as_ref()?;
-        (Instant::now() >= deadline.at).then(|| deadline.message.clone())
+        (Instant::now() >= deadline.at).then(|| deadline.message.to_string())
     }
 
     /// Runs `f` (Lua code that is not a coroutine) with a deadline.
@@ -171,10 +174,10 @@ where
         if let Some((deadline, timer)) = this.deadline.as_mut()
             && (timer.as_mut().poll(cx).is_ready() || Instant::now() >= deadline.at)
         {
-            return Poll::Ready(Err(mlua::Error::runtime(deadline.message.clone())));
+            return Poll::Ready(Err(mlua::Error::runtime(&*deadline.message)));
         }
         let slice = Slice {
-            yields: Some(this.thread.clone()),
+            yields: Some(this.thread.to_pointer()),
             ends: Instant::now() + SLICE,
             deadline: this.deadline.as_ref().map(|(d, _)| d.clone()),
             yield_tried: None,
@@ -195,6 +198,8 @@ where
 /// How long the `__close` handlers of an abandoned coroutine (ended at its deadline,
 /// or stopped) may run when its future is dropped.
 const CLOSE_TIME: Duration = Duration::from_millis(100);
+const CLOSE_OVERRAN: &str =
+    "a __close handler ran longer than 100ms when its coroutine was stopped";
 
 impl<F> Drop for Sliced<F> {
     /// Dropping an unfinished coroutine runs its to-be-closed variables' `__close`
@@ -204,12 +209,12 @@ impl<F> Drop for Sliced<F> {
         let Some(future) = self.future.take() else {
             return;
         };
-        let deadline = Deadline::after(
-            CLOSE_TIME,
-            format!(
-                "a __close handler ran longer than {CLOSE_TIME:?} when its coroutine was stopped"
-            ),
-        );
+        // A coroutine that returned has nothing left to close (one that raised may:
+        // Lua closes its variables when the thread is reset).
+        if self.thread.status() == mlua::thread::ThreadStatus::Finished {
+            return;
+        }
+        let deadline = Deadline::after(CLOSE_TIME, CLOSE_OVERRAN);
         self.clock.within(deadline, || drop(future));
     }
 }
