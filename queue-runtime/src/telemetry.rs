@@ -367,7 +367,7 @@ pub fn record_failure(reason: &str) {
         span.record("otel.status_code", "ERROR");
         span.record(
             "otel.status_description",
-            queue_core::truncate(reason, 4096).as_str(),
+            queue_core::truncate(reason, queue_core::retry::MAX_REASON_BYTES).as_str(),
         );
     }
 }
