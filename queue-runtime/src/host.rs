@@ -23,8 +23,12 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for processes when no consumer sets a `stop_timeout`.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Embeds more into each worker's Lua state, once, before any handler runs (see
+/// [`HostOptions::lua_setup`]).
+pub type LuaSetup = Arc<dyn Fn(&queue_lua::LuaHost) -> Result<()> + Send + Sync>;
+
 /// How to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostOptions {
     /// Worker threads, each with one Lua state.
     pub lua_threads: usize,
@@ -35,6 +39,21 @@ pub struct HostOptions {
     /// `run --exit-when-idle` reads idleness from those counts and would otherwise end
     /// with messages still waiting.
     pub needs_queue_counts: bool,
+    /// Run on every worker's Lua state when it starts: the place to embed modules of
+    /// your own (set them in [`queue_lua::LuaHost::globals`]). A setup that fails
+    /// fails the start.
+    pub lua_setup: Option<LuaSetup>,
+}
+
+impl std::fmt::Debug for HostOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostOptions")
+            .field("lua_threads", &self.lua_threads)
+            .field("wait_for_brokers", &self.wait_for_brokers)
+            .field("needs_queue_counts", &self.needs_queue_counts)
+            .field("lua_setup", &self.lua_setup.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 impl Default for HostOptions {
@@ -44,6 +63,7 @@ impl Default for HostOptions {
             lua_threads: cores.clamp(1, 8),
             wait_for_brokers: false,
             needs_queue_counts: false,
+            lua_setup: None,
         }
     }
 }
@@ -174,7 +194,13 @@ impl Host {
                 .await
                 .map_err(|e| e.context(format!("declare {}", q.spec.id)))?;
         }
-        let workers = Workers::start(options.lua_threads, &queues, plan.strict, plan.lua_limits)?;
+        let workers = Workers::start(
+            options.lua_threads,
+            &queues,
+            plan.strict,
+            plan.lua_limits,
+            options.lua_setup.clone(),
+        )?;
         let (stop, _) = watch::channel(false);
         let busy = Busy::default();
         let mut consumers = Vec::new();

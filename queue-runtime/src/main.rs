@@ -519,8 +519,7 @@ async fn broker_only(mut plan: Plan, kinds: &DriverKinds) -> Result<Host, String
         kinds,
         HostOptions {
             lua_threads: 1,
-            wait_for_brokers: false,
-            needs_queue_counts: false,
+            ..HostOptions::default()
         },
     )
     .await

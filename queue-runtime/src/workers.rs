@@ -138,6 +138,7 @@ impl Workers {
         queues: &Queues,
         strict: bool,
         limits: queue_lua::Limits,
+        setup: Option<crate::host::LuaSetup>,
     ) -> Result<Workers> {
         let threads = threads.max(1);
         let mut senders = Vec::with_capacity(threads);
@@ -146,9 +147,10 @@ impl Workers {
             let (tx, rx) = mpsc::unbounded_channel();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let queues = queues.clone();
+            let setup = setup.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("lua-{index}"))
-                .spawn(move || worker_main(rx, queues, strict, limits, ready_tx))
+                .spawn(move || worker_main(rx, queues, strict, limits, setup, ready_tx))
                 .map_err(|e| Error::internal(format!("cannot start a worker thread: {e}")))?;
             ready_rx
                 .recv()
@@ -205,6 +207,7 @@ fn worker_main(
     queues: Queues,
     strict: bool,
     limits: queue_lua::Limits,
+    setup: Option<crate::host::LuaSetup>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -220,7 +223,12 @@ fn worker_main(
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let host = match LuaHost::with_limits(queues, SecurityContext::unrestricted(strict), limits)
-        {
+            .and_then(|host| {
+                if let Some(setup) = &setup {
+                    setup(&host).map_err(|e| e.context("lua_setup"))?;
+                }
+                Ok(host)
+            }) {
             Ok(h) => Rc::new(h),
             Err(e) => {
                 let _ = ready.send(Err(e));

@@ -55,8 +55,7 @@ async fn start_on(
     let plan = registry::plan(&config, &kinds, false).unwrap();
     let options = HostOptions {
         lua_threads,
-        wait_for_brokers: false,
-        needs_queue_counts: false,
+        ..HostOptions::default()
     };
     let host = Host::start(plan, &kinds, options).await.unwrap();
     (dir, driver, host)
