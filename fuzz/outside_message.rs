@@ -249,7 +249,7 @@ impl World {
                 let attempts = seen.headers.attempts();
                 seen.headers.insert("attempts", i64::from(attempts));
                 let context = DeliveryContext {
-                    message: seen,
+                    message: std::sync::Arc::new(seen),
                     settle: Rc::new(NoSettle),
                 };
                 let handler = self

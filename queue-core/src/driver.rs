@@ -4,7 +4,7 @@
 //! `attempts` and dead letters belong to the runtime, which builds them from publish
 //! and ack (docs/consumers.md), so every driver gets them without code of its own.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -251,7 +251,8 @@ pub trait Acker: Send + 'static {
 /// [`Delivery::release`]; dropping it unsettled releases it. A second settlement is
 /// `INVALID` ("already settled"), never a double settle.
 pub struct Delivery {
-    message: Message,
+    /// Shared, so that a handler can read it without a copy of its body and headers.
+    message: Arc<Message>,
     acker: Mutex<Option<Box<dyn Acker>>>,
 }
 
@@ -268,7 +269,7 @@ impl Delivery {
     /// Wraps a message and its acker.
     pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
         Delivery {
-            message,
+            message: Arc::new(message),
             acker: Mutex::new(Some(acker)),
         }
     }
@@ -276,6 +277,12 @@ impl Delivery {
     /// The message.
     pub fn message(&self) -> &Message {
         &self.message
+    }
+
+    /// The message, shared: for code that keeps it beyond a borrow of the delivery
+    /// (a handler's context) without copying it.
+    pub fn shared_message(&self) -> Arc<Message> {
+        Arc::clone(&self.message)
     }
 
     /// Whether it was acked or released already.

@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async {
                 let payload = message.decode().expect("decode");
                 let context = DeliveryContext {
-                    message: message.clone(),
+                    message: std::sync::Arc::new(message.clone()),
                     settle: Rc::clone(&settle),
                 };
                 host.run_handler(&handler, &payload, context, SecurityContext::default())

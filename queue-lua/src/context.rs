@@ -7,6 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use mlua::{AnyUserData, Lua, Table, Thread};
@@ -26,8 +27,9 @@ pub trait Settle {
 /// The delivery a handler coroutine is running for.
 #[derive(Clone)]
 pub struct DeliveryContext {
-    /// The message (id and headers are what `msg:id()` and `msg:headers()` show).
-    pub message: Message,
+    /// The message (id and headers are what `msg:id()` and `msg:headers()` show),
+    /// shared with the delivery rather than copied per handler run.
+    pub message: Arc<Message>,
     /// Settles it when the handler does so itself.
     pub settle: Rc<dyn Settle>,
 }
@@ -71,11 +73,16 @@ impl mlua::UserData for Inherited {}
 
 /// Creates the table of inherited contexts in a new state.
 pub(crate) fn init_inherited(lua: &Lua) -> mlua::Result<()> {
+    lua.set_named_registry_value(INHERITED, weak_keyed(lua)?)
+}
+
+/// A table whose keys the collector may take (with their entries).
+pub(crate) fn weak_keyed(lua: &Lua) -> mlua::Result<Table> {
     let table = lua.create_table()?;
     let meta = lua.create_table()?;
     meta.raw_set("__mode", "k")?;
     table.set_metatable(Some(meta))?;
-    lua.set_named_registry_value(INHERITED, table)
+    Ok(table)
 }
 
 /// Gives `thread`, just created by Lua code, the context of the coroutine creating

@@ -491,7 +491,7 @@ async fn run_handler(host: &LuaHost, source: &str, method: &str) -> Result<Outco
     let payload = message.decode()?;
     let settled_by = Rc::new(SettledBy::default());
     let delivery = DeliveryContext {
-        message,
+        message: std::sync::Arc::new(message),
         settle: Rc::clone(&settled_by) as Rc<dyn Settle>,
     };
     let outcome = host

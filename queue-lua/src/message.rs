@@ -43,6 +43,12 @@ impl LuaMessage {
     }
 }
 
+/// The delivery attempt as a handler reads it: a number >= 1, whatever another
+/// client put in the header (or 1 when there is none).
+fn attempts(headers: &queue_core::Headers) -> LuaValue {
+    LuaValue::Integer(i64::from(headers.attempts()))
+}
+
 impl UserData for LuaMessage {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("id", |lua, m, ()| match m.check_usable() {
@@ -55,10 +61,13 @@ impl UserData for LuaMessage {
         methods.add_method("header", |lua, m, key: String| match m.check_usable() {
             Ok(()) => {
                 let headers = &m.0.context.message.headers;
-                let value = match headers.get(&key) {
-                    Some(v) => header_to_lua(lua, v)?,
-                    None if key == queue_core::names::ATTEMPTS => LuaValue::Integer(1),
-                    None => LuaValue::Nil,
+                let value = if key == queue_core::names::ATTEMPTS {
+                    attempts(headers)
+                } else {
+                    match headers.get(&key) {
+                        Some(v) => header_to_lua(lua, v)?,
+                        None => LuaValue::Nil,
+                    }
                 };
                 Ok((value, None))
             }
@@ -66,19 +75,12 @@ impl UserData for LuaMessage {
         });
         methods.add_method("headers", |lua, m, ()| match m.check_usable() {
             Ok(()) => {
+                let headers = &m.0.context.message.headers;
                 let t = lua.create_table()?;
-                for (k, v) in m.0.context.message.headers.iter() {
+                for (k, v) in headers.iter() {
                     t.set(k.as_str(), header_to_lua(lua, v)?)?;
                 }
-                if !m
-                    .0
-                    .context
-                    .message
-                    .headers
-                    .contains(queue_core::names::ATTEMPTS)
-                {
-                    t.set(queue_core::names::ATTEMPTS, 1)?;
-                }
+                t.set(queue_core::names::ATTEMPTS, attempts(headers))?;
                 Ok((LuaValue::Table(t), None))
             }
             Err(e) => fail(e),

@@ -85,10 +85,18 @@ const SAFE_BASE: [&str; 15] = [
 
 /// Built from trusted code once per state: `pcall`, `xpcall` and `coroutine.resume`
 /// that raise the running code's deadline error again once it has passed
-/// (crate::slices), so catching errors in a loop does not outlive a deadline.
-/// Written in Lua so that they stay yieldable.
+/// (crate::slices), so catching errors in a loop does not outlive a deadline; and
+/// `coroutine.resume` and `coroutine.close` that refuse the coroutines the host runs
+/// handlers in (`handler_threads`, weak keys): those are reused for later handler
+/// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
+/// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, overdue, error, pack, unpack = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack = ...
+local function not_a_handler(co)
+  if handler_threads[co] then
+    error("a handler's or process's own coroutine cannot be resumed or closed from Lua", 3)
+  end
+end
 local function unless_overdue(results)
   local message = overdue()
   if message then error(message, 0) end
@@ -106,7 +114,14 @@ local function xpcall(f, handler, ...)
 end
 return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   xpcall,
-  function(...) return unless_overdue(pack(raw_resume(...))) end
+  function(co, ...)
+    not_a_handler(co)
+    return unless_overdue(pack(raw_resume(co, ...)))
+  end,
+  function(co)
+    not_a_handler(co)
+    return raw_close(co)
+  end
 "##;
 
 /// Built from trusted code once per state: given an environment, the `load`,
@@ -163,11 +178,13 @@ pub(crate) struct Sandbox {
 impl Sandbox {
     /// Builds the safe globals from the state's standard library, with `modules`
     /// (`queue`, `errors`, `logger`) made read-only and error catching that ends at
-    /// the `clock`'s deadlines.
+    /// the `clock`'s deadlines. Lua code may not resume or close the coroutines in
+    /// `handler_threads`.
     pub(crate) fn new(
         lua: &Lua,
         modules: &[(&str, Table)],
         clock: &Rc<Clock>,
+        handler_threads: &Table,
     ) -> mlua::Result<Sandbox> {
         let real = lua.globals();
         let shared = lua.create_table()?;
@@ -180,11 +197,13 @@ impl Sandbox {
             let clock = Rc::clone(clock);
             lua.create_function(move |_, ()| Ok(clock.overdue()))?
         };
-        let (pcall, xpcall, resume): (Function, Function, Function) =
+        let (pcall, xpcall, resume, close): (Function, Function, Function, Function) =
             lua.load(CATCHING_FUNCTIONS).set_name("=sandbox").call((
                 real.raw_get::<Function>("pcall")?,
                 real.raw_get::<Function>("xpcall")?,
                 real_coroutine.raw_get::<Function>("resume")?,
+                real_coroutine.raw_get::<Function>("close")?,
+                handler_threads,
                 overdue,
                 real.raw_get::<Function>("error")?,
                 table.raw_get::<Function>("pack")?,
@@ -218,7 +237,7 @@ impl Sandbox {
         }
         share(
             "coroutine",
-            coroutine_library(lua, &real_coroutine, resume)?,
+            coroutine_library(lua, &real_coroutine, resume, close)?,
         )?;
         let real_os: Table = real.raw_get("os")?;
         let safe_os = lua.create_table()?;
@@ -362,8 +381,14 @@ fn limited_collectgarbage(
 
 /// `coroutine` whose `create` and `wrap` make coroutines that run under their
 /// creator's context (its actor, policies and delivery): a coroutine is not a way
-/// around a policy; `resume` is the sandbox's (it ends at deadlines).
-fn coroutine_library(lua: &Lua, real: &Table, resume: Function) -> mlua::Result<Table> {
+/// around a policy; `resume` and `close` are the sandbox's (deadlines, and no
+/// handler's coroutine).
+fn coroutine_library(
+    lua: &Lua,
+    real: &Table,
+    resume: Function,
+    close: Function,
+) -> mlua::Result<Table> {
     let library = lua.create_table()?;
     for pair in real.pairs::<LuaValue, LuaValue>() {
         let (name, value) = pair?;
@@ -405,5 +430,6 @@ fn coroutine_library(lua: &Lua, real: &Table, resume: Function) -> mlua::Result<
     library.raw_set("create", create)?;
     library.raw_set("wrap", wrap)?;
     library.raw_set("resume", resume)?;
+    library.raw_set("close", close)?;
     Ok(library)
 }

@@ -60,7 +60,10 @@ struct Slice {
     /// yields, as for a file's top level, which is not a coroutine). An address, not a
     /// `Thread`: cloning one per poll costs a registry slot.
     yields: Option<*const c_void>,
-    ends: Instant,
+    /// When the slice ends: set by the hook's first look at the clock, so that a poll
+    /// that never reaches the hook (most handler runs) does not read the clock. The
+    /// slice is thereby up to one hook interval longer than [`SLICE`].
+    ends: Option<Instant>,
     deadline: Option<Deadline>,
     /// The thread last told to yield past the deadline, by address.
     yield_tried: Option<*const c_void>,
@@ -106,8 +109,9 @@ impl Clock {
             }
             return Err(mlua::Error::runtime(&*deadline.message));
         }
+        let ends = *slice.ends.get_or_insert(now + SLICE);
         match slice.yields {
-            Some(thread) if now >= slice.ends && lua.current_thread().to_pointer() == thread => {
+            Some(thread) if now >= ends && lua.current_thread().to_pointer() == thread => {
                 Ok(VmState::Yield)
             }
             _ => Ok(VmState::Continue),
@@ -125,7 +129,7 @@ impl Clock {
     pub fn within<R>(&self, deadline: Deadline, f: impl FnOnce() -> R) -> R {
         let previous = self.running.replace(Some(Slice {
             yields: None,
-            ends: deadline.at,
+            ends: None,
             deadline: Some(deadline),
             yield_tried: None,
         }));
@@ -178,7 +182,7 @@ where
         }
         let slice = Slice {
             yields: Some(this.thread.to_pointer()),
-            ends: Instant::now() + SLICE,
+            ends: None,
             deadline: this.deadline.as_ref().map(|(d, _)| d.clone()),
             yield_tried: None,
         };

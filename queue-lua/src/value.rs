@@ -1,8 +1,9 @@
 //! Lua values <-> message body values and headers (docs/core-model.md).
 
 use std::collections::BTreeMap;
+use std::ffi::c_int;
 
-use mlua::{Lua, Table, Value as LuaValue};
+use mlua::{Lua, Table, Value as LuaValue, ffi};
 use queue_core::{Error, HeaderValue, Headers, MAX_DEPTH, Result, Value};
 
 /// Converts a Lua value into a body value. Tables with keys exactly `1..n` are arrays,
@@ -113,29 +114,74 @@ fn table(t: &Table, path: &mut String, open: &mut Vec<*const std::ffi::c_void>) 
 }
 
 /// Converts a body value into a Lua value.
+///
+/// Tables are built in one protected call into the Lua C API rather than one per
+/// table, key and value through mlua's safe API: a handler's payload is converted for
+/// every delivery, and the per-call protection was most of the conversion's cost
+/// (docs/performance.md, "Where the time goes").
 pub fn to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
-    Ok(match value {
-        Value::Nil => LuaValue::Nil,
-        Value::Bool(b) => LuaValue::Boolean(*b),
-        Value::Int(i) => LuaValue::Integer(*i),
-        Value::Float(f) => LuaValue::Number(*f),
-        Value::String(s) => LuaValue::String(lua.create_string(s)?),
-        Value::Bytes(b) => LuaValue::String(lua.create_string(b)?),
-        Value::Array(items) => {
-            let t = lua.create_table_with_capacity(items.len(), 0)?;
-            for (i, item) in items.iter().enumerate() {
-                t.raw_set(i + 1, to_lua(lua, item)?)?;
+    match value {
+        Value::Nil => Ok(LuaValue::Nil),
+        Value::Bool(b) => Ok(LuaValue::Boolean(*b)),
+        Value::Int(i) => Ok(LuaValue::Integer(*i)),
+        Value::Float(f) => Ok(LuaValue::Number(*f)),
+        Value::String(s) => Ok(LuaValue::String(lua.create_string(s)?)),
+        Value::Bytes(b) => Ok(LuaValue::String(lua.create_string(b)?)),
+        // SAFETY: `push` only pushes one value onto the stack `exec_raw` gives it,
+        // checking the stack's room before each table; a Lua error it raises (out of
+        // memory, a stack overflow) leaves it by `longjmp` inside `exec_raw`'s
+        // protected call, through frames that own nothing to drop (only references
+        // and slice or map iterators).
+        Value::Array(_) | Value::Map(_) => unsafe {
+            lua.exec_raw::<LuaValue>((), |state| push(state, value))
+        },
+    }
+}
+
+/// Pushes `value` onto the Lua stack of `state` (see [`to_lua`]).
+unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
+    // SAFETY: the caller runs this inside a protected call on a valid state.
+    unsafe {
+        match value {
+            Value::Nil => ffi::lua_pushnil(state),
+            Value::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
+            Value::Int(i) => ffi::lua_pushinteger(state, *i),
+            Value::Float(f) => ffi::lua_pushnumber(state, *f),
+            Value::String(s) => push_bytes(state, s.as_bytes()),
+            Value::Bytes(b) => push_bytes(state, b),
+            Value::Array(items) => {
+                // The table, and an item being pushed into it.
+                ffi::luaL_checkstack(state, 2, c"payload nested too deep".as_ptr());
+                ffi::lua_createtable(state, size_hint(items.len()), 0);
+                for (i, item) in (1..).zip(items) {
+                    push(state, item);
+                    ffi::lua_rawseti(state, -2, i);
+                }
             }
-            LuaValue::Table(t)
-        }
-        Value::Map(map) => {
-            let t = lua.create_table_with_capacity(0, map.len())?;
-            for (k, v) in map {
-                t.raw_set(k.as_str(), to_lua(lua, v)?)?;
+            Value::Map(map) => {
+                // The table, a key and its value.
+                ffi::luaL_checkstack(state, 3, c"payload nested too deep".as_ptr());
+                ffi::lua_createtable(state, 0, size_hint(map.len()));
+                for (key, item) in map {
+                    push_bytes(state, key.as_bytes());
+                    push(state, item);
+                    ffi::lua_rawset(state, -3);
+                }
             }
-            LuaValue::Table(t)
         }
-    })
+    }
+}
+
+unsafe fn push_bytes(state: *mut ffi::lua_State, bytes: &[u8]) {
+    // SAFETY: the pointer and length come from one live slice.
+    unsafe {
+        ffi::lua_pushlstring(state, bytes.as_ptr().cast(), bytes.len());
+    }
+}
+
+/// A table's preallocation hint: its size, or as much as an `int` holds.
+fn size_hint(len: usize) -> c_int {
+    c_int::try_from(len).unwrap_or(c_int::MAX)
 }
 
 /// Converts a Lua headers table: string keys, scalar values. Anything else is

@@ -109,7 +109,7 @@ async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
     let message = support::json_message(Value::from("x"), Default::default());
     let payload = message.decode().unwrap();
     let context = queue_lua::DeliveryContext {
-        message,
+        message: std::sync::Arc::new(message),
         settle: std::rc::Rc::new(support::Recorder::default()),
     };
     let outcome = h

@@ -19,7 +19,7 @@ async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
         .unwrap();
     let message = json_message(Value::from("x"), Headers::new());
     let context = DeliveryContext {
-        message,
+        message: std::sync::Arc::new(message),
         settle: Rc::new(Recorder::default()),
     };
     h.host
@@ -114,4 +114,32 @@ async fn a_spinning_handler_lets_the_others_on_its_state_run() {
 async fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
     let h = Harness::new().await;
     assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
+}
+
+/// Handler coroutines are reused once a run returns: a reused one still yields at
+/// its slice's end and ends at its timeout.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reused_coroutine_keeps_its_time_limits() {
+    let h = Harness::new().await;
+    for _ in 0..10 {
+        assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    }
+    let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
+    timed_out(&outcome, "200ms");
+    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+}
+
+/// A handler that keeps its own coroutine cannot use it to reach a later run on
+/// the same (reused) coroutine: the sandbox refuses to resume or close it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_kept_handler_coroutine_cannot_be_resumed_or_closed() {
+    let h = Harness::new().await;
+    assert_eq!(run(&h, "keep_own_coroutine", None).await, Outcome::Ack);
+    match run(&h, "resume_kept", None).await {
+        Outcome::Nack { reason, .. } => {
+            let refusal = "own coroutine cannot be resumed or closed from Lua";
+            assert_eq!(reason.matches(refusal).count(), 2, "{reason}");
+        }
+        other => panic!("expected the refusals as the handler's error, got {other:?}"),
+    }
 }

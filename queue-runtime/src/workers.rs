@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
-use queue_core::{Delivery, Error, Queues, Result, Subscription, Value, names};
+use queue_core::{Delivery, Error, Queues, Result, Subscription, Value};
 use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -428,12 +428,10 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
                     delivery: Arc::clone(&delivery),
                     consumer: Arc::clone(consumer),
                 });
-                let mut message = delivery.message().clone();
-                // A handler always reads a number >= 1, whatever another client put
-                // in the header.
-                let attempts = message.headers.attempts();
-                message.headers.insert(names::ATTEMPTS, i64::from(attempts));
-                let context = DeliveryContext { message, settle };
+                let context = DeliveryContext {
+                    message: delivery.shared_message(),
+                    settle,
+                };
                 host.run_handler_within(
                     handler,
                     &payload,

@@ -97,7 +97,7 @@ impl Harness {
         let recorder = Rc::new(Recorder::default());
         let payload = message.decode().unwrap();
         let context = DeliveryContext {
-            message,
+            message: std::sync::Arc::new(message),
             settle: recorder.clone(),
         };
         let outcome = self

@@ -60,3 +60,23 @@ end
 function spin_in_sort()
   table.sort({ 3, 2, 1 }, function(a, b) while true do end end)
 end
+
+-- Keeps its own coroutine, for the next handler to try.
+function keep_own_coroutine()
+  kept = coroutine.running()
+  return true
+end
+
+-- A later handler: the kept coroutine is reused for handler runs, so Lua code may
+-- neither resume nor close it.
+function resume_kept()
+  local ok, err = pcall(coroutine.resume, kept)
+  if ok then return nil, "coroutine.resume of a handler's coroutine was allowed" end
+  local closed, close_err = pcall(coroutine.close, kept)
+  if closed then return nil, "coroutine.close of a handler's coroutine was allowed" end
+  -- Coroutines of one's own still work.
+  local co = coroutine.create(function(a) return a + 1 end)
+  local resumed, two = coroutine.resume(co, 1)
+  assert(resumed and two == 2)
+  return nil, tostring(err) .. " | " .. tostring(close_err)
+end
