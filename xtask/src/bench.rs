@@ -1,55 +1,83 @@
 //! `cargo xtask bench`: runs every criterion bench (each measures its candidate and its
-//! baseline in the same run), a kombu publish/consume run against the same RabbitMQ, and
-//! writes the side-by-side table to stdout, `target/bench/results.json` (and a copy
-//! per run under `target/bench/runs/`, for `--compare`) and `target/bench/results.svg`;
-//! `--write-docs` puts the table into docs/performance.md, which is never edited by
-//! hand between its markers.
+//! baseline in the same run), the latency bench (publish -> handler start at fixed
+//! rates, `target/bench/latency.json`), a kombu publish/consume run against the same
+//! RabbitMQ, and writes the side-by-side table and the latency table to stdout,
+//! `target/bench/results.json` (and a copy per run under `target/bench/runs/`, for
+//! `--compare`) and `target/bench/results.svg`; `--write-docs` puts both tables into
+//! docs/performance.md, which is never edited by hand between its markers.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One benchmark: which package runs it.
 struct Suite {
     package: &'static str,
     bench: &'static str,
     needs_rabbitmq: bool,
+    /// What it is passed for `--quick`.
+    quick_args: &'static [&'static str],
 }
+
+/// Criterion's settings for `--quick`.
+const CRITERION_QUICK: &[&str] = &[
+    "--warm-up-time",
+    "1",
+    "--measurement-time",
+    "2",
+    "--sample-size",
+    "10",
+];
 
 const SUITES: &[Suite] = &[
     Suite {
         package: "queue-core",
         bench: "memory",
         needs_rabbitmq: false,
+        quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-lua",
         bench: "lua",
         needs_rabbitmq: false,
+        quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-runtime",
         bench: "end_to_end",
         needs_rabbitmq: false,
+        quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-amqp091",
         bench: "publish_consume",
         needs_rabbitmq: true,
+        quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-runtime",
         bench: "rabbitmq",
         needs_rabbitmq: true,
+        quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-amqp10",
         bench: "send",
         needs_rabbitmq: true,
+        quick_args: CRITERION_QUICK,
+    },
+    // Not criterion: it writes target/bench/latency.json, and skips its RabbitMQ
+    // setups by itself (the memory one runs anyway).
+    Suite {
+        package: "queue-runtime",
+        bench: "latency",
+        needs_rabbitmq: false,
+        quick_args: &["--quick"],
     },
 ];
 
@@ -78,7 +106,7 @@ const COMPARISONS: &[Comparison] = &[
         what: "runtime, no-op Lua handler, concurrency 16 vs no-op Rust consumer (memory)",
         candidate: "end_to_end/lua_noop_concurrency_16",
         baseline: "end_to_end/baseline_rust_noop_consumer",
-        goal: 0.0,
+        goal: 0.6,
     },
     Comparison {
         what: "runtime, no-op Lua handler, concurrency 1 vs no-op Rust consumer (memory)",
@@ -93,10 +121,22 @@ const COMPARISONS: &[Comparison] = &[
         goal: 0.0,
     },
     Comparison {
+        what: "runtime, no-op Lua handler, concurrency 256 vs concurrency 16 (memory)",
+        candidate: "end_to_end/lua_noop_concurrency_256",
+        baseline: "end_to_end/lua_noop_concurrency_16",
+        goal: 1.0,
+    },
+    Comparison {
         what: "runtime on RabbitMQ, no-op Lua handler vs raw lapin consume+ack",
         candidate: "rabbitmq_consume/runtime_noop_lua",
         baseline: "rabbitmq_consume/raw_lapin",
-        goal: 0.0,
+        goal: 0.9,
+    },
+    Comparison {
+        what: "runtime on RabbitMQ over AMQP 1.0, no-op Lua handler vs raw fe2o3-amqp receive+accept",
+        candidate: "amqp10_consume/runtime_noop_lua",
+        baseline: "amqp10_consume/raw_fe2o3",
+        goal: 0.9,
     },
     Comparison {
         what: "Lua publish with confirms, 16 instances vs raw lapin, 16 in flight",
@@ -186,6 +226,10 @@ pub fn run(options: Options) -> Result<bool, String> {
     );
     let mut all_ok = true;
     let started = Instant::now();
+    if !report_only {
+        // So that a latency bench that fails leaves no table of an earlier run behind.
+        let _ = std::fs::remove_file(out_dir.join("latency.json"));
+    }
     for suite in SUITES.iter().filter(|_| !report_only) {
         progress.set_message(format!(
             "cargo bench -p {} --bench {}",
@@ -202,14 +246,7 @@ pub fn run(options: Options) -> Result<bool, String> {
         let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         command.args(["bench", "-p", suite.package, "--bench", suite.bench, "--"]);
         if quick {
-            command.args([
-                "--warm-up-time",
-                "1",
-                "--measurement-time",
-                "2",
-                "--sample-size",
-                "10",
-            ]);
+            command.args(suite.quick_args);
         }
         let output = command.output().map_err(|e| e.to_string())?;
         if !output.status.success() {
@@ -225,12 +262,16 @@ pub fn run(options: Options) -> Result<bool, String> {
                     .join("\n")
             ));
         }
-        for line in String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter(|l| l.starts_with("rss_"))
-        {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for line in stdout.lines().filter(|l| l.starts_with("rss_")) {
             progress.println(line);
             std::fs::write(out_dir.join("rss.txt"), line).map_err(|e| e.to_string())?;
+        }
+        for line in stdout
+            .lines()
+            .filter(|l| l.starts_with("latency ") || l.starts_with("skipped:"))
+        {
+            progress.println(format!("{}: {line}", suite.bench));
         }
         progress.inc(1);
     }
@@ -266,6 +307,13 @@ pub fn run(options: Options) -> Result<bool, String> {
         .collect();
     let table = table(&rows);
     print!("\n{table}");
+    let latency = read_latency(&out_dir.join("latency.json"));
+    let latency_table = latency_table(&latency);
+    if latency.is_empty() {
+        println!("\nno latency results (target/bench/latency.json is missing or empty)");
+    } else {
+        print!("\n{latency_table}");
+    }
     let when = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -275,6 +323,7 @@ pub fn run(options: Options) -> Result<bool, String> {
         "unix_time": when,
         "quick": quick,
         "rows": rows,
+        "latency": latency,
         "all": results,
     });
     let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
@@ -283,7 +332,7 @@ pub fn run(options: Options) -> Result<bool, String> {
     std::fs::create_dir_all(&runs).map_err(|e| e.to_string())?;
     let this_run = runs.join(format!("{when}.json"));
     std::fs::write(&this_run, &text).map_err(|e| e.to_string())?;
-    std::fs::write(out_dir.join("results.svg"), svg(&rows)).map_err(|e| e.to_string())?;
+    std::fs::write(out_dir.join("results.svg"), svg(&rows, &latency)).map_err(|e| e.to_string())?;
     println!(
         "wrote target/bench/results.json ({}) and target/bench/results.svg",
         this_run.display()
@@ -292,8 +341,13 @@ pub fn run(options: Options) -> Result<bool, String> {
         print!("{}", compared(&rows, old)?);
     }
     if options.write_docs {
-        write_docs(&table, &json)?;
-        println!("wrote the table into {DOCS_PAGE}");
+        let tables = if latency.is_empty() {
+            table
+        } else {
+            format!("{table}\n{LATENCY_INTRO}\n\n{latency_table}")
+        };
+        write_docs(&tables, &json)?;
+        println!("wrote the tables into {DOCS_PAGE}");
     }
     Ok(all_ok)
 }
@@ -339,9 +393,9 @@ fn compared(rows: &[Row], old: &Path) -> Result<String, String> {
     Ok(out)
 }
 
-/// Replaces the table between the markers of docs/performance.md with this run's,
+/// Replaces the tables between the markers of docs/performance.md with this run's,
 /// with the machine and the command that made it.
-fn write_docs(table: &str, json: &serde_json::Value) -> Result<(), String> {
+fn write_docs(tables: &str, json: &serde_json::Value) -> Result<(), String> {
     let page = std::fs::read_to_string(DOCS_PAGE).map_err(|e| format!("{DOCS_PAGE}: {e}"))?;
     let (before, rest) = page
         .split_once(TABLE_START)
@@ -358,7 +412,7 @@ fn write_docs(table: &str, json: &serde_json::Value) -> Result<(), String> {
         .as_f64()
         .map_or_else(|| "unknown".into(), |l| format!("{l:.2}"));
     let generated = format!(
-        "{TABLE_START}\n\nMade by `{command}` on {} (load average {load} at the end of the run).\n\n{table}\n{TABLE_END}",
+        "{TABLE_START}\n\nMade by `{command}` on {} (load average {load} at the end of the run).\n\n{tables}\n{TABLE_END}",
         json["machine"].as_str().unwrap_or("an unknown machine"),
     );
     std::fs::write(DOCS_PAGE, format!("{before}{generated}{after}"))
@@ -430,25 +484,29 @@ with Connection("amqp://guest:guest@127.0.0.1:5672//", transport_options={"confi
     print(f"{publish} {consume}")
 "#;
 
+/// How long each step of the kombu run (creating the venv, `pip install`, the run
+/// itself) may take: pip can stall on the network, and kombu's consumer on a broker
+/// that stops delivering, and the bench must end either way.
+const KOMBU_LIMIT: Duration = Duration::from_secs(300);
+
 /// Publishes (with confirms) and consumes `n` messages with kombu in a venv under
 /// target/bench; returns msgs/s for both.
 fn kombu(out_dir: &Path, n: u32) -> Result<BTreeMap<String, f64>, String> {
     let venv = out_dir.join("venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
+        let mut command = Command::new("python3");
+        command.args(["-m", "venv"]).arg(&venv);
+        let out =
+            output_within(&mut command, KOMBU_LIMIT).map_err(|e| format!("python3 -m venv {e}"))?;
+        if !out.status.success() {
             return Err("python3 -m venv failed".into());
         }
     }
-    let pip = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "kombu"])
-        .output()
-        .map_err(|e| e.to_string())?;
+    let mut command = Command::new(&python);
+    command.args(["-m", "pip", "install", "-q", "kombu"]);
+    let pip =
+        output_within(&mut command, KOMBU_LIMIT).map_err(|e| format!("pip install kombu {e}"))?;
     if !pip.status.success() {
         return Err(format!(
             "pip install kombu failed: {}",
@@ -457,11 +515,9 @@ fn kombu(out_dir: &Path, n: u32) -> Result<BTreeMap<String, f64>, String> {
     }
     let script = out_dir.join("kombu_bench.py");
     std::fs::write(&script, KOMBU_SCRIPT).map_err(|e| e.to_string())?;
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(n.to_string())
-        .output()
-        .map_err(|e| e.to_string())?;
+    let mut command = Command::new(&python);
+    command.arg(&script).arg(n.to_string());
+    let out = output_within(&mut command, KOMBU_LIMIT)?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -476,6 +532,58 @@ fn kombu(out_dir: &Path, n: u32) -> Result<BTreeMap<String, f64>, String> {
         ("kombu/publish".to_string(), publish),
         ("kombu/consume_ack".to_string(), consume),
     ]))
+}
+
+/// Runs `command` to its end and returns what it wrote, or kills it once `limit` has
+/// passed and says so (`did not finish in N s`).
+fn output_within(command: &mut Command, limit: Duration) -> Result<Output, String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    // Both pipes are read while the child runs: one that writes more than a pipe
+    // holds would otherwise block and never exit.
+    let stdout = read_in_background(child.stdout.take());
+    let stderr = read_in_background(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("did not finish in {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A grandchild that inherited a pipe could keep it open after the child exited:
+    // wait for the rest of the output a little, not for ever.
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
+}
+
+/// Reads `pipe` to its end on a thread of its own; the bytes arrive on the channel.
+fn read_in_background(
+    pipe: Option<impl Read + Send + 'static>,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        let _ = tx.send(bytes);
+    });
+    rx
 }
 
 fn machine() -> String {
@@ -496,6 +604,113 @@ fn fmt_rate(v: Option<f64>) -> String {
         || "not measured".into(),
         |r| format!("{:.0}k/s", r / 1000.0),
     )
+}
+
+/// One row of `target/bench/latency.json`, as queue-runtime's latency bench writes it,
+/// with (for the runtime's rows on RabbitMQ) its p99 against raw lapin's at the same
+/// rate.
+#[derive(Serialize, Deserialize, Clone)]
+struct LatencyRow {
+    setup: String,
+    rate: u64,
+    count: u64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    #[serde(default)]
+    p99_vs_raw_lapin: Option<f64>,
+}
+
+/// The setup whose p99 the runtime's rows on RabbitMQ are compared with.
+const RAW_LAPIN: &str = "raw_lapin";
+
+/// The runtime's setups on the same broker and protocol as [`RAW_LAPIN`]: the memory
+/// setup is not compared with it, as it has no broker in its path.
+const COMPARED_WITH_RAW_LAPIN: &[&str] = &["runtime_rabbitmq"];
+
+/// What `--write-docs` puts above the latency table.
+const LATENCY_INTRO: &str = "Latency from publish to handler start, open loop at fixed offered rates, measured from each message's scheduled send time (`cargo bench -p queue-runtime --bench latency`; lower is better):";
+
+/// The latency bench's rows, or none if it did not write its file (it failed, or
+/// never ran: `--report-only` on a fresh checkout).
+fn read_latency(path: &Path) -> Vec<LatencyRow> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut rows: Vec<LatencyRow> = match serde_json::from_str(&text) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("{}: {e}; no latency table", path.display());
+            return Vec::new();
+        }
+    };
+    let raw: BTreeMap<u64, f64> = rows
+        .iter()
+        .filter(|r| r.setup == RAW_LAPIN)
+        .map(|r| (r.rate, r.p99_us))
+        .collect();
+    for r in &mut rows {
+        r.p99_vs_raw_lapin = COMPARED_WITH_RAW_LAPIN
+            .contains(&r.setup.as_str())
+            .then(|| raw.get(&r.rate))
+            .flatten()
+            .filter(|base| **base > 0.0)
+            .map(|base| r.p99_us / base);
+    }
+    rows
+}
+
+/// What a setup of the latency bench is, for the table and the plot.
+fn setup_label(setup: &str) -> &str {
+    match setup {
+        "runtime_memory" => "runtime, memory driver, no-op Lua, concurrency 16",
+        "runtime_rabbitmq" => "runtime, RabbitMQ 0-9-1, no-op Lua, concurrency 16",
+        "raw_lapin" => "raw lapin consumer on RabbitMQ, ack each",
+        other => other,
+    }
+}
+
+/// A latency in µs, as µs below a millisecond and as ms above.
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// A grid line's label: 10^`decade` µs as `10 µs`, `1 ms`, `1 s`.
+fn fmt_decade(decade: f64) -> String {
+    let us = 10f64.powf(decade);
+    if us >= 1e6 {
+        format!("{} s", us / 1e6)
+    } else if us >= 1e3 {
+        format!("{} ms", us / 1e3)
+    } else {
+        format!("{us} µs")
+    }
+}
+
+/// The latency table, in Markdown.
+fn latency_table(rows: &[LatencyRow]) -> String {
+    let mut out = String::from(
+        "| setup | rate | p50 | p99 | p99.9 | p99 vs raw lapin, same rate |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let ratio = r
+            .p99_vs_raw_lapin
+            .map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
+        out.push_str(&format!(
+            "| {} | {} msg/s | {} | {} | {} | {ratio} |\n",
+            setup_label(&r.setup),
+            r.rate,
+            fmt_us(r.p50_us),
+            fmt_us(r.p99_us),
+            fmt_us(r.p999_us),
+        ));
+    }
+    out
 }
 
 /// The side-by-side table, in Markdown.
@@ -521,20 +736,34 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-/// A horizontal bar chart of the ratios, with each goal marked.
-fn svg(rows: &[Row]) -> String {
+/// The plot's columns: labels up to `LEFT`, bars `WIDTH` wide, then `RIGHT` for the
+/// bars' values.
+const LEFT: f64 = 430.0;
+const WIDTH: f64 = 420.0;
+const RIGHT: f64 = 80.0;
+
+/// The ratio chart and, below it, the latency chart.
+fn svg(rows: &[Row], latency: &[LatencyRow]) -> String {
+    let (ratios, ratios_height) = ratio_chart(rows);
+    let (latencies, latency_height) = latency_chart(latency, ratios_height);
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">{ratios}{latencies}</svg>\n",
+        LEFT + WIDTH + RIGHT,
+        ratios_height + latency_height
+    )
+}
+
+/// A horizontal bar chart of the ratios, with each goal marked; and its height.
+fn ratio_chart(rows: &[Row]) -> (String, f64) {
     let measured: Vec<&Row> = rows.iter().filter(|r| r.ratio.is_some()).collect();
     let scale = measured
         .iter()
         .flat_map(|r| r.ratio.into_iter().chain(r.goal))
         .fold(1.0_f64, f64::max)
         * 1.1;
-    let (left, width, bar) = (430.0, 420.0, 26.0);
+    let (left, width, bar) = (LEFT, WIDTH, 26.0);
     let height = 40.0 + bar * measured.len() as f64 + 20.0;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-family="sans-serif" font-size="12">"#,
-        left + width + 80.0
-    );
+    let mut s = String::new();
     s.push_str(r#"<text x="10" y="20" font-size="14">candidate / baseline, same run (goal marked in red)</text>"#);
     for (i, r) in measured.iter().enumerate() {
         let y = 36.0 + i as f64 * bar;
@@ -564,12 +793,139 @@ fn svg(rows: &[Row]) -> String {
             s.push_str(&format!(r#"<line x1="{gx:.1}" x2="{gx:.1}" y1="{y}" y2="{}" stroke="red" stroke-width="2"/>"#, y + bar - 6.0));
         }
     }
-    s.push_str("</svg>\n");
-    s
+    (s, height)
+}
+
+/// Grouped horizontal bars of p50, p99 and p99.9 per setup and rate on a log scale,
+/// starting at `top`; and its height (0 without results).
+fn latency_chart(latency: &[LatencyRow], top: f64) -> (String, f64) {
+    if latency.is_empty() {
+        return (String::new(), 0.0);
+    }
+    // Whole decades around every value, so that the grid lines are 10 µs, 100 µs, ...
+    let smallest = latency
+        .iter()
+        .map(|r| r.p50_us)
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0);
+    let largest = latency
+        .iter()
+        .map(|r| r.p999_us.max(r.p99_us).max(r.p50_us))
+        .fold(1.0_f64, f64::max);
+    // At least a factor of 2 below the smallest value, so that its bar shows.
+    let low = (smallest / 2.0).log10().floor();
+    let high = largest.log10().ceil().max(low + 1.0);
+    let x = |us: f64| LEFT + WIDTH * (us.max(1.0).log10() - low).max(0.0) / (high - low);
+    let (bar, gap, group_gap) = (9.0, 2.0, 10.0);
+    let group = 3.0 * (bar + gap) + group_gap;
+    let first = top + 56.0;
+    let bottom = first + group * latency.len() as f64;
+    let mut s = format!(
+        r#"<text x="10" y="{}" font-size="14">latency, publish to handler start, open loop (log scale; lower is better)</text>"#,
+        top + 20.0
+    );
+    let series = [("p50", "#9cc3f0"), ("p99", "#3b7dd8"), ("p99.9", "#1d3f73")];
+    for (i, (name, colour)) in series.iter().enumerate() {
+        let lx = LEFT + i as f64 * 70.0;
+        s.push_str(&format!(
+            r#"<rect x="{lx}" y="{}" width="12" height="10" fill="{colour}"/><text x="{}" y="{}">{name}</text>"#,
+            top + 30.0,
+            lx + 16.0,
+            top + 39.0
+        ));
+    }
+    let mut decade = low;
+    while decade <= high {
+        let gx = x(10f64.powf(decade));
+        s.push_str(&format!(
+            r##"<line x1="{gx:.1}" x2="{gx:.1}" y1="{}" y2="{bottom}" stroke="#ccc"/><text x="{gx:.1}" y="{}" text-anchor="middle" font-size="10">{}</text>"##,
+            first - 4.0,
+            bottom + 14.0,
+            fmt_decade(decade)
+        ));
+        decade += 1.0;
+    }
+    for (i, r) in latency.iter().enumerate() {
+        let y = first + i as f64 * group;
+        // The rate first: a long label loses its end.
+        let label: String = format!("{}/s: {}", r.rate, setup_label(&r.setup))
+            .chars()
+            .take(64)
+            .collect();
+        s.push_str(&format!(
+            r#"<text x="10" y="{}">{}</text>"#,
+            y + 1.5 * (bar + gap) + 4.0,
+            escape(&label)
+        ));
+        for (j, ((_, colour), us)) in series
+            .iter()
+            .zip([r.p50_us, r.p99_us, r.p999_us])
+            .enumerate()
+        {
+            let by = y + j as f64 * (bar + gap);
+            let w = x(us) - LEFT;
+            s.push_str(&format!(
+                r#"<rect x="{LEFT}" y="{by}" width="{w:.1}" height="{bar}" fill="{colour}"/><text x="{:.1}" y="{}" font-size="10">{}</text>"#,
+                LEFT + w + 4.0,
+                by + bar - 1.0,
+                fmt_us(us)
+            ));
+        }
+    }
+    (s, bottom - top + 24.0)
 }
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_that_ends_in_time_gives_its_output() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo err >&2"]);
+        let out = output_within(&mut command, Duration::from_secs(30)).expect("ran");
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn a_command_past_its_limit_is_killed_and_reported() {
+        let started = Instant::now();
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        let err = output_within(&mut command, Duration::from_secs(1)).expect_err("killed");
+        assert_eq!(err, "did not finish in 1 s");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_runtime_on_rabbitmq_is_compared_with_raw_lapin_at_its_rate() {
+        let dir = std::env::temp_dir().join(format!("xtask-latency-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("latency.json");
+        let row = |setup: &str, rate: u64, p99: f64| {
+            serde_json::json!({"setup": setup, "rate": rate, "count": 10, "p50_us": 1.0,
+                "p99_us": p99, "p999_us": p99, "max_us": p99})
+        };
+        let rows = serde_json::json!([
+            row("runtime_memory", 2000, 50.0),
+            row("runtime_rabbitmq", 2000, 300.0),
+            row("raw_lapin", 2000, 200.0),
+            row("runtime_rabbitmq", 10000, 300.0),
+        ]);
+        std::fs::write(&path, rows.to_string()).expect("write");
+        let read = read_latency(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let ratios: Vec<Option<f64>> = read.iter().map(|r| r.p99_vs_raw_lapin).collect();
+        assert_eq!(ratios, [None, Some(1.5), None, None]);
+        assert!(latency_table(&read).contains("| 1.50x |"));
+        assert!(svg(&[], &read).contains("p99.9"));
+    }
 }
