@@ -2,9 +2,12 @@
 //! tokio runtime, running many handlers as coroutines. 1000 handlers at once are 1000
 //! coroutines on these few states, never 1000 Lua states.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -281,8 +284,9 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
 
 /// Runs a worker's share of a consumer: `slots` runners on this thread take turns at
 /// the subscription, and each runs one delivery at a time from handler to settlement.
-/// A runner whose handler finishes without yielding goes straight on to the next
-/// delivery: nothing is spawned, and no task is woken, per message.
+/// The runner holding the subscription keeps it while its handlers finish without
+/// suspending, and passes it on when one suspends (see [`run_in_turn`]): nothing is
+/// spawned, and no task is woken, per message.
 async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     let Intake {
         consumer,
@@ -307,7 +311,8 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         handler,
         consumer,
         busy,
-        subscription: tokio::sync::Mutex::new(Some(subscription)),
+        subscription: RefCell::new(Some(subscription)),
+        turn_free: tokio::sync::Notify::new(),
         stopped_yet: stop.clone(),
         stop_signal: tokio::sync::Notify::new(),
     });
@@ -331,8 +336,10 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     if finished.is_err() {
         tracing::warn!(queue = %shared.consumer.plan.queue, timeout = ?shared.consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
     }
-    // Runners still busy are inside a handler, never holding the subscription.
-    if let Some(subscription) = shared.subscription.lock().await.take() {
+    // Runners still busy are inside a suspended handler, never holding the
+    // subscription: a runner gives it back before it waits for anything but a delivery.
+    let subscription = shared.subscription.borrow_mut().take();
+    if let Some(subscription) = subscription {
         let _ = stopped.send(subscription);
     }
 }
@@ -343,8 +350,11 @@ struct Runners {
     handler: HandlerLookup,
     consumer: Arc<ConsumerRuntime>,
     busy: Busy,
-    /// Taken back by the intake when it stops.
-    subscription: tokio::sync::Mutex<Option<Box<dyn Subscription>>>,
+    /// Here while no runner holds it (see [`Turn`]); taken back by the intake when it
+    /// stops.
+    subscription: RefCell<Option<Box<dyn Subscription>>>,
+    /// Signalled when a runner puts the subscription back.
+    turn_free: tokio::sync::Notify,
     /// Read before each delivery: `has_changed` is one atomic load, where waiting on
     /// the watch channel once per delivery made the worker threads fight over its
     /// lock. Stop is only ever sent once.
@@ -354,57 +364,125 @@ struct Runners {
 }
 
 impl Runners {
-    async fn next(&self) -> Option<Result<Delivery>> {
-        let mut subscription = self.subscription.lock().await;
-        subscription.as_mut()?.next().await
+    fn stopping(&self) -> bool {
+        !matches!(self.stopped_yet.has_changed(), Ok(false))
+    }
+
+    /// Waits until the subscription is free and takes it; `None` once the runtime
+    /// stops.
+    async fn take_turn(&self) -> Option<Turn<'_>> {
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            let subscription = self.subscription.borrow_mut().take();
+            if let Some(subscription) = subscription {
+                return Some(Turn {
+                    runners: self,
+                    subscription: Some(subscription),
+                });
+            }
+            // A put-back between the look above and this wait leaves a permit.
+            tokio::select! {
+                biased;
+                _ = self.stop_signal.notified() => return None,
+                _ = self.turn_free.notified() => {}
+            }
+        }
     }
 }
 
+/// A runner's hold on the subscription; dropping it puts the subscription back and
+/// wakes one runner waiting for it.
+struct Turn<'a> {
+    runners: &'a Runners,
+    subscription: Option<Box<dyn Subscription>>,
+}
+
+impl Turn<'_> {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.subscription.as_mut()?.next().await
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if let Some(subscription) = self.subscription.take() {
+            *self.runners.subscription.borrow_mut() = Some(subscription);
+            self.runners.turn_free.notify_one();
+        }
+    }
+}
+
+/// One runner. With the subscription held, it takes a delivery and polls its handling
+/// once: a handler that finishes without suspending (the common case) leaves the
+/// runner holding the subscription for the next delivery, so no other runner is woken;
+/// one that suspends (a publish, a sleep) makes the runner pass the subscription on
+/// before it waits, so up to `slots` handlers run at once. Handing the subscription
+/// from runner to runner per message, as a fair lock does, cost a task switch each.
 async fn run_in_turn(runners: Rc<Runners>) {
-    loop {
-        if !matches!(runners.stopped_yet.has_changed(), Ok(false)) {
-            return;
-        }
-        let next = tokio::select! {
-            biased;
-            _ = runners.stop_signal.notified() => return,
-            next = runners.next() => next,
-        };
-        match next {
-            None => return,
-            Some(Err(e)) => {
-                tracing::warn!(queue = %runners.consumer.plan.queue, error = %e, "consumer error");
+    while let Some(mut turn) = runners.take_turn().await {
+        loop {
+            if runners.stopping() {
+                return;
             }
-            Some(Ok(delivery)) => {
-                let _busy = runners.busy.enter();
-                let _active = runners.consumer.active.enter();
-                if telemetry::enabled() {
-                    // Handled, settled and retried in a span whose parent is the
-                    // context the message carries.
-                    let span = telemetry::delivery_span(
-                        runners.consumer.failure.driver.name(),
-                        &runners.consumer.plan.queue,
-                        delivery.message(),
-                    );
-                    handle_delivery(&runners, delivery).instrument(span).await;
-                } else {
-                    handle_delivery(&runners, delivery).await;
+            let next = tokio::select! {
+                biased;
+                _ = runners.stop_signal.notified() => return,
+                next = turn.next() => next,
+            };
+            let delivery = match next {
+                // Put back, so that the other runners find the end too.
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %runners.consumer.plan.queue, error = %e, "consumer error");
+                    continue;
                 }
+                Some(Ok(delivery)) => delivery,
+            };
+            let handling = std::pin::pin!(run_delivery(&runners, delivery));
+            let mut handling = handling;
+            let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
+            if first.is_ready() {
+                // Lets the worker's other tasks run now and then: a consumer whose
+                // queue stays full never waits on anything else.
+                tokio::task::coop::consume_budget().await;
+                continue;
             }
+            drop(turn);
+            handling.await;
+            break;
         }
+    }
+}
+
+async fn run_delivery(runners: &Rc<Runners>, delivery: Delivery) {
+    let _busy = runners.busy.enter();
+    let _active = runners.consumer.active.enter();
+    if telemetry::enabled() {
+        // Handled, settled and retried in a span whose parent is the
+        // context the message carries.
+        let span = telemetry::delivery_span(
+            runners.consumer.failure.driver.name(),
+            &runners.consumer.plan.queue,
+            delivery.message(),
+        );
+        handle_delivery(runners, delivery).instrument(span).await;
+    } else {
+        handle_delivery(runners, delivery).await;
     }
 }
 
 /// The consumer's handler, or why it cannot be found.
 type HandlerLookup = std::result::Result<Rc<Handler>, Rc<str>>;
 
-async fn handle_delivery(runners: &Runners, delivery: Delivery) {
+async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     let Runners {
         host,
         handler,
         consumer,
         ..
-    } = runners;
+    } = &**runners;
     consumer.meters.delivered.increment(1);
     if let Some(count) = consumer.failure.redelivered_too_often(&delivery) {
         give_up_on_crash_loop(&delivery, consumer, count).await;
@@ -426,7 +504,7 @@ async fn handle_delivery(runners: &Runners, delivery: Delivery) {
             Ok(handler) => {
                 let settle = Rc::new(RuntimeSettle {
                     delivery: Arc::clone(&delivery),
-                    consumer: Arc::clone(consumer),
+                    runners: Rc::clone(runners),
                 });
                 let context = DeliveryContext {
                     message: delivery.shared_message(),
@@ -502,20 +580,23 @@ async fn fail(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) -> 
     Ok(())
 }
 
-/// Settles for a handler that calls `msg:ack()` / `msg:nack()` itself.
+/// Settles for a handler that calls `msg:ack()` / `msg:nack()` itself. It reaches the
+/// consumer through this worker's `Runners` (a count on this thread only), not a clone
+/// of the `Arc` every worker shares, whose count the threads would pull back and forth
+/// per delivery.
 struct RuntimeSettle {
     delivery: Arc<Delivery>,
-    consumer: Arc<ConsumerRuntime>,
+    runners: Rc<Runners>,
 }
 
 #[async_trait(?Send)]
 impl Settle for RuntimeSettle {
     async fn ack(&self) -> Result<()> {
-        ack(&self.delivery, &self.consumer).await
+        ack(&self.delivery, &self.runners.consumer).await
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
         telemetry::record_failure(reason);
-        fail(&self.delivery, &self.consumer, reason).await
+        fail(&self.delivery, &self.runners.consumer, reason).await
     }
 }
