@@ -5,7 +5,6 @@
 //! context at all (a file's top level, a coroutine made there) may not publish.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -56,8 +55,10 @@ pub(crate) struct CoroutineContext {
 #[derive(Default)]
 pub(crate) struct Contexts {
     /// The coroutines the host runs, by thread address: each is registered while it
-    /// runs and removed when it ends, so an address is never read stale.
-    by_thread: RefCell<HashMap<usize, Rc<CoroutineContext>>>,
+    /// runs and removed when it ends, so an address is never read stale. Hashed with
+    /// FxHash: the keys are addresses the allocator picks, not input, and SipHash was
+    /// a visible part of each handler run's cost (docs/performance.md).
+    by_thread: RefCell<rustc_hash::FxHashMap<usize, Rc<CoroutineContext>>>,
     /// What `eval` chunks run as.
     pub(crate) chunk_security: RefCell<SecurityContext>,
 }
