@@ -192,3 +192,95 @@ async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
         "the held delivery is back in its queue, unacked"
     );
 }
+
+/// Starts a host for `app` whose handler file is `handler`, with `options`.
+async fn start_with(
+    app: &str,
+    handler: &str,
+    options: HostOptions,
+) -> (
+    tempfile::TempDir,
+    Arc<ControlledDriver>,
+    queue_core::Result<Host>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.yaml"), app).unwrap();
+    std::fs::write(dir.path().join("h.lua"), handler).unwrap();
+    let driver = Arc::new(ControlledDriver::new());
+    let mut kinds = DriverKinds::builtin();
+    kinds.register(Arc::new(ControlledFactory(driver.clone())));
+    let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
+    let plan = registry::plan(&config, &kinds, false).unwrap();
+    let host = Host::start(plan, &kinds, options).await;
+    (dir, driver, host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_setup_embeds_a_function_every_worker_state_can_call() {
+    let setups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let setup: queue_runtime::host::LuaSetup = {
+        let (setups, seen) = (Arc::clone(&setups), Arc::clone(&seen));
+        Arc::new(move |host: &queue_lua::LuaHost| {
+            setups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let seen = Arc::clone(&seen);
+            let record = host
+                .lua()
+                .create_function(move |_, n: i64| {
+                    seen.lock().unwrap().push(n);
+                    Ok(())
+                })
+                .map_err(|e| queue_core::Error::internal(e.to_string()))?;
+            host.globals()
+                .set("record", record)
+                .map_err(|e| queue_core::Error::internal(e.to_string()))
+        })
+    };
+    let options = HostOptions {
+        lua_threads: 2,
+        lua_setup: Some(setup),
+        ..HostOptions::default()
+    };
+    let handler = "function handle(payload) record(payload.n) end\n";
+    let (_dir, driver, host) = start_with(APP, handler, options).await;
+    let host = host.expect("the host starts");
+    assert_eq!(
+        setups.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the setup ran once per Lua state"
+    );
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    for n in 0..20 {
+        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), host.wait_idle())
+        .await
+        .expect("idle within 60 s")
+        .unwrap();
+    let summary = within("shutdown", host.shutdown()).await;
+    assert_eq!(summary[0].acked, Some(20));
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..20).collect::<Vec<_>>(),
+        "every handler run called it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_lua_setup_fails_the_start_and_says_so() {
+    let options = HostOptions {
+        lua_threads: 1,
+        lua_setup: Some(Arc::new(|_: &queue_lua::LuaHost| {
+            Err(queue_core::Error::internal("no clock here"))
+        })),
+        ..HostOptions::default()
+    };
+    let (_dir, _driver, host) = start_with(APP, HANDLER, options).await;
+    let err = host.err().expect("the start fails");
+    assert!(
+        err.message().contains("lua_setup") && err.message().contains("no clock here"),
+        "{err}"
+    );
+}
