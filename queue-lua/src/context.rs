@@ -98,7 +98,7 @@ pub(crate) fn inherit(lua: &Lua, thread: &Thread) -> mlua::Result<()> {
 
 fn context_of(lua: &Lua, thread: &Thread) -> Option<Rc<CoroutineContext>> {
     if let Some(context) = lua
-        .app_data_ref::<Contexts>()
+        .app_data_ref::<Rc<Contexts>>()
         .and_then(|contexts| contexts.current(thread))
     {
         return Some(context);

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use mlua::chunk::ChunkMode;
-use mlua::{Function, Lua, MultiValue, Table, Thread, Value as LuaValue};
+use mlua::{Function, IntoLuaMulti, Lua, MultiValue, Table, Thread, Value as LuaValue};
 use queue_core::security::SecurityContext;
 use queue_core::{Error, Queues, Result, Value};
 
@@ -106,6 +106,9 @@ pub struct LuaHost {
     /// Every coroutine the host runs handlers and processes in (weak keys): the
     /// sandbox refuses to let Lua code resume or close them.
     handler_threads: Table,
+    /// The contexts of the running coroutines, also in the state's app data for the
+    /// module's functions: held here too so that a run does not look them up twice.
+    contexts: Rc<Contexts>,
     /// Coroutines whose run returned, reset and kept for the next runs: creating one
     /// per delivery was a measurable share of a no-op handler's cost.
     idle_threads: RefCell<Vec<Thread>>,
@@ -138,12 +141,12 @@ impl LuaHost {
         lua.gc_set_mode(mlua::state::GcMode::Generational(
             mlua::state::GcGenParams::default(),
         ));
+        let contexts = Rc::new(Contexts::default());
+        *contexts.chunk_security.borrow_mut() = chunk_security;
         let setup = || -> mlua::Result<(Sandbox, Table, Function, Table)> {
             let guard = guard(&lua)?;
             let handler_threads = crate::context::weak_keyed(&lua)?;
-            let contexts = Contexts::default();
-            *contexts.chunk_security.borrow_mut() = chunk_security;
-            lua.set_app_data(contexts);
+            lua.set_app_data(Rc::clone(&contexts));
             crate::context::init_inherited(&lua)?;
             let modules = [
                 ("queue", crate::module::create_module(&lua, queues)?),
@@ -165,6 +168,7 @@ impl LuaHost {
             clock,
             guard,
             handler_threads,
+            contexts,
             idle_threads: RefCell::default(),
             sources: RefCell::default(),
             lua,
@@ -184,9 +188,7 @@ impl LuaHost {
 
     /// How many coroutines are running handlers or processes right now.
     pub fn running(&self) -> usize {
-        self.lua
-            .app_data_ref::<Contexts>()
-            .map_or(0, |c| c.running())
+        self.contexts.running()
     }
 
     /// Loads a source file once per opt-in into its own environment (later calls
@@ -301,7 +303,7 @@ impl LuaHost {
         };
         let result = match to_lua(&self.lua, payload) {
             Ok(arg) => {
-                self.run(handler, context, MultiValue::from_vec(vec![arg]), deadline)
+                self.run(context, (handler.function.clone(), arg), deadline)
                     .await
             }
             Err(e) => Err(e),
@@ -354,16 +356,15 @@ impl LuaHost {
         args: Vec<Value>,
         security: SecurityContext,
     ) -> Result<()> {
-        let args = args
-            .iter()
-            .map(|v| to_lua(&self.lua, v))
-            .collect::<mlua::Result<Vec<_>>>()
+        let args = std::iter::once(Ok(LuaValue::Function(handler.function.clone())))
+            .chain(args.iter().map(|v| to_lua(&self.lua, v)))
+            .collect::<mlua::Result<MultiValue>>()
             .map_err(|e| Error::internal(e.to_string()))?;
         let context = CoroutineContext {
             security,
             delivery: None,
         };
-        self.run(handler, context, MultiValue::from_vec(args), None)
+        self.run(context, args, None)
             .await
             .map(|_| ())
             .map_err(|e| {
@@ -386,19 +387,14 @@ impl LuaHost {
             function,
             name: "chunk".to_string(),
         };
-        let security = self
-            .lua
-            .app_data_ref::<Contexts>()
-            .map(|c| c.chunk_security.borrow().clone())
-            .unwrap_or_default();
+        let security = self.contexts.chunk_security.borrow().clone();
         let values = self
             .run(
-                &handler,
                 CoroutineContext {
                     security,
                     delivery: None,
                 },
-                MultiValue::new(),
+                LuaValue::Function(handler.function),
                 None,
             )
             .await
@@ -410,30 +406,23 @@ impl LuaHost {
     }
 
     /// Runs a function as a coroutine in slices ([`crate::slices`]), with a deadline.
+    /// `args` are the guard's: the function to call, then its arguments (a tuple is
+    /// pushed onto the coroutine's stack without an intermediate list).
     async fn run(
         &self,
-        handler: &Handler,
         context: CoroutineContext,
-        mut args: MultiValue,
+        args: impl IntoLuaMulti,
         deadline: Option<Deadline>,
     ) -> mlua::Result<MultiValue> {
         let thread = self.handler_thread()?;
-        args.push_front(LuaValue::Function(handler.function.clone()));
-        let contexts = self
-            .lua
-            .app_data_ref::<Contexts>()
-            .ok_or_else(|| mlua::Error::runtime("Lua state has no queue contexts"))?;
-        contexts.enter(&thread, context);
-        drop(contexts);
+        self.contexts.enter(&thread, context);
         let result = match thread.clone().into_async::<MultiValue>(args) {
             Ok(running) => {
                 Sliced::new(running, Rc::clone(&self.clock), thread.clone(), deadline).await
             }
             Err(e) => Err(e),
         };
-        if let Some(contexts) = self.lua.app_data_ref::<Contexts>() {
-            contexts.leave(&thread);
-        }
+        self.contexts.leave(&thread);
         self.keep_if_finished(thread);
         result
     }
