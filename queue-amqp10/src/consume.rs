@@ -1,21 +1,24 @@
 //! Receiving: one receiver link per subscription, link credit = prefetch.
 //!
 //! A task owns the link. It reads transfers, hands them out as [`Delivery`]s, and
-//! performs every settlement the ackers send it (accepted for ack, released for
-//! release), in order, batching what is ready into one disposition. Credit is managed
+//! performs every settlement the ackers hand it (accepted for ack, released for
+//! release), in order, batching what is ready into one disposition; `ack` returns
+//! once its settlement is handed over, and a cancel or stop sends the acks handed
+//! over before it ahead of releasing the rest. Credit is managed
 //! by hand: `unsettled + credit <= prefetch` always holds, and credit is topped up once
 //! half of it (or all, for a prefetch of 1 or 2) can be given back, so the broker never
 //! has more than `prefetch` deliveries out to this subscription.
 //!
 //! When the link, session or connection is lost the task re-attaches with backoff and
 //! keeps delivering. Deliveries of the lost link were returned by the broker; acking one
-//! is then an error (INTERNAL, retryable: it will come again), releasing one is fine.
+//! is then an error (INTERNAL, retryable: it will come again), releasing one is fine;
+//! an ack handed over just before the link was lost comes back as a redelivery.
 //! `cancel` releases whatever is unsettled, detaches, and from then on every settlement
 //! of this subscription's deliveries is `INVALID`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use fe2o3_amqp::link::Receiver;
@@ -63,7 +66,6 @@ enum Control {
         epoch: u64,
         delivery_id: u32,
         accept: bool,
-        reply: Option<oneshot::Sender<Result<()>>>,
     },
     Cancel(oneshot::Sender<Result<()>>),
 }
@@ -98,6 +100,7 @@ impl Amqp10Subscription {
             control_rx,
             closed,
             epoch: 0,
+            current_epoch: Arc::default(),
             unsettled: HashMap::new(),
             credit: 0,
             failures: 0,
@@ -139,26 +142,32 @@ impl Subscription for Amqp10Subscription {
 struct LinkAcker {
     control: mpsc::UnboundedSender<Control>,
     epoch: u64,
+    /// The epoch of the task's current link.
+    current_epoch: Arc<AtomicU64>,
     delivery_id: u32,
     message_id: String,
 }
 
 impl LinkAcker {
-    async fn settle(self, accept: bool) -> Result<()> {
-        let (reply, done) = oneshot::channel();
+    /// Hands the settlement to the task and returns: the task sends it with whatever
+    /// else is waiting in one disposition (docs/drivers/amqp10.md, "Receiving").
+    /// Waiting for the disposition to be written made every handler wait a round trip
+    /// through two tasks per ack. A settlement of a link already lost is answered
+    /// here; one whose link is lost before the task sends it comes back as a
+    /// redelivery, as an ack lost with the connection does.
+    fn settle(self, accept: bool) -> Result<()> {
+        if self.epoch != self.current_epoch.load(Ordering::Acquire) {
+            return lost_link_settlement(accept);
+        }
         let sent = self.control.send(Control::Settle {
             epoch: self.epoch,
             delivery_id: self.delivery_id,
             accept,
-            reply: Some(reply),
         });
         if sent.is_err() {
             return Err(self.cancelled());
         }
-        match done.await {
-            Ok(result) => result,
-            Err(_) => Err(self.cancelled()),
-        }
+        Ok(())
     }
 
     fn cancelled(&self) -> Error {
@@ -172,11 +181,11 @@ impl LinkAcker {
 #[async_trait]
 impl Acker for LinkAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle(true).await
+        self.settle(true)
     }
 
     async fn release(self: Box<Self>) -> Result<()> {
-        self.settle(false).await
+        self.settle(false)
     }
 
     fn release_on_drop(self: Box<Self>) {
@@ -184,7 +193,6 @@ impl Acker for LinkAcker {
             epoch: self.epoch,
             delivery_id: self.delivery_id,
             accept: false,
-            reply: None,
         });
     }
 }
@@ -200,6 +208,8 @@ struct ReceiveTask {
     closed: watch::Receiver<bool>,
     /// Which link the deliveries in `unsettled` came from.
     epoch: u64,
+    /// `epoch`, for the ackers to tell a settlement of a lost link at once.
+    current_epoch: Arc<AtomicU64>,
     unsettled: HashMap<u32, DeliveryInfo>,
     /// Credit the broker still has for this link (granted minus received since).
     credit: u32,
@@ -229,6 +239,7 @@ impl ReceiveTask {
     /// Makes an attached link current: new epoch, full credit.
     async fn start_link(&mut self, mut attached: Attached<Receiver>) -> Option<Attached<Receiver>> {
         self.epoch += 1;
+        self.current_epoch.store(self.epoch, Ordering::Release);
         self.unsettled.clear();
         match attached.link.set_credit(self.spec.prefetch).await {
             Ok(()) => {
@@ -279,13 +290,18 @@ impl ReceiveTask {
                     self.unsettled.clear();
                 }
                 Step::Stop(reply) => {
+                    let mut cancels = Vec::new();
                     if let Some(mut attached) = link.take() {
+                        cancels = self.settle_handed_over(&attached.link).await;
                         self.release_all(&attached.link).await;
                         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
                             let _ = attached.link.detach().await;
                             let _ = attached.session.end().await;
                         })
                         .await;
+                    }
+                    for cancel in cancels {
+                        let _ = cancel.send(Ok(()));
                     }
                     break reply;
                 }
@@ -297,7 +313,8 @@ impl ReceiveTask {
             if let Control::Cancel(reply) = control {
                 let _ = reply.send(Ok(()));
             }
-            // Settle replies are dropped: the acker reports "cancelled".
+            // A settlement handed over after the stop is dropped: its delivery went
+            // back with the link. From now on `settle` reports the consumer cancelled.
         }
         if let Some(reply) = stop_reply {
             let _ = reply.send(Ok(()));
@@ -344,12 +361,8 @@ impl ReceiveTask {
                     _ = self.closed.wait_for(|c| *c) => return Err(None),
                     control = self.control_rx.recv() => match control {
                         Some(Control::Cancel(reply)) => return Err(Some(reply)),
-                        Some(Control::Settle { accept, reply, .. }) => {
-                            // Every delivery of the lost link is back in the queue.
-                            if let Some(reply) = reply {
-                                let _ = reply.send(lost_link_settlement(accept));
-                            }
-                        }
+                        // Every delivery of the lost link is back in the queue.
+                        Some(Control::Settle { .. }) => {}
                         None => return Err(None),
                     },
                 }
@@ -374,6 +387,7 @@ impl ReceiveTask {
                 let acker = LinkAcker {
                     control,
                     epoch: self.epoch,
+                    current_epoch: Arc::clone(&self.current_epoch),
                     delivery_id,
                     message_id: message.id.clone(),
                 };
@@ -402,10 +416,12 @@ impl ReceiveTask {
         }
     }
 
+    /// Performs `control` and every settlement waiting behind it (up to 1024) in one
+    /// disposition of accepts and one of releases. A settlement of an earlier link is
+    /// dropped: its delivery went back to the queue with that link.
     async fn handle(&mut self, link: &mut Receiver, control: Control) -> Step {
         let mut accepts = Vec::new();
         let mut releases = Vec::new();
-        let mut replies = Vec::new();
         let mut stop = None;
         let mut next = Some(control);
         while let Some(control) = next.take() {
@@ -418,25 +434,15 @@ impl ReceiveTask {
                     epoch,
                     delivery_id,
                     accept,
-                    reply,
                 } => {
-                    let result = if epoch != self.epoch {
-                        lost_link_settlement(accept)
-                    } else {
-                        match self.unsettled.remove(&delivery_id) {
-                            Some(info) => {
-                                if accept {
-                                    accepts.push(info);
-                                } else {
-                                    releases.push(info);
-                                }
-                                Ok(())
-                            }
-                            None => Err(Error::invalid("the delivery is already settled")),
+                    if epoch == self.epoch
+                        && let Some(info) = self.unsettled.remove(&delivery_id)
+                    {
+                        if accept {
+                            accepts.push(info);
+                        } else {
+                            releases.push(info);
                         }
-                    };
-                    if let Some(reply) = reply {
-                        replies.push((reply, result));
                     }
                 }
             }
@@ -444,28 +450,16 @@ impl ReceiveTask {
                 next = self.control_rx.try_recv().ok();
             }
         }
-        let mut failed = None;
         if !accepts.is_empty()
             && let Err(e) = link.accept_all(accepts).await
         {
-            failed = Some(e.to_string());
+            tracing::warn!(queue = %self.spec.queue, error = %e, "amqp10 receiver: acks not sent, the link is lost; those messages will be redelivered");
+            return Step::LinkLost;
         }
         if !releases.is_empty()
-            && failed.is_none()
             && let Err(e) = link.release_all(releases).await
         {
-            failed = Some(e.to_string());
-        }
-        for (reply, result) in replies {
-            let result = match (&failed, result) {
-                (Some(why), Ok(())) => Err(Error::internal(format!(
-                    "settling failed, the connection is lost ({why}); the message will be redelivered"
-                ))),
-                (_, result) => result,
-            };
-            let _ = reply.send(result);
-        }
-        if failed.is_some() {
+            tracing::warn!(queue = %self.spec.queue, error = %e, "amqp10 receiver: releases not sent, the link is lost (the broker returns them when the link ends)");
             return Step::LinkLost;
         }
         if let Some(reply) = stop {
@@ -500,6 +494,37 @@ impl ReceiveTask {
             self.credit = target;
         }
         Step::Continue
+    }
+
+    /// Sends the settlements handed over before a stop, ahead of releasing the rest:
+    /// an ack its handler was told went through must not come back as a release.
+    /// Returns the replies of cancels found among them, to answer once stopped.
+    async fn settle_handed_over(&mut self, link: &Receiver) -> Vec<oneshot::Sender<Result<()>>> {
+        let mut accepts = Vec::new();
+        let mut cancels = Vec::new();
+        while let Ok(control) = self.control_rx.try_recv() {
+            match control {
+                Control::Settle {
+                    epoch,
+                    delivery_id,
+                    accept: true,
+                    ..
+                } if epoch == self.epoch => {
+                    if let Some(info) = self.unsettled.remove(&delivery_id) {
+                        accepts.push(info);
+                    }
+                }
+                // A release is what the stop does to every unsettled delivery anyway.
+                Control::Settle { .. } => {}
+                Control::Cancel(reply) => cancels.push(reply),
+            }
+        }
+        if !accepts.is_empty()
+            && let Err(err) = link.accept_all(accepts).await
+        {
+            tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: acks handed over before the stop were not sent; those messages will be redelivered");
+        }
+        cancels
     }
 
     async fn release_all(&mut self, link: &Receiver) {

@@ -4,8 +4,8 @@
 mod support;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
-use queue_core::{Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
-use queue_testkit::everything_said;
+use queue_core::{ConsumeOptions, Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
+use queue_testkit::{everything_said, number_of, numbered, within};
 
 const SECRET: &str = "not-the-password-7f3a";
 
@@ -131,6 +131,62 @@ async fn a_url_list_connects_to_the_first_node_that_answers() {
     assert!(!text.contains(SECRET), "password leaked: {text}");
 }
 
+/// `ack` returns once the settlement is handed to the link's task, before the
+/// disposition is written: a cancel right after sends those acks ahead of releasing
+/// the rest, so only the deliveries left unsettled come back.
+async fn acks_handed_over_before_a_cancel_are_sent() {
+    let driver = support::rabbit_driver(Profile::RabbitmqV1).await;
+    let name = format!("amqp10-tests-handed-over-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    for n in 0..200 {
+        driver.publish(&id, numbered(n)).await.unwrap();
+    }
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 200 })
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let delivery = within("a delivery", sub.next()).await.unwrap().unwrap();
+        if number_of(&delivery) < 150 {
+            delivery.ack().await.expect("ack of a live link");
+        } else {
+            held.push(delivery);
+        }
+    }
+    within("cancel", sub.cancel()).await.unwrap();
+    drop(held);
+    // Published after the cancel, so it comes after whatever went back.
+    driver.publish(&id, numbered(-1)).await.unwrap();
+
+    let mut again = driver
+        .consume(&id, ConsumeOptions { prefetch: 100 })
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    loop {
+        let delivery = within("a redelivery", again.next()).await.unwrap().unwrap();
+        let n = number_of(&delivery);
+        delivery.ack().await.unwrap();
+        if n == -1 {
+            break;
+        }
+        back.push(n);
+    }
+    back.sort_unstable();
+    assert_eq!(
+        back,
+        (150..200).collect::<Vec<_>>(),
+        "only the unsettled deliveries come back"
+    );
+    within("cancel", again.cancel()).await.unwrap();
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -139,6 +195,7 @@ queue_testkit::broker_tests! {
         refused_port_is_internal_retryable_without_the_password,
         options_rabbitmq_3_cannot_honour_are_invalid,
         a_durability_clash_is_already_exists,
+        acks_handed_over_before_a_cancel_are_sent,
     ];
     sync: [];
 }
