@@ -6,11 +6,13 @@
 //! - publish: 10,000 confirmed publishes from Lua, a `process.lua` with 16 instances
 //!   each awaiting its confirms, vs raw lapin with 16 publishers each awaiting theirs.
 //!
-//! The runtime's time runs from `Host::start` (connecting included) to its last ack
-//! or confirmed publish, as the runtime counts them in its metrics (a recorder of the
-//! bench's own reads `queue_acked_total` and `queue_published_total`); stopping it is
-//! not timed, as raw lapin's connection is not. The queue is checked empty after a
-//! drain.
+//! A drain is timed from the first delivery to the last ack, on both sides: the
+//! runtime's as it counts them in its metrics (a recorder of the bench's own notes
+//! the first `queue_delivered_total` and reads `queue_acked_total`), so starting the
+//! runtime is not timed, as opening raw lapin's connection is not. The runtime's
+//! publishes run from `Host::start` (connecting included) to its last confirmed
+//! publish (`queue_published_total`). Stopping the runtime is not timed. The queue is
+//! checked empty after a drain.
 //! - amqp10_consume: the same 20,000 waiting messages (filled by lapin into the same
 //!   kind of classic queue), drained over RabbitMQ's AMQP 1.0 plugin (address
 //!   `/queue/NAME`, the `rabbitmq-v1` profile: the broker here is RabbitMQ 3.10) by the
@@ -99,7 +101,9 @@ async fn fill(ch: &Channel, queue: &str, n: usize) {
     }
 }
 
-async fn raw_consume(conn: &Connection, queue: &str, n: usize) {
+/// Consumes and acks `n` messages; returns the time from the first delivery to the
+/// last ack.
+async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
     let ch = conn.create_channel().await.expect("channel");
     ch.basic_qos(1000, BasicQosOptions::default())
         .await
@@ -113,15 +117,19 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize) {
         )
         .await
         .expect("consume");
+    let mut first = None;
     for i in 1..=n {
         let d = consumer.next().await.expect("open").expect("delivery");
+        first.get_or_insert_with(Instant::now);
         if i % 100 == 0 || i == n {
             ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
                 .await
                 .expect("ack");
         }
     }
+    let drained = first.expect("n > 0").elapsed();
     ch.close(200, "OK".into()).await.expect("close");
+    drained
 }
 
 async fn raw_publish(ch: &Channel, queue: &str) {
@@ -174,11 +182,40 @@ fn app(dir: &std::path::Path, queue: &str, consumer: bool) -> std::path::PathBuf
     path
 }
 
-/// What the runtime reports acking and publishing, read from its metrics.
+/// What the runtime reports acking and publishing, read from its metrics, and when
+/// it reported its first delivery.
 #[derive(Default)]
 struct Counted {
     acked: Arc<AtomicU64>,
     published: Arc<AtomicU64>,
+    first_delivery: Arc<FirstDelivery>,
+}
+
+/// The time of the first delivery the runtime counted since the last [`reset`].
+///
+/// [`reset`]: FirstDelivery::reset
+#[derive(Default)]
+struct FirstDelivery(std::sync::Mutex<Option<Instant>>);
+
+impl FirstDelivery {
+    fn reset(&self) {
+        *self.0.lock().expect("first delivery") = None;
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().expect("first delivery")
+    }
+}
+
+impl metrics::CounterFn for FirstDelivery {
+    fn increment(&self, _: u64) {
+        self.0
+            .lock()
+            .expect("first delivery")
+            .get_or_insert_with(Instant::now);
+    }
+
+    fn absolute(&self, _: u64) {}
 }
 
 impl metrics::Recorder for Counted {
@@ -189,6 +226,7 @@ impl metrics::Recorder for Counted {
         match key.name() {
             metric::ACKED => Counter::from_arc(Arc::clone(&self.acked)),
             metric::PUBLISHED => Counter::from_arc(Arc::clone(&self.published)),
+            metric::DELIVERED => Counter::from_arc(Arc::clone(&self.first_delivery)),
             _ => Counter::noop(),
         }
     }
@@ -201,12 +239,17 @@ impl metrics::Recorder for Counted {
 }
 
 /// The counts of the recorder installed for this process.
-static COUNTED: std::sync::OnceLock<(Arc<AtomicU64>, Arc<AtomicU64>)> = std::sync::OnceLock::new();
+type Counts = (Arc<AtomicU64>, Arc<AtomicU64>, Arc<FirstDelivery>);
+static COUNTED: std::sync::OnceLock<Counts> = std::sync::OnceLock::new();
 
-fn counted() -> &'static (Arc<AtomicU64>, Arc<AtomicU64>) {
+fn counted() -> &'static Counts {
     COUNTED.get_or_init(|| {
         let recorder = Counted::default();
-        let counts = (Arc::clone(&recorder.acked), Arc::clone(&recorder.published));
+        let counts = (
+            Arc::clone(&recorder.acked),
+            Arc::clone(&recorder.published),
+            Arc::clone(&recorder.first_delivery),
+        );
         metrics::set_global_recorder(recorder).expect("the bench's metrics recorder");
         counts
     })
@@ -220,9 +263,13 @@ enum Until {
 }
 
 /// Starts the runtime, waits until it acked or published `n` more messages, and
-/// returns how long that took; then stops it (untimed).
+/// returns how long that took; then stops it (untimed). A drain is timed from the
+/// first delivery the runtime counts, as the raw consumers are: starting the runtime
+/// (connecting, declaring, the Lua states) is left out, as the raw consumers' open
+/// connection is. Publishes are timed from `Host::start`.
 async fn run_host_until(path: &std::path::Path, until: Until, n: usize) -> Duration {
-    let (acked, published) = counted();
+    let (acked, published, first_delivery) = counted();
+    first_delivery.reset();
     let count = match until {
         Until::Acked => acked,
         Until::Published => published,
@@ -241,7 +288,12 @@ async fn run_host_until(path: &std::path::Path, until: Until, n: usize) -> Durat
         }
     })
     .await;
-    let elapsed = started.elapsed();
+    let elapsed = match until {
+        Until::Acked => first_delivery
+            .get()
+            .map_or_else(|| started.elapsed(), |first| first.elapsed()),
+        Until::Published => started.elapsed(),
+    };
     assert!(
         reached.is_ok(),
         "the runtime got {} of {n} within {DRAIN_TIMEOUT:?}",
@@ -252,12 +304,13 @@ async fn run_host_until(path: &std::path::Path, until: Until, n: usize) -> Durat
 }
 
 /// Receives `n` messages on a new session and receiver of `connection` and accepts
-/// them, 100 per disposition (as raw lapin acks with `multiple` every 100).
+/// them, 100 per disposition (as raw lapin acks with `multiple` every 100); returns
+/// the time from the first delivery to the last accept.
 async fn raw_fe2o3_receive(
     connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>,
     address: &str,
     n: usize,
-) {
+) -> Duration {
     let mut session = fe2o3_amqp::Session::begin(connection)
         .await
         .expect("AMQP 1.0 session");
@@ -269,8 +322,10 @@ async fn raw_fe2o3_receive(
         .await
         .expect("AMQP 1.0 receiver");
     let mut batch = Vec::with_capacity(100);
+    let mut first = None;
     for _ in 0..n {
         let delivery = receiver.recv::<Body<Value>>().await.expect("recv");
+        first.get_or_insert_with(Instant::now);
         batch.push(delivery);
         if batch.len() == 100 {
             receiver.accept_all(batch.drain(..)).await.expect("accept");
@@ -279,11 +334,13 @@ async fn raw_fe2o3_receive(
     if !batch.is_empty() {
         receiver.accept_all(batch.drain(..)).await.expect("accept");
     }
+    let drained = first.expect("n > 0").elapsed();
     // Every delivery is settled by now; fe2o3 reports `IllegalState` when closing a
     // link on RabbitMQ 3.10's plugin, so, as the driver and the send bench do, detach
     // and end without minding the answer.
     let _ = receiver.detach().await;
     let _ = session.end().await;
+    drained
 }
 
 fn app_amqp10(dir: &std::path::Path, queue: &str) -> std::path::PathBuf {
@@ -356,9 +413,7 @@ fn bench(c: &mut Criterion) {
                 let q = fresh("raw-consume");
                 let ch = rt.block_on(channel(&conn, &q));
                 rt.block_on(fill(&ch, &q, CONSUME_N));
-                let started = Instant::now();
-                rt.block_on(raw_consume(&conn, &q, CONSUME_N));
-                total += started.elapsed();
+                total += rt.block_on(raw_consume(&conn, &q, CONSUME_N));
                 drop_queue(&ch, &q);
             }
             total
@@ -431,12 +486,11 @@ fn bench(c: &mut Criterion) {
                 let ch = rt.block_on(channel(&conn, &q));
                 rt.block_on(fill(&ch, &q, CONSUME_N));
                 let address = format!("/queue/{q}");
-                let started = Instant::now();
                 let receive = raw_fe2o3_receive(&mut connection, &address, CONSUME_N);
                 // The timer is made inside the runtime: block_on's caller is not in it.
-                rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
+                total += rt
+                    .block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
                     .expect("raw fe2o3-amqp did not receive every message in time");
-                total += started.elapsed();
                 rt.block_on(assert_empty(&ch, &q));
                 drop_queue(&ch, &q);
             }
