@@ -83,7 +83,8 @@ enum Command {
         /// (target/bench/runs/*.json).
         #[arg(long, value_name = "OLD.json")]
         compare: Option<std::path::PathBuf>,
-        /// Write the table into docs/performance.md (between its bench-table markers).
+        /// Write the tables into docs/performance.md (between its bench-table markers)
+        /// and the plot into docs/performance.svg.
         #[arg(long)]
         write_docs: bool,
     },
