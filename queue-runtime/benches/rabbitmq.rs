@@ -6,13 +6,12 @@
 //! - publish: 10,000 confirmed publishes from Lua, a `process.lua` with 16 instances
 //!   each awaiting its confirms, vs raw lapin with 16 publishers each awaiting theirs.
 //!
-//! A drain is timed from the first delivery to the last ack, on both sides: the
-//! runtime's as it counts them in its metrics (a recorder of the bench's own notes
-//! the first `queue_delivered_total` and reads `queue_acked_total`), so starting the
-//! runtime is not timed, as opening raw lapin's connection is not. The runtime's
-//! publishes run from `Host::start` (connecting included) to its last confirmed
-//! publish (`queue_published_total`). Stopping the runtime is not timed. The queue is
-//! checked empty after a drain.
+//! A drain is timed from the first delivery to the last ack, and publishing from the
+//! first confirm to the last, on both sides: the runtime's as it counts them in its
+//! metrics (a recorder of the bench's own reads `queue_delivered_total`,
+//! `queue_acked_total` and `queue_published_total`), so starting the runtime is not
+//! timed, as opening the raw clients' connections is not. Stopping the runtime is not
+//! timed either. The queue is checked empty after a drain.
 //! - amqp10_consume: the same 20,000 waiting messages (filled by lapin into the same
 //!   kind of classic queue), drained over RabbitMQ's AMQP 1.0 plugin (address
 //!   `/queue/NAME`, the `rabbitmq-v1` profile: the broker here is RabbitMQ 3.10) by the
@@ -132,13 +131,16 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
     drained
 }
 
-async fn raw_publish(ch: &Channel, queue: &str) {
+/// Publishes with 16 publishers each awaiting its confirms; returns the time from
+/// the first confirm to the last.
+async fn raw_publish(ch: &Channel, queue: &str) -> Duration {
     let per = PUBLISH_N / IN_FLIGHT;
+    let first = std::sync::OnceLock::new();
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     let publishers = (0..IN_FLIGHT).map(|p| {
-        let props = props.clone();
+        let (props, first) = (props.clone(), &first);
         async move {
             for i in 0..per {
                 ch.basic_publish(
@@ -152,10 +154,12 @@ async fn raw_publish(ch: &Channel, queue: &str) {
                 .expect("publish")
                 .await
                 .expect("confirm");
+                first.get_or_init(Instant::now);
             }
         }
     });
     futures_util::future::join_all(publishers).await;
+    first.get().expect("PUBLISH_N > 0").elapsed()
 }
 
 fn app(dir: &std::path::Path, queue: &str, consumer: bool) -> std::path::PathBuf {
@@ -182,40 +186,49 @@ fn app(dir: &std::path::Path, queue: &str, consumer: bool) -> std::path::PathBuf
     path
 }
 
-/// What the runtime reports acking and publishing, read from its metrics, and when
-/// it reported its first delivery.
+/// What the runtime counts in its metrics that the bench reads: acks, confirmed
+/// publishes and deliveries, each with the time it was first counted.
 #[derive(Default)]
 struct Counted {
-    acked: Arc<AtomicU64>,
-    published: Arc<AtomicU64>,
-    first_delivery: Arc<FirstDelivery>,
+    acked: Arc<Tally>,
+    published: Arc<Tally>,
+    delivered: Arc<Tally>,
 }
 
-/// The time of the first delivery the runtime counted since the last [`reset`].
-///
-/// [`reset`]: FirstDelivery::reset
+/// One counter of the runtime's, and when it first counted since the last
+/// [`Tally::forget_first`].
 #[derive(Default)]
-struct FirstDelivery(std::sync::Mutex<Option<Instant>>);
+struct Tally {
+    count: AtomicU64,
+    first: std::sync::Mutex<Option<Instant>>,
+}
 
-impl FirstDelivery {
-    fn reset(&self) {
-        *self.0.lock().expect("first delivery") = None;
+impl Tally {
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
     }
 
-    fn get(&self) -> Option<Instant> {
-        *self.0.lock().expect("first delivery")
+    fn forget_first(&self) {
+        *self.first.lock().expect("tally") = None;
+    }
+
+    fn first(&self) -> Option<Instant> {
+        *self.first.lock().expect("tally")
     }
 }
 
-impl metrics::CounterFn for FirstDelivery {
-    fn increment(&self, _: u64) {
-        self.0
+impl metrics::CounterFn for Tally {
+    fn increment(&self, value: u64) {
+        self.count.fetch_add(value, Ordering::AcqRel);
+        self.first
             .lock()
-            .expect("first delivery")
+            .expect("tally")
             .get_or_insert_with(Instant::now);
     }
 
-    fn absolute(&self, _: u64) {}
+    fn absolute(&self, value: u64) {
+        self.count.store(value, Ordering::Release);
+    }
 }
 
 impl metrics::Recorder for Counted {
@@ -226,7 +239,7 @@ impl metrics::Recorder for Counted {
         match key.name() {
             metric::ACKED => Counter::from_arc(Arc::clone(&self.acked)),
             metric::PUBLISHED => Counter::from_arc(Arc::clone(&self.published)),
-            metric::DELIVERED => Counter::from_arc(Arc::clone(&self.first_delivery)),
+            metric::DELIVERED => Counter::from_arc(Arc::clone(&self.delivered)),
             _ => Counter::noop(),
         }
     }
@@ -238,20 +251,13 @@ impl metrics::Recorder for Counted {
     }
 }
 
-/// The counts of the recorder installed for this process.
-type Counts = (Arc<AtomicU64>, Arc<AtomicU64>, Arc<FirstDelivery>);
-static COUNTED: std::sync::OnceLock<Counts> = std::sync::OnceLock::new();
-
-fn counted() -> &'static Counts {
+/// The counters of the recorder installed for this process.
+fn counted() -> &'static Counted {
+    static COUNTED: std::sync::OnceLock<&'static Counted> = std::sync::OnceLock::new();
     COUNTED.get_or_init(|| {
-        let recorder = Counted::default();
-        let counts = (
-            Arc::clone(&recorder.acked),
-            Arc::clone(&recorder.published),
-            Arc::clone(&recorder.first_delivery),
-        );
+        let recorder: &'static Counted = Box::leak(Box::default());
         metrics::set_global_recorder(recorder).expect("the bench's metrics recorder");
-        counts
+        recorder
     })
 }
 
@@ -263,42 +269,36 @@ enum Until {
 }
 
 /// Starts the runtime, waits until it acked or published `n` more messages, and
-/// returns how long that took; then stops it (untimed). A drain is timed from the
-/// first delivery the runtime counts, as the raw consumers are: starting the runtime
-/// (connecting, declaring, the Lua states) is left out, as the raw consumers' open
-/// connection is. Publishes are timed from `Host::start`.
+/// returns how long that took, from its first delivery (a drain) or its first
+/// confirmed publish, as the raw clients are timed: starting the runtime (connecting,
+/// declaring, the Lua states) is left out, as opening the raw clients' connection is.
+/// Then stops it (untimed).
 async fn run_host_until(path: &std::path::Path, until: Until, n: usize) -> Duration {
-    let (acked, published, first_delivery) = counted();
-    first_delivery.reset();
-    let count = match until {
-        Until::Acked => acked,
-        Until::Published => published,
+    let counted = counted();
+    let (count, first) = match until {
+        Until::Acked => (&counted.acked, &counted.delivered),
+        Until::Published => (&counted.published, &counted.published),
     };
-    let target = count.load(Ordering::Acquire) + n as u64;
+    first.forget_first();
+    let target = count.count() + n as u64;
     let kinds = DriverKinds::builtin();
     let config = queue_runtime::config::load(&[path.to_path_buf()]).expect("config");
     let plan = registry::plan(&config, &kinds, false).expect("plan");
-    let started = Instant::now();
     let host = Host::start(plan, &kinds, HostOptions::default())
         .await
         .expect("start");
     let reached = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while count.load(Ordering::Acquire) < target {
+        while count.count() < target {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     })
     .await;
-    let elapsed = match until {
-        Until::Acked => first_delivery
-            .get()
-            .map_or_else(|| started.elapsed(), |first| first.elapsed()),
-        Until::Published => started.elapsed(),
-    };
     assert!(
         reached.is_ok(),
         "the runtime got {} of {n} within {DRAIN_TIMEOUT:?}",
-        n as u64 + count.load(Ordering::Acquire) - target
+        n as u64 + count.count() - target
     );
+    let elapsed = first.first().expect("counted at least once").elapsed();
     host.shutdown().await;
     elapsed
 }
@@ -445,9 +445,7 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let q = fresh("raw-publish");
                 let ch = rt.block_on(channel(&conn, &q));
-                let started = Instant::now();
-                rt.block_on(raw_publish(&ch, &q));
-                total += started.elapsed();
+                total += rt.block_on(raw_publish(&ch, &q));
                 drop_queue(&ch, &q);
             }
             total
