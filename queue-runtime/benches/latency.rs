@@ -244,6 +244,17 @@ fn bounded<F: Future>(rt: &tokio::runtime::Handle, what: &str, future: F) -> F::
         .unwrap_or_else(|_| panic!("{what} did not finish within {STEP_TIMEOUT:?}"))
 }
 
+/// Deletes a RabbitMQ setup's queue and closes the channel that declared it.
+fn delete_and_close(handle: &tokio::runtime::Handle, ch: &Channel, queue: &str) {
+    bounded(
+        handle,
+        "deleting the queue",
+        ch.queue_delete(queue.into(), QueueDeleteOptions::default()),
+    )
+    .expect("delete the queue");
+    bounded(handle, "closing the channel", ch.close(200, "OK".into())).expect("close");
+}
+
 /// Writes the app: `driver` (YAML entries, empty for the embedded memory driver), a
 /// queue and a consumer of it with concurrency 16.
 fn app(dir: &Path, name: &str, driver: &str, queue: &str, prefetch: u32) -> PathBuf {
@@ -355,13 +366,7 @@ fn runtime_rabbitmq(
         lapin_sender(handle, &ch, &queue),
     );
     bounded(handle, "stopping the runtime", host.shutdown());
-    bounded(
-        handle,
-        "deleting the queue",
-        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
-    )
-    .expect("delete the queue");
-    bounded(handle, "closing the channel", ch.close(200, "OK".into())).expect("close");
+    delete_and_close(handle, &ch, &queue);
     outcome
 }
 
@@ -433,13 +438,7 @@ fn raw_lapin(
     )
     .expect("close");
     bounded(handle, "the consumer task", task).expect("the consumer task panicked");
-    bounded(
-        handle,
-        "deleting the queue",
-        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
-    )
-    .expect("delete the queue");
-    bounded(handle, "closing the channel", ch.close(200, "OK".into())).expect("close");
+    delete_and_close(handle, &ch, &queue);
     outcome
 }
 
