@@ -106,7 +106,9 @@ enum Command {
     /// Push many messages through the runtime and check its memory stays flat.
     Soak {
         /// How many messages.
-        #[arg(long, default_value_t = 1_000_000)]
+        /// (3,000,000 on the memory driver lasts about 12 s: long enough for RSS to
+        /// settle before the warm-up fifth ends; docs/reliability.md, "Soak".)
+        #[arg(long, default_value_t = 3_000_000)]
         messages: u64,
         /// Which driver carries them (amqp091 and amqp10 use RabbitMQ).
         #[arg(long, value_enum, default_value_t = soak::SoakDriver::Memory)]
