@@ -105,11 +105,11 @@ enum Command {
     },
     /// Push many messages through the runtime and check its memory stays flat.
     Soak {
-        /// How many messages.
-        /// (3,000,000 on the memory driver lasts about 12 s: long enough for RSS to
-        /// settle before the warm-up fifth ends; docs/reliability.md, "Soak".)
-        #[arg(long, default_value_t = 3_000_000)]
-        messages: u64,
+        /// How many messages (default: 3,000,000 on the memory driver, about 12 s, so
+        /// that RSS is measured well past its warm-up; 1,000,000 on RabbitMQ, where
+        /// each Lua publish waits for its confirm).
+        #[arg(long)]
+        messages: Option<u64>,
         /// Which driver carries them (amqp091 and amqp10 use RabbitMQ).
         #[arg(long, value_enum, default_value_t = soak::SoakDriver::Memory)]
         driver: soak::SoakDriver,
@@ -148,7 +148,11 @@ fn main() -> ExitCode {
             messages,
             driver,
             broker,
-        } => soak::run(messages, driver, &broker),
+        } => soak::run(
+            messages.unwrap_or_else(|| driver.default_messages()),
+            driver,
+            &broker,
+        ),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
