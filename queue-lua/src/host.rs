@@ -302,10 +302,7 @@ impl LuaHost {
             delivery: Some(Rc::clone(&state)),
         };
         let result = match to_lua(&self.lua, payload) {
-            Ok(arg) => {
-                self.run(context, (handler.function.clone(), arg), deadline)
-                    .await
-            }
+            Ok(arg) => self.run(context, &handler.function, arg, deadline).await,
             Err(e) => Err(e),
         };
         state.released.set(true);
@@ -356,15 +353,16 @@ impl LuaHost {
         args: Vec<Value>,
         security: SecurityContext,
     ) -> Result<()> {
-        let args = std::iter::once(Ok(LuaValue::Function(handler.function.clone())))
-            .chain(args.iter().map(|v| to_lua(&self.lua, v)))
+        let args = args
+            .iter()
+            .map(|v| to_lua(&self.lua, v))
             .collect::<mlua::Result<MultiValue>>()
             .map_err(|e| Error::internal(e.to_string()))?;
         let context = CoroutineContext {
             security,
             delivery: None,
         };
-        self.run(context, args, None)
+        self.run(context, &handler.function, args, None)
             .await
             .map(|_| ())
             .map_err(|e| {
@@ -383,10 +381,6 @@ impl LuaHost {
             .set_environment(self.chunk_env.clone())
             .into_function()
             .map_err(|e| Error::invalid(format!("cannot load chunk: {e}")))?;
-        let handler = Handler {
-            function,
-            name: "chunk".to_string(),
-        };
         let security = self.contexts.chunk_security.borrow().clone();
         let values = self
             .run(
@@ -394,7 +388,8 @@ impl LuaHost {
                     security,
                     delivery: None,
                 },
-                LuaValue::Function(handler.function),
+                &function,
+                (),
                 None,
             )
             .await
@@ -405,18 +400,22 @@ impl LuaHost {
             .collect()
     }
 
-    /// Runs a function as a coroutine in slices ([`crate::slices`]), with a deadline.
-    /// `args` are the guard's: the function to call, then its arguments (a tuple is
-    /// pushed onto the coroutine's stack without an intermediate list).
+    /// Runs `function` with `args` as a coroutine in slices ([`crate::slices`]), with
+    /// a deadline. The coroutine's body is the guard, which takes the function first;
+    /// both go onto its stack as one tuple, without an intermediate list.
     async fn run(
         &self,
         context: CoroutineContext,
+        function: &Function,
         args: impl IntoLuaMulti,
         deadline: Option<Deadline>,
     ) -> mlua::Result<MultiValue> {
         let thread = self.handler_thread()?;
         self.contexts.enter(&thread, context);
-        let result = match thread.clone().into_async::<MultiValue>(args) {
+        let result = match thread
+            .clone()
+            .into_async::<MultiValue>((function.clone(), args))
+        {
             Ok(running) => {
                 Sliced::new(running, Rc::clone(&self.clock), thread.clone(), deadline).await
             }
