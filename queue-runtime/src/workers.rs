@@ -464,7 +464,8 @@ async fn run_in_turn(runners: Rc<Runners>) {
                 next = turn.next() => next,
             };
             let delivery = match next {
-                // Put back, so that the other runners find the end too.
+                // Returning puts the subscription back (the turn's drop), so the
+                // other runners find the end too.
                 None => return,
                 Some(Err(e)) => {
                     tracing::warn!(queue = %runners.consumer.plan.queue, error = %e, "consumer error");
@@ -472,8 +473,7 @@ async fn run_in_turn(runners: Rc<Runners>) {
                 }
                 Some(Ok(delivery)) => delivery,
             };
-            let handling = std::pin::pin!(run_delivery(&runners, delivery));
-            let mut handling = handling;
+            let mut handling = std::pin::pin!(run_delivery(&runners, delivery));
             let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
             if first.is_ready() {
                 // Lets the worker's other tasks run now and then: a consumer whose
@@ -488,6 +488,8 @@ async fn run_in_turn(runners: Rc<Runners>) {
     }
 }
 
+/// Handles one delivery, counted busy (for the host and for its consumer) until it is
+/// settled.
 async fn run_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     let _busy = runners.busy.enter();
     let _active = runners.consumer.active.enter();
