@@ -1,7 +1,7 @@
 //! 50,000 confirmed sends through the driver vs raw fe2o3-amqp with the same window of
 //! unsettled transfers, in one run, against RabbitMQ's AMQP 1.0 plugin on
-//! 127.0.0.1:5672. Between samples (untimed) the driver drains the queue so the broker does not
-//! grow. Skips (prints why) when RabbitMQ is not there.
+//! 127.0.0.1:5672. Between samples (untimed) the driver drains the queue so the broker
+//! does not grow. Skips (prints why) when RabbitMQ is not there.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -242,15 +242,7 @@ pub fn run(messages: u64, driver: SoakDriver, broker: &str) -> Result<bool, Stri
     }
 
     const GROWTH_LIMIT: f64 = 0.10;
-    // RSS climbs into its band in about the first two seconds (mimalloc's pages, the
-    // producers' backlog); a fast run's first fifth can end before that.
-    const MIN_WARM_UP_SECS: f64 = 3.0;
-    let warm = samples
-        .iter()
-        .take_while(|(t, _)| *t < MIN_WARM_UP_SECS)
-        .count()
-        .max(samples.len() / 5);
-    let after_warmup = &samples[warm.min(samples.len())..];
+    let after_warmup = after_warm_up(&samples);
     let first = after_warmup.first().map_or(0, |s| s.1);
     let peak = after_warmup.iter().map(|s| s.1).max().unwrap_or(0);
     let last = after_warmup.last().map_or(0, |s| s.1);
@@ -311,5 +303,42 @@ fn delete_queue(queue: &str) {
         .is_ok_and(|s| s.success());
     if !deleted {
         println!("soak: could not delete queue {queue} with rabbitmqctl; delete it by hand");
+    }
+}
+
+/// The RSS samples (seconds since start, KiB) after the warm-up: the first fifth of
+/// the samples, and at least the first 3 seconds. RSS climbs into its band in about
+/// the first two seconds (mimalloc's pages, the producers' backlog), and a fast run's
+/// first fifth can end before that.
+fn after_warm_up(samples: &[(f64, u64)]) -> &[(f64, u64)] {
+    const MIN_WARM_UP_SECS: f64 = 3.0;
+    let warm = samples
+        .iter()
+        .take_while(|(t, _)| *t < MIN_WARM_UP_SECS)
+        .count()
+        .max(samples.len() / 5);
+    &samples[warm.min(samples.len())..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::after_warm_up;
+
+    fn every_quarter_second(seconds: f64) -> Vec<(f64, u64)> {
+        (0..(seconds * 4.0) as u64)
+            .map(|i| (i as f64 / 4.0, i))
+            .collect()
+    }
+
+    #[test]
+    fn a_short_run_skips_its_first_three_seconds() {
+        let samples = every_quarter_second(5.0);
+        assert_eq!(after_warm_up(&samples).first().map(|s| s.0), Some(3.0));
+    }
+
+    #[test]
+    fn a_long_run_skips_its_first_fifth() {
+        let samples = every_quarter_second(40.0);
+        assert_eq!(after_warm_up(&samples).first().map(|s| s.0), Some(8.0));
     }
 }
