@@ -139,6 +139,9 @@ impl Subscription for Amqp10Subscription {
     }
 }
 
+/// The current epoch while no link is attached (epochs start at 1).
+const NO_LINK: u64 = 0;
+
 struct LinkAcker {
     control: mpsc::UnboundedSender<Control>,
     epoch: u64,
@@ -208,7 +211,8 @@ struct ReceiveTask {
     closed: watch::Receiver<bool>,
     /// Which link the deliveries in `unsettled` came from.
     epoch: u64,
-    /// `epoch`, for the ackers to tell a settlement of a lost link at once.
+    /// `epoch` while its link is attached, [`NO_LINK`] while there is none: for the
+    /// ackers to refuse a settlement of a lost link at once.
     current_epoch: Arc<AtomicU64>,
     unsettled: HashMap<u32, DeliveryInfo>,
     /// Credit the broker still has for this link (granted minus received since).
@@ -257,6 +261,9 @@ impl ReceiveTask {
     async fn run(mut self, mut link: Option<Attached<Receiver>>) {
         let stop_reply = loop {
             let Some(attached) = link.as_mut() else {
+                // Until a link is attached again, a settlement of the lost one's
+                // deliveries is refused at once, not handed over to be dropped.
+                self.current_epoch.store(NO_LINK, Ordering::Release);
                 match self.reattach().await {
                     Ok(attached) => link = self.start_link(attached).await,
                     Err(reply) => break reply,

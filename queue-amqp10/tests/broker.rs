@@ -1,4 +1,5 @@
-//! Real failures against the main RabbitMQ node: errors carry the right kind and never
+//! Real failures against the main RabbitMQ node (and one private node, stopped and
+//! started under a subscription): errors carry the right kind and never
 //! the password.
 
 mod support;
@@ -187,6 +188,49 @@ async fn acks_handed_over_before_a_cancel_are_sent() {
     driver.close().await.unwrap();
 }
 
+/// An ack of a delivery whose link was lost is refused (`INTERNAL`, retryable: the
+/// message comes again), though acks return without waiting for the broker. On a
+/// private node, stopped and started under the subscription.
+async fn an_ack_of_a_lost_link_is_refused() {
+    let mut node = tokio::task::spawn_blocking(queue_fixtures::rabbitmq::PrivateNode::start)
+        .await
+        .unwrap()
+        .expect("a private RabbitMQ node");
+    let mut config = Amqp10Config::new(node.amqp10_url(), Profile::RabbitmqV1);
+    config.reconnect_delay = std::time::Duration::from_millis(100);
+    config.reconnect_max_delay = std::time::Duration::from_secs(1);
+    config.publish_timeout = std::time::Duration::from_secs(30);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let id = QueueId::parse("amqp10-tests:lost-link").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let held = within("a delivery", sub.next()).await.unwrap().unwrap();
+
+    let node = tokio::task::spawn_blocking(move || {
+        node.stop_app_then_start(std::time::Duration::from_secs(1));
+        node
+    })
+    .await
+    .unwrap();
+    // A delivery after the restart comes on a new link: the held one's is gone.
+    driver.publish(&id, numbered(2)).await.unwrap();
+    let again = within("a delivery on the new link", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = held.ack().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable(), "{err}");
+    again.ack().await.expect("an ack on the new link");
+    within("cancel", sub.cancel()).await.unwrap();
+    driver.close().await.unwrap();
+    drop(node);
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -196,6 +240,7 @@ queue_testkit::broker_tests! {
         options_rabbitmq_3_cannot_honour_are_invalid,
         a_durability_clash_is_already_exists,
         acks_handed_over_before_a_cancel_are_sent,
+        an_ack_of_a_lost_link_is_refused,
     ];
     sync: [];
 }
