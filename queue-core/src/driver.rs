@@ -268,8 +268,14 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     /// Wraps a message and its acker.
     pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
+        Delivery::shared(Arc::new(message), acker)
+    }
+
+    /// Wraps a message the driver keeps a handle on too (to put it back on a
+    /// release), without copying it.
+    pub fn shared(message: Arc<Message>, acker: Box<dyn Acker>) -> Self {
         Delivery {
-            message: Arc::new(message),
+            message,
             acker: Mutex::new(Some(acker)),
         }
     }

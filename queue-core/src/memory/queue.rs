@@ -1,9 +1,9 @@
 //! One memory queue: priority lanes of ready messages, the in-flight table, and the
 //! signals consumers and publishers wait on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -12,9 +12,11 @@ use tokio::time::Instant;
 use crate::{Error, Message, QueueInfo, QueueSpec, Result};
 
 /// A ready message and when it expires (from `message_ttl` or its own `expiration`).
+/// Shared with its delivery while in flight: the queue keeps it (to put it back on a
+/// release or a cancel) without copying its id, headers and body per delivery.
 #[derive(Debug)]
 struct Ready {
-    message: Message,
+    message: Arc<Message>,
     priority: u8,
     expires: Option<Instant>,
 }
@@ -26,8 +28,10 @@ struct State {
     ready: u64,
     delayed: u64,
     consumers: u64,
-    /// Delivery tag -> (subscription id, the message and its priority).
-    in_flight: HashMap<u64, (u64, Message, u8)>,
+    /// Delivery tag -> (subscription id, the message and its priority). Tags are
+    /// counted up by the queue, not chosen by input: FxHash instead of SipHash, which
+    /// was a visible part of each delivery's cost (docs/performance.md).
+    in_flight: rustc_hash::FxHashMap<u64, (u64, Arc<Message>, u8)>,
 }
 
 #[derive(Debug)]
@@ -113,7 +117,7 @@ impl MemQueue {
         let delay = message.headers.delay()?.filter(|d| !d.is_zero());
         Ok((
             Ready {
-                message,
+                message: Arc::new(message),
                 priority,
                 expires,
             },
@@ -123,7 +127,7 @@ impl MemQueue {
 
     /// Adds a message at the back of its lane, waiting up to `timeout` for room.
     pub(super) async fn publish(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         message: Message,
         timeout: Duration,
     ) -> Result<()> {
@@ -141,7 +145,7 @@ impl MemQueue {
     /// wait for room like single publishes), then wakes the waiting consumers once.
     /// Every message is checked before any is queued.
     pub(super) async fn publish_batch(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         messages: Vec<Message>,
         timeout: Duration,
     ) -> Result<()> {
@@ -187,9 +191,9 @@ impl MemQueue {
     }
 
     /// Counts a delayed message now and queues it once its delay has passed.
-    fn publish_later(self: &std::sync::Arc<Self>, ready: Ready, delay: Duration) {
+    fn publish_later(self: &Arc<Self>, ready: Ready, delay: Duration) {
         self.lock().delayed += 1;
-        let queue = std::sync::Arc::clone(self);
+        let queue = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let mut state = queue.lock();
@@ -241,7 +245,7 @@ impl MemQueue {
 
     /// Takes the next ready message for a subscription, highest priority first,
     /// skipping expired ones. Returns its delivery tag.
-    pub(super) fn take(&self, subscription: u64) -> Option<(u64, Message)> {
+    pub(super) fn take(&self, subscription: u64) -> Option<(u64, Arc<Message>)> {
         let mut state = self.lock();
         // Read the clock only for a message that can expire: most cannot.
         let mut now = None;
@@ -267,7 +271,7 @@ impl MemQueue {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         state
             .in_flight
-            .insert(tag, (subscription, ready.message.clone(), ready.priority));
+            .insert(tag, (subscription, Arc::clone(&ready.message), ready.priority));
         drop(state);
         self.space_signal.notify_one();
         Some((tag, ready.message))

@@ -49,7 +49,7 @@ impl MemSubscription {
             tag,
             outstanding: Arc::clone(&self.outstanding),
         };
-        Some(Delivery::new(message, Box::new(acker)))
+        Some(Delivery::shared(message, Box::new(acker)))
     }
 
     fn detach(&self) {
