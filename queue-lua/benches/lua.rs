@@ -1,5 +1,6 @@
 //! Lua `queue.publish` of a small table vs the same publish from Rust, and the cost of
-//! dispatching one delivery to a no-op Lua handler. Same run, memory driver.
+//! dispatching one delivery to a no-op Lua handler, next to the floor of what such a
+//! dispatch costs in its dependencies alone. Same run, memory driver.
 //! Run: `cargo bench -p queue-lua --bench lua`.
 
 use std::rc::Rc;
@@ -115,6 +116,32 @@ fn bench(c: &mut Criterion) {
                 };
                 host.run_handler(&handler, &payload, context, SecurityContext::default())
                     .await
+            })
+        })
+    });
+    // The floor: what any dispatch of this message to a Lua function in a coroutine
+    // costs in serde_json, mlua and Lua alone. The same decode and payload table as
+    // the host's, and a kept coroutine resumed through mlua's async API, without what
+    // the host adds (the error guard, the time-slice hook, the coroutine's context,
+    // the settlement mapping).
+    let bare = mlua::Lua::new();
+    let noop: mlua::Function = bare
+        .load("return function(payload) end")
+        .eval()
+        .expect("noop");
+    let thread = bare.create_thread(noop.clone()).expect("thread");
+    group.bench_function("floor_mlua_coroutine", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let payload = message.decode().expect("decode");
+                let arg = queue_lua::value::to_lua(&bare, &payload).expect("payload");
+                thread
+                    .clone()
+                    .into_async::<()>(arg)
+                    .expect("resume")
+                    .await
+                    .expect("run");
+                thread.reset(noop.clone()).expect("reset");
             })
         })
     });
