@@ -200,20 +200,54 @@ fn main() -> ExitCode {
 const WIRE_DUMP_TARGETS: [&str; 4] = ["lapin", "amq_protocol", "fe2o3_amqp", "serde_amqp"];
 
 fn init_logging(format: LogFormat, telemetry: Option<&queue_runtime::telemetry::Telemetry>) {
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logged = tracing_subscriber::registry().with(log_layer(format, filter));
+    // No `Option` layer when tracing is off: an absent layer still takes an interest
+    // in every callsite.
+    match telemetry {
+        Some(telemetry) => {
+            logged.with(telemetry.layer()).init();
+            tracing::info!(
+                endpoint = telemetry.endpoint(),
+                "exporting trace spans with OTLP"
+            );
+        }
+        None => logged.init(),
+    }
+}
+
+/// The log: lines on stderr for what `filter` (RUST_LOG) enables, never a wire dump
+/// nor the runtime's tracing spans. Its filters tell `tracing` the most verbose level
+/// they may enable (`filter`'s), so that a TRACE or DEBUG event of the protocol crates
+/// on a per-message path costs one comparison, not an event built and filtered out
+/// (docs/performance.md, "The runtime on RabbitMQ").
+fn log_layer<S>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{FilterExt, LevelFilter};
+
     // Whatever RUST_LOG says: no log level prints a credential.
     let no_wire_dumps = tracing_subscriber::filter::filter_fn(|meta| {
         *meta.level() != tracing::Level::TRACE
             || !WIRE_DUMP_TARGETS
                 .iter()
                 .any(|t| meta.target().starts_with(t))
-    });
+    })
+    .with_max_level_hint(LevelFilter::TRACE);
+    // The log reads the same with tracing on: its spans are for the exporter only.
+    let no_trace_spans = tracing_subscriber::filter::filter_fn(|meta| {
+        !queue_runtime::telemetry::is_trace_span(meta)
+    })
+    .with_max_level_hint(LevelFilter::TRACE);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
@@ -222,20 +256,7 @@ fn init_logging(format: LogFormat, telemetry: Option<&queue_runtime::telemetry::
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
-    // The log reads the same with tracing on: its spans are for the exporter only.
-    let no_trace_spans = tracing_subscriber::filter::filter_fn(|meta| {
-        !queue_runtime::telemetry::is_trace_span(meta)
-    });
-    tracing_subscriber::registry()
-        .with(layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans)))
-        .with(telemetry.map(|t| t.layer()))
-        .init();
-    if let Some(telemetry) = telemetry {
-        tracing::info!(
-            endpoint = telemetry.endpoint(),
-            "exporting trace spans with OTLP"
-        );
-    }
+    layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans))
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
@@ -590,6 +611,34 @@ impl ShutdownSignals {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
             _ = hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Subscriber;
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// The log's most verbose level is RUST_LOG's: below it, a `trace!` in a driver's
+    /// per-message path is skipped before any event is built.
+    #[test]
+    fn the_log_tells_tracing_its_most_verbose_level() {
+        for (directives, level) in [
+            ("info", LevelFilter::INFO),
+            ("warn,queue_amqp091=debug", LevelFilter::DEBUG),
+            ("lapin=trace", LevelFilter::TRACE),
+        ] {
+            let filter = tracing_subscriber::EnvFilter::new(directives);
+            let subscriber =
+                tracing_subscriber::registry().with(log_layer(LogFormat::Text, filter));
+            assert_eq!(
+                subscriber.max_level_hint(),
+                Some(level),
+                "RUST_LOG={directives}"
+            );
         }
     }
 }

@@ -133,7 +133,12 @@ impl Telemetry {
             .with_location(false)
             .with_target(false)
             .with_tracked_inactivity(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(exported))
+            .with_filter(
+                // It sees INFO and above only: `tracing` skips more verbose events
+                // before building them.
+                tracing_subscriber::filter::filter_fn(exported)
+                    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO),
+            )
     }
 
     /// Exports what is left and stops the exporter (at most a few seconds).
