@@ -269,9 +269,10 @@ impl MemQueue {
         }
         let ready = taken?;
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        state
-            .in_flight
-            .insert(tag, (subscription, Arc::clone(&ready.message), ready.priority));
+        state.in_flight.insert(
+            tag,
+            (subscription, Arc::clone(&ready.message), ready.priority),
+        );
         drop(state);
         self.space_signal.notify_one();
         Some((tag, ready.message))
