@@ -66,9 +66,7 @@ async fn wrong_password_is_refused_without_showing_it() {
 }
 
 async fn refused_port_is_internal_retryable_without_the_password() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    let port = queue_fixtures::free_port();
     let url = format!("redis://u:{SECRET}@127.0.0.1:{port}/0");
     let err = RedisDriver::connect(RedisConfig::new(url))
         .await

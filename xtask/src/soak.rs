@@ -143,13 +143,6 @@ fn acked(metrics_port: u16) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
 fn signal(child: &Child, name: &str) -> Result<(), String> {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
@@ -187,7 +180,7 @@ pub fn run(messages: u64, driver: SoakDriver, broker: &str) -> Result<bool, Stri
 
     let mut args = vec!["run".to_string()];
     let metrics_port = if driver == SoakDriver::Amqp10 {
-        let port = free_port()?;
+        let port = queue_fixtures::free_port();
         args.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
         Some(port)
     } else {

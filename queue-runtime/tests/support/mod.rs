@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+pub use queue_fixtures::free_port;
+
 /// How long a one-off command (`check`, `info`, `publish`, ...) may take.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 
@@ -118,14 +120,6 @@ pub fn summary(stdout: &[u8]) -> Vec<(String, String, String, String)> {
             (get("queue"), get("acked"), get("ready"), get("in_flight"))
         })
         .collect()
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// GETs a path from the runtime's metrics server; `None` while it is not up.
