@@ -2,9 +2,10 @@
 //!
 //! A task owns the link. It reads transfers, hands them out as [`Delivery`]s, and
 //! performs every settlement the ackers hand it (accepted for ack, released for
-//! release), in order, batching what is ready into one disposition; `ack` returns
-//! once its settlement is handed over, and a cancel or stop sends the acks handed
-//! over before it ahead of releasing the rest. Credit is managed
+//! release): releases at once, accepts gathered into one disposition (up to
+//! [`GATHER_COUNT`] of them, at most [`GATHER_TIME`] after the first, and always
+//! before credit is granted); `ack` returns once its settlement is handed over, and a
+//! cancel or stop sends the acks handed over before it ahead of releasing the rest. Credit is managed
 //! by hand: `unsettled + credit <= prefetch` always holds, and credit is topped up once
 //! half of it (or all, for a prefetch of 1 or 2) can be given back, so the broker never
 //! has more than `prefetch` deliveries out to this subscription.
@@ -102,6 +103,8 @@ impl Amqp10Subscription {
             epoch: 0,
             current_epoch: Arc::default(),
             unsettled: HashMap::new(),
+            accepts: Vec::new(),
+            flush_at: None,
             credit: 0,
             failures: 0,
         };
@@ -138,6 +141,12 @@ impl Subscription for Amqp10Subscription {
         result
     }
 }
+
+/// How many accepts make a disposition worth sending at once.
+const GATHER_COUNT: usize = 64;
+/// The longest an accept waits for others to join its disposition: the broker learns
+/// of an ack at most this much later (a connection lost in between redelivers it).
+const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The current epoch while no link is attached (epochs start at 1).
 const NO_LINK: u64 = 0;
@@ -215,6 +224,10 @@ struct ReceiveTask {
     /// ackers to refuse a settlement of a lost link at once.
     current_epoch: Arc<AtomicU64>,
     unsettled: HashMap<u32, DeliveryInfo>,
+    /// Acks handed over and not sent yet (no longer in `unsettled`).
+    accepts: Vec<DeliveryInfo>,
+    /// When `accepts` must be sent at the latest; `None` while it is empty.
+    flush_at: Option<tokio::time::Instant>,
     /// Credit the broker still has for this link (granted minus received since).
     credit: u32,
     failures: u32,
@@ -223,6 +236,8 @@ struct ReceiveTask {
 enum Event {
     Closed,
     Control(Option<Control>),
+    /// The waiting accepts have waited [`GATHER_TIME`].
+    FlushDue,
     Delivery(
         Box<
             std::result::Result<
@@ -270,16 +285,20 @@ impl ReceiveTask {
                 }
                 continue;
             };
+            let flush_at = self.flush_at;
             let event = tokio::select! {
                 biased;
                 _ = self.closed.wait_for(|c| *c) => Event::Closed,
                 control = self.control_rx.recv() => Event::Control(control),
                 _ = self.out.closed() => Event::Closed,
                 delivery = attached.link.recv::<Body<Value>>() => Event::Delivery(Box::new(delivery)),
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if flush_at.is_some() => Event::FlushDue,
             };
             let step = match event {
                 Event::Closed | Event::Control(None) => Step::Stop(None),
                 Event::Control(Some(control)) => self.handle(&mut attached.link, control).await,
+                Event::FlushDue => self.send_accepts(&attached.link).await,
                 Event::Delivery(delivery) => match *delivery {
                     Ok(delivery) => self.deliver(&mut attached.link, delivery).await,
                     Err(err) => {
@@ -295,6 +314,9 @@ impl ReceiveTask {
                         old.end_in_background();
                     }
                     self.unsettled.clear();
+                    // Their deliveries went back with the link.
+                    self.accepts.clear();
+                    self.flush_at = None;
                 }
                 Step::Stop(reply) => {
                     let mut cancels = Vec::new();
@@ -423,45 +445,24 @@ impl ReceiveTask {
         }
     }
 
-    /// Performs `control` and every settlement waiting behind it (up to 1024) in one
-    /// disposition of accepts and one of releases. A settlement of an earlier link is
-    /// dropped: its delivery went back to the queue with that link.
+    /// Performs `control` and every settlement waiting behind it (up to 1024): the
+    /// releases at once in one disposition, the accepts joining the waiting ones, sent
+    /// once [`GATHER_COUNT`] wait. A settlement of an earlier link is dropped: its
+    /// delivery went back to the queue with that link.
     async fn handle(&mut self, link: &mut Receiver, control: Control) -> Step {
-        let mut accepts = Vec::new();
         let mut releases = Vec::new();
         let mut stop = None;
         let mut next = Some(control);
+        let mut taken = 0;
         while let Some(control) = next.take() {
-            match control {
-                Control::Cancel(reply) => {
-                    stop = Some(reply);
-                    break;
-                }
-                Control::Settle {
-                    epoch,
-                    delivery_id,
-                    accept,
-                } => {
-                    if epoch == self.epoch
-                        && let Some(info) = self.unsettled.remove(&delivery_id)
-                    {
-                        if accept {
-                            accepts.push(info);
-                        } else {
-                            releases.push(info);
-                        }
-                    }
-                }
+            if let Some(reply) = self.take_settlement(control, &mut releases) {
+                stop = Some(reply);
+                break;
             }
-            if accepts.len() + releases.len() < 1024 {
+            taken += 1;
+            if taken < 1024 {
                 next = self.control_rx.try_recv().ok();
             }
-        }
-        if !accepts.is_empty()
-            && let Err(e) = link.accept_all(accepts).await
-        {
-            tracing::warn!(queue = %self.spec.queue, error = %e, "amqp10 receiver: acks not sent, the link is lost; those messages will be redelivered");
-            return Step::LinkLost;
         }
         if !releases.is_empty()
             && let Err(e) = link.release_all(releases).await
@@ -472,7 +473,56 @@ impl ReceiveTask {
         if let Some(reply) = stop {
             return Step::Stop(Some(reply));
         }
+        if self.accepts.len() >= GATHER_COUNT
+            && let Step::LinkLost = self.send_accepts(link).await
+        {
+            return Step::LinkLost;
+        }
         self.top_up(link).await
+    }
+
+    /// Takes one settlement off `unsettled`: an accept joins the waiting ones, a
+    /// release goes into `releases`. Returns a cancel's reply.
+    fn take_settlement(
+        &mut self,
+        control: Control,
+        releases: &mut Vec<DeliveryInfo>,
+    ) -> Option<oneshot::Sender<Result<()>>> {
+        match control {
+            Control::Cancel(reply) => return Some(reply),
+            Control::Settle {
+                epoch,
+                delivery_id,
+                accept,
+            } => {
+                if epoch == self.epoch
+                    && let Some(info) = self.unsettled.remove(&delivery_id)
+                {
+                    if accept {
+                        self.flush_at
+                            .get_or_insert_with(|| tokio::time::Instant::now() + GATHER_TIME);
+                        self.accepts.push(info);
+                    } else {
+                        releases.push(info);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends the waiting accepts in one disposition.
+    async fn send_accepts(&mut self, link: &Receiver) -> Step {
+        self.flush_at = None;
+        if self.accepts.is_empty() {
+            return Step::Continue;
+        }
+        let accepts = std::mem::take(&mut self.accepts);
+        if let Err(e) = link.accept_all(accepts).await {
+            tracing::warn!(queue = %self.spec.queue, error = %e, "amqp10 receiver: acks not sent, the link is lost; those messages will be redelivered");
+            return Step::LinkLost;
+        }
+        Step::Continue
     }
 
     /// Gives back credit for settled deliveries: `unsettled + credit <= prefetch`.
@@ -494,6 +544,11 @@ impl ReceiveTask {
             target > credit && (target - credit >= threshold || credit == 0 || starving)
         };
         if may_flow {
+            // The broker learns of the settlements this credit is for before the
+            // credit itself, so it never has more than `prefetch` out unsettled.
+            if let Step::LinkLost = self.send_accepts(link).await {
+                return Step::LinkLost;
+            }
             if let Err(err) = link.set_credit(target).await {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
                 return Step::LinkLost;
@@ -507,30 +562,17 @@ impl ReceiveTask {
     /// an ack its handler was told went through must not come back as a release.
     /// Returns the replies of cancels found among them, to answer once stopped.
     async fn settle_handed_over(&mut self, link: &Receiver) -> Vec<oneshot::Sender<Result<()>>> {
-        let mut accepts = Vec::new();
         let mut cancels = Vec::new();
+        // A release is what the stop does to every unsettled delivery anyway: the
+        // ones taken here go back with the rest.
+        let mut releases = Vec::new();
         while let Ok(control) = self.control_rx.try_recv() {
-            match control {
-                Control::Settle {
-                    epoch,
-                    delivery_id,
-                    accept: true,
-                    ..
-                } if epoch == self.epoch => {
-                    if let Some(info) = self.unsettled.remove(&delivery_id) {
-                        accepts.push(info);
-                    }
-                }
-                // A release is what the stop does to every unsettled delivery anyway.
-                Control::Settle { .. } => {}
-                Control::Cancel(reply) => cancels.push(reply),
-            }
+            cancels.extend(self.take_settlement(control, &mut releases));
         }
-        if !accepts.is_empty()
-            && let Err(err) = link.accept_all(accepts).await
-        {
-            tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: acks handed over before the stop were not sent; those messages will be redelivered");
-        }
+        self.unsettled
+            .extend(releases.into_iter().map(|info| (info.delivery_id(), info)));
+        // Not sent (the link is lost): said in the log, and the broker redelivers them.
+        let _ = self.send_accepts(link).await;
         cancels
     }
 
