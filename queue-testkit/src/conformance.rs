@@ -270,6 +270,28 @@ pub async fn info_counts_in_flight(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
+/// An ack reaches the backend while the subscription stays open and others are held:
+/// a driver that gathers acks must not keep a lone one back until more come or the
+/// subscription ends.
+pub async fn an_ack_settles_while_others_are_held(ctx: &TestContext) {
+    let q = ctx.declared("lone-ack").await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 10).await;
+    // A broker that pushes deliveries has sent all three before one is taken (the
+    // others stay held); a driver that hands them out as they are taken has sent none.
+    eventually_info(ctx, &q, |i| i.ready == Some(0) || i.in_flight == Some(0)).await;
+    let first = next(&mut sub).await;
+    within("ack", first.ack()).await.unwrap();
+    let info = eventually_info(ctx, &q, |i| i.message_count() < 3).await;
+    assert_eq!(info.message_count(), 2, "the ack was not settled");
+    for _ in 0..2 {
+        within("ack", next(&mut sub).await.ack()).await.unwrap();
+    }
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// `info` counts the consumers attached to a queue.
 pub async fn info_counts_consumers(ctx: &TestContext) {
     let q = ctx.declared("info").await;
@@ -708,6 +730,7 @@ const CONTRACTS: &[Contract] = contracts![
     queues_are_isolated,
     info_counts_ready needs info_ready,
     info_counts_in_flight needs info_in_flight,
+    an_ack_settles_while_others_are_held needs info_in_flight,
     info_counts_consumers needs info_consumers,
     cancel_stops_delivery_and_returns_unsettled,
     publish_before_any_consumer,
