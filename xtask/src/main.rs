@@ -75,8 +75,8 @@ enum Command {
         /// Shorter runs.
         #[arg(long)]
         quick: bool,
-        /// Only build the tables from the results already on disk (target/criterion,
-        /// target/bench/latency.json) and a fresh kombu run.
+        /// Only build the tables from what the last run left on disk (the criterion
+        /// figures it measured, target/bench/latency.json) and a fresh kombu run.
         #[arg(long)]
         report_only: bool,
         /// Also show each ratio next to the one in this earlier run's JSON
