@@ -5,10 +5,11 @@
 //! release): releases at once, accepts gathered into one disposition (up to
 //! [`GATHER_COUNT`] of them, at most [`GATHER_TIME`] after the first, and always
 //! before credit is granted); `ack` returns once its settlement is handed over, and a
-//! cancel or stop sends the acks handed over before it ahead of releasing the rest. Credit is managed
-//! by hand: `unsettled + credit <= prefetch` always holds, and credit is topped up once
-//! half of it (or all, for a prefetch of 1 or 2) can be given back, so the broker never
-//! has more than `prefetch` deliveries out to this subscription.
+//! cancel or stop sends the acks handed over before it ahead of releasing the rest.
+//! Credit is managed by hand: `unsettled + credit <= prefetch` always holds, and
+//! credit is topped up once half of it (or all, for a prefetch of 1 or 2) can be given
+//! back, on RabbitMQ 3.x only once the last credit has been used (see `top_up`), so
+//! the broker never has more than `prefetch` deliveries out to this subscription.
 //!
 //! When the link, session or connection is lost the task re-attaches with backoff and
 //! keeps delivering. Deliveries of the lost link were returned by the broker; acking one

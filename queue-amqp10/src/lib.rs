@@ -3,8 +3,8 @@
 //! The AMQP 1.0 driver of the queue workspace, on [fe2o3-amqp]: ActiveMQ Artemis,
 //! RabbitMQ 3.x (`rabbitmq_amqp1_0` plugin) and 4.x, and other AMQP 1.0 peers.
 //!
-//! - [`Amqp10Driver`] implements [`queue_core::Driver`]; [`Amqp10DriverFactory`] builds it
-//!   from a `queue.driver.amqp10` YAML entry ([`Amqp10Config`]).
+//! - [`Amqp10Driver`] implements [`queue_core::Driver`]; `queue_core::Factory::<Amqp10Config>`
+//!   builds it from a `queue.driver.amqp10` YAML entry ([`Amqp10Config`]).
 //! - [`Profile`] says how queue names become addresses and what the broker can do
 //!   (its [`queue_core::Capabilities`]).
 //! - Publishing waits for the `accepted` outcome, pipelined over a bounded window of

@@ -82,7 +82,7 @@ const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves `GET /metrics`, `GET /health` and `GET /ready` on an address until the task
 /// is dropped,
 /// with hyper: whole requests however they are split into packets, query strings
-/// ignored, 405 for other methods, at most [`MAX_CONNECTIONS`] at once, and a pause
+/// ignored, 405 for other methods, at most `MAX_CONNECTIONS` at once, and a pause
 /// (not a spin) when accepting fails, as it does when file descriptors run out.
 pub async fn serve(
     addr: std::net::SocketAddr,

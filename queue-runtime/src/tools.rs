@@ -145,7 +145,7 @@ pub async fn peek(driver: &Arc<dyn Driver>, queue: &QueueId, limit: u64) -> Resu
 }
 
 /// Removes the messages a queue holds when it starts (acknowledges each); returns
-/// how many. With a driver that cannot count, one read: up to [`MAX_HELD`], until the
+/// how many. With a driver that cannot count, one read: up to `MAX_HELD`, until the
 /// queue is quiet.
 pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
     #[derive(Default)]
