@@ -19,6 +19,7 @@
 //! of this subscription's deliveries is `INVALID`.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -105,7 +106,7 @@ impl Amqp10Subscription {
             current_epoch: Arc::default(),
             unsettled: HashMap::new(),
             accepts: Vec::new(),
-            flush_at: None,
+            flush: Box::pin(tokio::time::sleep(GATHER_TIME)),
             credit: 0,
             failures: 0,
         };
@@ -227,8 +228,9 @@ struct ReceiveTask {
     unsettled: HashMap<u32, DeliveryInfo>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
-    /// When `accepts` must be sent at the latest; `None` while it is empty.
-    flush_at: Option<tokio::time::Instant>,
+    /// When `accepts` must be sent at the latest; set when the first one joins and
+    /// waited for only while it is not empty. One timer, reset, not one per event.
+    flush: Pin<Box<tokio::time::Sleep>>,
     /// Credit the broker still has for this link (granted minus received since).
     credit: u32,
     failures: u32,
@@ -286,15 +288,13 @@ impl ReceiveTask {
                 }
                 continue;
             };
-            let flush_at = self.flush_at;
             let event = tokio::select! {
                 biased;
                 _ = self.closed.wait_for(|c| *c) => Event::Closed,
                 control = self.control_rx.recv() => Event::Control(control),
                 _ = self.out.closed() => Event::Closed,
                 delivery = attached.link.recv::<Body<Value>>() => Event::Delivery(Box::new(delivery)),
-                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if flush_at.is_some() => Event::FlushDue,
+                () = &mut self.flush, if !self.accepts.is_empty() => Event::FlushDue,
             };
             let step = match event {
                 Event::Closed | Event::Control(None) => Step::Stop(None),
@@ -317,7 +317,6 @@ impl ReceiveTask {
                     self.unsettled.clear();
                     // Their deliveries went back with the link.
                     self.accepts.clear();
-                    self.flush_at = None;
                 }
                 Step::Stop(reply) => {
                     let mut cancels = Vec::new();
@@ -500,8 +499,10 @@ impl ReceiveTask {
                     && let Some(info) = self.unsettled.remove(&delivery_id)
                 {
                     if accept {
-                        self.flush_at
-                            .get_or_insert_with(|| tokio::time::Instant::now() + GATHER_TIME);
+                        if self.accepts.is_empty() {
+                            let deadline = tokio::time::Instant::now() + GATHER_TIME;
+                            self.flush.as_mut().reset(deadline);
+                        }
                         self.accepts.push(info);
                     } else {
                         releases.push(info);
@@ -514,7 +515,6 @@ impl ReceiveTask {
 
     /// Sends the waiting accepts in one disposition.
     async fn send_accepts(&mut self, link: &Receiver) -> Step {
-        self.flush_at = None;
         if self.accepts.is_empty() {
             return Step::Continue;
         }
