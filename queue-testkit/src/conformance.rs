@@ -592,6 +592,33 @@ pub async fn prefetch_bounds_unsettled_deliveries(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
+/// A lone ack frees its place in the prefetch while the other deliveries are held:
+/// with a prefetch of 4 and all 4 held, the fifth message waits in the queue, and
+/// acking one of the 4 brings it. A driver that gathers acks into rounds must send a
+/// round that stays short, or a consumer whose other handlers are slow stalls.
+pub async fn an_ack_makes_room_while_others_are_held(ctx: &TestContext) {
+    let q = ctx.declared("prefetch-room").await;
+    for n in 0..5 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    eventually_info(ctx, &q, |i| i.ready == Some(5)).await;
+    let mut sub = ctx.consume(&q, 4).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(next(&mut sub).await);
+    }
+    let info = eventually_info(ctx, &q, |i| i.ready.is_some_and(|r| r <= 1)).await;
+    assert_eq!(info.ready, Some(1), "the fifth message was not held back");
+    within("ack", held.remove(0).ack()).await.unwrap();
+    let fifth = next(&mut sub).await;
+    assert_eq!(number_of(&fifth), 4);
+    held.push(fifth);
+    for d in held {
+        within("ack", d.ack()).await.unwrap();
+    }
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// Higher priorities are delivered first where the queue has `max_priority`.
 pub async fn priority_orders_delivery(ctx: &TestContext) {
     let q = ctx.declare(ctx.spec("priority").with_max_priority(9)).await;
@@ -742,6 +769,7 @@ const CONTRACTS: &[Contract] = contracts![
     ten_thousand_messages,
     second_settlement_is_an_error,
     prefetch_bounds_unsettled_deliveries needs info_ready,
+    an_ack_makes_room_while_others_are_held needs info_ready,
     priority_orders_delivery needs priority,
     delay_is_honoured_or_refused,
     max_length_refuses_and_keeps_what_it_holds needs max_length,
