@@ -143,7 +143,10 @@ impl Amqp091Subscription {
         };
         self.consumers.attached.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(queue = %self.queue, generation = link.generation, "consumer attached");
-        let (settler, settler_id) = self.consumers.settlers.start(channel.clone());
+        let (settler, settler_id) = self
+            .consumers
+            .settlers
+            .start(channel.clone(), self.prefetch);
         Ok(Attached {
             generation: link.generation,
             channel,

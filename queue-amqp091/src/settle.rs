@@ -1,8 +1,8 @@
 //! Settling deliveries: acks batched with `multiple` where that is safe.
 //!
 //! Each attachment of a subscription (one channel) has a [`Settler`]: deliveries are
-//! tracked by tag, `ack`/`release` mark them and wake one flusher task, which sends
-//! everything marked so far in as few frames as is safe:
+//! tracked by tag and `ack`/`release` mark them. Marks gather into a round, sent in as
+//! few frames as is safe:
 //!
 //! * releases first, one `basic.nack(requeue)` each (so a later `multiple` ack can
 //!   never cover a message that should go back);
@@ -11,19 +11,28 @@
 //! * then single acks for acked tags after that gap (a slow handler never holds back
 //!   other acks, so the broker's prefetch count never stalls).
 //!
-//! While the flusher writes, further settlements pile up and go in the next round,
-//! so a fast consumer acks in batches and a slow one acks at once. [`Settlers`] keeps
-//! the live ones so that closing the driver can flush them all.
+//! A round is complete when it holds [`GATHER_COUNT`] marks (fewer with a small
+//! prefetch: half of it, so that the broker always has deliveries left to send), or
+//! [`GATHER_TIME`] after its first mark. The mark that completes a round sends it,
+//! from the thread that made it; a round that no mark completes in time is sent by
+//! the channel's flusher task. Handing every round to the flusher cost a wake-up of
+//! another thread per round, and waiting for lapin to write each frame one more
+//! (docs/performance.md, "The runtime on RabbitMQ"). [`Settlers`] keeps the live
+//! settlers so that closing the driver can flush them all.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use queue_core::{Acker, Error, ErrorKind, Result};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::{error, lock};
 
@@ -38,15 +47,76 @@ struct SettleState {
     /// Why settling is refused, once it is.
     refused: Option<(ErrorKind, String)>,
     tags: BTreeMap<u64, Mark>,
-    /// Tags acked or released since the last round was taken: every round takes all
-    /// of them, so the unsettled tags are `tags.len() - marked`.
+    /// Tags acked or released since the last round was taken (every round takes all
+    /// of them).
     marked: usize,
+    /// When the first mark of the round being gathered was made.
+    round_started: Option<Instant>,
+    /// Whether the flusher is timing rounds; while it is, marks need not wake it.
+    timing: bool,
+    /// Whether a mark was made since the flusher last looked: it keeps timing while
+    /// marks keep coming, rather than being woken for each new round.
+    marked_since_tick: bool,
 }
+
+impl SettleState {
+    /// Takes every mark made so far as one round.
+    fn take_round(&mut self) -> Round {
+        let mut round = Round::default();
+        self.tags.retain(|tag, mark| {
+            if *mark == Mark::Released {
+                round.nacks.push(*tag);
+                false
+            } else {
+                true
+            }
+        });
+        let run: Vec<u64> = self
+            .tags
+            .iter()
+            .take_while(|(_, mark)| **mark == Mark::Acked)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in &run {
+            self.tags.remove(tag);
+        }
+        if let Some(last) = run.last() {
+            round.multiple = Some((*last, run.len() > 1));
+        }
+        self.tags.retain(|tag, mark| {
+            if *mark == Mark::Acked {
+                round.singles.push(*tag);
+                false
+            } else {
+                true
+            }
+        });
+        self.marked = 0;
+        self.round_started = None;
+        round
+    }
+
+    /// The channel is gone: nothing can be settled any more (the broker redelivers).
+    fn kill(&mut self, why: &str) {
+        self.refused = Some((ErrorKind::Internal, why.to_string()));
+        self.tags.clear();
+        self.marked = 0;
+        self.round_started = None;
+    }
+}
+
+/// Why a channel's settler stops settling when sending on it failed.
+const CHANNEL_GONE: &str =
+    "the delivery's channel closed (connection lost?): the broker redelivers it";
 
 /// The ack batcher of one consumer channel.
 pub(crate) struct Settler {
     channel: Channel,
+    /// How many marks complete a round.
+    round_size: usize,
     state: Mutex<SettleState>,
+    /// Wakes the flusher: a round started while it was not timing, or settling was
+    /// refused.
     wake: Notify,
     /// Becomes true when the flusher has sent everything and stopped.
     done: watch::Sender<bool>,
@@ -60,11 +130,8 @@ struct Round {
     singles: Vec<u64>,
 }
 
-impl Round {
-    fn is_empty(&self) -> bool {
-        self.nacks.is_empty() && self.multiple.is_none() && self.singles.is_empty()
-    }
-}
+/// A frame handed to lapin, which completes once lapin has written it.
+type Written<'a> = Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + 'a>>;
 
 impl Settler {
     /// Starts tracking delivery `tag`; its [`Acker`] settles it.
@@ -77,18 +144,36 @@ impl Settler {
     }
 
     fn mark(&self, tag: u64, mark: Mark) -> Result<()> {
-        {
-            let mut state = lock(&self.state);
-            if let Some((kind, why)) = &state.refused {
-                return Err(Error::new(*kind, why.clone()).retryable_if(false));
-            }
-            match state.tags.get_mut(&tag) {
-                Some(m @ Mark::Unsettled) => *m = mark,
-                _ => return Err(Error::invalid(format!("delivery {tag} is already settled"))),
-            }
-            state.marked += 1;
+        let mut state = lock(&self.state);
+        if let Some((kind, why)) = &state.refused {
+            return Err(Error::new(*kind, why.clone()).retryable_if(false));
         }
-        self.wake.notify_one();
+        match state.tags.get_mut(&tag) {
+            Some(m @ Mark::Unsettled) => *m = mark,
+            _ => return Err(Error::invalid(format!("delivery {tag} is already settled"))),
+        }
+        state.marked += 1;
+        state.marked_since_tick = true;
+        let now = Instant::now();
+        let started = *state.round_started.get_or_insert(now);
+        if state.marked >= self.round_size || now >= started + GATHER_TIME {
+            // Sent under the lock, so rounds reach lapin in the order they were taken.
+            let round = state.take_round();
+            if let Err(e) = self.hand_over(&round) {
+                settling_failed(&e);
+                state.kill(CHANNEL_GONE);
+                drop(state);
+                // The flusher has nothing left to send but must say it is done.
+                self.wake.notify_one();
+                return Err(Error::new(ErrorKind::Internal, CHANNEL_GONE).retryable_if(false));
+            }
+            return Ok(());
+        }
+        if !state.timing {
+            state.timing = true;
+            drop(state);
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -102,15 +187,6 @@ impl Settler {
         self.wake.notify_one();
     }
 
-    /// The channel is gone: nothing can be settled any more (the broker redelivers).
-    fn kill(&self, why: &str) {
-        let mut state = lock(&self.state);
-        state.refused = Some((ErrorKind::Internal, why.to_string()));
-        state.tags.clear();
-        drop(state);
-        self.wake.notify_one();
-    }
-
     /// Refuses further settlements and waits until the flusher has sent the rest.
     pub(crate) async fn close_and_drain(&self, kind: ErrorKind, why: &str) {
         self.refuse(kind, why);
@@ -118,130 +194,123 @@ impl Settler {
         let _ = done.wait_for(|d| *d).await;
     }
 
-    /// Takes what can be sent now; `true` once settling is refused (the last round).
-    fn take_round(&self) -> (Round, bool) {
-        let mut state = lock(&self.state);
-        let mut round = Round::default();
-        state.tags.retain(|tag, mark| {
-            if *mark == Mark::Released {
-                round.nacks.push(*tag);
-                false
-            } else {
-                true
-            }
-        });
-        let run: Vec<u64> = state
-            .tags
-            .iter()
-            .take_while(|(_, mark)| **mark == Mark::Acked)
-            .map(|(tag, _)| *tag)
-            .collect();
-        for tag in &run {
-            state.tags.remove(tag);
-        }
-        if let Some(last) = run.last() {
-            round.multiple = Some((*last, run.len() > 1));
-        }
-        state.tags.retain(|tag, mark| {
-            if *mark == Mark::Acked {
-                round.singles.push(*tag);
-                false
-            } else {
-                true
-            }
-        });
-        state.marked = 0;
-        let finished = state.refused.is_some();
-        (round, finished)
-    }
-
-    /// Lets settlements gather into fewer frames while other deliveries of the channel
-    /// are still being handled: returns once [`GATHER_COUNT`] are waiting, none is
-    /// left unsettled, settling is refused, or [`GATHER_TIME`] has passed. Sending a
-    /// round per settlement cost a wake-up of the flusher, a frame, and a scan of the
-    /// tags for each delivery (docs/performance.md, "The runtime on RabbitMQ").
-    async fn gather(&self) {
-        let until = tokio::time::Instant::now() + GATHER_TIME;
-        loop {
-            {
-                let state = lock(&self.state);
-                let unsettled = state.tags.len().saturating_sub(state.marked);
-                if state.refused.is_some()
-                    || state.marked == 0
-                    || state.marked >= GATHER_COUNT
-                    || unsettled == 0
-                {
-                    return;
-                }
-            }
-            if tokio::time::timeout_at(until, self.wake.notified())
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
-    async fn send(&self, round: &Round) -> std::result::Result<(), lapin::Error> {
+    /// Hands a round's frames to lapin in order, without waiting for them to be
+    /// written; what is still being written is returned. lapin's `basic_ack` and
+    /// `basic_nack` queue their frame when first polled, and its writer sends the
+    /// frames of a connection in the order they were queued.
+    fn hand_over(&self, round: &Round) -> std::result::Result<Vec<Written<'_>>, lapin::Error> {
+        let mut frames: Vec<Written<'_>> = Vec::new();
         for tag in &round.nacks {
-            self.channel
-                .basic_nack(
-                    *tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await?;
+            let options = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            frames.push(Box::pin(self.channel.basic_nack(*tag, options)));
         }
         if let Some((tag, multiple)) = round.multiple {
-            self.channel
-                .basic_ack(tag, BasicAckOptions { multiple })
-                .await?;
+            frames.push(Box::pin(
+                self.channel.basic_ack(tag, BasicAckOptions { multiple }),
+            ));
         }
         for tag in &round.singles {
-            self.channel
-                .basic_ack(*tag, BasicAckOptions { multiple: false })
-                .await?;
+            let options = BasicAckOptions { multiple: false };
+            frames.push(Box::pin(self.channel.basic_ack(*tag, options)));
         }
-        Ok(())
+        let mut writing = Vec::with_capacity(frames.len());
+        for mut frame in frames {
+            match (&mut frame).now_or_never() {
+                Some(Err(e)) => return Err(e),
+                Some(Ok(())) => {}
+                None => writing.push(frame),
+            }
+        }
+        Ok(writing)
     }
 }
 
-/// How many settlements make a round worth sending at once.
+/// How many settlements make a round worth sending at once (with a prefetch of at
+/// least twice as many).
 const GATHER_COUNT: usize = 64;
 /// The longest a settlement waits for others to join its round: the broker learns of
 /// an ack at most this much later (a crash in between redelivers the message).
 const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// What the flusher does next.
+enum Next {
+    /// Nothing is being gathered: wait to be woken.
+    Idle,
+    /// Look again at this instant (or when woken).
+    At(Instant),
+    /// Settling is refused: this is the last round.
+    Finish(Round),
+}
+
+/// Sends the rounds that no mark completes, [`GATHER_TIME`] after their first mark,
+/// and the last round once settling is refused.
 async fn flush_loop(settler: Arc<Settler>) {
-    loop {
-        settler.gather().await;
-        let (round, finished) = settler.take_round();
-        if !round.is_empty() {
-            tracing::trace!(
-                nacks = round.nacks.len(),
-                multiple = ?round.multiple,
-                singles = round.singles.len(),
-                "settling"
-            );
-            if let Err(e) = settler.send(&round).await {
-                tracing::debug!(error = %error::describe(&e), "settling failed; the broker redelivers");
-                settler.kill(
-                    "the delivery's channel closed (connection lost?): the broker redelivers it",
-                );
-                break;
+    let last = loop {
+        match next_step(&settler) {
+            Next::Idle => settler.wake.notified().await,
+            Next::At(when) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(when) => {}
+                    _ = settler.wake.notified() => {}
+                }
             }
-            tracing::trace!("settled");
-            continue;
+            Next::Finish(round) => break round,
         }
-        if finished {
-            break;
+    };
+    // Waits until the last frames are written: whoever closes the channel or the
+    // connection next does so after every settlement made before.
+    match settler.hand_over(&last) {
+        Ok(writing) => {
+            for frame in writing {
+                if let Err(e) = frame.await {
+                    settling_failed(&e);
+                    break;
+                }
+            }
         }
-        settler.wake.notified().await;
+        Err(e) => {
+            settling_failed(&e);
+        }
     }
     settler.done.send_replace(true);
+}
+
+/// Sends a round that has waited [`GATHER_TIME`], and says when to look again.
+fn next_step(settler: &Settler) -> Next {
+    let mut state = lock(&settler.state);
+    if state.refused.is_some() {
+        return Next::Finish(state.take_round());
+    }
+    let now = Instant::now();
+    match state.round_started {
+        Some(started) if now < started + GATHER_TIME => Next::At(started + GATHER_TIME),
+        Some(_) => {
+            let round = state.take_round();
+            if let Err(e) = settler.hand_over(&round) {
+                settling_failed(&e);
+                state.kill(CHANNEL_GONE);
+                return Next::Finish(Round::default());
+            }
+            state.marked_since_tick = false;
+            Next::At(now + GATHER_TIME)
+        }
+        // Marks are still coming: a round is likely to start soon.
+        None if state.marked_since_tick => {
+            state.marked_since_tick = false;
+            Next::At(now + GATHER_TIME)
+        }
+        None => {
+            state.timing = false;
+            Next::Idle
+        }
+    }
+}
+
+fn settling_failed(e: &lapin::Error) {
+    tracing::debug!(error = %error::describe(e), "settling failed; the broker redelivers");
 }
 
 /// Settles one delivery through its channel's settler.
@@ -284,13 +353,17 @@ impl Settlers {
     }
 
     /// Starts the settler of `channel` and its flusher; the id is for [`Self::forget`].
-    pub(crate) fn start(&self, channel: Channel) -> (Arc<Settler>, u64) {
+    pub(crate) fn start(&self, channel: Channel, prefetch: u16) -> (Arc<Settler>, u64) {
         let settler = Arc::new(Settler {
             channel,
+            round_size: GATHER_COUNT.min(usize::from(prefetch / 2).max(1)),
             state: Mutex::new(SettleState {
                 refused: None,
                 tags: BTreeMap::new(),
                 marked: 0,
+                round_started: None,
+                timing: false,
+                marked_since_tick: false,
             }),
             wake: Notify::new(),
             done: watch::channel(false).0,
