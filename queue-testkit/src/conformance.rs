@@ -381,6 +381,23 @@ pub async fn new_consumer_after_cancel(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
+/// Acks made right before a cancel are kept: a driver that gathers acks sends what it
+/// gathered before the consumer goes, so a new consumer does not get them again.
+pub async fn acks_made_right_before_cancel_are_kept(ctx: &TestContext) {
+    let q = ctx.declared("ack-then-cancel").await;
+    for n in 0..3 {
+        ctx.publish(&q, numbered(n)).await;
+    }
+    let mut sub = ctx.consume(&q, 10).await;
+    for _ in 0..3 {
+        within("ack", next(&mut sub).await.ack()).await.unwrap();
+    }
+    within("cancel", sub.cancel()).await.unwrap();
+    let mut sub = ctx.consume(&q, 10).await;
+    assert_nothing_more(ctx, &q, &mut sub).await;
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// Ten rapid consume/cancel cycles leave the queue working and lose nothing.
 pub async fn rapid_consume_cancel_cycles(ctx: &TestContext) {
     let q = ctx.declared("cycles").await;
@@ -762,6 +779,7 @@ const CONTRACTS: &[Contract] = contracts![
     cancel_stops_delivery_and_returns_unsettled,
     publish_before_any_consumer,
     new_consumer_after_cancel,
+    acks_made_right_before_cancel_are_kept,
     rapid_consume_cancel_cycles,
     each_message_keeps_its_own_id,
     competing_consumers_share_without_duplicates,
