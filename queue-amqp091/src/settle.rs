@@ -199,32 +199,44 @@ impl Settler {
     /// `basic_nack` queue their frame when first polled, and its writer sends the
     /// frames of a connection in the order they were queued.
     fn hand_over(&self, round: &Round) -> std::result::Result<Vec<Written<'_>>, lapin::Error> {
-        let mut frames: Vec<Written<'_>> = Vec::new();
+        let mut writing = Vec::new();
         for tag in &round.nacks {
             let options = BasicNackOptions {
                 multiple: false,
                 requeue: true,
             };
-            frames.push(Box::pin(self.channel.basic_nack(*tag, options)));
+            queue(
+                &mut writing,
+                Box::pin(self.channel.basic_nack(*tag, options)),
+            )?;
         }
         if let Some((tag, multiple)) = round.multiple {
-            frames.push(Box::pin(
-                self.channel.basic_ack(tag, BasicAckOptions { multiple }),
-            ));
+            let options = BasicAckOptions { multiple };
+            queue(&mut writing, Box::pin(self.channel.basic_ack(tag, options)))?;
         }
         for tag in &round.singles {
             let options = BasicAckOptions { multiple: false };
-            frames.push(Box::pin(self.channel.basic_ack(*tag, options)));
-        }
-        let mut writing = Vec::with_capacity(frames.len());
-        for mut frame in frames {
-            match (&mut frame).now_or_never() {
-                Some(Err(e)) => return Err(e),
-                Some(Ok(())) => {}
-                None => writing.push(frame),
-            }
+            queue(
+                &mut writing,
+                Box::pin(self.channel.basic_ack(*tag, options)),
+            )?;
         }
         Ok(writing)
+    }
+}
+
+/// Polls `frame` once, which queues it in lapin; keeps it in `writing` while it is not
+/// yet written.
+fn queue<'a>(
+    writing: &mut Vec<Written<'a>>,
+    mut frame: Written<'a>,
+) -> std::result::Result<(), lapin::Error> {
+    match (&mut frame).now_or_never() {
+        Some(result) => result,
+        None => {
+            writing.push(frame);
+            Ok(())
+        }
     }
 }
 
