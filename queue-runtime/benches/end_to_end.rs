@@ -3,65 +3,26 @@
 //! the same run, the same messages through the memory driver with a no-op Rust
 //! consumer. Also prints the process RSS with 1000 handlers suspended mid-publish.
 //! Run: `cargo bench -p queue-runtime --bench end_to_end`.
+//!
+//! Criterion measures these setups one after the other, and this machine's speed
+//! drifts between them by as much as they differ: the goals' ratios come from
+//! `end_to_end_interleaved`, which measures the same setups in turns.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use queue_core::{ConsumeOptions, Driver, Message, QueueId};
-use queue_runtime::host::{Host, HostOptions};
-use queue_runtime::registry::{self, DriverKinds};
+use queue_core::Driver;
+use queue_runtime::registry::DriverKinds;
 use queue_testkit::{ControlledDriver, ControlledFactory, numbered};
+
+#[path = "support/memory_drain.rs"]
+mod memory_drain;
+use memory_drain::{BATCH, drain, noop_app, queue, rust_noop_consumer, start};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const BATCH: usize = 5000;
-
-fn messages() -> Vec<Message> {
-    (0..BATCH as i64).map(numbered).collect()
-}
-
-fn app(dir: &std::path::Path, concurrency: u32, driver: &str) -> std::path::PathBuf {
-    let prefetch = (concurrency * 2).max(100);
-    let yaml = format!(
-        "namespace: bench\nentries:\n{driver}  - name: q\n    kind: queue.queue\n    max_length: 1000000\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: noop.lua\n    method: noop\n    concurrency: {concurrency}\n    prefetch: {prefetch}\n"
-    );
-    std::fs::write(dir.join("noop.lua"), "function noop(payload) end\n").expect("write");
-    let path = dir.join(format!("app-{concurrency}.yaml"));
-    std::fs::write(&path, yaml).expect("write");
-    path
-}
-
-async fn start(path: &std::path::Path, kinds: &DriverKinds) -> Host {
-    let config = queue_runtime::config::load(&[path.to_path_buf()]).expect("config");
-    let plan = registry::plan(&config, kinds, false).expect("plan");
-    Host::start(plan, kinds, HostOptions::default())
-        .await
-        .expect("start")
-}
-
-async fn wait_acked(driver: &Arc<dyn Driver>, q: &QueueId, target: u64) {
-    while driver.acked_total(q).unwrap_or(0) < target {
-        tokio::time::sleep(Duration::from_micros(500)).await;
-    }
-}
-
-/// Publishes `iters` batches into a consumer that is already running and returns the
-/// time until all of them are acked. The next batch goes in while the one before is
-/// still being consumed, so the consumer never idles while the bench waits on its
-/// (millisecond) timer, and only the last wait of a sample can overshoot.
-async fn drain(driver: &Arc<dyn Driver>, q: &QueueId, iters: u64) -> Duration {
-    let acked_before = driver.acked_total(q).unwrap_or(0);
-    let started = Instant::now();
-    for i in 0..iters {
-        driver.publish_batch(q, messages()).await.expect("publish");
-        wait_acked(driver, q, acked_before + i * BATCH as u64).await;
-    }
-    wait_acked(driver, q, acked_before + iters * BATCH as u64).await;
-    started.elapsed()
-}
 
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -89,7 +50,7 @@ fn rss_with_suspended_handlers(rt: &tokio::runtime::Runtime, dir: &std::path::Pa
         let before = rss_mib();
         let host = start(&path, &kinds).await;
         driver.hold_publishes();
-        let q = QueueId::parse("bench:q").expect("id");
+        let q = queue();
         for n in 0..1000 {
             driver.inner().publish(&q, numbered(n)).await.expect("publish");
         }
@@ -115,7 +76,7 @@ fn bench(c: &mut Criterion) {
     rss_with_suspended_handlers(&rt, &dir);
 
     let kinds = DriverKinds::builtin();
-    let q = QueueId::parse("bench:q").expect("id");
+    let q = queue();
     let mut group = c.benchmark_group("end_to_end");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(10);
@@ -124,23 +85,7 @@ fn bench(c: &mut Criterion) {
     // One consumer per setup, kept across samples: the bench measures a consumer that
     // is already running, not the start of a host (its Lua states, its runners' first
     // coroutines), which would weigh more in a short sample than in a long one.
-    let (driver, consumer) = rt.block_on(async {
-        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
-        driver
-            .declare(&queue_core::QueueSpec::new(q.clone()).with_max_length(1_000_000))
-            .await
-            .expect("declare");
-        let mut sub = driver
-            .consume(&q, ConsumeOptions { prefetch: 100 })
-            .await
-            .expect("consume");
-        let consumer = tokio::spawn(async move {
-            while let Some(Ok(d)) = sub.next().await {
-                d.ack().await.expect("ack");
-            }
-        });
-        (driver, consumer)
-    });
+    let (driver, consumer) = rt.block_on(rust_noop_consumer());
     group.bench_function("baseline_rust_noop_consumer", |b| {
         b.iter_custom(|iters| rt.block_on(drain(&driver, &q, iters)))
     });
@@ -150,7 +95,7 @@ fn bench(c: &mut Criterion) {
     });
 
     for concurrency in [1u32, 16, 256] {
-        let path = app(&dir, concurrency, "");
+        let path = noop_app(&dir, concurrency, "");
         let host = rt.block_on(start(&path, &kinds));
         let driver = host.queues().get(&q).expect("declared").driver;
         group.bench_function(format!("lua_noop_concurrency_{concurrency}"), |b| {

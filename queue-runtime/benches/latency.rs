@@ -54,6 +54,10 @@ use queue_runtime::host::{Host, HostOptions, LuaSetup};
 use queue_runtime::registry::{self, DriverKinds};
 use tokio::runtime::Runtime;
 
+#[path = "support/target_dir.rs"]
+mod target_dir;
+use target_dir::target_dir;
+
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -440,24 +444,6 @@ fn raw_lapin(
     bounded(handle, "the consumer task", task).expect("the consumer task panicked");
     delete_and_close(handle, &ch, &queue);
     outcome
-}
-
-/// `target/` of the workspace, where `cargo xtask bench` reads `bench/latency.json`:
-/// cargo runs benches from the package's directory, not the workspace's.
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    // Cargo puts this executable in `target/<profile>/deps/`.
-    let from_exe = || {
-        let exe = std::env::current_exe().ok()?;
-        let deps = exe.parent()?;
-        if deps.file_name()? != "deps" {
-            return None;
-        }
-        Some(deps.parent()?.parent()?.to_path_buf())
-    };
-    from_exe().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 fn main() {
