@@ -72,6 +72,15 @@ const SUITES: &[Suite] = &[
         needs_rabbitmq: true,
         quick_args: CRITERION_QUICK,
     },
+    // Not criterion: it writes target/bench/end_to_end_interleaved.json, the figures
+    // of the end-to-end rows (its setups measured in turns, so that the machine's
+    // drift does not decide their ratios).
+    Suite {
+        package: "queue-runtime",
+        bench: "end_to_end_interleaved",
+        needs_rabbitmq: false,
+        quick_args: &[],
+    },
     // Not criterion: it writes target/bench/latency.json, and skips its RabbitMQ
     // setups by itself (the memory one runs anyway).
     Suite {
@@ -104,27 +113,27 @@ const COMPARISONS: &[Comparison] = &[
         goal: 0.3,
     },
     Comparison {
-        what: "runtime, no-op Lua handler, concurrency 16 vs no-op Rust consumer (memory)",
-        candidate: "end_to_end/lua_noop_concurrency_16",
-        baseline: "end_to_end/baseline_rust_noop_consumer",
+        what: "runtime, no-op Lua handler, concurrency 16 vs no-op Rust consumer (memory, in turns)",
+        candidate: "end_to_end_interleaved/lua_noop_concurrency_16",
+        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
         goal: 0.6,
     },
     Comparison {
-        what: "runtime, no-op Lua handler, concurrency 1 vs no-op Rust consumer (memory)",
-        candidate: "end_to_end/lua_noop_concurrency_1",
-        baseline: "end_to_end/baseline_rust_noop_consumer",
+        what: "runtime, no-op Lua handler, concurrency 1 vs no-op Rust consumer (memory, in turns)",
+        candidate: "end_to_end_interleaved/lua_noop_concurrency_1",
+        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
         goal: 0.0,
     },
     Comparison {
-        what: "runtime, no-op Lua handler, concurrency 256 vs no-op Rust consumer (memory)",
-        candidate: "end_to_end/lua_noop_concurrency_256",
-        baseline: "end_to_end/baseline_rust_noop_consumer",
+        what: "runtime, no-op Lua handler, concurrency 256 vs no-op Rust consumer (memory, in turns)",
+        candidate: "end_to_end_interleaved/lua_noop_concurrency_256",
+        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
         goal: 0.0,
     },
     Comparison {
-        what: "runtime, no-op Lua handler, concurrency 256 vs concurrency 16 (memory)",
-        candidate: "end_to_end/lua_noop_concurrency_256",
-        baseline: "end_to_end/lua_noop_concurrency_16",
+        what: "runtime, no-op Lua handler, concurrency 256 vs concurrency 16 (memory, in turns)",
+        candidate: "end_to_end_interleaved/lua_noop_concurrency_256",
+        baseline: "end_to_end_interleaved/lua_noop_concurrency_16",
         goal: 1.0,
     },
     Comparison {
@@ -231,8 +240,9 @@ pub fn run(options: Options) -> Result<bool, String> {
     let started = Instant::now();
     let run_started = std::time::SystemTime::now();
     if !report_only {
-        // So that a latency bench that fails leaves no table of an earlier run behind.
+        // So that a bench that fails leaves no figures of an earlier run behind.
         let _ = std::fs::remove_file(out_dir.join("latency.json"));
+        let _ = std::fs::remove_file(out_dir.join(INTERLEAVED));
     }
     for suite in SUITES.iter().filter(|_| !report_only) {
         progress.set_message(format!(
@@ -288,6 +298,7 @@ pub fn run(options: Options) -> Result<bool, String> {
         Some(run_started)
     };
     let mut results = read_criterion(Path::new("target/criterion"), since);
+    results.extend(read_interleaved(&out_dir.join(INTERLEAVED)));
     if rabbit {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
             Ok(k) => results.extend(k),
@@ -641,6 +652,30 @@ fn fmt_rate(v: Option<f64>) -> String {
     )
 }
 
+/// What queue-runtime's `end_to_end_interleaved` bench writes under `target/bench/`.
+const INTERLEAVED: &str = "end_to_end_interleaved.json";
+
+/// The msg/s of each setup of the interleaved end-to-end bench, by id
+/// (`end_to_end_interleaved/<setup>`); none if it did not run.
+fn read_interleaved(path: &Path) -> BTreeMap<String, f64> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    let json: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("{}: {e}; no end-to-end figures", path.display());
+            return BTreeMap::new();
+        }
+    };
+    json["rates"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, rate)| Some((id.clone(), rate.as_f64()?)))
+        .collect()
+}
+
 /// One row of `target/bench/latency.json`, as queue-runtime's latency bench writes it,
 /// with (for the runtime's rows on RabbitMQ) its p99 against raw lapin's at the same
 /// rate.
@@ -942,6 +977,40 @@ mod tests {
         let later = std::time::SystemTime::now() + Duration::from_secs(60);
         assert!(read_criterion(&root, Some(later)).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_end_to_end_rows_read_the_interleaved_bench() {
+        let dir = std::env::temp_dir().join(format!("xtask-interleaved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(INTERLEAVED);
+        assert!(read_interleaved(&path).is_empty(), "the bench did not run");
+        std::fs::write(
+            &path,
+            r#"{"rounds": 80, "rates": {"end_to_end_interleaved/lua_noop_concurrency_16": 500000.0}}"#,
+        )
+        .unwrap();
+        let rates = read_interleaved(&path);
+        std::fs::write(&path, "{\"rates\": ").unwrap();
+        let cut_short = read_interleaved(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            rates.get("end_to_end_interleaved/lua_noop_concurrency_16"),
+            Some(&500_000.0)
+        );
+        assert!(cut_short.is_empty(), "a file cut short gives no figures");
+        for c in COMPARISONS.iter().filter(|c| c.what.contains("in turns")) {
+            assert!(
+                c.candidate.starts_with("end_to_end_interleaved/"),
+                "{}",
+                c.what
+            );
+            assert!(
+                c.baseline.starts_with("end_to_end_interleaved/"),
+                "{}",
+                c.what
+            );
+        }
     }
 
     #[test]
