@@ -6,7 +6,7 @@
 //!
 //! Criterion measures these setups one after the other, and this machine's speed
 //! drifts between them by as much as they differ: the goals' ratios come from
-//! `end_to_end_interleaved`, which measures the same setups in turns.
+//! `end_to_end_in_turns`, which measures the same setups in turns.
 
 use std::sync::Arc;
 use std::time::Duration;

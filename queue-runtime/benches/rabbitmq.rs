@@ -42,6 +42,12 @@ use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::metrics::names as metric;
 use queue_runtime::registry::{self, DriverKinds};
 
+#[path = "support/target_dir.rs"]
+mod target_dir;
+
+/// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
+const IN_TURNS_FILE: &str = "in_turns-rabbitmq.json";
+
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const CONSUME_N: usize = 20_000;
 const PUBLISH_N: usize = 10_000;
@@ -395,6 +401,30 @@ async fn assert_empty(ch: &Channel, queue: &str) {
     }
 }
 
+/// Rounds of the in-turns pass: each drains one queue with each side of a pair.
+const ROUNDS_IN_TURNS: u32 = 8;
+
+/// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
+/// time each took in all: both sides see the same drift of this machine's speed,
+/// which criterion, measuring one side after the other, does not give them.
+fn in_turns(
+    rounds: u32,
+    mut a: impl FnMut() -> Duration,
+    mut b: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut time_a, mut time_b) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            time_a += a();
+            time_b += b();
+        } else {
+            time_b += b();
+            time_a += a();
+        }
+    }
+    (time_a, time_b)
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -407,49 +437,80 @@ fn bench(c: &mut Criterion) {
     };
     let dir = std::env::temp_dir().join(format!("queue-rabbit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut round = 0;
-    let mut fresh = |label: &str| {
-        round += 1;
-        format!("bench-{label}-{}-{round}", std::process::id())
+    let round = std::cell::Cell::new(0);
+    let fresh = |label: &str| {
+        round.set(round.get() + 1);
+        format!("bench-{label}-{}-{}", std::process::id(), round.get())
     };
     let drop_queue = |ch: &Channel, q: &str| {
         rt.block_on(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
             .expect("delete");
+    };
+    // One drain of CONSUME_N waiting messages by each side, timed as the module says.
+    let raw_lapin_drain = || {
+        let q = fresh("raw-consume");
+        let ch = rt.block_on(channel(&conn, &q));
+        rt.block_on(fill(&ch, &q, CONSUME_N));
+        let time = rt.block_on(raw_consume(&conn, &q, CONSUME_N));
+        drop_queue(&ch, &q);
+        time
+    };
+    let runtime_drain = || {
+        let q = fresh("runtime-consume");
+        let ch = rt.block_on(channel(&conn, &q));
+        rt.block_on(fill(&ch, &q, CONSUME_N));
+        let path = app(&dir, &q, true);
+        let time = rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
+        rt.block_on(assert_empty(&ch, &q));
+        drop_queue(&ch, &q);
+        time
+    };
+    // One connection for many drains, as raw_lapin shares one; each drain opens its
+    // own session and receiver, as raw_lapin opens a channel.
+    let open_amqp10 = || {
+        let open = fe2o3_amqp::Connection::open("bench-raw-fe2o3", URL_AMQP10);
+        rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, open).await })
+            .expect("connecting over AMQP 1.0 timed out")
+            .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)")
+    };
+    let raw_fe2o3_drain = |connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>| {
+        let q = fresh("raw-fe2o3");
+        let ch = rt.block_on(channel(&conn, &q));
+        rt.block_on(fill(&ch, &q, CONSUME_N));
+        let address = format!("/queue/{q}");
+        let receive = raw_fe2o3_receive(connection, &address, CONSUME_N);
+        // The timer is made inside the runtime: block_on's caller is not in it.
+        let time = rt
+            .block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
+            .expect("raw fe2o3-amqp did not receive every message in time");
+        rt.block_on(assert_empty(&ch, &q));
+        drop_queue(&ch, &q);
+        time
+    };
+    let runtime_amqp10_drain = || {
+        let q = fresh("runtime-amqp10");
+        let ch = rt.block_on(channel(&conn, &q));
+        rt.block_on(fill(&ch, &q, CONSUME_N));
+        let path = app_amqp10(&dir, &q);
+        let time = rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
+        rt.block_on(assert_empty(&ch, &q));
+        drop_queue(&ch, &q);
+        time
+    };
+    let drains = |iters: u64, drain: &mut dyn FnMut() -> Duration| {
+        (0..iters).map(|_| drain()).sum::<Duration>()
     };
 
     let mut group = c.benchmark_group("rabbitmq_consume");
     group.throughput(Throughput::Elements(CONSUME_N as u64));
     group.sample_size(10);
     group.bench_function("raw_lapin", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("raw-consume");
-                let ch = rt.block_on(channel(&conn, &q));
-                rt.block_on(fill(&ch, &q, CONSUME_N));
-                total += rt.block_on(raw_consume(&conn, &q, CONSUME_N));
-                drop_queue(&ch, &q);
-            }
-            total
-        })
+        b.iter_custom(|iters| drains(iters, &mut &raw_lapin_drain))
     });
     group.bench_function("runtime_noop_lua", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("runtime-consume");
-                let ch = rt.block_on(channel(&conn, &q));
-                rt.block_on(fill(&ch, &q, CONSUME_N));
-                let path = app(&dir, &q, true);
-                total += rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
-                rt.block_on(assert_empty(&ch, &q));
-                drop_queue(&ch, &q);
-            }
-            total
-        })
+        b.iter_custom(|iters| drains(iters, &mut &runtime_drain))
     });
     group.finish();
-
     let mut group = c.benchmark_group("rabbitmq_publish");
     group.throughput(Throughput::Elements(PUBLISH_N as u64));
     group.sample_size(10);
@@ -485,48 +546,48 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("raw_fe2o3", |b| {
         b.iter_custom(|iters| {
-            // One connection for all samples, as raw_lapin shares one; each sample
-            // opens its own session and receiver, as raw_lapin opens a channel.
-            let open = fe2o3_amqp::Connection::open("bench-raw-fe2o3", URL_AMQP10);
-            let mut connection = rt
-                .block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, open).await })
-                .expect("connecting over AMQP 1.0 timed out")
-                .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)");
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("raw-fe2o3");
-                let ch = rt.block_on(channel(&conn, &q));
-                rt.block_on(fill(&ch, &q, CONSUME_N));
-                let address = format!("/queue/{q}");
-                let receive = raw_fe2o3_receive(&mut connection, &address, CONSUME_N);
-                // The timer is made inside the runtime: block_on's caller is not in it.
-                total += rt
-                    .block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
-                    .expect("raw fe2o3-amqp did not receive every message in time");
-                rt.block_on(assert_empty(&ch, &q));
-                drop_queue(&ch, &q);
-            }
+            let mut connection = open_amqp10();
+            let total = drains(iters, &mut || raw_fe2o3_drain(&mut connection));
             rt.block_on(connection.close())
                 .expect("close the AMQP 1.0 connection");
             total
         })
     });
     group.bench_function("runtime_noop_lua", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("runtime-amqp10");
-                let ch = rt.block_on(channel(&conn, &q));
-                rt.block_on(fill(&ch, &q, CONSUME_N));
-                let path = app_amqp10(&dir, &q);
-                total += rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
-                rt.block_on(assert_empty(&ch, &q));
-                drop_queue(&ch, &q);
-            }
-            total
-        })
+        b.iter_custom(|iters| drains(iters, &mut &runtime_amqp10_drain))
     });
     group.finish();
+
+    // The goals' ratios: the same drains in turns (not under `cargo test --benches`,
+    // which only checks that the bench runs).
+    if std::env::args().any(|a| a == "--bench") {
+        let mut rates = serde_json::Map::new();
+        let mut record = |id: &str, time: Duration| {
+            let rate = f64::from(ROUNDS_IN_TURNS) * CONSUME_N as f64 / time.as_secs_f64();
+            println!("in turns: {id:<40} {rate:>8.0} msg/s");
+            rates.insert(id.to_string(), serde_json::json!(rate));
+        };
+        let (raw, runtime) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_drain, &runtime_drain);
+        record("rabbitmq_in_turns/raw_lapin", raw);
+        record("rabbitmq_in_turns/runtime_noop_lua", runtime);
+        let mut connection = open_amqp10();
+        let (raw, runtime) = in_turns(
+            ROUNDS_IN_TURNS,
+            || raw_fe2o3_drain(&mut connection),
+            &runtime_amqp10_drain,
+        );
+        rt.block_on(connection.close())
+            .expect("close the AMQP 1.0 connection");
+        record("amqp10_in_turns/raw_fe2o3", raw);
+        record("amqp10_in_turns/runtime_noop_lua", runtime);
+        let out = target_dir::target_dir().join("bench");
+        std::fs::create_dir_all(&out).expect("target/bench");
+        let json = serde_json::json!({ "rounds": ROUNDS_IN_TURNS, "rates": rates });
+        let path = out.join(IN_TURNS_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
+            .expect("write the in-turns figures");
+        println!("wrote {}", path.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -72,12 +72,11 @@ const SUITES: &[Suite] = &[
         needs_rabbitmq: true,
         quick_args: CRITERION_QUICK,
     },
-    // Not criterion: it writes target/bench/end_to_end_interleaved.json, the figures
-    // of the end-to-end rows (its setups measured in turns, so that the machine's
-    // drift does not decide their ratios).
+    // Not criterion: it writes target/bench/in_turns-end_to_end.json, the figures of
+    // the end-to-end rows (see `in_turns_files`).
     Suite {
         package: "queue-runtime",
-        bench: "end_to_end_interleaved",
+        bench: "end_to_end_in_turns",
         needs_rabbitmq: false,
         quick_args: &[],
     },
@@ -114,38 +113,38 @@ const COMPARISONS: &[Comparison] = &[
     },
     Comparison {
         what: "runtime, no-op Lua handler, concurrency 16 vs no-op Rust consumer (memory, in turns)",
-        candidate: "end_to_end_interleaved/lua_noop_concurrency_16",
-        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
+        candidate: "end_to_end_in_turns/lua_noop_concurrency_16",
+        baseline: "end_to_end_in_turns/baseline_rust_noop_consumer",
         goal: 0.6,
     },
     Comparison {
         what: "runtime, no-op Lua handler, concurrency 1 vs no-op Rust consumer (memory, in turns)",
-        candidate: "end_to_end_interleaved/lua_noop_concurrency_1",
-        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
+        candidate: "end_to_end_in_turns/lua_noop_concurrency_1",
+        baseline: "end_to_end_in_turns/baseline_rust_noop_consumer",
         goal: 0.0,
     },
     Comparison {
         what: "runtime, no-op Lua handler, concurrency 256 vs no-op Rust consumer (memory, in turns)",
-        candidate: "end_to_end_interleaved/lua_noop_concurrency_256",
-        baseline: "end_to_end_interleaved/baseline_rust_noop_consumer",
+        candidate: "end_to_end_in_turns/lua_noop_concurrency_256",
+        baseline: "end_to_end_in_turns/baseline_rust_noop_consumer",
         goal: 0.0,
     },
     Comparison {
         what: "runtime, no-op Lua handler, concurrency 256 vs concurrency 16 (memory, in turns)",
-        candidate: "end_to_end_interleaved/lua_noop_concurrency_256",
-        baseline: "end_to_end_interleaved/lua_noop_concurrency_16",
+        candidate: "end_to_end_in_turns/lua_noop_concurrency_256",
+        baseline: "end_to_end_in_turns/lua_noop_concurrency_16",
         goal: 1.0,
     },
     Comparison {
-        what: "runtime on RabbitMQ, no-op Lua handler vs raw lapin consume+ack",
-        candidate: "rabbitmq_consume/runtime_noop_lua",
-        baseline: "rabbitmq_consume/raw_lapin",
+        what: "runtime on RabbitMQ, no-op Lua handler vs raw lapin consume+ack (in turns)",
+        candidate: "rabbitmq_in_turns/runtime_noop_lua",
+        baseline: "rabbitmq_in_turns/raw_lapin",
         goal: 0.9,
     },
     Comparison {
-        what: "runtime on RabbitMQ over AMQP 1.0, no-op Lua handler vs raw fe2o3-amqp receive+accept",
-        candidate: "amqp10_consume/runtime_noop_lua",
-        baseline: "amqp10_consume/raw_fe2o3",
+        what: "runtime on RabbitMQ over AMQP 1.0, no-op Lua handler vs raw fe2o3-amqp receive+accept (in turns)",
+        candidate: "amqp10_in_turns/runtime_noop_lua",
+        baseline: "amqp10_in_turns/raw_fe2o3",
         goal: 0.9,
     },
     Comparison {
@@ -242,7 +241,9 @@ pub fn run(options: Options) -> Result<bool, String> {
     if !report_only {
         // So that a bench that fails leaves no figures of an earlier run behind.
         let _ = std::fs::remove_file(out_dir.join("latency.json"));
-        let _ = std::fs::remove_file(out_dir.join(INTERLEAVED));
+        for path in in_turns_files(&out_dir) {
+            let _ = std::fs::remove_file(path);
+        }
     }
     for suite in SUITES.iter().filter(|_| !report_only) {
         progress.set_message(format!(
@@ -298,7 +299,9 @@ pub fn run(options: Options) -> Result<bool, String> {
         Some(run_started)
     };
     let mut results = read_criterion(Path::new("target/criterion"), since);
-    results.extend(read_interleaved(&out_dir.join(INTERLEAVED)));
+    for path in in_turns_files(&out_dir) {
+        results.extend(read_in_turns(&path));
+    }
     if rabbit {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
             Ok(k) => results.extend(k),
@@ -652,19 +655,36 @@ fn fmt_rate(v: Option<f64>) -> String {
     )
 }
 
-/// What queue-runtime's `end_to_end_interleaved` bench writes under `target/bench/`.
-const INTERLEAVED: &str = "end_to_end_interleaved.json";
+/// The figures of benchmarks measured in turns (two or more setups fed alternately,
+/// so that this machine's drift does not decide their ratios), which benches write
+/// under `target/bench/` as `in_turns-<bench>.json`:
+/// `{"rounds": N, "rates": {"<id>": msg/s}}`.
+fn in_turns_files(out_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("in_turns-") && n.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    files
+}
 
-/// The msg/s of each setup of the interleaved end-to-end bench, by id
-/// (`end_to_end_interleaved/<setup>`); none if it did not run.
-fn read_interleaved(path: &Path) -> BTreeMap<String, f64> {
+/// The msg/s by id of one `in_turns-*.json`; none if it cannot be read.
+fn read_in_turns(path: &Path) -> BTreeMap<String, f64> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return BTreeMap::new();
     };
     let json: serde_json::Value = match serde_json::from_str(&text) {
         Ok(json) => json,
         Err(e) => {
-            eprintln!("{}: {e}; no end-to-end figures", path.display());
+            eprintln!("{}: {e}; its figures are left out", path.display());
             return BTreeMap::new();
         }
     };
@@ -980,37 +1000,28 @@ mod tests {
     }
 
     #[test]
-    fn the_end_to_end_rows_read_the_interleaved_bench() {
-        let dir = std::env::temp_dir().join(format!("xtask-interleaved-{}", std::process::id()));
+    fn rows_measured_in_turns_read_the_files_their_benches_wrote() {
+        let dir = std::env::temp_dir().join(format!("xtask-in-turns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(INTERLEAVED);
-        assert!(read_interleaved(&path).is_empty(), "the bench did not run");
+        assert!(in_turns_files(&dir).is_empty(), "no bench ran");
+        let path = dir.join("in_turns-end_to_end.json");
         std::fs::write(
             &path,
-            r#"{"rounds": 80, "rates": {"end_to_end_interleaved/lua_noop_concurrency_16": 500000.0}}"#,
+            r#"{"rounds": 80, "rates": {"end_to_end_in_turns/lua_noop_concurrency_16": 500000.0}}"#,
         )
         .unwrap();
-        let rates = read_interleaved(&path);
+        std::fs::write(dir.join("latency.json"), "[]").unwrap();
+        let files = in_turns_files(&dir);
+        let rates = read_in_turns(&path);
         std::fs::write(&path, "{\"rates\": ").unwrap();
-        let cut_short = read_interleaved(&path);
+        let cut_short = read_in_turns(&path);
         std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(files, vec![path]);
         assert_eq!(
-            rates.get("end_to_end_interleaved/lua_noop_concurrency_16"),
+            rates.get("end_to_end_in_turns/lua_noop_concurrency_16"),
             Some(&500_000.0)
         );
         assert!(cut_short.is_empty(), "a file cut short gives no figures");
-        for c in COMPARISONS.iter().filter(|c| c.what.contains("in turns")) {
-            assert!(
-                c.candidate.starts_with("end_to_end_interleaved/"),
-                "{}",
-                c.what
-            );
-            assert!(
-                c.baseline.starts_with("end_to_end_interleaved/"),
-                "{}",
-                c.what
-            );
-        }
     }
 
     #[test]

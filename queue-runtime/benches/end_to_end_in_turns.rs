@@ -10,13 +10,13 @@
 //! setup through the same drift, so their ratios hold from run to run.
 //!
 //! Output: a line per setup (msg/s over all its turns, and against the Rust
-//! baseline), and `target/bench/end_to_end_interleaved.json`,
-//! `{"rounds": N, "rates": {"end_to_end_interleaved/<setup>": msg/s}}`, which
+//! baseline), and `target/bench/in_turns-end_to_end.json`,
+//! `{"rounds": N, "rates": {"end_to_end_in_turns/<setup>": msg/s}}`, which
 //! `cargo xtask bench` reads. 80 rounds of 50,000 messages per setup after one round of
 //! warm-up; when run without cargo bench's `--bench` argument, as `cargo test
 //! --benches` does, two rounds and no file.
 //!
-//! Run: `cargo bench -p queue-runtime --bench end_to_end_interleaved`.
+//! Run: `cargo bench -p queue-runtime --bench end_to_end_in_turns`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,7 +65,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let dir = std::env::temp_dir().join(format!("queue-interleaved-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("queue-in-turns-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kinds = DriverKinds::builtin();
     let q = queue();
@@ -90,7 +90,7 @@ fn main() {
     }
 
     println!(
-        "end_to_end_interleaved: {rounds} rounds of {} messages per setup, after one round of warm-up",
+        "end_to_end_in_turns: {rounds} rounds of {} messages per setup, after one round of warm-up",
         TURN * BATCH as u64
     );
     rt.block_on(async {
@@ -117,7 +117,7 @@ fn main() {
             setup.rate() / baseline
         );
         rates.insert(
-            format!("end_to_end_interleaved/{}", setup.name),
+            format!("end_to_end_in_turns/{}", setup.name),
             serde_json::json!(setup.rate()),
         );
     }
@@ -146,9 +146,9 @@ fn main() {
     }
     let out = target_dir::target_dir().join("bench");
     std::fs::create_dir_all(&out).expect("target/bench");
-    let path = out.join("end_to_end_interleaved.json");
+    let path = out.join("in_turns-end_to_end.json");
     let json = serde_json::json!({ "rounds": rounds, "rates": rates });
     std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write end_to_end_interleaved.json");
+        .expect("write in_turns-end_to_end.json");
     println!("wrote {}", path.display());
 }
