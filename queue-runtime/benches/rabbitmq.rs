@@ -19,8 +19,14 @@
 //! timed, as opening the raw clients' connections is not. Stopping the runtime is not
 //! timed either. The queue is checked empty after a drain.
 //!
+//! After criterion's groups, the two drain pairs run again in turns (8 rounds, the side
+//! that goes first alternating), so that this machine's drift between criterion's
+//! groups does not decide their ratios; the figures go to
+//! `target/bench/in_turns-rabbitmq.json`, from which `cargo xtask bench` takes its
+//! RabbitMQ rows.
+//!
 //! Run: `cargo bench -p queue-runtime --bench rabbitmq` (skips without RabbitMQ; only
-//! the AMQP 1.0 pair: `-- amqp10`).
+//! the AMQP 1.0 pair: `-- amqp10`; only the pass in turns: `-- in_turns`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -425,6 +431,40 @@ fn in_turns(
     (time_a, time_b)
 }
 
+/// Whether to run the in-turns pass after criterion's groups: under `cargo bench`
+/// (not `cargo test --benches`, which only checks that the bench runs), not while
+/// criterion profiles or lists, and not when a filter names other benchmarks (the
+/// pass alone: `-- in_turns`).
+fn in_turns_wanted(args: Vec<String>) -> bool {
+    const NO_PASS: [&str; 3] = ["--profile-time", "--list", "--test"];
+    if !args.iter().any(|a| a == "--bench") || args.iter().any(|a| NO_PASS.contains(&a.as_str())) {
+        return false;
+    }
+    // Criterion's options that take a value as the next word (`--sample-size 10`);
+    // any other word that is not an option is a filter.
+    const TAKE_A_VALUE: [&str; 14] = [
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--nresamples",
+        "--output-format",
+        "--color",
+        "--plotting-backend",
+    ];
+    let is_value = |i: usize| i > 0 && TAKE_A_VALUE.contains(&args[i - 1].as_str());
+    args.iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with('-') && !is_value(*i))
+        .all(|(_, filter)| filter.contains("in_turns"))
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -558,9 +598,8 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    // The goals' ratios: the same drains in turns (not under `cargo test --benches`,
-    // which only checks that the bench runs).
-    if std::env::args().any(|a| a == "--bench") {
+    // The goals' ratios: the same drains in turns.
+    if in_turns_wanted(std::env::args().skip(1).collect()) {
         let mut rates = serde_json::Map::new();
         let mut record = |id: &str, time: Duration| {
             let rate = f64::from(ROUNDS_IN_TURNS) * CONSUME_N as f64 / time.as_secs_f64();
