@@ -25,6 +25,8 @@ use queue_core::Driver;
 use queue_runtime::host::Host;
 use queue_runtime::registry::DriverKinds;
 
+#[path = "support/bench_args.rs"]
+mod bench_args;
 #[path = "support/memory_drain.rs"]
 mod memory_drain;
 #[path = "support/target_dir.rs"]
@@ -58,7 +60,11 @@ impl Setup {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let measuring = args.iter().any(|a| a == "--bench");
+    let measuring = bench_args::in_turns_wanted(&args);
+    if !measuring && args.iter().any(|a| a == "--bench") {
+        // Criterion's options for other benchmarks (a filter, `--list`, a profile).
+        return;
+    }
     let rounds = if measuring { ROUNDS } else { ROUNDS_TEST };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,7 +85,7 @@ fn main() {
     }];
     let mut hosts: Vec<Host> = Vec::new();
     for concurrency in [1u32, 16, 256] {
-        let host = rt.block_on(start(&noop_app(&dir, concurrency, ""), &kinds));
+        let host = rt.block_on(start(&noop_app(&dir, concurrency), &kinds));
         setups.push(Setup {
             name: format!("lua_noop_concurrency_{concurrency}"),
             driver: host.queues().get(&q).expect("declared").driver,
@@ -97,9 +103,17 @@ fn main() {
         for setup in &setups {
             drain(&setup.driver, &q, TURN).await;
         }
+        let n = setups.len();
         for round in 0..rounds as usize {
-            for turn in 0..setups.len() {
-                let at = (round + turn) % setups.len();
+            // Each setup goes first, second... equally often, and follows each of
+            // the others, not always the same one: forward, then backward.
+            let start = round / 2 % n;
+            for turn in 0..n {
+                let at = if round % 2 == 0 {
+                    (start + turn) % n
+                } else {
+                    (start + n - turn) % n
+                };
                 let setup = &mut setups[at];
                 setup.time += drain(&setup.driver, &q, TURN).await;
                 setup.messages += TURN * BATCH as u64;
@@ -121,8 +135,9 @@ fn main() {
             serde_json::json!(setup.rate()),
         );
     }
-    // Every message was acked once: a handler that failed would have been retried
-    // (acked again), and its figures would not be a no-op handler's.
+    // Every message was acked once and nothing is left: a handler that failed would
+    // have its message retried (a copy waiting in the queue, or acked again), and
+    // the figures would not be a no-op handler's.
     let given = (u64::from(rounds) + 1) * TURN * BATCH as u64;
     for setup in &setups {
         let acked = setup.driver.acked_total(&q).unwrap_or(0);
@@ -134,7 +149,13 @@ fn main() {
     }
     rt.block_on(async {
         for host in hosts {
-            host.shutdown().await;
+            for summary in host.shutdown().await {
+                assert_eq!(
+                    (summary.ready, summary.in_flight),
+                    (Some(0), Some(0)),
+                    "messages left after the run: {summary}"
+                );
+            }
         }
         rust_driver.close().await.expect("close");
         rust_consumer.await.expect("consumer");

@@ -48,6 +48,8 @@ use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::metrics::names as metric;
 use queue_runtime::registry::{self, DriverKinds};
 
+#[path = "support/bench_args.rs"]
+mod bench_args;
 #[path = "support/target_dir.rs"]
 mod target_dir;
 
@@ -410,6 +412,11 @@ async fn assert_empty(ch: &Channel, queue: &str) {
 /// Rounds of the in-turns pass: each drains one queue with each side of a pair.
 const ROUNDS_IN_TURNS: u32 = 8;
 
+/// The time `iters` runs of `drain` took in all: a criterion sample.
+fn drains(iters: u64, mut drain: impl FnMut() -> Duration) -> Duration {
+    (0..iters).map(|_| drain()).sum()
+}
+
 /// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
 /// time each took in all: both sides see the same drift of this machine's speed,
 /// which criterion, measuring one side after the other, does not give them.
@@ -429,40 +436,6 @@ fn in_turns(
         }
     }
     (time_a, time_b)
-}
-
-/// Whether to run the in-turns pass after criterion's groups: under `cargo bench`
-/// (not `cargo test --benches`, which only checks that the bench runs), not while
-/// criterion profiles or lists, and not when a filter names other benchmarks (the
-/// pass alone: `-- in_turns`).
-fn in_turns_wanted(args: Vec<String>) -> bool {
-    const NO_PASS: [&str; 3] = ["--profile-time", "--list", "--test"];
-    if !args.iter().any(|a| a == "--bench") || args.iter().any(|a| NO_PASS.contains(&a.as_str())) {
-        return false;
-    }
-    // Criterion's options that take a value as the next word (`--sample-size 10`);
-    // any other word that is not an option is a filter.
-    const TAKE_A_VALUE: [&str; 14] = [
-        "--warm-up-time",
-        "--measurement-time",
-        "--sample-size",
-        "--save-baseline",
-        "--baseline",
-        "--baseline-lenient",
-        "--load-baseline",
-        "--noise-threshold",
-        "--confidence-level",
-        "--significance-level",
-        "--nresamples",
-        "--output-format",
-        "--color",
-        "--plotting-backend",
-    ];
-    let is_value = |i: usize| i > 0 && TAKE_A_VALUE.contains(&args[i - 1].as_str());
-    args.iter()
-        .enumerate()
-        .filter(|(i, a)| !a.starts_with('-') && !is_value(*i))
-        .all(|(_, filter)| filter.contains("in_turns"))
 }
 
 fn bench(c: &mut Criterion) {
@@ -537,18 +510,15 @@ fn bench(c: &mut Criterion) {
         drop_queue(&ch, &q);
         time
     };
-    let drains = |iters: u64, drain: &mut dyn FnMut() -> Duration| {
-        (0..iters).map(|_| drain()).sum::<Duration>()
-    };
 
     let mut group = c.benchmark_group("rabbitmq_consume");
     group.throughput(Throughput::Elements(CONSUME_N as u64));
     group.sample_size(10);
     group.bench_function("raw_lapin", |b| {
-        b.iter_custom(|iters| drains(iters, &mut &raw_lapin_drain))
+        b.iter_custom(|iters| drains(iters, &raw_lapin_drain))
     });
     group.bench_function("runtime_noop_lua", |b| {
-        b.iter_custom(|iters| drains(iters, &mut &runtime_drain))
+        b.iter_custom(|iters| drains(iters, &runtime_drain))
     });
     group.finish();
     let mut group = c.benchmark_group("rabbitmq_publish");
@@ -587,19 +557,19 @@ fn bench(c: &mut Criterion) {
     group.bench_function("raw_fe2o3", |b| {
         b.iter_custom(|iters| {
             let mut connection = open_amqp10();
-            let total = drains(iters, &mut || raw_fe2o3_drain(&mut connection));
+            let total = drains(iters, || raw_fe2o3_drain(&mut connection));
             rt.block_on(connection.close())
                 .expect("close the AMQP 1.0 connection");
             total
         })
     });
     group.bench_function("runtime_noop_lua", |b| {
-        b.iter_custom(|iters| drains(iters, &mut &runtime_amqp10_drain))
+        b.iter_custom(|iters| drains(iters, &runtime_amqp10_drain))
     });
     group.finish();
 
     // The goals' ratios: the same drains in turns.
-    if in_turns_wanted(std::env::args().skip(1).collect()) {
+    if bench_args::in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
         let mut rates = serde_json::Map::new();
         let mut record = |id: &str, time: Duration| {
             let rate = f64::from(ROUNDS_IN_TURNS) * CONSUME_N as f64 / time.as_secs_f64();
