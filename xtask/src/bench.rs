@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: runs every criterion bench (each measures its candidate and its
-//! baseline in the same run), the latency bench (publish -> handler start at fixed
-//! rates, `target/bench/latency.json`), a kombu publish/consume run against the same
+//! baseline in the same run; the end-to-end and RabbitMQ consume rows come from their
+//! benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
+//! (publish -> handler start at fixed rates, `target/bench/latency.json`), a kombu
+//! publish/consume run against the same
 //! RabbitMQ, and writes the side-by-side table and the latency table to stdout,
 //! `target/bench/results.json` (and a copy per run under `target/bench/runs/`, for
 //! `--compare`) and `target/bench/results.svg`; `--write-docs` puts both tables into
