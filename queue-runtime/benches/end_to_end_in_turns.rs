@@ -53,6 +53,15 @@ struct Setup {
 }
 
 impl Setup {
+    fn new(name: String, driver: Arc<dyn Driver>) -> Setup {
+        Setup {
+            name,
+            driver,
+            time: Duration::ZERO,
+            messages: 0,
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.messages as f64 / self.time.as_secs_f64()
     }
@@ -77,21 +86,17 @@ fn main() {
     let q = queue();
 
     let (rust_driver, rust_consumer) = rt.block_on(rust_noop_consumer());
-    let mut setups = vec![Setup {
-        name: "baseline_rust_noop_consumer".into(),
-        driver: rust_driver.clone(),
-        time: Duration::ZERO,
-        messages: 0,
-    }];
+    let mut setups = vec![Setup::new(
+        "baseline_rust_noop_consumer".into(),
+        rust_driver.clone(),
+    )];
     let mut hosts: Vec<Host> = Vec::new();
     for concurrency in [1u32, 16, 256] {
         let host = rt.block_on(start(&noop_app(&dir, concurrency), &kinds));
-        setups.push(Setup {
-            name: format!("lua_noop_concurrency_{concurrency}"),
-            driver: host.queues().get(&q).expect("declared").driver,
-            time: Duration::ZERO,
-            messages: 0,
-        });
+        setups.push(Setup::new(
+            format!("lua_noop_concurrency_{concurrency}"),
+            host.queues().get(&q).expect("declared").driver,
+        ));
         hosts.push(host);
     }
 

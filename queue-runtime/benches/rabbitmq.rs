@@ -459,24 +459,28 @@ fn bench(c: &mut Criterion) {
         rt.block_on(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
             .expect("delete");
     };
-    // One drain of CONSUME_N waiting messages by each side, timed as the module says.
-    let raw_lapin_drain = || {
-        let q = fresh("raw-consume");
+    // One drain by each side: a fresh queue filled with CONSUME_N messages, drained
+    // (timed as the module says), checked empty and deleted.
+    let filled_drain = |label: &str, drain: &mut dyn FnMut(&str) -> Duration| {
+        let q = fresh(label);
         let ch = rt.block_on(channel(&conn, &q));
         rt.block_on(fill(&ch, &q, CONSUME_N));
-        let time = rt.block_on(raw_consume(&conn, &q, CONSUME_N));
-        drop_queue(&ch, &q);
-        time
-    };
-    let runtime_drain = || {
-        let q = fresh("runtime-consume");
-        let ch = rt.block_on(channel(&conn, &q));
-        rt.block_on(fill(&ch, &q, CONSUME_N));
-        let path = app(&dir, &q, true);
-        let time = rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
+        let time = drain(&q);
         rt.block_on(assert_empty(&ch, &q));
         drop_queue(&ch, &q);
         time
+    };
+    let runtime_drain_of =
+        |path: std::path::PathBuf| rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
+    let raw_lapin_drain = || {
+        filled_drain("raw-consume", &mut |q| {
+            rt.block_on(raw_consume(&conn, q, CONSUME_N))
+        })
+    };
+    let runtime_drain = || {
+        filled_drain("runtime-consume", &mut |q| {
+            runtime_drain_of(app(&dir, q, true))
+        })
     };
     // One connection for many drains, as raw_lapin shares one; each drain opens its
     // own session and receiver, as raw_lapin opens a channel.
@@ -487,28 +491,18 @@ fn bench(c: &mut Criterion) {
             .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)")
     };
     let raw_fe2o3_drain = |connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>| {
-        let q = fresh("raw-fe2o3");
-        let ch = rt.block_on(channel(&conn, &q));
-        rt.block_on(fill(&ch, &q, CONSUME_N));
-        let address = format!("/queue/{q}");
-        let receive = raw_fe2o3_receive(connection, &address, CONSUME_N);
-        // The timer is made inside the runtime: block_on's caller is not in it.
-        let time = rt
-            .block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
-            .expect("raw fe2o3-amqp did not receive every message in time");
-        rt.block_on(assert_empty(&ch, &q));
-        drop_queue(&ch, &q);
-        time
+        filled_drain("raw-fe2o3", &mut |q| {
+            let address = format!("/queue/{q}");
+            let receive = raw_fe2o3_receive(connection, &address, CONSUME_N);
+            // The timer is made inside the runtime: block_on's caller is not in it.
+            rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
+                .expect("raw fe2o3-amqp did not receive every message in time")
+        })
     };
     let runtime_amqp10_drain = || {
-        let q = fresh("runtime-amqp10");
-        let ch = rt.block_on(channel(&conn, &q));
-        rt.block_on(fill(&ch, &q, CONSUME_N));
-        let path = app_amqp10(&dir, &q);
-        let time = rt.block_on(run_host_until(&path, Until::Acked, CONSUME_N));
-        rt.block_on(assert_empty(&ch, &q));
-        drop_queue(&ch, &q);
-        time
+        filled_drain("runtime-amqp10", &mut |q| {
+            runtime_drain_of(app_amqp10(&dir, q))
+        })
     };
 
     let mut group = c.benchmark_group("rabbitmq_consume");
