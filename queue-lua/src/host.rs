@@ -16,6 +16,7 @@ use crate::context::{Contexts, CoroutineContext, DeliveryContext, DeliveryState}
 use crate::errors::{LuaError, describe};
 use crate::sandbox::{OptIn, Sandbox};
 use crate::slices::{Clock, Deadline, Sliced};
+use crate::source::LuaSource;
 use crate::value::to_lua;
 
 /// The limits of one Lua state (docs/security.md, "Limits").
@@ -191,21 +192,25 @@ impl LuaHost {
         self.contexts.running()
     }
 
-    /// Loads a source file once per opt-in into its own environment (later calls
-    /// reuse it). Its top level runs within [`Limits::load_time`].
-    fn load(&self, path: &Path, opt_in: OptIn) -> Result<Rc<LoadedSource>> {
+    /// Loads a source once per path and opt-in into its own environment (later calls
+    /// reuse it, whatever text they bring: one state runs one version of a file). Its
+    /// top level runs within [`Limits::load_time`].
+    fn load(
+        &self,
+        path: &Path,
+        opt_in: OptIn,
+        read: impl FnOnce() -> Result<LuaSource>,
+    ) -> Result<Rc<LoadedSource>> {
         let key = (path.to_path_buf(), opt_in);
         if let Some(loaded) = self.sources.borrow().get(&key) {
             return Ok(Rc::clone(loaded));
         }
-        let code = std::fs::read(path).map_err(|e| {
-            Error::invalid(format!("cannot read Lua source {}: {e}", path.display()))
-        })?;
+        let source = read()?;
         let load = || -> mlua::Result<LoadedSource> {
             let env = self.sandbox.environment(&self.lua, opt_in)?;
             let function = self
                 .lua
-                .load(code)
+                .load(source.code())
                 .set_name(format!("@{}", path.display()))
                 .set_mode(ChunkMode::Text)
                 .set_environment(env.clone())
@@ -241,24 +246,25 @@ impl LuaHost {
 
     /// [`LuaHost::handler`] for an entry that opts into more of the standard library.
     pub fn handler_with(&self, path: &Path, method: &str, opt_in: OptIn) -> Result<Handler> {
-        let source = self.load(path, opt_in)?;
-        let from_exports = match &source.exports {
-            LuaValue::Table(t) => t.raw_get::<Option<Function>>(method).ok().flatten(),
-            _ => None,
-        };
-        let function = match from_exports {
-            Some(f) => f,
-            None => source.env.raw_get::<Option<Function>>(method).ok().flatten().ok_or_else(|| {
-                Error::invalid(format!(
-                    "{} defines no function {method:?} (neither a field of the table it returns nor a global)",
-                    path.display()
-                ))
-            })?,
-        };
-        Ok(Handler {
-            function,
-            name: format!("{}:{method}", path.display()),
-        })
+        let loaded = self.load(path, opt_in, || LuaSource::read(path))?;
+        find_handler(&loaded, path, method)
+    }
+
+    /// [`LuaHost::handler_with`] on a source already read: the state runs exactly the
+    /// text given (unless it loaded that path before), never what the file holds now.
+    ///
+    /// ```
+    /// use queue_core::{Queues, security::SecurityContext};
+    /// use queue_lua::{LuaHost, LuaSource, OptIn};
+    ///
+    /// let host = LuaHost::new(Queues::new(), SecurityContext::default()).unwrap();
+    /// // No file by that name: the text is all the host needs.
+    /// let source = LuaSource::from_code("/nowhere/h.lua", b"function handle() end".to_vec());
+    /// assert!(host.handler_in(&source, "handle", OptIn::default()).is_ok());
+    /// ```
+    pub fn handler_in(&self, source: &LuaSource, method: &str, opt_in: OptIn) -> Result<Handler> {
+        let loaded = self.load(source.path(), opt_in, || Ok(source.clone()))?;
+        find_handler(&loaded, source.path(), method)
     }
 
     /// Runs a handler for one delivery as a coroutine, with the consumer's security,
@@ -497,6 +503,28 @@ fn timed_out(deadline: Option<std::time::Instant>) -> bool {
 
 /// Whether an error a handler returned (`return nil, err`) is worth another attempt:
 /// only an error value can say it is not.
+/// `method` in a loaded source: a field of the table the file returns, or else a
+/// global the file defines.
+fn find_handler(source: &LoadedSource, path: &Path, method: &str) -> Result<Handler> {
+    let from_exports = match &source.exports {
+        LuaValue::Table(t) => t.raw_get::<Option<Function>>(method).ok().flatten(),
+        _ => None,
+    };
+    let function = match from_exports {
+        Some(f) => f,
+        None => source.env.raw_get::<Option<Function>>(method).ok().flatten().ok_or_else(|| {
+            Error::invalid(format!(
+                "{} defines no function {method:?} (neither a field of the table it returns nor a global)",
+                path.display()
+            ))
+        })?,
+    };
+    Ok(Handler {
+        function,
+        name: format!("{}:{method}", path.display()),
+    })
+}
+
 fn retryable(error: &LuaValue) -> bool {
     match error {
         LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().is_none_or(|e| e.retryable),
@@ -521,17 +549,15 @@ pub enum SourceCheck {
 /// compiles it (syntax errors name file and line), runs its top level in the default
 /// sandbox (no `io`, no `os.execute`, no file `require`, whatever the entry opts
 /// into: `check` has no side effects), and finds `method`.
-pub fn check_source(path: &Path, method: &str, opt_in: OptIn) -> Result<SourceCheck> {
-    let code = std::fs::read(path)
-        .map_err(|e| Error::invalid(format!("cannot read Lua source {}: {e}", path.display())))?;
+pub fn check_source(source: &LuaSource, method: &str, opt_in: OptIn) -> Result<SourceCheck> {
     Lua::new()
-        .load(code)
-        .set_name(format!("@{}", path.display()))
+        .load(source.code())
+        .set_name(format!("@{}", source.path().display()))
         .set_mode(ChunkMode::Text)
         .into_function()
         .map_err(|e| Error::invalid(format!("Lua syntax error: {e}")))?;
     let host = LuaHost::new(Queues::new(), SecurityContext::default())?;
-    match host.handler(path, method) {
+    match host.handler_in(source, method, OptIn::default()) {
         Ok(_) => Ok(SourceCheck::Defines),
         Err(e) if opt_in != OptIn::default() && e.message().starts_with("cannot load") => {
             Ok(SourceCheck::NotRun {

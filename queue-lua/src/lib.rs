@@ -42,9 +42,11 @@ mod message;
 mod module;
 mod sandbox;
 mod slices;
+mod source;
 pub mod value;
 
 pub use context::{DeliveryContext, Settle};
 pub use errors::LuaError;
 pub use host::{Handler, Limits, LuaHost, Outcome, SourceCheck, check_source};
 pub use sandbox::OptIn;
+pub use source::LuaSource;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use queue_core::security::{Actor, Effect, Policy, RulePolicy, SecurityContext};
 use queue_core::{ErrorKind, Value};
-use queue_lua::{Limits, LuaHost, OptIn, Outcome, SourceCheck};
+use queue_lua::{Limits, LuaHost, LuaSource, OptIn, Outcome, SourceCheck};
 use support::{Harness, lua_file};
 
 fn only_emails() -> SecurityContext {
@@ -179,7 +179,9 @@ async fn binary_chunks_are_refused_even_corrupted_never_run() {
         let err = h.host.handler(&path, "handle").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
         assert!(err.message().contains("binary"), "{err}");
-        let checked = queue_lua::check_source(&path, "handle", OptIn::default()).unwrap_err();
+        let checked =
+            queue_lua::check_source(&LuaSource::read(&path).unwrap(), "handle", OptIn::default())
+                .unwrap_err();
         assert!(checked.message().contains("binary"), "{checked}");
     }
     let lua_bytes = h.host.lua().create_string(bytecode()).unwrap();
@@ -252,6 +254,7 @@ async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
     )
     .unwrap();
     let os = OptIn::parse(["os"]).unwrap();
+    let source = LuaSource::read(&source).unwrap();
     let checked = queue_lua::check_source(&source, "handle", os).unwrap();
     assert!(
         matches!(&checked, SourceCheck::NotRun { reason } if reason.contains("execute")),

@@ -2,8 +2,8 @@
 //! consumers and processes to start, with every reference resolved and every source
 //! checked. Building the plan touches no broker, so `check` and `run` share it.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use queue_core::security::{Actor, Effect, Pattern, Policy, RulePolicy, SecurityC
 use queue_core::{
     Backoff, Capabilities, DriverFactory, Factory, PublishSettings, QueueId, QueueSpec,
 };
-use queue_lua::{Limits, OptIn, SourceCheck};
+use queue_lua::{Limits, LuaSource, OptIn, SourceCheck};
 
 use crate::config::Config;
 use crate::config::{
@@ -104,8 +104,8 @@ pub struct ConsumerPlan {
     pub id: String,
     /// The queue it reads.
     pub queue: QueueId,
-    /// The Lua file.
-    pub source: PathBuf,
+    /// The Lua file, as read and checked when planning: every worker runs this text.
+    pub source: LuaSource,
     /// The handler function.
     pub method: String,
     /// Handlers at once.
@@ -129,8 +129,8 @@ pub struct ConsumerPlan {
 pub struct ProcessPlan {
     /// Entry id.
     pub id: String,
-    /// The Lua file.
-    pub source: PathBuf,
+    /// The Lua file, as read and checked when planning: every worker runs this text.
+    pub source: LuaSource,
     /// The function.
     pub method: String,
     /// Coroutines running it.
@@ -235,6 +235,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         },
         actors: Vec::new(),
     };
+    let mut texts = SourceTexts::default();
 
     for entry in &config.entries {
         if let EntryKind::Driver { kind, config } = &entry.kind {
@@ -332,8 +333,12 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         (entry.path(source), method.clone(), (entry, &c.sandbox))
                     }
                     (None, None, Some(method)) => {
-                        match source_defining(config, entry, &c.sandbox, method) {
-                            Ok(source) => (source, method.clone(), (entry, &c.sandbox)),
+                        match source_defining(config, entry, &c.sandbox, method, &mut texts) {
+                            Ok(source) => (
+                                source.path().to_path_buf(),
+                                method.clone(),
+                                (entry, &c.sandbox),
+                            ),
                             Err(e) => {
                                 errors.push(e);
                                 continue;
@@ -356,6 +361,13 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         continue;
                     }
                 };
+                let source = match texts.read(&source) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        errors.push(entry.error(Some("source"), e.message()));
+                        continue;
+                    }
+                };
                 plan.actors
                     .extend(actor_entry(entry, &c.security, &security));
                 plan.consumers.push(ConsumerPlan {
@@ -373,23 +385,27 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 });
             }
             EntryKind::Process(p) => {
+                let source = texts
+                    .read(&entry.path(&p.source))
+                    .map_err(|e| entry.error(Some("source"), e.message()));
                 match (
                     security(config, entry, &p.security, strict),
                     opt_in(entry, &p.sandbox),
+                    source,
                 ) {
-                    (Ok(security), Ok(opt_in)) => {
+                    (Ok(security), Ok(opt_in), Ok(source)) => {
                         plan.actors
                             .extend(actor_entry(entry, &p.security, &security));
                         plan.processes.push(ProcessPlan {
                             id: entry.id.clone(),
-                            source: entry.path(&p.source),
+                            source,
                             method: p.method.clone(),
                             instances: p.instances,
                             security,
                             opt_in,
                         });
                     }
-                    (Err(e), _) | (_, Err(e)) => errors.push(e),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => errors.push(e),
                 }
             }
             _ => {}
@@ -417,7 +433,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 "{}:{}: {id}: not verified that {} defines {method:?}: {reason} (a file's top level runs here without what its entry opts into)",
                 entry.file.display(),
                 entry.line,
-                source.display()
+                source.path().display()
             ),
             Err(e) => errors.push(entry.error(Some("source"), e.message())),
         }
@@ -440,7 +456,8 @@ fn source_defining(
     entry: &Entry,
     sandbox: &SandboxConfig,
     method: &str,
-) -> Result<PathBuf, ConfigError> {
+    texts: &mut SourceTexts,
+) -> Result<LuaSource, ConfigError> {
     // Each file is loaded as `check` loads it for the entry that names it (the file
     // beside the YAML, for this consumer): with what that entry opts into.
     let mut candidates = vec![(entry.file.with_extension("lua"), opt_in(entry, sandbox)?)];
@@ -470,9 +487,12 @@ fn source_defining(
             looked.push(format!("{name} (no such file)"));
             continue;
         }
-        match queue_lua::check_source(&path, method, opt_in) {
-            Ok(SourceCheck::Defines) => defining.push(path),
-            Ok(SourceCheck::NotRun { .. }) => unknown.push(name),
+        let checked = texts
+            .read(&path)
+            .and_then(|source| Ok((queue_lua::check_source(&source, method, opt_in)?, source)));
+        match checked {
+            Ok((SourceCheck::Defines, source)) => defining.push(source),
+            Ok((SourceCheck::NotRun { .. }, _)) => unknown.push(name),
             // "FILE defines no function ...", or why FILE does not load.
             Err(e) => looked.push(e.message().to_string()),
         }
@@ -503,11 +523,28 @@ fn source_defining(
                 "{method:?} is defined in several Lua files: {}; add `source: FILE` to choose one",
                 defining
                     .iter()
-                    .map(|p| p.display().to_string())
+                    .map(|s| s.path().display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         )),
+    }
+}
+
+/// The Lua files read while planning, each once: a file read for two entries, or
+/// for finding a method and then for its entry, is one text, and the text checked is
+/// the text the workers run (docs/configuration.md, "When Lua files are read").
+#[derive(Default)]
+struct SourceTexts(HashMap<PathBuf, LuaSource>);
+
+impl SourceTexts {
+    fn read(&mut self, path: &Path) -> queue_core::Result<LuaSource> {
+        if let Some(source) = self.0.get(path) {
+            return Ok(source.clone());
+        }
+        let source = LuaSource::read(path)?;
+        self.0.insert(path.to_path_buf(), source.clone());
+        Ok(source)
     }
 }
 
@@ -735,7 +772,7 @@ mod tests {
         };
         std::fs::write(dir.path().join("app.lua"), "function handle_email() end\n").unwrap();
         let found = planned(dir.path()).unwrap();
-        assert_eq!(found.consumers[0].source, dir.path().join("app.lua"));
+        assert_eq!(found.consumers[0].source.path(), dir.path().join("app.lua"));
 
         std::fs::write(
             dir.path().join("other.lua"),
@@ -753,7 +790,10 @@ mod tests {
 
         std::fs::remove_file(dir.path().join("app.lua")).unwrap();
         let found = planned(dir.path()).unwrap();
-        assert_eq!(found.consumers[0].source, dir.path().join("./other.lua"));
+        assert_eq!(
+            found.consumers[0].source.path(),
+            dir.path().join("./other.lua")
+        );
 
         // A file whose top level needs an opt-in cannot be searched at check time: it
         // might define the method too, so nothing is guessed.

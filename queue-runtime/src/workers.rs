@@ -286,7 +286,7 @@ async fn run_job(host: Rc<LuaHost>, job: Job) {
             done,
         } => {
             let run = async {
-                let result = match host.handler_with(&plan.source, &plan.method, plan.opt_in) {
+                let result = match host.handler_in(&plan.source, &plan.method, plan.opt_in) {
                     Ok(handler) => {
                         host.run_process(
                             &handler,
@@ -331,7 +331,7 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     // Resolved once per intake: a source that does not load, or lacks the method,
     // fails every delivery the same way.
     let handler: HandlerLookup = host
-        .handler_with(
+        .handler_in(
             &consumer.plan.source,
             &consumer.plan.method,
             consumer.plan.opt_in,

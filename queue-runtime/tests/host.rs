@@ -284,3 +284,51 @@ async fn a_failing_lua_setup_fails_the_start_and_says_so() {
         "{err}"
     );
 }
+
+/// The text each Lua state runs is the one `plan` read and checked: a file rewritten
+/// between planning and start (an editor saving, a deploy copying) never reaches a
+/// worker half-written, and every worker runs one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_runs_the_source_text_the_plan_checked() {
+    let app = format!(
+        "{APP}  - name: seed\n    kind: process.lua\n    source: h.lua\n    method: seed\n"
+    );
+    let handler =
+        format!("{HANDLER}\nfunction seed() queue.publish(\"app:jobs\", {{n = -1}}) end\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.yaml"), &app).unwrap();
+    std::fs::write(dir.path().join("h.lua"), &handler).unwrap();
+    let driver = Arc::new(ControlledDriver::new());
+    let mut kinds = DriverKinds::builtin();
+    kinds.register(Arc::new(ControlledFactory(driver.clone())));
+    let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
+    let plan = registry::plan(&config, &kinds, false).unwrap();
+    // Caught mid-write: the file is empty when the workers start.
+    std::fs::write(dir.path().join("h.lua"), "").unwrap();
+    let options = HostOptions {
+        lua_threads: 2,
+        ..HostOptions::default()
+    };
+    let host = Host::start(plan, &kinds, options).await.unwrap();
+
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    for n in 0..200 {
+        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), host.wait_idle())
+        .await
+        .expect("idle within 60 s")
+        .unwrap();
+    assert_eq!(
+        host.process_failures(),
+        0,
+        "the process ran the planned text"
+    );
+    let out = host.queues().info("app:out").await.unwrap();
+    assert_eq!(
+        out.ready,
+        Some(201),
+        "every delivery, and the process's, ran the planned handler"
+    );
+    within("shutdown", host.shutdown()).await;
+}
