@@ -1,5 +1,6 @@
 //! A Lua source file's text, read once.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,12 +30,34 @@ pub struct LuaSource {
 }
 
 impl LuaSource {
-    /// Reads the file at `path` now.
+    /// The largest source file read: a configuration naming a device or a log file
+    /// by mistake gets an error, not a runtime that reads until memory runs out.
+    pub const MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+    /// Reads the file at `path` now. It must be a regular file (not a directory, a
+    /// device or a pipe, which could block or never end) of at most
+    /// [`LuaSource::MAX_BYTES`].
     pub fn read(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let code = std::fs::read(&path).map_err(|e| {
-            Error::invalid(format!("cannot read Lua source {}: {e}", path.display()))
-        })?;
+        let refuse = |why: String| {
+            Error::invalid(format!("cannot read Lua source {}: {why}", path.display()))
+        };
+        // Before opening: opening a named pipe waits for a writer.
+        let metadata = std::fs::metadata(&path).map_err(|e| refuse(e.to_string()))?;
+        if !metadata.is_file() {
+            return Err(refuse("not a regular file".to_string()));
+        }
+        let file = std::fs::File::open(&path).map_err(|e| refuse(e.to_string()))?;
+        let mut code = Vec::new();
+        file.take(Self::MAX_BYTES + 1)
+            .read_to_end(&mut code)
+            .map_err(|e| refuse(e.to_string()))?;
+        if code.len() as u64 > Self::MAX_BYTES {
+            return Err(refuse(format!(
+                "larger than {} MiB",
+                Self::MAX_BYTES / (1024 * 1024)
+            )));
+        }
         Ok(LuaSource {
             path,
             code: code.into(),
@@ -57,5 +80,59 @@ impl LuaSource {
     /// The text as read.
     pub fn code(&self) -> &[u8] {
         &self.code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(path: &Path) -> String {
+        LuaSource::read(path)
+            .expect_err("refused")
+            .message()
+            .to_string()
+    }
+
+    #[test]
+    fn what_is_not_a_regular_file_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(refusal(dir.path()).contains("not a regular file"));
+        // A device that never ends, and a pipe nobody writes to (opening it would wait).
+        assert!(refusal(Path::new("/dev/zero")).contains("not a regular file"));
+        let fifo = dir.path().join("h.lua");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo");
+        assert!(refusal(&fifo).contains("not a regular file"));
+    }
+
+    #[test]
+    fn a_file_past_the_limit_is_refused_and_one_at_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.lua");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(LuaSource::MAX_BYTES).unwrap();
+        assert_eq!(
+            LuaSource::read(&path).unwrap().code().len() as u64,
+            LuaSource::MAX_BYTES
+        );
+        file.set_len(LuaSource::MAX_BYTES + 1).unwrap();
+        let why = refusal(&path);
+        assert!(
+            why.contains("larger than 16 MiB") && why.contains("big.lua"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let why = refusal(Path::new("/nowhere/h.lua"));
+        assert!(
+            why.contains("/nowhere/h.lua") && why.contains("No such file"),
+            "{why}"
+        );
     }
 }
