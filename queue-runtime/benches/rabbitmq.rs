@@ -19,7 +19,7 @@
 //! timed, as opening the raw clients' connections is not. Stopping the runtime is not
 //! timed either. The queue is checked empty after a drain.
 //!
-//! After criterion's groups, the two drain pairs run again in turns (8 rounds, the side
+//! After criterion's groups, the two drain pairs run again in turns (24 rounds, the side
 //! that goes first alternating), so that this machine's drift between criterion's
 //! groups does not decide their ratios; the figures go to
 //! `target/bench/in_turns-rabbitmq.json`, from which `cargo xtask bench` takes its
@@ -410,7 +410,7 @@ async fn assert_empty(ch: &Channel, queue: &str) {
 }
 
 /// Rounds of the in-turns pass: each drains one queue with each side of a pair.
-const ROUNDS_IN_TURNS: u32 = 8;
+const ROUNDS_IN_TURNS: u32 = 24;
 
 /// The time `iters` runs of `drain` took in all: a criterion sample.
 fn drains(iters: u64, mut drain: impl FnMut() -> Duration) -> Duration {
