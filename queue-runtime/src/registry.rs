@@ -757,6 +757,42 @@ fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> 
 mod tests {
     use super::*;
 
+    /// A `source:` naming a directory or a named pipe is refused on its own line
+    /// (planning never opens the pipe, which would wait for a writer).
+    #[test]
+    fn a_source_that_is_not_a_regular_file_is_an_error_on_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("app.yaml");
+        std::fs::write(
+            &yaml,
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: pipe.lua\n    method: main\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("handlers")).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("pipe.lua"))
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo");
+        let config = crate::config::load(&[yaml]).unwrap();
+        let errors = plan(&config, &DriverKinds::builtin(), false).unwrap_err().0;
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| {
+                (
+                    e.line,
+                    e.field.as_deref(),
+                    e.message.contains("not a regular file"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [(6, Some("source"), true), (10, Some("source"), true)],
+            "{errors:?}"
+        );
+    }
+
     /// The seed's entry names only `method`: the file that defines it is found, and
     /// when it is not unique, the error names the files.
     #[test]
