@@ -239,7 +239,8 @@ impl LuaHost {
     }
 
     /// Finds `method` in a source run in the default sandbox: a field of the table the
-    /// file returns, or else a global the file defines.
+    /// file returns, or else a global the file defines. The file is read as
+    /// [`LuaSource::read`] reads one, the first time this state loads it.
     pub fn handler(&self, path: &Path, method: &str) -> Result<Handler> {
         self.handler_with(path, method, OptIn::default())
     }
@@ -501,8 +502,6 @@ fn timed_out(deadline: Option<std::time::Instant>) -> bool {
     deadline.is_some_and(|at| std::time::Instant::now() >= at)
 }
 
-/// Whether an error a handler returned (`return nil, err`) is worth another attempt:
-/// only an error value can say it is not.
 /// `method` in a loaded source: a field of the table the file returns, or else a
 /// global the file defines.
 fn find_handler(source: &LoadedSource, path: &Path, method: &str) -> Result<Handler> {
@@ -525,6 +524,8 @@ fn find_handler(source: &LoadedSource, path: &Path, method: &str) -> Result<Hand
     })
 }
 
+/// Whether an error a handler returned (`return nil, err`) is worth another attempt:
+/// only an error value can say it is not.
 fn retryable(error: &LuaValue) -> bool {
     match error {
         LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().is_none_or(|e| e.retryable),

@@ -23,7 +23,7 @@ use queue_core::{Error, Result};
 /// assert_eq!(source.code(), b"function handle() end");
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct LuaSource {
     path: PathBuf,
     code: Arc<[u8]>,
@@ -81,6 +81,23 @@ impl LuaSource {
     pub fn code(&self) -> &[u8] {
         &self.code
     }
+
+    /// The text as read, shared: for [`LuaSource::from_code`] under another spelling
+    /// of the same file's path, without a copy.
+    pub fn shared_code(&self) -> Arc<[u8]> {
+        Arc::clone(&self.code)
+    }
+}
+
+/// The path and the size: a plan printed with `{:?}` shows which files it holds, not
+/// up to 16 MiB of their bytes.
+impl std::fmt::Debug for LuaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuaSource")
+            .field("path", &self.path)
+            .field("bytes", &self.code.len())
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -106,7 +123,14 @@ mod tests {
             .status()
             .unwrap();
         assert!(made.success(), "mkfifo");
-        assert!(refusal(&fifo).contains("not a regular file"));
+        // On a thread: a regression would block in open(), and the test must fail,
+        // not hang.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(refusal(&fifo)));
+        let why = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("reading a named pipe returns at once");
+        assert!(why.contains("not a regular file"), "{why}");
     }
 
     #[test]

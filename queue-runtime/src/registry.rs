@@ -364,7 +364,9 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 let source = match texts.read(&source) {
                     Ok(s) => s,
                     Err(e) => {
-                        errors.push(entry.error(Some("source"), e.message()));
+                        // On the entry that names the file: a `function.lua` one for
+                        // a consumer with `func:`.
+                        errors.push(sandbox.0.error(Some("source"), e.message()));
                         continue;
                     }
                 };
@@ -483,7 +485,7 @@ fn source_defining(
     let mut looked = Vec::new();
     for (path, opt_in) in candidates {
         let name = path.display().to_string();
-        if !path.is_file() {
+        if !path.exists() {
             looked.push(format!("{name} (no such file)"));
             continue;
         }
@@ -531,19 +533,21 @@ fn source_defining(
     }
 }
 
-/// The Lua files read while planning, each once: a file read for two entries, or
-/// for finding a method and then for its entry, is one text, and the text checked is
-/// the text the workers run (docs/configuration.md, "When Lua files are read").
+/// The Lua files read while planning, each once: a file read for two entries (under
+/// any spelling of its path), or for finding a method and then for its entry, is one
+/// text, and the text checked is the text the workers run (docs/configuration.md,
+/// "When Lua files are read").
 #[derive(Default)]
 struct SourceTexts(HashMap<PathBuf, LuaSource>);
 
 impl SourceTexts {
     fn read(&mut self, path: &Path) -> queue_core::Result<LuaSource> {
-        if let Some(source) = self.0.get(path) {
-            return Ok(source.clone());
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Some(source) = self.0.get(&key) {
+            return Ok(LuaSource::from_code(path, source.shared_code()));
         }
         let source = LuaSource::read(path)?;
-        self.0.insert(path.to_path_buf(), source.clone());
+        self.0.insert(key, source.clone());
         Ok(source)
     }
 }
@@ -757,23 +761,46 @@ fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> 
 mod tests {
     use super::*;
 
-    /// A `source:` naming a directory or a named pipe is refused on its own line
-    /// (planning never opens the pipe, which would wait for a writer).
+    /// One file named under two spellings is read once: both entries run one text.
+    #[test]
+    fn a_file_named_two_ways_is_one_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("app.yaml");
+        std::fs::write(
+            &yaml,
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: sub/../h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(
+            dir.path().join("h.lua"),
+            "function handle() end\nfunction main() end\n",
+        )
+        .unwrap();
+        let config = crate::config::load(&[yaml]).unwrap();
+        let planned = plan(&config, &DriverKinds::builtin(), false).unwrap();
+        let (consumer, process) = (&planned.consumers[0].source, &planned.processes[0].source);
+        assert!(Arc::ptr_eq(&consumer.shared_code(), &process.shared_code()));
+        // Each keeps the spelling its entry wrote, for its messages.
+        assert_eq!(consumer.path(), dir.path().join("sub/../h.lua"));
+        assert_eq!(process.path(), dir.path().join("h.lua"));
+    }
+
+    /// A `source:` naming a directory or a device is refused on its own line, that of
+    /// the `function.lua` entry for a consumer with `func:`.
     #[test]
     fn a_source_that_is_not_a_regular_file_is_an_error_on_its_entry() {
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("app.yaml");
         std::fs::write(
             &yaml,
-            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: pipe.lua\n    method: main\n",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: device.lua\n    method: main\n  - name: f\n    kind: function.lua\n    source: handlers\n    method: handle\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n",
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("handlers")).unwrap();
-        let made = std::process::Command::new("mkfifo")
-            .arg(dir.path().join("pipe.lua"))
-            .status()
-            .unwrap();
-        assert!(made.success(), "mkfifo");
+        // A device, not a pipe: were it read, the test would fail on the message
+        // rather than hang (LuaSource's own tests cover a pipe, with a timeout).
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("device.lua")).unwrap();
         let config = crate::config::load(&[yaml]).unwrap();
         let errors = plan(&config, &DriverKinds::builtin(), false).unwrap_err().0;
         let found: Vec<_> = errors
@@ -788,7 +815,11 @@ mod tests {
             .collect();
         assert_eq!(
             found,
-            [(6, Some("source"), true), (10, Some("source"), true)],
+            [
+                (6, Some("source"), true),
+                (10, Some("source"), true),
+                (14, Some("source"), true)
+            ],
             "{errors:?}"
         );
     }
