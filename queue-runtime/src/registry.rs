@@ -312,11 +312,12 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         }
                     }
                 }
-                let (source, method, sandbox) = match (&c.func, &c.source, &c.method) {
+                // The file is read here, once: what the plan checks and workers run.
+                let named = match (&c.func, &c.source, &c.method) {
                     (Some(func), _, _) => {
                         match config.get(&entry.resolve(func)).map(|f| (f, &f.kind)) {
                             Some((f, EntryKind::Function(func))) => (
-                                f.path(&func.source),
+                                texts.read_for(f, &func.source),
                                 func.method.clone(),
                                 (f, &func.sandbox),
                             ),
@@ -329,23 +330,24 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                             }
                         }
                     }
-                    (None, Some(source), Some(method)) => {
-                        (entry.path(source), method.clone(), (entry, &c.sandbox))
-                    }
-                    (None, None, Some(method)) => {
-                        match source_defining(config, entry, &c.sandbox, method, &mut texts) {
-                            Ok(source) => (
-                                source.path().to_path_buf(),
-                                method.clone(),
-                                (entry, &c.sandbox),
-                            ),
-                            Err(e) => {
-                                errors.push(e);
-                                continue;
-                            }
-                        }
-                    }
+                    (None, Some(source), Some(method)) => (
+                        texts.read_for(entry, source),
+                        method.clone(),
+                        (entry, &c.sandbox),
+                    ),
+                    (None, None, Some(method)) => (
+                        source_defining(config, entry, &c.sandbox, method, &mut texts),
+                        method.clone(),
+                        (entry, &c.sandbox),
+                    ),
                     _ => continue, // refused while parsing
+                };
+                let (source, method, sandbox) = match named {
+                    (Ok(source), method, sandbox) => (source, method, sandbox),
+                    (Err(e), _, _) => {
+                        errors.push(e);
+                        continue;
+                    }
                 };
                 let opt_in = match opt_in(sandbox.0, sandbox.1) {
                     Ok(o) => o,
@@ -358,15 +360,6 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     Ok(s) => s,
                     Err(e) => {
                         errors.push(e);
-                        continue;
-                    }
-                };
-                let source = match texts.read(&source) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // On the entry that names the file: a `function.lua` one for
-                        // a consumer with `func:`.
-                        errors.push(sandbox.0.error(Some("source"), e.message()));
                         continue;
                     }
                 };
@@ -387,13 +380,10 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 });
             }
             EntryKind::Process(p) => {
-                let source = texts
-                    .read(&entry.path(&p.source))
-                    .map_err(|e| entry.error(Some("source"), e.message()));
                 match (
                     security(config, entry, &p.security, strict),
                     opt_in(entry, &p.sandbox),
-                    source,
+                    texts.read_for(entry, &p.source),
                 ) {
                     (Ok(security), Ok(opt_in), Ok(source)) => {
                         plan.actors
@@ -549,6 +539,13 @@ impl SourceTexts {
         let source = LuaSource::read(path)?;
         self.0.insert(key, source.clone());
         Ok(source)
+    }
+
+    /// The file `relative` that `entry` names, an error on its `source` field if it
+    /// cannot be read (for a consumer with `func:`, on the `function.lua` entry).
+    fn read_for(&mut self, entry: &Entry, relative: &str) -> Result<LuaSource, ConfigError> {
+        self.read(&entry.path(relative))
+            .map_err(|e| entry.error(Some("source"), e.message()))
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use queue_core::{Driver, QueueId};
 use queue_runtime::host::{Host, HostOptions};
-use queue_runtime::registry::{self, DriverKinds};
+use queue_runtime::registry::{self, DriverKinds, Plan};
 use queue_testkit::{ControlledDriver, ControlledFactory, numbered, within};
 
 const APP: &str = r#"namespace: app
@@ -40,19 +40,30 @@ async fn start(app: &str, lua_threads: usize) -> (tempfile::TempDir, Arc<Control
     start_on(ControlledDriver::new(), app, lua_threads).await
 }
 
-async fn start_on(
+/// Writes `app` and its handler file `h.lua` into a fresh directory and plans them
+/// on `driver`.
+fn planned(
     driver: ControlledDriver,
     app: &str,
-    lua_threads: usize,
-) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
+    handler: &str,
+) -> (tempfile::TempDir, Arc<ControlledDriver>, DriverKinds, Plan) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("app.yaml"), app).unwrap();
-    std::fs::write(dir.path().join("h.lua"), HANDLER).unwrap();
+    std::fs::write(dir.path().join("h.lua"), handler).unwrap();
     let driver = Arc::new(driver);
     let mut kinds = DriverKinds::builtin();
     kinds.register(Arc::new(ControlledFactory(driver.clone())));
     let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
     let plan = registry::plan(&config, &kinds, false).unwrap();
+    (dir, driver, kinds, plan)
+}
+
+async fn start_on(
+    driver: ControlledDriver,
+    app: &str,
+    lua_threads: usize,
+) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
+    let (dir, driver, kinds, plan) = planned(driver, app, HANDLER);
     let options = HostOptions {
         lua_threads,
         ..HostOptions::default()
@@ -203,14 +214,7 @@ async fn start_with(
     Arc<ControlledDriver>,
     queue_core::Result<Host>,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("app.yaml"), app).unwrap();
-    std::fs::write(dir.path().join("h.lua"), handler).unwrap();
-    let driver = Arc::new(ControlledDriver::new());
-    let mut kinds = DriverKinds::builtin();
-    kinds.register(Arc::new(ControlledFactory(driver.clone())));
-    let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
-    let plan = registry::plan(&config, &kinds, false).unwrap();
+    let (dir, driver, kinds, plan) = planned(ControlledDriver::new(), app, handler);
     let host = Host::start(plan, &kinds, options).await;
     (dir, driver, host)
 }
@@ -295,14 +299,7 @@ async fn every_worker_runs_the_source_text_the_plan_checked() {
     );
     let handler =
         format!("{HANDLER}\nfunction seed() queue.publish(\"app:jobs\", {{n = -1}}) end\n");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("app.yaml"), &app).unwrap();
-    std::fs::write(dir.path().join("h.lua"), &handler).unwrap();
-    let driver = Arc::new(ControlledDriver::new());
-    let mut kinds = DriverKinds::builtin();
-    kinds.register(Arc::new(ControlledFactory(driver.clone())));
-    let config = queue_runtime::config::load(&[dir.path().join("app.yaml")]).unwrap();
-    let plan = registry::plan(&config, &kinds, false).unwrap();
+    let (dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, &handler);
     // Caught mid-write: the file is empty when the workers start.
     std::fs::write(dir.path().join("h.lua"), "").unwrap();
     let options = HostOptions {
