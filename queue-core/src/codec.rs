@@ -3,6 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::de::DeserializeSeed;
+
+use crate::tape::{Tape, TapeWriter};
 use crate::{Error, Result, Value};
 
 /// How a body travels on the wire. The wire content type is always the codec's.
@@ -70,41 +73,53 @@ impl Codec {
 
     /// Decodes a body; malformed input is `INVALID` naming the codec.
     pub fn decode(self, bytes: &[u8]) -> Result<Value> {
-        let value: Value = match self {
-            Codec::Json => serde_json::from_slice(bytes)
-                .map_err(|e| Error::invalid(format!("body is not valid json: {e}")))?,
-            Codec::MsgPack => decode_whole_msgpack(bytes)?,
+        let mut tape = Tape::new();
+        self.decode_onto(bytes, &mut tape)?;
+        Ok(tape.value())
+    }
+
+    /// Decodes a body onto `tape`, replacing what it held: [`Codec::decode`] without
+    /// building a tree, for a consumer that reuses one tape for every delivery.
+    /// Malformed input is `INVALID` naming the codec, and leaves the tape unusable
+    /// until the next decode.
+    pub fn decode_onto(self, bytes: &[u8], tape: &mut Tape) -> Result<()> {
+        tape.clear();
+        let mut writer = TapeWriter::new(tape);
+        let decoded = match self {
+            Codec::Json => {
+                let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+                // The writer refuses nesting past MAX_DEPTH, which bounds the
+                // recursion; serde_json's own limit would refuse MAX_DEPTH itself.
+                deserializer.disable_recursion_limit();
+                (&mut writer)
+                    .deserialize(&mut deserializer)
+                    .and_then(|()| deserializer.end())
+                    .map_err(|e| e.to_string())
+            }
+            Codec::MsgPack => decode_whole_msgpack(bytes, &mut writer),
         };
-        if depth(&value) > MAX_DEPTH {
-            return Err(Error::invalid(format!(
+        match decoded {
+            Ok(()) => Ok(()),
+            Err(_) if writer.too_deep => Err(Error::invalid(format!(
                 "body is nested deeper than {MAX_DEPTH} levels"
-            )));
+            ))),
+            Err(e) => Err(Error::invalid(format!("body is not valid {self}: {e}"))),
         }
-        Ok(value)
     }
 }
 
 /// One msgpack value that takes every byte: bytes after it mean the body is something
 /// else (JSON sent with the msgpack content type starts with a valid msgpack integer).
-fn decode_whole_msgpack(bytes: &[u8]) -> Result<Value> {
+fn decode_whole_msgpack(bytes: &[u8], writer: &mut TapeWriter) -> std::result::Result<(), String> {
     let mut reader = bytes;
-    let value: Value = rmp_serde::from_read(&mut reader)
-        .map_err(|e| Error::invalid(format!("body is not valid msgpack: {e}")))?;
+    let mut deserializer = rmp_serde::Deserializer::new(&mut reader);
+    writer
+        .deserialize(&mut deserializer)
+        .map_err(|e| e.to_string())?;
     if !reader.is_empty() {
-        return Err(Error::invalid(format!(
-            "body is not valid msgpack: {} bytes follow the first value",
-            reader.len()
-        )));
+        return Err(format!("{} bytes follow the first value", reader.len()));
     }
-    Ok(value)
-}
-
-fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Map(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
+    Ok(())
 }
 
 fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String) -> Result<()> {
@@ -289,6 +304,86 @@ mod tests {
             Codec::MsgPack.encode(&v).unwrap_err().kind(),
             ErrorKind::Invalid
         );
+    }
+
+    #[test]
+    fn decoding_too_deep_is_invalid_and_says_so() {
+        let nested = |levels: usize| {
+            let mut v = Value::Int(1);
+            for _ in 0..levels {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        // Encoding checks the depth too: write the msgpack by hand.
+        let deep = rmp_serde::to_vec(&nested(MAX_DEPTH + 1)).unwrap();
+        let err = Codec::MsgPack.decode(&deep).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(
+            err.message()
+                .contains(&format!("nested deeper than {MAX_DEPTH} levels")),
+            "{err}"
+        );
+        // A flood of brackets stops at the limit, with the same words.
+        let err = Codec::Json.decode(&[b'['; 1 << 20]).unwrap_err();
+        assert!(
+            err.message()
+                .contains(&format!("nested deeper than {MAX_DEPTH} levels")),
+            "{err}"
+        );
+        let deepest = rmp_serde::to_vec(&nested(MAX_DEPTH)).unwrap();
+        assert_eq!(Codec::MsgPack.decode(&deepest).unwrap(), nested(MAX_DEPTH));
+    }
+
+    #[test]
+    fn what_either_codec_encodes_at_the_deepest_nesting_it_decodes() {
+        let mut value = Value::Int(1);
+        for _ in 0..MAX_DEPTH {
+            value = Value::Array(vec![value]);
+        }
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let bytes = codec.encode(&value).unwrap();
+            assert_eq!(codec.decode(&bytes).unwrap(), value, "{codec}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        let body = Codec::Json.decode(br#"{"a": 1, "b": 2, "a": 3}"#).unwrap();
+        assert_eq!(
+            body,
+            Value::map([("a", Value::Int(3)), ("b", Value::Int(2))])
+        );
+    }
+
+    #[test]
+    fn a_reused_tape_holds_only_the_latest_body() {
+        let mut tape = Tape::new();
+        Codec::Json
+            .decode_onto(br#"{"first": "a long string"}"#, &mut tape)
+            .unwrap();
+        let err = Codec::Json
+            .decode_onto(br#"{"half": ["writ"#, &mut tape)
+            .unwrap_err();
+        assert!(err.message().starts_with("body is not valid json"), "{err}");
+        Codec::MsgPack
+            .decode_onto(
+                &Codec::MsgPack.encode(&Value::from("b")).unwrap(),
+                &mut tape,
+            )
+            .unwrap();
+        assert_eq!(tape.value(), Value::from("b"));
+        assert_eq!(tape.items().len(), 1);
+    }
+
+    #[test]
+    fn integers_past_i64_and_keys_that_are_not_strings_are_invalid() {
+        let err = Codec::Json.decode(b"18446744073709551615").unwrap_err();
+        assert!(err.message().contains("does not fit"), "{err}");
+        // A msgpack map {1: 2}.
+        let err = Codec::MsgPack.decode(&[0x81, 0x01, 0x02]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.message().contains("expected a string"), "{err}");
     }
 
     #[test]

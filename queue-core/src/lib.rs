@@ -44,6 +44,7 @@ mod message;
 mod queues;
 pub mod retry;
 pub mod security;
+mod tape;
 mod value;
 
 pub use backoff::Backoff;
@@ -63,4 +64,5 @@ pub use message::{
 pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,
 };
+pub use tape::{Item, Span, Tape};
 pub use value::Value;

@@ -477,13 +477,22 @@ impl Message {
 
     /// Decodes the body by its content type.
     pub fn decode(&self) -> Result<crate::Value> {
-        let codec = crate::Codec::from_content_type(&self.content_type).ok_or_else(|| {
+        self.codec()?.decode(&self.body)
+    }
+
+    /// Decodes the body by its content type onto a reused tape
+    /// ([`crate::Codec::decode_onto`]).
+    pub fn decode_onto(&self, tape: &mut crate::Tape) -> Result<()> {
+        self.codec()?.decode_onto(&self.body, tape)
+    }
+
+    fn codec(&self) -> Result<crate::Codec> {
+        crate::Codec::from_content_type(&self.content_type).ok_or_else(|| {
             Error::invalid(format!(
                 "message {} has content type {:?}, which no codec reads",
                 self.id, self.content_type
             ))
-        })?;
-        codec.decode(&self.body)
+        })
     }
 }
 
