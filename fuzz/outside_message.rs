@@ -238,7 +238,7 @@ impl World {
     /// Runs one outside message through decode, handler and failure path, checking
     /// what must hold; panics when it does not.
     pub async fn run(&self, message: Message, max_attempts: u32) {
-        let payload = message.decode();
+        let payload = self.host.decode_payload(&message);
         let reason = match payload {
             Err(e) => {
                 assert_eq!(e.kind(), queue_core::ErrorKind::Invalid, "{e}");
@@ -258,7 +258,7 @@ impl World {
                     .expect("handler");
                 match self
                     .host
-                    .run_handler(&handler, &payload, context, SecurityContext::default())
+                    .run_handler(&handler, payload, context, SecurityContext::default())
                     .await
                 {
                     Outcome::Nack { reason, .. } => {

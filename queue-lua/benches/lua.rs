@@ -109,12 +109,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("noop_lua_handler", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let payload = message.decode().expect("decode");
+                let payload = host.decode_payload(&message).expect("decode");
                 let context = DeliveryContext {
                     message: std::sync::Arc::new(message.clone()),
                     settle: Rc::clone(&settle),
                 };
-                host.run_handler(&handler, &payload, context, SecurityContext::default())
+                host.run_handler(&handler, payload, context, SecurityContext::default())
                     .await
             })
         })
@@ -130,11 +130,12 @@ fn bench(c: &mut Criterion) {
         .eval()
         .expect("noop");
     let thread = bare.create_thread(noop.clone()).expect("thread");
+    let tape = std::cell::RefCell::new(queue_core::Tape::new());
     group.bench_function("floor_mlua_coroutine", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let payload = message.decode().expect("decode");
-                let arg = queue_lua::value::to_lua(&bare, &payload).expect("payload");
+                message.decode_onto(&mut tape.borrow_mut()).expect("decode");
+                let arg = queue_lua::value::tape_to_lua(&bare, &tape.borrow()).expect("payload");
                 thread
                     .clone()
                     .into_async::<()>(arg)

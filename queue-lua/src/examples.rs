@@ -488,14 +488,14 @@ async fn run_handler(host: &LuaHost, source: &str, method: &str) -> Result<Outco
     let _ = std::fs::remove_dir_all(&dir);
     let handler = handler?;
     let message = sample_delivery();
-    let payload = message.decode()?;
+    let payload = host.decode_payload(&message)?;
     let settled_by = Rc::new(SettledBy::default());
     let delivery = DeliveryContext {
         message: std::sync::Arc::new(message),
         settle: Rc::clone(&settled_by) as Rc<dyn Settle>,
     };
     let outcome = host
-        .run_handler(&handler, &payload, delivery, SecurityContext::default())
+        .run_handler(&handler, payload, delivery, SecurityContext::default())
         .await;
     // A handler that settled the message itself acked or nacked it: which one is
     // what the example shows.

@@ -10,14 +10,14 @@ use std::time::Duration;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, IntoLuaMulti, Lua, MultiValue, Table, Thread, Value as LuaValue};
 use queue_core::security::SecurityContext;
-use queue_core::{Error, Queues, Result, Value};
+use queue_core::{Error, Message, Queues, Result, Tape, Value};
 
 use crate::context::{Contexts, CoroutineContext, DeliveryContext, DeliveryState};
 use crate::errors::{LuaError, describe};
 use crate::sandbox::{OptIn, Sandbox};
 use crate::slices::{Clock, Deadline, Sliced};
 use crate::source::LuaSource;
-use crate::value::to_lua;
+use crate::value::{tape_to_lua, to_lua};
 
 /// The limits of one Lua state (docs/security.md, "Limits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,16 @@ impl Handler {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// A handler's argument: a body already converted into a value of one host's Lua
+/// state, by [`LuaHost::decode_payload`] or [`LuaHost::payload`]. Only that host can
+/// run a handler with it.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    value: LuaValue,
+    /// The clock of the host that made it: which Lua state the value lives in.
+    made_by: *const Clock,
 }
 
 /// How a handler run ended (the settlement table of docs/lua-api.md, "Handlers").
@@ -113,6 +123,9 @@ pub struct LuaHost {
     /// Coroutines whose run returned, reset and kept for the next runs: creating one
     /// per delivery was a measurable share of a no-op handler's cost.
     idle_threads: RefCell<Vec<Thread>>,
+    /// Every delivery's body is decoded onto this tape, then copied into Lua tables:
+    /// decoding into a tree of values first allocated every node twice.
+    tape: RefCell<Tape>,
     sources: RefCell<HashMap<(PathBuf, OptIn), Rc<LoadedSource>>>,
     /// Declared last: the tables above are released before the state closes.
     lua: Lua,
@@ -171,6 +184,7 @@ impl LuaHost {
             handler_threads,
             contexts,
             idle_threads: RefCell::default(),
+            tape: RefCell::default(),
             sources: RefCell::default(),
             lua,
         })
@@ -268,12 +282,57 @@ impl LuaHost {
         find_handler(&loaded, source.path(), method)
     }
 
+    /// Decodes a delivery's body by its content type straight into Lua values, with no
+    /// tree of values in between (docs/performance.md, "Lua module").
+    ///
+    /// A body that cannot be decoded is `INVALID`, naming the codec and what is wrong
+    /// (it never will decode: do not retry it); a Lua state out of memory is
+    /// `INTERNAL`.
+    ///
+    /// ```
+    /// use queue_core::{Codec, Headers, Message, Queues, Value, security::SecurityContext};
+    /// use queue_lua::LuaHost;
+    ///
+    /// let host = LuaHost::new(Queues::new(), SecurityContext::default()).unwrap();
+    /// let message = Message::encode(&Value::from("hi"), Headers::new(), Codec::Json).unwrap();
+    /// assert!(host.decode_payload(&message).is_ok());
+    /// let mut broken = message.clone();
+    /// broken.body = b"{".to_vec();
+    /// let err = host.decode_payload(&broken).unwrap_err();
+    /// assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+    /// ```
+    pub fn decode_payload(&self, message: &Message) -> Result<Payload> {
+        let mut tape = self.tape.borrow_mut();
+        message.decode_onto(&mut tape)?;
+        let payload = tape_to_lua(&self.lua, &tape);
+        if tape.heap_bytes() > KEPT_TAPE_BYTES {
+            // One large body should not hold its memory for the rest of the run.
+            *tape = Tape::new();
+        }
+        self.made_here(payload)
+    }
+
+    /// A body value as a handler's argument. A Lua state out of memory is `INTERNAL`.
+    pub fn payload(&self, value: &Value) -> Result<Payload> {
+        self.made_here(to_lua(&self.lua, value))
+    }
+
+    fn made_here(&self, value: mlua::Result<LuaValue>) -> Result<Payload> {
+        match value {
+            Ok(value) => Ok(Payload {
+                value,
+                made_by: Rc::as_ptr(&self.clock),
+            }),
+            Err(e) => Err(Error::internal(format!("cannot give the body to Lua: {e}"))),
+        }
+    }
+
     /// Runs a handler for one delivery as a coroutine, with the consumer's security,
     /// and maps how it ended to an [`Outcome`].
     pub async fn run_handler(
         &self,
         handler: &Handler,
-        payload: &Value,
+        payload: Payload,
         delivery: DeliveryContext,
         security: SecurityContext,
     ) -> Outcome {
@@ -286,7 +345,7 @@ impl LuaHost {
     pub async fn run_handler_within(
         &self,
         handler: &Handler,
-        payload: &Value,
+        payload: Payload,
         delivery: DeliveryContext,
         security: SecurityContext,
         timeout: Option<Duration>,
@@ -308,9 +367,13 @@ impl LuaHost {
             security,
             delivery: Some(Rc::clone(&state)),
         };
-        let result = match to_lua(&self.lua, payload) {
-            Ok(arg) => self.run(context, &handler.function, arg, deadline).await,
-            Err(e) => Err(e),
+        let result = if payload.made_by == Rc::as_ptr(&self.clock) {
+            self.run(context, &handler.function, payload.value, deadline)
+                .await
+        } else {
+            Err(mlua::Error::runtime(
+                "the payload was made by another Lua host, whose values this one cannot read",
+            ))
         };
         state.released.set(true);
         if state.settled.get() {
@@ -460,6 +523,10 @@ impl LuaHost {
 /// How many finished coroutines a state keeps for reuse: enough for a worker's
 /// handlers at a high concurrency, without holding on to a burst's worth for ever.
 const MAX_IDLE_THREADS: usize = 1024;
+
+/// How much memory the host's decoding tape keeps between deliveries: bodies up to
+/// about this size decode without allocating.
+const KEPT_TAPE_BYTES: usize = 1024 * 1024;
 
 /// Trusted Lua, built once per state: calls a handler under `xpcall` whose message
 /// handler notes whether a raised error value is retryable, then raises the same

@@ -47,6 +47,6 @@ pub mod value;
 
 pub use context::{DeliveryContext, Settle};
 pub use errors::LuaError;
-pub use host::{Handler, Limits, LuaHost, Outcome, SourceCheck, check_source};
+pub use host::{Handler, Limits, LuaHost, Outcome, Payload, SourceCheck, check_source};
 pub use sandbox::OptIn;
 pub use source::LuaSource;

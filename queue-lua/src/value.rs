@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::ffi::c_int;
 
 use mlua::{Lua, Table, Value as LuaValue, ffi};
-use queue_core::{Error, HeaderValue, Headers, MAX_DEPTH, Result, Value};
+use queue_core::{Error, HeaderValue, Headers, Item, MAX_DEPTH, Result, Tape, Value};
 
 /// Converts a Lua value into a body value. Tables with keys exactly `1..n` are arrays,
 /// tables with string keys maps, and an empty table an empty map; strings that are not
@@ -114,11 +114,6 @@ fn table(t: &Table, path: &mut String, open: &mut Vec<*const std::ffi::c_void>) 
 }
 
 /// Converts a body value into a Lua value.
-///
-/// Tables are built in one protected call into the Lua C API rather than one per
-/// table, key and value through mlua's safe API: a handler's payload is converted for
-/// every delivery, and the per-call protection was most of the conversion's cost
-/// (docs/performance.md, "Where the time goes").
 pub fn to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
     match value {
         Value::Nil => Ok(LuaValue::Nil),
@@ -127,44 +122,78 @@ pub fn to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
         Value::Float(f) => Ok(LuaValue::Number(*f)),
         Value::String(s) => Ok(LuaValue::String(lua.create_string(s)?)),
         Value::Bytes(b) => Ok(LuaValue::String(lua.create_string(b)?)),
-        // SAFETY: `push` only pushes one value onto the stack `exec_raw` gives it,
-        // checking the stack's room before each table; a Lua error it raises (out of
-        // memory, a stack overflow) leaves it by `longjmp` inside `exec_raw`'s
-        // protected call, through frames that own nothing to drop (only references
-        // and slice or map iterators).
-        Value::Array(_) | Value::Map(_) => unsafe {
-            lua.exec_raw::<LuaValue>((), |state| push(state, value))
-        },
+        Value::Array(_) | Value::Map(_) => tape_to_lua(lua, &Tape::from(value)),
     }
 }
 
-/// Pushes `value` onto the Lua stack of `state` (see [`to_lua`]).
-unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
+/// Converts the value on a tape (a body decoded by [`queue_core::Codec::decode_onto`])
+/// into a Lua value, with no tree in between.
+///
+/// Tables are built in one protected call into the Lua C API rather than one per
+/// table, key and value through mlua's safe API: a handler's payload is converted for
+/// every delivery, and the per-call protection was most of the conversion's cost
+/// (docs/performance.md, "Where the time goes").
+///
+/// ```
+/// use queue_core::{Codec, Tape};
+/// let lua = mlua::Lua::new();
+/// let mut tape = Tape::new();
+/// Codec::Json.decode_onto(br#"{"user_id": 456}"#, &mut tape).unwrap();
+/// let payload = queue_lua::value::tape_to_lua(&lua, &tape).unwrap();
+/// let table = payload.as_table().unwrap();
+/// assert_eq!(table.get::<i64>("user_id").unwrap(), 456);
+/// ```
+pub fn tape_to_lua(lua: &Lua, tape: &Tape) -> mlua::Result<LuaValue> {
+    if tape.items().is_empty() {
+        return Ok(LuaValue::Nil);
+    }
+    // SAFETY: `push` only pushes one value onto the stack `exec_raw` gives it,
+    // checking the stack's room before each table; a Lua error it raises (out of
+    // memory, a stack overflow) leaves it by `longjmp` inside `exec_raw`'s
+    // protected call, through frames that own nothing to drop (only references and
+    // integers).
+    unsafe {
+        lua.exec_raw::<LuaValue>((), |state| {
+            let mut position = 0;
+            push(state, tape, &mut position)
+        })
+    }
+}
+
+/// Pushes the value at `position` on the tape onto the Lua stack of `state`, and moves
+/// `position` past it (see [`tape_to_lua`]).
+unsafe fn push(state: *mut ffi::lua_State, tape: &Tape, position: &mut usize) {
     // SAFETY: the caller runs this inside a protected call on a valid state.
     unsafe {
-        match value {
-            Value::Nil => ffi::lua_pushnil(state),
-            Value::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
-            Value::Int(i) => ffi::lua_pushinteger(state, *i),
-            Value::Float(f) => ffi::lua_pushnumber(state, *f),
-            Value::String(s) => push_bytes(state, s.as_bytes()),
-            Value::Bytes(b) => push_bytes(state, b),
-            Value::Array(items) => {
+        // Every container on a tape counts only the items written after it, even on
+        // a tape left half-written by a failed decode, so this never runs past the end;
+        // were it to, a panic here would unwind into C.
+        let Some(&item) = tape.items().get(*position) else {
+            return ffi::lua_pushnil(state);
+        };
+        *position += 1;
+        match item {
+            Item::Nil => ffi::lua_pushnil(state),
+            Item::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
+            Item::Int(i) => ffi::lua_pushinteger(state, i),
+            Item::Float(f) => ffi::lua_pushnumber(state, f),
+            Item::String(span) | Item::Bytes(span) => push_bytes(state, tape.text(span)),
+            Item::Array(len) => {
                 // The table, and an item being pushed into it.
                 ffi::luaL_checkstack(state, 2, c"payload nested too deep".as_ptr());
-                ffi::lua_createtable(state, size_hint(items.len()), 0);
-                for (i, item) in (1..).zip(items) {
-                    push(state, item);
-                    ffi::lua_rawseti(state, -2, i);
+                ffi::lua_createtable(state, size_hint(len), 0);
+                for i in 1..=len {
+                    push(state, tape, position);
+                    ffi::lua_rawseti(state, -2, i as ffi::lua_Integer);
                 }
             }
-            Value::Map(map) => {
+            Item::Map(len) => {
                 // The table, a key and its value.
                 ffi::luaL_checkstack(state, 3, c"payload nested too deep".as_ptr());
-                ffi::lua_createtable(state, 0, size_hint(map.len()));
-                for (key, item) in map {
-                    push_bytes(state, key.as_bytes());
-                    push(state, item);
+                ffi::lua_createtable(state, 0, size_hint(len));
+                for _ in 0..len {
+                    push(state, tape, position);
+                    push(state, tape, position);
                     ffi::lua_rawset(state, -3);
                 }
             }

@@ -262,3 +262,66 @@ async fn the_seed_priority_word_orders_delivery_on_a_priority_queue() {
     let first = h.take("app:prio").await;
     assert_eq!(first.decode().unwrap(), Value::map([("n", Value::Int(2))]));
 }
+
+/// A body as another client may send it: not written by our encoder.
+fn outside_json(body: &[u8]) -> queue_core::Message {
+    let mut message = support::json_message(Value::Nil, Default::default());
+    message.body = body.to_vec();
+    message
+}
+
+#[tokio::test]
+async fn a_key_sent_twice_reaches_the_handler_with_its_last_value() {
+    let h = Harness::new().await;
+    let message = outside_json(br#"{"a": 1, "b": [true, "x"], "a": 3}"#);
+    let (outcome, _) = h.handle("handlers.lua", "echo", message).await;
+    assert_eq!(outcome, Outcome::Ack);
+    let echoed = h.take("app:raw").await.decode().unwrap();
+    let expected = Value::map([
+        ("a", Value::Int(3)),
+        ("b", Value::Array(vec![Value::Bool(true), Value::from("x")])),
+    ]);
+    assert_eq!(echoed, expected);
+}
+
+#[tokio::test]
+async fn a_body_nested_as_deep_as_allowed_reaches_the_handler_whole() {
+    let h = Harness::new().await;
+    let depth = queue_core::MAX_DEPTH;
+    let body = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let (outcome, _) = h
+        .handle("handlers.lua", "echo", outside_json(body.as_bytes()))
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let mut expected = Value::Int(1);
+    for _ in 0..depth {
+        expected = Value::Array(vec![expected]);
+    }
+    assert_eq!(h.take("app:raw").await.decode().unwrap(), expected);
+}
+
+#[tokio::test]
+async fn a_payload_made_by_another_host_fails_the_run_instead_of_crossing_states() {
+    let h = Harness::new().await;
+    let other = Harness::new().await;
+    let handler = h
+        .host
+        .handler(&support::lua_file("handlers.lua"), "echo")
+        .unwrap();
+    let foreign = other.host.payload(&Value::from("x")).unwrap();
+    let context = queue_lua::DeliveryContext {
+        message: std::sync::Arc::new(support::json_message(Value::from("x"), Default::default())),
+        settle: std::rc::Rc::new(support::Recorder::default()),
+    };
+    let outcome = h
+        .host
+        .run_handler(&handler, foreign, context, Default::default())
+        .await;
+    match outcome {
+        Outcome::Nack { reason, retryable } => {
+            assert!(reason.contains("made by another Lua host"), "{reason}");
+            assert!(retryable);
+        }
+        other => panic!("expected a nack, got {other:?}"),
+    }
+}

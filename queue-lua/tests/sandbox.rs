@@ -107,14 +107,14 @@ async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
     let os = OptIn::parse(["os"]).unwrap();
     let handler = h.host.handler_with(&path, "with_os", os).unwrap();
     let message = support::json_message(Value::from("x"), Default::default());
-    let payload = message.decode().unwrap();
+    let payload = h.host.decode_payload(&message).unwrap();
     let context = queue_lua::DeliveryContext {
         message: std::sync::Arc::new(message),
         settle: std::rc::Rc::new(support::Recorder::default()),
     };
     let outcome = h
         .host
-        .run_handler(&handler, &payload, context, SecurityContext::default())
+        .run_handler(&handler, payload, context, SecurityContext::default())
         .await;
     assert_eq!(outcome, Outcome::Ack);
     let report = h.take_body("app:emails").await;

@@ -25,7 +25,7 @@ async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
     h.host
         .run_handler_within(
             &handler,
-            &Value::from("x"),
+            h.host.payload(&Value::from("x")).unwrap(),
             context,
             SecurityContext::default(),
             timeout,

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
-use queue_core::{Delivery, Error, Queues, Result, Subscription, Value};
+use queue_core::{Delivery, Error, ErrorKind, Queues, Result, Subscription, Value};
 use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -524,11 +524,15 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     }
     let delivery = Arc::new(delivery);
     let started = Instant::now();
-    let outcome = match delivery.message().decode() {
+    let outcome = match host.decode_payload(delivery.message()) {
         // A body that cannot be decoded now never will be.
-        Err(e) => Outcome::Nack {
+        Err(e) if e.kind() == ErrorKind::Invalid => Outcome::Nack {
             reason: format!("the body cannot be decoded: {}", e.message()),
             retryable: false,
+        },
+        Err(e) => Outcome::Nack {
+            reason: e.to_string(),
+            retryable: true,
         },
         Ok(payload) => match handler {
             Err(e) => Outcome::Nack {
@@ -546,7 +550,7 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
                 };
                 host.run_handler_within(
                     handler,
-                    &payload,
+                    payload,
                     context,
                     consumer.plan.security.clone(),
                     consumer.plan.timeout,

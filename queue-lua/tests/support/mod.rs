@@ -95,14 +95,14 @@ impl Harness {
     ) -> (Outcome, Vec<String>) {
         let handler = self.host.handler(&lua_file(file), method).unwrap();
         let recorder = Rc::new(Recorder::default());
-        let payload = message.decode().unwrap();
+        let payload = self.host.decode_payload(&message).unwrap();
         let context = DeliveryContext {
             message: std::sync::Arc::new(message),
             settle: recorder.clone(),
         };
         let outcome = self
             .host
-            .run_handler(&handler, &payload, context, security)
+            .run_handler(&handler, payload, context, security)
             .await;
         let settled = recorder.calls.borrow().clone();
         (outcome, settled)
