@@ -80,8 +80,8 @@ impl Codec {
 
     /// Decodes a body onto `tape`, replacing what it held: [`Codec::decode`] without
     /// building a tree, for a consumer that reuses one tape for every delivery.
-    /// Malformed input is `INVALID` naming the codec, and leaves the tape unusable
-    /// until the next decode.
+    /// Malformed input is `INVALID` naming the codec, and leaves on the tape the part of
+    /// the body read before the error, which the next decode replaces.
     pub fn decode_onto(self, bytes: &[u8], tape: &mut Tape) -> Result<()> {
         tape.clear();
         let mut writer = TapeWriter::new(tape);

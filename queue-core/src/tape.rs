@@ -1,5 +1,5 @@
 //! A decoded body laid flat: what every codec decodes into (docs/performance.md,
-//! "Where the time goes").
+//! "Lua module").
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -63,15 +63,17 @@ impl Tape {
         Tape::default()
     }
 
-    /// The items, in document order: the first is the body's root value. Empty only
-    /// before anything was decoded onto the tape.
+    /// The items, in document order: the first is the body's root value. Empty on a
+    /// new or cleared tape.
     pub fn items(&self) -> &[Item] {
         &self.items
     }
 
-    /// The bytes of a string or byte string on this tape.
+    /// The bytes of a string or byte string on this tape (none for a span of another
+    /// tape that runs past this one's text).
     pub fn text(&self, span: Span) -> &[u8] {
-        &self.text[span.start..span.end]
+        // Never a panic: a Lua host reads spans inside a call into C.
+        self.text.get(span.start..span.end).unwrap_or_default()
     }
 
     /// The bytes the tape's buffers hold on the heap, used or not: a consumer that
