@@ -236,6 +236,8 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         actors: Vec::new(),
     };
     let mut texts = SourceTexts::default();
+    // Each planned handler's file and method, with the entry that names them.
+    let mut to_check: Vec<(&Entry, LuaSource, String, OptIn)> = Vec::new();
 
     for entry in &config.entries {
         if let EntryKind::Driver { kind, config } = &entry.kind {
@@ -365,6 +367,15 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 };
                 plan.actors
                     .extend(actor_entry(entry, &c.security, &security));
+                // Checked against the entry that names the file and method: a
+                // `function.lua` entry for a `func:` consumer.
+                let named_by = sandbox.0;
+                if !to_check
+                    .iter()
+                    .any(|(e, _, m, o)| std::ptr::eq(*e, named_by) && *m == method && *o == opt_in)
+                {
+                    to_check.push((named_by, source.clone(), method.clone(), opt_in));
+                }
                 plan.consumers.push(ConsumerPlan {
                     id: entry.id.clone(),
                     queue,
@@ -388,6 +399,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                     (Ok(security), Ok(opt_in), Ok(source)) => {
                         plan.actors
                             .extend(actor_entry(entry, &p.security, &security));
+                        to_check.push((entry, source.clone(), p.method.clone(), opt_in));
                         plan.processes.push(ProcessPlan {
                             id: entry.id.clone(),
                             source,
@@ -406,25 +418,14 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
 
     add_implicit_dead_letter_queues(&mut plan);
 
-    for (id, source, method, opt_in) in plan
-        .consumers
-        .iter()
-        .map(|c| (&c.id, &c.source, &c.method, c.opt_in))
-        .chain(
-            plan.processes
-                .iter()
-                .map(|p| (&p.id, &p.source, &p.method, p.opt_in)),
-        )
-    {
-        let Some(entry) = config.get(id) else {
-            continue;
-        };
-        match queue_lua::check_source(source, method, opt_in) {
+    for (entry, source, method, opt_in) in &to_check {
+        match queue_lua::check_source(source, method, *opt_in) {
             Ok(SourceCheck::Defines) => {}
             Ok(SourceCheck::NotRun { reason }) => tracing::warn!(
-                "{}:{}: {id}: not verified that {} defines {method:?}: {reason} (a file's top level runs here without what its entry opts into)",
+                "{}:{}: {}: not verified that {} defines {method:?}: {reason} (a file's top level runs here without what its entry opts into)",
                 entry.file.display(),
                 entry.line,
+                entry.id,
                 source.path().display()
             ),
             Err(e) => errors.push(entry.error(Some("source"), e.message())),
@@ -434,7 +435,14 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     if errors.is_empty() {
         Ok(plan)
     } else {
-        Err(ConfigErrors(errors))
+        // A `function.lua` entry that several consumers name is reported once.
+        let mut unique: Vec<ConfigError> = Vec::with_capacity(errors.len());
+        for error in errors {
+            if !unique.contains(&error) {
+                unique.push(error);
+            }
+        }
+        Err(ConfigErrors(unique))
     }
 }
 
@@ -791,7 +799,7 @@ mod tests {
         let yaml = dir.path().join("app.yaml");
         std::fs::write(
             &yaml,
-            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: device.lua\n    method: main\n  - name: f\n    kind: function.lua\n    source: handlers\n    method: handle\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: device.lua\n    method: main\n  - name: f\n    kind: function.lua\n    source: handlers\n    method: handle\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n  - name: v2\n    kind: queue.consumer\n    queue: q\n    func: f\n",
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("handlers")).unwrap();
@@ -819,6 +827,25 @@ mod tests {
             ],
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_function_entry_whose_file_lacks_its_method_is_the_error_not_its_consumers() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("app.yaml");
+        std::fs::write(
+            &yaml,
+            "namespace: app\nentries:\n  - name: f\n    kind: function.lua\n    source: h.lua\n    method: absent\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n  - name: w\n    kind: queue.consumer\n    queue: q\n    func: f\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("h.lua"), "function present() end\n").unwrap();
+        let config = crate::config::load(&[yaml]).unwrap();
+        let errors = plan(&config, &DriverKinds::builtin(), false).unwrap_err().0;
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.line, e.field.as_deref(), e.message.contains("absent")))
+            .collect();
+        assert_eq!(found, [(5, Some("source"), true)], "{errors:?}");
     }
 
     /// The seed's entry names only `method`: the file that defines it is found, and
