@@ -325,3 +325,28 @@ async fn a_payload_made_by_another_host_fails_the_run_instead_of_crossing_states
         other => panic!("expected a nack, got {other:?}"),
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Whatever bytes another client sends, under either content type, the payload is
+    /// built or the body is `INVALID`: never a panic inside the call into Lua.
+    #[test]
+    fn any_body_becomes_a_payload_or_is_invalid(
+        body in proptest::collection::vec(any::<u8>(), 0..96),
+        json in any::<bool>(),
+    ) {
+        let host = queue_lua::LuaHost::new(
+            queue_core::Queues::new(),
+            queue_core::security::SecurityContext::default(),
+        )
+        .unwrap();
+        let mut message = support::json_message(Value::Nil, Default::default());
+        if !json {
+            message.content_type = queue_core::Codec::MsgPack.content_type().to_string();
+        }
+        message.body = body;
+        if let Err(e) = host.decode_payload(&message) {
+            prop_assert_eq!(e.kind(), queue_core::ErrorKind::Invalid, "{}", e);
+        }
+    }
+}
