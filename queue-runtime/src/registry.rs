@@ -766,24 +766,39 @@ fn opt_in(entry: &Entry, sandbox: &SandboxConfig) -> Result<OptIn, ConfigError> 
 mod tests {
     use super::*;
 
+    /// A directory holding `app.yaml` with this text, and these other files.
+    fn app_dir(yaml: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    /// The plan of the `app.yaml` in `dir`.
+    fn plan_in(dir: &std::path::Path, strict: bool) -> Result<Plan, ConfigErrors> {
+        let config = crate::config::load(&[dir.join("app.yaml")]).unwrap();
+        plan(&config, &DriverKinds::builtin(), strict)
+    }
+
+    /// Each error's line and field, and whether its message contains `needle`.
+    fn located<'e>(errors: &'e [ConfigError], needle: &str) -> Vec<(usize, Option<&'e str>, bool)> {
+        errors
+            .iter()
+            .map(|e| (e.line, e.field.as_deref(), e.message.contains(needle)))
+            .collect()
+    }
+
     /// One file named under two spellings is read once: both entries run one text.
     #[test]
     fn a_file_named_two_ways_is_one_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("app.yaml");
-        std::fs::write(
-            &yaml,
+        let dir = app_dir(
             "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: sub/../h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n",
-        )
-        .unwrap();
+            &[("h.lua", "function handle() end\nfunction main() end\n")],
+        );
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        std::fs::write(
-            dir.path().join("h.lua"),
-            "function handle() end\nfunction main() end\n",
-        )
-        .unwrap();
-        let config = crate::config::load(&[yaml]).unwrap();
-        let planned = plan(&config, &DriverKinds::builtin(), false).unwrap();
+        let planned = plan_in(dir.path(), false).unwrap();
         let (consumer, process) = (&planned.consumers[0].source, &planned.processes[0].source);
         assert!(Arc::ptr_eq(&consumer.shared_code(), &process.shared_code()));
         // Each keeps the spelling its entry wrote, for its messages.
@@ -795,31 +810,17 @@ mod tests {
     /// the `function.lua` entry for a consumer with `func:`.
     #[test]
     fn a_source_that_is_not_a_regular_file_is_an_error_on_its_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("app.yaml");
-        std::fs::write(
-            &yaml,
+        let dir = app_dir(
             "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: handlers\n    method: handle\n  - name: p\n    kind: process.lua\n    source: device.lua\n    method: main\n  - name: f\n    kind: function.lua\n    source: handlers\n    method: handle\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n  - name: v2\n    kind: queue.consumer\n    queue: q\n    func: f\n",
-        )
-        .unwrap();
+            &[],
+        );
         std::fs::create_dir(dir.path().join("handlers")).unwrap();
         // A device, not a pipe: were it read, the test would fail on the message
         // rather than hang (LuaSource's own tests cover a pipe, with a timeout).
         std::os::unix::fs::symlink("/dev/zero", dir.path().join("device.lua")).unwrap();
-        let config = crate::config::load(&[yaml]).unwrap();
-        let errors = plan(&config, &DriverKinds::builtin(), false).unwrap_err().0;
-        let found: Vec<_> = errors
-            .iter()
-            .map(|e| {
-                (
-                    e.line,
-                    e.field.as_deref(),
-                    e.message.contains("not a regular file"),
-                )
-            })
-            .collect();
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
         assert_eq!(
-            found,
+            located(&errors, "not a regular file"),
             [
                 (6, Some("source"), true),
                 (10, Some("source"), true),
@@ -831,36 +832,25 @@ mod tests {
 
     #[test]
     fn a_function_entry_whose_file_lacks_its_method_is_the_error_not_its_consumers() {
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("app.yaml");
-        std::fs::write(
-            &yaml,
+        let dir = app_dir(
             "namespace: app\nentries:\n  - name: f\n    kind: function.lua\n    source: h.lua\n    method: absent\n  - name: v\n    kind: queue.consumer\n    queue: q\n    func: f\n  - name: w\n    kind: queue.consumer\n    queue: q\n    func: f\n",
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("h.lua"), "function present() end\n").unwrap();
-        let config = crate::config::load(&[yaml]).unwrap();
-        let errors = plan(&config, &DriverKinds::builtin(), false).unwrap_err().0;
-        let found: Vec<_> = errors
-            .iter()
-            .map(|e| (e.line, e.field.as_deref(), e.message.contains("absent")))
-            .collect();
-        assert_eq!(found, [(5, Some("source"), true)], "{errors:?}");
+            &[("h.lua", "function present() end\n")],
+        );
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
+        assert_eq!(
+            located(&errors, "absent"),
+            [(5, Some("source"), true)],
+            "{errors:?}"
+        );
     }
 
     /// The seed's entry names only `method`: the file that defines it is found, and
     /// when it is not unique, the error names the files.
     #[test]
     fn a_method_without_a_source_is_found_in_the_one_file_that_defines_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("app.yaml");
         let seed_entry = "namespace: app\nentries:\n  - kind: queue.consumer\n    id: email_worker\n    queue: app:emails\n    method: handle_email\n  - name: p\n    kind: process.lua\n    source: ./other.lua\n    method: other\n";
-        std::fs::write(&yaml, seed_entry).unwrap();
-        std::fs::write(dir.path().join("other.lua"), "function other() end\n").unwrap();
-        let planned = |dir: &std::path::Path| {
-            let config = crate::config::load(&[dir.join("app.yaml")]).unwrap();
-            plan(&config, &DriverKinds::builtin(), false)
-        };
+        let dir = app_dir(seed_entry, &[("other.lua", "function other() end\n")]);
+        let planned = |dir: &std::path::Path| plan_in(dir, false);
         std::fs::write(dir.path().join("app.lua"), "function handle_email() end\n").unwrap();
         let found = planned(dir.path()).unwrap();
         assert_eq!(found.consumers[0].source.path(), dir.path().join("app.lua"));
@@ -889,7 +879,7 @@ mod tests {
         // A file whose top level needs an opt-in cannot be searched at check time: it
         // might define the method too, so nothing is guessed.
         std::fs::write(
-            &yaml,
+            dir.path().join("app.yaml"),
             seed_entry.replace(
                 "    method: handle_email\n",
                 "    method: handle_email\n    sandbox:\n      allow: [os]\n",
@@ -910,8 +900,6 @@ mod tests {
 
     #[test]
     fn publish_as_an_actor_applies_the_policies_of_its_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("app.yaml");
         let entry = |name: &str, actor: &str, policy: &str| {
             format!(
                 "  - name: {name}\n    kind: process.lua\n    source: h.lua\n    method: m\n    security:\n      actor: {{ id: {actor} }}\n      policies: [{policy}]\n"
@@ -923,10 +911,8 @@ mod tests {
             entry("b", "worker", "app_only"),
             entry("c", "mixed", "app_only") + &entry("d", "mixed", "anything"),
         );
-        std::fs::write(&yaml, text).unwrap();
-        std::fs::write(dir.path().join("h.lua"), "function m() end\n").unwrap();
-        let config = crate::config::load(&[yaml]).unwrap();
-        let plan = plan(&config, &DriverKinds::builtin(), true).unwrap();
+        let dir = app_dir(&text, &[("h.lua", "function m() end\n")]);
+        let plan = plan_in(dir.path(), true).unwrap();
         let worker = plan.cli_security(Some(Actor::new("worker"))).unwrap();
         assert!(worker.check("queue.publish", Some("app:tasks")).is_ok());
         assert!(
