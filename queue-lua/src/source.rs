@@ -132,25 +132,34 @@ mod tests {
             .to_string()
     }
 
+    /// A named pipe nobody writes to, `h.lua` in `dir`.
+    fn pipe_in(dir: &Path) -> PathBuf {
+        let fifo = dir.join("h.lua");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo");
+        fifo
+    }
+
+    /// What `work` returns, run on a thread: work that a regression blocks in open()
+    /// fails the test after 30 s instead of hanging it.
+    fn at_once<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(work()));
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("opening a named pipe returns at once")
+    }
+
     #[test]
     fn what_is_not_a_regular_file_is_refused_without_reading_it() {
         let dir = tempfile::tempdir().unwrap();
         assert!(refusal(dir.path()).contains("not a regular file"));
         // A device that never ends, and a pipe nobody writes to (opening it would wait).
         assert!(refusal(Path::new("/dev/zero")).contains("not a regular file"));
-        let fifo = dir.path().join("h.lua");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success(), "mkfifo");
-        // On a thread: a regression would block in open(), and the test must fail,
-        // not hang.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(refusal(&fifo)));
-        let why = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("reading a named pipe returns at once");
+        let fifo = pipe_in(dir.path());
+        let why = at_once(move || refusal(&fifo));
         assert!(why.contains("not a regular file"), "{why}");
     }
 
@@ -159,20 +168,11 @@ mod tests {
     #[test]
     fn a_pipe_opens_without_waiting_and_is_seen_for_what_it_is() {
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("h.lua");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success(), "mkfifo");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let fifo = pipe_in(dir.path());
+        let is_file = at_once(move || {
             let opened = open_without_waiting(&fifo).and_then(|f| f.metadata());
-            tx.send(opened.map(|m| m.is_file()).map_err(|e| e.to_string()))
+            opened.map(|m| m.is_file()).map_err(|e| e.to_string())
         });
-        let is_file = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("opening a named pipe returns at once");
         assert_eq!(is_file, Ok(false));
     }
 
