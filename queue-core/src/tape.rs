@@ -90,11 +90,10 @@ impl Tape {
 
     /// The root value as a [`Value`] tree (`Nil` for an empty tape).
     pub fn value(&self) -> Value {
-        let mut position = 0;
         if self.items.is_empty() {
             return Value::Nil;
         }
-        self.build(&mut position)
+        self.build(&mut 0)
     }
 
     fn build(&self, position: &mut usize) -> Value {

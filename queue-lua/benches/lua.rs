@@ -130,12 +130,12 @@ fn bench(c: &mut Criterion) {
         .eval()
         .expect("noop");
     let thread = bare.create_thread(noop.clone()).expect("thread");
-    let tape = std::cell::RefCell::new(queue_core::Tape::new());
+    let mut tape = queue_core::Tape::new();
     group.bench_function("floor_mlua_coroutine", |b| {
         b.iter(|| {
             rt.block_on(async {
-                message.decode_onto(&mut tape.borrow_mut()).expect("decode");
-                let arg = queue_lua::value::tape_to_lua(&bare, &tape.borrow()).expect("payload");
+                message.decode_onto(&mut tape).expect("decode");
+                let arg = queue_lua::value::tape_to_lua(&bare, &tape).expect("payload");
                 thread
                     .clone()
                     .into_async::<()>(arg)
