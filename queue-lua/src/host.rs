@@ -635,3 +635,21 @@ pub fn check_source(source: &LuaSource, method: &str, opt_in: OptIn) -> Result<S
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use queue_core::{Codec, Headers};
+
+    #[test]
+    fn the_decoding_tape_keeps_a_small_body_s_room_and_drops_a_large_one_s() {
+        let host = LuaHost::new(Queues::new(), SecurityContext::default()).unwrap();
+        let body = |text: String| Message::encode(&Value::from(text), Headers::new(), Codec::Json);
+        host.decode_payload(&body("small".into()).unwrap()).unwrap();
+        let kept = host.tape.borrow().heap_bytes();
+        assert!(kept > 0 && kept <= KEPT_TAPE_BYTES, "{kept}");
+        host.decode_payload(&body("x".repeat(2 * KEPT_TAPE_BYTES)).unwrap())
+            .unwrap();
+        assert_eq!(host.tape.borrow().heap_bytes(), 0);
+    }
+}
