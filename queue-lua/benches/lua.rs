@@ -103,6 +103,8 @@ fn bench(c: &mut Criterion) {
         ("user_id", Value::Int(456)),
     ]);
     let message = Message::encode(&body, Headers::new(), Codec::Json).expect("encode");
+    // Shared, as the runtime shares each delivery's message with its handler run.
+    let shared_message = Arc::new(message.clone());
     let settle: Rc<dyn Settle> = Rc::new(Noop);
     let mut group = c.benchmark_group("dispatch");
     group.throughput(Throughput::Elements(1));
@@ -111,7 +113,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async {
                 let payload = host.decode_payload(&message).expect("decode");
                 let context = DeliveryContext {
-                    message: std::sync::Arc::new(message.clone()),
+                    message: Arc::clone(&shared_message),
                     settle: Rc::clone(&settle),
                 };
                 host.run_handler(&handler, payload, context, SecurityContext::default())
