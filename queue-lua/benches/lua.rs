@@ -1,6 +1,7 @@
 //! Lua `queue.publish` of a small table vs the same publish from Rust, and the cost of
-//! dispatching one delivery to a no-op Lua handler, next to the floor of what such a
-//! dispatch costs in its dependencies alone. Same run, memory driver.
+//! dispatching one delivery to a no-op and to a computing Lua handler, each next to
+//! the floor of what such a dispatch costs in its dependencies alone. Same run, memory
+//! driver.
 //! Run: `cargo bench -p queue-lua --bench lua`.
 
 use std::rc::Rc;
@@ -17,6 +18,18 @@ use queue_core::{
 use queue_lua::{DeliveryContext, LuaHost, Settle};
 
 const BATCH: u64 = 1000;
+
+/// A handler that computes a little, as real ones do: what Lua instructions cost
+/// under the host's time limits, next to the same function in a bare state.
+const COMPUTE: &str = r#"
+function compute(payload)
+  local sum = 0
+  for i = 1, 1000 do sum = sum + i * payload.user_id end
+  local parts = {}
+  for i = 1, 20 do parts[i] = tostring(i) .. payload.action end
+  return sum > 0
+end
+"#;
 
 struct Noop;
 
@@ -95,9 +108,8 @@ fn bench(c: &mut Criterion) {
 
     let dir = std::env::temp_dir().join(format!("queue-lua-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let source = dir.join("noop.lua");
-    std::fs::write(&source, "function noop(payload) end\n").expect("write");
-    let handler = host.handler(&source, "noop").expect("handler");
+    let source = dir.join("handlers.lua");
+    std::fs::write(&source, format!("function noop(payload) end\n{COMPUTE}")).expect("write");
     let body = Value::map([
         ("action", Value::from("send_email")),
         ("user_id", Value::Int(456)),
@@ -106,48 +118,56 @@ fn bench(c: &mut Criterion) {
     // Shared, as the runtime shares each delivery's message with its handler run.
     let shared_message = Arc::new(message.clone());
     let settle: Rc<dyn Settle> = Rc::new(Noop);
-    let mut group = c.benchmark_group("dispatch");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("noop_lua_handler", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let payload = host.decode_payload(&message).expect("decode");
-                let context = DeliveryContext {
-                    message: Arc::clone(&shared_message),
-                    settle: Rc::clone(&settle),
-                };
-                host.run_handler(&handler, payload, context, SecurityContext::default())
-                    .await
-            })
-        })
-    });
     // The floor: what any dispatch of this message to a Lua function in a coroutine
     // costs in serde_json, mlua and Lua alone. The same decode and payload table as
     // the host's, and a kept coroutine resumed through mlua's async API, without what
     // the host adds (the error guard, the time-slice hook, the coroutine's context,
     // the settlement mapping).
     let bare = mlua::Lua::new();
-    let noop: mlua::Function = bare
-        .load("return function(payload) end")
-        .eval()
-        .expect("noop");
-    let thread = bare.create_thread(noop.clone()).expect("thread");
     let mut tape = queue_core::Tape::new();
-    group.bench_function("floor_mlua_coroutine", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                message.decode_onto(&mut tape).expect("decode");
-                let arg = queue_lua::value::tape_to_lua(&bare, &tape).expect("payload");
-                thread
-                    .clone()
-                    .into_async::<()>(arg)
-                    .expect("resume")
-                    .await
-                    .expect("run");
-                thread.reset(noop.clone()).expect("reset");
+    let mut group = c.benchmark_group("dispatch");
+    group.throughput(Throughput::Elements(1));
+    for (method, floor) in [
+        ("noop", "floor_mlua_coroutine"),
+        ("compute", "floor_computing_mlua_coroutine"),
+    ] {
+        let handler = host.handler(&source, method).expect("handler");
+        group.bench_function(format!("{method}_lua_handler"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let payload = host.decode_payload(&message).expect("decode");
+                    let context = DeliveryContext {
+                        message: Arc::clone(&shared_message),
+                        settle: Rc::clone(&settle),
+                    };
+                    host.run_handler(&handler, payload, context, SecurityContext::default())
+                        .await
+                })
             })
-        })
-    });
+        });
+        let function: mlua::Function = bare
+            .load(format!(
+                "function noop(payload) end\n{COMPUTE}\nreturn {method}"
+            ))
+            .eval()
+            .expect("function");
+        let thread = bare.create_thread(function.clone()).expect("thread");
+        group.bench_function(floor, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    message.decode_onto(&mut tape).expect("decode");
+                    let arg = queue_lua::value::tape_to_lua(&bare, &tape).expect("payload");
+                    thread
+                        .clone()
+                        .into_async::<()>(arg)
+                        .expect("resume")
+                        .await
+                        .expect("run");
+                    thread.reset(function.clone()).expect("reset");
+                })
+            })
+        });
+    }
     group.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }

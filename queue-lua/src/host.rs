@@ -503,6 +503,7 @@ impl LuaHost {
         }
         let thread = self.lua.create_thread(self.guard.clone())?;
         self.handler_threads.raw_set(&thread, true)?;
+        self.clock.unhook(&thread);
         Ok(thread)
     }
 
@@ -515,6 +516,7 @@ impl LuaHost {
             && thread.status() == mlua::thread::ThreadStatus::Finished
             && thread.reset(self.guard.clone()).is_ok()
         {
+            self.clock.unhook(&thread);
             idle.push(thread);
         }
     }
@@ -651,5 +653,124 @@ mod tests {
         host.decode_payload(&body("x".repeat(2 * KEPT_TAPE_BYTES)).unwrap())
             .unwrap();
         assert_eq!(host.tape.borrow().heap_bytes(), 0);
+    }
+
+    /// Handlers for the hook tests: `long` computes for several slices, then returns.
+    const TIMED: &str = r#"
+        function quick() return true end
+        function long() local x = 0 for i = 1, 1e8 do x = x + i end return true end
+        function spin() while true do end end
+    "#;
+
+    fn timed_handlers(host: &LuaHost) -> (tempfile::TempDir, [Handler; 3]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timed.lua");
+        std::fs::write(&path, TIMED).unwrap();
+        let handlers = ["quick", "long", "spin"].map(|method| host.handler(&path, method).unwrap());
+        (dir, handlers)
+    }
+
+    async fn run_timed(host: &LuaHost, handler: &Handler, timeout: Option<Duration>) -> Outcome {
+        struct Unused;
+        #[async_trait::async_trait(?Send)]
+        impl crate::Settle for Unused {
+            async fn ack(&self) -> Result<()> {
+                Ok(())
+            }
+            async fn nack(&self, _: &str) -> Result<()> {
+                Ok(())
+            }
+        }
+        let message = Message::encode(&Value::Nil, Headers::new(), Codec::Json).unwrap();
+        let payload = host.decode_payload(&message).unwrap();
+        let delivery = DeliveryContext {
+            message: std::sync::Arc::new(message),
+            settle: Rc::new(Unused),
+        };
+        host.run_handler_within(
+            handler,
+            payload,
+            delivery,
+            SecurityContext::default(),
+            timeout,
+        )
+        .await
+    }
+
+    fn hooked(thread: &Thread) -> bool {
+        // SAFETY: the thread is alive (held) and not running.
+        unsafe {
+            mlua::ffi::lua_gethook(thread.to_pointer() as *mut mlua::ffi::lua_State).is_some()
+        }
+    }
+
+    /// Runs `test` on a current-thread runtime of its own thread: a regression that
+    /// leaves Lua spinning fails the test after a minute instead of hanging it.
+    fn spinning_stops<F: Future<Output = ()> + 'static>(test: fn() -> F) {
+        let promise = "every spinning handler was stopped";
+        crate::testing::within(Duration::from_secs(60), promise, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(test())
+        })
+    }
+
+    /// The kept coroutines run without the hook; one that computed past its slice got
+    /// it (it let another handler finish first) and lost it again when it returned.
+    #[cfg(unix)]
+    #[test]
+    fn a_handler_coroutine_has_the_hook_only_while_it_overruns_its_slice() {
+        spinning_stops(|| async {
+            let host = LuaHost::new(Queues::new(), SecurityContext::default()).unwrap();
+            assert!(
+                host.clock.preempts.get(),
+                "the slice signal's handler is installed"
+            );
+            let (_dir, [quick, long, _]) = timed_handlers(&host);
+            assert_eq!(run_timed(&host, &quick, None).await, Outcome::Ack);
+            assert!(!hooked(&host.idle_threads.borrow()[0]));
+
+            let long_run = run_timed(&host, &long, None);
+            let quick_after = async {
+                tokio::task::yield_now().await;
+                run_timed(&host, &quick, None).await
+            };
+            tokio::pin!(long_run);
+            tokio::select! {
+                biased;
+                _ = &mut long_run => panic!("the long handler never yielded: no hook was set"),
+                outcome = quick_after => assert_eq!(outcome, Outcome::Ack),
+            }
+            assert_eq!(long_run.await, Outcome::Ack);
+            let idle = host.idle_threads.borrow();
+            assert_eq!(idle.len(), 2);
+            assert!(idle.iter().all(|thread| !hooked(thread)));
+        });
+    }
+
+    /// The watchdog parks once nothing has polled for a while; the next long poll
+    /// wakes it, and a spinning handler still ends at its timeout.
+    #[cfg(unix)]
+    #[test]
+    fn a_parked_watchdog_wakes_for_the_next_spinning_handler() {
+        spinning_stops(|| async {
+            let host = LuaHost::new(Queues::new(), SecurityContext::default()).unwrap();
+            let (_dir, [quick, _, spin]) = timed_handlers(&host);
+            assert_eq!(run_timed(&host, &quick, None).await, Outcome::Ack);
+            let waited = std::time::Instant::now();
+            while !crate::preempt::watchdog_parked() {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(30),
+                    "the watchdog did not park within 30 s of polls ending"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match run_timed(&host, &spin, Some(Duration::from_millis(200))).await {
+                Outcome::Nack { reason, .. } => assert!(reason.contains("timeout"), "{reason}"),
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+        });
     }
 }

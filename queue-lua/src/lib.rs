@@ -40,9 +40,12 @@ mod host;
 mod logger;
 mod message;
 mod module;
+mod preempt;
 mod sandbox;
 mod slices;
 mod source;
+#[cfg(test)]
+mod testing;
 pub mod value;
 
 pub use context::{DeliveryContext, Settle};

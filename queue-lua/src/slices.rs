@@ -20,7 +20,7 @@
 //! Nothing runs in the hook while no slice is set, so Rust that calls into Lua outside
 //! a slice (tests, `check`) pays only the hook's call.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use mlua::{HookTriggers, Lua, Thread, VmState};
 
 /// How often (in Lua instructions) the hook runs: about every 20 to 100 µs of Lua.
-const CHECK_EVERY: u32 = 10_000;
+pub(crate) const CHECK_EVERY: u32 = 10_000;
 
 /// How long a coroutine computes before it lets the others run.
 pub const SLICE: Duration = Duration::from_millis(5);
@@ -73,6 +73,9 @@ struct Slice {
 #[derive(Default)]
 pub(crate) struct Clock {
     running: RefCell<Option<Slice>>,
+    /// Handler coroutines run without the hook until their slice is over
+    /// ([`crate::preempt`]).
+    pub(crate) preempts: Cell<bool>,
 }
 
 impl Clock {
@@ -85,7 +88,18 @@ impl Clock {
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
             move |lua, _| seen.check(lua),
         )?;
+        // Once the state has its hook: the watchdog sets that same hook.
+        clock.preempts.set(crate::preempt::available(lua));
         Ok(clock)
+    }
+
+    /// Takes the hook off a handler's coroutine that is not running, when its slice
+    /// can end without it ([`crate::preempt`]): every instruction it runs is then
+    /// cheaper. Called for new coroutines and for those whose run returned.
+    pub fn unhook(&self, thread: &Thread) {
+        if self.preempts.get() {
+            thread.remove_hook();
+        }
     }
 
     fn check(&self, lua: &Lua) -> mlua::Result<VmState> {
@@ -110,8 +124,10 @@ impl Clock {
             return Err(mlua::Error::runtime(&*deadline.message));
         }
         let ends = *slice.ends.get_or_insert(now + SLICE);
+        // The watchdog set the hook because the slice is over (`crate::preempt`).
+        let over = now >= ends || crate::preempt::slice_overran();
         match slice.yields {
-            Some(thread) if now >= ends && lua.current_thread().to_pointer() == thread => {
+            Some(thread) if over && lua.current_thread().to_pointer() == thread => {
                 Ok(VmState::Yield)
             }
             _ => Ok(VmState::Continue),
@@ -189,11 +205,13 @@ where
         // A coroutine resumed while another's slice is set (a handler polled from
         // inside another's Rust callback) restores that one afterwards.
         let previous = this.clock.running.replace(Some(slice));
+        let polling = crate::preempt::Polling::start(this.thread.to_pointer());
         // `future` is only taken by `drop`, so it is always here while polled.
         let result = match this.future.as_mut() {
             Some(future) => future.as_mut().poll(cx),
             None => Poll::Pending,
         };
+        drop(polling);
         *this.clock.running.borrow_mut() = previous;
         result
     }

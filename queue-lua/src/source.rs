@@ -143,13 +143,9 @@ mod tests {
         fifo
     }
 
-    /// What `work` returns, run on a thread: work that a regression blocks in open()
-    /// fails the test after 30 s instead of hanging it.
     fn at_once<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(work()));
-        rx.recv_timeout(std::time::Duration::from_secs(30))
-            .expect("opening a named pipe returns at once")
+        let promise = "opening a named pipe returns at once";
+        crate::testing::within(std::time::Duration::from_secs(30), promise, work)
     }
 
     #[test]
