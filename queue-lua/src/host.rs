@@ -487,7 +487,8 @@ impl LuaHost {
             .into_async::<MultiValue>((function.clone(), args))
         {
             Ok(running) => {
-                Sliced::new(running, Rc::clone(&self.clock), thread.clone(), deadline).await
+                let (clock, body) = (Rc::clone(&self.clock), self.guard.clone());
+                Sliced::new(running, clock, thread.clone(), body, deadline).await
             }
             Err(e) => Err(e),
         };
@@ -508,8 +509,8 @@ impl LuaHost {
     }
 
     /// Keeps a coroutine whose run returned for the next run. One that raised, or was
-    /// abandoned mid-run, is left to the collector: resetting it would run its
-    /// `__close` handlers here, outside any deadline.
+    /// abandoned mid-run (its `__close` handlers ran when its future was dropped,
+    /// [`Sliced`]), is left to the collector.
     fn keep_if_finished(&self, thread: Thread) {
         let mut idle = self.idle_threads.borrow_mut();
         if idle.len() < MAX_IDLE_THREADS
@@ -708,13 +709,7 @@ mod tests {
     /// leaves Lua spinning fails the test after a minute instead of hanging it.
     fn spinning_stops<F: Future<Output = ()> + 'static>(test: fn() -> F) {
         let promise = "every spinning handler was stopped";
-        crate::testing::within(Duration::from_secs(60), promise, move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(test())
-        })
+        queue_testkit::async_finishes_within(Duration::from_secs(60), promise, test)
     }
 
     /// The kept coroutines run without the hook; one that computed past its slice got

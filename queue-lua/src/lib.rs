@@ -44,8 +44,6 @@ mod preempt;
 mod sandbox;
 mod slices;
 mod source;
-#[cfg(test)]
-mod testing;
 pub mod value;
 
 pub use context::{DeliveryContext, Settle};

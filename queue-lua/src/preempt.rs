@@ -26,10 +26,10 @@
 #[cfg(all(unix, test))]
 pub(crate) use unix::watchdog_parked;
 #[cfg(unix)]
-pub(crate) use unix::{Polling, available, slice_overran};
+pub(crate) use unix::{Polling, available, hook, slice_overran};
 
 #[cfg(not(unix))]
-pub(crate) use elsewhere::{Polling, available, slice_overran};
+pub(crate) use elsewhere::{Polling, available, hook, slice_overran};
 
 /// The signal that ends a slice: SIGURG, which no process gets unless it asks for
 /// out-of-band socket data, and whose default action is to be ignored (so one that
@@ -298,9 +298,26 @@ mod unix {
             return;
         }
         let _ = OVERRAN.try_with(|overran| overran.store(true, Ordering::Relaxed));
-        // SAFETY: `hook` is the function `lua_gethook` returned; the coroutine is
-        // alive while it is polled (`Polling::start`); and `lua_sethook` may be
-        // called from a signal handler that interrupts the coroutine's own thread.
+        // SAFETY: the coroutine is alive while it is polled (`Polling::start`); and
+        // `lua_sethook` may be called from a signal handler that interrupts the
+        // coroutine's own thread.
+        unsafe { set_hook(coroutine, hook) };
+    }
+
+    /// Sets the state's hook on `coroutine`, which is not running: for a coroutine
+    /// that is to run Lua code under a deadline outside its slices.
+    pub(crate) fn hook(coroutine: &mlua::Thread) {
+        let hook = HOOK.load(Ordering::Acquire);
+        if !hook.is_null() {
+            // SAFETY: a `Thread`'s pointer is its `lua_State`, alive while borrowed.
+            unsafe { set_hook(coroutine.to_pointer() as *mut _, hook) };
+        }
+    }
+
+    /// # Safety
+    /// `coroutine` is alive, and `hook` is what [`available`] stored.
+    unsafe fn set_hook(coroutine: *mut ffi::lua_State, hook: *mut ()) {
+        // SAFETY: `hook` is the function `lua_gethook` returned.
         unsafe {
             let hook = std::mem::transmute::<*mut (), ffi::lua_Hook>(hook);
             ffi::lua_sethook(coroutine, Some(hook), ffi::LUA_MASKCOUNT, CHECK_EVERY as _);
@@ -341,6 +358,9 @@ mod elsewhere {
     pub(crate) fn slice_overran() -> bool {
         false
     }
+
+    /// Never called: no coroutine goes without the hook.
+    pub(crate) fn hook(_: &mlua::Thread) {}
 
     pub(crate) struct Polling;
 

@@ -28,7 +28,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mlua::{HookTriggers, Lua, Thread, VmState};
+use mlua::{Function, HookTriggers, Lua, Thread, VmState};
 
 /// How often (in Lua instructions) the hook runs: about every 20 to 100 µs of Lua.
 pub(crate) const CHECK_EVERY: u32 = 10_000;
@@ -102,6 +102,13 @@ impl Clock {
         }
     }
 
+    /// Puts the hook back on a handler's coroutine that [`Clock::unhook`] took it off.
+    pub fn hook(&self, thread: &Thread) {
+        if self.preempts.get() {
+            crate::preempt::hook(thread);
+        }
+    }
+
     fn check(&self, lua: &Lua) -> mlua::Result<VmState> {
         let mut running = self.running.borrow_mut();
         let Some(slice) = running.as_mut() else {
@@ -164,15 +171,26 @@ pub(crate) struct Sliced<F> {
     future: Option<Pin<Box<F>>>,
     clock: Rc<Clock>,
     thread: Thread,
+    /// What `thread` runs: an abandoned thread is reset to it, which closes its
+    /// to-be-closed variables.
+    body: Function,
     deadline: Option<(Deadline, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<F> Sliced<F> {
-    pub fn new(future: F, clock: Rc<Clock>, thread: Thread, deadline: Option<Deadline>) -> Self {
+    /// `future` runs `thread`, a coroutine of `body`.
+    pub fn new(
+        future: F,
+        clock: Rc<Clock>,
+        thread: Thread,
+        body: Function,
+        deadline: Option<Deadline>,
+    ) -> Self {
         Sliced {
             future: Some(Box::pin(future)),
             clock,
             thread,
+            body,
             deadline: deadline.map(|d| {
                 let timer = Box::pin(tokio::time::sleep_until(d.at.into()));
                 (d, timer)
@@ -231,12 +249,19 @@ impl<F> Drop for Sliced<F> {
         let Some(future) = self.future.take() else {
             return;
         };
-        // A coroutine that returned has nothing left to close (one that raised may:
-        // Lua closes its variables when the thread is reset).
+        // mlua closes nothing when it drops the future of a coroutine it will not
+        // reuse: the reset below does, as Lua 5.4 resets a thread by closing them.
+        drop(future);
+        // A coroutine that returned has nothing left to close.
         if self.thread.status() == mlua::thread::ThreadStatus::Finished {
             return;
         }
+        // Without the hook (`crate::preempt`), the deadline could not stop them.
+        self.clock.hook(&self.thread);
         let deadline = Deadline::after(CLOSE_TIME, CLOSE_OVERRAN);
-        self.clock.within(deadline, || drop(future));
+        // Their errors, the deadline's included, have no one left to go to.
+        let _ = self
+            .clock
+            .within(deadline, || self.thread.reset(self.body.clone()));
     }
 }

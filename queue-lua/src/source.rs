@@ -145,7 +145,7 @@ mod tests {
 
     fn at_once<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
         let promise = "opening a named pipe returns at once";
-        crate::testing::within(std::time::Duration::from_secs(30), promise, work)
+        queue_testkit::finishes_within(std::time::Duration::from_secs(30), promise, work)
     }
 
     #[test]

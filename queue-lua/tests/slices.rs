@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,13 @@ async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
         .await
 }
 
+/// Runs a test on a thread of its own: a regression that leaves a handler spinning
+/// fails it after a minute instead of hanging the test run.
+fn stops<F: Future<Output = ()> + 'static>(test: fn() -> F) {
+    let promise = "every spinning handler was stopped";
+    queue_testkit::async_finishes_within(Duration::from_secs(60), promise, test)
+}
+
 fn timed_out(outcome: &Outcome, limit: &str) {
     match outcome {
         Outcome::Nack { reason, retryable } => {
@@ -46,100 +54,138 @@ fn timed_out(outcome: &Outcome, limit: &str) {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn an_endless_loop_ends_at_its_timeout() {
-    let h = Harness::new().await;
-    let started = Instant::now();
-    let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
-    timed_out(&outcome, "200ms");
-    assert!(started.elapsed() < Duration::from_secs(10));
-    // The state goes on.
-    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn catching_errors_or_closing_does_not_escape_the_timeout() {
-    let h = Harness::new().await;
-    for method in [
-        "spin_catching",
-        "spin_xpcall",
-        "spin_resuming",
-        "spin_closing",
-        "spin_in_sort",
-    ] {
-        let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
+#[test]
+fn an_endless_loop_ends_at_its_timeout() {
+    stops(|| async {
+        let h = Harness::new().await;
+        let started = Instant::now();
+        let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
         timed_out(&outcome, "200ms");
-    }
-    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // The state goes on.
+        assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    });
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_handler_waiting_for_a_publish_ends_at_its_timeout() {
-    let h = Harness::new().await;
-    h.driver.hold_publishes();
-    let outcome = run(&h, "wait_for_publish", Some(Duration::from_millis(300))).await;
-    timed_out(&outcome, "300ms");
-    assert_eq!(
-        h.driver.held(),
-        1,
-        "the publish was waiting when time ran out"
-    );
+#[test]
+fn catching_errors_or_closing_does_not_escape_the_timeout() {
+    stops(|| async {
+        let h = Harness::new().await;
+        for method in [
+            "spin_catching",
+            "spin_xpcall",
+            "spin_resuming",
+            "spin_closing",
+            "spin_in_sort",
+        ] {
+            let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
+            timed_out(&outcome, "200ms");
+        }
+        assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    });
+}
+
+#[test]
+fn a_handler_waiting_for_a_publish_ends_at_its_timeout() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        let outcome = run(&h, "wait_for_publish", Some(Duration::from_millis(300))).await;
+        timed_out(&outcome, "300ms");
+        assert_eq!(
+            h.driver.held(),
+            1,
+            "the publish was waiting when time ran out"
+        );
+    });
+}
+
+/// A handler stopped at its timeout still gets its `__close` handlers run (under a
+/// limit of their own: these loop), whether it was computing or waiting.
+#[test]
+fn a_stopped_handler_runs_its_close_handlers() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        for method in ["spin_closing", "wait_closing"] {
+            let outcome = run(&h, method, Some(Duration::from_millis(300))).await;
+            timed_out(&outcome, "300ms");
+            assert_eq!(
+                run(&h, "close_ran_before", None).await,
+                Outcome::Ack,
+                "after {method}"
+            );
+        }
+        assert_eq!(
+            h.driver.held(),
+            1,
+            "wait_closing was waiting for its publish"
+        );
+    });
 }
 
 /// One Lua state, one thread: while a handler spins, another handler on the same
 /// state still runs to its end.
-#[tokio::test(flavor = "current_thread")]
-async fn a_spinning_handler_lets_the_others_on_its_state_run() {
-    let h = Harness::new().await;
-    let spinner = run(&h, "spin", Some(Duration::from_secs(20)));
-    let quick = async {
-        let outcome = run(&h, "quick", None).await;
-        (outcome, Instant::now())
-    };
-    let started = Instant::now();
-    tokio::pin!(spinner);
-    let (quick_outcome, quick_done) = tokio::select! {
-        biased;
-        _ = &mut spinner => panic!("the spinner ended before the quick handler"),
-        done = quick => done,
-    };
-    assert_eq!(quick_outcome, Outcome::Ack);
-    assert!(
-        quick_done.duration_since(started) < Duration::from_secs(5),
-        "the quick handler waited for the spinner"
-    );
+#[test]
+fn a_spinning_handler_lets_the_others_on_its_state_run() {
+    stops(|| async {
+        let h = Harness::new().await;
+        let spinner = run(&h, "spin", Some(Duration::from_secs(20)));
+        let quick = async {
+            let outcome = run(&h, "quick", None).await;
+            (outcome, Instant::now())
+        };
+        let started = Instant::now();
+        tokio::pin!(spinner);
+        let (quick_outcome, quick_done) = tokio::select! {
+            biased;
+            _ = &mut spinner => panic!("the spinner ended before the quick handler"),
+            done = quick => done,
+        };
+        assert_eq!(quick_outcome, Outcome::Ack);
+        assert!(
+            quick_done.duration_since(started) < Duration::from_secs(5),
+            "the quick handler waited for the spinner"
+        );
+    });
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
-    let h = Harness::new().await;
-    assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
+#[test]
+fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
+    stops(|| async {
+        let h = Harness::new().await;
+        assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
+    });
 }
 
 /// Handler coroutines are reused once a run returns: a reused one still yields at
 /// its slice's end and ends at its timeout.
-#[tokio::test(flavor = "current_thread")]
-async fn a_reused_coroutine_keeps_its_time_limits() {
-    let h = Harness::new().await;
-    for _ in 0..10 {
+#[test]
+fn a_reused_coroutine_keeps_its_time_limits() {
+    stops(|| async {
+        let h = Harness::new().await;
+        for _ in 0..10 {
+            assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+        }
+        let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
+        timed_out(&outcome, "200ms");
         assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
-    }
-    let outcome = run(&h, "spin", Some(Duration::from_millis(200))).await;
-    timed_out(&outcome, "200ms");
-    assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    });
 }
 
 /// A handler that keeps its own coroutine cannot use it to reach a later run on
 /// the same (reused) coroutine: the sandbox refuses to resume or close it.
-#[tokio::test(flavor = "current_thread")]
-async fn a_kept_handler_coroutine_cannot_be_resumed_or_closed() {
-    let h = Harness::new().await;
-    assert_eq!(run(&h, "keep_own_coroutine", None).await, Outcome::Ack);
-    match run(&h, "resume_kept", None).await {
-        Outcome::Nack { reason, .. } => {
-            let refusal = "own coroutine cannot be resumed or closed from Lua";
-            assert_eq!(reason.matches(refusal).count(), 2, "{reason}");
+#[test]
+fn a_kept_handler_coroutine_cannot_be_resumed_or_closed() {
+    stops(|| async {
+        let h = Harness::new().await;
+        assert_eq!(run(&h, "keep_own_coroutine", None).await, Outcome::Ack);
+        match run(&h, "resume_kept", None).await {
+            Outcome::Nack { reason, .. } => {
+                let refusal = "own coroutine cannot be resumed or closed from Lua";
+                assert_eq!(reason.matches(refusal).count(), 2, "{reason}");
+            }
+            other => panic!("expected the refusals as the handler's error, got {other:?}"),
         }
-        other => panic!("expected the refusals as the handler's error, got {other:?}"),
-    }
+    });
 }

@@ -9,6 +9,8 @@
 //! - [`faults`]: the fault contract (confirmed messages survive a cut connection, a
 //!   broker stopped and started, a broker killed), run against anything that can
 //!   inflict an [`Outage`], with evidence that the fault landed;
+//! - [`finishes_within`], for a test whose regression would block or spin its
+//!   thread (a Lua handler that is never stopped): it fails instead of hanging;
 //! - [`ControlledDriver`], a memory driver whose confirmations a test holds or
 //!   refuses, and [`Tally`], end-to-end counts of numbered messages.
 //!
@@ -36,6 +38,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod bounded;
 pub mod conformance;
 mod context;
 mod controlled;
@@ -43,6 +46,7 @@ pub mod faults;
 mod tally;
 
 pub use backend::{Backend, broker_test, in_ci, run};
+pub use bounded::{async_finishes_within, finishes_within};
 pub use context::{
     PATIENCE, TestContext, everything_said, message, next, number_of, numbered, within,
 };

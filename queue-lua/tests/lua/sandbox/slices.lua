@@ -49,10 +49,36 @@ function own_coroutine()
   assert(a == "first" and b == "second", tostring(a) .. " " .. tostring(b))
 end
 
+-- Set by the __close handlers below when they run; read by `close_ran_before`.
+local close_ran = false
+
 -- A to-be-closed variable whose __close loops too.
 function spin_closing()
-  local guard <close> = setmetatable({}, { __close = function() while true do end end })
+  close_ran = false
+  local guard <close> = setmetatable({}, {
+    __close = function()
+      close_ran = true
+      while true do end
+    end,
+  })
   while true do end
+end
+
+-- Waits for a publish the test holds, with a to-be-closed variable whose __close
+-- loops.
+function wait_closing()
+  close_ran = false
+  local guard <close> = setmetatable({}, {
+    __close = function()
+      close_ran = true
+      while true do end
+    end,
+  })
+  assert(queue.publish("app:tasks", { n = 1 }))
+end
+
+function close_ran_before()
+  assert(close_ran, "the __close handler of the stopped run did not run")
 end
 
 -- Loops where Lua cannot yield (a comparator table.sort calls from C): the timeout
