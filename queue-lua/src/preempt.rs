@@ -2,7 +2,7 @@
 //! time limits").
 //!
 //! Lua calls a count hook by running every instruction of a hooked coroutine through
-//! its debug interface: a handler computing in a loop took 1.6 times as long with the
+//! its debug interface: a handler computing in a loop took 1.5–1.7 times as long with the
 //! hook set as without (docs/performance.md). So a handler's coroutine runs without
 //! the hook until it has computed for a whole slice:
 //!
