@@ -49,31 +49,31 @@ function own_coroutine()
   assert(a == "first" and b == "second", tostring(a) .. " " .. tostring(b))
 end
 
--- Set by the __close handlers below when they run; read by `close_ran_before`.
+-- Set by the __close handler of `looping_close` when it runs; read by
+-- `close_ran_before`.
 local close_ran = false
 
--- A to-be-closed variable whose __close loops too.
-function spin_closing()
+-- A value for a to-be-closed variable whose __close notes that it ran, then loops.
+local function looping_close()
   close_ran = false
-  local guard <close> = setmetatable({}, {
+  return setmetatable({}, {
     __close = function()
       close_ran = true
       while true do end
     end,
   })
+end
+
+-- A to-be-closed variable whose __close loops too.
+function spin_closing()
+  local guard <close> = looping_close()
   while true do end
 end
 
 -- Waits for a publish the test holds, with a to-be-closed variable whose __close
 -- loops.
 function wait_closing()
-  close_ran = false
-  local guard <close> = setmetatable({}, {
-    __close = function()
-      close_ran = true
-      while true do end
-    end,
-  })
+  local guard <close> = looping_close()
   assert(queue.publish("app:tasks", { n = 1 }))
 end
 
