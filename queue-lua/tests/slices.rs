@@ -124,6 +124,23 @@ fn a_stopped_handler_runs_its_close_handlers() {
     });
 }
 
+/// A handler dropped mid-run, as a shutdown drops one still running past its
+/// `stop_timeout`, runs its `__close` handlers too.
+#[test]
+fn a_dropped_handler_runs_its_close_handlers() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        tokio::select! {
+            outcome = run(&h, "wait_closing", None) => {
+                panic!("the run ended while its publish was held: {outcome:?}")
+            }
+            () = h.driver.wait_for_held(1) => {}
+        }
+        assert_eq!(run(&h, "close_ran_before", None).await, Outcome::Ack);
+    });
+}
+
 /// One Lua state, one thread: while a handler spins, another handler on the same
 /// state still runs to its end.
 #[test]
