@@ -487,8 +487,8 @@ impl LuaHost {
             .into_async::<MultiValue>((function.clone(), args))
         {
             Ok(running) => {
-                let (clock, body) = (Rc::clone(&self.clock), self.guard.clone());
-                Sliced::new(running, clock, thread.clone(), body, deadline).await
+                let clock = Rc::clone(&self.clock);
+                Sliced::new(running, clock, thread.clone(), &self.guard, deadline).await
             }
             Err(e) => Err(e),
         };

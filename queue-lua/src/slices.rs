@@ -166,24 +166,24 @@ impl Clock {
 /// deadline), and ends it when the poll returns. Past the deadline it ends with the
 /// deadline's error even while the coroutine waits for something (a publish), not
 /// only while it computes.
-pub(crate) struct Sliced<F> {
+pub(crate) struct Sliced<'a, F> {
     /// Taken in `drop`, to be dropped under a deadline.
     future: Option<Pin<Box<F>>>,
     clock: Rc<Clock>,
     thread: Thread,
     /// What `thread` runs: an abandoned thread is reset to it, which closes its
-    /// to-be-closed variables.
-    body: Function,
+    /// to-be-closed variables. Borrowed: a clone would take a registry slot per run.
+    body: &'a Function,
     deadline: Option<(Deadline, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-impl<F> Sliced<F> {
+impl<'a, F> Sliced<'a, F> {
     /// `future` runs `thread`, a coroutine of `body`.
     pub fn new(
         future: F,
         clock: Rc<Clock>,
         thread: Thread,
-        body: Function,
+        body: &'a Function,
         deadline: Option<Deadline>,
     ) -> Self {
         Sliced {
@@ -199,7 +199,7 @@ impl<F> Sliced<F> {
     }
 }
 
-impl<F, R> Future for Sliced<F>
+impl<F, R> Future for Sliced<'_, F>
 where
     F: Future<Output = mlua::Result<R>>,
 {
@@ -241,7 +241,7 @@ const CLOSE_TIME: Duration = Duration::from_millis(100);
 const CLOSE_OVERRAN: &str =
     "a __close handler ran longer than 100ms when its coroutine was stopped";
 
-impl<F> Drop for Sliced<F> {
+impl<F> Drop for Sliced<'_, F> {
     /// Dropping an unfinished coroutine runs its to-be-closed variables' `__close`
     /// handlers: under a deadline of their own, or one that loops would hold the
     /// state's thread for ever.
