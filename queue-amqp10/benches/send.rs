@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use fe2o3_amqp::types::messaging::{Message as AmqpMessage, MessageId, Properties};
 use fe2o3_amqp::types::primitives::Binary;
-use fe2o3_amqp::{Connection, Sendable, Sender, Session};
+use fe2o3_amqp::{Sendable, Sender, Session};
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{ConsumeOptions, Driver, Headers, Message, QueueId, QueueSpec};
 
@@ -111,7 +111,11 @@ fn send(c: &mut Criterion) {
         b.to_async(&rt).iter_custom(|iters| {
             let (driver, queue, address) = (&driver, &queue, &address);
             async move {
-                let mut connection = Connection::open("bench-raw", URL).await.expect("connect");
+                // TCP_NODELAY, as the driver's connection has it.
+                let mut connection =
+                    queue_fixtures::raw_amqp10::open("bench-raw", 5672, "guest", "guest")
+                        .await
+                        .expect("connect");
                 let mut session = Session::begin(&mut connection).await.expect("session");
                 let mut sender = Sender::attach(&mut session, "bench-raw", address.as_str())
                     .await

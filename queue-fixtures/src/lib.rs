@@ -12,6 +12,8 @@
 //! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
 //!   private ones that fault tests cut, stop and kill;
 //! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test;
+//! - [`raw_amqp10`]: a raw fe2o3-amqp connection set up as the AMQP 1.0 driver sets
+//!   up its own, for the benches' baselines;
 //! - [`redis`]: private `redis-server`s (AOF on) that the Redis driver's tests start,
 //!   cut, stop and kill.
 //!
@@ -23,6 +25,7 @@ pub mod certs;
 mod net;
 pub mod proton;
 pub mod rabbitmq;
+pub mod raw_amqp10;
 pub mod redis;
 
 pub use net::{free_port, port_open, wait_for_port};

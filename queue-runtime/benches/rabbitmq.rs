@@ -28,14 +28,9 @@
 //! Run: `cargo bench -p queue-runtime --bench rabbitmq` (skips without RabbitMQ; only
 //! the AMQP 1.0 pair: `-- amqp10`; only the pass in turns: `-- in_turns`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fe2o3_amqp::link::CreditMode;
-use fe2o3_amqp::types::messaging::Body;
-use fe2o3_amqp::types::primitives::Value;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -43,15 +38,14 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-use queue_runtime::host::{Host, HostOptions};
-use queue_runtime::metrics::names as metric;
-use queue_runtime::registry::{self, DriverKinds};
 
 #[path = "support/bench_args.rs"]
 mod bench_args;
+#[path = "support/host_runs.rs"]
+mod host_runs;
 #[path = "support/target_dir.rs"]
 mod target_dir;
+use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, in_turns, raw_fe2o3_receive, run_host_until};
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-rabbitmq.json";
@@ -62,10 +56,6 @@ const PUBLISH_N: usize = 10_000;
 const IN_FLIGHT: usize = 16;
 /// RabbitMQ's AMQP 1.0 plugin, on the same port.
 const URL_AMQP10: &str = "amqp://guest:guest@127.0.0.1:5672";
-/// Link credit of the raw receiver, the runtime's prefetch.
-const CREDIT: u32 = 1000;
-/// How long one timed run (a drain, the publishes) may take before the bench fails.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn body(n: usize) -> Vec<u8> {
     format!("{{\"n\":{n}}}").into_bytes()
@@ -200,177 +190,6 @@ fn app(dir: &std::path::Path, queue: &str, consumer: bool) -> std::path::PathBuf
     path
 }
 
-/// What the runtime counts in its metrics that the bench reads: acks, confirmed
-/// publishes and deliveries, each with the time it was first counted.
-#[derive(Default)]
-struct Counted {
-    acked: Arc<Tally>,
-    published: Arc<Tally>,
-    delivered: Arc<Tally>,
-}
-
-/// One counter of the runtime's, and when it first counted since the last
-/// [`Tally::forget_first`]. Incremented on the runtime's hot path, so after the first
-/// count an increment is two atomic operations, no lock.
-#[derive(Default)]
-struct Tally {
-    count: AtomicU64,
-    /// Nanoseconds after [`epoch`] of the first count; 0 for none yet.
-    first_ns: AtomicU64,
-}
-
-/// The instant `Tally` times are measured from.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-impl Tally {
-    fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
-    }
-
-    fn forget_first(&self) {
-        epoch();
-        self.first_ns.store(0, Ordering::Release);
-    }
-
-    fn first(&self) -> Option<Instant> {
-        match self.first_ns.load(Ordering::Acquire) {
-            0 => None,
-            ns => Some(epoch() + Duration::from_nanos(ns)),
-        }
-    }
-}
-
-impl metrics::CounterFn for Tally {
-    fn increment(&self, value: u64) {
-        self.count.fetch_add(value, Ordering::AcqRel);
-        if self.first_ns.load(Ordering::Relaxed) == 0 {
-            let ns = u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let _ =
-                self.first_ns
-                    .compare_exchange(0, ns.max(1), Ordering::AcqRel, Ordering::Relaxed);
-        }
-    }
-
-    fn absolute(&self, value: u64) {
-        self.count.store(value, Ordering::Release);
-    }
-}
-
-impl metrics::Recorder for Counted {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        match key.name() {
-            metric::ACKED => Counter::from_arc(Arc::clone(&self.acked)),
-            metric::PUBLISHED => Counter::from_arc(Arc::clone(&self.published)),
-            metric::DELIVERED => Counter::from_arc(Arc::clone(&self.delivered)),
-            _ => Counter::noop(),
-        }
-    }
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
-    }
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
-    }
-}
-
-/// The counters of the recorder installed for this process.
-fn counted() -> &'static Counted {
-    static COUNTED: std::sync::OnceLock<&'static Counted> = std::sync::OnceLock::new();
-    COUNTED.get_or_init(|| {
-        let recorder: &'static Counted = Box::leak(Box::default());
-        metrics::set_global_recorder(recorder).expect("the bench's metrics recorder");
-        recorder
-    })
-}
-
-/// Which of the runtime's counts ends a timed run.
-#[derive(Clone, Copy)]
-enum Until {
-    Acked,
-    Published,
-}
-
-/// Starts the runtime, waits until it acked or published `n` more messages, and
-/// returns how long that took, from its first delivery (a drain) or its first
-/// confirmed publish, as the raw clients are timed: starting the runtime (connecting,
-/// declaring, the Lua states) is left out, as opening the raw clients' connection is.
-/// Then stops it (untimed).
-async fn run_host_until(path: &std::path::Path, until: Until, n: usize) -> Duration {
-    let counted = counted();
-    let (count, first) = match until {
-        Until::Acked => (&counted.acked, &counted.delivered),
-        Until::Published => (&counted.published, &counted.published),
-    };
-    first.forget_first();
-    let target = count.count() + n as u64;
-    let kinds = DriverKinds::builtin();
-    let config = queue_runtime::config::load(&[path.to_path_buf()]).expect("config");
-    let plan = registry::plan(&config, &kinds, false).expect("plan");
-    let host = Host::start(plan, &kinds, HostOptions::default())
-        .await
-        .expect("start");
-    let reached = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while count.count() < target {
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-    })
-    .await;
-    assert!(
-        reached.is_ok(),
-        "the runtime got {} of {n} within {DRAIN_TIMEOUT:?}",
-        n as u64 + count.count() - target
-    );
-    let elapsed = first.first().expect("counted at least once").elapsed();
-    host.shutdown().await;
-    elapsed
-}
-
-/// Receives `n` messages on a new session and receiver of `connection` and accepts
-/// them, 100 per disposition (as raw lapin acks with `multiple` every 100); returns
-/// the time from the first delivery to the last accept.
-async fn raw_fe2o3_receive(
-    connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>,
-    address: &str,
-    n: usize,
-) -> Duration {
-    let mut session = fe2o3_amqp::Session::begin(connection)
-        .await
-        .expect("AMQP 1.0 session");
-    let mut receiver = fe2o3_amqp::Receiver::builder()
-        .name("bench-raw-receive")
-        .source(address)
-        .credit_mode(CreditMode::Auto(CREDIT))
-        .attach(&mut session)
-        .await
-        .expect("AMQP 1.0 receiver");
-    let mut batch = Vec::with_capacity(100);
-    let mut first = None;
-    for _ in 0..n {
-        let delivery = receiver.recv::<Body<Value>>().await.expect("recv");
-        first.get_or_insert_with(Instant::now);
-        batch.push(delivery);
-        if batch.len() == 100 {
-            receiver.accept_all(batch.drain(..)).await.expect("accept");
-        }
-    }
-    if !batch.is_empty() {
-        receiver.accept_all(batch.drain(..)).await.expect("accept");
-    }
-    let drained = first.expect("n > 0").elapsed();
-    // Every delivery is settled by now; fe2o3 reports `IllegalState` when closing a
-    // link on RabbitMQ 3.10's plugin, so, as the driver and the send bench do, detach
-    // and end without minding the answer.
-    let _ = receiver.detach().await;
-    let _ = session.end().await;
-    drained
-}
-
 fn app_amqp10(dir: &std::path::Path, queue: &str) -> std::path::PathBuf {
     let yaml = format!(
         "namespace: bench\nentries:\n  - name: rabbit\n    kind: queue.driver.amqp10\n    url: {URL_AMQP10}\n    profile: rabbitmq-v1\n  - name: q\n    kind: queue.queue\n    queue_name: {queue}\n    durable: false\n    dead_letter: false\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: h10.lua\n    method: noop\n    concurrency: 16\n    prefetch: {CREDIT}\n"
@@ -415,27 +234,6 @@ const ROUNDS_IN_TURNS: u32 = 24;
 /// The time `iters` runs of `drain` took in all: a criterion sample.
 fn drains(iters: u64, mut drain: impl FnMut() -> Duration) -> Duration {
     (0..iters).map(|_| drain()).sum()
-}
-
-/// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
-/// time each took in all: both sides see the same drift of this machine's speed,
-/// which criterion, measuring one side after the other, does not give them.
-fn in_turns(
-    rounds: u32,
-    mut a: impl FnMut() -> Duration,
-    mut b: impl FnMut() -> Duration,
-) -> (Duration, Duration) {
-    let (mut time_a, mut time_b) = (Duration::ZERO, Duration::ZERO);
-    for round in 0..rounds {
-        if round % 2 == 0 {
-            time_a += a();
-            time_b += b();
-        } else {
-            time_b += b();
-            time_a += a();
-        }
-    }
-    (time_a, time_b)
 }
 
 fn bench(c: &mut Criterion) {
@@ -485,7 +283,7 @@ fn bench(c: &mut Criterion) {
     // One connection for many drains, as raw_lapin shares one; each drain opens its
     // own session and receiver, as raw_lapin opens a channel.
     let open_amqp10 = || {
-        let open = fe2o3_amqp::Connection::open("bench-raw-fe2o3", URL_AMQP10);
+        let open = queue_fixtures::raw_amqp10::open("bench-raw-fe2o3", 5672, "guest", "guest");
         rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, open).await })
             .expect("connecting over AMQP 1.0 timed out")
             .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)")
@@ -493,7 +291,7 @@ fn bench(c: &mut Criterion) {
     let raw_fe2o3_drain = |connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>| {
         filled_drain("raw-fe2o3", &mut |q| {
             let address = format!("/queue/{q}");
-            let receive = raw_fe2o3_receive(connection, &address, CONSUME_N);
+            let receive = raw_fe2o3_receive(connection, address.as_str().into(), CONSUME_N);
             // The timer is made inside the runtime: block_on's caller is not in it.
             rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, receive).await })
                 .expect("raw fe2o3-amqp did not receive every message in time")
