@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: runs every criterion bench (each measures its candidate and its
-//! baseline in the same run; the end-to-end and RabbitMQ consume rows come from their
-//! benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
+//! baseline in the same run; the end-to-end, RabbitMQ and Artemis consume rows come
+//! from their benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
 //! (publish -> handler start at fixed rates, `target/bench/latency.json`), a kombu
 //! publish/consume run against the same
 //! RabbitMQ, and writes the side-by-side table and the latency table to stdout,
@@ -22,9 +22,38 @@ use serde::{Deserialize, Serialize};
 struct Suite {
     package: &'static str,
     bench: &'static str,
-    needs_rabbitmq: bool,
+    /// The broker it measures against, if any: skipped (and said so) when it is not
+    /// reachable.
+    needs: Option<Broker>,
     /// What it is passed for `--quick`.
     quick_args: &'static [&'static str],
+}
+
+/// A broker some suites measure against, on its shared instance's port.
+#[derive(Clone, Copy)]
+enum Broker {
+    RabbitMq,
+    Artemis,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::RabbitMq => "RabbitMQ",
+            Broker::Artemis => "ActiveMQ Artemis",
+        }
+    }
+
+    fn address(self) -> &'static str {
+        match self {
+            Broker::RabbitMq => "127.0.0.1:5672",
+            Broker::Artemis => "127.0.0.1:6672",
+        }
+    }
+
+    fn reachable(self) -> bool {
+        std::net::TcpStream::connect(self.address()).is_ok()
+    }
 }
 
 /// Criterion's settings for `--quick`.
@@ -41,45 +70,53 @@ const SUITES: &[Suite] = &[
     Suite {
         package: "queue-core",
         bench: "memory",
-        needs_rabbitmq: false,
+        needs: None,
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-lua",
         bench: "lua",
-        needs_rabbitmq: false,
+        needs: None,
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-runtime",
         bench: "end_to_end",
-        needs_rabbitmq: false,
+        needs: None,
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-amqp091",
         bench: "publish_consume",
-        needs_rabbitmq: true,
+        needs: Some(Broker::RabbitMq),
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-runtime",
         bench: "rabbitmq",
-        needs_rabbitmq: true,
+        needs: Some(Broker::RabbitMq),
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-amqp10",
         bench: "send",
-        needs_rabbitmq: true,
+        needs: Some(Broker::RabbitMq),
         quick_args: CRITERION_QUICK,
+    },
+    // Not criterion: it writes target/bench/in_turns-artemis.json (see
+    // `in_turns_files`).
+    Suite {
+        package: "queue-runtime",
+        bench: "artemis",
+        needs: Some(Broker::Artemis),
+        quick_args: &[],
     },
     // Not criterion: it writes target/bench/in_turns-end_to_end.json, the figures of
     // the end-to-end rows (see `in_turns_files`).
     Suite {
         package: "queue-runtime",
         bench: "end_to_end_in_turns",
-        needs_rabbitmq: false,
+        needs: None,
         quick_args: &[],
     },
     // Not criterion: it writes target/bench/latency.json, and skips its RabbitMQ
@@ -87,7 +124,7 @@ const SUITES: &[Suite] = &[
     Suite {
         package: "queue-runtime",
         bench: "latency",
-        needs_rabbitmq: false,
+        needs: None,
         quick_args: &["--quick"],
     },
 ];
@@ -147,6 +184,12 @@ const COMPARISONS: &[Comparison] = &[
         what: "runtime on RabbitMQ over AMQP 1.0, no-op Lua handler vs raw fe2o3-amqp receive+accept (in turns)",
         candidate: "amqp10_in_turns/runtime_noop_lua",
         baseline: "amqp10_in_turns/raw_fe2o3",
+        goal: 0.9,
+    },
+    Comparison {
+        what: "runtime on ActiveMQ Artemis (AMQP 1.0), no-op Lua handler vs raw fe2o3-amqp receive+accept (in turns)",
+        candidate: "artemis_in_turns/runtime_noop_lua",
+        baseline: "artemis_in_turns/raw_fe2o3",
         goal: 0.9,
     },
     Comparison {
@@ -225,7 +268,6 @@ pub fn run(options: Options) -> Result<bool, String> {
     } = options;
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let rabbit = std::net::TcpStream::connect("127.0.0.1:5672").is_ok();
     let steps = if report_only {
         1
     } else {
@@ -252,10 +294,12 @@ pub fn run(options: Options) -> Result<bool, String> {
             "cargo bench -p {} --bench {}",
             suite.package, suite.bench
         ));
-        if suite.needs_rabbitmq && !rabbit {
+        if let Some(broker) = suite.needs.filter(|broker| !broker.reachable()) {
             progress.println(format!(
-                "skipped {}: RabbitMQ is not reachable on 127.0.0.1:5672",
-                suite.bench
+                "skipped {}: {} is not reachable on {}",
+                suite.bench,
+                broker.name(),
+                broker.address()
             ));
             progress.inc(1);
             continue;
@@ -304,7 +348,7 @@ pub fn run(options: Options) -> Result<bool, String> {
     for path in in_turns_files(&out_dir) {
         results.extend(read_in_turns(&path));
     }
-    if rabbit {
+    if Broker::RabbitMq.reachable() {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
             Ok(k) => results.extend(k),
             Err(e) => progress.println(format!("kombu skipped: {e}")),
