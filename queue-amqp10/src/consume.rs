@@ -29,6 +29,7 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{self, AmqpError};
 use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source, TerminusDurability};
 use fe2o3_amqp::types::primitives::Value;
+use futures_util::FutureExt;
 use queue_core::{Acker, Delivery, Error, Result, Subscription};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -105,6 +106,7 @@ impl Amqp10Subscription {
             epoch: 0,
             current_epoch: Arc::default(),
             unsettled: HashMap::new(),
+            burst: Vec::with_capacity(BURST),
             accepts: Vec::new(),
             flush: Box::pin(tokio::time::sleep(GATHER_TIME)),
             credit: 0,
@@ -226,6 +228,9 @@ struct ReceiveTask {
     /// ackers to refuse a settlement of a lost link at once.
     current_epoch: Arc<AtomicU64>,
     unsettled: HashMap<u32, DeliveryInfo>,
+    /// Deliveries taken from the link and not yet handed to the consumer (see
+    /// `deliver_burst`).
+    burst: Vec<Delivery>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
     /// When `accepts` must be sent at the latest; set when the first one joins and
@@ -241,15 +246,17 @@ enum Event {
     Control(Option<Control>),
     /// The waiting accepts have waited [`GATHER_TIME`].
     FlushDue,
-    Delivery(
-        Box<
-            std::result::Result<
-                fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
-                fe2o3_amqp::link::RecvError,
-            >,
-        >,
-    ),
+    Delivery(Box<Received>),
 }
+
+/// What the link's `recv` gives.
+type Received = std::result::Result<
+    fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+    fe2o3_amqp::link::RecvError,
+>;
+
+/// How many transfers already waiting are handed to the consumer at once.
+const BURST: usize = 32;
 
 enum Step {
     Continue,
@@ -300,13 +307,9 @@ impl ReceiveTask {
                 Event::Closed | Event::Control(None) => Step::Stop(None),
                 Event::Control(Some(control)) => self.handle(&mut attached.link, control).await,
                 Event::FlushDue => self.send_accepts(&attached.link).await,
-                Event::Delivery(delivery) => match *delivery {
-                    Ok(delivery) => self.deliver(&mut attached.link, delivery).await,
-                    Err(err) => {
-                        tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
-                        Step::LinkLost
-                    }
-                },
+                Event::Delivery(delivery) => {
+                    self.deliver_burst(&mut attached.link, *delivery).await
+                }
             };
             match step {
                 Step::Continue => {}
@@ -399,6 +402,40 @@ impl ReceiveTask {
         }
     }
 
+    /// Takes `first` and the transfers already waiting behind it (up to [`BURST`]),
+    /// then hands them to the consumer together: it is woken once for them, not once
+    /// each (docs/performance.md, "Broker drivers").
+    async fn deliver_burst(&mut self, link: &mut Receiver, first: Received) -> Step {
+        let mut step = self.take_in(link, first).await;
+        for _ in 1..BURST {
+            if !matches!(step, Step::Continue) {
+                break;
+            }
+            // Cancel safe, as the `select!` in `run` relies on: nothing is lost when
+            // no transfer is waiting.
+            match link.recv::<Body<Value>>().now_or_never() {
+                Some(received) => step = self.take_in(link, received).await,
+                None => break,
+            }
+        }
+        for delivery in self.burst.drain(..) {
+            if self.out.send(Ok(delivery)).is_err() {
+                return Step::Stop(None);
+            }
+        }
+        step
+    }
+
+    async fn take_in(&mut self, link: &mut Receiver, received: Received) -> Step {
+        match received {
+            Ok(delivery) => self.deliver(link, delivery).await,
+            Err(err) => {
+                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
+                Step::LinkLost
+            }
+        }
+    }
+
     async fn deliver(
         &mut self,
         link: &mut Receiver,
@@ -421,13 +458,7 @@ impl ReceiveTask {
                     message_id: message.id.clone(),
                 };
                 self.buffered.fetch_add(1, Ordering::AcqRel);
-                if self
-                    .out
-                    .send(Ok(Delivery::new(message, Box::new(acker))))
-                    .is_err()
-                {
-                    return Step::Stop(None);
-                }
+                self.burst.push(Delivery::new(message, Box::new(acker)));
                 Step::Continue
             }
             Err(err) => {
@@ -528,34 +559,25 @@ impl ReceiveTask {
 
     /// Gives back credit for settled deliveries: `unsettled + credit <= prefetch`.
     async fn top_up(&mut self, link: &mut Receiver) -> Step {
-        let prefetch = self.spec.prefetch;
         let held = u32::try_from(self.unsettled.len()).unwrap_or(u32::MAX);
-        let target = prefetch.saturating_sub(held);
-        let credit = self.credit;
-        let threshold = (prefetch / 2).max(1);
-        let starving = self.buffered.load(Ordering::Acquire) == 0;
-        let may_flow = if self.spec.profile.credit_overshoots() {
-            // RabbitMQ 3.x computes the new credit without the deliveries still on
-            // their way to us and sends that many more, which fe2o3 refuses as a
-            // transfer-limit violation. Granting only when nothing is in flight keeps
-            // its count right; a consumer that has taken everything gets what is free
-            // at once, one that has work buffered waits for half the prefetch.
-            credit == 0 && target > 0 && (target >= threshold || starving)
-        } else {
-            target > credit && (target - credit >= threshold || credit == 0 || starving)
+        let window = CreditWindow {
+            prefetch: self.spec.prefetch,
+            overshoots: self.spec.profile.credit_overshoots(),
         };
-        if may_flow {
-            // The broker learns of the settlements this credit is for before the
-            // credit itself, so it never has more than `prefetch` out unsettled.
-            if let Step::LinkLost = self.send_accepts(link).await {
-                return Step::LinkLost;
-            }
-            if let Err(err) = link.set_credit(target).await {
-                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
-                return Step::LinkLost;
-            }
-            self.credit = target;
+        let starving = self.buffered.load(Ordering::Acquire) == 0;
+        let Some(target) = window.grant(held, self.credit, starving) else {
+            return Step::Continue;
+        };
+        // The broker learns of the settlements this credit is for before the credit
+        // itself, so it never has more than `prefetch` out unsettled.
+        if let Step::LinkLost = self.send_accepts(link).await {
+            return Step::LinkLost;
         }
+        if let Err(err) = link.set_credit(target).await {
+            tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
+            return Step::LinkLost;
+        }
+        self.credit = target;
         Step::Continue
     }
 
@@ -587,6 +609,40 @@ impl ReceiveTask {
     }
 }
 
+/// When a receiver gives credit back, and how much.
+#[derive(Debug, Clone, Copy)]
+struct CreditWindow {
+    prefetch: u32,
+    /// The broker may send more than the credit it was given when a flow crosses
+    /// deliveries in flight (RabbitMQ 3.x).
+    overshoots: bool,
+}
+
+impl CreditWindow {
+    /// The credit to grant now, given the deliveries still unsettled (`held`), the
+    /// credit the broker still has, and whether the consumer has taken every delivery
+    /// handed to it (`starving`); `None` for no flow.
+    fn grant(self, held: u32, credit: u32, starving: bool) -> Option<u32> {
+        let target = self.prefetch.saturating_sub(held);
+        let threshold = (self.prefetch / 2).max(1);
+        let flow = if self.overshoots {
+            // RabbitMQ 3.x computes the new credit without the deliveries still on
+            // their way to us and sends that many more, which fe2o3 refuses as a
+            // transfer-limit violation. Granting only when nothing is in flight keeps
+            // its count right; a consumer that has taken everything gets what is free
+            // at once, one that has work buffered waits for half the prefetch.
+            credit == 0 && target > 0 && (target >= threshold || starving)
+        } else {
+            // Half the window at a time, as fe2o3's own automatic credit does. Not
+            // on every settlement of a consumer that keeps up: that was a flow frame
+            // per ack, and halved the rate on Artemis (docs/performance.md, "Broker
+            // drivers").
+            target > credit && (target - credit >= threshold || credit == 0)
+        };
+        flow.then_some(target)
+    }
+}
+
 /// The answer to settling a delivery of a link that is gone: the broker has it back.
 fn lost_link_settlement(accept: bool) -> Result<()> {
     if accept {
@@ -595,5 +651,56 @@ fn lost_link_settlement(accept: bool) -> Result<()> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CreditWindow;
+
+    const EXACT: CreditWindow = CreditWindow {
+        prefetch: 1000,
+        overshoots: false,
+    };
+    const OVERSHOOTS: CreditWindow = CreditWindow {
+        prefetch: 1000,
+        overshoots: true,
+    };
+
+    #[test]
+    fn a_consumer_that_keeps_up_gets_credit_half_a_window_at_a_time() {
+        // 300 delivered and settled, nothing buffered: 700 still granted, no flow.
+        assert_eq!(EXACT.grant(0, 700, true), None);
+        // 500 settled: the window is topped up.
+        assert_eq!(EXACT.grant(0, 500, true), Some(1000));
+        assert_eq!(EXACT.grant(0, 0, false), Some(1000));
+    }
+
+    #[test]
+    fn credit_never_lets_unsettled_deliveries_pass_the_prefetch() {
+        for held in [0, 1, 499, 500, 999, 1000, 5000] {
+            for credit in [0, 1, 250, 500, 1000] {
+                for starving in [false, true] {
+                    for window in [EXACT, OVERSHOOTS] {
+                        if let Some(granted) = window.grant(held, credit, starving) {
+                            assert!(
+                                held + granted <= window.prefetch,
+                                "{window:?}: {held} held + {granted} granted"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_broker_that_overshoots_gets_credit_only_once_all_granted_arrived() {
+        assert_eq!(OVERSHOOTS.grant(0, 1, true), None);
+        assert_eq!(OVERSHOOTS.grant(0, 0, false), Some(1000));
+        // Work buffered and most of the window unsettled: wait for half of it.
+        assert_eq!(OVERSHOOTS.grant(800, 0, false), None);
+        // Nothing buffered: what is free, at once.
+        assert_eq!(OVERSHOOTS.grant(800, 0, true), Some(200));
     }
 }
