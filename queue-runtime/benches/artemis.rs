@@ -23,7 +23,7 @@
 //!
 //! Run: `cargo bench -p queue-runtime --bench artemis`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fe2o3_amqp::types::messaging::{DistributionMode, Source};
 use fe2o3_amqp::types::primitives::Symbol;
@@ -38,7 +38,9 @@ mod bench_args;
 mod host_runs;
 #[path = "support/target_dir.rs"]
 mod target_dir;
-use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, in_turns, raw_fe2o3_receive, run_host_until};
+use host_runs::{
+    CREDIT, DRAIN_TIMEOUT, Until, assert_drained, in_turns, raw_fe2o3_receive, run_host_until,
+};
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-artemis.json";
@@ -172,23 +174,15 @@ async fn fill(driver: &Amqp10Driver, queue: &QueueId) {
         .expect("fill");
 }
 
-/// Waits (up to 5 s: settlements reach the queue asynchronously) until the queue has
-/// no message left, and fails the bench if it keeps some: a drain that did not settle.
+/// Fails the bench if the queue keeps messages after a drain.
 async fn assert_empty(driver: &Amqp10Driver, queue: &QueueId) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = driver
+    let name = queue.to_string();
+    assert_drained(&name, || async {
+        driver
             .info(queue)
             .await
             .expect("queue info")
-            .message_count();
-        if left == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{queue} still has {left} messages after the drain"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .message_count()
+    })
+    .await;
 }

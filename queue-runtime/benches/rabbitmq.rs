@@ -45,7 +45,9 @@ mod bench_args;
 mod host_runs;
 #[path = "support/target_dir.rs"]
 mod target_dir;
-use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, in_turns, raw_fe2o3_receive, run_host_until};
+use host_runs::{
+    CREDIT, DRAIN_TIMEOUT, Until, assert_drained, in_turns, raw_fe2o3_receive, run_host_until,
+};
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-rabbitmq.json";
@@ -200,32 +202,23 @@ fn app_amqp10(dir: &std::path::Path, queue: &str) -> std::path::PathBuf {
     path
 }
 
-/// Waits (up to 5 s: acks reach the queue asynchronously) until `queue` has no ready
-/// message left, and fails the bench if it keeps some: a drain that did not settle.
+/// Fails the bench if `queue` keeps ready messages after a drain.
 async fn assert_empty(ch: &Channel, queue: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let declared = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        let left = declared.message_count();
-        if left == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{queue} still has {left} messages after the drain"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_drained(queue, || async {
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare")
+        .message_count()
+        .into()
+    })
+    .await;
 }
 
 /// Rounds of the in-turns pass: each drains one queue with each side of a pair.

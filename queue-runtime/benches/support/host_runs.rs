@@ -192,6 +192,27 @@ pub async fn raw_fe2o3_receive(
     drained
 }
 
+/// Waits (up to 5 s: settlements reach the queue asynchronously) until `left`, the
+/// queue's message count, is 0, and fails the bench if it stays above: a drain that
+/// did not settle.
+pub async fn assert_drained<F: std::future::Future<Output = u64>>(
+    queue: &str,
+    mut left: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = left().await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue} still has {left} messages after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
 /// time each took in all: both sides see the same drift of this machine's speed,
 /// which criterion, measuring one side after the other, does not give them.
