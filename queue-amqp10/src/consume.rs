@@ -1,14 +1,15 @@
 //! Receiving: one receiver link per subscription, link credit = prefetch.
 //!
-//! A task owns the link. It reads transfers, hands them out as [`Delivery`]s, and
+//! A task owns the link. It reads transfers, hands them out as [`Delivery`]s (those
+//! already waiting together, so that a fast consumer is woken once for them), and
 //! performs every settlement the ackers hand it (accepted for ack, released for
 //! release): releases at once, accepts gathered into one disposition (up to
 //! [`GATHER_COUNT`] of them, at most [`GATHER_TIME`] after the first, and always
 //! before credit is granted); `ack` returns once its settlement is handed over, and a
 //! cancel or stop sends the acks handed over before it ahead of releasing the rest.
 //! Credit is managed by hand: `unsettled + credit <= prefetch` always holds, and
-//! credit is topped up once half of it (or all, for a prefetch of 1 or 2) can be given
-//! back, on RabbitMQ 3.x only once the last credit has been used (see `top_up`), so
+//! credit is topped up once half of it can be given back or none is left, on RabbitMQ
+//! 3.x only once the last credit has been used (see `CreditWindow`), so
 //! the broker never has more than `prefetch` deliveries out to this subscription.
 //!
 //! When the link, session or connection is lost the task re-attaches with backoff and
@@ -426,6 +427,7 @@ impl ReceiveTask {
         step
     }
 
+    /// One result of the link's `recv`: a delivery for the burst, or the link lost.
     async fn take_in(&mut self, link: &mut Receiver, received: Received) -> Step {
         match received {
             Ok(delivery) => self.deliver(link, delivery).await,
@@ -436,6 +438,8 @@ impl ReceiveTask {
         }
     }
 
+    /// Maps one transfer into a delivery waiting in `burst`, or rejects it when no
+    /// one can read it.
     async fn deliver(
         &mut self,
         link: &mut Receiver,
