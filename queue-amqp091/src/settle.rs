@@ -244,12 +244,8 @@ fn queue<'a>(
 /// least twice as many).
 const GATHER_COUNT: usize = 64;
 /// The longest a settlement waits for others to join its round: the broker learns of
-/// an ack at most this much later (a crash in between redelivers the message). Long
-/// enough that a steady consumer's rounds fill (64 settlements take 1.5 ms at 42k
-/// msg/s a channel) and are sent by the settling thread: at 1 ms the flusher task sent
-/// nearly every round, waking a tokio worker and lapin's writer a thousand times a
-/// second per channel (docs/performance.md, "The runtime on RabbitMQ").
-const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(4);
+/// an ack at most this much later (a crash in between redelivers the message).
+const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What the flusher does next.
 enum Next {
