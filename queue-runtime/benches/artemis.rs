@@ -44,8 +44,6 @@ use host_runs::{
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-artemis.json";
-/// The shared Artemis instance (guest/guest), which `shared_url` names too.
-const ARTEMIS_PORT: u16 = 6672;
 const CONSUME_N: usize = 20_000;
 /// Rounds of the pass: each drains the queue once with each side.
 const ROUNDS: u32 = 16;
@@ -60,9 +58,8 @@ fn main() {
         .build()
         .expect("runtime");
     let url = queue_fixtures::artemis::shared_url();
-    let reachable = rt.block_on(tokio::net::TcpStream::connect(("127.0.0.1", ARTEMIS_PORT)));
-    if reachable.is_err() {
-        println!("skipped: ActiveMQ Artemis is not reachable on 127.0.0.1:6672");
+    if let Some(why) = queue_fixtures::artemis::shared_unavailable() {
+        println!("skipped: {why}");
         return;
     }
     let queue_name = format!("bench-artemis-{}", std::process::id());
@@ -95,7 +92,7 @@ fn main() {
     let mut connection = rt
         .block_on(queue_fixtures::raw_amqp10::open(
             "bench-raw-fe2o3",
-            ARTEMIS_PORT,
+            queue_fixtures::artemis::SHARED_AMQP_PORT,
             "guest",
             "guest",
         ))

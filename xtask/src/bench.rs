@@ -22,38 +22,11 @@ use serde::{Deserialize, Serialize};
 struct Suite {
     package: &'static str,
     bench: &'static str,
-    /// The broker it measures against, if any: skipped (and said so) when it is not
-    /// reachable.
-    needs: Option<Broker>,
+    /// Why the broker it measures against cannot be used, if it needs one (a
+    /// `shared_unavailable` of `queue_fixtures`): the suite is then skipped, said so.
+    needs: Option<fn() -> Option<String>>,
     /// What it is passed for `--quick`.
     quick_args: &'static [&'static str],
-}
-
-/// A broker some suites measure against, on its shared instance's port.
-#[derive(Clone, Copy)]
-enum Broker {
-    RabbitMq,
-    Artemis,
-}
-
-impl Broker {
-    fn name(self) -> &'static str {
-        match self {
-            Broker::RabbitMq => "RabbitMQ",
-            Broker::Artemis => "ActiveMQ Artemis",
-        }
-    }
-
-    fn address(self) -> &'static str {
-        match self {
-            Broker::RabbitMq => "127.0.0.1:5672",
-            Broker::Artemis => "127.0.0.1:6672",
-        }
-    }
-
-    fn reachable(self) -> bool {
-        std::net::TcpStream::connect(self.address()).is_ok()
-    }
 }
 
 /// Criterion's settings for `--quick`.
@@ -88,19 +61,19 @@ const SUITES: &[Suite] = &[
     Suite {
         package: "queue-amqp091",
         bench: "publish_consume",
-        needs: Some(Broker::RabbitMq),
+        needs: Some(queue_fixtures::rabbitmq::shared_unavailable),
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-runtime",
         bench: "rabbitmq",
-        needs: Some(Broker::RabbitMq),
+        needs: Some(queue_fixtures::rabbitmq::shared_unavailable),
         quick_args: CRITERION_QUICK,
     },
     Suite {
         package: "queue-amqp10",
         bench: "send",
-        needs: Some(Broker::RabbitMq),
+        needs: Some(queue_fixtures::rabbitmq::shared_unavailable),
         quick_args: CRITERION_QUICK,
     },
     // Not criterion: it writes target/bench/in_turns-artemis.json (see
@@ -108,7 +81,7 @@ const SUITES: &[Suite] = &[
     Suite {
         package: "queue-runtime",
         bench: "artemis",
-        needs: Some(Broker::Artemis),
+        needs: Some(queue_fixtures::artemis::shared_unavailable),
         quick_args: &[],
     },
     // Not criterion: it writes target/bench/in_turns-end_to_end.json, the figures of
@@ -294,13 +267,8 @@ pub fn run(options: Options) -> Result<bool, String> {
             "cargo bench -p {} --bench {}",
             suite.package, suite.bench
         ));
-        if let Some(broker) = suite.needs.filter(|broker| !broker.reachable()) {
-            progress.println(format!(
-                "skipped {}: {} is not reachable on {}",
-                suite.bench,
-                broker.name(),
-                broker.address()
-            ));
+        if let Some(why) = suite.needs.and_then(|unavailable| unavailable()) {
+            progress.println(format!("skipped {}: {why}", suite.bench));
             progress.inc(1);
             continue;
         }
@@ -348,7 +316,7 @@ pub fn run(options: Options) -> Result<bool, String> {
     for path in in_turns_files(&out_dir) {
         results.extend(read_in_turns(&path));
     }
-    if Broker::RabbitMq.reachable() {
+    if queue_fixtures::rabbitmq::shared_unavailable().is_none() {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
             Ok(k) => results.extend(k),
             Err(e) => progress.println(format!("kombu skipped: {e}")),

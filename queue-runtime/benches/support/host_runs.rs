@@ -24,8 +24,8 @@ pub const CREDIT: u32 = 1000;
 /// What the runtime counts in its metrics that the bench reads: acks, confirmed
 /// publishes and deliveries, each with the time it was first counted.
 #[derive(Default)]
-pub struct Counted {
-    pub acked: Arc<Tally>,
+struct Counted {
+    acked: Arc<Tally>,
     published: Arc<Tally>,
     delivered: Arc<Tally>,
 }
@@ -34,7 +34,7 @@ pub struct Counted {
 /// [`Tally::forget_first`], and a signal when it reaches the count a bench waits for.
 /// Incremented on the runtime's hot path, so after the first count an increment is
 /// three atomic operations, no lock.
-pub struct Tally {
+struct Tally {
     count: AtomicU64,
     /// Nanoseconds after [`epoch`] of the first count; 0 for none yet.
     first_ns: AtomicU64,
@@ -58,7 +58,7 @@ impl Default for Tally {
 }
 
 /// The instant `Tally` times are measured from.
-pub fn epoch() -> Instant {
+fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
@@ -135,7 +135,7 @@ impl metrics::Recorder for Counted {
 }
 
 /// The counters of the recorder installed for this process.
-pub fn counted() -> &'static Counted {
+fn counted() -> &'static Counted {
     static COUNTED: std::sync::OnceLock<&'static Counted> = std::sync::OnceLock::new();
     COUNTED.get_or_init(|| {
         let recorder: &'static Counted = Box::leak(Box::default());
