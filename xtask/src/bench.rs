@@ -29,6 +29,12 @@ struct Suite {
     quick_args: &'static [&'static str],
 }
 
+/// How long one suite may run once built (criterion's full settings take the longest);
+/// past it the suite is killed and reported as failed, and the run goes on.
+const SUITE_LIMIT: Duration = Duration::from_secs(40 * 60);
+/// The same for `--quick` (a whole quick run of every suite takes about 14 minutes).
+const SUITE_LIMIT_QUICK: Duration = Duration::from_secs(12 * 60);
+
 /// Criterion's settings for `--quick`.
 const CRITERION_QUICK: &[&str] = &[
     "--warm-up-time",
@@ -268,39 +274,79 @@ pub fn run(options: Options) -> Result<bool, String> {
             suite.package, suite.bench
         ));
         if let Some(why) = suite.needs.and_then(|unavailable| unavailable()) {
-            progress.println(format!("skipped {}: {why}", suite.bench));
+            say(&progress, format!("skipped {}: {why}", suite.bench));
             progress.inc(1);
             continue;
         }
-        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        // Built first, with no limit (a fresh machine compiles for many minutes), so
+        // that the limit below times the bench alone.
+        let mut build = cargo();
+        build.args([
+            "bench",
+            "-p",
+            suite.package,
+            "--bench",
+            suite.bench,
+            "--no-run",
+        ]);
+        match build.output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                all_ok = false;
+                say(
+                    &progress,
+                    format!(
+                        "bench {} did not build:{}",
+                        suite.bench,
+                        last_lines(&out.stderr, 20)
+                    ),
+                );
+                progress.inc(1);
+                continue;
+            }
+            Err(e) => return Err(format!("cargo: {e}")),
+        }
+        let mut command = cargo();
         command.args(["bench", "-p", suite.package, "--bench", suite.bench, "--"]);
         if quick {
             command.args(suite.quick_args);
         }
-        let output = command.output().map_err(|e| e.to_string())?;
+        let limit = if quick {
+            SUITE_LIMIT_QUICK
+        } else {
+            SUITE_LIMIT
+        };
+        let output = match output_within(&mut command, limit) {
+            Ok(output) => output,
+            Err(why) => {
+                all_ok = false;
+                say(&progress, format!("bench {} failed: {why}", suite.bench));
+                progress.inc(1);
+                continue;
+            }
+        };
         if !output.status.success() {
             all_ok = false;
-            progress.println(format!(
-                "bench {} failed:\n{}",
-                suite.bench,
-                String::from_utf8_lossy(&output.stderr)
-                    .lines()
-                    .rev()
-                    .take(20)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ));
+            say(
+                &progress,
+                format!(
+                    "bench {} failed ({}):{}",
+                    suite.bench,
+                    output.status,
+                    last_lines(&output.stderr, 20)
+                ),
+            );
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         for line in stdout.lines().filter(|l| l.starts_with("rss_")) {
-            progress.println(line);
+            say(&progress, line.to_string());
             std::fs::write(out_dir.join("rss.txt"), line).map_err(|e| e.to_string())?;
         }
         for line in stdout
             .lines()
             .filter(|l| l.starts_with("latency ") || l.starts_with("skipped:"))
         {
-            progress.println(format!("{}: {line}", suite.bench));
+            say(&progress, format!("{}: {line}", suite.bench));
         }
         progress.inc(1);
     }
@@ -319,7 +365,7 @@ pub fn run(options: Options) -> Result<bool, String> {
     if queue_fixtures::rabbitmq::shared_unavailable().is_none() {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
             Ok(k) => results.extend(k),
-            Err(e) => progress.println(format!("kombu skipped: {e}")),
+            Err(e) => say(&progress, format!("kombu skipped: {e}")),
         }
     }
     progress.inc(1);
@@ -394,6 +440,21 @@ pub fn run(options: Options) -> Result<bool, String> {
         println!("wrote the tables into {DOCS_PAGE} and the plot into {DOCS_PLOT}");
     }
     Ok(all_ok)
+}
+
+/// `cargo`, the one running xtask if known.
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Prints `line` above the progress bar, or to stderr when the bar is hidden (stderr is
+/// not a terminal): a failing suite's output must be seen in a CI log too.
+fn say(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
 }
 
 /// When the run that wrote `results.json` started, for `--report-only` to read only
@@ -598,9 +659,14 @@ fn kombu(out_dir: &Path, n: u32) -> Result<BTreeMap<String, f64>, String> {
 }
 
 /// Runs `command` to its end and returns what it wrote, or kills it once `limit` has
-/// passed and says so (`did not finish in N s`).
+/// passed and says so (`did not finish in N s`, then the last lines it wrote to stderr).
+///
+/// The command runs in a process group of its own, and the whole group is killed: a
+/// `cargo bench` killed alone would leave the bench binary it started spinning.
 fn output_within(command: &mut Command, limit: Duration) -> Result<Output, String> {
+    use std::os::unix::process::CommandExt;
     let mut child = command
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -610,28 +676,57 @@ fn output_within(command: &mut Command, limit: Duration) -> Result<Output, Strin
     // holds would otherwise block and never exit.
     let stdout = read_in_background(child.stdout.take());
     let stderr = read_in_background(child.stderr.take());
+    // A grandchild that inherited a pipe could keep it open after the child exited:
+    // wait for the rest of the output a little, not for ever.
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+    };
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("did not finish in {} s", limit.as_secs()));
+            kill_group(&mut child);
+            let written = collect(stderr);
+            return Err(format!(
+                "did not finish in {} s{}",
+                limit.as_secs(),
+                last_lines(&written, 20)
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    // A grandchild that inherited a pipe could keep it open after the child exited:
-    // wait for the rest of the output a little, not for ever.
-    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
-        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
     };
     Ok(Output {
         status,
         stdout: collect(stdout),
         stderr: collect(stderr),
     })
+}
+
+/// Kills `child`'s process group (it leads one, see `output_within`), then reaps it.
+fn kill_group(child: &mut std::process::Child) {
+    let group = format!("-{}", child.id());
+    let killed = Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !killed {
+        // Without `kill(1)`, the child at least.
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// The last `n` lines of `bytes`, each on a line of its own after a newline; empty
+/// when there are none.
+fn last_lines(bytes: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|line| format!("\n{line}"))
+        .collect()
 }
 
 /// Reads `pipe` to its end on a thread of its own; the bytes arrive on the channel.
@@ -1077,6 +1172,39 @@ mod tests {
         let err = output_within(&mut command, Duration::from_secs(1)).expect_err("killed");
         assert_eq!(err, "did not finish in 1 s");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_command_past_its_limit_is_killed_with_what_it_started() {
+        let dir = std::env::temp_dir().join(format!("xtask-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pid_file = dir.join("grandchild.pid");
+        // As `cargo bench` starts the bench binary: a child that outlives its parent's
+        // kill unless the whole group goes.
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!(
+                "sleep 300 & echo $! > {}; echo started >&2; wait",
+                pid_file.display()
+            ),
+        ]);
+        let err = output_within(&mut command, Duration::from_secs(1)).expect_err("killed");
+        assert_eq!(err, "did not finish in 1 s\nstarted");
+        let grandchild = std::fs::read_to_string(&pid_file).expect("pid written");
+        // Gone, or a zombie that nobody has reaped yet (PID 1 here may be slow to).
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()));
+        let running = stat
+            .as_deref()
+            .ok()
+            .and_then(|stat| stat.rsplit(')').next())
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            !running,
+            "the grandchild {} outlived the limit",
+            grandchild.trim()
+        );
     }
 
     #[test]
