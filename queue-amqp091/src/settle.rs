@@ -13,7 +13,8 @@
 //!
 //! A round is complete when it holds [`GATHER_COUNT`] marks (fewer with a small
 //! prefetch: half of it, so that the broker always has deliveries left to send), or
-//! [`GATHER_TIME`] after its first mark. The mark that completes a round sends it,
+//! [`GATHER_TIME`] after its first mark ([`GATHER_TIME_FILLING`] when it fills fast:
+//! [`round_deadline`]). The mark that completes a round sends it,
 //! from the thread that made it; a round that no mark completes in time is sent by
 //! the channel's flusher task. Handing every round to the flusher cost a wake-up of
 //! another thread per round, and waiting for lapin to write each frame one more
@@ -156,7 +157,7 @@ impl Settler {
         state.marked_since_tick = true;
         let now = Instant::now();
         let started = *state.round_started.get_or_insert(now);
-        if state.marked >= self.round_size || now >= started + GATHER_TIME {
+        if state.marked >= self.round_size || now >= round_deadline(started, state.marked) {
             // Sent under the lock, so rounds reach lapin in the order they were taken.
             let round = state.take_round();
             if let Err(e) = self.hand_over(&round) {
@@ -243,9 +244,28 @@ fn queue<'a>(
 /// How many settlements make a round worth sending at once (with a prefetch of at
 /// least twice as many).
 const GATHER_COUNT: usize = 64;
-/// The longest a settlement waits for others to join its round: the broker learns of
-/// an ack at most this much later (a crash in between redelivers the message).
+/// The longest a settlement waits for others to join its round while they come
+/// slowly: the broker learns of an ack at most this much later (a crash in between
+/// redelivers the message).
 const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest a round waits that filled fast: one with [`FILLING_FAST`] settlements
+/// or more at [`GATHER_TIME`] is on its way to [`GATHER_COUNT`] within this, so the
+/// settlement that fills it sends it, rather than the flusher's timer a part of it.
+const GATHER_TIME_FILLING: std::time::Duration = std::time::Duration::from_millis(4);
+/// See [`GATHER_TIME_FILLING`]: a quarter of a full round.
+const FILLING_FAST: usize = GATHER_COUNT / 4;
+
+/// When a round that started at `started` and holds `marked` settlements is sent if
+/// it is not full before: [`GATHER_TIME`] after its start, or [`GATHER_TIME_FILLING`]
+/// when it fills fast. A consumer that settles slowly (a fixed rate, a small prefetch)
+/// never has that many in a millisecond, so its acks wait no longer than 1 ms.
+fn round_deadline(started: Instant, marked: usize) -> Instant {
+    if marked >= FILLING_FAST {
+        started + GATHER_TIME_FILLING
+    } else {
+        started + GATHER_TIME
+    }
+}
 
 /// What the flusher does next.
 enum Next {
@@ -298,7 +318,9 @@ fn next_step(settler: &Settler) -> Next {
     }
     let now = Instant::now();
     match state.round_started {
-        Some(started) if now < started + GATHER_TIME => Next::At(started + GATHER_TIME),
+        Some(started) if now < round_deadline(started, state.marked) => {
+            Next::At(round_deadline(started, state.marked))
+        }
         Some(_) => {
             let round = state.take_round();
             if let Err(e) = settler.hand_over(&round) {
@@ -400,6 +422,30 @@ impl Settlers {
             .collect();
         for s in settlers {
             s.close_and_drain(kind, why).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_that_fills_slowly_goes_out_one_millisecond_after_it_started() {
+        let started = Instant::now();
+        for marked in [1, 2, FILLING_FAST - 1] {
+            assert_eq!(round_deadline(started, marked), started + GATHER_TIME);
+        }
+    }
+
+    #[test]
+    fn a_round_that_fills_fast_waits_longer_to_be_filled_by_a_settlement() {
+        let started = Instant::now();
+        for marked in [FILLING_FAST, GATHER_COUNT - 1] {
+            assert_eq!(
+                round_deadline(started, marked),
+                started + GATHER_TIME_FILLING
+            );
         }
     }
 }
