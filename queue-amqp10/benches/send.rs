@@ -112,10 +112,12 @@ fn send(c: &mut Criterion) {
             let (driver, queue, address) = (&driver, &queue, &address);
             async move {
                 // TCP_NODELAY, as the driver's connection has it.
-                let mut connection =
-                    queue_fixtures::raw_amqp10::open("bench-raw", 5672, "guest", "guest")
-                        .await
-                        .expect("connect");
+                let mut connection = queue_fixtures::raw_amqp10::open(
+                    "bench-raw",
+                    queue_fixtures::rabbitmq::SHARED_AMQP10_URL,
+                )
+                .await
+                .expect("connect");
                 let mut session = Session::begin(&mut connection).await.expect("session");
                 let mut sender = Sender::attach(&mut session, "bench-raw", address.as_str())
                     .await

@@ -10,22 +10,32 @@
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 
-/// Opens an AMQP 1.0 connection to `127.0.0.1:port` with SASL PLAIN, `TCP_NODELAY`
-/// set.
+/// Opens an AMQP 1.0 connection to `url` (`amqp://user:password@127.0.0.1:port`, as
+/// the fixtures' shared URLs are) with SASL PLAIN, `TCP_NODELAY` set. Any host but
+/// 127.0.0.1 is refused: the benches measure loopback brokers only.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), String> {
-/// let mut connection = queue_fixtures::raw_amqp10::open("bench-raw", 6672, "guest", "guest").await?;
+/// let url = queue_fixtures::artemis::shared_url();
+/// let mut connection = queue_fixtures::raw_amqp10::open("bench-raw", &url).await?;
 /// let _ = connection.close().await;
 /// # Ok(())
 /// # }
 /// ```
-pub async fn open(
-    container_id: &str,
-    port: u16,
-    username: &str,
-    password: &str,
-) -> Result<ConnectionHandle<()>, String> {
+pub async fn open(container_id: &str, url: &str) -> Result<ConnectionHandle<()>, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    if parsed.scheme() != "amqp" || parsed.host_str() != Some("127.0.0.1") {
+        return Err(format!("{url}: only amqp://…@127.0.0.1 is opened here"));
+    }
+    let port = parsed.port().unwrap_or(5672);
+    let decoded = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|e| format!("{url}: {e}"))
+    };
+    let username = decoded(parsed.username())?;
+    let password = decoded(parsed.password().unwrap_or(""))?;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| format!("cannot connect to 127.0.0.1:{port}: {e}"))?;
@@ -35,11 +45,37 @@ pub async fn open(
     fe2o3_amqp::Connection::builder()
         .container_id(container_id)
         .hostname("127.0.0.1")
-        .sasl_profile(SaslProfile::Plain {
-            username: username.to_string(),
-            password: password.to_string(),
-        })
+        .sasl_profile(SaslProfile::Plain { username, password })
         .open_with_stream(stream)
         .await
         .map_err(|e| format!("opening an AMQP 1.0 connection to 127.0.0.1:{port}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open;
+
+    fn refused(url: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        match rt.block_on(open("test", url)) {
+            Ok(_) => panic!("{url} was opened"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn only_loopback_amqp_urls_are_opened() {
+        for url in [
+            "amqp://guest:guest@example.com:5672",
+            "amqp://guest:guest@localhost:5672",
+            "amqps://guest:guest@127.0.0.1:5671",
+        ] {
+            let e = refused(url);
+            assert!(e.contains("only amqp://…@127.0.0.1"), "{url}: {e}");
+        }
+        assert!(refused("not a url").starts_with("not a url: "));
+    }
 }

@@ -90,12 +90,7 @@ fn main() {
         time
     };
     let mut connection = rt
-        .block_on(queue_fixtures::raw_amqp10::open(
-            "bench-raw-fe2o3",
-            queue_fixtures::artemis::SHARED_AMQP_PORT,
-            "guest",
-            "guest",
-        ))
+        .block_on(queue_fixtures::raw_amqp10::open("bench-raw-fe2o3", &url))
         .expect("connect to Artemis over AMQP 1.0");
     let mut raw_drain = || {
         filled_drain(&mut || {

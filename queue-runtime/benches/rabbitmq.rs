@@ -276,7 +276,10 @@ fn bench(c: &mut Criterion) {
     // One connection for many drains, as raw_lapin shares one; each drain opens its
     // own session and receiver, as raw_lapin opens a channel.
     let open_amqp10 = || {
-        let open = queue_fixtures::raw_amqp10::open("bench-raw-fe2o3", 5672, "guest", "guest");
+        let open = queue_fixtures::raw_amqp10::open(
+            "bench-raw-fe2o3",
+            queue_fixtures::rabbitmq::SHARED_AMQP10_URL,
+        );
         rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, open).await })
             .expect("connecting over AMQP 1.0 timed out")
             .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)")
