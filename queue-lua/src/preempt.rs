@@ -24,7 +24,7 @@
 //! ([`available`] is false).
 
 #[cfg(all(unix, test))]
-pub(crate) use unix::watchdog_parked;
+pub(crate) use unix::wait_until_watchdog_parks;
 #[cfg(unix)]
 pub(crate) use unix::{Polling, available, hook, slice_overran};
 
@@ -207,10 +207,22 @@ mod unix {
         }
     }
 
-    /// Whether the watchdog is parked, waiting for a poll to start.
+    /// Rung each time the watchdog parks, for [`wait_until_watchdog_parks`].
     #[cfg(test)]
-    pub(crate) fn watchdog_parked() -> bool {
-        watchdog().parked.load(Ordering::SeqCst)
+    static PARKING: std::sync::Condvar = std::sync::Condvar::new();
+    #[cfg(test)]
+    static PARKING_LOCK: Mutex<()> = Mutex::new(());
+
+    /// Blocks until the watchdog parks, waiting for a poll to start (it may be parked
+    /// already); `false` if it has not within `limit` (other tests kept polling).
+    #[cfg(test)]
+    pub(crate) fn wait_until_watchdog_parks(limit: std::time::Duration) -> bool {
+        let Ok(guard) = PARKING_LOCK.lock() else {
+            return false;
+        };
+        PARKING
+            .wait_timeout_while(guard, limit, |_| !watchdog().parked.load(Ordering::SeqCst))
+            .is_ok_and(|(_, waited)| !waited.timed_out())
     }
 
     /// After this many looks with no poll in progress anywhere, the watchdog parks
@@ -262,6 +274,13 @@ mod unix {
                 .any(|thread| thread.depth.load(Ordering::SeqCst) > 0);
             drop(threads);
             if !started {
+                #[cfg(test)]
+                {
+                    // Under the lock: a waiter between its look at `parked` and its
+                    // wait cannot miss the ring.
+                    let _ring = PARKING_LOCK.lock();
+                    PARKING.notify_all();
+                }
                 std::thread::park();
             }
             watchdog.parked.store(false, Ordering::SeqCst);
