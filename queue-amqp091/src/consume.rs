@@ -268,13 +268,10 @@ impl Amqp091Subscription {
             consumer,
             ..
         } = a;
-        drop(consumer);
         let why = why.to_string();
         let close = async move {
             settler.close_and_drain(kind, &why).await;
-            if channel.status().connected() {
-                let _ = channel.close(200, "consumer detached".into()).await;
-            }
+            let _ = close_then_drop(channel, consumer).await;
         };
         // On the driver's runtime, which works from any thread (a subscription
         // dropped outside a runtime too) and outlives the caller's. If that
@@ -341,16 +338,26 @@ impl Subscription for Amqp091Subscription {
                 "the subscription was cancelled: the message went back to the queue",
             )
             .await;
-        drop(a.consumer);
         // Closing the channel returns every unacked delivery of it to the queue.
-        if a.channel.status().connected() {
-            a.channel
-                .close(200, "cancelled".into())
-                .await
-                .map_err(|e| error::map(format!("cancel consumer of {}", self.queue), e))?;
-        }
-        Ok(())
+        close_then_drop(a.channel, a.consumer)
+            .await
+            .map_err(|e| error::map(format!("cancel consumer of {}", self.queue), e))
     }
+}
+
+/// Closes `channel`, then drops its `consumer`. A lapin consumer dropped while active
+/// cancels itself from a task of lapin's; if that cancel meets the channel already
+/// closing it fails, and lapin takes the failure for the connection's: every channel
+/// on it closes, and acks other consumers had not sent yet are lost (their messages
+/// come again). Dropped after the close, the consumer has nothing left to cancel.
+async fn close_then_drop(channel: Channel, consumer: Consumer) -> lapin::Result<()> {
+    let closed = if channel.status().connected() {
+        channel.close(200, "cancelled".into()).await
+    } else {
+        Ok(())
+    };
+    drop(consumer);
+    closed
 }
 
 impl Drop for Amqp091Subscription {

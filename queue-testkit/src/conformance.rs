@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use libtest_mimic::Trial;
 use queue_core::{Capabilities, ErrorKind, HeaderValue, Headers, Message, Value};
 
@@ -415,6 +416,62 @@ pub async fn rapid_consume_cancel_cycles(ctx: &TestContext) {
     assert_eq!(acked, (0..10).collect());
 }
 
+/// Cancelling a consumer that still has deliveries on their way to it costs nothing
+/// but that consumer. Eight churners side by side each run 100 cycles of consume, take
+/// one, ack, cancel (with more messages waiting, so each consumer is sent more than it
+/// takes), while a steady consumer takes and acks one message per cycle: the driver
+/// stays on the connection it started with, and every ack of the steady consumer
+/// reaches the broker. (lapin's consumer, dropped while active, cancels itself from a
+/// task of its own; racing the channel's close, that cancel failed and lapin closed
+/// the whole connection, taking the other consumers' unsent acks with it.)
+pub async fn cancelling_one_consumer_spares_the_others(ctx: &TestContext) {
+    const CHURNERS: i64 = 8;
+    const CYCLES: i64 = 100;
+    let churned = ctx.declared("cancel-churn").await;
+    let steady = ctx.declared("cancel-steady").await;
+    for n in 0..CHURNERS * (CYCLES + 2) {
+        ctx.publish(&churned, numbered(n)).await;
+    }
+    let steady_count = CHURNERS * CYCLES;
+    for n in 0..steady_count {
+        ctx.publish(&steady, numbered(n)).await;
+    }
+    let before = ctx.driver().connection();
+    let churners = (0..CHURNERS).map(|_| async {
+        for _ in 0..CYCLES {
+            let mut sub = ctx.consume(&churned, 2).await;
+            within("ack", next(&mut sub).await.ack()).await.unwrap();
+            within("cancel", sub.cancel()).await.unwrap();
+        }
+    });
+    let steady_acks = async {
+        let mut kept = ctx.consume(&steady, 1).await;
+        let mut acked = HashSet::new();
+        for _ in 0..steady_count {
+            let d = next(&mut kept).await;
+            acked.insert(number_of(&d));
+            within("ack", d.ack()).await.unwrap();
+        }
+        within("cancel", kept.cancel()).await.unwrap();
+        acked
+    };
+    let ((), acked) = futures_util::future::join(
+        futures_util::future::join_all(churners).map(|_| ()),
+        steady_acks,
+    )
+    .await;
+    assert_eq!(acked, (0..steady_count).collect(), "a steady ack was lost");
+    if let (Some(before), Some(after)) = (before, ctx.driver().connection()) {
+        assert_eq!(
+            after.connections_opened, before.connections_opened,
+            "cancelling consumers cost the connection"
+        );
+    }
+    let mut sub = ctx.consume(&steady, 10).await;
+    assert_nothing_more(ctx, &steady, &mut sub).await;
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// Every message arrives with the id it was published with, and no two share one.
 pub async fn each_message_keeps_its_own_id(ctx: &TestContext) {
     let q = ctx.declared("ids").await;
@@ -781,6 +838,7 @@ const CONTRACTS: &[Contract] = contracts![
     new_consumer_after_cancel,
     acks_made_right_before_cancel_are_kept,
     rapid_consume_cancel_cycles,
+    cancelling_one_consumer_spares_the_others,
     each_message_keeps_its_own_id,
     competing_consumers_share_without_duplicates,
     eight_concurrent_publishers,
