@@ -661,12 +661,11 @@ fn kombu(out_dir: &Path, n: u32) -> Result<BTreeMap<String, f64>, String> {
 /// Runs `command` to its end and returns what it wrote, or kills it once `limit` has
 /// passed and says so (`did not finish in N s`, then the last lines it wrote to stderr).
 ///
-/// The command runs in a process group of its own, and the whole group is killed: a
-/// `cargo bench` killed alone would leave the bench binary it started spinning.
+/// The command is killed with every process it started: a `cargo bench` killed alone
+/// would leave the bench binary it started spinning. (It stays in xtask's process
+/// group, so that Ctrl-C at the terminal still stops it.)
 fn output_within(command: &mut Command, limit: Duration) -> Result<Output, String> {
-    use std::os::unix::process::CommandExt;
     let mut child = command
-        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -687,7 +686,7 @@ fn output_within(command: &mut Command, limit: Duration) -> Result<Output, Strin
             break status;
         }
         if Instant::now() >= deadline {
-            kill_group(&mut child);
+            kill_with_descendants(&mut child);
             let written = collect(stderr);
             return Err(format!(
                 "did not finish in {} s{}",
@@ -704,18 +703,55 @@ fn output_within(command: &mut Command, limit: Duration) -> Result<Output, Strin
     })
 }
 
-/// Kills `child`'s process group (it leads one, see `output_within`), then reaps it.
-fn kill_group(child: &mut std::process::Child) {
-    let group = format!("-{}", child.id());
-    let killed = Command::new("kill")
-        .args(["-KILL", "--", &group])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !killed {
-        // Without `kill(1)`, the child at least.
-        let _ = child.kill();
-    }
+/// Kills `child` and every process it started, found through `/proc` before any is
+/// killed (a killed parent's children are handed to init, and the trail is lost);
+/// then reaps `child`.
+fn kill_with_descendants(child: &mut std::process::Child) {
+    let mut doomed = descendants(child.id());
+    doomed.push(child.id());
+    let pids: Vec<String> = doomed.iter().map(u32::to_string).collect();
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg("--")
+        .args(&pids)
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The processes below `root` in the process tree, from `/proc/<pid>/stat`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if let Some(parent) = parent {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut next = vec![root];
+    while let Some(pid) = next.pop() {
+        for &kid in children.get(&pid).into_iter().flatten() {
+            found.push(kid);
+            next.push(kid);
+        }
+    }
+    found
 }
 
 /// The last `n` lines of `bytes`, each on a line of its own after a newline; empty
