@@ -705,11 +705,14 @@ fn output_within(command: &mut Command, limit: Duration) -> Result<Output, Strin
 
 /// Kills `child` and every process it started, found through `/proc` before any is
 /// killed (a killed parent's children are handed to init, and the trail is lost);
-/// then reaps `child`.
+/// reaps `child`, and returns once the others are gone too (or after 5 s), so that
+/// the next suite does not share the machine with what is left of this one.
 fn kill_with_descendants(child: &mut std::process::Child) {
-    let mut doomed = descendants(child.id());
-    doomed.push(child.id());
-    let pids: Vec<String> = doomed.iter().map(u32::to_string).collect();
+    let doomed = descendants(child.id());
+    let pids: Vec<String> = std::iter::once(child.id())
+        .chain(doomed.iter().copied())
+        .map(|pid| pid.to_string())
+        .collect();
     let _ = Command::new("kill")
         .arg("-KILL")
         .arg("--")
@@ -718,6 +721,25 @@ fn kill_with_descendants(child: &mut std::process::Child) {
         .status();
     let _ = child.kill();
     let _ = child.wait();
+    // SIGKILL takes effect when the process next runs, which on a busy machine is
+    // not at once. Nothing signals the end of a process that is not our child, so
+    // its state is looked at until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while doomed.iter().any(|&pid| running(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` exists and has not ended (a zombie has ended; init may be
+/// slow to reap it).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// The processes below `root` in the process tree, from `/proc/<pid>/stat`.
@@ -1228,19 +1250,10 @@ mod tests {
         let err = output_within(&mut command, Duration::from_secs(1)).expect_err("killed");
         assert_eq!(err, "did not finish in 1 s\nstarted");
         let grandchild = std::fs::read_to_string(&pid_file).expect("pid written");
-        // Gone, or a zombie that nobody has reaped yet (PID 1 here may be slow to).
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()));
-        let running = stat
-            .as_deref()
-            .ok()
-            .and_then(|stat| stat.rsplit(')').next())
-            .is_some_and(|rest| !rest.trim_start().starts_with('Z'));
+        let grandchild: u32 = grandchild.trim().parse().expect("a pid");
+        let outlived = running(grandchild);
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            !running,
-            "the grandchild {} outlived the limit",
-            grandchild.trim()
-        );
+        assert!(!outlived, "the grandchild {grandchild} outlived the limit");
     }
 
     #[test]
