@@ -423,7 +423,7 @@ fn main() {
     let cluster = FaultBackend::new(
         "rabbitmq-cluster",
         CAPABILITIES,
-        &[Fault::StopStart, Fault::Kill],
+        &[Fault::CutConnections, Fault::StopStart, Fault::Kill],
         start_for_the_fault_contract,
     )
     .unavailable_if(unavailable);
