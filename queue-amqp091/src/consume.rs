@@ -271,7 +271,7 @@ impl Amqp091Subscription {
         let why = why.to_string();
         let close = async move {
             settler.close_and_drain(kind, &why).await;
-            let _ = close_then_drop(channel, consumer).await;
+            let _ = close_then_drop(channel, consumer, "consumer detached").await;
         };
         // On the driver's runtime, which works from any thread (a subscription
         // dropped outside a runtime too) and outlives the caller's. If that
@@ -339,20 +339,20 @@ impl Subscription for Amqp091Subscription {
             )
             .await;
         // Closing the channel returns every unacked delivery of it to the queue.
-        close_then_drop(a.channel, a.consumer)
+        close_then_drop(a.channel, a.consumer, "cancelled")
             .await
             .map_err(|e| error::map(format!("cancel consumer of {}", self.queue), e))
     }
 }
 
-/// Closes `channel`, then drops its `consumer`. A lapin consumer dropped while active
+/// Closes `channel` (saying `reason` to the broker), then drops its `consumer`. A lapin consumer dropped while active
 /// cancels itself from a task of lapin's; if that cancel meets the channel already
 /// closing it fails, and lapin takes the failure for the connection's: every channel
 /// on it closes, and acks other consumers had not sent yet are lost (their messages
 /// come again). Dropped after the close, the consumer has nothing left to cancel.
-async fn close_then_drop(channel: Channel, consumer: Consumer) -> lapin::Result<()> {
+async fn close_then_drop(channel: Channel, consumer: Consumer, reason: &str) -> lapin::Result<()> {
     let closed = if channel.status().connected() {
-        channel.close(200, "cancelled".into()).await
+        channel.close(200, reason.into()).await
     } else {
         Ok(())
     };

@@ -277,8 +277,8 @@ enum Next {
     Finish(Round),
 }
 
-/// Sends the rounds that no mark completes, [`GATHER_TIME`] after their first mark,
-/// and the last round once settling is refused.
+/// Sends the rounds that no mark completes, at their [`round_deadline`], and the last
+/// round once settling is refused.
 async fn flush_loop(settler: Arc<Settler>) {
     let last = loop {
         match next_step(&settler) {
@@ -310,17 +310,18 @@ async fn flush_loop(settler: Arc<Settler>) {
     settler.done.send_replace(true);
 }
 
-/// Sends a round that has waited [`GATHER_TIME`], and says when to look again.
+/// Sends a round past its [`round_deadline`], and says when to look again.
 fn next_step(settler: &Settler) -> Next {
     let mut state = lock(&settler.state);
     if state.refused.is_some() {
         return Next::Finish(state.take_round());
     }
     let now = Instant::now();
-    match state.round_started {
-        Some(started) if now < round_deadline(started, state.marked) => {
-            Next::At(round_deadline(started, state.marked))
-        }
+    let deadline = state
+        .round_started
+        .map(|started| round_deadline(started, state.marked));
+    match deadline {
+        Some(deadline) if now < deadline => Next::At(deadline),
         Some(_) => {
             let round = state.take_round();
             if let Err(e) = settler.hand_over(&round) {

@@ -52,12 +52,12 @@ use host_runs::{
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-rabbitmq.json";
 
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The shared RabbitMQ, over AMQP 0-9-1 and over its AMQP 1.0 plugin on the same port.
+const URL: &str = queue_fixtures::rabbitmq::SHARED_AMQP091_URL;
+const URL_AMQP10: &str = queue_fixtures::rabbitmq::SHARED_AMQP10_URL;
 const CONSUME_N: usize = 20_000;
 const PUBLISH_N: usize = 10_000;
 const IN_FLIGHT: usize = 16;
-/// RabbitMQ's AMQP 1.0 plugin, on the same port.
-const URL_AMQP10: &str = "amqp://guest:guest@127.0.0.1:5672";
 
 fn body(n: usize) -> Vec<u8> {
     format!("{{\"n\":{n}}}").into_bytes()
@@ -276,10 +276,7 @@ fn bench(c: &mut Criterion) {
     // One connection for many drains, as raw_lapin shares one; each drain opens its
     // own session and receiver, as raw_lapin opens a channel.
     let open_amqp10 = || {
-        let open = queue_fixtures::raw_amqp10::open(
-            "bench-raw-fe2o3",
-            queue_fixtures::rabbitmq::SHARED_AMQP10_URL,
-        );
+        let open = queue_fixtures::raw_amqp10::open("bench-raw-fe2o3", URL_AMQP10);
         rt.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, open).await })
             .expect("connecting over AMQP 1.0 timed out")
             .expect("connect over AMQP 1.0 (is the rabbitmq_amqp1_0 plugin on?)")

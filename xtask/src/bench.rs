@@ -733,13 +733,25 @@ fn kill_with_descendants(child: &mut std::process::Child) {
 /// Whether process `pid` exists and has not ended (a zombie has ended; init may be
 /// slow to reap it).
 fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    proc_stat(pid).is_some_and(|stat| stat.state != 'Z')
+}
+
+/// What `/proc/<pid>/stat` says of a process that the benches' kill needs.
+struct ProcStat {
+    /// `R`, `S`, `Z` (ended, not yet reaped)...
+    state: char,
+    parent: u32,
+}
+
+/// Reads `/proc/<pid>/stat` (`pid (comm) state ppid ...`; comm may hold spaces and
+/// parentheses, hence the split at the last `)`); `None` once the process is gone.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some(ProcStat { state, parent })
 }
 
 /// The processes below `root` in the process tree, from `/proc/<pid>/stat`.
@@ -753,16 +765,8 @@ fn descendants(root: u32) -> Vec<u32> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|ppid| ppid.parse::<u32>().ok());
-        if let Some(parent) = parent {
-            children.entry(parent).or_default().push(pid);
+        if let Some(stat) = proc_stat(pid) {
+            children.entry(stat.parent).or_default().push(pid);
         }
     }
     let mut found = Vec::new();
