@@ -1,7 +1,8 @@
 //! The AMQP 1.0 driver on a private three-node RabbitMQ cluster (never the shared node;
 //! always stopped and deleted), given the three nodes' URLs: it connects to the first
-//! node that answers, and the workspace's fault contract runs with the node it is
-//! connected to stopped and started again, or SIGKILLed and restarted
+//! node that answers, and the workspace's fault contract runs with every node closing
+//! every client connection, or the node it is connected to stopped and started again,
+//! or SIGKILLed and restarted
 //! (`rabbitmq-cluster::faults::*`, the `rabbitmq-cluster` broker of `cargo xtask
 //! test-brokers`).
 //!
@@ -51,12 +52,16 @@ struct StruckWhereConnected {
 
 impl Outage for StruckWhereConnected {
     fn inflict(&mut self, fault: Fault) -> Result<(), String> {
+        if fault == Fault::CutConnections {
+            // Every node closes every client connection: the driver's is among them.
+            return self.cluster.inflict(fault);
+        }
         let target = connected_node(&self.cluster, self.driver.as_ref())
             .ok_or("the driver is not connected to a node of the cluster")?;
         match fault {
             Fault::StopStart => self.cluster.stop_app(target)?,
             Fault::Kill => self.cluster.kill(target),
-            Fault::CutConnections => return Err("not a cluster fault here".into()),
+            Fault::CutConnections => unreachable!("struck above"),
         }
         // The driver moves to another node while this one is down.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -144,7 +149,7 @@ fn main() {
     let cluster = FaultBackend::new(
         "rabbitmq-cluster",
         Profile::RabbitmqV1.capabilities(),
-        &[Fault::StopStart, Fault::Kill],
+        &[Fault::CutConnections, Fault::StopStart, Fault::Kill],
         start_for_the_fault_contract,
     )
     .unavailable_if(unavailable);
