@@ -518,21 +518,6 @@ fn nested_defaults_and_huge_ids_read_as_users_mean_them() {
     );
 }
 
-/// CPU seconds a process has used (user + system), from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / 100.0
-}
-
 /// Sends a raw request, optionally in two writes apart; returns the status line.
 fn raw_request(port: u16, parts: &[&str]) -> String {
     use std::io::{Read, Write};
@@ -605,11 +590,11 @@ fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
     let flood: Vec<std::net::TcpStream> = (0..300)
         .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
-    let before = cpu_seconds(child.id());
+    let before = queue_testkit::process_cpu(child.id());
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_seconds(child.id()) - before;
-    let share = used / window.elapsed().as_secs_f64();
+    let used = queue_testkit::process_cpu(child.id()) - before;
+    let share = used.as_secs_f64() / window.elapsed().as_secs_f64();
     assert!(share < 0.5, "the accept loop spins: {share:.2} of a core");
     drop(flood);
     // Idle connections time out and the server answers again.

@@ -11,6 +11,8 @@
 //!   inflict an [`Outage`], with evidence that the fault landed;
 //! - [`finishes_within`], for a test whose regression would block or spin its
 //!   thread (a Lua handler that is never stopped): it fails instead of hanging;
+//! - [`thread_cpu`] and [`process_cpu`], for a test whose regression would spin a
+//!   thread that should be idle;
 //! - [`ControlledDriver`], a memory driver whose confirmations a test holds or
 //!   refuses, and [`Tally`], end-to-end counts of numbered messages.
 //!
@@ -42,6 +44,7 @@ mod bounded;
 pub mod conformance;
 mod context;
 mod controlled;
+mod cpu;
 pub mod faults;
 mod tally;
 
@@ -51,6 +54,7 @@ pub use context::{
     PATIENCE, TestContext, everything_said, message, next, number_of, numbered, within,
 };
 pub use controlled::{ControlledDriver, ControlledFactory};
+pub use cpu::{process_cpu, thread_cpu};
 pub use faults::{Fault, Outage};
 pub use libtest_mimic::Trial;
 pub use tally::{FaultCounts, Tally};
