@@ -40,13 +40,20 @@ pub(crate) struct Attached<L> {
     pub session: SessionHandle<()>,
 }
 
-impl<L: Send + 'static> Attached<L> {
-    /// Ends the session (and with it the link) without waiting for the broker.
-    pub fn end_in_background(mut self) {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.session.end()).await;
-            drop(self.link);
-        });
+impl<L> Attached<L> {
+    /// Ends the link and its session without waiting for the broker's answer.
+    ///
+    /// Dropping the link sends its detach, and dropping the session's handle its
+    /// `end`; fe2o3-amqp's session engine then waits for the broker's `end` by itself,
+    /// parked, until it comes or the connection goes. Awaiting `SessionHandle::end`
+    /// instead keeps the handle while the engine waits, and the engine then polls a
+    /// closed channel in a loop until the answer comes (fe2o3-amqp 0.18): a core
+    /// spent for as long as the broker takes, which a broker that never answers made
+    /// the whole close timeout ([AMQP 1.0 driver](../../docs/drivers/amqp10.md),
+    /// "Closing").
+    pub fn end(self) {
+        drop(self.link);
+        drop(self.session);
     }
 }
 
@@ -351,11 +358,11 @@ impl Connector {
                 Ok(Attached { link, session })
             }
             Ok(Err(err)) => {
-                end_session_in_background(session);
+                drop(session); // sends its end: see `Attached::end`
                 Err(crate::error::sender_attach(err))
             }
             Err(_) => {
-                end_session_in_background(session);
+                drop(session); // sends its end: see `Attached::end`
                 Err(Error::internal("attaching a sender timed out"))
             }
         }
@@ -381,11 +388,11 @@ impl Connector {
                 Ok(Attached { link, session })
             }
             Ok(Err(err)) => {
-                end_session_in_background(session);
+                drop(session); // sends its end: see `Attached::end`
                 Err(crate::error::receiver_attach(err))
             }
             Err(_) => {
-                end_session_in_background(session);
+                drop(session); // sends its end: see `Attached::end`
                 Err(Error::internal("attaching a receiver timed out"))
             }
         }
@@ -404,12 +411,6 @@ impl Connector {
 fn close_in_background(mut live: Live) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, live.connection.close()).await;
-    });
-}
-
-fn end_session_in_background(mut session: SessionHandle<()>) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
     });
 }
 

@@ -278,7 +278,7 @@ impl ReceiveTask {
             }
             Err(err) => {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: granting credit failed");
-                attached.end_in_background();
+                attached.end();
                 None
             }
         }
@@ -316,7 +316,7 @@ impl ReceiveTask {
                 Step::Continue => {}
                 Step::LinkLost => {
                     if let Some(old) = link.take() {
-                        old.end_in_background();
+                        old.end();
                     }
                     self.unsettled.clear();
                     // Their deliveries went back with the link.
@@ -324,14 +324,14 @@ impl ReceiveTask {
                 }
                 Step::Stop(reply) => {
                     let mut cancels = Vec::new();
-                    if let Some(mut attached) = link.take() {
+                    if let Some(attached) = link.take() {
                         cancels = self.settle_handed_over(&attached.link).await;
                         self.release_all(&attached.link).await;
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                            let _ = attached.link.detach().await;
-                            let _ = attached.session.end().await;
-                        })
-                        .await;
+                        let Attached { link, session } = attached;
+                        let detach = link.detach();
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_secs(5), detach).await;
+                        drop(session); // sends its end: see `Attached::end`
                     }
                     for cancel in cancels {
                         let _ = cancel.send(Ok(()));

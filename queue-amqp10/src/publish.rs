@@ -272,7 +272,7 @@ impl SendTask {
                     // again on a fresh link.
                     tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 sender link lost; re-attaching");
                     if let Some(old) = self.link.take() {
-                        old.end_in_background();
+                        old.end();
                     }
                     retry = Some(request);
                 }
@@ -285,18 +285,16 @@ impl SendTask {
         while let Ok(request) = requests.try_recv() {
             let _ = request.reply.send(Err(crate::error::closed("publish")));
         }
-        if let Some(mut attached) = self.link.take() {
+        if let Some(attached) = self.link.take() {
             // Let the outcomes of what was sent arrive before the link goes away.
             let all = self
                 .window
                 .clone()
                 .acquire_many_owned(self.spec.window.max(1));
             let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                let _ = attached.link.detach().await;
-                let _ = attached.session.end().await;
-            })
-            .await;
+            let Attached { link, session } = attached;
+            let _ = tokio::time::timeout(Duration::from_secs(5), link.detach()).await;
+            drop(session); // sends its end: see `Attached::end`
         }
     }
 }

@@ -6,6 +6,7 @@ mod support;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{ConsumeOptions, Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
+use queue_fixtures::amqp10_proxy::{Amqp10Proxy, Performative};
 use queue_testkit::{everything_said, number_of, numbered, within};
 
 const SECRET: &str = "not-the-password-7f3a";
@@ -231,6 +232,72 @@ async fn an_ack_of_a_lost_link_is_refused() {
     drop(node);
 }
 
+/// fe2o3-amqp's session engine, once it has sent a session's `end`, polls a closed
+/// channel in a loop until the broker's `end` comes back, for as long as the session's
+/// handle or one of its links is held. The driver holds neither while it waits, so a
+/// broker slow to answer, or one that never does, costs no CPU: here the proxy
+/// withholds the broker's `end` from a cancelled consumer's session. Then it withholds
+/// the broker's `close` too: the driver's close gives up after its timeout and leaves
+/// nothing running. Everything runs on one thread (fe2o3's engines with it), whose CPU
+/// time is the evidence.
+fn unanswered_ends_and_closes_leave_nothing_spinning() {
+    let proxy = std::sync::Arc::new(Amqp10Proxy::start(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let watched = std::sync::Arc::clone(&proxy);
+    let used = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+            config.container_id = Some(format!("queue-amqp10-silent-end-{}", std::process::id()));
+            let driver = Amqp10Driver::connect(config).await.unwrap();
+            let id = QueueId::parse("amqp10-tests:silent-end").unwrap();
+            driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+            let sub = driver
+                .consume(&id, ConsumeOptions { prefetch: 10 })
+                .await
+                .unwrap();
+            watched.withhold(Performative::End);
+            let before = queue_testkit::thread_cpu();
+            within("cancel", sub.cancel()).await.unwrap();
+            let proxy = std::sync::Arc::clone(&watched);
+            let landed = tokio::task::spawn_blocking(move || {
+                proxy.wait_withheld(1, std::time::Duration::from_secs(30))
+            })
+            .await
+            .unwrap();
+            assert!(landed, "the session's end never reached the broker");
+            // The window in which a spinning engine would show.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let used_by_cancel = queue_testkit::thread_cpu() - before;
+
+            watched.withhold(Performative::Close);
+            let withheld = watched.withheld();
+            within("close", driver.close()).await.unwrap();
+            assert!(
+                watched.withheld() > withheld,
+                "the close never reached the broker"
+            );
+            let before = queue_testkit::thread_cpu();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            (used_by_cancel, queue_testkit::thread_cpu() - before)
+        })
+    })
+    .join()
+    .unwrap();
+    let (used_by_cancel, used_after_close) = used;
+    assert!(
+        used_by_cancel < std::time::Duration::from_millis(300),
+        "waiting for the broker's end spun: {used_by_cancel:?} of CPU"
+    );
+    assert!(
+        used_after_close < std::time::Duration::from_millis(300),
+        "something still spins after the close: {used_after_close:?} of CPU in a second"
+    );
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -242,5 +309,5 @@ queue_testkit::broker_tests! {
         acks_handed_over_before_a_cancel_are_sent,
         an_ack_of_a_lost_link_is_refused,
     ];
-    sync: [];
+    sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }

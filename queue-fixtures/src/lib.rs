@@ -9,6 +9,8 @@
 //!   listeners) that fault tests cut, stop and kill;
 //! - [`certs`]: a private CA and certificates (openssl), and a TLS endpoint no trust
 //!   store accepts;
+//! - [`amqp10_proxy`]: a proxy in front of an AMQP 1.0 broker that withholds the
+//!   broker's `end` or `close`, a broker that never answers one;
 //! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
 //!   private ones that fault tests cut, stop and kill;
 //! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test;
@@ -20,6 +22,7 @@
 //! Whether a missing broker fails or skips is one rule for all:
 //! [`queue_testkit::in_ci`].
 
+pub mod amqp10_proxy;
 pub mod artemis;
 pub mod certs;
 mod net;

@@ -1,0 +1,256 @@
+//! A loopback TCP proxy in front of an AMQP 1.0 broker that can withhold the broker's
+//! closing performatives: a broker that never answers an `end` or a `close`, for
+//! tests of what a client does while it waits for that answer.
+//!
+//! ```no_run
+//! let proxy = queue_fixtures::amqp10_proxy::Amqp10Proxy::start(5672).unwrap();
+//! proxy.withhold(queue_fixtures::amqp10_proxy::Performative::End);
+//! // connect to amqp://guest:guest@127.0.0.1:{proxy.port()} ...
+//! assert!(proxy.wait_withheld(1, std::time::Duration::from_secs(10)));
+//! ```
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A closing performative the proxy can withhold (its AMQP 1.0 descriptor code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Performative {
+    /// `end`: the broker's answer to a session's end.
+    End = 0x17,
+    /// `close`: the broker's answer to a connection's close.
+    Close = 0x18,
+}
+
+/// What the proxy's connections share with the test.
+#[derive(Default)]
+struct State {
+    withheld_kinds: Vec<Performative>,
+    withheld: usize,
+}
+
+/// The proxy; it stops (its thread with it) when dropped.
+pub struct Amqp10Proxy {
+    port: u16,
+    state: Arc<(Mutex<State>, Condvar)>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Amqp10Proxy {
+    /// Listens on a free loopback port and forwards every connection to
+    /// 127.0.0.1:`broker_port`, on a thread of its own (so its work is never counted
+    /// against the thread of the client under test).
+    pub fn start(broker_port: u16) -> Result<Amqp10Proxy, String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("proxy: binding a loopback port: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("proxy: {e}"))?
+            .port();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("proxy: {e}"))?;
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shared = Arc::clone(&state);
+        let thread = std::thread::Builder::new()
+            .name("amqp10-proxy".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stopped => {}
+                        () = accept_loop(listener, broker_port, shared) => {}
+                    }
+                });
+            })
+            .map_err(|e| format!("proxy: starting its thread: {e}"))?;
+        Ok(Amqp10Proxy {
+            port,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// From now on, drops every `performative` the broker sends (the client never
+    /// sees it); everything else still passes.
+    pub fn withhold(&self, performative: Performative) {
+        let (state, _) = &*self.state;
+        lock(state).withheld_kinds.push(performative);
+    }
+
+    /// How many frames the proxy has withheld so far: the proof that the fault landed.
+    pub fn withheld(&self) -> usize {
+        lock(&self.state.0).withheld
+    }
+
+    /// Waits until at least `n` frames were withheld; `false` after `limit`.
+    pub fn wait_withheld(&self, n: usize, limit: Duration) -> bool {
+        let (state, rung) = &*self.state;
+        let deadline = Instant::now() + limit;
+        let mut guard = lock(state);
+        while guard.withheld < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = match rung.wait_timeout(guard, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
+    }
+}
+
+impl Drop for Amqp10Proxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn accept_loop(listener: TcpListener, broker_port: u16, state: Arc<(Mutex<State>, Condvar)>) {
+    let mut connections = tokio::task::JoinSet::new();
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(broker) = TcpStream::connect(("127.0.0.1", broker_port)).await else {
+            continue;
+        };
+        let _ = (client.set_nodelay(true), broker.set_nodelay(true));
+        let (client_read, client_write) = client.into_split();
+        let (broker_read, broker_write) = broker.into_split();
+        connections.spawn(copy(client_read, broker_write));
+        connections.spawn(filter(broker_read, client_write, Arc::clone(&state)));
+    }
+}
+
+async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    let _ = tokio::io::copy(&mut from, &mut to).await;
+    let _ = to.shutdown().await;
+}
+
+/// Forwards the broker's bytes frame by frame, dropping the withheld performatives.
+async fn filter(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: Arc<(Mutex<State>, Condvar)>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        let mut forward = Vec::new();
+        while let Some(unit) = next_unit(&pending) {
+            let bytes: Vec<u8> = pending.drain(..unit).collect();
+            match performative_of(&bytes) {
+                Some(code) if withholds(&state, code) => {}
+                _ => forward.extend_from_slice(&bytes),
+            }
+        }
+        if to.write_all(&forward).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Whether frames of descriptor `code` are withheld now; counts the one withheld.
+fn withholds(state: &(Mutex<State>, Condvar), code: u8) -> bool {
+    let (state, rung) = state;
+    let mut guard = lock(state);
+    if !guard.withheld_kinds.iter().any(|p| *p as u8 == code) {
+        return false;
+    }
+    guard.withheld += 1;
+    rung.notify_all();
+    true
+}
+
+/// The length of the next whole unit in `bytes`: an 8-byte protocol header or a frame.
+fn next_unit(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < 8 {
+        return None;
+    }
+    if bytes.starts_with(b"AMQP") {
+        return Some(8);
+    }
+    let size = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    // A size below the header's would never advance: treat it as the rest of the
+    // stream (the client then sees the broker's bytes as they are).
+    let size = if size < 8 { bytes.len() } else { size };
+    (bytes.len() >= size).then_some(size)
+}
+
+/// The descriptor code of an AMQP frame's performative (`None` for headers, SASL
+/// frames, heartbeats and descriptors the proxy does not read).
+fn performative_of(frame: &[u8]) -> Option<u8> {
+    if frame.starts_with(b"AMQP") || frame.len() < 8 || frame[5] != 0 {
+        return None;
+    }
+    let body = frame.get(usize::from(frame[4]) * 4..)?;
+    match body {
+        // A described type: 0x00, then the descriptor as a smallulong or a ulong.
+        [0x00, 0x53, code, ..] => Some(*code),
+        [0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, code, ..] => Some(*code),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_cut_whole_and_their_performative_read() {
+        // An `end` frame on channel 1: size 12, doff 2, type 0, then 0x00 0x53 0x17 0x45.
+        let end = [0, 0, 0, 12, 2, 0, 0, 1, 0x00, 0x53, 0x17, 0x45];
+        let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+        stream.extend_from_slice(&end);
+        assert_eq!(next_unit(&stream), Some(8));
+        assert_eq!(next_unit(&stream[8..]), Some(12));
+        assert_eq!(next_unit(&stream[8..19]), None, "half a frame waits");
+        assert_eq!(performative_of(&end), Some(Performative::End as u8));
+        // The same with the descriptor as a full ulong.
+        let long = [
+            0, 0, 0, 19, 2, 0, 0, 1, 0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x18, 0x45,
+        ];
+        assert_eq!(performative_of(&long), Some(Performative::Close as u8));
+        // A heartbeat (an empty frame) and a SASL frame are no performative.
+        assert_eq!(performative_of(&[0, 0, 0, 8, 2, 0, 0, 0]), None);
+        assert_eq!(
+            performative_of(&[0, 0, 0, 11, 2, 1, 0, 0, 0x00, 0x53, 0x40]),
+            None
+        );
+    }
+}
