@@ -43,6 +43,11 @@ use host_runs::{
 };
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
+/// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
+/// raw clients beside it run on it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const IN_TURNS_FILE: &str = "in_turns-artemis.json";
 const CONSUME_N: usize = 20_000;
 /// Rounds of the pass: each drains the queue once with each side.

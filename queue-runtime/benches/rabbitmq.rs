@@ -50,6 +50,11 @@ use host_runs::{
 };
 
 /// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
+/// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
+/// raw clients beside it run on it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const IN_TURNS_FILE: &str = "in_turns-rabbitmq.json";
 
 /// The shared RabbitMQ, over AMQP 0-9-1 and over its AMQP 1.0 plugin on the same port.
