@@ -30,6 +30,10 @@ use crate::{error, lock};
 
 /// How often the supervisor looks at the connection's state besides its events.
 const WATCHDOG: Duration = Duration::from_millis(250);
+/// How long closing a channel or the connection waits for the broker's close-ok. A
+/// broker that hangs with the connection open never sends it, and lapin waits for it
+/// without a limit: a cancel, and the runtime's shutdown, would wait forever.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the supervisor runs on every new link before making it available.
 pub(crate) type OnReconnect = Box<dyn Fn(Arc<Link>) -> BoxFuture<'static, ()> + Send + Sync>;
@@ -42,6 +46,8 @@ pub(crate) struct Link {
     /// Which of the configured nodes it is connected to.
     index: usize,
     nudge: Arc<Notify>,
+    /// How long the broker may take to answer (`connection_timeout`).
+    answer_limit: Duration,
 }
 
 impl Link {
@@ -55,6 +61,23 @@ impl Link {
             self.saw(&e);
             error::map(format!("{what}: open channel"), e)
         })
+    }
+
+    /// Waits for `operation`, a request and the broker's answer, for at most
+    /// `connection_timeout`: lapin waits without a limit, and a broker that hangs with
+    /// the connection open never answers (`what` names the operation in the error).
+    pub(crate) async fn answered<T>(
+        &self,
+        what: &str,
+        operation: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.answer_limit, operation).await {
+            Ok(answered) => answered,
+            Err(_) => Err(Error::internal(format!(
+                "{what}: the broker did not answer within connection_timeout {:?}",
+                self.answer_limit
+            ))),
+        }
     }
 
     /// Wakes the supervisor when `err` means the connection is gone: an I/O error seen
@@ -216,10 +239,15 @@ impl Connection {
         if let Some(link) = link
             && link.is_alive()
         {
-            link.connection
-                .close(200, "driver closed".into())
-                .await
-                .map_err(|e| error::map("close connection", e))?;
+            let close = link.connection.close(200, "driver closed".into());
+            match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+                Ok(closed) => closed.map_err(|e| error::map("close connection", e))?,
+                Err(_) => {
+                    return Err(Error::internal(format!(
+                        "close connection: the broker did not answer within {CLOSE_TIMEOUT:?}; the connection was dropped"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -297,6 +325,7 @@ impl Connection {
             generation,
             index,
             nudge: Arc::clone(&self.nudge),
+            answer_limit: self.config.connection_timeout,
         }))
     }
 

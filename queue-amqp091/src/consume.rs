@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use queue_core::{Delivery, Error, ErrorKind, QueueId, Result, Subscription};
 
-use crate::connection::{Connection, Link};
+use crate::connection::{CLOSE_TIMEOUT, Connection, Link};
 use crate::settle::{Settler, Settlers};
 use crate::topology::{Topology, queue_name};
 use crate::{error, mapping};
@@ -117,8 +117,8 @@ impl Amqp091Subscription {
         let spec = self.consumers.topology.spec_of(&self.queue, "consume")?;
         let what = format!("consume {}", self.queue);
         let name = queue_name(&spec.name)?;
-        let channel = link.channel(&what).await?;
-        let result = async {
+        let channel = link.answered(&what, link.channel(&what)).await?;
+        let subscribe = async {
             channel
                 .basic_qos(self.prefetch, BasicQosOptions { global: false })
                 .await?;
@@ -131,8 +131,19 @@ impl Amqp091Subscription {
                     FieldTable::default(),
                 )
                 .await
-        }
-        .await;
+        };
+        let result = match link.answered(&what, async { Ok(subscribe.await) }).await {
+            Ok(result) => result,
+            Err(unanswered) => {
+                // Closed, so that a consume the broker registers late delivers to
+                // nobody's channel rather than to one no one reads.
+                self.conn().tasks().spawn(async move {
+                    let _ =
+                        tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await;
+                });
+                return Err(unanswered);
+            }
+        };
         let consumer = match result {
             Ok(c) => c,
             Err(e) => {
@@ -341,7 +352,7 @@ impl Subscription for Amqp091Subscription {
         // Closing the channel returns every unacked delivery of it to the queue.
         close_then_drop(a.channel, a.consumer, "cancelled")
             .await
-            .map_err(|e| error::map(format!("cancel consumer of {}", self.queue), e))
+            .map_err(|e| e.context(format!("cancel consumer of {}", self.queue)))
     }
 }
 
@@ -350,9 +361,18 @@ impl Subscription for Amqp091Subscription {
 /// closing it fails, and lapin takes the failure for the connection's: every channel
 /// on it closes, and acks other consumers had not sent yet are lost (their messages
 /// come again). Dropped after the close, the consumer has nothing left to cancel.
-async fn close_then_drop(channel: Channel, consumer: Consumer, reason: &str) -> lapin::Result<()> {
+///
+/// The close waits at most [`CLOSE_TIMEOUT`] for the broker's answer: a broker that
+/// hangs never gives one, and the channel's deliveries go back when it drops the
+/// connection.
+async fn close_then_drop(channel: Channel, consumer: Consumer, reason: &str) -> Result<()> {
     let closed = if channel.status().connected() {
-        channel.close(200, reason.into()).await
+        match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
+            Ok(closed) => closed.map_err(|e| error::map("close the consumer's channel", e)),
+            Err(_) => Err(Error::internal(format!(
+                "close the consumer's channel: the broker did not answer within {CLOSE_TIMEOUT:?}; its deliveries go back when the broker drops the connection"
+            ))),
+        }
     } else {
         Ok(())
     };

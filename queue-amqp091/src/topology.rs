@@ -232,13 +232,17 @@ async fn declare_raw(
         Some(AMQPValue::LongString(t)) => String::from_utf8_lossy(t.as_bytes()).into_owned(),
         _ => QueueType::Classic.as_str().to_string(),
     };
-    let channel = link.channel(what).await?;
     let options = QueueDeclareOptions {
         durable,
         ..QueueDeclareOptions::default()
     };
-    let declared = channel.queue_declare(name.clone(), options, args).await;
-    let _ = channel.close(200, "OK".into()).await;
+    let declare = async {
+        let channel = link.channel(what).await?;
+        let declared = channel.queue_declare(name.clone(), options, args).await;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(declared)
+    };
+    let declared = link.answered(what, declare).await?;
     declared.map(|_| ()).map_err(|e| {
         link.saw(&e);
         let mapped = error::map(what, e);
@@ -291,22 +295,25 @@ fn string(s: &str) -> AMQPValue {
 /// (ready, consumers) of a queue, `None` if it does not exist.
 async fn passive(link: &Link, name: &str, what: &str) -> Result<Option<(u64, u64)>> {
     let name = queue_name(name)?;
-    let channel = link.channel(what).await?;
     let options = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let out = channel
-        .queue_declare(name, options, FieldTable::default())
-        .await;
-    match out {
-        Ok(q) => {
+    let ask = async {
+        let channel = link.channel(what).await?;
+        let out = channel
+            .queue_declare(name, options, FieldTable::default())
+            .await;
+        if out.is_ok() {
             let _ = channel.close(200, "OK".into()).await;
-            Ok(Some((
-                u64::from(q.message_count()),
-                u64::from(q.consumer_count()),
-            )))
         }
+        Ok(out)
+    };
+    match link.answered(what, ask).await? {
+        Ok(q) => Ok(Some((
+            u64::from(q.message_count()),
+            u64::from(q.consumer_count()),
+        ))),
         Err(e) if error::reply_code(&e) == Some(404) => Ok(None),
         Err(e) => {
             link.saw(&e);

@@ -12,6 +12,7 @@ use queue_amqp091::{Amqp091Config, Amqp091Driver, X_DELIVERY_COUNT};
 use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
 };
+use queue_fixtures::proxy::BrokerProxy;
 use queue_testkit::{everything_said, next};
 
 fn numbered(n: i64) -> Message {
@@ -481,10 +482,50 @@ async fn delete(name: &str) {
     let _ = conn.close(200, "OK".into()).await;
 }
 
+/// A broker that hangs with its connections open (here a proxy that stops passing on
+/// anything RabbitMQ says) must not hold up a consumer's cancel or the driver's close:
+/// the runtime's shutdown waits on both. Each gives up after its time limit and says
+/// why; the deliveries the consumer held go back when the broker drops the connection.
+async fn a_hung_broker_cannot_hold_up_a_cancel_or_a_close() {
+    let proxy = BrokerProxy::start(5672).expect("proxy");
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
+    let driver = Amqp091Driver::connect(Amqp091Config::new(url))
+        .await
+        .unwrap();
+    let id = QueueId::new("test", &common::unique("hung")).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&id, queue_core::ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    proxy.freeze();
+    // Something the broker says after the freeze proves it landed: the ack's
+    // settlement round and the cancel's channel close both expect an answer.
+    drop(held);
+    let cancel = tokio::time::timeout(Duration::from_secs(30), sub.cancel()).await;
+    let Ok(cancelled) = cancel else {
+        panic!("the cancel waited for the hung broker")
+    };
+    let err = cancelled.expect_err("a cancel the broker never answered");
+    assert!(err.message().contains("did not answer"), "{err}");
+    assert!(
+        proxy.withheld() >= 1,
+        "the broker said nothing after the freeze"
+    );
+    let close = tokio::time::timeout(Duration::from_secs(30), driver.close()).await;
+    assert!(close.is_ok(), "the close waited for the hung broker");
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
         wrong_password_is_refused_without_showing_it,
+        a_hung_broker_cannot_hold_up_a_cancel_or_a_close,
         refused_port_fails_retryable_without_showing_the_password,
         a_full_queue_nacks_and_publish_fails_internal_retryable,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,

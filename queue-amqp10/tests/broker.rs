@@ -6,7 +6,7 @@ mod support;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{ConsumeOptions, Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
-use queue_fixtures::amqp10_proxy::{Amqp10Proxy, Performative};
+use queue_fixtures::proxy::{BrokerProxy, Performative};
 use queue_testkit::{everything_said, number_of, numbered, within};
 
 const SECRET: &str = "not-the-password-7f3a";
@@ -241,7 +241,7 @@ async fn an_ack_of_a_lost_link_is_refused() {
 /// nothing running. Everything runs on one thread (fe2o3's engines with it), whose CPU
 /// time is the evidence.
 fn unanswered_ends_and_closes_leave_nothing_spinning() {
-    let proxy = std::sync::Arc::new(Amqp10Proxy::start(5672).expect("proxy"));
+    let proxy = std::sync::Arc::new(BrokerProxy::start_amqp10(5672).expect("proxy"));
     let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
     let watched = std::sync::Arc::clone(&proxy);
     let used = std::thread::spawn(move || {

@@ -9,11 +9,11 @@
 //!   listeners) that fault tests cut, stop and kill;
 //! - [`certs`]: a private CA and certificates (openssl), and a TLS endpoint no trust
 //!   store accepts;
-//! - [`amqp10_proxy`]: a proxy in front of an AMQP 1.0 broker that withholds the
-//!   broker's `end` or `close`, a broker that never answers one;
 //! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
 //!   private ones that fault tests cut, stop and kill;
 //! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test;
+//! - [`proxy`]: a proxy in front of a broker that withholds what the broker says (all
+//!   of it, or AMQP 1.0's `end` or `close`): a broker that never answers;
 //! - [`raw_amqp10`]: a raw fe2o3-amqp connection set up as the AMQP 1.0 driver sets
 //!   up its own, for the benches' baselines;
 //! - [`redis`]: private `redis-server`s (AOF on) that the Redis driver's tests start,
@@ -22,11 +22,11 @@
 //! Whether a missing broker fails or skips is one rule for all:
 //! [`queue_testkit::in_ci`].
 
-pub mod amqp10_proxy;
 pub mod artemis;
 pub mod certs;
 mod net;
 pub mod proton;
+pub mod proxy;
 pub mod rabbitmq;
 pub mod raw_amqp10;
 pub mod redis;

@@ -1,10 +1,12 @@
-//! A loopback TCP proxy in front of an AMQP 1.0 broker that can withhold the broker's
-//! closing performatives: a broker that never answers an `end` or a `close`, for
-//! tests of what a client does while it waits for that answer.
+//! A loopback TCP proxy in front of a broker that can stop passing on what the broker
+//! says: all of it (a broker that hangs with its connections open), or only the AMQP
+//! 1.0 performatives that answer a client's `end` or `close`. For tests of what a
+//! client does while it waits for an answer that never comes.
 //!
 //! ```no_run
-//! let proxy = queue_fixtures::amqp10_proxy::Amqp10Proxy::start(5672).unwrap();
-//! proxy.withhold(queue_fixtures::amqp10_proxy::Performative::End);
+//! use queue_fixtures::proxy::{BrokerProxy, Performative};
+//! let proxy = BrokerProxy::start_amqp10(5672).unwrap();
+//! proxy.withhold(Performative::End);
 //! // connect to amqp://guest:guest@127.0.0.1:{proxy.port()} ...
 //! assert!(proxy.wait_withheld(1, std::time::Duration::from_secs(10)));
 //! ```
@@ -28,22 +30,33 @@ pub enum Performative {
 #[derive(Default)]
 struct State {
     withheld_kinds: Vec<Performative>,
+    frozen: bool,
     withheld: usize,
 }
 
 /// The proxy; it stops (its thread with it) when dropped.
-pub struct Amqp10Proxy {
+pub struct BrokerProxy {
     port: u16,
     state: Arc<(Mutex<State>, Condvar)>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Amqp10Proxy {
+impl BrokerProxy {
     /// Listens on a free loopback port and forwards every connection to
     /// 127.0.0.1:`broker_port`, on a thread of its own (so its work is never counted
-    /// against the thread of the client under test).
-    pub fn start(broker_port: u16) -> Result<Amqp10Proxy, String> {
+    /// against the thread of the client under test). It can [`freeze`](Self::freeze).
+    pub fn start(broker_port: u16) -> Result<BrokerProxy, String> {
+        BrokerProxy::listen(broker_port, false)
+    }
+
+    /// The same for an AMQP 1.0 broker, read frame by frame so that it can also
+    /// [`withhold`](Self::withhold) performatives.
+    pub fn start_amqp10(broker_port: u16) -> Result<BrokerProxy, String> {
+        BrokerProxy::listen(broker_port, true)
+    }
+
+    fn listen(broker_port: u16, framed: bool) -> Result<BrokerProxy, String> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .map_err(|e| format!("proxy: binding a loopback port: {e}"))?;
         let port = listener
@@ -71,12 +84,12 @@ impl Amqp10Proxy {
                     };
                     tokio::select! {
                         _ = stopped => {}
-                        () = accept_loop(listener, broker_port, shared) => {}
+                        () = accept_loop(listener, broker_port, framed, shared) => {}
                     }
                 });
             })
             .map_err(|e| format!("proxy: starting its thread: {e}"))?;
-        Ok(Amqp10Proxy {
+        Ok(BrokerProxy {
             port,
             state,
             stop: Some(stop),
@@ -89,14 +102,21 @@ impl Amqp10Proxy {
         self.port
     }
 
-    /// From now on, drops every `performative` the broker sends (the client never
-    /// sees it); everything else still passes.
+    /// From now on, drops every AMQP 1.0 `performative` the broker sends (the client
+    /// never sees it); everything else still passes. Only a proxy started with
+    /// [`start_amqp10`](Self::start_amqp10) reads frames: another lets them all pass.
     pub fn withhold(&self, performative: Performative) {
-        let (state, _) = &*self.state;
-        lock(state).withheld_kinds.push(performative);
+        lock(&self.state.0).withheld_kinds.push(performative);
     }
 
-    /// How many frames the proxy has withheld so far: the proof that the fault landed.
+    /// From now on, drops everything the broker sends, whatever the protocol: the
+    /// broker looks hung to its clients, their connections still open.
+    pub fn freeze(&self) {
+        lock(&self.state.0).frozen = true;
+    }
+
+    /// How many times the proxy has withheld something so far (a frame, or a read of
+    /// a frozen broker's bytes): the proof that the fault landed.
     pub fn withheld(&self) -> usize {
         lock(&self.state.0).withheld
     }
@@ -120,7 +140,7 @@ impl Amqp10Proxy {
     }
 }
 
-impl Drop for Amqp10Proxy {
+impl Drop for BrokerProxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -137,7 +157,12 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn accept_loop(listener: TcpListener, broker_port: u16, state: Arc<(Mutex<State>, Condvar)>) {
+async fn accept_loop(
+    listener: TcpListener,
+    broker_port: u16,
+    framed: bool,
+    state: Arc<(Mutex<State>, Condvar)>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     while let Ok((client, _)) = listener.accept().await {
         let Ok(broker) = TcpStream::connect(("127.0.0.1", broker_port)).await else {
@@ -147,7 +172,12 @@ async fn accept_loop(listener: TcpListener, broker_port: u16, state: Arc<(Mutex<
         let (client_read, client_write) = client.into_split();
         let (broker_read, broker_write) = broker.into_split();
         connections.spawn(copy(client_read, broker_write));
-        connections.spawn(filter(broker_read, client_write, Arc::clone(&state)));
+        connections.spawn(filter(
+            broker_read,
+            client_write,
+            framed,
+            Arc::clone(&state),
+        ));
     }
 }
 
@@ -156,10 +186,12 @@ async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
     let _ = to.shutdown().await;
 }
 
-/// Forwards the broker's bytes frame by frame, dropping the withheld performatives.
+/// Forwards the broker's bytes, all of them until frozen; when `framed`, unit by unit
+/// (a protocol header or an AMQP 1.0 frame), dropping the withheld performatives.
 async fn filter(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
+    framed: bool,
     state: Arc<(Mutex<State>, Condvar)>,
 ) {
     let mut pending: Vec<u8> = Vec::new();
@@ -169,6 +201,16 @@ async fn filter(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if frozen(&state) {
+            pending.clear();
+            continue;
+        }
+        if !framed {
+            if to.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+            continue;
+        }
         pending.extend_from_slice(&chunk[..n]);
         let mut forward = Vec::new();
         while let Some(unit) = next_unit(&pending) {
@@ -185,6 +227,18 @@ async fn filter(
     let _ = to.shutdown().await;
 }
 
+/// Whether the broker's bytes are all withheld now; counts the read withheld.
+fn frozen(state: &(Mutex<State>, Condvar)) -> bool {
+    let (state, rung) = state;
+    let mut guard = lock(state);
+    if !guard.frozen {
+        return false;
+    }
+    guard.withheld += 1;
+    rung.notify_all();
+    true
+}
+
 /// Whether frames of descriptor `code` are withheld now; counts the one withheld.
 fn withholds(state: &(Mutex<State>, Condvar), code: u8) -> bool {
     let (state, rung) = state;
@@ -197,7 +251,8 @@ fn withholds(state: &(Mutex<State>, Condvar), code: u8) -> bool {
     true
 }
 
-/// The length of the next whole unit in `bytes`: an 8-byte protocol header or a frame.
+/// The length of the next whole unit in `bytes`: an 8-byte protocol header or an AMQP
+/// 1.0 frame.
 fn next_unit(bytes: &[u8]) -> Option<usize> {
     if bytes.len() < 8 {
         return None;
