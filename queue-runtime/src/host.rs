@@ -20,6 +20,8 @@ use queue_core::retry::{Exhausted, FailurePath};
 /// their consumers back and end.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long shutdown waits for a queue's counts for its summary.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for processes when no consumer sets a `stop_timeout`.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -441,29 +443,39 @@ impl Host {
                 );
             }
         }
-        for sub in subscriptions {
+        // Side by side: each waits for the broker (up to its driver's limits), and a
+        // broker that hangs would otherwise make the waits add up.
+        let cancels = subscriptions.into_iter().map(|sub| async move {
             if let Err(e) = sub.cancel().await {
                 tracing::warn!(error = %e, "cancelling a consumer failed; the broker returns its messages when the connection closes");
             }
-        }
-        let mut summary = Vec::new();
-        for c in &self.plan.consumers {
-            let Some(registered) = self.queues.get(&c.queue) else {
-                continue;
-            };
-            let info = registered.driver.info(&c.queue).await.unwrap_or_default();
-            summary.push(QueueSummary {
-                queue: c.queue.clone(),
-                acked: registered.driver.acked_total(&c.queue),
-                ready: info.ready,
-                in_flight: info.in_flight,
-            });
-        }
-        for (id, driver) in &self.drivers {
+        });
+        futures_util::future::join_all(cancels).await;
+        let counts = self.plan.consumers.iter().filter_map(|c| {
+            let registered = self.queues.get(&c.queue)?;
+            Some(async move {
+                // Counts are for the summary: a broker that does not answer leaves
+                // them unknown rather than holding up the exit.
+                let info = tokio::time::timeout(SUMMARY_TIMEOUT, registered.driver.info(&c.queue))
+                    .await
+                    .ok()
+                    .and_then(|info| info.ok())
+                    .unwrap_or_default();
+                QueueSummary {
+                    queue: c.queue.clone(),
+                    acked: registered.driver.acked_total(&c.queue),
+                    ready: info.ready,
+                    in_flight: info.in_flight,
+                }
+            })
+        });
+        let summary = futures_util::future::join_all(counts).await;
+        let closes = self.drivers.iter().map(|(id, driver)| async move {
             if let Err(e) = driver.close().await {
                 tracing::warn!(driver = %id, error = %e, "closing the driver failed");
             }
-        }
+        });
+        futures_util::future::join_all(closes).await;
         summary
     }
 }

@@ -346,6 +346,40 @@ fn odd_passwords_never_show_whatever_the_url_or_log_level() {
     }
 }
 
+/// A broker that hangs with its connections open (a proxy that stops passing on what
+/// RabbitMQ says) must not keep the runtime from stopping on SIGTERM: every step of
+/// the shutdown that waits for the broker (a consumer's cancel, the queue counts of
+/// the summary, the driver's close) gives up after its limit. Through both drivers.
+fn a_hung_broker_cannot_keep_the_runtime_from_stopping() {
+    for (name, driver) in DRIVERS {
+        let proxy = queue_fixtures::proxy::BrokerProxy::start(5672).expect("proxy");
+        let driver = driver.replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port()));
+        let yaml = format!(
+            "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-hung-{name}-{}\n    durable: false\n    dead_letter: false\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    concurrency: 4\n",
+            unique()
+        );
+        let dir = app(&[("app.yaml", &yaml), ("h.lua", "function handle(p) end\n")]);
+        let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+        wait_for_line(&lines, "consumer attached");
+        proxy.freeze();
+        signal(&child, "TERM");
+        let started = std::time::Instant::now();
+        let out = wait_with_timeout(child, Duration::from_secs(60));
+        let logs: Vec<String> = lines.try_iter().collect();
+        assert!(
+            out.status.success(),
+            "{name}: {:?}\n{}",
+            out.status,
+            logs.join("\n")
+        );
+        assert!(
+            proxy.withheld() >= 1,
+            "{name}: the broker said nothing after the freeze"
+        );
+        eprintln!("{name}: stopped {:?} after SIGTERM", started.elapsed());
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [];
@@ -354,5 +388,6 @@ queue_testkit::broker_tests! {
         publish_and_info_work_on_a_broker_queue,
         no_runtime_output_shows_a_broker_password,
         odd_passwords_never_show_whatever_the_url_or_log_level,
+        a_hung_broker_cannot_keep_the_runtime_from_stopping,
     ];
 }
