@@ -196,9 +196,46 @@ async fn close_ends_subscriptions_and_refuses_work() {
     assert_eq!(other.info(&spec.id).await.unwrap().consumers, Some(0));
 }
 
+/// A Redis that hangs with its connections open (a proxy that stops passing on what
+/// it says) must not hold up a consumer's cancel or the driver's close, which the
+/// runtime's shutdown waits on: each gives up within the driver's response limits.
+async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
+    let node = node().await;
+    let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
+    let url = node
+        .url()
+        .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
+    let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    let spec = queue("hung");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    proxy.freeze();
+    // The ack is the first thing whose answer the proxy withholds.
+    let acked = tokio::time::timeout(std::time::Duration::from_secs(30), held.ack()).await;
+    let Ok(acked) = acked else {
+        panic!("the ack waited for the hung Redis")
+    };
+    let err = acked.expect_err("an ack Redis never confirmed");
+    assert!(
+        err.retryable() || err.kind() == ErrorKind::Internal,
+        "{err}"
+    );
+    let cancel = tokio::time::timeout(std::time::Duration::from_secs(30), sub.cancel()).await;
+    assert!(cancel.is_ok(), "the cancel waited for the hung Redis");
+    assert!(proxy.withheld() >= 1, "Redis said nothing after the freeze");
+    let close = tokio::time::timeout(std::time::Duration::from_secs(30), driver.close()).await;
+    assert!(close.is_ok(), "the close waited for the hung Redis");
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
+        a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
         wrong_password_is_refused_without_showing_it,
         refused_port_is_internal_retryable_without_the_password,
         another_max_length_is_already_exists,
