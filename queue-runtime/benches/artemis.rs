@@ -42,12 +42,12 @@ use host_runs::{
     CREDIT, DRAIN_TIMEOUT, Until, assert_drained, in_turns, raw_fe2o3_receive, run_host_until,
 };
 
-/// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
 /// raw clients beside it run on it too).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Where the in-turns figures go, under `target/bench/`, for `cargo xtask bench`.
 const IN_TURNS_FILE: &str = "in_turns-artemis.json";
 const CONSUME_N: usize = 20_000;
 /// Rounds of the pass: each drains the queue once with each side.
