@@ -165,7 +165,17 @@ impl Publisher {
             None => self.conn.link_until(&what(), deadline).await?,
         };
         let routing = match prepared.delay_ms {
-            Some(ms) => queue_name(&self.topology.delay_queue(&link, spec, ms).await?)?,
+            Some(ms) => {
+                let declared = self.topology.delay_queue(&link, spec, ms);
+                let Ok(name) = tokio::time::timeout_at(deadline, declared).await else {
+                    return Err(Error::internal(format!(
+                        "{}: its delay queue was not declared within publish_timeout {:?}",
+                        what(),
+                        self.timeout
+                    )));
+                };
+                queue_name(&name?)?
+            }
             None => routing.clone(),
         };
         let io = async {

@@ -518,7 +518,13 @@ async fn a_hung_broker_cannot_hold_up_a_cancel_or_a_close() {
         "the broker said nothing after the freeze"
     );
     let close = tokio::time::timeout(Duration::from_secs(30), driver.close()).await;
-    assert!(close.is_ok(), "the close waited for the hung broker");
+    let Ok(closed) = close else {
+        panic!("the close waited for the hung broker")
+    };
+    let err = closed.expect_err("a close the broker never answered");
+    assert!(err.message().contains("did not answer"), "{err}");
+    drop(proxy);
+    delete(id.as_str()).await;
 }
 
 queue_testkit::broker_tests! {

@@ -31,8 +31,8 @@ use crate::config::{Amqp10Config, Endpoint};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long beginning a session and attaching a link may take.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a clean close may take before it is abandoned.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a clean close (or a link's detach) may take before it is abandoned.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A link together with the session it owns and the connection generation it lives on.
 pub(crate) struct Attached<L> {
@@ -62,6 +62,32 @@ struct Live {
     connection: ConnectionHandle<()>,
     /// Which of the endpoints it is connected to.
     node: usize,
+    /// The connection's socket, a second handle on it: see [`Live::close`].
+    socket: std::net::TcpStream,
+}
+
+impl Live {
+    /// Closes the connection, waiting up to [`CLOSE_TIMEOUT`] for the broker's
+    /// `close`. Past that the socket is shut down, so that neither it nor fe2o3-amqp's
+    /// engines, still waiting for the answer, outlive a close the broker never answered
+    /// ([Closing](../../docs/drivers/amqp10.md#closing)).
+    async fn close(mut self) {
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close())
+            .await
+            .is_err()
+        {
+            let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// `stream` as fe2o3-amqp takes it, and a second handle on its socket.
+fn second_handle(
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let socket = stream.try_clone()?;
+    Ok((tokio::net::TcpStream::from_std(stream)?, socket))
 }
 
 /// Owns the connection to the broker and reopens it on demand.
@@ -221,6 +247,9 @@ impl Connector {
             Error::internal(format!("cannot connect to {}: {io}", e.redacted)).with_source(io)
         })?;
         let _ = stream.set_nodelay(true);
+        let (stream, socket) = second_handle(stream).map_err(|io| {
+            Error::internal(format!("connecting to {}: {io}", e.redacted)).with_source(io)
+        })?;
         let profile = match &e.username {
             Some(user) => SaslProfile::Plain {
                 username: user.clone(),
@@ -259,6 +288,7 @@ impl Connector {
             generation,
             connection,
             node,
+            socket,
         })
     }
 }
@@ -402,16 +432,14 @@ impl Connector {
     pub async fn close(&self) {
         self.closed.send_replace(true);
         let live = self.live.lock().await.take();
-        if let Some(mut live) = live {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, live.connection.close()).await;
+        if let Some(live) = live {
+            live.close().await;
         }
     }
 }
 
-fn close_in_background(mut live: Live) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, live.connection.close()).await;
-    });
+fn close_in_background(live: Live) {
+    tokio::spawn(live.close());
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::Profile;
-use crate::connection::{Attached, Connector};
+use crate::connection::{Attached, CLOSE_TIMEOUT, Connector};
 
 /// What a receiver link needs to (re-)attach.
 #[derive(Debug, Clone)]
@@ -328,9 +328,7 @@ impl ReceiveTask {
                         cancels = self.settle_handed_over(&attached.link).await;
                         self.release_all(&attached.link).await;
                         let Attached { link, session } = attached;
-                        let detach = link.detach();
-                        let _ =
-                            tokio::time::timeout(std::time::Duration::from_secs(5), detach).await;
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.detach()).await;
                         drop(session); // sends its end: see `Attached::end`
                     }
                     for cancel in cancels {

@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::Profile;
-use crate::connection::{Attached, Connector};
+use crate::connection::{Attached, CLOSE_TIMEOUT, Connector};
 use crate::mapping::Outgoing;
 
 struct SendRequest {
@@ -293,7 +293,7 @@ impl SendTask {
                 .acquire_many_owned(self.spec.window.max(1));
             let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
             let Attached { link, session } = attached;
-            let _ = tokio::time::timeout(Duration::from_secs(5), link.detach()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.detach()).await;
             drop(session); // sends its end: see `Attached::end`
         }
     }

@@ -275,10 +275,28 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
 
             watched.withhold(Performative::Close);
             let withheld = watched.withheld();
+            let closing = std::time::Instant::now();
             within("close", driver.close()).await.unwrap();
             assert!(
                 watched.withheld() > withheld,
                 "the close never reached the broker"
+            );
+            // Proof the close went unanswered: the driver waited out its limit (5 s).
+            assert!(
+                closing.elapsed() >= std::time::Duration::from_secs(4),
+                "the close was answered after {:?}",
+                closing.elapsed()
+            );
+            // Given up on, the connection is cut: its socket does not linger.
+            let proxy = std::sync::Arc::clone(&watched);
+            let gone = tokio::task::spawn_blocking(move || {
+                proxy.wait_clients_gone(std::time::Duration::from_secs(10))
+            })
+            .await
+            .unwrap();
+            assert!(
+                gone,
+                "the driver kept its socket after giving up on the close"
             );
             let before = queue_testkit::thread_cpu();
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;

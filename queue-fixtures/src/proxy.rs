@@ -32,6 +32,8 @@ struct State {
     withheld_kinds: Vec<Performative>,
     frozen: bool,
     withheld: usize,
+    /// Clients whose side of the connection is still open.
+    clients: usize,
 }
 
 /// The proxy; it stops (its thread with it) when dropped.
@@ -70,7 +72,7 @@ impl BrokerProxy {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new()
-            .name("amqp10-proxy".into())
+            .name("broker-proxy".into())
             .spawn(move || {
                 let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -110,7 +112,9 @@ impl BrokerProxy {
     }
 
     /// From now on, drops everything the broker sends, whatever the protocol: the
-    /// broker looks hung to its clients, their connections still open.
+    /// broker looks hung to its clients, their connections still open (when the
+    /// broker closes one, the client's side stays open, as it does once anything is
+    /// withheld).
     pub fn freeze(&self) {
         lock(&self.state.0).frozen = true;
     }
@@ -121,12 +125,22 @@ impl BrokerProxy {
         lock(&self.state.0).withheld
     }
 
-    /// Waits until at least `n` frames were withheld; `false` after `limit`.
+    /// Waits until [`withheld`](Self::withheld) reaches `n`; `false` after `limit`.
     pub fn wait_withheld(&self, n: usize, limit: Duration) -> bool {
+        self.wait_until(limit, |state| state.withheld >= n)
+    }
+
+    /// Waits until every client has closed its side of its connection (the proxy
+    /// read its end of stream); `false` after `limit`.
+    pub fn wait_clients_gone(&self, limit: Duration) -> bool {
+        self.wait_until(limit, |state| state.clients == 0)
+    }
+
+    fn wait_until(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
         let (state, rung) = &*self.state;
         let deadline = Instant::now() + limit;
         let mut guard = lock(state);
-        while guard.withheld < n {
+        while !done(&guard) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -171,7 +185,14 @@ async fn accept_loop(
         let _ = (client.set_nodelay(true), broker.set_nodelay(true));
         let (client_read, client_write) = client.into_split();
         let (broker_read, broker_write) = broker.into_split();
-        connections.spawn(copy(client_read, broker_write));
+        lock(&state.0).clients += 1;
+        let client_ended = Arc::clone(&state);
+        connections.spawn(async move {
+            copy(client_read, broker_write).await;
+            let (state, rung) = &*client_ended;
+            lock(state).clients -= 1;
+            rung.notify_all();
+        });
         connections.spawn(filter(
             broker_read,
             client_write,
@@ -198,6 +219,12 @@ async fn filter(
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) if withholding(&state) => {
+                // A broker that hangs does not hang up either: the client keeps its
+                // connection, unanswered, until the proxy goes.
+                std::future::pending::<()>().await;
+                return;
+            }
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -225,6 +252,12 @@ async fn filter(
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// Whether the proxy withholds anything now (frozen, or any performative).
+fn withholding(state: &(Mutex<State>, Condvar)) -> bool {
+    let guard = lock(&state.0);
+    guard.frozen || !guard.withheld_kinds.is_empty()
 }
 
 /// Whether the broker's bytes are all withheld now; counts the read withheld.
