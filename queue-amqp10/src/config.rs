@@ -58,6 +58,12 @@ pub struct Amqp10Config {
     /// Unsettled sends in flight per queue (default 1000).
     #[serde(default = "default_confirm_window")]
     pub confirm_window: u32,
+    /// How long the broker may stay silent before the connection counts as lost
+    /// (default 60s; `0s` turns it off). The driver asks the broker for a frame at
+    /// least every half of it (AMQP's idle time-out), so only a broker that hangs or a
+    /// network that drops everything without closing TCP goes silent that long.
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
     /// TLS settings for `amqps://` URLs (needs the crate's `tls` feature).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -89,6 +95,9 @@ fn default_publish_timeout() -> Duration {
 fn default_confirm_window() -> u32 {
     1000
 }
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl fmt::Debug for Amqp10Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -103,6 +112,7 @@ impl fmt::Debug for Amqp10Config {
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("publish_timeout", &self.publish_timeout)
             .field("confirm_window", &self.confirm_window)
+            .field("idle_timeout", &self.idle_timeout)
             .field("tls", &self.tls)
             .finish()
     }
@@ -129,6 +139,7 @@ impl Amqp10Config {
             reconnect_max_delay: default_reconnect_max_delay(),
             publish_timeout: default_publish_timeout(),
             confirm_window: default_confirm_window(),
+            idle_timeout: default_idle_timeout(),
             tls: None,
         }
     }
@@ -190,6 +201,16 @@ impl Amqp10Config {
                 KIND,
                 "confirm_window",
                 "must be between 1 and 65535",
+            ));
+        }
+        if !self.idle_timeout.is_zero()
+            && !(Duration::from_secs(1)..=Duration::from_millis(u64::from(u32::MAX)))
+                .contains(&self.idle_timeout)
+        {
+            return Err(field_error(
+                KIND,
+                "idle_timeout",
+                "must be 0s (off) or between 1s and about 49 days",
             ));
         }
         if self.container_id.as_ref().is_some_and(|id| id.is_empty()) {
@@ -361,6 +382,25 @@ fn percent_decode(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_timeout_is_off_at_zero_and_at_least_a_second_otherwise() {
+        let parse = |value: &str| {
+            serde_json::from_value::<Amqp10Config>(serde_json::json!({
+                "url": "amqp://127.0.0.1", "idle_timeout": value
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            Amqp10Config::new("amqp://127.0.0.1", Profile::Generic).idle_timeout,
+            Duration::from_secs(60)
+        );
+        assert!(parse("0s").validate().is_ok());
+        assert!(parse("15s").validate().is_ok());
+        let err = parse("500ms").validate().unwrap_err();
+        assert_eq!(err.details()["field"], "idle_timeout", "{err}");
+        assert!(parse("1200h").validate().is_err());
+    }
 
     #[test]
     fn urls_parse_with_and_without_credentials() {

@@ -98,6 +98,8 @@ pub(crate) struct Connector {
     current: AtomicUsize,
     container_id: String,
     server_name: Option<String>,
+    /// `idle_timeout` in milliseconds, when on.
+    idle_timeout_ms: Option<u32>,
     /// Set when `tls.ca_file` names the authorities to trust.
     #[cfg(feature = "tls")]
     private_ca: Option<tokio_rustls::TlsConnector>,
@@ -146,6 +148,9 @@ impl Connector {
             current: AtomicUsize::new(0),
             container_id,
             server_name: config.tls.as_ref().and_then(|t| t.server_name.clone()),
+            idle_timeout_ms: u32::try_from(config.idle_timeout.as_millis())
+                .ok()
+                .filter(|ms| *ms > 0),
             #[cfg(feature = "tls")]
             private_ca: match config.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
                 Some(ca_file) => Some(crate::tls::trusting(ca_file)?),
@@ -258,7 +263,13 @@ impl Connector {
             None => SaslProfile::Anonymous,
         };
         let domain = self.server_name.as_deref().unwrap_or(e.host.as_str());
-        let builder = Connection::builder()
+        let mut builder = Connection::builder();
+        if let Some(ms) = self.idle_timeout_ms {
+            // fe2o3 fails the connection when nothing arrives for `ms`, and asks the
+            // broker for a frame every `ms / 2`.
+            builder = builder.idle_time_out(ms);
+        }
+        let builder = builder
             .container_id(self.container_id.clone())
             .hostname(e.host.as_str())
             .domain(domain)

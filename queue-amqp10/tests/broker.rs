@@ -316,6 +316,41 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
     );
 }
 
+/// A broker that goes silent without closing TCP (it hangs, or the network drops
+/// everything) is noticed within `idle_timeout`, and the driver reconnects. Without it
+/// a consumer, which only waits for deliveries and never writes, would wait forever.
+/// While the broker is only idle, its heartbeats keep the connection.
+async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+    config.idle_timeout = std::time::Duration::from_secs(2);
+    config.reconnect_delay = std::time::Duration::from_millis(100);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let id = QueueId::parse("amqp10-tests:silent").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    let sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    // Idle for two and a half idle timeouts: what the test measures, not a wait for
+    // something to happen.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(proxy.accepted(), 1, "an idle connection was dropped");
+
+    proxy.freeze();
+    let watched = std::sync::Arc::clone(&proxy);
+    let reconnected = tokio::task::spawn_blocking(move || {
+        watched.wait_accepted(2, std::time::Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(reconnected, "the driver never noticed the broker's silence");
+    assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
+    drop(sub);
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -326,6 +361,7 @@ queue_testkit::broker_tests! {
         a_durability_clash_is_already_exists,
         acks_handed_over_before_a_cancel_are_sent,
         an_ack_of_a_lost_link_is_refused,
+        a_silent_broker_is_noticed_within_the_idle_timeout,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }

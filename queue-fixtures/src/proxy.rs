@@ -34,6 +34,8 @@ struct State {
     withheld: usize,
     /// Clients whose side of the connection is still open.
     clients: usize,
+    /// Connections accepted so far.
+    accepted: usize,
 }
 
 /// The proxy; it stops (its thread with it) when dropped.
@@ -136,6 +138,17 @@ impl BrokerProxy {
         self.wait_until(limit, |state| state.clients == 0)
     }
 
+    /// Waits until `n` connections were accepted in all (a client that reconnects
+    /// makes one more); `false` after `limit`.
+    pub fn wait_accepted(&self, n: usize, limit: Duration) -> bool {
+        self.wait_until(limit, |state| state.accepted >= n)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        lock(&self.state.0).accepted
+    }
+
     fn wait_until(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
         let (state, rung) = &*self.state;
         let deadline = Instant::now() + limit;
@@ -185,7 +198,12 @@ async fn accept_loop(
         let _ = (client.set_nodelay(true), broker.set_nodelay(true));
         let (client_read, client_write) = client.into_split();
         let (broker_read, broker_write) = broker.into_split();
-        lock(&state.0).clients += 1;
+        {
+            let mut counts = lock(&state.0);
+            counts.clients += 1;
+            counts.accepted += 1;
+        }
+        state.1.notify_all();
         let client_ended = Arc::clone(&state);
         connections.spawn(async move {
             copy(client_read, broker_write).await;
