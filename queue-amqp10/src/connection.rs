@@ -12,7 +12,7 @@
 //! the one whose connection was lost and goes round the list once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
@@ -110,6 +110,9 @@ pub(crate) struct Connector {
     opened: AtomicU64,
     /// Links that attached (first attaches and re-attaches).
     attached: AtomicU64,
+    /// Set while a lost connection is being replaced (the connection's lock is held
+    /// meanwhile, so [`Connector::is_connected`] cannot look at it).
+    reopening: AtomicBool,
     link_seq: AtomicU64,
     closed: watch::Sender<bool>,
 }
@@ -161,6 +164,7 @@ impl Connector {
             generation: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             attached: AtomicU64::new(0),
+            reopening: AtomicBool::new(false),
             link_seq: AtomicU64::new(0),
             closed,
         })
@@ -189,11 +193,11 @@ impl Connector {
     }
 
     /// Whether a connection is open now. While someone holds the connection (beginning
-    /// a session, reconnecting), the answer is whether one ever opened.
+    /// a session), the answer is whether one ever opened and none is being replaced.
     pub fn is_connected(&self) -> bool {
         match self.live.try_lock() {
             Ok(live) => live.as_ref().is_some_and(|l| !l.connection.is_closed()),
-            Err(_) => self.connections_opened() > 0,
+            Err(_) => !self.reopening.load(Ordering::Relaxed) && self.connections_opened() > 0,
         }
     }
 
@@ -360,7 +364,10 @@ impl Connector {
                 if let Some(old) = live.take() {
                     close_in_background(old);
                 }
-                *live = Some(self.open(next % self.endpoints.len()).await?);
+                self.reopening.store(true, Ordering::Relaxed);
+                let opened = self.open(next % self.endpoints.len()).await;
+                self.reopening.store(false, Ordering::Relaxed);
+                *live = Some(opened?);
             }
             let Some(current) = live.as_mut() else {
                 return Err(Error::internal("no connection"));

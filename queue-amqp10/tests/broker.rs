@@ -347,6 +347,12 @@ async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
     .unwrap();
     assert!(reconnected, "the driver never noticed the broker's silence");
     assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
+    // Reconnecting (the new connection's open waits on the frozen broker), the
+    // driver is not connected, and says so (the runtime's /ready reads it).
+    assert!(
+        !driver.connection().unwrap().connected,
+        "reported connected while reconnecting"
+    );
     drop(sub);
     driver.close().await.unwrap();
 }
