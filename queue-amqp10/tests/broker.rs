@@ -232,6 +232,33 @@ async fn an_ack_of_a_lost_link_is_refused() {
     drop(node);
 }
 
+/// A driver on `config` and a consumer of the shared broker's queue `name`.
+async fn consuming(
+    config: Amqp10Config,
+    name: &str,
+) -> (Amqp10Driver, Box<dyn queue_core::Subscription>) {
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let id = QueueId::new("amqp10-tests", name).unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    let sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    (driver, sub)
+}
+
+/// Runs one of the proxy's blocking waits off the runtime's thread, whose tasks (the
+/// driver's) must go on meanwhile.
+async fn proxy_wait(
+    proxy: &std::sync::Arc<BrokerProxy>,
+    wait: impl FnOnce(&BrokerProxy) -> bool + Send + 'static,
+) -> bool {
+    let proxy = std::sync::Arc::clone(proxy);
+    tokio::task::spawn_blocking(move || wait(&proxy))
+        .await
+        .unwrap()
+}
+
 /// fe2o3-amqp's session engine, once it has sent a session's `end`, polls a closed
 /// channel in a loop until the broker's `end` comes back, for as long as the session's
 /// handle or one of its links is held. The driver holds neither while it waits, so a
@@ -252,22 +279,14 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
         runtime.block_on(async move {
             let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
             config.container_id = Some(format!("queue-amqp10-silent-end-{}", std::process::id()));
-            let driver = Amqp10Driver::connect(config).await.unwrap();
-            let id = QueueId::parse("amqp10-tests:silent-end").unwrap();
-            driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
-            let sub = driver
-                .consume(&id, ConsumeOptions { prefetch: 10 })
-                .await
-                .unwrap();
+            let (driver, sub) = consuming(config, "silent-end").await;
             watched.withhold(Performative::End);
             let before = queue_testkit::thread_cpu();
             within("cancel", sub.cancel()).await.unwrap();
-            let proxy = std::sync::Arc::clone(&watched);
-            let landed = tokio::task::spawn_blocking(move || {
-                proxy.wait_withheld(1, std::time::Duration::from_secs(30))
+            let landed = proxy_wait(&watched, |p| {
+                p.wait_withheld(1, std::time::Duration::from_secs(30))
             })
-            .await
-            .unwrap();
+            .await;
             assert!(landed, "the session's end never reached the broker");
             // The window in which a spinning engine would show.
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -288,12 +307,10 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
                 closing.elapsed()
             );
             // Given up on, the connection is cut: its socket does not linger.
-            let proxy = std::sync::Arc::clone(&watched);
-            let gone = tokio::task::spawn_blocking(move || {
-                proxy.wait_clients_gone(std::time::Duration::from_secs(10))
+            let gone = proxy_wait(&watched, |p| {
+                p.wait_clients_gone(std::time::Duration::from_secs(10))
             })
-            .await
-            .unwrap();
+            .await;
             assert!(
                 gone,
                 "the driver kept its socket after giving up on the close"
@@ -326,25 +343,17 @@ async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
     let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
     config.idle_timeout = std::time::Duration::from_secs(2);
     config.reconnect_delay = std::time::Duration::from_millis(100);
-    let driver = Amqp10Driver::connect(config).await.unwrap();
-    let id = QueueId::parse("amqp10-tests:silent").unwrap();
-    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
-    let sub = driver
-        .consume(&id, ConsumeOptions { prefetch: 10 })
-        .await
-        .unwrap();
+    let (driver, sub) = consuming(config, "silent").await;
     // Idle for two and a half idle timeouts: what the test measures, not a wait for
     // something to happen.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(proxy.accepted(), 1, "an idle connection was dropped");
 
     proxy.freeze();
-    let watched = std::sync::Arc::clone(&proxy);
-    let reconnected = tokio::task::spawn_blocking(move || {
-        watched.wait_accepted(2, std::time::Duration::from_secs(30))
+    let reconnected = proxy_wait(&proxy, |p| {
+        p.wait_accepted(2, std::time::Duration::from_secs(30))
     })
-    .await
-    .unwrap();
+    .await;
     assert!(reconnected, "the driver never noticed the broker's silence");
     assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
     // Reconnecting (the new connection's open waits on the frozen broker), the
