@@ -527,11 +527,57 @@ async fn a_hung_broker_cannot_hold_up_a_cancel_or_a_close() {
     delete(id.as_str()).await;
 }
 
+/// A broker that goes silent without closing TCP (it hangs, or the network drops
+/// everything) is noticed through the missed heartbeats, and the driver reconnects. A
+/// consumer only waits for deliveries and never writes: without heartbeats it would
+/// wait forever. While the broker is only idle, its heartbeats keep the connection.
+async fn a_silent_broker_is_noticed_through_its_missed_heartbeats() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start(5672).expect("proxy"));
+    let mut config =
+        Amqp091Config::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
+    config.heartbeat = Some(Duration::from_secs(2));
+    config.reconnect_delay = Duration::from_millis(100);
+    let driver = Amqp091Driver::connect(config).await.unwrap();
+    let id = QueueId::new("test", &common::unique("silent")).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    let sub = driver
+        .consume(&id, queue_core::ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    // Idle for two and a half heartbeat timeouts: what the test measures, not a wait
+    // for something to happen.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(proxy.accepted(), 1, "an idle connection was dropped");
+
+    proxy.freeze();
+    let waiting = std::sync::Arc::clone(&proxy);
+    let reconnected =
+        tokio::task::spawn_blocking(move || waiting.wait_accepted(2, Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert!(reconnected, "the driver never noticed the broker's silence");
+    assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
+    // Reconnecting (the new connection's handshake waits on the frozen broker), the
+    // driver is not connected, and says so (the runtime's /ready reads it).
+    assert!(
+        !driver.connection().unwrap().connected,
+        "reported connected while reconnecting"
+    );
+    drop(sub);
+    let _ = tokio::time::timeout(Duration::from_secs(30), driver.close()).await;
+    drop(proxy);
+    delete(id.as_str()).await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
         wrong_password_is_refused_without_showing_it,
         a_hung_broker_cannot_hold_up_a_cancel_or_a_close,
+        a_silent_broker_is_noticed_through_its_missed_heartbeats,
         refused_port_fails_retryable_without_showing_the_password,
         a_full_queue_nacks_and_publish_fails_internal_retryable,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
