@@ -13,7 +13,7 @@ use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
 };
 use queue_fixtures::proxy::BrokerProxy;
-use queue_testkit::{everything_said, next};
+use queue_testkit::{everything_said, next, within};
 
 fn numbered(n: i64) -> Message {
     Message::encode(
@@ -572,12 +572,56 @@ async fn a_silent_broker_is_noticed_through_its_missed_heartbeats() {
     delete(id.as_str()).await;
 }
 
+/// A publish to a broker that hangs with its connection open fails within
+/// `publish_timeout`, retryable, and a declare within `connection_timeout`: a
+/// `queue.publish` in a handler is never held up past its limit, and the message is
+/// never reported sent.
+async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
+    let proxy = BrokerProxy::start(5672).expect("proxy");
+    let mut config =
+        Amqp091Config::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
+    config.publish_timeout = Duration::from_secs(2);
+    config.connection_timeout = Duration::from_secs(2);
+    let driver = Amqp091Driver::connect(config).await.unwrap();
+    let id = QueueId::new("test", &common::unique("hung-publish")).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    proxy.freeze();
+    let published = within(
+        "a publish to the hung broker",
+        driver.publish(&id, numbered(2)),
+    )
+    .await;
+    let err = published.expect_err("a publish the broker never confirmed");
+    assert!(err.retryable(), "{err}");
+    assert!(
+        proxy.withheld() >= 1,
+        "the broker said nothing after the freeze"
+    );
+    let other = QueueId::new("test", &common::unique("hung-declare")).unwrap();
+    let declared = within(
+        "a declare on the hung broker",
+        driver.declare(&QueueSpec::new(other).with_durable(false)),
+    )
+    .await;
+    let err = declared.expect_err("a declare the broker never answered");
+    assert!(err.retryable(), "{err}");
+    assert!(err.message().contains("did not answer"), "{err}");
+    let _ = within("the close", driver.close()).await;
+    drop(proxy);
+    delete(id.as_str()).await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
         wrong_password_is_refused_without_showing_it,
         a_hung_broker_cannot_hold_up_a_cancel_or_a_close,
         a_silent_broker_is_noticed_through_its_missed_heartbeats,
+        a_publish_to_a_hung_broker_fails_within_its_limit,
         refused_port_fails_retryable_without_showing_the_password,
         a_full_queue_nacks_and_publish_fails_internal_retryable,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,

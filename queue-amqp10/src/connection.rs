@@ -364,9 +364,10 @@ impl Connector {
                 if let Some(old) = live.take() {
                     close_in_background(old);
                 }
-                self.reopening.store(true, Ordering::Relaxed);
-                let opened = self.open(next % self.endpoints.len()).await;
-                self.reopening.store(false, Ordering::Relaxed);
+                let opened = {
+                    let _reopening = Reopening::mark(&self.reopening);
+                    self.open(next % self.endpoints.len()).await
+                };
                 *live = Some(opened?);
             }
             let Some(current) = live.as_mut() else {
@@ -381,7 +382,17 @@ impl Connector {
                     Error::internal(format!("{url}: beginning a session failed: {err}"))
                         .with_source(err)
                 }
-                Err(_) => Error::internal(format!("{url}: beginning a session timed out")),
+                Err(_) => {
+                    // A broker that does not answer would not answer a new connection
+                    // either: the caller gets one time limit, not one per attempt. The
+                    // next call opens a new connection.
+                    if let Some(old) = live.take() {
+                        close_in_background(old);
+                    }
+                    return Err(Error::internal(format!(
+                        "{url}: beginning a session timed out"
+                    )));
+                }
             };
             // A connection that cannot begin a session is no good: reopen it.
             if let Some(old) = live.take() {
@@ -453,6 +464,23 @@ impl Connector {
         if let Some(live) = live {
             live.close().await;
         }
+    }
+}
+
+/// Marks a connection being replaced for as long as it lives, so that the mark goes
+/// even when the caller opening it gives up (a dropped future).
+struct Reopening<'a>(&'a AtomicBool);
+
+impl<'a> Reopening<'a> {
+    fn mark(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Reopening(flag)
+    }
+}
+
+impl Drop for Reopening<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 

@@ -366,6 +366,43 @@ async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
     driver.close().await.unwrap();
 }
 
+/// A publish to a broker that hangs with its connection open fails within
+/// `publish_timeout`, retryable, and so does a declare: a `queue.publish` in a handler
+/// is never held up for longer than its limit, and the message is never reported sent.
+async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
+    let proxy = BrokerProxy::start(5672).expect("proxy");
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+    config.publish_timeout = std::time::Duration::from_secs(2);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let id = QueueId::new("amqp10-tests", "hung-publish").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    proxy.freeze();
+    let published = within(
+        "a publish to the hung broker",
+        driver.publish(&id, numbered(2)),
+    )
+    .await;
+    let err = published.expect_err("a publish the broker never confirmed");
+    assert!(err.retryable(), "{err}");
+    assert!(err.message().contains("not accepted within"), "{err}");
+    assert!(
+        proxy.withheld() >= 1,
+        "the broker said nothing after the freeze"
+    );
+    let other = QueueId::new("amqp10-tests", "hung-declare").unwrap();
+    let declared = within(
+        "a declare on the hung broker",
+        driver.declare(&QueueSpec::new(other)),
+    )
+    .await;
+    let err = declared.expect_err("a declare the broker never answered");
+    assert!(err.retryable(), "{err}");
+    assert!(err.message().contains("timed out"), "{err}");
+    let _ = within("the close", driver.close()).await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -377,6 +414,7 @@ queue_testkit::broker_tests! {
         acks_handed_over_before_a_cancel_are_sent,
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
+        a_publish_to_a_hung_broker_fails_within_its_limit,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }
