@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use fe2o3_amqp::link::Receiver;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
-use fe2o3_amqp::types::definitions::{self, AmqpError};
 use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source, TerminusDurability};
 use fe2o3_amqp::types::primitives::Value;
 use futures_util::FutureExt;
@@ -405,7 +404,7 @@ impl ReceiveTask {
     /// then hands them to the consumer together: it is woken once for them, not once
     /// each (docs/performance.md, "Broker drivers").
     async fn deliver_burst(&mut self, link: &mut Receiver, first: Received) -> Step {
-        let mut step = self.take_in(link, first).await;
+        let mut step = self.take_in(first);
         for _ in 1..BURST {
             if !matches!(step, Step::Continue) {
                 break;
@@ -413,7 +412,7 @@ impl ReceiveTask {
             // Cancel safe, as the `select!` in `run` relies on: nothing is lost when
             // no transfer is waiting.
             match link.recv::<Body<Value>>().now_or_never() {
-                Some(received) => step = self.take_in(link, received).await,
+                Some(received) => step = self.take_in(received),
                 None => break,
             }
         }
@@ -426,9 +425,9 @@ impl ReceiveTask {
     }
 
     /// One result of the link's `recv`: a delivery for the burst, or the link lost.
-    async fn take_in(&mut self, link: &mut Receiver, received: Received) -> Step {
+    fn take_in(&mut self, received: Received) -> Step {
         match received {
-            Ok(delivery) => self.deliver(link, delivery).await,
+            Ok(delivery) => self.deliver(delivery),
             Err(err) => {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
                 Step::LinkLost
@@ -436,46 +435,27 @@ impl ReceiveTask {
         }
     }
 
-    /// Maps one transfer into a delivery waiting in `burst`, or rejects it when no
-    /// one can read it.
-    async fn deliver(
-        &mut self,
-        link: &mut Receiver,
-        delivery: fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
-    ) -> Step {
+    /// Maps one transfer into a delivery waiting in `burst`. Every body is handed
+    /// over, none refused: RabbitMQ drops a refused message (see `crate::body`).
+    fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<Value>>) -> Step {
         let info = DeliveryInfo::from(&delivery);
         let delivery_id = info.delivery_id();
         self.credit = self.credit.saturating_sub(1);
-        match crate::mapping::from_amqp(delivery.into_message()) {
-            Ok(message) => {
-                let Some(control) = self.control.upgrade() else {
-                    return Step::Stop(None);
-                };
-                self.unsettled.insert(delivery_id, info);
-                let acker = LinkAcker {
-                    control,
-                    epoch: self.epoch,
-                    current_epoch: Arc::clone(&self.current_epoch),
-                    delivery_id,
-                    message_id: message.id.clone(),
-                };
-                self.buffered.fetch_add(1, Ordering::AcqRel);
-                self.burst.push(Delivery::new(message, Box::new(acker)));
-                Step::Continue
-            }
-            Err(err) => {
-                // Nobody can read it: reject it (the broker drops or dead-letters it)
-                // and say so, rather than redelivering it forever.
-                tracing::error!(queue = %self.spec.queue, error = %err, "amqp10 receiver rejected an unreadable message");
-                let condition =
-                    definitions::Error::new(AmqpError::DecodeError, Some(err.to_string()), None);
-                if let Err(e) = link.reject(info, condition).await {
-                    tracing::warn!(error = %e, "amqp10 receiver: reject failed");
-                    return Step::LinkLost;
-                }
-                self.top_up(link).await
-            }
-        }
+        let message = crate::mapping::from_amqp(delivery.into_message());
+        let Some(control) = self.control.upgrade() else {
+            return Step::Stop(None);
+        };
+        self.unsettled.insert(delivery_id, info);
+        let acker = LinkAcker {
+            control,
+            epoch: self.epoch,
+            current_epoch: Arc::clone(&self.current_epoch),
+            delivery_id,
+            message_id: message.id.clone(),
+        };
+        self.buffered.fetch_add(1, Ordering::AcqRel);
+        self.burst.push(Delivery::new(message, Box::new(acker)));
+        Step::Continue
     }
 
     /// Performs `control` and every settlement waiting behind it (up to 1024): the

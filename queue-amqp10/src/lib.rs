@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod address;
+mod body;
 mod config;
 mod connection;
 mod consume;

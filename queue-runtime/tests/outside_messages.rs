@@ -294,11 +294,112 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
     }
 }
 
+/// What Qpid Proton (and rhea) send by default for a dictionary or a list: an
+/// `amqp-value` body, not bytes. Before, the driver refused it, and RabbitMQ dropped it.
+const PROTON_STRUCTURED: &str = r#"
+import sys
+from proton import Message, decimal32
+from proton.utils import BlockingConnection
+conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
+sender = conn.create_sender("/queue/" + sys.argv[1])
+sender.send(Message(id="structured-dict", body={"n": 1, "tags": ["a", "b"], 7: None}))
+# A list at the top: RabbitMQ 3.10's plugin drops the connection for it (the unit
+# tests of queue-amqp10's `body` module cover lists and sequences).
+sender.send(Message(id="structured-list", body={"list": [1, "two"]}))
+sender.send(Message(id="structured-decimal", body={"price": decimal32(5)}))
+conn.close()
+"#;
+
+const STRUCTURED_HANDLERS: &str = r#"
+function handle(payload)
+  local msg = queue.message()
+  logger:info("Handled", {
+    id = msg:id(),
+    n = payload.n, tag = payload.tags and payload.tags[2],
+    first = payload.list and payload.list[1], second = payload.list and payload.list[2],
+  })
+  return true
+end
+"#;
+
+/// Structured bodies from another AMQP 1.0 client reach a handler as tables; one no
+/// codec can carry (a decimal) is dead-lettered with its bytes, never dropped.
+fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-structured-{id}");
+    let yaml = format!(
+        "namespace: app\nentries:\n{}  - name: jobs\n    kind: queue.queue\n    queue_name: {queue}\n    durable: false\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
+        DRIVERS[1].1
+    );
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", STRUCTURED_HANDLERS)]);
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    let mut seen = wait_for_line(&lines, "runtime started");
+    let sent = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", PROTON_STRUCTURED, &queue])
+        .output()
+        .expect("run Qpid Proton's Python client");
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let done = |seen: &[String]| {
+        let logs: Vec<serde_json::Value> = seen
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        lua_logs(&logs, "Handled").len() == 2
+            && seen
+                .iter()
+                .any(|l| l.contains("dead-lettered") && l.contains("structured-decimal"))
+    };
+    while !done(&seen) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("not every message arrived:\n{}", seen.join("\n")));
+        let readable = ["structured-dict", "structured-list"];
+        if line.contains("handler failed") && readable.iter().any(|id| line.contains(id)) {
+            panic!("a readable body failed its handler: {line}");
+        }
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs: Vec<serde_json::Value> = seen
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let context = seen.join("\n");
+    let handled = lua_logs(&logs, "Handled");
+    let by_id = |id: &str| {
+        handled
+            .iter()
+            .find(|h| h["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not handled: {context}"))
+            .clone()
+    };
+    let dict = by_id("structured-dict");
+    assert_eq!(
+        (dict["n"].as_i64(), dict["tag"].as_str()),
+        (Some(1), Some("b")),
+        "{dict}"
+    );
+    let list = by_id("structured-list");
+    assert_eq!(
+        (list["first"].as_i64(), list["second"].as_str()),
+        (Some(1), Some("two")),
+        "{list}"
+    );
+    let dead = seen
+        .iter()
+        .find(|l| l.contains("dead-lettered") && l.contains("structured-decimal"))
+        .expect("dead-lettered");
+    assert!(dead.contains("which no codec reads"), "{dead}");
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable()
         .or_else(queue_fixtures::proton::ProtonBroker::unavailable);
     async: [];
     sync: [
         outside_messages_are_retried_then_dead_lettered_never_spun,
+        structured_bodies_from_an_amqp10_client_reach_handlers_as_tables,
     ];
 }
