@@ -170,7 +170,7 @@ pub fn load_with_env(
     let mut sources = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
-        match std::fs::read(path) {
+        match read_limited(path) {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(text) => sources.push((path.clone(), text)),
                 Err(e) => errors.push(not_utf8(path, e.as_bytes(), e.utf8_error())),
@@ -184,6 +184,27 @@ pub fn load_with_env(
         }
     }
     merge(&sources, env, errors)
+}
+
+/// The largest configuration file read: far past any real one, and short of what
+/// `/dev/zero` or a runaway generator behind a pipe would take of the memory.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A file's bytes, up to [`MAX_CONFIG_BYTES`]. Any readable file: a pipe too, as
+/// `check <(envsubst < app.yaml)` gives.
+fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_CONFIG_BYTES / (1024 * 1024)
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Where a file stops being UTF-8.
@@ -519,6 +540,29 @@ mod tests {
         let errors = load_text(text).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         errors.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn an_endless_file_is_refused_by_its_size_and_a_pipe_is_read() {
+        // Read whole before, /dev/zero took every byte of memory there was.
+        let errors = load(&[PathBuf::from("/dev/zero")]).unwrap_err().0;
+        assert!(
+            errors[0].message.contains("larger than 16 MiB"),
+            "{errors:?}"
+        );
+        let mut writer = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "printf 'namespace: app\\nentries: []\\n' > /dev/stdout",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pipe = writer.stdout.take().unwrap();
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", pipe.as_raw_fd()));
+        assert!(load(&[path]).is_ok());
+        let _ = writer.wait();
     }
 
     #[test]
