@@ -552,14 +552,8 @@ async fn a_silent_broker_is_noticed_through_its_missed_heartbeats() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(proxy.accepted(), 1, "an idle connection was dropped");
 
-    proxy.freeze();
-    let waiting = std::sync::Arc::clone(&proxy);
-    let reconnected =
-        tokio::task::spawn_blocking(move || waiting.wait_accepted(2, Duration::from_secs(30)))
-            .await
-            .unwrap();
-    assert!(reconnected, "the driver never noticed the broker's silence");
-    assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
+    let noticed = proxy.freeze_until_redialled(Duration::from_secs(30)).await;
+    noticed.expect("the driver noticed the broker's silence");
     // Reconnecting (the new connection's handshake waits on the frozen broker), the
     // driver is not connected, and says so (the runtime's /ready reads it).
     assert!(
@@ -588,19 +582,9 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
         .declare(&QueueSpec::new(id.clone()).with_durable(false))
         .await
         .unwrap();
-    driver.publish(&id, numbered(1)).await.unwrap();
-    proxy.freeze();
-    let published = within(
-        "a publish to the hung broker",
-        driver.publish(&id, numbered(2)),
-    )
-    .await;
-    let err = published.expect_err("a publish the broker never confirmed");
+    let err = proxy.publish_to_frozen(&driver, &id).await;
     assert!(err.retryable(), "{err}");
-    assert!(
-        proxy.withheld() >= 1,
-        "the broker said nothing after the freeze"
-    );
+    assert!(err.message().contains("publish_timeout"), "{err}");
     let other = QueueId::new("test", &common::unique("hung-declare")).unwrap();
     let declared = within(
         "a declare on the hung broker",

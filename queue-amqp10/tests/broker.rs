@@ -247,18 +247,6 @@ async fn consuming(
     (driver, sub)
 }
 
-/// Runs one of the proxy's blocking waits off the runtime's thread, whose tasks (the
-/// driver's) must go on meanwhile.
-async fn proxy_wait(
-    proxy: &std::sync::Arc<BrokerProxy>,
-    wait: impl FnOnce(&BrokerProxy) -> bool + Send + 'static,
-) -> bool {
-    let proxy = std::sync::Arc::clone(proxy);
-    tokio::task::spawn_blocking(move || wait(&proxy))
-        .await
-        .unwrap()
-}
-
 /// fe2o3-amqp's session engine, once it has sent a session's `end`, polls a closed
 /// channel in a loop until the broker's `end` comes back, for as long as the session's
 /// handle or one of its links is held. The driver holds neither while it waits, so a
@@ -283,10 +271,9 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
             watched.withhold(Performative::End);
             let before = queue_testkit::thread_cpu();
             within("cancel", sub.cancel()).await.unwrap();
-            let landed = proxy_wait(&watched, |p| {
-                p.wait_withheld(1, std::time::Duration::from_secs(30))
-            })
-            .await;
+            let landed = watched
+                .wait_async(|p| p.wait_withheld(1, std::time::Duration::from_secs(30)))
+                .await;
             assert!(landed, "the session's end never reached the broker");
             // The window in which a spinning engine would show.
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -307,10 +294,9 @@ fn unanswered_ends_and_closes_leave_nothing_spinning() {
                 closing.elapsed()
             );
             // Given up on, the connection is cut: its socket does not linger.
-            let gone = proxy_wait(&watched, |p| {
-                p.wait_clients_gone(std::time::Duration::from_secs(10))
-            })
-            .await;
+            let gone = watched
+                .wait_async(|p| p.wait_clients_gone(std::time::Duration::from_secs(10)))
+                .await;
             assert!(
                 gone,
                 "the driver kept its socket after giving up on the close"
@@ -349,13 +335,10 @@ async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(proxy.accepted(), 1, "an idle connection was dropped");
 
-    proxy.freeze();
-    let reconnected = proxy_wait(&proxy, |p| {
-        p.wait_accepted(2, std::time::Duration::from_secs(30))
-    })
-    .await;
-    assert!(reconnected, "the driver never noticed the broker's silence");
-    assert!(proxy.withheld() >= 1, "the broker said nothing to withhold");
+    let noticed = proxy
+        .freeze_until_redialled(std::time::Duration::from_secs(30))
+        .await;
+    noticed.expect("the driver noticed the broker's silence");
     // Reconnecting (the new connection's open waits on the frozen broker), the
     // driver is not connected, and says so (the runtime's /ready reads it).
     assert!(
@@ -377,20 +360,9 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let driver = Amqp10Driver::connect(config).await.unwrap();
     let id = QueueId::new("amqp10-tests", "hung-publish").unwrap();
     driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
-    driver.publish(&id, numbered(1)).await.unwrap();
-    proxy.freeze();
-    let published = within(
-        "a publish to the hung broker",
-        driver.publish(&id, numbered(2)),
-    )
-    .await;
-    let err = published.expect_err("a publish the broker never confirmed");
+    let err = proxy.publish_to_frozen(&driver, &id).await;
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("not accepted within"), "{err}");
-    assert!(
-        proxy.withheld() >= 1,
-        "the broker said nothing after the freeze"
-    );
     let other = QueueId::new("amqp10-tests", "hung-declare").unwrap();
     let declared = within(
         "a declare on the hung broker",

@@ -14,6 +14,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use queue_core::{Driver, Error, QueueId};
+use queue_testkit::{numbered, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -147,6 +149,60 @@ impl BrokerProxy {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         lock(&self.state.0).accepted
+    }
+
+    /// Freezes the broker under a client that only waits (an idle consumer), and
+    /// waits up to `limit` for the client to notice and dial again; `Err` says what
+    /// did not happen. The freeze has landed once the broker's idle frames or
+    /// heartbeats were withheld.
+    pub async fn freeze_until_redialled(self: &Arc<Self>, limit: Duration) -> Result<(), String> {
+        self.freeze();
+        if !self.wait_async(move |p| p.wait_accepted(2, limit)).await {
+            return Err(format!(
+                "the client did not notice the silence within {limit:?}"
+            ));
+        }
+        if self.withheld() == 0 {
+            return Err("the broker said nothing to withhold".to_string());
+        }
+        Ok(())
+    }
+
+    /// Publishes through `driver` once (the connection through the proxy works), then
+    /// freezes the broker and publishes again: that publish's error, which a driver
+    /// must give within its time limits. Panics when the publish succeeds, or waits
+    /// past the test kit's patience.
+    pub async fn publish_to_frozen(&self, driver: &dyn Driver, queue: &QueueId) -> Error {
+        driver
+            .publish(queue, numbered(1))
+            .await
+            .expect("a publish before the freeze");
+        self.freeze();
+        let published = within(
+            "a publish to the hung broker",
+            driver.publish(queue, numbered(2)),
+        );
+        let err = published
+            .await
+            .expect_err("a publish the broker never confirmed");
+        assert!(
+            self.withheld() >= 1,
+            "the broker said nothing after the freeze"
+        );
+        err
+    }
+
+    /// Runs one of the waits above off the async runtime's threads, whose tasks (the
+    /// client's under test) must go on meanwhile:
+    /// `proxy.wait_async(|p| p.wait_accepted(2, limit)).await`.
+    pub async fn wait_async(
+        self: &Arc<Self>,
+        wait: impl FnOnce(&BrokerProxy) -> bool + Send + 'static,
+    ) -> bool {
+        let proxy = Arc::clone(self);
+        tokio::task::spawn_blocking(move || wait(&proxy))
+            .await
+            .unwrap_or(false)
     }
 
     fn wait_until(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
