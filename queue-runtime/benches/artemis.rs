@@ -32,8 +32,6 @@ use queue_core::{Driver, Headers, Message, QueueId, QueueSpec};
 
 #[path = "support/bench_args.rs"]
 mod bench_args;
-// `Until::Published` is for `rabbitmq.rs`'s publish pair.
-#[allow(dead_code)]
 #[path = "support/host_runs.rs"]
 mod host_runs;
 #[path = "support/target_dir.rs"]
