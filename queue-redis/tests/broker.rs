@@ -196,16 +196,23 @@ async fn close_ends_subscriptions_and_refuses_work() {
     assert_eq!(other.info(&spec.id).await.unwrap().consumers, Some(0));
 }
 
-/// A Redis that hangs with its connections open (a proxy that stops passing on what
-/// it says) must not hold up a consumer's cancel or the driver's close, which the
-/// runtime's shutdown waits on: each gives up within the driver's response limits.
-async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
+/// A driver connected to a Redis node through a proxy that can freeze it; the node
+/// lives as long as the first item.
+async fn behind_a_proxy() -> (RedisNode, queue_fixtures::proxy::BrokerProxy, RedisDriver) {
     let node = node().await;
     let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
     let url = node
         .url()
         .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
     let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    (node, proxy, driver)
+}
+
+/// A Redis that hangs with its connections open (a proxy that stops passing on what
+/// it says) must not hold up a consumer's cancel or the driver's close, which the
+/// runtime's shutdown waits on: each gives up within the driver's response limits.
+async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
+    let (_node, proxy, driver) = behind_a_proxy().await;
     let spec = queue("hung");
     driver.declare(&spec).await.unwrap();
     driver.publish(&spec.id, numbered(1)).await.unwrap();
@@ -232,10 +239,24 @@ async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
     assert!(close.is_ok(), "the close waited for the hung Redis");
 }
 
+/// A publish to a Redis that hangs with its connections open fails within the
+/// driver's response limit, retryable: a handler's `queue.publish` is never held up
+/// past it, and the message is never reported sent.
+async fn a_publish_to_a_hung_redis_fails_within_its_limit() {
+    let (_node, proxy, driver) = behind_a_proxy().await;
+    let spec = queue("hung-publish");
+    driver.declare(&spec).await.unwrap();
+    let err = proxy.publish_to_frozen(&driver, &spec.id).await;
+    assert!(err.retryable(), "{err}");
+    let close = tokio::time::timeout(std::time::Duration::from_secs(30), driver.close()).await;
+    assert!(close.is_ok(), "the close waited for the hung Redis");
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
         a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
+        a_publish_to_a_hung_redis_fails_within_its_limit,
         wrong_password_is_refused_without_showing_it,
         refused_port_is_internal_retryable_without_the_password,
         another_max_length_is_already_exists,
