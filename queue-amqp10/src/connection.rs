@@ -201,7 +201,8 @@ impl Connector {
         }
     }
 
-    /// The URL of the node connected to (or last connected to), password redacted.
+    /// The URL of the node connected to (or last connected to; after a session its broker
+    /// never began, the node the next connection tries), password redacted.
     pub fn node(&self) -> &str {
         &self.endpoints[self.current.load(Ordering::Relaxed)].redacted
     }
@@ -385,8 +386,10 @@ impl Connector {
                 Err(_) => {
                     // A broker that does not answer would not answer a new connection
                     // either: the caller gets one time limit, not one per attempt. The
-                    // next call opens a new connection.
+                    // next call opens a new connection, to the next node.
                     if let Some(old) = live.take() {
+                        let next = (old.node + 1) % self.endpoints.len();
+                        self.current.store(next, Ordering::Relaxed);
                         close_in_background(old);
                     }
                     return Err(Error::internal(format!(

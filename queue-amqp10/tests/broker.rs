@@ -358,20 +358,26 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
     config.publish_timeout = std::time::Duration::from_secs(2);
     let driver = Amqp10Driver::connect(config).await.unwrap();
-    let id = QueueId::new("amqp10-tests", "hung-publish").unwrap();
-    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    let unique = |what: &str| format!("amqp10-tests-{what}-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &unique("hung-publish")).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_durable(false);
+    driver.declare(&spec).await.unwrap();
     let err = proxy.publish_to_frozen(&driver, &id).await;
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("not accepted within"), "{err}");
-    let other = QueueId::new("amqp10-tests", "hung-declare").unwrap();
+    let other = QueueId::new("amqp10-tests", &unique("hung-declare")).unwrap();
+    let started = std::time::Instant::now();
     let declared = within(
         "a declare on the hung broker",
-        driver.declare(&QueueSpec::new(other)),
+        driver.declare(&QueueSpec::new(other).with_durable(false)),
     )
     .await;
     let err = declared.expect_err("a declare the broker never answered");
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("timed out"), "{err}");
+    // One time limit (10 s), not one for the session and one more for a new connection.
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
     let _ = within("the close", driver.close()).await;
 }
 

@@ -156,8 +156,12 @@ impl BrokerProxy {
     /// did not happen. The freeze has landed once the broker's idle frames or
     /// heartbeats were withheld.
     pub async fn freeze_until_redialled(self: &Arc<Self>, limit: Duration) -> Result<(), String> {
+        let redialled = self.accepted() + 1;
         self.freeze();
-        if !self.wait_async(move |p| p.wait_accepted(2, limit)).await {
+        if !self
+            .wait_async(move |p| p.wait_accepted(redialled, limit))
+            .await
+        {
             return Err(format!(
                 "the client did not notice the silence within {limit:?}"
             ));
@@ -200,9 +204,11 @@ impl BrokerProxy {
         wait: impl FnOnce(&BrokerProxy) -> bool + Send + 'static,
     ) -> bool {
         let proxy = Arc::clone(self);
-        tokio::task::spawn_blocking(move || wait(&proxy))
-            .await
-            .unwrap_or(false)
+        match tokio::task::spawn_blocking(move || wait(&proxy)).await {
+            Ok(done) => done,
+            // A panic in the wait is the test's failure, not a "no".
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
     }
 
     fn wait_until(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
