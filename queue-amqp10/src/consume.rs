@@ -17,7 +17,8 @@
 //! is then an error (INTERNAL, retryable: it will come again), releasing one is fine;
 //! an ack handed over just before the link was lost comes back as a redelivery.
 //! `cancel` releases whatever is unsettled, detaches, and from then on every settlement
-//! of this subscription's deliveries is `INVALID`.
+//! of this subscription's deliveries is `INVALID`. A transfer the link cannot decode is
+//! rejected (it would come back for ever); every other is handed over.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,8 +30,10 @@ use std::task::{Context, Poll, Waker};
 use async_trait::async_trait;
 use fe2o3_amqp::link::Receiver;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::{MessageDecodeError, RecvError};
+use fe2o3_amqp::types::definitions::{self, AmqpError};
 use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source, TerminusDurability};
-use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::types::primitives::LazyValue;
 use queue_core::{Acker, Delivery, Error, Result, Subscription};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -108,6 +111,7 @@ impl Amqp10Subscription {
             current_epoch: Arc::default(),
             unsettled: HashMap::new(),
             burst: Vec::with_capacity(BURST),
+            unreadable: Vec::new(),
             accepts: Vec::new(),
             flush: Box::pin(tokio::time::sleep(GATHER_TIME)),
             credit: 0,
@@ -232,6 +236,8 @@ struct ReceiveTask {
     /// Deliveries taken from the link and not yet handed to the consumer (see
     /// `deliver_burst`).
     burst: Vec<Delivery>,
+    /// Transfers of the burst that the link could not decode, to reject.
+    unreadable: Vec<MessageDecodeError>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
     /// When `accepts` must be sent at the latest; set when the first one joins and
@@ -252,7 +258,7 @@ enum Event {
 
 /// What the link's `recv` gives.
 type Received = std::result::Result<
-    fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+    fe2o3_amqp::link::delivery::Delivery<Body<LazyValue>>,
     fe2o3_amqp::link::RecvError,
 >;
 
@@ -301,7 +307,7 @@ impl ReceiveTask {
                 _ = self.closed.wait_for(|c| *c) => Event::Closed,
                 control = self.control_rx.recv() => Event::Control(control),
                 _ = self.out.closed() => Event::Closed,
-                delivery = attached.link.recv::<Body<Value>>() => Event::Delivery(Box::new(delivery)),
+                delivery = attached.link.recv::<Body<LazyValue>>() => Event::Delivery(Box::new(delivery)),
                 () = &mut self.flush, if !self.accepts.is_empty() => Event::FlushDue,
             };
             let step = match event {
@@ -413,7 +419,7 @@ impl ReceiveTask {
             // Cancel safe, as the `select!` in `run` relies on: nothing is lost when
             // no transfer is waiting. Polled where it is made: the future is about
             // 3 KB, and `now_or_never` moved it once more per transfer.
-            let recv = std::pin::pin!(link.recv::<Body<Value>>());
+            let recv = std::pin::pin!(link.recv::<Body<LazyValue>>());
             match recv.poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(received) => step = self.take_in(received),
                 Poll::Pending => break,
@@ -424,13 +430,41 @@ impl ReceiveTask {
                 return Step::Stop(None);
             }
         }
-        step
+        if self.unreadable.is_empty() {
+            return step;
+        }
+        for unreadable in std::mem::take(&mut self.unreadable) {
+            // No reader can have it: the link could not decode it, so it cannot be
+            // handed over, nor dead-lettered by the runtime. Rejected, Artemis keeps it
+            // in its DLQ address, RabbitMQ drops it; released, it would come back here
+            // for ever. Said in the log, with why.
+            tracing::error!(queue = %self.spec.queue, error = %unreadable.source, "amqp10 receiver rejected a message it cannot decode");
+            let condition = definitions::Error::new(
+                AmqpError::DecodeError,
+                Some(unreadable.source.to_string()),
+                None,
+            );
+            if let Err(err) = link.reject(unreadable.info, condition).await {
+                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: reject failed");
+                return Step::LinkLost;
+            }
+        }
+        match step {
+            Step::Continue => self.top_up(link).await,
+            other => other,
+        }
     }
 
-    /// One result of the link's `recv`: a delivery for the burst, or the link lost.
+    /// One result of the link's `recv`: a delivery for the burst, one to reject, or
+    /// the link lost.
     fn take_in(&mut self, received: Received) -> Step {
         match received {
             Ok(delivery) => self.deliver(delivery),
+            Err(RecvError::MessageDecode(unreadable)) => {
+                self.credit = self.credit.saturating_sub(1);
+                self.unreadable.push(unreadable);
+                Step::Continue
+            }
             Err(err) => {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
                 Step::LinkLost
@@ -438,9 +472,10 @@ impl ReceiveTask {
         }
     }
 
-    /// Maps one transfer into a delivery waiting in `burst`. Every body is handed
-    /// over, none refused: RabbitMQ drops a refused message (see `crate::body`).
-    fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<Value>>) -> Step {
+    /// Maps one transfer into a delivery waiting in `burst`. Every body the link
+    /// decoded is handed over, none refused: RabbitMQ drops a refused message (see
+    /// `crate::body`).
+    fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<LazyValue>>) -> Step {
         let info = DeliveryInfo::from(&delivery);
         let delivery_id = info.delivery_id();
         self.credit = self.credit.saturating_sub(1);

@@ -25,7 +25,9 @@ use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Header, Message as AmqpMessage, MessageAnnotations,
     MessageId, Priority, Properties,
 };
-use fe2o3_amqp::types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use fe2o3_amqp::types::primitives::{
+    Binary, LazyValue, OrderedMap, SimpleValue, Symbol, Timestamp, Value,
+};
 use queue_core::{Error, HeaderValue, Headers, Message, Result, names};
 
 use crate::Profile;
@@ -33,7 +35,7 @@ use crate::Profile;
 /// What a sender link carries.
 pub(crate) type Outgoing = AmqpMessage<Data>;
 /// What a receiver link reads: any body section.
-pub(crate) type Incoming = AmqpMessage<Body<Value>>;
+pub(crate) type Incoming = AmqpMessage<Body<LazyValue>>;
 
 /// The message annotation Artemis reads a delivery delay (milliseconds) from.
 pub(crate) const DELIVERY_DELAY: &str = "x-opt-delivery-delay";
@@ -272,6 +274,14 @@ mod tests {
     use super::*;
     use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 
+    /// `value` as the link hands an `amqp-value` body over: undecoded.
+    fn value_body(value: Value) -> Body<LazyValue> {
+        let bytes = serde_amqp::to_vec(&value).unwrap();
+        Body::Value(fe2o3_amqp::types::messaging::AmqpValue(
+            serde_amqp::from_slice(&bytes).unwrap(),
+        ))
+    }
+
     fn round_trip(message: Message, profile: Profile) -> (Outgoing, Message) {
         let out = to_amqp(message, true, profile).unwrap();
         let incoming = AmqpMessage {
@@ -361,9 +371,7 @@ mod tests {
                 ..Properties::default()
             }),
             application_properties: None,
-            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::String(
-                "hello".into(),
-            ))),
+            body: value_body(Value::String("hello".into())),
             footer: None,
         };
         let m = from_amqp(incoming);
@@ -395,9 +403,7 @@ mod tests {
                 ..Properties::default()
             }),
             application_properties: None,
-            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::String(
-                "x".into(),
-            ))),
+            body: value_body(Value::String("x".into())),
             footer: None,
         };
         let mut seen = std::collections::HashSet::new();
@@ -422,9 +428,7 @@ mod tests {
             message_annotations: None,
             properties: None,
             application_properties: Some(ApplicationProperties(properties.clone())),
-            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Binary(
-                Binary::from(b"1".to_vec()),
-            ))),
+            body: value_body(Value::Binary(Binary::from(b"1".to_vec()))),
             footer: None,
         };
         let first = from_amqp(incoming(0));

@@ -381,6 +381,115 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// Bodies another client sends that no codec reads: a value nested past the limit
+/// arrives with the bytes it came in, a value the link cannot decode at all (a
+/// described value whose value is described) is rejected, once, and the consumer goes
+/// on with the next message; before, that one made the link re-attach and take it
+/// again, for ever.
+async fn bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected() {
+    use fe2o3_amqp::types::messaging::{AmqpValue, Data, Message as AmqpMessage, Properties};
+    use fe2o3_amqp::types::primitives::{LazyValue, Value};
+    use fe2o3_amqp::{Sender, Session};
+    use serde_amqp::described::Described;
+    use serde_amqp::descriptor::Descriptor;
+
+    let driver = support::rabbit_driver(Profile::RabbitmqV1).await;
+    let name = format!("amqp10-tests-odd-bodies-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone())
+        .with_name(name.clone())
+        .with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    let mut connection = queue_fixtures::raw_amqp10::open("odd-bodies", support::RABBIT_URL)
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut sender = Sender::attach(&mut session, "odd-bodies", format!("/queue/{name}"))
+        .await
+        .unwrap();
+    // 200 lists, each holding the next, around an empty one (`list32`s).
+    let depth = 200;
+    let mut deep = Vec::new();
+    for level in (1..=depth).rev() {
+        deep.push(0xd0);
+        deep.extend_from_slice(&(9 * level - 4u32).to_be_bytes());
+        deep.extend_from_slice(&1u32.to_be_bytes());
+    }
+    deep.push(0x45);
+    // A described value (descriptor 1) whose value is described (descriptor 2).
+    let described = |code: u64, value: Value| {
+        Value::Described(Box::new(Described {
+            descriptor: Descriptor::Code(code),
+            value,
+        }))
+    };
+    let twice_described = described(1, described(2, Value::Uint(1)));
+    let properties = |message_id: &str| {
+        Properties::builder()
+            .message_id(message_id.to_string())
+            .build()
+    };
+    let deep_value: LazyValue = serde_amqp::from_slice(&deep).unwrap();
+    let message = AmqpMessage::builder()
+        .properties(properties("deep"))
+        .body(AmqpValue(deep_value))
+        .build();
+    sender
+        .send(message)
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let message = AmqpMessage::builder()
+        .properties(properties("twice-described"))
+        .body(AmqpValue(twice_described))
+        .build();
+    sender
+        .send(message)
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let after = AmqpMessage::builder()
+        .properties(properties("after"))
+        .data(Data(br#"{"n":3}"#.to_vec().into()))
+        .build();
+    sender
+        .send(after)
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let _ = sender.close().await;
+    let _ = session.end().await;
+    let _ = connection.close().await;
+
+    let links_before = driver.connection().unwrap().links_attached;
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let first = queue_testkit::next(&mut sub).await;
+    assert_eq!(first.message().id, "deep");
+    assert_eq!(first.message().content_type, "application/x-amqp-encoded");
+    assert!(first.message().body == deep, "not the bytes that were sent");
+    let second = queue_testkit::next(&mut sub).await;
+    assert_eq!(
+        second.message().id,
+        "after",
+        "the undecodable one came back"
+    );
+    first.ack().await.unwrap();
+    second.ack().await.unwrap();
+    // One attach, the consumer's: the undecodable message did not cost the link.
+    assert_eq!(
+        driver.connection().unwrap().links_attached,
+        links_before + 1
+    );
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -393,6 +502,7 @@ queue_testkit::broker_tests! {
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_publish_to_a_hung_broker_fails_within_its_limit,
+        bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }

@@ -392,6 +392,10 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
         .find(|l| l.contains("dead-lettered") && l.contains("structured-decimal"))
         .expect("dead-lettered");
     assert!(dead.contains("which no codec reads"), "{dead}");
+    assert!(
+        dead.contains("\"attempts\":1"),
+        "dead-lettered at once: {dead}"
+    );
 }
 
 queue_testkit::broker_tests! {
