@@ -349,9 +349,11 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
                 .iter()
                 .any(|l| l.contains("dead-lettered") && l.contains("structured-decimal"))
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !done(&seen) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = lines
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(left)
             .unwrap_or_else(|_| panic!("not every message arrived:\n{}", seen.join("\n")));
         let readable = ["structured-dict", "structured-list"];
         if line.contains("handler failed") && readable.iter().any(|id| line.contains(id)) {
