@@ -6,6 +6,30 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
+/// Reads `reader` to its end, refusing more than `max` bytes ("larger than N MiB")
+/// rather than reading until memory runs out: the files a runtime is pointed at
+/// (configuration, Lua sources) may turn out to be `/dev/zero` or a runaway pipe.
+///
+/// ```
+/// let text = queue_core::config::read_at_most(&b"namespace: app"[..], 1024 * 1024).unwrap();
+/// assert_eq!(text, b"namespace: app");
+/// let endless = std::io::repeat(b'x');
+/// let err = queue_core::config::read_at_most(endless, 1024 * 1024).unwrap_err();
+/// assert_eq!(err.to_string(), "larger than 1 MiB");
+/// ```
+pub fn read_at_most(reader: impl std::io::Read, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            max / (1024 * 1024)
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Parses a duration: `"500ms"`, `"5s"`, `"2m"`, `"1h"`, or a bare number of seconds.
 ///
 /// ```

@@ -1,6 +1,5 @@
 //! A Lua source file's text, read once.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,16 +51,8 @@ impl LuaSource {
         let file = open_without_waiting(&path).map_err(|e| refuse(e.to_string()))?;
         // ...and of the open file, in case the path was swapped in between.
         is_file(file.metadata())?;
-        let mut code = Vec::new();
-        file.take(Self::MAX_BYTES + 1)
-            .read_to_end(&mut code)
+        let code = queue_core::config::read_at_most(file, Self::MAX_BYTES)
             .map_err(|e| refuse(e.to_string()))?;
-        if code.len() as u64 > Self::MAX_BYTES {
-            return Err(refuse(format!(
-                "larger than {} MiB",
-                Self::MAX_BYTES / (1024 * 1024)
-            )));
-        }
         Ok(LuaSource {
             path,
             code: code.into(),

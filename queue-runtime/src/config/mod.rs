@@ -192,18 +192,7 @@ const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A file's bytes, up to [`MAX_CONFIG_BYTES`]. Any readable file, a pipe too.
 fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(std::io::Error::other(format!(
-            "larger than {} MiB",
-            MAX_CONFIG_BYTES / (1024 * 1024)
-        )));
-    }
-    Ok(bytes)
+    queue_core::config::read_at_most(std::fs::File::open(path)?, MAX_CONFIG_BYTES)
 }
 
 /// Where a file stops being UTF-8.
