@@ -586,12 +586,8 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("publish_timeout"), "{err}");
     let other = QueueId::new("test", &common::unique("hung-declare")).unwrap();
-    let declared = within(
-        "a declare on the hung broker",
-        driver.declare(&QueueSpec::new(other).with_durable(false)),
-    )
-    .await;
-    let err = declared.expect_err("a declare the broker never answered");
+    let spec = QueueSpec::new(other).with_durable(false);
+    let (err, _) = proxy.declare_while_frozen(&driver, &spec).await;
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("did not answer"), "{err}");
     let _ = within("the close", driver.close()).await;

@@ -20,7 +20,7 @@ use crate::{Error, Result};
 pub fn read_at_most(reader: impl std::io::Read, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    reader.take(max + 1).read_to_end(&mut bytes)?;
+    reader.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::other(format!(
             "larger than {} MiB",

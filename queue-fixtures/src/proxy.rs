@@ -14,7 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use queue_core::{Driver, Error, QueueId};
+use queue_core::{Driver, Error, QueueId, QueueSpec};
 use queue_testkit::{numbered, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -123,6 +123,11 @@ impl BrokerProxy {
         lock(&self.state.0).frozen = true;
     }
 
+    /// Whether [`freeze`](Self::freeze) was called.
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.state.0).frozen
+    }
+
     /// How many times the proxy has withheld something so far (a frame, or a read of
     /// a frozen broker's bytes): the proof that the fault landed.
     pub fn withheld(&self) -> usize {
@@ -194,6 +199,21 @@ impl BrokerProxy {
             "the broker said nothing after the freeze"
         );
         err
+    }
+
+    /// Declares `spec` through `driver` while the broker is frozen: the declare's
+    /// error and how long it took to come. Panics when the declare succeeds, or waits
+    /// past the test kit's patience.
+    pub async fn declare_while_frozen(
+        &self,
+        driver: &dyn Driver,
+        spec: &QueueSpec,
+    ) -> (Error, Duration) {
+        let started = Instant::now();
+        let declared = within("a declare on the hung broker", driver.declare(spec)).await;
+        let err = declared.expect_err("a declare the broker never answered");
+        assert!(self.is_frozen(), "the broker is not frozen");
+        (err, started.elapsed())
     }
 
     /// Runs one of the waits above off the async runtime's threads, whose tasks (the

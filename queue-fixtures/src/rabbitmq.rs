@@ -44,6 +44,42 @@ pub const SHARED_AMQP091_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The machine's shared node, for AMQP 1.0 (the `rabbitmq_amqp1_0` plugin).
 pub const SHARED_AMQP10_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
 
+/// Every queue on the shared node with its message count, ready plus unacknowledged,
+/// as [`PrivateNode::queue_messages`] gives it for a private node.
+pub fn shared_queue_messages() -> Result<Vec<(String, u64)>, String> {
+    let out = Command::new("rabbitmqctl")
+        .args(LIST_QUEUE_MESSAGES)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "rabbitmqctl list_queues failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(queue_counts(&String::from_utf8_lossy(&out.stdout)))
+}
+
+const LIST_QUEUE_MESSAGES: [&str; 5] = [
+    "-q",
+    "list_queues",
+    "--no-table-headers",
+    "name",
+    "messages",
+];
+
+/// `list_queues name messages` output as pairs.
+fn queue_counts(listed: &str) -> Vec<(String, u64)> {
+    listed
+        .lines()
+        .filter_map(|line| {
+            let (name, count) = line.trim_end().rsplit_once(char::is_whitespace)?;
+            Some((name.trim_end().to_string(), count.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Makes sure the shared node runs on 127.0.0.1:5672 with its AMQP 1.0 plugin:
 /// installs RabbitMQ (and Qpid Proton's Python client, which the AMQP 1.0 tests use,
 /// and pika, which the tracing test uses) with apt-get when missing, starts it detached when nothing listens, and waits for
@@ -422,19 +458,7 @@ impl PrivateNode {
     /// (`rabbitmqctl list_queues name messages`): what AMQP's passive declare cannot
     /// tell, since it counts only ready messages.
     pub fn queue_messages(&self) -> Vec<(String, u64)> {
-        self.ctl(&[
-            "-q",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages",
-        ])
-        .lines()
-        .filter_map(|line| {
-            let (name, count) = line.trim_end().rsplit_once(char::is_whitespace)?;
-            Some((name.trim_end().to_string(), count.parse().ok()?))
-        })
-        .collect()
+        queue_counts(&self.ctl(&LIST_QUEUE_MESSAGES))
     }
 
     /// Every client connection is cut at once: `rabbitmqctl close_all_connections`,
