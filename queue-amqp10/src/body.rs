@@ -56,11 +56,9 @@ pub(crate) fn body_bytes(body: Body<LazyValue>) -> (Vec<u8>, Option<&'static str
             let sections: Vec<AmqpSequence<LazyValue>> = sections.into();
             let items: Vec<&LazyValue> = sections.iter().flat_map(|s| s.0.iter()).collect();
             // One list, as the sections are one sequence cut into parts.
-            let list: Option<Vec<Value>> = items
-                .iter()
-                .map(|raw| decode::whole(raw.as_slice()))
-                .collect();
-            list.and_then(|list| encoded(&Value::Array(list)))
+            let raws: Vec<&[u8]> = items.iter().map(|raw| raw.as_slice()).collect();
+            decode::all(&raws)
+                .and_then(|list| encoded(&Value::Array(list)))
                 .unwrap_or_else(|| (list32(&items), Some(AMQP_ENCODED)))
         }
     }
@@ -102,13 +100,25 @@ mod decode {
 
     /// The value `raw` holds, all of `raw`.
     pub(super) fn whole(raw: &[u8]) -> Option<Value> {
-        let mut reader = Reader {
-            bytes: raw,
-            at: 0,
-            items: 0,
-        };
-        let value = reader.value(0)?;
-        (reader.at == raw.len()).then_some(value)
+        all(&[raw])?.pop()
+    }
+
+    /// The values `raws` hold, each all of its bytes, within one budget of
+    /// [`MAX_ITEMS`] values for them all (an `amqp-sequence`'s items).
+    pub(super) fn all(raws: &[&[u8]]) -> Option<Vec<Value>> {
+        let mut items = 0;
+        raws.iter()
+            .map(|raw| {
+                let mut reader = Reader {
+                    bytes: raw,
+                    at: 0,
+                    items,
+                };
+                let value = reader.value(0)?;
+                items = reader.items;
+                (reader.at == raw.len()).then_some(value)
+            })
+            .collect()
     }
 
     /// The bytes of `raw` when it is one string or binary, which stand for themselves.
@@ -550,7 +560,7 @@ mod tests {
                 bytes.push(0x40);
                 bytes
             };
-            let odd_maps = [0xc1, 0x02, 0x01, 0x40].repeat(1000);
+            let odd_maps = vec![0xc1, 0x02, 0x01, 0x40];
             let mut array_of_maps = vec![0xf0];
             array_of_maps.extend_from_slice(&(4 + 1 + 256 * 1000u32).to_be_bytes());
             array_of_maps.extend_from_slice(&1000u32.to_be_bytes());
@@ -575,9 +585,27 @@ mod tests {
                     assert!(bytes == came, "{what}: not the bytes that came");
                 }
             }
-            // Descriptors of descriptors, a million deep.
+            // Described values whose values are described, a million deep; and a
+            // descriptor that is itself described, a million deep.
             let described = [[0x00, 0x53, 0x01].repeat(1_000_000), vec![0x40]].concat();
             assert_eq!(decode::whole(&described), None);
+            let descriptors = [
+                vec![0x00; 1_000_000],
+                vec![0x53, 0x01],
+                vec![0x40; 1_000_000],
+            ];
+            assert_eq!(decode::whole(&descriptors.concat()), None);
+            // The budget of values is the body's, not each sequence item's: items of
+            // ten bytes holding a million nulls each.
+            let nulls = [
+                vec![0xf0],
+                5u32.to_be_bytes().to_vec(),
+                0xf_ffffu32.to_be_bytes().to_vec(),
+                vec![0x40],
+            ]
+            .concat();
+            assert!(decode::whole(&nulls).is_some());
+            assert_eq!(decode::all(&[&nulls[..], &nulls[..]]), None);
         });
     }
 
@@ -605,7 +633,11 @@ mod tests {
             Just(Amqp::Null),
             any::<bool>().prop_map(Amqp::Bool),
             any::<u8>().prop_map(Amqp::Ubyte),
+            any::<i8>().prop_map(Amqp::Byte),
+            any::<u16>().prop_map(Amqp::Ushort),
             any::<i16>().prop_map(Amqp::Short),
+            any::<u32>().prop_map(Amqp::Uint),
+            any::<i32>().prop_map(Amqp::Int),
             any::<i64>().prop_map(Amqp::Long),
             any::<u64>().prop_map(Amqp::Ulong),
             any::<f64>().prop_map(|x| Amqp::Double(x.into())),
