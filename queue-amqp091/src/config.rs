@@ -95,6 +95,9 @@ fn default_urls() -> Vec<String> {
 fn default_connection_timeout() -> Duration {
     Duration::from_secs(10)
 }
+/// The largest frame the driver accepts (RabbitMQ's default `frame_max`).
+pub(crate) const MAX_FRAME: u32 = 128 * 1024;
+
 fn default_reconnect_delay() -> Duration {
     Duration::from_secs(1)
 }
@@ -299,6 +302,10 @@ impl Amqp091Config {
         }
         uri.query.connection_timeout =
             Some(u64::try_from(self.connection_timeout.as_millis()).unwrap_or(u64::MAX));
+        // A frame bounds how deep another client can nest the header tables lapin's
+        // parser recurses through (docs/drivers/amqp091.md, "Messages from other
+        // clients"): never more than RabbitMQ's default, whatever the broker offers.
+        uri.query.frame_max = Some(uri.query.frame_max.map_or(MAX_FRAME, |f| f.min(MAX_FRAME)));
         Ok(Endpoint {
             shown: redact_url(url),
             uri,
@@ -394,6 +401,7 @@ mod tests {
         let uri = c.endpoints().unwrap().remove(0).uri;
         assert_eq!(uri.vhost, "other");
         assert_eq!(uri.query.heartbeat, Some(10));
+        assert_eq!(uri.query.frame_max, Some(MAX_FRAME));
         assert_eq!(uri.authority.port, 5673);
     }
 

@@ -153,7 +153,26 @@ enum DlqCommand {
     },
 }
 
+/// The stack of every thread the runtime does not size itself, in bytes, unless
+/// `RUST_MIN_STACK` says otherwise. lapin parses each frame on its own thread, and
+/// its parser recurses once per level of a header table: a message from another
+/// client with a header nested 15,000 deep overflowed the 2 MiB default and aborted
+/// the process, at every start, as long as the message waited in its queue. The
+/// driver's largest frame (128 KiB) bounds the nesting to about 26,000 levels,
+/// which took between 16 and 64 MiB in a release build and between 256 and 512 MiB
+/// in a debug build, whose frames are larger (docs/drivers/amqp091.md, "Messages from
+/// other clients"). Only the pages a thread touches take memory.
+const THREAD_STACK_BYTES: &str = if cfg!(debug_assertions) {
+    "1073741824"
+} else {
+    "134217728"
+};
+
 fn main() -> ExitCode {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
+        unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES) };
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -327,13 +327,7 @@ end
 fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
     let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
     let queue = format!("it-structured-{id}");
-    let yaml = format!(
-        "namespace: app\nentries:\n{}  - name: jobs\n    kind: queue.queue\n    queue_name: {queue}\n    durable: false\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
-        DRIVERS[1].1
-    );
-    let dir = app(&[("app.yaml", &yaml), ("h.lua", STRUCTURED_HANDLERS)]);
-    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
-    let mut seen = wait_for_line(&lines, "runtime started");
+    let (_dir, child, lines, mut seen) = consuming(DRIVERS[1].1, &queue, STRUCTURED_HANDLERS);
     let sent = std::process::Command::new("/usr/bin/python3")
         .args(["-c", PROTON_STRUCTURED, &queue])
         .output()
@@ -400,6 +394,94 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
     );
 }
 
+/// Header tables nested as deep as one frame allows (lists 26,000 deep, tables 18,000
+/// deep), from pika; lapin's parser recurses once per level.
+const PIKA_DEEP_HEADERS: &str = r#"
+import sys, threading, pika
+sys.setrecursionlimit(1000000)
+threading.stack_size(512 * 1024 * 1024)
+def main():
+    deep_list, deep_table = [], {}
+    for _ in range(26000): deep_list = [deep_list]
+    for _ in range(18000): deep_table = {"a": deep_table}
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    ch = conn.channel()
+    for n, headers in [(1, {"deep": deep_list}), (2, {"deep": deep_table}), (3, {})]:
+        props = pika.BasicProperties(headers=headers, content_type="application/json")
+        ch.basic_publish("", sys.argv[1], ('{"n":%d}' % n).encode(), props)
+    conn.close()
+t = threading.Thread(target=main)
+t.start()
+t.join()
+"#;
+
+/// A message whose header another client nested as deep as a frame allows is handled
+/// like any other. Before, lapin's frame parser overflowed its thread's 2 MiB stack
+/// and aborted the runtime, at every start while the message waited in its queue.
+fn headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime() {
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-deep-headers-{id}");
+    let handler = "function handle(p) logger:info(\"Handled\", { n = p.n }) return true end\n";
+    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
+    let sent = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", PIKA_DEEP_HEADERS, &queue])
+        .output()
+        .expect("run pika");
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    collect_until(&lines, &mut seen, |logs| {
+        lua_logs(logs, "Handled").len() == 3
+    });
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The runtime binary consuming `queue` through `driver` (an entry of [`DRIVERS`])
+/// with `handler` as `h.lua`'s `handle`, started: its app directory, the process,
+/// its output lines and those read so far.
+fn consuming(
+    driver: &str,
+    queue: &str,
+    handler: &str,
+) -> (
+    tempfile::TempDir,
+    Spawned,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+) {
+    let yaml = format!(
+        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: {queue}\n    durable: false\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n"
+    );
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", handler)]);
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    let seen = wait_for_line(&lines, "runtime started");
+    (dir, child, lines, seen)
+}
+
+/// Reads the runtime's JSON log lines into `seen` until `done` holds for them; fails
+/// the test when the runtime ends first or two minutes pass.
+fn collect_until(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let logs: Vec<serde_json::Value> = seen
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if done(&logs) {
+            return;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("not every message arrived:\n{}", seen.join("\n")),
+        }
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable()
         .or_else(queue_fixtures::proton::ProtonBroker::unavailable);
@@ -407,5 +489,6 @@ queue_testkit::broker_tests! {
     sync: [
         outside_messages_are_retried_then_dead_lettered_never_spun,
         structured_bodies_from_an_amqp10_client_reach_handlers_as_tables,
+        headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
     ];
 }
