@@ -419,17 +419,55 @@ t.join()
 /// like any other. Before, lapin's frame parser overflowed its thread's 2 MiB stack
 /// and aborted the runtime, at every start while the message waited in its queue.
 fn headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime() {
+    handles_what_a_script_publishes(DRIVERS[0].1, "deep-headers", PIKA_DEEP_HEADERS, 3);
+}
+
+/// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
+/// fe2o3-amqp decodes annotations whole, recursing once per level.
+const PROTON_DEEP_ANNOTATION: &str = r#"
+import sys, threading
+sys.setrecursionlimit(10000000)
+threading.stack_size(1024 * 1024 * 1024)
+def main():
+    from proton import Message, symbol
+    from proton.utils import BlockingConnection
+    deep = []
+    for _ in range(50000): deep = [deep]
+    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
+    sender = conn.create_sender("/queue/" + sys.argv[1])
+    for n, annotations in [(1, {symbol("x-opt-deep"): deep}), (2, {})]:
+        message = Message(body=('{"n":%d}' % n).encode(), content_type="application/json")
+        message.inferred = True
+        message.annotations = annotations
+        sender.send(message)
+    conn.close()
+t = threading.Thread(target=main)
+t.start()
+t.join()
+"#;
+
+/// Annotations nested deep by another AMQP 1.0 client are handled like any other
+/// message. fe2o3-amqp decodes them on a tokio worker, recursing once per level:
+/// with the 2 MiB default stack this one aborted the runtime.
+fn annotations_nested_deep_cannot_crash_the_runtime() {
+    handles_what_a_script_publishes(DRIVERS[1].1, "deep-annotations", PROTON_DEEP_ANNOTATION, 2);
+}
+
+/// Starts the runtime consuming a fresh queue through `driver` with a handler that
+/// logs each message, runs the Python `script` with the queue's name, and waits until
+/// `messages` were handled; then the runtime must stop cleanly on SIGTERM.
+fn handles_what_a_script_publishes(driver: &str, what: &str, script: &str, messages: usize) {
     let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
-    let queue = format!("it-deep-headers-{id}");
+    let queue = format!("it-{what}-{id}");
     let handler = "function handle(p) logger:info(\"Handled\", { n = p.n }) return true end\n";
-    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
+    let (_dir, child, lines, mut seen) = consuming(driver, &queue, handler);
     let sent = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", PIKA_DEEP_HEADERS, &queue])
+        .args(["-c", script, &queue])
         .output()
-        .expect("run pika");
+        .expect("run the publishing script");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     collect_until(&lines, &mut seen, |logs| {
-        lua_logs(logs, "Handled").len() == 3
+        lua_logs(logs, "Handled").len() == messages
     });
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(60));
@@ -490,5 +528,6 @@ queue_testkit::broker_tests! {
         outside_messages_are_retried_then_dead_lettered_never_spun,
         structured_bodies_from_an_amqp10_client_reach_handlers_as_tables,
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
+        annotations_nested_deep_cannot_crash_the_runtime,
     ];
 }
