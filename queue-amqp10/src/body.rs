@@ -216,7 +216,7 @@ mod decode {
                 0x82 => Some(Value::Float(f64::from_be_bytes(self.array()?))),
                 0x73 => char::from_u32(u32::from_be_bytes(self.array()?))
                     .map(|c| Value::String(c.to_string())),
-                0x98 => Some(Value::String(uuid(&self.array()?))),
+                0x98 => Some(Value::String(crate::mapping::uuid_string(&self.array()?))),
                 0xa0 | 0xb0 | 0xa1 | 0xb1 | 0xa3 | 0xb3 => {
                     let len = match code >> 4 {
                         0xa => usize::from(self.byte()?),
@@ -320,10 +320,6 @@ mod decode {
             }
             Some(Value::Map(table))
         }
-    }
-
-    fn uuid(bytes: &[u8; 16]) -> String {
-        crate::mapping::uuid_string(bytes)
     }
 }
 

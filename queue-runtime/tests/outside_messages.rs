@@ -395,11 +395,10 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
 }
 
 /// Header tables nested as deep as one frame allows (lists 26,000 deep, tables 18,000
-/// deep), from pika; lapin's parser recurses once per level.
+/// deep), from pika; lapin's parser recurses once per level. A script's `main` for
+/// [`handles_what_a_script_publishes`].
 const PIKA_DEEP_HEADERS: &str = r#"
-import sys, threading, pika
-sys.setrecursionlimit(1000000)
-threading.stack_size(512 * 1024 * 1024)
+import pika
 def main():
     deep_list, deep_table = [], {}
     for _ in range(26000): deep_list = [deep_list]
@@ -410,9 +409,6 @@ def main():
         props = pika.BasicProperties(headers=headers, content_type="application/json")
         ch.basic_publish("", sys.argv[1], ('{"n":%d}' % n).encode(), props)
     conn.close()
-t = threading.Thread(target=main)
-t.start()
-t.join()
 "#;
 
 /// A message whose header another client nested as deep as a frame allows is handled
@@ -423,11 +419,9 @@ fn headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime() {
 }
 
 /// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
-/// fe2o3-amqp decodes annotations whole, recursing once per level.
+/// fe2o3-amqp decodes annotations whole, recursing once per level. A script's `main`
+/// for [`handles_what_a_script_publishes`].
 const PROTON_DEEP_ANNOTATION: &str = r#"
-import sys, threading
-sys.setrecursionlimit(10000000)
-threading.stack_size(1024 * 1024 * 1024)
 def main():
     from proton import Message, symbol
     from proton.utils import BlockingConnection
@@ -441,9 +435,6 @@ def main():
         message.annotations = annotations
         sender.send(message)
     conn.close()
-t = threading.Thread(target=main)
-t.start()
-t.join()
 "#;
 
 /// Annotations nested deep by another AMQP 1.0 client are handled like any other
@@ -453,6 +444,11 @@ fn annotations_nested_deep_cannot_crash_the_runtime() {
     handles_what_a_script_publishes(DRIVERS[1].1, "deep-annotations", PROTON_DEEP_ANNOTATION, 2);
 }
 
+/// What a publishing script of [`handles_what_a_script_publishes`] starts with.
+const DEEP_PYTHON: &str = "import sys, threading\nsys.setrecursionlimit(10000000)\n";
+/// ... and ends with: its `main` on a thread with a 1 GiB stack.
+const RUN_MAIN_DEEP: &str = "threading.stack_size(1024 * 1024 * 1024)\nt = threading.Thread(target=main)\nt.start()\nt.join()\n";
+
 /// Starts the runtime consuming a fresh queue through `driver` with a handler that
 /// logs each message, runs the Python `script` with the queue's name, and waits until
 /// `messages` were handled; then the runtime must stop cleanly on SIGTERM.
@@ -461,8 +457,11 @@ fn handles_what_a_script_publishes(driver: &str, what: &str, script: &str, messa
     let queue = format!("it-{what}-{id}");
     let handler = "function handle(p) logger:info(\"Handled\", { n = p.n }) return true end\n";
     let (_dir, child, lines, mut seen) = consuming(driver, &queue, handler);
+    // Python recurses once per level to encode, as the parsers do to decode: its
+    // `main` runs on a thread with room for that.
+    let script = format!("{DEEP_PYTHON}{script}{RUN_MAIN_DEEP}");
     let sent = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script, &queue])
+        .args(["-c", &script, &queue])
         .output()
         .expect("run the publishing script");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
