@@ -36,6 +36,10 @@ pub enum Exhausted {
     /// `dead_letter: false`: dropped, with an error log line. A dead
     /// letter is never dropped: it stays in its dead-letter queue.
     Drop,
+    /// The queue is another queue's dead-letter queue and has none of its own: every
+    /// message in it is kept like a dead letter, also one that came without the
+    /// dead-letter headers (put there by the application or another client).
+    Keep,
 }
 
 /// A queue as the consumer host sees it: where retries and dead letters go.
@@ -148,7 +152,8 @@ impl FailurePath {
             tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
             copy.headers.insert(names::X_DROPPED_HEADERS, note);
         }
-        let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
+        let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON)
+            || matches!(self.exhausted, Exhausted::Keep);
         let wait = self.retry.backoff.delay(attempts);
         let planned = if attempts < self.retry.max_attempts && !no_more_attempts {
             let mut retry = copy.clone();

@@ -105,9 +105,9 @@ async fn a_message_delivered_max_attempts_times_is_dead_lettered_without_an_atte
 #[tokio::test]
 async fn a_dead_letter_that_keeps_coming_back_stays_in_its_queue() {
     let (driver, mut path, _queue, dlq) = world().await;
-    // The dead-letter queue's own consumer.
+    // The dead-letter queue's own consumer, as the runtime sets it up.
     path.queue = dlq.clone();
-    path.exhausted = Exhausted::Drop;
+    path.exhausted = Exhausted::Keep;
     publish_with(
         &driver,
         &dlq,
@@ -136,5 +136,27 @@ async fn a_dead_letter_that_keeps_coming_back_stays_in_its_queue() {
     assert!(
         !kept.message().headers.contains(names::X_DELIVERY_COUNT),
         "the copy starts uncounted"
+    );
+}
+
+/// A message put straight into a dead-letter queue has no dead-letter headers; past
+/// its last attempt there it is kept like a dead letter, not dropped.
+#[tokio::test]
+async fn a_message_without_dead_letter_headers_is_kept_in_a_dead_letter_queue() {
+    let (driver, mut path, _queue, dlq) = world().await;
+    path.queue = dlq.clone();
+    path.exhausted = Exhausted::Keep;
+    publish_with(&driver, &dlq, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    let mut sub = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut sub).await;
+    let disposition = path.fail(&last, "still broken").await.unwrap();
+    assert_eq!(disposition, Disposition::Kept);
+    let kept = next(&mut sub).await;
+    assert_eq!(
+        kept.message().headers.get(names::ATTEMPTS),
+        Some(&HeaderValue::Int(3))
     );
 }

@@ -218,6 +218,7 @@ impl Host {
                         .ok_or_else(|| Error::internal(format!("{dlq} has no queue plan")))?;
                     Exhausted::DeadLetter(dlq.clone(), driver_of(&dlq_plan.driver)?)
                 }
+                None if plan.is_dead_letter_queue(&c.queue) => Exhausted::Keep,
                 None => Exhausted::Drop,
             };
             let runtime = Arc::new(ConsumerRuntime {

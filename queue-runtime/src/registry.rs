@@ -180,6 +180,13 @@ impl Plan {
         self.queues.iter().find(|q| &q.spec.id == id)
     }
 
+    /// Whether some queue dead-letters into this one.
+    pub fn is_dead_letter_queue(&self, id: &QueueId) -> bool {
+        self.queues
+            .iter()
+            .any(|q| q.dead_letter.as_ref() == Some(id))
+    }
+
     /// Whether this queue lives on the embedded or a declared memory driver.
     pub fn is_in_memory(&self, id: &QueueId) -> bool {
         self.queue(id)

@@ -311,6 +311,46 @@ end
     );
 }
 
+/// A message the application (or another client) put straight into a dead-letter
+/// queue carries none of the dead-letter headers; when its consumer fails it past the
+/// queue's attempts it stays there like any dead letter. It was dropped, logged as if
+/// the queue had `dead_letter: false`.
+#[test]
+fn a_message_put_straight_into_a_dead_letter_queue_is_never_dropped() {
+    let lua = r#"
+function ok(p) end
+function start() assert(queue.publish("app:jobs.dlq", { parked = true })) end
+function dead(p)
+  logger:warn("Dead letter try", { attempts = queue.message():header("attempts") })
+  return nil, "the dead-letter consumer is broken"
+end
+"#;
+    // `start` and `dead` are defined twice; the later ones win.
+    let dir = one_job_app("ok", lua, "");
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    let mut seen = Vec::new();
+    let mut tries = 0;
+    while tries < 3 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no more tries:\n{}", seen.join("\n")));
+        if line.contains("Dead letter try") {
+            tries += 1;
+        }
+        assert!(!line.contains("dropped"), "{line}");
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success());
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("stays in its dead-letter queue")),
+        "{}",
+        seen.join("\n")
+    );
+}
+
 #[test]
 fn a_spinning_handler_stalls_only_its_own_consumer_and_shutdown_names_it() {
     // Six concurrency-1 consumers on two Lua threads; one spins forever.
