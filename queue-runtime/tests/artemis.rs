@@ -132,6 +132,152 @@ fn a_proton_client_and_the_runtime_understand_each_other() {
     assert_eq!(answer["properties"]["tenant"], "acme");
 }
 
+/// What a Qpid Proton client can send that the runtime's own driver never does: bodies
+/// that are not bytes, ids that are not strings, properties of every AMQP type,
+/// a 100 KB property name, a priority of 255, a property the client library cannot
+/// decode and a `delivery-count` of 1,000.
+const PROTON_ODD: &str = r#"
+import sys, uuid
+from proton import Message, symbol, char, timestamp, ulong, decimal32
+from proton.utils import BlockingConnection
+conn = BlockingConnection(sys.argv[1], allowed_mechs="PLAIN")
+sender = conn.create_sender(sys.argv[2])
+def send(mid, body, inferred=False, **kw):
+    m = Message(id=mid, body=body, **kw)
+    m.inferred = inferred
+    sender.send(m)
+json = dict(inferred=True, content_type="application/json")
+send("top-list", [1, "two"])
+send("sequence", [3, 4], inferred=True)
+send("map", {"a": 1, "b": [True, None]})
+send("symbol", symbol("sym"))
+send(ulong(42), b'{"a": 2}', **json)
+send(uuid.UUID("6bc313ed-9e39-41b4-ba7a-86a9a5d81021"), b'{"a": 3}', **json)
+send(b"\x00bin", b'{"a": 4}', **json)
+send("typed-properties", b'{"a": 5}', properties={
+    "u": uuid.UUID("6bc313ed-9e39-41b4-ba7a-86a9a5d81021"), "sym": symbol("s"),
+    "ch": char("x"), "ts": timestamp(1000), "big": ulong(2**64 - 1), "bin": b"\x00\x01",
+    "none": None, "dec": decimal32(5)}, **json)
+send("long-name", b'{"fail": true}', properties={"k" * 100000: "v"}, **json)
+send("priority-255", b'{"fail": true}', priority=255, **json)
+send("text", "just text")
+send("list-property", b'{"a": 6}', properties={"l": [1, 2]}, **json)
+send("counted", b'{"a": 7}', delivery_count=1000, **json)
+conn.close()
+"#;
+
+const ODD_HANDLERS: &str = r#"
+function handle(payload)
+  local msg = queue.message()
+  local t = type(payload) == "table"
+  logger:info("Handled", { id = msg:id(), kind = type(payload), text = (not t) and payload or nil,
+    first = t and payload[1] or nil, second = t and payload[2] or nil, a = t and payload.a or nil,
+    sym = msg:header("sym"), u = msg:header("u") })
+  if t and payload.fail then return nil, "asked to fail" end
+end
+function dead(payload)
+  local msg = queue.message()
+  logger:warn("Dead letter", { id = msg:id(), dropped = msg:header("x_dropped_headers") })
+end
+"#;
+
+/// Every odd message from another AMQP 1.0 client on Artemis reaches a handler, is
+/// dead-lettered (at once when no codec reads its body or the broker counted it
+/// delivered too often), or, the one the client library cannot decode, is rejected,
+/// which Artemis moves to its own `DLQ`: none is lost, none comes back in a loop.
+fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
+    let url = shared_url();
+    let queue = format!("odd-{}", unique());
+    let yaml = format!(
+        "namespace: app\nentries:\n{}  - name: in\n    kind: queue.queue\n    queue_name: {queue}\n    retry:\n      max_attempts: 2\n      backoff: {{ initial: 50ms, multiplier: 1, max: 50ms, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: in\n    source: h.lua\n    method: handle\n  - name: d\n    kind: queue.consumer\n    queue: in.dlq\n    source: h.lua\n    method: dead\n",
+        driver_yaml(&url)
+    );
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", ODD_HANDLERS)]);
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    let mut seen = wait_for_line(&lines, "runtime started");
+    python(PROTON_ODD, &[&url, &queue]);
+    let parse = |seen: &[String]| -> Vec<serde_json::Value> {
+        seen.iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let moved = |logs: &[serde_json::Value], id: &str| {
+        logs.iter().any(|l| {
+            l["fields"]["message"] == "handler failed for the last time; dead-lettered"
+                && l["fields"]["id"] == id
+        })
+    };
+    // The two that fail, the text no codec reads and the counted one are moved to the
+    // dead-letter queue; the text's dead letter cannot be decoded there either.
+    let done = |logs: &[serde_json::Value]| {
+        lua_logs(logs, "Dead letter").len() == 3
+            && ["long-name", "priority-255", "text", "counted"]
+                .iter()
+                .all(|id| moved(logs, id))
+            && logs.iter().any(|l| {
+                l["fields"]["message"] == "amqp10 receiver rejected a message it cannot decode"
+            })
+    };
+    while !done(&parse(&seen)) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("not all handled:\n{}", seen.join("\n")));
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    seen.extend(lines.try_iter());
+    let logs = parse(&seen);
+    let context = seen.join("\n");
+    let handled = lua_logs(&logs, "Handled");
+    let calls = |id: &str| -> Vec<serde_json::Value> {
+        handled.iter().filter(|h| h["id"] == id).cloned().collect()
+    };
+    let once = |id: &str| {
+        let got = calls(id);
+        assert_eq!(got.len(), 1, "{id}: {context}");
+        got[0].clone()
+    };
+    let list = once("top-list");
+    assert_eq!(
+        (&list["first"], &list["second"]),
+        (&1.into(), &"two".into())
+    );
+    assert_eq!(once("sequence")["second"], 4);
+    assert_eq!(once("map")["a"], 1);
+    assert_eq!(once("symbol")["text"], "sym");
+    assert_eq!(once("42")["a"], 2);
+    assert_eq!(once("6bc313ed-9e39-41b4-ba7a-86a9a5d81021")["a"], 3);
+    assert_eq!(once("0062696e")["a"], 4);
+    let typed = once("typed-properties");
+    assert_eq!(typed["sym"], "s", "{typed}");
+    assert_eq!(
+        typed["u"], "6bc313ed-9e39-41b4-ba7a-86a9a5d81021",
+        "{typed}"
+    );
+    for id in ["long-name", "priority-255"] {
+        assert_eq!(calls(id).len(), 2, "{id}: {context}");
+    }
+    let dead = lua_logs(&logs, "Dead letter");
+    let long = dead
+        .iter()
+        .find(|d| d["id"] == "long-name")
+        .unwrap_or_else(|| panic!("{context}"));
+    assert!(
+        long["dropped"].as_str().is_some_and(|d| d.contains("kkkk")),
+        "{long}"
+    );
+    for id in ["text", "counted", "list-property"] {
+        assert!(calls(id).is_empty(), "{id} reached a handler: {context}");
+    }
+    let rejected = logs
+        .iter()
+        .filter(|l| l["fields"]["message"] == "amqp10 receiver rejected a message it cannot decode")
+        .count();
+    assert_eq!(rejected, 1, "rejected once, never redelivered: {context}");
+}
+
 /// The runtime's fault cases on a private Artemis.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
@@ -297,5 +443,8 @@ queue_testkit::broker_tests! {
         sigkill_under_load_then_restart_loses_nothing,
         broker_down_at_start_then_up_loses_nothing,
     ];
-    sync: [a_proton_client_and_the_runtime_understand_each_other];
+    sync: [
+        a_proton_client_and_the_runtime_understand_each_other,
+        odd_messages_from_a_proton_client_are_handled_or_dead_lettered,
+    ];
 }
