@@ -26,6 +26,7 @@ use queue_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, watch};
 
 use crate::config::{Amqp10Config, Endpoint};
+use crate::guard::Guarded;
 
 /// How long opening a TCP connection, SASL and the AMQP open may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,12 +98,13 @@ pub(crate) struct Connector {
     /// The node of the latest connection (the first one before any).
     current: AtomicUsize,
     container_id: String,
+    #[cfg(feature = "tls")]
     server_name: Option<String>,
     /// `idle_timeout` in milliseconds, when on.
     idle_timeout_ms: Option<u32>,
-    /// Set when `tls.ca_file` names the authorities to trust.
+    /// TLS for `amqps://` nodes: the authorities of `tls.ca_file`, or Mozilla's roots.
     #[cfg(feature = "tls")]
-    private_ca: Option<tokio_rustls::TlsConnector>,
+    tls: tokio_rustls::TlsConnector,
     backoff: queue_core::Backoff,
     live: Mutex<Option<Live>>,
     generation: AtomicU64,
@@ -150,14 +152,15 @@ impl Connector {
             endpoints,
             current: AtomicUsize::new(0),
             container_id,
+            #[cfg(feature = "tls")]
             server_name: config.tls.as_ref().and_then(|t| t.server_name.clone()),
             idle_timeout_ms: u32::try_from(config.idle_timeout.as_millis())
                 .ok()
                 .filter(|ms| *ms > 0),
             #[cfg(feature = "tls")]
-            private_ca: match config.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
-                Some(ca_file) => Some(crate::tls::trusting(ca_file)?),
-                None => None,
+            tls: match config.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+                Some(ca_file) => crate::tls::trusting(ca_file)?,
+                None => crate::tls::trusting_mozilla_roots(),
             },
             backoff: config.reconnect_backoff(),
             live: Mutex::new(None),
@@ -267,32 +270,31 @@ impl Connector {
             },
             None => SaslProfile::Anonymous,
         };
-        let domain = self.server_name.as_deref().unwrap_or(e.host.as_str());
         let mut builder = Connection::builder();
         if let Some(ms) = self.idle_timeout_ms {
             // fe2o3 fails the connection when nothing arrives for `ms`, and asks the
             // broker for a frame every `ms / 2`.
             builder = builder.idle_time_out(ms);
         }
+        // TLS is the driver's, under the guard on what the broker sends (guard.rs), so
+        // fe2o3-amqp itself always speaks plain AMQP on the stream it is given.
         let builder = builder
             .container_id(self.container_id.clone())
             .hostname(e.host.as_str())
-            .domain(domain)
-            .scheme(if e.tls { "amqps" } else { "amqp" })
-            // amqps:// means TLS from the first byte, as RabbitMQ's and Artemis' TLS
-            // listeners expect. fe2o3's default first sends the AMQP TLS protocol
-            // header (core spec 5.2.1), which those listeners drop ("early eof").
-            .alt_tls_establishment(true)
+            .scheme("amqp")
             .sasl_profile(profile);
         let opening = async {
-            #[cfg(feature = "tls")]
-            if let Some(private_ca) = &self.private_ca {
-                return builder
-                    .rustls_connector(private_ca.clone())
-                    .open_with_stream(stream)
-                    .await;
+            if e.tls {
+                #[cfg(feature = "tls")]
+                {
+                    let domain = self.server_name.as_deref().unwrap_or(e.host.as_str());
+                    let tls = crate::tls::handshake(&self.tls, domain, stream).await?;
+                    return builder.open_with_stream(Guarded::new(tls)).await;
+                }
+                #[cfg(not(feature = "tls"))]
+                return Err(OpenError::TlsConnectorNotFound);
             }
-            builder.open_with_stream(stream).await
+            builder.open_with_stream(Guarded::new(stream)).await
         };
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, opening)
             .await

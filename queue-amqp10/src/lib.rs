@@ -47,6 +47,7 @@ mod config;
 mod connection;
 mod consume;
 mod error;
+mod guard;
 mod management;
 mod mapping;
 mod publish;

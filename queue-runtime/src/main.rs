@@ -161,8 +161,7 @@ enum DlqCommand {
 /// driver's largest frame (128 KiB) bounds the nesting to about 26,000 levels,
 /// which took between 16 and 64 MiB in a release build and between 256 and 512 MiB
 /// in a debug build, whose frames are larger (docs/drivers/amqp091.md, "Messages from
-/// other clients"). fe2o3-amqp decodes AMQP 1.0 annotations the same way on the
-/// tokio workers (docs/drivers/amqp10.md). Only the pages a thread touches take memory.
+/// other clients"). Only the pages a thread touches take memory.
 const THREAD_STACK_BYTES: &str = if cfg!(debug_assertions) {
     "1073741824"
 } else {

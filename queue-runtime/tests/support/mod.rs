@@ -169,8 +169,13 @@ pub fn spawn(args: &[&str], dir: &Path) -> Spawned {
 }
 
 fn spawn_piped(args: &[&str], dir: &Path) -> Child {
+    spawn_piped_with(args, dir, &[])
+}
+
+fn spawn_piped_with(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Child {
     binary()
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -296,7 +301,16 @@ pub fn workspace_root() -> PathBuf {
 /// Spawns the runtime and streams its stderr lines into a channel as they come (its
 /// stdout is read into the output, as [`spawn`] does; the output has no stderr).
 pub fn spawn_with_lines(args: &[&str], dir: &Path) -> (Spawned, mpsc::Receiver<String>) {
-    let mut child = spawn_piped(args, dir);
+    spawn_with_lines_and_env(args, dir, &[])
+}
+
+/// [`spawn_with_lines`] with these environment variables set for the runtime.
+pub fn spawn_with_lines_and_env(
+    args: &[&str],
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Spawned, mpsc::Receiver<String>) {
+    let mut child = spawn_piped_with(args, dir, env);
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
