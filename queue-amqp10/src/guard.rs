@@ -15,12 +15,13 @@
 //! The guard reads the sections the way that decoder does, so the two agree on where
 //! every value starts: compounds item by item, by their count; the `header` and
 //! `properties` lists only as far as their fields go (a list with more items than
-//! fields is overwritten too: the decoder would read the rest as further sections);
-//! body sections by their sizes, as the driver takes them undecoded (`body.rs` reads
-//! those with limits of its own). Frames are handed on whole once checked; only a value
-//! whose first bytes end one frame holds that frame back until the next one of its
-//! delivery arrives. Anything that is not AMQP framing (a protocol header, SASL) passes
-//! as it is.
+//! fields has its first item overwritten: the decoder would read the rest as further
+//! sections); body sections by their sizes, as the driver takes them undecoded
+//! (`body.rs` reads those with limits of its own). Frames are handed on whole as soon
+//! as they are checked, never held back: every byte the guard overwrites is one it
+//! decides on as it first reads it, in the frame at hand (a value's header split
+//! between two frames is read on from a copy of its first bytes). Anything that is
+//! not AMQP framing (a protocol header, SASL) passes as it is.
 
 use std::collections::HashMap;
 use std::io;
@@ -54,7 +55,8 @@ pub(crate) struct Guarded<S> {
     buf: Vec<u8>,
     end: usize,
     base: u64,
-    /// Stream offsets: handed on up to `released`, framed and checked up to `checked`.
+    /// Stream offsets: handed on up to `released`, framed and checked up to `checked`
+    /// (what is checked may be handed on).
     released: u64,
     checked: u64,
     /// Not AMQP framing any more: everything passes.
@@ -77,15 +79,6 @@ impl<S> Guarded<S> {
             eof: false,
             deliveries: HashMap::new(),
         }
-    }
-
-    /// Up to where bytes may be handed on: checked, and not held by a delivery whose
-    /// next value starts in them.
-    fn releasable(&self) -> u64 {
-        self.deliveries
-            .values()
-            .filter_map(|d| d.held_from())
-            .fold(self.checked, u64::min)
     }
 
     /// Frames and checks what has been read, as far as whole frames go.
@@ -135,23 +128,19 @@ impl<S> Guarded<S> {
             self.deliveries.remove(&key);
             return;
         }
-        let payload = body.start + transfer.payload_offset..body.end;
-        let at = self.base + payload.start as u64;
-        let stream = &mut self.buf[..self.end];
+        let payload = &mut self.buf[body.start + transfer.payload_offset..body.end];
         match self.deliveries.get_mut(&key) {
             Some(sections) => {
-                sections.feed(stream, self.base, payload, at);
+                sections.feed(payload);
                 if !transfer.more {
                     self.deliveries.remove(&key);
                 }
             }
             // A message in one frame, the most common: nothing to keep afterwards.
-            None if !transfer.more => {
-                Sections::default().feed(stream, self.base, payload, at);
-            }
+            None if !transfer.more => Sections::default().feed(payload),
             None => {
                 let mut sections = Sections::default();
-                sections.feed(stream, self.base, payload, at);
+                sections.feed(payload);
                 self.deliveries.insert(key, sections);
             }
         }
@@ -180,10 +169,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            let releasable = this.releasable();
-            if this.released < releasable {
+            if this.released < this.checked {
                 let from = (this.released - this.base) as usize;
-                let n = ((releasable - this.released) as usize).min(out.remaining());
+                let n = ((this.checked - this.released) as usize).min(out.remaining());
                 out.put_slice(&this.buf[from..from + n]);
                 this.released += n as u64;
                 return Poll::Ready(Ok(()));
@@ -354,10 +342,10 @@ struct Sections {
     levels: Vec<Level>,
     /// Bytes still to pass over (inside a string, a body, ...).
     skip: u64,
-    /// Bytes of an unfinished value header from earlier frames, with their stream
-    /// offsets (those frames are held back until it is finished).
+    /// The first bytes of a value header an earlier frame ended in the middle of.
     carry: Vec<u8>,
-    carry_at: Vec<u64>,
+    /// The next value read is overwritten (the first item of a list with too many).
+    refuse_next: bool,
     /// Nothing more to check: the decoder will stop before the rest.
     done: bool,
 }
@@ -406,40 +394,33 @@ enum Step {
 }
 
 impl Sections {
-    /// Where the frames this delivery holds back start.
-    fn held_from(&self) -> Option<u64> {
-        self.carry_at.first().copied()
-    }
-
-    /// Reads `stream[payload]`, the next bytes of the message (from stream offset `at`),
-    /// overwriting in `stream` (which starts at stream offset `base`) any value that
-    /// opens a level too deep.
-    fn feed(&mut self, stream: &mut [u8], base: u64, payload: std::ops::Range<usize>, at: u64) {
+    /// Reads `payload`, the next bytes of the message, overwriting the first byte of
+    /// any value that opens a level too deep.
+    fn feed(&mut self, payload: &mut [u8]) {
         if self.done {
             return;
         }
         if self.carry.is_empty() {
-            let (read, refused) = self.read(&stream[payload.clone()]);
+            let (read, refused) = self.read(payload);
             if let Some(offset) = refused {
-                stream[payload.start + offset] = NO_TYPE;
+                payload[offset] = NO_TYPE;
             } else if read < payload.len() {
-                self.carry = stream[payload.start + read..payload.end].to_vec();
-                self.carry_at = (at + read as u64..at + payload.len() as u64).collect();
+                self.carry = payload[read..].to_vec();
             }
             return;
         }
-        // A value's first bytes came in an earlier frame (held back since): read on
-        // from them.
+        // A value's first bytes came in an earlier frame: read on from a copy of them.
+        let carried = self.carry.len();
         let mut input = std::mem::take(&mut self.carry);
-        let mut input_at = std::mem::take(&mut self.carry_at);
-        input.extend_from_slice(&stream[payload.clone()]);
-        input_at.extend(at..at + payload.len() as u64);
+        input.extend_from_slice(payload);
         let (read, refused) = self.read(&input);
-        if let Some(offset) = refused {
-            stream[(input_at[offset] - base) as usize] = NO_TYPE;
-        } else if read < input.len() {
-            self.carry = input.split_off(read);
-            self.carry_at = input_at.split_off(read);
+        match refused {
+            // Every refusal is of the byte that completes what was read, or of one
+            // after it: never of what an earlier frame, handed on, carried.
+            Some(offset) if offset >= carried => payload[offset - carried] = NO_TYPE,
+            Some(_) => debug_assert!(false, "a refusal reached back into a frame handed on"),
+            None if read < input.len() => self.carry = input.split_off(read),
+            None => {}
         }
     }
 
@@ -531,8 +512,11 @@ impl Sections {
             Section::Map => self.value(bytes),
             Section::Whole => self.whole(false, bytes),
             Section::Fields(fields) => match list_header(bytes) {
-                Header::Complete { count, .. } if count > fields => Step::Refuse(0),
-                Header::Complete { .. } => self.value(bytes),
+                Header::Complete { count, .. } => {
+                    let step = self.value(bytes);
+                    self.refuse_next = count > fields;
+                    step
+                }
                 Header::NeedMore => Step::NeedMore,
                 Header::Other => Step::Stop,
             },
@@ -558,7 +542,7 @@ impl Sections {
             return Step::NeedMore;
         };
         let opens = matches!(code, 0x00 | 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0);
-        if opens && self.depth() + 1 > MAX_DEPTH {
+        if self.refuse_next || (opens && self.depth() + 1 > MAX_DEPTH) {
             return Step::Refuse(0);
         }
         match code {
@@ -575,8 +559,9 @@ impl Sections {
                 Header::Complete { count, len } => match bytes.get(1 + len) {
                     None => Step::NeedMore,
                     // fe2o3-amqp reads each element's descriptor where the encoding has
-                    // it once: the two would part ways.
-                    Some(0x00) => Step::Refuse(0),
+                    // it once: the two would part ways. The element constructor is
+                    // overwritten (the decoder reads it as such).
+                    Some(0x00) => Step::Refuse(1 + len),
                     Some(&element) => self.open(count, Items::Elements(element), 2 + len),
                 },
             },
@@ -1029,9 +1014,28 @@ mod tests {
         header.extend_from_slice(&[0x00, 0x53, 0x77, 0x40]);
         header[4] = (header.len() - 5) as u8;
         let payload = [header, DATA.to_vec()].concat();
-        let (bytes, places) = in_frames(&payload, 1000);
-        let out = guarded(&bytes, 1000);
-        assert_eq!(out[places[0].start + 3], NO_TYPE);
+        for frame in 1..payload.len() {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, 7), &places);
+            // Its first field is overwritten, however the frames split it.
+            assert_eq!(out[6], NO_TYPE, "frames of {frame}");
+            assert_eq!(out.iter().filter(|b| **b == NO_TYPE).count(), 1);
+            assert!(!decodes(out));
+        }
+    }
+
+    #[test]
+    fn an_array_of_described_values_in_an_annotation_is_refused_at_its_element_constructor() {
+        // An array of two values described by the symbol "d", each a ubyte.
+        let array = [0xe0, 0x08, 0x02, 0x00, 0xa3, 0x01, b'd', 0x50, 0x01, 0x02];
+        let payload = [map_section(0x72, &array), DATA.to_vec()].concat();
+        let at = payload.windows(2).position(|w| w == [0x02, 0x00]).unwrap() + 1;
+        for frame in 1..payload.len() {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, 5), &places);
+            assert_eq!(out[at], NO_TYPE, "frames of {frame}");
+            assert!(!decodes(out));
+        }
     }
 
     #[test]
