@@ -481,13 +481,26 @@ impl Sections {
                 let code = u64::from_be_bytes(rest[..8].try_into().unwrap_or_default());
                 (code, 10)
             }
+            // The decoder takes a section's name as a `sym8` or a `sym32`.
             [0x00, 0xa3, n, rest @ ..] if rest.len() >= usize::from(*n) => {
                 match section_by_name(&rest[..usize::from(*n)]) {
                     Some(code) => (code, 3 + usize::from(*n)),
                     None => return Step::Stop,
                 }
             }
-            [] | [0x00] | [0x00, 0x53] | [0x00, 0x80, ..] | [0x00, 0xa3, ..] => {
+            [0x00, 0xb3, n0, n1, n2, n3, rest @ ..] => {
+                let n = u32::from_be_bytes([*n0, *n1, *n2, *n3]) as usize;
+                match rest.get(..n) {
+                    Some(name) => match section_by_name(name) {
+                        Some(code) => (code, 6 + n),
+                        None => return Step::Stop,
+                    },
+                    // No section's name is this long.
+                    None if n > 64 => return Step::Stop,
+                    None => return Step::NeedMore,
+                }
+            }
+            [] | [0x00] | [0x00, 0x53] | [0x00, 0x80, ..] | [0x00, 0xa3, ..] | [0x00, 0xb3, ..] => {
                 return Step::NeedMore;
             }
             _ => return Step::Stop,
@@ -991,6 +1004,26 @@ mod tests {
     }
 
     #[test]
+    fn a_section_named_by_a_long_symbol_is_read_all_the_same() {
+        let named = |depth| {
+            let name = b"amqp:message-annotations:map";
+            let mut section = vec![0x00, 0xb3];
+            section.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            section.extend_from_slice(name);
+            section.extend_from_slice(&map_section(0x72, &nested_lists(depth))[3..]);
+            [section, DATA.to_vec()].concat()
+        };
+        assert!(decodes(named(5)), "fe2o3-amqp reads such a section");
+        let payload = named(300);
+        for frame in [3, 64, 5000] {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, 11), &places);
+            assert_eq!(out.iter().filter(|b| **b == NO_TYPE).count(), 1);
+            assert!(!decodes(out));
+        }
+    }
+
+    #[test]
     fn a_value_at_the_deepest_level_allowed_is_left_alone() {
         let payload = [
             map_section(0x72, &nested_lists(MAX_DEPTH - 1)),
@@ -1046,6 +1079,30 @@ mod tests {
         bytes.extend_from_slice(&[0, 0, 0, 8, 2, 0, 0, 0]);
         bytes.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n\r\n");
         assert_eq!(guarded(&bytes, 3), bytes);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes as a message, or as the whole stream: the guard never panics, and
+        /// hands on every byte, at most one of a message changed.
+        #[test]
+        fn any_bytes(
+            payload in prop::collection::vec(any::<u8>(), 0..600),
+            frame in 1usize..100,
+            step in 1usize..100,
+        ) {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = guarded(&bytes, step);
+            prop_assert_eq!(out.len(), bytes.len());
+            let changed: Vec<usize> = (0..bytes.len()).filter(|&i| out[i] != bytes[i]).collect();
+            prop_assert!(changed.len() <= 1);
+            for at in changed {
+                prop_assert_eq!(out[at], NO_TYPE);
+                prop_assert!(places.iter().any(|p| p.contains(&at)));
+            }
+            prop_assert_eq!(guarded(&payload, step), payload);
+        }
     }
 
     proptest! {
