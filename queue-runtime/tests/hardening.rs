@@ -260,6 +260,30 @@ fn check_refuses_dead_letter_cycles_and_unknown_opt_ins() {
     );
 }
 
+/// Runs the app in `dir` until its dead-letter consumer logged `Dead letter try`
+/// `tries` times, failing if anything is dropped meanwhile; then stops it cleanly and
+/// returns the lines it logged.
+fn tries_of_a_dead_letter(dir: &std::path::Path, tries: usize) -> Vec<String> {
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir);
+    let mut seen: Vec<String> = Vec::new();
+    while seen
+        .iter()
+        .filter(|l| l.contains("Dead letter try"))
+        .count()
+        < tries
+    {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no more tries:\n{}", seen.join("\n")));
+        assert!(!line.contains("dropped"), "{line}");
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success());
+    seen
+}
+
 #[test]
 fn a_dead_letter_whose_consumer_fails_stays_in_its_queue() {
     let extra = "  - name: jobs.dlq\n    kind: queue.queue\n    retry:\n      max_attempts: 2\n      backoff: { initial: 50ms, multiplier: 1, max: 100ms, jitter: false }\n";
@@ -274,23 +298,8 @@ end
 "#;
     let dir = one_job_app("fail", lua, extra);
     // `dead` is defined twice; the later one (failing) wins.
-    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
     // Two attempts in the dead-letter queue, kept, then tried again: never dropped.
-    let mut tries = 0;
-    let mut seen = Vec::new();
-    while tries < 4 {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no more tries:\n{}", seen.join("\n")));
-        if line.contains("Dead letter try") {
-            tries += 1;
-        }
-        assert!(!line.contains("dropped"), "{line}");
-        seen.push(line);
-    }
-    signal(&child, "TERM");
-    let out = wait_with_timeout(child, Duration::from_secs(30));
-    assert!(out.status.success());
+    let seen = tries_of_a_dead_letter(dir.path(), 4);
     let logs: Vec<serde_json::Value> = seen
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -327,22 +336,7 @@ end
 "#;
     // `start` and `dead` are defined twice; the later ones win.
     let dir = one_job_app("ok", lua, "");
-    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
-    let mut seen = Vec::new();
-    let mut tries = 0;
-    while tries < 3 {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no more tries:\n{}", seen.join("\n")));
-        if line.contains("Dead letter try") {
-            tries += 1;
-        }
-        assert!(!line.contains("dropped"), "{line}");
-        seen.push(line);
-    }
-    signal(&child, "TERM");
-    let out = wait_with_timeout(child, Duration::from_secs(30));
-    assert!(out.status.success());
+    let seen = tries_of_a_dead_letter(dir.path(), 3);
     assert!(
         seen.iter()
             .any(|l| l.contains("stays in its dead-letter queue")),
