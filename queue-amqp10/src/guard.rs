@@ -161,7 +161,11 @@ impl<S> Guarded<S> {
                         }
                     }
                     // A message in one frame, the most common: nothing to keep.
-                    None if !more => Sections::default().feed(payload),
+                    None if !more => Sections {
+                        whole_message: true,
+                        ..Sections::default()
+                    }
+                    .feed(payload),
                     None => {
                         let mut sections = Sections::default();
                         sections.feed(payload);
@@ -416,6 +420,8 @@ struct Sections {
     refuse_next: bool,
     /// A byte was overwritten: the decoder stops there, nothing more to check.
     done: bool,
+    /// The whole message is in the bytes being read (it came in one frame).
+    whole_message: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -431,6 +437,9 @@ enum Items {
     Section(Section),
     /// Values, each with its constructor.
     Values,
+    /// The fields of a `header` or `properties` list: primitives only (after a body's
+    /// value the decoder reads a binary field as whole whatever value it is).
+    Fields,
     /// Array elements of a fixed or variable width, sharing this constructor.
     Elements(u8),
     /// Taken whole by their sizes (body sections; a described one at most once).
@@ -528,6 +537,11 @@ impl Sections {
         let step = match how {
             Items::Section(section) => self.section_value(section, bytes),
             Items::Values => self.value(bytes),
+            Items::Fields => match bytes.first() {
+                None => Step::NeedMore,
+                Some(0x00 | 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0) => Step::Refuse(0),
+                Some(_) => self.value(bytes),
+            },
             Items::Elements(code) => self.primitive(code, bytes, 0),
             Items::Whole { described } => self.whole(described, bytes),
         };
@@ -598,10 +612,9 @@ impl Sections {
             Section::Map => self.value(bytes),
             Section::Whole => self.whole(false, bytes),
             Section::Fields(fields) => match list_header(bytes) {
-                Header::Complete { count, .. } => {
-                    let step = self.value(bytes);
+                Header::Complete { count, len } => {
                     self.refuse_next = count > fields;
-                    step
+                    self.open(count, Items::Fields, len)
                 }
                 Header::NeedMore => Step::NeedMore,
                 Header::Other => Step::Refuse(0),
@@ -649,14 +662,13 @@ impl Sections {
                     Some((_, 0)) => Step::Read(header),
                     Some((_, count)) => match bytes.get(header) {
                         None => Step::NeedMore,
-                        // Only arrays of fixed-width values, strings and symbols: the
-                        // decoder reads elements that are compounds or described with
-                        // or without constructors where the encoding has the other,
-                        // and binaries after a body's value as whole values.
-                        Some(&element)
-                            if matches!(Shape::of(element), Some(Shape::Fixed(_)))
-                                || matches!(element, 0xa1 | 0xa3 | 0xb1 | 0xb3) =>
-                        {
+                        // Only arrays of fixed-width values: the decoder reads elements
+                        // that are compounds or described with or without constructors
+                        // where the encoding has the other, binaries after a body's
+                        // value as whole values, and allocates what a string claims
+                        // before it looks, where an element's size is too late to
+                        // refuse.
+                        Some(&element) if matches!(Shape::of(element), Some(Shape::Fixed(_))) => {
                             self.open(count, Items::Elements(element), header + 1)
                         }
                         Some(_) => Step::Refuse(header),
@@ -699,6 +711,12 @@ impl Sections {
                 Step::Read(header)
             }
             Some(Shape::Sized(width)) => match sized(bytes, width, false) {
+                // The decoder allocates what a value claims before it reads it: a claim
+                // past the message's end (4 GiB in a message of 100 bytes) is refused
+                // at the value's constructor.
+                Some((size, _)) if self.whole_message && size > (bytes.len() - width) as u64 => {
+                    Step::Refuse(0)
+                }
                 Some((size, _)) => {
                     self.skip = size;
                     Step::Read(header + width)
@@ -1117,7 +1135,18 @@ mod tests {
         for _ in 0..65_536 {
             odd_maps.extend_from_slice(&[0xc1, 0x03, 0x01, 0x40]);
         }
+        // After a body's value the decoder reads `user-id` whole, whatever value it
+        // is: here an empty list, by its size, where its count makes it one byte; the
+        // next field a string of 4 GiB to a reader by counts.
+        let user_id = [
+            vec![0x00, 0x53, 0x77, 0x40],
+            vec![0x00, 0x53, 0x73, 0xc0, 0x0b, 0x03, 0x40],
+            vec![0xc0, 0x06, 0x00, 0xb1, 0xff, 0xff, 0xff, 0xff, 0x40],
+            annotations(&deep),
+        ]
+        .concat();
         let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("a user-id after a value", user_id),
             (
                 "an array of maps",
                 [annotations(&array_of_maps), DATA.to_vec()].concat(),
@@ -1145,6 +1174,36 @@ mod tests {
                 assert!(!decodes(out), "{what}");
             }
         }
+    }
+
+    /// The decoder allocates what a value's size claims before it reads the value: in
+    /// a message that came whole, a claim past its end is refused at its constructor.
+    #[test]
+    fn a_size_claimed_past_the_end_of_the_message_is_refused() {
+        let string = [0xb1, 0xff, 0xff, 0xff, 0xf0, b'x'];
+        let claims = [
+            [map_section(0x72, &string), DATA.to_vec()].concat(),
+            vec![0x00, 0x53, 0x75, 0xb0, 0xff, 0xff, 0xff, 0xff, b'x'],
+            vec![
+                0x00, 0x53, 0x77, 0xd0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0x40,
+            ],
+        ];
+        for payload in claims {
+            let (bytes, places) = in_frames(&payload, 1 << 16);
+            let out = payload_of(&guarded(&bytes, 100), &places);
+            let at = payload
+                .iter()
+                .rposition(|b| [0xb1, 0xb0, 0xd0].contains(b))
+                .unwrap();
+            assert_eq!(out[at], NO_TYPE, "{payload:x?}");
+        }
+        // An array of strings could claim as much in an element, past its constructor.
+        let strings = [0xe0, 0x06, 0x01, 0xa1, 0x02, b'h', b'i'];
+        let (bytes, _) = in_frames(
+            &[map_section(0x72, &strings), DATA.to_vec()].concat(),
+            1 << 16,
+        );
+        assert!(guarded(&bytes, 100) != bytes);
     }
 
     /// A link detached in the middle of a delivery, and a new one on its handle: the
