@@ -20,10 +20,14 @@
 //! value the same way rather than follow it: a `header` or `properties` list with more
 //! items than fields (the decoder reads the rest as further sections), a map with an
 //! odd count (the decoder's count wraps and it reads on past the map), arrays of
-//! compounds, of described values or of binaries (it reads their elements with or
-//! without constructors where the encoding has the other), a section that is not a
+//! anything but fixed-width values (it reads compound or described elements with or
+//! without constructors where the encoding has the other, binaries after a body's value
+//! as whole values), a `header` or `properties` field that is not a primitive (after a
+//! body's value it reads `user-id` whole, whatever it is), a section that is not a
 //! described value with a section's descriptor (it takes a bare descriptor, then the
-//! section). Frames are handed on whole as soon as they are checked, never held back:
+//! section). The decoder also allocates what a value claims to hold before it reads
+//! it: in a message that came in one frame, a claim past its end is refused too.
+//! Frames are handed on whole as soon as they are checked, never held back:
 //! every byte the guard overwrites is one it decides on as it first reads it, in the
 //! frame at hand (a value's header split between two frames is read on from a copy of
 //! its first bytes). The protocol headers and SASL pass as they are; framing that is not
