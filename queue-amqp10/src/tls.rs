@@ -36,16 +36,17 @@ pub(crate) fn trusting(ca_file: &Path) -> Result<TlsConnector> {
     if roots.is_empty() {
         return Err(unreadable(&"the file holds no PEM certificate"));
     }
-    let config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(connector(roots))
 }
 
 /// A TLS connector that trusts the Mozilla roots.
 pub(crate) fn trusting_mozilla_roots() -> TlsConnector {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    connector(roots)
+}
+
+fn connector(roots: RootCertStore) -> TlsConnector {
     let config = ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
