@@ -800,6 +800,11 @@ fn sized(bytes: &[u8], width: usize, counted: bool) -> Option<(u64, u64)> {
     Some((size, count))
 }
 
+/// The fuzz target's harness, which the tests replay the committed corpus through.
+#[cfg(test)]
+#[path = "../../fuzz/amqp10_guard.rs"]
+mod fuzz_harness;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1313,6 +1318,21 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(error.to_string().contains("size 4294967295"), "{error}");
         assert_eq!(out, bytes[..good]);
+    }
+
+    /// Replays the committed corpus of the fuzz target `amqp10_guard`: a find stays
+    /// fixed.
+    #[test]
+    fn the_fuzz_corpus_replays() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/amqp10_guard");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&dir).expect("the committed corpus") {
+            let path = entry.expect("an entry").path();
+            super::fuzz_harness::check(&std::fs::read(&path).expect("read"));
+            replayed += 1;
+        }
+        assert!(replayed >= 8, "the corpus has {replayed} inputs");
     }
 
     proptest! {

@@ -1,0 +1,148 @@
+//! What must hold for the AMQP 1.0 driver's guard (`queue-amqp10/src/guard.rs`) on any
+//! input: the fuzz target `amqp10_guard` runs it, and queue-amqp10's tests replay the
+//! committed corpus through it.
+//!
+//! The input's first byte is the size of the transfer frames the message is split
+//! into, its second the size of each read, the rest the message. The guard hands on
+//! every byte, changes at most one (to 0xff, in the message), never panics, and what
+//! fe2o3-amqp's decoder then makes of the message never nests deeper than the guard
+//! allows, which a thread of 8 MiB holds (an overflow aborts the fuzzer: a find).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use fe2o3_amqp_types::messaging::message::DecodeIntoMessage;
+use fe2o3_amqp_types::messaging::{Body, Message};
+use serde_amqp::Value;
+use serde_amqp::lazy::LazyValue;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::guard::{Guarded, MAX_DEPTH};
+
+/// Checks one fuzz input.
+pub fn check(data: &[u8]) {
+    let [frame, step, message @ ..] = data else {
+        return;
+    };
+    let (stream, places) = transfers(message, usize::from(*frame).max(1));
+    let out = through_guard(&stream, usize::from(*step).max(1));
+    assert_eq!(out.len(), stream.len(), "every byte is handed on");
+    let changed: Vec<usize> = (0..stream.len()).filter(|&i| out[i] != stream[i]).collect();
+    assert!(changed.len() <= 1, "at most one byte changed: {changed:?}");
+    for at in &changed {
+        assert_eq!(out[*at], 0xff);
+        assert!(
+            places.iter().any(|p| p.contains(at)),
+            "only message bytes change"
+        );
+    }
+    let payload: Vec<u8> = places
+        .iter()
+        .flat_map(|p| out[p.clone()].to_vec())
+        .collect();
+    if let Some(depth) = decoded_depth(payload) {
+        // The map of a section is one level, a refused array's element one more.
+        assert!(
+            depth <= MAX_DEPTH + 2,
+            "the decoder went {depth} levels deep"
+        );
+    }
+}
+
+/// The protocol header, then `message` in transfer frames of `frame` bytes on channel
+/// 0, handle 1; with where each frame's part of the message lies.
+fn transfers(message: &[u8], frame: usize) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
+    let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+    let mut places = Vec::new();
+    let chunks: Vec<&[u8]> = message.chunks(frame).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let more = if i + 1 < chunks.len() { 0x41 } else { 0x42 };
+        let performative = [
+            0x00, 0x53, 0x14, 0xc0, 0x0b, 0x06, 0x52, 0x01, 0x52, 0x07, 0xa0, 0x01, 0x09, 0x43,
+            0x42, more,
+        ];
+        let size = 8 + performative.len() + chunk.len();
+        stream.extend_from_slice(&(size as u32).to_be_bytes());
+        stream.extend_from_slice(&[2, 0, 0, 0]);
+        stream.extend_from_slice(&performative);
+        places.push(stream.len()..stream.len() + chunk.len());
+        stream.extend_from_slice(chunk);
+    }
+    (stream, places)
+}
+
+/// What comes out of the guard when `stream` arrives `step` bytes at a time.
+fn through_guard(stream: &[u8], step: usize) -> Vec<u8> {
+    struct Trickle<'a>(&'a [u8], usize);
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = self.1.min(self.0.len()).min(out.remaining());
+            out.put_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+    let mut guard = Guarded::new(Trickle(stream, step));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut guard).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return out,
+            Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
+            other => panic!("the guard over bytes that are all there: {other:?}"),
+        }
+    }
+}
+
+/// How deep the values of the message's annotations and footer nest, as fe2o3-amqp
+/// decodes it, on a thread of 8 MiB; `None` when it does not decode.
+fn decoded_depth(payload: Vec<u8>) -> Option<usize> {
+    std::thread::Builder::new()
+        .stack_size(8 << 20)
+        .spawn(move || {
+            let reader = serde_amqp::read::SliceReader::new(&payload);
+            let message: Message<Body<LazyValue>> =
+                <Body<LazyValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()?;
+            let maps = [
+                message.delivery_annotations.as_ref().map(|a| &a.0),
+                message.message_annotations.as_ref().map(|a| &a.0),
+                message.footer.as_ref().map(|a| &a.0),
+            ];
+            let deepest = maps
+                .into_iter()
+                .flatten()
+                .flat_map(|map| map.iter().map(|(_, value)| depth(value)))
+                .max();
+            Some(deepest.unwrap_or(0) + 1)
+        })
+        .expect("a thread")
+        .join()
+        // A panic in the decoder (a debug build's overflow checks) is no abort.
+        .unwrap_or(None)
+}
+
+/// Levels of nesting in a value, counted without recursion.
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut open = vec![(value, 0)];
+    while let Some((value, level)) = open.pop() {
+        deepest = deepest.max(level);
+        match value {
+            Value::List(items) => open.extend(items.iter().map(|v| (v, level + 1))),
+            Value::Array(items) => open.extend(items.iter().map(|v| (v, level + 1))),
+            Value::Map(map) => open.extend(
+                map.iter()
+                    .flat_map(|(k, v)| [(k, level + 1), (v, level + 1)]),
+            ),
+            Value::Described(described) => open.push((&described.value, level + 1)),
+            _ => {}
+        }
+    }
+    deepest
+}
