@@ -40,6 +40,13 @@ pub fn check(data: &[u8]) {
         .iter()
         .flat_map(|p| out[p.clone()].to_vec())
         .collect();
+    // The decoder allocates what a size claims before it reads: the guard refuses a
+    // claim past the end only of a message in one frame (docs/drivers/amqp10.md), so a
+    // message of several frames that may claim more than the fuzzer's memory limit is
+    // not decoded.
+    if places.len() > 1 && claims_much(&payload) {
+        return;
+    }
     if let Some(depth) = decoded_depth(payload) {
         // The map of a section is one level, a refused array's element one more.
         assert!(
@@ -47,6 +54,15 @@ pub fn check(data: &[u8]) {
             "the decoder went {depth} levels deep"
         );
     }
+}
+
+/// Whether some 4-byte size in `payload` (after a constructor that has one) claims over
+/// 16 MiB.
+fn claims_much(payload: &[u8]) -> bool {
+    payload.windows(5).any(|w| {
+        matches!(w[0], 0xb0..=0xb3 | 0xd0 | 0xd1 | 0xf0)
+            && u32::from_be_bytes([w[1], w[2], w[3], w[4]]) > 16 << 20
+    })
 }
 
 /// The protocol header, then `message` in transfer frames of `frame` bytes on channel

@@ -6,11 +6,17 @@
 
 use std::process::Command;
 
-const TARGETS: &[&str] = &[
-    "codec_decode",
-    "config_load",
-    "lua_value",
-    "outside_message",
+/// Each target, with what `cargo fuzz` builds it with beyond its defaults.
+const TARGETS: &[(&str, &[&str])] = &[
+    ("codec_decode", &[]),
+    ("config_load", &[]),
+    ("lua_value", &[]),
+    ("outside_message", &[]),
+    // Without debug assertions, as the runtime ships: fe2o3-amqp's decoder, which the
+    // target runs on what the guard passed, has integer overflows (an odd map count)
+    // that a release build wraps and stops on, but debug assertions turn into panics
+    // the fuzzer would report in the guard's place.
+    ("amqp10_guard", &["-O"]),
 ];
 
 /// Leaks LeakSanitizer reports that are not leaks (see the file).
@@ -30,22 +36,17 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
         return Err(problem);
     }
     let mut ok = true;
-    for target in TARGETS
+    for (target, build) in TARGETS
         .iter()
-        .filter(|t| only.as_deref().is_none_or(|o| o == **t))
+        .filter(|(t, _)| only.as_deref().is_none_or(|o| o == *t))
     {
         println!("fuzzing {target} for {seconds}s");
         let status = Command::new("cargo")
             .current_dir("fuzz")
             .env("LSAN_OPTIONS", LSAN_OPTIONS)
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                target,
-                &format!("corpus/{target}"),
-                "--",
-            ])
+            .args(["+nightly", "fuzz", "run"])
+            .args(*build)
+            .args([*target, &format!("corpus/{target}"), "--"])
             .arg(format!("-max_total_time={seconds}"))
             .arg("-max_len=4096")
             .status()
@@ -60,13 +61,9 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
         println!("minimizing the {target} corpus");
         let minimized = Command::new("cargo")
             .current_dir("fuzz")
-            .args([
-                "+nightly",
-                "fuzz",
-                "cmin",
-                target,
-                &format!("corpus/{target}"),
-            ])
+            .args(["+nightly", "fuzz", "cmin"])
+            .args(*build)
+            .args([*target, &format!("corpus/{target}")])
             .status()
             .map_err(|e| e.to_string())?;
         if !minimized.success() {
