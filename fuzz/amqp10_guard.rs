@@ -25,7 +25,8 @@ pub fn check(data: &[u8]) {
         return;
     };
     let (stream, places) = transfers(message, usize::from(*frame).max(1));
-    let out = through_guard(&stream, usize::from(*step).max(1));
+    let (out, read) = through_guard(&stream, usize::from(*step).max(1));
+    read.expect("well-framed bytes read to their end");
     assert_eq!(out.len(), stream.len(), "every byte is handed on");
     let changed: Vec<usize> = (0..stream.len()).filter(|&i| out[i] != stream[i]).collect();
     assert!(changed.len() <= 1, "at most one byte changed: {changed:?}");
@@ -87,8 +88,9 @@ fn transfers(message: &[u8], frame: usize) -> (Vec<u8>, Vec<std::ops::Range<usiz
     (stream, places)
 }
 
-/// What comes out of the guard when `stream` arrives `step` bytes at a time.
-fn through_guard(stream: &[u8], step: usize) -> Vec<u8> {
+/// What comes out of the guard when `stream` arrives `step` bytes at a time, and how
+/// the reading ended.
+pub fn through_guard(stream: &[u8], step: usize) -> (Vec<u8>, std::io::Result<()>) {
     struct Trickle<'a>(&'a [u8], usize);
     impl AsyncRead for Trickle<'_> {
         fn poll_read(
@@ -109,9 +111,10 @@ fn through_guard(stream: &[u8], step: usize) -> Vec<u8> {
     loop {
         let mut buf = ReadBuf::new(&mut chunk);
         match Pin::new(&mut guard).poll_read(&mut cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => return out,
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return (out, Ok(())),
             Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
-            other => panic!("the guard over bytes that are all there: {other:?}"),
+            Poll::Ready(Err(error)) => return (out, Err(error)),
+            Poll::Pending => panic!("the guard waits on bytes that are all there"),
         }
     }
 }

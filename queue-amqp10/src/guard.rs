@@ -816,51 +816,13 @@ mod tests {
     use fe2o3_amqp::types::primitives::{Binary, OrderedMap, Symbol, Value};
     use proptest::prelude::*;
     use serde_amqp::lazy::LazyValue;
-    use tokio::io::AsyncReadExt;
-
-    /// What the broker sends, a few bytes at a time.
-    struct Trickle {
-        bytes: Vec<u8>,
-        at: usize,
-        step: usize,
-    }
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            out: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let n = self
-                .step
-                .min(self.bytes.len() - self.at)
-                .min(out.remaining());
-            let at = self.at;
-            out.put_slice(&self.bytes[at..at + n]);
-            self.at += n;
-            Poll::Ready(Ok(()))
-        }
-    }
 
     /// What fe2o3-amqp reads through the guard when the broker sends `bytes`, `step`
-    /// bytes at a time.
+    /// bytes at a time (with the fuzz target's reader).
     fn guarded(bytes: &[u8], step: usize) -> Vec<u8> {
-        let mut guard = Guarded::new(Trickle {
-            bytes: bytes.to_vec(),
-            at: 0,
-            step,
-        });
-        let mut out = Vec::new();
-        futures_lite_read_to_end(&mut guard, &mut out);
+        let (out, read) = super::fuzz_harness::through_guard(bytes, step);
+        read.expect("read to the end");
         out
-    }
-
-    fn futures_lite_read_to_end(guard: &mut Guarded<Trickle>, out: &mut Vec<u8>) {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(guard.read_to_end(out))
-            .unwrap();
     }
 
     /// A stream: the protocol header, then each payload in a transfer frame of its own
@@ -1304,16 +1266,7 @@ mod tests {
         bytes.extend_from_slice(&[0, 0, 0, 8, 2, 0, 0, 0]);
         let good = bytes.len();
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0]);
-        let mut guard = Guarded::new(Trickle {
-            bytes: bytes.clone(),
-            at: 0,
-            step: 5,
-        });
-        let mut out = Vec::new();
-        let read = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(guard.read_to_end(&mut out));
+        let (out, read) = super::fuzz_harness::through_guard(&bytes, 5);
         let error = read.expect_err("a frame of 4 GiB");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(error.to_string().contains("size 4294967295"), "{error}");
