@@ -281,6 +281,7 @@ impl World {
                 backoff: Backoff::new(Duration::ZERO, 1.0, Duration::ZERO),
             },
             exhausted: Exhausted::DeadLetter(self.dead_letters.clone(), driver),
+            is_dead_letter_queue: false,
             stop,
         };
         let disposition = path.fail(&delivery, &reason).await.expect("fail");

@@ -33,13 +33,10 @@ impl Default for RetryPolicy {
 pub enum Exhausted {
     /// It moves to this dead-letter queue, on this driver.
     DeadLetter(QueueId, Arc<dyn Driver>),
-    /// `dead_letter: false`: dropped, with an error log line. A dead
-    /// letter is never dropped: it stays in its dead-letter queue.
+    /// No dead-letter queue (`dead_letter: false`, or a dead-letter queue without one
+    /// of its own): dropped, with an error log line; but a dead letter, and anything in
+    /// a dead-letter queue, is kept ([`FailurePath::is_dead_letter_queue`]).
     Drop,
-    /// The queue is another queue's dead-letter queue and has none of its own: every
-    /// message in it is kept like a dead letter, also one that came without the
-    /// dead-letter headers (put there by the application or another client).
-    Keep,
 }
 
 /// A queue as the consumer host sees it: where retries and dead letters go.
@@ -52,6 +49,14 @@ pub struct FailurePath {
     pub retry: RetryPolicy,
     /// Past the last attempt.
     pub exhausted: Exhausted,
+    /// Whether another queue dead-letters into this one. Past its last attempt here, a
+    /// dead letter (a message with `x_dead_letter_reason`) is kept: queued here again
+    /// after the longest backoff, never moved on or dropped. Without a dead-letter queue
+    /// of its own, so is every message (one put here directly, without the headers).
+    /// Elsewhere a dead letter is moved to the queue's dead-letter queue like any
+    /// message (one moved back with its headers returns there), and kept only where
+    /// failures are dropped.
+    pub is_dead_letter_queue: bool,
     /// Set when the runtime stops: a delivery held for its backoff goes back at once.
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -152,8 +157,11 @@ impl FailurePath {
             tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
             copy.headers.insert(names::X_DROPPED_HEADERS, note);
         }
-        let is_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON)
-            || matches!(self.exhausted, Exhausted::Keep);
+        let says_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
+        let is_dead_letter = match self.exhausted {
+            Exhausted::DeadLetter(..) => self.is_dead_letter_queue && says_dead_letter,
+            Exhausted::Drop => self.is_dead_letter_queue || says_dead_letter,
+        };
         let wait = self.retry.backoff.delay(attempts);
         let planned = if attempts < self.retry.max_attempts && !no_more_attempts {
             let mut retry = copy.clone();
@@ -174,8 +182,8 @@ impl FailurePath {
                 copy: retry,
             })
         } else if is_dead_letter {
-            // Never dead-lettered again, never dropped: it waits in its dead-letter
-            // queue for the next try, after the longest backoff.
+            // Never dropped: it waits in its queue for the next try, after the
+            // longest backoff.
             let longest = self.retry.backoff.longest();
             let mut kept = copy.clone();
             if self.driver.capabilities().delay {

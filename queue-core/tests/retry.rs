@@ -29,6 +29,7 @@ async fn world() -> (Arc<MemoryDriver>, FailurePath, QueueId, QueueId) {
             backoff: Backoff::new(Duration::from_millis(10), 2.0, Duration::from_millis(40)),
         },
         exhausted: Exhausted::DeadLetter(dlq.clone(), driver.clone()),
+        is_dead_letter_queue: false,
         stop,
     };
     (driver, path, queue, dlq)
@@ -107,7 +108,8 @@ async fn a_dead_letter_that_keeps_coming_back_stays_in_its_queue() {
     let (driver, mut path, _queue, dlq) = world().await;
     // The dead-letter queue's own consumer, as the runtime sets it up.
     path.queue = dlq.clone();
-    path.exhausted = Exhausted::Keep;
+    path.exhausted = Exhausted::Drop;
+    path.is_dead_letter_queue = true;
     publish_with(
         &driver,
         &dlq,
@@ -145,7 +147,8 @@ async fn a_dead_letter_that_keeps_coming_back_stays_in_its_queue() {
 async fn a_message_without_dead_letter_headers_is_kept_in_a_dead_letter_queue() {
     let (driver, mut path, _queue, dlq) = world().await;
     path.queue = dlq.clone();
-    path.exhausted = Exhausted::Keep;
+    path.exhausted = Exhausted::Drop;
+    path.is_dead_letter_queue = true;
     publish_with(&driver, &dlq, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
     let mut sub = driver
         .consume(&dlq, ConsumeOptions { prefetch: 10 })
@@ -159,4 +162,110 @@ async fn a_message_without_dead_letter_headers_is_kept_in_a_dead_letter_queue() 
         kept.message().headers.get(names::ATTEMPTS),
         Some(&HeaderValue::Int(3))
     );
+}
+
+/// A dead letter moved back to the queue it failed in with its headers (a broker's
+/// "move messages" shovel keeps them, and so does another client) is dead-lettered
+/// again when it fails past its last attempt there: its queue's dead-letter queue is
+/// where it belongs, not a retry after the longest backoff forever.
+#[tokio::test]
+async fn a_dead_letter_moved_back_with_its_headers_is_dead_lettered_again() {
+    let (driver, path, queue, dlq) = world().await;
+    publish_with(
+        &driver,
+        &queue,
+        &[
+            (names::ATTEMPTS, HeaderValue::Int(3)),
+            (names::X_DEAD_LETTER_REASON, "the first failure".into()),
+            (names::X_ORIGINAL_QUEUE, "app:jobs".into()),
+        ],
+    )
+    .await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut sub).await;
+    let disposition = path.fail(&last, "the second failure").await.unwrap();
+    assert_eq!(disposition, Disposition::DeadLettered);
+    assert_eq!(driver.info(&queue).await.unwrap().message_count(), 0);
+    let mut dead_letters = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let dead = next(&mut dead_letters).await;
+    assert_eq!(
+        dead.message().headers.get(names::X_DEAD_LETTER_REASON),
+        Some(&HeaderValue::from("the second failure"))
+    );
+}
+
+/// With `dead_letter: false` a queue drops what fails past its last attempt, but not
+/// what carries the dead-letter headers: it may be another configuration's dead
+/// letter, and a dead letter is never dropped.
+#[tokio::test]
+async fn a_dead_letter_is_kept_where_failures_are_dropped() {
+    let (driver, mut path, queue, _dlq) = world().await;
+    path.exhausted = Exhausted::Drop;
+    publish_with(
+        &driver,
+        &queue,
+        &[
+            (names::ATTEMPTS, HeaderValue::Int(3)),
+            (names::X_DEAD_LETTER_REASON, "boom".into()),
+        ],
+    )
+    .await;
+    publish_with(&driver, &queue, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let dead_letter = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&dead_letter, "again").await.unwrap(),
+        Disposition::Kept
+    );
+    let plain = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&plain, "again").await.unwrap(),
+        Disposition::Dropped
+    );
+}
+
+/// A dead-letter queue with a dead-letter queue of its own (declared, so it has the
+/// implicit `.dlq`) keeps its dead letters past their last attempt, and moves on only
+/// what came without the dead-letter headers.
+#[tokio::test]
+async fn a_dead_letter_queue_with_its_own_keeps_dead_letters_and_moves_the_rest() {
+    let (driver, mut path, _queue, dlq) = world().await;
+    let onward = QueueId::parse("app:jobs.dlq.dlq").unwrap();
+    driver
+        .declare(&QueueSpec::new(onward.clone()))
+        .await
+        .unwrap();
+    path.queue = dlq.clone();
+    path.exhausted = Exhausted::DeadLetter(onward.clone(), driver.clone());
+    path.is_dead_letter_queue = true;
+    let dead_letter = [
+        (names::ATTEMPTS, HeaderValue::Int(3)),
+        (names::X_DEAD_LETTER_REASON, "boom".into()),
+    ];
+    publish_with(&driver, &dlq, &dead_letter).await;
+    publish_with(&driver, &dlq, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    let mut sub = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let letter = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&letter, "again").await.unwrap(),
+        Disposition::Kept
+    );
+    let plain = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&plain, "again").await.unwrap(),
+        Disposition::DeadLettered
+    );
+    assert_eq!(driver.info(&onward).await.unwrap().message_count(), 1);
 }

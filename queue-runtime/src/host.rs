@@ -218,7 +218,6 @@ impl Host {
                         .ok_or_else(|| Error::internal(format!("{dlq} has no queue plan")))?;
                     Exhausted::DeadLetter(dlq.clone(), driver_of(&dlq_plan.driver)?)
                 }
-                None if plan.is_dead_letter_queue(&c.queue) => Exhausted::Keep,
                 None => Exhausted::Drop,
             };
             let runtime = Arc::new(ConsumerRuntime {
@@ -228,6 +227,7 @@ impl Host {
                     driver: Arc::clone(&driver),
                     retry: q.retry.clone(),
                     exhausted,
+                    is_dead_letter_queue: plan.is_dead_letter_queue(&c.queue),
                     stop: stop.subscribe(),
                 },
                 meters: crate::metrics::ConsumerMeters::of(&c.queue),
