@@ -26,7 +26,8 @@
 //! body's value it reads `user-id` whole, whatever it is), a section that is not a
 //! described value with a section's descriptor (it takes a bare descriptor, then the
 //! section). The decoder also allocates what a value claims to hold before it reads
-//! it: in a message that came in one frame, a claim past its end is refused too.
+//! it: in a message that came in one frame, a claim past its end is refused too, and
+//! in any message a claim past [`MAX_CLAIM`].
 //! Frames are handed on whole as soon as they are checked, never held back:
 //! every byte the guard overwrites is one it decides on as it first reads it, in the
 //! frame at hand (a value's header split between two frames is read on from a copy of
@@ -44,6 +45,23 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Levels of nesting (lists, maps, arrays, described values) a value in a message's
 /// annotations, properties or footer may open, as in the body decoder.
 pub(crate) const MAX_DEPTH: usize = 128;
+
+/// What a value may claim to hold, exclusive. The decoder allocates a value's claim
+/// before it reads it, and in a message of several frames the guard cannot tell a
+/// claim past the message's end until its last frame, which comes after the frames
+/// handed on: a claim of this much or more is refused wherever it is. A smaller claim
+/// costs address space, not memory (the allocation is zeroed pages, written only as
+/// bytes come); 4 GiB could fail to allocate on a small host, which aborts. 128 MiB is
+/// RabbitMQ's default largest message. A multiple of 2^24, so that the first byte of a
+/// 4-byte size decides.
+const MAX_CLAIM: u64 = 128 << 20;
+const _: () = assert!(MAX_CLAIM.is_multiple_of(1 << 24));
+
+/// The most the guard holds back after a frame that ends in a value's constructor,
+/// waiting for the size that the delivery's next frame starts with: past this (a
+/// broker that left the delivery unfinished and goes on with others), the value is
+/// refused and everything is handed on.
+const MAX_HELD: u64 = 16 << 20;
 
 /// A byte no AMQP encoding starts with.
 const NO_TYPE: u8 = 0xff;
@@ -77,6 +95,20 @@ pub(crate) struct Guarded<S> {
     eof: bool,
     /// The deliveries under way, by channel and link handle.
     deliveries: HashMap<(u16, u32), Sections>,
+    /// Frames that end in a claim's constructor, held back until the claim's size comes.
+    holds: Vec<Hold>,
+}
+
+/// A frame held back: its last byte is the constructor of a value with a 4-byte size,
+/// which the delivery's next frame starts, and which may claim [`MAX_CLAIM`] or more.
+/// Only the constructor can be refused so that the decoder stops before it allocates
+/// the claim, so it and every frame after it wait for that size.
+#[derive(Debug)]
+struct Hold {
+    delivery: (u16, u32),
+    /// Stream offsets of the frame's start and of the constructor.
+    frame: u64,
+    constructor: u64,
 }
 
 impl<S> Guarded<S> {
@@ -93,7 +125,17 @@ impl<S> Guarded<S> {
             broken: None,
             eof: false,
             deliveries: HashMap::new(),
+            holds: Vec::new(),
         }
+    }
+
+    /// How far what is checked may be handed on: up to the first frame held back.
+    fn releasable(&self) -> u64 {
+        self.holds
+            .iter()
+            .map(|hold| hold.frame)
+            .min()
+            .unwrap_or(self.checked)
     }
 
     /// Frames and checks what has been read, as far as whole frames go.
@@ -138,6 +180,7 @@ impl<S> Guarded<S> {
                 self.on_amqp_frame(channel, body);
             }
             self.checked += size as u64;
+            self.bound_holds();
         }
     }
 
@@ -157,24 +200,48 @@ impl<S> Guarded<S> {
             (TRANSFER, Some(handle)) => {
                 let key = (channel, handle);
                 let payload = &mut self.buf[body.start + fields_end..body.end];
-                match self.deliveries.get_mut(&key) {
+                let (refused_held, undecided) = match self.deliveries.get_mut(&key) {
                     Some(sections) => {
-                        sections.feed(payload);
+                        let refused_held = sections.feed(payload);
+                        let undecided = sections.claim_undecided;
                         if !more {
                             self.deliveries.remove(&key);
                         }
+                        (refused_held, undecided)
                     }
                     // A message in one frame, the most common: nothing to keep.
-                    None if !more => Sections {
-                        whole_message: true,
-                        ..Sections::default()
+                    None if !more => {
+                        Sections {
+                            whole_message: true,
+                            ..Sections::default()
+                        }
+                        .feed(payload);
+                        (false, false)
                     }
-                    .feed(payload),
                     None => {
                         let mut sections = Sections::default();
                         sections.feed(payload);
+                        let undecided = sections.claim_undecided;
                         self.deliveries.insert(key, sections);
+                        (false, undecided)
                     }
+                };
+                match self.holds.iter().position(|h| h.delivery == key) {
+                    Some(i) => {
+                        if refused_held {
+                            let at = (self.holds[i].constructor - self.base) as usize;
+                            self.buf[at] = NO_TYPE;
+                        }
+                        if !undecided {
+                            self.holds.swap_remove(i);
+                        }
+                    }
+                    None if undecided => self.holds.push(Hold {
+                        delivery: key,
+                        frame: self.checked,
+                        constructor: self.base + body.end as u64 - 1,
+                    }),
+                    None => {}
                 }
             }
             // A link's or a session's deliveries under way end with it; its handle or
@@ -185,6 +252,24 @@ impl<S> Guarded<S> {
             (BEGIN | END, _) => self.deliveries.retain(|(c, _), _| *c != channel),
             (CLOSE, _) => self.deliveries.clear(),
             _ => {}
+        }
+        // A delivery that ends unfinished is never decoded, and one whose last frame
+        // leaves a claim's size out fails at it: what it held goes on as it is.
+        let deliveries = &self.deliveries;
+        self.holds.retain(|h| deliveries.contains_key(&h.delivery));
+    }
+
+    /// Refuses every claim held back on when too much waits behind them: a broker that
+    /// never finishes a delivery must not stall the connection or fill the memory.
+    fn bound_holds(&mut self) {
+        if self.checked - self.releasable() <= MAX_HELD {
+            return;
+        }
+        for hold in std::mem::take(&mut self.holds) {
+            self.buf[(hold.constructor - self.base) as usize] = NO_TYPE;
+            if let Some(sections) = self.deliveries.get_mut(&hold.delivery) {
+                sections.done = true;
+            }
         }
     }
 
@@ -211,9 +296,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.released < this.checked {
+            let releasable = this.releasable();
+            if this.released < releasable {
                 let from = (this.released - this.base) as usize;
-                let n = ((this.checked - this.released) as usize).min(out.remaining());
+                let n = ((releasable - this.released) as usize).min(out.remaining());
                 out.put_slice(&this.buf[from..from + n]);
                 this.released += n as u64;
                 return Poll::Ready(Ok(()));
@@ -235,6 +321,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 // The connection ended: whatever is left goes to fe2o3-amqp as it is.
                 this.eof = true;
                 this.deliveries.clear();
+                this.holds.clear();
                 this.passthrough = true;
             }
             this.end += read;
@@ -426,6 +513,10 @@ struct Sections {
     done: bool,
     /// The whole message is in the bytes being read (it came in one frame).
     whole_message: bool,
+    /// What was read ends in the constructor of a value with a 4-byte size (or the
+    /// form of a section's `sym32` name): whether its claim is refused, at that byte,
+    /// is decided by the first byte of the next frame.
+    claim_undecided: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -476,9 +567,11 @@ enum Step {
 impl Sections {
     /// Reads `payload`, the next bytes of the message, overwriting a byte where a value
     /// opens a level too deep or would be read otherwise than it is written.
-    fn feed(&mut self, payload: &mut [u8]) {
+    /// Returns whether the byte to overwrite is the constructor an earlier frame ended
+    /// in ([`Sections::claim_undecided`]), which the caller holds.
+    fn feed(&mut self, payload: &mut [u8]) -> bool {
         if self.done {
-            return;
+            return false;
         }
         if self.carry.is_empty() {
             let (read, refused) = self.read(payload);
@@ -487,7 +580,7 @@ impl Sections {
             } else if read < payload.len() {
                 self.carry = payload[read..].to_vec();
             }
-            return;
+            return false;
         }
         // A value's first bytes came in an earlier frame: read on from a copy of them.
         let carried = self.carry.len();
@@ -496,17 +589,23 @@ impl Sections {
         let (read, refused) = self.read(&input);
         match refused {
             // A step that waited for more bytes decides on the last one it reads,
-            // which is in this frame: never on what an earlier one, handed on, carried.
+            // which is in this frame, but for a claim's size: on its constructor,
+            // which the frame before ended in and is held.
             Some(offset) if offset >= carried => payload[offset - carried] = NO_TYPE,
-            Some(_) => debug_assert!(false, "a refusal reached back into a frame handed on"),
+            Some(offset) => {
+                debug_assert_eq!(offset + 1, carried, "only the held byte, last of the carry");
+                return true;
+            }
             None if read < input.len() => self.carry = input.split_off(read),
             None => {}
         }
+        false
     }
 
     /// Reads as much of `input` as can be read: how much, and the offset of a byte to
     /// overwrite (nothing is read after it).
     fn read(&mut self, input: &[u8]) -> (usize, Option<usize>) {
+        self.claim_undecided = false;
         let mut read = 0;
         while read < input.len() {
             if self.skip > 0 {
@@ -583,6 +682,18 @@ impl Sections {
             // The decoder takes a section's name as a `sym8` or a `sym32`.
             0xa3 | 0xb3 => {
                 let width = if form == 0xa3 { 1 } else { 4 };
+                // The decoder allocates what a `sym32` name claims, as a value's
+                // (`primitive`): the first byte of its size decides, at the form.
+                if width == 4 {
+                    match bytes.get(2) {
+                        None => {
+                            self.claim_undecided = true;
+                            return Step::NeedMore;
+                        }
+                        Some(&b0) if u64::from(b0) << 24 >= MAX_CLAIM => return Step::Refuse(1),
+                        Some(_) => {}
+                    }
+                }
                 let Some((n, _)) = sized(&bytes[2..], width, false) else {
                     return Step::NeedMore;
                 };
@@ -714,10 +825,22 @@ impl Sections {
                 self.skip = width as u64;
                 Step::Read(header)
             }
+            // A claim's first byte decides whether it reaches MAX_CLAIM, on its own.
+            Some(Shape::Sized(4))
+                if bytes
+                    .first()
+                    .is_some_and(|b| u64::from(*b) << 24 >= MAX_CLAIM) =>
+            {
+                Step::Refuse(0)
+            }
+            Some(Shape::Sized(4)) if bytes.is_empty() && header == 1 => {
+                self.claim_undecided = true;
+                Step::NeedMore
+            }
             Some(Shape::Sized(width)) => match sized(bytes, width, false) {
                 // The decoder allocates what a value claims before it reads it: a claim
-                // past the message's end (4 GiB in a message of 100 bytes) is refused
-                // at the value's constructor.
+                // past the message's end (4 GiB in a message of 100 bytes), when that
+                // is known, is refused at the value's constructor.
                 Some((size, _)) if self.whole_message && size > (bytes.len() - width) as u64 => {
                     Step::Refuse(0)
                 }
@@ -1175,6 +1298,127 @@ mod tests {
             1 << 16,
         );
         assert!(guarded(&bytes, 100) != bytes);
+    }
+
+    /// A message whose string claims `size` bytes, with 100 after its size.
+    fn claiming(size: u64) -> Vec<u8> {
+        let mut string = vec![0xb1];
+        string.extend_from_slice(&u32::try_from(size).unwrap().to_be_bytes());
+        string.extend_from_slice(&[b'x'; 100]);
+        [map_section(0x72, &string), DATA.to_vec()].concat()
+    }
+
+    /// In a message of several frames the guard cannot know the end before the last
+    /// frame, and hands each frame on as it comes: a claim of [`MAX_CLAIM`] or more is
+    /// refused whatever follows; one below it is left to the decoder, which allocates
+    /// it and fails at the end of what came. Split at every place, the constructor
+    /// last in its frame among them.
+    #[test]
+    fn a_size_claimed_past_the_limit_is_refused_in_a_message_of_many_frames() {
+        for size in [u64::from(u32::MAX), MAX_CLAIM] {
+            // A section named by a `sym32`, claiming the same, before its name.
+            let mut named = vec![0x00, 0xb3];
+            named.extend_from_slice(&u32::try_from(size).unwrap().to_be_bytes());
+            named.extend_from_slice(&[b'x'; 100]);
+            for (payload, constructor) in [(claiming(size), 0xb1), (named, 0xb3)] {
+                let at = payload.iter().position(|b| *b == constructor).unwrap();
+                for frame in 1..at + 8 {
+                    let (bytes, places) = in_frames(&payload, frame);
+                    assert!(places.len() > 1, "in several frames");
+                    let out = payload_of(&guarded(&bytes, 7), &places);
+                    assert_eq!(
+                        out[at], NO_TYPE,
+                        "a claim of {size} bytes, frames of {frame}"
+                    );
+                    let changed = out.iter().zip(&payload).filter(|(a, b)| a != b).count();
+                    assert_eq!(changed, 1, "only the constructor");
+                    assert!(!decodes(out));
+                }
+            }
+        }
+        for payload in [claiming(MAX_CLAIM - 1), claiming(100)] {
+            for frame in [1, 16, 17] {
+                let (bytes, _) = in_frames(&payload, frame);
+                assert_eq!(guarded(&bytes, 7), bytes, "left to the decoder");
+            }
+        }
+    }
+
+    /// Where a frame ends in a claim's constructor, nothing from it on is handed on
+    /// until the claim's size comes: the guard could not refuse it otherwise.
+    #[test]
+    fn a_frame_ending_in_a_claims_constructor_is_held_until_its_size_comes() {
+        let payload = claiming(u64::from(u32::MAX));
+        let at = payload.iter().position(|b| *b == 0xb1).unwrap();
+        let (first, second) = payload.split_at(at + 1);
+        let other = [0x00, 0x53, 0x75, 0xa0, 0x01, 0x2a];
+        let (bytes, places) = stream(&[
+            (1, 1, false, &other),
+            (0, 1, true, first),
+            (1, 1, false, &other),
+            (0, 1, true, &[]),
+            (0, 1, false, second),
+        ]);
+        // A transfer frame's header and performative, before its payload.
+        let before_payload = places[0].start - 8;
+        // The broker's bytes come in two reads: up to the frame with the size, then it.
+        let split = places[4].start - before_payload;
+        let mut guard = Guarded::new(tokio::io::AsyncReadExt::chain(
+            &bytes[..split],
+            &bytes[split..],
+        ));
+        let mut out = Vec::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 1 << 16];
+            let n = guard.read(&mut chunk).await.unwrap();
+            out.extend_from_slice(&chunk[..n]);
+            let held_frame = places[1].start - before_payload;
+            assert_eq!(
+                out.len(),
+                held_frame,
+                "everything up to the held frame, no more"
+            );
+            guard.read_to_end(&mut out).await.unwrap();
+        });
+        assert_eq!(out.len(), bytes.len());
+        assert_eq!(out[places[1].end - 1], NO_TYPE, "the held constructor");
+    }
+
+    /// A delivery that ends unfinished releases what it held unchanged, and a broker
+    /// that goes on with other deliveries past [`MAX_HELD`] gets the held claim refused
+    /// rather than a stalled connection.
+    #[test]
+    fn a_hold_ends_with_its_delivery_or_past_its_limit() {
+        let payload = claiming(u64::from(u32::MAX));
+        let at = payload.iter().position(|b| *b == 0xb1).unwrap();
+        let first = &payload[..at + 1];
+        let (cut, places) = stream(&[(0, 1, true, first), (0, 1, false, &[])]);
+        let out = guarded(&cut, 100);
+        assert_eq!(
+            out, cut,
+            "a last frame without the size: the decoder stops at it"
+        );
+        assert!(!decodes(payload_of(&out, &places)));
+
+        let big = [
+            &[0x00, 0x53, 0x75, 0xb0][..],
+            &(1u32 << 20).to_be_bytes(),
+            &vec![0; 1 << 20],
+        ]
+        .concat();
+        let mut transfers = vec![(0, 1, true, first)];
+        transfers.extend(std::iter::repeat_n((1, 1, false, &big[..]), 17));
+        let (bytes, places) = stream(&transfers);
+        let out = guarded(&bytes, 1 << 16);
+        assert_eq!(
+            out[places[0].end - 1],
+            NO_TYPE,
+            "refused once 16 MiB wait behind it"
+        );
     }
 
     /// A link detached in the middle of a delivery, and a new one on its handle: the

@@ -6,18 +6,41 @@
 
 use std::process::Command;
 
-/// Each target, with what `cargo fuzz` builds it with beyond its defaults.
-const TARGETS: &[(&str, &[&str])] = &[
-    ("codec_decode", &[]),
-    ("config_load", &[]),
-    ("lua_value", &[]),
-    ("outside_message", &[]),
-    // Without debug assertions, as the runtime ships: fe2o3-amqp's decoder, which the
-    // target runs on what the guard passed, has integer overflows (an odd map count)
-    // that a release build wraps and stops on, but debug assertions turn into panics
-    // the fuzzer would report in the guard's place.
-    ("amqp10_guard", &["-O"]),
+/// A target: its name, what `cargo fuzz` builds it with beyond its defaults, and
+/// what libFuzzer runs it with.
+struct Target {
+    name: &'static str,
+    build: &'static [&'static str],
+    run: &'static [&'static str],
+}
+
+const TARGETS: &[Target] = &[
+    Target::plain("codec_decode"),
+    Target::plain("config_load"),
+    Target::plain("lua_value"),
+    Target::plain("outside_message"),
+    Target {
+        name: "amqp10_guard",
+        // Without debug assertions, as the runtime ships: fe2o3-amqp's decoder, which
+        // the target runs on what the guard passed, has integer overflows (an odd map
+        // count) that a release build wraps and stops on, but debug assertions turn
+        // into panics the fuzzer would report in the guard's place.
+        build: &["-O"],
+        // The guard refuses what a value claims from 128 MiB on, before the decoder
+        // allocates it: a larger allocation is a find.
+        run: &["-malloc_limit_mb=160"],
+    },
 ];
+
+impl Target {
+    const fn plain(name: &'static str) -> Target {
+        Target {
+            name,
+            build: &[],
+            run: &[],
+        }
+    }
+}
 
 /// Leaks LeakSanitizer reports that are not leaks (see the file).
 const LSAN_OPTIONS: &str = "suppressions=lsan-suppressions.txt";
@@ -36,9 +59,13 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
         return Err(problem);
     }
     let mut ok = true;
-    for (target, build) in TARGETS
+    for Target {
+        name: target,
+        build,
+        run,
+    } in TARGETS
         .iter()
-        .filter(|(t, _)| only.as_deref().is_none_or(|o| o == *t))
+        .filter(|t| only.as_deref().is_none_or(|o| o == t.name))
     {
         println!("fuzzing {target} for {seconds}s");
         let status = Command::new("cargo")
@@ -49,6 +76,7 @@ pub fn run(seconds: u64, only: Option<String>) -> Result<bool, String> {
             .args([*target, &format!("corpus/{target}"), "--"])
             .arg(format!("-max_total_time={seconds}"))
             .arg("-max_len=4096")
+            .args(*run)
             .status()
             .map_err(|e| e.to_string())?;
         if !status.success() {
