@@ -612,6 +612,42 @@ pub async fn ten_thousand_messages(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
+/// Messages larger than any frame arrive whole: bodies of a megabyte and more and
+/// headers of tens of kilobytes, of sizes that put their values at other places of
+/// the frames each time (AMQP 1.0's guard reads them across frames, RabbitMQ's frames
+/// are 128 KiB, Artemis keeps anything over 100 KiB as a large message).
+pub async fn large_messages_arrive_whole(ctx: &TestContext) {
+    let q = ctx.declared("large").await;
+    let text = |len: usize, seed: usize| -> String {
+        (0..len)
+            .map(|i| char::from(b'a' + ((i * 7 + seed) % 26) as u8))
+            .collect()
+    };
+    let sent: Vec<Message> = (0..6)
+        .map(|i| {
+            let headers =
+                Headers::from_pairs([("note", HeaderValue::from(text(20_000 + i * 997, i)))]);
+            message(Value::from(text((1 << 20) + i * 40_961, i)), headers)
+        })
+        .collect();
+    for m in &sent {
+        ctx.publish(&q, m.clone()).await;
+    }
+    let mut sub = ctx.consume(&q, 2).await;
+    for m in &sent {
+        let got = next(&mut sub).await;
+        assert_eq!(got.message().id, m.id);
+        assert!(
+            got.message().decode().unwrap() == m.decode().unwrap(),
+            "the body of {} arrived changed",
+            m.id
+        );
+        assert_eq!(got.message().headers.get("note"), m.headers.get("note"));
+        within("ack", got.ack()).await.unwrap();
+    }
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// A second ack or release is `INVALID`, never a double settle.
 pub async fn second_settlement_is_an_error(ctx: &TestContext) {
     let q = ctx.declared("second-settle").await;
@@ -843,6 +879,7 @@ const CONTRACTS: &[Contract] = contracts![
     competing_consumers_share_without_duplicates,
     eight_concurrent_publishers,
     ten_thousand_messages,
+    large_messages_arrive_whole,
     second_settlement_is_an_error,
     prefetch_bounds_unsettled_deliveries needs info_ready,
     an_ack_makes_room_while_others_are_held needs info_ready,
