@@ -497,6 +497,27 @@ fn close_in_background(live: Live) {
 mod tests {
     use super::*;
 
+    /// An opening given up (its future dropped at a time limit, as a caller's timeout
+    /// does) takes its mark with it: `is_connected` would otherwise answer `false`
+    /// for as long as someone holds the connection afterwards.
+    #[tokio::test]
+    async fn a_reopening_given_up_leaves_no_mark() {
+        let reopening = AtomicBool::new(false);
+        let opening = async {
+            let _reopening = Reopening::mark(&reopening);
+            std::future::pending::<()>().await
+        };
+        let mut opening = Box::pin(opening);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), opening.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(reopening.load(Ordering::Relaxed), "marked while it opens");
+        drop(opening);
+        assert!(!reopening.load(Ordering::Relaxed), "the mark goes with it");
+    }
+
     #[tokio::test]
     async fn backoff_doubles_up_to_the_maximum() {
         let mut config = Amqp10Config::new("amqp://127.0.0.1:1", crate::Profile::Generic);
