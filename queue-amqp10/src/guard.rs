@@ -25,15 +25,18 @@
 //! as whole values), a `header` or `properties` field that is not a primitive (after a
 //! body's value it reads `user-id` whole, whatever it is), a section that is not a
 //! described value with a section's descriptor (it takes a bare descriptor, then the
-//! section). The decoder also allocates what a value claims to hold before it reads
-//! it: in a message that came in one frame, a claim past its end is refused too, and
-//! in any message a claim past [`MAX_CLAIM`].
-//! Frames are handed on whole as soon as they are checked, never held back:
-//! every byte the guard overwrites is one it decides on as it first reads it, in the
-//! frame at hand (a value's header split between two frames is read on from a copy of
-//! its first bytes). The protocol headers and SASL pass as they are; framing that is not
-//! AMQP before the first protocol header (another protocol's server) passes too, for
-//! fe2o3-amqp to say what it is, and after it is an error.
+//! section), a section named by a `sym32` (it reads ahead what the size claims). The
+//! decoder also allocates what a value claims to hold before it reads it: in a message
+//! that came in one frame, a claim past its end is refused, and in any message a claim
+//! of [`MAX_CLAIM`] or more; and it makes a `Value` of every value in the maps, also of
+//! an array's zero-width elements, so values past [`MAX_VALUES`] are refused.
+//! Frames are handed on whole as soon as they are checked: every byte the guard
+//! overwrites is one it decides on as it first reads it, in the frame at hand (a value's
+//! header split between two frames is read on from a copy of its first bytes), but for
+//! a claim whose constructor ends a frame: that frame waits for the size in the
+//! delivery's next one ([`Hold`]). The protocol headers and SASL pass as they are;
+//! framing that is not AMQP before the first protocol header (another protocol's server)
+//! passes too, for fe2o3-amqp to say what it is, and after it is an error.
 
 use std::collections::HashMap;
 use std::io;
@@ -62,6 +65,11 @@ const _: () = assert!(MAX_CLAIM.is_multiple_of(1 << 24));
 /// broker that left the delivery unfinished and goes on with others), the value is
 /// refused and everything is handed on.
 const MAX_HELD: u64 = 16 << 20;
+
+/// The most values a message's annotations, application properties and footer may
+/// hold together. The decoder makes each a `Value` of tens of bytes, also those that
+/// take no byte on the wire: an array of 65,536 nulls is 10 bytes.
+const MAX_VALUES: u64 = 1 << 16;
 
 /// A byte no AMQP encoding starts with.
 const NO_TYPE: u8 = 0xff;
@@ -234,6 +242,13 @@ impl<S> Guarded<S> {
                         }
                         if !undecided {
                             self.holds.swap_remove(i);
+                        } else if fields_end < body.len() {
+                            // Decided, and this frame ends in another claim's constructor.
+                            self.holds[i] = Hold {
+                                delivery: key,
+                                frame: self.checked,
+                                constructor: self.base + body.end as u64 - 1,
+                            };
                         }
                     }
                     None if undecided => self.holds.push(Hold {
@@ -269,6 +284,7 @@ impl<S> Guarded<S> {
             self.buf[(hold.constructor - self.base) as usize] = NO_TYPE;
             if let Some(sections) = self.deliveries.get_mut(&hold.delivery) {
                 sections.done = true;
+                sections.claim_undecided = false;
             }
         }
     }
@@ -513,10 +529,12 @@ struct Sections {
     done: bool,
     /// The whole message is in the bytes being read (it came in one frame).
     whole_message: bool,
-    /// What was read ends in the constructor of a value with a 4-byte size (or the
-    /// form of a section's `sym32` name): whether its claim is refused, at that byte,
-    /// is decided by the first byte of the next frame.
+    /// What was read ends in the constructor of a value with a 4-byte size: whether
+    /// its claim is refused, at that byte, is decided by the first byte of the next
+    /// frame.
     claim_undecided: bool,
+    /// Values of the message's maps (annotations, properties, footer) counted so far.
+    values: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -679,31 +697,22 @@ impl Sections {
                 Some(code) => (code.iter().fold(0, |n, b| (n << 8) | u64::from(*b)), 10),
                 None => return Step::NeedMore,
             },
-            // The decoder takes a section's name as a `sym8` or a `sym32`.
-            0xa3 | 0xb3 => {
-                let width = if form == 0xa3 { 1 } else { 4 };
-                // The decoder allocates what a `sym32` name claims, as a value's
-                // (`primitive`): the first byte of its size decides, at the form.
-                if width == 4 {
-                    match bytes.get(2) {
-                        None => {
-                            self.claim_undecided = true;
-                            return Step::NeedMore;
-                        }
-                        Some(&b0) if u64::from(b0) << 24 >= MAX_CLAIM => return Step::Refuse(1),
-                        Some(_) => {}
-                    }
-                }
-                let Some((n, _)) = sized(&bytes[2..], width, false) else {
+            // A name as a `sym32`, which no encoder picks for a name this short: the
+            // decoder reads ahead what its size claims, writing as much memory (128
+            // MiB for `07 ff ff ff`), before it can fail, so it is refused at its form.
+            0xb3 => return Step::Refuse(1),
+            // The decoder takes a section's name as a `sym8` too.
+            0xa3 => {
+                let Some(&n) = bytes.get(2) else {
                     return Step::NeedMore;
                 };
-                let start = 2 + width;
+                let start = 3;
                 if n > 64 {
-                    // No section's name is this long.
+                    // No section's name is this long (a read ahead of 255 bytes at most).
                     return Step::Refuse(start - 1);
                 }
-                match bytes.get(start..start + n as usize) {
-                    Some(name) => (section_by_name(name).unwrap_or(0), start + n as usize),
+                match bytes.get(start..start + usize::from(n)) {
+                    Some(name) => (section_by_name(name).unwrap_or(0), start + usize::from(n)),
                     None => return Step::NeedMore,
                 }
             }
@@ -757,12 +766,15 @@ impl Sections {
             return Step::Refuse(0);
         }
         match code {
+            0x00 if self.past_max_values(2) => Step::Refuse(0),
             0x00 => self.open(2, Items::Values, 1),
             0xc0 | 0xc1 | 0xd0 | 0xd1 => match list_header(bytes) {
                 Header::Complete { count, len } => {
                     // An odd count: the decoder's count of a map's entries wraps, and it
-                    // reads on past the map. Its first key is refused.
-                    self.refuse_next = code & 1 == 1 && count % 2 == 1;
+                    // reads on past the map. Its first key is refused, as is the first
+                    // item of a list past the values a message may hold.
+                    self.refuse_next =
+                        (code & 1 == 1 && count % 2 == 1) || self.past_max_values(count);
                     self.open(count, Items::Values, len)
                 }
                 Header::NeedMore => Step::NeedMore,
@@ -783,7 +795,10 @@ impl Sections {
                         // value as whole values, and allocates what a string claims
                         // before it looks, where an element's size is too late to
                         // refuse.
-                        Some(&element) if matches!(Shape::of(element), Some(Shape::Fixed(_))) => {
+                        Some(&element)
+                            if matches!(Shape::of(element), Some(Shape::Fixed(_)))
+                                && !self.past_max_values(count) =>
+                        {
                             self.open(count, Items::Elements(element), header + 1)
                         }
                         Some(_) => Step::Refuse(header),
@@ -853,6 +868,13 @@ impl Sections {
             // Not reached: constructors are checked before.
             Some(Shape::Described) | None => Step::Refuse(0),
         }
+    }
+
+    /// Counts `count` more values the decoder makes of the message's maps: whether that
+    /// passes [`MAX_VALUES`].
+    fn past_max_values(&mut self, count: u64) -> bool {
+        self.values = self.values.saturating_add(count);
+        self.values > MAX_VALUES
     }
 
     fn open(&mut self, count: u64, how: Items, len: usize) -> Step {
@@ -1171,11 +1193,10 @@ mod tests {
     }
 
     #[test]
-    fn a_section_named_by_a_long_symbol_is_read_all_the_same() {
+    fn a_section_named_by_a_symbol_is_read_all_the_same() {
         let named = |depth| {
             let name = b"amqp:message-annotations:map";
-            let mut section = vec![0x00, 0xb3];
-            section.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            let mut section = vec![0x00, 0xa3, name.len() as u8];
             section.extend_from_slice(name);
             section.extend_from_slice(&map_section(0x72, &nested_lists(depth))[3..]);
             [section, DATA.to_vec()].concat()
@@ -1188,6 +1209,63 @@ mod tests {
             assert_eq!(out.iter().filter(|b| **b == NO_TYPE).count(), 1);
             assert!(!decodes(out));
         }
+        // As a `sym32`, the name's size is read ahead before it can fail (128 MiB
+        // written for `07 ff ff ff`): refused at its form, whatever it claims.
+        let name = b"amqp:message-annotations:map";
+        let mut section = vec![0x00, 0xb3];
+        section.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        section.extend_from_slice(name);
+        section.extend_from_slice(&map_section(0x72, &nested_lists(5))[3..]);
+        let payload = [section, DATA.to_vec()].concat();
+        assert!(decodes(payload.clone()), "fe2o3-amqp reads such a section");
+        for frame in [1, 2, 3, 64] {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, 11), &places);
+            assert_eq!(out[1], NO_TYPE, "frames of {frame}");
+        }
+    }
+
+    /// The decoder makes a `Value` of tens of bytes of every value in the message's
+    /// maps, also of one that takes no byte: an array of 65,536 nulls is 10 bytes.
+    /// Past [`MAX_VALUES`] in a message, the array's element constructor or the list's
+    /// first item is refused.
+    #[test]
+    fn values_past_the_limit_are_refused() {
+        let nulls = [0xf0, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x40];
+        let mut list = vec![0xd0, 0, 0, 0, 0];
+        list.extend_from_slice(&32u32.to_be_bytes());
+        for _ in 0..32 {
+            list.extend_from_slice(&nulls);
+        }
+        let arrays = [map_section(0x72, &list), DATA.to_vec()].concat();
+        let (bytes, places) = in_frames(&arrays, 1 << 16);
+        let out = payload_of(&guarded(&bytes, 100), &places);
+        let first_element = arrays.iter().position(|b| *b == 0xf0).unwrap() + 9;
+        assert_eq!(
+            out[first_element], NO_TYPE,
+            "the first array is past the limit"
+        );
+        assert!(!decodes(out));
+        // A list of 70,000 nulls: its first item.
+        let mut long = vec![0xd0];
+        long.extend_from_slice(&70_004u32.to_be_bytes());
+        long.extend_from_slice(&70_000u32.to_be_bytes());
+        long.extend(std::iter::repeat_n(0x40, 70_000));
+        let payload = [map_section(0x72, &long), DATA.to_vec()].concat();
+        let first_item = payload.iter().position(|b| *b == 0xd0).unwrap() + 9;
+        for frame in [100, 1 << 17] {
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, 1000), &places);
+            assert_eq!(out[first_item], NO_TYPE, "frames of {frame}");
+        }
+        // Within the limit, left alone.
+        let mut fine = vec![0xd0];
+        fine.extend_from_slice(&60_004u32.to_be_bytes());
+        fine.extend_from_slice(&60_000u32.to_be_bytes());
+        fine.extend(std::iter::repeat_n(0x40, 60_000));
+        let payload = [map_section(0x72, &fine), DATA.to_vec()].concat();
+        let (bytes, _) = in_frames(&payload, 100);
+        assert_eq!(guarded(&bytes, 1000), bytes);
     }
 
     /// Layouts fe2o3-amqp's decoder reads otherwise than they are written, each hiding
@@ -1419,6 +1497,82 @@ mod tests {
             NO_TYPE,
             "refused once 16 MiB wait behind it"
         );
+
+        // The delivery then goes on, ending a frame in another constructor: it is
+        // refused already, so nothing more is held or changed.
+        let more: &[u8] = &[0x00, 0x00, 0x00, 0x01, b'x', 0xb1];
+        let other: &[u8] = &[0x00, 0x53, 0x75, 0xa0, 0x01, 0x2a];
+        transfers.push((0, 1, true, more));
+        transfers.push((1, 1, false, other));
+        let (bytes, places) = stream(&transfers);
+        let mut guard = Guarded::new(ThenPending(&bytes));
+        let mut out = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut guard).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(guard.holds.is_empty());
+        assert_eq!(
+            out.len(),
+            bytes.len(),
+            "everything handed on, the delivery unfinished"
+        );
+        let changed = (0..bytes.len()).filter(|&i| out[i] != bytes[i]).count();
+        assert_eq!(changed, 1);
+        assert_eq!(out[places[0].end - 1], NO_TYPE);
+    }
+
+    /// A frame that decides a held claim and ends in another constructor moves the hold
+    /// there: the later claim is the one refused, the earlier left alone.
+    #[test]
+    fn a_hold_moves_to_the_next_claim() {
+        let map = [
+            &[
+                0xc1, 0x00, 0x04, 0xa3, 0x01, b'a', 0xb1, 0x00, 0x00, 0x00, 0x01, b'x',
+            ][..],
+            &[0xa3, 0x01, b'b', 0xb1, 0xff, 0xff, 0xff, 0xff, b'x'],
+        ]
+        .concat();
+        let mut section = vec![0x00, 0x53, 0x72];
+        section.extend_from_slice(&map);
+        section[4] = (map.len() - 2) as u8;
+        let payload = [section, DATA.to_vec()].concat();
+        let first = payload.iter().position(|b| *b == 0xb1).unwrap();
+        let second = payload.iter().rposition(|b| *b == 0xb1).unwrap();
+        let (bytes, places) = stream(&[
+            (0, 1, true, &payload[..=first]),
+            (0, 1, true, &payload[first + 1..=second]),
+            (0, 1, false, &payload[second + 1..]),
+        ]);
+        let out = payload_of(&guarded(&bytes, 5), &places);
+        assert_eq!(out[first], 0xb1, "the first claim, one byte, passes");
+        assert_eq!(out[second], NO_TYPE, "the second, 4 GiB, is refused");
+        assert!(!decodes(out));
+    }
+
+    /// Gives its bytes, then waits for ever, as a broker with nothing more to send.
+    struct ThenPending<'a>(&'a [u8]);
+
+    impl AsyncRead for ThenPending<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.0.is_empty() {
+                return Poll::Pending;
+            }
+            let n = self.0.len().min(out.remaining());
+            out.put_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(()))
+        }
     }
 
     /// A link detached in the middle of a delivery, and a new one on its handle: the
