@@ -7,8 +7,10 @@
 //! reads as a table (MessagePack when it holds raw bytes or a non-finite float, which
 //! JSON cannot carry). A value neither can carry keeps the bytes it came in, under
 //! [`AMQP_ENCODED`]: no handler decodes it, so the runtime dead-letters the message
-//! with its bytes intact. No body is refused: a refused delivery is dropped by
-//! RabbitMQ, which is losing a message.
+//! with its bytes intact. No body is refused (a refused delivery is dropped by
+//! RabbitMQ, which is losing a message), but for one of more sections and sequence
+//! items than this module takes, which the guard under the client library refuses
+//! (`guard.rs`).
 //!
 //! The link hands value sections over undecoded ([`LazyValue`]), and [`decode`]
 //! reads them here, straight into the payload: never deeper than [`MAX_DEPTH`], never
@@ -27,6 +29,8 @@ pub(crate) const AMQP_ENCODED: &str = "application/x-amqp-encoded";
 /// The most values one body decodes into; a body with more is kept as it came. Each
 /// value costs tens of bytes in memory where it may cost one on the wire.
 pub(crate) const MAX_ITEMS: usize = 1 << 20;
+// The guard lets through as many items as this decoder takes (guard.rs).
+const _: () = assert!(crate::guard::MAX_BODY_ITEMS == MAX_ITEMS as u64);
 
 /// The body's bytes, and the content type to read them with when the sections say
 /// what it is (a structured value); `None` keeps the message's own.

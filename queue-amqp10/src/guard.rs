@@ -71,6 +71,13 @@ const MAX_HELD: u64 = 16 << 20;
 /// take no byte on the wire: an array of 65,536 nulls is 10 bytes.
 const MAX_VALUES: u64 = 1 << 16;
 
+/// The most body sections and `amqp-sequence` items a message may hold together, as
+/// many as the body decoder takes (`body.rs`). The decoder keeps each as an allocation
+/// of its own, of tens of bytes, also for a null of one byte: 16 MiB of nulls in
+/// sequences took over a gigabyte. (A number here, not `body.rs`'s: the fuzz target
+/// builds this file alone; `body.rs` checks the two agree.)
+pub(crate) const MAX_BODY_ITEMS: u64 = 1 << 20;
+
 /// A byte no AMQP encoding starts with.
 const NO_TYPE: u8 = 0xff;
 
@@ -535,6 +542,8 @@ struct Sections {
     claim_undecided: bool,
     /// Values of the message's maps (annotations, properties, footer) counted so far.
     values: u64,
+    /// Body sections and `amqp-sequence` items counted so far.
+    body_items: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -728,6 +737,10 @@ impl Sections {
             // one, which no section has either.
             _ => return Step::Refuse(len - 1),
         };
+        // The decoder keeps every body section, however many come.
+        if matches!(section, Section::Whole | Section::Sequence) && self.past_max_body_items(1) {
+            return Step::Refuse(len - 1);
+        }
         self.open(1, Items::Section(section), len)
     }
 
@@ -745,6 +758,9 @@ impl Sections {
             },
             Section::Sequence => match list_header(bytes) {
                 Header::Complete { count, len } => {
+                    // Each item its own allocation, a null's one byte too: past the
+                    // limit the first item is refused.
+                    self.refuse_next = self.past_max_body_items(count);
                     self.open(count, Items::Whole { described: false }, len)
                 }
                 Header::NeedMore => Step::NeedMore,
@@ -814,6 +830,9 @@ impl Sections {
         let Some(&code) = bytes.first() else {
             return Step::NeedMore;
         };
+        if self.refuse_next {
+            return Step::Refuse(0);
+        }
         match Shape::of(code) {
             // The decoder refuses a described value described again.
             None => Step::Refuse(0),
@@ -875,6 +894,13 @@ impl Sections {
     fn past_max_values(&mut self, count: u64) -> bool {
         self.values = self.values.saturating_add(count);
         self.values > MAX_VALUES
+    }
+
+    /// Counts `count` more body sections or `amqp-sequence` items, which the decoder
+    /// keeps each as an allocation of its own: whether that passes [`MAX_BODY_ITEMS`].
+    fn past_max_body_items(&mut self, count: u64) -> bool {
+        self.body_items = self.body_items.saturating_add(count);
+        self.body_items > MAX_BODY_ITEMS
     }
 
     fn open(&mut self, count: u64, how: Items, len: usize) -> Step {
@@ -1526,6 +1552,35 @@ mod tests {
         let changed = (0..bytes.len()).filter(|&i| out[i] != bytes[i]).count();
         assert_eq!(changed, 1);
         assert_eq!(out[places[0].end - 1], NO_TYPE);
+    }
+
+    /// The decoder keeps every body section, and every `amqp-sequence` item, as an
+    /// allocation of its own, a null's one byte too: past [`MAX_BODY_ITEMS`] in a
+    /// message, the sequence's first item or the section's descriptor is refused.
+    #[test]
+    fn body_items_past_the_limit_are_refused() {
+        let mut sequence = vec![0x00, 0x53, 0x76, 0xd0, 0x00, 0x01, 0x00, 0x04];
+        sequence.extend_from_slice(&65_536u32.to_be_bytes());
+        sequence.extend(std::iter::repeat_n(0x40, 65_536));
+        // 16 sections of 65,537 items (each section counts) pass 1 Mi.
+        let within = sequence.repeat(15);
+        let (bytes, _) = in_frames(&within, 1 << 16);
+        assert_eq!(guarded(&bytes, 1 << 16), bytes);
+        let past = sequence.repeat(16);
+        let (bytes, places) = in_frames(&past, 1 << 16);
+        let out = payload_of(&guarded(&bytes, 1 << 16), &places);
+        let first_item = 15 * sequence.len() + 12;
+        assert_eq!(out[first_item], NO_TYPE);
+        let changed = out.iter().zip(&past).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, 1);
+
+        let data: &[u8] = &[0x00, 0x53, 0x75, 0xa0, 0x00];
+        let sections = data.repeat(MAX_BODY_ITEMS as usize + 1);
+        let (bytes, places) = in_frames(&sections, 1 << 16);
+        let out = payload_of(&guarded(&bytes, 1 << 16), &places);
+        let last_code = sections.len() - 3;
+        assert_eq!(out[last_code], NO_TYPE, "the section past the limit");
+        assert!(!decodes(out));
     }
 
     /// A frame that decides a held claim and ends in another constructor moves the hold
