@@ -587,7 +587,9 @@ enum Step {
     /// The next step needs bytes that have not arrived.
     NeedMore,
     /// Overwrite this byte (an offset into what is being read) and stop: always the
-    /// last byte the step read, or the first, when that one decided it.
+    /// last byte the step read, or the first, when that one decided it, or a claim's
+    /// constructor, decided by the byte after it (held when a frame ends between them:
+    /// [`Hold`]).
     Refuse(usize),
 }
 
