@@ -76,7 +76,8 @@ pub enum Disposition {
     Retried,
     /// Moved to the dead-letter queue, original acked.
     DeadLettered,
-    /// A dead letter past its last attempt in its dead-letter queue: queued there
+    /// Past its last attempt but never dropped nor moved on (a dead letter, or any
+    /// message in a dead-letter queue without one of its own): queued in its queue
     /// again after the longest backoff, original acked.
     Kept,
     /// Exhausted with `dead_letter: false`: logged and acked.
@@ -131,9 +132,10 @@ impl FailurePath {
         (count >= u64::from(self.retry.max_attempts)).then_some(count)
     }
 
-    /// Gives up on a delivery without another attempt, whatever its `attempts`: the
-    /// dead-letter queue (or dropped with `dead_letter: false`); a dead letter stays in
-    /// its queue, after the longest backoff. For [`FailurePath::redelivered_too_often`].
+    /// Gives up on a delivery without another attempt, whatever its `attempts`: as past
+    /// its last attempt (the dead-letter queue, dropped, or kept in its queue after the
+    /// longest backoff; see [`FailurePath::is_dead_letter_queue`]). For
+    /// [`FailurePath::redelivered_too_often`].
     pub async fn give_up(&self, delivery: &Delivery, reason: &str) -> Result<Disposition> {
         self.settle_failure(delivery, reason, true).await
     }
@@ -183,8 +185,8 @@ impl FailurePath {
             })
         } else if is_dead_letter {
             // Never dropped: it waits in its queue for the next try, after the
-            // longest backoff.
-            let longest = self.retry.backoff.longest();
+            // longest backoff (never none: `max: 0s` would loop it hot).
+            let longest = self.retry.backoff.longest().max(MIN_RETURN_WAIT);
             let mut kept = copy.clone();
             if self.driver.capabilities().delay {
                 kept.headers
@@ -265,8 +267,11 @@ impl FailurePath {
             Disposition::Retried => {
                 tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying")
             }
-            Disposition::Kept => {
+            Disposition::Kept if self.is_dead_letter_queue => {
                 tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, %reason, "a dead letter failed its last attempt; it stays in its dead-letter queue")
+            }
+            Disposition::Kept => {
+                tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, %reason, "a dead letter failed its last attempt; it stays in its queue (a dead letter is never dropped)")
             }
             _ => {
                 tracing::error!(queue = %self.queue, id = %delivery.message().id, attempts, dead_letter_queue = %target, %reason, "handler failed for the last time; dead-lettered")

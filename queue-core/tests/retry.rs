@@ -269,3 +269,31 @@ async fn a_dead_letter_queue_with_its_own_keeps_dead_letters_and_moves_the_rest(
     );
     assert_eq!(driver.info(&onward).await.unwrap().message_count(), 1);
 }
+
+/// A kept message waits the longest backoff, and never less than the shortest wait of
+/// a message going back: `backoff.max: 0s` must not make a failing message loop hot.
+#[tokio::test]
+async fn a_kept_message_never_comes_back_at_once() {
+    let (driver, mut path, _queue, dlq) = world().await;
+    path.queue = dlq.clone();
+    path.exhausted = Exhausted::Drop;
+    path.is_dead_letter_queue = true;
+    path.retry.backoff = Backoff::new(Duration::ZERO, 1.0, Duration::ZERO);
+    publish_with(&driver, &dlq, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    let mut sub = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&last, "still broken").await.unwrap(),
+        Disposition::Kept
+    );
+    let kept = next(&mut sub).await;
+    let delay = kept
+        .message()
+        .headers
+        .get(names::DELAY)
+        .and_then(|d| d.as_int());
+    assert!(delay.is_some_and(|ms| ms >= 100), "delay {delay:?}");
+}

@@ -31,8 +31,9 @@ pub mod names {
     pub const DEAD_LETTERED: &str = "queue_dead_lettered_total";
     /// Exhausted messages dropped because the queue has `dead_letter: false`.
     pub const DROPPED: &str = "queue_dropped_total";
-    /// Dead letters that failed their last attempt in their dead-letter queue and were
-    /// queued there again, after the longest backoff (a dead letter is never dropped).
+    /// Messages kept past their last attempt (dead letters, and anything in a
+    /// dead-letter queue without one of its own): queued in their queue again, after
+    /// the longest backoff (a dead letter is never dropped).
     pub const DEAD_LETTERS_KEPT: &str = "queue_dead_letters_kept_total";
     /// Failed deliveries that could not be republished and went back to their queue
     /// after a wait, by queue.
