@@ -7,8 +7,8 @@
 //! every byte, changes at most one (to 0xff, in the message), never panics, and what
 //! fe2o3-amqp's decoder then makes of the message never nests deeper than the guard
 //! allows, which a thread of 8 MiB holds (an overflow aborts the fuzzer: a find), nor
-//! allocates what a value claims from 128 MiB on (`cargo xtask fuzz` sets libFuzzer's
-//! malloc limit).
+//! allocates 160 MiB or more at once (the guard refuses claims from 128 MiB on;
+//! `cargo xtask fuzz` sets libFuzzer's malloc limit at that).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};

@@ -29,7 +29,8 @@ pub(crate) const AMQP_ENCODED: &str = "application/x-amqp-encoded";
 /// The most values one body decodes into; a body with more is kept as it came. Each
 /// value costs tens of bytes in memory where it may cost one on the wire.
 pub(crate) const MAX_ITEMS: usize = 1 << 20;
-// The guard lets through as many items as this decoder takes (guard.rs).
+// The guard lets through about as many items as this decoder takes (guard.rs, which
+// counts the sections too).
 const _: () = assert!(crate::guard::MAX_BODY_ITEMS == MAX_ITEMS as u64);
 
 /// The body's bytes, and the content type to read them with when the sections say

@@ -612,10 +612,10 @@ pub async fn ten_thousand_messages(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
-/// Messages larger than any frame arrive whole: bodies of a megabyte and more and
-/// headers of tens of kilobytes, of sizes that put their values at other places of
-/// the frames each time (AMQP 1.0's guard reads them across frames, RabbitMQ's frames
-/// are 128 KiB, Artemis keeps anything over 100 KiB as a large message).
+/// Messages larger than any frame arrive whole: bodies of a megabyte and more, of
+/// sizes that end them at other places of the frames each time, and headers of tens
+/// of kilobytes (RabbitMQ's frames are 128 KiB, Artemis keeps anything over 100 KiB as
+/// a large message, AMQP 1.0's guard follows the body across frames).
 pub async fn large_messages_arrive_whole(ctx: &TestContext) {
     let q = ctx.declared("large").await;
     let text = |len: usize, seed: usize| -> String {
