@@ -207,30 +207,34 @@ async fn a_dead_letter_moved_back_with_its_headers_is_dead_lettered_again() {
 async fn a_dead_letter_is_kept_where_failures_are_dropped() {
     let (driver, mut path, queue, _dlq) = world().await;
     path.exhausted = Exhausted::Drop;
-    publish_with(
-        &driver,
-        &queue,
-        &[
-            (names::ATTEMPTS, HeaderValue::Int(3)),
-            (names::X_DEAD_LETTER_REASON, "boom".into()),
-        ],
-    )
-    .await;
-    publish_with(&driver, &queue, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    assert_eq!(
+        last_failures(&driver, &path, &queue).await,
+        (Disposition::Kept, Disposition::Dropped)
+    );
+}
+
+/// Fails, past their last attempt, a dead letter and then a message without the
+/// dead-letter headers, both in `queue`: what became of each.
+async fn last_failures(
+    driver: &MemoryDriver,
+    path: &FailurePath,
+    queue: &QueueId,
+) -> (Disposition, Disposition) {
+    let dead_letter = [
+        (names::ATTEMPTS, HeaderValue::Int(3)),
+        (names::X_DEAD_LETTER_REASON, "boom".into()),
+    ];
+    publish_with(driver, queue, &dead_letter).await;
+    publish_with(driver, queue, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
     let mut sub = driver
-        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .consume(queue, ConsumeOptions { prefetch: 10 })
         .await
         .unwrap();
-    let dead_letter = next(&mut sub).await;
-    assert_eq!(
-        path.fail(&dead_letter, "again").await.unwrap(),
-        Disposition::Kept
-    );
+    let letter = next(&mut sub).await;
+    let letter = path.fail(&letter, "again").await.unwrap();
     let plain = next(&mut sub).await;
-    assert_eq!(
-        path.fail(&plain, "again").await.unwrap(),
-        Disposition::Dropped
-    );
+    let plain = path.fail(&plain, "again").await.unwrap();
+    (letter, plain)
 }
 
 /// A dead-letter queue with a dead-letter queue of its own (declared, so it has the
@@ -247,25 +251,9 @@ async fn a_dead_letter_queue_with_its_own_keeps_dead_letters_and_moves_the_rest(
     path.queue = dlq.clone();
     path.exhausted = Exhausted::DeadLetter(onward.clone(), driver.clone());
     path.is_dead_letter_queue = true;
-    let dead_letter = [
-        (names::ATTEMPTS, HeaderValue::Int(3)),
-        (names::X_DEAD_LETTER_REASON, "boom".into()),
-    ];
-    publish_with(&driver, &dlq, &dead_letter).await;
-    publish_with(&driver, &dlq, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
-    let mut sub = driver
-        .consume(&dlq, ConsumeOptions { prefetch: 10 })
-        .await
-        .unwrap();
-    let letter = next(&mut sub).await;
     assert_eq!(
-        path.fail(&letter, "again").await.unwrap(),
-        Disposition::Kept
-    );
-    let plain = next(&mut sub).await;
-    assert_eq!(
-        path.fail(&plain, "again").await.unwrap(),
-        Disposition::DeadLettered
+        last_failures(&driver, &path, &dlq).await,
+        (Disposition::Kept, Disposition::DeadLettered)
     );
     assert_eq!(driver.info(&onward).await.unwrap().message_count(), 1);
 }
