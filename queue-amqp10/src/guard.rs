@@ -241,6 +241,12 @@ impl<S> Guarded<S> {
                         (false, undecided)
                     }
                 };
+                // Where this frame's claim, if it ends in one, is held.
+                let here = Hold {
+                    delivery: key,
+                    frame: self.checked,
+                    constructor: self.base + body.end as u64 - 1,
+                };
                 match self.holds.iter().position(|h| h.delivery == key) {
                     Some(i) => {
                         if refused_held {
@@ -251,18 +257,10 @@ impl<S> Guarded<S> {
                             self.holds.swap_remove(i);
                         } else if fields_end < body.len() {
                             // Decided, and this frame ends in another claim's constructor.
-                            self.holds[i] = Hold {
-                                delivery: key,
-                                frame: self.checked,
-                                constructor: self.base + body.end as u64 - 1,
-                            };
+                            self.holds[i] = here;
                         }
                     }
-                    None if undecided => self.holds.push(Hold {
-                        delivery: key,
-                        frame: self.checked,
-                        constructor: self.base + body.end as u64 - 1,
-                    }),
+                    None if undecided => self.holds.push(here),
                     None => {}
                 }
             }
