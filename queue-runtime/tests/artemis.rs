@@ -138,7 +138,7 @@ fn a_proton_client_and_the_runtime_understand_each_other() {
 /// decode and a `delivery-count` of 1,000.
 const PROTON_ODD: &str = r#"
 import sys, uuid
-from proton import Message, symbol, char, timestamp, ulong, decimal32
+from proton import Message, symbol, char, timestamp, ulong, decimal32, Array, Data, Described, UNDESCRIBED
 from proton.utils import BlockingConnection
 conn = BlockingConnection(sys.argv[1], allowed_mechs="PLAIN")
 sender = conn.create_sender(sys.argv[2])
@@ -161,7 +161,12 @@ send("typed-properties", b'{"a": 5}', properties={
 send("long-name", b'{"fail": true}', properties={"k" * 100000: "v"}, **json)
 send("priority-255", b'{"fail": true}', priority=255, **json)
 send("text", "just text")
-send("list-property", b'{"a": 6}', properties={"l": [1, 2]}, **json)
+send("list-property", b'{"a": 6}', properties={"l": [1, 2], "m": {"k": 1}}, **json)
+deaths = Array(UNDESCRIBED, Data.MAP, {symbol("queue"): "q", symbol("count"): ulong(1)},
+               {symbol("queue"): "r", symbol("count"): ulong(2)})
+send("deaths", b'{"a": 8}', annotations={symbol("x-opt-deaths"): deaths}, **json)
+send("described-property", b'{"a": 9}', properties={"d": Described(symbol("d"), 1)}, **json)
+send("described-twice", Described(symbol("a"), Described(symbol("b"), 1)))
 send("counted", b'{"a": 7}', delivery_count=1000, **json)
 conn.close()
 "#;
@@ -183,8 +188,11 @@ end
 
 /// Every odd message from another AMQP 1.0 client on Artemis reaches a handler, is
 /// dead-lettered (at once when no codec reads its body or the broker counted it
-/// delivered too often), or, the one the client library cannot decode, is rejected,
-/// which Artemis moves to its own `DLQ`: none is lost, none comes back in a loop.
+/// delivered too often), or, the one the client library cannot decode (a body value
+/// described twice), is rejected, which Artemis moves to its own `DLQ`: none is lost,
+/// none comes back in a loop. Lists, maps and described values as application
+/// properties and an array of maps as an annotation (RabbitMQ 4's `x-opt-deaths`)
+/// reach the handler.
 fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
     let url = shared_url();
     let queue = format!("odd-{}", unique());
@@ -247,6 +255,9 @@ fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
     assert_eq!(once("sequence")["second"], 4);
     assert_eq!(once("map")["a"], 1);
     assert_eq!(once("symbol")["text"], "sym");
+    assert_eq!(once("list-property")["a"], 6);
+    assert_eq!(once("deaths")["a"], 8);
+    assert_eq!(once("described-property")["a"], 9);
     assert_eq!(once("42")["a"], 2);
     assert_eq!(once("6bc313ed-9e39-41b4-ba7a-86a9a5d81021")["a"], 3);
     assert_eq!(once("0062696e")["a"], 4);
@@ -268,7 +279,7 @@ fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
         long["dropped"].as_str().is_some_and(|d| d.contains("kkkk")),
         "{long}"
     );
-    for id in ["text", "counted", "list-property"] {
+    for id in ["text", "counted", "described-twice"] {
         assert!(calls(id).is_empty(), "{id} reached a handler: {context}");
     }
     let rejected = logs
