@@ -17,6 +17,7 @@ use std::task::{Context, Poll, Waker};
 
 use fe2o3_amqp_types::messaging::message::DecodeIntoMessage;
 use fe2o3_amqp_types::messaging::{Body, Message};
+use fe2o3_amqp_types::primitives::SimpleValue;
 use serde_amqp::Value;
 use serde_amqp::lazy::LazyValue;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -126,10 +127,10 @@ pub fn through_guard(stream: &[u8], step: usize) -> (Vec<u8>, std::io::Result<()
     }
 }
 
-/// How deep the values of the message's annotations and footer nest, as fe2o3-amqp
-/// decodes it, on a thread of 8 MiB; `None` when it does not decode. fe2o3-amqp reads
-/// a message of several frames with an `IoReader`, whose reads ahead write the memory
-/// they claim, and one of a single frame from a slice.
+/// How deep the values of the message's annotations, application properties and
+/// footer nest, as fe2o3-amqp decodes it, on a thread of 8 MiB; `None` when it does
+/// not decode. fe2o3-amqp reads a message of several frames with an `IoReader`, whose
+/// reads ahead write the memory they claim, and one of a single frame from a slice.
 fn decoded_depth(payload: Vec<u8>, several_frames: bool) -> Option<usize> {
     std::thread::Builder::new()
         .stack_size(8 << 20)
@@ -146,10 +147,18 @@ fn decoded_depth(payload: Vec<u8>, several_frames: bool) -> Option<usize> {
                 message.message_annotations.as_ref().map(|a| &a.0),
                 message.footer.as_ref().map(|a| &a.0),
             ];
+            // Application properties are scalars, but for described values.
+            let properties = message.application_properties.iter().flat_map(|p| {
+                p.0.values().map(|value| match value {
+                    SimpleValue::Described(described) => depth(&described.value) + 1,
+                    _ => 0,
+                })
+            });
             let deepest = maps
                 .into_iter()
                 .flatten()
                 .flat_map(|map| map.iter().map(|(_, value)| depth(value)))
+                .chain(properties)
                 .max();
             Some(deepest.unwrap_or(0) + 1)
         })
