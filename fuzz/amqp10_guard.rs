@@ -6,11 +6,10 @@
 //! into, its second the size of each read, the rest the message. The guard hands on
 //! every byte, changes only the message's, at most one of them to 0xff and others
 //! only from a compound's constructor to a binary's ([`read_as_binary`]), never
-//! panics, and what
-//! fe2o3-amqp's decoder then makes of the message never nests deeper than the guard
-//! allows, which a thread of 8 MiB holds (an overflow aborts the fuzzer: a find), nor
-//! allocates 160 MiB or more at once (the guard refuses claims from 128 MiB on;
-//! `cargo xtask fuzz` sets libFuzzer's malloc limit at that).
+//! panics, and what fe2o3-amqp's decoder then makes of the message never nests deeper
+//! than the guard allows, which a thread of 8 MiB holds (an overflow aborts the
+//! fuzzer: a find), nor allocates 160 MiB or more at once (the guard refuses claims
+//! from 128 MiB on; `cargo xtask fuzz` sets libFuzzer's malloc limit at that).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};

@@ -678,17 +678,12 @@ impl Sections {
         let how = level.how;
         let step = match how {
             Items::Section(section) => self.section_value(section, bytes),
-            Items::Values => self.value(bytes),
-            Items::Properties => {
-                if let Some(code) = bytes.first_mut() {
-                    *code = as_binary(*code, Compounds::All);
-                }
-                self.value(bytes)
-            }
+            Items::Values => self.value(bytes, Compounds::Arrays),
+            Items::Properties => self.value(bytes, Compounds::All),
             Items::Fields => match bytes.first() {
                 None => Step::NeedMore,
                 Some(0x00 | 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0) => Step::Refuse(0),
-                Some(_) => self.value(bytes),
+                Some(_) => self.value(bytes, Compounds::Arrays),
             },
             Items::Whole { described } => self.whole(described, bytes),
         };
@@ -764,10 +759,10 @@ impl Sections {
 
     fn section_value(&mut self, section: Section, bytes: &mut [u8]) -> Step {
         match section {
-            Section::Map => self.value(bytes),
+            Section::Map => self.value(bytes, Compounds::Arrays),
             Section::ApplicationProperties => {
                 let map = matches!(bytes.first(), Some(0xc1 | 0xd1));
-                let step = self.value(bytes);
+                let step = self.value(bytes, Compounds::Arrays);
                 if let (true, Step::Read(_), Some(level)) = (map, &step, self.levels.last_mut()) {
                     // The map's entries, which value() opened.
                     level.how = Items::Properties;
@@ -796,13 +791,15 @@ impl Sections {
         }
     }
 
-    /// A value with its constructor. An array is read as a binary: its constructor is
-    /// rewritten, at once, so that the decoder too takes its bytes whole.
-    fn value(&mut self, bytes: &mut [u8]) -> Step {
+    /// A value with its constructor. The compounds `read_as_binary` names (arrays, or
+    /// all of them for the entries of the application properties) are read as
+    /// binaries: the constructor is rewritten at once, so that the decoder too takes
+    /// their bytes whole ([`as_binary`]).
+    fn value(&mut self, bytes: &mut [u8], read_as_binary: Compounds) -> Step {
         let Some(first) = bytes.first_mut() else {
             return Step::NeedMore;
         };
-        *first = as_binary(*first, Compounds::Arrays);
+        *first = as_binary(*first, read_as_binary);
         let code = *first;
         if Shape::of(code).is_none() {
             return Step::Refuse(0);
