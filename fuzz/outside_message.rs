@@ -34,12 +34,15 @@ const NAMES: [&str; 12] = [
     "",
 ];
 
-const CONTENT_TYPES: [&str; 5] = [
+/// One content type of each reading (docs/core-model.md, "Bodies from other clients").
+const CONTENT_TYPES: [&str; 7] = [
     "application/json",
     "application/msgpack",
     "application/x-msgpack; charset=binary",
     "text/plain",
     "",
+    "application/octet-stream",
+    "application/xml",
 ];
 
 struct Input<'a> {

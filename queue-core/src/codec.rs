@@ -39,15 +39,24 @@ impl Codec {
         }
     }
 
-    /// The codec for a wire content type (also accepts `application/x-msgpack`).
+    /// The codec for a wire content type, its parameters and letter case aside (also
+    /// accepts `application/x-msgpack` and `application/vnd.msgpack`).
     pub fn from_content_type(content_type: &str) -> Option<Codec> {
         let base = content_type.split(';').next().unwrap_or("").trim();
-        match base {
-            "application/json" => Some(Codec::Json),
-            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
-                Some(Codec::MsgPack)
-            }
-            _ => None,
+        let is = |name: &str| base.eq_ignore_ascii_case(name);
+        if is("application/json") {
+            Some(Codec::Json)
+        } else if [
+            "application/msgpack",
+            "application/x-msgpack",
+            "application/vnd.msgpack",
+        ]
+        .into_iter()
+        .any(is)
+        {
+            Some(Codec::MsgPack)
+        } else {
+            None
         }
     }
 

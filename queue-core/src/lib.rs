@@ -42,6 +42,7 @@ mod id;
 pub mod memory;
 mod message;
 mod queues;
+mod reading;
 pub mod retry;
 pub mod security;
 mod tape;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::reading::Reading;
 use crate::{Error, Result};
 
 /// Well-known header names (docs/core-model.md).
@@ -475,24 +476,36 @@ impl Message {
         dropped
     }
 
-    /// Decodes the body by its content type.
+    /// Decodes the body by its content type: a codec's strictly (malformed bytes are
+    /// `INVALID`); `text/*` as a string; no content type, or
+    /// `application/octet-stream`, as its JSON value if it is one, else as a string.
+    /// Any other content type is `INVALID` (docs/core-model.md).
+    ///
+    /// ```
+    /// use queue_core::{Headers, Message, Value};
+    /// let from_pika = Message::from_bytes(br#"{"n": 1}"#.to_vec(), Headers::new(), "");
+    /// assert_eq!(from_pika.decode().unwrap(), Value::map([("n", Value::Int(1))]));
+    /// let text = Message::from_bytes(b"hello".to_vec(), Headers::new(), "text/plain");
+    /// assert_eq!(text.decode().unwrap(), Value::from("hello"));
+    /// let java = Message::from_bytes(vec![0xac, 0xed], Headers::new(), "application/x-java-serialized-object");
+    /// assert!(java.decode().is_err());
+    /// ```
     pub fn decode(&self) -> Result<crate::Value> {
-        self.codec()?.decode(&self.body)
+        let mut tape = crate::Tape::new();
+        self.decode_onto(&mut tape)?;
+        Ok(tape.value())
     }
 
-    /// Decodes the body by its content type onto a reused tape
+    /// Decodes the body as [`Message::decode`] does, onto a reused tape
     /// ([`crate::Codec::decode_onto`]).
     pub fn decode_onto(&self, tape: &mut crate::Tape) -> Result<()> {
-        self.codec()?.decode_onto(&self.body, tape)
-    }
-
-    fn codec(&self) -> Result<crate::Codec> {
-        crate::Codec::from_content_type(&self.content_type).ok_or_else(|| {
+        let reading = Reading::of(&self.content_type).ok_or_else(|| {
             Error::invalid(format!(
                 "message {} has content type {:?}, which no codec reads",
                 self.id, self.content_type
             ))
-        })
+        })?;
+        reading.decode_onto(&self.body, tape)
     }
 }
 

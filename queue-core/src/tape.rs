@@ -88,6 +88,17 @@ impl Tape {
         self.text.clear();
     }
 
+    /// Replaces what the tape held with one string of these bytes ([`Item::Bytes`] when
+    /// they are not UTF-8).
+    pub(crate) fn set_text(&mut self, bytes: &[u8]) {
+        self.clear();
+        let span = self.push_text(bytes);
+        self.items.push(match std::str::from_utf8(bytes) {
+            Ok(_) => Item::String(span),
+            Err(_) => Item::Bytes(span),
+        });
+    }
+
     /// The root value as a [`Value`] tree (`Nil` for an empty tape).
     pub fn value(&self) -> Value {
         if self.items.is_empty() {

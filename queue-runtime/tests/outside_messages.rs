@@ -398,6 +398,120 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
     );
 }
 
+/// Bodies as pika, RabbitMQ's management UI or a JMS `TextMessage` send them: no
+/// content type, a text one, `application/octet-stream`, and one no reading knows.
+const PIKA_UNTYPED: &str = r#"
+import sys, pika
+conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+ch = conn.channel()
+def send(mid, body, content_type=None):
+    props = pika.BasicProperties(message_id=mid, content_type=content_type)
+    ch.basic_publish("", sys.argv[1], body, props)
+send("json", b'{"n": 1}')
+send("text", b"hello")
+send("plain", b'{"n": 3}', "text/plain; charset=utf-8")
+send("octets", b'{"n": 4}', "application/octet-stream")
+send("binary", b"\xff\x00")
+send("xml", b"<n>6</n>", "application/xml")
+conn.close()
+"#;
+
+const UNTYPED_HANDLER: &str = r#"
+function handle(p)
+  local id = queue.message():id()
+  local text = type(p) == "string" and id ~= "binary" and p or nil
+  logger:info("Handled", { id = id, kind = type(p), n = type(p) == "table" and p.n or nil,
+    text = text, bytes = type(p) == "string" and #p or nil })
+  return true
+end
+"#;
+
+/// A body with no content type, or `application/octet-stream`, reaches the handler as
+/// its JSON value when it is JSON and as its text otherwise; a `text/*` body as its
+/// text, even when it looks like JSON; one of another content type is dead-lettered
+/// at once, with its bytes. Before, all but the JSON ones were dead-lettered
+/// (docs/core-model.md, "Bodies from other clients"). Through both drivers: RabbitMQ
+/// hands a 0-9-1 message to an AMQP 1.0 consumer as a `data` section.
+fn bodies_without_a_codec_content_type_reach_handlers_as_json_or_text() {
+    for (name, driver) in DRIVERS {
+        let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+        let queue = format!("it-untyped-{name}-{id}");
+        let (_dir, child, lines, mut seen) = consuming(driver, &queue, UNTYPED_HANDLER);
+        let sent = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", PIKA_UNTYPED, &queue])
+            .output()
+            .expect("run pika");
+        assert!(sent.status.success(), "{}", text(&sent.stderr));
+        let dead_lettered = |logs: &[serde_json::Value]| {
+            logs.iter().any(|l| {
+                l["fields"]["id"] == "xml"
+                    && l["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("dead-lettered"))
+            })
+        };
+        collect_until(&lines, &mut seen, |logs| {
+            lua_logs(logs, "Handled").len() == 5 && dead_lettered(logs)
+        });
+        signal(&child, "TERM");
+        let out = wait_with_timeout(child, Duration::from_secs(60));
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let logs: Vec<serde_json::Value> = seen
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let context = format!("{name}:\n{}", seen.join("\n"));
+        let handled = lua_logs(&logs, "Handled");
+        let got = |id: &str| {
+            let h = handled
+                .iter()
+                .find(|h| h["id"] == id)
+                .unwrap_or_else(|| panic!("{id} not handled: {context}"));
+            (
+                h["kind"].clone(),
+                h["n"].clone(),
+                h["text"].clone(),
+                h["bytes"].clone(),
+            )
+        };
+        use serde_json::{Value as J, json};
+        assert_eq!(
+            got("json"),
+            (json!("table"), json!(1), J::Null, J::Null),
+            "{context}"
+        );
+        assert_eq!(
+            got("text"),
+            (json!("string"), J::Null, json!("hello"), json!(5)),
+            "{context}"
+        );
+        assert_eq!(
+            got("plain"),
+            (json!("string"), J::Null, json!("{\"n\": 3}"), json!(8)),
+            "{context}"
+        );
+        assert_eq!(
+            got("octets"),
+            (json!("table"), json!(4), J::Null, J::Null),
+            "{context}"
+        );
+        assert_eq!(
+            got("binary"),
+            (json!("string"), J::Null, J::Null, json!(2)),
+            "{context}"
+        );
+        assert!(
+            handled.iter().all(|h| h["id"] != "xml"),
+            "xml reached a handler: {context}"
+        );
+        let dead = seen
+            .iter()
+            .find(|l| l.contains("dead-lettered") && l.contains("\"xml\""))
+            .expect("dead-lettered");
+        assert!(dead.contains("which no codec reads"), "{dead}");
+    }
+}
+
 /// Header tables nested as deep as one frame allows (lists 26,000 deep, tables 18,000
 /// deep), from pika; lapin's parser recurses once per level. A script's `main` for
 /// [`handles_what_a_script_publishes`].
@@ -576,6 +690,7 @@ queue_testkit::broker_tests! {
     sync: [
         outside_messages_are_retried_then_dead_lettered_never_spun,
         structured_bodies_from_an_amqp10_client_reach_handlers_as_tables,
+        bodies_without_a_codec_content_type_reach_handlers_as_json_or_text,
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
         annotations_nested_deep_cannot_crash_the_runtime,
     ];
