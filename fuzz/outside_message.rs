@@ -3,8 +3,8 @@
 //! runtime's path: decode, a Lua handler that reads every header and fails, then the
 //! failure path. What must hold: the handler never crashes, and the failed message
 //! always moves (to its retry or its dead-letter queue) as exactly one copy a strict
-//! broker accepts, never going back for an immediate redelivery. Shared by the `outside_message` fuzz
-//! target and the test that replays its corpus.
+//! broker accepts, never going back for an immediate redelivery. Shared by the
+//! `outside_message` fuzz target and the test that replays its corpus.
 
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -35,13 +35,14 @@ const NAMES: [&str; 12] = [
 ];
 
 /// One content type of each reading (docs/core-model.md, "Bodies from other clients").
-const CONTENT_TYPES: [&str; 7] = [
+const CONTENT_TYPES: [&str; 8] = [
     "application/json",
     "application/msgpack",
     "application/x-msgpack; charset=binary",
     "text/plain",
     "",
     "application/octet-stream",
+    "application/vnd.x+json",
     "application/xml",
 ];
 
@@ -93,7 +94,12 @@ pub fn message(data: &[u8]) -> Message {
         1 => "i".repeat(300),
         _ => input.text(40),
     };
-    let content_type = CONTENT_TYPES[usize::from(input.byte()) % CONTENT_TYPES.len()];
+    // One of each reading, or any text, which reaches how a content type is parsed.
+    let choice = usize::from(input.byte());
+    let content_type = match CONTENT_TYPES.get(choice % (CONTENT_TYPES.len() + 1)) {
+        Some(known) => known.to_string(),
+        None => input.text(40),
+    };
     let body = data
         .get(input.pos.min(data.len())..)
         .unwrap_or_default()
@@ -101,7 +107,7 @@ pub fn message(data: &[u8]) -> Message {
     Message {
         id,
         headers,
-        content_type: content_type.to_string(),
+        content_type,
         body,
     }
 }

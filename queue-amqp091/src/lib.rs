@@ -42,8 +42,9 @@
 //! its value exactly, into the header table otherwise; everything else goes into the
 //! header table with its type (strings as long strings, integers as longs (`l`),
 //! floats as doubles, booleans). The publisher's `content_type` header is a plain
-//! table entry; the `content_type` property is always the codec's. Consumers read
-//! back exactly what was published; non-scalar broker headers (`x-death`, ...) are
+//! table entry; the `content_type` property is always the codec's, and a consumer
+//! reads the property as it came (empty when another client sent none). Consumers
+//! read back exactly what was published; non-scalar broker headers (`x-death`, ...) are
 //! hidden. The full table is in `docs/drivers/amqp091.md`.
 #![warn(missing_docs)]
 

@@ -509,8 +509,10 @@ mod tests {
             (Amqp::String("7".into()), Amqp::Int(2)),
         ]);
         assert_eq!(body_bytes(value_body(&alike)).1, Some(AMQP_ENCODED));
-        // No codec reads it: the runtime's decoding refuses it, and dead-letters it.
-        assert_eq!(Codec::from_content_type(AMQP_ENCODED), None);
+        // Nothing reads it: the runtime's decoding refuses it, and dead-letters it.
+        let kept = body_bytes(value_body(&alike)).0;
+        let delivered = queue_core::Message::from_bytes(kept, Default::default(), AMQP_ENCODED);
+        assert!(delivered.decode().is_err());
     }
 
     #[test]

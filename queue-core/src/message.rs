@@ -351,7 +351,8 @@ pub struct Message {
     pub id: String,
     /// Scalar headers.
     pub headers: Headers,
-    /// The wire content type (the codec's).
+    /// The wire content type: the codec's, on publish; on delivery, what the sender
+    /// wrote (empty, or `application/octet-stream`, by driver, when it wrote none).
     pub content_type: String,
     /// The encoded body.
     pub body: Vec<u8>,
@@ -476,10 +477,11 @@ impl Message {
         dropped
     }
 
-    /// Decodes the body by its content type: a codec's strictly (malformed bytes are
-    /// `INVALID`); `text/*` as a string; no content type, or
-    /// `application/octet-stream`, as its JSON value if it is one, else as a string.
-    /// Any other content type is `INVALID` (docs/core-model.md).
+    /// Decodes the body by its content type: a codec's (or any JSON type) strictly,
+    /// malformed bytes being `INVALID`; `text/*` as a string; no content type, or
+    /// `application/octet-stream`, as a JSON object or array when it is one, else as a
+    /// string. Any other content type is `INVALID` (docs/core-model.md, "Bodies from
+    /// other clients").
     ///
     /// ```
     /// use queue_core::{Headers, Message, Value};

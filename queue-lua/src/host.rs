@@ -282,12 +282,13 @@ impl LuaHost {
         find_handler(&loaded, source.path(), method)
     }
 
-    /// Decodes a delivery's body by its content type straight into Lua values, with no
-    /// tree of values in between (docs/performance.md, "Lua module").
+    /// Decodes a delivery's body by its content type ([`Message::decode`]) straight
+    /// into Lua values, with no tree of values in between (docs/performance.md, "Lua
+    /// module").
     ///
-    /// A body that cannot be decoded is `INVALID`, naming the codec and what is wrong
-    /// (it never will decode: do not retry it); a Lua state out of memory is
-    /// `INTERNAL`.
+    /// A body that cannot be decoded is `INVALID`, naming the codec and what is wrong,
+    /// or the content type nothing reads (it never will decode: do not retry it); a
+    /// Lua state out of memory is `INTERNAL`.
     ///
     /// ```
     /// use queue_core::{Codec, Headers, Message, Queues, Value, security::SecurityContext};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_core::names;
-use queue_core::{ConsumeOptions, Delivery, Driver, HeaderValue, Message, QueueId, Queues};
+use queue_core::{ConsumeOptions, Delivery, Driver, HeaderValue, Message, QueueId, Queues, Value};
 use queue_core::{Error, Result};
 
 /// How long a queue must stay quiet before a tool reading a driver that cannot count
@@ -39,6 +39,8 @@ pub fn show(message: &Message) -> serde_json::Value {
         })
         .collect();
     let body = match message.decode() {
+        // A text body that is not UTF-8 reads as bytes: shown as text all the same.
+        Ok(Value::Bytes(bytes)) => serde_json::json!(String::from_utf8_lossy(&bytes)),
         Ok(value) => serde_json::to_value(&value).unwrap_or(serde_json::Value::Null),
         Err(_) => serde_json::json!(String::from_utf8_lossy(&message.body)),
     };
@@ -336,6 +338,20 @@ pub async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `peek` shows each body as the handler would get it, and text that is not UTF-8
+    /// (or a body nothing reads) as text, not as a list of byte values.
+    #[test]
+    fn bodies_are_shown_as_handlers_read_them() {
+        let body = |bytes: &[u8], content_type: &str| {
+            let message = Message::from_bytes(bytes.to_vec(), Default::default(), content_type);
+            show(&message)["body"].clone()
+        };
+        assert_eq!(body(br#"{"n": 1}"#, ""), serde_json::json!({ "n": 1 }));
+        assert_eq!(body(b"hello", "text/plain"), "hello");
+        assert_eq!(body(b"caf\xe9", "text/plain"), "caf\u{fffd}");
+        assert_eq!(body(b"<n/>", "application/xml"), "<n/>");
+    }
 
     #[test]
     fn a_revived_dead_letter_starts_over_without_the_runtimes_headers() {

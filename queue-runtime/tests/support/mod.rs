@@ -186,7 +186,10 @@ fn spawn_piped_with(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Child {
 
 /// A spawned runtime whose stdout and stderr are read into buffers from the start: a
 /// pipe nobody reads fills up (64 KiB on Linux) and stalls the runtime's next write,
-/// which a test would only see as a timeout. Derefs to its [`Child`].
+/// which a test would only see as a timeout. Derefs to its [`Child`]. Dropped while
+/// the runtime still runs (a test that failed before stopping it), it kills the
+/// runtime: otherwise it would go on consuming, for ever, after the test binary
+/// ended.
 pub struct Spawned {
     child: Child,
     stdout: Option<Drain>,
@@ -215,11 +218,20 @@ impl std::ops::Deref for Spawned {
 
 impl Spawned {
     /// The exit status with everything the runtime wrote.
-    fn output(self, status: ExitStatus) -> Output {
+    fn output(mut self, status: ExitStatus) -> Output {
         Output {
             status,
-            stdout: self.stdout.map(Drain::finish).unwrap_or_default(),
-            stderr: self.stderr.map(Drain::finish).unwrap_or_default(),
+            stdout: self.stdout.take().map(Drain::finish).unwrap_or_default(),
+            stderr: self.stderr.take().map(Drain::finish).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
