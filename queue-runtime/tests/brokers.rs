@@ -387,6 +387,68 @@ fn a_hung_broker_cannot_keep_the_runtime_from_stopping() {
     }
 }
 
+/// A RabbitMQ user of the shared node for one test, deleted when dropped (also when
+/// the test fails).
+struct TemporaryUser(String);
+
+impl TemporaryUser {
+    fn add(name: &str, password: &str) -> TemporaryUser {
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("rabbitmqctl runs");
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                text(&out.stderr)
+            );
+        };
+        ctl(&["add_user", name, password]);
+        let user = TemporaryUser(name.to_string());
+        ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        user
+    }
+}
+
+impl Drop for TemporaryUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .stdin(std::process::Stdio::null())
+            .output();
+    }
+}
+
+/// A user name and password with every character a URL gives a meaning to (and a
+/// space and an accent), percent-encoded in the URL as RFC 3986 says, log in
+/// through both drivers; the password shows nowhere.
+fn percent_encoded_odd_credentials_log_in_through_both_drivers() {
+    let user = format!("odd+user-{}", unique());
+    let password = "p@ss:w/rd%#?+ é[1]";
+    let _user = TemporaryUser::add(&user, password);
+    let encoded = "p%40ss%3Aw%2Frd%25%23%3F%2B%20%C3%A9%5B1%5D";
+    for (kind, vhost, extra) in [
+        ("queue.driver.amqp", "/%2f", ""),
+        ("queue.driver.amqp10", "", "    profile: rabbitmq-v1\n"),
+    ] {
+        let yaml = format!(
+            "namespace: app\nentries:\n  - name: rabbit\n    kind: {kind}\n    url: \"amqp://{user}:{encoded}@127.0.0.1:5672{vhost}\"\n{extra}  - name: jobs\n    kind: queue.queue\n    queue_name: it-odd-login-{}\n    durable: false\n",
+            unique()
+        );
+        let dir = app(&[("app.yaml", &yaml)]);
+        let out = run(&["info", "app:jobs", "--config", "app.yaml"], dir.path());
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{kind}: {said}");
+        assert!(said.contains("message_count=0"), "{kind}: {said}");
+        assert!(said.contains(&format!("{user}:***@")), "{kind}: {said}");
+        for secret in ["w/rd", "p%40ss", "%C3%A9"] {
+            assert!(!said.contains(secret), "{kind} showed {secret}: {said}");
+        }
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [];
@@ -395,6 +457,7 @@ queue_testkit::broker_tests! {
         publish_and_info_work_on_a_broker_queue,
         no_runtime_output_shows_a_broker_password,
         odd_passwords_never_show_whatever_the_url_or_log_level,
+        percent_encoded_odd_credentials_log_in_through_both_drivers,
         a_hung_broker_cannot_keep_the_runtime_from_stopping,
     ];
 }
