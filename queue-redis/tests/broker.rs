@@ -65,6 +65,34 @@ async fn wrong_password_is_refused_without_showing_it() {
     );
 }
 
+/// An ACL user whose name and password hold characters a URL gives a meaning to,
+/// percent-encoded in the URL, logs in; the password shows nowhere.
+async fn percent_encoded_odd_credentials_log_in() {
+    let node = node().await;
+    let password = "p@ss:w/rd%#?+ é[1]";
+    node.command(&[
+        "ACL",
+        "SETUSER",
+        "odd+user",
+        "on",
+        &format!(">{password}"),
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .expect("ACL SETUSER");
+    let encoded = "p%40ss%3Aw%2Frd%25%23%3F%2B%20%C3%A9%5B1%5D";
+    let url = format!("redis://odd+user:{encoded}@127.0.0.1:{}/0", node.port());
+    let config = RedisConfig::new(url);
+    let driver = RedisDriver::connect(config).await.expect("logs in");
+    let spec = queue("odd-login");
+    driver.declare(&spec).await.expect("declare as that user");
+    let report = driver.connection().expect("a connection report");
+    let said = format!("{report:?}");
+    assert!(said.contains("odd+user:***@"), "{said}");
+    assert!(!said.contains("w/rd") && !said.contains("p%40ss"), "{said}");
+}
+
 async fn refused_port_is_internal_retryable_without_the_password() {
     let port = queue_fixtures::free_port();
     let url = format!("redis://u:{SECRET}@127.0.0.1:{port}/0");
@@ -258,6 +286,7 @@ queue_testkit::broker_tests! {
         a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
         a_publish_to_a_hung_redis_fails_within_its_limit,
         wrong_password_is_refused_without_showing_it,
+        percent_encoded_odd_credentials_log_in,
         refused_port_is_internal_retryable_without_the_password,
         another_max_length_is_already_exists,
         a_dead_consumers_messages_come_back,
