@@ -49,6 +49,21 @@ pub mod names {
     pub const X_DROPPED_HEADERS: &str = "x_dropped_headers";
     /// On copies whose id was too long to publish again: the original id.
     pub const X_ORIGINAL_MESSAGE_ID: &str = "x_original_message_id";
+
+    /// Whether the runtime writes this header on the copies it republishes (another
+    /// client may send one of these names too).
+    pub fn is_runtimes_own(name: &str) -> bool {
+        [
+            X_ORIGINAL_QUEUE,
+            X_DEAD_LETTER_REASON,
+            X_DEAD_LETTER_TIME,
+            X_ORIGINAL_ATTEMPTS,
+            X_ORIGINAL_EXPIRATION,
+            X_DROPPED_HEADERS,
+            X_ORIGINAL_MESSAGE_ID,
+        ]
+        .contains(&name)
+    }
     /// On deliveries from brokers that count them: how many times the message was
     /// delivered before (RabbitMQ's `x-delivery-count` on quorum queues, AMQP 1.0's
     /// header `delivery-count`; absent on a first delivery). Set by drivers, read by the
@@ -57,10 +72,30 @@ pub mod names {
     pub const X_DELIVERY_COUNT: &str = "x_delivery_count";
 }
 
-/// The most bytes of header names and values a published message may carry:
-/// brokers close the whole connection on a header frame past their limit (RabbitMQ's
-/// is 128 KiB), so the limit is checked before anything reaches them.
+/// The most bytes of header names and values any message carries on the wire,
+/// whoever wrote them: brokers close the whole connection on a header frame past their
+/// limit (RabbitMQ's is 128 KiB), so the limit holds before anything reaches them.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The room, within [`MAX_HEADER_BYTES`], kept for the headers the runtime adds to a
+/// copy of a failed message it republishes: a dead-letter reason and the list of the
+/// headers it dropped (each at most [`crate::retry::MAX_REASON_BYTES`]), the original
+/// queue, a time, counts. [`Message::make_republishable`] leaves a message's own
+/// headers the rest.
+pub const RUNTIME_HEADER_ROOM: usize = 10 * 1024;
+
+/// The most bytes of header names and values a publisher may send: what a copy keeps
+/// of a message's own headers, less room for what the runtime adds on publish
+/// (`timestamp`, a trace context), so that a retry or a dead letter of a published
+/// message never has to drop one of its headers.
+pub const MAX_PUBLISHED_HEADER_BYTES: usize = 48 * 1024;
+
+// The runtime's additions fit their room, and a published message's headers with what
+// is added on publish (a trace context is at most 512 + 100 bytes) fit what a copy keeps.
+const _: () = assert!(
+    2 * (crate::retry::MAX_REASON_BYTES + 32) + MAX_NAME_BYTES + 256 <= RUNTIME_HEADER_ROOM
+);
+const _: () = assert!(MAX_PUBLISHED_HEADER_BYTES + 1024 <= MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM);
 
 /// The longest header name, and the longest message id, any driver can carry
 /// (AMQP 0-9-1's short strings).
@@ -259,9 +294,9 @@ impl Headers {
             }
         }
         let size = self.byte_size();
-        if size > MAX_HEADER_BYTES {
+        if size > MAX_PUBLISHED_HEADER_BYTES {
             return Err(Error::invalid(format!(
-                "headers take {size} bytes, more than the {MAX_HEADER_BYTES} a message may carry"
+                "headers take {size} bytes, more than the {MAX_PUBLISHED_HEADER_BYTES} a published message may carry"
             )));
         }
         if let Some(long) = self.0.keys().find(|k| k.len() > MAX_NAME_BYTES) {
@@ -384,8 +419,11 @@ impl Message {
     /// publish again, whatever its headers: drops the well-known headers no driver
     /// accepts as they are (`priority: "urgent"`, `expiration: "soon"`, a priority of
     /// 200), names longer than any driver carries, and the largest headers while they
-    /// take more than [`MAX_HEADER_BYTES`]; replaces an id too long to carry. Returns
-    /// what it dropped, with why, for [`names::X_DROPPED_HEADERS`].
+    /// take more than [`MAX_HEADER_BYTES`] less the [`RUNTIME_HEADER_ROOM`] the failure
+    /// path's own headers need; replaces an id too long to carry. The runtime's own
+    /// `x_` headers are kept (one larger than the runtime writes came from outside,
+    /// and goes like any other). Returns what it dropped, with why, for
+    /// [`names::X_DROPPED_HEADERS`].
     ///
     /// ```
     /// use queue_core::{HeaderValue, Headers, Message};
@@ -397,6 +435,16 @@ impl Message {
     /// ```
     pub fn make_republishable(&mut self) -> Vec<String> {
         let mut dropped = Vec::new();
+        if self.id.is_empty() || self.id.len() > MAX_NAME_BYTES {
+            let original = std::mem::replace(&mut self.id, new_message_id());
+            self.headers
+                .insert(names::X_ORIGINAL_MESSAGE_ID, truncate(&original, 1024));
+            dropped.push(format!(
+                "message id {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {}",
+                preview(&original),
+                self.id
+            ));
+        }
         let headers = &mut self.headers;
         let mut drop_header = |headers: &mut Headers, key: &str, why: String| {
             if let Some(value) = headers.remove(key) {
@@ -443,15 +491,15 @@ impl Message {
                 format!("a name must be 1..={MAX_NAME_BYTES} bytes"),
             );
         }
-        while headers.byte_size() > MAX_HEADER_BYTES {
-            // The runtime's own `x_` headers are kept; an `x_` header larger than any the
-            // runtime writes (at most MAX_REASON_BYTES) came from outside and goes like
-            // any other.
+        // The runtime's own headers on the copy, which it writes after this, must fit
+        // too: the runtime's own kept here take at most 7 * 4 KiB, below this limit.
+        let keep_to = MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM;
+        while headers.byte_size() > keep_to {
             let Some(largest) = headers
                 .0
                 .iter()
                 .filter(|(k, v)| {
-                    !k.starts_with("x_") || value_bytes(v) > crate::retry::MAX_REASON_BYTES
+                    !names::is_runtimes_own(k) || value_bytes(v) > crate::retry::MAX_REASON_BYTES
                 })
                 .max_by_key(|(k, v)| k.len() + value_bytes(v))
                 .map(|(k, _)| k.clone())
@@ -461,18 +509,10 @@ impl Message {
             drop_header(
                 headers,
                 &largest,
-                format!("the headers took more than {MAX_HEADER_BYTES} bytes"),
+                format!(
+                    "the headers took more than {keep_to} bytes, the most a copy keeps beside the runtime's own"
+                ),
             );
-        }
-        if self.id.is_empty() || self.id.len() > MAX_NAME_BYTES {
-            let original = std::mem::replace(&mut self.id, new_message_id());
-            self.headers
-                .insert(names::X_ORIGINAL_MESSAGE_ID, truncate(&original, 1024));
-            dropped.push(format!(
-                "message id {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {}",
-                preview(&original),
-                self.id
-            ));
         }
         dropped
     }
@@ -580,7 +620,7 @@ mod tests {
     fn headers_past_the_size_limit_or_with_long_names_are_refused() {
         let big = Headers::from_pairs([("note", HeaderValue::from("x".repeat(MAX_HEADER_BYTES)))]);
         let err = big.validate_for_publish().unwrap_err();
-        assert!(err.message().contains("more than the 65536"), "{err}");
+        assert!(err.message().contains("more than the 49152"), "{err}");
         let long = "k".repeat(300);
         let named = Headers::from_pairs([(long.as_str(), HeaderValue::Int(1))]);
         let err = named.validate_for_publish().unwrap_err();
@@ -645,6 +685,51 @@ mod tests {
         );
         assert!(message.headers.byte_size() <= MAX_HEADER_BYTES);
         assert!(message.headers.contains("x_original_queue"));
+    }
+
+    /// Found by the `outside_message` fuzz target: a copy kept another client's headers
+    /// up to the wire limit, and the runtime's own headers then took it past it.
+    #[test]
+    fn a_copy_keeps_room_for_the_runtimes_own_headers() {
+        let crowded = [
+            Headers::from_pairs([
+                (
+                    "correlation_id",
+                    HeaderValue::from("v".repeat(MAX_HEADER_BYTES - 200)),
+                ),
+                ("priority", HeaderValue::from("urgent")),
+            ]),
+            // Names the runtime does not write, each under the reason's limit.
+            Headers::from_pairs((0..40).map(|i| {
+                (
+                    format!("x_from_outside_{i}"),
+                    HeaderValue::from("w".repeat(4000)),
+                )
+            })),
+        ];
+        for headers in crowded {
+            let mut message = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+            message.id = String::new();
+            let dropped = message.make_republishable();
+            assert!(!dropped.is_empty());
+            assert!(
+                message.headers.byte_size() + RUNTIME_HEADER_ROOM <= MAX_HEADER_BYTES,
+                "{} bytes kept",
+                message.headers.byte_size()
+            );
+            assert!(message.headers.contains(names::X_ORIGINAL_MESSAGE_ID));
+        }
+        // A published message at its limit, with what publishing adds, loses nothing.
+        let mut published = Headers::from_pairs([(
+            "note",
+            HeaderValue::from("p".repeat(MAX_PUBLISHED_HEADER_BYTES - 4)),
+        )]);
+        published.validate_for_publish().unwrap();
+        published.insert(names::TIMESTAMP, HeaderValue::Int(1));
+        published.insert("traceparent", HeaderValue::from("t".repeat(55)));
+        published.insert("tracestate", HeaderValue::from("s".repeat(512)));
+        let mut message = Message::from_bytes(b"{}".to_vec(), published, "application/json");
+        assert!(message.make_republishable().is_empty());
     }
 
     #[test]
