@@ -59,7 +59,8 @@ pub use error::{Error, ErrorKind, Result, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
 pub use message::{
-    HeaderValue, Headers, MAX_HEADER_BYTES, MAX_NAME_BYTES, Message, names, new_message_id,
+    HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_NAME_BYTES,
+    MAX_PUBLISHED_HEADER_BYTES, Message, RUNTIME_HEADER_ROOM, names, new_message_id,
     parse_priority, truncate,
 };
 pub use queues::{

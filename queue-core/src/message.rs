@@ -50,20 +50,6 @@ pub mod names {
     /// On copies whose id was too long to publish again: the original id.
     pub const X_ORIGINAL_MESSAGE_ID: &str = "x_original_message_id";
 
-    /// Whether the runtime writes this header on the copies it republishes (another
-    /// client may send one of these names too).
-    pub fn is_runtimes_own(name: &str) -> bool {
-        [
-            X_ORIGINAL_QUEUE,
-            X_DEAD_LETTER_REASON,
-            X_DEAD_LETTER_TIME,
-            X_ORIGINAL_ATTEMPTS,
-            X_ORIGINAL_EXPIRATION,
-            X_DROPPED_HEADERS,
-            X_ORIGINAL_MESSAGE_ID,
-        ]
-        .contains(&name)
-    }
     /// On deliveries from brokers that count them: how many times the message was
     /// delivered before (RabbitMQ's `x-delivery-count` on quorum queues, AMQP 1.0's
     /// header `delivery-count`; absent on a first delivery). Set by drivers, read by the
@@ -72,9 +58,10 @@ pub mod names {
     pub const X_DELIVERY_COUNT: &str = "x_delivery_count";
 }
 
-/// The most bytes of header names and values any message carries on the wire,
-/// whoever wrote them: brokers close the whole connection on a header frame past their
-/// limit (RabbitMQ's is 128 KiB), so the limit holds before anything reaches them.
+/// The most bytes of headers any message carries on the wire, whoever wrote them, as
+/// [`Headers::byte_size`] counts them: brokers close the whole connection on a header
+/// frame past their limit (RabbitMQ's is 128 KiB), so the limit holds before anything
+/// reaches them.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The room, within [`MAX_HEADER_BYTES`], kept for the headers the runtime adds to a
@@ -84,18 +71,68 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// headers the rest.
 pub const RUNTIME_HEADER_ROOM: usize = 10 * 1024;
 
-/// The most bytes of header names and values a publisher may send: what a copy keeps
-/// of a message's own headers, less room for what the runtime adds on publish
-/// (`timestamp`, a trace context), so that a retry or a dead letter of a published
-/// message never has to drop one of its headers.
+/// The most bytes of headers a publisher may send: what a copy keeps of a message's
+/// own headers, less room for what the runtime adds on publish (`timestamp`, a trace
+/// context), so that a retry or a dead letter of a published message never has to drop
+/// one of its headers.
 pub const MAX_PUBLISHED_HEADER_BYTES: usize = 48 * 1024;
 
-// The runtime's additions fit their room, and a published message's headers with what
-// is added on publish (a trace context is at most 512 + 100 bytes) fit what a copy keeps.
-const _: () = assert!(
-    2 * (crate::retry::MAX_REASON_BYTES + 32) + MAX_NAME_BYTES + 256 <= RUNTIME_HEADER_ROOM
-);
-const _: () = assert!(MAX_PUBLISHED_HEADER_BYTES + 1024 <= MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM);
+/// What [`Headers::byte_size`] counts for each header besides its name and value: the
+/// bytes that encode an entry on the wire (AMQP 0-9-1 takes 6, AMQP 1.0 up to 7), so
+/// that many small headers cannot pass the limit their encoding breaks.
+pub const HEADER_ENTRY_BYTES: usize = 8;
+
+/// The headers the runtime writes on the copies it republishes, with the longest value
+/// it writes under each: a value longer than that came from another client, and counts
+/// as the message's own.
+const RUNTIME_RECORDS: [(&str, usize); 9] = [
+    (names::X_DEAD_LETTER_REASON, crate::retry::MAX_REASON_BYTES),
+    (names::X_DROPPED_HEADERS, crate::retry::MAX_REASON_BYTES),
+    (names::X_ORIGINAL_MESSAGE_ID, ORIGINAL_ID_BYTES),
+    (names::X_ORIGINAL_QUEUE, crate::QueueId::MAX_LEN),
+    // An RFC 3339 time, `2026-12-05T07:30:00Z`.
+    (names::X_DEAD_LETTER_TIME, 32),
+    (names::X_ORIGINAL_ATTEMPTS, 8),
+    // A moved `expiration`: an integer, or its digits.
+    (names::X_ORIGINAL_EXPIRATION, 20),
+    (names::ATTEMPTS, 8),
+    (names::DELAY, 8),
+];
+
+/// The most of an original message id a copy keeps in `x_original_message_id`.
+const ORIGINAL_ID_BYTES: usize = 1024;
+
+/// Whether this header is one the runtime writes on its copies.
+fn is_runtime_record(name: &str, value: &HeaderValue) -> bool {
+    RUNTIME_RECORDS
+        .iter()
+        .any(|(record, longest)| *record == name && value_bytes(value) <= *longest)
+}
+
+/// The most bytes the runtime's records take on a copy.
+const RUNTIME_RECORD_BYTES: usize = {
+    let mut total = 0;
+    let mut i = 0;
+    while i < RUNTIME_RECORDS.len() {
+        total += RUNTIME_RECORDS[i].0.len() + RUNTIME_RECORDS[i].1 + HEADER_ENTRY_BYTES;
+        i += 1;
+    }
+    total
+};
+
+/// The most publishing adds to a publisher's headers: `timestamp`, and a trace context
+/// (`traceparent`, and a `tracestate` of at most 512 bytes).
+const PUBLISH_ADDS: usize = names::TIMESTAMP.len()
+    + 8
+    + "traceparent".len()
+    + 55
+    + "tracestate".len()
+    + 512
+    + 3 * HEADER_ENTRY_BYTES;
+
+const _: () = assert!(RUNTIME_RECORD_BYTES <= RUNTIME_HEADER_ROOM);
+const _: () =
+    assert!(MAX_PUBLISHED_HEADER_BYTES + PUBLISH_ADDS <= MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM);
 
 /// The longest header name, and the longest message id, any driver can carry
 /// (AMQP 0-9-1's short strings).
@@ -230,10 +267,11 @@ impl Headers {
         self.0.is_empty()
     }
 
-    /// How many bytes the names and values take, as [`MAX_HEADER_BYTES`] counts them
-    /// (numbers and booleans count 8 bytes).
+    /// How many bytes the headers take, as [`MAX_HEADER_BYTES`] counts them: each
+    /// name and value (numbers and booleans count 8 bytes), and [`HEADER_ENTRY_BYTES`]
+    /// for each header.
     pub fn byte_size(&self) -> usize {
-        self.0.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
+        self.0.iter().map(|(k, v)| entry_bytes(k, v)).sum()
     }
 
     /// The delivery attempt: the `attempts` header, 1 when absent or unreadable.
@@ -306,21 +344,40 @@ impl Headers {
                 long.len()
             )));
         }
-        self.priority_level()?;
-        self.delay()?;
-        self.ttl()?;
-        if let Some(id) = self.get(names::MESSAGE_ID) {
-            match id.as_str() {
-                Some(s) if !s.is_empty() => {}
-                _ => {
-                    return Err(Error::invalid(
-                        "header \"message_id\" must be a non-empty string",
-                    ));
-                }
-            }
+        for (_, check) in self.well_known_checks() {
+            check?;
         }
         Ok(())
     }
+
+    /// The well-known headers a driver reads, each with whether its value is one a
+    /// driver carries: publishing refuses the first that is not, and a republished
+    /// copy drops each that is not, so a published message never loses one on a retry.
+    fn well_known_checks(&self) -> [(&'static str, Result<()>); 5] {
+        let id = match self.get(names::MESSAGE_ID) {
+            Some(id) if !matches!(id.as_str(), Some(s) if !s.is_empty() && s.len() <= MAX_NAME_BYTES) => {
+                Err(Error::invalid(format!(
+                    "header \"message_id\" must be a non-empty string of at most {MAX_NAME_BYTES} bytes"
+                )))
+            }
+            _ => Ok(()),
+        };
+        [
+            (names::PRIORITY, self.priority_level().map(|_| ())),
+            (names::DELAY, self.delay().map(|_| ())),
+            (
+                names::EXPIRATION,
+                self.millis(names::EXPIRATION).map(|_| ()),
+            ),
+            (names::TTL, self.millis(names::TTL).map(|_| ())),
+            (names::MESSAGE_ID, id),
+        ]
+    }
+}
+
+/// What one header counts towards [`MAX_HEADER_BYTES`].
+fn entry_bytes(name: &str, value: &HeaderValue) -> usize {
+    name.len() + value_bytes(value) + HEADER_ENTRY_BYTES
 }
 
 fn value_bytes(value: &HeaderValue) -> usize {
@@ -437,10 +494,12 @@ impl Message {
         let mut dropped = Vec::new();
         if self.id.is_empty() || self.id.len() > MAX_NAME_BYTES {
             let original = std::mem::replace(&mut self.id, new_message_id());
-            self.headers
-                .insert(names::X_ORIGINAL_MESSAGE_ID, truncate(&original, 1024));
+            self.headers.insert(
+                names::X_ORIGINAL_MESSAGE_ID,
+                truncate(&original, ORIGINAL_ID_BYTES),
+            );
             dropped.push(format!(
-                "message id {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {}",
+                "message id {}...: empty or longer than {MAX_NAME_BYTES} bytes, replaced by {}",
                 preview(&original),
                 self.id
             ));
@@ -455,25 +514,7 @@ impl Message {
                 dropped.push(format!("{}={shown}: {why}", preview(key)));
             }
         };
-        let mut checks: Vec<(&str, Result<()>)> = vec![
-            (names::PRIORITY, headers.priority_level().map(|_| ())),
-            (names::DELAY, headers.delay().map(|_| ())),
-            (
-                names::EXPIRATION,
-                headers.millis(names::EXPIRATION).map(|_| ()),
-            ),
-            (names::TTL, headers.millis(names::TTL).map(|_| ())),
-        ];
-        if matches!(headers.get(names::MESSAGE_ID), Some(v) if !matches!(v.as_str(), Some(s) if !s.is_empty() && s.len() <= MAX_NAME_BYTES))
-        {
-            checks.push((
-                names::MESSAGE_ID,
-                Err(Error::invalid(
-                    "must be a non-empty string of at most 255 bytes",
-                )),
-            ));
-        }
-        for (key, check) in checks {
+        for (key, check) in headers.well_known_checks() {
             if let Err(e) = check {
                 drop_header(headers, key, e.message().to_string());
             }
@@ -491,16 +532,22 @@ impl Message {
                 format!("a name must be 1..={MAX_NAME_BYTES} bytes"),
             );
         }
-        // The runtime's own headers on the copy, which it writes after this, must fit
-        // too: the runtime's own kept here take at most 7 * 4 KiB, below this limit.
+        // The runtime's records on the copy (kept from an earlier failure, or written
+        // after this) take at most the room kept for them; the rest is the message's own.
         let keep_to = MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM;
-        while headers.byte_size() > keep_to {
+        let own_bytes = |headers: &Headers| -> usize {
+            headers
+                .0
+                .iter()
+                .filter(|(k, v)| !is_runtime_record(k, v))
+                .map(|(k, v)| entry_bytes(k, v))
+                .sum()
+        };
+        while own_bytes(headers) > keep_to {
             let Some(largest) = headers
                 .0
                 .iter()
-                .filter(|(k, v)| {
-                    !names::is_runtimes_own(k) || value_bytes(v) > crate::retry::MAX_REASON_BYTES
-                })
+                .filter(|(k, v)| !is_runtime_record(k, v))
                 .max_by_key(|(k, v)| k.len() + value_bytes(v))
                 .map(|(k, _)| k.clone())
             else {
@@ -687,8 +734,25 @@ mod tests {
         assert!(message.headers.contains("x_original_queue"));
     }
 
+    /// Every header the failure path (`retry.rs`) writes on a copy after
+    /// `make_republishable`, each as large as it can be.
+    fn with_the_runtimes_records(mut message: Message) -> Message {
+        let reason = "r".repeat(crate::retry::MAX_REASON_BYTES);
+        let headers = &mut message.headers;
+        headers.insert(names::X_DROPPED_HEADERS, reason.clone());
+        headers.insert(names::X_DEAD_LETTER_REASON, reason);
+        headers.insert(names::X_ORIGINAL_QUEUE, "q".repeat(crate::QueueId::MAX_LEN));
+        headers.insert(names::X_DEAD_LETTER_TIME, "2026-12-05T07:30:00Z");
+        headers.insert(names::X_ORIGINAL_ATTEMPTS, HeaderValue::Int(10));
+        headers.insert(names::X_ORIGINAL_EXPIRATION, HeaderValue::Int(60_000));
+        headers.insert(names::ATTEMPTS, HeaderValue::Int(2));
+        headers.insert(names::DELAY, HeaderValue::Int(1000));
+        message
+    }
+
     /// Found by the `outside_message` fuzz target: a copy kept another client's headers
-    /// up to the wire limit, and the runtime's own headers then took it past it.
+    /// up to the wire limit, and the runtime's own headers then took it past it; and
+    /// outside `x_` headers under 4 KiB were kept as if the runtime had written them.
     #[test]
     fn a_copy_keeps_room_for_the_runtimes_own_headers() {
         let crowded = [
@@ -706,30 +770,48 @@ mod tests {
                     HeaderValue::from("w".repeat(4000)),
                 )
             })),
+            // Many small headers, whose encoding takes more than their bytes.
+            Headers::from_pairs((0..16_384).map(|i| (format!("{i:04x}"), HeaderValue::from("")))),
         ];
         for headers in crowded {
             let mut message = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
             message.id = String::new();
-            let dropped = message.make_republishable();
-            assert!(!dropped.is_empty());
-            assert!(
-                message.headers.byte_size() + RUNTIME_HEADER_ROOM <= MAX_HEADER_BYTES,
-                "{} bytes kept",
-                message.headers.byte_size()
-            );
+            assert!(!message.make_republishable().is_empty());
             assert!(message.headers.contains(names::X_ORIGINAL_MESSAGE_ID));
+            let mut copy = with_the_runtimes_records(message);
+            let size = copy.headers.byte_size();
+            assert!(size <= MAX_HEADER_BYTES, "{size} bytes");
+            // Failing again in its dead-letter queue, it keeps all it has.
+            assert_eq!(copy.make_republishable(), Vec::<String>::new());
         }
-        // A published message at its limit, with what publishing adds, loses nothing.
+    }
+
+    /// What a publisher may send, with what publishing and then a dead letter add,
+    /// loses nothing and stays within the wire limit; the encoding of many small
+    /// headers counts against the publisher's limit.
+    #[test]
+    fn a_published_message_at_its_limit_keeps_every_header_on_a_copy() {
+        let overhead = Headers::from_pairs([("note", HeaderValue::from(""))]).byte_size();
         let mut published = Headers::from_pairs([(
             "note",
-            HeaderValue::from("p".repeat(MAX_PUBLISHED_HEADER_BYTES - 4)),
+            HeaderValue::from("p".repeat(MAX_PUBLISHED_HEADER_BYTES - overhead)),
         )]);
         published.validate_for_publish().unwrap();
         published.insert(names::TIMESTAMP, HeaderValue::Int(1));
         published.insert("traceparent", HeaderValue::from("t".repeat(55)));
         published.insert("tracestate", HeaderValue::from("s".repeat(512)));
         let mut message = Message::from_bytes(b"{}".to_vec(), published, "application/json");
-        assert!(message.make_republishable().is_empty());
+        assert_eq!(message.make_republishable(), Vec::<String>::new());
+        let copy = with_the_runtimes_records(message);
+        assert!(copy.headers.byte_size() <= MAX_HEADER_BYTES);
+
+        let small =
+            Headers::from_pairs((0..16_384).map(|i| (format!("{i:04x}"), HeaderValue::from(""))));
+        let err = small.validate_for_publish().unwrap_err();
+        assert!(err.message().contains("more than the 49152"), "{err}");
+        // A message id a driver cannot carry is refused on publish, not dropped later.
+        let long_id = Headers::from_pairs([("message_id", HeaderValue::from("i".repeat(300)))]);
+        assert!(long_id.validate_for_publish().is_err());
     }
 
     #[test]

@@ -218,7 +218,10 @@ impl FailurePath {
         // Past the last attempt, or a retry copy the driver refused as it is: the
         // dead-letter queue, if there is one.
         let why = match &refused {
-            Some(e) => format!("{reason} (and it cannot be retried: {e})"),
+            Some(e) => crate::truncate(
+                &format!("{reason} (and it cannot be retried: {e})"),
+                MAX_REASON_BYTES,
+            ),
             None => reason.clone(),
         };
         match &self.exhausted {
