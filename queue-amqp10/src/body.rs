@@ -512,7 +512,8 @@ mod tests {
         // Nothing reads it: the runtime's decoding refuses it, and dead-letters it.
         let kept = body_bytes(value_body(&alike)).0;
         let delivered = queue_core::Message::from_bytes(kept, Default::default(), AMQP_ENCODED);
-        assert!(delivered.decode().is_err());
+        let err = delivered.decode().unwrap_err();
+        assert!(err.message().contains("which no codec reads"), "{err}");
     }
 
     #[test]

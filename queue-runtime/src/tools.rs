@@ -339,8 +339,8 @@ pub async fn replay(
 mod tests {
     use super::*;
 
-    /// `peek` shows each body as the handler would get it, and text that is not UTF-8
-    /// (or a body nothing reads) as text, not as a list of byte values.
+    /// `peek` shows each body as it decodes, and text that is not UTF-8 (or a body
+    /// nothing reads) as text, not as a list of byte values.
     #[test]
     fn bodies_are_shown_as_handlers_read_them() {
         let body = |bytes: &[u8], content_type: &str| {

@@ -601,6 +601,8 @@ fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawns");
+    // Killed if an assertion below fails first.
+    let child = Spawned::from(child);
     wait_for_metrics(port, "the server", |_| true);
     let status = |parts: &[&str]| raw_request(port, parts);
     assert_eq!(

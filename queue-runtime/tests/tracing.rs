@@ -564,6 +564,8 @@ fn a_message_pika_published_with_a_traceparent_continues_its_trace() {
     .spawn()
     .expect("the runtime starts");
     let stderr = child.stderr.take().expect("stderr");
+    // Killed if an assertion below fails first.
+    let child = Spawned::from(child);
     let (tx, lines) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         // Read to the end, even once nobody listens: the runtime never blocks on it.
