@@ -70,7 +70,7 @@ impl Input<'_> {
 }
 
 /// The message `data` describes.
-pub fn message(data: &[u8]) -> Message {
+fn message(data: &[u8]) -> Message {
     let mut input = Input { data, pos: 0 };
     let mut headers = Headers::new();
     for _ in 0..input.byte() % 8 {
@@ -109,6 +109,29 @@ pub fn message(data: &[u8]) -> Message {
         headers,
         content_type,
         body,
+    }
+}
+
+/// One fuzz input as a run: its first byte chooses the attempts (1 to 3) and whether
+/// the driver refuses the retry copy (then the dead letter's reason names why, at
+/// length); the rest is the message.
+pub struct Case {
+    /// The message as another client sent it.
+    pub message: Message,
+    /// The queue's `max_attempts`.
+    pub max_attempts: u32,
+    /// Whether the driver refuses a copy for another attempt, as it refuses one it
+    /// cannot carry.
+    pub refuse_retries: bool,
+}
+
+/// The run `data` describes.
+pub fn case(data: &[u8]) -> Case {
+    let first = data.first().copied().unwrap_or(0);
+    Case {
+        message: message(data.get(1..).unwrap_or_default()),
+        max_attempts: u32::from(first % 3) + 1,
+        refuse_retries: (first / 3) % 2 == 1,
     }
 }
 
@@ -158,6 +181,8 @@ end
 #[derive(Default)]
 struct StrictDriver {
     published: Mutex<Vec<(QueueId, Message)>>,
+    /// A queue whose copies it refuses, with an error longer than a reason may be.
+    refusing: Mutex<Option<QueueId>>,
 }
 
 #[async_trait::async_trait]
@@ -182,6 +207,12 @@ impl Driver for StrictDriver {
     }
 
     async fn publish(&self, queue: &QueueId, copy: Message) -> Result<()> {
+        if self.refusing.lock().unwrap().as_ref() == Some(queue) {
+            return Err(queue_core::Error::invalid(format!(
+                "this copy cannot be carried: {}",
+                "why ".repeat(5_000)
+            )));
+        }
         let headers = &copy.headers;
         assert!(headers.byte_size() <= queue_core::MAX_HEADER_BYTES);
         assert!(headers.iter().all(|(k, _)| !k.is_empty() && k.len() <= 255));
@@ -246,7 +277,13 @@ impl World {
 
     /// Runs one outside message through decode, handler and failure path, checking
     /// what must hold; panics when it does not.
-    pub async fn run(&self, message: Message, max_attempts: u32) {
+    pub async fn run(&self, case: Case) {
+        let Case {
+            message,
+            max_attempts,
+            refuse_retries,
+        } = case;
+        *self.driver.refusing.lock().unwrap() = refuse_retries.then(|| self.queue.clone());
         let payload = self.host.decode_payload(&message);
         let reason = match payload {
             Err(e) => {
@@ -310,5 +347,18 @@ impl World {
             &self.queue
         };
         assert_eq!(&published[0].0, expected);
+        if disposition == Disposition::DeadLettered {
+            // The reason the runtime wrote, however long the driver's refusal was.
+            let reason = published[0]
+                .1
+                .headers
+                .get(queue_core::names::X_DEAD_LETTER_REASON);
+            let reason = reason.and_then(|r| r.as_str()).expect("a reason");
+            assert!(
+                reason.len() <= queue_core::retry::MAX_REASON_BYTES,
+                "{}",
+                reason.len()
+            );
+        }
     }
 }

@@ -16,7 +16,6 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let max_attempts = u32::from(data.first().copied().unwrap_or(0) % 3) + 1;
-    let message = outside_message::message(data.get(1..).unwrap_or_default());
-    WORLD.with(|(rt, world)| rt.block_on(world.run(message, max_attempts)));
+    let case = outside_message::case(data);
+    WORLD.with(|(rt, world)| rt.block_on(world.run(case)));
 });

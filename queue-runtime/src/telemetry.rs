@@ -313,8 +313,13 @@ pub fn inject(span: &tracing::Span, headers: &mut Headers) {
 /// The longest `tracestate` read or written (the W3C limit).
 const MAX_TRACESTATE_BYTES: usize = 512;
 
-/// The bytes `traceparent` and a `tracestate` of up to 512 bytes add.
-const CONTEXT_BYTES: usize = TRACEPARENT.len() + 55 + TRACESTATE.len() + MAX_TRACESTATE_BYTES;
+/// The bytes `traceparent` and a `tracestate` of up to 512 bytes add, as
+/// [`Headers::byte_size`] counts them.
+const CONTEXT_BYTES: usize = TRACEPARENT.len()
+    + 55
+    + TRACESTATE.len()
+    + MAX_TRACESTATE_BYTES
+    + 2 * queue_core::HEADER_ENTRY_BYTES;
 
 /// `messaging.system` for a driver: `rabbitmq` for the AMQP 0-9-1 driver (RabbitMQ
 /// only), the driver's kind name otherwise (`amqp10`, which may be RabbitMQ or

@@ -41,9 +41,7 @@ async fn the_outside_message_corpus_always_moves_its_failures() {
     let mut replayed = 0;
     for entry in std::fs::read_dir(&dir).expect("the committed corpus") {
         let data = std::fs::read(entry.expect("entry").path()).expect("read");
-        let max_attempts = u32::from(data.first().copied().unwrap_or(0) % 3) + 1;
-        let message = outside_message::message(data.get(1..).unwrap_or_default());
-        world.run(message, max_attempts).await;
+        world.run(outside_message::case(&data)).await;
         replayed += 1;
     }
     assert!(replayed >= 2, "corpus has {replayed} inputs");
