@@ -200,10 +200,7 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
         // The msgpack one never reaches a handler (its dead letter cannot be decoded
         // either): three dead letters are handled, and its own is logged as moved.
         let done = |seen: &[String]| {
-            let logs: Vec<serde_json::Value> = seen
-                .iter()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let logs = json_lines(seen);
             lua_logs(&logs, "Dead letter").len() == 3
                 && seen.iter().any(|l| {
                     l.contains("dead-lettered") && l.contains(&ids["json sent as msgpack"])
@@ -220,14 +217,9 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
                 });
             seen.push(line);
         }
-        signal(&child, "TERM");
-        let out = wait_with_timeout(child, Duration::from_secs(60));
-        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        stop_cleanly(child, name);
         seen.extend(lines.try_iter());
-        let logs: Vec<serde_json::Value> = seen
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let logs = json_lines(&seen);
         let context = format!("{name}:\n{}", seen.join("\n"));
 
         // Two attempts each, no more: nothing is redelivered in a loop.
@@ -338,10 +330,7 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
         .expect("run Qpid Proton's Python client");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     let done = |seen: &[String]| {
-        let logs: Vec<serde_json::Value> = seen
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let logs = json_lines(seen);
         lua_logs(&logs, "Handled").len() == 2
             && seen
                 .iter()
@@ -359,13 +348,8 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
         }
         seen.push(line);
     }
-    signal(&child, "TERM");
-    let out = wait_with_timeout(child, Duration::from_secs(60));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let logs: Vec<serde_json::Value> = seen
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    stop_cleanly(child, "the runtime");
+    let logs = json_lines(&seen);
     let context = seen.join("\n");
     let handled = lua_logs(&logs, "Handled");
     let by_id = |id: &str| {
@@ -461,13 +445,8 @@ fn bodies_without_a_codec_content_type_reach_handlers_as_json_or_text() {
         collect_until(&lines, &mut seen, |logs| {
             lua_logs(logs, "Handled").len() == 6 && dead_lettered(logs)
         });
-        signal(&child, "TERM");
-        let out = wait_with_timeout(child, Duration::from_secs(60));
-        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
-        let logs: Vec<serde_json::Value> = seen
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        stop_cleanly(child, name);
+        let logs = json_lines(&seen);
         let context = format!("{name}:\n{}", seen.join("\n"));
         let handled = lua_logs(&logs, "Handled");
         let got = |id: &str| {
@@ -621,9 +600,14 @@ fn handles_what_a_script_publishes(
         .expect("run the publishing script");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     collect_until(&lines, &mut seen, done);
+    stop_cleanly(child, "the runtime");
+}
+
+/// Stops the runtime with SIGTERM: it must end cleanly within a minute.
+fn stop_cleanly(child: Spawned, what: &str) {
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(60));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{what}: {}", text(&out.stderr));
 }
 
 /// The runtime binary consuming `queue` through `driver` (an entry of [`DRIVERS`])
@@ -676,10 +660,7 @@ fn collect_until(
 ) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let logs: Vec<serde_json::Value> = seen
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let logs = json_lines(seen);
         if done(&logs) {
             return;
         }

@@ -48,6 +48,14 @@ pub fn json_logs(stderr: &[u8]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The JSON log lines among lines read from a run with `--log-format json`.
+pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Log lines written by Lua's `logger` with this message, with their fields decoded.
 pub fn lua_logs(logs: &[serde_json::Value], message: &str) -> Vec<serde_json::Value> {
     logs.iter()
