@@ -27,6 +27,11 @@ pub enum Codec {
     MsgPack,
 }
 
+/// A content type without its parameters (`; charset=...`) and surrounding blanks.
+pub(crate) fn base_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
 /// Values nested deeper than this are refused, on encode and on decode.
 pub const MAX_DEPTH: usize = 128;
 
@@ -42,7 +47,7 @@ impl Codec {
     /// The codec for a wire content type, its parameters and letter case aside (also
     /// accepts `application/x-msgpack` and `application/vnd.msgpack`).
     pub fn from_content_type(content_type: &str) -> Option<Codec> {
-        let base = content_type.split(';').next().unwrap_or("").trim();
+        let base = base_type(content_type);
         let is = |name: &str| base.eq_ignore_ascii_case(name);
         if is("application/json") {
             Some(Codec::Json)

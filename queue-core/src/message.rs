@@ -535,27 +535,24 @@ impl Message {
         // The runtime's records on the copy (kept from an earlier failure, or written
         // after this) take at most the room kept for them; the rest is the message's own.
         let keep_to = MAX_HEADER_BYTES - RUNTIME_HEADER_ROOM;
-        let own_bytes = |headers: &Headers| -> usize {
-            headers
-                .0
-                .iter()
-                .filter(|(k, v)| !is_runtime_record(k, v))
-                .map(|(k, v)| entry_bytes(k, v))
-                .sum()
-        };
-        while own_bytes(headers) > keep_to {
-            let Some(largest) = headers
-                .0
-                .iter()
-                .filter(|(k, v)| !is_runtime_record(k, v))
-                .max_by_key(|(k, v)| k.len() + value_bytes(v))
-                .map(|(k, _)| k.clone())
-            else {
+        // Sized once, dropped largest first: a message of many small headers costs one
+        // sort, not a pass over all of them per header dropped.
+        let mut own: Vec<(usize, String)> = headers
+            .0
+            .iter()
+            .filter(|(k, v)| !is_runtime_record(k, v))
+            .map(|(k, v)| (entry_bytes(k, v), k.clone()))
+            .collect();
+        let mut own_bytes: usize = own.iter().map(|(size, _)| size).sum();
+        own.sort_unstable_by(|a, b| b.cmp(a));
+        for (size, name) in own {
+            if own_bytes <= keep_to {
                 break;
-            };
+            }
+            own_bytes -= size;
             drop_header(
                 headers,
-                &largest,
+                &name,
                 format!(
                     "the headers took more than {keep_to} bytes, the most a copy keeps beside the runtime's own"
                 ),

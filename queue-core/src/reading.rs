@@ -36,7 +36,7 @@ impl Reading {
         if let Some(codec) = Codec::from_content_type(content_type) {
             return Some(Reading::Codec(codec));
         }
-        let base = content_type.split(';').next().unwrap_or("").trim();
+        let base = crate::codec::base_type(content_type);
         let structured_json = base.contains('/') && ends_ignoring_case(base, "+json");
         if base.eq_ignore_ascii_case("text/json") || structured_json {
             return Some(Reading::Codec(Codec::Json));
