@@ -47,18 +47,51 @@ pub const SHARED_AMQP10_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
 /// Every queue on the shared node with its message count, ready plus unacknowledged,
 /// as [`PrivateNode::queue_messages`] gives it for a private node.
 pub fn shared_queue_messages() -> Result<Vec<(String, u64)>, String> {
+    let listed = shared_ctl(&LIST_QUEUE_MESSAGES)?;
+    Ok(queue_counts(&listed))
+}
+
+/// Runs `rabbitmqctl ARGS` against the shared node and returns what it printed.
+fn shared_ctl(args: &[&str]) -> Result<String, String> {
     let out = Command::new("rabbitmqctl")
-        .args(LIST_QUEUE_MESSAGES)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("rabbitmqctl: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "rabbitmqctl list_queues failed: {}",
+            "rabbitmqctl {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(queue_counts(&String::from_utf8_lossy(&out.stdout)))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A user of the shared node with every permission on vhost `/`, for one test;
+/// deleted when dropped, also when the test panics.
+///
+/// ```no_run
+/// use queue_fixtures::rabbitmq::SharedUser;
+/// let user = SharedUser::add("odd@user", "p@ss:word").expect("rabbitmqctl runs");
+/// // log in as odd@user; dropped: deleted
+/// ```
+pub struct SharedUser(String);
+
+impl SharedUser {
+    /// Adds the user; an error says what `rabbitmqctl` said.
+    pub fn add(name: &str, password: &str) -> Result<SharedUser, String> {
+        shared_ctl(&["add_user", name, password])?;
+        let user = SharedUser(name.to_string());
+        shared_ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"])?;
+        Ok(user)
+    }
+}
+
+impl Drop for SharedUser {
+    fn drop(&mut self) {
+        // Nothing to do about a failure here but leave the user behind.
+        let _ = shared_ctl(&["delete_user", &self.0]);
+    }
 }
 
 const LIST_QUEUE_MESSAGES: [&str; 5] = [

@@ -387,40 +387,6 @@ fn a_hung_broker_cannot_keep_the_runtime_from_stopping() {
     }
 }
 
-/// A RabbitMQ user of the shared node for one test, deleted when dropped (also when
-/// the test fails).
-struct TemporaryUser(String);
-
-impl TemporaryUser {
-    fn add(name: &str, password: &str) -> TemporaryUser {
-        let ctl = |args: &[&str]| {
-            let out = std::process::Command::new("rabbitmqctl")
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .expect("rabbitmqctl runs");
-            assert!(
-                out.status.success(),
-                "rabbitmqctl {args:?}: {}",
-                text(&out.stderr)
-            );
-        };
-        ctl(&["add_user", name, password]);
-        let user = TemporaryUser(name.to_string());
-        ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
-        user
-    }
-}
-
-impl Drop for TemporaryUser {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.0])
-            .stdin(std::process::Stdio::null())
-            .output();
-    }
-}
-
 /// A user name with an `@` and a space, and a password with every character RFC 3986
 /// gives a meaning to (and a space and an accent), percent-encoded in the URL as it
 /// says, log in through both drivers; the password shows in none of what `info`
@@ -429,7 +395,8 @@ fn percent_encoded_odd_credentials_log_in_through_both_drivers() {
     let id = unique();
     let user = format!("odd@us er+{id}");
     let password = "p@ss:w/rd%#?+ é[1]&=;!$'()*,";
-    let _user = TemporaryUser::add(&user, password);
+    let _user = queue_fixtures::rabbitmq::SharedUser::add(&user, password)
+        .expect("rabbitmqctl adds the user");
     let user = format!("odd%40us%20er+{id}");
     let encoded = "p%40ss%3Aw%2Frd%25%23%3F%2B%20%C3%A9%5B1%5D%26%3D%3B%21%24%27%28%29%2A%2C";
     for (kind, vhost, extra) in [
