@@ -561,6 +561,28 @@ impl Message {
         dropped
     }
 
+    /// [`Message::make_republishable`], with what it dropped noted on the message in
+    /// [`names::X_DROPPED_HEADERS`] (cut to [`crate::retry::MAX_REASON_BYTES`]), as
+    /// every copy the runtime publishes again carries it. Returns the note, if any.
+    ///
+    /// ```
+    /// use queue_core::{HeaderValue, Headers, Message, names};
+    /// let headers = Headers::from_pairs([("priority", HeaderValue::from("urgent"))]);
+    /// let mut message = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+    /// let note = message.make_republishable_noting().expect("priority was dropped");
+    /// assert!(note.contains("must be 0..9"), "{note}");
+    /// assert!(message.headers.contains(names::X_DROPPED_HEADERS));
+    /// ```
+    pub fn make_republishable_noting(&mut self) -> Option<String> {
+        let dropped = self.make_republishable();
+        if dropped.is_empty() {
+            return None;
+        }
+        let note = truncate(&dropped.join("; "), crate::retry::MAX_REASON_BYTES);
+        self.headers.insert(names::X_DROPPED_HEADERS, note.clone());
+        Some(note)
+    }
+
     /// Decodes the body by its content type: a codec's (or any JSON type) strictly,
     /// malformed bytes being `INVALID`; `text/*` as a string; no content type, or
     /// `application/octet-stream`, as a JSON object or array when it is one, else as a

@@ -153,11 +153,8 @@ impl FailurePath {
         // The broker's count is of this delivery's message; a copy starts uncounted
         // (drivers that do not map it, like the memory driver, would carry it on).
         copy.headers.remove(names::X_DELIVERY_COUNT);
-        let dropped = copy.make_republishable();
-        if !dropped.is_empty() {
-            let note = crate::truncate(&dropped.join("; "), MAX_REASON_BYTES);
+        if let Some(note) = copy.make_republishable_noting() {
             tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
-            copy.headers.insert(names::X_DROPPED_HEADERS, note);
         }
         let says_dead_letter = copy.headers.contains(names::X_DEAD_LETTER_REASON);
         let is_dead_letter = match self.exhausted {

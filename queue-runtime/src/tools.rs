@@ -225,11 +225,7 @@ pub fn revived(dead: &Message) -> Message {
     if let Some(ttl) = expiration {
         copy.headers.insert(names::EXPIRATION, ttl);
     }
-    let dropped = copy.make_republishable();
-    if !dropped.is_empty() {
-        let note = queue_core::truncate(&dropped.join("; "), queue_core::retry::MAX_REASON_BYTES);
-        copy.headers.insert(names::X_DROPPED_HEADERS, note);
-    }
+    copy.make_republishable_noting();
     copy
 }
 
