@@ -237,6 +237,22 @@ impl Amqp091Config {
         {
             return Err(field_error("tls", "cert_file and key_file go together"));
         }
+        // lapin speaks TLS only to `amqps://`: a `tls:` block beside an `amqp://` URL
+        // (a typo, one plain node in a cluster's list) would log in in cleartext.
+        if self.tls.is_some()
+            && let Some(i) = endpoints
+                .iter()
+                .position(|e| !matches!(e.uri.scheme, AMQPScheme::AMQPS))
+        {
+            let which = match endpoints.len() {
+                1 => "the url".to_string(),
+                _ => format!("{} ({})", self.url_field(i), endpoints[i].shown),
+            };
+            return Err(field_error(
+                "tls",
+                &format!("is set but {which} is not amqps://: the password would go in cleartext"),
+            ));
+        }
         Ok(())
     }
 
@@ -382,6 +398,34 @@ mod tests {
             let err = Amqp091Config::from_json(bad.clone()).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{bad}: {err}");
         }
+    }
+
+    // Without the feature, any `tls:` block is refused (`amqps_without_the_feature_says_so`).
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_tls_block_beside_a_plain_url_is_refused_rather_than_logging_in_in_cleartext() {
+        let tls = json!({"ca_file": "ca.pem"});
+        for (urls, named) in [
+            (json!("amqp://app:hunter2@127.0.0.1:5671"), "the url"),
+            (
+                json!([
+                    "amqps://app:hunter2@127.0.0.1:5671",
+                    "amqp://app:hunter2@127.0.0.1:5672"
+                ]),
+                "url[1]",
+            ),
+        ] {
+            let err = Amqp091Config::from_json(json!({"url": urls, "tls": tls})).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains("is not amqps://") && shown.contains(named),
+                "{shown}"
+            );
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        let secured = json!({"url": "amqps://app:hunter2@127.0.0.1:5671", "tls": tls});
+        Amqp091Config::from_json(secured).expect("amqps:// with a tls block");
     }
 
     #[test]
