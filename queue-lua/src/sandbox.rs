@@ -321,8 +321,14 @@ pub(crate) fn read_only(lua: &Lua, name: &str, table: Table) -> mlua::Result<Tab
             Err(mlua::Error::runtime(message.clone()))
         })?,
     )?;
+    // The iterator closes over the table: `pairs` returns its state to the caller,
+    // so a state of `t` would hand out the writable table behind the proxy.
     let pairs = lua
-        .load("local next, t = ... return function() return next, t, nil end")
+        .load(
+            "local next, t = ... \
+             local function step(_, key) return next(t, key) end \
+             return function() return step, nil, nil end",
+        )
         .set_name("=sandbox")
         .call::<Function>((lua.globals().raw_get::<Function>("next")?, &table))?;
     meta.raw_set("__pairs", pairs)?;

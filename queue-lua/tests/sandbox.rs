@@ -142,7 +142,7 @@ async fn shared_tables_are_read_only_so_one_handler_cannot_fool_another() {
     let Value::Map(results) = &report else {
         panic!("{report:?}")
     };
-    assert_eq!(results.len(), 9, "{report:?}");
+    assert_eq!(results.len(), 11, "{report:?}");
     for (what, result) in results {
         assert_eq!(result, &Value::from("refused"), "{what} was changed");
     }

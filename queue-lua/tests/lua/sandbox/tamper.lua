@@ -14,9 +14,18 @@ function tamper()
   try("setmetatable queue", function() setmetatable(queue, nil) end)
   try("environment metatable", function() getmetatable(_ENV).__index.queue = {} end)
   try("coroutine.create", function() coroutine.create = nil end)
+  -- `pairs` must not hand out the table behind the read-only proxy.
+  try("pairs queue", function() local _, q = pairs(queue); q.publish = function() return true end end)
+  try("pairs string", function() local _, s = pairs(string); s.format = nil end)
   return results
 end
 
 function report(payload)
+  local listed = 0
+  for name, f in pairs(string) do
+    assert(type(name) == "string" and f ~= nil)
+    listed = listed + 1
+  end
+  assert(listed >= 10, "pairs(string) lists the string library")
   assert(queue.publish("app:emails", tamper()))
 end
