@@ -65,7 +65,7 @@ impl OptIn {
 const READ_ONLY_MARK: &str = "__queue_read_only";
 
 /// Base functions every environment gets as they are.
-const SAFE_BASE: [&str; 15] = [
+const SAFE_BASE: [&str; 14] = [
     "assert",
     "error",
     "getmetatable",
@@ -77,7 +77,6 @@ const SAFE_BASE: [&str; 15] = [
     "rawget",
     "rawlen",
     "select",
-    "setmetatable",
     "tonumber",
     "tostring",
     "type",
@@ -124,12 +123,35 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   end
 "##;
 
+/// Built from trusted code once per state: `setmetatable` refusing a metatable with a
+/// `__gc` field (any value marks the table for finalization, and a function can be put
+/// there later). Lua runs finalizers with hooks off, so no time limit stops one that
+/// loops, and on whichever coroutine the collector interrupts: another handler's, whose
+/// message and rights it would use.
+const GUARDED_SETMETATABLE: &str = r##"
+local raw_setmetatable, rawget, type, error = ...
+return function(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc finalizers are not available in the sandbox "
+      .. "(they would run outside any time limit, inside another handler's run)", 2)
+  end
+  return raw_setmetatable(t, mt)
+end
+"##;
+
 /// Built from trusted code once per state: given an environment, the `load`,
 /// `require`, `dofile` and `loadfile` that belong to it. Written in Lua so the
 /// closures hold their environment as an upvalue, which the collector can see
 /// (a Rust closure holding it would keep it alive forever).
 const ENVIRONMENT_FUNCTIONS: &str = r##"
 local raw_load, raw_loadfile, raw_require, builtin, select, error, tostring = ...
+-- What `package.loaded` holds from the start: the real libraries, which Lua's
+-- `require` would hand out by name (`_G` with the unguarded `load`, `io` without the
+-- opt-in). A name the sandbox does not give is refused, never looked up there.
+local standard = {}
+for _, name in ipairs({"_G", "package", "coroutine", "table", "io", "os", "string", "math", "utf8", "debug"}) do
+  standard[name] = true
+end
 return function(env, full_os, full_io, files)
   local function load(chunk, name, mode, ...)
     if select("#", ...) > 0 then return raw_load(chunk, name, "t", (...)) end
@@ -140,6 +162,10 @@ return function(env, full_os, full_io, files)
     local module = own[name]
     if module == nil then module = builtin[name] end
     if module ~= nil then return module end
+    if standard[name] then
+      error("require(" .. tostring(name) .. "): not available in the sandbox"
+        .. (name == "io" and " (the entry can allow it with `sandbox: { allow: [io] }`)" or ""), 2)
+    end
     if files then return raw_require(name) end
     error("require(" .. tostring(name) .. "): loading Lua files is off in the sandbox; "
       .. "the entry can allow it with `sandbox: { allow: [require] }`", 2)
@@ -213,6 +239,13 @@ impl Sandbox {
         shared.raw_set("xpcall", xpcall)?;
         shared.raw_set("_VERSION", real.raw_get::<LuaValue>("_VERSION")?)?;
         shared.raw_set("rawset", lua.create_function(guarded_rawset)?)?;
+        let setmetatable: Function = lua.load(GUARDED_SETMETATABLE).set_name("=sandbox").call((
+            real.raw_get::<Function>("setmetatable")?,
+            real.raw_get::<Function>("rawget")?,
+            real.raw_get::<Function>("type")?,
+            real.raw_get::<Function>("error")?,
+        ))?;
+        shared.raw_set("setmetatable", setmetatable)?;
         shared.raw_set(
             "collectgarbage",
             lua.create_function(limited_collectgarbage)?,

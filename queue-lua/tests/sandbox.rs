@@ -100,12 +100,12 @@ async fn the_default_sandbox_leaves_out_what_reaches_outside_the_process() {
     assert_eq!(field(&report, "collect_stop"), &Value::from("refused"));
 }
 
-#[tokio::test]
-async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
-    let h = Harness::new().await;
+/// Runs `method` of `sandbox/escapes.lua` with these opt-ins, and returns what it
+/// published to `app:emails`.
+async fn escapes_with(h: &Harness, method: &str, opt_in: &[&str]) -> Value {
     let path = lua_file("sandbox/escapes.lua");
-    let os = OptIn::parse(["os"]).unwrap();
-    let handler = h.host.handler_with(&path, "with_os", os).unwrap();
+    let opt_in = OptIn::parse(opt_in.iter().copied()).unwrap();
+    let handler = h.host.handler_with(&path, method, opt_in).unwrap();
     let message = support::json_message(Value::from("x"), Default::default());
     let payload = h.host.decode_payload(&message).unwrap();
     let context = queue_lua::DeliveryContext {
@@ -117,7 +117,13 @@ async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
         .run_handler(&handler, payload, context, SecurityContext::default())
         .await;
     assert_eq!(outcome, Outcome::Ack);
-    let report = h.take_body("app:emails").await;
+    h.take_body("app:emails").await
+}
+
+#[tokio::test]
+async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
+    let h = Harness::new().await;
+    let report = escapes_with(&h, "with_os", &["os"]).await;
     assert_eq!(field(&report, "getenv"), &Value::from("string"));
     assert_eq!(field(&report, "exit"), &Value::from("refused"));
     assert_eq!(
@@ -129,6 +135,21 @@ async fn an_entry_opts_into_os_for_its_file_only_and_never_gets_exit() {
         .await;
     let report = h.take_body("app:emails").await;
     assert_eq!(field(&report, "os_getenv"), &Value::from("nil"));
+}
+
+#[tokio::test]
+async fn requiring_files_never_hands_out_the_real_standard_library() {
+    let h = Harness::new().await;
+    let report = escapes_with(&h, "with_require", &["require"]).await;
+    for name in ["_G", "package", "debug", "io"] {
+        assert_eq!(
+            field(&report, name),
+            &Value::from("refused"),
+            "require({name})"
+        );
+    }
+    assert_eq!(field(&report, "os_exit"), &Value::from("nil"));
+    assert_eq!(field(&report, "string"), &Value::from("same"));
 }
 
 #[tokio::test]
@@ -264,4 +285,29 @@ async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
     let err = queue_lua::check_source(&source, "handle", OptIn::default()).unwrap_err();
     assert!(err.message().contains("execute"), "{err}");
     assert!(!marker.exists(), "check ran os.execute");
+}
+
+#[tokio::test]
+async fn finalizers_are_refused_as_they_would_run_outside_any_time_limit() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as(
+            "sandbox/finalizers.lua",
+            "probe",
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    for refused in ["function", "placeholder"] {
+        let Value::String(error) = field(&report, refused) else {
+            panic!("{report:?}")
+        };
+        assert!(error.contains("__gc"), "{refused}: {error}");
+    }
+    assert_eq!(field(&report, "plain"), &Value::from("allowed"));
+    let Value::String(protected) = field(&report, "protected") else {
+        panic!("{report:?}")
+    };
+    assert!(protected.contains("protected metatable"), "{protected}");
 }

@@ -30,3 +30,15 @@ function with_os()
   }
   assert(queue.publish("app:emails", out))
 end
+
+-- `allow: [require]` is for Lua files: the standard library's own modules come as
+-- the sandbox gives them, never the real ones that `package.loaded` holds.
+function with_require()
+  local out = {}
+  for _, name in ipairs({"_G", "package", "debug", "io"}) do
+    out[name] = (pcall(require, name)) and "loaded" or "refused"
+  end
+  out.os_exit = type(require("os").exit)
+  out.string = require("string") == string and "same" or "other"
+  assert(queue.publish("app:emails", out))
+end
