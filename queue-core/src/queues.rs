@@ -180,6 +180,14 @@ impl PublishRequest {
         &self.queue
     }
 
+    /// The most bytes a message to this queue may take encoded (`max_message_bytes`;
+    /// the default for a queue that is not declared, which publishing then refuses).
+    pub fn max_message_bytes(&self) -> usize {
+        self.queues
+            .get(&self.queue)
+            .map_or(DEFAULT_MAX_MESSAGE_BYTES, |r| r.settings.max_message_bytes)
+    }
+
     /// Check 4: the data must not be empty (`nil`, `""`, `{}`).
     pub fn check_body(&self, body: &Value) -> Result<()> {
         if body.is_empty_data() {

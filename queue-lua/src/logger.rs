@@ -2,7 +2,11 @@
 
 use mlua::{Lua, Table, Value as LuaValue, Variadic};
 
-use crate::value::from_lua;
+use crate::value::from_lua_within;
+
+/// The most a log line's `fields` may take (counted as a message body is): larger
+/// fields are logged as the error that says so (docs/lua-api.md, "logger").
+const MAX_FIELDS_BYTES: usize = 64 * 1024;
 
 /// Creates the (read-only) `logger` table. Works with `logger:info(...)` and
 /// `logger.info(...)`.
@@ -24,10 +28,12 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                 Some(other) => other.to_string()?,
             };
             let fields = match args.next() {
-                Some(v @ LuaValue::Table(_)) => match from_lua(&v, "fields") {
-                    Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
-                    Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
-                },
+                Some(v @ LuaValue::Table(_)) => {
+                    match from_lua_within(&v, "fields", MAX_FIELDS_BYTES) {
+                        Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
+                        Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
+                    }
+                }
                 _ => String::new(),
             };
             emit(level, &message, &fields);

@@ -6,7 +6,7 @@ use queue_core::{Error, Queues, Result};
 use crate::context::{current_delivery, current_security};
 use crate::errors::LuaError;
 use crate::message::LuaMessage;
-use crate::value::{from_lua, headers_from_lua};
+use crate::value::{from_lua_within, headers_from_lua};
 
 type Pair = (LuaValue, Option<LuaError>);
 
@@ -115,7 +115,7 @@ fn prepare_publish(
             return Err(not_a_string);
         }
     };
-    let body = from_lua(data, "data")?;
+    let body = from_lua_within(data, "data", request.max_message_bytes())?;
     request.check_body(&body)?;
     let headers = headers_from_lua(headers)?;
     Ok((request, body, headers))

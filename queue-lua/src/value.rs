@@ -6,111 +6,192 @@ use std::ffi::c_int;
 use mlua::{Lua, Table, Value as LuaValue, ffi};
 use queue_core::{Error, HeaderValue, Headers, Item, MAX_DEPTH, Result, Tape, Value};
 
+/// The most a value converted by [`from_lua`] may take, counted as
+/// [`from_lua_within`] counts: 16 MiB.
+pub const MAX_CONVERTED_BYTES: usize = 16 * 1024 * 1024;
+
 /// Converts a Lua value into a body value. Tables with keys exactly `1..n` are arrays,
 /// tables with string keys maps, and an empty table an empty map; strings that are not
 /// UTF-8 become bytes. Functions, userdata, threads, cycles, mixed keys and nesting
-/// deeper than [`MAX_DEPTH`] are `INVALID`, naming the path (`data.items[3].cb`).
+/// deeper than [`MAX_DEPTH`] are `INVALID`, naming the path (`data.items[3].cb`), and
+/// so is a value larger than [`MAX_CONVERTED_BYTES`] ([`from_lua_within`]).
 pub fn from_lua(value: &LuaValue, root: &str) -> Result<Value> {
-    let mut path = root.to_string();
-    let mut open_tables = Vec::new();
-    convert(value, &mut path, &mut open_tables)
+    from_lua_within(value, root, MAX_CONVERTED_BYTES)
 }
 
-fn convert(
-    value: &LuaValue,
-    path: &mut String,
-    open: &mut Vec<*const std::ffi::c_void>,
-) -> Result<Value> {
-    match value {
-        LuaValue::Nil => Ok(Value::Nil),
-        LuaValue::Boolean(b) => Ok(Value::Bool(*b)),
-        LuaValue::Integer(i) => Ok(Value::Int(*i)),
-        LuaValue::Number(n) => Ok(Value::Float(*n)),
-        LuaValue::String(s) => Ok(match s.to_str() {
-            Ok(text) => Value::String(text.to_string()),
-            Err(_) => Value::Bytes(s.as_bytes().to_vec()),
-        }),
-        LuaValue::Table(t) => table(t, path, open),
-        other => Err(Error::invalid(format!(
-            "{path} is a {}, which cannot be sent in a message",
-            other.type_name()
-        ))),
-    }
+/// [`from_lua`] for a value that may take at most `max_bytes`: every string and key
+/// counts its bytes, every value one more, so that no codec encodes a value in fewer
+/// bytes than it counts. A table referred to twice counts twice, as it is converted
+/// (and encoded) twice: without the bound, a few kilobytes of Lua (`t = {t, t}` forty
+/// times) would ask for terabytes.
+///
+/// ```
+/// let lua = mlua::Lua::new();
+/// let shared: mlua::Value = lua
+///     .load("local t = {'x'} for i = 1, 40 do t = {t, t} end return t")
+///     .eval()
+///     .unwrap();
+/// let err = queue_lua::value::from_lua_within(&shared, "data", 1024).unwrap_err();
+/// assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+/// ```
+pub fn from_lua_within(value: &LuaValue, root: &str, max_bytes: usize) -> Result<Value> {
+    let mut conversion = Conversion {
+        path: root.to_string(),
+        open: Vec::new(),
+        left: max_bytes,
+        max_bytes,
+    };
+    conversion.convert(value)
 }
 
-fn table(t: &Table, path: &mut String, open: &mut Vec<*const std::ffi::c_void>) -> Result<Value> {
-    let ptr = t.to_pointer();
-    if open.contains(&ptr) {
-        return Err(Error::invalid(format!(
-            "{path} refers back to a table that contains it (a cycle)"
-        )));
+/// One conversion's state: where it is, the tables it is inside (for cycles), and the
+/// bytes it may still take.
+struct Conversion {
+    path: String,
+    open: Vec<*const std::ffi::c_void>,
+    left: usize,
+    max_bytes: usize,
+}
+
+impl Conversion {
+    /// Takes `bytes` of what the value may take, or says it is too large.
+    fn take(&mut self, bytes: usize) -> Result<()> {
+        match self.left.checked_sub(bytes.saturating_add(1)) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(Error::invalid(format!(
+                "{} takes more than {} bytes (every string and value counted, a table once \
+                 for each place that refers to it)",
+                self.path, self.max_bytes
+            ))),
+        }
     }
-    if open.len() >= MAX_DEPTH {
-        return Err(Error::invalid(format!(
-            "{path} is nested deeper than {MAX_DEPTH} levels"
-        )));
+
+    fn convert(&mut self, value: &LuaValue) -> Result<Value> {
+        match value {
+            LuaValue::Nil => Ok(Value::Nil),
+            LuaValue::Boolean(b) => {
+                self.take(0)?;
+                Ok(Value::Bool(*b))
+            }
+            LuaValue::Integer(i) => {
+                self.take(0)?;
+                Ok(Value::Int(*i))
+            }
+            LuaValue::Number(n) => {
+                self.take(0)?;
+                Ok(Value::Float(*n))
+            }
+            LuaValue::String(s) => {
+                let bytes = s.as_bytes();
+                self.take(bytes.len())?;
+                Ok(match std::str::from_utf8(&bytes) {
+                    Ok(text) => Value::String(text.to_string()),
+                    Err(_) => Value::Bytes(bytes.to_vec()),
+                })
+            }
+            LuaValue::Table(t) => {
+                self.take(0)?;
+                self.table(t)
+            }
+            other => Err(Error::invalid(format!(
+                "{} is a {}, which cannot be sent in a message",
+                self.path,
+                other.type_name()
+            ))),
+        }
     }
-    let mut ints: Vec<(i64, LuaValue)> = Vec::new();
-    let mut strings: Vec<(String, LuaValue)> = Vec::new();
-    for pair in t.pairs::<LuaValue, LuaValue>() {
-        let (key, value) = pair.map_err(|e| Error::invalid(format!("{path}: {e}")))?;
-        match key {
-            LuaValue::Integer(i) => ints.push((i, value)),
-            LuaValue::String(s) => match s.to_str() {
-                Ok(k) => strings.push((k.to_string(), value)),
-                Err(_) => {
+
+    fn table(&mut self, t: &Table) -> Result<Value> {
+        let ptr = t.to_pointer();
+        if self.open.contains(&ptr) {
+            return Err(Error::invalid(format!(
+                "{} refers back to a table that contains it (a cycle)",
+                self.path
+            )));
+        }
+        if self.open.len() >= MAX_DEPTH {
+            return Err(Error::invalid(format!(
+                "{} is nested deeper than {MAX_DEPTH} levels",
+                self.path
+            )));
+        }
+        let path = &self.path;
+        let mut ints: Vec<(i64, LuaValue)> = Vec::new();
+        let mut strings: Vec<(String, LuaValue)> = Vec::new();
+        for pair in t.pairs::<LuaValue, LuaValue>() {
+            let (key, value) = pair.map_err(|e| Error::invalid(format!("{path}: {e}")))?;
+            match key {
+                LuaValue::Integer(i) => ints.push((i, value)),
+                LuaValue::String(s) => match s.to_str() {
+                    Ok(k) => strings.push((k.to_string(), value)),
+                    Err(_) => {
+                        return Err(Error::invalid(format!(
+                            "{path} has a key that is not UTF-8"
+                        )));
+                    }
+                },
+                other => {
                     return Err(Error::invalid(format!(
-                        "{path} has a key that is not UTF-8"
+                        "{path} has a {} key: table keys must be strings, or exactly 1..n for a list",
+                        other.type_name()
                     )));
                 }
-            },
-            other => {
+            }
+        }
+        if !ints.is_empty() && !strings.is_empty() {
+            return Err(Error::invalid(format!(
+                "{path} mixes list entries and named keys: use one or the other"
+            )));
+        }
+        if strings.is_empty() && !ints.is_empty() {
+            ints.sort_by_key(|(i, _)| *i);
+            let is_sequence = ints
+                .iter()
+                .enumerate()
+                .all(|(pos, (i, _))| *i == pos as i64 + 1);
+            if !is_sequence {
                 return Err(Error::invalid(format!(
-                    "{path} has a {} key: table keys must be strings, or exactly 1..n for a list",
-                    other.type_name()
+                    "{path} has integer keys that are not exactly 1..n: a list cannot have holes"
                 )));
             }
         }
+        self.open.push(ptr);
+        let converted = self.entries(ints, strings);
+        self.open.pop();
+        converted
     }
-    if !ints.is_empty() && !strings.is_empty() {
-        return Err(Error::invalid(format!(
-            "{path} mixes list entries and named keys: use one or the other"
-        )));
-    }
-    open.push(ptr);
-    let result = if strings.is_empty() && !ints.is_empty() {
-        ints.sort_by_key(|(i, _)| *i);
-        let is_sequence = ints
-            .iter()
-            .enumerate()
-            .all(|(pos, (i, _))| *i == pos as i64 + 1);
-        if !is_sequence {
-            open.pop();
-            return Err(Error::invalid(format!(
-                "{path} has integer keys that are not exactly 1..n: a list cannot have holes"
-            )));
+
+    /// Converts a table's entries, all list entries or all named ones (checked).
+    fn entries(
+        &mut self,
+        ints: Vec<(i64, LuaValue)>,
+        strings: Vec<(String, LuaValue)>,
+    ) -> Result<Value> {
+        if strings.is_empty() && !ints.is_empty() {
+            let mut items = Vec::with_capacity(ints.len());
+            for (i, v) in &ints {
+                let len = self.path.len();
+                self.path.push_str(&format!("[{i}]"));
+                let item = self.convert(v);
+                self.path.truncate(len);
+                items.push(item?);
+            }
+            return Ok(Value::Array(items));
         }
-        let mut items = Vec::with_capacity(ints.len());
-        for (i, v) in &ints {
-            let len = path.len();
-            path.push_str(&format!("[{i}]"));
-            items.push(convert(v, path, open)?);
-            path.truncate(len);
-        }
-        Value::Array(items)
-    } else {
         let mut map = BTreeMap::new();
-        for (k, v) in &strings {
-            let len = path.len();
-            path.push('.');
-            path.push_str(k);
-            map.insert(k.clone(), convert(v, path, open)?);
-            path.truncate(len);
+        for (k, v) in strings {
+            let len = self.path.len();
+            self.path.push('.');
+            self.path.push_str(&k);
+            let value = self.take(k.len()).and_then(|()| self.convert(&v));
+            self.path.truncate(len);
+            map.insert(k, value?);
         }
-        Value::Map(map)
-    };
-    open.pop();
-    Ok(result)
+        Ok(Value::Map(map))
+    }
 }
 
 /// Converts a body value into a Lua value.

@@ -144,6 +144,26 @@ async fn cycles_and_deep_nesting_are_invalid() {
 }
 
 #[tokio::test]
+async fn a_table_shared_many_times_over_is_refused_by_its_size_not_converted_for_ever() {
+    let h = Harness::new().await;
+    // A few kilobytes in Lua, 2^40 strings once every reference is followed.
+    let shared = "(function() local t = { 'x' } for i = 1, 40 do t = { t, t } end return t end)()";
+    let (kind, message) = publish_error(&h, &format!("\"app:tasks\", {shared}")).await;
+    assert_eq!(kind, "Invalid");
+    assert!(
+        message.contains("takes more than 1048576 bytes"),
+        "{message}"
+    );
+    // The logger, which needs no permission, refuses them as well.
+    let logged = h
+        .host
+        .eval(&format!("logger:info('shared', {shared}) return 'logged'"))
+        .await
+        .unwrap();
+    assert_eq!(logged, vec![Value::from("logged")]);
+}
+
+#[tokio::test]
 async fn header_values_are_checked_by_key() {
     let h = Harness::new().await;
     let cases = [
