@@ -34,6 +34,10 @@ pub struct Limits {
 impl Limits {
     /// The default memory limit: 256 MiB per Lua state.
     pub const DEFAULT_MEMORY_BYTES: usize = 256 * 1024 * 1024;
+    /// The least memory limit a state takes: 1 MiB. A state with its modules and
+    /// sandbox holds a few hundred KiB before any handler runs, and mlua reads a
+    /// limit of 0 as no limit at all.
+    pub const MIN_MEMORY_BYTES: usize = 1024 * 1024;
 }
 
 impl Default for Limits {
@@ -139,12 +143,20 @@ impl LuaHost {
         LuaHost::with_limits(queues, chunk_security, Limits::default())
     }
 
-    /// [`LuaHost::new`] with other limits.
+    /// [`LuaHost::new`] with other limits; a memory limit below
+    /// [`Limits::MIN_MEMORY_BYTES`] is `INVALID`.
     pub fn with_limits(
         queues: Queues,
         chunk_security: SecurityContext,
         limits: Limits,
     ) -> Result<LuaHost> {
+        if limits.memory_bytes < Limits::MIN_MEMORY_BYTES {
+            return Err(Error::invalid(format!(
+                "a Lua state's memory limit must be at least {} bytes (1 MiB), not {}",
+                Limits::MIN_MEMORY_BYTES,
+                limits.memory_bytes
+            )));
+        }
         let lua = Lua::new();
         // First, so that every coroutine inherits the hook.
         let clock = Clock::install(&lua)

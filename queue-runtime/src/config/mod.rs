@@ -233,7 +233,18 @@ fn merge(
                 config.entries.extend(entries.0);
                 errors.extend(entries.1);
                 config.strict_mode |= settings.strict;
-                if let Some((limit, line)) = settings.lua_memory_limit {
+                if let Some((limit, line)) = settings.lua_memory_limit
+                    && limit < queue_lua::Limits::MIN_MEMORY_BYTES
+                {
+                    errors.push(ConfigError {
+                        file: path.clone(),
+                        line,
+                        field: Some("lua.memory_limit".to_string()),
+                        message: format!(
+                            "must be at least 1MiB, not {limit} bytes: a Lua state needs a few hundred KiB to start, and to the Lua library 0 means no limit at all"
+                        ),
+                    });
+                } else if let Some((limit, line)) = settings.lua_memory_limit {
                     match config.lua_memory_limit {
                         Some(earlier) if earlier != limit => errors.push(ConfigError {
                             file: path.clone(),
@@ -549,6 +560,20 @@ mod tests {
         let path = PathBuf::from(format!("/proc/self/fd/{}", pipe.as_raw_fd()));
         assert!(load(&[path]).is_ok());
         let _ = writer.wait();
+    }
+
+    #[test]
+    fn a_lua_memory_limit_below_one_mib_is_refused_as_zero_would_mean_none() {
+        for limit in ["0", "0MiB", "512KiB"] {
+            let e = single_error(&format!(
+                "namespace: app\nlua:\n  memory_limit: {limit}\nentries: []\n"
+            ));
+            assert_eq!(e.field.as_deref(), Some("lua.memory_limit"), "{e:?}");
+            assert_eq!(e.line, 3, "{e:?}");
+            assert!(e.message.contains("at least 1MiB"), "{limit}: {e:?}");
+        }
+        let fine = load_text("namespace: app\nlua:\n  memory_limit: 1MiB\nentries: []\n").unwrap();
+        assert_eq!(fine.lua_memory_limit, Some(1024 * 1024));
     }
 
     #[test]
