@@ -28,13 +28,24 @@ pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Interpolated, (usize, String)> {
-    interpolate_with(text, &lookup)
+    interpolate_with(text, &lookup, 0)
 }
+
+/// How deep defaults may nest (`${A:-${B:-...}}`): each level is a recursion, and a
+/// few hundred kilobytes of `${X:-` would otherwise overflow the stack.
+const MAX_NESTING: usize = 16;
 
 fn interpolate_with(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
+    nesting: usize,
 ) -> Result<Interpolated, (usize, String)> {
+    if nesting > MAX_NESTING {
+        return Err((
+            1,
+            format!("${{...}} defaults nest deeper than {MAX_NESTING} levels"),
+        ));
+    }
     let mut out = Interpolated {
         text: String::with_capacity(text.len()),
         lines: vec![1],
@@ -57,7 +68,8 @@ fn interpolate_with(
         let Some(end) = closing_brace(body_start) else {
             return Err((line, "unclosed ${ in configuration".to_string()));
         };
-        let value = resolve(&body_start[..end], lookup).map_err(|message| (line, message))?;
+        let value =
+            resolve(&body_start[..end], lookup, nesting).map_err(|message| (line, message))?;
         // A value's own newlines belong to the line of its reference.
         for c in value.chars() {
             out.text.push(c);
@@ -98,7 +110,11 @@ fn closing_brace(body: &str) -> Option<usize> {
 }
 
 /// The value of one reference body (`NAME` or `NAME:-default`).
-fn resolve(body: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn resolve(
+    body: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    nesting: usize,
+) -> Result<String, String> {
     let (name, default) = match body.split_once(":-") {
         Some((name, default)) => (name, Some(default)),
         None => (body, None),
@@ -112,7 +128,7 @@ fn resolve(body: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
     }
     match (lookup(name), default) {
         (Some(value), _) => Ok(value),
-        (None, Some(default)) => interpolate_with(default, lookup)
+        (None, Some(default)) => interpolate_with(default, lookup, nesting + 1)
             .map(|d| d.text)
             .map_err(|(_, message)| message),
         (None, None) => Err(format!(
@@ -131,6 +147,28 @@ mod tests {
             "CERT" => Some("line one\nline two\nline three".to_string()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn defaults_nested_past_sixteen_levels_are_an_error_not_a_stack_overflow() {
+        let nested = |depth: usize| {
+            format!(
+                "# comment\nurl: {}x{}\n",
+                "${UNSET:-".repeat(depth),
+                "}".repeat(depth)
+            )
+        };
+        assert_eq!(
+            interpolate(&nested(16), env).unwrap().text,
+            "# comment\nurl: x\n"
+        );
+        let (line, message) = interpolate(&nested(17), env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(message.contains("deeper than 16 levels"), "{message}");
+        // The bomb: 30,000 levels, about 300 KB.
+        let (line, message) = interpolate(&nested(30_000), env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(message.contains("deeper than 16 levels"), "{message}");
     }
 
     #[test]
