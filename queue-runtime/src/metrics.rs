@@ -73,9 +73,57 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Most connections the metrics server holds at once; more are closed on accept, so a
-/// flood cannot take the process's file descriptors.
+/// Most connections the metrics server holds at once, so a flood cannot take the
+/// process's file descriptors. Past it, a new connection takes the place of the one
+/// that has waited longest without sending a request ([`Waiting`]).
 const MAX_CONNECTIONS: usize = 64;
+
+/// How long a new connection waits for the place of an evicted one.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The connections that have not sent a request yet, oldest first. A probe sends its
+/// request as soon as it connects; what waits is idle or slow (a flood). Closing the
+/// oldest of these for a new connection keeps `/health` answering while a flood holds
+/// every slot, where closing the new one would fail the probe, and a liveness probe
+/// that fails has the orchestrator restart a healthy process.
+#[derive(Default)]
+struct Waiting {
+    connections: std::sync::Mutex<std::collections::VecDeque<Accepted>>,
+}
+
+/// One accepted connection: whether its request has arrived, and how to close it.
+struct Accepted {
+    requested: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Waiting {
+    fn add(&self, accepted: Accepted) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|c| !c.done());
+        connections.push_back(accepted);
+    }
+
+    /// Closes the oldest connection still waiting for its request; false if none is.
+    fn evict_oldest(&self) -> bool {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|c| !c.done());
+        match connections.pop_front() {
+            Some(oldest) => {
+                oldest.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Accepted {
+    /// Served, or being served: no longer the server's to close.
+    fn done(&self) -> bool {
+        self.task.is_finished() || self.requested.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 /// How long a client may take to send its request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,8 +131,9 @@ const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves `GET /metrics`, `GET /health` and `GET /ready` on an address until the task
 /// is dropped,
 /// with hyper: whole requests however they are split into packets, query strings
-/// ignored, 405 for other methods, at most `MAX_CONNECTIONS` at once, and a pause
-/// (not a spin) when accepting fails, as it does when file descriptors run out.
+/// ignored, 405 for other methods, at most `MAX_CONNECTIONS` at once (a new one in
+/// place of the oldest that sent no request), and a pause (not a spin) when accepting
+/// fails, as it does when file descriptors run out.
 pub async fn serve(
     addr: std::net::SocketAddr,
     handle: PrometheusHandle,
@@ -93,6 +142,7 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /health and /ready");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let waiting = Waiting::default();
     Ok(tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -103,13 +153,26 @@ pub async fn serve(
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                drop(stream); // over the limit: closed at once
-                continue;
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) if waiting.evict_oldest() => {
+                    // The evicted connection's task gives its slot back once aborted.
+                    let freed =
+                        tokio::time::timeout(EVICTION_WAIT, Arc::clone(&slots).acquire_owned());
+                    match freed.await {
+                        Ok(Ok(slot)) => slot,
+                        _ => continue,
+                    }
+                }
+                // Every connection is being served: closed at once.
+                Err(_) => continue,
             };
             let (handle, readiness) = (handle.clone(), readiness.clone());
-            tokio::spawn(async move {
+            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = Arc::clone(&requested);
+            let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
+                    seen.store(true, std::sync::atomic::Ordering::Relaxed);
                     let response = respond(&request, &handle, &readiness);
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
@@ -121,6 +184,10 @@ pub async fn serve(
                 // A client that stalls after its head is cut off too.
                 let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT * 2, connection).await;
                 drop(slot);
+            });
+            waiting.add(Accepted {
+                requested,
+                task: task.abort_handle(),
             });
         }
     }))

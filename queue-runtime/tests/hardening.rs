@@ -572,6 +572,64 @@ fn raw_request(port: u16, parts: &[&str]) -> String {
     response.lines().next().unwrap_or("").to_string()
 }
 
+/// A liveness probe pointed at `/health` must not fail while idle connections hold
+/// every slot (docs/operations.md, "Health"): such a flood, kept up, would have the
+/// orchestrator restart a healthy process again and again.
+#[test]
+fn a_probe_is_answered_while_idle_connections_hold_every_slot() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
+        ),
+        ("h.lua", "function handle() end\n"),
+    ]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
+        .args(["run", "--metrics-addr", &addr, "app.yaml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    let child = Spawned::from(child);
+    wait_for_metrics(port, "the server", |_| true);
+    // More idle connections than the server holds (64), opened one after the other,
+    // held open while the probes run.
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects"))
+        .collect();
+    for _ in 0..3 {
+        let answer = http_get_with_status(port, "/health");
+        assert_eq!(
+            answer.map(|(status, _)| status),
+            Some(200),
+            "the probe was refused"
+        );
+    }
+    // What made room: the connections that had waited longest without a request.
+    // Within a second: the server's own 5-second limit on a request head must not be
+    // what closed it.
+    let mut oldest = &idle[0];
+    oldest
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let read = std::io::Read::read(&mut oldest, &mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the oldest idle connection is still open: {read:?}"
+    );
+    drop(idle);
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
     let dir = app(&[
