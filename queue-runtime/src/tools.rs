@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use queue_core::names;
 use queue_core::{ConsumeOptions, Delivery, Driver, HeaderValue, Message, QueueId, Queues, Value};
-use queue_core::{Error, Result};
+use queue_core::{Error, ErrorKind, Result};
 
 /// How long a queue must stay quiet before a tool reading a driver that cannot count
 /// its messages takes it for read through.
@@ -148,7 +148,8 @@ pub async fn peek(driver: &Arc<dyn Driver>, queue: &QueueId, limit: u64) -> Resu
 
 /// Removes the messages a queue holds when it starts (acknowledges each); returns
 /// how many. With a driver that cannot count, one read: up to `MAX_HELD`, until the
-/// queue is quiet.
+/// queue is quiet. A queue with consumers is `UNAVAILABLE`: they would take some of
+/// what it counted, and it would take newer messages in their place.
 pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
     #[derive(Default)]
     struct Purge(Vec<Delivery>);
@@ -162,7 +163,18 @@ pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
             &mut self.0
         }
     }
-    let waiting = driver.info(queue).await.ok().and_then(|i| i.ready);
+    let info = driver.info(queue).await.ok();
+    if let Some(consumers) = info.as_ref().and_then(|i| i.consumers)
+        && consumers > 0
+    {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "queue {queue} has {consumers} consumer(s): purge would race them and, to make up for what they took, remove messages published after it started; stop them first"
+            ),
+        ));
+    }
+    let waiting = info.and_then(|i| i.ready);
     let mut purged = 0;
     // A queue holding more than one read takes is purged in several, each bounded by
     // what is left of the count taken at the start.
@@ -347,6 +359,32 @@ mod tests {
         assert_eq!(body(b"hello", "text/plain"), "hello");
         assert_eq!(body(b"caf\xe9", "text/plain"), "caf\u{fffd}");
         assert_eq!(body(b"<n/>", "application/xml"), "<n/>");
+    }
+
+    /// A purge racing a consumer would make up what the consumer took with messages
+    /// published after it started.
+    #[tokio::test]
+    async fn purge_refuses_a_queue_with_consumers_and_then_takes_all_it_held() {
+        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+        let queue = QueueId::parse("app:jobs").unwrap();
+        driver
+            .declare(&queue_core::QueueSpec::new(queue.clone()))
+            .await
+            .unwrap();
+        let message = || Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
+        driver
+            .publish_batch(&queue, vec![message(), message(), message()])
+            .await
+            .unwrap();
+        let consumer = driver
+            .consume(&queue, ConsumeOptions { prefetch: 1 })
+            .await
+            .unwrap();
+        let err = purge(&driver, &queue).await.unwrap_err();
+        assert_eq!(err.kind(), queue_core::ErrorKind::Unavailable, "{err}");
+        assert!(err.message().contains("1 consumer"), "{err}");
+        consumer.cancel().await.unwrap();
+        assert_eq!(purge(&driver, &queue).await.unwrap(), 3);
     }
 
     #[test]
