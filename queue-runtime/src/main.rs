@@ -317,7 +317,15 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                         .await
                         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
                 ),
-                _ => None,
+                // Asked for, and a probe pointed at it: starting without it would have
+                // the orchestrator kill the process with nothing said about why.
+                (Some(addr), None) => {
+                    return Err(format!(
+                        "cannot serve metrics on {addr}: the metrics recorder could not be installed (another one is installed in this process)"
+                    )
+                    .into());
+                }
+                (None, _) => None,
             };
             let mut options = HostOptions {
                 wait_for_brokers: true,
