@@ -231,7 +231,7 @@ fn init_logging(format: LogFormat, telemetry: Option<&queue_runtime::telemetry::
         Some(telemetry) => {
             logged.with(telemetry.layer()).init();
             tracing::info!(
-                endpoint = telemetry.endpoint(),
+                endpoint = %telemetry.endpoint(),
                 "exporting trace spans with OTLP"
             );
         }
@@ -322,8 +322,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 (Some(addr), None) => {
                     return Err(format!(
                         "cannot serve metrics on {addr}: the metrics recorder could not be installed (another one is installed in this process)"
-                    )
-                    .into());
+                    ));
                 }
                 (None, _) => None,
             };

@@ -105,7 +105,7 @@ impl Telemetry {
             .with_endpoint(endpoint.clone())
             .with_timeout(EXPORT_TIMEOUT)
             .build()
-            .map_err(|e| format!("cannot export traces to {endpoint}: {e}"))?;
+            .map_err(|e| format!("cannot export traces to {}: {e}", shown(&endpoint)))?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(resource())
@@ -114,9 +114,10 @@ impl Telemetry {
         Ok(Some(Telemetry { provider, endpoint }))
     }
 
-    /// Where spans go.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// Where spans go, as logs may show it: without a query string, which can hold a
+    /// collector's token (`?api-key=...`).
+    pub fn endpoint(&self) -> String {
+        shown(&self.endpoint)
     }
 
     /// The `tracing` layer that turns the runtime's spans into OpenTelemetry spans
@@ -486,9 +487,26 @@ impl Driver for Traced {
     }
 }
 
+/// An endpoint URL without its query string and fragment, for logs and errors.
+fn shown(endpoint: &str) -> String {
+    match endpoint.find(['?', '#']) {
+        Some(cut) => format!("{}?...", &endpoint[..cut]),
+        None => endpoint.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_is_shown_without_its_query_string() {
+        assert_eq!(
+            shown("http://127.0.0.1:4318/v1/traces?api-key=s3cret"),
+            "http://127.0.0.1:4318/v1/traces?..."
+        );
+        assert_eq!(shown("http://127.0.0.1:4318"), "http://127.0.0.1:4318");
+    }
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let vars: Vec<(String, String)> = vars
