@@ -111,14 +111,26 @@ local function xpcall(f, handler, ...)
   end
   return unless_overdue(pack(raw_xpcall(f, handle, ...)))
 end
+-- Coroutines that died on a deadline's error: one raised by the hook, where the
+-- coroutine could not yield, leaves Lua's hooks off in it for good, so closing it
+-- would run its __close handlers where no time limit reaches.
+local stopped = setmetatable({}, { __mode = "k" })
 return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   xpcall,
   function(co, ...)
     not_a_handler(co)
-    return unless_overdue(pack(raw_resume(co, ...)))
+    local results = pack(raw_resume(co, ...))
+    if not results[1] and overdue() then stopped[co] = true end
+    return unless_overdue(results)
   end,
   function(co)
     not_a_handler(co)
+    if stopped[co] then
+      -- As closing a coroutine that died on an error says: false and an error, which
+      -- does not replace the deadline's error on its way out of the handler.
+      return false, "this coroutine was stopped at its deadline: its __close handlers "
+        .. "do not run (Lua would run them with no time limit)"
+    end
     return raw_close(co)
   end
 "##;

@@ -106,3 +106,15 @@ function resume_kept()
   assert(resumed and two == 2)
   return nil, tostring(err) .. " | " .. tostring(close_err)
 end
+
+-- A coroutine that died on the deadline's error (raised where Lua cannot yield, in a
+-- sort comparator), closed by the handler's own __close: the dead coroutine's
+-- __close loops, and must not run where no hook can stop it.
+function close_dead_spinner()
+  local co = coroutine.create(function()
+    local _ <close> = setmetatable({}, { __close = function() while true do end end })
+    table.sort({ 3, 2, 1 }, function() while true do end end)
+  end)
+  local _ <close> = setmetatable({}, { __close = function() coroutine.close(co) end })
+  coroutine.resume(co)
+end
