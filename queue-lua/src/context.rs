@@ -136,9 +136,16 @@ impl Contexts {
 }
 
 /// The security context of the coroutine calling into Rust. Code that runs under no
-/// context is denied, never let through.
+/// context is denied, never let through, and so is a coroutine that outlived the
+/// handler run it inherited its context from: kept in a global, it would publish with
+/// that run's rights for whichever handler resumed it later.
 pub(crate) fn current_security(lua: &Lua) -> Result<SecurityContext> {
     match context_of(lua, &lua.current_thread()) {
+        Some(context) if context.delivery.as_ref().is_some_and(|d| d.released.get()) => {
+            Err(Error::permission_denied(
+                "this coroutine outlived the handler run that created it, whose rights it had: a kept coroutine cannot publish",
+            ))
+        }
         Some(context) => Ok(context.security.clone()),
         None => Err(Error::permission_denied(
             "no security context: only handlers, processes and the coroutines they create may publish (not a file's top level)",

@@ -47,6 +47,36 @@ async fn coroutines_a_handler_creates_keep_its_policies_and_its_delivery() {
     assert_eq!(h.ready("app:tasks").await, 0, "a coroutine published");
 }
 
+/// A coroutine kept past the run that made it would publish with that run's rights
+/// for whichever handler resumes it later.
+#[tokio::test]
+async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
+    let h = Harness::new().await;
+    let kept = h
+        .run_as(
+            "sandbox/coroutines.lua",
+            "keep_a_publisher",
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(kept, Outcome::Ack);
+    let resumed = h
+        .run_as(
+            "sandbox/coroutines.lua",
+            "resume_the_kept_publisher",
+            only_emails(),
+        )
+        .await;
+    assert_eq!(resumed, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    assert_eq!(field(&report, "kept"), &Value::from("PermissionDenied"));
+    assert_eq!(
+        h.ready("app:tasks").await,
+        0,
+        "the kept coroutine published"
+    );
+}
+
 #[tokio::test]
 async fn code_without_a_context_is_denied_not_let_through() {
     let h = Harness::new().await;

@@ -35,3 +35,16 @@ function report_top_level()
     coroutine = err2 and err2:kind() or tostring(ok2),
   }))
 end
+
+-- A coroutine that outlives the handler run that made it, kept in a global that
+-- another consumer's handler on the same file can reach.
+function keep_a_publisher(payload)
+  kept_publisher = coroutine.create(function()
+    return queue.publish("app:tasks", { via = "a kept coroutine" })
+  end)
+end
+
+function resume_the_kept_publisher(payload)
+  local _, ok, err = coroutine.resume(kept_publisher)
+  assert(queue.publish("app:emails", { kept = err and err:kind() or tostring(ok) }))
+end
