@@ -335,12 +335,32 @@ impl Amqp091Config {
             return Ok(out);
         };
         let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|e| {
-                Error::invalid(format!("{KIND}: tls: cannot read {}: {e}", path.display()))
-            })
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|file| file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
+                .map_err(|e| {
+                    Error::invalid(format!("{KIND}: tls: cannot read {}: {e}", path.display()))
+                })?;
+            if bytes.len() as u64 > MAX_PEM_BYTES {
+                return Err(Error::invalid(format!(
+                    "{KIND}: tls: {} is larger than 1 MiB, which no certificate or key file is",
+                    path.display()
+                )));
+            }
+            Ok(bytes)
         };
         if let Some(ca) = &tls.ca_file {
-            out.cert_chain = Some(String::from_utf8_lossy(&read(ca)?).into_owned());
+            let pem = String::from_utf8(read(ca)?)
+                .ok()
+                .filter(|text| text.contains("-----BEGIN CERTIFICATE-----"));
+            let Some(pem) = pem else {
+                return Err(Error::invalid(format!(
+                    "{KIND}: tls: ca_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); a DER file converts with `openssl x509 -inform der -in ca.der -out ca.pem`",
+                    ca.display()
+                )));
+            };
+            out.cert_chain = Some(pem);
         }
         if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
             out.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
@@ -351,6 +371,9 @@ impl Amqp091Config {
         Ok(out)
     }
 }
+
+/// The largest certificate or key file the driver reads.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// One node to connect to.
 #[derive(Clone)]
@@ -426,6 +449,30 @@ mod tests {
         }
         let secured = json!({"url": "amqps://app:hunter2@127.0.0.1:5671", "tls": tls});
         Amqp091Config::from_json(secured).expect("amqps:// with a tls block");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_ca_file_that_is_not_pem_or_is_huge_is_refused_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let der = dir.path().join("ca.der");
+        std::fs::write(&der, [0x30, 0x82, 0x01, 0x0a, 0xff, 0xfe]).unwrap();
+        let huge = dir.path().join("huge.pem");
+        std::fs::write(&huge, vec![b'a'; 2 * 1024 * 1024]).unwrap();
+        for (path, says) in [
+            (&der, "holds no PEM certificate"),
+            (&huge, "larger than 1 MiB"),
+        ] {
+            let config = Amqp091Config::from_json(json!({
+                "url": "amqps://u:p@127.0.0.1:5671", "tls": {"ca_file": path}
+            }))
+            .unwrap();
+            let Err(err) = config.tls_config() else {
+                panic!("{} was taken", path.display())
+            };
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+            assert!(err.message().contains(says), "{err}");
+        }
     }
 
     #[test]
