@@ -572,18 +572,23 @@ fn raw_request(port: u16, parts: &[&str]) -> String {
     response.lines().next().unwrap_or("").to_string()
 }
 
-/// A liveness probe pointed at `/health` must not fail while idle connections hold
-/// every slot (docs/operations.md, "Health"): such a flood, kept up, would have the
-/// orchestrator restart a healthy process again and again.
-#[test]
-fn a_probe_is_answered_while_idle_connections_hold_every_slot() {
-    let dir = app(&[
+/// An app with one consumer whose handler does nothing: enough for the metrics server.
+fn noop_consumer_app() -> tempfile::TempDir {
+    app(&[
         (
             "app.yaml",
             "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
         ),
         ("h.lua", "function handle() end\n"),
-    ]);
+    ])
+}
+
+/// A liveness probe pointed at `/health` must not fail while idle connections hold
+/// every slot (docs/operations.md, "Health"): such a flood, kept up, would have the
+/// orchestrator restart a healthy process again and again.
+#[test]
+fn a_probe_is_answered_while_idle_connections_hold_every_slot() {
+    let dir = noop_consumer_app();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
@@ -632,13 +637,7 @@ fn a_probe_is_answered_while_idle_connections_hold_every_slot() {
 
 #[test]
 fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
-    let dir = app(&[
-        (
-            "app.yaml",
-            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n",
-        ),
-        ("h.lua", "function handle() end\n"),
-    ]);
+    let dir = noop_consumer_app();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // Few file descriptors, so a flood exhausts them.
