@@ -591,14 +591,7 @@ fn a_probe_is_answered_while_idle_connections_hold_every_slot() {
     let dir = noop_consumer_app();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
-        .args(["run", "--metrics-addr", &addr, "app.yaml"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawns");
-    let child = Spawned::from(child);
+    let child = spawn(&["run", "--metrics-addr", &addr, "app.yaml"], dir.path());
     wait_for_metrics(port, "the server", |_| true);
     // More idle connections than the server holds (64), opened one after the other,
     // held open while the probes run.
