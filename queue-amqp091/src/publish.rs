@@ -289,10 +289,12 @@ fn prepare(message: Message) -> Result<Prepared> {
     let expiration = match delay_ms {
         // The delay hop: never expire before the delay is over (RabbitMQ drops the
         // expiration when it dead-letters, so the ttl does not apply a second time).
-        Some(d) => message
-            .headers
-            .ttl()?
-            .map(|t| d.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
+        // Both are at most MAX_MILLIS; their sum may not be, and RabbitMQ closes the
+        // channel of a publish with a longer expiration.
+        Some(d) => message.headers.ttl()?.map(|t| {
+            d.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+                .min(queue_core::MAX_MILLIS)
+        }),
         None => None,
     };
     let properties = mapping::to_properties(&message, expiration)?;

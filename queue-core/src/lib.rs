@@ -59,7 +59,7 @@ pub use error::{Error, ErrorKind, Result, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
 pub use message::{
-    HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_NAME_BYTES,
+    HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_MILLIS, MAX_NAME_BYTES,
     MAX_PUBLISHED_HEADER_BYTES, Message, RUNTIME_HEADER_ROOM, names, new_message_id,
     parse_priority, truncate,
 };

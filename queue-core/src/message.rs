@@ -99,6 +99,11 @@ const RUNTIME_RECORDS: [(&str, usize); 9] = [
     (names::DELAY, 8),
 ];
 
+/// The longest `delay`, `expiration` or `ttl`, in milliseconds: 4,294,967,295 (about
+/// 49.7 days), the most AMQP carries (RabbitMQ closes the channel of a publish whose
+/// expiration is longer; an AMQP 1.0 time to live has 32 bits).
+pub const MAX_MILLIS: u64 = u32::MAX as u64;
+
 /// The most of an original message id a copy keeps in `x_original_message_id`.
 const ORIGINAL_ID_BYTES: usize = 1024;
 
@@ -306,14 +311,17 @@ impl Headers {
     }
 
     fn millis(&self, key: &str) -> Result<Option<Duration>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(HeaderValue::Int(ms)) if *ms >= 0 => Ok(Some(Duration::from_millis(*ms as u64))),
-            Some(HeaderValue::String(s)) if s.parse::<u64>().is_ok() => {
-                Ok(s.parse::<u64>().ok().map(Duration::from_millis))
-            }
-            Some(other) => Err(Error::invalid(format!(
-                "header {key:?} must be a whole number of milliseconds >= 0, got {other:?}"
+        let ms = match self.get(key) {
+            None => return Ok(None),
+            Some(HeaderValue::Int(ms)) => u64::try_from(*ms).ok(),
+            Some(HeaderValue::String(s)) => s.parse::<u64>().ok(),
+            Some(_) => None,
+        };
+        match ms {
+            Some(ms) if ms <= MAX_MILLIS => Ok(Some(Duration::from_millis(ms))),
+            _ => Err(Error::invalid(format!(
+                "header {key:?} must be a whole number of milliseconds from 0 to {MAX_MILLIS} (about 49 days), got {:?}",
+                self.get(key)
             ))),
         }
     }
@@ -645,6 +653,28 @@ pub fn new_message_id() -> String {
 mod tests {
     use super::*;
     use crate::ErrorKind;
+
+    #[test]
+    fn times_past_what_amqp_carries_are_refused_at_publish_and_dropped_from_copies() {
+        for (key, value) in [
+            (names::TTL, HeaderValue::Int(5_000_000_000)),
+            (names::EXPIRATION, HeaderValue::from("4294967296")),
+            (names::DELAY, HeaderValue::Int(i64::MAX)),
+        ] {
+            let headers = Headers::from_pairs([(key, value.clone())]);
+            let err = headers.validate_for_publish().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{key}: {err}");
+            assert!(err.message().contains("4294967295"), "{err}");
+            let mut copy = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+            copy.make_republishable();
+            assert!(!copy.headers.contains(key), "{key} kept on a copy");
+        }
+        let longest = Headers::from_pairs([(names::TTL, HeaderValue::Int(4_294_967_295))]);
+        assert_eq!(
+            longest.ttl().unwrap(),
+            Some(Duration::from_millis(MAX_MILLIS))
+        );
+    }
 
     #[test]
     fn priority_words_and_numbers() {

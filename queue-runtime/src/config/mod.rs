@@ -514,6 +514,12 @@ fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
     if !(q.retry.backoff.multiplier >= 1.0 && q.retry.backoff.multiplier <= 100.0) {
         return Err(entry.error(Some("retry"), "retry.backoff.multiplier must be 1..=100"));
     }
+    if q.retry.backoff.max.as_millis() > u128::from(queue_core::MAX_MILLIS) {
+        return Err(entry.error(
+            Some("retry"),
+            "retry.backoff.max must be at most 4294967295ms (about 49 days), the longest delay a broker carries",
+        ));
+    }
     if q.max_message_bytes == 0 {
         return Err(entry.error(Some("max_message_bytes"), "must be at least 1"));
     }
@@ -560,6 +566,14 @@ mod tests {
         let path = PathBuf::from(format!("/proc/self/fd/{}", pipe.as_raw_fd()));
         assert!(load(&[path]).is_ok());
         let _ = writer.wait();
+    }
+
+    #[test]
+    fn a_backoff_longer_than_a_broker_carries_is_refused() {
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        max: 1200h\n",
+        );
+        assert!(e.message.contains("at most 4294967295ms"), "{e:?}");
     }
 
     #[test]
