@@ -226,7 +226,7 @@ impl Amqp091Subscription {
     fn delivered(&self, d: AmqpDelivery) -> Option<Delivery> {
         let a = self.attached.as_ref()?;
         let acker = a.settler.track(d.delivery_tag);
-        let message = mapping::from_delivery(&d.properties, d.data);
+        let message = mapping::from_delivery(&d.properties, d.data, d.redelivered);
         Some(Delivery::new(message, acker))
     }
 

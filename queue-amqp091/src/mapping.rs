@@ -25,9 +25,11 @@
 //! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown.
 //!
 //! [`X_DELIVERY_COUNT`] is the broker's, read-only: RabbitMQ's `x-delivery-count`
-//! (set by quorum queues on redeliveries) becomes it on the way in, and on the way
-//! out it is never sent, so a copy the runtime republishes (a retry) does not carry
-//! the original's count, and no publisher can fake one.
+//! (set by quorum queues on redeliveries) becomes it on the way in, on a redelivery
+//! only, and on the way out it is never sent, so a copy the runtime republishes (a
+//! retry) does not carry the original's count. Another client can still set the
+//! header itself; on a first delivery it is ignored (on a classic queue's redelivery
+//! it would be read). A long string that is not UTF-8 (binary) is not shown either.
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -137,8 +139,10 @@ fn from_amqp(value: &AMQPValue) -> Option<HeaderValue> {
             HeaderValue::Float(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
         }
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_string()),
+        // Binary (a .NET `byte[]`, an HMAC): not shown, as byte arrays are not, rather
+        // than changed into other text.
         AMQPValue::LongString(s) => {
-            HeaderValue::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            HeaderValue::String(std::str::from_utf8(s.as_bytes()).ok()?.to_string())
         }
         AMQPValue::FieldArray(_)
         | AMQPValue::FieldTable(_)
@@ -155,8 +159,9 @@ fn is_broker_internal(key: &str) -> bool {
         || key.starts_with("x-last-death-")
 }
 
-/// Rebuilds a message from a delivery's properties and body.
-pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>) -> Message {
+/// Rebuilds a message from a delivery's properties and body; `redelivered` is the
+/// broker's flag: only a redelivery carries the broker's own delivery count.
+pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>, redelivered: bool) -> Message {
     let mut headers = Headers::new();
     if let Some(table) = props.headers() {
         for (key, value) in table.inner() {
@@ -167,9 +172,13 @@ pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>) -> Message {
                 headers.insert(key.as_str(), v);
             }
         }
+        // On a first delivery the count can only be the publisher's (another client
+        // can set `x-delivery-count` like any header), and trusting it would have the
+        // crash-loop guard dead-letter the message before its handler ran.
         let count = table
             .inner()
             .get(BROKER_DELIVERY_COUNT)
+            .filter(|_| redelivered)
             .and_then(from_amqp)
             .filter(|v| matches!(v, HeaderValue::Int(_)));
         if let Some(count) = count {
@@ -234,7 +243,7 @@ mod tests {
     fn round_trip(headers: Headers) -> (Message, BasicProperties) {
         let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
         let props = to_properties(&sent, None).unwrap();
-        (from_delivery(&props, sent.body.clone()), props)
+        (from_delivery(&props, sent.body.clone(), false), props)
     }
 
     #[test]
@@ -290,7 +299,7 @@ mod tests {
                 0 => BasicProperties::default(),
                 _ => BasicProperties::default().with_message_id("".into()),
             };
-            let got = from_delivery(&props, vec![]);
+            let got = from_delivery(&props, vec![], false);
             assert!(!got.id.is_empty());
             assert!(seen.insert(got.id.clone()), "id {} given twice", got.id);
         }
@@ -310,7 +319,7 @@ mod tests {
             .with_correlation_id("c".into())
             .with_priority(3)
             .with_expiration("250".into());
-        let got = from_delivery(&props, vec![]);
+        let got = from_delivery(&props, vec![], false);
         assert_eq!(
             got.headers,
             Headers::from_pairs([
@@ -324,11 +333,36 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_long_string_is_not_shown_rather_than_changed() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "hmac".into(),
+            AMQPValue::LongString(vec![0xff, 0x00, 0xfe].into()),
+        );
+        table.insert(
+            "text".into(),
+            AMQPValue::LongString(b"caf\xc3\xa9".to_vec().into()),
+        );
+        let got = from_delivery(
+            &BasicProperties::default().with_headers(table),
+            vec![],
+            false,
+        );
+        assert_eq!(
+            got.headers,
+            Headers::from_pairs([("text", HeaderValue::from("caf\u{e9}"))])
+        );
+    }
+
+    #[test]
     fn the_brokers_delivery_count_is_a_read_only_header() {
         let mut table = FieldTable::default();
         table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
         table.insert("x_delivery_count".into(), AMQPValue::LongLongInt(99));
-        let got = from_delivery(&BasicProperties::default().with_headers(table), vec![]);
+        let props = BasicProperties::default().with_headers(table);
+        // A first delivery's count is a publisher's, whatever it says.
+        assert_eq!(from_delivery(&props, vec![], false).headers, Headers::new());
+        let got = from_delivery(&props, vec![], true);
         assert_eq!(
             got.headers,
             Headers::from_pairs([(X_DELIVERY_COUNT, HeaderValue::Int(3))])
