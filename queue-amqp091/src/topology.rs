@@ -30,6 +30,22 @@ const DELAY_QUEUE_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// A delay queue is redeclared (which resets its expiry) when older than this.
 const DELAY_QUEUE_REFRESH: Duration = Duration::from_secs(30);
 
+/// The delay a message waits in a delay queue for `delay_ms`: rounded up to two
+/// significant digits (1,234 ms waits 1,300), never shorter than asked (below the
+/// longest, [`queue_core::MAX_MILLIS`]) and at most a tenth longer, so that backoff with jitter, which draws a new millisecond value for
+/// almost every retry, shares a few delay queues (fewer than a hundred per decade of
+/// delays) instead of making one per retry.
+pub(crate) fn delay_bucket(delay_ms: u64) -> u64 {
+    let mut step = 1u64;
+    while delay_ms / step >= 100 {
+        step = step.saturating_mul(10);
+    }
+    delay_ms
+        .div_ceil(step)
+        .saturating_mul(step)
+        .min(queue_core::MAX_MILLIS)
+}
+
 /// A delay queue this driver declared.
 #[derive(Debug, Clone)]
 struct DelayQueue {
@@ -136,6 +152,7 @@ impl Topology {
         spec: &QueueSpec,
         delay_ms: u64,
     ) -> Result<String> {
+        let delay_ms = delay_bucket(delay_ms);
         let name = format!("{}.delay.{delay_ms}", spec.name);
         let fresh = lock(&self.delay_queues).get(&name).is_some_and(|d| {
             d.generation == link.generation && d.declared.elapsed() < DELAY_QUEUE_REFRESH
@@ -156,15 +173,20 @@ impl Topology {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(spec.name.as_bytes().into()),
         );
-        let expires = delay_ms.saturating_add(millis(DELAY_QUEUE_EXPIRY_MARGIN) as u64);
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(clamp_i64(expires)),
-        );
         if spec.queue_type == QueueType::Quorum {
+            // No `x-expires`: a quorum queue's expiry runs from its creation, and
+            // redeclaring does not renew it (measured on RabbitMQ 3.10), so a delay
+            // queue in use would be deleted with the copies waiting in it. Its delays
+            // are rounded ([`delay_bucket`]), so there are few of them.
             args.insert("x-queue-type".into(), string(QueueType::Quorum.as_str()));
             args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
             args.insert("x-overflow".into(), string("reject-publish"));
+        } else {
+            let expires = delay_ms.saturating_add(millis(DELAY_QUEUE_EXPIRY_MARGIN) as u64);
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(clamp_i64(expires)),
+            );
         }
         declare_raw(
             link,
@@ -343,6 +365,26 @@ fn clamp_i64(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delays_round_up_to_two_significant_digits() {
+        for (asked, waited) in [
+            (1, 1),
+            (99, 99),
+            (100, 100),
+            (101, 110),
+            (1_234, 1_300),
+            (1_000, 1_000),
+            (59_999, 60_000),
+            // Never past what the broker takes as a time to live.
+            (queue_core::MAX_MILLIS, queue_core::MAX_MILLIS),
+        ] {
+            assert_eq!(delay_bucket(asked), waited, "{asked}");
+        }
+        // Backoff with jitter from 800 to 1,000 ms shares 21 queues, not 201.
+        let buckets: std::collections::BTreeSet<u64> = (800..=1_000).map(delay_bucket).collect();
+        assert_eq!(buckets.len(), 21);
+    }
 
     #[test]
     fn a_type_conflict_names_the_existing_type() {
