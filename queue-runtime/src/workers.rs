@@ -338,17 +338,18 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         )
         .map(Rc::new)
         .map_err(|e| Rc::from(e.message()));
+    let runners = TaskTracker::new();
     let shared = Rc::new(Runners {
         host,
         handler,
         consumer,
         busy,
+        tasks: runners.clone(),
         subscription: RefCell::new(Some(subscription)),
         turn_free: tokio::sync::Notify::new(),
         stopped_yet: stop.clone(),
         stop_signal: tokio::sync::Notify::new(),
     });
-    let runners = TaskTracker::new();
     for _ in 0..slots.max(1) {
         runners.spawn_local(run_in_turn(Rc::clone(&shared)));
     }
@@ -382,6 +383,9 @@ struct Runners {
     handler: HandlerLookup,
     consumer: Arc<ConsumerRuntime>,
     busy: Busy,
+    /// The runners, and the settlements handlers start themselves (`msg:ack()`,
+    /// `msg:nack()`): shutdown waits for both.
+    tasks: TaskTracker,
     /// Here while no runner holds it (see [`Turn`]); taken back by the intake when it
     /// stops.
     subscription: RefCell<Option<Box<dyn Subscription>>>,
@@ -627,14 +631,36 @@ struct RuntimeSettle {
     runners: Rc<Runners>,
 }
 
+impl RuntimeSettle {
+    /// Runs a settlement as a task of its own, which the handler awaits: a handler
+    /// ended at its `timeout` while its `msg:nack()` was republishing would otherwise
+    /// drop the failure path half way, with the message already marked settled, so
+    /// that it was neither retried nor returned until Lua collected it.
+    async fn apart<F>(&self, settlement: F) -> Result<()>
+    where
+        F: Future<Output = Result<()>> + 'static,
+    {
+        let task = self.runners.tasks.spawn_local(settlement.in_current_span());
+        match task.await {
+            Ok(settled) => settled,
+            Err(e) => Err(Error::internal(format!("the settlement stopped: {e}"))),
+        }
+    }
+}
+
 #[async_trait(?Send)]
 impl Settle for RuntimeSettle {
     async fn ack(&self) -> Result<()> {
-        ack(&self.delivery, &self.runners.consumer).await
+        let (delivery, runners) = (Arc::clone(&self.delivery), Rc::clone(&self.runners));
+        self.apart(async move { ack(&delivery, &runners.consumer).await })
+            .await
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
         telemetry::record_failure(reason);
-        fail(&self.delivery, &self.runners.consumer, reason).await
+        let (delivery, runners) = (Arc::clone(&self.delivery), Rc::clone(&self.runners));
+        let reason = reason.to_string();
+        self.apart(async move { fail(&delivery, &runners.consumer, &reason).await })
+            .await
     }
 }

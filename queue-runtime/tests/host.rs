@@ -175,6 +175,52 @@ async fn shutdown_waits_for_a_retry_publish_begun_before_it() {
     );
 }
 
+/// A handler's `timeout` ends its run, not the settlement it started: a `msg:nack()`
+/// whose retry copy is still on its way when the handler is stopped goes on, so the
+/// message is retried, where before it was neither retried nor returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_under_way_outlives_its_handlers_timeout() {
+    let app = APP.replace(
+        "    concurrency: 1000\n    prefetch: 1000\n",
+        "    concurrency: 1\n    prefetch: 2\n    timeout: 200ms\n",
+    );
+    let nack_first_attempts = r#"
+function handle(payload)
+  local msg = queue.message()
+  if msg:header("attempts") == 1 then msg:nack("not yet") end
+end
+"#;
+    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, nack_first_attempts);
+    let host = Host::start(
+        plan,
+        &kinds,
+        HostOptions {
+            lua_threads: 1,
+            ..HostOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    driver.hold_publishes();
+    for n in [7, 8] {
+        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
+    }
+    // With one runner, the second message's retry copy is only published once the
+    // first handler's run has ended at its timeout, its own copy still held.
+    driver.wait_for_held(2).await;
+    driver.pass_publishes();
+    // Both copies arrive, are handled and acked: four acks in all.
+    within("both messages retried and handled", async {
+        while driver.inner().acked_total(&jobs) != Some(4) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let summary = within("shutdown", host.shutdown()).await;
+    assert_eq!((summary[0].ready, summary[0].in_flight), (Some(0), Some(0)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
     // Without delayed delivery the runtime holds a failed delivery for its backoff
