@@ -104,6 +104,26 @@ async fn expired_messages_are_not_delivered() {
     d.ack().await.unwrap();
 }
 
+/// A delayed message's time to live starts when it enters the queue, as on RabbitMQ:
+/// a retry copy delayed past the queue's `message_ttl` is delivered, not dropped.
+#[tokio::test]
+async fn a_delayed_message_lives_its_ttl_from_when_it_enters_the_queue() {
+    let driver = MemoryDriver::new();
+    let spec = QueueSpec::new(id()).with_message_ttl(Duration::from_secs(2));
+    driver.declare(&spec).await.unwrap();
+    let mut later = numbered(1);
+    later.headers = Headers::from_pairs([("delay", HeaderValue::Int(3_000))]);
+    driver.publish(&id(), later).await.unwrap();
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    // Counted from the publish, its time to live would be over when it enters.
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn info_counts_delayed_messages() {
     let driver = MemoryDriver::new();

@@ -100,21 +100,25 @@ impl MemQueue {
         Ok(message.headers.priority_level()?.unwrap_or(0).min(lanes))
     }
 
-    fn expiry_of(&self, message: &Message) -> Result<Option<Instant>> {
+    /// When a message entering the queue `delay` from now expires: its time to live
+    /// counts from when it enters, as RabbitMQ counts a queue's `message_ttl` from when
+    /// a delayed message reaches it. Counted from the publish, a retry copy delayed
+    /// past the queue's `message_ttl` was dropped, confirmed, with its original acked.
+    fn expiry_of(&self, message: &Message, delay: Duration) -> Result<Option<Instant>> {
         let own = message.headers.ttl()?;
         let ttl = match (own, self.spec.message_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        Ok(ttl.map(|t| Instant::now() + t))
+        Ok(ttl.map(|t| Instant::now() + delay + t))
     }
 
     /// Reads what a message's headers ask of this queue (lane, expiry, delay); a header
     /// that does not parse refuses the message before anything is queued.
     fn prepare(&self, message: Message) -> Result<(Ready, Option<Duration>)> {
         let priority = self.lane_of(&message)?;
-        let expires = self.expiry_of(&message)?;
         let delay = message.headers.delay()?.filter(|d| !d.is_zero());
+        let expires = self.expiry_of(&message, delay.unwrap_or_default())?;
         Ok((
             Ready {
                 message: Arc::new(message),
