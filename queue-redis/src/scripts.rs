@@ -13,21 +13,30 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Moves every entry pending for one consumer back to the queue: appends a copy
-/// (same fields: id, headers, body) and removes the original. Entries whose data is
-/// gone (deleted by hand) are only dropped from the pending list.
+/// (same fields: id, headers, body), then removes the original. Entries whose data is
+/// gone (deleted by hand) are only dropped from the pending list. An entry that
+/// cannot be copied (more fields than Redis's Lua passes to one command, about
+/// 4,000) stays as it is, pending: removed first, it was lost.
 const RETURN_PENDING: &str = r#"
+local function copy_back(stream, fields)
+  return pcall(function() return redis.call('XADD', stream, '*', unpack(fields)) end)
+end
+
 local function return_pending(stream, group, consumer)
   local returned = 0
+  local after = '-'
   while true do
-    local pending = redis.call('XPENDING', stream, group, '-', '+', 100, consumer)
+    local pending = redis.call('XPENDING', stream, group, after, '+', 100, consumer)
     if #pending == 0 then break end
     for _, p in ipairs(pending) do
       local id = p[1]
+      after = '(' .. id
       local entry = redis.call('XRANGE', stream, id, id)
-      redis.call('XACK', stream, group, id)
-      redis.call('XDEL', stream, id)
-      if #entry > 0 then
-        redis.call('XADD', stream, '*', unpack(entry[1][2]))
+      if #entry == 0 then
+        redis.call('XACK', stream, group, id)
+      elseif copy_back(stream, entry[1][2]) then
+        redis.call('XACK', stream, group, id)
+        redis.call('XDEL', stream, id)
         returned = returned + 1
       end
     end
@@ -111,17 +120,23 @@ return acked
 
 /// Returns one entry a consumer holds to the queue (a copy at the tail).
 /// KEYS: stream. ARGV: group, consumer, entry id. Returns 1, or 0 when that
-/// consumer did not hold it.
+/// consumer did not hold it; an entry that cannot be copied back stays pending, and
+/// the release fails saying so.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_helpers(
         r#"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #held == 0 then return 0 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+if #entry == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  return 0
+end
+if not copy_back(KEYS[1], entry[1][2]) then
+  return redis.error_reply('TOO_WIDE the entry has more fields than a script can copy back; it stays pending')
+end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-if #entry == 0 then return 0 end
-redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
 return 1
 "#,
     )

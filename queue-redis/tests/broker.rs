@@ -214,6 +214,48 @@ async fn a_dropped_subscription_returns_what_it_held() {
     again.cancel().await.unwrap();
 }
 
+/// An entry another client wrote with thousands of fields, more than Redis's Lua can
+/// pass to one command: returning it to the queue must not delete it.
+async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("wide");
+    driver.declare(&spec).await.unwrap();
+    let stream = format!("queue:{{{}}}", spec.name);
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&stream).arg("*").arg("body").arg("{}");
+    for i in 0..5_000 {
+        xadd.arg(format!("f{i}")).arg("v");
+    }
+    let client = redis::Client::open(node.url()).expect("a client");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let _: String = xadd.query_async(&mut raw).await.expect("XADD");
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let wide = next(&mut sub).await;
+    // The release cannot copy it back; the entry must still be there, pending.
+    let released = wide.release().await;
+    let length: u64 = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut raw)
+        .await
+        .expect("XLEN");
+    assert_eq!(
+        length, 1,
+        "the entry was deleted (release said {released:?})"
+    );
+    assert!(
+        released.is_err(),
+        "a release that did not happen said it did"
+    );
+    drop(sub);
+}
+
 async fn close_ends_subscriptions_and_refuses_work() {
     let node = node().await;
     let driver = connect(&node).await;
@@ -297,6 +339,7 @@ queue_testkit::broker_tests! {
         another_max_length_is_already_exists,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
+        an_entry_too_wide_to_copy_back_stays_where_it_was,
         close_ends_subscriptions_and_refuses_work,
     ];
     sync: [];
