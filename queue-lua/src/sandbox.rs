@@ -90,7 +90,7 @@ const SAFE_BASE: [&str; 14] = [
 /// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
 /// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable = ...
 local function not_a_handler(co)
   if handler_threads[co] then
     error("a handler's or process's own coroutine cannot be resumed or closed from Lua", 3)
@@ -120,6 +120,19 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   function(co, ...)
     not_a_handler(co)
     local results = pack(raw_resume(co, ...))
+    -- An asynchronous call waiting inside `co` (queue.publish, msg:ack) yields mlua's
+    -- pending marker. Handed to the caller, it looked like the call's result and the
+    -- call was never finished: wait with it instead, by yielding it on to the
+    -- handler's own poller, then resume `co` so the call looks again.
+    while results[1] and results.n == 2 and results[2] == pending do
+      if not isyieldable() then
+        results = pack(false, "an asynchronous call (queue.publish, msg:ack, msg:nack) "
+          .. "can only wait inside a handler or a process, not where this coroutine was resumed")
+        break
+      end
+      yield(pending)
+      results = pack(raw_resume(co))
+    end
     if not results[1] and overdue() then stopped[co] = true end
     return unless_overdue(results)
   end,
@@ -246,6 +259,9 @@ impl Sandbox {
                 real.raw_get::<Function>("error")?,
                 table.raw_get::<Function>("pack")?,
                 table.raw_get::<Function>("unpack")?,
+                Lua::poll_pending(),
+                real_coroutine.raw_get::<Function>("yield")?,
+                real_coroutine.raw_get::<Function>("isyieldable")?,
             ))?;
         shared.raw_set("pcall", pcall)?;
         shared.raw_set("xpcall", xpcall)?;

@@ -175,6 +175,55 @@ async fn shutdown_waits_for_a_retry_publish_begun_before_it() {
     );
 }
 
+/// A publish that waits for its confirm inside a coroutine the handler created returns
+/// `true` once confirmed: the coroutine waits with the handler, where it used to hand
+/// mlua's "pending" marker back as if it were the result, the publish never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_waits_for_its_confirm_inside_a_coroutine_the_handler_made() {
+    let app = APP.replace(
+        "    concurrency: 1000\n    prefetch: 1000\n",
+        "    concurrency: 1\n    prefetch: 1\n",
+    );
+    let in_a_coroutine = r#"
+function handle(payload)
+  local ok, err = coroutine.wrap(function() return queue.publish("app:out", payload) end)()
+  assert(ok == true and err == nil, "publish in a coroutine gave " .. tostring(ok) .. ", " .. tostring(err))
+end
+"#;
+    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, in_a_coroutine);
+    let host = Host::start(
+        plan,
+        &kinds,
+        HostOptions {
+            lua_threads: 1,
+            ..HostOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (jobs, out) = (
+        QueueId::parse("app:jobs").unwrap(),
+        QueueId::parse("app:out").unwrap(),
+    );
+    driver.hold_publishes();
+    driver.inner().publish(&jobs, numbered(7)).await.unwrap();
+    driver.wait_for_held(1).await;
+    driver.pass_publishes();
+    within("the handler acked after its publish was confirmed", async {
+        while driver.inner().acked_total(&jobs) != Some(1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(driver.inner().info(&out).await.unwrap().ready, Some(1));
+    let summary = within("shutdown", host.shutdown()).await;
+    assert_eq!(
+        summary[0].ready,
+        Some(0),
+        "the message was retried: {summary:?}"
+    );
+}
+
 /// A handler's `timeout` ends its run, not the settlement it started: a `msg:nack()`
 /// whose retry copy is still on its way when the handler is stopped goes on, so the
 /// message is retried, where before it was neither retried nor returned.
