@@ -314,6 +314,7 @@ impl Headers {
         let ms = match self.get(key) {
             None => return Ok(None),
             Some(HeaderValue::Int(ms)) => u64::try_from(*ms).ok(),
+            Some(HeaderValue::Float(ms)) => whole(*ms).and_then(|ms| u64::try_from(ms).ok()),
             Some(HeaderValue::String(s)) => s.parse::<u64>().ok(),
             Some(_) => None,
         };
@@ -418,6 +419,10 @@ impl IntoIterator for Headers {
 pub fn parse_priority(value: &HeaderValue) -> Result<u8> {
     match value {
         HeaderValue::Int(n) if (0..=9).contains(n) => Ok(*n as u8),
+        HeaderValue::Float(f) => match whole(*f) {
+            Some(n) if (0..=9).contains(&n) => Ok(n as u8),
+            _ => Err(priority_error(value)),
+        },
         HeaderValue::String(s) => match s.as_str() {
             "low" => Ok(2),
             "normal" => Ok(5),
@@ -429,6 +434,13 @@ pub fn parse_priority(value: &HeaderValue) -> Result<u8> {
         },
         _ => Err(priority_error(value)),
     }
+}
+
+/// A float that is a whole number, as an integer: Lua's `/` and `^` give floats
+/// (`2^3 * 100` is 800.0), and a header computed with them means the integer.
+fn whole(f: f64) -> Option<i64> {
+    // i64::MAX as f64 rounds up to 2^63, which is out of range itself.
+    (f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64).then_some(f as i64)
 }
 
 fn priority_error(value: &HeaderValue) -> Error {
@@ -674,6 +686,32 @@ mod tests {
             longest.ttl().unwrap(),
             Some(Duration::from_millis(MAX_MILLIS))
         );
+    }
+
+    #[test]
+    fn whole_floats_are_the_integers_they_are_others_are_refused() {
+        let headers = Headers::from_pairs([
+            (names::DELAY, HeaderValue::Float(800.0)),
+            (names::TTL, HeaderValue::Float(1e3)),
+            (names::PRIORITY, HeaderValue::Float(5.0)),
+        ]);
+        headers.validate_for_publish().unwrap();
+        assert_eq!(headers.delay().unwrap(), Some(Duration::from_millis(800)));
+        assert_eq!(headers.ttl().unwrap(), Some(Duration::from_millis(1000)));
+        assert_eq!(headers.priority_level().unwrap(), Some(5));
+        for (key, bad) in [
+            (names::DELAY, 0.5),
+            (names::DELAY, f64::NAN),
+            (names::DELAY, f64::INFINITY),
+            (names::DELAY, -1.0),
+            (names::DELAY, 1e300),
+            (names::PRIORITY, 9.5),
+            (names::PRIORITY, 10.0),
+        ] {
+            let headers = Headers::from_pairs([(key, HeaderValue::Float(bad))]);
+            let err = headers.validate_for_publish().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{key}={bad}");
+        }
     }
 
     #[test]
