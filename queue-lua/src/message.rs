@@ -58,8 +58,17 @@ impl UserData for LuaMessage {
             )),
             Err(e) => fail(e),
         });
-        methods.add_method("header", |lua, m, key: String| match m.check_usable() {
+        methods.add_method("header", |lua, m, key: LuaValue| match m.check_usable() {
             Ok(()) => {
+                // Any value, so that a wrong one is an `err`, as the contract says of
+                // every method, and not a raised "bad argument".
+                let LuaValue::String(key) = key else {
+                    return fail(Error::invalid(format!(
+                        "msg:header(name) takes a string, got a {}",
+                        key.type_name()
+                    )));
+                };
+                let key = key.to_string_lossy();
                 let headers = &m.0.context.message.headers;
                 let value = if key == queue_core::names::ATTEMPTS {
                     attempts(headers)
@@ -94,11 +103,16 @@ impl UserData for LuaMessage {
                 Err(e) => fail(e),
             }
         });
-        methods.add_async_method("nack", |_, m, reason: Option<String>| async move {
+        // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
+        // says its kind and message, as a handler returning it would.
+        methods.add_async_method("nack", |_, m, reason: LuaValue| async move {
             if let Err(e) = m.begin_settle() {
                 return fail(e);
             }
-            let reason = reason.unwrap_or_else(|| "nacked by the handler".to_string());
+            let reason = match &reason {
+                LuaValue::Nil => "nacked by the handler".to_string(),
+                other => crate::errors::describe(other),
+            };
             match m.0.context.settle.nack(&reason).await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
                 Err(e) => fail(e),

@@ -307,3 +307,25 @@ async fn a_handler_reads_attempts_as_a_number() {
         assert_eq!(outcome, Outcome::Ack, "attempts {expected}");
     }
 }
+
+/// "Every method returns `value, err`": a nack given the `err` of a failed call settles
+/// with that error as its reason, and a header asked for by a name that is not a
+/// string is an `err`, where both raised "bad argument".
+#[tokio::test]
+async fn msg_methods_answer_odd_arguments_with_err_instead_of_raising() {
+    let h = Harness::new().await;
+    let (outcome, settled) = h
+        .handle_as(
+            "handlers.lua",
+            "nack_with_an_error",
+            json_message(Value::map([("x", Value::Int(1))]), Headers::new()),
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Settled);
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert!(
+        settled[0].starts_with("nack: ") && settled[0].contains("Invalid"),
+        "{settled:?}"
+    );
+}

@@ -80,4 +80,15 @@ function M.publish_and_report(payload)
   return ok
 end
 
+-- The `err` of a failed call as a nack's reason, and a header asked for by a name
+-- that is not a string: both answer, neither raises.
+function M.nack_with_an_error(payload)
+  local msg = queue.message()
+  local value, header_err = msg:header(nil)
+  assert(value == nil and header_err and header_err:kind() == "Invalid", "msg:header(nil)")
+  local _, err = queue.publish("", { a = 1 })
+  local ok, nack_err = msg:nack(err)
+  assert(ok == true and nack_err == nil, "msg:nack(err) gave " .. tostring(nack_err))
+end
+
 return M
