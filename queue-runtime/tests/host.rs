@@ -190,17 +190,12 @@ function handle(payload)
   assert(ok == true and err == nil, "publish in a coroutine gave " .. tostring(ok) .. ", " .. tostring(err))
 end
 "#;
-    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, in_a_coroutine);
-    let host = Host::start(
-        plan,
-        &kinds,
-        HostOptions {
-            lua_threads: 1,
-            ..HostOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let one_thread = HostOptions {
+        lua_threads: 1,
+        ..HostOptions::default()
+    };
+    let (_dir, driver, host) = start_with(&app, in_a_coroutine, one_thread).await;
+    let host = host.unwrap();
     let (jobs, out) = (
         QueueId::parse("app:jobs").unwrap(),
         QueueId::parse("app:out").unwrap(),
@@ -239,17 +234,12 @@ function handle(payload)
   if msg:header("attempts") == 1 then msg:nack("not yet") end
 end
 "#;
-    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, nack_first_attempts);
-    let host = Host::start(
-        plan,
-        &kinds,
-        HostOptions {
-            lua_threads: 1,
-            ..HostOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let one_thread = HostOptions {
+        lua_threads: 1,
+        ..HostOptions::default()
+    };
+    let (_dir, driver, host) = start_with(&app, nack_first_attempts, one_thread).await;
+    let host = host.unwrap();
     let jobs = QueueId::parse("app:jobs").unwrap();
     driver.hold_publishes();
     for n in [7, 8] {
