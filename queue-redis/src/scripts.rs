@@ -22,8 +22,12 @@ local function copy_back(stream, fields)
   return pcall(function() return redis.call('XADD', stream, '*', unpack(fields)) end)
 end
 
+-- Returns how many went back, and how many could not be copied and stay pending:
+-- while any does, the consumer is kept, as deleting it would delete their pending
+-- entries with it and leave them in the stream, never delivered again.
 local function return_pending(stream, group, consumer)
   local returned = 0
+  local left = 0
   local after = '-'
   while true do
     local pending = redis.call('XPENDING', stream, group, after, '+', 100, consumer)
@@ -38,10 +42,12 @@ local function return_pending(stream, group, consumer)
         redis.call('XACK', stream, group, id)
         redis.call('XDEL', stream, id)
         returned = returned + 1
+      else
+        left = left + 1
       end
     end
   end
-  return returned
+  return returned, left
 end
 
 local function consumer_names(stream, group)
@@ -165,8 +171,8 @@ pub(crate) static DETACH: LazyLock<Script> = LazyLock::new(|| {
 redis.call('DEL', ARGV[3])
 local group = redis.pcall('XPENDING', KEYS[1], ARGV[1])
 if group.err then return 0 end
-local returned = return_pending(KEYS[1], ARGV[1], ARGV[2])
-redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+local returned, left = return_pending(KEYS[1], ARGV[1], ARGV[2])
+if left == 0 then redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
 return returned
 "#,
     )
@@ -181,8 +187,9 @@ pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
 local returned = 0
 for _, name in ipairs(consumer_names(KEYS[1], ARGV[1])) do
   if redis.call('EXISTS', ARGV[2] .. name) == 0 then
-    returned = returned + return_pending(KEYS[1], ARGV[1], name)
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    local back, left = return_pending(KEYS[1], ARGV[1], name)
+    returned = returned + back
+    if left == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) end
   end
 end
 return returned

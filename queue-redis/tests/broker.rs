@@ -253,7 +253,17 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
         released.is_err(),
         "a release that did not happen said it did"
     );
-    drop(sub);
+    // Cancelling returns what it can and keeps the consumer that still holds the
+    // wide entry: deleting the consumer would delete the entry's pending record and
+    // leave it in the stream, never delivered again.
+    let _ = sub.cancel().await;
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("queue")
+        .query_async(&mut raw)
+        .await
+        .expect("XPENDING");
+    assert_eq!(pending.0, 1, "the wide entry is no longer pending");
 }
 
 async fn close_ends_subscriptions_and_refuses_work() {
