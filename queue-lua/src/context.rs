@@ -49,6 +49,19 @@ pub(crate) struct DeliveryState {
 pub(crate) struct CoroutineContext {
     pub(crate) security: SecurityContext,
     pub(crate) delivery: Option<Rc<DeliveryState>>,
+    /// The run (a handler's, a process's, a chunk's) that this context was made for
+    /// has ended: coroutines that inherited it and outlived it may not publish.
+    pub(crate) ended: Cell<bool>,
+}
+
+impl CoroutineContext {
+    pub(crate) fn new(security: SecurityContext, delivery: Option<Rc<DeliveryState>>) -> Self {
+        CoroutineContext {
+            security,
+            delivery,
+            ended: Cell::new(false),
+        }
+    }
 }
 
 /// The contexts of the running coroutines of one Lua state (in its app data).
@@ -122,8 +135,12 @@ impl Contexts {
         context
     }
 
+    /// The run on `thread` is over: its context ends, for the coroutines that
+    /// inherited it too.
     pub(crate) fn leave(&self, thread: &Thread) {
-        self.by_thread.borrow_mut().remove(&key(thread));
+        if let Some(context) = self.by_thread.borrow_mut().remove(&key(thread)) {
+            context.ended.set(true);
+        }
     }
 
     pub(crate) fn current(&self, thread: &Thread) -> Option<Rc<CoroutineContext>> {
@@ -137,15 +154,13 @@ impl Contexts {
 
 /// The security context of the coroutine calling into Rust. Code that runs under no
 /// context is denied, never let through, and so is a coroutine that outlived the
-/// handler run it inherited its context from: kept in a global, it would publish with
-/// that run's rights for whichever handler resumed it later.
+/// run (a handler's, a process's) it inherited its context from: kept in a global, it
+/// would publish with that run's rights for whichever handler resumed it later.
 pub(crate) fn current_security(lua: &Lua) -> Result<SecurityContext> {
     match context_of(lua, &lua.current_thread()) {
-        Some(context) if context.delivery.as_ref().is_some_and(|d| d.released.get()) => {
-            Err(Error::permission_denied(
-                "this coroutine outlived the handler run that created it, whose rights it had: a kept coroutine cannot publish",
-            ))
-        }
+        Some(context) if context.ended.get() => Err(Error::permission_denied(
+            "this coroutine outlived the run (of a handler or process) that created it, whose rights it had: a kept coroutine cannot publish",
+        )),
         Some(context) => Ok(context.security.clone()),
         None => Err(Error::permission_denied(
             "no security context: only handlers, processes and the coroutines they create may publish (not a file's top level)",

@@ -376,10 +376,7 @@ impl LuaHost {
             released: Default::default(),
             raised_retryable: Default::default(),
         });
-        let context = CoroutineContext {
-            security,
-            delivery: Some(Rc::clone(&state)),
-        };
+        let context = CoroutineContext::new(security, Some(Rc::clone(&state)));
         let result = if payload.made_by == Rc::as_ptr(&self.clock) {
             self.run(context, &handler.function, payload.value, deadline)
                 .await
@@ -441,10 +438,7 @@ impl LuaHost {
             .map(|v| to_lua(&self.lua, v))
             .collect::<mlua::Result<MultiValue>>()
             .map_err(|e| Error::internal(e.to_string()))?;
-        let context = CoroutineContext {
-            security,
-            delivery: None,
-        };
+        let context = CoroutineContext::new(security, None);
         self.run(context, &handler.function, args, None)
             .await
             .map(|_| ())
@@ -466,15 +460,7 @@ impl LuaHost {
             .map_err(|e| Error::invalid(format!("cannot load chunk: {e}")))?;
         let security = self.contexts.chunk_security.borrow().clone();
         let values = self
-            .run(
-                CoroutineContext {
-                    security,
-                    delivery: None,
-                },
-                &function,
-                (),
-                None,
-            )
+            .run(CoroutineContext::new(security, None), &function, (), None)
             .await
             .map_err(|e| Error::internal(e.to_string()).retryable_if(false))?;
         values

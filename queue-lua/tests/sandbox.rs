@@ -75,6 +75,30 @@ async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
         0,
         "the kept coroutine published"
     );
+    // One that a process made, and kept past the process's run, the same.
+    let keep = h
+        .host
+        .handler(&lua_file("sandbox/coroutines.lua"), "keep_a_publisher")
+        .unwrap();
+    h.host
+        .run_process(&keep, Vec::new(), SecurityContext::default())
+        .await
+        .unwrap();
+    let resumed = h
+        .run_as(
+            "sandbox/coroutines.lua",
+            "resume_the_kept_publisher",
+            only_emails(),
+        )
+        .await;
+    assert_eq!(resumed, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    assert_eq!(field(&report, "kept"), &Value::from("PermissionDenied"));
+    assert_eq!(
+        h.ready("app:tasks").await,
+        0,
+        "the process's kept coroutine published"
+    );
 }
 
 #[tokio::test]
