@@ -127,7 +127,8 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
     while results[1] and results.n == 2 and results[2] == pending do
       if not isyieldable() then
         results = pack(false, "an asynchronous call (queue.publish, msg:ack, msg:nack) "
-          .. "can only wait inside a handler or a process, not where this coroutine was resumed")
+          .. "cannot wait where this coroutine was resumed (inside a function Lua calls from C): "
+          .. "the call has started, and goes on when the coroutine is resumed again")
         break
       end
       yield(pending)
@@ -485,7 +486,8 @@ fn coroutine_library(
         .call((
             create.clone(),
             resume.clone(),
-            real.raw_get::<Function>("close")?,
+            // The sandbox's: it leaves alone a coroutine stopped at its deadline.
+            close.clone(),
             lua.globals().raw_get::<Function>("error")?,
             lua.globals()
                 .raw_get::<Table>("table")?
