@@ -640,7 +640,15 @@ impl RuntimeSettle {
     where
         F: Future<Output = Result<()>> + 'static,
     {
-        let task = self.runners.tasks.spawn_local(settlement.in_current_span());
+        // Polled once here first: most settlements finish at once (the memory driver,
+        // an ack that joins a batch), and only one that must wait becomes a task, so
+        // an explicit ack does not suspend the handler and hand its runner's turn on.
+        let mut settlement = Box::pin(settlement.in_current_span());
+        let first = std::future::poll_fn(|cx| Poll::Ready(settlement.as_mut().poll(cx))).await;
+        if let Poll::Ready(settled) = first {
+            return settled;
+        }
+        let task = self.runners.tasks.spawn_local(settlement);
         match task.await {
             Ok(settled) => settled,
             Err(e) => Err(Error::internal(format!("the settlement stopped: {e}"))),
