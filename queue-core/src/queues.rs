@@ -183,7 +183,12 @@ impl PublishRequest {
     /// The most bytes a message to this queue may take encoded (`max_message_bytes`;
     /// the default for a queue that is not declared, which publishing then refuses).
     pub fn max_message_bytes(&self) -> usize {
+        // Read in place: cloning the registered queue for one number cost every Lua
+        // publish its strings' allocations.
         self.queues
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&self.queue)
             .map_or(DEFAULT_MAX_MESSAGE_BYTES, |r| r.settings.max_message_bytes)
     }

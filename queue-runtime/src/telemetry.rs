@@ -487,11 +487,13 @@ impl Driver for Traced {
     }
 }
 
-/// An endpoint URL without its query string and fragment, for logs and errors.
+/// An endpoint URL without its query string and fragment, and without a password,
+/// for logs and errors.
 fn shown(endpoint: &str) -> String {
-    match endpoint.find(['?', '#']) {
-        Some(cut) => format!("{}?...", &endpoint[..cut]),
-        None => endpoint.to_string(),
+    let redacted = queue_core::redact_url(endpoint);
+    match redacted.find(['?', '#']) {
+        Some(cut) => format!("{}?...", &redacted[..cut]),
+        None => redacted,
     }
 }
 
@@ -506,6 +508,10 @@ mod tests {
             "http://127.0.0.1:4318/v1/traces?..."
         );
         assert_eq!(shown("http://127.0.0.1:4318"), "http://127.0.0.1:4318");
+        assert_eq!(
+            shown("http://u:token@127.0.0.1:4318/v1/traces"),
+            "http://u:***@127.0.0.1:4318/v1/traces"
+        );
     }
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
