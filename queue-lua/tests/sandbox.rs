@@ -60,21 +60,7 @@ async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
         )
         .await;
     assert_eq!(kept, Outcome::Ack);
-    let resumed = h
-        .run_as(
-            "sandbox/coroutines.lua",
-            "resume_the_kept_publisher",
-            only_emails(),
-        )
-        .await;
-    assert_eq!(resumed, Outcome::Ack);
-    let report = h.take_body("app:emails").await;
-    assert_eq!(field(&report, "kept"), &Value::from("PermissionDenied"));
-    assert_eq!(
-        h.ready("app:tasks").await,
-        0,
-        "the kept coroutine published"
-    );
+    assert_the_kept_publisher_is_denied(&h, "a handler's").await;
     // One that a process made, and kept past the process's run, the same.
     let keep = h
         .host
@@ -84,6 +70,12 @@ async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
         .run_process(&keep, Vec::new(), SecurityContext::default())
         .await
         .unwrap();
+    assert_the_kept_publisher_is_denied(&h, "a process's").await;
+}
+
+/// Resumes the coroutine kept in `kept_publisher` from a handler allowed `app:emails`
+/// only, and checks that it could not publish to `app:tasks`.
+async fn assert_the_kept_publisher_is_denied(h: &Harness, whose: &str) {
     let resumed = h
         .run_as(
             "sandbox/coroutines.lua",
@@ -97,7 +89,7 @@ async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
     assert_eq!(
         h.ready("app:tasks").await,
         0,
-        "the process's kept coroutine published"
+        "{whose} kept coroutine published"
     );
 }
 

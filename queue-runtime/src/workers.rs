@@ -632,10 +632,11 @@ struct RuntimeSettle {
 }
 
 impl RuntimeSettle {
-    /// Runs a settlement as a task of its own, which the handler awaits: a handler
-    /// ended at its `timeout` while its `msg:nack()` was republishing would otherwise
-    /// drop the failure path half way, with the message already marked settled, so
-    /// that it was neither retried nor returned until Lua collected it.
+    /// Runs a settlement so that it outlives the handler that awaits it: one that
+    /// cannot finish at once goes on as a task of its own. A handler ended at its
+    /// `timeout` while its `msg:nack()` was republishing would otherwise drop the
+    /// failure path half way, with the message already marked settled, so that it was
+    /// neither retried nor returned until Lua collected it.
     async fn apart<F>(&self, settlement: F) -> Result<()>
     where
         F: Future<Output = Result<()>> + 'static,

@@ -204,11 +204,12 @@ end
     driver.inner().publish(&jobs, numbered(7)).await.unwrap();
     driver.wait_for_held(1).await;
     driver.pass_publishes();
-    within("the handler acked after its publish was confirmed", async {
-        while driver.inner().acked_total(&jobs) != Some(1) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    wait_for_acks(
+        &driver,
+        &jobs,
+        1,
+        "the handler acked after its publish was confirmed",
+    )
     .await;
     assert_eq!(driver.inner().info(&out).await.unwrap().ready, Some(1));
     let summary = within("shutdown", host.shutdown()).await;
@@ -250,12 +251,7 @@ end
     driver.wait_for_held(2).await;
     driver.pass_publishes();
     // Both copies arrive, are handled and acked: four acks in all.
-    within("both messages retried and handled", async {
-        while driver.inner().acked_total(&jobs) != Some(4) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    wait_for_acks(&driver, &jobs, 4, "both messages retried and handled").await;
     let summary = within("shutdown", host.shutdown()).await;
     assert_eq!((summary[0].ready, summary[0].in_flight), (Some(0), Some(0)));
 }
@@ -287,6 +283,17 @@ async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
         (Some(0), Some(1)),
         "the held delivery is back in its queue, unacked"
     );
+}
+
+/// Waits (bounded) until the driver has counted `acks` acks on `queue`; the memory
+/// driver signals nothing per ack, so it looks every 10 ms.
+async fn wait_for_acks(driver: &ControlledDriver, queue: &QueueId, acks: u64, what: &str) {
+    within(what, async {
+        while driver.inner().acked_total(queue) != Some(acks) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// Starts a host for `app` whose handler file is `handler`, with `options`.
