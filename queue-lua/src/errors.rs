@@ -61,6 +61,22 @@ impl UserData for LuaError {
     }
 }
 
+/// What a Lua call returns: `value, err`.
+pub(crate) type Answer = (LuaValue, Option<LuaError>);
+
+/// The failure of a call whose success is a value (`queue.message()`, `msg:id()`):
+/// `nil, err`.
+pub(crate) fn no_value(err: Error) -> mlua::Result<Answer> {
+    Ok((LuaValue::Nil, Some(LuaError::from(err))))
+}
+
+/// The failure of a call whose success is `true` (`queue.publish`, `msg:ack()`):
+/// `false, err`, so that `ok` is a boolean either way, as the seed's `boolean, error`
+/// says (docs/lua-api.md).
+pub(crate) fn not_done(err: Error) -> mlua::Result<Answer> {
+    Ok((LuaValue::Boolean(false), Some(LuaError::from(err))))
+}
+
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
 /// for logs and dead-letter reasons.
 pub fn describe(value: &LuaValue) -> String {

@@ -6,19 +6,13 @@ use mlua::{UserData, UserDataMethods, Value as LuaValue};
 use queue_core::Error;
 
 use crate::context::DeliveryState;
-use crate::errors::LuaError;
+use crate::errors::{no_value, not_done};
 use crate::value::header_to_lua;
 
 /// A handle on the delivery of the running handler. Every method returns
 /// `value, err`; once the handler has returned, every method is `INVALID`
 /// ("message released").
 pub(crate) struct LuaMessage(pub(crate) Rc<DeliveryState>);
-
-type Pair = (LuaValue, Option<LuaError>);
-
-fn fail(err: Error) -> mlua::Result<Pair> {
-    Ok((LuaValue::Nil, Some(LuaError::from(err))))
-}
 
 impl LuaMessage {
     fn check_usable(&self) -> Result<(), Error> {
@@ -56,14 +50,14 @@ impl UserData for LuaMessage {
                 LuaValue::String(lua.create_string(&m.0.context.message.id)?),
                 None,
             )),
-            Err(e) => fail(e),
+            Err(e) => no_value(e),
         });
         methods.add_method("header", |lua, m, key: LuaValue| match m.check_usable() {
             Ok(()) => {
                 // Any value, so that a wrong one is an `err`, as the contract says of
                 // every method, and not a raised "bad argument".
                 let LuaValue::String(key) = key else {
-                    return fail(Error::invalid(format!(
+                    return no_value(Error::invalid(format!(
                         "msg:header(name) takes a string, got a {}",
                         key.type_name()
                     )));
@@ -80,7 +74,7 @@ impl UserData for LuaMessage {
                 };
                 Ok((value, None))
             }
-            Err(e) => fail(e),
+            Err(e) => no_value(e),
         });
         methods.add_method("headers", |lua, m, ()| match m.check_usable() {
             Ok(()) => {
@@ -92,22 +86,22 @@ impl UserData for LuaMessage {
                 t.set(queue_core::names::ATTEMPTS, attempts(headers))?;
                 Ok((LuaValue::Table(t), None))
             }
-            Err(e) => fail(e),
+            Err(e) => no_value(e),
         });
         methods.add_async_method("ack", |_, m, ()| async move {
             if let Err(e) = m.begin_settle() {
-                return fail(e);
+                return not_done(e);
             }
             match m.0.context.settle.ack().await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
-                Err(e) => fail(e),
+                Err(e) => not_done(e),
             }
         });
         // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
         // says its kind and message, as a handler returning it would.
         methods.add_async_method("nack", |_, m, reason: LuaValue| async move {
             if let Err(e) = m.begin_settle() {
-                return fail(e);
+                return not_done(e);
             }
             let reason = match &reason {
                 LuaValue::Nil => "nacked by the handler".to_string(),
@@ -115,7 +109,7 @@ impl UserData for LuaMessage {
             };
             match m.0.context.settle.nack(&reason).await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
-                Err(e) => fail(e),
+                Err(e) => not_done(e),
             }
         });
     }

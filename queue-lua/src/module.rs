@@ -4,15 +4,9 @@ use mlua::{Lua, Table, Value as LuaValue};
 use queue_core::{Error, Queues, Result};
 
 use crate::context::{current_delivery, current_security};
-use crate::errors::LuaError;
+use crate::errors::{no_value, not_done};
 use crate::message::LuaMessage;
 use crate::value::{from_lua_within, headers_from_lua};
-
-type Pair = (LuaValue, Option<LuaError>);
-
-fn fail(err: Error) -> mlua::Result<Pair> {
-    Ok((LuaValue::Nil, Some(LuaError::from(err))))
-}
 
 /// Creates the `queue` table publishing through `queues`.
 pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
@@ -29,11 +23,11 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
                 async move {
                     let (request, body, headers) = match prepared {
                         Ok(p) => p,
-                        Err(e) => return fail(e),
+                        Err(e) => return not_done(e),
                     };
                     match request.send(body, headers).await {
                         Ok(_) => Ok((LuaValue::Boolean(true), None)),
-                        Err(e) => fail(e),
+                        Err(e) => not_done(e),
                     }
                 }
             },
@@ -47,7 +41,7 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
                 LuaValue::UserData(lua.create_userdata(LuaMessage(state))?),
                 None,
             )),
-            _ => fail(Error::invalid(
+            _ => no_value(Error::invalid(
                 "no delivery context: queue.message() works only inside a queue consumer's handler",
             )),
         })?,
@@ -61,7 +55,7 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
             async move {
                 let id = match id {
                     Ok(id) => id,
-                    Err(e) => return fail(e),
+                    Err(e) => return no_value(e),
                 };
                 match queues.info(&id).await {
                     Ok(info) => {
@@ -73,7 +67,7 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
                         t.set("consumer_count", info.consumers)?;
                         Ok((LuaValue::Table(t), None))
                     }
-                    Err(e) => fail(e),
+                    Err(e) => no_value(e),
                 }
             }
         })?,

@@ -30,7 +30,10 @@ fn policies(rules: Vec<RulePolicy>) -> SecurityContext {
 
 const PUBLISH_AND_REPORT: &str = r#"
     local ok, err = queue.publish("app:tasks", { a = 1 })
-    if err then return err:kind(), err:retryable(), err:message() end
+    if err then
+        assert(ok == false, "a failed publish answers false first, got " .. tostring(ok))
+        return err:kind(), err:retryable(), err:message()
+    end
     return ok
 "#;
 
