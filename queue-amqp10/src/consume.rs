@@ -78,11 +78,16 @@ enum Control {
     Cancel(oneshot::Sender<Result<()>>),
 }
 
+/// A delivery waiting for `next`, with the epoch of the link it came on.
+type Handed = Result<(u64, Delivery)>;
+
 /// A running consumer of one queue.
 pub(crate) struct Amqp10Subscription {
-    deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
+    deliveries: mpsc::UnboundedReceiver<Handed>,
     /// Deliveries handed to the channel and not yet taken by `next`.
     buffered: Arc<AtomicUsize>,
+    /// The epoch of the task's current link ([`NO_LINK`] while there is none).
+    current_epoch: Arc<AtomicU64>,
     control: mpsc::UnboundedSender<Control>,
     task: Option<JoinHandle<()>>,
 }
@@ -99,6 +104,7 @@ impl Amqp10Subscription {
         let (control, control_rx) = mpsc::unbounded_channel();
         let closed = connector.closed_signal();
         let buffered = Arc::new(AtomicUsize::new(0));
+        let current_epoch = Arc::new(AtomicU64::new(NO_LINK));
         let mut task = ReceiveTask {
             buffered: Arc::clone(&buffered),
             connector,
@@ -108,7 +114,7 @@ impl Amqp10Subscription {
             control_rx,
             closed,
             epoch: 0,
-            current_epoch: Arc::default(),
+            current_epoch: Arc::clone(&current_epoch),
             unsettled: HashMap::new(),
             burst: Vec::with_capacity(BURST),
             unreadable: Vec::new(),
@@ -122,6 +128,7 @@ impl Amqp10Subscription {
         Ok(Amqp10Subscription {
             deliveries,
             buffered,
+            current_epoch,
             control,
             task: Some(handle),
         })
@@ -131,11 +138,22 @@ impl Amqp10Subscription {
 #[async_trait]
 impl Subscription for Amqp10Subscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        let next = self.deliveries.recv().await;
-        if let Some(Ok(_)) = next {
-            self.buffered.fetch_sub(1, Ordering::AcqRel);
+        loop {
+            match self.deliveries.recv().await? {
+                Ok((epoch, delivery)) => {
+                    self.buffered.fetch_sub(1, Ordering::AcqRel);
+                    if epoch == self.current_epoch.load(Ordering::Acquire) {
+                        return Some(Ok(delivery));
+                    }
+                    // Its link was lost while it waited here: the broker has it back
+                    // and delivers it again, so a handler would only run it twice and
+                    // fail to ack it. Dropped, it settles nothing (an old epoch's
+                    // settlement is ignored).
+                    drop(delivery);
+                }
+                Err(err) => return Some(Err(err)),
+            }
         }
-        next
     }
 
     async fn cancel(mut self: Box<Self>) -> Result<()> {
@@ -222,7 +240,7 @@ struct ReceiveTask {
     connector: Arc<Connector>,
     buffered: Arc<AtomicUsize>,
     spec: ReceiverSpec,
-    out: mpsc::UnboundedSender<Result<Delivery>>,
+    out: mpsc::UnboundedSender<Handed>,
     /// Weak, so the task notices when the subscription and every acker are gone.
     control: mpsc::WeakUnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
@@ -265,10 +283,13 @@ type Received = std::result::Result<
 /// How many transfers already waiting are handed to the consumer at once.
 const BURST: usize = 32;
 
+/// Why the task stops: the reply of the cancel that stopped it, if a cancel did.
+type StopReply = Option<oneshot::Sender<Result<()>>>;
+
 enum Step {
     Continue,
     LinkLost,
-    Stop(Option<oneshot::Sender<Result<()>>>),
+    Stop(StopReply),
 }
 
 impl ReceiveTask {
@@ -360,22 +381,19 @@ impl ReceiveTask {
 
     /// Attaches again, backing off; settlements and cancel keep being answered meanwhile.
     /// `Err` means stop (with the cancel reply, if it was a cancel).
-    async fn reattach(
-        &mut self,
-    ) -> std::result::Result<Attached<Receiver>, Option<oneshot::Sender<Result<()>>>> {
+    async fn reattach(&mut self) -> std::result::Result<Attached<Receiver>, StopReply> {
         loop {
             if self.connector.is_closed() || self.out.is_closed() {
                 return Err(None);
             }
-            let attach = self.connector.attach_receiver(
-                self.connector.link_name("receiver", &self.spec.queue),
+            // An attach can wait for the connector's timeouts on a broker that does
+            // not answer: a cancel meanwhile is answered at once, not after them.
+            let connector = Arc::clone(&self.connector);
+            let attach = connector.attach_receiver(
+                connector.link_name("receiver", &self.spec.queue),
                 self.spec.source(),
             );
-            let result = tokio::select! {
-                result = attach => result,
-                _ = self.closed.wait_for(|c| *c) => return Err(None),
-            };
-            let err = match result {
+            let err = match self.unless_stopped(attach).await? {
                 Ok(attached) => {
                     tracing::info!(queue = %self.spec.queue, "amqp10 receiver re-attached");
                     self.failures = 0;
@@ -390,19 +408,27 @@ impl ReceiveTask {
                 // e.g. the queue was deleted: tell the consumer, keep trying.
                 let _ = self.out.send(Err(err));
             }
-            let sleep = tokio::time::sleep(wait);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    _ = self.closed.wait_for(|c| *c) => return Err(None),
-                    control = self.control_rx.recv() => match control {
-                        Some(Control::Cancel(reply)) => return Err(Some(reply)),
-                        // Every delivery of the lost link is back in the queue.
-                        Some(Control::Settle { .. }) => {}
-                        None => return Err(None),
-                    },
-                }
+            self.unless_stopped(tokio::time::sleep(wait)).await?;
+        }
+    }
+
+    /// Waits for `work` while no link is attached, answering what arrives meanwhile: a
+    /// cancel or the driver's close ends the wait (`Err`, with the cancel's reply); a
+    /// settlement is dropped, as every delivery of the lost link is back in the queue.
+    async fn unless_stopped<F: Future>(
+        &mut self,
+        work: F,
+    ) -> std::result::Result<F::Output, StopReply> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                _ = self.closed.wait_for(|c| *c) => return Err(None),
+                control = self.control_rx.recv() => match control {
+                    Some(Control::Cancel(reply)) => return Err(Some(reply)),
+                    Some(Control::Settle { .. }) => {}
+                    None => return Err(None),
+                },
             }
         }
     }
@@ -426,7 +452,7 @@ impl ReceiveTask {
             }
         }
         for delivery in self.burst.drain(..) {
-            if self.out.send(Ok(delivery)).is_err() {
+            if self.out.send(Ok((self.epoch, delivery))).is_err() {
                 return Step::Stop(None);
             }
         }

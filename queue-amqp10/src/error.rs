@@ -4,7 +4,7 @@
 //! the redacted one, so no password reaches a message.
 
 use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError, SessionStopReason};
-use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, LinkError};
 use queue_core::{Error, ErrorKind};
 
 /// The portable kind of an error condition a peer sent.
@@ -43,6 +43,28 @@ pub(crate) fn remote(err: &definitions::Error) -> Error {
         message.push_str(description);
     }
     Error::new(kind, message)
+}
+
+/// A publish the broker answered with `rejected`. What the condition names decides
+/// whether sending it again can help: a message too large or one the broker cannot
+/// decode will be refused every time, so it is `INVALID` (not retried: a retry copy
+/// refused so is dead-lettered instead of returned again and again); a refusal
+/// without a condition, or for a limit that passes (`resource-limit-exceeded`), stays
+/// `INTERNAL`, retryable.
+pub(crate) fn rejected(err: Option<&definitions::Error>) -> Error {
+    let Some(err) = err else {
+        return Error::internal("the broker rejected the message (it gave no reason)");
+    };
+    let refusal = remote(err);
+    let kind = match &err.condition {
+        ErrorCondition::LinkError(LinkError::MessageSizeExceeded)
+        | ErrorCondition::AmqpError(AmqpError::DecodeError) => ErrorKind::Invalid,
+        _ => refusal.kind(),
+    };
+    Error::new(
+        kind,
+        format!("the broker rejected the message: {}", refusal.message()),
+    )
 }
 
 /// A failed sender attach.
@@ -116,5 +138,38 @@ mod tests {
         let limit = definitions::Error::new(AmqpError::ResourceLimitExceeded, None, None);
         assert_eq!(remote(&limit).kind(), ErrorKind::Internal);
         assert!(remote(&limit).retryable());
+    }
+
+    #[test]
+    fn a_rejection_that_will_come_again_is_not_retried() {
+        for (condition, kind) in [
+            (
+                ErrorCondition::LinkError(LinkError::MessageSizeExceeded),
+                ErrorKind::Invalid,
+            ),
+            (
+                ErrorCondition::AmqpError(AmqpError::DecodeError),
+                ErrorKind::Invalid,
+            ),
+            (
+                ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+                ErrorKind::PermissionDenied,
+            ),
+            (
+                ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
+                ErrorKind::Internal,
+            ),
+        ] {
+            let refusal = definitions::Error::new(condition.clone(), Some("why".into()), None);
+            let err = rejected(Some(&refusal));
+            assert_eq!(err.kind(), kind, "{condition:?}");
+            assert_eq!(
+                err.retryable(),
+                kind == ErrorKind::Internal,
+                "{condition:?}"
+            );
+            assert!(err.message().contains("rejected") && err.message().contains("why"));
+        }
+        assert!(rejected(None).retryable());
     }
 }

@@ -214,6 +214,12 @@ impl SendTask {
                     break;
                 }
             };
+            if request.reply.is_closed() {
+                // It timed out waiting for the window (or for a link, on the way
+                // round again): its caller was told to publish again, so sending it
+                // now would only add a duplicate.
+                continue;
+            }
             let Some(attached) = self.link.as_mut() else {
                 drop(permit);
                 match self
@@ -267,6 +273,14 @@ impl SendTask {
                         break;
                     }
                 }
+                Err(SendError::MessageSizeExceeded(too_large)) => {
+                    // Checked before anything was written: the link is fine, and this
+                    // message would be refused on any link of this broker.
+                    let _ = request.reply.send(Err(Error::invalid(format!(
+                        "the message is {} bytes encoded, more than the {} bytes the broker accepts (its max-message-size)",
+                        too_large.size, too_large.max_size
+                    ))));
+                }
                 Err(err) => {
                     // Not written (or not completely): the link is unusable. Write it
                     // again on a fresh link.
@@ -308,13 +322,7 @@ async fn outcome_task(mut pending: mpsc::UnboundedReceiver<Pending>) {
     {
         let result = match outcome.await {
             Ok(Outcome::Accepted(_)) => Ok(()),
-            Ok(Outcome::Rejected(rejected)) => Err(Error::internal(format!(
-                "the broker rejected the message{}",
-                rejected
-                    .error
-                    .map(|e| format!(": {}", crate::error::remote(&e).message()))
-                    .unwrap_or_default()
-            ))),
+            Ok(Outcome::Rejected(rejected)) => Err(crate::error::rejected(rejected.error.as_ref())),
             Ok(Outcome::Released(_)) => Err(Error::internal(
                 "the broker released the message (not delivered to the queue)",
             )),

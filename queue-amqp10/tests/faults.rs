@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
+use queue_core::{ConsumeOptions, Headers, Message};
 use queue_fixtures::artemis::ArtemisNode;
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::faults::{FaultBackend, Load, trials};
@@ -45,6 +46,63 @@ async fn start_artemis() -> Result<(TestContext, Box<dyn Outage>), String> {
     Ok((TestContext::new(Arc::new(driver)), Box::new(node)))
 }
 
+/// Deliveries that waited in a subscription while their link was lost are not handed
+/// to the consumer: the broker has them back and delivers them again on the new link
+/// (docs/drivers/amqp10.md, "Receiving"). Handed over, each one's handler would run
+/// for nothing, its ack refused.
+async fn deliveries_waiting_when_their_link_is_lost_are_not_handed_over() {
+    const COUNT: usize = 20;
+    let (ctx, mut node) = start().await.expect("a private RabbitMQ node");
+    let driver = ctx.driver_arc();
+    let spec = ctx.spec("stale").with_durable(true);
+    driver.declare(&spec).await.expect("declare");
+    let messages = (0..COUNT)
+        .map(|n| Message::from_bytes(format!("{n}").into_bytes(), Headers::new(), "text/plain"))
+        .collect();
+    driver
+        .publish_batch(&spec.id, messages)
+        .await
+        .expect("publish");
+    let mut subscription = driver
+        .consume(
+            &spec.id,
+            ConsumeOptions {
+                prefetch: COUNT as u32,
+            },
+        )
+        .await
+        .expect("consume");
+    let next = async |subscription: &mut Box<dyn queue_core::Subscription>| {
+        tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("a delivery within 30 s")
+            .expect("the subscription is open")
+            .expect("a delivery, not an error")
+    };
+    // The rest wait in the subscription (prefetch covers them all).
+    let first = next(&mut subscription).await;
+    first.ack().await.expect("ack before the cut");
+    let links_before = driver.connection().expect("a report").links_attached;
+    tokio::task::block_in_place(|| node.inflict(Fault::CutConnections)).expect("cut");
+    // The fault landed once the receiver attached a new link.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while driver.connection().expect("a report").links_attached <= links_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no link re-attached within 30 s of the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 1..COUNT {
+        let delivery = next(&mut subscription).await;
+        delivery
+            .ack()
+            .await
+            .unwrap_or_else(|e| panic!("delivery {n} after the cut came from the lost link: {e}"));
+    }
+    drop(node);
+}
+
 fn main() {
     let faults = [Fault::CutConnections, Fault::StopStart, Fault::Kill];
     let rabbitmq = FaultBackend::new(
@@ -68,5 +126,11 @@ fn main() {
         after_fault: 10_000,
         ..Load::default()
     });
-    queue_testkit::run(trials(&[rabbitmq, artemis]));
+    let mut all = trials(&[rabbitmq, artemis]);
+    all.push(queue_testkit::broker_test(
+        "rabbitmq::deliveries_waiting_when_their_link_is_lost_are_not_handed_over",
+        PrivateNode::unavailable(),
+        deliveries_waiting_when_their_link_is_lost_are_not_handed_over,
+    ));
+    queue_testkit::run(all);
 }
