@@ -64,6 +64,12 @@ pub struct Amqp10Config {
     /// network that drops everything without closing TCP goes silent that long.
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+    /// The largest message a receiver takes, in bytes as it travels (default 128 MiB,
+    /// RabbitMQ 3.x's own limit; at least 64 KiB). Advertised as each receiver link's
+    /// `max-message-size`, so that a larger delivery is refused before it is held
+    /// whole in memory (docs/drivers/amqp10.md, "Receiving").
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
     /// TLS settings for `amqps://` URLs (needs the crate's `tls` feature).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -98,6 +104,13 @@ fn default_confirm_window() -> u32 {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
+/// The smallest `max_message_size`: below it, a message's own properties and headers
+/// could be refused.
+const MIN_MAX_MESSAGE_SIZE: u64 = 64 * 1024;
+
+fn default_max_message_size() -> u64 {
+    128 * 1024 * 1024
+}
 
 impl fmt::Debug for Amqp10Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,6 +126,7 @@ impl fmt::Debug for Amqp10Config {
             .field("publish_timeout", &self.publish_timeout)
             .field("confirm_window", &self.confirm_window)
             .field("idle_timeout", &self.idle_timeout)
+            .field("max_message_size", &self.max_message_size)
             .field("tls", &self.tls)
             .finish()
     }
@@ -140,6 +154,7 @@ impl Amqp10Config {
             publish_timeout: default_publish_timeout(),
             confirm_window: default_confirm_window(),
             idle_timeout: default_idle_timeout(),
+            max_message_size: default_max_message_size(),
             tls: None,
         }
     }
@@ -211,6 +226,13 @@ impl Amqp10Config {
                 KIND,
                 "idle_timeout",
                 "must be 0s (off) or between 1s and about 49 days",
+            ));
+        }
+        if self.max_message_size < MIN_MAX_MESSAGE_SIZE {
+            return Err(field_error(
+                KIND,
+                "max_message_size",
+                format!("must be at least {MIN_MAX_MESSAGE_SIZE} bytes (64 KiB)"),
             ));
         }
         if self.container_id.as_ref().is_some_and(|id| id.is_empty()) {
@@ -400,6 +422,23 @@ mod tests {
         let err = parse("500ms").validate().unwrap_err();
         assert_eq!(err.details()["field"], "idle_timeout", "{err}");
         assert!(parse("1200h").validate().is_err());
+    }
+
+    #[test]
+    fn max_message_size_defaults_to_128_mib_and_is_at_least_64_kib() {
+        let parse = |value: u64| {
+            serde_json::from_value::<Amqp10Config>(serde_json::json!({
+                "url": "amqp://127.0.0.1", "max_message_size": value
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            Amqp10Config::new("amqp://127.0.0.1", Profile::Generic).max_message_size,
+            128 * 1024 * 1024
+        );
+        assert!(parse(65_536).validate().is_ok());
+        let err = parse(65_535).validate().unwrap_err();
+        assert_eq!(err.details()["field"], "max_message_size", "{err}");
     }
 
     #[test]

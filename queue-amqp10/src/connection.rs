@@ -106,6 +106,8 @@ pub(crate) struct Connector {
     #[cfg(feature = "tls")]
     tls: tokio_rustls::TlsConnector,
     backoff: queue_core::Backoff,
+    /// `max_message_size`, advertised on every receiver link.
+    max_message_size: u64,
     live: Mutex<Option<Live>>,
     generation: AtomicU64,
     /// Connections that opened (attempts that failed are not counted).
@@ -163,6 +165,7 @@ impl Connector {
                 None => crate::tls::trusting_mozilla_roots(),
             },
             backoff: config.reconnect_backoff(),
+            max_message_size: config.max_message_size,
             live: Mutex::new(None),
             generation: AtomicU64::new(0),
             opened: AtomicU64::new(0),
@@ -445,6 +448,7 @@ impl Connector {
             .source(source)
             .credit_mode(fe2o3_amqp::link::CreditMode::Manual)
             .auto_accept(false)
+            .max_message_size(self.max_message_size)
             .attach(&mut session);
         match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
             Ok(Ok(link)) => {

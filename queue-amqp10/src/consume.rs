@@ -122,6 +122,7 @@ impl Amqp10Subscription {
             flush: Box::pin(tokio::time::sleep(GATHER_TIME)),
             credit: 0,
             failures: 0,
+            attached_at: tokio::time::Instant::now(),
         };
         let link = task.start_link(attached).await;
         let handle = tokio::spawn(task.run(link));
@@ -263,7 +264,11 @@ struct ReceiveTask {
     flush: Pin<Box<tokio::time::Sleep>>,
     /// Credit the broker still has for this link (granted minus received since).
     credit: u32,
+    /// Attaches that failed, or links lost soon after they attached, in a row: what
+    /// the next re-attach backs off by.
     failures: u32,
+    /// When the current (or last) link attached.
+    attached_at: tokio::time::Instant,
 }
 
 enum Event {
@@ -280,6 +285,10 @@ type Received = std::result::Result<
     fe2o3_amqp::link::RecvError,
 >;
 
+/// How long a link must have served for its loss to count as news, not as the same
+/// trouble again (see `run`).
+const STEADY_LINK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How many transfers already waiting are handed to the consumer at once.
 const BURST: usize = 32;
 
@@ -295,6 +304,7 @@ enum Step {
 impl ReceiveTask {
     /// Makes an attached link current: new epoch, full credit.
     async fn start_link(&mut self, mut attached: Attached<Receiver>) -> Option<Attached<Receiver>> {
+        self.attached_at = tokio::time::Instant::now();
         self.epoch += 1;
         self.current_epoch.store(self.epoch, Ordering::Release);
         self.unsettled.clear();
@@ -345,6 +355,16 @@ impl ReceiveTask {
                     if let Some(old) = link.take() {
                         old.end();
                     }
+                    // A link lost right after it attached is lost for a reason that
+                    // comes back with the next one (a delivery it cannot take, a broker
+                    // that detaches it at once): the re-attach backs off, where it
+                    // attached again hundreds of times a second. One that served a
+                    // while is attached again at once.
+                    if self.attached_at.elapsed() < STEADY_LINK {
+                        self.failures += 1;
+                    } else {
+                        self.failures = 0;
+                    }
                     self.unsettled.clear();
                     // Their deliveries went back with the link.
                     self.accepts.clear();
@@ -386,6 +406,10 @@ impl ReceiveTask {
             if self.connector.is_closed() || self.out.is_closed() {
                 return Err(None);
             }
+            if self.failures > 0 {
+                let wait = self.connector.backoff(self.failures);
+                self.unless_stopped(tokio::time::sleep(wait)).await?;
+            }
             // An attach can wait for the connector's timeouts on a broker that does
             // not answer: a cancel meanwhile is answered at once, not after them.
             let connector = Arc::clone(&self.connector);
@@ -396,7 +420,6 @@ impl ReceiveTask {
             let err = match self.unless_stopped(attach).await? {
                 Ok(attached) => {
                     tracing::info!(queue = %self.spec.queue, "amqp10 receiver re-attached");
-                    self.failures = 0;
                     return Ok(attached);
                 }
                 Err(err) => err,
@@ -408,7 +431,6 @@ impl ReceiveTask {
                 // e.g. the queue was deleted: tell the consumer, keep trying.
                 let _ = self.out.send(Err(err));
             }
-            self.unless_stopped(tokio::time::sleep(wait)).await?;
         }
     }
 
@@ -490,6 +512,18 @@ impl ReceiveTask {
                 self.credit = self.credit.saturating_sub(1);
                 self.unreadable.push(unreadable);
                 Step::Continue
+            }
+            Err(RecvError::MessageSizeExceeded(too_large)) => {
+                // fe2o3-amqp refuses it by detaching the link, so the broker keeps it
+                // and offers it again first at every re-attach: the queue is blocked
+                // until someone removes it or raises the limit. Said plainly.
+                tracing::error!(
+                    queue = %self.spec.queue,
+                    size = too_large.size,
+                    max_message_size = too_large.max_size,
+                    "amqp10 receiver refused a delivery larger than max_message_size; the broker keeps it and the queue waits behind it (remove it or raise max_message_size)"
+                );
+                Step::LinkLost
             }
             Err(err) => {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver link lost; re-attaching");
