@@ -328,12 +328,11 @@ impl FailurePath {
         }
     }
 
-    /// Returns the original to its queue after `wait` (at least [`MIN_RETURN_WAIT`],
-    /// unless the runtime is stopping), so a message that cannot move is not spun.
+    /// Returns the original to its queue after `wait`, and never sooner than
+    /// [`MIN_RETURN_WAIT`] (a zero backoff included), so a message that cannot move is
+    /// not spun; at once only when the runtime is stopping (`hold` returns then).
     async fn give_back(&self, delivery: &Delivery, wait: Duration) -> Result<Disposition> {
-        if !wait.is_zero() {
-            self.hold(wait.max(MIN_RETURN_WAIT)).await;
-        }
+        self.hold(wait.max(MIN_RETURN_WAIT)).await;
         delivery.release().await?;
         Ok(Disposition::Returned)
     }

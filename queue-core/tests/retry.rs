@@ -285,3 +285,34 @@ async fn a_kept_message_never_comes_back_at_once() {
         .and_then(|d| d.as_int());
     assert!(delay.is_some_and(|ms| ms >= 100), "delay {delay:?}");
 }
+
+/// A message that can be neither retried nor dead-lettered goes back to its queue
+/// after at least the shortest wait, even where the backoff is zero: it came back at
+/// once before, and a broker in trouble saw it in a hot loop.
+#[tokio::test(start_paused = true)]
+async fn a_message_that_cannot_move_never_comes_back_at_once() {
+    let (driver, mut path, queue, _dlq) = world().await;
+    path.retry.backoff = Backoff::new(Duration::ZERO, 1.0, Duration::ZERO);
+    // A dead-letter queue the driver does not know: the move is refused.
+    let nowhere = QueueId::parse("app:nowhere").unwrap();
+    path.exhausted = Exhausted::DeadLetter(nowhere, driver.clone());
+    // A runtime that is not stopping (a dropped sender reads as stopping).
+    let (_running, stop) = tokio::sync::watch::channel(false);
+    path.stop = stop;
+    publish_with(&driver, &queue, &[(names::ATTEMPTS, HeaderValue::Int(3))]).await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut sub).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        path.fail(&last, "still broken").await.unwrap(),
+        Disposition::Returned
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100),
+        "given back after {waited:?}"
+    );
+}
