@@ -746,6 +746,14 @@ fn security(
             }
         }
     }
+    if !policies.is_empty() && s.actor.is_none() {
+        // Policies decide for an actor: without one they would apply to nothing, and
+        // the entry would publish anywhere its author meant to restrict.
+        return Err(entry.error(
+            Some("security"),
+            "`policies` need an `actor` to apply to: add `actor: { id: ... }` (docs/security.md)",
+        ));
+    }
     let actor = s.actor.as_ref().map(|a| Actor {
         id: a.id.clone(),
         meta: a.meta.clone(),

@@ -32,7 +32,7 @@ fn check_finds_every_kind_of_mistake_before_starting() {
     let dir = app(&[
         (
             "app.yaml",
-            "namespace: app\nentries:\n  - name: a\n    kind: queue.consumer\n    queue: tasks\n    source: broken.lua\n    method: handle\n  - name: b\n    kind: queue.consumer\n    queue: tasks\n    source: missing.lua\n    method: handle\n  - name: c\n    kind: queue.consumer\n    queue: tasks\n    func: nowhere\n  - name: d\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: not_there\n  - name: e\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n    security:\n      policies: [no_such_policy]\n  - name: q\n    kind: queue.queue\n    driver: ghost\n",
+            "namespace: app\nentries:\n  - name: a\n    kind: queue.consumer\n    queue: tasks\n    source: broken.lua\n    method: handle\n  - name: b\n    kind: queue.consumer\n    queue: tasks\n    source: missing.lua\n    method: handle\n  - name: c\n    kind: queue.consumer\n    queue: tasks\n    func: nowhere\n  - name: d\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: not_there\n  - name: e\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n    security:\n      policies: [no_such_policy]\n  - name: q\n    kind: queue.queue\n    driver: ghost\n  - name: f\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n    security:\n      policies: [deny_all]\n  - name: deny_all\n    kind: security.policy\n    actions: \"*\"\n    effect: deny\n",
         ),
         ("broken.lua", "function handle(payload)\n  if then\nend\n"),
         ("h.lua", HANDLER),
@@ -49,6 +49,8 @@ fn check_finds_every_kind_of_mistake_before_starting() {
         "no function \"not_there\"",
         "field `security`: app:no_such_policy is not a security.policy entry",
         "app.yaml:31: field `driver`: app:ghost is not a declared driver",
+        // Policies without an actor applied to nothing: the entry published anywhere.
+        "app.yaml:38: field `security`: `policies` need an `actor` to apply to",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
