@@ -208,9 +208,14 @@ impl Amqp091Config {
             ));
         }
         if let Some(hb) = self.heartbeat
-            && hb.as_secs() > u64::from(u16::MAX)
+            && !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX))).contains(&hb)
         {
-            return Err(field_error("heartbeat", "must be at most 65535s"));
+            // AMQP counts heartbeats in whole seconds, and lapin reads 0 as "the
+            // broker's value": `500ms` and `0s` both gave RabbitMQ's 60 s.
+            return Err(field_error(
+                "heartbeat",
+                "must be between 1s and 65535s (leave it out for the broker's value; heartbeats cannot be turned off)",
+            ));
         }
         if !cfg!(feature = "tls") {
             let amqps = endpoints
@@ -304,6 +309,14 @@ impl Amqp091Config {
                 ),
             )
         })?;
+        // lapin's parser takes the host from the URL's domain, and an IP literal has
+        // none: `amqp://[2001:db8::5]` dialled `localhost`, with the password. The
+        // literal is the host (IPv4 literals parse as such already).
+        if let Ok(parsed) = url::Url::parse(url)
+            && let Some(url::Host::Ipv6(ip)) = parsed.host()
+        {
+            uri.authority.host = ip.to_string();
+        }
         // `amqp://host:5672/` has an empty path. The AMQP URI spec reads that as the
         // vhost "", which RabbitMQ never has; pika, kombu and most users mean the
         // default vhost "/".
@@ -321,7 +334,11 @@ impl Amqp091Config {
         // A frame bounds how deep another client can nest the header tables lapin's
         // parser recurses through (docs/drivers/amqp091.md, "Messages from other
         // clients"): never more than RabbitMQ's default, whatever the broker offers.
-        uri.query.frame_max = Some(uri.query.frame_max.map_or(MAX_FRAME, |f| f.min(MAX_FRAME)));
+        // A URL's `frame_max=0` asks for the broker's size, which would lift the cap.
+        uri.query.frame_max = Some(match uri.query.frame_max {
+            None | Some(0) => MAX_FRAME,
+            Some(f) => f.min(MAX_FRAME),
+        });
         Ok(Endpoint {
             shown: redact_url(url),
             uri,
@@ -494,6 +511,40 @@ mod tests {
         assert_eq!(uri.query.heartbeat, Some(10));
         assert_eq!(uri.query.frame_max, Some(MAX_FRAME));
         assert_eq!(uri.authority.port, 5673);
+    }
+
+    #[test]
+    fn an_ipv6_literal_is_the_host_not_localhost() {
+        let c = Amqp091Config::from_json(json!({"url": "amqp://u:p@[2001:db8::5]:5673/"})).unwrap();
+        let uri = c.endpoints().unwrap().remove(0).uri;
+        assert_eq!(uri.authority.host, "2001:db8::5");
+        assert_eq!(uri.authority.port, 5673);
+        for (url, host) in [
+            ("amqp://u:p@127.0.0.1:5672/", "127.0.0.1"),
+            ("amqp://u:p@rabbit.example:5672/", "rabbit.example"),
+        ] {
+            let c = Amqp091Config::from_json(json!({ "url": url })).unwrap();
+            assert_eq!(c.endpoints().unwrap().remove(0).uri.authority.host, host);
+        }
+    }
+
+    #[test]
+    fn a_frame_max_of_zero_in_the_url_keeps_the_cap() {
+        let c = Amqp091Config::from_json(json!({"url": "amqp://u:p@127.0.0.1:5672/?frame_max=0"}))
+            .unwrap();
+        let uri = c.endpoints().unwrap().remove(0).uri;
+        assert_eq!(uri.query.frame_max, Some(MAX_FRAME));
+    }
+
+    #[test]
+    fn a_heartbeat_is_whole_seconds_from_one() {
+        for bad in ["0s", "500ms", "70000s"] {
+            let err = Amqp091Config::from_json(json!({
+                "url": "amqp://u:p@127.0.0.1:5672", "heartbeat": bad
+            }))
+            .unwrap_err();
+            assert_eq!(err.details()["field"], "heartbeat", "{bad}: {err}");
+        }
     }
 
     #[test]

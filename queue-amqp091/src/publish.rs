@@ -174,7 +174,15 @@ impl Publisher {
                         self.timeout
                     )));
                 };
-                queue_name(&name?)?
+                // A delay queue that exists with other arguments is the broker's
+                // state, not the message's (an older declaration that expires by
+                // itself): retried, as docs/drivers/amqp091.md says, not dead-lettered
+                // at the first failure.
+                let name = name.map_err(|e| match e.is(ErrorKind::AlreadyExists) {
+                    true => e.retryable_if(true),
+                    false => e,
+                })?;
+                queue_name(&name)?
             }
             None => routing.clone(),
         };

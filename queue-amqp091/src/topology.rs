@@ -182,7 +182,7 @@ impl Topology {
             args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
             args.insert("x-overflow".into(), string("reject-publish"));
         } else {
-            let expires = delay_ms.saturating_add(millis(DELAY_QUEUE_EXPIRY_MARGIN) as u64);
+            let expires = delay_queue_expiry(delay_ms);
             args.insert(
                 "x-expires".into(),
                 AMQPValue::LongLongInt(clamp_i64(expires)),
@@ -362,9 +362,31 @@ fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A classic delay queue's `x-expires`: its delay and a margin, within the largest
+/// expiry RabbitMQ takes (u32::MAX ms; past it the declare is refused, and a delay
+/// near the longest would never find its queue).
+fn delay_queue_expiry(delay_ms: u64) -> u64 {
+    delay_ms
+        .saturating_add(millis(DELAY_QUEUE_EXPIRY_MARGIN) as u64)
+        .min(queue_core::MAX_MILLIS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delay_queue_expires_a_minute_after_its_delay_within_the_broker_limit() {
+        assert_eq!(delay_queue_expiry(1_000), 61_000);
+        assert_eq!(
+            delay_queue_expiry(queue_core::MAX_MILLIS),
+            queue_core::MAX_MILLIS
+        );
+        assert_eq!(
+            delay_queue_expiry(queue_core::MAX_MILLIS - 1_000),
+            queue_core::MAX_MILLIS
+        );
+    }
 
     #[test]
     fn delays_round_up_to_two_significant_digits() {

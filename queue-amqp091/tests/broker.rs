@@ -485,6 +485,46 @@ async fn quorum_queue_options_the_broker_lacks_are_refused_up_front() {
     driver.close().await.unwrap();
 }
 
+/// A delay queue already on the broker with other arguments (one an earlier version
+/// declared, which expires by itself) refuses the driver's declare: the publish fails
+/// retryable, so the runtime tries the retry again later instead of dead-lettering the
+/// message at its first failure.
+async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably() {
+    let driver = common::rabbit().await;
+    let name = common::unique("delay-clash");
+    let id = QueueId::new("test", &name).unwrap();
+    driver
+        .declare(
+            &QueueSpec::new(id.clone())
+                .with_name(&name)
+                .with_durable(false),
+        )
+        .await
+        .unwrap();
+    let delay_queue = format!("{name}.delay.500");
+    let conn = lapin::Connection::connect(common::URL, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // No TTL, no dead-letter target: not what the driver declares.
+    ch.queue_declare(
+        delay_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let headers = Headers::from_pairs([("delay", HeaderValue::Int(500))]);
+    let sent = Message::encode(&Value::from("later"), headers, Codec::Json).unwrap();
+    let err = driver.publish(&id, sent).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.retryable(), "{err}");
+    delete(&delay_queue).await;
+    delete(&name).await;
+    let _ = conn.close(200, "OK".into()).await;
+    driver.close().await.unwrap();
+}
+
 async fn delete(name: &str) {
     let conn = lapin::Connection::connect(common::URL, Default::default())
         .await
@@ -621,6 +661,7 @@ queue_testkit::broker_tests! {
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
+        a_delay_queue_declared_otherwise_fails_the_publish_retryably,
         the_factory_validates_without_connecting_and_creates_a_driver,
         the_default_vhost_url_forms_all_connect,
         a_missing_vhost_is_not_found_and_named,
