@@ -38,10 +38,14 @@ pub struct RedisConfig {
     pub reconnect_max_delay: Duration,
     /// How long a consumer whose process stopped renewing its lease keeps its
     /// unsettled messages before another consumer returns them to the queue
-    /// (default 30s). A live consumer renews it every quarter of this.
+    /// (default 30s, at least 10s). A live consumer renews it every quarter of this,
+    /// between reads that wait up to 2 s.
     #[serde(default = "default_consumer_timeout", with = "duration")]
     pub consumer_timeout: Duration,
 }
+
+/// The shortest `consumer_timeout` (see `validate`).
+const MIN_CONSUMER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn default_publish_timeout() -> Duration {
     Duration::from_secs(5)
@@ -103,8 +107,15 @@ impl RedisConfig {
                 "must not be below reconnect_delay",
             ));
         }
-        if self.consumer_timeout < Duration::from_secs(1) {
-            return Err(field_error(KIND, "consumer_timeout", "must be at least 1s"));
+        if self.consumer_timeout < MIN_CONSUMER_TIMEOUT {
+            // A consumer renews its lease between reads that wait up to 2 s: a shorter
+            // lease ran out under a live consumer, and another one took back and
+            // handed out what it was still handling.
+            return Err(field_error(
+                KIND,
+                "consumer_timeout",
+                "must be at least 10s (a consumer renews its lease between reads that wait up to 2s)",
+            ));
         }
         Ok(())
     }
@@ -120,6 +131,13 @@ impl RedisConfig {
             ));
         };
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if rest[authority.len()..].contains('@') {
+            // `redis://u:12#ab@host` reads as host `u`, port 12, no password: the
+            // password would be dropped and another host dialled.
+            return Err(bad(
+                "the user or password holds a '/', '?' or '#': percent-encode it (%2F, %3F, %23)",
+            ));
+        }
         let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
         if host_port.is_empty() || host_port.starts_with(':') {
             return Err(bad("the host is empty"));
@@ -172,6 +190,16 @@ mod tests {
         assert_eq!(err.details()["field"], "reconnect_max_delay");
         let err = RedisConfig::from_value(serde_json::json!({})).unwrap_err();
         assert!(err.message().contains("url"), "{err}");
+        // A lease a live consumer cannot renew in time.
+        let err = RedisConfig::from_value(serde_json::json!({
+            "url": "redis://h", "consumer_timeout": "5s"
+        }))
+        .unwrap_err();
+        assert_eq!(err.details()["field"], "consumer_timeout");
+        let c = RedisConfig::from_value(serde_json::json!({
+            "url": "redis://h", "consumer_timeout": "10s"
+        }));
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]
@@ -183,6 +211,9 @@ mod tests {
             "redis://u:topsecret@:6379",
             "redis://u:topsecret@h:6379/notadb",
             "redis://u:top/secret@h:6379/x",
+            // Read as host `u`, port 123, the password dropped.
+            "redis://u:123#topsecret@h:6379/0",
+            "redis://u:123?topsecret@h:6379/0",
         ] {
             let err = RedisConfig::from_value(serde_json::json!({ "url": url })).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}");

@@ -299,6 +299,29 @@ async fn warn_unless_persistent(conn: &mut redis::aio::MultiplexedConnection, no
             "redis: the server does not sync every write to its AOF (appendonly yes, appendfsync always): confirmed messages may be lost if it crashes"
         );
     }
+    warn_if_evicting(conn, node).await;
+}
+
+/// A server that evicts keys under `maxmemory` can drop a queue's stream (its
+/// confirmed messages) with an `allkeys-*` policy, or the consumers' leases with a
+/// `volatile-*` one, which hands a live consumer's messages to another; says so
+/// unless the policy is `noeviction` (docs/drivers/redis.md).
+async fn warn_if_evicting(conn: &mut redis::aio::MultiplexedConnection, node: &str) {
+    let got: RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    let Ok(pairs) = got else { return };
+    if let Some(policy) = pairs.get(1)
+        && policy != "noeviction"
+    {
+        tracing::warn!(
+            node,
+            maxmemory_policy = %policy,
+            "redis: the server may evict keys under maxmemory (maxmemory-policy is not noeviction): confirmed messages or consumers' leases may be deleted"
+        );
+    }
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,

@@ -55,6 +55,10 @@ pub(crate) struct Shared {
     held: Mutex<HashSet<String>>,
     /// The pending list may hold entries no delivery holds: look again.
     rescan: AtomicBool,
+    /// Where the next look goes on: after the last id of a full page it read, so that
+    /// a pending list longer than a page is read page by page, never the first one
+    /// again and again (`None`: from the start).
+    rescan_from: Mutex<Option<String>>,
     stop: watch::Sender<bool>,
     /// Set when cancel (or close, or a drop) starts: settling is an error from then on.
     detached: AtomicBool,
@@ -69,6 +73,10 @@ impl Shared {
     fn held(&self) -> MutexGuard<'_, HashSet<String>> {
         // Inserts and removes cannot leave the set half-written.
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rescan_from(&self) -> MutexGuard<'_, Option<String>> {
+        self.rescan_from.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_stopping(&self) -> bool {
@@ -173,6 +181,7 @@ impl RedisSubscription {
             permits: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
             held: Mutex::new(HashSet::new()),
             rescan: AtomicBool::new(false),
+            rescan_from: Mutex::new(None),
             stop,
             detached: AtomicBool::new(false),
             reader_id: AtomicI64::new(0),
@@ -347,10 +356,14 @@ async fn rescan(
     reader: &mut ConnectionManager,
     count: usize,
 ) -> RedisResult<Vec<Entry>> {
+    let from = shared.rescan_from().take();
+    let start = from
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |id| format!("({id}"));
     let pending: Value = redis::cmd("XPENDING")
         .arg(&shared.keys.stream)
         .arg(GROUP)
-        .arg("-")
+        .arg(&start)
         .arg("+")
         .arg(RESCAN_PAGE)
         .arg(&shared.consumer)
@@ -373,7 +386,14 @@ async fn rescan(
             .cloned()
             .collect()
     };
-    if lost.len() > count || ids.len() >= RESCAN_PAGE {
+    if lost.len() > count {
+        // More than there is room for: the rest at the next look, on this page again.
+        *shared.rescan_from() = from;
+        shared.rescan.store(true, Ordering::Release);
+    } else if ids.len() >= RESCAN_PAGE {
+        // A full page, all of it held or claimed now: the next look reads the next
+        // page (before, it read this one again, for ever, while these were held).
+        *shared.rescan_from() = ids.last().cloned();
         shared.rescan.store(true, Ordering::Release);
     }
     if lost.is_empty() {

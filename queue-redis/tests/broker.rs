@@ -338,6 +338,45 @@ async fn a_publish_to_a_hung_redis_fails_within_its_limit() {
     assert!(close.is_ok(), "the close waited for the hung Redis");
 }
 
+/// A consumer holding more unsettled deliveries than one page of its pending list
+/// (1,000) reads on after a lost connection: the look for deliveries whose reply was
+/// lost goes on page by page. Before, it read the first page again and again, all of
+/// it held, and never read anything new while those deliveries were held.
+async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
+    const HELD: i64 = 1_200;
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("deep");
+    driver.declare(&spec).await.unwrap();
+    let batch: Vec<_> = (0..HELD).map(numbered).collect();
+    driver.publish_batch(&spec.id, batch).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 2_000 })
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(next(&mut sub).await);
+    }
+    let before = driver.connection().unwrap().connections_opened;
+    node.cut_connections().expect("CLIENT KILL");
+    // Published once the driver is back (right after the cut a publish may fail).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Err(e) = driver.publish(&spec.id, numbered(HELD)).await {
+        assert!(
+            e.retryable() && tokio::time::Instant::now() < deadline,
+            "{e}"
+        );
+    }
+    let after = next(&mut sub).await;
+    assert_eq!(number_of(&after), HELD, "a new message after the held ones");
+    // The fault landed: the driver had to connect again.
+    assert!(driver.connection().unwrap().connections_opened > before);
+    for delivery in held.into_iter().chain([after]) {
+        delivery.ack().await.unwrap();
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
@@ -351,6 +390,7 @@ queue_testkit::broker_tests! {
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         close_ends_subscriptions_and_refuses_work,
+        a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
     ];
     sync: [];
 }
