@@ -125,14 +125,21 @@ impl Shared {
         }
         let what = format!("cancel a consumer of {}", self.queue);
         let (stream, consumer, lease_key) = (&self.keys.stream, &self.consumer, &self.lease_key);
-        let returned: i64 = self
-            .link
-            .run_idempotent(&what, |mut c| async move {
-                let mut invocation = scripts::DETACH.key(stream);
-                invocation.arg(GROUP).arg(consumer).arg(lease_key);
-                invocation.invoke_async(&mut c).await
-            })
+        let detach = self.link.run_idempotent(&what, |mut c| async move {
+            let mut invocation = scripts::DETACH.key(stream);
+            invocation.arg(GROUP).arg(consumer).arg(lease_key);
+            invocation.invoke_async(&mut c).await
+        });
+        // Its tries stop at `publish_timeout`, but one try can wait for the redis
+        // crate's reconnects to a server that drops every attempt: bounded as a whole.
+        let limit = self.link.config().publish_timeout;
+        let returned: i64 = tokio::time::timeout(limit, detach)
             .await
+            .unwrap_or_else(|_| {
+                Err(queue_core::Error::internal(format!(
+                    "{what}: Redis did not answer within publish_timeout {limit:?}"
+                )))
+            })
             .map_err(|e| {
                 e.context("what it held goes back once its lease runs out (consumer_timeout)")
             })?;
