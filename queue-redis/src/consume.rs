@@ -43,6 +43,9 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// How many pending entries one look at the consumer's own pending list covers.
 const RESCAN_PAGE: usize = 1000;
 
+/// What the release script says of an entry it cannot copy back.
+const TOO_WIDE: &str = "TOO_WIDE";
+
 /// What a subscription, its reader task and the ackers of its deliveries share.
 pub(crate) struct Shared {
     link: Arc<Link>,
@@ -544,6 +547,10 @@ impl StreamAcker {
                 "{what}: this consumer no longer holds it (its lease ran out and it went back to the queue); it will be delivered again"
             ))
             .retryable_if(false)),
+            // An entry too wide to copy back stays pending for this consumer, for an
+            // operator (docs/drivers/redis.md): looked for again, it came straight back
+            // to a handler, and failed to go back, again and again.
+            Err(err) if err.message().contains(TOO_WIDE) => Err(err),
             Err(err) => {
                 // Still pending for this consumer, unless Redis did it and only the
                 // reply was lost: the reader looks and delivers it again.

@@ -253,6 +253,14 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
         released.is_err(),
         "a release that did not happen said it did"
     );
+    // It stays with this consumer for an operator, not handed straight back to a
+    // handler whose release would fail again. Watched for a while: nothing comes.
+    let again = tokio::time::timeout(std::time::Duration::from_secs(2), sub.next()).await;
+    assert!(
+        again.is_err(),
+        "delivered again: {:?}",
+        again.map(|d| d.map(|d| d.map(|d| d.message().id.clone())))
+    );
     // Cancelling returns what it can and keeps the consumer that still holds the
     // wide entry: deleting the consumer would delete the entry's pending record and
     // leave it in the stream, never delivered again.
