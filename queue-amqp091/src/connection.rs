@@ -89,9 +89,30 @@ impl Link {
     }
 }
 
+/// What a driver uses a connection for. A driver opens one for publishing (and
+/// declaring) and another for its consumers: during a resource alarm RabbitMQ stops
+/// reading from a connection that publishes, and lapin then writes nothing on it, so
+/// consumers sharing it could not ack and the backlog that raised the alarm could not
+/// drain (docs/drivers/amqp091.md, "Two connections").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Publishing,
+    Consuming,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Publishing => "publishing",
+            Purpose::Consuming => "consuming",
+        }
+    }
+}
+
 /// The connection of one driver: the current link and the supervisor behind it.
 pub(crate) struct Connection {
     config: Amqp091Config,
+    purpose: Purpose,
     endpoints: Vec<Endpoint>,
     tls: lapin::tcp::OwnedTLSConfig,
     /// The node connected to, or last connected to (password redacted).
@@ -114,6 +135,7 @@ impl Connection {
     /// which runs `on_reconnect` on every later link before publishing it.
     pub(crate) async fn connect(
         config: Amqp091Config,
+        purpose: Purpose,
         on_reconnect: OnReconnect,
     ) -> Result<Arc<Connection>> {
         let endpoints = config.endpoints()?;
@@ -121,6 +143,7 @@ impl Connection {
         let conn = Arc::new(Connection {
             node: Mutex::new(endpoints[0].shown.clone()),
             config,
+            purpose,
             endpoints,
             tls,
             link: watch::channel(None).0,
@@ -298,6 +321,10 @@ impl Connection {
         let url = endpoint.shown.as_str();
         let mut props = ConnectionProperties::default();
         if let Some(name) = &self.config.connection_name {
+            let name = match self.purpose {
+                Purpose::Publishing => name.clone(),
+                Purpose::Consuming => format!("{name} (consumers)"),
+            };
             props = props.with_connection_name(LongString::from(name.as_bytes()));
         }
         let runtime = lapin::runtime::default_runtime().map_err(|e| {
@@ -319,7 +346,7 @@ impl Connection {
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *lock(&self.node) = url.to_string();
-        tracing::info!(node = %url, generation, "connected to the AMQP broker");
+        tracing::info!(node = %url, generation, purpose = self.purpose.as_str(), "connected to the AMQP broker");
         Ok(Arc::new(Link {
             connection,
             generation,
@@ -407,7 +434,7 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
         }
         conn.link.send_replace(None);
         let lost = link.index;
-        tracing::warn!(node = %conn.endpoints[lost].shown, "connection to the AMQP broker lost; reconnecting");
+        tracing::warn!(node = %conn.endpoints[lost].shown, purpose = conn.purpose.as_str(), "connection to the AMQP broker lost; reconnecting");
         drop(conn);
         drop(link);
         let mut attempt = 1;
@@ -425,6 +452,13 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
             match conn.reconnect_round(lost).await {
                 Ok(new) => {
                     (conn.on_reconnect)(Arc::clone(&new)).await;
+                    if conn.is_closed() {
+                        // The driver closed while this one opened: its close found no
+                        // link to close, so nobody else would close this one.
+                        let close = new.connection.close(200, "driver closed".into());
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                        return;
+                    }
                     if !new.is_alive() {
                         continue;
                     }

@@ -36,6 +36,11 @@ impl Consumers {
         })
     }
 
+    /// The consumers' own connection.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Consumers attached so far, re-attaches included.
     pub(crate) fn attached(&self) -> u64 {
         self.attached.load(Ordering::Relaxed)

@@ -69,14 +69,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Message, QueueId,
-    QueueInfo, QueueSpec, Result, Subscription,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, ErrorKind, Message,
+    QueueId, QueueInfo, QueueSpec, Result, Subscription,
 };
 
 pub use config::{Amqp091Config, KIND, TlsConfig};
 pub use mapping::X_DELIVERY_COUNT;
 
-use connection::{Connection, OnReconnect};
+use connection::{Connection, OnReconnect, Purpose};
 use consume::Consumers;
 use publish::Publisher;
 use topology::Topology;
@@ -89,14 +89,16 @@ pub type AmqpDriver = Amqp091Driver;
 #[deprecated(note = "renamed to Amqp091Config")]
 pub type AmqpConfig = Amqp091Config;
 
-/// The AMQP 0-9-1 driver: one connection to one node of the configured ones
-/// (reconnected on loss, to the next live node), one confirm-mode publishing channel,
-/// one channel per subscription.
+/// The AMQP 0-9-1 driver: a connection to one node of the configured ones for
+/// publishing and declaring, and, from the first `consume`, another for consumers
+/// (each reconnected on loss, to the next live node); one confirm-mode publishing
+/// channel, one channel per subscription.
 pub struct Amqp091Driver {
     conn: Arc<Connection>,
     topology: Arc<Topology>,
     publisher: Publisher,
-    consumers: Arc<Consumers>,
+    /// The consumers and their own connection, opened by the first `consume`.
+    consumers: tokio::sync::OnceCell<Arc<Consumers>>,
 }
 
 impl std::fmt::Debug for Amqp091Driver {
@@ -114,13 +116,45 @@ impl Amqp091Driver {
     pub async fn connect(config: Amqp091Config) -> Result<Amqp091Driver> {
         config.validate()?;
         let topology = Arc::new(Topology::default());
-        let conn = Connection::connect(config, redeclare_on_reconnect(&topology)).await?;
+        let conn = Connection::connect(
+            config,
+            Purpose::Publishing,
+            redeclare_on_reconnect(&topology),
+        )
+        .await?;
         Ok(Amqp091Driver {
             publisher: Publisher::new(Arc::clone(&conn), Arc::clone(&topology)),
-            consumers: Consumers::new(Arc::clone(&conn), Arc::clone(&topology)),
+            consumers: tokio::sync::OnceCell::new(),
             conn,
             topology,
         })
+    }
+
+    /// The consumers, with their connection opened on first use.
+    async fn consumers(&self) -> Result<&Arc<Consumers>> {
+        let closed = || queue_core::Error::new(ErrorKind::Canceled, "the driver is closed");
+        if self.conn.is_closed() {
+            return Err(closed());
+        }
+        let consumers = self
+            .consumers
+            .get_or_try_init(|| async {
+                let conn = Connection::connect(
+                    self.conn.config().clone(),
+                    Purpose::Consuming,
+                    redeclare_on_reconnect(&self.topology),
+                )
+                .await?;
+                Ok(Consumers::new(conn, Arc::clone(&self.topology)))
+            })
+            .await?;
+        if self.conn.is_closed() {
+            // Closed while the connection opened: `close` may not have seen it.
+            consumers.connection().mark_closed();
+            let _ = consumers.connection().shutdown().await;
+            return Err(closed());
+        }
+        Ok(consumers)
     }
 
     /// The configuration in use.
@@ -146,8 +180,11 @@ fn redeclare_on_reconnect(topology: &Arc<Topology>) -> OnReconnect {
 
 impl Drop for Amqp091Driver {
     fn drop(&mut self) {
-        // Stops the supervisor; the connection closes with the last handle on it.
+        // Stops the supervisors; a connection closes with the last handle on it.
         self.conn.mark_closed();
+        if let Some(consumers) = self.consumers.get() {
+            consumers.connection().mark_closed();
+        }
     }
 }
 
@@ -199,7 +236,9 @@ impl Driver for Amqp091Driver {
         options: ConsumeOptions,
     ) -> Result<Box<dyn Subscription>> {
         let sub = self
-            .consumers
+            .consumers()
+            .await
+            .map_err(|e| e.context(format!("consume {queue}")))?
             .subscribe(queue.clone(), options.prefetch)
             .await?;
         Ok(Box::new(sub))
@@ -217,22 +256,32 @@ impl Driver for Amqp091Driver {
         // link's generation: between a reconnect and the redeclare on the new node
         // there is no current link.
         let node = self.conn.node();
-        let current = self.conn.current();
+        let alive = |conn: &Connection| conn.current().is_some_and(|l| l.is_alive());
+        let consumers = self.consumers.get();
         Some(ConnectionReport {
-            connected: current.as_ref().is_some_and(|l| l.is_alive()),
-            connections_opened: self.conn.connections_opened(),
-            links_attached: self.consumers.attached(),
+            connected: alive(&self.conn) && consumers.is_none_or(|c| alive(c.connection())),
+            connections_opened: self.conn.connections_opened()
+                + consumers.map_or(0, |c| c.connection().connections_opened()),
+            links_attached: consumers.map_or(0, |c| c.attached()),
             node,
         })
     }
 
-    /// Flushes every subscription's pending acks, then closes the connection.
+    /// Flushes every subscription's pending acks, then closes the connections.
     async fn close(&self) -> Result<()> {
         if !self.conn.mark_closed() {
             return Ok(());
         }
-        self.consumers.close().await;
-        self.conn.shutdown().await
+        let consumers = match self.consumers.get() {
+            Some(consumers) => {
+                consumers.connection().mark_closed();
+                consumers.close().await;
+                consumers.connection().shutdown().await
+            }
+            None => Ok(()),
+        };
+        let publishing = self.conn.shutdown().await;
+        publishing.and(consumers)
     }
 }
 

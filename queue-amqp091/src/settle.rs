@@ -35,6 +35,7 @@ use queue_core::{Acker, Error, ErrorKind, Result};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::connection::CLOSE_TIMEOUT;
 use crate::{error, lock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,11 +189,22 @@ impl Settler {
         self.wake.notify_one();
     }
 
-    /// Refuses further settlements and waits until the flusher has sent the rest.
+    /// Refuses further settlements and waits until the flusher has sent the rest, at
+    /// most [`CLOSE_TIMEOUT`]: a connection the broker stopped reading (a resource
+    /// alarm, a network that drops everything) never takes the last frames, and a
+    /// cancel or close must not wait for ever. Settlements not written by then come
+    /// back as redeliveries.
     pub(crate) async fn close_and_drain(&self, kind: ErrorKind, why: &str) {
         self.refuse(kind, why);
         let mut done = self.done.subscribe();
-        let _ = done.wait_for(|d| *d).await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "settlements not written within {CLOSE_TIMEOUT:?}; those messages will be redelivered"
+            );
+        }
     }
 
     /// Hands a round's frames to lapin in order, without waiting for them to be
@@ -421,9 +433,8 @@ impl Settlers {
             .values()
             .filter_map(Weak::upgrade)
             .collect();
-        for s in settlers {
-            s.close_and_drain(kind, why).await;
-        }
+        // Side by side: each waits at most CLOSE_TIMEOUT, all of them no longer.
+        futures_util::future::join_all(settlers.iter().map(|s| s.close_and_drain(kind, why))).await;
     }
 }
 

@@ -184,11 +184,68 @@ async fn a_subscription_reattached_on_a_callers_runtime_still_cancels() {
         .expect("close");
 }
 
+/// During a resource alarm RabbitMQ stops reading from every connection that
+/// publishes, and lapin then writes nothing on it: consumers on the publishing
+/// connection could not ack, and the backlog that raised the alarm could not drain.
+/// Consumers have a connection of their own, so their acks reach the broker while a
+/// publish waits out the alarm, and a cancel finishes.
+async fn consumers_ack_through_a_resource_alarm() {
+    let node = blocking(PrivateNode::start).expect("a private node");
+    let mut c = config(&node);
+    c.publish_timeout = Duration::from_secs(2);
+    let driver = Amqp091Driver::connect(c).await.expect("connect");
+    let id = QueueId::new("faults", "alarm").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    for n in 0..3 {
+        driver.publish(&id, numbered(n)).await.unwrap();
+    }
+    let mut sub = driver
+        .consume(&id, queue_core::ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    blocking(|| node.ctl(&["set_vm_memory_high_watermark", "0.00001"]));
+    // The alarm landed: a publish is not confirmed while it lasts.
+    let refused = driver.publish(&id, numbered(99)).await.unwrap_err();
+    assert!(refused.retryable(), "{refused}");
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("open")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(15), sub.cancel())
+        .await
+        .expect("the cancel finished")
+        .unwrap();
+    // The acks reached the broker: nothing of the three is unacknowledged or back.
+    let counts = blocking(|| {
+        node.ctl(&[
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+    });
+    let line = counts
+        .lines()
+        .find(|l| l.starts_with("faults:alarm"))
+        .unwrap_or_else(|| panic!("no faults:alarm in {counts}"));
+    let numbers: Vec<&str> = line.split_whitespace().skip(1).collect();
+    assert_eq!(numbers, ["0", "0"], "ready, unacked: {line}");
+    blocking(|| node.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: PrivateNode::unavailable();
     async: [
         a_consumer_resumes_by_itself_after_both_faults,
         a_subscription_reattached_on_a_callers_runtime_still_cancels,
+        consumers_ack_through_a_resource_alarm,
     ];
     sync: [];
 }

@@ -68,7 +68,8 @@ pub struct ConnectionReport {
     /// Connected right now.
     pub connected: bool,
     /// Connections opened since the driver was created (1 after the first connect;
-    /// every reconnect adds one).
+    /// every reconnect adds one; a driver with more than one connection, like AMQP
+    /// 0-9-1's for publishing and for consumers, counts each).
     pub connections_opened: u64,
     /// Links (consumers, senders) attached since the driver was created, re-attaches
     /// included.

@@ -436,6 +436,9 @@ pub async fn cancelling_one_consumer_spares_the_others(ctx: &TestContext) {
     for n in 0..steady_count {
         ctx.publish(&steady, numbered(n)).await;
     }
+    // Consuming first: a driver may open a connection for its consumers on the first
+    // consume (AMQP 0-9-1 does); that one is not the cost this case looks for.
+    let mut kept = ctx.consume(&steady, 1).await;
     let before = ctx.driver().connection();
     let churners = (0..CHURNERS).map(|_| async {
         for _ in 0..CYCLES {
@@ -445,7 +448,6 @@ pub async fn cancelling_one_consumer_spares_the_others(ctx: &TestContext) {
         }
     });
     let steady_acks = async {
-        let mut kept = ctx.consume(&steady, 1).await;
         let mut acked = HashSet::new();
         for _ in 0..steady_count {
             let d = next(&mut kept).await;
