@@ -78,6 +78,13 @@ impl Shared {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Something may be pending that no delivery holds: the next read looks through
+    /// the pending list from its start (a look already under way may have passed it).
+    fn look_again(&self) {
+        *self.rescan_from() = None;
+        self.rescan.store(true, Ordering::Release);
+    }
+
     fn rescan_from(&self) -> MutexGuard<'_, Option<String>> {
         self.rescan_from.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -290,7 +297,7 @@ async fn read_loop(
                     told = false;
                 }
                 if entries.len() > permits.len() {
-                    shared.rescan.store(true, Ordering::Release);
+                    shared.look_again();
                 }
                 for entry in entries {
                     if shared.is_stopping() {
@@ -305,7 +312,7 @@ async fn read_loop(
                 drop(permits);
                 failures += 1;
                 fresh = true;
-                shared.rescan.store(true, Ordering::Release);
+                shared.look_again();
                 let wait = link.backoff(failures);
                 tracing::warn!(queue = %shared.queue, error = %err, ?wait, "redis: reading failed; retrying");
                 if is_permanent(&err) && !told {
@@ -339,7 +346,7 @@ async fn step(
     if shared.rescan.swap(false, Ordering::AcqRel) {
         let found = rescan(shared, reader, count).await;
         if found.is_err() {
-            shared.rescan.store(true, Ordering::Release);
+            shared.look_again();
         }
         return found;
     }
@@ -554,7 +561,7 @@ impl StreamAcker {
             Err(err) => {
                 // Still pending for this consumer, unless Redis did it and only the
                 // reply was lost: the reader looks and delivers it again.
-                shared.rescan.store(true, Ordering::Release);
+                shared.look_again();
                 Err(err.context("the message will be delivered again"))
             }
         }
@@ -587,7 +594,7 @@ impl Acker for StreamAcker {
             Err(_) => {
                 // No runtime to release it on: the reader claims it again instead.
                 self.shared.held().remove(&self.stream_id);
-                self.shared.rescan.store(true, Ordering::Release);
+                self.shared.look_again();
             }
         }
     }
