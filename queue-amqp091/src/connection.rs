@@ -463,6 +463,12 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
                         continue;
                     }
                     conn.link.send_replace(Some(Arc::clone(&new)));
+                    if conn.is_closed() {
+                        // Closed between the check above and now: the close may have
+                        // found no link to close.
+                        let _ = conn.shutdown().await;
+                        return;
+                    }
                     tracing::info!(
                         generation = new.generation,
                         "reconnected to the AMQP broker"

@@ -69,8 +69,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use queue_core::{
-    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, ErrorKind, Message,
-    QueueId, QueueInfo, QueueSpec, Result, Subscription,
+    Capabilities, ConnectionReport, ConsumeOptions, Driver, DriverConfig, Message, QueueId,
+    QueueInfo, QueueSpec, Result, Subscription,
 };
 
 pub use config::{Amqp091Config, KIND, TlsConfig};
@@ -90,15 +90,15 @@ pub type AmqpDriver = Amqp091Driver;
 pub type AmqpConfig = Amqp091Config;
 
 /// The AMQP 0-9-1 driver: a connection to one node of the configured ones for
-/// publishing and declaring, and, from the first `consume`, another for consumers
-/// (each reconnected on loss, to the next live node); one confirm-mode publishing
-/// channel, one channel per subscription.
+/// publishing and declaring, and another for consumers (each reconnected on loss, to
+/// the next live node); one confirm-mode publishing channel, one channel per
+/// subscription.
 pub struct Amqp091Driver {
     conn: Arc<Connection>,
     topology: Arc<Topology>,
     publisher: Publisher,
-    /// The consumers and their own connection, opened by the first `consume`.
-    consumers: tokio::sync::OnceCell<Arc<Consumers>>,
+    /// The consumers, on a connection of their own.
+    consumers: Arc<Consumers>,
 }
 
 impl std::fmt::Debug for Amqp091Driver {
@@ -116,45 +116,35 @@ impl Amqp091Driver {
     pub async fn connect(config: Amqp091Config) -> Result<Amqp091Driver> {
         config.validate()?;
         let topology = Arc::new(Topology::default());
+        // Both now, on the caller's runtime, where their supervisors live; opened by the
+        // first consume instead, the consumers' connection lived on whichever runtime
+        // consumed first, and a broker away at that moment failed the consume.
         let conn = Connection::connect(
-            config,
+            config.clone(),
             Purpose::Publishing,
             redeclare_on_reconnect(&topology),
         )
         .await?;
+        let consuming = Connection::connect(
+            config,
+            Purpose::Consuming,
+            redeclare_on_reconnect(&topology),
+        )
+        .await;
+        let consuming = match consuming {
+            Ok(consuming) => consuming,
+            Err(e) => {
+                conn.mark_closed();
+                let _ = conn.shutdown().await;
+                return Err(e);
+            }
+        };
         Ok(Amqp091Driver {
             publisher: Publisher::new(Arc::clone(&conn), Arc::clone(&topology)),
-            consumers: tokio::sync::OnceCell::new(),
+            consumers: Consumers::new(consuming, Arc::clone(&topology)),
             conn,
             topology,
         })
-    }
-
-    /// The consumers, with their connection opened on first use.
-    async fn consumers(&self) -> Result<&Arc<Consumers>> {
-        let closed = || queue_core::Error::new(ErrorKind::Canceled, "the driver is closed");
-        if self.conn.is_closed() {
-            return Err(closed());
-        }
-        let consumers = self
-            .consumers
-            .get_or_try_init(|| async {
-                let conn = Connection::connect(
-                    self.conn.config().clone(),
-                    Purpose::Consuming,
-                    redeclare_on_reconnect(&self.topology),
-                )
-                .await?;
-                Ok(Consumers::new(conn, Arc::clone(&self.topology)))
-            })
-            .await?;
-        if self.conn.is_closed() {
-            // Closed while the connection opened: `close` may not have seen it.
-            consumers.connection().mark_closed();
-            let _ = consumers.connection().shutdown().await;
-            return Err(closed());
-        }
-        Ok(consumers)
     }
 
     /// The configuration in use.
@@ -182,9 +172,7 @@ impl Drop for Amqp091Driver {
     fn drop(&mut self) {
         // Stops the supervisors; a connection closes with the last handle on it.
         self.conn.mark_closed();
-        if let Some(consumers) = self.consumers.get() {
-            consumers.connection().mark_closed();
-        }
+        self.consumers.connection().mark_closed();
     }
 }
 
@@ -236,9 +224,7 @@ impl Driver for Amqp091Driver {
         options: ConsumeOptions,
     ) -> Result<Box<dyn Subscription>> {
         let sub = self
-            .consumers()
-            .await
-            .map_err(|e| e.context(format!("consume {queue}")))?
+            .consumers
             .subscribe(queue.clone(), options.prefetch)
             .await?;
         Ok(Box::new(sub))
@@ -257,12 +243,11 @@ impl Driver for Amqp091Driver {
         // there is no current link.
         let node = self.conn.node();
         let alive = |conn: &Connection| conn.current().is_some_and(|l| l.is_alive());
-        let consumers = self.consumers.get();
+        let consuming = self.consumers.connection();
         Some(ConnectionReport {
-            connected: alive(&self.conn) && consumers.is_none_or(|c| alive(c.connection())),
-            connections_opened: self.conn.connections_opened()
-                + consumers.map_or(0, |c| c.connection().connections_opened()),
-            links_attached: consumers.map_or(0, |c| c.attached()),
+            connected: alive(&self.conn) && alive(consuming),
+            connections_opened: self.conn.connections_opened() + consuming.connections_opened(),
+            links_attached: self.consumers.attached(),
             node,
         })
     }
@@ -272,16 +257,13 @@ impl Driver for Amqp091Driver {
         if !self.conn.mark_closed() {
             return Ok(());
         }
-        let consumers = match self.consumers.get() {
-            Some(consumers) => {
-                consumers.connection().mark_closed();
-                consumers.close().await;
-                consumers.connection().shutdown().await
-            }
-            None => Ok(()),
-        };
-        let publishing = self.conn.shutdown().await;
-        publishing.and(consumers)
+        let consuming = self.consumers.connection();
+        consuming.mark_closed();
+        self.consumers.close().await;
+        // Side by side: each waits at most CLOSE_TIMEOUT for a broker that hangs.
+        let (publishing, consuming) =
+            futures_util::future::join(self.conn.shutdown(), consuming.shutdown()).await;
+        publishing.and(consuming)
     }
 }
 

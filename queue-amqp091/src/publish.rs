@@ -174,11 +174,12 @@ impl Publisher {
                         self.timeout
                     )));
                 };
-                // A delay queue that exists with other arguments is the broker's
-                // state, not the message's (an older declaration that expires by
-                // itself): retried, as docs/drivers/amqp091.md says, not dead-lettered
-                // at the first failure.
-                let name = name.map_err(|e| match e.is(ErrorKind::AlreadyExists) {
+                // A delay queue an earlier version declared with an expiry refuses
+                // this declaration until it expires by itself, which it will: retried,
+                // as docs/drivers/amqp091.md says, not dead-lettered at the first
+                // failure. Any other clash stays (a type changed, a queue made by
+                // hand) and is not retried.
+                let name = name.map_err(|e| match expires_by_itself(&e) {
                     true => e.retryable_if(true),
                     false => e,
                 })?;
@@ -286,6 +287,16 @@ impl Publisher {
             let _ = old.close(200, "replaced after a nack".into()).await;
         });
     }
+}
+
+/// Whether a refused delay-queue declaration clashes only with an existing queue's
+/// `x-expires` (RabbitMQ: "inequivalent arg 'x-expires' ... but current is the value
+/// ..."): that queue goes away by itself once unused.
+fn expires_by_itself(refusal: &Error) -> bool {
+    let said = refusal.message();
+    refusal.is(ErrorKind::AlreadyExists)
+        && said.contains("inequivalent arg 'x-expires'")
+        && !said.contains("but current is none")
 }
 
 fn prepare(message: Message) -> Result<Prepared> {

@@ -485,42 +485,59 @@ async fn quorum_queue_options_the_broker_lacks_are_refused_up_front() {
     driver.close().await.unwrap();
 }
 
-/// A delay queue already on the broker with other arguments (one an earlier version
-/// declared, which expires by itself) refuses the driver's declare: the publish fails
-/// retryable, so the runtime tries the retry again later instead of dead-lettering the
-/// message at its first failure.
-async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably() {
+/// A delay queue already on the broker that clashes only in its expiry (one an
+/// earlier version declared, which expires by itself once unused) fails the publish
+/// retryably, so the runtime tries the retry again later; any other clash (a queue made
+/// by hand, a type that changed) stays until someone acts, and is not retried.
+async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires() {
+    use lapin::types::{AMQPValue, ShortString};
     let driver = common::rabbit().await;
-    let name = common::unique("delay-clash");
-    let id = QueueId::new("test", &name).unwrap();
-    driver
-        .declare(
-            &QueueSpec::new(id.clone())
-                .with_name(&name)
-                .with_durable(false),
-        )
-        .await
-        .unwrap();
-    let delay_queue = format!("{name}.delay.500");
     let conn = lapin::Connection::connect(common::URL, Default::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    // No TTL, no dead-letter target: not what the driver declares.
-    ch.queue_declare(
-        delay_queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let headers = Headers::from_pairs([("delay", HeaderValue::Int(500))]);
-    let sent = Message::encode(&Value::from("later"), headers, Codec::Json).unwrap();
-    let err = driver.publish(&id, sent).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
-    assert!(err.retryable(), "{err}");
-    delete(&delay_queue).await;
-    delete(&name).await;
+    for (label, expires_by_itself) in [("older", true), ("by-hand", false)] {
+        let name = common::unique(&format!("delay-clash-{label}"));
+        let id = QueueId::new("test", &name).unwrap();
+        driver
+            .declare(
+                &QueueSpec::new(id.clone())
+                    .with_name(&name)
+                    .with_durable(false),
+            )
+            .await
+            .unwrap();
+        let delay_queue = format!("{name}.delay.500");
+        let mut args = FieldTable::default();
+        if expires_by_itself {
+            // What the driver declares, with another expiry.
+            let arg = |k: &str| ShortString::from(k);
+            args.insert(arg("x-message-ttl"), AMQPValue::LongLongInt(500));
+            args.insert(
+                arg("x-dead-letter-exchange"),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                arg("x-dead-letter-routing-key"),
+                AMQPValue::LongString(name.as_bytes().into()),
+            );
+            args.insert(arg("x-expires"), AMQPValue::LongLongInt(60_000));
+        }
+        ch.queue_declare(
+            delay_queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+        let headers = Headers::from_pairs([("delay", HeaderValue::Int(500))]);
+        let sent = Message::encode(&Value::from("later"), headers, Codec::Json).unwrap();
+        let err = driver.publish(&id, sent).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{label}: {err}");
+        assert_eq!(err.retryable(), expires_by_itself, "{label}: {err}");
+        delete(&delay_queue).await;
+        delete(&name).await;
+    }
     let _ = conn.close(200, "OK".into()).await;
     driver.close().await.unwrap();
 }
@@ -610,6 +627,11 @@ async fn a_silent_broker_is_noticed_through_its_missed_heartbeats() {
 
     let noticed = proxy.freeze_until_redialled(Duration::from_secs(30)).await;
     noticed.expect("the driver noticed the broker's silence");
+    // Both connections noticed, the idle consumers' one among them.
+    let both = proxy
+        .wait_async(|p| p.wait_accepted(4, Duration::from_secs(30)))
+        .await;
+    assert!(both, "only {} connections dialled", proxy.accepted());
     // Reconnecting (the new connection's handshake waits on the frozen broker), the
     // driver is not connected, and says so (the runtime's /ready reads it).
     assert!(
@@ -663,7 +685,7 @@ queue_testkit::broker_tests! {
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
-        a_delay_queue_declared_otherwise_fails_the_publish_retryably,
+        a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires,
         the_factory_validates_without_connecting_and_creates_a_driver,
         the_default_vhost_url_forms_all_connect,
         a_missing_vhost_is_not_found_and_named,

@@ -100,7 +100,11 @@ async fn a_consumer_resumes_by_itself_after_both_faults() {
         publish_until_ok(&driver, &id, n).await;
     }
     consume_all(&mut sub, range, label).await;
-    assert!(connections(&driver) >= 3, "two reconnects expected");
+    // Two connections (publishing, consuming), each reconnected after both faults.
+    assert!(
+        connections(&driver) >= 6,
+        "two reconnects of each connection expected"
+    );
     sub.cancel().await.unwrap();
     driver.close().await.unwrap();
 }
