@@ -123,16 +123,7 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
 
 async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
     let driver = common::rabbit().await;
-    let name = common::unique("deleted");
-    let id = QueueId::new("test", &name).unwrap();
-    driver
-        .declare(
-            &QueueSpec::new(id.clone())
-                .with_name(&name)
-                .with_durable(false),
-        )
-        .await
-        .unwrap();
+    let (name, id) = declared_transient(&driver, "deleted").await;
     delete(&name).await;
     let err = driver.publish(&id, numbered(1)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
@@ -156,16 +147,7 @@ async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
 
 async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
     let driver = common::rabbit().await;
-    let name = common::unique("delay");
-    let id = QueueId::new("test", &name).unwrap();
-    driver
-        .declare(
-            &QueueSpec::new(id.clone())
-                .with_name(&name)
-                .with_durable(false),
-        )
-        .await
-        .unwrap();
+    let (name, id) = declared_transient(&driver, "delay").await;
     let headers = Headers::from_pairs([
         ("delay", HeaderValue::Int(700)),
         ("tenant", HeaderValue::from("acme")),
@@ -497,16 +479,7 @@ async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     for (label, expires_by_itself) in [("older", true), ("by-hand", false)] {
-        let name = common::unique(&format!("delay-clash-{label}"));
-        let id = QueueId::new("test", &name).unwrap();
-        driver
-            .declare(
-                &QueueSpec::new(id.clone())
-                    .with_name(&name)
-                    .with_durable(false),
-            )
-            .await
-            .unwrap();
+        let (name, id) = declared_transient(&driver, &format!("delay-clash-{label}")).await;
         let delay_queue = format!("{name}.delay.500");
         let mut args = FieldTable::default();
         if expires_by_itself {
@@ -540,6 +513,22 @@ async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while
     }
     let _ = conn.close(200, "OK".into()).await;
     driver.close().await.unwrap();
+}
+
+/// A fresh non-durable queue declared through `driver`, named after `label`: its
+/// broker name and its id.
+async fn declared_transient(driver: &Amqp091Driver, label: &str) -> (String, QueueId) {
+    let name = common::unique(label);
+    let id = QueueId::new("test", &name).unwrap();
+    driver
+        .declare(
+            &QueueSpec::new(id.clone())
+                .with_name(&name)
+                .with_durable(false),
+        )
+        .await
+        .unwrap();
+    (name, id)
 }
 
 async fn delete(name: &str) {

@@ -274,54 +274,59 @@ fn manager_config(
 }
 
 /// Confirmed messages survive a crash only when the server appends every write to
-/// its AOF and syncs it before replying; says so when it does not. A server that
-/// refuses `CONFIG GET` (ACLs, renamed command) is taken at its word.
+/// its AOF and syncs it before replying, and a server that evicts keys under
+/// `maxmemory` can drop a queue's stream (its confirmed messages) with an `allkeys-*`
+/// policy, or the consumers' leases with a `volatile-*` one, which hands a live
+/// consumer's messages to another (docs/drivers/redis.md); says so when a setting
+/// differs. A server that refuses `CONFIG GET` (ACLs, renamed command) is taken at
+/// its word.
 async fn warn_unless_persistent(conn: &mut redis::aio::MultiplexedConnection, node: &str) {
-    let got: RedisResult<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("append*")
-        .query_async(conn)
-        .await;
-    let Ok(pairs) = got else { return };
-    let value = |name: &str| {
-        pairs
-            .chunks(2)
-            .find(|p| p.first().is_some_and(|k| k == name))
-            .and_then(|p| p.get(1).cloned())
-            .unwrap_or_default()
-    };
-    let (aof, fsync) = (value("appendonly"), value("appendfsync"));
-    if aof != "yes" || fsync != "always" {
-        tracing::warn!(
-            node,
-            appendonly = %aof,
-            appendfsync = %fsync,
-            "redis: the server does not sync every write to its AOF (appendonly yes, appendfsync always): confirmed messages may be lost if it crashes"
+    if let Some(settings) = config_get(conn, "append*").await {
+        let (aof, fsync) = (
+            setting(&settings, "appendonly"),
+            setting(&settings, "appendfsync"),
         );
+        if aof != "yes" || fsync != "always" {
+            tracing::warn!(
+                node,
+                appendonly = %aof,
+                appendfsync = %fsync,
+                "redis: the server does not sync every write to its AOF (appendonly yes, appendfsync always): confirmed messages may be lost if it crashes"
+            );
+        }
     }
-    warn_if_evicting(conn, node).await;
+    if let Some(settings) = config_get(conn, "maxmemory-policy").await {
+        let policy = setting(&settings, "maxmemory-policy");
+        if !policy.is_empty() && policy != "noeviction" {
+            tracing::warn!(
+                node,
+                maxmemory_policy = %policy,
+                "redis: the server may evict keys under maxmemory (maxmemory-policy is not noeviction): confirmed messages or consumers' leases may be deleted"
+            );
+        }
+    }
 }
 
-/// A server that evicts keys under `maxmemory` can drop a queue's stream (its
-/// confirmed messages) with an `allkeys-*` policy, or the consumers' leases with a
-/// `volatile-*` one, which hands a live consumer's messages to another; says so
-/// unless the policy is `noeviction` (docs/drivers/redis.md).
-async fn warn_if_evicting(conn: &mut redis::aio::MultiplexedConnection, node: &str) {
+/// `CONFIG GET pattern`: name, value, name, value...; `None` when refused.
+async fn config_get(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Option<Vec<String>> {
     let got: RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")
-        .arg("maxmemory-policy")
+        .arg(pattern)
         .query_async(conn)
         .await;
-    let Ok(pairs) = got else { return };
-    if let Some(policy) = pairs.get(1)
-        && policy != "noeviction"
-    {
-        tracing::warn!(
-            node,
-            maxmemory_policy = %policy,
-            "redis: the server may evict keys under maxmemory (maxmemory-policy is not noeviction): confirmed messages or consumers' leases may be deleted"
-        );
-    }
+    got.ok()
+}
+
+/// One setting of a `CONFIG GET` reply ("" when absent).
+fn setting(pairs: &[String], name: &str) -> String {
+    pairs
+        .chunks(2)
+        .find(|p| p.first().is_some_and(|k| k == name))
+        .and_then(|p| p.get(1).cloned())
+        .unwrap_or_default()
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,
