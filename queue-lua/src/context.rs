@@ -35,14 +35,43 @@ pub struct DeliveryContext {
 
 /// The delivery as the coroutine sees it, with its single-use state.
 pub(crate) struct DeliveryState {
-    pub(crate) context: DeliveryContext,
+    /// The delivery while the handler runs; taken when it returns, so that a message
+    /// a handler keeps (`seen[#seen + 1] = queue.message()`) holds nothing of it, where
+    /// it held the whole message outside the Lua memory limit.
+    context: RefCell<Option<DeliveryContext>>,
     /// `msg:ack()` or `msg:nack()` was called.
     pub(crate) settled: Cell<bool>,
-    /// The handler has returned: the message may no longer be used.
-    pub(crate) released: Cell<bool>,
     /// The handler raised an error value (`error(err)`): whether it was retryable.
     /// Lua turns a raised value into text on its way out, so it is noted on the way.
     pub(crate) raised_retryable: Cell<Option<bool>>,
+}
+
+impl DeliveryState {
+    pub(crate) fn new(context: DeliveryContext) -> Self {
+        DeliveryState {
+            context: RefCell::new(Some(context)),
+            settled: Cell::new(false),
+            raised_retryable: Cell::new(None),
+        }
+    }
+
+    /// The delivery, while the handler runs. Never held across an await: `release`
+    /// takes it.
+    pub(crate) fn context(&self) -> Option<std::cell::Ref<'_, DeliveryContext>> {
+        std::cell::Ref::filter_map(self.context.borrow(), Option::as_ref).ok()
+    }
+
+    /// The handler has returned: the message may no longer be used, and what it held
+    /// is let go.
+    pub(crate) fn release(&self) {
+        if let Ok(mut context) = self.context.try_borrow_mut() {
+            context.take();
+        }
+    }
+
+    pub(crate) fn is_released(&self) -> bool {
+        self.context().is_none()
+    }
 }
 
 /// The context of one coroutine.

@@ -370,12 +370,7 @@ impl LuaHost {
             )
         });
         let deadline_at = deadline.as_ref().map(|d| d.at);
-        let state = Rc::new(DeliveryState {
-            context: delivery,
-            settled: Default::default(),
-            released: Default::default(),
-            raised_retryable: Default::default(),
-        });
+        let state = Rc::new(DeliveryState::new(delivery));
         let context = CoroutineContext::new(security, Some(Rc::clone(&state)));
         let result = if payload.made_by == Rc::as_ptr(&self.clock) {
             self.run(context, &handler.function, payload.value, deadline)
@@ -385,7 +380,7 @@ impl LuaHost {
                 "the payload was made by another Lua host, whose values this one cannot read",
             ))
         };
-        state.released.set(true);
+        state.release();
         if state.settled.get() {
             return Outcome::Settled;
         }

@@ -1,11 +1,12 @@
 //! The `Message` userdata that `queue.message()` returns.
 
+use std::cell::Ref;
 use std::rc::Rc;
 
 use mlua::{UserData, UserDataMethods, Value as LuaValue};
 use queue_core::Error;
 
-use crate::context::DeliveryState;
+use crate::context::{DeliveryContext, DeliveryState, Settle};
 use crate::errors::{no_value, not_done};
 use crate::value::header_to_lua;
 
@@ -15,25 +16,23 @@ use crate::value::header_to_lua;
 pub(crate) struct LuaMessage(pub(crate) Rc<DeliveryState>);
 
 impl LuaMessage {
-    fn check_usable(&self) -> Result<(), Error> {
-        if self.0.released.get() {
-            return Err(Error::invalid(format!(
-                "message released: message {} can only be used while its handler runs",
-                self.0.context.message.id
-            )));
-        }
-        Ok(())
+    /// The delivery, while its handler runs.
+    fn usable(&self) -> Result<Ref<'_, DeliveryContext>, Error> {
+        self.0.context().ok_or_else(|| {
+            Error::invalid("message released: a message can only be used while its handler runs")
+        })
     }
 
-    fn begin_settle(&self) -> Result<(), Error> {
-        self.check_usable()?;
+    /// Marks it settled (once) and hands back what settles it.
+    fn begin_settle(&self) -> Result<Rc<dyn Settle>, Error> {
+        let context = self.usable()?;
         if self.0.settled.replace(true) {
             return Err(Error::invalid(format!(
                 "message {} is already settled",
-                self.0.context.message.id
+                context.message.id
             )));
         }
-        Ok(())
+        Ok(Rc::clone(&context.settle))
     }
 }
 
@@ -45,15 +44,15 @@ fn attempts(headers: &queue_core::Headers) -> LuaValue {
 
 impl UserData for LuaMessage {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("id", |lua, m, ()| match m.check_usable() {
-            Ok(()) => Ok((
-                LuaValue::String(lua.create_string(&m.0.context.message.id)?),
+        methods.add_method("id", |lua, m, ()| match m.usable() {
+            Ok(context) => Ok((
+                LuaValue::String(lua.create_string(&context.message.id)?),
                 None,
             )),
             Err(e) => no_value(e),
         });
-        methods.add_method("header", |lua, m, key: LuaValue| match m.check_usable() {
-            Ok(()) => {
+        methods.add_method("header", |lua, m, key: LuaValue| match m.usable() {
+            Ok(context) => {
                 // Any value, so that a wrong one is an `err`, as the contract says of
                 // every method, and not a raised "bad argument".
                 let LuaValue::String(key) = key else {
@@ -63,7 +62,7 @@ impl UserData for LuaMessage {
                     )));
                 };
                 let key = key.to_string_lossy();
-                let headers = &m.0.context.message.headers;
+                let headers = &context.message.headers;
                 let value = if key == queue_core::names::ATTEMPTS {
                     attempts(headers)
                 } else {
@@ -76,9 +75,9 @@ impl UserData for LuaMessage {
             }
             Err(e) => no_value(e),
         });
-        methods.add_method("headers", |lua, m, ()| match m.check_usable() {
-            Ok(()) => {
-                let headers = &m.0.context.message.headers;
+        methods.add_method("headers", |lua, m, ()| match m.usable() {
+            Ok(context) => {
+                let headers = &context.message.headers;
                 let t = lua.create_table()?;
                 for (k, v) in headers.iter() {
                     t.set(k.as_str(), header_to_lua(lua, v)?)?;
@@ -89,10 +88,11 @@ impl UserData for LuaMessage {
             Err(e) => no_value(e),
         });
         methods.add_async_method("ack", |_, m, ()| async move {
-            if let Err(e) = m.begin_settle() {
-                return not_done(e);
-            }
-            match m.0.context.settle.ack().await {
+            let settle = match m.begin_settle() {
+                Ok(settle) => settle,
+                Err(e) => return not_done(e),
+            };
+            match settle.ack().await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
                 Err(e) => not_done(e),
             }
@@ -100,14 +100,15 @@ impl UserData for LuaMessage {
         // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
         // says its kind and message, as a handler returning it would.
         methods.add_async_method("nack", |_, m, reason: LuaValue| async move {
-            if let Err(e) = m.begin_settle() {
-                return not_done(e);
-            }
+            let settle = match m.begin_settle() {
+                Ok(settle) => settle,
+                Err(e) => return not_done(e),
+            };
             let reason = match &reason {
                 LuaValue::Nil => "nacked by the handler".to_string(),
                 other => crate::errors::describe(other),
             };
-            match m.0.context.settle.nack(&reason).await {
+            match settle.nack(&reason).await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
                 Err(e) => not_done(e),
             }

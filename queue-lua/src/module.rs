@@ -37,7 +37,7 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
     queue.set(
         "message",
         lua.create_function(|lua, ()| match current_delivery(lua) {
-            Some(state) if !state.released.get() => Ok((
+            Some(state) if !state.is_released() => Ok((
                 LuaValue::UserData(lua.create_userdata(LuaMessage(state))?),
                 None,
             )),

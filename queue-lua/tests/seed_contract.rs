@@ -298,6 +298,43 @@ async fn the_message_is_released_when_the_handler_returns() {
     );
 }
 
+/// A message a handler keeps past its run (`M.kept = queue.message()`) holds nothing
+/// of its delivery: neither the message nor what settles it. Before, each kept one
+/// held the whole message, outside the Lua memory limit, for as long as Lua kept it.
+#[tokio::test]
+async fn a_kept_message_holds_nothing_of_its_delivery() {
+    let h = Harness::new().await;
+    let handler = h
+        .host
+        .handler(&lua_file("handlers.lua"), "keeps_message")
+        .unwrap();
+    let message = Arc::new(json_message(
+        Value::map([("n", Value::Int(1))]),
+        Headers::new(),
+    ));
+    let recorder = std::rc::Rc::new(support::Recorder::default());
+    let payload = h.host.decode_payload(&message).unwrap();
+    let context = queue_lua::DeliveryContext {
+        message: Arc::clone(&message),
+        settle: recorder.clone(),
+    };
+    let outcome = h
+        .host
+        .run_handler(&handler, payload, context, SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    assert_eq!(
+        Arc::strong_count(&message),
+        1,
+        "the kept message holds the delivery's message"
+    );
+    assert_eq!(
+        std::rc::Rc::strong_count(&recorder),
+        1,
+        "the kept message holds its settlement"
+    );
+}
+
 #[tokio::test]
 async fn a_handler_reads_attempts_as_a_number() {
     let h = Harness::new().await;
