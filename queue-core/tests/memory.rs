@@ -35,6 +35,34 @@ async fn a_full_queue_makes_publish_fail_internal_retryable_after_the_wait() {
     assert!(err.message().contains("full"), "{err}");
 }
 
+/// Delayed messages take room as the ready ones do: before, a `delay` header got past
+/// a full queue, and a producer could fill memory without bound.
+#[tokio::test]
+async fn delayed_messages_count_against_max_length() {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: Duration::from_millis(50),
+        ..MemoryConfig::default()
+    });
+    driver
+        .declare(&QueueSpec::new(id()).with_max_length(2))
+        .await
+        .unwrap();
+    let later = |n| {
+        let mut message = numbered(n);
+        message.headers.insert("delay", HeaderValue::Int(60_000));
+        message
+    };
+    driver.publish(&id(), later(1)).await.unwrap();
+    driver.publish(&id(), numbered(2)).await.unwrap();
+    for refused in [later(3), numbered(4)] {
+        let err = driver.publish(&id(), refused).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+        assert!(err.message().contains("full"), "{err}");
+    }
+    let info = driver.info(&id()).await.unwrap();
+    assert_eq!((info.ready, info.delayed), (Some(1), Some(1)));
+}
+
 #[tokio::test]
 async fn a_waiting_publish_enters_once_a_consumer_makes_room() {
     let driver = driver_with_full_queue(1, Duration::from_secs(20)).await;

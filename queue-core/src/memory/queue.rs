@@ -137,10 +137,7 @@ impl MemQueue {
     ) -> Result<()> {
         let (ready, delay) = self.prepare(message)?;
         match delay {
-            Some(delay) => {
-                self.publish_later(ready, delay);
-                Ok(())
-            }
+            Some(delay) => self.publish_later(ready, delay, timeout).await,
             None => self.publish_now(ready, timeout).await,
         }
     }
@@ -162,7 +159,7 @@ impl MemQueue {
         let mut queued = false;
         {
             let mut state = self.lock();
-            while state.ready < self.max_length {
+            while self.has_room(&state) {
                 match rest.next_if(|(_, delay)| delay.is_none()) {
                     Some((ready, _)) => {
                         Self::push(&mut state, ready, false);
@@ -177,7 +174,7 @@ impl MemQueue {
         }
         for (ready, delay) in rest {
             match delay {
-                Some(delay) => self.publish_later(ready, delay),
+                Some(delay) => self.publish_later(ready, delay, timeout).await?,
                 None => self.publish_now(ready, timeout).await?,
             }
         }
@@ -194,24 +191,45 @@ impl MemQueue {
         Ok(())
     }
 
-    /// Counts a delayed message now and queues it once its delay has passed.
-    fn publish_later(self: &Arc<Self>, ready: Ready, delay: Duration) {
-        self.lock().delayed += 1;
+    /// Whether a message may come in: the ready and the delayed together stay under
+    /// `max_length`. Delayed ones count as they will be ready: before, any `delay`
+    /// header got past a full queue, without bound.
+    fn has_room(&self, state: &State) -> bool {
+        state.ready + state.delayed < self.max_length
+    }
+
+    /// Counts a delayed message once there is room for it (waiting up to `timeout`,
+    /// as any publish does) and queues it once its delay has passed.
+    async fn publish_later(
+        self: &Arc<Self>,
+        ready: Ready,
+        delay: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.with_room(timeout, |state| state.delayed += 1).await?;
         let queue = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let mut state = queue.lock();
             state.delayed -= 1;
-            // A delayed message was accepted already: it enters even a full queue.
+            // It has its room already: counted as delayed, now as ready.
             Self::push(&mut state, ready, false);
             drop(state);
             queue.ready_signal.notify_one();
         });
+        Ok(())
     }
 
     async fn publish_now(&self, ready: Ready, timeout: Duration) -> Result<()> {
+        self.with_room(timeout, |state| Self::push(state, ready, false))
+            .await?;
+        self.ready_signal.notify_one();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for room, then runs `add` under the queue's lock.
+    async fn with_room(&self, timeout: Duration, add: impl FnOnce(&mut State)) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut ready = Some(ready);
         loop {
             let room = self.space_signal.notified();
             tokio::pin!(room);
@@ -219,12 +237,8 @@ impl MemQueue {
             self.refuse_if_closed()?;
             {
                 let mut state = self.lock();
-                if state.ready < self.max_length {
-                    if let Some(r) = ready.take() {
-                        Self::push(&mut state, r, false);
-                    }
-                    drop(state);
-                    self.ready_signal.notify_one();
+                if self.has_room(&state) {
+                    add(&mut state);
                     return Ok(());
                 }
             }
