@@ -372,16 +372,25 @@ impl Host {
     /// apart. One read is not enough on a broker: RabbitMQ counts neither deliveries
     /// on their way to this process nor a retry copy that is moving out of its delay
     /// queue, and either shows up in a count (or in the runtime's own) by the next read.
+    /// A count that fails for a while (a broker reconnecting) is read again: only one
+    /// that cannot come back (a queue deleted on the broker) ends the wait, with its
+    /// error, and the caller still shuts down in order.
     pub async fn wait_idle(&self) -> Result<()> {
         let mut idle_reads = 0;
         loop {
-            if self.is_idle().await? {
-                idle_reads += 1;
-                if idle_reads == 2 {
-                    return Ok(());
+            match self.is_idle().await {
+                Ok(true) => {
+                    idle_reads += 1;
+                    if idle_reads == 2 {
+                        return Ok(());
+                    }
                 }
-            } else {
-                idle_reads = 0;
+                Ok(false) => idle_reads = 0,
+                Err(e) if e.retryable() => {
+                    tracing::debug!(error = %e, "a queue count failed; reading again");
+                    idle_reads = 0;
+                }
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

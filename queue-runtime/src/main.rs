@@ -345,11 +345,19 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             };
             readiness.started(host.drivers().clone(), host.attachments());
             tracing::info!(lua_states = host.lua_states(), "runtime started");
+            // A count that cannot be read ends the wait for idleness, but the stop is
+            // the same as any other: handlers finish, deliveries go back, the summary
+            // is printed; the exit code says it failed.
+            let mut idle_failed = None;
             let reason = tokio::select! {
                 signal = signals.next() => signal,
                 idle = host.wait_idle(), if exit_when_idle => match idle {
                     Ok(()) => "idle",
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot tell whether the queues are idle; stopping");
+                        idle_failed = Some(e);
+                        "queue counts unreadable"
+                    }
                 },
             };
             tracing::info!(reason, "stopping");
@@ -364,6 +372,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             };
             for queue in &summary {
                 println!("summary: {queue}");
+            }
+            if let Some(e) = idle_failed {
+                return Err(format!("--exit-when-idle: {e}"));
             }
             Ok(if exit_when_idle && failures > 0 {
                 ExitCode::FAILURE

@@ -285,6 +285,17 @@ async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
     );
 }
 
+/// A queue count that fails for a while (a broker reconnecting) is read again: the
+/// wait for idleness goes on and ends once the counts read idle. Before, the first
+/// failed count ended `--exit-when-idle` with an error and no orderly stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_that_fails_for_a_while_does_not_end_the_wait_for_idleness() {
+    let (_dir, driver, host) = start(APP, 1).await;
+    driver.fail_next_infos(3);
+    within("idle", host.wait_idle()).await.unwrap();
+    within("shutdown", host.shutdown()).await;
+}
+
 /// Waits (bounded) until the driver has counted `acks` acks on `queue`; the memory
 /// driver signals nothing per ack, so it looks every 10 ms.
 async fn wait_for_acks(driver: &ControlledDriver, queue: &QueueId, acks: u64, what: &str) {

@@ -41,6 +41,8 @@ pub struct ControlledDriver {
     held: Mutex<VecDeque<oneshot::Sender<bool>>>,
     arrived: Notify,
     without_delays: bool,
+    /// How many of the next `info` calls fail (INTERNAL, retryable).
+    failing_infos: std::sync::atomic::AtomicUsize,
 }
 
 impl ControlledDriver {
@@ -56,6 +58,13 @@ impl ControlledDriver {
             without_delays: true,
             ..ControlledDriver::default()
         }
+    }
+
+    /// The next `n` `info` calls fail INTERNAL, retryable, as counts do while a
+    /// broker reconnects.
+    pub fn fail_next_infos(&self, n: usize) {
+        self.failing_infos
+            .store(n, std::sync::atomic::Ordering::Release);
     }
 
     /// The memory driver underneath.
@@ -172,6 +181,15 @@ impl Driver for ControlledDriver {
         self.inner.consume(queue, options).await
     }
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failing_infos
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(Error::internal(format!(
+                "the controlled driver failed a count of {queue}"
+            )));
+        }
         self.inner.info(queue).await
     }
     fn acked_total(&self, queue: &QueueId) -> Option<u64> {

@@ -523,6 +523,14 @@ fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
     if q.max_message_bytes == 0 {
         return Err(entry.error(Some("max_message_bytes"), "must be at least 1"));
     }
+    if q.message_ttl.is_some_and(|ttl| ttl.is_zero()) {
+        // Every message would expire as it arrived: dropped unseen, even with a
+        // consumer waiting (the memory driver drops it when it is taken).
+        return Err(entry.error(
+            Some("message_ttl"),
+            "must be longer than 0s (leave it out for no expiry)",
+        ));
+    }
     Ok(())
 }
 
@@ -633,6 +641,14 @@ mod tests {
             "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    prefetch: 0\n",
         );
         assert_eq!((e.line, e.field.as_deref()), (8, Some("prefetch")), "{e}");
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    message_ttl: 0s\n",
+        );
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (5, Some("message_ttl")),
+            "{e}"
+        );
         for (timeout, says) in [("0s", "longer than 0s"), ("soon", "")] {
             let e = single_error(&format!(
                 "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: a.lua\n    method: m\n    timeout: {timeout}\n"
