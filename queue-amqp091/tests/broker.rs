@@ -132,14 +132,7 @@ async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
         ErrorKind::NotFound
     );
     // Declaring again brings it back.
-    driver
-        .declare(
-            &QueueSpec::new(id.clone())
-                .with_name(&name)
-                .with_durable(false),
-        )
-        .await
-        .unwrap();
+    declare_transient(&driver, &name).await;
     driver.publish(&id, numbered(2)).await.unwrap();
     delete(&name).await;
     driver.close().await.unwrap();
@@ -519,16 +512,22 @@ async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while
 /// broker name and its id.
 async fn declared_transient(driver: &Amqp091Driver, label: &str) -> (String, QueueId) {
     let name = common::unique(label);
-    let id = QueueId::new("test", &name).unwrap();
+    let id = declare_transient(driver, &name).await;
+    (name, id)
+}
+
+/// Declares the non-durable queue `name` through `driver` (again, if it was before).
+async fn declare_transient(driver: &Amqp091Driver, name: &str) -> QueueId {
+    let id = QueueId::new("test", name).unwrap();
     driver
         .declare(
             &QueueSpec::new(id.clone())
-                .with_name(&name)
+                .with_name(name)
                 .with_durable(false),
         )
         .await
         .unwrap();
-    (name, id)
+    id
 }
 
 async fn delete(name: &str) {
