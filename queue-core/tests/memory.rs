@@ -152,6 +152,48 @@ async fn a_delayed_message_lives_its_ttl_from_when_it_enters_the_queue() {
     d.ack().await.unwrap();
 }
 
+/// Expired messages dropped on their way to a consumer free their room for a
+/// publisher waiting for it. Before, a take that found only expired messages woke
+/// nobody, and the publisher failed "full" with the queue empty.
+#[tokio::test(start_paused = true)]
+async fn expired_messages_make_room_for_a_waiting_publisher() {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: Duration::from_secs(20),
+        ..MemoryConfig::default()
+    });
+    let spec = QueueSpec::new(id())
+        .with_max_length(2)
+        .with_message_ttl(Duration::from_secs(1));
+    driver.declare(&spec).await.unwrap();
+    for n in 0..2 {
+        driver.publish(&id(), numbered(n)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // both expire (paused clock)
+    let publisher = {
+        let driver = driver.clone();
+        tokio::spawn(async move { driver.publish(&id(), numbered(9)).await })
+    };
+    // The publisher runs until it waits for room (one thread, paused clock).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !publisher.is_finished(),
+        "the queue still counts its expired messages"
+    );
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 9);
+    publisher
+        .await
+        .unwrap()
+        .expect("the waiting publish got in");
+    d.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn info_counts_delayed_messages() {
     let driver = MemoryDriver::new();

@@ -268,6 +268,7 @@ impl MemQueue {
         // Read the clock only for a message that can expire: most cannot.
         let mut now = None;
         let mut taken = None;
+        let mut expired = 0;
         for lane in (0..state.lanes.len()).rev() {
             while let Some(ready) = state.lanes[lane].pop_front() {
                 state.ready -= 1;
@@ -276,6 +277,7 @@ impl MemQueue {
                     .is_some_and(|e| e <= *now.get_or_insert_with(Instant::now))
                 {
                     tracing::debug!(queue = %self.spec.id, id = %ready.message.id, "message expired");
+                    expired += 1;
                     continue;
                 }
                 taken = Some(ready);
@@ -285,15 +287,22 @@ impl MemQueue {
                 break;
             }
         }
-        let ready = taken?;
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        state.in_flight.insert(
-            tag,
-            (subscription, Arc::clone(&ready.message), ready.priority),
-        );
+        let taken = taken.map(|ready| {
+            let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+            state.in_flight.insert(
+                tag,
+                (subscription, Arc::clone(&ready.message), ready.priority),
+            );
+            (tag, ready.message)
+        });
         drop(state);
-        self.space_signal.notify_one();
-        Some((tag, ready.message))
+        // One waiting publisher per slot freed, expired ones included: a take that
+        // found only expired messages woke nobody, and a publisher waiting for room
+        // failed "full" with the queue empty.
+        for _ in 0..expired + usize::from(taken.is_some()) {
+            self.space_signal.notify_one();
+        }
+        taken
     }
 
     /// Settles a delivery: ack drops it, release puts it back at the front.
