@@ -64,9 +64,11 @@ impl DeliveryState {
     /// The handler has returned: the message may no longer be used, and what it held
     /// is let go.
     pub(crate) fn release(&self) {
-        if let Ok(mut context) = self.context.try_borrow_mut() {
-            context.take();
-        }
+        // Taken, then dropped once the borrow ends: dropping it may run code of its own.
+        // No borrow is ever held here (none outlives a method call): a broken rule
+        // panics rather than leave the message usable.
+        let taken = self.context.borrow_mut().take();
+        drop(taken);
     }
 
     pub(crate) fn is_released(&self) -> bool {

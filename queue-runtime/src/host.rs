@@ -24,6 +24,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for processes when no consumer sets a `stop_timeout`.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `--exit-when-idle` reads counts that keep failing before it gives up
+/// (a broker reconnecting comes back well within it; docs/consumers.md).
+const COUNTS_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Embeds more into each worker's Lua state, once, before any handler runs (see
 /// [`HostOptions::lua_setup`]).
@@ -375,20 +378,33 @@ impl Host {
     /// A count that fails for a while (a broker reconnecting) is read again: only one
     /// that cannot come back (a queue deleted on the broker) ends the wait, with its
     /// error, and the caller still shuts down in order.
+    /// Counts that keep failing for [`COUNTS_PATIENCE`] end the wait too: a broker gone
+    /// for good must not hold a batch job for ever.
     pub async fn wait_idle(&self) -> Result<()> {
         let mut idle_reads = 0;
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             match self.is_idle().await {
-                Ok(true) => {
-                    idle_reads += 1;
+                Ok(idle) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!("the queue counts can be read again");
+                    }
+                    idle_reads = if idle { idle_reads + 1 } else { 0 };
                     if idle_reads == 2 {
                         return Ok(());
                     }
                 }
-                Ok(false) => idle_reads = 0,
                 Err(e) if e.retryable() => {
-                    tracing::debug!(error = %e, "a queue count failed; reading again");
                     idle_reads = 0;
+                    let since = *failing_since.get_or_insert_with(|| {
+                        tracing::warn!(error = %e, "a queue count failed; reading it again");
+                        tokio::time::Instant::now()
+                    });
+                    if since.elapsed() >= COUNTS_PATIENCE {
+                        return Err(e.context(format!(
+                            "the queue counts could not be read for {COUNTS_PATIENCE:?}"
+                        )));
+                    }
                 }
                 Err(e) => return Err(e),
             }
