@@ -168,6 +168,26 @@ const THREAD_STACK_BYTES: &str = if cfg!(debug_assertions) {
     "134217728"
 };
 
+/// Prints a line of the command's answer on stdout. A reader that went away (`| head`,
+/// a `tee` stopped by the same Ctrl-C) loses the line, not the command: its work is
+/// done, and its exit code must say so (docs/operations.md, "Command-line reference"); `println!`
+/// panicked there, as Rust ignores SIGPIPE.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// [`say!`] on stderr: the error line of a failed command, whose exit code is what a
+/// script reads.
+macro_rules! say_on_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
@@ -177,7 +197,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say_on_stderr!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -190,7 +210,7 @@ fn main() -> ExitCode {
             ) {
                 Ok(telemetry) => telemetry,
                 Err(message) => {
-                    eprintln!("error: {message}");
+                    say_on_stderr!("error: {message}");
                     return ExitCode::FAILURE;
                 }
             }
@@ -208,7 +228,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("error: {message}");
+            say_on_stderr!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -290,7 +310,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Check { config, strict } => {
             let (plan, _) = plan(&config, strict)?;
-            println!(
+            say!(
                 "ok: {} driver(s), {} queue(s), {} consumer(s), {} process(es)",
                 plan.drivers.len(),
                 plan.queues.len(),
@@ -366,12 +386,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let summary = tokio::select! {
                 summary = host.shutdown() => summary,
                 _ = signals.next() => {
-                    eprintln!("second signal: exiting now");
+                    say_on_stderr!("second signal: exiting now");
                     return Ok(ExitCode::from(130));
                 }
             };
             for queue in &summary {
-                println!("summary: {queue}");
+                say!("summary: {queue}");
             }
             if let Some(e) = idle_failed {
                 return Err(format!("--exit-when-idle: {e}"));
@@ -415,7 +435,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 .await;
             host.shutdown().await;
             let message_id = result.map_err(|e| e.to_string())?;
-            println!("published {message_id} to {queue_id}");
+            say!("published {message_id} to {queue_id}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue(QueueCommand::Peek {
@@ -458,7 +478,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             host.shutdown().await;
             let info = info.map_err(|e| e.to_string())?;
             let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |n| n.to_string());
-            println!(
+            say!(
                 "{queue_id}: message_count={} ready={} in_flight={} delayed={} consumer_count={}{node}",
                 info.message_count(),
                 show(info.ready),
@@ -488,7 +508,7 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
     if let Tool::Purge { ask: true } = tool
         && !confirmed(&format!("delete every message of {id}?"))?
     {
-        println!("nothing deleted");
+        say!("nothing deleted");
         return Ok(ExitCode::FAILURE);
     }
     // Where a replayed copy may go: a broker queue (one on the embedded memory driver
@@ -508,20 +528,20 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
     let result = match tool {
         Tool::Peek { limit } => tools::peek(&driver, &id, limit).await.map(|messages| {
             for message in &messages {
-                println!("{}", tools::show(message));
+                say!("{}", tools::show(message));
             }
-            println!("{} message(s) shown; all are back in {id}", messages.len());
+            say!("{} message(s) shown; all are back in {id}", messages.len());
         }),
         Tool::Purge { .. } => tools::purge(&driver, &id)
             .await
-            .map(|purged| println!("purged {purged} message(s) from {id}")),
+            .map(|purged| say!("purged {purged} message(s) from {id}")),
         Tool::Replay(options) => {
-            let mut show = |m: &queue_core::Message| println!("{}", tools::show(m));
+            let mut show = |m: &queue_core::Message| say!("{}", tools::show(m));
             let reachable = |q: &queue_core::QueueId| on_a_broker.contains(q);
             tools::replay(host.queues(), &id, &options, &reachable, &mut show)
                 .await
                 .and_then(|r| {
-                    println!(
+                    say!(
                         "{} {} dead letter(s) from {id}; left there: {} skipped, {} with no x_original_queue a copy can go to, {} refused by their queue",
                         if options.dry_run { "would replay" } else { "replayed" },
                         r.replayed,

@@ -415,6 +415,49 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(out.status.code(), Some(130), "{}", seen.join("\n"));
 }
 
+/// A reader that went away (`| head`, a `tee` killed by the same Ctrl-C) is no
+/// failure of the command: its work is done, and the exit code must say so, or a
+/// script that retries on failure publishes twice. Rust ignores SIGPIPE, so a
+/// `println!` to a closed pipe panicked and exited 101.
+#[test]
+fn a_closed_stdout_does_not_change_the_exit_code() {
+    let root = workspace_root();
+    for args in [
+        &["check", "examples/quickstart/app.yaml"][..],
+        &["run", "--exit-when-idle", "examples/quickstart/app.yaml"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader); // closed before the command starts: its first write fails
+        let child = binary()
+            .args(args)
+            .current_dir(&root)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawns");
+        let out = wait_with_timeout(child, Duration::from_secs(120));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Nor a closed stderr: a refused configuration still exits 1.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let child = binary()
+        .args(["check", "no-such-file.yaml"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("spawns");
+    let out = wait_with_timeout(child, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1));
+}
+
 /// The command-line reference in docs/operations.md names every flag of every command,
 /// and nothing clap does not know: checked against clap's own `--help`.
 #[test]
