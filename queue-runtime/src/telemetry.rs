@@ -199,12 +199,9 @@ fn resolve_endpoint(
             ));
         }
     }
-    let uri: hyper::Uri = endpoint.parse().map_err(|e| {
-        format!(
-            "the OTLP endpoint {:?} is not a URL: {e}",
-            queue_core::redact_url(&endpoint)
-        )
-    })?;
+    let uri: hyper::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("the OTLP endpoint {:?} is not a URL: {e}", shown(&endpoint)))?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(
             "the OTLP endpoint has credentials in it, which the exporter does not send (and which must not reach a log): give the collector's address alone".to_string(),
@@ -213,10 +210,12 @@ fn resolve_endpoint(
     match uri.scheme_str() {
         Some("http") if uri.host().is_some() => Ok(Some(endpoint)),
         Some("https") => Err(format!(
-            "the OTLP endpoint {endpoint} uses https, and the exporter is built without TLS: send to a collector over http (a local agent or sidecar)"
+            "the OTLP endpoint {} uses https, and the exporter is built without TLS: send to a collector over http (a local agent or sidecar)",
+            shown(&endpoint)
         )),
         _ => Err(format!(
-            "the OTLP endpoint {endpoint:?} must be an http:// URL (http://127.0.0.1:4318)"
+            "the OTLP endpoint {:?} must be an http:// URL (http://127.0.0.1:4318)",
+            shown(&endpoint)
         )),
     }
 }
@@ -570,6 +569,10 @@ mod tests {
         for with_credentials in [
             "http://u:s3cret@collector:4318",
             "http://u:s3cret@coll ector",
+            // A token in the query string, which `shown` hides in the log.
+            "https://collector:4318/v1/traces?api-key=s3cret",
+            "ftp://collector/v1/traces?token=s3cret",
+            "http://coll ector/v1/traces?token=s3cret",
         ] {
             let e = resolve_endpoint(Some(with_credentials), &none).unwrap_err();
             assert!(!e.contains("s3cret"), "{e}");
