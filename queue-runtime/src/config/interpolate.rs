@@ -126,7 +126,11 @@ fn resolve(
             body.chars().take(64).collect::<String>()
         ));
     }
-    match (lookup(name), default) {
+    // `:-` applies to a variable set empty too, as in a shell (docs/configuration.md).
+    match (
+        lookup(name).filter(|v| default.is_none() || !v.is_empty()),
+        default,
+    ) {
         (Some(value), _) => Ok(value),
         (None, Some(default)) => interpolate_with(default, lookup, nesting + 1)
             .map(|d| d.text)
@@ -178,6 +182,15 @@ mod tests {
             interpolate(text, env).unwrap().text,
             "url: amqp://127.0.0.1:5672\ncost: $5 ${literal}"
         );
+    }
+
+    /// As in a shell and in docker compose: `DLQ=` set empty must not turn
+    /// `${DLQ:-false}` into a YAML null (which means "the default dead-letter queue").
+    #[test]
+    fn a_variable_set_empty_takes_the_default() {
+        let empty = |name: &str| (name == "EMPTY").then(String::new);
+        let got = interpolate("a: ${EMPTY:-false}\nb: \"${EMPTY}\"", empty).unwrap();
+        assert_eq!(got.text, "a: false\nb: \"\"");
     }
 
     #[test]
