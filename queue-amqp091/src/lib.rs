@@ -205,6 +205,8 @@ impl Driver for Amqp091Driver {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
+        // The runtime checks this too; a Rust user may call the driver directly.
+        spec.check_supported(self.name(), &CAPABILITIES)?;
         Topology::check(spec)?;
         let link = self.link(&format!("declare queue {}", spec.id)).await?;
         self.topology.declare(&link, spec).await

@@ -76,19 +76,6 @@ impl Topology {
     /// Refuses what the broker would refuse, before waiting for a connection.
     pub(crate) fn check(spec: &QueueSpec) -> Result<()> {
         queue_name(&spec.name)?;
-        if spec.max_priority.is_some_and(|p| p == 0) {
-            return Err(Error::invalid(format!(
-                "queue {}: max_priority must be 1..=255",
-                spec.id
-            )));
-        }
-        if spec.queue_type == QueueType::Quorum && !spec.durable {
-            return Err(Error::invalid(format!(
-                "queue {}: a quorum queue is always durable: drop durable: false or use queue_type classic",
-                spec.id
-            ))
-            .with_detail("field", "durable"));
-        }
         Ok(())
     }
 

@@ -153,9 +153,24 @@ impl QueueSpec {
         self
     }
 
-    /// Refuses options the driver's capabilities do not cover, naming the driver; the
-    /// error's `field` detail names the option.
+    /// Refuses options no driver declares as written (a quorum queue that is not
+    /// durable, `max_priority: 0`) and options the driver's capabilities do not cover,
+    /// naming the driver; the error's `field` detail names the option.
     pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
+        if self.queue_type == QueueType::Quorum && !self.durable {
+            return Err(Error::invalid(format!(
+                "queue {}: a quorum queue is always durable: drop durable: false or use queue_type classic",
+                self.id
+            ))
+            .with_detail("field", "durable"));
+        }
+        if self.max_priority == Some(0) {
+            return Err(Error::invalid(format!(
+                "queue {}: max_priority must be at least 1 (leave it out for a queue without priorities)",
+                self.id
+            ))
+            .with_detail("field", "max_priority"));
+        }
         if self.queue_type == QueueType::Quorum {
             if !caps.quorum_queues {
                 return Err(Error::invalid(format!(

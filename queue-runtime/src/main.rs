@@ -49,8 +49,9 @@ enum Command {
         /// Serve /metrics and /health on this address (e.g. 127.0.0.1:9090).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
-        /// Worker threads, each with one Lua state (default: the number of cores).
-        #[arg(long)]
+        /// Worker threads, each with one Lua state (default: the number of cores, at
+        /// most 8; 1 to 256).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
         lua_threads: Option<usize>,
         /// Export trace spans with OTLP over HTTP to this base URL (e.g.
         /// http://127.0.0.1:4318); wins over OTEL_EXPORTER_OTLP_ENDPOINT.

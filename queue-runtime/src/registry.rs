@@ -805,6 +805,29 @@ mod tests {
             .collect()
     }
 
+    /// What a broker refuses only when the queue is declared, after `run` waited for
+    /// it and with no line to point at, `check` refuses naming the field.
+    #[test]
+    #[cfg(feature = "amqp091")]
+    fn queue_options_every_broker_refuses_fail_check() {
+        for (options, field) in [
+            ("queue_type: quorum\n    durable: false", "durable"),
+            ("max_priority: 0", "max_priority"),
+        ] {
+            let dir = app_dir(
+                &format!(
+                    "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: q\n    kind: queue.queue\n    {options}\n"
+                ),
+                &[],
+            );
+            let errors = plan_in(dir.path(), false).unwrap_err().0;
+            assert!(
+                errors.iter().any(|e| e.field.as_deref() == Some(field)),
+                "{options}: {errors:?}"
+            );
+        }
+    }
+
     /// One file named under two spellings is read once: both entries run one text.
     #[test]
     fn a_file_named_two_ways_is_one_text() {

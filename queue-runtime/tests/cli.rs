@@ -458,6 +458,30 @@ fn a_closed_stdout_does_not_change_the_exit_code() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// `--lua-threads 0` ran one thread without a word; a count in the thousands would
+/// start as many Lua states. Both are usage errors, before anything starts.
+#[test]
+fn lua_threads_outside_one_to_256_are_refused() {
+    let root = workspace_root();
+    for count in ["0", "257"] {
+        let out = run(
+            &[
+                "run",
+                "--lua-threads",
+                count,
+                "examples/quickstart/app.yaml",
+            ],
+            &root,
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("1..=256"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
 /// The command-line reference in docs/operations.md names every flag of every command,
 /// and nothing clap does not know: checked against clap's own `--help`.
 #[test]

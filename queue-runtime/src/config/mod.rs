@@ -520,16 +520,38 @@ fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
             "retry.backoff.max must be at most 4294967295ms (about 49 days), the longest delay a broker carries",
         ));
     }
+    if q.retry.backoff.initial > q.retry.backoff.max {
+        return Err(entry.error(
+            Some("retry"),
+            "retry.backoff.initial must not be longer than retry.backoff.max",
+        ));
+    }
+    if q.max_length == Some(0) {
+        // Every publish would wait for room and fail.
+        return Err(entry.error(
+            Some("max_length"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
     if q.max_message_bytes == 0 {
         return Err(entry.error(Some("max_message_bytes"), "must be at least 1"));
     }
-    if q.message_ttl.is_some_and(|ttl| ttl.is_zero()) {
-        // Every message would expire as it arrived: dropped unseen, even with a
-        // consumer waiting (the memory driver drops it when it is taken).
-        return Err(entry.error(
-            Some("message_ttl"),
-            "must be longer than 0s (leave it out for no expiry)",
-        ));
+    if let Some(ttl) = q.message_ttl {
+        // Brokers take whole milliseconds: under one, every message would expire as it
+        // arrived, dropped unseen even with a consumer waiting (the memory driver drops
+        // it when it is taken).
+        if ttl < std::time::Duration::from_millis(1) {
+            return Err(entry.error(
+                Some("message_ttl"),
+                "must be at least 1ms (leave it out for no expiry)",
+            ));
+        }
+        if ttl.as_millis() > u128::from(queue_core::MAX_MILLIS) {
+            return Err(entry.error(
+                Some("message_ttl"),
+                "must be at most 4294967295ms (about 49 days), the longest a broker carries",
+            ));
+        }
     }
     Ok(())
 }
@@ -667,6 +689,35 @@ mod tests {
                 .contains("app.yaml:6: field `retry.backoff.initial`"),
             "{e}"
         );
+    }
+
+    /// Options a broker would take and then act on as nothing a user meant: a TTL
+    /// that rounds to 0 ms drops every message a consumer does not take at once, a
+    /// TTL or a backoff start past what a broker carries is refused only at `run`.
+    #[test]
+    fn queue_options_that_would_mean_something_else_are_refused() {
+        for (option, line, field, says) in [
+            ("message_ttl: 0.5ms", 5, "message_ttl", "at least 1ms"),
+            (
+                "message_ttl: 1200h",
+                5,
+                "message_ttl",
+                "at most 4294967295ms",
+            ),
+            ("max_length: 0", 5, "max_length", "at least 1"),
+            (
+                "retry:\n      backoff: { initial: 2m, max: 1m }",
+                6,
+                "retry",
+                "initial must not be longer than",
+            ),
+        ] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    {option}\n"
+            ));
+            assert_eq!((e.line, e.field.as_deref()), (line, Some(field)), "{e}");
+            assert!(e.message.contains(says), "{option}: {e}");
+        }
     }
 
     #[test]
