@@ -475,18 +475,34 @@ impl LuaHost {
         deadline: Option<Deadline>,
     ) -> mlua::Result<MultiValue> {
         let thread = self.handler_thread()?;
+        let delivery = context.delivery.clone();
         self.contexts.enter(&thread, context);
+        // Left when the run ends, or when its future is dropped mid-run (a shutdown past
+        // `stop_timeout`): a context left behind would let a coroutine the run kept go
+        // on publishing with its rights.
+        let entered = Entered {
+            contexts: &self.contexts,
+            thread: &thread,
+        };
         let result = match thread
             .clone()
             .into_async::<MultiValue>((function.clone(), args))
         {
             Ok(running) => {
                 let clock = Rc::clone(&self.clock);
-                Sliced::new(running, clock, thread.clone(), &self.guard, deadline).await
+                Sliced::new(
+                    running,
+                    clock,
+                    thread.clone(),
+                    &self.guard,
+                    deadline,
+                    delivery,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
-        self.contexts.leave(&thread);
+        drop(entered);
         self.keep_if_finished(thread);
         result
     }
@@ -514,6 +530,19 @@ impl LuaHost {
             self.clock.unhook(&thread);
             idle.push(thread);
         }
+    }
+}
+
+/// A run's context, entered for its coroutine: left when this is dropped, after the
+/// run's `Sliced` future (declared later, dropped first) ran its `__close` handlers.
+struct Entered<'a> {
+    contexts: &'a Contexts,
+    thread: &'a Thread,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.contexts.leave(self.thread);
     }
 }
 

@@ -19,7 +19,7 @@ impl LuaMessage {
     /// The delivery, while its handler runs.
     fn usable(&self) -> Result<Ref<'_, DeliveryContext>, Error> {
         self.0.context().ok_or_else(|| {
-            Error::invalid("message released: a message can only be used while its handler runs")
+            Error::invalid("message released: a message can only be used while its handler runs (not once it returned, ran past its timeout or was stopped)")
         })
     }
 

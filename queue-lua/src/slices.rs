@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, HookTriggers, Lua, Thread, VmState};
 
+use crate::context::DeliveryState;
+
 /// How often (in Lua instructions) the hook runs: about every 20 to 100 µs of Lua.
 pub(crate) const CHECK_EVERY: u32 = 10_000;
 
@@ -175,22 +177,30 @@ pub(crate) struct Sliced<'a, F> {
     /// to-be-closed variables. Borrowed: a clone would take a registry slot per run.
     body: &'a Function,
     deadline: Option<(Deadline, Pin<Box<tokio::time::Sleep>>)>,
+    /// The delivery of a handler's run: released before an abandoned run's `__close`
+    /// handlers run, which Lua calls with no error, as if the handler had returned.
+    /// Left live, a `__close` that acks "on success" acked a message whose handler
+    /// timed out or was stopped (docs/consumers.md, "Handler time limits").
+    delivery: Option<Rc<DeliveryState>>,
 }
 
 impl<'a, F> Sliced<'a, F> {
-    /// `future` runs `thread`, a coroutine of `body`.
+    /// `future` runs `thread`, a coroutine of `body`, for `delivery` if it is a
+    /// handler's run.
     pub fn new(
         future: F,
         clock: Rc<Clock>,
         thread: Thread,
         body: &'a Function,
         deadline: Option<Deadline>,
+        delivery: Option<Rc<DeliveryState>>,
     ) -> Self {
         Sliced {
             future: Some(Box::pin(future)),
             clock,
             thread,
             body,
+            delivery,
             deadline: deadline.map(|d| {
                 let timer = Box::pin(tokio::time::sleep_until(d.at.into()));
                 (d, timer)
@@ -255,6 +265,9 @@ impl<F> Drop for Sliced<'_, F> {
         // A coroutine that returned has nothing left to close.
         if self.thread.status() == mlua::thread::ThreadStatus::Finished {
             return;
+        }
+        if let Some(delivery) = &self.delivery {
+            delivery.release();
         }
         // Without the hook (`crate::preempt`), the deadline could not stop them.
         self.clock.hook(&self.thread);

@@ -14,6 +14,16 @@ use queue_lua::{DeliveryContext, Outcome};
 use support::{Harness, Recorder, json_message, lua_file};
 
 async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
+    run_settled_by(h, method, Rc::new(Recorder::default()), timeout).await
+}
+
+/// [`run`], its settlements going to `settle`.
+async fn run_settled_by(
+    h: &Harness,
+    method: &str,
+    settle: Rc<Recorder>,
+    timeout: Option<Duration>,
+) -> Outcome {
     let handler = h
         .host
         .handler(&lua_file("sandbox/slices.lua"), method)
@@ -21,7 +31,7 @@ async fn run(h: &Harness, method: &str, timeout: Option<Duration>) -> Outcome {
     let message = json_message(Value::from("x"), Headers::new());
     let context = DeliveryContext {
         message: std::sync::Arc::new(message),
-        settle: Rc::new(Recorder::default()),
+        settle,
     };
     h.host
         .run_handler_within(
@@ -139,6 +149,50 @@ fn a_dropped_handler_runs_its_close_handlers() {
             () = h.driver.wait_for_held(1) => {}
         }
         assert_eq!(run(&h, "close_ran_before", None).await, Outcome::Ack);
+    });
+}
+
+/// Lua closes a stopped coroutine's to-be-closed variables with no error, as if its
+/// handler had returned: a `__close` that acks "on success" acked a message whose
+/// handler ran past its timeout or was cut by a shutdown, and the message was gone.
+/// The delivery is released before the close handlers run: their ack is refused, the
+/// run ends as timed out, and the stopped run leaves no context behind.
+#[test]
+fn a_stopped_handler_cannot_ack_from_its_close_handlers() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        for method in ["spin_acking_on_close", "wait_acking_on_close"] {
+            let settle = Rc::new(Recorder::default());
+            let timeout = Some(Duration::from_millis(300));
+            let outcome = run_settled_by(&h, method, Rc::clone(&settle), timeout).await;
+            timed_out(&outcome, "300ms");
+            assert!(
+                settle.calls.borrow().is_empty(),
+                "{method}: {:?}",
+                settle.calls
+            );
+            assert_eq!(
+                run(&h, "close_ack_was_refused", None).await,
+                Outcome::Ack,
+                "{method}"
+            );
+        }
+        // Dropped mid-run, as a shutdown drops a handler past its stop_timeout.
+        let settle = Rc::new(Recorder::default());
+        tokio::select! {
+            outcome = run_settled_by(&h, "wait_acking_on_close", Rc::clone(&settle), None) => {
+                panic!("the run ended while its publish was held: {outcome:?}")
+            }
+            () = h.driver.wait_for_held(2) => {}
+        }
+        assert!(settle.calls.borrow().is_empty(), "{:?}", settle.calls);
+        assert_eq!(
+            h.host.running(),
+            0,
+            "the dropped run left its context behind"
+        );
+        assert_eq!(run(&h, "close_ack_was_refused", None).await, Outcome::Ack);
     });
 }
 

@@ -118,3 +118,38 @@ function close_dead_spinner()
   local _ <close> = setmetatable({}, { __close = function() coroutine.close(co) end })
   coroutine.resume(co)
 end
+
+-- What the ack in `acks_on_a_clean_close`'s __close answered: Lua closes a stopped
+-- coroutine's variables with no error, as if the handler had returned.
+close_ack = nil
+
+-- A "commit on success" guard: acks in __close when no error is passing. Stopped at
+-- its timeout (or by a shutdown) while it spins or waits, it must not ack.
+local function ack_on_clean_close()
+  local msg = queue.message()
+  close_ack = nil
+  return setmetatable({}, {
+    __close = function(_, err)
+      if err == nil then
+        local ok, ack_err = msg:ack()
+        close_ack = { ok = ok, err = ack_err and tostring(ack_err) }
+      end
+    end,
+  })
+end
+
+function spin_acking_on_close()
+  local guard <close> = ack_on_clean_close()
+  while true do end
+end
+
+function wait_acking_on_close()
+  local guard <close> = ack_on_clean_close()
+  assert(queue.publish("app:tasks", { n = 1 }))
+end
+
+function close_ack_was_refused()
+  assert(close_ack, "the __close handler did not try to ack")
+  assert(close_ack.ok == false, "the ack in __close went through")
+  assert(close_ack.err:find("released"), close_ack.err)
+end
