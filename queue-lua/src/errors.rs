@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value as LuaValue};
+use mlua::{IntoLua, Lua, MetaMethod, Table, UserData, UserDataMethods, Value as LuaValue};
 use queue_core::{Error, ErrorKind};
 
 /// An error value in Lua: `err:kind()`, `err:retryable()`, `err:message()`,
@@ -19,14 +19,61 @@ pub struct LuaError {
     pub details: BTreeMap<String, String>,
 }
 
+/// The longest message an error value keeps, in bytes; a longer one is cut, saying so.
+const MAX_MESSAGE_BYTES: usize = 4096;
+/// How many details an error value keeps, and the longest key or value of one.
+const MAX_DETAILS: usize = 16;
+const MAX_DETAIL_BYTES: usize = 1024;
+
+impl LuaError {
+    /// An error value with its text cut to a bound: it lives on Rust's heap, outside
+    /// Lua's memory limit (see [`Counted`]).
+    fn bounded(
+        kind: ErrorKind,
+        retryable: bool,
+        message: &str,
+        details: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        let cut = |text: &str| queue_core::truncate(text, MAX_DETAIL_BYTES);
+        LuaError {
+            kind,
+            retryable,
+            message: queue_core::truncate(message, MAX_MESSAGE_BYTES),
+            details: details
+                .into_iter()
+                .take(MAX_DETAILS)
+                .map(|(k, v)| (cut(&k), cut(&v)))
+                .collect(),
+        }
+    }
+
+    /// The bytes of text it holds.
+    fn text_bytes(&self) -> usize {
+        let details: usize = self.details.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.message.len() + details
+    }
+}
+
 impl From<&Error> for LuaError {
     fn from(e: &Error) -> Self {
-        LuaError {
-            kind: e.kind(),
-            retryable: e.retryable(),
-            message: e.message().to_string(),
-            details: e.details().clone(),
-        }
+        let details = e.details().iter().map(|(k, v)| (k.clone(), v.clone()));
+        LuaError::bounded(e.kind(), e.retryable(), e.message(), details)
+    }
+}
+
+/// An error value on its way to Lua, weighed by Lua's memory limit: its text is on
+/// Rust's heap, which the limit does not see, so a string as long is tied to the
+/// userdata (as its user value) for the limit to count. Without it, a handler keeping
+/// error values (`kept[i] = errors.new(big)`) grew the process without bound while
+/// Lua counted a few bytes each (docs/security.md, "Sandbox").
+pub(crate) struct Counted(pub(crate) LuaError);
+
+impl IntoLua for Counted {
+    fn into_lua(self, lua: &Lua) -> mlua::Result<LuaValue> {
+        let weight = lua.create_string(vec![0u8; self.0.text_bytes()])?;
+        let userdata = lua.create_userdata(self.0)?;
+        userdata.set_user_value(weight)?;
+        Ok(LuaValue::UserData(userdata))
     }
 }
 
@@ -62,19 +109,19 @@ impl UserData for LuaError {
 }
 
 /// What a Lua call returns: `value, err`.
-pub(crate) type Answer = (LuaValue, Option<LuaError>);
+pub(crate) type Answer = (LuaValue, Option<Counted>);
 
 /// The failure of a call whose success is a value (`queue.message()`, `msg:id()`):
 /// `nil, err`.
 pub(crate) fn no_value(err: Error) -> mlua::Result<Answer> {
-    Ok((LuaValue::Nil, Some(LuaError::from(err))))
+    Ok((LuaValue::Nil, Some(Counted(LuaError::from(err)))))
 }
 
 /// The failure of a call whose success is `true` (`queue.publish`, `msg:ack()`):
 /// `false, err`, so that `ok` is a boolean either way, as the seed's `boolean, error`
 /// says (docs/lua-api.md).
 pub(crate) fn not_done(err: Error) -> mlua::Result<Answer> {
-    Ok((LuaValue::Boolean(false), Some(LuaError::from(err))))
+    Ok((LuaValue::Boolean(false), Some(Counted(LuaError::from(err)))))
 }
 
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
@@ -136,12 +183,12 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             };
             let base = Error::new(kind, message);
             let retryable = retryable.unwrap_or(base.retryable());
-            Ok(LuaError {
+            Ok(Counted(LuaError::bounded(
                 kind,
                 retryable,
-                message: base.message().to_string(),
+                base.message(),
                 details,
-            })
+            )))
         })?,
     )?;
     errors.set(

@@ -504,7 +504,24 @@ impl LuaHost {
         };
         drop(entered);
         self.keep_if_finished(thread);
+        if result.is_err() {
+            self.collect_if_nearly_full();
+        }
         result
+    }
+
+    /// After a run that raised (out of memory, often): a state close to its memory
+    /// limit is collected in full, twice. The collection Lua makes when an allocation
+    /// fails at the limit runs no finalizers, so the failed run's userdata (error
+    /// values, messages) and what they hold stayed; the first full collection runs
+    /// their finalizers, the second frees them. Left to the incremental collector, the
+    /// next handlers on the state failed at the limit too.
+    fn collect_if_nearly_full(&self) {
+        if self.lua.used_memory() > self.limits.memory_bytes / 4 * 3 {
+            // Its errors (a finalizer's) have no one to go to.
+            let _ = self.lua.gc_collect();
+            let _ = self.lua.gc_collect();
+        }
     }
 
     /// A coroutine to run a handler in: a kept one, or a new one.

@@ -286,6 +286,30 @@ async fn a_handler_past_the_memory_limit_fails_alone_and_the_state_goes_on() {
     assert_eq!(h.ready("app:emails").await, 1);
 }
 
+/// An error value's text is held by Rust, where Lua's memory limit did not see it:
+/// a handler keeping errors grew the process without bound. It is cut to a bound,
+/// and counted against the limit.
+#[tokio::test]
+async fn error_values_count_against_the_memory_limit() {
+    let h = Harness::with_limits(Limits {
+        memory_bytes: 32 * 1024 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let security = SecurityContext::default;
+    match h
+        .run_as("sandbox/memory.lua", "grow_with_errors", security())
+        .await
+    {
+        Outcome::Nack { reason, .. } => assert!(reason.contains("memory"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let outcome = h
+        .run_as("sandbox/memory.lua", "errors_are_cut", security())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+}
+
 #[tokio::test]
 async fn a_top_level_that_never_ends_fails_the_load_in_time() {
     let limits = Limits {
