@@ -12,7 +12,7 @@
 
 use std::rc::Rc;
 
-use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use mlua::{Function, Lua, MultiValue, Table, Thread, Value as LuaValue};
 use queue_core::{Error, Result};
 
 use crate::slices::Clock;
@@ -90,7 +90,7 @@ const SAFE_BASE: [&str; 14] = [
 /// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
 /// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, slice_yielded, pass_slice_yield_on = ...
 local function not_a_handler(co)
   if handler_threads[co] then
     error("a handler's or process's own coroutine cannot be resumed or closed from Lua", 3)
@@ -120,18 +120,30 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   function(co, ...)
     not_a_handler(co)
     local results = pack(raw_resume(co, ...))
-    -- An asynchronous call waiting inside `co` (queue.publish, msg:ack) yields mlua's
-    -- pending marker. Handed to the caller, it looked like the call's result and the
-    -- call was never finished: wait with it instead, by yielding it on to the
-    -- handler's own poller, then resume `co` so the call looks again.
-    while results[1] and results.n == 2 and results[2] == pending do
-      if not isyieldable() then
-        results = pack(false, "an asynchronous call (queue.publish, msg:ack, msg:nack) "
-          .. "cannot wait where this coroutine was resumed (inside a function Lua calls from C): "
-          .. "the call has started, and goes on when the coroutine is resumed again")
+    while results[1] do
+      if results.n == 2 and results[2] == pending then
+        -- An asynchronous call waiting inside `co` (queue.publish, msg:ack) yields
+        -- mlua's pending marker. Handed to the caller, it looked like the call's result
+        -- and the call was never finished: wait with it instead, by yielding it on to
+        -- the handler's own poller, then resume `co` so the call looks again.
+        if not isyieldable() then
+          results = pack(false, "an asynchronous call (queue.publish, msg:ack, msg:nack) "
+            .. "cannot wait where this coroutine was resumed (inside a function Lua calls from C): "
+            .. "the call has started, and goes on when the coroutine is resumed again")
+          break
+        end
+        yield(pending)
+      elseif results.n == 1 and slice_yielded(co) then
+        -- `co` yielded at its slice's end (crate::slices): so does this coroutine,
+        -- up to the handler's, whose poller lets the other handlers run; then `co`
+        -- goes on. Where this one cannot yield, `co` goes on at once.
+        if isyieldable() then
+          pass_slice_yield_on()
+          yield()
+        end
+      else
         break
       end
-      yield(pending)
       results = pack(raw_resume(co))
     end
     if not results[1] and overdue() then stopped[co] = true end
@@ -249,6 +261,17 @@ impl Sandbox {
             let clock = Rc::clone(clock);
             lua.create_function(move |_, ()| Ok(clock.overdue()))?
         };
+        let slice_yielded = {
+            let clock = Rc::clone(clock);
+            lua.create_function(move |_, co: Thread| Ok(clock.take_slice_yield(co.to_pointer())))?
+        };
+        let pass_slice_yield_on = {
+            let clock = Rc::clone(clock);
+            lua.create_function(move |lua, ()| {
+                clock.pass_slice_yield_on(lua.current_thread().to_pointer());
+                Ok(())
+            })?
+        };
         let (pcall, xpcall, resume, close): (Function, Function, Function, Function) =
             lua.load(CATCHING_FUNCTIONS).set_name("=sandbox").call((
                 real.raw_get::<Function>("pcall")?,
@@ -263,6 +286,8 @@ impl Sandbox {
                 Lua::poll_pending(),
                 real_coroutine.raw_get::<Function>("yield")?,
                 real_coroutine.raw_get::<Function>("isyieldable")?,
+                slice_yielded,
+                pass_slice_yield_on,
             ))?;
         shared.raw_set("pcall", pcall)?;
         shared.raw_set("xpcall", xpcall)?;

@@ -8,9 +8,10 @@
 //! looks at what is running now:
 //!
 //! - past its **slice** ([`SLICE`]), a coroutine yields to the async executor, which
-//!   runs the other handlers before resuming it (only the handler's own coroutine
-//!   yields this way: a coroutine it created must see its own `coroutine.resume`
-//!   semantics unchanged);
+//!   runs the other handlers before resuming it; a coroutine the handler created
+//!   yields too, and the sandbox's `coroutine.resume` passes that yield on up to the
+//!   handler's coroutine and resumes it again once that is resumed, so the Lua code
+//!   that resumed it sees nothing of it;
 //! - past its **deadline** (a consumer's `timeout`, a file's load time), the
 //!   handler's coroutine is ended with the deadline's error, which fails the handler
 //!   (or the load) like any other error. The sandbox's `pcall`, `xpcall` and `coroutine.resume` raise it again past the
@@ -69,6 +70,9 @@ struct Slice {
     deadline: Option<Deadline>,
     /// The thread last told to yield past the deadline, by address.
     yield_tried: Option<*const c_void>,
+    /// A coroutine the handler created that yielded at the slice's end, by address:
+    /// the sandbox's `coroutine.resume` passes its yield on up ([`Clock::take_slice_yield`]).
+    nested_yield: Option<*const c_void>,
 }
 
 /// The state's clock: what is running, read by the hook. One per Lua state.
@@ -135,11 +139,45 @@ impl Clock {
         let ends = *slice.ends.get_or_insert(now + SLICE);
         // The watchdog set the hook because the slice is over (`crate::preempt`).
         let over = now >= ends || crate::preempt::slice_overran();
-        match slice.yields {
-            Some(thread) if over && lua.current_thread().to_pointer() == thread => {
-                Ok(VmState::Yield)
+        if !over || slice.yields.is_none() {
+            return Ok(VmState::Continue);
+        }
+        let current = lua.current_thread().to_pointer();
+        if slice.yields == Some(current) {
+            return Ok(VmState::Yield);
+        }
+        // A coroutine the handler created yields too, and the sandbox's
+        // `coroutine.resume` passes the yield on to the handler's coroutine instead of
+        // handing it to the Lua code that resumed it, which sees nothing of it: a loop
+        // in a coroutine of its own held the whole state. One that cannot yield here
+        // (inside a function Lua calls from C) goes on, as before.
+        // SAFETY: `current` is the running thread's `lua_State`, alive while it runs.
+        if unsafe { mlua::ffi::lua_isyieldable(current as *mut mlua::ffi::lua_State) } != 0 {
+            slice.nested_yield = Some(current);
+            return Ok(VmState::Yield);
+        }
+        Ok(VmState::Continue)
+    }
+
+    /// Whether `co`, just back from a resume with no values, yielded at its slice's
+    /// end (or passed such a yield on) rather than by `coroutine.yield()`; asking
+    /// forgets it.
+    pub(crate) fn take_slice_yield(&self, co: *const c_void) -> bool {
+        let mut running = self.running.borrow_mut();
+        match running.as_mut() {
+            Some(slice) if slice.nested_yield == Some(co) => {
+                slice.nested_yield = None;
+                true
             }
-            _ => Ok(VmState::Continue),
+            _ => false,
+        }
+    }
+
+    /// The running coroutine is about to yield because one it resumed yielded at its
+    /// slice's end: its own resumer is to pass the yield on too.
+    pub(crate) fn pass_slice_yield_on(&self, current: *const c_void) {
+        if let Some(slice) = self.running.borrow_mut().as_mut() {
+            slice.nested_yield = Some(current);
         }
     }
 
@@ -157,6 +195,7 @@ impl Clock {
             ends: None,
             deadline: Some(deadline),
             yield_tried: None,
+            nested_yield: None,
         }));
         let result = f();
         *self.running.borrow_mut() = previous;
@@ -229,6 +268,7 @@ where
             ends: None,
             deadline: this.deadline.as_ref().map(|(d, _)| d.clone()),
             yield_tried: None,
+            nested_yield: None,
         };
         // A coroutine resumed while another's slice is set (a handler polled from
         // inside another's Rust callback) restores that one afterwards.

@@ -222,11 +222,35 @@ fn a_spinning_handler_lets_the_others_on_its_state_run() {
     });
 }
 
+/// A handler spinning inside a coroutine it created lets the others run too: only
+/// the handler's own coroutine yielded at its slice's end, so one nested loop held the
+/// whole state (without a timeout, for ever).
+#[test]
+fn a_spinning_coroutine_of_a_handler_lets_the_others_run() {
+    stops(|| async {
+        let h = Harness::new().await;
+        let spinner = run(&h, "spin_in_own_coroutine", Some(Duration::from_secs(20)));
+        let started = Instant::now();
+        tokio::pin!(spinner);
+        let quick = tokio::select! {
+            biased;
+            outcome = &mut spinner => panic!("the spinner ended first: {outcome:?}"),
+            outcome = run(&h, "quick", None) => outcome,
+        };
+        assert_eq!(quick, Outcome::Ack);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the quick handler waited for the nested spinner"
+        );
+    });
+}
+
 #[test]
 fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
     stops(|| async {
         let h = Harness::new().await;
         assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
+        assert_eq!(run(&h, "long_generator", None).await, Outcome::Ack);
     });
 }
 

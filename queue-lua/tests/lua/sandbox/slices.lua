@@ -153,3 +153,38 @@ function close_ack_was_refused()
   assert(close_ack.ok == false, "the ack in __close went through")
   assert(close_ack.err:find("released"), close_ack.err)
 end
+
+-- Spins inside a coroutine of its own, which only the handler's coroutine used to
+-- yield for: the whole state waited for it.
+function spin_in_own_coroutine()
+  coroutine.wrap(function() while true do end end)()
+end
+
+-- Computes past several slices between its yields, some of which carry no value:
+-- its resumer sees exactly what it yields, no more, no less.
+function long_generator()
+  local co = coroutine.create(function(first)
+    assert(first == "go", tostring(first))
+    for i = 1, 3 do
+      for _ = 1, 3e6 do end
+      local back = coroutine.yield(i)
+      assert(back == "more" .. i, tostring(back))
+      for _ = 1, 3e6 do end
+      coroutine.yield()
+    end
+    return "done"
+  end)
+  local seen, send = {}, "go"
+  while true do
+    local ok, v = coroutine.resume(co, send)
+    assert(ok, v)
+    if coroutine.status(co) == "dead" then
+      assert(v == "done", tostring(v))
+      break
+    end
+    seen[#seen + 1] = v == nil and "nil" or tostring(v)
+    send = v and ("more" .. v) or nil
+  end
+  local got = table.concat(seen, ",")
+  assert(got == "1,nil,2,nil,3,nil", got)
+end
