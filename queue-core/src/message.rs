@@ -276,7 +276,17 @@ impl Headers {
     /// name and value (numbers and booleans count 8 bytes), and [`HEADER_ENTRY_BYTES`]
     /// for each header.
     pub fn byte_size(&self) -> usize {
-        self.0.iter().map(|(k, v)| entry_bytes(k, v)).sum()
+        self.0.iter().map(|(k, v)| Headers::entry_bytes(k, v)).sum()
+    }
+
+    /// What one header counts towards [`MAX_HEADER_BYTES`] (and [`Headers::byte_size`]).
+    ///
+    /// ```
+    /// use queue_core::{HeaderValue, Headers};
+    /// assert_eq!(Headers::entry_bytes("tenant", &HeaderValue::from("acme")), 6 + 4 + 8);
+    /// ```
+    pub fn entry_bytes(name: &str, value: &HeaderValue) -> usize {
+        name.len() + value_bytes(value) + HEADER_ENTRY_BYTES
     }
 
     /// The delivery attempt: the `attempts` header, 1 when absent or unreadable.
@@ -382,11 +392,6 @@ impl Headers {
             (names::MESSAGE_ID, id),
         ]
     }
-}
-
-/// What one header counts towards [`MAX_HEADER_BYTES`].
-fn entry_bytes(name: &str, value: &HeaderValue) -> usize {
-    name.len() + value_bytes(value) + HEADER_ENTRY_BYTES
 }
 
 fn value_bytes(value: &HeaderValue) -> usize {
@@ -561,7 +566,7 @@ impl Message {
             .0
             .iter()
             .filter(|(k, v)| !is_runtime_record(k, v))
-            .map(|(k, v)| (entry_bytes(k, v), k.clone()))
+            .map(|(k, v)| (Headers::entry_bytes(k, v), k.clone()))
             .collect();
         let mut own_bytes: usize = own.iter().map(|(size, _)| size).sum();
         own.sort_unstable_by(|a, b| b.cmp(a));

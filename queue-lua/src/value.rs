@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::ffi::c_int;
 
 use mlua::{Lua, Table, Value as LuaValue, ffi};
-use queue_core::{Error, HeaderValue, Headers, Item, MAX_DEPTH, Result, Tape, Value};
+use queue_core::{
+    Error, HeaderValue, Headers, Item, MAX_DEPTH, MAX_PUBLISHED_HEADER_BYTES, Result, Tape, Value,
+};
 
 /// The most a value converted by [`from_lua`] may take, counted as
 /// [`from_lua_within`] counts: 16 MiB.
@@ -61,12 +63,16 @@ impl Conversion {
                 self.left = left;
                 Ok(())
             }
-            None => Err(Error::invalid(format!(
-                "{} takes more than {} bytes (every string and value counted, a table once \
-                 for each place that refers to it)",
-                self.path, self.max_bytes
-            ))),
+            None => Err(self.too_large()),
         }
+    }
+
+    fn too_large(&self) -> Error {
+        Error::invalid(format!(
+            "{} takes more than {} bytes (every string and value counted, a table once \
+             for each place that refers to it)",
+            self.path, self.max_bytes
+        ))
     }
 
     fn convert(&mut self, value: &LuaValue) -> Result<Value> {
@@ -121,8 +127,21 @@ impl Conversion {
         let path = &self.path;
         let mut ints: Vec<(i64, LuaValue)> = Vec::new();
         let mut strings: Vec<(String, LuaValue)> = Vec::new();
+        // What the entries collected so far will take at the least (each value one
+        // byte, each name its bytes): past what is left, the table is refused now,
+        // before a million entries are collected for a bound of a few kilobytes.
+        let mut least = 0usize;
         for pair in t.pairs::<LuaValue, LuaValue>() {
             let (key, value) = pair.map_err(|e| Error::invalid(format!("{path}: {e}")))?;
+            least = least.saturating_add(
+                1 + match &key {
+                    LuaValue::String(s) => s.as_bytes().len(),
+                    _ => 0,
+                },
+            );
+            if least > self.left {
+                return Err(self.too_large());
+            }
             match key {
                 LuaValue::Integer(i) => ints.push((i, value)),
                 LuaValue::String(s) => match s.to_str() {
@@ -308,6 +327,8 @@ pub fn headers_from_lua(value: &LuaValue) -> Result<Headers> {
         }
     };
     let mut headers = Headers::new();
+    // Counted as they come: the bound is refused before every header is converted.
+    let mut size = 0usize;
     for pair in t.pairs::<LuaValue, LuaValue>() {
         let (key, value) = pair.map_err(|e| Error::invalid(format!("headers: {e}")))?;
         let key = match &key {
@@ -337,6 +358,12 @@ pub fn headers_from_lua(value: &LuaValue) -> Result<Headers> {
                 )));
             }
         };
+        size = size.saturating_add(Headers::entry_bytes(&key, &value));
+        if size > MAX_PUBLISHED_HEADER_BYTES {
+            return Err(Error::invalid(format!(
+                "headers take more than the {MAX_PUBLISHED_HEADER_BYTES} bytes a published message may carry"
+            )));
+        }
         headers.insert(key, value);
     }
     Ok(headers)
