@@ -102,8 +102,16 @@ impl UserData for LuaError {
             Ok(t)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, e, ()| Ok(e.to_string()));
-        methods.add_meta_method(MetaMethod::Eq, |_, a, b: mlua::UserDataRef<LuaError>| {
-            Ok(*a == *b)
+        // Lua calls it for an error value and any other userdata, on either side: that
+        // one is simply not equal.
+        methods.add_meta_function(MetaMethod::Eq, |_, (a, b): (LuaValue, LuaValue)| {
+            let (LuaValue::UserData(a), LuaValue::UserData(b)) = (a, b) else {
+                return Ok(false);
+            };
+            Ok(match (a.borrow::<LuaError>(), b.borrow::<LuaError>()) {
+                (Ok(a), Ok(b)) => *a == *b,
+                _ => false,
+            })
         });
     }
 }

@@ -589,11 +589,14 @@ end
 fn guard(lua: &Lua) -> mlua::Result<Function> {
     let globals = lua.globals();
     let note = lua.create_function(|lua, raised: LuaValue| {
-        if let (LuaValue::UserData(ud), Some(delivery)) =
-            (&raised, crate::context::current_delivery(lua))
-            && let Ok(e) = ud.borrow::<LuaError>()
-        {
-            delivery.raised_retryable.set(Some(e.retryable));
+        if let Some(delivery) = crate::context::current_delivery(lua) {
+            // The last value raised is the one that leaves the handler: a `__close`
+            // raising text on the way out replaces an error value raised before it.
+            let retryable = match &raised {
+                LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().map(|e| e.retryable),
+                _ => None,
+            };
+            delivery.raised_retryable.set(retryable);
         }
         Ok(raised)
     })?;

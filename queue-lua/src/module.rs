@@ -78,7 +78,11 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
 
 fn queue_id_text(value: &LuaValue) -> Result<String> {
     match value {
-        LuaValue::String(s) => Ok(s.to_string_lossy()),
+        // Not read lossily: `app:t\xff` would name `app:t\u{FFFD}`, another queue.
+        LuaValue::String(s) => s
+            .to_str()
+            .map(|id| id.to_string())
+            .map_err(|_| Error::invalid("queue id must be UTF-8 text")),
         LuaValue::Nil => Ok(String::new()),
         other => Err(Error::invalid(format!(
             "queue id must be a string \"namespace:name\", got a {}",

@@ -74,6 +74,16 @@ async fn scalars_publish_as_themselves() {
     }
 }
 
+/// A queue id that is not UTF-8 is refused: read lossily, `app:t\xff` published to
+/// `app:t\u{FFFD}`, whose permission was checked instead.
+#[tokio::test]
+async fn a_queue_id_that_is_not_utf8_is_invalid() {
+    let h = Harness::new().await;
+    let (kind, message) = publish_error(&h, r#""app:tasks\255", { n = 1 }"#).await;
+    assert_eq!(kind, "Invalid", "{message}");
+    assert!(message.contains("UTF-8"), "{message}");
+}
+
 #[tokio::test]
 async fn non_utf8_strings_travel_as_bytes_on_msgpack_and_are_refused_by_json() {
     let h = Harness::new().await;

@@ -176,6 +176,14 @@ async fn outcome_of(method: &str) -> (Outcome, Vec<String>) {
     h.handle("handlers.lua", method, msg).await
 }
 
+/// `==` between an error value and another userdata is `false`, not a raised
+/// "bad argument".
+#[tokio::test]
+async fn an_error_value_compares_with_any_value() {
+    let (outcome, _) = outcome_of("compares_an_error_with_a_message").await;
+    assert_eq!(outcome, Outcome::Ack);
+}
+
 #[tokio::test]
 async fn settlement_table() {
     for method in ["returns_nothing", "returns_true"] {
@@ -221,6 +229,9 @@ async fn only_an_error_value_that_says_so_is_not_retryable() {
             true,
         ),
         ("catches_invalid_then_raises_text", "something else", true),
+        // Only the error that leaves the handler counts: a __close raising on the
+        // way out replaces the INVALID one.
+        ("raises_invalid_then_close_raises_text", "db lost", true),
     ] {
         match outcome_of(method).await.0 {
             Outcome::Nack {

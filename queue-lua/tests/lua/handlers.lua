@@ -20,6 +20,16 @@ end
 function M.returns_a_looping_error(payload)
   return nil, setmetatable({}, { __index = function() while true do end end })
 end
+function M.raises_invalid_then_close_raises_text(payload)
+  local _ <close> = setmetatable({}, { __close = function() error("db lost") end })
+  error(invalid())
+end
+function M.compares_an_error_with_a_message(payload)
+  local err, msg = errors.new("a"), queue.message()
+  assert(not (err == msg), "an error equals a message")
+  assert(not (msg == err), "a message equals an error")
+  assert(err == errors.new("a"), "equal errors differ")
+end
 function M.catches_invalid_then_raises_text(payload)
   pcall(error, invalid())
   error("something else")
