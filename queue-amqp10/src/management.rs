@@ -64,7 +64,7 @@ impl Management {
             Ok(QueueInfo {
                 // Artemis counts delivered-but-unsettled and scheduled messages in
                 // messageCount.
-                ready: Some(total.saturating_sub(delivering + scheduled)),
+                ready: Some(total.saturating_sub(delivering.saturating_add(scheduled))),
                 in_flight: Some(delivering),
                 delayed: Some(scheduled),
                 consumers: Some(consumers),
@@ -86,12 +86,51 @@ impl Management {
         queue: &str,
         attribute: &str,
     ) -> Result<u64> {
-        if links.is_none() {
-            *links = Some(attach(connector).await?);
-        }
-        let Some(links) = links.as_mut() else {
-            return Err(Error::internal("management links are not attached"));
+        // Taken out for the exchange and put back only once its reply is read: a read
+        // cut off after its request went out (its future dropped, or timed out) would
+        // leave the reply on the link for the next read to take as its own (another
+        // queue's counts). New links are attached instead.
+        let mut exchanging = match links.take() {
+            Some(attached) => attached,
+            None => attach(connector).await?,
         };
+        let reply = Self::exchange(&mut exchanging, queue, attribute).await?;
+        *links = Some(exchanging);
+        let succeeded = reply
+            .application_properties
+            .as_ref()
+            .and_then(|p| p.get("_AMQ_OperationSucceeded"))
+            .is_some_and(|v| matches!(v, SimpleValue::Bool(true)));
+        let text = match reply.body {
+            Body::Value(AmqpValue(Value::String(text))) => text,
+            other => {
+                return Err(Error::internal(format!(
+                    "management answered {other:?}, not a JSON string"
+                )));
+            }
+        };
+        if !succeeded {
+            return Err(if text.contains("AMQ229067") {
+                Error::not_found(format!("queue {queue} does not exist on the broker"))
+            } else {
+                Error::internal(format!(
+                    "management refused to read {attribute} of {queue}: {text}"
+                ))
+            });
+        }
+        parse_count(&text).ok_or_else(|| {
+            Error::internal(format!(
+                "management answered {text:?} for {attribute}, not a count"
+            ))
+        })
+    }
+
+    /// Sends one read request and waits (up to REQUEST_TIMEOUT) for its reply.
+    async fn exchange(
+        links: &mut Links,
+        queue: &str,
+        attribute: &str,
+    ) -> Result<AmqpMessage<Body<Value>>> {
         let request = AmqpMessage::builder()
             .properties(
                 Properties::builder()
@@ -127,36 +166,9 @@ impl Management {
                 let _ = links.replies.link.accept(&reply).await;
                 Ok::<_, Error>(reply.into_message())
             };
-        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| Error::internal("a management request timed out"))??;
-        let succeeded = reply
-            .application_properties
-            .as_ref()
-            .and_then(|p| p.get("_AMQ_OperationSucceeded"))
-            .is_some_and(|v| matches!(v, SimpleValue::Bool(true)));
-        let text = match reply.body {
-            Body::Value(AmqpValue(Value::String(text))) => text,
-            other => {
-                return Err(Error::internal(format!(
-                    "management answered {other:?}, not a JSON string"
-                )));
-            }
-        };
-        if !succeeded {
-            return Err(if text.contains("AMQ229067") {
-                Error::not_found(format!("queue {queue} does not exist on the broker"))
-            } else {
-                Error::internal(format!(
-                    "management refused to read {attribute} of {queue}: {text}"
-                ))
-            });
-        }
-        parse_count(&text).ok_or_else(|| {
-            Error::internal(format!(
-                "management answered {text:?} for {attribute}, not a count"
-            ))
-        })
+            .map_err(|_| Error::internal("a management request timed out"))?
     }
 }
 

@@ -1,0 +1,67 @@
+//! What only ActiveMQ Artemis shows, on the shared instance (`cargo xtask brokers up`
+//! starts it on 6672): its management requests, which `info` reads queue counts with.
+
+use std::time::Duration;
+
+use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
+use queue_core::{ConsumeOptions, Driver, Message, QueueId, QueueSpec};
+
+async fn declared(driver: &Amqp10Driver, what: &str) -> QueueId {
+    let name = format!("amqp10-tests-{what}-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone())
+        .with_name(name)
+        .with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    id
+}
+
+/// A count read cut off after its request went out (a signal ending `--exit-when-idle`
+/// mid-read, the summary's time limit) left the broker's reply on the management link,
+/// and the next read took it for its own: another queue's counts, or another count.
+/// Each read of one queue's counts, cut at a different point, is followed by a read
+/// of another queue's, which must be that queue's.
+async fn a_count_read_cut_off_leaves_no_reply_for_the_next() {
+    let driver = Amqp10Driver::connect(Amqp10Config::new(
+        queue_fixtures::artemis::shared_url(),
+        Profile::Artemis,
+    ))
+    .await
+    .unwrap();
+    let (busy, empty) = (
+        declared(&driver, "busy").await,
+        declared(&driver, "empty").await,
+    );
+    for n in 0..3u8 {
+        let message = Message::from_bytes(vec![b"0"[0] + n], Default::default(), "text/plain");
+        driver.publish(&busy, message).await.unwrap();
+    }
+    // A consumer holding one: every count of `busy` differs from `empty`'s zeros.
+    let mut subscription = driver
+        .consume(&busy, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let held = subscription.next().await.unwrap().unwrap();
+    let counts = |q: &queue_core::QueueInfo| (q.ready, q.in_flight, q.delayed, q.consumers);
+    let busy_counts = counts(&driver.info(&busy).await.unwrap());
+    assert_eq!(busy_counts, (Some(2), Some(1), Some(0), Some(1)));
+    for step in 0..80u64 {
+        let cut = Duration::from_micros(100 * step);
+        let _ = tokio::time::timeout(cut, driver.info(&busy)).await;
+        let read = counts(&driver.info(&empty).await.unwrap());
+        assert_eq!(
+            read,
+            (Some(0), Some(0), Some(0), Some(0)),
+            "a read of another queue cut after {cut:?}"
+        );
+    }
+    held.ack().await.unwrap();
+    subscription.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
+queue_testkit::broker_tests! {
+    unavailable: queue_fixtures::artemis::shared_unavailable();
+    async: [a_count_read_cut_off_leaves_no_reply_for_the_next];
+    sync: [];
+}
