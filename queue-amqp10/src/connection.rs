@@ -109,6 +109,8 @@ pub(crate) struct Connector {
     /// `max_message_size`, advertised on every receiver link.
     max_message_size: u64,
     live: Mutex<Option<Live>>,
+    /// The latest failure to open a connection or begin a session (see `session`).
+    last_failure: std::sync::Mutex<Option<Failure>>,
     generation: AtomicU64,
     /// Connections that opened (attempts that failed are not counted).
     opened: AtomicU64,
@@ -167,6 +169,7 @@ impl Connector {
             backoff: config.reconnect_backoff(),
             max_message_size: config.max_message_size,
             live: Mutex::new(None),
+            last_failure: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             attached: AtomicU64::new(0),
@@ -357,11 +360,54 @@ impl Connector {
     /// gone. A connection that turns out to be gone only when the session is begun (the
     /// broker dropped it a moment ago) is replaced once at once; past that, callers back
     /// off and call again.
+    ///
+    /// A close ends the wait at once, for the lock as for the broker. A caller that
+    /// waited for the lock while another's attempt failed gets that failure instead
+    /// of waiting out a time limit of its own on the same broker: K callers behind a
+    /// hung broker waited K limits, one after the other, and a close waited for them
+    /// all (docs/drivers/amqp10.md, "Connection loss").
     async fn session(&self) -> Result<(SessionHandle<()>, u64)> {
-        if self.is_closed() {
-            return Err(crate::error::closed("attach"));
+        let arrived = std::time::Instant::now();
+        let mut closed = self.closed_signal();
+        let attempt = async {
+            let mut live = self.live.lock().await;
+            if self.is_closed() {
+                return Err(crate::error::closed("attach"));
+            }
+            if let Some(failure) = self.failed_since(arrived) {
+                return Err(failure);
+            }
+            let result = self.session_on(&mut live).await;
+            if let Err(err) = &result {
+                *lock_failure(&self.last_failure) = Some(Failure::of(err));
+            }
+            result
+        };
+        tokio::select! {
+            result = attempt => result,
+            _ = closed.wait_for(|closed| *closed) => Err(crate::error::closed("attach")),
         }
-        let mut live = self.live.lock().await;
+    }
+
+    /// The failure of an attempt that ended after `arrived`, for a caller that waited
+    /// for the lock meanwhile.
+    pub(crate) fn failed_since(&self, arrived: std::time::Instant) -> Option<Error> {
+        let last = lock_failure(&self.last_failure);
+        let failure = last.as_ref().filter(|f| f.at > arrived)?;
+        Some(
+            Error::new(
+                failure.kind,
+                format!(
+                    "{} (found by an attempt that ended a moment ago)",
+                    failure.message
+                ),
+            )
+            .retryable_if(failure.retryable),
+        )
+    }
+
+    /// [`Connector::session`] with the connection's lock held.
+    async fn session_on(&self, live: &mut Option<Live>) -> Result<(SessionHandle<()>, u64)> {
         let mut last_error = None;
         for _ in 0..2 {
             if live.as_ref().is_none_or(|l| l.connection.is_closed()) {
@@ -466,7 +512,8 @@ impl Connector {
         }
     }
 
-    /// Signals every task to stop, then closes the connection.
+    /// Signals every task to stop, then closes the connection. The tasks waiting for
+    /// the connection give up at once ([`Connector::session`]), so the lock comes free.
     pub async fn close(&self) {
         self.closed.send_replace(true);
         let live = self.live.lock().await.take();
@@ -491,6 +538,31 @@ impl Drop for Reopening<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Relaxed);
     }
+}
+
+/// A failure to get a session, as the callers that waited meanwhile are told it.
+struct Failure {
+    at: std::time::Instant,
+    kind: ErrorKind,
+    retryable: bool,
+    message: String,
+}
+
+impl Failure {
+    fn of(err: &Error) -> Failure {
+        Failure {
+            at: std::time::Instant::now(),
+            kind: err.kind(),
+            retryable: err.retryable(),
+            message: err.message().to_string(),
+        }
+    }
+}
+
+fn lock_failure(
+    failure: &std::sync::Mutex<Option<Failure>>,
+) -> std::sync::MutexGuard<'_, Option<Failure>> {
+    failure.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn close_in_background(live: Live) {

@@ -144,7 +144,13 @@ impl Driver for Amqp10Driver {
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
         let address = self.config.profile.address(&spec.name)?;
+        let arrived = std::time::Instant::now();
         let _serial = self.declaring.lock().await;
+        // Declares wait for one another: one that waited while the one before it found
+        // the broker unreachable fails with it, instead of waiting out its own limit.
+        if let Some(failure) = self.connector.failed_since(arrived) {
+            return Err(failure.context(format!("declare {}", spec.id)));
+        }
         if let Ok(existing) = self.declared(&spec.id) {
             if existing.spec == *spec {
                 return Ok(());

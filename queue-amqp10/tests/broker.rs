@@ -375,6 +375,79 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// Declares queued behind a broker that hangs with its connection open each waited
+/// out a time limit of their own (a session, then a new connection, 10 s each), one
+/// after the other, and a close waited behind them all: a SIGTERM took minutes. The
+/// declares waiting share the failure of the one before them, and a close ends the
+/// waits at once.
+async fn callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them() {
+    use std::time::{Duration, Instant};
+    let proxy = BrokerProxy::start(5672).expect("proxy");
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let driver = std::sync::Arc::new(
+        Amqp10Driver::connect(Amqp10Config::new(url, Profile::RabbitmqV1))
+            .await
+            .unwrap(),
+    );
+    let spec = |what: &str| {
+        let name = format!("amqp10-tests-hung-{what}-{}", queue_core::new_message_id());
+        QueueSpec::new(QueueId::new("amqp10-tests", &name).unwrap()).with_durable(false)
+    };
+    driver.declare(&spec("first")).await.unwrap();
+    proxy.freeze();
+    // Three at once: the first waits out its limit, the two behind it get its failure.
+    let started = Instant::now();
+    let declares: Vec<_> = (0..3)
+        .map(|n| {
+            let (driver, spec) = (std::sync::Arc::clone(&driver), spec(&format!("q{n}")));
+            tokio::spawn(async move { driver.declare(&spec).await })
+        })
+        .collect();
+    for declare in declares {
+        let declared = within("a declare on the hung broker", declare)
+            .await
+            .unwrap();
+        assert!(declared.expect_err("the broker is hung").retryable());
+    }
+    let took = started.elapsed();
+    assert!(
+        proxy.withheld() > 0,
+        "the broker's answers were not withheld"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "three declares took {took:?}"
+    );
+    // Three more, and a close while they wait: it ends them, and does not wait for
+    // their time limits.
+    let proxy = std::sync::Arc::new(proxy);
+    let withheld = proxy.withheld();
+    let declares: Vec<_> = (0..3)
+        .map(|n| {
+            let (driver, spec) = (std::sync::Arc::clone(&driver), spec(&format!("r{n}")));
+            tokio::spawn(async move { driver.declare(&spec).await })
+        })
+        .collect();
+    // The first is waiting on the broker: its connection's opening was withheld.
+    let limit = Duration::from_secs(10);
+    assert!(
+        proxy
+            .wait_async(move |p| p.wait_withheld(withheld + 1, limit))
+            .await
+    );
+    let closing = Instant::now();
+    within("the close", driver.close()).await.unwrap();
+    for declare in declares {
+        let declared = within("a declare cut by the close", declare).await.unwrap();
+        declared.expect_err("the driver closed");
+    }
+    let took = closing.elapsed();
+    assert!(
+        took < Duration::from_secs(7),
+        "the close and its waiters took {took:?}"
+    );
+}
+
 /// Sends `message` and fails the test unless the broker accepts it.
 async fn send_accepted<T: fe2o3_amqp::types::messaging::SerializableBody>(
     sender: &mut fe2o3_amqp::Sender,
@@ -561,6 +634,7 @@ queue_testkit::broker_tests! {
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_publish_to_a_hung_broker_fails_within_its_limit,
+        callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,
         bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected,
         a_delivery_over_max_message_size_is_refused_and_reattaches_back_off,
     ];
