@@ -16,8 +16,8 @@ use queue_lua::{Limits, LuaSource, OptIn, SourceCheck};
 
 use crate::config::Config;
 use crate::config::{
-    ConfigError, ConfigErrors, DeadLetterConfig, EffectName, Entry, EntryKind, EntrySecurity,
-    QueueEntry, RetryConfig, SandboxConfig,
+    ConfigError, ConfigErrors, DeadLetterConfig, DriverFields, EffectName, Entry, EntryKind,
+    EntrySecurity, QueueEntry, RetryConfig, SandboxConfig,
 };
 
 /// The name of the embedded memory driver used when a configuration declares none.
@@ -67,8 +67,8 @@ pub struct DriverPlan {
     pub id: String,
     /// `queue.driver.*`.
     pub kind: String,
-    /// Fields for the factory.
-    pub config: serde_json::Value,
+    /// Fields for the factory (`Debug` shows their names only).
+    pub config: DriverFields,
     /// What the driver will be able to do, as its factory read the fields.
     pub capabilities: Capabilities,
 }
@@ -270,7 +270,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     }
     let default_driver = match plan.drivers.len() {
         0 => {
-            let config = serde_json::json!({});
+            let config = DriverFields(serde_json::json!({}));
             let capabilities = queue_core::memory::CAPABILITIES;
             plan.drivers.push(DriverPlan {
                 id: EMBEDDED_DRIVER.to_string(),
@@ -825,6 +825,22 @@ mod tests {
                 errors.iter().any(|e| e.field.as_deref() == Some(field)),
                 "{options}: {errors:?}"
             );
+        }
+    }
+
+    /// The loaded configuration and its plan are public values a library user may log
+    /// with `{:?}`: a driver's URL, password and all, must not show.
+    #[test]
+    fn debug_output_shows_no_driver_password() {
+        let dir = app_dir(
+            "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://app:s3cret@127.0.0.1:5672\n",
+            &[],
+        );
+        let config = crate::config::load(&[dir.path().join("app.yaml")]).unwrap();
+        let planned = plan(&config, &DriverKinds::builtin(), false).unwrap();
+        for shown in [format!("{config:?}"), format!("{planned:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("url"), "{shown}");
         }
     }
 

@@ -414,7 +414,7 @@ fn parse_entry(
     entry.kind = match kind.as_str() {
         k if k.starts_with("queue.driver.") => EntryKind::Driver {
             kind: kind.clone(),
-            config: object,
+            config: DriverFields(object),
         },
         "queue.queue" => EntryKind::Queue(Box::new(typed(&entry, object)?)),
         "queue.consumer" => {

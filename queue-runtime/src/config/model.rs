@@ -5,6 +5,34 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// A driver entry's fields, for its factory. `Debug` shows their names, not their
+/// values: a URL holds a password (docs/security.md, "Secrets").
+///
+/// ```
+/// let fields = queue_runtime::config::DriverFields(serde_json::json!({"url": "amqp://u:s3cret@h"}));
+/// assert_eq!(format!("{fields:?}"), r#"DriverFields(["url"])"#);
+/// assert_eq!(fields["url"], "amqp://u:s3cret@h");
+/// ```
+#[derive(Clone, PartialEq)]
+pub struct DriverFields(pub serde_json::Value);
+
+impl std::fmt::Debug for DriverFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = match &self.0 {
+            serde_json::Value::Object(fields) => fields.keys().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        f.debug_tuple("DriverFields").field(&names).finish()
+    }
+}
+
+impl std::ops::Deref for DriverFields {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
 /// A list written as one string or as a YAML list (`actions: queue.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged, expecting = "expected a string or a list of strings")]
@@ -326,7 +354,7 @@ pub enum EntryKind {
         /// `queue.driver.memory`, ...
         kind: String,
         /// Every field but `name`/`id`/`kind`.
-        config: serde_json::Value,
+        config: DriverFields,
     },
     /// `queue.queue`.
     Queue(Box<QueueEntry>),
