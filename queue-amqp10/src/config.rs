@@ -316,6 +316,13 @@ impl Endpoint {
         };
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(authority_end);
+        if path.contains('@') {
+            // The '@' of the credentials comes after the cut: the user name or the
+            // password holds the character that cut it.
+            return Err(bad(
+                "the user name or password holds a '/', '?' or '#': percent-encode it (%2F, %3F, %23)",
+            ));
+        }
         if !(path.is_empty() || path == "/") {
             return Err(bad(
                 "a path is not supported (RabbitMQ picks the vhost from the hostname)",
@@ -350,7 +357,12 @@ impl Endpoint {
                 .find(']')
                 .ok_or_else(|| bad("unclosed '[' in the host"))?;
             let host = &bracketed[..close];
-            let port = bracketed[close + 1..].strip_prefix(':');
+            let after = &bracketed[close + 1..];
+            let port = match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None if after.is_empty() => None,
+                None => return Err(bad("after ']' only ':port' may follow")),
+            };
             (host.to_string(), port)
         } else {
             match hostport.rfind(':') {
@@ -391,6 +403,10 @@ fn percent_decode(text: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = text.get(i + 1..i + 3)?;
+            // `from_str_radix` alone takes a sign: `%+1` is not an escape.
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -470,6 +486,25 @@ mod tests {
             let err = Endpoint::parse(url).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
             assert!(!err.to_string().contains("topsecret"), "{err}");
+        }
+    }
+
+    /// A raw '/', '?' or '#' in a password (base64 has '/') cut the URL short and the
+    /// error spoke of a path; text after an IPv6 literal was dropped (`[::1]5673`
+    /// dialled 5672); `%+1` decoded as a byte.
+    #[test]
+    fn odd_characters_get_an_error_that_says_what_to_do() {
+        for (url, says) in [
+            ("amqp://u:top/secret@h", "percent-encode"),
+            ("amqp://u:top?secret@h", "percent-encode"),
+            ("amqp://u:top#secret@h", "percent-encode"),
+            ("amqp://u:topsecret@[::1]5673", "after ']'"),
+            ("amqp://u:topsecret%+1@h", "%-escape"),
+        ] {
+            let err = Endpoint::parse(url).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+            assert!(err.to_string().contains(says), "{url}: {err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
         }
     }
 
