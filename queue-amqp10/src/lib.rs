@@ -88,6 +88,8 @@ pub struct Amqp10Driver {
     declaring: tokio::sync::Mutex<()>,
     /// Queue counts, where the profile's broker has a management protocol (Artemis).
     management: Option<management::Management>,
+    /// `close` was called.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Amqp10Driver {
@@ -110,6 +112,7 @@ impl Amqp10Driver {
             queues: RwLock::new(HashMap::new()),
             declaring: tokio::sync::Mutex::new(()),
             management,
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -119,6 +122,9 @@ impl Amqp10Driver {
     }
 
     fn declared(&self, queue: &QueueId) -> Result<Arc<Declared>> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(error::closed(&format!("queue {queue}")));
+        }
         let queues = self.queues.read().unwrap_or_else(|p| p.into_inner());
         queues.get(queue).cloned().ok_or_else(|| {
             Error::not_found(format!(
@@ -244,6 +250,9 @@ impl Driver for Amqp10Driver {
     }
 
     async fn close(&self) -> Result<()> {
+        // From now on a call says the driver is closed, not that its queue is unknown.
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
         let declared: Vec<Arc<Declared>> = self
             .queues
             .write()
@@ -251,7 +260,17 @@ impl Driver for Amqp10Driver {
             .drain()
             .map(|(_, d)| d)
             .collect();
+        // What was sent gets its outcome before the connection goes, all queues side
+        // by side and within one CLOSE_TIMEOUT; what was not sent yet is held back and
+        // fails with the close.
+        let mut settling = tokio::task::JoinSet::new();
+        for d in &declared {
+            let d = Arc::clone(d);
+            settling.spawn(async move { d.sender.settle_sent(connection::CLOSE_TIMEOUT).await });
+        }
+        let held = settling.join_all().await;
         self.connector.close().await;
+        drop(held);
         for d in declared {
             if let Ok(d) = Arc::try_unwrap(d) {
                 d.sender.stop().await;

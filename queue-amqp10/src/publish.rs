@@ -67,6 +67,9 @@ pub(crate) struct QueueSender {
     requests: mpsc::Sender<SendRequest>,
     publish_timeout: Duration,
     queue: String,
+    /// The send task's window: a permit per message sent and not yet settled.
+    window: Arc<Semaphore>,
+    window_size: u32,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -82,10 +85,11 @@ impl QueueSender {
         let (requests, rx) = mpsc::channel(window);
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
         let outcomes = tokio::spawn(outcome_task(pending_rx));
+        let window_permits = Arc::new(Semaphore::new(window));
         let task = SendTask {
             connector,
             spec: spec.clone(),
-            window: Arc::new(Semaphore::new(window)),
+            window: Arc::clone(&window_permits),
             link: Some(attached),
             pending: pending_tx,
         };
@@ -94,6 +98,8 @@ impl QueueSender {
             requests,
             publish_timeout: spec.publish_timeout,
             queue: spec.queue,
+            window: window_permits,
+            window_size: u32::try_from(window).unwrap_or(u32::MAX),
             tasks: vec![sends, outcomes],
         })
     }
@@ -166,6 +172,16 @@ impl QueueSender {
             "publish to {}: not accepted within {:?} (broker unreachable or slow); publish again",
             self.queue, self.publish_timeout
         ))
+    }
+
+    /// Waits, up to `limit`, until every message sent has its outcome, and holds the
+    /// whole window so that nothing more is sent: a close that follows then fails
+    /// only messages the broker never got. Closing the connection first failed
+    /// publishes the broker had accepted, and a publisher that tried again made a
+    /// duplicate (docs/drivers/amqp10.md, "Closing").
+    pub async fn settle_sent(&self, limit: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let all = Arc::clone(&self.window).acquire_many_owned(self.window_size);
+        tokio::time::timeout(limit, all).await.ok()?.ok()
     }
 
     /// Stops the tasks (pending publishes fail) and waits for them.

@@ -9,10 +9,7 @@ use queue_core::{ConsumeOptions, Driver, Message, QueueId, QueueSpec};
 async fn declared(driver: &Amqp10Driver, what: &str) -> QueueId {
     let name = format!("amqp10-tests-{what}-{}", queue_core::new_message_id());
     let id = QueueId::new("amqp10-tests", &name).unwrap();
-    let spec = QueueSpec::new(id.clone())
-        .with_name(name)
-        .with_durable(false);
-    driver.declare(&spec).await.unwrap();
+    driver.declare(&queue_spec(&id)).await.unwrap();
     id
 }
 
@@ -60,8 +57,73 @@ async fn a_count_read_cut_off_leaves_no_reply_for_the_next() {
     driver.close().await.unwrap();
 }
 
+/// A close while publishes wait for their outcome closed the connection first, so
+/// a publish the broker had accepted was reported failed ("link lost ... publish
+/// again"), and publishing again made a duplicate. Every publish that failed must be
+/// missing from the queue: the queue holds exactly the publishes reported done.
+async fn publishes_waiting_at_a_close_get_their_real_outcome() {
+    let connect = || {
+        Amqp10Driver::connect(Amqp10Config::new(
+            queue_fixtures::artemis::shared_url(),
+            Profile::Artemis,
+        ))
+    };
+    let driver = std::sync::Arc::new(connect().await.unwrap());
+    let queue = declared(&driver, "closing").await;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let publishes: Vec<_> = (0..500)
+        .map(|n: u32| {
+            let (driver, queue, done) = (
+                std::sync::Arc::clone(&driver),
+                queue.clone(),
+                done_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let body = n.to_string().into_bytes();
+                let message = Message::from_bytes(body, Default::default(), "text/plain");
+                let published = driver.publish(&queue, message).await;
+                let _ = done.send(published.is_ok());
+                published
+            })
+        })
+        .collect();
+    // Closed once the first is confirmed: the others are being sent or wait.
+    while !queue_testkit::within("a first confirm", done_rx.recv())
+        .await
+        .unwrap_or(true)
+    {}
+    driver.close().await.unwrap();
+    let mut confirmed = 0u64;
+    for publish in publishes {
+        if publish.await.unwrap().is_ok() {
+            confirmed += 1;
+        }
+    }
+    // Afterwards, a call says the driver is closed, not that its queue is unknown.
+    let message = Message::from_bytes(b"late".to_vec(), Default::default(), "text/plain");
+    let late = driver.publish(&queue, message).await.unwrap_err();
+    assert_eq!(late.kind(), queue_core::ErrorKind::Canceled, "{late}");
+    let counter = connect().await.unwrap();
+    counter.declare(&queue_spec(&queue)).await.unwrap();
+    let held = counter.info(&queue).await.unwrap().message_count();
+    assert_eq!(
+        held, confirmed,
+        "the queue holds {held}, {confirmed} were confirmed"
+    );
+    counter.close().await.unwrap();
+}
+
+fn queue_spec(queue: &QueueId) -> QueueSpec {
+    QueueSpec::new(queue.clone())
+        .with_name(queue.name())
+        .with_durable(false)
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::artemis::shared_unavailable();
-    async: [a_count_read_cut_off_leaves_no_reply_for_the_next];
+    async: [
+        a_count_read_cut_off_leaves_no_reply_for_the_next,
+        publishes_waiting_at_a_close_get_their_real_outcome,
+    ];
     sync: [];
 }
