@@ -661,6 +661,45 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     delete(id.as_str()).await;
 }
 
+/// A close while publishes wait for their confirm must not report a publish failed
+/// that the broker took: a publisher that tries again would make a duplicate. The
+/// queue holds exactly the publishes reported done.
+async fn publishes_waiting_at_a_close_get_their_real_outcome() {
+    let driver = std::sync::Arc::new(common::rabbit().await);
+    let (name, id) = declared_transient(&driver, "closing").await;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let publishes: Vec<_> = (0..500)
+        .map(|n| {
+            let (driver, id, done) = (std::sync::Arc::clone(&driver), id.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let published = driver.publish(&id, numbered(n)).await;
+                let _ = done.send(published.is_ok());
+                published
+            })
+        })
+        .collect();
+    // Closed once the first is confirmed: the others are being sent or wait.
+    while !within("a first confirm", done_rx.recv())
+        .await
+        .unwrap_or(true)
+    {}
+    driver.close().await.unwrap();
+    let mut confirmed = 0u64;
+    for publish in publishes {
+        if publish.await.unwrap().is_ok() {
+            confirmed += 1;
+        }
+    }
+    let counter = common::rabbit().await;
+    let id = declare_transient(&counter, &name).await;
+    let held = counter.info(&id).await.unwrap().message_count();
+    assert_eq!(
+        held, confirmed,
+        "the queue holds {held}, {confirmed} were confirmed"
+    );
+    counter.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -681,6 +720,7 @@ queue_testkit::broker_tests! {
         quorum_queues_deliver_delay_and_count_redeliveries,
         redeclaring_with_another_type_names_both_types,
         quorum_queue_options_the_broker_lacks_are_refused_up_front,
+        publishes_waiting_at_a_close_get_their_real_outcome,
     ];
     sync: [];
 }
