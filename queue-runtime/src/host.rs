@@ -22,7 +22,10 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// How long shutdown waits for a queue's counts for its summary.
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long shutdown waits for processes when no consumer sets a `stop_timeout`.
+/// The shutdown's deadline, beyond its grace, when there is no consumer to take the
+/// longest `stop_timeout` from: how long a worker that does not yield (a process in
+/// a loop Lua cannot yield from) may hold the stop. Processes are not waited for:
+/// they stop with the workers (docs/consumers.md, "Shutdown").
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `--exit-when-idle` reads counts that keep failing before it gives up
 /// (a broker reconnecting comes back well within it; docs/consumers.md).
