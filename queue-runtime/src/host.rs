@@ -210,6 +210,8 @@ impl Host {
             options.lua_setup.clone(),
         )?;
         let (stop, _) = watch::channel(false);
+        // Set once every consumer is attached (see `Intake::go`).
+        let (go, _) = watch::channel(false);
         let busy = Busy::default();
         let mut consumers = Vec::new();
         for c in &plan.consumers {
@@ -262,6 +264,7 @@ impl Host {
                         subscription,
                         slots,
                         stop: stop.subscribe(),
+                        go: go.subscribe(),
                         busy: busy.clone(),
                         stopped: done,
                     }),
@@ -281,6 +284,8 @@ impl Host {
             });
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
+        // Every consumer is attached: deliveries may be taken.
+        go.send_replace(true);
         let processes_running = Arc::new(AtomicUsize::new(0));
         let process_failures = Arc::new(AtomicUsize::new(0));
         for p in &plan.processes {

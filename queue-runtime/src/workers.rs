@@ -66,6 +66,10 @@ pub struct Intake {
     pub slots: u32,
     /// Set when the runtime stops.
     pub stop: watch::Receiver<bool>,
+    /// Set once every consumer is attached: until then no delivery is taken, so a
+    /// start that fails or is cut off halfway leaves no handler mid-settlement. Its
+    /// sender dropped unset means the start was abandoned.
+    pub go: watch::Receiver<bool>,
     /// Counts deliveries until settled.
     pub busy: Busy,
     /// Gets the subscription back once intake stopped and running handlers finished
@@ -325,9 +329,19 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         subscription,
         slots,
         mut stop,
+        mut go,
         busy,
         stopped,
     } = intake;
+    let start_went_through = tokio::select! {
+        go = go.wait_for(|go| *go) => go.is_ok(),
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    if !start_went_through {
+        // Nothing was taken: the deliveries it prefetched go back with it.
+        drop(subscription);
+        return;
+    }
     // Resolved once per intake: a source that does not load, or lacks the method,
     // fails every delivery the same way.
     let handler: HandlerLookup = host

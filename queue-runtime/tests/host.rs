@@ -72,6 +72,34 @@ async fn start_on(
     (dir, driver, host)
 }
 
+/// A start cut off while a later consumer attaches (a signal while its broker does
+/// not answer, or its consume failing) dropped the handlers of the consumers attached
+/// before it mid-run, their settlements cut in half. No consumer takes a delivery
+/// until every one is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_handler_runs_before_every_consumer_is_attached() {
+    let app = format!(
+        "{APP}  - name: late\n    kind: queue.queue\n  - name: second\n    kind: queue.consumer\n    queue: late\n    source: h.lua\n    method: handle\n"
+    );
+    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, HANDLER);
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    let spec = plan.queue(&jobs).unwrap().spec.clone();
+    driver.declare(&spec).await.unwrap();
+    for n in 0..5 {
+        driver.publish(&jobs, numbered(n)).await.unwrap();
+    }
+    // A handler of `worker` that ran would wait here, in its publish.
+    driver.hold_publishes();
+    driver.never_answer_consumes_of(&QueueId::parse("app:late").unwrap());
+    let start = Host::start(plan, &kinds, HostOptions::default());
+    tokio::pin!(start);
+    let ran = tokio::select! {
+        started = &mut start => panic!("the start ended with a consume unanswered: {:?}", started.err()),
+        held = tokio::time::timeout(Duration::from_secs(1), driver.wait_for_held(1)) => held.is_ok(),
+    };
+    assert!(!ran, "a handler ran before every consumer was attached");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
     let (_dir, driver, host) = start(APP, 2).await;

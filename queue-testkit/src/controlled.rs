@@ -43,6 +43,8 @@ pub struct ControlledDriver {
     without_delays: bool,
     /// How many of the next `info` calls fail (INTERNAL, retryable).
     failing_infos: std::sync::atomic::AtomicUsize,
+    /// Queues whose `consume` never answers.
+    unanswered_consumes: Mutex<Vec<QueueId>>,
 }
 
 impl ControlledDriver {
@@ -65,6 +67,15 @@ impl ControlledDriver {
     pub fn fail_next_infos(&self, n: usize) {
         self.failing_infos
             .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// From now on, a `consume` of `queue` never answers, as on a broker that hangs:
+    /// what waits for it waits until it is dropped.
+    pub fn never_answer_consumes_of(&self, queue: &QueueId) {
+        self.unanswered_consumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(queue.clone());
     }
 
     /// The memory driver underneath.
@@ -178,6 +189,14 @@ impl Driver for ControlledDriver {
         queue: &QueueId,
         options: ConsumeOptions,
     ) -> Result<Box<dyn Subscription>> {
+        let unanswered = self
+            .unanswered_consumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(queue);
+        if unanswered {
+            std::future::pending::<()>().await;
+        }
         self.inner.consume(queue, options).await
     }
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
