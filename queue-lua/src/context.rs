@@ -183,6 +183,26 @@ impl Contexts {
     }
 }
 
+/// Why the running coroutine may not resume `co`, if it may not: `co` was made by
+/// a run (a handler's, a process's) that still goes on, and the running coroutine
+/// belongs to another run. Resumed there, `co` would publish with the first run's
+/// rights and settle its message for a handler of another consumer sharing the
+/// file's globals. A coroutine of a run that ended may be resumed (it can no longer
+/// publish: [`current_security`]), and so may one made where no run was (a file's
+/// top level).
+pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
+    let theirs = context_of(lua, co)?;
+    if theirs.ended.get() {
+        return None;
+    }
+    match context_of(lua, &lua.current_thread()) {
+        Some(ours) if Rc::ptr_eq(&ours, &theirs) => None,
+        _ => Some(
+            "this coroutine was made by another run (of a handler or process) that still goes on: only that run may resume it",
+        ),
+    }
+}
+
 /// The security context of the coroutine calling into Rust. Code that runs under no
 /// context is denied, never let through, and so is a coroutine that outlived the
 /// run (a handler's, a process's) it inherited its context from: kept in a global, it

@@ -90,11 +90,15 @@ const SAFE_BASE: [&str; 14] = [
 /// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
 /// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, slice_yielded, pass_slice_yield_on = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, slice_yielded, pass_slice_yield_on, foreign_resume = ...
 local function not_a_handler(co)
   if handler_threads[co] then
     error("a handler's or process's own coroutine cannot be resumed or closed from Lua", 3)
   end
+end
+local function not_foreign(co)
+  local why = foreign_resume(co)
+  if why then error(why, 3) end
 end
 local function unless_overdue(results)
   local message = overdue()
@@ -119,6 +123,7 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   xpcall,
   function(co, ...)
     not_a_handler(co)
+    not_foreign(co)
     local results = pack(raw_resume(co, ...))
     while results[1] do
       if results.n == 2 and results[2] == pending then
@@ -151,6 +156,7 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   end,
   function(co)
     not_a_handler(co)
+    not_foreign(co)
     if stopped[co] then
       -- As closing a coroutine that died on an error says: false and an error, which
       -- does not replace the deadline's error on its way out of the handler.
@@ -265,6 +271,8 @@ impl Sandbox {
             let clock = Rc::clone(clock);
             lua.create_function(move |_, co: Thread| Ok(clock.take_slice_yield(co.to_pointer())))?
         };
+        let foreign_resume =
+            lua.create_function(|lua, co: Thread| Ok(crate::context::foreign_resume(lua, &co)))?;
         let pass_slice_yield_on = {
             let clock = Rc::clone(clock);
             lua.create_function(move |lua, ()| {
@@ -288,6 +296,7 @@ impl Sandbox {
                 real_coroutine.raw_get::<Function>("isyieldable")?,
                 slice_yielded,
                 pass_slice_yield_on,
+                foreign_resume,
             ))?;
         shared.raw_set("pcall", pcall)?;
         shared.raw_set("xpcall", xpcall)?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use queue_core::security::{Actor, Effect, Policy, RulePolicy, SecurityContext};
 use queue_core::{ErrorKind, Value};
 use queue_lua::{Limits, LuaHost, LuaSource, OptIn, Outcome, SourceCheck};
+use queue_testkit::within;
 use support::{Harness, lua_file};
 
 fn only_emails() -> SecurityContext {
@@ -71,6 +72,38 @@ async fn a_coroutine_that_outlives_its_handler_run_cannot_publish() {
         .await
         .unwrap();
     assert_the_kept_publisher_is_denied(&h, "a process's").await;
+}
+
+/// A coroutine made by a run that still goes on, resumed by another handler's run
+/// (both consumers share the file's globals), published with the first run's rights:
+/// a handler allowed `app:emails` only published to `app:tasks`. Resuming it from
+/// another run is refused while its own run goes on.
+#[tokio::test]
+async fn a_running_handlers_coroutine_cannot_be_resumed_by_another_run() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let file = "sandbox/coroutines.lua";
+    let stashing = h.run_as(
+        file,
+        "stash_a_publisher_and_wait",
+        SecurityContext::default(),
+    );
+    let resuming = async {
+        h.driver.wait_for_held(1).await;
+        let resume = h.run_as(file, "resume_the_stashed_publisher", only_emails());
+        within("the other run's resume", resume).await
+    };
+    let outcome = tokio::select! {
+        outcome = stashing => panic!("the stashing run ended while its publish was held: {outcome:?}"),
+        outcome = resuming => outcome,
+    };
+    match outcome {
+        Outcome::Nack { reason, .. } => {
+            assert!(reason.contains("another run"), "{reason}")
+        }
+        other => panic!("the resume was not refused: {other:?}"),
+    }
+    assert_eq!(h.driver.held(), 1, "the stashed coroutine published");
 }
 
 /// Resumes the coroutine kept in `kept_publisher` from a handler allowed `app:emails`

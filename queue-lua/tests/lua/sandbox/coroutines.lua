@@ -48,3 +48,17 @@ function resume_the_kept_publisher(payload)
   local _, ok, err = coroutine.resume(kept_publisher)
   assert(queue.publish("app:emails", { kept = err and err:kind() or tostring(ok) }))
 end
+
+-- Keeps a coroutine that publishes with this run's rights, then waits in a publish
+-- (the test holds it): the run goes on while another handler finds the coroutine.
+function stash_a_publisher_and_wait(payload)
+  stashed_publisher = coroutine.create(function()
+    return queue.publish("app:tasks", { via = "another run's coroutine" })
+  end)
+  assert(queue.publish("app:emails", { waiting = true }))
+end
+
+function resume_the_stashed_publisher(payload)
+  local _, ok, err = coroutine.resume(stashed_publisher)
+  return ok, err
+end
