@@ -81,11 +81,11 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a new connection waits for the place of an evicted one.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
-/// The connections that have not sent a request yet, oldest first. A probe sends its
-/// request as soon as it connects; what waits is idle or slow (a flood). Closing the
-/// oldest of these for a new connection keeps `/health` answering while a flood holds
-/// every slot, where closing the new one would fail the probe, and a liveness probe
-/// that fails has the orchestrator restart a healthy process.
+/// The open connections, oldest first. A probe sends its request as soon as it
+/// connects and reads the answer at once; what waits is idle or slow (a flood).
+/// Closing the oldest of these for a new connection keeps `/health` answering while a
+/// flood holds every slot, where closing the new one would fail the probe, and a
+/// liveness probe that fails has the orchestrator restart a healthy process.
 #[derive(Default)]
 struct Waiting {
     connections: std::sync::Mutex<std::collections::VecDeque<Accepted>>,
@@ -95,22 +95,39 @@ struct Waiting {
 struct Accepted {
     requested: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::AbortHandle,
+    accepted_at: std::time::Instant,
 }
+
+/// How long after its accept a connection that sent its request may still be open
+/// before a new one may take its slot: the answer is ready at once, and a client
+/// that reads it is done in milliseconds. A
+/// client that sent its request and does not read the answer (a `/metrics` page larger
+/// than the socket buffers) held its slot for the connection's whole limit.
+const SLOW_READER: Duration = Duration::from_secs(2);
 
 impl Waiting {
     fn add(&self, accepted: Accepted) {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        connections.retain(|c| !c.done());
+        connections.retain(|c| !c.task.is_finished());
         connections.push_back(accepted);
     }
 
-    /// Closes the oldest connection still waiting for its request; false if none is.
+    /// Closes the oldest connection still waiting for its request or, when none is,
+    /// the oldest still being answered after [`SLOW_READER`]; false if there is neither.
     fn evict_oldest(&self) -> bool {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        connections.retain(|c| !c.done());
-        match connections.pop_front() {
+        connections.retain(|c| !c.task.is_finished());
+        let unrequested = connections.iter().position(|c| !c.requested());
+        let stalled = || {
+            connections
+                .iter()
+                .position(|c| c.accepted_at.elapsed() >= SLOW_READER)
+        };
+        match unrequested.or_else(stalled) {
             Some(oldest) => {
-                oldest.task.abort();
+                if let Some(evicted) = connections.remove(oldest) {
+                    evicted.task.abort();
+                }
                 true
             }
             None => false,
@@ -119,9 +136,9 @@ impl Waiting {
 }
 
 impl Accepted {
-    /// Served, or being served: no longer the server's to close.
-    fn done(&self) -> bool {
-        self.task.is_finished() || self.requested.load(std::sync::atomic::Ordering::Relaxed)
+    /// Its request has arrived: it is being answered.
+    fn requested(&self) -> bool {
+        self.requested.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -188,6 +205,7 @@ pub async fn serve(
             waiting.add(Accepted {
                 requested,
                 task: task.abort_handle(),
+                accepted_at: std::time::Instant::now(),
             });
         }
     }))
@@ -357,5 +375,51 @@ impl Driver for Metered {
 
     async fn close(&self) -> Result<()> {
         self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection of the server, for the eviction rule: one whose task never ends
+    /// by itself, accepted `ago` before now, with its request read or not.
+    fn connection(requested: bool, ago: Duration) -> (Accepted, tokio::task::JoinHandle<()>) {
+        let task = tokio::spawn(std::future::pending::<()>());
+        let accepted = Accepted {
+            requested: Arc::new(std::sync::atomic::AtomicBool::new(requested)),
+            task: task.abort_handle(),
+            accepted_at: std::time::Instant::now() - ago,
+        };
+        (accepted, task)
+    }
+
+    /// Every slot held by clients that sent a request and never read the answer (a
+    /// `/metrics` page larger than the socket buffers): the slots stayed held for the
+    /// connection's whole 10 s, and a liveness probe was refused meanwhile. A
+    /// connection still being answered after SLOW_READER is evicted too, after every
+    /// one that sent nothing; one answered for less is left alone.
+    #[tokio::test]
+    async fn eviction_takes_idle_connections_first_then_readers_that_stalled() {
+        let waiting = Waiting::default();
+        let (fresh, fresh_task) = connection(true, Duration::ZERO);
+        let (stalled, stalled_task) = connection(true, SLOW_READER * 2);
+        let (idle, idle_task) = connection(false, Duration::ZERO);
+        for accepted in [fresh, stalled, idle] {
+            waiting.add(accepted);
+        }
+        assert!(waiting.evict_oldest());
+        assert!(
+            idle_task.await.unwrap_err().is_cancelled(),
+            "the idle one goes first"
+        );
+        assert!(waiting.evict_oldest());
+        assert!(stalled_task.await.unwrap_err().is_cancelled());
+        assert!(
+            !waiting.evict_oldest(),
+            "one answered a moment ago is left alone"
+        );
+        assert!(!fresh_task.is_finished());
+        fresh_task.abort();
     }
 }
