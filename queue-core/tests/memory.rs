@@ -194,6 +194,46 @@ async fn expired_messages_make_room_for_a_waiting_publisher() {
     d.ack().await.unwrap();
 }
 
+/// A message's time to live starts when it enters the queue, not when its publish
+/// began to wait for room: a retry copy that waited longer than its TTL for a full
+/// queue was confirmed, then dropped unseen, its original already acked.
+#[tokio::test(start_paused = true)]
+async fn a_publish_that_waited_for_room_lives_its_ttl_from_when_it_got_in() {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: Duration::from_secs(10),
+        ..MemoryConfig::default()
+    });
+    driver
+        .declare(&QueueSpec::new(id()).with_max_length(1))
+        .await
+        .unwrap();
+    driver.publish(&id(), numbered(0)).await.unwrap();
+    let mut waiting = numbered(1);
+    waiting
+        .headers
+        .insert("expiration", HeaderValue::Int(1_000));
+    let publisher = {
+        let driver = driver.clone();
+        tokio::spawn(async move { driver.publish(&id(), waiting).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // paused clock
+    assert!(!publisher.is_finished(), "the queue had room");
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let filler = next(&mut sub).await;
+    assert_eq!(number_of(&filler), 0);
+    filler.ack().await.unwrap();
+    publisher
+        .await
+        .unwrap()
+        .expect("the waiting publish got in");
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn info_counts_delayed_messages() {
     let driver = MemoryDriver::new();

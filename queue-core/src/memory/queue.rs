@@ -21,6 +21,26 @@ struct Ready {
     expires: Option<Instant>,
 }
 
+/// A message on its way into the queue: its time to live starts when it enters
+/// (docs/drivers/memory.md), not while its publish waits for room or its delay.
+struct Incoming {
+    message: Arc<Message>,
+    priority: u8,
+    ttl: Option<Duration>,
+}
+
+impl Incoming {
+    /// The message as it enters the queue now.
+    fn entering(self) -> Ready {
+        Ready {
+            message: self.message,
+            priority: self.priority,
+            // The clock is read only for a message that can expire: most cannot.
+            expires: self.ttl.map(|ttl| Instant::now() + ttl),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// One lane per priority level, highest last; a queue without priorities has one.
@@ -104,26 +124,25 @@ impl MemQueue {
     /// counts from when it enters, as RabbitMQ counts a queue's `message_ttl` from when
     /// a delayed message reaches it. Counted from the publish, a retry copy delayed
     /// past the queue's `message_ttl` was dropped, confirmed, with its original acked.
-    fn expiry_of(&self, message: &Message, delay: Duration) -> Result<Option<Instant>> {
+    fn ttl_of(&self, message: &Message) -> Result<Option<Duration>> {
         let own = message.headers.ttl()?;
-        let ttl = match (own, self.spec.message_ttl) {
+        Ok(match (own, self.spec.message_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
-        Ok(ttl.map(|t| Instant::now() + delay + t))
+        })
     }
 
-    /// Reads what a message's headers ask of this queue (lane, expiry, delay); a header
-    /// that does not parse refuses the message before anything is queued.
-    fn prepare(&self, message: Message) -> Result<(Ready, Option<Duration>)> {
+    /// Reads what a message's headers ask of this queue (lane, time to live, delay); a
+    /// header that does not parse refuses the message before anything is queued.
+    fn prepare(&self, message: Message) -> Result<(Incoming, Option<Duration>)> {
         let priority = self.lane_of(&message)?;
         let delay = message.headers.delay()?.filter(|d| !d.is_zero());
-        let expires = self.expiry_of(&message, delay.unwrap_or_default())?;
+        let ttl = self.ttl_of(&message)?;
         Ok((
-            Ready {
+            Incoming {
                 message: Arc::new(message),
                 priority,
-                expires,
+                ttl,
             },
             delay,
         ))
@@ -135,10 +154,10 @@ impl MemQueue {
         message: Message,
         timeout: Duration,
     ) -> Result<()> {
-        let (ready, delay) = self.prepare(message)?;
+        let (incoming, delay) = self.prepare(message)?;
         match delay {
-            Some(delay) => self.publish_later(ready, delay, timeout).await,
-            None => self.publish_now(ready, timeout).await,
+            Some(delay) => self.publish_later(incoming, delay, timeout).await,
+            None => self.publish_now(incoming, timeout).await,
         }
     }
 
@@ -161,8 +180,8 @@ impl MemQueue {
             let mut state = self.lock();
             while self.has_room(&state) {
                 match rest.next_if(|(_, delay)| delay.is_none()) {
-                    Some((ready, _)) => {
-                        Self::push(&mut state, ready, false);
+                    Some((incoming, _)) => {
+                        Self::push(&mut state, incoming.entering(), false);
                         queued = true;
                     }
                     None => break,
@@ -172,10 +191,10 @@ impl MemQueue {
         if queued {
             self.ready_signal.notify_waiters();
         }
-        for (ready, delay) in rest {
+        for (incoming, delay) in rest {
             match delay {
-                Some(delay) => self.publish_later(ready, delay, timeout).await?,
-                None => self.publish_now(ready, timeout).await?,
+                Some(delay) => self.publish_later(incoming, delay, timeout).await?,
+                None => self.publish_now(incoming, timeout).await?,
             }
         }
         Ok(())
@@ -202,7 +221,7 @@ impl MemQueue {
     /// as any publish does) and queues it once its delay has passed.
     async fn publish_later(
         self: &Arc<Self>,
-        ready: Ready,
+        incoming: Incoming,
         delay: Duration,
         timeout: Duration,
     ) -> Result<()> {
@@ -213,16 +232,18 @@ impl MemQueue {
             let mut state = queue.lock();
             state.delayed -= 1;
             // It has its room already: counted as delayed, now as ready.
-            Self::push(&mut state, ready, false);
+            Self::push(&mut state, incoming.entering(), false);
             drop(state);
             queue.ready_signal.notify_one();
         });
         Ok(())
     }
 
-    async fn publish_now(&self, ready: Ready, timeout: Duration) -> Result<()> {
-        self.with_room(timeout, |state| Self::push(state, ready, false))
-            .await?;
+    async fn publish_now(&self, incoming: Incoming, timeout: Duration) -> Result<()> {
+        self.with_room(timeout, |state| {
+            Self::push(state, incoming.entering(), false)
+        })
+        .await?;
         self.ready_signal.notify_one();
         Ok(())
     }
