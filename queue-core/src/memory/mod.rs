@@ -48,7 +48,33 @@ pub const KIND: &str = "queue.driver.memory";
 impl crate::DriverConfig for MemoryConfig {
     const KIND: &'static str = KIND;
 
+    /// `default_max_length: 0` would refuse every publish to a queue without its own
+    /// `max_length` (a queue's own 0 is refused too), and `publish_timeout: 0s` every
+    /// publish to a full queue at once.
+    ///
+    /// ```
+    /// use queue_core::{DriverFactory, Factory};
+    /// use queue_core::memory::MemoryConfig;
+    /// let factory = Factory::<MemoryConfig>::new();
+    /// let refused = factory.validate(&serde_json::json!({"default_max_length": 0})).unwrap_err();
+    /// assert_eq!(refused.details().get("field").map(String::as_str), Some("default_max_length"));
+    /// assert!(factory.validate(&serde_json::json!({"publish_timeout": "0s"})).is_err());
+    /// ```
     fn validate(&self) -> Result<Capabilities> {
+        if self.default_max_length == 0 {
+            return Err(crate::config::field_error(
+                KIND,
+                "default_max_length",
+                "must be at least 1",
+            ));
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(crate::config::field_error(
+                KIND,
+                "publish_timeout",
+                "must be longer than 0s",
+            ));
+        }
         Ok(CAPABILITIES)
     }
 
