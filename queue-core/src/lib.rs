@@ -60,8 +60,8 @@ pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
 pub use message::{
     HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_MILLIS, MAX_NAME_BYTES,
-    MAX_PUBLISHED_HEADER_BYTES, Message, RUNTIME_HEADER_ROOM, names, new_message_id,
-    parse_priority, truncate,
+    MAX_PUBLISHED_HEADER_BYTES, MAX_PUBLISHED_HEADERS, Message, RUNTIME_HEADER_ROOM, names,
+    new_message_id, parse_priority, truncate,
 };
 pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,

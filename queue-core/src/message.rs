@@ -77,6 +77,11 @@ pub const RUNTIME_HEADER_ROOM: usize = 10 * 1024;
 /// one of its headers.
 pub const MAX_PUBLISHED_HEADER_BYTES: usize = 48 * 1024;
 
+/// The most headers a publisher may send. Bytes alone allowed about 5,000 tiny ones,
+/// past what Redis's scripts unpack from a message's fields (about 8,000 values): a
+/// retry copy of such a message failed every time, and a returned one stayed stuck.
+pub const MAX_PUBLISHED_HEADERS: usize = 1024;
+
 /// What [`Headers::byte_size`] counts for each header besides its name and value: the
 /// bytes that encode an entry on the wire (AMQP 0-9-1 takes 6, AMQP 1.0 up to 7), so
 /// that many small headers cannot pass the limit their encoding breaks.
@@ -349,6 +354,12 @@ impl Headers {
                     "header {key:?} is reserved for the runtime and cannot be published"
                 )));
             }
+        }
+        if self.len() > MAX_PUBLISHED_HEADERS {
+            return Err(Error::invalid(format!(
+                "{} headers: a published message carries at most {MAX_PUBLISHED_HEADERS} headers",
+                self.len()
+            )));
         }
         let size = self.byte_size();
         if size > MAX_PUBLISHED_HEADER_BYTES {
@@ -765,6 +776,17 @@ mod tests {
         let err = named.validate_for_publish().unwrap_err();
         assert!(err.message().contains("longer than 255"), "{err}");
         assert!(err.message().len() < 200, "the name is echoed whole: {err}");
+        // Thousands of tiny headers fit the bytes, not Redis's scripts, which unpack a
+        // message's fields (about 8,000 at most): a retry copy failed for ever.
+        let many = Headers::from_pairs(
+            (0..=MAX_PUBLISHED_HEADERS).map(|n| (format!("h{n}"), HeaderValue::Bool(true))),
+        );
+        let err = many.validate_for_publish().unwrap_err();
+        assert!(err.message().contains("1024 headers"), "{err}");
+        let enough = Headers::from_pairs(
+            (1..=MAX_PUBLISHED_HEADERS).map(|n| (format!("h{n}"), HeaderValue::Bool(true))),
+        );
+        enough.validate_for_publish().unwrap();
     }
 
     #[test]
@@ -897,8 +919,12 @@ mod tests {
         let copy = with_the_runtimes_records(message);
         assert!(copy.headers.byte_size() <= MAX_HEADER_BYTES);
 
-        let small =
-            Headers::from_pairs((0..16_384).map(|i| (format!("{i:04x}"), HeaderValue::from(""))));
+        // 1,024 headers of 44 bytes each: 45,056 bytes of names and values, past the
+        // limit only with the 8 bytes of each header's encoding.
+        let small = Headers::from_pairs(
+            (0..MAX_PUBLISHED_HEADERS)
+                .map(|i| (format!("{i:04x}"), HeaderValue::from("v".repeat(40)))),
+        );
         let err = small.validate_for_publish().unwrap_err();
         assert!(err.message().contains("more than the 49152"), "{err}");
         // A message id a driver cannot carry is refused on publish, not dropped later.
