@@ -135,8 +135,10 @@ fn from_amqp(value: &AMQPValue) -> Option<HeaderValue> {
         AMQPValue::Timestamp(t) => HeaderValue::Int(i64::try_from(*t).ok()?),
         AMQPValue::Float(x) => HeaderValue::Float(f64::from(*x)),
         AMQPValue::Double(x) => HeaderValue::Float(*x),
+        // Signed on the wire (AMQP 0-9-1's decimal: a scale and a signed 32-bit value,
+        // as pika and the Java client write it); amq-protocol holds it as a `u32`.
         AMQPValue::DecimalValue(d) => {
-            HeaderValue::Float(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+            HeaderValue::Float(f64::from(d.value.cast_signed()) / 10f64.powi(i32::from(d.scale)))
         }
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_string()),
         // Binary (a .NET `byte[]`, an HMAC): not shown, as byte arrays are not, rather
@@ -330,6 +332,25 @@ mod tests {
             ])
         );
         assert!(!got.id.is_empty());
+    }
+
+    /// AMQP's decimal is a signed 32-bit value with a scale (pika and the Java client
+    /// write `Decimal("-1.5")` so); amq-protocol holds it as a `u32`, and read as one
+    /// -1.5 arrived as 429496728.1.
+    #[test]
+    fn a_negative_decimal_header_keeps_its_sign() {
+        let mut table = FieldTable::default();
+        let minus_one_and_a_half = lapin::types::DecimalValue {
+            scale: 1,
+            value: (-15i32).cast_unsigned(),
+        };
+        table.insert(
+            "amount".into(),
+            AMQPValue::DecimalValue(minus_one_and_a_half),
+        );
+        let props = BasicProperties::default().with_headers(table);
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(got.headers.get("amount"), Some(&HeaderValue::Float(-1.5)));
     }
 
     #[test]
