@@ -14,7 +14,7 @@
 //! an empty one, a header value without a known prefix a string, and other fields
 //! are ignored.
 
-use queue_core::{HeaderValue, Headers, Message};
+use queue_core::{HeaderValue, Headers, Message, names};
 use redis::Value;
 
 /// Content type for entries that arrive without one.
@@ -33,6 +33,9 @@ pub(crate) fn to_fields(message: &Message) -> Vec<Vec<u8>> {
     fields.push(CONTENT_TYPE.as_bytes().to_vec());
     fields.push(message.content_type.as_bytes().to_vec());
     for (name, value) in message.headers.iter() {
+        if name == names::X_DELIVERY_COUNT {
+            continue; // a broker's count, never carried (see `from_fields`)
+        }
         fields.push(format!("{HEADER_PREFIX}{name}").into_bytes());
         fields.push(encode_header(value).into_bytes());
     }
@@ -92,7 +95,11 @@ pub(crate) fn from_fields(stream_id: &str, fields: &[Value]) -> Message {
             CONTENT_TYPE => content_type = Some(String::from_utf8_lossy(&value).into_owned()),
             BODY => body = value,
             other => {
-                if let Some(name) = other.strip_prefix(HEADER_PREFIX) {
+                // The broker's count of deliveries, which the runtime trusts to stop a
+                // crash loop: Redis counts none, and another client may not set it.
+                if let Some(name) = other.strip_prefix(HEADER_PREFIX)
+                    && name != names::X_DELIVERY_COUNT
+                {
                     let text = String::from_utf8_lossy(&value).into_owned();
                     headers.insert(name, decode_header(text));
                 }
@@ -214,6 +221,32 @@ mod tests {
             Some(&HeaderValue::from("i:notanumber"))
         );
         assert_eq!(got.headers.len(), 2);
+    }
+
+    /// `x_delivery_count` is the broker's count of deliveries, which the runtime's
+    /// crash-loop guard trusts: Redis counts none, so an entry another client wrote
+    /// with `h:x_delivery_count i:10` had its message dead-lettered (or dropped)
+    /// without its handler ever running. It is neither read nor written.
+    #[test]
+    fn a_delivery_count_another_client_wrote_is_not_read() {
+        let fields = as_values(vec![
+            b"h:x_delivery_count".to_vec(),
+            b"i:10".to_vec(),
+            b"body".to_vec(),
+            b"{}".to_vec(),
+        ]);
+        let got = from_fields("1-0", &fields);
+        assert!(!got.headers.contains(queue_core::names::X_DELIVERY_COUNT));
+        let mut message = got;
+        message
+            .headers
+            .insert(queue_core::names::X_DELIVERY_COUNT, 3);
+        let written = to_fields(&message);
+        assert!(
+            !written
+                .iter()
+                .any(|f| f.as_slice() == b"h:x_delivery_count")
+        );
     }
 
     #[test]
