@@ -220,7 +220,13 @@ impl RedisSubscription {
 #[async_trait]
 impl Subscription for RedisSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        self.deliveries.recv().await
+        let next = self.deliveries.recv().await?;
+        if self.shared.is_stopping() {
+            // Closed (the subscription or its driver): what it had read ahead went back
+            // to the queue with the shutdown, and handed out now it would run twice.
+            return None;
+        }
+        Some(next)
     }
 
     async fn cancel(self: Box<Self>) -> Result<()> {

@@ -279,9 +279,27 @@ async fn close_ends_subscriptions_and_refuses_work() {
     let driver = connect(&node).await;
     let spec = queue("closing");
     driver.declare(&spec).await.unwrap();
-    let mut sub = driver.consume(&spec.id, Default::default()).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 5 })
+        .await
+        .unwrap();
+    // Deliveries buffered in the subscription when it closes went back to the queue
+    // with it: handed out after, a handler ran one another consumer may have, and
+    // its ack failed.
+    for n in 0..5 {
+        driver.publish(&spec.id, numbered(n)).await.unwrap();
+    }
+    let held = next(&mut sub).await;
+    // No signal says the other four are buffered: their count in flight does.
+    within("the other four read ahead", async {
+        while driver.info(&spec.id).await.unwrap().in_flight != Some(5) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     within("close", driver.close()).await.unwrap();
     assert!(within("next after close", sub.next()).await.is_none());
+    drop(held);
     let err = driver.publish(&spec.id, numbered(1)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Canceled, "{err}");
     // Nothing of the closed consumer stays in the group.
