@@ -206,8 +206,12 @@ impl Publisher {
         match tokio::time::timeout_at(deadline, io).await {
             Ok(Ok(sent)) => Ok(sent),
             Ok(Err(e)) => Err(publish_failure(&link, &what(), e)),
+            // lapin queues the frames when the publish is first polled and writes them
+            // when it can (not during a resource alarm): dropping the publish does not
+            // take them back, so the message may still reach the queue. Said so: a
+            // caller that publishes again may make a duplicate, as after a lost confirm.
             Err(_) => Err(Error::internal(format!(
-                "{}: not sent within publish_timeout {:?}",
+                "{}: not written within publish_timeout {:?} (the broker is not reading: a resource alarm, or a hung connection); it may still be written later, so publishing again may duplicate it",
                 what(),
                 self.timeout
             ))),
