@@ -408,6 +408,27 @@ mod tests {
         assert!(err.message().contains("expected a string"), "{err}");
     }
 
+    /// Each value of a body takes an item on the tape (24 bytes), and a msgpack nil
+    /// one byte of the body: a 128 MiB body of nils asked for 3 GiB outside Lua's
+    /// memory limit, which nils do not reach. A body of more values than
+    /// [`crate::tape::MAX_ITEMS`] is refused.
+    #[test]
+    fn a_body_of_more_values_than_a_tape_holds_is_invalid() {
+        let nils = crate::tape::MAX_ITEMS + 1;
+        let mut body = vec![0xdd];
+        body.extend_from_slice(&u32::try_from(nils).unwrap().to_be_bytes());
+        body.resize(body.len() + nils, 0xc0);
+        let mut tape = Tape::new();
+        let err = Codec::MsgPack.decode_onto(&body, &mut tape).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.message().contains("values"), "{err}");
+        let json = format!("[{}0]", "0,".repeat(nils - 1));
+        let err = Codec::Json
+            .decode_onto(json.as_bytes(), &mut tape)
+            .unwrap_err();
+        assert!(err.message().contains("values"), "{err}");
+    }
+
     #[test]
     fn content_types_map_back() {
         for codec in [Codec::Json, Codec::MsgPack] {

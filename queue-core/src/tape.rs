@@ -188,6 +188,12 @@ impl From<&Value> for Tape {
 
 /// Writes one value onto a tape as a deserializer visits it: the one decoder behind
 /// every codec and behind `Value`'s `Deserialize`.
+/// The most values a body may hold: each takes an item on the tape (24 bytes) where
+/// a msgpack nil takes one byte of the body, and a nil nothing of Lua's memory, so a
+/// 128 MiB body of nils asked for 3 GiB outside any limit. 4 Mi values (96 MiB of
+/// tape) is more than a Lua state's default 256 MiB could hold as a table.
+pub(crate) const MAX_ITEMS: usize = 1 << 22;
+
 pub(crate) struct TapeWriter<'t> {
     tape: &'t mut Tape,
     /// Containers open around the value being visited.
@@ -195,6 +201,11 @@ pub(crate) struct TapeWriter<'t> {
     /// Set when a value was refused for nesting deeper than [`MAX_DEPTH`], so the
     /// error can say so whatever the deserializer wraps it in.
     pub(crate) too_deep: bool,
+}
+
+/// Why a body was refused for holding more than [`MAX_ITEMS`] values.
+fn too_many<E: de::Error>() -> E {
+    E::custom(format!("the body holds more than {MAX_ITEMS} values"))
 }
 
 impl<'t> TapeWriter<'t> {
@@ -214,8 +225,17 @@ impl<'t> TapeWriter<'t> {
             return Err(E::custom(format!("nested deeper than {MAX_DEPTH} levels")));
         }
         self.depth += 1;
-        self.tape.items.push(item);
+        self.push(item)?;
         Ok(self.tape.items.len() - 1)
+    }
+
+    /// Puts a value's item on the tape, or refuses a body past [`MAX_ITEMS`] values.
+    fn push<E: de::Error>(&mut self, item: Item) -> Result<(), E> {
+        if self.tape.items.len() >= MAX_ITEMS {
+            return Err(too_many());
+        }
+        self.tape.items.push(item);
+        Ok(())
     }
 
     fn close(&mut self, at: usize, len: usize) {
@@ -241,24 +261,20 @@ impl<'de> Visitor<'de> for &mut TapeWriter<'_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a message body value")
     }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        self.tape.items.push(Item::Nil);
-        Ok(())
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.push(Item::Nil)
     }
-    fn visit_none<E>(self) -> Result<(), E> {
-        self.tape.items.push(Item::Nil);
-        Ok(())
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.push(Item::Nil)
     }
     fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
-    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
-        self.tape.items.push(Item::Bool(b));
-        Ok(())
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<(), E> {
+        self.push(Item::Bool(b))
     }
-    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
-        self.tape.items.push(Item::Int(i));
-        Ok(())
+    fn visit_i64<E: de::Error>(self, i: i64) -> Result<(), E> {
+        self.push(Item::Int(i))
     }
     fn visit_u64<E: de::Error>(self, u: u64) -> Result<(), E> {
         let i = i64::try_from(u).map_err(|_| {
@@ -268,19 +284,16 @@ impl<'de> Visitor<'de> for &mut TapeWriter<'_> {
         })?;
         self.visit_i64(i)
     }
-    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
-        self.tape.items.push(Item::Float(f));
-        Ok(())
+    fn visit_f64<E: de::Error>(self, f: f64) -> Result<(), E> {
+        self.push(Item::Float(f))
     }
-    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
         let span = self.tape.push_text(s.as_bytes());
-        self.tape.items.push(Item::String(span));
-        Ok(())
+        self.push(Item::String(span))
     }
-    fn visit_bytes<E>(self, b: &[u8]) -> Result<(), E> {
+    fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<(), E> {
         let span = self.tape.push_text(b);
-        self.tape.items.push(Item::Bytes(span));
-        Ok(())
+        self.push(Item::Bytes(span))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let at = self.open(Item::Array(0))?;
@@ -320,7 +333,10 @@ impl<'de> Visitor<'de> for KeyWriter<'_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a string")
     }
-    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+        if self.0.items.len() >= MAX_ITEMS {
+            return Err(too_many());
+        }
         let span = self.0.push_text(s.as_bytes());
         self.0.items.push(Item::String(span));
         Ok(())
