@@ -73,11 +73,19 @@ impl Link {
         let what = format!("connecting to {node}");
         // The manager retries a failed first connect for a while; one plain attempt
         // tells at once what is wrong.
-        let mut probe =
-            tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
-                .await
-                .map_err(|_| Error::internal(format!("{what} timed out")))?
-                .map_err(|e| from_redis(&what, e))?;
+        // With the driver's limits: the crate's defaults (1 s to connect, 500 ms for an
+        // answer) failed the connect on a Redis a moment slow, and skipped the checks
+        // of its persistence and eviction settings.
+        let limits = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        let mut probe = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            client.get_multiplexed_async_connection_with_config(&limits),
+        )
+        .await
+        .map_err(|_| Error::internal(format!("{what} timed out")))?
+        .map_err(|e| from_redis(&what, e))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut probe)
             .await
@@ -143,7 +151,9 @@ impl Link {
     /// Like [`Link::run`] for commands that may run twice (declare, attach, info):
     /// a command that failed for want of a connection is tried again, backing off,
     /// until `publish_timeout` has passed. The redis crate fails the first command
-    /// after a connection drops, and reconnects only then.
+    /// after a connection drops, and reconnects only then. Each try is bounded by what
+    /// is left of `publish_timeout`: one try waited for the crate's own limits (a 5 s
+    /// answer, reconnects of 5 s each), past the caller's.
     pub async fn run_idempotent<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where
         F: Fn(ConnectionManager) -> Fut,
@@ -155,7 +165,15 @@ impl Link {
             if self.is_closed() {
                 return Err(crate::error::closed(what));
             }
-            let result = op(self.manager.clone()).await;
+            let Ok(result) = tokio::time::timeout_at(deadline, op(self.manager.clone())).await
+            else {
+                self.connected.store(false, Ordering::Relaxed);
+                self.suspect.store(true, Ordering::Relaxed);
+                return Err(Error::internal(format!(
+                    "{what}: Redis did not answer within publish_timeout {:?}",
+                    self.config.publish_timeout
+                )));
+            };
             self.observe(&result).await;
             match result {
                 Err(e) if is_connection_error(&e) => {

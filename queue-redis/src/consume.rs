@@ -106,16 +106,15 @@ impl Shared {
             loop {
                 let id = self.reader_id.load(Ordering::Acquire);
                 if id > 0 {
-                    let _: Result<Value> = self
-                        .link
-                        .run("unblock a reader", |mut c| async move {
-                            redis::cmd("CLIENT")
-                                .arg("UNBLOCK")
-                                .arg(id)
-                                .query_async(&mut c)
-                                .await
-                        })
-                        .await;
+                    // Within the same deadline: on a Redis that hangs it never answers.
+                    let unblock = self.link.run("unblock a reader", |mut c| async move {
+                        redis::cmd("CLIENT")
+                            .arg("UNBLOCK")
+                            .arg(id)
+                            .query_async::<Value>(&mut c)
+                            .await
+                    });
+                    let _ = tokio::time::timeout_at(deadline.into(), unblock).await;
                 }
                 tokio::select! {
                     _ = &mut handle => break,

@@ -351,6 +351,47 @@ async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
     assert!(close.is_ok(), "the close waited for the hung Redis");
 }
 
+/// Declare, consume and info try again within `publish_timeout` (docs/drivers/redis.md)
+/// but one try waited for the redis crate's own limits (a 5 s answer, reconnects of
+/// 5 s each): on a Redis that hangs, a count took past its limit, and an idle check
+/// or a shutdown waited with it. Each try is now bounded by what is left.
+async fn counts_and_attaches_on_a_hung_redis_end_within_publish_timeout() {
+    use std::time::{Duration, Instant};
+    let node = node().await;
+    let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
+    let url = node
+        .url()
+        .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
+    let mut config = RedisConfig::new(url);
+    config.publish_timeout = Duration::from_secs(2);
+    let driver = RedisDriver::connect(config).await.unwrap();
+    let spec = queue("hung-count");
+    driver.declare(&spec).await.unwrap();
+    proxy.freeze();
+    let started = Instant::now();
+    let counted = within("a count on the hung Redis", driver.info(&spec.id)).await;
+    let took = started.elapsed();
+    assert!(counted.expect_err("Redis never answered").retryable());
+    assert!(proxy.withheld() >= 1, "Redis said nothing after the freeze");
+    assert!(
+        took < Duration::from_secs(4),
+        "a count with a 2 s limit took {took:?}"
+    );
+    let started = Instant::now();
+    let attached = within(
+        "a consume on the hung Redis",
+        driver.consume(&spec.id, ConsumeOptions { prefetch: 1 }),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(attached.is_err(), "a consume Redis never answered");
+    assert!(
+        took < Duration::from_secs(4),
+        "a consume with a 2 s limit took {took:?}"
+    );
+    let _ = within("the close", driver.close()).await;
+}
+
 /// A publish to a Redis that hangs with its connections open fails within the
 /// driver's response limit, retryable: a handler's `queue.publish` is never held up
 /// past it, and the message is never reported sent.
@@ -407,6 +448,7 @@ queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
         a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
+        counts_and_attaches_on_a_hung_redis_end_within_publish_timeout,
         a_publish_to_a_hung_redis_fails_within_its_limit,
         wrong_password_is_refused_without_showing_it,
         percent_encoded_odd_credentials_log_in,
