@@ -318,7 +318,11 @@ async fn read_loop(
                 failures += 1;
                 fresh = true;
                 shared.look_again();
-                let wait = link.backoff(failures);
+                // At most a quarter of the lease: the lease is renewed at the top of the
+                // loop, and a reader whose reconnects alone fail (maxclients) while the
+                // shared connection works must not let it run out, or the other
+                // consumers hand out what its handlers still hold.
+                let wait = link.backoff(failures).min(lease / 4);
                 tracing::warn!(queue = %shared.queue, error = %err, ?wait, "redis: reading failed; retrying");
                 if is_permanent(&err) && !told {
                     // e.g. the stream or group was deleted: tell the consumer, keep trying.
