@@ -430,7 +430,11 @@ fn parse_entry(
             }
             EntryKind::Process(process)
         }
-        "security.policy" => EntryKind::Policy(typed(&entry, object)?),
+        "security.policy" => {
+            let policy: PolicyEntry = typed(&entry, object)?;
+            check_policy(&entry, &policy)?;
+            EntryKind::Policy(policy)
+        }
         other => {
             return Err(entry.error(
                 Some("kind"),
@@ -505,6 +509,48 @@ fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
             "a consumer needs `method` (and, optionally, its `source` file) or `func`",
         )),
     }
+}
+
+/// Refuses a deny rule that can never deny anything (docs/security.md): publishing is
+/// checked first without a queue, where a deny applies only with `resources: "*"`,
+/// then as `queue.publish.queue` with the queue id, which always holds a `:`.
+fn check_policy(entry: &Entry, p: &PolicyEntry) -> Result<(), ConfigError> {
+    use queue_core::security::{ACTION_PUBLISH_QUEUE, Pattern};
+    if p.effect != EffectName::Deny {
+        return Ok(());
+    }
+    let resources: Vec<Pattern> = p.resources.as_ref().map_or_else(
+        || vec![Pattern::Any],
+        |r| r.to_vec().iter().map(|r| Pattern::parse(r)).collect(),
+    );
+    if resources.contains(&Pattern::Any) {
+        return Ok(());
+    }
+    let per_queue = p
+        .actions
+        .to_vec()
+        .iter()
+        .any(|a| Pattern::parse(a).matches(ACTION_PUBLISH_QUEUE));
+    if !per_queue {
+        return Err(entry.error(
+            Some("actions"),
+            "this deny names queues, but no action it names is checked with a queue: publishing is checked first with no queue, then as `queue.publish.queue` with it; write `actions: queue.publish.queue` (or `queue.*`)",
+        ));
+    }
+    if let Some(Pattern::Exact(name)) = resources
+        .iter()
+        .find(|r| matches!(r, Pattern::Exact(name) if !name.contains(':')))
+    {
+        return Err(entry.error(
+            Some("resources"),
+            format!(
+                "{:?} is no queue id, which is always `namespace:name`: write `{}:{}` (or a prefix such as `{}:*`)",
+                queue_core::truncate(name, 64),
+                entry.namespace, queue_core::truncate(name, 64), entry.namespace
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
@@ -717,6 +763,43 @@ mod tests {
             ));
             assert_eq!((e.line, e.field.as_deref()), (line, Some(field)), "{e}");
             assert!(e.message.contains(says), "{option}: {e}");
+        }
+    }
+
+    /// Deny rules that can never deny anything: publishing is checked first without
+    /// a queue (a deny applies there only with `resources: "*"`), then as
+    /// `queue.publish.queue` with the queue; and a queue id always holds a `:`. Each
+    /// was taken without a word, and the queue it meant to protect stayed open.
+    #[test]
+    fn deny_rules_that_can_never_apply_are_refused() {
+        for (rule, field, says) in [
+            (
+                "actions: queue.publish\n    resources: app:secret",
+                "actions",
+                "queue.publish.queue",
+            ),
+            (
+                "actions: queue.publish.queue\n    resources: secret",
+                "resources",
+                "namespace:name",
+            ),
+        ] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n    effect: deny\n    {rule}\n"
+            ));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{rule}: {e}");
+        }
+        // What does apply is taken: a deny of every queue, a deny through `queue.*`.
+        for rule in [
+            "actions: queue.publish\n    resources: \"*\"",
+            "actions: \"queue.*\"\n    resources: app:secret",
+            "actions: queue.publish.queue\n    resources: \"app*\"",
+        ] {
+            load_text(&format!(
+                "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n    effect: deny\n    {rule}\n"
+            ))
+            .unwrap_or_else(|e| panic!("{rule}: {e}"));
         }
     }
 
