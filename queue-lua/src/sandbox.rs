@@ -90,7 +90,8 @@ const SAFE_BASE: [&str; 14] = [
 /// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
 /// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, slice_yielded, pass_slice_yield_on, foreign_resume = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, begin_resume, end_resume, pass_slice_yield_on, foreign_resume = ...
+local type = type -- the state's own, taken before any handler's code runs
 local function not_a_handler(co)
   if handler_threads[co] then
     error("a handler's or process's own coroutine cannot be resumed or closed from Lua", 3)
@@ -122,9 +123,13 @@ local stopped = setmetatable({}, { __mode = "k" })
 return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   xpcall,
   function(co, ...)
+    -- Lua's own error for what is not a coroutine.
+    if type(co) ~= "thread" then return raw_resume(co, ...) end
     not_a_handler(co)
-    not_foreign(co)
+    local why = begin_resume(co)
+    if why then error(why, 2) end
     local results = pack(raw_resume(co, ...))
+    local sliced = end_resume(co)
     while results[1] do
       if results.n == 2 and results[2] == pending then
         -- An asynchronous call waiting inside `co` (queue.publish, msg:ack) yields
@@ -138,7 +143,7 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
           break
         end
         yield(pending)
-      elseif results.n == 1 and slice_yielded(co) then
+      elseif results.n == 1 and sliced then
         -- `co` yielded at its slice's end (crate::slices): so does this coroutine,
         -- up to the handler's, whose poller lets the other handlers run; then `co`
         -- goes on. Where this one cannot yield, `co` goes on at once.
@@ -149,12 +154,15 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
       else
         break
       end
+      begin_resume(co)
       results = pack(raw_resume(co))
+      sliced = end_resume(co)
     end
     if not results[1] and overdue() then stopped[co] = true end
     return unless_overdue(results)
   end,
   function(co)
+    if type(co) ~= "thread" then return raw_close(co) end
     not_a_handler(co)
     not_foreign(co)
     if stopped[co] then
@@ -267,9 +275,21 @@ impl Sandbox {
             let clock = Rc::clone(clock);
             lua.create_function(move |_, ()| Ok(clock.overdue()))?
         };
-        let slice_yielded = {
+        // Checks that this run may resume `co` (why not, if it may not), and marks it
+        // as being resumed by the sandbox (see `Clock::begin_resume`).
+        let begin_resume = {
             let clock = Rc::clone(clock);
-            lua.create_function(move |_, co: Thread| Ok(clock.take_slice_yield(co.to_pointer())))?
+            lua.create_function(move |lua, co: Thread| {
+                let why = crate::context::foreign_resume(lua, &co);
+                if why.is_none() {
+                    clock.begin_resume(co.to_pointer());
+                }
+                Ok(why)
+            })?
+        };
+        let end_resume = {
+            let clock = Rc::clone(clock);
+            lua.create_function(move |_, co: Thread| Ok(clock.end_resume(co.to_pointer())))?
         };
         let foreign_resume =
             lua.create_function(|lua, co: Thread| Ok(crate::context::foreign_resume(lua, &co)))?;
@@ -294,7 +314,8 @@ impl Sandbox {
                 Lua::poll_pending(),
                 real_coroutine.raw_get::<Function>("yield")?,
                 real_coroutine.raw_get::<Function>("isyieldable")?,
-                slice_yielded,
+                begin_resume,
+                end_resume,
                 pass_slice_yield_on,
                 foreign_resume,
             ))?;

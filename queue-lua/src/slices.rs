@@ -71,8 +71,14 @@ struct Slice {
     /// The thread last told to yield past the deadline, by address.
     yield_tried: Option<*const c_void>,
     /// A coroutine the handler created that yielded at the slice's end, by address:
-    /// the sandbox's `coroutine.resume` passes its yield on up ([`Clock::take_slice_yield`]).
+    /// the sandbox's `coroutine.resume` passes its yield on up ([`Clock::end_resume`]).
     nested_yield: Option<*const c_void>,
+    /// The coroutines the sandbox's `coroutine.resume` is resuming now, innermost
+    /// last: only the innermost may yield at the slice's end, since only its resumer
+    /// passes the yield on. Another coroutine running Lua (one `coroutine.close` runs
+    /// the `__close` handlers of, one of mlua's own) must not yield: a yield there
+    /// is thrown as an error, or taken for a value.
+    resuming: Vec<*const c_void>,
 }
 
 /// The state's clock: what is running, read by the hook. One per Lua state.
@@ -146,31 +152,46 @@ impl Clock {
         if slice.yields == Some(current) {
             return Ok(VmState::Yield);
         }
-        // A coroutine the handler created yields too, and the sandbox's
-        // `coroutine.resume` passes the yield on to the handler's coroutine instead of
-        // handing it to the Lua code that resumed it, which sees nothing of it: a loop
-        // in a coroutine of its own held the whole state. One that cannot yield here
-        // (inside a function Lua calls from C) goes on, as before.
+        // A coroutine the handler created yields too, when the sandbox's
+        // `coroutine.resume` is what runs it: that passes the yield on to the
+        // handler's coroutine instead of handing it to the Lua code that resumed it,
+        // which sees nothing of it. A loop in a coroutine of its own held the whole
+        // state. One that cannot yield here (inside a function Lua calls from C) goes
+        // on, as before.
         // SAFETY: `current` is the running thread's `lua_State`, alive while it runs.
-        if unsafe { mlua::ffi::lua_isyieldable(current as *mut mlua::ffi::lua_State) } != 0 {
+        if slice.resuming.last() == Some(&current)
+            && unsafe { mlua::ffi::lua_isyieldable(current as *mut mlua::ffi::lua_State) } != 0
+        {
             slice.nested_yield = Some(current);
             return Ok(VmState::Yield);
         }
         Ok(VmState::Continue)
     }
 
-    /// Whether `co`, just back from a resume with no values, yielded at its slice's
-    /// end (or passed such a yield on) rather than by `coroutine.yield()`; asking
-    /// forgets it.
-    pub(crate) fn take_slice_yield(&self, co: *const c_void) -> bool {
-        let mut running = self.running.borrow_mut();
-        match running.as_mut() {
-            Some(slice) if slice.nested_yield == Some(co) => {
-                slice.nested_yield = None;
-                true
-            }
-            _ => false,
+    /// The sandbox's `coroutine.resume` is about to resume `co`.
+    pub(crate) fn begin_resume(&self, co: *const c_void) {
+        if let Some(slice) = self.running.borrow_mut().as_mut() {
+            slice.resuming.push(co);
         }
+    }
+
+    /// The sandbox's resume of `co` came back: whether `co` yielded at its slice's end
+    /// (or passed such a yield on) rather than by `coroutine.yield()`.
+    pub(crate) fn end_resume(&self, co: *const c_void) -> bool {
+        let mut running = self.running.borrow_mut();
+        let Some(slice) = running.as_mut() else {
+            return false;
+        };
+        // Down to `co`, and it: an entry left above it (a resume that never came back
+        // here, its caller out of memory) must not let another coroutine yield.
+        if let Some(at) = slice.resuming.iter().rposition(|c| *c == co) {
+            slice.resuming.truncate(at);
+        }
+        if slice.nested_yield == Some(co) {
+            slice.nested_yield = None;
+            return true;
+        }
+        false
     }
 
     /// The running coroutine is about to yield because one it resumed yielded at its
@@ -196,6 +217,7 @@ impl Clock {
             deadline: Some(deadline),
             yield_tried: None,
             nested_yield: None,
+            resuming: Vec::new(),
         }));
         let result = f();
         *self.running.borrow_mut() = previous;
@@ -269,6 +291,7 @@ where
             deadline: this.deadline.as_ref().map(|(d, _)| d.clone()),
             yield_tried: None,
             nested_yield: None,
+            resuming: Vec::new(),
         };
         // A coroutine resumed while another's slice is set (a handler polled from
         // inside another's Rust callback) restores that one afterwards.

@@ -251,6 +251,7 @@ fn a_coroutine_a_handler_creates_keeps_its_resume_semantics() {
         let h = Harness::new().await;
         assert_eq!(run(&h, "own_coroutine", None).await, Outcome::Ack);
         assert_eq!(run(&h, "long_generator", None).await, Outcome::Ack);
+        assert_eq!(run(&h, "close_a_long_closer", None).await, Outcome::Ack);
     });
 }
 

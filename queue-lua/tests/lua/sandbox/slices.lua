@@ -188,3 +188,25 @@ function long_generator()
   local got = table.concat(seen, ",")
   assert(got == "1,nil,2,nil,3,nil", got)
 end
+
+-- Closes a suspended coroutine whose __close computes past a slice: the close runs it
+-- to its end (a yield there would be thrown as an error and cut it short).
+function close_a_long_closer()
+  local finished = false
+  local co = coroutine.create(function()
+    local _ <close> = setmetatable({}, {
+      __close = function()
+        for _ = 1, 3e6 do end
+        finished = true
+      end,
+    })
+    coroutine.yield()
+  end)
+  coroutine.resume(co)
+  local ok, err = coroutine.close(co)
+  assert(ok, tostring(err))
+  assert(finished, "the __close handler was cut short")
+  -- Not a coroutine: Lua's own error, not a conversion error.
+  local resumed, why = pcall(coroutine.resume, nil)
+  assert(not resumed and tostring(why):find("thread expected"), tostring(why))
+end
