@@ -333,9 +333,13 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         busy,
         stopped,
     } = intake;
+    // On a clone: `wait_for` marks what it saw as seen, and the runners' copy of
+    // `stop` (below) must still see a stop that came before they started.
+    let mut stop_before_go = stop.clone();
     let start_went_through = tokio::select! {
+        biased;
         go = go.wait_for(|go| *go) => go.is_ok(),
-        _ = stop.wait_for(|s| *s) => true,
+        _ = stop_before_go.wait_for(|s| *s) => true,
     };
     if !start_went_through {
         // Nothing was taken: the deliveries it prefetched go back with it.
