@@ -385,7 +385,10 @@ impl ReceiveTask {
                 }
             }
         };
-        // From here on every settlement is an error: the deliveries went back.
+        // From here on every settlement is an error: the deliveries went back, and
+        // those still waiting for `next` are dropped there, not handed out (a handler
+        // would run what another consumer may have, and fail to ack it).
+        self.current_epoch.store(NO_LINK, Ordering::Release);
         self.control_rx.close();
         while let Ok(control) = self.control_rx.try_recv() {
             if let Control::Cancel(reply) = control {

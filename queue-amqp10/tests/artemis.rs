@@ -113,6 +113,43 @@ async fn publishes_waiting_at_a_close_get_their_real_outcome() {
     counter.close().await.unwrap();
 }
 
+/// Deliveries a subscription had taken ahead when its driver closed went back to the
+/// broker with the close, but `next()` still handed them out: a handler ran a message
+/// another consumer may have, and its ack failed.
+async fn next_after_a_close_hands_out_nothing_taken_ahead() {
+    let driver = Amqp10Driver::connect(Amqp10Config::new(
+        queue_fixtures::artemis::shared_url(),
+        Profile::Artemis,
+    ))
+    .await
+    .unwrap();
+    let queue = declared(&driver, "taken-ahead").await;
+    for n in 0..5u8 {
+        let message = Message::from_bytes(vec![b'0' + n], Default::default(), "text/plain");
+        driver.publish(&queue, message).await.unwrap();
+    }
+    let mut subscription = driver
+        .consume(&queue, ConsumeOptions { prefetch: 5 })
+        .await
+        .unwrap();
+    let held = subscription.next().await.unwrap().unwrap();
+    // No signal says the other four arrived: the broker's count in flight does.
+    queue_testkit::within("the other four taken ahead", async {
+        while driver.info(&queue).await.unwrap().in_flight != Some(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    driver.close().await.unwrap();
+    let next = queue_testkit::within("next after close", subscription.next()).await;
+    assert!(
+        next.is_none(),
+        "handed out after the close: {:?}",
+        next.map(|d| d.map(|d| d.message().id.clone()))
+    );
+    drop(held);
+}
+
 fn queue_spec(queue: &QueueId) -> QueueSpec {
     QueueSpec::new(queue.clone())
         .with_name(queue.name())
@@ -124,6 +161,7 @@ queue_testkit::broker_tests! {
     async: [
         a_count_read_cut_off_leaves_no_reply_for_the_next,
         publishes_waiting_at_a_close_get_their_real_outcome,
+        next_after_a_close_hands_out_nothing_taken_ahead,
     ];
     sync: [];
 }
