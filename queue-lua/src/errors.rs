@@ -65,7 +65,7 @@ impl From<&Error> for LuaError {
 /// Rust's heap, which the limit does not see, so a string as long is tied to the
 /// userdata (as its user value) for the limit to count. Without it, a handler keeping
 /// error values (`kept[i] = errors.new(big)`) grew the process without bound while
-/// Lua counted a few bytes each (docs/security.md, "Sandbox").
+/// Lua counted a few bytes each (docs/security.md, "Limits").
 pub(crate) struct Counted(pub(crate) LuaError);
 
 impl IntoLua for Counted {
@@ -169,7 +169,9 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                     let details: Option<Table> = t.get("details")?;
                     let mut map = BTreeMap::new();
                     if let Some(details) = details {
-                        for pair in details.pairs::<String, LuaValue>() {
+                        // No more than an error value keeps: a table of a million
+                        // details made a million strings outside the memory limit.
+                        for pair in details.pairs::<String, LuaValue>().take(MAX_DETAILS) {
                             let (k, v) = pair?;
                             map.insert(k, v.to_string()?);
                         }

@@ -504,18 +504,19 @@ impl LuaHost {
         };
         drop(entered);
         self.keep_if_finished(thread);
-        if result.is_err() {
+        if result.as_ref().is_err_and(ran_out_of_memory) {
             self.collect_if_nearly_full();
         }
         result
     }
 
-    /// After a run that raised (out of memory, often): a state close to its memory
-    /// limit is collected in full, twice. The collection Lua makes when an allocation
-    /// fails at the limit runs no finalizers, so the failed run's userdata (error
-    /// values, messages) and what they hold stayed; the first full collection runs
-    /// their finalizers, the second frees them. Left to the incremental collector, the
-    /// next handlers on the state failed at the limit too.
+    /// After a run that ran out of memory: a state still close to its memory limit is
+    /// collected in full, twice. The collection Lua makes when an allocation fails at
+    /// the limit runs no finalizers, so the failed run's userdata (error values,
+    /// messages) and what they hold stayed; the first full collection runs their
+    /// finalizers, the second frees them. Left to the incremental collector, the next
+    /// handlers on the state failed at the limit too. Only then: two full collections
+    /// of a large state after every failure (a broker outage) would stall its handlers.
     fn collect_if_nearly_full(&self) {
         if self.lua.used_memory() > self.limits.memory_bytes / 4 * 3 {
             // Its errors (a finalizer's) have no one to go to.
@@ -547,6 +548,19 @@ impl LuaHost {
             self.clock.unhook(&thread);
             idle.push(thread);
         }
+    }
+}
+
+/// Whether a run ended because the state ran out of memory: Lua's memory error, or its
+/// message raised again as text (the guard re-raises what it caught).
+fn ran_out_of_memory(error: &mlua::Error) -> bool {
+    match error {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
+            ran_out_of_memory(cause)
+        }
+        mlua::Error::RuntimeError(message) => message.contains("not enough memory"),
+        _ => false,
     }
 }
 
