@@ -152,11 +152,6 @@ impl Driver for Amqp10Driver {
         let address = self.config.profile.address(&spec.name)?;
         let arrived = std::time::Instant::now();
         let _serial = self.declaring.lock().await;
-        // Declares wait for one another: one that waited while the one before it found
-        // the broker unreachable fails with it, instead of waiting out its own limit.
-        if let Some(failure) = self.connector.failed_since(arrived) {
-            return Err(failure.context(format!("declare {}", spec.id)));
-        }
         if let Ok(existing) = self.declared(&spec.id) {
             if existing.spec == *spec {
                 return Ok(());
@@ -168,6 +163,11 @@ impl Driver for Amqp10Driver {
                     spec.id
                 ),
             ));
+        }
+        // Declares wait for one another: one that waited while the one before it found
+        // the broker unreachable fails with it, instead of waiting out its own limit.
+        if let Some(failure) = self.connector.failed_since(arrived) {
+            return Err(failure.context(format!("declare {}", spec.id)));
         }
         // Attaching the sender is the declaration: RabbitMQ 3.x creates `/queue/NAME`,
         // Artemis auto-creates the anycast queue, RabbitMQ 4.x refuses a missing one.
@@ -264,7 +264,10 @@ impl Driver for Amqp10Driver {
         // by side and within one CLOSE_TIMEOUT; what was not sent yet is held back and
         // fails with the close.
         let mut settling = tokio::task::JoinSet::new();
-        for d in &declared {
+        // Not while the connection is down: no outcome can arrive, and the close
+        // itself already waits its own limit on a broker that does not answer.
+        let connected = self.connector.is_connected();
+        for d in declared.iter().filter(|_| connected) {
             let d = Arc::clone(d);
             settling.spawn(async move { d.sender.settle_sent(connection::CLOSE_TIMEOUT).await });
         }
