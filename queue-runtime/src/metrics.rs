@@ -93,14 +93,14 @@ struct Waiting {
 
 /// One accepted connection: whether its request has arrived, and how to close it.
 struct Accepted {
-    requested: Arc<std::sync::atomic::AtomicBool>,
+    /// When its request arrived, once it has.
+    requested: Arc<std::sync::OnceLock<std::time::Instant>>,
     task: tokio::task::AbortHandle,
-    accepted_at: std::time::Instant,
 }
 
-/// How long after its accept a connection that sent its request may still be open
-/// before a new one may take its slot: the answer is ready at once, and a client
-/// that reads it is done in milliseconds. A
+/// How long after its request a connection may still be open before a new one may
+/// take its slot: the answer is ready at once, and a client that reads it is done in
+/// milliseconds. A
 /// client that sent its request and does not read the answer (a `/metrics` page larger
 /// than the socket buffers) held its slot for the connection's whole limit.
 const SLOW_READER: Duration = Duration::from_secs(2);
@@ -117,11 +117,13 @@ impl Waiting {
     fn evict_oldest(&self) -> bool {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.retain(|c| !c.task.is_finished());
-        let unrequested = connections.iter().position(|c| !c.requested());
+        let unrequested = connections.iter().position(|c| c.requested.get().is_none());
         let stalled = || {
-            connections
-                .iter()
-                .position(|c| c.accepted_at.elapsed() >= SLOW_READER)
+            connections.iter().position(|c| {
+                c.requested
+                    .get()
+                    .is_some_and(|at| at.elapsed() >= SLOW_READER)
+            })
         };
         match unrequested.or_else(stalled) {
             Some(oldest) => {
@@ -132,13 +134,6 @@ impl Waiting {
             }
             None => false,
         }
-    }
-}
-
-impl Accepted {
-    /// Its request has arrived: it is being answered.
-    fn requested(&self) -> bool {
-        self.requested.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -185,11 +180,11 @@ pub async fn serve(
                 Err(_) => continue,
             };
             let (handle, readiness) = (handle.clone(), readiness.clone());
-            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let requested = Arc::new(std::sync::OnceLock::new());
             let seen = Arc::clone(&requested);
             let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    seen.get_or_init(std::time::Instant::now);
                     let response = respond(&request, &handle, &readiness);
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
@@ -205,7 +200,6 @@ pub async fn serve(
             waiting.add(Accepted {
                 requested,
                 task: task.abort_handle(),
-                accepted_at: std::time::Instant::now(),
             });
         }
     }))
@@ -383,13 +377,16 @@ mod tests {
     use super::*;
 
     /// A connection of the server, for the eviction rule: one whose task never ends
-    /// by itself, accepted `ago` before now, with its request read or not.
+    /// by itself, whose request arrived `ago` before now (or has not).
     fn connection(requested: bool, ago: Duration) -> (Accepted, tokio::task::JoinHandle<()>) {
         let task = tokio::spawn(std::future::pending::<()>());
+        let at = std::sync::OnceLock::new();
+        if requested {
+            let _ = at.set(std::time::Instant::now() - ago);
+        }
         let accepted = Accepted {
-            requested: Arc::new(std::sync::atomic::AtomicBool::new(requested)),
+            requested: Arc::new(at),
             task: task.abort_handle(),
-            accepted_at: std::time::Instant::now() - ago,
         };
         (accepted, task)
     }
