@@ -186,14 +186,14 @@ impl From<&Value> for Tape {
     }
 }
 
-/// Writes one value onto a tape as a deserializer visits it: the one decoder behind
-/// every codec and behind `Value`'s `Deserialize`.
 /// The most values a body may hold: each takes an item on the tape (24 bytes) where
 /// a msgpack nil takes one byte of the body, and a nil nothing of Lua's memory, so a
 /// 128 MiB body of nils asked for 3 GiB outside any limit. 4 Mi values (96 MiB of
 /// tape) is more than a Lua state's default 256 MiB could hold as a table.
 pub(crate) const MAX_ITEMS: usize = 1 << 22;
 
+/// Writes one value onto a tape as a deserializer visits it: the one decoder behind
+/// every codec and behind `Value`'s `Deserialize`.
 pub(crate) struct TapeWriter<'t> {
     tape: &'t mut Tape,
     /// Containers open around the value being visited.

@@ -568,8 +568,11 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
 /// Asks on the terminal; anything but `y` or `yes` is no.
 fn confirmed(question: &str) -> Result<bool, String> {
     use std::io::Write;
-    print!("{question} [y/N] ");
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Not `print!`, which panics on a closed stdout: the question unseen, the answer
+    // read is still the user's (or none, which is no).
+    let mut stdout = std::io::stdout().lock();
+    let _ = write!(stdout, "{question} [y/N] ").and_then(|()| stdout.flush());
+    drop(stdout);
     let mut answer = String::new();
     std::io::stdin()
         .read_line(&mut answer)

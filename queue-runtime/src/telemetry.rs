@@ -145,7 +145,12 @@ impl Telemetry {
     /// Exports what is left and stops the exporter (at most a few seconds).
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
-            eprintln!("warning: exporting the last spans failed: {e}");
+            // Not `eprintln!`: a closed stderr must not turn a finished run into a panic.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: exporting the last spans failed: {e}"
+            );
         }
     }
 }
