@@ -6,6 +6,22 @@ use std::time::Duration;
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{ConsumeOptions, Driver, Message, QueueId, QueueSpec};
 
+/// A driver on the shared Artemis.
+async fn artemis() -> Amqp10Driver {
+    let url = queue_fixtures::artemis::shared_url();
+    Amqp10Driver::connect(Amqp10Config::new(url, Profile::Artemis))
+        .await
+        .unwrap()
+}
+
+/// Publishes `count` one-digit text messages to `queue`.
+async fn publish_digits(driver: &Amqp10Driver, queue: &QueueId, count: u8) {
+    for n in 0..count {
+        let message = Message::from_bytes(vec![b'0' + n], Default::default(), "text/plain");
+        driver.publish(queue, message).await.unwrap();
+    }
+}
+
 async fn declared(driver: &Amqp10Driver, what: &str) -> QueueId {
     let name = format!("amqp10-tests-{what}-{}", queue_core::new_message_id());
     let id = QueueId::new("amqp10-tests", &name).unwrap();
@@ -19,20 +35,12 @@ async fn declared(driver: &Amqp10Driver, what: &str) -> QueueId {
 /// Each read of one queue's counts, cut at a different point, is followed by a read
 /// of another queue's, which must be that queue's.
 async fn a_count_read_cut_off_leaves_no_reply_for_the_next() {
-    let driver = Amqp10Driver::connect(Amqp10Config::new(
-        queue_fixtures::artemis::shared_url(),
-        Profile::Artemis,
-    ))
-    .await
-    .unwrap();
+    let driver = artemis().await;
     let (busy, empty) = (
         declared(&driver, "busy").await,
         declared(&driver, "empty").await,
     );
-    for n in 0..3u8 {
-        let message = Message::from_bytes(vec![b"0"[0] + n], Default::default(), "text/plain");
-        driver.publish(&busy, message).await.unwrap();
-    }
+    publish_digits(&driver, &busy, 3).await;
     // A consumer holding one: every count of `busy` differs from `empty`'s zeros.
     let mut subscription = driver
         .consume(&busy, ConsumeOptions { prefetch: 1 })
@@ -62,13 +70,7 @@ async fn a_count_read_cut_off_leaves_no_reply_for_the_next() {
 /// again"), and publishing again made a duplicate. Every publish that failed must be
 /// missing from the queue: the queue holds exactly the publishes reported done.
 async fn publishes_waiting_at_a_close_get_their_real_outcome() {
-    let connect = || {
-        Amqp10Driver::connect(Amqp10Config::new(
-            queue_fixtures::artemis::shared_url(),
-            Profile::Artemis,
-        ))
-    };
-    let driver = std::sync::Arc::new(connect().await.unwrap());
+    let driver = std::sync::Arc::new(artemis().await);
     let queue = declared(&driver, "closing").await;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let publishes: Vec<_> = (0..500)
@@ -103,7 +105,7 @@ async fn publishes_waiting_at_a_close_get_their_real_outcome() {
     let message = Message::from_bytes(b"late".to_vec(), Default::default(), "text/plain");
     let late = driver.publish(&queue, message).await.unwrap_err();
     assert_eq!(late.kind(), queue_core::ErrorKind::Canceled, "{late}");
-    let counter = connect().await.unwrap();
+    let counter = artemis().await;
     counter.declare(&queue_spec(&queue)).await.unwrap();
     let held = counter.info(&queue).await.unwrap().message_count();
     assert_eq!(
@@ -117,17 +119,9 @@ async fn publishes_waiting_at_a_close_get_their_real_outcome() {
 /// broker with the close, but `next()` still handed them out: a handler ran a message
 /// another consumer may have, and its ack failed.
 async fn next_after_a_close_hands_out_nothing_taken_ahead() {
-    let driver = Amqp10Driver::connect(Amqp10Config::new(
-        queue_fixtures::artemis::shared_url(),
-        Profile::Artemis,
-    ))
-    .await
-    .unwrap();
+    let driver = artemis().await;
     let queue = declared(&driver, "taken-ahead").await;
-    for n in 0..5u8 {
-        let message = Message::from_bytes(vec![b'0' + n], Default::default(), "text/plain");
-        driver.publish(&queue, message).await.unwrap();
-    }
+    publish_digits(&driver, &queue, 5).await;
     let mut subscription = driver
         .consume(&queue, ConsumeOptions { prefetch: 5 })
         .await
