@@ -154,7 +154,8 @@ impl QueueSpec {
     }
 
     /// Refuses options no driver declares as written (a quorum queue that is not
-    /// durable, `max_priority: 0`) and options the driver's capabilities do not cover,
+    /// durable, `max_priority: 0`, `max_length: 0`, a `message_ttl` a broker cannot
+    /// carry) and options the driver's capabilities do not cover,
     /// naming the driver; the error's `field` detail names the option.
     pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
         if self.queue_type == QueueType::Quorum && !self.durable {
@@ -163,6 +164,27 @@ impl QueueSpec {
                 self.id
             ))
             .with_detail("field", "durable"));
+        }
+        if self.max_length == Some(0) {
+            // Every publish would wait for room and fail.
+            return Err(Error::invalid(format!(
+                "queue {}: max_length must be at least 1 (leave it out for no limit)",
+                self.id
+            ))
+            .with_detail("field", "max_length"));
+        }
+        if let Some(ttl) = self.message_ttl {
+            // Brokers take whole milliseconds, in 32 bits: under one, every message
+            // would expire as it arrived, dropped unseen even with a consumer waiting.
+            if ttl < std::time::Duration::from_millis(1)
+                || ttl.as_millis() > u128::from(crate::MAX_MILLIS)
+            {
+                return Err(Error::invalid(format!(
+                    "queue {}: message_ttl must be 1ms to 4294967295ms (about 49 days; leave it out for no expiry)",
+                    self.id
+                ))
+                .with_detail("field", "message_ttl"));
+            }
         }
         if self.max_priority == Some(0) {
             return Err(Error::invalid(format!(

@@ -813,16 +813,27 @@ mod tests {
         for (options, field) in [
             ("queue_type: quorum\n    durable: false", "durable"),
             ("max_priority: 0", "max_priority"),
+            // A TTL that rounds to 0 ms reached RabbitMQ as x-message-ttl 0: every
+            // message not taken at once dropped. Past 2^32 ms a broker refuses it.
+            ("message_ttl: 0s", "message_ttl"),
+            ("message_ttl: 0.5ms", "message_ttl"),
+            ("message_ttl: 1200h", "message_ttl"),
+            ("max_length: 0", "max_length"),
         ] {
-            let dir = app_dir(
-                &format!(
-                    "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: q\n    kind: queue.queue\n    {options}\n"
-                ),
-                &[],
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: q\n    kind: queue.queue\n    {options}\n"
             );
+            // The error names the field's own line.
+            let line = 1 + yaml
+                .lines()
+                .position(|l| l.trim_start().starts_with(&format!("{field}:")))
+                .unwrap();
+            let dir = app_dir(&yaml, &[]);
             let errors = plan_in(dir.path(), false).unwrap_err().0;
             assert!(
-                errors.iter().any(|e| e.field.as_deref() == Some(field)),
+                errors
+                    .iter()
+                    .any(|e| e.field.as_deref() == Some(field) && e.line == line),
                 "{options}: {errors:?}"
             );
         }
