@@ -158,66 +158,66 @@ impl QueueSpec {
     /// carry) and options the driver's capabilities do not cover,
     /// naming the driver; the error's `field` detail names the option.
     pub fn check_supported(&self, driver: &str, caps: &Capabilities) -> Result<()> {
+        let refuse = |field: &str, why: String| -> Result<()> {
+            Err(Error::invalid(format!("queue {}: {why}", self.id)).with_detail("field", field))
+        };
         if self.queue_type == QueueType::Quorum && !self.durable {
-            return Err(Error::invalid(format!(
-                "queue {}: a quorum queue is always durable: drop durable: false or use queue_type classic",
-                self.id
-            ))
-            .with_detail("field", "durable"));
+            return refuse(
+                "durable",
+                "a quorum queue is always durable: drop durable: false or use queue_type classic"
+                    .into(),
+            );
         }
         if self.max_length == Some(0) {
             // Every publish would wait for room and fail.
-            return Err(Error::invalid(format!(
-                "queue {}: max_length must be at least 1 (leave it out for no limit)",
-                self.id
-            ))
-            .with_detail("field", "max_length"));
+            return refuse(
+                "max_length",
+                "max_length must be at least 1 (leave it out for no limit)".into(),
+            );
         }
-        if let Some(ttl) = self.message_ttl {
-            // Brokers take whole milliseconds, in 32 bits: under one, every message
-            // would expire as it arrived, dropped unseen even with a consumer waiting.
-            if ttl < std::time::Duration::from_millis(1)
+        // Brokers take whole milliseconds, in 32 bits: under one, every message would
+        // expire as it arrived, dropped unseen even with a consumer waiting.
+        if self.message_ttl.is_some_and(|ttl| {
+            ttl < std::time::Duration::from_millis(1)
                 || ttl.as_millis() > u128::from(crate::MAX_MILLIS)
-            {
-                return Err(Error::invalid(format!(
-                    "queue {}: message_ttl must be 1ms to 4294967295ms (about 49 days; leave it out for no expiry)",
-                    self.id
-                ))
-                .with_detail("field", "message_ttl"));
-            }
+        }) {
+            return refuse(
+                "message_ttl",
+                "message_ttl must be 1ms to 4294967295ms (about 49 days; leave it out for no expiry)".into(),
+            );
         }
         if self.max_priority == Some(0) {
-            return Err(Error::invalid(format!(
-                "queue {}: max_priority must be at least 1 (leave it out for a queue without priorities)",
-                self.id
-            ))
-            .with_detail("field", "max_priority"));
+            return refuse(
+                "max_priority",
+                "max_priority must be at least 1 (leave it out for a queue without priorities)"
+                    .into(),
+            );
         }
         if self.queue_type == QueueType::Quorum {
             if !caps.quorum_queues {
-                return Err(Error::invalid(format!(
-                    "queue {}: the {driver} driver does not declare quorum queues",
-                    self.id
-                ))
-                .with_detail("field", "queue_type"));
+                return refuse(
+                    "queue_type",
+                    format!("the {driver} driver does not declare quorum queues"),
+                );
             }
             if self.max_priority.is_some() {
-                return Err(Error::invalid(format!(
-                    "queue {}: a quorum queue has no message priorities (RabbitMQ 3.x): drop max_priority or use queue_type classic",
-                    self.id
-                ))
-                .with_detail("field", "max_priority"));
+                return refuse(
+                    "max_priority",
+                    "a quorum queue has no message priorities (RabbitMQ 3.x): drop max_priority or use queue_type classic".into(),
+                );
             }
         }
         if let Some(p) = self.max_priority
             && caps.priority
             && p > caps.max_priority
         {
-            return Err(Error::invalid(format!(
-                "queue {}: max_priority {p} is more than the {driver} driver allows ({})",
-                self.id, caps.max_priority
-            ))
-            .with_detail("field", "max_priority"));
+            return refuse(
+                "max_priority",
+                format!(
+                    "max_priority {p} is more than the {driver} driver allows ({})",
+                    caps.max_priority
+                ),
+            );
         }
         let unsupported = [
             (
@@ -231,11 +231,10 @@ impl QueueSpec {
             ),
         ];
         match unsupported.iter().find(|(bad, _)| *bad) {
-            Some((_, option)) => Err(Error::invalid(format!(
-                "queue {}: the {driver} driver does not support {option}",
-                self.id
-            ))
-            .with_detail("field", *option)),
+            Some((_, option)) => refuse(
+                option,
+                format!("the {driver} driver does not support {option}"),
+            ),
             None => Ok(()),
         }
     }
