@@ -7,6 +7,13 @@
 //!   subscription (ack per delivery; the driver batches) vs lapin with one
 //!   `ack(multiple)` every 100 deliveries.
 //!
+//! After criterion's groups, both pairs run again in turns (24 rounds of 20,000
+//! messages a side, the side that goes first alternating), so that this machine's
+//! drift between criterion's benchmarks does not decide their ratios; the figures go
+//! to `target/bench/in_turns-amqp091.json`, from which `cargo xtask bench` takes its
+//! AMQP 0-9-1 driver rows (docs/performance.md, "Measuring in turns"). Only the pass:
+//! `cargo bench -p queue-amqp091 --bench publish_consume -- in_turns`.
+//!
 //! Skips (printing why) when the broker is not reachable.
 
 use std::collections::VecDeque;
@@ -22,15 +29,22 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{Driver, Headers, Message, QueueId, QueueSpec};
+use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const N: usize = 100_000;
+/// Where the pass in turns writes its figures, under `target/bench/`, for `cargo
+/// xtask bench`.
+const IN_TURNS_FILE: &str = "in_turns-amqp091.json";
+/// Rounds of the pass in turns, and messages per side and round.
+const ROUNDS_IN_TURNS: u32 = 24;
+const N_IN_TURNS: usize = 20_000;
 const WINDOW: usize = 1000;
 const PREFETCH: u16 = 1000;
 const BODY: &[u8] = b"{\"n\":1234567,\"pad\":\"xxxxxxxxxx\"}";
 
-fn messages() -> Vec<Message> {
-    (0..N)
+fn messages(n: usize) -> Vec<Message> {
+    (0..n)
         .map(|_| Message::from_bytes(BODY.to_vec(), Headers::new(), "application/json"))
         .collect()
 }
@@ -151,163 +165,98 @@ fn bench(c: &mut Criterion) {
             .unwrap();
     };
 
+    // One timed run of each side, for `n` messages; each leaves its queue empty.
+    let driver_publish = |n: usize| {
+        let batch = messages(n);
+        let start = Instant::now();
+        rt.block_on(driver.publish_batch(&id, batch)).unwrap();
+        let time = start.elapsed();
+        purge(&driver_q);
+        time
+    };
+    let raw_publish_once = |n: usize| {
+        let start = Instant::now();
+        rt.block_on(raw_publish(&raw_ch, &raw_q, n));
+        let time = start.elapsed();
+        purge(&raw_q);
+        time
+    };
+    let driver_consume = |n: usize| {
+        rt.block_on(raw_publish(&raw_ch, &driver_q, n));
+        let start = Instant::now();
+        rt.block_on(async {
+            let mut sub = driver
+                .consume(
+                    &id,
+                    queue_core::ConsumeOptions {
+                        prefetch: u32::from(PREFETCH),
+                    },
+                )
+                .await
+                .unwrap();
+            for _ in 0..n {
+                let d = sub.next().await.unwrap().unwrap();
+                d.ack().await.unwrap();
+            }
+            sub.cancel().await.unwrap();
+        });
+        let time = start.elapsed();
+        purge(&driver_q);
+        time
+    };
+    let raw_consume_once = |n: usize| {
+        rt.block_on(raw_publish(&raw_ch, &raw_q, n));
+        let start = Instant::now();
+        rt.block_on(raw_consume(&conn, &raw_q, n));
+        let time = start.elapsed();
+        purge(&raw_q);
+        time
+    };
+    let samples = |iters: u64, run: &dyn Fn(usize) -> Duration| -> Duration {
+        (0..iters).map(|_| run(N)).sum()
+    };
+
     let mut group = c.benchmark_group("amqp091");
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(20));
     group.throughput(Throughput::Elements(N as u64));
-
     group.bench_function("publish_100k/driver", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let batch = messages();
-                let start = Instant::now();
-                rt.block_on(driver.publish_batch(&id, batch)).unwrap();
-                total += start.elapsed();
-                purge(&driver_q);
-            }
-            total
-        })
+        b.iter_custom(|iters| samples(iters, &driver_publish))
     });
     group.bench_function("publish_100k/raw_lapin", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let start = Instant::now();
-                rt.block_on(raw_publish(&raw_ch, &raw_q, N));
-                total += start.elapsed();
-                purge(&raw_q);
-            }
-            total
-        })
+        b.iter_custom(|iters| samples(iters, &raw_publish_once))
     });
     group.bench_function("consume_ack_100k/driver", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                rt.block_on(raw_publish(&raw_ch, &driver_q, N));
-                let start = Instant::now();
-                rt.block_on(async {
-                    let mut sub = driver
-                        .consume(
-                            &id,
-                            queue_core::ConsumeOptions {
-                                prefetch: u32::from(PREFETCH),
-                            },
-                        )
-                        .await
-                        .unwrap();
-                    for _ in 0..N {
-                        let d = sub.next().await.unwrap().unwrap();
-                        d.ack().await.unwrap();
-                    }
-                    sub.cancel().await.unwrap();
-                });
-                total += start.elapsed();
-                purge(&driver_q);
-            }
-            total
-        })
+        b.iter_custom(|iters| samples(iters, &driver_consume))
     });
     group.bench_function("consume_ack_100k/raw_lapin", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                rt.block_on(raw_publish(&raw_ch, &raw_q, N));
-                let start = Instant::now();
-                rt.block_on(raw_consume(&conn, &raw_q, N));
-                total += start.elapsed();
-                purge(&raw_q);
-            }
-            total
-        })
+        b.iter_custom(|iters| samples(iters, &raw_consume_once))
     });
     group.finish();
 
-    // The machine is shared: load changes between the groups above. Paired rounds,
-    // driver and raw back to back (alternating which goes first), give ratios that
-    // the load affects far less.
-    let mut publish_ratios = Vec::new();
-    let mut consume_ratios = Vec::new();
-    for round in 0..5 {
-        let driver_publish = || {
-            let batch = messages();
-            let start = Instant::now();
-            rt.block_on(driver.publish_batch(&id, batch)).unwrap();
-            let t = start.elapsed();
-            purge(&driver_q);
-            t
-        };
-        let raw_publish_once = || {
-            let start = Instant::now();
-            rt.block_on(raw_publish(&raw_ch, &raw_q, N));
-            let t = start.elapsed();
-            purge(&raw_q);
-            t
-        };
-        let (d, r) = if round % 2 == 0 {
-            let d = driver_publish();
-            (d, raw_publish_once())
-        } else {
-            let r = raw_publish_once();
-            (driver_publish(), r)
-        };
-        publish_ratios.push(r.as_secs_f64() / d.as_secs_f64());
-
-        let driver_consume = || {
-            rt.block_on(raw_publish(&raw_ch, &driver_q, N));
-            let start = Instant::now();
-            rt.block_on(async {
-                let mut sub = driver
-                    .consume(
-                        &id,
-                        queue_core::ConsumeOptions {
-                            prefetch: u32::from(PREFETCH),
-                        },
-                    )
-                    .await
-                    .unwrap();
-                for _ in 0..N {
-                    let d = sub.next().await.unwrap().unwrap();
-                    d.ack().await.unwrap();
-                }
-                sub.cancel().await.unwrap();
-            });
-            let t = start.elapsed();
-            purge(&driver_q);
-            t
-        };
-        let raw_consume_once = || {
-            rt.block_on(raw_publish(&raw_ch, &raw_q, N));
-            let start = Instant::now();
-            rt.block_on(raw_consume(&conn, &raw_q, N));
-            let t = start.elapsed();
-            purge(&raw_q);
-            t
-        };
-        let (d, r) = if round % 2 == 0 {
-            let d = driver_consume();
-            (d, raw_consume_once())
-        } else {
-            let r = raw_consume_once();
-            (driver_consume(), r)
-        };
-        consume_ratios.push(r.as_secs_f64() / d.as_secs_f64());
-        println!(
-            "paired round {round}: publish driver/raw throughput {:.2}, consume+ack driver/raw throughput {:.2}",
-            publish_ratios[round], consume_ratios[round]
+    // The goals' ratios: each pair in turns, a run of each side per round, the side
+    // that goes first alternating, so that this machine's drift between criterion's
+    // benchmarks does not decide them.
+    if in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
+        let mut figures = InTurnsFigures::new(IN_TURNS_FILE, ROUNDS_IN_TURNS);
+        let messages = u64::from(ROUNDS_IN_TURNS) * N_IN_TURNS as u64;
+        let (driver, raw) = in_turns(
+            ROUNDS_IN_TURNS,
+            || driver_publish(N_IN_TURNS),
+            || raw_publish_once(N_IN_TURNS),
         );
+        figures.record("amqp091_in_turns/publish/driver", messages, driver);
+        figures.record("amqp091_in_turns/publish/raw_lapin", messages, raw);
+        let (driver, raw) = in_turns(
+            ROUNDS_IN_TURNS,
+            || driver_consume(N_IN_TURNS),
+            || raw_consume_once(N_IN_TURNS),
+        );
+        figures.record("amqp091_in_turns/consume_ack/driver", messages, driver);
+        figures.record("amqp091_in_turns/consume_ack/raw_lapin", messages, raw);
+        figures.write();
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    println!(
-        "paired median (5 rounds of {N}): publish driver/raw = {:.2}x, consume+ack driver/raw = {:.2}x",
-        median(&mut publish_ratios),
-        median(&mut consume_ratios)
-    );
 
     rt.block_on(async {
         for q in [&driver_q, &raw_q] {

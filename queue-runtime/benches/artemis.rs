@@ -30,15 +30,10 @@ use fe2o3_amqp::types::primitives::Symbol;
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{Driver, Headers, Message, QueueId, QueueSpec};
 
-#[path = "support/bench_args.rs"]
-mod bench_args;
 #[path = "support/host_runs.rs"]
 mod host_runs;
-#[path = "support/target_dir.rs"]
-mod target_dir;
-use host_runs::{
-    CREDIT, DRAIN_TIMEOUT, Until, assert_drained, in_turns, raw_fe2o3_receive, run_host_until,
-};
+use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, assert_drained, raw_fe2o3_receive, run_host_until};
+use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
 /// raw clients beside it run on it too).
@@ -53,7 +48,7 @@ const ROUNDS: u32 = 16;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let recorded = bench_args::in_turns_wanted(&args);
+    let recorded = in_turns_wanted(&args);
     let rounds = if recorded { ROUNDS } else { 1 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -110,27 +105,16 @@ fn main() {
     let _ = rt.block_on(filler.close());
     let _ = std::fs::remove_dir_all(&dir);
 
-    let rate = |time: Duration| f64::from(rounds) * CONSUME_N as f64 / time.as_secs_f64();
-    let (raw, runtime) = (rate(raw), rate(runtime));
-    println!("in turns: artemis_in_turns/raw_fe2o3        {raw:>8.0} msg/s");
+    let messages = u64::from(rounds) * CONSUME_N as u64;
+    let mut figures = InTurnsFigures::new(IN_TURNS_FILE, rounds);
+    let raw = figures.record("artemis_in_turns/raw_fe2o3", messages, raw);
+    let runtime = figures.record("artemis_in_turns/runtime_noop_lua", messages, runtime);
     println!(
-        "in turns: artemis_in_turns/runtime_noop_lua {runtime:>8.0} msg/s ({:.2}x)",
+        "in turns: the runtime at {:.2}x raw fe2o3-amqp",
         runtime / raw
     );
     if recorded {
-        let out = target_dir::target_dir().join("bench");
-        std::fs::create_dir_all(&out).expect("target/bench");
-        let json = serde_json::json!({
-            "rounds": rounds,
-            "rates": {
-                "artemis_in_turns/raw_fe2o3": raw,
-                "artemis_in_turns/runtime_noop_lua": runtime,
-            },
-        });
-        let path = out.join(IN_TURNS_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-            .expect("write the in-turns figures");
-        println!("wrote {}", path.display());
+        figures.write();
     }
 }
 

@@ -25,13 +25,10 @@ use queue_core::Driver;
 use queue_runtime::host::Host;
 use queue_runtime::registry::DriverKinds;
 
-#[path = "support/bench_args.rs"]
-mod bench_args;
 #[path = "support/memory_drain.rs"]
 mod memory_drain;
-#[path = "support/target_dir.rs"]
-mod target_dir;
 use memory_drain::{BATCH, drain, noop_app, queue, rust_noop_consumer, start};
+use queue_testkit::bench::{InTurnsFigures, in_turns_wanted};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it.
 #[global_allocator]
@@ -61,15 +58,11 @@ impl Setup {
             messages: 0,
         }
     }
-
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.time.as_secs_f64()
-    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let measuring = bench_args::in_turns_wanted(&args);
+    let measuring = in_turns_wanted(&args);
     if !measuring && args.iter().any(|a| a == "--bench") {
         // Criterion's options for other benchmarks (a filter, `--list`, a profile).
         return;
@@ -126,18 +119,19 @@ fn main() {
         }
     });
 
-    let baseline = setups[0].rate();
-    let mut rates = serde_json::Map::new();
-    for setup in &setups {
+    let mut figures = InTurnsFigures::new("in_turns-end_to_end.json", rounds);
+    let rates: Vec<f64> = setups
+        .iter()
+        .map(|setup| {
+            let id = format!("end_to_end_in_turns/{}", setup.name);
+            figures.record(&id, setup.messages, setup.time)
+        })
+        .collect();
+    for (setup, rate) in setups.iter().zip(&rates) {
         println!(
-            "{:<30} {:>8.0} msg/s  {:.2}x the Rust baseline",
+            "{:<30} {:.2}x the Rust baseline",
             setup.name,
-            setup.rate(),
-            setup.rate() / baseline
-        );
-        rates.insert(
-            format!("end_to_end_in_turns/{}", setup.name),
-            serde_json::json!(setup.rate()),
+            rate / rates[0]
         );
     }
     // Every message was acked once and nothing is left: a handler that failed would
@@ -170,11 +164,5 @@ fn main() {
         // A check that the bench runs must not pass for a measurement.
         return;
     }
-    let out = target_dir::target_dir().join("bench");
-    std::fs::create_dir_all(&out).expect("target/bench");
-    let path = out.join("in_turns-end_to_end.json");
-    let json = serde_json::json!({ "rounds": rounds, "rates": rates });
-    std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write in_turns-end_to_end.json");
-    println!("wrote {}", path.display());
+    figures.write();
 }

@@ -54,9 +54,7 @@ use queue_runtime::host::{Host, HostOptions, LuaSetup};
 use queue_runtime::registry::{self, DriverKinds};
 use tokio::runtime::Runtime;
 
-#[path = "support/target_dir.rs"]
-mod target_dir;
-use target_dir::target_dir;
+use queue_testkit::bench::target_dir;
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it.
 #[global_allocator]

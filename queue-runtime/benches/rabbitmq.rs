@@ -39,15 +39,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-#[path = "support/bench_args.rs"]
-mod bench_args;
 #[path = "support/host_runs.rs"]
 mod host_runs;
-#[path = "support/target_dir.rs"]
-mod target_dir;
-use host_runs::{
-    CREDIT, DRAIN_TIMEOUT, Until, assert_drained, in_turns, raw_fe2o3_receive, run_host_until,
-};
+use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, assert_drained, raw_fe2o3_receive, run_host_until};
+use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
 /// raw clients beside it run on it too).
@@ -359,16 +354,12 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // The goals' ratios: the same drains in turns.
-    if bench_args::in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
-        let mut rates = serde_json::Map::new();
-        let mut record = |id: &str, time: Duration| {
-            let rate = f64::from(ROUNDS_IN_TURNS) * CONSUME_N as f64 / time.as_secs_f64();
-            println!("in turns: {id:<40} {rate:>8.0} msg/s");
-            rates.insert(id.to_string(), serde_json::json!(rate));
-        };
+    if in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
+        let mut figures = InTurnsFigures::new(IN_TURNS_FILE, ROUNDS_IN_TURNS);
+        let messages = u64::from(ROUNDS_IN_TURNS) * CONSUME_N as u64;
         let (raw, runtime) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_drain, &runtime_drain);
-        record("rabbitmq_in_turns/raw_lapin", raw);
-        record("rabbitmq_in_turns/runtime_noop_lua", runtime);
+        figures.record("rabbitmq_in_turns/raw_lapin", messages, raw);
+        figures.record("rabbitmq_in_turns/runtime_noop_lua", messages, runtime);
         let mut connection = open_amqp10();
         let (raw, runtime) = in_turns(
             ROUNDS_IN_TURNS,
@@ -377,15 +368,9 @@ fn bench(c: &mut Criterion) {
         );
         rt.block_on(connection.close())
             .expect("close the AMQP 1.0 connection");
-        record("amqp10_in_turns/raw_fe2o3", raw);
-        record("amqp10_in_turns/runtime_noop_lua", runtime);
-        let out = target_dir::target_dir().join("bench");
-        std::fs::create_dir_all(&out).expect("target/bench");
-        let json = serde_json::json!({ "rounds": ROUNDS_IN_TURNS, "rates": rates });
-        let path = out.join(IN_TURNS_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-            .expect("write the in-turns figures");
-        println!("wrote {}", path.display());
+        figures.record("amqp10_in_turns/raw_fe2o3", messages, raw);
+        figures.record("amqp10_in_turns/runtime_noop_lua", messages, runtime);
+        figures.write();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

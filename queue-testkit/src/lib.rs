@@ -14,7 +14,9 @@
 //! - [`thread_cpu`] and [`process_cpu`], for a test whose regression would spin a
 //!   thread that should be idle;
 //! - [`ControlledDriver`], a memory driver whose confirmations a test holds or
-//!   refuses, and [`Tally`], end-to-end counts of numbered messages.
+//!   refuses, and [`Tally`], end-to-end counts of numbered messages;
+//! - [`bench`], for benches that measure setups in turns and hand their figures to
+//!   `cargo xtask bench`.
 //!
 //! A driver's `tests/conformance.rs` (with `harness = false`) is a list of backends:
 //!
@@ -40,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod bench;
 mod bounded;
 pub mod conformance;
 mod context;

@@ -244,24 +244,3 @@ pub async fn assert_drained<F: std::future::Future<Output = u64>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-/// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
-/// time each took in all: both sides see the same drift of this machine's speed,
-/// which criterion, measuring one side after the other, does not give them.
-pub fn in_turns(
-    rounds: u32,
-    mut a: impl FnMut() -> Duration,
-    mut b: impl FnMut() -> Duration,
-) -> (Duration, Duration) {
-    let (mut time_a, mut time_b) = (Duration::ZERO, Duration::ZERO);
-    for round in 0..rounds {
-        if round % 2 == 0 {
-            time_a += a();
-            time_b += b();
-        } else {
-            time_b += b();
-            time_a += a();
-        }
-    }
-    (time_a, time_b)
-}

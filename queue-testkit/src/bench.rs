@@ -1,0 +1,197 @@
+//! For benches that measure two or more setups *in turns* and hand their figures to
+//! `cargo xtask bench` (docs/performance.md, "Measuring in turns").
+//!
+//! This machine's speed drifts by 10–40% over seconds, as much as the difference
+//! between two setups that criterion measures one after the other. Fed alternately, a
+//! round at a time, the setups go through the same drift, and their ratio holds from
+//! run to run. A bench that does so writes `target/bench/in_turns-<bench>.json`,
+//! `{"rounds": N, "rates": {"<id>": msg/s}}`, where `cargo xtask bench` reads the
+//! rows it compares:
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
+//!
+//! let time = |work: fn()| {
+//!     let start = Instant::now();
+//!     work();
+//!     start.elapsed()
+//! };
+//! let args: Vec<String> = std::env::args().skip(1).collect();
+//! if in_turns_wanted(&args) {
+//!     let rounds = 16;
+//!     let (raw, ours) = in_turns(rounds, || time(|| {}), || time(|| {}));
+//!     let mut figures = InTurnsFigures::new("in_turns-example.json", rounds);
+//!     figures.record("example_in_turns/raw", 1_000 * u64::from(rounds), raw);
+//!     figures.record("example_in_turns/ours", 1_000 * u64::from(rounds), ours);
+//!     figures.write();
+//! }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Runs `a` and `b` for `rounds` rounds, alternating which goes first, and returns the
+/// time each took in all: both sides see the same drift of the machine's speed, which
+/// criterion, measuring one side after the other, does not give them.
+pub fn in_turns(
+    rounds: u32,
+    mut a: impl FnMut() -> Duration,
+    mut b: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut time_a, mut time_b) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            time_a += a();
+            time_b += b();
+        } else {
+            time_b += b();
+            time_a += a();
+        }
+    }
+    (time_a, time_b)
+}
+
+/// Whether a bench binary, given its command line (without the program's name), is
+/// to run its pass in turns: under `cargo bench` (not `cargo test --benches`, which
+/// passes no `--bench` and only checks that a bench runs), not while criterion
+/// profiles, lists or runs only ignored benchmarks, and not when a filter names
+/// other benchmarks (`-- in_turns` asks for the passes alone).
+pub fn in_turns_wanted(args: &[String]) -> bool {
+    const NO_PASS: [&str; 4] = ["--profile-time", "--list", "--test", "--ignored"];
+    let is = |arg: &str, option: &str| arg == option || arg.starts_with(&format!("{option}="));
+    if !args.iter().any(|a| a == "--bench")
+        || args
+            .iter()
+            .any(|a| NO_PASS.iter().any(|option| is(a, option)))
+    {
+        return false;
+    }
+    // Criterion's options that take the next word as their value (`--sample-size
+    // 10`); any other word that is not an option is a filter.
+    const TAKE_A_VALUE: [&str; 16] = [
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--nresamples",
+        "--output-format",
+        "--format",
+        "--color",
+        "--plotting-backend",
+        "--logfile",
+    ];
+    let is_value = |i: usize| i > 0 && TAKE_A_VALUE.contains(&args[i - 1].as_str());
+    args.iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with('-') && !is_value(*i))
+        .all(|(_, filter)| filter.contains("in_turns"))
+}
+
+/// `target/` of the workspace, where `cargo xtask bench` reads `bench/*.json`: cargo
+/// runs benches from the package's directory, not the workspace's.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Cargo puts a bench's executable in `target/<profile>/deps/`.
+    let from_exe = || {
+        let exe = std::env::current_exe().ok()?;
+        let deps = exe.parent()?;
+        if deps.file_name()? != "deps" {
+            return None;
+        }
+        Some(deps.parent()?.parent()?.to_path_buf())
+    };
+    from_exe().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The rates of one bench's pass in turns, written where `cargo xtask bench` reads
+/// them.
+pub struct InTurnsFigures {
+    file_name: &'static str,
+    rounds: u32,
+    rates: serde_json::Map<String, serde_json::Value>,
+}
+
+impl InTurnsFigures {
+    /// Figures of a pass of `rounds` rounds, to go to `target/bench/<file_name>`
+    /// (`in_turns-<bench>.json`).
+    pub fn new(file_name: &'static str, rounds: u32) -> Self {
+        Self {
+            file_name,
+            rounds,
+            rates: serde_json::Map::new(),
+        }
+    }
+
+    /// Records (and prints) the rate of the setup `id`, which handled `messages` in
+    /// `time` over all its turns; returns it, in messages per second.
+    pub fn record(&mut self, id: &str, messages: u64, time: Duration) -> f64 {
+        let rate = messages as f64 / time.as_secs_f64();
+        println!("in turns: {id:<40} {rate:>9.0} msg/s");
+        self.rates.insert(id.to_string(), serde_json::json!(rate));
+        rate
+    }
+
+    /// Writes the figures to `target/bench/`; returns the file's path.
+    ///
+    /// # Panics
+    /// If the file cannot be written: a bench whose figures are lost must not look
+    /// as if it had measured.
+    pub fn write(self) -> PathBuf {
+        let out = target_dir().join("bench");
+        std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("create {}: {e}", out.display()));
+        let json = serde_json::json!({ "rounds": self.rounds, "rates": self.rates });
+        let path = out.join(self.file_name);
+        let text = serde_json::to_string_pretty(&json).expect("a map of numbers is JSON");
+        std::fs::write(&path, text)
+            .unwrap_or_else(|e| panic!("write the in-turns figures to {}: {e}", path.display()));
+        println!("wrote {}", path.display());
+        path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_pass_runs_under_cargo_bench_unless_a_filter_names_other_benchmarks() {
+        assert!(in_turns_wanted(&args("--bench")));
+        assert!(in_turns_wanted(&args("--bench in_turns")));
+        assert!(in_turns_wanted(&args("--bench --sample-size 10")));
+        assert!(!in_turns_wanted(&args("--bench publish")));
+        assert!(!in_turns_wanted(&args("")), "cargo test --benches");
+        assert!(!in_turns_wanted(&args("--bench --profile-time 5")));
+        assert!(!in_turns_wanted(&args("--bench --list")));
+    }
+
+    #[test]
+    fn each_side_goes_first_every_other_round() {
+        let order = std::cell::RefCell::new(String::new());
+        let (a, b) = in_turns(
+            4,
+            || {
+                order.borrow_mut().push('a');
+                Duration::from_millis(1)
+            },
+            || {
+                order.borrow_mut().push('b');
+                Duration::from_millis(2)
+            },
+        );
+        assert_eq!(order.into_inner(), "abbaabba");
+        assert_eq!((a, b), (Duration::from_millis(4), Duration::from_millis(8)));
+    }
+}
