@@ -19,9 +19,9 @@
 //! timed, as opening the raw clients' connections is not. Stopping the runtime is not
 //! timed either. The queue is checked empty after a drain.
 //!
-//! After criterion's groups, the two drain pairs run again in turns (24 rounds, the side
-//! that goes first alternating), so that this machine's drift between criterion's
-//! groups does not decide their ratios; the figures go to
+//! After criterion's groups, the two drain pairs and the publish pair run again in
+//! turns (24 rounds, the side that goes first alternating), so that this machine's
+//! drift between criterion's groups does not decide their ratios; the figures go to
 //! `target/bench/in_turns-rabbitmq.json`, from which `cargo xtask bench` takes its
 //! RabbitMQ rows.
 //!
@@ -296,6 +296,27 @@ fn bench(c: &mut Criterion) {
         })
     };
 
+    // One run of PUBLISH_N confirmed publishes by each side, into a fresh queue
+    // deleted after it.
+    let raw_lapin_publish = || {
+        let q = fresh("raw-publish");
+        let ch = rt.block_on(channel(&conn, &q));
+        let time = rt.block_on(raw_publish(&ch, &q));
+        drop_queue(&ch, &q);
+        time
+    };
+    let lua_publish = || {
+        let q = fresh("lua-publish");
+        let time = rt.block_on(run_host_until(
+            &app(&dir, &q, false),
+            Until::Published,
+            PUBLISH_N,
+        ));
+        let ch = rt.block_on(channel(&conn, &q));
+        drop_queue(&ch, &q);
+        time
+    };
+
     let mut group = c.benchmark_group("rabbitmq_consume");
     group.throughput(Throughput::Elements(CONSUME_N as u64));
     group.sample_size(10);
@@ -310,29 +331,10 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(PUBLISH_N as u64));
     group.sample_size(10);
     group.bench_function("raw_lapin_16_in_flight", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("raw-publish");
-                let ch = rt.block_on(channel(&conn, &q));
-                total += rt.block_on(raw_publish(&ch, &q));
-                drop_queue(&ch, &q);
-            }
-            total
-        })
+        b.iter_custom(|iters| drains(iters, &raw_lapin_publish))
     });
     group.bench_function("lua_publish_16_instances", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let q = fresh("lua-publish");
-                let path = app(&dir, &q, false);
-                total += rt.block_on(run_host_until(&path, Until::Published, PUBLISH_N));
-                let ch = rt.block_on(channel(&conn, &q));
-                drop_queue(&ch, &q);
-            }
-            total
-        })
+        b.iter_custom(|iters| drains(iters, &lua_publish))
     });
     group.finish();
 
@@ -370,6 +372,18 @@ fn bench(c: &mut Criterion) {
             .expect("close the AMQP 1.0 connection");
         figures.record("amqp10_in_turns/raw_fe2o3", messages, raw);
         figures.record("amqp10_in_turns/runtime_noop_lua", messages, runtime);
+        let published = u64::from(ROUNDS_IN_TURNS) * PUBLISH_N as u64;
+        let (raw, lua) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_publish, &lua_publish);
+        figures.record(
+            "rabbitmq_publish_in_turns/raw_lapin_16_in_flight",
+            published,
+            raw,
+        );
+        figures.record(
+            "rabbitmq_publish_in_turns/lua_publish_16_instances",
+            published,
+            lua,
+        );
         figures.write();
     }
     let _ = std::fs::remove_dir_all(&dir);

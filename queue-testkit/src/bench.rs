@@ -135,7 +135,7 @@ impl InTurnsFigures {
     /// `time` over all its turns; returns it, in messages per second.
     pub fn record(&mut self, id: &str, messages: u64, time: Duration) -> f64 {
         let rate = messages as f64 / time.as_secs_f64();
-        println!("in turns: {id:<40} {rate:>9.0} msg/s");
+        println!("in turns: {id:<52} {rate:>9.0} msg/s");
         self.rates.insert(id.to_string(), serde_json::json!(rate));
         rate
     }

@@ -172,10 +172,11 @@ const COMPARISONS: &[Comparison] = &[
         goal: 0.9,
     },
     Comparison {
-        what: "Lua publish with confirms, 16 instances vs raw lapin, 16 in flight",
-        candidate: "rabbitmq_publish/lua_publish_16_instances",
-        baseline: "rabbitmq_publish/raw_lapin_16_in_flight",
-        goal: 0.0,
+        what: "Lua publish with confirms, 16 instances vs raw lapin, 16 in flight (in turns)",
+        candidate: "rabbitmq_publish_in_turns/lua_publish_16_instances",
+        baseline: "rabbitmq_publish_in_turns/raw_lapin_16_in_flight",
+        // Issue "Performance": kept where it was, 0.84-1.10x.
+        goal: 0.84,
     },
     Comparison {
         what: "AMQP 0-9-1 confirmed publish vs raw lapin (in turns)",
