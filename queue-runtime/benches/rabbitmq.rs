@@ -221,7 +221,8 @@ async fn assert_empty(ch: &Channel, queue: &str) {
     .await;
 }
 
-/// Rounds of the in-turns pass: each drains one queue with each side of a pair.
+/// Rounds of the in-turns pass: each runs each side of a pair once (a drain of one
+/// queue, or one run of publishes).
 const ROUNDS_IN_TURNS: u32 = 24;
 
 /// The time `iters` runs of `drain` took in all: a criterion sample.
@@ -355,7 +356,7 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    // The goals' ratios: the same drains in turns.
+    // The goals' ratios: the same drains and publishes in turns.
     if in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
         let mut figures = InTurnsFigures::new(IN_TURNS_FILE, ROUNDS_IN_TURNS);
         let messages = u64::from(ROUNDS_IN_TURNS) * CONSUME_N as u64;

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: runs every criterion bench (each measures its candidate and its
-//! baseline in the same run; the end-to-end, RabbitMQ and Artemis consume rows come
-//! from their benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
+//! baseline in the same run; the rows marked "in turns" (end to end, the runtime on
+//! each broker, the drivers against raw clients, Lua publishing) come from their
+//! benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
 //! (publish -> handler start at fixed rates, `target/bench/latency.json`), a kombu
 //! publish/consume run against the same
 //! RabbitMQ, and writes the side-by-side table and the latency table to stdout,
@@ -108,7 +109,8 @@ const SUITES: &[Suite] = &[
     },
 ];
 
-/// A comparison: candidate vs baseline (criterion full ids), and the goal ratio.
+/// A comparison: candidate vs baseline (criterion full ids, or the ids a pass in
+/// turns writes), and the goal ratio.
 struct Comparison {
     what: &'static str,
     candidate: &'static str,

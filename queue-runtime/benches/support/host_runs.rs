@@ -1,6 +1,6 @@
 //! What the benches that run the whole runtime against a broker share: timing a
-//! runtime's drain or publishes by its own metrics, a raw fe2o3-amqp receiver, and
-//! running two sides of a comparison in turns.
+//! runtime's drain or publishes by its own metrics, and a raw fe2o3-amqp receiver.
+//! Running two sides of a comparison in turns is `queue_testkit::bench`.
 //!
 //! Included with `#[path]` by `rabbitmq.rs` and `artemis.rs`.
 
