@@ -88,6 +88,9 @@ pub(crate) struct Amqp10Subscription {
     buffered: Arc<AtomicUsize>,
     /// The epoch of the task's current link ([`NO_LINK`] while there is none).
     current_epoch: Arc<AtomicU64>,
+    /// The driver's close, which `next` reads itself: the task learns of it a moment
+    /// later, and until it has, the epoch above still looks current.
+    closed: watch::Receiver<bool>,
     control: mpsc::UnboundedSender<Control>,
     task: Option<JoinHandle<()>>,
 }
@@ -103,6 +106,7 @@ impl Amqp10Subscription {
         let (out, deliveries) = mpsc::unbounded_channel();
         let (control, control_rx) = mpsc::unbounded_channel();
         let closed = connector.closed_signal();
+        let closed_for_next = closed.clone();
         let buffered = Arc::new(AtomicUsize::new(0));
         let current_epoch = Arc::new(AtomicU64::new(NO_LINK));
         let mut task = ReceiveTask {
@@ -130,6 +134,7 @@ impl Amqp10Subscription {
             deliveries,
             buffered,
             current_epoch,
+            closed: closed_for_next,
             control,
             task: Some(handle),
         })
@@ -143,13 +148,14 @@ impl Subscription for Amqp10Subscription {
             match self.deliveries.recv().await? {
                 Ok((epoch, delivery)) => {
                     self.buffered.fetch_sub(1, Ordering::AcqRel);
-                    if epoch == self.current_epoch.load(Ordering::Acquire) {
+                    if epoch == self.current_epoch.load(Ordering::Acquire) && !*self.closed.borrow()
+                    {
                         return Some(Ok(delivery));
                     }
-                    // Its link was lost while it waited here: the broker has it back
-                    // and delivers it again, so a handler would only run it twice and
-                    // fail to ack it. Dropped, it settles nothing (an old epoch's
-                    // settlement is ignored).
+                    // Its link was lost, or the driver closed, while it waited here:
+                    // the broker has it back and delivers it again, so a handler would
+                    // only run it twice and fail to ack it. Dropped, it settles nothing
+                    // (an old epoch's settlement is ignored).
                     drop(delivery);
                 }
                 Err(err) => return Some(Err(err)),
