@@ -76,7 +76,7 @@ use queue_core::{
 pub use config::{Amqp091Config, KIND, TlsConfig};
 pub use mapping::X_DELIVERY_COUNT;
 
-use connection::{Connection, OnReconnect, Purpose};
+use connection::{CLOSE_TIMEOUT, Connection, OnReconnect, Purpose};
 use consume::Consumers;
 use publish::Publisher;
 use topology::Topology;
@@ -261,6 +261,7 @@ impl Driver for Amqp091Driver {
         }
         let consuming = self.consumers.connection();
         consuming.mark_closed();
+        self.publisher.settle_sent(CLOSE_TIMEOUT).await;
         self.consumers.close().await;
         // Side by side: each waits at most CLOSE_TIMEOUT for a broker that hangs.
         let (publishing, consuming) =

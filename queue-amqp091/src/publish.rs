@@ -124,6 +124,20 @@ impl Publisher {
         }
     }
 
+    /// At a close, before the connection goes: waits up to `limit` until every
+    /// publish holding a window slot has its outcome, then refuses the ones still
+    /// waiting for a slot ("the driver is closed"). Closing the connection under a
+    /// publish the broker had taken, before its confirm came back, reported that
+    /// publish failed: a duplicate when its publisher tried again.
+    pub(crate) async fn settle_sent(&self, limit: Duration) {
+        let slots = u32::try_from(self.conn.config().confirm_window).unwrap_or(u32::MAX);
+        // The semaphore is fair: publishes that come for a slot after this wait
+        // behind it, so it ends once the ones already sent are settled.
+        let all = tokio::time::timeout(limit, self.window.acquire_many(slots)).await;
+        self.window.close();
+        drop(all);
+    }
+
     async fn permit(&self, queue: &QueueId, deadline: Instant) -> Result<SemaphorePermit<'_>> {
         match tokio::time::timeout_at(deadline, self.window.acquire()).await {
             Ok(Ok(p)) => Ok(p),
