@@ -23,11 +23,14 @@
 //! turns (24 rounds, the side that goes first alternating), so that this machine's
 //! drift between criterion's groups does not decide their ratios; the figures go to
 //! `target/bench/in_turns-rabbitmq.json`, from which `cargo xtask bench` takes its
-//! RabbitMQ rows.
+//! RabbitMQ rows. The publish pair also records the process CPU each side used per
+//! message (starting and stopping the runtime included, as every round does).
 //!
 //! Run: `cargo bench -p queue-runtime --bench rabbitmq` (skips without RabbitMQ; only
-//! the AMQP 1.0 pair: `-- amqp10`; only the pass in turns: `-- in_turns`).
+//! the AMQP 1.0 pair: `-- amqp10`; only the pass in turns: `-- in_turns`; one pair of
+//! it, for a quick look that leaves the recorded figures alone: `-- publish_in_turns`).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -42,7 +45,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 #[path = "support/host_runs.rs"]
 mod host_runs;
 use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, assert_drained, raw_fe2o3_receive, run_host_until};
-use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
+use queue_testkit::bench::{
+    InTurnsFigures, counting_cpu, in_turns, in_turns_pair_wanted, in_turns_wanted,
+};
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
 /// raw clients beside it run on it too).
@@ -357,35 +362,57 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // The goals' ratios: the same drains and publishes in turns.
-    if in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if in_turns_wanted(&args) {
         let mut figures = InTurnsFigures::new(IN_TURNS_FILE, ROUNDS_IN_TURNS);
+        let wanted = |pair: &str| in_turns_pair_wanted(&args, pair);
         let messages = u64::from(ROUNDS_IN_TURNS) * CONSUME_N as u64;
-        let (raw, runtime) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_drain, &runtime_drain);
-        figures.record("rabbitmq_in_turns/raw_lapin", messages, raw);
-        figures.record("rabbitmq_in_turns/runtime_noop_lua", messages, runtime);
-        let mut connection = open_amqp10();
-        let (raw, runtime) = in_turns(
-            ROUNDS_IN_TURNS,
-            || raw_fe2o3_drain(&mut connection),
-            &runtime_amqp10_drain,
-        );
-        rt.block_on(connection.close())
-            .expect("close the AMQP 1.0 connection");
-        figures.record("amqp10_in_turns/raw_fe2o3", messages, raw);
-        figures.record("amqp10_in_turns/runtime_noop_lua", messages, runtime);
-        let published = u64::from(ROUNDS_IN_TURNS) * PUBLISH_N as u64;
-        let (raw, lua) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_publish, &lua_publish);
-        figures.record(
-            "rabbitmq_publish_in_turns/raw_lapin_16_in_flight",
-            published,
-            raw,
-        );
-        figures.record(
-            "rabbitmq_publish_in_turns/lua_publish_16_instances",
-            published,
-            lua,
-        );
-        figures.write();
+        if wanted("rabbitmq_in_turns") {
+            let (raw, runtime) = in_turns(ROUNDS_IN_TURNS, &raw_lapin_drain, &runtime_drain);
+            figures.record("rabbitmq_in_turns/raw_lapin", messages, raw);
+            figures.record("rabbitmq_in_turns/runtime_noop_lua", messages, runtime);
+        }
+        if wanted("amqp10_in_turns") {
+            let mut connection = open_amqp10();
+            let (raw, runtime) = in_turns(
+                ROUNDS_IN_TURNS,
+                || raw_fe2o3_drain(&mut connection),
+                &runtime_amqp10_drain,
+            );
+            rt.block_on(connection.close())
+                .expect("close the AMQP 1.0 connection");
+            figures.record("amqp10_in_turns/raw_fe2o3", messages, raw);
+            figures.record("amqp10_in_turns/runtime_noop_lua", messages, runtime);
+        }
+        if wanted("rabbitmq_publish_in_turns") {
+            let published = u64::from(ROUNDS_IN_TURNS) * PUBLISH_N as u64;
+            let (raw_cpu, lua_cpu) = (Cell::new(Duration::ZERO), Cell::new(Duration::ZERO));
+            let (raw, lua) = in_turns(
+                ROUNDS_IN_TURNS,
+                counting_cpu(&raw_cpu, &raw_lapin_publish),
+                counting_cpu(&lua_cpu, &lua_publish),
+            );
+            let raw_id = "rabbitmq_publish_in_turns/raw_lapin_16_in_flight";
+            let lua_id = "rabbitmq_publish_in_turns/lua_publish_16_instances";
+            figures.record(raw_id, published, raw);
+            figures.record(lua_id, published, lua);
+            figures.record_cpu(raw_id, published, raw_cpu.get());
+            figures.record_cpu(lua_id, published, lua_cpu.get());
+        }
+        // A pass of some pairs only is for a quick look: it must not replace the
+        // figures of a whole one, which `cargo xtask bench` reads.
+        if [
+            "rabbitmq_in_turns",
+            "amqp10_in_turns",
+            "rabbitmq_publish_in_turns",
+        ]
+        .iter()
+        .all(|pair| wanted(pair))
+        {
+            figures.write();
+        } else {
+            println!("in turns: some pairs only, {IN_TURNS_FILE} left as it was");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -28,6 +28,7 @@
 //! }
 //! ```
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -52,6 +53,22 @@ pub fn in_turns(
     (time_a, time_b)
 }
 
+/// `side` (a setup's round, returning its timed part), also adding the CPU time the
+/// whole process used during each call to `cpu`: the CPU a message costs on the
+/// client's side, which a throughput pair's noise can hide. It counts every thread,
+/// and everything the round does untimed (starting and stopping a runtime).
+pub fn counting_cpu<'a>(
+    cpu: &'a Cell<Duration>,
+    mut side: impl FnMut() -> Duration + 'a,
+) -> impl FnMut() -> Duration + 'a {
+    move || {
+        let before = crate::process_cpu(std::process::id());
+        let time = side();
+        cpu.set(cpu.get() + crate::process_cpu(std::process::id()).saturating_sub(before));
+        time
+    }
+}
+
 /// Whether a bench binary, given its command line (without the program's name), is
 /// to run its pass in turns: under `cargo bench` (not `cargo test --benches`, which
 /// passes no `--bench` and only checks that a bench runs), not while criterion
@@ -67,8 +84,23 @@ pub fn in_turns_wanted(args: &[String]) -> bool {
     {
         return false;
     }
+    filters(args).all(|filter| filter.contains("in_turns"))
+}
+
+/// Whether, in a pass in turns that [`in_turns_wanted`] lets run, the pair whose ids
+/// start with `pair` (`rabbitmq_publish_in_turns`) runs: every pair without a filter
+/// or with `in_turns`, else the pairs a filter is part of (`-- publish_in_turns`
+/// runs that pair alone, for a quick comparison of two builds).
+pub fn in_turns_pair_wanted(args: &[String], pair: &str) -> bool {
+    filters(args).all(|filter| filter == "in_turns")
+        || filters(args).any(|filter| pair.contains(filter))
+}
+
+/// The words of a bench's command line that are criterion's filters: not options,
+/// nor the value of an option.
+fn filters(args: &[String]) -> impl Iterator<Item = &str> {
     // Criterion's options that take the next word as their value (`--sample-size
-    // 10`); any other word that is not an option is a filter.
+    // 10`).
     const TAKE_A_VALUE: [&str; 16] = [
         "--warm-up-time",
         "--measurement-time",
@@ -87,11 +119,11 @@ pub fn in_turns_wanted(args: &[String]) -> bool {
         "--plotting-backend",
         "--logfile",
     ];
-    let is_value = |i: usize| i > 0 && TAKE_A_VALUE.contains(&args[i - 1].as_str());
+    let is_value = move |i: usize| i > 0 && TAKE_A_VALUE.contains(&args[i - 1].as_str());
     args.iter()
         .enumerate()
-        .filter(|(i, a)| !a.starts_with('-') && !is_value(*i))
-        .all(|(_, filter)| filter.contains("in_turns"))
+        .filter(move |(i, a)| !a.starts_with('-') && !is_value(*i))
+        .map(|(_, filter)| filter.as_str())
 }
 
 /// `target/` of the workspace, where `cargo xtask bench` reads `bench/*.json`: cargo
@@ -118,6 +150,7 @@ pub struct InTurnsFigures {
     file_name: &'static str,
     rounds: u32,
     rates: serde_json::Map<String, serde_json::Value>,
+    cpu_us_per_message: serde_json::Map<String, serde_json::Value>,
 }
 
 impl InTurnsFigures {
@@ -128,6 +161,7 @@ impl InTurnsFigures {
             file_name,
             rounds,
             rates: serde_json::Map::new(),
+            cpu_us_per_message: serde_json::Map::new(),
         }
     }
 
@@ -140,6 +174,16 @@ impl InTurnsFigures {
         rate
     }
 
+    /// Records (and prints) the process CPU the setup `id` used per message, over all
+    /// its turns (see [`counting_cpu`]); returns it, in microseconds.
+    pub fn record_cpu(&mut self, id: &str, messages: u64, cpu: Duration) -> f64 {
+        let micros = cpu.as_secs_f64() * 1e6 / messages as f64;
+        println!("in turns: {id:<52} {micros:>9.1} µs of CPU per message");
+        self.cpu_us_per_message
+            .insert(id.to_string(), serde_json::json!(micros));
+        micros
+    }
+
     /// Writes the figures to `target/bench/`; returns the file's path.
     ///
     /// # Panics
@@ -148,7 +192,10 @@ impl InTurnsFigures {
     pub fn write(self) -> PathBuf {
         let out = target_dir().join("bench");
         std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("create {}: {e}", out.display()));
-        let json = serde_json::json!({ "rounds": self.rounds, "rates": self.rates });
+        let mut json = serde_json::json!({ "rounds": self.rounds, "rates": self.rates });
+        if !self.cpu_us_per_message.is_empty() {
+            json["cpu_us_per_message"] = self.cpu_us_per_message.into();
+        }
         let path = out.join(self.file_name);
         let text = serde_json::to_string_pretty(&json).expect("a map of numbers is JSON");
         std::fs::write(&path, text)
@@ -175,6 +222,45 @@ mod tests {
         assert!(!in_turns_wanted(&args("")), "cargo test --benches");
         assert!(!in_turns_wanted(&args("--bench --profile-time 5")));
         assert!(!in_turns_wanted(&args("--bench --list")));
+    }
+
+    #[test]
+    fn a_filter_picks_the_pairs_it_is_part_of() {
+        let pair = "rabbitmq_publish_in_turns";
+        assert!(in_turns_pair_wanted(&args("--bench"), pair));
+        assert!(in_turns_pair_wanted(&args("--bench in_turns"), pair));
+        assert!(in_turns_pair_wanted(
+            &args("--bench publish_in_turns"),
+            pair
+        ));
+        assert!(!in_turns_pair_wanted(
+            &args("--bench publish_in_turns"),
+            "rabbitmq_in_turns"
+        ));
+        assert!(in_turns_pair_wanted(
+            &args("--bench --sample-size 10 publish_in_turns"),
+            pair
+        ));
+    }
+
+    #[test]
+    fn counting_cpu_adds_what_the_process_used_during_each_call() {
+        let cpu = Cell::new(Duration::ZERO);
+        let mut side = counting_cpu(&cpu, || {
+            let start = std::time::Instant::now();
+            // Ticks are 10 ms: spin past a few, on however loaded a machine.
+            let before = crate::thread_cpu();
+            while crate::thread_cpu() - before < Duration::from_millis(30) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "the CPU clock never moved"
+                );
+                std::hint::black_box(0u64);
+            }
+            start.elapsed()
+        });
+        side();
+        assert!(cpu.get() >= Duration::from_millis(20), "{:?}", cpu.get());
     }
 
     #[test]
