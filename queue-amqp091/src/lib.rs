@@ -213,7 +213,7 @@ impl Driver for Amqp091Driver {
     }
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
-        self.publisher.publish_all(queue, vec![message]).await
+        self.publisher.publish_one(queue, message).await
     }
 
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::connection::{Connection, Link};
 use crate::topology::{Topology, queue_name};
-use crate::{error, mapping};
+use crate::{error, lock, mapping};
 
 /// How often a nack may retire the publishing channel.
 const RETIRE_EVERY: Duration = Duration::from_secs(1);
@@ -44,10 +44,21 @@ pub(crate) struct Publisher {
     /// Bounds the published-but-unconfirmed messages (`confirm_window`).
     window: Semaphore,
     timeout: Duration,
-    /// The confirm-mode channel and the generation of the link it is on.
-    channel: tokio::sync::Mutex<Option<(u64, Channel)>>,
+    /// The confirm-mode channel, read under a plain lock: a publish takes an `Arc`
+    /// of it, where a clone and a drop of lapin's `Channel` were about forty atomic
+    /// writes to memory lapin's I/O loop writes too.
+    channel: std::sync::Mutex<Option<Arc<PublishingChannel>>>,
+    /// Held while a channel is opened, so that the publishes that come meanwhile wait
+    /// for that one rather than open their own.
+    opening: tokio::sync::Mutex<()>,
     /// When a nack last retired the channel.
     retired: std::sync::Mutex<Option<Instant>>,
+}
+
+/// A confirm-mode channel and the generation of the link it is on.
+struct PublishingChannel {
+    generation: u64,
+    channel: Channel,
 }
 
 /// A message ready for the wire.
@@ -58,6 +69,21 @@ struct Prepared {
     body: Vec<u8>,
 }
 
+/// A message written to its channel, its confirm still to come.
+struct Sent {
+    channel: Arc<PublishingChannel>,
+    confirm: PublisherConfirm,
+}
+
+/// What a publish was waiting for when its `publish_timeout` ran out: each says a
+/// different thing about whether the message may still arrive.
+#[derive(Clone, Copy)]
+enum Stage {
+    Window,
+    Write,
+    Confirm,
+}
+
 impl Publisher {
     pub(crate) fn new(conn: Arc<Connection>, topology: Arc<Topology>) -> Publisher {
         let config = conn.config();
@@ -66,9 +92,34 @@ impl Publisher {
             timeout: config.publish_timeout,
             conn,
             topology,
-            channel: tokio::sync::Mutex::new(None),
+            channel: std::sync::Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
             retired: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Publishes one message: `Ok` once it is confirmed. Its whole life (a window
+    /// slot, the write, the confirm) runs under one timer, where a batch's messages
+    /// take one per stage: a timer is registered and cancelled on every publish.
+    pub(crate) async fn publish_one(&self, queue: &QueueId, message: Message) -> Result<()> {
+        let spec = self.topology.spec_of(queue, "publish to")?;
+        let routing = queue_name(&spec.name)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut prepared = prepare(message)?;
+        let mut stage = Stage::Window;
+        let published = async {
+            let permit = self.slot().await?;
+            stage = Stage::Write;
+            let sent = self
+                .write(queue, &spec, routing, &mut prepared, deadline)
+                .await?;
+            stage = Stage::Confirm;
+            let outcome = self.confirmed(queue, &prepared.id, sent).await;
+            drop(permit);
+            outcome
+        };
+        let outcome = tokio::time::timeout_at(deadline, published).await;
+        outcome.unwrap_or_else(|_| Err(self.timed_out(queue, &prepared.id, stage)))
     }
 
     /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
@@ -83,13 +134,22 @@ impl Publisher {
         let mut confirmed = 0usize;
         for message in messages {
             let deadline = Instant::now() + self.timeout;
+            let mut stage = Stage::Window;
             let sent = async {
-                let prepared = prepare(message)?;
-                let permit = self.permit(queue, deadline).await?;
-                let confirm = self
-                    .send(queue, &spec, &routing, &prepared, deadline)
-                    .await?;
-                Ok::<_, Error>((prepared.id, permit, confirm))
+                let mut prepared = prepare(message)?;
+                let timed = async {
+                    let permit = self.slot().await?;
+                    stage = Stage::Write;
+                    let sent = self
+                        .write(queue, &spec, routing.clone(), &mut prepared, deadline)
+                        .await?;
+                    Ok::<_, Error>((permit, sent))
+                };
+                match tokio::time::timeout_at(deadline, timed).await {
+                    Ok(Ok((permit, sent))) => Ok((prepared.id, permit, sent)),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(self.timed_out(queue, &prepared.id, stage)),
+                }
             };
             tokio::pin!(sent);
             // Drive the confirms already in flight while this one waits for its permit.
@@ -101,9 +161,15 @@ impl Publisher {
                 }
             };
             match outcome {
-                Ok((id, permit, confirm)) => {
-                    pending.push(self.await_confirm(queue, id, permit, confirm, deadline))
-                }
+                Ok((id, permit, sent)) => pending.push(async move {
+                    let confirmed = self.confirmed(queue, &id, sent);
+                    let outcome = match tokio::time::timeout_at(deadline, confirmed).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(self.timed_out(queue, &id, Stage::Confirm)),
+                    };
+                    drop(permit);
+                    outcome
+                }),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -138,40 +204,74 @@ impl Publisher {
         drop(all);
     }
 
-    async fn permit(&self, queue: &QueueId, deadline: Instant) -> Result<SemaphorePermit<'_>> {
-        match tokio::time::timeout_at(deadline, self.window.acquire()).await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(_)) => Err(Error::new(ErrorKind::Canceled, "the driver is closed")),
-            Err(_) => Err(Error::internal(format!(
-                "publish to {queue}: the confirm window stayed full for publish_timeout {:?}",
-                self.timeout
-            ))),
-        }
+    /// A slot in the confirm window, once one is free.
+    async fn slot(&self) -> Result<SemaphorePermit<'_>> {
+        self.window
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Canceled, "the driver is closed"))
+    }
+
+    /// The error of a publish whose `publish_timeout` ran out at `stage`.
+    fn timed_out(&self, queue: &QueueId, id: &str, stage: Stage) -> Error {
+        let timeout = self.timeout;
+        Error::internal(match stage {
+            Stage::Window => format!(
+                "publish to {queue}: the confirm window stayed full for publish_timeout {timeout:?}"
+            ),
+            // lapin queues the frames when the publish is first polled and writes them
+            // when it can (not during a resource alarm): dropping the publish does not
+            // take them back, so the message may still reach the queue. Said so: a
+            // caller that publishes again may make a duplicate, as after a lost confirm.
+            Stage::Write => format!(
+                "publish to {queue}: not written within publish_timeout {timeout:?} (the broker is not reading: a resource alarm, or a hung connection); it may still be written later, so publishing again may duplicate it"
+            ),
+            Stage::Confirm => format!(
+                "publish to {queue}: message {id} not confirmed within publish_timeout {timeout:?}"
+            ),
+        })
     }
 
     /// The confirm-mode channel on `link`, reopened if a channel error closed it.
-    async fn channel(&self, link: &Link) -> std::result::Result<Channel, lapin::Error> {
-        let mut slot = self.channel.lock().await;
-        if let Some((generation, ch)) = slot.as_ref()
-            && *generation == link.generation
-            && ch.status().connected()
-        {
-            return Ok(ch.clone());
+    async fn channel(
+        &self,
+        link: &Link,
+    ) -> std::result::Result<Arc<PublishingChannel>, lapin::Error> {
+        if let Some(open) = self.open_channel(link) {
+            return Ok(open);
         }
-        let ch = link.connection.create_channel().await?;
-        ch.confirm_select(Default::default()).await?;
-        *slot = Some((link.generation, ch.clone()));
-        Ok(ch)
+        let _opening = self.opening.lock().await;
+        // Another publish may have opened it while this one waited.
+        if let Some(open) = self.open_channel(link) {
+            return Ok(open);
+        }
+        let channel = link.connection.create_channel().await?;
+        channel.confirm_select(Default::default()).await?;
+        let open = Arc::new(PublishingChannel {
+            generation: link.generation,
+            channel,
+        });
+        *lock(&self.channel) = Some(Arc::clone(&open));
+        Ok(open)
     }
 
-    async fn send(
+    /// The publishing channel, if it is on `link` and open.
+    fn open_channel(&self, link: &Link) -> Option<Arc<PublishingChannel>> {
+        let open = lock(&self.channel).clone()?;
+        (open.generation == link.generation && open.channel.status().connected()).then_some(open)
+    }
+
+    /// Writes one message to the publishing channel (its properties are taken, not
+    /// cloned: a message is written once); the confirm is still to come. Waits for a
+    /// link and declares the message's delay queue until `deadline` at most.
+    async fn write(
         &self,
         queue: &QueueId,
         spec: &QueueSpec,
-        routing: &ShortString,
-        prepared: &Prepared,
+        routing: ShortString,
+        prepared: &mut Prepared,
         deadline: Instant,
-    ) -> Result<(Channel, PublisherConfirm)> {
+    ) -> Result<Sent> {
         // Only error messages name the operation: build the text only for them.
         let what = || format!("publish to {queue}");
         let link = match self.conn.live_link() {
@@ -199,11 +299,12 @@ impl Publisher {
                 })?;
                 queue_name(&name)?
             }
-            None => routing.clone(),
+            None => routing,
         };
-        let io = async {
+        let written = async {
             let channel = self.channel(&link).await?;
             let confirm = channel
+                .channel
                 .basic_publish(
                     "".into(),
                     routing,
@@ -212,89 +313,68 @@ impl Publisher {
                         immediate: false,
                     },
                     &prepared.body,
-                    prepared.properties.clone(),
+                    std::mem::take(&mut prepared.properties),
                 )
                 .await?;
-            Ok::<_, lapin::Error>((channel, confirm))
+            Ok::<_, lapin::Error>(Sent { channel, confirm })
         };
-        match tokio::time::timeout_at(deadline, io).await {
-            Ok(Ok(sent)) => Ok(sent),
-            Ok(Err(e)) => Err(publish_failure(&link, &what(), e)),
-            // lapin queues the frames when the publish is first polled and writes them
-            // when it can (not during a resource alarm): dropping the publish does not
-            // take them back, so the message may still reach the queue. Said so: a
-            // caller that publishes again may make a duplicate, as after a lost confirm.
-            Err(_) => Err(Error::internal(format!(
-                "{}: not written within publish_timeout {:?} (the broker is not reading: a resource alarm, or a hung connection); it may still be written later, so publishing again may duplicate it",
-                what(),
-                self.timeout
-            ))),
-        }
+        written
+            .await
+            .map_err(|e| publish_failure(&link, &what(), e))
     }
 
-    /// Awaits one confirm, then frees its window slot.
-    async fn await_confirm(
-        &self,
-        queue: &QueueId,
-        id: String,
-        permit: SemaphorePermit<'_>,
-        (channel, confirm): (Channel, PublisherConfirm),
-        deadline: Instant,
-    ) -> Result<()> {
+    /// The outcome of a written message, once its confirm is in.
+    async fn confirmed(&self, queue: &QueueId, id: &str, sent: Sent) -> Result<()> {
         let what = || format!("publish to {queue}");
-        let out = match tokio::time::timeout_at(deadline, confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(Error::not_found(format!(
+        match sent.confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(Error::not_found(format!(
                 "{}: the broker returned message {id} as unroutable ({} {}): the queue does not exist on the broker",
                 what(),
                 returned.reply_code,
                 returned.reply_text
             ))),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                self.retire(&channel).await;
+            Ok(Confirmation::Nack(_)) => {
+                self.retire(&sent.channel);
                 Err(Error::internal(format!(
                     "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
                     what()
                 )))
             }
-            Ok(Ok(Confirmation::NotRequested)) => Err(Error::internal(format!(
+            Ok(Confirmation::NotRequested) => Err(Error::internal(format!(
                 "{}: the channel was not in confirm mode; message {id} is not known to be stored",
                 what()
             ))),
-            Ok(Err(e)) => {
+            Err(e) => {
                 if let Some(link) = self.conn.current() {
                     link.saw(&e);
                 }
                 Err(unconfirmed(&what(), e))
             }
-            Err(_) => Err(Error::internal(format!(
-                "{}: message {id} not confirmed within publish_timeout {:?}",
-                what(),
-                self.timeout
-            ))),
-        };
-        drop(permit);
-        out
+        }
     }
 }
 
 impl Publisher {
     /// Stops publishing on `channel` after a nack (see the module docs); the next
     /// publish opens a new one. The old one closes once its confirms are in.
-    async fn retire(&self, channel: &Channel) {
+    fn retire(&self, channel: &Arc<PublishingChannel>) {
         {
-            let mut retired = crate::lock(&self.retired);
+            let mut retired = lock(&self.retired);
             if retired.is_some_and(|at| at.elapsed() < RETIRE_EVERY) {
                 return;
             }
             *retired = Some(Instant::now());
         }
-        let mut slot = self.channel.lock().await;
-        if slot.as_ref().is_none_or(|(_, ch)| ch.id() != channel.id()) {
-            return;
-        }
-        let Some((_, old)) = slot.take() else { return };
-        drop(slot);
+        let old = {
+            let mut slot = lock(&self.channel);
+            match slot.as_ref() {
+                Some(current) if Arc::ptr_eq(current, channel) => slot.take(),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return };
+        let old = old.channel.clone();
         tracing::debug!(
             channel = old.id(),
             "publishing channel got a nack; opening a new one"

@@ -15,7 +15,7 @@
 //! so redeclaring theirs is not a conflict.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
@@ -57,7 +57,9 @@ struct DelayQueue {
 /// The queues declared through one driver.
 #[derive(Default)]
 pub(crate) struct Topology {
-    registry: Mutex<HashMap<QueueId, QueueSpec>>,
+    /// Behind an `Arc`: every publish reads its queue's spec, and a clone of the
+    /// spec's strings cost each one its allocations.
+    registry: Mutex<HashMap<QueueId, Arc<QueueSpec>>>,
     /// By broker name.
     delay_queues: Mutex<HashMap<String, DelayQueue>>,
 }
@@ -65,7 +67,7 @@ pub(crate) struct Topology {
 impl Topology {
     /// The spec `queue` was declared with; `what` ("publish to") names the operation
     /// in the error.
-    pub(crate) fn spec_of(&self, queue: &QueueId, what: &str) -> Result<QueueSpec> {
+    pub(crate) fn spec_of(&self, queue: &QueueId, what: &str) -> Result<Arc<QueueSpec>> {
         lock(&self.registry).get(queue).cloned().ok_or_else(|| {
             Error::not_found(format!(
                 "{what} {queue}: the queue was not declared on this amqp driver"
@@ -82,14 +84,14 @@ impl Topology {
     /// Declares a queue on the broker and registers it ([`Self::check`] it first).
     pub(crate) async fn declare(&self, link: &Link, spec: &QueueSpec) -> Result<()> {
         self.declare_on(link, spec).await?;
-        lock(&self.registry).insert(spec.id.clone(), spec.clone());
+        lock(&self.registry).insert(spec.id.clone(), Arc::new(spec.clone()));
         Ok(())
     }
 
     /// Redeclares every registered queue on a new link; failures are logged, since
     /// nobody waits for them (the queue's next publish or attach reports its own).
     pub(crate) async fn redeclare(&self, link: &Link) {
-        let specs: Vec<QueueSpec> = lock(&self.registry).values().cloned().collect();
+        let specs: Vec<Arc<QueueSpec>> = lock(&self.registry).values().cloned().collect();
         for spec in specs {
             if let Err(e) = self.declare_on(link, &spec).await {
                 tracing::warn!(queue = %spec.id, error = %e, "redeclare after reconnect failed");
