@@ -76,7 +76,9 @@ impl std::fmt::Debug for RegisteredQueue {
 /// ```
 #[derive(Clone, Default, Debug)]
 pub struct Queues {
-    registry: Arc<RwLock<HashMap<QueueId, RegisteredQueue>>>,
+    /// Each queue behind an `Arc`: a publish holds its queue's entry, and cloning the
+    /// spec's strings cost each one its allocations.
+    registry: Arc<RwLock<HashMap<QueueId, Arc<RegisteredQueue>>>>,
 }
 
 impl Queues {
@@ -100,17 +102,17 @@ impl Queues {
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 spec.id.clone(),
-                RegisteredQueue {
+                Arc::new(RegisteredQueue {
                     spec,
                     settings,
                     driver,
-                },
+                }),
             );
         Ok(())
     }
 
     /// A declared queue.
-    pub fn get(&self, id: &QueueId) -> Option<RegisteredQueue> {
+    pub fn get(&self, id: &QueueId) -> Option<Arc<RegisteredQueue>> {
         self.registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -119,7 +121,7 @@ impl Queues {
     }
 
     /// Every declared queue.
-    pub fn all(&self) -> Vec<RegisteredQueue> {
+    pub fn all(&self) -> Vec<Arc<RegisteredQueue>> {
         self.registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -129,9 +131,8 @@ impl Queues {
     }
 
     /// Looks a queue up, `NOT_FOUND` if it is not declared.
-    pub fn require(&self, id: &QueueId) -> Result<RegisteredQueue> {
-        self.get(id)
-            .ok_or_else(|| Error::not_found(format!("queue {id} is not declared")))
+    pub fn require(&self, id: &QueueId) -> Result<Arc<RegisteredQueue>> {
+        self.get(id).ok_or_else(|| not_declared(id))
     }
 
     /// Starts a publish: checks the general permission, the queue id and the
@@ -141,10 +142,10 @@ impl Queues {
         ctx.check(ACTION_PUBLISH, None)?;
         let queue = QueueId::parse(queue_id)?;
         ctx.check(ACTION_PUBLISH_QUEUE, Some(queue.as_str()))?;
-        Ok(PublishRequest {
-            queues: self.clone(),
-            queue,
-        })
+        // Looked up once for the whole publish; that it is not declared is said in
+        // its turn, after the headers' check (`send`).
+        let registered = self.get(&queue);
+        Ok(PublishRequest { queue, registered })
     }
 
     /// Publishes with every check, returning the message id once the driver has it.
@@ -170,8 +171,8 @@ impl Queues {
 /// A publish whose permissions and queue id were checked.
 #[derive(Debug)]
 pub struct PublishRequest {
-    queues: Queues,
     queue: QueueId,
+    registered: Option<Arc<RegisteredQueue>>,
 }
 
 impl PublishRequest {
@@ -183,13 +184,8 @@ impl PublishRequest {
     /// The most bytes a message to this queue may take encoded (`max_message_bytes`;
     /// the default for a queue that is not declared, which publishing then refuses).
     pub fn max_message_bytes(&self) -> usize {
-        // Read in place: cloning the registered queue for one number cost every Lua
-        // publish its strings' allocations.
-        self.queues
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&self.queue)
+        self.registered
+            .as_ref()
             .map_or(DEFAULT_MAX_MESSAGE_BYTES, |r| r.settings.max_message_bytes)
     }
 
@@ -209,7 +205,10 @@ impl PublishRequest {
     pub async fn send(self, body: Value, mut headers: Headers) -> Result<String> {
         self.check_body(&body)?;
         headers.validate_for_publish()?;
-        let registered = self.queues.require(&self.queue)?;
+        let registered = self
+            .registered
+            .as_ref()
+            .ok_or_else(|| not_declared(&self.queue))?;
         let bytes = registered.settings.codec.encode(&body)?;
         if bytes.len() > registered.settings.max_message_bytes {
             return Err(Error::invalid(format!(
@@ -231,6 +230,10 @@ impl PublishRequest {
             .map_err(|e| e.context(format!("publish to {}", self.queue)))?;
         Ok(id)
     }
+}
+
+fn not_declared(id: &QueueId) -> Error {
+    Error::not_found(format!("queue {id} is not declared"))
 }
 
 fn describe_empty(body: &Value) -> &'static str {

@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
     for concurrency in [1u32, 16, 256] {
         let path = noop_app(&dir, concurrency);
         let host = rt.block_on(start(&path, &kinds));
-        let driver = host.queues().get(&q).expect("declared").driver;
+        let driver = host.queues().get(&q).expect("declared").driver.clone();
         group.bench_function(format!("lua_noop_concurrency_{concurrency}"), |b| {
             b.iter_custom(|iters| rt.block_on(drain(&driver, &q, iters)))
         });

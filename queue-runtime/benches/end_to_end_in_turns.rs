@@ -88,7 +88,7 @@ fn main() {
         let host = rt.block_on(start(&noop_app(&dir, concurrency), &kinds));
         setups.push(Setup::new(
             format!("lua_noop_concurrency_{concurrency}"),
-            host.queues().get(&q).expect("declared").driver,
+            host.queues().get(&q).expect("declared").driver.clone(),
         ));
         hosts.push(host);
     }

@@ -298,7 +298,7 @@ fn runtime_memory(rt: &Runtime, dir: &Path, rate: u64, measure: Duration) -> Out
     let handle = rt.handle();
     let host = bounded(handle, "starting the runtime", start(&path, &recorder));
     let q = QueueId::parse("bench:q").expect("id");
-    let driver = host.queues().get(&q).expect("declared").driver;
+    let driver = host.queues().get(&q).expect("declared").driver.clone();
     let outcome = drive("runtime_memory", &recorder, rate, measure, |due| {
         let message = Message::from_bytes(body(due), Headers::new(), "application/json");
         bounded(handle, "a memory publish", driver.publish(&q, message)).expect("publish");

@@ -524,7 +524,7 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
     let driver = host
         .queues()
         .get(&id)
-        .map(|q| q.driver)
+        .map(|q| q.driver.clone())
         .ok_or_else(|| format!("queue {id} is not declared in this configuration"))?;
     let result = match tool {
         Tool::Peek { limit } => tools::peek(&driver, &id, limit).await.map(|messages| {
