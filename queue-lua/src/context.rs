@@ -207,15 +207,27 @@ pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
 /// context is denied, never let through, and so is a coroutine that outlived the
 /// run (a handler's, a process's) it inherited its context from: kept in a global, it
 /// would publish with that run's rights for whichever handler resumed it later.
-pub(crate) fn current_security(lua: &Lua) -> Result<SecurityContext> {
+pub(crate) fn current_security(lua: &Lua) -> Result<CurrentSecurity> {
     match context_of(lua, &lua.current_thread()) {
         Some(context) if context.ended.get() => Err(Error::permission_denied(
             "this coroutine outlived the run (of a handler or process) that created it, whose rights it had: a kept coroutine cannot publish",
         )),
-        Some(context) => Ok(context.security.clone()),
+        Some(context) => Ok(CurrentSecurity(context)),
         None => Err(Error::permission_denied(
             "no security context: only handlers, processes and the coroutines they create may publish (not a file's top level)",
         )),
+    }
+}
+
+/// The security context of a run, read in place: a clone of it cost every publish
+/// its actor's strings and its list of policies.
+pub(crate) struct CurrentSecurity(Rc<CoroutineContext>);
+
+impl std::ops::Deref for CurrentSecurity {
+    type Target = SecurityContext;
+
+    fn deref(&self) -> &SecurityContext {
+        &self.0.security
     }
 }
 
