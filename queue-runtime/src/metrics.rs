@@ -1,7 +1,8 @@
 //! Metrics (Prometheus text on `/metrics`) and `/health`, and the driver layer that
 //! counts publishes without any driver knowing about metrics.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -308,24 +309,59 @@ impl ConsumerMeters {
 }
 
 /// A driver layer that counts confirmed and failed publishes per queue.
+///
+/// A queue's counters are registered with the recorder when it is declared: install
+/// the recorder ([`install`]) before declaring queues, as the runtime does.
 pub struct Metered {
     inner: Arc<dyn Driver>,
+    /// The counters of each queue declared through this layer: registering them on
+    /// every publish cost each one its label's allocation and the recorder's lookup.
+    counters: RwLock<HashMap<QueueId, PublishCounters>>,
+}
+
+/// The publish counters of one queue.
+struct PublishCounters {
+    published: metrics::Counter,
+    failed: metrics::Counter,
+}
+
+impl PublishCounters {
+    fn register(queue: &QueueId) -> Self {
+        PublishCounters {
+            published: metrics::counter!(names::PUBLISHED, "queue" => queue.to_string()),
+            failed: metrics::counter!(names::PUBLISH_FAILED, "queue" => queue.to_string()),
+        }
+    }
+
+    fn count(&self, n: u64, result: &Result<()>) {
+        match result {
+            Ok(()) => self.published.increment(n),
+            Err(_) => self.failed.increment(n),
+        }
+    }
 }
 
 impl Metered {
     /// Wraps a driver.
     pub fn layer(inner: Arc<dyn Driver>) -> Arc<dyn Driver> {
-        Arc::new(Metered { inner })
+        Arc::new(Metered {
+            inner,
+            counters: RwLock::default(),
+        })
     }
-}
 
-fn count_publish(queue: &QueueId, n: u64, result: &Result<()>) {
-    let name = if result.is_ok() {
-        names::PUBLISHED
-    } else {
-        names::PUBLISH_FAILED
-    };
-    metrics::counter!(name, "queue" => queue.to_string()).increment(n);
+    fn count_publish(&self, queue: &QueueId, n: u64, result: &Result<()>) {
+        if let Some(counters) = self
+            .counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue)
+        {
+            return counters.count(n, result);
+        }
+        // Not declared through this layer (the driver has most likely refused it).
+        PublishCounters::register(queue).count(n, result);
+    }
 }
 
 #[async_trait]
@@ -337,17 +373,23 @@ impl Driver for Metered {
         self.inner.capabilities()
     }
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
-        self.inner.declare(spec).await
+        self.inner.declare(spec).await?;
+        self.counters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(spec.id.clone())
+            .or_insert_with(|| PublishCounters::register(&spec.id));
+        Ok(())
     }
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
         let result = self.inner.publish(queue, message).await;
-        count_publish(queue, 1, &result);
+        self.count_publish(queue, 1, &result);
         result
     }
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let n = messages.len() as u64;
         let result = self.inner.publish_batch(queue, messages).await;
-        count_publish(queue, n, &result);
+        self.count_publish(queue, n, &result);
         result
     }
     async fn consume(
