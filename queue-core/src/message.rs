@@ -672,9 +672,23 @@ pub fn truncate(text: &str, max: usize) -> String {
     format!("{}{note}", &text[..end])
 }
 
-/// A new unique message id (UUID v7: time-ordered).
+/// A new unique message id (UUID v7: time-ordered to the millisecond, and in the
+/// order a thread made them).
+///
+/// ```
+/// let (a, b) = (queue_core::new_message_id(), queue_core::new_message_id());
+/// assert!(a < b);
+/// ```
 pub fn new_message_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // One context per thread: `Uuid::now_v7` orders every id of the process under
+    // one lock, which every publishing thread took in turn.
+    thread_local! {
+        static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
+    }
+    let id = CONTEXT.with(|context| uuid::Uuid::new_v7(uuid::Timestamp::now(context)));
+    id.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_string()
 }
 
 #[cfg(test)]
