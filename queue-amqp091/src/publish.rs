@@ -80,6 +80,8 @@ struct Sent {
 #[derive(Clone, Copy)]
 enum Stage {
     Window,
+    /// A connection, and the message's delay queue if it has a delay.
+    Route,
     Write,
     Confirm,
 }
@@ -99,8 +101,9 @@ impl Publisher {
     }
 
     /// Publishes one message: `Ok` once it is confirmed. Its whole life (a window
-    /// slot, the write, the confirm) runs under one timer, where a batch's messages
-    /// take one per stage: a timer is registered and cancelled on every publish.
+    /// slot, the route, the write, the confirm) runs under one timer, where a batch's
+    /// messages take two (one until written, one for the confirm): a timer is
+    /// registered and cancelled on every publish.
     pub(crate) async fn publish_one(&self, queue: &QueueId, message: Message) -> Result<()> {
         let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;
@@ -109,10 +112,12 @@ impl Publisher {
         let mut stage = Stage::Window;
         let published = async {
             let permit = self.slot().await?;
-            stage = Stage::Write;
-            let sent = self
-                .write(queue, &spec, routing, &mut prepared, deadline)
+            stage = Stage::Route;
+            let (link, routing) = self
+                .route(queue, &spec, routing, &prepared, deadline)
                 .await?;
+            stage = Stage::Write;
+            let sent = self.write(queue, &link, routing, &mut prepared).await?;
             stage = Stage::Confirm;
             let outcome = self.confirmed(queue, &prepared.id, sent).await;
             drop(permit);
@@ -139,10 +144,12 @@ impl Publisher {
                 let mut prepared = prepare(message)?;
                 let timed = async {
                     let permit = self.slot().await?;
-                    stage = Stage::Write;
-                    let sent = self
-                        .write(queue, &spec, routing.clone(), &mut prepared, deadline)
+                    stage = Stage::Route;
+                    let (link, routing) = self
+                        .route(queue, &spec, routing.clone(), &prepared, deadline)
                         .await?;
+                    stage = Stage::Write;
+                    let sent = self.write(queue, &link, routing, &mut prepared).await?;
                     Ok::<_, Error>((permit, sent))
                 };
                 match tokio::time::timeout_at(deadline, timed).await {
@@ -219,6 +226,11 @@ impl Publisher {
             Stage::Window => format!(
                 "publish to {queue}: the confirm window stayed full for publish_timeout {timeout:?}"
             ),
+            // The waits of this stage have their own errors at the same deadline; this
+            // one is said when the publish's timer fires first.
+            Stage::Route => format!(
+                "publish to {queue}: not sent within publish_timeout {timeout:?}: no connection to the broker, or its delay queue not declared yet"
+            ),
             // lapin queues the frames when the publish is first polled and writes them
             // when it can (not during a resource alarm): dropping the publish does not
             // take them back, so the message may still reach the queue. Said so: a
@@ -261,48 +273,58 @@ impl Publisher {
         (open.generation == link.generation && open.channel.status().connected()).then_some(open)
     }
 
-    /// Writes one message to the publishing channel (its properties are taken, not
-    /// cloned: a message is written once); the confirm is still to come. Waits for a
-    /// link and declares the message's delay queue until `deadline` at most.
-    async fn write(
+    /// The link to publish on and the routing key: the queue's own, or its delay
+    /// queue's for a message with a delay (declared first, if it is not yet). Waits
+    /// for a link and for the declaration until `deadline` at most.
+    async fn route(
         &self,
         queue: &QueueId,
         spec: &QueueSpec,
         routing: ShortString,
-        prepared: &mut Prepared,
+        prepared: &Prepared,
         deadline: Instant,
-    ) -> Result<Sent> {
+    ) -> Result<(Arc<Link>, ShortString)> {
         // Only error messages name the operation: build the text only for them.
         let what = || format!("publish to {queue}");
         let link = match self.conn.live_link() {
             Some(link) => link,
             None => self.conn.link_until(&what(), deadline).await?,
         };
-        let routing = match prepared.delay_ms {
-            Some(ms) => {
-                let declared = self.topology.delay_queue(&link, spec, ms);
-                let Ok(name) = tokio::time::timeout_at(deadline, declared).await else {
-                    return Err(Error::internal(format!(
-                        "{}: its delay queue was not declared within publish_timeout {:?}",
-                        what(),
-                        self.timeout
-                    )));
-                };
-                // A delay queue an earlier version declared with an expiry refuses
-                // this declaration until it expires by itself, which it will: retried,
-                // as docs/drivers/amqp091.md says, not dead-lettered at the first
-                // failure. Any other clash stays (a type changed, a queue made by
-                // hand) and is not retried.
-                let name = name.map_err(|e| match expires_by_itself(&e) {
-                    true => e.retryable_if(true),
-                    false => e,
-                })?;
-                queue_name(&name)?
-            }
-            None => routing,
+        let Some(ms) = prepared.delay_ms else {
+            return Ok((link, routing));
         };
+        let declared = self.topology.delay_queue(&link, spec, ms);
+        let Ok(name) = tokio::time::timeout_at(deadline, declared).await else {
+            return Err(Error::internal(format!(
+                "{}: its delay queue was not declared within publish_timeout {:?}",
+                what(),
+                self.timeout
+            )));
+        };
+        // A delay queue an earlier version declared with an expiry refuses this
+        // declaration until it expires by itself, which it will: retried, as
+        // docs/drivers/amqp091.md says, not dead-lettered at the first failure. Any
+        // other clash stays (a type changed, a queue made by hand) and is not retried.
+        let name = name.map_err(|e| match expires_by_itself(&e) {
+            true => e.retryable_if(true),
+            false => e,
+        })?;
+        Ok((link, queue_name(&name)?))
+    }
+
+    /// Writes one message to the publishing channel on `link` (its properties are
+    /// taken, not cloned: a message is written once); the confirm is still to come.
+    /// Unbounded by itself: its caller's timer bounds it (see [`Stage::Write`]'s
+    /// error).
+    async fn write(
+        &self,
+        queue: &QueueId,
+        link: &Link,
+        routing: ShortString,
+        prepared: &mut Prepared,
+    ) -> Result<Sent> {
         let written = async {
-            let channel = self.channel(&link).await?;
+            let channel = self.channel(link).await?;
             let confirm = channel
                 .channel
                 .basic_publish(
@@ -320,7 +342,7 @@ impl Publisher {
         };
         written
             .await
-            .map_err(|e| publish_failure(&link, &what(), e))
+            .map_err(|e| publish_failure(link, &format!("publish to {queue}"), e))
     }
 
     /// The outcome of a written message, once its confirm is in.
