@@ -47,6 +47,7 @@ mod host_runs;
 use host_runs::{CREDIT, DRAIN_TIMEOUT, Until, assert_drained, raw_fe2o3_receive, run_host_until};
 use queue_testkit::bench::{
     InTurnsFigures, counting_cpu, in_turns, in_turns_pair_wanted, in_turns_wanted,
+    in_turns_whole_pass,
 };
 
 /// The allocator the `queue-runtime` binary runs with, so the bench measures it (the
@@ -401,14 +402,7 @@ fn bench(c: &mut Criterion) {
         }
         // A pass of some pairs only is for a quick look: it must not replace the
         // figures of a whole one, which `cargo xtask bench` reads.
-        if [
-            "rabbitmq_in_turns",
-            "amqp10_in_turns",
-            "rabbitmq_publish_in_turns",
-        ]
-        .iter()
-        .all(|pair| wanted(pair))
-        {
+        if in_turns_whole_pass(&args) {
             figures.write();
         } else {
             println!("in turns: some pairs only, {IN_TURNS_FILE} left as it was");

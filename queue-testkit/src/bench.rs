@@ -5,8 +5,9 @@
 //! between two setups that criterion measures one after the other. Fed alternately, a
 //! round at a time, the setups go through the same drift, and their ratio holds from
 //! run to run. A bench that does so writes `target/bench/in_turns-<bench>.json`,
-//! `{"rounds": N, "rates": {"<id>": msg/s}}`, where `cargo xtask bench` reads the
-//! rows it compares:
+//! `{"rounds": N, "rates": {"<id>": msg/s}}` (and, for the setups whose CPU was
+//! counted, `"cpu_us_per_message": {"<id>": µs}`), where `cargo xtask bench` reads
+//! the rows it compares:
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};
@@ -92,8 +93,14 @@ pub fn in_turns_wanted(args: &[String]) -> bool {
 /// or with `in_turns`, else the pairs a filter is part of (`-- publish_in_turns`
 /// runs that pair alone, for a quick comparison of two builds).
 pub fn in_turns_pair_wanted(args: &[String], pair: &str) -> bool {
+    in_turns_whole_pass(args)
+        || filters(args).any(|filter| pair.contains(filter) || filter.starts_with(pair))
+}
+
+/// Whether a pass in turns runs every pair (no filter but `in_turns`): only such a
+/// pass may write its figures, which `cargo xtask bench` reads as a whole.
+pub fn in_turns_whole_pass(args: &[String]) -> bool {
     filters(args).all(|filter| filter == "in_turns")
-        || filters(args).any(|filter| pair.contains(filter))
 }
 
 /// The words of a bench's command line that are criterion's filters: not options,
@@ -176,7 +183,15 @@ impl InTurnsFigures {
 
     /// Records (and prints) the process CPU the setup `id` used per message, over all
     /// its turns (see [`counting_cpu`]); returns it, in microseconds.
+    ///
+    /// # Panics
+    /// If no CPU time was counted (`/proc` could not be read): a zero would read as
+    /// a measurement.
     pub fn record_cpu(&mut self, id: &str, messages: u64, cpu: Duration) -> f64 {
+        assert!(
+            !cpu.is_zero(),
+            "{id}: no CPU time counted (is /proc readable?)"
+        );
         let micros = cpu.as_secs_f64() * 1e6 / messages as f64;
         println!("in turns: {id:<52} {micros:>9.1} µs of CPU per message");
         self.cpu_us_per_message
@@ -241,6 +256,12 @@ mod tests {
             &args("--bench --sample-size 10 publish_in_turns"),
             pair
         ));
+        assert!(in_turns_pair_wanted(
+            &args("--bench rabbitmq_publish_in_turns/lua"),
+            pair
+        ));
+        assert!(in_turns_whole_pass(&args("--bench in_turns")));
+        assert!(!in_turns_whole_pass(&args("--bench publish_in_turns")));
     }
 
     #[test]
