@@ -313,6 +313,12 @@ fn metrics_and_health_report_known_traffic() {
         Some(6.0),
         "5 + 1 retry copy\n{m}"
     );
+    // Registered when the queue was declared: shown before any publish failed.
+    assert_eq!(
+        metric(&m, "queue_publish_failed_total{queue=\"app:jobs\"}"),
+        Some(0.0),
+        "{m}"
+    );
     assert_eq!(
         metric(&m, "queue_delivered_total{queue=\"app:jobs\"}"),
         Some(5.0),
