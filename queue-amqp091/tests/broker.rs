@@ -713,6 +713,7 @@ async fn publishes_waiting_at_a_close_get_their_real_outcome() {
         "the queue holds {held}, {confirmed} were confirmed"
     );
     counter.close().await.unwrap();
+    delete(&name).await;
 }
 
 queue_testkit::broker_tests! {
