@@ -362,8 +362,11 @@ pub fn run(options: Options) -> Result<bool, String> {
         Some(run_started)
     };
     let mut results = read_criterion(Path::new("target/criterion"), since);
+    let mut cpu_us_per_message = BTreeMap::new();
     for path in in_turns_files(&out_dir) {
-        results.extend(read_in_turns(&path));
+        let figures = read_in_turns(&path);
+        results.extend(figures.rates);
+        cpu_us_per_message.extend(figures.cpu_us_per_message);
     }
     if queue_fixtures::rabbitmq::shared_unavailable().is_none() {
         match kombu(&out_dir, if quick { 10_000 } else { 50_000 }) {
@@ -395,6 +398,8 @@ pub fn run(options: Options) -> Result<bool, String> {
         .collect();
     let table = table(&rows);
     print!("\n{table}");
+    let cpu_table = cpu_table(&cpu_us_per_message);
+    print!("\n{cpu_table}");
     let latency = read_latency(&out_dir.join("latency.json"));
     let latency_table = latency_table(&latency);
     if latency.is_empty() {
@@ -415,6 +420,7 @@ pub fn run(options: Options) -> Result<bool, String> {
         "started_unix_time": started_unix_time,
         "quick": quick,
         "rows": rows,
+        "cpu_us_per_message": cpu_us_per_message,
         "latency": latency,
         "all": results,
     });
@@ -433,11 +439,13 @@ pub fn run(options: Options) -> Result<bool, String> {
         print!("{}", compared(&rows, old)?);
     }
     if options.write_docs {
-        let tables = if latency.is_empty() {
-            table
-        } else {
-            format!("{table}\n{LATENCY_INTRO}\n\n{latency_table}")
-        };
+        let mut tables = table;
+        if !cpu_table.is_empty() {
+            tables.push_str(&format!("\n{CPU_INTRO}\n\n{cpu_table}"));
+        }
+        if !latency.is_empty() {
+            tables.push_str(&format!("\n{LATENCY_INTRO}\n\n{latency_table}"));
+        }
         write_docs(&tables, &json)?;
         std::fs::write(DOCS_PLOT, svg(&rows, &latency)).map_err(|e| format!("{DOCS_PLOT}: {e}"))?;
         println!("wrote the tables into {DOCS_PAGE} and the plot into {DOCS_PLOT}");
@@ -850,25 +858,55 @@ fn in_turns_files(out_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The msg/s by id of one `in_turns-*.json`; none if it cannot be read.
-fn read_in_turns(path: &Path) -> BTreeMap<String, f64> {
+/// The figures of one `in_turns-*.json`, by setup id.
+#[derive(Default)]
+struct InTurns {
+    /// msg/s.
+    rates: BTreeMap<String, f64>,
+    /// The client process's CPU per message, in µs, for the setups whose bench
+    /// counted it (`queue_testkit::bench::counting_cpu`).
+    cpu_us_per_message: BTreeMap<String, f64>,
+}
+
+/// The figures of one `in_turns-*.json`; none if it cannot be read.
+fn read_in_turns(path: &Path) -> InTurns {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return BTreeMap::new();
+        return InTurns::default();
     };
     let json: serde_json::Value = match serde_json::from_str(&text) {
         Ok(json) => json,
         Err(e) => {
             eprintln!("{}: {e}; its figures are left out", path.display());
-            return BTreeMap::new();
+            return InTurns::default();
         }
     };
-    json["rates"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(id, rate)| Some((id.clone(), rate.as_f64()?)))
-        .collect()
+    let section = |name: &str| {
+        json[name]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(id, figure)| Some((id.clone(), figure.as_f64()?)))
+            .collect()
+    };
+    InTurns {
+        rates: section("rates"),
+        cpu_us_per_message: section("cpu_us_per_message"),
+    }
 }
+
+/// The CPU per message of the setups that counted it, in Markdown; empty if none did.
+fn cpu_table(cpu_us_per_message: &BTreeMap<String, f64>) -> String {
+    if cpu_us_per_message.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("| setup (in turns) | client CPU per message |\n|---|---|\n");
+    for (id, micros) in cpu_us_per_message {
+        out.push_str(&format!("| {id} | {micros:.1} µs |\n"));
+    }
+    out
+}
+
+const CPU_INTRO: &str = "CPU time the whole client process used per message over each side's rounds (user and system, from `/proc`; the runtime's start and stop included; lower is better):";
 
 /// One row of `target/bench/latency.json`, as queue-runtime's latency bench writes it,
 /// with (for the runtime's rows on RabbitMQ) its p99 against raw lapin's at the same
@@ -1181,21 +1219,31 @@ mod tests {
         let path = dir.join("in_turns-end_to_end.json");
         std::fs::write(
             &path,
-            r#"{"rounds": 80, "rates": {"end_to_end_in_turns/lua_noop_concurrency_16": 500000.0}}"#,
+            r#"{"rounds": 80, "rates": {"end_to_end_in_turns/lua_noop_concurrency_16": 500000.0}, "cpu_us_per_message": {"end_to_end_in_turns/lua_noop_concurrency_16": 2.5}}"#,
         )
         .unwrap();
         std::fs::write(dir.join("latency.json"), "[]").unwrap();
         let files = in_turns_files(&dir);
-        let rates = read_in_turns(&path);
+        let figures = read_in_turns(&path);
         std::fs::write(&path, "{\"rates\": ").unwrap();
         let cut_short = read_in_turns(&path);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(files, vec![path]);
         assert_eq!(
-            rates.get("end_to_end_in_turns/lua_noop_concurrency_16"),
+            figures
+                .rates
+                .get("end_to_end_in_turns/lua_noop_concurrency_16"),
             Some(&500_000.0)
         );
-        assert!(cut_short.is_empty(), "a file cut short gives no figures");
+        assert!(
+            cpu_table(&figures.cpu_us_per_message)
+                .contains("| end_to_end_in_turns/lua_noop_concurrency_16 | 2.5 µs |")
+        );
+        assert!(
+            cut_short.rates.is_empty(),
+            "a file cut short gives no figures"
+        );
+        assert!(cpu_table(&cut_short.cpu_us_per_message).is_empty());
     }
 
     #[test]
