@@ -9,8 +9,10 @@
 //! * broker ack → `Ok`;
 //! * ack with a basic.return (unroutable: the queue is gone) → `NOT_FOUND`;
 //! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
-//! * channel or connection closed before the confirm, no connection within
-//!   `publish_timeout`, no confirm within `publish_timeout` → `INTERNAL`, retryable.
+//! * channel or connection closed before the confirm, no connection, window slot,
+//!   publishing channel, write or confirm within `publish_timeout` → `INTERNAL`,
+//!   retryable (the error says whether the message was sent: one not yet written
+//!   may still be, see [`Stage`]).
 //!
 //! A nack also retires the publishing channel (at most once per [`RETIRE_EVERY`]):
 //! RabbitMQ 3.10 nacks every later publish of a channel whose first publish to a
@@ -69,6 +71,13 @@ struct Prepared {
     body: Vec<u8>,
 }
 
+/// Where a message goes: the link and its publishing channel, and the routing key.
+struct Route {
+    link: Arc<Link>,
+    channel: Arc<PublishingChannel>,
+    routing: ShortString,
+}
+
 /// A message written to its channel, its confirm still to come.
 struct Sent {
     channel: Arc<PublishingChannel>,
@@ -80,8 +89,10 @@ struct Sent {
 #[derive(Clone, Copy)]
 enum Stage {
     Window,
-    /// A connection, and the message's delay queue if it has a delay.
+    /// A connection, its publishing channel, and the message's delay queue if it
+    /// has a delay: nothing is sent yet.
     Route,
+    /// From `basic.publish` on: lapin holds the frames, and may write them later.
     Write,
     Confirm,
 }
@@ -113,11 +124,11 @@ impl Publisher {
         let published = async {
             let permit = self.slot().await?;
             stage = Stage::Route;
-            let (link, routing) = self
+            let route = self
                 .route(queue, &spec, routing, &prepared, deadline)
                 .await?;
             stage = Stage::Write;
-            let sent = self.write(queue, &link, routing, &mut prepared).await?;
+            let sent = self.write(queue, route, &mut prepared).await?;
             stage = Stage::Confirm;
             let outcome = self.confirmed(queue, &prepared.id, sent).await;
             drop(permit);
@@ -145,11 +156,11 @@ impl Publisher {
                 let timed = async {
                     let permit = self.slot().await?;
                     stage = Stage::Route;
-                    let (link, routing) = self
+                    let route = self
                         .route(queue, &spec, routing.clone(), &prepared, deadline)
                         .await?;
                     stage = Stage::Write;
-                    let sent = self.write(queue, &link, routing, &mut prepared).await?;
+                    let sent = self.write(queue, route, &mut prepared).await?;
                     Ok::<_, Error>((permit, sent))
                 };
                 match tokio::time::timeout_at(deadline, timed).await {
@@ -229,7 +240,7 @@ impl Publisher {
             // The waits of this stage have their own errors at the same deadline; this
             // one is said when the publish's timer fires first.
             Stage::Route => format!(
-                "publish to {queue}: not sent within publish_timeout {timeout:?}: no connection to the broker, or its delay queue not declared yet"
+                "publish to {queue}: not sent within publish_timeout {timeout:?}: no connection to the broker, no publishing channel open on it, or its delay queue not declared yet"
             ),
             // lapin queues the frames when the publish is first polled and writes them
             // when it can (not during a resource alarm): dropping the publish does not
@@ -273,9 +284,11 @@ impl Publisher {
         (open.generation == link.generation && open.channel.status().connected()).then_some(open)
     }
 
-    /// The link to publish on and the routing key: the queue's own, or its delay
-    /// queue's for a message with a delay (declared first, if it is not yet). Waits
-    /// for a link and for the declaration until `deadline` at most.
+    /// Where to publish: the link and its publishing channel (opened if there is
+    /// none), and the routing key, the queue's own or its delay queue's for a message
+    /// with a delay (declared first, if it is not yet). Waits for a link and for the
+    /// declaration until `deadline` at most; opening the channel has its caller's
+    /// timer only.
     async fn route(
         &self,
         queue: &QueueId,
@@ -283,66 +296,71 @@ impl Publisher {
         routing: ShortString,
         prepared: &Prepared,
         deadline: Instant,
-    ) -> Result<(Arc<Link>, ShortString)> {
+    ) -> Result<Route> {
         // Only error messages name the operation: build the text only for them.
         let what = || format!("publish to {queue}");
         let link = match self.conn.live_link() {
             Some(link) => link,
             None => self.conn.link_until(&what(), deadline).await?,
         };
-        let Some(ms) = prepared.delay_ms else {
-            return Ok((link, routing));
+        let routing = match prepared.delay_ms {
+            None => routing,
+            Some(ms) => {
+                let declared = self.topology.delay_queue(&link, spec, ms);
+                let Ok(name) = tokio::time::timeout_at(deadline, declared).await else {
+                    return Err(Error::internal(format!(
+                        "{}: its delay queue was not declared within publish_timeout {:?}",
+                        what(),
+                        self.timeout
+                    )));
+                };
+                // A delay queue an earlier version declared with an expiry refuses
+                // this declaration until it expires by itself, which it will: retried,
+                // as docs/drivers/amqp091.md says, not dead-lettered at the first
+                // failure. Any other clash stays (a type changed, a queue made by
+                // hand) and is not retried.
+                let name = name.map_err(|e| match expires_by_itself(&e) {
+                    true => e.retryable_if(true),
+                    false => e,
+                })?;
+                queue_name(&name)?
+            }
         };
-        let declared = self.topology.delay_queue(&link, spec, ms);
-        let Ok(name) = tokio::time::timeout_at(deadline, declared).await else {
-            return Err(Error::internal(format!(
-                "{}: its delay queue was not declared within publish_timeout {:?}",
-                what(),
-                self.timeout
-            )));
-        };
-        // A delay queue an earlier version declared with an expiry refuses this
-        // declaration until it expires by itself, which it will: retried, as
-        // docs/drivers/amqp091.md says, not dead-lettered at the first failure. Any
-        // other clash stays (a type changed, a queue made by hand) and is not retried.
-        let name = name.map_err(|e| match expires_by_itself(&e) {
-            true => e.retryable_if(true),
-            false => e,
-        })?;
-        Ok((link, queue_name(&name)?))
+        let channel = self
+            .channel(&link)
+            .await
+            .map_err(|e| publish_failure(&link, &what(), e))?;
+        Ok(Route {
+            link,
+            channel,
+            routing,
+        })
     }
 
-    /// Writes one message to the publishing channel on `link` (its properties are
-    /// taken, not cloned: a message is written once); the confirm is still to come.
-    /// Unbounded by itself: its caller's timer bounds it (see [`Stage::Write`]'s
-    /// error).
-    async fn write(
-        &self,
-        queue: &QueueId,
-        link: &Link,
-        routing: ShortString,
-        prepared: &mut Prepared,
-    ) -> Result<Sent> {
-        let written = async {
-            let channel = self.channel(link).await?;
-            let confirm = channel
-                .channel
-                .basic_publish(
-                    "".into(),
-                    routing,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &prepared.body,
-                    std::mem::take(&mut prepared.properties),
-                )
-                .await?;
-            Ok::<_, lapin::Error>(Sent { channel, confirm })
-        };
-        written
-            .await
-            .map_err(|e| publish_failure(link, &format!("publish to {queue}"), e))
+    /// Writes one message on its route (its properties are taken, not cloned: a
+    /// message is written once); the confirm is still to come. Unbounded by itself:
+    /// its caller's timer bounds it, and its error says the message may still be
+    /// written ([`Self::timed_out`]).
+    async fn write(&self, queue: &QueueId, route: Route, prepared: &mut Prepared) -> Result<Sent> {
+        let Route {
+            link,
+            channel,
+            routing,
+        } = route;
+        let written = channel.channel.basic_publish(
+            "".into(),
+            routing,
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &prepared.body,
+            std::mem::take(&mut prepared.properties),
+        );
+        match written.await {
+            Ok(confirm) => Ok(Sent { channel, confirm }),
+            Err(e) => Err(publish_failure(&link, &format!("publish to {queue}"), e)),
+        }
     }
 
     /// The outcome of a written message, once its confirm is in.
