@@ -4,9 +4,10 @@
 //! benches' passes in turns, `target/bench/in_turns-*.json`), the latency bench
 //! (publish -> handler start at fixed rates, `target/bench/latency.json`), a kombu
 //! publish/consume run against the same
-//! RabbitMQ, and writes the side-by-side table and the latency table to stdout,
+//! RabbitMQ, and writes the side-by-side table, the table of CPU per message (for the
+//! setups whose bench counted it) and the latency table to stdout,
 //! `target/bench/results.json` (and a copy per run under `target/bench/runs/`, for
-//! `--compare`) and `target/bench/results.svg`; `--write-docs` puts both tables into
+//! `--compare`) and `target/bench/results.svg`; `--write-docs` puts the tables into
 //! docs/performance.md, which is never edited by hand between its markers, and the
 //! plot into docs/performance.svg.
 
@@ -399,7 +400,9 @@ pub fn run(options: Options) -> Result<bool, String> {
     let table = table(&rows);
     print!("\n{table}");
     let cpu_table = cpu_table(&cpu_us_per_message);
-    print!("\n{cpu_table}");
+    if !cpu_table.is_empty() {
+        print!("\n{cpu_table}");
+    }
     let latency = read_latency(&out_dir.join("latency.json"));
     let latency_table = latency_table(&latency);
     if latency.is_empty() {
@@ -413,12 +416,14 @@ pub fn run(options: Options) -> Result<bool, String> {
     let started_unix_time = since
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs());
+    let (quick, load) = measured_run(&out_dir, quick, report_only);
     let json = serde_json::json!({
         "machine": machine(),
-        "load": load_average(),
+        "load": load,
         "unix_time": when,
         "started_unix_time": started_unix_time,
         "quick": quick,
+        "rebuilt": report_only,
         "rows": rows,
         "cpu_us_per_message": cpu_us_per_message,
         "latency": latency,
@@ -518,6 +523,24 @@ fn compared(rows: &[Row], old: &Path) -> Result<String, String> {
     Ok(out)
 }
 
+/// Whether the run the figures come from was quick, and the load average at its end:
+/// this run's, or for a report rebuilt from earlier figures (`--report-only`), the
+/// run's it rebuilds, read from its `results.json` (the load now would describe a
+/// machine that measured nothing).
+fn measured_run(out_dir: &Path, quick: bool, report_only: bool) -> (bool, Option<f64>) {
+    if !report_only {
+        return (quick, load_average());
+    }
+    let previous: serde_json::Value = std::fs::read_to_string(out_dir.join("results.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    (
+        previous["quick"].as_bool().unwrap_or(quick),
+        previous["load"].as_f64(),
+    )
+}
+
 /// Replaces the tables between the markers of docs/performance.md with this run's,
 /// with the machine and the command that made it.
 fn write_docs(tables: &str, json: &serde_json::Value) -> Result<(), String> {
@@ -528,16 +551,23 @@ fn write_docs(tables: &str, json: &serde_json::Value) -> Result<(), String> {
     let (_, after) = rest
         .split_once(TABLE_END)
         .ok_or_else(|| format!("{DOCS_PAGE} has no line {TABLE_END}"))?;
-    let command = if json["quick"] == true {
-        "cargo xtask bench --quick --write-docs"
+    let measured = if json["quick"] == true {
+        "cargo xtask bench --quick"
     } else {
-        "cargo xtask bench --write-docs"
+        "cargo xtask bench"
+    };
+    let made = if json["rebuilt"] == true {
+        format!(
+            "Measured by `{measured}`, written by `cargo xtask bench --report-only --write-docs`"
+        )
+    } else {
+        format!("Made by `{measured} --write-docs`")
     };
     let load = json["load"]
         .as_f64()
         .map_or_else(|| "unknown".into(), |l| format!("{l:.2}"));
     let generated = format!(
-        "{TABLE_START}\n\nMade by `{command}` on {} (load average {load} at the end of the run).\n\n{tables}\n{TABLE_END}",
+        "{TABLE_START}\n\n{made} on {} (load average {load} at the end of the measuring run).\n\n{tables}\n{TABLE_END}",
         json["machine"].as_str().unwrap_or("an unknown machine"),
     );
     std::fs::write(DOCS_PAGE, format!("{before}{generated}{after}"))
@@ -840,7 +870,8 @@ fn fmt_rate(v: Option<f64>) -> String {
 /// The figures of benchmarks measured in turns (two or more setups fed alternately,
 /// so that this machine's drift does not decide their ratios), which benches write
 /// under `target/bench/` as `in_turns-<bench>.json`:
-/// `{"rounds": N, "rates": {"<id>": msg/s}}`.
+/// `{"rounds": N, "rates": {"<id>": msg/s}}`, with `"cpu_us_per_message": {"<id>":
+/// µs}` for the setups whose CPU the bench counted.
 fn in_turns_files(out_dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return Vec::new();
@@ -1209,6 +1240,18 @@ mod tests {
         let later = std::time::SystemTime::now() + Duration::from_secs(60);
         assert!(read_criterion(&root, Some(later)).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_report_names_the_run_it_rebuilds_not_the_machine_now() {
+        let dir = std::env::temp_dir().join(format!("xtask-rebuilt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("results.json"), r#"{"quick": true, "load": 2.28}"#).unwrap();
+        let rebuilt = measured_run(&dir, false, true);
+        let measured = measured_run(&dir, false, false);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(rebuilt, (true, Some(2.28)));
+        assert!(!measured.0, "a run says how it was itself run");
     }
 
     #[test]
