@@ -97,6 +97,32 @@ enum Stage {
     Confirm,
 }
 
+impl Stage {
+    /// The error of a publish whose `publish_timeout` ran out at this stage.
+    fn timed_out(self, queue: &QueueId, id: &str, timeout: Duration) -> Error {
+        Error::internal(match self {
+            Self::Window => format!(
+                "publish to {queue}: the confirm window stayed full for publish_timeout {timeout:?}"
+            ),
+            // The waits of this stage have their own errors at the same deadline; this
+            // one is said when the publish's timer fires first.
+            Self::Route => format!(
+                "publish to {queue}: not sent within publish_timeout {timeout:?}: no connection to the broker, no publishing channel open on it, or its delay queue not declared yet"
+            ),
+            // lapin queues the frames when the publish is first polled and writes them
+            // when it can (not during a resource alarm): dropping the publish does not
+            // take them back, so the message may still reach the queue. Said so: a
+            // caller that publishes again may make a duplicate, as after a lost confirm.
+            Self::Write => format!(
+                "publish to {queue}: not written within publish_timeout {timeout:?} (the broker is not reading: a resource alarm, or a hung connection); it may still be written later, so publishing again may duplicate it"
+            ),
+            Self::Confirm => format!(
+                "publish to {queue}: message {id} not confirmed within publish_timeout {timeout:?}"
+            ),
+        })
+    }
+}
+
 impl Publisher {
     pub(crate) fn new(conn: Arc<Connection>, topology: Arc<Topology>) -> Publisher {
         let config = conn.config();
@@ -135,7 +161,7 @@ impl Publisher {
             outcome
         };
         let outcome = tokio::time::timeout_at(deadline, published).await;
-        outcome.unwrap_or_else(|_| Err(self.timed_out(queue, &prepared.id, stage)))
+        outcome.unwrap_or_else(|_| Err(stage.timed_out(queue, &prepared.id, self.timeout)))
     }
 
     /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
@@ -166,7 +192,7 @@ impl Publisher {
                 match tokio::time::timeout_at(deadline, timed).await {
                     Ok(Ok((permit, sent))) => Ok((prepared.id, permit, sent)),
                     Ok(Err(e)) => Err(e),
-                    Err(_) => Err(self.timed_out(queue, &prepared.id, stage)),
+                    Err(_) => Err(stage.timed_out(queue, &prepared.id, self.timeout)),
                 }
             };
             tokio::pin!(sent);
@@ -183,7 +209,7 @@ impl Publisher {
                     let confirmed = self.confirmed(queue, &id, sent);
                     let outcome = match tokio::time::timeout_at(deadline, confirmed).await {
                         Ok(outcome) => outcome,
-                        Err(_) => Err(self.timed_out(queue, &id, Stage::Confirm)),
+                        Err(_) => Err(Stage::Confirm.timed_out(queue, &id, self.timeout)),
                     };
                     drop(permit);
                     outcome
@@ -228,31 +254,6 @@ impl Publisher {
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Canceled, "the driver is closed"))
-    }
-
-    /// The error of a publish whose `publish_timeout` ran out at `stage`.
-    fn timed_out(&self, queue: &QueueId, id: &str, stage: Stage) -> Error {
-        let timeout = self.timeout;
-        Error::internal(match stage {
-            Stage::Window => format!(
-                "publish to {queue}: the confirm window stayed full for publish_timeout {timeout:?}"
-            ),
-            // The waits of this stage have their own errors at the same deadline; this
-            // one is said when the publish's timer fires first.
-            Stage::Route => format!(
-                "publish to {queue}: not sent within publish_timeout {timeout:?}: no connection to the broker, no publishing channel open on it, or its delay queue not declared yet"
-            ),
-            // lapin queues the frames when the publish is first polled and writes them
-            // when it can (not during a resource alarm): dropping the publish does not
-            // take them back, so the message may still reach the queue. Said so: a
-            // caller that publishes again may make a duplicate, as after a lost confirm.
-            Stage::Write => format!(
-                "publish to {queue}: not written within publish_timeout {timeout:?} (the broker is not reading: a resource alarm, or a hung connection); it may still be written later, so publishing again may duplicate it"
-            ),
-            Stage::Confirm => format!(
-                "publish to {queue}: message {id} not confirmed within publish_timeout {timeout:?}"
-            ),
-        })
     }
 
     /// The confirm-mode channel on `link`, reopened if a channel error closed it.
@@ -340,7 +341,7 @@ impl Publisher {
     /// Writes one message on its route (its properties are taken, not cloned: a
     /// message is written once); the confirm is still to come. Unbounded by itself:
     /// its caller's timer bounds it, and its error says the message may still be
-    /// written ([`Self::timed_out`]).
+    /// written ([`Stage::timed_out`]).
     async fn write(&self, queue: &QueueId, route: Route, prepared: &mut Prepared) -> Result<Sent> {
         let Route {
             link,
@@ -481,5 +482,28 @@ fn record(done: Result<()>, confirmed: &mut usize, first_error: &mut Option<Erro
         Err(e) => {
             first_error.get_or_insert(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a publish that reached `basic.publish` may have its frames written after
+    /// its timeout: only its error may warn of a duplicate.
+    #[test]
+    fn only_a_timeout_after_the_write_began_warns_that_the_message_may_arrive() {
+        let queue = QueueId::parse("app:jobs").unwrap();
+        let said = |stage: Stage| {
+            let err = stage.timed_out(&queue, "m-1", Duration::from_secs(5));
+            assert!(err.retryable(), "{err}");
+            err.message().to_string()
+        };
+        for stage in [Stage::Window, Stage::Route] {
+            assert!(!said(stage).contains("duplicate"), "{}", said(stage));
+        }
+        assert!(said(Stage::Route).contains("not sent"));
+        assert!(said(Stage::Write).contains("may duplicate it"));
+        assert!(said(Stage::Confirm).contains("message m-1 not confirmed"));
     }
 }
