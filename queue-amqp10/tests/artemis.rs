@@ -108,6 +108,7 @@ async fn publishes_waiting_at_a_close_get_their_real_outcome() {
     let counter = artemis().await;
     counter.declare(&queue_spec(&queue)).await.unwrap();
     let held = counter.info(&queue).await.unwrap().message_count();
+    let held = held.expect("Artemis counts its queues");
     assert_eq!(
         held, confirmed,
         "the queue holds {held}, {confirmed} were confirmed"

@@ -267,9 +267,22 @@ pub struct QueueInfo {
 }
 
 impl QueueInfo {
-    /// Ready + in flight + delayed, counting what is known.
-    pub fn message_count(&self) -> u64 {
-        self.ready.unwrap_or(0) + self.in_flight.unwrap_or(0) + self.delayed.unwrap_or(0)
+    /// Ready + in flight + delayed, counting what is known; `None` when none of them
+    /// is (RabbitMQ 3.x tells an AMQP 1.0 client no counts), not a count of 0.
+    ///
+    /// ```
+    /// use queue_core::QueueInfo;
+    ///
+    /// let counted = QueueInfo { ready: Some(2), delayed: Some(1), ..QueueInfo::default() };
+    /// assert_eq!(counted.message_count(), Some(3));
+    /// assert_eq!(QueueInfo::default().message_count(), None);
+    /// ```
+    pub fn message_count(&self) -> Option<u64> {
+        let counts = [self.ready, self.in_flight, self.delayed];
+        counts
+            .iter()
+            .any(Option::is_some)
+            .then(|| counts.iter().flatten().sum())
     }
 }
 

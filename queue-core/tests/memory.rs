@@ -243,7 +243,7 @@ async fn info_counts_delayed_messages() {
     driver.publish(&id(), later).await.unwrap();
     let info = driver.info(&id()).await.unwrap();
     assert_eq!((info.ready, info.delayed), (Some(0), Some(1)));
-    assert_eq!(info.message_count(), 1);
+    assert_eq!(info.message_count(), Some(1));
 }
 
 #[tokio::test]

@@ -162,6 +162,7 @@ async fn assert_empty(driver: &Amqp10Driver, queue: &QueueId) {
             .await
             .expect("queue info")
             .message_count()
+            .expect("Artemis counts its queues")
     })
     .await;
 }

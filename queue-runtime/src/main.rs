@@ -481,7 +481,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |n| n.to_string());
             say!(
                 "{queue_id}: message_count={} ready={} in_flight={} delayed={} consumer_count={}{node}",
-                info.message_count(),
+                show(info.message_count()),
                 show(info.ready),
                 show(info.in_flight),
                 show(info.delayed),

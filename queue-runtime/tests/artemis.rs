@@ -313,7 +313,8 @@ end
 
 async fn counts(driver: &Amqp10Driver, queue: &QueueId) -> (u64, u64) {
     let info = driver.info(queue).await.expect("info from Artemis");
-    (info.message_count(), info.ready.unwrap_or(0))
+    let total = info.message_count().expect("Artemis counts its queues");
+    (total, info.ready.unwrap_or(0))
 }
 
 async fn runtime_fault(fault: Fault) {

@@ -399,9 +399,15 @@ fn percent_encoded_odd_credentials_log_in_through_both_drivers() {
         .expect("rabbitmqctl adds the user");
     let user = format!("odd%40us%20er+{id}");
     let encoded = "p%40ss%3Aw%2Frd%25%23%3F%2B%20%C3%A9%5B1%5D%26%3D%3B%21%24%27%28%29%2A%2C";
-    for (kind, vhost, extra) in [
-        ("queue.driver.amqp", "/%2f", ""),
-        ("queue.driver.amqp10", "", "    profile: rabbitmq-v1\n"),
+    // RabbitMQ 3.x tells an AMQP 1.0 client no counts.
+    for (kind, vhost, extra, count) in [
+        ("queue.driver.amqp", "/%2f", "", "0"),
+        (
+            "queue.driver.amqp10",
+            "",
+            "    profile: rabbitmq-v1\n",
+            "unknown",
+        ),
     ] {
         let yaml = format!(
             "namespace: app\nentries:\n  - name: rabbit\n    kind: {kind}\n    url: \"amqp://{user}:{encoded}@127.0.0.1:5672{vhost}\"\n{extra}  - name: jobs\n    kind: queue.queue\n    queue_name: it-odd-login-{}\n    durable: false\n",
@@ -411,7 +417,10 @@ fn percent_encoded_odd_credentials_log_in_through_both_drivers() {
         let out = run(&["info", "app:jobs", "--config", "app.yaml"], dir.path());
         let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
         assert!(out.status.success(), "{kind}: {said}");
-        assert!(said.contains("message_count=0"), "{kind}: {said}");
+        assert!(
+            said.contains(&format!("message_count={count} ")),
+            "{kind}: {said}"
+        );
         assert!(said.contains(&format!("{user}:***@")), "{kind}: {said}");
         for secret in ["w/rd", "p%40ss", "%C3%A9", "%2A%2C"] {
             assert!(!said.contains(secret), "{kind} showed {secret}: {said}");
