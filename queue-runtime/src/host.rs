@@ -214,6 +214,7 @@ impl Host {
         let (go, _) = watch::channel(false);
         let busy = Busy::default();
         let mut consumers = Vec::new();
+        let mut lookups = Vec::new();
         for c in &plan.consumers {
             let q = plan
                 .queue(&c.queue)
@@ -257,6 +258,8 @@ impl Host {
                     .map_err(|e| e.context(format!("consumer {}", c.id)))?;
                 runtime.attached.fetch_add(1, Ordering::AcqRel);
                 let (done, back) = oneshot::channel();
+                let (found, lookup) = oneshot::channel();
+                lookups.push((c.id.clone(), lookup));
                 workers.dispatch_to(
                     first_worker + share as usize,
                     Job::Attach(Intake {
@@ -266,6 +269,7 @@ impl Host {
                         stop: stop.subscribe(),
                         go: go.subscribe(),
                         busy: busy.clone(),
+                        found,
                         stopped: done,
                     }),
                 );
@@ -282,6 +286,22 @@ impl Host {
                     attached: Arc::clone(&runtime.attached),
                 },
             });
+        }
+        // A handler that is not there would fail every delivery until each is
+        // dead-lettered: refuse to start instead. Returning drops `go` unset, and every
+        // intake gives its subscription back untouched.
+        for (consumer, lookup) in lookups {
+            match lookup.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.context(format!("consumer {consumer}"))),
+                Err(_) => {
+                    return Err(Error::internal(format!(
+                        "consumer {consumer}: its Lua worker stopped before it found the handler"
+                    )));
+                }
+            }
+        }
+        for c in &plan.consumers {
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
         // Every consumer is attached: deliveries may be taken.

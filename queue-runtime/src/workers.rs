@@ -72,6 +72,10 @@ pub struct Intake {
     pub go: watch::Receiver<bool>,
     /// Counts deliveries until settled.
     pub busy: Busy,
+    /// Told, before any delivery is taken, whether the consumer's handler was found on
+    /// this worker: the host refuses to start without it (docs/configuration.md,
+    /// "Where a consumer's method is found").
+    pub found: oneshot::Sender<Result<()>>,
     /// Gets the subscription back once intake stopped and running handlers finished
     /// (or `stop_timeout` passed), for the host to cancel.
     pub stopped: oneshot::Sender<Box<dyn Subscription>>,
@@ -331,8 +335,26 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         mut stop,
         mut go,
         busy,
+        found,
         stopped,
     } = intake;
+    // Looked up before the start goes through, once per intake: a source that does
+    // not load, or lacks the method, would fail every delivery the same way.
+    let handler = match host.handler_in(
+        &consumer.plan.source,
+        &consumer.plan.method,
+        consumer.plan.opt_in,
+    ) {
+        Ok(handler) => {
+            let _ = found.send(Ok(()));
+            Rc::new(handler)
+        }
+        Err(e) => {
+            // Nothing was taken: the deliveries it prefetched go back with it.
+            let _ = found.send(Err(e));
+            return;
+        }
+    };
     // On a clone: `wait_for` marks what it saw as seen, and the runners' copy of
     // `stop` (below) must still see a stop that came before they started.
     let mut stop_before_go = stop.clone();
@@ -346,16 +368,6 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         drop(subscription);
         return;
     }
-    // Resolved once per intake: a source that does not load, or lacks the method,
-    // fails every delivery the same way.
-    let handler: HandlerLookup = host
-        .handler_in(
-            &consumer.plan.source,
-            &consumer.plan.method,
-            consumer.plan.opt_in,
-        )
-        .map(Rc::new)
-        .map_err(|e| Rc::from(e.message()));
     let runners = TaskTracker::new();
     let shared = Rc::new(Runners {
         host,
@@ -398,7 +410,7 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
 /// What the runners of one intake share.
 struct Runners {
     host: Rc<LuaHost>,
-    handler: HandlerLookup,
+    handler: Rc<Handler>,
     consumer: Arc<ConsumerRuntime>,
     busy: Busy,
     /// The runners, and the settlements handlers start themselves (`msg:ack()`,
@@ -529,9 +541,6 @@ async fn run_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     }
 }
 
-/// The consumer's handler, or why it cannot be found.
-type HandlerLookup = std::result::Result<Rc<Handler>, Rc<str>>;
-
 async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     let Runners {
         host,
@@ -556,30 +565,24 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
             reason: e.to_string(),
             retryable: true,
         },
-        Ok(payload) => match handler {
-            Err(e) => Outcome::Nack {
-                reason: e.to_string(),
-                retryable: true,
-            },
-            Ok(handler) => {
-                let settle = Rc::new(RuntimeSettle {
-                    delivery: Arc::clone(&delivery),
-                    runners: Rc::clone(runners),
-                });
-                let context = DeliveryContext {
-                    message: delivery.shared_message(),
-                    settle,
-                };
-                host.run_handler_within(
-                    handler,
-                    payload,
-                    context,
-                    consumer.plan.security.clone(),
-                    consumer.plan.timeout,
-                )
-                .await
-            }
-        },
+        Ok(payload) => {
+            let settle = Rc::new(RuntimeSettle {
+                delivery: Arc::clone(&delivery),
+                runners: Rc::clone(runners),
+            });
+            let context = DeliveryContext {
+                message: delivery.shared_message(),
+                settle,
+            };
+            host.run_handler_within(
+                handler,
+                payload,
+                context,
+                consumer.plan.security.clone(),
+                consumer.plan.timeout,
+            )
+            .await
+        }
     };
     consumer
         .meters

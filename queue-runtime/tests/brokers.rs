@@ -428,6 +428,63 @@ fn percent_encoded_odd_credentials_log_in_through_both_drivers() {
     }
 }
 
+/// A consumer whose file needs an opt-in (so `check` cannot run its top level) and
+/// does not define its method: `run` refuses to start, naming the consumer and the
+/// method, and the message waiting in the queue is still there, untouched. It was
+/// retried and dead-lettered, one delivery after another, while the consumer
+/// reported itself attached. `info` over AMQP 1.0 on RabbitMQ 3.x says its message
+/// count is unknown (it said 0 with a message there).
+fn a_consumer_without_its_handler_refuses_to_start_and_takes_nothing() {
+    for (name, driver) in DRIVERS {
+        let queue = format!(
+            "  - name: jobs\n    kind: queue.queue\n    queue_name: it-no-handler-{name}-{}\n    durable: false\n",
+            unique()
+        );
+        let yaml = format!(
+            "namespace: app\nentries:\n{driver}{queue}  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    sandbox:\n      allow: [os]\n"
+        );
+        // Counted over AMQP 0-9-1: RabbitMQ 3.x tells an AMQP 1.0 client no counts.
+        let counting = format!("namespace: app\nentries:\n{}{queue}", DRIVERS[0].1);
+        let handlers =
+            "local home = os.getenv('HOME')\nfunction handel(payload) logger:info('Handled') end\n";
+        let dir = app(&[
+            ("app.yaml", &yaml),
+            ("count.yaml", &counting),
+            ("h.lua", handlers),
+        ]);
+        let out = run(
+            &["publish", "app:jobs", "{\"a\":1}", "--config", "app.yaml"],
+            dir.path(),
+        );
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let child = spawn(&["run", "--log-format", "json", "app.yaml"], dir.path());
+        let out = wait_with_timeout(child, Duration::from_secs(60));
+        let said = text(&out.stderr);
+        assert!(!out.status.success(), "{name}: {said}");
+        assert!(
+            said.contains("consumer app:w") && said.contains("defines no function \"handle\""),
+            "{name}: {said}"
+        );
+        assert!(!said.contains("Handled"), "{name}: {said}");
+        // Over AMQP 1.0 the count is unknown, and says so (it said 0).
+        let out = run(&["info", "app:jobs", "--config", "app.yaml"], dir.path());
+        let count = if name == "amqp10" { "unknown" } else { "1" };
+        assert!(
+            text(&out.stdout).contains(&format!("message_count={count} ")),
+            "{name}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let out = run(&["info", "app:jobs", "--config", "count.yaml"], dir.path());
+        assert!(
+            text(&out.stdout).contains("message_count=1 ready=1"),
+            "{name}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [];
@@ -438,5 +495,6 @@ queue_testkit::broker_tests! {
         odd_passwords_never_show_whatever_the_url_or_log_level,
         percent_encoded_odd_credentials_log_in_through_both_drivers,
         a_hung_broker_cannot_keep_the_runtime_from_stopping,
+        a_consumer_without_its_handler_refuses_to_start_and_takes_nothing,
     ];
 }

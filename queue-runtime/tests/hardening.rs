@@ -696,3 +696,37 @@ fn the_metrics_server_reads_whole_requests_and_survives_a_flood() {
     let out = wait_with_timeout(child, Duration::from_secs(30));
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// A consumer's file that needs an opt-in is not run by `check`, so `run` is where a
+/// missing method or a top level that fails shows: the start is refused with the
+/// consumer, the file and why, before any process or handler runs. It was retried
+/// and dead-lettered, one delivery after another, while the consumer said it was
+/// attached.
+#[test]
+fn run_refuses_to_start_a_consumer_whose_handler_is_not_there() {
+    for (lua, said) in [
+        (
+            "local home = os.getenv('HOME')\nfunction handel(p) end\n",
+            "defines no function \"handle\"",
+        ),
+        (
+            "error('no config here')\nfunction handle(p) end\n",
+            "no config here",
+        ),
+    ] {
+        let yaml = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    sandbox:\n      allow: [os]\n  - name: start\n    kind: process.lua\n    source: p.lua\n    method: start\n";
+        let dir = app(&[
+            ("app.yaml", yaml),
+            ("h.lua", lua),
+            ("p.lua", "function start() logger:info('Started') end\n"),
+        ]);
+        let (out, logs) = run_json(dir.path());
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("consumer app:w") && err.contains("h.lua") && err.contains(said),
+            "{err}"
+        );
+        assert!(lua_logs(&logs, "Started").is_empty(), "{err}");
+    }
+}
