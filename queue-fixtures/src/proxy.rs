@@ -33,6 +33,8 @@ pub enum Performative {
 struct State {
     withheld_kinds: Vec<Performative>,
     frozen: bool,
+    /// Connections numbered below it (in the order accepted, from 0) are cut off.
+    cut_below: usize,
     withheld: usize,
     /// Clients whose side of the connection is still open.
     clients: usize,
@@ -123,13 +125,23 @@ impl BrokerProxy {
         lock(&self.state.0).frozen = true;
     }
 
+    /// From now on, drops everything either side sends on the connections open now,
+    /// as a network that lost them without a word would (no FIN, no RST: a NAT or a
+    /// firewall that forgot them): nothing reaches the broker, nothing comes back,
+    /// and both ends still think them open. Connections made later pass.
+    pub fn cut_off_open_connections(&self) {
+        let mut state = lock(&self.state.0);
+        state.cut_below = state.accepted;
+    }
+
     /// Whether [`freeze`](Self::freeze) was called.
     pub fn is_frozen(&self) -> bool {
         lock(&self.state.0).frozen
     }
 
     /// How many times the proxy has withheld something so far (a frame, or a read of
-    /// a frozen broker's bytes): the proof that the fault landed.
+    /// a frozen broker's bytes or of either side of a cut-off connection): the proof
+    /// that the fault landed.
     pub fn withheld(&self) -> usize {
         lock(&self.state.0).withheld
     }
@@ -280,15 +292,16 @@ async fn accept_loop(
         let _ = (client.set_nodelay(true), broker.set_nodelay(true));
         let (client_read, client_write) = client.into_split();
         let (broker_read, broker_write) = broker.into_split();
-        {
+        let index = {
             let mut counts = lock(&state.0);
             counts.clients += 1;
             counts.accepted += 1;
-        }
+            counts.accepted - 1
+        };
         state.1.notify_all();
         let client_ended = Arc::clone(&state);
         connections.spawn(async move {
-            copy(client_read, broker_write).await;
+            copy(client_read, broker_write, index, &client_ended).await;
             let (state, rung) = &*client_ended;
             lock(state).clients -= 1;
             rung.notify_all();
@@ -297,13 +310,37 @@ async fn accept_loop(
             broker_read,
             client_write,
             framed,
+            index,
             Arc::clone(&state),
         ));
     }
 }
 
-async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
-    let _ = tokio::io::copy(&mut from, &mut to).await;
+/// Forwards the client's bytes to the broker, none once connection `index` is cut off.
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    index: usize,
+    state: &(Mutex<State>, Condvar),
+) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) if is_cut_off(state, index) => {
+                // A lost network carries no FIN either.
+                std::future::pending::<()>().await;
+                return;
+            }
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut_off(state, index) {
+            continue;
+        }
+        if to.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
+    }
     let _ = to.shutdown().await;
 }
 
@@ -313,13 +350,14 @@ async fn filter(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     framed: bool,
+    index: usize,
     state: Arc<(Mutex<State>, Condvar)>,
 ) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut chunk).await {
-            Ok(0) | Err(_) if withholding(&state) => {
+            Ok(0) | Err(_) if withholding(&state) || is_cut_off(&state, index) => {
                 // A broker that hangs does not hang up either: the client keeps its
                 // connection, unanswered, until the proxy goes.
                 std::future::pending::<()>().await;
@@ -328,7 +366,7 @@ async fn filter(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if frozen(&state) {
+        if frozen(&state) || cut_off(&state, index) {
             pending.clear();
             continue;
         }
@@ -365,6 +403,23 @@ fn frozen(state: &(Mutex<State>, Condvar)) -> bool {
     let (state, rung) = state;
     let mut guard = lock(state);
     if !guard.frozen {
+        return false;
+    }
+    guard.withheld += 1;
+    rung.notify_all();
+    true
+}
+
+/// Whether connection `index` is cut off ([`BrokerProxy::cut_off_open_connections`]).
+fn is_cut_off(state: &(Mutex<State>, Condvar), index: usize) -> bool {
+    index < lock(&state.0).cut_below
+}
+
+/// [`is_cut_off`], counting a read dropped as withheld.
+fn cut_off(state: &(Mutex<State>, Condvar), index: usize) -> bool {
+    let (state, rung) = state;
+    let mut guard = lock(state);
+    if index >= guard.cut_below {
         return false;
     }
     guard.withheld += 1;
