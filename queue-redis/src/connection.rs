@@ -8,11 +8,17 @@
 //! `CLIENT ID`, and a new id is a new connection. Each subscription reads on a
 //! connection of its own, because `XREADGROUP ... BLOCK` holds its connection until
 //! it returns.
+//!
+//! The crate replaces a connection only when its socket reports an error. One the
+//! network lost without a word (a NAT or a firewall that forgot it) reports none
+//! until the kernel gives up retransmitting, about 15 minutes later: a command that
+//! gets no reply in time therefore puts a new connection in place of the one it ran
+//! on ([`Link::lost`]; docs/drivers/redis.md, "Connection loss").
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use queue_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -30,7 +36,7 @@ const RETRIES: usize = 6;
 /// The shared connection and the counts of the connection report.
 pub(crate) struct Link {
     client: redis::Client,
-    manager: ConnectionManager,
+    current: std::sync::RwLock<Current>,
     config: RedisConfig,
     node: String,
     /// Connections that opened: 1 after connecting, +1 per reconnect seen.
@@ -44,6 +50,12 @@ pub(crate) struct Link {
     /// (a restarted server numbers its clients from 1 again).
     identity: std::sync::Mutex<String>,
     closed: AtomicBool,
+}
+
+/// The shared connection, and since when it is the one in use.
+struct Current {
+    manager: ConnectionManager,
+    since: Instant,
 }
 
 /// The server's run id and the connection's client id.
@@ -94,17 +106,17 @@ impl Link {
         drop(probe);
         let manager = tokio::time::timeout(
             CONNECT_TIMEOUT * 2,
-            ConnectionManager::new_with_config(
-                client.clone(),
-                manager_config(config, Some(config.publish_timeout.max(CONNECT_TIMEOUT))),
-            ),
+            ConnectionManager::new_with_config(client.clone(), shared_config(config)),
         )
         .await
         .map_err(|_| Error::internal(format!("{what} timed out")))?
         .map_err(|e| from_redis(&what, e))?;
         let link = Link {
             client,
-            manager,
+            current: std::sync::RwLock::new(Current {
+                manager,
+                since: Instant::now(),
+            }),
             config: config.clone(),
             node,
             opened: AtomicU64::new(1),
@@ -143,9 +155,58 @@ impl Link {
         if self.is_closed() {
             return Err(crate::error::closed(what));
         }
-        let result = op(self.manager.clone()).await;
+        let started = Instant::now();
+        let result = op(self.manager()).await;
+        self.lost_if_timed_out(&result, started);
         self.observe(&result).await;
         result.map_err(|e| from_redis(what, e))
+    }
+
+    /// The shared connection in use now.
+    fn manager(&self) -> ConnectionManager {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .manager
+            .clone()
+    }
+
+    /// After a command begun at `started` got no reply in time: puts a new shared
+    /// connection (opened at its first use) in place of the one in use, unless that
+    /// one is newer than the command (another command's timeout replaced it already).
+    /// The old one closes once its last command has ended.
+    pub fn lost(&self, started: Instant) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.since > started {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            shared_config(&self.config),
+        ) {
+            Ok(manager) => {
+                *current = Current {
+                    manager,
+                    since: Instant::now(),
+                };
+                self.connected.store(false, Ordering::Relaxed);
+                self.suspect.store(true, Ordering::Relaxed);
+                tracing::warn!(node = %self.node, "redis: a command got no reply in time; the next ones go on a new connection (the network may have lost the old one without a word)");
+            }
+            Err(err) => {
+                tracing::warn!(node = %self.node, error = %err, "redis: a command got no reply in time, and no new connection could be set up");
+            }
+        }
+    }
+
+    /// [`Link::lost`] when `result` is the redis crate's own time limit running out.
+    fn lost_if_timed_out<T>(&self, result: &RedisResult<T>, started: Instant) {
+        if matches!(result, Err(e) if e.is_timeout()) {
+            self.lost(started);
+        }
     }
 
     /// Like [`Link::run`] for commands that may run twice (declare, attach, info):
@@ -165,15 +226,15 @@ impl Link {
             if self.is_closed() {
                 return Err(crate::error::closed(what));
             }
-            let Ok(result) = tokio::time::timeout_at(deadline, op(self.manager.clone())).await
-            else {
-                self.connected.store(false, Ordering::Relaxed);
-                self.suspect.store(true, Ordering::Relaxed);
+            let started = Instant::now();
+            let Ok(result) = tokio::time::timeout_at(deadline, op(self.manager())).await else {
+                self.lost(started);
                 return Err(Error::internal(format!(
                     "{what}: Redis did not answer within publish_timeout {:?}",
                     self.config.publish_timeout
                 )));
             };
+            self.lost_if_timed_out(&result, started);
             self.observe(&result).await;
             match result {
                 Err(e) if is_connection_error(&e) => {
@@ -209,7 +270,7 @@ impl Link {
     }
 
     async fn check_identity(&self) {
-        match identity(self.manager.clone()).await {
+        match identity(self.manager()).await {
             Ok(id) => {
                 let old = std::mem::replace(
                     &mut *self
@@ -276,6 +337,12 @@ impl Link {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+}
+
+/// The shared connection's settings: an answer may take up to `publish_timeout`, and
+/// at least as long as a connect.
+fn shared_config(config: &RedisConfig) -> ConnectionManagerConfig {
+    manager_config(config, Some(config.publish_timeout.max(CONNECT_TIMEOUT)))
 }
 
 fn manager_config(

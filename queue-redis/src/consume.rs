@@ -318,6 +318,16 @@ async fn read_loop(
                 failures += 1;
                 fresh = true;
                 shared.look_again();
+                if err.is_timeout() {
+                    // No reply past its block and a connect's time: the network may
+                    // have lost the connection without a word (crate::connection).
+                    match link.reader(BLOCK) {
+                        Ok(fresh_reader) => reader = fresh_reader,
+                        Err(e) => {
+                            tracing::warn!(queue = %shared.queue, error = %e, "redis: no new reader connection")
+                        }
+                    }
+                }
                 // At most a quarter of the lease: the lease is renewed at the top of the
                 // loop, and a reader whose reconnects alone fail (maxclients) while the
                 // shared connection works must not let it run out, or the other

@@ -89,11 +89,15 @@ async fn within<T>(
     sending: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
     let limit = link.config().publish_timeout;
+    let started = std::time::Instant::now();
     match tokio::time::timeout(limit, sending).await {
         Ok(result) => result,
-        Err(_) => Err(Error::internal(format!(
-            "{what}: no reply within {limit:?} (publish_timeout); the message may have been added, so a retry may deliver it twice"
-        ))),
+        Err(_) => {
+            link.lost(started);
+            Err(Error::internal(format!(
+                "{what}: no reply within {limit:?} (publish_timeout); the message may have been added, so a retry may deliver it twice"
+            )))
+        }
     }
 }
 

@@ -444,6 +444,54 @@ async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
     }
 }
 
+/// A network that loses the driver's connections without a word (a NAT or a firewall
+/// that forgot them: no FIN, no RST) must not cost more than one command's limit.
+/// The redis crate reconnects only on an error the socket reports, which the kernel
+/// gives after about 15 minutes of retransmissions; until then every publish failed
+/// at `publish_timeout` on the same dead connection, and the consumer's reads every
+/// 7 s. A command that times out now puts a new connection in its place.
+async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
+    use std::time::Duration;
+    let node = node().await;
+    let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
+    let url = node
+        .url()
+        .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
+    let mut config = RedisConfig::new(url);
+    config.publish_timeout = Duration::from_secs(2);
+    let driver = RedisDriver::connect(config).await.unwrap();
+    let spec = queue("lost");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    let accepted = proxy.accepted();
+    proxy.cut_off_open_connections();
+    let lost = within(
+        "a publish on a lost connection",
+        driver.publish(&spec.id, numbered(2)),
+    )
+    .await
+    .expect_err("nothing reached Redis");
+    assert!(lost.retryable(), "{lost}");
+    assert!(proxy.withheld() >= 1, "the publish went through the cut");
+    within(
+        "a publish after the timeout",
+        driver.publish(&spec.id, numbered(3)),
+    )
+    .await
+    .expect("a new connection takes the publish");
+    assert!(proxy.accepted() > accepted, "no new connection was made");
+    // The reader's blocked read times out too, and it reads on a new connection.
+    let delivery = next(&mut sub).await;
+    assert_eq!(number_of(&delivery), 3);
+    delivery.ack().await.unwrap();
+    let _ = within("the close", driver.close()).await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
@@ -459,6 +507,7 @@ queue_testkit::broker_tests! {
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
+        connections_lost_without_a_word_are_replaced_after_one_timeout,
     ];
     sync: [];
 }
