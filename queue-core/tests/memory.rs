@@ -152,11 +152,12 @@ async fn a_delayed_message_lives_its_ttl_from_when_it_enters_the_queue() {
     d.ack().await.unwrap();
 }
 
-/// Expired messages dropped on their way to a consumer free their room for a
-/// publisher waiting for it. Before, a take that found only expired messages woke
-/// nobody, and the publisher failed "full" with the queue empty.
+/// Expired messages at the head of a full queue make room for a publish, with no
+/// consumer to take them, as RabbitMQ drops them at the head of its queue. Before,
+/// they took room until a consumer's take dropped them: the publish waited out its
+/// limit and failed "full" with nothing live in the queue.
 #[tokio::test(start_paused = true)]
-async fn expired_messages_make_room_for_a_waiting_publisher() {
+async fn expired_messages_make_room_without_a_consumer() {
     let driver = MemoryDriver::with_config(MemoryConfig {
         publish_timeout: Duration::from_secs(20),
         ..MemoryConfig::default()
@@ -169,28 +170,55 @@ async fn expired_messages_make_room_for_a_waiting_publisher() {
         driver.publish(&id(), numbered(n)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // both expire (paused clock)
-    let publisher = {
-        let driver = driver.clone();
-        tokio::spawn(async move { driver.publish(&id(), numbered(9)).await })
-    };
-    // The publisher runs until it waits for room (one thread, paused clock).
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    assert!(
-        !publisher.is_finished(),
-        "the queue still counts its expired messages"
+    let started = tokio::time::Instant::now();
+    driver
+        .publish(&id(), numbered(9))
+        .await
+        .expect("the expired messages made room");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the publish waited for room"
     );
+    let info = driver.info(&id()).await.unwrap();
+    assert_eq!(info.ready, Some(1), "{info:?}");
     let mut sub = driver
         .consume(&id(), ConsumeOptions::default())
         .await
         .unwrap();
     let d = next(&mut sub).await;
     assert_eq!(number_of(&d), 9);
-    publisher
+    d.ack().await.unwrap();
+}
+
+/// A delivery put back (released, or returned by its consumer's cancel) keeps when it
+/// expires, as on RabbitMQ. Before, it came back with no time to live and never
+/// expired.
+#[tokio::test(start_paused = true)]
+async fn a_message_put_back_keeps_its_time_to_live() {
+    let driver = MemoryDriver::new();
+    let spec = QueueSpec::new(id()).with_message_ttl(Duration::from_secs(1));
+    driver.declare(&spec).await.unwrap();
+    for n in 0..2 {
+        driver.publish(&id(), numbered(n)).await.unwrap();
+    }
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions { prefetch: 2 })
         .await
-        .unwrap()
-        .expect("the waiting publish got in");
+        .unwrap();
+    let released = next(&mut sub).await;
+    let returned = next(&mut sub).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // both expire (paused clock)
+    released.release().await.unwrap();
+    drop(returned);
+    sub.cancel().await.unwrap();
+    driver.publish(&id(), numbered(9)).await.unwrap();
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 9, "an expired message came back");
     d.ack().await.unwrap();
 }
 

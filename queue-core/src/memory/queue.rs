@@ -13,7 +13,8 @@ use crate::{Error, Message, QueueInfo, QueueSpec, Result};
 
 /// A ready message and when it expires (from `message_ttl` or its own `expiration`).
 /// Shared with its delivery while in flight: the queue keeps it (to put it back on a
-/// release or a cancel) without copying its id, headers and body per delivery.
+/// release or a cancel) without copying its id, headers and body per delivery. A
+/// message put back keeps when it expires, as on RabbitMQ.
 #[derive(Debug)]
 struct Ready {
     message: Arc<Message>,
@@ -48,10 +49,10 @@ struct State {
     ready: u64,
     delayed: u64,
     consumers: u64,
-    /// Delivery tag -> (subscription id, the message and its priority). Tags are
+    /// Delivery tag -> (subscription id, the message as it was ready). Tags are
     /// counted up by the queue, not chosen by input: FxHash instead of SipHash, which
     /// was a visible part of each delivery's cost (docs/performance.md).
-    in_flight: rustc_hash::FxHashMap<u64, (u64, Arc<Message>, u8)>,
+    in_flight: rustc_hash::FxHashMap<u64, (u64, Ready)>,
 }
 
 #[derive(Debug)]
@@ -178,7 +179,7 @@ impl MemQueue {
         let mut queued = false;
         {
             let mut state = self.lock();
-            while self.has_room(&state) {
+            while self.make_room(&mut state) {
                 match rest.next_if(|(_, delay)| delay.is_none()) {
                     Some((incoming, _)) => {
                         Self::push(&mut state, incoming.entering(), false);
@@ -215,6 +216,44 @@ impl MemQueue {
     /// header got past a full queue, without bound.
     fn has_room(&self, state: &State) -> bool {
         state.ready + state.delayed < self.max_length
+    }
+
+    /// [`Self::has_room`], once the expired messages at the head of each lane are
+    /// dropped: they took room under `max_length` until a consumer's take dropped
+    /// them, so a full queue of expired messages refused publishes with nobody
+    /// consuming. Wakes the publishers waiting for the room they leave.
+    fn make_room(&self, state: &mut State) -> bool {
+        if self.has_room(state) {
+            return true;
+        }
+        if Self::drop_expired_heads(&self.spec, state) == 0 {
+            return false;
+        }
+        self.space_signal.notify_waiters();
+        self.has_room(state)
+    }
+
+    /// Drops the expired messages at the head of each lane, as RabbitMQ drops them at
+    /// the head of its queue; returns how many. Reads the clock only when a head can
+    /// expire: most messages cannot.
+    fn drop_expired_heads(spec: &QueueSpec, state: &mut State) -> usize {
+        let mut now = None;
+        let mut expired = 0;
+        for lane in 0..state.lanes.len() {
+            while let Some(head) = state.lanes[lane].front() {
+                let over = head
+                    .expires
+                    .is_some_and(|e| e <= *now.get_or_insert_with(Instant::now));
+                if !over {
+                    break;
+                }
+                tracing::debug!(queue = %spec.id, id = %head.message.id, "message expired");
+                state.lanes[lane].pop_front();
+                state.ready -= 1;
+                expired += 1;
+            }
+        }
+        expired
     }
 
     /// Counts a delayed message once there is room for it (waiting up to `timeout`,
@@ -258,7 +297,7 @@ impl MemQueue {
             self.refuse_if_closed()?;
             {
                 let mut state = self.lock();
-                if self.has_room(&state) {
+                if self.make_room(&mut state) {
                     add(&mut state);
                     return Ok(());
                 }
@@ -286,35 +325,14 @@ impl MemQueue {
     /// skipping expired ones. Returns its delivery tag.
     pub(super) fn take(&self, subscription: u64) -> Option<(u64, Arc<Message>)> {
         let mut state = self.lock();
-        // Read the clock only for a message that can expire: most cannot.
-        let mut now = None;
-        let mut taken = None;
-        let mut expired = 0;
-        for lane in (0..state.lanes.len()).rev() {
-            while let Some(ready) = state.lanes[lane].pop_front() {
-                state.ready -= 1;
-                if ready
-                    .expires
-                    .is_some_and(|e| e <= *now.get_or_insert_with(Instant::now))
-                {
-                    tracing::debug!(queue = %self.spec.id, id = %ready.message.id, "message expired");
-                    expired += 1;
-                    continue;
-                }
-                taken = Some(ready);
-                break;
-            }
-            if taken.is_some() {
-                break;
-            }
-        }
+        let expired = Self::drop_expired_heads(&self.spec, &mut state);
+        let taken = state.lanes.iter_mut().rev().find_map(VecDeque::pop_front);
         let taken = taken.map(|ready| {
+            state.ready -= 1;
             let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-            state.in_flight.insert(
-                tag,
-                (subscription, Arc::clone(&ready.message), ready.priority),
-            );
-            (tag, ready.message)
+            let message = Arc::clone(&ready.message);
+            state.in_flight.insert(tag, (subscription, ready));
+            (tag, message)
         });
         drop(state);
         // One waiting publisher per slot freed, expired ones included: a take that
@@ -329,7 +347,7 @@ impl MemQueue {
     /// Settles a delivery: ack drops it, release puts it back at the front.
     pub(super) fn settle(&self, tag: u64, release: bool) -> Result<()> {
         let mut state = self.lock();
-        let Some((_, message, priority)) = state.in_flight.remove(&tag) else {
+        let Some((_, ready)) = state.in_flight.remove(&tag) else {
             return Err(Error::new(
                 crate::ErrorKind::Canceled,
                 format!(
@@ -339,15 +357,7 @@ impl MemQueue {
             ));
         };
         if release {
-            Self::push(
-                &mut state,
-                Ready {
-                    message,
-                    priority,
-                    expires: None,
-                },
-                true,
-            );
+            Self::push(&mut state, ready, true);
             drop(state);
             self.ready_signal.notify_one();
         } else {
@@ -369,22 +379,14 @@ impl MemQueue {
         let mut tags: Vec<u64> = state
             .in_flight
             .iter()
-            .filter(|(_, (sub, _, _))| *sub == subscription)
+            .filter(|(_, (sub, _))| *sub == subscription)
             .map(|(tag, _)| *tag)
             .collect();
         tags.sort_unstable_by(|a, b| b.cmp(a));
         let returned = !tags.is_empty();
         for tag in tags {
-            if let Some((_, message, priority)) = state.in_flight.remove(&tag) {
-                Self::push(
-                    &mut state,
-                    Ready {
-                        message,
-                        priority,
-                        expires: None,
-                    },
-                    true,
-                );
+            if let Some((_, ready)) = state.in_flight.remove(&tag) {
+                Self::push(&mut state, ready, true);
             }
         }
         drop(state);
