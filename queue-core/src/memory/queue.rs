@@ -49,10 +49,14 @@ struct State {
     ready: u64,
     delayed: u64,
     consumers: u64,
-    /// Delivery tag -> (subscription id, the message as it was ready). Tags are
+    /// Delivery tag -> (subscription id, the message and its priority). Tags are
     /// counted up by the queue, not chosen by input: FxHash instead of SipHash, which
     /// was a visible part of each delivery's cost (docs/performance.md).
-    in_flight: rustc_hash::FxHashMap<u64, (u64, Ready)>,
+    in_flight: rustc_hash::FxHashMap<u64, (u64, Arc<Message>, u8)>,
+    /// Delivery tag -> when it expires, for the deliveries that can: a message put
+    /// back keeps it. Apart from `in_flight`, so that the many that cannot expire
+    /// cost nothing more per delivery.
+    in_flight_expiry: rustc_hash::FxHashMap<u64, Instant>,
 }
 
 #[derive(Debug)]
@@ -330,9 +334,14 @@ impl MemQueue {
         let taken = taken.map(|ready| {
             state.ready -= 1;
             let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-            let message = Arc::clone(&ready.message);
-            state.in_flight.insert(tag, (subscription, ready));
-            (tag, message)
+            if let Some(expires) = ready.expires {
+                state.in_flight_expiry.insert(tag, expires);
+            }
+            state.in_flight.insert(
+                tag,
+                (subscription, Arc::clone(&ready.message), ready.priority),
+            );
+            (tag, ready.message)
         });
         drop(state);
         // One waiting publisher per slot freed, expired ones included: a take that
@@ -344,10 +353,26 @@ impl MemQueue {
         taken
     }
 
+    /// Takes delivery `tag` out of flight: the message as it was ready, with when it
+    /// expires.
+    fn leaving_flight(state: &mut State, tag: u64) -> Option<Ready> {
+        let (_, message, priority) = state.in_flight.remove(&tag)?;
+        let expires = if state.in_flight_expiry.is_empty() {
+            None
+        } else {
+            state.in_flight_expiry.remove(&tag)
+        };
+        Some(Ready {
+            message,
+            priority,
+            expires,
+        })
+    }
+
     /// Settles a delivery: ack drops it, release puts it back at the front.
     pub(super) fn settle(&self, tag: u64, release: bool) -> Result<()> {
         let mut state = self.lock();
-        let Some((_, ready)) = state.in_flight.remove(&tag) else {
+        let Some(ready) = Self::leaving_flight(&mut state, tag) else {
             return Err(Error::new(
                 crate::ErrorKind::Canceled,
                 format!(
@@ -379,13 +404,13 @@ impl MemQueue {
         let mut tags: Vec<u64> = state
             .in_flight
             .iter()
-            .filter(|(_, (sub, _))| *sub == subscription)
+            .filter(|(_, (sub, _, _))| *sub == subscription)
             .map(|(tag, _)| *tag)
             .collect();
         tags.sort_unstable_by(|a, b| b.cmp(a));
         let returned = !tags.is_empty();
         for tag in tags {
-            if let Some((_, ready)) = state.in_flight.remove(&tag) {
+            if let Some(ready) = Self::leaving_flight(&mut state, tag) {
                 Self::push(&mut state, ready, true);
             }
         }
