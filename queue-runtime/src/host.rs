@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::health::Attachment;
 use crate::metrics::Metered;
-use crate::registry::{DriverKinds, Plan};
+use crate::registry::{DriverKinds, Plan, ProcessPlan};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
 use queue_core::retry::{Exhausted, FailurePath};
 
@@ -259,7 +259,7 @@ impl Host {
                 runtime.attached.fetch_add(1, Ordering::AcqRel);
                 let (done, back) = oneshot::channel();
                 let (found, lookup) = oneshot::channel();
-                lookups.push((c.id.clone(), lookup));
+                lookups.push((format!("consumer {}", c.id), lookup));
                 workers.dispatch_to(
                     first_worker + share as usize,
                     Job::Attach(Intake {
@@ -287,16 +287,30 @@ impl Host {
                 },
             });
         }
+        // And each process's, on one worker: a process is started after `go`.
+        let processes: Vec<Arc<ProcessPlan>> =
+            plan.processes.iter().cloned().map(Arc::new).collect();
+        for p in &processes {
+            let (found, lookup) = oneshot::channel();
+            lookups.push((format!("process {}", p.id), lookup));
+            workers.dispatch_to(
+                0,
+                Job::FindHandler {
+                    plan: Arc::clone(p),
+                    found,
+                },
+            );
+        }
         // A handler that is not there would fail every delivery until each is
-        // dead-lettered: refuse to start instead. Returning drops `go` unset, and every
-        // intake gives its subscription back untouched.
-        for (consumer, lookup) in lookups {
+        // dead-lettered, or its process at once: refuse to start instead. Returning
+        // drops `go` unset, and every intake gives its subscription back untouched.
+        for (entry, lookup) in lookups {
             match lookup.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.context(format!("consumer {consumer}"))),
+                Ok(Err(e)) => return Err(e.context(entry)),
                 Err(_) => {
                     return Err(Error::internal(format!(
-                        "consumer {consumer}: its Lua worker stopped before it found the handler"
+                        "{entry}: its Lua worker stopped before it found the handler"
                     )));
                 }
             }
@@ -308,8 +322,7 @@ impl Host {
         go.send_replace(true);
         let processes_running = Arc::new(AtomicUsize::new(0));
         let process_failures = Arc::new(AtomicUsize::new(0));
-        for p in &plan.processes {
-            let p = Arc::new(p.clone());
+        for p in processes {
             for instance in 1..=p.instances {
                 let (done, result) = tokio::sync::oneshot::channel();
                 processes_running.fetch_add(1, Ordering::AcqRel);

@@ -54,6 +54,14 @@ pub enum Job {
         /// Told how it ended.
         done: oneshot::Sender<Result<()>>,
     },
+    /// Look a process's handler up without running it: the start refuses to go on
+    /// without it, as it does for a consumer's ([`Intake::found`]).
+    FindHandler {
+        /// The process.
+        plan: Arc<ProcessPlan>,
+        /// Told whether it was found.
+        found: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// One worker's share of a consumer.
@@ -288,6 +296,10 @@ fn worker_main(
 async fn run_job(host: Rc<LuaHost>, job: Job) {
     match job {
         Job::Attach(intake) => run_intake(host, intake).await,
+        Job::FindHandler { plan, found } => {
+            let handler = host.handler_in(&plan.source, &plan.method, plan.opt_in);
+            let _ = found.send(handler.map(drop));
+        }
         Job::Process {
             plan,
             instance,

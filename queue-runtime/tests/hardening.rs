@@ -730,3 +730,27 @@ fn run_refuses_to_start_a_consumer_whose_handler_is_not_there() {
         assert!(lua_logs(&logs, "Started").is_empty(), "{err}");
     }
 }
+
+/// The same for a process: its method is looked up before anything starts, and the
+/// start is refused without it. Before, the other processes and the consumers ran,
+/// and this one failed once started.
+#[test]
+fn run_refuses_to_start_a_process_whose_handler_is_not_there() {
+    let yaml = "namespace: app\nentries:\n  - name: start\n    kind: process.lua\n    source: p.lua\n    method: start\n  - name: broken\n    kind: process.lua\n    source: b.lua\n    method: main\n    sandbox:\n      allow: [os]\n";
+    let dir = app(&[
+        ("app.yaml", yaml),
+        ("p.lua", "function start() logger:info('Started') end\n"),
+        (
+            "b.lua",
+            "local home = os.getenv('HOME')\nfunction mian() end\n",
+        ),
+    ]);
+    let (out, logs) = run_json(dir.path());
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("process app:broken") && err.contains("defines no function \"main\""),
+        "{err}"
+    );
+    assert!(lua_logs(&logs, "Started").is_empty(), "{err}");
+}
