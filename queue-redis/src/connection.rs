@@ -415,7 +415,8 @@ fn setting(pairs: &[String], name: &str) -> String {
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,
-/// the login was revoked) rather than only retrying quietly.
+/// the login was revoked) rather than only retrying quietly. A refused login is one
+/// even though the redis crate reconnects on it: it lasts until someone fixes it.
 pub(crate) fn is_permanent(err: &RedisError) -> bool {
-    !is_connection_error(err)
+    !is_connection_error(err) || crate::error::is_refused_login(err)
 }

@@ -33,13 +33,17 @@ pub(crate) fn is_connection_error(err: &RedisError) -> bool {
 
 /// The portable error for a failed command; `what` says what was being done
 /// (`publish to app:tasks`).
+/// Whether Redis refused the login (a wrong password, a user that is gone or off):
+/// not a connection that a retry may bring back by itself.
+pub(crate) fn is_refused_login(err: &RedisError) -> bool {
+    err.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
 pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error {
     let code = err.code().unwrap_or_default().to_string();
     let detail = err.detail().unwrap_or_default().to_string();
-    let error = if err.kind() == redis::ErrorKind::AuthenticationFailed
-        || code == "WRONGPASS"
-        || code == "NOAUTH"
-    {
+    let error = if is_refused_login(&err) {
         Error::permission_denied(format!(
             "{what}: Redis refused the login ({})",
             if code.is_empty() {

@@ -492,6 +492,36 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// A login revoked while a consumer reads (the ACL user deleted, which also drops its
+/// connections) is told to the consumer, once, as `PERMISSION_DENIED`: a lasting
+/// failure someone must fix. It was retried quietly, every reconnect refused, and the
+/// consumer never heard of it.
+async fn a_login_revoked_under_a_consumer_is_told_to_it() {
+    let node = node().await;
+    node.command(&[
+        "ACL", "SETUSER", "worker", "on", ">s3cret", "~*", "&*", "+@all",
+    ])
+    .expect("ACL SETUSER");
+    let url = format!("redis://worker:s3cret@127.0.0.1:{}/0", node.port());
+    let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    let spec = queue("revoked");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    node.command(&["ACL", "DELUSER", "worker"])
+        .expect("ACL DELUSER");
+    let told = within("the consumer hears of the refused login", sub.next()).await;
+    let Some(Err(err)) = told else {
+        panic!("the consumer was not told: {told:?}")
+    };
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(!everything_said(&err).contains("s3cret"), "{err}");
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
@@ -508,6 +538,7 @@ queue_testkit::broker_tests! {
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
+        a_login_revoked_under_a_consumer_is_told_to_it,
     ];
     sync: [];
 }
