@@ -35,7 +35,7 @@ impl World {
             let mut consumer = self.consumer.borrow_mut();
             loop {
                 let info = self.driver.info(&self.queue).await.expect("info");
-                if info.message_count() == 0 {
+                if info.message_count() == Some(0) {
                     return;
                 }
                 // The message is in the queue: it arrives at once; a hang is a bug.
