@@ -213,9 +213,46 @@ impl Host {
         // Set once every consumer is attached (see `Intake::go`).
         let (go, _) = watch::channel(false);
         let busy = Busy::default();
-        let mut consumers = Vec::new();
+        // Every handler is looked up first, on the workers that will run it, with its
+        // entry's opt-ins: one that is not there would fail every delivery until each
+        // is dead-lettered (or its process at once), so the start is refused instead,
+        // before any subscription is made (one made had taken deliveries, and given
+        // them back as redeliveries).
         let mut lookups = Vec::new();
+        let mut placements = Vec::with_capacity(plan.consumers.len());
         for c in &plan.consumers {
+            // The consumer runs on up to `concurrency` workers, each with its own
+            // subscription and share of the slots and prefetch, so that a delivery is
+            // pulled, handled and settled on one thread.
+            let shares = workers.lua_states().min(c.concurrency as usize).max(1) as u32;
+            let first_worker = workers.reserve(shares as usize);
+            for share in 0..shares as usize {
+                let lookup =
+                    workers.find_handler(first_worker + share, &c.source, &c.method, c.opt_in);
+                lookups.push((format!("consumer {}", c.id), lookup));
+            }
+            placements.push((shares, first_worker));
+        }
+        // A process runs on any worker, after `go`: its handler is looked up on one.
+        let processes: Vec<Arc<ProcessPlan>> =
+            plan.processes.iter().cloned().map(Arc::new).collect();
+        for p in &processes {
+            let lookup = workers.find_handler(0, &p.source, &p.method, p.opt_in);
+            lookups.push((format!("process {}", p.id), lookup));
+        }
+        for (entry, lookup) in lookups {
+            match lookup.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.context(entry)),
+                Err(_) => {
+                    return Err(Error::internal(format!(
+                        "{entry}: its Lua worker stopped before it found the handler"
+                    )));
+                }
+            }
+        }
+        let mut consumers = Vec::new();
+        for (c, (shares, first_worker)) in plan.consumers.iter().zip(placements) {
             let q = plan
                 .queue(&c.queue)
                 .ok_or_else(|| Error::internal(format!("{} has no queue plan", c.id)))?;
@@ -243,11 +280,6 @@ impl Host {
                 active: Busy::uncounted(),
                 attached: Arc::default(),
             });
-            // The consumer runs on up to `concurrency` workers, each with its own
-            // subscription and share of the slots and prefetch, so that a delivery is
-            // pulled, handled and settled on one thread.
-            let shares = workers.lua_states().min(c.concurrency as usize).max(1) as u32;
-            let first_worker = workers.reserve(shares as usize);
             let mut stopped = Vec::new();
             for share in 0..shares {
                 let slots = c.concurrency / shares + u32::from(share < c.concurrency % shares);
@@ -258,8 +290,6 @@ impl Host {
                     .map_err(|e| e.context(format!("consumer {}", c.id)))?;
                 runtime.attached.fetch_add(1, Ordering::AcqRel);
                 let (done, back) = oneshot::channel();
-                let (found, lookup) = oneshot::channel();
-                lookups.push((format!("consumer {}", c.id), lookup));
                 workers.dispatch_to(
                     first_worker + share as usize,
                     Job::Attach(Intake {
@@ -269,7 +299,6 @@ impl Host {
                         stop: stop.subscribe(),
                         go: go.subscribe(),
                         busy: busy.clone(),
-                        found,
                         stopped: done,
                     }),
                 );
@@ -286,36 +315,6 @@ impl Host {
                     attached: Arc::clone(&runtime.attached),
                 },
             });
-        }
-        // And each process's, on one worker: a process is started after `go`.
-        let processes: Vec<Arc<ProcessPlan>> =
-            plan.processes.iter().cloned().map(Arc::new).collect();
-        for p in &processes {
-            let (found, lookup) = oneshot::channel();
-            lookups.push((format!("process {}", p.id), lookup));
-            workers.dispatch_to(
-                0,
-                Job::FindHandler {
-                    plan: Arc::clone(p),
-                    found,
-                },
-            );
-        }
-        // A handler that is not there would fail every delivery until each is
-        // dead-lettered, or its process at once: refuse to start instead. Returning
-        // drops `go` unset, and every intake gives its subscription back untouched.
-        for (entry, lookup) in lookups {
-            match lookup.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.context(entry)),
-                Err(_) => {
-                    return Err(Error::internal(format!(
-                        "{entry}: its Lua worker stopped before it found the handler"
-                    )));
-                }
-            }
-        }
-        for c in &plan.consumers {
             tracing::info!(consumer = %c.id, queue = %c.queue, concurrency = c.concurrency, prefetch = c.prefetch, "consumer attached");
         }
         // Every consumer is attached: deliveries may be taken.

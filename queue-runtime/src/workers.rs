@@ -13,7 +13,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use queue_core::security::SecurityContext;
 use queue_core::{Delivery, Error, ErrorKind, Queues, Result, Subscription, Value};
-use queue_lua::{DeliveryContext, Handler, LuaHost, Outcome, Settle};
+use queue_lua::{DeliveryContext, Handler, LuaHost, LuaSource, OptIn, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -54,11 +54,14 @@ pub enum Job {
         /// Told how it ended.
         done: oneshot::Sender<Result<()>>,
     },
-    /// Look a process's handler up without running it: the start refuses to go on
-    /// without it, as it does for a consumer's ([`Intake::found`]).
+    /// Look a handler up without running it ([`Workers::find_handler`]).
     FindHandler {
-        /// The process.
-        plan: Arc<ProcessPlan>,
+        /// Its file.
+        source: LuaSource,
+        /// Its function.
+        method: String,
+        /// What its entry opts into.
+        opt_in: OptIn,
         /// Told whether it was found.
         found: oneshot::Sender<Result<()>>,
     },
@@ -80,10 +83,6 @@ pub struct Intake {
     pub go: watch::Receiver<bool>,
     /// Counts deliveries until settled.
     pub busy: Busy,
-    /// Told, before any delivery is taken, whether the consumer's handler was found on
-    /// this worker: the host refuses to start without it (docs/configuration.md,
-    /// "Where a consumer's method is found").
-    pub found: oneshot::Sender<Result<()>>,
     /// Gets the subscription back once intake stopped and running handlers finished
     /// (or `stop_timeout` passed), for the host to cancel.
     pub stopped: oneshot::Sender<Box<dyn Subscription>>,
@@ -235,6 +234,30 @@ impl Workers {
         self.next.fetch_add(n, Ordering::Relaxed)
     }
 
+    /// Has worker `index` load `source` (with `opt_in`) and look `method` up in it,
+    /// without running it: the start looks up every handler this way, on the workers
+    /// that will run it, before any subscription is made (docs/configuration.md,
+    /// "Where a consumer's method is found").
+    pub fn find_handler(
+        &self,
+        index: usize,
+        source: &LuaSource,
+        method: &str,
+        opt_in: OptIn,
+    ) -> oneshot::Receiver<Result<()>> {
+        let (found, lookup) = oneshot::channel();
+        self.dispatch_to(
+            index,
+            Job::FindHandler {
+                source: source.clone(),
+                method: method.to_string(),
+                opt_in,
+                found,
+            },
+        );
+        lookup
+    }
+
     /// Hands a job to worker `index` (modulo the number of workers).
     pub fn dispatch_to(&self, index: usize, job: Job) {
         if self.senders[index % self.senders.len()].send(job).is_err() {
@@ -296,9 +319,13 @@ fn worker_main(
 async fn run_job(host: Rc<LuaHost>, job: Job) {
     match job {
         Job::Attach(intake) => run_intake(host, intake).await,
-        Job::FindHandler { plan, found } => {
-            let handler = host.handler_in(&plan.source, &plan.method, plan.opt_in);
-            let _ = found.send(handler.map(drop));
+        Job::FindHandler {
+            source,
+            method,
+            opt_in,
+            found,
+        } => {
+            let _ = found.send(host.handler_in(&source, &method, opt_in).map(drop));
         }
         Job::Process {
             plan,
@@ -347,23 +374,19 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         mut stop,
         mut go,
         busy,
-        found,
         stopped,
     } = intake;
-    // Looked up before the start goes through, once per intake: a source that does
-    // not load, or lacks the method, would fail every delivery the same way.
+    // Found on this worker before the subscription was made (`Workers::find_handler`);
+    // here it comes from the state's loaded files.
     let handler = match host.handler_in(
         &consumer.plan.source,
         &consumer.plan.method,
         consumer.plan.opt_in,
     ) {
-        Ok(handler) => {
-            let _ = found.send(Ok(()));
-            Rc::new(handler)
-        }
+        Ok(handler) => Rc::new(handler),
         Err(e) => {
-            // Nothing was taken: the deliveries it prefetched go back with it.
-            let _ = found.send(Err(e));
+            tracing::error!(consumer = %consumer.plan.id, error = %e, "the consumer's handler is gone from this worker; it takes no deliveries here");
+            consumer.attached.fetch_sub(1, Ordering::AcqRel);
             return;
         }
     };

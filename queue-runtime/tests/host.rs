@@ -100,6 +100,32 @@ async fn no_handler_runs_before_every_consumer_is_attached() {
     assert!(!ran, "a handler ran before every consumer was attached");
 }
 
+/// Every handler is looked up before any subscription is made: a subscription made
+/// first had taken deliveries by the time the start was refused, and given them back
+/// as redeliveries (a higher delivery count on a quorum queue, entries pending on a
+/// Redis stream). Here the consume never answers: a start that made it hung there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_handler_fails_the_start_before_any_subscription() {
+    let app = APP.replace(
+        "    method: handle\n",
+        "    method: handle\n    sandbox:\n      allow: [os]\n",
+    );
+    let handler = "local home = os.getenv('HOME')\nfunction handel(payload) end\n";
+    let (_dir, driver, kinds, plan) = planned(ControlledDriver::new(), &app, handler);
+    driver.never_answer_consumes_of(&QueueId::parse("app:jobs").unwrap());
+    let started = within(
+        "the start",
+        Host::start(plan, &kinds, HostOptions::default()),
+    )
+    .await;
+    let err = started.err().expect("a start without its handler");
+    let said = err.to_string();
+    assert!(
+        said.contains("consumer app:worker") && said.contains("defines no function \"handle\""),
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_handlers_suspend_in_publish_on_two_lua_states() {
     let (_dir, driver, host) = start(APP, 2).await;
