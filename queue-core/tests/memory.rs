@@ -191,6 +191,32 @@ async fn expired_messages_make_room_without_a_consumer() {
     d.ack().await.unwrap();
 }
 
+/// A publisher that began to wait for room before the messages at the head expired
+/// gets in as they expire, not at the end of its wait: nothing else signals room
+/// with nobody consuming, and it failed "full" at `publish_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_publisher_gets_in_when_the_head_expires() {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: Duration::from_secs(20),
+        ..MemoryConfig::default()
+    });
+    let spec = QueueSpec::new(id())
+        .with_max_length(1)
+        .with_message_ttl(Duration::from_secs(1));
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&id(), numbered(0)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    driver
+        .publish(&id(), numbered(1))
+        .await
+        .expect("the expired head made room");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(2),
+        "waited {waited:?} (paused clock)"
+    );
+}
+
 /// A delivery put back (released, or returned by its consumer's cancel) keeps when it
 /// expires, as on RabbitMQ. Before, it came back with no time to live and never
 /// expired.
@@ -210,8 +236,9 @@ async fn a_message_put_back_keeps_its_time_to_live() {
     let returned = next(&mut sub).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // both expire (paused clock)
     released.release().await.unwrap();
-    drop(returned);
+    // Returned by the cancel (detach), not by its own drop (a release).
     sub.cancel().await.unwrap();
+    drop(returned);
     driver.publish(&id(), numbered(9)).await.unwrap();
     let mut sub = driver
         .consume(&id(), ConsumeOptions::default())

@@ -238,24 +238,36 @@ impl MemQueue {
     }
 
     /// Drops the expired messages at the head of each lane, as RabbitMQ drops them at
-    /// the head of its queue; returns how many. Reads the clock only when a head can
-    /// expire: most messages cannot.
+    /// the head of its queue; returns how many.
     fn drop_expired_heads(spec: &QueueSpec, state: &mut State) -> usize {
         let mut now = None;
         let mut expired = 0;
         for lane in 0..state.lanes.len() {
-            while let Some(head) = state.lanes[lane].front() {
-                let over = head
-                    .expires
-                    .is_some_and(|e| e <= *now.get_or_insert_with(Instant::now));
-                if !over {
-                    break;
-                }
-                tracing::debug!(queue = %spec.id, id = %head.message.id, "message expired");
-                state.lanes[lane].pop_front();
-                state.ready -= 1;
-                expired += 1;
+            expired += Self::drop_expired_head_of(spec, state, lane, &mut now);
+        }
+        expired
+    }
+
+    /// Drops the expired messages at the head of `lane`; returns how many. Reads the
+    /// clock (once, into `now`) only when a head can expire: most messages cannot.
+    fn drop_expired_head_of(
+        spec: &QueueSpec,
+        state: &mut State,
+        lane: usize,
+        now: &mut Option<Instant>,
+    ) -> usize {
+        let mut expired = 0;
+        while let Some(head) = state.lanes[lane].front() {
+            let over = head
+                .expires
+                .is_some_and(|e| e <= *now.get_or_insert_with(Instant::now));
+            if !over {
+                break;
             }
+            tracing::debug!(queue = %spec.id, id = %head.message.id, "message expired");
+            state.lanes[lane].pop_front();
+            state.ready -= 1;
+            expired += 1;
         }
         expired
     }
@@ -291,7 +303,9 @@ impl MemQueue {
         Ok(())
     }
 
-    /// Waits up to `timeout` for room, then runs `add` under the queue's lock.
+    /// Waits up to `timeout` for room, then runs `add` under the queue's lock. Looks
+    /// again whenever room may have come: a take or a settlement signals it, and the
+    /// first message at the head of a lane to expire makes it by itself.
     async fn with_room(&self, timeout: Duration, add: impl FnOnce(&mut State)) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -299,20 +313,32 @@ impl MemQueue {
             tokio::pin!(room);
             room.as_mut().enable();
             self.refuse_if_closed()?;
-            {
+            let next_expiry = {
                 let mut state = self.lock();
                 if self.make_room(&mut state) {
                     add(&mut state);
                     return Ok(());
                 }
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                Self::next_head_expiry(&state)
+            };
+            if Instant::now() >= deadline {
                 return Err(Error::internal(format!(
                     "queue {} is full (max_length {}): no room within {:?}",
                     self.spec.id, self.max_length, timeout
                 )));
             }
+            let wake = next_expiry.map_or(deadline, |at| at.min(deadline));
+            let _ = tokio::time::timeout_at(wake, room).await;
         }
+    }
+
+    /// When the first message at the head of a lane expires, if any can.
+    fn next_head_expiry(state: &State) -> Option<Instant> {
+        state
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.front()?.expires)
+            .min()
     }
 
     fn push(state: &mut State, ready: Ready, front: bool) {
@@ -329,8 +355,18 @@ impl MemQueue {
     /// skipping expired ones. Returns its delivery tag.
     pub(super) fn take(&self, subscription: u64) -> Option<(u64, Arc<Message>)> {
         let mut state = self.lock();
-        let expired = Self::drop_expired_heads(&self.spec, &mut state);
-        let taken = state.lanes.iter_mut().rev().find_map(VecDeque::pop_front);
+        // Highest lane first, dropping expired heads only on the way to the message
+        // taken: a priority queue has up to 256 lanes.
+        let mut now = None;
+        let mut expired = 0;
+        let mut taken = None;
+        for lane in (0..state.lanes.len()).rev() {
+            expired += Self::drop_expired_head_of(&self.spec, &mut state, lane, &mut now);
+            taken = state.lanes[lane].pop_front();
+            if taken.is_some() {
+                break;
+            }
+        }
         let taken = taken.map(|ready| {
             state.ready -= 1;
             let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
