@@ -14,6 +14,13 @@
 //! until the kernel gives up retransmitting, about 15 minutes later: a command that
 //! gets no reply in time therefore puts a new connection in place of the one it ran
 //! on ([`Link::lost`]; docs/drivers/redis.md, "Connection loss").
+//!
+//! The crate starts a connection's task on the runtime of whichever command first
+//! needs the connection (after a reconnect, or a replacement). Commands come from
+//! Lua workers too, each a single-threaded runtime of its own: a connection started
+//! there would wait for that worker's handlers, and end with the worker. So every
+//! command runs with the runtime the driver was connected on entered
+//! ([`on_runtime`]), and whatever the crate starts runs there.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -50,6 +57,19 @@ pub(crate) struct Link {
     /// (a restarted server numbers its clients from 1 again).
     identity: std::sync::Mutex<String>,
     closed: AtomicBool,
+    /// The runtime the driver was connected on, where connections' tasks run.
+    tasks: tokio::runtime::Handle,
+}
+
+/// Polls `command` with `tasks` entered, so that what the redis crate spawns while it
+/// runs (a connection's task) is spawned there.
+async fn on_runtime<F: Future>(tasks: &tokio::runtime::Handle, command: F) -> F::Output {
+    let mut command = std::pin::pin!(command);
+    std::future::poll_fn(|cx| {
+        let _entered = tasks.enter();
+        command.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// The shared connection, and since when it is the one in use.
@@ -125,6 +145,7 @@ impl Link {
             suspect: AtomicBool::new(false),
             identity: std::sync::Mutex::new(String::new()),
             closed: AtomicBool::new(false),
+            tasks: tokio::runtime::Handle::current(),
         };
         let id = link.run(&what, identity).await?;
         *link
@@ -156,7 +177,7 @@ impl Link {
             return Err(crate::error::closed(what));
         }
         let started = Instant::now();
-        let result = op(self.manager()).await;
+        let result = on_runtime(&self.tasks, op(self.manager())).await;
         self.lost_if_timed_out(&result, started);
         self.observe(&result).await;
         result.map_err(|e| from_redis(what, e))
@@ -227,7 +248,8 @@ impl Link {
                 return Err(crate::error::closed(what));
             }
             let started = Instant::now();
-            let Ok(result) = tokio::time::timeout_at(deadline, op(self.manager())).await else {
+            let command = on_runtime(&self.tasks, op(self.manager()));
+            let Ok(result) = tokio::time::timeout_at(deadline, command).await else {
                 self.lost(started);
                 return Err(Error::internal(format!(
                     "{what}: Redis did not answer within publish_timeout {:?}",
@@ -270,7 +292,7 @@ impl Link {
     }
 
     async fn check_identity(&self) {
-        match identity(self.manager()).await {
+        match on_runtime(&self.tasks, identity(self.manager())).await {
             Ok(id) => {
                 let old = std::mem::replace(
                     &mut *self

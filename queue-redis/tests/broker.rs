@@ -522,6 +522,53 @@ async fn a_login_revoked_under_a_consumer_is_told_to_it() {
     assert!(!everything_said(&err).contains("s3cret"), "{err}");
 }
 
+/// The redis crate starts a connection's task on the runtime of whichever command
+/// first needs the connection. After a lost connection, that was often a handler's
+/// command on a Lua worker (a single-threaded runtime of its own): every command of
+/// the driver then waited for that worker to be free, and the connection was cut
+/// when the worker ended. Connections' tasks now run on the runtime the driver was
+/// connected on: here a runtime of its own reconnects the driver and ends, and the
+/// driver goes on.
+async fn a_connection_made_for_another_runtime_outlives_it() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("elsewhere");
+    driver.declare(&spec).await.unwrap();
+    node.cut_connections().expect("CLIENT KILL");
+    let side = {
+        let driver = Arc::clone(&driver);
+        let id = spec.id.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime of its own");
+            // The first publish after the cut fails and starts the reconnect.
+            runtime.block_on(async {
+                for n in 0..50 {
+                    if driver.publish(&id, numbered(n)).await.is_ok() {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                false
+            })
+        })
+    };
+    let published = tokio::task::spawn_blocking(move || side.join())
+        .await
+        .expect("the join")
+        .expect("the other runtime's thread");
+    assert!(published, "the other runtime never published");
+    // That runtime is gone, with every task it ran.
+    within(
+        "a publish after the other runtime ended",
+        driver.publish(&spec.id, numbered(99)),
+    )
+    .await
+    .expect("the connection lived on the other runtime");
+}
+
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
@@ -539,6 +586,7 @@ queue_testkit::broker_tests! {
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
         a_login_revoked_under_a_consumer_is_told_to_it,
+        a_connection_made_for_another_runtime_outlives_it,
     ];
     sync: [];
 }
