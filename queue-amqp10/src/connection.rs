@@ -121,6 +121,10 @@ pub(crate) struct Connector {
     reopening: AtomicBool,
     link_seq: AtomicU64,
     closed: watch::Sender<bool>,
+    /// The runtime the driver was connected on: connections and sessions are opened
+    /// with it entered, so their engines' tasks run there, whoever asked
+    /// ([`queue_core::on_runtime`]).
+    tasks: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Connector {
@@ -153,6 +157,7 @@ impl Connector {
             .unwrap_or_else(|| format!("queue-{}", queue_core::new_message_id()));
         let (closed, _) = watch::channel(false);
         Ok(Connector {
+            tasks: tokio::runtime::Handle::current(),
             endpoints,
             current: AtomicUsize::new(0),
             container_id,
@@ -377,7 +382,10 @@ impl Connector {
             if let Some(failure) = self.failed_since(arrived) {
                 return Err(failure);
             }
-            let result = self.session_on(&mut live).await;
+            // A handler's `queue.info` on a Lua worker can be the first to need a
+            // session after a loss: its engine (and a new connection's) must not run
+            // on that worker's runtime, held up by its handlers and ended with it.
+            let result = queue_core::on_runtime(&self.tasks, self.session_on(&mut live)).await;
             if let Err(err) = &result {
                 *lock_failure(&self.last_failure) = Some(Failure::of(err));
             }

@@ -151,9 +151,43 @@ fn queue_spec(queue: &QueueId) -> QueueSpec {
         .with_durable(false)
 }
 
+/// The management links are attached by the first count read that needs them, and
+/// fe2o3-amqp starts their session's task on the runtime of that read: in the
+/// runtime, a handler's `queue.info` on a Lua worker (a single-threaded runtime of
+/// its own). When that worker ended, the session went with it, and the next count
+/// (the exit summary's, say) failed. Sessions are now begun on the runtime the
+/// driver was connected on: here another runtime reads first and ends.
+async fn a_session_begun_for_another_runtime_outlives_it() {
+    let driver = std::sync::Arc::new(artemis().await);
+    let queue = declared(&driver, "elsewhere").await;
+    publish_digits(&driver, &queue, 1).await;
+    let side = {
+        let driver = std::sync::Arc::clone(&driver);
+        let queue = queue.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime of its own");
+            runtime.block_on(async { driver.info(&queue).await.map(|i| i.ready) })
+        })
+    };
+    let read = tokio::task::spawn_blocking(move || side.join())
+        .await
+        .expect("the join")
+        .expect("the other runtime's thread");
+    assert_eq!(read.expect("a count from the other runtime"), Some(1));
+    // That runtime is gone, with every task it ran.
+    let info = queue_testkit::within("a count after the other runtime ended", driver.info(&queue))
+        .await
+        .expect("the session lived on the other runtime");
+    assert_eq!(info.ready, Some(1));
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::artemis::shared_unavailable();
     async: [
+        a_session_begun_for_another_runtime_outlives_it,
         a_count_read_cut_off_leaves_no_reply_for_the_next,
         publishes_waiting_at_a_close_get_their_real_outcome,
         next_after_a_close_hands_out_nothing_taken_ahead,

@@ -41,6 +41,7 @@ mod factory;
 mod id;
 pub mod memory;
 mod message;
+mod on_runtime;
 mod queues;
 mod reading;
 pub mod retry;
@@ -63,6 +64,7 @@ pub use message::{
     MAX_PUBLISHED_HEADER_BYTES, MAX_PUBLISHED_HEADERS, Message, RUNTIME_HEADER_ROOM, names,
     new_message_id, parse_priority, truncate,
 };
+pub use on_runtime::on_runtime;
 pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,
 };

@@ -20,14 +20,14 @@
 //! Lua workers too, each a single-threaded runtime of its own: a connection started
 //! there would wait for that worker's handlers, and end with the worker. So every
 //! command runs with the runtime the driver was connected on entered
-//! ([`on_runtime`]), and whatever the crate starts runs there.
+//! ([`queue_core::on_runtime`]), and whatever the crate starts runs there.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use queue_core::{Error, Result};
+use queue_core::{Error, Result, on_runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 
@@ -59,17 +59,6 @@ pub(crate) struct Link {
     closed: AtomicBool,
     /// The runtime the driver was connected on, where connections' tasks run.
     tasks: tokio::runtime::Handle,
-}
-
-/// Polls `command` with `tasks` entered, so that what the redis crate spawns while it
-/// runs (a connection's task) is spawned there.
-async fn on_runtime<F: Future>(tasks: &tokio::runtime::Handle, command: F) -> F::Output {
-    let mut command = std::pin::pin!(command);
-    std::future::poll_fn(|cx| {
-        let _entered = tasks.enter();
-        command.as_mut().poll(cx)
-    })
-    .await
 }
 
 /// The shared connection, and since when it is the one in use.
