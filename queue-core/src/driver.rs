@@ -267,8 +267,9 @@ pub struct QueueInfo {
 }
 
 impl QueueInfo {
-    /// Ready + in flight + delayed, counting what is known; `None` when none of them
-    /// is (RabbitMQ 3.x tells an AMQP 1.0 client no counts), not a count of 0.
+    /// Ready + in flight + delayed, counting what is known (a lower bound when one of
+    /// them is unknown); `None` when none of them is (RabbitMQ 3.x tells an AMQP 1.0
+    /// client no counts), not a count of 0.
     ///
     /// ```
     /// use queue_core::QueueInfo;

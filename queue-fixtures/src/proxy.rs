@@ -128,7 +128,10 @@ impl BrokerProxy {
     /// From now on, drops everything either side sends on the connections open now,
     /// as a network that lost them without a word would (no FIN, no RST: a NAT or a
     /// firewall that forgot them): nothing reaches the broker, nothing comes back,
-    /// and both ends still think them open. Connections made later pass.
+    /// and both ends still think them open. Connections made later pass. A client
+    /// that closes a cut-off connection is not seen to (no FIN reaches the proxy's
+    /// count either): [`wait_clients_gone`](Self::wait_clients_gone) waits for the
+    /// others only if none was cut off.
     pub fn cut_off_open_connections(&self) {
         let mut state = lock(&self.state.0);
         state.cut_below = state.accepted;
