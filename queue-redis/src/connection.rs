@@ -147,6 +147,8 @@ impl Link {
     /// A connection of its own for one reader, with a response timeout above its
     /// longest block. It connects on first use and reconnects by itself.
     pub fn reader(&self, block: Duration) -> Result<ConnectionManager> {
+        // The crate starts a task of the connection as it makes it (see `lost`).
+        let _entered = self.tasks.enter();
         ConnectionManager::new_lazy_with_config(
             self.client.clone(),
             manager_config(&self.config, Some(block + CONNECT_TIMEOUT)),
@@ -193,6 +195,9 @@ impl Link {
         if current.since > started {
             return;
         }
+        // The crate starts a task of the connection as it makes it: on the driver's
+        // runtime, not the caller's.
+        let _entered = self.tasks.enter();
         match ConnectionManager::new_lazy_with_config(
             self.client.clone(),
             shared_config(&self.config),
@@ -212,9 +217,11 @@ impl Link {
         }
     }
 
-    /// [`Link::lost`] when `result` is the redis crate's own time limit running out.
+    /// [`Link::lost`] when `result` is the redis crate's own time limit running out,
+    /// or a refused login: the crate keeps a connection whose login failed, and every
+    /// command on it fails the same way, even once the login is fixed.
     fn lost_if_timed_out<T>(&self, result: &RedisResult<T>, started: Instant) {
-        if matches!(result, Err(e) if e.is_timeout()) {
+        if matches!(result, Err(e) if e.is_timeout() || crate::error::is_refused_login(e)) {
             self.lost(started);
         }
     }
@@ -342,6 +349,12 @@ impl Link {
     /// Refuses every command from now on.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// The runtime the driver was connected on: background work goes there, not to
+    /// the caller's runtime (a Lua worker's, in the queue runtime).
+    pub fn tasks(&self) -> &tokio::runtime::Handle {
+        &self.tasks
     }
 
     /// Whether [`Link::close`] was called.

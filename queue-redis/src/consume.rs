@@ -241,9 +241,11 @@ impl Drop for RedisSubscription {
         // Before the buffered deliveries drop: the shutdown returns them.
         self.shared.detached.store(true, Ordering::Release);
         self.shared.stop.send_replace(true);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        // On the driver's runtime: a consumer dropped on a Lua worker that is ending
+        // would have its shutdown cancelled with the worker.
+        {
             let shared = Arc::clone(&self.shared);
-            runtime.spawn(async move {
+            self.shared.link.tasks().spawn(async move {
                 if let Err(err) = shared.shutdown().await {
                     tracing::warn!(queue = %shared.queue, error = %err, "redis: a dropped consumer could not return its messages");
                 }
@@ -318,9 +320,10 @@ async fn read_loop(
                 failures += 1;
                 fresh = true;
                 shared.look_again();
-                if err.is_timeout() {
+                if err.is_timeout() || crate::error::is_refused_login(&err) {
                     // No reply past its block and a connect's time: the network may
-                    // have lost the connection without a word (crate::connection).
+                    // have lost the connection without a word (crate::connection). Or
+                    // the login was refused, which the crate's connection keeps.
                     match link.reader(BLOCK) {
                         Ok(fresh_reader) => reader = fresh_reader,
                         Err(e) => {
@@ -601,20 +604,13 @@ impl Acker for StreamAcker {
         if self.shared.detached.load(Ordering::Acquire) {
             return; // the cancel returns it
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let queue = self.shared.queue.clone();
-                    if let Err(err) = self.settle(false).await {
-                        tracing::debug!(%queue, error = %err, "redis: releasing a dropped delivery failed");
-                    }
-                });
+        // On the driver's runtime, not the one that dropped it (a Lua worker's).
+        let tasks = self.shared.link.tasks().clone();
+        tasks.spawn(async move {
+            let queue = self.shared.queue.clone();
+            if let Err(err) = self.settle(false).await {
+                tracing::debug!(%queue, error = %err, "redis: releasing a dropped delivery failed");
             }
-            Err(_) => {
-                // No runtime to release it on: the reader claims it again instead.
-                self.shared.held().remove(&self.stream_id);
-                self.shared.look_again();
-            }
-        }
+        });
     }
 }

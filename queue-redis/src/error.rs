@@ -31,15 +31,16 @@ pub(crate) fn is_connection_error(err: &RedisError) -> bool {
         )
 }
 
-/// The portable error for a failed command; `what` says what was being done
-/// (`publish to app:tasks`).
-/// Whether Redis refused the login (a wrong password, a user that is gone or off):
-/// not a connection that a retry may bring back by itself.
+/// Whether Redis refused the login (a wrong password, a user that is gone or off).
+/// The redis crate keeps a connection whose login failed and fails every command on
+/// it with the same error: the driver replaces it ([`crate::connection::Link`]).
 pub(crate) fn is_refused_login(err: &RedisError) -> bool {
     err.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
+/// The portable error for a failed command; `what` says what was being done
+/// (`publish to app:tasks`).
 pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error {
     let code = err.code().unwrap_or_default().to_string();
     let detail = err.detail().unwrap_or_default().to_string();

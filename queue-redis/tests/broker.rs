@@ -495,15 +495,24 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
 /// A login revoked while a consumer reads (the ACL user deleted, which also drops its
 /// connections) is told to the consumer, once, as `PERMISSION_DENIED`: a lasting
 /// failure someone must fix. It was retried quietly, every reconnect refused, and the
-/// consumer never heard of it.
-async fn a_login_revoked_under_a_consumer_is_told_to_it() {
+/// consumer never heard of it. Once the login is back, the driver and the consumer go
+/// on: the redis crate keeps a connection whose login failed, and failed every
+/// command on it until the process restarted.
+async fn a_login_revoked_under_a_consumer_is_told_to_it_and_mended() {
+    use std::time::Duration;
     let node = node().await;
-    node.command(&[
-        "ACL", "SETUSER", "worker", "on", ">s3cret", "~*", "&*", "+@all",
-    ])
-    .expect("ACL SETUSER");
+    let add_user = || {
+        node.command(&[
+            "ACL", "SETUSER", "worker", "on", ">s3cret", "~*", "&*", "+@all",
+        ])
+        .expect("ACL SETUSER")
+    };
+    add_user();
     let url = format!("redis://worker:s3cret@127.0.0.1:{}/0", node.port());
-    let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    let mut config = RedisConfig::new(url);
+    config.reconnect_delay = Duration::from_millis(10);
+    config.reconnect_max_delay = Duration::from_millis(100);
+    let driver = RedisDriver::connect(config).await.unwrap();
     let spec = queue("revoked");
     driver.declare(&spec).await.unwrap();
     driver.publish(&spec.id, numbered(1)).await.unwrap();
@@ -520,6 +529,21 @@ async fn a_login_revoked_under_a_consumer_is_told_to_it() {
     };
     assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
     assert!(!everything_said(&err).contains("s3cret"), "{err}");
+    add_user();
+    // A command or two may still meet the connection whose login failed (or the
+    // crate's reconnect on its way); then a new connection logs in.
+    let mut published = false;
+    for _ in 0..50 {
+        if driver.publish(&spec.id, numbered(3)).await.is_ok() {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "the driver never logged in again");
+    let delivery = next(&mut sub).await;
+    assert_eq!(number_of(&delivery), 3);
+    delivery.ack().await.unwrap();
 }
 
 /// The redis crate starts a connection's task on the runtime of whichever command
@@ -585,7 +609,7 @@ queue_testkit::broker_tests! {
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
-        a_login_revoked_under_a_consumer_is_told_to_it,
+        a_login_revoked_under_a_consumer_is_told_to_it_and_mended,
         a_connection_made_for_another_runtime_outlives_it,
     ];
     sync: [];
