@@ -169,7 +169,7 @@ impl Link {
         }
         let started = Instant::now();
         let result = on_runtime(&self.tasks, op(self.manager())).await;
-        self.lost_if_timed_out(&result, started);
+        self.replace_if_lost(&result, started);
         self.observe(&result).await;
         result.map_err(|e| from_redis(what, e))
     }
@@ -183,10 +183,10 @@ impl Link {
             .clone()
     }
 
-    /// After a command begun at `started` got no reply in time: puts a new shared
-    /// connection (opened at its first use) in place of the one in use, unless that
-    /// one is newer than the command (another command's timeout replaced it already).
-    /// The old one closes once its last command has ended.
+    /// After a command begun at `started` got no reply in time (or its login was
+    /// refused): puts a new shared connection (opened at its first use) in place of
+    /// the one in use, unless that one is newer than the command (another command
+    /// replaced it already). The old one closes once its last command has ended.
     pub fn lost(&self, started: Instant) {
         let mut current = self
             .current
@@ -209,10 +209,10 @@ impl Link {
                 };
                 self.connected.store(false, Ordering::Relaxed);
                 self.suspect.store(true, Ordering::Relaxed);
-                tracing::warn!(node = %self.node, "redis: a command got no reply in time; the next ones go on a new connection (the network may have lost the old one without a word)");
+                tracing::warn!(node = %self.node, "redis: a command got no reply in time or its login was refused; the next ones go on a new connection (the network may have lost the old one without a word)");
             }
             Err(err) => {
-                tracing::warn!(node = %self.node, error = %err, "redis: a command got no reply in time, and no new connection could be set up");
+                tracing::warn!(node = %self.node, error = %err, "redis: a command got no reply in time or its login was refused, and no new connection could be set up");
             }
         }
     }
@@ -220,7 +220,7 @@ impl Link {
     /// [`Link::lost`] when `result` is the redis crate's own time limit running out,
     /// or a refused login: the crate keeps a connection whose login failed, and every
     /// command on it fails the same way, even once the login is fixed.
-    fn lost_if_timed_out<T>(&self, result: &RedisResult<T>, started: Instant) {
+    fn replace_if_lost<T>(&self, result: &RedisResult<T>, started: Instant) {
         if matches!(result, Err(e) if e.is_timeout() || crate::error::is_refused_login(e)) {
             self.lost(started);
         }
@@ -252,7 +252,7 @@ impl Link {
                     self.config.publish_timeout
                 )));
             };
-            self.lost_if_timed_out(&result, started);
+            self.replace_if_lost(&result, started);
             self.observe(&result).await;
             match result {
                 Err(e) if is_connection_error(&e) => {
@@ -439,8 +439,8 @@ fn setting(pairs: &[String], name: &str) -> String {
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,
-/// the login was revoked) rather than only retrying quietly. A refused login is one
-/// even though the redis crate reconnects on it: it lasts until someone fixes it.
+/// the login was revoked) rather than only retrying quietly. A refused login is one,
+/// though it counts as a connection error: it lasts until someone fixes it.
 pub(crate) fn is_permanent(err: &RedisError) -> bool {
     !is_connection_error(err) || crate::error::is_refused_login(err)
 }

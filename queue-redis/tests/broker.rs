@@ -492,6 +492,18 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// Publishes `numbered(n)`, again every 100 ms (50 times at most) while the first
+/// commands after a fault fail; whether one went through.
+async fn publish_once_reconnected(driver: &RedisDriver, queue: &QueueId, n: i64) -> bool {
+    for _ in 0..50 {
+        if driver.publish(queue, numbered(n)).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// A login revoked while a consumer reads (the ACL user deleted, which also drops its
 /// connections) is told to the consumer, once, as `PERMISSION_DENIED`: a lasting
 /// failure someone must fix. It was retried quietly, every reconnect refused, and the
@@ -532,15 +544,10 @@ async fn a_login_revoked_under_a_consumer_is_told_to_it_and_mended() {
     add_user();
     // A command or two may still meet the connection whose login failed (or the
     // crate's reconnect on its way); then a new connection logs in.
-    let mut published = false;
-    for _ in 0..50 {
-        if driver.publish(&spec.id, numbered(3)).await.is_ok() {
-            published = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(published, "the driver never logged in again");
+    assert!(
+        publish_once_reconnected(&driver, &spec.id, 3).await,
+        "the driver never logged in again"
+    );
     let delivery = next(&mut sub).await;
     assert_eq!(number_of(&delivery), 3);
     delivery.ack().await.unwrap();
@@ -568,15 +575,7 @@ async fn a_connection_made_for_another_runtime_outlives_it() {
                 .build()
                 .expect("a runtime of its own");
             // The first publish after the cut fails and starts the reconnect.
-            runtime.block_on(async {
-                for n in 0..50 {
-                    if driver.publish(&id, numbered(n)).await.is_ok() {
-                        return true;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                false
-            })
+            runtime.block_on(publish_once_reconnected(&driver, &id, 0))
         })
     };
     let published = tokio::task::spawn_blocking(move || side.join())
