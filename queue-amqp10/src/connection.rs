@@ -147,7 +147,8 @@ impl Connector {
     }
 
     /// The connector for `config`, before its first connection: the configuration is
-    /// checked and `tls.ca_file` read here.
+    /// checked and `tls.ca_file` read here. Called on the runtime the driver is to run
+    /// on: it keeps that runtime for its connections and sessions (`tasks`).
     fn unconnected(config: &Amqp10Config) -> Result<Connector> {
         config.validate()?;
         let endpoints = config.endpoints()?;

@@ -221,7 +221,7 @@ impl Link {
     /// or a refused login: the crate keeps a connection whose login failed, and every
     /// command on it fails the same way, even once the login is fixed.
     fn replace_if_lost<T>(&self, result: &RedisResult<T>, started: Instant) {
-        if matches!(result, Err(e) if e.is_timeout() || crate::error::is_refused_login(e)) {
+        if matches!(result, Err(e) if connection_is_lost(e)) {
             self.lost(started);
         }
     }
@@ -436,6 +436,13 @@ fn setting(pairs: &[String], name: &str) -> String {
         .find(|p| p.first().is_some_and(|k| k == name))
         .and_then(|p| p.get(1).cloned())
         .unwrap_or_default()
+}
+
+/// Whether a failed command's connection is to be replaced: it got no reply in time
+/// (the network may have lost it without a word), or its login was refused (the
+/// redis crate keeps such a connection and fails every command on it the same way).
+pub(crate) fn connection_is_lost(err: &RedisError) -> bool {
+    err.is_timeout() || crate::error::is_refused_login(err)
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,

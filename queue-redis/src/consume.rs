@@ -32,7 +32,7 @@ use redis::{RedisResult, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::connection::{Link, is_permanent};
+use crate::connection::{Link, connection_is_lost, is_permanent};
 use crate::mapping::{self, Entry};
 use crate::{GROUP, Keys, scripts};
 
@@ -320,10 +320,9 @@ async fn read_loop(
                 failures += 1;
                 fresh = true;
                 shared.look_again();
-                if err.is_timeout() || crate::error::is_refused_login(&err) {
-                    // No reply past its block and a connect's time: the network may
-                    // have lost the connection without a word (crate::connection). Or
-                    // the login was refused, which the crate's connection keeps.
+                if connection_is_lost(&err) {
+                    // No reply past its block and a connect's time, or a refused login:
+                    // the reader's connection is replaced as the shared one is.
                     match link.reader(BLOCK) {
                         Ok(fresh_reader) => reader = fresh_reader,
                         Err(e) => {
