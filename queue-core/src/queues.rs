@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::message::names;
-use crate::security::{ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, SecurityContext};
+use crate::security::{ACTION_INFO, ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, SecurityContext};
 use crate::{
     Checked, Codec, Driver, Error, HeaderValue, Headers, Message, QueueId, QueueInfo, QueueSpec,
     Result, Value,
@@ -161,9 +161,21 @@ impl Queues {
         request.send(body, headers).await
     }
 
-    /// Counts of a declared queue.
+    /// Counts of a declared queue, for the operator (no permission is checked: the
+    /// `info` command, the runtime's own summaries). Code that runs as an actor reads
+    /// them with [`Queues::info_as`].
     pub async fn info(&self, queue_id: &str) -> Result<QueueInfo> {
         let id = QueueId::parse(queue_id)?;
+        self.require(&id)?.driver.info(&id).await
+    }
+
+    /// Counts of a declared queue, read under `ctx`: the queue id must be valid, then
+    /// `queue.info` is checked with the queue id as the resource, before the queue is
+    /// looked up, so that a denied actor cannot learn which queues are declared either
+    /// (docs/security.md, "Reading a queue's counts").
+    pub async fn info_as(&self, ctx: &SecurityContext, queue_id: &str) -> Result<QueueInfo> {
+        let id = QueueId::parse(queue_id)?;
+        ctx.check(ACTION_INFO, Some(id.as_str()))?;
         self.require(&id)?.driver.info(&id).await
     }
 }

@@ -1,4 +1,5 @@
-//! Actors, policies and the permission checks of publishing (docs/security.md).
+//! Actors, policies and the permission checks of publishing and of reading a queue's
+//! counts (docs/security.md).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use crate::{Error, Result};
 pub const ACTION_PUBLISH: &str = "queue.publish";
 /// The action checked second, with the queue id as the resource.
 pub const ACTION_PUBLISH_QUEUE: &str = "queue.publish.queue";
+/// The action checked before reading a queue's counts, with the queue id as the resource.
+pub const ACTION_INFO: &str = "queue.info";
 
 /// Who is acting: an id and free-form metadata that policy conditions match on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

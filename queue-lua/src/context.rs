@@ -210,11 +210,11 @@ pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
 pub(crate) fn current_security(lua: &Lua) -> Result<CurrentSecurity> {
     match context_of(lua, &lua.current_thread()) {
         Some(context) if context.ended.get() => Err(Error::permission_denied(
-            "this coroutine outlived the run (of a handler or process) that created it, whose rights it had: a kept coroutine cannot publish",
+            "this coroutine outlived the run (of a handler or process) that created it, whose rights it had: a kept coroutine cannot publish or read a queue's counts",
         )),
         Some(context) => Ok(CurrentSecurity(context)),
         None => Err(Error::permission_denied(
-            "no security context: only handlers, processes and the coroutines they create may publish (not a file's top level)",
+            "no security context: only handlers, processes and the coroutines they create may publish or read a queue's counts (not a file's top level)",
         )),
     }
 }

@@ -51,13 +51,15 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
         "info",
         lua.create_async_function(move |lua, queue_id: LuaValue| {
             let queues = queues.clone();
-            let id = queue_id_text(&queue_id);
+            // Read before the first await, as for a publish: the run's own rights.
+            let checked = current_security(&lua)
+                .and_then(|security| Ok(((*security).clone(), queue_id_text(&queue_id)?)));
             async move {
-                let id = match id {
-                    Ok(id) => id,
+                let (security, id) = match checked {
+                    Ok(checked) => checked,
                     Err(e) => return no_value(e),
                 };
-                match queues.info(&id).await {
+                match queues.info_as(&security, &id).await {
                     Ok(info) => {
                         let t = lua.create_table()?;
                         t.set("message_count", info.message_count())?;

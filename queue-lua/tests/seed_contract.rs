@@ -380,3 +380,48 @@ async fn msg_methods_answer_odd_arguments_with_err_instead_of_raising() {
         "{settled:?}"
     );
 }
+
+const INFO_AND_REPORT: &str = r#"
+    local info, err = queue.info(QUEUE)
+    if err then
+        assert(info == nil, "a refused info answers nil first")
+        return err:kind(), err:message()
+    end
+    return info.ready
+"#;
+
+#[tokio::test]
+async fn queue_info_needs_a_permission_on_the_queue() {
+    let publish_only = policies(vec![RulePolicy::new(
+        ["queue.publish", "queue.publish.queue"],
+        ["*"],
+        Effect::Allow,
+    )]);
+    let app_only = policies(vec![RulePolicy::new(["queue.*"], ["app:*"], Effect::Allow)]);
+    let billing_denied = policies(vec![
+        RulePolicy::new(["queue.*"], ["*"], Effect::Allow),
+        RulePolicy::new(["queue.info"], ["billing:*"], Effect::Deny),
+    ]);
+    for (security, queue, allowed) in [
+        (publish_only, "app:tasks", false),
+        (app_only.clone(), "app:tasks", true),
+        (app_only, "billing:invoices", false),
+        (billing_denied.clone(), "billing:invoices", false),
+        (billing_denied, "app:tasks", true),
+        (SecurityContext::unrestricted(true), "app:tasks", false),
+        (SecurityContext::unrestricted(false), "app:tasks", true),
+    ] {
+        let h = Harness::with_security(security).await;
+        let script = INFO_AND_REPORT.replace("QUEUE", &format!("{queue:?}"));
+        let out = h.host.eval(&script).await.unwrap();
+        if allowed {
+            assert_eq!(out, vec![Value::Int(0)], "{queue}");
+        } else {
+            assert_eq!(out[0], Value::from("PermissionDenied"), "{queue}: {out:?}");
+            assert!(
+                matches!(&out[1], Value::String(m) if m.contains("queue.info") && m.contains(queue)),
+                "{out:?}"
+            );
+        }
+    }
+}

@@ -513,9 +513,10 @@ fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
 
 /// Refuses a deny rule that can never deny anything (docs/security.md): publishing is
 /// checked first without a queue, where a deny applies only with `resources: "*"`,
-/// then as `queue.publish.queue` with the queue id, which always holds a `:`.
+/// then as `queue.publish.queue` with the queue id, which always holds a `:`; reading
+/// counts is checked as `queue.info` with the queue id.
 fn check_policy(entry: &Entry, p: &PolicyEntry) -> Result<(), ConfigError> {
-    use queue_core::security::{ACTION_PUBLISH_QUEUE, Pattern};
+    use queue_core::security::{ACTION_INFO, ACTION_PUBLISH_QUEUE, Pattern};
     if p.effect != EffectName::Deny {
         return Ok(());
     }
@@ -526,15 +527,14 @@ fn check_policy(entry: &Entry, p: &PolicyEntry) -> Result<(), ConfigError> {
     if resources.contains(&Pattern::Any) {
         return Ok(());
     }
-    let per_queue = p
-        .actions
-        .to_vec()
-        .iter()
-        .any(|a| Pattern::parse(a).matches(ACTION_PUBLISH_QUEUE));
+    let per_queue = p.actions.to_vec().iter().any(|a| {
+        let action = Pattern::parse(a);
+        action.matches(ACTION_PUBLISH_QUEUE) || action.matches(ACTION_INFO)
+    });
     if !per_queue {
         return Err(entry.error(
             Some("actions"),
-            "this deny names queues, but no action it names is checked with a queue: publishing is checked first with no queue, then as `queue.publish.queue` with it; write `actions: queue.publish.queue` (or `queue.*`)",
+            "this deny names queues, but no action it names is checked with a queue: publishing is checked first with no queue, then as `queue.publish.queue` with it (and reading counts as `queue.info` with it); write `actions: queue.publish.queue` (or `queue.*`)",
         ));
     }
     if let Some(Pattern::Exact(name)) = resources
@@ -746,6 +746,7 @@ mod tests {
             "actions: queue.publish\n    resources: \"*\"",
             "actions: \"queue.*\"\n    resources: app:secret",
             "actions: queue.publish.queue\n    resources: \"app*\"",
+            "actions: queue.info\n    resources: \"billing:*\"",
         ] {
             load_text(&format!(
                 "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n    effect: deny\n    {rule}\n"
