@@ -57,8 +57,17 @@ pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Resu
         body,
     } = message;
     let priority = headers.priority_level()?;
-    let ttl = headers.ttl()?.map(millis_u32).transpose()?;
-    let delay = headers.delay()?;
+    let delay = headers.delay()?.filter(|_| profile.delay_annotation());
+    // The broker counts a ttl from when it takes the message, delayed or not: a
+    // message delayed past its ttl (a retry copy whose backoff is longer) expired
+    // unseen, confirmed and its original acked. Counted from the end of the delay
+    // instead (docs/core-model.md); both fit in u32, their sum is capped.
+    let waits = delay.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+    let ttl = headers
+        .ttl()?
+        .map(millis_u32)
+        .transpose()?
+        .map(|ttl| ttl.saturating_add(waits));
 
     let mut properties = Properties {
         message_id: Some(MessageId::String(id)),
@@ -103,7 +112,7 @@ pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Resu
     };
 
     let message_annotations = match delay {
-        Some(delay) if profile.delay_annotation() => {
+        Some(delay) => {
             let mut annotations = OrderedMap::new();
             let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             annotations.insert(Symbol::from(DELIVERY_DELAY).into(), Value::Long(ms));
@@ -295,6 +304,26 @@ mod tests {
         };
         let back = from_amqp(incoming);
         (out, back)
+    }
+
+    #[test]
+    fn a_delayed_messages_ttl_counts_from_the_end_of_its_delay() {
+        let headers = Headers::from_pairs([
+            ("delay", HeaderValue::Int(u32::MAX.into())),
+            ("ttl", HeaderValue::Int(200)),
+        ]);
+        let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+        let (out, back) = round_trip(sent, Profile::Artemis);
+        // Capped at the most AMQP carries, never wrapped round to a short ttl.
+        assert_eq!(out.header.as_ref().unwrap().ttl, Some(u32::MAX));
+        assert_eq!(back.headers.get("ttl"), Some(&HeaderValue::Int(200)));
+        let headers = Headers::from_pairs([
+            ("delay", HeaderValue::Int(1_000)),
+            ("ttl", HeaderValue::Int(200)),
+        ]);
+        let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+        let (out, _) = round_trip(sent, Profile::Artemis);
+        assert_eq!(out.header.as_ref().unwrap().ttl, Some(1_200));
     }
 
     #[test]

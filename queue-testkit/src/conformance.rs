@@ -784,6 +784,37 @@ pub async fn delay_is_honoured_or_refused(ctx: &TestContext) {
     within("cancel", sub.cancel()).await.unwrap();
 }
 
+/// A delayed message's time to live counts from the end of its delay: a message
+/// delayed past its `ttl` (a retry copy of a message published with one, whose
+/// backoff is longer) is delivered, not expired while it waited. Counted from the
+/// publish, the copy was lost: confirmed, its original acked, then dropped unseen.
+pub async fn a_delayed_messages_ttl_counts_from_the_end_of_its_delay(ctx: &TestContext) {
+    let q = ctx.declared("delay-ttl").await;
+    let delay = Duration::from_millis(800);
+    let delayed = message(
+        Value::from("delayed past its ttl"),
+        Headers::from_pairs([
+            ("delay", HeaderValue::Int(800)),
+            ("ttl", HeaderValue::Int(200)),
+        ]),
+    );
+    let started = tokio::time::Instant::now();
+    ctx.publish(&q, delayed).await;
+    let mut sub = ctx.consume(&q, 10).await;
+    let got = next(&mut sub).await;
+    assert!(
+        started.elapsed() >= delay,
+        "delivered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        got.message().decode().unwrap(),
+        Value::from("delayed past its ttl")
+    );
+    within("ack", got.ack()).await.unwrap();
+    within("cancel", sub.cancel()).await.unwrap();
+}
+
 /// At `max_length` ready messages a queue refuses more (the publish fails) and drops
 /// none of what it holds.
 pub async fn max_length_refuses_and_keeps_what_it_holds(ctx: &TestContext) {
@@ -887,6 +918,7 @@ const CONTRACTS: &[Contract] = contracts![
     an_ack_makes_room_while_others_are_held needs info_ready,
     priority_orders_delivery needs priority,
     delay_is_honoured_or_refused,
+    a_delayed_messages_ttl_counts_from_the_end_of_its_delay needs delay,
     max_length_refuses_and_keeps_what_it_holds needs max_length,
     message_ttl_expires_old_messages needs message_ttl,
 ];
