@@ -3,29 +3,39 @@
 use std::cell::Ref;
 use std::rc::Rc;
 
-use mlua::{UserData, UserDataMethods, Value as LuaValue};
+use mlua::{Lua, UserData, UserDataMethods, Value as LuaValue};
 use queue_core::Error;
 
-use crate::context::{DeliveryContext, DeliveryState, Settle};
+use crate::context::{DeliveryContext, DeliveryState, Settle, current_delivery};
 use crate::errors::{no_value, not_done};
 use crate::value::header_to_lua;
 
 /// A handle on the delivery of the running handler. Every method returns
 /// `value, err`; once the handler has returned, every method is `INVALID`
-/// ("message released").
+/// ("message released"), and so it is, meanwhile, for any other run.
 pub(crate) struct LuaMessage(pub(crate) Rc<DeliveryState>);
 
 impl LuaMessage {
-    /// The delivery, while its handler runs.
-    fn usable(&self) -> Result<Ref<'_, DeliveryContext>, Error> {
-        self.0.context().ok_or_else(|| {
+    /// The delivery, while its handler runs, to that run only (and the coroutines it
+    /// made): a handle another run found (kept in a global while its own run waits)
+    /// settled a message that was not its to settle, and its own run's failure was
+    /// then ignored.
+    fn usable(&self, lua: &Lua) -> Result<Ref<'_, DeliveryContext>, Error> {
+        let context = self.0.context().ok_or_else(|| {
             Error::invalid("message released: a message can only be used while its handler runs (not once it returned, ran past its timeout or was stopped)")
-        })
+        })?;
+        let own = current_delivery(lua).is_some_and(|current| Rc::ptr_eq(&current, &self.0));
+        if !own {
+            return Err(Error::invalid(
+                "this message belongs to another run: a message can only be used by the handler it was delivered to (and the coroutines it creates)",
+            ));
+        }
+        Ok(context)
     }
 
     /// Marks it settled (once) and hands back what settles it.
-    fn begin_settle(&self) -> Result<Rc<dyn Settle>, Error> {
-        let context = self.usable()?;
+    fn begin_settle(&self, lua: &Lua) -> Result<Rc<dyn Settle>, Error> {
+        let context = self.usable(lua)?;
         if self.0.settled.replace(true) {
             return Err(Error::invalid(format!(
                 "message {} is already settled",
@@ -44,14 +54,14 @@ fn attempts(headers: &queue_core::Headers) -> LuaValue {
 
 impl UserData for LuaMessage {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("id", |lua, m, ()| match m.usable() {
+        methods.add_method("id", |lua, m, ()| match m.usable(lua) {
             Ok(context) => Ok((
                 LuaValue::String(lua.create_string(&context.message.id)?),
                 None,
             )),
             Err(e) => no_value(e),
         });
-        methods.add_method("header", |lua, m, key: LuaValue| match m.usable() {
+        methods.add_method("header", |lua, m, key: LuaValue| match m.usable(lua) {
             Ok(context) => {
                 // Any value, so that a wrong one is an `err`, as the contract says of
                 // every method, and not a raised "bad argument".
@@ -75,7 +85,7 @@ impl UserData for LuaMessage {
             }
             Err(e) => no_value(e),
         });
-        methods.add_method("headers", |lua, m, ()| match m.usable() {
+        methods.add_method("headers", |lua, m, ()| match m.usable(lua) {
             Ok(context) => {
                 let headers = &context.message.headers;
                 let t = lua.create_table()?;
@@ -87,8 +97,8 @@ impl UserData for LuaMessage {
             }
             Err(e) => no_value(e),
         });
-        methods.add_async_method("ack", |_, m, ()| async move {
-            let settle = match m.begin_settle() {
+        methods.add_async_method("ack", |lua, m, ()| async move {
+            let settle = match m.begin_settle(&lua) {
                 Ok(settle) => settle,
                 Err(e) => return not_done(e),
             };
@@ -99,8 +109,8 @@ impl UserData for LuaMessage {
         });
         // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
         // says its kind and message, as a handler returning it would.
-        methods.add_async_method("nack", |_, m, reason: LuaValue| async move {
-            let settle = match m.begin_settle() {
+        methods.add_async_method("nack", |lua, m, reason: LuaValue| async move {
+            let settle = match m.begin_settle(&lua) {
                 Ok(settle) => settle,
                 Err(e) => return not_done(e),
             };

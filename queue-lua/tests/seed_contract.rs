@@ -309,6 +309,29 @@ async fn the_message_is_released_when_the_handler_returns() {
     );
 }
 
+/// A message is its own run's: another handler that finds it (kept in a global while
+/// its run waits in a publish) can neither read nor settle it. Before, the other run
+/// acked it, and its own run's failure was then ignored: the message was lost.
+#[tokio::test]
+async fn a_message_cannot_be_used_by_another_run() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let msg = |n| json_message(Value::map([("n", Value::Int(n))]), Headers::new());
+    let waiting = h.handle("handlers.lua", "shares_message_and_waits", msg(1));
+    let other = async {
+        h.driver.wait_for_held(1).await;
+        let (outcome, settled) = h
+            .handle("handlers.lua", "uses_shared_message", msg(2))
+            .await;
+        assert_eq!(outcome, Outcome::Ack);
+        assert!(settled.is_empty(), "{settled:?}");
+        assert!(h.driver.confirm_next());
+    };
+    let ((outcome, settled), ()) = tokio::join!(waiting, other);
+    assert_eq!(outcome, Outcome::Ack);
+    assert!(settled.is_empty(), "another run settled it: {settled:?}");
+}
+
 /// A message a handler keeps past its run (`M.kept = queue.message()`) holds nothing
 /// of its delivery: neither the message nor what settles it. Before, each kept one
 /// held the whole message, outside the Lua memory limit, for as long as Lua kept it.

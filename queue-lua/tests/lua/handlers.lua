@@ -80,6 +80,25 @@ function M.uses_kept_message(payload)
   assert(value == nil and err:message():find("message released"))
 end
 
+-- Keeps its message where another run can find it, then waits in a publish.
+function M.shares_message_and_waits(payload)
+  M.shared = queue.message()
+  assert(queue.publish("app:tasks", payload))
+  -- Its own message still answers once the other run is done with it.
+  assert(M.shared:id())
+end
+-- Another run tries the message of the run above while that one waits.
+function M.uses_shared_message(payload)
+  local failed_with = { id = nil, headers = nil, ack = false, nack = false }
+  for _, method in ipairs({ "id", "headers", "ack", "nack" }) do
+    local value, err = M.shared[method](M.shared)
+    assert(value == failed_with[method], method .. " gave " .. tostring(value))
+    assert(err:kind() == errors.INVALID and err:message():find("another run"), tostring(err))
+  end
+  local value, err = M.shared:header("x")
+  assert(value == nil and err:message():find("another run"), tostring(err))
+end
+
 function M.echo(payload)
   assert(queue.publish("app:raw", payload))
 end
