@@ -191,6 +191,203 @@ return function(t, mt)
 end
 "##;
 
+/// Built from trusted code once per state: the loops of the `string` and `table`
+/// libraries that run in C and allocate nothing, made so that they end. Such a loop
+/// runs no Lua instruction, so neither the slices nor a `timeout` stop it (the hook
+/// counts instructions), and the memory limit never trips: `string.rep("", 2^62)`,
+/// `table.move({}, 1, math.maxinteger, 1, {})`, or `table.insert(t, 1, v)` on a table
+/// whose `__len` says 2^62 held their thread for ever. An empty repeat is made at
+/// once; a long move is made in pieces from a Lua loop, which the hook sees; `insert`
+/// and `remove` on a table with a metatable (where `#t` is anything `__len` says) move
+/// through that, and `sort` on one compares through a Lua function. Tables without a
+/// metatable keep the C functions whole: their loops are bounded by what the table
+/// holds, within the memory limit. Results and errors are the C functions' own.
+const BOUNDED_LOOPS: &str = r##"
+local string, table, math, select, type, getmetatable, rawlen, pcall, error, ipairs = ...
+local rep, find, gsub = string.rep, string.find, string.gsub
+local move, insert, remove, sort = table.move, table.insert, table.remove, table.sort
+local pack, unpack = table.pack, table.unpack
+local tointeger, ult, maxinteger = math.tointeger, math.ult, math.maxinteger
+-- Elements a piece moves: a few microseconds of C between two Lua instructions.
+local PIECE = 256
+-- What the C functions say when they refuse their arguments, which Lua prefixes
+-- with the line that called them.
+local REFUSALS = {
+  "^bad argument #%d+ to ",
+  "^wrong number of arguments to 'insert'$",
+  "^invalid order function for sorting$",
+  "^resulting string too large$",
+  "^object length is not an integer$",
+}
+
+-- Calls the C function `name` with arguments it may refuse, and says its refusal as
+-- it would have, called from the caller's line: called from here (through `pcall`),
+-- it names neither the function nor a line. Other errors (a metamethod's, a
+-- comparison's) pass unchanged.
+local function relay(name, f, ...)
+  local results = pack(pcall(f, ...))
+  if results[1] then
+    return unpack(results, 2, results.n)
+  end
+  local err = results[2]
+  if type(err) == "string" then
+    for _, refusal in ipairs(REFUSALS) do
+      if find(err, refusal) then
+        error((gsub(err, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), 3)
+      end
+    end
+  end
+  error(err, 0)
+end
+
+-- `#t` as the C functions read it: an integer, whatever `__len` returns.
+local function length(t)
+  local n = tointeger(#t)
+  if n == nil then
+    error("object length is not an integer", 3)
+  end
+  return n
+end
+
+local function bounded_rep(s, n, sep)
+  local count = tointeger(n)
+  if count then
+    if s == "" and (sep == nil or sep == "") then
+      return ""
+    end
+    -- What the C function takes without a word: a string or a number to repeat,
+    -- few enough times that the result's length cannot overflow (it runs out of
+    -- memory long before).
+    local ts, tsep = type(s), type(sep)
+    if count <= 0x7fffffff and (ts == "string" or ts == "number")
+        and (sep == nil or tsep == "string" or tsep == "number") then
+      return rep(s, n, sep)
+    end
+  end
+  return (relay("rep", rep, s, n, sep))
+end
+
+local function bounded_move(a1, f, e, t, a2)
+  local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)
+  if not (fi and ei and ti) or type(a1) ~= "table" or (a2 ~= nil and type(a2) ~= "table")
+      or (ei >= fi and not (fi > 0 or ei < maxinteger + fi))
+      or (ei >= fi and ti > maxinteger - (ei - fi)) then
+    return (relay("move", move, a1, f, e, t, a2))
+  end
+  if ei < fi or ei - fi < PIECE then
+    return move(a1, f, e, t, a2)
+  end
+  local last, to = ei - fi, a2 == nil and a1 or a2
+  if ti > fi and ti <= ei and (a2 == nil or a1 == a2) then
+    -- Overlapping upwards: element by element from the end, as the C function
+    -- goes. A piece shorter than the shift would go up from its start, which
+    -- metamethods would see: then the elements are moved one by one.
+    if ti - fi >= PIECE then
+      for i = last, 0, -1 do
+        to[ti + i] = a1[fi + i]
+      end
+      return to
+    end
+    local hi = last
+    while hi >= 0 do
+      local lo = hi >= PIECE and hi - PIECE + 1 or 0
+      move(a1, fi + lo, fi + hi, ti + lo, a2)
+      hi = lo - 1
+    end
+  else
+    local lo = 0
+    while lo <= last do
+      local hi = last - lo < PIECE and last or lo + PIECE - 1
+      move(a1, fi + lo, fi + hi, ti + lo, a2)
+      lo = hi + 1
+    end
+  end
+  return to
+end
+
+local function bounded_insert(t, ...)
+  local count = select("#", ...)
+  if type(t) == "table" and getmetatable(t) == nil then
+    -- A plain table: appending moves nothing, and a short move goes to C whole.
+    -- (Even a plain table's `#t` can be 2^62: `t[1], t[2], t[4], ..., t[2^62]`.)
+    if count == 1 then
+      return insert(t, ...)
+    end
+    if count == 2 then
+      local pos = tointeger((...))
+      local e = rawlen(t) + 1
+      if pos and ult(pos - 1, e) and e - pos < PIECE then
+        return insert(t, ...)
+      end
+    end
+  end
+  if type(t) ~= "table" or count < 1 or count > 2 then
+    return (relay("insert", insert, t, ...))
+  end
+  -- `#t` read once, what follows `pos` moved through `bounded_move`.
+  local e = length(t) + 1
+  local p, value = e, select(count, ...)
+  if count == 2 then
+    p = tointeger((...))
+    if p == nil then
+      return (relay("insert", insert, t, ...))
+    end
+    if not ult(p - 1, e) then
+      error("bad argument #2 to 'insert' (position out of bounds)", 2)
+    end
+    if e > p then
+      bounded_move(t, p, e - 1, p + 1)
+    end
+  end
+  t[p] = value
+end
+
+local function bounded_remove(t, pos)
+  if type(t) ~= "table" then
+    return (relay("remove", remove, t, pos))
+  end
+  local plain = getmetatable(t) == nil
+  if plain and pos == nil then
+    return remove(t)
+  end
+  local size = plain and rawlen(t) or length(t)
+  local p = size
+  if pos ~= nil then
+    p = tointeger(pos)
+    if p == nil then
+      return (relay("remove", remove, t, pos))
+    end
+  end
+  if p ~= size and not (ult(p - 1, size) or p - 1 == size) then
+    error("bad argument #2 to 'remove' (position out of bounds)", 2)
+  end
+  if plain and size - p < PIECE then
+    return remove(t, pos)
+  end
+  local result = t[p]
+  if p < size then
+    bounded_move(t, p + 1, size, p)
+    p = size
+  end
+  t[p] = nil
+  return result
+end
+
+local function less(a, b)
+  return a < b
+end
+
+local function bounded_sort(t, comp)
+  if type(t) == "table" and getmetatable(t) ~= nil and (comp == nil or type(comp) == "function") then
+    local order = comp or less
+    return (relay("sort", sort, t, function(a, b) return order(a, b) end))
+  end
+  return (relay("sort", sort, t, comp))
+end
+
+return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort
+"##;
+
 /// Built from trusted code once per state: given an environment, the `load`,
 /// `require`, `dofile` and `loadfile` that belong to it. Written in Lua so the
 /// closures hold their environment as an upvalue, which the collector can see
@@ -251,6 +448,31 @@ pub(crate) struct Sandbox {
     full_io: Table,
     /// Gives an environment its own `load`, `require`, `dofile`, `loadfile`.
     equip: Function,
+}
+
+/// Replaces the library loops that no limit could stop ([`BOUNDED_LOOPS`]) in the
+/// real `string` and `table` tables, which every string's metatable reaches too.
+fn bound_library_loops(lua: &Lua, real: &Table) -> mlua::Result<()> {
+    let string: Table = real.raw_get("string")?;
+    let table: Table = real.raw_get("table")?;
+    let (rep, move_, insert, remove, sort): (Function, Function, Function, Function, Function) =
+        lua.load(BOUNDED_LOOPS).set_name("=sandbox").call((
+            &string,
+            &table,
+            real.raw_get::<Table>("math")?,
+            real.raw_get::<Function>("select")?,
+            real.raw_get::<Function>("type")?,
+            real.raw_get::<Function>("getmetatable")?,
+            real.raw_get::<Function>("rawlen")?,
+            real.raw_get::<Function>("pcall")?,
+            real.raw_get::<Function>("error")?,
+            real.raw_get::<Function>("ipairs")?,
+        ))?;
+    string.raw_set("rep", rep)?;
+    table.raw_set("move", move_)?;
+    table.raw_set("insert", insert)?;
+    table.raw_set("remove", remove)?;
+    table.raw_set("sort", sort)
 }
 
 impl Sandbox {
@@ -349,6 +571,7 @@ impl Sandbox {
         // no use, and it is reachable through every string's metatable.
         real.raw_get::<Table>("string")?
             .raw_set("dump", LuaValue::Nil)?;
+        bound_library_loops(lua, &real)?;
         for name in ["string", "table", "math", "utf8"] {
             share(name, real.raw_get(name)?)?;
         }
@@ -556,4 +779,156 @@ fn coroutine_library(
     library.raw_set("resume", resume)?;
     library.raw_set("close", close)?;
     Ok(library)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bounded library functions give what the C functions give: the same tables,
+    /// the same reads and writes in the same order through metamethods, the same
+    /// results and the same errors, on short spans and on spans moved in pieces.
+    #[test]
+    fn bounded_library_loops_behave_as_the_c_functions() {
+        let lua = Lua::new();
+        let real = lua.globals();
+        let string: Table = real.raw_get("string").unwrap();
+        let table: Table = real.raw_get("table").unwrap();
+        let originals = lua.create_table().unwrap();
+        for (name, from) in [
+            ("rep", &string),
+            ("move", &table),
+            ("insert", &table),
+            ("remove", &table),
+            ("sort", &table),
+        ] {
+            originals
+                .raw_set(name, from.raw_get::<Function>(name).unwrap())
+                .unwrap();
+        }
+        bound_library_loops(&lua, &real).unwrap();
+        lua.load(EQUIVALENCE)
+            .set_name("=equivalence")
+            .call::<()>(originals)
+            .unwrap();
+    }
+
+    const EQUIVALENCE: &str = r##"
+local c = ...
+local bounded = { rep = string.rep, move = table.move, insert = table.insert,
+                  remove = table.remove, sort = table.sort }
+assert(bounded.move ~= c.move, "not replaced")
+
+-- A table that logs every read and write, with a length of its own.
+local function logged(n, log)
+  local store = {}
+  for i = 1, n do store[i] = i * 10 end
+  return setmetatable({}, {
+    __index = function(_, k) log[#log + 1] = "r" .. tostring(k); return store[k] end,
+    __newindex = function(_, k, v) log[#log + 1] = "w" .. tostring(k) .. "=" .. tostring(v); store[k] = v end,
+    __len = function() return n end,
+  }), store
+end
+
+-- Runs `f(fns, ...)` with the C functions and with the bounded ones on fresh state made by
+-- `make`, and compares what each returned (or raised), the log and the table.
+local function compare(what, make, f, unordered)
+  local results = {}
+  for _, fns in ipairs({ c, bounded }) do
+    local log = {}
+    local t, store = make(log)
+    local ok, a, b = pcall(f, fns, t)
+    if rawequal(a, t) then a = "the table" end
+    local contents = {}
+    for i = -2, 1100 do contents[#contents + 1] = tostring((store or t)[i]) end
+    results[#results + 1] = { ok = tostring(ok), a = tostring(a), b = tostring(b),
+      log = table.concat(log, ","), contents = table.concat(contents, ",") }
+  end
+  -- Lua picks a sort's pivots at random on long spans: a sort's reads and writes
+  -- differ from one run to the next, its result does not.
+  for _, k in ipairs(unordered and { "ok", "a", "b", "contents" } or { "ok", "a", "b", "log", "contents" }) do
+    assert(results[1][k] == results[2][k],
+      what .. ": " .. k .. " differs:\n  C:       " .. results[1][k]:sub(1, 300)
+        .. "\n  bounded: " .. results[2][k]:sub(1, 300))
+  end
+end
+
+local function plain(n)
+  return function() local t = {} for i = 1, n do t[i] = i end return t end
+end
+
+for _, n in ipairs({ 0, 1, 5, 600, 1000 }) do
+  for _, args in ipairs({
+    { 1, n, 1 }, { 1, n, 2 }, { 2, n, 1 }, { 1, n, 300 }, { 300, n, 1 },
+    { 1, n - 1, 0 }, { 5, 3, 1 }, { 1, n, -5 },
+  }) do
+    local f, e, t = table.unpack(args)
+    local what = ("move(%d, %d, %d) of %d"):format(f, e, t, n)
+    compare(what, plain(n), function(fns, tt) local r = fns.move(tt, f, e, t) return r end)
+    compare(what .. " to another", plain(n), function(fns, tt) local d = {} local r = fns.move(tt, f, e, t, d) return r == d, d[t] end)
+    compare(what .. " logged", function(log) return logged(n, log) end,
+      function(fns, tt) local r = fns.move(tt, f, e, t) return r == tt end)
+  end
+  for _, pos in ipairs({ 1, 2, n, n + 1, n + 2, 0, -1, "2", 1.5 }) do
+    local what = ("insert at %s of %d"):format(tostring(pos), n)
+    compare(what, function(log) return logged(n, log) end, function(fns, tt) local r = fns.insert(tt, pos, "x") return r end)
+    compare(what .. " plain", plain(n), function(fns, tt) local r = fns.insert(tt, pos, "x") return r end)
+    what = ("remove at %s of %d"):format(tostring(pos), n)
+    compare(what, function(log) return logged(n, log) end, function(fns, tt) local r = fns.remove(tt, pos) return r end)
+    compare(what .. " plain", plain(n), function(fns, tt) local r = fns.remove(tt, pos) return r end)
+  end
+  compare("insert at the end of " .. n, function(log) return logged(n, log) end, function(fns, tt) local r = fns.insert(tt, "x") return r end)
+  compare("remove the last of " .. n, function(log) return logged(n, log) end, function(fns, tt) local r = fns.remove(tt) return r end)
+  compare("insert, too many arguments", function(log) return logged(n, log) end, function(fns, tt) local r = fns.insert(tt, 1, 2, 3) return r end)
+end
+compare("a length that is no integer", function()
+  return setmetatable({}, { __len = function() return 1.5 end })
+end, function(fns, tt) local r = fns.insert(tt, 1, "x") return r end)
+compare("a length that is no integer, remove", function()
+  return setmetatable({}, { __len = function() return "x" end })
+end, function(fns, tt) local r = fns.remove(tt, 1) return r end)
+compare("move wrapping round", plain(3), function(fns, tt) local r = fns.move(tt, 1, 1000, math.maxinteger - 10) return r end)
+compare("move of too many", plain(3), function(fns, tt) local r = fns.move(tt, -10, math.maxinteger, 1) return r end)
+for _, call in ipairs({
+  function(fns) local r = fns.insert(nil, "x") return r end,
+  function(fns) local r = fns.insert(setmetatable({}, {}), 1, 2, 3) return r end,
+  function(fns) local r = fns.insert({}, 5, "x") return r end,
+  function(fns) local r = fns.remove(nil) return r end,
+  function(fns) local r = fns.remove({}, "x") return r end,
+  function(fns) local r = fns.remove(setmetatable({}, {}), 1.5) return r end,
+  function(fns) local r = fns.sort(nil) return r end,
+  function(fns) local r = fns.sort({ 3, 1 }, "x") return r end,
+  function(fns) local r = fns.sort({ 3, {}, 1 }) return r end,
+  function(fns) local r = fns.sort({ 3, 2, 1 }, function(a, b) error("mine") end) return r end,
+  function(fns) local r = fns.move({}, 1, 2, 1, 7) return r end,
+  function(fns) local r = fns.rep("x", 2^62) return r end,
+  function(fns) local r = fns.rep("", 2^62, "x") return r end,
+}) do
+  compare("refusals", plain(0), call)
+end
+compare("move of no table", plain(3), function(fns, tt) local r = fns.move(5, 1, 1000, 1) return r end)
+
+for _, cmp in ipairs({ false, function(a, b) return a > b end }) do
+  compare("sort with a metatable", function(log)
+    local t = logged(700, log)
+    return t
+  end, function(fns, tt) local r = fns.sort(tt, cmp or nil) return r end, true)
+  compare("sort plain", plain(700), function(fns, tt) local r = fns.sort(tt, cmp or nil) return r end, true)
+  compare("sort, short", function(log) return logged(50, log) end,
+    function(fns, tt) local r = fns.sort(tt, cmp or nil) return r end)
+end
+
+for _, args in ipairs({ { "", 5 }, { "", 0 }, { "", -3 }, { "ab", 3, "," }, { "", 3, "," },
+    { "", 3, "" }, { "", 2.0 }, { "", "4" }, { 12, 2 } }) do
+  local s, n, sep = table.unpack(args)
+  assert(c.rep(s, n, sep) == bounded.rep(s, n, sep), "rep")
+end
+for _, args in ipairs({ { "", 1.5 }, { "", {} }, { {}, 3 }, { "", "x" } }) do
+  local s, n, sep = table.unpack(args)
+  local function call(fns) local r = fns.rep(s, n, sep) return r end
+  local _, e1 = pcall(call, c)
+  local _, e2 = pcall(call, bounded)
+  assert(e1 == e2, tostring(e1) .. " and " .. tostring(e2))
+end
+"##;
 }

@@ -286,3 +286,30 @@ fn a_kept_handler_coroutine_cannot_be_resumed_or_closed() {
         }
     });
 }
+
+/// Loops of the standard library that run in C and allocate nothing: unbounded, they
+/// held their thread for ever, past every time limit (no Lua instruction for the hook)
+/// and the memory limit. An empty repeat is made at once; the others end at the
+/// handler's timeout like any loop.
+#[test]
+fn library_loops_in_c_end_at_the_timeout() {
+    stops(|| async {
+        let h = Harness::new().await;
+        assert_eq!(run(&h, "rep_of_nothing", None).await, Outcome::Ack);
+        for method in [
+            "move_forever",
+            "move_back_forever",
+            "insert_forever",
+            "remove_forever",
+            "insert_forever_plain",
+            "remove_forever_plain",
+            "sort_forever",
+        ] {
+            let started = Instant::now();
+            let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
+            timed_out(&outcome, "200ms");
+            assert!(started.elapsed() < Duration::from_secs(10), "{method}");
+        }
+        assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    });
+}

@@ -210,3 +210,45 @@ function close_a_long_closer()
   local resumed, why = pcall(coroutine.resume, nil)
   assert(not resumed and tostring(why):find("thread expected"), tostring(why))
 end
+
+-- Loops of the standard library that run in C, allocate nothing and, unbounded, ran
+-- for ever: no Lua instruction for the hook, no memory for the limit.
+function rep_of_nothing()
+  assert(string.rep("", math.maxinteger) == "")
+  assert(("").rep("", math.maxinteger, "") == "")
+  assert(string.rep("", 2^62) == "")
+  assert(string.rep("ab", 3, ",") == "ab,ab,ab")
+end
+function move_forever()
+  table.move({}, 1, math.maxinteger, 1, {})
+end
+function move_back_forever()
+  table.move({}, 1, math.maxinteger - 1, 2)
+end
+local huge = { __len = function() return math.maxinteger - 1 end }
+function insert_forever()
+  table.insert(setmetatable({}, huge), 1, "x")
+end
+function remove_forever()
+  table.remove(setmetatable({}, huge), 1)
+end
+function sort_forever()
+  -- Every element reads as 0 (rawlen of the table), so no comparison fails.
+  table.sort(setmetatable({}, { __len = function() return (1 << 31) - 2 end, __index = rawlen }))
+end
+-- A plain table whose border is 2^62: keys 1, 2, 4, ..., 2^62.
+local function far_border()
+  local t, k = {}, 1
+  while k <= (1 << 62) do
+    t[k] = true
+    k = k * 2
+  end
+  assert(#t == 1 << 62, "#t is " .. #t)
+  return t
+end
+function insert_forever_plain()
+  table.insert(far_border(), 1, "x")
+end
+function remove_forever_plain()
+  table.remove(far_border(), 1)
+end
