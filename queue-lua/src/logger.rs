@@ -8,6 +8,29 @@ use crate::value::from_lua_within;
 /// fields are logged as the error that says so (docs/lua-api.md, "logger").
 const MAX_FIELDS_BYTES: usize = 64 * 1024;
 
+/// The most of a message a log line carries; the rest is counted, not copied.
+const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// A message as one log line: control characters escaped, since a newline in the text
+/// format started a line of the handler's making that read as the runtime's own (`ok\n
+/// 2026-... ERROR queue_runtime: ...`), and cut at [`MAX_MESSAGE_BYTES`]: a message of
+/// 200 MB was copied, outside the Lua memory limit, then formatted again.
+fn one_line(bytes: &[u8]) -> String {
+    let kept = &bytes[..bytes.len().min(MAX_MESSAGE_BYTES)];
+    let mut line = String::with_capacity(kept.len());
+    for c in String::from_utf8_lossy(kept).chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    if bytes.len() > kept.len() {
+        line.push_str(&format!("... ({} more bytes)", bytes.len() - kept.len()));
+    }
+    line
+}
+
 /// Creates the (read-only) `logger` table. Works with `logger:info(...)` and
 /// `logger.info(...)`.
 pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
@@ -23,9 +46,9 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                 args.next();
             }
             let message = match args.next() {
-                Some(LuaValue::String(s)) => s.to_string_lossy(),
+                Some(LuaValue::String(s)) => one_line(&s.as_bytes()),
                 Some(LuaValue::Nil) | None => String::new(),
-                Some(other) => other.to_string()?,
+                Some(other) => one_line(other.to_string()?.as_bytes()),
             };
             let fields = match args.next() {
                 Some(v @ LuaValue::Table(_)) => {
@@ -50,5 +73,31 @@ fn emit(level: &str, message: &str, fields: &str) {
         "info" => tracing::info!(target: "lua", fields, "{message}"),
         "warn" => tracing::warn!(target: "lua", fields, "{message}"),
         _ => tracing::error!(target: "lua", fields, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_one_line_of_bounded_length() {
+        let forged = "ok\n2026-01-01T00:00:00Z ERROR queue_runtime::host: token rotated\r\x1b[2J";
+        let line = one_line(forged.as_bytes());
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert_eq!(
+            line,
+            "ok\\n2026-01-01T00:00:00Z ERROR queue_runtime::host: token rotated\\r\\u{1b}[2J"
+        );
+        assert_eq!(one_line("Processing é".as_bytes()), "Processing é");
+        let long = "x".repeat(MAX_MESSAGE_BYTES + 10);
+        let line = one_line(long.as_bytes());
+        assert!(line.starts_with(&"x".repeat(MAX_MESSAGE_BYTES)));
+        assert!(
+            line.ends_with("... (10 more bytes)"),
+            "{}",
+            &line[line.len() - 30..]
+        );
+        assert_eq!(one_line(b"\xff ok"), "\u{fffd} ok");
     }
 }
