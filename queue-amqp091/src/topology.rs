@@ -30,9 +30,14 @@ const DELAY_QUEUE_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// A delay queue is redeclared (which resets its expiry) when older than this.
 const DELAY_QUEUE_REFRESH: Duration = Duration::from_secs(30);
 
+/// The longest a message waits in a delay queue: a minute short of the longest
+/// expiry RabbitMQ takes, so that its queue can outlive it ([`delay_queue_expiry`]).
+const LONGEST_DELAY_MS: u64 = queue_core::MAX_MILLIS - DELAY_QUEUE_EXPIRY_MARGIN.as_secs() * 1000;
+
 /// The delay a message waits in a delay queue for `delay_ms`: rounded up to two
 /// significant digits (1,234 ms waits 1,300), never shorter than asked (below the
-/// longest, [`queue_core::MAX_MILLIS`]) and at most a tenth longer, so that backoff with jitter, which draws a new millisecond value for
+/// longest, [`LONGEST_DELAY_MS`], a minute short of 49.7 days) and at most a tenth
+/// longer, so that backoff with jitter, which draws a new millisecond value for
 /// almost every retry, shares a few delay queues (fewer than a hundred per decade of
 /// delays) instead of making one per retry.
 pub(crate) fn delay_bucket(delay_ms: u64) -> u64 {
@@ -43,7 +48,7 @@ pub(crate) fn delay_bucket(delay_ms: u64) -> u64 {
     delay_ms
         .div_ceil(step)
         .saturating_mul(step)
-        .min(queue_core::MAX_MILLIS)
+        .min(LONGEST_DELAY_MS)
 }
 
 /// A delay queue this driver declared.
@@ -364,17 +369,31 @@ fn delay_queue_expiry(delay_ms: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// A delay queue is redeclared (its expiry reset) at most every 30 s, so it must
+    /// outlive its delay by more than that: one that expired with copies in it lost
+    /// them, confirmed and their originals acked. Near the longest delay, the expiry
+    /// was capped at the delay itself.
     #[test]
-    fn a_delay_queue_expires_a_minute_after_its_delay_within_the_broker_limit() {
-        assert_eq!(delay_queue_expiry(1_000), 61_000);
-        assert_eq!(
-            delay_queue_expiry(queue_core::MAX_MILLIS),
-            queue_core::MAX_MILLIS
-        );
-        assert_eq!(
-            delay_queue_expiry(queue_core::MAX_MILLIS - 1_000),
-            queue_core::MAX_MILLIS
-        );
+    fn a_delay_queue_outlives_every_message_in_it_within_the_broker_limit() {
+        assert_eq!(delay_queue_expiry(delay_bucket(1_000)), 61_000);
+        let max = queue_core::MAX_MILLIS;
+        for asked in [
+            1,
+            1_000,
+            4_200_000_000,
+            max - 60_000,
+            max - 31_000,
+            max - 1_000,
+            max,
+        ] {
+            let waits = delay_bucket(asked);
+            let expires = delay_queue_expiry(waits);
+            assert!(
+                expires > waits + millis(DELAY_QUEUE_REFRESH) as u64,
+                "{asked}: waits {waits} ms in a queue that expires {expires} ms after its declare"
+            );
+            assert!(expires <= max, "{asked}: past what RabbitMQ takes");
+        }
     }
 
     #[test]
@@ -387,8 +406,8 @@ mod tests {
             (1_234, 1_300),
             (1_000, 1_000),
             (59_999, 60_000),
-            // Never past what the broker takes as a time to live.
-            (queue_core::MAX_MILLIS, queue_core::MAX_MILLIS),
+            // Never so long that its queue could not outlive it.
+            (queue_core::MAX_MILLIS, LONGEST_DELAY_MS),
         ] {
             assert_eq!(delay_bucket(asked), waited, "{asked}");
         }
