@@ -142,6 +142,9 @@ pub struct QueueSummary {
     pub ready: Option<u64>,
     /// Still unsettled.
     pub in_flight: Option<u64>,
+    /// Waiting out a delay (a retry's backoff): on the memory driver, lost when the
+    /// process ends.
+    pub delayed: Option<u64>,
 }
 
 impl std::fmt::Display for QueueSummary {
@@ -154,7 +157,12 @@ impl std::fmt::Display for QueueSummary {
             show(self.acked),
             show(self.ready),
             show(self.in_flight)
-        )
+        )?;
+        // Only when some are: most queues never hold delayed messages.
+        match self.delayed {
+            Some(delayed) if delayed > 0 => write!(f, " delayed={delayed}"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -532,6 +540,7 @@ impl Host {
                     acked: registered.driver.acked_total(&c.queue),
                     ready: info.ready,
                     in_flight: info.in_flight,
+                    delayed: info.delayed,
                 }
             })
         });

@@ -227,6 +227,14 @@ async fn shutdown_waits_for_a_retry_publish_begun_before_it() {
         (Some(1), Some(0), Some(0)),
         "the original is acked, not returned: its copy is the only one left"
     );
+    // The copy waits out its backoff in the memory driver, which ends with the
+    // process: the summary says so, where it read as an empty queue.
+    assert_eq!(summary[0].delayed, Some(1), "{summary:?}");
+    assert!(
+        summary[0].to_string().ends_with(" delayed=1"),
+        "{}",
+        summary[0]
+    );
 }
 
 /// A publish that waits for its confirm inside a coroutine the handler created returns
