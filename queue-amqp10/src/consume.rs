@@ -241,6 +241,10 @@ impl Acker for LinkAcker {
             accept: false,
         });
     }
+
+    fn is_lost(&self) -> bool {
+        self.epoch != self.current_epoch.load(Ordering::Acquire)
+    }
 }
 
 struct ReceiveTask {

@@ -190,7 +190,8 @@ async fn acks_handed_over_before_a_cancel_are_sent() {
 }
 
 /// An ack of a delivery whose link was lost is refused (`INTERNAL`, retryable: the
-/// message comes again), though acks return without waiting for the broker. On a
+/// message comes again), though acks return without waiting for the broker, and the
+/// delivery says it is lost. On a
 /// private node, stopped and started under the subscription.
 async fn an_ack_of_a_lost_link_is_refused() {
     let mut node = tokio::task::spawn_blocking(queue_fixtures::rabbitmq::PrivateNode::start)
@@ -210,6 +211,7 @@ async fn an_ack_of_a_lost_link_is_refused() {
         .await
         .unwrap();
     let held = within("a delivery", sub.next()).await.unwrap().unwrap();
+    assert!(!held.is_lost());
 
     let node = tokio::task::spawn_blocking(move || {
         node.stop_app_then_start(std::time::Duration::from_secs(1));
@@ -223,6 +225,9 @@ async fn an_ack_of_a_lost_link_is_refused() {
         .await
         .unwrap()
         .unwrap();
+    // Which a retry holding it through its backoff asks before it publishes a copy.
+    assert!(held.is_lost(), "the held delivery's link is gone");
+    assert!(!again.is_lost());
     let err = held.ack().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
     assert!(err.retryable(), "{err}");

@@ -296,6 +296,12 @@ pub trait Acker: Send + 'static {
     async fn release(self: Box<Self>) -> Result<()>;
     /// Put it back without waiting; called when an unsettled delivery is dropped.
     fn release_on_drop(self: Box<Self>);
+    /// Whether the broker has taken the delivery back already (the link or connection
+    /// it came on is gone), so that it will deliver it again whatever is done with
+    /// this one. A driver that cannot tell says `false`.
+    fn is_lost(&self) -> bool {
+        false
+    }
 }
 
 /// A message handed to a consumer, settled exactly once: [`Delivery::ack`] or
@@ -345,6 +351,12 @@ impl Delivery {
     /// Whether it was acked or released already.
     pub fn is_settled(&self) -> bool {
         self.lock().is_none()
+    }
+
+    /// Whether the broker has taken it back unsettled (its connection or link was
+    /// lost): it will be delivered again, so a retry copy of it would be a duplicate.
+    pub fn is_lost(&self) -> bool {
+        self.lock().as_ref().is_some_and(|acker| acker.is_lost())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Acker>>> {

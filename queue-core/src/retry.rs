@@ -173,6 +173,8 @@ impl FailurePath {
                     .insert(names::DELAY, HeaderValue::Int(wait.as_millis() as i64));
             } else if !self.hold(wait).await {
                 return self.give_back(delivery, Duration::ZERO).await;
+            } else if delivery.is_lost() {
+                return Ok(self.lost_while_held(delivery));
             }
             Some(Move {
                 target: &self.queue,
@@ -190,6 +192,8 @@ impl FailurePath {
                     .insert(names::DELAY, HeaderValue::Int(longest.as_millis() as i64));
             } else if !self.hold(longest).await {
                 return self.give_back(delivery, Duration::ZERO).await;
+            } else if delivery.is_lost() {
+                return Ok(self.lost_while_held(delivery));
             }
             Some(Move {
                 target: &self.queue,
@@ -326,6 +330,15 @@ impl FailurePath {
             _ = tokio::time::sleep(wait) => true,
             _ = stop.wait_for(|s| *s) => false,
         }
+    }
+
+    /// The original was taken back by the broker while the runtime held it through
+    /// its backoff (its connection or link was lost): the broker delivers it again, so
+    /// no copy is published, which would have been a duplicate for every loss
+    /// (docs/reliability.md, "When duplicates happen").
+    fn lost_while_held(&self, delivery: &Delivery) -> Disposition {
+        tracing::info!(queue = %self.queue, id = %delivery.message().id, "the connection was lost while the retry waited: the broker delivers the message again, and no copy is published");
+        Disposition::Returned
     }
 
     /// Returns the original to its queue after `wait`, and never sooner than

@@ -1,0 +1,73 @@
+//! The failure path on a driver without delays, which holds the original through its
+//! backoff and publishes the copy after: a delivery lost meanwhile (its connection or
+//! link gone, so the broker delivers the original again) gets no copy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
+use queue_core::{Acker, Backoff, Delivery, Driver, Message, QueueId, QueueSpec, Result};
+use queue_testkit::ControlledDriver;
+
+/// An acker whose delivery is lost (or not), counting the settlements tried on it.
+struct LostOrHeld {
+    lost: bool,
+    settled: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Acker for LostOrHeld {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.settled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn release_on_drop(self: Box<Self>) {}
+    fn is_lost(&self) -> bool {
+        self.lost
+    }
+}
+
+async fn fail_one(lost: bool) -> (Disposition, u64, usize) {
+    let driver = Arc::new(ControlledDriver::without_delays());
+    let queue = QueueId::parse("app:jobs").unwrap();
+    driver
+        .declare(&QueueSpec::new(queue.clone()))
+        .await
+        .unwrap();
+    let (_running, stop) = tokio::sync::watch::channel(false);
+    let path = FailurePath {
+        queue: queue.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(2), 2.0, Duration::from_secs(2)),
+        },
+        exhausted: Exhausted::Drop,
+        is_dead_letter_queue: false,
+        stop,
+    };
+    let settled = Arc::new(AtomicUsize::new(0));
+    let acker = LostOrHeld {
+        lost,
+        settled: Arc::clone(&settled),
+    };
+    let message = Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
+    let delivery = Delivery::new(message, Box::new(acker));
+    let disposition = path.fail(&delivery, "broken").await.unwrap();
+    let ready = driver.inner().info(&queue).await.unwrap().ready.unwrap();
+    (disposition, ready, settled.load(Ordering::SeqCst))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_lost_during_its_backoff_gets_no_copy() {
+    // Held, then copied and acked.
+    assert_eq!(fail_one(false).await, (Disposition::Retried, 1, 1));
+    // Lost while held: the broker has the original back; a copy would be a duplicate.
+    assert_eq!(fail_one(true).await, (Disposition::Returned, 0, 0));
+}
