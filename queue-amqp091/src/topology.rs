@@ -167,7 +167,13 @@ impl Topology {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(spec.name.as_bytes().into()),
         );
-        if spec.queue_type == QueueType::Quorum {
+        // A target that can be full (`max_length`, `reject-publish`) gets a quorum
+        // delay queue as a quorum target does: one that dead-letters at least once,
+        // keeping a message until the target takes it. A classic delay queue's move
+        // is not confirmed, and RabbitMQ dropped what a full target refused: a retry
+        // copy, confirmed and its original acked, lost.
+        let quorum = spec.queue_type == QueueType::Quorum || spec.max_length.is_some();
+        if quorum {
             // No `x-expires`: a quorum queue's expiry runs from its creation, and
             // redeclaring does not renew it (measured on RabbitMQ 3.10), so a delay
             // queue in use would be deleted with the copies waiting in it. Its delays
@@ -185,7 +191,8 @@ impl Topology {
         declare_raw(
             link,
             &name,
-            spec.durable,
+            // A quorum queue is always durable, and refuses to be declared otherwise.
+            spec.durable || quorum,
             args,
             &format!("declare delay queue of {}", spec.id),
         )

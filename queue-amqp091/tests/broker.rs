@@ -92,6 +92,81 @@ async fn a_full_queue_nacks_and_publish_fails_internal_retryable() {
     driver.close().await.unwrap();
 }
 
+/// A delayed message (a retry copy waiting out its backoff) for a classic queue with
+/// `max_length` waits while the queue is full, in its delay queue. That queue
+/// dead-letters it into the target when the delay ends; RabbitMQ dropped what a
+/// classic delay queue dead-lettered into a full queue, so the copy, confirmed and
+/// its original acked, was lost.
+async fn a_delayed_message_for_a_full_queue_waits_for_room() {
+    let driver = common::rabbit().await;
+    let name = common::unique("full-delayed");
+    let id = QueueId::new("test", &name).unwrap();
+    let spec = QueueSpec::new(id.clone())
+        .with_name(&name)
+        .with_durable(false)
+        .with_max_length(1);
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let delayed = Message::encode(
+        &Value::from("later"),
+        Headers::from_pairs([("delay", HeaderValue::Int(200))]),
+        Codec::Json,
+    )
+    .unwrap();
+    driver.publish(&id, delayed.clone()).await.unwrap();
+    // Its delay ends while the queue is full. Nothing signals RabbitMQ's attempts to
+    // move it (and a quorum queue no longer counts a message waiting to be
+    // dead-lettered as ready): a window of several delays, what the test measures.
+    let delay_queue = format!("{name}.delay.200");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = driver.info(&id).await.unwrap();
+    assert_eq!(
+        info.ready,
+        Some(1),
+        "the full queue took more than its limit"
+    );
+    // The delay queue still holds it, waiting to dead-letter it (RabbitMQ tries again
+    // every `dead_letter_worker_publisher_confirm_timeout`, minutes by default, so
+    // its arrival once there is room is not waited for here).
+    // A quorum queue's count is published every tick (5 s), so it is read until it
+    // says 1 (a classic queue's, read from the queue itself, said 0: dropped).
+    let held_by_delay_queue = || {
+        let listed = tokio::task::block_in_place(|| {
+            std::process::Command::new("rabbitmqctl")
+                .args([
+                    "-q",
+                    "list_queues",
+                    "--no-table-headers",
+                    "name",
+                    "messages",
+                ])
+                .output()
+                .expect("rabbitmqctl runs")
+        });
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(delay_queue.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+    };
+    let held = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if held_by_delay_queue().as_deref() == Some("1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    assert!(
+        held.is_ok(),
+        "the delayed message was dropped: its delay queue holds {:?}",
+        held_by_delay_queue()
+    );
+    delete(&delay_queue).await;
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
 async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
     let driver = common::rabbit().await;
     let name = common::unique("redeclare");
@@ -726,6 +801,7 @@ queue_testkit::broker_tests! {
         a_publish_to_a_hung_broker_fails_within_its_limit,
         refused_port_fails_retryable_without_showing_the_password,
         a_full_queue_nacks_and_publish_fails_internal_retryable,
+        a_delayed_message_for_a_full_queue_waits_for_room,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
