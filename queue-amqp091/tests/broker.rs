@@ -131,19 +131,7 @@ async fn a_delayed_message_for_a_full_queue_waits_for_room() {
     // A quorum queue's count is published every tick (5 s), so it is read until it
     // says 1 (a classic queue's, read from the queue itself, said 0: dropped).
     let held_by_delay_queue = || {
-        let listed = tokio::task::block_in_place(|| {
-            std::process::Command::new("rabbitmqctl")
-                .args([
-                    "-q",
-                    "list_queues",
-                    "--no-table-headers",
-                    "name",
-                    "messages",
-                ])
-                .output()
-                .expect("rabbitmqctl runs")
-        });
-        String::from_utf8_lossy(&listed.stdout)
+        list_queues(&["name", "messages"])
             .lines()
             .find(|l| l.split_whitespace().next() == Some(delay_queue.as_str()))
             .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
@@ -444,20 +432,7 @@ async fn quorum_queues_deliver_delay_and_count_redeliveries() {
     got.ack().await.unwrap();
     sub.cancel().await.unwrap();
     // The broker says which type each queue has.
-    let listed = tokio::task::block_in_place(|| {
-        std::process::Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "list_queues",
-                "--no-table-headers",
-                "name",
-                "type",
-                "arguments",
-            ])
-            .output()
-            .expect("rabbitmqctl runs")
-    });
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let listed = list_queues(&["name", "type", "arguments"]);
     for queue in [name.clone(), format!("{name}.delay.300")] {
         let line = listed
             .lines()
@@ -603,6 +578,18 @@ async fn declare_transient(driver: &Amqp091Driver, name: &str) -> QueueId {
         .await
         .unwrap();
     id
+}
+
+/// `rabbitmqctl list_queues` of the shared broker, one line per queue, with `columns`.
+fn list_queues(columns: &[&str]) -> String {
+    let listed = tokio::task::block_in_place(|| {
+        std::process::Command::new("rabbitmqctl")
+            .args(["-q", "list_queues", "--no-table-headers"])
+            .args(columns)
+            .output()
+            .expect("rabbitmqctl runs")
+    });
+    String::from_utf8_lossy(&listed.stdout).into_owned()
 }
 
 async fn delete(name: &str) {
