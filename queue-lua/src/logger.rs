@@ -19,7 +19,12 @@ fn one_line(bytes: &[u8]) -> String {
     let kept = &bytes[..bytes.len().min(MAX_MESSAGE_BYTES)];
     let mut line = String::with_capacity(kept.len());
     for c in String::from_utf8_lossy(kept).chars() {
-        if c.is_control() {
+        // Beside the control characters: the line and paragraph separators, which
+        // some viewers break lines at, and the bidirectional overrides, which make a
+        // line read as something else.
+        if c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        {
             line.extend(c.escape_default());
         } else {
             line.push(c);
@@ -35,11 +40,15 @@ fn one_line(bytes: &[u8]) -> String {
 /// `logger.info(...)`.
 pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     let logger = lua.create_table()?;
+    // Lua's own, for a message that is not a string: it stays a Lua string (inside the
+    // memory limit) until cut, where a `__tostring` of 200 MB was copied whole.
+    let tostring: mlua::Function = lua.globals().raw_get("tostring")?;
     let proxy = crate::sandbox::read_only(lua, "logger", logger.clone())?;
     // The functions recognise `logger:info(...)` by the table's address: holding the
     // table itself would be a cycle through Rust that Lua's collector never frees.
     let me = proxy.to_pointer() as usize;
     for level in ["debug", "info", "warn", "error"] {
+        let tostring = tostring.clone();
         let f = lua.create_function(move |_, args: Variadic<LuaValue>| {
             let mut args = args.into_iter().peekable();
             if matches!(args.peek(), Some(LuaValue::Table(t)) if t.to_pointer() as usize == me) {
@@ -48,7 +57,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             let message = match args.next() {
                 Some(LuaValue::String(s)) => one_line(&s.as_bytes()),
                 Some(LuaValue::Nil) | None => String::new(),
-                Some(other) => one_line(other.to_string()?.as_bytes()),
+                Some(other) => one_line(&tostring.call::<mlua::LuaString>(other)?.as_bytes()),
             };
             let fields = match args.next() {
                 Some(v @ LuaValue::Table(_)) => {
@@ -99,5 +108,9 @@ mod tests {
             &line[line.len() - 30..]
         );
         assert_eq!(one_line(b"\xff ok"), "\u{fffd} ok");
+        assert_eq!(
+            one_line("a\u{2028}b\u{202E}c".as_bytes()),
+            "a\\u{2028}b\\u{202e}c"
+        );
     }
 }

@@ -203,13 +203,16 @@ end
 /// metatable keep the C functions whole: their loops are bounded by what the table
 /// holds, within the memory limit. Results and errors are the C functions' own.
 const BOUNDED_LOOPS: &str = r##"
-local string, table, math, select, type, getmetatable, rawlen, pcall, error, ipairs = ...
+local string, table, math, select, type, getmetatable, rawlen, rawequal, pcall, error,
+      ipairs, tonumber, is_c = ...
 local rep, find, gsub = string.rep, string.find, string.gsub
 local move, insert, remove, sort = table.move, table.insert, table.remove, table.sort
 local pack, unpack = table.pack, table.unpack
 local tointeger, ult, maxinteger = math.tointeger, math.ult, math.maxinteger
 -- Elements a piece moves: a few microseconds of C between two Lua instructions.
 local PIECE = 256
+-- Where an error of this file's own code says it happened.
+local HERE = "^sandbox:%d+: "
 -- What the C functions say when they refuse their arguments, which Lua prefixes
 -- with the line that called them.
 local REFUSALS = {
@@ -221,10 +224,12 @@ local REFUSALS = {
 }
 
 -- Calls the C function `name` with arguments it may refuse, and says its refusal as
--- it would have, called from the caller's line: called from here (through `pcall`),
--- it names neither the function nor a line. Other errors (a metamethod's, a
--- comparison's) pass unchanged.
-local function relay(name, f, ...)
+-- it would have: called from here (through `pcall`), it names neither the function
+-- nor a line, so the refusal is raised again at `level` (2 from a tail call, for the
+-- code that called the library function). An error of this file's own code (a
+-- comparison in `less`) loses its line, which the C function's would not have had;
+-- any other error (a metamethod's, the time limit's) passes unchanged.
+local function relay(level, name, f, ...)
   local results = pack(pcall(f, ...))
   if results[1] then
     return unpack(results, 2, results.n)
@@ -233,11 +238,22 @@ local function relay(name, f, ...)
   if type(err) == "string" then
     for _, refusal in ipairs(REFUSALS) do
       if find(err, refusal) then
-        error((gsub(err, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), 3)
+        error((gsub(err, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), level)
       end
+    end
+    if find(err, HERE) then
+      error((gsub(err, HERE, "")), 0)
     end
   end
   error(err, 0)
+end
+
+-- Why `v` is no integer position, as the C functions say it (without a `__name`).
+local function not_an_integer(v)
+  if tonumber(v) ~= nil then
+    return "number has no integer representation"
+  end
+  return "number expected, got " .. type(v)
 end
 
 -- `#t` as the C functions read it: an integer, whatever `__len` returns.
@@ -264,52 +280,68 @@ local function bounded_rep(s, n, sep)
       return rep(s, n, sep)
     end
   end
-  return (relay("rep", rep, s, n, sep))
+  return relay(2, "rep", rep, s, n, sep)
 end
 
-local function bounded_move(a1, f, e, t, a2)
-  local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)
-  if not (fi and ei and ti) or type(a1) ~= "table" or (a2 ~= nil and type(a2) ~= "table")
-      or (ei >= fi and not (fi > 0 or ei < maxinteger + fi))
-      or (ei >= fi and ti > maxinteger - (ei - fi)) then
-    return (relay("move", move, a1, f, e, t, a2))
-  end
-  if ei < fi or ei - fi < PIECE then
-    return move(a1, f, e, t, a2)
+-- Moves a1[fi..ei] to to[ti..] in pieces of PIECE elements, in the order the C
+-- function moves them one by one: upwards from the end when the ranges overlap.
+local function move_pieces(a1, fi, ei, ti, a2)
+  if not (fi > 0 or ei < maxinteger + fi) then
+    error("too many elements to move", 3)
   end
   local last, to = ei - fi, a2 == nil and a1 or a2
+  -- The same table, given twice, is compared once, not once per piece.
+  local pass = not rawequal(a1, a2) and a2 or nil
   if ti > fi and ti <= ei and (a2 == nil or a1 == a2) then
-    -- Overlapping upwards: element by element from the end, as the C function
-    -- goes. A piece shorter than the shift would go up from its start, which
-    -- metamethods would see: then the elements are moved one by one.
-    if ti - fi >= PIECE then
-      for i = last, 0, -1 do
-        to[ti + i] = a1[fi + i]
-      end
-      return to
-    end
+    local shift = ti - fi
+    -- A piece shorter than the shift goes up from its start in C, which only a
+    -- metamethod would see: then its elements are moved one by one.
+    local seen = getmetatable(a1) ~= nil or getmetatable(to) ~= nil
     local hi = last
     while hi >= 0 do
       local lo = hi >= PIECE and hi - PIECE + 1 or 0
-      move(a1, fi + lo, fi + hi, ti + lo, a2)
+      if seen and hi - lo < shift then
+        for i = hi, lo, -1 do
+          to[ti + i] = a1[fi + i]
+        end
+      else
+        move(a1, fi + lo, fi + hi, ti + lo, pass)
+      end
       hi = lo - 1
     end
   else
     local lo = 0
     while lo <= last do
       local hi = last - lo < PIECE and last or lo + PIECE - 1
-      move(a1, fi + lo, fi + hi, ti + lo, a2)
+      move(a1, fi + lo, fi + hi, ti + lo, pass)
       lo = hi + 1
     end
   end
   return to
 end
 
+local function bounded_move(a1, f, e, t, a2)
+  local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)
+  if not (fi and ei and ti) or (ei >= fi and not (fi > 0 or ei < maxinteger + fi))
+      or (ei >= fi and ti > maxinteger - (ei - fi)) then
+    return relay(2, "move", move, a1, f, e, t, a2)
+  end
+  if type(a1) ~= "table" or (a2 ~= nil and type(a2) ~= "table") then
+    -- Refused unless metamethods make it read or write as a table (a string reads
+    -- through its metatable): then it is moved as one, in pieces.
+    relay(3, "move", move, a1, 1, 0, 1, a2)
+  end
+  if ei < fi or ei - fi < PIECE then
+    return move(a1, f, e, t, a2)
+  end
+  return move_pieces(a1, fi, ei, ti, a2)
+end
+
 local function bounded_insert(t, ...)
   local count = select("#", ...)
   if type(t) == "table" and getmetatable(t) == nil then
     -- A plain table: appending moves nothing, and a short move goes to C whole.
-    -- (Even a plain table's `#t` can be 2^62: `t[1], t[2], t[4], ..., t[2^62]`.)
+    -- (Even a plain table's `#t` can be 2^62: keys 2, 4, ..., 2^62, then 1.)
     if count == 1 then
       return insert(t, ...)
     end
@@ -322,21 +354,21 @@ local function bounded_insert(t, ...)
     end
   end
   if type(t) ~= "table" or count < 1 or count > 2 then
-    return (relay("insert", insert, t, ...))
+    return relay(2, "insert", insert, t, ...)
   end
-  -- `#t` read once, what follows `pos` moved through `bounded_move`.
+  -- `#t` read once, what follows `pos` moved in pieces.
   local e = length(t) + 1
   local p, value = e, select(count, ...)
   if count == 2 then
     p = tointeger((...))
     if p == nil then
-      return (relay("insert", insert, t, ...))
+      error("bad argument #2 to 'insert' (" .. not_an_integer((...)) .. ")", 2)
     end
     if not ult(p - 1, e) then
       error("bad argument #2 to 'insert' (position out of bounds)", 2)
     end
     if e > p then
-      bounded_move(t, p, e - 1, p + 1)
+      move_pieces(t, p, e - 1, p + 1)
     end
   end
   t[p] = value
@@ -344,7 +376,7 @@ end
 
 local function bounded_remove(t, pos)
   if type(t) ~= "table" then
-    return (relay("remove", remove, t, pos))
+    return relay(2, "remove", remove, t, pos)
   end
   local plain = getmetatable(t) == nil
   if plain and pos == nil then
@@ -355,7 +387,7 @@ local function bounded_remove(t, pos)
   if pos ~= nil then
     p = tointeger(pos)
     if p == nil then
-      return (relay("remove", remove, t, pos))
+      error("bad argument #2 to 'remove' (" .. not_an_integer(pos) .. ")", 2)
     end
   end
   if p ~= size and not (ult(p - 1, size) or p - 1 == size) then
@@ -366,7 +398,7 @@ local function bounded_remove(t, pos)
   end
   local result = t[p]
   if p < size then
-    bounded_move(t, p + 1, size, p)
+    move_pieces(t, p + 1, size, p)
     p = size
   end
   t[p] = nil
@@ -377,12 +409,20 @@ local function less(a, b)
   return a < b
 end
 
+-- Sorts with a comparator that runs Lua instructions: one in C (`getmetatable`) ran
+-- none, nor did the default comparison of elements read through a C `__index`.
 local function bounded_sort(t, comp)
-  if type(t) == "table" and getmetatable(t) ~= nil and (comp == nil or type(comp) == "function") then
-    local order = comp or less
-    return (relay("sort", sort, t, function(a, b) return order(a, b) end))
+  if type(t) == "table" then
+    if type(comp) == "function" and is_c(comp) then
+      local in_c = comp
+      comp = function(a, b)
+        return in_c(a, b)
+      end
+    elseif comp == nil and getmetatable(t) ~= nil then
+      comp = less
+    end
   end
-  return (relay("sort", sort, t, comp))
+  return relay(2, "sort", sort, t, comp)
 end
 
 return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort
@@ -464,9 +504,12 @@ fn bound_library_loops(lua: &Lua, real: &Table) -> mlua::Result<()> {
             real.raw_get::<Function>("type")?,
             real.raw_get::<Function>("getmetatable")?,
             real.raw_get::<Function>("rawlen")?,
+            real.raw_get::<Function>("rawequal")?,
             real.raw_get::<Function>("pcall")?,
             real.raw_get::<Function>("error")?,
             real.raw_get::<Function>("ipairs")?,
+            real.raw_get::<Function>("tonumber")?,
+            lua.create_function(|_, f: Function| Ok(f.info().what == "C"))?,
         ))?;
     string.raw_set("rep", rep)?;
     table.raw_set("move", move_)?;
@@ -826,7 +869,7 @@ local function logged(n, log)
   return setmetatable({}, {
     __index = function(_, k) log[#log + 1] = "r" .. tostring(k); return store[k] end,
     __newindex = function(_, k, v) log[#log + 1] = "w" .. tostring(k) .. "=" .. tostring(v); store[k] = v end,
-    __len = function() return n end,
+    __len = function() log[#log + 1] = "n" return n end,
   }), store
 end
 
@@ -860,7 +903,7 @@ end
 for _, n in ipairs({ 0, 1, 5, 600, 1000 }) do
   for _, args in ipairs({
     { 1, n, 1 }, { 1, n, 2 }, { 2, n, 1 }, { 1, n, 300 }, { 300, n, 1 },
-    { 1, n - 1, 0 }, { 5, 3, 1 }, { 1, n, -5 },
+    { 1, n - 1, 0 }, { 5, 3, 1 }, { 1, n, -5 }, { 1, n, 101 }, { 1, n, 257 }, { 5, n, 400 },
   }) do
     local f, e, t = table.unpack(args)
     local what = ("move(%d, %d, %d) of %d"):format(f, e, t, n)
@@ -869,7 +912,7 @@ for _, n in ipairs({ 0, 1, 5, 600, 1000 }) do
     compare(what .. " logged", function(log) return logged(n, log) end,
       function(fns, tt) local r = fns.move(tt, f, e, t) return r == tt end)
   end
-  for _, pos in ipairs({ 1, 2, n, n + 1, n + 2, 0, -1, "2", 1.5 }) do
+  for _, pos in ipairs({ 1, 2, n, n + 1, n + 2, 0, -1, "2", 1.5, "x", "2.5", true }) do
     local what = ("insert at %s of %d"):format(tostring(pos), n)
     compare(what, function(log) return logged(n, log) end, function(fns, tt) local r = fns.insert(tt, pos, "x") return r end)
     compare(what .. " plain", plain(n), function(fns, tt) local r = fns.insert(tt, pos, "x") return r end)
@@ -903,6 +946,12 @@ for _, call in ipairs({
   function(fns) local r = fns.move({}, 1, 2, 1, 7) return r end,
   function(fns) local r = fns.rep("x", 2^62) return r end,
   function(fns) local r = fns.rep("", 2^62, "x") return r end,
+  function(fns) local r = fns.sort(setmetatable({ 3, {}, 1 }, {})) return r end,
+  function(fns) local d = {} local r = fns.move("abc", 1, 3, 1, d) return r == d, #d end,
+  function(fns) local r = fns.move("abc", 1, 3, 1) return r end,
+  function(fns) local t = { 3, 1, 2 } fns.sort(t, math.ult) return table.concat(t, ",") end,
+  function(fns) return select("#", fns.sort({ 2, 1 })), select("#", fns.insert({}, 1)),
+    select("#", fns.remove({ 1 })), select("#", fns.move({}, 1, 0, 1)) end,
 }) do
   compare("refusals", plain(0), call)
 end

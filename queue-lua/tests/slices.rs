@@ -303,6 +303,8 @@ fn library_loops_in_c_end_at_the_timeout() {
             "remove_forever",
             "insert_forever_plain",
             "remove_forever_plain",
+            "sort_forever_plain",
+            "move_forever_from_a_string",
             "sort_forever",
         ] {
             let started = Instant::now();

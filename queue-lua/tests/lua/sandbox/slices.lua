@@ -236,19 +236,31 @@ function sort_forever()
   -- Every element reads as 0 (rawlen of the table), so no comparison fails.
   table.sort(setmetatable({}, { __len = function() return (1 << 31) - 2 end, __index = rawlen }))
 end
--- A plain table whose border is 2^62: keys 1, 2, 4, ..., 2^62.
-local function far_border()
-  local t, k = {}, 1
-  while k <= (1 << 62) do
-    t[k] = true
-    k = k * 2
+-- A plain table whose border is 2^62: keys 2, 4, ..., 2^62, then 1 (set first, 1, 2
+-- and 4 would go to the array part, whose border is 4).
+local function far_border(bits)
+  local t = {}
+  for i = 1, bits do
+    t[1 << i] = true
   end
-  assert(#t == 1 << 62, "#t is " .. #t)
+  t[1] = true
+  assert(#t == 1 << bits, "#t is " .. #t)
   return t
 end
 function insert_forever_plain()
-  table.insert(far_border(), 1, "x")
+  local t = far_border(62)
+  table.insert(t, 1, "x")
 end
 function remove_forever_plain()
-  table.remove(far_border(), 1)
+  local t = far_border(62)
+  table.remove(t, 1)
+end
+-- A comparator in C runs no instruction either (getmetatable of anything here is nil).
+function sort_forever_plain()
+  local t = far_border(30)
+  table.sort(t, getmetatable)
+end
+-- A string reads as a table through its metatable's __index.
+function move_forever_from_a_string()
+  table.move("", 1, math.maxinteger, 1, {})
 end
