@@ -188,12 +188,16 @@ impl Contexts {
 /// belongs to another run. Resumed there, `co` would publish with the first run's
 /// rights and settle its message for a handler of another consumer sharing the
 /// file's globals. A coroutine of a run that ended may be resumed (it can no longer
-/// publish: [`current_security`]), and so may one made where no run was (a file's
-/// top level).
-pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
+/// publish: [`current_security`]), unless it is `waiting` in a call it started then
+/// (resumed where it could not wait): the resume would finish that call, made with the
+/// ended run's rights, for another run. One made where no run was (a file's top level)
+/// may be resumed too.
+pub(crate) fn foreign_resume(lua: &Lua, co: &Thread, waiting: bool) -> Option<&'static str> {
     let theirs = context_of(lua, co)?;
     if theirs.ended.get() {
-        return None;
+        return waiting.then_some(
+            "this coroutine waits in a call (queue.publish, queue.info, msg:ack) started by a run that has ended: no other run may finish it with that run's rights",
+        );
     }
     match context_of(lua, &lua.current_thread()) {
         Some(ours) if Rc::ptr_eq(&ours, &theirs) => None,

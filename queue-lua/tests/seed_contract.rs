@@ -332,6 +332,26 @@ async fn a_message_cannot_be_used_by_another_run() {
     assert!(settled.is_empty(), "another run settled it: {settled:?}");
 }
 
+/// A call a handler started in a coroutine it kept (resumed where it could not wait)
+/// cannot be finished by another run: it would get the result of a call made with
+/// the first run's rights (a queue's counts its own policies deny).
+#[tokio::test]
+async fn a_call_started_by_an_ended_run_is_not_finished_by_another() {
+    let h = Harness::new().await;
+    h.driver.hold_publishes();
+    let msg = |n| json_message(Value::map([("n", Value::Int(n))]), Headers::new());
+    let (kept, _) = h
+        .handle("handlers.lua", "keeps_a_started_publish", msg(1))
+        .await;
+    assert_eq!(kept, Outcome::Ack);
+    h.driver.wait_for_held(1).await;
+    assert!(h.driver.confirm_next());
+    let (other, _) = h
+        .handle("handlers.lua", "finishes_a_kept_publish", msg(2))
+        .await;
+    assert_eq!(other, Outcome::Ack);
+}
+
 /// A message a handler keeps past its run (`M.kept = queue.message()`) holds nothing
 /// of its delivery: neither the message nor what settles it. Before, each kept one
 /// held the whole message, outside the Lua memory limit, for as long as Lua kept it.

@@ -99,6 +99,24 @@ function M.uses_shared_message(payload)
   assert(value == nil and err:message():find("another run"), tostring(err))
 end
 
+-- Starts a publish in a coroutine resumed where it cannot wait (inside a function C
+-- calls): the call stays started inside the coroutine, which the handler keeps.
+function M.keeps_a_started_publish(payload)
+  M.started = coroutine.create(function()
+    return queue.publish("app:tasks", payload)
+  end)
+  table.sort({ 1, 2 }, function()
+    local resumed, err = coroutine.resume(M.started)
+    assert(not resumed and err:find("cannot wait"), tostring(err))
+    return false
+  end)
+end
+-- Another run tries to finish it, with the first run's rights.
+function M.finishes_a_kept_publish(payload)
+  local ok, err = pcall(coroutine.resume, M.started)
+  assert(not ok and tostring(err):find("started by a run that has ended"), tostring(err))
+end
+
 function M.echo(payload)
   assert(queue.publish("app:raw", payload))
 end
