@@ -205,7 +205,11 @@ impl RedisSubscription {
             done: AtomicBool::new(false),
         });
         let (out, deliveries) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(read_loop(Arc::clone(&shared), reader, out));
+        // On the driver's runtime, as every task it starts (src/connection.rs).
+        let handle = shared
+            .link
+            .tasks()
+            .spawn(read_loop(Arc::clone(&shared), reader, out));
         *shared.task.lock().await = Some(handle);
         Ok(RedisSubscription { deliveries, shared })
     }

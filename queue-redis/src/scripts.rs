@@ -16,10 +16,19 @@ use redis::Script;
 /// (same fields: id, headers, body), then removes the original. Entries whose data is
 /// gone (deleted by hand) are only dropped from the pending list. An entry that
 /// cannot be copied (more fields than Redis's Lua passes to one command, about
-/// 4,000) stays as it is, pending: removed first, it was lost.
+/// 4,000; or Redis refuses the write: out of memory, read-only) stays as it is,
+/// pending: removed first, it was lost.
 const RETURN_PENDING: &str = r#"
+-- true, or false and why not: 'TOO_WIDE' for an entry with more fields than one
+-- command takes (it never will be copied), else Redis's refusal (it may be later).
 local function copy_back(stream, fields)
-  return pcall(function() return redis.call('XADD', stream, '*', unpack(fields)) end)
+  local copied, err = pcall(function() return redis.call('XADD', stream, '*', unpack(fields)) end)
+  if copied then return true end
+  if type(err) == 'string' and string.find(err, 'too many results to unpack', 1, true) then
+    return false, 'TOO_WIDE'
+  end
+  if type(err) == 'table' and err.err then return false, err.err end
+  return false, tostring(err)
 end
 
 -- Returns how many went back, and how many could not be copied and stay pending:
@@ -138,8 +147,13 @@ if #entry == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
   return 0
 end
-if not copy_back(KEYS[1], entry[1][2]) then
-  return redis.error_reply('TOO_WIDE the entry has more fields than a script can copy back; it stays pending')
+local copied, why = copy_back(KEYS[1], entry[1][2])
+if not copied then
+  if why == 'TOO_WIDE' then
+    return redis.error_reply('TOO_WIDE the entry has more fields than a script can copy back; it stays pending')
+  end
+  -- Refused for now (out of memory, read-only): pending still, and looked for again.
+  return redis.error_reply('COPY_REFUSED the copy back was refused (' .. why .. '); it stays pending')
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])

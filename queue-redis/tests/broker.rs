@@ -274,6 +274,42 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
     assert_eq!(pending.0, 1, "the wide entry is no longer pending");
 }
 
+/// A release Redis refuses for now (out of memory: `maxmemory` reached, with the
+/// default `noeviction`) fails as a passing error, and the message is delivered again
+/// once Redis takes writes: it was reported as too wide to copy back, and stayed
+/// pending for its live consumer, never looked for again.
+async fn a_release_refused_for_memory_is_delivered_again() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let spec = queue("oom");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    let client = redis::Client::open(node.url()).expect("a client");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let config = |bytes: &'static str| {
+        let mut set = redis::cmd("CONFIG");
+        set.arg("SET").arg("maxmemory").arg(bytes);
+        set
+    };
+    let _: () = config("1").query_async(&mut raw).await.expect("CONFIG SET");
+    let released = held.release().await;
+    let _: () = config("0").query_async(&mut raw).await.expect("CONFIG SET");
+    let err = released.expect_err("a release Redis refused said it was done");
+    assert!(!err.message().contains("more fields"), "{err}");
+    let again = next(&mut sub).await;
+    assert_eq!(number_of(&again), 1);
+    again.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+}
+
 async fn close_ends_subscriptions_and_refuses_work() {
     let node = node().await;
     let driver = connect(&node).await;
@@ -605,6 +641,7 @@ queue_testkit::broker_tests! {
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
+        a_release_refused_for_memory_is_delivered_again,
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
