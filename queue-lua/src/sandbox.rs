@@ -212,7 +212,8 @@ const BOUNDED_LOOPS: &str = r##"
 local string, table, math, select, type, getmetatable, rawlen, rawequal, pcall, error,
       ipairs, tonumber, is_c = ...
 local rep, find, gsub = string.rep, string.find, string.gsub
-local move, insert, remove, sort = table.move, table.insert, table.remove, table.sort
+local move, insert, remove, sort, concat =
+  table.move, table.insert, table.remove, table.sort, table.concat
 local pack, unpack = table.pack, table.unpack
 local tointeger, ult, maxinteger = math.tointeger, math.ult, math.maxinteger
 -- Elements a piece moves: a few microseconds of C between two Lua instructions.
@@ -227,6 +228,7 @@ local REFUSALS = {
   "^invalid order function for sorting$",
   "^resulting string too large$",
   "^object length is not an integer$",
+  "^invalid value %(%a+%) at index %-?%d+ in table for 'concat'$",
 }
 
 -- Calls the C function `name` with arguments it may refuse, and says its refusal as
@@ -411,6 +413,49 @@ local function bounded_remove(t, pos)
   return result
 end
 
+-- An optional integer argument as the C functions read it (`luaL_optinteger`).
+local function optional_integer(v, default, n, name)
+  if v == nil then
+    return default
+  end
+  local i = tointeger(v)
+  if i == nil then
+    error("bad argument #" .. n .. " to '" .. name .. "' (" .. not_an_integer(v) .. ")", 3)
+  end
+  return i
+end
+
+-- A table with a metatable, whose elements a C `__index` may read without end (`""`
+-- for every index of `1, math.maxinteger`), is joined from a Lua loop: its parts
+-- take memory, which the limit counts, and its instructions the hook sees.
+local function bounded_concat(t, sep, i, j)
+  if type(t) ~= "table" or getmetatable(t) == nil then
+    return relay(2, "concat", concat, t, sep, i, j)
+  end
+  local last = length(t)
+  local tsep = type(sep)
+  if not (sep == nil or tsep == "string" or tsep == "number") then
+    error("bad argument #2 to 'concat' (string expected, got " .. tsep .. ")", 2)
+  end
+  local first = optional_integer(i, 1, 3, "concat")
+  last = optional_integer(j, last, 4, "concat")
+  local parts, n = {}, 0
+  while first <= last do
+    local v = t[first]
+    local tv = type(v)
+    if tv ~= "string" and tv ~= "number" then
+      error("invalid value (" .. tv .. ") at index " .. first .. " in table for 'concat'", 2)
+    end
+    n = n + 1
+    parts[n] = v
+    if first == last then
+      break
+    end
+    first = first + 1
+  end
+  return concat(parts, sep)
+end
+
 local function less(a, b)
   return a < b
 end
@@ -431,7 +476,8 @@ local function bounded_sort(t, comp)
   return relay(2, "sort", sort, t, comp)
 end
 
-return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort
+return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort,
+  bounded_concat
 "##;
 
 /// Built from trusted code once per state: given an environment, the `load`,
@@ -501,27 +547,35 @@ pub(crate) struct Sandbox {
 fn bound_library_loops(lua: &Lua, real: &Table) -> mlua::Result<()> {
     let string: Table = real.raw_get("string")?;
     let table: Table = real.raw_get("table")?;
-    let (rep, move_, insert, remove, sort): (Function, Function, Function, Function, Function) =
-        lua.load(BOUNDED_LOOPS).set_name("=sandbox").call((
-            &string,
-            &table,
-            real.raw_get::<Table>("math")?,
-            real.raw_get::<Function>("select")?,
-            real.raw_get::<Function>("type")?,
-            real.raw_get::<Function>("getmetatable")?,
-            real.raw_get::<Function>("rawlen")?,
-            real.raw_get::<Function>("rawequal")?,
-            real.raw_get::<Function>("pcall")?,
-            real.raw_get::<Function>("error")?,
-            real.raw_get::<Function>("ipairs")?,
-            real.raw_get::<Function>("tonumber")?,
-            lua.create_function(|_, f: Function| Ok(f.info().what == "C"))?,
-        ))?;
+    #[allow(clippy::type_complexity)]
+    let (rep, move_, insert, remove, sort, concat): (
+        Function,
+        Function,
+        Function,
+        Function,
+        Function,
+        Function,
+    ) = lua.load(BOUNDED_LOOPS).set_name("=sandbox").call((
+        &string,
+        &table,
+        real.raw_get::<Table>("math")?,
+        real.raw_get::<Function>("select")?,
+        real.raw_get::<Function>("type")?,
+        real.raw_get::<Function>("getmetatable")?,
+        real.raw_get::<Function>("rawlen")?,
+        real.raw_get::<Function>("rawequal")?,
+        real.raw_get::<Function>("pcall")?,
+        real.raw_get::<Function>("error")?,
+        real.raw_get::<Function>("ipairs")?,
+        real.raw_get::<Function>("tonumber")?,
+        lua.create_function(|_, f: Function| Ok(f.info().what == "C"))?,
+    ))?;
     string.raw_set("rep", rep)?;
     table.raw_set("move", move_)?;
     table.raw_set("insert", insert)?;
     table.raw_set("remove", remove)?;
-    table.raw_set("sort", sort)
+    table.raw_set("sort", sort)?;
+    table.raw_set("concat", concat)
 }
 
 impl Sandbox {
@@ -851,6 +905,7 @@ mod tests {
             ("insert", &table),
             ("remove", &table),
             ("sort", &table),
+            ("concat", &table),
         ] {
             originals
                 .raw_set(name, from.raw_get::<Function>(name).unwrap())
@@ -866,7 +921,7 @@ mod tests {
     const EQUIVALENCE: &str = r##"
 local c = ...
 local bounded = { rep = string.rep, move = table.move, insert = table.insert,
-                  remove = table.remove, sort = table.sort }
+                  remove = table.remove, sort = table.sort, concat = table.concat }
 assert(bounded.move ~= c.move, "not replaced")
 
 -- A table that logs every read and write, with a length of its own.
@@ -973,6 +1028,22 @@ for _, cmp in ipairs({ false, function(a, b) return a > b end }) do
   compare("sort, short", function(log) return logged(50, log) end,
     function(fns, tt) local r = fns.sort(tt, cmp or nil) return r end)
 end
+
+bounded.concat = table.concat
+c.concat = c.concat
+for _, args in ipairs({ {}, { ", " }, { ",", 2 }, { ",", 2, 3 }, { ",", 3, 2 }, { 7, 1, 1 },
+    { {} }, { ",", "x" }, { ",", 1.5 }, { ",", 1, 4 }, { nil, -1, 2 } }) do
+  local sep, i, j = args[1], args[2], args[3]
+  compare("concat " .. tostring(sep) .. " " .. tostring(i) .. " " .. tostring(j),
+    function(log) return logged(3, log) end,
+    function(fns, tt) local r = fns.concat(tt, sep, i, j) return r end)
+  compare("concat plain " .. tostring(sep) .. " " .. tostring(i) .. " " .. tostring(j), plain(3),
+    function(fns, tt) local r = fns.concat(tt, sep, i, j) return r end)
+end
+compare("concat of no table", plain(0), function(fns) local r = fns.concat(nil) return r end)
+compare("concat of a bad value", function()
+  return setmetatable({}, { __index = function(_, k) return k == 2 and true or "x" end, __len = function() return 3 end })
+end, function(fns, tt) local r = fns.concat(tt) return r end)
 
 for _, args in ipairs({ { "", 5 }, { "", 0 }, { "", -3 }, { "ab", 3, "," }, { "", 3, "," },
     { "", 3, "" }, { "", 2.0 }, { "", "4" }, { 12, 2 } }) do

@@ -305,6 +305,7 @@ fn library_loops_in_c_end_at_the_timeout() {
             "remove_forever_plain",
             "sort_forever_plain",
             "move_forever_from_a_string",
+            "concat_forever",
             "sort_forever",
         ] {
             let started = Instant::now();

@@ -264,3 +264,8 @@ end
 function move_forever_from_a_string()
   table.move("", 1, math.maxinteger, 1, {})
 end
+-- Every element read through a C __index (concat of an empty table gives "").
+function concat_forever()
+  local t = setmetatable({}, { __index = table.concat })
+  table.concat(t, "", 1, math.maxinteger)
+end
