@@ -83,6 +83,10 @@ pub(crate) struct CoroutineContext {
     /// The run (a handler's, a process's, a chunk's) that this context was made for
     /// has ended: coroutines that inherited it and outlived it may not publish.
     pub(crate) ended: Cell<bool>,
+    /// The coroutines of this context (by address) inside an asynchronous call they
+    /// started (`queue.publish`, `queue.info`, `msg:ack`), for as long as the call
+    /// lasts: see [`foreign_resume`].
+    in_call: RefCell<rustc_hash::FxHashSet<usize>>,
 }
 
 impl CoroutineContext {
@@ -91,7 +95,32 @@ impl CoroutineContext {
             security,
             delivery,
             ended: Cell::new(false),
+            in_call: RefCell::new(Default::default()),
         }
+    }
+}
+
+/// The calling coroutine is inside an asynchronous call, until this is dropped with
+/// the call's future (when it ends, or is dropped unfinished).
+pub(crate) struct InCall {
+    context: Rc<CoroutineContext>,
+    thread: usize,
+}
+
+/// Marks the calling coroutine as inside an asynchronous call; made before the
+/// call's future and moved into it. `None` where no run's context is (the call is
+/// refused then anyway).
+pub(crate) fn in_call(lua: &Lua) -> Option<InCall> {
+    let thread = lua.current_thread();
+    let context = context_of(lua, &thread)?;
+    let thread = key(&thread);
+    context.in_call.borrow_mut().insert(thread);
+    Some(InCall { context, thread })
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        self.context.in_call.borrow_mut().remove(&self.thread);
     }
 }
 
@@ -188,13 +217,14 @@ impl Contexts {
 /// belongs to another run. Resumed there, `co` would publish with the first run's
 /// rights and settle its message for a handler of another consumer sharing the
 /// file's globals. A coroutine of a run that ended may be resumed (it can no longer
-/// publish: [`current_security`]), unless it is `waiting` in a call it started then
-/// (resumed where it could not wait): the resume would finish that call, made with the
-/// ended run's rights, for another run. One made where no run was (a file's top level)
-/// may be resumed too.
-pub(crate) fn foreign_resume(lua: &Lua, co: &Thread, waiting: bool) -> Option<&'static str> {
+/// publish: [`current_security`]), unless it is inside a call it started then
+/// ([`in_call`]; resumed where it could not wait, or left so by a time limit): the
+/// resume would finish that call, made with the ended run's rights, for another run.
+/// One made where no run was (a file's top level) may be resumed too.
+pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
     let theirs = context_of(lua, co)?;
     if theirs.ended.get() {
+        let waiting = theirs.in_call.borrow().contains(&key(co));
         return waiting.then_some(
             "this coroutine waits in a call (queue.publish, queue.info, msg:ack) started by a run that has ended: no other run may finish it with that run's rights",
         );

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use mlua::{Lua, UserData, UserDataMethods, Value as LuaValue};
 use queue_core::Error;
 
-use crate::context::{DeliveryContext, DeliveryState, Settle, current_delivery};
+use crate::context::{DeliveryContext, DeliveryState, Settle, current_delivery, in_call};
 use crate::errors::{no_value, not_done};
 use crate::value::header_to_lua;
 
@@ -98,6 +98,7 @@ impl UserData for LuaMessage {
             Err(e) => no_value(e),
         });
         methods.add_async_method("ack", |lua, m, ()| async move {
+            let _in_call = in_call(&lua);
             let settle = match m.begin_settle(&lua) {
                 Ok(settle) => settle,
                 Err(e) => return not_done(e),
@@ -110,6 +111,7 @@ impl UserData for LuaMessage {
         // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
         // says its kind and message, as a handler returning it would.
         methods.add_async_method("nack", |lua, m, reason: LuaValue| async move {
+            let _in_call = in_call(&lua);
             let settle = match m.begin_settle(&lua) {
                 Ok(settle) => settle,
                 Err(e) => return not_done(e),

@@ -3,7 +3,7 @@
 use mlua::{Lua, Table, Value as LuaValue};
 use queue_core::{Error, Queues, Result};
 
-use crate::context::{current_delivery, current_security};
+use crate::context::{current_delivery, current_security, in_call};
 use crate::errors::{no_value, not_done};
 use crate::message::LuaMessage;
 use crate::value::{from_lua_within, headers_from_lua};
@@ -20,7 +20,9 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
                 // Every check that needs the Lua values runs now, before the first await,
                 // in the order docs/lua-api.md gives; only the driver's confirmation is awaited.
                 let prepared = prepare_publish(&lua, &publishing, &queue_id, &data, &headers);
+                let in_call = in_call(&lua);
                 async move {
+                    let _in_call = in_call;
                     let (request, body, headers) = match prepared {
                         Ok(p) => p,
                         Err(e) => return not_done(e),
@@ -54,7 +56,9 @@ pub fn create_module(lua: &Lua, queues: Queues) -> mlua::Result<Table> {
             // Read before the first await, as for a publish: the run's own rights.
             let checked = current_security(&lua)
                 .and_then(|security| Ok(((*security).clone(), queue_id_text(&queue_id)?)));
+            let in_call = in_call(&lua);
             async move {
+                let _in_call = in_call;
                 let (security, id) = match checked {
                     Ok(checked) => checked,
                     Err(e) => return no_value(e),

@@ -120,21 +120,15 @@ end
 -- coroutine could not yield, leaves Lua's hooks off in it for good, so closing it
 -- would run its __close handlers where no time limit reaches.
 local stopped = setmetatable({}, { __mode = "k" })
--- Coroutines waiting in an asynchronous call they started, which a resume finishes.
-local waiting = setmetatable({}, { __mode = "k" })
-local function resumed(co, results)
-  waiting[co] = (results[1] and results.n == 2 and results[2] == pending) or nil
-  return results
-end
 return function(...) return unless_overdue(pack(raw_pcall(...))) end,
   xpcall,
   function(co, ...)
     -- Lua's own error for what is not a coroutine.
     if type(co) ~= "thread" then return raw_resume(co, ...) end
     not_a_handler(co)
-    local why = begin_resume(co, waiting[co] == true)
+    local why = begin_resume(co)
     if why then error(why, 2) end
-    local results = resumed(co, pack(raw_resume(co, ...)))
+    local results = pack(raw_resume(co, ...))
     local sliced = end_resume(co)
     while results[1] do
       if results.n == 2 and results[2] == pending then
@@ -160,8 +154,8 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
       else
         break
       end
-      begin_resume(co, false)
-      results = resumed(co, pack(raw_resume(co)))
+      begin_resume(co)
+      results = pack(raw_resume(co))
       sliced = end_resume(co)
     end
     if not results[1] and overdue() then stopped[co] = true end
@@ -604,8 +598,8 @@ impl Sandbox {
         // as being resumed by the sandbox (see `Clock::begin_resume`).
         let begin_resume = {
             let clock = Rc::clone(clock);
-            lua.create_function(move |lua, (co, waiting): (Thread, bool)| {
-                let why = crate::context::foreign_resume(lua, &co, waiting);
+            lua.create_function(move |lua, co: Thread| {
+                let why = crate::context::foreign_resume(lua, &co);
                 if why.is_none() {
                     clock.begin_resume(co.to_pointer());
                 }
@@ -616,9 +610,8 @@ impl Sandbox {
             let clock = Rc::clone(clock);
             lua.create_function(move |_, co: Thread| Ok(clock.end_resume(co.to_pointer())))?
         };
-        let foreign_resume = lua.create_function(|lua, co: Thread| {
-            Ok(crate::context::foreign_resume(lua, &co, false))
-        })?;
+        let foreign_resume =
+            lua.create_function(|lua, co: Thread| Ok(crate::context::foreign_resume(lua, &co)))?;
         let pass_slice_yield_on = {
             let clock = Rc::clone(clock);
             lua.create_function(move |lua, ()| {
