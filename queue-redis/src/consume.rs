@@ -43,8 +43,11 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// How many pending entries one look at the consumer's own pending list covers.
 const RESCAN_PAGE: usize = 1000;
 
-/// What the release script says of an entry it cannot copy back.
-const TOO_WIDE: &str = "TOO_WIDE";
+/// What the release script says of an entry it cannot copy back (its own words, not
+/// only its code, which a message id or queue name in the error could hold too).
+const TOO_WIDE: &str = "the entry has more fields than a script can copy back";
+/// What the release script says when Redis refuses the copy for now.
+const COPY_REFUSED: &str = "the copy back was refused";
 
 /// What a subscription, its reader task and the ackers of its deliveries share.
 pub(crate) struct Shared {
@@ -583,6 +586,21 @@ impl StreamAcker {
             // operator (docs/drivers/redis.md): looked for again, it came straight back
             // to a handler, and failed to go back, again and again.
             Err(err) if err.message().contains(TOO_WIDE) => Err(err),
+            // Redis refuses writes for now (out of memory, read-only). Looked for at
+            // once, the message went straight back to a handler whose release was
+            // refused again, in a loop for as long as the refusal lasted: it is looked
+            // for after the longest reconnect wait.
+            Err(err) if err.message().contains(COPY_REFUSED) => {
+                let wait = shared.link.config().reconnect_max_delay;
+                let later = Arc::clone(&shared);
+                shared.link.tasks().spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    later.look_again();
+                });
+                Err(err.context(format!(
+                    "the message will be delivered again in {wait:?}"
+                )))
+            }
             Err(err) => {
                 // Still pending for this consumer, unless Redis did it and only the
                 // reply was lost: the reader looks and delivers it again.

@@ -301,9 +301,16 @@ async fn a_release_refused_for_memory_is_delivered_again() {
     };
     let _: () = config("1").query_async(&mut raw).await.expect("CONFIG SET");
     let released = held.release().await;
-    let _: () = config("0").query_async(&mut raw).await.expect("CONFIG SET");
     let err = released.expect_err("a release Redis refused said it was done");
     assert!(!err.message().contains("more fields"), "{err}");
+    // Not straight back to a handler whose release Redis would refuse again: watched
+    // for a while, nothing comes while Redis refuses writes.
+    let at_once = tokio::time::timeout(std::time::Duration::from_secs(1), sub.next()).await;
+    assert!(
+        at_once.is_err(),
+        "handed out again while Redis refuses writes"
+    );
+    let _: () = config("0").query_async(&mut raw).await.expect("CONFIG SET");
     let again = next(&mut sub).await;
     assert_eq!(number_of(&again), 1);
     again.ack().await.unwrap();
