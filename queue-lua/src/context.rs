@@ -85,8 +85,10 @@ pub(crate) struct CoroutineContext {
     pub(crate) ended: Cell<bool>,
     /// The coroutines of this context (by address) inside an asynchronous call they
     /// started (`queue.publish`, `queue.info`, `msg:ack`), for as long as the call
-    /// lasts: see [`foreign_resume`].
-    in_call: RefCell<rustc_hash::FxHashSet<usize>>,
+    /// lasts: see [`foreign_resume`]. Counted, since an address is reused: a
+    /// collected coroutine's call ends (its future dropped) after a new coroutine may
+    /// have started one at the same address.
+    in_call: RefCell<rustc_hash::FxHashMap<usize, u32>>,
 }
 
 impl CoroutineContext {
@@ -114,13 +116,19 @@ pub(crate) fn in_call(lua: &Lua) -> Option<InCall> {
     let thread = lua.current_thread();
     let context = context_of(lua, &thread)?;
     let thread = key(&thread);
-    context.in_call.borrow_mut().insert(thread);
+    *context.in_call.borrow_mut().entry(thread).or_insert(0) += 1;
     Some(InCall { context, thread })
 }
 
 impl Drop for InCall {
     fn drop(&mut self) {
-        self.context.in_call.borrow_mut().remove(&self.thread);
+        let mut calls = self.context.in_call.borrow_mut();
+        if let Some(count) = calls.get_mut(&self.thread) {
+            *count -= 1;
+            if *count == 0 {
+                calls.remove(&self.thread);
+            }
+        }
     }
 }
 
@@ -224,7 +232,7 @@ impl Contexts {
 pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
     let theirs = context_of(lua, co)?;
     if theirs.ended.get() {
-        let waiting = theirs.in_call.borrow().contains(&key(co));
+        let waiting = theirs.in_call.borrow().contains_key(&key(co));
         return waiting.then_some(
             "this coroutine waits in a call (queue.publish, queue.info, msg:ack) started by a run that has ended: no other run may finish it with that run's rights",
         );

@@ -154,7 +154,10 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
       else
         break
       end
-      begin_resume(co)
+      -- Checked again: this coroutine may be resumed by another run than the one
+      -- that left it here (its run ended while `co` waited in a call).
+      why = begin_resume(co)
+      if why then error(why, 2) end
       results = pack(raw_resume(co))
       sliced = end_resume(co)
     end

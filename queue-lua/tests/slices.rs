@@ -316,3 +316,28 @@ fn library_loops_in_c_end_at_the_timeout() {
         assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
     });
 }
+
+/// A coroutine that resumed another one waiting in a publish, kept when its run ended
+/// at its timeout: another run resuming the outer one must not finish the inner one's
+/// call, made with the first run's rights. The outer one's resume of the inner one
+/// ignored the refusal, and finished it.
+#[test]
+fn a_call_kept_in_a_nested_coroutine_is_not_finished_by_another_run() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        let outcome = run(
+            &h,
+            "outer_keeps_a_waiting_publish",
+            Some(Duration::from_millis(200)),
+        )
+        .await;
+        timed_out(&outcome, "200ms");
+        h.driver.wait_for_held(1).await;
+        assert!(h.driver.confirm_next());
+        assert_eq!(
+            run(&h, "finishes_through_the_outer", None).await,
+            Outcome::Ack
+        );
+    });
+}

@@ -269,3 +269,15 @@ function concat_forever()
   local t = setmetatable({}, { __index = table.concat })
   table.concat(t, "", 1, math.maxinteger)
 end
+
+-- A coroutine (outer) that resumed one (inner) waiting in a publish, kept when the run
+-- ends at its timeout: resuming outer from another run must not finish inner's call.
+function outer_keeps_a_waiting_publish()
+  inner = coroutine.create(function() return queue.publish("app:tasks", { n = 1 }) end)
+  outer = coroutine.create(function() return coroutine.resume(inner) end)
+  coroutine.resume(outer)
+end
+function finishes_through_the_outer()
+  local resumed, err = coroutine.resume(outer)
+  assert(not resumed and tostring(err):find("started by a run that has ended"), tostring(err))
+end
