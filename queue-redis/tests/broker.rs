@@ -26,6 +26,15 @@ async fn connect(node: &RedisNode) -> Arc<RedisDriver> {
     )
 }
 
+/// A connection of the test's own to the node, beside the driver's.
+async fn raw_connection(node: &RedisNode) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(node.url())
+        .expect("a client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects")
+}
+
 fn queue(name: &str) -> QueueSpec {
     QueueSpec::new(QueueId::new("broker", name).expect("a valid id"))
 }
@@ -227,11 +236,7 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
     for i in 0..5_000 {
         xadd.arg(format!("f{i}")).arg("v");
     }
-    let client = redis::Client::open(node.url()).expect("a client");
-    let mut raw = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connects");
+    let mut raw = raw_connection(&node).await;
     let _: String = xadd.query_async(&mut raw).await.expect("XADD");
     let mut sub = driver
         .consume(&spec.id, ConsumeOptions { prefetch: 1 })
@@ -289,11 +294,7 @@ async fn a_release_refused_for_memory_is_delivered_again() {
         .await
         .unwrap();
     let held = next(&mut sub).await;
-    let client = redis::Client::open(node.url()).expect("a client");
-    let mut raw = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connects");
+    let mut raw = raw_connection(&node).await;
     let config = |bytes: &'static str| {
         let mut set = redis::cmd("CONFIG");
         set.arg("SET").arg("maxmemory").arg(bytes);
