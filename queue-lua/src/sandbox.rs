@@ -198,13 +198,15 @@ end
 /// libraries that run in C and allocate nothing, made so that they end. Such a loop
 /// runs no Lua instruction, so neither the slices nor a `timeout` stop it (the hook
 /// counts instructions), and the memory limit never trips: `string.rep("", 2^62)`,
-/// `table.move({}, 1, math.maxinteger, 1, {})`, or `table.insert(t, 1, v)` on a table
-/// whose `__len` says 2^62 held their thread for ever. An empty repeat is made at
-/// once; a long move is made in pieces from a Lua loop, which the hook sees; `insert`
-/// and `remove` on a table with a metatable (where `#t` is anything `__len` says) move
-/// through that, and `sort` on one compares through a Lua function. Tables without a
-/// metatable keep the C functions whole: their loops are bounded by what the table
-/// holds, within the memory limit. Results and errors are the C functions' own.
+/// `table.move({}, 1, math.maxinteger, 1, {})`, `table.insert(t, 1, v)` on a table
+/// whose `#t` is 2^62 (by `__len`, or a plain table's border), a sort with a C
+/// comparator, a concat through a C `__index` held their thread for ever. An empty
+/// repeat is made at once; a long move is made in pieces from a Lua loop, which the
+/// hook sees, and long inserts and removes move through it; a sort compares through
+/// a Lua function where the comparator is in C or the elements come through a
+/// metatable; a concat through a metatable joins from a Lua loop. Short work goes to
+/// the C functions whole. Results, and the reads and writes metamethods see, are the
+/// C functions'; errors too, but for the differences docs/consumers.md lists.
 const BOUNDED_LOOPS: &str = r##"
 local string, table, math, select, type, getmetatable, rawlen, rawequal, pcall, error,
       ipairs, tonumber, is_c = ...
