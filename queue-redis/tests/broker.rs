@@ -35,6 +35,14 @@ async fn raw_connection(node: &RedisNode) -> redis::aio::MultiplexedConnection {
         .expect("connects")
 }
 
+/// A private node, a driver connected to it, and `spec` declared there.
+async fn declared(spec: &QueueSpec) -> (RedisNode, Arc<RedisDriver>) {
+    let node = node().await;
+    let driver = connect(&node).await;
+    driver.declare(spec).await.unwrap();
+    (node, driver)
+}
+
 fn queue(name: &str) -> QueueSpec {
     QueueSpec::new(QueueId::new("broker", name).expect("a valid id"))
 }
@@ -148,10 +156,8 @@ async fn another_max_length_is_already_exists() {
 }
 
 async fn a_dead_consumers_messages_come_back() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("orphans");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     driver.publish(&spec.id, numbered(1)).await.unwrap();
     // A consumer that read the message and died: no lease key ever renews it.
     let read = node
@@ -193,10 +199,8 @@ async fn a_dead_consumers_messages_come_back() {
 }
 
 async fn a_dropped_subscription_returns_what_it_held() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("dropped");
-    driver.declare(&spec).await.unwrap();
+    let (_node, driver) = declared(&spec).await;
     for n in 0..3 {
         driver.publish(&spec.id, numbered(n)).await.unwrap();
     }
@@ -226,10 +230,8 @@ async fn a_dropped_subscription_returns_what_it_held() {
 /// An entry another client wrote with thousands of fields, more than Redis's Lua can
 /// pass to one command: returning it to the queue must not delete it.
 async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("wide");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     let stream = format!("queue:{{{}}}", spec.name);
     let mut xadd = redis::cmd("XADD");
     xadd.arg(&stream).arg("*").arg("body").arg("{}");
@@ -284,10 +286,8 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
 /// once Redis takes writes: it was reported as too wide to copy back, and stayed
 /// pending for its live consumer, never looked for again.
 async fn a_release_refused_for_memory_is_delivered_again() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("oom");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     driver.publish(&spec.id, numbered(1)).await.unwrap();
     let mut sub = driver
         .consume(&spec.id, ConsumeOptions { prefetch: 1 })
@@ -319,10 +319,8 @@ async fn a_release_refused_for_memory_is_delivered_again() {
 }
 
 async fn close_ends_subscriptions_and_refuses_work() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("closing");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     let mut sub = driver
         .consume(&spec.id, ConsumeOptions { prefetch: 5 })
         .await
@@ -355,12 +353,21 @@ async fn close_ends_subscriptions_and_refuses_work() {
 /// A driver connected to a Redis node through a proxy that can freeze it; the node
 /// lives as long as the first item.
 async fn behind_a_proxy() -> (RedisNode, queue_fixtures::proxy::BrokerProxy, RedisDriver) {
+    behind_a_proxy_with(|_| {}).await
+}
+
+/// [`behind_a_proxy`], with the driver's configuration changed by `configure`.
+async fn behind_a_proxy_with(
+    configure: impl FnOnce(&mut RedisConfig),
+) -> (RedisNode, queue_fixtures::proxy::BrokerProxy, RedisDriver) {
     let node = node().await;
     let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
     let url = node
         .url()
         .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
-    let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    let mut config = RedisConfig::new(url);
+    configure(&mut config);
+    let driver = RedisDriver::connect(config).await.unwrap();
     (node, proxy, driver)
 }
 
@@ -401,14 +408,8 @@ async fn a_hung_redis_cannot_hold_up_a_cancel_or_a_close() {
 /// or a shutdown waited with it. Each try is now bounded by what is left.
 async fn counts_and_attaches_on_a_hung_redis_end_within_publish_timeout() {
     use std::time::{Duration, Instant};
-    let node = node().await;
-    let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
-    let url = node
-        .url()
-        .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
-    let mut config = RedisConfig::new(url);
-    config.publish_timeout = Duration::from_secs(2);
-    let driver = RedisDriver::connect(config).await.unwrap();
+    let (_node, proxy, driver) =
+        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
     let spec = queue("hung-count");
     driver.declare(&spec).await.unwrap();
     proxy.freeze();
@@ -455,10 +456,8 @@ async fn a_publish_to_a_hung_redis_fails_within_its_limit() {
 /// it held, and never read anything new while those deliveries were held.
 async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
     const HELD: i64 = 1_200;
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("deep");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     let batch: Vec<_> = (0..HELD).map(numbered).collect();
     driver.publish_batch(&spec.id, batch).await.unwrap();
     let mut sub = driver
@@ -496,14 +495,8 @@ async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
 /// 7 s. A command that times out now puts a new connection in its place.
 async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     use std::time::Duration;
-    let node = node().await;
-    let proxy = queue_fixtures::proxy::BrokerProxy::start(node.port()).expect("proxy");
-    let url = node
-        .url()
-        .replace(&format!(":{}", node.port()), &format!(":{}", proxy.port()));
-    let mut config = RedisConfig::new(url);
-    config.publish_timeout = Duration::from_secs(2);
-    let driver = RedisDriver::connect(config).await.unwrap();
+    let (_node, proxy, driver) =
+        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
     let spec = queue("lost");
     driver.declare(&spec).await.unwrap();
     driver.publish(&spec.id, numbered(1)).await.unwrap();
@@ -605,10 +598,8 @@ async fn a_login_revoked_under_a_consumer_is_told_to_it_and_mended() {
 /// connected on: here a runtime of its own reconnects the driver and ends, and the
 /// driver goes on.
 async fn a_connection_made_for_another_runtime_outlives_it() {
-    let node = node().await;
-    let driver = connect(&node).await;
     let spec = queue("elsewhere");
-    driver.declare(&spec).await.unwrap();
+    let (node, driver) = declared(&spec).await;
     node.cut_connections().expect("CLIENT KILL");
     let side = {
         let driver = Arc::clone(&driver);
