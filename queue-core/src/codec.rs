@@ -144,8 +144,11 @@ fn decode_whole_msgpack(bytes: &[u8], writer: &mut TapeWriter) -> std::result::R
     Ok(())
 }
 
+/// `level` counts the containers around `value`; the decoder refuses a container with
+/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same.
 fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String) -> Result<()> {
-    if level > MAX_DEPTH {
+    let is_container = matches!(value, Value::Array(_) | Value::Map(_));
+    if is_container && level >= MAX_DEPTH {
         return Err(Error::invalid(format!(
             "{path} is nested deeper than {MAX_DEPTH} levels"
         )));
@@ -366,6 +369,26 @@ mod tests {
         for codec in [Codec::Json, Codec::MsgPack] {
             let bytes = codec.encode(&value).unwrap();
             assert_eq!(codec.decode(&bytes).unwrap(), value, "{codec}");
+        }
+    }
+
+    #[test]
+    fn what_either_codec_refuses_to_decode_it_refuses_to_encode() {
+        // The decoder counts containers: an empty one at the bottom is a level too.
+        for innermost in [Value::Array(vec![]), Value::Map(Default::default())] {
+            let mut value = innermost;
+            for _ in 0..MAX_DEPTH {
+                value = Value::Array(vec![value]);
+            }
+            for codec in [Codec::Json, Codec::MsgPack] {
+                let err = codec.encode(&value).unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Invalid, "{codec}");
+                assert!(
+                    err.message()
+                        .contains(&format!("nested deeper than {MAX_DEPTH} levels")),
+                    "{err}"
+                );
+            }
         }
     }
 
