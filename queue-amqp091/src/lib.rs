@@ -154,7 +154,7 @@ impl Amqp091Driver {
 
     /// Waits for a live link until `publish_timeout`.
     async fn link(&self, what: &str) -> Result<Arc<connection::Link>> {
-        let deadline = tokio::time::Instant::now() + self.conn.config().publish_timeout;
+        let deadline = queue_core::deadline_after(self.conn.config().publish_timeout);
         self.conn.link_until(what, deadline).await
     }
 }

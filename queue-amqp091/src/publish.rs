@@ -144,7 +144,7 @@ impl Publisher {
     pub(crate) async fn publish_one(&self, queue: &QueueId, message: Message) -> Result<()> {
         let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = queue_core::deadline_after(self.timeout);
         let mut prepared = prepare(message)?;
         let mut stage = Stage::Window;
         let published = async {
@@ -175,7 +175,7 @@ impl Publisher {
         let mut first_error: Option<Error> = None;
         let mut confirmed = 0usize;
         for message in messages {
-            let deadline = Instant::now() + self.timeout;
+            let deadline = queue_core::deadline_after(self.timeout);
             let mut stage = Stage::Window;
             let sent = async {
                 let mut prepared = prepare(message)?;

@@ -106,7 +106,7 @@ impl QueueSender {
 
     /// Sends one message and waits for its outcome, at most `publish_timeout`.
     pub async fn send(&self, message: Outgoing) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + self.publish_timeout;
+        let deadline = queue_core::deadline_after(self.publish_timeout);
         let reply = self.enqueue(message, deadline).await?;
         self.wait(reply, deadline).await
     }
@@ -117,7 +117,7 @@ impl QueueSender {
         let mut replies = Vec::with_capacity(messages.len());
         let mut first_error = None;
         for message in messages {
-            let deadline = tokio::time::Instant::now() + self.publish_timeout;
+            let deadline = queue_core::deadline_after(self.publish_timeout);
             match self.enqueue(message, deadline).await {
                 Ok(reply) => replies.push((reply, deadline)),
                 Err(e) => {

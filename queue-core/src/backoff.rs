@@ -53,7 +53,8 @@ impl Backoff {
         } else {
             1.0
         };
-        Duration::from_secs_f64((capped * factor).max(0.0))
+        // `max` itself may be past what f64 seconds count back exactly (`Duration::MAX`).
+        Duration::try_from_secs_f64((capped * factor).max(0.0)).unwrap_or(self.max)
     }
 
     /// The longest wait it gives.
@@ -65,6 +66,13 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_cap_gives_it_without_panicking() {
+        let endless = Backoff::new(Duration::from_secs(1), 2.0, Duration::MAX);
+        assert_eq!(endless.delay(65), Duration::MAX);
+        assert_eq!(endless.delay(3), Duration::from_secs(4));
+    }
 
     #[test]
     fn jitter_shortens_by_at_most_a_fifth_and_does_vary() {

@@ -35,6 +35,7 @@ mod backoff;
 mod checked;
 mod codec;
 pub mod config;
+mod deadline;
 mod driver;
 mod error;
 mod factory;
@@ -52,6 +53,7 @@ mod value;
 pub use backoff::Backoff;
 pub use checked::Checked;
 pub use codec::{Codec, MAX_DEPTH};
+pub use deadline::deadline_after;
 pub use driver::{
     Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
     QueueType, Subscription,

@@ -378,3 +378,25 @@ async fn a_batch_with_one_bad_header_queues_nothing() {
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
     assert_eq!(driver.info(&id()).await.unwrap().ready, Some(0));
 }
+
+/// `Duration::MAX` is how Rust writes "wait for ever"; the driver built without the
+/// configuration's checks took it, then every publish panicked adding it to now.
+#[tokio::test]
+async fn the_longest_durations_wait_for_ever_instead_of_panicking() {
+    let driver = MemoryDriver::with_config(MemoryConfig {
+        publish_timeout: Duration::MAX,
+        ..MemoryConfig::default()
+    });
+    let spec = QueueSpec::new(id()).with_message_ttl(Duration::MAX);
+    driver.declare(&spec).await.unwrap();
+    within("a publish to a queue with room", driver.publish(&id(), numbered(1)))
+        .await
+        .unwrap();
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+}

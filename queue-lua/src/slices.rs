@@ -51,7 +51,7 @@ impl Deadline {
     /// A deadline `limit` from now.
     pub fn after(limit: Duration, message: impl Into<Rc<str>>) -> Deadline {
         Deadline {
-            at: Instant::now() + limit,
+            at: queue_core::deadline_after(limit).into_std(),
             message: message.into(),
         }
     }

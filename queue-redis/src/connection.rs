@@ -237,7 +237,7 @@ impl Link {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        let deadline = queue_core::deadline_after(self.config.publish_timeout);
         let mut failures = 0;
         loop {
             if self.is_closed() {

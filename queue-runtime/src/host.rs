@@ -474,7 +474,7 @@ impl Host {
             .map(|c| c.stop_timeout)
             .max()
             .unwrap_or(DEFAULT_STOP_TIMEOUT);
-        let deadline = tokio::time::Instant::now() + longest + STOP_GRACE;
+        let deadline = queue_core::deadline_after(longest.saturating_add(STOP_GRACE));
         let returns = std::mem::take(&mut self.consumers).into_iter().map(|c| async move {
             let mut subscriptions = Vec::new();
             let mut late = 0;

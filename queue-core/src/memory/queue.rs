@@ -37,7 +37,7 @@ impl Incoming {
             message: self.message,
             priority: self.priority,
             // The clock is read only for a message that can expire: most cannot.
-            expires: self.ttl.map(|ttl| Instant::now() + ttl),
+            expires: self.ttl.map(crate::deadline_after),
         }
     }
 }
@@ -307,7 +307,7 @@ impl MemQueue {
     /// again whenever room may have come: a take or a settlement signals it, and the
     /// first message at the head of a lane to expire makes it by itself.
     async fn with_room(&self, timeout: Duration, add: impl FnOnce(&mut State)) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         loop {
             let room = self.space_signal.notified();
             tokio::pin!(room);
