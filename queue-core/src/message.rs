@@ -314,18 +314,20 @@ impl Headers {
     /// The `delay` header as a duration, if set; a negative or non-integer value is
     /// `INVALID`.
     pub fn delay(&self) -> Result<Option<Duration>> {
-        self.millis(names::DELAY)
+        self.millis(names::DELAY, 0)
     }
 
-    /// The per-message time to live (`expiration`, or its alias `ttl`), if set.
+    /// The per-message time to live (`expiration`, or its alias `ttl`), if set. It is
+    /// at least 1 ms: with 0, the memory driver dropped the message unseen even with a
+    /// consumer waiting, and each broker reads 0 its own way (docs/core-model.md).
     pub fn ttl(&self) -> Result<Option<Duration>> {
-        match self.millis(names::EXPIRATION)? {
+        match self.millis(names::EXPIRATION, 1)? {
             Some(d) => Ok(Some(d)),
-            None => self.millis(names::TTL),
+            None => self.millis(names::TTL, 1),
         }
     }
 
-    fn millis(&self, key: &str) -> Result<Option<Duration>> {
+    fn millis(&self, key: &str, least: u64) -> Result<Option<Duration>> {
         let ms = match self.get(key) {
             None => return Ok(None),
             Some(HeaderValue::Int(ms)) => u64::try_from(*ms).ok(),
@@ -334,9 +336,9 @@ impl Headers {
             Some(_) => None,
         };
         match ms {
-            Some(ms) if ms <= MAX_MILLIS => Ok(Some(Duration::from_millis(ms))),
+            Some(ms) if (least..=MAX_MILLIS).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
             _ => Err(Error::invalid(format!(
-                "header {key:?} must be a whole number of milliseconds from 0 to {MAX_MILLIS} (about 49 days), got {:?}",
+                "header {key:?} must be a whole number of milliseconds from {least} to {MAX_MILLIS} (about 49 days), got {:?}",
                 self.get(key)
             ))),
         }
@@ -397,9 +399,9 @@ impl Headers {
             (names::DELAY, self.delay().map(|_| ())),
             (
                 names::EXPIRATION,
-                self.millis(names::EXPIRATION).map(|_| ()),
+                self.millis(names::EXPIRATION, 1).map(|_| ()),
             ),
-            (names::TTL, self.millis(names::TTL).map(|_| ())),
+            (names::TTL, self.millis(names::TTL, 1).map(|_| ())),
             (names::MESSAGE_ID, id),
         ]
     }
@@ -716,6 +718,30 @@ mod tests {
             longest.ttl().unwrap(),
             Some(Duration::from_millis(MAX_MILLIS))
         );
+    }
+
+    /// A time to live of 0 expired unseen on the memory driver even with a consumer
+    /// waiting, and each broker reads it its own way: it is refused at publish, and a
+    /// copy of a message another client sent with it lives on without it.
+    #[test]
+    fn a_time_to_live_of_0_is_refused_at_publish_and_dropped_from_copies() {
+        for (key, value) in [
+            (names::TTL, HeaderValue::Int(0)),
+            (names::EXPIRATION, HeaderValue::from("0")),
+            (names::EXPIRATION, HeaderValue::Float(0.0)),
+        ] {
+            let headers = Headers::from_pairs([(key, value.clone())]);
+            let err = headers.validate_for_publish().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{key}: {err}");
+            assert!(err.message().contains("from 1 to"), "{err}");
+            let mut copy = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+            copy.make_republishable();
+            assert!(!copy.headers.contains(key), "{key} kept on a copy");
+        }
+        let no_delay = Headers::from_pairs([(names::DELAY, HeaderValue::Int(0))]);
+        no_delay.validate_for_publish().unwrap();
+        let shortest = Headers::from_pairs([(names::TTL, HeaderValue::Int(1))]);
+        assert_eq!(shortest.ttl().unwrap(), Some(Duration::from_millis(1)));
     }
 
     #[test]

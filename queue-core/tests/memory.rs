@@ -389,9 +389,12 @@ async fn the_longest_durations_wait_for_ever_instead_of_panicking() {
     });
     let spec = QueueSpec::new(id()).with_message_ttl(Duration::MAX);
     driver.declare(&spec).await.unwrap();
-    within("a publish to a queue with room", driver.publish(&id(), numbered(1)))
-        .await
-        .unwrap();
+    within(
+        "a publish to a queue with room",
+        driver.publish(&id(), numbered(1)),
+    )
+    .await
+    .unwrap();
     let mut sub = driver
         .consume(&id(), ConsumeOptions::default())
         .await
