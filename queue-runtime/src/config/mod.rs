@@ -537,20 +537,45 @@ fn check_policy(entry: &Entry, p: &PolicyEntry) -> Result<(), ConfigError> {
             "this deny names queues, but no action it names is checked with a queue: publishing is checked first with no queue, then as `queue.publish.queue` with it (and reading counts as `queue.info` with it); write `actions: queue.publish.queue` (or `queue.*`)",
         ));
     }
-    if let Some(Pattern::Exact(name)) = resources
-        .iter()
-        .find(|r| matches!(r, Pattern::Exact(name) if !name.contains(':')))
-    {
-        return Err(entry.error(
-            Some("resources"),
-            format!(
-                "{:?} is no queue id, which is always `namespace:name`: write `{}:{}` (or a prefix such as `{}:*`)",
-                queue_core::truncate(name, 64),
-                entry.namespace, queue_core::truncate(name, 64), entry.namespace
-            ),
-        ));
+    for resource in &resources {
+        if let Some(why) = never_a_queue(resource, &entry.namespace) {
+            return Err(entry.error(Some("resources"), why));
+        }
     }
     Ok(())
+}
+
+/// Why a deny's resource matches no queue id, if it matches none: a queue id is
+/// `namespace:name`, both parts non-empty, without whitespace; and a `*` is a wildcard
+/// only at the end, so one elsewhere matches only a queue named with it.
+fn never_a_queue(resource: &queue_core::security::Pattern, namespace: &str) -> Option<String> {
+    use queue_core::security::Pattern;
+    let (text, exact) = match resource {
+        Pattern::Any => return None,
+        Pattern::Exact(name) => (name.as_str(), true),
+        Pattern::Prefix(prefix) => (prefix.as_str(), false),
+    };
+    let shown = queue_core::truncate(text, 64);
+    if let Some(bad) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!(
+            "{shown:?} holds {bad:?}, which no queue id holds (no whitespace or control characters)"
+        ));
+    }
+    if text.contains('*') {
+        return Some(format!(
+            "{shown:?}: `*` is a wildcard only at the end, so this matches only a queue with a `*` in its id; write a prefix such as `{namespace}:*`, or list the queues"
+        ));
+    }
+    if exact && !text.contains(':') {
+        return Some(format!(
+            "{shown:?} is no queue id, which is always `namespace:name`: write `{namespace}:{shown}` (or a prefix such as `{namespace}:*`)"
+        ));
+    }
+    // A prefix needs only to start some id, which any text without whitespace does.
+    let refused = exact
+        .then(|| queue_core::QueueId::parse(text).err())
+        .flatten();
+    refused.map(|e| format!("{shown:?} matches no queue: {}", e.message()))
 }
 
 fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
@@ -733,6 +758,28 @@ mod tests {
                 "actions: queue.publish.queue\n    resources: secret",
                 "resources",
                 "namespace:name",
+            ),
+            // No queue id has an empty name, whitespace, or a `*` that is a wildcard
+            // anywhere but at the end.
+            (
+                "actions: queue.publish.queue\n    resources: \"billing:\"",
+                "resources",
+                "non-empty namespace and name",
+            ),
+            (
+                "actions: queue.publish.queue\n    resources: \"billing:* \"",
+                "resources",
+                "whitespace",
+            ),
+            (
+                "actions: queue.publish.queue\n    resources: \"*:secret\"",
+                "resources",
+                "only at the end",
+            ),
+            (
+                "actions: queue.info\n    resources: [\"app:ok\", \"app:*-prod*\"]",
+                "resources",
+                "only at the end",
             ),
         ] {
             let e = single_error(&format!(
