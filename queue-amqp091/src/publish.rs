@@ -227,10 +227,7 @@ impl Publisher {
         }
         match first_error {
             None => Ok(()),
-            Some(e) if total > 1 => Err(e
-                .with_detail("confirmed", confirmed.to_string())
-                .with_detail("batch_size", total.to_string())),
-            Some(e) => Err(e),
+            Some(e) => Err(e.in_batch(confirmed, total)),
         }
     }
 

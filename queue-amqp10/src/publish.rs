@@ -114,7 +114,8 @@ impl QueueSender {
     /// Sends several messages pipelined; `Ok` once every one was accepted. Each message
     /// has `publish_timeout` from the moment it was handed to the link task.
     pub async fn send_all(&self, messages: Vec<Outgoing>) -> Result<()> {
-        let mut replies = Vec::with_capacity(messages.len());
+        let total = messages.len();
+        let mut replies = Vec::with_capacity(total);
         let mut first_error = None;
         for message in messages {
             let deadline = queue_core::deadline_after(self.publish_timeout);
@@ -126,13 +127,17 @@ impl QueueSender {
                 }
             }
         }
+        let mut accepted = 0;
         for (reply, deadline) in replies {
-            if let Err(e) = self.wait(reply, deadline).await {
-                first_error.get_or_insert(e);
+            match self.wait(reply, deadline).await {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
         match first_error {
-            Some(e) => Err(e),
+            Some(e) => Err(e.in_batch(accepted, total)),
             None => Ok(()),
         }
     }

@@ -414,10 +414,17 @@ pub trait Driver: Send + Sync + 'static {
     /// Publishes one message; `Ok` only once the backend has it. A queue that was
     /// never declared is `NOT_FOUND`.
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()>;
-    /// Publishes several messages, pipelined; `Ok` only once all are confirmed.
+    /// Publishes several messages, pipelined; `Ok` only once all are confirmed. An
+    /// error after some were confirmed says how many ([`Error::in_batch`]).
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
+        let total = messages.len();
         let sends = messages.into_iter().map(|m| self.publish(queue, m));
-        futures_util::future::try_join_all(sends).await.map(|_| ())
+        let outcomes = futures_util::future::join_all(sends).await;
+        let confirmed = outcomes.iter().filter(|o| o.is_ok()).count();
+        match outcomes.into_iter().find_map(Result::err) {
+            Some(e) => Err(e.in_batch(confirmed, total)),
+            None => Ok(()),
+        }
     }
     /// Starts consuming a declared queue.
     async fn consume(

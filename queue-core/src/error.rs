@@ -159,6 +159,25 @@ impl Error {
         self
     }
 
+    /// The error that ended a batch publish, with how far the batch got: details
+    /// `confirmed` (messages known to be published) and `batch_size`, so that a
+    /// caller retries only the rest instead of publishing the first ones twice. A
+    /// batch of one is left as it is.
+    ///
+    /// ```
+    /// use queue_core::{Error, ErrorKind};
+    /// let e = Error::new(ErrorKind::Internal, "queue full").in_batch(2, 5);
+    /// assert_eq!(e.details().get("confirmed").map(String::as_str), Some("2"));
+    /// assert_eq!(e.details().get("batch_size").map(String::as_str), Some("5"));
+    /// ```
+    pub fn in_batch(self, confirmed: usize, batch_size: usize) -> Self {
+        if batch_size <= 1 {
+            return self;
+        }
+        self.with_detail("confirmed", confirmed.to_string())
+            .with_detail("batch_size", batch_size.to_string())
+    }
+
     /// Keeps the driver's own error as the source.
     pub fn with_source(mut self, source: impl Into<Source>) -> Self {
         self.source = Some(source.into());

@@ -403,3 +403,25 @@ async fn the_longest_durations_wait_for_ever_instead_of_panicking() {
     assert_eq!(number_of(&d), 1);
     d.ack().await.unwrap();
 }
+
+/// A batch that fails part way says how far it got: before, the first messages were
+/// queued and the error said nothing of them, so a caller that retried the batch
+/// published them twice.
+#[tokio::test]
+async fn a_batch_that_fails_part_way_says_how_many_were_published() {
+    let driver = driver_with_full_queue(1, Duration::from_millis(50)).await;
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let first = next(&mut sub).await;
+    first.ack().await.unwrap();
+    let batch = vec![numbered(10), numbered(11), numbered(12)];
+    drop(sub);
+    let err = driver.publish_batch(&id(), batch).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    let detail = |key: &str| err.details().get(key).cloned();
+    assert_eq!(detail("confirmed").as_deref(), Some("1"), "{err}");
+    assert_eq!(detail("batch_size").as_deref(), Some("3"), "{err}");
+    assert_eq!(driver.info(&id()).await.unwrap().ready, Some(1));
+}

@@ -54,8 +54,10 @@ pub(crate) async fn publish_batch(
     messages: &[Message],
 ) -> Result<()> {
     if declared.max_length.is_some() {
-        for message in messages {
-            publish(link, declared, message).await?;
+        for (published, message) in messages.iter().enumerate() {
+            publish(link, declared, message)
+                .await
+                .map_err(|e| e.in_batch(published, messages.len()))?;
         }
         return Ok(());
     }

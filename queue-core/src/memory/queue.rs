@@ -168,39 +168,44 @@ impl MemQueue {
 
     /// Adds several messages in order under one lock while there is room (the rest
     /// wait for room like single publishes), then wakes the waiting consumers once.
-    /// Every message is checked before any is queued.
+    /// Every message is checked before any is queued. An error says how many were
+    /// queued before it ([`Error::in_batch`]).
     pub(super) async fn publish_batch(
         self: &Arc<Self>,
         messages: Vec<Message>,
         timeout: Duration,
     ) -> Result<()> {
+        let total = messages.len();
         let prepared = messages
             .into_iter()
             .map(|m| self.prepare(m))
-            .collect::<Result<Vec<_>>>()?;
-        self.refuse_if_closed()?;
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| e.in_batch(0, total))?;
+        self.refuse_if_closed().map_err(|e| e.in_batch(0, total))?;
         let mut rest = prepared.into_iter().peekable();
-        let mut queued = false;
+        let mut queued = 0;
         {
             let mut state = self.lock();
             while self.make_room(&mut state) {
                 match rest.next_if(|(_, delay)| delay.is_none()) {
                     Some((incoming, _)) => {
                         Self::push(&mut state, incoming.entering(), false);
-                        queued = true;
+                        queued += 1;
                     }
                     None => break,
                 }
             }
         }
-        if queued {
+        if queued > 0 {
             self.ready_signal.notify_waiters();
         }
         for (incoming, delay) in rest {
-            match delay {
-                Some(delay) => self.publish_later(incoming, delay, timeout).await?,
-                None => self.publish_now(incoming, timeout).await?,
-            }
+            let published = match delay {
+                Some(delay) => self.publish_later(incoming, delay, timeout).await,
+                None => self.publish_now(incoming, timeout).await,
+            };
+            published.map_err(|e| e.in_batch(queued, total))?;
+            queued += 1;
         }
         Ok(())
     }
