@@ -106,6 +106,9 @@ impl From<bool> for Value {
     }
 }
 
+/// A JSON value as a body value. Unlike the `json` codec, which refuses an integer
+/// past `i64::MAX` as `INVALID`, this conversion cannot fail: such an integer becomes
+/// the nearest float. Decode bytes with [`crate::Codec::decode`] to have it refused.
 impl From<serde_json::Value> for Value {
     fn from(json: serde_json::Value) -> Self {
         match json {
