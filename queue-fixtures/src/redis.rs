@@ -209,9 +209,12 @@ impl RedisNode {
     }
 
     /// `CLIENT KILL TYPE normal`: every client connection is cut, the server stays up.
-    pub fn cut_connections(&self) -> Result<(), String> {
-        self.command(&["CLIENT", "KILL", "TYPE", "normal"])
-            .map(|_| ())
+    /// Returns how many it cut: a fault test proves its fault landed with it.
+    pub fn cut_connections(&self) -> Result<u64, String> {
+        let killed = self.command(&["CLIENT", "KILL", "TYPE", "normal"])?;
+        killed
+            .parse()
+            .map_err(|_| format!("CLIENT KILL answered {killed:?}, not a count"))
     }
 
     /// `SHUTDOWN` (the AOF is synced first), then a start from the same directory.
@@ -235,7 +238,10 @@ impl RedisNode {
 impl Outage for RedisNode {
     fn inflict(&mut self, fault: Fault) -> Result<(), String> {
         match fault {
-            Fault::CutConnections => self.cut_connections(),
+            Fault::CutConnections => match self.cut_connections()? {
+                0 => Err("CLIENT KILL found no connection to cut".into()),
+                _ => Ok(()),
+            },
             Fault::StopStart => self.stop_and_start(),
             Fault::Kill => self.kill_and_restart(),
         }

@@ -469,7 +469,8 @@ async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
         held.push(next(&mut sub).await);
     }
     let before = driver.connection().unwrap().connections_opened;
-    node.cut_connections().expect("CLIENT KILL");
+    let cut = node.cut_connections().expect("CLIENT KILL");
+    assert!(cut > 0, "CLIENT KILL found no connection to cut");
     // Published once the driver is back (right after the cut a publish may fail).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     while let Err(e) = driver.publish(&spec.id, numbered(HELD)).await {
@@ -600,7 +601,9 @@ async fn a_login_revoked_under_a_consumer_is_told_to_it_and_mended() {
 async fn a_connection_made_for_another_runtime_outlives_it() {
     let spec = queue("elsewhere");
     let (node, driver) = declared(&spec).await;
-    node.cut_connections().expect("CLIENT KILL");
+    let before = driver.connection().unwrap().connections_opened;
+    let cut = node.cut_connections().expect("CLIENT KILL");
+    assert!(cut > 0, "CLIENT KILL found no connection to cut");
     let side = {
         let driver = Arc::clone(&driver);
         let id = spec.id.clone();
@@ -613,11 +616,17 @@ async fn a_connection_made_for_another_runtime_outlives_it() {
             runtime.block_on(publish_once_reconnected(&driver, &id, 0))
         })
     };
-    let published = tokio::task::spawn_blocking(move || side.join())
-        .await
-        .expect("the join")
-        .expect("the other runtime's thread");
+    let published = within(
+        "the other runtime's publish",
+        tokio::task::spawn_blocking(move || side.join()),
+    )
+    .await
+    .expect("the join")
+    .expect("the other runtime's thread");
     assert!(published, "the other runtime never published");
+    // The fault landed: the driver had to connect again, from the other runtime
+    // (nothing else ran a command since the cut).
+    assert!(driver.connection().unwrap().connections_opened > before);
     // That runtime is gone, with every task it ran.
     within(
         "a publish after the other runtime ended",
