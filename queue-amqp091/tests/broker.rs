@@ -582,14 +582,12 @@ async fn declare_transient(driver: &Amqp091Driver, name: &str) -> QueueId {
 
 /// `rabbitmqctl list_queues` of the shared broker, one line per queue, with `columns`.
 fn list_queues(columns: &[&str]) -> String {
-    let listed = tokio::task::block_in_place(|| {
-        std::process::Command::new("rabbitmqctl")
-            .args(["-q", "list_queues", "--no-table-headers"])
-            .args(columns)
-            .output()
-            .expect("rabbitmqctl runs")
-    });
-    String::from_utf8_lossy(&listed.stdout).into_owned()
+    let args: Vec<&str> = ["-q", "list_queues", "--no-table-headers"]
+        .into_iter()
+        .chain(columns.iter().copied())
+        .collect();
+    tokio::task::block_in_place(|| queue_fixtures::rabbitmq::shared_ctl(&args))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn delete(name: &str) {

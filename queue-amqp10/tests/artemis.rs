@@ -1,6 +1,8 @@
 //! What only ActiveMQ Artemis shows, on the shared instance (`cargo xtask brokers up`
 //! starts it on 6672): its management requests, which `info` reads queue counts with.
 
+mod support;
+
 use std::time::Duration;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
@@ -46,7 +48,7 @@ async fn a_count_read_cut_off_leaves_no_reply_for_the_next() {
         .consume(&busy, ConsumeOptions { prefetch: 1 })
         .await
         .unwrap();
-    let held = subscription.next().await.unwrap().unwrap();
+    let held = queue_testkit::next(&mut subscription).await;
     let counts = |q: &queue_core::QueueInfo| (q.ready, q.in_flight, q.delayed, q.consumers);
     let busy_counts = counts(&driver.info(&busy).await.unwrap());
     assert_eq!(busy_counts, (Some(2), Some(1), Some(0), Some(1)));
@@ -127,7 +129,7 @@ async fn next_after_a_close_hands_out_nothing_taken_ahead() {
         .consume(&queue, ConsumeOptions { prefetch: 5 })
         .await
         .unwrap();
-    let held = subscription.next().await.unwrap().unwrap();
+    let held = queue_testkit::next(&mut subscription).await;
     // No signal says the other four arrived: the broker's count in flight does.
     queue_testkit::within("the other four taken ahead", async {
         while driver.info(&queue).await.unwrap().in_flight != Some(5) {
@@ -172,10 +174,13 @@ async fn a_session_begun_for_another_runtime_outlives_it() {
             runtime.block_on(async { driver.info(&queue).await.map(|i| i.ready) })
         })
     };
-    let read = tokio::task::spawn_blocking(move || side.join())
-        .await
-        .expect("the join")
-        .expect("the other runtime's thread");
+    let read = queue_testkit::within(
+        "the other runtime's count",
+        tokio::task::spawn_blocking(move || side.join()),
+    )
+    .await
+    .expect("the join")
+    .expect("the other runtime's thread");
     assert_eq!(read.expect("a count from the other runtime"), Some(1));
     // That runtime is gone, with every task it ran.
     let info = queue_testkit::within("a count after the other runtime ended", driver.info(&queue))
@@ -184,9 +189,16 @@ async fn a_session_begun_for_another_runtime_outlives_it() {
     assert_eq!(info.ready, Some(1));
 }
 
+/// A delivery larger than `max_message_size`, as on RabbitMQ (`broker.rs`).
+async fn a_delivery_over_max_message_size_is_refused_and_reattaches_back_off() {
+    let url = queue_fixtures::artemis::shared_url();
+    support::a_delivery_over_max_message_size_is_refused(url, Profile::Artemis).await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::artemis::shared_unavailable();
     async: [
+        a_delivery_over_max_message_size_is_refused_and_reattaches_back_off,
         a_session_begun_for_another_runtime_outlives_it,
         a_count_read_cut_off_leaves_no_reply_for_the_next,
         publishes_waiting_at_a_close_get_their_real_outcome,

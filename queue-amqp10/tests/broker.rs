@@ -574,57 +574,14 @@ async fn bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_reje
     driver.close().await.unwrap();
 }
 
-/// A delivery larger than `max_message_size` is refused before it is held whole in
-/// memory, on RabbitMQ and on Artemis. fe2o3-amqp refuses it by detaching the link and
-/// the broker offers it again at every attach: the re-attaches back off (before, the
-/// receiver attached again over a hundred times a second, for ever).
+/// A delivery larger than `max_message_size` is refused before it is held whole, and
+/// the re-attaches back off (the Artemis tests run the same check).
 async fn a_delivery_over_max_message_size_is_refused_and_reattaches_back_off() {
-    use std::time::Duration;
-    const WATCHED: Duration = Duration::from_secs(3);
-    let mut brokers = vec![(support::RABBIT_URL.to_string(), Profile::RabbitmqV1)];
-    match queue_fixtures::artemis::shared_unavailable() {
-        None => brokers.push((queue_fixtures::artemis::shared_url(), Profile::Artemis)),
-        Some(why) if queue_testkit::in_ci() => panic!("the shared Artemis: {why}"),
-        Some(why) => println!("Artemis part skipped: {why}"),
-    }
-    for (url, profile) in brokers {
-        let publisher = Amqp10Driver::connect(Amqp10Config::new(url.clone(), profile))
-            .await
-            .unwrap();
-        let mut config = Amqp10Config::new(url.clone(), profile);
-        config.max_message_size = 64 * 1024;
-        config.reconnect_delay = Duration::from_millis(100);
-        config.reconnect_max_delay = Duration::from_secs(1);
-        let consumer = Amqp10Driver::connect(config).await.unwrap();
-        let name = format!("amqp10-tests-too-large-{}", queue_core::new_message_id());
-        let id = QueueId::new("amqp10-tests", &name).unwrap();
-        let spec = QueueSpec::new(id.clone())
-            .with_name(name)
-            .with_durable(false);
-        publisher.declare(&spec).await.unwrap();
-        consumer.declare(&spec).await.unwrap();
-        let body = vec![b'x'; 200_000];
-        let too_large = queue_core::Message::from_bytes(body, Default::default(), "text/plain");
-        publisher.publish(&id, too_large).await.unwrap();
-        let before = consumer.connection().unwrap().links_attached;
-        let mut subscription = consumer
-            .consume(&id, ConsumeOptions { prefetch: 10 })
-            .await
-            .unwrap();
-        if let Ok(next) = tokio::time::timeout(WATCHED, subscription.next()).await {
-            let what = next.map(|d| d.map(|d| d.message().body.len()));
-            panic!("{profile:?}: the receiver handed over {what:?}");
-        }
-        let attaches = consumer.connection().unwrap().links_attached - before;
-        // 100 ms doubling up to 1 s gives about 6 in 3 s.
-        assert!(
-            (2..=15).contains(&attaches),
-            "{profile:?}: {attaches} attaches in {WATCHED:?}"
-        );
-        subscription.cancel().await.unwrap();
-        consumer.close().await.unwrap();
-        publisher.close().await.unwrap();
-    }
+    support::a_delivery_over_max_message_size_is_refused(
+        support::RABBIT_URL.to_string(),
+        Profile::RabbitmqV1,
+    )
+    .await;
 }
 
 queue_testkit::broker_tests! {

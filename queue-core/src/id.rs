@@ -155,5 +155,21 @@ mod tests {
                 proptest::prop_assert_eq!(format!("{}:{}", id.namespace(), id.name()), text);
             }
         }
+
+        /// Random text is almost never an id: here every case is one, so the round
+        /// trip is checked every time (any character but whitespace, control
+        /// characters and, in the namespace, `:`; 61 characters of at most 4 bytes
+        /// stay under the 255 bytes an id may take).
+        #[test]
+        fn every_valid_id_round_trips(
+            namespace in "[^\\s\\p{Cc}:]{1,20}",
+            name in "[^\\s\\p{Cc}]{1,40}",
+        ) {
+            let text = format!("{namespace}:{name}");
+            let id = QueueId::parse(&text).unwrap();
+            proptest::prop_assert_eq!(id.namespace(), namespace.as_str());
+            proptest::prop_assert_eq!(id.name(), name.as_str());
+            proptest::prop_assert_eq!(id.as_str(), text.as_str());
+        }
     }
 }

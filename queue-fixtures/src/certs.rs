@@ -46,11 +46,11 @@ pub fn unavailable() -> Option<String> {
 
 /// Runs `openssl ARGS` in `dir`; panics with its output if it fails.
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("runs openssl");
+    let out = crate::process::output_within(
+        Command::new("openssl").current_dir(dir).args(args),
+        crate::process::TOOL_LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("openssl {args:?}: {e}"));
     assert!(
         out.status.success(),
         "openssl {args:?} failed: {}",

@@ -11,6 +11,8 @@
 //!   store accepts;
 //! - [`artemis`]: ActiveMQ Artemis from Maven Central, a shared instance on 6672 and
 //!   private ones that fault tests cut, stop and kill;
+//! - [`process`]: commands run to their end within a limit, killed with what they
+//!   started past it;
 //! - [`proton`]: a small AMQP 1.0 broker on Qpid Proton, a protocol-level smoke test;
 //! - [`proxy`]: a proxy in front of a broker that withholds what the broker says (all
 //!   of it, or AMQP 1.0's `end` or `close`): a broker that never answers;
@@ -25,6 +27,7 @@
 pub mod artemis;
 pub mod certs;
 mod net;
+pub mod process;
 pub mod proton;
 pub mod proxy;
 pub mod rabbitmq;

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use queue_testkit::{Fault, Outage};
 
 use crate::certs::TestCertificates;
+use crate::process::{TOOL_LIMIT, output_within, wait_or_kill};
 use crate::{free_port, port_open};
 
 /// The machine's shared node (`.ci/start-brokers` starts it), for AMQP 0-9-1.
@@ -51,13 +52,11 @@ pub fn shared_queue_messages() -> Result<Vec<(String, u64)>, String> {
     Ok(queue_counts(&listed))
 }
 
-/// Runs `rabbitmqctl ARGS` against the shared node and returns what it printed.
-fn shared_ctl(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+/// Runs `rabbitmqctl ARGS` against the shared node and returns what it printed
+/// (within [`TOOL_LIMIT`]: the tool's own operation timeout is infinity).
+pub fn shared_ctl(args: &[&str]) -> Result<String, String> {
+    let out = output_within(Command::new("rabbitmqctl").args(args), TOOL_LIMIT)
+        .map_err(|e| format!("rabbitmqctl {args:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "rabbitmqctl {args:?} failed: {}",
@@ -469,12 +468,8 @@ impl PrivateNode {
     fn tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(bin_dir().join(tool));
         env(&mut cmd, &self.name, &self.dir, self.port, 0);
-        let out = cmd
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+        cmd.arg("-n").arg(&self.name).args(args);
+        let out = output_within(&mut cmd, TOOL_LIMIT)
             .map_err(|e| format!("{tool} {args:?} on {}: {e}", self.name))?;
         if !out.status.success() {
             return Err(format!(
@@ -545,7 +540,11 @@ impl PrivateNode {
     /// Kills the node's Erlang VM with SIGKILL and waits until it is gone.
     pub fn kill(&mut self) {
         self.kill_vm();
-        let _ = self.child.wait();
+        assert!(
+            wait_or_kill(&mut self.child, BOOT_LIMIT),
+            "node {}: the VM outlived SIGKILL (its pid file or command line did not name it); killed its script with what it started",
+            self.name
+        );
         assert!(!self.port_open(), "the killed node still listens");
     }
 
@@ -953,20 +952,11 @@ impl Drop for PrivateNode {
     fn drop(&mut self) {
         let mut cmd = Command::new(bin_dir().join("rabbitmqctl"));
         env(&mut cmd, &self.name, &self.dir, self.port, 0);
-        let _ = cmd
-            .arg("-n")
-            .arg(&self.name)
-            .arg("stop")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        cmd.arg("-n").arg(&self.name).arg("stop");
+        let _ = output_within(&mut cmd, TOOL_LIMIT);
         // If `stop` did not work.
         self.kill_vm();
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        wait_or_kill(&mut self.child, Duration::from_secs(30));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -59,13 +59,8 @@ print(json.dumps({"body": bytes(body).decode(), "content_type": m.content_type,
 conn.close()
 "#;
 
-fn python(script: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python runs");
+fn proton(script: &str, args: &[&str]) -> String {
+    let out = python(script, args);
     assert!(
         out.status.success(),
         "the Proton client failed: {}",
@@ -103,9 +98,9 @@ fn a_proton_client_and_the_runtime_understand_each_other() {
     let dir = app(&[("app.yaml", &yaml), ("h.lua", INTEROP_HANDLER)]);
     let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
     let mut seen = wait_for_line(&lines, "runtime started");
-    python(PROTON_SEND, &[&url, &inbound]);
+    proton(PROTON_SEND, &[&url, &inbound]);
     seen.extend(wait_for_line(&lines, "Received"));
-    let answer = python(PROTON_RECEIVE, &[&url, &outbound]);
+    let answer = proton(PROTON_RECEIVE, &[&url, &outbound]);
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(60));
     assert!(out.status.success(), "{}", seen.join("\n"));
@@ -205,7 +200,7 @@ fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
     let dir = app(&[("app.yaml", &yaml), ("h.lua", ODD_HANDLERS)]);
     let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
     let mut seen = wait_for_line(&lines, "runtime started");
-    python(PROTON_ODD, &[&url, &queue]);
+    proton(PROTON_ODD, &[&url, &queue]);
     let parse = |seen: &[String]| -> Vec<serde_json::Value> {
         seen.iter()
             .filter_map(|l| serde_json::from_str(l).ok())

@@ -274,9 +274,9 @@ fn check(
     let mut command = binary();
     command.arg("check").args(files).current_dir(dir);
     environment(&mut command, d)?;
-    command
-        .output()
-        .map_err(|e| format!("cannot run queue-runtime: {e}"))
+    let limit = queue_fixtures::process::TOOL_LIMIT;
+    queue_fixtures::process::output_within(&mut command, limit)
+        .map_err(|e| format!("queue-runtime check: {e}"))
 }
 
 fn expect_check(block: &Block, out: &std::process::Output, map: &LineMap) -> Result<(), String> {

@@ -506,12 +506,11 @@ fn configuration_errors_point_at_the_right_line() {
     for (what, yaml, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("app.yaml"), yaml).unwrap();
-        let out = binary()
-            .args(["check", "app.yaml"])
-            .env("MULTI", "one\ntwo\nthree\nfour")
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = run_with_env(
+            &["check", "app.yaml"],
+            dir.path(),
+            &[("MULTI", "one\ntwo\nthree\nfour")],
+        );
         assert!(!out.status.success(), "{what}");
         let err = text(&out.stderr);
         assert!(err.contains(expected), "{what}: {err}");
@@ -528,12 +527,11 @@ fn nested_defaults_and_huge_ids_read_as_users_mean_them() {
         "app.yaml",
         "namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:${NOPE:-${PORT:-1}}/\n  - name: q\n    kind: queue.queue\n",
     )]);
-    let out = binary()
-        .args(["info", "app:q", "-c", "app.yaml"])
-        .env("PORT", &port)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = run_with_env(
+        &["info", "app:q", "-c", "app.yaml"],
+        dir.path(),
+        &[("PORT", &port)],
+    );
     assert!(!out.status.success());
     // The inner reference was read: the driver tried the port from the environment.
     assert!(

@@ -163,11 +163,9 @@ conn.close()
 "#;
 
 fn publish_with_proton(queue: &str) -> BTreeMap<&'static str, String> {
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", PROTON_PUBLISHER, queue])
-        .output();
+    let out = python(PROTON_PUBLISHER, &[queue]);
     match out {
-        Ok(out) if out.status.success() => [
+        out if out.status.success() => [
             ("odd headers", "outside-odd"),
             ("json sent as msgpack", "outside-msgpack"),
             ("with a ttl", "outside-ttl"),
@@ -176,7 +174,10 @@ fn publish_with_proton(queue: &str) -> BTreeMap<&'static str, String> {
         .into_iter()
         .map(|(label, id)| (label, id.to_string()))
         .collect(),
-        other => panic!("Qpid Proton's Python client failed: {other:?}"),
+        other => panic!(
+            "Qpid Proton's Python client failed: {}",
+            text(&other.stderr)
+        ),
     }
 }
 
@@ -324,10 +325,7 @@ fn structured_bodies_from_an_amqp10_client_reach_handlers_as_tables() {
     let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
     let queue = format!("it-structured-{id}");
     let (_dir, child, lines, mut seen) = consuming(DRIVERS[1].1, &queue, STRUCTURED_HANDLERS);
-    let sent = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", PROTON_STRUCTURED, &queue])
-        .output()
-        .expect("run Qpid Proton's Python client");
+    let sent = python(PROTON_STRUCTURED, &[&queue]);
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     let done = |seen: &[String]| {
         let logs = json_lines(seen);
@@ -429,10 +427,7 @@ fn bodies_without_a_codec_content_type_reach_handlers_as_json_or_text() {
         let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
         let queue = format!("it-untyped-{name}-{id}");
         let (_dir, child, lines, mut seen) = consuming(driver, &queue, UNTYPED_HANDLER);
-        let sent = std::process::Command::new("/usr/bin/python3")
-            .args(["-c", PIKA_UNTYPED, &queue])
-            .output()
-            .expect("run pika");
+        let sent = python(PIKA_UNTYPED, &[&queue]);
         assert!(sent.status.success(), "{}", text(&sent.stderr));
         let dead_lettered = |logs: &[serde_json::Value]| {
             logs.iter().any(|l| {
@@ -594,10 +589,7 @@ fn handles_what_a_script_publishes(
     // Python recurses once per level to encode, as the parsers do to decode: its
     // `main` runs on a thread with room for that.
     let script = format!("{DEEP_PYTHON}{script}{RUN_MAIN_DEEP}");
-    let sent = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", &script, &queue])
-        .output()
-        .expect("run the publishing script");
+    let sent = python(&script, &[&queue]);
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     collect_until(&lines, &mut seen, done);
     stop_cleanly(child, "the runtime");

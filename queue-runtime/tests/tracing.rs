@@ -582,10 +582,7 @@ fn a_message_pika_published_with_a_traceparent_continues_its_trace() {
     let parent = "b7ad6b7169203331";
     let traceparent = format!("00-{trace}-{parent}-01");
     let message_id = format!("pika-{unique}");
-    let published = Command::new(PYTHON)
-        .args(["-c", PIKA_PUBLISHER, &queue, &traceparent, &message_id])
-        .output()
-        .expect("python runs");
+    let published = python(PIKA_PUBLISHER, &[&queue, &traceparent, &message_id]);
     assert!(
         published.status.success(),
         "pika: {}",

@@ -14,3 +14,50 @@ pub async fn rabbit_driver(profile: Profile) -> Amqp10Driver {
         .await
         .expect("the shared RabbitMQ's AMQP 1.0 endpoint")
 }
+
+/// Checks that a delivery larger than `max_message_size` is refused before it is held
+/// whole in memory, on the broker at `url` (the RabbitMQ and the Artemis tests run
+/// it). fe2o3-amqp refuses it by detaching the link and the broker offers it again at
+/// every attach: the re-attaches back off (before, the receiver attached again over a
+/// hundred times a second, for ever).
+pub async fn a_delivery_over_max_message_size_is_refused(url: String, profile: Profile) {
+    use queue_core::{ConsumeOptions, Driver, QueueId, QueueSpec};
+    use std::time::Duration;
+    const WATCHED: Duration = Duration::from_secs(3);
+    let publisher = Amqp10Driver::connect(Amqp10Config::new(url.clone(), profile))
+        .await
+        .unwrap();
+    let mut config = Amqp10Config::new(url.clone(), profile);
+    config.max_message_size = 64 * 1024;
+    config.reconnect_delay = Duration::from_millis(100);
+    config.reconnect_max_delay = Duration::from_secs(1);
+    let consumer = Amqp10Driver::connect(config).await.unwrap();
+    let name = format!("amqp10-tests-too-large-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone())
+        .with_name(name)
+        .with_durable(false);
+    publisher.declare(&spec).await.unwrap();
+    consumer.declare(&spec).await.unwrap();
+    let body = vec![b'x'; 200_000];
+    let too_large = queue_core::Message::from_bytes(body, Default::default(), "text/plain");
+    publisher.publish(&id, too_large).await.unwrap();
+    let before = consumer.connection().unwrap().links_attached;
+    let mut subscription = consumer
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    if let Ok(next) = tokio::time::timeout(WATCHED, subscription.next()).await {
+        let what = next.map(|d| d.map(|d| d.message().body.len()));
+        panic!("{profile:?}: the receiver handed over {what:?}");
+    }
+    let attaches = consumer.connection().unwrap().links_attached - before;
+    // 100 ms doubling up to 1 s gives about 6 in 3 s.
+    assert!(
+        (2..=15).contains(&attaches),
+        "{profile:?}: {attaches} attaches in {WATCHED:?}"
+    );
+    subscription.cancel().await.unwrap();
+    consumer.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

@@ -22,6 +22,21 @@ pub fn binary() -> Command {
     Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
 }
 
+/// Runs a Python script (`python3 -c SCRIPT ARGS`, Debian's python with pika and
+/// Qpid Proton) to its end: a client that hangs on a broker fails the test at
+/// [`queue_fixtures::process::TOOL_LIMIT`] instead of holding it.
+pub fn python(script: &str, args: &[&str]) -> Output {
+    use queue_fixtures::process::{TOOL_LIMIT, output_within};
+    output_within(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .args(args),
+        TOOL_LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("python3: {e}"))
+}
+
 /// A directory with the given files.
 pub fn app(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -33,7 +48,12 @@ pub fn app(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 /// Runs a one-off command to its end (bounded: killed and failed after 2 minutes).
 pub fn run(args: &[&str], dir: &Path) -> Output {
-    wait_with_timeout(spawn(args, dir), RUN_LIMIT)
+    run_with_env(args, dir, &[])
+}
+
+/// [`run`] with these environment variables set for the runtime.
+pub fn run_with_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    wait_with_timeout(spawn_piped_with(args, dir, env), RUN_LIMIT)
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -173,11 +193,7 @@ pub fn wait_for_metrics(port: u16, what: &str, done: impl Fn(&str) -> bool) -> S
 /// Starts the runtime with its output read as it comes (see [`Spawned`]); stdin is
 /// empty, as with `Command::output`.
 pub fn spawn(args: &[&str], dir: &Path) -> Spawned {
-    Spawned::from(spawn_piped(args, dir))
-}
-
-fn spawn_piped(args: &[&str], dir: &Path) -> Child {
-    spawn_piped_with(args, dir, &[])
+    Spawned::from(spawn_piped_with(args, dir, &[]))
 }
 
 fn spawn_piped_with(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Child {
