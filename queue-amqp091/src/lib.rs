@@ -60,6 +60,8 @@ mod error;
 mod mapping;
 /// The confirm-mode publisher and its window.
 mod publish;
+/// Returns paired with their publishes by message id, not by lapin's order.
+mod returns;
 /// Batched acks and releases of one consumer channel.
 mod settle;
 /// Declared queues, delay queues, passive declares for `info`.

@@ -7,7 +7,10 @@
 //! one round trip per message. Outcomes:
 //!
 //! * broker ack → `Ok`;
-//! * ack with a basic.return (unroutable: the queue is gone) → `NOT_FOUND`;
+//! * a basic.return (unroutable: the queue is gone) → `NOT_FOUND`; a return is paired
+//!   with its publish by message id, whichever confirm lapin gave it to
+//!   ([`crate::returns`]); a publish whose pairing cannot be told → `INTERNAL`,
+//!   retryable;
 //! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
 //! * channel or connection closed before the confirm, no connection, window slot,
 //!   publishing channel, write or confirm within `publish_timeout` → `INTERNAL`,
@@ -26,12 +29,13 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use lapin::{BasicProperties, Channel};
 use queue_core::{Error, ErrorKind, Message, QueueId, QueueSpec, Result};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::connection::{Connection, Link};
+use crate::returns::{Outcome, Paired, Pairing};
 use crate::topology::{Topology, queue_name};
 use crate::{error, lock, mapping};
 
@@ -57,10 +61,12 @@ pub(crate) struct Publisher {
     retired: std::sync::Mutex<Option<Instant>>,
 }
 
-/// A confirm-mode channel and the generation of the link it is on.
+/// A confirm-mode channel, the generation of the link it is on, and the pairing of
+/// its returns with its publishes.
 struct PublishingChannel {
     generation: u64,
     channel: Channel,
+    returns: Arc<Pairing>,
 }
 
 /// A message ready for the wire.
@@ -81,7 +87,7 @@ struct Route {
 /// A message written to its channel, its confirm still to come.
 struct Sent {
     channel: Arc<PublishingChannel>,
-    confirm: PublisherConfirm,
+    confirm: Outcome,
 }
 
 /// What a publish was waiting for when its `publish_timeout` ran out: each says a
@@ -271,6 +277,7 @@ impl Publisher {
         let open = Arc::new(PublishingChannel {
             generation: link.generation,
             channel,
+            returns: Arc::default(),
         });
         *lock(&self.channel) = Some(Arc::clone(&open));
         Ok(open)
@@ -355,8 +362,8 @@ impl Publisher {
             &prepared.body,
             std::mem::take(&mut prepared.properties),
         );
-        match written.await {
-            Ok(confirm) => Ok(Sent { channel, confirm }),
+        match channel.returns.publish(&prepared.id, written).await {
+            Ok(confirm) => Ok(Sent { confirm, channel }),
             Err(e) => Err(publish_failure(&link, &format!("publish to {queue}"), e)),
         }
     }
@@ -365,21 +372,26 @@ impl Publisher {
     async fn confirmed(&self, queue: &QueueId, id: &str, sent: Sent) -> Result<()> {
         let what = || format!("publish to {queue}");
         match sent.confirm.await {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) => Err(Error::not_found(format!(
-                "{}: the broker returned message {id} as unroutable ({} {}): the queue does not exist on the broker",
-                what(),
-                returned.reply_code,
-                returned.reply_text
+            Ok(Paired::Stored) => Ok(()),
+            Ok(Paired::Returned {
+                reply_code,
+                reply_text,
+            }) => Err(Error::not_found(format!(
+                "{}: the broker returned message {id} as unroutable ({reply_code} {reply_text}): the queue does not exist on the broker",
+                what()
             ))),
-            Ok(Confirmation::Nack(_)) => {
+            Ok(Paired::Uncertain) => Err(Error::internal(format!(
+                "{}: the broker returned a message as unroutable, and whether it was message {id} cannot be told (its confirm came with another message's return, or beside a publish given up); message {id} is not known to be stored",
+                what()
+            ))),
+            Ok(Paired::Refused) => {
                 self.retire(&sent.channel);
                 Err(Error::internal(format!(
                     "{}: the broker refused message {id} (nack): the queue is full (max_length) or the broker could not store it",
                     what()
                 )))
             }
-            Ok(Confirmation::NotRequested) => Err(Error::internal(format!(
+            Ok(Paired::NotRequested) => Err(Error::internal(format!(
                 "{}: the channel was not in confirm mode; message {id} is not known to be stored",
                 what()
             ))),

@@ -13,7 +13,7 @@ use queue_core::{
     Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
 };
 use queue_fixtures::proxy::BrokerProxy;
-use queue_testkit::{everything_said, next, within};
+use queue_testkit::{everything_said, next, number_of, within};
 
 fn numbered(n: i64) -> Message {
     Message::encode(
@@ -198,6 +198,90 @@ async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
     declare_transient(&driver, &name).await;
     driver.publish(&id, numbered(2)).await.unwrap();
     delete(&name).await;
+    driver.close().await.unwrap();
+}
+
+/// A `basic.return` carries no delivery tag: lapin hands each to whichever confirm it
+/// completes next, and completes the confirms of one `multiple` ack in no set order.
+/// Publishes to a deleted queue sent in turns with publishes to live ones (a classic
+/// and a quorum queue, whose confirms come at other times) were then reported
+/// stored, and lost, while stored ones were reported returned. The driver pairs
+/// returns with publishes by message id: none to the deleted queue is `Ok`, every
+/// message reported stored is in its queue, and none reported returned is; one whose
+/// pairing cannot be told is a retryable error and may be either.
+async fn returns_are_paired_with_their_own_publishes() {
+    use std::collections::BTreeSet;
+    const ROUNDS: i64 = 8;
+    const PER_QUEUE: i64 = 300;
+    let driver = common::rabbit().await;
+    let (gone_name, gone) = declared_transient(&driver, "returned").await;
+    delete(&gone_name).await;
+    let (classic_name, classic) = declared_transient(&driver, "stored-classic").await;
+    let quorum_name = common::unique("stored-quorum");
+    let quorum = QueueId::new("test", &quorum_name).unwrap();
+    let spec = QueueSpec::new(quorum.clone())
+        .with_name(&quorum_name)
+        .with_queue_type(QueueType::Quorum);
+    driver.declare(&spec).await.unwrap();
+    // Per live queue: the numbers reported stored, and reported returned.
+    let mut stored = [BTreeSet::new(), BTreeSet::new()];
+    let mut returned = [BTreeSet::new(), BTreeSet::new()];
+    let mut uncertain = 0;
+    for round in 0..ROUNDS {
+        // Sent in turns, so that one ack covers publishes to all three.
+        let targets = [&gone, &classic, &quorum];
+        let publishes = (0..PER_QUEUE).flat_map(|i| {
+            targets.map(|id| {
+                let (driver, n) = (&driver, round * PER_QUEUE + i);
+                async move { (id, n, driver.publish(id, numbered(n)).await) }
+            })
+        });
+        let outcomes = within(
+            "three queues' publishes",
+            futures_util::future::join_all(publishes),
+        )
+        .await;
+        for (id, n, outcome) in outcomes {
+            let live = [&classic, &quorum].iter().position(|q| *q == id);
+            match (live, outcome) {
+                (None, Ok(())) => panic!("publish {n} to a deleted queue was Ok"),
+                (_, Err(e)) if e.is(ErrorKind::NotFound) => {
+                    if let Some(q) = live {
+                        returned[q].insert(n);
+                    }
+                }
+                (_, Err(e)) => {
+                    assert!(e.retryable(), "{e}");
+                    uncertain += 1;
+                }
+                (Some(q), Ok(())) => {
+                    stored[q].insert(n);
+                }
+            }
+        }
+    }
+    println!("publishes whose pairing could not be told: {uncertain}");
+    for (q, id) in [&classic, &quorum].into_iter().enumerate() {
+        let held = driver.info(id).await.unwrap().ready.unwrap();
+        let mut sub = driver.consume(id, Default::default()).await.unwrap();
+        let mut numbers = BTreeSet::new();
+        for _ in 0..held {
+            let delivery = next(&mut sub).await;
+            numbers.insert(number_of(&delivery));
+            delivery.ack().await.unwrap();
+        }
+        sub.cancel().await.unwrap();
+        assert!(!stored[q].is_empty());
+        let lost: Vec<_> = stored[q].difference(&numbers).collect();
+        assert!(lost.is_empty(), "{id}: reported stored, not held: {lost:?}");
+        let held_returned: Vec<_> = returned[q].intersection(&numbers).collect();
+        assert!(
+            held_returned.is_empty(),
+            "{id}: reported returned, held: {held_returned:?}"
+        );
+    }
+    delete(&classic_name).await;
+    delete(&quorum_name).await;
     driver.close().await.unwrap();
 }
 
@@ -789,6 +873,7 @@ queue_testkit::broker_tests! {
         a_delayed_message_for_a_full_queue_waits_for_room,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
+        returns_are_paired_with_their_own_publishes,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
         a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires,
         the_factory_validates_without_connecting_and_creates_a_driver,
