@@ -420,10 +420,16 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     }
     runners.close();
     // Until the stop signal, or until the subscription ended and every runner with it.
+    // A stop that came while a handler computed on this thread finds both ready once
+    // the thread is free (the runners end on the stop too): the stop is looked at
+    // first, and the runners' end is an error only without it.
     tokio::select! {
+        biased;
         _ = stop.wait_for(|s| *s) => {}
         _ = runners.wait() => {
-            tracing::error!(queue = %shared.consumer.plan.queue, consumer = %shared.consumer.plan.id, "the consumer's subscription ended; it takes no more deliveries on this worker");
+            if !shared.stopping() {
+                tracing::error!(queue = %shared.consumer.plan.queue, consumer = %shared.consumer.plan.id, "the consumer's subscription ended; it takes no more deliveries on this worker");
+            }
         }
     }
     shared.consumer.attached.fetch_sub(1, Ordering::AcqRel);
