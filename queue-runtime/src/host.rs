@@ -504,17 +504,23 @@ impl Host {
             }
         }
         if let Some(workers) = self.workers.take() {
-            let stopping = tokio::task::spawn_blocking(move || workers.stop());
             let grace = if stuck_workers {
                 Duration::ZERO
             } else {
                 STOP_GRACE
             };
             let until = deadline.max(tokio::time::Instant::now() + grace);
-            if tokio::time::timeout_at(until, stopping).await.is_err() {
-                tracing::error!(
-                    "a process or handler still runs without yielding; leaving its worker behind"
-                );
+            match stop_on_a_thread(workers) {
+                Ok(stopping) => {
+                    if tokio::time::timeout_at(until, stopping).await.is_err() {
+                        tracing::error!(
+                            "a process or handler still runs without yielding; leaving its worker behind"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a thread to stop the Lua workers; leaving them behind")
+                }
             }
         }
         // Side by side: each waits for the broker (up to its driver's limits), and a
@@ -553,4 +559,20 @@ impl Host {
         futures_util::future::join_all(closes).await;
         summary
     }
+}
+
+/// Joins the Lua workers on a thread of its own, with a small stack: every other
+/// thread takes `RUST_MIN_STACK` (sized for lapin's parser), and under an
+/// address-space limit close to what the runtime uses, the pool's next thread could
+/// not start, and the stop panicked.
+fn stop_on_a_thread(workers: Workers) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (stopped, stopping) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("queue-stop".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            workers.stop();
+            let _ = stopped.send(());
+        })?;
+    Ok(stopping)
 }

@@ -598,6 +598,38 @@ fn a_stop_while_a_handler_computes_logs_no_ended_subscription() {
     }
 }
 
+/// Every thread of the runtime takes `RUST_MIN_STACK` of address space (1 GiB in a
+/// debug build, for lapin's parser): under an address-space limit close to what the
+/// runtime uses, the stop could not start the thread that joins the Lua workers, and
+/// panicked, so a SIGTERM ended it as a crash, with no summary and no driver closed
+/// (review). The limit is set on the running process with `prlimit`.
+#[test]
+fn a_stop_under_an_address_space_limit_still_ends_cleanly() {
+    let dir = noop_consumer_app();
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    let mut seen = wait_for_line(&lines, "runtime started");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let used_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize in /proc/PID/status");
+    let limit = (used_kib + 256 * 1024) * 1024;
+    let set = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", child.id()))
+        .arg(format!("--as={limit}:{limit}"))
+        .status()
+        .expect("prlimit runs");
+    assert!(set.success(), "prlimit failed");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    seen.extend(lines.try_iter());
+    let said = seen.join("\n");
+    assert!(out.status.success(), "{:?}: {said}", out.status);
+    let summary = text(&out.stdout);
+    assert!(summary.contains("summary: queue=app:jobs"), "{summary}\n{said}");
+}
+
 fn noop_consumer_app() -> tempfile::TempDir {
     app(&[
         (
