@@ -62,6 +62,11 @@ pub(crate) fn to_properties(
     for (key, value) in headers.iter() {
         let in_table = match key.as_str() {
             X_DELIVERY_COUNT => false,
+            SENDER_SELECTED @ ("CC" | "BCC") => {
+                return Err(Error::invalid(format!(
+                    "header {SENDER_SELECTED:?} is RabbitMQ's own: it routes the message to more queues, and the broker closes the channel of a publish whose value is not a list of queue names; name the header otherwise"
+                )));
+            }
             names::CORRELATION_ID | names::REPLY_TO | names::MESSAGE_TYPE => {
                 match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
                     Some(s) => {
@@ -246,6 +251,25 @@ mod tests {
         let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
         let props = to_properties(&sent, None).unwrap();
         (from_delivery(&props, sent.body.clone(), false), props)
+    }
+
+    /// RabbitMQ reads `CC` and `BCC` as more routing keys and closes the channel of a
+    /// publish whose value is not an array: every publish in flight on the shared
+    /// channel failed with it, retryably, and the one that carried it failed so at
+    /// every try (review). Refused before the wire, saying why.
+    #[test]
+    fn cc_and_bcc_headers_are_refused_before_the_broker_sees_them() {
+        for name in ["CC", "BCC"] {
+            let headers = Headers::from_pairs([(name, HeaderValue::from("bob@example.com"))]);
+            let sent = Message::from_bytes(b"{}".to_vec(), headers, "application/json");
+            let err = to_properties(&sent, None).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+            assert!(!err.retryable(), "{err}");
+            assert!(err.message().contains(name), "{err}");
+        }
+        let lower = Headers::from_pairs([("cc", HeaderValue::from("bob@example.com"))]);
+        let sent = Message::from_bytes(b"{}".to_vec(), lower, "application/json");
+        to_properties(&sent, None).unwrap();
     }
 
     #[test]
