@@ -59,10 +59,11 @@ impl Consumers {
         queue: QueueId,
         prefetch: u32,
     ) -> Result<Amqp091Subscription> {
-        self.topology.spec_of(&queue, "consume")?;
+        let spec = self.topology.spec_of(&queue, "consume")?;
         let mut sub = Amqp091Subscription {
             consumers: Arc::clone(self),
             queue,
+            broker_counts: spec.queue_type == queue_core::QueueType::Quorum,
             prefetch: u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX),
             attached: None,
             failed_generation: None,
@@ -91,6 +92,9 @@ struct Attached {
 pub(crate) struct Amqp091Subscription {
     consumers: Arc<Consumers>,
     queue: QueueId,
+    /// A quorum queue: RabbitMQ counts its deliveries in `x-delivery-count`, where
+    /// on a classic queue that header is only ever a publisher's.
+    broker_counts: bool,
     prefetch: u16,
     attached: Option<Attached>,
     /// Generation of a link an attach failed on: wait for a newer one.
@@ -231,7 +235,8 @@ impl Amqp091Subscription {
     fn delivered(&self, d: AmqpDelivery) -> Option<Delivery> {
         let a = self.attached.as_ref()?;
         let acker = a.settler.track(d.delivery_tag);
-        let message = mapping::from_delivery(&d.properties, d.data, d.redelivered);
+        let counted = d.redelivered && self.broker_counts;
+        let message = mapping::from_delivery(&d.properties, d.data, counted);
         Some(Delivery::new(message, acker))
     }
 

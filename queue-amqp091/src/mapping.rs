@@ -166,9 +166,15 @@ fn is_broker_internal(key: &str) -> bool {
         || key.starts_with("x-last-death-")
 }
 
-/// Rebuilds a message from a delivery's properties and body; `redelivered` is the
-/// broker's flag: only a redelivery carries the broker's own delivery count.
-pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>, redelivered: bool) -> Message {
+/// Rebuilds a message from a delivery's properties and body; `counted_by_broker` says
+/// whether its `x-delivery-count` is the broker's: only on a redelivery from a quorum
+/// queue (a classic queue counts nothing, and a first delivery's count can only be a
+/// publisher's).
+pub(crate) fn from_delivery(
+    props: &BasicProperties,
+    body: Vec<u8>,
+    counted_by_broker: bool,
+) -> Message {
     let mut headers = Headers::new();
     if let Some(table) = props.headers() {
         for (key, value) in table.inner() {
@@ -179,13 +185,13 @@ pub(crate) fn from_delivery(props: &BasicProperties, body: Vec<u8>, redelivered:
                 headers.insert(key.as_str(), v);
             }
         }
-        // On a first delivery the count can only be the publisher's (another client
-        // can set `x-delivery-count` like any header), and trusting it would have the
-        // crash-loop guard dead-letter the message before its handler ran.
+        // Another client can set `x-delivery-count` like any header, and trusting it
+        // would have the crash-loop guard dead-letter the message before its handler
+        // ran: read only where the broker writes it.
         let count = table
             .inner()
             .get(BROKER_DELIVERY_COUNT)
-            .filter(|_| redelivered)
+            .filter(|_| counted_by_broker)
             .and_then(from_amqp)
             .filter(|v| matches!(v, HeaderValue::Int(_)));
         if let Some(count) = count {

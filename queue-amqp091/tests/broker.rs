@@ -285,6 +285,49 @@ async fn returns_are_paired_with_their_own_publishes() {
     driver.close().await.unwrap();
 }
 
+/// A classic queue counts no deliveries, so its `x-delivery-count` is only ever a
+/// publisher's: one another client set (a shovel copying it from a quorum queue) was
+/// read as the broker's on any redelivery, and the runtime's guard dead-lettered the
+/// message (or dropped it) without running its handler (review).
+async fn a_classic_queues_delivery_count_is_a_publishers_header() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::AMQPValue;
+    let driver = common::rabbit().await;
+    let (name, id) = declared_transient(&driver, "forged-count").await;
+    let conn = lapin::Connection::connect(common::URL, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(10));
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            name.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{\"n\": 1}",
+            lapin::BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap();
+    drop(confirm);
+    let _ = conn.close(200, "OK".into()).await;
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let first = next(&mut sub).await;
+    first.release().await.unwrap();
+    let again = next(&mut sub).await;
+    assert!(
+        !again.message().headers.contains(X_DELIVERY_COUNT),
+        "{:?}",
+        again.message().headers
+    );
+    again.ack().await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
 async fn delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean() {
     let driver = common::rabbit().await;
     let (name, id) = declared_transient(&driver, "delay").await;
@@ -874,6 +917,7 @@ queue_testkit::broker_tests! {
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         returns_are_paired_with_their_own_publishes,
+        a_classic_queues_delivery_count_is_a_publishers_header,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
         a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires,
         the_factory_validates_without_connecting_and_creates_a_driver,

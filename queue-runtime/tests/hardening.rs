@@ -627,7 +627,10 @@ fn a_stop_under_an_address_space_limit_still_ends_cleanly() {
     let said = seen.join("\n");
     assert!(out.status.success(), "{:?}: {said}", out.status);
     let summary = text(&out.stdout);
-    assert!(summary.contains("summary: queue=app:jobs"), "{summary}\n{said}");
+    assert!(
+        summary.contains("summary: queue=app:jobs"),
+        "{summary}\n{said}"
+    );
 }
 
 fn noop_consumer_app() -> tempfile::TempDir {
