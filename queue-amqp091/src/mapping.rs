@@ -62,9 +62,9 @@ pub(crate) fn to_properties(
     for (key, value) in headers.iter() {
         let in_table = match key.as_str() {
             X_DELIVERY_COUNT => false,
-            SENDER_SELECTED @ ("CC" | "BCC") => {
+            routing @ ("CC" | "BCC") => {
                 return Err(Error::invalid(format!(
-                    "header {SENDER_SELECTED:?} is RabbitMQ's own: it routes the message to more queues, and the broker closes the channel of a publish whose value is not a list of queue names; name the header otherwise"
+                    "header {routing:?} is RabbitMQ's own: it routes the message to more queues, and the broker closes the channel of a publish whose value is not a list of queue names; name the header otherwise"
                 )));
             }
             names::CORRELATION_ID | names::REPLY_TO | names::MESSAGE_TYPE => {

@@ -141,6 +141,15 @@ impl Waiting {
 /// How long a client may take to send its request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The send buffer of each connection (the kernel doubles it for its bookkeeping).
+/// Left to itself the kernel grows a connection's buffer to hold a whole `/metrics`
+/// page for a client that does not read; capped, the page waits in the server, where
+/// the connection keeps its slot and is evicted as a slow reader.
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
+/// How often a connection whose answer is written looks whether the client has it.
+const DRAIN_LOOK_EVERY: Duration = Duration::from_millis(10);
+
 /// Serves `GET /metrics`, `GET /health` and `GET /ready` on an address until the task
 /// is dropped,
 /// with hyper: whole requests however they are split into packets, query strings
@@ -152,7 +161,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     readiness: crate::health::Readiness,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = listen(addr)?;
     tracing::info!(%addr, "serving /metrics, /health and /ready");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let waiting = Waiting::default();
@@ -183,19 +192,36 @@ pub async fn serve(
             let (handle, readiness) = (handle.clone(), readiness.clone());
             let requested = Arc::new(std::sync::OnceLock::new());
             let seen = Arc::clone(&requested);
+            // Until the client has its whole answer, closing the connection (a timeout,
+            // an eviction, an error) resets it: the kernel then drops what it held,
+            // where a plain close kept it for a client that may never read.
+            let _ = stream.set_zero_linger();
             let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     seen.get_or_init(std::time::Instant::now);
                     let response = respond(&request, &handle, &readiness);
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(REQUEST_HEAD_TIMEOUT)
-                    .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                // A client that stalls after its head is cut off too.
-                let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT * 2, connection).await;
+                let answered = async {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(REQUEST_HEAD_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .without_shutdown();
+                    let Ok(parts) = connection.await else { return };
+                    let mut stream = parts.io.into_inner();
+                    if tokio::io::AsyncWriteExt::shutdown(&mut stream)
+                        .await
+                        .is_ok()
+                    {
+                        delivered(&stream).await;
+                        close_gracefully(stream);
+                    }
+                };
+                // A client that stalls after its head, or does not read its answer, is
+                // cut off too.
+                let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT * 2, answered).await;
                 drop(slot);
             });
             waiting.add(Accepted {
@@ -204,6 +230,57 @@ pub async fn serve(
             });
         }
     }))
+}
+
+/// The listening socket, with every connection's send buffer capped
+/// ([`SEND_BUFFER_BYTES`]: an accepted socket takes its listener's).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_send_buffer_size(SEND_BUFFER_BYTES as u32)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Returns once the client has acknowledged everything written to `stream`, the end
+/// of the answer included: until then the kernel holds it, and the connection its
+/// slot. The kernel gives no signal for it, so it is looked at; the caller's time
+/// limit bounds the wait.
+async fn delivered(stream: &tokio::net::TcpStream) {
+    while unacknowledged_bytes(stream) > 0 {
+        tokio::time::sleep(DRAIN_LOOK_EVERY).await;
+    }
+}
+
+/// What the kernel holds of `stream`'s writes, sent or not, until the peer
+/// acknowledges it (`SIOCOUTQ`, the end of the stream counting one); 0 where that
+/// cannot be read.
+#[cfg(target_os = "linux")]
+fn unacknowledged_bytes(stream: &tokio::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut held: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int through the pointer,
+    // which points at `held`; the descriptor is open while `stream` lives.
+    let read = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut held) };
+    if read == 0 { held } else { 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged_bytes(_stream: &tokio::net::TcpStream) -> i32 {
+    0
+}
+
+/// Closes a connection whose answer the client has, as TCP closes (not the reset a
+/// connection closed before that gets).
+fn close_gracefully(stream: tokio::net::TcpStream) {
+    // SO_LINGER off: tokio deprecates setting it because a positive time blocks the
+    // thread that closes the socket; turning it off blocks nothing.
+    #[allow(deprecated)]
+    let _ = stream.set_linger(None);
+    drop(stream);
 }
 
 type Body = http_body_util::Full<hyper::body::Bytes>;
@@ -417,6 +494,87 @@ impl Driver for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes the kernel holds unsent or unacknowledged in the sockets whose local port
+    /// is `port` (`/proc/net/tcp`'s `tx_queue`), closed ones included.
+    #[cfg(target_os = "linux")]
+    fn queued_on_port(port: u16) -> u64 {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = fields.get(1)?.rsplit(':').next()?;
+                let queued = fields.get(4)?.split(':').next()?;
+                (u16::from_str_radix(local_port, 16).ok()? == port)
+                    .then(|| u64::from_str_radix(queued, 16).ok())?
+            })
+            .sum()
+    }
+
+    /// Clients that send `GET /metrics` and never read: hyper handed the whole page
+    /// to the kernel and closed the socket, which freed the connection's slot while
+    /// the kernel kept the page for the client (about 0.5 MB each for a 200 KB page):
+    /// 300 such clients held 141 MiB of the machine's TCP memory, and a few thousand
+    /// would have reached its limit, broker connections included (review). A
+    /// connection now keeps its slot until the client has its answer, and one closed
+    /// before that is reset, which frees what the kernel held.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_that_never_read_cannot_pin_the_kernels_memory() {
+        use tokio::io::AsyncWriteExt;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..2000 {
+                metrics::counter!("queue_test_padding_total", "label" => format!("{i:0>80}"))
+                    .increment(1);
+            }
+        });
+        let page = handle.render().len();
+        assert!(page > 200_000, "{page} bytes");
+        let port = queue_fixtures::free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let server = serve(addr, handle, crate::health::Readiness::default())
+            .await
+            .unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..150 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(1).unwrap();
+            let Ok(mut stream) = socket.connect(addr).await else {
+                continue;
+            };
+            if stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                clients.push(stream);
+            }
+        }
+        // What the kernel holds for them, looked at over the slow-reader limit and
+        // past it: at most a full set of slots' worth, each a send buffer.
+        let bound = (MAX_CONNECTIONS * 2 * SEND_BUFFER_BYTES) as u64;
+        let mut most = 0;
+        let watched = std::time::Instant::now();
+        while watched.elapsed() < SLOW_READER + Duration::from_secs(1) {
+            most = most.max(queued_on_port(port));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The fault landed: the clients got answers they did not read.
+        assert!(
+            most > 1 << 20,
+            "{most} bytes queued: the clients were not answered"
+        );
+        assert!(
+            most <= bound,
+            "{most} bytes queued for {} clients, more than {bound}",
+            clients.len()
+        );
+        server.abort();
+    }
 
     /// A connection of the server, for the eviction rule: one whose task never ends
     /// by itself, whose request arrived `ago` before now (or has not).
