@@ -80,9 +80,22 @@ impl Topology {
         })
     }
 
-    /// Refuses what the broker would refuse, before waiting for a connection.
+    /// Refuses what the broker would refuse, before waiting for a connection: a
+    /// name too long for AMQP, for itself or for its delay queues (a retry goes
+    /// through one: with no room for its name, every retry was `INVALID`, and the
+    /// first failure dead-lettered the message).
     pub(crate) fn check(spec: &QueueSpec) -> Result<()> {
         queue_name(&spec.name)?;
+        let longest_delay_queue = format!("{}.delay.{LONGEST_DELAY_MS}", spec.name);
+        if ShortString::try_new(longest_delay_queue.as_str()).is_err() {
+            let room = 255 - (longest_delay_queue.len() - spec.name.len());
+            return Err(Error::invalid(format!(
+                "queue name {:?}... is {} bytes: its delay queues (`NAME.delay.MILLISECONDS`, which retries go through) need it to be at most {room}",
+                spec.name.chars().take(40).collect::<String>(),
+                spec.name.len()
+            ))
+            .with_detail("field", "name"));
+        }
         Ok(())
     }
 
@@ -375,6 +388,20 @@ fn delay_queue_expiry(delay_ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queue name of 239 to 255 bytes was declared, and every retry through its
+    /// delay queue (`NAME.delay.MS`, past 255 bytes) was `INVALID` (review).
+    #[test]
+    fn a_name_without_room_for_its_delay_queues_is_refused_at_declare() {
+        let spec = |len: usize| {
+            let id = QueueId::parse("app:long").unwrap();
+            QueueSpec::new(id).with_name("q".repeat(len))
+        };
+        Topology::check(&spec(238)).unwrap();
+        let err = Topology::check(&spec(239)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.message().contains("at most 238"), "{err}");
+    }
 
     /// A delay queue is redeclared (its expiry reset) at most every 30 s, so it must
     /// outlive its delay by more than that: one that expired with copies in it lost
