@@ -360,7 +360,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let host = tokio::select! {
                 host = Host::start(plan, &kinds, options) => host.map_err(|e| e.to_string())?,
                 signal = signals.next() => {
-                    tracing::info!(signal, "stopped while waiting for the brokers");
+                    tracing::info!(signal, "stopped while starting (waiting for the brokers, or loading the handlers)");
                     return Ok(ExitCode::SUCCESS);
                 }
             };
