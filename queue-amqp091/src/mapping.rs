@@ -67,12 +67,16 @@ pub(crate) fn to_properties(
                     "header {routing:?} is RabbitMQ's own: it routes the message to more queues, and the broker closes the channel of a publish whose value is not a list of queue names; name the header otherwise"
                 )));
             }
-            names::CORRELATION_ID | names::REPLY_TO | names::MESSAGE_TYPE => {
+            names::CORRELATION_ID
+            | names::REPLY_TO
+            | names::MESSAGE_TYPE
+            | names::CONTENT_ENCODING => {
                 match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
                     Some(s) => {
                         props = match key.as_str() {
                             names::CORRELATION_ID => props.with_correlation_id(s),
                             names::REPLY_TO => props.with_reply_to(s),
+                            names::CONTENT_ENCODING => props.with_content_encoding(s),
                             _ => props.with_type(s),
                         };
                         false
@@ -209,6 +213,7 @@ pub(crate) fn from_delivery(
     fill(names::CORRELATION_ID, string(props.correlation_id()));
     fill(names::REPLY_TO, string(props.reply_to()));
     fill(names::MESSAGE_TYPE, string(props.kind()));
+    fill(names::CONTENT_ENCODING, string(props.content_encoding()));
     fill(
         names::PRIORITY,
         props.priority().map(|p| HeaderValue::Int(i64::from(p))),
@@ -276,6 +281,31 @@ mod tests {
         let lower = Headers::from_pairs([("cc", HeaderValue::from("bob@example.com"))]);
         let sent = Message::from_bytes(b"{}".to_vec(), lower, "application/json");
         to_properties(&sent, None).unwrap();
+    }
+
+    /// A body another client compressed (`content_encoding: gzip`) reached handlers
+    /// as bytes with nothing to say so, and its retry and dead-letter copies lost the
+    /// marker for good (review).
+    #[test]
+    fn content_encoding_is_a_header_carried_in_its_property() {
+        let headers = Headers::from_pairs([("content_encoding", HeaderValue::from("gzip"))]);
+        let (back, props) = round_trip(headers.clone());
+        assert_eq!(
+            props.content_encoding().as_ref().map(|s| s.as_str()),
+            Some("gzip")
+        );
+        assert!(
+            props
+                .headers()
+                .as_ref()
+                .is_none_or(|t| !t.contains_key("content_encoding"))
+        );
+        assert_eq!(back.headers, headers);
+        let from_pika = BasicProperties::default().with_content_encoding("gzip".into());
+        assert_eq!(
+            from_delivery(&from_pika, vec![], false).headers,
+            Headers::from_pairs([("content_encoding", HeaderValue::from("gzip"))])
+        );
     }
 
     #[test]

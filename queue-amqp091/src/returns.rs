@@ -207,7 +207,11 @@ impl Pairing {
                 let seq = numbering.next_seq;
                 numbering.next_seq += 1;
                 numbering.writing.insert(seq);
-                numbering.by_id.entry(Arc::clone(&id)).or_default().push(seq);
+                numbering
+                    .by_id
+                    .entry(Arc::clone(&id))
+                    .or_default()
+                    .push(seq);
                 seq
             };
             ticket = Some(Ticket {
@@ -298,10 +302,12 @@ impl Pairing {
         };
         let (read_at, others_return_of) = {
             let numbering = lock(&self.numbering);
-            let owner = others.as_ref().map(|r| match numbering.by_id.get(r.id.as_str()) {
-                Some(seqs) if seqs.len() == 1 => Some(seqs[0]),
-                _ => None,
-            });
+            let owner = others
+                .as_ref()
+                .map(|r| match numbering.by_id.get(r.id.as_str()) {
+                    Some(seqs) if seqs.len() == 1 => Some(seqs[0]),
+                    _ => None,
+                });
             (numbering.next_seq, owner)
         };
         entry.completed = Some(Completed {

@@ -89,6 +89,11 @@ pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Resu
                 properties.subject = Some(s.clone());
                 true
             }
+            // A symbol is ASCII: anything else stays an application property.
+            (names::CONTENT_ENCODING, HeaderValue::String(s)) if s.is_ascii() => {
+                properties.content_encoding = Some(Symbol::from(s.as_str()));
+                true
+            }
             // The broker's count, never sent (a retry copy starts without one).
             (names::X_DELIVERY_COUNT, _) => continue,
             (names::TIMESTAMP, HeaderValue::Int(secs)) => {
@@ -239,6 +244,11 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
     );
     fill(&mut headers, NATIVE_STRING_HEADERS[1], properties.reply_to);
     fill(&mut headers, NATIVE_STRING_HEADERS[2], properties.subject);
+    fill(
+        &mut headers,
+        names::CONTENT_ENCODING,
+        properties.content_encoding.map(|s| s.0),
+    );
     if !headers.contains(names::PRIORITY) {
         // 4 is the AMQP default, which brokers fill in when nobody set one.
         if let Some(level) = header.as_ref().map(|h| h.priority.0).filter(|p| *p != 4) {
@@ -333,6 +343,7 @@ mod tests {
             ("reply_to", HeaderValue::from("app:replies")),
             ("content_type", HeaderValue::from("text/x-mine")),
             ("message_type", HeaderValue::from("order_shipped")),
+            ("content_encoding", HeaderValue::from("gzip")),
             ("priority", HeaderValue::from("high")),
             ("timestamp", HeaderValue::Int(1_700_000_000)),
             ("attempts", HeaderValue::Int(3)),
@@ -342,6 +353,10 @@ mod tests {
         ]);
         let sent = Message::from_bytes(b"{}".to_vec(), headers.clone(), "application/json");
         let (out, back) = round_trip(sent.clone(), Profile::RabbitmqV1);
+        assert_eq!(
+            out.properties.as_ref().unwrap().content_encoding,
+            Some(Symbol::from("gzip"))
+        );
         let props = out.properties.as_ref().unwrap();
         assert_eq!(props.message_id, Some(MessageId::String(sent.id.clone())));
         assert_eq!(
@@ -362,6 +377,7 @@ mod tests {
             Some(&SimpleValue::String("text/x-mine".into()))
         );
         assert!(app.get("correlation_id").is_none(), "carried natively");
+        assert!(app.get("content_encoding").is_none(), "carried natively");
         assert_eq!(back.id, sent.id);
         assert_eq!(back.content_type, "application/json");
         assert_eq!(back.headers, headers);

@@ -19,6 +19,9 @@ pub mod names {
     pub const REPLY_TO: &str = "reply_to";
     /// An application-defined type name.
     pub const MESSAGE_TYPE: &str = "message_type";
+    /// How the body was encoded on top of its content type (`gzip`), as another
+    /// client may say it.
+    pub const CONTENT_ENCODING: &str = "content_encoding";
     /// `0..=9` or `"low"`, `"normal"`, `"high"`.
     pub const PRIORITY: &str = "priority";
     /// Per-message time to live in milliseconds.

@@ -193,6 +193,7 @@ pub async fn neutral_headers_round_trip(ctx: &TestContext) {
         ("reply_to", HeaderValue::from("app:replies")),
         ("content_type", HeaderValue::from("text/x-mine")),
         ("message_type", HeaderValue::from("order_shipped")),
+        ("content_encoding", HeaderValue::from("gzip")),
         ("priority", HeaderValue::from("high")),
         ("timestamp", HeaderValue::Int(1_700_000_000)),
     ]);
