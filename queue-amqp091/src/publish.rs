@@ -272,6 +272,25 @@ impl Publisher {
         if let Some(open) = self.open_channel(link) {
             return Ok(open);
         }
+        // A channel whose returns can no longer be paired is replaced, whenever it
+        // became so (a nack's replacement waits `RETIRE_EVERY`; this one cannot).
+        let tainted = {
+            let mut slot = lock(&self.channel);
+            match slot.as_ref() {
+                Some(current) if current.returns.is_tainted() => slot.take(),
+                _ => None,
+            }
+        };
+        if let Some(tainted) = tainted {
+            tracing::debug!(
+                channel = tainted.channel.id(),
+                "a publish was given up while being written; opening a new publishing channel"
+            );
+            self.close_once_confirmed(
+                tainted.channel.clone(),
+                "replaced: a publish was given up while written",
+            );
+        }
         let channel = link.connection.create_channel().await?;
         channel.confirm_select(Default::default()).await?;
         let open = Arc::new(PublishingChannel {
@@ -286,7 +305,10 @@ impl Publisher {
     /// The publishing channel, if it is on `link` and open.
     fn open_channel(&self, link: &Link) -> Option<Arc<PublishingChannel>> {
         let open = lock(&self.channel).clone()?;
-        (open.generation == link.generation && open.channel.status().connected()).then_some(open)
+        let usable = open.generation == link.generation
+            && open.channel.status().connected()
+            && !open.returns.is_tainted();
+        usable.then_some(open)
     }
 
     /// Where to publish: the link and its publishing channel (opened if there is
@@ -424,15 +446,20 @@ impl Publisher {
             }
         };
         let Some(old) = old else { return };
-        let old = old.channel.clone();
         tracing::debug!(
-            channel = old.id(),
+            channel = old.channel.id(),
             "publishing channel got a nack; opening a new one"
         );
+        self.close_once_confirmed(old.channel.clone(), "replaced after a nack");
+    }
+
+    /// Closes a publishing channel taken out of use once its confirms are in (at
+    /// most `publish_timeout`), so that the publishes still waiting on it get them.
+    fn close_once_confirmed(&self, old: Channel, why: &'static str) {
         let timeout = self.timeout;
         self.conn.tasks().spawn(async move {
             let _ = tokio::time::timeout(timeout, old.wait_for_confirms()).await;
-            let _ = old.close(200, "replaced after a nack".into()).await;
+            let _ = old.close(200, why.into()).await;
         });
     }
 }

@@ -26,13 +26,16 @@
 //! it once decided), so that publishes on two threads never sleep on each other.
 //!
 //! What cannot be told is said: a confirm that came with the return of an earlier
-//! publish leaves its own fate open (its return may still wait in lapin's queue), and
-//! so does a return whose message id two publishes in flight share; a publish given up
-//! while being written takes its confirm, and any return lapin gives it, with it. Those
+//! publish leaves its own fate open (its return may still wait in lapin's queue); so
+//! does a message id that another publish in flight had too (a return with it may be
+//! either's); and a publish given up while being written takes its confirm, and any
+//! return lapin gives it, with it, which leaves every later ack on the channel open
+//! ([`Pairing::is_tainted`]: the publisher then replaces the channel). Those
 //! publishes are [`Paired::Uncertain`]: not known to be stored, as after a lost
-//! confirm.
+//! confirm. A return whose publish is decided already (or given up) is dropped, so
+//! that a later publish of the same message cannot take it for its own.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,6 +93,9 @@ struct Numbering {
     writing: BTreeSet<u64>,
     /// Publishes in flight by message id: a return names its message by id only.
     by_id: HashMap<Arc<str>, Vec<u64>>,
+    /// Publishes whose message id another publish in flight had too while they were:
+    /// a return with that id may be any of theirs.
+    ambiguous: HashSet<u64>,
 }
 
 /// Confirms whose waker fired, in the order lapin completed them.
@@ -207,11 +213,12 @@ impl Pairing {
                 let seq = numbering.next_seq;
                 numbering.next_seq += 1;
                 numbering.writing.insert(seq);
-                numbering
-                    .by_id
-                    .entry(Arc::clone(&id))
-                    .or_default()
-                    .push(seq);
+                let twins = numbering.by_id.entry(Arc::clone(&id)).or_default();
+                twins.push(seq);
+                if twins.len() > 1 {
+                    let twins = twins.clone();
+                    numbering.ambiguous.extend(twins);
+                }
                 seq
             };
             ticket = Some(Ticket {
@@ -294,31 +301,37 @@ impl Pairing {
             return;
         };
         entry.confirm = None;
+        let numbering = lock(&self.numbering);
+        // A return with its own id is its own, unless its id is shared.
         let others = match &outcome {
             Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
-                unclaimed(r).filter(|r| *r.id != *entry.id)
+                unclaimed(r).filter(|r| *r.id != *entry.id || numbering.ambiguous.contains(&seq))
             }
             _ => None,
         };
-        let (read_at, others_return_of) = {
-            let numbering = lock(&self.numbering);
-            let owner = others
-                .as_ref()
-                .map(|r| match numbering.by_id.get(r.id.as_str()) {
-                    Some(seqs) if seqs.len() == 1 => Some(seqs[0]),
-                    _ => None,
-                });
-            (numbering.next_seq, owner)
-        };
+        // Whose it is: one publish in flight, alone with its id; else nobody it
+        // could be told to with certainty (those are told they are uncertain).
+        let owner = others
+            .as_ref()
+            .map(|r| match numbering.by_id.get(r.id.as_str()) {
+                Some(seqs) if seqs.len() == 1 && !numbering.ambiguous.contains(&seqs[0]) => {
+                    Some(seqs[0])
+                }
+                _ => None,
+            });
         entry.completed = Some(Completed {
             outcome,
-            read_at,
-            others_return_of,
+            read_at: numbering.next_seq,
+            others_return_of: owner,
         });
-        if let Some(other) = others {
+        drop(numbering);
+        if let (Some(other), Some(Some(_))) = (others, owner) {
             reading.unclaimed.push_back(other);
             if reading.unclaimed.len() > MOST_UNCLAIMED {
+                // Never with a window below this (each waits for a publish in
+                // flight); if it were, a publish could miss its return.
                 reading.unclaimed.pop_front();
+                self.tainted.store(true, Ordering::Release);
             }
         }
         reading.completed.insert(seq);
@@ -354,42 +367,32 @@ impl Pairing {
         let Some(completed) = entry.completed.take() else {
             return Ok(Paired::Uncertain);
         };
-        let id = Arc::clone(&entry.id);
-        let shared_id = lock(&self.numbering)
-            .by_id
-            .get(&id)
-            .is_some_and(|seqs| seqs.len() > 1);
+        // Its return, read from another publish's confirm, is its own to take
+        // whatever the outcome.
+        let claimed = match reading.unclaimed.iter().position(|u| *u.id == *entry.id) {
+            Some(at) => reading.unclaimed.remove(at),
+            None => None,
+        };
+        let ambiguous = lock(&self.numbering).ambiguous.contains(&seq);
         let outcome = completed.outcome?;
-        let claimed = reading.unclaimed.iter().position(|u| *u.id == *id);
-        if let (Confirmation::Ack(_), Some(at)) = (&outcome, claimed) {
-            if shared_id {
-                // Another publish in flight with this id may be the returned one: the
-                // return stays for it to see too.
-                return Ok(Paired::Uncertain);
-            }
-            if let Some(claimed) = reading.unclaimed.remove(at) {
-                return Ok(Paired::Returned {
-                    reply_code: claimed.reply_code,
-                    reply_text: claimed.reply_text,
-                });
-            }
+        if let (Confirmation::Ack(_), false, Some(claimed)) = (&outcome, ambiguous, claimed) {
+            return Ok(Paired::Returned {
+                reply_code: claimed.reply_code,
+                reply_text: claimed.reply_text,
+            });
         }
         Ok(match outcome {
             Confirmation::Nack(_) => Paired::Refused,
             Confirmation::NotRequested => Paired::NotRequested,
+            // A return with its id may be its twin's, and its own may be its twin's.
+            Confirmation::Ack(_) if ambiguous => Paired::Uncertain,
             Confirmation::Ack(Some(r)) if completed.others_return_of.is_none() => {
-                if shared_id {
-                    // Its twin's return, maybe: the twin is told the same.
-                    reading.unclaimed.extend(unclaimed(&r));
-                    Paired::Uncertain
-                } else {
-                    Paired::Returned {
-                        reply_code: r.reply_code,
-                        reply_text: r.reply_text.to_string(),
-                    }
+                Paired::Returned {
+                    reply_code: r.reply_code,
+                    reply_text: r.reply_text.to_string(),
                 }
             }
-            Confirmation::Ack(_) if self.tainted.load(Ordering::Acquire) => Paired::Uncertain,
+            Confirmation::Ack(_) if self.is_tainted() => Paired::Uncertain,
             // Its own return would have come before that later publish's, and been
             // taken (and read) before: it had none.
             Confirmation::Ack(Some(_)) if completed.others_return_of.flatten() > Some(seq) => {
@@ -401,10 +404,17 @@ impl Pairing {
         })
     }
 
+    /// Whether a publish given up while being written (or a return dropped) leaves
+    /// every ack on this channel uncertain: the channel is to be replaced.
+    pub(crate) fn is_tainted(&self) -> bool {
+        self.tainted.load(Ordering::Acquire)
+    }
+
     /// Forgets publish `seq` of message `id`: decided, or given up while written.
     fn forget(&self, seq: u64, id: &Arc<str>) {
         let mut numbering = lock(&self.numbering);
         numbering.writing.remove(&seq);
+        numbering.ambiguous.remove(&seq);
         if let Some(seqs) = numbering.by_id.get_mut(id) {
             seqs.retain(|s| *s != seq);
             if seqs.is_empty() {

@@ -285,6 +285,51 @@ async fn returns_are_paired_with_their_own_publishes() {
     driver.close().await.unwrap();
 }
 
+/// Two publishes in flight may share a message id (a publisher's own `message_id`):
+/// a return names only the id, so it may be either's. One to a deleted queue was
+/// reported stored when the other took its return (review). Neither is ever told
+/// anything certain that is false: the returned one is never `Ok`, the stored one
+/// never `NOT_FOUND`.
+async fn publishes_sharing_a_message_id_are_never_told_a_false_outcome() {
+    const ROUNDS: i64 = 30;
+    let driver = common::rabbit().await;
+    let (gone_name, gone) = declared_transient(&driver, "returned-twin").await;
+    delete(&gone_name).await;
+    let (live_name, live) = declared_transient(&driver, "stored-twin").await;
+    let (mut stored, mut uncertain) = (0, 0);
+    for round in 0..ROUNDS {
+        let twin = |n: i64| {
+            let mut message = numbered(n);
+            message.id = format!("twin-{round}");
+            message
+        };
+        let (to_gone, to_live) = within(
+            "two publishes of one message id",
+            futures_util::future::join(
+                driver.publish(&gone, twin(2 * round)),
+                driver.publish(&live, twin(2 * round + 1)),
+            ),
+        )
+        .await;
+        let err = to_gone.expect_err("a publish to a deleted queue was Ok");
+        assert!(err.is(ErrorKind::NotFound) || err.retryable(), "{err}");
+        match to_live {
+            Ok(()) => stored += 1,
+            Err(e) => {
+                assert!(!e.is(ErrorKind::NotFound), "a stored publish was told: {e}");
+                assert!(e.retryable(), "{e}");
+                uncertain += 1;
+            }
+        }
+    }
+    println!("stored {stored}, uncertain {uncertain}");
+    // Everything told stored is there (the uncertain ones may be too).
+    let held = driver.info(&live).await.unwrap().ready.unwrap();
+    assert!(held >= stored, "held {held}, told stored {stored}");
+    delete(&live_name).await;
+    driver.close().await.unwrap();
+}
+
 /// A classic queue counts no deliveries, so its `x-delivery-count` is only ever a
 /// publisher's: one another client set (a shovel copying it from a quorum queue) was
 /// read as the broker's on any redelivery, and the runtime's guard dead-lettered the
@@ -917,6 +962,7 @@ queue_testkit::broker_tests! {
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
         returns_are_paired_with_their_own_publishes,
+        publishes_sharing_a_message_id_are_never_told_a_false_outcome,
         a_classic_queues_delivery_count_is_a_publishers_header,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
         a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires,
