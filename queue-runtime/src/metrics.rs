@@ -207,6 +207,8 @@ pub async fn serve(
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(REQUEST_HEAD_TIMEOUT)
                         .keep_alive(false)
+                        // A client may close its side once its request is sent.
+                        .half_close(true)
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .without_shutdown();
                     let Ok(parts) = connection.await else { return };
@@ -246,11 +248,15 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Returns once the client has acknowledged everything written to `stream`, the end
-/// of the answer included: until then the kernel holds it, and the connection its
-/// slot. The kernel gives no signal for it, so it is looked at; the caller's time
-/// limit bounds the wait.
+/// of the answer included (until then the kernel holds it, and the connection its
+/// slot), or once the client reset the connection: then it never will. The kernel
+/// gives no signal for it, so it is looked at; the caller's time limit bounds the
+/// wait.
 async fn delivered(stream: &tokio::net::TcpStream) {
     while unacknowledged_bytes(stream) > 0 {
+        if !matches!(stream.take_error(), Ok(None)) {
+            return;
+        }
         tokio::time::sleep(DRAIN_LOOK_EVERY).await;
     }
 }
@@ -513,6 +519,77 @@ mod tests {
             .sum()
     }
 
+    /// A `/metrics` page of 2,000 series, about 200 KB, and its handle.
+    fn a_large_page() -> PrometheusHandle {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..2000 {
+                metrics::counter!("queue_test_padding_total", "label" => format!("{i:0>80}"))
+                    .increment(1);
+            }
+        });
+        handle
+    }
+
+    /// A client that closes its side once its request is sent (`nc -N`, a script
+    /// that sends and then reads) was cut off: hyper took the end of the request
+    /// stream for an error, and the connection was reset with the page half sent
+    /// (review). It gets the whole page.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_half_closes_gets_the_whole_page() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let handle = a_large_page();
+        let page = handle.render().len();
+        let port = queue_fixtures::free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let server = serve(addr, handle, crate::health::Readiness::default())
+            .await
+            .unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the answer within 10 s");
+        read.expect("the whole answer, not a reset");
+        assert!(
+            answer.len() > page,
+            "{} bytes of a {page}-byte page",
+            answer.len()
+        );
+        server.abort();
+    }
+
+    /// A client that closed with its answer unread (a reset) will never acknowledge
+    /// the rest: its connection gave its slot back only at the 10 s limit (review).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_connection_reset_by_its_client_is_not_waited_for() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(1).unwrap();
+        let client = client.connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        // As much as the kernel takes; the client reads none of it.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            server.write_all(&vec![b'x'; 300_000]),
+        )
+        .await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(2), delivered(&server))
+            .await
+            .expect("delivered() ended once the client reset");
+    }
+
     /// Clients that send `GET /metrics` and never read: hyper handed the whole page
     /// to the kernel and closed the socket, which freed the connection's slot while
     /// the kernel kept the page for the client (about 0.5 MB each for a 200 KB page):
@@ -524,14 +601,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clients_that_never_read_cannot_pin_the_kernels_memory() {
         use tokio::io::AsyncWriteExt;
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            for i in 0..2000 {
-                metrics::counter!("queue_test_padding_total", "label" => format!("{i:0>80}"))
-                    .increment(1);
-            }
-        });
+        let handle = a_large_page();
         let page = handle.render().len();
         assert!(page > 200_000, "{page} bytes");
         let port = queue_fixtures::free_port();
