@@ -160,9 +160,10 @@ impl Error {
     }
 
     /// The error that ended a batch publish, with how far the batch got: details
-    /// `confirmed` (messages known to be published) and `batch_size`, so that a
-    /// caller retries only the rest instead of publishing the first ones twice. A
-    /// batch of one is left as it is.
+    /// `confirmed` (how many of its messages are known to be published: a count, not
+    /// which ones, as pipelined publishes complete in any order) and `batch_size`. A
+    /// caller that publishes the batch again duplicates `confirmed` of them. A batch
+    /// of one is left as it is.
     ///
     /// ```
     /// use queue_core::{Error, ErrorKind};

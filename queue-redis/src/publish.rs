@@ -78,11 +78,18 @@ pub(crate) async fn publish_batch(
             .run(what, |mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         if replies.len() != messages.len() || replies.iter().any(|r| matches!(r, Value::Nil)) {
-            return Err(gone(what, &declared.spec.id));
+            let added = replies.iter().filter(|r| !matches!(r, Value::Nil)).count();
+            return Err(gone(what, &declared.spec.id).in_batch(added, messages.len()));
         }
         Ok(())
     };
-    within(link, what, sent).await
+    // A pipeline that failed or timed out as a whole: none is known added.
+    within(link, what, sent)
+        .await
+        .map_err(|e| match e.details().contains_key("batch_size") {
+            true => e,
+            false => e.in_batch(0, messages.len()),
+        })
 }
 
 async fn within<T>(
