@@ -571,11 +571,29 @@ fn never_a_queue(resource: &queue_core::security::Pattern, namespace: &str) -> O
             "{shown:?} is no queue id, which is always `namespace:name`: write `{namespace}:{shown}` (or a prefix such as `{namespace}:*`)"
         ));
     }
-    // A prefix needs only to start some id, which any text without whitespace does.
-    let refused = exact
-        .then(|| queue_core::QueueId::parse(text).err())
-        .flatten();
-    refused.map(|e| format!("{shown:?} matches no queue: {}", e.message()))
+    if exact {
+        let refused = queue_core::QueueId::parse(text).err();
+        return refused.map(|e| format!("{shown:?} matches no queue: {}", e.message()));
+    }
+    // A prefix needs only to start some id: any text without whitespace does, but
+    // one with an empty namespace, or with no room left for a name.
+    if text.starts_with(':') {
+        return Some(format!(
+            "{shown:?} matches no queue: a queue id needs a non-empty namespace before its `:`"
+        ));
+    }
+    let shortest_id = if text.contains(':') {
+        text.len() + 1
+    } else {
+        text.len() + 2
+    };
+    (shortest_id > queue_core::QueueId::MAX_LEN).then(|| {
+        format!(
+            "{shown:?} matches no queue: a queue id is at most {} bytes, and none starts with these {} bytes",
+            queue_core::QueueId::MAX_LEN,
+            text.len()
+        )
+    })
 }
 
 fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
@@ -780,6 +798,20 @@ mod tests {
                 "actions: queue.info\n    resources: [\"app:ok\", \"app:*-prod*\"]",
                 "resources",
                 "only at the end",
+            ),
+            // A prefix no id starts with: an empty namespace, or past 255 bytes.
+            (
+                "actions: queue.publish.queue\n    resources: \":secret*\"",
+                "resources",
+                "empty namespace",
+            ),
+            (
+                &format!(
+                    "actions: queue.publish.queue\n    resources: \"app:{}*\"",
+                    "x".repeat(300)
+                ),
+                "resources",
+                "255 bytes",
             ),
         ] {
             let e = single_error(&format!(
