@@ -236,7 +236,7 @@ fn odd_messages_from_a_proton_client_are_handled_or_dead_lettered() {
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(60));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    seen.extend(lines.try_iter());
+    seen.extend(rest_of_lines(&lines));
     let logs = parse(&seen);
     let context = seen.join("\n");
     let handled = lua_logs(&logs, "Handled");

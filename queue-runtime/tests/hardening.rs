@@ -397,7 +397,7 @@ function work(p) logger:info("Worked", { n = p.n }) end
         stopping.elapsed()
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let rest: Vec<String> = lines.try_iter().collect();
+    let rest = rest_of_lines(&lines);
     // The spinning handler yields in time slices, so shutdown ends it at its
     // stop_timeout like any other and its message goes back to the queue.
     let abandoned: Vec<&String> = rest
@@ -446,7 +446,7 @@ fn sighup_stops_gracefully() {
         "{}",
         text(&out.stdout)
     );
-    let rest: Vec<String> = lines.try_iter().collect();
+    let rest = rest_of_lines(&lines);
     assert!(
         rest.iter().any(|l| l.contains("SIGHUP")),
         "{}",
@@ -570,7 +570,6 @@ fn raw_request(port: u16, parts: &[&str]) -> String {
     response.lines().next().unwrap_or("").to_string()
 }
 
-/// An app with one consumer whose handler does nothing: enough for the metrics server.
 /// A SIGTERM while a handler computes without yielding: the worker thread sees the stop
 /// and its runners' end at once, and picked either; taking the runners' end, it logged
 /// an ERROR that the subscription had ended, on a clean stop (3 runs in 4, review).
@@ -591,7 +590,7 @@ fn a_stop_while_a_handler_computes_logs_no_ended_subscription() {
         let mut seen = wait_for_line(&lines, "Computing");
         signal(&child, "TERM");
         let out = wait_with_timeout(child, Duration::from_secs(30));
-        seen.extend(lines.try_iter());
+        seen.extend(rest_of_lines(&lines));
         let said = seen.join("\n");
         assert!(out.status.success(), "{said}");
         assert!(!said.contains("subscription ended"), "{said}");
@@ -623,7 +622,7 @@ fn a_stop_under_an_address_space_limit_still_ends_cleanly() {
     assert!(set.success(), "prlimit failed");
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(30));
-    seen.extend(lines.try_iter());
+    seen.extend(rest_of_lines(&lines));
     let said = seen.join("\n");
     assert!(out.status.success(), "{:?}: {said}", out.status);
     let summary = text(&out.stdout);
@@ -633,6 +632,7 @@ fn a_stop_under_an_address_space_limit_still_ends_cleanly() {
     );
 }
 
+/// An app with one consumer whose handler does nothing: enough for the metrics server.
 fn noop_consumer_app() -> tempfile::TempDir {
     app(&[
         (

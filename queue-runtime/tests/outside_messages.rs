@@ -219,7 +219,7 @@ fn outside_messages_are_retried_then_dead_lettered_never_spun() {
             seen.push(line);
         }
         stop_cleanly(child, name);
-        seen.extend(lines.try_iter());
+        seen.extend(rest_of_lines(&lines));
         let logs = json_lines(&seen);
         let context = format!("{name}:\n{}", seen.join("\n"));
 

@@ -593,7 +593,7 @@ fn a_message_pika_published_with_a_traceparent_continues_its_trace() {
     signal(&child, "TERM");
     let out = wait_with_timeout(child, RUN_LIMIT);
     assert!(out.status.success(), "{}", seen.join("\n"));
-    seen.extend(lines.try_iter());
+    seen.extend(rest_of_lines(&lines));
 
     let name = "app:jobs process".to_string();
     let spans = receiver.until("the handler's span", |s| s.iter().any(|s| s.name == name));

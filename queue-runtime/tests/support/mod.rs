@@ -363,6 +363,18 @@ pub fn spawn_with_lines_and_env(
     (Spawned::from(child), rx)
 }
 
+/// The lines still to come from a runtime that has exited: read until its stderr
+/// ends (each line within [`PIPE_GRACE`], as a process it left behind may hold the
+/// pipe open). `try_iter` would take only those the reader thread had passed on
+/// yet, and a test that looks for a line's absence would pass without the last ones.
+pub fn rest_of_lines(lines: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(PIPE_GRACE) {
+        rest.push(line);
+    }
+    rest
+}
+
 /// Reads lines until one contains `needle` (bounded: fails after 30 s); returns the
 /// lines read.
 pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
