@@ -170,7 +170,7 @@ impl FailurePath {
             if self.driver.capabilities().delay {
                 retry
                     .headers
-                    .insert(names::DELAY, HeaderValue::Int(wait.as_millis() as i64));
+                    .insert(names::DELAY, HeaderValue::Int(delay_millis(wait)));
             } else if !self.hold(wait).await {
                 return self.give_back(delivery, Duration::ZERO).await;
             } else if delivery.is_lost() {
@@ -189,7 +189,7 @@ impl FailurePath {
             let mut kept = copy.clone();
             if self.driver.capabilities().delay {
                 kept.headers
-                    .insert(names::DELAY, HeaderValue::Int(longest.as_millis() as i64));
+                    .insert(names::DELAY, HeaderValue::Int(delay_millis(longest)));
             } else if !self.hold(longest).await {
                 return self.give_back(delivery, Duration::ZERO).await;
             } else if delivery.is_lost() {
@@ -358,6 +358,13 @@ pub fn rfc3339_now() -> String {
 
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// A wait as a `delay` header: at most the longest delay a broker carries (a
+/// `Backoff` may be capped at `Duration::MAX`, which as an i64 of milliseconds was -1).
+fn delay_millis(wait: Duration) -> i64 {
+    let ms = wait.as_millis().min(u128::from(crate::MAX_MILLIS));
+    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -316,3 +316,26 @@ async fn a_message_that_cannot_move_never_comes_back_at_once() {
         "given back after {waited:?}"
     );
 }
+
+/// A backoff capped at `Duration::MAX` ("wait as long as it takes"): its wait was cast
+/// to an i64 number of milliseconds, -1, and the retry copy was refused as `INVALID`,
+/// so the message was dead-lettered at its first failure (review). The copy waits the
+/// longest delay a broker carries instead.
+#[tokio::test(start_paused = true)]
+async fn a_backoff_without_a_cap_retries_at_the_longest_delay() {
+    let (driver, mut path, queue, _dlq) = world().await;
+    path.retry.max_attempts = 100;
+    path.retry.backoff = Backoff::new(Duration::from_secs(1), 2.0, Duration::MAX);
+    publish_with(&driver, &queue, &[(names::ATTEMPTS, HeaderValue::Int(80))]).await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let failing = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&failing, "still broken").await.unwrap(),
+        Disposition::Retried
+    );
+    let info = driver.info(&queue).await.unwrap();
+    assert_eq!(info.delayed, Some(1), "{info:?}");
+}

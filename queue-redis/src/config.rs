@@ -117,6 +117,15 @@ impl RedisConfig {
                 "must be at least 10s (a consumer renews its lease between reads that wait up to 2s)",
             ));
         }
+        if self.consumer_timeout.as_millis() > u128::from(queue_core::MAX_MILLIS) {
+            // A lease is a Redis key's expiry in milliseconds, which Redis refuses
+            // past its range: `Duration::MAX` from Rust made every consume fail.
+            return Err(field_error(
+                KIND,
+                "consumer_timeout",
+                "must be at most 4294967295ms (about 49 days): it is how long a dead consumer's messages wait before another takes them",
+            ));
+        }
         Ok(())
     }
 
@@ -200,6 +209,11 @@ mod tests {
             "url": "redis://h", "consumer_timeout": "10s"
         }));
         assert!(c.is_ok(), "{c:?}");
+        // From Rust, `Duration::MAX`: Redis refuses a key's expiry that long.
+        let mut endless = RedisConfig::new("redis://h");
+        endless.consumer_timeout = Duration::MAX;
+        let err = endless.validate().unwrap_err();
+        assert_eq!(err.details()["field"], "consumer_timeout");
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl Link {
                 Err(e) if is_connection_error(&e) => {
                     failures += 1;
                     let wait = self.backoff(failures);
-                    if tokio::time::Instant::now() + wait > deadline {
+                    if queue_core::deadline_after(wait) > deadline {
                         return Err(from_redis(what, e));
                     }
                     tracing::debug!(error = %e, ?wait, "redis: {what} failed; trying again");
