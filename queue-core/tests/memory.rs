@@ -11,6 +11,17 @@ fn id() -> QueueId {
     QueueId::parse("mem:q").unwrap()
 }
 
+/// The number of the next message a new consumer takes, acked.
+async fn take_one(driver: &MemoryDriver) -> i64 {
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let delivery = next(&mut sub).await;
+    delivery.ack().await.unwrap();
+    number_of(&delivery)
+}
+
 async fn driver_with_full_queue(max_length: u64, timeout: Duration) -> MemoryDriver {
     let driver = MemoryDriver::with_config(MemoryConfig {
         publish_timeout: timeout,
@@ -123,13 +134,7 @@ async fn expired_messages_are_not_delivered() {
     driver.publish(&id(), short).await.unwrap();
     driver.publish(&id(), numbered(2)).await.unwrap();
     tokio::time::advance(Duration::from_millis(5)).await;
-    let mut sub = driver
-        .consume(&id(), ConsumeOptions::default())
-        .await
-        .unwrap();
-    let d = next(&mut sub).await;
-    assert_eq!(number_of(&d), 2);
-    d.ack().await.unwrap();
+    assert_eq!(take_one(&driver).await, 2);
 }
 
 /// A delayed message's time to live starts when it enters the queue, as on RabbitMQ:
@@ -182,13 +187,7 @@ async fn expired_messages_make_room_without_a_consumer() {
     );
     let info = driver.info(&id()).await.unwrap();
     assert_eq!(info.ready, Some(1), "{info:?}");
-    let mut sub = driver
-        .consume(&id(), ConsumeOptions::default())
-        .await
-        .unwrap();
-    let d = next(&mut sub).await;
-    assert_eq!(number_of(&d), 9);
-    d.ack().await.unwrap();
+    assert_eq!(take_one(&driver).await, 9);
 }
 
 /// A publisher that began to wait for room before the messages at the head expired
@@ -395,13 +394,7 @@ async fn the_longest_durations_wait_for_ever_instead_of_panicking() {
     )
     .await
     .unwrap();
-    let mut sub = driver
-        .consume(&id(), ConsumeOptions::default())
-        .await
-        .unwrap();
-    let d = next(&mut sub).await;
-    assert_eq!(number_of(&d), 1);
-    d.ack().await.unwrap();
+    assert_eq!(take_one(&driver).await, 1);
 }
 
 /// A batch that fails part way says how far it got: before, the first messages were
