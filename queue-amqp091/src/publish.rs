@@ -305,9 +305,12 @@ impl Publisher {
     /// The publishing channel, if it is on `link` and open.
     fn open_channel(&self, link: &Link) -> Option<Arc<PublishingChannel>> {
         let open = lock(&self.channel).clone()?;
-        let usable = open.generation == link.generation
-            && open.channel.status().connected()
-            && !open.returns.is_tainted();
+        // A tainted channel is replaced, but not while the broker blocks the
+        // connection (a resource alarm): no channel opens then, and each open given up
+        // at its caller's timeout kept its channel number until the alarm ended.
+        let replace = open.returns.is_tainted() && !link.connection.status().blocked();
+        let usable =
+            open.generation == link.generation && open.channel.status().connected() && !replace;
         usable.then_some(open)
     }
 
@@ -403,7 +406,7 @@ impl Publisher {
                 what()
             ))),
             Ok(Paired::Uncertain) => Err(Error::internal(format!(
-                "{}: the broker returned a message as unroutable, and whether it was message {id} cannot be told (its confirm came with another message's return, or beside a publish given up); message {id} is not known to be stored",
+                "{}: the broker returned a message as unroutable, and whether it was message {id} cannot be told (its confirm came with another message's return, a return with its id may be another publish's of the same id, or a publish beside it was given up); message {id} is not known to be stored",
                 what()
             ))),
             Ok(Paired::Refused) => {
@@ -459,7 +462,8 @@ impl Publisher {
         let timeout = self.timeout;
         self.conn.tasks().spawn(async move {
             let _ = tokio::time::timeout(timeout, old.wait_for_confirms()).await;
-            let _ = old.close(200, why.into()).await;
+            let closing = old.close(200, why.into());
+            let _ = tokio::time::timeout(crate::connection::CLOSE_TIMEOUT, closing).await;
         });
     }
 }

@@ -27,8 +27,8 @@
 //!
 //! What cannot be told is said: a confirm that came with the return of an earlier
 //! publish leaves its own fate open (its return may still wait in lapin's queue); so
-//! does a message id that another publish in flight had too (a return with it may be
-//! either's); and a publish given up while being written takes its confirm, and any
+//! does a return read with a message id that another publish in flight had too (it
+//! may be either's: each is told so); and a publish given up while being written takes its confirm, and any
 //! return lapin gives it, with it, which leaves every later ack on the channel open
 //! ([`Pairing::is_tainted`]: the publisher then replaces the channel). Those
 //! publishes are [`Paired::Uncertain`]: not known to be stored, as after a lost
@@ -96,6 +96,9 @@ struct Numbering {
     /// Publishes whose message id another publish in flight had too while they were:
     /// a return with that id may be any of theirs.
     ambiguous: HashSet<u64>,
+    /// Publishes a return was read for that cannot be told to be theirs (their id is
+    /// ambiguous): each may be the returned one.
+    contested: HashSet<u64>,
 }
 
 /// Confirms whose waker fired, in the order lapin completed them.
@@ -154,7 +157,8 @@ struct Completed {
 
 /// A return read from another publish's confirm.
 struct Unclaimed {
-    id: String,
+    /// The publish it is: the one in flight with its message id, alone.
+    owner: u64,
     reply_code: u16,
     reply_text: String,
 }
@@ -301,31 +305,47 @@ impl Pairing {
             return;
         };
         entry.confirm = None;
-        let numbering = lock(&self.numbering);
+        let mut numbering = lock(&self.numbering);
         // A return with its own id is its own, unless its id is shared.
         let others = match &outcome {
             Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
-                unclaimed(r).filter(|r| *r.id != *entry.id || numbering.ambiguous.contains(&seq))
+                returned_id(r).filter(|id| **id != *entry.id || numbering.ambiguous.contains(&seq))
             }
             _ => None,
         };
-        // Whose it is: one publish in flight, alone with its id; else nobody it
-        // could be told to with certainty (those are told they are uncertain).
+        // Whose it is: one publish in flight, alone with its id; else any of those
+        // with its id, each then told it is uncertain.
         let owner = others
             .as_ref()
-            .map(|r| match numbering.by_id.get(r.id.as_str()) {
+            .map(|id| match numbering.by_id.get(id.as_str()) {
                 Some(seqs) if seqs.len() == 1 && !numbering.ambiguous.contains(&seqs[0]) => {
                     Some(seqs[0])
                 }
-                _ => None,
+                Some(seqs) => {
+                    let seqs = seqs.clone();
+                    numbering.contested.extend(seqs);
+                    None
+                }
+                None => None,
             });
+        let read_at = numbering.next_seq;
+        drop(numbering);
+        let claim = match (&outcome, owner) {
+            (Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))), Some(Some(owner))) => {
+                Some(Unclaimed {
+                    owner,
+                    reply_code: r.reply_code,
+                    reply_text: r.reply_text.to_string(),
+                })
+            }
+            _ => None,
+        };
         entry.completed = Some(Completed {
             outcome,
-            read_at: numbering.next_seq,
+            read_at,
             others_return_of: owner,
         });
-        drop(numbering);
-        if let (Some(other), Some(Some(_))) = (others, owner) {
+        if let Some(other) = claim {
             reading.unclaimed.push_back(other);
             if reading.unclaimed.len() > MOST_UNCLAIMED {
                 // Never with a window below this (each waits for a publish in
@@ -369,13 +389,13 @@ impl Pairing {
         };
         // Its return, read from another publish's confirm, is its own to take
         // whatever the outcome.
-        let claimed = match reading.unclaimed.iter().position(|u| *u.id == *entry.id) {
+        let claimed = match reading.unclaimed.iter().position(|u| u.owner == seq) {
             Some(at) => reading.unclaimed.remove(at),
             None => None,
         };
-        let ambiguous = lock(&self.numbering).ambiguous.contains(&seq);
+        let contested = lock(&self.numbering).contested.contains(&seq);
         let outcome = completed.outcome?;
-        if let (Confirmation::Ack(_), false, Some(claimed)) = (&outcome, ambiguous, claimed) {
+        if let (Confirmation::Ack(_), Some(claimed)) = (&outcome, claimed) {
             return Ok(Paired::Returned {
                 reply_code: claimed.reply_code,
                 reply_text: claimed.reply_text,
@@ -384,8 +404,8 @@ impl Pairing {
         Ok(match outcome {
             Confirmation::Nack(_) => Paired::Refused,
             Confirmation::NotRequested => Paired::NotRequested,
-            // A return with its id may be its twin's, and its own may be its twin's.
-            Confirmation::Ack(_) if ambiguous => Paired::Uncertain,
+            // A return with its id was read, and it may be its twin's.
+            Confirmation::Ack(_) if contested => Paired::Uncertain,
             Confirmation::Ack(Some(r)) if completed.others_return_of.is_none() => {
                 Paired::Returned {
                     reply_code: r.reply_code,
@@ -415,6 +435,7 @@ impl Pairing {
         let mut numbering = lock(&self.numbering);
         numbering.writing.remove(&seq);
         numbering.ambiguous.remove(&seq);
+        numbering.contested.remove(&seq);
         if let Some(seqs) = numbering.by_id.get_mut(id) {
             seqs.retain(|s| *s != seq);
             if seqs.is_empty() {
@@ -424,12 +445,8 @@ impl Pairing {
     }
 }
 
-fn unclaimed(r: &BasicReturnMessage) -> Option<Unclaimed> {
-    Some(Unclaimed {
-        id: r.properties.message_id().as_ref()?.to_string(),
-        reply_code: r.reply_code,
-        reply_text: r.reply_text.to_string(),
-    })
+fn returned_id(r: &BasicReturnMessage) -> Option<String> {
+    Some(r.properties.message_id().as_ref()?.to_string())
 }
 
 impl Ticket<'_> {

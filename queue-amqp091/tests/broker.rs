@@ -326,6 +326,19 @@ async fn publishes_sharing_a_message_id_are_never_told_a_false_outcome() {
     // Everything told stored is there (the uncertain ones may be too).
     let held = driver.info(&live).await.unwrap().ready.unwrap();
     assert!(held >= stored, "held {held}, told stored {stored}");
+    // Where no return is read, a shared id costs nothing: a batch of one message
+    // twice is stored, said so (each was told uncertain until the review).
+    let twice = || {
+        let mut message = numbered(0);
+        message.id = "twice".to_string();
+        message
+    };
+    within(
+        "a batch of one message twice",
+        driver.publish_batch(&live, vec![twice(), twice()]),
+    )
+    .await
+    .expect("stored, and said so");
     delete(&live_name).await;
     driver.close().await.unwrap();
 }
