@@ -406,7 +406,7 @@ impl Publisher {
                 what()
             ))),
             Ok(Paired::Uncertain) => Err(Error::internal(format!(
-                "{}: the broker returned a message as unroutable, and whether it was message {id} cannot be told (its confirm came with another message's return, a return with its id may be another publish's of the same id, or a publish beside it was given up); message {id} is not known to be stored",
+                "{}: whether the broker returned message {id} as unroutable cannot be told (its confirm came with another message's return, a return with its id may be another publish's of the same id, or a publish beside it was given up while being written); message {id} is not known to be stored",
                 what()
             ))),
             Ok(Paired::Refused) => {

@@ -106,8 +106,8 @@ struct Numbering {
 struct Woken {
     queue: Mutex<VecDeque<u64>>,
     /// A publish is reading: it will read what is queued, and wake each publish it
-    /// decides, so the waker does not wake the confirm's own publish as well (a
-    /// second wake of a thread per publish cost about 3 µs of CPU).
+    /// decides, so the waker does not wake the confirm's own publish as well (which
+    /// would find the reading taken, and wait for the reader's wake anyway).
     reader_at_work: AtomicBool,
 }
 
