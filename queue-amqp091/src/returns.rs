@@ -19,7 +19,9 @@
 //!   of a later publish, had its own return (if any) taken before by a confirm
 //!   completed earlier, which is read before it is decided;
 //! * a publish begun before another's confirm was read, and still being written (its
-//!   confirm not in hand: lapin may have completed it), holds that decision back.
+//!   confirm not in hand: lapin may have completed it), holds that decision back; it
+//!   takes its delivery tag under lapin's lock of acks, so every confirm lapin
+//!   completed in the same ack as that confirm is queued before it is handed over.
 //!
 //! One publish at a time reads and decides, for all: the others do not wait for it
 //! (a publish that finds the reading taken leaves its confirm to the reader, who wakes
@@ -28,12 +30,14 @@
 //! What cannot be told is said: a confirm that came with the return of an earlier
 //! publish leaves its own fate open (its return may still wait in lapin's queue); so
 //! does a return read with a message id that another publish in flight had too (it
-//! may be either's: each is told so); and a publish given up while being written takes its confirm, and any
-//! return lapin gives it, with it, which leaves every later ack on the channel open
-//! ([`Pairing::is_tainted`]: the publisher then replaces the channel). Those
-//! publishes are [`Paired::Uncertain`]: not known to be stored, as after a lost
-//! confirm. A return whose publish is decided already (or given up) is dropped, so
-//! that a later publish of the same message cannot take it for its own.
+//! may be either's: each is told so); and a publish given up while being written
+//! takes its confirm, and any return lapin gives it, with it, which leaves every later
+//! ack on the channel open ([`Pairing::is_tainted`]: the publisher then replaces the
+//! channel). Those publishes are [`Paired::Uncertain`]: not known to be stored, as
+//! after a lost confirm. The message id of a publish told uncertain (or given up)
+//! stays marked until lapin's queue of returns is seen empty: its own return may still
+//! come, and a later publish of the same id, or a publish that took that return, is
+//! then told uncertain rather than returned or stored.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -99,6 +103,12 @@ struct Numbering {
     /// Publishes a return was read for that cannot be told to be theirs (their id is
     /// ambiguous): each may be the returned one.
     contested: HashSet<u64>,
+    /// Message ids of publishes decided uncertain or given up, whose own return may
+    /// still come, with the number they were marked at: a later publish of the same id
+    /// must not take that return for its own, nor another publish's decision rest on
+    /// it. Cleared once a confirm numbered after it comes with no return (lapin's
+    /// queue of returns was empty then).
+    orphans: HashMap<Arc<str>, u64>,
 }
 
 /// Confirms whose waker fired, in the order lapin completed them.
@@ -223,6 +233,9 @@ impl Pairing {
                     let twins = twins.clone();
                     numbering.ambiguous.extend(twins);
                 }
+                if numbering.orphans.contains_key(&id) {
+                    numbering.ambiguous.insert(seq);
+                }
                 seq
             };
             ticket = Some(Ticket {
@@ -315,9 +328,15 @@ impl Pairing {
         };
         // Whose it is: one publish in flight, alone with its id; else any of those
         // with its id, each then told it is uncertain.
-        let owner = others
-            .as_ref()
-            .map(|id| match numbering.by_id.get(id.as_str()) {
+        let owner = others.as_ref().map(|id| {
+            let orphaned = numbering.orphans.remove(id.as_str()).is_some();
+            match numbering.by_id.get(id.as_str()) {
+                // Perhaps the late return of a publish decided already.
+                Some(seqs) if orphaned => {
+                    let seqs = seqs.clone();
+                    numbering.contested.extend(seqs);
+                    None
+                }
                 Some(seqs) if seqs.len() == 1 && !numbering.ambiguous.contains(&seqs[0]) => {
                     Some(seqs[0])
                 }
@@ -327,7 +346,8 @@ impl Pairing {
                     None
                 }
                 None => None,
-            });
+            }
+        });
         let read_at = numbering.next_seq;
         drop(numbering);
         let claim = match (&outcome, owner) {
@@ -372,6 +392,9 @@ impl Pairing {
             reading.completed.remove(&seq);
             let decided = self.decide(reading, seq);
             if let Some(entry) = reading.entries.remove(&seq) {
+                if matches!(decided, Ok(Paired::Uncertain)) {
+                    self.orphan(&entry.id);
+                }
                 self.forget(seq, &entry.id);
                 *lock(&entry.slot.decided) = Some(decided);
                 entry.slot.owner.wake();
@@ -387,6 +410,13 @@ impl Pairing {
         let Some(completed) = entry.completed.take() else {
             return Ok(Paired::Uncertain);
         };
+        if let Ok(Confirmation::Ack(None) | Confirmation::Nack(None)) = &completed.outcome {
+            // lapin's queue of returns was empty when it completed: any late return
+            // of a publish orphaned before this one was numbered has been read.
+            lock(&self.numbering)
+                .orphans
+                .retain(|_, marked_at| *marked_at > seq);
+        }
         // Its return, read from another publish's confirm, is its own to take
         // whatever the outcome.
         let claimed = match reading.unclaimed.iter().position(|u| u.owner == seq) {
@@ -428,6 +458,13 @@ impl Pairing {
     /// every ack on this channel uncertain: the channel is to be replaced.
     pub(crate) fn is_tainted(&self) -> bool {
         self.tainted.load(Ordering::Acquire)
+    }
+
+    /// Marks message `id` as one whose return may still come for nobody in flight.
+    fn orphan(&self, id: &Arc<str>) {
+        let mut numbering = lock(&self.numbering);
+        let marked_at = numbering.next_seq;
+        numbering.orphans.insert(Arc::clone(id), marked_at);
     }
 
     /// Forgets publish `seq` of message `id`: decided, or given up while written.
@@ -478,6 +515,7 @@ impl Drop for Ticket<'_> {
             return;
         }
         self.pairing.tainted.store(true, Ordering::Release);
+        self.pairing.orphan(&self.id);
         self.pairing.forget(self.seq, &self.id);
         // Publishes that waited for this one to be written can be decided now: a
         // reader at work looks again once it sees something queued.
