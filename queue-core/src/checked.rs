@@ -58,12 +58,18 @@ impl Driver for Checked {
         self.inner.publish(queue, message).await
     }
 
+    /// An error says how far the batch got ([`crate::Error::in_batch`]): none of it,
+    /// when it was refused before anything was sent.
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
-        let caps = self.capabilities();
+        let (caps, total) = (self.capabilities(), messages.len());
         for message in &messages {
-            refuse_unsupported_headers(self.name(), &caps, message)?;
+            refuse_unsupported_headers(self.name(), &caps, message)
+                .map_err(|e| e.in_batch(0, total))?;
         }
-        self.inner.publish_batch(queue, messages).await
+        self.inner
+            .publish_batch(queue, messages)
+            .await
+            .map_err(|e| e.in_batch(0, total))
     }
 
     async fn consume(

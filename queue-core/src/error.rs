@@ -163,16 +163,20 @@ impl Error {
     /// `confirmed` (how many of its messages are known to be published: a count, not
     /// which ones, as pipelined publishes complete in any order) and `batch_size`. A
     /// caller that publishes the batch again duplicates `confirmed` of them. A batch
-    /// of one is left as it is.
+    /// of one is left as it is, and so is an error that says it already (a layer
+    /// above the driver adds `in_batch(0, n)` to what was refused before sending).
     ///
     /// ```
     /// use queue_core::{Error, ErrorKind};
     /// let e = Error::new(ErrorKind::Internal, "queue full").in_batch(2, 5);
     /// assert_eq!(e.details().get("confirmed").map(String::as_str), Some("2"));
     /// assert_eq!(e.details().get("batch_size").map(String::as_str), Some("5"));
+    /// // Said once, by whoever knew: a layer above leaves it as it is.
+    /// let e = e.in_batch(0, 5);
+    /// assert_eq!(e.details().get("confirmed").map(String::as_str), Some("2"));
     /// ```
     pub fn in_batch(self, confirmed: usize, batch_size: usize) -> Self {
-        if batch_size <= 1 {
+        if batch_size <= 1 || self.details.contains_key("batch_size") {
             return self;
         }
         self.with_detail("confirmed", confirmed.to_string())

@@ -86,10 +86,7 @@ pub(crate) async fn publish_batch(
     // A pipeline that failed or timed out as a whole: none is known added.
     within(link, what, sent)
         .await
-        .map_err(|e| match e.details().contains_key("batch_size") {
-            true => e,
-            false => e.in_batch(0, messages.len()),
-        })
+        .map_err(|e| e.in_batch(0, messages.len()))
 }
 
 async fn within<T>(
