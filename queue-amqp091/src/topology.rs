@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, MAX_SHORT_STRING_LENGTH, ShortString};
 use queue_core::{Error, ErrorKind, QueueId, QueueInfo, QueueSpec, QueueType, Result};
 
 use crate::connection::Link;
@@ -88,7 +88,7 @@ impl Topology {
         queue_name(&spec.name)?;
         let longest_delay_queue = format!("{}.delay.{LONGEST_DELAY_MS}", spec.name);
         if ShortString::try_new(longest_delay_queue.as_str()).is_err() {
-            let room = 255 - (longest_delay_queue.len() - spec.name.len());
+            let room = MAX_SHORT_STRING_LENGTH - (longest_delay_queue.len() - spec.name.len());
             return Err(Error::invalid(format!(
                 "queue name {:?}... is {} bytes: its delay queues (`NAME.delay.MILLISECONDS`, which retries go through) need it to be at most {room}",
                 spec.name.chars().take(40).collect::<String>(),
@@ -362,7 +362,7 @@ async fn passive(link: &Link, name: &str, what: &str) -> Result<Option<(u64, u64
 pub(crate) fn queue_name(name: &str) -> Result<ShortString> {
     ShortString::try_new(name).map_err(|_| {
         Error::invalid(format!(
-            "queue name {:?}... is longer than AMQP's 255 bytes",
+            "queue name {:?}... is longer than AMQP's {MAX_SHORT_STRING_LENGTH} bytes",
             name.chars().take(40).collect::<String>()
         ))
     })
