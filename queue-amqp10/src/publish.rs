@@ -220,6 +220,10 @@ impl SendTask {
                         None => break,
                     },
                     _ = closed.wait_for(|c| *c) => break,
+                    () = session_ended(&mut self.link) => {
+                        self.drop_lost_link();
+                        continue;
+                    }
                 },
             };
             if request.reply.is_closed() {
@@ -233,6 +237,13 @@ impl SendTask {
                 _ = closed.wait_for(|c| *c) => {
                     let _ = request.reply.send(Err(crate::error::closed("publish")));
                     break;
+                }
+                // The slots may be held by outcomes lost with the session: they come
+                // back once its link is dropped.
+                () = session_ended(&mut self.link) => {
+                    self.drop_lost_link();
+                    retry = Some(request);
+                    continue;
                 }
             };
             if request.reply.is_closed() {
@@ -331,6 +342,28 @@ impl SendTask {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.detach()).await;
             drop(session); // sends its end: see `Attached::end`
         }
+    }
+}
+
+impl SendTask {
+    /// Ends a link whose session has stopped. fe2o3-amqp fails the outcomes still
+    /// pending on a stopped session only when their sender is dropped: until then
+    /// they never come, and hold their window slots.
+    fn drop_lost_link(&mut self) {
+        tracing::warn!(queue = %self.spec.queue, "amqp10 sender's session ended (connection lost, or ended by the broker); re-attaching on the next publish");
+        if let Some(old) = self.link.take() {
+            old.end();
+        }
+    }
+}
+
+/// Resolves once the session of `link` has stopped; never while there is no link.
+async fn session_ended(link: &mut Option<Attached<Sender>>) {
+    match link {
+        Some(attached) => {
+            let _ = attached.session.on_end().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -380,6 +380,69 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// Publishes whose outcomes were lost with their connection fail once the loss is
+/// noticed, and give their window slots back. fe2o3-amqp settles nothing of a session
+/// that stopped while its sender is held: with the window full, the send task waited
+/// for a slot only those outcomes could free, and every later publish to the queue
+/// timed out until the driver was closed.
+async fn a_full_window_lost_with_its_connection_does_not_stall_publishing() {
+    use std::time::Duration;
+    let proxy = std::sync::Arc::new(BrokerProxy::start(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+    config.confirm_window = 2;
+    config.idle_timeout = Duration::from_secs(2);
+    config.publish_timeout = Duration::from_secs(4);
+    config.reconnect_delay = Duration::from_millis(100);
+    let driver = std::sync::Arc::new(Amqp10Driver::connect(config).await.unwrap());
+    let name = format!("amqp10-tests-full-window-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    driver
+        .publish(&id, numbered(0))
+        .await
+        .expect("a publish before the loss");
+    let opened = driver.connection().expect("a report").connections_opened;
+    // Nothing passes on the connection from now on: the two publishes fill the window
+    // and their outcomes never come; the driver notices within its idle timeout.
+    proxy.cut_off_open_connections();
+    let lost: Vec<_> = (1..=2)
+        .map(|n| {
+            let (driver, id) = (std::sync::Arc::clone(&driver), id.clone());
+            tokio::spawn(async move { driver.publish(&id, numbered(n)).await })
+        })
+        .collect();
+    for publish in lost {
+        let published = within("a publish on the lost connection", publish).await;
+        let err = published.unwrap().expect_err("no outcome came back");
+        assert!(err.retryable(), "{err}");
+    }
+    assert!(proxy.withheld() > 0, "nothing was cut off");
+    // A publish on a new connection goes through; tried again while the loss is not
+    // noticed yet. Stalled, every try times out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match driver.publish(&id, numbered(3)).await {
+            Ok(()) => break,
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                assert!(err.retryable(), "{err}");
+            }
+            Err(err) => panic!("publishing stayed stalled after {tries} tries: {err}"),
+        }
+    }
+    let report = driver.connection().expect("a report");
+    assert!(
+        report.connections_opened > opened,
+        "no new connection: {report:?}"
+    );
+    let _ = within("the close", driver.close()).await;
+}
+
 /// Declares queued behind a broker that hangs with its connection open each waited
 /// out a time limit of their own (a session, then a new connection, 10 s each), one
 /// after the other, and a close waited behind them all: a SIGTERM took minutes. The
@@ -596,6 +659,7 @@ queue_testkit::broker_tests! {
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_publish_to_a_hung_broker_fails_within_its_limit,
+        a_full_window_lost_with_its_connection_does_not_stall_publishing,
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,
         bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected,
         a_delivery_over_max_message_size_is_refused_and_reattaches_back_off,
