@@ -18,7 +18,7 @@ use std::time::Duration;
 use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::session::{BeginError, SessionHandle};
 use fe2o3_amqp::types::messaging::{Source, Target};
 use fe2o3_amqp::types::sasl::SaslCode;
 use fe2o3_amqp::{Connection, Session};
@@ -282,7 +282,10 @@ impl Connector {
             },
             None => SaslProfile::Anonymous,
         };
-        let mut builder = Connection::builder();
+        // Every link has a session of its own, and so a channel: fe2o3-amqp's
+        // default (255) capped a connection at 256 links; the broker lowers this to
+        // what it allows.
+        let mut builder = Connection::builder().channel_max(u16::MAX);
         if let Some(ms) = self.idle_timeout_ms {
             // fe2o3 fails the connection when nothing arrives for `ms`, and asks the
             // broker for a frame every `ms / 2`.
@@ -439,6 +442,14 @@ impl Connector {
                 tokio::time::timeout(ATTACH_TIMEOUT, Session::begin(&mut current.connection)).await;
             let error = match begun {
                 Ok(Ok(session)) => return Ok((session, generation)),
+                // The connection is fine, only full: reopening it would drop every
+                // link on it, and attaching them again would fill it again.
+                Ok(Err(err @ BeginError::LocalChannelMaxReached)) => {
+                    return Err(Error::internal(format!(
+                        "{url}: no session left on the connection: every channel the broker allows (its channel-max) holds a link; each declared queue takes one, and each consumer's share another"
+                    ))
+                    .with_source(err));
+                }
                 Ok(Err(err)) => {
                     Error::internal(format!("{url}: beginning a session failed: {err}"))
                         .with_source(err)

@@ -195,6 +195,14 @@ async fn a_delivery_over_max_message_size_is_refused_and_reattaches_back_off() {
     support::a_delivery_over_max_message_size_is_refused(url, Profile::Artemis).await;
 }
 
+/// More links than fe2o3-amqp's default `channel_max` allows sessions, on one
+/// connection, as on RabbitMQ (`broker.rs`).
+async fn links_past_fe2o3s_default_channel_max_share_one_connection() {
+    let url = queue_fixtures::artemis::shared_url();
+    support::links_past_fe2o3s_default_channel_max_share_one_connection(url, Profile::Artemis)
+        .await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::artemis::shared_unavailable();
     async: [
@@ -203,6 +211,7 @@ queue_testkit::broker_tests! {
         a_count_read_cut_off_leaves_no_reply_for_the_next,
         publishes_waiting_at_a_close_get_their_real_outcome,
         next_after_a_close_hands_out_nothing_taken_ahead,
+        links_past_fe2o3s_default_channel_max_share_one_connection,
     ];
     sync: [];
 }

@@ -647,6 +647,16 @@ async fn a_delivery_over_max_message_size_is_refused_and_reattaches_back_off() {
     .await;
 }
 
+/// More links than fe2o3-amqp's default `channel_max` allows sessions, on one
+/// connection (the Artemis tests run the same check).
+async fn links_past_fe2o3s_default_channel_max_share_one_connection() {
+    support::links_past_fe2o3s_default_channel_max_share_one_connection(
+        support::RABBIT_URL.to_string(),
+        Profile::RabbitmqV1,
+    )
+    .await;
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
@@ -663,6 +673,7 @@ queue_testkit::broker_tests! {
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,
         bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected,
         a_delivery_over_max_message_size_is_refused_and_reattaches_back_off,
+        links_past_fe2o3s_default_channel_max_share_one_connection,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }

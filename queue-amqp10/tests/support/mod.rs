@@ -61,3 +61,50 @@ pub async fn a_delivery_over_max_message_size_is_refused(url: String, profile: P
     consumer.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// Checks that a driver keeps more links than fe2o3-amqp's default `channel_max`
+/// (255) allows sessions on one connection, on the broker at `url` (the RabbitMQ and
+/// the Artemis tests run it). Every link has a session of its own: with the default,
+/// beginning the 257th failed, the driver took the connection for broken and reopened
+/// it, which dropped every other link, and attaching them again hit the limit again.
+pub async fn links_past_fe2o3s_default_channel_max_share_one_connection(
+    url: String,
+    profile: Profile,
+) {
+    use queue_core::{ConsumeOptions, Driver, QueueId, QueueSpec};
+    use queue_testkit::numbered;
+    const QUEUES: usize = 300;
+    let driver = Amqp10Driver::connect(Amqp10Config::new(url, profile))
+        .await
+        .unwrap();
+    let run = queue_core::new_message_id();
+    let mut ids = Vec::new();
+    for n in 0..QUEUES {
+        let name = format!("amqp10-tests-many-links-{run}-{n}");
+        let id = QueueId::new("amqp10-tests", &name).unwrap();
+        let spec = QueueSpec::new(id.clone())
+            .with_name(name)
+            .with_durable(false);
+        driver
+            .declare(&spec)
+            .await
+            .unwrap_or_else(|e| panic!("declare {n}: {e}"));
+        ids.push(id);
+    }
+    let mut consumer = driver
+        .consume(&ids[0], ConsumeOptions { prefetch: 10 })
+        .await
+        .expect("a receiver past the sessions of every sender");
+    for id in [&ids[0], &ids[QUEUES - 1]] {
+        driver.publish(id, numbered(1)).await.expect("publish");
+    }
+    let delivery = queue_testkit::within("a delivery", consumer.next())
+        .await
+        .expect("the subscription is open")
+        .expect("a delivery");
+    delivery.ack().await.expect("ack");
+    let report = driver.connection().expect("a report");
+    assert_eq!(report.connections_opened, 1, "{report:?}");
+    assert!(report.links_attached > QUEUES as u64, "{report:?}");
+    let _ = driver.close().await;
+}
