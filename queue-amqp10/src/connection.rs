@@ -19,6 +19,7 @@ use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::{BeginError, SessionHandle};
+use fe2o3_amqp::types::definitions::SenderSettleMode;
 use fe2o3_amqp::types::messaging::{Source, Target};
 use fe2o3_amqp::types::sasl::SaslCode;
 use fe2o3_amqp::{Connection, Session};
@@ -514,6 +515,11 @@ impl Connector {
             .source(source)
             .credit_mode(fe2o3_amqp::link::CreditMode::Manual)
             .auto_accept(false)
+            // At-least-once: fe2o3-amqp's default (`mixed`) lets the broker send a
+            // delivery settled, gone from the queue before its handler ran; the driver
+            // cannot tell one (fe2o3-amqp does not say), and its ack or release would
+            // do nothing.
+            .sender_settle_mode(SenderSettleMode::Unsettled)
             .max_message_size(self.max_message_size)
             .attach(&mut session);
         match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {

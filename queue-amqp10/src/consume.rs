@@ -592,7 +592,12 @@ impl ReceiveTask {
             && let Err(e) = link.release_all(releases).await
         {
             tracing::warn!(queue = %self.spec.queue, error = %e, "amqp10 receiver: releases not sent, the link is lost (the broker returns them when the link ends)");
-            return Step::LinkLost;
+            // A cancel taken with them still stops the task: its reply, dropped, read
+            // as done, and its caller then waited for a task that attached again.
+            return match stop {
+                Some(reply) => Step::Stop(Some(reply)),
+                None => Step::LinkLost,
+            };
         }
         if let Some(reply) = stop {
             return Step::Stop(Some(reply));

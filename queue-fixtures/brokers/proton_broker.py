@@ -9,14 +9,17 @@ or modified delivery goes back to the front of its queue, and so does everything
 consumer held unsettled when its link, session or connection ends. Messages are kept
 as the bytes the publisher sent, so nothing is re-encoded on the way through.
 
-Usage: proton_broker.py PORT   (listens on 127.0.0.1:PORT, ANONYMOUS login; prints
-"ready" on stdout once listening).
+Usage: proton_broker.py PORT [--presettle-when-allowed]   (listens on 127.0.0.1:PORT,
+ANONYMOUS login; prints "ready" on stdout once listening). With
+--presettle-when-allowed, a consumer whose attach allows settled deliveries (its
+snd-settle-mode is `mixed`, the default, or `settled`) gets every delivery settled:
+gone from the queue as it is sent, as AMQP 1.0 lets a sender do then.
 """
 
 import collections
 import sys
 
-from proton import Delivery, Endpoint, Handler
+from proton import Delivery, Endpoint, Handler, Link
 from proton.reactor import Container
 
 ACTIVE = Endpoint.REMOTE_ACTIVE
@@ -43,13 +46,17 @@ class Queue:
             dlv = consumer.delivery(tag)
             consumer.stream(data)
             consumer.advance()
-            consumer.broker_unsettled[dlv] = data
+            if consumer.broker_presettled:
+                dlv.settle()
+            else:
+                consumer.broker_unsettled[dlv] = data
 
 
 class Broker(Handler):
-    def __init__(self, port):
+    def __init__(self, port, presettle_when_allowed):
         super().__init__()
         self.port = port
+        self.presettle_when_allowed = presettle_when_allowed
         self.queues = {}
 
     def queue(self, address):
@@ -80,6 +87,12 @@ class Broker(Handler):
             link.broker_queue = address
             link.broker_tag = 0
             link.broker_unsettled = {}
+            link.broker_presettled = (
+                self.presettle_when_allowed
+                and link.remote_snd_settle_mode != Link.SND_UNSETTLED
+            )
+            if link.broker_presettled:
+                link.snd_settle_mode = Link.SND_SETTLED
             link.open()
             queue = self.queue(address)
             queue.consumers.append(link)
@@ -176,4 +189,4 @@ class Broker(Handler):
 
 
 if __name__ == "__main__":
-    Container(Broker(int(sys.argv[1]))).run()
+    Container(Broker(int(sys.argv[1]), "--presettle-when-allowed" in sys.argv[2:])).run()

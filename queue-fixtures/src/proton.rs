@@ -43,6 +43,18 @@ impl ProtonBroker {
 
     /// Starts a broker, or explains why it cannot (no python, no proton module).
     pub fn start() -> Result<ProtonBroker, String> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker that sends every delivery settled to a consumer whose attach
+    /// allows it (`snd-settle-mode` `mixed`, the default, or `settled`): the message
+    /// leaves the queue as it is sent, and a release or a lost link does not bring it
+    /// back.
+    pub fn start_presettling() -> Result<ProtonBroker, String> {
+        Self::start_with(&["--presettle-when-allowed"])
+    }
+
+    fn start_with(options: &[&str]) -> Result<ProtonBroker, String> {
         if let Some(reason) = Self::unavailable() {
             return Err(reason);
         }
@@ -54,6 +66,7 @@ impl ProtonBroker {
         let child = Command::new(PYTHON)
             .arg(script)
             .arg(port.to_string())
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
