@@ -236,8 +236,43 @@ impl Error {
 /// assert_eq!(redact_url("guest:secret@h:5672"), "guest:***@h:5672");
 /// assert_eq!(redact_url("amqp://u:secr"), "amqp://u:***");
 /// assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+/// // A query parameter named like a secret is hidden too (no client reads one, but a
+/// // careless user writes it there).
+/// assert_eq!(redact_url("redis://h/0?password=s3cret"), "redis://h/0?password=***");
 /// ```
 pub fn redact_url(url: &str) -> String {
+    redact_query_secrets(&redact_userinfo(url))
+}
+
+/// Query parameter names that hold a secret when they contain one of these.
+const SECRET_PARAMETERS: [&str; 5] = ["pass", "pwd", "secret", "token", "key"];
+
+/// Hides the value of every query parameter whose name looks like a secret's.
+fn redact_query_secrets(url: &str) -> String {
+    // The query begins at the first '?' past the userinfo (hidden already).
+    let after_userinfo = url.rfind('@').map_or(0, |at| at + 1);
+    let Some(question) = url[after_userinfo..].find('?').map(|q| after_userinfo + q) else {
+        return url.to_string();
+    };
+    let (head, rest) = url.split_at(question + 1);
+    let (query, fragment) = rest.split_at(rest.find('#').unwrap_or(rest.len()));
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if looks_secret(name) => format!("{name}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}{}{fragment}", pairs.join("&"))
+}
+
+fn looks_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMETERS.iter().any(|s| name.contains(s))
+}
+
+/// Hides the password of the userinfo (see [`redact_url`]).
+fn redact_userinfo(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
     let (scheme, rest) = url.split_at(start);
     // The userinfo ends at the last '@': a password may hold any character.
@@ -304,6 +339,14 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u:p?ss@[::1]:5672/"),
             "amqp://u:***@[::1]:5672/"
+        );
+        assert_eq!(
+            redact_url("redis://h:6379/0?protocol=resp3&Password=x&apiKey=y#f"),
+            "redis://h:6379/0?protocol=resp3&Password=***&apiKey=***#f"
+        );
+        assert_eq!(
+            redact_url("amqp://u:p@h/?heartbeat=5&auth_token=t"),
+            "amqp://u:***@h/?heartbeat=5&auth_token=***"
         );
     }
 

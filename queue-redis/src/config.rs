@@ -163,6 +163,20 @@ impl RedisConfig {
         if !db.is_empty() && db.parse::<u16>().is_err() {
             return Err(bad("the path must be a database number (/0)"));
         }
+        // The redis crate reads `protocol` from the query and ignores the rest: a
+        // `?password=` was dropped (the login then failed) and shown in every message.
+        let query = path.split('#').next().unwrap_or_default();
+        if let Some((_, query)) = query.split_once('?') {
+            for name in query.split('&').filter(|p| !p.is_empty()) {
+                let name = name.split('=').next().unwrap_or_default();
+                if name != "protocol" {
+                    return Err(bad(&format!(
+                        "the query parameter {:?} is not read by the Redis client (only `protocol` is); a password goes before the host: redis://:PASSWORD@host:6379",
+                        name.chars().take(40).collect::<String>()
+                    )));
+                }
+            }
+        }
         redis::Client::open(self.url.as_str()).map_err(|_| bad("not a valid Redis URL"))
     }
 
@@ -228,6 +242,10 @@ mod tests {
             // Read as host `u`, port 123, the password dropped.
             "redis://u:123#topsecret@h:6379/0",
             "redis://u:123?topsecret@h:6379/0",
+            // The redis crate reads no password from the query: it was dropped, and
+            // shown in every message.
+            "redis://h:6379/0?password=topsecret",
+            "redis://h:6379/0?protocol=resp2&pass=topsecret",
         ] {
             let err = RedisConfig::from_value(serde_json::json!({ "url": url })).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}");
@@ -243,6 +261,7 @@ mod tests {
             "redis://127.0.0.1:6379/3",
             "redis://:pw@127.0.0.1/0",
             "redis://user:p%40ss@127.0.0.1:6379/0",
+            "redis://127.0.0.1:6379/0?protocol=resp2",
         ] {
             RedisConfig::new(url)
                 .validate()
