@@ -39,6 +39,12 @@ pub(crate) fn is_refused_login(err: &RedisError) -> bool {
         || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
+/// Whether Redis refused the `SELECT` of the URL's database (the redis crate sends it
+/// as a connection comes up).
+fn is_refused_database(err: &RedisError) -> bool {
+    err.to_string().contains("refused to switch database")
+}
+
 /// The portable error for a failed command; `what` says what was being done
 /// (`publish to app:tasks`).
 pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error {
@@ -53,6 +59,13 @@ pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error
                 &code
             }
         ))
+    } else if is_refused_database(&err) {
+        // The URL's database number is past the server's `databases` setting: the
+        // URL is at fault, and no retry mends it.
+        Error::invalid(format!(
+            "{what}: Redis has no such database ({detail}): the URL's path must be a database number below the server's `databases` setting (16 unless set)"
+        ))
+        .with_detail("field", "url")
     } else if code == "NOPERM" {
         Error::permission_denied(format!("{what}: the Redis user may not do this: {detail}"))
     } else if code == NOT_FOUND_CODE || code == "NOGROUP" {

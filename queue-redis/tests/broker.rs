@@ -127,6 +127,21 @@ async fn refused_port_is_internal_retryable_without_the_password() {
     assert!(!everything_said(&err).contains(SECRET));
 }
 
+/// A database number the server does not have is the URL's fault: `INVALID`, naming
+/// the field. It was `INTERNAL`, retryable, and a runtime waiting for its brokers
+/// waited for ever for a server that was there.
+async fn a_database_the_server_lacks_is_invalid() {
+    let node = node().await;
+    let url = format!("redis://127.0.0.1:{}/99", node.port());
+    let err = RedisDriver::connect(RedisConfig::new(url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert!(!err.retryable(), "{err}");
+    assert_eq!(err.details()["field"], "url", "{err}");
+    assert!(err.message().contains("99"), "{err}");
+}
+
 async fn another_max_length_is_already_exists() {
     let node = node().await;
     let driver = connect(&node).await;
@@ -645,6 +660,7 @@ queue_testkit::broker_tests! {
         wrong_password_is_refused_without_showing_it,
         percent_encoded_odd_credentials_log_in,
         refused_port_is_internal_retryable_without_the_password,
+        a_database_the_server_lacks_is_invalid,
         another_max_length_is_already_exists,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
