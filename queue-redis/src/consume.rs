@@ -33,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::connection::{Link, connection_is_lost, is_permanent};
+use crate::error::redis_code;
 use crate::mapping::{self, Entry};
 use crate::{GROUP, Keys, scripts};
 
@@ -43,11 +44,10 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// How many pending entries one look at the consumer's own pending list covers.
 const RESCAN_PAGE: usize = 1000;
 
-/// What the release script says of an entry it cannot copy back (its own words, not
-/// only its code, which a message id or queue name in the error could hold too).
-const TOO_WIDE: &str = "the entry has more fields than a script can copy back";
-/// What the release script says when Redis refuses the copy for now.
-const COPY_REFUSED: &str = "the copy back was refused";
+/// The release script's code for an entry it cannot copy back.
+const TOO_WIDE: &str = "TOO_WIDE";
+/// The release script's code for a copy Redis refuses for now.
+const COPY_REFUSED: &str = "COPY_REFUSED";
 
 /// What a subscription, its reader task and the ackers of its deliveries share.
 pub(crate) struct Shared {
@@ -585,12 +585,15 @@ impl StreamAcker {
             // An entry too wide to copy back stays pending for this consumer, for an
             // operator (docs/drivers/redis.md): looked for again, it came straight back
             // to a handler, and failed to go back, again and again.
-            Err(err) if err.message().contains(TOO_WIDE) => Err(err),
+            // Told by the reply's code: the text holds the message id, which may read
+            // like anything (an id that read like this reply left a message whose ack
+            // merely timed out pending, never looked for again).
+            Err(err) if redis_code(&err) == Some(TOO_WIDE) => Err(err),
             // Redis refuses writes for now (out of memory, read-only). Looked for at
             // once, the message went straight back to a handler whose release was
             // refused again, in a loop for as long as the refusal lasted: it is looked
             // for after the longest reconnect wait.
-            Err(err) if err.message().contains(COPY_REFUSED) => {
+            Err(err) if redis_code(&err) == Some(COPY_REFUSED) => {
                 let wait = shared.link.config().reconnect_max_delay;
                 let later = Arc::clone(&shared);
                 shared.link.tasks().spawn(async move {

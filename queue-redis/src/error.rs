@@ -81,7 +81,22 @@ pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error
     } else {
         Error::internal(format!("{what}: {err}"))
     };
+    // The server's code, for callers that tell errors apart: never their text, which
+    // `what` (a message id, a queue name) may hold anything in.
+    let error = if code.is_empty() {
+        error
+    } else {
+        error.with_detail(REDIS_CODE, code)
+    };
     error.with_source(err)
+}
+
+/// The detail that holds a server error's code (`TOO_WIDE`, `NOGROUP`, ...).
+pub(crate) const REDIS_CODE: &str = "redis_code";
+
+/// The code Redis (or one of the driver's scripts) answered `err` with, if any.
+pub(crate) fn redis_code(err: &Error) -> Option<&str> {
+    err.details().get(REDIS_CODE).map(String::as_str)
 }
 
 /// The driver is closed.
@@ -119,5 +134,18 @@ mod tests {
         let e = from_redis("publish", io);
         assert_eq!(e.kind(), ErrorKind::Internal);
         assert!(e.retryable());
+    }
+
+    /// Errors are told apart by the server's code, not by their text: a message id
+    /// in `what` may read like any reply.
+    #[test]
+    fn the_code_is_read_from_the_reply_never_from_the_text() {
+        let lookalike =
+            "ack message TOO_WIDE the entry has more fields than a script can copy back";
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(redis_code(&from_redis(lookalike, io)), None);
+        let e = from_redis("release message 1", server("TOO_WIDE", "it stays pending"));
+        assert_eq!(redis_code(&e), Some("TOO_WIDE"));
+        assert_eq!(redis_code(&e.context("more")), Some("TOO_WIDE"));
     }
 }
