@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     link: Arc<Link>,
     queue: String,
     keys: Keys,
+    /// The queue's `max_length` as declared, to declare it again with.
+    max_length: Option<u64>,
     consumer: String,
     lease_key: String,
     permits: Arc<Semaphore>,
@@ -169,7 +171,13 @@ pub(crate) struct RedisSubscription {
 impl RedisSubscription {
     /// Joins the group as a new consumer (so consume reports a missing queue) and
     /// starts the reader.
-    pub async fn start(link: Arc<Link>, queue: String, keys: Keys, prefetch: u32) -> Result<Self> {
+    pub async fn start(
+        link: Arc<Link>,
+        queue: String,
+        keys: Keys,
+        max_length: Option<u64>,
+        prefetch: u32,
+    ) -> Result<Self> {
         let consumer = format!("c-{}", queue_core::new_message_id());
         let lease_key = format!("{}{consumer}", keys.lease_prefix);
         let lease = link.config().consumer_timeout;
@@ -195,6 +203,7 @@ impl RedisSubscription {
             link,
             queue,
             keys,
+            max_length,
             consumer,
             lease_key,
             permits: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
@@ -343,8 +352,30 @@ async fn read_loop(
                 // consumers hand out what its handlers still hold.
                 let wait = link.backoff(failures).min(lease / 4);
                 tracing::warn!(queue = %shared.queue, error = %err, ?wait, "redis: reading failed; retrying");
+                if !shared.is_stopping() && matches!(err.code(), Some("NOGROUP" | "UNBLOCKED")) {
+                    // Redis lost the stream or its group (a FLUSHALL, a restart without
+                    // persistence, a DEL; `UNBLOCKED` when it went during the read):
+                    // the queue is declared again, and the next read goes on; what it
+                    // held is gone.
+                    let what = format!("declare {} again", shared.queue);
+                    match shared.keys.declare(&link, shared.max_length, &what).await {
+                        Ok(_) => {
+                            tracing::warn!(queue = %shared.queue, "redis: the queue's stream or group was gone (FLUSHALL, a restart without persistence, or DEL): declared it again; what it held is lost");
+                            // Its lease went with the rest: without one, another
+                            // consumer would take it for dead.
+                            if renew(&shared, lease).await {
+                                renewed = Instant::now();
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(queue = %shared.queue, error = %e, "redis: the queue's stream or group is gone and declaring it again failed")
+                        }
+                    }
+                }
                 if is_permanent(&err) && !told {
-                    // e.g. the stream or group was deleted: tell the consumer, keep trying.
+                    // e.g. the stream or group cannot be declared again: tell the
+                    // consumer, keep trying.
                     told = true;
                     let what = format!("consume {}", shared.queue);
                     let _ = out.send(Err(crate::error::from_redis(what, err)));

@@ -104,6 +104,36 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// Creates the queue's stream, group and meta hash where they are missing, and
+    /// returns the `max_length` Redis keeps for it (`wanted` is adopted when it keeps
+    /// none; another is `ALREADY_EXISTS`).
+    pub(crate) async fn declare(
+        &self,
+        link: &Link,
+        wanted: Option<u64>,
+        what: &str,
+    ) -> Result<Option<u64>> {
+        let wanted = wanted.map(|m| m.to_string()).unwrap_or_default();
+        let (stream, meta, wanted) = (&self.stream, &self.meta, &wanted);
+        let stored: String = link
+            .run_idempotent(what, |mut c| async move {
+                let mut invocation = scripts::DECLARE.key(stream);
+                invocation.key(meta).arg(GROUP).arg(wanted);
+                invocation.invoke_async(&mut c).await
+            })
+            .await?;
+        match stored.as_str() {
+            "" => Ok(None),
+            n => n.parse::<u64>().map(Some).map_err(|_| {
+                Error::internal(format!(
+                    "{what}: Redis holds max_length {n:?} for it, which is not a number"
+                ))
+            }),
+        }
+    }
+}
+
 /// A declared queue.
 pub(crate) struct Declared {
     pub spec: QueueSpec,
@@ -142,6 +172,20 @@ impl RedisDriver {
         })
     }
 
+    /// Declares again a queue whose stream Redis lost behind the driver's back (a
+    /// `FLUSHALL`, a restart without persistence, a `DEL`): what it held is gone, but
+    /// the queue works again, as a broker's queues are declared again after it
+    /// restarted (docs/drivers/redis.md, "When Redis loses a queue").
+    async fn declare_again(&self, declared: &Declared) -> Result<()> {
+        let what = format!("declare {} again", declared.spec.id);
+        declared
+            .keys
+            .declare(&self.link, declared.max_length, &what)
+            .await?;
+        tracing::warn!(queue = %declared.spec.id, "redis: the queue's stream was gone (FLUSHALL, a restart without persistence, or DEL): declared it again; what it held is lost");
+        Ok(())
+    }
+
     fn declared(&self, queue: &QueueId) -> Result<Arc<Declared>> {
         if self.link.is_closed() {
             return Err(error::closed(format!("queue {queue}")));
@@ -168,24 +212,7 @@ impl Driver for RedisDriver {
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
         let keys = Keys::of(&spec.name);
         let what = format!("declare {}", spec.id);
-        let wanted = spec.max_length.map(|m| m.to_string()).unwrap_or_default();
-        let (stream, meta, wanted) = (&keys.stream, &keys.meta, &wanted);
-        let stored: String = self
-            .link
-            .run_idempotent(&what, |mut c| async move {
-                let mut invocation = scripts::DECLARE.key(stream);
-                invocation.key(meta).arg(GROUP).arg(wanted);
-                invocation.invoke_async(&mut c).await
-            })
-            .await?;
-        let max_length = match stored.as_str() {
-            "" => None,
-            n => Some(n.parse::<u64>().map_err(|_| {
-                Error::internal(format!(
-                    "{what}: Redis holds max_length {n:?} for it, which is not a number"
-                ))
-            })?),
-        };
+        let max_length = keys.declare(&self.link, spec.max_length, &what).await?;
         let declared = Arc::new(Declared {
             spec: spec.clone(),
             keys,
@@ -200,12 +227,28 @@ impl Driver for RedisDriver {
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
         let declared = self.declared(queue)?;
-        publish::publish(&self.link, &declared, &message).await
+        match publish::publish(&self.link, &declared, &message).await {
+            Err(err) if publish::is_stream_gone(&err) => {
+                self.declare_again(&declared).await?;
+                publish::publish(&self.link, &declared, &message).await
+            }
+            published => published,
+        }
     }
 
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let declared = self.declared(queue)?;
-        publish::publish_batch(&self.link, &declared, &messages).await
+        match publish::publish_batch(&self.link, &declared, &messages).await {
+            // Again only when none was added: the others would be added twice.
+            Err(err)
+                if publish::is_stream_gone(&err)
+                    && err.details().get("confirmed").is_none_or(|c| c == "0") =>
+            {
+                self.declare_again(&declared).await?;
+                publish::publish_batch(&self.link, &declared, &messages).await
+            }
+            published => published,
+        }
     }
 
     async fn consume(
@@ -218,6 +261,7 @@ impl Driver for RedisDriver {
             Arc::clone(&self.link),
             queue.to_string(),
             declared.keys.clone(),
+            declared.max_length,
             options.prefetch.max(1),
         )
         .await?;

@@ -5,7 +5,7 @@ use queue_core::{Error, Message, Result};
 use redis::Value;
 
 use crate::connection::Link;
-use crate::error::NOT_FOUND_CODE;
+use crate::error::{NOT_FOUND_CODE, REDIS_CODE, redis_code};
 use crate::{Declared, GROUP, NAME, mapping, scripts};
 
 /// Appends one message; `Ok` once Redis replied with its entry id (with the
@@ -110,7 +110,12 @@ async fn within<T>(
 /// `XADD NOMKSTREAM` to a stream that no longer exists (deleted behind the driver's back).
 fn gone(what: &str, queue: &queue_core::QueueId) -> Error {
     Error::not_found(format!(
-        "{what}: queue {queue}: its stream does not exist in Redis (declare it again)"
+        "{what}: queue {queue}: its stream does not exist in Redis"
     ))
-    .with_detail("code", NOT_FOUND_CODE)
+    .with_detail(REDIS_CODE, NOT_FOUND_CODE)
+}
+
+/// Whether a publish failed because the queue's stream is gone.
+pub(crate) fn is_stream_gone(err: &Error) -> bool {
+    redis_code(err) == Some(NOT_FOUND_CODE)
 }

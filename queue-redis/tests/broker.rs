@@ -170,6 +170,55 @@ async fn another_max_length_is_already_exists() {
     assert!(err.message().contains("redis"), "{err}");
 }
 
+/// A queue whose stream Redis lost behind the driver's back (`FLUSHALL` here; a
+/// restart without persistence or a `DEL` alike) works again: its consumer declares
+/// it again and reads on, and a publish to a queue nobody consumes declares it again
+/// and goes through, its `max_length` kept. Before, every publish was `NOT_FOUND` and
+/// the consumer retried for ever, until the process restarted.
+async fn a_queue_redis_lost_is_declared_again() {
+    let consumed = queue("flushed");
+    let limited = queue("flushed-limited").with_max_length(10);
+    let (node, driver) = declared(&consumed).await;
+    driver.declare(&limited).await.unwrap();
+    let mut sub = driver
+        .consume(&consumed.id, ConsumeOptions { prefetch: 5 })
+        .await
+        .unwrap();
+    driver.publish(&consumed.id, numbered(1)).await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+
+    node.command(&["FLUSHALL"]).unwrap();
+    // The consumer's next read finds the group gone and declares the queue again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node
+        .command(&["EXISTS", "queue:{broker:flushed}"])
+        .unwrap()
+        .trim()
+        != "1"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer did not declare its queue again within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    driver.publish(&consumed.id, numbered(2)).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 2);
+    d.ack().await.unwrap();
+    // Nobody consumes this one: the publish declares it again, with its limit.
+    driver.publish(&limited.id, numbered(3)).await.unwrap();
+    let kept = node
+        .command(&["HGET", "queue:{broker:flushed-limited}:meta", "max_length"])
+        .unwrap();
+    assert_eq!(kept.trim(), "10");
+    node.command(&["FLUSHALL"]).unwrap();
+    let batch = (4..7).map(numbered).collect();
+    driver.publish_batch(&limited.id, batch).await.unwrap();
+    let info = driver.info(&limited.id).await.unwrap();
+    assert_eq!(info.ready, Some(3), "{info:?}");
+}
+
 async fn a_dead_consumers_messages_come_back() {
     let spec = queue("orphans");
     let (node, driver) = declared(&spec).await;
@@ -662,6 +711,7 @@ queue_testkit::broker_tests! {
         refused_port_is_internal_retryable_without_the_password,
         a_database_the_server_lacks_is_invalid,
         another_max_length_is_already_exists,
+        a_queue_redis_lost_is_declared_again,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
