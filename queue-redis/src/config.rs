@@ -117,6 +117,21 @@ impl RedisConfig {
                 "must be at least 10s (a consumer renews its lease between reads that wait up to 2s)",
             ));
         }
+        if self.consumer_timeout < self.publish_timeout.saturating_mul(2) {
+            // A lease renewal on a connection lost without a word waits out one
+            // command's limit (`publish_timeout`, 5 s at least) before a new connection
+            // renews it, a quarter of the lease after the last renewal: with the two
+            // close, the lease ran out first, and another consumer handed out
+            // everything this live one held.
+            return Err(field_error(
+                KIND,
+                "consumer_timeout",
+                format!(
+                    "must be at least twice publish_timeout ({:?}): a lease renewal that waits out one command's limit on a lost connection must leave time to renew it on a new one",
+                    self.publish_timeout
+                ),
+            ));
+        }
         if self.consumer_timeout.as_millis() > u128::from(queue_core::MAX_MILLIS) {
             // A lease is a Redis key's expiry in milliseconds, which Redis refuses
             // past its range: `Duration::MAX` from Rust made every consume fail.
@@ -221,6 +236,17 @@ mod tests {
         assert_eq!(err.details()["field"], "consumer_timeout");
         let c = RedisConfig::from_value(serde_json::json!({
             "url": "redis://h", "consumer_timeout": "10s"
+        }));
+        assert!(c.is_ok(), "{c:?}");
+        // A renewal waiting out a command's limit must leave the lease time.
+        let err = RedisConfig::from_value(serde_json::json!({
+            "url": "redis://h", "publish_timeout": "30s"
+        }))
+        .unwrap_err();
+        assert_eq!(err.details()["field"], "consumer_timeout");
+        assert!(err.message().contains("twice publish_timeout"), "{err}");
+        let c = RedisConfig::from_value(serde_json::json!({
+            "url": "redis://h", "publish_timeout": "30s", "consumer_timeout": "1m"
         }));
         assert!(c.is_ok(), "{c:?}");
         // From Rust, `Duration::MAX`: Redis refuses a key's expiry that long.
