@@ -326,7 +326,8 @@ impl<F> Drop for Sliced<'_, F> {
         // reuse: the reset below does, as Lua 5.4 resets a thread by closing them.
         drop(future);
         // A coroutine that returned has nothing left to close.
-        if self.thread.status() == mlua::thread::ThreadStatus::Finished {
+        let status = self.thread.status();
+        if status == mlua::thread::ThreadStatus::Finished {
             return;
         }
         if let Some(delivery) = &self.delivery {
@@ -339,5 +340,17 @@ impl<F> Drop for Sliced<'_, F> {
         let _ = self
             .clock
             .within(deadline, || self.thread.reset(self.body.clone()));
+        // The futures of the calls it waited in (`queue.publish` holds the encoded
+        // body, and an AMQP 0-9-1 driver's confirm window slot) live in userdata on
+        // its stack, and in coroutines it made, which only the collector frees: in a
+        // quiet state that could be never, and enough of them stalled every publish.
+        // Only a suspended coroutine can be waiting (one that failed is not, and
+        // failing handlers can be many); stops are rare, and a full cycle is cheap
+        // beside what it frees.
+        if status == mlua::thread::ThreadStatus::Resumable
+            && let Some(lua) = self.thread.weak_lua().try_upgrade()
+        {
+            let _ = lua.gc_collect();
+        }
     }
 }

@@ -111,6 +111,32 @@ fn a_handler_waiting_for_a_publish_ends_at_its_timeout() {
     });
 }
 
+/// A publish a handler waited in when its time ran out is dropped with the handler,
+/// at once: it held its driver's resources (an AMQP 0-9-1 confirm window's slot, the
+/// encoded body) until Lua's collector happened to free the coroutine's stack, which
+/// in a quiet state could be never, and enough of them stalled every publish of the
+/// driver. The same for a publish in a coroutine the handler made.
+#[test]
+fn a_publish_waiting_at_the_timeout_is_dropped_with_its_handler() {
+    stops(|| async {
+        let h = Harness::new().await;
+        h.driver.hold_publishes();
+        for (n, method) in ["wait_for_publish", "wait_for_publish_in_a_coroutine"]
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = run(&h, method, Some(Duration::from_millis(300))).await;
+            timed_out(&outcome, "300ms");
+            assert_eq!(h.driver.held(), n + 1, "{method}: the publish was waiting");
+            assert_eq!(
+                h.driver.abandoned(),
+                n + 1,
+                "{method}: the publish still waits after its handler timed out"
+            );
+        }
+    });
+}
+
 /// A handler stopped at its timeout still gets its `__close` handlers run (under a
 /// limit of their own: these loop), whether it was computing or waiting.
 #[test]

@@ -100,6 +100,14 @@ impl ControlledDriver {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// How many held publishes their callers gave up (dropped their futures): a
+    /// publish left waiting for good holds its caller's resources, and a driver's
+    /// (a confirm window's slot), until it is dropped.
+    pub fn abandoned(&self) -> usize {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter().filter(|waiter| waiter.is_closed()).count()
+    }
+
     /// Waits until at least `n` publishes are held, panicking after [`PATIENCE`]: a
     /// publish that never reaches the driver is a failing test, not a hung one.
     pub async fn wait_for_held(&self, n: usize) {

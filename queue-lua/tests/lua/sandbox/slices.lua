@@ -35,6 +35,12 @@ function wait_for_publish()
   assert(queue.publish("app:tasks", { n = 1 }))
 end
 
+-- The same wait, in a coroutine the handler made (and drops with itself).
+function wait_for_publish_in_a_coroutine()
+  local publish = coroutine.wrap(function() return queue.publish("app:tasks", { n = 1 }) end)
+  assert(publish())
+end
+
 -- A coroutine of its own keeps its resume semantics while it computes for longer
 -- than a slice.
 function own_coroutine()
