@@ -160,7 +160,7 @@ impl Settle for NoSettle {
     async fn ack(&self) -> Result<()> {
         Ok(())
     }
-    async fn nack(&self, _reason: &str) -> Result<()> {
+    async fn nack(&self, _reason: &str, _retryable: bool) -> Result<()> {
         Ok(())
     }
 }

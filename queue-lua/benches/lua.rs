@@ -38,7 +38,7 @@ impl Settle for Noop {
     async fn ack(&self) -> queue_core::Result<()> {
         Ok(())
     }
-    async fn nack(&self, _: &str) -> queue_core::Result<()> {
+    async fn nack(&self, _: &str, _: bool) -> queue_core::Result<()> {
         Ok(())
     }
 }

@@ -19,8 +19,10 @@ use queue_core::{Error, Message, Result};
 pub trait Settle {
     /// The handler acknowledged the message.
     async fn ack(&self) -> Result<()>;
-    /// The handler rejected the message, with a reason.
-    async fn nack(&self, reason: &str) -> Result<()>;
+    /// The handler rejected the message, with a reason; `retryable` is `false` when
+    /// the reason is an error value that says another attempt cannot succeed
+    /// (`msg:nack(err)` with an `INVALID` error), which the runtime dead-letters at once.
+    async fn nack(&self, reason: &str, retryable: bool) -> Result<()>;
 }
 
 /// The delivery a handler coroutine is running for.

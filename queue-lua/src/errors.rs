@@ -132,6 +132,15 @@ pub(crate) fn not_done(err: Error) -> mlua::Result<Answer> {
     Ok((LuaValue::Boolean(false), Some(Counted(LuaError::from(err)))))
 }
 
+/// Whether an error a handler gives as its failure (`return nil, err`,
+/// `msg:nack(err)`) is worth another attempt: only an error value can say it is not.
+pub(crate) fn retryable(error: &LuaValue) -> bool {
+    match error {
+        LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().is_none_or(|e| e.retryable),
+        _ => true,
+    }
+}
+
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
 /// for logs and dead-letter reasons.
 pub fn describe(value: &LuaValue) -> String {

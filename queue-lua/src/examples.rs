@@ -385,7 +385,7 @@ impl Settle for SettledBy {
         self.0.borrow_mut().get_or_insert(true);
         Ok(())
     }
-    async fn nack(&self, _reason: &str) -> Result<()> {
+    async fn nack(&self, _reason: &str, _retryable: bool) -> Result<()> {
         self.0.borrow_mut().get_or_insert(false);
         Ok(())
     }

@@ -406,7 +406,7 @@ impl LuaHost {
                     );
                     Outcome::Nack {
                         reason,
-                        retryable: retryable(&second),
+                        retryable: crate::errors::retryable(&second),
                     }
                 } else if first == LuaValue::Boolean(false) {
                     Outcome::Nack {
@@ -651,15 +651,6 @@ fn find_handler(source: &LoadedSource, path: &Path, method: &str) -> Result<Hand
     })
 }
 
-/// Whether an error a handler returned (`return nil, err`) is worth another attempt:
-/// only an error value can say it is not.
-fn retryable(error: &LuaValue) -> bool {
-    match error {
-        LuaValue::UserData(ud) => ud.borrow::<LuaError>().ok().is_none_or(|e| e.retryable),
-        _ => true,
-    }
-}
-
 /// What `check` learned of a source file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceCheck {
@@ -735,7 +726,7 @@ mod tests {
             async fn ack(&self) -> Result<()> {
                 Ok(())
             }
-            async fn nack(&self, _: &str) -> Result<()> {
+            async fn nack(&self, _: &str, _: bool) -> Result<()> {
                 Ok(())
             }
         }

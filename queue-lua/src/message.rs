@@ -109,18 +109,20 @@ impl UserData for LuaMessage {
             }
         });
         // Any reason: a string, or the `err` of a failed call (`msg:nack(err)`), which
-        // says its kind and message, as a handler returning it would.
+        // says its kind and message, and whether it is worth another attempt, as a
+        // handler returning it would.
         methods.add_async_method("nack", |lua, m, reason: LuaValue| async move {
             let _in_call = in_call(&lua);
             let settle = match m.begin_settle(&lua) {
                 Ok(settle) => settle,
                 Err(e) => return not_done(e),
             };
+            let retryable = crate::errors::retryable(&reason);
             let reason = match &reason {
                 LuaValue::Nil => "nacked by the handler".to_string(),
                 other => crate::errors::describe(other),
             };
-            match settle.nack(&reason).await {
+            match settle.nack(&reason, retryable).await {
                 Ok(()) => Ok((LuaValue::Boolean(true), None)),
                 Err(e) => not_done(e),
             }

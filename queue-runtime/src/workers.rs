@@ -727,11 +727,19 @@ impl Settle for RuntimeSettle {
             .await
     }
 
-    async fn nack(&self, reason: &str) -> Result<()> {
+    async fn nack(&self, reason: &str, retryable: bool) -> Result<()> {
         telemetry::record_failure(reason);
         let (delivery, runners) = (Arc::clone(&self.delivery), Rc::clone(&self.runners));
         let reason = reason.to_string();
-        self.apart(async move { fail(&delivery, &runners.consumer, &reason).await })
-            .await
+        // As a handler that returned the same error (`handle_delivery`).
+        self.apart(async move {
+            let consumer = &runners.consumer;
+            if retryable || consumer.plan.retry_all_errors {
+                fail(&delivery, consumer, &reason).await
+            } else {
+                give_up(&delivery, consumer, &format!("not retryable: {reason}")).await
+            }
+        })
+        .await
     }
 }

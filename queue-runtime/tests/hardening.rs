@@ -172,16 +172,28 @@ function more() for i = 1, 3 do assert(queue.publish("app:others", { i = i })) e
 }
 
 /// Input that can never be valid is not retried: an `INVALID` error goes to the
-/// dead-letter queue on its first failure, unless the consumer says to retry all.
+/// dead-letter queue on its first failure, unless the consumer says to retry all;
+/// raised, or given to `msg:nack(err)` (which retried it `max_attempts` times).
 #[test]
 fn a_non_retryable_error_is_dead_lettered_at_once_unless_the_consumer_retries_all() {
-    let lua = r#"
+    let raised = r#"
 function strict(p)
   logger:info("Tried", {})
   error(errors.new({ kind = errors.INVALID, message = "n must be a string" }))
 end
 "#;
-    for (retry_all, tries) in [(false, 1), (true, 2)] {
+    let nacked = r#"
+function strict(p)
+  logger:info("Tried", {})
+  queue.message():nack(errors.new({ kind = errors.INVALID, message = "n must be a string" }))
+end
+"#;
+    for (lua, retry_all, tries) in [
+        (raised, false, 1),
+        (raised, true, 2),
+        (nacked, false, 1),
+        (nacked, true, 2),
+    ] {
         let dir = one_job_app("strict", lua, "");
         let yaml = std::fs::read_to_string(dir.path().join("app.yaml")).unwrap();
         let yaml = yaml.replace(

@@ -131,8 +131,11 @@ impl Settle for Recorder {
         self.calls.borrow_mut().push("ack".into());
         Ok(())
     }
-    async fn nack(&self, reason: &str) -> Result<()> {
-        self.calls.borrow_mut().push(format!("nack: {reason}"));
+    async fn nack(&self, reason: &str, retryable: bool) -> Result<()> {
+        let retried = if retryable { "" } else { " (not retryable)" };
+        self.calls
+            .borrow_mut()
+            .push(format!("nack: {reason}{retried}"));
         Ok(())
     }
 }
