@@ -60,12 +60,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                 Some(other) => one_line(&tostring.call::<mlua::LuaString>(other)?.as_bytes()),
             };
             let fields = match args.next() {
-                Some(v @ LuaValue::Table(_)) => {
-                    match from_lua_within(&v, "fields", MAX_FIELDS_BYTES) {
-                        Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
-                        Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
-                    }
-                }
+                Some(v @ LuaValue::Table(_)) => fields_json(&v),
                 _ => String::new(),
             };
             emit(level, &message, &fields);
@@ -74,6 +69,18 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
         logger.set(level, f)?;
     }
     Ok(proxy)
+}
+
+/// The fields as one JSON object, or `{"unloggable_fields": "why"}`: JSON as a JSON
+/// body is written, so that NaN, Infinity and bytes that are not UTF-8 are said to be
+/// unloggable, where serde_json wrote `null` and an array of numbers for them.
+fn fields_json(fields: &LuaValue) -> String {
+    let encoded = from_lua_within(fields, "fields", MAX_FIELDS_BYTES)
+        .and_then(|value| queue_core::Codec::Json.encode(&value));
+    match encoded {
+        Ok(json) => String::from_utf8(json).unwrap_or_default(),
+        Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
+    }
 }
 
 fn emit(level: &str, message: &str, fields: &str) {
@@ -88,6 +95,25 @@ fn emit(level: &str, message: &str, fields: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_json_can_write_are_written_and_others_said_unloggable() {
+        let lua = Lua::new();
+        let fields = |code: &str| fields_json(&lua.load(code).eval::<LuaValue>().unwrap());
+        assert_eq!(fields("{ n = 1, s = 'é' }"), r#"{"n":1,"s":"é"}"#);
+        for (code, why) in [
+            ("{ ratio = 0/0 }", "ratio"),
+            ("{ big = math.huge }", "big"),
+            ("{ raw = '\\255\\254' }", "raw"),
+        ] {
+            let said = fields(code);
+            assert!(
+                said.starts_with(r#"{"unloggable_fields":"#),
+                "{code}: {said}"
+            );
+            assert!(said.contains(why), "{code}: {said}");
+        }
+    }
 
     #[test]
     fn a_message_is_one_line_of_bounded_length() {
