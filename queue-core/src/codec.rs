@@ -84,13 +84,32 @@ impl Codec {
     /// Encodes a body. JSON refuses NaN, Infinity and bytes with `INVALID` (suggesting
     /// msgpack); both refuse nesting deeper than [`MAX_DEPTH`].
     pub fn encode(self, value: &Value) -> Result<Vec<u8>> {
-        check_encodable(self, value, 0, &mut String::from("data"))?;
+        check_encodable(
+            self,
+            value,
+            0,
+            &mut String::from("data"),
+            ": use codec msgpack",
+        )?;
         match self {
             Codec::Json => serde_json::to_vec(value)
                 .map_err(|e| Error::invalid(format!("cannot encode body as json: {e}"))),
             Codec::MsgPack => rmp_serde::to_vec(value)
                 .map_err(|e| Error::invalid(format!("cannot encode body as msgpack: {e}"))),
         }
+    }
+
+    /// Checks that `value` can be encoded, without encoding it: what cannot is named
+    /// by its path from `root`, and the error gives no advice (for values that are
+    /// not message bodies, such as a log line's fields).
+    ///
+    /// ```
+    /// use queue_core::{Codec, Value};
+    /// let err = Codec::Json.check(&Value::Float(f64::NAN), "fields").unwrap_err();
+    /// assert_eq!(err.message(), "fields is NaN, which json cannot carry");
+    /// ```
+    pub fn check(self, value: &Value, root: &str) -> Result<()> {
+        check_encodable(self, value, 0, &mut root.to_string(), "")
     }
 
     /// Decodes a body; malformed input is `INVALID` naming the codec.
@@ -145,8 +164,15 @@ fn decode_whole_msgpack(bytes: &[u8], writer: &mut TapeWriter) -> std::result::R
 }
 
 /// `level` counts the containers around `value`; the decoder refuses a container with
-/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same.
-fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String) -> Result<()> {
+/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same. `advice`
+/// ends the message of what json cannot carry.
+fn check_encodable(
+    codec: Codec,
+    value: &Value,
+    level: usize,
+    path: &mut String,
+    advice: &str,
+) -> Result<()> {
     let is_container = matches!(value, Value::Array(_) | Value::Map(_));
     if is_container && level >= MAX_DEPTH {
         return Err(Error::invalid(format!(
@@ -155,16 +181,16 @@ fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String)
     }
     match value {
         Value::Float(f) if codec == Codec::Json && !f.is_finite() => Err(Error::invalid(format!(
-            "{path} is {f}, which json cannot carry: use codec msgpack"
+            "{path} is {f}, which json cannot carry{advice}"
         ))),
         Value::Bytes(_) if codec == Codec::Json => Err(Error::invalid(format!(
-            "{path} is not valid UTF-8, which json cannot carry: use codec msgpack"
+            "{path} is not valid UTF-8, which json cannot carry{advice}"
         ))),
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{}]", i + 1));
-                check_encodable(codec, item, level + 1, path)?;
+                check_encodable(codec, item, level + 1, path, advice)?;
                 path.truncate(len);
             }
             Ok(())
@@ -174,7 +200,7 @@ fn check_encodable(codec: Codec, value: &Value, level: usize, path: &mut String)
                 let len = path.len();
                 path.push('.');
                 path.push_str(k);
-                check_encodable(codec, v, level + 1, path)?;
+                check_encodable(codec, v, level + 1, path, advice)?;
                 path.truncate(len);
             }
             Ok(())

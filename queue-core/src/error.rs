@@ -245,13 +245,18 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Query parameter names that hold a secret when they contain one of these.
-const SECRET_PARAMETERS: [&str; 5] = ["pass", "pwd", "secret", "token", "key"];
+const SECRET_PARAMETERS: [&str; 8] = [
+    "pass", "pwd", "secret", "token", "key", "auth", "sig", "cred",
+];
 
 /// Hides the value of every query parameter whose name looks like a secret's.
 fn redact_query_secrets(url: &str) -> String {
-    // The query begins at the first '?' past the userinfo (hidden already).
-    let after_userinfo = url.rfind('@').map_or(0, |at| at + 1);
-    let Some(question) = url[after_userinfo..].find('?').map(|q| after_userinfo + q) else {
+    // The query begins at the first '?' past the scheme: the password is hidden
+    // already (`***` holds none), and a value may hold an '@' (`?password=p@ss`), so
+    // no '@' says where the query starts. A '?' in a user name starts it too early,
+    // which hides more, never less.
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let Some(question) = url[start..].find('?').map(|q| start + q) else {
         return url.to_string();
     };
     let (head, rest) = url.split_at(question + 1);
@@ -347,6 +352,15 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u:p@h/?heartbeat=5&auth_token=t"),
             "amqp://u:***@h/?heartbeat=5&auth_token=***"
+        );
+        // An '@' in a query value (review).
+        assert_eq!(
+            redact_url("redis://h/0?password=top@secret"),
+            "redis://h/0?password=***"
+        );
+        assert_eq!(
+            redact_url("amqp://h/?email=a@b&token=t"),
+            "amqp://h/?email=a@b&token=***"
         );
     }
 

@@ -192,6 +192,12 @@ fn context_of(lua: &Lua, thread: &Thread) -> Option<Rc<CoroutineContext>> {
     Some(Rc::clone(&inherited.0))
 }
 
+/// Whether a coroutine of `thread`'s run (it, or one it made) waits in an
+/// asynchronous call ([`in_call`]).
+pub(crate) fn waits_in_a_call(lua: &Lua, thread: &Thread) -> bool {
+    context_of(lua, thread).is_some_and(|context| !context.in_call.borrow().is_empty())
+}
+
 fn key(thread: &Thread) -> usize {
     thread.to_pointer() as usize
 }

@@ -71,14 +71,16 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     Ok(proxy)
 }
 
-/// The fields as one JSON object, or `{"unloggable_fields": "why"}`: JSON as a JSON
-/// body is written, so that NaN, Infinity and bytes that are not UTF-8 are said to be
+/// The fields as one JSON object, or `{"unloggable_fields": "why"}`: checked as a
+/// JSON body is, so that NaN, Infinity and bytes that are not UTF-8 are said to be
 /// unloggable, where serde_json wrote `null` and an array of numbers for them.
 fn fields_json(fields: &LuaValue) -> String {
-    let encoded = from_lua_within(fields, "fields", MAX_FIELDS_BYTES)
-        .and_then(|value| queue_core::Codec::Json.encode(&value));
-    match encoded {
-        Ok(json) => String::from_utf8(json).unwrap_or_default(),
+    let checked = from_lua_within(fields, "fields", MAX_FIELDS_BYTES).and_then(|value| {
+        queue_core::Codec::Json.check(&value, "fields")?;
+        Ok(value)
+    });
+    match checked {
+        Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
         Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
     }
 }
@@ -108,9 +110,10 @@ mod tests {
         ] {
             let said = fields(code);
             assert!(
-                said.starts_with(r#"{"unloggable_fields":"#),
+                said.starts_with(r#"{"unloggable_fields":"fields."#),
                 "{code}: {said}"
             );
+            assert!(!said.contains("msgpack"), "{code}: {said}");
             assert!(said.contains(why), "{code}: {said}");
         }
     }

@@ -326,10 +326,13 @@ impl<F> Drop for Sliced<'_, F> {
         // reuse: the reset below does, as Lua 5.4 resets a thread by closing them.
         drop(future);
         // A coroutine that returned has nothing left to close.
-        let status = self.thread.status();
-        if status == mlua::thread::ThreadStatus::Finished {
+        if self.thread.status() == mlua::thread::ThreadStatus::Finished {
             return;
         }
+        let lua = self.thread.weak_lua().try_upgrade();
+        let waiting = lua
+            .as_ref()
+            .is_some_and(|lua| crate::context::waits_in_a_call(lua, &self.thread));
         if let Some(delivery) = &self.delivery {
             delivery.release();
         }
@@ -344,12 +347,10 @@ impl<F> Drop for Sliced<'_, F> {
         // body, and an AMQP 0-9-1 driver's confirm window slot) live in userdata on
         // its stack, and in coroutines it made, which only the collector frees: in a
         // quiet state that could be never, and enough of them stalled every publish.
-        // Only a suspended coroutine can be waiting (one that failed is not, and
-        // failing handlers can be many); stops are rare, and a full cycle is cheap
-        // beside what it frees.
-        if status == mlua::thread::ThreadStatus::Resumable
-            && let Some(lua) = self.thread.weak_lua().try_upgrade()
-        {
+        // Only a run that ends unfinished with a call in flight pays for a full
+        // cycle: most stopped or failed runs have none to free, and failing handlers
+        // can be many.
+        if waiting && let Some(lua) = &lua {
             let _ = lua.gc_collect();
         }
     }

@@ -272,6 +272,7 @@ mod tests {
             // shown in every message.
             "redis://h:6379/0?password=topsecret",
             "redis://h:6379/0?protocol=resp2&pass=topsecret",
+            "redis://h/0?password=top@secret",
         ] {
             let err = RedisConfig::from_value(serde_json::json!({ "url": url })).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}");

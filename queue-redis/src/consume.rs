@@ -287,11 +287,17 @@ async fn read_loop(
     let mut told = false;
     let mut renewed = Instant::now();
     let mut reaped: Option<Instant> = None;
+    // When the queue was last declared again after Redis lost it.
+    let mut redeclared: Option<Instant> = None;
     loop {
         if shared.is_stopping() || out.is_closed() || link.is_closed() {
             break;
         }
-        if renewed.elapsed() >= lease / 4 && renew(&shared, lease).await {
+        // Tried again at once when it fails: a renewal that got no reply in time
+        // replaced the connection, and the next read could take 7 s more.
+        if renewed.elapsed() >= lease / 4
+            && (renew(&shared, lease).await || renew(&shared, lease).await)
+        {
             renewed = Instant::now();
         }
         if reaped.is_none_or(|at| at.elapsed() >= lease / 2) {
@@ -352,6 +358,9 @@ async fn read_loop(
                 // consumers hand out what its handlers still hold.
                 let wait = link.backoff(failures).min(lease / 4);
                 tracing::warn!(queue = %shared.queue, error = %err, ?wait, "redis: reading failed; retrying");
+                // At once the first time; a stream that keeps going (evicted under
+                // `maxmemory`) is declared again after the usual wait.
+                let recently = redeclared.is_some_and(|at: Instant| at.elapsed() < lease / 4);
                 if !shared.is_stopping() && matches!(err.code(), Some("NOGROUP" | "UNBLOCKED")) {
                     // Redis lost the stream or its group (a FLUSHALL, a restart without
                     // persistence, a DEL; `UNBLOCKED` when it went during the read):
@@ -361,12 +370,15 @@ async fn read_loop(
                     match shared.keys.declare(&link, shared.max_length, &what).await {
                         Ok(_) => {
                             tracing::warn!(queue = %shared.queue, "redis: the queue's stream or group was gone (FLUSHALL, a restart without persistence, or DEL): declared it again; what it held is lost");
+                            redeclared = Some(Instant::now());
                             // Its lease went with the rest: without one, another
                             // consumer would take it for dead.
                             if renew(&shared, lease).await {
                                 renewed = Instant::now();
                             }
-                            continue;
+                            if !recently {
+                                continue;
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(queue = %shared.queue, error = %e, "redis: the queue's stream or group is gone and declaring it again failed")

@@ -40,9 +40,14 @@ pub(crate) fn is_refused_login(err: &RedisError) -> bool {
 }
 
 /// Whether Redis refused the `SELECT` of the URL's database (the redis crate sends it
-/// as a connection comes up).
+/// as a connection comes up) because it has no such database. The crate words every
+/// refused `SELECT` alike (an ACL that forbids it, a busy script): only the server's
+/// own words tell this one.
 fn is_refused_database(err: &RedisError) -> bool {
     err.to_string().contains("refused to switch database")
+        && err
+            .detail()
+            .is_some_and(|d| d.contains("DB index is out of range"))
 }
 
 /// The portable error for a failed command; `what` says what was being done

@@ -186,6 +186,29 @@ impl RedisDriver {
         Ok(())
     }
 
+    /// Declares `declared` again ([`Self::declare_again`]) and runs `again`, the
+    /// publish that found its stream gone, within what is left of the
+    /// `publish_timeout` that began at `started`: a publish never waits past it.
+    async fn declared_again_within(
+        &self,
+        declared: &Declared,
+        started: tokio::time::Instant,
+        again: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let limit = self.config.publish_timeout;
+        let retried = async {
+            self.declare_again(declared).await?;
+            again.await
+        };
+        match tokio::time::timeout_at(started + limit, retried).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::internal(format!(
+                "publish to {}: its stream was gone, and declaring it again and publishing once more went past publish_timeout {limit:?}; the message may have been added, so a retry may deliver it twice",
+                declared.spec.id
+            ))),
+        }
+    }
+
     fn declared(&self, queue: &QueueId) -> Result<Arc<Declared>> {
         if self.link.is_closed() {
             return Err(error::closed(format!("queue {queue}")));
@@ -227,10 +250,11 @@ impl Driver for RedisDriver {
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
         let declared = self.declared(queue)?;
+        let started = tokio::time::Instant::now();
         match publish::publish(&self.link, &declared, &message).await {
             Err(err) if publish::is_stream_gone(&err) => {
-                self.declare_again(&declared).await?;
-                publish::publish(&self.link, &declared, &message).await
+                let again = publish::publish(&self.link, &declared, &message);
+                self.declared_again_within(&declared, started, again).await
             }
             published => published,
         }
@@ -238,14 +262,17 @@ impl Driver for RedisDriver {
 
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let declared = self.declared(queue)?;
+        let started = tokio::time::Instant::now();
         match publish::publish_batch(&self.link, &declared, &messages).await {
             // Again only when none was added: the others would be added twice.
             Err(err)
                 if publish::is_stream_gone(&err)
                     && err.details().get("confirmed").is_none_or(|c| c == "0") =>
             {
-                self.declare_again(&declared).await?;
-                publish::publish_batch(&self.link, &declared, &messages).await
+                let again = publish::publish_batch(&self.link, &declared, &messages);
+                self.declared_again_within(&declared, started, again)
+                    .await
+                    .map_err(|e| e.in_batch(0, messages.len()))
             }
             published => published,
         }
