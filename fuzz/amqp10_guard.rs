@@ -23,6 +23,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::guard::{Guarded, MAX_DEPTH};
 
+/// The protocol header and the broker's `open` (container id "x"), after which frames
+/// may be larger than 512 bytes.
+pub const OPENED: &[u8] =
+    b"AMQP\x00\x01\x00\x00\x00\x00\x00\x11\x02\x00\x00\x00\x00\x53\x10\xc0\x04\x01\xa1\x01x";
+
 /// Checks one fuzz input.
 pub fn check(data: &[u8]) {
     let [frame, step, message @ ..] = data else {
@@ -76,7 +81,7 @@ pub fn read_as_binary(from: u8, to: u8) -> bool {
 /// The protocol header, then `message` in transfer frames of `frame` bytes on channel
 /// 0, handle 1; with where each frame's part of the message lies.
 fn transfers(message: &[u8], frame: usize) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
-    let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+    let mut stream = OPENED.to_vec();
     let mut places = Vec::new();
     let chunks: Vec<&[u8]> = message.chunks(frame).collect();
     for (i, chunk) in chunks.iter().enumerate() {

@@ -35,9 +35,16 @@
 //! overwrites or rewrites is one it decides on as it first reads it, in the frame at
 //! hand (a value's header split between two frames is read on from a copy of its first
 //! bytes), but for a claim whose constructor ends a frame: that frame waits for the
-//! size in the delivery's next one ([`Hold`]). The protocol headers and SASL pass as they are;
+//! size in the delivery's next one ([`Hold`]). The protocol headers pass as they are;
 //! framing that is not AMQP before the first protocol header (another protocol's server)
 //! passes too, for fe2o3-amqp to say what it is, and after it is an error.
+//!
+//! Every performative, SASL's too, is read as the decoder reads it, and a frame whose
+//! performative the two would read apart ends the connection ([`Performative::read`]):
+//! the decoder reads a list by its count, and the message of a transfer is whatever
+//! follows what it read, so a performative laid out otherwise hid a message from the
+//! guard. Frames are held to 512 bytes until the broker's `open`, to the driver's
+//! `max-frame-size` after ([`MAX_FRAME`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -82,9 +89,16 @@ pub(crate) const MAX_BODY_ITEMS: u64 = 1 << 20;
 /// A byte no AMQP encoding starts with.
 const NO_TYPE: u8 = 0xff;
 
-/// Frames larger than this are not AMQP (an HTTP answer read as a frame header is over
-/// a gigabyte).
-const MAX_FRAME: usize = 64 << 20;
+/// The largest frame before the broker's `open`: AMQP 1.0's MIN-MAX-FRAME-SIZE, which
+/// fe2o3-amqp holds the broker to as well. An HTTP answer read as a frame header is
+/// over a gigabyte; a broker that claimed 64 MiB here had the guard buffer it before
+/// any login.
+const MAX_FRAME_BEFORE_OPEN: usize = 512;
+
+/// The largest frame after it: the `max-frame-size` the driver's `open` offers,
+/// fe2o3-amqp's default (`fe2o3_amqp::connection::DEFAULT_MAX_FRAME_SIZE`; a number
+/// here, since the fuzz target builds this file alone: a test checks the two agree).
+const MAX_FRAME: usize = 256 << 10;
 
 /// How much the guard reads from the socket at a time.
 const READ_CHUNK: usize = 64 << 10;
@@ -103,6 +117,8 @@ pub(crate) struct Guarded<S> {
     checked: u64,
     /// A protocol header came: what follows is AMQP framing.
     framing: bool,
+    /// The broker's `open` came: frames may be [`MAX_FRAME`] long.
+    opened: bool,
     /// Not AMQP from the start (another protocol's server): everything passes.
     passthrough: bool,
     /// The broker broke the framing after its protocol header: the error to give once
@@ -137,6 +153,7 @@ impl<S> Guarded<S> {
             released: 0,
             checked: 0,
             framing: false,
+            opened: false,
             passthrough: false,
             broken: None,
             eof: false,
@@ -174,7 +191,12 @@ impl<S> Guarded<S> {
             let size = u32::from_be_bytes([available[0], available[1], available[2], available[3]])
                 as usize;
             let body_offset = usize::from(available[4]) * 4;
-            if !(8..=MAX_FRAME).contains(&size) || !(8..=size).contains(&body_offset) {
+            let max_frame = if self.opened {
+                MAX_FRAME
+            } else {
+                MAX_FRAME_BEFORE_OPEN
+            };
+            if !(8..=max_frame).contains(&size) || !(8..=size).contains(&body_offset) {
                 if self.framing {
                     self.broken = Some(format!(
                         "the broker sent a frame AMQP 1.0 framing does not allow (size {size}, header {body_offset} bytes)"
@@ -191,23 +213,44 @@ impl<S> Guarded<S> {
                 available[5],
                 u16::from_be_bytes([available[6], available[7]]),
             );
-            if kind == 0 && size > body_offset {
+            if size > body_offset {
                 let body = start + body_offset..start + size;
-                self.on_amqp_frame(channel, body);
+                let read = Performative::read(&self.buf[body.clone()]).map(|p| p.summary());
+                match (kind, read) {
+                    (0, Ok(performative)) => self.on_amqp_frame(channel, performative, body),
+                    // SASL's are only checked: nothing in them is followed.
+                    (1, Ok(_)) => {}
+                    (_, Err(why)) if self.framing => {
+                        self.broken = Some(format!(
+                            "the broker sent a frame the driver does not read as fe2o3-amqp would: {why}"
+                        ));
+                        continue;
+                    }
+                    // Not AMQP before its protocol header (another protocol's server).
+                    (_, Err(_)) => {
+                        self.passthrough = true;
+                        continue;
+                    }
+                    // Another frame type: fe2o3-amqp refuses it.
+                    _ => {}
+                }
             }
             self.checked += size as u64;
             self.bound_holds();
         }
     }
 
-    fn on_amqp_frame(&mut self, channel: u16, body: std::ops::Range<usize>) {
-        let Some(performative) = Performative::read(&self.buf[body.clone()]) else {
-            return;
-        };
-        let code = performative.code;
-        let handle = performative.handle(if code == ATTACH { 1 } else { 0 });
-        let (more, aborted, fields_end) =
-            (performative.flag(5), performative.flag(9), performative.end);
+    fn on_amqp_frame(&mut self, channel: u16, performative: Summary, body: std::ops::Range<usize>) {
+        let Summary {
+            code,
+            handle,
+            more,
+            aborted,
+            end: fields_end,
+        } = performative;
+        if code == OPEN {
+            self.opened = true;
+        }
         match (code, handle) {
             (TRANSFER, Some(handle)) if aborted => {
                 // The delivery ends here, unfinished.
@@ -380,12 +423,31 @@ impl<S> std::fmt::Debug for Guarded<S> {
     }
 }
 
+const OPEN: u64 = 0x10;
 const BEGIN: u64 = 0x11;
 const ATTACH: u64 = 0x12;
 const TRANSFER: u64 = 0x14;
 const DETACH: u64 = 0x16;
 const END: u64 = 0x17;
 const CLOSE: u64 = 0x18;
+
+/// The performatives AMQP 1.0 has (SASL's too): code, name, how many fields.
+const PERFORMATIVES: [(u64, &[u8], usize); 14] = [
+    (OPEN, b"amqp:open:list", 10),
+    (BEGIN, b"amqp:begin:list", 8),
+    (ATTACH, b"amqp:attach:list", 14),
+    (0x13, b"amqp:flow:list", 11),
+    (TRANSFER, b"amqp:transfer:list", 11),
+    (0x15, b"amqp:disposition:list", 6),
+    (DETACH, b"amqp:detach:list", 3),
+    (END, b"amqp:end:list", 1),
+    (CLOSE, b"amqp:close:list", 1),
+    (0x40, b"amqp:sasl-mechanisms:list", 1),
+    (0x41, b"amqp:sasl-init:list", 3),
+    (0x42, b"amqp:sasl-challenge:list", 1),
+    (0x43, b"amqp:sasl-response:list", 1),
+    (0x44, b"amqp:sasl-outcome:list", 2),
+];
 
 /// A performative, which the broker writes: its descriptor code and its fields.
 struct Performative<'a> {
@@ -398,48 +460,91 @@ struct Performative<'a> {
     end: usize,
 }
 
+/// What the guard follows of a performative, apart from the frame's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    code: u64,
+    /// A transfer's, attach's or detach's link handle.
+    handle: Option<u32>,
+    /// A transfer's `more` and `aborted`.
+    more: bool,
+    aborted: bool,
+    /// Where its fields end in the frame's body.
+    end: usize,
+}
+
 impl<'a> Performative<'a> {
-    fn read(body: &'a [u8]) -> Option<Performative<'a>> {
-        let (code, mut at) = match body {
+    /// Reads the performative at the front of a frame's body as fe2o3-amqp's decoder
+    /// does, or says why not. Where the two would part (a list whose items end
+    /// elsewhere than its size says, more items than the performative has fields, a
+    /// `sym32` descriptor, which the decoder reads ahead by what its size claims), the
+    /// decoder would read what the guard did not check: a message's sections hidden in
+    /// the performative, values nested past any stack, a 4 GiB claim. The frame is
+    /// refused then, as are values nested past [`MAX_DEPTH`], claims past the frame and
+    /// more than [`MAX_VALUES`] values.
+    fn read(body: &'a [u8]) -> Result<Performative<'a>, &'static str> {
+        const CUT_SHORT: &str = "a performative cut short";
+        const UNKNOWN: &str = "a performative AMQP 1.0 does not have";
+        let (code, at) = match body {
             [0x00, 0x53, code, ..] => (u64::from(*code), 3),
-            [0x00, 0x80, rest @ ..] => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 10),
+            [0x00, 0x80, rest @ ..] => {
+                let code: [u8; 8] = rest
+                    .get(..8)
+                    .ok_or(CUT_SHORT)?
+                    .try_into()
+                    .map_err(|_| CUT_SHORT)?;
+                (u64::from_be_bytes(code), 10)
+            }
             [0x00, 0xa3, n, rest @ ..] => {
-                let code = match rest.get(..usize::from(*n))? {
-                    b"amqp:begin:list" => BEGIN,
-                    b"amqp:attach:list" => ATTACH,
-                    b"amqp:transfer:list" => TRANSFER,
-                    b"amqp:detach:list" => DETACH,
-                    b"amqp:end:list" => END,
-                    b"amqp:close:list" => CLOSE,
-                    _ => return None,
-                };
+                let name = rest.get(..usize::from(*n)).ok_or(CUT_SHORT)?;
+                let code = PERFORMATIVES
+                    .iter()
+                    .find(|(_, known, _)| *known == name)
+                    .map(|(code, _, _)| *code)
+                    .ok_or(UNKNOWN)?;
                 (code, 3 + usize::from(*n))
             }
-            _ => return None,
+            _ => return Err("a performative that is not described by a ulong or a short symbol"),
         };
-        let (count, end) = match body.get(at..)? {
+        let fields_allowed = PERFORMATIVES
+            .iter()
+            .find(|(known, _, _)| *known == code)
+            .map(|(_, _, fields)| *fields)
+            .ok_or(UNKNOWN)?;
+        let list = body.get(at..).ok_or(CUT_SHORT)?;
+        let (count, fields) = match list {
             [0x45, ..] => (0, at + 1),
-            [0xc0, size, count, ..] => {
-                at += 3;
-                (usize::from(*count), at - 1 + usize::from(*size))
+            [0xc0, _, count, ..] => (usize::from(*count), at + 3),
+            [0xd0, _, _, _, _, c0, c1, c2, c3, ..] => {
+                (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, at + 9)
             }
-            [0xd0, s0, s1, s2, s3, c0, c1, c2, c3, ..] => {
-                at += 9;
-                let size = u32::from_be_bytes([*s0, *s1, *s2, *s3]) as usize;
-                (
-                    u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize,
-                    at - 4 + size,
-                )
-            }
-            _ => return None,
+            _ => return Err("a performative that is not a list"),
         };
-        (end <= body.len()).then_some(Performative {
+        if count > fields_allowed {
+            return Err("a performative with more items than it has fields");
+        }
+        let mut values = 0;
+        let len = strict_len(list, 1, &mut values).ok_or(
+            "a performative whose items do not end where a size says, that claims past its frame, nests too deep or holds too many values",
+        )?;
+        Ok(Performative {
             code,
             body,
-            fields: at,
+            fields,
             count,
-            end,
+            end: at + len,
         })
+    }
+
+    /// What the guard follows of it.
+    fn summary(&self) -> Summary {
+        Summary {
+            code: self.code,
+            handle: self.handle(if self.code == ATTACH { 1 } else { 0 }),
+            more: self.flag(5),
+            aborted: self.flag(9),
+            end: self.end,
+        }
     }
 
     /// The encoding of field `index`, if the list has it.
@@ -488,6 +593,129 @@ fn encoded_len(bytes: &[u8]) -> Option<usize> {
     }
     let descriptor = primitive(bytes.get(1..)?)?;
     Some(1 + descriptor + primitive(bytes.get(1 + descriptor..)?)?)
+}
+
+/// The whole length of the value at the front of `bytes` as fe2o3-amqp's decoder reads
+/// a performative's: compounds item by item, by their count. `None` where that reading
+/// would part from the encoding's (a list, map or array whose items end elsewhere
+/// than its size says, a map with an odd count, a value described twice or by what is
+/// not a ulong or a short symbol) and for what the guard refuses in a performative: a
+/// claim past `bytes`, a level deeper than [`MAX_DEPTH`] (`depth` counts those around
+/// the value), more than [`MAX_VALUES`] values (`values` counts them).
+fn strict_len(bytes: &[u8], depth: usize, values: &mut u64) -> Option<usize> {
+    *values += 1;
+    if *values > MAX_VALUES {
+        return None;
+    }
+    let (code, constructor) = constructor(bytes, depth)?;
+    Some(constructor + strict_body(code, bytes.get(constructor..)?, depth, values)?)
+}
+
+/// A value's constructor: its code and length, a descriptor's included (a described
+/// value is a level of its own).
+fn constructor(bytes: &[u8], depth: usize) -> Option<(u8, usize)> {
+    match *bytes.first()? {
+        0x00 if depth >= MAX_DEPTH => None,
+        0x00 => {
+            let descriptor = match *bytes.get(1)? {
+                0x44 => 1,
+                0x53 => 2,
+                0x80 => 9,
+                0xa3 => 2 + usize::from(*bytes.get(2)?),
+                // A `sym32` the decoder reads ahead by what its size claims.
+                _ => return None,
+            };
+            match *bytes.get(1 + descriptor)? {
+                0x00 => None,
+                code => Some((code, 2 + descriptor)),
+            }
+        }
+        code => Some((code, 1)),
+    }
+}
+
+/// The length of a value's encoding after its constructor `code`: an array's items
+/// are only that.
+fn strict_body(code: u8, bytes: &[u8], depth: usize, values: &mut u64) -> Option<usize> {
+    match code {
+        0xc0 | 0xc1 | 0xe0 => compound_body(code, 1, bytes, depth, values),
+        0xd0 | 0xd1 | 0xf0 => compound_body(code, 4, bytes, depth, values),
+        _ => {
+            let len = match Shape::of(code)? {
+                Shape::Described => return None,
+                Shape::Fixed(width) => width,
+                Shape::Sized(width) => width.checked_add(read_size(bytes, width)?)?,
+            };
+            (len <= bytes.len()).then_some(len)
+        }
+    }
+}
+
+/// A size or count of `width` (1 or 4) bytes.
+fn read_size(bytes: &[u8], width: usize) -> Option<usize> {
+    match width {
+        1 => Some(usize::from(*bytes.first()?)),
+        _ => {
+            let b = bytes.get(..4)?;
+            Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        }
+    }
+}
+
+/// A list's, map's or array's encoding after its constructor: its size and count,
+/// `width` bytes each, then its items by their count, which must end where its size
+/// says.
+fn compound_body(
+    code: u8,
+    width: usize,
+    bytes: &[u8],
+    depth: usize,
+    values: &mut u64,
+) -> Option<usize> {
+    if depth >= MAX_DEPTH {
+        return None;
+    }
+    let end = width.checked_add(read_size(bytes, width)?)?;
+    let items = bytes.get(..end)?;
+    let count = read_size(items.get(width..)?, width)?;
+    let mut at = 2 * width;
+    if at > end {
+        return None;
+    }
+    match code {
+        0xc1 | 0xd1 if count % 2 == 1 => return None,
+        0xe0 | 0xf0 => {
+            // One constructor for all the items, which have none of their own.
+            let (element, constructor) = constructor(items.get(at..)?, depth + 1)?;
+            at += constructor;
+            match Shape::of(element)? {
+                Shape::Fixed(width) => {
+                    // The decoder makes a value of each, also of those that take no
+                    // byte: counted, not read one by one.
+                    *values = values.saturating_add(count as u64);
+                    if *values > MAX_VALUES || count.checked_mul(width)? != end - at {
+                        return None;
+                    }
+                    at = end;
+                }
+                _ => {
+                    for _ in 0..count {
+                        *values += 1;
+                        if *values > MAX_VALUES {
+                            return None;
+                        }
+                        at += strict_body(element, items.get(at..)?, depth + 1, values)?;
+                    }
+                }
+            }
+        }
+        _ => {
+            for _ in 0..count {
+                at += strict_len(items.get(at..)?, depth + 1, values)?;
+            }
+        }
+    }
+    (at == end).then_some(end)
 }
 
 /// How a constructor's value is laid out, by the constructor's high nibble.
@@ -1018,11 +1246,11 @@ mod tests {
         out
     }
 
-    /// A stream: the protocol header, then each payload in a transfer frame of its own
-    /// on `(channel, handle)`, `more` on all but the last of each delivery. Returns the
-    /// stream and where each payload sits in it.
+    /// A stream: the protocol header and the broker's `open`, then each payload in a
+    /// transfer frame of its own on `(channel, handle)`, `more` on all but the last of
+    /// each delivery. Returns the stream and where each payload sits in it.
     fn stream(transfers: &[(u16, u32, bool, &[u8])]) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
-        let mut bytes = b"AMQP\x00\x01\x00\x00".to_vec();
+        let mut bytes = super::fuzz_harness::OPENED.to_vec();
         let mut places = Vec::new();
         for (channel, handle, more, payload) in transfers {
             let items = [
@@ -1599,7 +1827,7 @@ mod tests {
             (0, 1, false, second),
         ]);
         // A transfer frame's header and performative, before its payload.
-        let before_payload = places[0].start - 8;
+        let before_payload = places[0].start - super::fuzz_harness::OPENED.len();
         // The broker's bytes come in two reads: up to the frame with the size, then it.
         let split = places[4].start - before_payload;
         let mut guard = Guarded::new(tokio::io::AsyncReadExt::chain(
@@ -1650,7 +1878,14 @@ mod tests {
         ]
         .concat();
         let mut transfers = vec![(0, 1, true, first)];
-        transfers.extend(std::iter::repeat_n((1, 1, false, &big[..]), 17));
+        // Seventeen deliveries of 1 MiB on another link, in frames the size the
+        // driver's `open` allows.
+        let chunks: Vec<&[u8]> = big.chunks(MAX_FRAME - 64).collect();
+        for _ in 0..17 {
+            for (i, chunk) in chunks.iter().enumerate() {
+                transfers.push((1, 1, i + 1 < chunks.len(), *chunk));
+            }
+        }
         let (bytes, places) = stream(&transfers);
         let out = guarded(&bytes, 1 << 16);
         assert_eq!(
@@ -1845,6 +2080,138 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(error.to_string().contains("size 4294967295"), "{error}");
         assert_eq!(out, bytes[..good]);
+    }
+
+    /// A frame of `body` on channel 0, of `kind` (0 AMQP, 1 SASL).
+    fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let size = u32::try_from(8 + body.len()).unwrap();
+        [&size.to_be_bytes()[..], &[2, kind, 0, 0], body].concat()
+    }
+
+    /// Whether the guard ends the stream with an error after `good` bytes, handing on
+    /// those and nothing after them.
+    fn refused_after(bytes: &[u8], good: usize) -> String {
+        for step in [1, 7, 4096] {
+            let (out, read) = super::fuzz_harness::through_guard(bytes, step);
+            let error = read.expect_err("the guard refuses the frame");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+            assert_eq!(out, bytes[..good], "read {step} bytes at a time");
+            if step == 4096 {
+                return error.to_string();
+            }
+        }
+        unreachable!()
+    }
+
+    /// Performatives fe2o3-amqp's decoder reads otherwise than their sizes say hid a
+    /// message from the guard (review, 2026-12-06): a list size past the frame, which
+    /// the guard took for no performative and passed unchecked; more items than a
+    /// transfer has fields; a `state` whose list holds more bytes than its items, which
+    /// moved `aborted` under the guard; a `sym32` descriptor. Each is refused now, the
+    /// connection ended, where the decoder went on to a message nested 80,000 deep.
+    #[test]
+    fn performatives_the_decoder_reads_otherwise_are_refused() {
+        let deep = [
+            &[
+                0x00, 0x53, 0x72, 0xd1, 0, 0, 0, 0, 0, 0, 0, 2, 0xa3, 1, b'k',
+            ][..],
+            &[0xc0, 1, 1].repeat(300),
+            &[0x40],
+        ]
+        .concat();
+        for (what, performative) in [
+            (
+                "a list size past the frame",
+                &[
+                    0x00, 0x53, 0x14, 0xd0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 6, 0x43, 0x43, 0xa0,
+                    1, 1, 0x43, 0x42, 0x42,
+                ][..],
+            ),
+            (
+                "more items than fields",
+                &[
+                    0x00, 0x53, 0x14, 0xc0, 0x0d, 0x0c, 0x43, 0x43, 0xa0, 1, 1, 0x43, 0x42, 0x42,
+                    0x40, 0x40, 0x40, 0x40, 0x40, 0x40,
+                ][..],
+            ),
+            (
+                "a state list holding more than its items",
+                &[
+                    0x00, 0x53, 0x14, 0xc0, 0x10, 0x0a, 0x43, 0x43, 0xa0, 1, 1, 0x43, 0x42, 0x42,
+                    0x00, 0x53, 0x24, 0xc0, 0x02, 0x00, 0x42, 0x41,
+                ][..],
+            ),
+            (
+                "a sym32 descriptor",
+                &[
+                    &[0x00, 0xb3, 0, 0, 0, 18][..],
+                    b"amqp:transfer:list",
+                    &[0xc0, 0x01, 0x00],
+                ]
+                .concat()[..],
+            ),
+        ] {
+            let good = super::fuzz_harness::OPENED.len();
+            let bytes = [
+                super::fuzz_harness::OPENED,
+                &frame(0, &[performative, &deep].concat()),
+            ]
+            .concat();
+            let error = refused_after(&bytes, good);
+            assert!(
+                error.contains("does not read as fe2o3-amqp would"),
+                "{what}: {error}"
+            );
+        }
+    }
+
+    /// What the broker says outside messages is checked as well (review, 2026-12-06): a
+    /// SASL frame with a `sym32` descriptor claiming 4 GiB, which the decoder allocated
+    /// and zeroed before any login, and a `close` whose error info nests deeper than
+    /// [`MAX_DEPTH`], which overflowed the stack of an application on tokio's default.
+    #[test]
+    fn performatives_claiming_or_nesting_past_the_limits_are_refused() {
+        let sasl = [
+            &b"AMQP\x03\x01\x00\x00"[..],
+            &frame(1, &[0x00, 0xb3, 0xff, 0xff, 0xff, 0xff]),
+        ]
+        .concat();
+        refused_after(&sasl, 8);
+        let mut info = vec![0xc1, 0, 0];
+        info.extend_from_slice(&[0xc0, 1, 1].repeat(MAX_DEPTH));
+        info.push(0x40);
+        let close = [
+            &[0x00, 0x53, 0x18, 0xc0, 0, 1, 0x00, 0x53, 0x1d, 0xd0][..],
+            &[
+                0, 0, 0, 0, 0, 0, 0, 3, 0xa3, 1, b'x', 0x40, 0xd1, 0, 0, 0, 0, 0, 0, 0, 2,
+            ],
+            &[0xa3, 1, b'k'],
+            &info,
+        ]
+        .concat();
+        let good = super::fuzz_harness::OPENED.len();
+        let bytes = [super::fuzz_harness::OPENED, &frame(0, &close)].concat();
+        refused_after(&bytes, good);
+    }
+
+    /// Frames past what the connection allows end it at their header, not once they
+    /// are buffered: 512 bytes before the broker's `open` (64 MiB were buffered before
+    /// any login), the driver's `max-frame-size` after.
+    #[test]
+    fn frames_past_the_size_allowed_end_the_connection_at_their_header() {
+        assert_eq!(
+            MAX_FRAME,
+            fe2o3_amqp::connection::DEFAULT_MAX_FRAME_SIZE as usize
+        );
+        let mut before_open = b"AMQP\x03\x01\x00\x00".to_vec();
+        before_open.extend_from_slice(&[0x04, 0, 0, 0, 2, 1, 0, 0]);
+        let error = refused_after(&before_open, 8);
+        assert!(error.contains("size 67108864"), "{error}");
+        let good = super::fuzz_harness::OPENED.len();
+        let mut after_open = super::fuzz_harness::OPENED.to_vec();
+        after_open.extend_from_slice(&u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes());
+        after_open.extend_from_slice(&[2, 0, 0, 0]);
+        refused_after(&after_open, good);
     }
 
     /// Replays the committed corpus of the fuzz target `amqp10_guard`: a find stays
