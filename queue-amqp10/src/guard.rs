@@ -2257,6 +2257,37 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes as a frame's body, AMQP or SASL, behind a well-formed
+        /// performative's first bytes or not: the guard never panics, and either ends
+        /// the connection after what came before or hands on every byte.
+        #[test]
+        fn any_performative(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            described in any::<bool>(),
+            kind in 0u8..2,
+            step in 1usize..64,
+        ) {
+            let body = if described {
+                [&[0x00, 0x53, 0x10 + body.first().copied().unwrap_or(0) % 9][..], &body].concat()
+            } else {
+                body
+            };
+            let good = super::fuzz_harness::OPENED.len();
+            let bytes = [super::fuzz_harness::OPENED, &frame(kind, &body)].concat();
+            let (out, read) = super::fuzz_harness::through_guard(&bytes, step);
+            match read {
+                Ok(()) => prop_assert_eq!(out.len(), bytes.len()),
+                Err(e) => {
+                    prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                    prop_assert_eq!(&out[..], &bytes[..good]);
+                }
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// However the broker splits it, a message the decoder reads without going too
