@@ -599,39 +599,104 @@ fn encoded_len(bytes: &[u8]) -> Option<usize> {
 /// a performative's: compounds item by item, by their count. `None` where that reading
 /// would part from the encoding's (a list, map or array whose items end elsewhere
 /// than its size says, a map with an odd count, a value described twice or by what is
-/// not a ulong or a short symbol) and for what the guard refuses in a performative: a
-/// claim past `bytes`, a level deeper than [`MAX_DEPTH`] (`depth` counts those around
-/// the value), more than [`MAX_VALUES`] values (`values` counts them).
+/// not a ulong or a short symbol, a described list the decoder reads into a type with
+/// fewer fields than it has items, an array of compounds or of described values) and
+/// for what the guard refuses in a performative: a claim past `bytes`, a level deeper
+/// than [`MAX_DEPTH`] (`depth` counts those around the value; a described value is one
+/// of its own), more than [`MAX_VALUES`] values (`values` counts them).
 fn strict_len(bytes: &[u8], depth: usize, values: &mut u64) -> Option<usize> {
     *values += 1;
     if *values > MAX_VALUES {
         return None;
     }
-    let (code, constructor) = constructor(bytes, depth)?;
-    Some(constructor + strict_body(code, bytes.get(constructor..)?, depth, values)?)
+    let (code, constructor, descriptor) = constructor(bytes)?;
+    let depth = if descriptor.is_some() {
+        depth + 1
+    } else {
+        depth
+    };
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let value = bytes.get(constructor..)?;
+    // The decoder reads these described lists into types of so many fields and leaves
+    // further items unread, where the next field is then read from.
+    if let Some(fields) = descriptor.and_then(struct_fields) {
+        let count = match (code, value) {
+            (0x45, _) => 0,
+            (0xc0, [_, count, ..]) => usize::from(*count),
+            (0xd0, [_, _, _, _, c0, c1, c2, c3, ..]) => {
+                u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize
+            }
+            _ => return None,
+        };
+        if count > fields {
+            return None;
+        }
+    }
+    Some(constructor + strict_body(code, value, depth, values)?)
 }
 
-/// A value's constructor: its code and length, a descriptor's included (a described
-/// value is a level of its own).
-fn constructor(bytes: &[u8], depth: usize) -> Option<(u8, usize)> {
-    match *bytes.first()? {
-        0x00 if depth >= MAX_DEPTH => None,
-        0x00 => {
-            let descriptor = match *bytes.get(1)? {
-                0x44 => 1,
-                0x53 => 2,
-                0x80 => 9,
-                0xa3 => 2 + usize::from(*bytes.get(2)?),
-                // A `sym32` the decoder reads ahead by what its size claims.
-                _ => return None,
-            };
-            match *bytes.get(1 + descriptor)? {
-                0x00 => None,
-                code => Some((code, 2 + descriptor)),
-            }
-        }
-        code => Some((code, 1)),
+/// A value's constructor: its code, its length (a descriptor's included) and the
+/// descriptor's code, if it is described (a symbol's by its name; `u64::MAX` for one
+/// AMQP does not name).
+fn constructor(bytes: &[u8]) -> Option<(u8, usize, Option<u64>)> {
+    if *bytes.first()? != 0x00 {
+        return Some((bytes[0], 1, None));
     }
+    let (descriptor, len) = match *bytes.get(1)? {
+        0x44 => (0, 1),
+        0x53 => (u64::from(*bytes.get(2)?), 2),
+        0x80 => (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?), 9),
+        0xa3 => {
+            let n = usize::from(*bytes.get(2)?);
+            (code_named(bytes.get(3..3 + n)?), 2 + n)
+        }
+        // A `sym32` the decoder reads ahead by what its size claims.
+        _ => return None,
+    };
+    match *bytes.get(1 + len)? {
+        0x00 => None,
+        code => Some((code, 2 + len, Some(descriptor))),
+    }
+}
+
+/// The described lists fe2o3-amqp reads into types of a fixed number of fields, by
+/// descriptor code and name, with that number.
+const STRUCTS: [(u64, &[u8], usize); 16] = [
+    (0x1d, b"amqp:error:list", 3),
+    (0x23, b"amqp:received:list", 2),
+    (0x24, b"amqp:accepted:list", 0),
+    (0x25, b"amqp:rejected:list", 1),
+    (0x26, b"amqp:released:list", 0),
+    (0x27, b"amqp:modified:list", 3),
+    (0x28, b"amqp:source:list", 11),
+    (0x29, b"amqp:target:list", 7),
+    (0x2b, b"amqp:delete-on-close:list", 0),
+    (0x2c, b"amqp:delete-on-no-links:list", 0),
+    (0x2d, b"amqp:delete-on-no-messages:list", 0),
+    (0x2e, b"amqp:delete-on-no-links-or-messages:list", 0),
+    (0x30, b"amqp:coordinator:list", 1),
+    (0x33, b"amqp:declared:list", 1),
+    (0x34, b"amqp:transactional-state:list", 2),
+    (0x32, b"amqp:discharge:list", 2),
+];
+
+fn struct_fields(descriptor: u64) -> Option<usize> {
+    STRUCTS
+        .iter()
+        .find(|(code, _, _)| *code == descriptor)
+        .map(|(_, _, fields)| *fields)
+}
+
+/// The code of a descriptor given by its name: a performative's or a type's that the
+/// decoder reads into a struct; `u64::MAX` for another.
+fn code_named(name: &[u8]) -> u64 {
+    PERFORMATIVES
+        .iter()
+        .chain(STRUCTS.iter())
+        .find(|(_, known, _)| *known == name)
+        .map_or(u64::MAX, |(code, _, _)| *code)
 }
 
 /// The length of a value's encoding after its constructor `code`: an array's items
@@ -685,8 +750,14 @@ fn compound_body(
     match code {
         0xc1 | 0xd1 if count % 2 == 1 => return None,
         0xe0 | 0xf0 => {
-            // One constructor for all the items, which have none of their own.
-            let (element, constructor) = constructor(items.get(at..)?, depth + 1)?;
+            // One constructor for all the items, which have none of their own. The
+            // decoder forgets it inside a compound item (it reads a list's second
+            // item's size as a constructor, and a map's keys as maps, again and again,
+            // nesting without end): none in a performative, nor described items.
+            let (element, constructor, descriptor) = constructor(items.get(at..)?)?;
+            if descriptor.is_some() || matches!(element, 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0) {
+                return None;
+            }
             at += constructor;
             match Shape::of(element)? {
                 Shape::Fixed(width) => {
@@ -2103,12 +2174,61 @@ mod tests {
         unreachable!()
     }
 
+    /// A list32 (or map32, with `0xd1`) of `items`, each encoded, its size right.
+    fn compound32(code: u8, items: &[&[u8]]) -> Vec<u8> {
+        let body = items.concat();
+        [
+            &[code][..],
+            &u32::try_from(body.len() + 4).unwrap().to_be_bytes(),
+            &u32::try_from(items.len()).unwrap().to_be_bytes(),
+            &body,
+        ]
+        .concat()
+    }
+
+    /// `value` described by the small ulong `code`.
+    fn described(code: u8, value: &[u8]) -> Vec<u8> {
+        [&[0x00, 0x53, code][..], value].concat()
+    }
+
+    /// Lists nested `depth` deep around a null, every size right.
+    fn nested_right(depth: usize) -> Vec<u8> {
+        (0..depth).fold(vec![0x40], |inner, _| compound32(0xd0, &[&inner]))
+    }
+
+    /// A transfer on handle 0 whose `state` field is `state`, then `resume` and
+    /// `aborted` false.
+    fn transfer_with_state(state: &[u8]) -> Vec<u8> {
+        let fields: [&[u8]; 10] = [
+            &[0x43],
+            &[0x43],
+            &[0xa0, 1, 1],
+            &[0x43],
+            &[0x42],
+            &[0x42],
+            &[0x40],
+            state,
+            &[0x42],
+            &[0x42],
+        ];
+        described(0x14, &compound32(0xd0, &fields))
+    }
+
+    /// A `close` whose error's `info` is `{"k": value}`.
+    fn close_with_info(value: &[u8]) -> Vec<u8> {
+        let info = compound32(0xd1, &[&[0xa3, 1, b'k'], value]);
+        let error = described(0x1d, &compound32(0xd0, &[&[0xa3, 1, b'x'], &[0x40], &info]));
+        described(0x18, &compound32(0xd0, &[&error]))
+    }
+
     /// Performatives fe2o3-amqp's decoder reads otherwise than their sizes say hid a
-    /// message from the guard (review, 2026-12-06): a list size past the frame, which
-    /// the guard took for no performative and passed unchecked; more items than a
-    /// transfer has fields; a `state` whose list holds more bytes than its items, which
-    /// moved `aborted` under the guard; a `sym32` descriptor. Each is refused now, the
-    /// connection ended, where the decoder went on to a message nested 80,000 deep.
+    /// message from the guard (two reviews, 2026-12-06): a list size past the frame,
+    /// which the guard took for no performative and passed unchecked; more items than
+    /// a transfer has fields; a `state` whose list holds more than its items, or more
+    /// items than its type has fields (the decoder reads the transfer's next fields
+    /// from them, which moved `aborted` under the guard); a `sym32` descriptor. Each
+    /// ends the connection now, where the decoder went on to a message nested 80,000
+    /// deep.
     #[test]
     fn performatives_the_decoder_reads_otherwise_are_refused() {
         let deep = [
@@ -2119,42 +2239,41 @@ mod tests {
             &[0x40],
         ]
         .concat();
+        let twelve: Vec<&[u8]> = std::iter::repeat_n(&[0x40u8][..], 12).collect();
         for (what, performative) in [
             (
                 "a list size past the frame",
-                &[
+                vec![
                     0x00, 0x53, 0x14, 0xd0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 6, 0x43, 0x43, 0xa0,
                     1, 1, 0x43, 0x42, 0x42,
-                ][..],
+                ],
             ),
             (
                 "more items than fields",
-                &[
-                    0x00, 0x53, 0x14, 0xc0, 0x0d, 0x0c, 0x43, 0x43, 0xa0, 1, 1, 0x43, 0x42, 0x42,
-                    0x40, 0x40, 0x40, 0x40, 0x40, 0x40,
-                ][..],
+                described(0x14, &compound32(0xd0, &twelve)),
             ),
             (
                 "a state list holding more than its items",
-                &[
-                    0x00, 0x53, 0x14, 0xc0, 0x10, 0x0a, 0x43, 0x43, 0xa0, 1, 1, 0x43, 0x42, 0x42,
-                    0x00, 0x53, 0x24, 0xc0, 0x02, 0x00, 0x42, 0x41,
-                ][..],
+                transfer_with_state(&[0x00, 0x53, 0x24, 0xc0, 0x02, 0x00, 0x42]),
+            ),
+            (
+                "a state with more items than its type has fields",
+                transfer_with_state(&[0x00, 0x53, 0x24, 0xc0, 0x02, 0x01, 0x42]),
             ),
             (
                 "a sym32 descriptor",
-                &[
+                [
                     &[0x00, 0xb3, 0, 0, 0, 18][..],
                     b"amqp:transfer:list",
                     &[0xc0, 0x01, 0x00],
                 ]
-                .concat()[..],
+                .concat(),
             ),
         ] {
             let good = super::fuzz_harness::OPENED.len();
             let bytes = [
                 super::fuzz_harness::OPENED,
-                &frame(0, &[performative, &deep].concat()),
+                &frame(0, &[&performative[..], &deep].concat()),
             ]
             .concat();
             let error = refused_after(&bytes, good);
@@ -2163,12 +2282,19 @@ mod tests {
                 "{what}: {error}"
             );
         }
+        // The same transfer with a state as it is written passes.
+        let fine = transfer_with_state(&[0x00, 0x53, 0x24, 0x45]);
+        let bytes = [super::fuzz_harness::OPENED, &frame(0, &fine)].concat();
+        assert_eq!(guarded(&bytes, 7), bytes);
     }
 
-    /// What the broker says outside messages is checked as well (review, 2026-12-06): a
-    /// SASL frame with a `sym32` descriptor claiming 4 GiB, which the decoder allocated
-    /// and zeroed before any login, and a `close` whose error info nests deeper than
-    /// [`MAX_DEPTH`], which overflowed the stack of an application on tokio's default.
+    /// What the broker says outside messages is checked as well (two reviews,
+    /// 2026-12-06): a SASL frame with a `sym32` descriptor claiming 4 GiB, which the
+    /// decoder allocated and zeroed before any login; a `close` whose error info nests
+    /// deeper than [`MAX_DEPTH`], which overflowed the stack of an application on
+    /// tokio's default; an array of maps there, which the decoder reads as maps inside
+    /// maps for as long as the frame goes (it forgets an array's constructor inside a
+    /// list, never inside a map).
     #[test]
     fn performatives_claiming_or_nesting_past_the_limits_are_refused() {
         let sasl = [
@@ -2177,21 +2303,36 @@ mod tests {
         ]
         .concat();
         refused_after(&sasl, 8);
-        let mut info = vec![0xc1, 0, 0];
-        info.extend_from_slice(&[0xc0, 1, 1].repeat(MAX_DEPTH));
-        info.push(0x40);
-        let close = [
-            &[0x00, 0x53, 0x18, 0xc0, 0, 1, 0x00, 0x53, 0x1d, 0xd0][..],
-            &[
-                0, 0, 0, 0, 0, 0, 0, 3, 0xa3, 1, b'x', 0x40, 0xd1, 0, 0, 0, 0, 0, 0, 0, 2,
-            ],
-            &[0xa3, 1, b'k'],
-            &info,
+        let good = super::fuzz_harness::OPENED.len();
+        // An array of one map of four binaries by their sizes, which the decoder
+        // reads as a map whose keys are maps, each 8 bytes deeper.
+        let map = [
+            &[0xd1, 0, 0, 0, 36, 0, 0, 0, 4][..],
+            &[0xa0, 6, 0, 0, 0, 0, 0, 2].repeat(4),
         ]
         .concat();
-        let good = super::fuzz_harness::OPENED.len();
-        let bytes = [super::fuzz_harness::OPENED, &frame(0, &close)].concat();
-        refused_after(&bytes, good);
+        let maps = [
+            &[0xf0][..],
+            &u32::try_from(4 + map.len()).unwrap().to_be_bytes(),
+            &[0, 0, 0, 1],
+            &map,
+        ]
+        .concat();
+        for info in [nested_right(MAX_DEPTH), maps] {
+            let bytes = [
+                super::fuzz_harness::OPENED,
+                &frame(0, &close_with_info(&info)),
+            ]
+            .concat();
+            refused_after(&bytes, good);
+        }
+        // Nested well within the limit, it passes.
+        let bytes = [
+            super::fuzz_harness::OPENED,
+            &frame(0, &close_with_info(&nested_right(MAX_DEPTH / 2))),
+        ]
+        .concat();
+        assert_eq!(guarded(&bytes, 7), bytes);
     }
 
     /// Frames past what the connection allows end it at their header, not once they
