@@ -527,6 +527,9 @@ impl<'a> Performative<'a> {
         let len = strict_len(list, 1, &mut values).ok_or(
             "a performative whose items do not end where a size says, that claims past its frame, nests too deep or holds too many values",
         )?;
+        if !fields_read_as_written(code, list) {
+            return Err("a performative with a field encoded otherwise than its type is read");
+        }
         Ok(Performative {
             code,
             body,
@@ -634,7 +637,14 @@ fn strict_len(bytes: &[u8], depth: usize, values: &mut u64) -> Option<usize> {
             return None;
         }
     }
-    Some(constructor + strict_body(code, value, depth, values)?)
+    let len = strict_body(code, value, depth, values)?;
+    // The described value from its own constructor on.
+    if let Some(descriptor) = descriptor
+        && !fields_read_as_written(descriptor, &bytes[constructor - 1..])
+    {
+        return None;
+    }
+    Some(constructor + len)
 }
 
 /// A value's constructor: its code, its length (a descriptor's included) and the
@@ -681,6 +691,103 @@ const STRUCTS: [(u64, &[u8], usize); 16] = [
     (0x34, b"amqp:transactional-state:list", 2),
     (0x32, b"amqp:discharge:list", 2),
 ];
+
+/// How the decoder reads a field of a performative or of a type in [`STRUCTS`], where
+/// another encoding would be read otherwise than by its size.
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    /// A delivery state, an outcome, a terminus, an error: an enum or a struct of
+    /// the decoder's, which reads a list or map given for it item by item as the
+    /// enum's name and value (or the struct's fields) and a bare name with the next
+    /// field as its value. Only a described value, or null, reads as written.
+    Described,
+    /// A map whose values are [`Field::Described`]'s (`attach`'s `unsettled`).
+    MapOfDescribed,
+    /// A terminus' durability, a unit enum the decoder reads from a uint: any other
+    /// value, a list above all, it reads apart.
+    Uint,
+}
+
+/// The fields of [`Field`]'s kinds, by performative or type code and index.
+const FIELDS: [(u64, usize, Field); 13] = [
+    (ATTACH, 5, Field::Described),
+    (ATTACH, 6, Field::Described),
+    (ATTACH, 7, Field::MapOfDescribed),
+    (TRANSFER, 7, Field::Described),
+    (0x15, 4, Field::Described),
+    (DETACH, 2, Field::Described),
+    (END, 0, Field::Described),
+    (CLOSE, 0, Field::Described),
+    (0x25, 0, Field::Described),
+    (0x28, 1, Field::Uint),
+    (0x28, 8, Field::Described),
+    (0x29, 1, Field::Uint),
+    (0x34, 1, Field::Described),
+];
+
+/// Whether each item of the list at the front of `list` (its sizes already checked),
+/// the fields of `code`, is encoded as the decoder reads its kind ([`FIELDS`]).
+fn fields_read_as_written(code: u64, list: &[u8]) -> bool {
+    let rules = || FIELDS.iter().filter(move |(c, _, _)| *c == code);
+    if rules().next().is_none() {
+        return true;
+    }
+    let (count, mut at) = match list {
+        [0x45, ..] => (0, 1),
+        [0xc0, _, count, ..] => (usize::from(*count), 3),
+        [0xd0, _, _, _, _, c0, c1, c2, c3, ..] => {
+            (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, 9)
+        }
+        _ => return false,
+    };
+    for index in 0..count {
+        let Some(item) = list.get(at..) else {
+            return false;
+        };
+        let kind = rules()
+            .find(|(_, i, _)| *i == index)
+            .map(|(_, _, kind)| *kind);
+        let fits = match (kind, item) {
+            (None, _) | (Some(_), [0x40, ..]) => true,
+            (Some(Field::Described), [0x00, ..]) => true,
+            (Some(Field::Uint), [0x43 | 0x52 | 0x70, ..]) => true,
+            (Some(Field::MapOfDescribed), [0xc1 | 0xd1, ..]) => map_values_described(item),
+            _ => false,
+        };
+        let Some(len) = encoded_len(item) else {
+            return false;
+        };
+        if !fits {
+            return false;
+        }
+        at += len;
+    }
+    true
+}
+
+/// Whether every value of the map at the front of `map` is described or null.
+fn map_values_described(map: &[u8]) -> bool {
+    let (count, mut at) = match map {
+        [0xc1, _, count, ..] => (usize::from(*count), 3),
+        [0xd1, _, _, _, _, c0, c1, c2, c3, ..] => {
+            (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, 9)
+        }
+        _ => return false,
+    };
+    for index in 0..count {
+        let Some(item) = map.get(at..) else {
+            return false;
+        };
+        if index % 2 == 1 && !matches!(item.first(), Some(0x00 | 0x40)) {
+            return false;
+        }
+        let Some(len) = encoded_len(item) else {
+            return false;
+        };
+        at += len;
+    }
+    true
+}
 
 fn struct_fields(descriptor: u64) -> Option<usize> {
     STRUCTS
@@ -749,6 +856,9 @@ fn compound_body(
     }
     match code {
         0xc1 | 0xd1 if count % 2 == 1 => return None,
+        // The decoder reads no constructor for an empty array: one there would be
+        // read as the next value.
+        0xe0 | 0xf0 if count == 0 => {}
         0xe0 | 0xf0 => {
             // One constructor for all the items, which have none of their own. The
             // decoder forgets it inside a compound item (it reads a list's second
@@ -2259,6 +2369,18 @@ mod tests {
             (
                 "a state with more items than its type has fields",
                 transfer_with_state(&[0x00, 0x53, 0x24, 0xc0, 0x02, 0x01, 0x42]),
+            ),
+            (
+                "a state in a list, its first item described",
+                transfer_with_state(&[0xc0, 0x06, 0x02, 0x00, 0x53, 0x24, 0x45, 0x42]),
+            ),
+            (
+                "a state by its bare code",
+                transfer_with_state(&[0x52, 0x24]),
+            ),
+            (
+                "an empty array with a constructor the decoder does not read",
+                close_with_info(&compound32(0xd0, &[&[0xe0, 0x02, 0x00, 0xa0], &[0x40]])),
             ),
             (
                 "a sym32 descriptor",
