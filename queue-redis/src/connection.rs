@@ -209,10 +209,10 @@ impl Link {
                 };
                 self.connected.store(false, Ordering::Relaxed);
                 self.suspect.store(true, Ordering::Relaxed);
-                tracing::warn!(node = %self.node, "redis: a command got no reply in time or its login was refused; the next ones go on a new connection (the network may have lost the old one without a word)");
+                tracing::warn!(node = %self.node, "redis: a command got no reply in time, its login was refused or the server is a replica now; the next ones go on a new connection (the network may have lost the old one without a word, or a failover moved the primary)");
             }
             Err(err) => {
-                tracing::warn!(node = %self.node, error = %err, "redis: a command got no reply in time or its login was refused, and no new connection could be set up");
+                tracing::warn!(node = %self.node, error = %err, "redis: a command got no reply in time, its login was refused or the server is a replica now, and no new connection could be set up");
             }
         }
     }
@@ -439,10 +439,17 @@ fn setting(pairs: &[String], name: &str) -> String {
 }
 
 /// Whether a failed command's connection is to be replaced: it got no reply in time
-/// (the network may have lost it without a word), or its login was refused (the
-/// redis crate keeps such a connection and fails every command on it the same way).
+/// (the network may have lost it without a word), its login was refused (the redis
+/// crate keeps such a connection and fails every command on it the same way), or the
+/// server is a replica now (a failover: the URL's name may point at the new primary,
+/// which only a new connection reaches).
 pub(crate) fn connection_is_lost(err: &RedisError) -> bool {
-    err.is_timeout() || crate::error::is_refused_login(err)
+    err.is_timeout()
+        || crate::error::is_refused_login(err)
+        || matches!(
+            err.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        )
 }
 
 /// Whether a failed command is worth telling the consumer about (the queue is gone,

@@ -219,6 +219,44 @@ async fn a_queue_redis_lost_is_declared_again() {
     assert_eq!(info.ready, Some(3), "{info:?}");
 }
 
+/// A Redis demoted to a replica (`REPLICAOF`, a failover) answers `READONLY` to every
+/// write. The driver replaces a connection such a reply came on, as after a timeout,
+/// so that a name moved to the new primary is dialled again; it kept the connection to
+/// the replica, failing every write until the process restarted.
+async fn a_read_only_reply_replaces_the_connection() {
+    let spec = queue("readonly");
+    let (node, driver) = declared(&spec).await;
+    let primary = self::node().await;
+    let opened = driver.connection().expect("a report").connections_opened;
+    node.command(&["REPLICAOF", "127.0.0.1", &primary.port().to_string()])
+        .unwrap();
+    let err = driver
+        .publish(&spec.id, numbered(1))
+        .await
+        .expect_err("a replica refuses writes");
+    assert!(err.retryable(), "{err}");
+    assert!(
+        everything_said(&err).contains("READONLY") || err.message().contains("read-only"),
+        "{err}"
+    );
+    node.command(&["REPLICAOF", "NO", "ONE"]).unwrap();
+    // The publish that follows goes on a new connection (the replica's copy of the
+    // primary emptied the queue: it is declared again).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(e) = driver.publish(&spec.id, numbered(2)).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no publish within 30 s of the node becoming primary again: {e}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report = driver.connection().expect("a report");
+    assert!(
+        report.connections_opened > opened,
+        "the connection to the replica was kept: {report:?}"
+    );
+}
+
 async fn a_dead_consumers_messages_come_back() {
     let spec = queue("orphans");
     let (node, driver) = declared(&spec).await;
@@ -712,6 +750,7 @@ queue_testkit::broker_tests! {
         a_database_the_server_lacks_is_invalid,
         another_max_length_is_already_exists,
         a_queue_redis_lost_is_declared_again,
+        a_read_only_reply_replaces_the_connection,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
