@@ -512,14 +512,11 @@ impl<'a> Performative<'a> {
             .map(|(_, _, fields)| *fields)
             .ok_or(UNKNOWN)?;
         let list = body.get(at..).ok_or(CUT_SHORT)?;
-        let (count, fields) = match list {
-            [0x45, ..] => (0, at + 1),
-            [0xc0, _, count, ..] => (usize::from(*count), at + 3),
-            [0xd0, _, _, _, _, c0, c1, c2, c3, ..] => {
-                (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, at + 9)
-            }
+        let (count, fields) = match list.first() {
+            Some(0x45 | 0xc0 | 0xd0) => compound_header(list).ok_or(CUT_SHORT)?,
             _ => return Err("a performative that is not a list"),
         };
+        let fields = at + fields;
         if count > fields_allowed {
             return Err("a performative with more items than it has fields");
         }
@@ -625,14 +622,10 @@ fn strict_len(bytes: &[u8], depth: usize, values: &mut u64) -> Option<usize> {
     // The decoder reads these described lists into types of so many fields and leaves
     // further items unread, where the next field is then read from.
     if let Some(fields) = descriptor.and_then(struct_fields) {
-        let count = match (code, value) {
-            (0x45, _) => 0,
-            (0xc0, [_, count, ..]) => usize::from(*count),
-            (0xd0, [_, _, _, _, c0, c1, c2, c3, ..]) => {
-                u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize
-            }
-            _ => return None,
-        };
+        if !matches!(code, 0x45 | 0xc0 | 0xd0) {
+            return None;
+        }
+        let (count, _) = compound_header(&bytes[constructor - 1..])?;
         if count > fields {
             return None;
         }
@@ -732,58 +725,53 @@ fn fields_read_as_written(code: u64, list: &[u8]) -> bool {
     if rules().next().is_none() {
         return true;
     }
-    let (count, mut at) = match list {
-        [0x45, ..] => (0, 1),
-        [0xc0, _, count, ..] => (usize::from(*count), 3),
-        [0xd0, _, _, _, _, c0, c1, c2, c3, ..] => {
-            (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, 9)
-        }
-        _ => return false,
-    };
-    for index in 0..count {
-        let Some(item) = list.get(at..) else {
-            return false;
-        };
+    each_item(list, |index, item| {
         let kind = rules()
             .find(|(_, i, _)| *i == index)
             .map(|(_, _, kind)| *kind);
-        let fits = match (kind, item) {
+        match (kind, item) {
             (None, _) | (Some(_), [0x40, ..]) => true,
             (Some(Field::Described), [0x00, ..]) => true,
             (Some(Field::Uint), [0x43 | 0x52 | 0x70, ..]) => true,
-            (Some(Field::MapOfDescribed), [0xc1 | 0xd1, ..]) => map_values_described(item),
+            (Some(Field::MapOfDescribed), [0xc1 | 0xd1, ..]) => {
+                // Its values, every second item, described or null.
+                each_item(item, |index, entry| {
+                    index % 2 == 0 || matches!(entry.first(), Some(0x00 | 0x40))
+                })
+            }
             _ => false,
-        };
-        let Some(len) = encoded_len(item) else {
-            return false;
-        };
-        if !fits {
-            return false;
         }
-        at += len;
-    }
-    true
+    })
 }
 
-/// Whether every value of the map at the front of `map` is described or null.
-fn map_values_described(map: &[u8]) -> bool {
-    let (count, mut at) = match map {
-        [0xc1, _, count, ..] => (usize::from(*count), 3),
-        [0xd1, _, _, _, _, c0, c1, c2, c3, ..] => {
-            (u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, 9)
+/// A list's or map's count and where its first item starts.
+fn compound_header(bytes: &[u8]) -> Option<(usize, usize)> {
+    match bytes {
+        [0x45, ..] => Some((0, 1)),
+        [0xc0 | 0xc1, _, count, ..] => Some((usize::from(*count), 3)),
+        [0xd0 | 0xd1, _, _, _, _, c0, c1, c2, c3, ..] => {
+            Some((u32::from_be_bytes([*c0, *c1, *c2, *c3]) as usize, 9))
         }
-        _ => return false,
+        _ => None,
+    }
+}
+
+/// Whether `check` holds for each item of the list or map at the front of `compound`
+/// (its sizes already checked), given its index; `false` for what is not one.
+fn each_item(compound: &[u8], mut check: impl FnMut(usize, &[u8]) -> bool) -> bool {
+    let Some((count, mut at)) = compound_header(compound) else {
+        return false;
     };
     for index in 0..count {
-        let Some(item) = map.get(at..) else {
+        let Some(item) = compound.get(at..) else {
             return false;
         };
-        if index % 2 == 1 && !matches!(item.first(), Some(0x00 | 0x40)) {
-            return false;
-        }
         let Some(len) = encoded_len(item) else {
             return false;
         };
+        if !check(index, item) {
+            return false;
+        }
         at += len;
     }
     true
