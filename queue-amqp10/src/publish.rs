@@ -207,6 +207,16 @@ struct SendTask {
 }
 
 impl SendTask {
+    /// Ends a link whose session has stopped. fe2o3-amqp fails the outcomes still
+    /// pending on a stopped session only when their sender is dropped: until then
+    /// they never come, and hold their window slots.
+    fn drop_lost_link(&mut self) {
+        tracing::warn!(queue = %self.spec.queue, "amqp10 sender's session ended (connection lost, or ended by the broker); re-attaching on the next publish");
+        if let Some(old) = self.link.take() {
+            old.end();
+        }
+    }
+
     async fn run(mut self, mut requests: mpsc::Receiver<SendRequest>) {
         let mut closed = self.connector.closed_signal();
         let mut retry: Option<SendRequest> = None;
@@ -341,18 +351,6 @@ impl SendTask {
             let Attached { link, session } = attached;
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.detach()).await;
             drop(session); // sends its end: see `Attached::end`
-        }
-    }
-}
-
-impl SendTask {
-    /// Ends a link whose session has stopped. fe2o3-amqp fails the outcomes still
-    /// pending on a stopped session only when their sender is dropped: until then
-    /// they never come, and hold their window slots.
-    fn drop_lost_link(&mut self) {
-        tracing::warn!(queue = %self.spec.queue, "amqp10 sender's session ended (connection lost, or ended by the broker); re-attaching on the next publish");
-        if let Some(old) = self.link.take() {
-            old.end();
         }
     }
 }
