@@ -163,7 +163,17 @@ pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
             &mut self.0
         }
     }
-    let info = driver.info(queue).await.ok();
+    // A driver that counts consumers and cannot now (a timeout, a reconnect) would
+    // have the purge race them unchecked: its error is the purge's.
+    let info = match driver.info(queue).await {
+        Ok(info) => Some(info),
+        Err(e) if driver.capabilities().info_consumers => {
+            return Err(e.context(format!(
+                "purge {queue}: could not tell whether the queue has consumers; nothing was purged"
+            )));
+        }
+        Err(_) => None,
+    };
     if let Some(consumers) = info.as_ref().and_then(|i| i.consumers)
         && consumers > 0
     {
@@ -385,6 +395,43 @@ mod tests {
         assert!(err.message().contains("1 consumer"), "{err}");
         consumer.cancel().await.unwrap();
         assert_eq!(purge(&driver, &queue).await.unwrap(), 3);
+    }
+
+    /// A driver that counts consumers and fails to count them now: the purge stops and
+    /// says so. It went on as for a driver that cannot count, racing the consumers
+    /// unchecked, and said `purged` (review).
+    #[tokio::test]
+    async fn purge_stops_when_the_consumers_cannot_be_counted() {
+        let controlled = Arc::new(queue_testkit::ControlledDriver::new());
+        let driver: Arc<dyn Driver> = controlled.clone();
+        let queue = QueueId::parse("app:jobs").unwrap();
+        driver
+            .declare(&queue_core::QueueSpec::new(queue.clone()))
+            .await
+            .unwrap();
+        let message = || Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
+        driver
+            .publish_batch(&queue, vec![message(), message(), message()])
+            .await
+            .unwrap();
+        let consumer = driver
+            .consume(&queue, ConsumeOptions { prefetch: 1 })
+            .await
+            .unwrap();
+        controlled.fail_next_infos(1);
+        let err = purge(&driver, &queue).await.unwrap_err();
+        assert!(
+            err.message()
+                .contains("could not tell whether the queue has consumers"),
+            "{err}"
+        );
+        assert!(err.retryable(), "{err}");
+        consumer.cancel().await.unwrap();
+        assert_eq!(
+            purge(&driver, &queue).await.unwrap(),
+            3,
+            "nothing was purged before"
+        );
     }
 
     #[test]

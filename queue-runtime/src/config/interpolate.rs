@@ -94,7 +94,8 @@ fn push_source(out: &mut Interpolated, source: &str, line: &mut usize) {
 }
 
 /// The index of the `}` that closes a reference whose body starts `body`, counting
-/// the references nested in a default.
+/// the references nested in a default. A reference ends on its line: a `}` missing
+/// there was found on a later line, and what lay between vanished from the file.
 fn closing_brace(body: &str) -> Option<usize> {
     let mut depth = 0;
     let bytes = body.as_bytes();
@@ -103,6 +104,7 @@ fn closing_brace(body: &str) -> Option<usize> {
             b'{' if i > 0 && bytes[i - 1] == b'$' => depth += 1,
             b'}' if depth == 0 => return Some(i),
             b'}' => depth -= 1,
+            b'\n' => return None,
             _ => {}
         }
     }
@@ -216,5 +218,11 @@ mod tests {
         assert!(message.contains("MISSING"));
         assert!(interpolate("a: ${bad name}", env).is_err());
         assert!(interpolate("a: ${OPEN", env).is_err());
+        // A `}` missing on its line was found on a later one, and the lines between
+        // were taken for the default (or dropped, the variable set): review.
+        let typo = "a: ${HOST:-amqp://127.0.0.1:5672\n- name: jobs\n  options: {durable: true}\n";
+        let (line, message) = interpolate(typo, env).unwrap_err();
+        assert_eq!(line, 1);
+        assert!(message.contains("unclosed"), "{message}");
     }
 }
