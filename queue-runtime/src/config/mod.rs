@@ -159,7 +159,14 @@ struct FileSettings {
 
 /// Loads and merges files, reading `${VAR}` from the process environment.
 pub fn load(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
-    load_with_env(paths, |name| std::env::var(name).ok())
+    load_with_env(paths, |name| env_text(std::env::var_os(name)))
+}
+
+/// A variable's value as text: one that is not UTF-8 keeps its other characters, its
+/// bad bytes read as U+FFFD. `std::env::var` took it for unset, so that a default
+/// stood in for it without a word (`${RABBIT_PASSWORD:-guest}` logged in as guest).
+fn env_text(value: Option<std::ffi::OsString>) -> Option<String> {
+    value.map(|v| v.to_string_lossy().into_owned())
 }
 
 /// Loads and merges files with a given environment.
@@ -624,6 +631,16 @@ fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value that is not UTF-8 is a value, not unset: a default stood in for it
+    /// without a word (review).
+    #[test]
+    fn a_variable_that_is_not_utf8_is_set() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = std::ffi::OsString::from_vec(b"p\xffss".to_vec());
+        assert_eq!(env_text(Some(bad)).as_deref(), Some("p\u{fffd}ss"));
+        assert_eq!(env_text(None), None);
+    }
 
     fn load_text(text: &str) -> Result<Config, ConfigErrors> {
         let dir =
