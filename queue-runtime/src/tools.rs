@@ -371,11 +371,10 @@ mod tests {
         assert_eq!(body(b"<n/>", "application/xml"), "<n/>");
     }
 
-    /// A purge racing a consumer would make up what the consumer took with messages
-    /// published after it started.
-    #[tokio::test]
-    async fn purge_refuses_a_queue_with_consumers_and_then_takes_all_it_held() {
-        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+    /// `app:jobs` declared on `driver` with three messages, and a consumer holding one.
+    async fn three_messages_and_a_consumer(
+        driver: &Arc<dyn Driver>,
+    ) -> (QueueId, Box<dyn queue_core::Subscription>) {
         let queue = QueueId::parse("app:jobs").unwrap();
         driver
             .declare(&queue_core::QueueSpec::new(queue.clone()))
@@ -390,6 +389,15 @@ mod tests {
             .consume(&queue, ConsumeOptions { prefetch: 1 })
             .await
             .unwrap();
+        (queue, consumer)
+    }
+
+    /// A purge racing a consumer would make up what the consumer took with messages
+    /// published after it started.
+    #[tokio::test]
+    async fn purge_refuses_a_queue_with_consumers_and_then_takes_all_it_held() {
+        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+        let (queue, consumer) = three_messages_and_a_consumer(&driver).await;
         let err = purge(&driver, &queue).await.unwrap_err();
         assert_eq!(err.kind(), queue_core::ErrorKind::Unavailable, "{err}");
         assert!(err.message().contains("1 consumer"), "{err}");
@@ -404,20 +412,7 @@ mod tests {
     async fn purge_stops_when_the_consumers_cannot_be_counted() {
         let controlled = Arc::new(queue_testkit::ControlledDriver::new());
         let driver: Arc<dyn Driver> = controlled.clone();
-        let queue = QueueId::parse("app:jobs").unwrap();
-        driver
-            .declare(&queue_core::QueueSpec::new(queue.clone()))
-            .await
-            .unwrap();
-        let message = || Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
-        driver
-            .publish_batch(&queue, vec![message(), message(), message()])
-            .await
-            .unwrap();
-        let consumer = driver
-            .consume(&queue, ConsumeOptions { prefetch: 1 })
-            .await
-            .unwrap();
+        let (queue, consumer) = three_messages_and_a_consumer(&driver).await;
         controlled.fail_next_infos(1);
         let err = purge(&driver, &queue).await.unwrap_err();
         assert!(
