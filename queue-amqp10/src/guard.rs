@@ -483,56 +483,28 @@ impl<'a> Performative<'a> {
     /// refused then, as are values nested past [`MAX_DEPTH`], claims past the frame and
     /// more than [`MAX_VALUES`] values.
     fn read(body: &'a [u8]) -> Result<Performative<'a>, &'static str> {
-        const CUT_SHORT: &str = "a performative cut short";
-        const UNKNOWN: &str = "a performative AMQP 1.0 does not have";
-        let (code, at) = match body {
-            [0x00, 0x53, code, ..] => (u64::from(*code), 3),
-            [0x00, 0x80, rest @ ..] => {
-                let code: [u8; 8] = rest
-                    .get(..8)
-                    .ok_or(CUT_SHORT)?
-                    .try_into()
-                    .map_err(|_| CUT_SHORT)?;
-                (u64::from_be_bytes(code), 10)
-            }
-            [0x00, 0xa3, n, rest @ ..] => {
-                let name = rest.get(..usize::from(*n)).ok_or(CUT_SHORT)?;
-                let code = PERFORMATIVES
-                    .iter()
-                    .find(|(_, known, _)| *known == name)
-                    .map(|(code, _, _)| *code)
-                    .ok_or(UNKNOWN)?;
-                (code, 3 + usize::from(*n))
-            }
-            _ => return Err("a performative that is not described by a ulong or a short symbol"),
-        };
-        let fields_allowed = PERFORMATIVES
-            .iter()
-            .find(|(known, _, _)| *known == code)
-            .map(|(_, _, fields)| *fields)
-            .ok_or(UNKNOWN)?;
-        let list = body.get(at..).ok_or(CUT_SHORT)?;
-        let (count, fields) = match list.first() {
-            Some(0x45 | 0xc0 | 0xd0) => compound_header(list).ok_or(CUT_SHORT)?,
-            _ => return Err("a performative that is not a list"),
-        };
-        let fields = at + fields;
-        if count > fields_allowed {
-            return Err("a performative with more items than it has fields");
+        let (list, constructor, descriptor) = constructor(body)
+            .ok_or("a performative that is not described by a ulong or a short symbol")?;
+        let code = descriptor
+            .filter(|d| PERFORMATIVES.iter().any(|(known, _, _)| known == d))
+            .ok_or("a performative AMQP 1.0 does not have")?;
+        if !matches!(list, 0x45 | 0xc0 | 0xd0) {
+            return Err("a performative that is not a list");
         }
+        let at = constructor - 1;
+        let (count, fields) = compound_header(&body[at..]).ok_or("a performative cut short")?;
+        // Read as any described list of the decoder's types: its items by their
+        // count, no more than the performative's fields, each field as its type is.
         let mut values = 0;
-        let len = strict_len(list, 1, &mut values).ok_or(
-            "a performative whose items do not end where a size says, that claims past its frame, nests too deep or holds too many values",
+        let end = strict_len(body, 0, &mut values).ok_or(
+            "a performative with more items than fields, or a field encoded otherwise than its type is read, or items that do not end where a size says, claim past the frame, nest too deep or hold too many values",
         )?;
-        if !fields_read_as_written(code, list) {
-            return Err("a performative with a field encoded otherwise than its type is read");
-        }
         Ok(Performative {
             code,
             body,
-            fields,
+            fields: at + fields,
             count,
-            end: at + len,
+            end,
         })
     }
 
@@ -777,9 +749,12 @@ fn each_item(compound: &[u8], mut check: impl FnMut(usize, &[u8]) -> bool) -> bo
     true
 }
 
+/// How many fields the decoder reads a described list of `descriptor` into, for the
+/// performatives and the types in [`STRUCTS`].
 fn struct_fields(descriptor: u64) -> Option<usize> {
-    STRUCTS
+    PERFORMATIVES
         .iter()
+        .chain(STRUCTS.iter())
         .find(|(code, _, _)| *code == descriptor)
         .map(|(_, _, fields)| *fields)
 }
