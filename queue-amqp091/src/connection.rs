@@ -21,12 +21,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use lapin::types::LongString;
-use lapin::{Channel, Connect, ConnectionProperties};
+use lapin::{Channel, ConnectionProperties};
 use queue_core::{Error, ErrorKind, Result};
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Amqp091Config, Endpoint};
-use crate::{error, lock};
+use crate::{error, lock, transport};
 
 /// How often the supervisor looks at the connection's state besides its events.
 const WATCHDOG: Duration = Duration::from_millis(250);
@@ -327,13 +327,7 @@ impl Connection {
             };
             props = props.with_connection_name(LongString::from(name.as_bytes()));
         }
-        let runtime = lapin::runtime::default_runtime().map_err(|e| {
-            Error::internal(format!("connect to {url}: no async runtime")).with_source(e)
-        })?;
-        let attempt = endpoint
-            .uri
-            .clone()
-            .connect_with_config(props, self.tls.clone(), runtime);
+        let attempt = transport::connect(endpoint.uri.clone(), props, self.tls.clone());
         let connection = match tokio::time::timeout(self.config.connection_timeout, attempt).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(connect_error(endpoint, e)),

@@ -56,6 +56,8 @@ mod connection;
 mod consume;
 /// lapin errors -> the workspace's errors.
 mod error;
+/// Short strings that are not UTF-8, made UTF-8 in a frame before lapin reads it.
+mod frames;
 /// Headers <-> AMQP properties and header table.
 mod mapping;
 /// The confirm-mode publisher and its window.
@@ -66,6 +68,8 @@ mod returns;
 mod settle;
 /// Declared queues, delay queues, passive declares for `info`.
 mod topology;
+/// The stream between the broker and lapin, which applies `frames` to what comes in.
+mod transport;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -524,6 +524,57 @@ fn headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime() {
     );
 }
 
+/// A script's `main` for [`handles_what_a_script_publishes`]: pika writes `bytes` as
+/// they are where AMQP 0-9-1 wants UTF-8, as php-amqplib does.
+const PIKA_BYTES_FOR_SHORT_STRINGS: &str = r#"
+import pika
+def main():
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    ch = conn.channel()
+    odd = pika.BasicProperties(headers={b"k\xe9": 1, "nested": {b"n\xff": True}},
+                               message_id=b"id-\xff\xfe", content_type="application/json")
+    ch.basic_publish("", sys.argv[1], b'{"n":1}', odd)
+    ch.basic_publish("", sys.argv[1], b'{"n":2}', pika.BasicProperties(content_type="application/json"))
+    conn.close()
+"#;
+
+/// A header name and a message id that another client wrote as bytes that are not
+/// UTF-8 reach the handler with `?` for those bytes. Before, lapin's parser refused
+/// the frame by closing the connection, and the message, redelivered at once, did it
+/// again: no message of any queue of the driver was handled again.
+fn short_strings_that_are_not_utf8_cost_no_connection() {
+    let handler = r#"function handle(p)
+  local msg = queue.message()
+  logger:info("Handled", { n = p.n, k = msg:header("k?"), id = msg:id() })
+  return true
+end
+"#;
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-short-strings-{id}");
+    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
+    let script = format!("import sys\n{PIKA_BYTES_FOR_SHORT_STRINGS}main()\n");
+    let sent = python(&script, &[&queue]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    collect_until(&lines, &mut seen, |logs| {
+        lua_logs(logs, "Handled").len() == 2
+    });
+    let logs = json_lines(&seen);
+    let handled = lua_logs(&logs, "Handled");
+    assert_eq!(
+        (&handled[0]["n"], &handled[0]["k"]),
+        (&1.into(), &1.into()),
+        "{handled:?}"
+    );
+    assert_eq!(handled[0]["id"], "id-??", "{handled:?}");
+    let lost = "connection to the AMQP broker lost; reconnecting";
+    assert!(
+        !logs.iter().any(|l| l["fields"]["message"] == lost),
+        "the connection was lost:\n{}",
+        seen.join("\n")
+    );
+    stop_cleanly(child, "the runtime");
+}
+
 /// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
 /// fe2o3-amqp decodes annotations whole, recursing once per level. A script's `main`
 /// for [`handles_what_a_script_publishes`].
@@ -673,6 +724,7 @@ queue_testkit::broker_tests! {
         structured_bodies_from_an_amqp10_client_reach_handlers_as_tables,
         bodies_without_a_codec_content_type_reach_handlers_as_json_or_text,
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
+        short_strings_that_are_not_utf8_cost_no_connection,
         annotations_nested_deep_cannot_crash_the_runtime,
     ];
 }
