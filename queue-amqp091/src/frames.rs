@@ -1,19 +1,27 @@
-//! Short strings that are not UTF-8, made UTF-8 before lapin parses them.
+//! What lapin's parser would refuse in a frame from the broker, made acceptable before
+//! it reads it (`docs/drivers/amqp091.md`, "Messages from other clients").
 //!
-//! AMQP 0-9-1 says a short string (a header's name, `message_id`, `type`, a
-//! delivery's routing key, ...) is UTF-8, but RabbitMQ passes on whatever bytes a
-//! publisher wrote, and lapin's parser refuses a frame holding other bytes by closing
-//! the whole connection. The message comes back at once, closes the connection again,
-//! and no consumer or publisher of the driver gets anything done
-//! (`docs/drivers/amqp091.md`, "Short strings that are not UTF-8"). Here each byte of
-//! such a string that is not part of a valid UTF-8 sequence becomes `?`, in place: the
-//! frame keeps its length, so nothing around it moves.
+//! lapin ends the whole connection on a frame it refuses; RabbitMQ then delivers the
+//! same message again at once, and no consumer or publisher of the driver gets
+//! anything done. Two kinds of frames that another client's message produces are
+//! mended here:
 //!
-//! Only the frames a publisher's bytes can reach are read: content headers (the
-//! properties and the header table) and the methods that carry a routing key or a
-//! reason (`basic.deliver`, `basic.get-ok`, `basic.return`, `channel.close`,
-//! `connection.close`). A frame that does not read as its kind is left as it came, for
-//! lapin to refuse as before.
+//! * **Short strings that are not UTF-8.** AMQP 0-9-1 says a short string (a header's
+//!   name, `message_id`, `type`, a delivery's routing key, ...) is UTF-8, but RabbitMQ
+//!   passes on whatever bytes a publisher wrote. Each byte of such a string that is not
+//!   part of a valid UTF-8 sequence becomes `?`, in place: the frame keeps its length
+//!   ([`make_short_strings_utf8`]). Only the frames a publisher's bytes can reach are
+//!   read: content headers (the properties and the header table) and the methods that
+//!   carry a routing key or a reason (`basic.deliver`, `basic.get-ok`, `basic.return`,
+//!   `channel.close`, `connection.close`).
+//! * **Content headers larger than `frame_max`**, which RabbitMQ sends whole whatever
+//!   the consumer's `frame_max`: the largest entries of the header table are dropped
+//!   and named ([`fit_content_header`]).
+//!
+//! A frame that does not read as its kind is left as it came, for lapin to refuse as
+//! before.
+
+use queue_core::names;
 
 /// The frame types of AMQP 0-9-1 (section 4.2.3) that hold short strings.
 pub(crate) const METHOD_FRAME: u8 = 1;
@@ -25,10 +33,7 @@ pub(crate) const HEADER_FRAME: u8 = 2;
 /// rewrote; a payload that does not read as its frame type is left alone. A content
 /// header whose message id is `id-\xff` comes out with `id-?`, one byte rewritten.
 pub(crate) fn make_short_strings_utf8(frame_type: u8, payload: &mut [u8]) -> usize {
-    let mut frame = Frame {
-        bytes: payload,
-        rewritten: 0,
-    };
+    let mut frame = Frame::new(payload);
     let read = match frame_type {
         METHOD_FRAME => frame.method(),
         HEADER_FRAME => frame.content_header(),
@@ -39,15 +44,122 @@ pub(crate) fn make_short_strings_utf8(frame_type: u8, payload: &mut [u8]) -> usi
             frame_type,
             "a frame that does not read as its type; lapin will refuse it"
         );
+        return 0;
     }
-    frame.rewritten
+    let not_utf8 = frame.not_utf8;
+    not_utf8
+        .into_iter()
+        .map(|(start, end)| replace_invalid_utf8(&mut payload[start..end]))
+        .sum()
+}
+
+/// The `frame_max` the broker proposes, when `payload` is its `connection.tune`
+/// (channel-max, frame-max, heartbeat).
+pub(crate) fn proposed_frame_max(payload: &[u8]) -> Option<u32> {
+    // class 10 (connection), method 30 (tune)
+    if payload.get(..4)? != [0, 10, 0, 30] {
+        return None;
+    }
+    let size = payload.get(6..10)?;
+    Some(u32::from_be_bytes([size[0], size[1], size[2], size[3]]))
+}
+
+/// A content header larger than the connection's `frame_max`, rebuilt to fit: the
+/// largest entries of its header table dropped, and named in an entry of its own.
+pub(crate) struct Fitted {
+    /// The new payload.
+    pub(crate) payload: Vec<u8>,
+    /// What was dropped and why, as the `x_dropped_headers` entry says it.
+    pub(crate) note: String,
+}
+
+/// The longest note [`fit_content_header`] writes.
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// Rebuilds a content header `payload` larger than `max_payload` bytes (its frame's
+/// `frame_max` less the frame's own 8) so that it fits: top-level entries of its
+/// header table are dropped, largest first, and an entry `x_dropped_headers` names
+/// them, as the runtime names what it drops from a copy. `None` when the payload
+/// does not read as a content header or has no header table to shrink.
+///
+/// RabbitMQ sends a content header as one frame whatever the consumer's `frame_max`
+/// (an AMQP 1.0 publisher's application properties become one header of any size,
+/// dead-lettering adds `x-death`, and RabbitMQ takes frames of up to `frame_max` + 8
+/// bytes from a publisher), and lapin ends the connection on a frame larger than its
+/// `frame_max`: the message would come back at every reconnect.
+pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<Fitted> {
+    let mut frame = Frame::new(payload);
+    frame.content_header()?;
+    let (table_at, table_end) = frame.headers_table?;
+    let starts = std::mem::take(&mut frame.entries);
+    let ends = starts.iter().skip(1).copied().chain([table_end]);
+    let entries: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
+
+    let marker_room = 1 + names::X_DROPPED_HEADERS.len() + 1 + 4 + MAX_NOTE_BYTES;
+    let budget = max_payload.checked_sub(marker_room)?;
+    let mut size = payload.len();
+    let mut by_size: Vec<usize> = (0..entries.len()).collect();
+    by_size.sort_by_key(|&i| std::cmp::Reverse(entries[i].1 - entries[i].0));
+    let mut dropped = vec![false; entries.len()];
+    let mut said = Vec::new();
+    for i in by_size {
+        if size <= budget {
+            break;
+        }
+        let (start, end) = entries[i];
+        size -= end - start;
+        dropped[i] = true;
+        let len = usize::from(payload[start]);
+        let name = String::from_utf8_lossy(&payload[start + 1..start + 1 + len]);
+        said.push(format!("{name} ({} bytes)", end - start));
+    }
+    if size > budget {
+        return None;
+    }
+    let note = queue_core::truncate(
+        &format!(
+            "{}: the message's AMQP content header took {} bytes, more than the {} a frame of this connection may hold",
+            said.join(", "),
+            payload.len() + 8,
+            max_payload + 8
+        ),
+        MAX_NOTE_BYTES,
+    );
+
+    let mut table = Vec::with_capacity(size - table_at);
+    for (i, &(start, end)) in entries.iter().enumerate() {
+        if !dropped[i] {
+            table.extend_from_slice(&payload[start..end]);
+        }
+    }
+    let name = names::X_DROPPED_HEADERS.as_bytes();
+    table.push(u8::try_from(name.len()).ok()?);
+    table.extend_from_slice(name);
+    table.push(b'S');
+    table.extend_from_slice(&u32::try_from(note.len()).ok()?.to_be_bytes());
+    table.extend_from_slice(note.as_bytes());
+
+    let mut fitted = Vec::with_capacity(size + marker_room);
+    fitted.extend_from_slice(&payload[..table_at]);
+    fitted.extend_from_slice(&u32::try_from(table.len()).ok()?.to_be_bytes());
+    fitted.extend_from_slice(&table);
+    fitted.extend_from_slice(&payload[table_end..]);
+    Some(Fitted {
+        payload: fitted,
+        note,
+    })
 }
 
 /// A frame's payload being read from the start; each reader returns the offset after
 /// what it read, or `None` when the payload ends first or holds what its type cannot.
 struct Frame<'a> {
-    bytes: &'a mut [u8],
-    rewritten: usize,
+    bytes: &'a [u8],
+    /// The short strings read that are not UTF-8 (their bytes' range).
+    not_utf8: Vec<(usize, usize)>,
+    /// Where a content header's table is (its size's offset, and its end).
+    headers_table: Option<(usize, usize)>,
+    /// Where each top-level entry of that table starts.
+    entries: Vec<usize>,
 }
 
 /// (class, method) ids of the methods read here.
@@ -83,7 +195,16 @@ const BASIC_PROPERTIES: [Property; 14] = [
     Property::ShortString, // cluster-id
 ];
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Frame {
+            bytes,
+            not_utf8: Vec::new(),
+            headers_table: None,
+            entries: Vec::new(),
+        }
+    }
+
     fn method(&mut self) -> Option<()> {
         let id = (self.u16_at(0)?, self.u16_at(2)?);
         let at = 4;
@@ -121,7 +242,11 @@ impl Frame<'_> {
             }
             at = match property {
                 Property::ShortString => self.short_string(at)?,
-                Property::Table => self.table(at)?,
+                Property::Table => {
+                    let end = self.table(at)?;
+                    self.headers_table = Some((at, end));
+                    end
+                }
                 Property::Octet => at + 1,
                 Property::Timestamp => at + 8,
             };
@@ -142,7 +267,10 @@ impl Frame<'_> {
                 continue;
             }
             if is_table {
-                at = self.short_string(at)?;
+                if open.len() == 1 {
+                    self.entries.push(at);
+                }
+                at = self.short_string_within(at, end)?;
             }
             let tag = *self.bytes.get(at)?;
             at += 1;
@@ -153,7 +281,7 @@ impl Frame<'_> {
                 b'I' | b'i' | b'f' => at + 4,
                 b'D' => at + 5,
                 b'L' | b'l' | b'd' | b'T' => at + 8,
-                b'S' | b'x' => at + 4 + self.u32_at(at)?,
+                b'S' | b'x' => at.checked_add(4)?.checked_add(self.u32_at(at)?)?,
                 b'F' => self.container(at, true, &mut open)?,
                 b'A' => self.container(at, false, &mut open)?,
                 _ => return None,
@@ -182,13 +310,23 @@ impl Frame<'_> {
         Some(start)
     }
 
-    /// The short string at `at` (a length octet, then its bytes), made UTF-8; returns
-    /// the offset after it.
-    fn short_string(&mut self, at: usize) -> Option<usize> {
+    /// The short string at `at` (a length octet, then its bytes), which must end by
+    /// `limit`: noted when it is not UTF-8. Returns the offset after it.
+    fn short_string_within(&mut self, at: usize, limit: usize) -> Option<usize> {
         let len = usize::from(*self.bytes.get(at)?);
-        let text = self.bytes.get_mut(at + 1..at + 1 + len)?;
-        self.rewritten += replace_invalid_utf8(text);
-        Some(at + 1 + len)
+        let after = at + 1 + len;
+        if after > limit {
+            return None;
+        }
+        if std::str::from_utf8(self.bytes.get(at + 1..after)?).is_err() {
+            self.not_utf8.push((at + 1, after));
+        }
+        Some(after)
+    }
+
+    /// [`Frame::short_string_within`] the payload.
+    fn short_string(&mut self, at: usize) -> Option<usize> {
+        self.short_string_within(at, self.bytes.len())
     }
 
     fn u16_at(&self, at: usize) -> Option<u16> {
@@ -224,7 +362,9 @@ mod tests {
 
     use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame, parse_frame};
     use amq_protocol::protocol::{AMQPClass, basic};
-    use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    use amq_protocol::types::{
+        AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+    };
     use proptest::prelude::*;
 
     /// The frame as amq-protocol writes it; its payload is between the 7-byte frame
@@ -326,11 +466,18 @@ mod tests {
             bytes.extend_from_slice(items);
             bytes
         };
-        // A table {"n\x80": true}, then 100,000 arrays [void, <the one inside>].
-        let mut value = sized(b'F', b"\x02n\x80t\x01");
-        for _ in 0..100_000 {
-            value = sized(b'A', &[b"V".as_slice(), &value].concat());
+        // A table {"n\x80": true} inside 100,000 arrays [void, <the one inside>],
+        // written outside in: each array's size is what it holds.
+        let inner = sized(b'F', b"\x02n\x80t\x01");
+        let depth = 100_000;
+        let mut value = Vec::with_capacity(depth * 6 + inner.len());
+        for level in (1..=depth).rev() {
+            value.push(b'A');
+            let holds = 1 + 6 * (level - 1) + inner.len();
+            value.extend_from_slice(&u32::try_from(holds).unwrap().to_be_bytes());
+            value.push(b'V');
         }
+        value.extend_from_slice(&inner);
         let table = sized(0, &[b"\x04deep".as_slice(), &value].concat());
         let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0b0010_0000, 0];
         payload.extend_from_slice(&table[1..]);
@@ -353,6 +500,149 @@ mod tests {
             ("ex?", "rk-?")
         );
         assert_eq!((d.delivery_tag, d.redelivered), (7, true));
+    }
+
+    fn method(class: AMQPClass) -> AMQPFrame {
+        AMQPFrame::Method(1, class)
+    }
+
+    /// The other methods whose strings another client's bytes reach.
+    #[test]
+    fn get_ok_return_and_closes_are_made_utf8() {
+        use amq_protocol::protocol::{channel, connection};
+        let get_ok = method(AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+            delivery_tag: 3,
+            redelivered: false,
+            exchange: "EXC".into(),
+            routing_key: "RKEY".into(),
+            message_count: 9,
+        })));
+        let returned = method(AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+            reply_code: 312,
+            reply_text: "TEXT".into(),
+            exchange: "EXC".into(),
+            routing_key: "RKEY".into(),
+        })));
+        let channel_close = method(AMQPClass::Channel(channel::AMQPMethod::Close(
+            channel::Close {
+                reply_code: 404,
+                reply_text: "TEXT".into(),
+                class_id: 50,
+                method_id: 10,
+            },
+        )));
+        let connection_close = method(AMQPClass::Connection(connection::AMQPMethod::Close(
+            connection::Close {
+                reply_code: 320,
+                reply_text: "TEXT".into(),
+                class_id: 0,
+                method_id: 0,
+            },
+        )));
+        for (frame, markers) in [
+            (get_ok, &["EXC", "RKEY"][..]),
+            (returned, &["TEXT", "EXC", "RKEY"][..]),
+            (channel_close, &["TEXT"][..]),
+            (connection_close, &["TEXT"][..]),
+        ] {
+            let mut bytes = encode(&frame);
+            for marker in markers {
+                let mut odd = marker.as_bytes().to_vec();
+                odd[0] = 0xff;
+                overwrite(&mut bytes, marker, &odd);
+            }
+            assert_eq!(rewrite(&mut bytes), markers.len(), "{frame:?}");
+            let mut expected = encode(&frame);
+            for marker in markers {
+                overwrite(
+                    &mut expected,
+                    marker,
+                    format!("?{}", &marker[1..]).as_bytes(),
+                );
+            }
+            assert_eq!(bytes, expected, "{frame:?}");
+            parse(&bytes);
+        }
+    }
+
+    /// A name that reaches past the table holding it: the frame does not read, and
+    /// nothing of it is rewritten, not even the strings before it.
+    #[test]
+    fn a_frame_that_does_not_read_is_not_rewritten_at_all() {
+        let mut nested = FieldTable::default();
+        nested.insert("ab".into(), AMQPValue::Boolean(true));
+        let mut table = FieldTable::default();
+        table.insert("kX".into(), AMQPValue::FieldTable(nested));
+        let mut bytes = encode(&header(
+            basic::AMQPProperties::default()
+                .with_headers(table)
+                .with_content_type("MIME".into()),
+        ));
+        overwrite(&mut bytes, "MIME", b"MIM\xff");
+        overwrite(&mut bytes, "kX", b"k\xe9");
+        // "ab"'s length octet says 200: past its table and the frame.
+        let at = bytes.windows(2).position(|w| w == b"ab").unwrap() - 1;
+        bytes[at] = 200;
+        let before = bytes.clone();
+        assert_eq!(rewrite(&mut bytes), 0);
+        assert_eq!(bytes, before);
+    }
+
+    /// The measured case: Qpid Proton's 200 KB of application properties, which
+    /// RabbitMQ hands 0-9-1 consumers as one header in one frame.
+    #[test]
+    fn a_content_header_past_frame_max_drops_its_largest_headers() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "x-amqp-1.0-app-properties".into(),
+            AMQPValue::LongString(LongString::from(vec![0xa1; 200_000])),
+        );
+        table.insert("kept".into(), AMQPValue::LongInt(7));
+        table.insert(
+            "second".into(),
+            AMQPValue::LongString(LongString::from(vec![b'y'; 1000])),
+        );
+        let properties = basic::AMQPProperties::default()
+            .with_headers(table)
+            .with_message_id("the-id".into())
+            .with_delivery_mode(2);
+        let bytes = encode(&header(properties));
+        let payload = &bytes[7..bytes.len() - 1];
+        let fitted = fit_content_header(payload, 131_072 - 8).expect("fits");
+        assert!(fitted.payload.len() <= 131_072 - 8);
+        assert!(
+            fitted
+                .note
+                .starts_with("x-amqp-1.0-app-properties (200031 bytes): "),
+            "{}",
+            fitted.note
+        );
+        assert!(
+            fitted.note.contains("more than the 131072"),
+            "{}",
+            fitted.note
+        );
+        let (rest, header) =
+            amq_protocol::frame::parsing::parse_content_header(fitted.payload.as_slice())
+                .expect("reads");
+        assert!(rest.is_empty());
+        let props = header.properties;
+        let headers = props.headers().clone().expect("headers");
+        let headers = headers.inner();
+        assert_eq!(headers.get("kept"), Some(&AMQPValue::LongInt(7)));
+        assert!(headers.contains_key("second"), "only as many as needed go");
+        assert!(!headers.contains_key("x-amqp-1.0-app-properties"));
+        assert_eq!(
+            headers.get(names::X_DROPPED_HEADERS),
+            Some(&AMQPValue::LongString(LongString::from(
+                fitted.note.as_bytes()
+            )))
+        );
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str()),
+            Some("the-id")
+        );
+        assert_eq!((header.class_id, header.body_size), (60, 5));
     }
 
     /// A frame that does not read as its type is left as it came (lapin refuses it).
@@ -392,6 +682,10 @@ mod tests {
             any::<u64>().prop_map(AMQPValue::Timestamp),
             proptest::collection::vec(any::<u8>(), 0..8)
                 .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            proptest::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
             Just(AMQPValue::Void),
         ];
         leaf.prop_recursive(4, 32, 4, |inner| {
@@ -447,11 +741,53 @@ mod tests {
         /// writes them, passes untouched.
         #[test]
         fn frames_of_utf8_strings_pass_unchanged(props in properties(), exchange in short_string(), key in short_string()) {
-            for frame in [header(props.clone()), deliver(&exchange, &key)] {
+            let returned = method(AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: 312,
+                reply_text: key.as_str().into(),
+                exchange: exchange.as_str().into(),
+                routing_key: key.as_str().into(),
+            })));
+            for frame in [header(props.clone()), deliver(&exchange, &key), returned] {
                 let mut bytes = encode(&frame);
                 let before = bytes.clone();
                 prop_assert_eq!(rewrite(&mut bytes), 0);
                 prop_assert_eq!(bytes, before);
+            }
+        }
+
+        /// A content header fitted to any `frame_max` reads, within it, with every
+        /// header it kept as it was and the dropped ones named.
+        #[test]
+        fn a_fitted_content_header_reads_within_its_frame_max(
+            props in properties(),
+            filler in proptest::collection::vec(1usize..8000, 1..6),
+            room in 0.0f64..1.0,
+        ) {
+            let mut props = props;
+            let mut table = props.headers().clone().unwrap_or_default();
+            for (i, size) in filler.iter().enumerate() {
+                table.insert(format!("fill{i}").into(), AMQPValue::LongString(LongString::from(vec![b'f'; *size])));
+            }
+            props = props.with_headers(table.clone());
+            let bytes = encode(&header(props));
+            let payload = &bytes[7..bytes.len() - 1];
+            prop_assume!(payload.len() + 8 > 4096);
+            // Anywhere from AMQP's smallest frame_max to just under this frame.
+            let frame_max = 4096 + ((payload.len() + 8 - 4096) as f64 * room) as usize;
+            prop_assume!(payload.len() > frame_max - 8);
+            let fitted = fit_content_header(payload, frame_max - 8).expect("fits");
+            prop_assert!(fitted.payload.len() <= frame_max - 8);
+            let (rest, fitted_header) = amq_protocol::frame::parsing::parse_content_header(fitted.payload.as_slice()).expect("reads");
+            prop_assert!(rest.is_empty());
+            let kept = fitted_header.properties.headers().clone().expect("headers");
+            for (name, value) in kept.inner() {
+                if name.as_str() == names::X_DROPPED_HEADERS {
+                    continue;
+                }
+                prop_assert_eq!(table.inner().get(name), Some(value));
+            }
+            for name in table.inner().keys() {
+                prop_assert!(kept.inner().contains_key(name) || fitted.note.contains(&format!("{name} (")), "{} lost without a word: {}", name, fitted.note);
             }
         }
 

@@ -2,7 +2,7 @@
 //! strings that are not UTF-8 reach lapin's parser as UTF-8 ([`crate::frames`]).
 //!
 //! lapin takes its socket from the runtime it is given: [`runtime`] is tokio's, with a
-//! reactor whose connections are wrapped in [`Utf8ShortStrings`], and [`connect`]
+//! reactor whose connections are wrapped in [`ParsableFrames`], and [`connect`]
 //! opens the TCP (and TLS) connection itself so that the wrapper sits above TLS, where
 //! the frames are.
 
@@ -10,6 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,15 +22,18 @@ use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{AsyncTcpStream, ConnectionProperties};
 
-use crate::frames::{HEADER_FRAME, METHOD_FRAME, make_short_strings_utf8};
+use crate::frames::{
+    HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, proposed_frame_max,
+};
 
 /// Opens a lapin connection to `uri` whose incoming frames pass through
-/// [`Utf8ShortStrings`], over TLS when the URI is `amqps://`.
+/// [`ParsableFrames`], over TLS when the URI is `amqps://`.
 pub(crate) async fn connect(
     uri: AMQPUri,
     properties: ConnectionProperties,
     tls: OwnedTLSConfig,
 ) -> lapin::Result<lapin::Connection> {
+    let asked_frame_max = uri.query.frame_max.unwrap_or(0);
     let tokio = Tokio::current();
     let guarded = Runtime::new(RuntimeParts::new(
         tokio.clone(),
@@ -40,8 +44,17 @@ pub(crate) async fn connect(
         uri,
         guarded,
         async move |uri, _guarded| {
-            let stream = uri.connect_with_config_async(tls.as_ref(), &plain).await?;
-            Ok(AsyncTcpStream::Plain(Utf8ShortStrings::new(stream)))
+            let stream = uri
+                .connect_with_config_async(tls.as_ref(), &plain)
+                .await
+                .map_err(|e| match plain.is_runtime_shutdown_error(&e) {
+                    true => lapin::ErrorKind::RuntimeShutdownError(Arc::new(e)).into(),
+                    false => lapin::Error::from(e),
+                })?;
+            Ok(AsyncTcpStream::Plain(ParsableFrames::new(
+                stream,
+                asked_frame_max,
+            )))
         },
         properties,
     )
@@ -50,7 +63,7 @@ pub(crate) async fn connect(
 
 /// The stream lapin reads: the connection (TCP, or TLS over it) as tokio's reactor
 /// opens it, wrapped.
-type Guarded = Utf8ShortStrings<AsyncTcpStream<<Tokio as Reactor>::TcpStream>>;
+type Guarded = ParsableFrames<AsyncTcpStream<<Tokio as Reactor>::TcpStream>>;
 
 /// tokio's reactor, whose TCP streams are [`Guarded`].
 #[derive(Clone, Debug)]
@@ -79,32 +92,62 @@ impl Reactor for GuardedReactor {
         self.0.interval(dur)
     }
 
+    /// Never called: [`connect`] opens the connections itself, with tokio's reactor,
+    /// so that TLS sits below [`ParsableFrames`]. A connection opened here would lack
+    /// the `frame_max` lapin asks for.
     fn tcp_connect_addr(
         &self,
         addr: SocketAddr,
     ) -> impl Future<Output = io::Result<Self::TcpStream>> + Send + 'static {
-        let connecting = self.0.tcp_connect_addr(addr);
-        async move {
-            Ok(Utf8ShortStrings::new(AsyncTcpStream::Plain(
-                connecting.await?,
-            )))
-        }
+        std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "connect to {addr}: the AMQP 0-9-1 driver opens its connections through transport::connect"
+            ),
+        )))
     }
 }
+
+/// The `frame_max` lapin settles on: the smaller of its own and the broker's, 0
+/// standing for none (lapin's `Channel::on_connection_tune_received`).
+fn negotiated_frame_max(asked: u32, proposed: u32) -> usize {
+    let frame_max = match (asked, proposed) {
+        (0, proposed) => proposed,
+        (asked, 0) => asked,
+        (asked, proposed) => asked.min(proposed),
+    };
+    match usize::try_from(frame_max) {
+        Ok(0) | Err(_) => usize::MAX,
+        Ok(n) => n.max(FRAME_MIN_SIZE),
+    }
+}
+
+/// The octet that ends every frame.
+const FRAME_END: u8 = 0xCE;
 
 /// What one read from the connection asks for at least.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Method and content header frames up to this size are read whole and checked; a
-/// larger one passes as it came (no broker's `frame_max` reaches it, so lapin refuses
-/// it anyway), so that a peer cannot make this buffer grow without bound.
-const MAX_CHECKED_FRAME: usize = 8 * 1024 * 1024;
+/// Method and content header frames up to this size are read whole and checked (a
+/// content header can be as large as a message: RabbitMQ 3.x's default
+/// `max_message_size`); a larger one passes as it came, so that a peer cannot make
+/// this buffer grow without bound. The buffer goes back to [`READ_CHUNK`] once such a
+/// frame has been handed on.
+const MAX_CHECKED_FRAME: usize = 128 * 1024 * 1024;
 
-/// A stream that hands its reader the frames of `S` with their short strings made
-/// UTF-8 ([`make_short_strings_utf8`]). Body and heartbeat frames pass as they come,
-/// without being held whole; what it writes goes to `S` unchanged.
-pub(crate) struct Utf8ShortStrings<S> {
+/// AMQP 0-9-1's smallest `frame_max` (lapin raises a smaller one to it).
+const FRAME_MIN_SIZE: usize = 4096;
+
+/// A stream that hands its reader the frames of `S` as lapin's parser accepts them
+/// ([`crate::frames`]): short strings made UTF-8, content headers larger than the
+/// connection's `frame_max` fitted to it. Body and heartbeat frames pass as they
+/// come, without being held whole; what it writes goes to `S` unchanged.
+pub(crate) struct ParsableFrames<S> {
     inner: S,
+    /// The `frame_max` lapin asks for (0: the broker's).
+    asked_frame_max: u32,
+    /// The largest frame lapin takes, once the broker's `connection.tune` came.
+    frame_max: usize,
     /// Bytes read from `inner`; `buf[..end]` hold data.
     buf: Vec<u8>,
     end: usize,
@@ -118,10 +161,13 @@ pub(crate) struct Utf8ShortStrings<S> {
     wanted: usize,
 }
 
-impl<S> Utf8ShortStrings<S> {
-    pub(crate) fn new(inner: S) -> Self {
-        Utf8ShortStrings {
+impl<S> ParsableFrames<S> {
+    /// `inner`, for a lapin that asks for `asked_frame_max` (0: the broker's).
+    pub(crate) fn new(inner: S, asked_frame_max: u32) -> Self {
+        ParsableFrames {
             inner,
+            asked_frame_max,
+            frame_max: usize::MAX,
             buf: vec![0; READ_CHUNK],
             end: 0,
             start: 0,
@@ -169,7 +215,13 @@ impl<S> Utf8ShortStrings<S> {
             self.wanted = whole;
             return false;
         }
-        let rewritten = make_short_strings_utf8(frame_type, &mut self.buf[at + 7..at + 7 + size]);
+        let payload = &mut self.buf[at + 7..at + 7 + size];
+        let rewritten = make_short_strings_utf8(frame_type, payload);
+        if frame_type == METHOD_FRAME
+            && let Some(proposed) = proposed_frame_max(payload)
+        {
+            self.frame_max = negotiated_frame_max(self.asked_frame_max, proposed);
+        }
         if rewritten > 0 {
             tracing::warn!(
                 rewritten,
@@ -179,8 +231,49 @@ impl<S> Utf8ShortStrings<S> {
                  that is not UTF-8 now reads as '?'"
             );
         }
-        self.checked += whole;
+        if frame_type == HEADER_FRAME && whole > self.frame_max {
+            self.fit_content_header(at, whole);
+        } else {
+            self.checked += whole;
+        }
         true
+    }
+
+    /// Replaces the content header frame of `whole` bytes at `at` with one that fits
+    /// `frame_max` ([`fit_content_header`]); one that cannot be fitted passes as it
+    /// came, for lapin to refuse.
+    fn fit_content_header(&mut self, at: usize, whole: usize) {
+        let channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]);
+        let payload = &self.buf[at + 7..at + whole - 1];
+        let Some(fitted) = fit_content_header(payload, self.frame_max - 8) else {
+            tracing::error!(
+                bytes = whole,
+                frame_max = self.frame_max,
+                channel,
+                "a message's AMQP content header is larger than frame_max and has no header to drop; lapin will end the connection"
+            );
+            self.checked += whole;
+            return;
+        };
+        tracing::warn!(
+            bytes = whole,
+            frame_max = self.frame_max,
+            channel,
+            dropped = %fitted.note,
+            "a message's AMQP content header was larger than frame_max (RabbitMQ sends it whole); its largest headers were dropped and named in x_dropped_headers"
+        );
+        let size = u32::try_from(fitted.payload.len()).unwrap_or(u32::MAX);
+        let mut frame = Vec::with_capacity(fitted.payload.len() + 8);
+        frame.extend_from_slice(&self.buf[at..at + 3]);
+        frame.extend_from_slice(&size.to_be_bytes());
+        frame.extend_from_slice(&fitted.payload);
+        frame.push(FRAME_END);
+        // The new frame is smaller: it goes where the old one started, and what came
+        // after it moves up.
+        self.buf[at..at + frame.len()].copy_from_slice(&frame);
+        self.buf.copy_within(at + whole..self.end, at + frame.len());
+        self.end -= whole - frame.len();
+        self.checked += frame.len();
     }
 
     /// Room after `end` for the next read, and for the whole frame being checked.
@@ -194,11 +287,14 @@ impl<S> Utf8ShortStrings<S> {
         let needed = (self.checked + self.wanted).max(self.end + READ_CHUNK / 4);
         if needed > self.buf.len() {
             self.buf.resize(needed.max(self.end + READ_CHUNK), 0);
+        } else if self.end == 0 && self.buf.len() > 2 * READ_CHUNK && needed <= READ_CHUNK {
+            // A large frame has been handed on: its room goes back.
+            self.buf = vec![0; READ_CHUNK];
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Utf8ShortStrings<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for ParsableFrames<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -209,14 +305,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Utf8ShortStrings<S> {
             return Poll::Ready(Ok(0));
         }
         loop {
+            // Check as much as is buffered, so that one read hands out several frames.
+            while this.checked - this.start < out.len() && this.check_next() {}
             if this.start < this.checked {
                 let n = out.len().min(this.checked - this.start);
                 out[..n].copy_from_slice(&this.buf[this.start..this.start + n]);
                 this.start += n;
                 return Poll::Ready(Ok(n));
             }
-            if this.check_next() {
-                continue;
+            // A frame passing as it comes, with nothing of it buffered: straight into
+            // `out`, copied once (a body is most of the bytes).
+            if this.passing > 0 && this.checked == this.end {
+                let n = out.len().min(this.passing);
+                let read = Pin::new(&mut this.inner).poll_read(cx, &mut out[..n]);
+                if let Poll::Ready(Ok(n)) = read {
+                    this.passing -= n;
+                }
+                return read;
             }
             this.make_room();
             let end = this.end;
@@ -233,7 +338,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Utf8ShortStrings<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Utf8ShortStrings<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ParsableFrames<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -264,9 +369,11 @@ mod tests {
     use super::*;
 
     use futures_util::io::{AsyncReadExt, Cursor};
+    use lapin::types::AMQPValue;
     use proptest::prelude::*;
 
-    /// Hands out `bytes` in reads of the given sizes (then the rest at once).
+    /// Hands out `bytes` in reads of the given sizes (then the rest at once), a read
+    /// of size 0 standing for a moment with nothing to read (`Pending`, woken at once).
     struct Chunked {
         bytes: Vec<u8>,
         at: usize,
@@ -276,14 +383,18 @@ mod tests {
     impl AsyncRead for Chunked {
         fn poll_read(
             mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            cx: &mut Context<'_>,
             out: &mut [u8],
         ) -> Poll<io::Result<usize>> {
             let size = if self.sizes.is_empty() {
                 usize::MAX
             } else {
-                self.sizes.remove(0).max(1)
+                self.sizes.remove(0)
             };
+            if size == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let n = size.min(out.len()).min(self.bytes.len() - self.at);
             let at = self.at;
             out[..n].copy_from_slice(&self.bytes[at..at + n]);
@@ -309,25 +420,41 @@ mod tests {
 
     /// A content header with a message id and nothing else.
     fn header_with_id(id: &[u8]) -> Vec<u8> {
-        let mut payload = vec![
-            0,
-            60,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            3,
-            0b0000_0000,
-            0b1000_0000,
-        ];
+        // class 60, weight, body size 3, the flag of message-id
+        let mut payload = [[0, 60, 0, 0].as_slice(), &3u64.to_be_bytes(), &[0, 0x80]].concat();
         payload.push(u8::try_from(id.len()).unwrap());
         payload.extend_from_slice(id);
         frame(HEADER_FRAME, &payload)
+    }
+
+    /// A content header whose header table holds `big`'s bytes under `big`, and a
+    /// message id.
+    fn header_with_big_header(big: usize) -> Vec<u8> {
+        // class 60, weight, body size 3, the flags of headers and message-id
+        let mut payload = [[0, 60, 0, 0].as_slice(), &3u64.to_be_bytes(), &[0x20, 0x80]].concat();
+        let entry = [
+            b"\x03bigS".as_slice(),
+            &u32::try_from(big).unwrap().to_be_bytes(),
+            &vec![b'b'; big],
+        ]
+        .concat();
+        payload.extend_from_slice(&u32::try_from(entry.len()).unwrap().to_be_bytes());
+        payload.extend_from_slice(&entry);
+        payload.extend_from_slice(b"\x02id");
+        frame(HEADER_FRAME, &payload)
+    }
+
+    /// The broker's `connection.tune`: channel-max 2047, `frame_max`, heartbeat 60.
+    fn tune(frame_max: u32) -> Vec<u8> {
+        let payload = [
+            [0, 10, 0, 30, 0x07, 0xff].as_slice(),
+            &frame_max.to_be_bytes(),
+            &[0, 60],
+        ]
+        .concat();
+        let mut bytes = frame(METHOD_FRAME, &payload);
+        bytes[1..3].copy_from_slice(&[0, 0]);
+        bytes
     }
 
     fn read_all(bytes: Vec<u8>, sizes: Vec<usize>) -> Vec<u8> {
@@ -337,7 +464,7 @@ mod tests {
             sizes,
         };
         let mut out = Vec::new();
-        block_on(Utf8ShortStrings::new(inner).read_to_end(&mut out)).expect("reads");
+        block_on(ParsableFrames::new(inner, 0).read_to_end(&mut out)).expect("reads");
         out
     }
 
@@ -361,11 +488,60 @@ mod tests {
         stream.extend_from_slice(&header_with_id(b"\xff"));
         let mut expected = body;
         expected.extend_from_slice(&header_with_id(b"?"));
-        let mut reader = Utf8ShortStrings::new(Cursor::new(stream));
+        let mut reader = ParsableFrames::new(Cursor::new(stream), 0);
         let mut out = Vec::new();
         block_on(reader.read_to_end(&mut out)).expect("reads");
         assert_eq!(out, expected);
         assert!(reader.buf.len() <= 2 * READ_CHUNK, "{}", reader.buf.len());
+    }
+
+    /// After the broker's `connection.tune`, a content header larger than the
+    /// `frame_max` lapin settles on (the smaller of the two) is fitted to it; the
+    /// frames around it pass as they came.
+    #[test]
+    fn a_content_header_past_the_negotiated_frame_max_is_fitted() {
+        let body = frame(3, b"abc");
+        let mut stream = tune(131_072);
+        stream.extend_from_slice(&header_with_big_header(10_000));
+        stream.extend_from_slice(&body);
+        let inner = Chunked {
+            bytes: stream,
+            at: 0,
+            sizes: vec![5, 0, 3000, 0, 1],
+        };
+        let mut out = Vec::new();
+        block_on(ParsableFrames::new(inner, 8192).read_to_end(&mut out)).expect("reads");
+
+        assert_eq!(out[..tune(0).len()], tune(131_072)[..]);
+        let header = &out[tune(0).len()..out.len() - body.len()];
+        assert!(header.len() <= 8192, "{}", header.len());
+        let (rest, frame) = amq_protocol::frame::parse_frame(header).expect("lapin reads it");
+        assert!(rest.is_empty());
+        let amq_protocol::frame::AMQPFrame::Header(1, header) = frame else {
+            panic!("{frame:?}")
+        };
+        let headers = header.properties.headers().clone().expect("headers");
+        let Some(AMQPValue::LongString(note)) =
+            headers.inner().get(queue_core::names::X_DROPPED_HEADERS)
+        else {
+            panic!("{headers:?}")
+        };
+        let note = String::from_utf8_lossy(note.as_bytes());
+        assert!(note.starts_with("big (10009 bytes): "), "{note}");
+        assert!(note.contains("more than the 8192"), "{note}");
+        assert_eq!(
+            header.properties.message_id().as_ref().map(|s| s.as_str()),
+            Some("id")
+        );
+        assert_eq!(out[out.len() - body.len()..], body[..]);
+    }
+
+    /// Below the `frame_max`, the same header passes as it came.
+    #[test]
+    fn a_content_header_within_frame_max_passes() {
+        let mut stream = tune(0);
+        stream.extend_from_slice(&header_with_big_header(10_000));
+        assert_eq!(read_all(stream.clone(), vec![]), stream);
     }
 
     /// A connection that ends inside a frame hands what came of it to lapin.
@@ -388,15 +564,26 @@ mod tests {
         /// same stream.
         #[test]
         fn reads_of_any_sizes_give_the_same_stream(
-            sizes in proptest::collection::vec(1usize..40, 0..60),
+            sizes in proptest::collection::vec(0usize..40, 0..60),
             ids in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 1..6),
         ) {
-            let mut stream = Vec::new();
+            let mut stream = tune(4096);
             for id in &ids {
+                // basic.deliver: consumer tag "c", delivery tag, redelivered, exchange "", routing key `id`
+                let deliver = [[0, 60, 0, 60, 1, b'c'].as_slice(), &[0; 8], &[0, 0], &[u8::try_from(id.len()).unwrap()], id].concat();
+                stream.extend_from_slice(&frame(METHOD_FRAME, &deliver));
                 stream.extend_from_slice(&header_with_id(id));
+                stream.extend_from_slice(&header_with_big_header(5000));
                 stream.extend_from_slice(&frame(3, id));
             }
             let whole = read_all(stream.clone(), vec![]);
+            // Every frame of it reads, within the frame_max of 4096.
+            let mut rest = whole.as_slice();
+            while !rest.is_empty() {
+                let (after, _) = amq_protocol::frame::parse_frame(rest).expect("lapin reads every frame");
+                prop_assert!(rest.len() - after.len() <= 4096);
+                rest = after;
+            }
             prop_assert_eq!(read_all(stream, sizes), whole);
         }
     }

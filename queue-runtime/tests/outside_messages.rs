@@ -524,8 +524,8 @@ fn headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime() {
     );
 }
 
-/// A script's `main` for [`handles_what_a_script_publishes`]: pika writes `bytes` as
-/// they are where AMQP 0-9-1 wants UTF-8, as php-amqplib does.
+/// The `main` of the test's Python script: pika writes `bytes` as they are where AMQP
+/// 0-9-1 wants UTF-8, as php-amqplib does.
 const PIKA_BYTES_FOR_SHORT_STRINGS: &str = r#"
 import pika
 def main():
@@ -566,13 +566,67 @@ end
         "{handled:?}"
     );
     assert_eq!(handled[0]["id"], "id-??", "{handled:?}");
+    assert_connection_kept(&logs, &seen);
+    stop_cleanly(child, "the runtime");
+}
+
+/// The `main` of the test's Python script: Qpid Proton publishes over AMQP 1.0 a message with 200 KB of application properties, which RabbitMQ 3.x
+/// hands AMQP 0-9-1 consumers as one header in one content header frame.
+const PROTON_LARGE_PROPERTIES: &str = r#"
+def main():
+    from proton import Message
+    from proton.utils import BlockingConnection
+    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
+    sender = conn.create_sender("/queue/" + sys.argv[1])
+    for n, properties in [(1, {"big": "x" * 200000}), (2, {"small": "s"})]:
+        message = Message(body=('{"n":%d}' % n).encode(), content_type="application/json")
+        message.inferred = True
+        message.properties = properties
+        sender.send(message)
+    conn.close()
+"#;
+
+/// A content header larger than the driver's `frame_max`, which RabbitMQ sends whole,
+/// reaches the handler without the header that made it so, named in
+/// `x_dropped_headers`. Before, lapin ended the connection on it at every delivery.
+fn a_content_header_past_frame_max_costs_no_connection() {
+    let handler = r#"function handle(p)
+  local msg = queue.message()
+  logger:info("Handled", { n = p.n, dropped = msg:header("x_dropped_headers") })
+  return true
+end
+"#;
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-large-header-{id}");
+    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
+    let script = format!("import sys\n{PROTON_LARGE_PROPERTIES}main()\n");
+    let sent = python(&script, &[&queue]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    collect_until(&lines, &mut seen, |logs| {
+        lua_logs(logs, "Handled").len() == 2
+    });
+    let logs = json_lines(&seen);
+    let handled = lua_logs(&logs, "Handled");
+    assert_eq!(handled[0]["n"], 1, "{handled:?}");
+    let note = handled[0]["dropped"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with("x-amqp-1.0-app-properties (") && note.contains("131072"),
+        "{note}"
+    );
+    assert_eq!(handled[1]["n"], 2, "{handled:?}");
+    assert!(handled[1]["dropped"].is_null(), "{handled:?}");
+    assert_connection_kept(&logs, &seen);
+    stop_cleanly(child, "the runtime");
+}
+
+/// Fails the test when the runtime's driver logged a lost connection.
+fn assert_connection_kept(logs: &[serde_json::Value], seen: &[String]) {
     let lost = "connection to the AMQP broker lost; reconnecting";
     assert!(
         !logs.iter().any(|l| l["fields"]["message"] == lost),
         "the connection was lost:\n{}",
         seen.join("\n")
     );
-    stop_cleanly(child, "the runtime");
 }
 
 /// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
@@ -725,6 +779,7 @@ queue_testkit::broker_tests! {
         bodies_without_a_codec_content_type_reach_handlers_as_json_or_text,
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
         short_strings_that_are_not_utf8_cost_no_connection,
+        a_content_header_past_frame_max_costs_no_connection,
         annotations_nested_deep_cannot_crash_the_runtime,
     ];
 }
