@@ -97,6 +97,8 @@ fn default_connection_timeout() -> Duration {
 }
 /// The largest frame the driver accepts (RabbitMQ's default `frame_max`).
 pub(crate) const MAX_FRAME: u32 = 128 * 1024;
+/// AMQP 0-9-1's smallest `frame_max` (`FRAME_MIN_SIZE`).
+pub(crate) const MIN_FRAME: u32 = 4096;
 
 fn default_reconnect_delay() -> Duration {
     Duration::from_secs(1)
@@ -337,6 +339,17 @@ impl Amqp091Config {
         // A URL's `frame_max=0` asks for the broker's size, which would lift the cap.
         uri.query.frame_max = Some(match uri.query.frame_max {
             None | Some(0) => MAX_FRAME,
+            // RabbitMQ refuses it at the handshake, and the driver's reading of frames
+            // (`transport.rs`) takes lapin's floor for it.
+            Some(f) if f < MIN_FRAME => {
+                return Err(field_error(
+                    &self.url_field(i),
+                    &format!(
+                        "{:?}: frame_max={f} is below AMQP 0-9-1's smallest frame, {MIN_FRAME} bytes",
+                        redact_url(url)
+                    ),
+                ));
+            }
             Some(f) => f.min(MAX_FRAME),
         });
         Ok(Endpoint {
@@ -526,6 +539,17 @@ mod tests {
             let c = Amqp091Config::from_json(json!({ "url": url })).unwrap();
             assert_eq!(c.endpoints().unwrap().remove(0).uri.authority.host, host);
         }
+    }
+
+    #[test]
+    fn a_frame_max_below_amqps_smallest_is_invalid() {
+        let url = "amqp://u:secret@127.0.0.1:5672/?frame_max=4095";
+        let Err(err) = Amqp091Config::from_json(json!({ "url": url })) else {
+            panic!("frame_max=4095 taken")
+        };
+        assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+        assert!(err.message().contains("frame_max=4095"), "{err}");
+        assert!(!err.message().contains("secret"), "{err}");
     }
 
     #[test]

@@ -95,36 +95,53 @@ pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<F
     let ends = starts.iter().skip(1).copied().chain([table_end]);
     let entries: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
 
-    let marker_room = 1 + names::X_DROPPED_HEADERS.len() + 1 + 4 + MAX_NOTE_BYTES;
-    let budget = max_payload.checked_sub(marker_room)?;
-    let mut size = payload.len();
-    let mut by_size: Vec<usize> = (0..entries.len()).collect();
-    by_size.sort_by_key(|&i| std::cmp::Reverse(entries[i].1 - entries[i].0));
+    // The marker entry: its name, its tag, its size, then the note.
+    let marker_room = 1 + names::X_DROPPED_HEADERS.len() + 1 + 4;
+    let why = format!(
+        ": the message's AMQP content header took {} bytes, more than the {} a frame of this connection may hold",
+        payload.len() + 8,
+        max_payload + 8
+    );
+    let name_at = |start: usize| {
+        let len = usize::from(payload[start]);
+        String::from_utf8_lossy(&payload[start + 1..start + 1 + len])
+    };
     let mut dropped = vec![false; entries.len()];
-    let mut said = Vec::new();
+    let mut said: Vec<String> = Vec::new();
+    let mut size = payload.len();
+    // The note's length before it is cut to MAX_NOTE_BYTES: each item and its ", ".
+    let mut listed = 0;
+    // A note the message carries already goes first in the new one, which replaces it.
+    for (i, &(start, end)) in entries.iter().enumerate() {
+        let value = &payload[start + 1 + usize::from(payload[start])..end];
+        if name_at(start) == names::X_DROPPED_HEADERS && value.first() == Some(&b'S') {
+            let earlier = String::from_utf8_lossy(&value[5..]).into_owned();
+            dropped[i] = true;
+            size -= end - start;
+            listed += earlier.len() + 2;
+            said.push(earlier);
+        }
+    }
+    let fits = |size: usize, listed: usize| {
+        size + marker_room + (listed + why.len()).min(MAX_NOTE_BYTES) <= max_payload
+    };
+    let mut by_size: Vec<usize> = (0..entries.len()).filter(|&i| !dropped[i]).collect();
+    by_size.sort_by_key(|&i| std::cmp::Reverse(entries[i].1 - entries[i].0));
     for i in by_size {
-        if size <= budget {
+        if fits(size, listed) {
             break;
         }
         let (start, end) = entries[i];
-        size -= end - start;
+        let item = format!("{} ({} bytes)", name_at(start), end - start);
         dropped[i] = true;
-        let len = usize::from(payload[start]);
-        let name = String::from_utf8_lossy(&payload[start + 1..start + 1 + len]);
-        said.push(format!("{name} ({} bytes)", end - start));
+        size -= end - start;
+        listed += item.len() + 2;
+        said.push(item);
     }
-    if size > budget {
+    if !fits(size, listed) {
         return None;
     }
-    let note = queue_core::truncate(
-        &format!(
-            "{}: the message's AMQP content header took {} bytes, more than the {} a frame of this connection may hold",
-            said.join(", "),
-            payload.len() + 8,
-            max_payload + 8
-        ),
-        MAX_NOTE_BYTES,
-    );
+    let note = queue_core::truncate(&format!("{}{why}", said.join(", ")), MAX_NOTE_BYTES);
 
     let mut table = Vec::with_capacity(size - table_at);
     for (i, &(start, end)) in entries.iter().enumerate() {
@@ -139,7 +156,7 @@ pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<F
     table.extend_from_slice(&u32::try_from(note.len()).ok()?.to_be_bytes());
     table.extend_from_slice(note.as_bytes());
 
-    let mut fitted = Vec::with_capacity(size + marker_room);
+    let mut fitted = Vec::with_capacity(size + marker_room + note.len());
     fitted.extend_from_slice(&payload[..table_at]);
     fitted.extend_from_slice(&u32::try_from(table.len()).ok()?.to_be_bytes());
     fitted.extend_from_slice(&table);
@@ -645,6 +662,79 @@ mod tests {
         assert_eq!((header.class_id, header.body_size), (60, 5));
     }
 
+    /// A content header of `entries` headers of `each` bytes (name and value
+    /// included), and the payload amq-protocol writes for it.
+    fn header_of(entries: usize, each: usize, extra: Option<&str>) -> Vec<u8> {
+        let mut table = FieldTable::default();
+        for i in 0..entries {
+            let name = format!("h{i:05}");
+            // name's length octet and bytes, the tag, the value's size
+            let value = vec![b'v'; each - (1 + name.len() + 1 + 4)];
+            table.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        if let Some(note) = extra {
+            table.insert(
+                names::X_DROPPED_HEADERS.into(),
+                AMQPValue::LongString(LongString::from(note.as_bytes())),
+            );
+        }
+        let bytes = encode(&header(
+            basic::AMQPProperties::default().with_headers(table),
+        ));
+        bytes[7..bytes.len() - 1].to_vec()
+    }
+
+    fn fitted_headers(fitted: &Fitted) -> FieldTable {
+        let (_, header) =
+            amq_protocol::frame::parsing::parse_content_header(fitted.payload.as_slice())
+                .expect("reads");
+        header.properties.headers().clone().expect("headers")
+    }
+
+    /// Ten bytes over takes one 500-byte header away, not three.
+    #[test]
+    fn only_as_many_headers_go_as_it_takes() {
+        let payload = header_of(20, 500, None);
+        let fitted = fit_content_header(&payload, payload.len() - 10).expect("fits");
+        assert_eq!(
+            fitted_headers(&fitted).inner().len(),
+            20,
+            "19 kept and the note"
+        );
+    }
+
+    /// A note the message carries already (a copy the runtime made, say) is not lost:
+    /// the new one starts with it.
+    #[test]
+    fn an_earlier_note_leads_the_new_one() {
+        let payload = header_of(20, 500, Some("priority: must be 0..9"));
+        let fitted = fit_content_header(&payload, payload.len() - 10).expect("fits");
+        assert!(
+            fitted.note.starts_with("priority: must be 0..9, h"),
+            "{}",
+            fitted.note
+        );
+        let headers = fitted_headers(&fitted);
+        assert_eq!(
+            headers.inner().get(names::X_DROPPED_HEADERS),
+            Some(&AMQPValue::LongString(LongString::from(
+                fitted.note.as_bytes()
+            )))
+        );
+    }
+
+    /// Thousands of small headers dropped: the note is cut to its limit, and the header
+    /// still fits the smallest frame AMQP allows.
+    #[test]
+    fn a_long_note_is_cut_and_still_fits() {
+        let payload = header_of(3000, 40, None);
+        let fitted = fit_content_header(&payload, 4096 - 8).expect("fits");
+        assert!(fitted.payload.len() <= 4096 - 8);
+        assert!(fitted.note.len() <= MAX_NOTE_BYTES);
+        assert!(fitted.note.contains("(truncated from "), "{}", fitted.note);
+        fitted_headers(&fitted);
+    }
+
     /// A frame that does not read as its type is left as it came (lapin refuses it).
     #[test]
     fn a_table_whose_size_reaches_past_the_frame_is_left_alone() {
@@ -769,7 +859,7 @@ mod tests {
                 table.insert(format!("fill{i}").into(), AMQPValue::LongString(LongString::from(vec![b'f'; *size])));
             }
             props = props.with_headers(table.clone());
-            let bytes = encode(&header(props));
+            let bytes = encode(&header(props.clone()));
             let payload = &bytes[7..bytes.len() - 1];
             prop_assume!(payload.len() + 8 > 4096);
             // Anywhere from AMQP's smallest frame_max to just under this frame.
@@ -786,9 +876,17 @@ mod tests {
                 }
                 prop_assert_eq!(table.inner().get(name), Some(value));
             }
+            let named = |name: &str| {
+                fitted.note.starts_with(&format!("{name} ("))
+                    || fitted.note.contains(&format!(", {name} ("))
+                    || fitted.note.contains("(truncated from ")
+            };
             for name in table.inner().keys() {
-                prop_assert!(kept.inner().contains_key(name) || fitted.note.contains(&format!("{name} (")), "{} lost without a word: {}", name, fitted.note);
+                prop_assert!(kept.inner().contains_key(name) || named(name.as_str()), "{} lost without a word: {}", name, fitted.note);
             }
+            // Every other property as it was.
+            let unheaded = |p: &basic::AMQPProperties| p.clone().with_headers(FieldTable::default());
+            prop_assert_eq!(unheaded(&fitted_header.properties), unheaded(&props));
         }
 
         /// Whatever bytes stand in a message id and a header's name, the frame then

@@ -22,6 +22,7 @@ use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{AsyncTcpStream, ConnectionProperties};
 
+use crate::config::MIN_FRAME;
 use crate::frames::{
     HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, proposed_frame_max,
 };
@@ -118,7 +119,7 @@ fn negotiated_frame_max(asked: u32, proposed: u32) -> usize {
     };
     match usize::try_from(frame_max) {
         Ok(0) | Err(_) => usize::MAX,
-        Ok(n) => n.max(FRAME_MIN_SIZE),
+        Ok(n) => n.max(MIN_FRAME as usize),
     }
 }
 
@@ -134,9 +135,6 @@ const READ_CHUNK: usize = 64 * 1024;
 /// this buffer grow without bound. The buffer goes back to [`READ_CHUNK`] once such a
 /// frame has been handed on.
 const MAX_CHECKED_FRAME: usize = 128 * 1024 * 1024;
-
-/// AMQP 0-9-1's smallest `frame_max` (lapin raises a smaller one to it).
-const FRAME_MIN_SIZE: usize = 4096;
 
 /// A stream that hands its reader the frames of `S` as lapin's parser accepts them
 /// ([`crate::frames`]): short strings made UTF-8, content headers larger than the
@@ -231,7 +229,10 @@ impl<S> ParsableFrames<S> {
                  that is not UTF-8 now reads as '?'"
             );
         }
-        if frame_type == HEADER_FRAME && whole > self.frame_max {
+        if frame_type == HEADER_FRAME
+            && whole > self.frame_max
+            && self.buf[at + whole - 1] == FRAME_END
+        {
             self.fit_content_header(at, whole);
         } else {
             self.checked += whole;
@@ -250,7 +251,7 @@ impl<S> ParsableFrames<S> {
                 bytes = whole,
                 frame_max = self.frame_max,
                 channel,
-                "a message's AMQP content header is larger than frame_max and has no header to drop; lapin will end the connection"
+                "a message's AMQP content header is larger than frame_max and cannot be fitted to it; lapin will end the connection"
             );
             self.checked += whole;
             return;
@@ -287,9 +288,11 @@ impl<S> ParsableFrames<S> {
         let needed = (self.checked + self.wanted).max(self.end + READ_CHUNK / 4);
         if needed > self.buf.len() {
             self.buf.resize(needed.max(self.end + READ_CHUNK), 0);
-        } else if self.end == 0 && self.buf.len() > 2 * READ_CHUNK && needed <= READ_CHUNK {
+        } else if self.buf.len() > 2 * READ_CHUNK && needed <= READ_CHUNK {
             // A large frame has been handed on: its room goes back.
-            self.buf = vec![0; READ_CHUNK];
+            let mut smaller = vec![0; READ_CHUNK];
+            smaller[..self.end].copy_from_slice(&self.buf[..self.end]);
+            self.buf = smaller;
         }
     }
 }
@@ -534,6 +537,53 @@ mod tests {
             Some("id")
         );
         assert_eq!(out[out.len() - body.len()..], body[..]);
+    }
+
+    /// The broker's `frame_max` when it is the smaller counts; a header held whole
+    /// (300 KB) gives its room back once handed on.
+    #[test]
+    fn the_brokers_smaller_frame_max_counts_and_a_large_buffer_shrinks_back() {
+        let big = header_with_big_header(300_000);
+        let after = [frame(3, b"abc"), header_with_id(b"x")].concat();
+        let stream = [tune(8192), big.clone(), after.clone()].concat();
+        // The tune, then the big header and 5 bytes of the body frame, then the rest.
+        let sizes = vec![tune(0).len(), big.len() + 5];
+        let inner = Chunked {
+            bytes: stream,
+            at: 0,
+            sizes,
+        };
+        let mut reader = ParsableFrames::new(inner, 131_072);
+        let mut out = vec![0; 1 << 20];
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let n = block_on(reader.read(&mut out)).expect("reads");
+            got.extend_from_slice(&out[..n]);
+        }
+        assert!(reader.buf.len() > 300_000, "the header was held whole");
+        block_on(reader.read_to_end(&mut got)).expect("reads");
+        assert!(reader.buf.len() <= READ_CHUNK, "{}", reader.buf.len());
+
+        let fitted = &got[tune(0).len()..];
+        let (rest, _) = amq_protocol::frame::parse_frame(fitted).expect("reads");
+        assert!(fitted.len() - rest.len() <= 8192);
+        assert_eq!(rest, after.as_slice());
+    }
+
+    /// A buffer grown for a large frame shrinks back though every read since ended
+    /// inside a frame (steady traffic), keeping the bytes it holds.
+    #[test]
+    fn a_grown_buffer_shrinks_back_with_a_frame_begun_in_it() {
+        let next = header_with_id(b"x");
+        let mut reader = ParsableFrames::new(Cursor::new(next[5..].to_vec()), 0);
+        // As left by a 1 MiB frame handed on, with 5 bytes of the next one read.
+        reader.buf = vec![0; 1 << 20];
+        reader.buf[..5].copy_from_slice(&next[..5]);
+        reader.end = 5;
+        let mut out = vec![0; 64];
+        let n = block_on(reader.read(&mut out)).expect("reads");
+        assert_eq!(out[..n], next[..]);
+        assert!(reader.buf.len() <= READ_CHUNK, "{}", reader.buf.len());
     }
 
     /// Below the `frame_max`, the same header passes as it came.
