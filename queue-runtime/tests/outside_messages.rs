@@ -543,35 +543,48 @@ def main():
 /// the frame by closing the connection, and the message, redelivered at once, did it
 /// again: no message of any queue of the driver was handled again.
 fn short_strings_that_are_not_utf8_cost_no_connection() {
-    let handler = r#"function handle(p)
-  local msg = queue.message()
-  logger:info("Handled", { n = p.n, k = msg:header("k?"), id = msg:id() })
-  return true
-end
-"#;
-    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
-    let queue = format!("it-short-strings-{id}");
-    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
-    let script = format!("import sys\n{PIKA_BYTES_FOR_SHORT_STRINGS}main()\n");
-    let sent = python(&script, &[&queue]);
-    assert!(sent.status.success(), "{}", text(&sent.stderr));
-    collect_until(&lines, &mut seen, |logs| {
-        lua_logs(logs, "Handled").len() == 2
-    });
-    let logs = json_lines(&seen);
-    let handled = lua_logs(&logs, "Handled");
+    let fields = "{ n = p.n, k = msg:header(\"k?\"), id = msg:id() }";
+    let handled = two_handled_over_amqp091("short-strings", fields, PIKA_BYTES_FOR_SHORT_STRINGS);
     assert_eq!(
         (&handled[0]["n"], &handled[0]["k"]),
         (&1.into(), &1.into()),
         "{handled:?}"
     );
     assert_eq!(handled[0]["id"], "id-??", "{handled:?}");
-    assert_connection_kept(&logs, &seen);
-    stop_cleanly(child, "the runtime");
 }
 
-/// The `main` of the test's Python script: Qpid Proton publishes over AMQP 1.0 a message with 200 KB of application properties, which RabbitMQ 3.x
-/// hands AMQP 0-9-1 consumers as one header in one content header frame.
+/// Starts the runtime consuming a fresh queue over AMQP 0-9-1, its handler logging
+/// `fields` (a Lua table of `p`, the payload, and `msg`), runs a Python script whose
+/// `main` is `script_main` with the queue's name, and returns what the handler logged
+/// of the two messages the script publishes. The driver must have kept its
+/// connection, and the runtime then stops cleanly.
+fn two_handled_over_amqp091(what: &str, fields: &str, script_main: &str) -> Vec<serde_json::Value> {
+    let handler = format!(
+        "function handle(p)\n  local msg = queue.message()\n  logger:info(\"Handled\", {fields})\n  return true\nend\n"
+    );
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-{what}-{id}");
+    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, &handler);
+    let script = format!("import sys\n{script_main}main()\n");
+    let sent = python(&script, &[&queue]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    collect_until(&lines, &mut seen, |logs| {
+        lua_logs(logs, "Handled").len() == 2
+    });
+    let logs = json_lines(&seen);
+    let lost = "connection to the AMQP broker lost; reconnecting";
+    assert!(
+        !logs.iter().any(|l| l["fields"]["message"] == lost),
+        "the connection was lost:\n{}",
+        seen.join("\n")
+    );
+    stop_cleanly(child, "the runtime");
+    lua_logs(&logs, "Handled")
+}
+
+/// The `main` of the test's Python script: Qpid Proton publishes over AMQP 1.0 a
+/// message with 200 KB of application properties, which RabbitMQ 3.x hands AMQP 0-9-1
+/// consumers as one header in one content header frame.
 const PROTON_LARGE_PROPERTIES: &str = r#"
 def main():
     from proton import Message
@@ -590,23 +603,8 @@ def main():
 /// reaches the handler without the header that made it so, named in
 /// `x_dropped_headers`. Before, lapin ended the connection on it at every delivery.
 fn a_content_header_past_frame_max_costs_no_connection() {
-    let handler = r#"function handle(p)
-  local msg = queue.message()
-  logger:info("Handled", { n = p.n, dropped = msg:header("x_dropped_headers") })
-  return true
-end
-"#;
-    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
-    let queue = format!("it-large-header-{id}");
-    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, handler);
-    let script = format!("import sys\n{PROTON_LARGE_PROPERTIES}main()\n");
-    let sent = python(&script, &[&queue]);
-    assert!(sent.status.success(), "{}", text(&sent.stderr));
-    collect_until(&lines, &mut seen, |logs| {
-        lua_logs(logs, "Handled").len() == 2
-    });
-    let logs = json_lines(&seen);
-    let handled = lua_logs(&logs, "Handled");
+    let fields = "{ n = p.n, dropped = msg:header(\"x_dropped_headers\") }";
+    let handled = two_handled_over_amqp091("large-header", fields, PROTON_LARGE_PROPERTIES);
     assert_eq!(handled[0]["n"], 1, "{handled:?}");
     let note = handled[0]["dropped"].as_str().unwrap_or_default();
     assert!(
@@ -615,18 +613,6 @@ end
     );
     assert_eq!(handled[1]["n"], 2, "{handled:?}");
     assert!(handled[1]["dropped"].is_null(), "{handled:?}");
-    assert_connection_kept(&logs, &seen);
-    stop_cleanly(child, "the runtime");
-}
-
-/// Fails the test when the runtime's driver logged a lost connection.
-fn assert_connection_kept(logs: &[serde_json::Value], seen: &[String]) {
-    let lost = "connection to the AMQP broker lost; reconnecting";
-    assert!(
-        !logs.iter().any(|l| l["fields"]["message"] == lost),
-        "the connection was lost:\n{}",
-        seen.join("\n")
-    );
 }
 
 /// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
