@@ -123,6 +123,9 @@ fn negotiated_frame_max(asked: u32, proposed: u32) -> usize {
     }
 }
 
+/// How often a connection logs the frames it mended, at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The octet that ends every frame.
 const FRAME_END: u8 = 0xCE;
 
@@ -157,6 +160,9 @@ pub(crate) struct ParsableFrames<S> {
     passing: usize,
     /// The bytes from `checked` that the frame there needs whole.
     wanted: usize,
+    /// Frames mended since the last line logged about them, and when that was.
+    mended: u64,
+    last_warning: Option<Instant>,
 }
 
 impl<S> ParsableFrames<S> {
@@ -172,6 +178,8 @@ impl<S> ParsableFrames<S> {
             checked: 0,
             passing: 0,
             wanted: 0,
+            mended: 0,
+            last_warning: None,
         }
     }
 
@@ -220,13 +228,17 @@ impl<S> ParsableFrames<S> {
         {
             self.frame_max = negotiated_frame_max(self.asked_frame_max, proposed);
         }
-        if rewritten > 0 {
+        if rewritten > 0
+            && let Some(mended) = self.may_warn()
+        {
             tracing::warn!(
                 rewritten,
+                mended,
                 channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]),
                 "a frame from the broker held short strings that are not UTF-8 (a header name, \
                  a message id, a routing key... another client wrote them as bytes); each byte \
-                 that is not UTF-8 now reads as '?'"
+                 that is not UTF-8 now reads as '?' (`mended`: frames mended since the last \
+                 such line, at most one every 10 s)"
             );
         }
         if frame_type == HEADER_FRAME
@@ -256,13 +268,16 @@ impl<S> ParsableFrames<S> {
             self.checked += whole;
             return;
         };
-        tracing::warn!(
-            bytes = whole,
-            frame_max = self.frame_max,
-            channel,
-            dropped = %fitted.note,
-            "a message's AMQP content header was larger than frame_max (RabbitMQ sends it whole); its largest headers were dropped and named in x_dropped_headers"
-        );
+        if let Some(mended) = self.may_warn() {
+            tracing::warn!(
+                bytes = whole,
+                frame_max = self.frame_max,
+                channel,
+                mended,
+                dropped = %fitted.note,
+                "a message's AMQP content header was larger than frame_max (RabbitMQ sends it whole); its largest headers were dropped and named in x_dropped_headers (`mended`: frames mended since the last such line, at most one every 10 s)"
+            );
+        }
         let size = u32::try_from(fitted.payload.len()).unwrap_or(u32::MAX);
         let mut frame = Vec::with_capacity(fitted.payload.len() + 8);
         frame.extend_from_slice(&self.buf[at..at + 3]);
@@ -275,6 +290,22 @@ impl<S> ParsableFrames<S> {
         self.buf.copy_within(at + whole..self.end, at + frame.len());
         self.end -= whole - frame.len();
         self.checked += frame.len();
+    }
+
+    /// Whether to log the frame just mended: the first, then at most one a
+    /// [`WARN_EVERY`], so that a flood of such messages does not flood the log. Returns
+    /// how many frames were mended since the last line, this one included.
+    fn may_warn(&mut self) -> Option<u64> {
+        self.mended += 1;
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last_warning = Some(now);
+        Some(std::mem::take(&mut self.mended))
     }
 
     /// Room after `end` for the next read, and for the whole frame being checked.
@@ -584,6 +615,20 @@ mod tests {
         let n = block_on(reader.read(&mut out)).expect("reads");
         assert_eq!(out[..n], next[..]);
         assert!(reader.buf.len() <= READ_CHUNK, "{}", reader.buf.len());
+    }
+
+    /// A flood of mended frames logs one line, then one a `WARN_EVERY` counting the
+    /// frames in between.
+    #[test]
+    fn mended_frames_are_logged_at_most_once_an_interval() {
+        let mut stream = ParsableFrames::new(Cursor::new(Vec::<u8>::new()), 0);
+        assert_eq!(stream.may_warn(), Some(1));
+        for _ in 0..4 {
+            assert_eq!(stream.may_warn(), None);
+        }
+        stream.last_warning = stream.last_warning.map(|t| t - WARN_EVERY);
+        assert_eq!(stream.may_warn(), Some(5));
+        assert_eq!(stream.may_warn(), None);
     }
 
     /// Below the `frame_max`, the same header passes as it came.
