@@ -186,7 +186,7 @@ const BASIC_RETURN: (u16, u16) = (60, 50);
 const BASIC_DELIVER: (u16, u16) = (60, 60);
 const BASIC_GET_OK: (u16, u16) = (60, 71);
 
-/// Content header property flags (bit 15 first), in the order the properties follow.
+/// What a content header's property is, to read past it.
 enum Property {
     ShortString,
     Table,

@@ -56,7 +56,8 @@ mod connection;
 mod consume;
 /// lapin errors -> the workspace's errors.
 mod error;
-/// Short strings that are not UTF-8, made UTF-8 in a frame before lapin reads it.
+/// What lapin would refuse in a broker's frame (short strings that are not UTF-8, a
+/// content header past `frame_max`), mended before it reads the frame.
 mod frames;
 /// Headers <-> AMQP properties and header table.
 mod mapping;

@@ -1,10 +1,12 @@
-//! The byte stream between the broker and lapin, read frame by frame so that short
-//! strings that are not UTF-8 reach lapin's parser as UTF-8 ([`crate::frames`]).
+//! The byte stream between the broker and lapin, read frame by frame so that what
+//! another client's message puts in a frame reaches lapin's parser in a form it takes
+//! ([`crate::frames`]): short strings made UTF-8, content headers fitted to
+//! `frame_max`.
 //!
-//! lapin takes its socket from the runtime it is given: [`runtime`] is tokio's, with a
-//! reactor whose connections are wrapped in [`ParsableFrames`], and [`connect`]
-//! opens the TCP (and TLS) connection itself so that the wrapper sits above TLS, where
-//! the frames are.
+//! [`connect`] opens the TCP (and TLS) connection itself and wraps it in
+//! [`ParsableFrames`], so that the wrapper sits above TLS, where the frames are. lapin
+//! names its stream's type after the runtime it is given: that runtime is tokio's with
+//! a reactor of its own ([`FilteringReactor`]) whose only part is that type.
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,18 +38,19 @@ pub(crate) async fn connect(
 ) -> lapin::Result<lapin::Connection> {
     let asked_frame_max = uri.query.frame_max.unwrap_or(0);
     let tokio = Tokio::current();
-    let guarded = Runtime::new(RuntimeParts::new(
+    let filtering = Runtime::new(RuntimeParts::new(
         tokio.clone(),
-        GuardedReactor(tokio.clone()),
+        FilteringReactor(tokio.clone()),
     ));
     let plain = Runtime::new(tokio);
     lapin::Connection::connector(
         uri,
-        guarded,
-        async move |uri, _guarded| {
+        filtering,
+        async move |uri, _filtering| {
             let stream = uri
                 .connect_with_config_async(tls.as_ref(), &plain)
                 .await
+                // As lapin's own connector maps it (its `Error::io` is not public).
                 .map_err(|e| match plain.is_runtime_shutdown_error(&e) {
                     true => lapin::ErrorKind::RuntimeShutdownError(Arc::new(e)).into(),
                     false => lapin::Error::from(e),
@@ -64,14 +67,14 @@ pub(crate) async fn connect(
 
 /// The stream lapin reads: the connection (TCP, or TLS over it) as tokio's reactor
 /// opens it, wrapped.
-type Guarded = ParsableFrames<AsyncTcpStream<<Tokio as Reactor>::TcpStream>>;
+type Filtered = ParsableFrames<AsyncTcpStream<<Tokio as Reactor>::TcpStream>>;
 
-/// tokio's reactor, whose TCP streams are [`Guarded`].
+/// tokio's reactor, whose TCP stream type is [`Filtered`].
 #[derive(Clone, Debug)]
-struct GuardedReactor(Tokio);
+struct FilteringReactor(Tokio);
 
-impl Reactor for GuardedReactor {
-    type TcpStream = Guarded;
+impl Reactor for FilteringReactor {
+    type TcpStream = Filtered;
     type Sleep = <Tokio as Reactor>::Sleep;
 
     // async-rs's own bound (`AsSysFd`) is these two, under a name it does not export.
@@ -193,12 +196,6 @@ impl<S> ParsableFrames<S> {
             self.passing -= n;
             return n > 0;
         }
-        // A protocol header (the broker refusing our version) rather than a frame:
-        // everything after it passes as it is, for lapin to read.
-        if available > 0 && self.buf[self.checked] == b'A' {
-            self.passing = usize::MAX;
-            return true;
-        }
         if available < 7 {
             self.wanted = 7;
             return false;
@@ -221,6 +218,12 @@ impl<S> ParsableFrames<S> {
             self.wanted = whole;
             return false;
         }
+        // A frame without its end octet is none lapin reads: it passes as it came.
+        if self.buf[at + whole - 1] != FRAME_END {
+            self.checked += whole;
+            return true;
+        }
+        let channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]);
         let payload = &mut self.buf[at + 7..at + 7 + size];
         let rewritten = make_short_strings_utf8(frame_type, payload);
         if frame_type == METHOD_FRAME
@@ -228,56 +231,45 @@ impl<S> ParsableFrames<S> {
         {
             self.frame_max = negotiated_frame_max(self.asked_frame_max, proposed);
         }
-        if rewritten > 0
+        let dropped = if frame_type == HEADER_FRAME && whole > self.frame_max {
+            self.fit_header_at(at, whole)
+        } else {
+            self.checked += whole;
+            None
+        };
+        if (rewritten > 0 || dropped.is_some())
             && let Some(mended) = self.may_warn()
         {
             tracing::warn!(
+                channel,
                 rewritten,
+                dropped = dropped.as_deref().unwrap_or_default(),
                 mended,
-                channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]),
-                "a frame from the broker held short strings that are not UTF-8 (a header name, \
-                 a message id, a routing key... another client wrote them as bytes); each byte \
-                 that is not UTF-8 now reads as '?' (`mended`: frames mended since the last \
-                 such line, at most one every 10 s)"
+                "mended a frame from the broker that lapin would refuse (another client's \
+                 message): `rewritten` bytes of short strings that were not UTF-8 now read as \
+                 '?'; `dropped` names the headers taken out of a content header larger than \
+                 frame_max, as its x_dropped_headers does; `mended` counts the frames since \
+                 the last such line (one every 10 s at most)"
             );
-        }
-        if frame_type == HEADER_FRAME
-            && whole > self.frame_max
-            && self.buf[at + whole - 1] == FRAME_END
-        {
-            self.fit_content_header(at, whole);
-        } else {
-            self.checked += whole;
         }
         true
     }
 
     /// Replaces the content header frame of `whole` bytes at `at` with one that fits
-    /// `frame_max` ([`fit_content_header`]); one that cannot be fitted passes as it
-    /// came, for lapin to refuse.
-    fn fit_content_header(&mut self, at: usize, whole: usize) {
-        let channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]);
+    /// `frame_max` ([`fit_content_header`]); returns what it dropped. One that cannot
+    /// be fitted passes as it came, for lapin to refuse.
+    fn fit_header_at(&mut self, at: usize, whole: usize) -> Option<String> {
         let payload = &self.buf[at + 7..at + whole - 1];
         let Some(fitted) = fit_content_header(payload, self.frame_max - 8) else {
             tracing::error!(
                 bytes = whole,
                 frame_max = self.frame_max,
-                channel,
+                channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]),
                 "a message's AMQP content header is larger than frame_max and cannot be fitted to it; lapin will end the connection"
             );
             self.checked += whole;
-            return;
+            return None;
         };
-        if let Some(mended) = self.may_warn() {
-            tracing::warn!(
-                bytes = whole,
-                frame_max = self.frame_max,
-                channel,
-                mended,
-                dropped = %fitted.note,
-                "a message's AMQP content header was larger than frame_max (RabbitMQ sends it whole); its largest headers were dropped and named in x_dropped_headers (`mended`: frames mended since the last such line, at most one every 10 s)"
-            );
-        }
         let size = u32::try_from(fitted.payload.len()).unwrap_or(u32::MAX);
         let mut frame = Vec::with_capacity(fitted.payload.len() + 8);
         frame.extend_from_slice(&self.buf[at..at + 3]);
@@ -290,6 +282,7 @@ impl<S> ParsableFrames<S> {
         self.buf.copy_within(at + whole..self.end, at + frame.len());
         self.end -= whole - frame.len();
         self.checked += frame.len();
+        Some(fitted.note)
     }
 
     /// Whether to log the frame just mended: the first, then at most one a
@@ -577,8 +570,8 @@ mod tests {
         let big = header_with_big_header(300_000);
         let after = [frame(3, b"abc"), header_with_id(b"x")].concat();
         let stream = [tune(8192), big.clone(), after.clone()].concat();
-        // The tune, then the big header and 5 bytes of the body frame, then the rest.
-        let sizes = vec![tune(0).len(), big.len() + 5];
+        // The tune alone, then the rest in reads as large as the buffer takes.
+        let sizes = vec![tune(0).len()];
         let inner = Chunked {
             bytes: stream,
             at: 0,
@@ -631,12 +624,15 @@ mod tests {
         assert_eq!(stream.may_warn(), None);
     }
 
-    /// Below the `frame_max`, the same header passes as it came.
+    /// At the `frame_max`, a header passes as it came; one byte over, it is fitted.
     #[test]
     fn a_content_header_within_frame_max_passes() {
-        let mut stream = tune(0);
-        stream.extend_from_slice(&header_with_big_header(10_000));
+        let at_the_limit = header_with_big_header(131_072 - 38);
+        assert_eq!(at_the_limit.len(), 131_072);
+        let stream = [tune(131_072), at_the_limit].concat();
         assert_eq!(read_all(stream.clone(), vec![]), stream);
+        let one_over = [tune(131_072), header_with_big_header(131_072 - 37)].concat();
+        assert!(read_all(one_over.clone(), vec![]).len() < one_over.len());
     }
 
     /// A connection that ends inside a frame hands what came of it to lapin.
@@ -647,7 +643,8 @@ mod tests {
         assert_eq!(read_all(stream.clone(), vec![]), stream);
     }
 
-    /// The broker's answer to a protocol version it does not speak.
+    /// The broker's answer to a protocol version it does not speak: no frame, but its
+    /// `A` reads as no type checked, so it passes, and all after it.
     #[test]
     fn a_protocol_header_passes() {
         let stream = b"AMQP\x00\x00\x09\x01".to_vec();

@@ -603,8 +603,9 @@ impl Message {
     }
 
     /// [`Message::make_republishable`], with what it dropped noted on the message in
-    /// [`names::X_DROPPED_HEADERS`] (cut to [`crate::retry::MAX_REASON_BYTES`]), as
-    /// every copy the runtime publishes again carries it. Returns the note, if any.
+    /// [`names::X_DROPPED_HEADERS`] (after the note the message carried already, if
+    /// any; cut to [`crate::retry::MAX_REASON_BYTES`]), as every copy the runtime
+    /// publishes again carries it. Returns the note, if any.
     ///
     /// ```
     /// use queue_core::{HeaderValue, Headers, Message, names};
@@ -619,7 +620,13 @@ impl Message {
         if dropped.is_empty() {
             return None;
         }
-        let note = truncate(&dropped.join("; "), crate::retry::MAX_REASON_BYTES);
+        let mut note = dropped.join("; ");
+        // A note the message carries already (an earlier copy's, or one a driver wrote
+        // on the message as it arrived) leads the new one, which replaces it.
+        if let Some(HeaderValue::String(earlier)) = self.headers.get(names::X_DROPPED_HEADERS) {
+            note = format!("{earlier}; {note}");
+        }
+        let note = truncate(&note, crate::retry::MAX_REASON_BYTES);
         self.headers.insert(names::X_DROPPED_HEADERS, note.clone());
         Some(note)
     }
@@ -889,6 +896,30 @@ mod tests {
         );
         assert!(message.headers.byte_size() <= MAX_HEADER_BYTES);
         assert!(message.headers.contains("x_original_queue"));
+    }
+
+    /// A copy that drops a header keeps the note the message came with, first.
+    #[test]
+    fn an_earlier_note_leads_a_copys_note() {
+        let headers = Headers::from_pairs([
+            ("priority", HeaderValue::from("urgent")),
+            (
+                names::X_DROPPED_HEADERS,
+                HeaderValue::from("big (200000 bytes): too large for a frame"),
+            ),
+        ]);
+        let mut message = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+        let note = message
+            .make_republishable_noting()
+            .expect("priority dropped");
+        assert!(
+            note.starts_with("big (200000 bytes): too large for a frame; \"priority\"="),
+            "{note}"
+        );
+        assert_eq!(
+            message.headers.get(names::X_DROPPED_HEADERS),
+            Some(&HeaderValue::from(note.as_str()))
+        );
     }
 
     /// Every header the failure path (`retry.rs`) writes on a copy after

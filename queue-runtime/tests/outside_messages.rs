@@ -551,34 +551,21 @@ fn short_strings_that_are_not_utf8_cost_no_connection() {
         "{handled:?}"
     );
     assert_eq!(handled[0]["id"], "id-??", "{handled:?}");
+    assert_eq!(handled[1]["n"], 2, "{handled:?}");
 }
 
-/// Starts the runtime consuming a fresh queue over AMQP 0-9-1, its handler logging
-/// `fields` (a Lua table of `p`, the payload, and `msg`), runs a Python script whose
-/// `main` is `script_main` with the queue's name, and returns what the handler logged
-/// of the two messages the script publishes. The driver must have kept its
-/// connection, and the runtime then stops cleanly.
+/// What the handler logged (`fields`, as in [`logs_what_a_script_publishes`]) of the
+/// two messages a script whose `main` is `script_main` publishes to a queue the
+/// runtime consumes over AMQP 0-9-1. The driver must have kept its connection.
 fn two_handled_over_amqp091(what: &str, fields: &str, script_main: &str) -> Vec<serde_json::Value> {
-    let handler = format!(
-        "function handle(p)\n  local msg = queue.message()\n  logger:info(\"Handled\", {fields})\n  return true\nend\n"
-    );
-    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
-    let queue = format!("it-{what}-{id}");
-    let (_dir, child, lines, mut seen) = consuming(DRIVERS[0].1, &queue, &handler);
-    let script = format!("import sys\n{script_main}main()\n");
-    let sent = python(&script, &[&queue]);
-    assert!(sent.status.success(), "{}", text(&sent.stderr));
-    collect_until(&lines, &mut seen, |logs| {
+    let logs = logs_what_a_script_publishes(DRIVERS[0].1, what, script_main, fields, &[], |logs| {
         lua_logs(logs, "Handled").len() == 2
     });
-    let logs = json_lines(&seen);
     let lost = "connection to the AMQP broker lost; reconnecting";
     assert!(
         !logs.iter().any(|l| l["fields"]["message"] == lost),
-        "the connection was lost:\n{}",
-        seen.join("\n")
+        "the connection was lost:\n{logs:#?}"
     );
-    stop_cleanly(child, "the runtime");
     lua_logs(&logs, "Handled")
 }
 
@@ -602,6 +589,8 @@ def main():
 /// A content header larger than the driver's `frame_max`, which RabbitMQ sends whole,
 /// reaches the handler without the header that made it so, named in
 /// `x_dropped_headers`. Before, lapin ended the connection on it at every delivery.
+/// (RabbitMQ 3.x puts all the application properties in one header; a RabbitMQ 4
+/// would need this test's expected name changed.)
 fn a_content_header_past_frame_max_costs_no_connection() {
     let fields = "{ n = p.n, dropped = msg:header(\"x_dropped_headers\") }";
     let handled = two_handled_over_amqp091("large-header", fields, PROTON_LARGE_PROPERTIES);
@@ -672,11 +661,26 @@ fn handles_what_a_script_publishes(
     script: &str,
     env: &[(&str, &str)],
     done: impl Fn(&[serde_json::Value]) -> bool,
-) {
+) -> Vec<serde_json::Value> {
+    logs_what_a_script_publishes(driver, what, script, "{ n = p.n }", env, done)
+}
+
+/// [`handles_what_a_script_publishes`], the handler logging `fields` (a Lua table of
+/// `p`, the payload, and `msg`, the message) as "Handled"; returns the runtime's log.
+fn logs_what_a_script_publishes(
+    driver: &str,
+    what: &str,
+    script: &str,
+    fields: &str,
+    env: &[(&str, &str)],
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
     let queue = format!("it-{what}-{id}");
-    let handler = "function handle(p) logger:info(\"Handled\", { n = p.n }) return true end\n";
-    let (_dir, child, lines, mut seen) = consuming_with(driver, &queue, handler, env);
+    let handler = format!(
+        "function handle(p)\n  local msg = queue.message()\n  logger:info(\"Handled\", {fields})\n  return true\nend\n"
+    );
+    let (_dir, child, lines, mut seen) = consuming_with(driver, &queue, &handler, env);
     // Python recurses once per level to encode, as the parsers do to decode: its
     // `main` runs on a thread with room for that.
     let script = format!("{DEEP_PYTHON}{script}{RUN_MAIN_DEEP}");
@@ -684,6 +688,7 @@ fn handles_what_a_script_publishes(
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     collect_until(&lines, &mut seen, done);
     stop_cleanly(child, "the runtime");
+    json_lines(&seen)
 }
 
 /// Stops the runtime with SIGTERM: it must end cleanly within a minute.
