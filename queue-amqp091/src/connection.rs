@@ -419,16 +419,21 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
             ),
             None => return,
         };
-        if !wait_for_loss(&weak, &link, closed.clone(), &nudge).await {
+        let Some(why) = wait_for_loss(&weak, &link, closed.clone(), &nudge).await else {
             return;
-        }
+        };
         let Some(conn) = weak.upgrade() else { return };
         if conn.is_closed() {
             return;
         }
         conn.link.send_replace(None);
         let lost = link.index;
-        tracing::warn!(node = %conn.endpoints[lost].shown, purpose = conn.purpose.as_str(), "connection to the AMQP broker lost; reconnecting");
+        // Why, in the broker's words where it closed the connection: a message it
+        // cannot deliver over AMQP 0-9-1 closes it at every delivery with
+        // INTERNAL_ERROR, and that word leads to the cause (docs/drivers/amqp091.md,
+        // "What is left").
+        let why = why.unwrap_or_else(|| "lapin said nothing of why".to_string());
+        tracing::warn!(node = %conn.endpoints[lost].shown, purpose = conn.purpose.as_str(), error = %why, "connection to the AMQP broker lost; reconnecting");
         drop(conn);
         drop(link);
         let mut attempt = 1;
@@ -478,28 +483,53 @@ async fn supervise(weak: Weak<Connection>, mut link: Arc<Link>) {
     }
 }
 
-/// Returns true when the link is lost, false when the driver is closed or gone.
+/// Returns, when the link is lost, why as lapin last said it (the broker's reply to a
+/// `connection.close` among others), if it said anything; `None` when the driver is
+/// closed or gone.
 async fn wait_for_loss(
     weak: &Weak<Connection>,
     link: &Link,
     mut closed: watch::Receiver<bool>,
     nudge: &Notify,
-) -> bool {
+) -> Option<Option<String>> {
     let mut events = Box::pin(link.connection.events_listener());
     let mut events_open = true;
+    let mut why = None;
     let mut tick = tokio::time::interval(WATCHDOG);
     loop {
         tokio::select! {
-            _ = closed.wait_for(|c| *c) => return false,
-            ev = events.next(), if events_open => events_open = ev.is_some(),
+            _ = closed.wait_for(|c| *c) => return None,
+            ev = events.next(), if events_open => {
+                if let Some(lapin::Event::Error(e)) = &ev {
+                    why = Some(e.to_string());
+                }
+                events_open = ev.is_some();
+            }
             _ = tick.tick() => {}
             _ = nudge.notified() => {}
         }
         if weak.strong_count() == 0 {
-            return false;
+            return None;
         }
         if !link.is_alive() {
-            return true;
+            break;
         }
     }
+    // lapin may tell the error after the link reads as dead: wait a moment for it.
+    if why.is_none() && events_open {
+        let told = async {
+            while let Some(ev) = events.next().await {
+                if let lapin::Event::Error(e) = ev {
+                    return Some(e.to_string());
+                }
+            }
+            None
+        };
+        why = tokio::time::timeout(WHY_WAIT, told).await.ok().flatten();
+    }
+    Some(why)
 }
+
+/// How long a lost link's supervisor waits for lapin to say why it was lost, before
+/// saying it lost the link without a reason.
+const WHY_WAIT: Duration = Duration::from_millis(250);

@@ -604,6 +604,51 @@ fn a_content_header_past_frame_max_costs_no_connection() {
     assert!(handled[1]["dropped"].is_null(), "{handled:?}");
 }
 
+/// The `main` of the test's Python script: Qpid Proton publishes over AMQP 1.0 a
+/// message whose id is a `ulong`, which RabbitMQ 3.x cannot deliver over AMQP 0-9-1,
+/// then deletes the queue once the runtime has seen it (its second argument).
+const PROTON_ULONG_MESSAGE_ID: &str = r#"
+def main():
+    from proton import Message, ulong
+    from proton.utils import BlockingConnection
+    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
+    sender = conn.create_sender("/queue/" + sys.argv[1])
+    message = Message(body=b'{"n":1}', content_type="application/json", id=ulong(7))
+    message.inferred = True
+    sender.send(message)
+    conn.close()
+"#;
+
+/// RabbitMQ ends a 0-9-1 consumer's connection at every delivery of a message it
+/// cannot convert (`541 INTERNAL_ERROR`): the driver cannot set it aside, so each loss
+/// is logged with the broker's reply, which leads to the cause in RabbitMQ's own log
+/// (docs/drivers/amqp091.md, "What is left"). Before, the line said only that the
+/// connection was lost.
+fn a_connection_the_broker_ends_is_logged_with_its_reason() {
+    let id = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let queue = format!("it-broker-ends-{id}");
+    let (_dir, child, lines, mut seen) =
+        consuming(DRIVERS[0].1, &queue, "function handle(p) return true end\n");
+    let script = format!("import sys\n{PROTON_ULONG_MESSAGE_ID}main()\n");
+    let sent = python(&script, &[&queue]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let lost = "connection to the AMQP broker lost; reconnecting";
+    collect_until(&lines, &mut seen, |logs| {
+        logs.iter().any(|l| l["fields"]["message"] == lost)
+    });
+    stop_cleanly(child, "the runtime");
+    let delete = "import pika, sys\nconn = pika.BlockingConnection(pika.ConnectionParameters('127.0.0.1'))\nconn.channel().queue_delete(sys.argv[1])\nconn.close()\n";
+    let deleted = python(delete, &[&queue]);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    let logs = json_lines(&seen);
+    let line = logs
+        .iter()
+        .find(|l| l["fields"]["message"] == lost)
+        .expect("a loss");
+    let why = line["fields"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("INTERNAL_ERROR"), "{line}");
+}
+
 /// A message annotation nested 50,000 deep, from Qpid Proton's Python client:
 /// fe2o3-amqp decodes annotations whole, recursing once per level. A script's `main`
 /// for [`handles_what_a_script_publishes`].
@@ -771,6 +816,7 @@ queue_testkit::broker_tests! {
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
         short_strings_that_are_not_utf8_cost_no_connection,
         a_content_header_past_frame_max_costs_no_connection,
+        a_connection_the_broker_ends_is_logged_with_its_reason,
         annotations_nested_deep_cannot_crash_the_runtime,
     ];
 }
