@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use lapin::types::LongString;
 use lapin::{Channel, ConnectionProperties};
 use queue_core::{Error, ErrorKind, Result};
@@ -48,6 +49,9 @@ pub(crate) struct Link {
     nudge: Arc<Notify>,
     /// How long the broker may take to answer (`connection_timeout`).
     answer_limit: Duration,
+    /// lapin's events of this connection, listened to from its opening (lapin keeps
+    /// none while nobody listens) until the supervisor takes them to watch the link.
+    events: Mutex<Option<BoxStream<'static, lapin::Event>>>,
 }
 
 impl Link {
@@ -342,11 +346,12 @@ impl Connection {
         *lock(&self.node) = url.to_string();
         tracing::info!(node = %url, generation, purpose = self.purpose.as_str(), "connected to the AMQP broker");
         Ok(Arc::new(Link {
-            connection,
             generation,
             index,
             nudge: Arc::clone(&self.nudge),
             answer_limit: self.config.connection_timeout,
+            events: Mutex::new(Some(Box::pin(connection.events_listener()))),
+            connection,
         }))
     }
 
@@ -492,7 +497,9 @@ async fn wait_for_loss(
     mut closed: watch::Receiver<bool>,
     nudge: &Notify,
 ) -> Option<Option<String>> {
-    let mut events = Box::pin(link.connection.events_listener());
+    let mut events = lock(&link.events)
+        .take()
+        .unwrap_or_else(|| Box::pin(link.connection.events_listener()));
     let mut events_open = true;
     let mut why = None;
     let mut tick = tokio::time::interval(WATCHDOG);
@@ -500,7 +507,9 @@ async fn wait_for_loss(
         tokio::select! {
             _ = closed.wait_for(|c| *c) => return None,
             ev = events.next(), if events_open => {
-                if let Some(lapin::Event::Error(e)) = &ev {
+                if let Some(lapin::Event::Error(e)) = &ev
+                    && error::is_connection_level(e)
+                {
                     why = Some(e.to_string());
                 }
                 events_open = ev.is_some();
@@ -519,7 +528,9 @@ async fn wait_for_loss(
     if why.is_none() && events_open {
         let told = async {
             while let Some(ev) = events.next().await {
-                if let lapin::Event::Error(e) = ev {
+                if let lapin::Event::Error(e) = ev
+                    && error::is_connection_level(&e)
+                {
                     return Some(e.to_string());
                 }
             }
