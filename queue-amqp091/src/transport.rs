@@ -51,9 +51,12 @@ pub(crate) async fn connect(
                 .connect_with_config_async(tls.as_ref(), &plain)
                 .await
                 // As lapin's own connector maps it (its `Error::io` is not public).
-                .map_err(|e| match plain.is_runtime_shutdown_error(&e) {
-                    true => lapin::ErrorKind::RuntimeShutdownError(Arc::new(e)).into(),
-                    false => lapin::Error::from(e),
+                .map_err(|e| {
+                    if plain.is_runtime_shutdown_error(&e) {
+                        lapin::ErrorKind::RuntimeShutdownError(Arc::new(e)).into()
+                    } else {
+                        lapin::Error::from(e)
+                    }
                 })?;
             Ok(AsyncTcpStream::Plain(ParsableFrames::new(
                 stream,
