@@ -97,7 +97,8 @@ fn default_connection_timeout() -> Duration {
 }
 /// The largest frame the driver accepts (RabbitMQ's default `frame_max`).
 pub(crate) const MAX_FRAME: u32 = 128 * 1024;
-/// AMQP 0-9-1's smallest `frame_max` (`FRAME_MIN_SIZE`).
+/// AMQP 0-9-1's smallest `frame_max`, which RabbitMQ holds a client to at the
+/// handshake.
 pub(crate) const MIN_FRAME: u32 = 4096;
 
 fn default_reconnect_delay() -> Duration {
@@ -339,8 +340,7 @@ impl Amqp091Config {
         // A URL's `frame_max=0` asks for the broker's size, which would lift the cap.
         uri.query.frame_max = Some(match uri.query.frame_max {
             None | Some(0) => MAX_FRAME,
-            // RabbitMQ refuses it at the handshake, and the driver's reading of frames
-            // (`transport.rs`) takes lapin's floor for it.
+            // RabbitMQ refuses it at the handshake.
             Some(f) if f < MIN_FRAME => {
                 return Err(field_error(
                     &self.url_field(i),

@@ -507,11 +507,7 @@ async fn wait_for_loss(
         tokio::select! {
             _ = closed.wait_for(|c| *c) => return None,
             ev = events.next(), if events_open => {
-                if let Some(lapin::Event::Error(e)) = &ev
-                    && error::is_connection_level(e)
-                {
-                    why = Some(e.to_string());
-                }
+                why = ev.as_ref().and_then(connection_error).or(why);
                 events_open = ev.is_some();
             }
             _ = tick.tick() => {}
@@ -528,10 +524,8 @@ async fn wait_for_loss(
     if why.is_none() && events_open {
         let told = async {
             while let Some(ev) = events.next().await {
-                if let lapin::Event::Error(e) = ev
-                    && error::is_connection_level(&e)
-                {
-                    return Some(e.to_string());
+                if let Some(why) = connection_error(&ev) {
+                    return Some(why);
                 }
             }
             None
@@ -539,6 +533,15 @@ async fn wait_for_loss(
         why = tokio::time::timeout(WHY_WAIT, told).await.ok().flatten();
     }
     Some(why)
+}
+
+/// The error an event tells of the whole connection (not of one channel: a queue
+/// not found says nothing of why a connection was lost).
+fn connection_error(event: &lapin::Event) -> Option<String> {
+    match event {
+        lapin::Event::Error(e) if error::is_connection_level(e) => Some(e.to_string()),
+        _ => None,
+    }
 }
 
 /// How long a lost link's supervisor waits for lapin to say why it was lost, before

@@ -89,9 +89,10 @@ const MAX_NOTE_BYTES: usize = 1024;
 /// `frame_max`: the message would come back at every reconnect.
 pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<Fitted> {
     let mut frame = Frame::new(payload);
+    frame.entries = Some(Vec::new());
     frame.content_header()?;
     let (table_at, table_end) = frame.headers_table?;
-    let starts = std::mem::take(&mut frame.entries);
+    let starts = frame.entries.take().unwrap_or_default();
     let ends = starts.iter().skip(1).copied().chain([table_end]);
     let entries: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
 
@@ -175,8 +176,9 @@ struct Frame<'a> {
     not_utf8: Vec<(usize, usize)>,
     /// Where a content header's table is (its size's offset, and its end).
     headers_table: Option<(usize, usize)>,
-    /// Where each top-level entry of that table starts.
-    entries: Vec<usize>,
+    /// Where each top-level entry of that table starts, when asked for (only fitting
+    /// a header needs them: not the read of every delivery).
+    entries: Option<Vec<usize>>,
 }
 
 /// (class, method) ids of the methods read here.
@@ -218,7 +220,7 @@ impl<'a> Frame<'a> {
             bytes,
             not_utf8: Vec::new(),
             headers_table: None,
-            entries: Vec::new(),
+            entries: None,
         }
     }
 
@@ -284,8 +286,10 @@ impl<'a> Frame<'a> {
                 continue;
             }
             if is_table {
-                if open.len() == 1 {
-                    self.entries.push(at);
+                if open.len() == 1
+                    && let Some(entries) = &mut self.entries
+                {
+                    entries.push(at);
                 }
                 at = self.short_string_within(at, end)?;
             }

@@ -20,11 +20,11 @@ use async_rs::traits::Reactor;
 use async_rs::util::RuntimeParts;
 use async_rs::{Runtime, Tokio};
 use futures_io::{AsyncRead, AsyncWrite};
+use lapin::protocol::constants::FRAME_MIN_SIZE;
 use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{AsyncTcpStream, ConnectionProperties};
 
-use crate::config::MIN_FRAME;
 use crate::frames::{
     HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, proposed_frame_max,
 };
@@ -115,17 +115,19 @@ impl Reactor for FilteringReactor {
     }
 }
 
-/// The `frame_max` lapin settles on: the smaller of its own and the broker's, 0
-/// standing for none (lapin's `Channel::on_connection_tune_received`).
+/// The `frame_max` lapin settles on, by its rule (`Channel::tune_connection_configuration`):
+/// the broker's when it proposes one smaller than lapin's own (or lapin has none),
+/// raised to amq-protocol's `FRAME_MIN_SIZE`; lapin's own otherwise; 0 standing for
+/// none.
 fn negotiated_frame_max(asked: u32, proposed: u32) -> usize {
-    let frame_max = match (asked, proposed) {
-        (0, proposed) => proposed,
-        (asked, 0) => asked,
-        (asked, proposed) => asked.min(proposed),
+    let frame_max = if proposed != 0 && (asked == 0 || proposed < asked) {
+        proposed.max(FRAME_MIN_SIZE)
+    } else {
+        asked
     };
     match usize::try_from(frame_max) {
         Ok(0) | Err(_) => usize::MAX,
-        Ok(n) => n.max(MIN_FRAME as usize),
+        Ok(n) => n,
     }
 }
 
@@ -627,6 +629,18 @@ mod tests {
         assert_eq!(stream.may_warn(), None);
     }
 
+    /// The `frame_max` lapin settles on, case by case, as its tune handling decides it.
+    #[test]
+    fn the_frame_max_is_lapins() {
+        assert_eq!(negotiated_frame_max(0, 131_072), 131_072);
+        assert_eq!(negotiated_frame_max(131_072, 0), 131_072);
+        assert_eq!(negotiated_frame_max(0, 0), usize::MAX);
+        assert_eq!(negotiated_frame_max(131_072, 8192), 8192);
+        // lapin raises a broker's smaller value to FRAME_MIN_SIZE, not its own.
+        assert_eq!(negotiated_frame_max(131_072, 4096), 8192);
+        assert_eq!(negotiated_frame_max(5000, 131_072), 5000);
+    }
+
     /// At the `frame_max`, a header passes as it came; one byte over, it is fitted.
     #[test]
     fn a_content_header_within_frame_max_passes() {
@@ -662,21 +676,21 @@ mod tests {
             sizes in proptest::collection::vec(0usize..40, 0..60),
             ids in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 1..6),
         ) {
-            let mut stream = tune(4096);
+            let mut stream = tune(8192);
             for id in &ids {
                 // basic.deliver: consumer tag "c", delivery tag, redelivered, exchange "", routing key `id`
                 let deliver = [[0, 60, 0, 60, 1, b'c'].as_slice(), &[0; 8], &[0, 0], &[u8::try_from(id.len()).unwrap()], id].concat();
                 stream.extend_from_slice(&frame(METHOD_FRAME, &deliver));
                 stream.extend_from_slice(&header_with_id(id));
-                stream.extend_from_slice(&header_with_big_header(5000));
+                stream.extend_from_slice(&header_with_big_header(10_000));
                 stream.extend_from_slice(&frame(3, id));
             }
             let whole = read_all(stream.clone(), vec![]);
-            // Every frame of it reads, within the frame_max of 4096.
+            // Every frame of it reads, within the frame_max of 8192.
             let mut rest = whole.as_slice();
             while !rest.is_empty() {
                 let (after, _) = amq_protocol::frame::parse_frame(rest).expect("lapin reads every frame");
-                prop_assert!(rest.len() - after.len() <= 4096);
+                prop_assert!(rest.len() - after.len() <= 8192);
                 rest = after;
             }
             prop_assert_eq!(read_all(stream, sizes), whole);
