@@ -574,16 +574,7 @@ fn two_handled_over_amqp091(what: &str, fields: &str, script_main: &str) -> Vec<
 /// consumers as one header in one content header frame.
 const PROTON_LARGE_PROPERTIES: &str = r#"
 def main():
-    from proton import Message
-    from proton.utils import BlockingConnection
-    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
-    sender = conn.create_sender("/queue/" + sys.argv[1])
-    for n, properties in [(1, {"big": "x" * 200000}), (2, {"small": "s"})]:
-        message = Message(body=('{"n":%d}' % n).encode(), content_type="application/json")
-        message.inferred = True
-        message.properties = properties
-        sender.send(message)
-    conn.close()
+    send_over_amqp10([(1, {"properties": {"big": "x" * 200000}}), (2, {"properties": {"small": "s"}})])
 "#;
 
 /// A content header larger than the driver's `frame_max`, which RabbitMQ sends whole,
@@ -608,14 +599,8 @@ fn a_content_header_past_frame_max_costs_no_connection() {
 /// message whose id is a `ulong`, which RabbitMQ 3.x cannot deliver over AMQP 0-9-1.
 const PROTON_ULONG_MESSAGE_ID: &str = r#"
 def main():
-    from proton import Message, ulong
-    from proton.utils import BlockingConnection
-    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
-    sender = conn.create_sender("/queue/" + sys.argv[1])
-    message = Message(body=b'{"n":1}', content_type="application/json", id=ulong(7))
-    message.inferred = True
-    sender.send(message)
-    conn.close()
+    from proton import ulong
+    send_over_amqp10([(1, {"id": ulong(7)})])
 "#;
 
 /// RabbitMQ ends a 0-9-1 consumer's connection at every delivery of a message it
@@ -629,7 +614,7 @@ fn a_connection_the_broker_ends_is_logged_with_its_reason() {
     let queue = format!("it-broker-ends-{id}");
     let (_dir, child, lines, mut seen) =
         consuming(DRIVERS[0].1, &queue, "function handle(p) return true end\n");
-    let script = format!("import sys\n{PROTON_ULONG_MESSAGE_ID}main()\n");
+    let script = format!("{DEEP_PYTHON}{PROTON_ULONG_MESSAGE_ID}{RUN_MAIN_DEEP}");
     let sent = python(&script, &[&queue]);
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     // The message stays in its queue for good: the queue goes when the test ends.
@@ -666,18 +651,10 @@ impl Drop for DeletedAtTheEnd {
 /// for [`handles_what_a_script_publishes`].
 const PROTON_DEEP_ANNOTATION: &str = r#"
 def main():
-    from proton import Message, symbol
-    from proton.utils import BlockingConnection
+    from proton import symbol
     deep = []
     for _ in range(50000): deep = [deep]
-    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
-    sender = conn.create_sender("/queue/" + sys.argv[1])
-    for n, annotations in [(1, {symbol("x-opt-deep"): deep}), (2, {})]:
-        message = Message(body=('{"n":%d}' % n).encode(), content_type="application/json")
-        message.inferred = True
-        message.annotations = annotations
-        sender.send(message)
-    conn.close()
+    send_over_amqp10([(1, {"annotations": {symbol("x-opt-deep"): deep}}), (2, {})])
 "#;
 
 /// Annotations nested deep by another AMQP 1.0 client cannot crash the runtime,
@@ -703,8 +680,24 @@ fn annotations_nested_deep_cannot_crash_the_runtime() {
     );
 }
 
-/// What a publishing script of [`handles_what_a_script_publishes`] starts with.
-const DEEP_PYTHON: &str = "import sys, threading\nsys.setrecursionlimit(10000000)\n";
+/// What a publishing script of [`handles_what_a_script_publishes`] starts with,
+/// `send_over_amqp10` among it: sends to the queue its first argument names, with Qpid
+/// Proton, a message `{"n": n}` for each `(n, attributes)`, those attributes set.
+const DEEP_PYTHON: &str = r#"import sys, threading
+sys.setrecursionlimit(10000000)
+def send_over_amqp10(messages):
+    from proton import Message
+    from proton.utils import BlockingConnection
+    conn = BlockingConnection("amqp://guest:guest@127.0.0.1:5672", allowed_mechs="PLAIN")
+    sender = conn.create_sender("/queue/" + sys.argv[1])
+    for n, attributes in messages:
+        message = Message(body=('{"n":%d}' % n).encode(), content_type="application/json")
+        message.inferred = True
+        for name, value in attributes.items():
+            setattr(message, name, value)
+        sender.send(message)
+    conn.close()
+"#;
 /// ... and ends with: its `main` on a thread with a 1 GiB stack, an exception in it
 /// ending the script with a failure, as it would off the thread.
 const RUN_MAIN_DEEP: &str = "threading.stack_size(1024 * 1024 * 1024)\nfailed = []\ndef run():\n    try:\n        main()\n    except BaseException:\n        import traceback\n        traceback.print_exc()\n        failed.append(True)\nt = threading.Thread(target=run)\nt.start()\nt.join()\nsys.exit(1 if failed else 0)\n";
