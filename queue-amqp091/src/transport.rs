@@ -24,6 +24,7 @@ use lapin::protocol::constants::FRAME_MIN_SIZE;
 use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{AsyncTcpStream, ConnectionProperties};
+use queue_core::Throttle;
 
 use crate::frames::{
     HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, proposed_frame_max,
@@ -168,9 +169,8 @@ pub(crate) struct ParsableFrames<S> {
     passing: usize,
     /// The bytes from `checked` that the frame there needs whole.
     wanted: usize,
-    /// Frames mended since the last line logged about them, and when that was.
-    mended: u64,
-    last_warning: Option<Instant>,
+    /// Which mended frames are logged.
+    mended: Throttle,
 }
 
 impl<S> ParsableFrames<S> {
@@ -186,8 +186,7 @@ impl<S> ParsableFrames<S> {
             checked: 0,
             passing: 0,
             wanted: 0,
-            mended: 0,
-            last_warning: None,
+            mended: Throttle::new(WARN_EVERY),
         }
     }
 
@@ -243,7 +242,7 @@ impl<S> ParsableFrames<S> {
             None
         };
         if (rewritten > 0 || dropped.is_some())
-            && let Some(mended) = self.may_warn()
+            && let Some(mended) = self.mended.tick()
         {
             tracing::warn!(
                 channel,
@@ -288,22 +287,6 @@ impl<S> ParsableFrames<S> {
         self.end -= whole - frame.len();
         self.checked += frame.len();
         Some(fitted.note)
-    }
-
-    /// Whether to log the frame just mended: the first, then at most one a
-    /// [`WARN_EVERY`], so that a flood of such messages does not flood the log. Returns
-    /// how many frames were mended since the last line, this one included.
-    fn may_warn(&mut self) -> Option<u64> {
-        self.mended += 1;
-        let now = Instant::now();
-        if self
-            .last_warning
-            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
-        {
-            return None;
-        }
-        self.last_warning = Some(now);
-        Some(std::mem::take(&mut self.mended))
     }
 
     /// Room after `end` for the next read, and for the whole frame being checked.
@@ -613,20 +596,6 @@ mod tests {
         let n = block_on(reader.read(&mut out)).expect("reads");
         assert_eq!(out[..n], next[..]);
         assert!(reader.buf.len() <= READ_CHUNK, "{}", reader.buf.len());
-    }
-
-    /// A flood of mended frames logs one line, then one a `WARN_EVERY` counting the
-    /// frames in between.
-    #[test]
-    fn mended_frames_are_logged_at_most_once_an_interval() {
-        let mut stream = ParsableFrames::new(Cursor::new(Vec::<u8>::new()), 0);
-        assert_eq!(stream.may_warn(), Some(1));
-        for _ in 0..4 {
-            assert_eq!(stream.may_warn(), None);
-        }
-        stream.last_warning = stream.last_warning.map(|t| t - WARN_EVERY);
-        assert_eq!(stream.may_warn(), Some(5));
-        assert_eq!(stream.may_warn(), None);
     }
 
     /// The `frame_max` lapin settles on, case by case, as its tune handling decides it.

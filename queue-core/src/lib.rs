@@ -48,6 +48,7 @@ mod reading;
 pub mod retry;
 pub mod security;
 mod tape;
+mod throttle;
 mod value;
 
 pub use backoff::Backoff;
@@ -71,4 +72,5 @@ pub use queues::{
     DEFAULT_MAX_MESSAGE_BYTES, PublishRequest, PublishSettings, Queues, RegisteredQueue, unix_now,
 };
 pub use tape::{Item, Span, Tape};
+pub use throttle::Throttle;
 pub use value::Value;
