@@ -31,6 +31,9 @@
 //! are application properties, the guard does not follow: it rewrites their
 //! constructor to a binary's of the same layout, which the decoder takes whole
 //! ([`as_binary`]), so that it reads nothing inside them.
+//! Strings and symbols the decoder reads it makes UTF-8 as they pass, each byte of a
+//! sequence that is not becoming `?` ([`Sections::mend_text`]): the decoder refuses
+//! the whole message for one that is not.
 //! Frames are handed on whole as soon as they are checked: every byte the guard
 //! overwrites or rewrites is one it decides on as it first reads it, in the frame at
 //! hand (a value's header split between two frames is read on from a copy of its first
@@ -51,6 +54,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use queue_core::Throttle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Levels of nesting (lists, maps, described values) a value in a message's
@@ -100,6 +104,9 @@ const MAX_FRAME_BEFORE_OPEN: usize = 512;
 /// here, since the fuzz target builds this file alone: a test checks the two agree).
 const MAX_FRAME: usize = 256 << 10;
 
+/// How often a connection logs the messages whose strings it mended, at most.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How much the guard reads from the socket at a time.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -129,6 +136,8 @@ pub(crate) struct Guarded<S> {
     deliveries: HashMap<(u16, u32), Sections>,
     /// Frames that end in a claim's constructor, held back until the claim's size comes.
     holds: Vec<Hold>,
+    /// Which messages whose strings were mended are logged.
+    mended: Throttle,
 }
 
 /// A frame held back: its last byte is the constructor of a value with a 4-byte size,
@@ -159,6 +168,7 @@ impl<S> Guarded<S> {
             eof: false,
             deliveries: HashMap::new(),
             holds: Vec::new(),
+            mended: Throttle::new(WARN_EVERY),
         }
     }
 
@@ -259,32 +269,45 @@ impl<S> Guarded<S> {
             (TRANSFER, Some(handle)) => {
                 let key = (channel, handle);
                 let payload = &mut self.buf[body.start + fields_end..body.end];
-                let (refused_held, undecided) = match self.deliveries.get_mut(&key) {
+                let (refused_held, undecided, mended) = match self.deliveries.get_mut(&key) {
                     Some(sections) => {
+                        let mended_before = sections.mended;
                         let refused_held = sections.feed(payload);
                         let undecided = sections.claim_undecided;
+                        let mended = sections.mended && !mended_before;
                         if !more {
                             self.deliveries.remove(&key);
                         }
-                        (refused_held, undecided)
+                        (refused_held, undecided, mended)
                     }
                     // A message in one frame, the most common: nothing to keep.
                     None if !more => {
-                        Sections {
+                        let mut sections = Sections {
                             whole_message: true,
                             ..Sections::default()
-                        }
-                        .feed(payload);
-                        (false, false)
+                        };
+                        sections.feed(payload);
+                        (false, false, sections.mended)
                     }
                     None => {
                         let mut sections = Sections::default();
                         sections.feed(payload);
-                        let undecided = sections.claim_undecided;
+                        let (undecided, mended) = (sections.claim_undecided, sections.mended);
                         self.deliveries.insert(key, sections);
-                        (false, undecided)
+                        (false, undecided, mended)
                     }
                 };
+                if mended && let Some(messages) = self.mended.tick() {
+                    tracing::warn!(
+                        channel,
+                        handle,
+                        messages,
+                        "mended a message from the broker that fe2o3-amqp would refuse \
+                         (another client's): bytes of its strings that were not UTF-8 now \
+                         read as '?'; `messages` counts the messages since the last such line \
+                         (one every 10 s at most)"
+                    );
+                }
                 // Where this frame's claim, if it ends in one, is held.
                 let here = Hold {
                     delivery: key,
@@ -898,6 +921,13 @@ struct Sections {
     levels: Vec<Level>,
     /// Bytes still to pass over (inside a string, a body, ...).
     skip: u64,
+    /// The bytes passed over are a string's or a symbol's the decoder reads as UTF-8:
+    /// they are mended on the way ([`Sections::mend_text`]).
+    text: bool,
+    /// A character an earlier frame ended inside: the continuation bytes it still
+    /// needs, and the range the first of them must be in.
+    owed: u8,
+    next_in: (u8, u8),
     /// The first bytes of a value header an earlier frame ended in the middle of.
     carry: Vec<u8>,
     /// The next value read is overwritten (the first item of a list or a map the
@@ -905,6 +935,8 @@ struct Sections {
     refuse_next: bool,
     /// A byte was overwritten: the decoder stops there, nothing more to check.
     done: bool,
+    /// A string's bytes were made UTF-8 ([`Sections::mend_text`]).
+    mended: bool,
     /// The whole message is in the bytes being read (it came in one frame).
     whole_message: bool,
     /// What was read ends in the constructor of a value with a 4-byte size: whether
@@ -1022,6 +1054,9 @@ impl Sections {
             if self.skip > 0 {
                 let n = self.skip.min((input.len() - read) as u64);
                 self.skip -= n;
+                if self.text {
+                    self.mend_text(&mut input[read..read + n as usize]);
+                }
                 read += n as usize;
                 continue;
             }
@@ -1195,7 +1230,7 @@ impl Sections {
                 Header::NeedMore => Step::NeedMore,
                 Header::Other => Step::Refuse(0),
             },
-            _ => self.primitive(code, &bytes[1..], 1),
+            _ => self.primitive(code, &bytes[1..], 1, true),
         }
     }
 
@@ -1212,13 +1247,15 @@ impl Sections {
             None => Step::Refuse(0),
             Some(Shape::Described) if described => Step::Refuse(0),
             Some(Shape::Described) => self.open(2, Items::Whole { described: true }, 1),
-            Some(_) => self.primitive(code, &bytes[1..], 1),
+            Some(_) => self.primitive(code, &bytes[1..], 1, false),
         }
     }
 
     /// A value passed over by its size, whose constructor, `header` bytes, is read
-    /// already.
-    fn primitive(&mut self, code: u8, bytes: &[u8], header: usize) -> Step {
+    /// already; a string or a symbol the decoder reads (`decoded`: not a body's, which
+    /// the driver reads) is mended on the way.
+    fn primitive(&mut self, code: u8, bytes: &[u8], header: usize, decoded: bool) -> Step {
+        self.text = decoded && matches!(code, 0xa1 | 0xb1 | 0xa3 | 0xb3);
         match Shape::of(code) {
             Some(Shape::Fixed(width)) => {
                 self.skip = width as u64;
@@ -1251,6 +1288,61 @@ impl Sections {
             },
             // Not reached: constructors are checked before.
             Some(Shape::Described) | None => Step::Refuse(0),
+        }
+    }
+
+    /// Makes the next `bytes` of a string UTF-8 in place, since the decoder refuses the
+    /// whole message for one string that is not: each byte of a sequence that is not
+    /// UTF-8 becomes `?`. A character that the frame ends inside, which the rest of the
+    /// string has room to finish, is taken as it starts: frames are handed on as they
+    /// are checked, so what comes next is made to finish it, its bytes that are not
+    /// the continuation the character needs made the lowest one that is. Text that is
+    /// UTF-8 is left as it is however the frames split it.
+    fn mend_text(&mut self, bytes: &mut [u8]) {
+        let mut at = 0;
+        while self.owed > 0 && at < bytes.len() {
+            let (low, high) = self.next_in;
+            if !(low..=high).contains(&bytes[at]) {
+                bytes[at] = low;
+                self.mended = true;
+            }
+            self.owed -= 1;
+            self.next_in = (0x80, 0xbf);
+            at += 1;
+        }
+        while at < bytes.len() {
+            let Err(error) = std::str::from_utf8(&bytes[at..]) else {
+                return;
+            };
+            at += error.valid_up_to();
+            self.mended = true;
+            if let Some(len) = error.error_len() {
+                bytes[at..at + len].fill(b'?');
+                at += len;
+                continue;
+            }
+            // The bytes end inside a character, whose first bytes are valid so far.
+            let started = &bytes[at..];
+            let width = match started[0] {
+                0xc2..=0xdf => 2,
+                0xe0..=0xef => 3,
+                _ => 4,
+            };
+            let owed = width - started.len();
+            if owed as u64 > self.skip {
+                // The string ends before the character could.
+                bytes[at..].fill(b'?');
+                return;
+            }
+            self.owed = owed as u8;
+            self.next_in = match (started, started[0]) {
+                ([_], 0xe0) => (0xa0, 0xbf),
+                ([_], 0xed) => (0x80, 0x9f),
+                ([_], 0xf0) => (0x90, 0xbf),
+                ([_], 0xf4) => (0x80, 0x8f),
+                _ => (0x80, 0xbf),
+            };
+            return;
         }
     }
 
@@ -1950,7 +2042,14 @@ mod tests {
         for payload in [claiming(MAX_CLAIM - 1), claiming(100)] {
             for frame in [1, 16, 17] {
                 let (bytes, _) = in_frames(&payload, frame);
-                assert_eq!(guarded(&bytes, 7), bytes, "left to the decoder");
+                // Not refused: what follows is read as the string's, mended as text.
+                let out = guarded(&bytes, 7);
+                assert!(
+                    out.iter()
+                        .zip(&bytes)
+                        .all(|(o, b)| o == b || super::fuzz_harness::mended_text(*b, *o)),
+                    "left to the decoder"
+                );
             }
         }
     }
@@ -2633,7 +2732,7 @@ mod tests {
 
         /// Any bytes as a message, or as the whole stream: the guard never panics, and
         /// hands on every byte, changing only a message's: at most one refused, any
-        /// other a compound's constructor read as a binary's.
+        /// other a compound's constructor read as a binary's or a string's byte mended.
         #[test]
         fn any_bytes(
             payload in prop::collection::vec(any::<u8>(), 0..600),
@@ -2647,7 +2746,9 @@ mod tests {
             prop_assert!(changed.iter().filter(|&&at| out[at] == NO_TYPE).count() <= 1);
             for at in changed {
                 prop_assert!(
-                    out[at] == NO_TYPE || super::fuzz_harness::read_as_binary(bytes[at], out[at])
+                    out[at] == NO_TYPE
+                        || super::fuzz_harness::read_as_binary(bytes[at], out[at])
+                        || super::fuzz_harness::mended_text(bytes[at], out[at])
                 );
                 prop_assert!(places.iter().any(|p| p.contains(&at)));
             }
@@ -2681,6 +2782,160 @@ mod tests {
                 Err(e) => {
                     prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
                     prop_assert_eq!(&out[..], &bytes[..good]);
+                }
+            }
+        }
+    }
+
+    /// A message whose strings are the placeholders' of `patches` (each unique in the
+    /// encoding), encoded, with each placeholder's bytes replaced by its bytes.
+    fn patched(message: Message<Body<Value>>, patches: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut payload = encode(message);
+        for (placeholder, bytes) in patches {
+            assert_eq!(placeholder.len(), bytes.len());
+            let at = payload
+                .windows(placeholder.len())
+                .position(|w| w == placeholder.as_bytes())
+                .expect("the placeholder is in the encoding");
+            payload[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        payload
+    }
+
+    /// Strings another client wrote as bytes that are not UTF-8 (RabbitMQ hands AMQP
+    /// 0-9-1 header names and message ids over as such): fe2o3-amqp's decoder refused
+    /// the whole message, which the driver then rejected, and RabbitMQ dropped. Now each
+    /// such byte reads as `?`, however the frames split the message, and text that is
+    /// UTF-8 is left as it is, a character split between two frames too.
+    #[test]
+    fn strings_that_are_not_utf8_are_mended_however_the_frames_split_them() {
+        let valid = "caf\u{e9} \u{1f600} \u{20ac}";
+        let mut annotations = OrderedMap::new();
+        annotations.insert(Symbol::from("x-opt-end").into(), Value::from("e#"));
+        let message = Message::builder()
+            .message_annotations(MessageAnnotations(annotations))
+            .properties(
+                Properties::builder()
+                    .message_id("id-##".to_string())
+                    .subject(valid)
+                    .build(),
+            )
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("k%", 1)
+                    .insert("v", "a&&&b")
+                    .insert("fine", valid)
+                    .build(),
+            )
+            .body(Body::Data(vec![Data(Binary::from(b"{}".to_vec()))].into()))
+            .build();
+        let payload = patched(
+            message,
+            &[
+                ("id-##", b"id-\xff\xfe"),
+                ("k%", b"k\xe9"),
+                // A surrogate's encoding, which UTF-8 does not allow.
+                ("a&&&b", b"a\xed\xa0\x80b"),
+                // A character the string ends inside.
+                ("e#", b"e\xc3"),
+            ],
+        );
+        assert!(!decodes(payload.clone()), "the decoder refuses it as it is");
+        for frame in 1..=payload.len() {
+            let (bytes, places) = in_frames(&payload, frame);
+            for step in [1, 7, 4096] {
+                let out = guarded(&bytes, step);
+                let context = format!("frames of {frame}, reads of {step}");
+                let message = decoded(payload_of(&out, &places)).expect(&context);
+                let properties = message.properties.expect(&context);
+                assert_eq!(properties.subject.as_deref(), Some(valid), "{context}");
+                let id = properties.message_id.map(|id| format!("{id:?}"));
+                assert_eq!(id.as_deref(), Some("String(\"id-??\")"), "{context}");
+                let application = message.application_properties.expect(&context).0;
+                assert_eq!(
+                    application.get("k?"),
+                    Some(&SimpleValue::Int(1)),
+                    "{context}"
+                );
+                assert_eq!(
+                    application.get("fine"),
+                    Some(&SimpleValue::from(valid)),
+                    "{context}"
+                );
+                // Split after its first byte, the surrogate's second is made the
+                // lowest continuation its first allows (a frame ends as it is checked).
+                let mended = application.get("v");
+                assert!(
+                    [SimpleValue::from("a???b"), SimpleValue::from("a\u{d000}b")]
+                        .iter()
+                        .any(|v| Some(v) == mended),
+                    "{context}: {mended:?}"
+                );
+                let annotations = message.message_annotations.expect(&context).0;
+                let key = fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(
+                    Symbol::from("x-opt-end"),
+                );
+                let end = annotations.get(&key);
+                assert_eq!(end, Some(&Value::from("e?")), "{context}");
+            }
+        }
+    }
+
+    /// A section of application properties `{key: value}`, both strings of any bytes,
+    /// and a `properties` section whose subject is `subject`.
+    fn text_sections(key: &[u8], value: &[u8], subject: &[u8]) -> Vec<u8> {
+        let string = |bytes: &[u8]| [&[0xa1, bytes.len() as u8][..], bytes].concat();
+        let map = [string(key), string(value)].concat();
+        let fields = [&[0x40, 0x40, 0x40][..], &string(subject)].concat();
+        [
+            &[0x00, 0x53, 0x73, 0xc0, fields.len() as u8 + 1, 4][..],
+            &fields,
+            &[0x00, 0x53, 0x74, 0xc1, map.len() as u8 + 1, 2],
+            &map,
+            DATA,
+        ]
+        .concat()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Strings of any bytes, split anywhere: the message decodes, each string keeps
+        /// its length, and one that is UTF-8 comes out as it went in. In one frame,
+        /// every byte below 0x80 is kept too.
+        #[test]
+        fn strings_of_any_bytes_decode(
+            strings in prop::collection::vec(
+                prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..40),
+                    any::<String>().prop_map(|s| s.into_bytes().into_iter().take(60).collect()),
+                ],
+                3,
+            ),
+            frame in 1usize..80,
+            step in 1usize..80,
+        ) {
+            let (key, value, subject) = (&strings[0], &strings[1], &strings[2]);
+            let payload = text_sections(key, value, subject);
+            let (bytes, places) = in_frames(&payload, frame);
+            let out = payload_of(&guarded(&bytes, step), &places);
+            let message = decoded(out.clone());
+            prop_assert!(message.is_some(), "{:02x?}", out);
+            let message = message.unwrap();
+            let subject_out = message.properties.unwrap().subject.unwrap();
+            let (key_out, value_out) = message.application_properties.unwrap().0.into_iter().next().unwrap();
+            let SimpleValue::String(value_out) = value_out else {
+                panic!("a string: {value_out:?}")
+            };
+            for (sent, got) in [(key, key_out), (value, value_out), (subject, subject_out)] {
+                prop_assert_eq!(got.len(), sent.len());
+                if std::str::from_utf8(sent).is_ok() {
+                    prop_assert_eq!(got.as_bytes(), &sent[..]);
+                }
+                if places.len() == 1 {
+                    for (g, s) in got.bytes().zip(sent.iter()) {
+                        prop_assert!(*s >= 0x80 || g == *s);
+                    }
                 }
             }
         }
