@@ -6,7 +6,9 @@
 //! into, its second the size of each read, the rest the message. The guard hands on
 //! every byte, changes only the message's, at most one of them to 0xff and others
 //! only from a compound's constructor to a binary's ([`read_as_binary`]) or in a
-//! string made UTF-8 ([`mended_text`]), never panics, and what fe2o3-amqp's decoder then makes of the message never nests deeper
+//! string made UTF-8 ([`mended_text`]), changes nothing more in what it handed on
+//! up to a refused byte (a byte mended outside a string would be refused there),
+//! never panics, and what fe2o3-amqp's decoder then makes of the message never nests deeper
 //! than the guard allows, which a thread of 8 MiB holds (an overflow aborts the
 //! fuzzer: a find), nor allocates 160 MiB or more at once (the guard refuses claims
 //! from 128 MiB on; `cargo xtask fuzz` sets libFuzzer's malloc limit at that).
@@ -54,6 +56,7 @@ pub fn check(data: &[u8]) {
             "only message bytes change"
         );
     }
+    changes_no_more(&out, &changed, usize::from(*step).max(1));
     let payload: Vec<u8> = places
         .iter()
         .flat_map(|p| out[p.clone()].to_vec())
@@ -68,6 +71,23 @@ pub fn check(data: &[u8]) {
             "the decoder went {depth} levels deep"
         );
     }
+}
+
+/// Checks that `out`, what the guard handed on with the bytes at `changed` changed,
+/// read again `step` bytes at a time, changes no more up to a refused byte: a byte
+/// mended outside a string would be refused there. (The decoder stops at a refused
+/// byte, and the guard does not read its own mark as the end.)
+pub fn changes_no_more(out: &[u8], changed: &[usize], step: usize) {
+    let (again, read) = through_guard(out, step);
+    read.expect("what the guard handed on reads to its end");
+    let decoded_up_to = changed
+        .iter()
+        .find(|&&at| out[at] == 0xff)
+        .map_or(out.len(), |&at| at + 1);
+    assert!(
+        again[..decoded_up_to] == out[..decoded_up_to],
+        "the guard changes what it handed on"
+    );
 }
 
 /// Whether `to` is the constructor of a binary holding the same bytes as a value of

@@ -304,8 +304,9 @@ impl<S> Guarded<S> {
                         messages,
                         "mended a message from the broker that fe2o3-amqp would refuse \
                          (another client's): bytes of its strings that were not UTF-8 now \
-                         read as '?'; `messages` counts the messages since the last such line \
-                         (one every 10 s at most)"
+                         read as '?' (or, after a frame ended inside a character, as the \
+                         rest of it); `messages` counts the messages since the last such \
+                         line (one every 10 s at most)"
                     );
                 }
                 // Where this frame's claim, if it ends in one, is held.
@@ -1315,8 +1316,8 @@ impl Sections {
                 return;
             };
             at += error.valid_up_to();
-            self.mended = true;
             if let Some(len) = error.error_len() {
+                self.mended = true;
                 bytes[at..at + len].fill(b'?');
                 at += len;
                 continue;
@@ -1331,6 +1332,7 @@ impl Sections {
             let owed = width - started.len();
             if owed as u64 > self.skip {
                 // The string ends before the character could.
+                self.mended = true;
                 bytes[at..].fill(b'?');
                 return;
             }
@@ -2744,6 +2746,7 @@ mod tests {
             prop_assert_eq!(out.len(), bytes.len());
             let changed: Vec<usize> = (0..bytes.len()).filter(|&i| out[i] != bytes[i]).collect();
             prop_assert!(changed.iter().filter(|&&at| out[at] == NO_TYPE).count() <= 1);
+            super::fuzz_harness::changes_no_more(&out, &changed, step);
             for at in changed {
                 prop_assert!(
                     out[at] == NO_TYPE
@@ -2805,19 +2808,29 @@ mod tests {
     /// Strings another client wrote as bytes that are not UTF-8 (RabbitMQ hands AMQP
     /// 0-9-1 header names and message ids over as such): fe2o3-amqp's decoder refused
     /// the whole message, which the driver then rejected, and RabbitMQ dropped. Now each
-    /// such byte reads as `?`, however the frames split the message, and text that is
-    /// UTF-8 is left as it is, a character split between two frames too.
+    /// such byte reads as `?`, in every section the decoder reads, strings and symbols,
+    /// short and long, however the frames split the message; text that is UTF-8 is left
+    /// as it is, a character split between two frames too.
     #[test]
     fn strings_that_are_not_utf8_are_mended_however_the_frames_split_them() {
         let valid = "caf\u{e9} \u{1f600} \u{20ac}";
-        let mut annotations = OrderedMap::new();
-        annotations.insert(Symbol::from("x-opt-end").into(), Value::from("e#"));
+        let long = "f".repeat(300);
+        let annotations = |key: &str, value: Value| {
+            let mut map = OrderedMap::new();
+            map.insert(Symbol::from(key).into(), value);
+            map
+        };
         let message = Message::builder()
-            .message_annotations(MessageAnnotations(annotations))
+            .delivery_annotations(DeliveryAnnotations(annotations("x-opt-%", Value::from(1))))
+            .message_annotations(MessageAnnotations(annotations(
+                "x-opt-end",
+                Value::from("e#"),
+            )))
             .properties(
                 Properties::builder()
                     .message_id("id-##".to_string())
                     .subject(valid)
+                    .content_type(Symbol::from("text/@"))
                     .build(),
             )
             .application_properties(
@@ -2825,19 +2838,30 @@ mod tests {
                     .insert("k%", 1)
                     .insert("v", "a&&&b")
                     .insert("fine", valid)
+                    .insert("long", format!("{long}^^"))
                     .build(),
             )
             .body(Body::Data(vec![Data(Binary::from(b"{}".to_vec()))].into()))
+            .footer(Footer(annotations(
+                "x-opt-f",
+                Value::from(format!("{long}~~")),
+            )))
             .build();
         let payload = patched(
             message,
             &[
                 ("id-##", b"id-\xff\xfe"),
+                // A symbol, as a key of the delivery annotations.
+                ("x-opt-%", b"x-opt-\xff"),
+                ("text/@", b"text/\xc0"),
                 ("k%", b"k\xe9"),
                 // A surrogate's encoding, which UTF-8 does not allow.
                 ("a&&&b", b"a\xed\xa0\x80b"),
                 // A character the string ends inside.
                 ("e#", b"e\xc3"),
+                // Strings of more than 255 bytes, `str32`.
+                ("^^", b"\xc3("),
+                ("~~", b"\xe9\xe9"),
             ],
         );
         assert!(!decodes(payload.clone()), "the decoder refuses it as it is");
@@ -2851,6 +2875,8 @@ mod tests {
                 assert_eq!(properties.subject.as_deref(), Some(valid), "{context}");
                 let id = properties.message_id.map(|id| format!("{id:?}"));
                 assert_eq!(id.as_deref(), Some("String(\"id-??\")"), "{context}");
+                let content_type = properties.content_type.map(|t| t.0);
+                assert_eq!(content_type.as_deref(), Some("text/?"), "{context}");
                 let application = message.application_properties.expect(&context).0;
                 assert_eq!(
                     application.get("k?"),
@@ -2862,23 +2888,66 @@ mod tests {
                     Some(&SimpleValue::from(valid)),
                     "{context}"
                 );
-                // Split after its first byte, the surrogate's second is made the
-                // lowest continuation its first allows (a frame ends as it is checked).
-                let mended = application.get("v");
-                assert!(
-                    [SimpleValue::from("a???b"), SimpleValue::from("a\u{d000}b")]
-                        .iter()
-                        .any(|v| Some(v) == mended),
-                    "{context}: {mended:?}"
+                let key = |k: &str| {
+                    fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(Symbol::from(k))
+                };
+                let delivery = message.delivery_annotations.expect(&context).0;
+                assert_eq!(
+                    delivery.get(&key("x-opt-?")),
+                    Some(&Value::from(1)),
+                    "{context}"
                 );
                 let annotations = message.message_annotations.expect(&context).0;
-                let key = fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(
-                    Symbol::from("x-opt-end"),
-                );
-                let end = annotations.get(&key);
+                let end = annotations.get(&key("x-opt-end"));
                 assert_eq!(end, Some(&Value::from("e?")), "{context}");
+                let footer = message.footer.expect(&context).0;
+                let f = footer.get(&key("x-opt-f"));
+                assert_eq!(f, Some(&Value::from(format!("{long}??"))), "{context}");
+                // Split after a character's first byte, the next is made the lowest
+                // continuation that byte allows (a frame is handed on once checked).
+                let (surrogate, bad_lead) = (application.get("v"), application.get("long"));
+                let one_frame = ("a???b".to_string(), format!("{long}?("));
+                let split = ("a\u{d000}b".to_string(), format!("{long}\u{c0}"));
+                let got = |v: Option<&SimpleValue>| match v {
+                    Some(SimpleValue::String(s)) => s.clone(),
+                    other => panic!("{context}: {other:?}"),
+                };
+                let (surrogate, bad_lead) = (got(surrogate), got(bad_lead));
+                if places.len() == 1 {
+                    assert_eq!((&surrogate, &bad_lead), (&one_frame.0, &one_frame.1));
+                } else {
+                    assert!([&one_frame.0, &split.0].contains(&&surrogate), "{context}");
+                    assert!([&one_frame.1, &split.1].contains(&&bad_lead), "{context}");
+                }
             }
         }
+    }
+
+    /// A message counts as mended, and is logged so, only when a byte changed: text
+    /// that is UTF-8, split inside a character, is not.
+    #[test]
+    fn only_a_changed_byte_counts_as_mended() {
+        let mended = |value: &[u8], split: usize| {
+            let payload = text_sections(b"k", value, b"s");
+            let at = payload
+                .windows(value.len())
+                .rposition(|w| w == value)
+                .unwrap()
+                + split;
+            let (mut first, mut second) = (payload[..at].to_vec(), payload[at..].to_vec());
+            let mut sections = Sections::default();
+            sections.feed(&mut first);
+            sections.feed(&mut second);
+            sections.mended
+        };
+        for split in 0..=2 {
+            assert!(!mended("\u{e9}".as_bytes(), split), "split at {split}");
+            assert!(mended(b"\xe9", split.min(1)), "split at {split}");
+        }
+        assert!(
+            mended(b"\xc3(", 1),
+            "a character the next frame cannot finish"
+        );
     }
 
     /// A section of application properties `{key: value}`, both strings of any bytes,
@@ -2938,6 +3007,47 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Text that is UTF-8 passes unchanged in every place the decoder reads strings
+        /// and symbols, short and long, however the frames split it.
+        #[test]
+        fn text_that_is_utf8_passes_unchanged(
+            texts in prop::collection::vec(any::<String>(), 6),
+            long in "\\PC{100,200}",
+            frame in 1usize..200,
+            step in 1usize..300,
+        ) {
+            let map = |key: &str, value: &str| {
+                let mut map = OrderedMap::new();
+                map.insert(Symbol::from(key).into(), Value::from(value));
+                map
+            };
+            let message = Message::builder()
+                .delivery_annotations(DeliveryAnnotations(map(&texts[0], &texts[1])))
+                .message_annotations(MessageAnnotations(map(&texts[1], &long)))
+                .properties(
+                    Properties::builder()
+                        .message_id(texts[2].clone())
+                        .subject(texts[3].clone())
+                        .content_type(Symbol::from(texts[4].as_str()))
+                        .build(),
+                )
+                .application_properties(
+                    ApplicationProperties::builder()
+                        .insert(texts[5].clone(), long.clone())
+                        .build(),
+                )
+                .body(Body::Data(vec![Data(Binary::from(b"{}".to_vec()))].into()))
+                .footer(Footer(map(&texts[3], &texts[0])))
+                .build();
+            let payload = encode(message);
+            let (bytes, _) = in_frames(&payload, frame);
+            prop_assert!(guarded(&bytes, step) == bytes);
         }
     }
 
