@@ -7,8 +7,8 @@
 //! every byte, changes only the message's, at most one of them to 0xff and others
 //! only from a compound's constructor to a binary's ([`read_as_binary`]) or in a
 //! string made UTF-8 ([`mended_text`]), changes nothing more in what it handed on
-//! up to a refused byte (a byte mended outside a string would be refused there),
-//! never panics, and what fe2o3-amqp's decoder then makes of the message never nests deeper
+//! up to a refused byte (a `?` mended where a constructor is read would be refused
+//! there), never panics, and what fe2o3-amqp's decoder then makes of the message never nests deeper
 //! than the guard allows, which a thread of 8 MiB holds (an overflow aborts the
 //! fuzzer: a find), nor allocates 160 MiB or more at once (the guard refuses claims
 //! from 128 MiB on; `cargo xtask fuzz` sets libFuzzer's malloc limit at that).
@@ -74,9 +74,10 @@ pub fn check(data: &[u8]) {
 }
 
 /// Checks that `out`, what the guard handed on with the bytes at `changed` changed,
-/// read again `step` bytes at a time, changes no more up to a refused byte: a byte
-/// mended outside a string would be refused there. (The decoder stops at a refused
-/// byte, and the guard does not read its own mark as the end.)
+/// read again `step` bytes at a time, changes no more up to a refused byte: a `?`
+/// mended where a constructor is read would be refused there, and text mended twice
+/// would change again. (The decoder stops at a refused byte, and the guard does not
+/// read its own mark as the end.)
 pub fn changes_no_more(out: &[u8], changed: &[usize], step: usize) {
     let (again, read) = through_guard(out, step);
     read.expect("what the guard handed on reads to its end");

@@ -32,8 +32,9 @@
 //! constructor to a binary's of the same layout, which the decoder takes whole
 //! ([`as_binary`]), so that it reads nothing inside them.
 //! Strings and symbols the decoder reads it makes UTF-8 as they pass, each byte of a
-//! sequence that is not becoming `?` ([`Sections::mend_text`]): the decoder refuses
-//! the whole message for one that is not.
+//! sequence that is not becoming `?` (or the rest of a character a frame ended inside:
+//! [`Sections::mend_text`]): the decoder refuses the whole message for one that is
+//! not. Body sections are the driver's to read, and pass as they came.
 //! Frames are handed on whole as soon as they are checked: every byte the guard
 //! overwrites or rewrites is one it decides on as it first reads it, in the frame at
 //! hand (a value's header split between two frames is read on from a copy of its first
@@ -926,8 +927,11 @@ struct Sections {
     /// they are mended on the way ([`Sections::mend_text`]).
     text: bool,
     /// A character an earlier frame ended inside: the continuation bytes it still
-    /// needs, and the range the first of them must be in.
+    /// needs.
     owed: u8,
+    /// The range the next of those continuation bytes must be in (narrower than
+    /// `0x80..=0xbf` after some first bytes, as UTF-8 rules out overlong forms,
+    /// surrogates and code points past U+10FFFF).
     next_in: (u8, u8),
     /// The first bytes of a value header an earlier frame ended in the middle of.
     carry: Vec<u8>,
@@ -1002,7 +1006,8 @@ enum Step {
 
 impl Sections {
     /// Reads `payload`, the next bytes of the message, overwriting a byte where a value
-    /// opens a level too deep or would be read otherwise than it is written.
+    /// opens a level too deep or would be read otherwise than it is written, and
+    /// mending strings that are not UTF-8 ([`Sections::mend_text`]).
     /// Returns whether the byte to overwrite is the constructor an earlier frame ended
     /// in ([`Sections::claim_undecided`]), which the caller holds.
     fn feed(&mut self, payload: &mut [u8]) -> bool {
@@ -1046,8 +1051,8 @@ impl Sections {
     }
 
     /// Reads as much of `input` as can be read, rewriting the constructors read as
-    /// others (see [`Sections::value`]): how much, and the offset of a byte to
-    /// overwrite (nothing is read after it).
+    /// others (see [`Sections::value`]) and mending strings: how much, and the offset
+    /// of a byte to overwrite (nothing is read after it).
     fn read(&mut self, input: &mut [u8]) -> (usize, Option<usize>) {
         self.claim_undecided = false;
         let mut read = 0;
@@ -2041,18 +2046,18 @@ mod tests {
                 }
             }
         }
-        for payload in [claiming(MAX_CLAIM - 1), claiming(100)] {
-            for frame in [1, 16, 17] {
-                let (bytes, _) = in_frames(&payload, frame);
-                // Not refused: what follows is read as the string's, mended as text.
-                let out = guarded(&bytes, 7);
-                assert!(
-                    out.iter()
-                        .zip(&bytes)
-                        .all(|(o, b)| o == b || super::fuzz_harness::mended_text(*b, *o)),
-                    "left to the decoder"
-                );
-            }
+        for frame in [1, 16, 17] {
+            let (bytes, _) = in_frames(&claiming(100), frame);
+            assert_eq!(guarded(&bytes, 7), bytes, "left to the decoder");
+            // Not refused: what follows the string is read as its bytes, mended as text.
+            let (bytes, _) = in_frames(&claiming(MAX_CLAIM - 1), frame);
+            let out = guarded(&bytes, 7);
+            assert!(
+                out.iter()
+                    .zip(&bytes)
+                    .all(|(o, b)| o == b || super::fuzz_harness::mended_text(*b, *o)),
+                "left to the decoder"
+            );
         }
     }
 
@@ -2918,6 +2923,21 @@ mod tests {
                 } else {
                     assert!([&one_frame.0, &split.0].contains(&&surrogate), "{context}");
                     assert!([&one_frame.1, &split.1].contains(&&bad_lead), "{context}");
+                }
+            }
+        }
+    }
+
+    /// Strings in a body are the driver's to read (`body.rs` hands on bytes that are
+    /// not UTF-8 as they came): the guard leaves them as they are, however split.
+    #[test]
+    fn strings_in_bodies_are_not_mended() {
+        let sequence = [0x00, 0x53, 0x76, 0xc0, 0x05, 0x01, 0xa1, 0x02, 0xc3, 0x28];
+        for body in [&[0x00, 0x53, 0x77, 0xa1, 0x02, 0xff, 0xfe][..], &sequence] {
+            for frame in 1..=body.len() {
+                let (bytes, _) = in_frames(body, frame);
+                for step in [1, 3, 4096] {
+                    assert_eq!(guarded(&bytes, step), bytes, "frames of {frame}");
                 }
             }
         }
