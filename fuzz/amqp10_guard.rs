@@ -20,10 +20,10 @@ use fe2o3_amqp_types::messaging::message::DecodeIntoMessage;
 use fe2o3_amqp_types::messaging::{Body, Message};
 use fe2o3_amqp_types::primitives::SimpleValue;
 use serde_amqp::Value;
-use serde_amqp::lazy::LazyValue;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::guard::{Guarded, MAX_DEPTH};
+use crate::raw_value::RawValue;
 
 /// The protocol header and the broker's `open` (container id "x"), after which frames
 /// may be larger than 512 bytes.
@@ -170,12 +170,12 @@ fn decoded_depth(payload: Vec<u8>, several_frames: bool) -> Option<usize> {
     std::thread::Builder::new()
         .stack_size(8 << 20)
         .spawn(move || {
-            let message: Message<Body<LazyValue>> = if several_frames {
+            let message: Message<Body<RawValue>> = if several_frames {
                 let reader = serde_amqp::read::IoReader::new(std::io::Cursor::new(&payload));
-                <Body<LazyValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()?
+                <Body<RawValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()?
             } else {
                 let reader = serde_amqp::read::SliceReader::new(&payload);
-                <Body<LazyValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()?
+                <Body<RawValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()?
             };
             let maps = [
                 message.delivery_annotations.as_ref().map(|a| &a.0),

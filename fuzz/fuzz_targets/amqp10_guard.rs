@@ -7,6 +7,10 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod guard;
 
+#[path = "../../queue-amqp10/src/raw_value.rs"]
+#[allow(dead_code)]
+mod raw_value;
+
 #[path = "../amqp10_guard.rs"]
 mod amqp10_guard;
 

@@ -12,15 +12,17 @@
 //! items than this module takes, which the guard under the client library refuses
 //! (`guard.rs`).
 //!
-//! The link hands value sections over undecoded ([`LazyValue`]), and [`decode`]
+//! The link hands value sections over undecoded ([`RawValue`], in messages of any
+//! number of frames), and [`decode`]
 //! reads them here, straight into the payload: never deeper than [`MAX_DEPTH`], never
 //! more than [`MAX_ITEMS`] values, never trusting a size or a count past the bytes
 //! there are. The client library's own decoder recurses without a limit and reads
 //! some encodings as something else, so untrusted values never reach it.
 
 use fe2o3_amqp::types::messaging::{AmqpSequence, AmqpValue, Body, Data};
-use fe2o3_amqp::types::primitives::LazyValue;
 use queue_core::{Codec, MAX_DEPTH, Value};
+
+use crate::raw_value::RawValue;
 
 /// The content type of a body kept as the AMQP encoding it came in: an `amqp-value`'s
 /// value, or a list of an `amqp-sequence`'s items.
@@ -35,7 +37,7 @@ const _: () = assert!(crate::guard::MAX_BODY_ITEMS == MAX_ITEMS as u64);
 
 /// The body's bytes, and the content type to read them with when the sections say
 /// what it is (a structured value); `None` keeps the message's own.
-pub(crate) fn body_bytes(body: Body<LazyValue>) -> (Vec<u8>, Option<&'static str>) {
+pub(crate) fn body_bytes(body: Body<RawValue>) -> (Vec<u8>, Option<&'static str>) {
     match body {
         Body::Data(sections) => {
             let mut sections: Vec<Data> = sections.into();
@@ -58,8 +60,8 @@ pub(crate) fn body_bytes(body: Body<LazyValue>) -> (Vec<u8>, Option<&'static str
                 .unwrap_or_else(|| (raw.to_vec(), Some(AMQP_ENCODED)))
         }
         Body::Sequence(sections) => {
-            let sections: Vec<AmqpSequence<LazyValue>> = sections.into();
-            let items: Vec<&LazyValue> = sections.iter().flat_map(|s| s.0.iter()).collect();
+            let sections: Vec<AmqpSequence<RawValue>> = sections.into();
+            let items: Vec<&RawValue> = sections.iter().flat_map(|s| s.0.iter()).collect();
             // One list, as the sections are one sequence cut into parts.
             let raws: Vec<&[u8]> = items.iter().map(|raw| raw.as_slice()).collect();
             decode::all(&raws)
@@ -70,7 +72,7 @@ pub(crate) fn body_bytes(body: Body<LazyValue>) -> (Vec<u8>, Option<&'static str
 }
 
 /// The items as the AMQP encoding of one list (`list32`), each as it came.
-fn list32(items: &[&LazyValue]) -> Vec<u8> {
+fn list32(items: &[&RawValue]) -> Vec<u8> {
     let bytes: usize = items.iter().map(|item| item.as_slice().len()).sum();
     let count = u32::try_from(items.len()).unwrap_or(u32::MAX);
     // The size counts the count's four bytes; a frame is far below 4 GiB.
@@ -394,15 +396,15 @@ mod tests {
     }
 
     /// `bytes` as the link hands a value section over: undecoded.
-    fn lazy(bytes: &[u8]) -> LazyValue {
+    fn lazy(bytes: &[u8]) -> RawValue {
         serde_amqp::from_slice(bytes).expect("one whole value")
     }
 
-    fn value_body(value: &Amqp) -> Body<LazyValue> {
+    fn value_body(value: &Amqp) -> Body<RawValue> {
         Body::Value(AmqpValue(lazy(&serde_amqp::to_vec(value).unwrap())))
     }
 
-    fn read(body: Body<LazyValue>) -> (Value, &'static str) {
+    fn read(body: Body<RawValue>) -> (Value, &'static str) {
         let (bytes, content_type) = body_bytes(body);
         let content_type = content_type.expect("a structured body says what it is");
         let codec = Codec::from_content_type(content_type).expect("one of the codecs");
@@ -582,7 +584,7 @@ mod tests {
             ] {
                 assert_eq!(decode::whole(&sent), None, "{what}");
                 // As the link would hand it over (the first whole value, if any).
-                if let Ok(raw) = serde_amqp::from_slice::<LazyValue>(&sent) {
+                if let Ok(raw) = serde_amqp::from_slice::<RawValue>(&sent) {
                     let came = raw.as_slice().to_vec();
                     let (bytes, content_type) = body_bytes(Body::Value(AmqpValue(raw)));
                     assert_eq!(content_type, Some(AMQP_ENCODED), "{what}");

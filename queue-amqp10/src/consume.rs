@@ -29,17 +29,17 @@ use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use fe2o3_amqp::link::Receiver;
+use fe2o3_amqp::link::RecvError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
-use fe2o3_amqp::link::{MessageDecodeError, RecvError};
 use fe2o3_amqp::types::definitions::{self, AmqpError};
 use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source, TerminusDurability};
-use fe2o3_amqp::types::primitives::LazyValue;
 use queue_core::{Acker, Delivery, Error, Result, Subscription};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::Profile;
 use crate::connection::{Attached, CLOSE_TIMEOUT, Connector};
+use crate::raw_value::RawValue;
 
 /// What a receiver link needs to (re-)attach.
 #[derive(Debug, Clone)]
@@ -266,7 +266,9 @@ struct ReceiveTask {
     /// `deliver_burst`).
     burst: Vec<Delivery>,
     /// Transfers of the burst that the link could not decode, to reject.
-    unreadable: Vec<MessageDecodeError>,
+    /// Deliveries to reject, with why: the link could not decode them, or what came is
+    /// not what was sent ([`crate::mapping::cut_by_artemis`]).
+    unreadable: Vec<(DeliveryInfo, String)>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
     /// When `accepts` must be sent at the latest; set when the first one joins and
@@ -291,7 +293,7 @@ enum Event {
 
 /// What the link's `recv` gives.
 type Received = std::result::Result<
-    fe2o3_amqp::link::delivery::Delivery<Body<LazyValue>>,
+    fe2o3_amqp::link::delivery::Delivery<Body<RawValue>>,
     fe2o3_amqp::link::RecvError,
 >;
 
@@ -348,7 +350,7 @@ impl ReceiveTask {
                 _ = self.closed.wait_for(|c| *c) => Event::Closed,
                 control = self.control_rx.recv() => Event::Control(control),
                 _ = self.out.closed() => Event::Closed,
-                delivery = attached.link.recv::<Body<LazyValue>>() => Event::Delivery(Box::new(delivery)),
+                delivery = attached.link.recv::<Body<RawValue>>() => Event::Delivery(Box::new(delivery)),
                 () = &mut self.flush, if !self.accepts.is_empty() => Event::FlushDue,
             };
             let step = match event {
@@ -480,7 +482,7 @@ impl ReceiveTask {
             // Cancel safe, as the `select!` in `run` relies on: nothing is lost when
             // no transfer is waiting. Polled where it is made: the future is about
             // 3 KB, and `now_or_never` moved it once more per transfer.
-            let recv = std::pin::pin!(link.recv::<Body<LazyValue>>());
+            let recv = std::pin::pin!(link.recv::<Body<RawValue>>());
             match recv.poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(received) => step = self.take_in(received),
                 Poll::Pending => break,
@@ -494,18 +496,14 @@ impl ReceiveTask {
         if self.unreadable.is_empty() {
             return step;
         }
-        for unreadable in std::mem::take(&mut self.unreadable) {
+        for (info, why) in std::mem::take(&mut self.unreadable) {
             // No reader can have it: the link could not decode it, so it cannot be
             // handed over, nor dead-lettered by the runtime. Rejected, Artemis keeps it
             // in its DLQ address, RabbitMQ drops it; released, it would come back here
             // for ever. Said in the log, with why.
-            tracing::error!(queue = %self.spec.queue, error = %unreadable.source, "amqp10 receiver rejected a message it cannot decode");
-            let condition = definitions::Error::new(
-                AmqpError::DecodeError,
-                Some(unreadable.source.to_string()),
-                None,
-            );
-            if let Err(err) = link.reject(unreadable.info, condition).await {
+            tracing::error!(queue = %self.spec.queue, error = %why, "amqp10 receiver rejected a message it cannot decode");
+            let condition = definitions::Error::new(AmqpError::DecodeError, Some(why), None);
+            if let Err(err) = link.reject(info, condition).await {
                 tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 receiver: reject failed");
                 return Step::LinkLost;
             }
@@ -523,7 +521,8 @@ impl ReceiveTask {
             Ok(delivery) => self.deliver(delivery),
             Err(RecvError::MessageDecode(unreadable)) => {
                 self.credit = self.credit.saturating_sub(1);
-                self.unreadable.push(unreadable);
+                self.unreadable
+                    .push((unreadable.info, unreadable.source.to_string()));
                 Step::Continue
             }
             Err(RecvError::MessageSizeExceeded(too_large)) => {
@@ -546,12 +545,16 @@ impl ReceiveTask {
     }
 
     /// Maps one transfer into a delivery waiting in `burst`. Every body the link
-    /// decoded is handed over, none refused: RabbitMQ drops a refused message (see
-    /// `crate::body`).
-    fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<LazyValue>>) -> Step {
+    /// decoded is handed over, none refused (RabbitMQ drops a refused message: see
+    /// `crate::body`), but one Artemis cut, which it keeps whole when it is rejected.
+    fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<RawValue>>) -> Step {
         let info = DeliveryInfo::from(&delivery);
         let delivery_id = info.delivery_id();
         self.credit = self.credit.saturating_sub(1);
+        if let Some(why) = crate::mapping::cut_by_artemis(delivery.message()) {
+            self.unreadable.push((info, why));
+            return Step::Continue;
+        }
         let message = crate::mapping::from_amqp(delivery.into_message());
         let Some(control) = self.control.upgrade() else {
             return Step::Stop(None);

@@ -1472,6 +1472,7 @@ mod fuzz_harness;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raw_value::RawValue;
     use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
     use fe2o3_amqp::types::messaging::{
         ApplicationProperties, Body, Data, DeliveryAnnotations, Footer, Header, Message,
@@ -1479,7 +1480,6 @@ mod tests {
     };
     use fe2o3_amqp::types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Value};
     use proptest::prelude::*;
-    use serde_amqp::lazy::LazyValue;
 
     /// What fe2o3-amqp reads through the guard when the broker sends `bytes`, `step`
     /// bytes at a time (with the fuzz target's reader).
@@ -1592,12 +1592,12 @@ mod tests {
     }
 
     /// The message fe2o3-amqp makes of a payload, as [`decodes`] reads it.
-    fn decoded(payload: Vec<u8>) -> Option<Message<Body<LazyValue>>> {
+    fn decoded(payload: Vec<u8>) -> Option<Message<Body<RawValue>>> {
         std::thread::Builder::new()
             .stack_size(8 << 20)
             .spawn(move || {
                 let reader = serde_amqp::read::SliceReader::new(&payload);
-                <Body<LazyValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()
+                <Body<RawValue> as DecodeIntoMessage>::decode_message_from_reader(reader).ok()
             })
             .unwrap()
             .join()

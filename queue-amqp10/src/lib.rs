@@ -51,6 +51,7 @@ mod guard;
 mod management;
 mod mapping;
 mod publish;
+mod raw_value;
 #[cfg(feature = "tls")]
 mod tls;
 

@@ -68,6 +68,38 @@ pub fn shared_url() -> String {
     format!("amqp://{USER}:{PASSWORD}@127.0.0.1:{SHARED_AMQP_PORT}")
 }
 
+/// The shared instance's Artemis core protocol port, which JMS clients of Artemis use
+/// (the instance's all-protocols acceptor).
+pub const SHARED_CORE_PORT: u16 = 61616 + SHARED_PORT_OFFSET;
+
+/// Runs a Java program (one source file, `source`, whose public class is `class`)
+/// with Artemis's own client jars (JMS on the core protocol among them) and `args`,
+/// the shared instance's core URL and login first: its output, or why it failed.
+pub fn run_jms_client(class: &str, source: &str, args: &[&str]) -> Result<String, String> {
+    let dir = root().join("clients");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let file = dir.join(format!("{class}.java"));
+    std::fs::write(&file, source).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    let core_url = format!("tcp://127.0.0.1:{SHARED_CORE_PORT}");
+    let out = crate::process::output_within(
+        Command::new("java")
+            .arg("-cp")
+            .arg(home().join("lib/*"))
+            .arg(&file)
+            .args([core_url.as_str(), USER, PASSWORD])
+            .args(args),
+        crate::process::TOOL_LIMIT,
+    )
+    .map_err(|e| format!("java {class}.java: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "java {class}.java failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Where the distribution and the shared instance live: `target/brokers/artemis`.
 fn root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

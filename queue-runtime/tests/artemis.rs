@@ -300,6 +300,91 @@ enum Fault {
     BrokerDownAtStart,
 }
 
+/// A JMS client on Artemis's core protocol. `send QUEUE PROBE` sends a `BytesMessage`
+/// of 30,000 bytes as a compressed large message, then a `TextMessage` `{"n":2}`, both
+/// with the property `probe`; `dlq PROBE` reads the one with that `probe` back from
+/// Artemis's `DLQ` and prints its size.
+const JMS_COMPRESSED: &str = r#"
+import javax.jms.*;
+import org.apache.activemq.artemis.jms.client.ActiveMQConnectionFactory;
+
+public class Compressed {
+    public static void main(String[] args) throws Exception {
+        String url = args[0] + "?compressLargeMessage=true&minLargeMessageSize=10240";
+        try (Connection c = new ActiveMQConnectionFactory(url).createConnection(args[1], args[2])) {
+            Session s = c.createSession(false, Session.AUTO_ACKNOWLEDGE);
+            if (args[3].equals("send")) {
+                MessageProducer p = s.createProducer(s.createQueue(args[4]));
+                byte[] bytes = new byte[30000];
+                for (int i = 0; i < bytes.length; i++) bytes[i] = (byte) (i % 7);
+                BytesMessage big = s.createBytesMessage();
+                big.writeBytes(bytes);
+                big.setStringProperty("probe", args[5]);
+                p.send(big);
+                TextMessage small = s.createTextMessage("{\"n\":2}");
+                small.setStringProperty("probe", args[5]);
+                p.send(small);
+            } else {
+                c.start();
+                MessageConsumer dlq = s.createConsumer(s.createQueue("DLQ"), "probe = '" + args[4] + "'");
+                BytesMessage kept = (BytesMessage) dlq.receive(60000);
+                System.out.println(kept == null ? "none" : "kept " + kept.getBodyLength());
+            }
+        }
+    }
+}
+"#;
+
+/// A compressed large message from a JMS client on the core protocol, which Artemis
+/// hands AMQP 1.0 consumers cut to its first bytes (73 of 30,000), is rejected with
+/// why, and Artemis keeps it whole in its `DLQ`; the next message is handled. Before,
+/// the handler read the 73 bytes as if they were the message.
+fn a_message_artemis_cut_is_rejected_and_kept_whole() {
+    let url = shared_url();
+    let queue = format!("cut-{}", unique());
+    let probe = unique();
+    let yaml = format!(
+        "namespace: app\nentries:\n{}  - name: in\n    kind: queue.queue\n    queue_name: {queue}\n  - name: w\n    kind: queue.consumer\n    queue: in\n    source: h.lua\n    method: handle\n",
+        driver_yaml(&url)
+    );
+    let handler = "function handle(p)\n  logger:info(\"Handled\", { kind = type(p), n = type(p) == \"table\" and p.n or #p })\n  return true\nend\n";
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", handler)]);
+    let (child, lines) = spawn_with_lines(&["run", "--log-format", "json", "app.yaml"], dir.path());
+    let mut seen = wait_for_line(&lines, "runtime started");
+    let run = |args: &[&str]| {
+        queue_fixtures::artemis::run_jms_client("Compressed", JMS_COMPRESSED, args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    run(&["send", &queue, &probe]);
+    let rejected = |logs: &[serde_json::Value]| {
+        logs.iter().any(|l| {
+            l["fields"]["message"] == "amqp10 receiver rejected a message it cannot decode"
+                && l["fields"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("Artemis delivered 73 of the 30000 bytes"))
+        })
+    };
+    let parse = |seen: &[String]| -> Vec<serde_json::Value> {
+        seen.iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let done = |logs: &[serde_json::Value]| rejected(logs) && !lua_logs(logs, "Handled").is_empty();
+    while !done(&parse(&seen)) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("not rejected and handled:\n{}", seen.join("\n")));
+        seen.push(line);
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let handled = lua_logs(&parse(&seen), "Handled");
+    assert_eq!(handled.len(), 1, "only the whole one: {handled:?}");
+    assert_eq!(handled[0]["n"], 2, "{handled:?}");
+    assert_eq!(run(&["dlq", &probe]).trim(), "kept 30000");
+}
+
 const FAULT_HANDLER: &str = r#"
 function handle(payload)
   assert(queue.publish("app:done", { n = payload.n }))
@@ -461,5 +546,6 @@ queue_testkit::broker_tests! {
     sync: [
         a_proton_client_and_the_runtime_understand_each_other,
         odd_messages_from_a_proton_client_are_handled_or_dead_lettered,
+        a_message_artemis_cut_is_rejected_and_kept_whole,
     ];
 }

@@ -575,6 +575,29 @@ fn strings_that_are_not_utf8_reach_amqp10_handlers() {
     assert_eq!(handled[1]["n"], 2, "{handled:?}");
 }
 
+/// The `main` of the test's Python script: Qpid Proton sends a map of 300 KB in an
+/// `amqp-value` body, which takes more than one transfer frame.
+const PROTON_LARGE_VALUE_BODY: &str = r#"
+def main():
+    big = {"body": {"n": 1, "pad": "x" * 300000}, "content_type": None, "inferred": False}
+    send_over_amqp10([(1, big), (2, {})])
+"#;
+
+/// A structured body of several frames reaches its handler as any other. Before, the
+/// client library could not decode an `amqp-value` or `amqp-sequence` body that came in
+/// more than one frame, so the driver rejected the message, and RabbitMQ dropped it (a
+/// JMS `TextMessage` of 300 KB through Artemis too).
+fn value_bodies_of_several_frames_reach_handlers() {
+    let fields = "{ n = p.n, pad = p.pad and #p.pad }";
+    let handled = two_handled_over(DRIVERS[1], "large-value", fields, PROTON_LARGE_VALUE_BODY);
+    assert_eq!(
+        (&handled[0]["n"], &handled[0]["pad"]),
+        (&1.into(), &300_000.into()),
+        "{handled:?}"
+    );
+    assert_eq!(handled[1]["n"], 2, "{handled:?}");
+}
+
 /// What the handler logged (`fields`, as in [`logs_what_a_script_publishes`]) of the
 /// two messages a script whose `main` is `script_main` publishes to a queue the
 /// runtime consumes over AMQP 0-9-1. The driver must have kept its connection.
@@ -860,6 +883,7 @@ queue_testkit::broker_tests! {
         headers_nested_as_deep_as_a_frame_allows_cannot_crash_the_runtime,
         short_strings_that_are_not_utf8_cost_no_connection,
         strings_that_are_not_utf8_reach_amqp10_handlers,
+        value_bodies_of_several_frames_reach_handlers,
         a_content_header_past_frame_max_costs_no_connection,
         a_connection_the_broker_ends_is_logged_with_its_reason,
         annotations_nested_deep_cannot_crash_the_runtime,
