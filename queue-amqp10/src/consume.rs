@@ -265,9 +265,8 @@ struct ReceiveTask {
     /// Deliveries taken from the link and not yet handed to the consumer (see
     /// `deliver_burst`).
     burst: Vec<Delivery>,
-    /// Transfers of the burst that the link could not decode, to reject.
-    /// Deliveries to reject, with why: the link could not decode them, or what came is
-    /// not what was sent ([`crate::mapping::cut_by_artemis`]).
+    /// Deliveries of the burst to reject, with why: the link could not decode them, or what came is
+    /// not what was sent ([`crate::mapping::mangled_by_artemis`]).
     unreadable: Vec<(DeliveryInfo, String)>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
@@ -497,10 +496,11 @@ impl ReceiveTask {
             return step;
         }
         for (info, why) in std::mem::take(&mut self.unreadable) {
-            // No reader can have it: the link could not decode it, so it cannot be
-            // handed over, nor dead-lettered by the runtime. Rejected, Artemis keeps it
-            // in its DLQ address, RabbitMQ drops it; released, it would come back here
-            // for ever. Said in the log, with why.
+            // No handler can have it: the link could not decode it, or Artemis mangled it
+            // (a core client reads it whole), so it cannot be handed over, nor
+            // dead-lettered by the runtime, whose copy would be what came. Rejected,
+            // Artemis keeps it in its DLQ address, RabbitMQ drops it; released, it
+            // would come back here for ever. Said in the log, with why.
             tracing::error!(queue = %self.spec.queue, error = %why, "amqp10 receiver rejected a message it cannot decode");
             let condition = definitions::Error::new(AmqpError::DecodeError, Some(why), None);
             if let Err(err) = link.reject(info, condition).await {
@@ -551,7 +551,7 @@ impl ReceiveTask {
         let info = DeliveryInfo::from(&delivery);
         let delivery_id = info.delivery_id();
         self.credit = self.credit.saturating_sub(1);
-        if let Some(why) = crate::mapping::cut_by_artemis(delivery.message()) {
+        if let Some(why) = crate::mapping::mangled_by_artemis(delivery.message()) {
             self.unreadable.push((info, why));
             return Step::Continue;
         }

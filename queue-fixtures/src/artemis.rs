@@ -76,9 +76,14 @@ pub const SHARED_CORE_PORT: u16 = 61616 + SHARED_PORT_OFFSET;
 /// with Artemis's own client jars (JMS on the core protocol among them) and `args`,
 /// the shared instance's core URL and login first: its output, or why it failed.
 pub fn run_jms_client(class: &str, source: &str, args: &[&str]) -> Result<String, String> {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = root().join("clients");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let file = dir.join(format!("{class}.java"));
+    // A file of its own per run, so that runs at once (two test binaries) never read
+    // one another's half-written source; Java's source launcher runs the first class
+    // of a file whatever the file's name.
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = dir.join(format!("{class}-{}-{run}.java", std::process::id()));
     std::fs::write(&file, source).map_err(|e| format!("writing {}: {e}", file.display()))?;
     let core_url = format!("tcp://127.0.0.1:{SHARED_CORE_PORT}");
     let out = crate::process::output_within(
@@ -90,7 +95,9 @@ pub fn run_jms_client(class: &str, source: &str, args: &[&str]) -> Result<String
             .args(args),
         crate::process::TOOL_LIMIT,
     )
-    .map_err(|e| format!("java {class}.java: {e}"))?;
+    .map_err(|e| format!("java {class}.java: {e}"));
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
     if !out.status.success() {
         return Err(format!(
             "java {class}.java failed: {}",

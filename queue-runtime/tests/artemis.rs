@@ -300,10 +300,11 @@ enum Fault {
     BrokerDownAtStart,
 }
 
-/// A JMS client on Artemis's core protocol. `send QUEUE PROBE` sends a `BytesMessage`
-/// of 30,000 bytes as a compressed large message, then a `TextMessage` `{"n":2}`, both
-/// with the property `probe`; `dlq PROBE` reads the one with that `probe` back from
-/// Artemis's `DLQ` and prints its size.
+/// A JMS client on Artemis's core protocol. `send QUEUE PROBE` sends two
+/// `BytesMessage`s of 30,000 bytes as compressed large messages, one that compresses
+/// well and one that does not (random bytes), then a `TextMessage` `{"n":2}`, all with
+/// the property `probe`; `dlq PROBE` reads the two with that `probe` back from
+/// Artemis's `DLQ` and prints their sizes.
 const JMS_COMPRESSED: &str = r#"
 import javax.jms.*;
 import org.apache.activemq.artemis.jms.client.ActiveMQConnectionFactory;
@@ -315,31 +316,38 @@ public class Compressed {
             Session s = c.createSession(false, Session.AUTO_ACKNOWLEDGE);
             if (args[3].equals("send")) {
                 MessageProducer p = s.createProducer(s.createQueue(args[4]));
-                byte[] bytes = new byte[30000];
-                for (int i = 0; i < bytes.length; i++) bytes[i] = (byte) (i % 7);
-                BytesMessage big = s.createBytesMessage();
-                big.writeBytes(bytes);
-                big.setStringProperty("probe", args[5]);
-                p.send(big);
+                byte[] pattern = new byte[30000];
+                for (int i = 0; i < pattern.length; i++) pattern[i] = (byte) (i % 7);
+                byte[] random = new byte[30000];
+                new java.util.Random(7).nextBytes(random);
+                for (byte[] bytes : new byte[][] {pattern, random}) {
+                    BytesMessage big = s.createBytesMessage();
+                    big.writeBytes(bytes);
+                    big.setStringProperty("probe", args[5]);
+                    p.send(big);
+                }
                 TextMessage small = s.createTextMessage("{\"n\":2}");
                 small.setStringProperty("probe", args[5]);
                 p.send(small);
             } else {
                 c.start();
                 MessageConsumer dlq = s.createConsumer(s.createQueue("DLQ"), "probe = '" + args[4] + "'");
-                BytesMessage kept = (BytesMessage) dlq.receive(60000);
-                System.out.println(kept == null ? "none" : "kept " + kept.getBodyLength());
+                for (int i = 0; i < 2; i++) {
+                    BytesMessage kept = (BytesMessage) dlq.receive(60000);
+                    System.out.println(kept == null ? "none" : "kept " + kept.getBodyLength());
+                }
             }
         }
     }
 }
 "#;
 
-/// A compressed large message from a JMS client on the core protocol, which Artemis
-/// hands AMQP 1.0 consumers cut to its first bytes (73 of 30,000), is rejected with
-/// why, and Artemis keeps it whole in its `DLQ`; the next message is handled. Before,
-/// the handler read the 73 bytes as if they were the message.
-fn a_message_artemis_cut_is_rejected_and_kept_whole() {
+/// Compressed large messages from a JMS client on the core protocol, which Artemis
+/// hands AMQP 1.0 consumers as many bytes as their compressed form has (the first 73
+/// of 30,000; 30,016 for 30,000 random ones), are rejected with why, and Artemis
+/// keeps them whole in its `DLQ`; the next message is handled. Before, the handler
+/// read those bytes as if they were the message.
+fn messages_artemis_mangled_are_rejected_and_kept_whole() {
     let url = shared_url();
     let queue = format!("cut-{}", unique());
     let probe = unique();
@@ -357,32 +365,49 @@ fn a_message_artemis_cut_is_rejected_and_kept_whole() {
     };
     run(&["send", &queue, &probe]);
     let rejected = |logs: &[serde_json::Value]| {
-        logs.iter().any(|l| {
-            l["fields"]["message"] == "amqp10 receiver rejected a message it cannot decode"
-                && l["fields"]["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("Artemis delivered 73 of the 30000 bytes"))
-        })
+        logs.iter()
+            .filter(|l| {
+                l["fields"]["message"] == "amqp10 receiver rejected a message it cannot decode"
+                    && l["fields"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("bytes for the 30000 of a compressed"))
+            })
+            .count()
     };
     let parse = |seen: &[String]| -> Vec<serde_json::Value> {
         seen.iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     };
-    let done = |logs: &[serde_json::Value]| rejected(logs) && !lua_logs(logs, "Handled").is_empty();
+    let done =
+        |logs: &[serde_json::Value]| rejected(logs) == 2 && !lua_logs(logs, "Handled").is_empty();
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !done(&parse(&seen)) {
+        let left = deadline.saturating_duration_since(Instant::now());
         let line = lines
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(left)
             .unwrap_or_else(|_| panic!("not rejected and handled:\n{}", seen.join("\n")));
         seen.push(line);
     }
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(60));
     assert!(out.status.success(), "{}", text(&out.stderr));
+    seen.extend(rest_of_lines(&lines));
+    assert_eq!(
+        rejected(&parse(&seen)),
+        2,
+        "each rejected once:\n{}",
+        seen.join("\n")
+    );
+    let context = seen.join("\n");
+    assert!(
+        context.contains("Artemis delivered 73 bytes for the 30000"),
+        "{context}"
+    );
     let handled = lua_logs(&parse(&seen), "Handled");
     assert_eq!(handled.len(), 1, "only the whole one: {handled:?}");
     assert_eq!(handled[0]["n"], 2, "{handled:?}");
-    assert_eq!(run(&["dlq", &probe]).trim(), "kept 30000");
+    assert_eq!(run(&["dlq", &probe]).trim(), "kept 30000\nkept 30000");
 }
 
 const FAULT_HANDLER: &str = r#"
@@ -546,6 +571,6 @@ queue_testkit::broker_tests! {
     sync: [
         a_proton_client_and_the_runtime_understand_each_other,
         odd_messages_from_a_proton_client_are_handled_or_dead_lettered,
-        a_message_artemis_cut_is_rejected_and_kept_whole,
+        messages_artemis_mangled_are_rejected_and_kept_whole,
     ];
 }
