@@ -10,7 +10,8 @@
 //! with its bytes intact. No body is refused (a refused delivery is dropped by
 //! RabbitMQ, which is losing a message), but for one of more sections and sequence
 //! items than this module takes, which the guard under the client library refuses
-//! (`guard.rs`).
+//! (`guard.rs`), and one Artemis mangled (`mapping::mangled_by_artemis`), which it
+//! keeps whole when refused.
 //!
 //! The link hands value sections over undecoded ([`RawValue`], in messages of any
 //! number of frames), and [`decode`]

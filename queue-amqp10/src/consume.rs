@@ -546,12 +546,15 @@ impl ReceiveTask {
 
     /// Maps one transfer into a delivery waiting in `burst`. Every body the link
     /// decoded is handed over, none refused (RabbitMQ drops a refused message: see
-    /// `crate::body`), but one Artemis cut, which it keeps whole when it is rejected.
+    /// `crate::body`), but one Artemis mangled, which it keeps whole when it is rejected.
     fn deliver(&mut self, delivery: fe2o3_amqp::link::delivery::Delivery<Body<RawValue>>) -> Step {
         let info = DeliveryInfo::from(&delivery);
         let delivery_id = info.delivery_id();
         self.credit = self.credit.saturating_sub(1);
-        if let Some(why) = crate::mapping::mangled_by_artemis(delivery.message()) {
+        // Only Artemis keeps what it is refused; another broker would drop it.
+        if self.spec.profile == Profile::Artemis
+            && let Some(why) = crate::mapping::mangled_by_artemis(delivery.message())
+        {
             self.unreadable.push((info, why));
             return Step::Continue;
         }

@@ -347,13 +347,19 @@ mod tests {
     /// whose bytes are not as many as it had (Artemis 2.40 hands over 73 of 30,000,
     /// or 30,016 for 30,000 that do not compress).
     #[test]
-    fn a_compressed_large_message_artemis_cut_is_told_apart() {
+    fn a_compressed_large_message_artemis_mangled_is_told_apart() {
         let why = mangled_by_artemis(&from_core_client(Some(true), SimpleValue::Long(30_000), 73));
         assert!(why.unwrap().contains("73 bytes for the 30000"));
         let padded = from_core_client(Some(true), SimpleValue::Long(30_000), 30_016);
         assert!(mangled_by_artemis(&padded).is_some());
         let int = from_core_client(Some(true), SimpleValue::Int(30_000), 73);
         assert!(mangled_by_artemis(&int).is_some());
+        // Its bytes in two sections count together.
+        let mut two = from_core_client(Some(true), SimpleValue::Long(30_000), 15_000);
+        if let Body::Data(sections) = &mut two.body {
+            sections.push(Data(Binary::from(vec![2u8; 15_000])));
+        }
+        assert_eq!(mangled_by_artemis(&two), None);
         for whole in [
             from_core_client(Some(true), SimpleValue::Long(30_000), 30_000),
             from_core_client(None, SimpleValue::Long(30_000), 73),

@@ -15,7 +15,7 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, Visitor};
 
 /// The encoded bytes of one AMQP value, constructor included.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub(crate) struct RawValue(Vec<u8>);
 
 impl RawValue {

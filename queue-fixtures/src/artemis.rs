@@ -95,12 +95,13 @@ pub fn run_jms_client(class: &str, source: &str, args: &[&str]) -> Result<String
             .args(args),
         crate::process::TOOL_LIMIT,
     )
-    .map_err(|e| format!("java {class}.java: {e}"));
+    .map_err(|e| format!("java {}: {e}", file.display()));
     let _ = std::fs::remove_file(&file);
     let out = out?;
     if !out.status.success() {
         return Err(format!(
-            "java {class}.java failed: {}",
+            "java {} failed: {}",
+            file.display(),
             String::from_utf8_lossy(&out.stderr)
         ));
     }

@@ -333,8 +333,8 @@ public class Compressed {
                 c.start();
                 MessageConsumer dlq = s.createConsumer(s.createQueue("DLQ"), "probe = '" + args[4] + "'");
                 for (int i = 0; i < 2; i++) {
-                    BytesMessage kept = (BytesMessage) dlq.receive(60000);
-                    System.out.println(kept == null ? "none" : "kept " + kept.getBodyLength());
+                    Message kept = dlq.receive(60000);
+                    System.out.println(kept instanceof BytesMessage bytes ? "kept " + bytes.getBodyLength() : "not kept: " + kept);
                 }
             }
         }
@@ -349,7 +349,7 @@ public class Compressed {
 /// read those bytes as if they were the message.
 fn messages_artemis_mangled_are_rejected_and_kept_whole() {
     let url = shared_url();
-    let queue = format!("cut-{}", unique());
+    let queue = format!("mangled-{}", unique());
     let probe = unique();
     let yaml = format!(
         "namespace: app\nentries:\n{}  - name: in\n    kind: queue.queue\n    queue_name: {queue}\n  - name: w\n    kind: queue.consumer\n    queue: in\n    source: h.lua\n    method: handle\n",
