@@ -21,6 +21,7 @@
 
 use std::time::Duration;
 
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Header, Message as AmqpMessage, MessageAnnotations,
     MessageId, Priority, Properties,
@@ -208,8 +209,16 @@ fn message_id_string(id: MessageId) -> String {
 /// random ones, 16 past the message's end). Such a message is rejected, so that
 /// Artemis keeps it whole in its dead-letter address, where a core or JMS client can
 /// read it (docs/drivers/amqp10.md, "What differs from RabbitMQ"). One whose size
-/// matches came whole.
+/// matches came whole. Only a `BytesMessage` (`x-opt-jms-msg-type` 3) is told so: the
+/// other JMS types arrive whole (an `ObjectMessage` of 30,007 bytes with a size of
+/// 30,011, its core encoding's).
 pub(crate) fn mangled_by_artemis(message: &Incoming) -> Option<String> {
+    const JMS_BYTES_MESSAGE: i8 = 3;
+    let annotations = &message.message_annotations.as_ref()?.0;
+    let jms_type = annotations.get(&OwnedKey::Symbol(Symbol::from("x-opt-jms-msg-type")));
+    if jms_type != Some(&Value::Byte(JMS_BYTES_MESSAGE)) {
+        return None;
+    }
     let map = &message.application_properties.as_ref()?.0;
     if map.get("_AMQ_LARGE_COMPRESSED") != Some(&SimpleValue::Bool(true)) {
         return None;
@@ -320,7 +329,6 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 
     /// `value` as the link hands an `amqp-value` body over: undecoded.
     fn value_body(value: Value) -> Body<RawValue> {
@@ -330,14 +338,20 @@ mod tests {
         ))
     }
 
-    /// A message as Artemis hands a core client's large message over AMQP 1.0: its
-    /// size and compression in application properties, `came` bytes of data.
+    /// A message as Artemis hands a JMS client's large `BytesMessage` over AMQP 1.0:
+    /// its size and compression in application properties, `came` bytes of data.
     fn from_core_client(compressed: Option<bool>, size: SimpleValue, came: usize) -> Incoming {
         let mut properties = ApplicationProperties::builder().insert("_AMQ_LARGE_SIZE", size);
         if let Some(compressed) = compressed {
             properties = properties.insert("_AMQ_LARGE_COMPRESSED", compressed);
         }
+        let mut annotations = OrderedMap::new();
+        annotations.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-jms-msg-type")),
+            Value::Byte(3),
+        );
         AmqpMessage::builder()
+            .message_annotations(MessageAnnotations(annotations))
             .application_properties(properties.build())
             .body(Body::Data(vec![Data(Binary::from(vec![1u8; came]))].into()))
             .build()
@@ -373,6 +387,14 @@ mod tests {
                 whole.application_properties
             );
         }
+        // An `ObjectMessage` arrives whole, its size its core encoding's (measured).
+        let mut object = from_core_client(Some(true), SimpleValue::Long(30_011), 30_007);
+        let types = &mut object.message_annotations.as_mut().unwrap().0;
+        types.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-jms-msg-type")),
+            Value::Byte(1),
+        );
+        assert_eq!(mangled_by_artemis(&object), None);
         // A compressed `TextMessage` arrives whole, as an `amqp-value` string.
         let mut text = from_core_client(Some(true), SimpleValue::Long(60_037), 0);
         text.body = value_body(Value::from("x".repeat(30_016)));
