@@ -265,8 +265,8 @@ struct ReceiveTask {
     /// Deliveries taken from the link and not yet handed to the consumer (see
     /// `deliver_burst`).
     burst: Vec<Delivery>,
-    /// Deliveries of the burst to reject, with why: the link could not decode them, or what came is
-    /// not what was sent ([`crate::mapping::mangled_by_artemis`]).
+    /// Deliveries of the burst to reject, with why: the link could not decode them, or
+    /// what came is not what was sent ([`crate::mapping::mangled_by_artemis`]).
     unreadable: Vec<(DeliveryInfo, String)>,
     /// Acks handed over and not sent yet (no longer in `unsettled`).
     accepts: Vec<DeliveryInfo>,
@@ -496,8 +496,8 @@ impl ReceiveTask {
             return step;
         }
         for (info, why) in std::mem::take(&mut self.unreadable) {
-            // No handler can have it: the link could not decode it, or Artemis mangled it
-            // (a core client reads it whole), so it cannot be handed over, nor
+            // No handler can have it: the link could not decode it, or Artemis mangled
+            // it (a core client reads it whole), so it cannot be handed over, nor
             // dead-lettered by the runtime, whose copy would be what came. Rejected,
             // Artemis keeps it in its DLQ address, RabbitMQ drops it; released, it
             // would come back here for ever. Said in the log, with why.

@@ -214,13 +214,14 @@ fn message_id_string(id: MessageId) -> String {
 /// 30,011, its core encoding's).
 pub(crate) fn mangled_by_artemis(message: &Incoming) -> Option<String> {
     const JMS_BYTES_MESSAGE: i8 = 3;
+    // The property first: a delivery without it costs a lookup, no allocation.
+    let map = &message.application_properties.as_ref()?.0;
+    if map.get("_AMQ_LARGE_COMPRESSED") != Some(&SimpleValue::Bool(true)) {
+        return None;
+    }
     let annotations = &message.message_annotations.as_ref()?.0;
     let jms_type = annotations.get(&OwnedKey::Symbol(Symbol::from("x-opt-jms-msg-type")));
     if jms_type != Some(&Value::Byte(JMS_BYTES_MESSAGE)) {
-        return None;
-    }
-    let map = &message.application_properties.as_ref()?.0;
-    if map.get("_AMQ_LARGE_COMPRESSED") != Some(&SimpleValue::Bool(true)) {
         return None;
     }
     let sent = match map.get("_AMQ_LARGE_SIZE")? {
