@@ -132,9 +132,6 @@ fn negotiated_frame_max(asked: u32, proposed: u32) -> usize {
     }
 }
 
-/// How often a connection logs the frames it mended, at most.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// The octet that ends every frame.
 const FRAME_END: u8 = 0xCE;
 
@@ -169,7 +166,7 @@ pub(crate) struct ParsableFrames<S> {
     passing: usize,
     /// The bytes from `checked` that the frame there needs whole.
     wanted: usize,
-    /// Which mended frames are logged.
+    /// Which mended frames are logged (one line every 10 s).
     mended: Throttle,
 }
 
@@ -186,7 +183,7 @@ impl<S> ParsableFrames<S> {
             checked: 0,
             passing: 0,
             wanted: 0,
-            mended: Throttle::new(WARN_EVERY),
+            mended: Throttle::default(),
         }
     }
 

@@ -105,9 +105,6 @@ const MAX_FRAME_BEFORE_OPEN: usize = 512;
 /// here, since the fuzz target builds this file alone: a test checks the two agree).
 const MAX_FRAME: usize = 256 << 10;
 
-/// How often a connection logs the messages whose strings it mended, at most.
-const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// How much the guard reads from the socket at a time.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -137,7 +134,7 @@ pub(crate) struct Guarded<S> {
     deliveries: HashMap<(u16, u32), Sections>,
     /// Frames that end in a claim's constructor, held back until the claim's size comes.
     holds: Vec<Hold>,
-    /// Which messages whose strings were mended are logged.
+    /// Which messages whose strings were mended are logged (one line every 10 s).
     mended: Throttle,
 }
 
@@ -169,7 +166,7 @@ impl<S> Guarded<S> {
             eof: false,
             deliveries: HashMap::new(),
             holds: Vec::new(),
-            mended: Throttle::new(WARN_EVERY),
+            mended: Throttle::default(),
         }
     }
 

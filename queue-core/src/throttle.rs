@@ -23,6 +23,14 @@ pub struct Throttle {
     last: Option<Instant>,
 }
 
+/// A throttle of one line every 10 seconds: what the drivers log of other clients'
+/// messages they mend (docs/drivers/writing.md), so that each says the same.
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new(Duration::from_secs(10))
+    }
+}
+
 impl Throttle {
     /// A throttle that lets one line through every `interval`.
     pub fn new(interval: Duration) -> Self {
@@ -68,5 +76,11 @@ mod tests {
         }
         assert_eq!(throttle.tick_at(start + every), Some(5));
         assert_eq!(throttle.tick_at(start + every), None);
+    }
+
+    /// The drivers' docs say one line every 10 seconds.
+    #[test]
+    fn the_default_is_one_line_every_ten_seconds() {
+        assert_eq!(Throttle::default().interval, Duration::from_secs(10));
     }
 }
