@@ -11,11 +11,13 @@
 //! messages a side, the side that goes first alternating), so that this machine's
 //! drift between criterion's benchmarks does not decide their ratios; the figures go
 //! to `target/bench/in_turns-amqp091.json`, from which `cargo xtask bench` takes its
-//! AMQP 0-9-1 driver rows (docs/performance.md, "Measuring in turns"). Only the pass:
+//! AMQP 0-9-1 driver rows (docs/performance.md, "Measuring in turns"), with the CPU
+//! time per message of each side of the publish pair. Only the pass:
 //! `cargo bench -p queue-amqp091 --bench publish_consume -- in_turns`.
 //!
 //! Skips (printing why) when the broker is not reachable.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use queue_amqp091::{Amqp091Config, Amqp091Driver};
 use queue_core::{Driver, Headers, Message, QueueId, QueueSpec};
-use queue_testkit::bench::{InTurnsFigures, in_turns, in_turns_wanted};
+use queue_testkit::bench::{InTurnsFigures, counting_cpu, in_turns, in_turns_wanted};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const N: usize = 100_000;
@@ -241,13 +243,23 @@ fn bench(c: &mut Criterion) {
     if in_turns_wanted(&std::env::args().skip(1).collect::<Vec<_>>()) {
         let mut figures = InTurnsFigures::new(IN_TURNS_FILE, ROUNDS_IN_TURNS);
         let messages = u64::from(ROUNDS_IN_TURNS) * N_IN_TURNS as u64;
+        // With the CPU each side's rounds cost the whole process, which shows a change
+        // of a microsecond per message that the pair's throughput, bound by the
+        // broker's round trips, hides.
+        let (driver_cpu, raw_cpu) = (Cell::new(Duration::ZERO), Cell::new(Duration::ZERO));
         let (driver, raw) = in_turns(
             ROUNDS_IN_TURNS,
-            || driver_publish(N_IN_TURNS),
-            || raw_publish_once(N_IN_TURNS),
+            counting_cpu(&driver_cpu, || driver_publish(N_IN_TURNS)),
+            counting_cpu(&raw_cpu, || raw_publish_once(N_IN_TURNS)),
         );
-        figures.record("amqp091_in_turns/publish/driver", messages, driver);
-        figures.record("amqp091_in_turns/publish/raw_lapin", messages, raw);
+        let (driver_id, raw_id) = (
+            "amqp091_in_turns/publish/driver",
+            "amqp091_in_turns/publish/raw_lapin",
+        );
+        figures.record(driver_id, messages, driver);
+        figures.record(raw_id, messages, raw);
+        figures.record_cpu(driver_id, messages, driver_cpu.get());
+        figures.record_cpu(raw_id, messages, raw_cpu.get());
         let (driver, raw) = in_turns(
             ROUNDS_IN_TURNS,
             || driver_consume(N_IN_TURNS),

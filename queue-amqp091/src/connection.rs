@@ -27,6 +27,7 @@ use queue_core::{Error, ErrorKind, Result};
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Amqp091Config, Endpoint};
+use crate::returns::ReturnLog;
 use crate::{error, lock, transport};
 
 /// How often the supervisor looks at the connection's state besides its events.
@@ -52,6 +53,8 @@ pub(crate) struct Link {
     /// lapin's events of this connection, listened to from its opening (lapin keeps
     /// none while nobody listens) until the supervisor takes them to watch the link.
     events: Mutex<Option<BoxStream<'static, lapin::Event>>>,
+    /// Where the connection's reader hands the returns of its publishing channels.
+    pub(crate) returns: Arc<ReturnLog>,
 }
 
 impl Link {
@@ -331,7 +334,13 @@ impl Connection {
             };
             props = props.with_connection_name(LongString::from(name.as_bytes()));
         }
-        let attempt = transport::connect(endpoint.uri.clone(), props, self.tls.clone());
+        let returns = Arc::new(ReturnLog::default());
+        let attempt = transport::connect(
+            endpoint.uri.clone(),
+            props,
+            self.tls.clone(),
+            Arc::clone(&returns),
+        );
         let connection = match tokio::time::timeout(self.config.connection_timeout, attempt).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(connect_error(endpoint, e)),
@@ -352,6 +361,7 @@ impl Connection {
             answer_limit: self.config.connection_timeout,
             events: Mutex::new(Some(Box::pin(connection.events_listener()))),
             connection,
+            returns,
         }))
     }
 

@@ -53,6 +53,30 @@ pub(crate) fn make_short_strings_utf8(frame_type: u8, payload: &mut [u8]) -> usi
         .sum()
 }
 
+/// The reply code and text of a `basic.return`, when `payload` (a method frame's,
+/// made UTF-8 already) is one.
+pub(crate) fn returned_reply(payload: &[u8]) -> Option<(u16, String)> {
+    if payload.get(..4)? != [0, 60, 0, 50] {
+        return None;
+    }
+    let mut frame = Frame::new(payload);
+    let reply_code = frame.u16_at(4)?;
+    let end = frame.short_string(6)?;
+    Some((
+        reply_code,
+        String::from_utf8_lossy(&payload[7..end]).into_owned(),
+    ))
+}
+
+/// The message id of content header `payload` (made UTF-8 already); `None` when it
+/// has none, or the header does not read.
+pub(crate) fn message_id(payload: &[u8]) -> Option<String> {
+    let mut frame = Frame::new(payload);
+    frame.content_header()?;
+    let (start, end) = frame.message_id?;
+    Some(String::from_utf8_lossy(&payload[start..end]).into_owned())
+}
+
 /// The `frame_max` the broker proposes, when `payload` is its `connection.tune`
 /// (channel-max, frame-max, heartbeat).
 pub(crate) fn proposed_frame_max(payload: &[u8]) -> Option<u32> {
@@ -179,6 +203,8 @@ struct Frame<'a> {
     /// Where each top-level entry of that table starts, when asked for (only fitting
     /// a header needs them: not the read of every delivery).
     entries: Option<Vec<usize>>,
+    /// Where a content header's message id is (its bytes' range).
+    message_id: Option<(usize, usize)>,
 }
 
 /// (class, method) ids of the methods read here.
@@ -195,6 +221,9 @@ enum Property {
     Octet,
     Timestamp,
 }
+
+/// The property flag bit of the message id.
+const MESSAGE_ID_BIT: u32 = 7;
 
 /// The basic class's properties, bit 15 down to bit 2 (section 1.8.1 of the spec).
 const BASIC_PROPERTIES: [Property; 14] = [
@@ -221,6 +250,7 @@ impl<'a> Frame<'a> {
             not_utf8: Vec::new(),
             headers_table: None,
             entries: None,
+            message_id: None,
         }
     }
 
@@ -260,6 +290,11 @@ impl<'a> Frame<'a> {
                 continue;
             }
             at = match property {
+                Property::ShortString if bit == MESSAGE_ID_BIT => {
+                    let end = self.short_string(at)?;
+                    self.message_id = Some((at + 1, end));
+                    end
+                }
                 Property::ShortString => self.short_string(at)?,
                 Property::Table => {
                     let end = self.table(at)?;
@@ -400,6 +435,11 @@ mod tests {
     fn rewrite(bytes: &mut [u8]) -> usize {
         let end = bytes.len() - 1;
         make_short_strings_utf8(bytes[0], &mut bytes[7..end])
+    }
+
+    /// An encoded frame's payload.
+    fn payload(bytes: &[u8]) -> &[u8] {
+        &bytes[7..bytes.len() - 1]
     }
 
     fn parse(bytes: &[u8]) -> AMQPFrame {
@@ -584,6 +624,25 @@ mod tests {
             assert_eq!(bytes, expected, "{frame:?}");
             parse(&bytes);
         }
+    }
+
+    #[test]
+    fn only_a_return_has_a_reply_and_a_header_without_an_id_has_none() {
+        let get_ok = method(AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+            delivery_tag: 3,
+            redelivered: false,
+            exchange: "".into(),
+            routing_key: "q".into(),
+            message_count: 9,
+        })));
+        assert_eq!(returned_reply(payload(&encode(&get_ok))), None);
+        let no_id = basic::AMQPProperties::default().with_content_type("text/plain".into());
+        assert_eq!(message_id(payload(&encode(&header(no_id)))), None);
+        // Cut short inside its properties: no id is read from it.
+        let with_id = basic::AMQPProperties::default().with_message_id("m-1".into());
+        let bytes = encode(&header(with_id));
+        assert_eq!(message_id(payload(&bytes)).as_deref(), Some("m-1"));
+        assert_eq!(message_id(&payload(&bytes)[..16]), None);
     }
 
     /// A name that reaches past the table holding it: the frame does not read, and
@@ -847,6 +906,21 @@ mod tests {
                 prop_assert_eq!(rewrite(&mut bytes), 0);
                 prop_assert_eq!(bytes, before);
             }
+        }
+
+        /// The message id read from any content header is the one it was written
+        /// with, and a return's reply is read as written.
+        #[test]
+        fn a_headers_message_id_and_a_returns_reply_read_as_written(props in properties(), text in short_string()) {
+            let id = props.message_id().as_ref().map(|id| id.to_string());
+            prop_assert_eq!(message_id(payload(&encode(&header(props)))), id);
+            let returned = method(AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: 312,
+                reply_text: text.as_str().into(),
+                exchange: "".into(),
+                routing_key: "q".into(),
+            })));
+            prop_assert_eq!(returned_reply(payload(&encode(&returned))), Some((312, text)));
         }
 
         /// A content header fitted to any `frame_max` reads, within it, with every

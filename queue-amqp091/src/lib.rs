@@ -63,13 +63,15 @@ mod frames;
 mod mapping;
 /// The confirm-mode publisher and its window.
 mod publish;
-/// Returns paired with their publishes by message id, not by lapin's order.
+/// Returns paired with their publishes by message id as the connection's reader
+/// reads them, not by what lapin attaches to confirms.
 mod returns;
 /// Batched acks and releases of one consumer channel.
 mod settle;
 /// Declared queues, delay queues, passive declares for `info`.
 mod topology;
-/// The stream between the broker and lapin, which applies `frames` to what comes in.
+/// The stream between the broker and lapin, which applies `frames` to what comes in
+/// and hands each return to `returns`.
 mod transport;
 
 use std::sync::{Arc, Mutex, MutexGuard};

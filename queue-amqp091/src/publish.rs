@@ -8,9 +8,9 @@
 //!
 //! * broker ack → `Ok`;
 //! * a basic.return (unroutable: the queue is gone) → `NOT_FOUND`; a return is paired
-//!   with its publish by message id, whichever confirm lapin gave it to
-//!   ([`crate::returns`]); a publish whose pairing cannot be told → `INTERNAL`,
-//!   retryable;
+//!   with its publish by message id as the connection's reader reads it, whichever
+//!   confirm lapin gave it to ([`crate::returns`]); a publish whose pairing cannot be
+//!   told → `INTERNAL`, retryable;
 //! * broker nack (a full `reject-publish` queue, a broker error) → `INTERNAL`, retryable;
 //! * channel or connection closed before the confirm, no connection, window slot,
 //!   publishing channel, write or confirm within `publish_timeout` → `INTERNAL`,
@@ -274,29 +274,29 @@ impl Publisher {
         }
         // A channel whose returns can no longer be paired is replaced, whenever it
         // became so (a nack's replacement waits `RETIRE_EVERY`; this one cannot).
-        let tainted = {
+        let worn = {
             let mut slot = lock(&self.channel);
             match slot.as_ref() {
-                Some(current) if current.returns.is_tainted() => slot.take(),
+                Some(current) if current.returns.needs_replacing() => slot.take(),
                 _ => None,
             }
         };
-        if let Some(tainted) = tainted {
+        if let Some(worn) = worn {
             tracing::debug!(
-                channel = tainted.channel.id(),
-                "a publish was given up while being written; opening a new publishing channel"
+                channel = worn.channel.id(),
+                "a return could not be paired, or many publishes were given up, on the publishing channel; opening a new one"
             );
             self.close_once_confirmed(
-                tainted.channel.clone(),
-                "replaced: a publish was given up while written",
+                worn.channel.clone(),
+                "replaced: its returns can no longer be paired",
             );
         }
         let channel = link.connection.create_channel().await?;
         channel.confirm_select(Default::default()).await?;
         let open = Arc::new(PublishingChannel {
             generation: link.generation,
+            returns: link.returns.pairing_for(channel.id()),
             channel,
-            returns: Arc::default(),
         });
         *lock(&self.channel) = Some(Arc::clone(&open));
         Ok(open)
@@ -305,10 +305,10 @@ impl Publisher {
     /// The publishing channel, if it is on `link` and open.
     fn open_channel(&self, link: &Link) -> Option<Arc<PublishingChannel>> {
         let open = lock(&self.channel).clone()?;
-        // A tainted channel is replaced, but not while the broker blocks the
-        // connection (a resource alarm): no channel opens then, and each open given up
-        // at its caller's timeout kept its channel number until the alarm ended.
-        let replace = open.returns.is_tainted() && !link.connection.status().blocked();
+        // A worn channel is replaced, but not while the broker blocks the connection
+        // (a resource alarm): no channel opens then, and each open given up at its
+        // caller's timeout kept its channel number until the alarm ended.
+        let replace = open.returns.needs_replacing() && !link.connection.status().blocked();
         let usable =
             open.generation == link.generation && open.channel.status().connected() && !replace;
         usable.then_some(open)
@@ -406,7 +406,7 @@ impl Publisher {
                 what()
             ))),
             Ok(Paired::Uncertain) => Err(Error::internal(format!(
-                "{}: whether the broker returned message {id} as unroutable cannot be told (its confirm came with another message's return, a return with its id may be another publish's of the same id, or a publish beside it was given up while being written); message {id} is not known to be stored",
+                "{}: whether the broker returned message {id} as unroutable cannot be told (a return with its id may be another publish's of the same id, or a return's message id could not be read); message {id} is not known to be stored",
                 what()
             ))),
             Ok(Paired::Refused) => {

@@ -1,62 +1,49 @@
 //! Pairs RabbitMQ's returns with the publishes they belong to.
 //!
-//! A `basic.return` (a `mandatory` message no queue took: its queue is gone) comes
-//! before the message's confirm and carries no delivery tag: only the message it holds
-//! says whose it is. lapin hands each return to whichever confirm it completes next,
-//! and completes the confirms of one `multiple` ack in no set order, so a publish to a
-//! deleted queue was reported stored (and lost) while a stored one was reported
-//! returned. Here the publishes of a channel read their confirms together and match
-//! each return to its publish by message id, whichever confirm lapin gave it to:
+//! A `basic.return` (a `mandatory` message no queue took: its queue is gone) carries
+//! no delivery tag: only the message it holds says whose it is. lapin hands each
+//! return to whichever confirm it completes next, and completes the confirms of one
+//! `multiple` ack in no set order, so taking what lapin gives reported a publish to a
+//! deleted queue stored (and lost it) and a stored one returned.
 //!
-//! * a publish is numbered as lapin numbers it (its number is taken under the same
-//!   lock as lapin's delivery tag), and RabbitMQ returns messages in that order, so
-//!   lapin's queue of returns holds them in that order too;
-//! * lapin completes confirms one after the other and wakes each as it completes; a
-//!   confirm's waker here queues it, so when a confirm is read complete, every one
-//!   lapin completed before it is queued or read already;
-//! * a confirm takes the oldest return in lapin's queue, and a message's return comes
-//!   before its ack: a publish whose confirm came with no return, or with the return
-//!   of a later publish, had its own return (if any) taken before by a confirm
-//!   completed earlier, which is read before it is decided;
-//! * a publish begun before another's confirm was read, and still being written (its
-//!   confirm not in hand: lapin may have completed it), holds that decision back; it
-//!   takes its delivery tag under lapin's lock of acks, so every confirm lapin
-//!   completed in the same ack as that confirm is queued before it is handed over.
+//! The connection's reader ([`crate::transport`]) sees every frame before lapin does,
+//! and hands each return's message id to its channel's [`Pairing`] ([`ReturnLog`]).
+//! RabbitMQ sends a message's return before its ack, so once lapin has completed a
+//! publish's confirm, its return, if it had one, has been read: the publish looks for
+//! a return with its message id, and what lapin gave its confirm is not used.
 //!
-//! One publish at a time reads and decides, for all: the others do not wait for it
-//! (a publish that finds the reading taken leaves its confirm to the reader, who wakes
-//! it once decided), so that publishes on two threads never sleep on each other.
-//!
-//! What cannot be told is said: a confirm that came with the return of an earlier
-//! publish leaves its own fate open (its return may still wait in lapin's queue); so
-//! does a return read with a message id that another publish in flight had too (it
-//! may be either's: each is told so); and a publish given up while being written
-//! takes its confirm, and any return lapin gives it, with it, which leaves every later
-//! ack on the channel open ([`Pairing::is_tainted`]: the publisher then replaces the
-//! channel). Those publishes are [`Paired::Uncertain`]: not known to be stored, as
-//! after a lost confirm. The message id of a publish told uncertain (or given up)
-//! stays marked until lapin's queue of returns is seen empty: its own return may still
-//! come, and a later publish of the same id, or a publish that took that return, is
-//! then told uncertain rather than returned or stored.
+//! What cannot be told is said: a return with a message id that another undecided
+//! publish on the channel has too may be either's, so each of them is
+//! [`Paired::Uncertain`] (not known to be stored, as after a lost confirm), and so is
+//! every ack on a channel where a return's message id could not be read (or lapin
+//! gave a confirm a return the reader did not see). A publish whose outcome nobody
+//! waits for any more (a timeout, a dropped future) stays undecided until its confirm
+//! comes, and is decided then for nobody; one given up before it was written has no
+//! confirm, and stays counted under its id until a return with that id comes, since
+//! one may still come: a later publish of the same id that reads a return is then
+//! told uncertain rather than returned.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
 
-use futures_util::task::AtomicWaker;
-use lapin::message::BasicReturnMessage;
+use futures_util::future::BoxFuture;
 use lapin::{Confirmation, PublisherConfirm};
 
 use crate::lock;
 
-/// At most this many returns wait to be claimed by their publish.
-const MOST_UNCLAIMED: usize = 4096;
+/// At most this many returns wait for their publish's decision, this many publishes
+/// given up are remembered, and this many confirms nobody waits for are kept, on one
+/// channel; past any, the channel is replaced (a return dropped leaves every ack on
+/// it uncertain).
+const MOST_KEPT: usize = 4096;
 
 /// What became of a published message.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Paired {
     /// Acked, and no return was its.
     Stored,
@@ -70,138 +57,99 @@ pub(crate) enum Paired {
     NotRequested,
 }
 
-/// The confirms of one publishing channel, and the returns read from them.
+/// The publishing channels of one connection, for its reader to hand their returns.
 #[derive(Default)]
-pub(crate) struct Pairing {
-    /// Held from a publish's number to lapin's delivery tag, so that the two orders
-    /// agree; apart from [`Numbering`], which readers take, since lapin's first poll
-    /// of a publish (its frames built) is long.
-    order: Mutex<()>,
-    numbering: Mutex<Numbering>,
-    /// Confirms lapin handed over, for the reader to take.
-    handed_over: Mutex<Vec<HandedOver>>,
-    woken: Arc<Woken>,
-    /// Held by the one publish reading and deciding (see the module docs).
-    reading: Mutex<Reading>,
-    /// A publish given up while being written took its confirm away, and with it
-    /// any return lapin may give to that confirm: nothing acked here is known
-    /// unreturned any more.
-    tainted: AtomicBool,
+pub(crate) struct ReturnLog {
+    channels: Mutex<HashMap<u16, Arc<Pairing>>>,
 }
 
-/// Publishes by number and message id, from their `basic.publish` on.
-#[derive(Default)]
-struct Numbering {
-    next_seq: u64,
-    /// Publishes begun whose confirm is not read yet.
-    writing: BTreeSet<u64>,
-    /// Publishes in flight by message id: a return names its message by id only.
-    by_id: HashMap<Arc<str>, Vec<u64>>,
-    /// Publishes whose message id another publish in flight had too while they were:
-    /// a return with that id may be any of theirs.
-    ambiguous: HashSet<u64>,
-    /// Publishes a return was read for that cannot be told to be theirs (their id is
-    /// ambiguous): each may be the returned one.
-    contested: HashSet<u64>,
-    /// Message ids of publishes decided uncertain or given up, whose own return may
-    /// still come, with the number they were marked at: a later publish of the same id
-    /// must not take that return for its own, nor another publish's decision rest on
-    /// it. Cleared once a confirm numbered after it comes with no return (lapin's
-    /// queue of returns was empty then).
-    orphans: HashMap<Arc<str>, u64>,
-}
-
-/// Confirms whose waker fired, in the order lapin completed them.
-#[derive(Default)]
-struct Woken {
-    queue: Mutex<VecDeque<u64>>,
-    /// A publish is reading: it will read what is queued, and wake each publish it
-    /// decides, so the waker does not wake the confirm's own publish as well (which
-    /// would find the reading taken, and wait for the reader's wake anyway).
-    reader_at_work: AtomicBool,
-}
-
-/// What the reader keeps between reads.
-#[derive(Default)]
-struct Reading {
-    entries: HashMap<u64, Entry>,
-    /// Publishes whose confirm was read, not yet decided.
-    completed: BTreeSet<u64>,
-    /// Returns read from a confirm other than their own publish's.
-    unclaimed: VecDeque<Unclaimed>,
-}
-
-struct HandedOver {
-    seq: u64,
-    id: Arc<str>,
-    slot: Arc<Slot>,
-    confirm: PublisherConfirm,
-}
-
-struct Entry {
-    id: Arc<str>,
-    slot: Arc<Slot>,
-    waker: Waker,
-    confirm: Option<PublisherConfirm>,
-    completed: Option<Completed>,
-}
-
-/// Where a publish waits for its outcome; its waker queues its confirm for the next
-/// read and wakes the publish.
-struct Slot {
-    seq: u64,
-    woken: Arc<Woken>,
-    owner: AtomicWaker,
-    decided: Mutex<Option<lapin::Result<Paired>>>,
-}
-
-/// A confirm read complete.
-struct Completed {
-    outcome: lapin::Result<Confirmation>,
-    /// `next_seq` when it was read: publishes from this number on began after.
-    read_at: u64,
-    /// It came with the return of the publish with this number (`None`: of a
-    /// publish not in flight, or of two that share its message id).
-    others_return_of: Option<Option<u64>>,
-}
-
-/// A return read from another publish's confirm.
-struct Unclaimed {
-    /// The publish it is: the one in flight with its message id, alone.
-    owner: u64,
-    reply_code: u16,
-    reply_text: String,
-}
-
-impl Wake for Slot {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+impl ReturnLog {
+    /// A new pairing for the publishing channel numbered `channel`, which receives its
+    /// returns from now on (a channel's number is reused once it is closed).
+    pub(crate) fn pairing_for(&self, channel: u16) -> Arc<Pairing> {
+        let pairing = Arc::new(Pairing::default());
+        lock(&self.channels).insert(channel, Arc::clone(&pairing));
+        pairing
     }
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        lock(&self.woken.queue).push_back(self.seq);
-        // Queued before this looks; the reader stops being at work before it looks
-        // at the queue a last time: one of the two sees the other.
-        if !self.woken.reader_at_work.load(Ordering::SeqCst) {
-            self.owner.wake();
+    /// A `basic.return` read on `channel`, with its message's id (`None`: it could
+    /// not be read).
+    pub(crate) fn returned(&self, channel: u16, id: Option<&str>, reply: (u16, String)) {
+        let pairing = lock(&self.channels).get(&channel).cloned();
+        match pairing {
+            Some(pairing) => pairing.returned(id, reply),
+            // None of the driver's publishes is on it: nobody is waiting for it.
+            None => tracing::debug!(
+                channel,
+                "a return on a channel the driver does not publish on"
+            ),
         }
     }
 }
 
-/// A publish being written; dropped before its confirm is in hand, the publish was
-/// given up (see the module docs).
-struct Ticket<'p> {
-    pairing: &'p Arc<Pairing>,
-    seq: u64,
-    id: Arc<str>,
-    attached: bool,
+/// The returns read on one publishing channel, and its publishes awaiting theirs.
+#[derive(Default)]
+pub(crate) struct Pairing {
+    /// Message ids are kept as hashes: two ids that hash alike count as one id shared
+    /// by two publishes, which is only ever told uncertain, never wrong.
+    hasher: RandomState,
+    state: Mutex<State>,
+    /// The channel is to be replaced (see [`MOST_KEPT`]).
+    worn: AtomicBool,
 }
 
-/// The outcome of one publish, once its confirm and every return that may be its
-/// are read.
-pub(crate) struct Outcome {
+#[derive(Default)]
+struct State {
+    /// Publishes not decided yet, by message id.
+    by_id: HashMap<u64, Sharing>,
+    /// Returns read whose publish is not decided yet.
+    returned: VecDeque<Return>,
+    /// Returns read, and returns lapin attached to the confirms decided: lapin sees a
+    /// return after the reader does, so never more than it.
+    returns_read: u64,
+    returns_attached: u64,
+    /// Publishes given up, counted in `by_id`.
+    given_up: usize,
+    /// Undecided publishes nobody waits for, by message id, with their confirm:
+    /// decided when it comes, as the next publish looks.
+    unwatched: Vec<(u64, Confirm)>,
+    /// A return was read whose message id was not, or one was dropped, or lapin gave
+    /// a confirm a return the reader did not see: any ack on this channel may be a
+    /// returned message's.
+    lost_track: bool,
+}
+
+/// A publish's confirm from lapin.
+type Confirm = BoxFuture<'static, lapin::Result<Confirmation>>;
+
+/// The publishes of one message id.
+#[derive(Default)]
+struct Sharing {
+    undecided: u32,
+    given_up: u32,
+    /// A return with this id was taken by one of several: it may be any one's.
+    contested: bool,
+}
+
+struct Return {
+    id: u64,
+    reply_code: u16,
+    reply_text: String,
+}
+
+/// A publish counted under its message id until it is decided; dropped undecided, it
+/// was given up (see the module docs).
+pub(crate) struct Pending {
     pairing: Arc<Pairing>,
-    slot: Arc<Slot>,
+    id: u64,
+    decided: bool,
+}
+
+/// The outcome of one publish, once its confirm is in; dropped before, its confirm
+/// is decided later for nobody.
+pub(crate) struct Outcome {
+    confirm: Option<PublisherConfirm>,
+    pending: Pending,
 }
 
 impl Pairing {
@@ -212,315 +160,194 @@ impl Pairing {
         id: &str,
         basic_publish: impl Future<Output = lapin::Result<PublisherConfirm>>,
     ) -> lapin::Result<Outcome> {
-        let mut basic_publish = pin!(basic_publish);
-        let mut ticket = None;
-        let confirm = std::future::poll_fn(|cx| {
-            if ticket.is_some() {
-                return basic_publish.as_mut().poll(cx);
-            }
-            // lapin takes the delivery tag on this first poll: the number here is
-            // taken under the same lock, so that the two orders agree.
-            let _order = lock(&self.order);
-            let id: Arc<str> = Arc::from(id);
-            let seq = {
-                let mut numbering = lock(&self.numbering);
-                let seq = numbering.next_seq;
-                numbering.next_seq += 1;
-                numbering.writing.insert(seq);
-                let twins = numbering.by_id.entry(Arc::clone(&id)).or_default();
-                twins.push(seq);
-                if twins.len() > 1 {
-                    let twins = twins.clone();
-                    numbering.ambiguous.extend(twins);
-                }
-                if numbering.orphans.contains_key(&id) {
-                    numbering.ambiguous.insert(seq);
-                }
-                seq
-            };
-            ticket = Some(Ticket {
-                pairing: self,
-                seq,
-                id,
-                attached: false,
-            });
-            basic_publish.as_mut().poll(cx)
+        // Counted before it is sent: its return cannot come before.
+        let pending = self.expect(id);
+        let confirm = basic_publish.await?;
+        Ok(Outcome {
+            confirm: Some(confirm),
+            pending,
         })
-        .await;
-        let Some(ticket) = ticket else {
-            unreachable!("a future is polled before it completes")
-        };
-        Ok(ticket.attach(confirm?))
     }
 
-    /// Reads and decides unless another publish is at it; looks again after, for
-    /// what came meanwhile (the other publish may have passed it by).
-    fn read_if_free(&self) {
-        loop {
-            let mut reading = match self.reading.try_lock() {
-                Ok(reading) => reading,
-                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) => return,
-            };
-            self.woken.reader_at_work.store(true, Ordering::SeqCst);
-            self.read(&mut reading);
-            self.woken.reader_at_work.store(false, Ordering::SeqCst);
-            drop(reading);
-            let more = !lock(&self.handed_over).is_empty() || !lock(&self.woken.queue).is_empty();
-            if !more {
-                return;
+    /// Whether this channel is to be replaced: a return was dropped or could not be
+    /// read, or too many publishes were given up on it.
+    pub(crate) fn needs_replacing(&self) -> bool {
+        self.worn.load(Ordering::Relaxed)
+    }
+
+    /// Counts a publish of message `id` as undecided, from before it is sent; decides
+    /// first the publishes nobody waits for whose confirm came.
+    pub(crate) fn expect(self: &Arc<Self>, id: &str) -> Pending {
+        let id = self.hasher.hash_one(id);
+        let unwatched = {
+            let mut state = lock(&self.state);
+            state.by_id.entry(id).or_default().undecided += 1;
+            std::mem::take(&mut state.unwatched)
+        };
+        if !unwatched.is_empty() {
+            self.decide_unwatched(unwatched);
+        }
+        Pending {
+            pairing: Arc::clone(self),
+            id,
+            decided: false,
+        }
+    }
+
+    /// Decides each of `unwatched` whose confirm came (polled outside the lock, which
+    /// the connection's reader takes); keeps the others.
+    fn decide_unwatched(&self, unwatched: Vec<(u64, Confirm)>) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiting = Vec::new();
+        for (id, mut confirm) in unwatched {
+            match confirm.as_mut().poll(&mut cx) {
+                Poll::Ready(Ok(confirmation)) => drop(self.decide(id, confirmation)),
+                // The channel is gone: nothing more comes on it.
+                Poll::Ready(Err(_)) => self.give_up(id),
+                Poll::Pending => waiting.push((id, confirm)),
+            }
+        }
+        if !waiting.is_empty() {
+            let mut state = lock(&self.state);
+            state.unwatched.extend(waiting);
+            if state.unwatched.len() > MOST_KEPT {
+                self.worn.store(true, Ordering::Relaxed);
             }
         }
     }
 
-    /// Takes the confirms handed over, reads every confirm queued by its waker, then
-    /// decides what can be decided and wakes those publishes.
-    fn read(&self, reading: &mut Reading) {
-        let handed_over = std::mem::take(&mut *lock(&self.handed_over));
-        for h in handed_over {
-            let waker = Waker::from(Arc::clone(&h.slot));
-            reading.entries.insert(
-                h.seq,
-                Entry {
-                    id: h.id,
-                    slot: h.slot,
-                    waker,
-                    confirm: Some(h.confirm),
-                    completed: None,
-                },
-            );
-            // Read now, whatever lapin did meanwhile: it may have completed it
-            // before its waker was ours. Still writing until then.
-            self.read_confirm(reading, h.seq);
-            lock(&self.numbering).writing.remove(&h.seq);
+    /// Keeps undecided publish `id`, which nobody waits for, until `confirm` comes.
+    fn unwatch(&self, id: u64, confirm: Confirm) {
+        let mut state = lock(&self.state);
+        state.unwatched.push((id, confirm));
+        if state.unwatched.len() > MOST_KEPT {
+            self.worn.store(true, Ordering::Relaxed);
         }
-        loop {
-            let woken = std::mem::take(&mut *lock(&self.woken.queue));
-            if woken.is_empty() {
-                break;
-            }
-            for seq in woken {
-                self.read_confirm(reading, seq);
-            }
-        }
-        self.decide_all(reading);
     }
 
-    fn read_confirm(&self, reading: &mut Reading, seq: u64) {
-        let Some(entry) = reading.entries.get_mut(&seq) else {
+    fn returned(&self, id: Option<&str>, (reply_code, reply_text): (u16, String)) {
+        let mut state = lock(&self.state);
+        state.returns_read += 1;
+        let Some(id) = id.map(|id| self.hasher.hash_one(id)) else {
+            state.lost_track = true;
+            self.worn.store(true, Ordering::Relaxed);
             return;
         };
-        let Some(confirm) = entry.confirm.as_mut() else {
+        let Some(sharing) = state.by_id.get_mut(&id) else {
+            // Every publish is counted before it is sent, and decided after its return.
+            tracing::debug!("a return for no publish of this channel");
             return;
         };
-        let mut cx = Context::from_waker(&entry.waker);
-        let Poll::Ready(outcome) = Pin::new(confirm).poll(&mut cx) else {
-            return;
-        };
-        entry.confirm = None;
-        let mut numbering = lock(&self.numbering);
-        // A return with its own id is its own, unless its id is shared.
-        let others = match &outcome {
-            Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
-                returned_id(r).filter(|id| **id != *entry.id || numbering.ambiguous.contains(&seq))
+        if sharing.undecided == 0 {
+            // Only publishes given up have this id: it is one of theirs, and the
+            // last of it that can come for that one.
+            sharing.given_up -= 1;
+            if sharing.given_up == 0 {
+                state.by_id.remove(&id);
             }
-            _ => None,
-        };
-        // Whose it is: one publish in flight, alone with its id; else any of those
-        // with its id, each then told it is uncertain.
-        let owner = others.as_ref().map(|id| {
-            let orphaned = numbering.orphans.remove(id.as_str()).is_some();
-            match numbering.by_id.get(id.as_str()) {
-                // Perhaps the late return of a publish decided already.
-                Some(seqs) if orphaned => {
-                    let seqs = seqs.clone();
-                    numbering.contested.extend(seqs);
-                    None
-                }
-                Some(seqs) if seqs.len() == 1 && !numbering.ambiguous.contains(&seqs[0]) => {
-                    Some(seqs[0])
-                }
-                Some(seqs) => {
-                    let seqs = seqs.clone();
-                    numbering.contested.extend(seqs);
-                    None
-                }
-                None => None,
-            }
+            state.given_up -= 1;
+            return;
+        }
+        state.returned.push_back(Return {
+            id,
+            reply_code,
+            reply_text,
         });
-        let read_at = numbering.next_seq;
-        drop(numbering);
-        let claim = match (&outcome, owner) {
-            (Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))), Some(Some(owner))) => {
-                Some(Unclaimed {
-                    owner,
-                    reply_code: r.reply_code,
-                    reply_text: r.reply_text.to_string(),
-                })
-            }
-            _ => None,
-        };
-        entry.completed = Some(Completed {
-            outcome,
-            read_at,
-            others_return_of: owner,
-        });
-        if let Some(other) = claim {
-            reading.unclaimed.push_back(other);
-            if reading.unclaimed.len() > MOST_UNCLAIMED {
-                // Never with a window below this (each waits for a publish in
-                // flight); if it were, a publish could miss its return.
-                reading.unclaimed.pop_front();
-                self.tainted.store(true, Ordering::Release);
-            }
-        }
-        reading.completed.insert(seq);
-    }
-
-    fn decide_all(&self, reading: &mut Reading) {
-        let oldest_writing = lock(&self.numbering).writing.first().copied();
-        let decidable: Vec<u64> = reading
-            .completed
-            .iter()
-            .copied()
-            .filter(|seq| {
-                let read_at = reading.entries.get(seq).and_then(|e| e.completed.as_ref());
-                read_at.is_some_and(|c| oldest_writing.is_none_or(|w| w >= c.read_at))
-            })
-            .collect();
-        for seq in decidable {
-            reading.completed.remove(&seq);
-            let decided = self.decide(reading, seq);
-            if let Some(entry) = reading.entries.remove(&seq) {
-                if matches!(decided, Ok(Paired::Uncertain)) {
-                    self.orphan(&entry.id);
-                }
-                self.forget(seq, &entry.id);
-                *lock(&entry.slot.decided) = Some(decided);
-                entry.slot.owner.wake();
-            }
+        if state.returned.len() > MOST_KEPT {
+            // Never with a window below this: each waits for a publish undecided.
+            state.returned.pop_front();
+            state.lost_track = true;
+            self.worn.store(true, Ordering::Relaxed);
         }
     }
 
-    /// What became of the completed publish `seq` (see the module docs).
-    fn decide(&self, reading: &mut Reading, seq: u64) -> lapin::Result<Paired> {
-        let Some(entry) = reading.entries.get_mut(&seq) else {
-            return Ok(Paired::Uncertain);
-        };
-        let Some(completed) = entry.completed.take() else {
-            return Ok(Paired::Uncertain);
-        };
-        if let Ok(Confirmation::Ack(None) | Confirmation::Nack(None)) = &completed.outcome {
-            // lapin's queue of returns was empty when it completed: any late return
-            // of a publish orphaned before this one was numbered has been read.
-            lock(&self.numbering)
-                .orphans
-                .retain(|_, marked_at| *marked_at > seq);
+    fn decide(&self, id: u64, confirmation: Confirmation) -> Paired {
+        let mut state = lock(&self.state);
+        if let Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) = confirmation {
+            state.returns_attached += 1;
+            if state.returns_attached > state.returns_read {
+                tracing::error!(
+                    "lapin gave a confirm a return the driver's reader did not see; the publishing channel's acks are uncertain until it is replaced"
+                );
+                state.lost_track = true;
+                self.worn.store(true, Ordering::Relaxed);
+            }
         }
-        // Its return, read from another publish's confirm, is its own to take
-        // whatever the outcome.
-        let claimed = match reading.unclaimed.iter().position(|u| u.owner == seq) {
-            Some(at) => reading.unclaimed.remove(at),
+        let own = match state.returned.iter().position(|r| r.id == id) {
+            Some(at) => state.returned.remove(at),
             None => None,
         };
-        let contested = lock(&self.numbering).contested.contains(&seq);
-        let outcome = completed.outcome?;
-        if let (Confirmation::Ack(_), Some(claimed)) = (&outcome, claimed) {
-            return Ok(Paired::Returned {
-                reply_code: claimed.reply_code,
-                reply_text: claimed.reply_text,
-            });
-        }
-        Ok(match outcome {
-            Confirmation::Nack(_) => Paired::Refused,
-            Confirmation::NotRequested => Paired::NotRequested,
-            // A return with its id was read, and it may be its twin's.
-            Confirmation::Ack(_) if contested => Paired::Uncertain,
-            Confirmation::Ack(Some(r)) if completed.others_return_of.is_none() => {
-                Paired::Returned {
-                    reply_code: r.reply_code,
-                    reply_text: r.reply_text.to_string(),
+        let lost_track = state.lost_track;
+        let contested = match state.by_id.get_mut(&id) {
+            Some(sharing) => {
+                if own.is_some() && sharing.undecided + sharing.given_up > 1 {
+                    sharing.contested = true;
                 }
+                let contested = sharing.contested;
+                sharing.undecided -= 1;
+                if sharing.undecided == 0 && sharing.given_up == 0 {
+                    state.by_id.remove(&id);
+                }
+                contested
             }
-            Confirmation::Ack(_) if self.is_tainted() => Paired::Uncertain,
-            // Its own return would have come before that later publish's, and been
-            // taken (and read) before: it had none.
-            Confirmation::Ack(Some(_)) if completed.others_return_of.flatten() > Some(seq) => {
-                Paired::Stored
-            }
-            // Its own return may still wait in lapin's queue, behind the one it took.
-            Confirmation::Ack(Some(_)) => Paired::Uncertain,
-            Confirmation::Ack(None) => Paired::Stored,
-        })
-    }
-
-    /// Whether a publish given up while being written (or a return dropped) leaves
-    /// every ack on this channel uncertain: the channel is to be replaced.
-    pub(crate) fn is_tainted(&self) -> bool {
-        self.tainted.load(Ordering::Acquire)
-    }
-
-    /// Marks message `id` as one whose return may still come for nobody in flight.
-    fn orphan(&self, id: &Arc<str>) {
-        let mut numbering = lock(&self.numbering);
-        let marked_at = numbering.next_seq;
-        numbering.orphans.insert(Arc::clone(id), marked_at);
-    }
-
-    /// Forgets publish `seq` of message `id`: decided, or given up while written.
-    fn forget(&self, seq: u64, id: &Arc<str>) {
-        let mut numbering = lock(&self.numbering);
-        numbering.writing.remove(&seq);
-        numbering.ambiguous.remove(&seq);
-        numbering.contested.remove(&seq);
-        if let Some(seqs) = numbering.by_id.get_mut(id) {
-            seqs.retain(|s| *s != seq);
-            if seqs.is_empty() {
-                numbering.by_id.remove(id);
-            }
+            None => true,
+        };
+        drop(state);
+        match confirmation {
+            Confirmation::NotRequested => Paired::NotRequested,
+            Confirmation::Nack(_) => Paired::Refused,
+            Confirmation::Ack(_) if contested => Paired::Uncertain,
+            Confirmation::Ack(_) => match own {
+                Some(own) => Paired::Returned {
+                    reply_code: own.reply_code,
+                    reply_text: own.reply_text,
+                },
+                None if lost_track => Paired::Uncertain,
+                None => Paired::Stored,
+            },
         }
     }
-}
 
-fn returned_id(r: &BasicReturnMessage) -> Option<String> {
-    Some(r.properties.message_id().as_ref()?.to_string())
-}
-
-impl Ticket<'_> {
-    /// The confirm lapin handed over for this publish: its outcome is to come.
-    fn attach(mut self, confirm: PublisherConfirm) -> Outcome {
-        self.attached = true;
-        let slot = Arc::new(Slot {
-            seq: self.seq,
-            woken: Arc::clone(&self.pairing.woken),
-            owner: AtomicWaker::new(),
-            decided: Mutex::new(None),
-        });
-        lock(&self.pairing.handed_over).push(HandedOver {
-            seq: self.seq,
-            id: Arc::clone(&self.id),
-            slot: Arc::clone(&slot),
-            confirm,
-        });
-        Outcome {
-            pairing: Arc::clone(self.pairing),
-            slot,
-        }
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        if self.attached {
+    fn give_up(&self, id: u64) {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let Some(sharing) = state.by_id.get_mut(&id) else {
+            return;
+        };
+        sharing.undecided -= 1;
+        if sharing.undecided == 0
+            && let Some(at) = state.returned.iter().position(|r| r.id == id)
+        {
+            // Read while this one was undecided, it is one of the publishes given up's
+            // (as in `returned`): this one's, counted so.
+            state.returned.remove(at);
+            if sharing.given_up == 0 {
+                state.by_id.remove(&id);
+            }
             return;
         }
-        self.pairing.tainted.store(true, Ordering::Release);
-        self.pairing.orphan(&self.id);
-        self.pairing.forget(self.seq, &self.id);
-        // Publishes that waited for this one to be written can be decided now: a
-        // reader at work looks again once it sees something queued.
-        lock(&self.pairing.woken.queue).push_back(self.seq);
-        self.pairing.read_if_free();
+        sharing.given_up += 1;
+        state.given_up += 1;
+        if state.given_up > MOST_KEPT {
+            self.worn.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Pending {
+    /// What it is told once acked (its confirm is not read: for tests).
+    #[cfg(test)]
+    pub(crate) fn acked(mut self) -> Paired {
+        self.decided = true;
+        self.pairing.decide(self.id, Confirmation::Ack(None))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.pairing.give_up(self.id);
+        }
     }
 }
 
@@ -528,14 +355,326 @@ impl Future for Outcome {
     type Output = lapin::Result<Paired>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.slot.owner.register(cx.waker());
-        if let Some(decided) = lock(&self.slot.decided).take() {
-            return Poll::Ready(decided);
+        let this = self.get_mut();
+        let Some(confirm) = this.confirm.as_mut() else {
+            return Poll::Ready(Ok(Paired::Uncertain));
+        };
+        // lapin has read the ack once it completes the confirm, and the reader every
+        // frame before it: this message's return too, if it had one.
+        let confirmation = ready!(Pin::new(confirm).poll(cx));
+        this.confirm = None;
+        let confirmation = confirmation?;
+        this.pending.decided = true;
+        Poll::Ready(Ok(this
+            .pending
+            .pairing
+            .decide(this.pending.id, confirmation)))
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if let Some(confirm) = self.confirm.take() {
+            self.pending.decided = true;
+            self.pending
+                .pairing
+                .unwatch(self.pending.id, Box::pin(confirm));
         }
-        self.pairing.read_if_free();
-        match lock(&self.slot.decided).take() {
-            Some(decided) => Poll::Ready(decided),
-            None => Poll::Pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reply() -> (u16, String) {
+        (312, "NO_ROUTE".to_string())
+    }
+
+    fn ack() -> Confirmation {
+        Confirmation::Ack(None)
+    }
+
+    /// Decides `pending` as its confirm would.
+    fn decided(mut pending: Pending, confirmation: Confirmation) -> Paired {
+        pending.decided = true;
+        pending.pairing.decide(pending.id, confirmation)
+    }
+
+    fn returned() -> Paired {
+        Paired::Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".to_string(),
         }
+    }
+
+    #[test]
+    fn a_return_goes_to_the_publish_of_its_id_whichever_is_acked_first() {
+        let pairing = Arc::new(Pairing::default());
+        let (a, b) = (pairing.expect("a"), pairing.expect("b"));
+        pairing.returned(Some("a"), reply());
+        assert_eq!(decided(b, ack()), Paired::Stored);
+        assert_eq!(decided(a, ack()), returned());
+        assert!(lock(&pairing.state).by_id.is_empty());
+    }
+
+    #[test]
+    fn publishes_sharing_an_id_with_a_return_are_each_uncertain() {
+        let pairing = Arc::new(Pairing::default());
+        let (first, second) = (pairing.expect("x"), pairing.expect("x"));
+        pairing.returned(Some("x"), reply());
+        assert_eq!(decided(second, ack()), Paired::Uncertain);
+        assert_eq!(decided(first, ack()), Paired::Uncertain);
+        // Once neither is undecided, the id is free again.
+        let third = pairing.expect("x");
+        assert_eq!(decided(third, ack()), Paired::Stored);
+    }
+
+    #[test]
+    fn publishes_sharing_an_id_without_a_return_are_stored() {
+        let pairing = Arc::new(Pairing::default());
+        let (first, second) = (pairing.expect("x"), pairing.expect("x"));
+        assert_eq!(decided(first, ack()), Paired::Stored);
+        assert_eq!(decided(second, ack()), Paired::Stored);
+    }
+
+    #[test]
+    fn a_later_publish_does_not_take_the_return_of_one_given_up() {
+        let pairing = Arc::new(Pairing::default());
+        drop(pairing.expect("x"));
+        let later = pairing.expect("x");
+        pairing.returned(Some("x"), reply());
+        assert_eq!(decided(later, ack()), Paired::Uncertain);
+        // A return read while only the given-up publish had the id was its own.
+        drop(pairing.expect("y"));
+        pairing.returned(Some("y"), reply());
+        let after = pairing.expect("y");
+        assert_eq!(decided(after, ack()), Paired::Stored);
+        assert!(lock(&pairing.state).returned.is_empty());
+    }
+
+    #[test]
+    fn a_return_whose_id_was_not_read_leaves_every_ack_uncertain() {
+        let pairing = Arc::new(Pairing::default());
+        let a = pairing.expect("a");
+        pairing.returned(None, reply());
+        assert!(pairing.needs_replacing());
+        assert_eq!(decided(a, ack()), Paired::Uncertain);
+    }
+
+    #[test]
+    fn a_nack_is_refused_and_a_return_for_nobody_is_not_kept() {
+        let pairing = Arc::new(Pairing::default());
+        let a = pairing.expect("a");
+        pairing.returned(Some("a"), reply());
+        pairing.returned(Some("nobody"), reply());
+        assert_eq!(decided(a, Confirmation::Nack(None)), Paired::Refused);
+        let state = lock(&pairing.state);
+        assert!(state.returned.is_empty() && state.by_id.is_empty());
+    }
+
+    #[test]
+    fn a_channel_with_too_many_publishes_given_up_is_replaced() {
+        let pairing = Arc::new(Pairing::default());
+        for n in 0..MOST_KEPT {
+            drop(pairing.expect(&n.to_string()));
+        }
+        assert!(!pairing.needs_replacing());
+        drop(pairing.expect("one more"));
+        assert!(pairing.needs_replacing());
+    }
+
+    #[test]
+    fn the_log_hands_each_return_to_its_channels_latest_pairing() {
+        let log = ReturnLog::default();
+        let (old, other) = (log.pairing_for(1), log.pairing_for(2));
+        let new = log.pairing_for(1);
+        let (on_old, on_other, on_new) = (old.expect("a"), other.expect("a"), new.expect("a"));
+        log.returned(1, Some("a"), reply());
+        log.returned(9, Some("a"), reply());
+        assert_eq!(decided(on_old, ack()), Paired::Stored);
+        assert_eq!(decided(on_other, ack()), Paired::Stored);
+        assert_eq!(decided(on_new, ack()), returned());
+    }
+
+    /// What becomes of a publish in a schedule.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Fate {
+        /// Its outcome is awaited: acked, or nacked.
+        Decided { nacked: bool },
+        /// Given up before it was written: no confirm.
+        GivenUp,
+        /// Written, its outcome dropped: its confirm comes later for nobody.
+        Unwatched,
+    }
+
+    /// One publish in a schedule: its message id, whether RabbitMQ returns it, what
+    /// becomes of it, and when each of its steps comes.
+    #[derive(Debug, Clone)]
+    struct Planned {
+        id: usize,
+        is_returned: bool,
+        fate: Fate,
+        /// Given up or unwatched, its return comes after that.
+        returned_late: bool,
+        times: [u16; 4],
+    }
+
+    fn planned() -> impl Strategy<Value = Planned> {
+        let fate = prop_oneof![
+            6 => Just(Fate::Decided { nacked: false }),
+            1 => Just(Fate::Decided { nacked: true }),
+            1 => Just(Fate::GivenUp),
+            2 => Just(Fate::Unwatched),
+        ];
+        (
+            0usize..4,
+            any::<bool>(),
+            fate,
+            any::<bool>(),
+            any::<[u16; 4]>(),
+        )
+            .prop_map(|(id, is_returned, fate, returned_late, mut times)| {
+                times.sort_unstable();
+                Planned {
+                    id,
+                    is_returned,
+                    fate,
+                    returned_late,
+                    times,
+                }
+            })
+    }
+
+    #[derive(Clone, Copy, PartialEq, PartialOrd, Eq, Ord)]
+    enum Step {
+        Publish,
+        Return,
+        /// Given up, or its outcome dropped.
+        Leave,
+        /// Its confirm comes.
+        Confirm,
+    }
+
+    /// A confirm that comes once `acked` is set.
+    fn confirm_once(acked: &Arc<AtomicBool>) -> Confirm {
+        let acked = Arc::clone(acked);
+        Box::pin(std::future::poll_fn(move |_| {
+            if acked.load(Ordering::Relaxed) {
+                Poll::Ready(Ok(Confirmation::Ack(None)))
+            } else {
+                Poll::Pending
+            }
+        }))
+    }
+
+    proptest! {
+        /// Whatever the order of publishes, returns and confirms (a return comes
+        /// after its publish is sent and before its ack; a publish given up or
+        /// unwatched may have its return come after that), no publish is told an
+        /// outcome that is false; with message ids all different, none is
+        /// uncertain; once every confirm came, only publishes given up unwritten stay
+        /// counted.
+        #[test]
+        fn no_publish_is_told_a_false_outcome(
+            mut plan in prop::collection::vec(planned(), 1..24),
+            distinct in any::<bool>(),
+        ) {
+            if distinct {
+                for (n, p) in plan.iter_mut().enumerate() {
+                    p.id = n;
+                }
+            }
+            let pairing = Arc::new(Pairing::default());
+            let mut steps: Vec<(u16, Step, usize)> = Vec::new();
+            for (n, p) in plan.iter().enumerate() {
+                let [published, early, late, confirmed] = p.times;
+                steps.push((published, Step::Publish, n));
+                let (returned_at, left_at) = match p.fate {
+                    Fate::Decided { .. } => (early, None),
+                    _ if p.returned_late => (late, Some(early)),
+                    _ => (early, Some(late)),
+                };
+                if p.is_returned {
+                    steps.push((returned_at, Step::Return, n));
+                }
+                if let Some(left_at) = left_at {
+                    steps.push((left_at, Step::Leave, n));
+                }
+                if p.fate != Fate::GivenUp {
+                    steps.push((confirmed, Step::Confirm, n));
+                }
+            }
+            steps.sort_by_key(|&(at, step, n)| (at, step, n));
+            let mut pending: Vec<Option<Pending>> = (0..plan.len()).map(|_| None).collect();
+            let acked: Vec<Arc<AtomicBool>> = plan.iter().map(|_| Arc::default()).collect();
+            let mut told = Vec::new();
+            for (_, step, n) in steps {
+                let id = format!("id-{}", plan[n].id);
+                match (step, plan[n].fate) {
+                    (Step::Publish, _) => pending[n] = Some(pairing.expect(&id)),
+                    (Step::Return, _) => pairing.returned(Some(&id), reply()),
+                    (Step::Leave, Fate::GivenUp) => drop(pending[n].take()),
+                    (Step::Leave, _) => {
+                        if let Some(mut p) = pending[n].take() {
+                            p.decided = true;
+                            pairing.unwatch(p.id, confirm_once(&acked[n]));
+                        }
+                    }
+                    (Step::Confirm, Fate::Decided { nacked }) => {
+                        if let Some(p) = pending[n].take() {
+                            let confirmation = if nacked { Confirmation::Nack(None) } else { ack() };
+                            told.push((n, decided(p, confirmation)));
+                        }
+                    }
+                    (Step::Confirm, _) => acked[n].store(true, Ordering::Relaxed),
+                }
+            }
+            for (n, outcome) in told {
+                let p = &plan[n];
+                match outcome {
+                    Paired::Stored => prop_assert!(!p.is_returned, "publish {n} was returned, told stored"),
+                    Paired::Returned { .. } => prop_assert!(p.is_returned, "publish {n} was stored, told returned"),
+                    Paired::Refused => prop_assert_eq!(p.fate, Fate::Decided { nacked: true }),
+                    Paired::Uncertain => prop_assert!(!distinct, "publish {n} uncertain"),
+                    Paired::NotRequested => prop_assert!(false, "publish {n} not requested"),
+                }
+            }
+            // The next publish decides the unwatched ones whose confirm came: all.
+            let last = pairing.expect("last");
+            prop_assert_eq!(last.acked(), Paired::Stored);
+            let state = lock(&pairing.state);
+            prop_assert!(state.unwatched.is_empty());
+            prop_assert!(state.by_id.values().all(|s| s.undecided == 0));
+            if plan.iter().all(|p| p.fate != Fate::GivenUp) {
+                prop_assert!(state.by_id.is_empty() && state.returned.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn lapin_attaching_a_return_the_reader_did_not_see_leaves_acks_uncertain() {
+        let pairing = Arc::new(Pairing::default());
+        let (seen, unseen, after) = (
+            pairing.expect("seen"),
+            pairing.expect("unseen"),
+            pairing.expect("after"),
+        );
+        pairing.returned(Some("seen"), reply());
+        let attached = || {
+            Confirmation::Ack(Some(lapin::message::BasicReturnMessage {
+                delivery: lapin::message::Delivery::mock(0, "".into(), "q".into(), false, vec![]),
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+            }))
+        };
+        // lapin gives the return read to a confirm, then one the reader never saw.
+        assert_eq!(decided(seen, attached()), returned());
+        assert!(!pairing.needs_replacing());
+        assert_eq!(decided(unseen, attached()), Paired::Uncertain);
+        assert!(pairing.needs_replacing());
+        assert_eq!(decided(after, ack()), Paired::Uncertain);
     }
 }

@@ -27,15 +27,19 @@ use lapin::{AsyncTcpStream, ConnectionProperties};
 use queue_core::Throttle;
 
 use crate::frames::{
-    HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, proposed_frame_max,
+    HEADER_FRAME, METHOD_FRAME, fit_content_header, make_short_strings_utf8, message_id,
+    proposed_frame_max, returned_reply,
 };
+use crate::returns::ReturnLog;
 
 /// Opens a lapin connection to `uri` whose incoming frames pass through
-/// [`ParsableFrames`], over TLS when the URI is `amqps://`.
+/// [`ParsableFrames`], over TLS when the URI is `amqps://`; the returns it reads go to
+/// `returns`.
 pub(crate) async fn connect(
     uri: AMQPUri,
     properties: ConnectionProperties,
     tls: OwnedTLSConfig,
+    returns: Arc<ReturnLog>,
 ) -> lapin::Result<lapin::Connection> {
     let asked_frame_max = uri.query.frame_max.unwrap_or(0);
     let tokio = Tokio::current();
@@ -62,6 +66,7 @@ pub(crate) async fn connect(
             Ok(AsyncTcpStream::Plain(ParsableFrames::new(
                 stream,
                 asked_frame_max,
+                Arc::clone(&returns),
             )))
         },
         properties,
@@ -148,7 +153,9 @@ const MAX_CHECKED_FRAME: usize = 128 * 1024 * 1024;
 /// A stream that hands its reader the frames of `S` as lapin's parser accepts them
 /// ([`crate::frames`]): short strings made UTF-8, content headers larger than the
 /// connection's `frame_max` fitted to it. Body and heartbeat frames pass as they
-/// come, without being held whole; what it writes goes to `S` unchanged.
+/// come, without being held whole; what it writes goes to `S` unchanged. Each
+/// `basic.return` it reads goes to its channel's pairing, with its message id, before
+/// lapin reads it ([`crate::returns`]).
 pub(crate) struct ParsableFrames<S> {
     inner: S,
     /// The `frame_max` lapin asks for (0: the broker's).
@@ -168,11 +175,16 @@ pub(crate) struct ParsableFrames<S> {
     wanted: usize,
     /// Which mended frames are logged (one line every 10 s).
     mended: Throttle,
+    returns: Arc<ReturnLog>,
+    /// The channels whose `basic.return` was read, its content header not yet, and
+    /// its reply.
+    returns_begun: Vec<(u16, (u16, String))>,
 }
 
 impl<S> ParsableFrames<S> {
-    /// `inner`, for a lapin that asks for `asked_frame_max` (0: the broker's).
-    pub(crate) fn new(inner: S, asked_frame_max: u32) -> Self {
+    /// `inner`, for a lapin that asks for `asked_frame_max` (0: the broker's),
+    /// handing the returns it reads to `returns`.
+    pub(crate) fn new(inner: S, asked_frame_max: u32, returns: Arc<ReturnLog>) -> Self {
         ParsableFrames {
             inner,
             asked_frame_max,
@@ -184,6 +196,8 @@ impl<S> ParsableFrames<S> {
             passing: 0,
             wanted: 0,
             mended: Throttle::default(),
+            returns,
+            returns_begun: Vec::new(),
         }
     }
 
@@ -211,7 +225,11 @@ impl<S> ParsableFrames<S> {
         ]);
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         let whole = size.saturating_add(8);
+        let channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]);
         if !matches!(frame_type, METHOD_FRAME | HEADER_FRAME) || size > MAX_CHECKED_FRAME {
+            if frame_type == HEADER_FRAME {
+                self.return_read(channel, None);
+            }
             self.passing = whole;
             return true;
         }
@@ -221,16 +239,30 @@ impl<S> ParsableFrames<S> {
         }
         // A frame without its end octet is none lapin reads: it passes as it came.
         if self.buf[at + whole - 1] != FRAME_END {
+            if frame_type == HEADER_FRAME {
+                self.return_read(channel, None);
+            }
             self.checked += whole;
             return true;
         }
-        let channel = u16::from_be_bytes([self.buf[at + 1], self.buf[at + 2]]);
         let payload = &mut self.buf[at + 7..at + 7 + size];
         let rewritten = make_short_strings_utf8(frame_type, payload);
-        if frame_type == METHOD_FRAME
-            && let Some(proposed) = proposed_frame_max(payload)
-        {
-            self.frame_max = negotiated_frame_max(self.asked_frame_max, proposed);
+        if frame_type == METHOD_FRAME {
+            let reply = returned_reply(payload);
+            if let Some(proposed) = proposed_frame_max(payload) {
+                self.frame_max = negotiated_frame_max(self.asked_frame_max, proposed);
+            }
+            // A method before a begun return's content header (which AMQP does not
+            // allow): that return's message id is not to be read.
+            if !self.returns_begun.is_empty() {
+                self.return_read(channel, None);
+            }
+            if let Some(reply) = reply {
+                self.returns_begun.push((channel, reply));
+            }
+        } else if !self.returns_begun.is_empty() {
+            let id = message_id(payload);
+            self.return_read(channel, id.as_deref());
         }
         let dropped = if frame_type == HEADER_FRAME && whole > self.frame_max {
             self.fit_header_at(at, whole)
@@ -254,6 +286,15 @@ impl<S> ParsableFrames<S> {
             );
         }
         true
+    }
+
+    /// The content header read on `channel`, with message id `id` (`None`: none could
+    /// be read): if a return began on that channel, it is whole.
+    fn return_read(&mut self, channel: u16, id: Option<&str>) {
+        if let Some(at) = self.returns_begun.iter().position(|(c, _)| *c == channel) {
+            let (_, reply) = self.returns_begun.swap_remove(at);
+            self.returns.returned(channel, id, reply);
+        }
     }
 
     /// Replaces the content header frame of `whole` bytes at `at` with one that fits
@@ -379,6 +420,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ParsableFrames<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::returns::Paired;
 
     use futures_util::io::{AsyncReadExt, Cursor};
     use lapin::types::AMQPValue;
@@ -476,7 +518,8 @@ mod tests {
             sizes,
         };
         let mut out = Vec::new();
-        block_on(ParsableFrames::new(inner, 0).read_to_end(&mut out)).expect("reads");
+        block_on(ParsableFrames::new(inner, 0, Arc::default()).read_to_end(&mut out))
+            .expect("reads");
         out
     }
 
@@ -492,6 +535,62 @@ mod tests {
         assert_eq!(read_all(stream, vec![]), expected);
     }
 
+    /// RabbitMQ's `basic.return` on channel 1, for a message to queue `q`.
+    fn basic_return() -> Vec<u8> {
+        frame(
+            METHOD_FRAME,
+            b"\x00\x3c\x00\x32\x01\x38\x08NO_ROUTE\x00\x01q",
+        )
+    }
+
+    /// Each return goes to its channel's pairing with its message id (made UTF-8 as
+    /// lapin reads it), however the reads split its frames; the frames pass as before.
+    #[test]
+    fn a_return_is_handed_to_its_channels_pairing_with_its_message_id() {
+        for sizes in [vec![], vec![1; 64], vec![9, 3, 40]] {
+            let log = Arc::new(ReturnLog::default());
+            let pairing = log.pairing_for(1);
+            let (mine, other) = (pairing.expect("m-?"), pairing.expect("m-2"));
+            let mut stream = basic_return();
+            stream.extend_from_slice(&header_with_id(b"m-\xff"));
+            stream.extend_from_slice(&frame(3, b"abc"));
+            let inner = Chunked {
+                bytes: stream,
+                at: 0,
+                sizes,
+            };
+            let mut out = Vec::new();
+            block_on(ParsableFrames::new(inner, 0, Arc::clone(&log)).read_to_end(&mut out))
+                .expect("reads");
+            assert!(out.starts_with(&basic_return()));
+            assert_eq!(other.acked(), Paired::Stored);
+            assert_eq!(
+                mine.acked(),
+                Paired::Returned {
+                    reply_code: 312,
+                    reply_text: "NO_ROUTE".into()
+                }
+            );
+        }
+    }
+
+    /// A return whose content header passes unread (past the size read whole) leaves
+    /// the channel's acks uncertain: it may be any publish's.
+    #[test]
+    fn a_return_whose_header_is_not_read_leaves_its_channels_acks_uncertain() {
+        let log = Arc::new(ReturnLog::default());
+        let pairing = log.pairing_for(1);
+        let publish = pairing.expect("m-1");
+        let mut stream = basic_return();
+        // A header frame saying it is larger than is read whole, cut off.
+        stream.extend_from_slice(&[HEADER_FRAME, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 60]);
+        let mut out = Vec::new();
+        block_on(ParsableFrames::new(Cursor::new(stream), 0, log).read_to_end(&mut out))
+            .expect("reads");
+        assert!(pairing.needs_replacing());
+        assert_eq!(publish.acked(), Paired::Uncertain);
+    }
+
     /// A body frame larger than the buffer passes without being held whole.
     #[test]
     fn large_body_frames_pass_in_pieces() {
@@ -500,7 +599,7 @@ mod tests {
         stream.extend_from_slice(&header_with_id(b"\xff"));
         let mut expected = body;
         expected.extend_from_slice(&header_with_id(b"?"));
-        let mut reader = ParsableFrames::new(Cursor::new(stream), 0);
+        let mut reader = ParsableFrames::new(Cursor::new(stream), 0, Arc::default());
         let mut out = Vec::new();
         block_on(reader.read_to_end(&mut out)).expect("reads");
         assert_eq!(out, expected);
@@ -522,7 +621,8 @@ mod tests {
             sizes: vec![5, 0, 3000, 0, 1],
         };
         let mut out = Vec::new();
-        block_on(ParsableFrames::new(inner, 8192).read_to_end(&mut out)).expect("reads");
+        block_on(ParsableFrames::new(inner, 8192, Arc::default()).read_to_end(&mut out))
+            .expect("reads");
 
         assert_eq!(out[..tune(0).len()], tune(131_072)[..]);
         let header = &out[tune(0).len()..out.len() - body.len()];
@@ -562,7 +662,7 @@ mod tests {
             at: 0,
             sizes,
         };
-        let mut reader = ParsableFrames::new(inner, 131_072);
+        let mut reader = ParsableFrames::new(inner, 131_072, Arc::default());
         let mut out = vec![0; 1 << 20];
         let mut got = Vec::new();
         for _ in 0..2 {
@@ -584,7 +684,7 @@ mod tests {
     #[test]
     fn a_grown_buffer_shrinks_back_with_a_frame_begun_in_it() {
         let next = header_with_id(b"x");
-        let mut reader = ParsableFrames::new(Cursor::new(next[5..].to_vec()), 0);
+        let mut reader = ParsableFrames::new(Cursor::new(next[5..].to_vec()), 0, Arc::default());
         // As left by a 1 MiB frame handed on, with 5 bytes of the next one read.
         reader.buf = vec![0; 1 << 20];
         reader.buf[..5].copy_from_slice(&next[..5]);
