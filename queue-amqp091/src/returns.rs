@@ -10,7 +10,8 @@
 //! and hands each return's message id to its channel's [`Pairing`] ([`ReturnLog`]).
 //! RabbitMQ sends a message's return before its ack, so once lapin has completed a
 //! publish's confirm, its return, if it had one, has been read: the publish looks for
-//! a return with its message id, and what lapin gave its confirm is not used.
+//! a return with its message id; what lapin gave its confirm only serves to check
+//! that the reader missed no return.
 //!
 //! What cannot be told is said: a return with a message id that another undecided
 //! publish on the channel has too may be either's, so each of them is
@@ -170,7 +171,7 @@ impl Pairing {
     }
 
     /// Whether this channel is to be replaced: a return was dropped or could not be
-    /// read, or too many publishes were given up on it.
+    /// read, or too many publishes were given up on it or left unwatched.
     pub(crate) fn needs_replacing(&self) -> bool {
         self.worn.load(Ordering::Relaxed)
     }
@@ -179,14 +180,16 @@ impl Pairing {
     /// first the publishes nobody waits for whose confirm came.
     pub(crate) fn expect(self: &Arc<Self>, id: &str) -> Pending {
         let id = self.hasher.hash_one(id);
-        let unwatched = {
-            let mut state = lock(&self.state);
-            state.by_id.entry(id).or_default().undecided += 1;
-            std::mem::take(&mut state.unwatched)
-        };
-        if !unwatched.is_empty() {
+        let mut state = lock(&self.state);
+        if !state.unwatched.is_empty() {
+            // Decided before this one is counted, so that it takes no return of theirs.
+            let unwatched = std::mem::take(&mut state.unwatched);
+            drop(state);
             self.decide_unwatched(unwatched);
+            state = lock(&self.state);
         }
+        state.by_id.entry(id).or_default().undecided += 1;
+        drop(state);
         Pending {
             pairing: Arc::clone(self),
             id,
@@ -208,18 +211,15 @@ impl Pairing {
             }
         }
         if !waiting.is_empty() {
-            let mut state = lock(&self.state);
-            state.unwatched.extend(waiting);
-            if state.unwatched.len() > MOST_KEPT {
-                self.worn.store(true, Ordering::Relaxed);
-            }
+            self.unwatch(waiting);
         }
     }
 
-    /// Keeps undecided publish `id`, which nobody waits for, until `confirm` comes.
-    fn unwatch(&self, id: u64, confirm: Confirm) {
+    /// Keeps undecided publishes (by message id) that nobody waits for until their
+    /// confirm comes.
+    fn unwatch(&self, unwatched: impl IntoIterator<Item = (u64, Confirm)>) {
         let mut state = lock(&self.state);
-        state.unwatched.push((id, confirm));
+        state.unwatched.extend(unwatched);
         if state.unwatched.len() > MOST_KEPT {
             self.worn.store(true, Ordering::Relaxed);
         }
@@ -376,9 +376,8 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         if let Some(confirm) = self.confirm.take() {
             self.pending.decided = true;
-            self.pending
-                .pairing
-                .unwatch(self.pending.id, Box::pin(confirm));
+            let unwatched: Confirm = Box::pin(confirm);
+            self.pending.pairing.unwatch([(self.pending.id, unwatched)]);
         }
     }
 }
@@ -620,7 +619,7 @@ mod tests {
                     (Step::Leave, _) => {
                         if let Some(mut p) = pending[n].take() {
                             p.decided = true;
-                            pairing.unwatch(p.id, confirm_once(&acked[n]));
+                            pairing.unwatch([(p.id, confirm_once(&acked[n]))]);
                         }
                     }
                     (Step::Confirm, Fate::Decided { nacked }) => {
@@ -652,6 +651,37 @@ mod tests {
                 prop_assert!(state.by_id.is_empty() && state.returned.is_empty());
             }
         }
+    }
+
+    /// A publish whose outcome was dropped is decided once its confirm came, at the
+    /// next publish, before that one counts: a retry of a timed-out stored message
+    /// to a queue deleted since is `NOT_FOUND`, neither uncertain nor stored.
+    #[test]
+    fn an_unwatched_publish_is_decided_once_its_confirm_came() {
+        let pairing = Arc::new(Pairing::default());
+        let (timed_out, acked) = (pairing.expect("m-1"), Arc::new(AtomicBool::new(false)));
+        let mut timed_out = timed_out;
+        timed_out.decided = true;
+        pairing.unwatch([(timed_out.id, confirm_once(&acked))]);
+        drop(timed_out);
+        // Not confirmed yet: it is still undecided, and kept.
+        let other = pairing.expect("m-2");
+        assert_eq!(lock(&pairing.state).unwatched.len(), 1);
+        acked.store(true, Ordering::Relaxed);
+        let retry = pairing.expect("m-1");
+        assert!(lock(&pairing.state).unwatched.is_empty());
+        pairing.returned(Some("m-1"), reply());
+        assert_eq!(retry.acked(), returned());
+        assert_eq!(other.acked(), Paired::Stored);
+        assert!(lock(&pairing.state).by_id.is_empty());
+        // Returned itself, its return is its own, not the next publish's of its id.
+        let (mut returned_one, acked) = (pairing.expect("m-3"), Arc::new(AtomicBool::new(true)));
+        returned_one.decided = true;
+        pairing.unwatch([(returned_one.id, confirm_once(&acked))]);
+        drop(returned_one);
+        pairing.returned(Some("m-3"), reply());
+        let next = pairing.expect("m-3");
+        assert_eq!(next.acked(), Paired::Stored);
     }
 
     #[test]
