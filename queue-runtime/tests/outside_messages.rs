@@ -618,6 +618,18 @@ fn two_handled_over(
         "amqp10 receiver link lost; re-attaching",
         "amqp10 receiver rejected a message it cannot decode",
     ];
+    // Each is looked for by its text, and its absence is what passes: a line renamed
+    // in its driver would turn the check off, so the drivers must still log each.
+    let sources = [
+        include_str!("../../queue-amqp091/src/connection.rs"),
+        include_str!("../../queue-amqp10/src/consume.rs"),
+    ];
+    for line in refused {
+        assert!(
+            sources.iter().any(|s| s.contains(&format!("\"{line}\""))),
+            "no driver logs {line:?} any more: this check must look for its new text"
+        );
+    }
     let refused_one = |logs: &[serde_json::Value]| {
         logs.iter()
             .any(|l| refused.iter().any(|r| l["fields"]["message"] == *r))
