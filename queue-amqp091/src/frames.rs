@@ -56,10 +56,10 @@ pub(crate) fn make_short_strings_utf8(frame_type: u8, payload: &mut [u8]) -> usi
 /// The reply code and text of a `basic.return`, when `payload` (a method frame's,
 /// made UTF-8 already) is one.
 pub(crate) fn returned_reply(payload: &[u8]) -> Option<(u16, String)> {
-    if payload.get(..4)? != [0, 60, 0, 50] {
+    let mut frame = Frame::new(payload);
+    if (frame.u16_at(0)?, frame.u16_at(2)?) != BASIC_RETURN {
         return None;
     }
-    let mut frame = Frame::new(payload);
     let reply_code = frame.u16_at(4)?;
     let end = frame.short_string(6)?;
     Some((
@@ -638,10 +638,10 @@ mod tests {
         assert_eq!(returned_reply(payload(&encode(&get_ok))), None);
         let no_id = basic::AMQPProperties::default().with_content_type("text/plain".into());
         assert_eq!(message_id(payload(&encode(&header(no_id)))), None);
-        // Cut short inside its properties: no id is read from it.
         let with_id = basic::AMQPProperties::default().with_message_id("m-1".into());
         let bytes = encode(&header(with_id));
         assert_eq!(message_id(payload(&bytes)).as_deref(), Some("m-1"));
+        // Cut short inside its properties: no id is read from it.
         assert_eq!(message_id(&payload(&bytes)[..16]), None);
     }
 

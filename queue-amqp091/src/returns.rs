@@ -19,7 +19,8 @@
 //! every ack on a channel where a return's message id could not be read (or lapin
 //! gave a confirm a return the reader did not see). A publish whose outcome nobody
 //! waits for any more (a timeout, a dropped future) stays undecided until its confirm
-//! comes, and is decided then for nobody; one given up before it was written has no
+//! has come, and is decided for nobody at the channel's next publish; one given up
+//! before it was written has no
 //! confirm, and stays counted under its id until a return with that id comes, since
 //! one may still come: a later publish of the same id that reads a return is then
 //! told uncertain rather than returned.
@@ -101,6 +102,8 @@ pub(crate) struct Pairing {
 
 #[derive(Default)]
 struct State {
+    /// Publishes counted so far: each one's number.
+    counted: u64,
     /// Publishes not decided yet, by message id.
     by_id: HashMap<u64, Sharing>,
     /// Returns read whose publish is not decided yet.
@@ -111,9 +114,9 @@ struct State {
     returns_attached: u64,
     /// Publishes given up, counted in `by_id`.
     given_up: usize,
-    /// Undecided publishes nobody waits for, by message id, with their confirm:
-    /// decided when it comes, as the next publish looks.
-    unwatched: Vec<(u64, Confirm)>,
+    /// Undecided publishes nobody waits for, with their confirm: decided when it
+    /// comes, as the next publish looks.
+    unwatched: Vec<(Counted, Confirm)>,
     /// A return was read whose message id was not, or one was dropped, or lapin gave
     /// a confirm a return the reader did not see: any ack on this channel may be a
     /// returned message's.
@@ -128,8 +131,10 @@ type Confirm = BoxFuture<'static, lapin::Result<Confirmation>>;
 struct Sharing {
     undecided: u32,
     given_up: u32,
-    /// A return with this id was taken by one of several: it may be any one's.
-    contested: bool,
+    /// A return with this id was taken by one of several when this many publishes
+    /// had been counted: it may be the return of any counted before, which are told
+    /// uncertain; one counted after could not have had its return then.
+    contested_at: Option<u64>,
 }
 
 struct Return {
@@ -142,8 +147,16 @@ struct Return {
 /// was given up (see the module docs).
 pub(crate) struct Pending {
     pairing: Arc<Pairing>,
-    id: u64,
+    counted: Counted,
     decided: bool,
+}
+
+/// A publish as its channel counted it: its message id's hash, and its number among
+/// the channel's publishes.
+#[derive(Clone, Copy)]
+struct Counted {
+    id: u64,
+    number: u64,
 }
 
 /// The outcome of one publish, once its confirm is in; dropped before, its confirm
@@ -182,32 +195,36 @@ impl Pairing {
         let id = self.hasher.hash_one(id);
         let mut state = lock(&self.state);
         if !state.unwatched.is_empty() {
-            // Decided before this one is counted, so that it takes no return of theirs.
+            // Decided before this one is counted, so that it takes no return of theirs
+            // (unless another publish is deciding them at the same time: then it may
+            // be told uncertain, never wrong).
             let unwatched = std::mem::take(&mut state.unwatched);
             drop(state);
             self.decide_unwatched(unwatched);
             state = lock(&self.state);
         }
         state.by_id.entry(id).or_default().undecided += 1;
+        let number = state.counted;
+        state.counted += 1;
         drop(state);
         Pending {
             pairing: Arc::clone(self),
-            id,
+            counted: Counted { id, number },
             decided: false,
         }
     }
 
     /// Decides each of `unwatched` whose confirm came (polled outside the lock, which
     /// the connection's reader takes); keeps the others.
-    fn decide_unwatched(&self, unwatched: Vec<(u64, Confirm)>) {
+    fn decide_unwatched(&self, unwatched: Vec<(Counted, Confirm)>) {
         let mut cx = Context::from_waker(Waker::noop());
         let mut waiting = Vec::new();
-        for (id, mut confirm) in unwatched {
+        for (counted, mut confirm) in unwatched {
             match confirm.as_mut().poll(&mut cx) {
-                Poll::Ready(Ok(confirmation)) => drop(self.decide(id, confirmation)),
+                Poll::Ready(Ok(confirmation)) => drop(self.decide(counted, confirmation)),
                 // The channel is gone: nothing more comes on it.
-                Poll::Ready(Err(_)) => self.give_up(id),
-                Poll::Pending => waiting.push((id, confirm)),
+                Poll::Ready(Err(_)) => self.give_up(counted.id),
+                Poll::Pending => waiting.push((counted, confirm)),
             }
         }
         if !waiting.is_empty() {
@@ -217,7 +234,7 @@ impl Pairing {
 
     /// Keeps undecided publishes (by message id) that nobody waits for until their
     /// confirm comes.
-    fn unwatch(&self, unwatched: impl IntoIterator<Item = (u64, Confirm)>) {
+    fn unwatch(&self, unwatched: impl IntoIterator<Item = (Counted, Confirm)>) {
         let mut state = lock(&self.state);
         state.unwatched.extend(unwatched);
         if state.unwatched.len() > MOST_KEPT {
@@ -261,8 +278,9 @@ impl Pairing {
         }
     }
 
-    fn decide(&self, id: u64, confirmation: Confirmation) -> Paired {
-        let mut state = lock(&self.state);
+    fn decide(&self, Counted { id, number }: Counted, confirmation: Confirmation) -> Paired {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
         if let Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) = confirmation {
             state.returns_attached += 1;
             if state.returns_attached > state.returns_read {
@@ -281,9 +299,9 @@ impl Pairing {
         let contested = match state.by_id.get_mut(&id) {
             Some(sharing) => {
                 if own.is_some() && sharing.undecided + sharing.given_up > 1 {
-                    sharing.contested = true;
+                    sharing.contested_at = Some(state.counted);
                 }
-                let contested = sharing.contested;
+                let contested = sharing.contested_at.is_some_and(|at| number < at);
                 sharing.undecided -= 1;
                 if sharing.undecided == 0 && sharing.given_up == 0 {
                     state.by_id.remove(&id);
@@ -292,7 +310,7 @@ impl Pairing {
             }
             None => true,
         };
-        drop(state);
+        drop(guard);
         match confirmation {
             Confirmation::NotRequested => Paired::NotRequested,
             Confirmation::Nack(_) => Paired::Refused,
@@ -334,19 +352,38 @@ impl Pairing {
     }
 }
 
+#[cfg(test)]
 impl Pending {
     /// What it is told once acked (its confirm is not read: for tests).
-    #[cfg(test)]
-    pub(crate) fn acked(mut self) -> Paired {
+    pub(crate) fn acked(self) -> Paired {
+        self.confirmed(Confirmation::Ack(None))
+    }
+
+    /// What it is told once its confirm is `confirmation`.
+    fn confirmed(mut self, confirmation: Confirmation) -> Paired {
         self.decided = true;
-        self.pairing.decide(self.id, Confirmation::Ack(None))
+        self.pairing.decide(self.counted, confirmation)
+    }
+
+    /// Its outcome dropped, with its confirm to come once `acked` is set.
+    fn unwatched(mut self, acked: &Arc<AtomicBool>) {
+        self.decided = true;
+        let acked = Arc::clone(acked);
+        let confirm: Confirm = Box::pin(std::future::poll_fn(move |_| {
+            if acked.load(Ordering::Relaxed) {
+                Poll::Ready(Ok(Confirmation::Ack(None)))
+            } else {
+                Poll::Pending
+            }
+        }));
+        self.pairing.unwatch([(self.counted, confirm)]);
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.decided {
-            self.pairing.give_up(self.id);
+            self.pairing.give_up(self.counted.id);
         }
     }
 }
@@ -368,7 +405,7 @@ impl Future for Outcome {
         Poll::Ready(Ok(this
             .pending
             .pairing
-            .decide(this.pending.id, confirmation)))
+            .decide(this.pending.counted, confirmation)))
     }
 }
 
@@ -377,7 +414,9 @@ impl Drop for Outcome {
         if let Some(confirm) = self.confirm.take() {
             self.pending.decided = true;
             let unwatched: Confirm = Box::pin(confirm);
-            self.pending.pairing.unwatch([(self.pending.id, unwatched)]);
+            self.pending
+                .pairing
+                .unwatch([(self.pending.counted, unwatched)]);
         }
     }
 }
@@ -397,9 +436,8 @@ mod tests {
     }
 
     /// Decides `pending` as its confirm would.
-    fn decided(mut pending: Pending, confirmation: Confirmation) -> Paired {
-        pending.decided = true;
-        pending.pairing.decide(pending.id, confirmation)
+    fn decided(pending: Pending, confirmation: Confirmation) -> Paired {
+        pending.confirmed(confirmation)
     }
 
     fn returned() -> Paired {
@@ -557,18 +595,6 @@ mod tests {
         Confirm,
     }
 
-    /// A confirm that comes once `acked` is set.
-    fn confirm_once(acked: &Arc<AtomicBool>) -> Confirm {
-        let acked = Arc::clone(acked);
-        Box::pin(std::future::poll_fn(move |_| {
-            if acked.load(Ordering::Relaxed) {
-                Poll::Ready(Ok(Confirmation::Ack(None)))
-            } else {
-                Poll::Pending
-            }
-        }))
-    }
-
     proptest! {
         /// Whatever the order of publishes, returns and confirms (a return comes
         /// after its publish is sent and before its ack; a publish given up or
@@ -617,9 +643,8 @@ mod tests {
                     (Step::Return, _) => pairing.returned(Some(&id), reply()),
                     (Step::Leave, Fate::GivenUp) => drop(pending[n].take()),
                     (Step::Leave, _) => {
-                        if let Some(mut p) = pending[n].take() {
-                            p.decided = true;
-                            pairing.unwatch([(p.id, confirm_once(&acked[n]))]);
+                        if let Some(p) = pending[n].take() {
+                            p.unwatched(&acked[n]);
                         }
                     }
                     (Step::Confirm, Fate::Decided { nacked }) => {
@@ -654,16 +679,14 @@ mod tests {
     }
 
     /// A publish whose outcome was dropped is decided once its confirm came, at the
-    /// next publish, before that one counts: a retry of a timed-out stored message
-    /// to a queue deleted since is `NOT_FOUND`, neither uncertain nor stored.
+    /// next publish: a retry of a timed-out stored message to a queue deleted since
+    /// is `NOT_FOUND`, neither uncertain nor stored. It is decided before that
+    /// publish counts: its own return is not taken for a retry's.
     #[test]
     fn an_unwatched_publish_is_decided_once_its_confirm_came() {
         let pairing = Arc::new(Pairing::default());
-        let (timed_out, acked) = (pairing.expect("m-1"), Arc::new(AtomicBool::new(false)));
-        let mut timed_out = timed_out;
-        timed_out.decided = true;
-        pairing.unwatch([(timed_out.id, confirm_once(&acked))]);
-        drop(timed_out);
+        let acked = Arc::new(AtomicBool::new(false));
+        pairing.expect("m-1").unwatched(&acked);
         // Not confirmed yet: it is still undecided, and kept.
         let other = pairing.expect("m-2");
         assert_eq!(lock(&pairing.state).unwatched.len(), 1);
@@ -675,13 +698,25 @@ mod tests {
         assert_eq!(other.acked(), Paired::Stored);
         assert!(lock(&pairing.state).by_id.is_empty());
         // Returned itself, its return is its own, not the next publish's of its id.
-        let (mut returned_one, acked) = (pairing.expect("m-3"), Arc::new(AtomicBool::new(true)));
-        returned_one.decided = true;
-        pairing.unwatch([(returned_one.id, confirm_once(&acked))]);
-        drop(returned_one);
+        pairing.expect("m-3").unwatched(&acked);
         pairing.returned(Some("m-3"), reply());
         let next = pairing.expect("m-3");
         assert_eq!(next.acked(), Paired::Stored);
+    }
+
+    /// A return taken while a publish given up unwritten shares its id leaves
+    /// uncertain the publishes counted by then, not one counted after, which could not
+    /// have had its return then: a stored retry is stored.
+    #[test]
+    fn a_contested_return_leaves_uncertain_only_the_publishes_counted_before() {
+        let pairing = Arc::new(Pairing::default());
+        drop(pairing.expect("x"));
+        let (returned_one, twin) = (pairing.expect("x"), pairing.expect("x"));
+        pairing.returned(Some("x"), reply());
+        assert_eq!(returned_one.acked(), Paired::Uncertain);
+        let later = pairing.expect("x");
+        assert_eq!(twin.acked(), Paired::Uncertain);
+        assert_eq!(later.acked(), Paired::Stored);
     }
 
     #[test]
