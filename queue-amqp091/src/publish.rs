@@ -406,7 +406,7 @@ impl Publisher {
                 what()
             ))),
             Ok(Paired::Uncertain) => Err(Error::internal(format!(
-                "{}: whether the broker returned message {id} as unroutable cannot be told (a return with its id may be another publish's of the same id, or a return's message id could not be read); message {id} is not known to be stored",
+                "{}: whether the broker returned message {id} as unroutable cannot be told (a return with its id may be another publish's of the same id, or a return on its channel could not be read or paired); message {id} is not known to be stored",
                 what()
             ))),
             Ok(Paired::Refused) => {

@@ -435,11 +435,6 @@ mod tests {
         Confirmation::Ack(None)
     }
 
-    /// Decides `pending` as its confirm would.
-    fn decided(pending: Pending, confirmation: Confirmation) -> Paired {
-        pending.confirmed(confirmation)
-    }
-
     fn returned() -> Paired {
         Paired::Returned {
             reply_code: 312,
@@ -452,8 +447,8 @@ mod tests {
         let pairing = Arc::new(Pairing::default());
         let (a, b) = (pairing.expect("a"), pairing.expect("b"));
         pairing.returned(Some("a"), reply());
-        assert_eq!(decided(b, ack()), Paired::Stored);
-        assert_eq!(decided(a, ack()), returned());
+        assert_eq!(b.confirmed(ack()), Paired::Stored);
+        assert_eq!(a.confirmed(ack()), returned());
         assert!(lock(&pairing.state).by_id.is_empty());
     }
 
@@ -462,19 +457,19 @@ mod tests {
         let pairing = Arc::new(Pairing::default());
         let (first, second) = (pairing.expect("x"), pairing.expect("x"));
         pairing.returned(Some("x"), reply());
-        assert_eq!(decided(second, ack()), Paired::Uncertain);
-        assert_eq!(decided(first, ack()), Paired::Uncertain);
+        assert_eq!(second.confirmed(ack()), Paired::Uncertain);
+        assert_eq!(first.confirmed(ack()), Paired::Uncertain);
         // Once neither is undecided, the id is free again.
         let third = pairing.expect("x");
-        assert_eq!(decided(third, ack()), Paired::Stored);
+        assert_eq!(third.confirmed(ack()), Paired::Stored);
     }
 
     #[test]
     fn publishes_sharing_an_id_without_a_return_are_stored() {
         let pairing = Arc::new(Pairing::default());
         let (first, second) = (pairing.expect("x"), pairing.expect("x"));
-        assert_eq!(decided(first, ack()), Paired::Stored);
-        assert_eq!(decided(second, ack()), Paired::Stored);
+        assert_eq!(first.confirmed(ack()), Paired::Stored);
+        assert_eq!(second.confirmed(ack()), Paired::Stored);
     }
 
     #[test]
@@ -483,12 +478,12 @@ mod tests {
         drop(pairing.expect("x"));
         let later = pairing.expect("x");
         pairing.returned(Some("x"), reply());
-        assert_eq!(decided(later, ack()), Paired::Uncertain);
+        assert_eq!(later.confirmed(ack()), Paired::Uncertain);
         // A return read while only the given-up publish had the id was its own.
         drop(pairing.expect("y"));
         pairing.returned(Some("y"), reply());
         let after = pairing.expect("y");
-        assert_eq!(decided(after, ack()), Paired::Stored);
+        assert_eq!(after.confirmed(ack()), Paired::Stored);
         assert!(lock(&pairing.state).returned.is_empty());
     }
 
@@ -498,7 +493,7 @@ mod tests {
         let a = pairing.expect("a");
         pairing.returned(None, reply());
         assert!(pairing.needs_replacing());
-        assert_eq!(decided(a, ack()), Paired::Uncertain);
+        assert_eq!(a.confirmed(ack()), Paired::Uncertain);
     }
 
     #[test]
@@ -507,7 +502,7 @@ mod tests {
         let a = pairing.expect("a");
         pairing.returned(Some("a"), reply());
         pairing.returned(Some("nobody"), reply());
-        assert_eq!(decided(a, Confirmation::Nack(None)), Paired::Refused);
+        assert_eq!(a.confirmed(Confirmation::Nack(None)), Paired::Refused);
         let state = lock(&pairing.state);
         assert!(state.returned.is_empty() && state.by_id.is_empty());
     }
@@ -531,9 +526,9 @@ mod tests {
         let (on_old, on_other, on_new) = (old.expect("a"), other.expect("a"), new.expect("a"));
         log.returned(1, Some("a"), reply());
         log.returned(9, Some("a"), reply());
-        assert_eq!(decided(on_old, ack()), Paired::Stored);
-        assert_eq!(decided(on_other, ack()), Paired::Stored);
-        assert_eq!(decided(on_new, ack()), returned());
+        assert_eq!(on_old.confirmed(ack()), Paired::Stored);
+        assert_eq!(on_other.confirmed(ack()), Paired::Stored);
+        assert_eq!(on_new.confirmed(ack()), returned());
     }
 
     /// What becomes of a publish in a schedule.
@@ -650,7 +645,7 @@ mod tests {
                     (Step::Confirm, Fate::Decided { nacked }) => {
                         if let Some(p) = pending[n].take() {
                             let confirmation = if nacked { Confirmation::Nack(None) } else { ack() };
-                            told.push((n, decided(p, confirmation)));
+                            told.push((n, p.confirmed(confirmation)));
                         }
                     }
                     (Step::Confirm, _) => acked[n].store(true, Ordering::Relaxed),
@@ -736,10 +731,10 @@ mod tests {
             }))
         };
         // lapin gives the return read to a confirm, then one the reader never saw.
-        assert_eq!(decided(seen, attached()), returned());
+        assert_eq!(seen.confirmed(attached()), returned());
         assert!(!pairing.needs_replacing());
-        assert_eq!(decided(unseen, attached()), Paired::Uncertain);
+        assert_eq!(unseen.confirmed(attached()), Paired::Uncertain);
         assert!(pairing.needs_replacing());
-        assert_eq!(decided(after, ack()), Paired::Uncertain);
+        assert_eq!(after.confirmed(ack()), Paired::Uncertain);
     }
 }
