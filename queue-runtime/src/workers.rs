@@ -284,6 +284,9 @@ fn worker_main(
     setup: Option<crate::host::LuaSetup>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
+    // With the I/O driver, so that functions embedded with `lua_setup` can use tokio's
+    // sockets: without it the workers ran no faster (docs/performance.md, "Lua threads
+    // without tokio's I/O driver").
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
