@@ -82,7 +82,8 @@ const SAFE_BASE: [&str; 14] = [
     "type",
 ];
 
-/// Built from trusted code once per state: `pcall`, `xpcall` and `coroutine.resume`
+/// Built from trusted code once per state: `pcall`, `xpcall`, `coroutine.resume`,
+/// `coroutine.close` and `load` (whose reader function Lua calls in a protected call)
 /// that raise the running code's deadline error again once it has passed
 /// (crate::slices), so catching errors in a loop does not outlive a deadline; and
 /// `coroutine.resume` and `coroutine.close` that refuse the coroutines the host runs
@@ -90,7 +91,8 @@ const SAFE_BASE: [&str; 14] = [
 /// runs, so a handle a handler kept (`coroutine.running()`) must not reach another
 /// run. Written in Lua so that they stay yieldable.
 const CATCHING_FUNCTIONS: &str = r##"
-local raw_pcall, raw_xpcall, raw_resume, raw_close, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, begin_resume, end_resume, pass_slice_yield_on, foreign_resume = ...
+local raw, handler_threads, overdue, error, pack, unpack, pending, yield, isyieldable, begin_resume, end_resume, pass_slice_yield_on, foreign_resume = ...
+local raw_pcall, raw_xpcall, raw_resume, raw_close, raw_load = raw.pcall, raw.xpcall, raw.resume, raw.close, raw.load
 local type = type -- the state's own, taken before any handler's code runs
 local function not_a_handler(co)
   if handler_threads[co] then
@@ -174,8 +176,11 @@ return function(...) return unless_overdue(pack(raw_pcall(...))) end,
       return false, "this coroutine was stopped at its deadline: its __close handlers "
         .. "do not run (Lua would run them with no time limit)"
     end
-    return raw_close(co)
-  end
+    -- A __close handler that `co` runs here may catch the deadline's error too.
+    return unless_overdue(pack(raw_close(co)))
+  end,
+  -- Lua's `load` returns the errors of its reader function: the deadline's among them.
+  function(...) return unless_overdue(pack(raw_load(...))) end
 "##;
 
 /// Built from trusted code once per state: `setmetatable` refusing a metatable with a
@@ -624,25 +629,33 @@ impl Sandbox {
                 Ok(())
             })?
         };
-        let (pcall, xpcall, resume, close): (Function, Function, Function, Function) =
-            lua.load(CATCHING_FUNCTIONS).set_name("=sandbox").call((
-                real.raw_get::<Function>("pcall")?,
-                real.raw_get::<Function>("xpcall")?,
-                real_coroutine.raw_get::<Function>("resume")?,
-                real_coroutine.raw_get::<Function>("close")?,
-                handler_threads,
-                overdue,
-                real.raw_get::<Function>("error")?,
-                table.raw_get::<Function>("pack")?,
-                table.raw_get::<Function>("unpack")?,
-                Lua::poll_pending(),
-                real_coroutine.raw_get::<Function>("yield")?,
-                real_coroutine.raw_get::<Function>("isyieldable")?,
-                begin_resume,
-                end_resume,
-                pass_slice_yield_on,
-                foreign_resume,
-            ))?;
+        let (pcall, xpcall, resume, close, load): (
+            Function,
+            Function,
+            Function,
+            Function,
+            Function,
+        ) = lua.load(CATCHING_FUNCTIONS).set_name("=sandbox").call((
+            lua.create_table_from([
+                ("pcall", real.raw_get::<Function>("pcall")?),
+                ("xpcall", real.raw_get::<Function>("xpcall")?),
+                ("resume", real_coroutine.raw_get::<Function>("resume")?),
+                ("close", real_coroutine.raw_get::<Function>("close")?),
+                ("load", real.raw_get::<Function>("load")?),
+            ])?,
+            handler_threads,
+            overdue,
+            real.raw_get::<Function>("error")?,
+            table.raw_get::<Function>("pack")?,
+            table.raw_get::<Function>("unpack")?,
+            Lua::poll_pending(),
+            real_coroutine.raw_get::<Function>("yield")?,
+            real_coroutine.raw_get::<Function>("isyieldable")?,
+            begin_resume,
+            end_resume,
+            pass_slice_yield_on,
+            foreign_resume,
+        ))?;
         shared.raw_set("pcall", pcall)?;
         shared.raw_set("xpcall", xpcall)?;
         shared.raw_set("_VERSION", real.raw_get::<LuaValue>("_VERSION")?)?;
@@ -712,7 +725,7 @@ impl Sandbox {
         let full_os = read_only(lua, "os", full_os)?;
         let full_io = read_only(lua, "io", real.raw_get("io")?)?;
         let equip: Function = lua.load(ENVIRONMENT_FUNCTIONS).set_name("=sandbox").call((
-            real.raw_get::<Function>("load")?,
+            load,
             real.raw_get::<Function>("loadfile")?,
             real.raw_get::<Function>("require")?,
             builtin,

@@ -88,6 +88,8 @@ fn catching_errors_or_closing_does_not_escape_the_timeout() {
             "spin_closing",
             "spin_in_sort",
             "close_dead_spinner",
+            "spin_loading",
+            "spin_in_closed_coroutines",
         ] {
             let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
             timed_out(&outcome, "200ms");

@@ -18,6 +18,26 @@ function spin_xpcall()
   end
 end
 
+-- Spins in the reader `load` calls from C: Lua's `load` catches the reader's errors,
+-- the deadline's too, and returns them.
+function spin_loading()
+  while true do
+    load(function() while true do end end)
+  end
+end
+
+-- Spins in a __close handler that `coroutine.close` runs, which returns its error.
+function spin_in_closed_coroutines()
+  while true do
+    local co = coroutine.create(function()
+      local _ <close> = setmetatable({}, { __close = function() while true do end end })
+      coroutine.yield()
+    end)
+    coroutine.resume(co)
+    coroutine.close(co)
+  end
+end
+
 -- Each spinning coroutine dies at the deadline; coroutine.resume reports it and the
 -- handler would start another.
 function spin_resuming()
