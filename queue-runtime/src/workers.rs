@@ -638,7 +638,7 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     let settled = match outcome {
         Outcome::Ack => ack(&delivery, consumer).await,
         Outcome::Nack { reason, retryable } if retryable || consumer.plan.retry_all_errors => {
-            fail(&delivery, consumer, &reason).await
+            fail_leaving_the_slot(runners, &delivery, reason).await
         }
         Outcome::Nack { reason, .. } => {
             give_up(&delivery, consumer, &format!("not retryable: {reason}")).await
@@ -676,6 +676,45 @@ async fn give_up(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) 
     consumer.meters.nacked.increment(1);
     let disposition = consumer.failure.give_up(delivery, reason).await?;
     consumer.meters.count(disposition);
+    Ok(())
+}
+
+/// Runs the failure path for a delivery whose handler failed. On a driver without
+/// delays that path holds the delivery through its backoff (docs/consumers.md,
+/// "Retries and dead letters"): the wait goes on as a task of its own, counted busy
+/// and awaited by shutdown like the runners, so that the handler's slot takes the next
+/// delivery meanwhile. A slot that waited held its consumer for every retry's wait (a
+/// poison message per slot stopped it).
+async fn fail_leaving_the_slot(
+    runners: &Rc<Runners>,
+    delivery: &Arc<Delivery>,
+    reason: String,
+) -> Result<()> {
+    let consumer = &runners.consumer;
+    if consumer.failure.driver.capabilities().delay {
+        return fail(delivery, consumer, &reason).await;
+    }
+    let (queue, id) = (consumer.plan.queue.clone(), delivery.message().id.clone());
+    let (held_by, delivery) = (Rc::clone(runners), Arc::clone(delivery));
+    let mut failing = Box::pin(
+        async move {
+            let _busy = held_by.busy.enter();
+            let _active = held_by.consumer.active.enter();
+            fail(&delivery, &held_by.consumer, &reason).await
+        }
+        .in_current_span(),
+    );
+    // Polled once here, so that it counts busy before this delivery's run stops
+    // counting (an idle moment between the two would let `--exit-when-idle` stop).
+    let first = std::future::poll_fn(|cx| Poll::Ready(failing.as_mut().poll(cx))).await;
+    if let Poll::Ready(failed) = first {
+        return failed;
+    }
+    runners.tasks.spawn_local(async move {
+        if let Err(e) = failing.await {
+            tracing::warn!(%queue, %id, error = %e, "could not settle a delivery; the broker will redeliver it");
+        }
+    });
     Ok(())
 }
 

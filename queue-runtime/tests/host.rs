@@ -347,6 +347,46 @@ async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_for_its_backoff_leaves_its_handler_slot_to_the_next() {
+    // Without delayed delivery a failed message is held unacked through its backoff
+    // (here a minute). Its handler's slot goes on with the next delivery meanwhile:
+    // with `concurrency: 1`, one failing message held the consumer for every wait of
+    // its retries (about four minutes with the default backoff), and a poison message
+    // per slot stopped it.
+    let app = APP
+        .replace(
+            "    max_length: 5000\n  - name: out",
+            "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
+        )
+        .replace(
+            "    concurrency: 1000\n    prefetch: 1000\n",
+            "    concurrency: 1\n    prefetch: 2\n",
+        );
+    let (_dir, driver, host) = start_on(ControlledDriver::without_delays(), &app, 1).await;
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    driver.hold_publishes();
+    for n in [7, 8] {
+        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
+    }
+    driver.wait_for_held(1).await;
+    assert!(driver.refuse_next(), "the first handler fails");
+    // The second message's handler runs while the first is held.
+    within(
+        "the next delivery's handler, while the failed one waits out its backoff",
+        driver.wait_for_held(1),
+    )
+    .await;
+    assert!(driver.confirm_next(), "the second handler publishes");
+    wait_for_acks(&driver, &jobs, 1, "the second message handled and acked").await;
+    let summary = within("shutdown", host.shutdown()).await;
+    assert_eq!(
+        (summary[0].acked, summary[0].ready),
+        (Some(1), Some(1)),
+        "the held delivery is back in its queue, unacked, at the stop"
+    );
+}
+
 /// A queue count that fails for a while (a broker reconnecting) is read again: the
 /// wait for idleness goes on and ends once the counts read idle. Before, the first
 /// failed count ended `--exit-when-idle` with an error and no orderly stop.
