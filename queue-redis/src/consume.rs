@@ -601,6 +601,7 @@ impl StreamAcker {
             self.stream_id.clone(),
         );
         let limit = shared.link.config().publish_timeout;
+        let started = std::time::Instant::now();
         let settling = shared.link.run(&what, |mut c| async move {
             if ack {
                 let mut invocation = scripts::ACK.key(&stream);
@@ -614,9 +615,16 @@ impl StreamAcker {
         });
         let result = match tokio::time::timeout(limit, settling).await {
             Ok(result) => result,
-            Err(_) => Err(Error::internal(format!(
-                "{what}: Redis did not reply within {limit:?}"
-            ))),
+            Err(_) => {
+                // This limit runs out before the crate's own, which `run` would have
+                // taken as a lost connection: as a publish does, the next commands
+                // go on a new one (each ack and release failed on a connection lost
+                // without a word, their messages delivered again and again).
+                shared.link.lost(started);
+                Err(Error::internal(format!(
+                    "{what}: Redis did not reply within {limit:?}"
+                )))
+            }
         };
         shared.held().remove(&self.stream_id);
         match result {

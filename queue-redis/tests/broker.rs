@@ -632,6 +632,40 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// An ack that got no reply in time replaces the shared connection as a publish does.
+/// It did not: on a connection lost without a word, every ack and release timed out
+/// on it and its message was delivered again, until a lease renewal or a reap (plain
+/// commands) waited out the crate's own limit, about 12 s with the defaults; and the
+/// publishes meanwhile failed as well.
+async fn an_ack_on_a_connection_lost_without_a_word_replaces_it() {
+    use std::time::Duration;
+    let (_node, proxy, driver) =
+        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
+    let spec = queue("ack-lost");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    let accepted = proxy.accepted();
+    proxy.cut_off_open_connections();
+    let lost = within("an ack on a lost connection", held.ack())
+        .await
+        .expect_err("nothing reached Redis");
+    assert!(lost.retryable(), "{lost}");
+    assert!(proxy.withheld() >= 1, "the ack went through the cut");
+    within(
+        "a publish after the ack's timeout",
+        driver.publish(&spec.id, numbered(2)),
+    )
+    .await
+    .expect("a new connection takes the publish");
+    assert!(proxy.accepted() > accepted, "no new connection was made");
+    let _ = within("the close", driver.close()).await;
+}
+
 /// Publishes `numbered(n)`, again every 100 ms (50 times at most) while the first
 /// commands after a fault fail; whether one went through.
 async fn publish_once_reconnected(driver: &RedisDriver, queue: &QueueId, n: i64) -> bool {
@@ -758,6 +792,7 @@ queue_testkit::broker_tests! {
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
+        an_ack_on_a_connection_lost_without_a_word_replaces_it,
         a_login_revoked_under_a_consumer_is_told_to_it_and_mended,
         a_connection_made_for_another_runtime_outlives_it,
     ];
