@@ -65,7 +65,7 @@ pub use id::QueueId;
 pub use message::{
     HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_MILLIS, MAX_NAME_BYTES,
     MAX_PUBLISHED_HEADER_BYTES, MAX_PUBLISHED_HEADERS, Message, RUNTIME_HEADER_ROOM, names,
-    new_message_id, parse_priority, truncate,
+    new_message_id, parse_priority, truncate, truncate_bytes,
 };
 pub use on_runtime::on_runtime;
 pub use queues::{

@@ -684,6 +684,35 @@ pub fn truncate(text: &str, max: usize) -> String {
     format!("{}{note}", &text[..end])
 }
 
+/// [`truncate`] for bytes that need not be UTF-8 (what is not reads as U+FFFD), reading
+/// no more of them than it keeps: a long input is never copied whole.
+///
+/// ```
+/// assert_eq!(queue_core::truncate_bytes(b"caf\xc3\xa9", 10), "café");
+/// let cut = queue_core::truncate_bytes(&[b'x'; 100], 40);
+/// assert!(cut.len() <= 40 && cut.ends_with("(truncated from 100 bytes)"));
+/// ```
+pub fn truncate_bytes(bytes: &[u8], max: usize) -> String {
+    if bytes.len() <= max {
+        return truncate(&String::from_utf8_lossy(bytes), max);
+    }
+    let note = format!("... (truncated from {} bytes)", bytes.len());
+    let budget = max.saturating_sub(note.len());
+    let mut kept = &bytes[..budget];
+    // A character the cut split in two is left out, not shown as U+FFFD.
+    if let Err(e) = std::str::from_utf8(kept)
+        && e.error_len().is_none()
+    {
+        kept = &kept[..e.valid_up_to()];
+    }
+    let text = String::from_utf8_lossy(kept);
+    let mut end = text.len().min(budget);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{note}", &text[..end])
+}
+
 /// A new unique message id (UUID v7: time-ordered to the millisecond, and in the
 /// order a thread made them).
 ///
@@ -1004,6 +1033,33 @@ mod tests {
         // A message id a driver cannot carry is refused on publish, not dropped later.
         let long_id = Headers::from_pairs([("message_id", HeaderValue::from("i".repeat(300)))]);
         assert!(long_id.validate_for_publish().is_err());
+    }
+
+    proptest::proptest! {
+        /// Bytes are cut as their text would be: within the bound, saying how long
+        /// they were, and a valid text that fits comes out as it went in.
+        #[test]
+        fn bytes_are_cut_within_the_bound(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            max in 40usize..200,
+        ) {
+            let cut = truncate_bytes(&bytes, max);
+            proptest::prop_assert!(cut.len() <= max, "{} bytes: {cut:?}", cut.len());
+            if bytes.len() > max {
+                let note = format!("(truncated from {} bytes)", bytes.len());
+                proptest::prop_assert!(cut.ends_with(&note), "{cut:?}");
+            } else if let Ok(text) = std::str::from_utf8(&bytes) {
+                proptest::prop_assert_eq!(&cut, text);
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_cut_inside_a_character_leave_it_out() {
+        let cut = truncate_bytes("é".repeat(100).as_bytes(), 61);
+        assert!(!cut.contains('\u{fffd}'), "{cut}");
+        assert!(cut.starts_with("éé"), "{cut}");
+        assert_eq!(truncate_bytes(b"a\xffb", 10), "a\u{fffd}b");
     }
 
     #[test]

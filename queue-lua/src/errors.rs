@@ -141,6 +141,12 @@ pub(crate) fn retryable(error: &LuaValue) -> bool {
     }
 }
 
+/// A Lua string's text, cut to `max` bytes as it is read (see
+/// [`queue_core::truncate_bytes`]).
+fn cut_text(text: &mlua::String, max: usize) -> String {
+    queue_core::truncate_bytes(&text.as_bytes(), max)
+}
+
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
 /// for logs and dead-letter reasons.
 pub fn describe(value: &LuaValue) -> String {
@@ -149,9 +155,9 @@ pub fn describe(value: &LuaValue) -> String {
             Ok(e) => e.to_string(),
             Err(_) => "a userdata error".to_string(),
         },
-        LuaValue::String(s) => s.to_string_lossy(),
-        LuaValue::Table(t) => match t.get::<String>("message") {
-            Ok(m) => m,
+        LuaValue::String(s) => cut_text(s, MAX_MESSAGE_BYTES),
+        LuaValue::Table(t) => match t.get::<mlua::String>("message") {
+            Ok(m) => cut_text(&m, MAX_MESSAGE_BYTES),
             Err(_) => "a table error".to_string(),
         },
         other => other
@@ -169,10 +175,13 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     errors.set(
         "new",
         lua.create_function(|_, spec: LuaValue| {
+            // Every text is cut as it is read: read whole first, a string of Lua's
+            // (one to Lua however many places hold it) was copied to Rust's heap once
+            // for the message and once for each detail, outside the memory limit.
             let (message, kind, retryable, details) = match spec {
-                LuaValue::String(s) => (s.to_string_lossy(), None, None, BTreeMap::new()),
+                LuaValue::String(s) => (cut_text(&s, MAX_MESSAGE_BYTES), None, None, BTreeMap::new()),
                 LuaValue::Table(t) => {
-                    let message: Option<String> = t.get("message")?;
+                    let message: Option<mlua::String> = t.get("message")?;
                     let kind: Option<String> = t.get("kind")?;
                     let retryable: Option<bool> = t.get("retryable")?;
                     let details: Option<Table> = t.get("details")?;
@@ -180,12 +189,22 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                     if let Some(details) = details {
                         // No more than an error value keeps: a table of a million
                         // details made a million strings outside the memory limit.
-                        for pair in details.pairs::<String, LuaValue>().take(MAX_DETAILS) {
+                        for pair in details
+                            .pairs::<mlua::String, LuaValue>()
+                            .take(MAX_DETAILS)
+                        {
                             let (k, v) = pair?;
-                            map.insert(k, v.to_string()?);
+                            let v = match v {
+                                LuaValue::String(v) => cut_text(&v, MAX_DETAIL_BYTES),
+                                other => other.to_string()?,
+                            };
+                            map.insert(cut_text(&k, MAX_DETAIL_BYTES), v);
                         }
                     }
-                    (message.unwrap_or_default(), kind, retryable, map)
+                    let message = message.map_or_else(String::new, |m| {
+                        cut_text(&m, MAX_MESSAGE_BYTES)
+                    });
+                    (message, kind, retryable, map)
                 }
                 other => {
                     return Err(mlua::Error::runtime(format!(

@@ -1,5 +1,6 @@
 //! What converting a Lua value takes of the process's memory, outside Lua's limit: a
-//! value over its bound is refused before its conversion holds more than the bound.
+//! value over its bound is refused (or, for an error value's text, cut) before its
+//! conversion holds more than the bound.
 //! A test binary of its own, with one test, so that the allocator's peak it reads is
 //! this conversion's alone.
 
@@ -47,7 +48,7 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// every entry was collected (about 32 MiB of Rust) before the bound was looked at.
 /// So with headers: all were converted before their 48 KiB bound was.
 #[test]
-fn an_oversized_table_is_refused_before_it_is_all_collected() {
+fn oversized_values_are_refused_or_cut_before_they_are_copied() {
     let lua = mlua::Lua::new();
     let values: mlua::Value = lua
         .load("local t = {} for i = 1, 1000000 do t[i] = i end return t")
@@ -70,4 +71,36 @@ fn an_oversized_table_is_refused_before_it_is_all_collected() {
     assert_eq!(err.kind(), ErrorKind::Invalid);
     assert!(err.message().contains("headers take more than"), "{err}");
     assert!(peak < 1024 * 1024, "headers held {peak} bytes");
+
+    // An error value keeps 4 KiB of its message and 1 KiB of each of 16 details: a
+    // string of 16 MiB as the message and every detail, one string to Lua, was copied
+    // whole 17 times (272 MiB outside Lua's limit) before it was cut.
+    let host = queue_lua::LuaHost::new(Default::default(), Default::default()).unwrap();
+    let errors: mlua::Table = host.globals().get("errors").unwrap();
+    let new: mlua::Function = errors.get("new").unwrap();
+    let big = host
+        .lua()
+        .create_string(vec![b'x'; 16 * 1024 * 1024])
+        .unwrap();
+    let details = host.lua().create_table().unwrap();
+    for key in 'a'..='p' {
+        details.set(key.to_string(), &big).unwrap();
+    }
+    let spec = host.lua().create_table().unwrap();
+    spec.set("message", &big).unwrap();
+    spec.set("details", details).unwrap();
+    let (made, peak) = peak_of(|| new.call::<mlua::Value>(spec));
+    let made = made.unwrap();
+    let error = made
+        .as_userdata()
+        .unwrap()
+        .borrow::<queue_lua::LuaError>()
+        .unwrap();
+    assert!(
+        error.message.contains("truncated from 16777216 bytes"),
+        "{}",
+        &error.message[4000..]
+    );
+    assert_eq!(error.details.len(), 16);
+    assert!(peak < 1024 * 1024, "errors.new held {peak} bytes");
 }
