@@ -143,7 +143,7 @@ pub(crate) fn retryable(error: &LuaValue) -> bool {
 
 /// A Lua string's text, cut to `max` bytes as it is read (see
 /// [`queue_core::truncate_bytes`]).
-fn cut_text(text: &mlua::String, max: usize) -> String {
+fn cut_text(text: &mlua::LuaString, max: usize) -> String {
     queue_core::truncate_bytes(&text.as_bytes(), max)
 }
 
@@ -156,7 +156,7 @@ pub fn describe(value: &LuaValue) -> String {
             Err(_) => "a userdata error".to_string(),
         },
         LuaValue::String(s) => cut_text(s, MAX_MESSAGE_BYTES),
-        LuaValue::Table(t) => match t.get::<mlua::String>("message") {
+        LuaValue::Table(t) => match t.get::<mlua::LuaString>("message") {
             Ok(m) => cut_text(&m, MAX_MESSAGE_BYTES),
             Err(_) => "a table error".to_string(),
         },
@@ -181,7 +181,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             let (message, kind, retryable, details) = match spec {
                 LuaValue::String(s) => (cut_text(&s, MAX_MESSAGE_BYTES), None, None, BTreeMap::new()),
                 LuaValue::Table(t) => {
-                    let message: Option<mlua::String> = t.get("message")?;
+                    let message: Option<mlua::LuaString> = t.get("message")?;
                     let kind: Option<String> = t.get("kind")?;
                     let retryable: Option<bool> = t.get("retryable")?;
                     let details: Option<Table> = t.get("details")?;
@@ -190,7 +190,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                         // No more than an error value keeps: a table of a million
                         // details made a million strings outside the memory limit.
                         for pair in details
-                            .pairs::<mlua::String, LuaValue>()
+                            .pairs::<mlua::LuaString, LuaValue>()
                             .take(MAX_DETAILS)
                         {
                             let (k, v) = pair?;
