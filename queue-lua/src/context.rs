@@ -46,6 +46,9 @@ pub(crate) struct DeliveryState {
     /// The handler raised an error value (`error(err)`): whether it was retryable.
     /// Lua turns a raised value into text on its way out, so it is noted on the way.
     pub(crate) raised_retryable: Cell<Option<bool>>,
+    /// The handler raised a table with a `message` (`error({ message = ... })`): that
+    /// message, which Lua's text of the table (its address) would lose.
+    pub(crate) raised_message: RefCell<Option<String>>,
 }
 
 impl DeliveryState {
@@ -54,6 +57,7 @@ impl DeliveryState {
             context: RefCell::new(Some(context)),
             settled: Cell::new(false),
             raised_retryable: Cell::new(None),
+            raised_message: RefCell::new(None),
         }
     }
 

@@ -143,8 +143,13 @@ pub(crate) fn retryable(error: &LuaValue) -> bool {
 
 /// A Lua string's text, cut to `max` bytes as it is read (see
 /// [`queue_core::truncate_bytes`]).
-fn cut_text(text: &mlua::LuaString, max: usize) -> String {
+fn cut_to(text: &mlua::LuaString, max: usize) -> String {
     queue_core::truncate_bytes(&text.as_bytes(), max)
+}
+
+/// A Lua string's text, cut as an error's message is.
+pub(crate) fn cut_text(text: &mlua::LuaString) -> String {
+    cut_to(text, MAX_MESSAGE_BYTES)
 }
 
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
@@ -155,9 +160,9 @@ pub fn describe(value: &LuaValue) -> String {
             Ok(e) => e.to_string(),
             Err(_) => "a userdata error".to_string(),
         },
-        LuaValue::String(s) => cut_text(s, MAX_MESSAGE_BYTES),
+        LuaValue::String(s) => cut_text(s),
         LuaValue::Table(t) => match t.get::<mlua::LuaString>("message") {
-            Ok(m) => cut_text(&m, MAX_MESSAGE_BYTES),
+            Ok(m) => cut_text(&m),
             Err(_) => "a table error".to_string(),
         },
         other => other
@@ -179,7 +184,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             // (one to Lua however many places hold it) was copied to Rust's heap once
             // for the message and once for each detail, outside the memory limit.
             let (message, kind, retryable, details) = match spec {
-                LuaValue::String(s) => (cut_text(&s, MAX_MESSAGE_BYTES), None, None, BTreeMap::new()),
+                LuaValue::String(s) => (cut_text(&s), None, None, BTreeMap::new()),
                 LuaValue::Table(t) => {
                     let message: Option<mlua::LuaString> = t.get("message")?;
                     let kind: Option<String> = t.get("kind")?;
@@ -195,14 +200,14 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                         {
                             let (k, v) = pair?;
                             let v = match v {
-                                LuaValue::String(v) => cut_text(&v, MAX_DETAIL_BYTES),
+                                LuaValue::String(v) => cut_to(&v, MAX_DETAIL_BYTES),
                                 other => other.to_string()?,
                             };
-                            map.insert(cut_text(&k, MAX_DETAIL_BYTES), v);
+                            map.insert(cut_to(&k, MAX_DETAIL_BYTES), v);
                         }
                     }
                     let message = message.map_or_else(String::new, |m| {
-                        cut_text(&m, MAX_MESSAGE_BYTES)
+                        cut_text(&m)
                     });
                     (message, kind, retryable, map)
                 }

@@ -381,12 +381,13 @@ impl LuaHost {
             ))
         };
         state.release();
-        if state.settled.get() {
-            return Outcome::Settled;
-        }
-        match result {
+        let raised_message = state.raised_message.borrow_mut().take();
+        let outcome = match result {
             Err(e) => Outcome::Nack {
-                reason: format!("{} raised: {e}", handler.name),
+                reason: match raised_message {
+                    Some(message) => format!("{} raised: {message}", handler.name),
+                    None => format!("{} raised: {e}", handler.name),
+                },
                 // A run that ended at its deadline timed out, whatever error it was
                 // raising then.
                 retryable: timed_out(deadline_at) || state.raised_retryable.get().unwrap_or(true),
@@ -417,7 +418,16 @@ impl LuaHost {
                     Outcome::Ack
                 }
             }
+        };
+        if state.settled.get() {
+            // The handler's own `msg:ack()` or `msg:nack()` stands (docs/consumers.md);
+            // a failure after it would otherwise leave no trace.
+            if let Outcome::Nack { reason, .. } = &outcome {
+                tracing::warn!(handler = %handler.name, error = %reason, "the handler failed after it settled its message itself; that settlement stands");
+            }
+            return Outcome::Settled;
         }
+        outcome
     }
 
     /// Runs a function (a `process.lua`) as a coroutine with these arguments and
@@ -611,6 +621,15 @@ fn guard(lua: &Lua) -> mlua::Result<Function> {
                 _ => None,
             };
             delivery.raised_retryable.set(retryable);
+            // Read raw: no Lua of the table's runs here, past a deadline perhaps.
+            let message = match &raised {
+                LuaValue::Table(t) => match t.raw_get::<LuaValue>("message") {
+                    Ok(LuaValue::String(m)) => Some(crate::errors::cut_text(&m)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            *delivery.raised_message.borrow_mut() = message;
         }
         Ok(raised)
     })?;

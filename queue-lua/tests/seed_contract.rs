@@ -273,6 +273,20 @@ async fn a_raised_error_carries_the_lua_location() {
     }
 }
 
+/// A raised table's `message` is its reason, as a returned table's is: it was the
+/// table's address (`table: 0x55…`), which says nothing in a dead letter.
+#[tokio::test]
+async fn a_raised_table_is_told_by_its_message() {
+    match outcome_of("raises_a_table").await.0 {
+        Outcome::Nack { reason, retryable } => {
+            assert!(reason.contains("raised: card declined"), "{reason}");
+            assert!(!reason.contains("table: 0x"), "{reason}");
+            assert!(retryable);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn the_delivery_context_survives_nested_calls_and_yields() {
     let h = Harness::new().await;

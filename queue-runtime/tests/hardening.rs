@@ -171,6 +171,32 @@ function more() for i = 1, 3 do assert(queue.publish("app:others", { i = i })) e
     assert_eq!(lua_logs(&logs, "Fine").len(), 3);
 }
 
+/// A handler that settled its message itself and then failed: the settlement stands
+/// (no retry, no dead letter), and the failure is logged. It vanished without a trace:
+/// neither the error nor its traceback showed anywhere.
+#[test]
+fn an_error_after_the_handler_settled_its_message_is_logged_and_the_settlement_stands() {
+    let lua = r#"
+function settles_then_fails(p)
+  logger:info("Tried", {})
+  assert(queue.message():ack())
+  error("the audit write failed")
+end
+"#;
+    let dir = one_job_app("settles_then_fails", lua, "");
+    let (out, logs) = run_json(dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(lua_logs(&logs, "Tried").len(), 1, "{}", text(&out.stderr));
+    assert!(lua_logs(&logs, "Dead letter").is_empty());
+    let told = logs.iter().any(|l| {
+        l["level"] == "WARN"
+            && l["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the audit write failed"))
+    });
+    assert!(told, "the failure is logged: {}", text(&out.stderr));
+}
+
 /// Input that can never be valid is not retried: an `INVALID` error goes to the
 /// dead-letter queue on its first failure, unless the consumer says to retry all;
 /// raised, or given to `msg:nack(err)` (which retried it `max_attempts` times).

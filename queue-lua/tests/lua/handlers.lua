@@ -7,6 +7,8 @@ function M.returns_false(payload) return false end
 function M.returns_nil_err(payload) return nil, errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
 function M.returns_nil_string(payload) return nil, "plain failure" end
 function M.raises(payload) error("boom") end
+-- The Lua idiom of an error table with a message, raised.
+function M.raises_a_table(payload) error({ message = "card declined", code = 402 }) end
 local function invalid(retryable)
   return errors.new({ message = "bad input", kind = errors.INVALID, retryable = retryable })
 end
