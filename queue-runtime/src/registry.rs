@@ -311,7 +311,13 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                 };
                 if plan.queue(&queue).is_none() {
                     match &default_driver {
-                        Some(driver) => plan.queues.push(default_queue(queue.clone(), driver)),
+                        Some(driver) => match default_queue(queue.clone(), driver) {
+                            Ok(implied) => plan.queues.push(implied),
+                            Err(message) => {
+                                errors.push(entry.error(Some("queue"), message));
+                                continue;
+                            }
+                        },
                         None => {
                             errors.push(entry.error(
                                 Some("queue"),
@@ -633,16 +639,24 @@ fn driver_error(entry: &Entry, error: &queue_core::Error) -> ConfigError {
     entry.error(field, message)
 }
 
-fn default_queue(id: QueueId, driver: &str) -> QueuePlan {
+/// The plan of a queue only a consumer names, with the defaults: a dead-letter queue
+/// `<id>.dlq`; an id that leaves no room for it is refused (its messages would be
+/// dropped after their last attempt, which nobody asked for).
+fn default_queue(id: QueueId, driver: &str) -> Result<QueuePlan, String> {
     let retry = retry_policy(&RetryConfig::default());
-    let dead_letter = QueueId::parse(&format!("{id}.dlq")).ok();
-    QueuePlan {
+    let dead_letter = QueueId::parse(&format!("{id}.dlq")).map_err(|e| {
+        format!(
+            "{id} is not declared, and its id leaves no room for its dead-letter queue ({}): declare it with a queue.queue entry that names its dead_letter (or says false)",
+            e.message()
+        )
+    })?;
+    Ok(QueuePlan {
         spec: QueueSpec::new(id),
         settings: PublishSettings::default(),
         driver: driver.to_string(),
         retry,
-        dead_letter,
-    }
+        dead_letter: Some(dead_letter),
+    })
 }
 
 fn queue_plan(
@@ -992,6 +1006,24 @@ mod tests {
         assert!(
             err.contains("different policies") && err.contains("app:c"),
             "{err}"
+        );
+    }
+
+    /// A consumer of a queue no entry declares, whose id leaves no room for `.dlq`:
+    /// its queue got no dead-letter queue, and every message that failed for the last
+    /// time was dropped, as if the user had written `dead_letter: false`.
+    #[test]
+    fn an_undeclared_queue_with_no_room_for_its_dead_letter_queue_fails_the_plan() {
+        let long = "q".repeat(250);
+        let yaml = format!(
+            "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: {long}\n    source: h.lua\n    method: handle\n"
+        );
+        let dir = app_dir(&yaml, &[("h.lua", "function handle() end\n")]);
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
+        assert_eq!(
+            located(&errors, "no room for its dead-letter queue"),
+            vec![(5, Some("queue"), true)],
+            "{errors:?}"
         );
     }
 
