@@ -302,6 +302,15 @@ impl Amqp091Config {
     }
 
     fn endpoint(&self, i: usize, url: &str) -> Result<Endpoint> {
+        if queue_core::credentials_cut_short(url) {
+            return Err(field_error(
+                &self.url_field(i),
+                &format!(
+                    "{:?}: the user name or password holds a '/', '?' or '#', or the vhost an '@': percent-encode it (%2F, %3F, %23, %40)",
+                    redact_url(url)
+                ),
+            ));
+        }
         // The parser's error repeats the whole URL, password included: never show it.
         let mut uri = AMQPUri::from_str(url).map_err(|_| {
             field_error(
@@ -511,6 +520,32 @@ mod tests {
             Amqp091Config::from_json(json!({"url": "amqp://u:hunter2@host:notaport"})).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    /// A '/' in a password cut the URL short: `amqp://app:2024/pw@rabbit` dialled host
+    /// `app`, port 2024, as guest, and sent `pw@rabbit` as the vhost.
+    #[test]
+    fn a_password_holding_an_unencoded_slash_is_refused_saying_how_to_write_it() {
+        for url in [
+            "amqp://app:2024/pw@rabbit",
+            "amqp://u:p#w@rabbit/",
+            "amqp://u:p?w@rabbit",
+        ] {
+            let err = Amqp091Config::from_json(json!({ "url": url })).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}: {err}");
+            assert!(err.to_string().contains("percent-encode"), "{url}: {err}");
+            assert!(!err.to_string().contains("pw@"), "{url}: {err}");
+        }
+        let encoded =
+            Amqp091Config::from_json(json!({ "url": "amqp://app:2024%2Fpw@rabbit/" })).unwrap();
+        let uri = encoded.endpoints().unwrap().remove(0).uri;
+        assert_eq!(
+            (
+                uri.authority.host.as_str(),
+                uri.authority.userinfo.password.as_str()
+            ),
+            ("rabbit", "2024/pw")
+        );
     }
 
     #[test]

@@ -316,9 +316,7 @@ impl Endpoint {
         };
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(authority_end);
-        if path.contains('@') {
-            // The '@' of the credentials comes after the cut: the user name or the
-            // password holds the character that cut it.
+        if queue_core::credentials_cut_short(url) {
             return Err(bad(
                 "the user name or password holds a '/', '?' or '#': percent-encode it (%2F, %3F, %23)",
             ));

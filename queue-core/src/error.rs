@@ -244,6 +244,26 @@ pub fn redact_url(url: &str) -> String {
     redact_query_secrets(&redact_userinfo(url))
 }
 
+/// Whether `url`'s user name or password holds a character that ends the authority
+/// (`/`, `?` or `#`) unencoded: the `@` of the credentials then comes after the cut, in
+/// the path, query or fragment, and a URL parser reads part of the password as the
+/// host, port or path (`amqp://app:2024/pw@rabbit` dialled host `app`, port 2024, and
+/// sent `pw@rabbit` as the vhost). An `@` in a path (a vhost) must be encoded (`%40`)
+/// for the same reason.
+///
+/// ```
+/// use queue_core::credentials_cut_short;
+/// assert!(credentials_cut_short("amqp://app:2024/pw@rabbit"));
+/// assert!(credentials_cut_short("redis://u:p#w@h/0"));
+/// assert!(!credentials_cut_short("amqp://app:2024%2Fpw@rabbit/%2f"));
+/// assert!(!credentials_cut_short("amqp://rabbit:5672/"));
+/// ```
+pub fn credentials_cut_short(url: &str) -> bool {
+    let rest = url.find("://").map_or(url, |i| &url[i + 3..]);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[authority_end..].contains('@')
+}
+
 /// Query parameter names that hold a secret when they contain one of these.
 const SECRET_PARAMETERS: [&str; 8] = [
     "pass", "pwd", "secret", "token", "key", "auth", "sig", "cred",

@@ -59,7 +59,7 @@ pub use driver::{
     Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
     QueueType, Subscription,
 };
-pub use error::{Error, ErrorKind, Result, redact_url};
+pub use error::{Error, ErrorKind, Result, credentials_cut_short, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
 pub use message::{
