@@ -155,7 +155,7 @@ impl RedisConfig {
             ));
         };
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        if rest[authority.len()..].contains('@') {
+        if queue_core::credentials_cut_short(&self.url) {
             // `redis://u:12#ab@host` reads as host `u`, port 12, no password: the
             // password would be dropped and another host dialled.
             return Err(bad(

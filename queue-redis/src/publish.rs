@@ -1,6 +1,8 @@
 //! Publishing: `XADD` (the reply is the confirmation), or a script that checks
 //! `max_length` first.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use queue_core::{Error, Message, Result};
 use redis::Value;
 
@@ -66,6 +68,10 @@ pub(crate) async fn publish_batch(
     }
     let what = NAME;
     let mut pipe = redis::pipe();
+    // Each `XADD`'s reply on its own: by default the crate fails the whole pipeline on
+    // one refused command, and the replies of those stored before it were lost (a batch
+    // cut by `maxmemory` said none was stored, and publishing it again duplicated them).
+    pipe.ignore_errors();
     for message in messages {
         pipe.cmd("XADD")
             .arg(&declared.keys.stream)
@@ -73,13 +79,22 @@ pub(crate) async fn publish_batch(
             .arg("*")
             .arg(mapping::to_fields(message));
     }
+    let added = AtomicUsize::new(0);
     let sent = async {
-        let replies: Vec<Value> = link
-            .run(what, |mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
-        if replies.len() != messages.len() || replies.iter().any(|r| matches!(r, Value::Nil)) {
-            let added = replies.iter().filter(|r| !matches!(r, Value::Nil)).count();
-            return Err(gone(what, &declared.spec.id).in_batch(added, messages.len()));
+        // A refused command is the run's error (the link replaces a connection on a
+        // read-only reply, say), with how many were added noted beside it.
+        let (pipe, added) = (&pipe, &added);
+        link.run(what, |mut c| async move {
+            let replies: Vec<Value> = pipe.query_async(&mut c).await?;
+            let (stored, refused) = tally(replies);
+            added.store(stored, Ordering::Relaxed);
+            refused.map_or(Ok(()), Err)
+        })
+        .await
+        .map_err(|e| e.in_batch(added.load(Ordering::Relaxed), messages.len()))?;
+        let stored = added.load(Ordering::Relaxed);
+        if stored != messages.len() {
+            return Err(gone(what, &declared.spec.id).in_batch(stored, messages.len()));
         }
         Ok(())
     };
@@ -87,6 +102,24 @@ pub(crate) async fn publish_batch(
     within(link, what, sent)
         .await
         .map_err(|e| e.in_batch(0, messages.len()))
+}
+
+/// How many of a pipeline's `XADD`s stored their message (replied with an entry id),
+/// and the first refusal among them, if any. A `nil` reply (`NOMKSTREAM` on a stream
+/// that is gone) stores nothing and is no refusal.
+fn tally(replies: Vec<Value>) -> (usize, Option<redis::RedisError>) {
+    let mut stored = 0;
+    let mut refused = None;
+    for reply in replies {
+        match reply {
+            Value::Nil => {}
+            Value::ServerError(e) => {
+                refused.get_or_insert(redis::RedisError::from(e));
+            }
+            _ => stored += 1,
+        }
+    }
+    (stored, refused)
 }
 
 async fn within<T>(
@@ -118,4 +151,34 @@ fn gone(what: &str, queue: &queue_core::QueueId) -> Error {
 /// Whether a publish failed because the queue's stream is gone.
 pub(crate) fn is_stream_gone(err: &Error) -> bool {
     redis_code(err) == Some(NOT_FOUND_CODE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Redis answers a pipeline of `XADD`s with each reply on its own: a stored
+    /// message (its entry id), a refused one (`maxmemory` reached), one whose stream
+    /// is gone (`NOMKSTREAM`: nil). The pipeline's replies read as the crate gives them.
+    #[test]
+    fn a_batch_cut_short_counts_what_was_stored_and_keeps_the_refusal() {
+        let answer = b"*4\r\n$3\r\n1-0\r\n$3\r\n1-1\r\n-OOM command not allowed when used memory > 'maxmemory'.\r\n_\r\n";
+        let Value::Array(replies) = redis::parse_redis_value(answer).unwrap() else {
+            panic!("an array")
+        };
+        let replies: Vec<Value> = redis::from_redis_value(Value::Array(replies)).unwrap();
+        let (stored, refused) = tally(replies);
+        assert_eq!(stored, 2);
+        let refused = refused.expect("the refusal is kept");
+        assert_eq!(refused.code(), Some("OOM"), "{refused}");
+        // The workspace's error for it says two are known stored.
+        let error = crate::error::from_redis("publish", refused).in_batch(stored, 4);
+        assert_eq!(
+            error.details().get("confirmed").map(String::as_str),
+            Some("2")
+        );
+        // Every reply an entry id: all stored, nothing refused.
+        let all = vec![Value::SimpleString("1-0".into()); 3];
+        assert!(matches!(tally(all), (3, None)));
+    }
 }

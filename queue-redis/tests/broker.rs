@@ -420,6 +420,61 @@ async fn a_release_refused_for_memory_is_delivered_again() {
     sub.cancel().await.unwrap();
 }
 
+/// A batch that Redis cuts short (`maxmemory` reached part way through its pipeline)
+/// says how many of its messages were stored. The redis crate failed the whole
+/// pipeline on the first refused `XADD`, so the batch said none were, and a caller
+/// that published it again duplicated every one stored.
+async fn a_batch_cut_short_by_maxmemory_says_how_many_were_stored() {
+    const BATCH: usize = 400;
+    let spec = queue("cut-batch");
+    let (node, driver) = declared(&spec).await;
+    let mut raw = raw_connection(&node).await;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut raw)
+        .await
+        .expect("INFO");
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO");
+    let pad = "x".repeat(2_000);
+    let batch: Vec<_> = (0..BATCH)
+        .map(|n| {
+            queue_core::Message::from_bytes(
+                format!("{{\"n\":{n},\"pad\":\"{pad}\"}}").into_bytes(),
+                Default::default(),
+                "application/json",
+            )
+        })
+        .collect();
+    // Room for about a hundred of the messages in the stream.
+    let limit = used + 256 * 1024;
+    let set = |bytes: String| {
+        let mut set = redis::cmd("CONFIG");
+        set.arg("SET").arg("maxmemory").arg(bytes);
+        set
+    };
+    let _: () = set(limit.to_string())
+        .query_async(&mut raw)
+        .await
+        .expect("CONFIG SET");
+    let cut = driver.publish_batch(&spec.id, batch).await;
+    let _: () = set("0".to_string())
+        .query_async(&mut raw)
+        .await
+        .expect("CONFIG SET");
+    let err = cut.expect_err("maxmemory cut the batch short");
+    let confirmed: usize = err.details()["confirmed"].parse().unwrap();
+    let stored = driver.info(&spec.id).await.unwrap().ready.unwrap();
+    assert_eq!(confirmed as u64, stored, "{err}");
+    assert!(
+        0 < confirmed && confirmed < BATCH,
+        "the fault landed part way: {confirmed} stored"
+    );
+}
+
 async fn close_ends_subscriptions_and_refuses_work() {
     let spec = queue("closing");
     let (node, driver) = declared(&spec).await;
@@ -789,6 +844,7 @@ queue_testkit::broker_tests! {
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         a_release_refused_for_memory_is_delivered_again,
+        a_batch_cut_short_by_maxmemory_says_how_many_were_stored,
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
