@@ -44,6 +44,11 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// How many pending entries one look at the consumer's own pending list covers.
 const RESCAN_PAGE: usize = 1000;
 
+/// The most entries one read asks for: its permits are taken before it and held until
+/// it replies, and with a prefetch of millions (the Rust API takes any) the reader
+/// gathered every one of them into memory first.
+const READ_PAGE: usize = 1000;
+
 /// The release script's code for an entry it cannot copy back.
 const TOO_WIDE: &str = "TOO_WIDE";
 /// The release script's code for a copy Redis refuses for now.
@@ -314,7 +319,9 @@ async fn read_loop(
             _ = stop.changed() => continue,
         };
         let mut permits = vec![first];
-        while let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned() {
+        while permits.len() < READ_PAGE
+            && let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned()
+        {
             permits.push(permit);
         }
         match step(&shared, &mut reader, &mut fresh, permits.len()).await {

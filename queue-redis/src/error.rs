@@ -79,6 +79,13 @@ pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error
         ))
     } else if code == FULL_CODE {
         Error::internal(format!("{what}: {detail}"))
+    } else if code == "WRONGTYPE" {
+        Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{what}: a key of another type holds the queue's name in Redis (delete or rename it, or give the queue another queue_name)"
+            ),
+        )
     } else if code == CONFLICT_CODE {
         Error::new(ErrorKind::AlreadyExists, format!("{what}: {detail}"))
     } else if is_connection_error(&err) {
@@ -135,6 +142,17 @@ mod tests {
         let e = from_redis("publish", server(FULL_CODE, "queue is full"));
         assert_eq!(e.kind(), ErrorKind::Internal);
         assert!(e.message().contains("queue is full"), "{e}");
+        // Another kind of key holds the queue's name: no retry mends that.
+        let e = from_redis(
+            "publish",
+            server(
+                "WRONGTYPE",
+                "Operation against a key holding the wrong kind of value",
+            ),
+        );
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        assert!(!e.retryable());
+        assert!(e.message().contains("another type"), "{e}");
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         let e = from_redis("publish", io);
         assert_eq!(e.kind(), ErrorKind::Internal);

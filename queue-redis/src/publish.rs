@@ -148,9 +148,10 @@ fn gone(what: &str, queue: &queue_core::QueueId) -> Error {
     .with_detail(REDIS_CODE, NOT_FOUND_CODE)
 }
 
-/// Whether a publish failed because the queue's stream is gone.
+/// Whether a publish failed because the queue's stream, or its group, is gone.
 pub(crate) fn is_stream_gone(err: &Error) -> bool {
-    redis_code(err) == Some(NOT_FOUND_CODE)
+    // `NOGROUP`: the limited publish's script found the stream without its group.
+    matches!(redis_code(err), Some(NOT_FOUND_CODE | "NOGROUP"))
 }
 
 #[cfg(test)]

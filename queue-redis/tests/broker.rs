@@ -217,6 +217,20 @@ async fn a_queue_redis_lost_is_declared_again() {
     driver.publish_batch(&limited.id, batch).await.unwrap();
     let info = driver.info(&limited.id).await.unwrap();
     assert_eq!(info.ready, Some(3), "{info:?}");
+    // The group alone gone (`XGROUP DESTROY`, or another client's entry after a
+    // FLUSHALL making the stream without it): the limited publish's script meets
+    // `NOGROUP`, and the publish declares the queue again too. It failed as NOT_FOUND,
+    // every publish, until a consumer somewhere declared the queue.
+    node.command(&[
+        "XGROUP",
+        "DESTROY",
+        "queue:{broker:flushed-limited}",
+        "queue",
+    ])
+    .unwrap();
+    driver.publish(&limited.id, numbered(7)).await.unwrap();
+    let info = driver.info(&limited.id).await.unwrap();
+    assert_eq!(info.ready, Some(4), "{info:?}");
 }
 
 /// A Redis demoted to a replica (`REPLICAOF`, a failover) answers `READONLY` to every
@@ -473,6 +487,22 @@ async fn a_batch_cut_short_by_maxmemory_says_how_many_were_stored() {
         0 < confirmed && confirmed < BATCH,
         "the fault landed part way: {confirmed} stored"
     );
+}
+
+/// Any prefetch the Rust API takes works: the reader took every permit of its
+/// prefetch before each read, four billion of them for `u32::MAX` (68 GB of memory).
+async fn the_largest_prefetch_reads_a_page_at_a_time() {
+    let spec = queue("huge-prefetch");
+    let (_node, driver) = declared(&spec).await;
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: u32::MAX })
+        .await
+        .unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
 }
 
 async fn close_ends_subscriptions_and_refuses_work() {
@@ -845,6 +875,7 @@ queue_testkit::broker_tests! {
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         a_release_refused_for_memory_is_delivered_again,
         a_batch_cut_short_by_maxmemory_says_how_many_were_stored,
+        the_largest_prefetch_reads_a_page_at_a_time,
         close_ends_subscriptions_and_refuses_work,
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
