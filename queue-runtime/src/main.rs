@@ -370,26 +370,24 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             // the same as any other: handlers finish, deliveries go back, the summary
             // is printed; the exit code says it failed.
             let mut idle_failed = None;
-            let reason = tokio::select! {
-                signal = signals.next() => signal,
+            let (reason, by_signal) = tokio::select! {
+                signal = signals.next() => (signal, true),
                 idle = host.wait_idle(), if exit_when_idle => match idle {
-                    Ok(()) => "idle",
+                    Ok(()) => ("idle", false),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot tell whether the queues are idle; stopping");
                         idle_failed = Some(e);
-                        "queue counts unreadable"
+                        ("queue counts unreadable", false)
                     }
                 },
             };
             tracing::info!(reason, "stopping");
             let failures = host.process_failures();
-            // A second signal while stopping exits at once; what was returned so far stays returned.
-            let summary = tokio::select! {
-                summary = host.shutdown() => summary,
-                _ = signals.next() => {
-                    say_on_stderr!("second signal: exiting now");
-                    return Ok(ExitCode::from(130));
-                }
+            let Some(summary) =
+                unless_signalled_again(host.shutdown(), &mut signals, by_signal).await
+            else {
+                say_on_stderr!("second signal: exiting now");
+                return Ok(ExitCode::from(130));
             };
             for queue in &summary {
                 say!("summary: {queue}");
@@ -642,6 +640,37 @@ fn parse_headers(items: &[String]) -> Result<Headers, String> {
 /// One listener for the whole run, not one per wait: a signal that arrives between two
 /// waits (say right after "stopping" is logged) is kept for the next wait instead of
 /// being lost before a fresh listener exists.
+/// Where the signals that stop the runtime come from.
+trait StopSignals {
+    /// Waits for the next one and names it.
+    async fn next(&mut self) -> &'static str;
+}
+
+/// Waits for `shutdown`; `None` if a second signal cut it short (what was returned so
+/// far stays returned). A stop a signal began counts that signal as the first; one
+/// that began otherwise (the queues idle, or their counts unreadable) waits for two:
+/// an orchestrator's ordinary SIGTERM during it asks for what is already happening,
+/// and exited at once, skipping the summary and cutting settlements short.
+async fn unless_signalled_again<T>(
+    shutdown: impl std::future::Future<Output = T>,
+    signals: &mut impl StopSignals,
+    began_with_a_signal: bool,
+) -> Option<T> {
+    tokio::pin!(shutdown);
+    let mut first = !began_with_a_signal;
+    loop {
+        tokio::select! {
+            finished = &mut shutdown => return Some(finished),
+            signal = signals.next() => {
+                if !std::mem::take(&mut first) {
+                    return None;
+                }
+                tracing::info!(signal, "already stopping; a second signal exits at once");
+            }
+        }
+    }
+}
+
 struct ShutdownSignals {
     streams: Option<[tokio::signal::unix::Signal; 3]>,
 }
@@ -662,7 +691,9 @@ impl ShutdownSignals {
         };
         Self { streams }
     }
+}
 
+impl StopSignals for ShutdownSignals {
     /// Waits for the next SIGTERM, SIGINT or SIGHUP and names it.
     async fn next(&mut self) -> &'static str {
         let Some([term, int, hup]) = self.streams.as_mut() else {
@@ -679,6 +710,59 @@ impl ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// These signals, one per call, counting each as it is read; none after them.
+    struct Told {
+        left: Vec<&'static str>,
+        read: std::rc::Rc<std::cell::Cell<usize>>,
+    }
+
+    impl StopSignals for Told {
+        async fn next(&mut self) -> &'static str {
+            match self.left.pop() {
+                Some(signal) => {
+                    self.read.set(self.read.get() + 1);
+                    signal
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_the_queues_began_ends_early_at_the_second_signal_only() {
+        for (by_signal, signals, cut_short) in [
+            (false, vec!["SIGTERM"], false),
+            (false, vec!["SIGTERM", "SIGINT"], true),
+            (true, vec!["SIGTERM"], true),
+            (true, vec![], false),
+        ] {
+            let read = std::rc::Rc::default();
+            let sent = signals.len();
+            let mut told = Told {
+                left: signals,
+                read: std::rc::Rc::clone(&read),
+            };
+            // A shutdown that ends once every signal was read.
+            let shutdown = async {
+                while read.get() < sent {
+                    tokio::task::yield_now().await;
+                }
+                "summary"
+            };
+            let outcome = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                unless_signalled_again(shutdown, &mut told, by_signal),
+            )
+            .await
+            .expect("bounded");
+            assert_eq!(
+                outcome.is_none(),
+                cut_short,
+                "by signal {by_signal}, {sent} signals"
+            );
+        }
+    }
     use tracing::Subscriber;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
