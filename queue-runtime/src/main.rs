@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use queue_core::security::Actor;
-use queue_core::{HeaderValue, Headers, Value};
+use queue_core::{HeaderValue, Headers, Value, names};
 use queue_runtime::config;
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds, Plan};
@@ -617,12 +617,40 @@ fn pairs(items: &[String]) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// Headers whose value is text whatever it reads like (`-H message_id=1001`).
+const TEXT_HEADERS: [&str; 6] = [
+    names::MESSAGE_ID,
+    names::CORRELATION_ID,
+    names::REPLY_TO,
+    names::MESSAGE_TYPE,
+    names::CONTENT_TYPE,
+    names::CONTENT_ENCODING,
+];
+
+/// `-H key=value` pairs as headers (docs/operations.md): a value that reads as an
+/// integer written plainly, a finite number written with a point or an exponent, or
+/// `true`/`false` is typed; one in double
+/// quotes, or of a header in [`TEXT_HEADERS`], is text. Typed whatever it read like,
+/// `00042` became 42, `nan` a float, and `message_id=1001` an integer, refused.
 fn parse_headers(items: &[String]) -> Result<Headers, String> {
     let mut headers = Headers::new();
     for (k, v) in pairs(items)? {
-        let value = if let Ok(i) = v.parse::<i64>() {
+        let quoted = v.len() >= 2 && v.starts_with('"') && v.ends_with('"');
+        let value = if quoted {
+            HeaderValue::String(v[1..v.len() - 1].to_string())
+        } else if TEXT_HEADERS.contains(&k.as_str()) {
+            HeaderValue::String(v)
+        } else if let Ok(i) = v.parse::<i64>()
+            && i.to_string() == v
+        {
             HeaderValue::Int(i)
-        } else if let Ok(f) = v.parse::<f64>() {
+        } else if let Ok(f) = v.parse::<f64>()
+            && f.is_finite()
+            && v.bytes()
+                .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+            && v.contains(['.', 'e', 'E'])
+            && !v.starts_with("00")
+        {
             HeaderValue::Float(f)
         } else if let Ok(b) = v.parse::<bool>() {
             HeaderValue::Bool(b)
@@ -634,12 +662,6 @@ fn parse_headers(items: &[String]) -> Result<Headers, String> {
     Ok(headers)
 }
 
-/// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
-/// to its end: each stops the runtime gracefully.
-///
-/// One listener for the whole run, not one per wait: a signal that arrives between two
-/// waits (say right after "stopping" is logged) is kept for the next wait instead of
-/// being lost before a fresh listener exists.
 /// Where the signals that stop the runtime come from.
 trait StopSignals {
     /// Waits for the next one and names it.
@@ -671,6 +693,12 @@ async fn unless_signalled_again<T>(
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
+/// to its end: each stops the runtime gracefully.
+///
+/// One listener for the whole run, not one per wait: a signal that arrives between two
+/// waits (say right after "stopping" is logged) is kept for the next wait instead of
+/// being lost before a fresh listener exists.
 struct ShutdownSignals {
     streams: Option<[tokio::signal::unix::Signal; 3]>,
 }
@@ -726,6 +754,41 @@ mod tests {
                 }
                 None => std::future::pending().await,
             }
+        }
+    }
+
+    #[test]
+    fn header_values_are_typed_only_when_they_read_as_written() {
+        let given = [
+            "n=42",
+            "ratio=0.5",
+            "urgent=true",
+            "zip=00042",
+            "not_a_number=nan",
+            "huge=inf",
+            "plus=+7",
+            "message_id=1001",
+            "correlation_id=true",
+            "quoted=\"12\"",
+            "word=hello",
+        ]
+        .map(String::from);
+        let headers = parse_headers(&given).unwrap();
+        let get = |k: &str| headers.get(k).cloned();
+        assert_eq!(get("n"), Some(HeaderValue::Int(42)));
+        assert_eq!(get("ratio"), Some(HeaderValue::Float(0.5)));
+        assert_eq!(get("urgent"), Some(HeaderValue::Bool(true)));
+        for (key, text) in [
+            ("zip", "00042"),
+            ("not_a_number", "nan"),
+            ("huge", "inf"),
+            ("message_id", "1001"),
+            ("correlation_id", "true"),
+            ("quoted", "12"),
+            ("word", "hello"),
+            ("plus", "+7"),
+        ] {
+            assert_eq!(get(key), Some(HeaderValue::String(text.into())), "{key}");
         }
     }
 
