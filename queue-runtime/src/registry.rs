@@ -430,6 +430,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     }
 
     add_implicit_dead_letter_queues(&mut plan);
+    errors.extend(queue_wiring(config, &plan));
 
     for (entry, source, method, opt_in) in &to_check {
         match queue_lua::check_source(source, method, *opt_in) {
@@ -596,6 +597,56 @@ fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             }
             path.push(id);
             next = plan.queue(id).and_then(|q| q.dead_letter.as_ref());
+        }
+    }
+    errors
+}
+
+/// Queues that would be one queue on their broker, and dead letters that would not
+/// outlive the process. Both passed `check`: two entries with one broker name
+/// (`queue_name`, or an id equal to another's `<name>.dlq`) became one queue served by
+/// both consumers, and dead letters of a broker's queue sent to the memory driver were
+/// acked on the broker and lost when the process ended.
+fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
+    // The entry to point at for a queue: its own, or for a dead-letter queue no entry
+    // declares, the `dead_letter` of a queue that sends to it.
+    let located = |id: &QueueId| match config.get(id.as_str()) {
+        Some(entry) => Some((entry, "queue_name")),
+        None => plan
+            .queues
+            .iter()
+            .find(|q| q.dead_letter.as_ref() == Some(id))
+            .and_then(|q| config.get(q.spec.id.as_str()))
+            .map(|entry| (entry, "dead_letter")),
+    };
+    let mut errors = Vec::new();
+    for (i, q) in plan.queues.iter().enumerate() {
+        let same = plan.queues[..i]
+            .iter()
+            .find(|p| p.driver == q.driver && p.spec.name == q.spec.name);
+        if let Some(first) = same
+            && let Some((entry, field)) = located(&q.spec.id)
+        {
+            errors.push(entry.error(
+                Some(field),
+                format!(
+                    "{} and {} are both the queue {:?} on driver {}: on a broker they would be one queue, served by the consumers of both (give one another queue_name)",
+                    first.spec.id, q.spec.id, q.spec.name, q.driver
+                ),
+            ));
+        }
+        if let Some(dlq) = &q.dead_letter
+            && !plan.is_in_memory(&q.spec.id)
+            && plan.is_in_memory(dlq)
+            && let Some(entry) = config.get(q.spec.id.as_str())
+        {
+            errors.push(entry.error(
+                Some("dead_letter"),
+                format!(
+                    "{dlq} is on a memory driver: dead letters of {}, acked on its broker, would be lost when the process ends (put the dead-letter queue on a broker's driver)",
+                    q.spec.id
+                ),
+            ));
         }
     }
     errors
@@ -1007,6 +1058,41 @@ mod tests {
             err.contains("different policies") && err.contains("app:c"),
             "{err}"
         );
+    }
+
+    /// Two queues that one broker would hold as one, and dead letters of a broker's
+    /// queue sent where they would not outlive the process, fail the plan.
+    #[test]
+    #[cfg(feature = "amqp091")]
+    fn queues_one_broker_would_merge_and_dead_letters_kept_in_memory_fail_the_plan() {
+        let head = "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: mem\n    kind: queue.driver.memory\n";
+        for (queues, field, needle) in [
+            (
+                "  - name: a\n    kind: queue.queue\n    driver: mq\n    queue_name: shared\n  - name: b\n    kind: queue.queue\n    driver: mq\n    queue_name: shared\n",
+                "queue_name",
+                "one queue",
+            ),
+            // An id equal to the dead-letter queue another implies.
+            (
+                "  - name: a\n    kind: queue.queue\n    driver: mq\n  - name: a.dlq\n    kind: queue.queue\n    driver: mq\n    queue_name: app:a.dlq\n    dead_letter: false\n  - name: c\n    kind: queue.queue\n    driver: mq\n    queue_name: app:a.dlq\n",
+                "queue_name",
+                "one queue",
+            ),
+            (
+                "  - name: a\n    kind: queue.queue\n    driver: mq\n    dead_letter: kept\n  - name: kept\n    kind: queue.queue\n    driver: mem\n",
+                "dead_letter",
+                "lost when the process ends",
+            ),
+        ] {
+            let dir = app_dir(&format!("{head}{queues}"), &[]);
+            let errors = plan_in(dir.path(), false).unwrap_err().0;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.field.as_deref() == Some(field) && e.message.contains(needle)),
+                "{queues}: {errors:?}"
+            );
+        }
     }
 
     /// A consumer of a queue no entry declares, whose id leaves no room for `.dlq`:
