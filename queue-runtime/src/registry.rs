@@ -735,6 +735,24 @@ fn queue_plan(
     };
     let mut spec = QueueSpec::new(id.clone()).with_durable(q.durable);
     if let Some(name) = &q.queue_name {
+        // An empty name asks RabbitMQ for a queue it names itself (`amq.gen-...`), which
+        // nothing publishes to; a longer one, or its `.dlq`, no AMQP 0-9-1 broker takes.
+        let implies_dlq = !matches!(q.dead_letter, Some(DeadLetterConfig::Enabled(false)));
+        let room = if implies_dlq { ".dlq".len() } else { 0 };
+        if name.trim().is_empty() || name.len() + room > QueueId::MAX_LEN {
+            return Err(entry.error(
+                Some("queue_name"),
+                format!(
+                    "must not be empty and must take at most {} bytes{}",
+                    QueueId::MAX_LEN,
+                    if implies_dlq {
+                        " with the `.dlq` of its dead-letter queue"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
         spec = spec.with_name(name);
     }
     spec.max_length = q.max_length;
@@ -1092,6 +1110,34 @@ mod tests {
                     .any(|e| e.field.as_deref() == Some(field) && e.message.contains(needle)),
                 "{queues}: {errors:?}"
             );
+        }
+    }
+
+    /// A broker name that is empty (RabbitMQ names such a queue itself, and nothing
+    /// reaches it) or too long for a broker, its `.dlq` counted, fails the plan.
+    #[test]
+    fn a_queue_name_no_broker_takes_fails_the_plan() {
+        let long = "n".repeat(252);
+        for (queue_name, ok) in [
+            ("\"\"", false),
+            ("\"  \"", false),
+            (long.as_str(), false),
+            (&long[..251], true),
+        ] {
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    queue_name: {queue_name}\n"
+            );
+            let dir = app_dir(&yaml, &[]);
+            match plan_in(dir.path(), false) {
+                Ok(_) => assert!(ok, "{queue_name:?} passed"),
+                Err(errors) => {
+                    assert!(!ok, "{queue_name:?}: {errors:?}");
+                    assert_eq!(
+                        located(&errors.0, "must not be empty"),
+                        vec![(5, Some("queue_name"), true)]
+                    );
+                }
+            }
         }
     }
 
