@@ -99,13 +99,6 @@ struct Accepted {
     task: tokio::task::AbortHandle,
 }
 
-/// How long after its request a connection may still be open before a new one may
-/// take its slot: the answer is ready at once, and a client that reads it is done in
-/// milliseconds. A
-/// client that sent its request and does not read the answer (a `/metrics` page larger
-/// than the socket buffers) held its slot for the connection's whole limit.
-const SLOW_READER: Duration = Duration::from_secs(2);
-
 impl Waiting {
     fn add(&self, accepted: Accepted) {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
@@ -113,20 +106,20 @@ impl Waiting {
         connections.push_back(accepted);
     }
 
-    /// Closes the oldest connection still waiting for its request or, when none is,
-    /// the oldest still being answered after [`SLOW_READER`]; false if there is neither.
+    /// Closes the oldest connection still waiting for its request or, when every one
+    /// has sent it, the one whose request came first; false if there is none. The
+    /// answer is ready at once and a client that reads it is done in milliseconds, so
+    /// the one asked longest ago is a client that does not read (a `/metrics` page
+    /// larger than the socket buffers). Only those asked 2 s ago or more could go, and
+    /// clients that asked and never read, opened 32 a second, kept every slot and the
+    /// liveness probe out.
     fn evict_oldest(&self) -> bool {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.retain(|c| !c.task.is_finished());
         let unrequested = connections.iter().position(|c| c.requested.get().is_none());
-        let stalled = || {
-            connections.iter().position(|c| {
-                c.requested
-                    .get()
-                    .is_some_and(|at| at.elapsed() >= SLOW_READER)
-            })
-        };
-        match unrequested.or_else(stalled) {
+        let asked_first =
+            || (0..connections.len()).min_by_key(|&i| connections[i].requested.get().copied());
+        match unrequested.or_else(asked_first) {
             Some(oldest) => {
                 if let Some(evicted) = connections.remove(oldest) {
                     evicted.task.abort();
@@ -624,12 +617,12 @@ mod tests {
                 clients.push(stream);
             }
         }
-        // What the kernel holds for them, looked at over the slow-reader limit and
-        // past it: at most a full set of slots' worth, each a send buffer.
+        // What the kernel holds for them, looked at for a while: at most a full set of
+        // slots' worth, each a send buffer.
         let bound = (MAX_CONNECTIONS * 2 * SEND_BUFFER_BYTES) as u64;
         let mut most = 0;
         let watched = std::time::Instant::now();
-        while watched.elapsed() < SLOW_READER + Duration::from_secs(1) {
+        while watched.elapsed() < Duration::from_secs(3) {
             most = most.max(queued_on_port(port));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -643,6 +636,49 @@ mod tests {
             "{most} bytes queued for {} clients, more than {bound}",
             clients.len()
         );
+        server.abort();
+    }
+
+    /// Clients that each send a request and never read the answer, opened faster than
+    /// any of them grows old: every slot is held by a connection answered moments ago.
+    /// A liveness probe must still be answered. It was closed at once: only connections
+    /// answered for 2 s could be evicted, and a flood of 32 such clients a second kept
+    /// the probe out for as long as it lasted.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_is_answered_while_fresh_non_readers_hold_every_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let handle = a_large_page();
+        let port = queue_fixtures::free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let server = serve(addr, handle, crate::health::Readiness::default())
+            .await
+            .unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(1).unwrap();
+            let mut stream = socket.connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(stream);
+        }
+        let probe = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), probe)
+            .await
+            .expect("the probe is answered in time");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
         server.abort();
     }
 
@@ -663,14 +699,13 @@ mod tests {
 
     /// Every slot held by clients that sent a request and never read the answer (a
     /// `/metrics` page larger than the socket buffers): the slots stayed held for the
-    /// connection's whole 10 s, and a liveness probe was refused meanwhile. A
-    /// connection still being answered after SLOW_READER is evicted too, after every
-    /// one that sent nothing; one answered for less is left alone.
+    /// connection's whole 10 s, and a liveness probe was refused meanwhile. Those that
+    /// sent nothing go first; then the one whose request came first, however recent.
     #[tokio::test]
-    async fn eviction_takes_idle_connections_first_then_readers_that_stalled() {
+    async fn eviction_takes_idle_connections_first_then_the_longest_answered() {
         let waiting = Waiting::default();
         let (fresh, fresh_task) = connection(true, Duration::ZERO);
-        let (stalled, stalled_task) = connection(true, SLOW_READER * 2);
+        let (stalled, stalled_task) = connection(true, Duration::from_millis(500));
         let (idle, idle_task) = connection(false, Duration::ZERO);
         for accepted in [fresh, stalled, idle] {
             waiting.add(accepted);
@@ -682,11 +717,9 @@ mod tests {
         );
         assert!(waiting.evict_oldest());
         assert!(stalled_task.await.unwrap_err().is_cancelled());
-        assert!(
-            !waiting.evict_oldest(),
-            "one answered a moment ago is left alone"
-        );
-        assert!(!fresh_task.is_finished());
-        fresh_task.abort();
+        assert!(!fresh_task.is_finished(), "the newest request goes last");
+        assert!(waiting.evict_oldest());
+        assert!(fresh_task.await.unwrap_err().is_cancelled());
+        assert!(!waiting.evict_oldest(), "none is left");
     }
 }
