@@ -88,6 +88,8 @@ struct Route {
 struct Sent {
     channel: Arc<PublishingChannel>,
     confirm: Outcome,
+    /// The delay queue it went to, if it has a delay.
+    delay_queue: Option<ShortString>,
 }
 
 /// What a publish was waiting for when its `publish_timeout` ran out: each says a
@@ -377,6 +379,7 @@ impl Publisher {
             channel,
             routing,
         } = route;
+        let delay_queue = prepared.delay_ms.map(|_| routing.clone());
         let written = channel.channel.basic_publish(
             "".into(),
             routing,
@@ -388,7 +391,11 @@ impl Publisher {
             std::mem::take(&mut prepared.properties),
         );
         match channel.returns.publish(&prepared.id, written).await {
-            Ok(confirm) => Ok(Sent { confirm, channel }),
+            Ok(confirm) => Ok(Sent {
+                confirm,
+                channel,
+                delay_queue,
+            }),
             Err(e) => Err(publish_failure(&link, &format!("publish to {queue}"), e)),
         }
     }
@@ -398,6 +405,20 @@ impl Publisher {
         let what = || format!("publish to {queue}");
         match sent.confirm.await {
             Ok(Paired::Stored) => Ok(()),
+            // Its delay queue was deleted on the broker (by hand, by an `expires`
+            // policy) while this driver counted it declared: not the queue missing, and
+            // declared again by the next publish. As NOT_FOUND, every retry with that
+            // delay was dead-lettered at its first failure.
+            Ok(Paired::Returned {
+                reply_code,
+                reply_text,
+            }) if let Some(delay_queue) = &sent.delay_queue => {
+                self.topology.forget_delay_queue(delay_queue.as_str());
+                Err(Error::internal(format!(
+                    "{}: the broker returned message {id} as unroutable ({reply_code} {reply_text}): its delay queue {delay_queue} is gone from the broker; it is declared again at the next publish",
+                    what()
+                )))
+            }
             Ok(Paired::Returned {
                 reply_code,
                 reply_text,

@@ -152,6 +152,12 @@ impl Topology {
         .await
     }
 
+    /// Counts the delay queue `name` as not declared: the next publish through it
+    /// declares it again.
+    pub(crate) fn forget_delay_queue(&self, name: &str) {
+        lock(&self.delay_queues).remove(name);
+    }
+
     /// Makes sure the delay queue for `delay_ms` in front of `spec` exists; returns its name.
     pub(crate) async fn delay_queue(
         &self,

@@ -745,6 +745,37 @@ async fn a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while
 
 /// A fresh non-durable queue declared through `driver`, named after `label`: its
 /// broker name and its id.
+/// A delay queue deleted on the broker (by hand, as the docs ask of leftover ones, or
+/// by an `expires` policy) while the driver still counts it declared: the next delayed
+/// publish is returned. That is not the target queue missing: it fails retryably, and
+/// the one after declares the delay queue again. It failed as NOT_FOUND, not
+/// retryable, and the runtime dead-lettered every retry of that delay on its first
+/// failure for half a minute.
+async fn a_delay_queue_deleted_on_the_broker_is_declared_again() {
+    let driver = common::rabbit().await;
+    let (name, id) = declared_transient(&driver, "delay-gone").await;
+    let delayed = || {
+        let headers = Headers::from_pairs([("delay", HeaderValue::Int(60_000))]);
+        Message::encode(&Value::from("later"), headers, Codec::Json).unwrap()
+    };
+    driver.publish(&id, delayed()).await.unwrap();
+    let delay_queue = format!("{name}.delay.60000");
+    delete(&delay_queue).await;
+    let lost = driver
+        .publish(&id, delayed())
+        .await
+        .expect_err("the delay queue was gone");
+    assert!(lost.retryable(), "{lost}");
+    assert_ne!(lost.kind(), queue_core::ErrorKind::NotFound, "{lost}");
+    assert!(lost.message().contains(&delay_queue), "{lost}");
+    driver.publish(&id, delayed()).await.unwrap();
+    let info = driver.info(&id).await.unwrap();
+    assert_eq!(info.delayed, Some(1), "{info:?}");
+    delete(&delay_queue).await;
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
 async fn declared_transient(driver: &Amqp091Driver, label: &str) -> (String, QueueId) {
     let name = common::unique(label);
     let id = declare_transient(driver, &name).await;
@@ -966,6 +997,7 @@ queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [
         wrong_password_is_refused_without_showing_it,
+        a_delay_queue_deleted_on_the_broker_is_declared_again,
         a_hung_broker_cannot_hold_up_a_cancel_or_a_close,
         a_silent_broker_is_noticed_through_its_missed_heartbeats,
         a_publish_to_a_hung_broker_fails_within_its_limit,
