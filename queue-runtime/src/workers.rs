@@ -593,11 +593,11 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
         ..
     } = &**runners;
     consumer.meters.delivered.increment(1);
+    let delivery = Arc::new(delivery);
     if let Some(count) = consumer.failure.redelivered_too_often(&delivery) {
-        give_up_on_crash_loop(&delivery, consumer, count).await;
+        give_up_on_crash_loop(runners, &delivery, count).await;
         return;
     }
-    let delivery = Arc::new(delivery);
     let started = Instant::now();
     let outcome = match host.decode_payload(delivery.message()) {
         // A body that cannot be decoded now never will be.
@@ -635,19 +635,32 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     if let Outcome::Nack { reason, .. } = &outcome {
         telemetry::record_failure(reason);
     }
+    let failed = |retry: bool, reason: String| {
+        let (delivery, runners) = (Arc::clone(&delivery), Rc::clone(runners));
+        async move {
+            let consumer = &runners.consumer;
+            match retry {
+                true => fail(&delivery, consumer, &reason).await,
+                false => give_up(&delivery, consumer, &format!("not retryable: {reason}")).await,
+            }
+        }
+    };
     let settled = match outcome {
         Outcome::Ack => ack(&delivery, consumer).await,
-        Outcome::Nack { reason, retryable } if retryable || consumer.plan.retry_all_errors => {
-            fail_leaving_the_slot(runners, &delivery, reason).await
-        }
-        Outcome::Nack { reason, .. } => {
-            give_up(&delivery, consumer, &format!("not retryable: {reason}")).await
+        Outcome::Nack { reason, retryable } => {
+            let retry = retryable || consumer.plan.retry_all_errors;
+            leaving_the_slot(runners, &delivery, failed(retry, reason)).await
         }
         Outcome::Settled => Ok(()),
     };
     if let Err(e) = settled {
-        tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it");
+        not_settled(&consumer.plan.queue, &delivery, &e);
     }
+}
+
+/// Says that a delivery could not be settled, and what becomes of it.
+fn not_settled(queue: &queue_core::QueueId, delivery: &Delivery, e: &Error) {
+    tracing::warn!(%queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it");
 }
 
 async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
@@ -659,13 +672,18 @@ async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
 /// A message the broker delivered `max_attempts` times already without it being
 /// settled: its handler most likely killed the runtime each time (SIGKILL, out of
 /// memory). It is dead-lettered without running the handler again.
-async fn give_up_on_crash_loop(delivery: &Delivery, consumer: &ConsumerRuntime, count: u64) {
+async fn give_up_on_crash_loop(runners: &Rc<Runners>, delivery: &Arc<Delivery>, count: u64) {
+    let queue = &runners.consumer.plan.queue;
     let reason = format!(
         "redelivered too often: delivered {count} times before without being settled (the runtime stopped or crashed while handling it)"
     );
-    tracing::error!(queue = %consumer.plan.queue, id = %delivery.message().id, delivered_before = count, "a message keeps coming back unsettled; giving up on it without running its handler");
-    if let Err(e) = give_up(delivery, consumer, &reason).await {
-        tracing::warn!(queue = %consumer.plan.queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it")
+    tracing::error!(%queue, id = %delivery.message().id, delivered_before = count, "a message keeps coming back unsettled; giving up on it without running its handler");
+    let giving_up = {
+        let (delivery, runners) = (Arc::clone(delivery), Rc::clone(runners));
+        async move { give_up(&delivery, &runners.consumer, &reason).await }
+    };
+    if let Err(e) = leaving_the_slot(runners, delivery, giving_up).await {
+        not_settled(queue, delivery, &e);
     }
 }
 
@@ -679,40 +697,40 @@ async fn give_up(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) 
     Ok(())
 }
 
-/// Runs the failure path for a delivery whose handler failed. On a driver without
-/// delays that path holds the delivery through its backoff (docs/consumers.md,
-/// "Retries and dead letters"): the wait goes on as a task of its own, counted busy
-/// and awaited by shutdown like the runners, so that the handler's slot takes the next
-/// delivery meanwhile. A slot that waited held its consumer for every retry's wait (a
-/// poison message per slot stopped it).
-async fn fail_leaving_the_slot(
+/// Runs a failed delivery's settlement (`settling`: its retry, its dead letter). On
+/// a driver without delays that settlement holds the delivery through a wait (its
+/// backoff, or a dead letter's longest one: docs/consumers.md, "Retries and dead
+/// letters"): it goes on as a task of its own, counted busy and awaited by shutdown
+/// like the runners, so that the handler's slot takes the next delivery meanwhile. A
+/// slot that waited held its consumer for every wait (a poison message per slot
+/// stopped it).
+async fn leaving_the_slot(
     runners: &Rc<Runners>,
     delivery: &Arc<Delivery>,
-    reason: String,
+    settling: impl Future<Output = Result<()>> + 'static,
 ) -> Result<()> {
-    let consumer = &runners.consumer;
-    if consumer.failure.driver.capabilities().delay {
-        return fail(delivery, consumer, &reason).await;
+    if runners.consumer.failure.driver.capabilities().delay {
+        return settling.await;
     }
-    let (queue, id) = (consumer.plan.queue.clone(), delivery.message().id.clone());
-    let (held_by, delivery) = (Rc::clone(runners), Arc::clone(delivery));
-    let mut failing = Box::pin(
+    let held_by = Rc::clone(runners);
+    let mut settling = Box::pin(
         async move {
             let _busy = held_by.busy.enter();
             let _active = held_by.consumer.active.enter();
-            fail(&delivery, &held_by.consumer, &reason).await
+            settling.await
         }
         .in_current_span(),
     );
     // Polled once here, so that it counts busy before this delivery's run stops
     // counting (an idle moment between the two would let `--exit-when-idle` stop).
-    let first = std::future::poll_fn(|cx| Poll::Ready(failing.as_mut().poll(cx))).await;
-    if let Poll::Ready(failed) = first {
-        return failed;
+    let first = std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().poll(cx))).await;
+    if let Poll::Ready(settled) = first {
+        return settled;
     }
+    let (queue, delivery) = (runners.consumer.plan.queue.clone(), Arc::clone(delivery));
     runners.tasks.spawn_local(async move {
-        if let Err(e) = failing.await {
-            tracing::warn!(%queue, %id, error = %e, "could not settle a delivery; the broker will redeliver it");
+        if let Err(e) = settling.await {
+            not_settled(&queue, &delivery, &e);
         }
     });
     Ok(())
