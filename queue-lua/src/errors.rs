@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use mlua::{IntoLua, Lua, MetaMethod, Table, UserData, UserDataMethods, Value as LuaValue};
+use mlua::{
+    Function, IntoLua, Lua, MetaMethod, Table, UserData, UserDataMethods, Value as LuaValue,
+};
 use queue_core::{Error, ErrorKind};
 
 /// An error value in Lua: `err:kind()`, `err:retryable()`, `err:message()`,
@@ -177,9 +179,12 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     for kind in ErrorKind::ALL {
         errors.set(kind.constant_name(), kind.as_str())?;
     }
+    // The state's own, taken before any Lua runs: a value's text (its `__tostring`'s)
+    // as a Lua string, cut as it is read like every other text here.
+    let tostring: Function = lua.globals().raw_get("tostring")?;
     errors.set(
         "new",
-        lua.create_function(|_, spec: LuaValue| {
+        lua.create_function(move |_, spec: LuaValue| {
             // Every text is cut as it is read: read whole first, a string of Lua's
             // (one to Lua however many places hold it) was copied to Rust's heap once
             // for the message and once for each detail, outside the memory limit.
@@ -201,7 +206,9 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                             let (k, v) = pair?;
                             let v = match v {
                                 LuaValue::String(v) => cut_to(&v, MAX_DETAIL_BYTES),
-                                other => other.to_string()?,
+                                other => {
+                                    cut_to(&tostring.call::<mlua::LuaString>(other)?, MAX_DETAIL_BYTES)
+                                }
                             };
                             map.insert(cut_to(&k, MAX_DETAIL_BYTES), v);
                         }

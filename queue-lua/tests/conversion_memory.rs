@@ -82,9 +82,23 @@ fn oversized_values_are_refused_or_cut_before_they_are_copied() {
         .lua()
         .create_string(vec![b'x'; 16 * 1024 * 1024])
         .unwrap();
+    // Half the details are the string, half a table whose `__tostring` returns it.
+    let showing_big = host.lua().create_table().unwrap();
+    let meta = host.lua().create_table().unwrap();
+    let give_big = {
+        let big = big.clone();
+        host.lua()
+            .create_function(move |_, ()| Ok(big.clone()))
+            .unwrap()
+    };
+    meta.set("__tostring", give_big).unwrap();
+    showing_big.set_metatable(Some(meta)).unwrap();
     let details = host.lua().create_table().unwrap();
-    for key in 'a'..='p' {
-        details.set(key.to_string(), &big).unwrap();
+    for (n, key) in ('a'..='p').enumerate() {
+        match n % 2 {
+            0 => details.set(key.to_string(), &big).unwrap(),
+            _ => details.set(key.to_string(), &showing_big).unwrap(),
+        }
     }
     let spec = host.lua().create_table().unwrap();
     spec.set("message", &big).unwrap();
