@@ -621,9 +621,10 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
     };
     let mut errors = Vec::new();
     for (i, q) in plan.queues.iter().enumerate() {
-        let same = plan.queues[..i]
-            .iter()
-            .find(|p| p.driver == q.driver && p.spec.name == q.spec.name);
+        // A memory driver keeps its queues by id: one name there is no clash.
+        let same = plan.queues[..i].iter().find(|p| {
+            p.driver == q.driver && p.spec.name == q.spec.name && !plan.is_in_memory(&q.spec.id)
+        });
         if let Some(first) = same
             && let Some((entry, field)) = located(&q.spec.id)
         {
@@ -737,7 +738,7 @@ fn queue_plan(
     if let Some(name) = &q.queue_name {
         // An empty name asks RabbitMQ for a queue it names itself (`amq.gen-...`), which
         // nothing publishes to; a longer one, or its `.dlq`, no AMQP 0-9-1 broker takes.
-        let implies_dlq = !matches!(q.dead_letter, Some(DeadLetterConfig::Enabled(false)));
+        let implies_dlq = matches!(q.dead_letter, None | Some(DeadLetterConfig::Enabled(true)));
         let room = if implies_dlq { ".dlq".len() } else { 0 };
         if name.trim().is_empty() || name.len() + room > QueueId::MAX_LEN {
             return Err(entry.error(
@@ -1111,6 +1112,10 @@ mod tests {
                 "{queues}: {errors:?}"
             );
         }
+        // A memory driver keeps queues by id: one name twice is two queues there.
+        let on_memory = "  - name: a\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n  - name: b\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n";
+        let dir = app_dir(&format!("{head}{on_memory}"), &[]);
+        assert!(plan_in(dir.path(), false).is_ok());
     }
 
     /// A broker name that is empty (RabbitMQ names such a queue itself, and nothing
