@@ -665,6 +665,15 @@ mod tests {
                 .unwrap();
             clients.push(stream);
         }
+        // Each is being answered (its first byte came) before the probe: none is a
+        // connection that sent nothing yet, which any rule would evict first.
+        for client in &mut clients {
+            let mut first = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut first))
+                .await
+                .expect("answered in time")
+                .unwrap();
+        }
         let probe = async {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream
