@@ -202,6 +202,11 @@ impl LinkAcker {
     /// here; one whose link is lost before the task sends it comes back as a
     /// redelivery, as an ack lost with the connection does.
     fn settle(self, accept: bool) -> Result<()> {
+        // Looked at first: a stopped task leaves no link either, and its deliveries
+        // were told "the connection was lost" (an ack) or settled nothing (a release).
+        if self.control.is_closed() {
+            return Err(self.cancelled());
+        }
         if self.epoch != self.current_epoch.load(Ordering::Acquire) {
             return lost_link_settlement(accept);
         }

@@ -161,6 +161,19 @@ async fn acks_handed_over_before_a_cancel_are_sent() {
         }
     }
     within("cancel", sub.cancel()).await.unwrap();
+    // Settled after the cancel: both refused as such (INVALID), as the Driver
+    // contract says; the ack was told "the connection was lost" and the release Ok.
+    let mut held = held.into_iter();
+    let acked = held
+        .next()
+        .unwrap()
+        .ack()
+        .await
+        .expect_err("an ack after the cancel");
+    assert_eq!(acked.kind(), ErrorKind::Invalid, "{acked}");
+    let released = held.next().unwrap().release().await;
+    let released = released.expect_err("a release after the cancel");
+    assert_eq!(released.kind(), ErrorKind::Invalid, "{released}");
     drop(held);
     // Published after the cancel, so it comes after whatever went back.
     driver.publish(&id, numbered(-1)).await.unwrap();
