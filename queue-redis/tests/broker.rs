@@ -682,16 +682,7 @@ async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
 /// at `publish_timeout` on the same dead connection, and the consumer's reads every
 /// 7 s. A command that times out now puts a new connection in its place.
 async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
-    use std::time::Duration;
-    let (_node, proxy, driver) =
-        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
-    let spec = queue("lost");
-    driver.declare(&spec).await.unwrap();
-    driver.publish(&spec.id, numbered(1)).await.unwrap();
-    let mut sub = driver
-        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
-        .await
-        .unwrap();
+    let (_node, proxy, driver, spec, mut sub) = consuming_behind_a_proxy("lost").await;
     next(&mut sub).await.ack().await.unwrap();
     let accepted = proxy.accepted();
     proxy.cut_off_open_connections();
@@ -703,13 +694,7 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     .expect_err("nothing reached Redis");
     assert!(lost.retryable(), "{lost}");
     assert!(proxy.withheld() >= 1, "the publish went through the cut");
-    within(
-        "a publish after the timeout",
-        driver.publish(&spec.id, numbered(3)),
-    )
-    .await
-    .expect("a new connection takes the publish");
-    assert!(proxy.accepted() > accepted, "no new connection was made");
+    publishes_on_a_new_connection(&proxy, accepted, &driver, &spec.id, 3).await;
     // The reader's blocked read times out too, and it reads on a new connection.
     let delivery = next(&mut sub).await;
     assert_eq!(number_of(&delivery), 3);
@@ -723,16 +708,7 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
 /// commands) waited out the crate's own limit, about 12 s with the defaults; and the
 /// publishes meanwhile failed as well.
 async fn an_ack_on_a_connection_lost_without_a_word_replaces_it() {
-    use std::time::Duration;
-    let (_node, proxy, driver) =
-        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
-    let spec = queue("ack-lost");
-    driver.declare(&spec).await.unwrap();
-    driver.publish(&spec.id, numbered(1)).await.unwrap();
-    let mut sub = driver
-        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
-        .await
-        .unwrap();
+    let (_node, proxy, driver, spec, mut sub) = consuming_behind_a_proxy("ack-lost").await;
     let held = next(&mut sub).await;
     let accepted = proxy.accepted();
     proxy.cut_off_open_connections();
@@ -741,14 +717,49 @@ async fn an_ack_on_a_connection_lost_without_a_word_replaces_it() {
         .expect_err("nothing reached Redis");
     assert!(lost.retryable(), "{lost}");
     assert!(proxy.withheld() >= 1, "the ack went through the cut");
+    publishes_on_a_new_connection(&proxy, accepted, &driver, &spec.id, 2).await;
+    let _ = within("the close", driver.close()).await;
+}
+
+/// A driver behind a proxy, each command limited to 2 s, and a subscription to a new
+/// queue `label` holding one message.
+async fn consuming_behind_a_proxy(
+    label: &str,
+) -> (
+    RedisNode,
+    queue_fixtures::proxy::BrokerProxy,
+    RedisDriver,
+    QueueSpec,
+    Box<dyn queue_core::Subscription>,
+) {
+    let (node, proxy, driver) =
+        behind_a_proxy_with(|c| c.publish_timeout = std::time::Duration::from_secs(2)).await;
+    let spec = queue(label);
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    (node, proxy, driver, spec, sub)
+}
+
+/// Publishes `numbered(n)` at once, on a connection the proxy accepted after the
+/// `accepted` it had counted: the one the timeout put in place.
+async fn publishes_on_a_new_connection(
+    proxy: &queue_fixtures::proxy::BrokerProxy,
+    accepted: usize,
+    driver: &RedisDriver,
+    queue: &QueueId,
+    n: i64,
+) {
     within(
-        "a publish after the ack's timeout",
-        driver.publish(&spec.id, numbered(2)),
+        "a publish after the timeout",
+        driver.publish(queue, numbered(n)),
     )
     .await
     .expect("a new connection takes the publish");
     assert!(proxy.accepted() > accepted, "no new connection was made");
-    let _ = within("the close", driver.close()).await;
 }
 
 /// Publishes `numbered(n)`, again every 100 ms (50 times at most) while the first

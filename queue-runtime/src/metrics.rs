@@ -594,19 +594,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clients_that_never_read_cannot_pin_the_kernels_memory() {
         use tokio::io::AsyncWriteExt;
-        let handle = a_large_page();
-        let page = handle.render().len();
-        assert!(page > 200_000, "{page} bytes");
-        let port = queue_fixtures::free_port();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let server = serve(addr, handle, crate::health::Readiness::default())
-            .await
-            .unwrap();
+        let (addr, server) = serving_a_large_page().await;
+        let port = addr.port();
         let mut clients = Vec::new();
         for _ in 0..150 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.set_recv_buffer_size(1).unwrap();
-            let Ok(mut stream) = socket.connect(addr).await else {
+            let Ok(mut stream) = not_reading(addr).await else {
                 continue;
             };
             if stream
@@ -639,6 +631,28 @@ mod tests {
         server.abort();
     }
 
+    /// A server on a free port whose `/metrics` page is larger than the socket buffers.
+    #[cfg(target_os = "linux")]
+    async fn serving_a_large_page() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let handle = a_large_page();
+        let page = handle.render().len();
+        assert!(page > 200_000, "{page} bytes");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], queue_fixtures::free_port()));
+        let server = serve(addr, handle, crate::health::Readiness::default())
+            .await
+            .unwrap();
+        (addr, server)
+    }
+
+    /// A connection to `addr` whose receive buffer is as small as the kernel allows:
+    /// a client that (almost) never reads.
+    #[cfg(target_os = "linux")]
+    async fn not_reading(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(1)?;
+        socket.connect(addr).await
+    }
+
     /// Clients that each send a request and never read the answer, opened faster than
     /// any of them grows old: every slot is held by a connection answered moments ago.
     /// A liveness probe must still be answered. It was closed at once: only connections
@@ -648,17 +662,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_probe_is_answered_while_fresh_non_readers_hold_every_slot() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let handle = a_large_page();
-        let port = queue_fixtures::free_port();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let server = serve(addr, handle, crate::health::Readiness::default())
-            .await
-            .unwrap();
+        let (addr, server) = serving_a_large_page().await;
         let mut clients = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.set_recv_buffer_size(1).unwrap();
-            let mut stream = socket.connect(addr).await.unwrap();
+            let mut stream = not_reading(addr).await.unwrap();
             stream
                 .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
                 .await

@@ -318,20 +318,26 @@ end
     assert_eq!((summary[0].ready, summary[0].in_flight), (Some(0), Some(0)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
-    // Without delayed delivery the runtime holds a failed delivery for its backoff
-    // (here a minute); stopping must not wait that out, nor the 30 s stop_timeout.
+/// Starts [`APP`] on one Lua state and a driver without delays, its queue's backoff a
+/// minute, its consumer's `concurrency` and `prefetch` lines replaced by `consumer`.
+async fn start_holding_for_a_minute(
+    consumer: &str,
+) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
     let app = APP
         .replace(
             "    max_length: 5000\n  - name: out",
             "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
         )
-        .replace(
-            "    concurrency: 1000\n    prefetch: 1000\n",
-            "    concurrency: 1\n    prefetch: 1\n    stop_timeout: 30s\n",
-        );
-    let (_dir, driver, host) = start_on(ControlledDriver::without_delays(), &app, 1).await;
+        .replace("    concurrency: 1000\n    prefetch: 1000\n", consumer);
+    start_on(ControlledDriver::without_delays(), &app, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_a_delivery_held_for_its_backoff_at_once() {
+    // Without delayed delivery the runtime holds a failed delivery for its backoff
+    // (here a minute); stopping must not wait that out, nor the 30 s stop_timeout.
+    let consumer = "    concurrency: 1\n    prefetch: 1\n    stop_timeout: 30s\n";
+    let (_dir, driver, host) = start_holding_for_a_minute(consumer).await;
     let jobs = QueueId::parse("app:jobs").unwrap();
     driver.hold_publishes();
     driver.inner().publish(&jobs, numbered(7)).await.unwrap();
@@ -354,16 +360,8 @@ async fn a_delivery_held_for_its_backoff_leaves_its_handler_slot_to_the_next() {
     // with `concurrency: 1`, one failing message held the consumer for every wait of
     // its retries (about four minutes with the default backoff), and a poison message
     // per slot stopped it.
-    let app = APP
-        .replace(
-            "    max_length: 5000\n  - name: out",
-            "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
-        )
-        .replace(
-            "    concurrency: 1000\n    prefetch: 1000\n",
-            "    concurrency: 1\n    prefetch: 2\n",
-        );
-    let (_dir, driver, host) = start_on(ControlledDriver::without_delays(), &app, 1).await;
+    let consumer = "    concurrency: 1\n    prefetch: 2\n";
+    let (_dir, driver, host) = start_holding_for_a_minute(consumer).await;
     let jobs = QueueId::parse("app:jobs").unwrap();
     driver.hold_publishes();
     for n in [7, 8] {
