@@ -1091,10 +1091,11 @@ mod tests {
                 "queue_name",
                 "one queue",
             ),
-            // An id equal to the dead-letter queue another implies.
+            // A name equal to the dead-letter queue another implies: told at the
+            // `dead_letter` of the queue that implies it (no entry declares it).
             (
-                "  - name: a\n    kind: queue.queue\n    driver: mq\n  - name: a.dlq\n    kind: queue.queue\n    driver: mq\n    queue_name: app:a.dlq\n    dead_letter: false\n  - name: c\n    kind: queue.queue\n    driver: mq\n    queue_name: app:a.dlq\n",
-                "queue_name",
+                "  - name: a\n    kind: queue.queue\n    driver: mq\n  - name: c\n    kind: queue.queue\n    driver: mq\n    queue_name: app:a.dlq\n",
+                "dead_letter",
                 "one queue",
             ),
             (
