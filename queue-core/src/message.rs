@@ -673,15 +673,7 @@ impl Message {
 /// assert!(queue_core::truncate(&"x".repeat(100), 40).ends_with("(truncated from 100 bytes)"));
 /// ```
 pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let note = format!("... (truncated from {} bytes)", text.len());
-    let mut end = max.saturating_sub(note.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{note}", &text[..end])
+    truncate_bytes(text.as_bytes(), max)
 }
 
 /// [`truncate`] for bytes that need not be UTF-8 (what is not reads as U+FFFD), reading
@@ -694,7 +686,12 @@ pub fn truncate(text: &str, max: usize) -> String {
 /// ```
 pub fn truncate_bytes(bytes: &[u8], max: usize) -> String {
     if bytes.len() <= max {
-        return truncate(&String::from_utf8_lossy(bytes), max);
+        let text = String::from_utf8_lossy(bytes);
+        if text.len() <= max {
+            return text.into_owned();
+        }
+        // Invalid bytes read as U+FFFD (three bytes each) made it longer: cut that.
+        return truncate_bytes(text.as_bytes(), max);
     }
     let note = format!("... (truncated from {} bytes)", bytes.len());
     let budget = max.saturating_sub(note.len());

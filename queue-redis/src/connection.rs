@@ -217,6 +217,20 @@ impl Link {
         }
     }
 
+    /// Awaits `sending` (commands on the shared connection) for `publish_timeout` at
+    /// most; `None` when that ran out, the connection then taken as lost
+    /// ([`Link::lost`]). The limit runs out before the crate's own, which [`Link::run`]
+    /// would take as a lost connection: without this, each command past it failed on a
+    /// connection the network had lost without a word.
+    pub async fn within_limit<T>(&self, sending: impl Future<Output = T>) -> Option<T> {
+        let started = Instant::now();
+        let limited = tokio::time::timeout(self.config.publish_timeout, sending).await;
+        if limited.is_err() {
+            self.lost(started);
+        }
+        limited.ok()
+    }
+
     /// [`Link::lost`] when `result` is the redis crate's own time limit running out,
     /// or a refused login: the crate keeps a connection whose login failed, and every
     /// command on it fails the same way, even once the login is fixed.

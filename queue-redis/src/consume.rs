@@ -607,8 +607,6 @@ impl StreamAcker {
             shared.consumer.clone(),
             self.stream_id.clone(),
         );
-        let limit = shared.link.config().publish_timeout;
-        let started = std::time::Instant::now();
         let settling = shared.link.run(&what, |mut c| async move {
             if ack {
                 let mut invocation = scripts::ACK.key(&stream);
@@ -620,19 +618,15 @@ impl StreamAcker {
                 invocation.invoke_async::<i64>(&mut c).await
             }
         });
-        let result = match tokio::time::timeout(limit, settling).await {
-            Ok(result) => result,
-            Err(_) => {
-                // This limit runs out before the crate's own, which `run` would have
-                // taken as a lost connection: as a publish does, the next commands
-                // go on a new one (each ack and release failed on a connection lost
-                // without a word, their messages delivered again and again).
-                shared.link.lost(started);
-                Err(Error::internal(format!(
-                    "{what}: Redis did not reply within {limit:?}"
-                )))
-            }
-        };
+        // Past the limit the next commands go on a new connection, as after a publish
+        // (each ack and release failed on a connection lost without a word, their
+        // messages delivered again and again).
+        let result = shared.link.within_limit(settling).await.unwrap_or_else(|| {
+            Err(Error::internal(format!(
+                "{what}: Redis did not reply within {:?}",
+                shared.link.config().publish_timeout
+            )))
+        });
         shared.held().remove(&self.stream_id);
         match result {
             Ok(1) => Ok(()),

@@ -127,17 +127,12 @@ async fn within<T>(
     what: &str,
     sending: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    let limit = link.config().publish_timeout;
-    let started = std::time::Instant::now();
-    match tokio::time::timeout(limit, sending).await {
-        Ok(result) => result,
-        Err(_) => {
-            link.lost(started);
-            Err(Error::internal(format!(
-                "{what}: no reply within {limit:?} (publish_timeout); the message may have been added, so a retry may deliver it twice"
-            )))
-        }
-    }
+    link.within_limit(sending).await.unwrap_or_else(|| {
+        Err(Error::internal(format!(
+            "{what}: no reply within {:?} (publish_timeout); the message may have been added, so a retry may deliver it twice",
+            link.config().publish_timeout
+        )))
+    })
 }
 
 /// `XADD NOMKSTREAM` to a stream that no longer exists (deleted behind the driver's back).
