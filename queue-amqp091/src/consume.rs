@@ -176,6 +176,26 @@ impl Amqp091Subscription {
         })
     }
 
+    /// [`Self::attach`], declaring the queue again if the broker says it is missing:
+    /// deleted there (by an operator, or to empty it), where attaching would fail
+    /// until the next reconnect declared it (docs/drivers/amqp091.md, "Queues").
+    async fn attach_declaring(&self, link: &Link) -> Result<Attached> {
+        let missing = match self.attach(link).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => e,
+            attached => return attached,
+        };
+        let topology = &self.consumers.topology;
+        if topology.spec_of(&self.queue, "consume").is_err() {
+            return Err(missing);
+        }
+        tracing::warn!(queue = %self.queue, error = %missing, "the queue is missing on the broker (deleted?); declaring it again as it was declared");
+        topology
+            .declare_again(link, &self.queue)
+            .await
+            .map_err(|e| e.context(format!("consume {}: the queue was missing", self.queue)))?;
+        self.attach(link).await
+    }
+
     /// Attaches if not attached, waiting for a usable link.
     async fn ensure_attached(&mut self) -> Attach {
         if self.attached.is_some() {
@@ -184,7 +204,7 @@ impl Amqp091Subscription {
         let Some(link) = self.usable_link().await else {
             return Attach::Closed;
         };
-        match self.attach(&link).await {
+        match self.attach_declaring(&link).await {
             Ok(a) => {
                 self.failed_generation = None;
                 self.attached = Some(a);

@@ -117,6 +117,13 @@ impl Topology {
         }
     }
 
+    /// Declares the registered `queue` on the broker again, as it was declared (it
+    /// was deleted there behind the driver's back).
+    pub(crate) async fn declare_again(&self, link: &Link, queue: &QueueId) -> Result<()> {
+        let spec = self.spec_of(queue, "declare again")?;
+        self.declare_on(link, &spec).await
+    }
+
     /// Declares a queue on the broker (not the registry).
     async fn declare_on(&self, link: &Link, spec: &QueueSpec) -> Result<()> {
         let mut args = FieldTable::default();

@@ -776,6 +776,54 @@ async fn a_delay_queue_deleted_on_the_broker_is_declared_again() {
     driver.close().await.unwrap();
 }
 
+/// A queue deleted on the broker under its consumer (by an operator, or to empty it):
+/// RabbitMQ cancels the consumer, and attaching again found the queue missing:
+/// `NOT_FOUND`, once per reconnect delay for as long as the driver lived, each a
+/// warning in the runtime's log, and no message consumed again until a reconnect. The
+/// consumer declares its queue again, as it was declared, and goes on.
+async fn a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again() {
+    let driver = common::rabbit().await;
+    let (name, id) = declared_transient(&driver, "consumed-gone").await;
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    let attached = || {
+        driver
+            .connection()
+            .expect("a broker driver reports its connection")
+            .links_attached
+    };
+    let attached_before = attached();
+    delete(&name).await;
+    // Publishes are NOT_FOUND until the consumer has declared the queue again.
+    let publish_once_back = async {
+        loop {
+            match driver.publish(&id, numbered(2)).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == ErrorKind::NotFound => tokio::task::yield_now().await,
+                Err(e) => panic!("publish after the queue came back: {e}"),
+            }
+        }
+    };
+    let (delivery, ()) = within("the consumer declaring its queue again", async {
+        tokio::join!(next(&mut sub), publish_once_back)
+    })
+    .await;
+    assert_eq!(
+        delivery.message().decode().unwrap(),
+        Value::map([("n", Value::Int(2))])
+    );
+    delivery.ack().await.unwrap();
+    assert_eq!(
+        attached(),
+        attached_before + 1,
+        "one attach after the cancel"
+    );
+    sub.cancel().await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
 async fn declared_transient(driver: &Amqp091Driver, label: &str) -> (String, QueueId) {
     let name = common::unique(label);
     let id = declare_transient(driver, &name).await;
@@ -1006,6 +1054,7 @@ queue_testkit::broker_tests! {
         a_delayed_message_for_a_full_queue_waits_for_room,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_is_not_found,
+        a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again,
         returns_are_paired_with_their_own_publishes,
         publishes_sharing_a_message_id_are_never_told_a_false_outcome,
         a_classic_queues_delivery_count_is_a_publishers_header,
