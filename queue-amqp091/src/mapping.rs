@@ -14,6 +14,8 @@
 //! | `timestamp` (integer >= 0) | `timestamp` | only if not a non-negative integer |
 //! | `attempts` | — | always, as a long (`l`, i64) |
 //! | `content_type` | — | always, as a plain header |
+//! | `app_id` (string) | `app_id` | only if not a string (or > 255 bytes) |
+//! | `user_id` | — | always (RabbitMQ refuses a `user_id` property other than the publishing connection's user) |
 //!
 //! The wire `content_type` property is always the codec's ([`Message::content_type`]);
 //! a publisher's own `content_type` header lives only in the header table under its
@@ -22,7 +24,9 @@
 //! Reading back, the header table wins; a property whose header is absent (a message
 //! from another client) becomes that header. Table values that are not scalars
 //! (RabbitMQ's `x-death`, arrays, nested tables, byte arrays) and RabbitMQ's
-//! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown.
+//! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown;
+//! a table value of another client's that is not shown, so that no copy of the
+//! message carries it, is named in [`names::X_DROPPED_HEADERS`] as the message arrives.
 //!
 //! [`X_DELIVERY_COUNT`] is the broker's, read-only: RabbitMQ's `x-delivery-count`
 //! (set by quorum queues on redeliveries) becomes it on the way in, on a redelivery
@@ -41,6 +45,12 @@ pub use queue_core::names::X_DELIVERY_COUNT;
 
 /// RabbitMQ's name for it.
 const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The header of the `app_id` property (the publishing application).
+const APP_ID: &str = "app_id";
+
+/// The header of the `user_id` property (the user the broker checked it against).
+const USER_ID: &str = "user_id";
 
 /// `delivery_mode` of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -70,20 +80,20 @@ pub(crate) fn to_properties(
             names::CORRELATION_ID
             | names::REPLY_TO
             | names::MESSAGE_TYPE
-            | names::CONTENT_ENCODING => {
-                match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
-                    Some(s) => {
-                        props = match key.as_str() {
-                            names::CORRELATION_ID => props.with_correlation_id(s),
-                            names::REPLY_TO => props.with_reply_to(s),
-                            names::CONTENT_ENCODING => props.with_content_encoding(s),
-                            _ => props.with_type(s),
-                        };
-                        false
-                    }
-                    None => true,
+            | names::CONTENT_ENCODING
+            | APP_ID => match value.as_str().and_then(|s| ShortString::try_new(s).ok()) {
+                Some(s) => {
+                    props = match key.as_str() {
+                        names::CORRELATION_ID => props.with_correlation_id(s),
+                        names::REPLY_TO => props.with_reply_to(s),
+                        names::CONTENT_ENCODING => props.with_content_encoding(s),
+                        APP_ID => props.with_app_id(s),
+                        _ => props.with_type(s),
+                    };
+                    false
                 }
-            }
+                None => true,
+            },
             names::PRIORITY => !matches!(value, HeaderValue::Int(_)),
             names::TIMESTAMP => match value {
                 HeaderValue::Int(t) if *t >= 0 => {
@@ -162,6 +172,17 @@ fn from_amqp(value: &AMQPValue) -> Option<HeaderValue> {
     })
 }
 
+/// What kind of table value `value` is, to name one a handler is not shown.
+fn unshown_kind(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::FieldTable(_) => "a nested table",
+        AMQPValue::FieldArray(_) => "an array",
+        AMQPValue::ByteArray(_) => "a byte array",
+        AMQPValue::Void => "void",
+        _ => "binary, not UTF-8",
+    }
+}
+
 /// Broker bookkeeping a handler never sees, even when scalar.
 fn is_broker_internal(key: &str) -> bool {
     key == "x-death"
@@ -180,13 +201,18 @@ pub(crate) fn from_delivery(
     counted_by_broker: bool,
 ) -> Message {
     let mut headers = Headers::new();
+    // Named in `x_dropped_headers`: no copy of the message carries them.
+    let mut unshown = Vec::new();
     if let Some(table) = props.headers() {
         for (key, value) in table.inner() {
             if is_broker_internal(key.as_str()) || key.as_str() == X_DELIVERY_COUNT {
                 continue;
             }
-            if let Some(v) = from_amqp(value) {
-                headers.insert(key.as_str(), v);
+            match from_amqp(value) {
+                Some(v) => {
+                    headers.insert(key.as_str(), v);
+                }
+                None => unshown.push(format!("{} ({})", key.as_str(), unshown_kind(value))),
             }
         }
         // Another client can set `x-delivery-count` like any header, and trusting it
@@ -214,6 +240,8 @@ pub(crate) fn from_delivery(
     fill(names::REPLY_TO, string(props.reply_to()));
     fill(names::MESSAGE_TYPE, string(props.kind()));
     fill(names::CONTENT_ENCODING, string(props.content_encoding()));
+    fill(APP_ID, string(props.app_id()));
+    fill(USER_ID, string(props.user_id()));
     fill(
         names::PRIORITY,
         props.priority().map(|p| HeaderValue::Int(i64::from(p))),
@@ -234,6 +262,12 @@ pub(crate) fn from_delivery(
         && !headers.contains(names::TTL)
     {
         headers.insert(names::EXPIRATION, HeaderValue::Int(ms));
+    }
+    if !unshown.is_empty() {
+        headers.note_dropped(&format!(
+            "{}: AMQP 0-9-1 table values a handler is not shown, and no copy of the message carries",
+            unshown.join(", ")
+        ));
     }
     let id = props
         .message_id()
@@ -430,9 +464,57 @@ mod tests {
             false,
         );
         assert_eq!(
-            got.headers,
-            Headers::from_pairs([("text", HeaderValue::from("caf\u{e9}"))])
+            got.headers.get("text"),
+            Some(&HeaderValue::from("caf\u{e9}"))
         );
+        assert!(!got.headers.contains("hmac"));
+    }
+
+    /// Table values of another client's message that a handler is not shown (a nested
+    /// table, an array, bytes, void, binary) are in none of its retry and dead-letter
+    /// copies, and neither were its `app_id` and `user_id` properties: they went
+    /// without a word (review). The message says what it lost in `x_dropped_headers`
+    /// as it arrives, and the two properties are headers; the copy carries both, and
+    /// reads back the same.
+    #[test]
+    fn what_a_handler_is_not_shown_is_named_and_app_and_user_ids_are_headers() {
+        let mut table = FieldTable::default();
+        table.insert("trace".into(), AMQPValue::FieldTable(FieldTable::default()));
+        table.insert("tags".into(), AMQPValue::FieldArray(Default::default()));
+        table.insert("raw".into(), AMQPValue::ByteArray(vec![1, 2].into()));
+        table.insert("none".into(), AMQPValue::Void);
+        table.insert("hmac".into(), AMQPValue::LongString(vec![0xff].into()));
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        table.insert("n".into(), AMQPValue::LongInt(1));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_app_id("billing".into())
+            .with_user_id("guest".into());
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(got.headers.get("n"), Some(&HeaderValue::Int(1)));
+        assert_eq!(got.headers.get(APP_ID), Some(&HeaderValue::from("billing")));
+        assert_eq!(got.headers.get(USER_ID), Some(&HeaderValue::from("guest")));
+        let note = got
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .expect("the unshown values are named");
+        for named in [
+            "trace (a nested table)",
+            "tags (an array)",
+            "raw (a byte array)",
+            "none (void)",
+            "hmac (binary",
+        ] {
+            assert!(note.contains(named), "{named} in {note}");
+        }
+        assert!(!note.contains("x-death"), "{note}");
+
+        let copy = to_properties(&got, None).unwrap();
+        assert_eq!(copy.app_id().as_ref().map(|s| s.as_str()), Some("billing"));
+        assert_eq!(copy.user_id(), &None, "RabbitMQ refuses another user's id");
+        let again = from_delivery(&copy, vec![], false);
+        assert_eq!(again.headers, got.headers, "the copy reads back the same");
     }
 
     #[test]

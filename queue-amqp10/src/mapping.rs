@@ -40,6 +40,11 @@ pub(crate) type Incoming = AmqpMessage<Body<RawValue>>;
 /// The message annotation Artemis reads a delivery delay (milliseconds) from.
 pub(crate) const DELIVERY_DELAY: &str = "x-opt-delivery-delay";
 
+/// The header of the `user-id` property (the user the broker checked it against),
+/// when it is text: it travels back as an application property, since a broker may
+/// refuse a `user-id` other than the sending connection's.
+const USER_ID: &str = "user_id";
+
 /// Content type for bodies that arrive without one.
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -155,6 +160,19 @@ fn simple_value(value: HeaderValue) -> SimpleValue {
 
 /// A header value from an application property; `None` for what is not a scalar the
 /// workspace can carry (described types, binaries, ...).
+/// What kind of application property `value` is, to name one a handler is not shown
+/// (those [`header_value`] gives no header for).
+fn unshown_kind(value: &SimpleValue) -> &'static str {
+    match value {
+        SimpleValue::Null => "null",
+        SimpleValue::Binary(_) => "binary",
+        SimpleValue::Decimal32(_) | SimpleValue::Decimal64(_) | SimpleValue::Decimal128(_) => {
+            "a decimal"
+        }
+        _ => "a value of no header type",
+    }
+}
+
 fn header_value(value: SimpleValue) -> Option<HeaderValue> {
     Some(match value {
         SimpleValue::String(s) => HeaderValue::String(s),
@@ -251,16 +269,28 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
     } = message;
 
     let mut headers = Headers::new();
+    // Named in `x_dropped_headers`: no copy of the message carries them.
+    let mut unshown = Vec::new();
     if let Some(ApplicationProperties(map)) = application_properties {
         for (key, value) in map {
             // Only the broker says how often a message was delivered.
             if key == names::X_DELIVERY_COUNT {
                 continue;
             }
-            if let Some(value) = header_value(value) {
-                headers.insert(key, value);
+            let kind = unshown_kind(&value);
+            match header_value(value) {
+                Some(value) => {
+                    headers.insert(key, value);
+                }
+                None => unshown.push(format!("{key} ({kind})")),
             }
         }
+    }
+    if !unshown.is_empty() {
+        headers.note_dropped(&format!(
+            "{}: AMQP 1.0 application properties a handler is not shown, and no copy of the message carries",
+            unshown.join(", ")
+        ));
     }
     // Deliveries before this one, as the broker counted them (Artemis counts a
     // delivery to a consumer that died; RabbitMQ 4 quorum queues count releases).
@@ -287,6 +317,13 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
         &mut headers,
         names::CONTENT_ENCODING,
         properties.content_encoding.map(|s| s.0),
+    );
+    fill(
+        &mut headers,
+        USER_ID,
+        properties
+            .user_id
+            .and_then(|id| String::from_utf8(id.into_vec()).ok()),
     );
     if !headers.contains(names::PRIORITY) {
         // 4 is the AMQP default, which brokers fill in when nobody set one.
@@ -534,6 +571,44 @@ mod tests {
         assert_eq!(m.headers.get("expiration"), Some(&HeaderValue::Int(60_000)));
         assert_eq!(m.body, b"hello");
         assert_eq!(m.content_type, DEFAULT_CONTENT_TYPE);
+    }
+
+    /// Application properties of another client's message that a handler is not shown
+    /// (binary, null, a decimal) are in none of its retry and dead-letter copies, and
+    /// neither was its `user-id`: they went without a word (review). The message says
+    /// what it lost in `x_dropped_headers` as it arrives, and a text `user-id` is a
+    /// header.
+    #[test]
+    fn what_a_handler_is_not_shown_is_named_and_the_user_id_is_a_header() {
+        let mut map = OrderedMap::new();
+        map.insert(
+            "hmac".to_string(),
+            SimpleValue::Binary(Binary::from(vec![0xff])),
+        );
+        map.insert("none".to_string(), SimpleValue::Null);
+        map.insert("n".to_string(), SimpleValue::Long(1));
+        let incoming = AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                user_id: Some(Binary::from(b"guest".to_vec())),
+                ..Properties::default()
+            }),
+            application_properties: Some(ApplicationProperties(map)),
+            body: value_body(Value::String("hello".into())),
+            footer: None,
+        };
+        let m = from_amqp(incoming);
+        assert_eq!(m.headers.get("n"), Some(&HeaderValue::Int(1)));
+        assert_eq!(m.headers.get(USER_ID), Some(&HeaderValue::from("guest")));
+        let note = m
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .expect("the unshown values are named");
+        assert!(note.contains("hmac (binary)"), "{note}");
+        assert!(note.contains("none (null)"), "{note}");
     }
 
     /// Another client may send no id, or an empty one: each such message gets an id of

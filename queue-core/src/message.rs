@@ -265,6 +265,27 @@ impl Headers {
         self.0.contains_key(key)
     }
 
+    /// Adds `note` to [`names::X_DROPPED_HEADERS`], after the note the headers carry
+    /// already (an earlier copy's, or one a driver wrote as the message arrived), the
+    /// whole cut to [`crate::retry::MAX_REASON_BYTES`]. Returns the new note.
+    ///
+    /// ```
+    /// use queue_core::{Headers, names};
+    /// let mut headers = Headers::new();
+    /// headers.note_dropped("a");
+    /// assert_eq!(headers.note_dropped("b"), "a; b");
+    /// assert_eq!(headers.get(names::X_DROPPED_HEADERS).unwrap().as_str(), Some("a; b"));
+    /// ```
+    pub fn note_dropped(&mut self, note: &str) -> String {
+        let note = match self.get(names::X_DROPPED_HEADERS) {
+            Some(HeaderValue::String(earlier)) => format!("{earlier}; {note}"),
+            _ => note.to_string(),
+        };
+        let note = truncate(&note, crate::retry::MAX_REASON_BYTES);
+        self.insert(names::X_DROPPED_HEADERS, note.clone());
+        note
+    }
+
     /// All headers in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &HeaderValue)> {
         self.0.iter()
@@ -620,15 +641,7 @@ impl Message {
         if dropped.is_empty() {
             return None;
         }
-        let mut note = dropped.join("; ");
-        // A note the message carries already (an earlier copy's, or one a driver wrote
-        // on the message as it arrived) leads the new one, which replaces it.
-        if let Some(HeaderValue::String(earlier)) = self.headers.get(names::X_DROPPED_HEADERS) {
-            note = format!("{earlier}; {note}");
-        }
-        let note = truncate(&note, crate::retry::MAX_REASON_BYTES);
-        self.headers.insert(names::X_DROPPED_HEADERS, note.clone());
-        Some(note)
+        Some(self.headers.note_dropped(&dropped.join("; ")))
     }
 
     /// Decodes the body by its content type: a codec's (or any JSON type) strictly,

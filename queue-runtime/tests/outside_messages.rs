@@ -653,6 +653,7 @@ def main():
 /// A content header larger than the driver's `frame_max`, which RabbitMQ sends whole,
 /// reaches the handler without the header that made it so, named in
 /// `x_dropped_headers`. Before, lapin ended the connection on it at every delivery.
+/// A smaller one is named there too, as binary, which handlers are not shown.
 /// (RabbitMQ 3.x puts all the application properties in one header; a RabbitMQ 4
 /// would need this test's expected name changed.)
 fn a_content_header_past_frame_max_costs_no_connection() {
@@ -664,8 +665,14 @@ fn a_content_header_past_frame_max_costs_no_connection() {
         note.starts_with("x-amqp-1.0-app-properties (") && note.contains("131072"),
         "{note}"
     );
+    // The small one fits; RabbitMQ's binary encoding of it is still not shown, and
+    // named so.
     assert_eq!(handled[1]["n"], 2, "{handled:?}");
-    assert!(handled[1]["dropped"].is_null(), "{handled:?}");
+    let note = handled[1]["dropped"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with("x-amqp-1.0-app-properties (binary") && !note.contains("131072"),
+        "{note}"
+    );
 }
 
 /// The `main` of the test's Python script: Qpid Proton publishes over AMQP 1.0 a
