@@ -910,6 +910,53 @@ async fn a_hung_broker_cannot_hold_up_a_cancel_or_a_close() {
     delete(id.as_str()).await;
 }
 
+/// A broker that stops reading its socket while it still sends (hung in part, or a
+/// network whose one direction stalls): its heartbeats still come, but the driver's
+/// writes block, and publishing must not stay stuck behind them. The AMQP 1.0 driver
+/// stayed so for good (its test of the same name); this one replaces the connection,
+/// and publishing goes on.
+async fn a_broker_that_stops_reading_is_noticed() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start(5672).expect("proxy"));
+    let mut config =
+        Amqp091Config::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
+    config.heartbeat = Some(Duration::from_secs(1));
+    config.publish_timeout = Duration::from_secs(1);
+    config.reconnect_delay = Duration::from_millis(100);
+    let driver = Amqp091Driver::connect(config).await.unwrap();
+    let id = QueueId::new("test", &common::unique("unread")).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+
+    proxy.stop_reading_open_connections();
+    // 32 MiB at once: more than the socket buffers on both sides of the proxy hold,
+    // so the driver's writes block.
+    let big = || {
+        Message::from_bytes(
+            vec![b'x'; 1 << 20],
+            Headers::new(),
+            "application/octet-stream",
+        )
+    };
+    let stalled = futures_util::future::join_all((0..32).map(|_| driver.publish(&id, big()))).await;
+    assert!(
+        stalled.iter().any(|published| published.is_err()),
+        "every publish went through a proxy that reads nothing"
+    );
+    assert!(proxy.withheld() >= 1, "the proxy never stopped reading");
+
+    within("a publish after the broker stopped reading", async {
+        while driver.publish(&id, numbered(2)).await.is_err() {}
+    })
+    .await;
+    assert!(proxy.accepted() >= 2, "published without a new connection");
+    driver.close().await.unwrap();
+    drop(proxy);
+    delete(id.as_str()).await;
+}
+
 /// A broker that goes silent without closing TCP (it hangs, or the network drops
 /// everything) is noticed through the missed heartbeats, and the driver reconnects. A
 /// consumer only waits for deliveries and never writes: without heartbeats it would
@@ -1048,6 +1095,7 @@ queue_testkit::broker_tests! {
         a_delay_queue_deleted_on_the_broker_is_declared_again,
         a_hung_broker_cannot_hold_up_a_cancel_or_a_close,
         a_silent_broker_is_noticed_through_its_missed_heartbeats,
+        a_broker_that_stops_reading_is_noticed,
         a_publish_to_a_hung_broker_fails_within_its_limit,
         refused_port_fails_retryable_without_showing_the_password,
         a_full_queue_nacks_and_publish_fails_internal_retryable,

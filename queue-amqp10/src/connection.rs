@@ -83,6 +83,21 @@ impl Live {
     }
 }
 
+/// Has the kernel fail the connection once what it wrote stays unacknowledged, or
+/// the broker's receive window stays shut, for `limit` (`TCP_USER_TIMEOUT`; Linux
+/// applies it to zero-window probes too). fe2o3-amqp checks its idle time-out only
+/// while it reads: a broker that stops reading but still sends left every write
+/// blocked, and the connection was never replaced
+/// ([Connection loss](../../docs/drivers/amqp10.md#connection-loss)).
+fn give_up_on_stalled_writes(stream: &tokio::net::TcpStream, limit: Duration) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(limit)) {
+        tracing::warn!(error = %e, "cannot limit how long a write may wait (TCP_USER_TIMEOUT): a broker that stops reading is noticed only when the kernel gives up");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (stream, limit);
+}
+
 /// `stream` as fe2o3-amqp takes it, and a second handle on its socket.
 fn second_handle(
     stream: tokio::net::TcpStream,
@@ -273,6 +288,9 @@ impl Connector {
             Error::internal(format!("cannot connect to {}: {io}", e.redacted)).with_source(io)
         })?;
         let _ = stream.set_nodelay(true);
+        if let Some(ms) = self.idle_timeout_ms {
+            give_up_on_stalled_writes(&stream, Duration::from_millis(u64::from(ms)));
+        }
         let (stream, socket) = second_handle(stream).map_err(|io| {
             Error::internal(format!("connecting to {}: {io}", e.redacted)).with_source(io)
         })?;

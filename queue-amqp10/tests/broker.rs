@@ -367,6 +367,54 @@ async fn a_silent_broker_is_noticed_within_the_idle_timeout() {
     driver.close().await.unwrap();
 }
 
+/// A broker that stops reading its socket while it still sends (hung in part, or a
+/// network whose one direction stalls) left the driver writing into full socket
+/// buffers: fe2o3-amqp checks its idle timeout only while it reads, and the broker's
+/// frames still came, so the connection was never replaced and every publish after the
+/// stall timed out, for good. The socket now gives up on writes left unacknowledged for
+/// `idle_timeout` (`TCP_USER_TIMEOUT`), the connection is replaced, and publishing
+/// goes on.
+async fn a_broker_that_stops_reading_is_noticed_within_the_idle_timeout() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+    config.idle_timeout = std::time::Duration::from_secs(2);
+    config.publish_timeout = std::time::Duration::from_secs(1);
+    config.reconnect_delay = std::time::Duration::from_millis(100);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let name = format!("amqp10-tests-unread-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    driver
+        .declare(&QueueSpec::new(id.clone()).with_durable(false))
+        .await
+        .unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+
+    proxy.stop_reading_open_connections();
+    // 32 MiB at once: more than the socket buffers on both sides of the proxy hold,
+    // so the driver's writes block.
+    let big = || {
+        queue_core::Message::from_bytes(
+            vec![b'x'; 1 << 20],
+            queue_core::Headers::new(),
+            "application/octet-stream",
+        )
+    };
+    let stalled = futures_util::future::join_all((0..32).map(|_| driver.publish(&id, big()))).await;
+    assert!(
+        stalled.iter().any(|published| published.is_err()),
+        "every publish went through a proxy that reads nothing"
+    );
+    assert!(proxy.withheld() >= 1, "the proxy never stopped reading");
+
+    within("a publish after the broker stopped reading", async {
+        while driver.publish(&id, numbered(2)).await.is_err() {}
+    })
+    .await;
+    assert!(proxy.accepted() >= 2, "published without a new connection");
+    driver.close().await.unwrap();
+}
+
 /// A publish to a broker that hangs with its connection open fails within
 /// `publish_timeout`, retryable, and so does a declare: a `queue.publish` in a handler
 /// is never held up for longer than its limit, and the message is never reported sent.
@@ -681,6 +729,7 @@ queue_testkit::broker_tests! {
         acks_handed_over_before_a_cancel_are_sent,
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
+        a_broker_that_stops_reading_is_noticed_within_the_idle_timeout,
         a_publish_to_a_hung_broker_fails_within_its_limit,
         a_full_window_lost_with_its_connection_does_not_stall_publishing,
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,

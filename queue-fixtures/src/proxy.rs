@@ -35,6 +35,8 @@ struct State {
     frozen: bool,
     /// Connections numbered below it (in the order accepted, from 0) are cut off.
     cut_below: usize,
+    /// Connections numbered below it: the proxy reads nothing more their clients send.
+    unread_below: usize,
     withheld: usize,
     /// Clients whose side of the connection is still open.
     clients: usize,
@@ -135,6 +137,17 @@ impl BrokerProxy {
     pub fn cut_off_open_connections(&self) {
         let mut state = lock(&self.state.0);
         state.cut_below = state.accepted;
+    }
+
+    /// From now on, reads nothing more that clients send on the connections open now
+    /// (after the read under way), while what the broker says still passes: a broker
+    /// that stops reading its socket but still sends. Their clients' writes fill the
+    /// socket buffers and then block; nothing the client reads shows that anything is
+    /// wrong. Counted in [`withheld`](Self::withheld) per connection, once its reading
+    /// stopped. Connections made later pass.
+    pub fn stop_reading_open_connections(&self) {
+        let mut state = lock(&self.state.0);
+        state.unread_below = state.accepted;
     }
 
     /// Whether [`freeze`](Self::freeze) was called.
@@ -328,6 +341,10 @@ async fn copy(
 ) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
+        if unread(state, index) {
+            // The socket stays open, never read again: the client's writes back up.
+            std::future::pending::<()>().await;
+        }
         let n = match from.read(&mut chunk).await {
             Ok(0) | Err(_) if is_cut_off(state, index) => {
                 // A lost network carries no FIN either.
@@ -393,6 +410,18 @@ async fn filter(
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// Whether connection `index` is no longer read; counted as withheld the first time.
+fn unread(state: &(Mutex<State>, Condvar), index: usize) -> bool {
+    let mut guard = lock(&state.0);
+    if index >= guard.unread_below {
+        return false;
+    }
+    guard.withheld += 1;
+    drop(guard);
+    state.1.notify_all();
+    true
 }
 
 /// Whether the proxy withholds anything now (frozen, or any performative).
