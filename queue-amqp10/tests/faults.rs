@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
-use queue_core::{ConsumeOptions, Headers, Message};
+use queue_core::{ConsumeOptions, Driver, Headers, Message};
 use queue_fixtures::artemis::ArtemisNode;
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::faults::{FaultBackend, Load, trials};
@@ -103,6 +103,71 @@ async fn deliveries_waiting_when_their_link_is_lost_are_not_handed_over() {
     drop(node);
 }
 
+/// During a resource alarm RabbitMQ stops reading from every AMQP 0-9-1 connection
+/// that publishes, which is why that driver's consumers have a connection of their
+/// own. This driver has one connection: its consumers must still ack through an
+/// alarm, or the backlog that raised it could not drain. (RabbitMQ 3.10's AMQP 1.0
+/// plugin takes the publish made during the alarm: measured, not relied on.)
+async fn consumers_ack_through_a_resource_alarm() {
+    let node = tokio::task::spawn_blocking(PrivateNode::start)
+        .await
+        .expect("join")
+        .expect("a private RabbitMQ node");
+    let mut config = Amqp10Config::new(node.amqp10_url(), Profile::RabbitmqV1);
+    config.publish_timeout = Duration::from_secs(2);
+    let driver = Amqp10Driver::connect(config).await.expect("connect");
+    let id = queue_core::QueueId::new("faults", "alarm").unwrap();
+    driver
+        .declare(&queue_core::QueueSpec::new(id.clone()))
+        .await
+        .unwrap();
+    for n in 0..3 {
+        driver
+            .publish(&id, queue_testkit::numbered(n))
+            .await
+            .unwrap();
+    }
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let ctl = |args: &'static [&'static str]| {
+        let node = &node;
+        move || node.ctl(args)
+    };
+    tokio::task::block_in_place(ctl(&["set_vm_memory_high_watermark", "0.00001"]));
+    let during = driver.publish(&id, queue_testkit::numbered(99)).await;
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("open")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(15), sub.cancel())
+        .await
+        .expect("the cancel finished")
+        .unwrap();
+    let counts = tokio::task::block_in_place(ctl(&[
+        "-q",
+        "list_queues",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]));
+    tokio::task::block_in_place(ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    let line = counts
+        .lines()
+        .find(|l| l.contains("alarm"))
+        .unwrap_or_else(|| panic!("no alarm queue in {counts}"));
+    let numbers: Vec<&str> = line.split_whitespace().skip(1).collect();
+    let ready = if during.is_ok() { "1" } else { "0" };
+    assert_eq!(numbers, [ready, "0"], "ready, unacked: {line}");
+    driver.close().await.unwrap();
+}
+
 fn main() {
     let faults = [Fault::CutConnections, Fault::StopStart, Fault::Kill];
     let rabbitmq = FaultBackend::new(
@@ -131,6 +196,11 @@ fn main() {
         "rabbitmq::deliveries_waiting_when_their_link_is_lost_are_not_handed_over",
         PrivateNode::unavailable(),
         deliveries_waiting_when_their_link_is_lost_are_not_handed_over,
+    ));
+    all.push(queue_testkit::broker_test(
+        "rabbitmq::consumers_ack_through_a_resource_alarm",
+        PrivateNode::unavailable(),
+        consumers_ack_through_a_resource_alarm,
     ));
     queue_testkit::run(all);
 }
