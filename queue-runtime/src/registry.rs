@@ -625,8 +625,10 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
         let same = plan.queues[..i].iter().find(|p| {
             p.driver == q.driver && p.spec.name == q.spec.name && !plan.is_in_memory(&q.spec.id)
         });
+        // Told at the later queue's entry, or at the earlier's when no entry declares
+        // the later (a queue a consumer implies, or its dead-letter queue).
         if let Some(first) = same
-            && let Some((entry, field)) = located(&q.spec.id)
+            && let Some((entry, field)) = located(&q.spec.id).or_else(|| located(&first.spec.id))
         {
             errors.push(entry.error(
                 Some(field),
@@ -1117,6 +1119,25 @@ mod tests {
         let on_memory = "  - name: a\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n  - name: b\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n";
         let dir = app_dir(&format!("{head}{on_memory}"), &[]);
         assert!(plan_in(dir.path(), false).is_ok());
+    }
+
+    /// A queue a consumer implies (no entry declares it) with the broker name of a
+    /// declared queue: one queue on the broker, its messages handled under the implied
+    /// queue's default policy. It passed `check`, since only the later queue's entry
+    /// was looked for (review); it is told at the declared queue's `queue_name`.
+    #[test]
+    #[cfg(feature = "amqp091")]
+    fn a_queue_a_consumer_implies_with_a_declared_queues_broker_name_fails_the_plan() {
+        let yaml = "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: jobs\n    kind: queue.queue\n    queue_name: app:tasks\n  - name: w\n    kind: queue.consumer\n    queue: tasks\n    source: h.lua\n    method: handle\n";
+        let dir = app_dir(yaml, &[("h.lua", "function handle() end\n")]);
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field.as_deref() == Some("queue_name")
+                    && e.message.contains("app:jobs and app:tasks")),
+            "{errors:?}"
+        );
     }
 
     /// A broker name that is empty (RabbitMQ names such a queue itself, and nothing
