@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use queue_core::security::Actor;
-use queue_core::{HeaderValue, Headers, Value, names};
+use queue_core::{HeaderValue, Headers, names};
 use queue_runtime::config;
 use queue_runtime::host::{Host, HostOptions};
 use queue_runtime::registry::{self, DriverKinds, Plan};
@@ -413,8 +413,11 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let (plan, kinds) = plan(&config, strict)?;
             let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
             refuse_in_memory(&plan, &id)?;
-            let body: serde_json::Value =
-                serde_json::from_str(&json).map_err(|e| format!("the body is not JSON: {e}"))?;
+            // The codec's own reading: it refuses what no body carries (an integer past
+            // i64), where serde_json's value took it for the nearest float.
+            let body = queue_core::Codec::Json
+                .decode(json.as_bytes())
+                .map_err(|e| format!("the body: {e}"))?;
             let headers = parse_headers(&headers)?;
             let actor = match actor {
                 Some(id) => {
@@ -430,7 +433,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let host = broker_only(plan, &kinds).await?;
             let result = host
                 .queues()
-                .publish(&security, &queue_id, Value::from(body), headers)
+                .publish(&security, &queue_id, body, headers)
                 .await;
             host.shutdown().await;
             let message_id = result.map_err(|e| e.to_string())?;

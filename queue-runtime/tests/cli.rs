@@ -371,6 +371,35 @@ fn publish_and_info_explain_the_memory_driver() {
     }
 }
 
+/// `publish` took an integer past `i64::MAX` for the nearest float
+/// (18446744073709551615 became 1.8446744073709552e19), a body the runtime's own
+/// decoder refuses: a handler saw another id (review). It is refused, saying why,
+/// before anything connects.
+#[test]
+fn publish_refuses_an_integer_past_what_a_body_carries() {
+    let dir = app(&[(
+        "app.yaml",
+        "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:1\n  - name: q\n    kind: queue.queue\n",
+    )]);
+    let out = run(
+        &[
+            "publish",
+            "app:q",
+            "{\"id\":18446744073709551615}",
+            "--config",
+            "app.yaml",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("body") && err.contains("does not fit"),
+        "{err}"
+    );
+    assert!(!err.contains("127.0.0.1:1"), "it connected first: {err}");
+}
+
 #[test]
 fn a_failing_process_is_logged_with_its_traceback_and_fails_an_idle_run() {
     let yaml = "namespace: app\nentries:\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
