@@ -261,6 +261,9 @@ impl Amqp091Config {
                 &format!("is set but {which} is not amqps://: the password would go in cleartext"),
             ));
         }
+        // Read now, so that `check` finds a file missing or not PEM, not the connect.
+        self.tls_config()
+            .map_err(|e| e.with_detail("field", "tls"))?;
         Ok(())
     }
 
@@ -486,8 +489,15 @@ mod tests {
             );
             assert!(!shown.contains("hunter2"), "{shown}");
         }
+        // With amqps://, what stops it is the file, read when the config is checked.
         let secured = json!({"url": "amqps://app:hunter2@127.0.0.1:5671", "tls": tls});
-        Amqp091Config::from_json(secured).expect("amqps:// with a tls block");
+        let err = Amqp091Config::from_json(secured).unwrap_err();
+        assert!(err.message().contains("cannot read ca.pem"), "{err}");
+        assert_eq!(
+            err.details().get("field").map(String::as_str),
+            Some("tls"),
+            "{err}"
+        );
     }
 
     #[cfg(feature = "tls")]
@@ -502,11 +512,10 @@ mod tests {
             (&der, "holds no PEM certificate"),
             (&huge, "larger than 1 MiB"),
         ] {
-            let config = Amqp091Config::from_json(json!({
+            // Refused when the config is checked, not at the connect.
+            let Err(err) = Amqp091Config::from_json(json!({
                 "url": "amqps://u:p@127.0.0.1:5671", "tls": {"ca_file": path}
-            }))
-            .unwrap();
-            let Err(err) = config.tls_config() else {
+            })) else {
                 panic!("{} was taken", path.display())
             };
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");

@@ -198,6 +198,12 @@ impl Amqp10Config {
                 ));
             }
         }
+        // Read now, so that `check` finds a file missing or without a certificate, not
+        // the connect.
+        #[cfg(feature = "tls")]
+        if let Some(ca_file) = self.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+            crate::tls::trusting(ca_file).map_err(|e| e.with_detail("field", "tls"))?;
+        }
         if self.reconnect_delay.is_zero() {
             return Err(field_error(KIND, "reconnect_delay", "must be above zero"));
         }

@@ -256,15 +256,18 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         kinds.names().join(", ")
                     ),
                 )),
-                Some(factory) => match factory.validate(config) {
-                    Ok(capabilities) => plan.drivers.push(DriverPlan {
-                        id: entry.id.clone(),
-                        kind: kind.clone(),
-                        config: config.clone(),
-                        capabilities,
-                    }),
-                    Err(e) => errors.push(driver_error(entry, &e)),
-                },
+                Some(factory) => {
+                    let config = files_beside_yaml(entry, config);
+                    match factory.validate(&config) {
+                        Ok(capabilities) => plan.drivers.push(DriverPlan {
+                            id: entry.id.clone(),
+                            kind: kind.clone(),
+                            config,
+                            capabilities,
+                        }),
+                        Err(e) => errors.push(driver_error(entry, &e)),
+                    }
+                }
             }
         }
     }
@@ -696,6 +699,32 @@ fn driver_error(entry: &Entry, error: &queue_core::Error) -> ConfigError {
 /// The plan of a queue only a consumer names, with the defaults: a dead-letter queue
 /// `<id>.dlq`; an id that leaves no room for it is refused (its messages would be
 /// dropped after their last attempt, which nobody asked for).
+/// A driver entry's fields with each relative path (the value of a field named
+/// `*_file`, at any depth: `tls.ca_file`) taken from beside the entry's YAML file, as a
+/// `source:` is (docs/configuration.md, "Drivers"), not from the working directory.
+fn files_beside_yaml(entry: &Entry, fields: &DriverFields) -> DriverFields {
+    fn walk(value: &mut serde_json::Value, entry: &Entry) {
+        let serde_json::Value::Object(fields) = value else {
+            return;
+        };
+        for (name, value) in fields.iter_mut() {
+            match value {
+                serde_json::Value::String(path)
+                    if name.ends_with("_file") && Path::new(path.as_str()).is_relative() =>
+                {
+                    if let Ok(beside) = entry.path(path).into_os_string().into_string() {
+                        *path = beside;
+                    }
+                }
+                other => walk(other, entry),
+            }
+        }
+    }
+    let mut fields = fields.clone();
+    walk(&mut fields.0, entry);
+    fields
+}
+
 fn default_queue(id: QueueId, driver: &str) -> Result<QueuePlan, String> {
     let retry = retry_policy(&RetryConfig::default());
     let dead_letter = QueueId::parse(&format!("{id}.dlq")).map_err(|e| {
@@ -1138,6 +1167,35 @@ mod tests {
                     && e.message.contains("app:jobs and app:tasks")),
             "{errors:?}"
         );
+    }
+
+    /// TLS files named relative to the YAML file are read from beside it, as a
+    /// `source:` is, and when the plan is made (`check`): they were opened relative to
+    /// the working directory, and only once the driver connected (review).
+    #[test]
+    #[cfg(all(feature = "amqp091", feature = "amqp10", feature = "tls"))]
+    fn tls_files_are_read_beside_the_yaml_when_the_plan_is_made() {
+        let certs = queue_fixtures::certs::TestCertificates::generate();
+        let ca = std::fs::read(certs.ca_file()).unwrap();
+        for kind in ["queue.driver.amqp", "queue.driver.amqp10"] {
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: mq\n    kind: {kind}\n    url: amqps://127.0.0.1:5671\n    tls:\n      ca_file: certs/ca.pem\n"
+            );
+            let dir = app_dir(&yaml, &[]);
+            let beside = dir.path().join("certs/ca.pem");
+            let errors = plan_in(dir.path(), false).unwrap_err().0;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.message.contains(&beside.display().to_string())),
+                "{kind}: {errors:?}"
+            );
+            std::fs::create_dir(dir.path().join("certs")).unwrap();
+            std::fs::write(&beside, &ca).unwrap();
+            if let Err(errors) = plan_in(dir.path(), false) {
+                panic!("{kind}: {errors:?}");
+            }
+        }
     }
 
     /// A broker name that is empty (RabbitMQ names such a queue itself, and nothing
