@@ -170,7 +170,7 @@ impl LuaHost {
         let contexts = Rc::new(Contexts::default());
         *contexts.chunk_security.borrow_mut() = chunk_security;
         let setup = || -> mlua::Result<(Sandbox, Table, Function, Table)> {
-            let guard = guard(&lua)?;
+            let guard = guard(&lua, Rc::clone(&clock))?;
             let handler_threads = crate::context::weak_keyed(&lua)?;
             lua.set_app_data(Rc::clone(&contexts));
             crate::context::init_inherited(&lua)?;
@@ -596,9 +596,9 @@ const MAX_IDLE_THREADS: usize = 1024;
 const KEPT_TAPE_BYTES: usize = 1024 * 1024;
 
 /// Trusted Lua, built once per state: calls a handler under `xpcall` whose message
-/// handler notes whether a raised error value is retryable, then raises the same
-/// value again, unchanged. Without it, the error value would reach Rust only as
-/// text. Written in Lua so that the handler stays yieldable.
+/// handler notes whether a raised error value is retryable, then raises it again: the
+/// same value, but a table as its text (below). Without it, the error value would
+/// reach Rust only as text. Written in Lua so that the handler stays yieldable.
 const GUARD: &str = r##"
 local xpcall, error, note = ...
 local function rethrow(ok, ...)
@@ -610,9 +610,32 @@ return function(handler, ...)
 end
 "##;
 
-fn guard(lua: &Lua) -> mlua::Result<Function> {
+fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
     let globals = lua.globals();
-    let note = lua.create_function(|lua, raised: LuaValue| {
+    // The state's own, taken before any Lua runs.
+    let tostring: Function = globals.raw_get("tostring")?;
+    let note = lua.create_function(move |lua, raised: LuaValue| {
+        // A table leaves as its text: mlua tells a raised value by its `__tostring`
+        // once the coroutine has ended, where no time limit holds, and one that loops
+        // held the worker's thread for good. Told here: by its `message`, read raw (no
+        // Lua of the table's runs, past a deadline perhaps), or else by `tostring`
+        // within a limit of its own.
+        let told = match &raised {
+            LuaValue::Table(t) => Some(match t.raw_get::<LuaValue>("message") {
+                Ok(LuaValue::String(m)) => crate::errors::cut_text(&m),
+                _ => clock
+                    .within(
+                        Deadline::after(
+                            DESCRIBE_TIME,
+                            "describing the raised error took too long".to_string(),
+                        ),
+                        || tostring.call::<mlua::LuaString>(&raised),
+                    )
+                    .map(|text| crate::errors::cut_text(&text))
+                    .unwrap_or_else(|_| "a table error".to_string()),
+            }),
+            _ => None,
+        };
         if let Some(delivery) = crate::context::current_delivery(lua) {
             // The last value raised is the one that leaves the handler: a `__close`
             // raising text on the way out replaces an error value raised before it.
@@ -621,17 +644,12 @@ fn guard(lua: &Lua) -> mlua::Result<Function> {
                 _ => None,
             };
             delivery.raised_retryable.set(retryable);
-            // Read raw: no Lua of the table's runs here, past a deadline perhaps.
-            let message = match &raised {
-                LuaValue::Table(t) => match t.raw_get::<LuaValue>("message") {
-                    Ok(LuaValue::String(m)) => Some(crate::errors::cut_text(&m)),
-                    _ => None,
-                },
-                _ => None,
-            };
-            *delivery.raised_message.borrow_mut() = message;
+            *delivery.raised_message.borrow_mut() = told.clone();
         }
-        Ok(raised)
+        match told {
+            Some(text) => Ok(LuaValue::String(lua.create_string(&text)?)),
+            None => Ok(raised),
+        }
     })?;
     lua.load(GUARD).set_name("=guard").call((
         globals.raw_get::<Function>("xpcall")?,

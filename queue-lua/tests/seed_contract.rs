@@ -265,6 +265,40 @@ async fn an_error_value_that_loops_when_read_still_fails_the_handler() {
     }
 }
 
+/// A raised table whose `__tostring` loops held its worker's thread for good: it was
+/// told by running that `__tostring` after the coroutine ended, outside any time
+/// limit (review). It is told within a limit of its own, and one that takes too long
+/// is told as a table; a `__tostring` that answers still tells it.
+#[test]
+fn a_raised_error_that_loops_when_told_still_fails_the_handler() {
+    for (method, told) in [
+        (
+            "raises_a_table_that_loops_when_told",
+            "raised: a table error",
+        ),
+        ("raises_a_table_told_by_its_tostring", "raised: HTTP 503"),
+    ] {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = done.send(runtime.block_on(outcome_of(method)));
+        });
+        let (outcome, _) = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the worker is not held by the error's __tostring");
+        match outcome {
+            Outcome::Nack { reason, retryable } => {
+                assert!(reason.ends_with(told), "{method}: {reason}");
+                assert!(retryable);
+            }
+            other => panic!("{method}: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_raised_error_carries_the_lua_location() {
     match outcome_of("raises").await.0 {

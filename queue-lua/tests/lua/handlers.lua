@@ -22,6 +22,12 @@ end
 function M.returns_a_looping_error(payload)
   return nil, setmetatable({}, { __index = function() while true do end end })
 end
+function M.raises_a_table_that_loops_when_told(payload)
+  error(setmetatable({}, { __tostring = function() while true do end end }))
+end
+function M.raises_a_table_told_by_its_tostring(payload)
+  error(setmetatable({}, { __tostring = function() return "HTTP 503" end }))
+end
 function M.raises_invalid_then_close_raises_text(payload)
   local _ <close> = setmetatable({}, { __close = function() error("db lost") end })
   error(invalid())
