@@ -40,6 +40,7 @@ mod driver;
 mod error;
 mod factory;
 mod id;
+mod log_line;
 pub mod memory;
 mod message;
 mod on_runtime;
@@ -62,6 +63,7 @@ pub use driver::{
 pub use error::{Error, ErrorKind, Result, credentials_cut_short, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};
 pub use id::QueueId;
+pub use log_line::{OneLine, escaped_in_a_log_line};
 pub use message::{
     HEADER_ENTRY_BYTES, HeaderValue, Headers, MAX_HEADER_BYTES, MAX_MILLIS, MAX_NAME_BYTES,
     MAX_PUBLISHED_HEADER_BYTES, MAX_PUBLISHED_HEADERS, Message, RUNTIME_HEADER_ROOM, names,

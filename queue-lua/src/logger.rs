@@ -19,12 +19,7 @@ fn one_line(bytes: &[u8]) -> String {
     let kept = &bytes[..bytes.len().min(MAX_MESSAGE_BYTES)];
     let mut line = String::with_capacity(kept.len());
     for c in String::from_utf8_lossy(kept).chars() {
-        // Beside the control characters: the line and paragraph separators, which
-        // some viewers break lines at, and the bidirectional overrides, which make a
-        // line read as something else.
-        if c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-        {
+        if queue_core::escaped_in_a_log_line(c) {
             line.extend(c.escape_default());
         } else {
             line.push(c);

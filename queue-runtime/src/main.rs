@@ -293,10 +293,32 @@ where
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let layer = match format {
-        LogFormat::Text => layer.boxed(),
+        LogFormat::Text => layer.fmt_fields(one_line_fields()).boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
     layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans))
+}
+
+/// The most of one field's value a text log line carries.
+const MAX_FIELD_BYTES: usize = 8 * 1024;
+
+/// A text log line's fields, each kept on the line: a value's control characters
+/// escaped, and at most [`MAX_FIELD_BYTES`] of it. A handler's failure reason went into
+/// the log as it was, so a newline in it began a line of the handler's making that
+/// read as the runtime's own (docs/operations.md, "Logs"). The JSON format escapes them.
+fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use std::fmt::Write;
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let name = field.name();
+        if name != "message" {
+            write!(writer, "{}=", name.trim_start_matches("r#"))?;
+        }
+        let mut line = queue_core::OneLine::new(&mut *writer, MAX_FIELD_BYTES);
+        write!(line, "{value:?}")?;
+        line.finish()
+    })
+    .delimited(" ")
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
