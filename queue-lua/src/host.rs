@@ -701,18 +701,23 @@ pub enum SourceCheck {
     },
 }
 
-/// Checks a source file for `check`, in a scratch state with the default limits:
-/// compiles it (syntax errors name file and line), runs its top level in the default
-/// sandbox (no `io`, no `os.execute`, no file `require`, whatever the entry opts
-/// into: `check` has no side effects), and finds `method`.
-pub fn check_source(source: &LuaSource, method: &str, opt_in: OptIn) -> Result<SourceCheck> {
+/// Checks a source file for `check`, in a scratch state with the `limits` the
+/// runtime's states have: compiles it (syntax errors name file and line), runs its top
+/// level in the default sandbox (no `io`, no `os.execute`, no file `require`,
+/// whatever the entry opts into: `check` has no side effects), and finds `method`.
+pub fn check_source(
+    source: &LuaSource,
+    method: &str,
+    opt_in: OptIn,
+    limits: Limits,
+) -> Result<SourceCheck> {
     Lua::new()
         .load(source.code())
         .set_name(format!("@{}", source.path().display()))
         .set_mode(ChunkMode::Text)
         .into_function()
         .map_err(|e| Error::invalid(format!("Lua syntax error: {e}")))?;
-    let host = LuaHost::new(Queues::new(), SecurityContext::default())?;
+    let host = LuaHost::with_limits(Queues::new(), SecurityContext::default(), limits)?;
     match host.handler_in(source, method, OptIn::default()) {
         Ok(_) => Ok(SourceCheck::Defines),
         Err(e) if opt_in != OptIn::default() && e.message().starts_with("cannot load") => {

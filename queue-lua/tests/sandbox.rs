@@ -279,9 +279,13 @@ async fn binary_chunks_are_refused_even_corrupted_never_run() {
         let err = h.host.handler(&path, "handle").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
         assert!(err.message().contains("binary"), "{err}");
-        let checked =
-            queue_lua::check_source(&LuaSource::read(&path).unwrap(), "handle", OptIn::default())
-                .unwrap_err();
+        let checked = queue_lua::check_source(
+            &LuaSource::read(&path).unwrap(),
+            "handle",
+            OptIn::default(),
+            Limits::default(),
+        )
+        .unwrap_err();
         assert!(checked.message().contains("binary"), "{checked}");
     }
     let lua_bytes = h.host.lua().create_string(bytecode()).unwrap();
@@ -387,13 +391,14 @@ async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
     .unwrap();
     let os = OptIn::parse(["os"]).unwrap();
     let source = LuaSource::read(&source).unwrap();
-    let checked = queue_lua::check_source(&source, "handle", os).unwrap();
+    let checked = queue_lua::check_source(&source, "handle", os, Limits::default()).unwrap();
     assert!(
         matches!(&checked, SourceCheck::NotRun { reason } if reason.contains("execute")),
         "{checked:?}"
     );
     // Without the opt-in, the same file is an error: it calls what it may not.
-    let err = queue_lua::check_source(&source, "handle", OptIn::default()).unwrap_err();
+    let err = queue_lua::check_source(&source, "handle", OptIn::default(), Limits::default())
+        .unwrap_err();
     assert!(err.message().contains("execute"), "{err}");
     assert!(!marker.exists(), "check ran os.execute");
 }

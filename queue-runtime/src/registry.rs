@@ -354,7 +354,14 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
                         (entry, &c.sandbox),
                     ),
                     (None, None, Some(method)) => (
-                        source_defining(config, entry, &c.sandbox, method, &mut texts),
+                        source_defining(
+                            config,
+                            entry,
+                            &c.sandbox,
+                            method,
+                            plan.lua_limits,
+                            &mut texts,
+                        ),
                         method.clone(),
                         (entry, &c.sandbox),
                     ),
@@ -436,7 +443,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
     errors.extend(queue_wiring(config, &plan));
 
     for (entry, source, method, opt_in) in &to_check {
-        match queue_lua::check_source(source, method, *opt_in) {
+        match queue_lua::check_source(source, method, *opt_in, plan.lua_limits) {
             Ok(SourceCheck::Defines) => {}
             Ok(SourceCheck::NotRun { reason }) => tracing::warn!(
                 "{}:{}: {}: not verified that {} defines {method:?}: {reason} (a file's top level runs here without what its entry opts into)",
@@ -473,6 +480,7 @@ fn source_defining(
     entry: &Entry,
     sandbox: &SandboxConfig,
     method: &str,
+    limits: Limits,
     texts: &mut SourceTexts,
 ) -> Result<LuaSource, ConfigError> {
     // Each file is loaded as `check` loads it for the entry that names it (the file
@@ -504,9 +512,12 @@ fn source_defining(
             looked.push(format!("{name} (no such file)"));
             continue;
         }
-        let checked = texts
-            .read(&path)
-            .and_then(|source| Ok((queue_lua::check_source(&source, method, opt_in)?, source)));
+        let checked = texts.read(&path).and_then(|source| {
+            Ok((
+                queue_lua::check_source(&source, method, opt_in, limits)?,
+                source,
+            ))
+        });
         match checked {
             Ok((SourceCheck::Defines, source)) => defining.push(source),
             Ok((SourceCheck::NotRun { .. }, _)) => unknown.push(name),
@@ -1195,6 +1206,30 @@ mod tests {
             if let Err(errors) = plan_in(dir.path(), false) {
                 panic!("{kind}: {errors:?}");
             }
+        }
+    }
+
+    /// A file's top level runs in `check` within `lua.memory_limit`, as at `run`: it
+    /// ran within the default 256 MiB, so a top level past a smaller limit passed
+    /// `check` and failed the start, and one past the default failed `check` with a
+    /// larger limit set (review).
+    #[test]
+    fn a_top_level_runs_in_check_within_the_configured_memory_limit() {
+        let lua = "local t = {} for i = 1, 1500000 do t[i] = i end\nfunction handle() end\n";
+        let yaml = |limit: &str| {
+            format!(
+                "namespace: app\nlua:\n  memory_limit: {limit}\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: q\n    source: h.lua\n    method: handle\n"
+            )
+        };
+        let dir = app_dir(&yaml("8MiB"), &[("h.lua", lua)]);
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.message.contains("memory")),
+            "{errors:?}"
+        );
+        let dir = app_dir(&yaml("64MiB"), &[("h.lua", lua)]);
+        if let Err(errors) = plan_in(dir.path(), false) {
+            panic!("{errors:?}");
         }
     }
 
