@@ -208,9 +208,34 @@ impl LuaHost {
     }
 
     /// The globals every source file and chunk reads names from (Lua code cannot
-    /// change them): set what you embed here, from Rust.
+    /// change them). A table set here is shared as it is, writable by every handler:
+    /// embed modules with [`LuaHost::embed`].
     pub fn globals(&self) -> &Table {
         self.sandbox.shared()
+    }
+
+    /// Embeds `value` (a function, or a table of them: a module) for every source
+    /// file and chunk, as the global `name` and as `require(name)`. A table is shared
+    /// read-only, as `queue` and `logger` are: one handler cannot change it for the
+    /// others, whose handlers would run the change with their own rights.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use queue_lua::LuaHost;
+    /// let host = LuaHost::new(queue_core::Queues::new(), Default::default()).unwrap();
+    /// let http = host.lua().create_table().unwrap();
+    /// http.set("get", host.lua().create_function(|_, url: String| Ok(url.len())).unwrap()).unwrap();
+    /// host.embed("http", http).unwrap();
+    /// let out = host.eval("return require('http').get('abc')").await.unwrap();
+    /// assert_eq!(out, vec![queue_core::Value::Int(3)]);
+    /// assert!(host.eval("http.get = nil").await.is_err());
+    /// # });
+    /// ```
+    pub fn embed(&self, name: &str, value: impl mlua::IntoLua) -> Result<()> {
+        value
+            .into_lua(&self.lua)
+            .and_then(|value| self.sandbox.embed(&self.lua, name, value))
+            .map_err(|e| Error::internal(format!("cannot embed {name:?}: {e}")))
     }
 
     /// How many coroutines are running handlers or processes right now.

@@ -538,6 +538,8 @@ end
 pub(crate) struct Sandbox {
     /// What every environment reads missing names from.
     shared: Table,
+    /// The shared modules `require` gives by name.
+    builtin: Table,
     /// Read-only `os` with everything but `exit`, for environments that opt in.
     full_os: Table,
     /// Read-only `io`, for environments that opt in.
@@ -673,15 +675,8 @@ impl Sandbox {
         )?;
 
         let builtin = lua.create_table()?;
-        let share = |name: &str, table: Table| -> mlua::Result<()> {
-            let proxy = if is_read_only(&table) {
-                table
-            } else {
-                read_only(lua, name, table)?
-            };
-            shared.raw_set(name, &proxy)?;
-            builtin.raw_set(name, proxy)
-        };
+        let share =
+            |name: &str, table: Table| share(lua, &shared, &builtin, name, LuaValue::Table(table));
         // No bytecode leaves or enters a state: `load` is text-only, so `dump` has
         // no use, and it is reachable through every string's metatable.
         real.raw_get::<Table>("string")?
@@ -728,13 +723,14 @@ impl Sandbox {
             load,
             real.raw_get::<Function>("loadfile")?,
             real.raw_get::<Function>("require")?,
-            builtin,
+            &builtin,
             real.raw_get::<Function>("select")?,
             real.raw_get::<Function>("error")?,
             real.raw_get::<Function>("tostring")?,
         ))?;
         Ok(Sandbox {
             shared,
+            builtin,
             full_os,
             full_io,
             equip,
@@ -762,6 +758,32 @@ impl Sandbox {
     pub(crate) fn shared(&self) -> &Table {
         &self.shared
     }
+
+    /// Shares `value` with every environment as the global `name`, and as
+    /// `require(name)`: see [`share`].
+    pub(crate) fn embed(&self, lua: &Lua, name: &str, value: LuaValue) -> mlua::Result<()> {
+        share(lua, &self.shared, &self.builtin, name, value)
+    }
+}
+
+/// Sets `value` in `shared` and `builtin` as `name`; a table behind a read-only proxy,
+/// so that no handler can change it for the others (`http.get = ...` in one consumer's
+/// handler ran in every other's, with their rights).
+fn share(
+    lua: &Lua,
+    shared: &Table,
+    builtin: &Table,
+    name: &str,
+    value: LuaValue,
+) -> mlua::Result<()> {
+    let value = match value {
+        LuaValue::Table(table) if !is_read_only(&table) => {
+            LuaValue::Table(read_only(lua, name, table)?)
+        }
+        other => other,
+    };
+    shared.raw_set(name, &value)?;
+    builtin.raw_set(name, value)
 }
 
 /// A proxy that reads through to `table` and refuses every write.

@@ -126,9 +126,7 @@ impl Recorder {
                     Ok(())
                 })
                 .map_err(|e| queue_core::Error::internal(e.to_string()))?;
-            host.globals()
-                .set("bench_started", started)
-                .map_err(|e| queue_core::Error::internal(e.to_string()))
+            host.embed("bench_started", started)
         })
     }
 }

@@ -438,9 +438,7 @@ async fn lua_setup_embeds_a_function_every_worker_state_can_call() {
                     Ok(())
                 })
                 .map_err(|e| queue_core::Error::internal(e.to_string()))?;
-            host.globals()
-                .set("record", record)
-                .map_err(|e| queue_core::Error::internal(e.to_string()))
+            host.embed("record", record)
         })
     };
     let options = HostOptions {
