@@ -250,10 +250,14 @@ impl Topology {
             .filter(|(_, d)| &d.target == queue)
             .map(|(name, _)| name.clone())
             .collect();
-        let mut delayed = 0u64;
+        // The broker lists no queues over AMQP: delay queues another process used
+        // (a runtime before a restart, for the `info` command) are not seen, and a
+        // driver that used none cannot say that nothing waits (docs/drivers/amqp091.md,
+        // "Delays").
+        let mut delayed = (!delay_queues.is_empty()).then_some(0u64);
         for name in delay_queues {
             match passive(link, &name, &what).await? {
-                Some((n, _)) => delayed += n,
+                Some((n, _)) => delayed = delayed.map(|d| d + n),
                 // Expired: it held nothing any more.
                 None => {
                     lock(&self.delay_queues).remove(&name);
@@ -263,7 +267,7 @@ impl Topology {
         Ok(QueueInfo {
             ready: Some(ready),
             in_flight: None,
-            delayed: Some(delayed),
+            delayed,
             consumers: Some(consumers),
         })
     }

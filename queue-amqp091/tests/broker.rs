@@ -824,6 +824,30 @@ async fn a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again() {
     driver.close().await.unwrap();
 }
 
+/// A driver instance counts what waits in the delay queues it used: another process
+/// (the `info` command, a runtime started again) cannot see the others, and said
+/// `delayed: Some(0)` while retries waited there (review). It says it does not know.
+async fn delay_queues_another_instance_used_are_not_counted_as_empty() {
+    let driver = common::rabbit().await;
+    let (name, id) = declared_transient(&driver, "delay-unseen").await;
+    let delayed = Message::encode(
+        &Value::from("later"),
+        Headers::from_pairs([("delay", HeaderValue::Int(60_000))]),
+        Codec::Json,
+    )
+    .unwrap();
+    driver.publish(&id, delayed).await.unwrap();
+    assert_eq!(driver.info(&id).await.unwrap().delayed, Some(1));
+    let other = common::rabbit().await;
+    declare_transient(&other, &name).await;
+    let info = other.info(&id).await.unwrap();
+    assert_eq!(info.delayed, None, "{info:?}");
+    delete(&format!("{name}.delay.60000")).await;
+    delete(&name).await;
+    other.close().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 async fn declared_transient(driver: &Amqp091Driver, label: &str) -> (String, QueueId) {
     let name = common::unique(label);
     let id = declare_transient(driver, &name).await;
@@ -1107,6 +1131,7 @@ queue_testkit::broker_tests! {
         publishes_sharing_a_message_id_are_never_told_a_false_outcome,
         a_classic_queues_delivery_count_is_a_publishers_header,
         delayed_messages_wait_in_an_expiring_delay_queue_and_arrive_clean,
+        delay_queues_another_instance_used_are_not_counted_as_empty,
         a_delay_queue_declared_otherwise_fails_the_publish_retryably_only_while_it_expires,
         the_factory_validates_without_connecting_and_creates_a_driver,
         the_default_vhost_url_forms_all_connect,
