@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
-use queue_core::{ConsumeOptions, Driver, Message, QueueId, QueueSpec};
+use queue_core::{ConsumeOptions, Driver, HeaderValue, Headers, Message, QueueId, QueueSpec};
+use queue_testkit::next;
 
 /// A driver on the shared Artemis.
 async fn artemis() -> Amqp10Driver {
@@ -203,6 +204,40 @@ async fn links_past_fe2o3s_default_channel_max_share_one_connection() {
         .await;
 }
 
+/// Artemis drops a message whose `_AMQ_DUPL_ID` (the duplicate-detection id a JMS or
+/// core client sets) it has seen on the address, and accepts it all the same. The
+/// runtime's retry copy of such a message carried the original's properties: it was
+/// confirmed, the original acked, and the copy never stored (review). Artemis' own
+/// `_AMQ_` properties are its bookkeeping: not shown to handlers, so never copied.
+async fn a_retry_copy_of_a_message_with_a_duplicate_id_is_stored() {
+    let driver = artemis().await;
+    let id = declared(&driver, "duplicate-id").await;
+    let headers = Headers::from_pairs([("_AMQ_DUPL_ID", HeaderValue::from("order-42"))]);
+    let message = Message::from_bytes(b"1".to_vec(), headers, "text/plain");
+    driver.publish(&id, message).await.unwrap();
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let delivery = next(&mut sub).await;
+    assert!(
+        !delivery.message().headers.contains("_AMQ_DUPL_ID"),
+        "{:?}",
+        delivery.message().headers
+    );
+    // The copy as the runtime's failure path makes it.
+    let mut copy = delivery.message().clone();
+    copy.make_republishable_noting();
+    copy.headers.insert("attempts", HeaderValue::Int(2));
+    driver.publish(&id, copy).await.unwrap();
+    delivery.ack().await.unwrap();
+    let again = next(&mut sub).await;
+    assert_eq!(again.message().headers.attempts(), 2);
+    again.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::artemis::shared_unavailable();
     async: [
@@ -212,6 +247,7 @@ queue_testkit::broker_tests! {
         publishes_waiting_at_a_close_get_their_real_outcome,
         next_after_a_close_hands_out_nothing_taken_ahead,
         links_past_fe2o3s_default_channel_max_share_one_connection,
+        a_retry_copy_of_a_message_with_a_duplicate_id_is_stored,
     ];
     sync: [];
 }
