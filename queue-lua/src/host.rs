@@ -621,14 +621,15 @@ const MAX_IDLE_THREADS: usize = 1024;
 const KEPT_TAPE_BYTES: usize = 1024 * 1024;
 
 /// Trusted Lua, built once per state: calls a handler under `xpcall` whose message
-/// handler notes whether a raised error value is retryable, then raises it again: the
-/// same value, but a table as its text (below). Without it, the error value would
-/// reach Rust only as text. Written in Lua so that the handler stays yieldable.
+/// handler notes whether a raised error value is retryable, then raises it again, a
+/// table as its text (`told`, once the handler's `__close`s have seen the table).
+/// Without it, the error value would reach Rust only as text. Written in Lua so that
+/// the handler stays yieldable.
 const GUARD: &str = r##"
-local xpcall, error, note = ...
+local xpcall, error, note, told = ...
 local function rethrow(ok, ...)
   if ok then return ... end
-  error((...), 0)
+  error(told((...)), 0)
 end
 return function(handler, ...)
   return rethrow(xpcall(handler, note, ...))
@@ -637,30 +638,7 @@ end
 
 fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
     let globals = lua.globals();
-    // The state's own, taken before any Lua runs.
-    let tostring: Function = globals.raw_get("tostring")?;
-    let note = lua.create_function(move |lua, raised: LuaValue| {
-        // A table leaves as its text: mlua tells a raised value by its `__tostring`
-        // once the coroutine has ended, where no time limit holds, and one that loops
-        // held the worker's thread for good. Told here: by its `message`, read raw (no
-        // Lua of the table's runs, past a deadline perhaps), or else by `tostring`
-        // within a limit of its own.
-        let told = match &raised {
-            LuaValue::Table(t) => Some(match t.raw_get::<LuaValue>("message") {
-                Ok(LuaValue::String(m)) => crate::errors::cut_text(&m),
-                _ => clock
-                    .within(
-                        Deadline::after(
-                            DESCRIBE_TIME,
-                            "describing the raised error took too long".to_string(),
-                        ),
-                        || tostring.call::<mlua::LuaString>(&raised),
-                    )
-                    .map(|text| crate::errors::cut_text(&text))
-                    .unwrap_or_else(|_| "a table error".to_string()),
-            }),
-            _ => None,
-        };
+    let note = lua.create_function(|lua, raised: LuaValue| {
         if let Some(delivery) = crate::context::current_delivery(lua) {
             // The last value raised is the one that leaves the handler: a `__close`
             // raising text on the way out replaces an error value raised before it.
@@ -669,17 +647,44 @@ fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
                 _ => None,
             };
             delivery.raised_retryable.set(retryable);
-            *delivery.raised_message.borrow_mut() = told.clone();
+            delivery.raised_message.borrow_mut().take();
         }
-        match told {
-            Some(text) => Ok(LuaValue::String(lua.create_string(&text)?)),
-            None => Ok(raised),
+        Ok(raised)
+    })?;
+    // The state's own, taken before any Lua runs.
+    let tostring: Function = globals.raw_get("tostring")?;
+    let told = lua.create_function(move |lua, raised: LuaValue| {
+        // A table leaves as its text: mlua tells a raised value by its `__tostring`
+        // once the coroutine has ended, where no time limit holds, and one that loops
+        // held the worker's thread for good. Told here: by its `message`, read raw (no
+        // Lua of the table's runs, past a deadline perhaps), or else by `tostring`
+        // within a limit of its own.
+        let LuaValue::Table(table) = &raised else {
+            return Ok(raised);
+        };
+        let text = match table.raw_get::<LuaValue>("message") {
+            Ok(LuaValue::String(m)) => crate::errors::cut_text(&m),
+            _ => clock
+                .within(
+                    Deadline::after(
+                        DESCRIBE_TIME,
+                        "describing the raised error took too long".to_string(),
+                    ),
+                    || tostring.call::<mlua::LuaString>(&raised),
+                )
+                .map(|text| crate::errors::cut_text(&text))
+                .unwrap_or_else(|_| "a table error".to_string()),
+        };
+        if let Some(delivery) = crate::context::current_delivery(lua) {
+            *delivery.raised_message.borrow_mut() = Some(text.clone());
         }
+        Ok(LuaValue::String(lua.create_string(&text)?))
     })?;
     lua.load(GUARD).set_name("=guard").call((
         globals.raw_get::<Function>("xpcall")?,
         globals.raw_get::<Function>("error")?,
         note,
+        told,
     ))
 }
 

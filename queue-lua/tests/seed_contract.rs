@@ -299,6 +299,16 @@ fn a_raised_error_that_loops_when_told_still_fails_the_handler() {
     }
 }
 
+/// A `__close` runs with the error value the handler raised: telling a raised table
+/// by its text must wait until they have run (review).
+#[tokio::test]
+async fn a_close_sees_the_raised_table() {
+    match outcome_of("raises_a_table_a_close_reads").await.0 {
+        Outcome::Nack { reason, .. } => assert!(reason.contains("close saw E409"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_raised_error_carries_the_lua_location() {
     match outcome_of("raises").await.0 {

@@ -25,6 +25,13 @@ end
 function M.raises_a_table_that_loops_when_told(payload)
   error(setmetatable({}, { __tostring = function() while true do end end }))
 end
+-- A `__close` reads the raised table's fields; it raises text saying what it saw.
+function M.raises_a_table_a_close_reads(payload)
+  local _ <close> = setmetatable({}, { __close = function(_, err)
+    error("close saw " .. tostring(type(err) == "table" and err.code or type(err)), 0)
+  end })
+  error({ message = "conflict", code = "E409" })
+end
 function M.raises_a_table_told_by_its_tostring(payload)
   error(setmetatable({}, { __tostring = function() return "HTTP 503" end }))
 end
