@@ -293,32 +293,37 @@ where
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let layer = match format {
-        LogFormat::Text => layer.fmt_fields(one_line_fields()).boxed(),
+        LogFormat::Text => layer.fmt_fields(OneLineFields).boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
     layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans))
 }
 
-/// The most of one field's value a text log line carries.
-const MAX_FIELD_BYTES: usize = 8 * 1024;
+/// The most a text log line's fields take: past the 64 KiB of fields Lua's `logger`
+/// writes (docs/lua-api.md, "logger").
+const MAX_FIELDS_BYTES: usize = 80 * 1024;
 
-/// A text log line's fields, each kept on the line: a value's control characters
-/// escaped, and at most [`MAX_FIELD_BYTES`] of it. A handler's failure reason went into
-/// the log as it was, so a newline in it began a line of the handler's making that
-/// read as the runtime's own (docs/operations.md, "Logs"). The JSON format escapes them.
-fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
-    use std::fmt::Write;
-    use tracing_subscriber::field::MakeExt;
-    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-        let name = field.name();
-        if name != "message" {
-            write!(writer, "{}=", name.trim_start_matches("r#"))?;
-        }
-        let mut line = queue_core::OneLine::new(&mut *writer, MAX_FIELD_BYTES);
-        write!(line, "{value:?}")?;
+/// A text log line's fields as tracing's own formatter writes them, kept on the line:
+/// control characters escaped, and at most [`MAX_FIELDS_BYTES`] of them. A handler's
+/// failure reason went into the log as it was, so a newline in it began a line of the
+/// handler's making that read as the runtime's own (docs/operations.md, "Logs"). The
+/// JSON format escapes them.
+struct OneLineFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for OneLineFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        use std::fmt::Write;
+        use tracing_subscriber::fmt::format::{DefaultFields, Writer};
+        let mut text = String::new();
+        DefaultFields::new().format_fields(Writer::new(&mut text), fields)?;
+        let mut line = queue_core::OneLine::new(writer, MAX_FIELDS_BYTES);
+        line.write_str(&text)?;
         line.finish()
-    })
-    .delimited(" ")
+    }
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
