@@ -231,6 +231,23 @@ impl LuaHost {
     /// assert!(host.eval("http.get = nil").await.is_err());
     /// # });
     /// ```
+    ///
+    /// The tables inside it are shared read-only too, and taken as they are when it is
+    /// embedded: a change made from Rust afterwards is not seen.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let host = queue_lua::LuaHost::new(queue_core::Queues::new(), Default::default()).unwrap();
+    /// let http = host.lua().create_table().unwrap();
+    /// let defaults = host.lua().create_table().unwrap();
+    /// defaults.set("timeout", 5).unwrap();
+    /// http.set("defaults", defaults).unwrap();
+    /// host.embed("http", http).unwrap();
+    /// assert!(host.eval("http.defaults.timeout = 0").await.is_err());
+    /// let out = host.eval("return http.defaults.timeout").await.unwrap();
+    /// assert_eq!(out, vec![queue_core::Value::Int(5)]);
+    /// # });
+    /// ```
     pub fn embed(&self, name: &str, value: impl mlua::IntoLua) -> Result<()> {
         value
             .into_lua(&self.lua)
@@ -755,6 +772,13 @@ pub fn check_source(
                 reason: e.message().to_string(),
             })
         }
+        // A module a program embeds (`LuaHost::embed`) is in the runtime's states only.
+        Err(e) if e.message().contains(crate::sandbox::NOT_BUILT_IN) => Ok(SourceCheck::NotRun {
+            reason: format!(
+                "{} (a module a program embeds with LuaHost::embed is there only at run)",
+                e.message()
+            ),
+        }),
         Err(e) => Err(e),
     }
 }

@@ -403,6 +403,29 @@ async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
     assert!(!marker.exists(), "check ran os.execute");
 }
 
+/// A module a program embeds (`LuaHost::embed`) exists only in the runtime's states,
+/// not in the scratch state `check` runs a top level in: a file that requires one at
+/// its top level failed `check`, and with it `registry::plan`, so such a program could
+/// not start (review). `check` cannot verify that file, and says so; a module that is
+/// not there at run still fails the start.
+#[test]
+fn a_module_only_a_program_embeds_is_not_verified_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("uses_http.lua");
+    std::fs::write(
+        &path,
+        "local http = require('http')\nfunction handle() end\n",
+    )
+    .unwrap();
+    let source = LuaSource::read(&path).unwrap();
+    let checked =
+        queue_lua::check_source(&source, "handle", OptIn::default(), Limits::default()).unwrap();
+    assert!(
+        matches!(&checked, SourceCheck::NotRun { reason } if reason.contains("http") && reason.contains("embed")),
+        "{checked:?}"
+    );
+}
+
 #[tokio::test]
 async fn finalizers_are_refused_as_they_would_run_outside_any_time_limit() {
     let h = Harness::new().await;
