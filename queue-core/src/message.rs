@@ -431,6 +431,19 @@ impl Headers {
     }
 }
 
+/// Why a copy must not carry header `name`, if a broker acts on it when the copy
+/// arrives: whoever set it on the original (another client, often), the copy would be
+/// routed elsewhere or dropped after its original was acked.
+fn acted_on_by_brokers(name: &str) -> Option<&'static str> {
+    match name {
+        "CC" | "BCC" => Some("RabbitMQ routes a message with it to more queues"),
+        _ if name.starts_with("_AMQ_") => Some(
+            "an ActiveMQ Artemis property: Artemis drops a copy whose duplicate-detection id (_AMQ_DUPL_ID) it has seen",
+        ),
+        _ => None,
+    }
+}
+
 fn value_bytes(value: &HeaderValue) -> usize {
     match value {
         HeaderValue::String(s) => s.len(),
@@ -537,7 +550,8 @@ impl Message {
     /// Makes a message that came from outside (another client, a broker) safe to
     /// publish again, whatever its headers: drops the well-known headers no driver
     /// accepts as they are (`priority: "urgent"`, `expiration: "soon"`, a priority of
-    /// 200), names longer than any driver carries, and the largest headers while they
+    /// 200), the headers a broker acts on when the copy arrives (RabbitMQ's `CC` and
+    /// `BCC`, Artemis' `_AMQ_*`), names longer than any driver carries, and the largest headers while they
     /// take more than [`MAX_HEADER_BYTES`] less the [`RUNTIME_HEADER_ROOM`] the failure
     /// path's own headers need; replaces an id too long to carry. The runtime's own
     /// `x_` headers are kept (one larger than the runtime writes came from outside,
@@ -580,6 +594,15 @@ impl Message {
             if let Err(e) = check {
                 drop_header(headers, key, e.message().to_string());
             }
+        }
+        let acted_on: Vec<String> = headers
+            .0
+            .keys()
+            .filter_map(|k| acted_on_by_brokers(k).map(|_| k.clone()))
+            .collect();
+        for key in acted_on {
+            let why = acted_on_by_brokers(&key).unwrap_or_default();
+            drop_header(headers, &key, why.to_string());
         }
         let long_names: Vec<String> = headers
             .0

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::{Backoff, Delivery, Driver, Error, HeaderValue, Message, QueueId, Result, names};
+use crate::{
+    Backoff, Delivery, Driver, Error, HeaderValue, Headers, Message, QueueId, Result, names,
+};
 
 /// How failures of a queue's messages are retried.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +189,7 @@ impl FailurePath {
             // longest backoff (never none: `max: 0s` would loop it hot).
             let longest = self.retry.backoff.longest().max(MIN_RETURN_WAIT);
             let mut kept = copy.clone();
+            without_ttl(&mut kept.headers);
             if self.driver.capabilities().delay {
                 kept.headers
                     .insert(names::DELAY, HeaderValue::Int(delay_millis(longest)));
@@ -298,13 +301,7 @@ impl FailurePath {
             HeaderValue::Int(i64::from(attempts)),
         );
         headers.remove(names::ATTEMPTS);
-        let ttl = headers
-            .remove(names::EXPIRATION)
-            .or_else(|| headers.remove(names::TTL));
-        headers.remove(names::TTL);
-        if let Some(ttl) = ttl {
-            headers.insert(names::X_ORIGINAL_EXPIRATION, ttl);
-        }
+        without_ttl(headers);
         copy
     }
 
@@ -348,6 +345,20 @@ impl FailurePath {
         self.hold(wait.max(MIN_RETURN_WAIT)).await;
         delivery.release().await?;
         Ok(Disposition::Returned)
+    }
+}
+
+/// Takes a dead letter's TTL off (a dead letter must not expire out of its queue),
+/// keeping it as `x_original_expiration` (unless an earlier copy did).
+fn without_ttl(headers: &mut Headers) {
+    let ttl = headers
+        .remove(names::EXPIRATION)
+        .or_else(|| headers.remove(names::TTL));
+    headers.remove(names::TTL);
+    if let Some(ttl) = ttl
+        && !headers.contains(names::X_ORIGINAL_EXPIRATION)
+    {
+        headers.insert(names::X_ORIGINAL_EXPIRATION, ttl);
     }
 }
 

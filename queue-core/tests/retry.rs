@@ -164,6 +164,87 @@ async fn a_message_without_dead_letter_headers_is_kept_in_a_dead_letter_queue() 
     );
 }
 
+/// A message another client put straight into a dead-letter queue with a TTL is kept
+/// there past its last attempt without it: the kept copy carried its `expiration`,
+/// and a broker dropped it once that ran out (review). As a dead-letter copy does, it
+/// keeps the TTL only as `x_original_expiration`.
+#[tokio::test]
+async fn a_kept_message_keeps_no_ttl() {
+    let (driver, mut path, _queue, dlq) = world().await;
+    path.queue = dlq.clone();
+    path.exhausted = Exhausted::Drop;
+    path.is_dead_letter_queue = true;
+    publish_with(
+        &driver,
+        &dlq,
+        &[
+            (names::ATTEMPTS, HeaderValue::Int(3)),
+            (names::EXPIRATION, HeaderValue::Int(60_000)),
+        ],
+    )
+    .await;
+    let mut sub = driver
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&last, "still broken").await.unwrap(),
+        Disposition::Kept
+    );
+    let kept = next(&mut sub).await;
+    let headers = &kept.message().headers;
+    assert!(!headers.contains(names::EXPIRATION), "{headers:?}");
+    assert_eq!(
+        headers.get(names::X_ORIGINAL_EXPIRATION),
+        Some(&HeaderValue::Int(60_000))
+    );
+}
+
+/// Headers a broker acts on when a copy arrives: RabbitMQ routes `CC` and `BCC` to
+/// more queues (the AMQP 0-9-1 driver refuses them, so a copy of another client's
+/// message with one was never dead-lettered: given back for ever), and Artemis drops
+/// a message whose `_AMQ_DUPL_ID` it has seen (a copy, once its original was acked).
+/// Copies leave them out, named in `x_dropped_headers`.
+#[tokio::test]
+async fn copies_leave_out_the_headers_brokers_act_on() {
+    let (driver, path, queue, _dlq) = world().await;
+    publish_with(
+        &driver,
+        &queue,
+        &[
+            ("CC", HeaderValue::from("other")),
+            ("BCC", HeaderValue::from("other")),
+            ("_AMQ_DUPL_ID", HeaderValue::from("order-42")),
+            ("kept", HeaderValue::Int(1)),
+        ],
+    )
+    .await;
+    let mut sub = driver
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&first, "boom").await.unwrap(),
+        Disposition::Retried
+    );
+    let copy = next(&mut sub).await;
+    let headers = &copy.message().headers;
+    for name in ["CC", "BCC", "_AMQ_DUPL_ID"] {
+        assert!(!headers.contains(name), "{name}: {headers:?}");
+    }
+    assert_eq!(headers.get("kept"), Some(&HeaderValue::Int(1)));
+    let note = headers
+        .get(names::X_DROPPED_HEADERS)
+        .and_then(HeaderValue::as_str)
+        .unwrap_or_default();
+    assert!(
+        note.contains("_AMQ_DUPL_ID") && note.contains("CC"),
+        "{note}"
+    );
+}
+
 /// A dead letter moved back to the queue it failed in with its headers (a broker's
 /// "move messages" shovel keeps them, and so does another client) is dead-lettered
 /// again when it fails past its last attempt there: its queue's dead-letter queue is
