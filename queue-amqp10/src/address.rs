@@ -122,6 +122,13 @@ impl Profile {
         matches!(self, Profile::RabbitmqV1)
     }
 
+    /// Whether the broker accepts a transfer that reaches no queue, and drops it
+    /// (RabbitMQ 3.x's plugin publishes without `mandatory`): a queue deleted on the
+    /// broker is then declared again by its sender every so often.
+    pub(crate) fn accepts_unroutable(self) -> bool {
+        matches!(self, Profile::RabbitmqV1)
+    }
+
     /// Whether a delay travels as the `x-opt-delivery-delay` message annotation.
     pub(crate) fn delay_annotation(self) -> bool {
         matches!(self, Profile::Artemis)

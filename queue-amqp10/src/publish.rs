@@ -10,7 +10,7 @@
 //! failed, never reported as sent.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fe2o3_amqp::Sendable;
 use fe2o3_amqp::link::delivery::DeliveryFut;
@@ -92,6 +92,7 @@ impl QueueSender {
             window: Arc::clone(&window_permits),
             link: Some(attached),
             pending: pending_tx,
+            declared: Instant::now(),
         };
         let sends = tokio::spawn(task.run(rx));
         Ok(QueueSender {
@@ -204,7 +205,15 @@ struct SendTask {
     window: Arc<Semaphore>,
     link: Option<Attached<Sender>>,
     pending: mpsc::UnboundedSender<Pending>,
+    /// When the queue was last declared (a sender attached), on a broker that drops
+    /// what reaches no queue ([`Profile::accepts_unroutable`]).
+    declared: Instant,
 }
+
+/// How often a sender declares its queue again on a broker that accepts and drops a
+/// transfer to a queue deleted there: what is published between a deletion and the
+/// next declaration is lost (docs/drivers/amqp10.md, "Limits").
+const DECLARE_AGAIN_EVERY: Duration = Duration::from_secs(5);
 
 impl SendTask {
     /// Ends a link whose session has stopped. fe2o3-amqp fails the outcomes still
@@ -214,6 +223,20 @@ impl SendTask {
         tracing::warn!(queue = %self.spec.queue, "amqp10 sender's session ended (connection lost, or ended by the broker); re-attaching on the next publish");
         if let Some(old) = self.link.take() {
             old.end();
+        }
+    }
+
+    /// Declares the queue again by attaching a sender of its own and ending it: the
+    /// queue may have been deleted on the broker, which the publishing link is not
+    /// told of. A failure is logged; the publish goes on, on its own link.
+    async fn declare_again(&mut self) {
+        self.declared = Instant::now();
+        let name = self.connector.link_name("declare", &self.spec.queue);
+        match self.connector.attach_sender(name, self.spec.target()).await {
+            Ok(probe) => probe.end(),
+            Err(err) => {
+                tracing::warn!(queue = %self.spec.queue, error = %err, "amqp10 sender cannot declare its queue again");
+            }
         }
     }
 
@@ -262,6 +285,12 @@ impl SendTask {
                 // now would only add a duplicate.
                 continue;
             }
+            if self.link.is_some()
+                && self.spec.profile.accepts_unroutable()
+                && self.declared.elapsed() >= DECLARE_AGAIN_EVERY
+            {
+                self.declare_again().await;
+            }
             let Some(attached) = self.link.as_mut() else {
                 drop(permit);
                 match self
@@ -275,6 +304,7 @@ impl SendTask {
                     Ok(attached) => {
                         tracing::info!(queue = %self.spec.queue, "amqp10 sender re-attached");
                         self.link = Some(attached);
+                        self.declared = Instant::now();
                         failures = 0;
                         retry = Some(request);
                     }

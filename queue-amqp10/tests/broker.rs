@@ -96,6 +96,59 @@ async fn a_durability_clash_is_already_exists() {
     second.close().await.unwrap();
 }
 
+/// RabbitMQ 3.x's plugin accepts a publish to a queue deleted on the broker and drops
+/// it (no `mandatory` over AMQP 1.0), and the sender link never learns of the deletion:
+/// every later publish was lost, for as long as the driver ran (review, measured). The
+/// driver declares a queue it publishes to again every few seconds (attaching a sender
+/// is the declaration): the queue comes back, and publishes are stored again within
+/// that bound. The ones between the deletion and the declaration are still lost.
+async fn a_queue_deleted_under_its_publisher_comes_back_within_seconds() {
+    let driver = support::rabbit_driver(Profile::RabbitmqV1).await;
+    let name = format!("amqp10-tests-deleted-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let ctl = |args: &[&str]| {
+        tokio::task::block_in_place(|| queue_fixtures::rabbitmq::shared_ctl(args))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    ctl(&["delete_queue", spec.name.as_str()]);
+    let listed = |ctl: &dyn Fn(&[&str]) -> String| {
+        ctl(&[
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
+        .lines()
+        .find(|line| line.starts_with(spec.name.as_str()))
+        .map(str::to_string)
+    };
+    assert_eq!(listed(&ctl), None, "the queue was deleted");
+    within("the queue coming back under its publisher", async {
+        loop {
+            driver.publish(&id, numbered(2)).await.unwrap();
+            if listed(&ctl).is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    // Declared again, the queue stores what is published to it.
+    let before = listed(&ctl).unwrap();
+    driver.publish(&id, numbered(3)).await.unwrap();
+    let after = listed(&ctl).unwrap();
+    assert_ne!(
+        before, after,
+        "the publish after the declaration was stored"
+    );
+    ctl(&["delete_queue", spec.name.as_str()]);
+    driver.close().await.unwrap();
+}
+
 /// With a list of URLs the driver skips a node that does not answer, reports the one
 /// it connected to, and says which nodes failed when none answers.
 async fn a_url_list_connects_to_the_first_node_that_answers() {
@@ -730,6 +783,7 @@ queue_testkit::broker_tests! {
         an_ack_of_a_lost_link_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_broker_that_stops_reading_is_noticed_within_the_idle_timeout,
+        a_queue_deleted_under_its_publisher_comes_back_within_seconds,
         a_publish_to_a_hung_broker_fails_within_its_limit,
         a_full_window_lost_with_its_connection_does_not_stall_publishing,
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,
