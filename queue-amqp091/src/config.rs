@@ -405,13 +405,36 @@ impl Amqp091Config {
             out.cert_chain = Some(pem);
         }
         if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            out.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                pem: read(cert)?,
-                key: read(key)?,
-            });
+            let pem = read(cert)?;
+            if !contains(&pem, "-----BEGIN CERTIFICATE-----") {
+                return Err(Error::invalid(format!(
+                    "{KIND}: tls: cert_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); a DER file converts with `openssl x509 -inform der -in cert.der -out cert.pem`",
+                    cert.display()
+                )));
+            }
+            let key_pem = read(key)?;
+            if !contains(&key_pem, "-----BEGIN PRIVATE KEY-----") {
+                let held = if contains(&key_pem, "-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+                    "an encrypted key, which the driver cannot open"
+                } else if contains(&key_pem, "PRIVATE KEY-----") {
+                    "a key in another form than PKCS#8 (RSA or EC)"
+                } else {
+                    "no PEM private key"
+                };
+                return Err(Error::invalid(format!(
+                    "{KIND}: tls: key_file {} holds {held}; convert it to an unencrypted PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----) with `openssl pkcs8 -topk8 -nocrypt -in key.pem -out key.pkcs8.pem`",
+                    key.display()
+                )));
+            }
+            out.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key: key_pem });
         }
         Ok(out)
     }
+}
+
+/// Whether `bytes` hold `text`.
+fn contains(bytes: &[u8], text: &str) -> bool {
+    bytes.windows(text.len()).any(|w| w == text.as_bytes())
 }
 
 /// The largest certificate or key file the driver reads.
@@ -519,6 +542,53 @@ mod tests {
                 panic!("{} was taken", path.display())
             };
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+            assert!(err.message().contains(says), "{err}");
+        }
+    }
+
+    /// `check` reads the client certificate and key too: a DER certificate or a key
+    /// lapin cannot take (PKCS#1, encrypted) failed only at the connect (review).
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_client_certificate_or_key_lapin_cannot_take_is_refused_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let cert = write(
+            "cert.pem",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        );
+        let der = write("cert.der", "0\u{82}\u{1}");
+        let pkcs8 = write(
+            "key.pem",
+            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+        );
+        let rsa = write(
+            "rsa.pem",
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n",
+        );
+        let encrypted = write(
+            "enc.pem",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIE\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        );
+        let config = |cert: &std::path::Path, key: &std::path::Path| {
+            Amqp091Config::from_json(json!({
+                "url": "amqps://u:p@127.0.0.1:5671",
+                "tls": {"cert_file": cert, "key_file": key}
+            }))
+        };
+        config(&cert, &pkcs8).expect("a PEM certificate and a PKCS#8 key");
+        for (cert, key, says) in [
+            (&der, &pkcs8, "cert_file"),
+            (&cert, &rsa, "another form than PKCS#8"),
+            (&cert, &encrypted, "encrypted"),
+        ] {
+            let Err(err) = config(cert, key) else {
+                panic!("{} and {} were taken", cert.display(), key.display())
+            };
             assert!(err.message().contains(says), "{err}");
         }
     }

@@ -179,6 +179,7 @@ fn unshown_kind(value: &AMQPValue) -> &'static str {
         AMQPValue::FieldArray(_) => "an array",
         AMQPValue::ByteArray(_) => "a byte array",
         AMQPValue::Void => "void",
+        AMQPValue::Timestamp(_) => "a timestamp past 64 bits signed",
         _ => "binary, not UTF-8",
     }
 }

@@ -162,8 +162,6 @@ fn simple_value(value: HeaderValue) -> SimpleValue {
     }
 }
 
-/// A header value from an application property; `None` for what is not a scalar the
-/// workspace can carry (described types, binaries, ...).
 /// What kind of application property `value` is, to name one a handler is not shown
 /// (those [`header_value`] gives no header for).
 fn unshown_kind(value: &SimpleValue) -> &'static str {
@@ -177,6 +175,8 @@ fn unshown_kind(value: &SimpleValue) -> &'static str {
     }
 }
 
+/// A header value from an application property; `None` for what is not a scalar the
+/// workspace can carry (null, binaries, decimals).
 fn header_value(value: SimpleValue) -> Option<HeaderValue> {
     Some(match value {
         SimpleValue::String(s) => HeaderValue::String(s),
@@ -324,13 +324,18 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
         names::CONTENT_ENCODING,
         properties.content_encoding.map(|s| s.0),
     );
-    fill(
-        &mut headers,
-        USER_ID,
-        properties
-            .user_id
-            .and_then(|id| String::from_utf8(id.into_vec()).ok()),
-    );
+    match properties
+        .user_id
+        .map(|id| String::from_utf8(id.into_vec()))
+    {
+        Some(Ok(id)) => fill(&mut headers, USER_ID, Some(id)),
+        Some(Err(_)) => {
+            headers.note_dropped(
+                "user-id (binary, not UTF-8): an AMQP 1.0 property a handler is not shown, and no copy of the message carries",
+            );
+        }
+        None => {}
+    }
     if !headers.contains(names::PRIORITY) {
         // 4 is the AMQP default, which brokers fill in when nobody set one.
         if let Some(level) = header.as_ref().map(|h| h.priority.0).filter(|p| *p != 4) {

@@ -46,6 +46,12 @@ impl<W: fmt::Write> OneLine<W> {
         }
     }
 
+    /// Counts `bytes` more as left out: ones the caller cut before writing, so as not
+    /// to copy them at all.
+    pub fn count_left_out(&mut self, bytes: usize) {
+        self.left_out += bytes;
+    }
+
     /// Notes how many bytes were left out, if any.
     pub fn finish(mut self) -> fmt::Result {
         if self.left_out > 0 {

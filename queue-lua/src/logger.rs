@@ -16,18 +16,14 @@ const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 /// 2026-... ERROR queue_runtime: ...`), and cut at [`MAX_MESSAGE_BYTES`]: a message of
 /// 200 MB was copied, outside the Lua memory limit, then formatted again.
 fn one_line(bytes: &[u8]) -> String {
+    use std::fmt::Write;
     let kept = &bytes[..bytes.len().min(MAX_MESSAGE_BYTES)];
     let mut line = String::with_capacity(kept.len());
-    for c in String::from_utf8_lossy(kept).chars() {
-        if queue_core::escaped_in_a_log_line(c) {
-            line.extend(c.escape_default());
-        } else {
-            line.push(c);
-        }
-    }
-    if bytes.len() > kept.len() {
-        line.push_str(&format!("... ({} more bytes)", bytes.len() - kept.len()));
-    }
+    let mut one = queue_core::OneLine::new(&mut line, MAX_MESSAGE_BYTES);
+    // Writing into a String cannot fail.
+    let _ = one.write_str(&String::from_utf8_lossy(kept));
+    one.count_left_out(bytes.len() - kept.len());
+    let _ = one.finish();
     line
 }
 

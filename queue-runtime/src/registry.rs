@@ -724,9 +724,6 @@ fn driver_error(entry: &Entry, error: &queue_core::Error) -> ConfigError {
     entry.error(field, message)
 }
 
-/// The plan of a queue only a consumer names, with the defaults: a dead-letter queue
-/// `<id>.dlq`; an id that leaves no room for it is refused (its messages would be
-/// dropped after their last attempt, which nobody asked for).
 /// A driver entry's fields with each relative path (the value of a field named
 /// `*_file`, at any depth: `tls.ca_file`) taken from beside the entry's YAML file, as a
 /// `source:` is (docs/configuration.md, "Drivers"), not from the working directory.
@@ -753,6 +750,9 @@ fn files_beside_yaml(entry: &Entry, fields: &DriverFields) -> DriverFields {
     fields
 }
 
+/// The plan of a queue only a consumer names, with the defaults: a dead-letter queue
+/// `<id>.dlq`; an id that leaves no room for it is refused (its messages would be
+/// dropped after their last attempt, which nobody asked for).
 fn default_queue(id: QueueId, driver: &str) -> Result<QueuePlan, String> {
     let retry = retry_policy(&RetryConfig::default());
     let dead_letter = QueueId::parse(&format!("{id}.dlq")).map_err(|e| {
