@@ -148,6 +148,10 @@ impl FailurePath {
         reason: &str,
         no_more_attempts: bool,
     ) -> Result<Disposition> {
+        if delivery.is_lost() {
+            // Lost while the handler ran: the broker delivers it again.
+            return Ok(self.lost_while_held(delivery));
+        }
         let attempts = delivery.message().headers.attempts();
         let reason = crate::truncate(reason, MAX_REASON_BYTES);
         let mut copy = delivery.message().clone();
@@ -330,11 +334,11 @@ impl FailurePath {
     }
 
     /// The original was taken back by the broker while the runtime held it through
-    /// its backoff (its connection or link was lost): the broker delivers it again, so
-    /// no copy is published, which would have been a duplicate for every loss
-    /// (docs/reliability.md, "When duplicates happen").
+    /// its backoff, or before it failed (its connection or link was lost): the broker
+    /// delivers it again, so no copy is published, which would have been a duplicate
+    /// for every loss (docs/reliability.md, "When duplicates happen").
     fn lost_while_held(&self, delivery: &Delivery) -> Disposition {
-        tracing::info!(queue = %self.queue, id = %delivery.message().id, "the connection was lost while the retry waited: the broker delivers the message again, and no copy is published");
+        tracing::info!(queue = %self.queue, id = %delivery.message().id, "the connection was lost before the failure was settled: the broker delivers the message again, and no copy is published");
         Disposition::Returned
     }
 

@@ -1,6 +1,7 @@
-//! The failure path on a driver without delays, which holds the original through its
-//! backoff and publishes the copy after: a delivery lost meanwhile (its connection or
-//! link gone, so the broker delivers the original again) gets no copy.
+//! The failure path and deliveries that were lost (their connection or link gone, so
+//! the broker delivers the original again): on a driver without delays, which holds
+//! the original through its backoff and publishes the copy after, a delivery lost
+//! meanwhile gets no copy; on any driver, nor does one lost before it failed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +35,11 @@ impl Acker for LostOrHeld {
 }
 
 async fn fail_one(lost: bool) -> (Disposition, u64, usize) {
-    let driver = Arc::new(ControlledDriver::without_delays());
+    fail_one_on(ControlledDriver::without_delays(), lost).await
+}
+
+async fn fail_one_on(driver: ControlledDriver, lost: bool) -> (Disposition, u64, usize) {
+    let driver = Arc::new(driver);
     let queue = QueueId::parse("app:jobs").unwrap();
     driver
         .declare(&QueueSpec::new(queue.clone()))
@@ -60,8 +65,15 @@ async fn fail_one(lost: bool) -> (Disposition, u64, usize) {
     let message = Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
     let delivery = Delivery::new(message, Box::new(acker));
     let disposition = path.fail(&delivery, "broken").await.unwrap();
-    let ready = driver.inner().info(&queue).await.unwrap().ready.unwrap();
-    (disposition, ready, settled.load(Ordering::SeqCst))
+    // The copy, waiting out its delay or ready.
+    let queued = driver
+        .inner()
+        .info(&queue)
+        .await
+        .unwrap()
+        .message_count()
+        .unwrap();
+    (disposition, queued, settled.load(Ordering::SeqCst))
 }
 
 #[tokio::test(start_paused = true)]
@@ -70,4 +82,19 @@ async fn a_delivery_lost_during_its_backoff_gets_no_copy() {
     assert_eq!(fail_one(false).await, (Disposition::Retried, 1, 1));
     // Lost while held: the broker has the original back; a copy would be a duplicate.
     assert_eq!(fail_one(true).await, (Disposition::Returned, 0, 0));
+}
+
+/// On a driver with delays the copy was published at once, the link already lost
+/// while the handler ran: the broker delivered the original again beside it, a
+/// duplicate for every loss (review). A delivery known lost gets no copy.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_lost_before_it_failed_gets_no_copy() {
+    assert_eq!(
+        fail_one_on(ControlledDriver::new(), false).await,
+        (Disposition::Retried, 1, 1)
+    );
+    assert_eq!(
+        fail_one_on(ControlledDriver::new(), true).await,
+        (Disposition::Returned, 0, 0)
+    );
 }
