@@ -201,6 +201,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_in_flight: false,
     info_consumers: true,
     quorum_queues: true,
+    max_queue_name_bytes: Some(topology::MAX_QUEUE_NAME_BYTES),
 };
 
 #[async_trait]

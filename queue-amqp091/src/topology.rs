@@ -34,6 +34,20 @@ const DELAY_QUEUE_REFRESH: Duration = Duration::from_secs(30);
 /// expiry RabbitMQ takes, so that its queue can outlive it ([`delay_queue_expiry`]).
 const LONGEST_DELAY_MS: u64 = queue_core::MAX_MILLIS - DELAY_QUEUE_EXPIRY_MARGIN.as_secs() * 1000;
 
+/// The longest queue name whose delay queues' names (`NAME.delay.MILLISECONDS`) fit in
+/// AMQP's short strings.
+pub(crate) const MAX_QUEUE_NAME_BYTES: usize =
+    MAX_SHORT_STRING_LENGTH - ".delay.".len() - digits(LONGEST_DELAY_MS);
+
+const fn digits(mut n: u64) -> usize {
+    let mut count = 1;
+    while n >= 10 {
+        n /= 10;
+        count += 1;
+    }
+    count
+}
+
 /// The delay a message waits in a delay queue for `delay_ms`: rounded up to two
 /// significant digits (1,234 ms waits 1,300), never shorter than asked (below the
 /// longest, [`LONGEST_DELAY_MS`], a minute short of 49.7 days) and at most a tenth
@@ -86,11 +100,9 @@ impl Topology {
     /// first failure dead-lettered the message).
     pub(crate) fn check(spec: &QueueSpec) -> Result<()> {
         queue_name(&spec.name)?;
-        let longest_delay_queue = format!("{}.delay.{LONGEST_DELAY_MS}", spec.name);
-        if ShortString::try_new(longest_delay_queue.as_str()).is_err() {
-            let room = MAX_SHORT_STRING_LENGTH - (longest_delay_queue.len() - spec.name.len());
+        if spec.name.len() > MAX_QUEUE_NAME_BYTES {
             return Err(Error::invalid(format!(
-                "queue name {:?}... is {} bytes: its delay queues (`NAME.delay.MILLISECONDS`, which retries go through) need it to be at most {room}",
+                "queue name {:?}... is {} bytes: its delay queues (`NAME.delay.MILLISECONDS`, which retries go through) need it to be at most {MAX_QUEUE_NAME_BYTES}",
                 spec.name.chars().take(40).collect::<String>(),
                 spec.name.len()
             ))

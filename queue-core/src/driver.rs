@@ -38,6 +38,10 @@ pub struct Capabilities {
     /// Declares quorum queues ([`QueueType::Quorum`]): replicated over a cluster's
     /// nodes, and dead-lettering out of them at least once.
     pub quorum_queues: bool,
+    /// The longest broker name (`queue_name`) a queue may have, where the driver takes
+    /// fewer bytes than a queue id's 255 (AMQP 0-9-1 keeps room for the names of a
+    /// queue's delay queues); `None` when it has no limit of its own.
+    pub max_queue_name_bytes: Option<usize>,
 }
 
 /// What kind of queue to declare, where the broker has several.

@@ -81,6 +81,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_in_flight: true,
     info_consumers: true,
     quorum_queues: false,
+    max_queue_name_bytes: None,
 };
 
 /// The Redis keys of one queue. The `{name}` hash tag keeps them in one cluster

@@ -633,6 +633,24 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             .and_then(|q| config.get(q.spec.id.as_str()))
             .map(|entry| (entry, "dead_letter")),
     };
+    // The entry and field that make a queue's broker name: its own entry's
+    // `queue_name` (or `name`), the `dead_letter` that implies it, or the `queue` of a
+    // consumer that names it.
+    let made_by = |id: &QueueId| {
+        match config.get(id.as_str()) {
+        Some(entry) => Some(match &entry.kind {
+            EntryKind::Queue(q) if q.queue_name.is_none() => (entry, "name"),
+            _ => (entry, "queue_name"),
+        }),
+        None => located(id).or_else(|| {
+            config
+                .entries
+                .iter()
+                .find(|e| matches!(&e.kind, EntryKind::Consumer(c) if e.resolve(&c.queue) == id.as_str()))
+                .map(|entry| (entry, "queue"))
+        }),
+    }
+    };
     let mut errors = Vec::new();
     // Dead-letter queues with a TTL, told once each.
     let mut expiring = std::collections::HashSet::new();
@@ -649,6 +667,25 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
                 format!(
                     "{dlq} holds the dead letters of {}: with a message_ttl they would expire out of it, and a dead letter is never dropped (leave message_ttl out)",
                     q.spec.id
+                ),
+            ));
+        }
+        let max_name = plan
+            .drivers
+            .iter()
+            .find(|d| d.id == q.driver)
+            .and_then(|d| d.capabilities.max_queue_name_bytes);
+        if let Some(max) = max_name
+            && q.spec.name.len() > max
+            && let Some((entry, field)) = made_by(&q.spec.id)
+        {
+            errors.push(entry.error(
+                Some(field),
+                format!(
+                    "the broker name of {} is {} bytes: driver {} takes at most {max} (give it a shorter queue_name)",
+                    q.spec.id,
+                    q.spec.name.len(),
+                    q.driver
                 ),
             ));
         }
@@ -1253,6 +1290,68 @@ mod tests {
         let dir = app_dir(&yaml("64MiB"), &[("h.lua", lua)]);
         if let Err(errors) = plan_in(dir.path(), false) {
             panic!("{errors:?}");
+        }
+    }
+
+    /// A broker name longer than the driver takes (AMQP 0-9-1 keeps room for its delay
+    /// queues' names: 238 bytes) passed `check` and failed the start (review); so did
+    /// the `.dlq` one implies, and a queue a consumer names. Each is told at the entry
+    /// that makes it.
+    #[test]
+    #[cfg(feature = "amqp091")]
+    fn a_broker_name_longer_than_its_driver_takes_fails_the_plan() {
+        let head = "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n";
+        let fits = "n".repeat(234);
+        let long = "n".repeat(236);
+        for (queues, ok, field) in [
+            (
+                format!("  - name: a\n    kind: queue.queue\n    queue_name: {fits}\n"),
+                true,
+                "",
+            ),
+            // Its `.dlq` is 240 bytes.
+            (
+                format!("  - name: a\n    kind: queue.queue\n    queue_name: {long}\n"),
+                false,
+                "dead_letter",
+            ),
+            (
+                format!(
+                    "  - name: a\n    kind: queue.queue\n    queue_name: {long}\n    dead_letter: false\n"
+                ),
+                true,
+                "",
+            ),
+            (
+                format!(
+                    "  - name: a\n    kind: queue.queue\n    queue_name: {long}nnnn\n    dead_letter: false\n"
+                ),
+                false,
+                "queue_name",
+            ),
+            (
+                format!(
+                    "  - name: w\n    kind: queue.consumer\n    queue: {long}\n    source: h.lua\n    method: handle\n"
+                ),
+                false,
+                "queue",
+            ),
+        ] {
+            let dir = app_dir(
+                &format!("{head}{queues}"),
+                &[("h.lua", "function handle() end\n")],
+            );
+            match plan_in(dir.path(), false) {
+                Ok(_) => assert!(ok, "{queues}: passed"),
+                Err(errors) => {
+                    assert!(!ok, "{queues}: {errors:?}");
+                    assert!(
+                        errors.0.iter().any(|e| e.field.as_deref() == Some(field)
+                            && e.message.contains("238")),
+                        "{queues}: {errors:?}"
+                    );
+                }
+            }
         }
     }
 

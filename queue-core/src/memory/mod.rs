@@ -125,6 +125,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_in_flight: true,
     info_consumers: true,
     quorum_queues: false,
+    max_queue_name_bytes: None,
 };
 
 impl MemoryDriver {
