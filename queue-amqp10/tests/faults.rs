@@ -138,16 +138,10 @@ async fn consumers_ack_through_a_resource_alarm() {
     tokio::task::block_in_place(ctl(&["set_vm_memory_high_watermark", "0.00001"]));
     let during = driver.publish(&id, queue_testkit::numbered(99)).await;
     for _ in 0..3 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a delivery within 10 s")
-            .expect("open")
-            .expect("a delivery");
-        delivery.ack().await.unwrap();
+        queue_testkit::next(&mut sub).await.ack().await.unwrap();
     }
-    tokio::time::timeout(Duration::from_secs(15), sub.cancel())
+    queue_testkit::within("the cancel", sub.cancel())
         .await
-        .expect("the cancel finished")
         .unwrap();
     let counts = tokio::task::block_in_place(ctl(&[
         "-q",

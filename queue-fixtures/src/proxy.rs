@@ -14,7 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use queue_core::{Driver, Error, QueueId, QueueSpec};
+use queue_core::{Driver, Error, Headers, Message, QueueId, QueueSpec};
 use queue_testkit::{numbered, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -227,6 +227,39 @@ impl BrokerProxy {
             "the broker said nothing after the freeze"
         );
         err
+    }
+
+    /// Publishes through `driver` once, then stops reading what it sends
+    /// ([`stop_reading_open_connections`](Self::stop_reading_open_connections)) and
+    /// publishes 32 MiB at once, more than the socket buffers on both sides hold, so
+    /// that its writes block; then publishes until one goes through, which a driver
+    /// must reach on a new connection within the test kit's patience. Panics when the
+    /// stall did not land, or publishing never went on.
+    pub async fn publish_through_a_stop_in_reading(&self, driver: &dyn Driver, queue: &QueueId) {
+        driver
+            .publish(queue, numbered(1))
+            .await
+            .expect("a publish before the broker stops reading");
+        self.stop_reading_open_connections();
+        let big = || {
+            Message::from_bytes(
+                vec![b'x'; 1 << 20],
+                Headers::new(),
+                "application/octet-stream",
+            )
+        };
+        let stalled =
+            futures_util::future::join_all((0..32).map(|_| driver.publish(queue, big()))).await;
+        assert!(
+            stalled.iter().any(|published| published.is_err()),
+            "every publish went through a proxy that reads nothing"
+        );
+        assert!(self.withheld() >= 1, "the proxy never stopped reading");
+        within("a publish after the broker stopped reading", async {
+            while driver.publish(queue, numbered(2)).await.is_err() {}
+        })
+        .await;
+        assert!(self.accepted() >= 2, "published without a new connection");
     }
 
     /// Declares `spec` through `driver` while the broker is frozen: the declare's
