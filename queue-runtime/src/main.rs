@@ -282,14 +282,9 @@ where
     use tracing_subscriber::filter::{FilterExt, LevelFilter};
 
     // Whatever RUST_LOG says: no log level prints a credential, nor a message.
-    let no_wire_dumps = tracing_subscriber::filter::filter_fn(|meta| {
-        meta.target() != MESSAGE_DUMP_TARGET
-            && (*meta.level() != tracing::Level::TRACE
-                || !WIRE_DUMP_TARGETS
-                    .iter()
-                    .any(|t| meta.target().starts_with(t)))
-    })
-    .with_max_level_hint(LevelFilter::TRACE);
+    let no_wire_dumps =
+        tracing_subscriber::filter::filter_fn(|meta| never_dumps(meta.target(), *meta.level()))
+            .with_max_level_hint(LevelFilter::TRACE);
     // The log reads the same with tracing on: its spans are for the exporter only.
     let no_trace_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !queue_runtime::telemetry::is_trace_span(meta)
@@ -331,6 +326,14 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for OneLineFields {
         line.write_str(&text)?;
         line.finish()
     }
+}
+
+/// Whether an event of `target` at `level` may be written whatever `RUST_LOG` says: not
+/// when it dumps frames (the login among them) or a whole message.
+fn never_dumps(target: &str, level: tracing::Level) -> bool {
+    target != MESSAGE_DUMP_TARGET
+        && (level != tracing::Level::TRACE
+            || !WIRE_DUMP_TARGETS.iter().any(|t| target.starts_with(t)))
 }
 
 fn plan(paths: &[PathBuf], strict: bool) -> Result<(Plan, DriverKinds), String> {
@@ -775,6 +778,21 @@ impl StopSignals for ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// lapin's WARN of a message RabbitMQ returned dumped its headers and body whole,
+    /// at the default level (outsider attack); the protocol crates' TRACE dumps frames
+    /// and the login. Neither is written, whatever RUST_LOG says; the rest is.
+    #[test]
+    fn no_level_writes_a_frame_or_a_message_dump() {
+        use tracing::Level;
+        assert!(!never_dumps("lapin::returned_messages", Level::WARN));
+        assert!(!never_dumps("lapin::returned_messages", Level::ERROR));
+        assert!(!never_dumps("lapin::io_loop", Level::TRACE));
+        assert!(!never_dumps("fe2o3_amqp::session", Level::TRACE));
+        assert!(never_dumps("lapin::io_loop", Level::DEBUG));
+        assert!(never_dumps("lapin::channel", Level::WARN));
+        assert!(never_dumps("queue_amqp091::consume", Level::TRACE));
+    }
 
     /// These signals, one per call, counting each as it is read; none after them.
     struct Told {
