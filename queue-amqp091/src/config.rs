@@ -412,17 +412,19 @@ impl Amqp091Config {
                     cert.display()
                 )));
             }
+            // rustls reads PKCS#8, PKCS#1 (RSA) and SEC1 (EC) keys, none encrypted.
             let key_pem = read(key)?;
-            if !contains(&key_pem, "-----BEGIN PRIVATE KEY-----") {
+            let readable = ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"]
+                .iter()
+                .any(|kind| contains(&key_pem, &format!("-----BEGIN {kind}-----")));
+            if !readable {
                 let held = if contains(&key_pem, "-----BEGIN ENCRYPTED PRIVATE KEY-----") {
                     "an encrypted key, which the driver cannot open"
-                } else if contains(&key_pem, "PRIVATE KEY-----") {
-                    "a key in another form than PKCS#8 (RSA or EC)"
                 } else {
                     "no PEM private key"
                 };
                 return Err(Error::invalid(format!(
-                    "{KIND}: tls: key_file {} holds {held}; convert it to an unencrypted PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----) with `openssl pkcs8 -topk8 -nocrypt -in key.pem -out key.pkcs8.pem`",
+                    "{KIND}: tls: key_file {} holds {held}; give it an unencrypted PEM key (-----BEGIN PRIVATE KEY-----; `openssl pkcs8 -topk8 -nocrypt -in key.pem -out key.pkcs8.pem` converts one)",
                     key.display()
                 )));
             }
@@ -547,7 +549,8 @@ mod tests {
     }
 
     /// `check` reads the client certificate and key too: a DER certificate or a key
-    /// lapin cannot take (PKCS#1, encrypted) failed only at the connect (review).
+    /// lapin cannot take (encrypted, or none) failed only at the connect (review);
+    /// PKCS#1 and SEC1 keys, which rustls reads, pass.
     #[cfg(feature = "tls")]
     #[test]
     fn a_client_certificate_or_key_lapin_cannot_take_is_refused_saying_so() {
@@ -581,9 +584,10 @@ mod tests {
             }))
         };
         config(&cert, &pkcs8).expect("a PEM certificate and a PKCS#8 key");
+        config(&cert, &rsa).expect("a PKCS#1 key, which rustls reads");
         for (cert, key, says) in [
             (&der, &pkcs8, "cert_file"),
-            (&cert, &rsa, "another form than PKCS#8"),
+            (&cert, &der, "no PEM private key"),
             (&cert, &encrypted, "encrypted"),
         ] {
             let Err(err) = config(cert, key) else {

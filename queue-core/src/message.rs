@@ -435,13 +435,9 @@ impl Headers {
 /// arrives: whoever set it on the original (another client, often), the copy would be
 /// routed elsewhere or dropped after its original was acked.
 fn acted_on_by_brokers(name: &str) -> Option<&'static str> {
-    match name {
-        "CC" | "BCC" => Some("RabbitMQ routes a message with it to more queues"),
-        _ if name.starts_with("_AMQ_") => Some(
-            "an ActiveMQ Artemis property: Artemis drops a copy whose duplicate-detection id (_AMQ_DUPL_ID) it has seen",
-        ),
-        _ => None,
-    }
+    name.starts_with("_AMQ_").then_some(
+        "an ActiveMQ Artemis property: Artemis drops a copy whose duplicate-detection id (_AMQ_DUPL_ID) it has seen",
+    )
 }
 
 fn value_bytes(value: &HeaderValue) -> usize {
@@ -550,8 +546,8 @@ impl Message {
     /// Makes a message that came from outside (another client, a broker) safe to
     /// publish again, whatever its headers: drops the well-known headers no driver
     /// accepts as they are (`priority: "urgent"`, `expiration: "soon"`, a priority of
-    /// 200), the headers a broker acts on when the copy arrives (RabbitMQ's `CC` and
-    /// `BCC`, Artemis' `_AMQ_*`), names longer than any driver carries, and the largest headers while they
+    /// 200), the headers a broker acts on when the copy arrives (Artemis' `_AMQ_*`),
+    /// names longer than any driver carries, and the largest headers while they
     /// take more than [`MAX_HEADER_BYTES`] less the [`RUNTIME_HEADER_ROOM`] the failure
     /// path's own headers need; replaces an id too long to carry. The runtime's own
     /// `x_` headers are kept (one larger than the runtime writes came from outside,

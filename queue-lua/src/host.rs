@@ -217,7 +217,10 @@ impl LuaHost {
     /// Embeds `value` (a function, or a table of them: a module) for every source
     /// file and chunk, as the global `name` and as `require(name)`. A table is shared
     /// read-only, as `queue` and `logger` are: one handler cannot change it for the
-    /// others, whose handlers would run the change with their own rights.
+    /// others, whose handlers would run the change with their own rights. The tables
+    /// inside it are shared as they are, writable: keep a module's settings in Rust,
+    /// or behind its functions. A file that requires it at its top level fails
+    /// `check` (which runs without it): require it inside the handler.
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -229,23 +232,6 @@ impl LuaHost {
     /// let out = host.eval("return require('http').get('abc')").await.unwrap();
     /// assert_eq!(out, vec![queue_core::Value::Int(3)]);
     /// assert!(host.eval("http.get = nil").await.is_err());
-    /// # });
-    /// ```
-    ///
-    /// The tables inside it are shared read-only too, and taken as they are when it is
-    /// embedded: a change made from Rust afterwards is not seen.
-    ///
-    /// ```
-    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-    /// # let host = queue_lua::LuaHost::new(queue_core::Queues::new(), Default::default()).unwrap();
-    /// let http = host.lua().create_table().unwrap();
-    /// let defaults = host.lua().create_table().unwrap();
-    /// defaults.set("timeout", 5).unwrap();
-    /// http.set("defaults", defaults).unwrap();
-    /// host.embed("http", http).unwrap();
-    /// assert!(host.eval("http.defaults.timeout = 0").await.is_err());
-    /// let out = host.eval("return http.defaults.timeout").await.unwrap();
-    /// assert_eq!(out, vec![queue_core::Value::Int(5)]);
     /// # });
     /// ```
     pub fn embed(&self, name: &str, value: impl mlua::IntoLua) -> Result<()> {
@@ -772,13 +758,6 @@ pub fn check_source(
                 reason: e.message().to_string(),
             })
         }
-        // A module a program embeds (`LuaHost::embed`) is in the runtime's states only.
-        Err(e) if e.message().contains(crate::sandbox::NOT_BUILT_IN) => Ok(SourceCheck::NotRun {
-            reason: format!(
-                "{} (a module a program embeds with LuaHost::embed is there only at run)",
-                e.message()
-            ),
-        }),
         Err(e) => Err(e),
     }
 }

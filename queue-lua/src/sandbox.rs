@@ -10,7 +10,6 @@
 //! environment only. Binary chunks are never loaded: Lua does not verify bytecode,
 //! and one bad byte crashes the process.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use mlua::{Function, Lua, MultiValue, Table, Thread, Value as LuaValue};
@@ -761,46 +760,10 @@ impl Sandbox {
     }
 
     /// Shares `value` with every environment as the global `name`, and as
-    /// `require(name)`: see [`share`]. The tables inside a table are read-only too
-    /// (`http.defaults.timeout = 0` in one handler would change every other's).
+    /// `require(name)`: see [`share`].
     pub(crate) fn embed(&self, lua: &Lua, name: &str, value: LuaValue) -> mlua::Result<()> {
-        let value = match value {
-            LuaValue::Table(table) => {
-                LuaValue::Table(read_only_within(lua, name, table, &mut HashMap::new())?)
-            }
-            other => other,
-        };
         share(lua, &self.shared, &self.builtin, name, value)
     }
-}
-
-/// `table` as a read-only view whose tables are read-only views too, each made once
-/// (`made`, by the address of the table it shows: a table reached twice, or a cycle).
-fn read_only_within(
-    lua: &Lua,
-    name: &str,
-    table: Table,
-    made: &mut HashMap<usize, Table>,
-) -> mlua::Result<Table> {
-    if is_read_only(&table) {
-        return Ok(table);
-    }
-    let address = table.to_pointer() as usize;
-    if let Some(view) = made.get(&address) {
-        return Ok(view.clone());
-    }
-    let inner = lua.create_table()?;
-    let view = read_only(lua, name, inner.clone())?;
-    made.insert(address, view.clone());
-    for pair in table.pairs::<LuaValue, LuaValue>() {
-        let (key, value) = pair?;
-        let value = match value {
-            LuaValue::Table(nested) => LuaValue::Table(read_only_within(lua, name, nested, made)?),
-            other => other,
-        };
-        inner.raw_set(key, value)?;
-    }
-    Ok(view)
 }
 
 /// Sets `value` in `shared` and `builtin` as `name`; a table behind a read-only proxy,
@@ -822,10 +785,6 @@ fn share(
     shared.raw_set(name, &value)?;
     builtin.raw_set(name, value)
 }
-
-/// What a `require` of a module that is neither built in nor a Lua file the entry may
-/// load says: `check` cannot tell it from a module a program embeds at run.
-pub(crate) const NOT_BUILT_IN: &str = "not a built-in module";
 
 /// A proxy that reads through to `table` and refuses every write.
 pub(crate) fn read_only(lua: &Lua, name: &str, table: Table) -> mlua::Result<Table> {

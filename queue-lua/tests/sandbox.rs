@@ -403,26 +403,24 @@ async fn check_runs_no_side_effect_even_for_an_entry_that_opts_into_os() {
     assert!(!marker.exists(), "check ran os.execute");
 }
 
-/// A module a program embeds (`LuaHost::embed`) exists only in the runtime's states,
-/// not in the scratch state `check` runs a top level in: a file that requires one at
-/// its top level failed `check`, and with it `registry::plan`, so such a program could
-/// not start (review). `check` cannot verify that file, and says so; a module that is
-/// not there at run still fails the start.
+/// A `require` of a module that is not built in, at a file's top level, fails
+/// `check`, saying so: the stock binary embeds nothing, so the start would fail too (a
+/// program that embeds one requires it inside its handlers).
 #[test]
-fn a_module_only_a_program_embeds_is_not_verified_by_check() {
+fn a_top_level_require_of_no_built_in_module_fails_check() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("uses_http.lua");
+    let path = dir.path().join("uses_jsno.lua");
     std::fs::write(
         &path,
-        "local http = require('http')\nfunction handle() end\n",
+        "local json = require('jsno')\nfunction handle() end\n",
     )
     .unwrap();
     let source = LuaSource::read(&path).unwrap();
-    let checked =
-        queue_lua::check_source(&source, "handle", OptIn::default(), Limits::default()).unwrap();
+    let err = queue_lua::check_source(&source, "handle", OptIn::default(), Limits::default())
+        .unwrap_err();
     assert!(
-        matches!(&checked, SourceCheck::NotRun { reason } if reason.contains("http") && reason.contains("embed")),
-        "{checked:?}"
+        err.message().contains("jsno") && err.message().contains("not a built-in module"),
+        "{err}"
     );
 }
 

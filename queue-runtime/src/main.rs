@@ -302,8 +302,8 @@ where
 }
 
 /// The most a text log line's fields take: past the 64 KiB of fields Lua's `logger`
-/// writes (docs/lua-api.md, "logger").
-const MAX_FIELDS_BYTES: usize = 80 * 1024;
+/// writes (docs/lua-api.md, "logger"), which quoting as a string can double.
+const MAX_FIELDS_BYTES: usize = 160 * 1024;
 
 /// A text log line's fields as tracing's own formatter writes them, kept on the line:
 /// control characters escaped, and at most [`MAX_FIELDS_BYTES`] of them. A handler's

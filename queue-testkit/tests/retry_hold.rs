@@ -12,9 +12,11 @@ use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
 use queue_core::{Acker, Backoff, Delivery, Driver, Message, QueueId, QueueSpec, Result};
 use queue_testkit::ControlledDriver;
 
-/// An acker whose delivery is lost (or not), counting the settlements tried on it.
+/// An acker whose delivery is lost from its `lost_from`th look on (or never), counting
+/// the settlements tried on it.
 struct LostOrHeld {
-    lost: bool,
+    lost_from: Option<usize>,
+    looks: AtomicUsize,
     settled: Arc<AtomicUsize>,
 }
 
@@ -30,15 +32,21 @@ impl Acker for LostOrHeld {
     }
     fn release_on_drop(self: Box<Self>) {}
     fn is_lost(&self) -> bool {
-        self.lost
+        let look = self.looks.fetch_add(1, Ordering::SeqCst) + 1;
+        self.lost_from.is_some_and(|from| look >= from)
     }
 }
 
+/// Fails one message on a driver without delays, its delivery lost (when `lost`) only
+/// after the failure path first looked: while it was held through its backoff.
 async fn fail_one(lost: bool) -> (Disposition, u64, usize) {
-    fail_one_on(ControlledDriver::without_delays(), lost).await
+    fail_one_on(ControlledDriver::without_delays(), lost.then_some(2)).await
 }
 
-async fn fail_one_on(driver: ControlledDriver, lost: bool) -> (Disposition, u64, usize) {
+async fn fail_one_on(
+    driver: ControlledDriver,
+    lost_from: Option<usize>,
+) -> (Disposition, u64, usize) {
     let driver = Arc::new(driver);
     let queue = QueueId::parse("app:jobs").unwrap();
     driver
@@ -59,7 +67,8 @@ async fn fail_one_on(driver: ControlledDriver, lost: bool) -> (Disposition, u64,
     };
     let settled = Arc::new(AtomicUsize::new(0));
     let acker = LostOrHeld {
-        lost,
+        lost_from,
+        looks: AtomicUsize::new(0),
         settled: Arc::clone(&settled),
     };
     let message = Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
@@ -90,11 +99,11 @@ async fn a_delivery_lost_during_its_backoff_gets_no_copy() {
 #[tokio::test(start_paused = true)]
 async fn a_delivery_lost_before_it_failed_gets_no_copy() {
     assert_eq!(
-        fail_one_on(ControlledDriver::new(), false).await,
+        fail_one_on(ControlledDriver::new(), None).await,
         (Disposition::Retried, 1, 1)
     );
     assert_eq!(
-        fail_one_on(ControlledDriver::new(), true).await,
+        fail_one_on(ControlledDriver::new(), Some(1)).await,
         (Disposition::Returned, 0, 0)
     );
 }
