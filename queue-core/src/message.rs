@@ -431,14 +431,10 @@ impl Headers {
     }
 }
 
-/// Why a copy must not carry header `name`, if a broker acts on it when the copy
-/// arrives: whoever set it on the original (another client, often), the copy would be
-/// routed elsewhere or dropped after its original was acked.
-fn acted_on_by_brokers(name: &str) -> Option<&'static str> {
-    name.starts_with("_AMQ_").then_some(
-        "an ActiveMQ Artemis property: Artemis drops a copy whose duplicate-detection id (_AMQ_DUPL_ID) it has seen",
-    )
-}
+/// The prefix of ActiveMQ Artemis' own properties, which no copy carries: Artemis
+/// drops a copy whose duplicate-detection id (`_AMQ_DUPL_ID`) it has seen, after its
+/// original was acked, whoever set it on the original (another client, often).
+const ARTEMIS_PROPERTIES: &str = "_AMQ_";
 
 fn value_bytes(value: &HeaderValue) -> usize {
     match value {
@@ -591,14 +587,18 @@ impl Message {
                 drop_header(headers, key, e.message().to_string());
             }
         }
-        let acted_on: Vec<String> = headers
+        let artemis: Vec<String> = headers
             .0
             .keys()
-            .filter_map(|k| acted_on_by_brokers(k).map(|_| k.clone()))
+            .filter(|k| k.starts_with(ARTEMIS_PROPERTIES))
+            .cloned()
             .collect();
-        for key in acted_on {
-            let why = acted_on_by_brokers(&key).unwrap_or_default();
-            drop_header(headers, &key, why.to_string());
+        for key in artemis {
+            drop_header(
+                headers,
+                &key,
+                "an ActiveMQ Artemis property: Artemis drops a copy whose duplicate-detection id (_AMQ_DUPL_ID) it has seen".to_string(),
+            );
         }
         let long_names: Vec<String> = headers
             .0
