@@ -45,10 +45,6 @@ pub(crate) const DELIVERY_DELAY: &str = "x-opt-delivery-delay";
 /// refuse a `user-id` other than the sending connection's.
 const USER_ID: &str = "user_id";
 
-/// The prefix of Artemis' own message properties (`_AMQ_DUPL_ID`, `_AMQ_ORIG_ADDRESS`,
-/// ...), which handlers are not shown.
-const ARTEMIS_PROPERTIES: &str = "_AMQ_";
-
 /// Content type for bodies that arrive without one.
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -280,7 +276,7 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
             // Only the broker says how often a message was delivered; Artemis' own
             // properties are its bookkeeping, and a copy carrying its duplicate-detection
             // id (`_AMQ_DUPL_ID`) is dropped as a duplicate once accepted.
-            if key == names::X_DELIVERY_COUNT || key.starts_with(ARTEMIS_PROPERTIES) {
+            if key == names::X_DELIVERY_COUNT || key.starts_with(names::ARTEMIS_PROPERTIES) {
                 continue;
             }
             let kind = unshown_kind(&value);

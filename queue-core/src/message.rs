@@ -50,6 +50,11 @@ pub mod names {
     /// publish the message again, typically ones another client set that no driver
     /// accepts (`priority: "urgent"`).
     pub const X_DROPPED_HEADERS: &str = "x_dropped_headers";
+    /// The prefix of ActiveMQ Artemis' own properties (`_AMQ_DUPL_ID`,
+    /// `_AMQ_ORIG_ADDRESS`, ...): handlers are not shown them, and no copy carries
+    /// them, since Artemis drops a copy whose duplicate-detection id it has seen, after
+    /// its original was acked, whoever set it on the original (another client, often).
+    pub const ARTEMIS_PROPERTIES: &str = "_AMQ_";
     /// On copies whose id was too long to publish again: the original id.
     pub const X_ORIGINAL_MESSAGE_ID: &str = "x_original_message_id";
 
@@ -431,11 +436,6 @@ impl Headers {
     }
 }
 
-/// The prefix of ActiveMQ Artemis' own properties, which no copy carries: Artemis
-/// drops a copy whose duplicate-detection id (`_AMQ_DUPL_ID`) it has seen, after its
-/// original was acked, whoever set it on the original (another client, often).
-const ARTEMIS_PROPERTIES: &str = "_AMQ_";
-
 fn value_bytes(value: &HeaderValue) -> usize {
     match value {
         HeaderValue::String(s) => s.len(),
@@ -590,7 +590,7 @@ impl Message {
         let artemis: Vec<String> = headers
             .0
             .keys()
-            .filter(|k| k.starts_with(ARTEMIS_PROPERTIES))
+            .filter(|k| k.starts_with(names::ARTEMIS_PROPERTIES))
             .cloned()
             .collect();
         for key in artemis {
