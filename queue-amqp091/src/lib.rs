@@ -202,6 +202,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_consumers: true,
     quorum_queues: true,
     max_queue_name_bytes: Some(topology::MAX_QUEUE_NAME_BYTES),
+    reserved_headers: mapping::RESERVED_HEADERS,
 };
 
 #[async_trait]

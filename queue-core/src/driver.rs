@@ -42,6 +42,11 @@ pub struct Capabilities {
     /// fewer bytes than a queue id's 255 (AMQP 0-9-1 keeps room for the names of a
     /// queue's delay queues); `None` when it has no limit of its own.
     pub max_queue_name_bytes: Option<usize>,
+    /// Header names the broker acts on, which `publish` refuses (AMQP 0-9-1's `CC` and
+    /// `BCC` route a message to more queues). Another client's message may carry them:
+    /// the copies the runtime publishes to this driver leave them out, named in
+    /// `x_dropped_headers` (docs/consumers.md, "Headers a copy leaves out").
+    pub reserved_headers: &'static [&'static str],
 }
 
 /// What kind of queue to declare, where the broker has several.

@@ -444,6 +444,16 @@ fn value_bytes(value: &HeaderValue) -> usize {
 }
 
 /// The first characters of a long text, for messages that must not echo it whole.
+/// One entry of an `x_dropped_headers` note: the header, its value (a long string cut),
+/// and why it was dropped.
+fn dropped_entry(key: &str, value: &HeaderValue, why: &str) -> String {
+    let shown = match value {
+        HeaderValue::String(s) if s.len() > 64 => format!("{}...", preview(s)),
+        other => format!("{other:?}"),
+    };
+    format!("{}={shown}: {why}", preview(key))
+}
+
 fn preview(text: &str) -> String {
     format!("{:?}", text.chars().take(32).collect::<String>())
 }
@@ -575,11 +585,7 @@ impl Message {
         let headers = &mut self.headers;
         let mut drop_header = |headers: &mut Headers, key: &str, why: String| {
             if let Some(value) = headers.remove(key) {
-                let shown = match &value {
-                    HeaderValue::String(s) if s.len() > 64 => format!("{}...", preview(s)),
-                    other => format!("{other:?}"),
-                };
-                dropped.push(format!("{}={shown}: {why}", preview(key)));
+                dropped.push(dropped_entry(key, &value, &why));
             }
         };
         for (key, check) in headers.well_known_checks() {
@@ -657,6 +663,32 @@ impl Message {
     /// ```
     pub fn make_republishable_noting(&mut self) -> Option<String> {
         let dropped = self.make_republishable();
+        if dropped.is_empty() {
+            return None;
+        }
+        Some(self.headers.note_dropped(&dropped.join("; ")))
+    }
+
+    /// Leaves the headers `names` out of a copy (a driver's
+    /// [`crate::Capabilities::reserved_headers`]), each noted in
+    /// [`names::X_DROPPED_HEADERS`] with `why`. Returns the note, if anything was left
+    /// out.
+    ///
+    /// ```
+    /// use queue_core::{HeaderValue, Headers, Message};
+    /// let headers = Headers::from_pairs([("CC", HeaderValue::from("boss@example.com"))]);
+    /// let mut copy = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+    /// let note = copy.leave_out_noting(&["CC", "BCC"], "RabbitMQ routes by it").unwrap();
+    /// assert!(note.starts_with(r#""CC"=String"#) && !copy.headers.contains("CC"), "{note}");
+    /// ```
+    pub fn leave_out_noting(&mut self, names: &[&str], why: &str) -> Option<String> {
+        let dropped: Vec<String> = names
+            .iter()
+            .filter_map(|key| {
+                let value = self.headers.remove(key)?;
+                Some(dropped_entry(key, &value, why))
+            })
+            .collect();
         if dropped.is_empty() {
             return None;
         }

@@ -309,9 +309,20 @@ impl FailurePath {
         copy
     }
 
-    /// Publishes a copy.
+    /// Publishes a copy, without the headers its driver's broker acts on (another
+    /// client's `CC` on AMQP 0-9-1): refused there, they would keep the message from
+    /// ever moving.
     async fn publish(&self, planned: Move<'_>) -> Published {
-        match planned.driver.publish(planned.target, planned.copy).await {
+        let mut copy = planned.copy;
+        let reserved = planned.driver.capabilities().reserved_headers;
+        let why = format!(
+            "the {} driver's broker acts on it, so it refuses to publish it",
+            planned.driver.name()
+        );
+        if let Some(note) = copy.leave_out_noting(reserved, &why) {
+            tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
+        }
+        match planned.driver.publish(planned.target, copy).await {
             Ok(()) => Published::Done(planned.disposition, planned.target.clone()),
             Err(e) => {
                 tracing::warn!(queue = %self.queue, target = %planned.target, error = %e, "could not republish a failed message");

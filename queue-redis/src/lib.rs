@@ -82,6 +82,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_consumers: true,
     quorum_queues: false,
     max_queue_name_bytes: None,
+    reserved_headers: &[],
 };
 
 /// The Redis keys of one queue. The `{name}` hash tag keeps them in one cluster
