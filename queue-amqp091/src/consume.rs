@@ -309,6 +309,9 @@ impl Amqp091Subscription {
             consumer,
             ..
         } = a;
+        // At once, so that the deliveries of this channel say they are lost
+        // (`Acker::is_lost`) before the close below runs.
+        settler.refuse(kind, why);
         let why = why.to_string();
         let close = async move {
             settler.close_and_drain(kind, &why).await;

@@ -179,8 +179,15 @@ impl Settler {
         Ok(())
     }
 
+    /// Whether the broker has taken back what this channel delivered and nobody
+    /// settled: the channel is closed (its connection lost), or the subscription let go
+    /// of it, which closes it. RabbitMQ delivers such a message again.
+    fn is_lost(&self) -> bool {
+        !self.channel.status().connected() || lock(&self.state).refused.is_some()
+    }
+
     /// Refuses further settlements; what was settled before is still sent.
-    fn refuse(&self, kind: ErrorKind, why: &str) {
+    pub(crate) fn refuse(&self, kind: ErrorKind, why: &str) {
         let mut state = lock(&self.state);
         if state.refused.is_none() {
             state.refused = Some((kind, why.to_string()));
@@ -379,6 +386,10 @@ impl Acker for ChannelAcker {
     fn release_on_drop(self: Box<Self>) {
         // Refused only when the channel is gone or cancelled: the broker requeues then.
         let _ = self.settler.mark(self.tag, Mark::Released);
+    }
+
+    fn is_lost(&self) -> bool {
+        self.settler.is_lost()
     }
 }
 

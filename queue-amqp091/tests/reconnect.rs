@@ -1,5 +1,5 @@
 //! Reconnecting, beyond the shared fault suite: a consumer resumes by itself after a
-//! cut and a restart, and a subscription re-attached on a caller's short-lived runtime
+//! cut and a restart, a delivery held across a cut says it is lost, and a subscription re-attached on a caller's short-lived runtime
 //! still cancels. On private RabbitMQ nodes (never the shared node; always stopped).
 
 use std::collections::HashSet;
@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_amqp091::{Amqp091Config, Amqp091Driver};
-use queue_core::{Driver, ErrorKind, QueueId, QueueSpec};
+use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
+use queue_core::{Backoff, ConsumeOptions, Driver, ErrorKind, QueueId, QueueSpec, Subscription};
 use queue_fixtures::rabbitmq::PrivateNode;
 use queue_testkit::{number_of, numbered};
 
@@ -244,9 +245,69 @@ async fn consumers_ack_through_a_resource_alarm() {
     driver.close().await.unwrap();
 }
 
+/// A delivery whose connection is lost while its handler runs says so
+/// (`Delivery::is_lost`), and its failure then publishes no copy: RabbitMQ delivers it
+/// again, and a retry copy beside that redelivery was one duplicate per loss.
+async fn a_delivery_held_across_a_cut_says_it_is_lost() {
+    let node = blocking(PrivateNode::start).expect("a private node");
+    let driver = Arc::new(
+        Amqp091Driver::connect(config(&node))
+            .await
+            .expect("connect"),
+    );
+    let id = QueueId::new("faults", "lost").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    async fn next(sub: &mut Box<dyn Subscription>) -> queue_core::Delivery {
+        tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .expect("a delivery within 60 s")
+            .expect("subscription open")
+            .expect("a delivery")
+    }
+    let held = next(&mut sub).await;
+    assert!(!held.is_lost(), "nothing happened to its connection yet");
+
+    blocking(|| node.close_all_connections());
+    // The redelivery shows the cut landed: the broker took the held delivery back.
+    let again = next(&mut sub).await;
+    assert_eq!(number_of(&again), 1);
+    assert!(held.is_lost(), "the held delivery's connection is gone");
+    assert!(!again.is_lost());
+
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let path = FailurePath {
+        queue: id.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(30), 2.0, Duration::from_secs(60)),
+        },
+        exhausted: Exhausted::Drop,
+        is_dead_letter_queue: false,
+        stop,
+    };
+    assert_eq!(
+        path.fail(&held, "boom").await.unwrap(),
+        Disposition::Returned
+    );
+    // No retry copy waits in a delay queue beside the redelivery.
+    let info = driver.info(&id).await.unwrap();
+    assert_eq!(info.ready, Some(0), "{info:?}");
+    assert_eq!(info.delayed.unwrap_or(0), 0, "{info:?}");
+    again.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: PrivateNode::unavailable();
     async: [
+        a_delivery_held_across_a_cut_says_it_is_lost,
         a_consumer_resumes_by_itself_after_both_faults,
         a_subscription_reattached_on_a_callers_runtime_still_cancels,
         consumers_ack_through_a_resource_alarm,
