@@ -284,14 +284,15 @@ impl Amqp091Subscription {
 
     fn cancelled_by_broker(&mut self) {
         tracing::warn!(queue = %self.queue, "consumer cancelled by the broker; re-attaching");
-        if let Some(a) = &self.attached
-            && !a.channel.status().connected()
-        {
-            self.failed_generation = Some(a.generation);
+        if let Some(a) = &self.attached {
+            a.settler.cancelled_by_broker();
+            if !a.channel.status().connected() {
+                self.failed_generation = Some(a.generation);
+            }
         }
         self.detach(
             ErrorKind::Internal,
-            "the consumer was cancelled by the broker: the message went back to the queue",
+            "the consumer was cancelled by the broker: the message went back to its queue, or went with it if the queue was deleted",
         );
     }
 

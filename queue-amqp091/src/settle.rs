@@ -48,6 +48,9 @@ enum Mark {
 struct SettleState {
     /// Why settling is refused, once it is.
     refused: Option<(ErrorKind, String)>,
+    /// The broker cancelled the consumer: its queue may be gone, and the deliveries
+    /// with it, so they are never said to be lost (see [`Settler::is_lost`]).
+    cancelled_by_broker: bool,
     tags: BTreeMap<u64, Mark>,
     /// Tags acked or released since the last round was taken (every round takes all
     /// of them).
@@ -181,9 +184,18 @@ impl Settler {
 
     /// Whether the broker has taken back what this channel delivered and nobody
     /// settled: the channel is closed (its connection lost), or the subscription let go
-    /// of it, which closes it. RabbitMQ delivers such a message again.
+    /// of it, which closes it. RabbitMQ delivers such a message again, unless it
+    /// cancelled the consumer itself: the queue may have been deleted, and a failed
+    /// delivery's copy is then all that is left of it.
     fn is_lost(&self) -> bool {
-        !self.channel.status().connected() || lock(&self.state).refused.is_some()
+        let state = lock(&self.state);
+        !state.cancelled_by_broker
+            && (state.refused.is_some() || !self.channel.status().connected())
+    }
+
+    /// The broker cancelled the consumer (see [`Settler::is_lost`]).
+    pub(crate) fn cancelled_by_broker(&self) {
+        lock(&self.state).cancelled_by_broker = true;
     }
 
     /// Refuses further settlements; what was settled before is still sent.
@@ -417,6 +429,7 @@ impl Settlers {
             round_size: GATHER_COUNT.min(usize::from(prefetch / 2).max(1)),
             state: Mutex::new(SettleState {
                 refused: None,
+                cancelled_by_broker: false,
                 tags: BTreeMap::new(),
                 marked: 0,
                 round_started: None,

@@ -4,13 +4,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use queue_amqp091::{Amqp091Config, Amqp091Driver, X_DELIVERY_COUNT};
+use queue_core::retry::{Disposition, Exhausted, FailurePath, RetryPolicy};
 use queue_core::{
-    Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec, QueueType, Value,
+    Backoff, Codec, Driver, ErrorKind, HeaderValue, Headers, Message, QueueId, QueueSpec,
+    QueueType, Value,
 };
 use queue_fixtures::proxy::BrokerProxy;
 use queue_testkit::{everything_said, next, number_of, within};
@@ -780,13 +783,17 @@ async fn a_delay_queue_deleted_on_the_broker_is_declared_again() {
 /// RabbitMQ cancels the consumer, and attaching again found the queue missing:
 /// `NOT_FOUND`, once per reconnect delay for as long as the driver lived, each a
 /// warning in the runtime's log, and no message consumed again until a reconnect. The
-/// consumer declares its queue again, as it was declared, and goes on.
+/// consumer declares its queue again, as it was declared, and goes on. A delivery
+/// its handler still held is not said to be lost (the broker will not deliver it
+/// again: it went with the queue), so a failure still makes its retry copy.
 async fn a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again() {
-    let driver = common::rabbit().await;
+    let driver = Arc::new(common::rabbit().await);
     let (name, id) = declared_transient(&driver, "consumed-gone").await;
     let mut sub = driver.consume(&id, Default::default()).await.unwrap();
     driver.publish(&id, numbered(1)).await.unwrap();
     next(&mut sub).await.ack().await.unwrap();
+    driver.publish(&id, numbered(10)).await.unwrap();
+    let held = next(&mut sub).await;
     let attached = || {
         driver
             .connection()
@@ -819,6 +826,30 @@ async fn a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again() {
         attached_before + 1,
         "one attach after the cancel"
     );
+    assert!(
+        !held.is_lost(),
+        "its queue was deleted: it comes back no more"
+    );
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let path = FailurePath {
+        queue: id.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_millis(10), 2.0, Duration::from_millis(10)),
+        },
+        exhausted: Exhausted::Drop,
+        is_dead_letter_queue: false,
+        stop,
+    };
+    // The copy is confirmed; the ack of the original is refused, as it was cancelled.
+    match path.fail(&held, "boom").await {
+        Ok(disposition) => assert_eq!(disposition, Disposition::Retried),
+        Err(e) => assert!(e.to_string().contains("cancelled by the broker"), "{e}"),
+    }
+    let copy = next(&mut sub).await;
+    assert_eq!(number_of(&copy), 10);
+    copy.ack().await.unwrap();
     sub.cancel().await.unwrap();
     delete(&name).await;
     driver.close().await.unwrap();

@@ -45,7 +45,7 @@ pub struct Capabilities {
     /// Header names the broker acts on, which `publish` refuses (AMQP 0-9-1's `CC` and
     /// `BCC` route a message to more queues). Another client's message may carry them:
     /// the copies the runtime publishes to this driver leave them out, named in
-    /// `x_dropped_headers` (docs/consumers.md, "Headers a copy leaves out").
+    /// `x_dropped_headers` (docs/consumers.md, "Retries and dead letters").
     pub reserved_headers: &'static [&'static str],
 }
 

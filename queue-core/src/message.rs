@@ -367,8 +367,8 @@ impl Headers {
         match ms {
             Some(ms) if (least..=MAX_MILLIS).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
             _ => Err(Error::invalid(format!(
-                "header {key:?} must be a whole number of milliseconds from {least} to {MAX_MILLIS} (about 49 days), got {:?}",
-                self.get(key)
+                "header {key:?} must be a whole number of milliseconds from {least} to {MAX_MILLIS} (about 49 days), got {}",
+                self.get(key).map(shown).unwrap_or_default()
             ))),
         }
     }
@@ -443,17 +443,23 @@ fn value_bytes(value: &HeaderValue) -> usize {
     }
 }
 
-/// The first characters of a long text, for messages that must not echo it whole.
 /// One entry of an `x_dropped_headers` note: the header, its value (a long string cut),
 /// and why it was dropped.
 fn dropped_entry(key: &str, value: &HeaderValue, why: &str) -> String {
-    let shown = match value {
-        HeaderValue::String(s) if s.len() > 64 => format!("{}...", preview(s)),
-        other => format!("{other:?}"),
-    };
-    format!("{}={shown}: {why}", preview(key))
+    format!("{}={}: {why}", preview(key), shown(value))
 }
 
+/// A header's value as an error or a note shows it to a user: a string quoted (cut
+/// after 32 characters), a number or a boolean as it is, never Rust's names of types.
+fn shown(value: &HeaderValue) -> String {
+    match value {
+        HeaderValue::String(s) if s.chars().nth(32).is_some() => format!("{}...", preview(s)),
+        HeaderValue::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// The first characters of a long text, for messages that must not echo it whole.
 fn preview(text: &str) -> String {
     format!("{:?}", text.chars().take(32).collect::<String>())
 }
@@ -502,7 +508,8 @@ fn whole(f: f64) -> Option<i64> {
 
 fn priority_error(value: &HeaderValue) -> Error {
     Error::invalid(format!(
-        "header \"priority\" must be 0..9, \"low\", \"normal\" or \"high\", got {value:?}"
+        "header \"priority\" must be 0..9, \"low\", \"normal\" or \"high\", got {}",
+        shown(value)
     ))
 }
 
@@ -679,7 +686,8 @@ impl Message {
     /// let headers = Headers::from_pairs([("CC", HeaderValue::from("boss@example.com"))]);
     /// let mut copy = Message::from_bytes(b"1".to_vec(), headers, "application/json");
     /// let note = copy.leave_out_noting(&["CC", "BCC"], "RabbitMQ routes by it").unwrap();
-    /// assert!(note.starts_with(r#""CC"=String"#) && !copy.headers.contains("CC"), "{note}");
+    /// assert!(note.starts_with(r#""CC"="boss@example.com": "#), "{note}");
+    /// assert!(!copy.headers.contains("CC"));
     /// ```
     pub fn leave_out_noting(&mut self, names: &[&str], why: &str) -> Option<String> {
         let dropped: Vec<String> = names
@@ -884,6 +892,27 @@ mod tests {
         ] {
             assert_eq!(parse_priority(&bad).unwrap_err().kind(), ErrorKind::Invalid);
         }
+    }
+
+    /// A Lua user or the CLI's caller reads these: Rust's `String("urgent")` and
+    /// `Some(String("soon"))` named nothing they wrote (outsider attack).
+    #[test]
+    fn a_bad_header_value_is_shown_as_it_was_given() {
+        let said = |key: &str, value: HeaderValue| {
+            let headers = Headers::from_pairs([(key, value)]);
+            headers.validate_for_publish().unwrap_err().to_string()
+        };
+        let priority = said("priority", "urgent".into());
+        assert!(priority.ends_with(r#"got "urgent""#), "{priority}");
+        let expiration = said("expiration", "soon".into());
+        assert!(expiration.ends_with(r#"got "soon""#), "{expiration}");
+        let delay = said("delay", HeaderValue::Float(1.5));
+        assert!(delay.ends_with("got 1.5"), "{delay}");
+        let long = said("ttl", "x".repeat(1000).into());
+        assert!(
+            long.ends_with(&format!(r#"got "{}"..."#, "x".repeat(32))),
+            "{long}"
+        );
     }
 
     #[test]

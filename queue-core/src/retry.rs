@@ -314,12 +314,7 @@ impl FailurePath {
     /// ever moving.
     async fn publish(&self, planned: Move<'_>) -> Published {
         let mut copy = planned.copy;
-        let reserved = planned.driver.capabilities().reserved_headers;
-        let why = format!(
-            "the {} driver's broker acts on it, so it refuses to publish it",
-            planned.driver.name()
-        );
-        if let Some(note) = copy.leave_out_noting(reserved, &why) {
+        if let Some(note) = leave_out_reserved_headers(&mut copy, planned.driver.as_ref()) {
             tracing::warn!(queue = %self.queue, id = %copy.id, dropped = %note, "dropped headers that cannot be published again");
         }
         match planned.driver.publish(planned.target, copy).await {
@@ -349,7 +344,7 @@ impl FailurePath {
     /// delivers it again, so no copy is published, which would have been a duplicate
     /// for every loss (docs/reliability.md, "When duplicates happen").
     fn lost_while_held(&self, delivery: &Delivery) -> Disposition {
-        tracing::info!(queue = %self.queue, id = %delivery.message().id, "the connection was lost before the failure was settled: the broker delivers the message again, and no copy is published");
+        tracing::info!(queue = %self.queue, id = %delivery.message().id, "the delivery was lost before its failure was settled (its connection, link or channel closed): the broker delivers the message again, and no copy is published");
         Disposition::Returned
     }
 
@@ -361,6 +356,28 @@ impl FailurePath {
         delivery.release().await?;
         Ok(Disposition::Returned)
     }
+}
+
+/// Leaves out of a copy bound for `driver` the headers its broker acts on
+/// ([`crate::Capabilities::reserved_headers`]: another client's `CC` on AMQP 0-9-1),
+/// each named in [`names::X_DROPPED_HEADERS`]. Refused, they would keep the copy from
+/// ever being published. Returns the note, if anything was left out.
+///
+/// ```
+/// use queue_core::memory::MemoryDriver;
+/// use queue_core::{HeaderValue, Headers, Message, retry};
+/// let headers = Headers::from_pairs([("CC", HeaderValue::from("boss@example.com"))]);
+/// let mut copy = Message::from_bytes(b"1".to_vec(), headers, "application/json");
+/// // The memory driver reserves nothing: a copy to it keeps every header.
+/// assert_eq!(retry::leave_out_reserved_headers(&mut copy, &MemoryDriver::new()), None);
+/// assert!(copy.headers.contains("CC"));
+/// ```
+pub fn leave_out_reserved_headers(copy: &mut Message, driver: &dyn Driver) -> Option<String> {
+    let why = format!(
+        "the {} driver's broker acts on it, so it refuses to publish it",
+        driver.name()
+    );
+    copy.leave_out_noting(driver.capabilities().reserved_headers, &why)
 }
 
 /// Takes a dead letter's TTL off (a dead letter must not expire out of its queue),

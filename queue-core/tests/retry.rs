@@ -10,6 +10,7 @@ use queue_core::{
     Backoff, ConsumeOptions, Delivery, Driver, HeaderValue, Message, QueueId, QueueSpec,
     Subscription, names,
 };
+use queue_testkit::ControlledDriver;
 
 async fn world() -> (Arc<MemoryDriver>, FailurePath, QueueId, QueueId) {
     let driver = Arc::new(MemoryDriver::new());
@@ -418,71 +419,49 @@ async fn a_backoff_without_a_cap_retries_at_the_longest_delay() {
     assert_eq!(info.delayed, Some(1), "{info:?}");
 }
 
-/// A driver that refuses to publish the headers its broker acts on, as AMQP 0-9-1
-/// does `CC` and `BCC`, and says so in its capabilities: the memory driver otherwise.
-struct Reserving(Arc<MemoryDriver>);
-
-#[async_trait::async_trait]
-impl Driver for Reserving {
-    fn name(&self) -> &str {
-        "reserving"
-    }
-    fn capabilities(&self) -> queue_core::Capabilities {
-        queue_core::Capabilities {
-            reserved_headers: &["CC", "BCC"],
-            ..self.0.capabilities()
-        }
-    }
-    async fn declare(&self, spec: &QueueSpec) -> queue_core::Result<()> {
-        self.0.declare(spec).await
-    }
-    async fn publish(&self, queue: &QueueId, message: Message) -> queue_core::Result<()> {
-        if let Some(name) = ["CC", "BCC"]
-            .into_iter()
-            .find(|name| message.headers.contains(name))
-        {
-            return Err(queue_core::Error::invalid(format!(
-                "header {name} is reserved"
-            )));
-        }
-        self.0.publish(queue, message).await
-    }
-    async fn consume(
-        &self,
-        queue: &QueueId,
-        options: ConsumeOptions,
-    ) -> queue_core::Result<Box<dyn Subscription>> {
-        self.0.consume(queue, options).await
-    }
-    async fn info(&self, queue: &QueueId) -> queue_core::Result<queue_core::QueueInfo> {
-        self.0.info(queue).await
-    }
-    async fn close(&self) -> queue_core::Result<()> {
-        self.0.close().await
-    }
-}
-
 /// Another client's `CC` (from AMQP 1.0, or another driver's queue) on a message whose
-/// copies go to a driver that refuses it: each copy leaves it out, named in
-/// `x_dropped_headers`, and the message is retried and then dead-lettered. Before,
-/// every copy was refused and the message went back to its queue for ever.
+/// copies go to a driver that refuses it (as AMQP 0-9-1 does): each copy to that driver
+/// leaves it out, named in `x_dropped_headers`, and the message is retried and then
+/// dead-lettered; a copy to another driver keeps it. Before, every copy was refused and
+/// the message went back to its queue for ever.
 #[tokio::test]
 async fn copies_leave_out_the_headers_their_driver_reserves() {
     let (memory, mut path, queue, dlq) = world().await;
-    let reserving: Arc<dyn Driver> = Arc::new(Reserving(memory.clone()));
+    let reserving = Arc::new(ControlledDriver::reserving(&["CC", "BCC"]));
+    for id in [&queue, &dlq] {
+        reserving
+            .declare(&QueueSpec::new(id.clone()))
+            .await
+            .unwrap();
+    }
+    let with_cc = |attempts: i64| {
+        let mut message =
+            Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
+        message.headers.insert("CC", "boss@example.com");
+        message.headers.insert("BCC", "audit@example.com");
+        message
+            .headers
+            .insert(names::ATTEMPTS, HeaderValue::Int(attempts));
+        message
+    };
+    let note_of = |delivery: &Delivery| {
+        let headers = &delivery.message().headers;
+        assert!(
+            !headers.contains("CC") && !headers.contains("BCC"),
+            "{headers:?}"
+        );
+        headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // The queue and its dead-letter queue on the driver that reserves them.
     path.driver = reserving.clone();
     path.exhausted = Exhausted::DeadLetter(dlq.clone(), reserving.clone());
-    publish_with(
-        &memory,
-        &queue,
-        &[
-            ("CC", HeaderValue::from("boss@example.com")),
-            ("BCC", HeaderValue::from("audit@example.com")),
-            (names::ATTEMPTS, HeaderValue::Int(2)),
-        ],
-    )
-    .await;
-    let mut sub = memory
+    reserving.inner().publish(&queue, with_cc(2)).await.unwrap();
+    let mut sub = reserving
         .consume(&queue, ConsumeOptions { prefetch: 10 })
         .await
         .unwrap();
@@ -492,46 +471,50 @@ async fn copies_leave_out_the_headers_their_driver_reserves() {
         Disposition::Retried
     );
     let retry = next(&mut sub).await;
-    let headers = &retry.message().headers;
-    assert!(
-        !headers.contains("CC") && !headers.contains("BCC"),
-        "{headers:?}"
-    );
-    let note = headers
-        .get(names::X_DROPPED_HEADERS)
-        .and_then(HeaderValue::as_str)
-        .unwrap_or_default();
-    assert!(note.contains("CC") && note.contains("BCC"), "{note}");
+    let note = note_of(&retry);
+    assert!(note.contains(r#""CC"="boss@example.com""#), "{note}");
+    assert!(note.contains(r#""BCC"="audit@example.com""#), "{note}");
     assert_eq!(
         path.fail(&retry, "boom").await.unwrap(),
         Disposition::DeadLettered
     );
-    assert_eq!(memory.info(&queue).await.unwrap().message_count(), Some(0));
+    let mut dead_letters = reserving
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    next(&mut dead_letters).await.ack().await.unwrap();
 
-    // A copy to another driver's dead-letter queue: only that driver's rule counts.
-    publish_with(
-        &memory,
-        &queue,
-        &[
-            ("CC", HeaderValue::from("boss@example.com")),
-            (names::ATTEMPTS, HeaderValue::Int(3)),
-        ],
-    )
-    .await;
-    path.driver = memory.clone();
-    path.exhausted = Exhausted::DeadLetter(dlq.clone(), reserving);
+    // From a queue on the reserving driver to a dead-letter queue elsewhere: kept.
+    path.exhausted = Exhausted::DeadLetter(dlq.clone(), memory.clone());
+    reserving.inner().publish(&queue, with_cc(3)).await.unwrap();
     let last = next(&mut sub).await;
     assert_eq!(
         path.fail(&last, "boom").await.unwrap(),
         Disposition::DeadLettered
     );
-    let mut dead_letters = memory
+    let mut elsewhere = memory
         .consume(&dlq, ConsumeOptions { prefetch: 10 })
         .await
         .unwrap();
-    for _ in 0..2 {
-        let dead = next(&mut dead_letters).await;
-        assert!(!dead.message().headers.contains("CC"));
-        dead.ack().await.unwrap();
-    }
+    let kept = next(&mut elsewhere).await;
+    assert_eq!(
+        kept.message().headers.get("CC"),
+        Some(&HeaderValue::from("boss@example.com"))
+    );
+
+    // From a queue elsewhere to a dead-letter queue on the reserving driver: left out.
+    path.driver = memory.clone();
+    path.exhausted = Exhausted::DeadLetter(dlq.clone(), reserving.clone());
+    memory.publish(&queue, with_cc(3)).await.unwrap();
+    let mut on_memory = memory
+        .consume(&queue, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let last = next(&mut on_memory).await;
+    assert_eq!(
+        path.fail(&last, "boom").await.unwrap(),
+        Disposition::DeadLettered
+    );
+    let note = note_of(&next(&mut dead_letters).await);
+    assert!(note.contains(r#""CC"="boss@example.com""#), "{note}");
 }

@@ -227,17 +227,19 @@ pub struct ReplayReport {
     pub first_failure: Option<String>,
 }
 
-/// A dead letter as it goes back to its queue: `attempts` 1, the runtime's `x_*`
-/// headers gone, its time to live restored; what cannot be published again is
-/// dropped and named in `x_dropped_headers`, as the runtime's retries do.
-pub fn revived(dead: &Message) -> Message {
+/// A dead letter as it goes back to its queue, on `target`'s driver: `attempts` 1, the
+/// runtime's `x_*` headers gone but `x_dropped_headers` (what the message lost on its
+/// way, which nothing else records), its time to live restored; what cannot be
+/// published again, or `target` refuses (its reserved headers), is dropped and named
+/// in `x_dropped_headers`, as the runtime's retries do.
+pub fn revived(dead: &Message, target: &dyn Driver) -> Message {
     let mut copy = dead.clone();
     let expiration = copy.headers.get(names::X_ORIGINAL_EXPIRATION).cloned();
     let runtime_headers: Vec<String> = copy
         .headers
         .iter()
         .map(|(k, _)| k.clone())
-        .filter(|k| k.starts_with("x_"))
+        .filter(|k| k.starts_with("x_") && k != names::X_DROPPED_HEADERS)
         .collect();
     for key in runtime_headers {
         copy.headers.remove(&key);
@@ -248,6 +250,7 @@ pub fn revived(dead: &Message) -> Message {
         copy.headers.insert(names::EXPIRATION, ttl);
     }
     copy.make_republishable_noting();
+    queue_core::retry::leave_out_reserved_headers(&mut copy, target);
     copy
 }
 
@@ -307,7 +310,8 @@ pub async fn replay(
                     self.report.replayed += 1;
                 }
                 (true, Some((target, registered))) => {
-                    match registered.driver.publish(&target, revived(message)).await {
+                    let copy = revived(message, registered.driver.as_ref());
+                    match registered.driver.publish(&target, copy).await {
                         Ok(()) => {
                             delivery.ack().await?;
                             self.report.replayed += 1;
@@ -446,7 +450,7 @@ mod tests {
         ] {
             dead.headers.insert(k, v);
         }
-        let copy = revived(&dead);
+        let copy = revived(&dead, &queue_core::memory::MemoryDriver::new());
         assert_eq!(copy.id, dead.id);
         assert_eq!(copy.body, dead.body);
         assert!(copy.headers.iter().all(|(k, _)| !k.starts_with("x_")));
@@ -462,5 +466,31 @@ mod tests {
             copy.headers.get("correlation_id"),
             Some(&HeaderValue::from("c-1"))
         );
+    }
+
+    /// A dead letter that carries another client's `CC` went back to an AMQP 0-9-1
+    /// queue, which refuses `CC`, at every replay, and stayed in its dead-letter queue
+    /// for good; and what it had lost before (`x_dropped_headers`) was forgotten
+    /// (review).
+    #[test]
+    fn a_revived_dead_letter_leaves_out_what_its_queue_refuses_and_keeps_the_note() {
+        let mut dead = queue_core::Message::from_bytes(
+            b"{}".to_vec(),
+            queue_core::Headers::new(),
+            "application/json",
+        );
+        dead.headers.insert("CC", "boss@example.com");
+        dead.headers
+            .insert(names::X_DROPPED_HEADERS, "\"trace\" (a nested table): ...");
+        let target = queue_testkit::ControlledDriver::reserving(&["CC", "BCC"]);
+        let copy = revived(&dead, &target);
+        assert!(!copy.headers.contains("CC"), "{:?}", copy.headers);
+        let note = copy
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .unwrap_or_default();
+        assert!(note.starts_with("\"trace\" (a nested table)"), "{note}");
+        assert!(note.contains(r#""CC"="boss@example.com""#), "{note}");
     }
 }

@@ -45,6 +45,8 @@ pub struct ControlledDriver {
     failing_infos: std::sync::atomic::AtomicUsize,
     /// Queues whose `consume` never answers.
     unanswered_consumes: Mutex<Vec<QueueId>>,
+    /// Header names it reports as reserved and refuses to publish.
+    reserved_headers: &'static [&'static str],
 }
 
 impl ControlledDriver {
@@ -58,6 +60,15 @@ impl ControlledDriver {
     pub fn without_delays() -> Self {
         ControlledDriver {
             without_delays: true,
+            ..ControlledDriver::default()
+        }
+    }
+
+    /// Reports `names` as its [`Capabilities::reserved_headers`] and refuses (`INVALID`)
+    /// to publish a message that carries one, as AMQP 0-9-1 does `CC` and `BCC`.
+    pub fn reserving(names: &'static [&'static str]) -> Self {
+        ControlledDriver {
+            reserved_headers: names,
             ..ControlledDriver::default()
         }
     }
@@ -164,6 +175,7 @@ impl Driver for ControlledDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             delay: !self.without_delays && self.inner.capabilities().delay,
+            reserved_headers: self.reserved_headers,
             ..self.inner.capabilities()
         }
     }
@@ -171,6 +183,15 @@ impl Driver for ControlledDriver {
         self.inner.declare(spec).await
     }
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
+        if let Some(name) = self
+            .reserved_headers
+            .iter()
+            .find(|name| message.headers.contains(name))
+        {
+            return Err(Error::invalid(format!(
+                "header {name:?} is reserved by the controlled driver"
+            )));
+        }
         let wait = {
             let holding = *self.holding.lock().unwrap_or_else(|p| p.into_inner());
             holding.then(|| {
