@@ -179,6 +179,8 @@ pub(crate) struct ParsableFrames<S> {
     /// The channels whose `basic.return` was read, its content header not yet, and
     /// its reply.
     returns_begun: Vec<(u16, (u16, String))>,
+    /// Whether the broker's first frame was read as an AMQP 0-9-1 frame ([`greeting`]).
+    greeted: bool,
 }
 
 impl<S> ParsableFrames<S> {
@@ -198,6 +200,7 @@ impl<S> ParsableFrames<S> {
             mended: Throttle::default(),
             returns,
             returns_begun: Vec::new(),
+            greeted: false,
         }
     }
 
@@ -358,27 +361,40 @@ impl<S: AsyncRead + Unpin> AsyncRead for ParsableFrames<S> {
             return Poll::Ready(Ok(0));
         }
         loop {
-            // Check as much as is buffered, so that one read hands out several frames.
-            while this.checked - this.start < out.len() && this.check_next() {}
-            if this.start < this.checked {
-                let n = out.len().min(this.checked - this.start);
-                out[..n].copy_from_slice(&this.buf[this.start..this.start + n]);
-                this.start += n;
-                return Poll::Ready(Ok(n));
-            }
-            // A frame passing as it comes, with nothing of it buffered: straight into
-            // `out`, copied once (a body is most of the bytes).
-            if this.passing > 0 && this.checked == this.end {
-                let n = out.len().min(this.passing);
-                let read = Pin::new(&mut this.inner).poll_read(cx, &mut out[..n]);
-                if let Poll::Ready(Ok(n)) = read {
-                    this.passing -= n;
+            if !this.greeted {
+                match greeting(&this.buf[..this.end]) {
+                    None => {}
+                    Some(Ok(())) => this.greeted = true,
+                    Some(Err(why)) => return Poll::Ready(Err(not_amqp091(why))),
                 }
-                return read;
+            }
+            if this.greeted {
+                // Check as much as is buffered, so that one read hands out several
+                // frames.
+                while this.checked - this.start < out.len() && this.check_next() {}
+                if this.start < this.checked {
+                    let n = out.len().min(this.checked - this.start);
+                    out[..n].copy_from_slice(&this.buf[this.start..this.start + n]);
+                    this.start += n;
+                    return Poll::Ready(Ok(n));
+                }
+                // A frame passing as it comes, with nothing of it buffered: straight
+                // into `out`, copied once (a body is most of the bytes).
+                if this.passing > 0 && this.checked == this.end {
+                    let n = out.len().min(this.passing);
+                    let read = Pin::new(&mut this.inner).poll_read(cx, &mut out[..n]);
+                    if let Poll::Ready(Ok(n)) = read {
+                        this.passing -= n;
+                    }
+                    return read;
+                }
             }
             this.make_room();
             let end = this.end;
             match Pin::new(&mut this.inner).poll_read(cx, &mut this.buf[end..]) {
+                Poll::Ready(Ok(0)) if !this.greeted && this.end > 0 => {
+                    return Poll::Ready(Err(not_amqp091(first_bytes(&this.buf[..this.end]))));
+                }
                 Poll::Ready(Ok(0)) if this.checked == this.end => return Poll::Ready(Ok(0)),
                 // The connection ended inside a frame: what came of it goes to lapin,
                 // which says so.
@@ -389,6 +405,58 @@ impl<S: AsyncRead + Unpin> AsyncRead for ParsableFrames<S> {
             }
         }
     }
+}
+
+/// The bytes that show what a server speaks: AMQP's protocol header.
+const PROTOCOL_HEADER_BYTES: usize = 8;
+
+/// Whether the first bytes `first` a server sent are an AMQP 0-9-1 broker's (a frame:
+/// method, content header, body or heartbeat; `connection.start` comes first): `None`
+/// while too few came to tell, else what they are. A server that speaks another
+/// protocol answered with bytes lapin's parser only called a "Parsing Error:
+/// ParserErrors { error: Nom(Tag) }".
+fn greeting(first: &[u8]) -> Option<Result<(), String>> {
+    const BODY_FRAME: u8 = 3;
+    const HEARTBEAT_FRAME: u8 = 8;
+    match first.first()? {
+        &(METHOD_FRAME | HEADER_FRAME | BODY_FRAME | HEARTBEAT_FRAME) => Some(Ok(())),
+        _ if first.len() < PROTOCOL_HEADER_BYTES => None,
+        _ => Some(Err(first_bytes(first))),
+    }
+}
+
+/// What a server that is no AMQP 0-9-1 broker said, from its first bytes.
+fn first_bytes(first: &[u8]) -> String {
+    match first {
+        // AMQP 1.0, its TLS and its SASL layer (the AMQP 1.0 spec, 2.2).
+        [b'A', b'M', b'Q', b'P', 0..=3, 1, 0, 0, ..] => {
+            "it answered with the protocol header of AMQP 1.0 (ActiveMQ Artemis, Qpid, Azure \
+             Service Bus...): use the driver kind queue.driver.amqp10 for it"
+                .to_string()
+        }
+        [b'A', b'M', b'Q', b'P', id, major, minor, revision, ..] => format!(
+            "it answered with the protocol header of AMQP {major}-{minor}-{revision} (protocol id {id})"
+        ),
+        [b'H', b'T', b'T', b'P', b'/', ..] => {
+            "it speaks HTTP (a management or web port?)".to_string()
+        }
+        _ => {
+            let shown: String = first
+                .iter()
+                .take(PROTOCOL_HEADER_BYTES)
+                .flat_map(|b| std::ascii::escape_default(*b))
+                .map(char::from)
+                .collect();
+            format!("its first bytes were \"{shown}\"")
+        }
+    }
+}
+
+fn not_amqp091(what_it_said: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the server does not speak AMQP 0-9-1: {what_it_said}"),
+    )
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for ParsableFrames<S> {
@@ -726,12 +794,39 @@ mod tests {
         assert_eq!(read_all(stream.clone(), vec![]), stream);
     }
 
-    /// The broker's answer to a protocol version it does not speak: no frame, but its
-    /// `A` reads as no type checked, so it passes, and all after it.
+    /// A server that speaks another protocol answers the driver's protocol header
+    /// with its own, or with whatever it speaks, then closes: lapin said only
+    /// "Parsing Error: ParserErrors { error: Nom(Tag), errors: None }" (outsider
+    /// attack: the driver pointed at ActiveMQ Artemis' AMQP 1.0 port). Read in any
+    /// pieces, the error says what the server speaks.
     #[test]
-    fn a_protocol_header_passes() {
-        let stream = b"AMQP\x00\x00\x09\x01".to_vec();
-        assert_eq!(read_all(stream.clone(), vec![3]), stream);
+    fn a_server_that_speaks_another_protocol_is_named() {
+        let said = |stream: &[u8], sizes: Vec<usize>| {
+            let inner = Chunked {
+                bytes: stream.to_vec(),
+                at: 0,
+                sizes,
+            };
+            let mut out = Vec::new();
+            let mut frames = ParsableFrames::new(inner, 0, Arc::default());
+            let err = block_on(frames.read_to_end(&mut out)).expect_err("not AMQP 0-9-1");
+            assert!(out.is_empty(), "nothing reaches lapin: {out:?}");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            err.to_string()
+        };
+        for (stream, expected) in [
+            (&b"AMQP\x00\x01\x00\x00"[..], "queue.driver.amqp10"),
+            (b"AMQP\x03\x01\x00\x00", "queue.driver.amqp10"),
+            (b"AMQP\x00\x00\x09\x02", "AMQP 0-9-2"),
+            (b"HTTP/1.1 400 Bad Request\r\n", "HTTP"),
+            (b"\x16\x03\x01\x00\xa5", r#""\x16\x03\x01\x00\xa5""#),
+        ] {
+            for sizes in [vec![], vec![1, 0, 2, 0, 3]] {
+                let err = said(stream, sizes);
+                assert!(err.contains("does not speak AMQP 0-9-1"), "{err}");
+                assert!(err.contains(expected), "{err}");
+            }
+        }
     }
 
     proptest! {
