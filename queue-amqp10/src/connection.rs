@@ -354,11 +354,25 @@ fn open_error(endpoint: &Endpoint, err: OpenError) -> Error {
         } => Error::permission_denied(format!(
             "{url}: the broker refused the login (SASL authentication failed)"
         )),
+        OpenError::ProtocolHeaderMismatch(found) => {
+            Error::internal(format!("{url}: {}", other_protocol(found)))
+        }
         _ => Error::internal(format!(
             "{url}: opening the AMQP 1.0 connection failed: {err}"
         )),
     }
     .with_source(err)
+}
+
+/// What a server that answered the AMQP 1.0 protocol header with another one speaks.
+fn other_protocol(found: &[u8]) -> String {
+    match found {
+        [b'A', b'M', b'Q', b'P', 0, 0, 9, 1] => "the server speaks AMQP 0-9-1, not AMQP 1.0: use the driver kind queue.driver.amqp for it (or, on RabbitMQ 3.x, enable its rabbitmq_amqp1_0 plugin)".to_string(),
+        _ => format!(
+            "the server does not speak AMQP 1.0 as asked: it answered with the protocol header {:?}",
+            String::from_utf8_lossy(found)
+        ),
+    }
 }
 
 /// The error when no node answered: the only one's as it is; for several, one that
@@ -651,5 +665,26 @@ mod tests {
         let waits: Vec<u128> = (1..=5).map(|n| connector.backoff(n).as_millis()).collect();
         assert_eq!(waits, vec![100, 200, 400, 700, 700]);
         assert_eq!(connector.backoff(u32::MAX).as_millis(), 700);
+    }
+
+    /// A server that speaks only AMQP 0-9-1 (RabbitMQ 3.x without its AMQP 1.0
+    /// plugin) answers with its own protocol header: fe2o3-amqp said only `Protocol
+    /// header mismatch. Found b"AMQP\0\0\t\x01"` (outsider attack).
+    #[tokio::test]
+    async fn a_server_that_speaks_amqp_0_9_1_is_named() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut asked = [0u8; 8];
+                let _ = socket.read_exact(&mut asked).await;
+                let _ = socket.write_all(b"AMQP\x00\x00\x09\x01").await;
+            }
+        });
+        let config = Amqp10Config::new(format!("amqp://127.0.0.1:{port}"), crate::Profile::Generic);
+        let err = Connector::connect(&config).await.unwrap_err();
+        assert!(err.message().contains("speaks AMQP 0-9-1"), "{err}");
+        assert!(err.message().contains("queue.driver.amqp "), "{err}");
     }
 }
