@@ -422,10 +422,26 @@ impl Publisher {
             Ok(Paired::Returned {
                 reply_code,
                 reply_text,
-            }) => Err(Error::not_found(format!(
-                "{}: the broker returned message {id} as unroutable ({reply_code} {reply_text}): the queue does not exist on the broker",
-                what()
-            ))),
+            }) => {
+                let returned = format!(
+                    "{}: the broker returned message {id} as unroutable ({reply_code} {reply_text})",
+                    what()
+                );
+                let declared = match self.conn.live_link() {
+                    Some(link) => self.topology.declare_again_after_return(&link, queue).await,
+                    None => Err(Error::internal("no connection to declare it on")),
+                };
+                Err(match declared {
+                    Ok(()) => Error::internal(format!(
+                        "{returned}: the queue was missing on the broker (deleted?) and is declared again as it was declared; message {id} was not stored: publish it again"
+                    ))
+                    .retryable_if(true),
+                    Err(e) => Error::not_found(format!(
+                        "{returned}: the queue does not exist on the broker, and declaring it again failed: {}",
+                        e.message()
+                    )),
+                })
+            }
             Ok(Paired::Uncertain) => Err(Error::internal(format!(
                 "{}: whether the broker returned message {id} as unroutable cannot be told (a return with its id may be another publish's of the same id, or a return on its channel could not be read or paired); message {id} is not known to be stored",
                 what()

@@ -65,6 +65,10 @@ pub(crate) fn delay_bucket(delay_ms: u64) -> u64 {
         .min(LONGEST_DELAY_MS)
 }
 
+/// How long one declaration of a queue after a returned publish
+/// ([`Topology::declare_again_after_return`]) stands for the returns that follow.
+const DECLARE_AGAIN_EVERY: Duration = Duration::from_secs(1);
+
 /// A delay queue this driver declared.
 #[derive(Debug, Clone)]
 struct DelayQueue {
@@ -81,6 +85,9 @@ pub(crate) struct Topology {
     registry: Mutex<HashMap<QueueId, Arc<QueueSpec>>>,
     /// By broker name.
     delay_queues: Mutex<HashMap<String, DelayQueue>>,
+    /// When each queue was last declared again after a publish to it came back
+    /// unroutable, and why that failed, if it did ([`Topology::declare_again_after_return`]).
+    declared_after_return: Mutex<HashMap<QueueId, (Instant, Option<String>)>>,
 }
 
 impl Topology {
@@ -134,6 +141,32 @@ impl Topology {
     pub(crate) async fn declare_again(&self, link: &Link, queue: &QueueId) -> Result<()> {
         let spec = self.spec_of(queue, "declare again")?;
         self.declare_on(link, &spec).await
+    }
+
+    /// Declares the registered `queue` again after a publish to it came back
+    /// unroutable (deleted on the broker, by an operator or to empty it): without
+    /// this, publishing to it failed until a consumer or a reconnect declared it again,
+    /// and a failed message whose dead-letter queue it was went back to its queue at
+    /// every attempt (docs/drivers/amqp091.md, "Queues"). Every publish in flight to it
+    /// comes back too: within [`DECLARE_AGAIN_EVERY`] of one declaration the others
+    /// take its outcome instead of declaring again.
+    pub(crate) async fn declare_again_after_return(
+        &self,
+        link: &Link,
+        queue: &QueueId,
+    ) -> Result<()> {
+        let recent = lock(&self.declared_after_return)
+            .get(queue)
+            .filter(|(at, _)| at.elapsed() < DECLARE_AGAIN_EVERY)
+            .map(|(_, failed)| failed.clone());
+        let outcome = match recent {
+            Some(None) => return Ok(()),
+            Some(Some(why)) => return Err(Error::not_found(why)),
+            None => self.declare_again(link, queue).await,
+        };
+        let failed = outcome.as_ref().err().map(|e| e.message().to_string());
+        lock(&self.declared_after_return).insert(queue.clone(), (Instant::now(), failed));
+        outcome
     }
 
     /// Declares a queue on the broker (not the registry).

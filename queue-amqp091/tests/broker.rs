@@ -16,6 +16,7 @@ use queue_core::{
     QueueType, Value,
 };
 use queue_fixtures::proxy::BrokerProxy;
+use queue_fixtures::rabbitmq::SharedVhost;
 use queue_testkit::{everything_said, next, number_of, within};
 
 fn numbered(n: i64) -> Message {
@@ -187,20 +188,77 @@ async fn redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver() {
     driver.close().await.unwrap();
 }
 
-async fn publishing_to_a_queue_deleted_on_the_broker_is_not_found() {
+/// A queue deleted on the broker (by an operator, or to empty it) that nobody
+/// consumes: publishing to it was `NOT_FOUND` until a reconnect, for as long as the
+/// driver lived, and a failed message whose dead-letter queue it was went back to its
+/// queue at every attempt. The first publish that comes back declares it again, as
+/// it was declared, and fails retryable, saying so; the next is stored. Where it
+/// cannot be declared again, publishing stays `NOT_FOUND`, saying why.
+async fn publishing_to_a_queue_deleted_on_the_broker_declares_it_again() {
     let driver = common::rabbit().await;
     let (name, id) = declared_transient(&driver, "deleted").await;
     delete(&name).await;
-    let err = driver.publish(&id, numbered(1)).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert_eq!(
         driver.info(&id).await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
-    // Declaring again brings it back.
-    declare_transient(&driver, &name).await;
+    let err = driver.publish(&id, numbered(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.retryable(), "{err}");
+    assert!(err.message().contains("declared again"), "{err}");
     driver.publish(&id, numbered(2)).await.unwrap();
+    let info = driver.info(&id).await.unwrap();
+    assert_eq!(info.ready, Some(1), "only the second was stored: {info:?}");
     delete(&name).await;
+    driver.close().await.unwrap();
+
+    let (_vhost, driver, gone, _) = with_a_queue_gone_for_good("deleted-for-good", &[]).await;
+    for _ in 0..2 {
+        let err = driver.publish(&gone, numbered(3)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert!(err.message().contains("declaring it again failed"), "{err}");
+    }
+    driver.close().await.unwrap();
+}
+
+/// A queue's dead-letter queue deleted on the broker: the failed message went back to
+/// its queue at every attempt, a WARN each time, until a reconnect. Its first
+/// dead-letter copy comes back and declares the dead-letter queue again, the message
+/// goes back to its queue once, and its next failure dead-letters it.
+async fn a_dead_letter_queue_deleted_on_the_broker_is_declared_again_by_its_dead_letters() {
+    let driver = Arc::new(common::rabbit().await);
+    let (name, id) = declared_transient(&driver, "dlq-source").await;
+    let (dlq_name, dlq) = declared_transient(&driver, "dlq-deleted").await;
+    delete(&dlq_name).await;
+    driver.publish(&id, numbered(7)).await.unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let path = FailurePath {
+        queue: id.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            backoff: Backoff::new(Duration::from_millis(10), 2.0, Duration::from_millis(10)),
+        },
+        exhausted: Exhausted::DeadLetter(dlq.clone(), driver.clone()),
+        is_dead_letter_queue: false,
+        stop,
+    };
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(
+        path.fail(&first, "boom").await.unwrap(),
+        Disposition::Returned
+    );
+    let again = next(&mut sub).await;
+    assert_eq!(number_of(&again), 7);
+    assert_eq!(
+        path.fail(&again, "boom").await.unwrap(),
+        Disposition::DeadLettered
+    );
+    assert_eq!(driver.info(&dlq).await.unwrap().ready, Some(1));
+    sub.cancel().await.unwrap();
+    delete(&name).await;
+    delete(&dlq_name).await;
     driver.close().await.unwrap();
 }
 
@@ -216,16 +274,9 @@ async fn returns_are_paired_with_their_own_publishes() {
     use std::collections::BTreeSet;
     const ROUNDS: i64 = 8;
     const PER_QUEUE: i64 = 300;
-    let driver = common::rabbit().await;
-    let (gone_name, gone) = declared_transient(&driver, "returned").await;
-    delete(&gone_name).await;
-    let (classic_name, classic) = declared_transient(&driver, "stored-classic").await;
-    let quorum_name = common::unique("stored-quorum");
-    let quorum = QueueId::new("test", &quorum_name).unwrap();
-    let spec = QueueSpec::new(quorum.clone())
-        .with_name(&quorum_name)
-        .with_queue_type(QueueType::Quorum);
-    driver.declare(&spec).await.unwrap();
+    let (_vhost, driver, gone, live) =
+        with_a_queue_gone_for_good("returned", &[QueueType::Classic, QueueType::Quorum]).await;
+    let (classic, quorum) = (live[0].clone(), live[1].clone());
     // Per live queue: the numbers reported stored, and reported returned.
     let mut stored = [BTreeSet::new(), BTreeSet::new()];
     let mut returned = [BTreeSet::new(), BTreeSet::new()];
@@ -283,8 +334,6 @@ async fn returns_are_paired_with_their_own_publishes() {
             "{id}: reported returned, held: {held_returned:?}"
         );
     }
-    delete(&classic_name).await;
-    delete(&quorum_name).await;
     driver.close().await.unwrap();
 }
 
@@ -295,10 +344,9 @@ async fn returns_are_paired_with_their_own_publishes() {
 /// never `NOT_FOUND`.
 async fn publishes_sharing_a_message_id_are_never_told_a_false_outcome() {
     const ROUNDS: i64 = 30;
-    let driver = common::rabbit().await;
-    let (gone_name, gone) = declared_transient(&driver, "returned-twin").await;
-    delete(&gone_name).await;
-    let (live_name, live) = declared_transient(&driver, "stored-twin").await;
+    let (_vhost, driver, gone, live) =
+        with_a_queue_gone_for_good("returned-twin", &[QueueType::Classic]).await;
+    let live = live[0].clone();
     let (mut stored, mut uncertain) = (0, 0);
     for round in 0..ROUNDS {
         let twin = |n: i64| {
@@ -342,8 +390,40 @@ async fn publishes_sharing_a_message_id_are_never_told_a_false_outcome() {
     )
     .await
     .expect("stored, and said so");
-    delete(&live_name).await;
     driver.close().await.unwrap();
+}
+
+/// A driver on a vhost of its own, where the queue it declared (the `QueueId`) was
+/// deleted and stays so: the vhost's queue limit refuses to declare it again, so every
+/// publish to it comes back unroutable, as the returns' tests need (the driver
+/// declares a deleted queue again at its first return otherwise). The `live` queues,
+/// of these types, are declared before.
+async fn with_a_queue_gone_for_good(
+    label: &str,
+    live: &[QueueType],
+) -> (SharedVhost, Amqp091Driver, QueueId, Vec<QueueId>) {
+    let vhost = tokio::task::block_in_place(|| SharedVhost::add(&common::unique(label)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost.name());
+    let driver = Amqp091Driver::connect(Amqp091Config::new(url))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for (n, queue_type) in live.iter().enumerate() {
+        let id = QueueId::new("test", &format!("live-{n}")).unwrap();
+        let spec = QueueSpec::new(id.clone()).with_queue_type(*queue_type);
+        driver.declare(&spec).await.unwrap();
+        ids.push(id);
+    }
+    let gone = QueueId::new("test", "gone").unwrap();
+    driver.declare(&QueueSpec::new(gone.clone())).await.unwrap();
+    let max = u32::try_from(live.len()).unwrap();
+    tokio::task::block_in_place(|| {
+        vhost.delete_queue("test:gone")?;
+        vhost.limit_queues(max)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    (vhost, driver, gone, ids)
 }
 
 /// A classic queue counts no deliveries, so its `x-delivery-count` is only ever a
@@ -802,12 +882,15 @@ async fn a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again() {
     };
     let attached_before = attached();
     delete(&name).await;
-    // Publishes are NOT_FOUND until the consumer has declared the queue again.
+    // Publishes fail until the consumer has declared the queue again (or the first
+    // publish that comes back has: retryable).
     let publish_once_back = async {
         loop {
             match driver.publish(&id, numbered(2)).await {
                 Ok(()) => break,
-                Err(e) if e.kind() == ErrorKind::NotFound => tokio::task::yield_now().await,
+                Err(e) if e.kind() == ErrorKind::NotFound || e.retryable() => {
+                    tokio::task::yield_now().await
+                }
                 Err(e) => panic!("publish after the queue came back: {e}"),
             }
         }
@@ -1133,7 +1216,8 @@ queue_testkit::broker_tests! {
         a_full_queue_nacks_and_publish_fails_internal_retryable,
         a_delayed_message_for_a_full_queue_waits_for_room,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
-        publishing_to_a_queue_deleted_on_the_broker_is_not_found,
+        publishing_to_a_queue_deleted_on_the_broker_declares_it_again,
+        a_dead_letter_queue_deleted_on_the_broker_is_declared_again_by_its_dead_letters,
         a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again,
         returns_are_paired_with_their_own_publishes,
         publishes_sharing_a_message_id_are_never_told_a_false_outcome,

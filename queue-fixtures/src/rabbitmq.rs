@@ -93,6 +93,51 @@ impl Drop for SharedUser {
     }
 }
 
+/// A vhost of the shared node for one test, on which `guest` has every permission;
+/// deleted with all its queues when dropped, also when the test panics.
+///
+/// ```no_run
+/// use queue_fixtures::rabbitmq::SharedVhost;
+/// let vhost = SharedVhost::add("returns-test").expect("rabbitmqctl runs");
+/// // amqp://guest:guest@127.0.0.1:5672/{vhost.name()}
+/// vhost.limit_queues(2).expect("a limit");
+/// ```
+pub struct SharedVhost(String);
+
+impl SharedVhost {
+    /// Adds the vhost; an error says what `rabbitmqctl` said.
+    pub fn add(name: &str) -> Result<SharedVhost, String> {
+        shared_ctl(&["add_vhost", name])?;
+        let vhost = SharedVhost(name.to_string());
+        shared_ctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])?;
+        Ok(vhost)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Refuses to declare queues past `max` on it (RabbitMQ's `max-queues` limit):
+    /// one deleted there cannot be declared again.
+    pub fn limit_queues(&self, max: u32) -> Result<(), String> {
+        let limit = format!("{{\"max-queues\": {max}}}");
+        shared_ctl(&["set_vhost_limits", "-p", &self.0, &limit]).map(drop)
+    }
+
+    /// Deletes the queue `name` on it.
+    pub fn delete_queue(&self, name: &str) -> Result<(), String> {
+        shared_ctl(&["delete_queue", "-p", &self.0, name]).map(drop)
+    }
+}
+
+impl Drop for SharedVhost {
+    fn drop(&mut self) {
+        // Nothing to do about a failure here but leave the vhost behind.
+        let _ = shared_ctl(&["delete_vhost", &self.0]);
+    }
+}
+
 const LIST_QUEUE_MESSAGES: [&str; 5] = [
     "-q",
     "list_queues",
