@@ -7,7 +7,9 @@
 //! one round trip per message. Outcomes:
 //!
 //! * broker ack → `Ok`;
-//! * a basic.return (unroutable: the queue is gone) → `NOT_FOUND`; a return is paired
+//! * a basic.return (unroutable: the queue was deleted on the broker) → the queue is
+//!   declared again, `INTERNAL`, retryable, or `NOT_FOUND` when it cannot be
+//!   ([`crate::topology::Topology::declare_again_after_return`]); a return is paired
 //!   with its publish by message id as the connection's reader reads it, whichever
 //!   confirm lapin gave it to ([`crate::returns`]); a publish whose pairing cannot be
 //!   told → `INTERNAL`, retryable;
@@ -164,7 +166,7 @@ impl Publisher {
             stage = Stage::Write;
             let sent = self.write(queue, route, &mut prepared).await?;
             stage = Stage::Confirm;
-            let outcome = self.confirmed(queue, &prepared.id, sent).await;
+            let outcome = self.confirmed(queue, &prepared.id, sent, deadline).await;
             drop(permit);
             outcome
         };
@@ -214,7 +216,7 @@ impl Publisher {
             };
             match outcome {
                 Ok((id, permit, sent)) => pending.push(async move {
-                    let confirmed = self.confirmed(queue, &id, sent);
+                    let confirmed = self.confirmed(queue, &id, sent, deadline);
                     let outcome = match tokio::time::timeout_at(deadline, confirmed).await {
                         Ok(outcome) => outcome,
                         Err(_) => Err(Stage::Confirm.timed_out(queue, &id, self.timeout)),
@@ -400,8 +402,15 @@ impl Publisher {
         }
     }
 
-    /// The outcome of a written message, once its confirm is in.
-    async fn confirmed(&self, queue: &QueueId, id: &str, sent: Sent) -> Result<()> {
+    /// The outcome of a written message, once its confirm is in. A return declares
+    /// its queue again, until `deadline` at most.
+    async fn confirmed(
+        &self,
+        queue: &QueueId,
+        id: &str,
+        sent: Sent,
+        deadline: Instant,
+    ) -> Result<()> {
         let what = || format!("publish to {queue}");
         match sent.confirm.await {
             Ok(Paired::Stored) => Ok(()),
@@ -428,12 +437,26 @@ impl Publisher {
                     what()
                 );
                 let declared = match self.conn.live_link() {
-                    Some(link) => self.topology.declare_again_after_return(&link, queue).await,
+                    Some(link) => {
+                        let declaring = self.topology.declare_again_after_return(&link, queue);
+                        match tokio::time::timeout_at(deadline, declaring).await {
+                            Ok(declared) => declared,
+                            Err(_) => Err(Error::internal(format!(
+                                "not declared within publish_timeout {:?}",
+                                self.timeout
+                            ))),
+                        }
+                    }
                     None => Err(Error::internal("no connection to declare it on")),
                 };
                 Err(match declared {
                     Ok(()) => Error::internal(format!(
                         "{returned}: the queue was missing on the broker (deleted?) and is declared again as it was declared; message {id} was not stored: publish it again"
+                    ))
+                    .retryable_if(true),
+                    Err(e) if e.retryable() => Error::internal(format!(
+                        "{returned}: the queue was missing on the broker (deleted?), and declaring it again failed for now ({}); message {id} was not stored",
+                        e.message()
                     ))
                     .retryable_if(true),
                     Err(e) => Error::not_found(format!(

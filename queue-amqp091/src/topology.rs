@@ -86,8 +86,12 @@ pub(crate) struct Topology {
     /// By broker name.
     delay_queues: Mutex<HashMap<String, DelayQueue>>,
     /// When each queue was last declared again after a publish to it came back
-    /// unroutable, and why that failed, if it did ([`Topology::declare_again_after_return`]).
+    /// unroutable, and why that failed for good, if it did
+    /// ([`Topology::declare_again_after_return`]).
     declared_after_return: Mutex<HashMap<QueueId, (Instant, Option<String>)>>,
+    /// Held while a queue is declared again after a return, so that the returns of
+    /// the publishes in flight with it wait for that declaration and take its outcome.
+    declaring_after_return: tokio::sync::Mutex<()>,
 }
 
 impl Topology {
@@ -150,21 +154,31 @@ impl Topology {
     /// every attempt (docs/drivers/amqp091.md, "Queues"). Every publish in flight to it
     /// comes back too: within [`DECLARE_AGAIN_EVERY`] of one declaration the others
     /// take its outcome instead of declaring again.
+    /// A declaration that fails retryably (no connection, a timeout) is not kept: the
+    /// next return tries again. One that fails for good is (its error's message).
     pub(crate) async fn declare_again_after_return(
         &self,
         link: &Link,
         queue: &QueueId,
     ) -> Result<()> {
+        // One declaration at a time (this is the rare path: only after a return), so
+        // that a window of returns makes one declaration, not one channel each.
+        let _declaring = self.declaring_after_return.lock().await;
         let recent = lock(&self.declared_after_return)
             .get(queue)
             .filter(|(at, _)| at.elapsed() < DECLARE_AGAIN_EVERY)
             .map(|(_, failed)| failed.clone());
-        let outcome = match recent {
+        match recent {
             Some(None) => return Ok(()),
             Some(Some(why)) => return Err(Error::not_found(why)),
-            None => self.declare_again(link, queue).await,
+            None => {}
+        }
+        let outcome = self.declare_again(link, queue).await;
+        let failed = match &outcome {
+            Err(e) if e.retryable() => return outcome,
+            Err(e) => Some(e.message().to_string()),
+            Ok(()) => None,
         };
-        let failed = outcome.as_ref().err().map(|e| e.message().to_string());
         lock(&self.declared_after_return).insert(queue.clone(), (Instant::now(), failed));
         outcome
     }
@@ -354,6 +368,16 @@ async fn declare_raw(
             )
             .with_detail("field", "queue_type")
             .with_detail("amqp_reply_code", "406")
+        } else if mapped.message().contains("queue limit in vhost") {
+            // 406 as well, and not about this queue's settings.
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{}: the vhost holds as many queues as its limit allows (max-queues); delete queues, or raise the limit",
+                    mapped.message()
+                ),
+            )
+            .retryable_if(false)
         } else if mapped.is(ErrorKind::AlreadyExists) {
             Error::new(
                 ErrorKind::AlreadyExists,

@@ -434,22 +434,26 @@ fn first_bytes(first: &[u8]) -> String {
              Service Bus...): use the driver kind queue.driver.amqp10 for it"
                 .to_string()
         }
-        [b'A', b'M', b'Q', b'P', id, major, minor, revision, ..] => format!(
-            "it answered with the protocol header of AMQP {major}-{minor}-{revision} (protocol id {id})"
+        // Other versions lay their header out their own ways: shown as it came.
+        [b'A', b'M', b'Q', b'P', ..] => format!(
+            "it answered with another AMQP version's protocol header, \"{}\"",
+            escaped(first)
         ),
         [b'H', b'T', b'T', b'P', b'/', ..] => {
             "it speaks HTTP (a management or web port?)".to_string()
         }
-        _ => {
-            let shown: String = first
-                .iter()
-                .take(PROTOCOL_HEADER_BYTES)
-                .flat_map(|b| std::ascii::escape_default(*b))
-                .map(char::from)
-                .collect();
-            format!("its first bytes were \"{shown}\"")
-        }
+        _ => format!("its first bytes were \"{}\"", escaped(first)),
     }
+}
+
+/// The first bytes of `first`, printable.
+fn escaped(first: &[u8]) -> String {
+    first
+        .iter()
+        .take(PROTOCOL_HEADER_BYTES)
+        .flat_map(|b| std::ascii::escape_default(*b))
+        .map(char::from)
+        .collect()
 }
 
 fn not_amqp091(what_it_said: String) -> io::Error {
@@ -817,7 +821,10 @@ mod tests {
         for (stream, expected) in [
             (&b"AMQP\x00\x01\x00\x00"[..], "queue.driver.amqp10"),
             (b"AMQP\x03\x01\x00\x00", "queue.driver.amqp10"),
-            (b"AMQP\x00\x00\x09\x02", "AMQP 0-9-2"),
+            (
+                b"AMQP\x01\x01\x00\x0a",
+                r#"protocol header, "AMQP\x01\x01\x00\n""#,
+            ),
             (b"HTTP/1.1 400 Bad Request\r\n", "HTTP"),
             (b"\x16\x03\x01\x00\xa5", r#""\x16\x03\x01\x00\xa5""#),
         ] {
