@@ -154,6 +154,7 @@ impl Topology {
     /// every attempt (docs/drivers/amqp091.md, "Queues"). Every publish in flight to it
     /// comes back too: within [`DECLARE_AGAIN_EVERY`] of one declaration the others
     /// take its outcome instead of declaring again.
+    ///
     /// A declaration that fails retryably (no connection, a timeout) is not kept: the
     /// next return tries again. One that fails for good is (its error's message).
     pub(crate) async fn declare_again_after_return(
