@@ -588,7 +588,16 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
                         r.no_target,
                         r.failed,
                     );
+                    if r.held_the_most {
+                        say!(
+                            "read {} dead letter(s), the most one run holds: any after them in {id} were not read",
+                            tools::MAX_HELD
+                        );
+                    }
                     match r.first_failure {
+                        Some(why) if r.stopped_early => Err(queue_core::Error::internal(format!(
+                            "stopped at a failure that may pass, the rest left in {id} unread (run it again once their queue takes messages): {why}"
+                        ))),
                         Some(why) => Err(queue_core::Error::internal(format!(
                             "{} dead letter(s) could not be replayed, e.g.: {why}",
                             r.failed

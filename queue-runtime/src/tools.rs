@@ -21,7 +21,7 @@ const QUIET: Duration = Duration::from_secs(2);
 
 /// The most deliveries a tool holds at once: what it looks at stays unsettled until
 /// it finishes.
-const MAX_HELD: u32 = 10_000;
+pub const MAX_HELD: u32 = 10_000;
 
 /// One message as `peek` and `replay --dry-run` show it: a line of JSON.
 pub fn show(message: &Message) -> serde_json::Value {
@@ -225,6 +225,14 @@ pub struct ReplayReport {
     pub failed: u64,
     /// Why the first refused copy was refused.
     pub first_failure: Option<String>,
+    /// The replay stopped at a failure that may pass (the target's broker not
+    /// taking messages for now: down, an alarm, a time limit), the first failure;
+    /// the letters after it were not read and stay in the dead-letter queue.
+    pub stopped_early: bool,
+    /// It read [`MAX_HELD`] dead letters, the most one run holds: those after them
+    /// were not read. A broker that keeps released messages in place (RabbitMQ)
+    /// hands the next run the same ones first.
+    pub held_the_most: bool,
 }
 
 /// A dead letter as it goes back to its queue, on `target`'s driver: `attempts` 1, the
@@ -321,6 +329,13 @@ pub async fn replay(
                             tracing::warn!(id = %message.id, queue = %target, error = %e, "the queue refused a replayed dead letter; it stays in the dead-letter queue");
                             self.report.failed += 1;
                             self.report.first_failure.get_or_insert(e.to_string());
+                            // Every letter after it would wait out the same time limit
+                            // and fail alike (docs/operations.md, "dlq replay").
+                            if e.retryable() {
+                                self.report.stopped_early = true;
+                                self.kept.push(delivery);
+                                return Ok(Next::Stop);
+                            }
                         }
                     }
                 }
@@ -353,7 +368,8 @@ pub async fn replay(
         kept: Vec::new(),
         report: ReplayReport::default(),
     };
-    read_through(&driver, dead_letters, None, &mut replay).await?;
+    let read = read_through(&driver, dead_letters, None, &mut replay).await?;
+    replay.report.held_the_most = read >= u64::from(MAX_HELD);
     Ok(replay.report)
 }
 
@@ -492,5 +508,79 @@ mod tests {
             .unwrap_or_default();
         assert!(note.starts_with("\"trace\" (a nested table)"), "{note}");
         assert!(note.contains(r#""CC"="boss@example.com""#), "{note}");
+    }
+
+    /// A replay whose target cannot take messages for now (its broker's publishing
+    /// down, an alarm, a time limit) stops at the first such failure: it went on
+    /// through the whole dead-letter queue, each letter waiting out the publish's
+    /// time limit (5 s by default, hours for a large queue), with nothing said
+    /// (review). Every letter stays; a later replay moves them all.
+    #[tokio::test]
+    async fn a_replay_stops_at_a_failure_that_may_pass() {
+        let controlled = Arc::new(queue_testkit::ControlledDriver::new());
+        let driver: Arc<dyn Driver> = controlled.clone();
+        let queues = Queues::new();
+        let jobs = QueueId::parse("app:jobs").unwrap();
+        let dead = QueueId::parse("app:jobs.dlq").unwrap();
+        for id in [&jobs, &dead] {
+            queues
+                .declare(
+                    queue_core::QueueSpec::new(id.clone()),
+                    Default::default(),
+                    driver.clone(),
+                )
+                .await
+                .unwrap();
+        }
+        let letter = || {
+            let mut m = Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
+            m.headers.insert(names::X_ORIGINAL_QUEUE, "app:jobs");
+            m
+        };
+        driver
+            .publish_batch(&dead, vec![letter(), letter(), letter()])
+            .await
+            .unwrap();
+        let everything = ReplayOptions::default();
+        let replay_all =
+            || async { replay(&queues, &dead, &everything, &|_| true, &mut |_| {}).await };
+
+        controlled.fail_next_publishes(3);
+        let report = replay_all().await.unwrap();
+        assert_eq!((report.replayed, report.failed), (0, 1), "{report:?}");
+        assert!(report.stopped_early, "{report:?}");
+        let failure = report.first_failure.unwrap_or_default();
+        assert!(failure.contains("failed a publish"), "{failure}");
+        assert_eq!(driver.info(&dead).await.unwrap().ready, Some(3));
+
+        controlled.fail_next_publishes(0);
+        let report = replay_all().await.unwrap();
+        assert_eq!((report.replayed, report.failed), (3, 0), "{report:?}");
+        assert!(!report.stopped_early, "{report:?}");
+        assert_eq!(driver.info(&jobs).await.unwrap().ready, Some(3));
+    }
+
+    /// A run reads at most [`MAX_HELD`] dead letters: one that skipped them all said
+    /// `replayed 0` and nothing of the letters it never read (review).
+    #[tokio::test]
+    async fn a_replay_says_when_it_read_the_most_one_run_holds() {
+        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+        let queues = Queues::new();
+        let dead = QueueId::parse("app:jobs.dlq").unwrap();
+        let spec =
+            queue_core::QueueSpec::new(dead.clone()).with_max_length(2 * u64::from(MAX_HELD));
+        queues
+            .declare(spec, Default::default(), driver.clone())
+            .await
+            .unwrap();
+        let letter = || Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
+        let letters = (0..=MAX_HELD).map(|_| letter()).collect();
+        driver.publish_batch(&dead, letters).await.unwrap();
+        let everything = ReplayOptions::default();
+        let report = replay(&queues, &dead, &everything, &|_| true, &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.no_target, u64::from(MAX_HELD), "{report:?}");
+        assert!(report.held_the_most, "{report:?}");
     }
 }

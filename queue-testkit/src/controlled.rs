@@ -43,6 +43,8 @@ pub struct ControlledDriver {
     without_delays: bool,
     /// How many of the next `info` calls fail (INTERNAL, retryable).
     failing_infos: std::sync::atomic::AtomicUsize,
+    /// How many of the next publishes fail (INTERNAL, retryable).
+    failing_publishes: std::sync::atomic::AtomicUsize,
     /// Queues whose `consume` never answers.
     unanswered_consumes: Mutex<Vec<QueueId>>,
     /// Header names it reports as reserved and refuses to publish.
@@ -77,6 +79,13 @@ impl ControlledDriver {
     /// broker reconnects.
     pub fn fail_next_infos(&self, n: usize) {
         self.failing_infos
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The next `n` publishes fail INTERNAL, retryable, at once, as they do while a
+    /// broker's publishing is down (an alarm, a lost connection).
+    pub fn fail_next_publishes(&self, n: usize) {
+        self.failing_publishes
             .store(n, std::sync::atomic::Ordering::Release);
     }
 
@@ -192,6 +201,11 @@ impl Driver for ControlledDriver {
                 "header {name:?} is reserved by the controlled driver"
             )));
         }
+        if take_one(&self.failing_publishes) {
+            return Err(Error::internal(format!(
+                "the controlled driver failed a publish to {queue}"
+            )));
+        }
         let wait = {
             let holding = *self.holding.lock().unwrap_or_else(|p| p.into_inner());
             holding.then(|| {
@@ -229,11 +243,7 @@ impl Driver for ControlledDriver {
         self.inner.consume(queue, options).await
     }
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
-        use std::sync::atomic::Ordering;
-        let failing = self
-            .failing_infos
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        if failing.is_ok() {
+        if take_one(&self.failing_infos) {
             return Err(Error::internal(format!(
                 "the controlled driver failed a count of {queue}"
             )));
@@ -246,6 +256,14 @@ impl Driver for ControlledDriver {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+}
+
+/// Counts one down from `failures`; false once none is left.
+fn take_one(failures: &std::sync::atomic::AtomicUsize) -> bool {
+    use std::sync::atomic::Ordering;
+    failures
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// A factory handing out one shared [`ControlledDriver`] under the kind
