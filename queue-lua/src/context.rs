@@ -89,6 +89,10 @@ pub(crate) struct CoroutineContext {
     /// The run (a handler's, a process's, a chunk's) that this context was made for
     /// has ended: coroutines that inherited it and outlived it may not publish.
     pub(crate) ended: Cell<bool>,
+    /// The run was stopped unfinished (at its timeout, or by a shutdown): the
+    /// `__close` handlers Lua runs then see no error, as if it had returned, and may
+    /// not act on that (publish, read counts; a message's ack is refused anyway).
+    stopped: Cell<bool>,
     /// The coroutines of this context (by address) inside an asynchronous call they
     /// started (`queue.publish`, `queue.info`, `msg:ack`), for as long as the call
     /// lasts: see [`foreign_resume`]. Counted, since an address is reused: a
@@ -103,6 +107,7 @@ impl CoroutineContext {
             security,
             delivery,
             ended: Cell::new(false),
+            stopped: Cell::new(false),
             in_call: RefCell::new(Default::default()),
         }
     }
@@ -257,12 +262,22 @@ pub(crate) fn foreign_resume(lua: &Lua, co: &Thread) -> Option<&'static str> {
     }
 }
 
+/// The run on `thread` is being stopped unfinished: see [`CoroutineContext::stopped`].
+pub(crate) fn stop(lua: &Lua, thread: &Thread) {
+    if let Some(context) = context_of(lua, thread) {
+        context.stopped.set(true);
+    }
+}
+
 /// The security context of the coroutine calling into Rust. Code that runs under no
 /// context is denied, never let through, and so is a coroutine that outlived the
 /// run (a handler's, a process's) it inherited its context from: kept in a global, it
 /// would publish with that run's rights for whichever handler resumed it later.
 pub(crate) fn current_security(lua: &Lua) -> Result<CurrentSecurity> {
     match context_of(lua, &lua.current_thread()) {
+        Some(context) if context.stopped.get() => Err(Error::permission_denied(
+            "this run was stopped (at its timeout, or by a shutdown): its __close handlers see no error but may not publish or read a queue's counts",
+        )),
         Some(context) if context.ended.get() => Err(Error::permission_denied(
             "this coroutine outlived the run (of a handler or process) that created it, whose rights it had: a kept coroutine cannot publish or read a queue's counts",
         )),

@@ -336,6 +336,14 @@ impl<F> Drop for Sliced<'_, F> {
         if let Some(delivery) = &self.delivery {
             delivery.release();
         }
+        // Lua closes them with no error when the coroutine was stopped, as if it had
+        // returned: a "publish on success" there would publish at every attempt of a
+        // message retried for its timeout. One that raised passes them its error.
+        if self.thread.status() != mlua::thread::ThreadStatus::Error
+            && let Some(lua) = &lua
+        {
+            crate::context::stop(lua, &self.thread);
+        }
         // Without the hook (`crate::preempt`), the deadline could not stop them.
         self.clock.hook(&self.thread);
         let deadline = Deadline::after(CLOSE_TIME, CLOSE_OVERRAN);

@@ -224,6 +224,24 @@ fn a_stopped_handler_cannot_ack_from_its_close_handlers() {
     });
 }
 
+/// A handler stopped at its timeout runs its `__close` handlers with no error, as if
+/// it had returned: one that publishes "done" there published it at every attempt of
+/// a message that was retried each time (review).
+#[test]
+fn a_stopped_handler_cannot_publish_from_its_close_handlers() {
+    stops(|| async {
+        let h = Harness::new().await;
+        let timeout = Some(Duration::from_millis(300));
+        timed_out(&run(&h, "spin_publishing_on_close", timeout).await, "300ms");
+        assert_eq!(
+            run(&h, "close_publish_was_refused", None).await,
+            Outcome::Ack
+        );
+        let published = h.queues.info("app:tasks").await.unwrap().ready;
+        assert_eq!(published, Some(0));
+    });
+}
+
 /// One Lua state, one thread: while a handler spins, another handler on the same
 /// state still runs to its end.
 #[test]

@@ -180,6 +180,30 @@ function close_ack_was_refused()
   assert(close_ack.err:find("released"), close_ack.err)
 end
 
+-- What the publish in `spin_publishing_on_close`'s __close answered.
+close_publish = nil
+
+-- Publishes "done" in __close when no error is passing. Stopped at its timeout, it
+-- must not: the message is retried, and each attempt would publish it again.
+function spin_publishing_on_close()
+  close_publish = nil
+  local guard <close> = setmetatable({}, {
+    __close = function(_, err)
+      if err == nil then
+        local called, id, publish_err = pcall(queue.publish, "app:tasks", { done = true })
+        close_publish = { id = called and id or nil, err = tostring(called and publish_err or id) }
+      end
+    end,
+  })
+  while true do end
+end
+
+function close_publish_was_refused()
+  assert(close_publish, "the __close handler did not try to publish")
+  assert(close_publish.id == nil, "the publish in __close went through")
+  assert(close_publish.err:find("stopped"), close_publish.err)
+end
+
 -- Spins inside a coroutine of its own, which only the handler's coroutine used to
 -- yield for: the whole state waited for it.
 function spin_in_own_coroutine()
