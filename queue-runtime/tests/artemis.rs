@@ -183,7 +183,8 @@ end
 "#;
 
 /// Every odd message from another AMQP 1.0 client on Artemis reaches a handler, is
-/// dead-lettered (at once when the broker counted it delivered too often), or, the
+/// dead-lettered (at once when its `delivery-count`, here its publisher's, which
+/// Artemis passes on, says it came back too often: docs/consumers.md), or, the
 /// one the client library cannot decode (a body value described twice), is
 /// rejected, which Artemis moves to its own `DLQ`: none is lost, none comes back in a
 /// loop. Lists, maps and described values as application properties and an array of
