@@ -193,7 +193,17 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                 LuaValue::Table(t) => {
                     let message: Option<mlua::LuaString> = t.get("message")?;
                     let kind: Option<String> = t.get("kind")?;
-                    let retryable: Option<bool> = t.get("retryable")?;
+                    // Not read as a Lua truth: `retryable = "false"` would be true.
+                    let retryable = match t.get::<LuaValue>("retryable")? {
+                        LuaValue::Nil => None,
+                        LuaValue::Boolean(b) => Some(b),
+                        other => {
+                            return Err(mlua::Error::runtime(format!(
+                                "errors.new: retryable must be a boolean, got a {}",
+                                other.type_name()
+                            )));
+                        }
+                    };
                     let details: Option<Table> = t.get("details")?;
                     let mut map = BTreeMap::new();
                     if let Some(details) = details {
@@ -244,9 +254,9 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     errors.set(
         "is",
         lua.create_function(|_, (err, kind): (LuaValue, String)| {
-            let Some(wanted) = ErrorKind::from_name(&kind) else {
-                return Ok(false);
-            };
+            // As `errors.new` does: a misspelt kind would make every test false.
+            let wanted = ErrorKind::from_name(&kind)
+                .ok_or_else(|| mlua::Error::runtime(format!("errors.is: unknown kind {kind:?}")))?;
             Ok(match err {
                 LuaValue::UserData(ud) => ud
                     .borrow::<LuaError>()

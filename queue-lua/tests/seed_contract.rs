@@ -20,6 +20,40 @@ async fn every_row_of_the_seed_errors_table() {
     }
 }
 
+/// `errors.new` and `errors.is` refuse what they cannot mean: `retryable = "false"`
+/// made an error retryable (any value but nil and false is true to Lua), and
+/// `errors.is(err, "invalid")`, an unknown kind, was quietly false where
+/// `errors.new` raises on one (review).
+#[tokio::test]
+async fn errors_new_and_is_refuse_what_they_cannot_mean() {
+    let h = Harness::new().await;
+    let raised = |chunk: &'static str| async {
+        let err = h.host.eval(chunk).await.expect_err(chunk);
+        err.to_string()
+    };
+    let text =
+        raised(r#"return errors.new{kind = errors.INVALID, retryable = "false"}:retryable()"#)
+            .await;
+    assert!(
+        text.contains("retryable must be a boolean, got a string"),
+        "{text}"
+    );
+    let text = raised(r#"return errors.is(errors.new("x"), "invalid")"#).await;
+    assert!(text.contains(r#"unknown kind "invalid""#), "{text}");
+    let answers = h
+        .host
+        .eval(
+            r#"local e = errors.new{kind = errors.INVALID, retryable = true}
+            return e:retryable(), errors.is(e, errors.INVALID), errors.is("x", errors.INVALID)"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![Value::Bool(true), Value::Bool(true), Value::Bool(false)]
+    );
+}
+
 fn policies(rules: Vec<RulePolicy>) -> SecurityContext {
     let rules = rules
         .into_iter()
