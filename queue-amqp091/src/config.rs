@@ -68,6 +68,12 @@ pub struct Amqp091Config {
     /// At most this many published messages wait for their confirm at once (default 1000).
     #[serde(default = "default_confirm_window")]
     pub confirm_window: usize,
+    /// The broker's `consumer_timeout`: how long it lets a delivery go unacknowledged
+    /// before it closes the channel and gives the message out again (RabbitMQ's
+    /// default, 30 minutes); `0s` where the broker has it off. The runtime refuses a
+    /// consumer whose `timeout` reaches it (docs/drivers/amqp091.md, "Consuming").
+    #[serde(default = "default_consumer_timeout", with = "duration")]
+    pub consumer_timeout: Duration,
     /// TLS settings (`amqps://`); needs the crate's `tls` feature.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -113,6 +119,11 @@ fn default_publish_timeout() -> Duration {
 fn default_confirm_window() -> usize {
     1000
 }
+/// RabbitMQ's own default `consumer_timeout`.
+pub(crate) const RABBITMQ_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+fn default_consumer_timeout() -> Duration {
+    RABBITMQ_CONSUMER_TIMEOUT
+}
 
 impl Default for Amqp091Config {
     fn default() -> Self {
@@ -126,6 +137,7 @@ impl Default for Amqp091Config {
             reconnect_max_delay: default_reconnect_max_delay(),
             publish_timeout: default_publish_timeout(),
             confirm_window: default_confirm_window(),
+            consumer_timeout: default_consumer_timeout(),
             tls: None,
         }
     }
@@ -145,6 +157,7 @@ impl fmt::Debug for Amqp091Config {
             .field("reconnect_delay", &self.reconnect_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("publish_timeout", &self.publish_timeout)
+            .field("consumer_timeout", &self.consumer_timeout)
             .field("confirm_window", &self.confirm_window)
             .field("tls", &self.tls)
             .finish()
@@ -184,6 +197,15 @@ impl Amqp091Config {
     /// `reconnect_max_delay`.
     pub fn reconnect_backoff(&self) -> queue_core::Backoff {
         queue_core::Backoff::new(self.reconnect_delay, 2.0, self.reconnect_max_delay)
+    }
+
+    /// What the driver can do against this broker: [`crate::CAPABILITIES`], with the
+    /// broker's `consumer_timeout` as the longest a delivery may stay unsettled.
+    pub fn capabilities(&self) -> queue_core::Capabilities {
+        queue_core::Capabilities {
+            max_unsettled: (!self.consumer_timeout.is_zero()).then_some(self.consumer_timeout),
+            ..crate::CAPABILITIES
+        }
     }
 
     /// Checks values serde cannot: the URL, the ranges, TLS availability.
@@ -687,6 +709,25 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.details()["field"], "heartbeat", "{bad}: {err}");
         }
+    }
+
+    /// The broker's `consumer_timeout` is the longest a delivery may stay unsettled:
+    /// RabbitMQ's 30 minutes unless told, none at `0s`.
+    #[test]
+    fn consumer_timeout_bounds_how_long_a_delivery_stays_unsettled() {
+        let limit = |value: Option<&str>| {
+            let mut fields = json!({ "url": "amqp://u:p@127.0.0.1:5672" });
+            if let Some(value) = value {
+                fields["consumer_timeout"] = json!(value);
+            }
+            Amqp091Config::from_json(fields)
+                .unwrap()
+                .capabilities()
+                .max_unsettled
+        };
+        assert_eq!(limit(None), Some(Duration::from_secs(1800)));
+        assert_eq!(limit(Some("2h")), Some(Duration::from_secs(7200)));
+        assert_eq!(limit(Some("0s")), None);
     }
 
     #[test]

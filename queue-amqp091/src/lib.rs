@@ -203,6 +203,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     quorum_queues: true,
     max_queue_name_bytes: Some(topology::MAX_QUEUE_NAME_BYTES),
     reserved_headers: mapping::RESERVED_HEADERS,
+    // The broker's `consumer_timeout` as RabbitMQ ships it; a configuration says
+    // another (`Amqp091Config::capabilities`).
+    max_unsettled: Some(config::RABBITMQ_CONSUMER_TIMEOUT),
 };
 
 #[async_trait]
@@ -212,7 +215,7 @@ impl Driver for Amqp091Driver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        self.conn.config().capabilities()
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
@@ -288,7 +291,7 @@ impl DriverConfig for Amqp091Config {
     const KIND: &'static str = KIND;
 
     fn validate(&self) -> Result<Capabilities> {
-        Amqp091Config::validate(self).map(|()| CAPABILITIES)
+        Amqp091Config::validate(self).map(|()| self.capabilities())
     }
 
     async fn connect(self) -> Result<Arc<dyn Driver>> {

@@ -38,6 +38,9 @@ pub enum Profile {
     Generic,
 }
 
+/// RabbitMQ's own default `consumer_timeout`.
+const RABBITMQ_CONSUMER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 impl Profile {
     /// The name used in configuration (`rabbitmq-v1`, ...).
     pub fn as_str(self) -> &'static str {
@@ -59,6 +62,10 @@ impl Profile {
         match self {
             Profile::RabbitmqV1 | Profile::RabbitmqV2 => Capabilities {
                 persistent: true,
+                // RabbitMQ's `consumer_timeout` as it ships: past it the plugin ends
+                // the session (`PRECONDITION_FAILED - delivery acknowledgement on
+                // channel 1 timed out`, measured on 3.10).
+                max_unsettled: Some(RABBITMQ_CONSUMER_TIMEOUT),
                 ..base
             },
             Profile::Artemis => Capabilities {

@@ -70,6 +70,14 @@ pub struct Amqp10Config {
     /// whole in memory (docs/drivers/amqp10.md, "Receiving").
     #[serde(default = "default_max_message_size")]
     pub max_message_size: u64,
+    /// How long the broker lets a delivery go unsettled before it ends the session and
+    /// gives the message out again: RabbitMQ's `consumer_timeout`, 30 minutes by
+    /// default, which its AMQP 1.0 plugin applies too (the default on the
+    /// `rabbitmq-*` profiles; none on the others); `0s` for none. The runtime refuses
+    /// a consumer that would hold a delivery that long (docs/drivers/amqp10.md,
+    /// "Receiving").
+    #[serde(default, with = "queue_core::config::option_duration")]
+    pub consumer_timeout: Option<Duration>,
     /// TLS settings for `amqps://` URLs (needs the crate's `tls` feature).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -127,6 +135,7 @@ impl fmt::Debug for Amqp10Config {
             .field("confirm_window", &self.confirm_window)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_message_size", &self.max_message_size)
+            .field("consumer_timeout", &self.consumer_timeout)
             .field("tls", &self.tls)
             .finish()
     }
@@ -155,7 +164,21 @@ impl Amqp10Config {
             confirm_window: default_confirm_window(),
             idle_timeout: default_idle_timeout(),
             max_message_size: default_max_message_size(),
+            consumer_timeout: None,
             tls: None,
+        }
+    }
+
+    /// What the driver can do: its profile's capabilities, with `consumer_timeout`
+    /// as the longest a delivery may stay unsettled where one is set.
+    pub fn capabilities(&self) -> queue_core::Capabilities {
+        let profile = self.profile.capabilities();
+        match self.consumer_timeout {
+            None => profile,
+            Some(limit) => queue_core::Capabilities {
+                max_unsettled: (!limit.is_zero()).then_some(limit),
+                ..profile
+            },
         }
     }
 
@@ -424,6 +447,29 @@ fn percent_decode(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RabbitMQ's `consumer_timeout` (30 minutes as it ships) bounds how long a
+    /// delivery stays unsettled on the `rabbitmq-*` profiles; on the others nothing
+    /// does unless told; `0s` is none.
+    #[test]
+    fn consumer_timeout_bounds_how_long_a_delivery_stays_unsettled() {
+        let limit = |profile: &str, value: Option<&str>| {
+            let mut fields = serde_json::json!({ "url": "amqp://127.0.0.1", "profile": profile });
+            if let Some(value) = value {
+                fields["consumer_timeout"] = serde_json::json!(value);
+            }
+            Amqp10Config::from_value(fields)
+                .unwrap()
+                .capabilities()
+                .max_unsettled
+        };
+        let minutes = |m: u64| Some(Duration::from_secs(m * 60));
+        assert_eq!(limit("rabbitmq-v1", None), minutes(30));
+        assert_eq!(limit("rabbitmq-v2", Some("2h")), minutes(120));
+        assert_eq!(limit("rabbitmq-v1", Some("0s")), None);
+        assert_eq!(limit("artemis", None), None);
+        assert_eq!(limit("generic", Some("5m")), minutes(5));
+    }
 
     #[test]
     fn idle_timeout_is_off_at_zero_and_at_least_a_second_otherwise() {

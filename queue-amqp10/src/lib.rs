@@ -146,7 +146,7 @@ impl Driver for Amqp10Driver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.config.profile.capabilities()
+        self.config.capabilities()
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<()> {
@@ -300,7 +300,7 @@ impl DriverConfig for Amqp10Config {
     const KIND: &'static str = KIND;
 
     fn validate(&self) -> Result<Capabilities> {
-        Amqp10Config::validate(self).map(|()| self.profile.capabilities())
+        Amqp10Config::validate(self).map(|()| self.capabilities())
     }
 
     async fn connect(self) -> Result<Arc<dyn Driver>> {

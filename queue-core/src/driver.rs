@@ -47,6 +47,13 @@ pub struct Capabilities {
     /// the copies the runtime publishes to this driver leave them out, named in
     /// `x_dropped_headers` (docs/consumers.md, "Retries and dead letters").
     pub reserved_headers: &'static [&'static str],
+    /// How long the broker lets a delivery stay unsettled before it takes it back and
+    /// ends the consumer's channel (RabbitMQ's `consumer_timeout`, 30 minutes by
+    /// default); `None` where it has no such limit. The message then comes back with
+    /// its `attempts` unchanged: the runtime refuses a configuration that would hold a
+    /// delivery that long (a handler's `timeout`; a backoff waited out holding the
+    /// delivery, on a driver without `delay`), which would retry it for ever.
+    pub max_unsettled: Option<Duration>,
 }
 
 /// What kind of queue to declare, where the broker has several.

@@ -83,6 +83,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     quorum_queues: false,
     max_queue_name_bytes: None,
     reserved_headers: &[],
+    max_unsettled: None,
 };
 
 /// The Redis keys of one queue. The `{name}` hash tag keeps them in one cluster

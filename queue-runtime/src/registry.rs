@@ -441,6 +441,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
 
     add_implicit_dead_letter_queues(&mut plan);
     errors.extend(queue_wiring(config, &plan));
+    errors.extend(holds_past_the_broker(config, &plan));
 
     for (entry, source, method, opt_in) in &to_check {
         match queue_lua::check_source(source, method, *opt_in, plan.lua_limits) {
@@ -611,6 +612,60 @@ fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             }
             path.push(id);
             next = plan.queue(id).and_then(|q| q.dead_letter.as_ref());
+        }
+    }
+    errors
+}
+
+/// Consumers that would hold a delivery past what their broker allows
+/// ([`Capabilities::max_unsettled`], RabbitMQ's `consumer_timeout`): a handler
+/// `timeout` that reaches it, or a backoff waited out holding the delivery on a
+/// driver without `delay`. The broker takes the delivery back and ends the channel,
+/// and the message comes back with the same `attempts`: retried for ever, never
+/// dead-lettered (docs/consumers.md, "Handler time limits").
+fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    for consumer in &plan.consumers {
+        let Some(queue) = plan.queue(&consumer.queue) else {
+            continue;
+        };
+        let Some(driver) = plan.drivers.iter().find(|d| d.id == queue.driver) else {
+            continue;
+        };
+        let (Some(limit), Some(entry)) =
+            (driver.capabilities.max_unsettled, config.get(&consumer.id))
+        else {
+            continue;
+        };
+        let advice = format!(
+            "the broker takes back a delivery left unsettled for its consumer_timeout ({}: driver {}'s consumer_timeout) and ends the channel: the message comes back with the same attempts, retried for ever and never dead-lettered; stay under it, or set the driver's consumer_timeout to the broker's own",
+            shown(limit),
+            driver.id
+        );
+        if let Some(timeout) = consumer.timeout
+            && timeout >= limit
+        {
+            errors.push(entry.error(
+                Some("timeout"),
+                format!("a handler may run for {}: {advice}", shown(timeout)),
+            ));
+        }
+        let longest = queue.retry.backoff.longest();
+        if !driver.capabilities.delay && longest >= limit {
+            let (entry, field) = match config.get(queue.spec.id.as_str()) {
+                Some(queue_entry) => (queue_entry, "retry"),
+                None => (entry, "queue"),
+            };
+            errors.push(entry.error(
+                Some(field),
+                format!(
+                    "the backoff of {} reaches {} (backoff.max), which driver {} waits out holding the failed delivery (it has no delayed delivery): {advice}",
+                    queue.spec.id,
+                    shown(longest),
+                    driver.id
+                ),
+            ));
         }
     }
     errors
@@ -1285,6 +1340,61 @@ mod tests {
         let dir = app_dir(&yaml("64MiB"), &[("h.lua", lua)]);
         if let Err(errors) = plan_in(dir.path(), false) {
             panic!("{errors:?}");
+        }
+    }
+
+    /// A consumer that would hold a delivery past its broker's `consumer_timeout`
+    /// (RabbitMQ's, 30 minutes by default) passed `check`: the broker takes the
+    /// delivery back and ends the channel (measured on RabbitMQ 3.10 over AMQP 1.0:
+    /// `PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out`), and
+    /// the message came back with the same `attempts`, retried for ever (review).
+    #[test]
+    #[cfg(all(feature = "amqp091", feature = "amqp10"))]
+    fn a_consumer_that_would_hold_past_the_brokers_consumer_timeout_fails_the_plan() {
+        let amqp10 = |profile: &str, more: &str| {
+            format!(
+                "kind: queue.driver.amqp10\n    url: amqp://127.0.0.1:5672\n    profile: {profile}{more}"
+            )
+        };
+        let amqp091 =
+            |more: &str| format!("kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672{more}");
+        for (driver, backoff_max, timeout, field) in [
+            // No delayed delivery: the backoff is waited out holding the delivery.
+            (amqp10("rabbitmq-v1", ""), "1h", "10s", Some("retry")),
+            (amqp10("rabbitmq-v1", ""), "20m", "10s", None),
+            (amqp10("rabbitmq-v1", ""), "20m", "30m", Some("timeout")),
+            (
+                amqp10("rabbitmq-v1", "\n    consumer_timeout: 2h"),
+                "1h",
+                "90m",
+                None,
+            ),
+            (
+                amqp10("rabbitmq-v1", "\n    consumer_timeout: 0s"),
+                "1h",
+                "90m",
+                None,
+            ),
+            (amqp10("artemis", ""), "1h", "90m", None),
+            // Delayed delivery: nothing is held for a backoff.
+            (amqp091(""), "1h", "10s", None),
+            (amqp091(""), "1m", "45m", Some("timeout")),
+            (amqp091("\n    consumer_timeout: 0s"), "1m", "45m", None),
+        ] {
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: mq\n    {driver}\n  - name: jobs\n    kind: queue.queue\n    retry:\n      backoff: {{ max: {backoff_max} }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    timeout: {timeout}\n"
+            );
+            let dir = app_dir(&yaml, &[("h.lua", "function handle() end\n")]);
+            match (plan_in(dir.path(), false), field) {
+                (Ok(_), None) => {}
+                (Ok(_), Some(field)) => panic!("{yaml}: passed, where {field} holds too long"),
+                (Err(errors), None) => panic!("{yaml}: {errors:?}"),
+                (Err(errors), Some(field)) => assert!(
+                    errors.0.iter().any(|e| e.field.as_deref() == Some(field)
+                        && e.message.contains("consumer_timeout")),
+                    "{yaml}: {errors:?}"
+                ),
+            }
         }
     }
 

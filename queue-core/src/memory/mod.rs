@@ -127,6 +127,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     quorum_queues: false,
     max_queue_name_bytes: None,
     reserved_headers: &[],
+    max_unsettled: None,
 };
 
 impl MemoryDriver {
