@@ -157,6 +157,33 @@ async fn a_delayed_message_lives_its_ttl_from_when_it_enters_the_queue() {
     d.ack().await.unwrap();
 }
 
+/// A delayed message waits on the driver's own timer, not on a task of the runtime
+/// that published it: dropped with that runtime (an embedder's short-lived one, a
+/// Lua worker's at a host's restart), it was lost, its publish confirmed, and
+/// `delayed` counted it for ever; and a publisher's runtime held up by a handler that
+/// cannot yield held up every delayed message it had published (review).
+#[test]
+fn a_delayed_message_outlives_the_runtime_that_published_it() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let driver = MemoryDriver::new();
+    runtime().block_on(async {
+        driver.declare(&QueueSpec::new(id())).await.unwrap();
+        let mut later = numbered(1);
+        later.headers = Headers::from_pairs([("delay", HeaderValue::Int(50))]);
+        driver.publish(&id(), later).await.unwrap();
+    });
+    runtime().block_on(async {
+        assert_eq!(take_one(&driver).await, 1);
+        let info = driver.info(&id()).await.unwrap();
+        assert_eq!((info.ready, info.delayed), (Some(0), Some(0)), "{info:?}");
+    });
+}
+
 /// Expired messages at the head of a full queue make room for a publish, with no
 /// consumer to take them, as RabbitMQ drops them at the head of its queue. Before,
 /// they took room until a consumer's take dropped them: the publish waited out its

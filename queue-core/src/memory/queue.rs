@@ -278,16 +278,17 @@ impl MemQueue {
     }
 
     /// Counts a delayed message once there is room for it (waiting up to `timeout`,
-    /// as any publish does) and queues it once its delay has passed.
+    /// as any publish does) and queues it once its delay has passed, on [`timers`].
     async fn publish_later(
         self: &Arc<Self>,
         incoming: Incoming,
         delay: Duration,
         timeout: Duration,
     ) -> Result<()> {
+        let timers = timers()?;
         self.with_room(timeout, |state| state.delayed += 1).await?;
         let queue = Arc::clone(self);
-        tokio::spawn(async move {
+        timers.spawn(async move {
             tokio::time::sleep(delay).await;
             let mut state = queue.lock();
             state.delayed -= 1;
@@ -480,4 +481,30 @@ impl MemQueue {
         self.ready_signal.notify_waiters();
         self.space_signal.notify_waiters();
     }
+}
+
+/// The runtime that waits out delayed messages: one thread of the process's own, so
+/// that a delayed message outlives the runtime that published it (an embedder's
+/// short-lived one, a Lua worker's at a host's restart: it was lost with it, its
+/// publish confirmed) and is not held up by what holds that runtime's thread (a
+/// handler that cannot yield).
+fn timers() -> Result<&'static tokio::runtime::Handle> {
+    static TIMERS: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    let started = TIMERS.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok()?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("queue-memory-timers".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .ok()?;
+        Some(handle)
+    });
+    started.as_ref().ok_or_else(|| {
+        Error::internal(
+            "the memory driver could not start the thread that waits out delayed messages",
+        )
+    })
 }
