@@ -962,10 +962,15 @@ fn security(
                         .iter()
                         .map(|a| Pattern::parse(a))
                         .collect(),
-                    resources: p.resources.as_ref().map_or_else(
-                        || vec![Pattern::Any],
-                        |r| r.to_vec().iter().map(|a| Pattern::parse(a)).collect(),
-                    ),
+                    // Written empty, `resources` is refused when the file is read.
+                    resources: match &p.resources {
+                        None => vec![Pattern::Any],
+                        Some(written) => written
+                            .iter()
+                            .flat_map(|r| r.to_vec())
+                            .map(|a| Pattern::parse(&a))
+                            .collect(),
+                    },
                     effect: match p.effect {
                         EffectName::Allow => Effect::Allow,
                         EffectName::Deny => Effect::Deny,

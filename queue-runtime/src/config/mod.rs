@@ -523,14 +523,46 @@ fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
 /// then as `queue.publish.queue` with the queue id, which always holds a `:`; reading
 /// counts is checked as `queue.info` with the queue id.
 fn check_policy(entry: &Entry, p: &PolicyEntry) -> Result<(), ConfigError> {
-    use queue_core::security::{ACTION_INFO, ACTION_PUBLISH_QUEUE, Pattern};
+    use queue_core::security::{ACTION_INFO, ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, Pattern};
+    // Any policy: what it names must be something. An action the runtime never checks
+    // made a deny deny nothing, and a `resources:` written empty read as absent (every
+    // queue) made an allow allow everything.
+    let actions = p.actions.to_vec();
+    if actions.is_empty() {
+        return Err(entry.error(
+            Some("actions"),
+            "names no action: write `queue.publish`, `queue.publish.queue`, `queue.info` or `queue.*`",
+        ));
+    }
+    let checked = [ACTION_PUBLISH, ACTION_PUBLISH_QUEUE, ACTION_INFO];
+    if let Some(unknown) = actions
+        .iter()
+        .find(|a| !checked.iter().any(|c| Pattern::parse(a).matches(c)))
+    {
+        return Err(entry.error(
+            Some("actions"),
+            format!(
+                "{:?} matches no action the runtime checks: `queue.publish`, `queue.publish.queue`, `queue.info` (or `queue.*`; names are case-sensitive)",
+                queue_core::truncate(unknown, 64)
+            ),
+        ));
+    }
+    let resources: Vec<Pattern> = match &p.resources {
+        None => vec![Pattern::Any],
+        Some(written) => {
+            let listed = written.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
+            if listed.is_empty() {
+                return Err(entry.error(
+                    Some("resources"),
+                    "names no queue (written empty, or a `${VAR}` that is empty): list the queues, write `*` for every queue, or leave the field out",
+                ));
+            }
+            listed.iter().map(|r| Pattern::parse(r)).collect()
+        }
+    };
     if p.effect != EffectName::Deny {
         return Ok(());
     }
-    let resources: Vec<Pattern> = p.resources.as_ref().map_or_else(
-        || vec![Pattern::Any],
-        |r| r.to_vec().iter().map(|r| Pattern::parse(r)).collect(),
-    );
     if resources.contains(&Pattern::Any) {
         return Ok(());
     }
@@ -648,7 +680,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.yaml");
         std::fs::write(&path, text).unwrap();
-        let result = load_with_env(&[path], |n| (n == "PASS").then(|| "s3cret".to_string()));
+        let result = load_with_env(&[path], |n| match n {
+            "PASS" => Some("s3cret".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        });
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
@@ -848,6 +884,59 @@ mod tests {
                 "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n    effect: deny\n    {rule}\n"
             ))
             .unwrap_or_else(|e| panic!("{rule}: {e}"));
+        }
+    }
+
+    /// Policies that cannot mean what they say: an action the runtime never checks
+    /// (`publish`, `Queue.*`), no action or no resource at all, and a `resources:`
+    /// written empty (`~`, or `${V}` with V set to nothing), which read as absent:
+    /// every queue. The deny loaded and denied nothing; the allow allowed every queue
+    /// (review).
+    #[test]
+    fn policies_that_cannot_mean_what_they_say_are_refused() {
+        for (effect, rule, field, says) in [
+            (
+                "deny",
+                "actions: publish",
+                "actions",
+                "no action the runtime checks",
+            ),
+            (
+                "allow",
+                "actions: [\"Queue.*\"]",
+                "actions",
+                "no action the runtime checks",
+            ),
+            (
+                "deny",
+                "actions: []\n    resources: \"*\"",
+                "actions",
+                "names no action",
+            ),
+            (
+                "deny",
+                "actions: queue.publish.queue\n    resources: []",
+                "resources",
+                "names no queue",
+            ),
+            (
+                "allow",
+                "actions: \"queue.*\"\n    resources: ~",
+                "resources",
+                "names no queue",
+            ),
+            (
+                "allow",
+                "actions: \"queue.*\"\n    resources: ${EMPTY}",
+                "resources",
+                "names no queue",
+            ),
+        ] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n    effect: {effect}\n    {rule}\n"
+            ));
+            assert_eq!(e.field.as_deref(), Some(field), "{rule}: {e}");
+            assert!(e.message.contains(says), "{rule}: {e}");
         }
     }
 

@@ -53,6 +53,15 @@ impl OneOrMany {
     }
 }
 
+/// A field that is there, even as null: `Some(None)`, where a missing one is `None`.
+fn written<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 fn default_true() -> bool {
     true
 }
@@ -327,8 +336,11 @@ pub struct ProcessEntry {
 pub struct PolicyEntry {
     /// Action patterns.
     pub actions: OneOrMany,
-    /// Resource patterns (`*` when absent).
-    pub resources: Option<OneOrMany>,
+    /// Resource patterns: `None` when absent (`*`), `Some(None)` when written empty
+    /// (`resources: ~`, or a `${V}` that is empty), which `check` refuses: read as
+    /// absent, it allowed every queue.
+    #[serde(default, deserialize_with = "written")]
+    pub resources: Option<Option<OneOrMany>>,
     /// `allow` or `deny`.
     pub effect: EffectName,
     /// Actor metadata that must match.
