@@ -216,6 +216,27 @@ impl Plan {
                 other.policy_ids.join(", ")
             ));
         }
+        // Checked as a handler's publish is: with the metadata the entries give the
+        // actor, which the policies' conditions read.
+        let meta_of = |a: &ActorEntry| a.security.actor().map(|actor| actor.meta.clone());
+        let meta = meta_of(first).unwrap_or_default();
+        if let Some(other) = rest.iter().find(|a| meta_of(a).unwrap_or_default() != meta) {
+            return Err(format!(
+                "actor {:?} runs entries with different metadata ({} has {:?}, {} has {:?}): publish as an actor whose entries share it",
+                actor.id,
+                first.entry,
+                meta,
+                other.entry,
+                meta_of(other).unwrap_or_default()
+            ));
+        }
+        if !actor.meta.is_empty() && actor.meta != meta {
+            return Err(format!(
+                "--actor-meta gives actor {:?} {:?}, but {} runs as it with {:?}: leave --actor-meta out, or give the entries' own",
+                actor.id, actor.meta, first.entry, meta
+            ));
+        }
+        let actor = Actor { meta, ..actor };
         Ok(SecurityContext::new(
             Some(actor),
             first.security.policies().to_vec(),
@@ -1234,6 +1255,34 @@ mod tests {
             err.contains("different policies") && err.contains("app:c"),
             "{err}"
         );
+    }
+
+    /// `publish --actor` is checked with the metadata its entries give the actor, as a
+    /// handler's publish is: it took the command line's alone, so a deny that needs
+    /// `team: growth` let the command publish where the actor's handlers are refused
+    /// (review). Metadata on the command line that differs is refused, naming both.
+    #[test]
+    fn publish_as_an_actor_takes_the_metadata_of_its_entries() {
+        let text = "namespace: app\nentries:\n  - name: anything\n    kind: security.policy\n    actions: \"*\"\n    effect: allow\n  - name: no_billing\n    kind: security.policy\n    actions: \"queue.*\"\n    resources: \"billing:*\"\n    effect: deny\n    conditions: { team: growth }\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: m\n    security:\n      actor: { id: worker-1, meta: { team: growth } }\n      policies: [anything, no_billing]\n";
+        let dir = app_dir(text, &[("h.lua", "function m() end\n")]);
+        let plan = plan_in(dir.path(), false).unwrap();
+        let worker = plan.cli_security(Some(Actor::new("worker-1"))).unwrap();
+        assert!(
+            worker
+                .check("queue.publish.queue", Some("app:tasks"))
+                .is_ok()
+        );
+        assert!(
+            worker
+                .check("queue.publish.queue", Some("billing:invoices"))
+                .is_err(),
+            "the command published where the actor's handlers are refused"
+        );
+        let same = Actor::new("worker-1").with_meta("team", "growth");
+        assert!(plan.cli_security(Some(same)).is_ok());
+        let other = Actor::new("worker-1").with_meta("team", "billing");
+        let err = plan.cli_security(Some(other)).unwrap_err();
+        assert!(err.contains("team") && err.contains("app:p"), "{err}");
     }
 
     /// Two queues that one broker would hold as one, and dead letters of a broker's
