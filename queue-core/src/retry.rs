@@ -211,6 +211,12 @@ impl FailurePath {
         } else {
             None
         };
+        // On a driver without delays the original was held through the wait already:
+        // given back, it goes at once, not after another (it stayed unsettled twice
+        // the backoff, past a broker's limit on unsettled deliveries sooner than
+        // `check` allows for).
+        let held = planned.is_some() && !self.driver.capabilities().delay;
+        let return_wait = if held { Duration::ZERO } else { wait };
         let refused = match planned {
             None => None,
             Some(planned) => match self.publish(planned).await {
@@ -219,7 +225,7 @@ impl FailurePath {
                         .done(delivery, disposition, &target, attempts, wait, &reason)
                         .await;
                 }
-                Published::Trouble => return self.give_back(delivery, wait).await,
+                Published::Trouble => return self.give_back(delivery, return_wait).await,
                 Published::Refused(e) => Some(e),
             },
         };
@@ -247,7 +253,7 @@ impl FailurePath {
                             .await
                     }
                     Published::Trouble | Published::Refused(_) => {
-                        self.give_back(delivery, wait).await
+                        self.give_back(delivery, return_wait).await
                     }
                 }
             }
@@ -258,7 +264,7 @@ impl FailurePath {
             }
             _ => {
                 tracing::error!(queue = %self.queue, id = %delivery.message().id, reason = %why, "a failed message can be neither retried nor dead-lettered; it goes back to its queue");
-                self.give_back(delivery, wait).await
+                self.give_back(delivery, return_wait).await
             }
         }
     }

@@ -673,7 +673,26 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             ));
         }
         let longest = queue.retry.backoff.longest();
-        if !driver.capabilities.delay && longest >= limit {
+        let holds = !driver.capabilities.delay;
+        if let Some(timeout) = consumer.timeout
+            && holds
+            && timeout < limit
+            && longest < limit
+            && timeout.saturating_add(longest) >= limit
+        {
+            errors.push(entry.error(
+                Some("timeout"),
+                format!(
+                    "a handler may run for {} and its failed delivery is then held through a backoff of up to {} (backoff.max of {}: driver {} has no delayed delivery), {} unsettled in all: {advice}",
+                    shown(timeout),
+                    shown(longest),
+                    queue.spec.id,
+                    driver.id,
+                    shown(timeout.saturating_add(longest))
+                ),
+            ));
+        }
+        if holds && longest >= limit {
             let (entry, field) = match config.get(queue.spec.id.as_str()) {
                 Some(queue_entry) => (queue_entry, "retry"),
                 None => (entry, "queue"),
@@ -1417,10 +1436,12 @@ mod tests {
             (amqp10("rabbitmq-v1", ""), "1h", "10s", Some("retry")),
             (amqp10("rabbitmq-v1", ""), "20m", "10s", None),
             (amqp10("rabbitmq-v1", ""), "20m", "30m", Some("timeout")),
+            // The handler's run and the hold after it, together.
+            (amqp10("rabbitmq-v1", ""), "20m", "15m", Some("timeout")),
             (
                 amqp10("rabbitmq-v1", "\n    consumer_timeout: 2h"),
                 "1h",
-                "90m",
+                "50m",
                 None,
             ),
             (

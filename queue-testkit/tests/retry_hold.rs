@@ -107,3 +107,25 @@ async fn a_delivery_lost_before_it_failed_gets_no_copy() {
         (Disposition::Returned, 0, 0)
     );
 }
+
+/// A copy that cannot be published after the original was held through its backoff
+/// (a driver without delays) gives the original back at once: it waited the backoff
+/// again first, so that a failing delivery stayed unsettled for twice its backoff,
+/// past a broker's limit on unsettled deliveries sooner than `check` allows for
+/// (review).
+#[tokio::test(start_paused = true)]
+async fn a_copy_that_cannot_be_published_after_the_hold_gives_the_original_back_at_once() {
+    let driver = ControlledDriver::without_delays();
+    driver.fail_next_publishes(1);
+    let started = tokio::time::Instant::now();
+    let (disposition, queued, settled) = fail_one_on(driver, None).await;
+    assert_eq!(
+        (disposition, queued, settled),
+        (Disposition::Returned, 0, 1)
+    );
+    let held = started.elapsed();
+    assert!(
+        held < Duration::from_secs(3),
+        "held for {held:?}: the backoff (2s) twice"
+    );
+}
