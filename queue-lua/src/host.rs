@@ -423,6 +423,11 @@ impl LuaHost {
             Ok(values) => {
                 let first = values.front().cloned().unwrap_or(LuaValue::Nil);
                 let second = values.get(1).cloned().unwrap_or(LuaValue::Nil);
+                // An error value returned alone is a slip for `return nil, err`: as
+                // that, not an ack of a message the handler did not handle.
+                let error_alone = second.is_nil()
+                    && matches!(&first, LuaValue::UserData(ud) if ud.is::<crate::errors::LuaError>());
+                let second = if error_alone { first.clone() } else { second };
                 if !second.is_nil() {
                     // The error's `__index` or `__tostring` is Lua, run here after the
                     // coroutine ended: under a deadline of its own.

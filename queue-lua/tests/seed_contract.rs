@@ -255,6 +255,10 @@ async fn only_an_error_value_that_says_so_is_not_retryable() {
         ("returns_nil_string", "plain failure", true),
         ("raises", "boom", true),
         ("returns_invalid", "Invalid: bad input", false),
+        // An error value returned alone (a slip for `return nil, err`) fails the
+        // message as that error: it was acked, the message gone unhandled (review).
+        ("returns_an_error_alone", "Unavailable: smtp down", true),
+        ("returns_invalid_alone", "Invalid: bad input", false),
         ("raises_invalid", "Invalid: bad input", false),
         ("raises_invalid_after_a_yield", "Invalid: bad input", false),
         (

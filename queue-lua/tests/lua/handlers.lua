@@ -6,6 +6,9 @@ function M.returns_true(payload) return true end
 function M.returns_false(payload) return false end
 function M.returns_nil_err(payload) return nil, errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
 function M.returns_nil_string(payload) return nil, "plain failure" end
+-- A slip for `return nil, err`: the error value alone.
+function M.returns_an_error_alone(payload) return errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
+function M.returns_invalid_alone(payload) return errors.new({ message = "bad input", kind = errors.INVALID }) end
 function M.raises(payload) error("boom") end
 -- The Lua idiom of an error table with a message, raised.
 function M.raises_a_table(payload) error({ message = "card declined", code = 402 }) end
