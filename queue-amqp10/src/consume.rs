@@ -386,6 +386,13 @@ impl ReceiveTask {
                     self.accepts.clear();
                 }
                 Step::Stop(reply) => {
+                    // Settlements from here on are refused, not taken and dropped: the
+                    // detach below waits for the broker (up to 5 s), and an ack made
+                    // meanwhile said `Ok` while its delivery went back with the rest.
+                    // Those handed over already are still read (a closed channel keeps
+                    // what it holds) and sent.
+                    self.current_epoch.store(NO_LINK, Ordering::Release);
+                    self.control_rx.close();
                     let mut cancels = Vec::new();
                     if let Some(attached) = link.take() {
                         cancels = self.settle_handed_over(&attached.link).await;

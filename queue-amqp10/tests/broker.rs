@@ -303,6 +303,47 @@ async fn an_ack_of_a_lost_link_is_refused() {
     drop(node);
 }
 
+/// An ack made while a cancel waits for the broker's answer to its detach: it said
+/// `Ok` and was dropped, the delivery released with the rest, so that the message came
+/// back after its handler had acked it (review). It is refused (`INVALID`, the
+/// consumer cancelled), and the message comes back as the cancel said.
+async fn an_ack_while_a_cancel_waits_for_the_broker_is_refused() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start_amqp10(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let name = format!("ack-during-cancel-{}", queue_core::new_message_id());
+    let (driver, mut sub) = consuming(Amqp10Config::new(url, Profile::RabbitmqV1), &name).await;
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let held = queue_testkit::next(&mut sub).await;
+    proxy.withhold(Performative::Detach);
+    let cancelling = sub.cancel();
+    tokio::pin!(cancelling);
+    let watched = std::sync::Arc::clone(&proxy);
+    let withheld = tokio::task::spawn_blocking(move || {
+        watched.wait_withheld(1, std::time::Duration::from_secs(20))
+    });
+    tokio::select! {
+        _ = &mut cancelling => panic!("the cancel ended before the broker's detach was withheld"),
+        seen = withheld => assert!(seen.unwrap(), "the broker's detach was never withheld"),
+    }
+    let err = held
+        .ack()
+        .await
+        .expect_err("an ack while the consumer is cancelled");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    within("the cancel", cancelling).await.unwrap();
+    proxy.stop_withholding();
+    let mut again = driver
+        .consume(&id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let redelivered = queue_testkit::next(&mut again).await;
+    assert_eq!(number_of(&redelivered), 1);
+    redelivered.ack().await.unwrap();
+    within("cancel", again.cancel()).await.unwrap();
+    driver.close().await.unwrap();
+}
+
 /// A driver on `config` and a consumer of the shared broker's queue `name`.
 async fn consuming(
     config: Amqp10Config,
@@ -758,6 +799,7 @@ queue_testkit::broker_tests! {
         a_durability_clash_is_already_exists,
         acks_handed_over_before_a_cancel_are_sent,
         an_ack_of_a_lost_link_is_refused,
+        an_ack_while_a_cancel_waits_for_the_broker_is_refused,
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_broker_that_stops_reading_is_noticed_within_the_idle_timeout,
         a_queue_deleted_under_its_publisher_comes_back_within_seconds,

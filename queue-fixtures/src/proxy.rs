@@ -19,9 +19,13 @@ use queue_testkit::{numbered, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A closing performative the proxy can withhold (its AMQP 1.0 descriptor code).
+/// A performative the proxy can withhold (its AMQP 1.0 descriptor code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Performative {
+    /// `attach`: the broker's answer to a link's attach.
+    Attach = 0x12,
+    /// `detach`: the broker's answer to a link's detach.
+    Detach = 0x16,
     /// `end`: the broker's answer to a session's end.
     End = 0x17,
     /// `close`: the broker's answer to a connection's close.
@@ -117,6 +121,12 @@ impl BrokerProxy {
     /// [`start_amqp10`](Self::start_amqp10) reads frames: another lets them all pass.
     pub fn withhold(&self, performative: Performative) {
         lock(&self.state.0).withheld_kinds.push(performative);
+    }
+
+    /// From now on, passes every performative again (those withheld before stay
+    /// dropped).
+    pub fn stop_withholding(&self) {
+        lock(&self.state.0).withheld_kinds.clear();
     }
 
     /// From now on, drops everything the broker sends, whatever the protocol: the

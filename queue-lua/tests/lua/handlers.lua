@@ -1,4 +1,4 @@
--- Handlers for the settlement table (SPEC §5) and the delivery-context rules.
+-- Handlers for the settlement table (docs/lua-api.md, "Handlers") and the delivery-context rules.
 local M = {}
 
 function M.returns_nothing(payload) end

@@ -31,7 +31,7 @@ local msg, err = queue.message()
 assert(msg == nil)
 expect(errors.INVALID, false, msg, err)
 assert(err:message():find("no delivery context"), err:message())
--- Queue not declared (SPEC §3)
+-- Queue not declared (docs/lua-api.md)
 expect_publish(errors.NOT_FOUND, false, queue.publish("app:missing", { a = 1 }))
 -- tostring and message
 local _, e = queue.publish("", { a = 1 })
