@@ -279,17 +279,18 @@ impl SendTask {
                     continue;
                 }
             };
-            if request.reply.is_closed() {
-                // It timed out waiting for the window (or for a link, on the way
-                // round again): its caller was told to publish again, so sending it
-                // now would only add a duplicate.
-                continue;
-            }
             if self.link.is_some()
                 && self.spec.profile.accepts_unroutable()
                 && self.declared.elapsed() >= DECLARE_AGAIN_EVERY
             {
                 self.declare_again().await;
+            }
+            if request.reply.is_closed() {
+                // It timed out waiting for the window, for a link on the way round
+                // again, or for the declaration just above (which may take the
+                // attach's 10 s): its caller was told to publish again, so sending it
+                // now would only add a duplicate.
+                continue;
             }
             let Some(attached) = self.link.as_mut() else {
                 drop(permit);

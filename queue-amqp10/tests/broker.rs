@@ -344,6 +344,56 @@ async fn an_ack_while_a_cancel_waits_for_the_broker_is_refused() {
     driver.close().await.unwrap();
 }
 
+/// A publish whose caller gave up while the sender declared its queue again (every
+/// 5 s on RabbitMQ 3.x: docs/drivers/amqp10.md, "Sending"), the broker slow to
+/// answer the declaration: it was sent once the declaration ended, after its caller
+/// was told to publish again, so that the next publish made a duplicate (review).
+async fn a_publish_given_up_during_a_declaration_is_not_sent_late() {
+    let proxy = std::sync::Arc::new(BrokerProxy::start_amqp10(5672).expect("proxy"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+    let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+    config.publish_timeout = std::time::Duration::from_secs(2);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let name = format!("amqp10-tests-late-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&id, numbered(1)).await.unwrap();
+    // No signal says when the sender's next declaration is due: its clock is the
+    // only one (5 s after the last).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    // The answer to the declaration's attach, and the flow RabbitMQ sends with it,
+    // which fe2o3-amqp takes for a link it does not know and ends the session.
+    proxy.withhold(Performative::Attach);
+    proxy.withhold(Performative::Flow);
+    let err = driver.publish(&id, numbered(2)).await.unwrap_err();
+    assert!(err.retryable(), "{err}");
+    let watched = std::sync::Arc::clone(&proxy);
+    let withheld = tokio::task::spawn_blocking(move || {
+        watched.wait_withheld(1, std::time::Duration::from_secs(20))
+    });
+    assert!(
+        withheld.await.unwrap(),
+        "the declaration's attach was never withheld"
+    );
+    proxy.stop_withholding();
+    within("a publish once the declaration gave up", async {
+        while driver.publish(&id, numbered(3)).await.is_err() {}
+    })
+    .await;
+    let stored = tokio::task::block_in_place(queue_fixtures::rabbitmq::shared_queue_messages)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .find(|(queue, _)| *queue == spec.name)
+        .map(|(_, count)| count);
+    assert_eq!(stored, Some(2), "the first and the last publish, no more");
+    driver.close().await.unwrap();
+    tokio::task::block_in_place(|| {
+        queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", spec.name.as_str()])
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// A driver on `config` and a consumer of the shared broker's queue `name`.
 async fn consuming(
     config: Amqp10Config,
@@ -803,6 +853,7 @@ queue_testkit::broker_tests! {
         a_silent_broker_is_noticed_within_the_idle_timeout,
         a_broker_that_stops_reading_is_noticed_within_the_idle_timeout,
         a_queue_deleted_under_its_publisher_comes_back_within_seconds,
+        a_publish_given_up_during_a_declaration_is_not_sent_late,
         a_publish_to_a_hung_broker_fails_within_its_limit,
         a_full_window_lost_with_its_connection_does_not_stall_publishing,
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,

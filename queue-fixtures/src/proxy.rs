@@ -24,6 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub enum Performative {
     /// `attach`: the broker's answer to a link's attach.
     Attach = 0x12,
+    /// `flow`: the broker's credit and session window.
+    Flow = 0x13,
     /// `detach`: the broker's answer to a link's detach.
     Detach = 0x16,
     /// `end`: the broker's answer to a session's end.
