@@ -414,7 +414,7 @@ impl LuaHost {
             Err(e) => Outcome::Nack {
                 reason: match raised_message {
                     Some(message) => format!("{} raised: {message}", handler.name),
-                    None => format!("{} raised: {e}", handler.name),
+                    None => format!("{} raised: {}", handler.name, raised_text(&e)),
                 },
                 // A run that ended at its deadline timed out, whatever error it was
                 // raising then.
@@ -481,7 +481,8 @@ impl LuaHost {
             .await
             .map(|_| ())
             .map_err(|e| {
-                Error::internal(format!("{} failed: {e}", handler.name)).retryable_if(false)
+                Error::internal(format!("{} failed: {}", handler.name, raised_text(&e)))
+                    .retryable_if(false)
             })
     }
 
@@ -657,6 +658,16 @@ fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
             delivery.raised_retryable.set(retryable);
             delivery.raised_message.borrow_mut().take();
         }
+        // Text leaves with the traceback of where it was raised, through the
+        // handler's own functions: raised again by the guard, it had only the
+        // guard's. A table or an error value leaves as it is (`told`).
+        if let LuaValue::String(text) = &raised
+            && let Ok(traced) = lua.traceback(Some(&text.to_string_lossy()), 1)
+        {
+            return Ok(LuaValue::String(
+                lua.create_string(without_guard_frames(&traced.to_string_lossy()))?,
+            ));
+        }
         Ok(raised)
     })?;
     // The state's own, taken before any Lua runs.
@@ -694,6 +705,33 @@ fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
         note,
         told,
     ))
+}
+
+/// A traceback without the frames of the runtime's own guard (`xpcall` and the
+/// trusted chunk around it), which tell a user nothing.
+fn without_guard_frames(traceback: &str) -> String {
+    let kept: Vec<&str> = traceback
+        .lines()
+        .filter(|line| {
+            let frame = line.trim_start();
+            !frame.starts_with("guard:") && frame != "[C]: in function 'xpcall'"
+        })
+        .collect();
+    let end = match kept.last() {
+        Some(last) if last.trim_start() == "(...tail calls...)" => kept.len() - 1,
+        _ => kept.len(),
+    };
+    kept[..end].join("\n")
+}
+
+/// The text of an error raised again by the guard, without the traceback mlua adds
+/// where the guard raised it (the raise point's is in the text already: `note`).
+pub(crate) fn raised_text(error: &mlua::Error) -> String {
+    let text = error.to_string();
+    match text.rfind("\nstack traceback:\n\t[C]: in function 'error'\n\tguard:") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 /// How long the Lua of a returned error value (its `__index`, `__tostring`) may take

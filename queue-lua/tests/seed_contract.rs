@@ -247,6 +247,23 @@ async fn settlement_table() {
     );
 }
 
+/// A raised error's reason carries the traceback of where it was raised, through the
+/// handler's own functions: it showed only the runtime's guard, where the error was
+/// raised again (review).
+#[tokio::test]
+async fn a_raised_error_carries_the_traceback_of_the_handlers_own_code() {
+    match outcome_of("raises_deep_inside").await.0 {
+        Outcome::Nack { reason, .. } => {
+            assert!(reason.contains("attempt to index a nil value"), "{reason}");
+            for frame in ["innermost", "middle", "raises_deep_inside"] {
+                assert!(reason.contains(frame), "no {frame} in: {reason}");
+            }
+            assert!(!reason.contains("guard:"), "{reason}");
+        }
+        other => panic!("expected a nack, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn only_an_error_value_that_says_so_is_not_retryable() {
     for (method, reason, retryable) in [

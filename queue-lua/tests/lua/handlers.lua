@@ -10,6 +10,9 @@ function M.returns_nil_string(payload) return nil, "plain failure" end
 function M.returns_an_error_alone(payload) return errors.new({ message = "smtp down", kind = errors.UNAVAILABLE }) end
 function M.returns_invalid_alone(payload) return errors.new({ message = "bad input", kind = errors.INVALID }) end
 function M.raises(payload) error("boom") end
+local function innermost() local t = nil; return t.field end
+local function middle() innermost(); return 1 end
+function M.raises_deep_inside(payload) middle() end
 -- The Lua idiom of an error table with a message, raised.
 function M.raises_a_table(payload) error({ message = "card declined", code = 402 }) end
 local function invalid(retryable)
