@@ -449,13 +449,15 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let (plan, kinds) = plan(&config, strict)?;
             let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
-            refuse_in_memory(&plan, &id)?;
             // The codec's own reading: it refuses what no body carries (an integer past
-            // i64), where serde_json's value took it for the nearest float.
+            // i64), where serde_json's value took it for the nearest float. Read before
+            // the queue is looked at, so that a bad body or header is told wherever it
+            // was to go.
             let body = queue_core::Codec::Json
                 .decode(json.as_bytes())
                 .map_err(|e| format!("the body: {e}"))?;
             let headers = parse_headers(&headers)?;
+            refuse_in_memory(&plan, &id)?;
             let actor = match actor {
                 Some(id) => {
                     let mut actor = Actor::new(id);
@@ -633,7 +635,7 @@ fn refuse_in_memory(plan: &Plan, id: &queue_core::QueueId) -> Result<(), String>
     }
     if plan.is_in_memory(id) {
         return Err(format!(
-            "queue {id} lives on the embedded memory driver: it exists only inside a running `queue-runtime run`; publish from a process.lua there, or declare a broker driver"
+            "queue {id} lives on the embedded memory driver: it exists only inside a running `queue-runtime run`, out of this command's reach; declare a broker driver for it (to publish to it meanwhile, use a process.lua in that run)"
         ));
     }
     Ok(())

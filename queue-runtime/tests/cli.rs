@@ -394,6 +394,15 @@ fn publish_and_info_explain_the_memory_driver() {
             "{err}"
         );
     }
+    // A body that is no JSON is told as such, wherever it was to go: the memory
+    // driver's explanation hid it (review).
+    let out = run(
+        &["publish", "app:q", "{\"a\": 1", "--config", "app.yaml"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("the body"), "{err}");
 }
 
 /// `publish` took an integer past `i64::MAX` for the nearest float
