@@ -46,7 +46,7 @@ enum Command {
         /// Deny what no policy allows, even without policies.
         #[arg(long)]
         strict: bool,
-        /// Serve /metrics and /health on this address (e.g. 127.0.0.1:9090).
+        /// Serve /metrics, /health and /ready on this address (e.g. 127.0.0.1:9090).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
         /// Worker threads, each with one Lua state (default: the number of cores, at
