@@ -708,25 +708,33 @@ fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
 }
 
 /// A traceback without the frames of the runtime's own guard (`xpcall` and the
-/// trusted chunk around it), which tell a user nothing.
+/// trusted chunk around it), which tell a user nothing. Only the frames are looked
+/// at: the message above them is the user's, whatever its lines say.
 fn without_guard_frames(traceback: &str) -> String {
-    let kept: Vec<&str> = traceback
+    const FRAMES: &str = "\nstack traceback:\n";
+    let Some(at) = traceback.rfind(FRAMES) else {
+        return traceback.to_string();
+    };
+    let (message, frames) = traceback.split_at(at + FRAMES.len());
+    let mut kept: Vec<&str> = frames
         .lines()
         .filter(|line| {
             let frame = line.trim_start();
             !frame.starts_with("guard:") && frame != "[C]: in function 'xpcall'"
         })
         .collect();
-    let end = match kept.last() {
-        Some(last) if last.trim_start() == "(...tail calls...)" => kept.len() - 1,
-        _ => kept.len(),
-    };
-    kept[..end].join("\n")
+    if kept
+        .last()
+        .is_some_and(|last| last.trim_start() == "(...tail calls...)")
+    {
+        kept.pop();
+    }
+    format!("{message}{}", kept.join("\n"))
 }
 
 /// The text of an error raised again by the guard, without the traceback mlua adds
 /// where the guard raised it (the raise point's is in the text already: `note`).
-pub(crate) fn raised_text(error: &mlua::Error) -> String {
+fn raised_text(error: &mlua::Error) -> String {
     let text = error.to_string();
     match text.rfind("\nstack traceback:\n\t[C]: in function 'error'\n\tguard:") {
         Some(at) => text[..at].to_string(),
@@ -930,5 +938,16 @@ mod tests {
                 other => panic!("expected a timeout, got {other:?}"),
             }
         });
+    }
+
+    /// Only the frames lose the guard's lines: a message of the user's that has such
+    /// a line keeps it.
+    #[test]
+    fn only_the_guards_frames_are_left_out() {
+        let traced = "bad\nguard: x\n[C]: in function 'xpcall'\nstack traceback:\n\th.lua:3: in function 'f'\n\t[C]: in function 'xpcall'\n\tguard:7: in function <guard:6>\n\t(...tail calls...)";
+        assert_eq!(
+            without_guard_frames(traced),
+            "bad\nguard: x\n[C]: in function 'xpcall'\nstack traceback:\n\th.lua:3: in function 'f'"
+        );
     }
 }

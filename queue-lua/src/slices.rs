@@ -337,9 +337,12 @@ impl<F> Drop for Sliced<'_, F> {
             delivery.release();
         }
         // Lua closes them with no error when the coroutine was stopped, as if it had
-        // returned: a "publish on success" there would publish at every attempt of a
-        // message retried for its timeout. One that raised passes them its error.
-        if self.thread.status() != mlua::thread::ThreadStatus::Error
+        // returned: a handler's "publish on success" there would publish at every
+        // attempt of a message retried for its timeout. One that raised passes them
+        // its error. A process has no message to retry: its `__close` may still
+        // flush what it holds when a shutdown stops it.
+        if self.delivery.is_some()
+            && self.thread.status() != mlua::thread::ThreadStatus::Error
             && let Some(lua) = &lua
         {
             crate::context::stop(lua, &self.thread);

@@ -223,7 +223,7 @@ pub struct ReplayReport {
     pub no_target: u64,
     /// Left in the dead-letter queue because their queue refused the copy.
     pub failed: u64,
-    /// Why the first refused copy was refused.
+    /// Why the first refused copy was refused; when it stopped early, why it stopped.
     pub first_failure: Option<String>,
     /// The replay stopped at a failure that may pass (the target's broker not
     /// taking messages for now: down, an alarm, a time limit), the first failure;
@@ -332,6 +332,9 @@ pub async fn replay(
                             // Every letter after it would wait out the same time limit
                             // and fail alike (docs/operations.md, "dlq replay").
                             if e.retryable() {
+                                // What stopped it is what to tell, not an earlier
+                                // refusal of another letter.
+                                self.report.first_failure = Some(e.to_string());
                                 self.report.stopped_early = true;
                                 self.kept.push(delivery);
                                 return Ok(Next::Stop);
