@@ -354,10 +354,18 @@ impl FailurePath {
         Disposition::Returned
     }
 
-    /// Returns the original to its queue after `wait`, and never sooner than
+    /// Returns the original to its queue after `wait` (at most half the broker's
+    /// [`crate::Capabilities::max_unsettled`]), and never sooner than
     /// [`MIN_RETURN_WAIT`] (a zero backoff included), so a message that cannot move is
     /// not spun; at once only when the runtime is stopping (`hold` returns then).
     async fn give_back(&self, delivery: &Delivery, wait: Duration) -> Result<Disposition> {
+        // A broker that takes back a delivery unsettled too long (RabbitMQ's
+        // `consumer_timeout`) would do it during a long backoff, ending the channel
+        // and sending its other deliveries again: the wait stays under half its limit.
+        let wait = match self.driver.capabilities().max_unsettled {
+            Some(limit) => wait.min(limit / 2),
+            None => wait,
+        };
         self.hold(wait.max(MIN_RETURN_WAIT)).await;
         delivery.release().await?;
         Ok(Disposition::Returned)

@@ -638,6 +638,22 @@ fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
     errors
 }
 
+/// The longest backoff a consumer of `queue` waits out holding a failed delivery on a
+/// driver without delays (docs/consumers.md, "Retries and dead letters"): the last
+/// retry's, before jitter shortens it; `backoff.max` where a dead letter that fails is
+/// kept in its queue after the longest backoff (a dead-letter queue, and a queue
+/// without one, where another's dead letter may arrive).
+fn longest_hold(plan: &Plan, queue: &QueuePlan) -> Duration {
+    let backoff = queue.retry.backoff.with_jitter(false);
+    if plan.is_dead_letter_queue(&queue.spec.id) || queue.dead_letter.is_none() {
+        return backoff.longest();
+    }
+    match queue.retry.max_attempts {
+        0 | 1 => Duration::ZERO,
+        attempts => backoff.delay(attempts - 1),
+    }
+}
+
 /// Consumers that would hold a delivery past what their broker allows
 /// ([`Capabilities::max_unsettled`], RabbitMQ's `consumer_timeout`): a handler
 /// `timeout` that reaches it, or a backoff waited out holding the delivery on a
@@ -672,7 +688,7 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
                 format!("a handler may run for {}: {advice}", shown(timeout)),
             ));
         }
-        let longest = queue.retry.backoff.longest();
+        let longest = longest_hold(plan, queue);
         let holds = !driver.capabilities.delay;
         if let Some(timeout) = consumer.timeout
             && holds
@@ -683,7 +699,7 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             errors.push(entry.error(
                 Some("timeout"),
                 format!(
-                    "a handler may run for {} and its failed delivery is then held through a backoff of up to {} (backoff.max of {}: driver {} has no delayed delivery), {} unsettled in all: {advice}",
+                    "a handler may run for {} and its failed delivery is then held through a backoff of up to {} (the retry policy of {}: driver {} has no delayed delivery), {} unsettled in all: {advice}",
                     shown(timeout),
                     shown(longest),
                     queue.spec.id,
@@ -700,7 +716,7 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             errors.push(entry.error(
                 Some(field),
                 format!(
-                    "the backoff of {} reaches {} (backoff.max), which driver {} waits out holding the failed delivery (it has no delayed delivery): {advice}",
+                    "the backoff of {} reaches {} (its longest wait, from its retry policy), which driver {} waits out holding the failed delivery (it has no delayed delivery): {advice}",
                     queue.spec.id,
                     shown(longest),
                     driver.id
@@ -1431,7 +1447,7 @@ mod tests {
         };
         let amqp091 =
             |more: &str| format!("kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672{more}");
-        for (driver, backoff_max, timeout, field) in [
+        let cases = [
             // No delayed delivery: the backoff is waited out holding the delivery.
             (amqp10("rabbitmq-v1", ""), "1h", "10s", Some("retry")),
             (amqp10("rabbitmq-v1", ""), "20m", "10s", None),
@@ -1455,9 +1471,33 @@ mod tests {
             (amqp091(""), "1h", "10s", None),
             (amqp091(""), "1m", "45m", Some("timeout")),
             (amqp091("\n    consumer_timeout: 0s"), "1m", "45m", None),
-        ] {
+        ];
+        // Every retry waits its backoff's `max`: from the first, at `initial: max`.
+        let every_wait = |max: &str| format!("backoff: {{ initial: {max}, max: {max} }}");
+        let cases = cases
+            .into_iter()
+            .map(|(driver, max, timeout, field)| (driver, every_wait(max), timeout, field))
+            .chain([
+                // Three attempts wait 1 s and 2 s, whatever `max` says.
+                (
+                    amqp10("rabbitmq-v1", ""),
+                    "max_attempts: 3\n      backoff: { initial: 1s, max: 1h }".to_string(),
+                    "10s",
+                    None,
+                ),
+                // Without a dead-letter queue a dead letter that fails is kept after
+                // the longest backoff.
+                (
+                    amqp10("rabbitmq-v1", ""),
+                    "max_attempts: 3\n      backoff: { initial: 1s, max: 1h }\n    dead_letter: false"
+                        .to_string(),
+                    "10s",
+                    Some("retry"),
+                ),
+            ]);
+        for (driver, retry, timeout, field) in cases {
             let yaml = format!(
-                "namespace: app\nentries:\n  - name: mq\n    {driver}\n  - name: jobs\n    kind: queue.queue\n    retry:\n      backoff: {{ max: {backoff_max} }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    timeout: {timeout}\n"
+                "namespace: app\nentries:\n  - name: mq\n    {driver}\n  - name: jobs\n    kind: queue.queue\n    retry:\n      {retry}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    timeout: {timeout}\n"
             );
             let dir = app_dir(&yaml, &[("h.lua", "function handle() end\n")]);
             match (plan_in(dir.path(), false), field) {

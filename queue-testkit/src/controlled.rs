@@ -49,6 +49,8 @@ pub struct ControlledDriver {
     unanswered_consumes: Mutex<Vec<QueueId>>,
     /// Header names it reports as reserved and refuses to publish.
     reserved_headers: &'static [&'static str],
+    /// What it reports as [`Capabilities::max_unsettled`].
+    max_unsettled: Option<std::time::Duration>,
 }
 
 impl ControlledDriver {
@@ -72,6 +74,15 @@ impl ControlledDriver {
         ControlledDriver {
             reserved_headers: names,
             ..ControlledDriver::default()
+        }
+    }
+
+    /// Reports `limit` as its [`Capabilities::max_unsettled`], as a RabbitMQ driver
+    /// reports the broker's `consumer_timeout` (it takes nothing back itself).
+    pub fn taking_back_after(self, limit: std::time::Duration) -> Self {
+        ControlledDriver {
+            max_unsettled: Some(limit),
+            ..self
         }
     }
 
@@ -185,6 +196,7 @@ impl Driver for ControlledDriver {
         Capabilities {
             delay: !self.without_delays && self.inner.capabilities().delay,
             reserved_headers: self.reserved_headers,
+            max_unsettled: self.max_unsettled,
             ..self.inner.capabilities()
         }
     }

@@ -40,12 +40,21 @@ impl Acker for LostOrHeld {
 /// Fails one message on a driver without delays, its delivery lost (when `lost`) only
 /// after the failure path first looked: while it was held through its backoff.
 async fn fail_one(lost: bool) -> (Disposition, u64, usize) {
-    fail_one_on(ControlledDriver::without_delays(), lost.then_some(2)).await
+    fail_one_on(
+        ControlledDriver::without_delays(),
+        lost.then_some(2),
+        TWO_SECONDS,
+    )
+    .await
 }
+
+/// A backoff of two seconds at every attempt.
+const TWO_SECONDS: Backoff = Backoff::new(Duration::from_secs(2), 2.0, Duration::from_secs(2));
 
 async fn fail_one_on(
     driver: ControlledDriver,
     lost_from: Option<usize>,
+    backoff: Backoff,
 ) -> (Disposition, u64, usize) {
     let driver = Arc::new(driver);
     let queue = QueueId::parse("app:jobs").unwrap();
@@ -59,7 +68,7 @@ async fn fail_one_on(
         driver: driver.clone(),
         retry: RetryPolicy {
             max_attempts: 3,
-            backoff: Backoff::new(Duration::from_secs(2), 2.0, Duration::from_secs(2)),
+            backoff,
         },
         exhausted: Exhausted::Drop,
         is_dead_letter_queue: false,
@@ -99,11 +108,11 @@ async fn a_delivery_lost_during_its_backoff_gets_no_copy() {
 #[tokio::test(start_paused = true)]
 async fn a_delivery_lost_before_it_failed_gets_no_copy() {
     assert_eq!(
-        fail_one_on(ControlledDriver::new(), None).await,
+        fail_one_on(ControlledDriver::new(), None, TWO_SECONDS).await,
         (Disposition::Retried, 1, 1)
     );
     assert_eq!(
-        fail_one_on(ControlledDriver::new(), Some(1)).await,
+        fail_one_on(ControlledDriver::new(), Some(1), TWO_SECONDS).await,
         (Disposition::Returned, 0, 0)
     );
 }
@@ -118,7 +127,7 @@ async fn a_copy_that_cannot_be_published_after_the_hold_gives_the_original_back_
     let driver = ControlledDriver::without_delays();
     driver.fail_next_publishes(1);
     let started = tokio::time::Instant::now();
-    let (disposition, queued, settled) = fail_one_on(driver, None).await;
+    let (disposition, queued, settled) = fail_one_on(driver, None, TWO_SECONDS).await;
     assert_eq!(
         (disposition, queued, settled),
         (Disposition::Returned, 0, 1)
@@ -127,5 +136,30 @@ async fn a_copy_that_cannot_be_published_after_the_hold_gives_the_original_back_
     assert!(
         held < Duration::from_secs(3),
         "held for {held:?}: the backoff (2s) twice"
+    );
+}
+
+/// A driver with delays still holds the original when its copy cannot be published
+/// (the broker in trouble), for the backoff, before it gives it back: a backoff past
+/// the broker's limit on unsettled deliveries (RabbitMQ's `consumer_timeout`) had
+/// the broker take it back and end the channel, its other deliveries coming back too
+/// (review). The hold stays under half that limit.
+#[tokio::test(start_paused = true)]
+async fn a_copy_that_cannot_be_published_is_held_under_the_brokers_limit() {
+    let limit = Duration::from_secs(600);
+    let driver = ControlledDriver::new().taking_back_after(limit);
+    driver.fail_next_publishes(1);
+    let hour = Duration::from_secs(3600);
+    let started = tokio::time::Instant::now();
+    let (disposition, queued, settled) =
+        fail_one_on(driver, None, Backoff::new(hour, 2.0, hour)).await;
+    assert_eq!(
+        (disposition, queued, settled),
+        (Disposition::Returned, 0, 1)
+    );
+    let held = started.elapsed();
+    assert!(
+        held <= limit / 2,
+        "held for {held:?}, past half the broker's {limit:?}"
     );
 }
