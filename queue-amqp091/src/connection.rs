@@ -55,11 +55,41 @@ pub(crate) struct Link {
     events: Mutex<Option<BoxStream<'static, lapin::Event>>>,
     /// Where the connection's reader hands the returns of its publishing channels.
     pub(crate) returns: Arc<ReturnLog>,
+    /// Told when the broker unblocks the connection (a resource alarm ends) or the
+    /// link is lost: publishes wait for it rather than hand lapin frames it cannot
+    /// write ([`Link::unblocked_until`]).
+    unblocked: Notify,
 }
 
 impl Link {
     pub(crate) fn is_alive(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// Waits while the broker blocks the connection (a memory or disk alarm: it reads
+    /// nothing from a connection that publishes), until `deadline`. A publish handed
+    /// to lapin meanwhile stayed queued in lapin after it timed out, its confirm
+    /// window slot given to the next: lapin's memory grew by a window of messages per
+    /// `publish_timeout` for as long as the alarm lasted, and every one was written
+    /// once it ended, a duplicate of each retry.
+    pub(crate) async fn unblocked_until(
+        &self,
+        what: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        loop {
+            let unblocked = self.unblocked.notified();
+            tokio::pin!(unblocked);
+            unblocked.as_mut().enable();
+            if !self.connection.status().blocked() || !self.is_alive() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, unblocked).await.is_err() {
+                return Err(Error::internal(format!(
+                    "{what}: not sent: the broker blocks publishing on this connection (a resource alarm: memory or disk) and did not lift it within publish_timeout"
+                )));
+            }
+        }
     }
 
     /// A new channel; `what` names the operation in the error.
@@ -362,6 +392,7 @@ impl Connection {
             events: Mutex::new(Some(Box::pin(connection.events_listener()))),
             connection,
             returns,
+            unblocked: Notify::new(),
         }))
     }
 
@@ -517,6 +548,9 @@ async fn wait_for_loss(
         tokio::select! {
             _ = closed.wait_for(|c| *c) => return None,
             ev = events.next(), if events_open => {
+                if matches!(ev, Some(lapin::Event::ConnectionUnblocked)) {
+                    link.unblocked.notify_waiters();
+                }
                 why = ev.as_ref().and_then(connection_error).or(why);
                 events_open = ev.is_some();
             }
@@ -527,6 +561,8 @@ async fn wait_for_loss(
             return None;
         }
         if !link.is_alive() {
+            // Publishes waiting for it to be unblocked go on to find another link.
+            link.unblocked.notify_waiters();
             break;
         }
     }

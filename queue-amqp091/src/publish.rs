@@ -175,8 +175,9 @@ impl Publisher {
     }
 
     /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
-    /// failure nothing more is sent, the ones in flight are awaited, and the first
-    /// error is returned.
+    /// failure no further message is started (the one waiting for its window slot
+    /// when it is seen goes on and is counted), the ones in flight are awaited, and
+    /// the first error is returned with how many were confirmed.
     pub(crate) async fn publish_all(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;
@@ -337,6 +338,7 @@ impl Publisher {
             Some(link) => link,
             None => self.conn.link_until(&what(), deadline).await?,
         };
+        link.unblocked_until(&what(), deadline).await?;
         let routing = match prepared.delay_ms {
             None => routing,
             Some(ms) => {

@@ -304,6 +304,48 @@ async fn a_delivery_held_across_a_cut_says_it_is_lost() {
     driver.close().await.unwrap();
 }
 
+/// Publishes during a resource alarm are not handed to lapin, which writes nothing
+/// on a connection the broker blocks: it kept each one's frames after the publish
+/// timed out, its confirm window slot given to the next, so that its memory grew by a
+/// window of messages per `publish_timeout` for as long as the alarm lasted, and it
+/// wrote every one once the alarm ended: a duplicate of each publish retried
+/// meanwhile (review). They fail "not sent", and the queue gets none of them.
+async fn publishes_during_a_resource_alarm_are_not_sent_later() {
+    let node = blocking(PrivateNode::start).expect("a private node");
+    let mut c = config(&node);
+    c.publish_timeout = Duration::from_secs(1);
+    c.confirm_window = 2;
+    let driver = Amqp091Driver::connect(c).await.expect("connect");
+    let id = QueueId::new("faults", "alarm-later").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    driver.publish(&id, numbered(0)).await.unwrap();
+    blocking(|| node.ctl(&["set_vm_memory_high_watermark", "0.00001"]));
+    // The first publish after the alarm may be written before the broker says it
+    // blocks the connection; the broker reads it once the alarm ends.
+    let mut last = None;
+    for n in 1..=12 {
+        last = Some(driver.publish(&id, numbered(n)).await.unwrap_err());
+    }
+    let last = last.expect("twelve publishes");
+    assert!(last.retryable(), "{last}");
+    assert!(last.message().contains("blocks publishing"), "{last}");
+    blocking(|| node.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    queue_testkit::within("a publish once the alarm ended", async {
+        while driver.publish(&id, numbered(100)).await.is_err() {}
+    })
+    .await;
+    let stored = blocking(|| node.queue_messages())
+        .into_iter()
+        .find(|(queue, _)| queue == "faults:alarm-later")
+        .map(|(_, count)| count);
+    // 0, 100, and at most the first publish of the alarm.
+    assert!(
+        stored.is_some_and(|n| (2..=3).contains(&n)),
+        "stored {stored:?}: publishes given up during the alarm were written after it"
+    );
+    driver.close().await.unwrap();
+}
+
 queue_testkit::broker_tests! {
     unavailable: PrivateNode::unavailable();
     async: [
@@ -311,6 +353,7 @@ queue_testkit::broker_tests! {
         a_consumer_resumes_by_itself_after_both_faults,
         a_subscription_reattached_on_a_callers_runtime_still_cancels,
         consumers_ack_through_a_resource_alarm,
+        publishes_during_a_resource_alarm_are_not_sent_later,
     ];
     sync: [];
 }
