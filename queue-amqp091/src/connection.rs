@@ -77,6 +77,10 @@ impl Link {
         what: &str,
         deadline: tokio::time::Instant,
     ) -> Result<()> {
+        // Every publish passes here: it registers as a waiter only when blocked.
+        if !self.connection.status().blocked() {
+            return Ok(());
+        }
         loop {
             let unblocked = self.unblocked.notified();
             tokio::pin!(unblocked);
