@@ -771,7 +771,20 @@ impl RuntimeSettle {
         if let Poll::Ready(settled) = first {
             return settled;
         }
-        let task = self.runners.tasks.spawn_local(settlement);
+        // Counted busy and active as the runs are, since it may outlive its handler
+        // (ended at its timeout): the host read idle while a retry copy waited for its
+        // confirm. Its failure is logged here, where no handler may be left to see it.
+        let held_by = Rc::clone(&self.runners);
+        let delivery = Arc::clone(&self.delivery);
+        let task = self.runners.tasks.spawn_local(async move {
+            let _busy = held_by.busy.enter();
+            let _active = held_by.consumer.active.enter();
+            let settled = settlement.await;
+            if let Err(e) = &settled {
+                not_settled(&held_by.consumer.plan.queue, &delivery, e);
+            }
+            settled
+        });
         match task.await {
             Ok(settled) => settled,
             Err(e) => Err(Error::internal(format!("the settlement stopped: {e}"))),

@@ -318,6 +318,47 @@ end
     assert_eq!((summary[0].ready, summary[0].in_flight), (Some(0), Some(0)));
 }
 
+/// A `msg:nack()` still republishing when its handler's timeout ends the run goes
+/// on as a task of its own, which counted as nothing: on a driver that does not count
+/// unsettled messages (AMQP 0-9-1), the host read idle while the retry copy waited for
+/// its confirm, and `--exit-when-idle` could begin its shutdown (review). It counts
+/// busy until it settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_under_way_past_its_handlers_timeout_keeps_the_host_busy() {
+    let app = APP.replace(
+        "    concurrency: 1000\n    prefetch: 1000\n",
+        "    concurrency: 1\n    prefetch: 1\n    timeout: 200ms\n",
+    );
+    let nack = "function handle(payload)\n  local msg = queue.message()\n  if msg:header(\"attempts\") == 1 then msg:nack(\"not yet\") end\nend\n";
+    let driver = ControlledDriver::new().counting_no_in_flight();
+    let (_dir, driver, kinds, plan) = planned(driver, &app, nack);
+    let one_thread = HostOptions {
+        lua_threads: 1,
+        ..HostOptions::default()
+    };
+    let host = Host::start(plan, &kinds, one_thread).await.unwrap();
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    driver.hold_publishes();
+    driver.inner().publish(&jobs, numbered(7)).await.unwrap();
+    driver.wait_for_held(1).await;
+    // Watched for five handler timeouts: the run ends at the first, its copy held.
+    let read_idle = tokio::time::timeout(Duration::from_secs(1), async {
+        while !host.is_idle().await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        read_idle.is_err(),
+        "the host read idle while the nack's copy waited for its confirm"
+    );
+    driver.pass_publishes();
+    within("idle once the copy is handled", host.wait_idle())
+        .await
+        .unwrap();
+    within("shutdown", host.shutdown()).await;
+}
+
 /// Starts [`APP`] on one Lua state and a driver without delays, its queue's backoff a
 /// minute, its consumer's `concurrency` and `prefetch` lines replaced by `consumer`.
 async fn start_holding_for_a_minute(

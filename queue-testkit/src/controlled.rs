@@ -51,6 +51,8 @@ pub struct ControlledDriver {
     reserved_headers: &'static [&'static str],
     /// What it reports as [`Capabilities::max_unsettled`].
     max_unsettled: Option<std::time::Duration>,
+    /// Counts no unsettled messages in `info`, as RabbitMQ's AMQP 0-9-1 does not.
+    counts_no_in_flight: bool,
 }
 
 impl ControlledDriver {
@@ -82,6 +84,15 @@ impl ControlledDriver {
     pub fn taking_back_after(self, limit: std::time::Duration) -> Self {
         ControlledDriver {
             max_unsettled: Some(limit),
+            ..self
+        }
+    }
+
+    /// Counts no unsettled messages in `info` (`in_flight: None`), as the AMQP 0-9-1
+    /// driver cannot: what is idle must then be told by the runtime's own count.
+    pub fn counting_no_in_flight(self) -> Self {
+        ControlledDriver {
+            counts_no_in_flight: true,
             ..self
         }
     }
@@ -197,6 +208,7 @@ impl Driver for ControlledDriver {
             delay: !self.without_delays && self.inner.capabilities().delay,
             reserved_headers: self.reserved_headers,
             max_unsettled: self.max_unsettled,
+            info_in_flight: !self.counts_no_in_flight,
             ..self.inner.capabilities()
         }
     }
@@ -260,7 +272,11 @@ impl Driver for ControlledDriver {
                 "the controlled driver failed a count of {queue}"
             )));
         }
-        self.inner.info(queue).await
+        let mut info = self.inner.info(queue).await?;
+        if self.counts_no_in_flight {
+            info.in_flight = None;
+        }
+        Ok(info)
     }
     fn acked_total(&self, queue: &QueueId) -> Option<u64> {
         self.inner.acked_total(queue)
