@@ -30,6 +30,24 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The longest backoff the failure path waits out for one failure: the last
+    /// retry's (before jitter shortens it), or `max` when a failing dead letter may be
+    /// kept in the queue after the longest backoff (`keeps_dead_letters`: a
+    /// dead-letter queue, or a queue without one, where another's dead letter may
+    /// arrive). On a driver without delays it holds the delivery that long.
+    pub fn longest_wait(&self, keeps_dead_letters: bool) -> Duration {
+        let backoff = self.backoff.with_jitter(false);
+        if keeps_dead_letters {
+            return backoff.longest();
+        }
+        match self.max_attempts {
+            0 | 1 => Duration::ZERO,
+            attempts => backoff.delay(attempts - 1),
+        }
+    }
+}
+
 /// What happens to a message past its last attempt.
 #[derive(Clone)]
 pub enum Exhausted {
@@ -426,6 +444,25 @@ fn delay_millis(wait: Duration) -> i64 {
 
 #[cfg(test)]
 mod tests {
+
+    /// The last retry waits `initial × multiplier^(max_attempts-2)` capped at `max`;
+    /// a queue that keeps failing dead letters waits `max`.
+    #[test]
+    fn the_longest_wait_is_the_last_retrys_or_max_where_dead_letters_are_kept() {
+        let hour = Duration::from_secs(3600);
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(1), 2.0, hour).with_jitter(true),
+        };
+        assert_eq!(policy.longest_wait(false), Duration::from_secs(2));
+        assert_eq!(policy.longest_wait(true), hour);
+        let once = RetryPolicy {
+            max_attempts: 1,
+            ..policy
+        };
+        assert_eq!(once.longest_wait(false), Duration::ZERO);
+    }
+
     use super::*;
 
     #[test]

@@ -638,22 +638,6 @@ fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
     errors
 }
 
-/// The longest backoff a consumer of `queue` waits out holding a failed delivery on a
-/// driver without delays (docs/consumers.md, "Retries and dead letters"): the last
-/// retry's, before jitter shortens it; `backoff.max` where a dead letter that fails is
-/// kept in its queue after the longest backoff (a dead-letter queue, and a queue
-/// without one, where another's dead letter may arrive).
-fn longest_hold(plan: &Plan, queue: &QueuePlan) -> Duration {
-    let backoff = queue.retry.backoff.with_jitter(false);
-    if plan.is_dead_letter_queue(&queue.spec.id) || queue.dead_letter.is_none() {
-        return backoff.longest();
-    }
-    match queue.retry.max_attempts {
-        0 | 1 => Duration::ZERO,
-        attempts => backoff.delay(attempts - 1),
-    }
-}
-
 /// Consumers that would hold a delivery past what their broker allows
 /// ([`Capabilities::max_unsettled`], RabbitMQ's `consumer_timeout`): a handler
 /// `timeout` that reaches it, or a backoff waited out holding the delivery on a
@@ -688,7 +672,10 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
                 format!("a handler may run for {}: {advice}", shown(timeout)),
             ));
         }
-        let longest = longest_hold(plan, queue);
+        // A dead-letter queue, or a queue without one, keeps a failing dead letter.
+        let keeps_dead_letters =
+            plan.is_dead_letter_queue(&queue.spec.id) || queue.dead_letter.is_none();
+        let longest = queue.retry.longest_wait(keeps_dead_letters);
         let holds = !driver.capabilities.delay;
         if let Some(timeout) = consumer.timeout
             && holds
