@@ -245,12 +245,18 @@ const WIRE_DUMP_TARGETS: [&str; 4] = ["lapin", "amq_protocol", "fe2o3_amqp", "se
 /// says what came back, by message id.
 const MESSAGE_DUMP_TARGET: &str = "lapin::returned_messages";
 
+/// What is logged when `RUST_LOG` is not set: INFO and above, but nothing of lapin's.
+/// Its ERROR lines repeated what the AMQP 0-9-1 driver says itself with its context
+/// (a refused login came with three of them, one saying "aborting recovery" while
+/// the driver went on reconnecting); `RUST_LOG=info` brings them back.
+const DEFAULT_LOG_FILTER: &str = "info,lapin=off";
+
 fn init_logging(format: LogFormat, telemetry: Option<&queue_runtime::telemetry::Telemetry>) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let logged = tracing_subscriber::registry().with(log_layer(format, filter));
     // No `Option` layer when tracing is off: an absent layer still takes an interest
     // in every callsite.

@@ -234,6 +234,9 @@ fn no_runtime_output_shows_a_broker_password() {
             let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
             assert!(!said.contains(SECRET), "{context}: info leaked: {said}");
             assert!(said.contains(shown), "{context}: info: {said}");
+            // The driver says why; lapin's own ERROR lines said it three times more,
+            // one of them "aborting recovery" (review).
+            assert!(!said.contains("lapin"), "{context}: info: {said}");
             // `run` gives up on a refused login; on a closed port it waits and says so.
             let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
             let said = if case == "wrong password" {
@@ -249,6 +252,7 @@ fn no_runtime_output_shows_a_broker_password() {
             };
             assert!(!said.contains(SECRET), "{context}: run leaked: {said}");
             assert!(said.contains(shown), "{context}: run: {said}");
+            assert!(!said.contains("lapin"), "{context}: run: {said}");
         }
     }
 }
