@@ -136,6 +136,9 @@ pub(crate) struct Connector {
     /// meanwhile, so [`Connector::is_connected`] cannot look at it).
     reopening: AtomicBool,
     link_seq: AtomicU64,
+    /// The lowest `max-frame-size` of the brokers' `open`s: the largest frame the
+    /// driver may send (`usize::MAX` before the first open, and when none set one).
+    broker_max_frame: Arc<AtomicUsize>,
     closed: watch::Sender<bool>,
     /// The runtime the driver was connected on: connections and sessions are opened
     /// with it entered, so their engines' tasks run there, whoever asked
@@ -197,8 +200,14 @@ impl Connector {
             attached: AtomicU64::new(0),
             reopening: AtomicBool::new(false),
             link_seq: AtomicU64::new(0),
+            broker_max_frame: Arc::new(AtomicUsize::new(usize::MAX)),
             closed,
         })
+    }
+
+    /// The largest frame the brokers opened so far accept (see `broker_max_frame`).
+    pub fn broker_max_frame(&self) -> usize {
+        self.broker_max_frame.load(Ordering::Relaxed)
     }
 
     /// A link name unique within this container.
@@ -323,12 +332,20 @@ impl Connector {
                 {
                     let domain = self.server_name.as_deref().unwrap_or(e.host.as_str());
                     let tls = crate::tls::handshake(&self.tls, domain, stream).await?;
-                    return builder.open_with_stream(Guarded::new(tls)).await;
+                    return builder
+                        .open_with_stream(
+                            Guarded::new(tls).telling_max_frame(Arc::clone(&self.broker_max_frame)),
+                        )
+                        .await;
                 }
                 #[cfg(not(feature = "tls"))]
                 return Err(OpenError::TlsConnectorNotFound);
             }
-            builder.open_with_stream(Guarded::new(stream)).await
+            builder
+                .open_with_stream(
+                    Guarded::new(stream).telling_max_frame(Arc::clone(&self.broker_max_frame)),
+                )
+                .await
         };
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, opening)
             .await

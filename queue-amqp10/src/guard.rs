@@ -53,6 +53,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use queue_core::Throttle;
@@ -136,6 +138,9 @@ pub(crate) struct Guarded<S> {
     holds: Vec<Hold>,
     /// Which messages whose strings were mended are logged (one line every 10 s).
     mended: Throttle,
+    /// Where to tell the `max-frame-size` of the broker's `open` (the largest frame
+    /// the driver may send it), if anyone asks.
+    broker_max_frame: Option<Arc<AtomicUsize>>,
 }
 
 /// A frame held back: its last byte is the constructor of a value with a 4-byte size,
@@ -167,7 +172,15 @@ impl<S> Guarded<S> {
             deliveries: HashMap::new(),
             holds: Vec::new(),
             mended: Throttle::default(),
+            broker_max_frame: None,
         }
+    }
+
+    /// The guard, telling `max_frame` the `max-frame-size` of the broker's `open`
+    /// once it comes (keeping the lowest told there).
+    pub(crate) fn telling_max_frame(mut self, max_frame: Arc<AtomicUsize>) -> Self {
+        self.broker_max_frame = Some(max_frame);
+        self
     }
 
     /// How far what is checked may be handed on: up to the first frame held back.
@@ -255,9 +268,15 @@ impl<S> Guarded<S> {
             more,
             aborted,
             end: fields_end,
+            max_frame,
         } = performative;
         if code == OPEN {
             self.opened = true;
+            if let Some(told) = &self.broker_max_frame {
+                // Absent, the field says "no limit".
+                let max_frame = max_frame.map_or(usize::MAX, |n| n as usize);
+                told.fetch_min(max_frame, Ordering::Relaxed);
+            }
         }
         match (code, handle) {
             (TRANSFER, Some(handle)) if aborted => {
@@ -493,6 +512,8 @@ struct Summary {
     aborted: bool,
     /// Where its fields end in the frame's body.
     end: usize,
+    /// An `open`'s `max-frame-size`.
+    max_frame: Option<u32>,
 }
 
 impl<'a> Performative<'a> {
@@ -534,10 +555,15 @@ impl<'a> Performative<'a> {
     fn summary(&self) -> Summary {
         Summary {
             code: self.code,
-            handle: self.handle(if self.code == ATTACH { 1 } else { 0 }),
+            handle: self.uint(if self.code == ATTACH { 1 } else { 0 }),
             more: self.flag(5),
             aborted: self.flag(9),
             end: self.end,
+            max_frame: if self.code == OPEN {
+                self.uint(2)
+            } else {
+                None
+            },
         }
     }
 
@@ -553,7 +579,8 @@ impl<'a> Performative<'a> {
         self.body.get(at..self.end)
     }
 
-    fn handle(&self, index: usize) -> Option<u32> {
+    /// Field `index` as a `uint`, in any of its encodings.
+    fn uint(&self, index: usize) -> Option<u32> {
         match self.field(index)? {
             [0x43, ..] => Some(0),
             [0x52, h, ..] => Some(u32::from(*h)),

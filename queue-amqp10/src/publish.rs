@@ -245,7 +245,7 @@ impl SendTask {
         let mut retry: Option<SendRequest> = None;
         let mut failures = 0u32;
         loop {
-            let request = match retry.take() {
+            let mut request = match retry.take() {
                 Some(request) => request,
                 None => tokio::select! {
                     request = requests.recv() => match request {
@@ -325,11 +325,33 @@ impl SendTask {
                 }
                 continue;
             };
-            let sent = tokio::select! {
-                sent = attached.link.send_batchable_ref(&request.sendable) => sent,
-                _ = closed.wait_for(|c| *c) => {
-                    let _ = request.reply.send(Err(crate::error::closed("publish")));
-                    break;
+            let max_frame = self.connector.broker_max_frame();
+            let sent = {
+                let send = attached.link.send_batchable_ref(&request.sendable);
+                tokio::pin!(send);
+                let sent = tokio::select! {
+                    sent = &mut send => Some(sent),
+                    () = request.reply.closed() => None,
+                    _ = closed.wait_for(|c| *c) => {
+                        let _ = request.reply.send(Err(crate::error::closed("publish")));
+                        break;
+                    }
+                };
+                match sent {
+                    Some(sent) => sent,
+                    // Its caller gave up, most likely while fe2o3-amqp waited for the
+                    // broker's credit (an address that blocks producers when full):
+                    // sending it once the credit comes would only duplicate what the
+                    // caller publishes again. A send stopped there writes nothing, and
+                    // one stopped later writes nothing either when the message goes in
+                    // one frame.
+                    None if fits_one_frame(&request.sendable, max_frame) => continue,
+                    // A transfer of several frames stopped part way would break the
+                    // link: it goes on to its end.
+                    None => tokio::select! {
+                        sent = send => sent,
+                        _ = closed.wait_for(|c| *c) => break,
+                    },
                 }
             };
             match sent {
@@ -384,6 +406,18 @@ impl SendTask {
             drop(session); // sends its end: see `Attached::end`
         }
     }
+}
+
+/// The most a transfer performative and its frame's header take (a frame's payload is
+/// what is left of the frame for the message).
+const TRANSFER_OVERHEAD: usize = 128;
+
+/// Whether `sendable` goes to the broker in one transfer frame, frames being at most
+/// `max_frame` bytes.
+fn fits_one_frame(sendable: &Sendable<Data>, max_frame: usize) -> bool {
+    let message = fe2o3_amqp::types::messaging::message::__private::Serializable(&sendable.message);
+    serde_amqp::serialized_size(&message)
+        .is_ok_and(|size| size.saturating_add(TRANSFER_OVERHEAD) <= max_frame)
 }
 
 /// Resolves once the session of `link` has stopped; never while there is no link.

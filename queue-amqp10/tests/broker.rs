@@ -394,6 +394,59 @@ async fn a_publish_given_up_during_a_declaration_is_not_sent_late() {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A publish whose caller gave up waiting for the broker's credit (a broker slow to
+/// grant it): it was sent once the credit came, after its caller was told to publish
+/// again, so that the publish made again was a duplicate. A message of several frames
+/// is still sent, since a transfer stopped part way would break the link (a known
+/// limit): the largest frame is what the broker's `open` said (256 KiB on RabbitMQ
+/// 3.10), which the guard reads.
+async fn a_publish_given_up_waiting_for_credit_is_not_sent_late() {
+    for (size, bytes, stored) in [("one frame", 16, 1), ("several frames", 600 << 10, 2)] {
+        let message = || {
+            queue_core::Message::from_bytes(
+                vec![b'x'; bytes],
+                queue_core::Headers::new(),
+                "application/octet-stream",
+            )
+        };
+        let proxy = std::sync::Arc::new(BrokerProxy::start_amqp10(5672).expect("proxy"));
+        let url = format!("amqp://guest:guest@127.0.0.1:{}", proxy.port());
+        let mut config = Amqp10Config::new(url, Profile::RabbitmqV1);
+        config.publish_timeout = std::time::Duration::from_secs(1);
+        let driver = Amqp10Driver::connect(config).await.unwrap();
+        let name = format!("amqp10-tests-credit-{}", queue_core::new_message_id());
+        let id = QueueId::new("amqp10-tests", &name).unwrap();
+        let spec = QueueSpec::new(id.clone()).with_durable(false);
+        // The sender attaches as the queue is declared; the broker's credit follows.
+        proxy.delay(Performative::Flow);
+        driver.declare(&spec).await.unwrap();
+        let err = driver.publish(&id, message()).await.unwrap_err();
+        assert!(err.retryable(), "{size}: {err}");
+        assert!(
+            proxy.withheld() >= 1,
+            "{size}: the broker's credit was never held back"
+        );
+        proxy.release_delayed();
+        within(
+            "a publish once the credit came",
+            driver.publish(&id, message()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{size}: a publish with credit: {e}"));
+        let found = tokio::task::block_in_place(queue_fixtures::rabbitmq::shared_queue_messages)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .find(|(queue, _)| *queue == spec.name)
+            .map(|(_, count)| count);
+        assert_eq!(found, Some(stored), "{size}");
+        driver.close().await.unwrap();
+        tokio::task::block_in_place(|| {
+            queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", spec.name.as_str()])
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// A driver on `config` and a consumer of the shared broker's queue `name`.
 async fn consuming(
     config: Amqp10Config,
@@ -854,6 +907,7 @@ queue_testkit::broker_tests! {
         a_broker_that_stops_reading_is_noticed_within_the_idle_timeout,
         a_queue_deleted_under_its_publisher_comes_back_within_seconds,
         a_publish_given_up_during_a_declaration_is_not_sent_late,
+        a_publish_given_up_waiting_for_credit_is_not_sent_late,
         a_publish_to_a_hung_broker_fails_within_its_limit,
         a_full_window_lost_with_its_connection_does_not_stall_publishing,
         callers_queued_behind_a_hung_broker_share_its_failure_and_a_close_ends_them,

@@ -38,6 +38,11 @@ pub enum Performative {
 #[derive(Default)]
 struct State {
     withheld_kinds: Vec<Performative>,
+    /// Performatives held back until [`BrokerProxy::release_delayed`].
+    delayed_kinds: Vec<Performative>,
+    /// Bumped by [`BrokerProxy::release_delayed`]: it wakes every connection to pass
+    /// on what it held back.
+    released: Released,
     frozen: bool,
     /// Connections numbered below it (in the order accepted, from 0) are cut off.
     cut_below: usize,
@@ -48,6 +53,15 @@ struct State {
     clients: usize,
     /// Connections accepted so far.
     accepted: usize,
+}
+
+/// The signal of [`BrokerProxy::release_delayed`] (a `watch` has no `Default`).
+struct Released(tokio::sync::watch::Sender<u64>);
+
+impl Default for Released {
+    fn default() -> Self {
+        Released(tokio::sync::watch::Sender::new(0))
+    }
 }
 
 /// The proxy; it stops (its thread with it) when dropped.
@@ -123,6 +137,22 @@ impl BrokerProxy {
     /// [`start_amqp10`](Self::start_amqp10) reads frames: another lets them all pass.
     pub fn withhold(&self, performative: Performative) {
         lock(&self.state.0).withheld_kinds.push(performative);
+    }
+
+    /// From now on, holds back every AMQP 1.0 `performative` the broker sends, in the
+    /// order it came, until [`release_delayed`](Self::release_delayed): a broker slow
+    /// to say it (to grant credit, say), where [`withhold`](Self::withhold) makes one
+    /// that never does. Each frame held back counts in [`withheld`](Self::withheld).
+    pub fn delay(&self, performative: Performative) {
+        lock(&self.state.0).delayed_kinds.push(performative);
+    }
+
+    /// Passes on every frame held back by [`delay`](Self::delay), in the order each
+    /// connection got them, and delays nothing from now on.
+    pub fn release_delayed(&self) {
+        let mut state = lock(&self.state.0);
+        state.delayed_kinds.clear();
+        state.released.0.send_modify(|n| *n += 1);
     }
 
     /// From now on, passes every performative again (those withheld before stay
@@ -420,8 +450,21 @@ async fn filter(
 ) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
+    // Frames held back by `delay`, in the order they came.
+    let mut delayed: Vec<u8> = Vec::new();
+    let mut released = lock(&state.0).released.0.subscribe();
     loop {
-        let n = match from.read(&mut chunk).await {
+        let read = tokio::select! {
+            read = from.read(&mut chunk) => read,
+            _ = released.changed() => {
+                released.borrow_and_update();
+                if !delaying(&state) && to.write_all(&std::mem::take(&mut delayed)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let n = match read {
             Ok(0) | Err(_) if withholding(&state) || is_cut_off(&state, index) => {
                 // A broker that hangs does not hang up either: the client keeps its
                 // connection, unanswered, until the proxy goes.
@@ -447,7 +490,14 @@ async fn filter(
             let bytes: Vec<u8> = pending.drain(..unit).collect();
             match performative_of(&bytes) {
                 Some(code) if withholds(&state, code) => {}
-                _ => forward.extend_from_slice(&bytes),
+                Some(code) if delays(&state, code) => delayed.extend_from_slice(&bytes),
+                _ => {
+                    // Released meanwhile: what was held back goes first.
+                    if !delayed.is_empty() && !delaying(&state) {
+                        forward.append(&mut delayed);
+                    }
+                    forward.extend_from_slice(&bytes);
+                }
             }
         }
         if to.write_all(&forward).await.is_err() {
@@ -497,6 +547,23 @@ fn cut_off(state: &(Mutex<State>, Condvar), index: usize) -> bool {
     let (state, rung) = state;
     let mut guard = lock(state);
     if index >= guard.cut_below {
+        return false;
+    }
+    guard.withheld += 1;
+    rung.notify_all();
+    true
+}
+
+/// Whether anything is held back by `delay` now.
+fn delaying(state: &(Mutex<State>, Condvar)) -> bool {
+    !lock(&state.0).delayed_kinds.is_empty()
+}
+
+/// Whether frames of descriptor `code` are held back now; counts the one held back.
+fn delays(state: &(Mutex<State>, Condvar), code: u8) -> bool {
+    let (state, rung) = state;
+    let mut guard = lock(state);
+    if !guard.delayed_kinds.iter().any(|p| *p as u8 == code) {
         return false;
     }
     guard.withheld += 1;
