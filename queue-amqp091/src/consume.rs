@@ -69,7 +69,9 @@ impl Consumers {
             failed_generation: None,
         };
         if let Some(link) = self.conn.current().filter(|l| l.is_alive()) {
-            match sub.attach(&link).await {
+            // A queue deleted on the broker since it was declared is declared again,
+            // as a running subscription and a publish do.
+            match sub.attach_declaring(&link).await {
                 Ok(a) => sub.attached = Some(a),
                 Err(e) if e.retryable() => sub.failed_generation = Some(link.generation),
                 Err(e) => return Err(e),
@@ -231,12 +233,22 @@ impl Amqp091Subscription {
         // The link this channel lives on was replaced (or is being): the channel is
         // dead even if lapin has not said so on this consumer yet.
         let replaced = links.wait_for(|l| l.as_ref().is_none_or(|l| l.generation != generation));
-        let item = tokio::select! {
-            item = a.consumer.next() => item,
-            _ = closed.wait_for(|c| *c) => return None,
-            _ = replaced => {
-                self.lost(generation, "the delivery's channel closed (connection lost): the broker redelivers it");
-                return Some(Step::Detached);
+        tokio::pin!(replaced);
+        let item = loop {
+            let item = tokio::select! {
+                item = a.consumer.next() => item,
+                _ = closed.wait_for(|c| *c) => return None,
+                _ = &mut replaced => {
+                    self.lost(generation, "the delivery's channel closed (connection lost): the broker redelivers it");
+                    return Some(Step::Detached);
+                }
+            };
+            match item {
+                // lapin hands out what it buffered before the channel's close, and
+                // the close after it: the broker has taken those deliveries back,
+                // and a handler of one would run for nothing.
+                Some(Ok(_)) if !a.channel.status().connected() => continue,
+                item => break item,
             }
         };
         Some(match item {

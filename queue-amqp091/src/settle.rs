@@ -153,6 +153,15 @@ impl Settler {
         if let Some((kind, why)) = &state.refused {
             return Err(Error::new(*kind, why.clone()).retryable_if(false));
         }
+        if !self.channel.status().connected() {
+            // No settlement can reach the broker any more, and it has taken back
+            // what it delivered here: an `Ok` marked in a round would be a lie until
+            // the subscription next looked at its channel.
+            state.kill(CHANNEL_GONE);
+            drop(state);
+            self.wake.notify_one();
+            return Err(Error::new(ErrorKind::Internal, CHANNEL_GONE).retryable_if(false));
+        }
         match state.tags.get_mut(&tag) {
             Some(m @ Mark::Unsettled) => *m = mark,
             _ => return Err(Error::invalid(format!("delivery {tag} is already settled"))),

@@ -221,6 +221,27 @@ async fn publishing_to_a_queue_deleted_on_the_broker_declares_it_again() {
     driver.close().await.unwrap();
 }
 
+/// Consuming a queue deleted on the broker since it was declared failed `NOT_FOUND`,
+/// where a running subscription and a publish declare it again (review): the
+/// subscription declares it again, and what is published next is delivered.
+async fn consuming_a_queue_deleted_on_the_broker_declares_it_again() {
+    let driver = common::rabbit().await;
+    let (name, id) = declared_transient(&driver, "consume-deleted").await;
+    delete(&name).await;
+    let mut sub = driver
+        .consume(&id, queue_core::ConsumeOptions { prefetch: 1 })
+        .await
+        .expect("a subscription to a queue deleted on the broker");
+    assert_eq!(driver.info(&id).await.unwrap().ready, Some(0));
+    driver.publish(&id, numbered(1)).await.unwrap();
+    let d = queue_testkit::next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    delete(&name).await;
+    driver.close().await.unwrap();
+}
+
 /// A queue's dead-letter queue deleted on the broker: the failed message went back to
 /// its queue at every attempt, a WARN each time, until a reconnect. Its first
 /// dead-letter copy comes back and declares the dead-letter queue again, the message
@@ -1222,6 +1243,7 @@ queue_testkit::broker_tests! {
         a_delayed_message_for_a_full_queue_waits_for_room,
         redeclaring_with_other_arguments_is_a_clear_error_not_a_dead_driver,
         publishing_to_a_queue_deleted_on_the_broker_declares_it_again,
+        consuming_a_queue_deleted_on_the_broker_declares_it_again,
         a_dead_letter_queue_deleted_on_the_broker_is_declared_again_by_its_dead_letters,
         a_consumer_of_a_queue_deleted_on_the_broker_declares_it_again,
         returns_are_paired_with_their_own_publishes,

@@ -304,6 +304,68 @@ async fn a_delivery_held_across_a_cut_says_it_is_lost() {
     driver.close().await.unwrap();
 }
 
+/// Deliveries lapin had buffered when their channel died were handed out after it,
+/// already lost (RabbitMQ had taken them back), so that their handlers ran and the
+/// messages came again; and an ack of a delivery whose channel had died said `Ok`
+/// until the subscription next looked, though no ack could reach the broker (review).
+/// Over five cuts, each with 19 deliveries waiting in lapin's buffer: no delivery is
+/// handed out lost, each held one's ack fails, and all 20 messages are there at the end.
+async fn deliveries_buffered_on_a_dead_channel_are_not_handed_out() {
+    let node = blocking(PrivateNode::start).expect("a private node");
+    let driver = Amqp091Driver::connect(config(&node))
+        .await
+        .expect("connect");
+    let id = QueueId::new("faults", "buffered").unwrap();
+    driver.declare(&QueueSpec::new(id.clone())).await.unwrap();
+    for n in 1..=20 {
+        driver.publish(&id, numbered(n)).await.unwrap();
+    }
+    let mut sub = driver
+        .consume(&id, ConsumeOptions { prefetch: 20 })
+        .await
+        .unwrap();
+    let mut held = queue_testkit::next(&mut sub).await;
+    for cut in 1..=5 {
+        // Every message is out to the consumer: the rest wait in lapin's buffer.
+        queue_testkit::within("all 20 out to the consumer", async {
+            while driver.info(&id).await.unwrap().ready != Some(0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        blocking(|| node.close_all_connections());
+        queue_testkit::within("the held delivery's channel closing", async {
+            while !held.is_lost() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let err = held
+            .ack()
+            .await
+            .expect_err("an ack on a channel that is gone");
+        assert_eq!(err.kind(), ErrorKind::Internal, "cut {cut}: {err}");
+        held = queue_testkit::next(&mut sub).await;
+        assert!(
+            !held.is_lost(),
+            "cut {cut}: message {} handed out from the dead channel",
+            number_of(&held)
+        );
+    }
+    let mut seen = HashSet::new();
+    loop {
+        assert!(!held.is_lost(), "message {} lost", number_of(&held));
+        seen.insert(number_of(&held));
+        held.ack().await.unwrap();
+        if seen.len() == 20 {
+            break;
+        }
+        held = queue_testkit::next(&mut sub).await;
+    }
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 /// Publishes during a resource alarm are not handed to lapin, which writes nothing
 /// on a connection the broker blocks: it kept each one's frames after the publish
 /// timed out, its confirm window slot given to the next, so that its memory grew by a
@@ -350,6 +412,7 @@ queue_testkit::broker_tests! {
     unavailable: PrivateNode::unavailable();
     async: [
         a_delivery_held_across_a_cut_says_it_is_lost,
+        deliveries_buffered_on_a_dead_channel_are_not_handed_out,
         a_consumer_resumes_by_itself_after_both_faults,
         a_subscription_reattached_on_a_callers_runtime_still_cancels,
         consumers_ack_through_a_resource_alarm,

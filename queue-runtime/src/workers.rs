@@ -658,9 +658,23 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
     }
 }
 
-/// Says that a delivery could not be settled, and what becomes of it.
+/// Says that a delivery could not be settled, and what becomes of it
+/// ([`what_becomes_of`]).
 fn not_settled(queue: &queue_core::QueueId, delivery: &Delivery, e: &Error) {
-    tracing::warn!(%queue, id = %delivery.message().id, error = %e, "could not settle a delivery; the broker will redeliver it");
+    let fate = what_becomes_of(delivery);
+    tracing::warn!(%queue, id = %delivery.message().id, error = %e, "could not settle a delivery; {fate}");
+}
+
+/// What becomes of a delivery that could not be settled. One the broker has taken
+/// back comes again; of another, only the driver's error can say: a queue deleted on
+/// the broker took its deliveries with it, where the log said they would come again
+/// (review).
+fn what_becomes_of(delivery: &Delivery) -> &'static str {
+    if delivery.is_lost() {
+        "the broker delivers it again"
+    } else {
+        "the error says what becomes of it"
+    }
 }
 
 async fn ack(delivery: &Delivery, consumer: &ConsumerRuntime) -> Result<()> {
@@ -814,5 +828,45 @@ impl Settle for RuntimeSettle {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Taken(bool);
+
+    #[async_trait::async_trait]
+    impl queue_core::Acker for Taken {
+        async fn ack(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+        async fn release(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+        fn release_on_drop(self: Box<Self>) {}
+        fn is_lost(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn only_a_delivery_the_broker_took_back_is_said_to_come_again() {
+        let delivery = |lost| {
+            Delivery::new(
+                queue_core::Message::from_bytes(
+                    b"1".to_vec(),
+                    Default::default(),
+                    "application/json",
+                ),
+                Box::new(Taken(lost)),
+            )
+        };
+        assert_eq!(
+            what_becomes_of(&delivery(true)),
+            "the broker delivers it again"
+        );
+        assert!(!what_becomes_of(&delivery(false)).contains("again"));
     }
 }
