@@ -429,7 +429,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let Some(summary) =
                 unless_signalled_again(host.shutdown(), &mut signals, by_signal).await
             else {
-                say_on_stderr!("second signal: exiting now");
+                say_on_stderr!("SIGINT while stopping: exiting now");
                 return Ok(ExitCode::from(130));
             };
             for queue in &summary {
@@ -725,11 +725,14 @@ trait StopSignals {
     async fn next(&mut self) -> &'static str;
 }
 
-/// Waits for `shutdown`; `None` if a second signal cut it short (what was returned so
-/// far stays returned). A stop a signal began counts that signal as the first; one
-/// that began otherwise (the queues idle, or their counts unreadable) waits for two:
-/// an orchestrator's ordinary SIGTERM during it asks for what is already happening,
-/// and exited at once, skipping the summary and cutting settlements short.
+/// Waits for `shutdown`; `None` if a SIGINT after the first signal cut it short (what
+/// was returned so far stays returned). A stop a signal began counts that signal as
+/// the first; one that began otherwise (the queues idle, or their counts unreadable)
+/// waits for one more: an orchestrator's ordinary SIGTERM during it asks for what is
+/// already happening. SIGTERM and SIGHUP never cut a stop short, however often they
+/// come: one stop request often arrives twice (GNU `timeout` and some entrypoints
+/// signal the process and then its group), and that exited at once, skipping the
+/// summary and cutting settlements short (review). A person presses Ctrl-C twice.
 async fn unless_signalled_again<T>(
     shutdown: impl std::future::Future<Output = T>,
     signals: &mut impl StopSignals,
@@ -741,10 +744,11 @@ async fn unless_signalled_again<T>(
         tokio::select! {
             finished = &mut shutdown => return Some(finished),
             signal = signals.next() => {
-                if !std::mem::take(&mut first) {
+                let counted_one_before = !std::mem::take(&mut first);
+                if counted_one_before && signal == "SIGINT" {
                     return None;
                 }
-                tracing::info!(signal, "already stopping; a second signal exits at once");
+                tracing::info!(signal, "already stopping; SIGINT (Ctrl-C) now exits at once");
             }
         }
     }
@@ -865,17 +869,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stop_the_queues_began_ends_early_at_the_second_signal_only() {
+    async fn only_a_sigint_after_the_first_signal_cuts_a_stop_short() {
+        // Whether a signal began the stop, the signals that come during it (in that
+        // order), and whether they cut it short.
         for (by_signal, signals, cut_short) in [
-            (false, vec!["SIGTERM"], false),
-            (false, vec!["SIGTERM", "SIGINT"], true),
-            (true, vec!["SIGTERM"], true),
             (true, vec![], false),
+            (true, vec!["SIGINT"], true),
+            // One stop request sent twice (to the process, then to its group).
+            (true, vec!["SIGTERM"], false),
+            (true, vec!["SIGHUP", "SIGTERM"], false),
+            (true, vec!["SIGTERM", "SIGINT"], true),
+            (false, vec!["SIGTERM"], false),
+            (false, vec!["SIGINT"], false),
+            (false, vec!["SIGTERM", "SIGTERM"], false),
+            (false, vec!["SIGTERM", "SIGINT"], true),
+            (false, vec!["SIGINT", "SIGINT"], true),
         ] {
             let read = std::rc::Rc::default();
             let sent = signals.len();
             let mut told = Told {
-                left: signals,
+                left: signals.iter().rev().copied().collect(),
                 read: std::rc::Rc::clone(&read),
             };
             // A shutdown that ends once every signal was read.
@@ -894,7 +907,7 @@ mod tests {
             assert_eq!(
                 outcome.is_none(),
                 cut_short,
-                "by signal {by_signal}, {sent} signals"
+                "by signal {by_signal}, then {signals:?}"
             );
         }
     }
