@@ -1,9 +1,10 @@
 //! What `/health` and `/ready` answer (docs/operations.md, "Metrics and health"):
 //! alive as long as the process serves; ready only once every driver is created and
-//! connected and every consumer takes deliveries, and not while a driver reconnects.
+//! connected and every consumer takes deliveries, and not while a driver reconnects
+//! nor once the runtime is stopping.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use queue_core::Driver;
@@ -29,6 +30,7 @@ pub struct Attachment {
 #[derive(Clone, Default)]
 pub struct Readiness {
     running: Arc<RwLock<Option<(Drivers, Consumers)>>>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -37,8 +39,15 @@ impl Readiness {
         *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some((drivers, consumers));
     }
 
+    /// The runtime began to stop: it takes nothing more, whatever its drivers and
+    /// consumers say while they wind down. A probe read `ready` through a whole stop
+    /// held up by a handler, or `detached`, which says a subscription failed (review).
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     /// Whether the runtime is ready, and a JSON body that says what is and is not:
-    /// `{"status": "ready" | "starting" | "reconnecting" | "detached", "drivers": {id:
+    /// `{"status": "ready" | "starting" | "reconnecting" | "detached" | "stopping", "drivers": {id:
     /// {...}}, "consumers": {id: {"attached": n, "of": m}}}`.
     pub fn report(&self) -> (bool, serde_json::Value) {
         let running = self.running.read().unwrap_or_else(|p| p.into_inner());
@@ -75,13 +84,15 @@ impl Readiness {
                 serde_json::json!({"attached": attached, "of": consumer.subscriptions}),
             );
         }
-        let status = match (ready, all_attached) {
-            (false, _) => "reconnecting",
-            (true, false) => "detached",
-            (true, true) => "ready",
+        let stopping = self.stopping.load(Ordering::Acquire);
+        let status = match (stopping, ready, all_attached) {
+            (true, _, _) => "stopping",
+            (false, false, _) => "reconnecting",
+            (false, true, false) => "detached",
+            (false, true, true) => "ready",
         };
         (
-            ready && all_attached,
+            !stopping && ready && all_attached,
             serde_json::json!({"status": status, "drivers": shown, "consumers": attachments}),
         )
     }
@@ -121,5 +132,14 @@ mod tests {
         assert_eq!(body["status"], "detached");
         assert_eq!(body["consumers"]["app:worker"]["attached"], 1);
         assert_eq!(body["consumers"]["app:worker"]["of"], 2);
+
+        // Attached again, then stopping: not ready, and saying why.
+        consumer.attached.fetch_add(1, Ordering::AcqRel);
+        assert!(readiness.report().0);
+        readiness.stopping();
+        let (ready, body) = readiness.report();
+        assert!(!ready);
+        assert_eq!(body["status"], "stopping");
+        assert_eq!(body["consumers"]["app:worker"]["attached"], 2);
     }
 }

@@ -424,6 +424,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     }
                 },
             };
+            readiness.stopping();
             tracing::info!(reason, "stopping");
             let failures = host.process_failures();
             let Some(summary) =
