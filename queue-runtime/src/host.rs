@@ -551,6 +551,7 @@ impl Host {
             })
         });
         let summary = futures_util::future::join_all(counts).await;
+        self.say_what_exit_loses().await;
         let closes = self.drivers.iter().map(|(id, driver)| async move {
             if let Err(e) = driver.close().await {
                 tracing::warn!(driver = %id, error = %e, "closing the driver failed");
@@ -558,6 +559,36 @@ impl Host {
         });
         futures_util::future::join_all(closes).await;
         summary
+    }
+
+    /// Names each queue nobody consumes whose driver keeps messages in this process
+    /// only (the memory driver) and that still holds some: a dead-letter queue, an
+    /// outbox. The summary names consumed queues only, and these went without a word
+    /// (docs/drivers/memory.md, "What it does not do").
+    async fn say_what_exit_loses(&self) {
+        let consumed: std::collections::HashSet<&QueueId> =
+            self.plan.consumers.iter().map(|c| &c.queue).collect();
+        let in_process = self
+            .queues
+            .all()
+            .into_iter()
+            .filter(|q| !q.driver.capabilities().persistent && !consumed.contains(&q.spec.id));
+        let said = in_process.map(|q| async move {
+            let info = tokio::time::timeout(SUMMARY_TIMEOUT, q.driver.info(&q.spec.id))
+                .await
+                .ok()
+                .and_then(|info| info.ok())
+                .unwrap_or_default();
+            let (ready, in_flight, delayed) = (
+                info.ready.unwrap_or(0),
+                info.in_flight.unwrap_or(0),
+                info.delayed.unwrap_or(0),
+            );
+            if ready + in_flight + delayed > 0 {
+                tracing::warn!(queue = %q.spec.id, ready, in_flight, delayed, "messages nobody consumes here are lost as the process exits (the memory driver keeps them in this process only)");
+            }
+        });
+        futures_util::future::join_all(said).await;
     }
 }
 

@@ -449,6 +449,35 @@ fn a_failing_process_is_logged_with_its_traceback_and_fails_an_idle_run() {
     );
 }
 
+/// On the memory driver, what waits in a queue nobody consumes (a dead-letter queue,
+/// an outbox another program would read) is lost as the process exits: that went
+/// without a word, where the summary names only the consumed queues (review). Each
+/// such queue is named, with what it held.
+#[test]
+fn memory_queues_nobody_consumes_are_named_with_what_they_lose_at_exit() {
+    let yaml = "namespace: app\nentries:\n  - name: work\n    kind: queue.queue\n    retry:\n      max_attempts: 1\n  - name: outbox\n    kind: queue.queue\n  - name: quiet\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: app:work\n    source: h.lua\n    method: handle\n  - name: producer\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+    let lua = "function handle(p)\n  if p.n % 2 == 0 then return nil, errors.new({ message = 'bad', kind = errors.INVALID }) end\nend\nfunction main()\n  for i = 1, 6 do assert(queue.publish('app:work', { n = i })) end\n  for i = 1, 5 do assert(queue.publish('app:outbox', { n = i })) end\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lost: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("lost as the process exits"))
+        .collect();
+    assert_eq!(lost.len(), 2, "{err}");
+    assert!(
+        lost.iter()
+            .any(|l| l.contains("queue=app:outbox") && l.contains("ready=5")),
+        "{err}"
+    );
+    assert!(
+        lost.iter()
+            .any(|l| l.contains("queue=app:work.dlq") && l.contains("ready=3")),
+        "{err}"
+    );
+}
+
 const STUCK_APP: &str = "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    stop_timeout: STOP\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n";
 /// Loops where Lua cannot yield (in a comparator `table.sort` calls from C), so time
 /// slices cannot take it off its thread.
