@@ -418,9 +418,13 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         stopped_yet: stop.clone(),
         stop_signal: tokio::sync::Notify::new(),
     });
-    for _ in 0..slots.max(1) {
-        runners.spawn_local(run_in_turn(Rc::clone(&shared)));
-    }
+    let running: Vec<tokio::task::AbortHandle> = (0..slots.max(1))
+        .map(|_| {
+            runners
+                .spawn_local(run_in_turn(Rc::clone(&shared)))
+                .abort_handle()
+        })
+        .collect();
     runners.close();
     // Until the stop signal, or until the subscription ended and every runner with it.
     // A stop that came while a handler computed on this thread finds both ready once
@@ -442,6 +446,12 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     let finished = tokio::time::timeout(shared.consumer.plan.stop_timeout, runners.wait()).await;
     if finished.is_err() {
         tracing::warn!(queue = %shared.consumer.plan.queue, timeout = ?shared.consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
+        // Dropped now, as a handler past its `timeout` is: each releases its delivery.
+        // Left running, they went on until the longest `stop_timeout` of the
+        // runtime's consumers, and acked what this said went back (review).
+        for runner in &running {
+            runner.abort();
+        }
     }
     // Runners still busy are inside a suspended handler, never holding the
     // subscription: a runner gives it back before it waits for anything but a delivery.

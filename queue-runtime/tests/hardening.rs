@@ -446,6 +446,52 @@ function work(p) logger:info("Worked", { n = p.n }) end
     assert!(abandoned[0].contains("app:q0"), "{}", abandoned[0]);
 }
 
+/// A consumer's own `stop_timeout` ends its handlers even while another consumer's
+/// longer one still runs: the warning said their messages went back to the queue,
+/// but the handlers ran on until the longest `stop_timeout` and acked (review). Both
+/// handlers wait 3 s on a publish to a full queue; `a` stops after 1 s, `b` after 10.
+#[test]
+fn each_consumer_stops_its_handlers_at_its_own_stop_timeout() {
+    let yaml = "namespace: app\nentries:\n  - name: local\n    kind: queue.driver.memory\n    publish_timeout: 3s\n  - name: a\n    kind: queue.queue\n    driver: app:local\n  - name: b\n    kind: queue.queue\n    driver: app:local\n  - name: full\n    kind: queue.queue\n    driver: app:local\n    max_length: 1\n  - name: ca\n    kind: queue.consumer\n    queue: app:a\n    source: h.lua\n    method: wait\n    stop_timeout: 1s\n  - name: cb\n    kind: queue.consumer\n    queue: app:b\n    source: h.lua\n    method: wait\n    stop_timeout: 10s\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: start\n";
+    let lua = r#"
+function start()
+  assert(queue.publish("app:full", { n = 0 }))
+  assert(queue.publish("app:a", { name = "a" }))
+  assert(queue.publish("app:b", { name = "b" }))
+end
+function wait(p)
+  logger:info("Waiting", { name = p.name })
+  queue.publish("app:full", { n = 1 })
+  logger:info("Done waiting", { name = p.name })
+end
+"#;
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    let mut seen = wait_for_line(&lines, "Waiting");
+    if seen.iter().filter(|l| l.contains("Waiting")).count() < 2 {
+        seen.extend(wait_for_line(&lines, "Waiting"));
+    }
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = format!(
+        "{}\n{}",
+        rest_of_lines(&lines).join("\n"),
+        text(&out.stdout)
+    );
+    let done: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("Done waiting"))
+        .collect();
+    assert_eq!(done.len(), 1, "{said}");
+    assert!(done[0].contains(r#"\"b\""#), "{said}");
+    assert!(
+        said.contains("summary: queue=app:a acked=0 ready=1"),
+        "{said}"
+    );
+    assert!(said.contains("summary: queue=app:b acked=1"), "{said}");
+}
+
 #[test]
 fn sigterm_ends_a_runtime_whose_process_spins_without_yielding() {
     let dir = app(&[
