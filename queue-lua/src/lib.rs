@@ -40,6 +40,7 @@ mod host;
 mod logger;
 mod message;
 mod module;
+mod patterns;
 mod preempt;
 mod sandbox;
 mod slices;

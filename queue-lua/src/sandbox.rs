@@ -481,7 +481,7 @@ local function bounded_sort(t, comp)
 end
 
 return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort,
-  bounded_concat
+  bounded_concat, relay
 "##;
 
 /// Built from trusted code once per state: given an environment, the `load`,
@@ -548,13 +548,15 @@ pub(crate) struct Sandbox {
     equip: Function,
 }
 
-/// Replaces the library loops that no limit could stop ([`BOUNDED_LOOPS`]) in the
-/// real `string` and `table` tables, which every string's metatable reaches too.
-fn bound_library_loops(lua: &Lua, real: &Table) -> mlua::Result<()> {
+/// Replaces the library loops that no limit could stop ([`BOUNDED_LOOPS`], and the
+/// pattern matching of [`crate::patterns`]) in the real `string` and `table` tables,
+/// which every string's metatable reaches too.
+fn bound_library_loops(lua: &Lua, real: &Table, clock: &Rc<Clock>) -> mlua::Result<()> {
     let string: Table = real.raw_get("string")?;
     let table: Table = real.raw_get("table")?;
     #[allow(clippy::type_complexity)]
-    let (rep, move_, insert, remove, sort, concat): (
+    let (rep, move_, insert, remove, sort, concat, relay): (
+        Function,
         Function,
         Function,
         Function,
@@ -576,6 +578,7 @@ fn bound_library_loops(lua: &Lua, real: &Table) -> mlua::Result<()> {
         real.raw_get::<Function>("tonumber")?,
         lua.create_function(|_, f: Function| Ok(f.info().what == "C"))?,
     ))?;
+    crate::patterns::install(lua, real, relay, clock)?;
     string.raw_set("rep", rep)?;
     table.raw_set("move", move_)?;
     table.raw_set("insert", insert)?;
@@ -681,7 +684,7 @@ impl Sandbox {
         // no use, and it is reachable through every string's metatable.
         real.raw_get::<Table>("string")?
             .raw_set("dump", LuaValue::Nil)?;
-        bound_library_loops(lua, &real)?;
+        bound_library_loops(lua, &real, clock)?;
         for name in ["string", "table", "math", "utf8"] {
             share(name, real.raw_get(name)?)?;
         }
@@ -944,7 +947,7 @@ mod tests {
                 .raw_set(name, from.raw_get::<Function>(name).unwrap())
                 .unwrap();
         }
-        bound_library_loops(&lua, &real).unwrap();
+        bound_library_loops(&lua, &real, &Rc::new(Clock::default())).unwrap();
         lua.load(EQUIVALENCE)
             .set_name("=equivalence")
             .call::<()>(originals)

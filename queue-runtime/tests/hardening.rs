@@ -492,6 +492,39 @@ end
     assert!(said.contains("summary: queue=app:b acked=1"), "{said}");
 }
 
+/// Lua's pattern matcher backtracks in C, where no time limit reached it: a handler
+/// searching 3,000 bytes for `a-` twelve times held its worker past its `timeout`
+/// and through the shutdown, which left the worker behind (outsider attack). Its
+/// `timeout` ends it now, and a process, which has no `timeout`, gets an error once
+/// the search has taken its steps.
+#[test]
+fn a_backtracking_pattern_ends_at_the_handlers_timeout() {
+    let yaml = "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      max_attempts: 1\n  - name: c\n    kind: queue.consumer\n    queue: q\n    source: h.lua\n    method: handle\n    timeout: 1s\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: start\n";
+    let lua = r#"
+local function search() return string.find(string.rep("a", 3000), string.rep("a-", 12) .. "b") end
+function start()
+  assert(queue.publish("app:q", { n = 1 }))
+  local ok, err = pcall(search)
+  logger:info("The process's search", { ok = ok, err = tostring(err) })
+end
+function handle(p) search() end
+"#;
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let started = Instant::now();
+    let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    let err = text(&out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(60), "{err}");
+    assert!(
+        err.contains("dead-lettered") && err.contains("timeout"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pattern too complex for a subject of 3000 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("stuck"), "{err}");
+}
+
 #[test]
 fn sigterm_ends_a_runtime_whose_process_spins_without_yielding() {
     let dir = app(&[
