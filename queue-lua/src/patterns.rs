@@ -6,11 +6,15 @@
 //! longer than anyone waits, and a handler doing so held its worker thread past its
 //! `timeout` and through a shutdown, which left the thread behind. This is the same
 //! matcher, step for step (Lua 5.4's `lstrlib.c`, whose results and errors the
-//! sandbox's functions give), counting its steps: it stops with the running code's
-//! deadline once that has passed, and with an error past [`budget`] steps, for code
-//! that has no deadline (a process). The sandbox's Lua side ([`FUNCTIONS`]) takes the
-//! arguments as the C functions do, leaves plain searches to them (linear), and runs
-//! `gsub`'s calls of a replacement function or table in Lua, where the hook sees them.
+//! sandbox's functions give), counting its steps, the bytes of a `[...]` class it
+//! reads among them: it stops with the running code's deadline once that has passed,
+//! and, for code that has no deadline (a process, a handler without `timeout`), with
+//! an error past [`budget`] steps. Plain searches are a linear search of Rust's
+//! (`memchr`), where Lua's C one took the product of the two lengths. A string
+//! `gsub` builds stays within the state's memory limit, which counts only what Lua
+//! allocates. The sandbox's Lua side ([`FUNCTIONS`]) takes the arguments as the C
+//! functions do, and runs `gsub`'s calls of a replacement function or table in Lua,
+//! where the hook sees them.
 
 use std::rc::Rc;
 
@@ -26,13 +30,21 @@ const MAX_DEPTH: u32 = 200;
 /// How many steps pass between two looks at the deadline.
 const LOOK_EVERY: u64 = 1 << 14;
 
-/// The most steps one call may take: a fixed part, and a part that grows with the
-/// subject, so that linear work on any subject the state can hold passes (a `gsub`
-/// over megabytes takes a few steps a byte) while backtracking that grows as a
-/// power of the length stops (a few hundred milliseconds to a few seconds).
+/// The most steps one call may take where the running code has no deadline: a fixed
+/// part, and a part that grows with the subject, so that linear work on long
+/// subjects passes (a `gsub` takes a few steps a byte), while backtracking that grows
+/// as a power of the length stops; at most [`MAX_BUDGET`], so that a stop is never
+/// held much longer (0.7 s for 100 million steps in a release build; a shutdown
+/// waits `stop_timeout`, 10 s by default).
 fn budget(subject_len: usize) -> u64 {
-    100_000_000 + 1_000 * subject_len as u64
+    (100_000_000 + 1_000 * subject_len as u64).min(MAX_BUDGET)
 }
+
+/// The most any call may take without a deadline: about 7 s in a release build.
+const MAX_BUDGET: u64 = 1_000_000_000;
+
+/// Lua's message for an allocation past the state's memory limit.
+const NOT_ENOUGH_MEMORY: &str = "not enough memory";
 
 /// A capture's length while it is open, and for a position capture.
 const UNFINISHED: isize = -1;
@@ -49,7 +61,10 @@ struct Matcher<'a> {
     level: usize,
     capture: [(usize, isize); MAX_CAPTURES],
     steps: u64,
-    budget: u64,
+    /// When the clock (and the budget) are looked at next.
+    next_look: u64,
+    /// None where the running code has a deadline: that ends it.
+    budget: Option<u64>,
     clock: &'a Clock,
 }
 
@@ -68,7 +83,8 @@ impl<'a> Matcher<'a> {
             level: 0,
             capture: [(0, 0); MAX_CAPTURES],
             steps: 0,
-            budget: budget(src.len()),
+            next_look: LOOK_EVERY,
+            budget: (!clock.has_deadline()).then(|| budget(src.len())),
             clock,
         }
     }
@@ -84,20 +100,34 @@ impl<'a> Matcher<'a> {
     }
 
     fn step(&mut self) -> Result<(), Stop> {
-        self.steps += 1;
-        if self.steps.is_multiple_of(LOOK_EVERY) {
-            if let Some(overdue) = self.clock.overdue() {
-                return Err(overdue);
-            }
-            if self.steps > self.budget {
-                return Err(format!(
-                    "pattern too complex for a subject of {} bytes: stopped after {} steps (docs/security.md, \"The Lua sandbox\")",
-                    self.src.len(),
-                    self.steps
-                ));
-            }
+        self.step_by(1)
+    }
+
+    /// Counts `n` steps, and looks at the deadline and the budget once enough have
+    /// passed since the last look.
+    fn step_by(&mut self, n: u64) -> Result<(), Stop> {
+        self.steps += n;
+        if self.steps < self.next_look {
+            return Ok(());
         }
-        Ok(())
+        self.next_look = self.steps + LOOK_EVERY;
+        if let Some(overdue) = self.clock.overdue() {
+            return Err(overdue);
+        }
+        match self.budget {
+            Some(budget) if self.steps > budget => Err(format!(
+                "pattern too complex for a subject of {} bytes: stopped after {} steps (docs/security.md, \"The Lua sandbox\")",
+                self.src.len(),
+                self.steps
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The steps of reading the class of the pattern at `p..ep` once: a `[...]` class
+    /// is read byte by byte, and may be as long as the state can hold.
+    fn class_steps(p: usize, ep: usize) -> u64 {
+        ((ep - p) / 8) as u64
     }
 
     fn reset(&mut self) {
@@ -220,9 +250,10 @@ impl<'a> Matcher<'a> {
     }
 
     fn max_expand(&mut self, s: usize, p: usize, ep: usize) -> Result<Option<usize>, Stop> {
+        let class = 1 + Self::class_steps(p, ep);
         let mut i = 0;
         while self.single_match(s + i, p, ep) {
-            self.step()?;
+            self.step_by(class)?;
             i += 1;
         }
         loop {
@@ -237,10 +268,12 @@ impl<'a> Matcher<'a> {
     }
 
     fn min_expand(&mut self, mut s: usize, p: usize, ep: usize) -> Result<Option<usize>, Stop> {
+        let class = Self::class_steps(p, ep);
         loop {
             if let Some(res) = self.do_match(s, ep + 1)? {
                 return Ok(Some(res));
             }
+            self.step_by(class)?;
             if self.single_match(s, p, ep) {
                 s += 1;
             } else {
@@ -272,10 +305,14 @@ impl<'a> Matcher<'a> {
         Ok(res)
     }
 
-    fn match_capture(&self, s: usize, l: u8) -> Result<Option<usize>, Stop> {
+    fn match_capture(&mut self, s: usize, l: u8) -> Result<Option<usize>, Stop> {
         let l = self.check_capture(l)?;
         let (init, len) = self.capture[l];
         let len = len as usize;
+        if self.src.len() - s >= len {
+            // A comparison as long as the capture: `(.*)%1` compares at every place.
+            self.step_by((len / 8) as u64)?;
+        }
         if self.src.len() - s >= len && self.src[init..init + len] == self.src[s..s + len] {
             Ok(Some(s + len))
         } else {
@@ -321,6 +358,7 @@ impl<'a> Matcher<'a> {
                         return Err("missing '[' after '%f' in pattern".to_string());
                     }
                     let ep = self.class_end(p)?;
+                    self.step_by(3 * Self::class_steps(p, ep))?;
                     let previous = if s == 0 { 0 } else { self.src[s - 1] };
                     if !self.match_bracket_class(previous, p, ep - 1)
                         && self.match_bracket_class(self.s(s), p, ep - 1)
@@ -342,6 +380,7 @@ impl<'a> Matcher<'a> {
                 }
                 _ => {
                     let ep = self.class_end(p)?;
+                    self.step_by(2 * Self::class_steps(p, ep))?;
                     let suffix = self.p(ep);
                     if !self.single_match(s, p, ep) {
                         if matches!(suffix, b'*' | b'?' | b'-') {
@@ -476,8 +515,8 @@ fn match_class(c: u8, cl: u8) -> bool {
 /// (0-based) and the captures or the whole match; `"first"` (`gsub` with a table) the
 /// same with the first capture alone. `"gsub"` is `gsub` with a
 /// string replacement, whole: `from` the most replacements, `last` the replacement;
-/// it returns the new string and the count. No match: nothing. A refusal: `false`
-/// and the error's message.
+/// it returns the new string and the count. `"plain"` is `find`'s plain search: its
+/// start and end. No match: nothing. A refusal: `false` and the error's message.
 fn search_function(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
     lua.create_function(
         move |lua,
@@ -518,6 +557,20 @@ fn search(
         LuaValue::Integer(n) => usize::try_from(*n).ok(),
         _ => None,
     };
+    if how == b"plain" {
+        // Lua's `lmemfind` compares at every place the first byte matches: the
+        // product of the two lengths. A linear search finds the same first place.
+        let mut out = MultiValue::new();
+        let found = s
+            .get(from..)
+            .and_then(|rest| memchr::memmem::find(rest, p))
+            .map(|at| from + at);
+        if let Some(at) = found {
+            out.push_back(LuaValue::Integer(at as i64 + 1));
+            out.push_back(LuaValue::Integer((at + p.len()) as i64));
+        }
+        return Ok(out);
+    }
     // `gmatch` reads a `^` as a character, the others as the anchor.
     let (anchored, pattern) = match (how, p.strip_prefix(b"^")) {
         (b"gmatch", _) | (_, None) => (false, p),
@@ -569,7 +622,11 @@ fn gsub(
         None => (false, p),
     };
     let mut matcher = Matcher::new(s, pattern, clock);
-    let mut out: Vec<u8> = Vec::with_capacity(s.len());
+    // What the state may still take: the result is made a Lua string at the end, and
+    // a buffer past that was memory no limit counted (`("a"):rep(1e6):gsub("a", s)`
+    // asked for a terabyte).
+    let room = room(lua);
+    let mut out: Vec<u8> = Vec::with_capacity(s.len().min(room));
     let mut src = 0;
     let mut last = None;
     let mut count: i64 = 0;
@@ -578,7 +635,12 @@ fn gsub(
         match matcher.do_match(src, 0)? {
             Some(end) if Some(end) != last => {
                 count += 1;
+                let before = out.len();
                 add_replacement(&matcher, &mut out, &replacement, src, end)?;
+                if out.len() > room {
+                    return Err(NOT_ENOUGH_MEMORY.to_string());
+                }
+                matcher.step_by(((out.len() - before) / 64) as u64)?;
                 src = end;
                 last = Some(end);
             }
@@ -603,6 +665,17 @@ fn gsub(
         LuaValue::String(result),
         LuaValue::Integer(count),
     ]))
+}
+
+/// How many more bytes the state may allocate before its memory limit.
+fn room(lua: &Lua) -> usize {
+    // mlua has no getter: the limit is read by setting one, and set back at once.
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    let _ = lua.set_memory_limit(limit);
+    match limit {
+        0 => usize::MAX,
+        limit => limit.saturating_sub(lua.used_memory()),
+    }
 }
 
 /// `add_s`: the replacement string with `%0`–`%9` and `%%` read.
@@ -638,8 +711,7 @@ fn add_replacement(
 
 /// The sandbox's `string.find`, `match`, `gmatch` and `gsub`, over [`search_function`].
 /// Arguments the C functions would refuse go to them (`relay`), which refuse them
-/// before matching anything; so do plain searches (`find` with `plain`, or a pattern
-/// without a special character), which take linear time.
+/// before matching anything.
 const FUNCTIONS: &str = r##"
 local search, relay, find, match, gmatch, gsub, sub, concat, type, tostring, tonumber,
       tointeger, error = ...
@@ -692,12 +764,12 @@ local function bounded_find(s, p, init, plain)
     return relay(2, "find", find, s, p, init, plain)
   end
   s, p = tostring(s), tostring(p)
-  if plain or not find(p, SPECIALS) then
-    return find(s, p, init, plain)
-  end
   local start = start_of(i, #s)
   if start > #s then
     return nil
+  end
+  if plain or not find(p, SPECIALS) then
+    return found(search(s, p, start, nil, "plain"))
   end
   return found(search(s, p, start, nil, "find"))
 end
@@ -940,6 +1012,97 @@ end
                 .unwrap();
             prop_assert_eq!(lua_said, bounded_said, "s {:?} p {:?} init {:?}", s, p, init);
         }
+    }
+
+    /// A state with the bounded functions, and its clock.
+    fn bounded() -> (Lua, Rc<Clock>) {
+        let lua = Lua::new();
+        let clock = Rc::new(Clock::default());
+        let relay: Function = lua
+            .load("return function(level, name, f, ...) return f(...) end")
+            .eval()
+            .unwrap();
+        install(&lua, &lua.globals(), relay, &clock).unwrap();
+        (lua, clock)
+    }
+
+    /// A `gsub` whose result the state could never hold built it in Rust's memory,
+    /// which no limit counts: a terabyte for this one (review). It fails as Lua's own
+    /// does at the state's limit.
+    #[test]
+    fn a_gsub_result_past_the_memory_limit_fails_as_lua_says() {
+        let (lua, _clock) = bounded();
+        lua.set_memory_limit(64 << 20).unwrap();
+        let (ok, err): (bool, String) = lua
+            .load("local s = string.rep('a', 1e6) return pcall(string.gsub, s, 'a', s)")
+            .eval()
+            .unwrap();
+        assert!(!ok);
+        assert_eq!(err, "not enough memory");
+        lua.set_memory_limit(0).unwrap();
+        let (ok, n): (String, i64) = lua
+            .load("return string.gsub(string.rep('a', 1000), 'a', 'bb')")
+            .eval()
+            .unwrap();
+        assert_eq!((ok.len(), n), (2000, 1000));
+    }
+
+    /// Reading a `[...]` class counted one step whatever its length, so that a class
+    /// of 4 MB read at every place of a subject ran for minutes between two looks at
+    /// the clock (review). Its bytes count.
+    #[test]
+    fn a_long_class_counts_its_bytes_and_ends_at_the_deadline() {
+        let (lua, clock) = bounded();
+        let deadline = crate::slices::Deadline::after(
+            std::time::Duration::from_millis(200),
+            "the handler ran past its timeout",
+        );
+        let started = std::time::Instant::now();
+        let err = clock
+            .within(deadline, || {
+                lua.load(
+                    "return string.find(string.rep('a', 2000), '[' .. string.rep('b', 4e6) .. ']')",
+                )
+                .exec()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the handler ran past its timeout"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// Lua's plain search compares at every place its first byte matches: this one
+    /// took minutes, with no look at any deadline (review). A linear search finds the
+    /// same places.
+    #[test]
+    fn a_plain_search_takes_linear_time() {
+        let (lua, _clock) = bounded();
+        let started = std::time::Instant::now();
+        let found: Option<i64> = lua
+            .load("return string.find(string.rep('a', 4e6), string.rep('a', 2e6) .. 'b')")
+            .eval()
+            .unwrap();
+        assert_eq!(found, None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let (start, end): (i64, i64) = lua
+            .load("return string.find('xxabcabc', 'abc', 4, true)")
+            .eval()
+            .unwrap();
+        assert_eq!((start, end), (6, 8));
+    }
+
+    /// The budget is for code without a deadline: under one, the deadline decides,
+    /// and a slow search that ends in time is not cut short (review).
+    #[test]
+    fn the_budget_holds_only_where_there_is_no_deadline() {
+        let clock = Clock::default();
+        assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, Some(budget(3)));
+        let deadline =
+            crate::slices::Deadline::after(std::time::Duration::from_secs(30), "too late");
+        clock.within(deadline, || {
+            assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, None);
+        });
+        assert_eq!(budget(usize::MAX / 2_000), MAX_BUDGET);
     }
 
     /// The case that held a worker past its `timeout` in Lua's matcher: the deadline

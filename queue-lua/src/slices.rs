@@ -202,6 +202,15 @@ impl Clock {
         }
     }
 
+    /// Whether the running code has a deadline (a handler's `timeout`, a file's top
+    /// level); a process and a handler without `timeout` have none.
+    pub fn has_deadline(&self) -> bool {
+        self.running
+            .borrow()
+            .as_ref()
+            .is_some_and(|slice| slice.deadline.is_some())
+    }
+
     /// The error message of the running code's deadline once it has passed.
     pub fn overdue(&self) -> Option<String> {
         let running = self.running.borrow();
