@@ -302,7 +302,7 @@ where
         .with_writer(std::io::stderr);
     let layer = match format {
         LogFormat::Text => layer.fmt_fields(OneLineFields).boxed(),
-        LogFormat::Json => layer.json().boxed(),
+        LogFormat::Json => layer.json().map_event_format(LuaFieldsInline).boxed(),
     };
     layer.with_filter(filter.and(no_wire_dumps).and(no_trace_spans))
 }
@@ -331,6 +331,58 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for OneLineFields {
         let mut line = queue_core::OneLine::new(writer, MAX_FIELDS_BYTES);
         line.write_str(&text)?;
         line.finish()
+    }
+}
+
+/// The JSON log's event format (`F`) with the fields of a Lua `logger` line as a JSON
+/// object: the logger gives them to `tracing` as one string of JSON, which the JSON
+/// format wrote as a string, so that a log pipeline read `"fields":"{\"n\":1}"`
+/// where it looks for `"fields":{"n":1}` (docs/lua-api.md, "logger").
+struct LuaFieldsInline<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for LuaFieldsInline<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if event.metadata().target() != "lua" {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        writer.write_str(&lua_fields_inline(&line))
+    }
+}
+
+/// A JSON log line of the `lua` target with its `fields.fields` string written as the
+/// JSON it holds, in its place (the line's other keys keep their order); the line as
+/// it was if either does not read.
+fn lua_fields_inline(line: &str) -> String {
+    let fields = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|event| Some(event.pointer("/fields/fields")?.as_str()?.to_string()));
+    let Some(fields) = fields else {
+        return line.to_string();
+    };
+    let readable = serde_json::from_str::<serde_json::Value>(&fields).is_ok();
+    match serde_json::to_string(&fields) {
+        Ok(quoted) if readable => line.replacen(
+            &format!("\"fields\":{quoted}"),
+            &format!("\"fields\":{fields}"),
+            1,
+        ),
+        _ => line.to_string(),
     }
 }
 
@@ -428,7 +480,8 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             tracing::info!(reason, "stopping");
             let failures = host.process_failures();
             let Some(summary) =
-                unless_signalled_again(host.shutdown(), &mut signals, by_signal).await
+                unless_signalled_again(host.shutdown(), &mut signals, by_signal.then_some(reason))
+                    .await
             else {
                 say_on_stderr!("SIGINT while stopping: exiting now");
                 return Ok(ExitCode::from(130));
@@ -727,7 +780,9 @@ trait StopSignals {
 }
 
 /// Waits for `shutdown`; `None` if a SIGINT after the first signal cut it short (what
-/// was returned so far stays returned). A stop a signal began counts that signal as
+/// was returned so far stays returned), unless it came within [`SAME_REQUEST`] of a
+/// SIGINT before it: one request signalled twice, as `timeout -s INT` does.
+/// `began_with` is the signal that began the stop, if one did. A stop a signal began counts that signal as
 /// the first; one that began otherwise (the queues idle, or their counts unreadable)
 /// waits for one more: an orchestrator's ordinary SIGTERM during it asks for what is
 /// already happening. SIGTERM and SIGHUP never cut a stop short, however often they
@@ -737,16 +792,23 @@ trait StopSignals {
 async fn unless_signalled_again<T>(
     shutdown: impl std::future::Future<Output = T>,
     signals: &mut impl StopSignals,
-    began_with_a_signal: bool,
+    began_with: Option<&'static str>,
 ) -> Option<T> {
     tokio::pin!(shutdown);
-    let mut first = !began_with_a_signal;
+    let mut first = began_with.is_none();
+    // The stop began as the signal that began it came.
+    let mut previous = began_with.map(|signal| (signal, tokio::time::Instant::now()));
     loop {
         tokio::select! {
             finished = &mut shutdown => return Some(finished),
             signal = signals.next() => {
                 let counted_one_before = !std::mem::take(&mut first);
-                if counted_one_before && signal == "SIGINT" {
+                let now = tokio::time::Instant::now();
+                let again = previous.is_some_and(|(sent, at)| {
+                    sent == signal && now.duration_since(at) < SAME_REQUEST
+                });
+                previous = Some((signal, now));
+                if counted_one_before && signal == "SIGINT" && !again {
                     return None;
                 }
                 tracing::info!(signal, "already stopping; SIGINT (Ctrl-C) now exits at once");
@@ -754,6 +816,10 @@ async fn unless_signalled_again<T>(
         }
     }
 }
+
+/// Signals closer than this to the one before are one request sent twice (to the
+/// process, then to its group); a person pressing Ctrl-C twice is slower.
+const SAME_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
 /// to its end: each stops the runtime gracefully.
@@ -818,14 +884,16 @@ mod tests {
 
     /// These signals, one per call, counting each as it is read; none after them.
     struct Told {
-        left: Vec<&'static str>,
+        /// Each signal, and how long after the one before it comes.
+        left: Vec<(&'static str, std::time::Duration)>,
         read: std::rc::Rc<std::cell::Cell<usize>>,
     }
 
     impl StopSignals for Told {
         async fn next(&mut self) -> &'static str {
             match self.left.pop() {
-                Some(signal) => {
+                Some((signal, after)) => {
+                    tokio::time::sleep(after).await;
                     self.read.set(self.read.get() + 1);
                     signal
                 }
@@ -869,22 +937,65 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    /// The fields of a Lua `logger` line were a string of JSON in the JSON log
+    /// (review): they are the object it holds, in their place in the line.
+    #[test]
+    fn lua_fields_are_an_object_in_the_json_log() {
+        let fields = r#"{"to":"ada@example.com","note":"say \"hi\"\n","n":1,"é":[true,null]}"#;
+        let line = format!(
+            "{{\"timestamp\":\"t\",\"level\":\"INFO\",\"fields\":{{\"message\":\"Processing\",\"fields\":{}}},\"target\":\"lua\"}}\n",
+            serde_json::to_string(fields).unwrap()
+        );
+        let inline = lua_fields_inline(&line);
+        let event: serde_json::Value = serde_json::from_str(&inline).unwrap();
+        assert_eq!(
+            event["fields"]["fields"]["note"], "say \"hi\"\n",
+            "{inline}"
+        );
+        assert_eq!(event["fields"]["fields"]["n"], 1, "{inline}");
+        assert_eq!(event["fields"]["message"], "Processing");
+        assert!(
+            inline.starts_with(r#"{"timestamp":"t","level":"INFO","fields":{"#),
+            "{inline}"
+        );
+        assert!(inline.ends_with("}\n"), "{inline:?}");
+        // What does not read is left as it was.
+        for odd in [
+            "not json\n",
+            "{\"fields\":{\"fields\":\"{oops\"}}\n",
+            "{\"fields\":{}}\n",
+        ] {
+            assert_eq!(lua_fields_inline(odd), odd);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn only_a_sigint_after_the_first_signal_cuts_a_stop_short() {
+        use std::time::Duration;
+        let apart = Duration::from_secs(1);
+        // One stop request sent twice (GNU `timeout` signals the process, then its
+        // group): the second within a millisecond.
+        let twice = Duration::from_millis(1);
         // Whether a signal began the stop, the signals that come during it (in that
-        // order), and whether they cut it short.
+        // order, each this long after the one before), and whether they cut it short.
+        let (term, int) = (Some("SIGTERM"), Some("SIGINT"));
         for (by_signal, signals, cut_short) in [
-            (true, vec![], false),
-            (true, vec!["SIGINT"], true),
-            // One stop request sent twice (to the process, then to its group).
-            (true, vec!["SIGTERM"], false),
-            (true, vec!["SIGHUP", "SIGTERM"], false),
-            (true, vec!["SIGTERM", "SIGINT"], true),
-            (false, vec!["SIGTERM"], false),
-            (false, vec!["SIGINT"], false),
-            (false, vec!["SIGTERM", "SIGTERM"], false),
-            (false, vec!["SIGTERM", "SIGINT"], true),
-            (false, vec!["SIGINT", "SIGINT"], true),
+            (term, vec![], false),
+            (term, vec![("SIGINT", apart)], true),
+            (term, vec![("SIGINT", twice)], true),
+            (int, vec![("SIGINT", apart)], true),
+            (int, vec![("SIGINT", twice)], false),
+            (int, vec![("SIGINT", twice), ("SIGINT", apart)], true),
+            (term, vec![("SIGTERM", twice)], false),
+            (term, vec![("SIGTERM", apart)], false),
+            (term, vec![("SIGHUP", apart), ("SIGTERM", apart)], false),
+            (term, vec![("SIGTERM", apart), ("SIGINT", twice)], true),
+            (None, vec![("SIGTERM", apart)], false),
+            (None, vec![("SIGINT", apart)], false),
+            (None, vec![("SIGTERM", apart), ("SIGTERM", apart)], false),
+            (None, vec![("SIGTERM", apart), ("SIGINT", apart)], true),
+            (None, vec![("SIGINT", apart), ("SIGINT", apart)], true),
+            (None, vec![("SIGINT", apart), ("SIGINT", twice)], false),
         ] {
             let read = std::rc::Rc::default();
             let sent = signals.len();
@@ -895,7 +1006,7 @@ mod tests {
             // A shutdown that ends once every signal was read.
             let shutdown = async {
                 while read.get() < sent {
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 "summary"
             };
@@ -908,7 +1019,7 @@ mod tests {
             assert_eq!(
                 outcome.is_none(),
                 cut_short,
-                "by signal {by_signal}, then {signals:?}"
+                "began with {by_signal:?}, then {signals:?}"
             );
         }
     }

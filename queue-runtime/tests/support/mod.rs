@@ -81,8 +81,9 @@ pub fn lua_logs(logs: &[serde_json::Value], message: &str) -> Vec<serde_json::Va
     logs.iter()
         .filter(|l| l["target"] == "lua" && l["fields"]["message"] == message)
         .map(|l| {
-            let fields = l["fields"]["fields"].as_str().unwrap_or("{}");
-            let mut v: serde_json::Value = serde_json::from_str(fields).unwrap_or_default();
+            // An object, as a log pipeline reads it: not a string of JSON.
+            let mut v = l["fields"]["fields"].clone();
+            assert!(v.is_object(), "Lua fields not written as an object: {l}");
             v["timestamp"] = l["timestamp"].clone();
             v
         })
