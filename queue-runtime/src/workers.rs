@@ -317,6 +317,12 @@ fn worker_main(
             tokio::task::spawn_local(run_job(Rc::clone(&host), job));
         }
     });
+    // What still runs (a process, a handler past its stop) is dropped with the set:
+    // inside the runtime, whose timers a `__close` that publishes needs. Outside it,
+    // such a publish panicked the thread ("there is no reactor running") halfway
+    // through the `__close` (review).
+    let _inside = runtime.enter();
+    drop(local);
 }
 
 async fn run_job(host: Rc<LuaHost>, job: Job) {

@@ -478,6 +478,30 @@ fn memory_queues_nobody_consumes_are_named_with_what_they_lose_at_exit() {
     );
 }
 
+/// A process's `__close` may publish when a shutdown stops it (docs/consumers.md),
+/// but a publish that had to wait (its queue full) panicked the Lua thread: the
+/// process was dropped outside its thread's runtime, whose timers the publish needs
+/// (review). The publish raises (nothing can wait where a dropped process is
+/// closed), and the `__close` goes on.
+#[test]
+fn a_process_close_handler_may_publish_when_a_shutdown_stops_it() {
+    let yaml = "namespace: app\nentries:\n  - name: mem\n    kind: queue.driver.memory\n    publish_timeout: 1s\n  - name: jobs\n    kind: queue.queue\n    driver: app:mem\n    max_length: 1\n  - name: p\n    kind: process.lua\n    source: p.lua\n    method: main\n";
+    let lua = "function main()\n  local t <close> = setmetatable({}, {__close = function()\n    local ok, err = pcall(queue.publish, 'app:jobs', {bye = true})\n    logger:info('close publish', {ok = tostring(ok), err = tostring(err)})\n  end})\n  assert(queue.publish('app:jobs', {n = 0}))\n  logger:info('full')\n  while true do coroutine.yield() end\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("p.lua", lua)]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    wait_for_line(&lines, "full");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let log = format!(
+        "{}\n{}",
+        rest_of_lines(&lines).join("\n"),
+        text(&out.stderr)
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("close publish"), "{log}");
+    assert!(out.status.success(), "{log}");
+}
+
 const STUCK_APP: &str = "namespace: app\nentries:\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    stop_timeout: STOP\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n";
 /// Loops where Lua cannot yield (in a comparator `table.sort` calls from C), so time
 /// slices cannot take it off its thread.
