@@ -420,37 +420,10 @@ impl LuaHost {
                 // raising then.
                 retryable: timed_out(deadline_at) || state.raised_retryable.get().unwrap_or(true),
             },
-            Ok(values) => {
-                let first = values.front().cloned().unwrap_or(LuaValue::Nil);
-                let second = values.get(1).cloned().unwrap_or(LuaValue::Nil);
-                // An error value returned alone is a slip for `return nil, err`: as
-                // that, not an ack of a message the handler did not handle.
-                let error_alone = second.is_nil()
-                    && matches!(&first, LuaValue::UserData(ud) if ud.is::<crate::errors::LuaError>());
-                let second = if error_alone { first.clone() } else { second };
-                if !second.is_nil() {
-                    // The error's `__index` or `__tostring` is Lua, run here after the
-                    // coroutine ended: under a deadline of its own.
-                    let reason = self.clock.within(
-                        Deadline::after(
-                            DESCRIBE_TIME,
-                            "describing the handler's error took too long".to_string(),
-                        ),
-                        || describe(&second),
-                    );
-                    Outcome::Nack {
-                        reason,
-                        retryable: crate::errors::retryable(&second),
-                    }
-                } else if first == LuaValue::Boolean(false) {
-                    Outcome::Nack {
-                        reason: format!("{} returned false", handler.name),
-                        retryable: true,
-                    }
-                } else {
-                    Outcome::Ack
-                }
-            }
+            Ok(values) => match self.returned_failure(&handler.name, &values) {
+                Some((reason, retryable)) => Outcome::Nack { reason, retryable },
+                None => Outcome::Ack,
+            },
         };
         if state.settled.get() {
             // The handler's own `msg:ack()` or `msg:nack()` stands (docs/consumers.md);
@@ -463,8 +436,36 @@ impl LuaHost {
         outcome
     }
 
+    /// Whether what a handler or a process returned says it failed, and why: `nil,
+    /// err` (or `false, err`), `false` alone, or an error value alone (a slip for `return
+    /// nil, err`); with whether the error is worth another attempt.
+    fn returned_failure(&self, name: &str, values: &MultiValue) -> Option<(String, bool)> {
+        let first = values.front().cloned().unwrap_or(LuaValue::Nil);
+        let second = values.get(1).cloned().unwrap_or(LuaValue::Nil);
+        let error_alone = second.is_nil()
+            && matches!(&first, LuaValue::UserData(ud) if ud.is::<crate::errors::LuaError>());
+        let second = if error_alone { first.clone() } else { second };
+        if !second.is_nil() {
+            // The error's `__index` or `__tostring` is Lua, run here after the
+            // coroutine ended: under a deadline of its own.
+            let reason = self.clock.within(
+                Deadline::after(
+                    DESCRIBE_TIME,
+                    "describing the handler's error took too long".to_string(),
+                ),
+                || describe(&second),
+            );
+            return Some((reason, crate::errors::retryable(&second)));
+        }
+        (first == LuaValue::Boolean(false)).then(|| (format!("{name} returned false"), true))
+    }
+
     /// Runs a function (a `process.lua`) as a coroutine with these arguments and
-    /// security; a raised error comes back `INTERNAL` with the Lua traceback.
+    /// security; a raised error comes back `INTERNAL` with the Lua traceback, and so
+    /// does one it returns as a handler would (`nil, err`, `false`, an error value):
+    /// such a process ended as a success, and `--exit-when-idle` exited 0 (review).
+    /// The reason is cut to [`queue_core::retry::MAX_REASON_BYTES`], as a handler's
+    /// is: a raise of 5 MB logged 160 KB per instance.
     pub async fn run_process(
         &self,
         handler: &Handler,
@@ -477,13 +478,15 @@ impl LuaHost {
             .collect::<mlua::Result<MultiValue>>()
             .map_err(|e| Error::internal(e.to_string()))?;
         let context = CoroutineContext::new(security, None);
-        self.run(context, &handler.function, args, None)
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                Error::internal(format!("{} failed: {}", handler.name, raised_text(&e)))
-                    .retryable_if(false)
-            })
+        let reason = match self.run(context, &handler.function, args, None).await {
+            Ok(values) => match self.returned_failure(&handler.name, &values) {
+                Some((reason, _)) => reason,
+                None => return Ok(()),
+            },
+            Err(e) => raised_text(&e),
+        };
+        let reason = queue_core::truncate(&reason, queue_core::retry::MAX_REASON_BYTES);
+        Err(Error::internal(format!("{} failed: {reason}", handler.name)).retryable_if(false))
     }
 
     /// Runs a chunk of Lua as a coroutine (so it may publish) and returns what it

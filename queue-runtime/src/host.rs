@@ -402,6 +402,14 @@ impl Host {
         self.process_failures.load(Ordering::Acquire)
     }
 
+    /// [`Host::process_failures`] as it will be at any later time, after
+    /// [`Host::shutdown`] too: processes run on while handlers finish during a stop,
+    /// and may fail then.
+    pub fn process_failures_later(&self) -> impl Fn() -> usize + use<> {
+        let failures = Arc::clone(&self.process_failures);
+        move || failures.load(Ordering::Acquire)
+    }
+
     /// Whether there is nothing left to do: every process finished, no delivery is
     /// being handled or waiting for a retry, and every consumed queue's driver reports
     /// no ready, in-flight or delayed message.

@@ -478,7 +478,8 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             };
             readiness.stopping();
             tracing::info!(reason, "stopping");
-            let failures = host.process_failures();
+            // Read after the stop: a process may fail during it (it exited 0 then).
+            let failures = host.process_failures_later();
             let Some(summary) =
                 unless_signalled_again(host.shutdown(), &mut signals, by_signal.then_some(reason))
                     .await
@@ -492,7 +493,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             if let Some(e) = idle_failed {
                 return Err(format!("--exit-when-idle: {e}"));
             }
-            Ok(if exit_when_idle && failures > 0 {
+            Ok(if exit_when_idle && failures() > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

@@ -478,6 +478,71 @@ fn memory_queues_nobody_consumes_are_named_with_what_they_lose_at_exit() {
     );
 }
 
+/// A process that returned a failure as a handler does (`nil, err`, `false`, an error
+/// value alone) ended as a success: nothing logged, `--exit-when-idle` exited 0, its
+/// publish's refusal dropped (review). It fails as a raise does, and a raised error
+/// of 5 MB is logged cut to the 4 KiB a handler's reason gets (it was 160 KB).
+#[test]
+fn a_process_that_returns_a_failure_fails() {
+    for (body, said) in [
+        (
+            "return queue.publish('app:nowhere', { a = 1 })",
+            "not declared",
+        ),
+        (
+            "return nil, errors.new({ message = 'upstream down', kind = errors.UNAVAILABLE })",
+            "upstream down",
+        ),
+        (
+            "return errors.new({ message = 'alone', kind = errors.INTERNAL })",
+            "alone",
+        ),
+        ("return false", "returned false"),
+        ("error(string.rep('x', 5 * 1024 * 1024))", "truncated from"),
+    ] {
+        let yaml = "namespace: app\nentries:\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+        let lua = format!("function main()\n  {body}\nend\n");
+        let dir = app(&[("app.yaml", yaml), ("h.lua", &lua)]);
+        let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{body}: {err}");
+        assert!(
+            err.contains("process failed") && err.contains(said),
+            "{body}: {err}"
+        );
+        assert!(
+            err.lines().all(|l| l.len() <= 8192),
+            "{body}: a line of {} bytes",
+            err.lines().map(str::len).max().unwrap_or(0)
+        );
+    }
+    // What a handler returns for success is a process's success too.
+    let yaml = "namespace: app\nentries:\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+    let dir = app(&[
+        ("app.yaml", yaml),
+        ("h.lua", "function main() return true, nil end\n"),
+    ]);
+    let out = run(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Processes run on while a stop lets the handlers finish, and may fail then: the
+/// exit code of `--exit-when-idle` read the count of failed processes before the
+/// stop, and said 0 (review).
+#[test]
+fn a_process_that_fails_during_the_stop_fails_an_idle_run() {
+    let yaml = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n    stop_timeout: 10s\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+    let lua = "function handle(p)\n  logger:info('handling')\n  local t = os.clock()\n  while os.clock() < t + 4 do end\nend\nfunction main()\n  assert(queue.publish('app:jobs', { n = 1 }))\n  local t = os.clock()\n  while os.clock() < t + 1 do coroutine.yield() end\n  error('the upstream export failed')\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let (child, lines) = spawn_with_lines(&["run", "--exit-when-idle", "app.yaml"], dir.path());
+    wait_for_line(&lines, "handling");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    let log = rest_of_lines(&lines).join("\n");
+    assert!(log.contains("the upstream export failed"), "{log}");
+    assert_eq!(out.status.code(), Some(1), "{log}");
+}
+
 /// A process's `__close` may publish when a shutdown stops it (docs/consumers.md),
 /// but a publish that had to wait (its queue full) panicked the Lua thread: the
 /// process was dropped outside its thread's runtime, whose timers the publish needs
