@@ -630,8 +630,10 @@ impl StreamAcker {
         shared.held().remove(&self.stream_id);
         match result {
             Ok(1) => Ok(()),
+            // Redis answers 0 both for an entry whose lease ran out and for one whose
+            // stream or group is gone: only the first comes again (review).
             Ok(_) => Err(Error::internal(format!(
-                "{what}: this consumer no longer holds it (its lease ran out and it went back to the queue); it will be delivered again"
+                "{what}: this consumer no longer holds it: its lease ran out and it went back to the queue, to be delivered again, or its stream was lost on Redis with it"
             ))
             .retryable_if(false)),
             // An entry too wide to copy back stays pending for this consumer, for an
@@ -658,9 +660,12 @@ impl StreamAcker {
             }
             Err(err) => {
                 // Still pending for this consumer, unless Redis did it and only the
-                // reply was lost: the reader looks and delivers it again.
+                // reply was lost (a late reply runs all the same), or its stream is
+                // gone: the reader looks and delivers it again if it is there.
                 shared.look_again();
-                Err(err.context("the message will be delivered again"))
+                Err(err.context(
+                    "the message is delivered again if Redis still holds it (not if the settlement ran and only its reply was lost, nor if its stream was lost)",
+                ))
             }
         }
     }

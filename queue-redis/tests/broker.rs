@@ -170,6 +170,35 @@ async fn another_max_length_is_already_exists() {
     assert!(err.message().contains("redis"), "{err}");
 }
 
+/// A held delivery whose stream Redis lost (`FLUSHALL`): its ack and its release
+/// failed saying the message "will be delivered again", which the log repeated; it
+/// is gone with its stream (review). They say it may be lost.
+async fn settling_a_delivery_whose_stream_was_lost_does_not_promise_it_again() {
+    let spec = queue("flushed-held");
+    let (node, driver) = declared(&spec).await;
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 5 })
+        .await
+        .unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    driver.publish(&spec.id, numbered(2)).await.unwrap();
+    let (first, second) = (next(&mut sub).await, next(&mut sub).await);
+    node.command(&["FLUSHALL"]).unwrap();
+    for (how, settled) in [
+        ("ack", first.ack().await),
+        ("release", second.release().await),
+    ] {
+        let err = settled.expect_err("a settlement of an entry Redis lost");
+        assert!(
+            !err.message().contains("will be delivered again"),
+            "{how}: {err}"
+        );
+        assert!(err.message().contains("lost"), "{how}: {err}");
+    }
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 /// A queue whose stream Redis lost behind the driver's back (`FLUSHALL` here; a
 /// restart without persistence or a `DEL` alike) works again: its consumer declares
 /// it again and reads on, and a publish to a queue nobody consumes declares it again
@@ -880,6 +909,7 @@ queue_testkit::broker_tests! {
         a_database_the_server_lacks_is_invalid,
         another_max_length_is_already_exists,
         a_queue_redis_lost_is_declared_again,
+        settling_a_delivery_whose_stream_was_lost_does_not_promise_it_again,
         a_read_only_reply_replaces_the_connection,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
