@@ -561,21 +561,23 @@ fn delaying(state: &(Mutex<State>, Condvar)) -> bool {
 
 /// Whether frames of descriptor `code` are held back now; counts the one held back.
 fn delays(state: &(Mutex<State>, Condvar), code: u8) -> bool {
-    let (state, rung) = state;
-    let mut guard = lock(state);
-    if !guard.delayed_kinds.iter().any(|p| *p as u8 == code) {
-        return false;
-    }
-    guard.withheld += 1;
-    rung.notify_all();
-    true
+    listed_and_counted(state, code, |s| &s.delayed_kinds)
 }
 
 /// Whether frames of descriptor `code` are withheld now; counts the one withheld.
 fn withholds(state: &(Mutex<State>, Condvar), code: u8) -> bool {
+    listed_and_counted(state, code, |s| &s.withheld_kinds)
+}
+
+/// Whether `code` is in the list `kinds` picks; counted in `withheld` when it is.
+fn listed_and_counted(
+    state: &(Mutex<State>, Condvar),
+    code: u8,
+    kinds: impl Fn(&State) -> &Vec<Performative>,
+) -> bool {
     let (state, rung) = state;
     let mut guard = lock(state);
-    if !guard.withheld_kinds.iter().any(|p| *p as u8 == code) {
+    if !kinds(&guard).iter().any(|p| *p as u8 == code) {
         return false;
     }
     guard.withheld += 1;

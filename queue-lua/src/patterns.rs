@@ -750,6 +750,18 @@ local function start_of(pos, len)
   return len + pos
 end
 
+-- The subject and the pattern as strings and the 0-based place to start at, as the
+-- C functions read their arguments; nothing where they refuse them (the caller then
+-- hands them to the C function, which says why).
+local function arguments(s, p, init)
+  local i = integer(init, 1)
+  if not (text(s) and text(p) and i) then
+    return nil
+  end
+  s, p = tostring(s), tostring(p)
+  return s, p, start_of(i, #s)
+end
+
 -- What `search` found, nil for nothing; its refusal raised where the library
 -- function was called (a tail call from it).
 local function found(first, ...)
@@ -763,12 +775,11 @@ local function found(first, ...)
 end
 
 local function bounded_find(s, p, init, plain)
-  local i = integer(init, 1)
-  if not (text(s) and text(p) and i) then
+  local subject, pattern, start = arguments(s, p, init)
+  if not subject then
     return relay(2, "find", find, s, p, init, plain)
   end
-  s, p = tostring(s), tostring(p)
-  local start = start_of(i, #s)
+  s, p = subject, pattern
   if start > #s then
     return nil
   end
@@ -783,25 +794,22 @@ local function bounded_find(s, p, init, plain)
 end
 
 local function bounded_match(s, p, init)
-  local i = integer(init, 1)
-  if not (text(s) and text(p) and i) then
+  local subject, pattern, start = arguments(s, p, init)
+  if not subject then
     return relay(2, "match", match, s, p, init)
   end
-  s, p = tostring(s), tostring(p)
-  local start = start_of(i, #s)
-  if start > #s then
+  if start > #subject then
     return nil
   end
-  return found(search(s, p, start, nil, "match"))
+  return found(search(subject, pattern, start, nil, "match"))
 end
 
 local function bounded_gmatch(s, p, init)
-  local i = integer(init, 1)
-  if not (text(s) and text(p) and i) then
+  local subject, pattern, src = arguments(s, p, init)
+  if not subject then
     return relay(2, "gmatch", gmatch, s, p, init)
   end
-  s, p = tostring(s), tostring(p)
-  local src = start_of(i, #s)
+  s, p = subject, pattern
   if src > #s then
     src = #s + 1
   end
