@@ -72,7 +72,8 @@ fn fields_json(fields: &LuaValue) -> String {
     });
     match checked {
         Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
-        Err(e) => format!("{{\"unloggable_fields\":{:?}}}", e.message()),
+        // As JSON: Rust's `{:?}` wrote a control character as `\u{1}`, which is not.
+        Err(e) => serde_json::json!({ "unloggable_fields": e.message() }).to_string(),
     }
 }
 
@@ -98,6 +99,7 @@ mod tests {
             ("{ ratio = 0/0 }", "ratio"),
             ("{ big = math.huge }", "big"),
             ("{ raw = '\\255\\254' }", "raw"),
+            ("{ ['a\\1'] = 0/0 }", "a"),
         ] {
             let said = fields(code);
             assert!(
@@ -105,6 +107,10 @@ mod tests {
                 "{code}: {said}"
             );
             assert!(!said.contains("msgpack"), "{code}: {said}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&said).is_ok(),
+                "{code}: {said}"
+            );
             assert!(said.contains(why), "{code}: {said}");
         }
     }

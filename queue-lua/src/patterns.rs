@@ -40,7 +40,9 @@ fn budget(subject_len: usize) -> u64 {
     (100_000_000 + 1_000 * subject_len as u64).min(MAX_BUDGET)
 }
 
-/// The most any call may take without a deadline: about 7 s in a release build.
+/// The most any call may take, with a deadline or without: about 7 s in a release
+/// build, during which the matcher holds its Lua state (it never yields) and a stop
+/// waits for it.
 const MAX_BUDGET: u64 = 1_000_000_000;
 
 /// Lua's message for an allocation past the state's memory limit.
@@ -63,8 +65,9 @@ struct Matcher<'a> {
     steps: u64,
     /// When the clock (and the budget) are looked at next.
     next_look: u64,
-    /// None where the running code has a deadline: that ends it.
-    budget: Option<u64>,
+    /// The most steps: [`budget`] without a deadline, [`MAX_BUDGET`] with one (the
+    /// matcher never yields, so a long `timeout` held every handler of the state).
+    budget: u64,
     clock: &'a Clock,
 }
 
@@ -84,7 +87,11 @@ impl<'a> Matcher<'a> {
             capture: [(0, 0); MAX_CAPTURES],
             steps: 0,
             next_look: LOOK_EVERY,
-            budget: (!clock.has_deadline()).then(|| budget(src.len())),
+            budget: if clock.has_deadline() {
+                MAX_BUDGET
+            } else {
+                budget(src.len())
+            },
             clock,
         }
     }
@@ -115,7 +122,7 @@ impl<'a> Matcher<'a> {
             return Err(overdue);
         }
         match self.budget {
-            Some(budget) if self.steps > budget => Err(format!(
+            budget if self.steps > budget => Err(format!(
                 "pattern too complex for a subject of {} bytes: stopped after {} steps (docs/security.md, \"The Lua sandbox\")",
                 self.src.len(),
                 self.steps
@@ -625,8 +632,8 @@ fn gsub(
     // What the state may still take: the result is made a Lua string at the end, and
     // a buffer past that was memory no limit counted (`("a"):rep(1e6):gsub("a", s)`
     // asked for a terabyte).
-    let room = room(lua);
-    let mut out: Vec<u8> = Vec::with_capacity(s.len().min(room));
+    let mut room = Room::of(lua);
+    let mut out: Vec<u8> = Vec::with_capacity(s.len().min(room.bytes));
     let mut src = 0;
     let mut last = None;
     let mut count: i64 = 0;
@@ -636,11 +643,11 @@ fn gsub(
             Some(end) if Some(end) != last => {
                 count += 1;
                 let before = out.len();
-                add_replacement(&matcher, &mut out, &replacement, src, end)?;
-                if out.len() > room {
-                    return Err(NOT_ENOUGH_MEMORY.to_string());
-                }
-                matcher.step_by(((out.len() - before) / 64) as u64)?;
+                add_replacement(&matcher, &mut out, &replacement, src, end, &mut room)?;
+                // Reading the replacement and copying what it adds take time too:
+                // `%0` of empty matches in a replacement of megabytes copied nothing
+                // and read it all at every match.
+                matcher.step_by(((replacement.len() + out.len() - before) / 64) as u64)?;
                 src = end;
                 last = Some(end);
             }
@@ -668,40 +675,83 @@ fn gsub(
 }
 
 /// How many more bytes the state may allocate before its memory limit.
-fn room(lua: &Lua) -> usize {
-    // mlua has no getter: the limit is read by setting one, and set back at once.
-    let limit = lua.set_memory_limit(0).unwrap_or(0);
-    let _ = lua.set_memory_limit(limit);
-    match limit {
-        0 => usize::MAX,
-        limit => limit.saturating_sub(lua.used_memory()),
+struct Room<'a> {
+    lua: &'a Lua,
+    bytes: usize,
+    /// Whether a full collection was run to make more room.
+    collected: bool,
+}
+
+impl<'a> Room<'a> {
+    fn of(lua: &'a Lua) -> Room<'a> {
+        Room {
+            lua,
+            bytes: Room::left(lua),
+            collected: false,
+        }
+    }
+
+    fn left(lua: &Lua) -> usize {
+        // mlua has no getter: the limit is read by setting one, and set back at once.
+        let limit = lua.set_memory_limit(0).unwrap_or(0);
+        let _ = lua.set_memory_limit(limit);
+        match limit {
+            0 => usize::MAX,
+            limit => limit.saturating_sub(lua.used_memory()),
+        }
+    }
+
+    /// Whether `len` bytes fit; past the room once, after a full collection, as
+    /// Lua's allocator collects before it gives up (what the state holds counts
+    /// garbage too).
+    fn fits(&mut self, len: usize) -> Result<(), Stop> {
+        if len <= self.bytes {
+            return Ok(());
+        }
+        if !self.collected {
+            self.collected = true;
+            let _ = self.lua.gc_collect();
+            self.bytes = Room::left(self.lua);
+            if len <= self.bytes {
+                return Ok(());
+            }
+        }
+        Err(NOT_ENOUGH_MEMORY.to_string())
     }
 }
 
 /// `add_s`: the replacement string with `%0`–`%9` and `%%` read.
+/// Each piece is checked against the `room` before it is added: one replacement of
+/// many `%0` of a long match asked for hundreds of gigabytes at once.
 fn add_replacement(
     matcher: &Matcher<'_>,
     out: &mut Vec<u8>,
     replacement: &[u8],
     start: usize,
     end: usize,
+    room: &mut Room<'_>,
 ) -> Result<(), Stop> {
+    let mut add = |out: &mut Vec<u8>, piece: &[u8]| {
+        room.fits(out.len().saturating_add(piece.len()))?;
+        out.extend_from_slice(piece);
+        Ok::<(), Stop>(())
+    };
     let mut i = 0;
     while i < replacement.len() {
         let c = replacement[i];
         i += 1;
         if c != b'%' {
-            out.push(c);
+            add(out, &[c])?;
             continue;
         }
         let d = replacement.get(i).copied().unwrap_or(0);
         i += 1;
         match d {
-            b'%' => out.push(b'%'),
-            b'0' => out.extend_from_slice(&matcher.src[start..end]),
+            b'%' => add(out, b"%")?,
+            b'0' => add(out, &matcher.src[start..end])?,
             b'1'..=b'9' => match matcher.capture(usize::from(d - b'1'), start, end)? {
-                Capture::Text(text) => out.extend_from_slice(text),
-                Capture::Position(at) => out.extend_from_slice(at.to_string().as_bytes()),
+                Capture::Text(text) => add(out, text)?,
+                Capture::Position(at) => add(out, at.to_string().as_bytes())?,
             },
             _ => return Err("invalid use of '%' in replacement string".to_string()),
         }
@@ -1065,6 +1115,56 @@ end
         assert_eq!((ok.len(), n), (2000, 1000));
     }
 
+    /// One replacement of many `%0` of a long match was built whole before its size
+    /// was looked at (512 GiB here), and a replacement of megabytes read at every
+    /// empty match counted no step (review): the first fails at the limit, the second
+    /// at the deadline.
+    #[test]
+    fn one_big_replacement_stops_at_the_limit_and_a_long_one_at_the_deadline() {
+        let (lua, clock) = bounded();
+        lua.set_memory_limit(64 << 20).unwrap();
+        let (ok, err): (bool, String) = lua
+            .load("return pcall(string.gsub, string.rep('a', 2^20), '^.*', string.rep('%0', 2^19))")
+            .eval()
+            .unwrap();
+        assert!(!ok);
+        assert_eq!(err, "not enough memory");
+        let deadline = crate::slices::Deadline::after(
+            std::time::Duration::from_millis(200),
+            "the handler ran past its timeout",
+        );
+        let started = std::time::Instant::now();
+        let err = clock
+            .within(deadline, || {
+                lua.load("return string.gsub(string.rep('x', 1e5), '', string.rep('%0', 5e6))")
+                    .exec()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the handler ran past its timeout"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// What the state holds counts its garbage: a result that fits once it is
+    /// collected was refused, where Lua's allocator collects first (review).
+    #[test]
+    fn a_gsub_result_that_fits_after_a_collection_is_made() {
+        let (lua, _clock) = bounded();
+        lua.set_memory_limit(64 << 20).unwrap();
+        let (ok, len): (bool, i64) = lua
+            .load(
+                "collectgarbage('stop')
+                 for i = 1, 50 do local _ = string.rep('x', 1e6 + i) end
+                 local ok, r = pcall(string.gsub, string.rep('a', 4e6), 'a', 'bbb')
+                 collectgarbage('restart')
+                 return ok, ok and #r or 0",
+            )
+            .eval()
+            .unwrap();
+        assert!(ok);
+        assert_eq!(len, 12_000_000);
+    }
+
     /// Reading a `[...]` class counted one step whatever its length, so that a class
     /// of 4 MB read at every place of a subject ran for minutes between two looks at
     /// the clock (review). Its bytes count.
@@ -1109,16 +1209,18 @@ end
         assert_eq!((start, end), (6, 8));
     }
 
-    /// The budget is for code without a deadline: under one, the deadline decides,
-    /// and a slow search that ends in time is not cut short (review).
+    /// Without a deadline the budget grows with the subject; under one, a slow
+    /// search that ends in time is not cut short by it (review), but none passes the
+    /// most any call may take: the matcher never yields, and a `timeout` of ten
+    /// minutes held every handler of its state that long (review).
     #[test]
-    fn the_budget_holds_only_where_there_is_no_deadline() {
+    fn the_budget_grows_with_the_subject_and_stops_at_the_most() {
         let clock = Clock::default();
-        assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, Some(budget(3)));
+        assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, budget(3));
         let deadline =
-            crate::slices::Deadline::after(std::time::Duration::from_secs(30), "too late");
+            crate::slices::Deadline::after(std::time::Duration::from_secs(600), "too late");
         clock.within(deadline, || {
-            assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, None);
+            assert_eq!(Matcher::new(b"abc", b"a", &clock).budget, MAX_BUDGET);
         });
         assert_eq!(budget(usize::MAX / 2_000), MAX_BUDGET);
     }

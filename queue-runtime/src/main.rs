@@ -375,11 +375,14 @@ fn lua_fields_inline(line: &str) -> String {
     let Some(fields) = fields else {
         return line.to_string();
     };
-    let readable = serde_json::from_str::<serde_json::Value>(&fields).is_ok();
+    // A line logged without fields: an object all the same, as a log pipeline that
+    // mapped the field as one would refuse a string in it (review).
+    let inline = if fields.is_empty() { "{}" } else { &fields };
+    let readable = serde_json::from_str::<serde_json::Value>(inline).is_ok();
     match serde_json::to_string(&fields) {
         Ok(quoted) if readable => line.replacen(
             &format!("\"fields\":{quoted}"),
-            &format!("\"fields\":{fields}"),
+            &format!("\"fields\":{inline}"),
             1,
         ),
         _ => line.to_string(),
@@ -808,7 +811,11 @@ async fn unless_signalled_again<T>(
                 let again = previous.is_some_and(|(sent, at)| {
                     sent == signal && now.duration_since(at) < SAME_REQUEST
                 });
-                previous = Some((signal, now));
+                // The window stays where the first of a burst opened it: Ctrl-C
+                // pressed every 200 ms never exited (review).
+                if !again {
+                    previous = Some((signal, now));
+                }
                 if counted_one_before && signal == "SIGINT" && !again {
                     return None;
                 }
@@ -960,6 +967,10 @@ mod tests {
             "{inline}"
         );
         assert!(inline.ends_with("}\n"), "{inline:?}");
+        // A line without fields has an object too.
+        let bare = "{\"fields\":{\"message\":\"x\",\"fields\":\"\"},\"target\":\"lua\"}\n";
+        let event: serde_json::Value = serde_json::from_str(&lua_fields_inline(bare)).unwrap();
+        assert_eq!(event["fields"]["fields"], serde_json::json!({}));
         // What does not read is left as it was.
         for odd in [
             "not json\n",
@@ -997,6 +1008,15 @@ mod tests {
             (None, vec![("SIGTERM", apart), ("SIGINT", apart)], true),
             (None, vec![("SIGINT", apart), ("SIGINT", apart)], true),
             (None, vec![("SIGINT", apart), ("SIGINT", twice)], false),
+            // Pressed every 200 ms: the second is past the first's window.
+            (
+                int,
+                vec![
+                    ("SIGINT", Duration::from_millis(200)),
+                    ("SIGINT", Duration::from_millis(200)),
+                ],
+                true,
+            ),
         ] {
             let read = std::rc::Rc::default();
             let sent = signals.len();
