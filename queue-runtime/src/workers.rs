@@ -2,7 +2,7 @@
 //! tokio runtime, running many handlers as coroutines. 1000 handlers at once are 1000
 //! coroutines on these few states, never 1000 Lua states.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -103,6 +103,11 @@ pub struct Busy {
 
 /// How many shards a [`Busy`] count has; threads beyond it share them.
 const SHARDS: usize = 16;
+
+/// How long a consumer's stop waits, past its `stop_timeout`, for the handlers it
+/// dropped to release their deliveries (their `__close` handlers run, 100 ms each at
+/// most).
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One thread's part of a [`Busy`] count, alone on its cache line (128 bytes: the
 /// adjacent-line prefetcher of x86 pulls lines in pairs).
@@ -423,14 +428,12 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
         turn_free: tokio::sync::Notify::new(),
         stopped_yet: stop.clone(),
         stop_signal: tokio::sync::Notify::new(),
+        cut: Cell::new(false),
+        cut_signal: tokio::sync::Notify::new(),
     });
-    let running: Vec<tokio::task::AbortHandle> = (0..slots.max(1))
-        .map(|_| {
-            runners
-                .spawn_local(run_in_turn(Rc::clone(&shared)))
-                .abort_handle()
-        })
-        .collect();
+    for _ in 0..slots.max(1) {
+        runners.spawn_local(run_in_turn(Rc::clone(&shared)));
+    }
     runners.close();
     // Until the stop signal, or until the subscription ended and every runner with it.
     // A stop that came while a handler computed on this thread finds both ready once
@@ -452,12 +455,14 @@ async fn run_intake(host: Rc<LuaHost>, intake: Intake) {
     let finished = tokio::time::timeout(shared.consumer.plan.stop_timeout, runners.wait()).await;
     if finished.is_err() {
         tracing::warn!(queue = %shared.consumer.plan.queue, timeout = ?shared.consumer.plan.stop_timeout, "handlers still running at stop_timeout; their messages go back to the queue");
-        // Dropped now, as a handler past its `timeout` is: each releases its delivery.
-        // Left running, they went on until the longest `stop_timeout` of the
-        // runtime's consumers, and acked what this said went back (review).
-        for runner in &running {
-            runner.abort();
-        }
+        // Their runs are dropped now, as at a handler's `timeout`: each releases its
+        // delivery. Left running, they went on until the longest `stop_timeout` of the
+        // runtime's consumers, and acked what this said went back (review). A
+        // settlement under way is not cut: a retry copy published and its original
+        // released would be a duplicate.
+        shared.cut.set(true);
+        shared.cut_signal.notify_waiters();
+        let _ = tokio::time::timeout(CUT_GRACE, runners.wait()).await;
     }
     // Runners still busy are inside a suspended handler, never holding the
     // subscription: a runner gives it back before it waits for anything but a delivery.
@@ -487,11 +492,22 @@ struct Runners {
     stopped_yet: watch::Receiver<bool>,
     /// The stop signal relayed on this thread, for runners waiting for a delivery.
     stop_signal: tokio::sync::Notify,
+    /// Set at the consumer's `stop_timeout`: handlers still running are dropped.
+    cut: Cell<bool>,
+    /// Signalled with `cut`, for the handlers running then.
+    cut_signal: tokio::sync::Notify,
 }
 
 impl Runners {
     fn stopping(&self) -> bool {
         !matches!(self.stopped_yet.has_changed(), Ok(false))
+    }
+
+    /// Resolves once the consumer's `stop_timeout` has passed in a stop.
+    async fn past_stop_timeout(&self) {
+        if !self.cut.get() {
+            self.cut_signal.notified().await;
+        }
     }
 
     /// Waits until the subscription is free and takes it; `None` once the runtime
@@ -634,14 +650,18 @@ async fn handle_delivery(runners: &Rc<Runners>, delivery: Delivery) {
                 message: delivery.shared_message(),
                 settle,
             };
-            host.run_handler_within(
+            let run = host.run_handler_within(
                 handler,
                 payload,
                 context,
                 consumer.plan.security.clone(),
                 consumer.plan.timeout,
-            )
-            .await
+            );
+            tokio::select! {
+                outcome = run => outcome,
+                // Dropping the run releases its delivery (as at its `timeout`).
+                () = runners.past_stop_timeout() => return,
+            }
         }
     };
     consumer
