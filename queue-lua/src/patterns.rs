@@ -979,15 +979,7 @@ mod tests {
     /// `C`, and `compare(s, p, init, repl_kind, repl, n)` giving what each set says
     /// to the same calls (errors without their position).
     fn harness() -> Lua {
-        let lua = Lua::new();
-        lua.load("C = { find = string.find, match = string.match, gmatch = string.gmatch, gsub = string.gsub }")
-            .exec()
-            .unwrap();
-        let relay: Function = lua
-            .load("return function(level, name, f, ...) return f(...) end")
-            .eval()
-            .unwrap();
-        install(&lua, &lua.globals(), relay, &Rc::new(Clock::default())).unwrap();
+        let (lua, _clock) = bounded();
         lua.load(COMPARE).exec().unwrap();
         lua
     }
@@ -1082,9 +1074,12 @@ end
         }
     }
 
-    /// A state with the bounded functions, and its clock.
+    /// A state with the bounded functions, Lua's own kept in `C`, and its clock.
     fn bounded() -> (Lua, Rc<Clock>) {
         let lua = Lua::new();
+        lua.load("C = { find = string.find, match = string.match, gmatch = string.gmatch, gsub = string.gsub }")
+            .exec()
+            .unwrap();
         let clock = Rc::new(Clock::default());
         let relay: Function = lua
             .load("return function(level, name, f, ...) return f(...) end")
@@ -1092,6 +1087,28 @@ end
             .unwrap();
         install(&lua, &lua.globals(), relay, &clock).unwrap();
         (lua, clock)
+    }
+
+    /// Runs `code` under a deadline of 200 ms: it ends with the deadline's error,
+    /// within `secs` seconds.
+    fn ends_at_the_deadline(lua: &Lua, clock: &Clock, code: &str, secs: u64) {
+        let deadline = crate::slices::Deadline::after(
+            std::time::Duration::from_millis(200),
+            "the handler ran past its timeout",
+        );
+        let started = std::time::Instant::now();
+        let err = clock
+            .within(deadline, || lua.load(code).exec())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the handler ran past its timeout"),
+            "{code}: {err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(secs),
+            "{code}"
+        );
     }
 
     /// A `gsub` whose result the state could never hold built it in Rust's memory,
@@ -1129,20 +1146,12 @@ end
             .unwrap();
         assert!(!ok);
         assert_eq!(err, "not enough memory");
-        let deadline = crate::slices::Deadline::after(
-            std::time::Duration::from_millis(200),
-            "the handler ran past its timeout",
+        ends_at_the_deadline(
+            &lua,
+            &clock,
+            "return string.gsub(string.rep('x', 1e5), '', string.rep('%0', 5e6))",
+            10,
         );
-        let started = std::time::Instant::now();
-        let err = clock
-            .within(deadline, || {
-                lua.load("return string.gsub(string.rep('x', 1e5), '', string.rep('%0', 5e6))")
-                    .exec()
-            })
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("the handler ran past its timeout"), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     /// What the state holds counts its garbage: a result that fits once it is
@@ -1171,22 +1180,12 @@ end
     #[test]
     fn a_long_class_counts_its_bytes_and_ends_at_the_deadline() {
         let (lua, clock) = bounded();
-        let deadline = crate::slices::Deadline::after(
-            std::time::Duration::from_millis(200),
-            "the handler ran past its timeout",
+        ends_at_the_deadline(
+            &lua,
+            &clock,
+            "return string.find(string.rep('a', 2000), '[' .. string.rep('b', 4e6) .. ']')",
+            10,
         );
-        let started = std::time::Instant::now();
-        let err = clock
-            .within(deadline, || {
-                lua.load(
-                    "return string.find(string.rep('a', 2000), '[' .. string.rep('b', 4e6) .. ']')",
-                )
-                .exec()
-            })
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("the handler ran past its timeout"), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     /// Lua's plain search compares at every place its first byte matches: this one
@@ -1239,23 +1238,7 @@ end
         );
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
 
-        let lua = Lua::new();
-        let clock = Rc::new(Clock::default());
-        let relay: Function = lua
-            .load("return function(level, name, f, ...) return f(...) end")
-            .eval()
-            .unwrap();
-        install(&lua, &lua.globals(), relay, &clock).unwrap();
-        let started = std::time::Instant::now();
-        let deadline = crate::slices::Deadline::after(
-            std::time::Duration::from_millis(200),
-            "the handler ran past its timeout",
-        );
-        let err = clock
-            .within(deadline, || lua.load(search).exec())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("the handler ran past its timeout"), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let (lua, clock) = bounded();
+        ends_at_the_deadline(&lua, &clock, search, 2);
     }
 }
