@@ -157,10 +157,7 @@ impl Settler {
             // No settlement can reach the broker any more, and it has taken back
             // what it delivered here: an `Ok` marked in a round would be a lie until
             // the subscription next looked at its channel.
-            state.kill(CHANNEL_GONE);
-            drop(state);
-            self.wake.notify_one();
-            return Err(Error::new(ErrorKind::Internal, CHANNEL_GONE).retryable_if(false));
+            return self.gone(state);
         }
         match state.tags.get_mut(&tag) {
             Some(m @ Mark::Unsettled) => *m = mark,
@@ -175,11 +172,7 @@ impl Settler {
             let round = state.take_round();
             if let Err(e) = self.hand_over(&round) {
                 settling_failed(&e);
-                state.kill(CHANNEL_GONE);
-                drop(state);
-                // The flusher has nothing left to send but must say it is done.
-                self.wake.notify_one();
-                return Err(Error::new(ErrorKind::Internal, CHANNEL_GONE).retryable_if(false));
+                return self.gone(state);
             }
             return Ok(());
         }
@@ -189,6 +182,15 @@ impl Settler {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Refuses this settlement and every one after it: the channel is gone. The
+    /// flusher has nothing left to send but must say it is done.
+    fn gone(&self, mut state: std::sync::MutexGuard<'_, SettleState>) -> Result<()> {
+        state.kill(CHANNEL_GONE);
+        drop(state);
+        self.wake.notify_one();
+        Err(Error::new(ErrorKind::Internal, CHANNEL_GONE).retryable_if(false))
     }
 
     /// Whether the broker has taken back what this channel delivered and nobody

@@ -325,7 +325,6 @@ impl SendTask {
                 }
                 continue;
             };
-            let max_frame = self.connector.broker_max_frame();
             let sent = {
                 let send = attached.link.send_batchable_ref(&request.sendable);
                 tokio::pin!(send);
@@ -345,7 +344,13 @@ impl SendTask {
                     // caller publishes again. A send stopped there writes nothing, and
                     // one stopped later writes nothing either when the message goes in
                     // one frame.
-                    None if fits_one_frame(&request.sendable, max_frame) => continue,
+                    None if fits_one_frame(
+                        &request.sendable,
+                        self.connector.broker_max_frame(),
+                    ) =>
+                    {
+                        continue;
+                    }
                     // A transfer of several frames stopped part way would break the
                     // link: it goes on to its end.
                     None => tokio::select! {

@@ -783,16 +783,16 @@ trait StopSignals {
     async fn next(&mut self) -> &'static str;
 }
 
-/// Waits for `shutdown`; `None` if a SIGINT after the first signal cut it short (what
-/// was returned so far stays returned), unless it came within [`SAME_REQUEST`] of a
-/// SIGINT before it: one request signalled twice, as `timeout -s INT` does.
-/// `began_with` is the signal that began the stop, if one did. A stop a signal began counts that signal as
-/// the first; one that began otherwise (the queues idle, or their counts unreadable)
-/// waits for one more: an orchestrator's ordinary SIGTERM during it asks for what is
-/// already happening. SIGTERM and SIGHUP never cut a stop short, however often they
-/// come: one stop request often arrives twice (GNU `timeout` and some entrypoints
-/// signal the process and then its group), and that exited at once, skipping the
-/// summary and cutting settlements short (review). A person presses Ctrl-C twice.
+/// Waits for `shutdown`; `None` if a SIGINT cut it short (what was returned so far
+/// stays returned). `began_with` is the signal that began the stop, if one did: it
+/// counts as the first, and a stop that began otherwise (the queues idle, or their
+/// counts unreadable) waits for one more, as an orchestrator's ordinary SIGTERM
+/// during it asks for what is already happening. After the first, a SIGINT exits at
+/// once, unless it comes within [`SAME_REQUEST`] of the first SIGINT of a burst (one
+/// request signalled twice, as `timeout -s INT` does). SIGTERM and SIGHUP never cut a
+/// stop short: one stop request often arrives twice (GNU `timeout` and some
+/// entrypoints signal the process and then its group), and that exited at once,
+/// skipping the summary and cutting settlements short (review).
 async fn unless_signalled_again<T>(
     shutdown: impl std::future::Future<Output = T>,
     signals: &mut impl StopSignals,
@@ -825,8 +825,8 @@ async fn unless_signalled_again<T>(
     }
 }
 
-/// Signals closer than this to the one before are one request sent twice (to the
-/// process, then to its group); a person pressing Ctrl-C twice is slower.
+/// Signals closer than this to the first of their burst are one request sent twice
+/// (to the process, then to its group); a person pressing Ctrl-C twice is slower.
 const SAME_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
