@@ -362,7 +362,9 @@ impl ReceiveTask {
                 Event::Control(Some(control)) => self.handle(&mut attached.link, control).await,
                 Event::FlushDue => self.send_accepts(&attached.link).await,
                 Event::Delivery(delivery) => {
-                    self.deliver_burst(&mut attached.link, *delivery).await
+                    let session_ended = || attached.session.is_ended();
+                    self.deliver_burst(&mut attached.link, session_ended, *delivery)
+                        .await
                 }
             };
             match step {
@@ -483,8 +485,18 @@ impl ReceiveTask {
 
     /// Takes `first` and the transfers already waiting behind it (up to [`BURST`]),
     /// then hands them to the consumer together: it is woken once for them, not once
-    /// each (docs/performance.md, "Broker drivers").
-    async fn deliver_burst(&mut self, link: &mut Receiver, first: Received) -> Step {
+    /// each (docs/performance.md, "Broker drivers"). A burst whose link or session is
+    /// gone by then is dropped instead: fe2o3-amqp hands out the transfers it had
+    /// queued before the broker's `detach` or `end` (or the connection's loss), and the
+    /// broker has those back already; handed over, each would have run its handler
+    /// while the broker delivers it again, and an ack made before this task noticed
+    /// the loss said `Ok` (docs/drivers/amqp10.md, "Connection loss").
+    async fn deliver_burst(
+        &mut self,
+        link: &mut Receiver,
+        session_ended: impl Fn() -> bool,
+        first: Received,
+    ) -> Step {
         let mut step = self.take_in(first);
         for _ in 1..BURST {
             if !matches!(step, Step::Continue) {
@@ -498,6 +510,18 @@ impl ReceiveTask {
                 Poll::Ready(received) => step = self.take_in(received),
                 Poll::Pending => break,
             }
+        }
+        if matches!(step, Step::Continue) && session_ended() {
+            tracing::warn!(queue = %self.spec.queue, "amqp10 receiver: its session ended; re-attaching");
+            step = Step::LinkLost;
+        }
+        if matches!(step, Step::LinkLost) {
+            // Dropped, each delivery's acker hands over a release of the lost link,
+            // which settles nothing.
+            self.buffered.fetch_sub(self.burst.len(), Ordering::AcqRel);
+            self.burst.clear();
+            self.unreadable.clear();
+            return step;
         }
         for delivery in self.burst.drain(..) {
             if self.out.send(Ok((self.epoch, delivery))).is_err() {
