@@ -79,7 +79,11 @@ impl Entry {
     /// An error about this entry, at the field's line if it has one.
     pub fn error(&self, field: Option<&str>, message: impl Into<String>) -> ConfigError {
         let line = field
-            .and_then(|f| self.field_lines.get(f.split('.').next().unwrap_or(f)))
+            // `retry.backoff` is on `retry`'s line, `url[1]` on `url`'s.
+            .and_then(|f| {
+                self.field_lines
+                    .get(f.split(['.', '[']).next().unwrap_or(f))
+            })
             .copied()
             .unwrap_or(self.line);
         ConfigError {
@@ -499,6 +503,15 @@ fn check_consumer(entry: &Entry, c: &ConsumerEntry) -> Result<(), ConfigError> {
             "must be longer than 0s (leave it out for no limit)",
         ));
     }
+    // The function runs in its own file with its entry's opt-ins: the consumer's were
+    // neither applied nor checked, so a handler that needed them failed every delivery
+    // after `check` said ok (review).
+    if c.func.is_some() && c.sandbox != SandboxConfig::default() {
+        return Err(entry.error(
+            Some("sandbox"),
+            "a consumer with `func` runs that function.lua entry's file: give `sandbox:` there",
+        ));
+    }
     // `method` alone is found in the configuration's Lua files when it is planned
     // (docs/configuration.md, "Where a consumer's method is found").
     match (&c.func, &c.source, &c.method) {
@@ -736,6 +749,19 @@ mod tests {
         }
         let fine = load_text("namespace: app\nlua:\n  memory_limit: 1MiB\nentries: []\n").unwrap();
         assert_eq!(fine.lua_memory_limit, Some(1024 * 1024));
+    }
+
+    #[test]
+    fn a_sandbox_on_a_consumer_with_func_is_refused_not_ignored() {
+        for allow in ["[os]", "[bogus]"] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - kind: function.lua\n    id: send\n    source: h.lua\n    method: send\n  - kind: queue.consumer\n    id: w\n    queue: app:q\n    func: send\n    sandbox:\n      allow: {allow}\n"
+            ));
+            assert_eq!(e.field.as_deref(), Some("sandbox"), "{e:?}");
+            // A nested field's line is its first key's.
+            assert_eq!(e.line, 12, "{e:?}");
+            assert!(e.message.contains("function.lua"), "{e:?}");
+        }
     }
 
     #[test]
