@@ -226,11 +226,13 @@ impl Amqp091Config {
                 "must be at least reconnect_delay",
             ));
         }
-        if self.publish_timeout.is_zero() || self.connection_timeout.is_zero() {
-            return Err(field_error(
-                "publish_timeout/connection_timeout",
-                "must be more than 0",
-            ));
+        for (field, timeout) in [
+            ("publish_timeout", self.publish_timeout),
+            ("connection_timeout", self.connection_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(field_error(field, "must be more than 0"));
+            }
         }
         if let Some(hb) = self.heartbeat
             && !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX))).contains(&hb)
@@ -362,6 +364,21 @@ impl Amqp091Config {
         }
         if let Some(vhost) = &self.vhost {
             uri.vhost = vhost.clone();
+        }
+        // The fields say these, checked; the URL's query said them unchecked: lapin
+        // reads `heartbeat=0` as the broker's value, where pika and kombu turn
+        // heartbeats off, and the field overwrote the query's timeout (review).
+        if uri.query.heartbeat == Some(0) {
+            return Err(field_error(
+                &self.url_field(i),
+                "`heartbeat=0` cannot turn heartbeats off (it means the broker's value): leave it out, or set the `heartbeat` field",
+            ));
+        }
+        if uri.query.connection_timeout.is_some() {
+            return Err(field_error(
+                &self.url_field(i),
+                "give the `connection_timeout` field instead of the URL's `connection_timeout=`",
+            ));
         }
         if let Some(hb) = self.heartbeat {
             uri.query.heartbeat = Some(u16::try_from(hb.as_secs()).unwrap_or(u16::MAX));
@@ -709,6 +726,25 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.details()["field"], "heartbeat", "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn url_query_settings_the_fields_give_are_refused_where_they_mislead() {
+        for url in [
+            "amqp://u:p@127.0.0.1:5672/?heartbeat=0",
+            "amqp://u:p@127.0.0.1:5672/?connection_timeout=60000",
+        ] {
+            let Err(err) = Amqp091Config::from_json(json!({ "url": url }))
+                .and_then(|config| config.endpoints())
+            else {
+                panic!("{url} was taken");
+            };
+            assert_eq!(err.details()["field"], "url", "{url}: {err}");
+        }
+        let config =
+            Amqp091Config::from_json(json!({ "url": "amqp://u:p@127.0.0.1:5672/?heartbeat=5" }))
+                .unwrap();
+        assert_eq!(config.endpoints().unwrap()[0].uri.query.heartbeat, Some(5));
     }
 
     /// The broker's `consumer_timeout` is the longest a delivery may stay unsettled:
