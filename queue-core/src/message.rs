@@ -589,6 +589,24 @@ impl Message {
                 self.id
             ));
         }
+        if self.content_type.len() > MAX_NAME_BYTES {
+            // AMQP 0-9-1 carries at most 255 bytes: refused there, a copy bound for it
+            // (a dead-letter queue on RabbitMQ of a Redis queue's message) never
+            // moved, and its original went back and came again for ever (review).
+            // The base type is what a handler's payload is decoded by.
+            let base = self.content_type.split(';').next().unwrap_or("").trim();
+            let shorter = if base.is_empty() || base.len() > MAX_NAME_BYTES {
+                "application/octet-stream"
+            } else {
+                base
+            }
+            .to_string();
+            let original = std::mem::replace(&mut self.content_type, shorter.clone());
+            dropped.push(format!(
+                "content type {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {shorter}",
+                preview(&original)
+            ));
+        }
         let headers = &mut self.headers;
         let mut drop_header = |headers: &mut Headers, key: &str, why: String| {
             if let Some(value) = headers.remove(key) {
@@ -956,6 +974,25 @@ mod tests {
             (1..=MAX_PUBLISHED_HEADERS).map(|n| (format!("h{n}"), HeaderValue::Bool(true))),
         );
         enough.validate_for_publish().unwrap();
+    }
+
+    #[test]
+    fn a_content_type_no_amqp_091_broker_carries_is_shortened_to_its_base_type() {
+        let long = format!("text/plain; x={}", "p".repeat(300));
+        let mut message = Message::from_bytes(b"{}".to_vec(), Headers::new(), &long);
+        let dropped = message.make_republishable();
+        assert_eq!(message.content_type, "text/plain");
+        assert!(dropped[0].contains("content type"), "{dropped:?}");
+        let mut message = Message::from_bytes(b"{}".to_vec(), Headers::new(), &"t".repeat(300));
+        message.make_republishable();
+        assert_eq!(message.content_type, "application/octet-stream");
+        let mut fine = Message::from_bytes(
+            b"{}".to_vec(),
+            Headers::new(),
+            "application/json; charset=utf-8",
+        );
+        assert!(fine.make_republishable().is_empty());
+        assert_eq!(fine.content_type, "application/json; charset=utf-8");
     }
 
     #[test]
