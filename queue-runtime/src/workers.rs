@@ -747,21 +747,20 @@ async fn give_up(delivery: &Delivery, consumer: &ConsumerRuntime, reason: &str) 
     Ok(())
 }
 
-/// Runs a failed delivery's settlement (`settling`: its retry, its dead letter). On
-/// a driver without delays that settlement holds the delivery through a wait (its
-/// backoff, or a dead letter's longest one: docs/consumers.md, "Retries and dead
-/// letters"): it goes on as a task of its own, counted busy and awaited by shutdown
-/// like the runners, so that the handler's slot takes the next delivery meanwhile. A
-/// slot that waited held its consumer for every wait (a poison message per slot
-/// stopped it).
+/// Runs a failed delivery's settlement (`settling`: its retry, its dead letter). A
+/// settlement can hold the delivery through a wait (on a driver without delays its
+/// backoff, or a dead letter's longest one; on any driver, the backoff before a
+/// message whose copy could not be published goes back: docs/consumers.md, "Retries
+/// and dead letters"): one not done at once goes on as a task of its own, counted
+/// busy and awaited by shutdown like the runners, so that the handler's slot takes
+/// the next delivery meanwhile. A slot that waited held its consumer for every wait
+/// (a poison message per slot stopped it; on a full queue, a message whose copy found
+/// no room, for good).
 async fn leaving_the_slot(
     runners: &Rc<Runners>,
     delivery: &Arc<Delivery>,
     settling: impl Future<Output = Result<()>> + 'static,
 ) -> Result<()> {
-    if runners.consumer.failure.driver.capabilities().delay {
-        return settling.await;
-    }
     let held_by = Rc::clone(runners);
     let mut settling = Box::pin(
         async move {

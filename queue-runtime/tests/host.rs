@@ -364,13 +364,55 @@ async fn a_nack_under_way_past_its_handlers_timeout_keeps_the_host_busy() {
 async fn start_holding_for_a_minute(
     consumer: &str,
 ) -> (tempfile::TempDir, Arc<ControlledDriver>, Host) {
-    let app = APP
-        .replace(
-            "    max_length: 5000\n  - name: out",
-            "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
-        )
-        .replace("    concurrency: 1000\n    prefetch: 1000\n", consumer);
-    start_on(ControlledDriver::without_delays(), &app, 1).await
+    start_on(
+        ControlledDriver::without_delays(),
+        &backoff_of_a_minute(consumer),
+        1,
+    )
+    .await
+}
+
+/// [`APP`] with a backoff of a minute on `app:jobs`, and `consumer`'s settings.
+fn backoff_of_a_minute(consumer: &str) -> String {
+    APP.replace(
+        "    max_length: 5000\n  - name: out",
+        "    max_length: 5000\n    retry:\n      backoff:\n        initial: 60s\n  - name: out",
+    )
+    .replace("    concurrency: 1000\n    prefetch: 1000\n", consumer)
+}
+
+/// On a driver with delays, a failed message whose retry copy cannot be published
+/// (the broker's publishing down, a full queue) goes back to its queue after its
+/// backoff. That wait leaves the handler's slot to the next delivery: it held it, and
+/// with `concurrency: 1` a full queue whose producer took every freed place stopped
+/// the consumer for good, the message handled again and again (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_waiting_to_go_back_leaves_its_handler_slot_to_the_next() {
+    let consumer = "    concurrency: 1\n    prefetch: 2\n";
+    let app = backoff_of_a_minute(consumer);
+    let (_dir, driver, host) = start_on(ControlledDriver::new(), &app, 1).await;
+    let jobs = QueueId::parse("app:jobs").unwrap();
+    driver.hold_publishes();
+    for n in [7, 8] {
+        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
+    }
+    driver.wait_for_held(1).await;
+    assert!(driver.refuse_next(), "the first handler fails");
+    driver.wait_for_held(1).await;
+    assert!(driver.refuse_next(), "its retry copy is not published");
+    within(
+        "the next delivery's handler, while the failed one waits to go back",
+        driver.wait_for_held(1),
+    )
+    .await;
+    assert!(driver.confirm_next(), "the second handler publishes");
+    wait_for_acks(&driver, &jobs, 1, "the second message handled and acked").await;
+    let summary = within("shutdown", host.shutdown()).await;
+    assert_eq!(
+        (summary[0].acked, summary[0].ready),
+        (Some(1), Some(1)),
+        "the failed delivery is back in its queue, unacked, at the stop"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
