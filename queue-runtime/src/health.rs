@@ -25,18 +25,44 @@ pub struct Attachment {
     pub attached: Arc<AtomicUsize>,
 }
 
+/// The instances of one `process.lua` entry: how many still run, and how many
+/// failed (raised, or returned a failure).
+#[derive(Clone, Debug, Default)]
+pub struct ProcessState {
+    /// The instances it started.
+    pub instances: usize,
+    /// Those still running.
+    pub running: Arc<AtomicUsize>,
+    /// Those that failed.
+    pub failed: Arc<AtomicUsize>,
+}
+
+/// The processes of a runtime, by entry id.
+type Processes = BTreeMap<String, ProcessState>;
+
+/// What the runtime runs, once it has it.
+struct Running {
+    drivers: Drivers,
+    consumers: Consumers,
+    processes: Processes,
+}
+
 /// What the runtime runs on, once it has it; shared with the HTTP server, which
 /// starts before the drivers exist (it answers while `run` waits for brokers).
 #[derive(Clone, Default)]
 pub struct Readiness {
-    running: Arc<RwLock<Option<(Drivers, Consumers)>>>,
+    running: Arc<RwLock<Option<Running>>>,
     stopping: Arc<AtomicBool>,
 }
 
 impl Readiness {
-    /// The runtime started with these drivers and consumers.
-    pub fn started(&self, drivers: Drivers, consumers: Consumers) {
-        *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some((drivers, consumers));
+    /// The runtime started with these drivers, consumers and processes.
+    pub fn started(&self, drivers: Drivers, consumers: Consumers, processes: Processes) {
+        *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some(Running {
+            drivers,
+            consumers,
+            processes,
+        });
     }
 
     /// The runtime began to stop: it takes nothing more, whatever its drivers and
@@ -47,14 +73,20 @@ impl Readiness {
     }
 
     /// Whether the runtime is ready, and a JSON body that says what is and is not:
-    /// `{"status": "ready" | "starting" | "reconnecting" | "detached" | "stopping", "drivers": {id:
-    /// {...}}, "consumers": {id: {"attached": n, "of": m}}}`.
+    /// `{"status": "ready" | "starting" | "reconnecting" | "detached" | "process_failed"
+    /// | "stopping", "drivers": {id: {...}}, "consumers": {id: {"attached": n, "of": m}},
+    /// "processes": {id: {"running": n, "failed": n, "of": m}}}`.
     pub fn report(&self) -> (bool, serde_json::Value) {
         let running = self.running.read().unwrap_or_else(|p| p.into_inner());
-        let Some((drivers, consumers)) = running.as_ref() else {
+        let Some(Running {
+            drivers,
+            consumers,
+            processes,
+        }) = running.as_ref()
+        else {
             return (
                 false,
-                serde_json::json!({"status": "starting", "drivers": {}, "consumers": {}}),
+                serde_json::json!({"status": "starting", "drivers": {}, "consumers": {}, "processes": {}}),
             );
         };
         let mut ready = true;
@@ -84,16 +116,43 @@ impl Readiness {
                 serde_json::json!({"attached": attached, "of": consumer.subscriptions}),
             );
         }
+        // A process that failed stays failed: its work (a producer's loop) is not
+        // done by anyone until the runtime is restarted, which only its ERROR line
+        // said before (docs/operations.md, "Metrics and health").
+        let mut none_failed = true;
+        let mut process_states = serde_json::Map::new();
+        for (id, process) in processes {
+            let failed = process.failed.load(Ordering::Acquire);
+            none_failed &= failed == 0;
+            process_states.insert(
+                id.clone(),
+                serde_json::json!({
+                    "running": process.running.load(Ordering::Acquire),
+                    "failed": failed,
+                    "of": process.instances,
+                }),
+            );
+        }
         let stopping = self.stopping.load(Ordering::Acquire);
-        let status = match (stopping, ready, all_attached) {
-            (true, _, _) => "stopping",
-            (false, false, _) => "reconnecting",
-            (false, true, false) => "detached",
-            (false, true, true) => "ready",
+        let status = if stopping {
+            "stopping"
+        } else if !ready {
+            "reconnecting"
+        } else if !all_attached {
+            "detached"
+        } else if !none_failed {
+            "process_failed"
+        } else {
+            "ready"
         };
         (
-            !stopping && ready && all_attached,
-            serde_json::json!({"status": status, "drivers": shown, "consumers": attachments}),
+            status == "ready",
+            serde_json::json!({
+                "status": status,
+                "drivers": shown,
+                "consumers": attachments,
+                "processes": process_states,
+            }),
         )
     }
 }
@@ -117,13 +176,34 @@ mod tests {
             "app:memory".to_string(),
             Arc::new(queue_core::memory::MemoryDriver::new()) as Arc<dyn Driver>,
         )]);
+        let process = ProcessState {
+            instances: 2,
+            running: Arc::new(AtomicUsize::new(2)),
+            failed: Arc::new(AtomicUsize::new(0)),
+        };
         readiness.started(
             drivers,
             BTreeMap::from([("app:worker".to_string(), consumer.clone())]),
+            BTreeMap::from([("app:producer".to_string(), process.clone())]),
         );
         let (ready, body) = readiness.report();
         assert!(ready, "{body}");
         assert_eq!(body["consumers"]["app:worker"]["attached"], 2);
+
+        // One instance of the process finished, the other failed: not ready until
+        // the runtime is restarted.
+        process.running.store(0, Ordering::Release);
+        let (ready, body) = readiness.report();
+        assert!(ready, "a process that finished is no fault: {body}");
+        process.failed.store(1, Ordering::Release);
+        let (ready, body) = readiness.report();
+        assert!(!ready);
+        assert_eq!(body["status"], "process_failed");
+        assert_eq!(
+            body["processes"]["app:producer"],
+            serde_json::json!({"running": 0, "failed": 1, "of": 2})
+        );
+        process.failed.store(0, Ordering::Release);
 
         // One of its two subscriptions ended.
         consumer.attached.fetch_sub(1, Ordering::AcqRel);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use queue_core::{Backoff, ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
 use tokio::sync::{oneshot, watch};
 
-use crate::health::Attachment;
+use crate::health::{Attachment, ProcessState};
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan, ProcessPlan};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
@@ -177,6 +177,7 @@ pub struct Host {
     busy: Busy,
     processes_running: Arc<AtomicUsize>,
     process_failures: Arc<AtomicUsize>,
+    process_states: BTreeMap<String, ProcessState>,
 }
 
 impl Host {
@@ -329,10 +330,18 @@ impl Host {
         go.send_replace(true);
         let processes_running = Arc::new(AtomicUsize::new(0));
         let process_failures = Arc::new(AtomicUsize::new(0));
+        let mut process_states = BTreeMap::new();
         for p in processes {
+            let state = ProcessState {
+                instances: p.instances as usize,
+                ..ProcessState::default()
+            };
+            let meters = crate::metrics::ProcessMeters::new(&p.id);
             for instance in 1..=p.instances {
                 let (done, result) = tokio::sync::oneshot::channel();
                 processes_running.fetch_add(1, Ordering::AcqRel);
+                state.running.fetch_add(1, Ordering::AcqRel);
+                meters.running.increment(1);
                 workers.dispatch(Job::Process {
                     plan: Arc::clone(&p),
                     instance,
@@ -340,12 +349,15 @@ impl Host {
                 });
                 let running = Arc::clone(&processes_running);
                 let failures = Arc::clone(&process_failures);
+                let (state, meters) = (state.clone(), meters.clone());
                 let id = p.id.clone();
                 tokio::spawn(async move {
                     match result.await {
                         Ok(Ok(())) => tracing::info!(process = %id, instance, "process finished"),
                         Ok(Err(e)) => {
                             failures.fetch_add(1, Ordering::AcqRel);
+                            state.failed.fetch_add(1, Ordering::AcqRel);
+                            meters.failures.increment(1);
                             tracing::error!(process = %id, instance, error = %e, "process failed");
                         }
                         Err(_) => {
@@ -353,8 +365,11 @@ impl Host {
                         }
                     }
                     running.fetch_sub(1, Ordering::AcqRel);
+                    state.running.fetch_sub(1, Ordering::AcqRel);
+                    meters.running.decrement(1);
                 });
             }
+            process_states.insert(p.id.clone(), state);
         }
         Ok(Host {
             plan,
@@ -366,6 +381,7 @@ impl Host {
             busy,
             processes_running,
             process_failures,
+            process_states,
         })
     }
 
@@ -390,6 +406,11 @@ impl Host {
             .iter()
             .map(|c| (c.id.clone(), c.attachment.clone()))
             .collect()
+    }
+
+    /// Each process's instances, how many still run and how many failed, by id.
+    pub fn processes(&self) -> BTreeMap<String, ProcessState> {
+        self.process_states.clone()
     }
 
     /// How many Lua states run handlers.

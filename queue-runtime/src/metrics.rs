@@ -45,6 +45,10 @@ pub mod names {
     pub const IN_FLIGHT: &str = "queue_in_flight";
     /// Lua states the runtime runs handlers on.
     pub const LUA_STATES: &str = "queue_lua_states";
+    /// Instances of a `process.lua` entry still running, by process.
+    pub const PROCESSES_RUNNING: &str = "queue_processes_running";
+    /// Instances of a `process.lua` entry that failed, by process.
+    pub const PROCESS_FAILURES: &str = "queue_process_failures_total";
 }
 
 /// Installs the process-wide recorder (once) and returns the handle that renders it.
@@ -339,7 +343,11 @@ fn respond(
 /// reads back from the page as it is (docs/operations.md, "Metrics"); a recorder of
 /// an embedder's own sees the escaped form.
 fn queue_label(queue: &QueueId) -> String {
-    let id = queue.as_str();
+    escaped_label(queue.as_str())
+}
+
+/// `id` as a label value the exporter reads back as it is (see [`queue_label`]).
+fn escaped_label(id: &str) -> String {
     if !id.contains(['\\', '"']) {
         return id.to_string();
     }
@@ -401,6 +409,27 @@ impl ConsumerMeters {
             Disposition::Returned => 4,
         };
         self.dispositions[index].increment(1);
+    }
+}
+
+/// The instruments of one `process.lua` entry, registered when it starts (its
+/// failures show from 0).
+#[derive(Clone)]
+pub struct ProcessMeters {
+    /// [`names::PROCESSES_RUNNING`] for the process.
+    pub running: metrics::Gauge,
+    /// [`names::PROCESS_FAILURES`] for the process.
+    pub failures: metrics::Counter,
+}
+
+impl ProcessMeters {
+    /// The instruments of the process entry `id`.
+    pub fn new(id: &str) -> ProcessMeters {
+        let label = escaped_label(id);
+        ProcessMeters {
+            running: metrics::gauge!(names::PROCESSES_RUNNING, "process" => label.clone()),
+            failures: metrics::counter!(names::PROCESS_FAILURES, "process" => label),
+        }
     }
 }
 

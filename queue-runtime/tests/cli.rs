@@ -526,6 +526,34 @@ fn a_process_that_returns_a_failure_fails() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
+/// A process that fails while the runtime runs on (its consumers serving) shows on
+/// `/ready` and `/metrics`: only its ERROR line said so before, and a producer that
+/// died left a runtime that read ready for good (review).
+#[test]
+fn a_failed_process_shows_on_ready_and_metrics() {
+    let yaml = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n    instances: 2\n";
+    let lua = "function handle(p) end\nfunction main(instance)\n  if instance == 2 then error('the export failed') end\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn(&["run", "--metrics-addr", &addr, "app.yaml"], dir.path());
+    wait_for_metrics(port, "the process's failure counted", |m| {
+        metric(m, "queue_process_failures_total{process=\"app:p\"}") == Some(1.0)
+            && metric(m, "queue_processes_running{process=\"app:p\"}") == Some(0.0)
+    });
+    let (status, body) = http_get_with_status(port, "/ready").expect("/ready answers");
+    assert_eq!(status, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["status"], "process_failed", "{body}");
+    assert_eq!(
+        body["processes"]["app:p"],
+        serde_json::json!({"running": 0, "failed": 1, "of": 2})
+    );
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// Processes run on while a stop lets the handlers finish, and may fail then: the
 /// exit code of `--exit-when-idle` read the count of failed processes before the
 /// stop, and said 0 (review).
