@@ -179,6 +179,24 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     for kind in ErrorKind::ALL {
         errors.set(kind.constant_name(), kind.as_str())?;
     }
+    // A misspelt constant raises: read as nil, `errors.new{kind = errors.INVALD}` made
+    // an INTERNAL error, retried to its last attempt instead of dead-lettered (review).
+    let strict = lua.create_table()?;
+    strict.raw_set(
+        "__index",
+        lua.create_function(|_, (_, name): (LuaValue, LuaValue)| -> mlua::Result<()> {
+            let name = match name {
+                LuaValue::String(s) => cut_text(&s),
+                other => other.type_name().to_string(),
+            };
+            let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.constant_name()).collect();
+            Err(mlua::Error::runtime(format!(
+                "errors.{name} does not exist (the kinds are errors.{}; the functions errors.new and errors.is)",
+                kinds.join(", errors.")
+            )))
+        })?,
+    )?;
+    errors.set_metatable(Some(strict))?;
     // The state's own, taken before any Lua runs: a value's text (its `__tostring`'s)
     // as a Lua string, cut as it is read like every other text here.
     let tostring: Function = lua.globals().raw_get("tostring")?;

@@ -40,6 +40,13 @@ async fn errors_new_and_is_refuse_what_they_cannot_mean() {
     );
     let text = raised(r#"return errors.is(errors.new("x"), "invalid")"#).await;
     assert!(text.contains(r#"unknown kind "invalid""#), "{text}");
+    // A misspelt constant is no kind at all: read as nil, it made an INTERNAL,
+    // retryable error of what the handler meant as INVALID.
+    let text = raised(r#"return errors.new{message = "bad", kind = errors.INVALD}"#).await;
+    assert!(
+        text.contains("errors.INVALD does not exist") && text.contains("errors.INVALID"),
+        "{text}"
+    );
     let answers = h
         .host
         .eval(
