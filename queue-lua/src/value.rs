@@ -12,6 +12,10 @@ use queue_core::{
 /// [`from_lua_within`] counts: 16 MiB.
 pub const MAX_CONVERTED_BYTES: usize = 16 * 1024 * 1024;
 
+/// A list whose last key is at most this may have any number of holes (see
+/// `Conversion::table`); past it, no more holes than values.
+const MOST_HOLES_ALWAYS: i64 = 10;
+
 /// Converts a Lua value into a body value. Tables with keys exactly `1..n` are arrays,
 /// tables with string keys maps, and an empty table an empty map; strings that are not
 /// UTF-8 become bytes. Functions, userdata, threads, cycles, mixed keys and nesting
@@ -167,13 +171,15 @@ impl Conversion {
         }
         if strings.is_empty() && !ints.is_empty() {
             ints.sort_by_key(|(i, _)| *i);
-            let is_sequence = ints
-                .iter()
-                .enumerate()
-                .all(|(pos, (i, _))| *i == pos as i64 + 1);
-            if !is_sequence {
+            let count = i64::try_from(ints.len()).unwrap_or(i64::MAX);
+            let (first, last) = (ints[0].0, ints[ints.len() - 1].0);
+            // A list's holes are written as null, as lua-cjson writes them: a JSON
+            // list with nulls arrives with holes (nil), and a handler forwarding what
+            // it got was refused INVALID, dead-lettered at once (review). A list more
+            // holes than values is refused, or `{[1e9] = 1}` would be a billion nulls.
+            if first < 1 || (last > MOST_HOLES_ALWAYS && last > count.saturating_mul(2)) {
                 return Err(Error::invalid(format!(
-                    "{path} has integer keys that are not exactly 1..n: a list cannot have holes"
+                    "{path} has integer keys that do not make a list: a list's keys run from 1 to n, with at most as many holes (nil, written as null) as values, or any up to n = {MOST_HOLES_ALWAYS}"
                 )));
             }
         }
@@ -192,6 +198,11 @@ impl Conversion {
         if strings.is_empty() && !ints.is_empty() {
             let mut items = Vec::with_capacity(ints.len());
             for (i, v) in &ints {
+                // The holes before it (checked: at most as many as the values).
+                while i64::try_from(items.len()).unwrap_or(i64::MAX) < i - 1 {
+                    self.take(0)?;
+                    items.push(Value::Nil);
+                }
                 let len = self.path.len();
                 self.path.push_str(&format!("[{i}]"));
                 let item = self.convert(v);

@@ -121,7 +121,11 @@ async fn values_that_cannot_travel_are_invalid_naming_their_path() {
             "data.co",
         ),
         (r#""app:tasks", { 1, 2, x = 3 }"#, "mixes"),
-        (r#""app:tasks", { [1] = "a", [3] = "c" }"#, "1..n"),
+        (
+            r#""app:tasks", { [1] = "a", [30] = "c" }"#,
+            "do not make a list",
+        ),
+        (r#""app:tasks", { [0] = "a", [1] = "b" }"#, "run from 1"),
         (r#""app:tasks", { [true] = 1 }"#, "boolean key"),
         (r#""app:tasks", print"#, "data is a function"),
     ];
@@ -312,6 +316,46 @@ async fn a_key_sent_twice_reaches_the_handler_with_its_last_value() {
         ("b", Value::Array(vec![Value::Bool(true), Value::from("x")])),
     ]);
     assert_eq!(echoed, expected);
+}
+
+/// JSON's `null` is Lua's `nil`: a key that holds it is absent, a list that holds it
+/// has a hole. Forwarding such a payload writes the hole back as `null`; it was
+/// refused, INVALID ("a list cannot have holes"), and the message dead-lettered at its
+/// first attempt (review).
+#[tokio::test]
+async fn a_payload_with_nulls_can_be_forwarded_as_it_came() {
+    let h = Harness::new().await;
+    let message = outside_json(br#"{"tags": [null, "x"], "note": null, "k": 1}"#);
+    let (outcome, _) = h.handle("handlers.lua", "echo", message).await;
+    assert_eq!(outcome, Outcome::Ack);
+    let echoed = h.take("app:raw").await.decode().unwrap();
+    let expected = Value::map([
+        ("tags", Value::Array(vec![Value::Nil, Value::from("x")])),
+        ("k", Value::Int(1)),
+    ]);
+    assert_eq!(echoed, expected);
+    // A list with more holes than values, past ten keys, is still refused.
+    let (kind, message) = publish_error(&h, r#""app:tasks", { [1] = 1, [12] = 2 }"#).await;
+    assert_eq!(kind, "Invalid");
+    assert!(message.contains("data has integer keys"), "{message}");
+    let listed = h
+        .host
+        .eval(r#"return queue.publish("app:tasks", { [2] = "b", [3] = "c", [6] = "f" })"#)
+        .await
+        .unwrap();
+    assert_eq!(listed[0], Value::Bool(true));
+    let holes = h.take("app:tasks").await.decode().unwrap();
+    assert_eq!(
+        holes,
+        Value::Array(vec![
+            Value::Nil,
+            Value::from("b"),
+            Value::from("c"),
+            Value::Nil,
+            Value::Nil,
+            Value::from("f")
+        ])
+    );
 }
 
 #[tokio::test]
