@@ -51,7 +51,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                 Some(other) => one_line(&tostring.call::<mlua::LuaString>(other)?.as_bytes()),
             };
             let fields = match args.next() {
-                Some(v @ LuaValue::Table(_)) => fields_json(&v),
+                Some(v @ LuaValue::Table(_)) => fields_json(&v, &tostring),
                 _ => String::new(),
             };
             emit(level, &message, &fields);
@@ -62,19 +62,72 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     Ok(proxy)
 }
 
-/// The fields as one JSON object, or `{"unloggable_fields": "why"}`: checked as a
-/// JSON body is, so that NaN, Infinity and bytes that are not UTF-8 are said to be
-/// unloggable, where serde_json wrote `null` and an array of numbers for them.
-fn fields_json(fields: &LuaValue) -> String {
-    let checked = from_lua_within(fields, "fields", MAX_FIELDS_BYTES).and_then(|value| {
-        queue_core::Codec::Json.check(&value, "fields")?;
-        Ok(value)
-    });
-    match checked {
-        Ok(value) => serde_json::to_string(&value).unwrap_or_default(),
-        // As JSON: Rust's `{:?}` wrote a control character as `\u{1}`, which is not.
-        Err(e) => serde_json::json!({ "unloggable_fields": e.message() }).to_string(),
+/// The fields as one JSON object: checked as a JSON body is, so that NaN, Infinity
+/// and bytes that are not UTF-8 are said to be unloggable, where serde_json wrote
+/// `null` and an array of numbers for them. When some field cannot be written, the
+/// others still are, each such field as its text (`tostring`: an error value's
+/// `Kind: message`), and `unloggable_fields` says why; one error value among the
+/// fields lost them all (review). `{"unloggable_fields": "why"}` alone when the
+/// fields are no map of names, or too large.
+fn fields_json(fields: &LuaValue, tostring: &mlua::Function) -> String {
+    let checked = checked_json(fields, "fields", MAX_FIELDS_BYTES);
+    let why = match checked {
+        Ok(json) => return json.to_string(),
+        Err(e) => e.message().to_string(),
+    };
+    // As JSON: Rust's `{:?}` wrote a control character as `\u{1}`, which is not.
+    let unloggable = |why: &str| serde_json::json!({ "unloggable_fields": why }).to_string();
+    let LuaValue::Table(table) = fields else {
+        return unloggable(&why);
+    };
+    let mut written = serde_json::Map::new();
+    let mut left = MAX_FIELDS_BYTES;
+    let mut first_why = None;
+    for pair in table.pairs::<LuaValue, LuaValue>() {
+        let Ok((LuaValue::String(name), value)) = pair else {
+            return unloggable(&why);
+        };
+        let name = String::from_utf8_lossy(&name.as_bytes()).into_owned();
+        let path = format!("fields.{name}");
+        let json = match checked_json(&value, &path, left) {
+            Ok(json) => json,
+            Err(e) => {
+                first_why.get_or_insert_with(|| e.message().to_string());
+                let text = match tostring.call::<mlua::LuaString>(value) {
+                    Ok(text) => {
+                        one_line(&text.as_bytes()[..text.as_bytes().len().min(MAX_FIELD_TEXT)])
+                    }
+                    Err(_) => "?".to_string(),
+                };
+                serde_json::Value::String(text)
+            }
+        };
+        let size = name.len() + json.to_string().len();
+        let Some(rest) = left.checked_sub(size) else {
+            return unloggable(&why);
+        };
+        left = rest;
+        written.insert(name, json);
     }
+    written.insert(
+        "unloggable_fields".to_string(),
+        serde_json::Value::String(first_why.unwrap_or(why)),
+    );
+    serde_json::Value::Object(written).to_string()
+}
+
+/// The most of an unloggable field's text a line carries.
+const MAX_FIELD_TEXT: usize = 1024;
+
+/// `value` as JSON, checked as a JSON body is, within `max_bytes`.
+fn checked_json(
+    value: &LuaValue,
+    path: &str,
+    max_bytes: usize,
+) -> queue_core::Result<serde_json::Value> {
+    let value = from_lua_within(value, path, max_bytes)?;
+    queue_core::Codec::Json.check(&value, path)?;
+    serde_json::to_value(&value).map_err(|e| queue_core::Error::invalid(format!("{path}: {e}")))
 }
 
 fn emit(level: &str, message: &str, fields: &str) {
@@ -93,8 +146,32 @@ mod tests {
     #[test]
     fn fields_json_can_write_are_written_and_others_said_unloggable() {
         let lua = Lua::new();
-        let fields = |code: &str| fields_json(&lua.load(code).eval::<LuaValue>().unwrap());
+        let errors = crate::errors::create_module(&lua).unwrap();
+        lua.globals().set("errors", errors).unwrap();
+        let tostring: mlua::Function = lua.globals().get("tostring").unwrap();
+        let fields =
+            |code: &str| fields_json(&lua.load(code).eval::<LuaValue>().unwrap(), &tostring);
         assert_eq!(fields("{ n = 1, s = 'é' }"), r#"{"n":1,"s":"é"}"#);
+        // One field that cannot be written leaves the others: it is its text, and
+        // why it could not be written is said.
+        let said: serde_json::Value = serde_json::from_str(&fields(
+            "{ queue = 'app:out', err = errors.new('smtp down'), f = print }",
+        ))
+        .unwrap();
+        assert_eq!(said["queue"], "app:out", "{said}");
+        assert!(
+            said["err"].as_str().unwrap().contains("smtp down"),
+            "{said}"
+        );
+        assert!(
+            said["f"].as_str().unwrap().starts_with("function"),
+            "{said}"
+        );
+        let why = said["unloggable_fields"].as_str().unwrap();
+        assert!(
+            why.starts_with("fields.err ") || why.starts_with("fields.f "),
+            "{said}"
+        );
         for (code, why) in [
             ("{ ratio = 0/0 }", "ratio"),
             ("{ big = math.huge }", "big"),
@@ -102,8 +179,11 @@ mod tests {
             ("{ ['a\\1'] = 0/0 }", "a"),
         ] {
             let said = fields(code);
+            let parsed: serde_json::Value = serde_json::from_str(&said).unwrap();
             assert!(
-                said.starts_with(r#"{"unloggable_fields":"fields."#),
+                parsed["unloggable_fields"]
+                    .as_str()
+                    .is_some_and(|why| why.starts_with("fields.")),
                 "{code}: {said}"
             );
             assert!(!said.contains("msgpack"), "{code}: {said}");
