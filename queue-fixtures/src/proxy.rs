@@ -53,6 +53,8 @@ struct State {
     clients: usize,
     /// Connections accepted so far.
     accepted: usize,
+    /// How late the broker's first bytes on a connection reach its client.
+    first_reply_delay: Option<Duration>,
 }
 
 /// The signal of [`BrokerProxy::release_delayed`] (a `watch` has no `Default`).
@@ -153,6 +155,13 @@ impl BrokerProxy {
         let mut state = lock(&self.state.0);
         state.delayed_kinds.clear();
         state.released.0.send_modify(|n| *n += 1);
+    }
+
+    /// From now on, the broker's first bytes on each connection reach its client
+    /// `delay` late (later bytes wait behind them): a broker slow to set a connection
+    /// up, a login or handshake of a round trip or more far away.
+    pub fn delay_first_replies(&self, delay: Duration) {
+        lock(&self.state.0).first_reply_delay = Some(delay);
     }
 
     /// From now on, passes every performative again (those withheld before stay
@@ -453,6 +462,7 @@ async fn filter(
     // Frames held back by `delay`, in the order they came.
     let mut delayed: Vec<u8> = Vec::new();
     let mut released = lock(&state.0).released.0.subscribe();
+    let mut first = true;
     loop {
         let read = tokio::select! {
             read = from.read(&mut chunk) => read,
@@ -477,6 +487,12 @@ async fn filter(
         if frozen(&state) || cut_off(&state, index) {
             pending.clear();
             continue;
+        }
+        if std::mem::take(&mut first) {
+            let delay = lock(&state.0).first_reply_delay;
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
         }
         if !framed {
             if to.write_all(&chunk[..n]).await.is_err() {

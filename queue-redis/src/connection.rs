@@ -65,6 +65,8 @@ pub(crate) struct Link {
 struct Current {
     manager: ConnectionManager,
     since: Instant,
+    /// Whether its first connect is still under way (see [`Link::lost`]).
+    connecting: Arc<AtomicBool>,
 }
 
 /// The server's run id and the connection's client id.
@@ -125,6 +127,7 @@ impl Link {
             current: std::sync::RwLock::new(Current {
                 manager,
                 since: Instant::now(),
+                connecting: Arc::new(AtomicBool::new(false)),
             }),
             config: config.clone(),
             node,
@@ -192,7 +195,11 @@ impl Link {
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.since > started {
+        // A connection whose first connect is still under way is kept: replaced at
+        // each command that gave up first, none ever connected where setting one up
+        // (a connect, a login, a round trip or four) takes longer than
+        // `publish_timeout`, and publishing never came back (review).
+        if current.since > started || current.connecting.load(Ordering::Acquire) {
             return;
         }
         // The crate starts a task of the connection as it makes it: on the driver's
@@ -203,9 +210,20 @@ impl Link {
             shared_config(&self.config),
         ) {
             Ok(manager) => {
+                // The crate connects a new connection only while a command waits for
+                // it: this one waits, however long the callers' commands wait, and
+                // within the crate's own limits on a connect.
+                let connecting = Arc::new(AtomicBool::new(true));
+                let (first, done) = (manager.clone(), Arc::clone(&connecting));
+                self.tasks.spawn(async move {
+                    let mut first = first;
+                    let _: RedisResult<String> = redis::cmd("PING").query_async(&mut first).await;
+                    done.store(false, Ordering::Release);
+                });
                 *current = Current {
                     manager,
                     since: Instant::now(),
+                    connecting,
                 };
                 self.connected.store(false, Ordering::Relaxed);
                 self.suspect.store(true, Ordering::Relaxed);

@@ -731,6 +731,45 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     let _ = within("the close", driver.close()).await;
 }
 
+/// A new connection that takes longer to set up than `publish_timeout` (a Redis far
+/// away, a slow login) still comes up: it was replaced at each command that gave up
+/// waiting for it, none ever connected, and publishing never came back (review).
+async fn a_connection_slower_to_set_up_than_publish_timeout_still_comes_up() {
+    use std::time::{Duration, Instant};
+    let (_node, proxy, driver) =
+        behind_a_proxy_with(|c| c.publish_timeout = Duration::from_millis(200)).await;
+    let spec = queue("slow-setup");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let accepted = proxy.accepted();
+    proxy.delay_first_replies(Duration::from_millis(600));
+    proxy.cut_off_open_connections();
+    let lost = within(
+        "a publish on a lost connection",
+        driver.publish(&spec.id, numbered(2)),
+    )
+    .await
+    .expect_err("nothing reached Redis");
+    assert!(lost.retryable(), "{lost}");
+    assert!(proxy.withheld() >= 1, "the publish went through the cut");
+    // Each publish gives up at 200 ms, the new connection answers at 600 ms.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failed = 0;
+    while driver.publish(&spec.id, numbered(3)).await.is_err() {
+        failed += 1;
+        assert!(
+            Instant::now() < deadline,
+            "no publish went through in 20 s ({failed} failed; {} connections made)",
+            proxy.accepted() - accepted
+        );
+    }
+    assert!(
+        proxy.accepted() > accepted,
+        "published without a new connection"
+    );
+    let _ = within("the close", driver.close()).await;
+}
+
 /// An ack that got no reply in time replaces the shared connection as a publish does.
 /// It did not: on a connection lost without a word, every ack and release timed out
 /// on it and its message was delivered again, until a lease renewal or a reap (plain
@@ -921,6 +960,7 @@ queue_testkit::broker_tests! {
         a_consumer_holding_more_than_a_page_reads_on_after_a_cut,
         connections_lost_without_a_word_are_replaced_after_one_timeout,
         an_ack_on_a_connection_lost_without_a_word_replaces_it,
+        a_connection_slower_to_set_up_than_publish_timeout_still_comes_up,
         a_login_revoked_under_a_consumer_is_told_to_it_and_mended,
         a_connection_made_for_another_runtime_outlives_it,
     ];
