@@ -464,16 +464,25 @@ async fn rescan(
         .arg(&shared.consumer)
         .query_async(reader)
         .await?;
-    let ids: Vec<String> = match &pending {
+    // Each pending entry's id and how many times it was delivered so far.
+    let counted: Vec<(String, u64)> = match &pending {
         Value::Array(items) => items
             .iter()
             .filter_map(|item| match item {
-                Value::Array(parts) => parts.first().and_then(mapping::text_of),
+                Value::Array(parts) => {
+                    let id = parts.first().and_then(mapping::text_of)?;
+                    let count = match parts.get(3) {
+                        Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                        _ => 0,
+                    };
+                    Some((id, count))
+                }
                 _ => None,
             })
             .collect(),
         _ => Vec::new(),
     };
+    let ids: Vec<String> = counted.iter().map(|(id, _)| id.clone()).collect();
     let lost: Vec<String> = {
         let held = shared.held();
         ids.iter()
@@ -503,7 +512,13 @@ async fn rescan(
         .arg(take)
         .query_async(reader)
         .await?;
-    let (entries, gone) = mapping::entries(&reply);
+    let (mut entries, gone) = mapping::entries(&reply);
+    // The claim counted one more delivery of each.
+    for entry in &mut entries {
+        if let Some((_, count)) = counted.iter().find(|(id, _)| *id == entry.stream_id) {
+            entry.deliveries = count + 1;
+        }
+    }
     if !gone.is_empty() {
         let _: i64 = redis::cmd("XACK")
             .arg(&shared.keys.stream)
@@ -528,6 +543,7 @@ fn deliver(
     let acker = StreamAcker {
         shared: Arc::clone(shared),
         stream_id: entry.stream_id,
+        deliveries: entry.deliveries,
         message_id: entry.message.id.clone(),
         _permit: permit,
     };
@@ -582,6 +598,8 @@ async fn reap(shared: &Shared) {
 struct StreamAcker {
     shared: Arc<Shared>,
     stream_id: String,
+    /// Which delivery of the entry this is (see [`mapping::Entry::deliveries`]).
+    deliveries: u64,
     message_id: String,
     /// Room under the prefetch, given back when the delivery is settled.
     _permit: OwnedSemaphorePermit,
@@ -602,19 +620,24 @@ impl StreamAcker {
             self.message_id,
             shared.queue
         );
-        let (stream, consumer, id) = (
+        let (stream, consumer, id, deliveries) = (
             shared.keys.stream.clone(),
             shared.consumer.clone(),
             self.stream_id.clone(),
+            self.deliveries,
         );
         let settling = shared.link.run(&what, |mut c| async move {
             if ack {
                 let mut invocation = scripts::ACK.key(&stream);
-                invocation.arg(GROUP).arg(&id);
+                invocation.arg(GROUP).arg(&id).arg(deliveries);
                 invocation.invoke_async::<i64>(&mut c).await
             } else {
                 let mut invocation = scripts::RELEASE.key(&stream);
-                invocation.arg(GROUP).arg(&consumer).arg(&id);
+                invocation
+                    .arg(GROUP)
+                    .arg(&consumer)
+                    .arg(&id)
+                    .arg(deliveries);
                 invocation.invoke_async::<i64>(&mut c).await
             }
         });

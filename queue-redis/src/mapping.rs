@@ -75,6 +75,10 @@ pub(crate) struct Entry {
     /// The stream id (`1700000000000-0`).
     pub stream_id: String,
     pub message: Message,
+    /// How many times the group has delivered it, this delivery included (its
+    /// pending entry's count): what tells this delivery from a later one of the same
+    /// entry, whose settlement a late one of this delivery must not make.
+    pub deliveries: u64,
 }
 
 /// Reads a message out of an entry's fields (`[field, value, ...]`).
@@ -135,6 +139,8 @@ pub(crate) fn entries(reply: &Value) -> (Vec<Entry>, Vec<String>) {
             Some(Value::Array(fields)) => found.push(Entry {
                 message: from_fields(&stream_id, fields),
                 stream_id,
+                // A first delivery: a claim sets what it knows (`consume::rescan`).
+                deliveries: 1,
             }),
             _ => gone.push(stream_id),
         }

@@ -121,11 +121,15 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
     )
 });
 
-/// Acknowledges one entry and deletes it. KEYS: stream. ARGV: group, entry id.
-/// Returns 1, or 0 when it was not pending (already settled or returned).
+/// Acknowledges one entry and deletes it. KEYS: stream. ARGV: group, entry id, the
+/// delivery's count. Returns 1, or 0 when it was not pending (already settled or
+/// returned) or is pending for a later delivery (a settlement that arrives late must
+/// not settle the delivery that came after it, which a handler is running).
 pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #held == 0 or held[1][4] ~= tonumber(ARGV[3]) then return 0 end
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
 return acked
@@ -134,14 +138,14 @@ return acked
 });
 
 /// Returns one entry a consumer holds to the queue (a copy at the tail).
-/// KEYS: stream. ARGV: group, consumer, entry id. Returns 1, or 0 when that
-/// consumer did not hold it; an entry that cannot be copied back stays pending, and
-/// the release fails saying so.
+/// KEYS: stream. ARGV: group, consumer, entry id, the delivery's count. Returns 1, or
+/// 0 when that consumer did not hold it for this delivery (see [`ACK`]); an entry
+/// that cannot be copied back stays pending, and the release fails saying so.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
-if #held == 0 then return 0 end
+if #held == 0 or held[1][4] ~= tonumber(ARGV[4]) then return 0 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 if #entry == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])

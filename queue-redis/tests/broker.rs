@@ -426,6 +426,77 @@ async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
     assert_eq!(pending.0, 1, "the wide entry is no longer pending");
 }
 
+/// A settlement that reaches Redis after its entry was delivered again (its reply
+/// late past `publish_timeout`, the reader claiming the entry meanwhile and a
+/// handler running the new delivery) settles nothing: it acked or moved the entry
+/// under that handler, and a release made a copy another consumer then ran beside
+/// it (review). The claim is made here by hand, as the reader makes it.
+async fn a_late_settlement_does_not_settle_the_delivery_after_it() {
+    let spec = queue("late-settle");
+    let (node, driver) = declared(&spec).await;
+    let stream = format!("queue:{{{}}}", spec.name);
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    driver.publish(&spec.id, numbered(2)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 2 })
+        .await
+        .unwrap();
+    let (first, second) = (next(&mut sub).await, next(&mut sub).await);
+    let mut raw = raw_connection(&node).await;
+    // Each entry's id and consumer, from the group's pending list.
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("queue")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut raw)
+        .await
+        .expect("XPENDING");
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    for (id, consumer, _, _) in &pending {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&stream)
+            .arg("queue")
+            .arg(consumer)
+            .arg(0)
+            .arg(id)
+            .query_async(&mut raw)
+            .await
+            .expect("XCLAIM");
+    }
+    for (how, settled) in [
+        ("ack", first.ack().await),
+        ("release", second.release().await),
+    ] {
+        assert!(
+            settled.is_err(),
+            "{how} of an earlier delivery went through"
+        );
+    }
+    let length: u64 = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut raw)
+        .await
+        .expect("XLEN");
+    let still: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("queue")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut raw)
+        .await
+        .expect("XPENDING");
+    assert_eq!(
+        (length, still.len()),
+        (2, 2),
+        "the later deliveries' entries were settled under them: {still:?}"
+    );
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 /// A release Redis refuses for now (out of memory: `maxmemory` reached, with the
 /// default `noeviction`) fails as a passing error, and the message is delivered again
 /// once Redis takes writes: it was reported as too wide to copy back, and stayed
@@ -786,6 +857,19 @@ async fn an_ack_on_a_connection_lost_without_a_word_replaces_it() {
     assert!(lost.retryable(), "{lost}");
     assert!(proxy.withheld() >= 1, "the ack went through the cut");
     publishes_on_a_new_connection(&proxy, accepted, &driver, &spec.id, 2).await;
+    // The reader claims the message whose ack never arrived and delivers it again;
+    // that delivery (the entry's second) is acked as itself.
+    let mut numbers = Vec::new();
+    for _ in 0..2 {
+        let delivery = next(&mut sub).await;
+        numbers.push(number_of(&delivery));
+        delivery
+            .ack()
+            .await
+            .expect("an ack of the delivery as it is now");
+    }
+    numbers.sort();
+    assert_eq!(numbers, vec![1, 2]);
     let _ = within("the close", driver.close()).await;
 }
 
@@ -954,6 +1038,7 @@ queue_testkit::broker_tests! {
         a_dropped_subscription_returns_what_it_held,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         a_release_refused_for_memory_is_delivered_again,
+        a_late_settlement_does_not_settle_the_delivery_after_it,
         a_batch_cut_short_by_maxmemory_says_how_many_were_stored,
         the_largest_prefetch_reads_a_page_at_a_time,
         close_ends_subscriptions_and_refuses_work,
