@@ -368,7 +368,7 @@ impl Amqp091Config {
         // The fields say these, checked; the URL's query said them unchecked: lapin
         // reads `heartbeat=0` as the broker's value, where pika and kombu turn
         // heartbeats off, and the field overwrote the query's timeout (review).
-        if uri.query.heartbeat == Some(0) {
+        if uri.query.heartbeat == Some(0) && self.heartbeat.is_none() {
             return Err(field_error(
                 &self.url_field(i),
                 "`heartbeat=0` cannot turn heartbeats off (it means the broker's value): leave it out, or set the `heartbeat` field",
@@ -745,6 +745,12 @@ mod tests {
             Amqp091Config::from_json(json!({ "url": "amqp://u:p@127.0.0.1:5672/?heartbeat=5" }))
                 .unwrap();
         assert_eq!(config.endpoints().unwrap()[0].uri.query.heartbeat, Some(5));
+        // The field, when set, says the heartbeat: the URL's 0 means nothing then.
+        let config = Amqp091Config::from_json(
+            json!({ "url": "amqp://u:p@127.0.0.1:5672/?heartbeat=0", "heartbeat": "10s" }),
+        )
+        .unwrap();
+        assert_eq!(config.endpoints().unwrap()[0].uri.query.heartbeat, Some(10));
     }
 
     /// The broker's `consumer_timeout` is the longest a delivery may stay unsettled:

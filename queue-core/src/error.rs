@@ -236,6 +236,7 @@ impl Error {
 /// assert_eq!(redact_url("guest:secret@h:5672"), "guest:***@h:5672");
 /// assert_eq!(redact_url("amqp://u:secr"), "amqp://u:***");
 /// assert_eq!(redact_url("amqp://u:83119274"), "amqp://u:***");
+/// assert_eq!(redact_url("amqp://u:+5672"), "amqp://u:***");
 /// assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
 /// // A query parameter named like a secret is hidden too (no client reads one, but a
 /// // careless user writes it there).
@@ -323,7 +324,10 @@ fn redact_userinfo(url: &str) -> String {
             let port = &authority[colon + 1..];
             // Digits past a port's range are a password cut short: shown, they were
             // "not an AMQP URL" with the password in it (review).
-            if port.is_empty() || port.parse::<u16>().is_ok() {
+            // Digits only: `parse` takes a `+` in front, which no URL's port has.
+            if port.is_empty()
+                || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
+            {
                 url.to_string()
             } else {
                 // A broken URL: everything after the colon may be the password.

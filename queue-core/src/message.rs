@@ -593,14 +593,14 @@ impl Message {
             // AMQP 0-9-1 carries at most 255 bytes: refused there, a copy bound for it
             // (a dead-letter queue on RabbitMQ of a Redis queue's message) never
             // moved, and its original went back and came again for ever (review).
-            // The base type is what a handler's payload is decoded by.
-            let base = self.content_type.split(';').next().unwrap_or("").trim();
-            let shorter = if base.is_empty() || base.len() > MAX_NAME_BYTES {
-                "application/octet-stream"
+            // The base type is what a handler's payload is decoded by; one too long
+            // itself gives way to a type read the same way.
+            let base = crate::codec::base_type(&self.content_type);
+            let shorter = if !base.is_empty() && base.len() <= MAX_NAME_BYTES {
+                base.to_string()
             } else {
-                base
-            }
-            .to_string();
+                crate::reading::Reading::short_type_like(&self.content_type).to_string()
+            };
             let original = std::mem::replace(&mut self.content_type, shorter.clone());
             dropped.push(format!(
                 "content type {}...: longer than {MAX_NAME_BYTES} bytes, replaced by {shorter}",
@@ -983,9 +983,30 @@ mod tests {
         let dropped = message.make_republishable();
         assert_eq!(message.content_type, "text/plain");
         assert!(dropped[0].contains("content type"), "{dropped:?}");
-        let mut message = Message::from_bytes(b"{}".to_vec(), Headers::new(), &"t".repeat(300));
-        message.make_republishable();
-        assert_eq!(message.content_type, "application/octet-stream");
+        // A base type too long itself: one read the same way.
+        for (long, short) in [
+            (
+                format!("application/{}+json", "v".repeat(300)),
+                "application/json",
+            ),
+            (format!("text/{}", "t".repeat(300)), "text/plain"),
+            (
+                format!("; x={}", "p".repeat(300)),
+                "application/octet-stream",
+            ),
+            (
+                format!("image/{}", "p".repeat(300)),
+                "application/x-unreadable",
+            ),
+        ] {
+            let mut message = Message::from_bytes(b"{}".to_vec(), Headers::new(), &long);
+            message.make_republishable();
+            assert_eq!(message.content_type, short);
+            assert_eq!(
+                crate::reading::Reading::of(short).map(|r| std::mem::discriminant(&r)),
+                crate::reading::Reading::of(&long).map(|r| std::mem::discriminant(&r))
+            );
+        }
         let mut fine = Message::from_bytes(
             b"{}".to_vec(),
             Headers::new(),

@@ -47,6 +47,18 @@ impl Reading {
         starts_ignoring_case(base, "text/").then_some(Reading::Text)
     }
 
+    /// A short content type read as `content_type` is: for a copy whose own type is
+    /// too long to publish again.
+    pub(crate) fn short_type_like(content_type: &str) -> &'static str {
+        match Reading::of(content_type) {
+            Some(Reading::Codec(codec)) => codec.content_type(),
+            Some(Reading::Text) => "text/plain",
+            Some(Reading::Untyped) => UNTYPED,
+            // Another application's format: no handler reads the copy either.
+            None => "application/x-unreadable",
+        }
+    }
+
     /// Reads `bytes` onto `tape`, replacing what it held.
     pub(crate) fn decode_onto(self, bytes: &[u8], tape: &mut Tape) -> Result<()> {
         match self {

@@ -70,13 +70,13 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
 /// fields lost them all (review). `{"unloggable_fields": "why"}` alone when the
 /// fields are no map of names, or too large.
 fn fields_json(fields: &LuaValue, tostring: &mlua::Function) -> String {
-    let checked = checked_json(fields, "fields", MAX_FIELDS_BYTES);
-    let why = match checked {
-        Ok(json) => return json.to_string(),
-        Err(e) => e.message().to_string(),
-    };
     // As JSON: Rust's `{:?}` wrote a control character as `\u{1}`, which is not.
     let unloggable = |why: &str| serde_json::json!({ "unloggable_fields": why }).to_string();
+    let why = match checked_json(fields, "fields", MAX_FIELDS_BYTES) {
+        Ok(json) => return json.to_string(),
+        Err(e) if crate::value::is_too_large(&e) => return unloggable(e.message()),
+        Err(e) => e.message().to_string(),
+    };
     let LuaValue::Table(table) = fields else {
         return unloggable(&why);
     };
@@ -91,6 +91,7 @@ fn fields_json(fields: &LuaValue, tostring: &mlua::Function) -> String {
         let path = format!("fields.{name}");
         let json = match checked_json(&value, &path, left) {
             Ok(json) => json,
+            Err(e) if crate::value::is_too_large(&e) => return unloggable(e.message()),
             Err(e) => {
                 first_why.get_or_insert_with(|| e.message().to_string());
                 let text = match tostring.call::<mlua::LuaString>(value) {
@@ -167,6 +168,22 @@ mod tests {
             said["f"].as_str().unwrap().starts_with("function"),
             "{said}"
         );
+        // Fields too large are said to be, alone: not half of them logged.
+        let said: serde_json::Value = serde_json::from_str(&fields(
+            "{ a = ('x'):rep(40000), b = ('y'):rep(40000), f = print }",
+        ))
+        .unwrap();
+        assert_eq!(said.as_object().map(|o| o.len()), Some(1), "{said}");
+        assert!(
+            said["unloggable_fields"]
+                .as_str()
+                .unwrap()
+                .contains("takes more than")
+        );
+        let said: serde_json::Value = serde_json::from_str(&fields(
+            "{ queue = 'app:out', err = errors.new('smtp down'), f = print }",
+        ))
+        .unwrap();
         let why = said["unloggable_fields"].as_str().unwrap();
         assert!(
             why.starts_with("fields.err ") || why.starts_with("fields.f "),

@@ -12,9 +12,19 @@ use queue_core::{
 /// [`from_lua_within`] counts: 16 MiB.
 pub const MAX_CONVERTED_BYTES: usize = 16 * 1024 * 1024;
 
-/// A list whose last key is at most this may have any number of holes (see
-/// `Conversion::table`); past it, no more holes than values.
-const MOST_HOLES_ALWAYS: i64 = 10;
+/// The detail a conversion's error has when the value took more than its limit
+/// ([`is_too_large`]).
+const TOO_LARGE: &str = "limit_bytes";
+
+/// Whether `err` says a value took more than its conversion's limit, not that it
+/// cannot be converted at all.
+pub fn is_too_large(err: &Error) -> bool {
+    err.details().contains_key(TOO_LARGE)
+}
+
+/// What a list's hole (a missing key below its last) counts against the size limit:
+/// the bytes of the `null` it is written as.
+const HOLE_BYTES: usize = 4;
 
 /// Converts a Lua value into a body value. Tables with keys exactly `1..n` are arrays,
 /// tables with string keys maps, and an empty table an empty map; strings that are not
@@ -77,6 +87,7 @@ impl Conversion {
              for each place that refers to it)",
             self.path, self.max_bytes
         ))
+        .with_detail(TOO_LARGE, self.max_bytes.to_string())
     }
 
     fn convert(&mut self, value: &LuaValue) -> Result<Value> {
@@ -173,14 +184,23 @@ impl Conversion {
             ints.sort_by_key(|(i, _)| *i);
             let count = i64::try_from(ints.len()).unwrap_or(i64::MAX);
             let (first, last) = (ints[0].0, ints[ints.len() - 1].0);
-            // A list's holes are written as null, as lua-cjson writes them: a JSON
-            // list with nulls arrives with holes (nil), and a handler forwarding what
-            // it got was refused INVALID, dead-lettered at once (review). A list more
-            // holes than values is refused, or `{[1e9] = 1}` would be a billion nulls.
-            if first < 1 || (last > MOST_HOLES_ALWAYS && last > count.saturating_mul(2)) {
+            // A list's holes are written as null: a JSON list with nulls arrives with
+            // holes (nil), and a handler forwarding what it got was refused INVALID,
+            // dead-lettered at once (review). Each hole counts as the 4 bytes of its
+            // `null` against the size limit, so `{[1e9] = 1}` is refused, not a
+            // billion nulls.
+            if first < 1 {
                 return Err(Error::invalid(format!(
-                    "{path} has integer keys that do not make a list: a list's keys run from 1 to n, with at most as many holes (nil, written as null) as values, or any up to n = {MOST_HOLES_ALWAYS}"
+                    "{path} has integer keys that do not make a list: a list's keys run from 1 (table keys must be strings, or 1..n for a list)"
                 )));
+            }
+            let holes = usize::try_from(last.saturating_sub(count)).unwrap_or(usize::MAX);
+            if holes.saturating_mul(HOLE_BYTES) > self.left {
+                return Err(Error::invalid(format!(
+                    "{path} has integer keys up to {last} for {count} values: as a list, its holes written as null, it takes more than {} bytes",
+                    self.max_bytes
+                ))
+                .with_detail(TOO_LARGE, self.max_bytes.to_string()));
             }
         }
         self.open.push(ptr);
@@ -198,9 +218,9 @@ impl Conversion {
         if strings.is_empty() && !ints.is_empty() {
             let mut items = Vec::with_capacity(ints.len());
             for (i, v) in &ints {
-                // The holes before it (checked: at most as many as the values).
+                // The holes before it, each counted as its `null`.
                 while i64::try_from(items.len()).unwrap_or(i64::MAX) < i - 1 {
-                    self.take(0)?;
+                    self.take(HOLE_BYTES - 1)?;
                     items.push(Value::Nil);
                 }
                 let len = self.path.len();

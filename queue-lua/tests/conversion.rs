@@ -122,8 +122,8 @@ async fn values_that_cannot_travel_are_invalid_naming_their_path() {
         ),
         (r#""app:tasks", { 1, 2, x = 3 }"#, "mixes"),
         (
-            r#""app:tasks", { [1] = "a", [30] = "c" }"#,
-            "do not make a list",
+            r#""app:tasks", { [1] = "a", [2^40] = "c" }"#,
+            "has integer keys up to 1099511627776 for 2 values",
         ),
         (r#""app:tasks", { [0] = "a", [1] = "b" }"#, "run from 1"),
         (r#""app:tasks", { [true] = 1 }"#, "boolean key"),
@@ -334,10 +334,23 @@ async fn a_payload_with_nulls_can_be_forwarded_as_it_came() {
         ("k", Value::Int(1)),
     ]);
     assert_eq!(echoed, expected);
-    // A list with more holes than values, past ten keys, is still refused.
-    let (kind, message) = publish_error(&h, r#""app:tasks", { [1] = 1, [12] = 2 }"#).await;
+    // As many holes as fit: twenty nulls and a value, as JSON sends them.
+    let message = outside_json(br#"[null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, "x"]"#);
+    let (outcome, _) = h.handle("handlers.lua", "echo", message).await;
+    assert_eq!(outcome, Outcome::Ack);
+    let mut twenty = vec![Value::Nil; 20];
+    twenty.push(Value::from("x"));
+    assert_eq!(
+        h.take("app:raw").await.decode().unwrap(),
+        Value::Array(twenty)
+    );
+    // More holes than the size limit has room for: refused, not built.
+    let (kind, message) = publish_error(&h, r#""app:tasks", { [1] = 1, [1e9] = 2 }"#).await;
     assert_eq!(kind, "Invalid");
-    assert!(message.contains("data has integer keys"), "{message}");
+    assert!(
+        message.contains("data has integer keys up to 1000000000"),
+        "{message}"
+    );
     let listed = h
         .host
         .eval(r#"return queue.publish("app:tasks", { [2] = "b", [3] = "c", [6] = "f" })"#)

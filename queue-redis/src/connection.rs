@@ -211,15 +211,20 @@ impl Link {
         ) {
             Ok(manager) => {
                 // The crate connects a new connection only while a command waits for
-                // it: this one waits, however long the callers' commands wait, and
-                // within the crate's own limits on a connect.
-                let connecting = Arc::new(AtomicBool::new(true));
-                let (first, done) = (manager.clone(), Arc::clone(&connecting));
-                self.tasks.spawn(async move {
-                    let mut first = first;
-                    let _: RedisResult<String> = redis::cmd("PING").query_async(&mut first).await;
-                    done.store(false, Ordering::Release);
-                });
+                // it: this one waits, however long the callers' commands wait, for at
+                // most two connects' time (the crate would try again for longer, and
+                // a connection that cannot be set up by then may be replaced).
+                let connecting = Arc::new(AtomicBool::new(!self.is_closed()));
+                if !self.is_closed() {
+                    let (first, done) = (manager.clone(), Arc::clone(&connecting));
+                    self.tasks.spawn(async move {
+                        let mut first = first;
+                        let ping = redis::cmd("PING");
+                        let pinged = ping.query_async::<String>(&mut first);
+                        let _ = tokio::time::timeout(2 * CONNECT_TIMEOUT, pinged).await;
+                        done.store(false, Ordering::Release);
+                    });
+                }
                 *current = Current {
                     manager,
                     since: Instant::now(),

@@ -607,7 +607,7 @@ fn configuration_errors_point_at_the_right_line() {
         (
             "a bad url in a list names its place",
             b"namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp10\n    url:\n      - amqp://a\n      - http://b\n",
-            "app.yaml:6: field `url[1]`",
+            "app.yaml:7: field `url[1]`",
         ),
         (
             "a duration of the wrong type",

@@ -79,10 +79,12 @@ impl Entry {
     /// An error about this entry, at the field's line if it has one.
     pub fn error(&self, field: Option<&str>, message: impl Into<String>) -> ConfigError {
         let line = field
-            // `retry.backoff` is on `retry`'s line, `url[1]` on `url`'s.
+            // `url[1]` is on its own line; `retry.backoff` on `retry`'s.
             .and_then(|f| {
-                self.field_lines
-                    .get(f.split(['.', '[']).next().unwrap_or(f))
+                self.field_lines.get(f).or_else(|| {
+                    self.field_lines
+                        .get(f.split(['.', '[']).next().unwrap_or(f))
+                })
             })
             .copied()
             .unwrap_or(self.line);
@@ -137,7 +139,7 @@ struct RawFile {
     #[serde(default)]
     lua: Option<Spanned<RawTopLua>>,
     #[serde(default)]
-    entries: Vec<Spanned<BTreeMap<String, Spanned<serde_json::Value>>>>,
+    entries: Vec<Spanned<BTreeMap<String, Spanned<FieldValue>>>>,
 }
 
 #[derive(Deserialize)]
@@ -375,19 +377,109 @@ const LIBRARY_WORDS: [&str; 6] = [
     "_multiple",
 ];
 
+/// An entry field's value, with the line of each item when it is a list, for errors
+/// about one item (`url[1]`) to name its line.
+struct FieldValue {
+    value: serde_json::Value,
+    item_lines: Vec<u64>,
+}
+
+impl<'de> Deserialize<'de> for FieldValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+/// Reads any value as `serde_json::Value` does, keeping the spans of a list's items.
+struct FieldVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldVisitor {
+    type Value = FieldValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FieldValue, A::Error> {
+        let (mut items, mut item_lines) = (Vec::new(), Vec::new());
+        while let Some(item) = seq.next_element::<Spanned<serde_json::Value>>()? {
+            item_lines.push(item.referenced.line());
+            items.push(item.value);
+        }
+        Ok(FieldValue {
+            value: serde_json::Value::Array(items),
+            item_lines,
+        })
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<FieldValue, A::Error> {
+        let deserializer = serde::de::value::MapAccessDeserializer::new(map);
+        Ok(plain(serde_json::Value::deserialize(deserializer)?))
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<FieldValue, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_none<E>(self) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::Null))
+    }
+
+    fn visit_unit<E>(self) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::Null))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::Bool(b)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::from(n)))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::from(n)))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::from(n)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::from(s)))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<FieldValue, E> {
+        Ok(plain(serde_json::Value::from(s)))
+    }
+}
+
+/// A value that is not a list.
+fn plain(value: serde_json::Value) -> FieldValue {
+    FieldValue {
+        value,
+        item_lines: Vec::new(),
+    }
+}
+
 fn parse_entry(
     file: &Path,
     namespace: &str,
     line: usize,
-    fields: BTreeMap<String, Spanned<serde_json::Value>>,
+    fields: BTreeMap<String, Spanned<FieldValue>>,
     line_of: &impl Fn(u64) -> usize,
 ) -> Result<Entry, ConfigError> {
-    let field_lines: BTreeMap<String, usize> = fields
-        .iter()
-        .map(|(k, v)| (k.clone(), line_of(v.referenced.line())))
+    let mut field_lines: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, value) in &fields {
+        field_lines.insert(name.clone(), line_of(value.referenced.line()));
+        for (i, line) in value.value.item_lines.iter().enumerate() {
+            field_lines.insert(format!("{name}[{i}]"), line_of(*line));
+        }
+    }
+    let mut values: serde_json::Map<String, serde_json::Value> = fields
+        .into_iter()
+        .map(|(k, v)| (k, v.value.value))
         .collect();
-    let mut values: serde_json::Map<String, serde_json::Value> =
-        fields.into_iter().map(|(k, v)| (k, v.value)).collect();
     let mut entry = Entry {
         id: String::new(),
         kind: EntryKind::Function(FunctionEntry {
