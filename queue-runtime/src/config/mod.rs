@@ -462,6 +462,21 @@ fn plain(value: serde_json::Value) -> FieldValue {
     }
 }
 
+/// The path of the first null in `value` (written at `path`), if it holds one.
+fn null_at(path: String, value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null => Some(path),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .find_map(|(key, value)| null_at(format!("{path}.{key}"), value)),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| null_at(format!("{path}[{i}]"), item)),
+        _ => None,
+    }
+}
+
 fn parse_entry(
     file: &Path,
     namespace: &str,
@@ -513,6 +528,17 @@ fn parse_entry(
         Some(_) => return Err(entry.error(Some("kind"), "must be a string")),
         None => return Err(entry.error(None, "entry has no `kind`")),
     };
+    // A field with no value read as absent: `queue_name: ${Q}` with Q set to nothing
+    // consumed the default queue without a word, `vhost: ${V}` dialled `/` (review).
+    // `resources` says so in its policy's own words.
+    for (key, value) in values.iter().filter(|(key, _)| key.as_str() != "resources") {
+        if let Some(path) = null_at(key.clone(), value) {
+            return Err(entry.error(
+                Some(&path),
+                "has no value (nothing after it, or a `${VAR}` set to nothing, which YAML reads as null): give one, or leave the field out for its default",
+            ));
+        }
+    }
     let object = serde_json::Value::Object(values);
     entry.kind = match kind.as_str() {
         k if k.starts_with("queue.driver.") => EntryKind::Driver {
@@ -841,6 +867,32 @@ mod tests {
         }
         let fine = load_text("namespace: app\nlua:\n  memory_limit: 1MiB\nentries: []\n").unwrap();
         assert_eq!(fine.lua_memory_limit, Some(1024 * 1024));
+    }
+
+    /// A field written with no value, or as a `${VAR}` set to nothing, read as
+    /// absent: the default queue name, vhost or limit, without a word (review).
+    #[test]
+    fn a_field_with_no_value_is_refused_not_read_as_absent() {
+        for (fields, field, line) in [
+            ("    queue_name: ${EMPTY}\n", "queue_name", 5),
+            ("    max_length:\n", "max_length", 5),
+            (
+                "    retry:\n      max_attempts: ${EMPTY}\n",
+                "retry.max_attempts",
+                6,
+            ),
+        ] {
+            let e = single_error(&format!(
+                "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n{fields}"
+            ));
+            assert_eq!(e.field.as_deref(), Some(field), "{fields}: {e:?}");
+            assert_eq!(e.line, line, "{fields}: {e:?}");
+            assert!(e.message.contains("has no value"), "{e:?}");
+        }
+        let e = single_error(
+            "namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1\n    vhost: ${EMPTY}\n",
+        );
+        assert_eq!(e.field.as_deref(), Some("vhost"), "{e:?}");
     }
 
     #[test]
