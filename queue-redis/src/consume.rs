@@ -144,11 +144,33 @@ impl Shared {
         }
         let what = format!("cancel a consumer of {}", self.queue);
         let (stream, consumer, lease_key) = (&self.keys.stream, &self.consumer, &self.lease_key);
-        let detach = self.link.run_idempotent(&what, |mut c| async move {
-            let mut invocation = scripts::DETACH.key(stream);
-            invocation.arg(GROUP).arg(consumer).arg(lease_key);
-            invocation.invoke_async(&mut c).await
-        });
+        // A page at a time: one script returning thousands of large entries stalled
+        // Redis for every other client meanwhile, long enough for live consumers'
+        // leases to run out and their messages to be handed out twice (review).
+        let detach = async {
+            let (mut returned, mut after) = (0i64, "-".to_string());
+            loop {
+                let from = after.as_str();
+                let (back, next): (i64, String) = self
+                    .link
+                    .run_idempotent(&what, |mut c| async move {
+                        let mut invocation = scripts::DETACH.key(stream);
+                        invocation
+                            .arg(GROUP)
+                            .arg(consumer)
+                            .arg(lease_key)
+                            .arg(from)
+                            .arg(scripts::DETACH_PAGE);
+                        invocation.invoke_async(&mut c).await
+                    })
+                    .await?;
+                returned += back;
+                if next.is_empty() {
+                    return Ok(returned);
+                }
+                after = next;
+            }
+        };
         // Its tries stop at `publish_timeout`, but one try can wait for the redis
         // crate's reconnects to a server that drops every attempt: bounded as a whole.
         let limit = self.link.config().publish_timeout;

@@ -31,16 +31,21 @@ local function copy_back(stream, fields)
   return false, tostring(err)
 end
 
--- Returns how many went back, and how many could not be copied and stay pending:
--- while any does, the consumer is kept, as deleting it would delete their pending
--- entries with it and leave them in the stream, never delivered again.
-local function return_pending(stream, group, consumer)
+-- Returns how many went back, how many could not be copied and stay pending (while
+-- any does, the consumer is kept, as deleting it would delete their pending entries
+-- with it and leave them in the stream, never delivered again), and where it
+-- stopped: after `most` entries looked at (if given) the range to go on from, else
+-- nil (all of them). `after` is where to begin ('-' for the first).
+local function return_pending(stream, group, consumer, after, most)
   local returned = 0
   local left = 0
-  local after = '-'
+  local looked = 0
+  after = after or '-'
   while true do
+    if most and looked >= most then return returned, left, after end
     local pending = redis.call('XPENDING', stream, group, after, '+', 100, consumer)
     if #pending == 0 then break end
+    looked = looked + #pending
     for _, p in ipairs(pending) do
       local id = p[1]
       after = '(' .. id
@@ -56,7 +61,7 @@ local function return_pending(stream, group, consumer)
       end
     end
   end
-  return returned, left
+  return returned, left, nil
 end
 
 local function consumer_names(stream, group)
@@ -181,20 +186,33 @@ return 1
     )
 });
 
-/// Returns everything a consumer holds and removes it from the group, with its
-/// lease. KEYS: stream. ARGV: group, consumer, lease key. Returns how many went back.
+/// Returns what one consumer holds to the queue, a page at a time (up to
+/// [`DETACH_PAGE`] entries looked at per call, so that a consumer holding thousands of
+/// large entries does not stall Redis for the whole of them), and at the last page
+/// removes the consumer (unless an entry that cannot be copied stays with it) and its
+/// lease. KEYS: stream. ARGV: group, consumer, lease key, where to go on from (`-`
+/// for the first call), how many entries a call looks at. Returns `[went back, where
+/// to go on from]`, the second `""` once all were looked at.
 pub(crate) static DETACH: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
-redis.call('DEL', ARGV[3])
 local group = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if group.err then return 0 end
-local returned, left = return_pending(KEYS[1], ARGV[1], ARGV[2])
-if left == 0 then redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
-return returned
+if group.err then
+  redis.call('DEL', ARGV[3])
+  return {0, ''}
+end
+local returned, left, after = return_pending(KEYS[1], ARGV[1], ARGV[2], ARGV[4], tonumber(ARGV[5]))
+if after then return {returned, after} end
+redis.call('DEL', ARGV[3])
+local still = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #still == 0 then redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return {returned, ''}
 "#,
     )
 });
+
+/// How many entries one call of [`DETACH`] looks at.
+pub(crate) const DETACH_PAGE: usize = 500;
 
 /// Returns what consumers whose lease ran out (their process died) still hold, and
 /// removes them. KEYS: stream. ARGV: group, lease key prefix. Returns how many

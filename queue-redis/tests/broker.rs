@@ -372,6 +372,75 @@ async fn a_dropped_subscription_returns_what_it_held() {
     again.cancel().await.unwrap();
 }
 
+/// A cancel returns what its consumer holds a page (500) at a time: one script
+/// returned it all, and a `queue peek` holding 10,000 large entries stalled Redis for
+/// every other client meanwhile (review). All of it goes back, and the consumer with
+/// its last page.
+async fn a_cancel_returns_a_large_holding_page_by_page() {
+    const HELD: i64 = 2_100;
+    let spec = queue("large-holding");
+    let (node, driver) = declared(&spec).await;
+    let batch: Vec<_> = (0..HELD).map(numbered).collect();
+    driver.publish_batch(&spec.id, batch).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3_000 })
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(next(&mut sub).await);
+    }
+    let mut raw = raw_connection(&node).await;
+    let scripts_before = scripts_run(&mut raw).await;
+    sub.cancel().await.unwrap();
+    // Five pages for 2,100 entries; one script for all of them ran at most three
+    // (its first call loads it: `EVALSHA`, then `EVAL`; a reap may run one more).
+    let calls = scripts_run(&mut raw).await - scripts_before;
+    assert!(calls >= 5, "the cancel ran {calls} script(s)");
+    let info = driver.info(&spec.id).await.unwrap();
+    assert_eq!(
+        (info.ready, info.in_flight, info.consumers),
+        (Some(HELD as u64), Some(0), Some(0)),
+        "{info:?}"
+    );
+    drop(held);
+    let mut again = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3_000 })
+        .await
+        .unwrap();
+    let mut seen: Vec<i64> = Vec::new();
+    for _ in 0..HELD {
+        let delivery = next(&mut again).await;
+        seen.push(number_of(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, (0..HELD).collect::<Vec<_>>());
+    again.cancel().await.unwrap();
+    drop(node);
+}
+
+/// How many scripts the node has run so far (`EVAL` and `EVALSHA`).
+async fn scripts_run(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(raw)
+        .await
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// An entry another client wrote with thousands of fields, more than Redis's Lua can
 /// pass to one command: returning it to the queue must not delete it.
 async fn an_entry_too_wide_to_copy_back_stays_where_it_was() {
@@ -1036,6 +1105,7 @@ queue_testkit::broker_tests! {
         a_read_only_reply_replaces_the_connection,
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
+        a_cancel_returns_a_large_holding_page_by_page,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         a_release_refused_for_memory_is_delivered_again,
         a_late_settlement_does_not_settle_the_delivery_after_it,
