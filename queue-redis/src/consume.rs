@@ -593,18 +593,36 @@ async fn renew(shared: &Shared, lease: Duration) -> bool {
 
 /// Returns what dead consumers of the queue held (their leases ran out).
 async fn reap(shared: &Shared) {
-    let (stream, prefix) = (shared.keys.stream.clone(), shared.keys.lease_prefix.clone());
-    let reaped: Result<i64> = shared
-        .link
-        .run(
-            "return the messages of dead consumers",
-            |mut c| async move {
-                let mut invocation = scripts::REAP.key(&stream);
-                invocation.arg(GROUP).arg(&prefix);
-                invocation.invoke_async(&mut c).await
-            },
-        )
-        .await;
+    let (stream, prefix) = (&shared.keys.stream, &shared.keys.lease_prefix);
+    // A page at a time, as a cancel returns a holding (`scripts::DETACH`).
+    let reaped: Result<i64> = async {
+        let (mut returned, mut consumer, mut after) = (0, String::new(), "-".to_string());
+        loop {
+            let (name, from) = (consumer.as_str(), after.as_str());
+            let (back, next, at): (i64, String, String) = shared
+                .link
+                .run(
+                    "return the messages of dead consumers",
+                    |mut c| async move {
+                        let mut invocation = scripts::REAP.key(stream);
+                        invocation
+                            .arg(GROUP)
+                            .arg(prefix)
+                            .arg(name)
+                            .arg(from)
+                            .arg(scripts::DETACH_PAGE);
+                        invocation.invoke_async(&mut c).await
+                    },
+                )
+                .await?;
+            returned += back;
+            if next.is_empty() {
+                return Ok(returned);
+            }
+            (consumer, after) = (next, at);
+        }
+    }
+    .await;
     match reaped {
         Ok(n) if n > 0 => {
             tracing::warn!(queue = %shared.queue, returned = n, "redis: returned the messages of consumers whose lease ran out")

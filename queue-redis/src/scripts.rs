@@ -215,20 +215,30 @@ return {returned, ''}
 pub(crate) const DETACH_PAGE: usize = 500;
 
 /// Returns what consumers whose lease ran out (their process died) still hold, and
-/// removes them. KEYS: stream. ARGV: group, lease key prefix. Returns how many
-/// messages went back.
+/// removes them, a page at a time as [`DETACH`] does: up to [`DETACH_PAGE`] entries
+/// of one consumer looked at per call. KEYS: stream. ARGV: group, lease key prefix,
+/// the consumer to go on with and where in its entries (`""` and `-` for the first
+/// call), how many entries a call looks at. Returns `[went back, the consumer to go
+/// on with, where]`, the consumer `""` once every dead consumer was seen to.
 pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
 local returned = 0
+local resume, from = ARGV[3], ARGV[4]
+local started = resume == ''
 for _, name in ipairs(consumer_names(KEYS[1], ARGV[1])) do
-  if redis.call('EXISTS', ARGV[2] .. name) == 0 then
-    local back, left = return_pending(KEYS[1], ARGV[1], name)
+  if name == resume then started = true end
+  if started and redis.call('EXISTS', ARGV[2] .. name) == 0 then
+    local after = '-'
+    if name == resume then after = from end
+    local back, left, stopped = return_pending(KEYS[1], ARGV[1], name, after, tonumber(ARGV[5]))
     returned = returned + back
-    if left == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) end
+    if stopped then return {returned, name, stopped} end
+    local still = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, name)
+    if #still == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) end
   end
 end
-return returned
+return {returned, '', ''}
 "#,
     )
 });

@@ -420,6 +420,57 @@ async fn a_cancel_returns_a_large_holding_page_by_page() {
     drop(node);
 }
 
+/// What a dead consumer held goes back a page at a time too: one script for all of
+/// a dead `queue peek`'s holding stalled Redis as its cancel did (review).
+async fn a_dead_consumers_large_holding_comes_back_page_by_page() {
+    const HELD: i64 = 2_100;
+    let spec = queue("large-orphans");
+    let (node, driver) = declared(&spec).await;
+    let batch: Vec<_> = (0..HELD).map(numbered).collect();
+    driver.publish_batch(&spec.id, batch).await.unwrap();
+    let mut raw = raw_connection(&node).await;
+    // A consumer that read them all and died: no lease key ever renews it.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("queue")
+        .arg("ghost")
+        .arg("COUNT")
+        .arg(HELD)
+        .arg("STREAMS")
+        .arg("queue:{broker:large-orphans}")
+        .arg(">")
+        .query_async(&mut raw)
+        .await
+        .expect("XREADGROUP");
+    let scripts_before = scripts_run(&mut raw).await;
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3_000 })
+        .await
+        .unwrap();
+    let mut seen: Vec<i64> = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let delivery = next(&mut sub).await;
+        seen.push(number_of(&delivery));
+        held.push(delivery);
+    }
+    // The consume's attach, and five pages of the reap (one script for all of it, the
+    // attach and the reap each loaded by their first call, ran four).
+    let calls = scripts_run(&mut raw).await - scripts_before;
+    assert!(calls >= 7, "the consume and its reap ran {calls} script(s)");
+    seen.sort();
+    assert_eq!(seen, (0..HELD).collect::<Vec<_>>());
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    let info = driver.info(&spec.id).await.unwrap();
+    assert_eq!(
+        (info.ready, info.in_flight, info.consumers),
+        (Some(0), Some(0), Some(1))
+    );
+    sub.cancel().await.unwrap();
+}
+
 /// How many scripts the node has run so far (`EVAL` and `EVALSHA`).
 async fn scripts_run(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
     let stats: String = redis::cmd("INFO")
@@ -1106,6 +1157,7 @@ queue_testkit::broker_tests! {
         a_dead_consumers_messages_come_back,
         a_dropped_subscription_returns_what_it_held,
         a_cancel_returns_a_large_holding_page_by_page,
+        a_dead_consumers_large_holding_comes_back_page_by_page,
         an_entry_too_wide_to_copy_back_stays_where_it_was,
         a_release_refused_for_memory_is_delivered_again,
         a_late_settlement_does_not_settle_the_delivery_after_it,
