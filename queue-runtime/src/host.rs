@@ -452,9 +452,11 @@ impl Host {
     /// apart. One read is not enough on a broker: RabbitMQ counts neither deliveries
     /// on their way to this process nor a retry copy that is moving out of its delay
     /// queue, and either shows up in a count (or in the runtime's own) by the next read.
-    /// A count that fails for a while (a broker reconnecting) is read again: only one
-    /// that cannot come back (a queue deleted on the broker) ends the wait, with its
-    /// error, and the caller still shuts down in order.
+    /// A count that fails for a while (a broker reconnecting, a queue the broker lost
+    /// and its consumer declares again) is read again: only one that cannot come back
+    /// (the driver closed, a refused login) ends the wait, with its error, and the
+    /// caller still shuts down in order. A lost queue ended it at once, though the
+    /// drivers declare it again (review).
     /// Counts that keep failing for [`COUNTS_PATIENCE`] end the wait too: a broker gone
     /// for good must not hold a batch job for ever.
     pub async fn wait_idle(&self) -> Result<()> {
@@ -471,7 +473,7 @@ impl Host {
                         return Ok(());
                     }
                 }
-                Err(e) if e.retryable() => {
+                Err(e) if e.retryable() || e.is(queue_core::ErrorKind::NotFound) => {
                     idle_reads = 0;
                     let since = *failing_since.get_or_insert_with(|| {
                         tracing::warn!(error = %e, "a queue count failed; reading it again");

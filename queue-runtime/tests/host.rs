@@ -479,6 +479,18 @@ async fn a_count_that_fails_for_a_while_does_not_end_the_wait_for_idleness() {
     within("shutdown", host.shutdown()).await;
 }
 
+/// A queue the broker lost while the runtime waits for idleness (a Redis `FLUSHALL`,
+/// a queue deleted by hand) is declared again by its consumer: counts that find no
+/// queue meanwhile are read again. The first ended `--exit-when-idle` with an error
+/// (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_lost_for_a_while_does_not_end_the_wait_for_idleness() {
+    let (_dir, driver, host) = start(APP, 1).await;
+    driver.lose_queues_for_next_infos(3);
+    within("idle", host.wait_idle()).await.unwrap();
+    within("shutdown", host.shutdown()).await;
+}
+
 /// Waits (bounded) until the driver has counted `acks` acks on `queue`; the memory
 /// driver signals nothing per ack, so it looks every 10 ms.
 async fn wait_for_acks(driver: &ControlledDriver, queue: &QueueId, acks: u64, what: &str) {

@@ -43,6 +43,8 @@ pub struct ControlledDriver {
     without_delays: bool,
     /// How many of the next `info` calls fail (INTERNAL, retryable).
     failing_infos: std::sync::atomic::AtomicUsize,
+    /// How many of the next `info` calls find no queue (NOT_FOUND).
+    queueless_infos: std::sync::atomic::AtomicUsize,
     /// How many of the next publishes fail (INTERNAL, retryable).
     failing_publishes: std::sync::atomic::AtomicUsize,
     /// Queues whose `consume` never answers.
@@ -101,6 +103,13 @@ impl ControlledDriver {
     /// broker reconnects.
     pub fn fail_next_infos(&self, n: usize) {
         self.failing_infos
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The next `n` `info` calls fail NOT_FOUND, as counts do while a queue the
+    /// broker lost (a Redis `FLUSHALL`, a queue deleted by hand) is declared again.
+    pub fn lose_queues_for_next_infos(&self, n: usize) {
+        self.queueless_infos
             .store(n, std::sync::atomic::Ordering::Release);
     }
 
@@ -270,6 +279,11 @@ impl Driver for ControlledDriver {
         if take_one(&self.failing_infos) {
             return Err(Error::internal(format!(
                 "the controlled driver failed a count of {queue}"
+            )));
+        }
+        if take_one(&self.queueless_infos) {
+            return Err(Error::not_found(format!(
+                "the controlled driver lost {queue}"
             )));
         }
         let mut info = self.inner.info(queue).await?;
