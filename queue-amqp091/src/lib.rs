@@ -202,6 +202,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_consumers: true,
     quorum_queues: true,
     max_queue_name_bytes: Some(topology::MAX_QUEUE_NAME_BYTES),
+    // RabbitMQ refuses to declare them (ACCESS_REFUSED).
+    reserved_queue_name_prefixes: &["amq."],
     reserved_headers: mapping::RESERVED_HEADERS,
     // The broker's `consumer_timeout` as RabbitMQ ships it; a configuration says
     // another (`Amqp091Config::capabilities`).

@@ -66,6 +66,8 @@ impl Profile {
                 // the session (`PRECONDITION_FAILED - delivery acknowledgement on
                 // channel 1 timed out`, measured on 3.10).
                 max_unsettled: Some(RABBITMQ_CONSUMER_TIMEOUT),
+                // RabbitMQ keeps them for itself, as over AMQP 0-9-1.
+                reserved_queue_name_prefixes: &["amq."],
                 ..base
             },
             Profile::Artemis => Capabilities {

@@ -42,6 +42,10 @@ pub struct Capabilities {
     /// fewer bytes than a queue id's 255 (AMQP 0-9-1 keeps room for the names of a
     /// queue's delay queues); `None` when it has no limit of its own.
     pub max_queue_name_bytes: Option<usize>,
+    /// Beginnings of broker names the broker keeps for itself (RabbitMQ's `amq.`),
+    /// which it refuses to declare: the runtime refuses such a `queue_name` when it
+    /// plans, where the broker refused it only once the runtime ran.
+    pub reserved_queue_name_prefixes: &'static [&'static str],
     /// Header names the broker acts on, which `publish` refuses (AMQP 0-9-1's `CC` and
     /// `BCC` route a message to more queues). Another client's message may carry them:
     /// the copies the runtime publishes to this driver leave them out, named in

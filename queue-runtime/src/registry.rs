@@ -788,6 +788,22 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
                 ),
             ));
         }
+        let reserved = plan
+            .drivers
+            .iter()
+            .find(|d| d.id == q.driver)
+            .map_or(&[][..], |d| d.capabilities.reserved_queue_name_prefixes);
+        if let Some(prefix) = reserved.iter().find(|p| q.spec.name.starts_with(**p))
+            && let Some((entry, field)) = made_by(&q.spec.id)
+        {
+            errors.push(entry.error(
+                Some(field),
+                format!(
+                    "the broker name {:?} of {} begins with {prefix:?}, which the broker of driver {} keeps for itself and refuses to declare (give another queue_name)",
+                    q.spec.name, q.spec.id, q.driver
+                ),
+            ));
+        }
         // A memory driver keeps its queues by id: one name there is no clash.
         let same = plan.queues[..i].iter().find(|p| {
             p.driver == q.driver && p.spec.name == q.spec.name && !plan.is_in_memory(&q.spec.id)
@@ -1344,6 +1360,26 @@ mod tests {
         // A memory driver keeps queues by id: one name twice is two queues there.
         let on_memory = "  - name: a\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n  - name: b\n    kind: queue.queue\n    driver: mem\n    queue_name: shared\n";
         let dir = app_dir(&format!("{head}{on_memory}"), &[]);
+        assert!(plan_in(dir.path(), false).is_ok());
+    }
+
+    /// A broker name RabbitMQ keeps for itself (`amq.`) passed `check`, and RabbitMQ
+    /// refused its declare (ACCESS_REFUSED) only once the runtime ran (review).
+    #[test]
+    #[cfg(feature = "amqp091")]
+    fn a_broker_name_rabbitmq_keeps_for_itself_fails_the_plan() {
+        let yaml = "namespace: app\nentries:\n  - name: mq\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1:5672\n  - name: jobs\n    kind: queue.queue\n    queue_name: amq.jobs\n";
+        let dir = app_dir(yaml, &[]);
+        let errors = plan_in(dir.path(), false).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field.as_deref() == Some("queue_name") && e.message.contains("\"amq.\"")),
+            "{errors:?}"
+        );
+        // The memory driver keeps no names for itself.
+        let on_memory = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n    queue_name: amq.jobs\n";
+        let dir = app_dir(on_memory, &[]);
         assert!(plan_in(dir.path(), false).is_ok());
     }
 

@@ -126,6 +126,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     info_consumers: true,
     quorum_queues: false,
     max_queue_name_bytes: None,
+    reserved_queue_name_prefixes: &[],
     reserved_headers: &[],
     max_unsettled: None,
 };
