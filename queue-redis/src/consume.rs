@@ -146,44 +146,44 @@ impl Shared {
         let (stream, consumer, lease_key) = (&self.keys.stream, &self.consumer, &self.lease_key);
         // A page at a time: one script returning thousands of large entries stalled
         // Redis for every other client meanwhile, long enough for live consumers'
-        // leases to run out and their messages to be handed out twice (review).
-        let detach = async {
-            let (mut returned, mut after) = (0i64, "-".to_string());
-            loop {
-                let from = after.as_str();
-                let (back, next): (i64, String) = self
-                    .link
-                    .run_idempotent(&what, |mut c| async move {
-                        let mut invocation = scripts::DETACH.key(stream);
-                        invocation
-                            .arg(GROUP)
-                            .arg(consumer)
-                            .arg(lease_key)
-                            .arg(from)
-                            .arg(scripts::DETACH_PAGE);
-                        invocation.invoke_async(&mut c).await
-                    })
-                    .await?;
-                returned += back;
-                if next.is_empty() {
-                    return Ok(returned);
-                }
-                after = next;
-            }
-        };
-        // Its tries stop at `publish_timeout`, but one try can wait for the redis
-        // crate's reconnects to a server that drops every attempt: bounded as a whole.
+        // leases to run out and their messages to be handed out twice (review). The
+        // first page deletes the lease: a cancel cut short leaves the rest to a live
+        // consumer's reap.
         let limit = self.link.config().publish_timeout;
-        let returned: i64 = tokio::time::timeout(limit, detach)
-            .await
-            .unwrap_or_else(|_| {
-                Err(queue_core::Error::internal(format!(
-                    "{what}: Redis did not answer within publish_timeout {limit:?}"
-                )))
-            })
-            .map_err(|e| {
-                e.context("what it held goes back once its lease runs out (consumer_timeout)")
-            })?;
+        let (mut returned, mut after) = (0i64, "-".to_string());
+        loop {
+            let from = after.as_str();
+            let page = self.link.run_idempotent(&what, |mut c| async move {
+                let mut invocation = scripts::DETACH.key(stream);
+                invocation
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg(lease_key)
+                    .arg(from)
+                    .arg(scripts::DETACH_PAGE);
+                invocation.invoke_async(&mut c).await
+            });
+            // Its tries stop at `publish_timeout`, but one try can wait for the redis
+            // crate's reconnects to a server that drops every attempt: each page is
+            // bounded as a whole.
+            let (back, next): (i64, String) = tokio::time::timeout(limit, page)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(queue_core::Error::internal(format!(
+                        "{what}: Redis did not answer within publish_timeout {limit:?}"
+                    )))
+                })
+                .map_err(|e| {
+                    e.context(
+                        "what it still held goes back once a live consumer finds it has no lease, or its lease runs out (consumer_timeout)",
+                    )
+                })?;
+            returned += back;
+            if next.is_empty() {
+                break;
+            }
+            after = next;
+        }
         tracing::debug!(queue = %self.queue, consumer = %self.consumer, returned, "redis: consumer left");
         Ok(())
     }

@@ -33,16 +33,15 @@ end
 
 -- Returns how many went back, how many could not be copied and stay pending (while
 -- any does, the consumer is kept, as deleting it would delete their pending entries
--- with it and leave them in the stream, never delivered again), and where it
--- stopped: after `most` entries looked at (if given) the range to go on from, else
--- nil (all of them). `after` is where to begin ('-' for the first).
+-- with it and leave them in the stream, never delivered again), where it stopped
+-- (the range to go on from), how many entries it looked at, and whether it looked at
+-- them all: it stops once `most` (if given) were looked at. `after` is where to
+-- begin ('-' for the first).
 local function return_pending(stream, group, consumer, after, most)
-  local returned = 0
-  local left = 0
-  local looked = 0
+  local returned, left, looked = 0, 0, 0
   after = after or '-'
   while true do
-    if most and looked >= most then return returned, left, after end
+    if most and looked >= most then return returned, left, after, looked, false end
     local pending = redis.call('XPENDING', stream, group, after, '+', 100, consumer)
     if #pending == 0 then break end
     looked = looked + #pending
@@ -61,7 +60,7 @@ local function return_pending(stream, group, consumer, after, most)
       end
     end
   end
-  return returned, left, nil
+  return returned, left, after, looked, true
 end
 
 local function consumer_names(stream, group)
@@ -196,14 +195,13 @@ return 1
 pub(crate) static DETACH: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
-local group = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if group.err then
-  redis.call('DEL', ARGV[3])
-  return {0, ''}
-end
-local returned, left, after = return_pending(KEYS[1], ARGV[1], ARGV[2], ARGV[4], tonumber(ARGV[5]))
-if after then return {returned, after} end
+-- At the first page: a cancel cut short leaves no lease, so a live consumer's reap
+-- returns the rest at once rather than after consumer_timeout.
 redis.call('DEL', ARGV[3])
+local group = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if group.err then return {0, ''} end
+local returned, _, after, _, done = return_pending(KEYS[1], ARGV[1], ARGV[2], ARGV[4], tonumber(ARGV[5]))
+if not done then return {returned, after} end
 local still = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #still == 0 then redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
 return {returned, ''}
@@ -216,7 +214,7 @@ pub(crate) const DETACH_PAGE: usize = 500;
 
 /// Returns what consumers whose lease ran out (their process died) still hold, and
 /// removes them, a page at a time as [`DETACH`] does: up to [`DETACH_PAGE`] entries
-/// of one consumer looked at per call. KEYS: stream. ARGV: group, lease key prefix,
+/// looked at per call, over all of them. KEYS: stream. ARGV: group, lease key prefix,
 /// the consumer to go on with and where in its entries (`""` and `-` for the first
 /// call), how many entries a call looks at. Returns `[went back, the consumer to go
 /// on with, where]`, the consumer `""` once every dead consumer was seen to.
@@ -225,17 +223,23 @@ pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local returned = 0
 local resume, from = ARGV[3], ARGV[4]
+local budget = tonumber(ARGV[5])
+-- The consumers come sorted by name: one deleted since the last call (by another
+-- reaper) is gone on, not waited for.
 local started = resume == ''
 for _, name in ipairs(consumer_names(KEYS[1], ARGV[1])) do
-  if name == resume then started = true end
+  if name >= resume then started = true end
   if started and redis.call('EXISTS', ARGV[2] .. name) == 0 then
     local after = '-'
     if name == resume then after = from end
-    local back, left, stopped = return_pending(KEYS[1], ARGV[1], name, after, tonumber(ARGV[5]))
+    local back, _, at, looked, done = return_pending(KEYS[1], ARGV[1], name, after, budget)
     returned = returned + back
-    if stopped then return {returned, name, stopped} end
+    budget = budget - looked
+    if not done then return {returned, name, at} end
     local still = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, name)
     if #still == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) end
+    -- The call's allowance is for all the dead consumers it sees to, not each.
+    if budget <= 0 then return {returned, name, at} end
   end
 end
 return {returned, '', ''}

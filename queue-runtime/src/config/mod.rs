@@ -79,12 +79,15 @@ impl Entry {
     /// An error about this entry, at the field's line if it has one.
     pub fn error(&self, field: Option<&str>, message: impl Into<String>) -> ConfigError {
         let line = field
-            // `url[1]` is on its own line; `retry.backoff` on `retry`'s.
+            // The line of the field, or of the nearest value around it that has one.
             .and_then(|f| {
-                self.field_lines.get(f).or_else(|| {
-                    self.field_lines
-                        .get(f.split(['.', '[']).next().unwrap_or(f))
-                })
+                let mut place = f;
+                loop {
+                    if let Some(line) = self.field_lines.get(place) {
+                        return Some(line);
+                    }
+                    place = &place[..place.rfind(['.', '['])?];
+                }
             })
             .copied()
             .unwrap_or(self.line);
@@ -377,11 +380,22 @@ const LIBRARY_WORDS: [&str; 6] = [
     "_multiple",
 ];
 
-/// An entry field's value, with the line of each item when it is a list, for errors
-/// about one item (`url[1]`) to name its line.
+/// An entry field's value, with the line of each value inside it (`[1]`, `.backoff`,
+/// `.backoff.initial`), for errors about one of them (`url[1]`) to name its line.
 struct FieldValue {
     value: serde_json::Value,
-    item_lines: Vec<u64>,
+    lines: Vec<(String, u64)>,
+}
+
+impl FieldValue {
+    /// `inner` as the value at `place` of this one (`[1]`, `.key`).
+    fn nest(&mut self, place: String, inner: Spanned<FieldValue>) -> serde_json::Value {
+        for (rest, line) in inner.value.lines {
+            self.lines.push((format!("{place}{rest}"), line));
+        }
+        self.lines.push((place, inner.referenced.line()));
+        inner.value.value
+    }
 }
 
 impl<'de> Deserialize<'de> for FieldValue {
@@ -401,20 +415,24 @@ impl<'de> serde::de::Visitor<'de> for FieldVisitor {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FieldValue, A::Error> {
-        let (mut items, mut item_lines) = (Vec::new(), Vec::new());
-        while let Some(item) = seq.next_element::<Spanned<serde_json::Value>>()? {
-            item_lines.push(item.referenced.line());
-            items.push(item.value);
+        let mut list = plain(serde_json::Value::Null);
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<FieldValue>>()? {
+            items.push(list.nest(format!("[{}]", items.len()), item));
         }
-        Ok(FieldValue {
-            value: serde_json::Value::Array(items),
-            item_lines,
-        })
+        list.value = serde_json::Value::Array(items);
+        Ok(list)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<FieldValue, A::Error> {
-        let deserializer = serde::de::value::MapAccessDeserializer::new(map);
-        Ok(plain(serde_json::Value::deserialize(deserializer)?))
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<FieldValue, A::Error> {
+        let mut object = plain(serde_json::Value::Null);
+        let mut fields = serde_json::Map::new();
+        while let Some((key, value)) = map.next_entry::<String, Spanned<FieldValue>>()? {
+            let value = object.nest(format!(".{key}"), value);
+            fields.insert(key, value);
+        }
+        object.value = serde_json::Value::Object(fields);
+        Ok(object)
     }
 
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<FieldValue, D::Error> {
@@ -454,11 +472,11 @@ impl<'de> serde::de::Visitor<'de> for FieldVisitor {
     }
 }
 
-/// A value that is not a list.
+/// A value with nothing inside it.
 fn plain(value: serde_json::Value) -> FieldValue {
     FieldValue {
         value,
-        item_lines: Vec::new(),
+        lines: Vec::new(),
     }
 }
 
@@ -487,8 +505,8 @@ fn parse_entry(
     let mut field_lines: BTreeMap<String, usize> = BTreeMap::new();
     for (name, value) in &fields {
         field_lines.insert(name.clone(), line_of(value.referenced.line()));
-        for (i, line) in value.value.item_lines.iter().enumerate() {
-            field_lines.insert(format!("{name}[{i}]"), line_of(*line));
+        for (place, line) in &value.value.lines {
+            field_lines.insert(format!("{name}{place}"), line_of(*line));
         }
     }
     let mut values: serde_json::Map<String, serde_json::Value> = fields
@@ -531,7 +549,9 @@ fn parse_entry(
     // A field with no value read as absent: `queue_name: ${Q}` with Q set to nothing
     // consumed the default queue without a word, `vhost: ${V}` dialled `/` (review).
     // `resources` says so in its policy's own words.
-    for (key, value) in values.iter().filter(|(key, _)| key.as_str() != "resources") {
+    // `driver_options` is read by no driver: anything goes there.
+    let checked = |key: &&String| !["resources", "driver_options"].contains(&key.as_str());
+    for (key, value) in values.iter().filter(|(key, _)| checked(key)) {
         if let Some(path) = null_at(key.clone(), value) {
             return Err(entry.error(
                 Some(&path),
@@ -881,6 +901,11 @@ mod tests {
                 "retry.max_attempts",
                 6,
             ),
+            (
+                "    retry:\n      max_attempts: 3\n      backoff:\n        initial:\n",
+                "retry.backoff.initial",
+                8,
+            ),
         ] {
             let e = single_error(&format!(
                 "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n{fields}"
@@ -893,6 +918,8 @@ mod tests {
             "namespace: app\nentries:\n  - name: r\n    kind: queue.driver.amqp\n    url: amqp://127.0.0.1\n    vhost: ${EMPTY}\n",
         );
         assert_eq!(e.field.as_deref(), Some("vhost"), "{e:?}");
+        // Read by no driver, `driver_options` may hold anything.
+        load_text("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    driver_options:\n      x: ~\n").unwrap();
     }
 
     #[test]
@@ -962,11 +989,11 @@ mod tests {
             "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff:\n        initial: soon\n",
         );
         assert_eq!(e.field.as_deref(), Some("retry.backoff.initial"), "{e}");
-        // A nested field is located at its top-level field's value (the `backoff:` line).
-        assert_eq!(e.line, 6);
+        // A nested field is located on its own line.
+        assert_eq!(e.line, 7);
         assert!(
             e.to_string()
-                .contains("app.yaml:6: field `retry.backoff.initial`"),
+                .contains("app.yaml:7: field `retry.backoff.initial`"),
             "{e}"
         );
     }
