@@ -378,18 +378,7 @@ async fn a_dropped_subscription_returns_what_it_held() {
 /// its last page.
 async fn a_cancel_returns_a_large_holding_page_by_page() {
     const HELD: i64 = 2_100;
-    let spec = queue("large-holding");
-    let (node, driver) = declared(&spec).await;
-    let batch: Vec<_> = (0..HELD).map(numbered).collect();
-    driver.publish_batch(&spec.id, batch).await.unwrap();
-    let mut sub = driver
-        .consume(&spec.id, ConsumeOptions { prefetch: 3_000 })
-        .await
-        .unwrap();
-    let mut held = Vec::new();
-    for _ in 0..HELD {
-        held.push(next(&mut sub).await);
-    }
+    let (node, driver, spec, sub, held) = holding("large-holding", HELD).await;
     let mut raw = raw_connection(&node).await;
     let scripts_before = scripts_run(&mut raw).await;
     sub.cancel().await.unwrap();
@@ -473,6 +462,33 @@ async fn a_dead_consumers_large_holding_comes_back_page_by_page() {
         (Some(0), Some(0), Some(1))
     );
     sub.cancel().await.unwrap();
+}
+
+/// A private node and a driver, a new queue `label` there holding `count` messages
+/// (numbered from 0), and a subscription that holds them all, taken.
+async fn holding(
+    label: &str,
+    count: i64,
+) -> (
+    RedisNode,
+    Arc<RedisDriver>,
+    QueueSpec,
+    Box<dyn queue_core::Subscription>,
+    Vec<queue_core::Delivery>,
+) {
+    let spec = queue(label);
+    let (node, driver) = declared(&spec).await;
+    let batch: Vec<_> = (0..count).map(numbered).collect();
+    driver.publish_batch(&spec.id, batch).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 3_000 })
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..count {
+        held.push(next(&mut sub).await);
+    }
+    (node, driver, spec, sub, held)
 }
 
 /// How many scripts the node has run so far (`EVAL` and `EVALSHA`).
@@ -867,18 +883,7 @@ async fn a_publish_to_a_hung_redis_fails_within_its_limit() {
 /// it held, and never read anything new while those deliveries were held.
 async fn a_consumer_holding_more_than_a_page_reads_on_after_a_cut() {
     const HELD: i64 = 1_200;
-    let spec = queue("deep");
-    let (node, driver) = declared(&spec).await;
-    let batch: Vec<_> = (0..HELD).map(numbered).collect();
-    driver.publish_batch(&spec.id, batch).await.unwrap();
-    let mut sub = driver
-        .consume(&spec.id, ConsumeOptions { prefetch: 2_000 })
-        .await
-        .unwrap();
-    let mut held = Vec::new();
-    for _ in 0..HELD {
-        held.push(next(&mut sub).await);
-    }
+    let (node, driver, spec, mut sub, held) = holding("deep", HELD).await;
     let before = driver.connection().unwrap().connections_opened;
     let cut = node.cut_connections().expect("CLIENT KILL");
     assert!(cut > 0, "CLIENT KILL found no connection to cut");

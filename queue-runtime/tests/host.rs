@@ -388,31 +388,10 @@ fn backoff_of_a_minute(consumer: &str) -> String {
 /// the consumer for good, the message handled again and again (review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_message_waiting_to_go_back_leaves_its_handler_slot_to_the_next() {
-    let consumer = "    concurrency: 1\n    prefetch: 2\n";
-    let app = backoff_of_a_minute(consumer);
+    let app = backoff_of_a_minute("    concurrency: 1\n    prefetch: 2\n");
     let (_dir, driver, host) = start_on(ControlledDriver::new(), &app, 1).await;
-    let jobs = QueueId::parse("app:jobs").unwrap();
-    driver.hold_publishes();
-    for n in [7, 8] {
-        driver.inner().publish(&jobs, numbered(n)).await.unwrap();
-    }
-    driver.wait_for_held(1).await;
-    assert!(driver.refuse_next(), "the first handler fails");
-    driver.wait_for_held(1).await;
-    assert!(driver.refuse_next(), "its retry copy is not published");
-    within(
-        "the next delivery's handler, while the failed one waits to go back",
-        driver.wait_for_held(1),
-    )
-    .await;
-    assert!(driver.confirm_next(), "the second handler publishes");
-    wait_for_acks(&driver, &jobs, 1, "the second message handled and acked").await;
-    let summary = within("shutdown", host.shutdown()).await;
-    assert_eq!(
-        (summary[0].acked, summary[0].ready),
-        (Some(1), Some(1)),
-        "the failed delivery is back in its queue, unacked, at the stop"
-    );
+    // The handler fails, then its retry copy is not published.
+    the_next_delivery_is_handled_while_the_first_waits(&driver, host, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,26 +424,39 @@ async fn a_delivery_held_for_its_backoff_leaves_its_handler_slot_to_the_next() {
     // per slot stopped it.
     let consumer = "    concurrency: 1\n    prefetch: 2\n";
     let (_dir, driver, host) = start_holding_for_a_minute(consumer).await;
+    the_next_delivery_is_handled_while_the_first_waits(&driver, host, 1).await;
+}
+
+/// Publishes two messages to `app:jobs` of a `concurrency: 1` host, refuses the first
+/// `refusals` publishes (the first handler's, then what its failure publishes), and
+/// checks that the second message is handled and acked while the first waits, and
+/// that the first is back in its queue, unacked, at the stop.
+async fn the_next_delivery_is_handled_while_the_first_waits(
+    driver: &ControlledDriver,
+    host: Host,
+    refusals: usize,
+) {
     let jobs = QueueId::parse("app:jobs").unwrap();
     driver.hold_publishes();
     for n in [7, 8] {
         driver.inner().publish(&jobs, numbered(n)).await.unwrap();
     }
-    driver.wait_for_held(1).await;
-    assert!(driver.refuse_next(), "the first handler fails");
-    // The second message's handler runs while the first is held.
+    for _ in 0..refusals {
+        driver.wait_for_held(1).await;
+        assert!(driver.refuse_next(), "a publish of the first message's run");
+    }
     within(
-        "the next delivery's handler, while the failed one waits out its backoff",
+        "the next delivery's handler, while the failed one waits",
         driver.wait_for_held(1),
     )
     .await;
     assert!(driver.confirm_next(), "the second handler publishes");
-    wait_for_acks(&driver, &jobs, 1, "the second message handled and acked").await;
+    wait_for_acks(driver, &jobs, 1, "the second message handled and acked").await;
     let summary = within("shutdown", host.shutdown()).await;
     assert_eq!(
         (summary[0].acked, summary[0].ready),
         (Some(1), Some(1)),
-        "the held delivery is back in its queue, unacked, at the stop"
+        "the failed delivery is back in its queue, unacked, at the stop"
     );
 }
 
