@@ -914,21 +914,31 @@ async fn connections_lost_without_a_word_are_replaced_after_one_timeout() {
     let (_node, proxy, driver, spec, mut sub) = consuming_behind_a_proxy("lost").await;
     next(&mut sub).await.ack().await.unwrap();
     let accepted = proxy.accepted();
-    proxy.cut_off_open_connections();
-    let lost = within(
-        "a publish on a lost connection",
-        driver.publish(&spec.id, numbered(2)),
-    )
-    .await
-    .expect_err("nothing reached Redis");
-    assert!(lost.retryable(), "{lost}");
-    assert!(proxy.withheld() >= 1, "the publish went through the cut");
+    a_publish_fails_through_a_cut(&proxy, &driver, &spec.id).await;
     publishes_on_a_new_connection(&proxy, accepted, &driver, &spec.id, 3).await;
     // The reader's blocked read times out too, and it reads on a new connection.
     let delivery = next(&mut sub).await;
     assert_eq!(number_of(&delivery), 3);
     delivery.ack().await.unwrap();
     let _ = within("the close", driver.close()).await;
+}
+
+/// Cuts off the connections open now (as a network that forgets them does) and
+/// publishes `numbered(2)`: it fails, retryable, and the cut has landed.
+async fn a_publish_fails_through_a_cut(
+    proxy: &queue_fixtures::proxy::BrokerProxy,
+    driver: &RedisDriver,
+    queue: &QueueId,
+) {
+    proxy.cut_off_open_connections();
+    let lost = within(
+        "a publish on a lost connection",
+        driver.publish(queue, numbered(2)),
+    )
+    .await
+    .expect_err("nothing reached Redis");
+    assert!(lost.retryable(), "{lost}");
+    assert!(proxy.withheld() >= 1, "the publish went through the cut");
 }
 
 /// A new connection that takes longer to set up than `publish_timeout` (a Redis far
@@ -943,15 +953,7 @@ async fn a_connection_slower_to_set_up_than_publish_timeout_still_comes_up() {
     driver.publish(&spec.id, numbered(1)).await.unwrap();
     let accepted = proxy.accepted();
     proxy.delay_first_replies(Duration::from_millis(600));
-    proxy.cut_off_open_connections();
-    let lost = within(
-        "a publish on a lost connection",
-        driver.publish(&spec.id, numbered(2)),
-    )
-    .await
-    .expect_err("nothing reached Redis");
-    assert!(lost.retryable(), "{lost}");
-    assert!(proxy.withheld() >= 1, "the publish went through the cut");
+    a_publish_fails_through_a_cut(&proxy, &driver, &spec.id).await;
     // Each publish gives up at 200 ms, the new connection answers at 600 ms.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut failed = 0;
