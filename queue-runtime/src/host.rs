@@ -175,8 +175,8 @@ pub struct Host {
     consumers: Vec<RunningConsumer>,
     stop: watch::Sender<bool>,
     busy: Busy,
-    processes_running: Arc<AtomicUsize>,
-    process_failures: Arc<AtomicUsize>,
+    /// Each process's instances, running and failed: the runtime's counts of both are
+    /// their sums.
     process_states: BTreeMap<String, ProcessState>,
 }
 
@@ -328,8 +328,6 @@ impl Host {
         }
         // Every consumer is attached: deliveries may be taken.
         go.send_replace(true);
-        let processes_running = Arc::new(AtomicUsize::new(0));
-        let process_failures = Arc::new(AtomicUsize::new(0));
         let mut process_states = BTreeMap::new();
         for p in processes {
             let state = ProcessState {
@@ -339,7 +337,6 @@ impl Host {
             let meters = crate::metrics::ProcessMeters::new(&p.id);
             for instance in 1..=p.instances {
                 let (done, result) = tokio::sync::oneshot::channel();
-                processes_running.fetch_add(1, Ordering::AcqRel);
                 state.running.fetch_add(1, Ordering::AcqRel);
                 meters.running.increment(1);
                 workers.dispatch(Job::Process {
@@ -347,15 +344,12 @@ impl Host {
                     instance,
                     done,
                 });
-                let running = Arc::clone(&processes_running);
-                let failures = Arc::clone(&process_failures);
                 let (state, meters) = (state.clone(), meters.clone());
                 let id = p.id.clone();
                 tokio::spawn(async move {
                     match result.await {
                         Ok(Ok(())) => tracing::info!(process = %id, instance, "process finished"),
                         Ok(Err(e)) => {
-                            failures.fetch_add(1, Ordering::AcqRel);
                             state.failed.fetch_add(1, Ordering::AcqRel);
                             meters.failures.increment(1);
                             tracing::error!(process = %id, instance, error = %e, "process failed");
@@ -364,7 +358,6 @@ impl Host {
                             tracing::warn!(process = %id, instance, "process stopped before it finished")
                         }
                     }
-                    running.fetch_sub(1, Ordering::AcqRel);
                     state.running.fetch_sub(1, Ordering::AcqRel);
                     meters.running.decrement(1);
                 });
@@ -379,8 +372,6 @@ impl Host {
             consumers,
             stop,
             busy,
-            processes_running,
-            process_failures,
             process_states,
         })
     }
@@ -420,22 +411,22 @@ impl Host {
 
     /// Processes that raised an error.
     pub fn process_failures(&self) -> usize {
-        self.process_failures.load(Ordering::Acquire)
+        total(&self.process_states, |p| &p.failed)
     }
 
     /// [`Host::process_failures`] as it will be at any later time, after
     /// [`Host::shutdown`] too: processes run on while handlers finish during a stop,
     /// and may fail then.
     pub fn process_failures_later(&self) -> impl Fn() -> usize + use<> {
-        let failures = Arc::clone(&self.process_failures);
-        move || failures.load(Ordering::Acquire)
+        let processes = self.process_states.clone();
+        move || total(&processes, |p| &p.failed)
     }
 
     /// Whether there is nothing left to do: every process finished, no delivery is
     /// being handled or waiting for a retry, and every consumed queue's driver reports
     /// no ready, in-flight or delayed message.
     pub async fn is_idle(&self) -> Result<bool> {
-        if self.processes_running.load(Ordering::Acquire) > 0 || self.busy.count() > 0 {
+        if total(&self.process_states, |p| &p.running) > 0 || self.busy.count() > 0 {
             return Ok(false);
         }
         for c in &self.consumers {
@@ -637,4 +628,15 @@ fn stop_on_a_thread(workers: Workers) -> std::io::Result<tokio::sync::oneshot::R
             let _ = stopped.send(());
         })?;
     Ok(stopping)
+}
+
+/// The sum of one of the processes' counts (`running` or `failed`) over all of them.
+fn total(
+    processes: &BTreeMap<String, ProcessState>,
+    count: impl Fn(&ProcessState) -> &Arc<AtomicUsize>,
+) -> usize {
+    processes
+        .values()
+        .map(|p| count(p).load(Ordering::Acquire))
+        .sum()
 }
