@@ -25,16 +25,19 @@
 //! node, before the cluster has recorded the new leader), for as long as the
 //! channel lives. A new channel looks the leader up again.
 
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use queue_core::{Error, ErrorKind, Message, QueueId, QueueSpec, Result};
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::connection::{Connection, Link};
 use crate::returns::{Outcome, Paired, Pairing};
@@ -175,22 +178,31 @@ impl Publisher {
     }
 
     /// Publishes messages pipelined; `Ok` once every one is confirmed. After the first
-    /// failure no further message is started (the one waiting for its window slot
-    /// when it is seen goes on and is counted), the ones in flight are awaited, and
-    /// the first error is returned with how many were confirmed.
+    /// failure no further message is started (the one being sent when it is seen goes
+    /// on and is counted), the ones in flight are awaited, and the first error is
+    /// returned with how many were confirmed.
+    ///
+    /// The confirms are awaited oldest first, the order the broker sends them in on a
+    /// channel, under one timer for the whole batch ([`InFlight`]): a timer for each
+    /// message's write and another for its confirm, and a task for each confirm, were
+    /// a fifth of the driver's CPU per confirmed publish (docs/performance.md).
     pub(crate) async fn publish_all(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;
         let total = messages.len();
-        let mut pending = FuturesUnordered::new();
-        let mut first_error: Option<Error> = None;
-        let mut confirmed = 0usize;
+        let mut in_flight = InFlight::new(self.timeout);
         for message in messages {
             let deadline = queue_core::deadline_after(self.timeout);
+            let mut prepared = match prepare(message) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    in_flight.record(Err(e));
+                    break;
+                }
+            };
             let mut stage = Stage::Window;
-            let sent = async {
-                let mut prepared = prepare(message)?;
-                let timed = async {
+            let sent = {
+                let send = async {
                     let permit = self.slot().await?;
                     stage = Stage::Route;
                     let route = self
@@ -200,46 +212,38 @@ impl Publisher {
                     let sent = self.write(queue, route, &mut prepared).await?;
                     Ok::<_, Error>((permit, sent))
                 };
-                match tokio::time::timeout_at(deadline, timed).await {
-                    Ok(Ok((permit, sent))) => Ok((prepared.id, permit, sent)),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(stage.timed_out(queue, &prepared.id, self.timeout)),
+                tokio::pin!(send);
+                // Settles the confirms that come while this one waits for its slot.
+                loop {
+                    let next = poll_fn(|cx| in_flight.poll_next(send.as_mut(), deadline, cx));
+                    match next.await {
+                        Next::Oldest(decided) => in_flight.settle(self, queue, decided).await,
+                        Next::Sent(sent) => break Some(sent),
+                        Next::SendTimedOut => break None,
+                    }
                 }
             };
-            tokio::pin!(sent);
-            // Drive the confirms already in flight while this one waits for its permit.
-            let outcome = loop {
-                tokio::select! {
-                    biased;
-                    Some(done) = pending.next() => record(done, &mut confirmed, &mut first_error),
-                    out = &mut sent => break out,
-                }
-            };
-            match outcome {
-                Ok((id, permit, sent)) => pending.push(async move {
-                    let confirmed = self.confirmed(queue, &id, sent, deadline);
-                    let outcome = match tokio::time::timeout_at(deadline, confirmed).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => Err(Stage::Confirm.timed_out(queue, &id, self.timeout)),
-                    };
-                    drop(permit);
-                    outcome
+            match sent {
+                Some(Ok((permit, sent))) => in_flight.wait_for(Waiting {
+                    id: prepared.id,
+                    permit,
+                    sent,
+                    deadline,
                 }),
-                Err(e) => {
-                    first_error.get_or_insert(e);
+                Some(Err(e)) => in_flight.record(Err(e)),
+                None => {
+                    let e = stage.timed_out(queue, &prepared.id, self.timeout);
+                    in_flight.record(Err(e));
                 }
             }
-            if first_error.is_some() {
+            if in_flight.failed() {
                 break;
             }
         }
-        while let Some(done) = pending.next().await {
-            record(done, &mut confirmed, &mut first_error);
+        while let Some(decided) = poll_fn(|cx| in_flight.poll_oldest(cx)).await {
+            in_flight.settle(self, queue, decided).await;
         }
-        match first_error {
-            None => Ok(()),
-            Some(e) => Err(e.in_batch(confirmed, total)),
-        }
+        in_flight.result(total)
     }
 
     /// At a close, before the connection goes: waits up to `limit` until every
@@ -410,11 +414,25 @@ impl Publisher {
         &self,
         queue: &QueueId,
         id: &str,
-        sent: Sent,
+        mut sent: Sent,
+        deadline: Instant,
+    ) -> Result<()> {
+        let confirm = (&mut sent.confirm).await;
+        self.outcome(queue, id, confirm, &sent, deadline).await
+    }
+
+    /// The outcome of a written message whose confirm is `confirm`. A return declares
+    /// its queue again, until `deadline` at most.
+    async fn outcome(
+        &self,
+        queue: &QueueId,
+        id: &str,
+        confirm: lapin::Result<Paired>,
+        sent: &Sent,
         deadline: Instant,
     ) -> Result<()> {
         let what = || format!("publish to {queue}");
-        match sent.confirm.await {
+        match confirm {
             Ok(Paired::Stored) => Ok(()),
             // Its delay queue was deleted on the broker (by hand, by an `expires`
             // policy) while this driver counted it declared: not the queue missing, and
@@ -578,11 +596,150 @@ fn unconfirmed(what: &str, e: lapin::Error) -> Error {
     Error::internal(format!("{} (message not confirmed)", mapped.message()))
 }
 
-fn record(done: Result<()>, confirmed: &mut usize, first_error: &mut Option<Error>) {
-    match done {
-        Ok(()) => *confirmed += 1,
-        Err(e) => {
-            first_error.get_or_insert(e);
+/// The messages of a batch written and waiting for their confirms, oldest first, and
+/// what became of the ones before them.
+///
+/// One timer serves the whole batch: it is set to the oldest waiting message's
+/// deadline, or, when none waits, to the deadline of the message being sent. The
+/// deadlines come in the order the messages were started, so the timer only ever
+/// moves later while it runs, which tokio does in place, without taking its timer
+/// wheel's lock.
+struct InFlight<'a> {
+    waiting: VecDeque<Waiting<'a>>,
+    timer: Pin<Box<Sleep>>,
+    confirmed: usize,
+    first_error: Option<Error>,
+}
+
+/// A message written, its confirm still to come.
+struct Waiting<'a> {
+    id: String,
+    permit: SemaphorePermit<'a>,
+    sent: Sent,
+    deadline: Instant,
+}
+
+/// How the oldest message waiting was decided.
+enum Decided {
+    /// Its confirm came.
+    Confirmed(lapin::Result<Paired>),
+    /// Its deadline passed first.
+    TimedOut,
+}
+
+/// What came first while a message was being sent.
+enum Next<T> {
+    /// The oldest message waiting is decided.
+    Oldest(Decided),
+    /// The message being sent is written, or failed.
+    Sent(T),
+    /// The message being sent ran out of time before it was written.
+    SendTimedOut,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(timeout: Duration) -> Self {
+        InFlight {
+            waiting: VecDeque::new(),
+            timer: Box::pin(tokio::time::sleep_until(queue_core::deadline_after(
+                timeout,
+            ))),
+            confirmed: 0,
+            first_error: None,
+        }
+    }
+
+    fn wait_for(&mut self, written: Waiting<'a>) {
+        self.waiting.push_back(written);
+    }
+
+    fn failed(&self) -> bool {
+        self.first_error.is_some()
+    }
+
+    /// Polls the oldest message's confirm, and the timer at its deadline: `None` once
+    /// none waits. The message stays the oldest until it is settled.
+    fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Option<Decided>> {
+        let Some(oldest) = self.waiting.front_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(confirm) = Pin::new(&mut oldest.sent.confirm).poll(cx) {
+            return Poll::Ready(Some(Decided::Confirmed(confirm)));
+        }
+        let deadline = oldest.deadline;
+        ready!(self.poll_timer(deadline, cx));
+        Poll::Ready(Some(Decided::TimedOut))
+    }
+
+    /// Polls the oldest message waiting, then `send`, the message being sent, whose
+    /// time runs out at `deadline` (the timer's, when no older message waits).
+    fn poll_next<T>(
+        &mut self,
+        send: Pin<&mut impl Future<Output = T>>,
+        deadline: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<Next<T>> {
+        if let Poll::Ready(Some(decided)) = self.poll_oldest(cx) {
+            return Poll::Ready(Next::Oldest(decided));
+        }
+        if let Poll::Ready(sent) = send.poll(cx) {
+            return Poll::Ready(Next::Sent(sent));
+        }
+        if self.waiting.is_empty() {
+            ready!(self.poll_timer(deadline, cx));
+            return Poll::Ready(Next::SendTimedOut);
+        }
+        Poll::Pending
+    }
+
+    fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx)
+    }
+
+    /// Records the outcome of the oldest message, `decided`, and gives its window slot
+    /// back.
+    async fn settle(&mut self, publisher: &Publisher, queue: &QueueId, decided: Decided) {
+        let Some(Waiting {
+            id,
+            permit,
+            sent,
+            deadline,
+        }) = self.waiting.pop_front()
+        else {
+            return;
+        };
+        let outcome = match decided {
+            Decided::Confirmed(confirm) => {
+                publisher
+                    .outcome(queue, &id, confirm, &sent, deadline)
+                    .await
+            }
+            Decided::TimedOut => Err(Stage::Confirm.timed_out(queue, &id, publisher.timeout)),
+        };
+        // Its pairing learns it was given up before its slot goes to another.
+        drop(sent);
+        drop(permit);
+        self.record(outcome);
+    }
+
+    fn record(&mut self, done: Result<()>) {
+        match done {
+            Ok(()) => self.confirmed += 1,
+            Err(e) => {
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// The batch's result once none waits: `Ok`, or the first error with how many of
+    /// the `total` were confirmed.
+    fn result(self, total: usize) -> Result<()> {
+        match self.first_error {
+            None => Ok(()),
+            Some(e) => Err(e.in_batch(self.confirmed, total)),
         }
     }
 }

@@ -1163,6 +1163,19 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
     let err = proxy.publish_to_frozen(&driver, &id).await;
     assert!(err.retryable(), "{err}");
     assert!(err.message().contains("publish_timeout"), "{err}");
+    // A batch, whose confirms are awaited oldest first under one timer, ends the same
+    // way: every message written, none confirmed.
+    let batch = driver.publish_batch(&id, (3..53).map(numbered).collect());
+    let err = within("a batch to the hung broker", batch)
+        .await
+        .expect_err("a batch the broker never confirmed");
+    assert!(err.retryable(), "{err}");
+    assert!(
+        err.message().contains("not confirmed within publish_timeout"),
+        "{err}"
+    );
+    assert_eq!(err.details()["confirmed"], "0", "{err}");
+    assert_eq!(err.details()["batch_size"], "50", "{err}");
     let other = QueueId::new("test", &common::unique("hung-declare")).unwrap();
     let spec = QueueSpec::new(other).with_durable(false);
     let (err, _) = proxy.declare_while_frozen(&driver, &spec).await;
