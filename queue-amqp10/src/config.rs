@@ -64,8 +64,8 @@ pub struct Amqp10Config {
     /// network that drops everything without closing TCP goes silent that long.
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
-    /// The largest message a receiver takes, in bytes as it travels (default 128 MiB,
-    /// RabbitMQ 3.x's own limit; at least 64 KiB). Advertised as each receiver link's
+    /// The largest message a receiver takes, in bytes as it travels (default and
+    /// most 128 MiB, RabbitMQ 3.x's own limit; at least 64 KiB). Advertised as each receiver link's
     /// `max-message-size`, so that a larger delivery is refused before it is held
     /// whole in memory (docs/drivers/amqp10.md, "Receiving").
     #[serde(default = "default_max_message_size")]
@@ -257,11 +257,17 @@ impl Amqp10Config {
                 "must be 0s (off) or between 1s and about 49 days",
             ));
         }
-        if self.max_message_size < MIN_MAX_MESSAGE_SIZE {
+        if !(MIN_MAX_MESSAGE_SIZE..=crate::guard::MAX_CLAIM).contains(&self.max_message_size) {
+            // Past the guard's claim limit, a message the link took could not be
+            // decoded: it was rejected (and dropped by a broker without a dead-letter
+            // queue) where a larger one than the limit is refused and kept.
             return Err(field_error(
                 KIND,
                 "max_message_size",
-                format!("must be at least {MIN_MAX_MESSAGE_SIZE} bytes (64 KiB)"),
+                format!(
+                    "must be between {MIN_MAX_MESSAGE_SIZE} bytes (64 KiB) and {} bytes (128 MiB, the largest value the driver decodes)",
+                    crate::guard::MAX_CLAIM
+                ),
             ));
         }
         if self.container_id.as_ref().is_some_and(|id| id.is_empty()) {
@@ -491,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn max_message_size_defaults_to_128_mib_and_is_at_least_64_kib() {
+    fn max_message_size_defaults_to_128_mib_and_is_between_64_kib_and_128_mib() {
         let parse = |value: u64| {
             serde_json::from_value::<Amqp10Config>(serde_json::json!({
                 "url": "amqp://127.0.0.1", "max_message_size": value
@@ -505,6 +511,11 @@ mod tests {
         assert!(parse(65_536).validate().is_ok());
         let err = parse(65_535).validate().unwrap_err();
         assert_eq!(err.details()["field"], "max_message_size", "{err}");
+        // A larger limit let through messages the decoder refuses: rejected, not kept.
+        assert!(parse(128 << 20).validate().is_ok());
+        let err = parse((128 << 20) + 1).validate().unwrap_err();
+        assert_eq!(err.details()["field"], "max_message_size", "{err}");
+        assert!(err.message().contains("128 MiB"), "{err}");
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl Amqp10Subscription {
         let (out, deliveries) = mpsc::unbounded_channel();
         let (control, control_rx) = mpsc::unbounded_channel();
         let closed = connector.closed_signal();
+        let tasks = connector.tasks();
         let closed_for_next = closed.clone();
         let buffered = Arc::new(AtomicUsize::new(0));
         let current_epoch = Arc::new(AtomicU64::new(NO_LINK));
@@ -129,7 +130,7 @@ impl Amqp10Subscription {
             attached_at: tokio::time::Instant::now(),
         };
         let link = task.start_link(attached).await;
-        let handle = tokio::spawn(task.run(link));
+        let handle = tasks.spawn(task.run(link));
         Ok(Amqp10Subscription {
             deliveries,
             buffered,
@@ -569,7 +570,7 @@ impl ReceiveTask {
                     queue = %self.spec.queue,
                     size = too_large.size,
                     max_message_size = too_large.max_size,
-                    "amqp10 receiver refused a delivery larger than max_message_size; the broker keeps it and the queue waits behind it (remove it or raise max_message_size)"
+                    "amqp10 receiver refused a delivery larger than max_message_size; the broker keeps it and the queue waits behind it (remove it, or raise max_message_size, up to 128 MiB)"
                 );
                 Step::LinkLost
             }

@@ -72,7 +72,7 @@ pub(crate) const MAX_DEPTH: usize = 128;
 /// bytes come); 4 GiB could fail to allocate on a small host, which aborts. 128 MiB is
 /// RabbitMQ's default largest message. A multiple of 2^24, so that the first byte of a
 /// 4-byte size decides.
-const MAX_CLAIM: u64 = 128 << 20;
+pub(crate) const MAX_CLAIM: u64 = 128 << 20;
 const _: () = assert!(MAX_CLAIM.is_multiple_of(1 << 24));
 
 /// The most the guard holds back after a frame that ends in a value's constructor,

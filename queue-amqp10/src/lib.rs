@@ -134,7 +134,19 @@ impl Amqp10Driver {
         })
     }
 
+    /// The message for the wire. One whose body alone passes `max_message_size` is
+    /// refused: no receiver of this driver would take it, and the queue would wait
+    /// behind it for good (docs/drivers/amqp10.md, "Limits").
     fn prepare(&self, declared: &Declared, message: Message) -> Result<mapping::Outgoing> {
+        let limit = self.config.max_message_size;
+        if u64::try_from(message.body.len()).map_or(true, |size| size > limit) {
+            return Err(Error::invalid(format!(
+                "publish to {}: the body of message {} is {} bytes, larger than max_message_size {limit}: no receiver would take it",
+                declared.spec.id,
+                message.id,
+                message.body.len()
+            )));
+        }
         mapping::to_amqp(message, declared.spec.durable, self.config.profile)
     }
 }

@@ -41,7 +41,15 @@ pub async fn a_delivery_over_max_message_size_is_refused(url: String, profile: P
     consumer.declare(&spec).await.unwrap();
     let body = vec![b'x'; 200_000];
     let too_large = queue_core::Message::from_bytes(body, Default::default(), "text/plain");
-    publisher.publish(&id, too_large).await.unwrap();
+    publisher.publish(&id, too_large.clone()).await.unwrap();
+    // A driver refuses to send what none of its receivers would take (`INVALID`,
+    // never sent); the publisher above, at the default limit, sent it.
+    let err = consumer
+        .publish(&id, too_large)
+        .await
+        .expect_err("a body over the driver's max_message_size");
+    assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+    assert!(err.message().contains("max_message_size"), "{err}");
     let before = consumer.connection().unwrap().links_attached;
     let mut subscription = consumer
         .consume(&id, ConsumeOptions { prefetch: 10 })
