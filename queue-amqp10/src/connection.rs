@@ -210,6 +210,13 @@ impl Connector {
         self.broker_max_frame.load(Ordering::Relaxed)
     }
 
+    /// The runtime the driver was connected on, where its queues' and subscriptions'
+    /// tasks run too: the caller's may be a short-lived one (a library user's), and
+    /// they would end with it.
+    pub(crate) fn tasks(&self) -> tokio::runtime::Handle {
+        self.tasks.clone()
+    }
+
     /// A link name unique within this container.
     pub fn link_name(&self, role: &str, queue: &str) -> String {
         let n = self.link_seq.fetch_add(1, Ordering::Relaxed);
@@ -476,7 +483,7 @@ impl Connector {
                 // After a loss, the next node first: the lost one may be down.
                 let next = self.current.load(Ordering::Relaxed) + usize::from(live.is_some());
                 if let Some(old) = live.take() {
-                    close_in_background(old);
+                    self.tasks.spawn(old.close());
                 }
                 let opened = {
                     let _reopening = Reopening::mark(&self.reopening);
@@ -511,7 +518,7 @@ impl Connector {
                     if let Some(old) = live.take() {
                         let next = (old.node + 1) % self.endpoints.len();
                         self.current.store(next, Ordering::Relaxed);
-                        close_in_background(old);
+                        self.tasks.spawn(old.close());
                     }
                     return Err(Error::internal(format!(
                         "{url}: beginning a session timed out"
@@ -520,7 +527,7 @@ impl Connector {
             };
             // A connection that cannot begin a session is no good: reopen it.
             if let Some(old) = live.take() {
-                close_in_background(old);
+                self.tasks.spawn(old.close());
             }
             last_error = Some(error);
         }
@@ -638,10 +645,6 @@ fn lock_failure(
     failure: &std::sync::Mutex<Option<Failure>>,
 ) -> std::sync::MutexGuard<'_, Option<Failure>> {
     failure.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn close_in_background(live: Live) {
-    tokio::spawn(live.close());
 }
 
 #[cfg(test)]

@@ -84,7 +84,8 @@ impl QueueSender {
         let window = spec.window.max(1) as usize;
         let (requests, rx) = mpsc::channel(window);
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
-        let outcomes = tokio::spawn(outcome_task(pending_rx));
+        let tasks = connector.tasks();
+        let outcomes = tasks.spawn(outcome_task(pending_rx));
         let window_permits = Arc::new(Semaphore::new(window));
         let task = SendTask {
             connector,
@@ -94,7 +95,7 @@ impl QueueSender {
             pending: pending_tx,
             declared: Instant::now(),
         };
-        let sends = tokio::spawn(task.run(rx));
+        let sends = tasks.spawn(task.run(rx));
         Ok(QueueSender {
             requests,
             publish_timeout: spec.publish_timeout,

@@ -447,6 +447,57 @@ async fn a_publish_given_up_waiting_for_credit_is_not_sent_late() {
     }
 }
 
+/// A queue's sender and a subscription's receiver run on the runtime the driver was
+/// connected on, as its sessions do: declared and consumed from another runtime
+/// (a library user's short-lived one) that then ended, the queue still takes
+/// publishes and the subscription still receives. They ran on the caller's runtime
+/// and ended with it: every publish `CANCELED`, the subscription ended (review).
+async fn a_queue_declared_and_consumed_on_another_runtime_outlives_it() {
+    let driver = std::sync::Arc::new(support::rabbit_driver(Profile::RabbitmqV1).await);
+    let name = format!("amqp10-tests-elsewhere-{}", queue_core::new_message_id());
+    let id = QueueId::new("amqp10-tests", &name).unwrap();
+    let spec = QueueSpec::new(id.clone()).with_durable(false);
+    let side = {
+        let (driver, spec) = (std::sync::Arc::clone(&driver), spec.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime of its own");
+            runtime.block_on(async {
+                driver.declare(&spec).await?;
+                driver
+                    .consume(&spec.id, ConsumeOptions { prefetch: 10 })
+                    .await
+            })
+        })
+    };
+    let mut sub = within(
+        "the other runtime's declare and consume",
+        tokio::task::spawn_blocking(move || side.join()),
+    )
+    .await
+    .expect("the join")
+    .expect("the other runtime's thread")
+    .expect("declared and consumed on the other runtime");
+    // That runtime is gone, with every task it ran.
+    within("a publish after it ended", driver.publish(&id, numbered(7)))
+        .await
+        .expect("the queue's sender ended with the other runtime");
+    let delivery = within("a delivery after it ended", sub.next())
+        .await
+        .expect("the subscription ended with the other runtime")
+        .expect("a delivery");
+    assert_eq!(number_of(&delivery), 7);
+    delivery.ack().await.expect("the ack");
+    within("cancel", sub.cancel()).await.unwrap();
+    driver.close().await.unwrap();
+    tokio::task::block_in_place(|| {
+        queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", spec.name.as_str()])
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// A driver on `config` and a consumer of the shared broker's queue `name`.
 async fn consuming(
     config: Amqp10Config,
@@ -914,6 +965,7 @@ queue_testkit::broker_tests! {
         bodies_no_codec_reads_arrive_as_they_came_and_undecodable_ones_are_rejected,
         a_delivery_over_max_message_size_is_refused_and_reattaches_back_off,
         links_past_fe2o3s_default_channel_max_share_one_connection,
+        a_queue_declared_and_consumed_on_another_runtime_outlives_it,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }
