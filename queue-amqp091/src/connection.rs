@@ -385,6 +385,7 @@ impl Connection {
                 )));
             }
         };
+        warn_of_a_lowered_heartbeat(&self.config, url, &connection);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *lock(&self.node) = url.to_string();
         tracing::info!(node = %url, generation, purpose = self.purpose.as_str(), "connected to the AMQP broker");
@@ -426,6 +427,24 @@ impl Connection {
 
 fn closed_error(what: &str) -> Error {
     Error::new(ErrorKind::Canceled, format!("{what}: the driver is closed"))
+}
+
+/// lapin settles on the lower of the `heartbeat` asked for and the broker's (RabbitMQ:
+/// 60 s): a longer one asked for (against large content headers on a slow link,
+/// docs/drivers/amqp091.md) is not what the connection got, and says so.
+fn warn_of_a_lowered_heartbeat(config: &Amqp091Config, url: &str, connection: &lapin::Connection) {
+    let Some(asked) = config.heartbeat else {
+        return;
+    };
+    let agreed = connection.configuration().heartbeat();
+    if u64::from(agreed) < asked.as_secs() {
+        tracing::warn!(
+            node = %url,
+            asked_secs = asked.as_secs(),
+            agreed_secs = agreed,
+            "the broker's heartbeat is shorter than the `heartbeat` asked for, and the shorter one is used (raise the broker's `heartbeat` to lengthen it)"
+        );
+    }
 }
 
 fn connect_error(endpoint: &Endpoint, e: lapin::Error) -> Error {

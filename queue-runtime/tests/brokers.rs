@@ -463,6 +463,32 @@ fn a_consumer_without_its_handler_refuses_to_start_and_takes_nothing() {
     }
 }
 
+/// lapin takes the lower of the `heartbeat` asked for and the broker's (60 s): a
+/// longer one asked for, to carry large content headers over a slow link, was
+/// silently not the one used (review). The runtime now says so.
+fn a_heartbeat_longer_than_the_brokers_is_said_to_be_lowered() {
+    let id = unique();
+    for (heartbeat, warned) in [("300s", true), ("30s", false)] {
+        let yaml = format!(
+            "namespace: app\nentries:\n{}    heartbeat: {heartbeat}\n  - name: jobs\n    kind: queue.queue\n    queue_name: it-heartbeat-{id}\n    durable: false\n",
+            DRIVERS[0].1
+        );
+        let dir = app(&[("app.yaml", &yaml)]);
+        let out = run(&["info", "app:jobs", "--config", "app.yaml"], dir.path());
+        assert!(out.status.success(), "{heartbeat}: {}", text(&out.stderr));
+        let said = text(&out.stderr);
+        assert_eq!(
+            said.contains("the broker's heartbeat is shorter"),
+            warned,
+            "{heartbeat}: {said}"
+        );
+        if warned {
+            assert!(said.contains("300") && said.contains("60"), "{said}");
+        }
+    }
+    let _ = queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", &format!("it-heartbeat-{id}")]);
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [];
@@ -474,5 +500,6 @@ queue_testkit::broker_tests! {
         percent_encoded_odd_credentials_log_in_through_both_drivers,
         a_hung_broker_cannot_keep_the_runtime_from_stopping,
         a_consumer_without_its_handler_refuses_to_start_and_takes_nothing,
+        a_heartbeat_longer_than_the_brokers_is_said_to_be_lowered,
     ];
 }
