@@ -93,6 +93,7 @@ impl Profile {
     /// assert_eq!(Profile::RabbitmqV2.address("a b").unwrap(), "/queues/a%20b");
     /// assert_eq!(Profile::Artemis.address("jobs").unwrap(), "jobs");
     /// assert!(Profile::RabbitmqV1.address("a/b").is_err());
+    /// assert!(Profile::RabbitmqV1.address("a%2Fb").is_err());
     /// ```
     pub fn address(self, queue_name: &str) -> Result<String> {
         if queue_name.is_empty() {
@@ -101,10 +102,11 @@ impl Profile {
         match self {
             Profile::RabbitmqV1 => {
                 // The 3.x plugin splits addresses at '/', so a name containing one
-                // would address another node.
-                if queue_name.contains('/') {
+                // would address another node; and it reads `%2F` (upper case only,
+                // measured on 3.10) as a '/': `a%2Fb` declared and filled queue `a/b`.
+                if queue_name.contains('/') || queue_name.contains("%2F") {
                     return Err(Error::invalid(format!(
-                        "queue name {queue_name:?} contains '/', which the rabbitmq-v1 profile cannot address"
+                        "queue name {queue_name:?} contains '/' or '%2F', which the rabbitmq-v1 profile cannot address"
                     )));
                 }
                 Ok(format!("/queue/{queue_name}"))

@@ -328,9 +328,10 @@ impl Connector {
         }
         // TLS is the driver's, under the guard on what the broker sends (guard.rs), so
         // fe2o3-amqp itself always speaks plain AMQP on the stream it is given.
+        let hostname = e.open_hostname();
         let builder = builder
             .container_id(self.container_id.clone())
-            .hostname(e.host.as_str())
+            .hostname(hostname.as_str())
             .scheme("amqp")
             .sasl_profile(profile);
         let opening = async {

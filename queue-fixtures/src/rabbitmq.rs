@@ -125,6 +125,14 @@ impl SharedVhost {
         shared_ctl(&["set_vhost_limits", "-p", &self.0, &limit]).map(drop)
     }
 
+    /// Every queue on it with its message count, as [`shared_queue_messages`] gives
+    /// them for vhost `/`.
+    pub fn queue_messages(&self) -> Result<Vec<(String, u64)>, String> {
+        let [quiet, list, headers, name, messages] = LIST_QUEUE_MESSAGES;
+        let listed = shared_ctl(&[quiet, list, "-p", &self.0, headers, name, messages])?;
+        Ok(queue_counts(&listed))
+    }
+
     /// Deletes the queue `name` on it.
     pub fn delete_queue(&self, name: &str) -> Result<(), String> {
         shared_ctl(&["delete_queue", "-p", &self.0, name]).map(drop)
