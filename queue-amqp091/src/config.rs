@@ -338,6 +338,9 @@ impl Amqp091Config {
                 ),
             ));
         }
+        check_query(url).map_err(|why| {
+            field_error(&self.url_field(i), &format!("{:?}: {why}", redact_url(url)))
+        })?;
         // The parser's error repeats the whole URL, password included: never show it.
         let mut uri = AMQPUri::from_str(url).map_err(|_| {
             field_error(
@@ -495,6 +498,42 @@ impl Endpoint {
     pub(crate) fn vhost(&self) -> &str {
         &self.uri.vhost
     }
+}
+
+/// What is wrong with a URL's query, if anything: an option lapin does not read (pika's
+/// and kombu's own, `socket_timeout`, `ssl_options`, ..., were silently ignored), or a
+/// value it cannot parse (its parser's error named no option).
+fn check_query(url: &str) -> std::result::Result<(), String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    for (option, value) in parsed.query_pairs() {
+        let readable = match option.as_ref() {
+            "frame_max" => value.parse::<u32>().is_ok(),
+            "channel_max" | "heartbeat" => value.parse::<u16>().is_ok(),
+            "connection_timeout" => value.parse::<u64>().is_ok(),
+            "auth_mechanism" => {
+                matches!(
+                    value.as_ref(),
+                    "plain" | "amqplain" | "external" | "anonymous"
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "the URL option `{option}` is not one the driver reads (frame_max, channel_max, heartbeat, auth_mechanism; the others are fields of the entry, docs/drivers/amqp091.md)"
+                ));
+            }
+        };
+        if !readable {
+            return Err(match option.as_ref() {
+                "auth_mechanism" => format!(
+                    "`auth_mechanism={value}` is not one of plain, amqplain, external, anonymous"
+                ),
+                _ => format!("`{option}={value}` is not a whole number in range"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn field_error(field: &str, what: &str) -> Error {
@@ -751,6 +790,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.endpoints().unwrap()[0].uri.query.heartbeat, Some(10));
+    }
+
+    /// A query option lapin does not read (pika's and kombu's own) was silently
+    /// ignored, and one it could not parse was "not an AMQP URL", naming nothing
+    /// (review): each is refused, naming the option, never the password.
+    #[test]
+    fn url_query_options_are_read_or_refused_by_name() {
+        for (url, says) in [
+            ("amqp://u:secret@h/?socket_timeout=5", "`socket_timeout`"),
+            ("amqp://u:secret@h/?ssl_options=x", "`ssl_options`"),
+            ("amqp://u:secret@h/?heartbeat=30s", "`heartbeat=30s`"),
+            ("amqp://u:secret@h/?frame_max=128k", "`frame_max=128k`"),
+            (
+                "amqp://u:secret@h/?channel_max=70000",
+                "`channel_max=70000`",
+            ),
+            (
+                "amqp://u:secret@h/?auth_mechanism=gssapi",
+                "`auth_mechanism=gssapi`",
+            ),
+            (
+                "amqp://u:secret@h/?connection_timeout=5s",
+                "`connection_timeout=5s`",
+            ),
+        ] {
+            let Err(err) = Amqp091Config::from_json(json!({ "url": url }))
+                .and_then(|config| config.endpoints())
+            else {
+                panic!("{url} was taken");
+            };
+            assert_eq!(err.details()["field"], "url", "{url}: {err}");
+            assert!(err.message().contains(says), "{url}: {err}");
+            assert!(!err.message().contains("secret"), "{url}: {err}");
+        }
+        let url = "amqp://u:p@h/?frame_max=131072&channel_max=64&heartbeat=5&auth_mechanism=plain";
+        let endpoints = Amqp091Config::from_json(json!({ "url": url }))
+            .and_then(|config| config.endpoints())
+            .unwrap();
+        assert_eq!(endpoints[0].uri.query.channel_max, Some(64));
     }
 
     /// The broker's `consumer_timeout` is the longest a delivery may stay unsettled:

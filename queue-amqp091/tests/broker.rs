@@ -1171,7 +1171,8 @@ async fn a_publish_to_a_hung_broker_fails_within_its_limit() {
         .expect_err("a batch the broker never confirmed");
     assert!(err.retryable(), "{err}");
     assert!(
-        err.message().contains("not confirmed within publish_timeout"),
+        err.message()
+            .contains("not confirmed within publish_timeout"),
         "{err}"
     );
     assert_eq!(err.details()["confirmed"], "0", "{err}");
