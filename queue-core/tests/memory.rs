@@ -349,6 +349,41 @@ async fn closing_ends_consumers_and_refuses_publishes() {
     );
 }
 
+/// A consumer held at its prefetch, waiting for one of its deliveries to be settled,
+/// ends at a close too: it waited for the settlement, which an embedder that waits
+/// for the consume loop to end before settling never makes (review).
+#[tokio::test]
+async fn a_consumer_held_at_its_prefetch_ends_when_the_driver_closes() {
+    let driver = MemoryDriver::new();
+    driver.declare(&QueueSpec::new(id())).await.unwrap();
+    driver.publish(&id(), numbered(1)).await.unwrap();
+    driver.publish(&id(), numbered(2)).await.unwrap();
+    let mut sub = driver
+        .consume(&id(), ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let held = within("the first delivery", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = tokio::spawn(async move { sub.next().await.is_none() });
+    // On this test's one thread, the yield runs the consumer until it waits; closed
+    // before, it would see the close at once and prove nothing.
+    tokio::task::yield_now().await;
+    assert!(
+        !waiting.is_finished(),
+        "the consumer is held at its prefetch"
+    );
+    driver.close().await.unwrap();
+    assert!(
+        within("the consumer held at its prefetch", waiting)
+            .await
+            .expect("the consumer does not panic"),
+        "a consumer held at its prefetch ends when the driver closes"
+    );
+    drop(held);
+}
+
 #[tokio::test]
 async fn redeclaring_with_other_options_is_already_exists() {
     let driver = MemoryDriver::new();

@@ -72,6 +72,11 @@ pub(super) struct MemQueue {
     /// Signalled when room frees up under `max_length` (one publisher per freed
     /// slot), or the queue closes.
     space_signal: Notify,
+    /// Signalled (every waiter) when the queue closes or goes: for the waits that
+    /// neither of the others ends, a consumer held at its prefetch and a delayed
+    /// message's timer. Shared with the timers, which hold no strong reference to the
+    /// queue.
+    closed_signal: Arc<Notify>,
     next_tag: AtomicU64,
     acked: AtomicU64,
     next_subscription: AtomicU64,
@@ -90,6 +95,7 @@ impl MemQueue {
             }),
             ready_signal: Notify::new(),
             space_signal: Notify::new(),
+            closed_signal: Arc::new(Notify::new()),
             next_tag: AtomicU64::new(1),
             acked: AtomicU64::new(0),
             next_subscription: AtomicU64::new(1),
@@ -287,9 +293,24 @@ impl MemQueue {
     ) -> Result<()> {
         let timers = timers()?;
         self.with_room(timeout, |state| state.delayed += 1).await?;
-        let queue = Arc::clone(self);
+        // The timer holds the queue weakly and ends at its close: holding it, a message
+        // delayed by days kept a closed or dropped queue, every message in it, in
+        // memory for as long (review).
+        let (queue, closed) = (Arc::downgrade(self), Arc::clone(&self.closed_signal));
         timers.spawn(async move {
-            tokio::time::sleep(delay).await;
+            let closing = closed.notified();
+            tokio::pin!(closing);
+            closing.as_mut().enable();
+            if queue.upgrade().is_none_or(|queue| queue.is_closed()) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = closing => return,
+            }
+            let Some(queue) = queue.upgrade() else {
+                return;
+            };
             let mut state = queue.lock();
             state.delayed -= 1;
             // It has its room already: counted as delayed, now as ready.
@@ -480,6 +501,24 @@ impl MemQueue {
         self.closed.store(true, Ordering::Release);
         self.ready_signal.notify_waiters();
         self.space_signal.notify_waiters();
+        self.closed_signal.notify_waiters();
+    }
+
+    /// Waits until the queue closes (or returns at once if it has).
+    pub(super) async fn closing(&self) {
+        let closing = self.closed_signal.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if !self.is_closed() {
+            closing.await;
+        }
+    }
+}
+
+impl Drop for MemQueue {
+    fn drop(&mut self) {
+        // Ends the timers of its delayed messages, which hold it weakly.
+        self.closed_signal.notify_waiters();
     }
 }
 
@@ -507,4 +546,40 @@ fn timers() -> Result<&'static tokio::runtime::Handle> {
             "the memory driver could not start the thread that waits out delayed messages",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HeaderValue, QueueId};
+
+    /// A delayed message's timer holds its queue weakly and ends when the queue
+    /// closes: it held it strongly, so a message delayed by days kept a closed queue,
+    /// every message in it, in memory for as long (review).
+    #[tokio::test]
+    async fn a_delayed_message_keeps_its_queue_neither_alive_nor_past_its_close() {
+        let spec = QueueSpec::new(QueueId::parse("app:later").unwrap());
+        let queue = Arc::new(MemQueue::new(spec, 10));
+        let mut message = Message::from_bytes(b"x".to_vec(), Default::default(), "text/plain");
+        message
+            .headers
+            .insert("delay", HeaderValue::Int(4_000_000_000));
+        queue
+            .publish(message, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(queue.info().delayed, Some(1));
+        assert_eq!(Arc::strong_count(&queue), 1, "the timer holds the queue");
+        // The timer's own weak reference, beside the one this test takes.
+        let watched = Arc::downgrade(&queue);
+        assert_eq!(Arc::weak_count(&queue), 2);
+        queue.close();
+        // The timer runs on a thread of its own: nothing signals its end but the count.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while watched.weak_count() > 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert!(ended.await.is_ok(), "the timer outlived the queue's close");
+    }
 }

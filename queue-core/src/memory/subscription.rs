@@ -71,7 +71,12 @@ impl Subscription for MemSubscription {
                 tokio::pin!(settled);
                 settled.as_mut().enable();
                 if self.outstanding.unsettled.load(Ordering::Acquire) >= self.prefetch {
-                    settled.await;
+                    // A close ends this wait too: a consumer held at its prefetch
+                    // waited for a settlement that might never come (review).
+                    tokio::select! {
+                        () = settled => {}
+                        () = self.queue.closing() => {}
+                    }
                 }
                 continue;
             }
