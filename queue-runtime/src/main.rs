@@ -830,24 +830,29 @@ async fn unless_signalled_again<T>(
 const SAME_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// SIGTERM, SIGINT and SIGHUP (a closed terminal), listened to from the start of `run`
-/// to its end: each stops the runtime gracefully.
+/// to its end: each stops the runtime gracefully. SIGINT and SIGHUP are not listened
+/// to when the runtime was started with them ignored ([`inherited_ignored`]).
 ///
 /// One listener for the whole run, not one per wait: a signal that arrives between two
 /// waits (say right after "stopping" is logged) is kept for the next wait instead of
 /// being lost before a fresh listener exists.
 struct ShutdownSignals {
-    streams: Option<[tokio::signal::unix::Signal; 3]>,
+    streams: Option<[Option<tokio::signal::unix::Signal>; 3]>,
 }
 
 impl ShutdownSignals {
     fn listen() -> Self {
         use tokio::signal::unix::{SignalKind, signal};
+        let unless_ignored = |number, kind| match inherited_ignored(number) {
+            true => Ok(None),
+            false => signal(kind).map(Some),
+        };
         let streams = match (
             signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
+            unless_ignored(libc::SIGINT, SignalKind::interrupt()),
+            unless_ignored(libc::SIGHUP, SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+            (Ok(term), Ok(int), Ok(hup)) => Some([Some(term), int, hup]),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT/SIGHUP");
                 None
@@ -857,16 +862,38 @@ impl ShutdownSignals {
     }
 }
 
+/// Whether the runtime was started with `signal` ignored: `nohup` ignores SIGHUP, and
+/// a shell starts a background job with SIGINT ignored. Listening would undo that:
+/// under `nohup` a hang-up, and in a script's background job a Ctrl-C meant for the
+/// foreground, stopped the runtime (review).
+fn inherited_ignored(signal: libc::c_int) -> bool {
+    // SAFETY: with no new action given, sigaction only writes the current one into
+    // `current`, a zeroed struct of the right type.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 impl StopSignals for ShutdownSignals {
     /// Waits for the next SIGTERM, SIGINT or SIGHUP and names it.
     async fn next(&mut self) -> &'static str {
         let Some([term, int, hup]) = self.streams.as_mut() else {
             return std::future::pending().await;
         };
+        async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = hup.recv() => "SIGHUP",
+            () = received(term) => "SIGTERM",
+            () = received(int) => "SIGINT",
+            () = received(hup) => "SIGHUP",
         }
     }
 }

@@ -554,6 +554,51 @@ fn a_failed_process_shows_on_ready_and_metrics() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// Started with SIGHUP and SIGINT ignored (`nohup` ignores the first, a shell starts
+/// a background job with the second ignored), the runtime leaves them ignored: it
+/// listened to them anyway, so a hang-up, or a Ctrl-C meant for the foreground,
+/// stopped it (review). The kernel's record of the process's signals says it.
+#[test]
+fn signals_ignored_by_whoever_started_the_runtime_stay_ignored() {
+    let yaml = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", "function handle(p) end\n")]);
+    let port = free_port();
+    let script =
+        format!("trap '' HUP INT; exec \"$0\" run --metrics-addr 127.0.0.1:{port} app.yaml");
+    let runtime = assert_cmd::cargo::cargo_bin!("queue-runtime");
+    let child = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .arg(runtime)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    // Ready once started, and it listens for signals before it starts.
+    wait_ready_status(port, 200, String::new);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
+    let mask = |field: &str| {
+        let line = status.lines().find(|l| l.starts_with(field)).expect(field);
+        u64::from_str_radix(line[field.len()..].trim(), 16).expect("a hex mask")
+    };
+    let bit = |signal: u32| 1u64 << (signal - 1);
+    let (hup, int, term) = (bit(1), bit(2), bit(15));
+    assert_eq!(mask("SigIgn:") & (hup | int), hup | int, "{status}");
+    assert_eq!(mask("SigCgt:") & (hup | int | term), term, "{status}");
+    signal(&child, "HUP");
+    signal(&child, "INT");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    let said = text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("SIGTERM"), "{said}");
+    assert!(
+        !said.contains("SIGHUP") && !said.contains("SIGINT"),
+        "{said}"
+    );
+}
+
 /// Processes run on while a stop lets the handlers finish, and may fail then: the
 /// exit code of `--exit-when-idle` read the count of failed processes before the
 /// stop, and said 0 (review).

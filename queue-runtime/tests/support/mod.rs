@@ -297,6 +297,27 @@ impl Drain {
     }
 }
 
+/// Polls `/ready` on `port` until it answers `status` (bounded: fails after 30 s,
+/// saying `log()`); its body.
+pub fn wait_ready_status(port: u16, status: u16, log: impl Fn() -> String) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = http_get_with_status(port, "/ready");
+        if let Some((got, body)) = &answer
+            && *got == status
+        {
+            return serde_json::from_str(body)
+                .unwrap_or_else(|e| panic!("/ready answered {body:?}: {e}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready did not answer {status} within 30 s (last: {answer:?}):\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
@@ -472,22 +493,7 @@ impl Runtime {
 
     /// Polls `/ready` until it answers `status` (bounded: fails after 30 s); its body.
     pub fn wait_ready_status(&self, status: u16) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let answer = http_get_with_status(self.metrics_port, "/ready");
-            if let Some((got, body)) = &answer
-                && *got == status
-            {
-                return serde_json::from_str(body)
-                    .unwrap_or_else(|e| panic!("/ready answered {body:?}: {e}"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/ready did not answer {status} within 30 s (last: {answer:?}):\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready_status(self.metrics_port, status, || self.log())
     }
 
     /// Whether the process has exited (killed, or crashed).
