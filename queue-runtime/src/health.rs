@@ -1,11 +1,12 @@
 //! What `/health` and `/ready` answer (docs/operations.md, "Metrics and health"):
 //! alive as long as the process serves; ready only once every driver is created and
-//! connected and every consumer takes deliveries, and not while a driver reconnects
-//! nor once the runtime is stopping.
+//! connected and every consumer takes deliveries, and not while a driver reconnects,
+//! a Lua worker is stalled, nor once the runtime is stopping.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use queue_core::Driver;
 
@@ -40,11 +41,64 @@ pub struct ProcessState {
 /// The processes of a runtime, by entry id.
 type Processes = BTreeMap<String, ProcessState>;
 
+/// When each Lua worker last had a turn on its thread: each ticks every
+/// [`WORKER_TICK`]. A worker held by a function Lua called from C (a `table.sort`
+/// comparator that never returns, where no time slice can yield) ticks no more, and
+/// every consumer and process on it stops; `/ready` said `ready` (review).
+#[derive(Clone, Debug)]
+pub struct WorkerTicks {
+    /// Each worker's last tick, in milliseconds since `origin`.
+    last: Arc<[AtomicU64]>,
+    origin: Instant,
+}
+
+/// How often a Lua worker ticks.
+pub const WORKER_TICK: Duration = Duration::from_secs(1);
+
+/// How long a worker may go without a tick before it counts as stalled: a handler
+/// or process that computes yields at the end of each time slice, so a tick waits
+/// at most for its worker's other coroutines' slices.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+impl WorkerTicks {
+    /// The ticks of `workers` workers, each ticked now.
+    pub fn new(workers: usize) -> Self {
+        WorkerTicks {
+            last: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            origin: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Worker `index` has a turn.
+    pub fn tick(&self, index: usize) {
+        if let Some(last) = self.last.get(index) {
+            last.store(self.now(), Ordering::Release);
+        }
+    }
+
+    /// The workers without a tick for `STALLED_AFTER` or longer.
+    pub fn stalled(&self) -> Vec<usize> {
+        let now = self.now();
+        let limit = u64::try_from(STALLED_AFTER.as_millis()).unwrap_or(u64::MAX);
+        self.last
+            .iter()
+            .enumerate()
+            .filter(|(_, last)| now.saturating_sub(last.load(Ordering::Acquire)) >= limit)
+            .map(|(index, _)| index)
+            .collect()
+    }
+}
+
 /// What the runtime runs, once it has it.
 struct Running {
     drivers: Drivers,
     consumers: Consumers,
     processes: Processes,
+    workers: WorkerTicks,
 }
 
 /// What the runtime runs on, once it has it; shared with the HTTP server, which
@@ -57,11 +111,18 @@ pub struct Readiness {
 
 impl Readiness {
     /// The runtime started with these drivers, consumers and processes.
-    pub fn started(&self, drivers: Drivers, consumers: Consumers, processes: Processes) {
+    pub fn started(
+        &self,
+        drivers: Drivers,
+        consumers: Consumers,
+        processes: Processes,
+        workers: WorkerTicks,
+    ) {
         *self.running.write().unwrap_or_else(|p| p.into_inner()) = Some(Running {
             drivers,
             consumers,
             processes,
+            workers,
         });
     }
 
@@ -73,15 +134,17 @@ impl Readiness {
     }
 
     /// Whether the runtime is ready, and a JSON body that says what is and is not:
-    /// `{"status": "ready" | "starting" | "reconnecting" | "detached" | "process_failed"
-    /// | "stopping", "drivers": {id: {...}}, "consumers": {id: {"attached": n, "of": m}},
-    /// "processes": {id: {"running": n, "failed": n, "of": m}}}`.
+    /// `{"status": "ready" | "starting" | "reconnecting" | "stalled" | "detached" |
+    /// "process_failed" | "stopping", "drivers": {id: {...}}, "consumers": {id:
+    /// {"attached": n, "of": m}}, "processes": {id: {"running": n, "failed": n, "of":
+    /// m}}, "stalled_workers": [index, ...]}`.
     pub fn report(&self) -> (bool, serde_json::Value) {
         let running = self.running.read().unwrap_or_else(|p| p.into_inner());
         let Some(Running {
             drivers,
             consumers,
             processes,
+            workers,
         }) = running.as_ref()
         else {
             return (
@@ -133,11 +196,14 @@ impl Readiness {
                 }),
             );
         }
+        let stalled = workers.stalled();
         let stopping = self.stopping.load(Ordering::Acquire);
         let status = if stopping {
             "stopping"
         } else if !ready {
             "reconnecting"
+        } else if !stalled.is_empty() {
+            "stalled"
         } else if !all_attached {
             "detached"
         } else if !none_failed {
@@ -152,6 +218,7 @@ impl Readiness {
                 "drivers": shown,
                 "consumers": attachments,
                 "processes": process_states,
+                "stalled_workers": stalled,
             }),
         )
     }
@@ -185,6 +252,7 @@ mod tests {
             drivers,
             BTreeMap::from([("app:worker".to_string(), consumer.clone())]),
             BTreeMap::from([("app:producer".to_string(), process.clone())]),
+            WorkerTicks::new(2),
         );
         let (ready, body) = readiness.report();
         assert!(ready, "{body}");
@@ -221,5 +289,34 @@ mod tests {
         assert!(!ready);
         assert_eq!(body["status"], "stopping");
         assert_eq!(body["consumers"]["app:worker"]["attached"], 2);
+    }
+
+    /// A worker whose thread is held (a function Lua called from C that never
+    /// returns) stops ticking: not ready, naming it, until it ticks again.
+    #[test]
+    fn a_worker_without_a_tick_for_a_while_is_stalled() {
+        let Some(origin) = Instant::now().checked_sub(STALLED_AFTER) else {
+            return; // a machine up for less than that: nothing to backdate to
+        };
+        let workers = WorkerTicks {
+            last: (0..2).map(|_| AtomicU64::new(0)).collect(),
+            origin,
+        };
+        let readiness = Readiness::default();
+        readiness.started(
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            workers.clone(),
+        );
+        workers.tick(0);
+        let (ready, body) = readiness.report();
+        assert!(!ready);
+        assert_eq!(body["status"], "stalled");
+        assert_eq!(body["stalled_workers"], serde_json::json!([1]));
+        workers.tick(1);
+        let (ready, body) = readiness.report();
+        assert!(ready, "{body}");
+        assert_eq!(body["stalled_workers"], serde_json::json!([]));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use queue_core::{Backoff, ConsumeOptions, Driver, Error, QueueId, Queues, Result, Subscription};
 use tokio::sync::{oneshot, watch};
 
-use crate::health::{Attachment, ProcessState};
+use crate::health::{Attachment, ProcessState, WorkerTicks};
 use crate::metrics::Metered;
 use crate::registry::{DriverKinds, Plan, ProcessPlan};
 use crate::workers::{Busy, ConsumerRuntime, Intake, Job, Workers};
@@ -402,6 +402,13 @@ impl Host {
     /// Each process's instances, how many still run and how many failed, by id.
     pub fn processes(&self) -> BTreeMap<String, ProcessState> {
         self.process_states.clone()
+    }
+
+    /// When each Lua worker last had a turn on its thread (`/ready` reads them).
+    pub fn worker_ticks(&self) -> WorkerTicks {
+        self.workers
+            .as_ref()
+            .map_or_else(|| WorkerTicks::new(0), Workers::ticks)
     }
 
     /// How many Lua states run handlers.

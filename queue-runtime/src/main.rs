@@ -462,7 +462,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     return Ok(ExitCode::SUCCESS);
                 }
             };
-            readiness.started(host.drivers().clone(), host.attachments(), host.processes());
+            readiness.started(
+                host.drivers().clone(),
+                host.attachments(),
+                host.processes(),
+                host.worker_ticks(),
+            );
             tracing::info!(lua_states = host.lua_states(), "runtime started");
             // A count that cannot be read ends the wait for idleness, but the stop is
             // the same as any other: handlers finish, deliveries go back, the summary

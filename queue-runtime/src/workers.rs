@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::health::{WORKER_TICK, WorkerTicks};
 use crate::metrics::{ConsumerMeters, names as metric};
 use crate::registry::{ConsumerPlan, ProcessPlan};
 use crate::telemetry;
@@ -183,6 +184,7 @@ pub struct Workers {
     senders: Vec<mpsc::UnboundedSender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
+    ticks: WorkerTicks,
 }
 
 impl Workers {
@@ -198,14 +200,16 @@ impl Workers {
         let threads = threads.max(1);
         let mut senders = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
+        let ticks = WorkerTicks::new(threads);
         for index in 0..threads {
             let (tx, rx) = mpsc::unbounded_channel();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let queues = queues.clone();
             let setup = setup.clone();
+            let ticking = (ticks.clone(), index);
             let handle = std::thread::Builder::new()
                 .name(format!("lua-{index}"))
-                .spawn(move || worker_main(rx, queues, strict, limits, setup, ready_tx))
+                .spawn(move || worker_main(rx, queues, strict, limits, setup, ticking, ready_tx))
                 .map_err(|e| Error::internal(format!("cannot start a worker thread: {e}")))?;
             ready_rx
                 .recv()
@@ -218,7 +222,13 @@ impl Workers {
             senders,
             threads: handles,
             next: AtomicUsize::new(0),
+            ticks,
         })
+    }
+
+    /// When each worker last had a turn on its thread (`/ready` reads them).
+    pub fn ticks(&self) -> WorkerTicks {
+        self.ticks.clone()
     }
 
     /// How many Lua states (one per worker thread).
@@ -287,6 +297,7 @@ fn worker_main(
     strict: bool,
     limits: queue_lua::Limits,
     setup: Option<crate::host::LuaSetup>,
+    (ticks, index): (WorkerTicks, usize),
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     // With the I/O driver, so that functions embedded with `lua_setup` can use tokio's
@@ -318,6 +329,13 @@ fn worker_main(
             }
         };
         let _ = ready.send(Ok(()));
+        // A turn of this thread's own: it stops when the thread is held.
+        tokio::task::spawn_local(async move {
+            loop {
+                ticks.tick(index);
+                tokio::time::sleep(WORKER_TICK).await;
+            }
+        });
         while let Some(job) = rx.recv().await {
             tokio::task::spawn_local(run_job(Rc::clone(&host), job));
         }

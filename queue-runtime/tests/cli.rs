@@ -599,6 +599,40 @@ fn signals_ignored_by_whoever_started_the_runtime_stay_ignored() {
     );
 }
 
+/// A handler that never returns from a function Lua called from C (a `table.sort`
+/// comparator that loops: no time slice can yield it, and it has no `timeout`) holds
+/// its worker's thread, and every consumer on that worker stops: `/ready` said
+/// `ready` (review). Its worker no longer ticks, so `/ready` says `stalled`.
+#[test]
+fn a_worker_held_by_a_handler_makes_the_runtime_not_ready() {
+    let yaml = "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: main\n";
+    let lua = "function handle(p)\n  logger:info('sorting')\n  table.sort({3, 2, 1}, function(a, b) while true do end end)\nend\nfunction main()\n  assert(queue.publish('app:jobs', { n = 1 }))\nend\n";
+    let dir = app(&[("app.yaml", yaml), ("h.lua", lua)]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (child, lines) =
+        spawn_with_lines(&["run", "--metrics-addr", &addr, "app.yaml"], dir.path());
+    wait_for_line(&lines, "sorting");
+    // Stalled once its worker has missed its ticks for a while (5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let body = wait_ready_status(port, 503, String::new);
+        if body["status"] == "stalled" {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        body["stalled_workers"].as_array().map(Vec::len),
+        Some(1),
+        "{body}"
+    );
+    // Nothing ends the loop: the process is killed.
+    signal(&child, "KILL");
+    let _ = wait_with_timeout(child, Duration::from_secs(30));
+}
+
 /// Processes run on while a stop lets the handlers finish, and may fail then: the
 /// exit code of `--exit-when-idle` read the count of failed processes before the
 /// stop, and said 0 (review).
