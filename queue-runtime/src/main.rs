@@ -538,7 +538,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 None => None,
             };
             let security = plan.cli_security(actor)?;
-            let host = broker_only(plan, &kinds).await?;
+            let host = broker_only(plan, &kinds, Some(&id)).await?;
             let result = host
                 .queues()
                 .publish(&security, &queue_id, body, headers)
@@ -576,7 +576,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let (plan, kinds) = plan(&config, false)?;
             let id = queue_core::QueueId::parse(&queue_id).map_err(|e| e.to_string())?;
             refuse_in_memory(&plan, &id)?;
-            let host = broker_only(plan, &kinds).await?;
+            let host = broker_only(plan, &kinds, Some(&id)).await?;
             let info = host.queues().info(&queue_id).await;
             // Which node answered, for a driver given several (a cluster).
             let node = host
@@ -629,7 +629,12 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
         .map(|q| q.spec.id.clone())
         .filter(|q| !plan.is_in_memory(q))
         .collect();
-    let host = broker_only(plan, &kinds).await?;
+    // A replay publishes to whichever queue a dead letter came from.
+    let for_queue = match tool {
+        Tool::Replay(_) => None,
+        Tool::Peek { .. } | Tool::Purge { .. } => Some(&id),
+    };
+    let host = broker_only(plan, &kinds, for_queue).await?;
     let driver = host
         .queues()
         .get(&id)
@@ -710,10 +715,32 @@ fn refuse_in_memory(plan: &Plan, id: &queue_core::QueueId) -> Result<(), String>
     Ok(())
 }
 
-/// Starts only the drivers and queues (no consumers, no processes) for a one-off command.
-async fn broker_only(mut plan: Plan, kinds: &DriverKinds) -> Result<Host, String> {
+/// Starts the drivers and queues (no consumers, no processes) for a one-off command:
+/// with `for_queue`, only that queue, the queues its failed messages go to, and their
+/// drivers. Every one of them was started: a driver the queue does not use, down,
+/// failed the command, and a read-only `info` declared every queue on the brokers
+/// (review).
+async fn broker_only(
+    mut plan: Plan,
+    kinds: &DriverKinds,
+    for_queue: Option<&queue_core::QueueId>,
+) -> Result<Host, String> {
     plan.consumers.clear();
     plan.processes.clear();
+    if let Some(queue) = for_queue {
+        let mut kept = vec![queue.clone()];
+        let mut next = plan.queue(queue).and_then(|q| q.dead_letter.clone());
+        while let Some(dead_letters) = next.take().filter(|d| !kept.contains(d)) {
+            next = plan
+                .queue(&dead_letters)
+                .and_then(|q| q.dead_letter.clone());
+            kept.push(dead_letters);
+        }
+        plan.queues.retain(|q| kept.contains(&q.spec.id));
+        let used: std::collections::HashSet<&str> =
+            plan.queues.iter().map(|q| q.driver.as_str()).collect();
+        plan.drivers.retain(|d| used.contains(d.id.as_str()));
+    }
     Host::start(
         plan,
         kinds,

@@ -489,6 +489,34 @@ fn a_heartbeat_longer_than_the_brokers_is_said_to_be_lowered() {
     let _ = queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", &format!("it-heartbeat-{id}")]);
 }
 
+/// A one-off command starts only what its queue uses: `info`, `publish` and `queue
+/// peek` started every driver and declared every queue of the configuration, so a
+/// driver the queue does not use, down, failed the command, and a read-only `info`
+/// made queues on the brokers (review).
+fn a_one_off_command_starts_only_what_its_queue_uses() {
+    let id = unique();
+    let yaml = format!(
+        "namespace: app\nentries:\n{}  - name: cache\n    kind: queue.driver.redis\n    url: redis://127.0.0.1:1/0\n  - name: jobs\n    kind: queue.queue\n    driver: rabbit\n    queue_name: it-only-{id}\n    durable: false\n  - name: other\n    kind: queue.queue\n    driver: rabbit\n    queue_name: it-untouched-{id}\n    durable: false\n  - name: cached\n    kind: queue.queue\n    driver: cache\n",
+        DRIVERS[0].1
+    );
+    let dir = app(&[("app.yaml", &yaml)]);
+    for args in [
+        vec!["publish", "app:jobs", "{\"n\":1}", "--config", "app.yaml"],
+        vec!["info", "app:jobs", "--config", "app.yaml"],
+        vec!["queue", "peek", "app:jobs", "--config", "app.yaml"],
+    ] {
+        let out = run(&args, dir.path());
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let queues = queue_fixtures::rabbitmq::shared_queue_messages().expect("the broker's queues");
+    let named = |name: &str| queues.iter().find(|(q, _)| q == name).map(|(_, n)| *n);
+    assert_eq!(named(&format!("it-only-{id}")), Some(1), "{queues:?}");
+    assert_eq!(named(&format!("it-untouched-{id}")), None, "{queues:?}");
+    for name in [format!("it-only-{id}"), format!("it-only-{id}.dlq")] {
+        let _ = queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", &name]);
+    }
+}
+
 queue_testkit::broker_tests! {
     unavailable: queue_fixtures::rabbitmq::shared_unavailable();
     async: [];
@@ -501,5 +529,6 @@ queue_testkit::broker_tests! {
         a_hung_broker_cannot_keep_the_runtime_from_stopping,
         a_consumer_without_its_handler_refuses_to_start_and_takes_nothing,
         a_heartbeat_longer_than_the_brokers_is_said_to_be_lowered,
+        a_one_off_command_starts_only_what_its_queue_uses,
     ];
 }
