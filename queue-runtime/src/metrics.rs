@@ -98,6 +98,8 @@ struct Waiting {
 
 /// One accepted connection: whether its request has arrived, and how to close it.
 struct Accepted {
+    /// When it was accepted.
+    accepted: std::time::Instant,
     /// When its request arrived, once it has.
     requested: Arc<std::sync::OnceLock<std::time::Instant>>,
     task: tokio::task::AbortHandle,
@@ -110,20 +112,31 @@ impl Waiting {
         connections.push_back(accepted);
     }
 
-    /// Closes the oldest connection still waiting for its request or, when every one
-    /// has sent it, the one whose request came first; false if there is none. The
-    /// answer is ready at once and a client that reads it is done in milliseconds, so
-    /// the one asked longest ago is a client that does not read (a `/metrics` page
-    /// larger than the socket buffers). Only those asked 2 s ago or more could go, and
-    /// clients that asked and never read, opened 32 a second, kept every slot and the
-    /// liveness probe out.
+    /// Closes the oldest connection that has sent no request for [`REQUEST_GRACE`]
+    /// or, when there is none, the one whose request came first, or else the oldest
+    /// of those just accepted; false if there is none. The answer is ready at once and
+    /// a client that reads it is done in milliseconds, so the one asked longest ago
+    /// is a client that does not read (a `/metrics` page larger than the socket
+    /// buffers). Only those asked 2 s ago or more could go, and clients that asked and
+    /// never read, opened 32 a second, kept every slot and the liveness probe out.
+    /// A connection just accepted may be a probe whose request is on its way: taken
+    /// first, a probe amid such clients was reset now and then (review).
     fn evict_oldest(&self) -> bool {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.retain(|c| !c.task.is_finished());
-        let unrequested = connections.iter().position(|c| c.requested.get().is_none());
-        let asked_first =
-            || (0..connections.len()).min_by_key(|&i| connections[i].requested.get().copied());
-        match unrequested.or_else(asked_first) {
+        let now = std::time::Instant::now();
+        let unrequested = |c: &Accepted| c.requested.get().is_none();
+        let idle = connections
+            .iter()
+            .position(|c| unrequested(c) && now.duration_since(c.accepted) >= REQUEST_GRACE);
+        let asked_first = || {
+            (0..connections.len())
+                .filter_map(|i| connections[i].requested.get().map(|at| (i, *at)))
+                .min_by_key(|(_, at)| *at)
+                .map(|(i, _)| i)
+        };
+        let just_accepted = || connections.iter().position(unrequested);
+        match idle.or_else(asked_first).or_else(just_accepted) {
             Some(oldest) => {
                 if let Some(evicted) = connections.remove(oldest) {
                     evicted.task.abort();
@@ -137,6 +150,10 @@ impl Waiting {
 
 /// How long a client may take to send its request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection that has sent no request yet is taken for one whose request
+/// is on its way, and evicted only when no other can be.
+const REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// The send buffer of each connection (the kernel doubles it for its bookkeeping).
 /// Left to itself the kernel grows a connection's buffer to hold a whole `/metrics`
@@ -224,6 +241,7 @@ pub async fn serve(
                 drop(slot);
             });
             waiting.add(Accepted {
+                accepted: std::time::Instant::now(),
                 requested,
                 task: task.abort_handle(),
             });
@@ -810,18 +828,43 @@ mod tests {
     }
 
     /// A connection of the server, for the eviction rule: one whose task never ends
-    /// by itself, whose request arrived `ago` before now (or has not).
+    /// by itself, accepted `ago` before now, whose request arrived then (or has not).
     fn connection(requested: bool, ago: Duration) -> (Accepted, tokio::task::JoinHandle<()>) {
         let task = tokio::spawn(std::future::pending::<()>());
+        let then = std::time::Instant::now() - ago;
         let at = std::sync::OnceLock::new();
         if requested {
-            let _ = at.set(std::time::Instant::now() - ago);
+            let _ = at.set(then);
         }
         let accepted = Accepted {
+            accepted: then,
             requested: Arc::new(at),
             task: task.abort_handle(),
         };
         (accepted, task)
+    }
+
+    /// A connection just accepted that has not sent its request yet (a probe amid
+    /// clients that asked and never read) goes last: it went first, and a probe was
+    /// reset now and then under such a flood (review).
+    #[tokio::test]
+    async fn a_connection_just_accepted_goes_after_those_that_asked() {
+        let waiting = Waiting::default();
+        let (asked, asked_task) = connection(true, Duration::from_millis(10));
+        let (probe, probe_task) = connection(false, Duration::ZERO);
+        for accepted in [asked, probe] {
+            waiting.add(accepted);
+        }
+        assert!(waiting.evict_oldest());
+        let evicted = tokio::time::timeout(Duration::from_secs(5), asked_task).await;
+        assert!(
+            evicted
+                .expect("the client that asked is evicted first")
+                .is_err()
+        );
+        assert!(!probe_task.is_finished(), "the probe stays");
+        assert!(waiting.evict_oldest(), "last, it goes too");
+        assert!(probe_task.await.unwrap_err().is_cancelled());
     }
 
     /// Every slot held by clients that sent a request and never read the answer (a
@@ -833,7 +876,7 @@ mod tests {
         let waiting = Waiting::default();
         let (fresh, fresh_task) = connection(true, Duration::ZERO);
         let (stalled, stalled_task) = connection(true, Duration::from_millis(500));
-        let (idle, idle_task) = connection(false, Duration::ZERO);
+        let (idle, idle_task) = connection(false, REQUEST_GRACE);
         for accepted in [fresh, stalled, idle] {
             waiting.add(accepted);
         }
