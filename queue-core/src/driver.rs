@@ -308,6 +308,9 @@ impl QueueInfo {
 }
 
 /// Settles one delivery with its backend. Used once: the methods take it by value.
+/// A caller may drop the future of `ack` or `release` before it ends: one that awaits
+/// the broker runs its settlement as a task of its own, so that it ends all the same
+/// (docs/drivers/writing.md).
 #[async_trait]
 pub trait Acker: Send + 'static {
     /// Done with it: remove it from the queue.

@@ -646,6 +646,21 @@ struct StreamAcker {
 }
 
 impl StreamAcker {
+    /// [`Self::settle`] as a task of the driver's runtime, awaited: a caller that gives
+    /// up on it (a time limit, a `select!`) does not cut it short. Run in the caller's
+    /// future, a settlement dropped before Redis replied left the entry pending for
+    /// this live consumer, delivered to nobody until the consumer was cancelled, and
+    /// out of its holding's count (review).
+    async fn settle_to_the_end(self: Box<Self>, ack: bool) -> Result<()> {
+        let tasks = self.shared.link.tasks().clone();
+        let (queue, message) = (self.shared.queue.clone(), self.message_id.clone());
+        tasks.spawn(self.settle(ack)).await.unwrap_or_else(|e| {
+            Err(Error::internal(format!(
+                "settling message {message} of {queue}: the task ended without an outcome ({e})"
+            )))
+        })
+    }
+
     async fn settle(self, ack: bool) -> Result<()> {
         let shared = Arc::clone(&self.shared);
         if shared.detached.load(Ordering::Acquire) {
@@ -737,11 +752,11 @@ impl StreamAcker {
 #[async_trait]
 impl Acker for StreamAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle(true).await
+        self.settle_to_the_end(true).await
     }
 
     async fn release(self: Box<Self>) -> Result<()> {
-        self.settle(false).await
+        self.settle_to_the_end(false).await
     }
 
     fn release_on_drop(self: Box<Self>) {

@@ -372,6 +372,38 @@ async fn a_dropped_subscription_returns_what_it_held() {
     again.cancel().await.unwrap();
 }
 
+/// An ack given up before Redis replies (its future dropped: a caller's time limit,
+/// a `select!`) still settles: it ran in the caller's future, and a dropped one left
+/// the entry pending for a live consumer, delivered to nobody until that consumer was
+/// cancelled (review).
+async fn an_ack_given_up_before_redis_replies_still_settles() {
+    let spec = queue("given-up-ack");
+    let (_node, driver) = declared(&spec).await;
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let delivery = next(&mut sub).await;
+    // Polled once, then dropped: its script is on its way or about to be.
+    {
+        let mut acking = std::pin::pin!(delivery.ack());
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(acking.as_mut(), cx))
+        })
+        .await;
+        assert!(first.is_pending(), "the ack was done at its first poll");
+    }
+    within("the ack landing", async {
+        while driver.info(&spec.id).await.unwrap().in_flight != Some(0) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(driver.info(&spec.id).await.unwrap().ready, Some(0));
+    sub.cancel().await.unwrap();
+}
+
 /// A cancel returns what its consumer holds a page (500) at a time: one script
 /// returned it all, and a `queue peek` holding 10,000 large entries stalled Redis for
 /// every other client meanwhile (review). All of it goes back, and the consumer with
@@ -1154,6 +1186,7 @@ async fn a_connection_made_for_another_runtime_outlives_it() {
 queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
+        an_ack_given_up_before_redis_replies_still_settles,
         a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
         counts_and_attaches_on_a_hung_redis_end_within_publish_timeout,
         a_publish_to_a_hung_redis_fails_within_its_limit,
