@@ -347,6 +347,12 @@ async fn closing_ends_consumers_and_refuses_publishes() {
         driver.publish(&id(), numbered(1)).await.unwrap_err().kind(),
         ErrorKind::Canceled
     );
+    // A declaration too: it succeeded, and made a queue no call could reach.
+    let other = QueueSpec::new(QueueId::parse("app:later").unwrap());
+    assert_eq!(
+        driver.declare(&other).await.unwrap_err().kind(),
+        ErrorKind::Canceled
+    );
 }
 
 /// A consumer held at its prefetch, waiting for one of its deliveries to be settled,

@@ -183,6 +183,13 @@ impl Driver for MemoryDriver {
             .queues
             .write()
             .unwrap_or_else(|p| p.into_inner());
+        // As every other call: a queue declared now could never be reached (review).
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                crate::ErrorKind::Canceled,
+                "the memory driver is closed",
+            ));
+        }
         if let Some(existing) = queues.get(&spec.id) {
             return existing.check_same(spec);
         }
