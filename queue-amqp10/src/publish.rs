@@ -200,6 +200,26 @@ impl QueueSender {
     }
 }
 
+/// A sender's attach refused for good (a permission revoked, a queue redeclared
+/// otherwise): what it said, and until when publishes are told it without trying.
+struct Refusal {
+    kind: queue_core::ErrorKind,
+    message: String,
+    until: Instant,
+}
+
+impl Refusal {
+    fn again(&self) -> Error {
+        Error::new(
+            self.kind,
+            format!(
+                "{} (refused at the last attach; it is tried again after a back-off)",
+                self.message
+            ),
+        )
+    }
+}
+
 struct SendTask {
     connector: Arc<Connector>,
     spec: SenderSpec,
@@ -245,6 +265,7 @@ impl SendTask {
         let mut closed = self.connector.closed_signal();
         let mut retry: Option<SendRequest> = None;
         let mut failures = 0u32;
+        let mut refused: Option<Refusal> = None;
         loop {
             let mut request = match retry.take() {
                 Some(request) => request,
@@ -295,6 +316,12 @@ impl SendTask {
             }
             let Some(attached) = self.link.as_mut() else {
                 drop(permit);
+                // Refused for good a moment ago: told again until its back-off ends,
+                // where each publish attached again at once (review).
+                if let Some(refusal) = refused.as_ref().filter(|r| Instant::now() < r.until) {
+                    let _ = request.reply.send(Err(refusal.again()));
+                    continue;
+                }
                 match self
                     .connector
                     .attach_sender(
@@ -308,9 +335,18 @@ impl SendTask {
                         self.link = Some(attached);
                         self.declared = Instant::now();
                         failures = 0;
+                        refused = None;
                         retry = Some(request);
                     }
                     Err(err) if crate::error::is_permanent(&err) => {
+                        failures += 1;
+                        let wait = self.connector.backoff(failures);
+                        tracing::warn!(queue = %self.spec.queue, error = %err, ?wait, "amqp10 sender's attach refused; publishes fail with it until it is tried again");
+                        refused = Some(Refusal {
+                            kind: err.kind(),
+                            message: err.message().to_string(),
+                            until: Instant::now() + wait,
+                        });
                         let _ = request.reply.send(Err(err));
                     }
                     Err(err) => {

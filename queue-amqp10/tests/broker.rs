@@ -7,7 +7,7 @@ mod support;
 use queue_amqp10::{Amqp10Config, Amqp10Driver, Profile};
 use queue_core::{ConsumeOptions, Driver, DriverFactory, ErrorKind, QueueId, QueueSpec};
 use queue_fixtures::proxy::{BrokerProxy, Performative};
-use queue_fixtures::rabbitmq::SharedVhost;
+use queue_fixtures::rabbitmq::{SharedUser, SharedVhost};
 use queue_testkit::{everything_said, number_of, numbered, within};
 
 const SECRET: &str = "not-the-password-7f3a";
@@ -520,6 +520,67 @@ async fn a_url_path_names_the_rabbitmq_vhost() {
     assert_eq!(held, vec![(spec.name.clone(), 1)]);
 }
 
+/// A sender whose re-attach is refused for good (its permissions revoked while its
+/// connection was down) fails its publishes with that refusal and attaches again
+/// only after a back-off: each publish attached again at once, one broker channel
+/// and error line per publish (review).
+async fn a_refused_reattach_backs_off_and_fails_publishes_meanwhile() {
+    let name = format!("amqp10-refused-{}", std::process::id());
+    let user = tokio::task::block_in_place(|| SharedUser::add(&name, "pw")).expect("a user");
+    let proxy = BrokerProxy::start_amqp10(5672).expect("proxy");
+    let mut config = Amqp10Config::new(
+        format!("amqp://{name}:pw@127.0.0.1:{}", proxy.port()),
+        Profile::RabbitmqV1,
+    );
+    config.reconnect_delay = std::time::Duration::from_millis(200);
+    config.reconnect_max_delay = std::time::Duration::from_secs(2);
+    // The cut connection stays open, silent: noticed within this.
+    config.idle_timeout = std::time::Duration::from_secs(2);
+    config.publish_timeout = std::time::Duration::from_secs(1);
+    let driver = Amqp10Driver::connect(config).await.unwrap();
+    let spec = QueueSpec::new(QueueId::new("amqp10-tests", &name).unwrap()).with_durable(false);
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(0)).await.unwrap();
+    tokio::task::block_in_place(|| {
+        queue_fixtures::rabbitmq::shared_ctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &name,
+            "^$",
+            "^$",
+            "^$",
+        ])
+    })
+    .expect("permissions revoked");
+    proxy.cut_off_open_connections();
+    // The first publish after the cut reconnects and is refused at the attach.
+    let refused = within("the first publish after the cut", async {
+        loop {
+            if let Err(e) = driver.publish(&spec.id, numbered(1)).await
+                && e.kind() == ErrorKind::PermissionDenied
+            {
+                break;
+            }
+        }
+    });
+    refused.await;
+    // RabbitMQ refuses such an attach by ending its session: one `end` per attach.
+    let attaches = proxy.seen(Performative::End);
+    for n in 2..22 {
+        let err = driver.publish(&spec.id, numbered(n)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    }
+    let more = proxy.seen(Performative::End) - attaches;
+    // Backing off from 200 ms, a few at most whatever the publishes take.
+    assert!(more <= 4, "{more} attaches for 20 publishes");
+    drop(driver);
+    drop(user);
+    let _ = tokio::task::block_in_place(|| {
+        queue_fixtures::rabbitmq::shared_ctl(&["delete_queue", spec.name.as_str()])
+    });
+}
+
 /// A driver on `config` and a consumer of the shared broker's queue `name`.
 async fn consuming(
     config: Amqp10Config,
@@ -989,6 +1050,7 @@ queue_testkit::broker_tests! {
         links_past_fe2o3s_default_channel_max_share_one_connection,
         a_queue_declared_and_consumed_on_another_runtime_outlives_it,
         a_url_path_names_the_rabbitmq_vhost,
+        a_refused_reattach_backs_off_and_fails_publishes_meanwhile,
     ];
     sync: [unanswered_ends_and_closes_leave_nothing_spinning];
 }

@@ -55,6 +55,8 @@ struct State {
     accepted: usize,
     /// How late the broker's first bytes on a connection reach its client.
     first_reply_delay: Option<Duration>,
+    /// The broker's AMQP 1.0 performatives passed on so far, by descriptor code.
+    passed: std::collections::HashMap<u8, usize>,
 }
 
 /// The signal of [`BrokerProxy::release_delayed`] (a `watch` has no `Default`).
@@ -204,6 +206,19 @@ impl BrokerProxy {
     /// Whether [`freeze`](Self::freeze) was called.
     pub fn is_frozen(&self) -> bool {
         lock(&self.state.0).frozen
+    }
+
+    /// How many of the broker's `performative`s the proxy has seen on AMQP 1.0
+    /// connections ([`start_amqp10`](Self::start_amqp10)), withheld ones included (a
+    /// broker answers each attach with an `attach`, or refuses it by ending its
+    /// session: those count a driver's attaches).
+    pub fn seen(&self, performative: Performative) -> usize {
+        let guard = lock(&self.state.0);
+        guard
+            .passed
+            .get(&(performative as u8))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many times the proxy has withheld something so far (a frame, or a read of
@@ -504,7 +519,11 @@ async fn filter(
         let mut forward = Vec::new();
         while let Some(unit) = next_unit(&pending) {
             let bytes: Vec<u8> = pending.drain(..unit).collect();
-            match performative_of(&bytes) {
+            let performative = performative_of(&bytes);
+            if let Some(code) = performative {
+                *lock(&state.0).passed.entry(code).or_default() += 1;
+            }
+            match performative {
                 Some(code) if withholds(&state, code) => {}
                 Some(code) if delays(&state, code) => delayed.extend_from_slice(&bytes),
                 _ => {
