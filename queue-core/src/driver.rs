@@ -471,9 +471,18 @@ pub trait Driver: Send + Sync + 'static {
     async fn close(&self) -> Result<()>;
 }
 
-/// Refuses a `delay` header where the driver has no `delay` capability, and a
-/// priority where it has no `priority` ([`crate::Checked`] applies it).
-pub(crate) fn refuse_unsupported_headers(
+/// Refuses a `delay` header where the driver has no `delay` capability, and ignores a
+/// priority where it has no `priority` ([`crate::Checked`] applies it; a driver may
+/// too, for its users who call it without that layer).
+///
+/// ```
+/// use queue_core::{Capabilities, HeaderValue, Message, refuse_unsupported_headers};
+/// let mut message = Message::from_bytes(b"x".to_vec(), Default::default(), "text/plain");
+/// message.headers.insert("delay", HeaderValue::Int(1000));
+/// let caps = Capabilities { delay: false, ..queue_core::memory::CAPABILITIES };
+/// assert!(refuse_unsupported_headers("redis", &caps, &message).is_err());
+/// ```
+pub fn refuse_unsupported_headers(
     driver: &str,
     caps: &Capabilities,
     message: &Message,

@@ -58,7 +58,7 @@ pub use codec::{Codec, MAX_DEPTH};
 pub use deadline::deadline_after;
 pub use driver::{
     Acker, Capabilities, ConnectionReport, ConsumeOptions, Delivery, Driver, QueueInfo, QueueSpec,
-    QueueType, Subscription,
+    QueueType, Subscription, refuse_unsupported_headers,
 };
 pub use error::{Error, ErrorKind, Result, credentials_cut_short, redact_url};
 pub use factory::{DriverConfig, DriverFactory, Factory};

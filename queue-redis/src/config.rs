@@ -155,6 +155,21 @@ impl RedisConfig {
             ));
         };
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        // Before anything that shows the URL: the redaction hides only what follows a
+        // ':' in the user part, and `redis://PASSWORD@host` has none. The redis crate
+        // reads it as a user name and sends no AUTH at all (review).
+        if let Some((user, _)) = authority.rsplit_once('@')
+            && !user.contains(':')
+        {
+            return Err(field_error(
+                KIND,
+                "url",
+                format!(
+                    "redis://***@{}: a user without a password (the Redis client then logs in with none): write redis://:PASSWORD@host:6379, or redis://USER:PASSWORD@host:6379",
+                    &rest[user.len() + 1..]
+                ),
+            ));
+        }
         if queue_core::credentials_cut_short(&self.url) {
             // `redis://u:12#ab@host` reads as host `u`, port 12, no password: the
             // password would be dropped and another host dialled.
@@ -273,6 +288,10 @@ mod tests {
             "redis://h:6379/0?password=topsecret",
             "redis://h:6379/0?protocol=resp2&pass=topsecret",
             "redis://h/0?password=top@secret",
+            // No ':': the redis crate reads a user name and sends no AUTH, and the
+            // redaction, which hides what follows a ':', showed it (review).
+            "redis://topsecret@h:6379/0",
+            "redis://topsecret@h:notaport/0",
         ] {
             let err = RedisConfig::from_value(serde_json::json!({ "url": url })).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}");

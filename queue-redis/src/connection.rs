@@ -400,10 +400,16 @@ impl Link {
     }
 }
 
-/// The shared connection's settings: an answer may take up to `publish_timeout`, and
-/// at least as long as a connect.
+/// The shared connection's settings: an answer may take longer than
+/// `publish_timeout`, and at least as long as a connect. Longer, so that a command's
+/// own limit (`publish_timeout`) ends it first and says what it may have done: at
+/// `publish_timeout`, the default 5 s, both fired at once and the crate's error won,
+/// a publish that may have been added said only that the connection failed (review).
 fn shared_config(config: &RedisConfig) -> ConnectionManagerConfig {
-    manager_config(config, Some(config.publish_timeout.max(CONNECT_TIMEOUT)))
+    let longer = config
+        .publish_timeout
+        .saturating_add(Duration::from_secs(1));
+    manager_config(config, Some(longer.max(CONNECT_TIMEOUT)))
 }
 
 fn manager_config(

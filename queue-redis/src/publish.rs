@@ -45,10 +45,19 @@ pub(crate) async fn publish(link: &Link, declared: &Declared, message: &Message)
             }
         }
     };
-    within(link, what, sent).await
+    within(link, what, sent).await.map_err(unanswered)
 }
 
-/// Appends several messages in one pipeline (one round trip); `Ok` once every
+/// The most `XADD`s one pipeline of a batch carries, and about the most bytes of
+/// their fields: each pipeline has a `publish_timeout` of its own. One pipeline for a
+/// whole batch failed, as not confirmed, when it took longer to write than that, once
+/// it was being written and so stored, whole or in part: every try of the batch
+/// stored it again (review).
+const PIPELINE_COMMANDS: usize = 500;
+const PIPELINE_BYTES: usize = 4 << 20;
+
+/// Appends several messages, a pipeline (one round trip) of at most
+/// [`PIPELINE_COMMANDS`] and about [`PIPELINE_BYTES`] at a time; `Ok` once every
 /// `XADD` replied. A queue with `max_length` takes them one at a time, each checked.
 pub(crate) async fn publish_batch(
     link: &Link,
@@ -63,9 +72,46 @@ pub(crate) async fn publish_batch(
         }
         return Ok(());
     }
-    if messages.is_empty() {
-        return Ok(());
+    let mut confirmed = 0;
+    for pipeline in pipelines(messages) {
+        let (stored, result) = publish_pipeline(link, declared, pipeline).await;
+        result.map_err(|e| unanswered(e).in_batch(confirmed + stored, messages.len()))?;
+        confirmed += pipeline.len();
     }
+    Ok(())
+}
+
+/// `messages` cut into the pipelines [`publish_batch`] sends, in order: each at most
+/// [`PIPELINE_COMMANDS`] long, and past [`PIPELINE_BYTES`] only with one message.
+fn pipelines(messages: &[Message]) -> Vec<&[Message]> {
+    let size = |m: &Message| {
+        let headers: usize = m.headers.iter().map(|(k, _)| k.len() + 16).sum();
+        m.body.len() + m.id.len() + m.content_type.len() + headers
+    };
+    let mut cut = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, message) in messages.iter().enumerate() {
+        let this = size(message);
+        let full = i - start == PIPELINE_COMMANDS || bytes + this > PIPELINE_BYTES;
+        if i > start && full {
+            cut.push(&messages[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += this;
+    }
+    if start < messages.len() {
+        cut.push(&messages[start..]);
+    }
+    cut
+}
+
+/// One pipeline of a batch: how many of its messages are known stored, and whether
+/// all were.
+async fn publish_pipeline(
+    link: &Link,
+    declared: &Declared,
+    messages: &[Message],
+) -> (usize, Result<()>) {
     let what = NAME;
     let mut pipe = redis::pipe();
     // Each `XADD`'s reply on its own: by default the crate fails the whole pipeline on
@@ -90,18 +136,29 @@ pub(crate) async fn publish_batch(
             added.store(stored, Ordering::Relaxed);
             refused.map_or(Ok(()), Err)
         })
-        .await
-        .map_err(|e| e.in_batch(added.load(Ordering::Relaxed), messages.len()))?;
-        let stored = added.load(Ordering::Relaxed);
-        if stored != messages.len() {
-            return Err(gone(what, &declared.spec.id).in_batch(stored, messages.len()));
+        .await?;
+        if added.load(Ordering::Relaxed) != messages.len() {
+            return Err(gone(what, &declared.spec.id));
         }
         Ok(())
     };
     // A pipeline that failed or timed out as a whole: none is known added.
-    within(link, what, sent)
-        .await
-        .map_err(|e| e.in_batch(0, messages.len()))
+    let result = within(link, what, sent).await;
+    (added.load(Ordering::Relaxed), result)
+}
+
+/// A publish's failure with no reply from Redis (its connection failed, or its
+/// reply did not come in time): the command may have been written, and the message
+/// added, before. Said so, as a timeout says it: the redis crate's own time-out
+/// said only that the connection failed (review).
+fn unanswered(err: Error) -> Error {
+    let answered = redis_code(&err).is_some() || !err.retryable();
+    if answered || err.message().contains("may have been added") {
+        return err;
+    }
+    err.context(
+        "no reply from Redis: the message may have been added, so a retry may deliver it twice",
+    )
 }
 
 /// How many of a pipeline's `XADD`s stored their message (replied with an entry id),
@@ -152,6 +209,20 @@ pub(crate) fn is_stream_gone(err: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch goes as pipelines of at most 500 commands and about 4 MiB, each under a
+    /// `publish_timeout` of its own, in order; a message larger than that goes alone.
+    #[test]
+    fn a_batch_is_cut_into_pipelines_by_count_and_size() {
+        let small = |n: usize| Message::from_bytes(vec![b'x'; n], Default::default(), "text/plain");
+        let many: Vec<Message> = (0..1_200).map(|_| small(10)).collect();
+        let lengths: Vec<usize> = pipelines(&many).iter().map(|p| p.len()).collect();
+        assert_eq!(lengths, vec![500, 500, 200]);
+        let large = vec![small(3 << 20), small(3 << 20), small(10 << 20), small(1)];
+        let lengths: Vec<usize> = pipelines(&large).iter().map(|p| p.len()).collect();
+        assert_eq!(lengths, vec![1, 1, 1, 1]);
+        assert!(pipelines(&[]).is_empty());
+    }
 
     /// What Redis answers a pipeline of `XADD`s with each reply on its own: a stored
     /// message (its entry id), a refused one (`maxmemory` reached), one whose stream

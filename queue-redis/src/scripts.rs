@@ -81,7 +81,10 @@ fn with_helpers(body: &str) -> Script {
 }
 
 /// Creates the stream and its group unless they exist, and keeps the queue's
-/// `max_length` in its meta hash: a second declare with another limit is refused.
+/// `max_length` in its meta hash: a second declare with another limit is refused. The
+/// limit is kept only once the group is there: kept first, a declare that failed
+/// (the key held by something else) left a limit for a queue that never was, and
+/// refused the next declare with another (review).
 /// KEYS: stream, meta. ARGV: group, max_length (`""` for none). Returns the
 /// stored limit (`""` for none).
 pub(crate) static DECLARE: LazyLock<Script> = LazyLock::new(|| {
@@ -93,13 +96,13 @@ if stored and ARGV[2] ~= '' and stored ~= ARGV[2] then
   if was == '' then was = 'no max_length' else was = 'max_length ' .. was end
   return redis.error_reply('QUEUE_CONFLICT the queue is already declared with ' .. was .. ', not max_length ' .. ARGV[2])
 end
-if not stored then
-  redis.call('HSET', KEYS[2], 'max_length', ARGV[2])
-  stored = ARGV[2]
-end
 local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP') then
   return created
+end
+if not stored then
+  redis.call('HSET', KEYS[2], 'max_length', ARGV[2])
+  stored = ARGV[2]
 end
 return stored
 "#,

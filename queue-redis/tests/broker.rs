@@ -170,6 +170,34 @@ async fn another_max_length_is_already_exists() {
     assert!(err.message().contains("redis"), "{err}");
 }
 
+/// A declare that fails (the queue's key holds something else) keeps no `max_length`:
+/// it kept it, and the next declare with another limit, once the key was freed, was
+/// `ALREADY_EXISTS` for a queue that never existed (review).
+async fn a_failed_declare_keeps_no_max_length() {
+    let node = node().await;
+    let driver = connect(&node).await;
+    let mut raw = raw_connection(&node).await;
+    let spec = queue("squatted");
+    let stream = format!("queue:{{{}}}", spec.name);
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let refused = driver.declare(&spec.clone().with_max_length(3)).await;
+    assert!(refused.is_err(), "declared over a string key");
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    driver
+        .declare(&spec.with_max_length(4))
+        .await
+        .expect("the failed declare kept its limit");
+}
+
 /// A held delivery whose stream Redis lost (`FLUSHALL`): its ack and its release
 /// failed saying the message "will be delivered again", which the log repeated; it
 /// is gone with its stream (review). They say it may be lost.
@@ -905,6 +933,9 @@ async fn a_publish_to_a_hung_redis_fails_within_its_limit() {
     driver.declare(&spec).await.unwrap();
     let err = proxy.publish_to_frozen(&driver, &spec.id).await;
     assert!(err.retryable(), "{err}");
+    // At the default `publish_timeout` (5 s), the redis crate's own time-out fired at
+    // the same moment and said only that the connection failed (review).
+    assert!(err.message().contains("may have been added"), "{err}");
     let close = tokio::time::timeout(std::time::Duration::from_secs(30), driver.close()).await;
     assert!(close.is_ok(), "the close waited for the hung Redis");
 }
@@ -1187,6 +1218,7 @@ queue_testkit::broker_tests! {
     unavailable: unavailable();
     async: [
         an_ack_given_up_before_redis_replies_still_settles,
+        a_failed_declare_keeps_no_max_length,
         a_hung_redis_cannot_hold_up_a_cancel_or_a_close,
         counts_and_attaches_on_a_hung_redis_end_within_publish_timeout,
         a_publish_to_a_hung_redis_fails_within_its_limit,
