@@ -90,6 +90,7 @@ impl Codec {
             0,
             &mut String::from("data"),
             ": use codec msgpack",
+            &mut 0,
         )?;
         match self {
             Codec::Json => serde_json::to_vec(value)
@@ -109,7 +110,7 @@ impl Codec {
     /// assert_eq!(err.message(), "fields is NaN, which json cannot carry");
     /// ```
     pub fn check(self, value: &Value, root: &str) -> Result<()> {
-        check_encodable(self, value, 0, &mut root.to_string(), "")
+        check_encodable(self, value, 0, &mut root.to_string(), "", &mut 0)
     }
 
     /// Decodes a body; malformed input is `INVALID` naming the codec.
@@ -164,19 +165,34 @@ fn decode_whole_msgpack(bytes: &[u8], writer: &mut TapeWriter) -> std::result::R
 }
 
 /// `level` counts the containers around `value`; the decoder refuses a container with
-/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same. `advice`
-/// ends the message of what json cannot carry.
+/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same. `counted`
+/// counts the values and map keys checked so far: the decoder refuses a body of more
+/// than [`crate::tape::MAX_ITEMS`], so encoding does too (a body that passed a raised
+/// `max_message_bytes` was published, and no consumer could decode it: review).
+/// `advice` ends the message of what json cannot carry.
 fn check_encodable(
     codec: Codec,
     value: &Value,
     level: usize,
     path: &mut String,
     advice: &str,
+    counted: &mut usize,
 ) -> Result<()> {
     let is_container = matches!(value, Value::Array(_) | Value::Map(_));
     if is_container && level >= MAX_DEPTH {
         return Err(Error::invalid(format!(
             "{path} is nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    let keys = match value {
+        Value::Map(map) => map.len(),
+        _ => 0,
+    };
+    *counted += 1 + keys;
+    if *counted > crate::tape::MAX_ITEMS {
+        return Err(Error::invalid(format!(
+            "{path} makes the body hold more than {} values (map keys counted), the most a body may: no consumer could decode it",
+            crate::tape::MAX_ITEMS
         )));
     }
     match value {
@@ -190,7 +206,7 @@ fn check_encodable(
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{}]", i + 1));
-                check_encodable(codec, item, level + 1, path, advice)?;
+                check_encodable(codec, item, level + 1, path, advice, counted)?;
                 path.truncate(len);
             }
             Ok(())
@@ -200,7 +216,7 @@ fn check_encodable(
                 let len = path.len();
                 path.push('.');
                 path.push_str(k);
-                check_encodable(codec, v, level + 1, path, advice)?;
+                check_encodable(codec, v, level + 1, path, advice, counted)?;
                 path.truncate(len);
             }
             Ok(())
@@ -476,6 +492,32 @@ mod tests {
             .decode_onto(json.as_bytes(), &mut tape)
             .unwrap_err();
         assert!(err.message().contains("values"), "{err}");
+    }
+
+    /// What one encodes, it decodes: a body of more values than a tape holds is
+    /// refused when it is encoded too. It was published (under a raised
+    /// `max_message_bytes`) and dead-lettered at its first delivery, undecodable
+    /// there too (review).
+    #[test]
+    fn a_body_of_more_values_than_a_tape_holds_is_not_encoded() {
+        // The list's own item and its nils: as many items as a tape holds.
+        let most = Value::Array(vec![Value::Nil; crate::tape::MAX_ITEMS - 1]);
+        let bytes = Codec::MsgPack.encode(&most).expect("the most a body holds");
+        assert!(Codec::MsgPack.decode(&bytes).is_ok());
+        let one_more = Value::Array(vec![Value::Nil; crate::tape::MAX_ITEMS]);
+        let err = Codec::MsgPack.encode(&one_more).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(
+            err.message().contains("no consumer could decode it"),
+            "{err}"
+        );
+        // Map keys count, as the tape holds them.
+        let wide = Value::Map(
+            (0..crate::tape::MAX_ITEMS / 2)
+                .map(|i| (i.to_string(), Value::Nil))
+                .collect(),
+        );
+        assert!(Codec::Json.encode(&wide).is_err());
     }
 
     #[test]

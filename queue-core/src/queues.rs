@@ -222,6 +222,9 @@ impl PublishRequest {
             .as_ref()
             .ok_or_else(|| not_declared(&self.queue))?;
         let bytes = registered.settings.codec.encode(&body)?;
+        // Not held while the driver confirms: a body of shared Lua tables is small in
+        // Lua and may be large here, outside Lua's memory limit (review).
+        drop(body);
         if bytes.len() > registered.settings.max_message_bytes {
             return Err(Error::invalid(format!(
                 "message is {} bytes, more than the {} bytes queue {} allows (max_message_bytes)",

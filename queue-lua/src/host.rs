@@ -344,13 +344,15 @@ impl LuaHost {
     /// ```
     pub fn decode_payload(&self, message: &Message) -> Result<Payload> {
         let mut tape = self.tape.borrow_mut();
-        message.decode_onto(&mut tape)?;
-        let payload = tape_to_lua(&self.lua, &tape);
+        let decoded = message
+            .decode_onto(&mut tape)
+            .map(|()| tape_to_lua(&self.lua, &tape));
         if tape.heap_bytes() > KEPT_TAPE_BYTES {
-            // One large body should not hold its memory for the rest of the run.
+            // One large body, decoded or refused partway, should not hold its memory
+            // for the rest of the run: a refused one kept up to 96 MiB (review).
             *tape = Tape::new();
         }
-        self.made_here(payload)
+        self.made_here(decoded?)
     }
 
     /// A body value as a handler's argument. A Lua state out of memory is `INTERNAL`.
@@ -830,6 +832,11 @@ mod tests {
         assert!(kept > 0 && kept <= KEPT_TAPE_BYTES, "{kept}");
         host.decode_payload(&body("x".repeat(2 * KEPT_TAPE_BYTES)).unwrap())
             .unwrap();
+        assert_eq!(host.tape.borrow().heap_bytes(), 0);
+        // Refused partway, after a large string: dropped all the same.
+        let mut refused = body("x".repeat(2 * KEPT_TAPE_BYTES)).unwrap();
+        refused.body.extend_from_slice(b" trailing");
+        assert!(host.decode_payload(&refused).is_err());
         assert_eq!(host.tape.borrow().heap_bytes(), 0);
     }
 

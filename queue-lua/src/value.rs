@@ -147,7 +147,15 @@ impl Conversion {
         // before a million entries are collected for a bound of a few kilobytes.
         let mut least = 0usize;
         for pair in t.pairs::<LuaValue, LuaValue>() {
-            let (key, value) = pair.map_err(|e| Error::invalid(format!("{path}: {e}")))?;
+            let (key, value) = pair.map_err(|e| match e {
+                // Each value collected holds a slot of mlua's reference stack, a table's
+                // until it is converted, its parents' meanwhile: about a million at once.
+                // The error said "out of Lua stack, too many arguments..." (review).
+                mlua::Error::StackError => Error::invalid(format!(
+                    "{path}: the value holds more than about a million values at once (nested tables' values counted together), more than can be converted: send it in parts"
+                )),
+                other => Error::invalid(format!("{path}: {other}")),
+            })?;
             least = least.saturating_add(
                 1 + match &key {
                     LuaValue::String(s) => s.as_bytes().len(),
@@ -369,7 +377,7 @@ pub fn headers_from_lua(value: &LuaValue) -> Result<Headers> {
                 .map_err(|_| Error::invalid("header names must be UTF-8"))?,
             other => {
                 return Err(Error::invalid(format!(
-                    "header names must be strings, got a {} key",
+                    "header names must be strings, got a key of type {}",
                     other.type_name()
                 )));
             }

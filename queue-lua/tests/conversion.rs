@@ -56,6 +56,21 @@ async fn tables_become_arrays_or_maps_and_numbers_keep_their_kind() {
     assert_eq!(body, expected);
 }
 
+/// A table of more values than mlua's reference stack holds at once (about a
+/// million: each string collected holds a slot until its table is converted): the
+/// error said "out of Lua stack, too many arguments to a Lua function" (review).
+#[test]
+fn a_table_of_more_values_than_can_be_held_at_once_says_so() {
+    let lua = mlua::Lua::new();
+    let wide: mlua::Value = lua
+        .load("local t = {} for i = 1, 1100000 do t[i] = 'x' end return t")
+        .eval()
+        .unwrap();
+    let err = queue_lua::value::from_lua_within(&wide, "data", usize::MAX).unwrap_err();
+    assert_eq!(err.kind(), queue_core::ErrorKind::Invalid);
+    assert!(err.message().contains("about a million values"), "{err}");
+}
+
 #[tokio::test]
 async fn scalars_publish_as_themselves() {
     let h = Harness::new().await;
