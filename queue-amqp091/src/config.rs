@@ -370,17 +370,12 @@ impl Amqp091Config {
         }
         // The fields say these, checked; the URL's query said them unchecked: lapin
         // reads `heartbeat=0` as the broker's value, where pika and kombu turn
-        // heartbeats off, and the field overwrote the query's timeout (review).
+        // heartbeats off, and the field overwrote the query's timeout (review; the
+        // query's `connection_timeout=` is refused by `check_query`).
         if uri.query.heartbeat == Some(0) && self.heartbeat.is_none() {
             return Err(field_error(
                 &self.url_field(i),
                 "`heartbeat=0` cannot turn heartbeats off (it means the broker's value): leave it out, or set the `heartbeat` field",
-            ));
-        }
-        if uri.query.connection_timeout.is_some() {
-            return Err(field_error(
-                &self.url_field(i),
-                "give the `connection_timeout` field instead of the URL's `connection_timeout=`",
             ));
         }
         if let Some(hb) = self.heartbeat {
@@ -511,7 +506,12 @@ fn check_query(url: &str) -> std::result::Result<(), String> {
         let readable = match option.as_ref() {
             "frame_max" => value.parse::<u32>().is_ok(),
             "channel_max" | "heartbeat" => value.parse::<u16>().is_ok(),
-            "connection_timeout" => value.parse::<u64>().is_ok(),
+            "connection_timeout" => {
+                return Err(
+                    "give the `connection_timeout` field instead of the URL's `connection_timeout=`"
+                        .to_string(),
+                );
+            }
             "auth_mechanism" => {
                 matches!(
                     value.as_ref(),
@@ -812,7 +812,7 @@ mod tests {
             ),
             (
                 "amqp://u:secret@h/?connection_timeout=5s",
-                "`connection_timeout=5s`",
+                "the `connection_timeout` field",
             ),
         ] {
             let Err(err) = Amqp091Config::from_json(json!({ "url": url }))

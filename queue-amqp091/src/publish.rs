@@ -151,9 +151,8 @@ impl Publisher {
     }
 
     /// Publishes one message: `Ok` once it is confirmed. Its whole life (a window
-    /// slot, the route, the write, the confirm) runs under one timer, where a batch's
-    /// messages take two (one until written, one for the confirm): a timer is
-    /// registered and cancelled on every publish.
+    /// slot, the route, the write, the confirm) runs under one timer, registered and
+    /// cancelled on every publish (a batch shares one among its messages).
     pub(crate) async fn publish_one(&self, queue: &QueueId, message: Message) -> Result<()> {
         let spec = self.topology.spec_of(queue, "publish to")?;
         let routing = queue_name(&spec.name)?;

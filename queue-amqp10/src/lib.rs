@@ -134,20 +134,29 @@ impl Amqp10Driver {
         })
     }
 
-    /// The message for the wire. One whose body alone passes `max_message_size` is
+    /// The message for the wire. One larger than `max_message_size` as it travels is
     /// refused: no receiver of this driver would take it, and the queue would wait
-    /// behind it for good (docs/drivers/amqp10.md, "Limits").
+    /// behind it for good (docs/drivers/amqp10.md, "Limits"). It is measured only when
+    /// its body and headers come near the limit: below, no message can pass it.
     fn prepare(&self, declared: &Declared, message: Message) -> Result<mapping::Outgoing> {
-        let limit = self.config.max_message_size;
-        if u64::try_from(message.body.len()).map_or(true, |size| size > limit) {
-            return Err(Error::invalid(format!(
-                "publish to {}: the body of message {} is {} bytes, larger than max_message_size {limit}: no receiver would take it",
-                declared.spec.id,
-                message.id,
-                message.body.len()
-            )));
+        let limit = usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX);
+        let near = message
+            .body
+            .len()
+            .saturating_add(mapping::most_overhead(&message))
+            > limit;
+        let id = near.then(|| message.id.clone());
+        let outgoing = mapping::to_amqp(message, declared.spec.durable, self.config.profile)?;
+        if let Some(id) = id {
+            let size = mapping::encoded_size(&outgoing).unwrap_or(usize::MAX);
+            if size > limit {
+                return Err(Error::invalid(format!(
+                    "publish to {}: message {id} is {size} bytes as it travels, larger than max_message_size {limit}: no receiver would take it",
+                    declared.spec.id
+                )));
+            }
         }
-        mapping::to_amqp(message, declared.spec.durable, self.config.profile)
+        Ok(outgoing)
     }
 }
 

@@ -53,6 +53,27 @@ const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 const NATIVE_STRING_HEADERS: [&str; 3] =
     [names::CORRELATION_ID, names::REPLY_TO, names::MESSAGE_TYPE];
 
+/// The bytes `message` takes as it travels (its sections encoded, before framing).
+pub(crate) fn encoded_size(message: &Outgoing) -> Option<usize> {
+    let message = fe2o3_amqp::types::messaging::message::__private::Serializable(message);
+    serde_amqp::serialized_size(&message).ok()
+}
+
+/// At least the bytes `message` will take as it travels beyond its body and headers'
+/// own bytes: more than its properties, each application property's encoding and
+/// the sections' descriptors take.
+pub(crate) fn most_overhead(message: &Message) -> usize {
+    const SECTIONS: usize = 1024;
+    // A name's and a value's constructors and sizes, and a number's 8 bytes.
+    const PER_HEADER: usize = 24;
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + PER_HEADER + value.as_str().map_or(0, str::len))
+        .sum();
+    SECTIONS + message.id.len() + message.content_type.len() + headers
+}
+
 /// Builds the AMQP 1.0 message for a queue of the given durability.
 pub(crate) fn to_amqp(message: Message, durable: bool, profile: Profile) -> Result<Outgoing> {
     let Message {

@@ -457,9 +457,8 @@ const TRANSFER_OVERHEAD: usize = 128;
 /// Whether `sendable` goes to the broker in one transfer frame, frames being at most
 /// `max_frame` bytes.
 fn fits_one_frame(sendable: &Sendable<Data>, max_frame: usize) -> bool {
-    let message = fe2o3_amqp::types::messaging::message::__private::Serializable(&sendable.message);
-    serde_amqp::serialized_size(&message)
-        .is_ok_and(|size| size.saturating_add(TRANSFER_OVERHEAD) <= max_frame)
+    crate::mapping::encoded_size(&sendable.message)
+        .is_some_and(|size| size.saturating_add(TRANSFER_OVERHEAD) <= max_frame)
 }
 
 /// Resolves once the session of `link` has stopped; never while there is no link.

@@ -90,7 +90,7 @@ impl Codec {
             0,
             &mut String::from("data"),
             ": use codec msgpack",
-            &mut 0,
+            Some(&mut 0),
         )?;
         match self {
             Codec::Json => serde_json::to_vec(value)
@@ -110,7 +110,7 @@ impl Codec {
     /// assert_eq!(err.message(), "fields is NaN, which json cannot carry");
     /// ```
     pub fn check(self, value: &Value, root: &str) -> Result<()> {
-        check_encodable(self, value, 0, &mut root.to_string(), "", &mut 0)
+        check_encodable(self, value, 0, &mut root.to_string(), "", None)
     }
 
     /// Decodes a body; malformed input is `INVALID` naming the codec.
@@ -165,8 +165,8 @@ fn decode_whole_msgpack(bytes: &[u8], writer: &mut TapeWriter) -> std::result::R
 }
 
 /// `level` counts the containers around `value`; the decoder refuses a container with
-/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same. `counted`
-/// counts the values and map keys checked so far: the decoder refuses a body of more
+/// [`MAX_DEPTH`] around it, even an empty one, so encoding refuses the same. `counted`,
+/// for a body, counts the values and map keys checked so far: the decoder refuses a body of more
 /// than [`crate::tape::MAX_ITEMS`], so encoding does too (a body that passed a raised
 /// `max_message_bytes` was published, and no consumer could decode it: review).
 /// `advice` ends the message of what json cannot carry.
@@ -176,7 +176,7 @@ fn check_encodable(
     level: usize,
     path: &mut String,
     advice: &str,
-    counted: &mut usize,
+    mut counted: Option<&mut usize>,
 ) -> Result<()> {
     let is_container = matches!(value, Value::Array(_) | Value::Map(_));
     if is_container && level >= MAX_DEPTH {
@@ -188,12 +188,14 @@ fn check_encodable(
         Value::Map(map) => map.len(),
         _ => 0,
     };
-    *counted += 1 + keys;
-    if *counted > crate::tape::MAX_ITEMS {
-        return Err(Error::invalid(format!(
-            "{path} makes the body hold more than {} values (map keys counted), the most a body may: no consumer could decode it",
-            crate::tape::MAX_ITEMS
-        )));
+    if let Some(counted) = counted.as_deref_mut() {
+        *counted += 1 + keys;
+        if *counted > crate::tape::MAX_ITEMS {
+            return Err(Error::invalid(format!(
+                "{path} makes the body hold more than {} values (map keys counted), the most a body may: no consumer could decode it",
+                crate::tape::MAX_ITEMS
+            )));
+        }
     }
     match value {
         Value::Float(f) if codec == Codec::Json && !f.is_finite() => Err(Error::invalid(format!(
@@ -206,7 +208,7 @@ fn check_encodable(
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{}]", i + 1));
-                check_encodable(codec, item, level + 1, path, advice, counted)?;
+                check_encodable(codec, item, level + 1, path, advice, counted.as_deref_mut())?;
                 path.truncate(len);
             }
             Ok(())
@@ -216,7 +218,7 @@ fn check_encodable(
                 let len = path.len();
                 path.push('.');
                 path.push_str(k);
-                check_encodable(codec, v, level + 1, path, advice, counted)?;
+                check_encodable(codec, v, level + 1, path, advice, counted.as_deref_mut())?;
                 path.truncate(len);
             }
             Ok(())

@@ -165,8 +165,8 @@ impl RedisConfig {
                 KIND,
                 "url",
                 format!(
-                    "redis://***@{}: a user without a password (the Redis client then logs in with none): write redis://:PASSWORD@host:6379, or redis://USER:PASSWORD@host:6379",
-                    &rest[user.len() + 1..]
+                    "redis://***@{}/...: a user without a password (the Redis client then logs in with none): write redis://:PASSWORD@host:6379, or redis://USER:PASSWORD@host:6379",
+                    &authority[user.len() + 1..]
                 ),
             ));
         }
@@ -289,9 +289,11 @@ mod tests {
             "redis://h:6379/0?protocol=resp2&pass=topsecret",
             "redis://h/0?password=top@secret",
             // No ':': the redis crate reads a user name and sends no AUTH, and the
-            // redaction, which hides what follows a ':', showed it (review).
+            // redaction, which hides what follows a ':', showed it (review); nor is
+            // what follows the host shown with it.
             "redis://topsecret@h:6379/0",
             "redis://topsecret@h:notaport/0",
+            "redis://pw@h/0?password=topsecret",
         ] {
             let err = RedisConfig::from_value(serde_json::json!({ "url": url })).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}");

@@ -45,7 +45,9 @@ pub(crate) async fn publish(link: &Link, declared: &Declared, message: &Message)
             }
         }
     };
-    within(link, what, sent).await.map_err(unanswered)
+    within(link, what, sent)
+        .await
+        .map_err(|e| unanswered(e, "the message"))
 }
 
 /// The most `XADD`s one pipeline of a batch carries, and about the most bytes of
@@ -75,7 +77,13 @@ pub(crate) async fn publish_batch(
     let mut confirmed = 0;
     for pipeline in pipelines(messages) {
         let (stored, result) = publish_pipeline(link, declared, pipeline).await;
-        result.map_err(|e| unanswered(e).in_batch(confirmed + stored, messages.len()))?;
+        result.map_err(|e| {
+            let sent = format!(
+                "the {} messages after the first {confirmed}",
+                pipeline.len()
+            );
+            unanswered(e, &sent).in_batch(confirmed + stored, messages.len())
+        })?;
         confirmed += pipeline.len();
     }
     Ok(())
@@ -151,14 +159,15 @@ async fn publish_pipeline(
 /// reply did not come in time): the command may have been written, and the message
 /// added, before. Said so, as a timeout says it: the redis crate's own time-out
 /// said only that the connection failed (review).
-fn unanswered(err: Error) -> Error {
+/// `sent` names what may have been added.
+fn unanswered(err: Error, sent: &str) -> Error {
     let answered = redis_code(&err).is_some() || !err.retryable();
     if answered || err.message().contains("may have been added") {
         return err;
     }
-    err.context(
-        "no reply from Redis: the message may have been added, so a retry may deliver it twice",
-    )
+    err.context(format!(
+        "no reply from Redis: if the command was written before, {sent} may have been added, and a retry may deliver it twice"
+    ))
 }
 
 /// How many of a pipeline's `XADD`s stored their message (replied with an entry id),

@@ -112,31 +112,38 @@ impl Waiting {
         connections.push_back(accepted);
     }
 
-    /// Closes the oldest connection that has sent no request for [`REQUEST_GRACE`]
-    /// or, when there is none, the one whose request came first, or else the oldest
-    /// of those just accepted; false if there is none. The answer is ready at once and
-    /// a client that reads it is done in milliseconds, so the one asked longest ago
-    /// is a client that does not read (a `/metrics` page larger than the socket
-    /// buffers). Only those asked 2 s ago or more could go, and clients that asked and
-    /// never read, opened 32 a second, kept every slot and the liveness probe out.
-    /// A connection just accepted may be a probe whose request is on its way: taken
-    /// first, a probe amid such clients was reset now and then (review).
+    /// Closes, of the connections held, the first there is of: the oldest that has
+    /// sent no request for [`REQUEST_GRACE`]; the one whose request came first, over
+    /// [`ANSWER_GRACE`] ago; the oldest of those just accepted; the one whose request
+    /// came first. False if there is none. The answer is ready at once and a client
+    /// that reads it is done in milliseconds, so the one asked longest ago is a client
+    /// that does not read (a `/metrics` page larger than the socket buffers). Only
+    /// those asked 2 s ago or more could go, and clients that asked and never read,
+    /// opened 32 a second, kept every slot and the liveness probe out. A probe, just
+    /// accepted with its request on its way or just asked and reading its answer,
+    /// goes last: taken first, a probe amid clients that asked and never read, or
+    /// amid connections that send nothing, was reset now and then (reviews).
     fn evict_oldest(&self) -> bool {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.retain(|c| !c.task.is_finished());
         let now = std::time::Instant::now();
-        let unrequested = |c: &Accepted| c.requested.get().is_none();
-        let idle = connections
-            .iter()
-            .position(|c| unrequested(c) && now.duration_since(c.accepted) >= REQUEST_GRACE);
-        let asked_first = || {
+        let silent_for = |grace: Duration| {
+            connections.iter().position(|c| {
+                c.requested.get().is_none() && now.duration_since(c.accepted) >= grace
+            })
+        };
+        let asked_first = |grace: Duration| {
             (0..connections.len())
                 .filter_map(|i| connections[i].requested.get().map(|at| (i, *at)))
+                .filter(|(_, at)| now.duration_since(*at) >= grace)
                 .min_by_key(|(_, at)| *at)
                 .map(|(i, _)| i)
         };
-        let just_accepted = || connections.iter().position(unrequested);
-        match idle.or_else(asked_first).or_else(just_accepted) {
+        let chosen = silent_for(REQUEST_GRACE)
+            .or_else(|| asked_first(ANSWER_GRACE))
+            .or_else(|| silent_for(Duration::ZERO))
+            .or_else(|| asked_first(Duration::ZERO));
+        match chosen {
             Some(oldest) => {
                 if let Some(evicted) = connections.remove(oldest) {
                     evicted.task.abort();
@@ -152,8 +159,12 @@ impl Waiting {
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a connection that has sent no request yet is taken for one whose request
-/// is on its way, and evicted only when no other can be.
+/// is on its way, and evicted only after those that asked and did not read.
 const REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a connection that has asked is taken for one reading its answer, and
+/// evicted only when no other can be.
+const ANSWER_GRACE: Duration = Duration::from_millis(100);
 
 /// The send buffer of each connection (the kernel doubles it for its bookkeeping).
 /// Left to itself the kernel grows a connection's buffer to hold a whole `/metrics`
@@ -844,27 +855,34 @@ mod tests {
         (accepted, task)
     }
 
-    /// A connection just accepted that has not sent its request yet (a probe amid
-    /// clients that asked and never read) goes last: it went first, and a probe was
-    /// reset now and then under such a flood (review).
+    /// A probe goes last: just accepted, its request on its way, it went before the
+    /// clients that asked and never read; just asked, reading its answer, it went
+    /// before connections that send nothing, all accepted under a second ago: under
+    /// either flood a probe was reset now and then (reviews).
     #[tokio::test]
-    async fn a_connection_just_accepted_goes_after_those_that_asked() {
+    async fn a_probe_goes_after_clients_that_do_not_read_and_connections_that_say_nothing() {
         let waiting = Waiting::default();
-        let (asked, asked_task) = connection(true, Duration::from_millis(10));
+        let (asked, asked_task) = connection(true, Duration::from_millis(500));
         let (probe, probe_task) = connection(false, Duration::ZERO);
         for accepted in [asked, probe] {
             waiting.add(accepted);
         }
         assert!(waiting.evict_oldest());
         let evicted = tokio::time::timeout(Duration::from_secs(5), asked_task).await;
-        assert!(
-            evicted
-                .expect("the client that asked is evicted first")
-                .is_err()
-        );
+        assert!(evicted.expect("the client that asked goes first").is_err());
         assert!(!probe_task.is_finished(), "the probe stays");
         assert!(waiting.evict_oldest(), "last, it goes too");
         assert!(probe_task.await.unwrap_err().is_cancelled());
+
+        let (silent, silent_task) = connection(false, Duration::from_millis(10));
+        let (probe, probe_task) = connection(true, Duration::ZERO);
+        for accepted in [silent, probe] {
+            waiting.add(accepted);
+        }
+        assert!(waiting.evict_oldest());
+        let evicted = tokio::time::timeout(Duration::from_secs(5), silent_task).await;
+        assert!(evicted.expect("the silent one goes first").is_err());
+        assert!(!probe_task.is_finished(), "the probe stays");
     }
 
     /// Every slot held by clients that sent a request and never read the answer (a

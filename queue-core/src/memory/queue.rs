@@ -569,17 +569,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(queue.info().delayed, Some(1));
-        assert_eq!(Arc::strong_count(&queue), 1, "the timer holds the queue");
+        // The timer runs on a thread of its own, and looks at the queue as it starts
+        // (a strong reference for that moment): nothing signals either but the counts.
+        until("the timer holds the queue", || {
+            Arc::strong_count(&queue) == 1
+        })
+        .await;
         // The timer's own weak reference, beside the one this test takes.
         let watched = Arc::downgrade(&queue);
         assert_eq!(Arc::weak_count(&queue), 2);
         queue.close();
-        // The timer runs on a thread of its own: nothing signals its end but the count.
-        let ended = tokio::time::timeout(Duration::from_secs(10), async {
-            while watched.weak_count() > 1 {
+        until("the timer outlived the queue's close", || {
+            watched.weak_count() == 1
+        })
+        .await;
+    }
+
+    /// Waits until `done` (bounded: fails saying `what` after 10 s).
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
-        assert!(ended.await.is_ok(), "the timer outlived the queue's close");
+        assert!(waited.await.is_ok(), "{what}");
     }
 }
