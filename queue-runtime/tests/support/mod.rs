@@ -18,8 +18,22 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 /// the output, instead of a wait for that process.
 const PIPE_GRACE: Duration = Duration::from_secs(5);
 
+/// The runtime's command, started as from a shell with every signal at its default:
+/// the runtime leaves SIGHUP and SIGINT ignored when it was started with them ignored
+/// (`nohup`, a script's background job), so a test run under `nohup` would see its
+/// SIGHUP ignored.
 pub fn binary() -> Command {
-    Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"))
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(assert_cmd::cargo::cargo_bin!("queue-runtime"));
+    // SAFETY: between fork and exec, only `signal`, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    command
 }
 
 /// Runs a Python script (`python3 -c SCRIPT ARGS`, Debian's python with pika and
