@@ -226,13 +226,6 @@ impl RedisDriver {
     }
 }
 
-/// A message with a `delay` is refused: the driver has none ([`CAPABILITIES`]), and
-/// used without `queue_core::Checked` in front, it delivered such a message at once
-/// (review).
-fn refuse_delay(message: &Message) -> Result<()> {
-    queue_core::refuse_unsupported_headers(NAME, &CAPABILITIES, message)
-}
-
 #[async_trait]
 impl Driver for RedisDriver {
     fn name(&self) -> &str {
@@ -261,7 +254,9 @@ impl Driver for RedisDriver {
 
     async fn publish(&self, queue: &QueueId, message: Message) -> Result<()> {
         let declared = self.declared(queue)?;
-        refuse_delay(&message)?;
+        // A `delay` is refused here too: used without `queue_core::Checked` in front,
+        // the driver delivered such a message at once (review).
+        queue_core::refuse_unsupported_headers(NAME, &CAPABILITIES, &message)?;
         let started = tokio::time::Instant::now();
         match publish::publish(&self.link, &declared, &message).await {
             Err(err) if publish::is_stream_gone(&err) => {
@@ -275,7 +270,8 @@ impl Driver for RedisDriver {
     async fn publish_batch(&self, queue: &QueueId, messages: Vec<Message>) -> Result<()> {
         let declared = self.declared(queue)?;
         for message in &messages {
-            refuse_delay(message).map_err(|e| e.in_batch(0, messages.len()))?;
+            queue_core::refuse_unsupported_headers(NAME, &CAPABILITIES, message)
+                .map_err(|e| e.in_batch(0, messages.len()))?;
         }
         let started = tokio::time::Instant::now();
         match publish::publish_batch(&self.link, &declared, &messages).await {

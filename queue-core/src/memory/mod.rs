@@ -148,13 +148,19 @@ impl MemoryDriver {
         }
     }
 
-    fn queue(&self, id: &QueueId) -> Result<Arc<MemQueue>> {
+    /// `CANCELED` once the driver is closed: every call refuses then.
+    fn refuse_if_closed(&self) -> Result<()> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 crate::ErrorKind::Canceled,
                 "the memory driver is closed",
             ));
         }
+        Ok(())
+    }
+
+    fn queue(&self, id: &QueueId) -> Result<Arc<MemQueue>> {
+        self.refuse_if_closed()?;
         self.shared
             .queues
             .read()
@@ -184,12 +190,7 @@ impl Driver for MemoryDriver {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         // As every other call: a queue declared now could never be reached (review).
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(Error::new(
-                crate::ErrorKind::Canceled,
-                "the memory driver is closed",
-            ));
-        }
+        self.refuse_if_closed()?;
         if let Some(existing) = queues.get(&spec.id) {
             return existing.check_same(spec);
         }
