@@ -534,9 +534,9 @@ fn search_function(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
             LuaValue,
             mlua::LuaString,
         )| {
-            let (s, p) = (s.as_bytes(), p.as_bytes());
+            let (subject, s, p) = (&s, s.as_bytes(), p.as_bytes());
             let found = match &*how.as_bytes() {
-                b"gsub" => gsub(lua, &s, &p, from, &last, &clock),
+                b"gsub" => gsub(lua, (subject, &s), &p, from, &last, &clock),
                 how => search(lua, &s, &p, from, &last, how, &clock),
             };
             Ok(found.unwrap_or_else(|why| {
@@ -611,10 +611,11 @@ fn search(
     Ok(out)
 }
 
-/// `gsub` with a string replacement, whole (`str_gsub` and `add_s`).
+/// `gsub` with a string replacement, whole (`str_gsub` and `add_s`), on `subject`
+/// (the Lua string, and its bytes).
 fn gsub(
     lua: &Lua,
-    s: &[u8],
+    (subject, s): (&mlua::LuaString, &[u8]),
     p: &[u8],
     most: i64,
     replacement: &LuaValue,
@@ -624,6 +625,8 @@ fn gsub(
         return Err("gsub: the replacement is not a string".to_string());
     };
     let replacement = replacement.as_bytes();
+    // Each `%` of the replacement is read at every match, whatever it adds.
+    let escapes = replacement.iter().filter(|&&c| c == b'%').count();
     let (anchored, pattern) = match p.strip_prefix(b"^") {
         Some(rest) => (true, rest),
         None => (false, p),
@@ -646,8 +649,11 @@ fn gsub(
                 add_replacement(&matcher, &mut out, &replacement, src, end, &mut room)?;
                 // Reading the replacement and copying what it adds take time too:
                 // `%0` of empty matches in a replacement of megabytes copied nothing
-                // and read it all at every match.
-                matcher.step_by(((replacement.len() + out.len() - before) / 64) as u64)?;
+                // and read it all at every match. Its bytes are copied in runs, 64 a
+                // step; each `%` read is two (it took about 80 ns a `%`, counted as
+                // 1/64 of a step, so that the most steps took 80 s, not 7: review).
+                let read = replacement.len() + out.len() - before;
+                matcher.step_by((read / 64 + 2 * escapes) as u64)?;
                 src = end;
                 last = Some(end);
             }
@@ -661,13 +667,16 @@ fn gsub(
             break;
         }
     }
+    if count == 0 {
+        // The subject itself, as Lua gives it: a copy of a long one could be past the
+        // memory limit (review).
+        return Ok(MultiValue::from_iter([
+            LuaValue::String(subject.clone()),
+            LuaValue::Integer(0),
+        ]));
+    }
     out.extend_from_slice(&s[src..]);
-    let result = if count == 0 {
-        lua.create_string(s)
-    } else {
-        lua.create_string(&out)
-    };
-    let result = result.map_err(|e| e.to_string())?;
+    let result = lua.create_string(&out).map_err(|e| e.to_string())?;
     Ok(MultiValue::from_iter([
         LuaValue::String(result),
         LuaValue::Integer(count),
@@ -738,12 +747,18 @@ fn add_replacement(
     };
     let mut i = 0;
     while i < replacement.len() {
-        let c = replacement[i];
-        i += 1;
-        if c != b'%' {
-            add(out, &[c])?;
+        // Up to the next `%` in one piece: byte by byte, a replacement of megabytes
+        // took milliseconds a match.
+        let run = replacement[i..]
+            .iter()
+            .position(|&c| c == b'%')
+            .unwrap_or(replacement.len() - i);
+        if run > 0 {
+            add(out, &replacement[i..i + run])?;
+            i += run;
             continue;
         }
+        i += 1;
         let d = replacement.get(i).copied().unwrap_or(0);
         i += 1;
         match d {
@@ -1152,6 +1167,45 @@ end
             "return string.gsub(string.rep('x', 1e5), '', string.rep('%0', 5e6))",
             10,
         );
+    }
+
+    /// Each `%` of a replacement counts as it is read at every match: counted as a
+    /// 64th of a step, a replacement of `%0` on empty matches ran for 80 s before the
+    /// most steps stopped it, where that most is meant as about 7 s (review). Under
+    /// the budget for 6,001 matches (about 1e8 steps), these 10,000 `%` a match stop
+    /// it; they passed before.
+    #[test]
+    fn each_percent_of_a_replacement_counts_at_every_match() {
+        let (lua, _clock) = bounded();
+        let err = lua
+            .load("return string.gsub(string.rep('x', 6000), '', string.rep('%0', 1e4))")
+            .exec()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pattern too complex for a subject of 6000 bytes"),
+            "{err}"
+        );
+        let (out, n): (String, i64) = lua
+            .load("return string.gsub('abc', '%w', '<%0%%>')")
+            .eval()
+            .unwrap();
+        assert_eq!((out.as_str(), n), ("<a%><b%><c%>", 3));
+    }
+
+    /// A `gsub` that replaces nothing gives the subject itself, as Lua does: a copy of
+    /// a long one was past the memory limit (review).
+    #[test]
+    fn a_gsub_that_replaces_nothing_gives_the_subject_back() {
+        let (lua, _clock) = bounded();
+        lua.load("s = string.rep('a', 40e6)").exec().unwrap();
+        lua.set_memory_limit(lua.used_memory() + (8 << 20)).unwrap();
+        let (same, n): (bool, i64) = lua
+            .load("local r, n = s:gsub('^x', 'y') local r2 = s:gsub('a', 'y', 0) return r == s and r2 == s, n")
+            .eval()
+            .unwrap();
+        assert!(same);
+        assert_eq!(n, 0);
     }
 
     /// What the state holds counts its garbage: a result that fits once it is

@@ -656,8 +656,13 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
             tools::replay(host.queues(), &id, &options, &reachable, &mut show)
                 .await
                 .and_then(|r| {
+                    let deferred = if r.deferred > 0 {
+                        format!(", {} untried after their queue failed", r.deferred)
+                    } else {
+                        String::new()
+                    };
                     say!(
-                        "{} {} dead letter(s) from {id}; left there: {} skipped, {} with no x_original_queue a copy can go to, {} refused by their queue",
+                        "{} {} dead letter(s) from {id}; left there: {} skipped, {} with no x_original_queue a copy can go to, {} refused by their queue{deferred}",
                         if options.dry_run { "would replay" } else { "replayed" },
                         r.replayed,
                         r.skipped,
@@ -672,7 +677,11 @@ async fn queue_tool(queue_id: &str, config: &[PathBuf], tool: Tool) -> Result<Ex
                     }
                     match r.first_failure {
                         Some(why) if r.stopped_early => Err(queue_core::Error::internal(format!(
-                            "stopped at a failure that may pass, the rest left in {id} unread (run it again once their queue takes messages): {why}"
+                            "stopped, the dead letters after it left in {id} unread: {why}"
+                        ))),
+                        Some(why) if r.may_pass => Err(queue_core::Error::internal(format!(
+                            "{} dead letter(s) could not be replayed now, and {} more for the same queue(s) were not tried: run it again once their queue takes messages; e.g.: {why}",
+                            r.failed, r.deferred
                         ))),
                         Some(why) => Err(queue_core::Error::internal(format!(
                             "{} dead letter(s) could not be replayed, e.g.: {why}",

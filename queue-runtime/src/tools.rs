@@ -74,15 +74,15 @@ async fn read_through(
     queue: &QueueId,
     limit: Option<u64>,
     visit: &mut dyn Visit,
-) -> Result<u64> {
-    let waiting = driver.info(queue).await.ok().and_then(|i| i.ready);
+) -> Result<Read> {
+    let waiting = driver.info(queue).await.ok().and_then(|i| readable(&i));
     let to_read = match (waiting, limit) {
         (Some(w), Some(l)) => Some(w.min(l)),
         (w, l) => w.or(l),
     }
     .map(|n| n.min(u64::from(MAX_HELD)));
     if to_read == Some(0) {
-        return Ok(0);
+        return Ok(Read { read: 0, waiting });
     }
     let prefetch = to_read.map_or(MAX_HELD, |n| n.max(1) as u32);
     let mut subscription = driver.consume(queue, ConsumeOptions { prefetch }).await?;
@@ -107,10 +107,32 @@ async fn read_through(
         }
     };
     if let Err(e) = subscription.cancel().await {
-        tracing::warn!(error = %e, %queue, "could not cancel the subscription; the broker gives its messages back when the connection closes");
+        tracing::warn!(error = %e, %queue, "could not cancel the subscription; the broker gives its messages back when the connection closes (Redis: once their lease runs out, to the next consumer or tool that reads the queue)");
     }
     visit.kept().clear();
-    result.map(|()| read)
+    result.map(|()| Read { read, waiting })
+}
+
+/// What a read of a queue is to take: the ready messages, and those held by no live
+/// consumer. A broker that keeps what a dead consumer held until a live one takes it
+/// back (Redis, once its lease ran out) hands them to the read: a queue that showed
+/// none ready was not read at all, and the letters of a replay killed midway stayed
+/// held, every tool saying 0, for ever (review). `None` from a driver that cannot
+/// count.
+fn readable(info: &queue_core::QueueInfo) -> Option<u64> {
+    let orphaned = match info.consumers {
+        Some(0) => info.in_flight.unwrap_or(0),
+        _ => 0,
+    };
+    info.ready.map(|ready| ready.saturating_add(orphaned))
+}
+
+/// What one read went through.
+struct Read {
+    /// Deliveries handed to the visitor.
+    read: u64,
+    /// Messages ready in the queue when the read started, if its driver counts them.
+    waiting: Option<u64>,
 }
 
 /// What a tool does with each delivery it reads: settle it, or keep it unsettled
@@ -184,13 +206,15 @@ pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
             ),
         ));
     }
-    let waiting = info.and_then(|i| i.ready);
+    let waiting = info.as_ref().and_then(readable);
     let mut purged = 0;
     // A queue holding more than one read takes is purged in several, each bounded by
     // what is left of the count taken at the start.
     loop {
         let left = waiting.map(|w| w.saturating_sub(purged));
-        let read = read_through(driver, queue, left, &mut Purge::default()).await?;
+        let read = read_through(driver, queue, left, &mut Purge::default())
+            .await?
+            .read;
         purged += read;
         if waiting.is_none() || read == 0 || left.is_some_and(|l| read >= l) {
             return Ok(purged);
@@ -212,22 +236,34 @@ pub struct ReplayOptions {
 /// What `dlq replay` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
-    /// Moved back to their queue (published there, confirmed, then acknowledged here);
-    /// in a dry run, those that would be.
+    /// Moved back to their queue (published there and confirmed, then acknowledged
+    /// here, but for the one a stop names); in a dry run, those that would be.
     pub replayed: u64,
-    /// Left in the dead-letter queue: filtered out or past the limit.
+    /// Left in the dead-letter queue: filtered out or past the limit (past it, those
+    /// the queue counted ready when the run started, where its driver counts).
     pub skipped: u64,
     /// Left in the dead-letter queue because their `x_original_queue` is missing, not
     /// a queue a copy can go to (not declared, on the embedded memory driver, or the
     /// dead-letter queue itself).
     pub no_target: u64,
-    /// Left in the dead-letter queue because their queue refused the copy.
+    /// Left in the dead-letter queue because their queue refused the copy (or its
+    /// size was over the queue's `max_message_bytes`).
     pub failed: u64,
-    /// Why the first refused copy was refused; when it stopped early, why it stopped.
+    /// Left in the dead-letter queue untried: a copy to their queue failed earlier in
+    /// the run in a way that may pass (its broker down, an alarm, the publish's time
+    /// limit, a full queue). Each such queue is tried once a run, so that a broker
+    /// that is down costs one time limit, not one per letter, and letters for other
+    /// queues still move.
+    pub deferred: u64,
+    /// A copy failed in a way that may pass: a later run may move what this one left.
+    pub may_pass: bool,
+    /// Why the first refused copy was refused (the first that may pass, if one did);
+    /// when it stopped early, why it stopped.
     pub first_failure: Option<String>,
-    /// The replay stopped at a failure that may pass (the target's broker not
-    /// taking messages for now: down, an alarm, a time limit), the first failure;
-    /// the letters after it were not read and stay in the dead-letter queue.
+    /// The replay stopped: a dead letter whose copy was confirmed on its queue could
+    /// not be acknowledged (the dead-letter queue's broker failing). It stays, so a
+    /// later run moves it again (a duplicate, which `first_failure` names); the
+    /// letters after it were not read.
     pub stopped_early: bool,
     /// It read [`MAX_HELD`] dead letters, the most one run holds: those after them
     /// were not read. A broker that keeps released messages in place (RabbitMQ)
@@ -288,6 +324,8 @@ pub async fn replay(
         show: &'a mut dyn FnMut(&Message),
         kept: Vec<Delivery>,
         report: ReplayReport,
+        /// Queues a copy failed to in a way that may pass: not tried again this run.
+        failing: std::collections::HashSet<QueueId>,
     }
     #[async_trait::async_trait(?Send)]
     impl Visit for Replay<'_> {
@@ -317,27 +355,46 @@ pub async fn replay(
                     (self.show)(message);
                     self.report.replayed += 1;
                 }
+                (true, Some((target, _))) if self.failing.contains(&target) => {
+                    self.report.deferred += 1;
+                }
                 (true, Some((target, registered))) => {
                     let copy = revived(message, registered.driver.as_ref());
-                    match registered.driver.publish(&target, copy).await {
+                    let published = match fits(&copy, &target, &registered) {
+                        Ok(()) => registered.driver.publish(&target, copy).await,
+                        Err(too_large) => Err(too_large),
+                    };
+                    match published {
                         Ok(()) => {
-                            delivery.ack().await?;
                             self.report.replayed += 1;
+                            if let Err(e) = delivery.ack().await {
+                                // Its copy is on its queue and it stays here: a later
+                                // run would move it again. The acks after it would
+                                // fail alike, each leaving a duplicate behind.
+                                self.report.stopped_early = true;
+                                self.report.first_failure = Some(format!(
+                                    "dead letter {} was replayed to {target} but could not be acknowledged in {}, where it stays: a later run replays it again, a duplicate in {target}: {e}",
+                                    message.id, self.dead_letters
+                                ));
+                                return Ok(Next::Stop);
+                            }
                             return Ok(self.more());
                         }
                         Err(e) => {
                             tracing::warn!(id = %message.id, queue = %target, error = %e, "the queue refused a replayed dead letter; it stays in the dead-letter queue");
                             self.report.failed += 1;
-                            self.report.first_failure.get_or_insert(e.to_string());
-                            // Every letter after it would wait out the same time limit
-                            // and fail alike (docs/operations.md, "dlq replay").
                             if e.retryable() {
-                                // What stopped it is what to tell, not an earlier
-                                // refusal of another letter.
-                                self.report.first_failure = Some(e.to_string());
-                                self.report.stopped_early = true;
-                                self.kept.push(delivery);
-                                return Ok(Next::Stop);
+                                // What may pass is what to tell: run it again later.
+                                if !self.report.may_pass {
+                                    self.report.first_failure = Some(e.to_string());
+                                }
+                                self.report.may_pass = true;
+                                // The letters after it for this queue would wait out the
+                                // same time limit and fail alike (docs/operations.md,
+                                // "dlq replay"); the other queues' still move.
+                                self.failing.insert(target);
+                            } else {
+                                self.report.first_failure.get_or_insert(e.to_string());
                             }
                         }
                     }
@@ -360,7 +417,16 @@ pub async fn replay(
         }
     }
     if options.limit == Some(0) {
-        return Ok(ReplayReport::default());
+        // Nothing is read: what the queue holds is all skipped.
+        let waiting = driver
+            .info(dead_letters)
+            .await
+            .ok()
+            .and_then(|i| readable(&i));
+        return Ok(ReplayReport {
+            skipped: waiting.unwrap_or(0),
+            ..ReplayReport::default()
+        });
     }
     let mut replay = Replay {
         queues,
@@ -370,10 +436,30 @@ pub async fn replay(
         show,
         kept: Vec::new(),
         report: ReplayReport::default(),
+        failing: Default::default(),
     };
-    let read = read_through(&driver, dead_letters, None, &mut replay).await?;
-    replay.report.held_the_most = read >= u64::from(MAX_HELD);
-    Ok(replay.report)
+    let Read { read, waiting } = read_through(&driver, dead_letters, None, &mut replay).await?;
+    let mut report = replay.report;
+    report.held_the_most = read >= u64::from(MAX_HELD);
+    if options.limit.is_some_and(|limit| report.replayed >= limit) && !report.stopped_early {
+        // Those it did not read as the limit was reached are skipped too.
+        report.skipped += waiting.map_or(0, |w| w.saturating_sub(read));
+    }
+    Ok(report)
+}
+
+/// A copy is refused as its queue's publish would refuse it: over the queue's
+/// `max_message_bytes` (docs/configuration.md).
+fn fits(copy: &Message, target: &QueueId, registered: &queue_core::RegisteredQueue) -> Result<()> {
+    let limit = registered.settings.max_message_bytes;
+    if copy.body.len() > limit {
+        return Err(Error::invalid(format!(
+            "dead letter {} is {} bytes, more than the {limit} bytes queue {target} allows (max_message_bytes)",
+            copy.id,
+            copy.body.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -513,54 +599,181 @@ mod tests {
         assert!(note.contains(r#""CC"="boss@example.com""#), "{note}");
     }
 
-    /// A replay whose target cannot take messages for now (its broker's publishing
-    /// down, an alarm, a time limit) stops at the first such failure: it went on
-    /// through the whole dead-letter queue, each letter waiting out the publish's
-    /// time limit (5 s by default, hours for a large queue), with nothing said
-    /// (review). Every letter stays; a later replay moves them all.
-    #[tokio::test]
-    async fn a_replay_stops_at_a_failure_that_may_pass() {
-        let controlled = Arc::new(queue_testkit::ControlledDriver::new());
-        let driver: Arc<dyn Driver> = controlled.clone();
+    /// `app:jobs`, `app:other` and their dead-letter queue `app:jobs.dlq`, declared on
+    /// `driver` (the first with `max_message_bytes` of 10).
+    async fn queues_on(driver: &Arc<dyn Driver>) -> Queues {
         let queues = Queues::new();
-        let jobs = QueueId::parse("app:jobs").unwrap();
-        let dead = QueueId::parse("app:jobs.dlq").unwrap();
-        for id in [&jobs, &dead] {
+        for id in ["app:jobs", "app:other", "app:jobs.dlq"] {
+            let settings = queue_core::PublishSettings {
+                max_message_bytes: if id == "app:jobs" { 10 } else { 1 << 20 },
+                ..Default::default()
+            };
+            let spec = queue_core::QueueSpec::new(QueueId::parse(id).unwrap());
             queues
-                .declare(
-                    queue_core::QueueSpec::new(id.clone()),
-                    Default::default(),
-                    driver.clone(),
-                )
+                .declare(spec, settings, driver.clone())
                 .await
                 .unwrap();
         }
-        let letter = || {
-            let mut m = Message::from_bytes(b"1".to_vec(), Default::default(), "application/json");
-            m.headers.insert(names::X_ORIGINAL_QUEUE, "app:jobs");
-            m
-        };
-        driver
-            .publish_batch(&dead, vec![letter(), letter(), letter()])
-            .await
-            .unwrap();
+        queues
+    }
+
+    /// A dead letter of `queue` whose body is `body`.
+    fn letter(queue: &str, body: &[u8]) -> Message {
+        let mut m = Message::from_bytes(body.to_vec(), Default::default(), "application/json");
+        m.headers.insert(names::X_ORIGINAL_QUEUE, queue);
+        m
+    }
+
+    fn id(text: &str) -> QueueId {
+        QueueId::parse(text).unwrap()
+    }
+
+    /// A queue that cannot take messages for now (its broker down, an alarm, a time
+    /// limit, full) is tried once a run: each of its letters waited out the publish's
+    /// time limit (5 s by default, hours for a large queue). Until 2026-12-07 that
+    /// failure stopped the whole replay: a full queue's first letter kept every
+    /// other queue's letters from moving, run after run (review). Every letter left
+    /// stays; a later replay moves them.
+    #[tokio::test]
+    async fn a_queue_failing_in_a_way_that_may_pass_is_tried_once_and_the_others_move() {
+        let controlled = Arc::new(queue_testkit::ControlledDriver::new());
+        let driver: Arc<dyn Driver> = controlled.clone();
+        let queues = queues_on(&driver).await;
+        let dead = id("app:jobs.dlq");
+        let letters = vec![
+            letter("app:jobs", b"1"),
+            letter("app:jobs", b"2"),
+            letter("app:other", b"3"),
+            letter("app:jobs", b"4"),
+            letter("app:other", b"5"),
+        ];
+        driver.publish_batch(&dead, letters).await.unwrap();
         let everything = ReplayOptions::default();
         let replay_all =
             || async { replay(&queues, &dead, &everything, &|_| true, &mut |_| {}).await };
 
-        controlled.fail_next_publishes(3);
+        controlled.fail_next_publishes(1);
         let report = replay_all().await.unwrap();
-        assert_eq!((report.replayed, report.failed), (0, 1), "{report:?}");
-        assert!(report.stopped_early, "{report:?}");
+        assert_eq!(
+            (report.replayed, report.failed, report.deferred),
+            (2, 1, 2),
+            "{report:?}"
+        );
+        assert!(report.may_pass && !report.stopped_early, "{report:?}");
         let failure = report.first_failure.unwrap_or_default();
         assert!(failure.contains("failed a publish"), "{failure}");
         assert_eq!(driver.info(&dead).await.unwrap().ready, Some(3));
+        assert_eq!(driver.info(&id("app:other")).await.unwrap().ready, Some(2));
 
-        controlled.fail_next_publishes(0);
         let report = replay_all().await.unwrap();
         assert_eq!((report.replayed, report.failed), (3, 0), "{report:?}");
-        assert!(!report.stopped_early, "{report:?}");
-        assert_eq!(driver.info(&jobs).await.unwrap().ready, Some(3));
+        assert_eq!(driver.info(&id("app:jobs")).await.unwrap().ready, Some(3));
+        assert_eq!(driver.info(&dead).await.unwrap().ready, Some(0));
+    }
+
+    /// A copy over its queue's `max_message_bytes` is refused as a publish to it is:
+    /// the replay published it (review).
+    #[tokio::test]
+    async fn a_copy_over_its_queues_size_limit_is_refused() {
+        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+        let queues = queues_on(&driver).await;
+        let dead = id("app:jobs.dlq");
+        let letters = vec![
+            letter("app:jobs", b"\"eleven bytes\""),
+            letter("app:jobs", b"1"),
+        ];
+        driver.publish_batch(&dead, letters).await.unwrap();
+        let report = replay(
+            &queues,
+            &dead,
+            &ReplayOptions::default(),
+            &|_| true,
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.replayed, report.failed), (1, 1), "{report:?}");
+        assert!(!report.may_pass, "{report:?}");
+        let failure = report.first_failure.unwrap_or_default();
+        assert!(failure.contains("max_message_bytes"), "{failure}");
+        assert_eq!(driver.info(&id("app:jobs")).await.unwrap().ready, Some(1));
+        assert_eq!(driver.info(&dead).await.unwrap().ready, Some(1));
+    }
+
+    /// A letter whose copy is on its queue and that cannot be acknowledged stops the
+    /// replay, naming the duplicate a later run makes: the error alone was printed,
+    /// without what the run had moved (review).
+    #[tokio::test]
+    async fn a_failed_ack_stops_the_replay_and_names_the_duplicate() {
+        let controlled = Arc::new(queue_testkit::ControlledDriver::new());
+        let driver: Arc<dyn Driver> = controlled.clone();
+        let queues = queues_on(&driver).await;
+        let dead = id("app:jobs.dlq");
+        let letters = (1..=4).map(|n| letter("app:other", format!("{n}").as_bytes()));
+        driver
+            .publish_batch(&dead, letters.collect())
+            .await
+            .unwrap();
+        let mut first = None;
+        let dry = ReplayOptions {
+            dry_run: true,
+            limit: Some(1),
+            ..Default::default()
+        };
+        let mut show = |m: &Message| first = Some(m.id.clone());
+        replay(&queues, &dead, &dry, &|_| true, &mut show)
+            .await
+            .unwrap();
+        let first = first.expect("a letter shown");
+
+        controlled.fail_next_acks(1);
+        let report = replay(
+            &queues,
+            &dead,
+            &ReplayOptions::default(),
+            &|_| true,
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.replayed, report.failed), (1, 0), "{report:?}");
+        assert!(report.stopped_early, "{report:?}");
+        let failure = report.first_failure.unwrap_or_default();
+        assert!(
+            failure.contains(&first) && failure.contains("duplicate in app:other"),
+            "{failure}"
+        );
+        // Its copy is on its queue, and it is back with the unread ones.
+        assert_eq!(driver.info(&id("app:other")).await.unwrap().ready, Some(1));
+        assert_eq!(driver.info(&dead).await.unwrap().ready, Some(4));
+    }
+
+    /// Letters past `--limit` are counted as skipped: the summary said `0 skipped`
+    /// with most of the queue left (review).
+    #[tokio::test]
+    async fn letters_past_the_limit_are_counted_as_skipped() {
+        let driver: Arc<dyn Driver> = Arc::new(queue_core::memory::MemoryDriver::new());
+        let queues = queues_on(&driver).await;
+        let dead = id("app:jobs.dlq");
+        let letters = (1..=20).map(|_| letter("app:other", b"1"));
+        driver
+            .publish_batch(&dead, letters.collect())
+            .await
+            .unwrap();
+        for (limit, replayed, skipped) in [(0, 0, 20), (4, 4, 16)] {
+            let options = ReplayOptions {
+                limit: Some(limit),
+                ..Default::default()
+            };
+            let report = replay(&queues, &dead, &options, &|_| true, &mut |_| {})
+                .await
+                .unwrap();
+            assert_eq!(
+                (report.replayed, report.skipped),
+                (replayed, skipped),
+                "{report:?}"
+            );
+        }
     }
 
     /// A run reads at most [`MAX_HELD`] dead letters: one that skipped them all said

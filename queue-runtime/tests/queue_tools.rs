@@ -475,6 +475,60 @@ fn the_tools_refuse_the_memory_driver_and_say_why() {
     }
 }
 
+/// What a consumer held when it died (a replay killed midway, on Redis, which keeps
+/// it held until a live consumer takes it back) is read by the tools: a queue that
+/// showed none ready was not read at all, and `peek`, `purge` and `dlq replay` said
+/// 0 for ever (review).
+async fn redis_what_a_dead_consumer_held_is_read() {
+    let node = tokio::task::spawn_blocking(queue_fixtures::redis::RedisNode::start)
+        .await
+        .expect("the start task")
+        .expect("a private redis-server");
+    let config = queue_redis::RedisConfig::new(node.url());
+    let driver: Arc<dyn Driver> = Arc::new(
+        queue_redis::RedisDriver::connect(config)
+            .await
+            .expect("connects"),
+    );
+    let queue = QueueId::parse("app:jobs").unwrap();
+    driver
+        .declare(&QueueSpec::new(queue.clone()))
+        .await
+        .unwrap();
+    driver
+        .publish_batch(&queue, vec![numbered(1), numbered(2)])
+        .await
+        .unwrap();
+    // A consumer that read one and died: no lease key ever renews it.
+    let ghost_reads_one = || {
+        node.command(&[
+            "XREADGROUP",
+            "GROUP",
+            "queue",
+            "ghost",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "queue:{app:jobs}",
+            ">",
+        ])
+        .expect("XREADGROUP")
+    };
+    ghost_reads_one();
+    let info = driver.info(&queue).await.unwrap();
+    assert_eq!((info.ready, info.in_flight), (Some(1), Some(1)));
+    let shown = queue_runtime::tools::peek(&driver, &queue, 10)
+        .await
+        .unwrap();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    ghost_reads_one();
+    let purged = queue_runtime::tools::purge(&driver, &queue).await.unwrap();
+    assert_eq!(purged, 2);
+    let info = driver.info(&queue).await.unwrap();
+    assert_eq!((info.ready, info.in_flight), (Some(0), Some(0)));
+    driver.close().await.unwrap();
+}
+
 fn main() {
     use queue_testkit::broker_test;
     let unavailable = queue_fixtures::rabbitmq::shared_unavailable;
@@ -508,6 +562,20 @@ fn main() {
             "rabbitmq::amqp10::odd_dead_letters_stay_or_move_safely",
             unavailable(),
             amqp10_odd_dead_letters_stay_or_move_safely,
+        ),
+        broker_test(
+            "redis::what_a_dead_consumer_held_is_read",
+            queue_fixtures::redis::unavailable(),
+            || async {
+                // The tools' futures stay on one thread.
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime")
+                        .block_on(redis_what_a_dead_consumer_held_is_read())
+                })
+            },
         ),
         broker_test("memory::tools_refuse_and_say_why", None, || async {
             tokio::task::block_in_place(the_tools_refuse_the_memory_driver_and_say_why)

@@ -8,8 +8,8 @@ use tokio::sync::{Notify, oneshot};
 
 use queue_core::memory::MemoryDriver;
 use queue_core::{
-    Capabilities, ConsumeOptions, Driver, Error, Message, QueueId, QueueInfo, QueueSpec, Result,
-    Subscription,
+    Acker, Capabilities, ConsumeOptions, Delivery, Driver, Error, Message, QueueId, QueueInfo,
+    QueueSpec, Result, Subscription,
 };
 
 use crate::PATIENCE;
@@ -47,6 +47,9 @@ pub struct ControlledDriver {
     queueless_infos: std::sync::atomic::AtomicUsize,
     /// How many of the next publishes fail (INTERNAL, retryable).
     failing_publishes: std::sync::atomic::AtomicUsize,
+    /// How many of the next acks fail (UNAVAILABLE, retryable), their deliveries
+    /// released.
+    failing_acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Queues whose `consume` never answers.
     unanswered_consumes: Mutex<Vec<QueueId>>,
     /// Header names it reports as reserved and refuses to publish.
@@ -117,6 +120,13 @@ impl ControlledDriver {
     /// broker's publishing is down (an alarm, a lost connection).
     pub fn fail_next_publishes(&self, n: usize) {
         self.failing_publishes
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Fails the next `n` acks of deliveries from any subscription (UNAVAILABLE, as
+    /// from a connection lost): each such delivery goes back to its queue.
+    pub fn fail_next_acks(&self, n: usize) {
+        self.failing_acks
             .store(n, std::sync::atomic::Ordering::Release);
     }
 
@@ -273,7 +283,11 @@ impl Driver for ControlledDriver {
         if unanswered {
             std::future::pending::<()>().await;
         }
-        self.inner.consume(queue, options).await
+        let inner = self.inner.consume(queue, options).await?;
+        Ok(Box::new(ControlledSubscription {
+            inner,
+            failing_acks: self.failing_acks.clone(),
+        }))
     }
     async fn info(&self, queue: &QueueId) -> Result<QueueInfo> {
         if take_one(&self.failing_infos) {
@@ -297,6 +311,60 @@ impl Driver for ControlledDriver {
     }
     async fn close(&self) -> Result<()> {
         self.inner.close().await
+    }
+}
+
+/// A memory subscription whose deliveries' acks fail while the driver says so.
+struct ControlledSubscription {
+    inner: Box<dyn Subscription>,
+    failing_acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl Subscription for ControlledSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let delivery = match self.inner.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e)),
+        };
+        let message = delivery.shared_message();
+        let acker = ControlledAcker {
+            delivery,
+            failing_acks: self.failing_acks.clone(),
+        };
+        Some(Ok(Delivery::shared(message, Box::new(acker))))
+    }
+    async fn cancel(self: Box<Self>) -> Result<()> {
+        self.inner.cancel().await
+    }
+}
+
+/// Settles the memory driver's delivery it wraps, but for the acks it is told to fail.
+struct ControlledAcker {
+    delivery: Delivery,
+    failing_acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl Acker for ControlledAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        if take_one(&self.failing_acks) {
+            // Dropped unsettled: back to its queue, as a lost connection gives it back.
+            return Err(Error::new(
+                queue_core::ErrorKind::Unavailable,
+                format!(
+                    "the controlled driver failed the ack of {}",
+                    self.delivery.message().id
+                ),
+            ));
+        }
+        self.delivery.ack().await
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.delivery.release().await
+    }
+    fn release_on_drop(self: Box<Self>) {
+        // Dropping the wrapped delivery releases it.
     }
 }
 
