@@ -488,8 +488,17 @@ fn value_of(lua: &Lua, capture: Capture<'_>) -> Result<LuaValue, Stop> {
         Capture::Text(text) => lua
             .create_string(text)
             .map(LuaValue::String)
-            .map_err(|e| e.to_string()),
+            .map_err(stop_of),
         Capture::Position(at) => Ok(LuaValue::Integer(at as i64)),
+    }
+}
+
+/// What a string the state could not make says: Lua's own words at the memory limit,
+/// where mlua's are `memory error: not enough memory` (review).
+fn stop_of(e: mlua::Error) -> Stop {
+    match e {
+        mlua::Error::MemoryError(_) => NOT_ENOUGH_MEMORY.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -676,7 +685,7 @@ fn gsub(
         ]));
     }
     out.extend_from_slice(&s[src..]);
-    let result = lua.create_string(&out).map_err(|e| e.to_string())?;
+    let result = lua.create_string(&out).map_err(stop_of)?;
     Ok(MultiValue::from_iter([
         LuaValue::String(result),
         LuaValue::Integer(count),
@@ -1206,6 +1215,21 @@ end
             .unwrap();
         assert!(same);
         assert_eq!(n, 0);
+    }
+
+    /// A capture the state cannot hold fails in Lua's words, as `gsub`'s result does:
+    /// it said `memory error: not enough memory` (review).
+    #[test]
+    fn a_capture_past_the_memory_limit_fails_as_lua_says() {
+        let (lua, _clock) = bounded();
+        lua.load("s = string.rep('a', 8e6)").exec().unwrap();
+        lua.set_memory_limit(lua.used_memory() + (4 << 20)).unwrap();
+        let (ok, err): (bool, String) = lua
+            .load("return pcall(string.match, s, '(.*)')")
+            .eval()
+            .unwrap();
+        assert!(!ok);
+        assert_eq!(err, "not enough memory");
     }
 
     /// What the state holds counts its garbage: a result that fits once it is
