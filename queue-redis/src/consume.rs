@@ -684,7 +684,11 @@ impl StreamAcker {
         let settling = shared.link.run(&what, |mut c| async move {
             if ack {
                 let mut invocation = scripts::ACK.key(&stream);
-                invocation.arg(GROUP).arg(&id).arg(deliveries);
+                invocation
+                    .arg(GROUP)
+                    .arg(&consumer)
+                    .arg(&id)
+                    .arg(deliveries);
                 invocation.invoke_async::<i64>(&mut c).await
             } else {
                 let mut invocation = scripts::RELEASE.key(&stream);

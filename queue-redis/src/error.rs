@@ -72,7 +72,13 @@ pub(crate) fn from_redis(what: impl std::fmt::Display, err: RedisError) -> Error
         ))
         .with_detail("field", "url")
     } else if code == "NOPERM" {
-        Error::permission_denied(format!("{what}: the Redis user may not do this: {detail}"))
+        // The crate keeps Redis' words out of `detail` for this code.
+        let said = if detail.is_empty() {
+            err.to_string()
+        } else {
+            detail
+        };
+        Error::permission_denied(format!("{what}: the Redis user may not do this: {said}"))
     } else if code == NOT_FOUND_CODE || code == "NOGROUP" {
         Error::not_found(format!(
             "{what}: the queue's stream or group does not exist"

@@ -128,17 +128,19 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
     )
 });
 
-/// Acknowledges one entry and deletes it. KEYS: stream. ARGV: group, entry id, the
-/// delivery's count. Returns 1, or 0 when it was not pending (already settled or
-/// returned) or is pending for a later delivery (a settlement that arrives late must
-/// not settle the delivery that came after it, which a handler is running).
+/// Acknowledges one entry a consumer holds and deletes it. KEYS: stream. ARGV: group,
+/// consumer, entry id, the delivery's count. Returns 1, or 0 when that consumer does
+/// not hold it (already settled or returned, or another consumer's now) or holds it
+/// for a later delivery: a settlement that arrives late must not settle the delivery
+/// that came after it, which a handler is running. The count alone did not tell a
+/// group made again (its counts start over) from the same delivery (review).
 pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #held == 0 or held[1][4] ~= tonumber(ARGV[3]) then return 0 end
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if acked == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #held == 0 or held[1][4] ~= tonumber(ARGV[4]) then return 0 end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+if acked == 1 then redis.call('XDEL', KEYS[1], ARGV[3]) end
 return acked
 "#,
     )

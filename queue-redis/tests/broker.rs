@@ -47,6 +47,52 @@ fn queue(name: &str) -> QueueSpec {
     QueueSpec::new(QueueId::new("broker", name).expect("a valid id"))
 }
 
+/// A Redis user denied Redis' `@dangerous` commands (a common hardening) connects
+/// and works: the driver asked `INFO` as it connected, only to count reconnects, and
+/// failed with "the Redis user may not do this: " and nothing after it (review).
+async fn a_user_without_dangerous_commands_connects_and_works() {
+    let node = node().await;
+    node.command(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">app-pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@dangerous",
+    ])
+    .expect("ACL SETUSER");
+    let url = format!("redis://app:app-pw@127.0.0.1:{}/0", node.port());
+    let driver = RedisDriver::connect(RedisConfig::new(url))
+        .await
+        .expect("connects without INFO");
+    let spec = queue("hardened");
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(number_of(&d), 1);
+    d.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+
+    // What a denied command says names the command.
+    node.command(&["ACL", "SETUSER", "app", "-xadd"])
+        .expect("ACL SETUSER");
+    let url = format!("redis://app:app-pw@127.0.0.1:{}/0", node.port());
+    let driver = RedisDriver::connect(RedisConfig::new(url)).await.unwrap();
+    driver.declare(&spec).await.unwrap();
+    let err = driver.publish(&spec.id, numbered(2)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().to_lowercase().contains("xadd"), "{err}");
+    driver.close().await.unwrap();
+}
+
 async fn wrong_password_is_refused_without_showing_it() {
     let node = node().await;
     node.command(&["CONFIG", "SET", "requirepass", "the-right-one"])
@@ -326,6 +372,44 @@ async fn a_read_only_reply_replaces_the_connection() {
         report.connections_opened > opened,
         "the connection to the replica was kept: {report:?}"
     );
+}
+
+/// After the queue's group is destroyed and made again (`XGROUP DESTROY`, a failover
+/// that lost the pending list), another consumer gets the message again with its
+/// count starting over: a late ack of the first delivery settled the second, which a
+/// handler was running, and that one's own ack then failed saying it went back to the
+/// queue (review). An ack settles only what its own consumer holds.
+async fn a_late_ack_does_not_settle_another_consumers_delivery() {
+    let spec = queue("regrouped");
+    let (node, first) = declared(&spec).await;
+    first.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut held_first = first
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let early = next(&mut held_first).await;
+    node.command(&["XGROUP", "DESTROY", "queue:{broker:regrouped}", "queue"])
+        .expect("XGROUP DESTROY");
+    let second = connect(&node).await;
+    second.declare(&spec).await.unwrap();
+    let mut held_second = second
+        .consume(&spec.id, ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let late = next(&mut held_second).await;
+    assert_eq!(number_of(&late), 1);
+
+    let err = early.ack().await.unwrap_err();
+    assert!(err.to_string().contains("no longer holds it"), "{err}");
+    late.ack()
+        .await
+        .expect("the second delivery is still its consumer's");
+    let info = second.info(&spec.id).await.unwrap();
+    assert_eq!((info.ready, info.in_flight), (Some(0), Some(0)));
+    held_first.cancel().await.unwrap();
+    held_second.cancel().await.unwrap();
+    first.close().await.unwrap();
+    second.close().await.unwrap();
 }
 
 async fn a_dead_consumers_messages_come_back() {
@@ -1223,6 +1307,8 @@ queue_testkit::broker_tests! {
         counts_and_attaches_on_a_hung_redis_end_within_publish_timeout,
         a_publish_to_a_hung_redis_fails_within_its_limit,
         wrong_password_is_refused_without_showing_it,
+        a_user_without_dangerous_commands_connects_and_works,
+        a_late_ack_does_not_settle_another_consumers_delivery,
         percent_encoded_odd_credentials_log_in,
         refused_port_is_internal_retryable_without_the_password,
         a_database_the_server_lacks_is_invalid,
