@@ -21,7 +21,7 @@
 //! others: its lease key expires, and they return what it held.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     /// The consumer has left the group.
     done: AtomicBool,
+    /// How many renewals found the lease gone (run out while Redis stalled, or
+    /// deleted): what the consumer held then may be another consumer's now.
+    lapses: AtomicU64,
 }
 
 impl Shared {
@@ -242,6 +245,7 @@ impl RedisSubscription {
             reader_id: AtomicI64::new(0),
             task: tokio::sync::Mutex::new(None),
             done: AtomicBool::new(false),
+            lapses: AtomicU64::new(0),
         });
         let (out, deliveries) = mpsc::unbounded_channel();
         // On the driver's runtime, as every task it starts (src/connection.rs).
@@ -564,6 +568,7 @@ fn deliver(
     shared.held().insert(entry.stream_id.clone());
     let acker = StreamAcker {
         shared: Arc::clone(shared),
+        lapses: shared.lapses.load(Ordering::Acquire),
         stream_id: entry.stream_id,
         deliveries: entry.deliveries,
         message_id: entry.message.id.clone(),
@@ -573,10 +578,14 @@ fn deliver(
     let _ = out.send(Ok(Delivery::new(entry.message, Box::new(acker))));
 }
 
-/// Renews the consumer's lease; `false` when Redis could not be reached.
+/// Renews the consumer's lease; `false` when Redis could not be reached. A lease it
+/// finds gone (it ran out while Redis stalled, or was deleted) is counted: another
+/// consumer may have taken back what this one holds, and its deliveries say they are
+/// lost, so that a failed handler's message is not retried by both (review: one
+/// message ran four times and was dead-lettered twice).
 async fn renew(shared: &Shared, lease: Duration) -> bool {
     let key = shared.lease_key.clone();
-    let renewed: Result<Value> = shared
+    let renewed: Result<Option<String>> = shared
         .link
         .run("renew a consumer lease", |mut c| async move {
             redis::cmd("SET")
@@ -584,11 +593,20 @@ async fn renew(shared: &Shared, lease: Duration) -> bool {
                 .arg(1)
                 .arg("PX")
                 .arg(millis(lease))
+                .arg("GET")
                 .query_async(&mut c)
                 .await
         })
         .await;
-    renewed.is_ok()
+    match renewed {
+        Ok(Some(_)) => true,
+        Ok(None) => {
+            shared.lapses.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(queue = %shared.queue, "redis: the consumer's lease was gone when it was renewed (Redis stalled past consumer_timeout, or the key was deleted): another consumer may run what it holds too; those deliveries are settled as lost");
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Returns what dead consumers of the queue held (their leases ran out).
@@ -637,6 +655,8 @@ async fn reap(shared: &Shared) {
 /// Settles one delivery through the shared connection.
 struct StreamAcker {
     shared: Arc<Shared>,
+    /// The lease's lapses when it was delivered: one after makes it lost.
+    lapses: u64,
     stream_id: String,
     /// Which delivery of the entry this is (see [`mapping::Entry::deliveries`]).
     deliveries: u64,
@@ -761,6 +781,10 @@ impl Acker for StreamAcker {
 
     async fn release(self: Box<Self>) -> Result<()> {
         self.settle_to_the_end(false).await
+    }
+
+    fn is_lost(&self) -> bool {
+        self.shared.lapses.load(Ordering::Acquire) > self.lapses
     }
 
     fn release_on_drop(self: Box<Self>) {

@@ -412,6 +412,49 @@ async fn a_late_ack_does_not_settle_another_consumers_delivery() {
     second.close().await.unwrap();
 }
 
+/// A lease found gone when it is renewed (it ran out while Redis stalled, or was
+/// deleted) makes what the consumer holds lost: another consumer may have taken it
+/// back and run it, and a failed handler's message was then retried by both, run four
+/// times and dead-lettered twice (review). A delivery made after stays its own.
+async fn a_lapsed_lease_makes_what_the_consumer_holds_lost() {
+    let spec = queue("lapsed");
+    let node = node().await;
+    let mut config = RedisConfig::new(node.url());
+    // The shortest lease: renewed every 2.5 s.
+    config.consumer_timeout = std::time::Duration::from_secs(10);
+    let driver = Arc::new(RedisDriver::connect(config).await.expect("connects"));
+    driver.declare(&spec).await.unwrap();
+    driver.publish(&spec.id, numbered(1)).await.unwrap();
+    let mut sub = driver
+        .consume(&spec.id, ConsumeOptions { prefetch: 2 })
+        .await
+        .unwrap();
+    let held = next(&mut sub).await;
+    assert!(!held.is_lost());
+    let leases = node
+        .command(&["KEYS", "queue:{broker:lapsed}:lease:*"])
+        .expect("KEYS");
+    let lease = leases
+        .lines()
+        .find(|l| l.contains(":lease:"))
+        .map(str::to_string)
+        .expect("a lease key");
+    node.command(&["DEL", &lease]).expect("DEL");
+    within("the lapse noticed at the next renewal", async {
+        while !held.is_lost() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    driver.publish(&spec.id, numbered(2)).await.unwrap();
+    let later = next(&mut sub).await;
+    assert_eq!(number_of(&later), 2);
+    assert!(!later.is_lost());
+    later.ack().await.unwrap();
+    sub.cancel().await.unwrap();
+    driver.close().await.unwrap();
+}
+
 async fn a_dead_consumers_messages_come_back() {
     let spec = queue("orphans");
     let (node, driver) = declared(&spec).await;
@@ -1309,6 +1352,7 @@ queue_testkit::broker_tests! {
         wrong_password_is_refused_without_showing_it,
         a_user_without_dangerous_commands_connects_and_works,
         a_late_ack_does_not_settle_another_consumers_delivery,
+        a_lapsed_lease_makes_what_the_consumer_holds_lost,
         percent_encoded_odd_credentials_log_in,
         refused_port_is_internal_retryable_without_the_password,
         a_database_the_server_lacks_is_invalid,
