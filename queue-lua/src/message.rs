@@ -71,7 +71,12 @@ impl UserData for LuaMessage {
                         key.type_name()
                     )));
                 };
-                let key = key.to_string_lossy();
+                // Header names are UTF-8: one that is not names none (read lossily,
+                // "\xff" found the header named U+FFFD: review).
+                let Ok(key) = key.to_str() else {
+                    return Ok((LuaValue::Nil, None));
+                };
+                let key = key.to_string();
                 let headers = &context.message.headers;
                 let value = if key == queue_core::names::ATTEMPTS {
                     attempts(headers)

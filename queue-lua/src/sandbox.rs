@@ -823,7 +823,7 @@ pub(crate) fn read_only(lua: &Lua, name: &str, table: Table) -> mlua::Result<Tab
     Ok(proxy)
 }
 
-fn is_read_only(table: &Table) -> bool {
+pub(crate) fn is_read_only(table: &Table) -> bool {
     table
         .metatable()
         .and_then(|m| m.raw_get::<bool>(READ_ONLY_MARK).ok())

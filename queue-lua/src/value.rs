@@ -126,6 +126,14 @@ impl Conversion {
     }
 
     fn table(&mut self, t: &Table) -> Result<Value> {
+        // Read raw, as every table is, the sandbox's read-only stand-in for `math`,
+        // `string`, `queue`... is empty: `{m = math}` was sent as `{m = {}}` (review).
+        if crate::sandbox::is_read_only(t) {
+            return Err(Error::invalid(format!(
+                "{} is one of the sandbox's shared library tables (math, string, queue...): functions, not data",
+                self.path
+            )));
+        }
         let ptr = t.to_pointer();
         if self.open.contains(&ptr) {
             return Err(Error::invalid(format!(

@@ -257,6 +257,37 @@ async fn shared_tables_are_read_only_so_one_handler_cannot_fool_another() {
     assert_eq!(h.ready("app:tasks").await, 1, "queue.publish was replaced");
 }
 
+/// The sandbox's read-only stand-ins for `math`, `string`, `queue`... read raw are
+/// empty: `{m = math}` was sent as `{m = {}}`, what the handler meant lost without a
+/// word (review). They are refused, with their path.
+#[tokio::test]
+async fn library_tables_are_refused_as_data_not_sent_empty() {
+    let h = Harness::new().await;
+    let outcome = h
+        .run_as(
+            "sandbox/other.lua",
+            "publish_libraries",
+            SecurityContext::default(),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let said = h.take_body("app:emails").await;
+    for (name, path) in [
+        ("math", "data.m"),
+        ("string", "data"),
+        ("queue", "data.q[1]"),
+    ] {
+        let Value::String(text) = field(&said, name) else {
+            panic!("{said:?}")
+        };
+        assert!(
+            text.starts_with("Invalid: ") && text.contains(path) && text.contains("library"),
+            "{name}: {text}"
+        );
+    }
+    assert_eq!(h.ready("app:tasks").await, 0);
+}
+
 /// Bytecode of `return 1`, made by a Lua state outside any sandbox.
 fn bytecode() -> Vec<u8> {
     mlua::Lua::new()

@@ -544,6 +544,17 @@ async fn msg_methods_answer_odd_arguments_with_err_instead_of_raising() {
     );
 }
 
+/// A header name that is not UTF-8 names no header: it was read lossily, so that
+/// `msg:header("\xff")` gave the header named U+FFFD (review).
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_names_no_header() {
+    let h = Harness::new().await;
+    let headers = Headers::from_pairs([("\u{FFFD}", HeaderValue::from("replacement"))]);
+    let msg = json_message(Value::map([("x", Value::Int(1))]), headers);
+    let (outcome, _) = h.handle("handlers.lua", "header_named_in_bytes", msg).await;
+    assert_eq!(outcome, Outcome::Ack);
+}
+
 const INFO_AND_REPORT: &str = r#"
     local info, err = queue.info(QUEUE)
     if err then

@@ -161,4 +161,13 @@ function M.nack_with_an_error(payload)
   assert(ok == true and nack_err == nil, "msg:nack(err) gave " .. tostring(nack_err))
 end
 
+-- A header name that is not UTF-8 names no header: read lossily, "\xff" found the
+-- header named U+FFFD.
+function M.header_named_in_bytes(payload)
+  local msg = queue.message()
+  assert(msg:header("\xef\xbf\xbd") == "replacement", "the U+FFFD header")
+  local value, err = msg:header("\xff")
+  assert(value == nil and err == nil, "msg:header(\"\\xff\") gave " .. tostring(value))
+end
+
 return M
