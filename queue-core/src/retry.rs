@@ -195,7 +195,7 @@ impl FailurePath {
                 retry
                     .headers
                     .insert(names::DELAY, HeaderValue::Int(delay_millis(wait)));
-            } else if !self.hold(wait).await {
+            } else if !self.told_then_held(delivery, attempts, wait, &reason).await {
                 return self.give_back(delivery, Duration::ZERO).await;
             } else if delivery.is_lost() {
                 return Ok(self.lost_while_held(delivery));
@@ -287,6 +287,21 @@ impl FailurePath {
         }
     }
 
+    /// On a driver that cannot delay a message: says the handler failed, then holds the
+    /// original through the backoff (`hold`; `false` when a stop ended the wait). Said
+    /// after the wait, a failure was logged a backoff late, and never when a stop came
+    /// during it (review).
+    async fn told_then_held(
+        &self,
+        delivery: &Delivery,
+        attempts: u32,
+        wait: Duration,
+        reason: &str,
+    ) -> bool {
+        tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
+        self.hold(wait).await
+    }
+
     /// Counts and logs a confirmed move, then acks the original.
     async fn done(
         &self,
@@ -299,6 +314,10 @@ impl FailurePath {
     ) -> Result<Disposition> {
         // Logged once the copy is confirmed, so a line never reports a move that failed.
         match disposition {
+            // Told as it failed, before the wait (`told_then_held`).
+            Disposition::Retried if !self.driver.capabilities().delay => {
+                tracing::debug!(queue = %self.queue, id = %delivery.message().id, attempts, "the retry copy is published")
+            }
             Disposition::Retried => {
                 tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying")
             }

@@ -95,6 +95,27 @@ fn retries_and_dead_letters_on_rabbitmq_through_both_drivers() {
     }
 }
 
+/// On a driver that cannot delay a message (AMQP 1.0 on RabbitMQ 3.x), a failure is
+/// logged when the handler fails, not once its backoff has been waited out: a stop
+/// during the wait gave the message back with the failure never logged (review).
+/// The backoff here is a minute; the line must come well before it.
+fn a_failure_is_logged_when_it_happens_not_after_the_backoff() {
+    let (_, driver) = DRIVERS[1];
+    let id = unique();
+    let yaml = format!(
+        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-late-log-{id}\n    durable: false\n    retry:\n      max_attempts: 3\n      backoff: {{ initial: 60s, multiplier: 1, max: 60s, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: fail\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
+    );
+    let lua = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction fail(p) return false end\n";
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    let seen = wait_for_line(&lines, "handler failed; retrying");
+    let line = seen.last().expect("the line");
+    assert!(line.contains("retry_in=60s"), "{line}");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// RabbitMQ 3.x tells an AMQP 1.0 client no queue counts, so `--exit-when-idle` is
 /// refused there: this checks the refusal, then runs until the dead letter is handled
 /// (and every other expected handler line is logged) and stops with SIGTERM.
@@ -522,6 +543,7 @@ queue_testkit::broker_tests! {
     async: [];
     sync: [
         retries_and_dead_letters_on_rabbitmq_through_both_drivers,
+        a_failure_is_logged_when_it_happens_not_after_the_backoff,
         publish_and_info_work_on_a_broker_queue,
         no_runtime_output_shows_a_broker_password,
         odd_passwords_never_show_whatever_the_url_or_log_level,
