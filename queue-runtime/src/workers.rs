@@ -145,12 +145,27 @@ impl Busy {
 
     /// Marks one delivery busy until the guard drops.
     pub fn enter(&self) -> BusyGuard<'_> {
-        let shard = &self.shards[shard_index()];
-        shard.0.fetch_add(1, Ordering::AcqRel);
         if let Some(gauge) = &self.gauge {
             gauge.increment(1.0);
         }
-        BusyGuard { busy: self, shard }
+        self.guard(true)
+    }
+
+    /// Marks busy what a delivery's run counts in the gauge already (its settlement,
+    /// going on beside the handler that awaits it): a `msg:nack()` held through a
+    /// backoff counted its delivery twice in `queue_in_flight` (review).
+    fn enter_unmetered(&self) -> BusyGuard<'_> {
+        self.guard(false)
+    }
+
+    fn guard(&self, metered: bool) -> BusyGuard<'_> {
+        let shard = &self.shards[shard_index()];
+        shard.0.fetch_add(1, Ordering::AcqRel);
+        BusyGuard {
+            busy: self,
+            shard,
+            metered,
+        }
     }
 
     /// How many are busy.
@@ -168,12 +183,14 @@ impl Busy {
 pub struct BusyGuard<'a> {
     busy: &'a Busy,
     shard: &'a Shard,
+    /// Whether it counts in the gauge.
+    metered: bool,
 }
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.shard.0.fetch_sub(1, Ordering::AcqRel);
-        if let Some(gauge) = &self.busy.gauge {
+        if let Some(gauge) = self.busy.gauge.as_ref().filter(|_| self.metered) {
             gauge.decrement(1.0);
         }
     }
@@ -844,7 +861,7 @@ impl RuntimeSettle {
         let held_by = Rc::clone(&self.runners);
         let delivery = Arc::clone(&self.delivery);
         let task = self.runners.tasks.spawn_local(async move {
-            let _busy = held_by.busy.enter();
+            let _busy = held_by.busy.enter_unmetered();
             let _active = held_by.consumer.active.enter();
             let settled = settlement.await;
             if let Err(e) = &settled {

@@ -116,6 +116,31 @@ fn a_failure_is_logged_when_it_happens_not_after_the_backoff() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// A handler's `msg:nack()` held through its backoff (a driver without delays) counts
+/// its delivery once in `queue_in_flight`: the settlement's task counted it again
+/// beside the handler awaiting it, 2 for one message (review).
+fn a_nack_held_through_its_backoff_counts_once_in_flight() {
+    let (_, driver) = DRIVERS[1];
+    let id = unique();
+    let yaml = format!(
+        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-nack-held-{id}\n    durable: false\n    retry:\n      max_attempts: 3\n      backoff: {{ initial: 60s, multiplier: 1, max: 60s, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: nack\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
+    );
+    let lua = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction nack(p) queue.message():nack('x') return true end\n";
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let (child, lines) =
+        spawn_with_lines(&["run", "--metrics-addr", &address, "app.yaml"], dir.path());
+    wait_for_line(&lines, "handler failed; retrying");
+    let metrics = wait_for_metrics(port, "queue_in_flight", |m| {
+        metric(m, "queue_in_flight").is_some()
+    });
+    assert_eq!(metric(&metrics, "queue_in_flight"), Some(1.0), "{metrics}");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// RabbitMQ 3.x tells an AMQP 1.0 client no queue counts, so `--exit-when-idle` is
 /// refused there: this checks the refusal, then runs until the dead letter is handled
 /// (and every other expected handler line is logged) and stops with SIGTERM.
@@ -544,6 +569,7 @@ queue_testkit::broker_tests! {
     sync: [
         retries_and_dead_letters_on_rabbitmq_through_both_drivers,
         a_failure_is_logged_when_it_happens_not_after_the_backoff,
+        a_nack_held_through_its_backoff_counts_once_in_flight,
         publish_and_info_work_on_a_broker_queue,
         no_runtime_output_shows_a_broker_password,
         odd_passwords_never_show_whatever_the_url_or_log_level,
