@@ -95,50 +95,65 @@ fn retries_and_dead_letters_on_rabbitmq_through_both_drivers() {
     }
 }
 
-/// On a driver that cannot delay a message (AMQP 1.0 on RabbitMQ 3.x), a failure is
-/// logged when the handler fails, not once its backoff has been waited out: a stop
-/// during the wait gave the message back with the failure never logged (review).
-/// The backoff here is a minute; the line must come well before it.
-fn a_failure_is_logged_when_it_happens_not_after_the_backoff() {
+/// An app on AMQP 1.0 on RabbitMQ 3.x (no delays: the runtime holds a failed message
+/// through its backoff, here a minute) whose one message is handled by `handler`
+/// (Lua: `function handle(p) ... end`), the runtime started with `args` before the
+/// file; returns once it says the handler failed, with what it printed so far.
+fn failing_with_a_minutes_backoff(
+    handler: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, Spawned, Vec<String>) {
     let (_, driver) = DRIVERS[1];
     let id = unique();
     let yaml = format!(
-        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-late-log-{id}\n    durable: false\n    retry:\n      max_attempts: 3\n      backoff: {{ initial: 60s, multiplier: 1, max: 60s, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: fail\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
+        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-held-{id}\n    durable: false\n    retry:\n      max_attempts: 3\n      backoff: {{ initial: 60s, multiplier: 1, max: 60s, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: handle\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
     );
-    let lua = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction fail(p) return false end\n";
-    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
-    let (child, lines) = spawn_with_lines(&["run", "app.yaml"], dir.path());
+    let lua = format!(
+        "function produce() assert(queue.publish('app:jobs', {{ n = 1 }})) end\n{handler}\n"
+    );
+    let dir = app(&[("app.yaml", &yaml), ("h.lua", &lua)]);
+    let mut run = vec!["run"];
+    run.extend_from_slice(args);
+    run.push("app.yaml");
+    let (child, lines) = spawn_with_lines(&run, dir.path());
     let seen = wait_for_line(&lines, "handler failed; retrying");
-    let line = seen.last().expect("the line");
-    assert!(line.contains("retry_in=60s"), "{line}");
+    (dir, child, seen)
+}
+
+/// Stops a runtime with SIGTERM; it must exit cleanly.
+fn stopped(child: Spawned) {
     signal(&child, "TERM");
     let out = wait_with_timeout(child, Duration::from_secs(30));
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-/// A handler's `msg:nack()` held through its backoff (a driver without delays) counts
-/// its delivery once in `queue_in_flight`: the settlement's task counted it again
-/// beside the handler awaiting it, 2 for one message (review).
+/// On a driver that cannot delay a message, a failure is logged when the handler
+/// fails, not once its backoff has been waited out: a stop during the wait gave the
+/// message back with the failure never logged (review). The line must come well
+/// before the minute.
+fn a_failure_is_logged_when_it_happens_not_after_the_backoff() {
+    let (_dir, child, seen) =
+        failing_with_a_minutes_backoff("function handle(p) return false end", &[]);
+    let line = seen.last().expect("the line");
+    assert!(line.contains("retry_in=60s"), "{line}");
+    stopped(child);
+}
+
+/// A handler's `msg:nack()` held through its backoff counts its delivery once in
+/// `queue_in_flight`: the settlement's task counted it again beside the handler
+/// awaiting it, 2 for one message (review).
 fn a_nack_held_through_its_backoff_counts_once_in_flight() {
-    let (_, driver) = DRIVERS[1];
-    let id = unique();
-    let yaml = format!(
-        "namespace: app\nentries:\n{driver}  - name: jobs\n    kind: queue.queue\n    queue_name: it-nack-held-{id}\n    durable: false\n    retry:\n      max_attempts: 3\n      backoff: {{ initial: 60s, multiplier: 1, max: 60s, jitter: false }}\n  - name: w\n    kind: queue.consumer\n    queue: jobs\n    source: h.lua\n    method: nack\n  - name: p\n    kind: process.lua\n    source: h.lua\n    method: produce\n"
-    );
-    let lua = "function produce() assert(queue.publish('app:jobs', { n = 1 })) end\nfunction nack(p) queue.message():nack('x') return true end\n";
-    let dir = app(&[("app.yaml", &yaml), ("h.lua", lua)]);
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
-    let (child, lines) =
-        spawn_with_lines(&["run", "--metrics-addr", &address, "app.yaml"], dir.path());
-    wait_for_line(&lines, "handler failed; retrying");
+    let (_dir, child, _) = failing_with_a_minutes_backoff(
+        "function handle(p) queue.message():nack('x') return true end",
+        &["--metrics-addr", &address],
+    );
     let metrics = wait_for_metrics(port, "queue_in_flight", |m| {
         metric(m, "queue_in_flight").is_some()
     });
     assert_eq!(metric(&metrics, "queue_in_flight"), Some(1.0), "{metrics}");
-    signal(&child, "TERM");
-    let out = wait_with_timeout(child, Duration::from_secs(30));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    stopped(child);
 }
 
 /// RabbitMQ 3.x tells an AMQP 1.0 client no queue counts, so `--exit-when-idle` is
