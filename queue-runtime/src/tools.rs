@@ -131,7 +131,7 @@ fn readable(info: &queue_core::QueueInfo) -> Option<u64> {
 struct Read {
     /// Deliveries handed to the visitor.
     read: u64,
-    /// Messages ready in the queue when the read started, if its driver counts them.
+    /// What the read was to take when it started ([`readable`]), if its driver counts.
     waiting: Option<u64>,
 }
 
