@@ -44,6 +44,21 @@ pub struct RegisteredQueue {
     pub driver: Arc<dyn Driver>,
 }
 
+impl RegisteredQueue {
+    /// `INVALID` when an encoded message of `len` bytes is more than the queue takes
+    /// (`max_message_bytes`): what a publish checks, and `dlq replay` of a copy.
+    pub fn check_size(&self, len: usize) -> Result<()> {
+        let limit = self.settings.max_message_bytes;
+        if len > limit {
+            return Err(Error::invalid(format!(
+                "message is {len} bytes, more than the {limit} bytes queue {} allows (max_message_bytes)",
+                self.spec.id
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for RegisteredQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegisteredQueue")
@@ -225,14 +240,7 @@ impl PublishRequest {
         // Not held while the driver confirms: a body of shared Lua tables is small in
         // Lua and may be large here, outside Lua's memory limit (review).
         drop(body);
-        if bytes.len() > registered.settings.max_message_bytes {
-            return Err(Error::invalid(format!(
-                "message is {} bytes, more than the {} bytes queue {} allows (max_message_bytes)",
-                bytes.len(),
-                registered.settings.max_message_bytes,
-                self.queue
-            )));
-        }
+        registered.check_size(bytes.len())?;
         if !headers.contains(names::TIMESTAMP) {
             headers.insert(names::TIMESTAMP, HeaderValue::Int(unix_now()));
         }

@@ -360,9 +360,13 @@ pub async fn replay(
                 }
                 (true, Some((target, registered))) => {
                     let copy = revived(message, registered.driver.as_ref());
-                    let published = match fits(&copy, &target, &registered) {
+                    // Refused as a publish to its queue would be: it was published
+                    // past `max_message_bytes` (review).
+                    let published = match registered.check_size(copy.body.len()) {
                         Ok(()) => registered.driver.publish(&target, copy).await,
-                        Err(too_large) => Err(too_large),
+                        Err(too_large) => {
+                            Err(too_large.context(format!("dead letter {}", message.id)))
+                        }
                     };
                     match published {
                         Ok(()) => {
@@ -446,20 +450,6 @@ pub async fn replay(
         report.skipped += waiting.map_or(0, |w| w.saturating_sub(read));
     }
     Ok(report)
-}
-
-/// A copy is refused as its queue's publish would refuse it: over the queue's
-/// `max_message_bytes` (docs/configuration.md).
-fn fits(copy: &Message, target: &QueueId, registered: &queue_core::RegisteredQueue) -> Result<()> {
-    let limit = registered.settings.max_message_bytes;
-    if copy.body.len() > limit {
-        return Err(Error::invalid(format!(
-            "dead letter {} is {} bytes, more than the {limit} bytes queue {target} allows (max_message_bytes)",
-            copy.id,
-            copy.body.len()
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
