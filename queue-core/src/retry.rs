@@ -298,7 +298,9 @@ impl FailurePath {
         wait: Duration,
         reason: &str,
     ) -> bool {
-        tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying");
+        // Not yet a move: the copy is published after the wait, and a refusal of it is
+        // logged then (the message is dead-lettered or given back).
+        tracing::warn!(queue = %self.queue, id = %delivery.message().id, attempts, retry_in = ?wait, %reason, "handler failed; retrying after the backoff");
         self.hold(wait).await
     }
 
@@ -312,7 +314,8 @@ impl FailurePath {
         wait: Duration,
         reason: &str,
     ) -> Result<Disposition> {
-        // Logged once the copy is confirmed, so a line never reports a move that failed.
+        // Logged once the copy is confirmed, so a line never reports a move that failed
+        // (but the failure held through its backoff, said before the wait).
         match disposition {
             // Told as it failed, before the wait (`told_then_held`).
             Disposition::Retried if !self.driver.capabilities().delay => {
