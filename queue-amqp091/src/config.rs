@@ -414,20 +414,9 @@ impl Amqp091Config {
             return Ok(out);
         };
         let read = |path: &PathBuf| {
-            use std::io::Read;
-            let mut bytes = Vec::new();
-            std::fs::File::open(path)
-                .and_then(|file| file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
-                .map_err(|e| {
-                    Error::invalid(format!("{KIND}: tls: cannot read {}: {e}", path.display()))
-                })?;
-            if bytes.len() as u64 > MAX_PEM_BYTES {
-                return Err(Error::invalid(format!(
-                    "{KIND}: tls: {} is larger than 1 MiB, which no certificate or key file is",
-                    path.display()
-                )));
-            }
-            Ok(bytes)
+            queue_core::config::read_regular_file(path, MAX_PEM_BYTES).map_err(|e| {
+                Error::invalid(format!("{KIND}: tls: cannot read {}: {e}", path.display()))
+            })
         };
         if let Some(ca) = &tls.ca_file {
             let pem = String::from_utf8(read(ca)?)
@@ -611,14 +600,25 @@ mod tests {
         std::fs::write(&der, [0x30, 0x82, 0x01, 0x0a, 0xff, 0xfe]).unwrap();
         let huge = dir.path().join("huge.pem");
         std::fs::write(&huge, vec![b'a'; 2 * 1024 * 1024]).unwrap();
+        // A named pipe nobody writes to: opening it waited forever (review).
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let zero = PathBuf::from("/dev/zero");
         for (path, says) in [
             (&der, "holds no PEM certificate"),
             (&huge, "larger than 1 MiB"),
+            (&fifo, "not a regular file"),
+            (&zero, "not a regular file"),
         ] {
             // Refused when the config is checked, not at the connect.
-            let Err(err) = Amqp091Config::from_json(json!({
-                "url": "amqps://u:p@127.0.0.1:5671", "tls": {"ca_file": path}
-            })) else {
+            let config = json!({"url": "amqps://u:p@127.0.0.1:5671", "tls": {"ca_file": path}});
+            let read = queue_testkit::finishes_within(
+                std::time::Duration::from_secs(30),
+                "a TLS file is read or refused at once",
+                move || Amqp091Config::from_json(config),
+            );
+            let Err(err) = read else {
                 panic!("{} was taken", path.display())
             };
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");

@@ -595,6 +595,37 @@ mod tests {
         }
     }
 
+    /// `tls.ca_file` is read when the configuration is checked: `/dev/zero` was read
+    /// until memory ran out, and a named pipe nobody writes to waited forever
+    /// (review); a file past 1 MiB is no certificate file.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_ca_file_that_never_ends_or_is_not_a_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let huge = dir.path().join("huge.pem");
+        std::fs::write(&huge, vec![b'a'; 2 * 1024 * 1024]).unwrap();
+        for (path, says) in [
+            (fifo, "not a regular file"),
+            ("/dev/zero".into(), "not a regular file"),
+            (huge, "larger than 1 MiB"),
+        ] {
+            let config = serde_json::json!({
+                "url": "amqps://u:p@127.0.0.1:5671", "tls": {"ca_file": path}
+            });
+            let read = queue_testkit::finishes_within(
+                Duration::from_secs(30),
+                "a CA file is read or refused at once",
+                move || Amqp10Config::from_value(config),
+            );
+            let err = read.expect_err("refused");
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+            assert!(err.message().contains(says), "{err}");
+        }
+    }
+
     #[test]
     fn bad_urls_are_invalid_and_never_show_the_password() {
         for url in [

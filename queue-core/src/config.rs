@@ -30,6 +30,48 @@ pub fn read_at_most(reader: impl std::io::Read, max: u64) -> std::io::Result<Vec
     Ok(bytes)
 }
 
+/// Reads the regular file at `path`, at most `max` bytes (as [`read_at_most`]). A
+/// directory, a device or a named pipe is refused ("not a regular file") without
+/// being read: `/dev/zero` never ends, and opening a pipe nobody writes to waits
+/// forever. For the files a configuration names (Lua sources, certificates).
+///
+/// ```
+/// let err = queue_core::config::read_regular_file("/dev/zero".as_ref(), 1024).unwrap_err();
+/// assert_eq!(err.to_string(), "not a regular file");
+/// ```
+pub fn read_regular_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let is_file = |metadata: std::fs::Metadata| match metadata.is_file() {
+        true => Ok(()),
+        false => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )),
+    };
+    // Before opening, so that no device is opened (opening some acts on them)...
+    is_file(std::fs::metadata(path)?)?;
+    let file = open_without_waiting(path)?;
+    // ...and of the open file, in case the path was swapped in between.
+    is_file(file.metadata()?)?;
+    read_at_most(file, max)
+}
+
+/// Opens `path` for reading without waiting: opening a named pipe waits for a writer
+/// unless asked not to. A regular file reads as usual with the flag set.
+#[cfg(unix)]
+fn open_without_waiting(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Elsewhere no file-system entry makes opening wait.
+#[cfg(not(unix))]
+fn open_without_waiting(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
 /// Parses a duration: `"500ms"`, `"5s"`, `"2m"`, `"1h"`, or a bare number of seconds.
 ///
 /// ```
@@ -243,6 +285,25 @@ pub fn field_error(kind: &str, field: &str, what: impl std::fmt::Display) -> Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A regular file swapped for a pipe between the first check and the open is
+    /// opened without waiting, and refused by the check of the open file.
+    #[test]
+    fn a_pipe_opens_without_waiting_and_is_seen_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("ca.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let is_file = queue_testkit::finishes_within(
+            Duration::from_secs(30),
+            "opening a named pipe returns at once",
+            move || {
+                let opened = open_without_waiting(&fifo).and_then(|f| f.metadata());
+                opened.map(|m| m.is_file()).map_err(|e| e.to_string())
+            },
+        );
+        assert_eq!(is_file, Ok(false));
+    }
 
     #[test]
     fn units() {

@@ -41,17 +41,7 @@ impl LuaSource {
         let refuse = |why: String| {
             Error::invalid(format!("cannot read Lua source {}: {why}", path.display()))
         };
-        // Before opening, so that no device is opened (opening some acts on them)...
-        let is_file = |metadata: std::io::Result<std::fs::Metadata>| match metadata {
-            Ok(m) if m.is_file() => Ok(()),
-            Ok(_) => Err(refuse("not a regular file".to_string())),
-            Err(e) => Err(refuse(e.to_string())),
-        };
-        is_file(std::fs::metadata(&path))?;
-        let file = open_without_waiting(&path).map_err(|e| refuse(e.to_string()))?;
-        // ...and of the open file, in case the path was swapped in between.
-        is_file(file.metadata())?;
-        let code = queue_core::config::read_at_most(file, Self::MAX_BYTES)
+        let code = queue_core::config::read_regular_file(&path, Self::MAX_BYTES)
             .map_err(|e| refuse(e.to_string()))?;
         Ok(LuaSource {
             path,
@@ -82,23 +72,6 @@ impl LuaSource {
     pub fn shared_code(&self) -> Arc<[u8]> {
         Arc::clone(&self.code)
     }
-}
-
-/// Opens `path` for reading without waiting: opening a named pipe waits for a writer
-/// unless asked not to. A regular file reads as usual with the flag set.
-#[cfg(unix)]
-fn open_without_waiting(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-}
-
-/// Elsewhere no file-system entry makes opening wait.
-#[cfg(not(unix))]
-fn open_without_waiting(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::open(path)
 }
 
 /// The path and the size: a plan printed with `{:?}` shows which files it holds, not
@@ -148,19 +121,6 @@ mod tests {
         let fifo = pipe_in(dir.path());
         let why = at_once(move || refusal(&fifo));
         assert!(why.contains("not a regular file"), "{why}");
-    }
-
-    /// A regular file swapped for a pipe between the first check and the open is
-    /// opened without waiting, and refused by the check of the open file.
-    #[test]
-    fn a_pipe_opens_without_waiting_and_is_seen_for_what_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = pipe_in(dir.path());
-        let is_file = at_once(move || {
-            let opened = open_without_waiting(&fifo).and_then(|f| f.metadata());
-            opened.map(|m| m.is_file()).map_err(|e| e.to_string())
-        });
-        assert_eq!(is_file, Ok(false));
     }
 
     #[test]
