@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use queue_core::config::{duration, option_duration};
 use queue_core::{Error, Result, redact_url};
 use serde::Deserialize;
@@ -234,6 +234,12 @@ impl Amqp091Config {
                 return Err(field_error(field, "must be more than 0"));
             }
         }
+        if self.vhost.as_deref() == Some("") {
+            return Err(field_error(
+                "vhost",
+                "is empty: RabbitMQ has no vhost \"\" (leave the field out for the URL's, `/` by default)",
+            ));
+        }
         if let Some(hb) = self.heartbeat
             && !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX))).contains(&hb)
         {
@@ -350,6 +356,9 @@ impl Amqp091Config {
                     redact_url(url)
                 ),
             )
+        })?;
+        check_credentials(url, &uri).map_err(|why| {
+            field_error(&self.url_field(i), &format!("{:?}: {why}", redact_url(url)))
         })?;
         // lapin's parser takes the host from the URL's domain, and an IP literal has
         // none: `amqp://[2001:db8::5]` dialled `localhost`, with the password. The
@@ -484,6 +493,38 @@ impl Endpoint {
     }
 }
 
+/// Refuses what lapin would log in as `guest` in place of: an empty user name, and a
+/// user with an empty or no password (its URL parser fills both in with RabbitMQ's
+/// well-known default, so a `${RABBIT_PASSWORD}` set to nothing logged in as guest).
+/// A URL without any user is that default on purpose; EXTERNAL and ANONYMOUS send no
+/// password.
+fn check_credentials(url: &str, uri: &AMQPUri) -> std::result::Result<(), &'static str> {
+    if matches!(
+        uri.query.auth_mechanism,
+        Some(SASLMechanism::External | SASLMechanism::Anonymous)
+    ) {
+        return Ok(());
+    }
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    let Some((userinfo, _host)) = authority.rsplit_once('@') else {
+        return Ok(());
+    };
+    match userinfo.split_once(':') {
+        _ if userinfo.is_empty() || userinfo.starts_with(':') => {
+            Err("the user name is empty: lapin would log in as guest in its place")
+        }
+        None => Err("the user has no password: lapin would send the password guest"),
+        Some((_, "")) => {
+            Err("the password is empty (is its variable set?): lapin would send the password guest")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// What is wrong with a URL's query, if anything: an option lapin does not read (pika's
 /// and kombu's own, `socket_timeout`, `ssl_options`, ..., were silently ignored), or a
 /// value it cannot parse (its parser's error named no option).
@@ -555,6 +596,46 @@ mod tests {
             let err = Amqp091Config::from_json(bad.clone()).unwrap_err();
             assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{bad}: {err}");
         }
+    }
+
+    /// lapin logs in as `guest` in place of an empty user name and of an empty or
+    /// missing password: `${RABBIT_PASSWORD}` set to nothing logged in with RabbitMQ's
+    /// well-known default (review). A URL without any user is RabbitMQ's default
+    /// login, and EXTERNAL and ANONYMOUS take no password.
+    #[test]
+    fn an_empty_user_or_password_is_refused_not_replaced_by_guest() {
+        for (url, says) in [
+            ("amqp://app:@127.0.0.1:5672/%2f", "the password is empty"),
+            ("amqp://app@127.0.0.1:5672", "no password"),
+            ("amqp://:secret@127.0.0.1:5672", "the user name is empty"),
+            ("amqp://:@127.0.0.1:5672", "the user name is empty"),
+            ("amqp://@127.0.0.1:5672", "the user name is empty"),
+        ] {
+            let err = Amqp091Config::from_json(json!({ "url": url })).unwrap_err();
+            assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{url}: {err}");
+            assert!(err.message().contains(says), "{url}: {err}");
+            assert!(err.message().contains("guest"), "{url}: {err}");
+            assert!(!err.message().contains("secret"), "{url}: {err}");
+        }
+        for url in [
+            "amqp://127.0.0.1:5672",
+            "amqp://app:secret@127.0.0.1:5672",
+            "amqps://app@127.0.0.1:5671?auth_mechanism=external",
+            "amqp://127.0.0.1:5672?auth_mechanism=anonymous",
+        ] {
+            let config = Amqp091Config::from_json(json!({ "url": url }));
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+    }
+
+    /// RabbitMQ has no vhost `""`: `vhost: "${V}"` with `V` set to nothing passed
+    /// `check` and failed every connect with NOT_FOUND (review).
+    #[test]
+    fn an_empty_vhost_field_is_refused_at_check() {
+        let config = json!({"url": "amqp://app:pw@127.0.0.1:5672", "vhost": ""});
+        let err = Amqp091Config::from_json(config).unwrap_err();
+        assert_eq!(err.kind(), queue_core::ErrorKind::Invalid, "{err}");
+        assert_eq!(err.details()["field"], "vhost", "{err}");
     }
 
     // Without the feature, any `tls:` block is refused (`amqps_without_the_feature_says_so`).
