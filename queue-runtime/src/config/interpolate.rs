@@ -77,6 +77,14 @@ fn interpolate_with(
                 out.lines.push(line);
             }
         }
+        // The file was capped as read; its references could still ask for gigabytes.
+        if out.text.len() as u64 > super::MAX_CONFIG_BYTES {
+            let mib = super::MAX_CONFIG_BYTES / (1024 * 1024);
+            return Err((
+                line,
+                format!("with its ${{...}} references replaced the file is larger than {mib} MiB"),
+            ));
+        }
         rest = &body_start[end + 1..];
     }
     push_source(&mut out, rest, &mut line);
@@ -153,6 +161,24 @@ mod tests {
             "CERT" => Some("line one\nline two\nline three".to_string()),
             _ => None,
         }
+    }
+
+    /// The file is capped as read, and so is what its references make of it: 800 KB
+    /// of `#${BIG}` lines with a 100 KB variable asked for 10 GB, and the allocator
+    /// aborted the runtime (review). At a default's level too.
+    #[test]
+    fn text_growing_past_the_file_limit_is_an_error_naming_the_line() {
+        let big = |name: &str| (name == "BIG").then(|| "x".repeat(100_000));
+        let lines = "#${BIG}\n".repeat(1_000);
+        let (line, message) = interpolate(&lines, big).unwrap_err();
+        assert_eq!(line, 168, "the first line past 16 MiB: {message}");
+        assert!(message.contains("larger than 16 MiB"), "{message}");
+        let in_a_default = format!("x: ${{UNSET:-{}}}\n", "${BIG}".repeat(200));
+        let (line, message) = interpolate(&in_a_default, big).unwrap_err();
+        assert_eq!(line, 1, "{message}");
+        assert!(message.contains("larger than 16 MiB"), "{message}");
+        let at_the_limit = "#${BIG}\n".repeat(100);
+        assert!(interpolate(&at_the_limit, big).is_ok());
     }
 
     #[test]
