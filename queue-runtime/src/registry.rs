@@ -981,6 +981,16 @@ fn queue_plan(
     let dead_letter = match &q.dead_letter {
         None | Some(DeadLetterConfig::Enabled(true)) => Some(format!("{id}.dlq")),
         Some(DeadLetterConfig::Enabled(false)) => None,
+        // Text where a boolean was meant (`"${DLQ:-false}"`, quoted) is no queue name:
+        // the dead letters would go to a queue `app:false`.
+        Some(DeadLetterConfig::Queue(text))
+            if text.eq_ignore_ascii_case("true") || text.eq_ignore_ascii_case("false") =>
+        {
+            return Err(entry.error(
+                Some("dead_letter"),
+                &format!("{text:?} is text: write true or false without quotes"),
+            ));
+        }
         Some(DeadLetterConfig::Queue(other)) => Some(entry.resolve(other)),
     }
     .map(|d| QueueId::parse(&d).map_err(|e| entry.error(Some("dead_letter"), e.message())))
@@ -1642,6 +1652,24 @@ mod tests {
             vec![(5, Some("queue"), true)],
             "{errors:?}"
         );
+    }
+
+    /// `dead_letter: "${DLQ:-false}"`, quoted as text should be, sent the dead letters
+    /// to a queue `app:false` (review); `durable: "false"` is refused as text.
+    #[test]
+    fn a_quoted_true_or_false_dead_letter_is_refused_not_read_as_a_queue() {
+        for quoted in ["\"false\"", "'true'", "\"False\""] {
+            let yaml = format!(
+                "namespace: app\nentries:\n  - name: jobs\n    kind: queue.queue\n    dead_letter: {quoted}\n"
+            );
+            let dir = app_dir(&yaml, &[]);
+            let errors = plan_in(dir.path(), false).unwrap_err().0;
+            assert_eq!(
+                located(&errors, "without quotes"),
+                vec![(5, Some("dead_letter"), true)],
+                "{quoted}: {errors:?}"
+            );
+        }
     }
 
     #[test]
