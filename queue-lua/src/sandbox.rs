@@ -484,6 +484,41 @@ return bounded_rep, bounded_move, bounded_insert, bounded_remove, bounded_sort,
   bounded_concat, relay
 "##;
 
+/// Run once per state, before the sandbox is built from its standard library: the
+/// real `load`, `loadfile` and `dofile`, which modules loaded with `require` run
+/// with, and the searcher `require` finds Lua files with, take text only. Lua does
+/// not verify bytecode: a corrupted chunk crashes the process, and the searcher and
+/// the real `load` took it (review). A missing path is refused rather than read as
+/// standard input.
+const TEXT_ONLY_LOADING: &str = r##"
+local real, package, select, error, format = ...
+local raw_load, raw_loadfile, searchpath = real.load, real.loadfile, package.searchpath
+local function loadfile(path, mode, ...)
+  if path == nil then error("loadfile: no file named (standard input is not read)", 2) end
+  if select("#", ...) > 0 then return raw_loadfile(path, "t", (...)) end
+  return raw_loadfile(path, "t")
+end
+real.load = function(chunk, name, mode, ...)
+  if select("#", ...) > 0 then return raw_load(chunk, name, "t", (...)) end
+  return raw_load(chunk, name, "t")
+end
+real.loadfile = loadfile
+real.dofile = function(path)
+  local chunk, err = loadfile(path)
+  if not chunk then error(err, 2) end
+  return chunk()
+end
+package.searchers[2] = function(name)
+  local path, err = searchpath(name, package.path)
+  if not path then return err end
+  local chunk, why = loadfile(path)
+  if not chunk then
+    error(format("error loading module '%s' from file '%s':\n\t%s", name, path, why), 0)
+  end
+  return chunk, path
+end
+"##;
+
 /// Built from trusted code once per state: given an environment, the `load`,
 /// `require`, `dofile` and `loadfile` that belong to it. Written in Lua so the
 /// closures hold their environment as an upvalue, which the collector can see
@@ -599,6 +634,16 @@ impl Sandbox {
         handler_threads: &Table,
     ) -> mlua::Result<Sandbox> {
         let real = lua.globals();
+        lua.load(TEXT_ONLY_LOADING)
+            .set_name("=sandbox")
+            .call::<()>((
+                &real,
+                real.raw_get::<Table>("package")?,
+                real.raw_get::<Function>("select")?,
+                real.raw_get::<Function>("error")?,
+                real.raw_get::<Table>("string")?
+                    .raw_get::<Function>("format")?,
+            ))?;
         let shared = lua.create_table()?;
         for name in SAFE_BASE {
             shared.raw_set(name, real.raw_get::<LuaValue>(name)?)?;

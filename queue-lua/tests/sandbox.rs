@@ -333,6 +333,90 @@ async fn binary_chunks_are_refused_even_corrupted_never_run() {
     );
 }
 
+/// With `require` allowed, Lua's own file searcher loaded a module's file as text or
+/// bytecode, and a module runs with the real standard library, whose `load` took
+/// bytecode too: a corrupted chunk crashed the runtime (review). Every way in takes
+/// text only.
+#[tokio::test]
+async fn a_required_module_and_what_it_loads_take_text_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = dir.path().join("chunk.lua");
+    std::fs::write(&chunk, bytecode()).unwrap();
+    std::fs::write(dir.path().join("compiled.lua"), bytecode()).unwrap();
+    std::fs::write(
+        dir.path().join("helper.lua"),
+        r#"
+local M = {}
+function M.load_text(path)
+  local file = io.open(path, "rb")
+  local text = file:read("a")
+  file:close()
+  return load(text)
+end
+function M.load_file(path) return loadfile(path) end
+function M.load_file_binary(path) return loadfile(path, "b") end
+function M.run_file(path) return pcall(dofile, path) end
+return M
+"#,
+    )
+    .unwrap();
+    let handler = dir.path().join("h.lua");
+    std::fs::write(
+        &handler,
+        format!(
+            r#"
+local chunk = {chunk:?}
+function handle()
+  local required, why = pcall(require, "compiled")
+  local helper = require("helper")
+  local report = {{ required = required, why = tostring(why) }}
+  report.load, report.load_why = helper.load_text(chunk)
+  report.loadfile, report.loadfile_why = helper.load_file(chunk)
+  report.binary, report.binary_why = helper.load_file_binary(chunk)
+  report.dofile, report.dofile_why = helper.run_file(chunk)
+  for _, key in ipairs({{"load", "loadfile", "binary"}}) do
+    report[key] = report[key] ~= nil
+  end
+  report.dofile_why = tostring(report.dofile_why)
+  queue.publish("app:emails", report)
+end
+"#
+        ),
+    )
+    .unwrap();
+    let h = Harness::new().await;
+    let package: mlua::Table = h.host.lua().globals().get("package").unwrap();
+    let search = format!("{}/?.lua", dir.path().display());
+    package.set("path", search).unwrap();
+    let opt_in = OptIn::parse(["require"]).unwrap();
+    let handler = h.host.handler_with(&handler, "handle", opt_in).unwrap();
+    let message = support::json_message(Value::from("x"), Default::default());
+    let payload = h.host.decode_payload(&message).unwrap();
+    let context = queue_lua::DeliveryContext {
+        message: Arc::new(message),
+        settle: std::rc::Rc::new(support::Recorder::default()),
+    };
+    let outcome = h
+        .host
+        .run_handler(&handler, payload, context, SecurityContext::default())
+        .await;
+    assert_eq!(outcome, Outcome::Ack);
+    let report = h.take_body("app:emails").await;
+    for (refused, why) in [
+        ("required", "why"),
+        ("load", "load_why"),
+        ("loadfile", "loadfile_why"),
+        ("binary", "binary_why"),
+        ("dofile", "dofile_why"),
+    ] {
+        assert_eq!(field(&report, refused), &Value::Bool(false), "{report:?}");
+        assert!(
+            matches!(field(&report, why), Value::String(e) if e.contains("binary")),
+            "{why}: {report:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_handler_past_the_memory_limit_fails_alone_and_the_state_goes_on() {
     let h = Harness::with_limits(Limits {
