@@ -9,15 +9,20 @@
 //! - each poll of a handler's coroutine is counted where a watchdog thread sees it;
 //! - the watchdog looks every [`SLICE`]; a thread that has been inside the same poll
 //!   since its last look gets a signal ([`SIGNAL`]);
-//! - the signal handler sets the hook on the coroutine being polled on that thread
-//!   (`lua_sethook` is made to be called from a signal handler: Lua's own
-//!   interpreter does so on Ctrl-C) and notes that the slice is over
-//!   ([`slice_overran`]), so that the hook's first call ends it.
+//! - the signal handler sets the hook on the coroutine being polled on that thread,
+//!   or on the coroutine it is resuming through the sandbox's `coroutine.resume`,
+//!   if any (`lua_sethook` is made to be called from a signal handler: Lua's own
+//!   interpreter does so on Ctrl-C), to be called at the very next instruction, and
+//!   notes that the slice is over ([`slice_overran`]), so that the hook's first call
+//!   ends it. Not 10,000 instructions later: one instruction can take milliseconds
+//!   (`utf8.len` of 100 MB), and a handler ran 160 s past its 1 s timeout (review);
+//! - the watchdog signals again at each look while the same poll goes on (a file's
+//!   top level, a coroutine that cannot yield where it is), so that its deadline is
+//!   looked at every slice however slow its instructions.
 //!
 //! From then on the hook does what it did before; the host takes it off again when
 //! the coroutine's run returns. Coroutines that Lua code creates, and the main state
-//! (a file's top level), keep the hook all the time: they are rare, and a signal
-//! could only reach the one coroutine that was being polled.
+//! (a file's top level), keep the hook all the time: they are rare.
 //!
 //! Where the signal's handler cannot be installed (another handler owns
 //! [`SIGNAL`], or not on Unix), handler coroutines keep the hook as before
@@ -26,10 +31,10 @@
 #[cfg(all(unix, test))]
 pub(crate) use unix::wait_until_watchdog_parks;
 #[cfg(unix)]
-pub(crate) use unix::{Polling, available, hook, slice_overran};
+pub(crate) use unix::{Polling, available, hook, resuming, slice_overran};
 
 #[cfg(not(unix))]
-pub(crate) use elsewhere::{Polling, available, hook, slice_overran};
+pub(crate) use elsewhere::{Polling, available, hook, resuming, slice_overran};
 
 /// The signal that ends a slice: SIGURG, which no process gets unless it asks for
 /// out-of-band socket data, and whose default action is to be ignored (so one that
@@ -57,6 +62,9 @@ mod unix {
     thread_local! {
         /// The coroutine being polled on this thread, for the signal handler.
         static POLLED: AtomicPtr<ffi::lua_State> = const { AtomicPtr::new(ptr::null_mut()) };
+        /// The coroutine the sandbox's `coroutine.resume` runs now inside that poll,
+        /// innermost (null: none), for the signal handler.
+        static RESUMED: AtomicPtr<ffi::lua_State> = const { AtomicPtr::new(ptr::null_mut()) };
         /// The signal came during the poll in progress on this thread.
         static OVERRAN: AtomicBool = const { AtomicBool::new(false) };
         /// What the watchdog sees of this thread.
@@ -92,9 +100,17 @@ mod unix {
             .unwrap_or(false)
     }
 
-    /// One poll of a handler's coroutine, seen by the watchdog while it lasts.
+    /// The sandbox's `coroutine.resume` runs `coroutine` now (null: it came back to
+    /// the coroutine being polled). It must stay alive while it is named here.
+    pub(crate) fn resuming(coroutine: *const std::ffi::c_void) {
+        let _ = RESUMED.try_with(|resumed| resumed.store(coroutine as *mut _, Ordering::Relaxed));
+    }
+
+    /// One poll of a handler's coroutine (or a run of Lua code under a deadline on
+    /// another state), seen by the watchdog while it lasts.
     pub(crate) struct Polling {
         previous: *mut ffi::lua_State,
+        previous_resumed: *mut ffi::lua_State,
         previous_overran: bool,
     }
 
@@ -104,6 +120,9 @@ mod unix {
         pub(crate) fn start(coroutine: *const std::ffi::c_void) -> Polling {
             let previous = POLLED
                 .try_with(|polled| polled.swap(coroutine as *mut _, Ordering::Relaxed))
+                .unwrap_or(ptr::null_mut());
+            let previous_resumed = RESUMED
+                .try_with(|resumed| resumed.swap(ptr::null_mut(), Ordering::Relaxed))
                 .unwrap_or(ptr::null_mut());
             let previous_overran = OVERRAN
                 .try_with(|overran| overran.swap(false, Ordering::Relaxed))
@@ -117,6 +136,7 @@ mod unix {
             });
             Polling {
                 previous,
+                previous_resumed,
                 previous_overran,
             }
         }
@@ -130,6 +150,8 @@ mod unix {
                 }
             });
             let _ = POLLED.try_with(|polled| polled.store(self.previous, Ordering::Relaxed));
+            let _ =
+                RESUMED.try_with(|resumed| resumed.store(self.previous_resumed, Ordering::Relaxed));
             let _ =
                 OVERRAN.try_with(|overran| overran.store(self.previous_overran, Ordering::Relaxed));
         }
@@ -145,10 +167,8 @@ mod unix {
         /// False once the thread is ending: it may then no longer be signalled. Held
         /// while signalling, so that the thread cannot end in between.
         alive: Mutex<bool>,
-        /// The watchdog's own notes: the poll count at its last look, and the poll it
-        /// last signalled.
+        /// The watchdog's own note: the poll count at its last look.
         seen: AtomicU64,
-        signalled: AtomicU64,
     }
 
     /// This thread's entry in the watchdog's list, marked ended with the thread.
@@ -165,7 +185,6 @@ mod unix {
                 pthread: unsafe { libc::pthread_self() },
                 alive: Mutex::new(true),
                 seen: AtomicU64::new(u64::MAX),
-                signalled: AtomicU64::new(u64::MAX),
             });
             let registered = watchdog()
                 .threads
@@ -288,14 +307,14 @@ mod unix {
         }
     }
 
-    /// Signals `thread` if it is still inside the poll it was in at the last look;
-    /// whether it is polling at all.
+    /// Signals `thread` if it is still inside the poll it was in at the last look
+    /// (again at each look while that poll goes on: its deadline is looked at once a
+    /// slice); whether it is polling at all.
     fn look_at(thread: &Watched) -> bool {
         let polls = thread.polls.load(Ordering::Relaxed);
         let polling = thread.depth.load(Ordering::SeqCst) > 0;
         let seen = thread.seen.swap(polls, Ordering::Relaxed);
-        if polling && seen == polls && thread.signalled.load(Ordering::Relaxed) != polls {
-            thread.signalled.store(polls, Ordering::Relaxed);
+        if polling && seen == polls {
             if let Ok(alive) = thread.alive.lock()
                 && *alive
             {
@@ -317,10 +336,46 @@ mod unix {
             return;
         }
         let _ = OVERRAN.try_with(|overran| overran.store(true, Ordering::Relaxed));
-        // SAFETY: the coroutine is alive while it is polled (`Polling::start`); and
-        // `lua_sethook` may be called from a signal handler that interrupts the
-        // coroutine's own thread.
-        unsafe { set_hook(coroutine, hook) };
+        let resumed = RESUMED
+            .try_with(|resumed| resumed.load(Ordering::Relaxed))
+            .unwrap_or(ptr::null_mut());
+        // Only the one running Lua: a coroutine the polled one resumes passes its
+        // slice's yield on through the sandbox's `coroutine.resume`, and the polled
+        // one's hook would make it yield inside that function, before it has seen
+        // that yield (which its resumer would then take for a `coroutine.yield()`).
+        let running = if resumed.is_null() {
+            coroutine
+        } else {
+            resumed
+        };
+        // SAFETY: the coroutine is alive while it is polled (`Polling::start`), the
+        // one it resumes while it is resumed (`resuming`); and `lua_sethook` may be
+        // called from a signal handler that interrupts the coroutine's own thread.
+        unsafe { hook_at_the_next_instruction(running) };
+    }
+
+    /// # Safety
+    /// `coroutine` is alive.
+    unsafe fn hook_at_the_next_instruction(coroutine: *mut ffi::lua_State) {
+        // SAFETY: as the caller promised.
+        unsafe { ffi::lua_sethook(coroutine, Some(look_now), ffi::LUA_MASKCOUNT, 1) };
+    }
+
+    /// The hook for one instruction: sets the state's own hook back at its usual
+    /// count and calls it now. It does nothing after that call, which may yield (Lua
+    /// then returns from it) or raise.
+    unsafe extern "C-unwind" fn look_now(state: *mut ffi::lua_State, ar: *mut ffi::lua_Debug) {
+        let hook = HOOK.load(Ordering::Acquire);
+        if hook.is_null() {
+            return;
+        }
+        // SAFETY: `state` runs this hook, so it is alive; `hook` is the function
+        // `lua_gethook` returned, called as Lua would call it.
+        unsafe {
+            set_hook(state, hook);
+            let hook = std::mem::transmute::<*mut (), ffi::lua_Hook>(hook);
+            hook(state, ar)
+        }
     }
 
     /// Sets the state's hook on `coroutine`, which is not running: for a coroutine
@@ -380,6 +435,9 @@ mod elsewhere {
 
     /// Never called: no coroutine goes without the hook.
     pub(crate) fn hook(_: &mlua::Thread) {}
+
+    /// Nothing to note: no signal ends a slice.
+    pub(crate) fn resuming(_: *const std::ffi::c_void) {}
 
     pub(crate) struct Polling;
 

@@ -172,6 +172,7 @@ impl Clock {
     pub(crate) fn begin_resume(&self, co: *const c_void) {
         if let Some(slice) = self.running.borrow_mut().as_mut() {
             slice.resuming.push(co);
+            crate::preempt::resuming(co);
         }
     }
 
@@ -187,6 +188,7 @@ impl Clock {
         if let Some(at) = slice.resuming.iter().rposition(|c| *c == co) {
             slice.resuming.truncate(at);
         }
+        crate::preempt::resuming(slice.resuming.last().copied().unwrap_or(std::ptr::null()));
         if slice.nested_yield == Some(co) {
             slice.nested_yield = None;
             return true;
@@ -359,10 +361,13 @@ impl<F> Drop for Sliced<'_, F> {
         // Without the hook (`crate::preempt`), the deadline could not stop them.
         self.clock.hook(&self.thread);
         let deadline = Deadline::after(CLOSE_TIME, CLOSE_OVERRAN);
+        // They run on the thread, seen by the watchdog (as `Sliced::poll` does).
+        let polling = crate::preempt::Polling::start(self.thread.to_pointer());
         // Their errors, the deadline's included, have no one left to go to.
         let _ = self
             .clock
             .within(deadline, || self.thread.reset(self.body.clone()));
+        drop(polling);
         // The futures of the calls it waited in (`queue.publish` holds the encoded
         // body, and an AMQP 0-9-1 driver's confirm window slot) live in userdata on
         // its stack, and in coroutines it made, which only the collector frees: in a

@@ -288,6 +288,27 @@ async fn library_tables_are_refused_as_data_not_sent_empty() {
     assert_eq!(h.ready("app:tasks").await, 0);
 }
 
+/// A top level whose instructions each take milliseconds ran 46 s past its 5 s load
+/// time: the hook came every 10,000 of them (review).
+#[test]
+fn a_top_level_of_slow_instructions_ends_at_its_load_time() {
+    let source = LuaSource::from_code(
+        "slow.lua",
+        &b"local text = string.rep('a', 40 * 1024 * 1024)\nwhile true do utf8.len(text) end\n"[..],
+    );
+    let limits = Limits {
+        load_time: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let checked = queue_testkit::finishes_within(
+        Duration::from_secs(60),
+        "the top level ends at its load time",
+        move || queue_lua::check_source(&source, "handle", OptIn::default(), limits),
+    );
+    let err = checked.unwrap_err();
+    assert!(err.message().contains("top level ran longer"), "{err}");
+}
+
 /// Bytecode of `return 1`, made by a Lua state outside any sandbox.
 fn bytecode() -> Vec<u8> {
     mlua::Lua::new()

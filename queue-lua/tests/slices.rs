@@ -363,6 +363,28 @@ fn library_loops_in_c_end_at_the_timeout() {
     });
 }
 
+/// The hook that ends slices and checks the deadline came every 10,000 instructions
+/// however long each took: a handler calling `utf8.len` on 100 MB in a loop ran 160 s
+/// past its 1 s timeout, and the handlers beside it waited as long (review). It now
+/// comes at the next instruction once the slice is over, in the handler's coroutine
+/// and in one it resumed.
+#[test]
+fn slow_instructions_end_at_the_timeout_too() {
+    stops(|| async {
+        let h = Harness::new().await;
+        for method in [
+            "slow_instructions_in_the_handler",
+            "slow_instructions_in_its_coroutine",
+        ] {
+            let started = Instant::now();
+            let outcome = run(&h, method, Some(Duration::from_millis(200))).await;
+            timed_out(&outcome, "200ms");
+            assert!(started.elapsed() < Duration::from_secs(10), "{method}");
+        }
+        assert_eq!(run(&h, "quick", None).await, Outcome::Ack);
+    });
+}
+
 /// A coroutine that resumed another one waiting in a publish, kept when its run ended
 /// at its timeout: another run resuming the outer one must not finish the inner one's
 /// call, made with the first run's rights. The outer one's resume of the inner one

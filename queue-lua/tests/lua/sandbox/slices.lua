@@ -331,3 +331,18 @@ function finishes_through_the_outer()
   local resumed, err = coroutine.resume(outer)
   assert(not resumed and tostring(err):find("started by a run that has ended"), tostring(err))
 end
+
+-- Instructions that each take milliseconds: the hook, called every 10,000 of them,
+-- came 10,000 slow instructions after the slice or the timeout was over.
+local function slow_instructions()
+  local text = string.rep("a", 40 * 1024 * 1024)
+  while true do utf8.len(text) end
+end
+
+function slow_instructions_in_the_handler()
+  slow_instructions()
+end
+
+function slow_instructions_in_its_coroutine()
+  coroutine.resume(coroutine.create(slow_instructions))
+end
