@@ -314,14 +314,14 @@ mod unix {
         let polls = thread.polls.load(Ordering::Relaxed);
         let polling = thread.depth.load(Ordering::SeqCst) > 0;
         let seen = thread.seen.swap(polls, Ordering::Relaxed);
-        if polling && seen == polls {
-            if let Ok(alive) = thread.alive.lock()
-                && *alive
-            {
-                // SAFETY: the thread has not ended: it marks itself ended under this
-                // lock before it does.
-                unsafe { libc::pthread_kill(thread.pthread, SIGNAL) };
-            }
+        if polling
+            && seen == polls
+            && let Ok(alive) = thread.alive.lock()
+            && *alive
+        {
+            // SAFETY: the thread has not ended: it marks itself ended under this lock
+            // before it does.
+            unsafe { libc::pthread_kill(thread.pthread, SIGNAL) };
         }
         polling
     }
