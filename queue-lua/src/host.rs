@@ -692,6 +692,8 @@ fn guard(lua: &Lua, clock: Rc<Clock>) -> mlua::Result<Function> {
         };
         let text = match table.raw_get::<LuaValue>("message") {
             Ok(LuaValue::String(m)) => crate::errors::cut_text(&m),
+            // As `describe` tells `return nil, {message = 503}`.
+            Ok(number @ (LuaValue::Integer(_) | LuaValue::Number(_))) => number.to_string()?,
             _ => clock
                 .within(
                     Deadline::after(

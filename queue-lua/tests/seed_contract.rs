@@ -339,6 +339,9 @@ fn a_raised_error_that_loops_when_told_still_fails_the_handler() {
             "raised: a table error",
         ),
         ("raises_a_table_told_by_its_tostring", "raised: HTTP 503"),
+        // A number is a message as `return nil, {message = 503}` tells it (review:
+        // it was told as `table: 0x...`).
+        ("raises_a_table_with_a_number_message", "raised: 503"),
     ] {
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

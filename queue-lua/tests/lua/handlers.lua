@@ -38,6 +38,7 @@ function M.raises_a_table_a_close_reads(payload)
   end })
   error({ message = "conflict", code = "E409" })
 end
+function M.raises_a_table_with_a_number_message(payload) error({ message = 503 }) end
 function M.raises_a_table_told_by_its_tostring(payload)
   error(setmetatable({}, { __tostring = function() return "HTTP 503" end }))
 end
