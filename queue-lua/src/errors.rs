@@ -154,6 +154,32 @@ pub(crate) fn cut_text(text: &mlua::LuaString) -> String {
     cut_to(text, MAX_MESSAGE_BYTES)
 }
 
+/// What a module function was given that it cannot take, quoted for its error and
+/// cut short: an error's text lives on Rust's heap, outside the memory limit, for as
+/// long as Lua keeps the error.
+pub(crate) fn quoted(text: &[u8]) -> String {
+    format!("{:?}", queue_core::truncate_bytes(text, 64))
+}
+
+/// An error that Lua code a module function ran raised (a `__tostring`, an
+/// `__index`), cut as an error's message is: mlua copies its whole text to Rust's
+/// heap, and 300 kept errors of 4 MB held 1.3 GB with 64 MiB allowed (review).
+pub(crate) fn cut_error(error: mlua::Error) -> mlua::Error {
+    let text = error.to_string();
+    if text.len() <= MAX_MESSAGE_BYTES {
+        return error;
+    }
+    mlua::Error::runtime(queue_core::truncate_bytes(
+        text.as_bytes(),
+        MAX_MESSAGE_BYTES,
+    ))
+}
+
+/// The kind a Lua string names, if any.
+fn kind_named(name: &mlua::LuaString) -> Option<ErrorKind> {
+    ErrorKind::from_name(name.to_str().ok()?.as_ref())
+}
+
 /// Describes whatever a handler gave as its error (an error value, a string, anything)
 /// for logs and dead-letter reasons.
 pub fn describe(value: &LuaValue) -> String {
@@ -209,10 +235,10 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             let (message, kind, retryable, details) = match spec {
                 LuaValue::String(s) => (cut_text(&s), None, None, BTreeMap::new()),
                 LuaValue::Table(t) => {
-                    let message: Option<mlua::LuaString> = t.get("message")?;
-                    let kind: Option<String> = t.get("kind")?;
+                    let message: Option<mlua::LuaString> = t.get("message").map_err(cut_error)?;
+                    let kind: Option<mlua::LuaString> = t.get("kind").map_err(cut_error)?;
                     // Not read as a Lua truth: `retryable = "false"` would be true.
-                    let retryable = match t.get::<LuaValue>("retryable")? {
+                    let retryable = match t.get::<LuaValue>("retryable").map_err(cut_error)? {
                         LuaValue::Nil => None,
                         LuaValue::Boolean(b) => Some(b),
                         other => {
@@ -222,7 +248,7 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                             )));
                         }
                     };
-                    let details: Option<Table> = t.get("details")?;
+                    let details: Option<Table> = t.get("details").map_err(cut_error)?;
                     let mut map = BTreeMap::new();
                     if let Some(details) = details {
                         // No more than an error value keeps: a table of a million
@@ -234,9 +260,12 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
                             let (k, v) = pair?;
                             let v = match v {
                                 LuaValue::String(v) => cut_to(&v, MAX_DETAIL_BYTES),
-                                other => {
-                                    cut_to(&tostring.call::<mlua::LuaString>(other)?, MAX_DETAIL_BYTES)
-                                }
+                                other => cut_to(
+                                    &tostring
+                                        .call::<mlua::LuaString>(other)
+                                        .map_err(cut_error)?,
+                                    MAX_DETAIL_BYTES,
+                                ),
                             };
                             map.insert(cut_to(&k, MAX_DETAIL_BYTES), v);
                         }
@@ -255,8 +284,9 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             };
             let kind = match kind {
                 None => ErrorKind::Internal,
-                Some(name) => ErrorKind::from_name(&name).ok_or_else(|| {
-                    mlua::Error::runtime(format!("errors.new: unknown kind {name:?}"))
+                Some(name) => kind_named(&name).ok_or_else(|| {
+                    let name = quoted(&name.as_bytes());
+                    mlua::Error::runtime(format!("errors.new: unknown kind {name}"))
                 })?,
             };
             let base = Error::new(kind, message);
@@ -271,10 +301,12 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     errors.set(
         "is",
-        lua.create_function(|_, (err, kind): (LuaValue, String)| {
+        lua.create_function(|_, (err, kind): (LuaValue, mlua::LuaString)| {
             // As `errors.new` does: a misspelt kind would make every test false.
-            let wanted = ErrorKind::from_name(&kind)
-                .ok_or_else(|| mlua::Error::runtime(format!("errors.is: unknown kind {kind:?}")))?;
+            let wanted = kind_named(&kind).ok_or_else(|| {
+                let kind = quoted(&kind.as_bytes());
+                mlua::Error::runtime(format!("errors.is: unknown kind {kind}"))
+            })?;
             Ok(match err {
                 LuaValue::UserData(ud) => ud
                     .borrow::<LuaError>()

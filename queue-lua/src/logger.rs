@@ -48,7 +48,10 @@ pub fn create_module(lua: &Lua) -> mlua::Result<Table> {
             let message = match args.next() {
                 Some(LuaValue::String(s)) => one_line(&s.as_bytes()),
                 Some(LuaValue::Nil) | None => String::new(),
-                Some(other) => one_line(&tostring.call::<mlua::LuaString>(other)?.as_bytes()),
+                Some(other) => {
+                    let text = tostring.call::<mlua::LuaString>(other);
+                    one_line(&text.map_err(crate::errors::cut_error)?.as_bytes())
+                }
             };
             let fields = match args.next() {
                 Some(v @ LuaValue::Table(_)) => fields_json(&v, &tostring),

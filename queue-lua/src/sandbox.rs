@@ -894,18 +894,20 @@ fn guarded_rawset(
 /// changing its mode would change it for every handler on the state.
 fn limited_collectgarbage(
     lua: &Lua,
-    (option, _): (Option<String>, MultiValue),
+    (option, _): (Option<mlua::LuaString>, MultiValue),
 ) -> mlua::Result<LuaValue> {
-    match option.as_deref().unwrap_or("collect") {
-        "collect" => {
+    let option = option.map(|o| o.as_bytes().to_vec());
+    match option.as_deref().unwrap_or(b"collect") {
+        b"collect" => {
             lua.gc_collect()?;
             Ok(LuaValue::Integer(0))
         }
-        "count" => Ok(LuaValue::Number(lua.used_memory() as f64 / 1024.0)),
-        "step" => Ok(LuaValue::Boolean(lua.gc_step()?)),
-        "isrunning" => Ok(LuaValue::Boolean(lua.gc_is_running())),
+        b"count" => Ok(LuaValue::Number(lua.used_memory() as f64 / 1024.0)),
+        b"step" => Ok(LuaValue::Boolean(lua.gc_step()?)),
+        b"isrunning" => Ok(LuaValue::Boolean(lua.gc_is_running())),
         other => Err(mlua::Error::runtime(format!(
-            "collectgarbage({other:?}) is not available in the sandbox: the collector is shared by every handler"
+            "collectgarbage({}) is not available in the sandbox: the collector is shared by every handler",
+            crate::errors::quoted(other)
         ))),
     }
 }

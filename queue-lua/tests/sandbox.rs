@@ -309,6 +309,47 @@ fn a_top_level_of_slow_instructions_ends_at_its_load_time() {
     assert!(err.message().contains("top level ran longer"), "{err}");
 }
 
+/// An error a module function raises names what it was given cut short, and one
+/// that Lua code it ran raised (a `__tostring`) is cut as a message is: their text
+/// lives on Rust's heap, outside the memory limit, for as long as the error value is
+/// kept. 300 kept errors of `collectgarbage(string.rep("\1", 1e6))` held 1.7 GB
+/// with 16 MiB allowed (review).
+#[tokio::test]
+async fn errors_of_the_modules_keep_no_more_than_a_message() {
+    let h = Harness::new().await;
+    let out = h
+        .host
+        .eval(
+            r#"
+local big = string.rep("\1", 1000000)
+local loud = setmetatable({}, { __tostring = function() error(big, 0) end })
+local lengths = {}
+for _, call in ipairs({
+  function() return collectgarbage(big) end,
+  function() return errors.is(nil, big) end,
+  function() return errors.new({ kind = big }) end,
+  function() return errors.new({ message = "m", details = { d = loud } }) end,
+  function() return logger.info(loud) end,
+  function() return logger.info("m", { f = loud }) end,
+}) do
+  local ok, err = pcall(call)
+  lengths[#lengths + 1] = ok and -1 or #tostring(err)
+end
+return table.unpack(lengths)
+"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 6, "{out:?}");
+    for (i, length) in out.iter().enumerate() {
+        match length {
+            // -1: the call went through (a logged field that cannot be told is `?`).
+            Value::Int(n) => assert!(*n <= 8192, "call {}: {n} bytes", i + 1),
+            other => panic!("call {}: {other:?}", i + 1),
+        }
+    }
+}
+
 /// Bytecode of `return 1`, made by a Lua state outside any sandbox.
 fn bytecode() -> Vec<u8> {
     mlua::Lua::new()
