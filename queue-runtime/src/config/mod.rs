@@ -318,12 +318,19 @@ fn load_file(
         at(line, None, yaml_message(&e.to_string()))
     })?;
     let namespace = raw.namespace.value.clone();
-    if namespace.is_empty() || namespace.contains(':') || namespace.chars().any(char::is_whitespace)
+    // Every queue id starts with it, and ids reach every log line.
+    if namespace.is_empty()
+        || namespace.contains(':')
+        || namespace
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(at(
             line_of(raw.namespace.referenced.line()),
             Some("namespace"),
-            format!("{namespace:?} is not a namespace: use a word without ':' or spaces"),
+            format!(
+                "{namespace:?} is not a namespace: use a word without ':', spaces or control characters"
+            ),
         ));
     }
     let mut entries = Vec::new();
@@ -355,7 +362,10 @@ fn yaml_message(text: &str) -> String {
         Some((position, rest)) => (position.split_once(" column ").map(|(_, c)| c), rest),
         None => (None, first),
     };
-    let mut message = first.to_string();
+    let mut message = match first.strip_prefix("budget breached: ") {
+        Some(breach) => past_the_parsers_limit(breach),
+        None => first.to_string(),
+    };
     for hint in [" use ", " set ", "; consider ", " (hint"] {
         if let Some(at) = message.find(hint)
             && LIBRARY_WORDS.iter().any(|w| message[at..].contains(w))
@@ -370,11 +380,32 @@ fn yaml_message(text: &str) -> String {
     }
 }
 
+/// The parser's limits on a file (which keep a crafted one from taking the memory or
+/// the stack), told in words: it says `Nodes { nodes: 250001 }`.
+fn past_the_parsers_limit(breach: &str) -> String {
+    let what = breach.split_whitespace().next().unwrap_or(breach);
+    let count = breach
+        .rsplit(':')
+        .next()
+        .map(|n| n.trim_matches(|c: char| !c.is_ascii_digit()))
+        .unwrap_or_default();
+    let said = match what {
+        "Depth" => format!("nested deeper than {count} levels"),
+        "Nodes" => "more than 250,000 values".to_string(),
+        "Events" => "more YAML than the parser reads in one file".to_string(),
+        "Aliases" | "Anchors" => format!("more than {count} {}", what.to_lowercase()),
+        "Documents" => "more documents than one (`---`)".to_string(),
+        _ => format!("past the YAML parser's limits ({what})"),
+    };
+    format!("the file is {said}: split its entries over several files")
+}
+
 /// Words that mark advice about the parser's API rather than the file.
-const LIBRARY_WORDS: [&str; 6] = [
+const LIBRARY_WORDS: [&str; 7] = [
     "from_str",
     "Policy",
     "Options",
+    "Option<",
     "serde",
     "saphyr",
     "_multiple",
@@ -844,6 +875,44 @@ mod tests {
         let errors = load_text(text).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         errors.into_iter().next().unwrap()
+    }
+
+    /// Review: a namespace with an escape sequence passed (and reached every log
+    /// line as part of each id); an empty one said "use Option<String>"; past the
+    /// parser's limits the error was Rust's debug form of its budget.
+    #[test]
+    fn a_namespace_or_a_file_past_the_parsers_limits_is_refused_in_words() {
+        let error = single_error("namespace: \"a\\x1b[31mRED\"\nentries: []\n");
+        assert_eq!((error.line, error.field.as_deref()), (1, Some("namespace")));
+        assert!(error.message.contains("control"), "{error:?}");
+        let error = single_error("namespace:\nentries: []\n");
+        assert!(!error.message.contains("Option"), "{error:?}");
+        let deep = format!(
+            "namespace: app\nentries:\n  - {{name: a, kind: queue.queue, x: {}{}}}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        // On a stack as large as the runtime gives its threads (a test thread's 2 MiB
+        // is too small for 64 levels in a debug build).
+        let error = std::thread::Builder::new()
+            .stack_size(16 * 1024 * 1024)
+            .spawn(move || single_error(&deep))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            error.message.contains("nested deeper") && !error.message.contains('{'),
+            "{error:?}"
+        );
+        let many: String = (0..60_000)
+            .map(|i| format!("  - {{name: q{i}, kind: queue.queue}}\n"))
+            .collect();
+        let many = format!("namespace: app\nentries:\n{many}");
+        let error = single_error(&many);
+        assert!(
+            error.message.contains("more than") && !error.message.contains('{'),
+            "{error:?}"
+        );
     }
 
     #[test]
