@@ -390,7 +390,7 @@ fn past_the_parsers_limit(breach: &str) -> String {
         .map(|n| n.trim_matches(|c: char| !c.is_ascii_digit()))
         .unwrap_or_default();
     let said = match what {
-        "Depth" => format!("nested deeper than {count} levels"),
+        "Depth" => format!("nested {count} levels deep (64 at most)"),
         "Nodes" => "more than 250,000 values".to_string(),
         "Events" => "more YAML than the parser reads in one file".to_string(),
         "Aliases" | "Anchors" => format!("more than {count} {}", what.to_lowercase()),
@@ -901,7 +901,7 @@ mod tests {
             .join()
             .unwrap();
         assert!(
-            error.message.contains("nested deeper") && !error.message.contains('{'),
+            error.message.contains("levels deep") && !error.message.contains('{'),
             "{error:?}"
         );
         let many: String = (0..60_000)
