@@ -1020,7 +1020,7 @@ fn security(
     strict: bool,
 ) -> Result<SecurityContext, ConfigError> {
     let mut policies: Vec<Arc<dyn Policy>> = Vec::new();
-    for reference in &s.policies {
+    for (i, reference) in s.policies.iter().enumerate() {
         let id = entry.resolve(reference);
         match config.get(&id).map(|e| &e.kind) {
             Some(EntryKind::Policy(p)) => {
@@ -1049,8 +1049,9 @@ fn security(
                 policies.push(Arc::new(rule));
             }
             _ => {
+                // Named by its own item, and so its line.
                 return Err(entry.error(
-                    Some("security"),
+                    Some(&format!("security.policies[{i}]")),
                     format!("{id} is not a security.policy entry"),
                 ));
             }

@@ -47,7 +47,8 @@ fn check_finds_every_kind_of_mistake_before_starting() {
         "app.yaml:16: field `func`: app:nowhere is not a function.lua entry",
         "app.yaml:20: field `source`",
         "no function \"not_there\"",
-        "field `security`: app:no_such_policy is not a security.policy entry",
+        // Its own item's line, not the `security:` line (review).
+        "app.yaml:28: field `security.policies[0]`: app:no_such_policy is not a security.policy entry",
         "app.yaml:31: field `driver`: app:ghost is not a declared driver",
         // Policies without an actor applied to nothing: the entry published anywhere.
         "app.yaml:38: field `security`: `policies` need an `actor` to apply to",

@@ -818,22 +818,24 @@ fn never_a_queue(resource: &queue_core::security::Pattern, namespace: &str) -> O
 }
 
 fn check_queue(entry: &Entry, q: &QueueEntry) -> Result<(), ConfigError> {
+    // Each names the value's own field, and so its line (or the nearest written one
+    // around it, for a value left at its default).
     if q.retry.max_attempts == 0 {
-        return Err(entry.error(Some("retry"), "retry.max_attempts must be at least 1"));
+        return Err(entry.error(Some("retry.max_attempts"), "must be at least 1"));
     }
     if !(q.retry.backoff.multiplier >= 1.0 && q.retry.backoff.multiplier <= 100.0) {
-        return Err(entry.error(Some("retry"), "retry.backoff.multiplier must be 1..=100"));
+        return Err(entry.error(Some("retry.backoff.multiplier"), "must be 1..=100"));
     }
     if q.retry.backoff.max.as_millis() > u128::from(queue_core::MAX_MILLIS) {
         return Err(entry.error(
-            Some("retry"),
-            "retry.backoff.max must be at most 4294967295ms (about 49 days), the longest delay a broker carries",
+            Some("retry.backoff.max"),
+            "must be at most 4294967295ms (about 49 days), the longest delay a broker carries",
         ));
     }
     if q.retry.backoff.initial > q.retry.backoff.max {
         return Err(entry.error(
-            Some("retry"),
-            "retry.backoff.initial must not be longer than retry.backoff.max",
+            Some("retry.backoff.initial"),
+            "must not be longer than retry.backoff.max",
         ));
     }
     if q.max_message_bytes == 0 {
@@ -991,6 +993,29 @@ mod tests {
         load_text("namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    driver_options:\n      x: ~\n").unwrap();
     }
 
+    /// An error about a value inside `retry` named the `retry:` line (review).
+    #[test]
+    fn a_bad_retry_value_names_its_own_line() {
+        let retry = |max_attempts: &str, multiplier: &str, max: &str| {
+            format!(
+                "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      max_attempts: {max_attempts}\n      backoff:\n        initial: 1s\n        multiplier: {multiplier}\n        max: {max}\n"
+            )
+        };
+        for (yaml, field, line) in [
+            (retry("3", "500", "60s"), "retry.backoff.multiplier", 9),
+            (retry("0", "2", "60s"), "retry.max_attempts", 6),
+            (retry("3", "2", "500ms"), "retry.backoff.initial", 8),
+            (retry("3", "2", "60d"), "retry.backoff.max", 10),
+        ] {
+            let e = single_error(&yaml);
+            assert_eq!((e.field.as_deref(), e.line), (Some(field), line), "{e:?}");
+            assert!(
+                !e.message.starts_with("retry."),
+                "the field is named once: {e:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_sandbox_on_a_consumer_with_func_is_refused_not_ignored() {
         for allow in ["[os]", "[bogus]"] {
@@ -1075,8 +1100,12 @@ mod tests {
         let e = single_error(
             "namespace: app\nentries:\n  - name: q\n    kind: queue.queue\n    retry:\n      backoff: { initial: 2m, max: 1m }\n",
         );
-        assert_eq!((e.line, e.field.as_deref()), (6, Some("retry")), "{e}");
-        assert!(e.message.contains("initial must not be longer than"), "{e}");
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (6, Some("retry.backoff.initial")),
+            "{e}"
+        );
+        assert!(e.message.contains("must not be longer than"), "{e}");
     }
 
     /// Deny rules that can never deny anything: publishing is checked first without
