@@ -20,6 +20,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod by_id;
 pub mod config;
 pub mod health;
 pub mod host;

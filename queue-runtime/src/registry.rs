@@ -159,6 +159,8 @@ pub struct Plan {
     /// The entries that run as an actor, with their policies: what
     /// `publish --actor` applies.
     pub actors: Vec<ActorEntry>,
+    /// Where each queue is, for [`Plan::queue`].
+    queues_by_id: crate::by_id::ById,
 }
 
 /// A consumer or process that runs as an actor.
@@ -177,7 +179,8 @@ pub struct ActorEntry {
 impl Plan {
     /// The queue plan of an id.
     pub fn queue(&self, id: &QueueId) -> Option<&QueuePlan> {
-        self.queues.iter().find(|q| &q.spec.id == id)
+        self.queues_by_id
+            .find(&self.queues, id.as_str(), |q| q.spec.id.as_str())
     }
 
     /// Whether some queue dead-letters into this one.
@@ -262,6 +265,7 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
             ..Limits::default()
         },
         actors: Vec::new(),
+        queues_by_id: Default::default(),
     };
     let mut texts = SourceTexts::default();
     // Each planned handler's file and method, with the entry that names them.
@@ -482,13 +486,9 @@ pub fn plan(config: &Config, kinds: &DriverKinds, strict: bool) -> Result<Plan, 
         Ok(plan)
     } else {
         // A `function.lua` entry that several consumers name is reported once.
-        let mut unique: Vec<ConfigError> = Vec::with_capacity(errors.len());
-        for error in errors {
-            if !unique.contains(&error) {
-                unique.push(error);
-            }
-        }
-        Err(ConfigErrors(unique))
+        let mut seen = std::collections::HashSet::new();
+        errors.retain(|error| seen.insert(error.clone()));
+        Err(ConfigErrors(errors))
     }
 }
 
@@ -720,14 +720,20 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
 /// both consumers, and dead letters of a broker's queue sent to the memory driver were
 /// acked on the broker and lost when the process ended.
 fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
+    // The first queue that dead-letters into each (a map: a scan per queue made
+    // checking many queues quadratic).
+    let mut sends_to: HashMap<&QueueId, &QueuePlan> = HashMap::new();
+    for q in &plan.queues {
+        if let Some(dlq) = &q.dead_letter {
+            sends_to.entry(dlq).or_insert(q);
+        }
+    }
     // The entry to point at for a queue: its own, or for a dead-letter queue no entry
     // declares, the `dead_letter` of a queue that sends to it.
     let located = |id: &QueueId| match config.get(id.as_str()) {
         Some(entry) => Some((entry, "queue_name")),
-        None => plan
-            .queues
-            .iter()
-            .find(|q| q.dead_letter.as_ref() == Some(id))
+        None => sends_to
+            .get(id)
             .and_then(|q| config.get(q.spec.id.as_str()))
             .map(|entry| (entry, "dead_letter")),
     };
@@ -752,7 +758,9 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     // Dead-letter queues with a TTL, warned of once each.
     let mut expiring = std::collections::HashSet::new();
-    for (i, q) in plan.queues.iter().enumerate() {
+    // The first queue of each broker name on each driver, but on memory drivers.
+    let mut by_name: HashMap<(&str, &str), &QueuePlan> = HashMap::new();
+    for q in &plan.queues {
         if let Some(dlq) = &q.dead_letter
             && plan
                 .queue(dlq)
@@ -805,9 +813,16 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
             ));
         }
         // A memory driver keeps its queues by id: one name there is no clash.
-        let same = plan.queues[..i].iter().find(|p| {
-            p.driver == q.driver && p.spec.name == q.spec.name && !plan.is_in_memory(&q.spec.id)
-        });
+        let same = match plan.is_in_memory(&q.spec.id) {
+            true => None,
+            false => match by_name.entry((q.driver.as_str(), q.spec.name.as_str())) {
+                std::collections::hash_map::Entry::Occupied(first) => Some(*first.get()),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(q);
+                    None
+                }
+            },
+        };
         // Told at the later queue's entry, or at the earlier's when no entry declares
         // the later (a queue a consumer implies, or its dead-letter queue).
         if let Some(first) = same
@@ -842,10 +857,11 @@ fn queue_wiring(config: &Config, plan: &Plan) -> Vec<ConfigError> {
 /// on the same driver, with the broker name `<name>.dlq`.
 fn add_implicit_dead_letter_queues(plan: &mut Plan) {
     let mut implicit: Vec<QueuePlan> = Vec::new();
+    let mut added = std::collections::HashSet::new();
     for q in &plan.queues {
         if let Some(dlq) = &q.dead_letter
             && plan.queue(dlq).is_none()
-            && !implicit.iter().any(|p| &p.spec.id == dlq)
+            && added.insert(dlq.clone())
         {
             implicit.push(QueuePlan {
                 spec: QueueSpec::new(dlq.clone())

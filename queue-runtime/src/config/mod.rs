@@ -15,7 +15,7 @@ pub use interpolate::{Interpolated, interpolate};
 pub use model::*;
 
 /// One configuration mistake, located.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConfigError {
     /// The YAML file.
     pub file: PathBuf,
@@ -124,12 +124,14 @@ pub struct Config {
     pub strict_mode: bool,
     /// `lua: {memory_limit: ...}`: the most memory each Lua state may hold.
     pub lua_memory_limit: Option<usize>,
+    /// Where each entry is, for [`Config::get`].
+    by_id: crate::by_id::ById,
 }
 
 impl Config {
     /// The entry with this id.
     pub fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.id == id)
+        self.by_id.find(&self.entries, id, |e| &e.id)
     }
 }
 
