@@ -1004,7 +1004,7 @@ fn queue_plan(
         {
             return Err(entry.error(
                 Some("dead_letter"),
-                &format!("{text:?} is text: write true or false without quotes"),
+                format!("{text:?} is text: write true or false without quotes"),
             ));
         }
         Some(DeadLetterConfig::Queue(other)) => Some(entry.resolve(other)),
