@@ -98,6 +98,9 @@ pub(crate) struct Pairing {
     state: Mutex<State>,
     /// The channel is to be replaced (see [`MOST_KEPT`]).
     worn: AtomicBool,
+    /// Held while a publish is counted and lapin numbers and queues it
+    /// ([`Pairing::publish`]).
+    in_order: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -174,9 +177,24 @@ impl Pairing {
         id: &str,
         basic_publish: impl Future<Output = lapin::Result<PublisherConfirm>>,
     ) -> lapin::Result<Outcome> {
-        // Counted before it is sent: its return cannot come before.
-        let pending = self.expect(id);
-        let confirm = basic_publish.await?;
+        let mut basic_publish = std::pin::pin!(basic_publish);
+        // lapin gives a publish its delivery tag, then copies its body into frames and
+        // queues them, all in its first poll: publishes from several threads on one
+        // channel, each of them there at once, reached the broker in another order
+        // than their tags, and an ack or nack settled another message's confirm (a
+        // refused message was told stored, review). That poll, and the count, are
+        // made one publish at a time.
+        let (pending, first) = std::future::poll_fn(|cx| {
+            let _in_order = lock(&self.in_order);
+            // Counted before it is sent: its return cannot come before.
+            let pending = self.expect(id);
+            Poll::Ready((pending, basic_publish.as_mut().poll(cx)))
+        })
+        .await;
+        let confirm = match first {
+            Poll::Ready(confirm) => confirm?,
+            Poll::Pending => basic_publish.await?,
+        };
         Ok(Outcome {
             confirm: Some(confirm),
             pending,
