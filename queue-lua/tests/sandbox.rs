@@ -182,9 +182,14 @@ async fn the_default_sandbox_leaves_out_what_reaches_outside_the_process() {
 /// Runs `method` of `sandbox/escapes.lua` with these opt-ins, and returns what it
 /// published to `app:emails`.
 async fn escapes_with(h: &Harness, method: &str, opt_in: &[&str]) -> Value {
-    let path = lua_file("sandbox/escapes.lua");
+    published_by(h, &lua_file("sandbox/escapes.lua"), method, opt_in).await
+}
+
+/// Runs `method` of the file at `path` with these opt-ins; it must succeed. Returns
+/// what it published to `app:emails`.
+async fn published_by(h: &Harness, path: &std::path::Path, method: &str, opt_in: &[&str]) -> Value {
     let opt_in = OptIn::parse(opt_in.iter().copied()).unwrap();
-    let handler = h.host.handler_with(&path, method, opt_in).unwrap();
+    let handler = h.host.handler_with(path, method, opt_in).unwrap();
     let message = support::json_message(Value::from("x"), Default::default());
     let payload = h.host.decode_payload(&message).unwrap();
     let context = queue_lua::DeliveryContext {
@@ -450,20 +455,7 @@ end
     let package: mlua::Table = h.host.lua().globals().get("package").unwrap();
     let search = format!("{}/?.lua", dir.path().display());
     package.set("path", search).unwrap();
-    let opt_in = OptIn::parse(["require"]).unwrap();
-    let handler = h.host.handler_with(&handler, "handle", opt_in).unwrap();
-    let message = support::json_message(Value::from("x"), Default::default());
-    let payload = h.host.decode_payload(&message).unwrap();
-    let context = queue_lua::DeliveryContext {
-        message: Arc::new(message),
-        settle: std::rc::Rc::new(support::Recorder::default()),
-    };
-    let outcome = h
-        .host
-        .run_handler(&handler, payload, context, SecurityContext::default())
-        .await;
-    assert_eq!(outcome, Outcome::Ack);
-    let report = h.take_body("app:emails").await;
+    let report = published_by(&h, &handler, "handle", &["require"]).await;
     for (refused, why) in [
         ("required", "why"),
         ("load", "load_why"),
