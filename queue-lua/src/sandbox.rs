@@ -661,7 +661,7 @@ impl Sandbox {
             lua.create_function(move |lua, co: Thread| {
                 let why = crate::context::foreign_resume(lua, &co);
                 if why.is_none() {
-                    clock.begin_resume(co.to_pointer());
+                    clock.begin_resume(co);
                 }
                 Ok(why)
             })?

@@ -77,8 +77,11 @@ struct Slice {
     /// last: only the innermost may yield at the slice's end, since only its resumer
     /// passes the yield on. Another coroutine running Lua (one `coroutine.close` runs
     /// the `__close` handlers of, one of mlua's own) must not yield: a yield there
-    /// is thrown as an error, or taken for a value.
-    resuming: Vec<*const c_void>,
+    /// is thrown as an error, or taken for a value. Held, not by address: the
+    /// watchdog's signal handler sets the hook on the innermost one
+    /// ([`crate::preempt::resuming`]), so it must stay alive until it is taken off
+    /// here, even when an error skips its resume's end.
+    resuming: Vec<Thread>,
 }
 
 /// The state's clock: what is running, read by the hook. One per Lua state.
@@ -159,7 +162,7 @@ impl Clock {
         // state. One that cannot yield here (inside a function Lua calls from C) goes
         // on, as before.
         // SAFETY: `current` is the running thread's `lua_State`, alive while it runs.
-        if slice.resuming.last() == Some(&current)
+        if slice.resuming.last().map(Thread::to_pointer) == Some(current)
             && unsafe { mlua::ffi::lua_isyieldable(current as *mut mlua::ffi::lua_State) } != 0
         {
             slice.nested_yield = Some(current);
@@ -169,10 +172,10 @@ impl Clock {
     }
 
     /// The sandbox's `coroutine.resume` is about to resume `co`.
-    pub(crate) fn begin_resume(&self, co: *const c_void) {
+    pub(crate) fn begin_resume(&self, co: Thread) {
         if let Some(slice) = self.running.borrow_mut().as_mut() {
+            crate::preempt::resuming(co.to_pointer());
             slice.resuming.push(co);
-            crate::preempt::resuming(co);
         }
     }
 
@@ -185,10 +188,18 @@ impl Clock {
         };
         // Down to `co`, and it: an entry left above it (a resume that never came back
         // here, its caller out of memory) must not let another coroutine yield.
-        if let Some(at) = slice.resuming.iter().rposition(|c| *c == co) {
-            slice.resuming.truncate(at);
-        }
-        crate::preempt::resuming(slice.resuming.last().copied().unwrap_or(std::ptr::null()));
+        let ended = match slice.resuming.iter().rposition(|c| c.to_pointer() == co) {
+            Some(at) => slice.resuming.split_off(at),
+            None => Vec::new(),
+        };
+        crate::preempt::resuming(
+            slice
+                .resuming
+                .last()
+                .map_or(std::ptr::null(), Thread::to_pointer),
+        );
+        // Released only once the signal handler can no longer reach them.
+        drop(ended);
         if slice.nested_yield == Some(co) {
             slice.nested_yield = None;
             return true;
@@ -231,8 +242,22 @@ impl Clock {
             resuming: Vec::new(),
         }));
         let result = f();
-        *self.running.borrow_mut() = previous;
+        self.restore(previous);
         result
+    }
+
+    /// Puts back the slice that ran before one that ends now. The coroutines the
+    /// ending slice still holds as resumed (an error skipped their resume's end) are
+    /// released only once the watchdog's signal handler names the restored slice's
+    /// instead ([`crate::preempt::resuming`]): Lua code after this may collect them.
+    fn restore(&self, previous: Option<Slice>) {
+        let innermost = previous
+            .as_ref()
+            .and_then(|slice| slice.resuming.last())
+            .map_or(std::ptr::null(), Thread::to_pointer);
+        let ended = self.running.replace(previous);
+        crate::preempt::resuming(innermost);
+        drop(ended);
     }
 }
 
@@ -314,7 +339,7 @@ where
             None => Poll::Pending,
         };
         drop(polling);
-        *this.clock.running.borrow_mut() = previous;
+        this.clock.restore(previous);
         result
     }
 }
@@ -378,5 +403,40 @@ impl<F> Drop for Sliced<'_, F> {
         if waiting && let Some(lua) = &lua {
             let _ = lua.gc_collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watchdog's signal handler sets the hook on the innermost coroutine the
+    /// sandbox's `coroutine.resume` runs, by pointer: the slice holds it alive until
+    /// its resume ends, or until the slice does when an error skipped that end.
+    #[test]
+    fn a_resumed_coroutine_lives_as_long_as_the_slice_names_it() -> mlua::Result<()> {
+        let lua = Lua::new();
+        let clock = Clock::install(&lua)?;
+        let seen = lua.create_table()?;
+        seen.set_metatable(Some(lua.create_table_from([("__mode", "k")])?))?;
+        let alive = |seen: &mlua::Table| -> mlua::Result<bool> {
+            lua.gc_collect()?;
+            lua.gc_collect()?;
+            Ok(seen.pairs::<mlua::Value, bool>().next().is_some())
+        };
+        let deadline = Deadline::after(Duration::from_secs(60), "late");
+        let held = clock.within(deadline, || -> mlua::Result<bool> {
+            let co = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
+            seen.raw_set(co.clone(), true)?;
+            // Its resume began; no end comes, as when an error skipped it.
+            clock.begin_resume(co);
+            alive(&seen)
+        })?;
+        assert!(held, "collected while the slice still named it as resumed");
+        assert!(
+            !alive(&seen)?,
+            "still held after its slice ended: the slice leaks what it resumed"
+        );
+        Ok(())
     }
 }
