@@ -261,6 +261,7 @@ impl Host {
             }
         }
         let mut consumers = Vec::new();
+        let dead_letter_queues = plan.dead_letter_queues();
         for (c, (shares, first_worker)) in plan.consumers.iter().zip(placements) {
             let q = plan
                 .queue(&c.queue)
@@ -282,7 +283,7 @@ impl Host {
                     driver: Arc::clone(&driver),
                     retry: q.retry.clone(),
                     exhausted,
-                    is_dead_letter_queue: plan.is_dead_letter_queue(&c.queue),
+                    is_dead_letter_queue: dead_letter_queues.contains(&c.queue),
                     stop: stop.subscribe(),
                 },
                 meters: crate::metrics::ConsumerMeters::of(&c.queue),

@@ -183,11 +183,13 @@ impl Plan {
             .find(&self.queues, id.as_str(), |q| q.spec.id.as_str())
     }
 
-    /// Whether some queue dead-letters into this one.
-    pub fn is_dead_letter_queue(&self, id: &QueueId) -> bool {
+    /// The queues some queue dead-letters into: taken once by whoever asks it of
+    /// every consumer, since each question scans every queue.
+    pub fn dead_letter_queues(&self) -> std::collections::HashSet<&QueueId> {
         self.queues
             .iter()
-            .any(|q| q.dead_letter.as_ref() == Some(id))
+            .filter_map(|q| q.dead_letter.as_ref())
+            .collect()
     }
 
     /// Whether this queue lives on the embedded or a declared memory driver.
@@ -647,6 +649,7 @@ fn dead_letter_cycles(config: &Config, plan: &Plan) -> Vec<ConfigError> {
 fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     let shown = |d: Duration| humantime::format_duration(d).to_string();
+    let dead_letter_queues = plan.dead_letter_queues();
     for consumer in &plan.consumers {
         let Some(queue) = plan.queue(&consumer.queue) else {
             continue;
@@ -674,7 +677,7 @@ fn holds_past_the_broker(config: &Config, plan: &Plan) -> Vec<ConfigError> {
         }
         // A dead-letter queue, or a queue without one, keeps a failing dead letter.
         let keeps_dead_letters =
-            plan.is_dead_letter_queue(&queue.spec.id) || queue.dead_letter.is_none();
+            dead_letter_queues.contains(&queue.spec.id) || queue.dead_letter.is_none();
         let longest = queue.retry.longest_wait(keeps_dead_letters);
         let holds = !driver.capabilities.delay;
         if let Some(timeout) = consumer.timeout
