@@ -386,6 +386,8 @@ impl Publisher {
             channel,
             routing,
         } = route;
+        content_header_fits(&link, &prepared.properties)
+            .map_err(|e| e.context(format!("publish to {queue}")))?;
         let delay_queue = prepared.delay_ms.map(|_| routing.clone());
         let written = channel.channel.basic_publish(
             "".into(),
@@ -581,6 +583,34 @@ fn prepare(message: Message) -> Result<Prepared> {
         properties,
         body: message.body,
     })
+}
+
+/// A message's properties and headers travel in one frame (its content header),
+/// which RabbitMQ takes only within the connection's `frame_max` (less the frame's own
+/// 8 bytes): a larger one ends the whole connection (`FRAME_ERROR`), failing every
+/// publish and consumer on it (docs/drivers/amqp091.md, "Publishing").
+fn content_header_fits(link: &Link, properties: &BasicProperties) -> Result<()> {
+    /// A content header's class, weight and body size, before the properties.
+    const BEFORE_PROPERTIES: usize = 12;
+    const FRAME_OVERHEAD: usize = 8;
+    let frame_max = link.connection.configuration().frame_max();
+    let room = usize::try_from(frame_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FRAME_OVERHEAD);
+    let encoded = cookie_factory::r#gen(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_err(|e| Error::invalid(format!("the message's properties cannot be encoded: {e}")))?;
+    let needs = BEFORE_PROPERTIES + encoded.0.len();
+    if frame_max == 0 || needs <= room {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "the message's properties and headers take {needs} bytes, more than one frame holds \
+         on this connection ({room}: its frame_max of {frame_max} less 8); send less in \
+         headers (the body has no such limit) or raise the URL's frame_max"
+    )))
 }
 
 fn publish_failure(link: &Link, what: &str, e: lapin::Error) -> Error {

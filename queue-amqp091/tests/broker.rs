@@ -191,6 +191,46 @@ async fn publishes_from_several_threads_are_each_told_their_own_confirm() {
 /// dead-letters it into the target when the delay ends; RabbitMQ dropped what a
 /// classic delay queue dead-lettered into a full queue, so the copy, confirmed and
 /// its original acked, was lost.
+/// A content header must fit in one frame: RabbitMQ ends the whole connection on a
+/// larger one (`FRAME_ERROR`), failing every publish and consumer on it, and a
+/// dead-letter copy grown past the limit by its reason did it again at every
+/// redelivery (review). The publish is refused as `INVALID`, and the connection stays.
+async fn headers_past_frame_max_are_refused_and_cost_no_connection() {
+    let driver = Amqp091Driver::connect(Amqp091Config::new(format!(
+        "{}?frame_max=4096",
+        common::URL
+    )))
+    .await
+    .unwrap();
+    let id = declare_transient(&driver, &common::unique("frame-max")).await;
+    let opened = driver.connection().expect("a report").connections_opened;
+    let mut headers = Headers::new();
+    headers.insert("note", "x".repeat(5_000));
+    let oversized = Message::encode(&Value::Int(1), headers, Codec::Json).unwrap();
+    let err = driver.publish(&id, oversized).await.unwrap_err();
+    let said = everything_said(&err);
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{said}");
+    assert!(!err.retryable(), "{said}");
+    assert!(
+        said.contains("frame_max") && said.contains("4096"),
+        "{said}"
+    );
+    // Headers up to the frame's room still go.
+    let mut headers = Headers::new();
+    headers.insert("note", "x".repeat(3_000));
+    let fits = Message::encode(&Value::Int(2), headers, Codec::Json).unwrap();
+    driver.publish(&id, fits).await.unwrap();
+    let mut sub = driver.consume(&id, Default::default()).await.unwrap();
+    let delivery = next(&mut sub).await;
+    assert_eq!(delivery.message().decode().unwrap(), Value::Int(2));
+    delivery.ack().await.unwrap();
+    assert_eq!(
+        driver.connection().expect("a report").connections_opened,
+        opened,
+        "the oversized publish cost the connection"
+    );
+}
+
 async fn a_delayed_message_for_a_full_queue_waits_for_room() {
     let driver = common::rabbit().await;
     let name = common::unique("full-delayed");
@@ -1365,6 +1405,7 @@ queue_testkit::broker_tests! {
         quorum_queue_options_the_broker_lacks_are_refused_up_front,
         publishes_waiting_at_a_close_get_their_real_outcome,
         publishes_from_several_threads_are_each_told_their_own_confirm,
+        headers_past_frame_max_are_refused_and_cost_no_connection,
     ];
     sync: [];
 }
