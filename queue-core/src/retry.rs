@@ -85,6 +85,11 @@ pub struct FailurePath {
 /// and a header past the broker's frame limit closes the whole connection.
 pub const MAX_REASON_BYTES: usize = 4096;
 
+/// The longest reason and note a bare dead letter carries
+/// ([`FailurePath`]'s fallback when a dead letter is refused as it is): small enough
+/// for AMQP 0-9-1's smallest frame (4,096 bytes) with the other records.
+pub const BARE_TEXT_BYTES: usize = 1024;
+
 /// The shortest wait before a message that could not be moved goes back to its queue:
 /// never an immediate redelivery loop.
 const MIN_RETURN_WAIT: Duration = Duration::from_millis(100);
@@ -258,14 +263,19 @@ impl FailurePath {
         };
         match &self.exhausted {
             Exhausted::DeadLetter(dlq, driver) if !is_dead_letter => {
-                let letter = self.dead_letter(copy, attempts, &why);
-                let moved = Move {
+                let letter = self.dead_letter(copy.clone(), attempts, &why);
+                let moved = |copy| Move {
                     target: dlq,
                     driver,
                     disposition: Disposition::DeadLettered,
-                    copy: letter,
+                    copy,
                 };
-                match self.publish(moved).await {
+                let mut published = self.publish(moved(letter)).await;
+                if let Published::Refused(refusal) = &published {
+                    let bare = self.bare_dead_letter(copy, attempts, &why, refusal);
+                    published = self.publish(moved(bare)).await;
+                }
+                match published {
                     Published::Done(disposition, target) => {
                         self.done(delivery, disposition, &target, attempts, wait, &why)
                             .await
@@ -353,6 +363,33 @@ impl FailurePath {
         headers.remove(names::ATTEMPTS);
         without_ttl(headers);
         copy
+    }
+
+    /// A dead letter its driver refused as it is, bare: without the message's own
+    /// headers (named in [`names::X_DROPPED_HEADERS`]), its reason and that note cut
+    /// to [`BARE_TEXT_BYTES`]. A refusal for the size of its headers (more than one
+    /// AMQP 0-9-1 frame holds on a connection with a small `frame_max`) would
+    /// otherwise send it back to its queue at every failure, never dead-lettered.
+    fn bare_dead_letter(
+        &self,
+        mut copy: Message,
+        attempts: u32,
+        reason: &str,
+        refusal: &Error,
+    ) -> Message {
+        let own = std::mem::take(&mut copy.headers);
+        let names: Vec<String> = own.iter().map(|(name, _)| format!("{name:?}")).collect();
+        tracing::warn!(queue = %self.queue, id = %copy.id, error = %refusal, headers = own.len(), "the dead letter was refused; sending it without the message's own headers");
+        let note = format!(
+            "left out, all {} of the message's own headers ({}): the dead letter was refused with them ({refusal})",
+            names.len(),
+            names.join(", ")
+        );
+        copy.headers.insert(
+            names::X_DROPPED_HEADERS,
+            crate::truncate(&note, BARE_TEXT_BYTES),
+        );
+        self.dead_letter(copy, attempts, &crate::truncate(reason, BARE_TEXT_BYTES))
     }
 
     /// Publishes a copy, without the headers its driver's broker acts on (another

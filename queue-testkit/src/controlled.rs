@@ -58,6 +58,9 @@ pub struct ControlledDriver {
     max_unsettled: Option<std::time::Duration>,
     /// Counts no unsettled messages in `info`, as RabbitMQ's AMQP 0-9-1 does not.
     counts_no_in_flight: bool,
+    /// Refuses (`INVALID`) a message whose headers take more bytes than this
+    /// ([`queue_core::Headers::byte_size`]).
+    max_header_bytes: Option<usize>,
 }
 
 impl ControlledDriver {
@@ -89,6 +92,16 @@ impl ControlledDriver {
     pub fn taking_back_after(self, limit: std::time::Duration) -> Self {
         ControlledDriver {
             max_unsettled: Some(limit),
+            ..self
+        }
+    }
+
+    /// Refuses (`INVALID`) to publish a message whose headers take more than `bytes`,
+    /// as AMQP 0-9-1 does headers past one frame on a connection with a small
+    /// `frame_max`.
+    pub fn refusing_headers_over(self, bytes: usize) -> Self {
+        ControlledDriver {
+            max_header_bytes: Some(bytes),
             ..self
         }
     }
@@ -242,6 +255,14 @@ impl Driver for ControlledDriver {
         {
             return Err(Error::invalid(format!(
                 "header {name:?} is reserved by the controlled driver"
+            )));
+        }
+        if let Some(max) = self.max_header_bytes
+            && message.headers.byte_size() > max
+        {
+            return Err(Error::invalid(format!(
+                "the headers take {} bytes, more than the controlled driver's {max}",
+                message.headers.byte_size()
             )));
         }
         if take_one(&self.failing_publishes) {
