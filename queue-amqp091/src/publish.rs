@@ -619,11 +619,23 @@ fn publish_failure(link: &Link, what: &str, e: lapin::Error) -> Error {
 }
 
 /// Any failure of the channel or connection leaves the publish unconfirmed:
-/// INTERNAL and retryable, whatever lapin called it.
+/// INTERNAL and retryable, whatever lapin called it, but for a refusal of the user's
+/// rights (403 `ACCESS_REFUSED`): every publish goes through the default exchange,
+/// whose write permission is the user's for the whole vhost, so it holds for each
+/// publish the closed channel fails, and trying again cannot help. Retried, a
+/// handler's failures went round their backoffs and dead-lettered every message with
+/// an `INTERNAL` reason (review).
 fn unconfirmed(what: &str, e: lapin::Error) -> Error {
+    let refused = error::reply_code(&e) == Some(ACCESS_REFUSED);
     let mapped = error::map(what, e);
+    if refused && mapped.kind() == ErrorKind::PermissionDenied {
+        return mapped;
+    }
     Error::internal(format!("{} (message not confirmed)", mapped.message()))
 }
+
+/// AMQP's reply code for an operation the user's permissions do not allow.
+const ACCESS_REFUSED: u16 = 403;
 
 /// The messages of a batch written and waiting for their confirms, oldest first, and
 /// what became of the ones before them.

@@ -231,6 +231,30 @@ async fn headers_past_frame_max_are_refused_and_cost_no_connection() {
     );
 }
 
+/// A user who may not write gets `PERMISSION_DENIED`, not retryable: every publish
+/// goes through the default exchange, so no retry can succeed. It was a retryable
+/// `INTERNAL`, and a handler's publishes went round their retries (review).
+async fn a_publish_the_users_permissions_refuse_is_permission_denied() {
+    let name = common::unique("no-write");
+    let user =
+        tokio::task::block_in_place(|| queue_fixtures::rabbitmq::SharedUser::add(&name, "pw"))
+            .expect("a user");
+    tokio::task::block_in_place(|| user.permit(".*", "^$", ".*")).expect("permissions");
+    let driver = Amqp091Driver::connect(Amqp091Config::new(format!(
+        "amqp://{name}:pw@127.0.0.1:5672/%2f"
+    )))
+    .await
+    .unwrap();
+    let id = declare_transient(&driver, &common::unique("refused")).await;
+    for n in 0..2 {
+        let err = driver.publish(&id, numbered(n)).await.unwrap_err();
+        let said = everything_said(&err);
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{said}");
+        assert!(!err.retryable(), "{said}");
+        assert!(said.contains("ACCESS_REFUSED"), "{said}");
+    }
+}
+
 async fn a_delayed_message_for_a_full_queue_waits_for_room() {
     let driver = common::rabbit().await;
     let name = common::unique("full-delayed");
@@ -1406,6 +1430,7 @@ queue_testkit::broker_tests! {
         publishes_waiting_at_a_close_get_their_real_outcome,
         publishes_from_several_threads_are_each_told_their_own_confirm,
         headers_past_frame_max_are_refused_and_cost_no_connection,
+        a_publish_the_users_permissions_refuse_is_permission_denied,
     ];
     sync: [];
 }

@@ -189,9 +189,26 @@ impl Error {
         self
     }
 
-    /// Prefixes the message with where it happened (`"publish to app:tasks: ..."`).
+    /// Prefixes the message with where it happened (`"publish to app:tasks: ..."`),
+    /// unless it begins so already: a driver's error often names its operation, and
+    /// its caller's same context read `publish to app:tasks: publish to app:tasks: ...`.
+    ///
+    /// ```
+    /// use queue_core::Error;
+    /// let e = Error::internal("publish to app:tasks: nack").context("publish to app:tasks");
+    /// assert_eq!(e.message(), "publish to app:tasks: nack");
+    /// let e = Error::internal("nack").context("publish to app:tasks");
+    /// assert_eq!(e.message(), "publish to app:tasks: nack");
+    /// ```
     pub fn context(mut self, context: impl fmt::Display) -> Self {
-        self.message = format!("{context}: {}", self.message);
+        let context = context.to_string();
+        let said_already = self
+            .message
+            .strip_prefix(context.as_str())
+            .is_some_and(|rest| rest.starts_with(": "));
+        if !said_already {
+            self.message = format!("{context}: {}", self.message);
+        }
         self
     }
 

@@ -84,6 +84,21 @@ impl SharedUser {
         shared_ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"])?;
         Ok(user)
     }
+
+    /// Sets the user's permissions on `/`: regular expressions of the resources it may
+    /// configure, write to and read from (`"^$"`: none).
+    pub fn permit(&self, configure: &str, write: &str, read: &str) -> Result<(), String> {
+        shared_ctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &self.0,
+            configure,
+            write,
+            read,
+        ])
+        .map(|_| ())
+    }
 }
 
 impl Drop for SharedUser {
