@@ -21,8 +21,10 @@
 //! a publisher's own `content_type` header lives only in the header table under its
 //! own name, and the property is never turned into a header, so they cannot collide.
 //!
-//! Reading back, the header table wins; a property whose header is absent (a message
-//! from another client) becomes that header. Table values that are not scalars
+//! Reading back, the header table wins, but over `user_id`, which the broker checked
+//! (a table entry of that name that differs is named in [`names::X_DROPPED_HEADERS`]);
+//! a property whose header is absent (a message from another client) becomes that
+//! header. Table values that are not scalars
 //! (RabbitMQ's `x-death`, arrays, nested tables, byte arrays) and RabbitMQ's
 //! dead-lettering bookkeeping (`x-first-death-*`, `x-last-death-*`) are not shown;
 //! a table value of another client's that is not shown, so that no copy of the
@@ -246,7 +248,6 @@ pub(crate) fn from_delivery(
     fill(names::MESSAGE_TYPE, string(props.kind()));
     fill(names::CONTENT_ENCODING, string(props.content_encoding()));
     fill(APP_ID, string(props.app_id()));
-    fill(USER_ID, string(props.user_id()));
     fill(
         names::PRIORITY,
         props.priority().map(|p| HeaderValue::Int(i64::from(p))),
@@ -258,6 +259,25 @@ pub(crate) fn from_delivery(
             .and_then(|t| i64::try_from(t).ok())
             .map(HeaderValue::Int),
     );
+    if let Some(t) = props.timestamp().filter(|t| i64::try_from(*t).is_err())
+        && !headers.contains(names::TIMESTAMP)
+    {
+        unshown.push(format!("timestamp property {t} (past 64 bits signed)"));
+    }
+    // The broker checks the `user_id` property against the publishing connection's
+    // user; a header table entry of that name is the publisher's own word, and must
+    // not hide it (review: a forged `user_id: admin` hid the checked `guest`).
+    if let Some(user) = props.user_id() {
+        let checked = HeaderValue::from(user.as_str());
+        if let Some(claimed) = headers.insert(USER_ID, checked.clone())
+            && claimed != checked
+        {
+            let claimed = queue_core::truncate(&claimed.to_string(), 64);
+            unshown.push(format!(
+                "user_id {claimed:?} (the header table's, not the broker-checked user_id property)"
+            ));
+        }
+    }
     let ms = props
         .expiration()
         .as_ref()
@@ -522,6 +542,40 @@ mod tests {
         assert_eq!(copy.user_id(), &None, "RabbitMQ refuses another user's id");
         let again = from_delivery(&copy, vec![], false);
         assert_eq!(again.headers, got.headers, "the copy reads back the same");
+    }
+
+    /// RabbitMQ checks the `user_id` property against the publishing connection's
+    /// user; a header table entry of that name is the publisher's own word. Read with
+    /// "the table wins", a forged `user_id: admin` hid the checked `guest` (review).
+    /// A `timestamp` property past i64 went without a word.
+    #[test]
+    fn the_broker_checked_user_id_wins_over_the_tables_and_a_huge_timestamp_is_named() {
+        let mut table = FieldTable::default();
+        table.insert(USER_ID.into(), AMQPValue::LongString("admin".into()));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_user_id("guest".into())
+            .with_timestamp(u64::MAX);
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(got.headers.get(USER_ID), Some(&HeaderValue::from("guest")));
+        assert_eq!(got.headers.get(names::TIMESTAMP), None);
+        let note = got
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .expect("the forged id and the timestamp are named");
+        assert!(note.contains("\"admin\""), "{note}");
+        assert!(note.contains(&u64::MAX.to_string()), "{note}");
+        // Without the property, the table's entry is all there is.
+        let mut table = FieldTable::default();
+        table.insert(USER_ID.into(), AMQPValue::LongString("admin".into()));
+        let got = from_delivery(
+            &BasicProperties::default().with_headers(table),
+            vec![],
+            false,
+        );
+        assert_eq!(got.headers.get(USER_ID), Some(&HeaderValue::from("admin")));
+        assert_eq!(got.headers.get(names::X_DROPPED_HEADERS), None);
     }
 
     #[test]
