@@ -620,7 +620,7 @@ mod tests {
         for url in [
             "amqp://127.0.0.1:5672",
             "amqp://app:secret@127.0.0.1:5672",
-            "amqps://app@127.0.0.1:5671?auth_mechanism=external",
+            "amqp://app@127.0.0.1:5672?auth_mechanism=external",
             "amqp://127.0.0.1:5672?auth_mechanism=anonymous",
         ] {
             let config = Amqp091Config::from_json(json!({ "url": url }));

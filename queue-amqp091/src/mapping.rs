@@ -21,8 +21,9 @@
 //! a publisher's own `content_type` header lives only in the header table under its
 //! own name, and the property is never turned into a header, so they cannot collide.
 //!
-//! Reading back, the header table wins, but over `user_id`, which the broker checked
-//! (a table entry of that name that differs is named in [`names::X_DROPPED_HEADERS`]);
+//! Reading back, the header table wins, but over `user_id`, which the broker checked,
+//! and where its entry is one no copy can carry (`priority: "urgent"` beside a
+//! `priority` property): the entry is then named in [`names::X_DROPPED_HEADERS`];
 //! a property whose header is absent (a message from another client) becomes that
 //! header. Table values that are not scalars
 //! (RabbitMQ's `x-death`, arrays, nested tables, byte arrays) and RabbitMQ's
@@ -233,6 +234,41 @@ pub(crate) fn from_delivery(
             .filter(|v| matches!(v, HeaderValue::Int(_)));
         if let Some(count) = count {
             headers.insert(X_DELIVERY_COUNT, count);
+        }
+    }
+    // A table entry no copy can carry (`priority: "urgent"`, `ttl: "soon"`) must not
+    // hide the property it shadows: every retry copy lost both (review).
+    let mut unusable = |headers: &mut Headers, key: &str, property: String| {
+        if let Some(claimed) = headers.remove(key) {
+            let claimed = queue_core::truncate(&claimed.to_string(), 64);
+            unshown.push(format!(
+                "{key} {claimed:?} (the header table's, which no copy can carry; the {property} property stands)"
+            ));
+        }
+    };
+    if let Some(priority) = props.priority()
+        && headers.priority_level().is_err()
+    {
+        unusable(
+            &mut headers,
+            names::PRIORITY,
+            format!("priority {priority}"),
+        );
+    }
+    let expiration = props
+        .expiration()
+        .as_ref()
+        .filter(|e| e.as_str().parse::<u64>().is_ok());
+    if let Some(expiration) = expiration
+        && headers.ttl().is_err()
+    {
+        for key in [names::EXPIRATION, names::TTL] {
+            let alone = headers
+                .get(key)
+                .map(|v| Headers::from_pairs([(key, v.clone())]));
+            if alone.is_some_and(|alone| alone.ttl().is_err()) {
+                unusable(&mut headers, key, format!("expiration {expiration}"));
+            }
         }
     }
     let mut fill = |key: &str, value: Option<HeaderValue>| {
@@ -576,6 +612,56 @@ mod tests {
         );
         assert_eq!(got.headers.get(USER_ID), Some(&HeaderValue::from("admin")));
         assert_eq!(got.headers.get(names::X_DROPPED_HEADERS), None);
+    }
+
+    /// Another client's `priority` and `expiration` properties, shadowed by table
+    /// entries of those names that no copy can carry (`"urgent"`, `"soon"`): read with
+    /// "the table wins", every retry copy lost the real priority and time to live with
+    /// the entries it dropped (review). The properties stand; the entries are named.
+    #[test]
+    fn unusable_table_entries_do_not_hide_the_properties_they_shadow() {
+        let mut table = FieldTable::default();
+        table.insert(
+            names::PRIORITY.into(),
+            AMQPValue::LongString("urgent".into()),
+        );
+        table.insert(names::TTL.into(), AMQPValue::LongString("soon".into()));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_priority(7)
+            .with_expiration("60000".into());
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(got.headers.get(names::PRIORITY), Some(&HeaderValue::Int(7)));
+        assert_eq!(
+            got.headers.ttl().unwrap(),
+            Some(std::time::Duration::from_secs(60))
+        );
+        let note = got
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str)
+            .expect("the shadowing entries are named");
+        assert!(
+            note.contains("\"urgent\"") && note.contains("\"soon\""),
+            "{note}"
+        );
+        let copy = to_properties(&got, None).unwrap();
+        assert_eq!(copy.priority(), &Some(7));
+        assert_eq!(
+            copy.expiration().as_ref().map(|e| e.as_str()),
+            Some("60000")
+        );
+        // A usable entry still wins: this driver's own `"high"` reads back as it was.
+        let mut table = FieldTable::default();
+        table.insert(names::PRIORITY.into(), AMQPValue::LongString("high".into()));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_priority(8);
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(
+            got.headers.get(names::PRIORITY),
+            Some(&HeaderValue::from("high"))
+        );
     }
 
     #[test]
