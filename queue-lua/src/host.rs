@@ -246,6 +246,14 @@ impl LuaHost {
         self.contexts.running()
     }
 
+    /// Says the state is about to be dropped with every run still on it (a worker
+    /// stopping): a run dropped from now on frees what it waited in with the state,
+    /// not with a full collection of its own, which made stopping N waiting runs cost
+    /// N collections of a state holding N of them.
+    pub fn closing(&self) {
+        self.clock.closing.set(true);
+    }
+
     /// Loads a source once per path and opt-in into its own environment (later calls
     /// reuse it, whatever text they bring: one state runs one version of a file). Its
     /// top level runs within [`Limits::load_time`].

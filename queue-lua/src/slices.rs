@@ -91,6 +91,9 @@ pub(crate) struct Clock {
     /// Handler coroutines run without the hook until their slice is over
     /// ([`crate::preempt`]).
     pub(crate) preempts: Cell<bool>,
+    /// The state is about to be dropped with every run on it
+    /// ([`crate::LuaHost::closing`]).
+    pub(crate) closing: Cell<bool>,
 }
 
 impl Clock {
@@ -399,8 +402,13 @@ impl<F> Drop for Sliced<'_, F> {
         // quiet state that could be never, and enough of them stalled every publish.
         // Only a run that ends unfinished with a call in flight pays for a full
         // cycle: most stopped or failed runs have none to free, and failing handlers
-        // can be many.
-        if waiting && let Some(lua) = &lua {
+        // can be many. None when the state goes with it: each of N waiting runs
+        // dropped with their state collected a state holding N of them (review:
+        // 10,000 waiting process instances took 12 s to stop).
+        if waiting
+            && !self.clock.closing.get()
+            && let Some(lua) = &lua
+        {
             let _ = lua.gc_collect();
         }
     }

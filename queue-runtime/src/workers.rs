@@ -356,6 +356,7 @@ fn worker_main(
         while let Some(job) = rx.recv().await {
             tokio::task::spawn_local(run_job(Rc::clone(&host), job));
         }
+        host.closing();
     });
     // What still runs (a process, a handler past its stop) is dropped with the set:
     // inside the runtime, whose timers a `__close` that publishes needs. Outside it,

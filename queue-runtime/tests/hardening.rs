@@ -714,6 +714,48 @@ fn a_stop_while_a_handler_computes_logs_no_ended_subscription() {
     }
 }
 
+/// Each run stopped while it waits in a call made a full collection of its Lua state,
+/// so stopping thousands of waiting process instances grew with their square: 10,000
+/// waiting on a full queue took 12 s to stop, and their worker was left behind as
+/// stuck (review). A state about to be dropped makes none for them.
+#[test]
+fn stopping_ten_thousand_waiting_processes_leaves_no_worker_behind() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: mem\n    kind: queue.driver.memory\n    publish_timeout: 600s\n  - name: full\n    kind: queue.queue\n    driver: app:mem\n    max_length: 1\n  - name: filler\n    kind: process.lua\n    source: p.lua\n    method: main\n    instances: 10000\n",
+        ),
+        (
+            "p.lua",
+            "function main(i)\n  if i == 10000 then logger:info('All waiting') end\n  queue.publish('app:full', { i = i })\nend\n",
+        ),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml", "--lua-threads", "1"], dir.path());
+    // Instances start in turn, each waiting in its publish before the next starts.
+    let mut seen = wait_for_line(&lines, "All waiting");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    seen.extend(rest_of_lines(&lines));
+    let said = seen.join("\n");
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        !said.contains("leaving its worker behind"),
+        "{}",
+        tail(&said)
+    );
+    assert!(
+        said.contains("process stopped before it finished"),
+        "{}",
+        tail(&said)
+    );
+}
+
+/// The last lines of a long log, for a failure's message.
+fn tail(said: &str) -> String {
+    let lines: Vec<&str> = said.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
 /// Every thread of the runtime takes `RUST_MIN_STACK` of address space (1 GiB in a
 /// debug build, for lapin's parser): under an address-space limit close to what the
 /// runtime uses, the stop could not start the thread that joins the Lua workers, and
