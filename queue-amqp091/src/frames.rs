@@ -147,6 +147,22 @@ pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<F
             said.push(earlier);
         }
     }
+    // RabbitMQ's dead-lettering bookkeeping goes first, unnamed: no handler is shown
+    // it and no copy carries it (`crate::mapping`), and it grows at each hop through a
+    // delay queue, which took the runtime's own retry copy past the frame and cost it
+    // its largest header (review).
+    for (i, &(start, end)) in entries.iter().enumerate() {
+        if !dropped[i] && crate::mapping::is_dead_letter_bookkeeping(&name_at(start)) {
+            dropped[i] = true;
+            size -= end - start;
+        }
+    }
+    if said.is_empty() && size <= max_payload {
+        return Some(Fitted {
+            payload: rebuilt(payload, &entries, &dropped, (table_at, table_end), None)?,
+            note: String::new(),
+        });
+    }
     let fits = |size: usize, listed: usize| {
         size + marker_room + (listed + why.len()).min(MAX_NOTE_BYTES) <= max_payload
     };
@@ -167,29 +183,48 @@ pub(crate) fn fit_content_header(payload: &[u8], max_payload: usize) -> Option<F
         return None;
     }
     let note = queue_core::truncate(&format!("{}{why}", said.join(", ")), MAX_NOTE_BYTES);
+    Some(Fitted {
+        payload: rebuilt(
+            payload,
+            &entries,
+            &dropped,
+            (table_at, table_end),
+            Some(&note),
+        )?,
+        note,
+    })
+}
 
-    let mut table = Vec::with_capacity(size - table_at);
+/// A content header `payload` whose header table (`table_at..table_end`, its entries
+/// at `entries`) keeps the entries not `dropped`, and ends with an
+/// `x_dropped_headers` entry of `note` when there is one.
+fn rebuilt(
+    payload: &[u8],
+    entries: &[(usize, usize)],
+    dropped: &[bool],
+    (table_at, table_end): (usize, usize),
+    note: Option<&str>,
+) -> Option<Vec<u8>> {
+    let mut table = Vec::with_capacity(payload.len());
     for (i, &(start, end)) in entries.iter().enumerate() {
         if !dropped[i] {
             table.extend_from_slice(&payload[start..end]);
         }
     }
-    let name = names::X_DROPPED_HEADERS.as_bytes();
-    table.push(u8::try_from(name.len()).ok()?);
-    table.extend_from_slice(name);
-    table.push(b'S');
-    table.extend_from_slice(&u32::try_from(note.len()).ok()?.to_be_bytes());
-    table.extend_from_slice(note.as_bytes());
-
-    let mut fitted = Vec::with_capacity(size + marker_room + note.len());
+    if let Some(note) = note {
+        let name = names::X_DROPPED_HEADERS.as_bytes();
+        table.push(u8::try_from(name.len()).ok()?);
+        table.extend_from_slice(name);
+        table.push(b'S');
+        table.extend_from_slice(&u32::try_from(note.len()).ok()?.to_be_bytes());
+        table.extend_from_slice(note.as_bytes());
+    }
+    let mut fitted = Vec::with_capacity(payload.len());
     fitted.extend_from_slice(&payload[..table_at]);
     fitted.extend_from_slice(&u32::try_from(table.len()).ok()?.to_be_bytes());
     fitted.extend_from_slice(&table);
     fitted.extend_from_slice(&payload[table_end..]);
-    Some(Fitted {
-        payload: fitted,
-        note,
-    })
+    Some(fitted)
 }
 
 /// A frame's payload being read from the start; each reader returns the offset after
@@ -670,6 +705,47 @@ mod tests {
 
     /// The measured case: Qpid Proton's 200 KB of application properties, which
     /// RabbitMQ hands 0-9-1 consumers as one header in one frame.
+    /// RabbitMQ's `x-death` on a retry copy back from its delay queue took the
+    /// runtime's own copy past a 4096-byte frame, and its largest header (3,800
+    /// bytes) was dropped in its place (review). The bookkeeping goes first, unnamed.
+    #[test]
+    fn dead_letter_bookkeeping_goes_before_any_header_and_unnamed() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "pad".into(),
+            AMQPValue::LongString(LongString::from(vec![b'p'; 3800])),
+        );
+        let mut death = FieldTable::default();
+        death.insert(
+            "queue".into(),
+            AMQPValue::LongString(LongString::from(vec![b'q'; 200])),
+        );
+        table.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        table.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString(LongString::from(vec![b'q'; 100])),
+        );
+        let properties = basic::AMQPProperties::default().with_headers(table);
+        let bytes = encode(&header(properties));
+        let payload = &bytes[7..bytes.len() - 1];
+        assert!(payload.len() > 4096 - 8);
+        let fitted = fit_content_header(payload, 4096 - 8).expect("fits");
+        assert_eq!(fitted.note, "", "nothing a handler sees was dropped");
+        let (rest, header) =
+            amq_protocol::frame::parsing::parse_content_header(fitted.payload.as_slice())
+                .expect("reads");
+        assert!(rest.is_empty());
+        let headers = header.properties.headers().clone().expect("headers");
+        let headers = headers.inner();
+        assert!(headers.contains_key("pad"), "{headers:?}");
+        assert!(!headers.contains_key("x-death"));
+        assert!(!headers.contains_key("x-first-death-queue"));
+        assert!(!headers.contains_key(names::X_DROPPED_HEADERS));
+    }
+
     #[test]
     fn a_content_header_past_frame_max_drops_its_largest_headers() {
         let mut table = FieldTable::default();

@@ -193,10 +193,12 @@ fn unshown_kind(value: &AMQPValue) -> &'static str {
 
 /// Broker bookkeeping a handler never sees, even when scalar.
 fn is_broker_internal(key: &str) -> bool {
-    key == "x-death"
-        || key == BROKER_DELIVERY_COUNT
-        || key.starts_with("x-first-death-")
-        || key.starts_with("x-last-death-")
+    key == BROKER_DELIVERY_COUNT || is_dead_letter_bookkeeping(key)
+}
+
+/// What RabbitMQ adds to a message it dead-letters (through a delay queue, too).
+pub(crate) fn is_dead_letter_bookkeeping(key: &str) -> bool {
+    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
 }
 
 /// Rebuilds a message from a delivery's properties and body; `counted_by_broker` says
@@ -237,23 +239,22 @@ pub(crate) fn from_delivery(
         }
     }
     // A table entry no copy can carry (`priority: "urgent"`, `ttl: "soon"`) must not
-    // hide the property it shadows: every retry copy lost both (review).
-    let mut unusable = |headers: &mut Headers, key: &str, property: String| {
-        if let Some(claimed) = headers.remove(key) {
-            let claimed = queue_core::truncate(&claimed.to_string(), 64);
-            unshown.push(format!(
-                "{key} {claimed:?} (the header table's, which no copy can carry; the {property} property stands)"
-            ));
-        }
+    // hide the property it shadows: every retry copy lost both (review). Removes
+    // `key`'s entry, saying what it was.
+    let unusable = |headers: &mut Headers, key: &str| {
+        headers.remove(key).map(|claimed| {
+            let shown = match &claimed {
+                HeaderValue::String(text) => format!("{:?}", queue_core::truncate(text, 64)),
+                other => other.to_string(),
+            };
+            format!("{key} {shown} (the header table's, which no copy can carry")
+        })
     };
     if let Some(priority) = props.priority()
         && headers.priority_level().is_err()
+        && let Some(entry) = unusable(&mut headers, names::PRIORITY)
     {
-        unusable(
-            &mut headers,
-            names::PRIORITY,
-            format!("priority {priority}"),
-        );
+        unshown.push(format!("{entry}; the priority {priority} property stands)"));
     }
     let expiration = props
         .expiration()
@@ -262,14 +263,28 @@ pub(crate) fn from_delivery(
     if let Some(expiration) = expiration
         && headers.ttl().is_err()
     {
+        let mut removed = Vec::new();
         for key in [names::EXPIRATION, names::TTL] {
             let alone = headers
                 .get(key)
                 .map(|v| Headers::from_pairs([(key, v.clone())]));
             if alone.is_some_and(|alone| alone.ttl().is_err()) {
-                unusable(&mut headers, key, format!("expiration {expiration}"));
+                removed.extend(unusable(&mut headers, key));
             }
         }
+        // A usable entry of the other name stands, or else the property does.
+        let stands = match [names::EXPIRATION, names::TTL]
+            .into_iter()
+            .find(|key| headers.contains(key))
+        {
+            Some(key) => format!("its {key} stands"),
+            None => format!("the expiration {expiration} property stands"),
+        };
+        unshown.extend(
+            removed
+                .into_iter()
+                .map(|entry| format!("{entry}; {stands})")),
+        );
     }
     let mut fill = |key: &str, value: Option<HeaderValue>| {
         if let Some(v) = value
@@ -651,6 +666,25 @@ mod tests {
             copy.expiration().as_ref().map(|e| e.as_str()),
             Some("60000")
         );
+        // Beside a usable `ttl`, the note says that one stands, not the property.
+        let mut table = FieldTable::default();
+        table.insert(
+            names::EXPIRATION.into(),
+            AMQPValue::LongString("soon".into()),
+        );
+        table.insert(names::TTL.into(), AMQPValue::LongInt(5000));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_expiration("60000".into());
+        let got = from_delivery(&props, vec![], false);
+        assert_eq!(got.headers.get(names::TTL), Some(&HeaderValue::Int(5000)));
+        let note = got
+            .headers
+            .get(names::X_DROPPED_HEADERS)
+            .and_then(HeaderValue::as_str);
+        let note = note.expect("the unusable entry is named");
+        assert!(note.contains("its ttl stands"), "{note}");
+        assert!(!note.contains("60000"), "{note}");
         // A usable entry still wins: this driver's own `"high"` reads back as it was.
         let mut table = FieldTable::default();
         table.insert(names::PRIORITY.into(), AMQPValue::LongString("high".into()));

@@ -271,6 +271,14 @@ impl FailurePath {
                     copy,
                 };
                 let mut published = self.publish(moved(letter)).await;
+                if let Published::Refused(_) = &published {
+                    // Its texts cut first, its headers kept; then bare.
+                    let mut shorter = copy.clone();
+                    cut_note(&mut shorter);
+                    let why = crate::truncate(&why, BARE_TEXT_BYTES);
+                    let shorter = self.dead_letter(shorter, attempts, &why);
+                    published = self.publish(moved(shorter)).await;
+                }
                 if let Published::Refused(refusal) = &published {
                     let bare = self.bare_dead_letter(copy, attempts, &why, refusal);
                     published = self.publish(moved(bare)).await;
@@ -280,9 +288,8 @@ impl FailurePath {
                         self.done(delivery, disposition, &target, attempts, wait, &why)
                             .await
                     }
-                    Published::Trouble | Published::Refused(_) => {
-                        self.give_back(delivery, return_wait).await
-                    }
+                    Published::Trouble => self.give_back(delivery, return_wait).await,
+                    Published::Refused(_) => self.give_back(delivery, self.stuck_wait()).await,
                 }
             }
             Exhausted::Drop if !is_dead_letter && refused.is_none() => {
@@ -292,9 +299,18 @@ impl FailurePath {
             }
             _ => {
                 tracing::error!(queue = %self.queue, id = %delivery.message().id, reason = %why, "a failed message can be neither retried nor dead-lettered; it goes back to its queue");
-                self.give_back(delivery, return_wait).await
+                self.give_back(delivery, self.stuck_wait()).await
             }
         }
+    }
+
+    /// How long a message none of whose copies the driver takes waits before it goes
+    /// back to its queue: the longest backoff, as a dead letter kept in its queue
+    /// does. Its `attempts` cannot grow, so at the first backoff (200 ms) a dead
+    /// letter whose retry copy was refused came back for ever five times a second
+    /// (review).
+    fn stuck_wait(&self) -> Duration {
+        self.retry.backoff.longest().max(MIN_RETURN_WAIT)
     }
 
     /// On a driver that cannot delay a message: says the handler failed, then holds the
@@ -365,9 +381,9 @@ impl FailurePath {
         copy
     }
 
-    /// A dead letter its driver refused as it is, bare: without the message's own
-    /// headers (named in [`names::X_DROPPED_HEADERS`]), its reason and that note cut
-    /// to [`BARE_TEXT_BYTES`]. A refusal for the size of its headers (more than one
+    /// A dead letter its driver refused as it is, and with its texts cut, bare:
+    /// without the message's own headers (named in [`names::X_DROPPED_HEADERS`]), its
+    /// reason and that note cut to [`BARE_TEXT_BYTES`]. A refusal for the size of its headers (more than one
     /// AMQP 0-9-1 frame holds on a connection with a small `frame_max`) would
     /// otherwise send it back to its queue at every failure, never dead-lettered.
     fn bare_dead_letter(
@@ -446,6 +462,19 @@ impl FailurePath {
         self.hold(wait.max(MIN_RETURN_WAIT)).await;
         delivery.release().await?;
         Ok(Disposition::Returned)
+    }
+}
+
+/// Cuts the note of dropped headers a copy carries to [`BARE_TEXT_BYTES`].
+fn cut_note(copy: &mut Message) {
+    if let Some(note) = copy
+        .headers
+        .get(names::X_DROPPED_HEADERS)
+        .and_then(HeaderValue::as_str)
+        .filter(|note| note.len() > BARE_TEXT_BYTES)
+    {
+        let cut = crate::truncate(note, BARE_TEXT_BYTES);
+        copy.headers.insert(names::X_DROPPED_HEADERS, cut);
     }
 }
 
