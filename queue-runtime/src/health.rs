@@ -36,6 +36,8 @@ pub struct ProcessState {
     pub running: Arc<AtomicUsize>,
     /// Those that failed.
     pub failed: Arc<AtomicUsize>,
+    /// Those a stop ended before they finished (said once for all at the stop).
+    pub stopped: Arc<AtomicUsize>,
 }
 
 /// The processes of a runtime, by entry id.
@@ -246,7 +248,7 @@ mod tests {
         let process = ProcessState {
             instances: 2,
             running: Arc::new(AtomicUsize::new(2)),
-            failed: Arc::new(AtomicUsize::new(0)),
+            ..ProcessState::default()
         };
         readiness.started(
             drivers,

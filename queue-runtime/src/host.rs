@@ -178,6 +178,8 @@ pub struct Host {
     /// Each process's instances, running and failed: the runtime's counts of both are
     /// their sums.
     process_states: BTreeMap<String, ProcessState>,
+    /// The tasks that hear how each process instance ended.
+    process_reports: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Host {
@@ -330,6 +332,7 @@ impl Host {
         // Every consumer is attached: deliveries may be taken.
         go.send_replace(true);
         let mut process_states = BTreeMap::new();
+        let mut process_reports = Vec::new();
         for p in processes {
             let state = ProcessState {
                 instances: p.instances as usize,
@@ -347,7 +350,7 @@ impl Host {
                 });
                 let (state, meters) = (state.clone(), meters.clone());
                 let id = p.id.clone();
-                tokio::spawn(async move {
+                process_reports.push(tokio::spawn(async move {
                     match result.await {
                         Ok(Ok(())) => tracing::info!(process = %id, instance, "process finished"),
                         Ok(Err(e)) => {
@@ -355,13 +358,15 @@ impl Host {
                             meters.failures.increment(1);
                             tracing::error!(process = %id, instance, error = %e, "process failed");
                         }
+                        // Only a stop drops an instance: said once for them all
+                        // ([`Host::shutdown`]), not in a line each (10,000 lines).
                         Err(_) => {
-                            tracing::warn!(process = %id, instance, "process stopped before it finished")
+                            state.stopped.fetch_add(1, Ordering::AcqRel);
                         }
                     }
                     state.running.fetch_sub(1, Ordering::AcqRel);
                     meters.running.decrement(1);
-                });
+                }));
             }
             process_states.insert(p.id.clone(), state);
         }
@@ -374,7 +379,35 @@ impl Host {
             stop,
             busy,
             process_states,
+            process_reports,
         })
+    }
+
+    /// The processes with instances still running, as `app:feeder (3)`, or `none`:
+    /// the suspects when a worker does not stop.
+    fn processes_running(&self) -> String {
+        let running: Vec<String> = self
+            .process_states
+            .iter()
+            .map(|(id, state)| (id, state.running.load(Ordering::Acquire)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(id, n)| format!("{id} ({n})"))
+            .collect();
+        if running.is_empty() {
+            "none".to_string()
+        } else {
+            running.join(", ")
+        }
+    }
+
+    /// One line per process whose instances the stop ended before they finished.
+    fn say_processes_stopped(&self) {
+        for (id, state) in &self.process_states {
+            let stopped = state.stopped.load(Ordering::Acquire);
+            if stopped > 0 {
+                tracing::warn!(process = %id, instances = stopped, "process stopped before it finished");
+            }
+        }
     }
 
     /// The publishing facade of this runtime's queues.
@@ -530,7 +563,7 @@ impl Host {
             if active.count() > 0 {
                 tracing::error!(consumer = %id, queue = %queue, "a handler is stuck and does not yield; its worker is left behind, and its deliveries return to the queue when the connection closes");
             } else {
-                tracing::warn!(consumer = %id, queue = %queue, "did not stop in time: it shares a worker with a stuck handler; its deliveries return to the queue when the connection closes");
+                tracing::warn!(consumer = %id, queue = %queue, "did not stop in time: it shares a worker with a stuck handler or process; its deliveries return to the queue when the connection closes");
             }
         }
         if let Some(workers) = self.workers.take() {
@@ -543,10 +576,18 @@ impl Host {
             match stop_on_a_thread(workers) {
                 Ok(stopping) => {
                     if tokio::time::timeout_at(until, stopping).await.is_err() {
+                        let running = self.processes_running();
                         tracing::error!(
+                            processes_running = %running,
                             "a process or handler still runs without yielding; leaving its worker behind"
                         );
+                    } else {
+                        // Every instance's end is told once its worker is gone.
+                        let reports = std::mem::take(&mut self.process_reports);
+                        let heard = futures_util::future::join_all(reports);
+                        let _ = tokio::time::timeout(STOP_GRACE, heard).await;
                     }
+                    self.say_processes_stopped();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start a thread to stop the Lua workers; leaving them behind")
