@@ -91,13 +91,7 @@ impl Telemetry {
         let Some(endpoint) = resolve_endpoint(flag, |name| std::env::var(name).ok())? else {
             return Ok(None);
         };
-        let client = RuntimeHttpClient {
-            inner: opentelemetry_http::hyper::HyperClient::with_default_connector(
-                EXPORT_TIMEOUT,
-                None,
-            ),
-            runtime,
-        };
+        let client = RuntimeHttpClient::new(runtime, EXPORT_TIMEOUT);
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
@@ -257,12 +251,41 @@ fn resource() -> Resource {
     }
 }
 
+/// The most of a collector's answer the exporter reads: an OTLP success is a few
+/// bytes.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// The exporter's HTTP client: hyper's, its requests run on the runtime's tokio
 /// runtime (the batch exporter sends from a thread of its own, outside any runtime).
+/// One time limit holds for the whole exchange and the answer's body is read up to
+/// [`MAX_ANSWER_BYTES`]: opentelemetry-http's own client limits only the wait for the
+/// answer's head, and read any body to its end. A collector that answered 200 and
+/// then streamed a body took the runtime's memory to 10 GB in 32 s; one that
+/// trickled it held the exporter's only thread for good, and no span was exported
+/// again, without an error (review).
 #[derive(Debug)]
 struct RuntimeHttpClient {
-    inner: opentelemetry_http::hyper::HyperClient,
+    client: HyperClient,
     runtime: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+type HyperClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<opentelemetry_http::Bytes>,
+>;
+
+impl RuntimeHttpClient {
+    fn new(runtime: tokio::runtime::Handle, timeout: Duration) -> RuntimeHttpClient {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        RuntimeHttpClient {
+            client,
+            runtime,
+            timeout,
+        }
+    }
 }
 
 #[async_trait]
@@ -274,9 +297,25 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
         opentelemetry_http::Response<opentelemetry_http::Bytes>,
         opentelemetry_http::HttpError,
     > {
-        let client = self.inner.clone();
+        use http_body_util::BodyExt;
+        use opentelemetry_http::ResponseExt;
+        let (client, timeout) = (self.client.clone(), self.timeout);
+        let exchange = async move {
+            let request = request.map(http_body_util::Full::new);
+            let (head, body) = client.request(request).await?.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok(opentelemetry_http::Response::from_parts(head, body).error_for_status()?)
+        };
         self.runtime
-            .spawn(async move { client.send_bytes(request).await })
+            .spawn(async move {
+                match tokio::time::timeout(timeout, exchange).await {
+                    Ok(answered) => answered,
+                    Err(_) => Err(format!("no whole answer within {timeout:?}").into()),
+                }
+            })
             .await?
     }
 }
@@ -512,6 +551,69 @@ fn shown(endpoint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stub collector on 127.0.0.1 that answers every request with a 200 head and
+    /// then `body`'s bytes, written over and over (`None`: one byte a second).
+    async fn collector(body: Option<Vec<u8>>) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = match &body {
+                Some(_) => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                None => "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n",
+            };
+            let _ = socket.write_all(head.as_bytes()).await;
+            loop {
+                let written = match &body {
+                    Some(chunk) => {
+                        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                        framed.extend_from_slice(chunk);
+                        framed.extend_from_slice(b"\r\n");
+                        socket.write_all(&framed).await
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        socket.write_all(b"x").await
+                    }
+                };
+                if written.is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    async fn export_to(addr: std::net::SocketAddr) -> std::result::Result<(), String> {
+        use opentelemetry_http::HttpClient;
+        let client =
+            RuntimeHttpClient::new(tokio::runtime::Handle::current(), Duration::from_secs(1));
+        let request = opentelemetry_http::Request::post(format!("http://{addr}/v1/traces"))
+            .body(opentelemetry_http::Bytes::from_static(b"spans"))
+            .unwrap();
+        let bounded = tokio::time::timeout(Duration::from_secs(20), client.send_bytes(request));
+        match bounded.await {
+            Ok(answered) => answered.map(drop).map_err(|e| e.to_string()),
+            Err(_) => panic!("the export did not end within 20 s"),
+        }
+    }
+
+    /// A collector that answers 200 and streams a body without end, or trickles it:
+    /// the export fails, having read at most `MAX_ANSWER_BYTES`, within its time
+    /// limit. Before (review), the first took the runtime to 10 GB in 32 s, the second
+    /// held the exporter's thread for good.
+    #[tokio::test]
+    async fn a_collector_that_streams_or_trickles_its_answer_fails_the_export() {
+        let streamed = export_to(collector(Some(vec![b'x'; 1 << 20])).await).await;
+        assert!(streamed.is_err(), "an endless body was read as an answer");
+        let trickled = export_to(collector(None).await).await;
+        let said = trickled.expect_err("a trickled body was read as an answer");
+        assert!(said.contains("within 1s"), "{said}");
+    }
 
     #[test]
     fn an_endpoint_is_shown_without_its_query_string() {
