@@ -307,7 +307,7 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
                 .collect()
                 .await?
                 .to_bytes();
-            Ok(opentelemetry_http::Response::from_parts(head, body).error_for_status()?)
+            opentelemetry_http::Response::from_parts(head, body).error_for_status()
         };
         self.runtime
             .spawn(async move {
