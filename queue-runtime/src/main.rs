@@ -352,17 +352,37 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        if event.metadata().target() != "lua" {
-            return self.0.format_event(ctx, writer, event);
-        }
         let mut line = String::new();
         self.0.format_event(
             ctx,
             tracing_subscriber::fmt::format::Writer::new(&mut line),
             event,
         )?;
-        writer.write_str(&lua_fields_inline(&line))
+        if event.metadata().target() == "lua" {
+            line = lua_fields_inline(&line);
+        }
+        writer.write_str(&bidi_escaped(&line))
     }
+}
+
+/// A JSON log line with the characters JSON may carry raw but a terminal acts on
+/// (line and paragraph separators, bidirectional controls) written as `\uXXXX`, as the
+/// text format escapes them: a handler's failure reason with U+202E reordered the
+/// line it was shown in (review). JSON escapes the control characters itself.
+fn bidi_escaped(line: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| queue_core::escaped_in_a_log_line(c) && !c.is_control();
+    if !line.chars().any(acts) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut escaped = String::with_capacity(line.len() + 12);
+    for c in line.chars() {
+        if acts(c) {
+            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 /// A JSON log line of the `lua` target with its `fields.fields` string written as the
@@ -942,6 +962,30 @@ impl StopSignals for ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// U+202E in a JSON log line reordered it on a terminal; the text format escaped
+    /// it (review). The line stays JSON that reads back the same.
+    #[test]
+    fn a_json_line_escapes_what_a_terminal_would_act_on() {
+        let event = serde_json::json!({"fields": {"reason": "abc\u{202e}def\u{2028}x"}});
+        let line = format!("{event}\n");
+        assert!(
+            line.contains('\u{202e}'),
+            "serde_json writes it raw: {line}"
+        );
+        let escaped = bidi_escaped(&line);
+        assert!(
+            !escaped.contains('\u{202e}') && !escaped.contains('\u{2028}'),
+            "{escaped}"
+        );
+        assert!(escaped.contains("\\u202e"), "{escaped}");
+        let read: serde_json::Value = serde_json::from_str(&escaped).expect("still JSON");
+        assert_eq!(read, event);
+        assert!(matches!(
+            bidi_escaped("{}\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     /// lapin's WARN of a message RabbitMQ returned dumped its headers and body whole,
     /// at the default level (outsider attack); the protocol crates' TRACE dumps frames

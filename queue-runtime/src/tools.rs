@@ -376,10 +376,10 @@ pub async fn replay(
                                 // run would move it again. The acks after it would
                                 // fail alike, each leaving a duplicate behind.
                                 self.report.stopped_early = true;
-                                self.report.first_failure = Some(format!(
+                                self.report.first_failure = Some(on_one_line(&format!(
                                     "dead letter {} was replayed to {target} but could not be acknowledged in {}, where it stays: a later run replays it again, a duplicate in {target}: {e}",
                                     message.id, self.dead_letters
-                                ));
+                                )));
                                 return Ok(Next::Stop);
                             }
                             return Ok(self.more());
@@ -390,7 +390,7 @@ pub async fn replay(
                             if e.retryable() {
                                 // What may pass is what to tell: run it again later.
                                 if !self.report.may_pass {
-                                    self.report.first_failure = Some(e.to_string());
+                                    self.report.first_failure = Some(on_one_line(&e.to_string()));
                                 }
                                 self.report.may_pass = true;
                                 // The letters after it for this queue would wait out the
@@ -398,7 +398,9 @@ pub async fn replay(
                                 // "dlq replay"); the other queues' still move.
                                 self.failing.insert(target);
                             } else {
-                                self.report.first_failure.get_or_insert(e.to_string());
+                                self.report
+                                    .first_failure
+                                    .get_or_insert_with(|| on_one_line(&e.to_string()));
                             }
                         }
                     }
@@ -450,6 +452,19 @@ pub async fn replay(
         report.skipped += waiting.map_or(0, |w| w.saturating_sub(read));
     }
     Ok(report)
+}
+
+/// `text` as one line of a terminal: control and bidirectional characters escaped, as
+/// log lines write them. A failure names what another client wrote (a message id, a
+/// broker's refusal of it), and printed as the command's `error:` line, an id with a
+/// newline and `ESC[8m` forged a log line and hid the rest (review).
+fn on_one_line(text: &str) -> String {
+    use std::fmt::Write;
+    let mut line = String::with_capacity(text.len());
+    let mut one = queue_core::OneLine::new(&mut line, usize::MAX);
+    let _ = one.write_str(text);
+    let _ = one.finish();
+    line
 }
 
 #[cfg(test)]
@@ -669,7 +684,11 @@ mod tests {
         let queues = queues_on(&driver).await;
         let dead = id("app:jobs.dlq");
         let letters = vec![
-            letter("app:jobs", b"\"eleven bytes\""),
+            {
+                let mut long = letter("app:jobs", b"\"eleven bytes\"");
+                long.id = "evil\n2026-12-07T23:59:59Z  INFO all fine\x1b[8m".to_string();
+                long
+            },
             letter("app:jobs", b"1"),
         ];
         driver.publish_batch(&dead, letters).await.unwrap();
@@ -686,6 +705,12 @@ mod tests {
         assert!(!report.may_pass, "{report:?}");
         let failure = report.first_failure.unwrap_or_default();
         assert!(failure.contains("max_message_bytes"), "{failure}");
+        // Another client's id, printed as the command's `error:` line, forged a log
+        // line and hid the rest of the terminal's text (review).
+        assert!(
+            failure.contains("evil\\n2026") && failure.contains("\\u{1b}[8m"),
+            "{failure}"
+        );
         assert_eq!(driver.info(&id("app:jobs")).await.unwrap().ready, Some(1));
         assert_eq!(driver.info(&dead).await.unwrap().ready, Some(1));
     }
