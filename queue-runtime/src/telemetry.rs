@@ -233,7 +233,9 @@ fn resource() -> Resource {
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
-        .is_some_and(|name| name.as_str() != "unknown_service");
+        // The SDK's own default: `unknown_service`, since 0.33 with the executable's
+        // name after a colon.
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
     let builder = Resource::builder()
         .with_attribute(opentelemetry::KeyValue::new(
             "service.version",
