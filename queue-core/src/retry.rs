@@ -78,6 +78,7 @@ pub struct FailurePath {
     /// failures are dropped.
     pub is_dead_letter_queue: bool,
     /// Set when the runtime stops: a delivery held for its backoff goes back at once.
+    /// A sender dropped never stops it.
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -432,9 +433,17 @@ impl FailurePath {
     /// Waits out a backoff holding the delivery; false when the runtime stopped first.
     async fn hold(&self, wait: Duration) -> bool {
         let mut stop = self.stop.clone();
+        // A stop sender dropped (by a program using this crate) sends no stop: read as
+        // one, every hold ended at once and a failing message came back without a
+        // backoff, in a hot loop.
+        let stopped = async move {
+            if stop.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => true,
-            _ = stop.wait_for(|s| *s) => false,
+            () = stopped => false,
         }
     }
 

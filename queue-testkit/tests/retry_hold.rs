@@ -163,3 +163,45 @@ async fn a_copy_that_cannot_be_published_is_held_under_the_brokers_limit() {
         "held for {held:?}, past half the broker's {limit:?}"
     );
 }
+
+/// A program whose stop sender is gone (dropped, never to send a stop) still holds a
+/// failed delivery through its backoff: the hold read the dropped sender as a stop,
+/// and gave the message back at once, in a hot loop.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_stop_sender_does_not_end_the_hold() {
+    let driver = Arc::new(ControlledDriver::without_delays());
+    let queue = QueueId::parse("app:jobs").unwrap();
+    driver
+        .declare(&QueueSpec::new(queue.clone()))
+        .await
+        .unwrap();
+    let (running, stop) = tokio::sync::watch::channel(false);
+    drop(running);
+    let path = FailurePath {
+        queue: queue.clone(),
+        driver: driver.clone(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff: TWO_SECONDS,
+        },
+        exhausted: Exhausted::Drop,
+        is_dead_letter_queue: false,
+        stop,
+    };
+    let settled = Arc::new(AtomicUsize::new(0));
+    let acker = LostOrHeld {
+        lost_from: None,
+        looks: AtomicUsize::new(0),
+        settled: Arc::clone(&settled),
+    };
+    let message = Message::from_bytes(b"{}".to_vec(), Default::default(), "application/json");
+    let delivery = Delivery::new(message, Box::new(acker));
+    let started = tokio::time::Instant::now();
+    let disposition = path.fail(&delivery, "broken").await.unwrap();
+    assert_eq!(disposition, Disposition::Retried);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "held {:?}, not its backoff",
+        started.elapsed()
+    );
+}
