@@ -297,9 +297,11 @@ mod tests {
     /// returns) stops ticking: not ready, naming it, until it ticks again.
     #[test]
     fn a_worker_without_a_tick_for_a_while_is_stalled() {
-        let Some(origin) = Instant::now().checked_sub(STALLED_AFTER) else {
-            return; // a machine up for less than that: nothing to backdate to
-        };
+        // Never passes without looking: a machine up for less than that has nothing
+        // to backdate to, and fails here.
+        let origin = Instant::now()
+            .checked_sub(STALLED_AFTER)
+            .expect("a monotonic clock older than STALLED_AFTER to backdate the ticks to");
         let workers = WorkerTicks {
             last: (0..2).map(|_| AtomicU64::new(0)).collect(),
             origin,
