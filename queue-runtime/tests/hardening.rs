@@ -782,6 +782,36 @@ fn a_worker_left_behind_names_the_processes_still_running() {
     assert!(left.contains("processes_running=app:sorter (1)"), "{left}");
 }
 
+/// 200 handlers stopped at their `stop_timeout` whose `__close` loops: each had
+/// 100 ms, one after the other, 20 s in all, and the stop left their worker behind as
+/// stuck (review). A state's abandoned runs share 250 ms of `__close` time a second.
+#[test]
+fn many_stopped_handlers_whose_close_loops_stop_in_time() {
+    let dir = app(&[
+        (
+            "app.yaml",
+            "namespace: app\nentries:\n  - name: mem\n    kind: queue.driver.memory\n    publish_timeout: 600s\n  - name: full\n    kind: queue.queue\n    driver: app:mem\n    max_length: 1\n  - name: jobs\n    kind: queue.queue\n    driver: app:mem\n  - kind: queue.consumer\n    id: w\n    queue: app:jobs\n    source: h.lua\n    method: handle\n    concurrency: 200\n    stop_timeout: 1s\n  - name: feeder\n    kind: process.lua\n    source: h.lua\n    method: feed\n",
+        ),
+        (
+            "h.lua",
+            "function feed()\n  queue.publish('app:full', { x = 0 })\n  for i = 1, 200 do queue.publish('app:jobs', { i = i }) end\nend\nfunction handle(msg)\n  local guard <close> = setmetatable({}, { __close = function() while true do end end })\n  if msg.i == 200 then logger:info('All handling') end\n  queue.publish('app:full', { x = 1 })\nend\n",
+        ),
+    ]);
+    let (child, lines) = spawn_with_lines(&["run", "app.yaml", "--lua-threads", "1"], dir.path());
+    let mut seen = wait_for_line(&lines, "All handling");
+    signal(&child, "TERM");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    seen.extend(rest_of_lines(&lines));
+    let said = seen.join("\n");
+    assert!(out.status.success(), "{:?}: {}", out.status, tail(&said));
+    assert!(
+        said.contains("handlers still running at stop_timeout"),
+        "{}",
+        tail(&said)
+    );
+    assert!(!said.contains("left behind"), "{}", tail(&said));
+}
+
 /// The last lines of a long log, for a failure's message.
 fn tail(said: &str) -> String {
     let lines: Vec<&str> = said.lines().collect();
