@@ -272,7 +272,13 @@ impl FailurePath {
                     copy,
                 };
                 let mut published = self.publish(moved(letter)).await;
-                if let Published::Refused(_) = &published {
+                let long_texts = why.len() > BARE_TEXT_BYTES
+                    || copy
+                        .headers
+                        .get(names::X_DROPPED_HEADERS)
+                        .and_then(HeaderValue::as_str)
+                        .is_some_and(|note| note.len() > BARE_TEXT_BYTES);
+                if long_texts && let Published::Refused(_) = &published {
                     // Its texts cut first, its headers kept; then bare.
                     let mut shorter = copy.clone();
                     cut_note(&mut shorter);
@@ -290,7 +296,10 @@ impl FailurePath {
                             .await
                     }
                     Published::Trouble => self.give_back(delivery, return_wait).await,
-                    Published::Refused(_) => self.give_back(delivery, self.stuck_wait()).await,
+                    Published::Refused(_) => {
+                        tracing::error!(queue = %self.queue, id = %delivery.message().id, reason = %why, "a failed message can be neither retried nor dead-lettered; it goes back to its queue");
+                        self.give_back(delivery, self.stuck_wait()).await
+                    }
                 }
             }
             Exhausted::Drop if !is_dead_letter && refused.is_none() => {
@@ -395,8 +404,15 @@ impl FailurePath {
         refusal: &Error,
     ) -> Message {
         let own = std::mem::take(&mut copy.headers);
-        let names: Vec<String> = own.iter().map(|(name, _)| format!("{name:?}")).collect();
+        // The runtime's own records are written again; `attempts` starts again.
+        let names: Vec<String> = own
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| *name != names::ATTEMPTS && !name.starts_with("x_"))
+            .map(|name| format!("{name:?}"))
+            .collect();
         tracing::warn!(queue = %self.queue, id = %copy.id, error = %refusal, headers = own.len(), "the dead letter was refused; sending it without the message's own headers");
+        let refusal = crate::truncate(refusal.message(), 200);
         let note = format!(
             "left out, all {} of the message's own headers ({}): the dead letter was refused with them ({refusal})",
             names.len(),
