@@ -95,7 +95,14 @@ async fn read_through(
             break Ok(());
         }
         let delivery = match tokio::time::timeout(patience, subscription.next()).await {
-            Err(_) | Ok(None) => break Ok(()),
+            Err(_) | Ok(None) => {
+                if let Some(counted) = to_read.filter(|n| read < *n) {
+                    // The tool would say it read all there was (`0 message(s)
+                    // shown`, `purged 0`) of a queue where messages wait (review).
+                    tracing::warn!(%queue, read, counted, "the queue counted more messages than could be read before nothing more came: those left cannot be read (one larger than the driver's max_message_size, or held elsewhere); they are still in the queue");
+                }
+                break Ok(());
+            }
             Ok(Some(Err(e))) => break Err(e),
             Ok(Some(Ok(d))) => d,
         };
@@ -216,6 +223,14 @@ pub async fn purge(driver: &Arc<dyn Driver>, queue: &QueueId) -> Result<u64> {
             .await?
             .read;
         purged += read;
+        if let Some(left) = left.filter(|l| read == 0 && *l > 0) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "purged {purged} message(s) from {queue}, and {left} more it counted could not be read: a message larger than the driver's max_message_size (the log says which), or one held elsewhere; they are still in the queue"
+                ),
+            ));
+        }
         if waiting.is_none() || read == 0 || left.is_some_and(|l| read >= l) {
             return Ok(purged);
         }

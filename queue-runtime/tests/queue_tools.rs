@@ -453,6 +453,58 @@ async fn amqp10_a_replay_killed_midway_loses_nothing() {
     a_replay_killed_midway_loses_nothing("amqp10").await;
 }
 
+/// A message larger than the driver's `max_message_size` waits in its queue, and no
+/// read takes it: `queue purge` said `purged 0` and exited 0, `queue peek` showed
+/// nothing, after 30 s, of a queue Artemis counted one message in (review). The purge
+/// now fails saying so, and a read warns. (A driver that cannot count, as on RabbitMQ
+/// 3.x, cannot tell: docs/operations.md.)
+fn a_message_the_driver_cannot_take_is_not_read_as_no_message() {
+    let suffix = queue_core::new_message_id().replace('-', "")[20..].to_string();
+    let name = format!("qt-{suffix}-large");
+    let url = queue_fixtures::artemis::shared_url();
+    let config = |max: u32| {
+        format!(
+            "namespace: app\nentries:\n  - name: artemis\n    kind: queue.driver.amqp10\n    url: {url}\n    profile: artemis\n    max_message_size: {max}\n  - name: large\n    kind: queue.queue\n    queue_name: {name}\n"
+        )
+    };
+    let dir = app(&[
+        ("app.yaml", &config(65_536)),
+        ("big.yaml", &config(1_048_576)),
+    ]);
+    let body = format!("\"{}\"", "x".repeat(70_000));
+    let sent = run(
+        &["publish", "-c", "big.yaml", "app:large", &body],
+        dir.path(),
+    );
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let purge = run(
+        &["queue", "purge", "app:large", "-c", "app.yaml", "--yes"],
+        dir.path(),
+    );
+    let said = format!("{}{}", text(&purge.stdout), text(&purge.stderr));
+    assert!(!purge.status.success(), "{said}");
+    assert!(
+        said.contains("1 more it counted could not be read"),
+        "{said}"
+    );
+    assert!(
+        said.contains("counted more messages than could be read"),
+        "{said}"
+    );
+    // Taken away with a driver that can read it.
+    let purged = run(
+        &["queue", "purge", "app:large", "-c", "big.yaml", "--yes"],
+        dir.path(),
+    );
+    let said = text(&purged.stdout);
+    assert!(
+        said.contains("purged 1 message(s)"),
+        "{said}{}",
+        text(&purged.stderr)
+    );
+    let _ = queue_fixtures::artemis::delete_shared_queue(&name);
+}
+
 /// On the memory driver the queues live inside a running `queue-runtime run`: the
 /// tools say so instead of showing an empty queue.
 fn the_tools_refuse_the_memory_driver_and_say_why() {
@@ -575,6 +627,15 @@ fn main() {
                         .expect("a runtime")
                         .block_on(redis_what_a_dead_consumer_held_is_read())
                 })
+            },
+        ),
+        broker_test(
+            "artemis::a_message_the_driver_cannot_take_is_not_read_as_no_message",
+            queue_fixtures::artemis::shared_unavailable(),
+            || async {
+                tokio::task::block_in_place(
+                    a_message_the_driver_cannot_take_is_not_read_as_no_message,
+                )
             },
         ),
         broker_test("memory::tools_refuse_and_say_why", None, || async {
