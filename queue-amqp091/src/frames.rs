@@ -703,8 +703,6 @@ mod tests {
         assert_eq!(bytes, before);
     }
 
-    /// The measured case: Qpid Proton's 200 KB of application properties, which
-    /// RabbitMQ hands 0-9-1 consumers as one header in one frame.
     /// RabbitMQ's `x-death` on a retry copy back from its delay queue took the
     /// runtime's own copy past a 4096-byte frame, and its largest header (3,800
     /// bytes) was dropped in its place (review). The bookkeeping goes first, unnamed.
@@ -746,6 +744,8 @@ mod tests {
         assert!(!headers.contains_key(names::X_DROPPED_HEADERS));
     }
 
+    /// The measured case: Qpid Proton's 200 KB of application properties, which
+    /// RabbitMQ hands 0-9-1 consumers as one header in one frame.
     #[test]
     fn a_content_header_past_frame_max_drops_its_largest_headers() {
         let mut table = FieldTable::default();

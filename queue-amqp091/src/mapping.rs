@@ -243,11 +243,10 @@ pub(crate) fn from_delivery(
     // `key`'s entry, saying what it was.
     let unusable = |headers: &mut Headers, key: &str| {
         headers.remove(key).map(|claimed| {
-            let shown = match &claimed {
-                HeaderValue::String(text) => format!("{:?}", queue_core::truncate(text, 64)),
-                other => other.to_string(),
-            };
-            format!("{key} {shown} (the header table's, which no copy can carry")
+            format!(
+                "{key} {} (the header table's, which no copy can carry",
+                claimed.shown()
+            )
         })
     };
     if let Some(priority) = props.priority()
@@ -323,9 +322,9 @@ pub(crate) fn from_delivery(
         if let Some(claimed) = headers.insert(USER_ID, checked.clone())
             && claimed != checked
         {
-            let claimed = queue_core::truncate(&claimed.to_string(), 64);
             unshown.push(format!(
-                "user_id {claimed:?} (the header table's, not the broker-checked user_id property)"
+                "user_id {} (the header table's, not the broker-checked user_id property)",
+                claimed.shown()
             ));
         }
     }

@@ -367,12 +367,9 @@ pub(crate) fn from_amqp(message: Incoming) -> Message {
         // expired unseen (review: 19 messages of 20 lost to a `ttl: 1`).
         for key in [names::EXPIRATION, names::TTL] {
             if let Some(value) = headers.remove(key) {
-                let shown = match &value {
-                    HeaderValue::String(text) => format!("{:?}", queue_core::truncate(text, 64)),
-                    other => other.to_string(),
-                };
                 headers.note_dropped(&format!(
-                    "{key} {shown}: an application property, not the message's time to live (its header has none), which no copy carries"
+                    "{key} {}: an application property, not the message's time to live (its header has none), which no copy carries",
+                    value.shown()
                 ));
             }
         }

@@ -368,7 +368,7 @@ impl Headers {
             Some(ms) if (least..=MAX_MILLIS).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
             _ => Err(Error::invalid(format!(
                 "header {key:?} must be a whole number of milliseconds from {least} to {MAX_MILLIS} (about 49 days), got {}",
-                self.get(key).map(shown).unwrap_or_default()
+                self.get(key).map(HeaderValue::shown).unwrap_or_default()
             ))),
         }
     }
@@ -446,16 +446,26 @@ fn value_bytes(value: &HeaderValue) -> usize {
 /// One entry of an `x_dropped_headers` note: the header, its value (a long string cut),
 /// and why it was dropped.
 fn dropped_entry(key: &str, value: &HeaderValue, why: &str) -> String {
-    format!("{}={}: {why}", preview(key), shown(value))
+    format!("{}={}: {why}", preview(key), value.shown())
 }
 
-/// A header's value as an error or a note shows it to a user: a string quoted (cut
-/// after 32 characters), a number or a boolean as it is, never Rust's names of types.
-fn shown(value: &HeaderValue) -> String {
-    match value {
-        HeaderValue::String(s) if s.chars().nth(32).is_some() => format!("{}...", preview(s)),
-        HeaderValue::String(s) => format!("{s:?}"),
-        other => other.to_string(),
+impl HeaderValue {
+    /// The value as an error or a note shows it to a user: a string quoted (cut after
+    /// 32 characters), a number or a boolean as it is, never Rust's names of types.
+    ///
+    /// ```
+    /// use queue_core::HeaderValue;
+    /// assert_eq!(HeaderValue::from("urgent").shown(), "\"urgent\"");
+    /// assert_eq!(HeaderValue::Int(200).shown(), "200");
+    /// ```
+    pub fn shown(&self) -> String {
+        match self {
+            HeaderValue::String(s) if s.chars().nth(32).is_some() => {
+                format!("{}...", preview(s))
+            }
+            HeaderValue::String(s) => format!("{s:?}"),
+            other => other.to_string(),
+        }
     }
 }
 
@@ -509,7 +519,7 @@ fn whole(f: f64) -> Option<i64> {
 fn priority_error(value: &HeaderValue) -> Error {
     Error::invalid(format!(
         "header \"priority\" must be 0..9, \"low\", \"normal\" or \"high\", got {}",
-        shown(value)
+        value.shown()
     ))
 }
 

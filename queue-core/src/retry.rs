@@ -393,9 +393,10 @@ impl FailurePath {
 
     /// A dead letter its driver refused as it is, and with its texts cut, bare:
     /// without the message's own headers (named in [`names::X_DROPPED_HEADERS`]), its
-    /// reason and that note cut to [`BARE_TEXT_BYTES`]. A refusal for the size of its headers (more than one
-    /// AMQP 0-9-1 frame holds on a connection with a small `frame_max`) would
-    /// otherwise send it back to its queue at every failure, never dead-lettered.
+    /// reason and that note cut to [`BARE_TEXT_BYTES`]. A refusal for the size of its
+    /// headers (more than one AMQP 0-9-1 frame holds on a connection with a small
+    /// `frame_max`) would otherwise send it back to its queue at every failure, never
+    /// dead-lettered.
     fn bare_dead_letter(
         &self,
         mut copy: Message,
@@ -405,7 +406,7 @@ impl FailurePath {
     ) -> Message {
         let own = std::mem::take(&mut copy.headers);
         // The runtime's own records are written again; `attempts` starts again.
-        let names: Vec<String> = own
+        let own_names: Vec<String> = own
             .iter()
             .map(|(name, _)| name)
             .filter(|name| *name != names::ATTEMPTS && !name.starts_with("x_"))
@@ -415,8 +416,8 @@ impl FailurePath {
         let refusal = crate::truncate(refusal.message(), 200);
         let note = format!(
             "left out, all {} of the message's own headers ({}): the dead letter was refused with them ({refusal})",
-            names.len(),
-            names.join(", ")
+            own_names.len(),
+            own_names.join(", ")
         );
         copy.headers.insert(
             names::X_DROPPED_HEADERS,

@@ -864,7 +864,7 @@ mod tests {
         let (addr, server) = serving_a_large_page().await;
         let client = move || async move {
             let mut reset = 0;
-            for _ in 0..500 {
+            for _ in 0..250 {
                 let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
                     reset += 1;
                     continue;
@@ -880,12 +880,13 @@ mod tests {
             }
             reset
         };
-        let clients: Vec<_> = (0..8).map(|_| tokio::spawn(client())).collect();
+        // Light enough not to starve the other tests' servers on two cores.
+        let clients: Vec<_> = (0..4).map(|_| tokio::spawn(client())).collect();
         let mut reset = 0;
         for c in clients {
             reset += c.await.unwrap();
         }
-        assert_eq!(reset, 0, "{reset} of 4,000 requests were not answered");
+        assert_eq!(reset, 0, "{reset} of 1,000 requests were not answered");
         server.abort();
     }
 
